@@ -1,0 +1,17 @@
+#include <iostream>
+
+#include <torch/torch.h>
+
+#include "apps/cli/commands.h"
+#include "core/device.h"
+
+namespace {
+sd::cli::Runner setup_version(CLI::App& app) {
+  return [] {
+    std::cout << "streamdiffusion.cpp 0.1.0 (libtorch " << TORCH_VERSION << ", " << sd::hardware_threads()
+              << " cores, CUDA " << (torch::cuda::is_available() ? "available" : "not available") << ")\n";
+    return 0;
+  };
+}
+REGISTER_COMMAND("version", "print the version and the libtorch build in use", 100, setup_version);
+}  // namespace

@@ -1,0 +1,68 @@
+// streamdiffusion: the command-line front end. Each sub-command lives in its own file and registers itself.
+#include <algorithm>
+#include <iostream>
+#include <map>
+
+#include "apps/cli/commands.h"
+#include "core/device.h"
+#include "core/error.h"
+#include "core/log.h"
+
+namespace sd::cli {
+
+std::vector<CommandSpec>& command_registry() {
+  static std::vector<CommandSpec> registry;
+  return registry;
+}
+
+bool register_command(CommandSpec spec) {
+  command_registry().push_back(std::move(spec));
+  return true;
+}
+
+void add_common_options(CLI::App& app, CommonOptions& opts) {
+  app.add_option("--threads", opts.threads, "intra-op threads for the model (0 = all cores)")->capture_default_str();
+  app.add_option("--dtype", opts.dtype, "weights and activations: fp32 | bf16 | fp16 (fp16 on CUDA)")
+      ->capture_default_str();
+  app.add_option("--device", opts.device, "cpu | cuda | cuda:N")->capture_default_str();
+}
+
+void apply_threads(const CommonOptions& opts) { sd::set_threads(opts.threads); }
+
+}  // namespace sd::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{"streamdiffusion: real-time Stable Diffusion (StreamDiffusion) in C++"};
+  app.require_subcommand(1);
+  std::string log_level = "info";
+  app.add_option("--log-level", log_level, "debug | info | warn | error | off")->capture_default_str();
+
+  auto& registry = sd::cli::command_registry();
+  std::sort(registry.begin(), registry.end(),
+            [](const auto& a, const auto& b) { return a.order != b.order ? a.order < b.order : a.name < b.name; });
+  std::map<CLI::App*, sd::cli::Runner> runners;
+  for (auto& spec : registry) {
+    CLI::App* sub = app.add_subcommand(spec.name, spec.description);
+    runners[sub] = spec.setup(*sub);
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    sd::log::set_level(log_level);
+    for (auto& [sub, run] : runners)
+      if (sub->parsed()) return run();
+  } catch (const sd::Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  } catch (const c10::Error& e) {
+    std::cerr << "error (libtorch): " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

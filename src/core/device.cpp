@@ -1,0 +1,54 @@
+#include "core/device.h"
+
+#include <thread>
+
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+
+#include "core/error.h"
+
+namespace sd {
+
+c10::ScalarType parse_dtype(const std::string& name) {
+  if (name == "fp32" || name == "float32" || name == "float") return c10::kFloat;
+  if (name == "bf16" || name == "bfloat16") return c10::kBFloat16;
+  if (name == "fp16" || name == "float16" || name == "half") return c10::kHalf;
+  throw InvalidArgument("unknown dtype '" + name + "' (expected fp32, bf16 or fp16)");
+}
+
+std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return "fp32";
+    case c10::kBFloat16: return "bf16";
+    case c10::kHalf: return "fp16";
+    case c10::kDouble: return "fp64";
+    default: return c10::toString(t);
+  }
+}
+
+c10::Device parse_device(const std::string& name) {
+  if (name == "cpu") return c10::Device(c10::kCPU);
+  if (name.rfind("cuda", 0) == 0) {
+    if (!torch::cuda::is_available())
+      throw InvalidArgument("device '" + name + "' requested but this build of libtorch has no usable CUDA device");
+    try {
+      return c10::Device(name);
+    } catch (const std::exception&) {
+      throw InvalidArgument("bad device '" + name + "' (expected cpu, cuda or cuda:N)");
+    }
+  }
+  throw InvalidArgument("unknown device '" + name + "' (expected cpu, cuda or cuda:N)");
+}
+
+int hardware_threads() {
+  unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : static_cast<int>(n);
+}
+
+int set_threads(int n) {
+  if (n <= 0) n = hardware_threads();
+  at::set_num_threads(n);
+  return at::get_num_threads();
+}
+
+}  // namespace sd

@@ -1,0 +1,132 @@
+#include "io/model_folder.h"
+
+#include <algorithm>
+#include <filesystem>
+
+#include "core/error.h"
+#include "io/json_config.h"
+
+namespace fs = std::filesystem;
+
+namespace sd {
+
+bool is_directory(const std::string& path) {
+  std::error_code ec;
+  return fs::is_directory(path, ec);
+}
+
+bool is_file(const std::string& path) {
+  std::error_code ec;
+  return fs::is_regular_file(path, ec);
+}
+
+uint64_t file_size_bytes(const std::string& path) {
+  std::error_code ec;
+  auto n = fs::file_size(path, ec);
+  return ec ? 0 : n;
+}
+
+ModelFolder ModelFolder::open(const std::string& dir) {
+  if (!is_directory(dir)) throw FormatError(dir, "not a directory (expected a diffusers model folder)");
+  const std::string index = (fs::path(dir) / "model_index.json").string();
+  if (!is_file(index))
+    throw FormatError(dir, "no model_index.json: not a diffusers pipeline folder (expected model_index.json and "
+                           "unet/, vae/, text_encoder/, tokenizer/, scheduler/)");
+  auto j = read_json_file(index);
+  if (!j.is_object()) throw FormatError(index, "expected a JSON object");
+  ModelFolder f;
+  f.dir_ = dir;
+  if (j.contains("_class_name") && j["_class_name"].is_string()) f.class_name_ = j["_class_name"].get<std::string>();
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key().empty() || it.key()[0] == '_') continue;
+    const auto& v = it.value();
+    if (!v.is_array()) continue;  // requires_safety_checker and other flags
+    if (v.size() != 2) throw FormatError(index, "component '" + it.key() + "': expected [library, class]");
+    ComponentEntry e;
+    e.name = it.key();
+    if (v[0].is_string()) e.library = v[0].get<std::string>();
+    if (v[1].is_string()) e.class_name = v[1].get<std::string>();
+    if (e.class_name.empty()) continue;  // [null, null]: component not present (safety_checker, ...)
+    f.components_[e.name] = e;
+  }
+  for (const char* required : {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}) {
+    if (!f.components_.count(required))
+      throw FormatError(index, std::string("component '") + required +
+                                   "' missing: not a Stable Diffusion pipeline (class '" + f.class_name_ + "')");
+  }
+  if (f.components_.count("text_encoder_2") || f.class_name_.find("XL") != std::string::npos)
+    throw FormatError(index, "pipeline class '" + f.class_name_ +
+                                 "' (SDXL) is not supported yet: expected an SD 1.x / 2.x / sd-turbo pipeline");
+  return f;
+}
+
+bool ModelFolder::has_component(const std::string& name) const { return components_.count(name) != 0; }
+
+std::string ModelFolder::component_dir(const std::string& name) const {
+  const std::string d = (fs::path(dir_) / name).string();
+  if (!is_directory(d)) throw FormatError(dir_, "component folder '" + name + "/' is missing");
+  return d;
+}
+
+std::string ModelFolder::config_path(const std::string& name) const {
+  const std::string d = component_dir(name);
+  for (const char* file : {"config.json", "scheduler_config.json", "tokenizer_config.json"}) {
+    const std::string p = (fs::path(d) / file).string();
+    if (is_file(p)) return p;
+  }
+  throw FormatError(d, "no config.json");
+}
+
+std::string ModelFolder::weights_path(const std::string& name, const std::string& variant) const {
+  return find_weights(component_dir(name), variant);
+}
+
+std::optional<std::string> ModelFolder::taesd_dir() const {
+  const std::string d = (fs::path(dir_) / "taesd").string();
+  if (is_directory(d)) return d;
+  return std::nullopt;
+}
+
+std::string find_weights(const std::string& component_dir, const std::string& variant) {
+  if (!is_directory(component_dir)) throw FormatError(component_dir, "not a directory");
+  std::vector<std::string> plain, variants, pickles, index_files;
+  const std::string vsuffix = variant.empty() ? "" : "." + variant + ".safetensors";
+  for (const auto& e : fs::directory_iterator(component_dir)) {
+    if (!e.is_regular_file()) continue;
+    const std::string name = e.path().filename().string();
+    auto ends = [&](const std::string& s) {
+      return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+    };
+    if (ends(".safetensors.index.json")) {
+      index_files.push_back(name);
+    } else if (ends(".safetensors")) {
+      // "<stem>.fp16.safetensors" is a variant; "<stem>.safetensors" is the default weights.
+      const std::string stem = name.substr(0, name.size() - 12);
+      if (!vsuffix.empty() && ends(vsuffix))
+        variants.push_back(e.path().string());
+      else if (stem.find('.') == std::string::npos)
+        plain.push_back(e.path().string());
+    } else if (ends(".bin") || ends(".ckpt") || ends(".pt") || ends(".pth") || ends(".pkl")) {
+      pickles.push_back(name);
+    }
+  }
+  std::sort(plain.begin(), plain.end());
+  std::sort(variants.begin(), variants.end());
+  if (!variants.empty()) {
+    if (variants.size() > 1) throw FormatError(component_dir, "several '" + vsuffix + "' weight files");
+    return variants[0];
+  }
+  if (plain.size() == 1) return plain[0];
+  if (plain.size() > 1)
+    throw FormatError(component_dir, "several .safetensors weight files; expected one (" + plain[0] + ", " +
+                                         plain[1] + ", ...)");
+  if (!index_files.empty())
+    throw FormatError(component_dir, "sharded checkpoint (" + index_files[0] + ") is not supported yet");
+  if (!pickles.empty())
+    throw FormatError(component_dir, "only pickle weights (" + pickles[0] +
+                                         ") found; pickles are never loaded - convert them to .safetensors first "
+                                         "(e.g. with diffusers: save_pretrained(..., safe_serialization=True))");
+  throw FormatError(component_dir, "no .safetensors weight file");
+}
+
+}  // namespace sd

@@ -1,0 +1,49 @@
+#pragma once
+// A diffusers pipeline folder: model_index.json + one sub-folder per component (config.json + weights).
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace sd {
+
+struct ComponentEntry {
+  std::string name;        // "unet"
+  std::string library;     // "diffusers" / "transformers" ("" when null)
+  std::string class_name;  // "UNet2DConditionModel" ("" when null)
+};
+
+class ModelFolder {
+ public:
+  // Reads <dir>/model_index.json; FormatError if the folder is not a diffusers Stable Diffusion pipeline
+  // (missing index, or missing one of unet / vae / text_encoder / tokenizer / scheduler).
+  static ModelFolder open(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  const std::string& pipeline_class() const { return class_name_; }
+  const std::map<std::string, ComponentEntry>& components() const { return components_; }
+  bool has_component(const std::string& name) const;
+  std::string component_dir(const std::string& name) const;  // <dir>/<name>; FormatError if absent on disk
+  std::string config_path(const std::string& name) const;     // <dir>/<name>/config.json (scheduler_config.json)
+  // Weights of a component; see find_weights.
+  std::string weights_path(const std::string& name, const std::string& variant = "") const;
+  // The optional TAESD folder shipped beside the pipeline (<dir>/taesd), if present.
+  std::optional<std::string> taesd_dir() const;
+
+ private:
+  std::string dir_;
+  std::string class_name_;
+  std::map<std::string, ComponentEntry> components_;
+};
+
+// The safetensors weight file inside a component folder: the single *.safetensors file, preferring
+// "<stem>.<variant>.safetensors" when `variant` (e.g. "fp16") is given and present. Sharded checkpoints
+// (*.safetensors.index.json) are not supported yet. Only pickles (.bin/.ckpt/.pt/.pth) -> FormatError telling the
+// user to convert them to safetensors (pickles are never loaded).
+std::string find_weights(const std::string& component_dir, const std::string& variant = "");
+
+bool is_directory(const std::string& path);
+bool is_file(const std::string& path);
+uint64_t file_size_bytes(const std::string& path);
+
+}  // namespace sd

@@ -1,0 +1,178 @@
+#include "io/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+
+#include "core/error.h"
+
+namespace sd {
+
+struct SafeTensorsFile::Mapping {
+  void* addr = nullptr;
+  size_t size = 0;
+  std::string owned;  // for from_bytes
+  const uint8_t* data() const {
+    return addr ? static_cast<const uint8_t*>(addr) : reinterpret_cast<const uint8_t*>(owned.data());
+  }
+  ~Mapping() {
+    if (addr && size) munmap(addr, size);
+  }
+};
+
+torch::ScalarType to_torch(safetensors::DType d) {
+  using safetensors::DType;
+  switch (d) {
+    case DType::F64: return torch::kFloat64;
+    case DType::F32: return torch::kFloat32;
+    case DType::F16: return torch::kFloat16;
+    case DType::BF16: return torch::kBFloat16;
+    case DType::I64: return torch::kInt64;
+    case DType::I32: return torch::kInt32;
+    case DType::I16: return torch::kInt16;
+    case DType::I8: return torch::kInt8;
+    case DType::U8: return torch::kUInt8;
+    case DType::BOOL: return torch::kBool;
+  }
+  return torch::kFloat32;
+}
+
+safetensors::DType from_torch(torch::ScalarType t, const std::string& what) {
+  using safetensors::DType;
+  switch (t) {
+    case torch::kFloat64: return DType::F64;
+    case torch::kFloat32: return DType::F32;
+    case torch::kFloat16: return DType::F16;
+    case torch::kBFloat16: return DType::BF16;
+    case torch::kInt64: return DType::I64;
+    case torch::kInt32: return DType::I32;
+    case torch::kInt16: return DType::I16;
+    case torch::kInt8: return DType::I8;
+    case torch::kUInt8: return DType::U8;
+    case torch::kBool: return DType::BOOL;
+    default: throw InvalidArgument(what + ": dtype " + std::string(c10::toString(t)) + " cannot be stored in safetensors");
+  }
+}
+
+SafeTensorsFile SafeTensorsFile::open(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw FormatError(path, std::string("cannot open: ") + std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw FormatError(path, "not a regular file");
+  }
+  auto m = std::make_shared<Mapping>();
+  m->size = static_cast<size_t>(st.st_size);
+  if (m->size > 0) {
+    // Private + writable: copy-on-write, so a tensor aliasing the file can be modified in place safely.
+    m->addr = mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (m->addr == MAP_FAILED) {
+      m->addr = nullptr;
+      ::close(fd);
+      throw FormatError(path, std::string("mmap failed: ") + std::strerror(errno));
+    }
+  }
+  ::close(fd);
+  SafeTensorsFile f;
+  f.path_ = path;
+  f.header_ = safetensors::parse_header(m->data(), m->size, path);
+  f.map_ = std::move(m);
+  for (size_t i = 0; i < f.header_.tensors.size(); ++i) f.index_[f.header_.tensors[i].name] = i;
+  return f;
+}
+
+SafeTensorsFile SafeTensorsFile::from_bytes(std::string bytes, const std::string& name) {
+  auto m = std::make_shared<Mapping>();
+  m->owned = std::move(bytes);
+  m->size = m->owned.size();
+  SafeTensorsFile f;
+  f.path_ = name;
+  f.header_ = safetensors::parse_header(m->data(), m->size, name);
+  f.map_ = std::move(m);
+  for (size_t i = 0; i < f.header_.tensors.size(); ++i) f.index_[f.header_.tensors[i].name] = i;
+  return f;
+}
+
+std::vector<std::string> SafeTensorsFile::keys() const {
+  std::vector<std::string> out;
+  for (const auto& kv : index_) out.push_back(kv.first);
+  return out;
+}
+
+bool SafeTensorsFile::contains(const std::string& name) const { return index_.count(name) != 0; }
+
+const safetensors::TensorInfo& SafeTensorsFile::info(const std::string& name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) throw FormatError(path_, "no tensor named '" + name + "'");
+  return header_.tensors[it->second];
+}
+
+size_t SafeTensorsFile::file_size() const { return map_ ? map_->size : 0; }
+
+torch::Tensor SafeTensorsFile::get(const std::string& name) const {
+  const auto& t = info(name);
+  const auto dtype = to_torch(t.dtype);
+  auto opts = torch::TensorOptions().dtype(dtype);
+  if (t.numel() == 0) return torch::empty(t.shape, opts);
+  uint8_t* ptr = const_cast<uint8_t*>(map_->data()) + header_.data_start + t.begin;
+  const size_t isz = safetensors::dtype_size(t.dtype);
+  if (reinterpret_cast<uintptr_t>(ptr) % isz == 0) {
+    auto keep = map_;  // the tensor keeps the mapping alive
+    return torch::from_blob(
+        ptr, t.shape, [keep](void*) mutable { keep.reset(); }, opts);
+  }
+  auto out = torch::empty(t.shape, opts);
+  std::memcpy(out.data_ptr(), ptr, t.nbytes());
+  return out;
+}
+
+std::map<std::string, torch::Tensor> SafeTensorsFile::load_all() const {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& t : header_.tensors) out[t.name] = get(t.name);
+  return out;
+}
+
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::vector<safetensors::TensorInfo> infos;
+  std::vector<torch::Tensor> data;
+  std::map<std::string, int> seen;
+  for (const auto& [name, t] : tensors) {
+    if (name == "__metadata__") throw InvalidArgument(path + ": '__metadata__' is reserved and cannot name a tensor");
+    if (seen[name]++) throw InvalidArgument(path + ": tensor '" + name + "' given twice");
+    safetensors::TensorInfo info;
+    info.name = name;
+    info.dtype = from_torch(t.scalar_type(), path + ": tensor '" + name + "'");
+    info.shape = t.sizes().vec();
+    infos.push_back(info);
+    data.push_back(t.detach().to(torch::kCPU).contiguous());
+  }
+  const std::string prefix = safetensors::build_header(infos, metadata);
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw FormatError(path, std::string("cannot write: ") + std::strerror(errno));
+    out.write(prefix.data(), static_cast<std::streamsize>(prefix.size()));
+    for (const auto& t : data)
+      out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
+    out.flush();
+    if (!out) throw FormatError(path, "write failed (disk full?)");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw FormatError(path, std::string("cannot rename temporary file: ") + std::strerror(errno));
+}
+
+void save_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::vector<std::pair<std::string, torch::Tensor>> v(tensors.begin(), tensors.end());
+  save_safetensors(path, v, metadata);
+}
+
+}  // namespace sd

@@ -1,0 +1,58 @@
+#pragma once
+// Leaf layers with diffusers/transformers parameter names ("weight", "bias"). Parameters are created empty: every
+// model's weights come from a file (or an explicit random init), so paying for libtorch's default initialisation of
+// a billion parameters at construction would be waste.
+#include <torch/torch.h>
+
+namespace sd::nn {
+
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in, int64_t out, bool bias = true);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight, bias;  // [out, in], [out]
+  int64_t in_features, out_features;
+};
+TORCH_MODULE(Linear);
+
+class Conv2dImpl : public torch::nn::Module {
+ public:
+  Conv2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = 0, bool bias = true);
+  torch::Tensor forward(const torch::Tensor& x);  // [B, in, H, W] -> [B, out, H', W']
+  torch::Tensor weight, bias;                      // [out, in, k, k], [out]
+  int64_t in_channels, out_channels, kernel_size, stride, padding;
+};
+TORCH_MODULE(Conv2d);
+
+// GroupNorm over NCHW (or [B, C, *]); statistics in fp32 when the input is reduced precision.
+class GroupNormImpl : public torch::nn::Module {
+ public:
+  GroupNormImpl(int64_t groups, int64_t channels, double eps, bool affine = true);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight, bias;
+  int64_t num_groups, num_channels;
+  double eps;
+};
+TORCH_MODULE(GroupNorm);
+
+// LayerNorm over the last dimension; statistics in fp32 when the input is reduced precision.
+class LayerNormImpl : public torch::nn::Module {
+ public:
+  LayerNormImpl(int64_t dim, double eps, bool affine = true);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight, bias;
+  int64_t dim;
+  double eps;
+};
+TORCH_MODULE(LayerNorm);
+
+class EmbeddingImpl : public torch::nn::Module {
+ public:
+  EmbeddingImpl(int64_t num, int64_t dim);
+  torch::Tensor forward(const torch::Tensor& ids);  // int64 [...] -> [..., dim]
+  torch::Tensor weight;                             // [num, dim]
+  int64_t num_embeddings, embedding_dim;
+};
+TORCH_MODULE(Embedding);
+
+}  // namespace sd::nn

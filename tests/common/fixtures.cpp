@@ -1,0 +1,74 @@
+#include "common/fixtures.h"
+
+#include <cstdlib>
+#include <filesystem>
+#include <sstream>
+
+namespace fs = std::filesystem;
+
+namespace sd::test {
+
+std::string fixtures_root() {
+  if (const char* env = std::getenv("SD_FIXTURES"); env && *env) return env;
+  return SD_DEFAULT_FIXTURES;
+}
+
+std::string fixture_path(const std::string& rel) { return (fs::path(fixtures_root()) / rel).string(); }
+
+bool fixture_exists(const std::string& rel) {
+  std::error_code ec;
+  return fs::exists(fixture_path(rel), ec);
+}
+
+std::vector<std::string> fixture_models() {
+  std::vector<std::string> out;
+  std::error_code ec;
+  const fs::path dir = fs::path(fixtures_root()) / "models";
+  if (!fs::is_directory(dir, ec)) return out;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.is_directory() && fs::exists(e.path() / "model_index.json")) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+::testing::AssertionResult tensors_close(const torch::Tensor& actual, const torch::Tensor& ref, double atol,
+                                         double rtol, const std::string& what) {
+  if (!actual.sizes().equals(ref.sizes())) {
+    std::ostringstream o;
+    o << what << ": shape " << actual.sizes() << " != reference " << ref.sizes();
+    return ::testing::AssertionFailure() << o.str();
+  }
+  auto a = actual.detach().to(torch::kCPU, torch::kDouble);
+  auto r = ref.detach().to(torch::kCPU, torch::kDouble);
+  if (a.numel() == 0) return ::testing::AssertionSuccess();
+  if (!torch::isfinite(a).all().item<bool>() && torch::isfinite(r).all().item<bool>())
+    return ::testing::AssertionFailure() << what << ": non-finite values in the result";
+  auto diff = (a - r).abs();
+  const double max_ref = r.abs().max().item<double>();
+  const double max_err = diff.max().item<double>();
+  const double bound = atol + rtol * max_ref;
+  std::ostringstream o;
+  o << what << ": max abs err " << max_err << " (bound " << bound << " = " << atol << " + " << rtol << " * "
+    << max_ref << ")";
+  if (max_err <= bound) return ::testing::AssertionSuccess() << o.str();
+  const int64_t idx = diff.reshape(-1).argmax().item<int64_t>();
+  o << " at flat index " << idx << ": got " << a.reshape(-1)[idx].item<double>() << ", expected "
+    << r.reshape(-1)[idx].item<double>();
+  return ::testing::AssertionFailure() << o.str();
+}
+
+std::string test_name(std::string s) {
+  for (auto& c : s)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return s;
+}
+
+std::string make_temp_dir(const std::string& prefix) {
+  std::string tmpl = (fs::temp_directory_path() / (prefix + "-XXXXXX")).string();
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  if (!mkdtemp(buf.data())) throw std::runtime_error("mkdtemp failed for " + tmpl);
+  return buf.data();
+}
+
+}  // namespace sd::test

@@ -1,0 +1,32 @@
+#pragma once
+// Shared helpers for the golden tests: where the fixtures are, discovery of models and cases, tensor comparison.
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "io/safetensors.h"
+
+namespace sd::test {
+
+// $SD_FIXTURES, else the repo's ../shared/fixtures (absolute, fixed at configure time).
+std::string fixtures_root();
+// Joins fixtures_root() with a relative path.
+std::string fixture_path(const std::string& rel);
+bool fixture_exists(const std::string& rel);
+// Model folder names under models/ (sorted), empty when the fixture root has no models/.
+std::vector<std::string> fixture_models();
+
+// max|a - ref| <= atol + rtol * max|ref|, computed in float64. Returns a gtest assertion result that names `what`,
+// the max error, the bound and where the largest error is.
+::testing::AssertionResult tensors_close(const torch::Tensor& actual, const torch::Tensor& ref, double atol,
+                                         double rtol, const std::string& what);
+
+// Replaces characters gtest does not allow in test names.
+std::string test_name(std::string s);
+
+// A unique scratch directory under the build tree's temp space (removed by the caller if wanted).
+std::string make_temp_dir(const std::string& prefix);
+
+}  // namespace sd::test

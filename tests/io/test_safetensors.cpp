@@ -1,0 +1,223 @@
+// safetensors reader/writer: round trips, zero-copy, and every class of corruption named in the error.
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "common/fixtures.h"
+#include "core/error.h"
+#include "io/safetensors.h"
+
+namespace {
+
+using sd::FormatError;
+using sd::SafeTensorsFile;
+namespace fs = std::filesystem;
+
+std::string u64le(uint64_t v) {
+  std::string s(8, '\0');
+  for (int i = 0; i < 8; ++i) s[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+  return s;
+}
+
+// A file image from a raw JSON header and `data_bytes` bytes of data.
+std::string raw_file(const std::string& json, size_t data_bytes) { return u64le(json.size()) + json + std::string(data_bytes, '\0'); }
+
+// Expects FormatError whose message contains every fragment.
+void expect_error(const std::string& bytes, std::vector<std::string> fragments) {
+  try {
+    SafeTensorsFile::from_bytes(bytes, "bad.safetensors");
+    FAIL() << "expected an error containing '" << fragments[0] << "'";
+  } catch (const FormatError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("bad.safetensors"), std::string::npos) << msg;
+    for (const auto& f : fragments) EXPECT_NE(msg.find(f), std::string::npos) << "missing '" << f << "' in: " << msg;
+  }
+}
+
+class SafeTensorsTest : public ::testing::Test {
+ protected:
+  void SetUp() override { dir_ = sd::test::make_temp_dir("sd-st"); }
+  std::string dir_;
+};
+
+TEST_F(SafeTensorsTest, RoundTripAllDtypesAndMetadata) {
+  std::vector<std::pair<std::string, torch::Tensor>> ts = {
+      {"f32", torch::randn({3, 5})},
+      {"f64", torch::randn({2}, torch::kFloat64)},
+      {"f16", torch::randn({4, 1, 2}).to(torch::kHalf)},
+      {"bf16", torch::randn({7}).to(torch::kBFloat16)},
+      {"i64", torch::arange(10, torch::kInt64)},
+      {"i32", torch::arange(3, torch::kInt32)},
+      {"i16", torch::arange(3).to(torch::kInt16)},
+      {"i8", torch::arange(-3, 3).to(torch::kInt8)},
+      {"u8", torch::arange(250, 256).to(torch::kUInt8)},
+      {"bool", torch::tensor({true, false, true})},
+      {"empty", torch::zeros({0, 4})},
+      {"scalar", torch::tensor(3.5f)},
+  };
+  const std::string path = dir_ + "/all.safetensors";
+  sd::save_safetensors(path, ts, {{"format", "pt"}, {"note", "round trip"}});
+  auto f = SafeTensorsFile::open(path);
+  EXPECT_EQ(f.tensors().size(), ts.size());
+  EXPECT_EQ(f.metadata().at("note"), "round trip");
+  for (const auto& [name, t] : ts) {
+    auto got = f.get(name);
+    EXPECT_EQ(got.scalar_type(), t.scalar_type()) << name;
+    EXPECT_EQ(got.sizes(), t.sizes()) << name;
+    EXPECT_TRUE(torch::equal(got, t)) << name;
+  }
+}
+
+TEST_F(SafeTensorsTest, AlignedTensorsAliasTheMappingAndOutliveTheFileObject) {
+  const std::string path = dir_ + "/a.safetensors";
+  auto ref = torch::randn({64, 64});
+  sd::save_safetensors(path, std::vector<std::pair<std::string, torch::Tensor>>{{"w", ref}});
+  torch::Tensor t, t2;
+  {
+    auto f = SafeTensorsFile::open(path);
+    t = f.get("w");
+    t2 = f.get("w");
+    // Both views point at the same mapped bytes: no copy was made.
+    EXPECT_EQ(t.data_ptr(), t2.data_ptr());
+  }
+  // The file object is gone; the tensors keep the mapping alive.
+  EXPECT_TRUE(torch::equal(t, ref));
+  t.mul_(2);  // copy-on-write private mapping: writable, does not touch the file
+  auto again = SafeTensorsFile::open(path).get("w");
+  EXPECT_TRUE(torch::equal(again, ref));
+}
+
+TEST_F(SafeTensorsTest, UnalignedTensorIsCopied) {
+  // A 1-byte tensor first puts the following f32 tensor at an odd offset.
+  std::string json = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})";
+  while ((8 + json.size()) % 8) json += ' ';
+  std::string bytes = u64le(json.size()) + json;
+  bytes.push_back('\x07');
+  float vals[2] = {1.5f, -2.0f};
+  bytes.append(reinterpret_cast<const char*>(vals), 8);
+  auto f = SafeTensorsFile::from_bytes(bytes, "x");
+  auto b = f.get("b");
+  EXPECT_FLOAT_EQ(b[0].item<float>(), 1.5f);
+  EXPECT_FLOAT_EQ(b[1].item<float>(), -2.0f);
+  EXPECT_EQ(f.get("a")[0].item<uint8_t>(), 7);
+}
+
+TEST(SafeTensorsCorrupt, TruncatedBelowLengthField) { expect_error(std::string("\x10\x00\x00", 3), {"truncated"}); }
+
+TEST(SafeTensorsCorrupt, HeaderLongerThanFile) {
+  expect_error(u64le(1000) + "{}", {"truncated", "1000"});
+}
+
+TEST(SafeTensorsCorrupt, HugeHeaderLength) {
+  expect_error(u64le(1ull << 40) + "{}", {"exceeds the limit"});
+}
+
+TEST(SafeTensorsCorrupt, HeaderNotJson) { expect_error(raw_file("{not json", 0), {"not valid JSON"}); }
+
+TEST(SafeTensorsCorrupt, HeaderNotObject) { expect_error(raw_file("[1,2]", 0), {"JSON object"}); }
+
+TEST(SafeTensorsCorrupt, UnknownDtype) {
+  expect_error(raw_file(R"({"w":{"dtype":"F8","shape":[1],"data_offsets":[0,1]}})", 1), {"'w'", "unknown dtype 'F8'"});
+}
+
+TEST(SafeTensorsCorrupt, NegativeShape) {
+  expect_error(raw_file(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4), {"'w'", "non-negative"});
+}
+
+TEST(SafeTensorsCorrupt, OffsetsOutOfRange) {
+  expect_error(raw_file(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8),
+               {"'w'", "outside the data region of 8 bytes"});
+}
+
+TEST(SafeTensorsCorrupt, OffsetsReversed) {
+  expect_error(raw_file(R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[8,4]}})", 8), {"'w'", "end before begin"});
+}
+
+TEST(SafeTensorsCorrupt, OverlappingTensors) {
+  expect_error(raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
+               {"'b'", "overlap"});
+}
+
+TEST(SafeTensorsCorrupt, ShapeDtypeByteLengthMismatch) {
+  expect_error(raw_file(R"({"w":{"dtype":"F16","shape":[3],"data_offsets":[0,4]}})", 4),
+               {"'w'", "byte length 4 does not match shape [3]", "F16"});
+}
+
+TEST(SafeTensorsCorrupt, MissingFields) {
+  expect_error(raw_file(R"({"w":{"shape":[1],"data_offsets":[0,4]}})", 4), {"'w'", "dtype"});
+  expect_error(raw_file(R"({"w":{"dtype":"F32","data_offsets":[0,4]}})", 4), {"'w'", "shape"});
+  expect_error(raw_file(R"({"w":{"dtype":"F32","shape":[1]}})", 4), {"'w'", "data_offsets"});
+  expect_error(raw_file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,-4]}})", 4), {"'w'", "data_offsets"});
+}
+
+TEST(SafeTensorsCorrupt, MetadataMustBeStrings) {
+  expect_error(raw_file(R"({"__metadata__":{"a":1}})", 0), {"__metadata__"});
+}
+
+TEST(SafeTensorsCorrupt, EmptyTensorsAreValid) {
+  auto f = SafeTensorsFile::from_bytes(raw_file(R"({"e":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}})", 0), "e");
+  EXPECT_EQ(f.get("e").numel(), 0);
+  EXPECT_EQ(f.get("e").sizes(), (std::vector<int64_t>{0, 3}));
+}
+
+TEST(SafeTensorsCorrupt, MissingKeyNamed) {
+  auto f = SafeTensorsFile::from_bytes(raw_file("{}", 0), "empty.safetensors");
+  try {
+    f.get("nope");
+    FAIL();
+  } catch (const FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("'nope'"), std::string::npos);
+  }
+}
+
+TEST_F(SafeTensorsTest, TruncatedRealFileNamesTheTensor) {
+  const std::string path = dir_ + "/t.safetensors";
+  sd::save_safetensors(path, std::vector<std::pair<std::string, torch::Tensor>>{{"a", torch::ones({8})}, {"b", torch::ones({8})}});
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  bytes.resize(bytes.size() - 5);
+  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  try {
+    SafeTensorsFile::open(path);
+    FAIL();
+  } catch (const FormatError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+    EXPECT_NE(msg.find("'b'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
+  }
+}
+
+TEST(SafeTensorsOpen, MissingFileAndDirectory) {
+  EXPECT_THROW(SafeTensorsFile::open("/nonexistent/x.safetensors"), FormatError);
+  EXPECT_THROW(SafeTensorsFile::open("/tmp"), FormatError);
+}
+
+TEST(SafeTensorsWriter, RejectsDuplicateAndReservedNames) {
+  const std::string dir = sd::test::make_temp_dir("sd-stw");
+  std::vector<std::pair<std::string, torch::Tensor>> dup = {{"a", torch::ones({1})}, {"a", torch::ones({1})}};
+  EXPECT_THROW(sd::save_safetensors(dir + "/d.safetensors", dup), sd::InvalidArgument);
+  std::vector<std::pair<std::string, torch::Tensor>> meta = {{"__metadata__", torch::ones({1})}};
+  EXPECT_THROW(sd::save_safetensors(dir + "/m.safetensors", meta), sd::InvalidArgument);
+}
+
+// Every fixture file must open and every tensor must be readable (the reader against real-world writers).
+TEST(SafeTensorsFixtures, EveryFixtureFileParses) {
+  namespace fs = std::filesystem;
+  const fs::path root = sd::test::fixtures_root();
+  if (!fs::exists(root)) GTEST_SKIP() << "no fixture root at " << root;
+  int files = 0;
+  for (const auto& e : fs::recursive_directory_iterator(root)) {
+    if (e.path().extension() != ".safetensors") continue;
+    auto f = SafeTensorsFile::open(e.path().string());
+    for (const auto& t : f.tensors()) EXPECT_EQ(f.get(t.name).numel(), static_cast<int64_t>(t.numel()));
+    ++files;
+  }
+  EXPECT_GT(files, 10);
+}
+
+}  // namespace
