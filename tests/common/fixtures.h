@@ -1,5 +1,6 @@
 #pragma once
 // Shared helpers for the golden tests: where the fixtures are, discovery of models and cases, tensor comparison.
+#include <iostream>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,14 @@ std::vector<std::string> fixture_models();
 // the max error, the bound and where the largest error is.
 ::testing::AssertionResult tensors_close(const torch::Tensor& actual, const torch::Tensor& ref, double atol,
                                          double rtol, const std::string& what);
+
+// EXPECT that also prints the measured error on success, so test logs carry the numbers.
+#define SD_EXPECT_CLOSE(actual, ref, atol, rtol, what)                                   \
+  do {                                                                                   \
+    auto sd_close_result_ = ::sd::test::tensors_close(actual, ref, atol, rtol, what);   \
+    EXPECT_TRUE(sd_close_result_);                                                       \
+    if (sd_close_result_) std::cout << "  [close] " << sd_close_result_.message() << "\n"; \
+  } while (0)
 
 // Replaces characters gtest does not allow in test names.
 std::string test_name(std::string s);

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs dependencies (Debian packages), builds everything and runs the whole test suite with CTest.
+# Fixtures: $SD_FIXTURES, default ../shared/fixtures next to the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+BUILD_DIR="${BUILD_DIR:-build}"
+export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release
+cmake --build "$BUILD_DIR" -j "$(nproc)"
+cd "$BUILD_DIR"
+ctest --output-on-failure -j "$(nproc)" --timeout 900

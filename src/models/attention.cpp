@@ -1,0 +1,140 @@
+#include "models/attention.h"
+
+#include <cmath>
+
+#include <torch/version.h>
+
+#include "core/error.h"
+
+namespace sd {
+
+namespace {
+
+bool reduced(torch::ScalarType t) { return t == torch::kBFloat16 || t == torch::kHalf; }
+
+void check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t heads) {
+  if (q.dim() != 3 || k.dim() != 3 || v.dim() != 3)
+    throw InvalidArgument("attention: q, k, v must be [B, N, heads*dim], got " + std::to_string(q.dim()) + "-d, " +
+                          std::to_string(k.dim()) + "-d, " + std::to_string(v.dim()) + "-d");
+  if (heads <= 0 || q.size(2) % heads != 0 || v.size(2) % heads != 0)
+    throw InvalidArgument("attention: width " + std::to_string(q.size(2)) + " / " + std::to_string(v.size(2)) +
+                          " is not divisible by " + std::to_string(heads) + " heads");
+  if (q.size(2) != k.size(2) || k.size(0) != q.size(0) || v.size(0) != q.size(0) || k.size(1) != v.size(1))
+    throw InvalidArgument("attention: incompatible q/k/v shapes");
+}
+
+// [B, N, heads*d] -> [B*heads, N, d]
+torch::Tensor split_heads(const torch::Tensor& x, int64_t heads) {
+  const int64_t b = x.size(0), n = x.size(1), d = x.size(2) / heads;
+  return x.view({b, n, heads, d}).permute({0, 2, 1, 3}).reshape({b * heads, n, d});
+}
+
+// [B*heads, N, d] -> [B, N, heads*d]
+torch::Tensor merge_heads(const torch::Tensor& x, int64_t heads) {
+  const int64_t bh = x.size(0), n = x.size(1), d = x.size(2);
+  return x.view({bh / heads, heads, n, d}).permute({0, 2, 1, 3}).reshape({bh / heads, n, heads * d});
+}
+
+}  // namespace
+
+torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                int64_t heads, bool upcast, int64_t max_score_bytes) {
+  check_qkv(q, k, v, heads);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(2) / heads));
+  const auto out_dtype = v.scalar_type();
+  // With upcasting the scores are formed from fp32 q/k (diffusers' upcast_attention); otherwise in the input
+  // dtype, but reduced precision is still soft-maxed in fp32.
+  const bool fp32_scores = upcast && reduced(q.scalar_type());
+  auto qh = split_heads(q, heads);                   // [BH, N, dh]
+  auto kt = split_heads(k, heads).transpose(1, 2);   // [BH, dh, M]
+  auto vh = split_heads(v, heads);                   // [BH, M, dv]
+  if (fp32_scores) {
+    qh = qh.to(torch::kFloat);
+    kt = kt.to(torch::kFloat);
+  }
+  const int64_t bh = qh.size(0), n = qh.size(1), m = kt.size(2);
+  const int64_t elem = fp32_scores || !reduced(q.scalar_type()) ? 4 : 2;
+  const int64_t row_bytes = std::max<int64_t>(1, bh * m * elem);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, max_score_bytes / row_bytes));
+
+  auto one_chunk = [&](const torch::Tensor& qc) {
+    // scores = scale * qc @ kt; beta = 0 ignores the uninitialised input.
+    auto scores = at::empty({bh, qc.size(1), m}, qc.options());
+    scores.baddbmm_(qc, kt, 0.0, scale);
+    torch::Tensor probs;
+    if (scores.scalar_type() == torch::kFloat) {
+      probs = at::softmax(scores, -1);
+    } else {
+      probs = at::softmax(scores, -1, torch::kFloat);
+    }
+    scores = torch::Tensor();  // release before the product: at most two chunk-sized buffers alive
+    return at::bmm(probs.to(out_dtype), vh);  // [BH, n, dv]
+  };
+
+  torch::Tensor out;
+  if (chunk >= n) {
+    out = one_chunk(qh);
+  } else {
+    std::vector<torch::Tensor> parts;
+    parts.reserve(static_cast<size_t>((n + chunk - 1) / chunk));
+    for (int64_t s = 0; s < n; s += chunk) parts.push_back(one_chunk(qh.slice(1, s, std::min(n, s + chunk))));
+    out = at::cat(parts, 1);
+  }
+  return merge_heads(out, heads);
+}
+
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t heads,
+                        bool upcast) {
+#if TORCH_VERSION_MAJOR >= 2
+  check_qkv(q, k, v, heads);
+  // The fused kernels accumulate in fp32 and never materialise the full score matrix.
+  auto to4 = [heads](const torch::Tensor& x) {
+    return x.view({x.size(0), x.size(1), heads, x.size(2) / heads}).transpose(1, 2);  // [B, heads, N, d]
+  };
+  auto o = at::scaled_dot_product_attention(to4(q), to4(k), to4(v));
+  return o.transpose(1, 2).reshape({q.size(0), q.size(1), v.size(2)});
+#else
+  return attention_chunked(q, k, v, heads, upcast);
+#endif
+}
+
+AttentionImpl::AttentionImpl(const AttentionOptions& o) : options(o) {
+  if (o.query_dim <= 0 || o.heads <= 0 || o.dim_head <= 0)
+    throw InvalidArgument("Attention: query_dim, heads and dim_head must be positive");
+  const int64_t inner = o.heads * o.dim_head;
+  const int64_t ctx = o.cross_attention_dim > 0 ? o.cross_attention_dim : o.query_dim;
+  if (o.norm_num_groups > 0)
+    group_norm = register_module("group_norm", sd::nn::GroupNorm(o.norm_num_groups, o.query_dim, o.norm_eps));
+  to_q = register_module("to_q", sd::nn::Linear(o.query_dim, inner, o.bias));
+  to_k = register_module("to_k", sd::nn::Linear(ctx, inner, o.bias));
+  to_v = register_module("to_v", sd::nn::Linear(ctx, inner, o.bias));
+  to_out0 = sd::nn::Linear(inner, o.query_dim, true);
+  to_out = register_module("to_out", torch::nn::ModuleList());
+  to_out->push_back(to_out0);
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
+  const bool spatial = x.dim() == 4;
+  torch::Tensor tokens;  // [B, N, C]
+  if (spatial) {
+    // GroupNorm on NCHW equals diffusers' norm of the [B, C, HW] view; then [B, C, HW] -> [B, HW, C].
+    auto h = group_norm ? group_norm(x) : x;
+    tokens = h.flatten(2).transpose(1, 2);
+  } else if (x.dim() == 3) {
+    tokens = group_norm ? group_norm(x.transpose(1, 2)).transpose(1, 2) : x;
+  } else {
+    throw InvalidArgument("Attention: expected [B, N, C] or [B, C, H, W] input, got " + std::to_string(x.dim()) +
+                          "-d");
+  }
+  const auto& ctx = context.defined() ? context : tokens;
+  auto q = to_q(tokens);
+  auto k = to_k(ctx);
+  auto v = to_v(ctx);
+  auto o = to_out0(attention(q, k, v, options.heads, options.upcast_attention || options.upcast_softmax));
+  if (spatial) o = o.transpose(1, 2).reshape(x.sizes());  // [B, HW, C] -> [B, C, H, W]
+  if (options.residual_connection) o = o + x;
+  if (options.rescale_output_factor != 1.0) o = o / options.rescale_output_factor;
+  return o;
+}
+
+}  // namespace sd

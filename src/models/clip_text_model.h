@@ -1,0 +1,97 @@
+#pragma once
+// CLIPTextModel with Hugging Face transformers semantics (what every SD 1.x / 2.x / sd-turbo pipeline uses as its
+// text encoder): token + position embeddings, pre-LN transformer layers with a causal mask, final layer norm.
+// Registered names are the transformers keys: text_model.embeddings.token_embedding.weight, ...
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+#include <torch/torch.h>
+
+#include "models/layers.h"
+
+namespace sd {
+
+struct CLIPTextConfig {
+  int64_t vocab_size = 49408;
+  int64_t hidden_size = 512;
+  int64_t intermediate_size = 2048;
+  int64_t num_hidden_layers = 12;
+  int64_t num_attention_heads = 8;
+  int64_t max_position_embeddings = 77;
+  std::string hidden_act = "quick_gelu";  // "quick_gelu" | "gelu"
+  double layer_norm_eps = 1e-5;
+  int64_t bos_token_id = 49406;
+  int64_t eos_token_id = 49407;
+  int64_t pad_token_id = 1;
+
+  static CLIPTextConfig from_json(const nlohmann::json& j, const std::string& file);
+};
+
+class CLIPAttentionImpl : public torch::nn::Module {
+ public:
+  CLIPAttentionImpl(int64_t dim, int64_t heads);
+  // x [B, L, D]; mask [L, L] additive (0 / -inf) or undefined
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask);
+  nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+  int64_t heads, head_dim;
+};
+TORCH_MODULE(CLIPAttention);
+
+class CLIPMLPImpl : public torch::nn::Module {
+ public:
+  CLIPMLPImpl(int64_t dim, int64_t inner, std::string act);
+  torch::Tensor forward(const torch::Tensor& x);
+  nn::Linear fc1{nullptr}, fc2{nullptr};
+  std::string act;
+};
+TORCH_MODULE(CLIPMLP);
+
+class CLIPEncoderLayerImpl : public torch::nn::Module {
+ public:
+  explicit CLIPEncoderLayerImpl(const CLIPTextConfig& c);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask);
+  CLIPAttention self_attn{nullptr};
+  nn::LayerNorm layer_norm1{nullptr}, layer_norm2{nullptr};
+  CLIPMLP mlp{nullptr};
+};
+TORCH_MODULE(CLIPEncoderLayer);
+
+struct CLIPTextOutput {
+  torch::Tensor last_hidden_state;           // [B, L, D] after final_layer_norm (what SD conditions on)
+  torch::Tensor pooler_output;               // [B, D] the EOS position's row
+  std::vector<torch::Tensor> hidden_states;  // embeddings, then the output of every layer (num_layers + 1 entries)
+};
+
+// The `text_model` subtree.
+class CLIPTextTransformerImpl : public torch::nn::Module {
+ public:
+  explicit CLIPTextTransformerImpl(const CLIPTextConfig& c);
+  CLIPTextOutput forward(const torch::Tensor& input_ids, bool output_hidden_states);
+  std::shared_ptr<torch::nn::Module> embeddings;  // token_embedding, position_embedding
+  nn::Embedding token_embedding{nullptr}, position_embedding{nullptr};
+  std::shared_ptr<torch::nn::Module> encoder;  // layers
+  torch::nn::ModuleList layers{nullptr};
+  nn::LayerNorm final_layer_norm{nullptr};
+  CLIPTextConfig config;
+};
+TORCH_MODULE(CLIPTextTransformer);
+
+class CLIPTextModelImpl : public torch::nn::Module {
+ public:
+  explicit CLIPTextModelImpl(const CLIPTextConfig& c);
+  // input_ids [B, L] int64 (L <= max_position_embeddings) -> last_hidden_state [B, L, D]
+  torch::Tensor forward(const torch::Tensor& input_ids);
+  CLIPTextOutput forward_all(const torch::Tensor& input_ids, bool output_hidden_states = true);
+  // diffusers' clip_skip: hidden_states[-(clip_skip + 1)] passed through final_layer_norm; clip_skip 0 = forward().
+  torch::Tensor forward_clip_skip(const torch::Tensor& input_ids, int clip_skip);
+  const CLIPTextConfig& config() const { return text_model->config; }
+  CLIPTextTransformer text_model{nullptr};
+};
+TORCH_MODULE(CLIPTextModel);
+
+// Reads <dir>/config.json and the weights (strict; the int64 `position_ids` buffer of older checkpoints is ignored).
+CLIPTextModel load_clip_text_model(const std::string& dir, torch::ScalarType dtype = torch::kFloat32,
+                                   torch::Device device = torch::kCPU);
+
+}  // namespace sd

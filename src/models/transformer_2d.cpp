@@ -1,0 +1,94 @@
+#include "models/transformer_2d.h"
+
+#include "core/error.h"
+
+namespace sd {
+
+GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) {
+  proj = register_module("proj", sd::nn::Linear(dim_in, dim_out * 2));
+}
+
+torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
+  auto h = proj(x);
+  auto parts = h.chunk(2, -1);
+  return parts[0] * torch::gelu(parts[1]);  // exact (erf) GELU, as diffusers' F.gelu
+}
+
+FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {
+  const int64_t inner = dim * mult;
+  geglu = GEGLU(dim, inner);
+  out = sd::nn::Linear(inner, dim);
+  net = register_module("net", torch::nn::ModuleList());
+  net->push_back(geglu);
+  net->push_back(torch::nn::Identity());  // diffusers' Dropout slot (net.1), inference no-op
+  net->push_back(out);
+}
+
+torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) { return out(geglu(x)); }
+
+BasicTransformerBlockImpl::BasicTransformerBlockImpl(int64_t dim, int64_t heads, int64_t dim_head,
+                                                     int64_t cross_attention_dim, bool upcast_attention) {
+  AttentionOptions self_opts;
+  self_opts.query_dim = dim;
+  self_opts.heads = heads;
+  self_opts.dim_head = dim_head;
+  self_opts.bias = false;  // attention_bias=False in the UNet
+  self_opts.upcast_attention = upcast_attention;
+  AttentionOptions cross_opts = self_opts;
+  cross_opts.cross_attention_dim = cross_attention_dim;
+
+  norm1 = register_module("norm1", sd::nn::LayerNorm(dim, 1e-5));
+  attn1 = register_module("attn1", Attention(self_opts));
+  norm2 = register_module("norm2", sd::nn::LayerNorm(dim, 1e-5));
+  attn2 = register_module("attn2", Attention(cross_opts));
+  norm3 = register_module("norm3", sd::nn::LayerNorm(dim, 1e-5));
+  ff = register_module("ff", FeedForward(dim));
+}
+
+torch::Tensor BasicTransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
+  auto h = attn1(norm1(x)) + x;
+  h = attn2(norm2(h), context) + h;
+  return ff(norm3(h)) + h;
+}
+
+Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DOptions& o) : options(o) {
+  if (o.in_channels <= 0 || o.heads <= 0 || o.dim_head <= 0)
+    throw InvalidArgument("Transformer2DModel: in_channels, heads and dim_head must be positive");
+  const int64_t inner = o.heads * o.dim_head;
+  norm = register_module("norm", sd::nn::GroupNorm(o.norm_num_groups, o.in_channels, 1e-6));
+  if (o.use_linear_projection)
+    proj_in_linear = register_module("proj_in", sd::nn::Linear(o.in_channels, inner));
+  else
+    proj_in_conv = register_module("proj_in", sd::nn::Conv2d(o.in_channels, inner, 1));
+  transformer_blocks = register_module("transformer_blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < o.num_layers; ++i) {
+    blocks.emplace_back(inner, o.heads, o.dim_head, o.cross_attention_dim, o.upcast_attention);
+    transformer_blocks->push_back(blocks.back());
+  }
+  if (o.use_linear_projection)
+    proj_out_linear = register_module("proj_out", sd::nn::Linear(inner, o.in_channels));
+  else
+    proj_out_conv = register_module("proj_out", sd::nn::Conv2d(inner, o.in_channels, 1));
+}
+
+torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
+  const int64_t b = x.size(0), h = x.size(2), w = x.size(3);
+  auto hs = norm(x);
+  torch::Tensor tokens;  // [B, HW, inner]
+  if (proj_in_conv) {
+    hs = proj_in_conv(hs);
+    tokens = hs.permute({0, 2, 3, 1}).reshape({b, h * w, hs.size(1)});
+  } else {
+    tokens = proj_in_linear(hs.permute({0, 2, 3, 1}).reshape({b, h * w, hs.size(1)}));
+  }
+  for (auto& blk : blocks) tokens = blk(tokens, context);
+  torch::Tensor out;
+  if (proj_out_conv) {
+    out = proj_out_conv(tokens.reshape({b, h, w, tokens.size(2)}).permute({0, 3, 1, 2}).contiguous());
+  } else {
+    out = proj_out_linear(tokens).reshape({b, h, w, options.in_channels}).permute({0, 3, 1, 2}).contiguous();
+  }
+  return out + x;
+}
+
+}  // namespace sd

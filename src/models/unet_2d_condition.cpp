@@ -1,0 +1,291 @@
+#include "models/unet_2d_condition.h"
+
+#include <algorithm>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/json_config.h"
+#include "io/model_folder.h"
+#include "io/safetensors.h"
+#include "io/state_dict.h"
+
+namespace sd {
+
+namespace {
+
+bool is_cross_down(const std::string& t) { return t == "CrossAttnDownBlock2D"; }
+bool is_cross_up(const std::string& t) { return t == "CrossAttnUpBlock2D"; }
+
+[[noreturn]] void unsupported(const std::string& file, const std::string& key, const nlohmann::json& value,
+                              const std::string& supported) {
+  std::string v = value.dump();
+  if (v.size() > 80) v = v.substr(0, 77) + "...";
+  throw FormatError(file, "field '" + key + "' = " + v + " is not supported (supported: " + supported + ")");
+}
+
+// A string field that must have one of the accepted values.
+std::string require_string(ConfigReader& r, const nlohmann::json& j, const std::string& key, const std::string& def,
+                           const std::vector<std::string>& accepted) {
+  const std::string v = r.get_string(key, def);
+  if (std::find(accepted.begin(), accepted.end(), v) == accepted.end()) {
+    std::string list;
+    for (const auto& a : accepted) list += (list.empty() ? "\"" : ", \"") + a + "\"";
+    unsupported(r.file(), key, j.at(key), list);
+  }
+  return v;
+}
+
+std::vector<int64_t> to64(const std::vector<int>& v) { return {v.begin(), v.end()}; }
+
+}  // namespace
+
+UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, const std::string& file) {
+  ConfigReader r(j, file);
+  UNet2DConditionConfig c;
+
+  // Features of UNet2DConditionModel this implementation does not have: present and non-null -> error.
+  for (const char* key : {"addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim",
+                          "encoder_hid_dim_type", "time_cond_proj_dim", "time_embedding_act_fn", "timestep_post_act",
+                          "reverse_transformer_layers_per_block"})
+    r.require_unsupported_absent(key);
+  // Only used by block types / embeddings rejected above or below (Simple* blocks, text_time / projection class
+  // embeddings), so they have no effect on a supported model; dropout is an inference no-op.
+  for (const char* key : {"addition_time_embed_dim", "addition_embed_type_num_heads",
+                          "projection_class_embeddings_input_dim", "class_embeddings_concat",
+                          "mid_block_only_cross_attention", "cross_attention_norm", "resnet_skip_time_act",
+                          "resnet_out_scale_factor", "dropout"})
+    r.ignore(key);
+
+  require_string(r, j, "act_fn", "silu", {"silu", "swish"});
+  require_string(r, j, "resnet_time_scale_shift", "default", {"default"});
+  require_string(r, j, "time_embedding_type", "positional", {"positional"});
+  require_string(r, j, "attention_type", "default", {"default"});
+  if (r.get_bool("dual_cross_attention", false)) unsupported(file, "dual_cross_attention", j.at("dual_cross_attention"), "false");
+
+  // only_cross_attention: a bool or a list of bools; only all-false is supported.
+  r.ignore("only_cross_attention");
+  if (auto it = j.find("only_cross_attention"); it != j.end() && !it->is_null()) {
+    bool any = false;
+    if (it->is_boolean()) {
+      any = it->get<bool>();
+    } else if (it->is_array()) {
+      for (const auto& e : *it) {
+        if (!e.is_boolean()) r.fail("only_cross_attention", "a boolean or a list of booleans");
+        any = any || e.get<bool>();
+      }
+    } else {
+      r.fail("only_cross_attention", "a boolean or a list of booleans");
+    }
+    if (any) unsupported(file, "only_cross_attention", *it, "false");
+  }
+
+  c.in_channels = r.get_int64("in_channels", c.in_channels);
+  c.out_channels = r.get_int64("out_channels", c.out_channels);
+  c.sample_size = r.get_int64("sample_size", 0);
+  c.center_input_sample = r.get_bool("center_input_sample", c.center_input_sample);
+  c.flip_sin_to_cos = r.get_bool("flip_sin_to_cos", c.flip_sin_to_cos);
+  c.freq_shift = r.get_double("freq_shift", c.freq_shift);
+  c.down_block_types = r.get_string_list("down_block_types", c.down_block_types);
+  c.up_block_types = r.get_string_list("up_block_types", c.up_block_types);
+  for (const auto& t : c.down_block_types)
+    if (t != "CrossAttnDownBlock2D" && t != "DownBlock2D")
+      unsupported(file, "down_block_types", j.at("down_block_types"),
+                  "lists of \"CrossAttnDownBlock2D\", \"DownBlock2D\"");
+  for (const auto& t : c.up_block_types)
+    if (t != "CrossAttnUpBlock2D" && t != "UpBlock2D")
+      unsupported(file, "up_block_types", j.at("up_block_types"), "lists of \"UpBlock2D\", \"CrossAttnUpBlock2D\"");
+  // mid_block_type null means no mid block (diffusers allows it).
+  if (j.contains("mid_block_type") && j.at("mid_block_type").is_null()) {
+    r.ignore("mid_block_type");
+    c.mid_block_type.clear();
+  } else {
+    c.mid_block_type = require_string(r, j, "mid_block_type", c.mid_block_type, {"UNetMidBlock2DCrossAttn"});
+  }
+  c.block_out_channels = to64(r.get_int_list("block_out_channels", {320, 640, 1280, 1280}));
+  c.layers_per_block = r.get_int64("layers_per_block", c.layers_per_block);
+  c.downsample_padding = r.get_int64("downsample_padding", c.downsample_padding);
+  c.mid_block_scale_factor = r.get_double("mid_block_scale_factor", c.mid_block_scale_factor);
+  if (!r.has("norm_num_groups") && j.contains("norm_num_groups"))
+    unsupported(file, "norm_num_groups", nullptr, "an integer (no-normalisation UNets are not supported)");
+  c.norm_num_groups = r.get_int64("norm_num_groups", c.norm_num_groups);
+  c.norm_eps = r.get_double("norm_eps", c.norm_eps);
+  c.use_linear_projection = r.get_bool("use_linear_projection", c.use_linear_projection);
+  c.upcast_attention = r.get_bool("upcast_attention", c.upcast_attention);
+  c.time_embedding_dim = r.get_int64("time_embedding_dim", 0);
+  c.conv_in_kernel = r.get_int64("conv_in_kernel", c.conv_in_kernel);
+  c.conv_out_kernel = r.get_int64("conv_out_kernel", c.conv_out_kernel);
+
+  const size_t n = c.down_block_types.size();
+  if (n == 0) r.fail("down_block_types", "a non-empty list");
+  c.cross_attention_dim = to64(r.get_int_or_list("cross_attention_dim", 1280, n));
+  // diffusers: num_attention_heads = num_attention_heads or attention_head_dim (the legacy name is the head count).
+  const auto head_dim_field = to64(r.get_int_or_list("attention_head_dim", 8, n));
+  if (r.has("num_attention_heads"))
+    c.num_attention_heads = to64(r.get_int_or_list("num_attention_heads", 8, n));
+  else
+    c.num_attention_heads = head_dim_field;
+  const auto tlpb = r.get_int_or_list("transformer_layers_per_block", 1, n);
+  for (int v : tlpb)
+    if (v != 1) unsupported(file, "transformer_layers_per_block", j.at("transformer_layers_per_block"), "1");
+
+  r.log_unknown();
+  c.validate(file);
+  return c;
+}
+
+void UNet2DConditionConfig::validate(const std::string& file) const {
+  auto bad = [&file](const std::string& what) { throw FormatError(file, what); };
+  const size_t n = down_block_types.size();
+  if (n == 0) bad("down_block_types is empty");
+  if (up_block_types.size() != n)
+    bad("up_block_types has " + std::to_string(up_block_types.size()) + " entries, down_block_types " +
+        std::to_string(n));
+  if (block_out_channels.size() != n)
+    bad("block_out_channels has " + std::to_string(block_out_channels.size()) + " entries, down_block_types " +
+        std::to_string(n));
+  if (cross_attention_dim.size() != n || num_attention_heads.size() != n)
+    bad("cross_attention_dim / attention heads must have one entry per down block");
+  if (in_channels <= 0 || out_channels <= 0) bad("in_channels and out_channels must be positive");
+  if (layers_per_block <= 0) bad("field 'layers_per_block' must be positive");
+  if (norm_num_groups <= 0) bad("field 'norm_num_groups' must be positive");
+  if (conv_in_kernel <= 0 || conv_in_kernel % 2 == 0) bad("field 'conv_in_kernel' must be a positive odd number");
+  if (conv_out_kernel <= 0 || conv_out_kernel % 2 == 0) bad("field 'conv_out_kernel' must be a positive odd number");
+  if (downsample_padding < 0) bad("field 'downsample_padding' must be >= 0");
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t ch = block_out_channels[i];
+    if (ch <= 0 || ch % norm_num_groups != 0)
+      bad("block_out_channels[" + std::to_string(i) + "] = " + std::to_string(ch) +
+          " is not a positive multiple of norm_num_groups " + std::to_string(norm_num_groups));
+    if (cross_attention_dim[i] <= 0) bad("field 'cross_attention_dim' must be positive");
+    if (num_attention_heads[i] <= 0 || ch % num_attention_heads[i] != 0)
+      bad("block " + std::to_string(i) + ": " + std::to_string(ch) + " channels are not divisible by " +
+          std::to_string(num_attention_heads[i]) + " attention heads (attention_head_dim / num_attention_heads)");
+  }
+  if (time_embedding_dim < 0) bad("field 'time_embedding_dim' must be positive");
+}
+
+UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& c) : config_(c) {
+  c.validate("UNet2DConditionConfig");
+  const auto& ch = c.block_out_channels;
+  const int64_t n = static_cast<int64_t>(ch.size());
+  const int64_t temb = c.time_embed_dim();
+
+  conv_in = register_module("conv_in",
+                            sd::nn::Conv2d(c.in_channels, ch[0], c.conv_in_kernel, 1, (c.conv_in_kernel - 1) / 2));
+  time_embedding = register_module("time_embedding", TimestepEmbedding(ch[0], temb));
+
+  UNetBlockOptions base;
+  base.temb_channels = temb;
+  base.resnet_groups = c.norm_num_groups;
+  base.resnet_eps = c.norm_eps;
+  base.use_linear_projection = c.use_linear_projection;
+  base.upcast_attention = c.upcast_attention;
+
+  auto down_blocks = register_module("down_blocks", torch::nn::ModuleList());
+  int64_t out_ch = ch[0];
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t in_ch = out_ch;
+    out_ch = ch[i];
+    UNetBlockOptions o = base;
+    o.cross_attention = is_cross_down(c.down_block_types[i]);
+    o.heads = c.num_attention_heads[i];
+    o.cross_attention_dim = c.cross_attention_dim[i];
+    down_list.emplace_back(in_ch, out_ch, c.layers_per_block, /*add_downsample=*/i < n - 1, c.downsample_padding, o);
+    down_blocks->push_back(down_list.back());
+  }
+
+  if (!c.mid_block_type.empty()) {
+    UNetBlockOptions o = base;
+    o.cross_attention = true;
+    o.heads = c.num_attention_heads.back();
+    o.cross_attention_dim = c.cross_attention_dim.back();
+    o.output_scale_factor = c.mid_block_scale_factor;
+    mid_block = register_module("mid_block", UNetMidBlock2DCrossAttn(ch.back(), 1, o));
+  }
+
+  auto up_blocks = register_module("up_blocks", torch::nn::ModuleList());
+  out_ch = ch[n - 1];
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t rev = n - 1 - i;  // reversed lists: channels, heads, cross_attention_dim
+    const int64_t prev_out = out_ch;
+    out_ch = ch[rev];
+    const int64_t in_ch = ch[std::max<int64_t>(rev - 1, 0)];
+    const bool add_upsample = i < n - 1;
+    if (add_upsample) ++num_upsamplers_;
+    UNetBlockOptions o = base;
+    o.cross_attention = is_cross_up(c.up_block_types[i]);
+    o.heads = c.num_attention_heads[rev];
+    o.cross_attention_dim = c.cross_attention_dim[rev];
+    up_list.emplace_back(in_ch, prev_out, out_ch, c.layers_per_block + 1, add_upsample, o);
+    up_blocks->push_back(up_list.back());
+  }
+
+  conv_norm_out = register_module("conv_norm_out", sd::nn::GroupNorm(c.norm_num_groups, ch[0], c.norm_eps));
+  conv_out = register_module(
+      "conv_out", sd::nn::Conv2d(ch[0], c.out_channels, c.conv_out_kernel, 1, (c.conv_out_kernel - 1) / 2));
+}
+
+torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
+                                                const torch::Tensor& encoder_hidden_states) {
+  const auto& c = config_;
+  if (sample.dim() != 4 || sample.size(1) != c.in_channels)
+    throw InvalidArgument("UNet: sample must be [B, " + std::to_string(c.in_channels) + ", h, w], got " +
+                          std::to_string(sample.dim()) + "-d with " +
+                          (sample.dim() > 1 ? std::to_string(sample.size(1)) : std::string("?")) + " channels");
+  const int64_t b = sample.size(0);
+  if (!encoder_hidden_states.defined() || encoder_hidden_states.dim() != 3 || encoder_hidden_states.size(0) != b)
+    throw InvalidArgument("UNet: encoder_hidden_states must be [" + std::to_string(b) + ", L, D]");
+  for (int64_t d : c.cross_attention_dim)
+    if (encoder_hidden_states.size(2) != d)
+      throw InvalidArgument("UNet: encoder_hidden_states width " + std::to_string(encoder_hidden_states.size(2)) +
+                            " != cross_attention_dim " + std::to_string(d));
+
+  // Timesteps: [B], or one value ([1] / 0-d) broadcast over the batch (diffusers' timesteps.expand(B)).
+  torch::Tensor t = timesteps.dim() == 0 ? timesteps.reshape({1}) : timesteps;
+  if (t.dim() != 1 || (t.size(0) != b && t.size(0) != 1))
+    throw InvalidArgument("UNet: timesteps must be [" + std::to_string(b) + "], [1] or a scalar");
+  t = t.to(sample.device()).expand({b});
+
+  // Sizes that are not a multiple of the total down factor need explicit upsample sizes (diffusers'
+  // forward_upsample_size).
+  const int64_t factor = int64_t{1} << num_upsamplers_;
+  const bool forward_upsample_size = sample.size(2) % factor != 0 || sample.size(3) % factor != 0;
+
+  auto x = c.center_input_sample ? sample * 2.0 - 1.0 : sample;
+  // Sinusoidal embedding in fp32, then the model dtype (as diffusers casts t_emb to sample.dtype).
+  auto t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(x.scalar_type());
+  auto emb = time_embedding(t_emb);  // [B, temb]
+
+  x = conv_in(x);
+  std::vector<torch::Tensor> skips{x};
+  for (auto& blk : down_list) x = blk(x, emb, encoder_hidden_states, skips);
+  if (mid_block) x = mid_block(x, emb, encoder_hidden_states);
+  for (size_t i = 0; i < up_list.size(); ++i) {
+    auto& blk = up_list[i];
+    std::optional<std::pair<int64_t, int64_t>> size;
+    const size_t used = static_cast<size_t>(blk->num_layers());
+    if (i + 1 < up_list.size() && forward_upsample_size && skips.size() > used) {
+      const auto& next = skips[skips.size() - used - 1];
+      size = std::make_pair(next.size(2), next.size(3));
+    }
+    x = blk(x, emb, encoder_hidden_states, skips, size);
+  }
+  x = conv_out(torch::silu(conv_norm_out(x)));
+  return x;
+}
+
+UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype, torch::Device device) {
+  const std::string config_path = unet_dir + "/config.json";
+  auto config = UNet2DConditionConfig::from_json(read_json_file(config_path), config_path);
+  UNet2DConditionModel model(config);
+  auto file = SafeTensorsFile::open(find_weights(unet_dir));
+  LoadWeightsOptions opts;
+  opts.dtype = dtype;
+  opts.device = device;
+  load_weights(*model, file, opts);
+  model->eval();
+  return model;
+}
+
+}  // namespace sd

@@ -1,0 +1,78 @@
+#pragma once
+// diffusers UNet2DConditionModel (0.24) for SD 1.x / 2.x / sd-turbo configs: positional timestep embedding,
+// conv_in, CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D / CrossAttnUpBlock2D with skip
+// connections, conv_norm_out + SiLU, conv_out. Registered names are exactly diffusers' state-dict keys.
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "models/embeddings.h"
+#include "models/unet_2d_blocks.h"
+
+namespace sd {
+
+struct UNet2DConditionConfig {
+  int64_t in_channels = 4;
+  int64_t out_channels = 4;
+  int64_t sample_size = 0;  // informational (0 when null)
+  bool center_input_sample = false;
+  bool flip_sin_to_cos = true;
+  double freq_shift = 0;
+  std::vector<std::string> down_block_types = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                               "CrossAttnDownBlock2D", "DownBlock2D"};
+  std::string mid_block_type = "UNetMidBlock2DCrossAttn";  // "" = no mid block (config null)
+  std::vector<std::string> up_block_types = {"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                             "CrossAttnUpBlock2D"};
+  std::vector<int64_t> block_out_channels = {320, 640, 1280, 1280};
+  int64_t layers_per_block = 2;
+  int64_t downsample_padding = 1;
+  double mid_block_scale_factor = 1.0;
+  int64_t norm_num_groups = 32;
+  double norm_eps = 1e-5;
+  // Per down block (the up blocks use them reversed, the mid block the last entry).
+  std::vector<int64_t> cross_attention_dim = {1280, 1280, 1280, 1280};
+  // Number of heads per down block: num_attention_heads when given, else attention_head_dim (diffusers' legacy
+  // naming: for these UNets attention_head_dim IS the head count; head dim = channels / heads).
+  std::vector<int64_t> num_attention_heads = {8, 8, 8, 8};
+  bool use_linear_projection = false;
+  bool upcast_attention = false;
+  int64_t time_embedding_dim = 0;  // 0: 4 * block_out_channels[0]
+  int64_t conv_in_kernel = 3;
+  int64_t conv_out_kernel = 3;
+
+  int64_t time_embed_dim() const { return time_embedding_dim > 0 ? time_embedding_dim : 4 * block_out_channels[0]; }
+  // diffusers' defaults, adjusted to a config.json; unsupported settings -> FormatError naming the field.
+  static UNet2DConditionConfig from_json(const nlohmann::json& j, const std::string& file);
+  // Checks the cross-field consistency (block counts, channel divisibility); FormatError naming `file`.
+  void validate(const std::string& file) const;
+};
+
+class UNet2DConditionModelImpl : public torch::nn::Module {
+ public:
+  explicit UNet2DConditionModelImpl(const UNet2DConditionConfig& config);
+  // sample [B, in, h, w]; timesteps [B] or [1] or 0-d (int64 or float; broadcast to B);
+  // encoder_hidden_states [B, L, cross_attention_dim] -> noise prediction [B, out, h, w] in sample's dtype.
+  torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
+                        const torch::Tensor& encoder_hidden_states);
+  const UNet2DConditionConfig& config() const { return config_; }
+
+  sd::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  TimestepEmbedding time_embedding{nullptr};
+  std::vector<UNetDownBlock> down_list;
+  UNetMidBlock2DCrossAttn mid_block{nullptr};
+  std::vector<UNetUpBlock> up_list;
+  sd::nn::GroupNorm conv_norm_out{nullptr};
+
+ private:
+  UNet2DConditionConfig config_;
+  int64_t num_upsamplers_ = 0;
+};
+TORCH_MODULE(UNet2DConditionModel);
+
+// Builds the UNet from <unet_dir>/config.json and loads <unet_dir>/*.safetensors strictly (every key must match),
+// converting floating-point weights to `dtype` on `device`. The module is returned in eval mode.
+UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype = torch::kFloat,
+                               torch::Device device = torch::kCPU);
+
+}  // namespace sd

@@ -1,0 +1,60 @@
+#pragma once
+// What the stream needs from a Stable Diffusion checkpoint, behind an interface so the stream logic can be tested
+// with stub models (spec §15) and one loaded model set can serve several streams.
+//
+// Contract (spec §1, §7.2):
+//  * encode_prompt(text)          -> [1, 77, D] last hidden state of the text encoder (tokenised with the model's
+//                                    own tokenizer), in dtype() on device().
+//  * unet(sample, t, ehs)         -> ε̂ [B, C, h, w]; sample [B, C, h, w], t [B] int64, ehs [B, 77, D].
+//  * encode_image(x, rng)         -> latent [B, C, h, w] already multiplied by the VAE scaling factor; x is an image
+//                                    batch in [-1, 1]. AutoencoderKL samples its posterior with ONE rng.randn draw of
+//                                    the latent's shape per call; TAESD is deterministic and draws nothing.
+//  * decode_latent(z)             -> image [B, 3, H, W] ≈ [-1, 1] (not clamped); divides by the scaling factor.
+// All methods are const and may be called from several streams (not concurrently on one CUDA stream).
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <torch/types.h>
+
+#include "pipeline/lcm_scheduler.h"
+#include "pipeline/rng.h"
+
+namespace sd {
+
+class DiffusionModels {
+ public:
+  virtual ~DiffusionModels() = default;
+
+  virtual torch::Tensor encode_prompt(const std::string& text) const = 0;
+  virtual torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& timesteps,
+                             const torch::Tensor& encoder_hidden_states) const = 0;
+  virtual torch::Tensor encode_image(const torch::Tensor& image, Rng& rng) const = 0;
+  virtual torch::Tensor decode_latent(const torch::Tensor& latent) const = 0;
+
+  virtual int64_t latent_channels() const = 0;
+  // Pixel size of one latent cell: 2^(len(vae block_out_channels) - 1) of the AutoencoderKL config, also when TAESD
+  // does the encoding (the original swaps the VAE after building its image processor).
+  virtual int64_t vae_scale_factor() const = 0;
+  virtual c10::ScalarType dtype() const = 0;
+  virtual c10::Device device() const = 0;
+  virtual const LCMSchedulerConfig& scheduler_config() const = 0;
+  // One line for logs: model folder, which autoencoder, dtype, device.
+  virtual std::string describe() const = 0;
+};
+
+struct LoadOptions {
+  c10::ScalarType dtype = c10::kFloat;
+  std::string device = "cpu";
+  int threads = 0;  // 0 = all cores; < 0 = leave libtorch's setting alone
+  // TAESD folder; "none" = use the AutoencoderKL; empty = <model>/taesd when present, else the AutoencoderKL.
+  std::string taesd;
+};
+
+// Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config of a diffusers
+// StableDiffusionPipeline folder once. The result is immutable and can be shared by several streams.
+std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_dir, const LoadOptions& options = {});
+
+}  // namespace sd

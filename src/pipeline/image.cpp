@@ -1,0 +1,58 @@
+#include "pipeline/image.h"
+
+#include <sstream>
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+
+namespace sd {
+
+namespace {
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << s;
+  return o.str();
+}
+}  // namespace
+
+void check_image_size(int64_t width, int64_t height, const char* what) {
+  if (width <= 0 || height <= 0 || width % 8 != 0 || height % 8 != 0)
+    throw InvalidArgument(std::string(what) + ": size " + std::to_string(width) + "x" + std::to_string(height) +
+                          " is not supported; width and height must be positive multiples of 8 (the VAE works on "
+                          "8x8 pixel blocks), e.g. 512x512");
+}
+
+torch::Tensor image_to_tensor(const torch::Tensor& img, int64_t expect_height, int64_t expect_width) {
+  const std::string expected =
+      "expected uint8 RGB pixels of shape [H, W, 3] or [N, H, W, 3]" +
+      (expect_height > 0 ? " with H=" + std::to_string(expect_height) + ", W=" + std::to_string(expect_width) : "");
+  if (img.scalar_type() != torch::kUInt8)
+    throw InvalidArgument("image has dtype " + std::string(c10::toString(img.scalar_type())) + "; " + expected);
+  if (img.dim() != 3 && img.dim() != 4)
+    throw InvalidArgument("image has shape " + shape_str(img.sizes()) + "; " + expected);
+  const torch::Tensor nhwc = img.dim() == 3 ? img.unsqueeze(0) : img;
+  if (nhwc.size(3) != 3)
+    throw InvalidArgument("image has " + std::to_string(nhwc.size(3)) + " channels (shape " +
+                          shape_str(img.sizes()) + "); " + expected + " (convert gray/RGBA to RGB first)");
+  if (expect_height > 0 && (nhwc.size(1) != expect_height || nhwc.size(2) != expect_width))
+    throw InvalidArgument("image is " + std::to_string(nhwc.size(2)) + "x" + std::to_string(nhwc.size(1)) +
+                          " (WxH) but the stream works at " + std::to_string(expect_width) + "x" +
+                          std::to_string(expect_height) + "; " + expected);
+  torch::NoGradGuard no_grad;
+  // Same float32 ops as VaeImageProcessor: u8 / 255, then 2 * v - 1.
+  torch::Tensor v = nhwc.to(torch::kFloat32).div(255.0).permute({0, 3, 1, 2}).contiguous();
+  return v * 2.0 - 1.0;
+}
+
+torch::Tensor tensor_to_image(const torch::Tensor& x) {
+  if (x.dim() != 4 || x.size(1) != 3 || !x.is_floating_point())
+    throw InvalidArgument("decoded image has shape " + shape_str(x.sizes()) + " and dtype " +
+                          c10::toString(x.scalar_type()) + "; expected a float tensor [N, 3, H, W]");
+  torch::NoGradGuard no_grad;
+  const torch::Tensor y = (x.detach().to(torch::kCPU, torch::kFloat32) / 2.0 + 0.5).clamp(0.0, 1.0);
+  // torch::round is round-half-to-even, like numpy's .round().
+  return (y * 255.0).round().to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous();
+}
+
+}  // namespace sd

@@ -1,0 +1,23 @@
+#pragma once
+// Image tensors at the pipeline's boundary (spec §7.1, §7.3). Pixels are uint8 HWC RGB; the model side is NCHW
+// float in [-1, 1]. Resizing is the caller's business (the CLI does it with OpenCV): here sizes must already match.
+#include <cstdint>
+#include <vector>
+
+#include <torch/types.h>
+
+namespace sd {
+
+// Width and height must be positive multiples of 8 (the VAE downsamples by 8); InvalidArgument naming `what`.
+void check_image_size(int64_t width, int64_t height, const char* what);
+
+// uint8 [H, W, 3] (or [N, H, W, 3]) RGB -> float32 [N, 3, H, W] = (u8 / 255) * 2 - 1 (VaeImageProcessor).
+// expect_height/expect_width > 0 are checked; a wrong dtype, rank, channel count or size throws InvalidArgument
+// naming the expected shape.
+torch::Tensor image_to_tensor(const torch::Tensor& hwc_u8, int64_t expect_height = 0, int64_t expect_width = 0);
+
+// Decoder output [N, 3, H, W] (any float dtype, ≈[-1, 1]) -> uint8 [N, H, W, 3]:
+// y = clamp(x / 2 + 0.5, 0, 1) in float32, then round-half-to-even(255 * y) (numpy's rounding).
+torch::Tensor tensor_to_image(const torch::Tensor& nchw);
+
+}  // namespace sd

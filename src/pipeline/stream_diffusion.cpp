@@ -1,0 +1,518 @@
+#include "pipeline/stream_diffusion.h"
+
+#include <cmath>
+#include <sstream>
+#include <thread>
+
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "pipeline/image.h"
+
+namespace sd {
+
+using torch::Tensor;
+
+namespace {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << s;
+  return o.str();
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// ---- The scheduler operations of spec §2.5, op by op in the order the spec writes them. ----------------------
+// α, β, c_skip, c_out broadcast per row ([rows, 1, 1, 1]) or are one row ([1, 1, 1]).
+
+// add_noise / renoise: α·x0 + β·ε
+Tensor add_noise(const Tensor& x0, const Tensor& eps, const Tensor& alpha, const Tensor& beta) {
+  return alpha * x0 + beta * eps;
+}
+
+// F(x, ε̂) = (x − β·ε̂) / α, then the LCM boundary condition c_out·F + c_skip·x ("scheduler_step_batch").
+Tensor denoise(const Tensor& x, const Tensor& eps_hat, const Tensor& alpha, const Tensor& beta, const Tensor& c_skip,
+               const Tensor& c_out) {
+  const Tensor f_theta = (x - beta * eps_hat) / alpha;
+  return c_out * f_theta + c_skip * x;
+}
+
+// cat(t[k:], t[0:k]) — rows rolled up by k.
+Tensor roll_rows(const Tensor& t, int64_t k) { return torch::cat({t.slice(0, k), t.slice(0, 0, k)}, 0); }
+
+// cat(t[k:], ones like t[0:k]) — the "next step" coefficients of the RCFG update, 1 for the last step's rows.
+Tensor next_rows_or_one(const Tensor& t, int64_t k) {
+  return torch::cat({t.slice(0, k), torch::ones_like(t.slice(0, 0, k))}, 0);
+}
+
+}  // namespace
+
+CfgType parse_cfg_type(const std::string& name) {
+  if (name == "none") return CfgType::None;
+  if (name == "full") return CfgType::Full;
+  if (name == "self") return CfgType::Self;
+  if (name == "initialize") return CfgType::Initialize;
+  throw InvalidArgument("unknown cfg_type '" + name + "' (expected none, full, self or initialize)");
+}
+
+std::string cfg_type_name(CfgType t) {
+  switch (t) {
+    case CfgType::None: return "none";
+    case CfgType::Full: return "full";
+    case CfgType::Self: return "self";
+    case CfgType::Initialize: return "initialize";
+  }
+  return "?";
+}
+
+StreamDiffusion::StreamDiffusion(std::shared_ptr<const DiffusionModels> models, StreamConfig config,
+                                 std::shared_ptr<Rng> rng, std::shared_ptr<UniformSource> uniform)
+    : models_(std::move(models)),
+      config_(std::move(config)),
+      rng_(std::move(rng)),
+      uniform_(std::move(uniform)),
+      scheduler_(models_ ? models_->scheduler_config() : LCMSchedulerConfig{}),
+      dtype_(c10::kFloat),
+      device_(c10::kCPU) {
+  if (!models_) throw InvalidArgument("StreamDiffusion: no models given");
+  vae_scale_ = models_->vae_scale_factor();
+  dtype_ = models_->dtype();
+  device_ = models_->device();
+  if (!rng_) rng_ = std::make_shared<TorchRng>(config_.seed);
+  if (!uniform_) uniform_ = std::make_shared<Mt19937UniformSource>(config_.seed);
+  validate_config();
+  guidance_scale_ = config_.cfg_type == CfgType::None ? 1.0 : config_.guidance_scale;
+  delta_ = config_.delta;
+  set_similarity_filter(config_.similarity_filter);
+}
+
+void StreamDiffusion::validate_config() const {
+  const auto& c = config_;
+  if (c.t_index_list.empty()) throw InvalidArgument("t_index_list is empty: give at least one step, e.g. [32, 45]");
+  if (c.frame_buffer_size < 1)
+    throw InvalidArgument("frame_buffer_size must be >= 1, got " + std::to_string(c.frame_buffer_size));
+  check_image_size(c.width, c.height, "stream");
+  if (vae_scale_ < 1 || c.width % vae_scale_ != 0 || c.height % vae_scale_ != 0)
+    throw InvalidArgument("stream size " + std::to_string(c.width) + "x" + std::to_string(c.height) +
+                          " is not a multiple of the VAE scale factor " + std::to_string(vae_scale_));
+  // The schedule raises for bad step counts; the indices must point into it.
+  const auto ts = scheduler_.timesteps(c.num_inference_steps);
+  for (size_t i = 0; i < c.t_index_list.size(); ++i) {
+    const int64_t t = c.t_index_list[i];
+    if (t < 0 || t >= c.num_inference_steps)
+      throw InvalidArgument("t_index_list[" + std::to_string(i) + "] = " + std::to_string(t) +
+                            " is not an index into the " + std::to_string(c.num_inference_steps) +
+                            " inference timesteps (expected 0.." + std::to_string(c.num_inference_steps - 1) + ")");
+    if (i > 0 && t <= c.t_index_list[i - 1])
+      log::warn("t_index_list is not strictly ascending ({} after {}): steps will not go from noisy to clean", t,
+                c.t_index_list[i - 1]);
+  }
+  if (!std::isfinite(c.guidance_scale)) throw InvalidArgument("guidance_scale must be finite");
+  if (!std::isfinite(c.delta)) throw InvalidArgument("delta must be finite");
+}
+
+int64_t StreamDiffusion::batch_size() const {
+  return config_.use_denoising_batch ? denoising_steps() * config_.frame_buffer_size : config_.frame_buffer_size;
+}
+
+int64_t StreamDiffusion::unet_batch_size() const {
+  const int64_t B = batch_size();
+  if (!guidance_active()) return B;
+  if (config_.cfg_type == CfgType::Full) return 2 * B;
+  if (config_.cfg_type == CfgType::Initialize) return B + config_.frame_buffer_size;
+  return B;
+}
+
+bool StreamDiffusion::needs_uncond() const {
+  return guidance_active() && (config_.cfg_type == CfgType::Full || config_.cfg_type == CfgType::Initialize);
+}
+
+bool StreamDiffusion::head_rows() const {
+  // The original runs F > 1 only with n = 1 or in sequential mode, and never with a guided "initialize".
+  return config_.original_frame_layout && config_.frame_buffer_size > 1 &&
+         (denoising_steps() == 1 || !config_.use_denoising_batch) &&
+         !(guidance_active() && config_.cfg_type == CfgType::Initialize);
+}
+
+void StreamDiffusion::require_prepared(const char* what) const {
+  if (!prepared_) throw InvalidArgument(std::string(what) + ": call prepare(prompt) first");
+}
+
+void StreamDiffusion::trace(const std::string& name, const Tensor& t) const {
+  if (trace_) trace_(name, t);
+}
+
+void StreamDiffusion::sync_device() const {
+  if (device_.is_cuda()) torch::cuda::synchronize();
+}
+
+// ---- Caches (spec §3.1, §6) -----------------------------------------------------------------------------------
+
+void StreamDiffusion::build_schedule() {
+  torch::NoGradGuard no_grad;
+  const int64_t n = denoising_steps();
+  const int64_t reps = config_.use_denoising_batch ? config_.frame_buffer_size : 1;
+  timesteps_ = scheduler_.timesteps(config_.num_inference_steps);
+  sub_timesteps_.clear();
+  std::vector<float> a(n), b(n), cs(n), co(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t t = timesteps_[config_.t_index_list[j]];
+    sub_timesteps_.push_back(t);
+    const LCMCoefficients c = scheduler_.coefficients(t);
+    a[j] = c.alpha_prod_t_sqrt;
+    b[j] = c.beta_prod_t_sqrt;
+    cs[j] = c.c_skip;
+    co[j] = c.c_out;
+  }
+  // Computed in float32, rounded once to the model dtype; repeated per frame: rows t0×F, t1×F, ...
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  const auto coef = [&](const std::vector<float>& v) {
+    return torch::tensor(v, f32).view({n, 1, 1, 1}).repeat_interleave(reps, 0).to(device_, dtype_);
+  };
+  alpha_ = coef(a);
+  beta_ = coef(b);
+  c_skip_ = coef(cs);
+  c_out_ = coef(co);
+  t_sub_ = torch::tensor(sub_timesteps_, torch::TensorOptions().dtype(torch::kInt64))
+               .repeat_interleave(reps, 0)
+               .to(device_);
+}
+
+void StreamDiffusion::encode_prompts(bool need_uncond) {
+  const auto t0 = Clock::now();
+  cond_embeds_ = models_->encode_prompt(prompt_);
+  ++stats_.text_encodes;
+  if (need_uncond) {
+    uncond_embeds_ = models_->encode_prompt(negative_prompt_);
+    ++stats_.text_encodes;
+  } else {
+    uncond_embeds_ = Tensor();
+  }
+  sync_device();
+  stats_.text_encode_s += seconds_since(t0);
+}
+
+void StreamDiffusion::build_prompt_layout() {
+  // Spec §4.1: none/self -> e_c × B; full -> e_n × B, e_c × B; initialize -> e_n × F, e_c × B.
+  const int64_t B = batch_size();
+  uncond_rows_ = 0;
+  if (guidance_active() && config_.cfg_type == CfgType::Full) uncond_rows_ = B;
+  if (guidance_active() && config_.cfg_type == CfgType::Initialize) uncond_rows_ = config_.frame_buffer_size;
+  if (uncond_rows_ > 0 && !uncond_embeds_.defined()) {
+    const auto t0 = Clock::now();
+    uncond_embeds_ = models_->encode_prompt(negative_prompt_);
+    ++stats_.text_encodes;
+    stats_.text_encode_s += seconds_since(t0);
+  }
+  const Tensor cond = cond_embeds_.repeat({B, 1, 1});
+  prompt_embeds_ = uncond_rows_ > 0 ? torch::cat({uncond_embeds_.repeat({uncond_rows_, 1, 1}), cond}, 0) : cond;
+}
+
+void StreamDiffusion::reset_stream_state() {
+  torch::NoGradGuard no_grad;
+  const int64_t n = denoising_steps(), F = config_.frame_buffer_size, C = models_->latent_channels();
+  const auto opts = torch::TensorOptions().dtype(dtype_).device(device_);
+  rng_->manual_seed(config_.seed);
+  x_t_latent_buffer_ = n > 1 ? torch::zeros({(n - 1) * F, C, latent_height(), latent_width()}, opts) : Tensor();
+  // init_noise is drawn on the CPU in float32, then cast and moved (spec §3.1): the first draw after seeding.
+  init_noise_ = rng_->randn({batch_size(), C, latent_height(), latent_width()}, "prepare: init_noise").to(opts);
+  stock_noise_ = torch::zeros_like(init_noise_);
+}
+
+void StreamDiffusion::prepare(const std::string& prompt, const std::string& negative_prompt) {
+  torch::NoGradGuard no_grad;
+  prompt_ = prompt;
+  negative_prompt_ = negative_prompt;
+  guidance_scale_ = config_.cfg_type == CfgType::None ? 1.0 : config_.guidance_scale;
+  delta_ = config_.delta;
+  build_schedule();
+  encode_prompts(needs_uncond());
+  build_prompt_layout();
+  reset_stream_state();
+  prepared_ = true;
+  if (!config_.use_denoising_batch && denoising_steps() > 1)
+    log::debug("sequential mode: init_noise is overwritten by each call's input latent (original behaviour)");
+}
+
+// ---- Runtime updates (spec §6) --------------------------------------------------------------------------------
+
+void StreamDiffusion::update_prompt(const std::string& prompt, const std::string& negative_prompt) {
+  require_prepared("update_prompt");
+  torch::NoGradGuard no_grad;
+  prompt_ = prompt;
+  negative_prompt_ = negative_prompt;
+  encode_prompts(needs_uncond());
+  build_prompt_layout();
+}
+
+void StreamDiffusion::set_guidance_scale(double guidance_scale) {
+  if (!std::isfinite(guidance_scale)) throw InvalidArgument("guidance_scale must be finite");
+  config_.guidance_scale = guidance_scale;
+  if (config_.cfg_type == CfgType::None && guidance_scale > 1.0)
+    log::warn("cfg_type none ignores guidance_scale {} (guidance stays 1)", guidance_scale);
+  guidance_scale_ = config_.cfg_type == CfgType::None ? 1.0 : guidance_scale;
+  if (prepared_) {
+    torch::NoGradGuard no_grad;
+    build_prompt_layout();
+  }
+}
+
+void StreamDiffusion::set_delta(double delta) {
+  if (!std::isfinite(delta)) throw InvalidArgument("delta must be finite");
+  config_.delta = delta;
+  delta_ = delta;
+}
+
+void StreamDiffusion::set_t_index_list(const std::vector<int64_t>& t_index_list) {
+  const size_t old_n = config_.t_index_list.size();
+  const auto old = config_.t_index_list;
+  config_.t_index_list = t_index_list;
+  try {
+    validate_config();
+  } catch (...) {
+    config_.t_index_list = old;
+    throw;
+  }
+  if (!prepared_) return;
+  torch::NoGradGuard no_grad;
+  build_schedule();
+  if (t_index_list.size() != old_n) {
+    // The stream batch changes size: start the stream over (like prepare, without re-encoding the prompts).
+    build_prompt_layout();
+    reset_stream_state();
+  }
+}
+
+void StreamDiffusion::set_seed(uint64_t seed) {
+  config_.seed = seed;
+  if (!prepared_) return;
+  torch::NoGradGuard no_grad;
+  rng_->manual_seed(seed);
+  init_noise_ = rng_->randn(init_noise_.sizes(), "set_seed: init_noise").to(init_noise_.options());
+  stock_noise_ = torch::zeros_like(init_noise_);
+}
+
+void StreamDiffusion::set_similarity_filter(const SimilarityFilterOptions& options) {
+  config_.similarity_filter = options;
+  if (options.enabled)
+    filter_ = std::make_unique<SimilarityFilter>(options.threshold, options.max_skip_frame, uniform_);
+  else
+    filter_.reset();
+}
+
+// ---- One call (spec §3.2–§3.5) --------------------------------------------------------------------------------
+
+torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
+  require_prepared("img2img");
+  torch::NoGradGuard no_grad;
+  const auto start = Clock::now();
+  const int64_t F = config_.frame_buffer_size;
+  Tensor x = images.dim() == 3 ? images.unsqueeze(0) : images;
+  if (x.dim() != 4 || x.size(0) != F || x.size(1) != 3 || x.size(2) != config_.height ||
+      x.size(3) != config_.width || !x.is_floating_point())
+    throw InvalidArgument("img2img: input has shape " + shape_str(images.sizes()) + " and dtype " +
+                          c10::toString(images.scalar_type()) + "; expected a float tensor [" + std::to_string(F) +
+                          ", 3, " + std::to_string(config_.height) + ", " + std::to_string(config_.width) +
+                          "] in [-1, 1] (frame_buffer_size frames at the stream's size)");
+  x = x.to(device_, dtype_);
+  ++stats_.calls;
+
+  if (filter_) {
+    last_decision_ = filter_->check(x);
+    if (!last_decision_.process) {
+      ++stats_.skipped;
+      if (config_.similarity_filter.sleep_on_skip && stats_.ema_call_s > 0)
+        std::this_thread::sleep_for(std::chrono::duration<double>(stats_.ema_call_s));
+      return prev_output_;
+    }
+    if (last_decision_.forced) ++stats_.forced;
+  }
+
+  // Step 3: z = Enc(x) · scaling_factor (the model applies the factor).
+  auto t0 = Clock::now();
+  const Tensor z = models_->encode_image(x, *rng_);
+  sync_device();
+  stats_.image_encode_s += seconds_since(t0);
+  trace("image_latent", z);
+
+  // Step 4: x_t = α_0·z + β_0·init_noise — per-frame noise rows [0, F); the original uses row 0 for every frame.
+  // (Rows [0, F) of α/β all hold t_0, so row 0 broadcasts.)
+  const Tensor noise = head_rows() ? init_noise_[0] : init_noise_.slice(0, 0, F);
+  const Tensor x_t = add_noise(z, noise, alpha_[0], beta_[0]);
+  return run_stream(x_t, start);
+}
+
+torch::Tensor StreamDiffusion::txt2img() {
+  require_prepared("txt2img");
+  torch::NoGradGuard no_grad;
+  const auto start = Clock::now();
+  ++stats_.calls;
+  const Tensor x = rng_->randn({config_.frame_buffer_size, models_->latent_channels(), latent_height(), latent_width()},
+                               "txt2img: latent")
+                       .to(device_, dtype_);
+  return run_stream(x, start);
+}
+
+torch::Tensor StreamDiffusion::txt2img_one_shot() {
+  require_prepared("txt2img_one_shot");
+  torch::NoGradGuard no_grad;
+  const auto start = Clock::now();
+  const int64_t B = batch_size();
+  if (t_sub_.size(0) != B)
+    throw InvalidArgument("txt2img_one_shot: the batch has " + std::to_string(B) + " rows but there are " +
+                          std::to_string(t_sub_.size(0)) +
+                          " timesteps; in sequential mode len(t_index_list) must equal frame_buffer_size");
+  ++stats_.calls;
+  unet_call_index_ = 0;
+  const Tensor x = rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot")
+                       .to(device_, dtype_);
+  trace("x_t_latent_in", x);
+  const Tensor eps = call_unet(x, t_sub_, cond_embeds_.repeat({B, 1, 1}));
+  const Tensor x0 = (x - beta_ * eps) / alpha_;
+  trace("x_0_pred_out", x0);
+  Tensor out = decode(x0);
+  prev_output_ = out;
+  ++stats_.processed;
+  const double dt = seconds_since(start);
+  stats_.total_s += dt;
+  stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * dt;
+  return out;
+}
+
+torch::Tensor StreamDiffusion::run_stream(const torch::Tensor& x_t_latent, Clock::time_point start) {
+  trace("x_t_latent_in", x_t_latent);
+  unet_call_index_ = 0;
+  const Tensor x0 = predict_x0_batch(x_t_latent);
+  trace("x_0_pred_out", x0);
+  Tensor out = decode(x0);
+  prev_output_ = out;
+  ++stats_.processed;
+  const double dt = seconds_since(start);
+  stats_.total_s += dt;
+  stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * dt;
+  return out;
+}
+
+torch::Tensor StreamDiffusion::decode(const torch::Tensor& latent) {
+  const auto t0 = Clock::now();
+  Tensor img = models_->decode_latent(latent);
+  sync_device();
+  stats_.decode_s += seconds_since(t0);
+  return img;
+}
+
+torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torch::Tensor& t,
+                                         const torch::Tensor& ehs) {
+  if (sample.size(0) != t.size(0) || sample.size(0) != ehs.size(0))
+    throw Error("internal: UNet batch rows disagree: sample " + shape_str(sample.sizes()) + ", timesteps " +
+                shape_str(t.sizes()) + ", text " + shape_str(ehs.sizes()));
+  const std::string k = "unet" + std::to_string(unet_call_index_++);
+  trace(k + ".sample", sample);
+  trace(k + ".timestep", t);
+  const auto t0 = Clock::now();
+  Tensor out = models_->unet(sample, t, ehs);
+  sync_device();
+  stats_.unet_s += seconds_since(t0);
+  ++stats_.unet_calls;
+  stats_.unet_rows += sample.size(0);
+  trace(k + ".out", out);
+  return out;
+}
+
+torch::Tensor StreamDiffusion::predict_x0_batch(torch::Tensor x_t_latent) {
+  const int64_t n = denoising_steps(), F = config_.frame_buffer_size, B = batch_size();
+
+  if (config_.use_denoising_batch) {
+    Tensor x = x_t_latent;
+    if (n > 1) {
+      // Step 5: the stream batch [new frames; buffer] (row group j at t_j), and the RCFG state shifted by F rows.
+      x = torch::cat({x_t_latent, x_t_latent_buffer_}, 0);
+      stock_noise_ = torch::cat({init_noise_.slice(0, 0, F), stock_noise_.slice(0, 0, B - F)}, 0);
+    }
+    const Tensor x0 = unet_step(x, t_sub_, -1);
+    if (n == 1) return x0;  // all F rows; no buffer
+    // Step 8: output the last F rows; re-noise the others to their next timestep with the fixed noise rows.
+    const Tensor out = x0.slice(0, B - F);
+    const Tensor x0_head = x0.slice(0, 0, B - F);
+    if (config_.do_add_noise)
+      x_t_latent_buffer_ = alpha_.slice(0, F) * x0_head + beta_.slice(0, F) * init_noise_.slice(0, F);
+    else
+      x_t_latent_buffer_ = alpha_.slice(0, F) * x0_head;
+    return out;
+  }
+
+  // Sequential mode (spec §3.8), including the original's quirk of overwriting init_noise with the input latent.
+  init_noise_ = x_t_latent;
+  Tensor x = x_t_latent, x0;
+  for (int64_t idx = 0; idx < n; ++idx) {
+    const Tensor t = t_sub_.slice(0, idx, idx + 1).repeat({F});
+    x0 = unet_step(x, t, idx);
+    if (idx < n - 1) {
+      if (config_.do_add_noise) {
+        const Tensor noise = rng_->randn(x0.sizes(), "sequential step noise").to(x0.options());
+        x = alpha_[idx + 1] * x0 + beta_[idx + 1] * noise;
+      } else {
+        x = alpha_[idx + 1] * x0;
+      }
+    }
+  }
+  return x0;
+}
+
+torch::Tensor StreamDiffusion::unet_step(const torch::Tensor& x, const torch::Tensor& t_list, int64_t idx) {
+  const int64_t F = config_.frame_buffer_size;
+  const bool guided = guidance_active();
+  const CfgType cfg = config_.cfg_type;
+
+  // UNet batch layouts (spec §4.1).
+  Tensor x_in = x, t_in = t_list;
+  if (guided && cfg == CfgType::Initialize) {
+    x_in = torch::cat({x.slice(0, 0, F), x}, 0);
+    t_in = torch::cat({t_list.slice(0, 0, F), t_list}, 0);
+  } else if (guided && cfg == CfgType::Full) {
+    x_in = torch::cat({x, x}, 0);
+    t_in = torch::cat({t_list, t_list}, 0);
+  }
+  const Tensor pred = call_unet(x_in, t_in, prompt_embeds_);
+
+  Tensor eps_c, eps_u;
+  if (guided && cfg == CfgType::Initialize) {
+    eps_c = pred.slice(0, F);
+    // §4.5: the negative prediction of the newest frame(s) replaces their virtual residual noise.
+    stock_noise_ = torch::cat({pred.slice(0, 0, F), stock_noise_.slice(0, F)}, 0);
+  } else if (guided && cfg == CfgType::Full) {
+    const auto halves = pred.chunk(2, 0);
+    eps_u = halves[0];
+    eps_c = halves[1];
+  } else {
+    eps_c = pred;
+  }
+  if (guided && (cfg == CfgType::Self || cfg == CfgType::Initialize)) eps_u = stock_noise_ * delta_;
+  // ε_cfg = ε_u + γ·(ε_c − ε_u)
+  const Tensor eps = guided ? eps_u + guidance_scale_ * (eps_c - eps_u) : eps_c;
+
+  // Row-wise coefficients (batch) or those of step idx (sequential).
+  const Tensor a = idx < 0 ? alpha_ : alpha_[idx];
+  const Tensor b = idx < 0 ? beta_ : beta_[idx];
+  const Tensor cs = idx < 0 ? c_skip_ : c_skip_[idx];
+  const Tensor co = idx < 0 ? c_out_ : c_out_[idx];
+  const Tensor x0 = denoise(x, eps, a, b, cs, co);
+
+  // RCFG state update (§4.4), denoising batch only; runs for self/initialize whatever γ is (as the original).
+  if (idx < 0 && (cfg == CfgType::Self || cfg == CfgType::Initialize)) {
+    const int64_t R = head_rows() ? 1 : F;
+    const Tensor scaled_noise = b * stock_noise_;
+    Tensor delta_x = denoise(scaled_noise, eps, a, b, cs, co);
+    delta_x = next_rows_or_one(alpha_, R) * delta_x;
+    delta_x = delta_x / next_rows_or_one(beta_, R);
+    stock_noise_ = roll_rows(init_noise_, R) + delta_x;
+  }
+  return x0;
+}
+
+}  // namespace sd

@@ -1,0 +1,187 @@
+#pragma once
+// StreamDiffusion (spec §3–§6): the stream batch ("denoising batch") over LCM timesteps, residual classifier-free
+// guidance (RCFG), the stochastic similarity filter and runtime updates, on top of a DiffusionModels set.
+//
+// One StreamDiffusion object is one stream (its latent buffer and RCFG state belong to one input sequence); several
+// streams may share one DiffusionModels. A stream is not thread-safe: drive it from one thread.
+//
+// Notation: n = len(t_index_list), F = frame_buffer_size, B = rows of the stream batch (n·F with the denoising batch,
+// F in sequential mode), α/β = sqrt(ᾱ)/sqrt(1−ᾱ) per row.
+//
+// Deliberate divergences from the original code (commit b623251), all where the original raises or drops state:
+//  * F > 1 with n > 1: the intended layout of spec §3.6 (rows grouped by step, F new frames at rows [0, F), the last
+//    F rows are the output, buffer = α[F:]·X0[:−F] + β[F:]·init_noise[F:], per-frame entry noise init_noise[0:F],
+//    RCFG state shifted/rolled by F rows, c_skip/c_out per row). Identical to the original for F = 1.
+//  * cfg "initialize" with F > 1: the same intended layout (F negative rows for the F newest frames).
+//  * cfg "full" without the denoising batch: plain CFG at every sequential step (2F UNet rows).
+//  * update_prompt() re-encodes the negative prompt too and rebuilds the full text layout.
+// Where the original runs with F > 1 (n = 1, or sequential mode) it is reproduced exactly when
+// StreamConfig::original_frame_layout is true (the default): all F frames enter with init_noise[0], and the RCFG
+// state update rolls init_noise by one row. Set it false to use the intended per-frame rows there too.
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+
+#include "pipeline/diffusion_models.h"
+#include "pipeline/lcm_scheduler.h"
+#include "pipeline/rng.h"
+#include "pipeline/similarity_filter.h"
+
+namespace sd {
+
+enum class CfgType { None, Full, Self, Initialize };
+// "none" | "full" | "self" | "initialize"; anything else throws InvalidArgument.
+CfgType parse_cfg_type(const std::string& name);
+std::string cfg_type_name(CfgType t);
+
+struct StreamConfig {
+  std::vector<int64_t> t_index_list{32, 45};  // indices into the num_inference_steps LCM timesteps (0 = t 999)
+  int64_t num_inference_steps = 50;
+  CfgType cfg_type = CfgType::Self;
+  double guidance_scale = 1.2;  // γ; forced to 1 for cfg none; guidance is active only when γ > 1
+  double delta = 1.0;           // δ, scales the virtual residual noise (RCFG)
+  int64_t frame_buffer_size = 1;
+  bool use_denoising_batch = true;
+  bool do_add_noise = true;
+  int64_t width = 512;
+  int64_t height = 512;
+  uint64_t seed = 2;
+  SimilarityFilterOptions similarity_filter;
+  bool original_frame_layout = true;  // see the header comment
+};
+
+struct StreamStats {
+  int64_t calls = 0;      // img2img / txt2img / txt2img_one_shot calls
+  int64_t processed = 0;  // calls that ran the models
+  int64_t skipped = 0;    // calls answered with the previous output by the similarity filter
+  int64_t forced = 0;     // would-be skips forced through (max_skip_frame)
+  int64_t unet_calls = 0;
+  int64_t unet_rows = 0;
+  int64_t text_encodes = 0;
+  double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0;
+  double total_s = 0;          // wall time of processed calls
+  double ema_call_s = 0;       // 0.9·ema + 0.1·call time, processed calls only (the filter's sleep)
+};
+
+class StreamDiffusion {
+ public:
+  // `rng` defaults to a TorchRng; `uniform` (the filter's draws) to a seeded std::mt19937_64.
+  StreamDiffusion(std::shared_ptr<const DiffusionModels> models, StreamConfig config,
+                  std::shared_ptr<Rng> rng = nullptr, std::shared_ptr<UniformSource> uniform = nullptr);
+
+  // Builds every cache (spec §3.1, §6): seeds the Rng with config.seed, encodes the prompts, computes the schedule
+  // and coefficients, draws init_noise (the first draw), zeroes stock_noise and the latent buffer.
+  void prepare(const std::string& prompt, const std::string& negative_prompt = "");
+  bool prepared() const { return prepared_; }
+
+  // One stream step with F new frames [F, 3, H, W] in [-1, 1] (a [3, H, W] tensor when F = 1). Returns the decoded
+  // images [F, 3, H, W] (≈[-1, 1], not clamped) of the frames submitted n−1 calls earlier (warm-up outputs first).
+  // With the similarity filter, a skipped call returns the previous output and changes no state.
+  torch::Tensor img2img(const torch::Tensor& images);
+  // One stream step whose new latents are F fresh standard-normal draws (spec §3.4).
+  torch::Tensor txt2img();
+  // sd-turbo one-shot batch (spec §3.5): B = rows of the stream batch fresh latents, one UNet call at the B
+  // timesteps, X0 = (X − β·ε̂)/α, all B images decoded. No buffer, no guidance, no latency.
+  torch::Tensor txt2img_one_shot();
+
+  // Runtime updates (spec §6), no reload. update_prompt re-encodes both prompts and rebuilds the full text layout.
+  void update_prompt(const std::string& prompt, const std::string& negative_prompt = "");
+  void set_guidance_scale(double guidance_scale);
+  void set_delta(double delta);
+  // Same length: new timesteps and coefficients, buffers kept (in-flight latents are one call off schedule).
+  // Different length: the stream state is reset (buffers zeroed, init_noise redrawn from config.seed).
+  void set_t_index_list(const std::vector<int64_t>& t_index_list);
+  // Reseeds, redraws init_noise, zeroes stock_noise; the latent buffer is kept.
+  void set_seed(uint64_t seed);
+  void set_similarity_filter(const SimilarityFilterOptions& options);
+
+  using TraceFn = std::function<void(const std::string& name, const torch::Tensor& value)>;
+  // Observes intermediate tensors of each call (tests, debugging): "image_latent", "x_t_latent_in",
+  // "unet{k}.sample" / ".timestep" / ".out", "x_0_pred_out".
+  void set_trace(TraceFn trace) { trace_ = std::move(trace); }
+
+  const StreamConfig& config() const { return config_; }
+  const StreamStats& stats() const { return stats_; }
+  const DiffusionModels& models() const { return *models_; }
+  const std::shared_ptr<Rng>& rng() const { return rng_; }
+  const SimilarityFilter* similarity_filter() const { return filter_.get(); }
+  const FilterDecision& last_filter_decision() const { return last_decision_; }
+
+  // Derived quantities and state (shapes in the header comment of each member below).
+  int64_t denoising_steps() const { return static_cast<int64_t>(config_.t_index_list.size()); }
+  int64_t batch_size() const;      // B
+  int64_t unet_batch_size() const; // rows of one UNet call (B, B + F for initialize, 2B for full)
+  double guidance_scale() const { return guidance_scale_; }  // effective γ
+  double delta() const { return delta_; }
+  bool guidance_active() const { return guidance_scale_ > 1.0; }
+  int64_t latent_height() const { return config_.height / vae_scale_; }
+  int64_t latent_width() const { return config_.width / vae_scale_; }
+  const std::vector<int64_t>& timesteps() const { return timesteps_; }          // all LCM timesteps
+  const std::vector<int64_t>& sub_timesteps() const { return sub_timesteps_; }  // t_sub, n entries
+  const torch::Tensor& sub_timesteps_tensor() const { return t_sub_; }          // [B] (batch) or [n] int64
+  const torch::Tensor& alpha_prod_t_sqrt() const { return alpha_; }             // [B or n, 1, 1, 1]
+  const torch::Tensor& beta_prod_t_sqrt() const { return beta_; }
+  const torch::Tensor& c_skip() const { return c_skip_; }                       // [B or n, 1, 1, 1]
+  const torch::Tensor& c_out() const { return c_out_; }
+  const torch::Tensor& prompt_embeds() const { return prompt_embeds_; }         // UNet text rows (spec §4.1)
+  const torch::Tensor& cond_embeds() const { return cond_embeds_; }             // [1, 77, D]
+  const torch::Tensor& uncond_embeds() const { return uncond_embeds_; }         // [1, 77, D] or undefined
+  int64_t uncond_rows() const { return uncond_rows_; }
+  const torch::Tensor& init_noise() const { return init_noise_; }               // [B, C, h, w]
+  const torch::Tensor& stock_noise() const { return stock_noise_; }             // [B, C, h, w]
+  const torch::Tensor& latent_buffer() const { return x_t_latent_buffer_; }     // [(n−1)·F, C, h, w] or undefined
+  const torch::Tensor& previous_output() const { return prev_output_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  void validate_config() const;
+  void build_schedule();          // timesteps, t_sub, α, β, c_skip, c_out
+  void build_prompt_layout();     // prompt_embeds from cond/uncond (encodes the negative prompt when needed)
+  void reset_stream_state();      // init_noise (drawn), stock_noise and buffer zeroed
+  void encode_prompts(bool need_uncond);
+  bool needs_uncond() const;
+  bool head_rows() const;         // reproduce the original's F > 1 row handling (see header comment)
+  void require_prepared(const char* what) const;
+
+  // predict_x0_batch + decode + bookkeeping; `start` = when the call began (timing).
+  torch::Tensor run_stream(const torch::Tensor& x_t_latent, Clock::time_point start);
+  torch::Tensor predict_x0_batch(torch::Tensor x_t_latent);
+  // One guided UNet evaluation and scheduler step. idx < 0: batch mode (row-wise coefficients); else sequential
+  // step idx. Returns X0.
+  torch::Tensor unet_step(const torch::Tensor& x_t_latent, const torch::Tensor& t_list, int64_t idx);
+  torch::Tensor call_unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs);
+  torch::Tensor decode(const torch::Tensor& latent);
+  void trace(const std::string& name, const torch::Tensor& t) const;
+  void sync_device() const;
+
+  std::shared_ptr<const DiffusionModels> models_;
+  StreamConfig config_;
+  std::shared_ptr<Rng> rng_;
+  std::shared_ptr<UniformSource> uniform_;
+  LCMScheduler scheduler_;
+  int64_t vae_scale_ = 8;
+  c10::ScalarType dtype_;
+  c10::Device device_;
+
+  bool prepared_ = false;
+  std::string prompt_, negative_prompt_;
+  double guidance_scale_ = 1.0, delta_ = 1.0;
+  std::vector<int64_t> timesteps_, sub_timesteps_;
+  torch::Tensor t_sub_, alpha_, beta_, c_skip_, c_out_;
+  torch::Tensor cond_embeds_, uncond_embeds_, prompt_embeds_;
+  int64_t uncond_rows_ = 0;
+  torch::Tensor init_noise_, stock_noise_, x_t_latent_buffer_, prev_output_;
+
+  std::unique_ptr<SimilarityFilter> filter_;
+  FilterDecision last_decision_;
+  StreamStats stats_;
+  TraceFn trace_;
+  int64_t unet_call_index_ = 0;  // per stream call, for trace names
+};
+
+}  // namespace sd
