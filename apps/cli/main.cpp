@@ -8,6 +8,8 @@
 #include "core/error.h"
 #include "core/log.h"
 
+#include <spdlog/sinks/stdout_color_sinks.h>
+
 namespace sd::cli {
 
 std::vector<CommandSpec>& command_registry() {
@@ -32,6 +34,8 @@ void apply_threads(const CommonOptions& opts) { sd::set_threads(opts.threads); }
 }  // namespace sd::cli
 
 int main(int argc, char** argv) {
+  // Logs go to stderr so commands can print machine-readable output (JSON, ids, raw frames) on stdout.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("streamdiffusion"));
   CLI::App app{"streamdiffusion: real-time Stable Diffusion (StreamDiffusion) in C++"};
   app.require_subcommand(1);
   std::string log_level = "info";

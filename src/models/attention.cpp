@@ -26,7 +26,7 @@ void check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
 // [B, N, heads*d] -> [B*heads, N, d]
 torch::Tensor split_heads(const torch::Tensor& x, int64_t heads) {
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2) / heads;
-  return x.view({b, n, heads, d}).permute({0, 2, 1, 3}).reshape({b * heads, n, d});
+  return x.reshape({b, n, heads, d}).permute({0, 2, 1, 3}).reshape({b * heads, n, d});
 }
 
 // [B*heads, N, d] -> [B, N, heads*d]
@@ -41,34 +41,34 @@ torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, 
                                 int64_t heads, bool upcast, int64_t max_score_bytes) {
   check_qkv(q, k, v, heads);
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(2) / heads));
-  const auto out_dtype = v.scalar_type();
-  // With upcasting the scores are formed from fp32 q/k (diffusers' upcast_attention); otherwise in the input
-  // dtype, but reduced precision is still soft-maxed in fp32.
-  const bool fp32_scores = upcast && reduced(q.scalar_type());
-  auto qh = split_heads(q, heads);                   // [BH, N, dh]
-  auto kt = split_heads(k, heads).transpose(1, 2);   // [BH, dh, M]
-  auto vh = split_heads(v, heads);                   // [BH, M, dv]
-  if (fp32_scores) {
-    qh = qh.to(torch::kFloat);
-    kt = kt.to(torch::kFloat);
-  }
+  // Reduced precision is computed in fp32 when upcasting (diffusers' upcast_attention / upcast_softmax) and always
+  // on CPU: there bf16 batched matmuls gain little, while a bf16 -> fp32 softmax is several times slower than an
+  // fp32 one, and fp32 scores are more accurate. Only q/k/v (not the scores) are converted.
+  const bool fp32_compute = reduced(q.scalar_type()) && (upcast || q.device().is_cpu());
+  const auto cdt = fp32_compute ? torch::kFloat : q.scalar_type();
+  // The scale is folded into q (N x dh values) instead of a pass over the N x M scores.
+  auto qh = split_heads(q, heads).to(cdt) * scale;    // [BH, N, dh]
+  auto kt = split_heads(k, heads).to(cdt).transpose(1, 2);  // [BH, dh, M]
+  auto vh = split_heads(v, heads).to(cdt);                  // [BH, M, dv]
   const int64_t bh = qh.size(0), n = qh.size(1), m = kt.size(2);
-  const int64_t elem = fp32_scores || !reduced(q.scalar_type()) ? 4 : 2;
-  const int64_t row_bytes = std::max<int64_t>(1, bh * m * elem);
+  const int64_t row_bytes = std::max<int64_t>(1, bh * m * static_cast<int64_t>(c10::elementSize(cdt)));
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, max_score_bytes / row_bytes));
+  // Without autograd the CPU softmax runs in place, so one chunk holds a single score buffer.
+  const bool needs_grad =
+      torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
 
   auto one_chunk = [&](const torch::Tensor& qc) {
-    // scores = scale * qc @ kt; beta = 0 ignores the uninitialised input.
-    auto scores = at::empty({bh, qc.size(1), m}, qc.options());
-    scores.baddbmm_(qc, kt, 0.0, scale);
+    auto scores = at::bmm(qc, kt);  // [BH, n, M], already scaled
     torch::Tensor probs;
-    if (scores.scalar_type() == torch::kFloat) {
+    if (reduced(cdt)) {
+      probs = at::softmax(scores, -1, torch::kFloat).to(cdt);  // non-CPU reduced precision without upcasting
+    } else if (needs_grad || !scores.is_cpu()) {
       probs = at::softmax(scores, -1);
     } else {
-      probs = at::softmax(scores, -1, torch::kFloat);
+      // In place (the CPU kernel reads each row before writing it; tests compare with the reference).
+      probs = at::_softmax_out(scores, scores, -1, false);
     }
-    scores = torch::Tensor();  // release before the product: at most two chunk-sized buffers alive
-    return at::bmm(probs.to(out_dtype), vh);  // [BH, n, dv]
+    return at::bmm(probs, vh);  // [BH, n, dv]
   };
 
   torch::Tensor out;
@@ -80,19 +80,21 @@ torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, 
     for (int64_t s = 0; s < n; s += chunk) parts.push_back(one_chunk(qh.slice(1, s, std::min(n, s + chunk))));
     out = at::cat(parts, 1);
   }
-  return merge_heads(out, heads);
+  return merge_heads(out, heads).to(v.scalar_type());
 }
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t heads,
                         bool upcast) {
 #if TORCH_VERSION_MAJOR >= 2
   check_qkv(q, k, v, heads);
-  // The fused kernels accumulate in fp32 and never materialise the full score matrix.
-  auto to4 = [heads](const torch::Tensor& x) {
-    return x.view({x.size(0), x.size(1), heads, x.size(2) / heads}).transpose(1, 2);  // [B, heads, N, d]
+  // The fused kernels never materialise the full score matrix. Reduced precision on CPU (and whenever upcasting)
+  // is computed in fp32 as on the 1.13 path: older CPU SDPA math paths soft-max in the input dtype.
+  const auto cdt = reduced(q.scalar_type()) && (upcast || q.device().is_cpu()) ? torch::kFloat : q.scalar_type();
+  auto to4 = [heads, cdt](const torch::Tensor& x) {
+    return x.to(cdt).reshape({x.size(0), x.size(1), heads, x.size(2) / heads}).transpose(1, 2);  // [B, heads, N, d]
   };
   auto o = at::scaled_dot_product_attention(to4(q), to4(k), to4(v));
-  return o.transpose(1, 2).reshape({q.size(0), q.size(1), v.size(2)});
+  return o.transpose(1, 2).reshape({q.size(0), q.size(1), v.size(2)}).to(v.scalar_type());
 #else
   return attention_chunked(q, k, v, heads, upcast);
 #endif

@@ -10,13 +10,15 @@ constexpr int64_t kAttentionMaxScoreBytes = int64_t{64} << 20;
 
 // softmax(q k^T * dh^-0.5) v for q [B, N, heads*dh], k [B, M, heads*dh], v [B, M, heads*dv] -> [B, N, heads*dv].
 // upcast: scores and softmax in fp32 (diffusers' upcast_attention / upcast_softmax); reduced-precision inputs are
-// always soft-maxed in fp32 (a bf16 softmax over thousands of keys loses the small probabilities). Uses
-// at::scaled_dot_product_attention on libtorch >= 2, else attention_chunked().
+// always soft-maxed in fp32 (a bf16 softmax over thousands of keys loses the small probabilities), and on CPU the
+// whole product runs in fp32. Uses at::scaled_dot_product_attention on libtorch >= 2, else attention_chunked().
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t heads,
                         bool upcast);
 
-// The libtorch-1.13 path: baddbmm + in-place softmax + bmm, with the query split into chunks so that the score
-// matrix never exceeds `max_score_bytes` (at least one query row per chunk). Same contract as attention().
+// The libtorch-1.13 path: bmm (scale folded into q) + softmax + bmm, with the query split into chunks so that the
+// [B*heads, chunk, M] score matrix never exceeds `max_score_bytes` (at least one query row per chunk). Without
+// autograd the softmax is in place (one score buffer per chunk); with autograd the probabilities are a second one.
+// Same contract as attention().
 torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 int64_t heads, bool upcast, int64_t max_score_bytes = kAttentionMaxScoreBytes);
 

@@ -60,6 +60,7 @@ AutoencoderTiny build_and_load(const AutoencoderTinyConfig& config, const std::m
   opts.device = device;
   load_weights(*model, state, source, opts);
   model->eval();
+  if (device.is_cpu()) model->set_channels_last(true);
   return model;
 }
 
@@ -70,6 +71,10 @@ AutoencoderTiny build_and_load(const AutoencoderTinyConfig& config, const std::m
 
 AutoencoderTinyConfig AutoencoderTinyConfig::from_json(const nlohmann::json& j, const std::string& file) {
   ConfigReader r(j, file);
+  // A config of another class (e.g. the AutoencoderKL's, when vae/ is passed for taesd/) would otherwise load
+  // as TAESD defaults and fail later with a long list of mismatched weights.
+  if (auto cls = r.get_optional_string("_class_name"); cls && *cls != "AutoencoderTiny")
+    throw FormatError(file, "field '_class_name' is \"" + *cls + "\": expected an AutoencoderTiny (TAESD) config");
   AutoencoderTinyConfig c;
   c.in_channels = r.get_int64("in_channels", c.in_channels);
   c.out_channels = r.get_int64("out_channels", c.out_channels);
@@ -241,17 +246,29 @@ void AutoencoderTinyImpl::check_input(const torch::Tensor& t, int64_t channels, 
   }
 }
 
+void AutoencoderTinyImpl::set_channels_last(bool on) {
+  torch::NoGradGuard ng;
+  const auto fmt = on ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  for (auto& p : parameters())
+    if (p.dim() == 4) p.set_data(p.contiguous(fmt));
+  channels_last_ = on;
+}
+
+torch::Tensor AutoencoderTinyImpl::to_layout(const torch::Tensor& t) const {
+  return t.contiguous(channels_last_ ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous);
+}
+
 torch::Tensor AutoencoderTinyImpl::encode(const torch::Tensor& x) {
   check_input(x, config_.in_channels, "encode");
   // TAESD works on [0, 1] images; diffusers' wrapper maps the [-1, 1] convention first.
-  return encoder(x.add(1).div(2));
+  return encoder(to_layout(x).add(1).div(2)).contiguous();
 }
 
 torch::Tensor AutoencoderTinyImpl::decode(const torch::Tensor& z) {
   check_input(z, config_.latent_channels, "decode");
   // Soft clamp to (-3, 3) (madebyollin's Clamp layer), then back from [0, 1] to [-1, 1]; the output is not clamped.
-  auto x = decoder(torch::tanh(z / 3) * 3);
-  return x.mul_(2).sub_(1);
+  auto x = decoder(torch::tanh(to_layout(z) / 3) * 3);
+  return x.mul_(2).sub_(1).contiguous();
 }
 
 torch::Tensor AutoencoderTinyImpl::scale_latents(const torch::Tensor& z) const {

@@ -102,6 +102,7 @@ class AutoencoderTinyImpl : public torch::nn::Module {
  public:
   explicit AutoencoderTinyImpl(AutoencoderTinyConfig c);
 
+  // Inputs must already be in the model's dtype and on its device (InvalidArgument otherwise, as for a wrong shape).
   // x [B, in_channels, H, W] in [-1, 1] -> latents [B, latent_channels, ceil(H/8), ceil(W/8)] (diffusers'
   // AutoencoderTiny.encode(x).latents).
   torch::Tensor encode(const torch::Tensor& x);
@@ -113,6 +114,13 @@ class AutoencoderTinyImpl : public torch::nn::Module {
   torch::Tensor scale_latents(const torch::Tensor& z) const;
   torch::Tensor unscale_latents(const torch::Tensor& v) const;
 
+  // Stores the convolution weights (and runs the activations) in channels-last (NHWC) memory format. Measured on
+  // CPU (libtorch 1.13 / oneDNN, 1 thread): 25-30% less time for encode and decode at 512 px in fp32 and bf16.
+  // Results equal the NCHW path up to summation order. encode/decode always return NCHW-contiguous tensors.
+  // load_taesd() enables it for CPU models.
+  void set_channels_last(bool on);
+  bool channels_last() const { return channels_last_; }
+
   const AutoencoderTinyConfig& config() const { return config_; }
   torch::ScalarType dtype() const;
   torch::Device device() const;
@@ -122,7 +130,9 @@ class AutoencoderTinyImpl : public torch::nn::Module {
 
  private:
   void check_input(const torch::Tensor& t, int64_t channels, const char* what) const;
+  torch::Tensor to_layout(const torch::Tensor& t) const;
   AutoencoderTinyConfig config_;
+  bool channels_last_ = false;
 };
 TORCH_MODULE(AutoencoderTiny);
 
@@ -137,7 +147,8 @@ AutoencoderTinyConfig infer_autoencoder_tiny_config(const std::map<std::string, 
 //   * a folder holding madebyollin's taesd_encoder.safetensors + taesd_decoder.safetensors;
 //   * the path of one of those two original files (the other one is found beside it by name).
 // Pickled .pth/.pt/.bin/.ckpt files are refused with a message saying how to convert them to safetensors.
-// Floating-point weights are cast to `dtype` and moved to `device`; the module is returned in eval mode.
+// Floating-point weights are cast to `dtype` and moved to `device`; the module is returned in eval mode, with
+// channels-last enabled on CPU.
 AutoencoderTiny load_taesd(const std::string& path, torch::ScalarType dtype = torch::kFloat,
                            torch::Device device = torch::kCPU);
 // madebyollin's original pair, given explicitly.

@@ -19,8 +19,12 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in, int64_t out, int64_t temb, int6
 }
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
+  if (time_emb_proj && !temb.defined())
+    throw InvalidArgument("ResnetBlock2D: this block has a time embedding projection but no temb was given");
+  if (!time_emb_proj && temb.defined())
+    throw InvalidArgument("ResnetBlock2D: temb given to a block built without time embedding (temb_channels 0)");
   auto h = conv1(torch::silu(norm1(x)));  // [B, out, H, W]
-  if (time_emb_proj && temb.defined()) {
+  if (time_emb_proj) {
     auto t = time_emb_proj(torch::silu(temb));  // [B, out]
     h = h + t.unsqueeze(-1).unsqueeze(-1);
   }
@@ -50,10 +54,10 @@ Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out_channels) {
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, std::optional<std::pair<int64_t, int64_t>> size) {
   std::vector<int64_t> out_size = size ? std::vector<int64_t>{size->first, size->second}
                                        : std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2};
-  // Nearest-neighbour copies values, so doing it in fp32 for bf16 (as diffusers does, for kernels lacking bf16)
-  // is exact; the native kernel is used whenever it exists.
+  // Nearest-neighbour only copies values, so a detour through fp32 is exact; it is taken where bf16 kernels may be
+  // missing (CUDA before torch 2.1, as diffusers does). The CPU kernel handles bf16 natively.
   torch::Tensor up;
-  if (x.scalar_type() == torch::kBFloat16 && x.device().is_cpu()) {
+  if (x.scalar_type() == torch::kBFloat16 && !x.device().is_cpu()) {
     up = at::upsample_nearest2d(x.to(torch::kFloat), out_size).to(x.scalar_type());
   } else {
     up = at::upsample_nearest2d(x, out_size);

@@ -15,7 +15,7 @@ class ResnetBlock2DImpl : public torch::nn::Module {
   // temb_channels == 0: no time embedding (VAE). Both GroupNorms use `groups` and `eps`.
   ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels, int64_t groups, double eps,
                     double output_scale_factor = 1.0);
-  // x [B, in, H, W], temb [B, temb_channels] or undefined -> [B, out, H, W]
+  // x [B, in, H, W], temb [B, temb_channels] (required iff temb_channels > 0) -> [B, out, H, W]
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb = {});
 
   int64_t in_channels, out_channels, temb_channels;

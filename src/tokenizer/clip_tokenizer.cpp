@@ -2,6 +2,7 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <torch/torch.h>
 
 #include <algorithm>
 #include <array>
@@ -12,8 +13,6 @@
 #include <shared_mutex>
 #include <sstream>
 #include <unordered_map>
-
-#include <torch/torch.h>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -38,10 +37,11 @@ constexpr size_t kMaxCacheEntries = 1 << 16;
 // openai/CLIP's pre-tokeniser: <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|
 // [^\s\p{L}\p{N}]+ with IGNORECASE, for the `regex` module. Two spellings differ for PCRE2 so that both engines
 // split identically:
-//  * \s is written out as the White_Space set the `regex` module uses (PCRE2's UCP \s is "Z or \h/\v" instead);
+//  * \s is written out as the White_Space set the `regex` module uses (PCRE2 10.42's UCP \s also matches U+180E);
 //  * U+0345 (COMBINING GREEK YPOGEGRAMMENI, Mn) is excluded from the last class: under IGNORECASE `regex` tests a
 //    negated class against the character's case variants too, and U+0345's uppercase U+0399 is a letter, so
-//    `regex` never matches U+0345 (it is dropped). PCRE2 applies caseless matching to literal characters only.
+//    `regex` never matches U+0345 (it is dropped). PCRE2 does not case-fold \p{..} items. (Caseless, the literal
+//    \x{345} also excludes its case variants U+0399 / U+03B9 / U+1FBE, which are letters anyway.)
 // IGNORECASE still matters for the literals: "'ſ" (U+017F) matches 's in both engines.
 constexpr const char* kPattern =
     "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|"
@@ -53,7 +53,9 @@ struct MergeInfo {
   int32_t merged;
 };
 
-uint64_t pair_key(int32_t a, int32_t b) { return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b); }
+uint64_t pair_key(int32_t a, int32_t b) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
+}
 
 // GPT-2 / CLIP bytes_to_unicode(): printable Latin-1 bytes map to themselves, the other 68 bytes to U+0100.. in
 // byte order, so every byte has a visible, non-space character.
@@ -106,7 +108,8 @@ void read_token_field(const nlohmann::json& j, const std::string& file, const ch
                                 " (padding to model_max_length uses it)");
   } else {
     throw FormatError(file, std::string("field '") + key +
-                                "': expected a string or an object with a string 'content', found " + shorten(v.dump()));
+                                "': expected a string or an object with a string 'content', found " +
+                                shorten(v.dump()));
   }
 }
 
@@ -234,7 +237,8 @@ std::vector<int64_t> ClipTokenizer::Core::ids(const std::string& text) const {
 
 ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
   if (!fs::is_directory(tokenizer_dir))
-    throw FormatError(tokenizer_dir, "not a directory (expected a CLIP tokenizer folder with vocab.json and merges.txt)");
+    throw FormatError(tokenizer_dir,
+                      "not a directory (expected a CLIP tokenizer folder with vocab.json and merges.txt)");
   auto core = std::make_shared<Core>();
   core->dir = tokenizer_dir;
   const std::string vocab_path = (fs::path(tokenizer_dir) / "vocab.json").string();
@@ -245,14 +249,17 @@ ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
   // vocab.json: {"token": id, ...}
   {
     const nlohmann::json j = read_json_file(vocab_path);
-    if (!j.is_object()) throw FormatError(vocab_path, "expected a JSON object mapping tokens to ids, found a " + std::string(j.type_name()));
+    if (!j.is_object())
+      throw FormatError(vocab_path,
+                        "expected a JSON object mapping tokens to ids, found a " + std::string(j.type_name()));
     if (j.empty()) throw FormatError(vocab_path, "the vocabulary is empty");
     core->vocab.reserve(j.size());
     int64_t max_id = -1;
     for (auto it = j.begin(); it != j.end(); ++it) {
       const auto& v = it.value();
       if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > INT32_MAX)
-        throw FormatError(vocab_path, "token '" + shorten(it.key()) + "': expected a non-negative integer id, found " + shorten(v.dump()));
+        throw FormatError(vocab_path, "token '" + shorten(it.key()) + "': expected a non-negative integer id, found " +
+                                          shorten(v.dump()));
       core->vocab[it.key()] = static_cast<int32_t>(v.get<int64_t>());
       max_id = std::max<int64_t>(max_id, v.get<int64_t>());
     }
@@ -262,7 +269,8 @@ ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
     std::vector<bool> used(static_cast<size_t>(max_id + 1), false);
     for (const auto& [tok, id] : core->vocab) {
       if (used[static_cast<size_t>(id)])
-        throw FormatError(vocab_path, "id " + std::to_string(id) + " is used by both '" + shorten(core->decoder[id]) + "' and '" + shorten(tok) + "'");
+        throw FormatError(vocab_path, "id " + std::to_string(id) + " is used by both '" + shorten(core->decoder[id]) +
+                                          "' and '" + shorten(tok) + "'");
       used[static_cast<size_t>(id)] = true;
       core->decoder[static_cast<size_t>(id)] = tok;
     }
@@ -276,8 +284,9 @@ ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
       if (a == core->vocab.end() || e == core->vocab.end()) {
         char hex[8];
         std::snprintf(hex, sizeof(hex), "0x%02X", b);
-        throw FormatError(vocab_path, "missing the byte-level symbol '" + (a == core->vocab.end() ? sym : sym + "</w>") +
-                                          "' (byte " + hex + "): not a CLIP byte-level BPE vocabulary");
+        throw FormatError(vocab_path, "missing the byte-level symbol '" +
+                                          (a == core->vocab.end() ? sym : sym + "</w>") + "' (byte " + hex +
+                                          "): not a CLIP byte-level BPE vocabulary");
       }
       core->byte_id[b] = a->second;
       core->byte_end_id[b] = e->second;
@@ -309,7 +318,8 @@ ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
     const size_t available = lines.size() - first;
     if (available == 0) throw FormatError(merges_path, "no merges");
     if (available > kMaxMerges)
-      log::debug("{}: {} merges; CLIP uses the first {} (as openai/CLIP and transformers do)", merges_path, available, kMaxMerges);
+      log::debug("{}: {} merges; CLIP uses the first {} (as openai/CLIP and transformers do)", merges_path, available,
+                 kMaxMerges);
     const size_t count = std::min(available, kMaxMerges);
     core->merges.reserve(count * 2);
     for (size_t r = 0; r < count; ++r) {
@@ -319,7 +329,8 @@ ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
       if (line.empty() || sp == std::string::npos || sp == 0 || sp + 1 == line.size() ||
           line.find(' ', sp + 1) != std::string::npos)
         throw FormatError(merges_path, "line " + std::to_string(line_no) +
-                                           ": expected two symbols separated by one space, found '" + shorten(line) + "'");
+                                           ": expected two symbols separated by one space, found '" + shorten(line) +
+                                           "'");
       const std::string left = line.substr(0, sp), right = line.substr(sp + 1);
       auto l = core->vocab.find(left), rr = core->vocab.find(right);
       // A merge whose parts are not in the vocabulary can never apply (every symbol of a word is in it).
@@ -343,12 +354,15 @@ ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
       if (!it->is_string()) throw FormatError(config_path, "field 'tokenizer_class': expected a string");
       const std::string cls = it->get<std::string>();
       if (cls.rfind("CLIPTokenizer", 0) != 0)
-        throw FormatError(config_path, "tokenizer_class '" + cls + "' is not supported: expected CLIPTokenizer (SD 1.x / 2.x)");
+        throw FormatError(config_path,
+                          "tokenizer_class '" + cls + "' is not supported: expected CLIPTokenizer (SD 1.x / 2.x)");
     }
     if (auto it = j.find("model_max_length"); it != j.end() && !it->is_null()) {
       if (!it->is_number_integer() || it->get<int64_t>() < 2 || it->get<int64_t>() > kMaxModelLength)
-        throw FormatError(config_path, "field 'model_max_length': expected an integer in [2, " + std::to_string(kMaxModelLength) +
-                                           "] (the text encoder's position count, 77 for Stable Diffusion), found " + shorten(it->dump()));
+        throw FormatError(config_path, "field 'model_max_length': expected an integer in [2, " +
+                                           std::to_string(kMaxModelLength) +
+                                           "] (the text encoder's position count, 77 for Stable Diffusion), found " +
+                                           shorten(it->dump()));
       max_length = it->get<int64_t>();
     }
     read_token_field(j, config_path, "bos_token", bos);
@@ -424,7 +438,9 @@ torch::Tensor ClipTokenizer::encode_batch(const std::vector<std::string>& texts)
 }
 
 size_t ClipTokenizer::untruncated_length(const std::string& text) const { return core_->ids(text).size() + 2; }
-bool ClipTokenizer::truncated(const std::string& text) const { return untruncated_length(text) > static_cast<size_t>(core_->max_length); }
+bool ClipTokenizer::truncated(const std::string& text) const {
+  return untruncated_length(text) > static_cast<size_t>(core_->max_length);
+}
 
 int64_t ClipTokenizer::bos_id() const { return core_->bos; }
 int64_t ClipTokenizer::eos_id() const { return core_->eos; }

@@ -7,14 +7,23 @@
 // symbol. Invalid UTF-8 in a prompt is not an error: each invalid sequence becomes U+FFFD (like Python's
 // decode(errors="replace")), which is then tokenised like any other character.
 //
+// Limits (documented, not silently different):
+//  * ftfy.fix_text is the identity (the reference fixtures were made that way): no NFC, no curly-quote folding.
+//  * Unicode data versions: str.lower() / Final_Sigma / html entities come from CPython 3.11 (Unicode 14.0, see
+//    unicode_tables.inc); \p{L} / \p{N} from the system PCRE2 (10.42: Unicode 14.0). Characters whose category
+//    changed in a later Unicode version than the reference's `regex` module used (e.g. CJK Extension H/I/J, newly
+//    assigned scripts) can split differently; every code point whose letter/number/other class is the same in
+//    Unicode 14 and in the `regex` module tokenises identically to openai/CLIP (checked for all 1.1M code points).
+//  * Only the first 48894 merges of merges.txt are used, like openai/CLIP and transformers.
+//
 // Thread safety: every const method may be called concurrently; the word cache is behind a shared mutex.
 // Copies are cheap (they share one immutable core and its cache).
+#include <torch/types.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <torch/types.h>
 
 namespace sd {
 

@@ -77,8 +77,9 @@ char32_t lower_capital_sigma(const std::u32string& s, size_t i) {
 }
 
 const char* find_entity(const std::string& name) {
-  const auto* it = std::lower_bound(std::begin(kHtml5Entities), std::end(kHtml5Entities), name,
-                                    [](const NamedEntity& e, const std::string& n) { return std::strcmp(e.name, n.c_str()) < 0; });
+  const auto* it =
+      std::lower_bound(std::begin(kHtml5Entities), std::end(kHtml5Entities), name,
+                       [](const NamedEntity& e, const std::string& n) { return std::strcmp(e.name, n.c_str()) < 0; });
   if (it != std::end(kHtml5Entities) && name == it->name) return it->value;
   return nullptr;
 }
@@ -192,8 +193,20 @@ std::string encode_utf8(const std::u32string& s) {
 
 bool is_regex_space(char32_t c) {
   switch (c) {
-    case 0x09: case 0x0A: case 0x0B: case 0x0C: case 0x0D: case 0x20: case 0x85: case 0xA0: case 0x1680:
-    case 0x2028: case 0x2029: case 0x202F: case 0x205F: case 0x3000:
+    case 0x09:
+    case 0x0A:
+    case 0x0B:
+    case 0x0C:
+    case 0x0D:
+    case 0x20:
+    case 0x85:
+    case 0xA0:
+    case 0x1680:
+    case 0x2028:
+    case 0x2029:
+    case 0x202F:
+    case 0x205F:
+    case 0x3000:
       return true;
     default:
       return c >= 0x2000 && c <= 0x200A;

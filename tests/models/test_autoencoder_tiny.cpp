@@ -22,9 +22,10 @@ namespace {
 constexpr double kAtol = 1e-4, kRtol = 1e-5;  // fixture README: single VAE/TAESD calls in float32
 
 // bf16 weights and activations vs the fp32 reference, as a fraction of max|ref|. Measured on the fixture models
-// (see the Bf16 test's printed errors): encode <= 1.1e-2, decode <= 8e-3 of max|ref|; the bound leaves ~2x margin
-// (bf16 keeps 8 mantissa bits, 3.9e-3 relative per rounding, and each of the 13-15 conv layers rounds once).
-constexpr double kBf16Rtol = 2.5e-2;
+// (the test prints them): encode 1.7e-2 (sd15) / 1.8e-2 (sd21), decode 1.3e-2 / 2.0e-2 of max|ref| (max abs 0.091
+// with max|ref| 4.5: about 3 bf16 ulps of an output near 4). bf16 keeps 8 mantissa bits (3.9e-3 relative per
+// rounding) and each of the ~15 conv layers rounds its output once. The bound leaves 2.5x margin.
+constexpr double kBf16Rtol = 5e-2;
 
 void expect_close(const torch::Tensor& a, const torch::Tensor& ref, double atol, double rtol, const std::string& what) {
   auto r = sd::test::tensors_close(a, ref, atol, rtol, what);
@@ -81,8 +82,14 @@ TEST_P(TaesdGolden, MatchesDiffusersFp32) {
   ASSERT_TRUE(c.error.empty()) << c.error;
   auto vae = sd::load_taesd(sd::test::fixture_path("models/" + c.model + "/taesd"));
   EXPECT_DOUBLE_EQ(vae->config().scaling_factor, 1.0);
-  auto [out, ref] = run_case(vae, c);
-  expect_close(out, ref, kAtol, kRtol, c.model + " taesd " + c.name);
+  EXPECT_TRUE(vae->channels_last());  // load_taesd's CPU default
+  // Both memory layouts (channels-last is the CPU default; NCHW is what other devices get).
+  for (bool cl : {true, false}) {
+    vae->set_channels_last(cl);
+    auto [out, ref] = run_case(vae, c);
+    EXPECT_TRUE(out.is_contiguous());
+    expect_close(out, ref, kAtol, kRtol, c.model + " taesd " + c.name + (cl ? " (channels-last)" : " (NCHW)"));
+  }
 }
 
 TEST_P(TaesdGolden, Bf16WithinMeasuredBound) {
@@ -221,7 +228,7 @@ class TaesdFiles : public ::testing::Test {
 TEST_F(TaesdFiles, PthIsRefusedWithConversionMessage) {
   touch("taesd_encoder.pth");
   touch("taesd_decoder.pth");
-  for (const std::string p : {dir_ + "/taesd_decoder.pth", dir_})
+  for (const std::string& p : {dir_ + "/taesd_decoder.pth", dir_})
     expect_error(p, {".pth", "never loaded", "convert it to safetensors", "save_file", "taesd_"});
   expect_error(dir_ + "/taesd_encoder.pth", {"taesd_encoder.pth", "taesd_encoder.safetensors"});
 }
@@ -290,6 +297,7 @@ TEST(AutoencoderTinyConfig, ErrorsNameTheField) {
   expect_msg(R"({"encoder_block_out_channels": [64, 64, 128, 128]})", "encoder_block_out_channels");
   expect_msg(R"({"upsampling_scaling_factor": 3})", "upsampling_scaling_factor");
   expect_msg(R"({"latent_channels": 0})", "latent_channels");
+  expect_msg(R"({"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]})", "'_class_name'");
 }
 
 TEST(AutoencoderTiny, RealTaesdParameterCounts) {

@@ -1,0 +1,406 @@
+// `streamdiffusion txt2img` and `streamdiffusion img2img`: one stream on a model folder, images in and out with
+// OpenCV (files are BGR on disk; the pipeline is RGB).
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <torch/torch.h>
+
+#include "apps/cli/commands.h"
+#include "core/device.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "pipeline/diffusion_models.h"
+#include "pipeline/image.h"
+#include "pipeline/stream_diffusion.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+const char* kResizePolicy =
+    "Input images are centre-cropped to the target aspect ratio, then resized to --size with INTER_AREA when "
+    "shrinking and INTER_LANCZOS4 when enlarging (no-op when the size already matches).";
+
+struct GenerateOptions {
+  sd::cli::CommonOptions common;
+  std::string model, taesd, prompt, negative_prompt;
+  std::string t_index_list;
+  int steps = 0;
+  int start_index = 32;
+  int num_inference_steps = 50;
+  std::string cfg_type;
+  double guidance = 1.2;
+  double delta = 1.0;
+  uint64_t seed = 2;
+  std::string size = "512x512";
+  int frame_buffer_size = 1;
+  bool no_denoising_batch = false;
+  bool no_add_noise = false;
+  int warmup = -1;
+  std::string output;
+  // img2img
+  std::string input;
+  double similarity_filter = 0;  // 0 = off
+  int max_skip_frame = 10;
+  // txt2img
+  bool one_shot = false;
+};
+
+std::vector<int64_t> parse_index_list(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t pos = 0;
+      const long long v = std::stoll(item, &pos);
+      if (pos != item.size()) throw std::invalid_argument(item);
+      out.push_back(v);
+    } catch (const std::exception&) {
+      throw sd::InvalidArgument("--t-index-list: '" + item + "' is not an integer (expected e.g. 32,45)");
+    }
+  }
+  if (out.empty()) throw sd::InvalidArgument("--t-index-list is empty (expected e.g. 32,45)");
+  return out;
+}
+
+std::pair<int64_t, int64_t> parse_size(const std::string& s) {
+  const auto x = s.find('x');
+  int64_t w = 0, h = 0;
+  try {
+    if (x == std::string::npos) throw std::invalid_argument(s);
+    size_t p1 = 0, p2 = 0;
+    w = std::stoll(s.substr(0, x), &p1);
+    h = std::stoll(s.substr(x + 1), &p2);
+    if (p1 != x || p2 != s.size() - x - 1) throw std::invalid_argument(s);
+  } catch (const std::exception&) {
+    throw sd::InvalidArgument("--size '" + s + "': expected WIDTHxHEIGHT, e.g. 512x512");
+  }
+  sd::check_image_size(w, h, "--size");
+  return {w, h};
+}
+
+// t_index_list from the options: explicit list, or `steps` indices evenly spaced over [first, last].
+std::vector<int64_t> index_list_from(const GenerateOptions& o, bool txt2img) {
+  if (!o.t_index_list.empty()) {
+    if (o.steps > 0) throw sd::InvalidArgument("give either --t-index-list or --steps, not both");
+    return parse_index_list(o.t_index_list);
+  }
+  const int64_t S = o.num_inference_steps;
+  if (o.steps <= 0) {
+    if (txt2img) return S == 50 ? std::vector<int64_t>{0, 16, 32, 45} : std::vector<int64_t>{0};
+    return S == 50 ? std::vector<int64_t>{32, 45} : std::vector<int64_t>{S / 2};
+  }
+  // txt2img starts from pure noise (index 0, t = 999); img2img from --start-index (how much the input may change).
+  const int64_t first = txt2img ? 0 : o.start_index;
+  const int64_t last = txt2img ? S * 45 / 50 : std::max<int64_t>(first, S * 45 / 50);
+  if (first < 0 || first >= S)
+    throw sd::InvalidArgument("--start-index " + std::to_string(first) + " must be in [0, " + std::to_string(S) + ")");
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < o.steps; ++i) {
+    const int64_t v = o.steps == 1 ? first : first + (last - first) * i / (o.steps - 1);
+    if (!out.empty() && v <= out.back())
+      throw sd::InvalidArgument("--steps " + std::to_string(o.steps) + " does not fit between index " +
+                                std::to_string(first) + " and " + std::to_string(last) +
+                                "; use --t-index-list or more --num-inference-steps");
+    out.push_back(v);
+  }
+  return out;
+}
+
+void add_shared_options(CLI::App& app, GenerateOptions& o, bool txt2img) {
+  app.add_option("--model", o.model, "diffusers StableDiffusionPipeline folder")->required();
+  app.add_option("--taesd", o.taesd,
+                 "TAESD folder or file for encode/decode, or 'none' for the model's AutoencoderKL "
+                 "(default: <model>/taesd when present)");
+  app.add_option("--prompt", o.prompt, "text prompt")->capture_default_str();
+  app.add_option("--negative-prompt", o.negative_prompt, "negative prompt (cfg full / initialize)");
+  app.add_option("--t-index-list", o.t_index_list,
+                 std::string("comma-separated indices into the LCM timesteps (0 = t 999), default ") +
+                     (txt2img ? "0,16,32,45" : "32,45"));
+  app.add_option("--steps", o.steps, "number of denoising steps, spread evenly instead of --t-index-list");
+  if (!txt2img)
+    app.add_option("--start-index", o.start_index, "first index used with --steps (smaller = more change)")
+        ->capture_default_str();
+  app.add_option("--num-inference-steps", o.num_inference_steps, "length of the LCM timestep list")
+      ->capture_default_str();
+  app.add_option("--cfg-type", o.cfg_type,
+                 std::string("none | full | self | initialize (default ") + (txt2img ? "none" : "self") + ")");
+  app.add_option("--guidance", o.guidance, "guidance scale (active when > 1; ignored by cfg none)")
+      ->capture_default_str();
+  app.add_option("--delta", o.delta, "RCFG delta (scales the virtual residual noise)")->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of the stream's noise")->capture_default_str();
+  app.add_option("--size", o.size, "WIDTHxHEIGHT, multiples of 8")->capture_default_str();
+  app.add_option("--frame-buffer-size", o.frame_buffer_size, "frames per call (F)")->capture_default_str();
+  app.add_flag("--no-denoising-batch", o.no_denoising_batch, "sequential mode: all steps in every call");
+  app.add_flag("--no-add-noise", o.no_add_noise, "re-noise in-flight latents without noise");
+  app.add_option("--warmup", o.warmup,
+                 txt2img ? "calls before the saved one (default n-1 with the denoising batch, so the saved image "
+                           "is not a warm-up frame)"
+                         : "extra calls with the first frame before the sequence (default 0; outputs are always "
+                           "aligned with their inputs, so warm-up frames are never saved)");
+  sd::cli::add_common_options(app, o.common);
+}
+
+struct Loaded {
+  std::shared_ptr<const sd::DiffusionModels> models;
+  double load_s = 0;
+};
+
+Loaded load(const GenerateOptions& o) {
+  sd::LoadOptions lo;
+  lo.dtype = sd::parse_dtype(o.common.dtype);
+  lo.device = o.common.device;
+  lo.threads = o.common.threads;
+  lo.taesd = o.taesd;
+  const auto t0 = Clock::now();
+  Loaded l;
+  l.models = sd::load_pipeline(o.model, lo);
+  l.load_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  return l;
+}
+
+sd::StreamConfig stream_config(const GenerateOptions& o, bool txt2img) {
+  sd::StreamConfig c;
+  c.num_inference_steps = o.num_inference_steps;
+  c.t_index_list = index_list_from(o, txt2img);
+  c.cfg_type = sd::parse_cfg_type(o.cfg_type.empty() ? (txt2img ? "none" : "self") : o.cfg_type);
+  c.guidance_scale = o.guidance;
+  c.delta = o.delta;
+  c.seed = o.seed;
+  const auto [w, h] = parse_size(o.size);
+  c.width = w;
+  c.height = h;
+  if (o.frame_buffer_size < 1) throw sd::InvalidArgument("--frame-buffer-size must be >= 1");
+  c.frame_buffer_size = o.frame_buffer_size;
+  c.use_denoising_batch = !o.no_denoising_batch;
+  c.do_add_noise = !o.no_add_noise;
+  if (o.similarity_filter > 0) {
+    c.similarity_filter.enabled = true;
+    c.similarity_filter.threshold = o.similarity_filter;
+    c.similarity_filter.max_skip_frame = o.max_skip_frame;
+  }
+  return c;
+}
+
+// uint8 RGB [H, W, 3] from a file, centre-cropped and resized to width x height.
+torch::Tensor read_image(const std::string& path, int64_t width, int64_t height) {
+  cv::Mat bgr = cv::imread(path, cv::IMREAD_COLOR);
+  if (bgr.empty()) throw sd::FormatError(path, "cannot read as an image (missing, or a format OpenCV cannot decode)");
+  // Centre crop to the target aspect ratio.
+  const double target = static_cast<double>(width) / static_cast<double>(height);
+  const double aspect = static_cast<double>(bgr.cols) / static_cast<double>(bgr.rows);
+  cv::Rect roi(0, 0, bgr.cols, bgr.rows);
+  if (aspect > target + 1e-9) {
+    roi.width = std::max(1, static_cast<int>(std::lround(bgr.rows * target)));
+    roi.x = (bgr.cols - roi.width) / 2;
+  } else if (aspect < target - 1e-9) {
+    roi.height = std::max(1, static_cast<int>(std::lround(bgr.cols / target)));
+    roi.y = (bgr.rows - roi.height) / 2;
+  }
+  cv::Mat cropped = bgr(roi);
+  cv::Mat sized;
+  if (cropped.cols == width && cropped.rows == height) {
+    sized = cropped;
+  } else {
+    const bool shrink = cropped.cols > width || cropped.rows > height;
+    cv::resize(cropped, sized, cv::Size(static_cast<int>(width), static_cast<int>(height)), 0, 0,
+               shrink ? cv::INTER_AREA : cv::INTER_LANCZOS4);
+  }
+  cv::Mat rgb;
+  cv::cvtColor(sized, rgb, cv::COLOR_BGR2RGB);
+  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
+}
+
+void write_image(const std::string& path, const torch::Tensor& hwc_u8) {
+  const torch::Tensor t = hwc_u8.contiguous();
+  cv::Mat rgb(static_cast<int>(t.size(0)), static_cast<int>(t.size(1)), CV_8UC3, t.data_ptr<uint8_t>());
+  cv::Mat bgr;
+  cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+  const fs::path parent = fs::path(path).parent_path();
+  if (!parent.empty()) fs::create_directories(parent);
+  bool ok = false;
+  try {
+    ok = cv::imwrite(path, bgr);
+  } catch (const cv::Exception& e) {
+    throw sd::FormatError(path, std::string("cannot write image: ") + e.what());
+  }
+  if (!ok) throw sd::FormatError(path, "cannot write image (unknown extension or unwritable location)");
+}
+
+// out.png -> out.png (one image) or out_0.png, out_1.png, ... (F > 1)
+std::string numbered(const std::string& path, int64_t k, int64_t count) {
+  if (count == 1) return path;
+  const fs::path p(path);
+  return (p.parent_path() / (p.stem().string() + "_" + std::to_string(k) + p.extension().string())).string();
+}
+
+void print_timing(const sd::StreamStats& s, double load_s, int64_t frames) {
+  const auto ms = [](double sec, int64_t n) { return n > 0 ? 1000.0 * sec / static_cast<double>(n) : 0.0; };
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(1) << "timing: load " << std::setprecision(2) << load_s << " s"
+    << std::setprecision(1) << " | text encode " << ms(s.text_encode_s, 1) << " ms"
+    << " | image encode " << ms(s.image_encode_s, s.processed) << " ms/call"
+    << " | UNet " << ms(s.unet_s, s.unet_calls) << " ms/call"
+    << " | decode " << ms(s.decode_s, s.processed) << " ms/call"
+    << " | " << s.calls << " calls (" << s.skipped << " skipped), " << std::setprecision(2)
+    << (s.total_s > 0 ? static_cast<double>(frames) / s.total_s : 0.0) << " fps";
+  std::cout << o.str() << std::endl;
+}
+
+// ---- txt2img ---------------------------------------------------------------------------------------------------
+
+sd::cli::Runner setup_txt2img(CLI::App& app) {
+  auto o = std::make_shared<GenerateOptions>();
+  add_shared_options(app, *o, true);
+  app.add_option("-o,--output", o->output, "output image file (F > 1: name_0.png, name_1.png, ...)")->required();
+  app.add_flag("--one-shot", o->one_shot,
+               "sd-turbo one-shot batch: n*F independent images from one UNet call, no buffer or latency");
+  app.footer(
+      "The stream returns the image whose noise entered n-1 calls earlier; --warmup (default n-1) calls run "
+      "first so the saved image is a real one. Example (sd-turbo): --t-index-list 0 --cfg-type none.");
+  return [o] {
+    sd::cli::apply_threads(o->common);
+    const sd::StreamConfig cfg = stream_config(*o, true);
+    const Loaded l = load(*o);
+    sd::StreamDiffusion stream(l.models, cfg);
+    stream.prepare(o->prompt, o->negative_prompt);
+    const int64_t n = stream.denoising_steps();
+    torch::Tensor out;
+    int64_t frames = 0;
+    if (o->one_shot) {
+      out = stream.txt2img_one_shot();
+      frames = out.size(0);
+    } else {
+      const int64_t latency = cfg.use_denoising_batch ? n - 1 : 0;
+      const int64_t warmup = o->warmup >= 0 ? o->warmup : latency;
+      for (int64_t i = 0; i <= warmup; ++i) out = stream.txt2img();
+      frames = out.size(0) * (warmup + 1);
+    }
+    const torch::Tensor images = sd::tensor_to_image(out);
+    for (int64_t k = 0; k < images.size(0); ++k) {
+      const std::string path = numbered(o->output, k, images.size(0));
+      write_image(path, images[k]);
+      std::cout << "wrote " << path << "\n";
+    }
+    print_timing(stream.stats(), l.load_s, frames);
+    return 0;
+  };
+}
+
+// ---- img2img ---------------------------------------------------------------------------------------------------
+
+bool is_image_file(const fs::path& p) {
+  std::string ext = p.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  for (const char* e : {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+    if (ext == e) return true;
+  return false;
+}
+
+sd::cli::Runner setup_img2img(CLI::App& app) {
+  auto o = std::make_shared<GenerateOptions>();
+  add_shared_options(app, *o, false);
+  app.add_option("-i,--input", o->input, "an image file, or a folder of images processed as one stream in sorted order")
+      ->required();
+  app.add_option("-o,--output", o->output,
+                 "output file (single input) or folder (input folder: each output named like its input)")
+      ->required();
+  app.add_option("--similarity-filter", o->similarity_filter,
+                 "enable the stochastic similarity filter with this threshold (e.g. 0.98; 0 = off)")
+      ->capture_default_str();
+  app.add_option("--max-skip-frame", o->max_skip_frame, "similarity filter: forced pass after this many skips")
+      ->capture_default_str();
+  app.footer(std::string(kResizePolicy) +
+             " Frames go through the stream in sorted file-name order; the stream's n-1 call latency is flushed by "
+             "repeating the last frame, so every input gets its own output.");
+  return [o] {
+    sd::cli::apply_threads(o->common);
+    const sd::StreamConfig cfg = stream_config(*o, false);
+    // Inputs.
+    std::vector<fs::path> inputs;
+    const bool folder = fs::is_directory(o->input);
+    if (folder) {
+      for (const auto& e : fs::directory_iterator(o->input))
+        if (e.is_regular_file() && is_image_file(e.path())) inputs.push_back(e.path());
+      std::sort(inputs.begin(), inputs.end());
+      if (inputs.empty()) throw sd::InvalidArgument("--input folder '" + o->input + "' holds no image files");
+    } else {
+      if (!fs::is_regular_file(o->input)) throw sd::InvalidArgument("--input '" + o->input + "' does not exist");
+      inputs.push_back(o->input);
+    }
+    const auto out_path = [&](size_t k) {
+      return folder ? (fs::path(o->output) / inputs[k].filename()).string() : o->output;
+    };
+
+    const Loaded l = load(*o);
+    sd::StreamDiffusion stream(l.models, cfg);
+    stream.prepare(o->prompt, o->negative_prompt);
+    const int64_t F = cfg.frame_buffer_size, n = stream.denoising_steps();
+    const int64_t latency = cfg.use_denoising_batch ? n - 1 : 0;
+    const auto batch_of = [&](size_t first) {  // F frames from `first`, the last frame repeated past the end
+      std::vector<torch::Tensor> xs;
+      for (int64_t k = 0; k < F; ++k)
+        xs.push_back(sd::image_to_tensor(
+            read_image(inputs[std::min(first + k, inputs.size() - 1)].string(), cfg.width, cfg.height)));
+      return torch::cat(xs, 0);
+    };
+
+    // One entry per processed call (the first input index of its batch, or kPad for warm-up/flush calls): a
+    // processed call returns the batch submitted `latency` processed calls earlier; a call skipped by the
+    // similarity filter returns the previous images, which become its own batch's output.
+    constexpr size_t kPad = static_cast<size_t>(-1);
+    std::deque<size_t> line;
+    size_t written = 0;
+    const auto save = [&](size_t first, const torch::Tensor& out) {
+      const torch::Tensor images = sd::tensor_to_image(out);
+      for (int64_t k = 0; k < F && first + k < inputs.size(); ++k) {
+        write_image(out_path(first + k), images[k]);
+        ++written;
+      }
+    };
+    const auto call = [&](const torch::Tensor& batch, size_t entry) {
+      const torch::Tensor out = stream.img2img(batch);
+      if (cfg.similarity_filter.enabled && !stream.last_filter_decision().process) {
+        if (entry != kPad) save(entry, out);
+        return;
+      }
+      line.push_back(entry);
+      if (static_cast<int64_t>(line.size()) > latency) {
+        const size_t e = line.front();
+        line.pop_front();
+        if (e != kPad) save(e, out);
+      }
+    };
+    if (o->warmup > 0) {
+      const torch::Tensor first = batch_of(0);
+      for (int i = 0; i < o->warmup; ++i) call(first, kPad);
+    }
+    torch::Tensor last_batch;
+    const size_t groups = (inputs.size() + F - 1) / F;
+    for (size_t g = 0; g < groups; ++g) {
+      last_batch = batch_of(g * F);
+      call(last_batch, g * F);
+    }
+    // Flush the delay line with the last batch (filter off so the repeats are processed).
+    if (cfg.similarity_filter.enabled) stream.set_similarity_filter({});
+    while (std::any_of(line.begin(), line.end(), [&](size_t e) { return e != kPad; })) call(last_batch, kPad);
+    std::cout << "wrote " << written << " image" << (written == 1 ? "" : "s") << " to " << o->output << "\n";
+    print_timing(stream.stats(), l.load_s, static_cast<int64_t>(inputs.size()));
+    return 0;
+  };
+}
+
+REGISTER_COMMAND("txt2img", "generate images from a prompt with the stream batch", 10, setup_txt2img);
+REGISTER_COMMAND("img2img", "transform an image or a folder of frames as one stream", 11, setup_img2img);
+
+}  // namespace

@@ -1,0 +1,250 @@
+#include "models/random_model.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "io/model_folder.h"
+#include "io/safetensors.h"
+#include "io/state_dict.h"
+#include "models/autoencoder_kl.h"
+#include "models/autoencoder_tiny.h"
+#include "models/clip_text_model.h"
+#include "models/unet_2d_condition.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace sd {
+
+namespace {
+void check_arch(const std::string& arch) {
+  if (arch != "sd-turbo" && arch != "sd15")
+    throw InvalidArgument("unknown architecture '" + arch + "' (expected sd-turbo or sd15)");
+}
+
+bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
+
+void write_json(const fs::path& path, const json& j) {
+  std::ofstream out(path);
+  if (!out) throw FormatError(path.string(), "cannot write");
+  out << j.dump(2) << "\n";
+}
+
+uint64_t save_module(torch::nn::Module& m, const fs::path& file, torch::ScalarType dtype) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& [name, t] : state_dict(m))
+    tensors.emplace_back(name, t.is_floating_point() ? t.to(dtype) : t);
+  save_safetensors(file.string(), tensors, {{"format", "pt"}, {"generator", "streamdiffusion make-random-model"}});
+  return file_size_bytes(file.string());
+}
+}  // namespace
+
+json real_unet_config(const std::string& arch) {
+  check_arch(arch);
+  const bool turbo = arch == "sd-turbo";
+  return json{
+      {"_class_name", "UNet2DConditionModel"},
+      {"_diffusers_version", "0.24.0"},
+      {"act_fn", "silu"},
+      {"attention_head_dim", turbo ? json::array({5, 10, 20, 20}) : json(8)},
+      {"block_out_channels", {320, 640, 1280, 1280}},
+      {"center_input_sample", false},
+      {"cross_attention_dim", turbo ? 1024 : 768},
+      {"down_block_types", {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"}},
+      {"downsample_padding", 1},
+      {"dual_cross_attention", false},
+      {"flip_sin_to_cos", true},
+      {"freq_shift", 0},
+      {"in_channels", 4},
+      {"layers_per_block", 2},
+      {"mid_block_scale_factor", 1},
+      {"norm_eps", 1e-05},
+      {"norm_num_groups", 32},
+      {"num_class_embeds", nullptr},
+      {"only_cross_attention", false},
+      {"out_channels", 4},
+      {"sample_size", turbo ? 64 : 64},
+      {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"}},
+      {"upcast_attention", turbo ? json(nullptr) : json(false)},
+      {"use_linear_projection", turbo},
+  };
+}
+
+json real_vae_config(const std::string& arch) {
+  check_arch(arch);
+  return json{
+      {"_class_name", "AutoencoderKL"},
+      {"_diffusers_version", "0.24.0"},
+      {"act_fn", "silu"},
+      {"block_out_channels", {128, 256, 512, 512}},
+      {"down_block_types", {"DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"}},
+      {"in_channels", 3},
+      {"latent_channels", 4},
+      {"layers_per_block", 2},
+      {"norm_num_groups", 32},
+      {"out_channels", 3},
+      {"sample_size", arch == "sd-turbo" ? 768 : 512},
+      {"scaling_factor", 0.18215},
+      {"up_block_types", {"UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"}},
+  };
+}
+
+json real_text_encoder_config(const std::string& arch) {
+  check_arch(arch);
+  const bool turbo = arch == "sd-turbo";
+  return json{
+      {"architectures", {"CLIPTextModel"}},
+      {"attention_dropout", 0.0},
+      {"bos_token_id", 0},
+      {"dropout", 0.0},
+      {"eos_token_id", 2},
+      {"hidden_act", turbo ? "gelu" : "quick_gelu"},
+      {"hidden_size", turbo ? 1024 : 768},
+      {"initializer_factor", 1.0},
+      {"initializer_range", 0.02},
+      {"intermediate_size", turbo ? 4096 : 3072},
+      {"layer_norm_eps", 1e-05},
+      {"max_position_embeddings", 77},
+      {"model_type", "clip_text_model"},
+      {"num_attention_heads", turbo ? 16 : 12},
+      {"num_hidden_layers", turbo ? 23 : 12},
+      {"pad_token_id", 1},
+      {"projection_dim", turbo ? 512 : 768},
+      {"torch_dtype", "float32"},
+      {"vocab_size", 49408},
+  };
+}
+
+json lcm_scheduler_config() {
+  return json{
+      {"_class_name", "LCMScheduler"},
+      {"_diffusers_version", "0.24.0"},
+      {"beta_end", 0.012},
+      {"beta_schedule", "scaled_linear"},
+      {"beta_start", 0.00085},
+      {"clip_sample", false},
+      {"num_train_timesteps", 1000},
+      {"original_inference_steps", 50},
+      {"prediction_type", "epsilon"},
+      {"set_alpha_to_one", true},
+      {"steps_offset", 1},
+      {"timestep_scaling", 10.0},
+      {"timestep_spacing", "leading"},
+      {"trained_betas", nullptr},
+  };
+}
+
+json default_taesd_config() {
+  return json{
+      {"_class_name", "AutoencoderTiny"},
+      {"_diffusers_version", "0.24.0"},
+      {"act_fn", "relu"},
+      {"decoder_block_out_channels", {64, 64, 64, 64}},
+      {"encoder_block_out_channels", {64, 64, 64, 64}},
+      {"force_upcast", false},
+      {"in_channels", 3},
+      {"latent_channels", 4},
+      {"latent_magnitude", 3},
+      {"latent_shift", 0.5},
+      {"num_decoder_blocks", {3, 3, 3, 1}},
+      {"num_encoder_blocks", {1, 3, 3, 3}},
+      {"out_channels", 3},
+      {"scaling_factor", 1.0},
+      {"upsampling_scaling_factor", 2},
+  };
+}
+
+void randomize_parameters(torch::nn::Module& module, uint64_t seed) {
+  torch::NoGradGuard ng;
+  auto gen = at::detail::createCPUGenerator(seed);
+  for (auto& p : module.named_parameters(true)) {
+    const std::string& name = p.key();
+    auto t = p.value();
+    auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+    torch::Tensor v;
+    const bool is_norm = contains(name, "norm") && t.dim() == 1;
+    if (t.dim() >= 2 && contains(name, "embedding") && !contains(name, "time_embedding")) {
+      v = at::normal(0.0, 0.02, t.sizes(), gen, opts);  // token / position tables
+    } else if (t.dim() >= 2) {
+      const double fan_in = static_cast<double>(t.numel() / t.size(0));
+      v = at::normal(0.0, 1.0 / std::sqrt(fan_in), t.sizes(), gen, opts);
+    } else if (is_norm && contains(name, "weight")) {
+      v = 1.0 + at::normal(0.0, 0.02, t.sizes(), gen, opts);
+    } else {
+      v = at::normal(0.0, 0.02, t.sizes(), gen, opts);  // biases, norm biases
+    }
+    p.value().set_data(v.to(t.scalar_type()));
+  }
+}
+
+RandomModelReport write_random_model(const RandomModelOptions& o) {
+  check_arch(o.arch);
+  if (o.out_dir.empty()) throw InvalidArgument("make-random-model: --out is required");
+  if (o.tokenizer_dir.empty() || !is_file(o.tokenizer_dir + "/vocab.json") || !is_file(o.tokenizer_dir + "/merges.txt"))
+    throw InvalidArgument("make-random-model: tokenizer folder '" + o.tokenizer_dir +
+                          "' must hold vocab.json and merges.txt (e.g. a model's tokenizer/ folder)");
+  const fs::path out(o.out_dir);
+  for (const char* sub : {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}) fs::create_directories(out / sub);
+  RandomModelReport r;
+
+  write_json(out / "model_index.json",
+             json{{"_class_name", "StableDiffusionPipeline"},
+                  {"_diffusers_version", "0.24.0"},
+                  {"feature_extractor", {nullptr, nullptr}},
+                  {"image_encoder", {nullptr, nullptr}},
+                  {"requires_safety_checker", false},
+                  {"safety_checker", {nullptr, nullptr}},
+                  {"scheduler", {"diffusers", "LCMScheduler"}},
+                  {"text_encoder", {"transformers", "CLIPTextModel"}},
+                  {"tokenizer", {"transformers", "CLIPTokenizer"}},
+                  {"unet", {"diffusers", "UNet2DConditionModel"}},
+                  {"vae", {"diffusers", "AutoencoderKL"}}});
+  write_json(out / "scheduler" / "scheduler_config.json", lcm_scheduler_config());
+  for (const char* f : {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}) {
+    const fs::path src = fs::path(o.tokenizer_dir) / f;
+    if (fs::exists(src)) fs::copy_file(src, out / "tokenizer" / f, fs::copy_options::overwrite_existing);
+  }
+
+  uint64_t seed = o.seed;
+  {
+    auto cfg_json = real_text_encoder_config(o.arch);
+    write_json(out / "text_encoder" / "config.json", cfg_json);
+    CLIPTextModel m(CLIPTextConfig::from_json(cfg_json, "text_encoder/config.json"));
+    randomize_parameters(*m, seed++);
+    r.text_encoder_parameters = count_parameters(*m);
+    r.bytes_written += save_module(*m, out / "text_encoder" / "model.safetensors", o.dtype);
+  }
+  {
+    auto cfg_json = real_unet_config(o.arch);
+    write_json(out / "unet" / "config.json", cfg_json);
+    UNet2DConditionModel m(UNet2DConditionConfig::from_json(cfg_json, "unet/config.json"));
+    randomize_parameters(*m, seed++);
+    r.unet_parameters = count_parameters(*m);
+    r.bytes_written += save_module(*m, out / "unet" / "diffusion_pytorch_model.safetensors", o.dtype);
+  }
+  {
+    auto cfg_json = real_vae_config(o.arch);
+    write_json(out / "vae" / "config.json", cfg_json);
+    AutoencoderKL m(AutoencoderKLConfig::from_json(cfg_json, "vae/config.json"));
+    randomize_parameters(*m, seed++);
+    r.vae_parameters = count_parameters(*m);
+    r.bytes_written += save_module(*m, out / "vae" / "diffusion_pytorch_model.safetensors", o.dtype);
+  }
+  if (o.with_taesd) {
+    fs::create_directories(out / "taesd");
+    auto cfg_json = default_taesd_config();
+    write_json(out / "taesd" / "config.json", cfg_json);
+    AutoencoderTiny m(AutoencoderTinyConfig::from_json(cfg_json, "taesd/config.json"));
+    randomize_parameters(*m, seed++);
+    r.taesd_parameters = count_parameters(*m);
+    r.bytes_written += save_module(*m, out / "taesd" / "diffusion_pytorch_model.safetensors", o.dtype);
+  }
+  return r;
+}
+
+}  // namespace sd

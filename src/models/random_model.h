@@ -1,0 +1,44 @@
+#pragma once
+// Full-size models with random weights in the real architectures (sd-turbo / SD 1.5): no real weights can be
+// downloaded here, and speed depends only on the architecture, so benchmarks and size tests run on these.
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+#include <torch/types.h>
+
+namespace torch::nn {
+class Module;
+}
+
+namespace sd {
+
+struct RandomModelOptions {
+  std::string arch = "sd-turbo";  // "sd-turbo" | "sd15"
+  std::string out_dir;
+  std::string tokenizer_dir;  // a CLIP tokenizer folder to copy (vocab.json, merges.txt, *config.json)
+  uint64_t seed = 0;
+  torch::ScalarType dtype = torch::kFloat32;  // dtype of the written weights
+  bool with_taesd = true;                     // also write <out>/taesd (AutoencoderTiny, default config)
+};
+
+struct RandomModelReport {
+  int64_t unet_parameters = 0, vae_parameters = 0, text_encoder_parameters = 0, taesd_parameters = 0;
+  uint64_t bytes_written = 0;
+};
+
+// The component configs of a real architecture, as diffusers / transformers write them.
+nlohmann::json real_unet_config(const std::string& arch);
+nlohmann::json real_vae_config(const std::string& arch);
+nlohmann::json real_text_encoder_config(const std::string& arch);
+nlohmann::json lcm_scheduler_config();
+nlohmann::json default_taesd_config();
+
+// Fills every parameter with weights of realistic scale: matrices/convs ~ N(0, 1/fan_in), norm weights ~ 1, biases
+// and norm biases small, embeddings ~ N(0, 0.02) (token/position tables). Deterministic for a seed.
+void randomize_parameters(torch::nn::Module& module, uint64_t seed);
+
+// Writes a complete diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, taesd/).
+RandomModelReport write_random_model(const RandomModelOptions& opts);
+
+}  // namespace sd

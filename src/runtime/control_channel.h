@@ -1,0 +1,53 @@
+#pragma once
+// Reads control commands (control_command.h), one per line, on a background thread and hands them to a handler
+// together with a function that answers the sender. Channels:
+//   stdin        standard input (when it is not the frame source); answers go to stderr
+//   fd:N         an already open descriptor (tests, embedding); answers go to stderr
+//   fifo:PATH    a named pipe, created if absent (echo 'prompt a cat' > PATH); answers go to stderr
+//   unix:PATH    a Unix stream socket, any number of clients (e.g. socat - UNIX-CONNECT:PATH); answers go back to
+//                the client that sent the command
+// A line that does not parse is answered with the error and has no effect. End of input on stdin/fd only ends the
+// channel, not the stream.
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "runtime/control_command.h"
+
+namespace sd {
+
+class ControlChannel {
+ public:
+  using Reply = std::function<void(const std::string&)>;
+  using Handler = std::function<void(ControlCommand, Reply)>;
+
+  // Starts reading. Throws InvalidArgument / sd::Error when the channel cannot be opened.
+  ControlChannel(const std::string& spec, Handler handler);
+  ~ControlChannel();  // stops and joins the reader thread; removes a FIFO / socket file it created
+  ControlChannel(const ControlChannel&) = delete;
+  ControlChannel& operator=(const ControlChannel&) = delete;
+
+  void stop();
+  const std::string& describe() const { return name_; }
+  int64_t lines() const { return lines_.load(); }  // command lines seen (for tests)
+
+ private:
+  struct Client;
+  void run();
+  void serve_lines(const std::shared_ptr<Client>& client, const char* data, size_t n);
+  void handle_line(const std::string& line, const Reply& reply);
+
+  Handler handler_;
+  std::string name_;
+  std::string path_;         // FIFO or socket path to remove at the end ("" = none)
+  int fd_ = -1;              // the descriptor read (stdin/fd/fifo) or the listening socket
+  bool own_fd_ = false;
+  bool listening_ = false;   // unix socket
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> lines_{0};
+  std::thread thread_;
+};
+
+}  // namespace sd

@@ -1,0 +1,123 @@
+#include "runtime/control_command.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+
+#include "core/error.h"
+
+namespace sd {
+namespace {
+
+std::string trim(const std::string& s) {
+  const char* ws = " \t\r\n";
+  const auto b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
+
+double parse_number(const std::string& cmd, const std::string& arg) {
+  if (arg.empty()) throw InvalidArgument("control: '" + cmd + "' needs a number, e.g. '" + cmd + " 1.5'");
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(arg.c_str(), &end);
+  if (end == arg.c_str() || *end != '\0' || errno == ERANGE || !std::isfinite(v))
+    throw InvalidArgument("control: '" + cmd + "' expects a number, got '" + arg + "'");
+  return v;
+}
+
+int64_t parse_integer(const std::string& what, const std::string& s) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || end == s.c_str() || *end != '\0' || errno == ERANGE)
+    throw InvalidArgument("control: " + what + " expects an integer, got '" + s + "'");
+  return v;
+}
+
+}  // namespace
+
+const std::string& control_help() {
+  static const std::string help =
+      "commands: prompt <text> | negative <text> | guidance <g> | delta <d> | t_index_list <i,j,...> | seed <n> | "
+      "filter on|off | filter_threshold <x> | stats | quit | help";
+  return help;
+}
+
+std::optional<ControlCommand> parse_control_command(const std::string& raw) {
+  const std::string line = trim(raw);
+  if (line.empty() || line[0] == '#') return std::nullopt;
+  const auto sp = line.find_first_of(" \t");
+  const std::string cmd = line.substr(0, sp);
+  const std::string arg = sp == std::string::npos ? "" : trim(line.substr(sp));
+
+  ControlCommand c;
+  c.line = line;
+  using K = ControlCommand::Kind;
+  auto no_arg = [&](K k) {
+    if (!arg.empty()) throw InvalidArgument("control: '" + cmd + "' takes no argument, got '" + arg + "'");
+    c.kind = k;
+  };
+  if (cmd == "prompt" || cmd == "negative") {
+    c.kind = cmd == "prompt" ? K::Prompt : K::Negative;
+    // An empty negative prompt is meaningful (the default); an empty prompt is allowed too (unconditional).
+    c.text = arg;
+  } else if (cmd == "guidance" || cmd == "guidance_scale") {
+    c.kind = K::Guidance;
+    c.number = parse_number(cmd, arg);
+    if (c.number < 0) throw InvalidArgument("control: guidance must be >= 0, got " + arg);
+  } else if (cmd == "delta") {
+    c.kind = K::Delta;
+    c.number = parse_number(cmd, arg);
+  } else if (cmd == "t_index_list") {
+    c.kind = K::TIndexList;
+    if (arg.empty()) throw InvalidArgument("control: t_index_list needs comma-separated indices, e.g. 't_index_list 32,45'");
+    std::string item;
+    for (size_t i = 0; i <= arg.size(); ++i) {
+      if (i == arg.size() || arg[i] == ',' || arg[i] == ' ') {
+        const std::string t = trim(item);
+        item.clear();
+        if (t.empty()) {
+          if (i < arg.size() && arg[i] == ' ') continue;
+          throw InvalidArgument("control: t_index_list has an empty entry in '" + arg + "'");
+        }
+        const int64_t v = parse_integer("t_index_list", t);
+        if (v < 0) throw InvalidArgument("control: t_index_list entries must be >= 0, got " + t);
+        c.t_index_list.push_back(v);
+      } else {
+        item += arg[i];
+      }
+    }
+  } else if (cmd == "seed") {
+    c.kind = K::Seed;
+    if (arg.empty()) throw InvalidArgument("control: 'seed' needs an integer, e.g. 'seed 42'");
+    const int64_t v = parse_integer("seed", arg);
+    if (v < 0) throw InvalidArgument("control: seed must be >= 0, got " + arg);
+    c.seed = static_cast<uint64_t>(v);
+  } else if (cmd == "filter") {
+    c.kind = K::Filter;
+    if (arg == "on" || arg == "1" || arg == "true")
+      c.on = true;
+    else if (arg == "off" || arg == "0" || arg == "false")
+      c.on = false;
+    else
+      throw InvalidArgument("control: 'filter' expects on or off, got '" + arg + "'");
+  } else if (cmd == "filter_threshold") {
+    c.kind = K::FilterThreshold;
+    c.number = parse_number(cmd, arg);
+    if (!(c.number > 0 && c.number <= 1))
+      throw InvalidArgument("control: filter_threshold must be in (0, 1], got " + arg);
+  } else if (cmd == "stats") {
+    no_arg(K::Stats);
+  } else if (cmd == "quit" || cmd == "exit") {
+    no_arg(K::Quit);
+  } else if (cmd == "help" || cmd == "?") {
+    no_arg(K::Help);
+  } else {
+    throw InvalidArgument("control: unknown command '" + cmd + "'; " + control_help());
+  }
+  return c;
+}
+
+}  // namespace sd

@@ -1,0 +1,42 @@
+#pragma once
+// Live control of a running stream: one command per line (stdin, a FIFO or a Unix socket, see control_channel.h).
+//
+//   prompt <text>            new prompt (re-encoded; the latent buffer is kept)
+//   negative <text>          new negative prompt (used when guidance is active)
+//   guidance <g>             guidance scale γ (float)
+//   delta <d>                RCFG δ (float)
+//   t_index_list 32,45       denoising steps (indices into the LCM timesteps); a new length restarts the stream
+//   seed <n>                 reseeds the fixed noise (init_noise)
+//   filter on|off            stochastic similarity filter
+//   filter_threshold <x>     similarity threshold η in (0, 1]
+//   stats                    print the current status line
+//   quit                     stop the stream (as SIGINT)
+//   help                     list the commands
+// Empty lines and lines starting with '#' are ignored. Everything except stats/quit/help is applied by the model
+// thread between two frames.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace sd {
+
+struct ControlCommand {
+  enum class Kind { Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Stats, Quit, Help };
+  Kind kind = Kind::Stats;
+  std::string text;                  // prompt / negative
+  double number = 0;                 // guidance / delta / filter_threshold
+  std::vector<int64_t> t_index_list;
+  uint64_t seed = 0;
+  bool on = false;                   // filter
+  std::string line;                  // the command as typed (trimmed), for logs and replies
+};
+
+// Parses one line. nullopt for an empty or comment line; InvalidArgument with a message that says what was expected
+// for anything else that is not a valid command.
+std::optional<ControlCommand> parse_control_command(const std::string& line);
+
+// The command summary printed by `help` (one line per command).
+const std::string& control_help();
+
+}  // namespace sd

@@ -1,0 +1,23 @@
+#pragma once
+// One frame travelling through the stream runtime (capture -> pre-process -> model -> post-process -> sink).
+// Pixels are OpenCV BGR 8UC3 on the I/O side (sources decode into it, sinks encode from it) and a torch tensor on
+// the model side; each stage fills the field the next one needs and drops the one it no longer needs.
+#include <chrono>
+#include <cstdint>
+
+#include <opencv2/core/mat.hpp>
+#include <torch/types.h>
+
+namespace sd {
+
+using StreamClock = std::chrono::steady_clock;
+
+struct Frame {
+  int64_t index = -1;               // capture order, 0-based (an output carries the index of its input)
+  StreamClock::time_point t_capture;  // when the source delivered it (latency is measured from here to the sink)
+  cv::Mat image;                    // BGR 8UC3: the captured frame (source side) or the frame to write (sink side)
+  torch::Tensor tensor;             // model side: FrameProcessor::preprocess() output, then process() output
+  bool tick = false;                // no pixels (txt2img streaming): the source only sets the pace
+};
+
+}  // namespace sd

@@ -1,0 +1,269 @@
+#include "runtime/stream_diffusion_processor.h"
+
+#include <torch/torch.h>
+
+#include "core/device.h"
+#include "core/error.h"
+#include "pipeline/image.h"
+
+namespace sd {
+
+StreamDiffusionProcessor::StreamDiffusionProcessor(std::shared_ptr<StreamDiffusion> stream, std::string prompt,
+                                                   std::string negative_prompt, bool txt2img)
+    : stream_(std::move(stream)),
+      prompt_(std::move(prompt)),
+      negative_prompt_(std::move(negative_prompt)),
+      txt2img_(txt2img),
+      width_(0),
+      height_(0),
+      frames_per_call_(1),
+      dtype_(c10::kFloat),
+      device_(c10::kCPU) {
+  if (!stream_) throw InvalidArgument("StreamDiffusionProcessor: no stream");
+  if (!stream_->prepared()) throw InvalidArgument("StreamDiffusionProcessor: the stream must be prepared first");
+  const StreamConfig& c = stream_->config();
+  width_ = c.width;
+  height_ = c.height;
+  frames_per_call_ = c.frame_buffer_size;
+  dtype_ = stream_->models().dtype();
+  device_ = stream_->models().device();
+  // The runtime paces the stream; the original's sleep on a skip would only stall the model thread.
+  SimilarityFilterOptions f = c.similarity_filter;
+  if (f.sleep_on_skip) {
+    f.sleep_on_skip = false;
+    stream_->set_similarity_filter(f);
+  }
+  reset_warmup();
+}
+
+void StreamDiffusionProcessor::reset_warmup() {
+  // A fresh (or restarted) stream: the first n−1 calls only fill the latent buffer. Padding entries stand for them.
+  in_flight_.clear();
+  const int64_t delay = (stream_->denoising_steps() - 1) * frames_per_call_;
+  for (int64_t i = 0; i < delay; ++i) in_flight_.push_back({Kind::Padding, Frame{}});
+  processed_pending_ = delay;
+}
+
+int64_t StreamDiffusionProcessor::latency_frames() const {
+  return (stream_->denoising_steps() - 1) * frames_per_call_ + (frames_per_call_ - 1);
+}
+
+std::string StreamDiffusionProcessor::describe() const {
+  const StreamConfig& c = stream_->config();
+  std::string t;
+  for (auto i : c.t_index_list) t += (t.empty() ? "" : ",") + std::to_string(i);
+  return std::string(txt2img_ ? "txt2img" : "img2img") + " " + std::to_string(width_) + "x" + std::to_string(height_) +
+         " t_index_list [" + t + "] cfg " + cfg_type_name(c.cfg_type) + " F " + std::to_string(frames_per_call_) +
+         " " + dtype_name(dtype_) + " (" + stream_->models().describe() + ")";
+}
+
+torch::Tensor StreamDiffusionProcessor::preprocess(const torch::Tensor& rgb_u8) {
+  // [H, W, 3] uint8 -> [1, 3, H, W] in [-1, 1], already in the model's dtype and on its device (off the model thread).
+  return image_to_tensor(rgb_u8, height_, width_).to(device_, dtype_);
+}
+
+torch::Tensor StreamDiffusionProcessor::postprocess(const torch::Tensor& out) {
+  return tensor_to_image(out).squeeze(0);  // [1, 3, H, W] -> [H, W, 3] uint8
+}
+
+int64_t StreamDiffusionProcessor::real_pending() const {
+  int64_t n = 0;
+  for (const auto& e : in_flight_) n += e.kind != Kind::Padding;
+  return n + static_cast<int64_t>(batch_.size());
+}
+
+std::vector<Frame> StreamDiffusionProcessor::process(Frame in) {
+  if (!txt2img_) {
+    if (!in.tensor.defined()) throw InvalidArgument("img2img stream: frame " + std::to_string(in.index) + " has no image");
+    last_input_ = in.tensor;
+  }
+  batch_.push_back(std::move(in));
+  std::vector<Frame> outs;
+  outs.swap(carry_);
+  if (static_cast<int64_t>(batch_.size()) < frames_per_call_) return outs;
+  std::vector<Frame> batch;
+  batch.swap(batch_);
+  for (auto& o : run_batch(std::move(batch), 0)) outs.push_back(std::move(o));
+  return outs;
+}
+
+std::vector<Frame> StreamDiffusionProcessor::run_batch(std::vector<Frame> batch, int64_t pad) {
+  const int64_t F = frames_per_call_;
+  torch::Tensor images;
+  bool skipped = false;
+  if (txt2img_) {
+    images = stream_->txt2img();
+  } else {
+    std::vector<torch::Tensor> xs;
+    for (const auto& f : batch) xs.push_back(f.tensor);
+    const int64_t skipped_before = stream_->stats().skipped;
+    images = stream_->img2img(torch::cat(xs, 0));  // [F, 3, H, W]
+    skipped = stream_->stats().skipped > skipped_before;
+  }
+  std::vector<Frame> outs;
+  const int64_t real = F - pad;
+  if (skipped) {
+    // Nothing advanced: each skipped frame repeats the image of its predecessor.
+    for (int64_t i = 0; i < real; ++i) {
+      Frame meta;
+      meta.index = batch[i].index;
+      meta.t_capture = batch[i].t_capture;
+      meta.tick = batch[i].tick;
+      in_flight_.push_back({Kind::Duplicate, std::move(meta)});
+    }
+    emit_ready(torch::Tensor(), outs);
+    return outs;
+  }
+  for (int64_t i = 0; i < F; ++i) {
+    Frame meta;
+    if (i < real) {
+      meta.index = batch[i].index;
+      meta.t_capture = batch[i].t_capture;
+      meta.tick = batch[i].tick;
+    }
+    in_flight_.push_back({i < real ? Kind::Real : Kind::Padding, std::move(meta)});
+  }
+  processed_pending_ += F;
+  emit_ready(images, outs);
+  return outs;
+}
+
+void StreamDiffusionProcessor::emit_ready(const torch::Tensor& images, std::vector<Frame>& outs) {
+  const int64_t delay = (stream_->denoising_steps() - 1) * frames_per_call_;
+  // `images` (F rows) belong to the oldest F Real/Padding entries once more than `delay` are pending.
+  int64_t row = 0;
+  const bool have = images.defined() && processed_pending_ > delay;
+  const int64_t rows = have ? frames_per_call_ : 0;
+  while (!in_flight_.empty()) {
+    Entry& e = in_flight_.front();
+    if (e.kind == Kind::Duplicate) {
+      if (!last_image_.defined()) break;  // cannot happen: the first frame is always processed
+      Frame f = std::move(e.meta);
+      f.tensor = last_image_;
+      outs.push_back(std::move(f));
+      in_flight_.pop_front();
+      continue;
+    }
+    if (row >= rows) break;
+    const torch::Tensor img = images.slice(0, row, row + 1);
+    ++row;
+    --processed_pending_;
+    if (e.kind == Kind::Real) {
+      Frame f = std::move(e.meta);
+      f.tensor = img;
+      last_image_ = img;
+      outs.push_back(std::move(f));
+    }
+    in_flight_.pop_front();
+  }
+}
+
+std::vector<Frame> StreamDiffusionProcessor::flush_in_flight() {
+  std::vector<Frame> outs;
+  if (real_pending() == 0) return outs;
+  // Padding must run the model: no similarity filter while flushing.
+  const SimilarityFilterOptions saved = stream_->config().similarity_filter;
+  if (saved.enabled) {
+    SimilarityFilterOptions off = saved;
+    off.enabled = false;
+    stream_->set_similarity_filter(off);
+  }
+  try {
+    const int64_t F = frames_per_call_;
+    auto pad_frame = [&] {
+      Frame p;
+      p.tick = txt2img_;
+      if (!txt2img_) p.tensor = last_input_;
+      return p;
+    };
+    if (!batch_.empty()) {  // a partial batch: complete it with padding
+      std::vector<Frame> batch;
+      batch.swap(batch_);
+      const int64_t pad = F - static_cast<int64_t>(batch.size());
+      for (int64_t i = 0; i < pad; ++i) batch.push_back(pad_frame());
+      for (auto& o : run_batch(std::move(batch), pad)) outs.push_back(std::move(o));
+    }
+    while (real_pending() > 0) {
+      std::vector<Frame> batch;
+      for (int64_t i = 0; i < F; ++i) batch.push_back(pad_frame());
+      for (auto& o : run_batch(std::move(batch), F)) outs.push_back(std::move(o));
+    }
+  } catch (...) {
+    if (saved.enabled) stream_->set_similarity_filter(saved);
+    throw;
+  }
+  if (saved.enabled) stream_->set_similarity_filter(saved);
+  return outs;
+}
+
+std::vector<Frame> StreamDiffusionProcessor::flush() {
+  std::vector<Frame> outs;
+  outs.swap(carry_);
+  for (auto& o : flush_in_flight()) outs.push_back(std::move(o));
+  return outs;
+}
+
+std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
+  using K = ControlCommand::Kind;
+  switch (c.kind) {
+    case K::Prompt:
+      stream_->update_prompt(c.text, negative_prompt_);
+      prompt_ = c.text;
+      return {};
+    case K::Negative:
+      stream_->update_prompt(prompt_, c.text);
+      negative_prompt_ = c.text;
+      return {};
+    case K::Guidance:
+      stream_->set_guidance_scale(c.number);
+      return {};
+    case K::Delta:
+      stream_->set_delta(c.number);
+      return {};
+    case K::Seed:
+      stream_->set_seed(c.seed);
+      return {};
+    case K::TIndexList: {
+      if (static_cast<int64_t>(c.t_index_list.size()) == stream_->denoising_steps()) {
+        stream_->set_t_index_list(c.t_index_list);  // same batch: buffers kept, nothing to flush
+        return {};
+      }
+      // A new length restarts the stream: get the frames in flight out first (validated up front so that a refused
+      // list does not flush needlessly).
+      const std::vector<int64_t> old = stream_->config().t_index_list;
+      const int64_t steps = stream_->config().num_inference_steps;
+      for (int64_t t : c.t_index_list)
+        if (t >= steps)
+          throw InvalidArgument("t_index_list entry " + std::to_string(t) + " is out of range: num_inference_steps is " +
+                                std::to_string(steps));
+      std::vector<Frame> outs = flush_in_flight();
+      try {
+        stream_->set_t_index_list(c.t_index_list);
+      } catch (...) {
+        // Refused after all: the stream is unchanged; the flushed frames still go out with the next call.
+        for (auto& o : outs) carry_.push_back(std::move(o));
+        throw;
+      }
+      reset_warmup();
+      return outs;
+    }
+    case K::Filter: {
+      SimilarityFilterOptions f = stream_->config().similarity_filter;
+      f.enabled = c.on;
+      f.sleep_on_skip = false;
+      stream_->set_similarity_filter(f);
+      return {};
+    }
+    case K::FilterThreshold: {
+      SimilarityFilterOptions f = stream_->config().similarity_filter;
+      f.threshold = c.number;
+      f.sleep_on_skip = false;
+      stream_->set_similarity_filter(f);
+      return {};
+    }
+    default:
+      throw InvalidArgument("'" + c.line + "' is not a pipeline command");
+  }
+}
+
+}  // namespace sd

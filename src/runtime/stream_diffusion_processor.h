@@ -1,0 +1,72 @@
+#pragma once
+// sd::StreamDiffusion as a FrameProcessor: img2img on captured frames, or txt2img on ticks (`--input none`).
+//
+// Frame bookkeeping (spec §3.3): the call that takes frame k returns the images of the frames submitted n−1 calls
+// earlier (F frames per call, F = frame_buffer_size). The processor keeps the inputs in flight in a queue and gives
+// each output the index and capture time of the input it belongs to:
+//  * warm-up: the first n−1 calls return decodes of the zero buffer ("brown" frames); they are not emitted;
+//  * similarity filter skip: the pipeline does not advance; the skipped frame is emitted with the image of the frame
+//    just before it (once that one is out), so outputs stay one per input and in input order;
+//  * flush (end of input): the last input is fed again (txt2img: extra calls) with the filter off until every real
+//    frame is out; the padding's own outputs are dropped and its entries stay queued as the next sequence's warm-up;
+//  * a t_index_list change of length restarts the stream (buffers zeroed): the frames in flight are flushed first.
+// Frames are batched F at a time; a partial batch at the end is padded with its last frame.
+#include <deque>
+#include <memory>
+#include <string>
+
+#include "pipeline/stream_diffusion.h"
+#include "runtime/frame_processor.h"
+
+namespace sd {
+
+class StreamDiffusionProcessor : public FrameProcessor {
+ public:
+  // `stream` must be prepared with `prompt` / `negative_prompt` (they are kept so either can change on its own).
+  StreamDiffusionProcessor(std::shared_ptr<StreamDiffusion> stream, std::string prompt, std::string negative_prompt,
+                           bool txt2img);
+
+  int64_t width() const override { return width_; }
+  int64_t height() const override { return height_; }
+  bool takes_images() const override { return !txt2img_; }
+  torch::Tensor preprocess(const torch::Tensor& rgb_u8) override;
+  std::vector<Frame> process(Frame in) override;
+  std::vector<Frame> flush() override;
+  torch::Tensor postprocess(const torch::Tensor& out) override;
+  std::vector<Frame> apply(const ControlCommand& command) override;
+  int64_t skipped() const override { return stream_->stats().skipped; }
+  int64_t latency_frames() const override;
+  std::string describe() const override;
+
+  const StreamDiffusion& stream() const { return *stream_; }
+
+ private:
+  enum class Kind { Real, Duplicate, Padding };
+  struct Entry {
+    Kind kind;
+    Frame meta;  // index, capture time (no pixels)
+  };
+
+  // Runs the pipeline on batch_ (F frames, `pad` of which are padding) and emits what became ready.
+  std::vector<Frame> run_batch(std::vector<Frame> batch, int64_t pad);
+  void emit_ready(const torch::Tensor& images, std::vector<Frame>& outs);
+  std::vector<Frame> flush_in_flight();
+  void reset_warmup();
+  int64_t real_pending() const;
+
+  std::shared_ptr<StreamDiffusion> stream_;
+  std::string prompt_, negative_prompt_;
+  bool txt2img_;
+  int64_t width_, height_, frames_per_call_;
+  c10::ScalarType dtype_;
+  c10::Device device_;
+
+  std::vector<Frame> batch_;     // frames waiting for a full batch
+  std::deque<Entry> in_flight_;  // submitted to the pipeline, output not yet emitted (oldest first)
+  int64_t processed_pending_ = 0;  // Real + Padding entries in in_flight_ (the pipeline's delay line)
+  torch::Tensor last_input_;     // [1, 3, H, W] the newest real frame (flush padding)
+  torch::Tensor last_image_;     // [1, 3, H, W] the newest emitted image (duplicates)
+  std::vector<Frame> carry_;     // outputs flushed by a refused command, emitted with the next call
+};
+
+}  // namespace sd

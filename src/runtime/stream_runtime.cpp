@@ -1,0 +1,416 @@
+#include "runtime/stream_runtime.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <iterator>
+
+#include <opencv2/imgproc.hpp>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "runtime/signal_guard.h"
+
+namespace sd {
+namespace {
+
+bool resolve_lossless(StreamMode mode, const FrameSource* source) {
+  if (!source) throw InvalidArgument("StreamRuntime: no source");
+  if (mode == StreamMode::Auto) return !source->live();
+  return mode == StreamMode::Lossless;
+}
+
+// Live: one frame waits before the model at most (the newest), two after it.
+size_t capacity(bool lossless, size_t lossless_capacity, bool before_model) {
+  if (lossless) return std::max<size_t>(1, lossless_capacity);
+  return before_model ? 1 : 2;
+}
+
+OverflowPolicy policy(bool lossless) { return lossless ? OverflowPolicy::Block : OverflowPolicy::DropOldest; }
+
+void default_status(const std::string& line) { std::fprintf(stderr, "[stream] %s\n", line.c_str()); }
+
+}  // namespace
+
+StreamMode parse_stream_mode(const std::string& name) {
+  if (name == "auto") return StreamMode::Auto;
+  if (name == "live") return StreamMode::Live;
+  if (name == "lossless") return StreamMode::Lossless;
+  throw InvalidArgument("unknown stream mode '" + name + "' (expected auto, live or lossless)");
+}
+
+std::string stream_mode_name(StreamMode mode) {
+  switch (mode) {
+    case StreamMode::Auto: return "auto";
+    case StreamMode::Live: return "live";
+    case StreamMode::Lossless: return "lossless";
+  }
+  return "?";
+}
+
+ResizeMode parse_resize_mode(const std::string& name) {
+  if (name == "crop") return ResizeMode::Crop;
+  if (name == "stretch") return ResizeMode::Stretch;
+  throw InvalidArgument("unknown resize mode '" + name + "' (expected crop or stretch)");
+}
+
+StreamRuntime::StreamRuntime(std::unique_ptr<FrameSource> source, std::shared_ptr<FrameProcessor> processor,
+                             std::unique_ptr<FrameSink> sink, StreamOptions options)
+    : source_(std::move(source)),
+      processor_(std::move(processor)),
+      sink_(std::move(sink)),
+      options_(std::move(options)),
+      lossless_(resolve_lossless(options_.mode, source_.get())),
+      q_capture_(capacity(lossless_, options_.queue_capacity, true), policy(lossless_)),
+      q_model_(capacity(lossless_, options_.queue_capacity, true), policy(lossless_)),
+      q_post_(capacity(lossless_, options_.queue_capacity, false), policy(lossless_)),
+      q_sink_(capacity(lossless_, options_.queue_capacity, false), policy(lossless_)),
+      stats_(options_.warmup_outputs) {
+  if (!processor_) throw InvalidArgument("StreamRuntime: no frame processor");
+  if (!sink_) throw InvalidArgument("StreamRuntime: no sink");
+  if (source_->has_images() != processor_->takes_images())
+    throw InvalidArgument(source_->has_images()
+                              ? "the input gives images but the stream generates them (txt2img): use --input none"
+                              : "--input none gives no images but the stream transforms images (img2img): give an "
+                                "input");
+  if (options_.max_frames < 0) throw InvalidArgument("max_frames must be >= 0");
+  if (options_.status_interval_s < 0) throw InvalidArgument("status interval must be >= 0");
+  std::stable_sort(options_.scheduled.begin(), options_.scheduled.end(),
+                   [](const ScheduledCommand& a, const ScheduledCommand& b) { return a.frame < b.frame; });
+  if (!options_.status) options_.status = default_status;
+  source_name_ = source_->describe();
+  sink_name_ = sink_->describe();
+  processor_name_ = processor_->describe();
+}
+
+StreamRuntime::~StreamRuntime() {
+  request_stop("destroyed while running");
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+}
+
+void StreamRuntime::request_stop(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    if (stop_.load()) return;
+    stop_reason_ = reason;
+    stop_ = true;
+  }
+  cancel_queues();
+}
+
+void StreamRuntime::cancel_queues() {
+  q_capture_.cancel();
+  q_model_.cancel();
+  q_post_.cancel();
+  q_sink_.cancel();
+}
+
+void StreamRuntime::fail(const std::string& stage, const std::string& what) {
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    if (error_.empty()) error_ = stage + ": " + what;
+  }
+  if (stage == "capture") {
+    // The input ended badly: what was read still goes through (drained and flushed), then run() reports the error.
+    q_capture_.close();
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    if (!stop_.load()) stop_reason_ = "error";
+    stop_ = true;
+  }
+  cancel_queues();
+}
+
+void StreamRuntime::run_stage(const char* name, void (StreamRuntime::*loop)()) {
+  try {
+    (this->*loop)();
+  } catch (const c10::Error& e) {
+    fail(name, e.what_without_backtrace());
+  } catch (const cv::Exception& e) {
+    fail(name, std::string("OpenCV: ") + e.what());
+  } catch (const std::exception& e) {
+    fail(name, e.what());
+  } catch (...) {
+    fail(name, "unknown exception");
+  }
+  {
+    std::lock_guard<std::mutex> lock(done_mutex_);
+    --active_;
+  }
+  done_cv_.notify_all();
+}
+
+// ---- stages ---------------------------------------------------------------------------------------------------
+
+void StreamRuntime::capture_loop() {
+  // Whatever happens, downstream learns that no more input comes (cancel() already covers the stop path).
+  struct CloseOnExit {
+    BoundedQueue<Frame>& q;
+    ~CloseOnExit() { q.close(); }
+  } closer{q_capture_};
+  const bool images = source_->has_images();
+  int64_t n = 0;
+  while (!stop_.load()) {
+    if (options_.max_frames > 0 && n >= options_.max_frames) break;
+    cv::Mat image;
+    if (!source_->read(image, stop_)) break;
+    if (stop_.load()) break;
+    Frame f;
+    f.index = n++;
+    f.t_capture = StreamClock::now();
+    f.tick = !images;
+    if (images) {
+      if (image.empty() || image.type() != CV_8UC3)
+        throw Error("source " + source_name_ + " delivered an empty or non-BGR frame " + std::to_string(f.index));
+      f.image = std::move(image);
+    }
+    stats_.on_captured();
+    if (!q_capture_.push(std::move(f))) break;
+  }
+}
+
+cv::Mat StreamRuntime::fit(const cv::Mat& image) const {
+  const int W = static_cast<int>(processor_->width()), H = static_cast<int>(processor_->height());
+  if (W <= 0 || H <= 0 || (image.cols == W && image.rows == H)) return image;
+  cv::Mat src = image;
+  if (options_.resize == ResizeMode::Crop) {
+    // Largest centred region with the target's aspect ratio.
+    int cw = image.cols, ch = image.rows;
+    if (static_cast<int64_t>(cw) * H > static_cast<int64_t>(ch) * W)
+      cw = std::max(1, static_cast<int>(static_cast<int64_t>(ch) * W / H));
+    else
+      ch = std::max(1, static_cast<int>(static_cast<int64_t>(cw) * H / W));
+    src = image(cv::Rect((image.cols - cw) / 2, (image.rows - ch) / 2, cw, ch));
+  }
+  cv::Mat out;
+  const bool shrink = src.cols > W || src.rows > H;
+  cv::resize(src, out, cv::Size(W, H), 0, 0, shrink ? cv::INTER_AREA : cv::INTER_LINEAR);
+  return out;
+}
+
+void StreamRuntime::preprocess_loop() {
+  struct CloseOnExit {
+    BoundedQueue<Frame>& q;
+    ~CloseOnExit() { q.close(); }
+  } closer{q_model_};
+  while (auto f = q_capture_.pop()) {
+    if (!f->tick) {
+      cv::Mat rgb;
+      cv::cvtColor(fit(f->image), rgb, cv::COLOR_BGR2RGB);
+      const torch::Tensor hwc =
+          torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, {static_cast<int64_t>(rgb.step[0]), 3, 1}, torch::kUInt8)
+              .clone();
+      f->tensor = processor_->preprocess(hwc);
+      f->image.release();
+    }
+    if (!q_model_.push(std::move(*f))) break;
+  }
+}
+
+bool StreamRuntime::push_outputs(std::vector<Frame>& outs) {
+  for (auto& o : outs)
+    if (!q_post_.push(std::move(o))) return false;
+  outs.clear();
+  return true;
+}
+
+void StreamRuntime::model_loop() {
+  struct CloseOnExit {
+    BoundedQueue<Frame>& q;
+    ~CloseOnExit() { q.close(); }
+  } closer{q_post_};
+  while (auto f = q_model_.pop()) {
+    apply_controls(f->index);
+    stats_.on_model_frame();
+    std::vector<Frame> outs = processor_->process(std::move(*f));
+    stats_.set_skipped(processor_->skipped());
+    if (!push_outputs(outs)) return;
+  }
+  if (stop_.load() || q_model_.cancelled()) return;
+  // End of input: the frames still in flight come out (lossless: one output per input).
+  std::vector<Frame> outs = processor_->flush();
+  push_outputs(outs);
+  // Commands that arrived after the last frame can no longer be applied.
+  std::deque<PendingControl> left;
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    left.swap(pending_);
+  }
+  for (auto& p : left)
+    if (p.reply) p.reply("error: '" + p.command.line + "' not applied: the input has ended");
+}
+
+void StreamRuntime::apply_controls(int64_t frame_index) {
+  std::deque<PendingControl> todo;
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    todo.swap(pending_);
+  }
+  while (next_scheduled_ < options_.scheduled.size() && options_.scheduled[next_scheduled_].frame <= frame_index)
+    todo.push_back({options_.scheduled[next_scheduled_++].command, {}});
+  for (auto& p : todo) {
+    try {
+      std::vector<Frame> outs = processor_->apply(p.command);
+      {
+        std::lock_guard<std::mutex> lock(state_mutex_);
+        controls_applied_.push_back({{"frame", frame_index}, {"command", p.command.line}});
+      }
+      log::info("control: '{}' applied before frame {}", p.command.line, frame_index);
+      if (p.reply) p.reply("ok: '" + p.command.line + "' applied before frame " + std::to_string(frame_index));
+      push_outputs(outs);
+    } catch (const std::exception& e) {
+      // A refused command changes nothing and does not stop the stream.
+      log::warn("control: '{}' refused: {}", p.command.line, e.what());
+      if (p.reply) p.reply(std::string("error: ") + e.what());
+    }
+  }
+}
+
+void StreamRuntime::postprocess_loop() {
+  struct CloseOnExit {
+    BoundedQueue<Frame>& q;
+    ~CloseOnExit() { q.close(); }
+  } closer{q_sink_};
+  while (auto f = q_post_.pop()) {
+    torch::Tensor rgb = processor_->postprocess(f->tensor);
+    if (!rgb.defined() || rgb.dim() != 3 || rgb.size(2) != 3 || rgb.scalar_type() != torch::kUInt8)
+      throw InvalidArgument("processor output for frame " + std::to_string(f->index) +
+                            " is not a uint8 [H, W, 3] image");
+    rgb = rgb.to(torch::kCPU).contiguous();
+    const cv::Mat view(static_cast<int>(rgb.size(0)), static_cast<int>(rgb.size(1)), CV_8UC3, rgb.data_ptr());
+    cv::cvtColor(view, f->image, cv::COLOR_RGB2BGR);
+    f->tensor = torch::Tensor();
+    if (!q_sink_.push(std::move(*f))) break;
+  }
+}
+
+void StreamRuntime::sink_loop() {
+  try {
+    while (auto f = q_sink_.pop()) {
+      sink_->write(f->image, stop_);
+      if (stop_.load()) break;
+      stats_.on_output(f->t_capture, StreamClock::now());
+      if (options_.on_output) options_.on_output(*f);
+    }
+  } catch (...) {
+    try {
+      sink_->close();  // finish what can be finished; the first error is the one reported
+    } catch (...) {
+    }
+    throw;
+  }
+  sink_->close();
+}
+
+// ---- control ---------------------------------------------------------------------------------------------------
+
+void StreamRuntime::post_control(ControlCommand command, Reply reply) {
+  using K = ControlCommand::Kind;
+  switch (command.kind) {
+    case K::Stats:
+      if (reply) reply(stats_.peek());
+      return;
+    case K::Quit:
+      request_stop("quit command");
+      if (reply) reply("ok: stopping");
+      return;
+    case K::Help:
+      if (reply) reply(control_help());
+      return;
+    default:
+      break;
+  }
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  pending_.push_back({std::move(command), std::move(reply)});
+}
+
+// ---- run --------------------------------------------------------------------------------------------------------
+
+int64_t StreamRuntime::dropped_total() const {
+  return q_capture_.dropped() + q_model_.dropped() + q_post_.dropped() + q_sink_.dropped();
+}
+
+void StreamRuntime::run() {
+  if (started_) throw InvalidArgument("StreamRuntime::run() can only be called once");
+  started_ = true;
+  running_ = true;
+  stats_.start();
+  log::info("stream: {} -> {} -> {} ({} mode)", source_name_, processor_name_, sink_name_,
+            lossless_ ? "lossless" : "live");
+  using Loop = void (StreamRuntime::*)();
+  const std::pair<const char*, Loop> stages[] = {{"capture", &StreamRuntime::capture_loop},
+                                                 {"pre-process", &StreamRuntime::preprocess_loop},
+                                                 {"model", &StreamRuntime::model_loop},
+                                                 {"post-process", &StreamRuntime::postprocess_loop},
+                                                 {"sink", &StreamRuntime::sink_loop}};
+  active_ = static_cast<int>(std::size(stages));
+  for (const auto& [name, loop] : stages) {
+    try {
+      threads_.emplace_back([this, name = name, loop = loop] { run_stage(name, loop); });
+    } catch (const std::system_error& e) {  // could not start a thread: stop the ones that did
+      {
+        std::lock_guard<std::mutex> lock(done_mutex_);
+        active_ -= 1;
+      }
+      fail(name, std::string("cannot start the thread: ") + e.what());
+    }
+  }
+
+  // Monitor: signals, the sink's stop request, status lines.
+  const auto interval = std::chrono::duration<double>(options_.status_interval_s);
+  auto next_status = StreamClock::now() + std::chrono::duration_cast<StreamClock::duration>(interval);
+  {
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    while (active_ > 0) {
+      done_cv_.wait_for(lock, std::chrono::milliseconds(20));
+      lock.unlock();
+      if (options_.stop_on_signal && SignalGuard::pending() != 0)
+        request_stop("interrupted by " + SignalGuard::name(SignalGuard::pending()));
+      if (sink_->wants_stop()) request_stop("stopped from the output window");
+      stats_.set_dropped(dropped_total());
+      if (options_.status_interval_s > 0 && StreamClock::now() >= next_status) {
+        options_.status(stats_.tick());
+        next_status += std::chrono::duration_cast<StreamClock::duration>(interval);
+        if (next_status < StreamClock::now())
+          next_status = StreamClock::now() + std::chrono::duration_cast<StreamClock::duration>(interval);
+      }
+      lock.lock();
+    }
+  }
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+  stats_.set_dropped(dropped_total());
+  stats_.finish();
+  running_ = false;
+  std::string error, reason;
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    error = error_;
+    reason = stop_reason_;
+  }
+  log::info("stream ended ({}): {} frames in, {} out, {} dropped, {} skipped", reason, stats_.captured(),
+            stats_.outputs(), stats_.dropped(), stats_.skipped());
+  if (!error.empty()) throw Error(error);
+}
+
+nlohmann::json StreamRuntime::summary() const {
+  nlohmann::json j = stats_.summary();
+  j["mode"] = lossless_ ? "lossless" : "live";
+  j["source"] = source_name_;
+  j["sink"] = sink_name_;
+  j["processor"] = processor_name_;
+  j["latency_frames"] = processor_->latency_frames();
+  j["dropped_by_queue"] = {{"capture", q_capture_.dropped()},
+                           {"model_input", q_model_.dropped()},
+                           {"post_process", q_post_.dropped()},
+                           {"sink", q_sink_.dropped()}};
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  j["stop_reason"] = stop_reason_;
+  j["error"] = error_.empty() ? nlohmann::json(nullptr) : nlohmann::json(error_);
+  j["controls"] = controls_applied_;
+  return j;
+}
+
+}  // namespace sd

@@ -1,0 +1,152 @@
+#pragma once
+// The frame runtime (spec §12, the paper's IO queues made a library part): five stage threads joined by bounded
+// queues,
+//
+//   capture --q--> pre-process --q--> model --q--> post-process --q--> sink
+//   (source)       (resize, RGB,       (FrameProcessor   (tensor -> uint8,   (FrameSink)
+//                   preprocess())       process/apply)    postprocess())
+//
+// so the model thread only ever waits for its input queue (and, in lossless mode, for room downstream).
+//
+// Modes:
+//  * live     — every queue keeps only the newest items (1 before the model, 2 after): a frame that a faster stage
+//               would have to queue is dropped and counted, and the model always takes the most recent frame
+//               ("latest frame wins"). Default for live sources (camera, screen, ticks at a fixed fps).
+//  * lossless — blocking queues (back-pressure): every input frame produces exactly one output frame, in input order.
+//               The processor's delay (StreamDiffusion: n−1 calls) is absorbed by the processor itself: its warm-up
+//               outputs are not emitted, and at the end of input flush() pushes the frames still in flight through
+//               (repeating the last input), so output i is the result for input i and the output count equals the
+//               input count. Default for files, folders, raw stdin and txt2img ticks paced by the model.
+//
+// Shutdown: end of input closes the queues one after the other (everything in flight is drained and flushed);
+// request_stop() (SIGINT/SIGTERM through a SignalGuard, the `quit` command, closing the window) and any stage error
+// cancel every queue (in-flight frames are discarded) and raise the stop flag that sources/sinks poll; a source error
+// (unreadable or truncated input) ends the input instead, so the frames before it are still written. In every case all
+// threads are joined before run() returns, the sink is closed (video trailer written), and the first error is thrown
+// from run() as sd::Error naming the stage. Stopping takes at most one model call plus ~100 ms.
+//
+// Live control: post_control() queues a command that the model thread applies before the next frame (a frame
+// boundary); `stats`, `quit` and `help` are answered at once. StreamOptions::scheduled applies commands at given input
+// frame indices (reproducible scripted changes).
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/bounded_queue.h"
+#include "runtime/control_command.h"
+#include "runtime/frame.h"
+#include "runtime/frame_processor.h"
+#include "runtime/frame_sink.h"
+#include "runtime/frame_source.h"
+#include "runtime/runtime_stats.h"
+
+namespace sd {
+
+enum class StreamMode { Auto, Live, Lossless };
+// "auto" | "live" | "lossless"
+StreamMode parse_stream_mode(const std::string& name);
+std::string stream_mode_name(StreamMode mode);
+
+// How a captured frame is fitted to the processor's size: centre-crop to its aspect ratio then resize, or resize only.
+enum class ResizeMode { Crop, Stretch };
+ResizeMode parse_resize_mode(const std::string& name);
+
+struct ScheduledCommand {
+  int64_t frame = 0;  // applied before the model processes the input frame with this index
+  ControlCommand command;
+};
+
+struct StreamOptions {
+  StreamMode mode = StreamMode::Auto;
+  size_t queue_capacity = 4;      // lossless queues
+  int64_t max_frames = 0;         // stop reading the source after this many frames (0 = until it ends)
+  double status_interval_s = 1.0; // status line period (0 = none)
+  std::function<void(const std::string&)> status;  // where status lines go (default: stderr)
+  bool stop_on_signal = true;     // poll SignalGuard::pending() (install a SignalGuard to catch SIGINT/SIGTERM)
+  ResizeMode resize = ResizeMode::Crop;
+  std::vector<ScheduledCommand> scheduled;
+  std::function<void(const Frame&)> on_output;  // sink thread, after each write (tests, previews)
+  int64_t warmup_outputs = 100;   // outputs after which RSS counts as "after warm-up"
+};
+
+class StreamRuntime {
+ public:
+  using Reply = std::function<void(const std::string&)>;
+
+  StreamRuntime(std::unique_ptr<FrameSource> source, std::shared_ptr<FrameProcessor> processor,
+                std::unique_ptr<FrameSink> sink, StreamOptions options = {});
+  ~StreamRuntime();  // a running stream is stopped and joined
+  StreamRuntime(const StreamRuntime&) = delete;
+  StreamRuntime& operator=(const StreamRuntime&) = delete;
+
+  // Runs the stream to its end on the calling thread (which serves as the monitor: status lines, signals). Once.
+  void run();
+  // Thread-safe; the first reason is kept.
+  void request_stop(const std::string& reason);
+  // Thread-safe. `reply` (optional) receives "ok: ..." / "error: ..." once the command was applied or refused.
+  void post_control(ControlCommand command, Reply reply = {});
+
+  bool lossless() const { return lossless_; }
+  StreamMode mode() const { return lossless_ ? StreamMode::Lossless : StreamMode::Live; }
+  bool running() const { return running_.load(); }
+  const RuntimeStats& stats() const { return stats_; }
+  std::string status_line() const { return stats_.peek(); }
+  // RuntimeStats::summary() plus mode, source, sink, processor, stop_reason, error, dropped per queue, controls
+  // applied ({frame, command}).
+  nlohmann::json summary() const;
+
+ private:
+  struct PendingControl {
+    ControlCommand command;
+    Reply reply;
+  };
+
+  void capture_loop();
+  void preprocess_loop();
+  void model_loop();
+  void postprocess_loop();
+  void sink_loop();
+  void run_stage(const char* name, void (StreamRuntime::*loop)());
+  void fail(const std::string& stage, const std::string& what);
+  void cancel_queues();
+  void apply_controls(int64_t frame_index);
+  bool push_outputs(std::vector<Frame>& outs);
+  int64_t dropped_total() const;
+  cv::Mat fit(const cv::Mat& image) const;
+
+  std::unique_ptr<FrameSource> source_;
+  std::shared_ptr<FrameProcessor> processor_;
+  std::unique_ptr<FrameSink> sink_;
+  StreamOptions options_;
+  bool lossless_ = true;
+  std::string source_name_, sink_name_, processor_name_;
+
+  BoundedQueue<Frame> q_capture_, q_model_, q_post_, q_sink_;
+  RuntimeStats stats_;
+
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> running_{false};
+  bool started_ = false;
+  std::vector<std::thread> threads_;
+  std::atomic<int> active_{0};
+  std::mutex done_mutex_;
+  std::condition_variable done_cv_;
+
+  mutable std::mutex state_mutex_;  // guards the fields below
+  std::string stop_reason_ = "end of input";
+  std::string error_;
+  std::deque<PendingControl> pending_;
+  nlohmann::json controls_applied_ = nlohmann::json::array();
+  size_t next_scheduled_ = 0;  // model thread only
+};
+
+}  // namespace sd

@@ -1,0 +1,316 @@
+// Golden tests: every case of pipeline/cases.json (discovered from the file) run with the real tiny model named by
+// the case, the recorded random draws injected (ReplayRng) and the recorded Python uniform draws for the filter,
+// comparing every call's output and every recorded intermediate tensor (README tolerances).
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "common/fixtures.h"
+#include "core/error.h"
+#include "io/json_config.h"
+#include "io/safetensors.h"
+#include "pipeline/diffusion_models.h"
+#include "pipeline/image.h"
+#include "pipeline/stream_diffusion.h"
+
+namespace sd {
+namespace {
+
+using torch::Tensor;
+
+// README tolerances.
+constexpr double kPipeAtol = 5e-4, kPipeRtol = 1e-4;     // outputs, latents, stock noise, buffers
+constexpr double kModuleAtol = 1e-4, kModuleRtol = 1e-5;  // single module calls (text encoder rows)
+constexpr double kSchedAtol = 1e-7, kSchedRtol = 1e-6;    // scheduler scalars
+constexpr double kRngAtol = 1.4e-6;                       // libtorch randn vs recording (AVX2 vs scalar kernels)
+
+const char* kCases = "pipeline/cases.json";
+
+struct GoldenCase {
+  int index;
+  std::string name;
+};
+
+std::vector<GoldenCase> golden_cases() {
+  std::vector<GoldenCase> out;
+  if (!test::fixture_exists(kCases)) return out;
+  const auto j = read_json_file(test::fixture_path(kCases));
+  int i = 0;
+  for (const auto& c : j.at("cases")) out.push_back({i++, c.at("params").at("name").get<std::string>()});
+  return out;
+}
+
+void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.name; }
+
+// Models are loaded once per (model, autoencoder) and shared by the cases, as the library intends.
+std::shared_ptr<const DiffusionModels> models_for(const std::string& model, const std::string& vae) {
+  static std::mutex mu;
+  static std::map<std::string, std::shared_ptr<const DiffusionModels>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const std::string key = model + "/" + vae;
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  LoadOptions opt;
+  opt.threads = -1;  // keep the test runner's setting
+  if (vae == "taesd")
+    opt.taesd = test::fixture_path("models/" + model + "/taesd");
+  else if (vae == "autoencoderkl")
+    opt.taesd = "none";
+  else
+    throw FormatError(kCases, "unknown vae '" + vae + "'");
+  auto m = load_pipeline(test::fixture_path("models/" + model), opt);
+  cache[key] = m;
+  return m;
+}
+
+// Tracks the worst error relative to its bound per tensor family for the report line.
+struct ErrorReport {
+  std::map<std::string, std::pair<double, double>> worst;  // family -> (max err, bound at that point)
+  void add(const std::string& family, const Tensor& a, const Tensor& r, double atol, double rtol) {
+    const auto ad = a.detach().to(torch::kDouble), rd = r.detach().to(torch::kDouble);
+    const double err = (ad - rd).abs().max().item<double>();
+    const double bound = atol + rtol * rd.abs().max().item<double>();
+    auto& w = worst[family];
+    if (w.second == 0 || err / bound > w.first / w.second) w = {err, bound};
+  }
+  std::string str() const {
+    std::ostringstream o;
+    for (const auto& [k, v] : worst) o << " " << k << "=" << v.first << "/" << v.second;
+    return o.str();
+  }
+};
+
+::testing::AssertionResult close(ErrorReport& rep, const std::string& family, const Tensor& actual, const Tensor& ref,
+                                 double atol, double rtol, const std::string& what) {
+  auto r = test::tensors_close(actual, ref, atol, rtol, what);
+  if (actual.sizes().equals(ref.sizes())) rep.add(family, actual, ref, atol, rtol);
+  return r;
+}
+
+StreamConfig config_from(const nlohmann::json& p, const SafeTensorsFile& f, int64_t vae_scale) {
+  StreamConfig c;
+  c.t_index_list = p.at("t_index_list").get<std::vector<int64_t>>();
+  c.num_inference_steps = p.at("num_inference_steps").get<int64_t>();
+  c.cfg_type = parse_cfg_type(p.at("cfg_type").get<std::string>());
+  c.guidance_scale = p.at("guidance_scale").get<double>();
+  c.delta = p.at("delta").get<double>();
+  c.frame_buffer_size = p.at("frame_buffer_size").get<int64_t>();
+  c.use_denoising_batch = p.at("use_denoising_batch").get<bool>();
+  c.do_add_noise = p.at("do_add_noise").get<bool>();
+  c.seed = p.at("seed").get<uint64_t>();
+  // The stream size is not a parameter: it is the input images' size (README: 64x64), or for cases without
+  // calls, the latent size of init_noise times the VAE scale factor.
+  const auto imgs = SafeTensorsFile::open(test::fixture_path("pipeline/input_images.safetensors"));
+  if (f.contains("prepare.init_noise")) {
+    const auto& s = f.info("prepare.init_noise").shape;
+    c.height = s.at(2) * vae_scale;
+    c.width = s.at(3) * vae_scale;
+  } else {
+    const auto& s = imgs.info("image0").shape;
+    c.height = s.at(0);
+    c.width = s.at(1);
+  }
+  const auto& sf = p.at("similar_image_filter");
+  if (!sf.is_null()) {
+    c.similarity_filter.enabled = true;
+    c.similarity_filter.threshold = sf.at("threshold").get<double>();
+    c.similarity_filter.max_skip_frame = sf.at("max_skip_frame").get<int>();
+    c.similarity_filter.sleep_on_skip = false;  // the reference's timer was patched to 0 s
+  }
+  return c;
+}
+
+// The recorded random draws rng0, rng1, ... in order (their cases.json entries give the shapes).
+std::vector<Tensor> recorded_draws(const nlohmann::json& result, const SafeTensorsFile& f) {
+  std::vector<Tensor> out;
+  const auto& draws = result.at("random_draws");
+  for (size_t j = 0; j < draws.size(); ++j) {
+    const std::string kind = draws[j].at("kind").get<std::string>();
+    const std::string key = "rng" + std::to_string(j) + "." + kind;
+    Tensor t = f.get(key);
+    EXPECT_EQ(t.sizes().vec(), draws[j].at("shape").get<std::vector<int64_t>>()) << key;
+    out.push_back(t);
+  }
+  return out;
+}
+
+void check_prepare(StreamDiffusion& s, const nlohmann::json& params, const nlohmann::json& result,
+                   const SafeTensorsFile& f, ErrorReport& rep, bool init_noise_replayed) {
+  const int64_t F = s.config().frame_buffer_size;
+  const auto get = [&](const std::string& k) { return f.get("prepare." + k); };
+  const Tensor cond_ref = get("prompt_embeds_cond");
+  const Tensor uncond_ref = get("prompt_embeds_uncond");
+  EXPECT_TRUE(close(rep, "text", s.cond_embeds(), cond_ref, kModuleAtol, kModuleRtol, "prompt_embeds_cond"));
+  const Tensor uncond = s.uncond_embeds().defined() ? s.uncond_embeds()
+                                                    : s.models().encode_prompt(params.at("negative_prompt").get<std::string>());
+  EXPECT_TRUE(close(rep, "text", uncond, uncond_ref, kModuleAtol, kModuleRtol, "prompt_embeds_uncond"));
+  if (result.contains("prompt_embeds_layout") && !result.at("prompt_embeds_layout").is_null()) {
+    const auto& L = result.at("prompt_embeds_layout");
+    const int64_t u = L.at("uncond_rows_first").get<int64_t>(), c = L.at("cond_rows_after").get<int64_t>();
+    const Tensor pe = s.prompt_embeds();
+    ASSERT_EQ(pe.size(0), L.at("rows").get<int64_t>()) << "prompt_embeds rows";
+    EXPECT_EQ(s.uncond_rows(), u);
+    const Tensor expect = u > 0 ? torch::cat({uncond_ref.repeat({u, 1, 1}), cond_ref.repeat({c, 1, 1})}, 0)
+                                : cond_ref.repeat({c, 1, 1});
+    EXPECT_TRUE(close(rep, "text", pe, expect, kModuleAtol, kModuleRtol, "prompt_embeds layout"));
+  }
+  if (init_noise_replayed)
+    EXPECT_TRUE(torch::equal(s.init_noise(), get("init_noise"))) << "init_noise must be the replayed rng0";
+  else
+    EXPECT_TRUE(close(rep, "rng", s.init_noise(), get("init_noise"), kRngAtol, 0.0, "init_noise (TorchRng)"));
+  EXPECT_TRUE(torch::equal(s.sub_timesteps_tensor(), get("sub_timesteps_tensor"))) << s.sub_timesteps_tensor();
+  EXPECT_TRUE(close(rep, "coef", s.alpha_prod_t_sqrt(), get("alpha_prod_t_sqrt"), kSchedAtol, kSchedRtol, "alpha"));
+  EXPECT_TRUE(close(rep, "coef", s.beta_prod_t_sqrt(), get("beta_prod_t_sqrt"), kSchedAtol, kSchedRtol, "beta"));
+  // The reference keeps c_skip/c_out at n rows; this port repeats them per frame like α/β (identical for F = 1).
+  for (const char* k : {"c_skip", "c_out"}) {
+    Tensor ref = get(k);
+    const Tensor ours = std::string(k) == "c_skip" ? s.c_skip() : s.c_out();
+    if (ours.size(0) != ref.size(0)) ref = ref.repeat_interleave(F, 0);
+    EXPECT_TRUE(close(rep, "coef", ours, ref, kSchedAtol, kSchedRtol, k));
+  }
+  EXPECT_EQ(s.timesteps(), result.at("timesteps_all").get<std::vector<int64_t>>());
+  EXPECT_EQ(s.sub_timesteps(), result.at("sub_timesteps").get<std::vector<int64_t>>());
+  EXPECT_EQ(s.batch_size(), result.at("batch_size").get<int64_t>());
+  EXPECT_EQ(s.unet_batch_size(), result.at("trt_unet_batch_size").get<int64_t>());
+  EXPECT_EQ(s.guidance_scale(), result.at("guidance_scale_effective").get<double>());
+}
+
+Tensor input_batch(const SafeTensorsFile& imgs, const nlohmann::json& ids) {
+  std::vector<Tensor> xs;
+  for (const auto& id : ids) xs.push_back(image_to_tensor(imgs.get("image" + std::to_string(id.get<int>()))));
+  return torch::cat(xs, 0);
+}
+
+class PipelineGolden : public ::testing::TestWithParam<GoldenCase> {};
+
+TEST_P(PipelineGolden, MatchesReference) {
+  const auto all = read_json_file(test::fixture_path(kCases));
+  const auto& c = all.at("cases").at(GetParam().index);
+  const auto& p = c.at("params");
+  const auto& result = c.at("result");
+  const std::string model = p.at("model").get<std::string>();
+  if (!test::fixture_exists("models/" + model)) GTEST_SKIP() << "model " << model << " not in the fixture root";
+  const auto f = SafeTensorsFile::open(test::fixture_path("pipeline/" + c.at("file").get<std::string>()));
+  const auto imgs = SafeTensorsFile::open(test::fixture_path("pipeline/input_images.safetensors"));
+  auto models = models_for(model, p.at("vae").get<std::string>());
+  const StreamConfig cfg = config_from(p, f, models->vae_scale_factor());
+  const bool ok = result.at("ok").get<bool>();
+  const std::string mode = p.at("mode").get<std::string>();
+  const int n_calls = p.at("n_calls").get<int>();
+  ErrorReport rep;
+
+  if (!ok) {
+    // The original cannot run this combination (see cases.json result.error). This port runs it with the intended
+    // layout (spec §3.6) / CFG per sequential step; its semantics are pinned by the stub tests
+    // (StreamVsSpec *_F2_*, StreamStub.BufferHoldsRenoisedPredictionsWithFixedNoise,
+    // StreamStub.SequentialFullIsPlainCfgPerStep). Here: the caches the reference built before raising must match,
+    // and the real model must run every call with the expected output shape.
+    std::cout << "[ note ] " << GetParam().name << ": the reference raises ("
+              << result.at("error").get<std::string>().substr(0, 80)
+              << "...); checking prepare() and running the intended semantics\n";
+    StreamDiffusion s(models, cfg, std::make_shared<TorchRng>(cfg.seed));
+    s.prepare(p.at("prompt").get<std::string>(), p.at("negative_prompt").get<std::string>());
+    if (f.contains("prepare.init_noise")) check_prepare(s, p, result, f, rep, false);
+    for (int i = 0; i < std::max(n_calls, 3); ++i) {
+      Tensor out;
+      if (mode == "img2img") {
+        std::vector<Tensor> xs;
+        for (int64_t k = 0; k < cfg.frame_buffer_size; ++k)
+          xs.push_back(image_to_tensor(imgs.get("image" + std::to_string((i * cfg.frame_buffer_size + k) % 12))));
+        out = s.img2img(torch::cat(xs, 0));
+      } else {
+        out = s.txt2img();
+      }
+      EXPECT_EQ(out.sizes().vec(), (std::vector<int64_t>{cfg.frame_buffer_size, 3, cfg.height, cfg.width}));
+      EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
+    }
+    RecordProperty("errors", rep.str());
+    std::cout << "[ errors ] " << GetParam().name << ":" << rep.str() << "\n";
+    return;
+  }
+
+  auto rng = std::make_shared<ReplayRng>(recorded_draws(result, f), GetParam().name);
+  std::vector<double> uniforms;
+  if (result.contains("python_uniform_draws"))
+    uniforms = result.at("python_uniform_draws").get<std::vector<double>>();
+  auto uniform = std::make_shared<ReplayUniformSource>(uniforms);
+  StreamDiffusion s(models, cfg, rng, uniform);
+  std::map<std::string, Tensor> traced;
+  s.set_trace([&](const std::string& name, const Tensor& t) { traced[name] = t.detach().clone(); });
+  s.prepare(p.at("prompt").get<std::string>(), p.at("negative_prompt").get<std::string>());
+  check_prepare(s, p, result, f, rep, true);
+  const Tensor init_noise0 = s.init_noise().clone();
+
+  // Tensor names of each call, from the file.
+  std::map<int, std::set<std::string>> per_call;
+  for (const auto& key : f.keys()) {
+    if (key.rfind("call", 0) != 0) continue;
+    const auto dot = key.find('.');
+    per_call[std::stoi(key.substr(4, dot - 4))].insert(key.substr(dot + 1));
+  }
+  const auto& calls = result.at("calls");
+  ASSERT_EQ(static_cast<int>(calls.size()), n_calls);
+  for (int i = 0; i < n_calls; ++i) {
+    SCOPED_TRACE("call " + std::to_string(i));
+    const auto& call = calls.at(i);
+    traced.clear();
+    const int64_t unet_before = s.stats().unet_calls;
+    Tensor out;
+    if (mode == "img2img")
+      out = s.img2img(input_batch(imgs, call.at("input_image_ids")));
+    else
+      out = s.txt2img();
+    if (call.contains("skipped_by_similarity_filter") && call.at("skipped_by_similarity_filter").is_boolean()) {
+      const bool skipped = call.at("skipped_by_similarity_filter").get<bool>();
+      if (cfg.similarity_filter.enabled) EXPECT_EQ(!s.last_filter_decision().process, skipped);
+    }
+    EXPECT_EQ(s.stats().unet_calls - unet_before, call.at("unet_calls").get<int64_t>());
+
+    const std::string pre = "call" + std::to_string(i) + ".";
+    for (const auto& name : per_call[i]) {
+      const Tensor ref = f.get(pre + name);
+      const std::string what = pre + name;
+      if (name == "output") {
+        EXPECT_TRUE(close(rep, "output", out, ref, kPipeAtol, kPipeRtol, what));
+      } else if (name == "stock_noise_after") {
+        EXPECT_TRUE(close(rep, "state", s.stock_noise(), ref, kPipeAtol, kPipeRtol, what));
+      } else if (name == "x_t_latent_buffer_after") {
+        ASSERT_TRUE(s.latent_buffer().defined()) << what;
+        EXPECT_TRUE(close(rep, "state", s.latent_buffer(), ref, kPipeAtol, kPipeRtol, what));
+      } else if (name == "init_noise_after") {
+        EXPECT_TRUE(close(rep, "state", s.init_noise(), ref, kPipeAtol, kPipeRtol, what));
+      } else if (name.size() > 9 && name.compare(name.size() - 9, 9, ".timestep") == 0) {
+        ASSERT_TRUE(traced.count(name)) << what << " was not produced";
+        EXPECT_TRUE(torch::equal(traced[name], ref)) << what << ": " << traced[name] << " vs " << ref;
+      } else if (name == "image_latent" || name == "x_t_latent_in" || name == "x_0_pred_out" ||
+                 name.rfind("unet", 0) == 0) {
+        ASSERT_TRUE(traced.count(name)) << what << " was not produced";
+        EXPECT_TRUE(close(rep, "latent", traced[name], ref, kPipeAtol, kPipeRtol, what));
+      } else {
+        ADD_FAILURE() << "unhandled fixture tensor " << what;
+      }
+    }
+    // State the reference leaves out when it is zero / unchanged / absent.
+    if (!per_call[i].count("stock_noise_after"))
+      EXPECT_EQ(s.stock_noise().abs().max().item<double>(), 0.0) << "stock_noise should still be zero";
+    if (!per_call[i].count("init_noise_after")) EXPECT_TRUE(torch::equal(s.init_noise(), init_noise0));
+    if (!per_call[i].count("x_t_latent_buffer_after")) EXPECT_FALSE(s.latent_buffer().defined());
+    // Nothing traced that the reference did not record (a skipped call produces nothing).
+    for (const auto& [name, t] : traced)
+      EXPECT_TRUE(per_call[i].count(name)) << "produced " << pre + name << " which the reference does not have";
+  }
+  EXPECT_EQ(rng->remaining(), 0u) << "recorded random draws left unused";
+  EXPECT_EQ(uniform->consumed(), uniforms.size()) << "recorded uniform draws left unused";
+  RecordProperty("errors", rep.str());
+  std::cout << "[ errors ] " << GetParam().name << ":" << rep.str() << "\n";
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixture, PipelineGolden, ::testing::ValuesIn(golden_cases()),
+                         [](const auto& info) { return test::test_name(info.param.name); });
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(PipelineGolden);
+
+}  // namespace
+}  // namespace sd

@@ -1,0 +1,226 @@
+// Unit tests of the runtime's parts: queues, control-line parsing, latency percentiles, source/sink specs.
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "common/fixtures.h"
+#include "core/error.h"
+#include "runtime/bounded_queue.h"
+#include "runtime/control_command.h"
+#include "runtime/frame_sink.h"
+#include "runtime/frame_source.h"
+#include "runtime/image_folder_sink.h"
+#include "runtime/image_folder_source.h"
+#include "runtime/runtime_stats.h"
+#include "runtime/screen_source.h"
+#include "runtime/video_sink.h"
+
+namespace sd {
+namespace {
+
+using namespace std::chrono_literals;
+
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(BoundedQueue, BlockPolicyKeepsEverythingInOrderAndApplesBackPressure) {
+  BoundedQueue<int> q(2, OverflowPolicy::Block);
+  std::thread producer([&] {
+    for (int i = 0; i < 100; ++i) ASSERT_TRUE(q.push(i));
+    q.close();
+  });
+  std::vector<int> got;
+  while (auto v = q.pop()) {
+    EXPECT_LE(q.size(), 2u);
+    got.push_back(*v);
+  }
+  producer.join();
+  ASSERT_EQ(got.size(), 100u);
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(got[i], i);
+  EXPECT_EQ(q.dropped(), 0);
+  EXPECT_FALSE(q.push(5)) << "push after close must fail";
+}
+
+TEST(BoundedQueue, DropOldestKeepsTheNewestAndCountsDrops) {
+  BoundedQueue<int> q(1, OverflowPolicy::DropOldest);
+  for (int i = 0; i < 10; ++i) EXPECT_TRUE(q.push(i));
+  EXPECT_EQ(q.dropped(), 9);
+  EXPECT_EQ(q.size(), 1u);
+  EXPECT_EQ(*q.pop(), 9);
+}
+
+TEST(BoundedQueue, CloseDrainsCancelDiscardsAndWakesWaiters) {
+  BoundedQueue<int> q(4, OverflowPolicy::Block);
+  q.push(1);
+  q.push(2);
+  q.close();
+  EXPECT_EQ(*q.pop(), 1);
+  EXPECT_EQ(*q.pop(), 2);
+  EXPECT_FALSE(q.pop().has_value());
+
+  BoundedQueue<int> full(1, OverflowPolicy::Block);
+  full.push(1);
+  std::atomic<bool> producer_done{false}, consumer_done{false};
+  BoundedQueue<int> empty(1, OverflowPolicy::Block);
+  std::thread blocked_producer([&] {
+    EXPECT_FALSE(full.push(2));
+    producer_done = true;
+  });
+  std::thread blocked_consumer([&] {
+    EXPECT_FALSE(empty.pop().has_value());
+    consumer_done = true;
+  });
+  std::this_thread::sleep_for(50ms);
+  EXPECT_FALSE(producer_done.load());
+  EXPECT_FALSE(consumer_done.load());
+  full.cancel();
+  empty.cancel();
+  blocked_producer.join();
+  blocked_consumer.join();
+  EXPECT_EQ(full.discarded(), 1);
+  EXPECT_FALSE(full.pop().has_value());
+}
+
+TEST(ControlCommand, ParsesEveryCommand) {
+  using K = ControlCommand::Kind;
+  auto c = parse_control_command("  prompt a red fox in the snow  ");
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->kind, K::Prompt);
+  EXPECT_EQ(c->text, "a red fox in the snow");
+  EXPECT_EQ(parse_control_command("negative blurry")->text, "blurry");
+  EXPECT_DOUBLE_EQ(parse_control_command("guidance 1.4")->number, 1.4);
+  EXPECT_DOUBLE_EQ(parse_control_command("delta 0.5")->number, 0.5);
+  EXPECT_EQ(parse_control_command("t_index_list 32,45")->t_index_list, (std::vector<int64_t>{32, 45}));
+  EXPECT_EQ(parse_control_command("t_index_list 0, 16 ,32,45")->t_index_list, (std::vector<int64_t>{0, 16, 32, 45}));
+  EXPECT_EQ(parse_control_command("seed 42")->seed, 42u);
+  EXPECT_TRUE(parse_control_command("filter on")->on);
+  EXPECT_FALSE(parse_control_command("filter off")->on);
+  EXPECT_DOUBLE_EQ(parse_control_command("filter_threshold 0.95")->number, 0.95);
+  EXPECT_EQ(parse_control_command("stats")->kind, K::Stats);
+  EXPECT_EQ(parse_control_command("quit")->kind, K::Quit);
+  EXPECT_EQ(parse_control_command("help")->kind, K::Help);
+  EXPECT_FALSE(parse_control_command("   ").has_value());
+  EXPECT_FALSE(parse_control_command("# a comment").has_value());
+}
+
+TEST(ControlCommand, BadCommandsGiveClearMessages) {
+  EXPECT_NE(error_of([] { parse_control_command("promt a cat"); }).find("unknown command 'promt'"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("guidance"); }).find("needs a number"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("guidance abc"); }).find("expects a number, got 'abc'"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("delta 1.0x"); }).find("got '1.0x'"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("t_index_list 32,,45"); }).find("empty entry"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("t_index_list 32,a"); }).find("got 'a'"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("t_index_list -1"); }).find(">= 0"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("seed x"); }).find("integer"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("filter maybe"); }).find("on or off"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("filter_threshold 1.5"); }).find("(0, 1]"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("quit now"); }).find("takes no argument"), std::string::npos);
+}
+
+TEST(LatencyHistogram, PercentilesWithinOnePercent) {
+  LatencyHistogram h;
+  for (int i = 1; i <= 1000; ++i) h.add(i * 0.1);  // 0.1 .. 100 ms uniformly
+  EXPECT_EQ(h.count(), 1000);
+  const double p50 = h.percentile(50), p95 = h.percentile(95);
+  std::cout << "  p50 " << p50 << " (50.0), p95 " << p95 << " (95.0)\n";
+  EXPECT_NEAR(p50, 50.0, 0.5);
+  EXPECT_NEAR(p95, 95.0, 0.95);
+  EXPECT_DOUBLE_EQ(h.max(), 100.0);
+  EXPECT_NEAR(h.mean(), 50.05, 1e-9);
+  h.clear();
+  EXPECT_EQ(h.percentile(50), 0.0);
+}
+
+TEST(RuntimeStats, SummaryCountsAndRss) {
+  RuntimeStats s(2);
+  const auto t = StreamClock::now();
+  for (int i = 0; i < 5; ++i) {
+    s.on_captured();
+    s.on_model_frame();
+    s.on_output(t - std::chrono::milliseconds(10 * (i + 1)), t);
+  }
+  s.set_dropped(3);
+  s.set_skipped(1);
+  const std::string line = s.tick();
+  EXPECT_NE(line.find("dropped 3"), std::string::npos) << line;
+  EXPECT_NE(line.find("skipped 1"), std::string::npos) << line;
+  EXPECT_NE(line.find("p50 30.0 ms p95 50.0 ms"), std::string::npos) << line;
+  s.finish();
+  const auto j = s.summary();
+  EXPECT_EQ(j["frames_in"], 5);
+  EXPECT_EQ(j["frames_out"], 5);
+  EXPECT_EQ(j["dropped"], 3);
+  EXPECT_NEAR(j["latency_ms"]["p50"].get<double>(), 30.0, 0.3);
+  EXPECT_GT(j["rss_mb"]["end"].get<double>(), 1.0);
+  EXPECT_GT(j["rss_mb"]["after_warmup"].get<double>(), 1.0);
+  EXPECT_GT(resident_memory_mb(), 1.0);
+}
+
+TEST(ImageFolderSource, NaturalOrder) {
+  EXPECT_TRUE(ImageFolderSource::natural_less("frame2.png", "frame10.png"));
+  EXPECT_FALSE(ImageFolderSource::natural_less("frame10.png", "frame2.png"));
+  EXPECT_TRUE(ImageFolderSource::natural_less("a.png", "b.png"));
+  EXPECT_TRUE(ImageFolderSource::natural_less("img_009.png", "img_010.png"));
+  EXPECT_TRUE(ImageFolderSource::natural_less("x1", "x01"));
+}
+
+TEST(SourceSpec, ClearErrors) {
+  EXPECT_NE(error_of([] { open_source("/nonexistent/video.mp4"); }).find("no such file or folder"), std::string::npos);
+  EXPECT_NE(error_of([] { open_source("camera:x"); }).find("camera:N"), std::string::npos);
+  EXPECT_NE(error_of([] { open_source("camera:97"); }).find("/dev/video97 does not exist"), std::string::npos);
+  EXPECT_NE(error_of([] { open_source("-"); }).find("--input-size"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_screen_region("screen:1,2,3"); }).find("screen:x,y,w,h"), std::string::npos);
+  const auto r = parse_screen_region("screen:10,20,300,200");
+  EXPECT_EQ(r.x, 10);
+  EXPECT_EQ(r.height, 200);
+  // Without a display (the test environment), screen capture says what it needs.
+  const char* display = std::getenv("DISPLAY");
+  if (!display || !*display) {
+    EXPECT_NE(error_of([] { open_source("screen"); }).find("screen capture needs"), std::string::npos);
+  }
+
+  const std::string dir = test::make_temp_dir("rt_src");
+  EXPECT_NE(error_of([&] { open_source(dir); }).find("holds no image"), std::string::npos);
+  std::ofstream(dir + "/notavideo.mp4") << "hello";
+  EXPECT_NE(error_of([&] { open_source(dir + "/notavideo.mp4"); }).find("cannot open as a video"), std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(SinkSpec, ClearErrors) {
+  EXPECT_NE(error_of([] { open_sink("/nonexistent_dir/sub/out.avi"); }).find("does not exist"), std::string::npos);
+  const std::string dir = test::make_temp_dir("rt_sink");
+  std::ofstream(dir + "/afile") << "x";
+  // A folder output whose path is a file, and a video inside a "folder" that is a file.
+  EXPECT_NE(error_of([&] { open_sink(dir + "/afile"); }).find("not a folder"), std::string::npos);
+  EXPECT_NE(error_of([&] { open_sink(dir + "/afile/out.mp4"); }).find("does not exist"), std::string::npos);
+  EXPECT_NE(error_of([&] { open_sink(dir + "/out.gif"); }).find("not a known output"), std::string::npos);
+  SinkOptions bad;
+  bad.fourcc = "H26";
+  EXPECT_NE(error_of([&] { open_sink(dir + "/out.avi", bad); }).find("four characters"), std::string::npos);
+  const char* display = std::getenv("DISPLAY");
+  const char* wayland = std::getenv("WAYLAND_DISPLAY");
+  if ((!display || !*display) && (!wayland || !*wayland)) {
+    EXPECT_NE(error_of([] { open_sink("window"); }).find("needs a display"), std::string::npos);
+  }
+  EXPECT_EQ(VideoFileSink::codecs_for("a.mp4", ""), (std::vector<std::string>{"avc1", "mp4v"}));
+  EXPECT_EQ(VideoFileSink::codecs_for("a.AVI", ""), (std::vector<std::string>{"MJPG"}));
+  EXPECT_TRUE(ImageFolderSink::is_pattern("out/%05d.png"));
+  EXPECT_FALSE(ImageFolderSink::is_pattern("out/%s%05d.png"));
+  ImageFolderSink pattern(dir + "/imgs/%04d.jpg");
+  EXPECT_EQ(pattern.file_name(7), dir + "/imgs/0007.jpg");
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace sd
