@@ -247,10 +247,10 @@ std::string numbered(const std::string& path, int64_t k, int64_t count) {
 void print_timing(const sd::StreamStats& s, double load_s, int64_t frames) {
   const auto ms = [](double sec, int64_t n) { return n > 0 ? 1000.0 * sec / static_cast<double>(n) : 0.0; };
   std::ostringstream o;
-  o << std::fixed << std::setprecision(1) << "timing: load " << std::setprecision(2) << load_s << " s"
-    << std::setprecision(1) << " | text encode " << ms(s.text_encode_s, 1) << " ms"
-    << " | image encode " << ms(s.image_encode_s, s.processed) << " ms/call"
-    << " | UNet " << ms(s.unet_s, s.unet_calls) << " ms/call"
+  o << std::fixed << std::setprecision(2) << "timing: load " << load_s << " s" << std::setprecision(1)
+    << " | text encode " << ms(s.text_encode_s, 1) << " ms";
+  if (s.image_encode_s > 0) o << " | image encode " << ms(s.image_encode_s, s.processed) << " ms/call";
+  o << " | UNet " << ms(s.unet_s, s.unet_calls) << " ms/call"
     << " | decode " << ms(s.decode_s, s.processed) << " ms/call"
     << " | " << s.calls << " calls (" << s.skipped << " skipped), " << std::setprecision(2)
     << (s.total_s > 0 ? static_cast<double>(frames) / s.total_s : 0.0) << " fps";

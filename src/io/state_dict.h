@@ -3,6 +3,7 @@
 // transformers), so loading is a strict set comparison plus a copy per tensor; nothing is renamed here (other
 // checkpoint layouts are converted once, in io/checkpoint_convert).
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 

@@ -263,6 +263,18 @@ void AutoencoderKLImpl::check_input(const torch::Tensor& t, int64_t channels, co
   }
 }
 
+void AutoencoderKLImpl::set_channels_last(bool on) {
+  torch::NoGradGuard ng;
+  const auto fmt = on ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  for (auto& p : parameters())
+    if (p.dim() == 4) p.set_data(p.contiguous(fmt));
+  channels_last_ = on;
+}
+
+torch::Tensor AutoencoderKLImpl::to_layout(const torch::Tensor& t) const {
+  return t.contiguous(channels_last_ ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous);
+}
+
 DiagonalGaussian AutoencoderKLImpl::encode(const torch::Tensor& x) {
   check_input(x, config_.in_channels, "encode");
   const int64_t f = config_.spatial_factor();
@@ -272,11 +284,11 @@ DiagonalGaussian AutoencoderKLImpl::encode(const torch::Tensor& x) {
       << f;
     throw InvalidArgument(o.str());
   }
-  auto moments = encoder(x);  // [B, 2*latent, h, w]
+  auto moments = encoder(to_layout(x));  // [B, 2*latent, h, w]
   if (quant_conv) moments = quant_conv(moments);
-  auto parts = moments.chunk(2, 1);
+  auto parts = moments.contiguous().chunk(2, 1);
   DiagonalGaussian d;
-  d.mean = parts[0];
+  d.mean = parts[0].contiguous();
   d.logvar = torch::clamp(parts[1], -30.0, 20.0);
   return d;
 }
@@ -289,13 +301,14 @@ torch::Tensor AutoencoderKLImpl::sample(const torch::Tensor& mean, const torch::
       << noise.sizes() << " must have the same shape";
     throw InvalidArgument(o.str());
   }
-  return mean + torch::exp(0.5 * logvar) * noise.to(mean.scalar_type());
+  return mean + torch::exp(0.5 * logvar) * noise.to(mean.device(), mean.scalar_type());
 }
 
 torch::Tensor AutoencoderKLImpl::decode(const torch::Tensor& z) {
   check_input(z, config_.latent_channels, "decode");
-  auto h = post_quant_conv ? post_quant_conv(z) : z;
-  return decoder(h);
+  auto h = to_layout(z);
+  if (post_quant_conv) h = post_quant_conv(h);
+  return decoder(h).contiguous();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -317,6 +330,7 @@ AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::D
   opts.device = device;
   load_weights(*vae, file, opts);
   vae->eval();
+  if (device.is_cpu()) vae->set_channels_last(true);
   return vae;
 }
 

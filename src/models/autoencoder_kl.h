@@ -124,6 +124,13 @@ class AutoencoderKLImpl : public torch::nn::Module {
   // [-1, 1], not clamped (diffusers' vae.decode(z).sample).
   torch::Tensor decode(const torch::Tensor& z);
 
+  // Stores the convolution weights (and runs the activations) in channels-last (NHWC) memory format. Measured on
+  // CPU (libtorch 1.13 / oneDNN, 1 thread, SD VAE decode): about 10% less time at 512 px in fp32 and bf16, 3-8% at
+  // 256 px. Results equal the NCHW path up to summation order; encode/decode always return NCHW-contiguous tensors.
+  // load_vae() enables it for CPU models.
+  void set_channels_last(bool on);
+  bool channels_last() const { return channels_last_; }
+
   const AutoencoderKLConfig& config() const { return config_; }
   torch::ScalarType dtype() const;
   torch::Device device() const;
@@ -134,13 +141,15 @@ class AutoencoderKLImpl : public torch::nn::Module {
 
  private:
   void check_input(const torch::Tensor& t, int64_t channels, const char* what) const;
+  torch::Tensor to_layout(const torch::Tensor& t) const;
   AutoencoderKLConfig config_;
+  bool channels_last_ = false;
 };
 TORCH_MODULE(AutoencoderKL);
 
 // Loads a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors; a pipeline folder
 // with a vae/ sub-folder is accepted too). Floating-point weights are cast to `dtype` and moved to `device`; the
-// module is returned in eval mode.
+// module is returned in eval mode, with channels-last enabled on CPU.
 AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype = torch::kFloat,
                        torch::Device device = torch::kCPU);
 

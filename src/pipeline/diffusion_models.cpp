@@ -119,6 +119,9 @@ class StableDiffusionModels : public DiffusionModels {
 }  // namespace
 
 std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_dir, const LoadOptions& options) {
+  if (options.dtype == c10::kHalf && parse_device(options.device).is_cpu())
+    throw InvalidArgument("fp16 is not supported on the CPU (libtorch has no CPU half-precision matmul kernels); "
+                          "use bf16 or fp32 on the CPU, or fp16 with a CUDA device");
   if (options.threads >= 0) set_threads(options.threads);
   auto models = std::make_shared<StableDiffusionModels>(model_dir, options);
   log::info("loaded {}", models->describe());

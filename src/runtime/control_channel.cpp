@@ -122,7 +122,9 @@ void ControlChannel::handle_line(const std::string& line, const Reply& reply) {
   try {
     cmd = parse_control_command(line);
   } catch (const std::exception& e) {
-    reply(std::string("error: ") + e.what());
+    std::string what = e.what();
+    if (what.rfind("control: ", 0) == 0) what = what.substr(9);  // the reply's channel already says so
+    reply("error: " + what);
     return;
   }
   if (!cmd) return;

@@ -73,21 +73,21 @@ std::optional<ControlCommand> parse_control_command(const std::string& raw) {
   } else if (cmd == "t_index_list") {
     c.kind = K::TIndexList;
     if (arg.empty()) throw InvalidArgument("control: t_index_list needs comma-separated indices, e.g. 't_index_list 32,45'");
-    std::string item;
-    for (size_t i = 0; i <= arg.size(); ++i) {
-      if (i == arg.size() || arg[i] == ',' || arg[i] == ' ') {
-        const std::string t = trim(item);
-        item.clear();
-        if (t.empty()) {
-          if (i < arg.size() && arg[i] == ' ') continue;
-          throw InvalidArgument("control: t_index_list has an empty entry in '" + arg + "'");
-        }
-        const int64_t v = parse_integer("t_index_list", t);
-        if (v < 0) throw InvalidArgument("control: t_index_list entries must be >= 0, got " + t);
-        c.t_index_list.push_back(v);
-      } else {
-        item += arg[i];
+    // Comma-separated ("32,45", "32, 45"), or space-separated when there is no comma ("32 45").
+    const char sep = arg.find(',') != std::string::npos ? ',' : ' ';
+    size_t pos = 0;
+    while (pos <= arg.size()) {
+      size_t next = arg.find(sep, pos);
+      if (next == std::string::npos) next = arg.size();
+      const std::string t = trim(arg.substr(pos, next - pos));
+      pos = next + 1;
+      if (t.empty()) {
+        if (sep == ' ') continue;  // repeated spaces
+        throw InvalidArgument("control: t_index_list has an empty entry in '" + arg + "'");
       }
+      const int64_t v = parse_integer("t_index_list", t);
+      if (v < 0) throw InvalidArgument("control: t_index_list entries must be >= 0, got " + t);
+      c.t_index_list.push_back(v);
     }
   } else if (cmd == "seed") {
     c.kind = K::Seed;

@@ -44,6 +44,7 @@ SignalGuard::~SignalGuard() {
   sigaction(SIGINT, &old_int_, nullptr);
   sigaction(SIGTERM, &old_term_, nullptr);
   sigaction(SIGPIPE, &old_pipe_, nullptr);
+  g_pending = 0;  // a signal belongs to the guard that caught it
   g_guards.fetch_sub(1);
 }
 

@@ -15,7 +15,7 @@ class SignalGuard {
   SignalGuard(const SignalGuard&) = delete;
   SignalGuard& operator=(const SignalGuard&) = delete;
 
-  // The signal received since the guard was made (or since clear()), 0 if none.
+  // The signal received since the live guard was made (or since clear()), 0 if none or no guard lives.
   static int pending();
   static void clear();
   // "SIGINT", "SIGTERM", ...

@@ -13,8 +13,9 @@
 namespace sd {
 namespace {
 
-bool resolve_lossless(StreamMode mode, const FrameSource* source) {
+bool resolve_lossless(StreamMode mode, const FrameSource* source, bool synchronous) {
   if (!source) throw InvalidArgument("StreamRuntime: no source");
+  if (synchronous) return true;
   if (mode == StreamMode::Auto) return !source->live();
   return mode == StreamMode::Lossless;
 }
@@ -59,7 +60,7 @@ StreamRuntime::StreamRuntime(std::unique_ptr<FrameSource> source, std::shared_pt
       processor_(std::move(processor)),
       sink_(std::move(sink)),
       options_(std::move(options)),
-      lossless_(resolve_lossless(options_.mode, source_.get())),
+      lossless_(resolve_lossless(options_.mode, source_.get(), options_.synchronous)),
       q_capture_(capacity(lossless_, options_.queue_capacity, true), policy(lossless_)),
       q_model_(capacity(lossless_, options_.queue_capacity, true), policy(lossless_)),
       q_post_(capacity(lossless_, options_.queue_capacity, false), policy(lossless_)),
@@ -196,24 +197,26 @@ void StreamRuntime::preprocess_loop() {
     ~CloseOnExit() { q.close(); }
   } closer{q_model_};
   while (auto f = q_capture_.pop()) {
-    if (!f->tick) {
-      cv::Mat rgb;
-      cv::cvtColor(fit(f->image), rgb, cv::COLOR_BGR2RGB);
-      const torch::Tensor hwc =
-          torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, {static_cast<int64_t>(rgb.step[0]), 3, 1}, torch::kUInt8)
-              .clone();
-      f->tensor = processor_->preprocess(hwc);
-      f->image.release();
-    }
+    preprocess_frame(*f);
     if (!q_model_.push(std::move(*f))) break;
   }
 }
 
+void StreamRuntime::preprocess_frame(Frame& f) {
+  if (f.tick) return;
+  cv::Mat rgb;
+  cv::cvtColor(fit(f.image), rgb, cv::COLOR_BGR2RGB);
+  const torch::Tensor hwc =
+      torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, {static_cast<int64_t>(rgb.step[0]), 3, 1}, torch::kUInt8)
+          .clone();
+  f.tensor = processor_->preprocess(hwc);
+  f.image.release();
+}
+
 bool StreamRuntime::push_outputs(std::vector<Frame>& outs) {
-  for (auto& o : outs)
-    if (!q_post_.push(std::move(o))) return false;
+  const bool ok = emit_(outs);
   outs.clear();
-  return true;
+  return ok;
 }
 
 void StreamRuntime::model_loop() {
@@ -274,25 +277,33 @@ void StreamRuntime::postprocess_loop() {
     ~CloseOnExit() { q.close(); }
   } closer{q_sink_};
   while (auto f = q_post_.pop()) {
-    torch::Tensor rgb = processor_->postprocess(f->tensor);
-    if (!rgb.defined() || rgb.dim() != 3 || rgb.size(2) != 3 || rgb.scalar_type() != torch::kUInt8)
-      throw InvalidArgument("processor output for frame " + std::to_string(f->index) +
-                            " is not a uint8 [H, W, 3] image");
-    rgb = rgb.to(torch::kCPU).contiguous();
-    const cv::Mat view(static_cast<int>(rgb.size(0)), static_cast<int>(rgb.size(1)), CV_8UC3, rgb.data_ptr());
-    cv::cvtColor(view, f->image, cv::COLOR_RGB2BGR);
-    f->tensor = torch::Tensor();
+    postprocess_frame(*f);
     if (!q_sink_.push(std::move(*f))) break;
   }
+}
+
+void StreamRuntime::postprocess_frame(Frame& f) {
+  torch::Tensor rgb = processor_->postprocess(f.tensor);
+  if (!rgb.defined() || rgb.dim() != 3 || rgb.size(2) != 3 || rgb.scalar_type() != torch::kUInt8)
+    throw InvalidArgument("processor output for frame " + std::to_string(f.index) + " is not a uint8 [H, W, 3] image");
+  rgb = rgb.to(torch::kCPU).contiguous();
+  const cv::Mat view(static_cast<int>(rgb.size(0)), static_cast<int>(rgb.size(1)), CV_8UC3, rgb.data_ptr());
+  cv::cvtColor(view, f.image, cv::COLOR_RGB2BGR);
+  f.tensor = torch::Tensor();
+}
+
+void StreamRuntime::write_frame(const Frame& f) {
+  sink_->write(f.image, stop_);
+  if (stop_.load()) return;
+  stats_.on_output(f.t_capture, StreamClock::now());
+  if (options_.on_output) options_.on_output(f);
 }
 
 void StreamRuntime::sink_loop() {
   try {
     while (auto f = q_sink_.pop()) {
-      sink_->write(f->image, stop_);
+      write_frame(*f);
       if (stop_.load()) break;
-      stats_.on_output(f->t_capture, StreamClock::now());
-      if (options_.on_output) options_.on_output(*f);
     }
   } catch (...) {
     try {
@@ -332,13 +343,51 @@ int64_t StreamRuntime::dropped_total() const {
   return q_capture_.dropped() + q_model_.dropped() + q_post_.dropped() + q_sink_.dropped();
 }
 
+void StreamRuntime::monitor_tick(StreamClock::time_point& next_status) {
+  if (options_.stop_on_signal && SignalGuard::pending() != 0)
+    request_stop("interrupted by " + SignalGuard::name(SignalGuard::pending()));
+  if (sink_->wants_stop()) request_stop("stopped from the output window");
+  stats_.set_dropped(dropped_total());
+  if (options_.status_interval_s > 0 && StreamClock::now() >= next_status) {
+    options_.status(stats_.tick());
+    const auto interval = std::chrono::duration_cast<StreamClock::duration>(
+        std::chrono::duration<double>(options_.status_interval_s));
+    next_status += interval;
+    if (next_status < StreamClock::now()) next_status = StreamClock::now() + interval;
+  }
+}
+
 void StreamRuntime::run() {
   if (started_) throw InvalidArgument("StreamRuntime::run() can only be called once");
   started_ = true;
   running_ = true;
   stats_.start();
-  log::info("stream: {} -> {} -> {} ({} mode)", source_name_, processor_name_, sink_name_,
-            lossless_ ? "lossless" : "live");
+  log::info("stream: {} -> {} -> {} ({} mode{})", source_name_, processor_name_, sink_name_,
+            lossless_ ? "lossless" : "live", options_.synchronous ? ", synchronous" : "");
+  if (options_.synchronous)
+    run_synchronous();
+  else
+    run_threads();
+  stats_.set_dropped(dropped_total());
+  stats_.finish();
+  running_ = false;
+  std::string error, reason;
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    error = error_;
+    reason = stop_reason_;
+  }
+  log::info("stream ended ({}): {} frames in, {} out, {} dropped, {} skipped", reason, stats_.captured(),
+            stats_.outputs(), stats_.dropped(), stats_.skipped());
+  if (!error.empty()) throw Error(error);
+}
+
+void StreamRuntime::run_threads() {
+  emit_ = [this](std::vector<Frame>& outs) {
+    for (auto& o : outs)
+      if (!q_post_.push(std::move(o))) return false;
+    return true;
+  };
   using Loop = void (StreamRuntime::*)();
   const std::pair<const char*, Loop> stages[] = {{"capture", &StreamRuntime::capture_loop},
                                                  {"pre-process", &StreamRuntime::preprocess_loop},
@@ -357,42 +406,84 @@ void StreamRuntime::run() {
       fail(name, std::string("cannot start the thread: ") + e.what());
     }
   }
-
-  // Monitor: signals, the sink's stop request, status lines.
-  const auto interval = std::chrono::duration<double>(options_.status_interval_s);
-  auto next_status = StreamClock::now() + std::chrono::duration_cast<StreamClock::duration>(interval);
+  // This thread is the monitor until every stage has finished.
+  auto next_status = StreamClock::now() + std::chrono::duration_cast<StreamClock::duration>(
+                                              std::chrono::duration<double>(options_.status_interval_s));
   {
     std::unique_lock<std::mutex> lock(done_mutex_);
     while (active_ > 0) {
       done_cv_.wait_for(lock, std::chrono::milliseconds(20));
       lock.unlock();
-      if (options_.stop_on_signal && SignalGuard::pending() != 0)
-        request_stop("interrupted by " + SignalGuard::name(SignalGuard::pending()));
-      if (sink_->wants_stop()) request_stop("stopped from the output window");
-      stats_.set_dropped(dropped_total());
-      if (options_.status_interval_s > 0 && StreamClock::now() >= next_status) {
-        options_.status(stats_.tick());
-        next_status += std::chrono::duration_cast<StreamClock::duration>(interval);
-        if (next_status < StreamClock::now())
-          next_status = StreamClock::now() + std::chrono::duration_cast<StreamClock::duration>(interval);
-      }
+      monitor_tick(next_status);
       lock.lock();
     }
   }
   for (auto& t : threads_) t.join();
   threads_.clear();
-  stats_.set_dropped(dropped_total());
-  stats_.finish();
-  running_ = false;
-  std::string error, reason;
-  {
-    std::lock_guard<std::mutex> lock(state_mutex_);
-    error = error_;
-    reason = stop_reason_;
+}
+
+void StreamRuntime::run_synchronous() {
+  // The same stages, one frame at a time: read, pre-process, model, and each output through post-process and sink.
+  const char* stage = "capture";
+  emit_ = [this, &stage](std::vector<Frame>& outs) {
+    for (auto& o : outs) {
+      stage = "post-process";
+      postprocess_frame(o);
+      stage = "sink";
+      write_frame(o);
+      if (stop_.load()) return false;
+    }
+    return true;
+  };
+  auto next_status = StreamClock::now() + std::chrono::duration_cast<StreamClock::duration>(
+                                              std::chrono::duration<double>(options_.status_interval_s));
+  const bool images = source_->has_images();
+  try {
+    int64_t n = 0;
+    while (true) {
+      monitor_tick(next_status);
+      if (stop_.load() || (options_.max_frames > 0 && n >= options_.max_frames)) break;
+      stage = "capture";
+      cv::Mat image;
+      bool got = false;
+      try {
+        got = source_->read(image, stop_);
+      } catch (const std::exception& e) {
+        fail("capture", e.what());  // ends the input; what was read is still flushed
+      }
+      if (!got || stop_.load()) break;
+      Frame f;
+      f.index = n++;
+      f.t_capture = StreamClock::now();
+      f.tick = !images;
+      if (images) f.image = std::move(image);
+      stats_.on_captured();
+      stage = "pre-process";
+      preprocess_frame(f);
+      stage = "model";
+      apply_controls(f.index);
+      stats_.on_model_frame();
+      std::vector<Frame> outs = processor_->process(std::move(f));
+      stats_.set_skipped(processor_->skipped());
+      if (!push_outputs(outs)) break;
+    }
+    if (!stop_.load()) {
+      stage = "model";
+      std::vector<Frame> outs = processor_->flush();
+      push_outputs(outs);
+    }
+  } catch (const c10::Error& e) {
+    fail(stage, e.what_without_backtrace());
+  } catch (const cv::Exception& e) {
+    fail(stage, std::string("OpenCV: ") + e.what());
+  } catch (const std::exception& e) {
+    fail(stage, e.what());
   }
-  log::info("stream ended ({}): {} frames in, {} out, {} dropped, {} skipped", reason, stats_.captured(),
-            stats_.outputs(), stats_.dropped(), stats_.skipped());
-  if (!error.empty()) throw Error(error);
+  try {
+    sink_->close();
+  } catch (const std::exception& e) {
+    fail("sink", e.what());
+  }
 }
 
 nlohmann::json StreamRuntime::summary() const {

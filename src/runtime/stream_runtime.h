@@ -76,6 +76,9 @@ struct StreamOptions {
   std::vector<ScheduledCommand> scheduled;
   std::function<void(const Frame&)> on_output;  // sink thread, after each write (tests, previews)
   int64_t warmup_outputs = 100;   // outputs after which RSS counts as "after warm-up"
+  // Run every stage one after the other on the calling thread, no queues: the bare loop, for comparisons. Always
+  // lossless (nothing can be dropped), whatever `mode` says.
+  bool synchronous = false;
 };
 
 class StreamRuntime {
@@ -115,11 +118,21 @@ class StreamRuntime {
   void model_loop();
   void postprocess_loop();
   void sink_loop();
+  void run_threads();
+  void run_synchronous();
   void run_stage(const char* name, void (StreamRuntime::*loop)());
+  // Signals, the sink's stop request, dropped counts, the status line when due.
+  void monitor_tick(StreamClock::time_point& next_status);
+  void preprocess_frame(Frame& f);
+  void postprocess_frame(Frame& f);
+  void write_frame(const Frame& f);
   void fail(const std::string& stage, const std::string& what);
   void cancel_queues();
   void apply_controls(int64_t frame_index);
+  // Hands model outputs on: to the post-process queue (threads) or straight through post-process and sink
+  // (synchronous). false = the stream is stopping.
   bool push_outputs(std::vector<Frame>& outs);
+  std::function<bool(std::vector<Frame>&)> emit_;
   int64_t dropped_total() const;
   cv::Mat fit(const cv::Mat& image) const;
 

@@ -81,7 +81,7 @@ std::string stream_args(const nlohmann::json& p) {
     << " --negative-prompt " << q(p.at("negative_prompt").get<std::string>()) << " --t-index-list " << tl
     << " --num-inference-steps " << p.at("num_inference_steps").get<int>() << " --cfg-type "
     << p.at("cfg_type").get<std::string>() << " --guidance " << p.at("guidance_scale").get<double>() << " --delta "
-    << p.at("delta").get<double>() << " --seed " << p.at("seed").get<int>() << " --size 64x64 --threads 2";
+    << p.at("delta").get<double>() << " --seed " << p.at("seed").get<int>() << " --size 64x64 --threads 1";
   return o.str();
 }
 
@@ -174,7 +174,7 @@ TEST_F(CliGenerate, Img2ImgSingleFileAndResize) {
   const auto wide = torch::cat({big, big.slice(1, 0, 16)}, 1);  // 96 x 80
   write_png_rgb(tmp_ + "/in.png", wide.contiguous());
   const auto r = run("img2img --model " + q(test::fixture_path("models/tiny-sd21")) +
-                     " --prompt 'a cat' --t-index-list 1,3 --num-inference-steps 4 --size 64x64 --threads 2 -i " +
+                     " --prompt 'a cat' --t-index-list 1,3 --num-inference-steps 4 --size 64x64 --threads 1 -i " +
                      q(tmp_ + "/in.png") + " -o " + q(tmp_ + "/res.png"));
   ASSERT_EQ(r.status, 0) << r.output;
   const auto got = read_png_rgb(tmp_ + "/res.png");

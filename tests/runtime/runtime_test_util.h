@@ -95,7 +95,12 @@ class StubProcessor : public FrameProcessor {
 
   std::vector<Frame> flush() override {
     std::vector<Frame> outs;
-    while (!in_flight_.empty()) {
+    auto real_in_flight = [&] {
+      for (const auto& f : in_flight_)
+        if (f.index >= 0) return true;
+      return false;
+    };
+    while (real_in_flight()) {
       Frame pad = last_;
       pad.index = -1;  // a padding frame: its own output is never emitted
       for (auto& o : step(pad)) outs.push_back(std::move(o));

@@ -141,8 +141,15 @@ TEST(StreamRuntime, LatestFrameWinsDropsAndCountsStaleFrames) {
   }
 }
 
+size_t thread_count() {
+  size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+  return n;
+}
+
 TEST(StreamRuntime, SigintMidStreamStopsWithinASecond) {
   SignalGuard guard;
+  const size_t threads_before = thread_count();
   auto stub = std::make_shared<StubProcessor>(2, 64, 64);
   stub->delay = 5ms;
   auto sink = std::make_unique<MemorySink>();
@@ -165,6 +172,7 @@ TEST(StreamRuntime, SigintMidStreamStopsWithinASecond) {
   EXPECT_TRUE(mem->closed) << "the sink is closed on the way out";
   EXPECT_EQ(rt.summary()["stop_reason"], "interrupted by SIGINT");
   EXPECT_FALSE(rt.running());
+  EXPECT_EQ(thread_count(), threads_before) << "every stage thread has been joined";
 }
 
 TEST(StreamRuntime, SigintStopsALosslessStreamBlockedOnASlowSink) {
@@ -304,6 +312,8 @@ TEST(StreamRuntime, LiveControlOverAUnixSocket) {
     addr.sun_family = AF_UNIX;
     std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
     ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    timeval tv{5, 0};  // a missing reply fails the test instead of hanging it
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     auto ask = [&](const std::string& line) {
       const std::string l = line + "\n";
       EXPECT_EQ(::write(fd, l.data(), l.size()), static_cast<ssize_t>(l.size()));
@@ -312,7 +322,7 @@ TEST(StreamRuntime, LiveControlOverAUnixSocket) {
       while (::read(fd, &ch, 1) == 1 && ch != '\n') reply += ch;
       return reply;
     };
-    EXPECT_NE(ask("guidance nope").find("error: control: 'guidance' expects a number"), std::string::npos);
+    EXPECT_NE(ask("guidance nope").find("error: 'guidance' expects a number"), std::string::npos);
     EXPECT_NE(ask("guidance 3.5").find("ok: 'guidance 3.5' applied before frame"), std::string::npos);
     EXPECT_NE(ask("guidance 500").find("error: stub: guidance too large"), std::string::npos);
     EXPECT_NE(ask("stats").find("fps"), std::string::npos);
@@ -449,6 +459,50 @@ TEST(StreamRuntime, StatusLinesComeEverySecondish) {
   EXPECT_NE(lines.back().find("latency p50 "), std::string::npos);
   EXPECT_NE(lines.back().find("dropped "), std::string::npos);
   std::cout << "  " << lines.back() << "\n";
+}
+
+TEST(StreamRuntime, SynchronousModeIsTheSameStreamOnOneThread) {
+  TempDir tmp;
+  const int n = 15;
+  const std::string video = test::write_index_video(tmp.path + "/in.avi", n);
+  auto stub = std::make_shared<StubProcessor>(2, 64, 64);
+  auto sink = std::make_unique<MemorySink>();
+  MemorySink* mem = sink.get();
+  StreamOptions o = quiet();
+  o.synchronous = true;
+  o.scheduled.push_back({3, *parse_control_command("guidance 2")});
+  StreamRuntime rt(open_source(video), stub, std::move(sink), o);
+  rt.run();
+  ASSERT_EQ(mem->frames.size(), static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) EXPECT_EQ(test::decode_index(mem->frames[i]), i);
+  EXPECT_TRUE(mem->closed);
+  ASSERT_EQ(stub->applied().size(), 1u);
+  EXPECT_EQ(stub->applied()[0].first, 3u);
+
+  // Errors keep their stage name; a live source is stopped by a signal.
+  auto failing = std::make_shared<StubProcessor>(1);
+  failing->throw_at = 4;
+  StreamOptions so = quiet();
+  so.synchronous = true;
+  StreamRuntime bad(std::make_unique<SyntheticSource>(-1, true), failing, std::make_unique<MemorySink>(), so);
+  try {
+    bad.run();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "model: stub model failure at frame 4");
+  }
+  SignalGuard guard;
+  StreamRuntime live(std::make_unique<SyntheticSource>(-1, true, 64, 64, 200), std::make_shared<StubProcessor>(1),
+                     std::make_unique<MemorySink>(), so);
+  std::thread killer([] {
+    std::this_thread::sleep_for(200ms);
+    std::raise(SIGINT);
+  });
+  const auto t0 = StreamClock::now();
+  live.run();
+  killer.join();
+  EXPECT_LT(std::chrono::duration<double>(StreamClock::now() - t0).count(), 1.2);
+  EXPECT_EQ(live.summary()["stop_reason"], "interrupted by SIGINT");
 }
 
 TEST(StreamRuntime, ImageFolderInput) {

@@ -1,0 +1,243 @@
+// `streamdiffusion stream`: real-time StreamDiffusion on a frame stream — video file, image folder, camera, screen or
+// raw stdin in; window, video file, image folder or raw stdout out; the prompt and the other pipeline settings
+// changeable while it runs. See src/runtime/stream_runtime.h for the threads, queues and modes.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include <ATen/Parallel.h>
+#include <unistd.h>
+
+#include "apps/cli/commands.h"
+#include "apps/cli/pipeline_options.h"
+#include "core/device.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "runtime/control_channel.h"
+#include "runtime/frame_sink.h"
+#include "runtime/frame_source.h"
+#include "runtime/signal_guard.h"
+#include "runtime/stream_diffusion_processor.h"
+#include "runtime/stream_runtime.h"
+
+namespace {
+
+struct StreamCliOptions {
+  sd::cli::PipelineOptions p;
+  std::string input, output = "window";
+  std::string input_size;
+  double input_fps = 0;
+  bool loop = false, realtime = false, sync = false;
+  std::string mode = "auto", resize = "crop";
+  int64_t frames = 0;
+  double output_fps = 0;
+  std::string fourcc;
+  std::vector<std::string> control{"auto"};
+  std::vector<std::string> at;
+  std::string stats_json;
+  double status_interval = 1.0;
+  int queue = 4;
+  int64_t warmup_outputs = 100;
+};
+
+// "N:COMMAND" -> applied before input frame N.
+sd::ScheduledCommand parse_at(const std::string& s) {
+  const auto colon = s.find(':');
+  if (colon == std::string::npos || colon == 0)
+    throw sd::InvalidArgument("--at '" + s + "': expected FRAME:COMMAND, e.g. '100:prompt a cat'");
+  sd::ScheduledCommand sc;
+  try {
+    size_t pos = 0;
+    sc.frame = std::stoll(s.substr(0, colon), &pos);
+    if (pos != colon || sc.frame < 0) throw std::invalid_argument(s);
+  } catch (const std::exception&) {
+    throw sd::InvalidArgument("--at '" + s + "': the frame number must be an integer >= 0");
+  }
+  auto c = sd::parse_control_command(s.substr(colon + 1));
+  if (!c) throw sd::InvalidArgument("--at '" + s + "': no command after the colon");
+  if (c->kind == sd::ControlCommand::Kind::Stats || c->kind == sd::ControlCommand::Kind::Help)
+    throw sd::InvalidArgument("--at '" + s + "': only pipeline commands and quit can be scheduled");
+  sc.command = *c;
+  return sc;
+}
+
+// stdin as a control channel only when it is not the frame source and reading it cannot stop the process (a
+// background job reading its terminal gets SIGTTIN).
+bool stdin_usable_for_control(const std::string& input) {
+  if (input == "-" || input == "stdin") return false;
+  if (isatty(STDIN_FILENO)) return tcgetpgrp(STDIN_FILENO) == getpgrp();
+  return true;
+}
+
+sd::cli::Runner setup_stream(CLI::App& app) {
+  auto o = std::make_shared<StreamCliOptions>();
+  sd::cli::add_pipeline_options(app, o->p, sd::cli::PipelineMode::Either);
+  app.add_option("-i,--input", o->input,
+                 "video file | image folder | camera[:N] | screen[:x,y,w,h] | - (raw rgb24 on stdin) | none "
+                 "(txt2img: a continuous stream of generated frames)")
+      ->required();
+  app.add_option("-o,--output", o->output,
+                 "window | video file (.mp4 .avi .mkv .mov .webm) | image folder or pattern (out/%05d.png) | - (raw "
+                 "rgb24 on stdout) | none")
+      ->capture_default_str();
+  app.add_option("--input-size", o->input_size, "WIDTHxHEIGHT of raw stdin frames; requested camera size");
+  app.add_option("--input-fps", o->input_fps,
+                 "frame rate of --input none (0 = as fast as the model), of screen capture (default 30), of "
+                 "--realtime files");
+  app.add_flag("--loop", o->loop, "start a video file / image folder over at its end");
+  app.add_flag("--realtime", o->realtime, "deliver file frames at their native rate (a live source: stale frames dropped)");
+  app.add_option("--mode", o->mode,
+                 "auto | live | lossless. live: latest frame wins, stale frames are dropped and counted; lossless: "
+                 "one output per input, in order. auto: live for camera/screen/--realtime, else lossless")
+      ->capture_default_str();
+  app.add_flag("--sync", o->sync, "run every stage on one thread, no queues (the bare loop, for comparisons)");
+  app.add_option("--resize", o->resize, "crop (centre-crop to the aspect ratio, then resize) | stretch")
+      ->capture_default_str();
+  app.add_option("--frames", o->frames, "stop after this many input frames (0 = until the input ends)");
+  app.add_option("--output-fps", o->output_fps, "frame rate written to a video file (default: the input's, else 30)");
+  app.add_option("--fourcc", o->fourcc, "video codec override (MJPG, avc1, mp4v, VP80, ...)");
+  app.add_option("--control", o->control,
+                 "control channel(s): auto (stdin unless it carries frames) | stdin | none | fifo:PATH | unix:PATH "
+                 "(repeatable)")
+      ->capture_default_str();
+  app.add_option("--at", o->at, "FRAME:COMMAND, a control command applied before input frame FRAME (repeatable)");
+  app.add_option("--stats-json", o->stats_json, "write a JSON summary here at exit (fps, latency, drops, RSS, ...)");
+  app.add_option("--status-interval", o->status_interval, "seconds between status lines on stderr (0 = none)")
+      ->capture_default_str();
+  app.add_option("--queue", o->queue, "capacity of each lossless queue")->capture_default_str();
+  app.add_option("--warmup-outputs", o->warmup_outputs, "outputs after which RSS counts as 'after warm-up'")
+      ->capture_default_str();
+  app.footer(
+      "Control commands (one per line): prompt <text> | negative <text> | guidance <g> | delta <d> | "
+      "t_index_list <i,j,..> | seed <n> | filter on|off | filter_threshold <x> | stats | quit.\n"
+      "Lossless mode: the stream's n-1 frames of latency are absorbed (warm-up outputs dropped, the last input "
+      "repeated at the end), so output frame i is the result for input frame i.\n"
+      "Examples:\n"
+      "  streamdiffusion stream --model M --input in.mp4 --output out.mp4 --prompt 'oil painting'\n"
+      "  streamdiffusion stream --model M --input camera:0 --output window --prompt 'anime' --control unix:/tmp/sd\n"
+      "  ffmpeg -i in.mp4 -f rawvideo -pix_fmt rgb24 -s 512x512 - | streamdiffusion stream --model M --input - "
+      "--input-size 512x512 --output - | ffplay -f rawvideo -pixel_format rgb24 -video_size 512x512 -\n"
+      "  streamdiffusion stream --model M --input none --output window --prompt 'a cat' --t-index-list 0 "
+      "--cfg-type none");
+
+  return [o] {
+    // Logs (main.cpp's default logger) and status lines go to stderr: stdout may carry raw frames.
+    sd::cli::apply_threads(o->p.common);
+
+    // Everything that can be refused is checked before the model loads.
+    sd::SourceOptions so;
+    if (!o->input_size.empty()) {
+      const auto [w, h] = sd::cli::parse_size(o->input_size, "--input-size");
+      so.width = w;
+      so.height = h;
+    }
+    so.fps = o->input_fps;
+    so.loop = o->loop;
+    so.realtime = o->realtime;
+    sd::StreamOptions ro;
+    ro.mode = sd::parse_stream_mode(o->mode);
+    ro.resize = sd::parse_resize_mode(o->resize);
+    ro.synchronous = o->sync;
+    if (o->frames < 0) throw sd::InvalidArgument("--frames must be >= 0");
+    ro.max_frames = o->frames;
+    ro.status_interval_s = o->status_interval;
+    if (o->queue < 1) throw sd::InvalidArgument("--queue must be >= 1");
+    ro.queue_capacity = static_cast<size_t>(o->queue);
+    ro.warmup_outputs = o->warmup_outputs;
+    for (const auto& a : o->at) ro.scheduled.push_back(parse_at(a));
+    std::vector<std::string> controls;
+    for (const auto& c : o->control) {
+      if (c == "none") continue;
+      if (c == "auto") {
+        if (stdin_usable_for_control(o->input)) controls.push_back("stdin");
+        continue;
+      }
+      if ((c == "stdin" || c == "-") && (o->input == "-" || o->input == "stdin"))
+        throw sd::InvalidArgument("--control stdin: stdin carries the frames (--input -); use fifo:PATH or unix:PATH");
+      controls.push_back(c);
+    }
+
+    auto source = sd::open_source(o->input, so);
+    const bool txt2img = !source->has_images();
+    sd::SinkOptions sk;
+    sk.fps = o->output_fps > 0 ? o->output_fps : (source->fps() > 0 ? source->fps() : 30.0);
+    sk.fourcc = o->fourcc;
+    auto sink = sd::open_sink(o->output, sk);
+    const sd::StreamConfig cfg = sd::cli::stream_config(o->p, txt2img);
+
+    const sd::cli::LoadedModels l = sd::cli::load_models(o->p);
+    sd::log::info("loaded {} in {:.2f} s ({} threads)", l.models->describe(), l.load_s, at::get_num_threads());
+    auto stream = std::make_shared<sd::StreamDiffusion>(l.models, cfg);
+    stream->prepare(o->p.prompt, o->p.negative_prompt);
+    auto processor = std::make_shared<sd::StreamDiffusionProcessor>(stream, o->p.prompt, o->p.negative_prompt, txt2img);
+
+    sd::SignalGuard signals;  // from here on, Ctrl-C stops the stream cleanly (twice: at once)
+    sd::StreamRuntime runtime(std::move(source), processor, std::move(sink), ro);
+    std::vector<std::unique_ptr<sd::ControlChannel>> channels;
+    for (const auto& c : controls) {
+      channels.push_back(std::make_unique<sd::ControlChannel>(
+          c, [&runtime](sd::ControlCommand cmd, sd::ControlChannel::Reply reply) {
+            runtime.post_control(std::move(cmd), std::move(reply));
+          }));
+      sd::log::info("control: {} ({})", channels.back()->describe(), sd::control_help());
+    }
+
+    std::string error;
+    try {
+      runtime.run();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    channels.clear();
+
+    nlohmann::json summary = runtime.summary();
+    const sd::StreamStats& ps = stream->stats();
+    const auto per_call_ms = [](double s, int64_t n) { return n > 0 ? 1000.0 * s / static_cast<double>(n) : 0.0; };
+    summary["pipeline"] = {{"calls", ps.calls},
+                           {"processed", ps.processed},
+                           {"skipped", ps.skipped},
+                           {"unet_ms_per_call", per_call_ms(ps.unet_s, ps.unet_calls)},
+                           {"image_encode_ms_per_call", per_call_ms(ps.image_encode_s, ps.processed)},
+                           {"decode_ms_per_call", per_call_ms(ps.decode_s, ps.processed)},
+                           {"call_ms_mean", per_call_ms(ps.total_s, ps.processed)}};
+    summary["config"] = {{"model", o->p.model},
+                         {"input", o->input},
+                         {"output", o->output},
+                         {"txt2img", txt2img},
+                         {"width", cfg.width},
+                         {"height", cfg.height},
+                         {"t_index_list", stream->config().t_index_list},
+                         {"cfg_type", sd::cfg_type_name(cfg.cfg_type)},
+                         {"frame_buffer_size", cfg.frame_buffer_size},
+                         {"dtype", o->p.common.dtype},
+                         {"threads", at::get_num_threads()},
+                         {"synchronous", o->sync},
+                         {"load_s", l.load_s}};
+    if (!o->stats_json.empty()) {
+      std::ofstream f(o->stats_json);
+      if (!f) throw sd::FormatError(o->stats_json, "cannot write the stats summary");
+      f << summary.dump(2) << "\n";
+    }
+    const auto& lat = summary["latency_ms"];
+    std::fprintf(stderr,
+                 "[stream] %s: %lld in, %lld out, %lld dropped, %lld skipped in %.1f s | out %.2f fps (steady %.2f) | "
+                 "latency p50 %.1f ms p95 %.1f ms\n",
+                 summary["stop_reason"].get<std::string>().c_str(),
+                 static_cast<long long>(summary["frames_in"].get<int64_t>()),
+                 static_cast<long long>(summary["frames_out"].get<int64_t>()),
+                 static_cast<long long>(summary["dropped"].get<int64_t>()),
+                 static_cast<long long>(summary["skipped"].get<int64_t>()), summary["duration_s"].get<double>(),
+                 summary["output_fps"].get<double>(), summary["output_fps_steady"].get<double>(),
+                 lat["p50"].get<double>(), lat["p95"].get<double>());
+    if (!error.empty()) throw sd::Error(error);
+    const int sig = sd::SignalGuard::pending();
+    return sig != 0 ? 128 + sig : 0;
+  };
+}
+
+REGISTER_COMMAND("stream",
+                 "real-time stream: video / camera / screen / raw frames / none (txt2img) in, window / video / images / "
+                 "raw frames out, live control",
+                 12, setup_stream);
+
+}  // namespace

@@ -1,0 +1,149 @@
+#include "apps/cli/pipeline_options.h"
+
+#include <chrono>
+#include <sstream>
+
+#include "core/device.h"
+#include "core/error.h"
+#include "pipeline/image.h"
+
+namespace sd::cli {
+
+std::vector<int64_t> parse_index_list(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t pos = 0;
+      const long long v = std::stoll(item, &pos);
+      if (pos != item.size()) throw std::invalid_argument(item);
+      out.push_back(v);
+    } catch (const std::exception&) {
+      throw InvalidArgument("--t-index-list: '" + item + "' is not an integer (expected e.g. 32,45)");
+    }
+  }
+  if (out.empty()) throw InvalidArgument("--t-index-list is empty (expected e.g. 32,45)");
+  return out;
+}
+
+std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& option) {
+  const auto x = s.find('x');
+  int64_t w = 0, h = 0;
+  try {
+    if (x == std::string::npos) throw std::invalid_argument(s);
+    size_t p1 = 0, p2 = 0;
+    w = std::stoll(s.substr(0, x), &p1);
+    h = std::stoll(s.substr(x + 1), &p2);
+    if (p1 != x || p2 != s.size() - x - 1) throw std::invalid_argument(s);
+  } catch (const std::exception&) {
+    throw InvalidArgument(option + " '" + s + "': expected WIDTHxHEIGHT, e.g. 512x512");
+  }
+  check_image_size(w, h, option.c_str());
+  return {w, h};
+}
+
+std::vector<int64_t> index_list_from(const PipelineOptions& o, bool txt2img) {
+  if (!o.t_index_list.empty()) {
+    if (o.steps > 0) throw InvalidArgument("give either --t-index-list or --steps, not both");
+    return parse_index_list(o.t_index_list);
+  }
+  const int64_t S = o.num_inference_steps;
+  if (o.steps <= 0) {
+    if (txt2img) return S == 50 ? std::vector<int64_t>{0, 16, 32, 45} : std::vector<int64_t>{0};
+    return S == 50 ? std::vector<int64_t>{32, 45} : std::vector<int64_t>{S / 2};
+  }
+  // txt2img starts from pure noise (index 0, t = 999); img2img from --start-index (how much the input may change).
+  const int64_t first = txt2img ? 0 : o.start_index;
+  const int64_t last = txt2img ? S * 45 / 50 : std::max<int64_t>(first, S * 45 / 50);
+  if (first < 0 || first >= S)
+    throw InvalidArgument("--start-index " + std::to_string(first) + " must be in [0, " + std::to_string(S) + ")");
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < o.steps; ++i) {
+    const int64_t v = o.steps == 1 ? first : first + (last - first) * i / (o.steps - 1);
+    if (!out.empty() && v <= out.back())
+      throw InvalidArgument("--steps " + std::to_string(o.steps) + " does not fit between index " +
+                            std::to_string(first) + " and " + std::to_string(last) +
+                            "; use --t-index-list or more --num-inference-steps");
+    out.push_back(v);
+  }
+  return out;
+}
+
+void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) {
+  const bool img = mode != PipelineMode::Txt2Img;
+  const char* index_default =
+      mode == PipelineMode::Txt2Img ? "0,16,32,45" : mode == PipelineMode::Img2Img ? "32,45" : "32,45 (txt2img: 0,16,32,45)";
+  const char* cfg_default =
+      mode == PipelineMode::Txt2Img ? "none" : mode == PipelineMode::Img2Img ? "self" : "self (txt2img: none)";
+  app.add_option("--model", o.model, "diffusers StableDiffusionPipeline folder")->required();
+  app.add_option("--taesd", o.taesd,
+                 "TAESD folder or file for encode/decode, or 'none' for the model's AutoencoderKL "
+                 "(default: <model>/taesd when present)");
+  app.add_option("--prompt", o.prompt, "text prompt")->capture_default_str();
+  app.add_option("--negative-prompt", o.negative_prompt, "negative prompt (cfg full / initialize)");
+  app.add_option("--t-index-list", o.t_index_list,
+                 std::string("comma-separated indices into the LCM timesteps (0 = t 999), default ") + index_default);
+  app.add_option("--steps", o.steps, "number of denoising steps, spread evenly instead of --t-index-list");
+  if (img)
+    app.add_option("--start-index", o.start_index, "first index used with --steps for img2img (smaller = more change)")
+        ->capture_default_str();
+  app.add_option("--num-inference-steps", o.num_inference_steps, "length of the LCM timestep list")
+      ->capture_default_str();
+  app.add_option("--cfg-type", o.cfg_type, std::string("none | full | self | initialize (default ") + cfg_default + ")");
+  app.add_option("--guidance", o.guidance, "guidance scale (active when > 1; ignored by cfg none)")
+      ->capture_default_str();
+  app.add_option("--delta", o.delta, "RCFG delta (scales the virtual residual noise)")->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of the stream's noise")->capture_default_str();
+  app.add_option("--size", o.size, "WIDTHxHEIGHT, multiples of 8")->capture_default_str();
+  app.add_option("--frame-buffer-size", o.frame_buffer_size, "frames per call (F)")->capture_default_str();
+  app.add_flag("--no-denoising-batch", o.no_denoising_batch, "sequential mode: all steps in every call");
+  app.add_flag("--no-add-noise", o.no_add_noise, "re-noise in-flight latents without noise");
+  if (img) {
+    app.add_option("--similarity-filter", o.similarity_filter,
+                   "enable the stochastic similarity filter with this threshold (e.g. 0.98; 0 = off)")
+        ->capture_default_str();
+    app.add_option("--max-skip-frame", o.max_skip_frame, "similarity filter: forced pass after this many skips")
+        ->capture_default_str();
+  }
+  add_common_options(app, o.common);
+}
+
+StreamConfig stream_config(const PipelineOptions& o, bool txt2img) {
+  StreamConfig c;
+  c.num_inference_steps = o.num_inference_steps;
+  c.t_index_list = index_list_from(o, txt2img);
+  c.cfg_type = parse_cfg_type(o.cfg_type.empty() ? (txt2img ? "none" : "self") : o.cfg_type);
+  c.guidance_scale = o.guidance;
+  c.delta = o.delta;
+  c.seed = o.seed;
+  const auto [w, h] = parse_size(o.size);
+  c.width = w;
+  c.height = h;
+  if (o.frame_buffer_size < 1) throw InvalidArgument("--frame-buffer-size must be >= 1");
+  c.frame_buffer_size = o.frame_buffer_size;
+  c.use_denoising_batch = !o.no_denoising_batch;
+  c.do_add_noise = !o.no_add_noise;
+  if (o.similarity_filter > 0) {
+    if (txt2img) throw InvalidArgument("--similarity-filter needs input images (img2img)");
+    c.similarity_filter.enabled = true;
+    c.similarity_filter.threshold = o.similarity_filter;
+    c.similarity_filter.max_skip_frame = o.max_skip_frame;
+  }
+  return c;
+}
+
+LoadedModels load_models(const PipelineOptions& o) {
+  LoadOptions lo;
+  lo.dtype = parse_dtype(o.common.dtype);
+  lo.device = o.common.device;
+  lo.threads = o.common.threads;
+  lo.taesd = o.taesd;
+  const auto t0 = std::chrono::steady_clock::now();
+  LoadedModels l;
+  l.models = load_pipeline(o.model, lo);
+  l.load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return l;
+}
+
+}  // namespace sd::cli

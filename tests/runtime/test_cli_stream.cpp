@@ -1,0 +1,172 @@
+// The built `streamdiffusion stream` command on the tiny fixture model: file -> folder, txt2img ticks, raw pipes,
+// live control on stdin, SIGINT, and the errors a user sees for a bad output or a truncated input.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include <sys/wait.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "common/fixtures.h"
+#include "io/json_config.h"
+#include "runtime/runtime_test_util.h"
+
+namespace sd {
+namespace {
+
+namespace fs = std::filesystem;
+
+#ifdef SD_CLI_PATH
+
+struct RunResult {
+  int status = -1;
+  std::string output;  // stdout + stderr unless the command redirects
+};
+
+RunResult sh(const std::string& cmd) {
+  RunResult r;
+  FILE* p = popen(("(" + cmd + ") 2>&1").c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) r.output.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+class CliStream : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "fixture model tiny-sd15 not present";
+    tmp_ = test::make_temp_dir("cli_stream");
+    base_ = std::string(SD_CLI_PATH) + " stream --model " + q(test::fixture_path("models/tiny-sd15")) +
+            " --size 64x64 --threads 1 --prompt 'a cat' --status-interval 0 ";
+  }
+  void TearDown() override {
+    if (!tmp_.empty()) fs::remove_all(tmp_);
+  }
+  size_t count_files(const std::string& dir) {
+    size_t n = 0;
+    for (const auto& e : fs::directory_iterator(dir)) n += e.is_regular_file();
+    return n;
+  }
+  std::string tmp_, base_;
+};
+
+TEST_F(CliStream, VideoToImageFolderWithStats) {
+  const std::string video = test::write_index_video(tmp_ + "/in.avi", 20);
+  const auto r = sh(base_ + "--input " + q(video) + " --output " + q(tmp_ + "/out") + " --control none --stats-json " +
+                    q(tmp_ + "/s.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(count_files(tmp_ + "/out"), 20u);
+  const auto j = read_json_file(tmp_ + "/s.json");
+  EXPECT_EQ(j["frames_in"], 20);
+  EXPECT_EQ(j["frames_out"], 20);
+  EXPECT_EQ(j["mode"], "lossless");
+  EXPECT_EQ(j["pipeline"]["processed"], 21) << "20 frames + 1 flush call (n = 2)";
+  EXPECT_GT(j["latency_ms"]["p50"].get<double>(), 0.0);
+  EXPECT_NE(r.output.find("20 in, 20 out, 0 dropped"), std::string::npos) << r.output;
+}
+
+TEST_F(CliStream, Txt2ImgTicksWithScheduledPromptChange) {
+  const auto r = sh(base_ + "--input none --frames 8 --output " + q(tmp_ + "/gen/%03d.png") +
+                    " --t-index-list 0,16,32,45 --control none --at '4:prompt a dog' --stats-json " + q(tmp_ + "/s.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(count_files(tmp_ + "/gen"), 8u);
+  EXPECT_TRUE(fs::exists(tmp_ + "/gen/007.png"));
+  const auto j = read_json_file(tmp_ + "/s.json");
+  ASSERT_EQ(j["controls"].size(), 1u);
+  EXPECT_EQ(j["controls"][0]["frame"], 4);
+  EXPECT_EQ(j["config"]["txt2img"], true);
+}
+
+TEST_F(CliStream, RawFramesThroughStdinAndStdout) {
+  // 6 raw rgb24 64x64 frames in, 6 out.
+  const std::string raw = tmp_ + "/in.rgb";
+  {
+    std::ofstream f(raw, std::ios::binary);
+    for (int i = 0; i < 6 * 64 * 64 * 3; ++i) f.put(static_cast<char>((i * 7) & 0xff));
+  }
+  const auto r = sh("cat " + q(raw) + " | " + base_ + "--input - --input-size 64x64 --output - > " + q(tmp_ + "/out.rgb"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(fs::file_size(tmp_ + "/out.rgb"), 6u * 64 * 64 * 3) << "stdout carries frames only, logs go to stderr";
+  EXPECT_NE(r.output.find("rawvideo -pix_fmt rgb24 -s 64x64"), std::string::npos) << r.output;
+}
+
+TEST_F(CliStream, LiveControlOnStdin) {
+  const std::string video = test::write_index_video(tmp_ + "/in.avi", 30);
+  const auto r = sh("printf 'guidance abc\\nprompt a dog\\nbogus 1\\nt_index_list 20,30,40\\n' | " + base_ + "--input " +
+                    q(video) + " --output none --stats-json " + q(tmp_ + "/s.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("control: error: 'guidance' expects a number, got 'abc'"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("control: error: unknown command 'bogus'"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("control: ok: 'prompt a dog' applied before frame"), std::string::npos) << r.output;
+  const auto j = read_json_file(tmp_ + "/s.json");
+  EXPECT_EQ(j["controls"].size(), 2u);
+  EXPECT_EQ(j["frames_out"], 30) << "a t_index_list length change mid-stream loses no frame";
+  EXPECT_EQ(j["config"]["t_index_list"], nlohmann::json::array({20, 30, 40}));
+}
+
+TEST_F(CliStream, SigintStopsTheCommandCleanly) {
+  // Endless txt2img; SIGINT once the stream runs. Exit status 130, the stop reason printed, stats written.
+  const std::string log = tmp_ + "/log.txt";
+  const std::string script =
+      base_ + "--input none --output none --control none --stats-json " + q(tmp_ + "/s.json") + " > " + q(log) +
+      " 2>&1 & pid=$!; for i in $(seq 1 300); do grep -q 'stream: ' " + q(log) +
+      " && break; sleep 0.1; done; sleep 0.3; t0=$(date +%s%N); kill -INT $pid; wait $pid; rc=$?; t1=$(date +%s%N); "
+      "echo rc=$rc ms=$(( (t1 - t0) / 1000000 ))";
+  const auto r = sh(script);
+  std::string text;
+  {
+    std::ifstream f(log);
+    text.assign(std::istreambuf_iterator<char>(f), {});
+  }
+  std::cout << "  " << r.output;
+  EXPECT_NE(r.output.find("rc=130"), std::string::npos) << r.output << text;
+  const auto ms_pos = r.output.find("ms=");
+  ASSERT_NE(ms_pos, std::string::npos);
+  EXPECT_LT(std::stoi(r.output.substr(ms_pos + 3)), 1000) << "stops within a second";
+  EXPECT_NE(text.find("interrupted by SIGINT"), std::string::npos) << text;
+  EXPECT_TRUE(fs::exists(tmp_ + "/s.json"));
+}
+
+TEST_F(CliStream, ClearErrorsForBadOutputAndTruncatedInput) {
+  const std::string video = test::write_index_video(tmp_ + "/in.avi", 20);
+  auto r = sh(base_ + "--input " + q(video) + " --output /nonexistent_dir/out.mp4 --control none");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("error: /nonexistent_dir/out.mp4: cannot write the video: folder '/nonexistent_dir' does "
+                          "not exist"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("loaded"), std::string::npos) << "refused before loading the model";
+
+  std::string bytes;
+  {
+    std::ifstream in(video, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  {
+    std::ofstream out(tmp_ + "/cut.avi", std::ios::binary);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size() * 3 / 4));
+  }
+  r = sh(base_ + "--input " + q(tmp_ + "/cut.avi") + " --output " + q(tmp_ + "/out") + " --control none");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("error: capture: " + tmp_ + "/cut.avi: decoding stopped after"), std::string::npos)
+      << r.output;
+  EXPECT_GT(count_files(tmp_ + "/out"), 0u) << "the frames before the damage were written";
+
+  r = sh(base_ + "--input none --output window --control none");
+  if (!std::getenv("DISPLAY")) {
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.output.find("needs a display"), std::string::npos) << r.output;
+  }
+}
+
+#endif  // SD_CLI_PATH
+
+}  // namespace
+}  // namespace sd
