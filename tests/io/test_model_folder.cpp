@@ -1,0 +1,137 @@
+// diffusers folder discovery, weight-file selection and typed config reading: the errors name file and field.
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "common/fixtures.h"
+#include "core/error.h"
+#include "io/json_config.h"
+#include "io/model_folder.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+void touch(const fs::path& p, const std::string& content = "x") {
+  fs::create_directories(p.parent_path());
+  std::ofstream(p) << content;
+}
+
+template <typename Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const sd::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+const char* kIndex = R"({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+  "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "LCMScheduler"],
+  "safety_checker": [null, null], "requires_safety_checker": false})";
+
+TEST(ModelFolder, FixtureModelsOpen) {
+  const auto models = sd::test::fixture_models();
+  if (models.empty()) GTEST_SKIP() << "no fixture models";
+  for (const auto& m : models) {
+    auto f = sd::ModelFolder::open(sd::test::fixture_path("models/" + m));
+    EXPECT_EQ(f.pipeline_class(), "StableDiffusionPipeline");
+    EXPECT_TRUE(f.has_component("unet"));
+    EXPECT_FALSE(f.has_component("safety_checker"));  // [null, null]
+    EXPECT_NE(f.weights_path("unet").find("diffusion_pytorch_model.safetensors"), std::string::npos);
+    EXPECT_TRUE(f.taesd_dir().has_value());
+  }
+}
+
+TEST(ModelFolder, NotAPipelineFolder) {
+  const fs::path d = sd::test::make_temp_dir("sd-mf");
+  EXPECT_NE(error_of([&] { sd::ModelFolder::open(d.string()); }).find("no model_index.json"), std::string::npos);
+  EXPECT_NE(error_of([&] { sd::ModelFolder::open((d / "missing").string()); }).find("not a directory"),
+            std::string::npos);
+  touch(d / "model_index.json", "{not json");
+  EXPECT_NE(error_of([&] { sd::ModelFolder::open(d.string()); }).find("not valid JSON"), std::string::npos);
+  auto idx = nlohmann::json::parse(kIndex);
+  idx.erase("vae");
+  touch(d / "model_index.json", idx.dump());
+  const std::string msg = error_of([&] { sd::ModelFolder::open(d.string()); });
+  EXPECT_NE(msg.find("component 'vae' missing"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("model_index.json"), std::string::npos) << msg;
+  idx = nlohmann::json::parse(kIndex);
+  idx["_class_name"] = "StableDiffusionXLPipeline";
+  idx["text_encoder_2"] = {"transformers", "CLIPTextModelWithProjection"};
+  touch(d / "model_index.json", idx.dump());
+  EXPECT_NE(error_of([&] { sd::ModelFolder::open(d.string()); }).find("SDXL"), std::string::npos);
+}
+
+TEST(ModelFolder, MissingComponentFolderIsNamed) {
+  const fs::path d = sd::test::make_temp_dir("sd-mf");
+  touch(d / "model_index.json", kIndex);
+  auto f = sd::ModelFolder::open(d.string());
+  EXPECT_NE(error_of([&] { f.component_dir("unet"); }).find("component folder 'unet/' is missing"), std::string::npos);
+}
+
+TEST(FindWeights, VariantsPicklesAndAmbiguity) {
+  const fs::path d = sd::test::make_temp_dir("sd-fw");
+  EXPECT_NE(error_of([&] { sd::find_weights(d.string()); }).find("no .safetensors weight file"), std::string::npos);
+  touch(d / "diffusion_pytorch_model.bin");
+  const std::string pickle = error_of([&] { sd::find_weights(d.string()); });
+  EXPECT_NE(pickle.find("pickles are never loaded"), std::string::npos) << pickle;
+  EXPECT_NE(pickle.find("diffusion_pytorch_model.bin"), std::string::npos) << pickle;
+  touch(d / "diffusion_pytorch_model.safetensors");
+  touch(d / "diffusion_pytorch_model.fp16.safetensors");
+  EXPECT_EQ(fs::path(sd::find_weights(d.string())).filename(), "diffusion_pytorch_model.safetensors");
+  EXPECT_EQ(fs::path(sd::find_weights(d.string(), "fp16")).filename(), "diffusion_pytorch_model.fp16.safetensors");
+  // Asking for a variant that is absent falls back to the default weights.
+  EXPECT_EQ(fs::path(sd::find_weights(d.string(), "bf16")).filename(), "diffusion_pytorch_model.safetensors");
+  touch(d / "other.safetensors");
+  EXPECT_NE(error_of([&] { sd::find_weights(d.string()); }).find("several .safetensors"), std::string::npos);
+  const fs::path s = sd::test::make_temp_dir("sd-fw");
+  touch(s / "diffusion_pytorch_model.safetensors.index.json");
+  EXPECT_NE(error_of([&] { sd::find_weights(s.string()); }).find("sharded"), std::string::npos);
+}
+
+TEST(ConfigReader, DefaultsTypesAndErrors) {
+  auto j = nlohmann::json::parse(R"({"a": 3, "b": 2.5, "c": true, "d": "x", "e": [1, 2], "f": null, "g": 4.0,
+                                     "h": [1, "two"], "_class_name": "X", "unknown": 1})");
+  sd::ConfigReader r(j, "dir/config.json");
+  EXPECT_EQ(r.get_int("a", 0), 3);
+  EXPECT_EQ(r.get_int("missing", 7), 7);
+  EXPECT_EQ(r.get_int("f", 9), 9);  // null = absent = default
+  EXPECT_EQ(r.get_int("g", 0), 4);  // 4.0 is an integer
+  EXPECT_DOUBLE_EQ(r.get_double("b", 0), 2.5);
+  EXPECT_DOUBLE_EQ(r.get_double("a", 0), 3.0);
+  EXPECT_TRUE(r.get_bool("c", false));
+  EXPECT_EQ(r.get_string("d", ""), "x");
+  EXPECT_EQ(r.get_int_list("e", {}), (std::vector<int>{1, 2}));
+  EXPECT_EQ(r.get_int_or_list("a", 0, 3), (std::vector<int>{3, 3, 3}));
+  EXPECT_EQ(r.get_int_or_list("e", 0, 2), (std::vector<int>{1, 2}));
+  auto expect = [&](auto fn, const std::string& frag) {
+    const std::string m = error_of(fn);
+    EXPECT_NE(m.find("dir/config.json"), std::string::npos) << m;
+    EXPECT_NE(m.find(frag), std::string::npos) << m;
+  };
+  expect([&] { r.get_int("b", 0); }, "field 'b': expected an integer, found 2.5");
+  expect([&] { r.get_bool("a", false); }, "field 'a': expected true or false");
+  expect([&] { r.get_string("a", ""); }, "field 'a': expected a string");
+  expect([&] { r.get_int_list("h", {}); }, "field 'h': expected a list of integers");
+  expect([&] { r.get_int_or_list("e", 0, 3); }, "a list of 3 integers");
+  expect([&] { r.get_double("d", 0); }, "field 'd': expected a number");
+  expect([&] { r.require_unsupported_absent("a"); }, "'a' = 3 is not supported");
+  EXPECT_NO_THROW(r.require_unsupported_absent("f"));
+  EXPECT_NE(error_of([] { sd::ConfigReader(nlohmann::json::array(), "x.json"); }).find("JSON object"),
+            std::string::npos);
+}
+
+TEST(ReadJsonFile, MissingAndMalformed) {
+  EXPECT_NE(error_of([] { sd::read_json_file("/nonexistent/config.json"); }).find("cannot open"), std::string::npos);
+  const fs::path d = sd::test::make_temp_dir("sd-json");
+  touch(d / "config.json", "{\"a\": ");
+  const std::string m = error_of([&] { sd::read_json_file((d / "config.json").string()); });
+  EXPECT_NE(m.find("config.json: not valid JSON"), std::string::npos) << m;
+}
+
+}  // namespace
