@@ -7,6 +7,11 @@
 
 #include "core/error.h"
 
+// Debian's libtorch calls OpenBLAS for fp32 matrix products; OpenBLAS then runs its own worker threads next to
+// libtorch's intra-op threads (oversubscription: measured 1.4x slower on sd-turbo, far worse under load). Weak, so
+// builds against a libtorch without OpenBLAS (MKL, CUDA wheels) link and simply skip it.
+extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+
 namespace sd {
 
 c10::ScalarType parse_dtype(const std::string& name) {
@@ -48,6 +53,7 @@ int hardware_threads() {
 int set_threads(int n) {
   if (n <= 0) n = hardware_threads();
   at::set_num_threads(n);
+  if (openblas_set_num_threads) openblas_set_num_threads(1);
   return at::get_num_threads();
 }
 

@@ -4,11 +4,13 @@
 #include <cstdio>
 #include <iterator>
 
+#include <opencv2/core/utility.hpp>
 #include <opencv2/imgproc.hpp>
 
 #include "core/error.h"
 #include "core/log.h"
 #include "runtime/signal_guard.h"
+#include "runtime/thread_setup.h"
 
 namespace sd {
 namespace {
@@ -126,6 +128,27 @@ void StreamRuntime::fail(const std::string& stage, const std::string& what) {
 
 void StreamRuntime::run_stage(const char* name, void (StreamRuntime::*loop)()) {
   try {
+    // Only the model thread runs multi-threaded tensor operations (see thread_setup.h). libtorch's per-thread
+    // initialisation, which these settings trigger, resets process-wide caches (oneDNN), so the model thread waits
+    // until the I/O threads are done with it.
+    if (loop != &StreamRuntime::model_loop) {
+      try {
+        use_single_threaded_torch_here();
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(done_mutex_);
+        --io_setup_pending_;
+        done_cv_.notify_all();
+        throw;
+      }
+      {
+        std::lock_guard<std::mutex> lock(done_mutex_);
+        --io_setup_pending_;
+      }
+      done_cv_.notify_all();
+    } else {
+      std::unique_lock<std::mutex> lock(done_mutex_);
+      done_cv_.wait(lock, [&] { return io_setup_pending_ <= 0; });
+    }
     (this->*loop)();
   } catch (const c10::Error& e) {
     fail(name, e.what_without_backtrace());
@@ -364,10 +387,13 @@ void StreamRuntime::run() {
   stats_.start();
   log::info("stream: {} -> {} -> {} ({} mode{})", source_name_, processor_name_, sink_name_,
             lossless_ ? "lossless" : "live", options_.synchronous ? ", synchronous" : "");
+  const int opencv_threads_before = cv::getNumThreads();
+  if (options_.opencv_threads >= 0) cv::setNumThreads(options_.opencv_threads);
   if (options_.synchronous)
     run_synchronous();
   else
     run_threads();
+  if (options_.opencv_threads >= 0) cv::setNumThreads(opencv_threads_before);
   stats_.set_dropped(dropped_total());
   stats_.finish();
   running_ = false;
@@ -395,6 +421,7 @@ void StreamRuntime::run_threads() {
                                                  {"post-process", &StreamRuntime::postprocess_loop},
                                                  {"sink", &StreamRuntime::sink_loop}};
   active_ = static_cast<int>(std::size(stages));
+  io_setup_pending_ = static_cast<int>(std::size(stages)) - 1;
   for (const auto& [name, loop] : stages) {
     try {
       threads_.emplace_back([this, name = name, loop = loop] { run_stage(name, loop); });
@@ -402,7 +429,9 @@ void StreamRuntime::run_threads() {
       {
         std::lock_guard<std::mutex> lock(done_mutex_);
         active_ -= 1;
+        if (loop != &StreamRuntime::model_loop) --io_setup_pending_;
       }
+      done_cv_.notify_all();
       fail(name, std::string("cannot start the thread: ") + e.what());
     }
   }

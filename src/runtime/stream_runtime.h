@@ -79,6 +79,10 @@ struct StreamOptions {
   // Run every stage one after the other on the calling thread, no queues: the bare loop, for comparisons. Always
   // lossless (nothing can be dropped), whatever `mode` says.
   bool synchronous = false;
+  // OpenCV's own worker threads (cv::setNumThreads) while the stream runs; -1 = leave as is. The stages already run
+  // in parallel, and on a few cores OpenCV's spinning workers steal time from the model's OpenMP team (whose
+  // barriers spin too), so 1 (no OpenCV workers) is the default. Restored when run() returns.
+  int opencv_threads = 1;
 };
 
 class StreamRuntime {
@@ -151,6 +155,7 @@ class StreamRuntime {
   bool started_ = false;
   std::vector<std::thread> threads_;
   std::atomic<int> active_{0};
+  int io_setup_pending_ = 0;  // I/O threads that have not yet made their torch settings (guarded by done_mutex_)
   std::mutex done_mutex_;
   std::condition_variable done_cv_;
 

@@ -34,8 +34,9 @@ std::shared_ptr<const DiffusionModels> tiny_models() {
 }
 
 std::shared_ptr<StreamDiffusion> make_stream(std::vector<int64_t> t_index_list, bool txt2img,
-                                             SimilarityFilterOptions filter = {}) {
+                                             SimilarityFilterOptions filter = {}, int64_t frame_buffer_size = 1) {
   StreamConfig c;
+  c.frame_buffer_size = frame_buffer_size;
   c.t_index_list = std::move(t_index_list);
   c.width = c.height = 64;
   c.cfg_type = txt2img ? CfgType::None : CfgType::Self;
@@ -132,6 +133,26 @@ TEST_F(TinyModelStream, FlushedTailEqualsTheSameFramesWithMoreInputBehind) {
   for (int i = 0; i < 5; ++i) worst = std::max(worst, max_abs_diff(prefix[i], full[i]));
   std::cout << "  max |prefix run - full run| over 5 frames: " << worst << "\n";
   EXPECT_EQ(worst, 0);
+}
+
+TEST_F(TinyModelStream, FrameBufferOfTwoKeepsCountAndOrder) {
+  // F = 2 frames per call, n = 2: 7 frames (the last batch half padding) give 7 outputs, the same as the first 7 of
+  // a 10-frame run.
+  TempDir tmp;
+  const std::string video = test::write_index_video(tmp.path + "/in.avi", 10);
+  nlohmann::json summary;
+  const auto full = run_video(video, make_stream({32, 45}, false, {}, 2), quiet(), &summary);
+  EXPECT_EQ(summary["latency_frames"], 3) << "(n-1)*F + F-1";
+  StreamOptions o = quiet();
+  o.max_frames = 7;
+  const auto part = run_video(video, make_stream({32, 45}, false, {}, 2), o);
+  ASSERT_EQ(full.size(), 10u);
+  ASSERT_EQ(part.size(), 7u);
+  int64_t worst = 0;
+  for (int i = 0; i < 7; ++i) worst = std::max(worst, max_abs_diff(part[i], full[i]));
+  std::cout << "  max |7-frame run - 10-frame run| over 7 frames (F = 2): " << worst << "\n";
+  EXPECT_EQ(worst, 0);
+  for (int i = 1; i < 10; ++i) EXPECT_GT(max_abs_diff(full[i], full[i - 1]), 0) << i;
 }
 
 TEST_F(TinyModelStream, SimilarityFilterSkipsKeepOneOutputPerInput) {

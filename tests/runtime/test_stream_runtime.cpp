@@ -359,6 +359,35 @@ TEST(StreamRuntime, ControlLinesFromAPipeApplyBetweenFrames) {
   EXPECT_DOUBLE_EQ(stub->guidance, 4.0);
 }
 
+TEST(StreamRuntime, ControlLinesFromAFifo) {
+  TempDir tmp;
+  const std::string path = tmp.path + "/ctl.fifo";
+  std::mutex m;
+  std::vector<std::string> got;
+  {
+    ControlChannel channel("fifo:" + path, [&](ControlCommand c, ControlChannel::Reply) {
+      std::lock_guard<std::mutex> lock(m);
+      got.push_back(c.line);
+    });
+    // Two writers one after the other (echo ... > fifo twice): the channel keeps listening between them.
+    for (const char* line : {"prompt a red fox\n", "seed 3\nquit\n"}) {
+      const int fd = ::open(path.c_str(), O_WRONLY);
+      ASSERT_GE(fd, 0);
+      ASSERT_GT(::write(fd, line, std::strlen(line)), 0);
+      ::close(fd);
+    }
+    for (int i = 0; i < 100; ++i) {
+      {
+        std::lock_guard<std::mutex> lock(m);
+        if (got.size() == 3) break;
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+  }
+  EXPECT_EQ(got, (std::vector<std::string>{"prompt a red fox", "seed 3", "quit"}));
+  EXPECT_FALSE(std::filesystem::exists(path)) << "the FIFO the channel created is removed";
+}
+
 TEST(StreamRuntime, RawFramesThroughPipes) {
   int in[2], out[2];
   ASSERT_EQ(::pipe(in), 0);
