@@ -4,7 +4,7 @@ set -euo pipefail
 PKGS=(
   build-essential cmake ninja-build ccache pkg-config git
   libtorch-dev libopenblas0-pthread
-  libopencv-dev libboost-dev libboost-system-dev
+  libopencv-dev libboost-dev libboost-system-dev libx11-dev libxext-dev
   libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
 )
