@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "apps/cli/commands.h"
+#include "apps/cli/pipeline_options.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -30,167 +31,26 @@ const char* kResizePolicy =
     "Input images are centre-cropped to the target aspect ratio, then resized to --size with INTER_AREA when "
     "shrinking and INTER_LANCZOS4 when enlarging (no-op when the size already matches).";
 
-struct GenerateOptions {
-  sd::cli::CommonOptions common;
-  std::string model, taesd, prompt, negative_prompt;
-  std::string t_index_list;
-  int steps = 0;
-  int start_index = 32;
-  int num_inference_steps = 50;
-  std::string cfg_type;
-  double guidance = 1.2;
-  double delta = 1.0;
-  uint64_t seed = 2;
-  std::string size = "512x512";
-  int frame_buffer_size = 1;
-  bool no_denoising_batch = false;
-  bool no_add_noise = false;
+// The pipeline options (shared with `stream`, apps/cli/pipeline_options.h) plus what only these commands take.
+struct GenerateOptions : sd::cli::PipelineOptions {
   int warmup = -1;
   std::string output;
-  // img2img
-  std::string input;
-  double similarity_filter = 0;  // 0 = off
-  int max_skip_frame = 10;
-  // txt2img
-  bool one_shot = false;
+  std::string input;      // img2img
+  bool one_shot = false;  // txt2img
 };
 
-std::vector<int64_t> parse_index_list(const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t pos = 0;
-      const long long v = std::stoll(item, &pos);
-      if (pos != item.size()) throw std::invalid_argument(item);
-      out.push_back(v);
-    } catch (const std::exception&) {
-      throw sd::InvalidArgument("--t-index-list: '" + item + "' is not an integer (expected e.g. 32,45)");
-    }
-  }
-  if (out.empty()) throw sd::InvalidArgument("--t-index-list is empty (expected e.g. 32,45)");
-  return out;
-}
-
-std::pair<int64_t, int64_t> parse_size(const std::string& s) {
-  const auto x = s.find('x');
-  int64_t w = 0, h = 0;
-  try {
-    if (x == std::string::npos) throw std::invalid_argument(s);
-    size_t p1 = 0, p2 = 0;
-    w = std::stoll(s.substr(0, x), &p1);
-    h = std::stoll(s.substr(x + 1), &p2);
-    if (p1 != x || p2 != s.size() - x - 1) throw std::invalid_argument(s);
-  } catch (const std::exception&) {
-    throw sd::InvalidArgument("--size '" + s + "': expected WIDTHxHEIGHT, e.g. 512x512");
-  }
-  sd::check_image_size(w, h, "--size");
-  return {w, h};
-}
-
-// t_index_list from the options: explicit list, or `steps` indices evenly spaced over [first, last].
-std::vector<int64_t> index_list_from(const GenerateOptions& o, bool txt2img) {
-  if (!o.t_index_list.empty()) {
-    if (o.steps > 0) throw sd::InvalidArgument("give either --t-index-list or --steps, not both");
-    return parse_index_list(o.t_index_list);
-  }
-  const int64_t S = o.num_inference_steps;
-  if (o.steps <= 0) {
-    if (txt2img) return S == 50 ? std::vector<int64_t>{0, 16, 32, 45} : std::vector<int64_t>{0};
-    return S == 50 ? std::vector<int64_t>{32, 45} : std::vector<int64_t>{S / 2};
-  }
-  // txt2img starts from pure noise (index 0, t = 999); img2img from --start-index (how much the input may change).
-  const int64_t first = txt2img ? 0 : o.start_index;
-  const int64_t last = txt2img ? S * 45 / 50 : std::max<int64_t>(first, S * 45 / 50);
-  if (first < 0 || first >= S)
-    throw sd::InvalidArgument("--start-index " + std::to_string(first) + " must be in [0, " + std::to_string(S) + ")");
-  std::vector<int64_t> out;
-  for (int64_t i = 0; i < o.steps; ++i) {
-    const int64_t v = o.steps == 1 ? first : first + (last - first) * i / (o.steps - 1);
-    if (!out.empty() && v <= out.back())
-      throw sd::InvalidArgument("--steps " + std::to_string(o.steps) + " does not fit between index " +
-                                std::to_string(first) + " and " + std::to_string(last) +
-                                "; use --t-index-list or more --num-inference-steps");
-    out.push_back(v);
-  }
-  return out;
-}
-
 void add_shared_options(CLI::App& app, GenerateOptions& o, bool txt2img) {
-  app.add_option("--model", o.model, "diffusers StableDiffusionPipeline folder")->required();
-  app.add_option("--taesd", o.taesd,
-                 "TAESD folder or file for encode/decode, or 'none' for the model's AutoencoderKL "
-                 "(default: <model>/taesd when present)");
-  app.add_option("--prompt", o.prompt, "text prompt")->capture_default_str();
-  app.add_option("--negative-prompt", o.negative_prompt, "negative prompt (cfg full / initialize)");
-  app.add_option("--t-index-list", o.t_index_list,
-                 std::string("comma-separated indices into the LCM timesteps (0 = t 999), default ") +
-                     (txt2img ? "0,16,32,45" : "32,45"));
-  app.add_option("--steps", o.steps, "number of denoising steps, spread evenly instead of --t-index-list");
-  if (!txt2img)
-    app.add_option("--start-index", o.start_index, "first index used with --steps (smaller = more change)")
-        ->capture_default_str();
-  app.add_option("--num-inference-steps", o.num_inference_steps, "length of the LCM timestep list")
-      ->capture_default_str();
-  app.add_option("--cfg-type", o.cfg_type,
-                 std::string("none | full | self | initialize (default ") + (txt2img ? "none" : "self") + ")");
-  app.add_option("--guidance", o.guidance, "guidance scale (active when > 1; ignored by cfg none)")
-      ->capture_default_str();
-  app.add_option("--delta", o.delta, "RCFG delta (scales the virtual residual noise)")->capture_default_str();
-  app.add_option("--seed", o.seed, "seed of the stream's noise")->capture_default_str();
-  app.add_option("--size", o.size, "WIDTHxHEIGHT, multiples of 8")->capture_default_str();
-  app.add_option("--frame-buffer-size", o.frame_buffer_size, "frames per call (F)")->capture_default_str();
-  app.add_flag("--no-denoising-batch", o.no_denoising_batch, "sequential mode: all steps in every call");
-  app.add_flag("--no-add-noise", o.no_add_noise, "re-noise in-flight latents without noise");
+  sd::cli::add_pipeline_options(app, o, txt2img ? sd::cli::PipelineMode::Txt2Img : sd::cli::PipelineMode::Img2Img);
   app.add_option("--warmup", o.warmup,
                  txt2img ? "calls before the saved one (default n-1 with the denoising batch, so the saved image "
                            "is not a warm-up frame)"
                          : "extra calls with the first frame before the sequence (default 0; outputs are always "
                            "aligned with their inputs, so warm-up frames are never saved)");
-  sd::cli::add_common_options(app, o.common);
 }
 
-struct Loaded {
-  std::shared_ptr<const sd::DiffusionModels> models;
-  double load_s = 0;
-};
+using sd::cli::stream_config;
 
-Loaded load(const GenerateOptions& o) {
-  sd::LoadOptions lo;
-  lo.dtype = sd::parse_dtype(o.common.dtype);
-  lo.device = o.common.device;
-  lo.threads = o.common.threads;
-  lo.taesd = o.taesd;
-  const auto t0 = Clock::now();
-  Loaded l;
-  l.models = sd::load_pipeline(o.model, lo);
-  l.load_s = std::chrono::duration<double>(Clock::now() - t0).count();
-  return l;
-}
-
-sd::StreamConfig stream_config(const GenerateOptions& o, bool txt2img) {
-  sd::StreamConfig c;
-  c.num_inference_steps = o.num_inference_steps;
-  c.t_index_list = index_list_from(o, txt2img);
-  c.cfg_type = sd::parse_cfg_type(o.cfg_type.empty() ? (txt2img ? "none" : "self") : o.cfg_type);
-  c.guidance_scale = o.guidance;
-  c.delta = o.delta;
-  c.seed = o.seed;
-  const auto [w, h] = parse_size(o.size);
-  c.width = w;
-  c.height = h;
-  if (o.frame_buffer_size < 1) throw sd::InvalidArgument("--frame-buffer-size must be >= 1");
-  c.frame_buffer_size = o.frame_buffer_size;
-  c.use_denoising_batch = !o.no_denoising_batch;
-  c.do_add_noise = !o.no_add_noise;
-  if (o.similarity_filter > 0) {
-    c.similarity_filter.enabled = true;
-    c.similarity_filter.threshold = o.similarity_filter;
-    c.similarity_filter.max_skip_frame = o.max_skip_frame;
-  }
-  return c;
-}
+sd::cli::LoadedModels load(const GenerateOptions& o) { return sd::cli::load_models(o); }
 
 // uint8 RGB [H, W, 3] from a file, centre-cropped and resized to width x height.
 torch::Tensor read_image(const std::string& path, int64_t width, int64_t height) {
@@ -271,7 +131,7 @@ sd::cli::Runner setup_txt2img(CLI::App& app) {
   return [o] {
     sd::cli::apply_threads(o->common);
     const sd::StreamConfig cfg = stream_config(*o, true);
-    const Loaded l = load(*o);
+    const sd::cli::LoadedModels l = load(*o);
     sd::StreamDiffusion stream(l.models, cfg);
     stream.prepare(o->prompt, o->negative_prompt);
     const int64_t n = stream.denoising_steps();
@@ -315,11 +175,6 @@ sd::cli::Runner setup_img2img(CLI::App& app) {
   app.add_option("-o,--output", o->output,
                  "output file (single input) or folder (input folder: each output named like its input)")
       ->required();
-  app.add_option("--similarity-filter", o->similarity_filter,
-                 "enable the stochastic similarity filter with this threshold (e.g. 0.98; 0 = off)")
-      ->capture_default_str();
-  app.add_option("--max-skip-frame", o->max_skip_frame, "similarity filter: forced pass after this many skips")
-      ->capture_default_str();
   app.footer(std::string(kResizePolicy) +
              " Frames go through the stream in sorted file-name order; the stream's n-1 call latency is flushed by "
              "repeating the last frame, so every input gets its own output.");
@@ -342,7 +197,7 @@ sd::cli::Runner setup_img2img(CLI::App& app) {
       return folder ? (fs::path(o->output) / inputs[k].filename()).string() : o->output;
     };
 
-    const Loaded l = load(*o);
+    const sd::cli::LoadedModels l = load(*o);
     sd::StreamDiffusion stream(l.models, cfg);
     stream.prepare(o->prompt, o->negative_prompt);
     const int64_t F = cfg.frame_buffer_size, n = stream.denoising_steps();
