@@ -41,10 +41,13 @@ torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, 
                                 int64_t heads, bool upcast, int64_t max_score_bytes) {
   check_qkv(q, k, v, heads);
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(2) / heads));
-  // Reduced precision is computed in fp32 when upcasting (diffusers' upcast_attention / upcast_softmax) and always
-  // on CPU: there bf16 batched matmuls gain little, while a bf16 -> fp32 softmax is several times slower than an
-  // fp32 one, and fp32 scores are more accurate. Only q/k/v (not the scores) are converted.
-  const bool fp32_compute = reduced(q.scalar_type()) && (upcast || q.device().is_cpu());
+  // Reduced precision is computed in fp32 when upcasting (diffusers' upcast_attention / upcast_softmax). Otherwise
+  // it stays in the model dtype, on CPU too: there bf16 batched matmuls run ~4x faster than fp32 ones and the bf16
+  // softmax kernel accumulates in fp32, while converting the scores to fp32 for the softmax costs more than both
+  // matmuls (measured at 1024 tokens: 6 ms all-bf16, 21 ms with an fp32 softmax, 30 ms all-fp32). The bench's
+  // ablation and the bf16-vs-fp32 tests bound what this costs in accuracy. Only q/k/v are converted when upcasting.
+  const bool fp32_compute =
+      reduced(q.scalar_type()) && (upcast || (q.device().is_cpu() && !sd::nn::fast_path().attention_reduced_cpu));
   const auto cdt = fp32_compute ? torch::kFloat : q.scalar_type();
   // The scale is folded into q (N x dh values) instead of a pass over the N x M scores.
   auto qh = split_heads(q, heads).to(cdt) * scale;    // [BH, N, dh]
@@ -60,7 +63,7 @@ torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, 
   auto one_chunk = [&](const torch::Tensor& qc) {
     auto scores = at::bmm(qc, kt);  // [BH, n, M], already scaled
     torch::Tensor probs;
-    if (reduced(cdt)) {
+    if (reduced(cdt) && !scores.is_cpu()) {
       probs = at::softmax(scores, -1, torch::kFloat).to(cdt);  // non-CPU reduced precision without upcasting
     } else if (needs_grad || !scores.is_cpu()) {
       probs = at::softmax(scores, -1);

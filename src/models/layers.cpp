@@ -2,10 +2,18 @@
 
 namespace sd::nn {
 
+FastPathOptions& fast_path() {
+  static FastPathOptions options;
+  return options;
+}
+
 namespace {
 bool reduced(const torch::Tensor& x) {
   return x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf;
 }
+
+// A parameter's identity for caches derived from it: storage + in-place version.
+int64_t version_of(const torch::Tensor& t) { return t.defined() ? static_cast<int64_t>(t._version()) : -1; }
 }  // namespace
 
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias) : in_features(in), out_features(out) {
@@ -21,8 +29,34 @@ Conv2dImpl::Conv2dImpl(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p,
   if (has_bias) bias = register_parameter("bias", torch::empty({out}));
 }
 
+bool Conv2dImpl::prepack() {
+  packed_ = torch::Tensor();
+  if (!weight.defined() || !weight.device().is_cpu() || !at::hasMKLDNN()) return false;
+  if (weight.scalar_type() != torch::kFloat && weight.scalar_type() != torch::kBFloat16) return false;
+  torch::NoGradGuard no_grad;
+  packed_ = at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), {padding, padding}, {stride, stride},
+                                             {1, 1}, 1);
+  packed_from_ = weight.data_ptr();
+  packed_version_ = version_of(weight);
+  return true;
+}
+
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
+  if (packed_.defined() && fast_path().prepack_conv && x.device().is_cpu() &&
+      x.scalar_type() == weight.scalar_type() && packed_version_ == version_of(weight) &&
+      packed_from_ == weight.data_ptr() &&
+      !(torch::GradMode::is_enabled() && (weight.requires_grad() || x.requires_grad()))) {
+    return at::mkldnn_convolution(x, packed_, bias, {padding, padding}, {stride, stride}, {1, 1}, 1);
+  }
   return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+}
+
+int64_t prepack_convolutions(torch::nn::Module& module) {
+  int64_t n = 0;
+  for (auto& m : module.modules(/*include_self=*/true)) {
+    if (auto* conv = dynamic_cast<Conv2dImpl*>(m.get())) n += conv->prepack() ? 1 : 0;
+  }
+  return n;
 }
 
 GroupNormImpl::GroupNormImpl(int64_t groups, int64_t channels, double e, bool affine)

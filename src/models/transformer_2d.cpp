@@ -10,8 +10,12 @@ GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) {
 
 torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
   auto h = proj(x);
-  auto parts = h.chunk(2, -1);
-  return parts[0] * torch::gelu(parts[1]);  // exact (erf) GELU, as diffusers' F.gelu
+  auto parts = h.chunk(2, -1);  // each [.., dim_out], rows strided by 2*dim_out
+  // Exact (erf) GELU, as diffusers' F.gelu. On the strided half the bf16 CPU kernel is ~9x slower than on a packed
+  // copy (3.7 ms vs 0.4 ms at [1024, 1280]), so the gate is packed first; the product is taken in place.
+  auto gate = torch::gelu(parts[1].contiguous());
+  if (torch::GradMode::is_enabled() && (gate.requires_grad() || parts[0].requires_grad())) return parts[0] * gate;
+  return gate.mul_(parts[0]);
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {

@@ -285,6 +285,10 @@ UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype, 
   opts.device = device;
   load_weights(*model, file, opts);
   model->eval();
+  // The UNet's many-channel convolutions at small spatial sizes pay most for oneDNN's per-call weight re-ordering
+  // (256 px sd-turbo, bf16: 0.90 s -> 0.71 s per call). The autoencoders' few-channel, large-spatial convolutions
+  // run faster eager in channels-last (TAESD decode 89 ms eager vs 138 ms prepacked), so only the UNet is packed.
+  if (device.is_cpu()) sd::nn::prepack_convolutions(*model);
   return model;
 }
 

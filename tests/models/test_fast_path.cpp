@@ -1,0 +1,137 @@
+// The inference fast paths of the leaf layers (models/layers.h) compute the same function as the plain paths: the
+// prepacked oneDNN convolution, its fallbacks (weight changed, gradients wanted) and the packed-gate GEGLU.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "common/fixtures.h"
+#include "models/layers.h"
+#include "models/transformer_2d.h"
+
+namespace {
+
+using sd::nn::Conv2d;
+
+Conv2d random_conv(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad, torch::Dtype dtype) {
+  torch::manual_seed(7);
+  Conv2d conv(in, out, k, stride, pad);
+  torch::NoGradGuard no_grad;
+  conv->weight.set_data((torch::randn({out, in, k, k}) * 0.1).to(dtype));
+  conv->bias.set_data(torch::randn({out}).to(dtype));
+  return conv;
+}
+
+struct ConvCase {
+  int64_t in, out, k, stride, pad, hw;
+};
+
+class PrepackedConv : public ::testing::TestWithParam<ConvCase> {};
+
+TEST_P(PrepackedConv, MatchesEagerFp32AndBf16) {
+  const auto c = GetParam();
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    auto conv = random_conv(c.in, c.out, c.k, c.stride, c.pad, dtype);
+    torch::NoGradGuard no_grad;
+    const auto x = torch::randn({2, c.in, c.hw, c.hw}).to(dtype);
+    const auto eager = conv->forward(x).to(torch::kFloat);
+    ASSERT_TRUE(conv->prepack());
+    ASSERT_TRUE(conv->prepacked());
+    const auto packed = conv->forward(x);
+    EXPECT_EQ(packed.scalar_type(), dtype);
+    EXPECT_EQ(packed.sizes(), eager.sizes());
+    // Same oneDNN kernel family on both paths; fp32 agrees to rounding, bf16 to one bf16 ulp of the output.
+    const double rtol = dtype == torch::kFloat ? 1e-5 : 8e-3;
+    SD_EXPECT_CLOSE(packed.to(torch::kFloat), eager, 1e-5, rtol, "prepacked conv");
+    // Channels-last input gives the same numbers.
+    const auto cl = conv->forward(x.contiguous(at::MemoryFormat::ChannelsLast)).to(torch::kFloat);
+    SD_EXPECT_CLOSE(cl, eager, 1e-5, rtol, "prepacked conv, channels-last input");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, PrepackedConv,
+                         ::testing::Values(ConvCase{8, 16, 3, 1, 1, 9}, ConvCase{16, 8, 1, 1, 0, 6},
+                                           ConvCase{12, 12, 3, 2, 1, 10}, ConvCase{32, 32, 3, 1, 1, 4}),
+                         [](const auto& info) {
+                           const auto& c = info.param;
+                           return "in" + std::to_string(c.in) + "_out" + std::to_string(c.out) + "_k" +
+                                  std::to_string(c.k) + "_s" + std::to_string(c.stride) + "_hw" +
+                                  std::to_string(c.hw);
+                         });
+
+TEST(PrepackedConvFallback, WeightModifiedInPlaceUsesTheNewWeight) {
+  auto conv = random_conv(4, 4, 3, 1, 1, torch::kFloat);
+  torch::NoGradGuard no_grad;
+  ASSERT_TRUE(conv->prepack());
+  const auto x = torch::randn({1, 4, 5, 5});
+  conv->weight.mul_(2.0);  // bumps the version counter: the packed copy is stale
+  const auto y = conv->forward(x);
+  const auto ref = at::conv2d(x, conv->weight, conv->bias, 1, 1);
+  SD_EXPECT_CLOSE(y, ref, 1e-6, 1e-6, "conv after in-place weight change");
+}
+
+TEST(PrepackedConvFallback, WeightReplacedUsesTheNewWeight) {
+  auto conv = random_conv(4, 4, 3, 1, 1, torch::kFloat);
+  torch::NoGradGuard no_grad;
+  ASSERT_TRUE(conv->prepack());
+  const auto x = torch::randn({1, 4, 5, 5});
+  conv->weight.set_data(torch::randn({4, 4, 3, 3}));
+  const auto ref = at::conv2d(x, conv->weight, conv->bias, 1, 1);
+  SD_EXPECT_CLOSE(conv->forward(x), ref, 1e-6, 1e-6, "conv after weight replacement");
+}
+
+TEST(PrepackedConvFallback, GradientsFlowThroughThePlainPath) {
+  auto conv = random_conv(3, 5, 3, 1, 1, torch::kFloat);
+  {
+    torch::NoGradGuard no_grad;
+    ASSERT_TRUE(conv->prepack());
+  }
+  conv->weight.set_requires_grad(true);
+  const auto x = torch::randn({1, 3, 6, 6});
+  conv->forward(x).sum().backward();
+  ASSERT_TRUE(conv->weight.grad().defined());
+  // d(sum y)/dW[o, i, :, :] = sum of the input windows; non-zero everywhere for a random input.
+  EXPECT_GT(conv->weight.grad().abs().min().item<float>(), 0.0f);
+}
+
+TEST(PrepackedConvFallback, DisabledFastPathGivesTheEagerResult) {
+  auto conv = random_conv(6, 6, 3, 1, 1, torch::kBFloat16);
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({1, 6, 7, 7}).to(torch::kBFloat16);
+  const auto eager = conv->forward(x);
+  ASSERT_TRUE(conv->prepack());
+  sd::nn::fast_path().prepack_conv = false;
+  const auto y = conv->forward(x);
+  sd::nn::fast_path().prepack_conv = true;
+  EXPECT_TRUE(torch::equal(y, eager));
+}
+
+TEST(PrepackedConvFallback, Fp16WeightsAreNotPacked) {
+  sd::nn::Conv2d conv(2, 2, 1);
+  conv->weight.set_data(torch::randn({2, 2, 1, 1}).to(torch::kHalf));
+  EXPECT_FALSE(conv->prepack());
+  EXPECT_FALSE(conv->prepacked());
+}
+
+TEST(PrepackConvolutions, PacksEveryConvolutionOfATree) {
+  torch::nn::Sequential seq(random_conv(2, 4, 3, 1, 1, torch::kFloat), random_conv(4, 4, 1, 1, 0, torch::kFloat));
+  EXPECT_EQ(sd::nn::prepack_convolutions(*seq), 2);
+}
+
+TEST(GEGLU, PackedGateMatchesTheFormulaWithAndWithoutGrad) {
+  torch::manual_seed(3);
+  sd::GEGLU geglu(8, 6);
+  geglu->proj->weight.set_data(torch::randn({12, 8}) * 0.3);
+  geglu->proj->bias.set_data(torch::randn({12}) * 0.1);
+  const auto x = torch::randn({2, 5, 8});
+  const auto h = torch::nn::functional::linear(x, geglu->proj->weight, geglu->proj->bias);
+  const auto ref = h.slice(-1, 0, 6) * torch::gelu(h.slice(-1, 6, 12));
+  {
+    torch::NoGradGuard no_grad;
+    SD_EXPECT_CLOSE(geglu->forward(x), ref.detach(), 1e-6, 1e-6, "GEGLU (inference)");
+  }
+  auto y = geglu->forward(x);  // parameters require grad: the out-of-place product
+  SD_EXPECT_CLOSE(y.detach(), ref.detach(), 1e-6, 1e-6, "GEGLU (autograd)");
+  y.sum().backward();
+  EXPECT_TRUE(geglu->proj->weight.grad().defined());
+}
+
+}  // namespace
