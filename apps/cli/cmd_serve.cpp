@@ -1,0 +1,127 @@
+// `streamdiffusion serve`: the resident server — the model loaded once, the browser app of web/ (live webcam /
+// screen img2img and live txt2img over a WebSocket per client) and an HTTP API (txt2img, img2img, health, stats).
+// See src/server/http_server.h for the routes and src/server/websocket_session.h for the WebSocket protocol.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <thread>
+
+#include <ATen/Parallel.h>
+
+#include "apps/cli/commands.h"
+#include "apps/cli/pipeline_options.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "runtime/signal_guard.h"
+#include "server/http_server.h"
+
+#ifndef SD_DEFAULT_WEB_ROOT
+#define SD_DEFAULT_WEB_ROOT "web"
+#endif
+
+namespace {
+
+struct ServeOptions {
+  sd::cli::PipelineOptions p;
+  sd::server::ServerOptions s;
+  std::string mode = "img2img";
+  int64_t max_ws_mib = 4, max_body_mib = 16;
+};
+
+sd::cli::Runner setup_serve(CLI::App& app) {
+  auto o = std::make_shared<ServeOptions>();
+  o->s.web_root = SD_DEFAULT_WEB_ROOT;
+  sd::cli::add_pipeline_options(app, o->p, sd::cli::PipelineMode::Either);
+  app.add_option("--host", o->s.host, "address to listen on (0.0.0.0 = every interface: think twice)")
+      ->capture_default_str();
+  app.add_option("--port", o->s.port, "TCP port (0 = any free port, printed at start)")->capture_default_str();
+  CLI::Option* web_root = app.add_option("--web-root", o->s.web_root, "folder of the browser app")->capture_default_str();
+  app.add_option("--mode", o->mode, "img2img | txt2img: the mode a new browser client starts in")
+      ->capture_default_str();
+  app.add_option("--max-streams", o->s.max_streams,
+                 "concurrent WebSocket streams (each has its own stream state); more get a 'busy' message")
+      ->capture_default_str();
+  app.add_option("--max-ws-message", o->max_ws_mib, "largest WebSocket message in MiB (a bigger one closes that client)")
+      ->capture_default_str();
+  app.add_option("--max-http-body", o->max_body_mib, "largest HTTP request body in MiB (413 beyond)")
+      ->capture_default_str();
+  app.add_option("--allow-origin", o->s.allow_origins,
+                 "a page origin (e.g. https://example.org) allowed to open a WebSocket besides this server's own "
+                 "localhost / IP address origins; '*' = any (repeatable)");
+  app.add_option("--io-threads", o->s.io_threads, "network threads (they also code the JPEG frames)")
+      ->capture_default_str();
+  app.add_option("--max-api-pending", o->s.max_api_pending, "API images waiting for the model at once (503 beyond)")
+      ->capture_default_str();
+  app.add_option("--send-queue", o->s.send_queue_frames,
+                 "output frames queued per client; a slow client loses its oldest unsent frames")
+      ->capture_default_str();
+  app.add_option("--jpeg-quality", o->s.jpeg_quality, "quality of the output frames (1-100)")->capture_default_str();
+  app.footer(
+      "Open http://127.0.0.1:8000/ (with the default --host/--port) for the browser app. The API:\n"
+      "  curl -s localhost:8000/api/health\n"
+      "  curl -s -H 'Content-Type: application/json' -d '{\"prompt\":\"a cat\",\"seed\":3}' localhost:8000/api/txt2img "
+      "-o cat.png\n"
+      "  curl -s -H 'Content-Type: application/json' -d \"{\\\"prompt\\\":\\\"oil painting\\\",\\\"image\\\":\\\"$(base64 -w0 "
+      "in.jpg)\\\"}\" localhost:8000/api/img2img -o out.png\n"
+      "Stop with Ctrl-C (SIGINT) or SIGTERM: clients are told, the model step in progress finishes.");
+
+  return [o, web_root] {
+    sd::cli::apply_threads(o->p.common);
+    if (o->mode != "img2img" && o->mode != "txt2img")
+      throw sd::InvalidArgument("--mode '" + o->mode + "': expected img2img or txt2img");
+    if (o->max_ws_mib < 1 || o->max_ws_mib > 256) throw sd::InvalidArgument("--max-ws-message must be in [1, 256] MiB");
+    if (o->max_body_mib < 1 || o->max_body_mib > 1024)
+      throw sd::InvalidArgument("--max-http-body must be in [1, 1024] MiB");
+    if (o->s.jpeg_quality < 1 || o->s.jpeg_quality > 100) throw sd::InvalidArgument("--jpeg-quality must be in [1, 100]");
+    if (o->p.frame_buffer_size != 1)
+      throw sd::InvalidArgument("serve: each client's stream takes one frame per call (--frame-buffer-size must be 1)");
+    o->s.max_ws_message = static_cast<size_t>(o->max_ws_mib) << 20;
+    o->s.max_http_body = static_cast<size_t>(o->max_body_mib) << 20;
+    if (!o->s.web_root.empty() && !std::filesystem::is_directory(o->s.web_root)) {
+      if (web_root->count() > 0) throw sd::InvalidArgument("--web-root '" + o->s.web_root + "': not a folder");
+      // The built-in default (the source tree's web/) is gone, e.g. a copied binary: the API still works.
+      sd::log::warn("no browser app at {} (give --web-root): serving the API only", o->s.web_root);
+      o->s.web_root.clear();
+    }
+
+    sd::server::StreamDefaults d;
+    d.img2img = sd::cli::stream_config(o->p, false);
+    {
+      // txt2img has its own default steps and cfg; the similarity filter is an img2img feature.
+      sd::cli::PipelineOptions t = o->p;
+      t.similarity_filter = 0;
+      d.txt2img = sd::cli::stream_config(t, true);
+    }
+    d.prompt = o->p.prompt;
+    d.negative_prompt = o->p.negative_prompt;
+    d.txt2img_mode = o->mode == "txt2img";
+    d.start_index = o->p.start_index;
+
+    const sd::cli::LoadedModels l = sd::cli::load_models(o->p);
+    sd::log::info("loaded {} in {:.2f} s ({} threads)", l.models->describe(), l.load_s, at::get_num_threads());
+
+    sd::SignalGuard signals;  // SIGINT / SIGTERM: clean shutdown (a second one: at once)
+    sd::server::Server server(l.models, d, o->s);
+    server.start();
+    const std::string host = o->s.host.find(':') != std::string::npos ? "[" + o->s.host + "]" : o->s.host;
+    std::printf("listening on http://%s:%u/\n", host.c_str(), static_cast<unsigned>(server.port()));
+    std::fflush(stdout);
+    sd::log::info("serving {} on http://{}:{}/ ({} stream slots, {}x{})", o->s.web_root, host, server.port(),
+                  o->s.max_streams, d.img2img.width, d.img2img.height);
+    while (sd::SignalGuard::pending() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const int sig = sd::SignalGuard::pending();
+    sd::log::info("{}: shutting down", sd::SignalGuard::name(sig));
+    server.stop();
+    const auto s = server.stats();
+    sd::log::info("served {} streams, {} model steps, {} HTTP requests", s["streams_total"].get<int64_t>(),
+                  s["worker"]["steps"].get<int64_t>(), s["http_requests"].get<int64_t>());
+    return 0;
+  };
+}
+
+REGISTER_COMMAND("serve",
+                 "resident server: browser app (live webcam / screen img2img, live txt2img) and HTTP API on one "
+                 "loaded model",
+                 13, setup_serve);
+
+}  // namespace

@@ -1,0 +1,173 @@
+#include "server/api_handlers.h"
+
+#include <chrono>
+#include <cstring>
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "pipeline/image.h"
+#include "server/image_codec.h"
+
+namespace sd::server {
+
+ApiResponse ApiResponse::json(unsigned status, const nlohmann::json& j) {
+  ApiResponse r;
+  r.status = status;
+  r.body = j.dump();
+  return r;
+}
+
+ApiResponse ApiResponse::error(unsigned status, const std::string& message) {
+  return json(status, {{"error", message}});
+}
+
+namespace {
+
+// One API image as a unit of model work.
+class ApiJob : public ModelTask {
+ public:
+  explicit ApiJob(std::function<void()> fn) : fn_(std::move(fn)) {}
+  void run_model_step() override { fn_(); }
+
+ private:
+  std::function<void()> fn_;
+};
+
+std::string path_of(const std::string& target) { return target.substr(0, target.find('?')); }
+
+}  // namespace
+
+ApiHandlers::ApiHandlers(std::shared_ptr<const DiffusionModels> models, StreamDefaults defaults, ModelWorker& worker,
+                         int max_pending, std::function<nlohmann::json()> server_stats)
+    : models_(std::move(models)),
+      defaults_(std::move(defaults)),
+      worker_(worker),
+      max_pending_(max_pending),
+      server_stats_(std::move(server_stats)) {}
+
+bool ApiHandlers::is_api(const std::string& target) { return target.rfind("/api/", 0) == 0 || target == "/api"; }
+
+nlohmann::json ApiHandlers::stats() const {
+  return {{"requests", requests_.load()},
+          {"images", images_.load()},
+          {"pending", pending_->load()},
+          {"max_pending", max_pending_},
+          {"rejected_busy", rejected_busy_.load()},
+          {"errors", errors_.load()}};
+}
+
+void ApiHandlers::handle(const ApiRequest& req, Done done) {
+  requests_.fetch_add(1);
+  const std::string path = path_of(req.target);
+  const bool get = req.method == "GET" || req.method == "HEAD";
+  if (path == "/api/health") {
+    if (!get) return done(ApiResponse::error(405, "use GET for " + path));
+    nlohmann::json h = {{"status", "ok"},
+                        {"model", models_->describe()},
+                        {"width", defaults_.img2img.width},
+                        {"height", defaults_.img2img.height}};
+    if (server_stats_) {
+      const auto s = server_stats_();
+      h["streams"] = s.value("streams", 0);
+      h["max_streams"] = s.value("max_streams", 0);
+    }
+    return done(ApiResponse::json(200, h));
+  }
+  if (path == "/api/stats") {
+    if (!get) return done(ApiResponse::error(405, "use GET for " + path));
+    nlohmann::json s = server_stats_ ? server_stats_() : nlohmann::json::object();
+    s["api"] = stats();
+    return done(ApiResponse::json(200, s));
+  }
+  if (path == "/api/txt2img" || path == "/api/img2img") {
+    if (req.method != "POST") return done(ApiResponse::error(405, "use POST with a JSON body for " + path));
+    return generate(path == "/api/txt2img", req, std::move(done));
+  }
+  errors_.fetch_add(1);
+  done(ApiResponse::error(404, "no API endpoint " + path +
+                                   " (expected /api/health, /api/stats, /api/txt2img, /api/img2img)"));
+}
+
+void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
+  const std::string what = txt2img ? "txt2img" : "img2img";
+  if (req.content_type.rfind("application/json", 0) != 0) {
+    errors_.fetch_add(1);
+    return done(ApiResponse::error(415, what + ": expected Content-Type: application/json, got '" +
+                                            req.content_type + "'"));
+  }
+  StreamSettings settings;
+  cv::Mat image;
+  try {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(req.body);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw InvalidArgument(std::string("bad JSON: ") + e.what());
+    }
+    std::set<std::string> skip;
+    if (!txt2img) skip.insert("image");
+    settings = apply_settings_json(j, StreamSettings::defaults(defaults_, txt2img), defaults_, skip, false);
+    if (!txt2img) {
+      if (!j.contains("image") || !j["image"].is_string())
+        throw InvalidArgument("field 'image': expected a base64 JPEG or PNG string");
+      const std::string bytes = base64_decode(j["image"].get_ref<const std::string&>(), "field 'image'");
+      image = fit_image(decode_image(bytes, true, "field 'image'"), static_cast<int>(defaults_.img2img.width),
+                        static_cast<int>(defaults_.img2img.height));
+      if (!image.isContinuous()) image = image.clone();
+    }
+  } catch (const Error& e) {
+    errors_.fetch_add(1);
+    return done(ApiResponse::error(400, what + ": " + e.what()));
+  }
+
+  if (pending_->fetch_add(1) >= max_pending_) {
+    pending_->fetch_sub(1);
+    rejected_busy_.fetch_add(1);
+    return done(ApiResponse::json(503, {{"error", "busy"},
+                                        {"message", "the server has " + std::to_string(max_pending_) +
+                                                        " API requests waiting already; try again shortly"}}));
+  }
+  auto pending = pending_;
+  auto models = models_;
+  const StreamDefaults defaults = defaults_;
+  auto job = std::make_shared<ApiJob>([this, pending, models, defaults, settings, image, txt2img, done]() {
+    struct Release {
+      std::shared_ptr<std::atomic<int>> p;
+      ~Release() { p->fetch_sub(1); }
+    } release{pending};
+    try {
+      torch::NoGradGuard no_grad;
+      StreamConfig cfg = settings.config(defaults);
+      cfg.use_denoising_batch = false;  // all steps in one call: the first output is the final image
+      cfg.similarity_filter.enabled = false;
+      StreamDiffusion stream(models, cfg);
+      stream.prepare(settings.prompt, settings.negative_prompt);
+      torch::Tensor out;
+      if (txt2img) {
+        out = stream.txt2img();
+      } else {
+        const torch::Tensor hwc = torch::from_blob(image.data, {image.rows, image.cols, 3}, torch::kUInt8);
+        out = stream.img2img(image_to_tensor(hwc, image.rows, image.cols).to(models->device(), models->dtype()));
+      }
+      const torch::Tensor img = tensor_to_image(out.slice(0, 0, 1)).squeeze(0).contiguous();
+      cv::Mat rgb(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), CV_8UC3);
+      std::memcpy(rgb.data, img.data_ptr<uint8_t>(), static_cast<size_t>(img.numel()));
+      ApiResponse r;
+      r.content_type = "image/png";
+      r.body = encode_png(rgb);
+      images_.fetch_add(1);
+      done(std::move(r));
+    } catch (const std::exception& e) {
+      errors_.fetch_add(1);
+      done(ApiResponse::error(400, std::string("generation failed: ") + e.what()));
+    }
+  });
+  if (!worker_.schedule(job)) {
+    // The worker has stopped: the job never runs, so release its slot and answer here.
+    pending_->fetch_sub(1);
+    done(ApiResponse::error(503, "the server is shutting down"));
+  }
+}
+
+}  // namespace sd::server

@@ -1,0 +1,66 @@
+#pragma once
+// The HTTP API (JSON in, PNG or JSON out):
+//   GET  /api/health    {"status":"ok", "model":..., "width":..., "height":..., "streams":..., "max_streams":...}
+//   GET  /api/stats     server, model worker, per-stream and API counters, RSS
+//   POST /api/txt2img   Content-Type: application/json, body: the stream settings fields (see stream_settings.h,
+//                       without "mode") -> image/png
+//   POST /api/img2img   the same plus "image": base64 JPEG or PNG (a data: URL is fine), any size within
+//                       8..4096 px per side (centre-cropped and resized to the server's size) -> image/png
+// Each request runs a fresh StreamDiffusion in sequential mode (all denoising steps in one call, no stream latency)
+// as one unit of work on the shared ModelWorker, in turn with the live streams. At most `max_pending` requests
+// wait at once; beyond that 503 with a JSON "busy" body. Errors: 400 (bad JSON, unknown field, bad image), 404,
+// 405, 415 — always a JSON body {"error": "..."}.
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "pipeline/diffusion_models.h"
+#include "server/model_worker.h"
+#include "server/stream_settings.h"
+
+namespace sd::server {
+
+struct ApiRequest {
+  std::string method;  // "GET", "POST", ...
+  std::string target;  // path and query
+  std::string content_type;
+  std::string body;
+};
+
+struct ApiResponse {
+  unsigned status = 200;
+  std::string content_type = "application/json";
+  std::string body;
+  static ApiResponse json(unsigned status, const nlohmann::json& j);
+  static ApiResponse error(unsigned status, const std::string& message);
+};
+
+class ApiHandlers {
+ public:
+  using Done = std::function<void(ApiResponse)>;
+
+  ApiHandlers(std::shared_ptr<const DiffusionModels> models, StreamDefaults defaults, ModelWorker& worker,
+              int max_pending, std::function<nlohmann::json()> server_stats);
+
+  static bool is_api(const std::string& target);
+  // `done` is called exactly once: at once (health, stats, errors) or from the model thread (images).
+  void handle(const ApiRequest& request, Done done);
+
+  nlohmann::json stats() const;
+
+ private:
+  void generate(bool txt2img, const ApiRequest& request, Done done);
+
+  std::shared_ptr<const DiffusionModels> models_;
+  StreamDefaults defaults_;
+  ModelWorker& worker_;
+  const int max_pending_;
+  std::function<nlohmann::json()> server_stats_;
+  std::shared_ptr<std::atomic<int>> pending_ = std::make_shared<std::atomic<int>>(0);
+  std::atomic<int64_t> requests_{0}, images_{0}, rejected_busy_{0}, errors_{0};
+};
+
+}  // namespace sd::server

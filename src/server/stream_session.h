@@ -1,0 +1,100 @@
+#pragma once
+// One client's stream: its own sd::StreamDiffusion (prompt, caches, latent buffer, RNG) on the shared model, its
+// settings, its latest pending input and its counters. Nothing here is shared between clients, so one client's
+// frames can never reach another.
+//
+// Threads: the network side (any Asio thread) calls submit_frame() / request_generate() / update_settings(), which
+// only store the input under the session's mutex and schedule the session on the ModelWorker; the model thread
+// calls run_model_step(), which takes the LATEST input (an older pending one was dropped and counted when it was
+// replaced), applies pending settings, runs one stream call and hands the result to the sink. The sink must not
+// block (the WebSocket session queues it on its strand).
+//
+// One output per input: the stream answers each call with the frame that entered n−1 calls earlier (spec §3.3), so
+// the first n−1 outputs of a fresh stream are warm-up frames. For live video that is what the original demo does;
+// the client's send-after-receive pacing needs exactly one answer per frame.
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <nlohmann/json.hpp>
+#include <opencv2/core/mat.hpp>
+
+#include "pipeline/diffusion_models.h"
+#include "pipeline/stream_diffusion.h"
+#include "server/model_worker.h"
+#include "server/stream_settings.h"
+
+namespace sd::server {
+
+struct SessionSink {
+  std::function<void(cv::Mat rgb)> frame;            // model thread: a result (RGB 8UC3 at the stream size)
+  std::function<void(nlohmann::json)> message;       // any thread: a JSON message for this client only
+};
+
+class StreamSession : public ModelTask, public std::enable_shared_from_this<StreamSession> {
+ public:
+  StreamSession(uint64_t id, std::shared_ptr<const DiffusionModels> models, const StreamDefaults& defaults,
+                ModelWorker& worker, SessionSink sink);
+
+  uint64_t id() const { return id_; }
+  int width() const { return static_cast<int>(defaults_.img2img.width); }
+  int height() const { return static_cast<int>(defaults_.img2img.height); }
+
+  // Network threads. `rgb` is an RGB 8UC3 frame already fitted to width() x height(). In txt2img mode a frame only
+  // asks for the next generated image (its pixels are not used).
+  void submit_frame(cv::Mat rgb);
+  // Asks for one generated image (txt2img mode); in img2img mode an error message is sent instead.
+  void request_generate();
+  // Validates `j` (a "config" message, "type" already checked) and makes it the settings the next step applies.
+  // Throws sd::InvalidArgument (nothing changed) for bad or unknown fields.
+  void update_settings(const nlohmann::json& j);
+  StreamSettings settings() const;
+  // No more outputs or work after this (the client is gone); the model state is released on the next turn.
+  void close();
+  bool closed() const { return closed_.load(); }
+
+  // Counters for stats: frames_in, dropped_in (replaced before the model took them), frames_out, dropped_out (send
+  // queue full), skipped (similarity filter), errors, model_ms (EMA), fps_out (last second window), mode, prompt.
+  nlohmann::json stats() const;
+  void count_dropped_output() { dropped_out_.fetch_add(1, std::memory_order_relaxed); }
+  void count_error() { errors_.fetch_add(1, std::memory_order_relaxed); }
+
+  void run_model_step() override;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  void schedule();
+  void send_error(const std::string& message);
+  // Model thread: brings stream_ in line with `want` (builds it on first use or a mode change).
+  void apply_settings(const StreamSettings& want);
+
+  const uint64_t id_;
+  const std::shared_ptr<const DiffusionModels> models_;
+  const StreamDefaults defaults_;
+  ModelWorker& worker_;
+  const SessionSink sink_;
+  std::atomic<bool> closed_{false};
+
+  mutable std::mutex mutex_;  // guards the pending input and the wanted settings
+  StreamSettings wanted_;
+  bool settings_dirty_ = false;
+  cv::Mat pending_frame_;
+  bool pending_generate_ = false;
+
+  // Model thread only.
+  std::unique_ptr<StreamDiffusion> stream_;
+  StreamSettings applied_;
+
+  std::atomic<int64_t> frames_in_{0}, dropped_in_{0}, frames_out_{0}, dropped_out_{0}, errors_{0};
+  std::atomic<int64_t> skipped_{0};
+  std::atomic<double> model_ms_ema_{0};
+  mutable std::mutex rate_mutex_;
+  Clock::time_point window_start_ = Clock::now();
+  int64_t window_frames_ = 0;
+  double fps_out_ = 0;
+};
+
+}  // namespace sd::server

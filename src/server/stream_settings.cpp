@@ -1,0 +1,154 @@
+#include "server/stream_settings.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace sd::server {
+namespace {
+
+constexpr size_t kMaxPromptBytes = 2000;
+constexpr size_t kMaxSteps = 10;
+
+double number_in(const nlohmann::json& v, const std::string& key, double lo, double hi, bool hi_open = false) {
+  if (!v.is_number()) throw InvalidArgument("field '" + key + "': expected a number, got " + v.dump());
+  const double x = v.get<double>();
+  if (!std::isfinite(x) || x < lo || (hi_open ? x >= hi : x > hi))
+    throw InvalidArgument("field '" + key + "': " + v.dump() + " is out of range [" + std::to_string(lo) + ", " +
+                          std::to_string(hi) + (hi_open ? ")" : "]"));
+  return x;
+}
+
+std::string text(const nlohmann::json& v, const std::string& key) {
+  if (!v.is_string()) throw InvalidArgument("field '" + key + "': expected a string, got " + v.dump());
+  std::string s = v.get<std::string>();
+  if (s.size() > kMaxPromptBytes)
+    throw InvalidArgument("field '" + key + "': " + std::to_string(s.size()) + " bytes, at most " +
+                          std::to_string(kMaxPromptBytes));
+  return s;
+}
+
+int64_t integer_in(const nlohmann::json& v, const std::string& key, int64_t lo, int64_t hi) {
+  if (!v.is_number_integer() && !(v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()))
+    throw InvalidArgument("field '" + key + "': expected an integer, got " + v.dump());
+  const double x = v.get<double>();
+  if (x < static_cast<double>(lo) || x > static_cast<double>(hi))
+    throw InvalidArgument("field '" + key + "': " + v.dump() + " is out of range [" + std::to_string(lo) + ", " +
+                          std::to_string(hi) + "]");
+  return v.is_number_unsigned() ? static_cast<int64_t>(v.get<uint64_t>()) : v.get<int64_t>();
+}
+
+std::vector<int64_t> spread_steps(int64_t steps, int64_t S, bool txt2img, int64_t start_index) {
+  const int64_t first = txt2img ? 0 : std::min<int64_t>(start_index, S - 1);
+  const int64_t last = txt2img ? S * 45 / 50 : std::max<int64_t>(first, S * 45 / 50);
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < steps; ++i) {
+    const int64_t v = steps == 1 ? first : first + (last - first) * i / (steps - 1);
+    if (!out.empty() && v <= out.back())
+      throw InvalidArgument("field 'steps': " + std::to_string(steps) + " steps do not fit between index " +
+                            std::to_string(first) + " and " + std::to_string(last) + "; give t_index_list instead");
+    out.push_back(v);
+  }
+  return out;
+}
+
+}  // namespace
+
+StreamSettings StreamSettings::defaults(const StreamDefaults& d, bool txt2img) {
+  const StreamConfig& c = txt2img ? d.txt2img : d.img2img;
+  StreamSettings s;
+  s.txt2img = txt2img;
+  s.prompt = d.prompt;
+  s.negative_prompt = d.negative_prompt;
+  s.guidance = c.guidance_scale;
+  s.delta = c.delta;
+  s.t_index_list = c.t_index_list;
+  s.seed = c.seed;
+  s.similarity_filter = (!txt2img && c.similarity_filter.enabled) ? c.similarity_filter.threshold : 0.0;
+  return s;
+}
+
+StreamConfig StreamSettings::config(const StreamDefaults& d) const {
+  StreamConfig c = txt2img ? d.txt2img : d.img2img;
+  c.guidance_scale = guidance;
+  c.delta = delta;
+  c.t_index_list = t_index_list;
+  c.seed = seed;
+  c.similarity_filter.enabled = !txt2img && similarity_filter > 0;
+  if (c.similarity_filter.enabled) c.similarity_filter.threshold = similarity_filter;
+  c.similarity_filter.sleep_on_skip = false;  // the server paces nothing: a skip is answered at once
+  return c;
+}
+
+nlohmann::json StreamSettings::to_json() const {
+  return {{"mode", txt2img ? "txt2img" : "img2img"},
+          {"prompt", prompt},
+          {"negative_prompt", negative_prompt},
+          {"guidance", guidance},
+          {"delta", delta},
+          {"t_index_list", t_index_list},
+          {"seed", seed},
+          {"similarity_filter", similarity_filter}};
+}
+
+bool StreamSettings::operator==(const StreamSettings& o) const {
+  return txt2img == o.txt2img && prompt == o.prompt && negative_prompt == o.negative_prompt &&
+         guidance == o.guidance && delta == o.delta && t_index_list == o.t_index_list && seed == o.seed &&
+         similarity_filter == o.similarity_filter;
+}
+
+StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings& s0, const StreamDefaults& d,
+                                   const std::set<std::string>& skip, bool allow_mode) {
+  if (!j.is_object()) throw InvalidArgument("expected a JSON object, got " + std::string(j.type_name()));
+  StreamSettings s = s0;
+  // Mode first: the index list and cfg defaults depend on it.
+  if (j.contains("mode") && !skip.count("mode")) {
+    if (!allow_mode) throw InvalidArgument("unknown field 'mode' (the endpoint decides the mode)");
+    const auto& v = j.at("mode");
+    if (!v.is_string() || (v != "img2img" && v != "txt2img"))
+      throw InvalidArgument("field 'mode': expected \"img2img\" or \"txt2img\", got " + v.dump());
+    const bool t2i = v == "txt2img";
+    if (t2i != s.txt2img) {
+      s.txt2img = t2i;
+      s.t_index_list = (t2i ? d.txt2img : d.img2img).t_index_list;  // the mode's default unless given below
+      if (t2i) s.similarity_filter = 0;
+    }
+  }
+  if (j.contains("steps") && j.contains("t_index_list") && !skip.count("steps"))
+    throw InvalidArgument("give either 'steps' or 't_index_list', not both");
+  const int64_t S = (s.txt2img ? d.txt2img : d.img2img).num_inference_steps;
+  for (const auto& [key, v] : j.items()) {
+    if (skip.count(key) || key == "mode") continue;
+    if (key == "prompt") {
+      s.prompt = text(v, key);
+    } else if (key == "negative_prompt") {
+      s.negative_prompt = text(v, key);
+    } else if (key == "guidance") {
+      s.guidance = number_in(v, key, 0, 20);
+    } else if (key == "delta") {
+      s.delta = number_in(v, key, 0, 10);
+    } else if (key == "seed") {
+      s.seed = static_cast<uint64_t>(integer_in(v, key, 0, int64_t{1} << 53));
+    } else if (key == "similarity_filter") {
+      const double x = number_in(v, key, 0, 1, true);
+      if (x > 0 && s.txt2img) throw InvalidArgument("field 'similarity_filter': needs input images (img2img mode)");
+      s.similarity_filter = x;
+    } else if (key == "steps") {
+      s.t_index_list = spread_steps(integer_in(v, key, 1, kMaxSteps), S, s.txt2img, d.start_index);
+    } else if (key == "t_index_list") {
+      if (!v.is_array() || v.empty() || v.size() > kMaxSteps)
+        throw InvalidArgument("field 't_index_list': expected an array of 1.." + std::to_string(kMaxSteps) +
+                              " integers, got " + v.dump());
+      std::vector<int64_t> list;
+      for (const auto& e : v) list.push_back(integer_in(e, key, 0, S - 1));
+      s.t_index_list = std::move(list);
+    } else {
+      throw InvalidArgument("unknown field '" + key + "' (expected " + (allow_mode ? "mode, " : "") +
+                            "prompt, negative_prompt, guidance, delta, t_index_list, steps, seed, similarity_filter" +
+                            (skip.count("image") ? ", image" : "") + ")");
+    }
+  }
+  return s;
+}
+
+}  // namespace sd::server

@@ -1,0 +1,333 @@
+#include "server/websocket_session.h"
+
+#include <algorithm>
+#include <cctype>
+
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "runtime/runtime_stats.h"
+#include "server/image_codec.h"
+
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace websocket = beast::websocket;
+namespace net = boost::asio;
+
+namespace sd::server {
+namespace {
+
+std::string lower(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string trim_slash(std::string s) {
+  while (!s.empty() && s.back() == '/') s.pop_back();
+  return s;
+}
+
+// "localhost", "127.0.0.1", "[::1]" (host part of a host:port authority, without the port).
+bool literal_or_localhost(const std::string& host) {
+  if (host == "localhost") return true;
+  if (!host.empty() && host.front() == '[') return host.back() == ']';
+  return !host.empty() && std::all_of(host.begin(), host.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)) || c == '.'; });
+}
+
+std::string host_part(const std::string& authority) {
+  if (!authority.empty() && authority.front() == '[') return authority.substr(0, authority.find(']') + 1);
+  return authority.substr(0, authority.find(':'));
+}
+
+}  // namespace
+
+bool origin_allowed(const std::string& origin_in, const std::string& host_header,
+                    const std::vector<std::string>& allow) {
+  if (origin_in.empty()) return true;
+  const std::string origin = trim_slash(lower(origin_in));
+  for (const auto& a : allow)
+    if (a == "*" || trim_slash(lower(a)) == origin) return true;
+  std::string authority;
+  if (origin.rfind("http://", 0) == 0)
+    authority = origin.substr(7);
+  else if (origin.rfind("https://", 0) == 0)
+    authority = origin.substr(8);
+  else
+    return false;  // "null" (file://, sandboxed frames) and other schemes
+  if (authority.empty() || authority != lower(host_header)) return false;
+  return literal_or_localhost(host_part(authority));
+}
+
+WebSocketSession::WebSocketSession(beast::tcp_stream&& stream, std::shared_ptr<ServerContext> ctx)
+    : ws_(std::move(stream)), ctx_(std::move(ctx)) {}
+
+WebSocketSession::~WebSocketSession() {
+  if (stream_) stream_->close();
+  if (has_slot_) ctx_->release_stream_slot();
+}
+
+void WebSocketSession::run(http::request<http::string_body> req) {
+  beast::get_lowest_layer(ws_).expires_never();
+  auto timeouts = websocket::stream_base::timeout::suggested(beast::role_type::server);
+  timeouts.idle_timeout = std::chrono::seconds(30);  // a vanished peer is noticed (pings when idle)
+  timeouts.keep_alive_pings = true;
+  ws_.set_option(timeouts);
+  ws_.set_option(websocket::stream_base::decorator(
+      [](websocket::response_type& res) { res.set(http::field::server, "streamdiffusion.cpp"); }));
+  ws_.read_message_max(ctx_->options.max_ws_message);
+  ws_.auto_fragment(false);
+  ctx_->register_session(shared_from_this());
+  ws_.async_accept(req, beast::bind_front_handler(&WebSocketSession::on_accept, shared_from_this()));
+}
+
+void WebSocketSession::on_accept(beast::error_code ec) {
+  if (ec) {
+    log::debug("websocket handshake failed: {}", ec.message());
+    return;
+  }
+  if (!ctx_->acquire_stream_slot()) {
+    ctx_->rejected_busy.fetch_add(1);
+    const bool stopping = ctx_->stopping.load();
+    send_json({{"type", "busy"},
+               {"message", stopping ? std::string("the server is shutting down")
+                                    : "the server is busy: all " + std::to_string(ctx_->options.max_streams) +
+                                          " stream slots are in use; try again later"},
+               {"max_streams", ctx_->options.max_streams}});
+    close_with(websocket::close_code::try_again_later, "busy");
+    do_read();  // until the peer answers the close
+    return;
+  }
+  has_slot_ = true;
+  ctx_->streams_total.fetch_add(1);
+  id_ = ctx_->next_id.fetch_add(1);
+  std::weak_ptr<WebSocketSession> weak = shared_from_this();
+  SessionSink sink;
+  sink.frame = [weak](cv::Mat rgb) {
+    if (auto self = weak.lock()) self->post_frame(std::move(rgb));
+  };
+  sink.message = [weak](nlohmann::json j) {
+    if (auto self = weak.lock()) self->post_json(std::move(j));
+  };
+  // Atomic: stats() reads it from other threads.
+  std::atomic_store(&stream_, std::make_shared<StreamSession>(id_, ctx_->models, ctx_->defaults, ctx_->worker,
+                                                              std::move(sink)));
+  const auto& o = ctx_->options;
+  send_json({{"type", "hello"},
+             {"id", id_},
+             {"width", stream_->width()},
+             {"height", stream_->height()},
+             {"model", ctx_->models->describe()},
+             {"settings", stream_->settings().to_json()},
+             {"limits",
+              {{"max_message_bytes", o.max_ws_message},
+               {"max_image_side", kMaxImageSide},
+               {"min_image_side", kMinImageSide},
+               {"max_streams", o.max_streams}}}});
+  log::info("stream {} opened ({} of {} slots)", id_, ctx_->active_streams.load(), o.max_streams);
+  do_read();
+}
+
+void WebSocketSession::do_read() {
+  ws_.async_read(buffer_, beast::bind_front_handler(&WebSocketSession::on_read, shared_from_this()));
+}
+
+void WebSocketSession::on_read(beast::error_code ec, std::size_t) {
+  if (ec) {
+    if (ec == websocket::error::message_too_big) {
+      if (stream_) stream_->count_error();
+      log::warn("stream {}: message over {} bytes, connection closed (1009)", id_, ctx_->options.max_ws_message);
+    } else if (ec != websocket::error::closed && ec != net::error::operation_aborted && ec != net::error::eof) {
+      log::debug("stream {}: read: {}", id_, ec.message());
+    }
+    finish();
+    return;
+  }
+  const std::string data = beast::buffers_to_string(buffer_.data());
+  buffer_.consume(buffer_.size());
+  if (stream_ && !closing_) {
+    if (ws_.got_text())
+      handle_text(data);
+    else
+      handle_binary(data);
+  }
+  do_read();
+}
+
+void WebSocketSession::handle_text(const std::string& text) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    stream_->count_error();
+    send_json({{"type", "error"}, {"message", std::string("bad JSON: ") + e.what()}});
+    return;
+  }
+  try {
+    if (!j.is_object() || !j.contains("type") || !j["type"].is_string())
+      throw InvalidArgument("expected a JSON object with a string field 'type' (config | generate | stats | ping)");
+    const std::string type = j["type"];
+    if (type == "config") {
+      stream_->update_settings(j);
+    } else if (type == "generate" || type == "stats" || type == "ping") {
+      if (j.size() != 1) {
+        for (const auto& [k, v] : j.items())
+          if (k != "type") throw InvalidArgument("unknown field '" + k + "' in a '" + type + "' message");
+      }
+      if (type == "generate") stream_->request_generate();
+      if (type == "stats") {
+        nlohmann::json s = stream_->stats();
+        s["type"] = "stats";
+        s["worker_queue"] = ctx_->worker.stats()["queued"];
+        s["streams"] = ctx_->active_streams.load();
+        send_json(s);
+      }
+      if (type == "ping") send_json({{"type", "pong"}});
+    } else {
+      throw InvalidArgument("unknown message type '" + type + "' (expected config | generate | stats | ping)");
+    }
+  } catch (const Error& e) {
+    stream_->count_error();
+    send_json({{"type", "error"}, {"message", e.what()}});
+  }
+}
+
+void WebSocketSession::handle_binary(const std::string& data) {
+  try {
+    cv::Mat rgb = fit_image(decode_image(data, false, "frame"), stream_->width(), stream_->height());
+    if (!rgb.isContinuous()) rgb = rgb.clone();
+    stream_->submit_frame(std::move(rgb));
+  } catch (const Error& e) {
+    stream_->count_error();
+    send_json({{"type", "error"}, {"message", e.what()}});
+  }
+}
+
+void WebSocketSession::post_frame(cv::Mat rgb) {
+  net::post(ws_.get_executor(), [self = shared_from_this(), rgb = std::move(rgb)]() {
+    if (self->closing_ || self->finished_) return;
+    Outgoing out;
+    out.binary = true;
+    try {
+      out.data = encode_jpeg(rgb, self->ctx_->options.jpeg_quality);
+    } catch (const std::exception& e) {
+      self->send_json({{"type", "error"}, {"message", e.what()}});
+      return;
+    }
+    self->enqueue(std::move(out));
+    const auto now = std::chrono::steady_clock::now();
+    if (self->stream_ &&
+        std::chrono::duration<double>(now - self->last_stats_).count() >= self->ctx_->options.stats_interval_s) {
+      self->last_stats_ = now;
+      nlohmann::json s = self->stream_->stats();
+      s["type"] = "stats";
+      s["worker_queue"] = self->ctx_->worker.stats()["queued"];
+      s["streams"] = self->ctx_->active_streams.load();
+      self->send_json(s);
+    }
+  });
+}
+
+void WebSocketSession::post_json(nlohmann::json j) {
+  net::post(ws_.get_executor(), [self = shared_from_this(), j = std::move(j)]() { self->send_json(j); });
+}
+
+void WebSocketSession::send_json(const nlohmann::json& j) {
+  if (finished_) return;
+  constexpr size_t kMaxQueuedText = 64;
+  if (queue_.size() >= kMaxQueuedText + queued_frames_) return;  // a client that reads nothing: drop the chatter
+  enqueue(Outgoing{false, j.dump()});
+}
+
+void WebSocketSession::enqueue(Outgoing out) {
+  if (finished_ || close_after_write_) return;
+  if (out.binary) {
+    // Bounded: drop the oldest frame that is not being written right now.
+    while (queued_frames_ >= ctx_->options.send_queue_frames) {
+      auto it = std::find_if(queue_.begin() + (writing_ ? 1 : 0), queue_.end(), [](const Outgoing& o) { return o.binary; });
+      if (it == queue_.end()) break;
+      queue_.erase(it);
+      --queued_frames_;
+      if (stream_) stream_->count_dropped_output();
+    }
+    if (queued_frames_ >= ctx_->options.send_queue_frames) {  // only the one in flight is left: drop the new one
+      if (stream_) stream_->count_dropped_output();
+      return;
+    }
+    ++queued_frames_;
+  }
+  queue_.push_back(std::move(out));
+  if (!writing_) do_write();
+}
+
+void WebSocketSession::do_write() {
+  if (queue_.empty()) {
+    writing_ = false;
+    if (close_after_write_ && !closing_) {
+      closing_ = true;
+      ws_.async_close(close_reason_, [self = shared_from_this()](beast::error_code) {});
+    }
+    return;
+  }
+  writing_ = true;
+  ws_.binary(queue_.front().binary);
+  ws_.async_write(net::buffer(queue_.front().data),
+                  beast::bind_front_handler(&WebSocketSession::on_write, shared_from_this()));
+}
+
+void WebSocketSession::on_write(beast::error_code ec, std::size_t) {
+  if (!queue_.empty()) {
+    if (queue_.front().binary) --queued_frames_;
+    queue_.pop_front();
+  }
+  if (ec) {
+    writing_ = false;
+    queue_.clear();
+    queued_frames_ = 0;
+    finish();
+    return;
+  }
+  do_write();
+}
+
+void WebSocketSession::close_with(websocket::close_code code, const std::string& reason) {
+  close_reason_ = websocket::close_reason(code, reason);
+  close_after_write_ = true;
+  if (!writing_) do_write();
+}
+
+void WebSocketSession::shutdown() {
+  net::dispatch(ws_.get_executor(), [self = shared_from_this()]() {
+    if (self->finished_ || self->closing_ || self->close_after_write_) return;
+    self->queue_.erase(std::remove_if(self->queue_.begin() + (self->writing_ ? 1 : 0), self->queue_.end(),
+                                      [](const Outgoing& o) { return o.binary; }),
+                       self->queue_.end());
+    self->queued_frames_ = (self->writing_ && !self->queue_.empty() && self->queue_.front().binary) ? 1 : 0;
+    self->send_json({{"type", "error"}, {"message", "the server is shutting down"}});
+    self->close_with(websocket::close_code::going_away, "server shutdown");
+  });
+}
+
+void WebSocketSession::finish() {
+  if (finished_) return;
+  finished_ = true;
+  if (stream_) {
+    stream_->close();
+    const auto s = stream_->stats();
+    log::info("stream {} closed: {} frames in, {} out, {} dropped in, {} dropped out, {} errors", id_,
+              s["frames_in"].get<int64_t>(), s["frames_out"].get<int64_t>(), s["dropped_in"].get<int64_t>(),
+              s["dropped_out"].get<int64_t>(), s["errors"].get<int64_t>());
+  }
+  if (has_slot_) {
+    has_slot_ = false;
+    ctx_->release_stream_slot();  // at once, not when the last handler lets go of the session
+  }
+}
+
+nlohmann::json WebSocketSession::stats() const {
+  const auto s = std::atomic_load(&stream_);
+  return s ? s->stats() : nlohmann::json();
+}
+
+}  // namespace sd::server

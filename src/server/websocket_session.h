@@ -1,0 +1,98 @@
+#pragma once
+// One browser client on /ws: binary messages carry JPEG frames both ways, text messages carry JSON control.
+//
+// Client -> server
+//   binary                      a JPEG frame (any size 8..4096 px per side; centre-cropped and resized to the
+//                               stream size). In txt2img mode it only asks for the next image.
+//   {"type":"config", ...}      stream settings (fields in stream_settings.h); applied before the next frame
+//   {"type":"generate"}         txt2img: ask for the next image (no frame needed)
+//   {"type":"stats"}            ask for a stats message now
+//   {"type":"ping"}             -> {"type":"pong"}
+// Server -> client
+//   binary                      a JPEG result, exactly one per frame / generate request the model took
+//   {"type":"hello", id, width, height, settings, limits}     after the handshake
+//   {"type":"config", settings}                             settings applied (by the model thread)
+//   {"type":"stats", ...}                                   about once a second while frames flow, and on request
+//   {"type":"error", message}                               a refused message; the stream goes on
+//   {"type":"busy", message, max_streams}                   then close 1013 (try again later): no free stream slot
+// A message over --max-ws-message closes the connection with 1009 (message too big): it cannot be skipped unread.
+//
+// Threads: all socket work runs on the session's strand. The model thread hands results over with send_frame(),
+// which only posts to the strand; the JPEG is encoded there and queued. The queue holds at most
+// send_queue_frames frames: a client that does not read fast enough loses its oldest unsent frames (counted), so
+// it never stalls the model thread or anyone else.
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/websocket.hpp>
+#include <nlohmann/json.hpp>
+#include <opencv2/core/mat.hpp>
+
+#include "server/server_context.h"
+#include "server/stream_session.h"
+
+namespace sd::server {
+
+// May a page from `origin` open a WebSocket on this server? Allowed: no Origin header (not a browser); an origin in
+// `allow` (exact match, or "*"); the same host:port as the request's Host header when that host is "localhost" or an
+// IP literal (a DNS name could be rebound to 127.0.0.1 by another site, so names must be listed explicitly).
+bool origin_allowed(const std::string& origin, const std::string& host_header, const std::vector<std::string>& allow);
+
+class WebSocketSession : public std::enable_shared_from_this<WebSocketSession> {
+ public:
+  WebSocketSession(boost::beast::tcp_stream&& stream, std::shared_ptr<ServerContext> ctx);
+  ~WebSocketSession();
+
+  // Completes the handshake of this upgrade request (Origin already checked) and starts reading.
+  void run(boost::beast::http::request<boost::beast::http::string_body> req);
+  // Any thread: close with "going away" (server shutdown).
+  void shutdown();
+  // Any thread. Snapshot of the stream's counters (empty when busy / not yet started).
+  nlohmann::json stats() const;
+
+ private:
+  struct Outgoing {
+    bool binary = false;
+    std::string data;
+  };
+
+  void on_accept(boost::beast::error_code ec);
+  void do_read();
+  void on_read(boost::beast::error_code ec, std::size_t bytes);
+  void handle_text(const std::string& text);
+  void handle_binary(const std::string& data);
+
+  // Strand only.
+  void enqueue(Outgoing out);
+  void do_write();
+  void on_write(boost::beast::error_code ec, std::size_t bytes);
+  void send_json(const nlohmann::json& j);
+  void close_with(boost::beast::websocket::close_code code, const std::string& reason);
+  void finish();
+
+  // Any thread: post to the strand.
+  void post_frame(cv::Mat rgb);
+  void post_json(nlohmann::json j);
+
+  boost::beast::websocket::stream<boost::beast::tcp_stream> ws_;
+  boost::beast::flat_buffer buffer_;
+  std::shared_ptr<ServerContext> ctx_;
+  std::shared_ptr<StreamSession> stream_;  // null when refused (busy)
+  bool has_slot_ = false;
+  uint64_t id_ = 0;
+
+  std::deque<Outgoing> queue_;
+  size_t queued_frames_ = 0;
+  bool writing_ = false;
+  bool close_after_write_ = false;
+  boost::beast::websocket::close_reason close_reason_;
+  bool closing_ = false;
+  bool finished_ = false;
+  std::chrono::steady_clock::time_point last_stats_{};
+};
+
+}  // namespace sd::server

@@ -1,0 +1,490 @@
+// The server on loopback with the tiny fixture model: HTTP API round trips, WebSocket streams, rejections of bad
+// input while another client keeps streaming, the stream limit, separate per-client streams, static files, and a
+// load run (20 clients; SD_LOAD_SECONDS, default 10 s in CTest).
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "common/fixtures.h"
+#include "core/device.h"
+#include "pipeline/diffusion_models.h"
+#include "runtime/runtime_stats.h"
+#include "server/http_server.h"
+#include "server_test_util.h"
+
+namespace fs = std::filesystem;
+using namespace sd::server;
+using sd::test::http_get;
+using sd::test::http_request;
+using sd::test::WsClient;
+namespace http = boost::beast::http;
+
+namespace {
+
+constexpr int kSize = 64;
+const char* kModel = "models/tiny-sd15";
+
+std::shared_ptr<const sd::DiffusionModels> shared_model() {
+  static std::shared_ptr<const sd::DiffusionModels> m = [] {
+    sd::LoadOptions lo;
+    lo.threads = -1;  // leave libtorch's setting alone (the test binary shares the machine)
+    return sd::load_pipeline(sd::test::fixture_path(kModel), lo);
+  }();
+  return m;
+}
+
+StreamDefaults defaults() {
+  StreamDefaults d;
+  d.img2img.width = d.img2img.height = kSize;
+  d.img2img.t_index_list = {32, 45};
+  d.img2img.cfg_type = sd::CfgType::Self;
+  d.txt2img = d.img2img;
+  d.txt2img.t_index_list = {0, 16, 32, 45};
+  d.txt2img.cfg_type = sd::CfgType::None;
+  d.prompt = "a cat";
+  return d;
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!sd::test::fixture_exists(kModel)) GTEST_SKIP() << "no " << kModel << " under " << sd::test::fixtures_root();
+  }
+  void TearDown() override {
+    if (server_) server_->stop();
+    if (!tmp_.empty()) fs::remove_all(tmp_);
+  }
+
+  void start(ServerOptions o = {}) {
+    tmp_ = sd::test::make_temp_dir("server");
+    fs::create_directories(fs::path(tmp_) / "web");
+    std::ofstream(fs::path(tmp_) / "web" / "index.html") << "<!doctype html><title>t</title>";
+    std::ofstream(fs::path(tmp_) / "secret.txt") << "top secret";
+    o.host = "127.0.0.1";
+    o.port = 0;
+    o.web_root = (fs::path(tmp_) / "web").string();
+    server_ = std::make_unique<Server>(shared_model(), defaults(), o);
+    server_->start();
+    port_ = server_->port();
+  }
+
+  std::string tmp_;
+  std::unique_ptr<Server> server_;
+  uint16_t port_ = 0;
+};
+
+// Connects and reads the hello; fails the test otherwise.
+void open_stream(WsClient& c, uint16_t port) {
+  ASSERT_EQ(c.connect(port), 101u);
+  auto hello = c.read_type("hello", std::chrono::seconds(10));
+  ASSERT_TRUE(hello) << "no hello";
+  EXPECT_EQ((*hello)["width"], kSize);
+}
+
+// One frame out, its result back.
+bool round_trip(WsClient& c, int k) {
+  if (!c.send_binary(sd::test::test_jpeg(96, 72, k))) return false;
+  return c.read_frame().has_value();
+}
+
+// A client streaming frames on its own thread (send, wait for the result, repeat) and counting results.
+class Streamer {
+ public:
+  explicit Streamer(uint16_t port) {
+    const unsigned st = client_.connect(port);
+    ok_ = st == 101 && client_.read_type("hello", std::chrono::seconds(10)).has_value();
+    thread_ = std::thread([this] {
+      int k = 0;
+      while (ok_ && !stop_) {
+        if (!client_.send_binary(sd::test::test_jpeg(80, 80, k++))) break;
+        if (!client_.read_frame(nullptr, std::chrono::seconds(60))) break;
+        frames_.fetch_add(1);
+      }
+      alive_ = false;
+    });
+  }
+  ~Streamer() { stop(); }
+  void stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    client_.close();
+  }
+  int frames() const { return frames_.load(); }
+  bool alive() const { return alive_.load(); }
+  bool ok() const { return ok_; }
+  // Waits until at least `more` further results arrived (false on timeout / death).
+  bool advances(int more, std::chrono::seconds timeout = std::chrono::seconds(60)) {
+    const int target = frames() + more;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (frames() < target) {
+      if (!alive() || std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return true;
+  }
+
+ private:
+  WsClient client_;
+  bool ok_ = false;
+  std::atomic<bool> stop_{false}, alive_{true};
+  std::atomic<int> frames_{0};
+  std::thread thread_;
+};
+
+std::string error_of(WsClient& c) {
+  auto e = c.read_type("error", std::chrono::seconds(30));
+  return e ? (*e)["message"].get<std::string>() : std::string("<no error message>");
+}
+
+}  // namespace
+
+TEST_F(ServerTest, HealthAndStats) {
+  start();
+  auto h = http_get(port_, "/api/health");
+  ASSERT_EQ(h.status, 200u);
+  auto j = h.json();
+  EXPECT_EQ(j["status"], "ok");
+  EXPECT_EQ(j["width"], kSize);
+  auto s = http_get(port_, "/api/stats");
+  ASSERT_EQ(s.status, 200u);
+  EXPECT_TRUE(s.json().contains("worker"));
+  EXPECT_GT(s.json()["rss_mb"].get<double>(), 0.0);
+  EXPECT_EQ(http_get(port_, "/api/nope").status, 404u);
+  EXPECT_EQ(http_request(port_, http::verb::post, "/api/health", "{}").status, 405u);
+}
+
+TEST_F(ServerTest, Txt2ImgApiRoundTrip) {
+  start();
+  const auto a = http_request(port_, http::verb::post, "/api/txt2img", R"({"prompt":"a red cat","seed":5})");
+  ASSERT_EQ(a.status, 200u) << a.body;
+  EXPECT_EQ(a.content_type, "image/png");
+  const cv::Mat ia = sd::test::decode_rgb(a.body);
+  EXPECT_EQ(ia.cols, kSize);
+  EXPECT_EQ(ia.rows, kSize);
+  const auto b = http_request(port_, http::verb::post, "/api/txt2img", R"({"prompt":"a red cat","seed":5})");
+  ASSERT_EQ(b.status, 200u);
+  EXPECT_EQ(a.body, b.body) << "same request, same seed: same image";
+  const auto c = http_request(port_, http::verb::post, "/api/txt2img", R"({"prompt":"a red cat","seed":6})");
+  ASSERT_EQ(c.status, 200u);
+  EXPECT_GT(sd::test::mean_abs_diff(ia, sd::test::decode_rgb(c.body)), 0.5) << "another seed, another image";
+}
+
+TEST_F(ServerTest, Img2ImgApiRoundTripAndErrors) {
+  start();
+  const std::string img = sd::server::base64_encode(sd::test::test_jpeg(120, 90, 3));
+  const auto a = http_request(port_, http::verb::post, "/api/img2img",
+                              nlohmann::json{{"prompt", "oil painting"}, {"image", img}, {"t_index_list", {20, 40}}}.dump());
+  ASSERT_EQ(a.status, 200u) << a.body;
+  EXPECT_EQ(a.content_type, "image/png");
+  EXPECT_EQ(sd::test::decode_rgb(a.body).cols, kSize);
+  // A PNG data URL works too.
+  const std::string png = sd::server::base64_encode(sd::server::encode_png(sd::test::decode_rgb(sd::test::test_jpeg(64, 64))));
+  EXPECT_EQ(http_request(port_, http::verb::post, "/api/img2img",
+                         nlohmann::json{{"image", "data:image/png;base64," + png}}.dump()).status, 200u);
+
+  auto expect_400 = [&](const std::string& body, const std::string& needle) {
+    const auto r = http_request(port_, http::verb::post, "/api/img2img", body);
+    EXPECT_EQ(r.status, 400u) << body;
+    EXPECT_NE(r.body.find(needle), std::string::npos) << r.body;
+  };
+  expect_400("{not json", "bad JSON");
+  expect_400(nlohmann::json{{"image", img}, {"colour", 1}}.dump(), "unknown field 'colour'");
+  expect_400(nlohmann::json{{"prompt", "x"}}.dump(), "field 'image'");
+  expect_400(nlohmann::json{{"image", "!!!"}}.dump(), "invalid base64");
+  expect_400(nlohmann::json{{"image", sd::server::base64_encode("\xFF\xD8\xFF garbage")}}.dump(), "JPEG");
+  expect_400(nlohmann::json{{"image", img}, {"mode", "txt2img"}}.dump(), "mode");
+  EXPECT_EQ(http_request(port_, http::verb::post, "/api/txt2img", "prompt=x", "application/x-www-form-urlencoded").status,
+            415u);
+  EXPECT_EQ(http_get(port_, "/api/txt2img").status, 405u);
+}
+
+TEST_F(ServerTest, OversizeHttpBodyIs413) {
+  ServerOptions o;
+  o.max_http_body = 64 * 1024;
+  start(o);
+  const auto r = http_request(port_, http::verb::post, "/api/img2img", std::string(200 * 1024, 'a'));
+  EXPECT_EQ(r.status, 413u) << r.body;
+  EXPECT_EQ(http_get(port_, "/api/health").status, 200u) << "the server goes on";
+}
+
+TEST_F(ServerTest, StaticFilesAndTraversal) {
+  start();
+  const auto index = http_get(port_, "/");
+  ASSERT_EQ(index.status, 200u);
+  EXPECT_EQ(index.content_type, "text/html; charset=utf-8");
+  EXPECT_EQ(http_get(port_, "/missing.js").status, 404u);
+  for (const std::string t : {"/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/%2E%2E%5Csecret.txt",
+                              "/web/../../secret.txt"}) {
+    const auto r = http_get(port_, t);
+    EXPECT_TRUE(r.status == 403u || r.status == 404u || r.status == 400u) << t << " -> " << r.status;
+    EXPECT_EQ(r.body.find("top secret"), std::string::npos) << t;
+  }
+}
+
+TEST_F(ServerTest, WebSocketStreamsFrames) {
+  start();
+  WsClient c;
+  open_stream(c, port_);
+  for (int k = 0; k < 3; ++k) {
+    ASSERT_TRUE(c.send_binary(sd::test::test_jpeg(96, 72, k)));
+    auto f = c.read_frame();
+    ASSERT_TRUE(f) << "frame " << k;
+    const cv::Mat img = sd::test::decode_rgb(*f);
+    EXPECT_EQ(img.cols, kSize);
+    EXPECT_EQ(img.rows, kSize);
+  }
+  // txt2img on the same connection.
+  ASSERT_TRUE(c.send_json({{"type", "config"}, {"mode", "txt2img"}, {"prompt", "a dog"}}));
+  auto cfg = c.read_type("config");
+  ASSERT_TRUE(cfg);
+  EXPECT_EQ((*cfg)["settings"]["mode"], "txt2img");
+  ASSERT_TRUE(c.send_json({{"type", "generate"}}));
+  EXPECT_TRUE(c.read_frame());
+  ASSERT_TRUE(c.send_json({{"type", "stats"}}));
+  auto st = c.read_type("stats");
+  ASSERT_TRUE(st);
+  EXPECT_GE((*st)["frames_out"].get<int>(), 4);
+}
+
+// Each bad input is answered with an error to that client only; its stream and another client's stream go on.
+TEST_F(ServerTest, BadInputsAreRejectedWhileAnotherClientStreams) {
+  ServerOptions o;
+  o.max_ws_message = 256 * 1024;
+  start(o);
+  Streamer a(port_);
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(a.advances(2));
+
+  WsClient b;
+  open_stream(b, port_);
+  std::string junk = "\xFF\xD8\xFF\xE0";
+  junk += std::string(500, 'x');
+  ASSERT_TRUE(b.send_binary(junk));
+  EXPECT_NE(error_of(b).find("JPEG"), std::string::npos);
+  ASSERT_TRUE(b.send_binary("definitely not an image"));
+  EXPECT_NE(error_of(b).find("not a JPEG"), std::string::npos);
+  ASSERT_TRUE(b.send_binary(sd::test::test_jpeg(4, 4)));
+  EXPECT_NE(error_of(b).find("out of range"), std::string::npos);
+  ASSERT_TRUE(b.send_text("{\"type\": \"config\", \"prompt\": "));
+  EXPECT_NE(error_of(b).find("bad JSON"), std::string::npos);
+  ASSERT_TRUE(b.send_json({{"type", "config"}, {"prompt", "x"}, {"strength", 0.5}}));
+  EXPECT_NE(error_of(b).find("unknown field 'strength'"), std::string::npos);
+  ASSERT_TRUE(b.send_json({{"type", "explode"}}));
+  EXPECT_NE(error_of(b).find("unknown message type"), std::string::npos);
+  ASSERT_TRUE(b.send_json({{"type", "generate"}}));  // img2img without a frame
+  EXPECT_NE(error_of(b).find("img2img mode"), std::string::npos);
+  EXPECT_TRUE(a.advances(2)) << "client A stalled after B's bad messages";
+  EXPECT_TRUE(round_trip(b, 1)) << "B's own stream goes on after its errors";
+
+  // Wrong Origin: the upgrade is refused (403) before a stream slot is taken.
+  EXPECT_EQ(sd::test::upgrade_status(port_, "http://evil.example"), 403u);
+  EXPECT_EQ(sd::test::upgrade_status(port_, "http://localhost:1"), 403u);
+  WsClient evil;
+  EXPECT_NE(evil.connect(port_, "http://evil.example"), 101u);
+  WsClient good_origin;
+  EXPECT_EQ(good_origin.connect(port_, "http://127.0.0.1:" + std::to_string(port_)), 101u);
+  good_origin.close();
+
+  // Oversize message: that connection is closed with 1009, A goes on.
+  ASSERT_TRUE(b.send_binary(std::string(300 * 1024, 'x')));
+  WsClient::Message m;
+  do {
+    m = b.read(std::chrono::seconds(30));
+  } while (m.ok);
+  EXPECT_TRUE(m.closed) << m.error;
+  EXPECT_EQ(m.close_code, 1009);
+  EXPECT_TRUE(a.advances(3)) << "client A stalled after B's oversize message";
+
+  const auto stats = http_get(port_, "/api/stats").json();
+  EXPECT_GE(stats["rejected_origin"].get<int>(), 1);
+  a.stop();
+}
+
+TEST_F(ServerTest, BusyBeyondMaxStreams) {
+  ServerOptions o;
+  o.max_streams = 2;
+  start(o);
+  WsClient a, b, c;
+  open_stream(a, port_);
+  open_stream(b, port_);
+  ASSERT_EQ(c.connect(port_), 101u);
+  auto busy = c.read(std::chrono::seconds(10));
+  ASSERT_TRUE(busy.ok);
+  const auto j = busy.json();
+  EXPECT_EQ(j["type"], "busy");
+  EXPECT_EQ(j["max_streams"], 2);
+  auto closed = c.read(std::chrono::seconds(10));
+  EXPECT_TRUE(closed.closed);
+  EXPECT_EQ(closed.close_code, 1013);  // try again later
+  EXPECT_TRUE(round_trip(a, 0)) << "the admitted clients are unaffected";
+  // A slot freed is a slot for the next client.
+  b.close();
+  bool admitted = false;
+  for (int i = 0; i < 100 && !admitted; ++i) {
+    WsClient d;
+    ASSERT_EQ(d.connect(port_), 101u);
+    auto m = d.read(std::chrono::seconds(10));
+    admitted = m.ok && m.json()["type"] == "hello";
+    if (!admitted) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(admitted);
+  EXPECT_GE(http_get(port_, "/api/stats").json()["rejected_busy"].get<int>(), 1);
+}
+
+// Two clients with different prompts on the same input: different outputs, and each receives exactly its own frames.
+TEST_F(ServerTest, ClientsHaveSeparateStreams) {
+  start();
+  WsClient a, b;
+  open_stream(a, port_);
+  open_stream(b, port_);
+  ASSERT_TRUE(a.send_json({{"type", "config"}, {"prompt", "a red fox in the snow"}, {"seed", 1}}));
+  ASSERT_TRUE(b.send_json({{"type", "config"}, {"prompt", "a blue submarine"}, {"seed", 1}}));
+  ASSERT_TRUE(a.read_type("config"));
+  ASSERT_TRUE(b.read_type("config"));
+  std::string fa, fb;
+  for (int k = 0; k < 3; ++k) {  // past the warm-up (n - 1 = 1 call)
+    const std::string in = sd::test::test_jpeg(64, 64, k);
+    ASSERT_TRUE(a.send_binary(in));
+    ASSERT_TRUE(b.send_binary(in));
+    auto ra = a.read_frame(), rb = b.read_frame();
+    ASSERT_TRUE(ra && rb);
+    fa = *ra;
+    fb = *rb;
+  }
+  EXPECT_GT(sd::test::mean_abs_diff(sd::test::decode_rgb(fa), sd::test::decode_rgb(fb)), 0.5);
+  // B sends nothing more: it must receive nothing while A streams.
+  for (int k = 0; k < 3; ++k) ASSERT_TRUE(round_trip(a, 10 + k));
+  auto stray = b.read(std::chrono::milliseconds(500));
+  EXPECT_FALSE(stray.ok && stray.binary) << "B received a frame it did not ask for";
+}
+
+TEST_F(ServerTest, PromptChangeChangesTheOutput) {
+  start();
+  WsClient c;
+  open_stream(c, port_);
+  const std::string in = sd::test::test_jpeg(64, 64, 5);
+  auto settle = [&](const std::string& prompt) {
+    EXPECT_TRUE(c.send_json({{"type", "config"}, {"prompt", prompt}, {"similarity_filter", 0}}));
+    std::string last;
+    for (int k = 0; k < 3; ++k) {
+      EXPECT_TRUE(c.send_binary(in));
+      auto f = c.read_frame();
+      if (!f) return cv::Mat();
+      last = *f;
+    }
+    return sd::test::decode_rgb(last);
+  };
+  const cv::Mat x = settle("a castle at night");
+  const cv::Mat y = settle("a castle at night");
+  const cv::Mat z = settle("green jelly beans");
+  ASSERT_FALSE(x.empty() || y.empty() || z.empty());
+  const double same = sd::test::mean_abs_diff(x, y), changed = sd::test::mean_abs_diff(y, z);
+  std::cout << "  mean |diff| same prompt " << same << ", new prompt " << changed << "\n";
+  EXPECT_GT(changed, same + 0.5);
+}
+
+// A client that never reads does not stall the model thread or others: its frames are dropped and counted.
+TEST_F(ServerTest, SlowClientDoesNotStallOthers) {
+  start();
+  WsClient slow;
+  open_stream(slow, port_);
+  ASSERT_TRUE(slow.send_json({{"type", "config"}, {"mode", "txt2img"}}));
+  // Many requests, never read: the server keeps only the latest pending request and a bounded send queue.
+  for (int i = 0; i < 200; ++i) ASSERT_TRUE(slow.send_json({{"type", "generate"}}));
+  Streamer a(port_);
+  ASSERT_TRUE(a.ok());
+  EXPECT_TRUE(a.advances(5));
+  const auto stats = http_get(port_, "/api/stats").json();
+  int64_t dropped_in = 0;
+  for (const auto& c : stats["clients"]) dropped_in += c["dropped_in"].get<int64_t>();
+  EXPECT_GT(dropped_in, 0) << stats.dump();
+  a.stop();
+}
+
+TEST_F(ServerTest, StopClosesClients) {
+  start();
+  WsClient c;
+  open_stream(c, port_);
+  ASSERT_TRUE(round_trip(c, 0));
+  std::thread stopper([this] { server_->stop(); });
+  WsClient::Message m;
+  do {
+    m = c.read(std::chrono::seconds(10));
+  } while (m.ok);
+  stopper.join();
+  EXPECT_TRUE(m.closed) << m.error;
+  EXPECT_EQ(m.close_code, 1001);  // going away
+}
+
+// N clients stream at once for SD_LOAD_SECONDS (default 10): no crash, every client served, RSS bounded.
+TEST_F(ServerTest, LoadManyClients) {
+  const int clients = std::getenv("SD_LOAD_CLIENTS") ? std::atoi(std::getenv("SD_LOAD_CLIENTS")) : 20;
+  const double seconds = std::getenv("SD_LOAD_SECONDS") ? std::atof(std::getenv("SD_LOAD_SECONDS")) : 10.0;
+  ServerOptions o;
+  o.max_streams = clients;
+  start(o);
+  // Warm-up: one client, a few frames (allocator pools, lazy init).
+  {
+    WsClient w;
+    open_stream(w, port_);
+    for (int k = 0; k < 3; ++k) ASSERT_TRUE(round_trip(w, k));
+  }
+  const double rss_start = sd::resident_memory_mb();
+  std::vector<std::unique_ptr<Streamer>> ss;
+  for (int i = 0; i < clients; ++i) {
+    ss.push_back(std::make_unique<Streamer>(port_));
+    ASSERT_TRUE(ss.back()->ok()) << "client " << i;
+  }
+  double rss_peak = rss_start;
+  std::vector<double> samples;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto total_frames = [&] {
+    int n = 0;
+    for (auto& s : ss) n += s->frames();
+    return n;
+  };
+  double next_report = 10;
+  while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < seconds) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    const double r = sd::resident_memory_mb();
+    samples.push_back(r);
+    rss_peak = std::max(rss_peak, r);
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (t >= next_report) {
+      std::printf("  [load] %.0f s: %d frames, RSS %.1f MiB\n", t, total_frames(), r);
+      std::fflush(stdout);
+      next_report += 10;
+    }
+  }
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  int total = 0, min_frames = 1 << 30, max_frames = 0, alive = 0;
+  for (auto& s : ss) {
+    total += s->frames();
+    min_frames = std::min(min_frames, s->frames());
+    max_frames = std::max(max_frames, s->frames());
+    alive += s->alive();
+  }
+  const double rss_mid = samples.empty() ? rss_start : samples[samples.size() / 2];
+  const auto during = http_get(port_, "/api/stats").json();
+  std::printf("  [load] worker %s\n", during["worker"].dump().c_str());
+  for (const auto& c : during["clients"]) std::printf("  [load] client %s\n", c.dump().c_str());
+  for (auto& s : ss) s->stop();
+  ss.clear();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const double rss_end = sd::resident_memory_mb();
+  const auto health = http_get(port_, "/api/health");
+  std::printf("  [load] %d clients, %.1f s: %d frames served (%.1f fps total, %.2f fps per client; min %d max %d per "
+              "client), RSS start %.1f MiB, mid %.1f, peak %.1f, end %.1f\n",
+              clients, elapsed, total, total / elapsed, total / elapsed / clients, min_frames, max_frames, rss_start,
+              rss_mid, rss_peak, rss_end);
+  EXPECT_EQ(alive, clients) << "a client connection died";
+  EXPECT_GE(min_frames, 1) << "a client was starved (round robin)";
+  EXPECT_EQ(health.status, 200u);
+  // 20 small streams: each has its own buffers (tiny model: well under 1 MiB each). Bounded: no growth with time.
+  EXPECT_LT(rss_peak - rss_start, 300.0);
+  EXPECT_LT(rss_end - rss_mid, 50.0) << "RSS grows while streaming";
+  EXPECT_LE(max_frames, 4 * min_frames + 4) << "unfair scheduling";
+}

@@ -1,0 +1,211 @@
+// Server components without a model: image probing and decoding limits, base64, static file resolution and
+// traversal protection, MIME types, the Origin rule, the settings JSON and the model worker's round robin.
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "common/fixtures.h"
+#include "core/error.h"
+#include "server/image_codec.h"
+#include "server/model_worker.h"
+#include "server/static_files.h"
+#include "server/stream_settings.h"
+#include "server/websocket_session.h"
+#include "server_test_util.h"
+
+namespace fs = std::filesystem;
+using namespace sd::server;
+
+TEST(ImageCodec, ProbesAndDecodesJpegAndPng) {
+  const std::string jpg = sd::test::test_jpeg(40, 24);
+  const ImageHeader h = probe_image(jpg, "frame");
+  EXPECT_EQ(h.format, ImageFormat::Jpeg);
+  EXPECT_EQ(h.width, 40);
+  EXPECT_EQ(h.height, 24);
+  const cv::Mat rgb = decode_image(jpg, false, "frame");
+  EXPECT_EQ(rgb.cols, 40);
+  EXPECT_EQ(rgb.rows, 24);
+  const std::string png = encode_png(rgb);
+  const ImageHeader hp = probe_image(png, "image");
+  EXPECT_EQ(hp.format, ImageFormat::Png);
+  EXPECT_EQ(hp.width, 40);
+  EXPECT_THROW(decode_image(png, false, "frame"), sd::InvalidArgument);  // frames are JPEG only
+  EXPECT_EQ(decode_image(png, true, "image").cols, 40);
+}
+
+TEST(ImageCodec, RejectsGarbageTruncatedAndAbsurdSizes) {
+  EXPECT_THROW(probe_image("hello world", "frame"), sd::InvalidArgument);
+  EXPECT_THROW(probe_image("", "frame"), sd::InvalidArgument);
+  std::string jpg = sd::test::test_jpeg(64, 64);
+  // Truncated right after the header: probe passes, the decoder must refuse (or OpenCV pads: then still 64x64).
+  EXPECT_THROW(decode_image(jpg.substr(0, 20), false, "frame"), sd::InvalidArgument);
+  // Garbage with a JPEG signature.
+  std::string junk = "\xFF\xD8\xFF\xE0";
+  junk += std::string(200, '\x5A');
+  EXPECT_THROW(decode_image(junk, false, "frame"), sd::InvalidArgument);
+  // A header that claims 60000 x 60000 pixels is refused before decoding.
+  for (size_t i = 2; i + 9 < jpg.size(); ++i) {
+    if (static_cast<unsigned char>(jpg[i]) == 0xFF && static_cast<unsigned char>(jpg[i + 1]) == 0xC0) {
+      jpg[i + 5] = static_cast<char>(0xEA);
+      jpg[i + 6] = static_cast<char>(0x60);
+      jpg[i + 7] = static_cast<char>(0xEA);
+      jpg[i + 8] = static_cast<char>(0x60);
+      break;
+    }
+  }
+  try {
+    probe_image(jpg, "frame");
+    FAIL() << "expected an out-of-range size error";
+  } catch (const sd::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("60000x60000"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(probe_image(sd::test::test_jpeg(4, 4), "frame"), sd::InvalidArgument);  // below 8 px
+}
+
+TEST(ImageCodec, FitCropsToTheAspectAndResizes) {
+  cv::Mat wide(40, 120, CV_8UC3, cv::Scalar(0, 0, 0));
+  wide(cv::Rect(40, 0, 40, 40)).setTo(cv::Scalar(255, 255, 255));  // the centre third is white
+  const cv::Mat out = fit_image(wide, 16, 16);
+  EXPECT_EQ(out.cols, 16);
+  EXPECT_EQ(out.rows, 16);
+  EXPECT_GT(cv::mean(out)[0], 250.0);  // only the centre square is kept
+}
+
+TEST(ImageCodec, Base64RoundTripAndErrors) {
+  for (const std::string& s : std::vector<std::string>{"", "a", "ab", "abc", "abcd", std::string("\x00\xff\x10", 3)})
+    EXPECT_EQ(base64_decode(base64_encode(s), "b64"), s);
+  EXPECT_EQ(base64_decode("data:image/png;base64,aGVsbG8=", "b64"), "hello");
+  EXPECT_EQ(base64_decode("aGVs\nbG8", "b64"), "hello");
+  EXPECT_THROW(base64_decode("aGV*sbG8=", "b64"), sd::InvalidArgument);
+  EXPECT_THROW(base64_decode("data:text/plain,hello", "b64"), sd::InvalidArgument);
+}
+
+TEST(StaticFiles, ServesFilesAndRefusesTraversal) {
+  const fs::path tmp = sd::test::make_temp_dir("static");
+  fs::create_directories(tmp / "root" / "sub");
+  std::ofstream(tmp / "root" / "index.html") << "<h1>hi</h1>";
+  std::ofstream(tmp / "root" / "app.js") << "export {}";
+  std::ofstream(tmp / "root" / "sub" / "index.html") << "sub";
+  std::ofstream(tmp / "root" / ".env") << "SECRET=1";
+  std::ofstream(tmp / "secret.txt") << "secret";
+  fs::create_symlink(tmp / "secret.txt", tmp / "root" / "link.txt");
+  const StaticFiles files((tmp / "root").string());
+
+  auto ok = files.resolve("/");
+  ASSERT_EQ(ok.status, StaticFiles::Status::Ok);
+  EXPECT_EQ(ok.mime, "text/html; charset=utf-8");
+  EXPECT_EQ(files.resolve("/app.js?v=3").mime, "text/javascript; charset=utf-8");
+  EXPECT_EQ(files.resolve("/sub/").status, StaticFiles::Status::Ok);
+  EXPECT_EQ(files.resolve("/missing.css").status, StaticFiles::Status::NotFound);
+  for (const std::string bad : {"/../secret.txt", "/sub/../../secret.txt", "/%2e%2e/secret.txt", "/%2E%2E%2fsecret.txt",
+                                "/..%5csecret.txt", "/sub%2f..%2f..%2fsecret.txt", "/.env", "/link.txt",
+                                "/app.js%00.png", "/%zz", "relative.txt", "/a\\..\\secret.txt"}) {
+    const auto r = files.resolve(bad);
+    EXPECT_NE(r.status, StaticFiles::Status::Ok) << bad << " resolved to " << r.path;
+  }
+  EXPECT_EQ(files.resolve("/link.txt").status, StaticFiles::Status::Forbidden);
+  EXPECT_THROW(StaticFiles((tmp / "nope").string()), sd::InvalidArgument);
+  fs::remove_all(tmp);
+}
+
+TEST(StaticFiles, MimeTypes) {
+  EXPECT_EQ(mime_type("a/b.CSS"), "text/css; charset=utf-8");
+  EXPECT_EQ(mime_type("x.png"), "image/png");
+  EXPECT_EQ(mime_type("x.mjs"), "text/javascript; charset=utf-8");
+  EXPECT_EQ(mime_type("dir.v2/README"), "application/octet-stream");
+}
+
+TEST(OriginCheck, SameHostLiteralsAndTheAllowList) {
+  const std::vector<std::string> none;
+  EXPECT_TRUE(origin_allowed("", "127.0.0.1:8000", none));  // not a browser
+  EXPECT_TRUE(origin_allowed("http://127.0.0.1:8000", "127.0.0.1:8000", none));
+  EXPECT_TRUE(origin_allowed("http://localhost:8000", "localhost:8000", none));
+  EXPECT_TRUE(origin_allowed("http://[::1]:8000", "[::1]:8000", none));
+  EXPECT_FALSE(origin_allowed("http://localhost:9000", "localhost:8000", none));  // another port
+  EXPECT_FALSE(origin_allowed("http://evil.example", "127.0.0.1:8000", none));
+  // DNS rebinding: the attacker's name points at 127.0.0.1, so Host matches — refused unless listed.
+  EXPECT_FALSE(origin_allowed("http://evil.example:8000", "evil.example:8000", none));
+  EXPECT_FALSE(origin_allowed("null", "127.0.0.1:8000", none));
+  EXPECT_TRUE(origin_allowed("https://studio.example", "127.0.0.1:8000", {"https://studio.example/"}));
+  EXPECT_TRUE(origin_allowed("http://anything", "127.0.0.1:8000", {"*"}));
+}
+
+namespace {
+StreamDefaults test_defaults() {
+  StreamDefaults d;
+  d.img2img.t_index_list = {32, 45};
+  d.txt2img.t_index_list = {0, 16, 32, 45};
+  d.txt2img.cfg_type = sd::CfgType::None;
+  d.prompt = "a cat";
+  return d;
+}
+}  // namespace
+
+TEST(StreamSettingsJson, AppliesValidatesAndNamesUnknownFields) {
+  const StreamDefaults d = test_defaults();
+  const StreamSettings s0 = StreamSettings::defaults(d, false);
+  EXPECT_EQ(s0.prompt, "a cat");
+  const StreamSettings s1 = apply_settings_json(
+      {{"type", "config"}, {"prompt", "a dog"}, {"guidance", 1.5}, {"t_index_list", {20, 40}}, {"seed", 7}}, s0, d,
+      {"type"});
+  EXPECT_EQ(s1.prompt, "a dog");
+  EXPECT_DOUBLE_EQ(s1.guidance, 1.5);
+  EXPECT_EQ(s1.t_index_list, (std::vector<int64_t>{20, 40}));
+  EXPECT_EQ(s1.seed, 7u);
+  const StreamSettings s2 = apply_settings_json({{"mode", "txt2img"}}, s1, d, {});
+  EXPECT_TRUE(s2.txt2img);
+  EXPECT_EQ(s2.t_index_list, d.txt2img.t_index_list);  // the mode's default
+  EXPECT_EQ(apply_settings_json({{"steps", 3}}, s0, d, {}).t_index_list, (std::vector<int64_t>{32, 38, 45}));
+  try {
+    apply_settings_json({{"prompt", "x"}, {"colour", "red"}}, s0, d, {});
+    FAIL();
+  } catch (const sd::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown field 'colour'"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(apply_settings_json({{"guidance", "high"}}, s0, d, {}), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json({{"guidance", 1e9}}, s0, d, {}), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json({{"t_index_list", {50}}}, s0, d, {}), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json({{"t_index_list", nlohmann::json::array()}}, s0, d, {}), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json({{"seed", -1}}, s0, d, {}), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json({{"mode", "video"}}, s0, d, {}), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json({{"mode", "txt2img"}}, s0, d, {}, false), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json({{"steps", 2}, {"t_index_list", {1}}}, s0, d, {}), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json({{"prompt", std::string(3000, 'a')}}, s0, d, {}), sd::InvalidArgument);
+  EXPECT_THROW(apply_settings_json(nlohmann::json::array(), s0, d, {}), sd::InvalidArgument);
+}
+
+namespace {
+class RecordingTask : public ModelTask {
+ public:
+  RecordingTask(int id, std::vector<int>& log, std::mutex& m) : id_(id), log_(log), m_(m) {}
+  void run_model_step() override {
+    std::lock_guard<std::mutex> lock(m_);
+    log_.push_back(id_);
+  }
+
+ private:
+  int id_;
+  std::vector<int>& log_;
+  std::mutex& m_;
+};
+}  // namespace
+
+TEST(ModelWorker, SchedulesEachTaskOnceAndServesInOrder) {
+  std::vector<int> log;
+  std::mutex m;
+  auto a = std::make_shared<RecordingTask>(1, log, m);
+  auto b = std::make_shared<RecordingTask>(2, log, m);
+  ModelWorker w;
+  // Queued before the worker starts: a twice (deduplicated), then b.
+  EXPECT_TRUE(w.schedule(a));
+  EXPECT_TRUE(w.schedule(a));
+  EXPECT_TRUE(w.schedule(b));
+  w.start();
+  for (int i = 0; i < 200 && w.steps() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  w.stop();
+  EXPECT_EQ(log, (std::vector<int>{1, 2}));
+  EXPECT_FALSE(w.schedule(a));  // stopped
+}

@@ -1,0 +1,236 @@
+// Browser end-to-end test of `streamdiffusion serve`: Debian's chromium (headless, fake camera) driven by
+// playwright-core against the server on loopback with the tiny fixture model.
+//
+//   node e2e.mjs --server build/apps/streamdiffusion --fixtures ../shared/fixtures [--web-root web]
+//                [--screenshot out.png] [--model-name tiny-sd15] [--size 128x128]
+//
+// Checks: the page opens; camera frames go out and generated frames come back and are drawn; a prompt change
+// changes the output; a refused camera is explained; two pages at once get separate streams (different prompts ->
+// different outputs, neither receives more frames than it sent); a page beyond --max-streams shows the busy
+// message; SIGINT stops the server cleanly. Exit 0 = passed, 1 = failed, 77 = skipped (no chromium / node_modules / fixture model).
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []));
+const SKIP = 77;
+const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
+const fixtures = process.env.SD_FIXTURES || args.fixtures || path.join(here, '../../../shared/fixtures');
+const model = path.join(fixtures, 'models', args['model-name'] || 'tiny-sd15');
+const webRoot = args['web-root'] || path.join(here, '../../web');
+const size = args.size || '128x128';
+
+function skip(why) {
+  console.log(`SKIPPED: ${why}`);
+  process.exit(SKIP);
+}
+if (!args.server || !fs.existsSync(args.server)) skip(`no server binary (--server ${args.server})`);
+if (!fs.existsSync(chromiumPath)) skip(`${chromiumPath} not found (apt-get install chromium; scripts/setup.sh does)`);
+if (!fs.existsSync(model)) skip(`no fixture model at ${model}`);
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch {
+  skip(`playwright-core is not installed in ${here} (run: cd tests/web && npm ci; scripts/setup.sh does)`);
+}
+
+let passed = 0, failed = 0;
+function check(cond, what, detail = '') {
+  if (cond) { passed += 1; console.log(`  ok   ${what}`); } else { failed += 1; console.log(`  FAIL ${what} ${detail}`); }
+  return cond;
+}
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(fn, timeoutMs, what) {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(100);
+  }
+}
+
+// A still test picture as the fake camera (Y4M, 4:2:0): colour bars and a bright square, so outputs depend on
+// the prompt and not on a moving pattern.
+function writeY4m(file, w = 160, h = 120, frames = 2) {
+  const Y = Buffer.alloc(w * h), U = Buffer.alloc((w / 2) * (h / 2)), V = Buffer.alloc((w / 2) * (h / 2));
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
+    const inSquare = x > w / 3 && x < (2 * w) / 3 && y > h / 4 && y < (3 * h) / 4;
+    Y[y * w + x] = inSquare ? 235 : 40 + Math.floor((180 * x) / w);
+  }
+  for (let y = 0; y < h / 2; y++) for (let x = 0; x < w / 2; x++) {
+    U[y * (w / 2) + x] = 64 + Math.floor((128 * x) / (w / 2));
+    V[y * (w / 2) + x] = 192 - Math.floor((128 * y) / (h / 2));
+  }
+  const parts = [Buffer.from(`YUV4MPEG2 W${w} H${h} F10:1 Ip A1:1 C420jpeg\n`)];
+  for (let i = 0; i < frames; i++) parts.push(Buffer.from('FRAME\n'), Y, U, V);
+  fs.writeFileSync(file, Buffer.concat(parts));
+}
+
+function startServer() {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(args.server, ['--log-level', 'warn', 'serve', '--model', model, '--size', size, '--port', '0', '--web-root', webRoot,
+      '--threads', '1', '--max-streams', '2', '--prompt', 'a watercolour fox in a misty forest'],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`the server did not start: ${out}`)), 60000);
+    proc.stdout.on('data', (d) => {
+      out += d;
+      const m = /listening on (http:\/\/\S+)/.exec(out);
+      if (m) { clearTimeout(timer); resolve({ proc, url: m[1] }); }
+    });
+    proc.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
+    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`the server exited (${code}): ${out}`)); });
+  });
+}
+
+// Mean |a - b| over the RGB bytes of two same-sized pixel arrays.
+function meanDiff(a, b) {
+  let s = 0, n = 0;
+  for (let i = 0; i < a.length; i += 4) { s += Math.abs(a[i] - b[i]) + Math.abs(a[i + 1] - b[i + 1]) + Math.abs(a[i + 2] - b[i + 2]); n += 3; }
+  return s / n;
+}
+
+const outputPixels = (page) => page.evaluate(() => {
+  const c = document.getElementById('output');
+  return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);
+});
+const appStats = (page) => page.evaluate(() => window.sdApp.stats());
+async function framesAfter(page, n, timeout = 60000) {
+  const start = (await appStats(page)).received;
+  await until(async () => (await appStats(page)).received >= start + n, timeout, `${n} more frames`);
+}
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sd-e2e-'));
+const y4m = path.join(tmp, 'camera.y4m');
+writeY4m(y4m);
+let server, browser;
+try {
+  server = await startServer();
+  console.log(`server at ${server.url}`);
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
+      `--use-file-for-fake-video-capture=${y4m}`],
+  });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 760 }, deviceScaleFactor: 1 });
+  const pageErrors = [];
+  const a = await context.newPage();
+  a.on('pageerror', (e) => pageErrors.push(String(e)));
+
+  // 1. The page opens and connects.
+  const res = await a.goto(server.url);
+  check(res.ok(), 'page loads', `(HTTP ${res.status()})`);
+  check((await a.title()).includes('StreamDiffusion'), 'page title');
+
+  // 2. Camera frames go out, generated frames come back and are drawn.
+  await a.click('#start');
+  await until(async () => (await appStats(a)).received >= 3, 60000, 'the first generated frames');
+  const s1 = await appStats(a);
+  check(s1.connected && s1.sent >= 3, 'camera frames sent', JSON.stringify(s1));
+  const px = await outputPixels(a);
+  let sum = 0, sq = 0;
+  for (let i = 0; i < px.length; i += 4) { sum += px[i]; sq += px[i] * px[i]; }
+  const n = px.length / 4, mean = sum / n, variance = sq / n - mean * mean;
+  check(mean > 0 && variance > 1, 'generated frames are drawn on the output canvas', `(mean ${mean}, var ${variance})`);
+  check((await a.textContent('#fps')) !== '–', 'fps shown', await a.textContent('#fps'));
+
+  // 3. A prompt change changes the output (the camera shows a still picture).
+  await framesAfter(a, 3);
+  const before1 = await outputPixels(a);
+  await framesAfter(a, 2);
+  const before2 = await outputPixels(a);
+  const baseline = meanDiff(before1, before2);
+  await a.fill('#prompt', 'neon city skyline at night, synthwave');
+  await until(async () => (await a.evaluate(() => window.sdApp.stats().errors.length)) >= 0, 1000, '');
+  await sleep(400);  // the settings go out after a short debounce
+  await framesAfter(a, 4);
+  const after = await outputPixels(a);
+  const changed = meanDiff(before2, after);
+  console.log(`    mean |diff| same prompt ${baseline.toFixed(2)}, after the prompt change ${changed.toFixed(2)}`);
+  check(changed > baseline + 1, 'a prompt change changes the output');
+
+  // 3b. A refused camera gives a clear message (and takes no stream slot).
+  const refused = await context.newPage();
+  await refused.addInitScript(() => {
+    navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));
+  });
+  await refused.goto(server.url);
+  await refused.click('#start');
+  await until(async () => (await appStats(refused)).banner !== '', 10000, 'the camera-refused banner');
+  const sr = await appStats(refused);
+  check(/Camera access was refused/.test(sr.banner) && !sr.connected, 'a refused camera is explained', sr.banner);
+  await refused.close();
+
+  // 4. Two pages at once: separate streams.
+  const b = await context.newPage();
+  b.on('pageerror', (e) => pageErrors.push(String(e)));
+  await b.goto(server.url);
+  await b.fill('#prompt', 'a bowl of green apples, still life');
+  await b.click('#start');
+  await until(async () => (await appStats(b)).received >= 3, 60000, 'frames on the second page');
+  await framesAfter(a, 3);
+  await framesAfter(b, 3);
+  const sa = await appStats(a), sb = await appStats(b);
+  check(sa.id !== sb.id, 'the pages have different stream ids', `${sa.id} ${sb.id}`);
+  check(sa.received <= sa.sent && sb.received <= sb.sent, 'neither page receives more frames than it sent',
+    JSON.stringify({ a: [sa.sent, sa.received], b: [sb.sent, sb.received] }));
+  const oa = await outputPixels(a), ob = await outputPixels(b);
+  const ab = meanDiff(oa, ob);
+  console.log(`    mean |diff| between the two pages' outputs ${ab.toFixed(2)}`);
+  check(ab > 1, 'different prompts on the two pages give different outputs');
+  const stats = await (await fetch(`${server.url}api/stats`)).json();
+  check(stats.streams === 2 && stats.clients.length === 2, 'the server counts two streams', JSON.stringify(stats.clients));
+
+  // The screenshot for the README: both streams running, the first page in view.
+  await a.bringToFront();
+  await framesAfter(a, 2);
+  if (args.screenshot) {
+    await a.screenshot({ path: args.screenshot });
+    console.log(`    screenshot: ${args.screenshot}`);
+  }
+
+  // 5. A third page is beyond --max-streams 2: a clear busy message.
+  const c = await context.newPage();
+  await c.goto(server.url);
+  await c.click('#start');
+  await until(async () => (await appStats(c)).banner.includes('busy'), 20000, 'the busy banner');
+  const sc = await appStats(c);
+  check(/busy/.test(sc.banner) && sc.status === 'busy', 'a page beyond --max-streams says the server is busy', sc.banner);
+  await c.close();
+
+  // 6. Live txt2img from the prompt box (Text only): frames keep coming, generated from the prompt alone.
+  await a.click('button.mode[data-mode="txt2img"]');
+  await until(async () => { const s = await appStats(a); return s.running && s.mode === 'txt2img'; }, 10000, 'txt2img mode');
+  await framesAfter(a, 3);
+  const t2i = await (await fetch(`${server.url}api/stats`)).json();
+  check(t2i.clients.some((c) => c.mode === 'txt2img' && c.frames_out > 0), 'Text only streams txt2img frames',
+    JSON.stringify(t2i.clients));
+  check((await a.inputValue('#t_index_list')) === '0,16,32,45', 'the form shows the txt2img steps',
+    await a.inputValue('#t_index_list'));
+
+  check(pageErrors.length === 0, 'no uncaught errors in the pages', pageErrors.join(' | '));
+  await browser.close();
+  browser = null;
+
+  // 6. SIGINT: clean shutdown, exit code 0.
+  const exited = new Promise((resolve) => server.proc.once('exit', (code, sig) => resolve({ code, sig })));
+  server.proc.kill('SIGINT');
+  const r = await Promise.race([exited, sleep(15000).then(() => null)]);
+  check(r && r.code === 0, 'SIGINT stops the server cleanly', JSON.stringify(r));
+  server = null;
+} catch (e) {
+  failed += 1;
+  console.log(`  FAIL ${e.stack || e}`);
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  if (server) server.proc.kill('SIGKILL');
+  fs.rmSync(tmp, { recursive: true, force: true });
+}
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);

@@ -1,0 +1,313 @@
+// The browser app of `streamdiffusion serve`: webcam / screen img2img or live txt2img over one WebSocket.
+import { StreamClient } from './stream_client.js';
+import { openSource, FrameGrabber, CaptureError } from './capture.js';
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  status: $('status'), model: $('model'), banner: $('banner'), start: $('start'),
+  input: $('input'), inputPh: $('input-placeholder'), output: $('output'), outputPh: $('output-placeholder'),
+  fps: $('fps'), latency: $('latency'), modelMs: $('model-ms'), frames: $('frames'), dropped: $('dropped'),
+  prompt: $('prompt'), negative: $('negative_prompt'), guidance: $('guidance'), delta: $('delta'),
+  tIndex: $('t_index_list'), seed: $('seed'), reseed: $('reseed'), filter: $('filter'), threshold: $('threshold'),
+};
+
+const params = new URLSearchParams(location.search);
+const state = {
+  mode: ['camera', 'screen', 'txt2img'].includes(params.get('mode')) ? params.get('mode') : 'camera',
+  running: false,
+  client: null,
+  media: null,
+  grabber: null,
+  errors: [],
+  received: 0,
+  lastFrameAt: 0,
+  recvTimes: [],
+  latencyEma: null,
+  wake: null,
+  generation: 0,
+};
+const inFlightWindow = Math.min(2, Math.max(1, Number(params.get('window')) || 1));
+
+function setStatus(text, kind) {
+  ui.status.textContent = text;
+  ui.status.className = `pill pill-${kind}`;
+}
+
+function showBanner(text, kind = 'error') {
+  ui.banner.textContent = text;
+  ui.banner.className = kind === 'error' ? 'banner' : 'banner info';
+  ui.banner.hidden = !text;
+}
+
+// ---- settings form -------------------------------------------------------------------------------------------
+
+// Fields the user changed before the first connection keep their value (and are sent); the others show the
+// server's defaults.
+const touched = new Set();
+function fillForm(s) {
+  const set = (el, v) => { if (!touched.has(el)) el.value = v; };
+  set(ui.prompt, s.prompt ?? '');
+  set(ui.negative, s.negative_prompt ?? '');
+  set(ui.guidance, s.guidance);
+  set(ui.delta, s.delta);
+  set(ui.tIndex, (s.t_index_list || []).join(','));
+  set(ui.seed, s.seed);
+  if (!touched.has(ui.filter)) ui.filter.checked = s.similarity_filter > 0;
+  if (s.similarity_filter > 0) set(ui.threshold, s.similarity_filter);
+  syncOutputs();
+}
+
+function syncOutputs() {
+  $('guidance-out').textContent = Number(ui.guidance.value).toFixed(2);
+  $('delta-out').textContent = Number(ui.delta.value).toFixed(2);
+  $('threshold-out').textContent = Number(ui.threshold.value).toFixed(3);
+}
+
+function formSettings() {
+  const s = {
+    prompt: ui.prompt.value,
+    negative_prompt: ui.negative.value,
+    guidance: Number(ui.guidance.value),
+    delta: Number(ui.delta.value),
+    seed: Math.max(0, Math.floor(Number(ui.seed.value) || 0)),
+  };
+  const list = ui.tIndex.value.split(',').map((x) => x.trim()).filter((x) => x !== '');
+  if (list.length && list.every((x) => /^\d+$/.test(x))) s.t_index_list = list.map(Number);
+  if (state.mode !== 'txt2img') s.similarity_filter = ui.filter.checked ? Number(ui.threshold.value) : 0;
+  return s;
+}
+
+let lastSent = {};
+let configTimer = null;
+function scheduleConfig() {
+  syncOutputs();
+  clearTimeout(configTimer);
+  configTimer = setTimeout(sendConfig, 150);
+}
+function sendConfig(extra = {}) {
+  if (!state.client?.open) return;
+  const s = { ...formSettings(), ...extra };
+  const changed = {};
+  for (const [k, v] of Object.entries(s)) if (JSON.stringify(lastSent[k]) !== JSON.stringify(v)) changed[k] = v;
+  if (!Object.keys(changed).length) return;
+  Object.assign(lastSent, changed);
+  state.client.sendConfig(changed);
+}
+
+for (const el of [ui.prompt, ui.negative, ui.guidance, ui.delta, ui.tIndex, ui.seed, ui.filter, ui.threshold])
+  el.addEventListener('input', () => { touched.add(el); scheduleConfig(); });
+ui.reseed.addEventListener('click', () => {
+  ui.seed.value = Math.floor(Math.random() * 1e6);
+  touched.add(ui.seed);
+  scheduleConfig();
+});
+
+// ---- connection ----------------------------------------------------------------------------------------------
+
+async function connect() {
+  const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+  const client = new StreamClient(url, { window: inFlightWindow });
+  setStatus('connecting…', 'warn');
+  try {
+    await client.connect();
+  } catch (e) {
+    if (e.busy) {
+      setStatus('busy', 'bad');
+      showBanner(`${e.message}`, 'error');
+    } else {
+      setStatus('offline', 'bad');
+      showBanner(`Cannot reach the server: ${e.message}`);
+    }
+    throw e;
+  }
+  const hello = client.hello;
+  ui.output.width = hello.width;
+  ui.output.height = hello.height;
+  // "FOLDER (text ..., autoencoder ..., fp32, cpu)" -> the folder's name and the dtype / device.
+  const m = /^(\S+)\s*\((.*)\)$/.exec(hello.model || '');
+  const name = m ? m[1].split('/').filter(Boolean).pop() : hello.model;
+  const tail = m ? m[2].split(', ').slice(-2).join(' · ') : '';
+  ui.model.textContent = `${name} · ${hello.width}×${hello.height}${tail ? ' · ' + tail : ''}`;
+  ui.model.title = hello.model;
+  fillForm(hello.settings);
+  lastSent = { ...hello.settings };
+  delete lastSent.mode;
+  setStatus('connected', 'on');
+  client.addEventListener('frame', (ev) => onFrame(ev.detail));
+  client.addEventListener('error', (ev) => {
+    const msg = ev.detail.message;
+    state.errors.push(msg);
+    if (/^(frame|generation failed|img2img mode)/.test(msg)) client.forgetOldest();
+    showBanner(`Server: ${msg}`, 'info');
+    wake();
+  });
+  client.addEventListener('config', (ev) => {
+    const applied = ev.detail.settings;
+    lastSent = { ...lastSent, ...applied };
+    delete lastSent.mode;
+    // A mode change brings that mode's default steps: show what the server uses (unless the user is typing there).
+    if (document.activeElement !== ui.tIndex) ui.tIndex.value = (applied.t_index_list || []).join(',');
+  });
+  client.addEventListener('stats', (ev) => {
+    const s = ev.detail;
+    ui.modelMs.textContent = s.model_ms ? s.model_ms.toFixed(0) : '–';
+    ui.dropped.textContent = (s.dropped_in || 0) + (s.dropped_out || 0);
+  });
+  client.addEventListener('close', (ev) => {
+    if (state.client === client) {
+      state.client = null;
+      const busy = ev.detail.reason === 'busy';
+      setStatus(busy ? 'busy' : 'disconnected', busy ? 'bad' : 'off');
+      if (state.running) {
+        if (!busy) showBanner(`The connection closed (${ev.detail.code}${ev.detail.reason ? ' ' + ev.detail.reason : ''}).`);
+        stop();
+      }
+    }
+  });
+  return client;
+}
+
+// ---- frames --------------------------------------------------------------------------------------------------
+
+async function onFrame({ blob, latency }) {
+  state.received += 1;
+  const now = performance.now();
+  state.recvTimes.push(now);
+  while (state.recvTimes.length && now - state.recvTimes[0] > 2000) state.recvTimes.shift();
+  if (latency !== null) state.latencyEma = state.latencyEma === null ? latency : 0.8 * state.latencyEma + 0.2 * latency;
+  wake();
+  try {
+    const bmp = await createImageBitmap(blob);
+    ui.output.getContext('2d').drawImage(bmp, 0, 0, ui.output.width, ui.output.height);
+    bmp.close();
+    ui.outputPh.hidden = true;
+    state.lastFrameAt = performance.now();
+  } catch (e) {
+    state.errors.push(`undecodable result: ${e}`);
+  }
+  const span = state.recvTimes.length > 1 ? (state.recvTimes.at(-1) - state.recvTimes[0]) / 1000 : 0;
+  ui.fps.textContent = span > 0 ? ((state.recvTimes.length - 1) / span).toFixed(1) : '–';
+  ui.latency.textContent = state.latencyEma === null ? '–' : state.latencyEma.toFixed(0);
+  ui.frames.textContent = state.received;
+}
+
+function wake() {
+  if (state.wake) { const w = state.wake; state.wake = null; w(); }
+}
+function nap(ms) {
+  return new Promise((resolve) => { state.wake = resolve; setTimeout(() => { if (state.wake === resolve) state.wake = null; resolve(); }, ms); });
+}
+
+async function pump(generation) {
+  while (state.running && state.generation === generation) {
+    const c = state.client;
+    if (!c) return;
+    // A result that never came (lost in a reconnect, refused frame) must not block the stream forever.
+    if (c.inFlight.length && performance.now() - c.inFlight[0] > 15000) c.forgetOldest();
+    if (c.canSend) {
+      if (state.mode === 'txt2img') {
+        c.requestImage();
+      } else if (state.grabber && ui.input.readyState >= 2) {
+        const blob = await state.grabber.grab(ui.input);
+        if (blob && state.running && state.generation === generation) c.sendFrame(blob);
+      }
+    }
+    await nap(c.canSend ? 15 : 1000);
+  }
+}
+
+// ---- start / stop --------------------------------------------------------------------------------------------
+
+async function start() {
+  showBanner('');
+  ui.start.disabled = true;
+  const generation = ++state.generation;
+  try {
+    // The input first: a refused camera takes no stream slot on the server.
+    if (state.mode !== 'txt2img') {
+      ui.inputPh.textContent = state.mode === 'camera' ? 'Waiting for the camera…' : 'Choose a screen or tab…';
+      state.media = await openSource(state.mode);
+    }
+    if (!state.client) state.client = await connect();
+    const hello = state.client.hello;
+    if (state.mode !== 'txt2img') {
+      ui.input.srcObject = state.media;
+      await ui.input.play().catch(() => {});
+      ui.inputPh.hidden = true;
+      state.grabber = new FrameGrabber(hello.width, hello.height);
+      for (const track of state.media.getVideoTracks())
+        track.addEventListener('ended', () => { showBanner('The capture ended.', 'info'); stop(); });
+    } else {
+      ui.inputPh.hidden = false;
+      ui.inputPh.textContent = 'Text only: images come from the prompt';
+    }
+    sendConfig({ mode: state.mode === 'txt2img' ? 'txt2img' : 'img2img' });
+    state.running = true;
+    ui.start.textContent = 'Stop';
+    ui.start.classList.add('stop');
+    pump(generation);
+  } catch (e) {
+    if (e instanceof CaptureError) {
+      showBanner(e.message);
+      ui.inputPh.hidden = false;
+      ui.inputPh.textContent = 'No input: ' + e.message;
+    }
+    state.errors.push(String(e.message || e));
+    stopMedia();
+  } finally {
+    ui.start.disabled = false;
+  }
+}
+
+function stopMedia() {
+  if (state.media) for (const t of state.media.getTracks()) t.stop();
+  state.media = null;
+  state.grabber = null;
+  ui.input.srcObject = null;
+}
+
+function stop() {
+  state.running = false;
+  state.generation += 1;
+  stopMedia();
+  ui.inputPh.hidden = false;
+  ui.inputPh.textContent = 'Stopped. Press Start to go on.';
+  ui.start.textContent = 'Start';
+  ui.start.classList.remove('stop');
+  wake();
+}
+
+ui.start.addEventListener('click', () => (state.running ? stop() : start()));
+
+for (const b of document.querySelectorAll('button.mode')) {
+  b.classList.toggle('active', b.dataset.mode === state.mode);
+  b.addEventListener('click', async () => {
+    if (b.dataset.mode === state.mode) return;
+    const wasRunning = state.running;
+    if (wasRunning) stop();
+    state.mode = b.dataset.mode;
+    for (const o of document.querySelectorAll('button.mode')) o.classList.toggle('active', o === b);
+    ui.inputPh.textContent = state.mode === 'txt2img' ? 'Text only: images come from the prompt'
+      : `Press Start to use your ${state.mode === 'camera' ? 'camera' : 'screen or a tab'}`;
+    if (wasRunning) start();
+  });
+}
+
+// Test and debugging hook: counters and the last errors.
+window.sdApp = {
+  start, stop,
+  get running() { return state.running; },
+  stats: () => ({
+    running: state.running,
+    mode: state.mode,
+    connected: !!state.client?.open,
+    sent: state.client?.sent ?? 0,
+    received: state.received,
+    errors: [...state.errors],
+    status: ui.status.textContent,
+    banner: ui.banner.hidden ? '' : ui.banner.textContent,
+    id: state.client?.hello?.id ?? null,
+  }),
+};
+
+if (params.get('autostart') === '1') start();
