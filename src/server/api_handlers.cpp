@@ -14,7 +14,9 @@ namespace sd::server {
 ApiResponse ApiResponse::json(unsigned status, const nlohmann::json& j) {
   ApiResponse r;
   r.status = status;
-  r.body = j.dump();
+  // replace: an error text may quote raw request bytes (a bad target, JSON with invalid UTF-8); a strict dump would
+  // throw out of the network handler and terminate the server.
+  r.body = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   return r;
 }
 
@@ -116,7 +118,7 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
                         static_cast<int>(defaults_.img2img.height));
       if (!image.isContinuous()) image = image.clone();
     }
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {  // sd::Error mostly; anything else must not escape into the network thread
     errors_.fetch_add(1);
     return done(ApiResponse::error(400, what + ": " + e.what()));
   }

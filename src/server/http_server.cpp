@@ -116,7 +116,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
     Response res{static_cast<http::status>(status), version};
     res.set(http::field::content_type, "application/json");
     res.keep_alive(keep_alive);
-    res.body() = nlohmann::json{{"error", message}}.dump();
+    // replace: `message` may quote raw request bytes (target, Origin) that are not UTF-8; a strict dump would throw.
+    res.body() = nlohmann::json{{"error", message}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     res.prepare_payload();
     return res;
   }

@@ -159,9 +159,17 @@ void StreamSession::run_model_step() {
     send_error(std::string("generation failed: ") + e.what());
     return;
   }
-  const torch::Tensor img = tensor_to_image(out.slice(0, 0, 1)).squeeze(0).contiguous();  // [H, W, 3] uint8
-  cv::Mat rgb(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), CV_8UC3);
-  std::memcpy(rgb.data, img.data_ptr<uint8_t>(), static_cast<size_t>(img.numel()));
+  cv::Mat rgb;
+  try {
+    // Inside a try too: an exception here would reach the worker, and the client would get neither a frame nor an
+    // error for its request.
+    const torch::Tensor img = tensor_to_image(out.slice(0, 0, 1)).squeeze(0).contiguous();  // [H, W, 3] uint8
+    rgb.create(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), CV_8UC3);
+    std::memcpy(rgb.data, img.data_ptr<uint8_t>(), static_cast<size_t>(img.numel()));
+  } catch (const std::exception& e) {
+    send_error(std::string("generation failed: ") + e.what());
+    return;
+  }
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   const double prev = model_ms_ema_.load();
   model_ms_ema_.store(prev == 0 ? ms : 0.9 * prev + 0.1 * ms);

@@ -187,7 +187,7 @@ void WebSocketSession::handle_text(const std::string& text) {
     } else {
       throw InvalidArgument("unknown message type '" + type + "' (expected config | generate | stats | ping)");
     }
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {  // an exception escaping a handler would end io_context::run (terminate)
     stream_->count_error();
     send_json({{"type", "error"}, {"message", e.what()}});
   }
@@ -198,7 +198,7 @@ void WebSocketSession::handle_binary(const std::string& data) {
     cv::Mat rgb = fit_image(decode_image(data, false, "frame"), stream_->width(), stream_->height());
     if (!rgb.isContinuous()) rgb = rgb.clone();
     stream_->submit_frame(std::move(rgb));
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {  // an exception escaping a handler would end io_context::run (terminate)
     stream_->count_error();
     send_json({{"type", "error"}, {"message", e.what()}});
   }
@@ -212,7 +212,9 @@ void WebSocketSession::post_frame(cv::Mat rgb) {
     try {
       out.data = encode_jpeg(rgb, self->ctx_->options.jpeg_quality);
     } catch (const std::exception& e) {
-      self->send_json({{"type", "error"}, {"message", e.what()}});
+      // This frame gets no result: say so in the words the page treats as "answered" (see web/app.js).
+      if (self->stream_) self->stream_->count_error();
+      self->send_json({{"type", "error"}, {"message", std::string("generation failed: ") + e.what()}});
       return;
     }
     self->enqueue(std::move(out));
@@ -237,7 +239,7 @@ void WebSocketSession::send_json(const nlohmann::json& j) {
   if (finished_) return;
   constexpr size_t kMaxQueuedText = 64;
   if (queue_.size() >= kMaxQueuedText + queued_frames_) return;  // a client that reads nothing: drop the chatter
-  enqueue(Outgoing{false, j.dump()});
+  enqueue(Outgoing{false, j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)});
 }
 
 void WebSocketSession::enqueue(Outgoing out) {
@@ -251,10 +253,8 @@ void WebSocketSession::enqueue(Outgoing out) {
       --queued_frames_;
       if (stream_) stream_->count_dropped_output();
     }
-    if (queued_frames_ >= ctx_->options.send_queue_frames) {  // only the one in flight is left: drop the new one
-      if (stream_) stream_->count_dropped_output();
-      return;
-    }
+    // Only the one being written is left (send_queue_frames == 1): queue the new one anyway, one over the bound. It
+    // answers the client's latest request; dropping it would leave a send-after-receive client waiting for nothing.
     ++queued_frames_;
   }
   queue_.push_back(std::move(out));
@@ -299,7 +299,9 @@ void WebSocketSession::close_with(websocket::close_code code, const std::string&
 
 void WebSocketSession::shutdown() {
   net::dispatch(ws_.get_executor(), [self = shared_from_this()]() {
-    if (self->finished_ || self->closing_ || self->close_after_write_) return;
+    // !has_slot_: not accepted yet (on_accept will see ctx_->stopping and refuse, a write now would race the
+    // handshake's answer on the socket) or already finished.
+    if (self->finished_ || self->closing_ || self->close_after_write_ || !self->has_slot_) return;
     self->queue_.erase(std::remove_if(self->queue_.begin() + (self->writing_ ? 1 : 0), self->queue_.end(),
                                       [](const Outgoing& o) { return o.binary; }),
                        self->queue_.end());

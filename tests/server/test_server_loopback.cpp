@@ -210,6 +210,18 @@ TEST_F(ServerTest, OversizeHttpBodyIs413) {
   EXPECT_EQ(http_get(port_, "/api/health").status, 200u) << "the server goes on";
 }
 
+// Error messages quote the request target and headers; raw bytes >= 0x80 in them (not UTF-8) must give an answer,
+// not an exception out of the I/O loop.
+TEST_F(ServerTest, NonUtf8BytesInTargetAndBodyAreAnswered) {
+  start();
+  EXPECT_EQ(http_get(port_, "/\xff\xfe.js").status, 404u);
+  EXPECT_EQ(http_get(port_, "/api/\xff").status, 404u);
+  const auto r = http_request(port_, http::verb::post, "/api/txt2img", "{\"prompt\": \"\xff\xc3\"}");
+  EXPECT_EQ(r.status, 400u) << r.body;
+  EXPECT_EQ(sd::test::upgrade_status(port_, "http://\xff\xff"), 403u);
+  EXPECT_EQ(http_get(port_, "/api/health").status, 200u) << "the server goes on";
+}
+
 TEST_F(ServerTest, StaticFilesAndTraversal) {
   start();
   const auto index = http_get(port_, "/");
