@@ -7,6 +7,7 @@ PKGS=(
   libopencv-dev libboost-dev libboost-system-dev libx11-dev libxext-dev
   libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  chromium nodejs
 )
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
@@ -21,4 +22,31 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "setup: all packages present"
+fi
+
+# The browser test of `serve` (tests/web): npm (unless node came with its own) and playwright-core from the lock
+# file. It drives Debian's chromium; playwright downloads no browser.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing npm"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends npm
+fi
+WEB_TESTS="$(cd "$(dirname "$0")/.." && pwd)/tests/web"
+if [ -f "$WEB_TESTS/package-lock.json" ] && { [ ! -d "$WEB_TESTS/node_modules/playwright-core" ] ||
+     [ "$WEB_TESTS/package-lock.json" -nt "$WEB_TESTS/node_modules/.package-lock.json" ]; }; then
+  echo "setup: npm ci in tests/web"
+  (cd "$WEB_TESTS" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+# The emoji data (training data of models/emoji-tiny, and what tests/train compares generated images with):
+# npm packages installed into a cache folder outside the repository (scripts/fetch-emoji-data.sh). Not fatal: the
+# emoji tests skip without it. SKIP_EMOJI_DATA=1 skips this step.
+if [ -z "${SKIP_EMOJI_DATA:-}" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: installing npm (for the emoji data)"
+    export DEBIAN_FRONTEND=noninteractive
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends npm; } ||
+      echo "setup: npm could not be installed; the emoji data is not fetched"
+  fi
+  bash "$(dirname "$0")/fetch-emoji-data.sh" >/dev/null || echo "setup: emoji data not fetched (the emoji tests will skip)"
 fi

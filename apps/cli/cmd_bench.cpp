@@ -1,279 +1,780 @@
-// `streamdiffusion bench`: per-component and end-to-end timings on a model folder (use make-random-model for the real
-// architectures). Medians over timed iterations after warm-up; RSS after each stage; GFLOP/s where the architecture's
-// FLOP counts are known.
-#include <sys/resource.h>
-#include <unistd.h>
-
+// `streamdiffusion bench`: what each StreamDiffusion technique buys on a model folder (use make-random-model for the
+// real architectures), measured in ONE run so the figures share the machine state:
+//   components  text encode, UNet, TAESD / AutoencoderKL encode and decode: median seconds, GFLOP/s from the known
+//               FLOP counts and % of the machine's ceiling;
+//   e2e         txt2img and img2img frames through sd::load_pipeline + sd::StreamDiffusion (fps, per-stage split);
+//   ablation    our own naive diffusers-like txt2img (text encoded per call, full VAE, CFG batch 2, fp32, fresh
+//               allocations) and then one technique added per row, with speed-up factors (the paper's ablation);
+//   batch       stream batch (one UNet call on n rows) vs sequential denoising (n calls of one row), same steps;
+//   cfg         RCFG self / initialize vs full CFG (the paper's 2.05x) vs none;
+//   vae         TAESD vs the full AutoencoderKL (components and whole frames);
+//   filter      the stochastic similarity filter on a static scene (frames skipped, compute saved, effective fps).
+// Every timing is a median over timed runs after warm-up (device-synchronised). Prints tables, writes JSON (--json)
+// and a PNG chart (--chart, builds with OpenCV).
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "apps/cli/bench_chart.h"
+#include "apps/cli/bench_naive.h"
+#include "apps/cli/bench_util.h"
 #include "apps/cli/commands.h"
+#include "apps/cli/pipeline_options.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "io/model_folder.h"
-#include "io/state_dict.h"
-#include "models/autoencoder_kl.h"
-#include "models/autoencoder_tiny.h"
-#include "models/clip_text_model.h"
-#include "models/unet_2d_condition.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
-#include "tokenizer/clip_tokenizer.h"
 
 namespace {
 
+using namespace sd::bench;
 using Clock = std::chrono::steady_clock;
 
-double rss_mib() {
-  std::ifstream in("/proc/self/statm");
-  long pages_total = 0, pages_rss = 0;
-  in >> pages_total >> pages_rss;
-  return static_cast<double>(pages_rss) * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
-}
-
-double peak_rss_mib() {
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_maxrss) / 1024.0;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Runs fn warmup + iters times, returns the median seconds of the timed runs.
-template <typename Fn>
-double time_median(int warmup, int iters, Fn&& fn) {
-  for (int i = 0; i < warmup; ++i) fn();
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = Clock::now();
-    fn();
-    t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  return median(t);
-}
-
-// FLOPs (multiply-add = 2) of the real SD architectures, per image, from the issue's measurements; 0 = unknown.
-double known_gflop(const std::string& component, int64_t params, int64_t size) {
-  const bool s256 = size == 256, s512 = size == 512;
-  if (!s256 && !s512) return 0;
-  if (component == "unet" && (params == 865910724 || params == 859520964)) return s256 ? 181 : 804;
-  if (component == "taesd_encode" && params == 1222532) return s256 ? 31 : 122;
-  if (component == "taesd_decode" && params == 1222531) return s256 ? 35 : 141;
-  if (component == "vae_decode" && params > 40000000) return s256 ? 622 : 2515;
-  if (component == "text_encode" && params == 340387840) return 45;
-  return 0;
-}
-
-struct Row {
-  std::string what;
-  std::string dtype;
-  int64_t size = 0;
-  int64_t batch = 1;
-  double seconds = 0;
-  double gflops = 0;  // achieved GFLOP/s (0 = unknown)
-  double rss = 0;
-};
-
-void print_row(const Row& r) {
-  std::cout << std::left << std::setw(26) << r.what << std::setw(6) << r.dtype << std::right << std::setw(6) << r.size
-            << std::setw(4) << r.batch << std::setw(11) << std::fixed << std::setprecision(4) << r.seconds;
-  if (r.gflops > 0)
-    std::cout << std::setw(10) << std::setprecision(1) << r.gflops;
-  else
-    std::cout << std::setw(10) << "-";
-  std::cout << std::setw(10) << std::setprecision(0) << r.rss << "\n" << std::flush;
-}
+const std::vector<std::string> kSections{"components", "e2e", "ablation", "batch", "cfg", "vae", "filter"};
 
 struct BenchOptions {
   std::string model;
   std::string sizes = "256";
   std::string dtypes = "bf16";
-  std::string components = "text,unet,taesd,vae,stream";
+  std::string device = "cpu";
+  std::string sections = "all";
   int threads = 0;
-  int iters = 3;
+  int iters = 5;
   int warmup = 1;
-  int stream_frames = 10;
-  std::string t_index_list = "35";
+  int frames = 10;
+  int naive_iters = 3;
+  int filter_frames = 30;
+  std::string prompt = "a photo of a cat, trending on artstation";
+  std::string negative_prompt = "";
+  std::string txt2img_t = "0";
+  std::string img2img_t = "35";
+  std::string multi_t = "32,45";
+  std::string ablation_t = "0";
+  int num_inference_steps = 50;
+  double guidance = 1.2;
+  double naive_guidance = 7.5;
+  double filter_threshold = 0.98;
+  int max_skip_frame = 10;
+  double filter_noise = 0.01;
   std::string json_path;
+  std::string chart_path;
 };
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
+std::string join(const std::vector<int64_t>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s;
 }
 
-bool want(const BenchOptions& o, const std::string& c) {
-  auto v = split(o.components);
-  return std::find(v.begin(), v.end(), c) != v.end();
-}
+struct AblationRow {
+  std::string label;
+  std::string id;
+};
 
-int run_bench(const BenchOptions& o) {
-  const int threads = sd::set_threads(o.threads);
-  auto folder = sd::ModelFolder::open(o.model);
-  std::vector<Row> rows;
-  nlohmann::json loads = nlohmann::json::array();
-  std::cout << "bench: " << o.model << ", " << threads << " threads, libtorch " << TORCH_VERSION << "\n";
-  std::cout << std::left << std::setw(26) << "what" << std::setw(6) << "dtype" << std::right << std::setw(6) << "size"
-            << std::setw(4) << "B" << std::setw(11) << "seconds" << std::setw(10) << "GFLOP/s" << std::setw(10)
-            << "RSS MiB" << "\n";
-  torch::NoGradGuard ng;
-  for (const auto& dname : split(o.dtypes)) {
-    const auto dtype = sd::parse_dtype(dname);
-    auto load_note = [&](const std::string& what, double s, int64_t params) {
-      std::cout << std::fixed << "  load " << what << " (" << dname << "): " << std::setprecision(2) << s << " s, " << params
-                << " params, RSS " << std::setprecision(0) << rss_mib() << " MiB\n";
-      loads.push_back({{"component", what}, {"dtype", dname}, {"seconds", s}, {"parameters", params},
-                       {"rss_mib", rss_mib()}});
+class Bench {
+ public:
+  explicit Bench(const BenchOptions& o) : o_(o), device_(sd::parse_device(o.device)) {}
+
+  int run() {
+    validate();
+    threads_ = sd::set_threads(o_.threads);
+    arch_ = inspect_architecture(o_.model);
+    has_taesd_ = sd::ModelFolder::open(o_.model).taesd_dir().has_value();
+    reduced_ = device_.is_cuda() ? c10::kHalf : c10::kBFloat16;
+    std::cout << "bench: " << o_.model << " (" << arch_.name << "), device " << device_ << ", " << threads_
+              << " threads, libtorch " << TORCH_VERSION << ", sections " << join_sections() << "\n"
+              << "  timings: median of " << o_.iters << " runs (components), " << o_.frames << " frames (streams), "
+              << o_.naive_iters << " (naive path), after " << o_.warmup << " warm-up run(s) (+ the stream latency)\n";
+    print_header();
+
+    // The ablation needs fp32 and the reduced dtype whatever --dtypes says; they are loaded in addition.
+    std::vector<c10::ScalarType> dts = requested_;
+    if (want("ablation"))
+      for (auto d : {c10::kFloat, reduced_})
+        if (std::find(dts.begin(), dts.end(), d) == dts.end()) dts.push_back(d);
+    for (auto dt : dts) {
+      const bool req = std::find(requested_.begin(), requested_.end(), dt) != requested_.end();
+      // Two model sets per dtype, loaded one after the other (one UNet in memory at a time): the AutoencoderKL
+      // pipeline (VAE rows, the naive path) and the TAESD pipeline (everything else). Without a TAESD folder the
+      // AutoencoderKL set does everything.
+      const bool vae_phase = !has_taesd_ || (req && (want("components") || want("vae"))) ||
+                             (want("ablation") && dt == c10::kFloat);
+      if (vae_phase) {
+        auto models = load(dt, "none");
+        phase(models, dt, req, "vae");
+      }
+      if (has_taesd_) {
+        auto models = load(dt, "");
+        phase(models, dt, req, "taesd");
+      }
+    }
+    summarize_all();
+    write_outputs();
+    return 0;
+  }
+
+ private:
+  // ---- options ------------------------------------------------------------------------------------------------
+  void validate() {
+    if (o_.iters < 1 || o_.frames < 1 || o_.naive_iters < 1 || o_.filter_frames < 1 || o_.warmup < 0)
+      throw sd::InvalidArgument("bench: --iters, --frames, --naive-iters and --filter-frames must be >= 1 and "
+                                "--warmup >= 0");
+    for (const auto& s : split_list(o_.sections)) {
+      if (s == "all") {
+        sections_ = kSections;
+        continue;
+      }
+      if (std::find(kSections.begin(), kSections.end(), s) == kSections.end())
+        throw sd::InvalidArgument("bench --sections: unknown section '" + s +
+                                  "' (expected all or any of components,e2e,ablation,batch,cfg,vae,filter)");
+      if (std::find(sections_.begin(), sections_.end(), s) == sections_.end()) sections_.push_back(s);
+    }
+    if (sections_.empty()) throw sd::InvalidArgument("bench --sections is empty");
+    for (const auto& s : split_list(o_.sizes)) {
+      const auto wh = sd::cli::parse_size(s + "x" + s, "--sizes");
+      sizes_.push_back(wh.first);
+    }
+    if (sizes_.empty()) throw sd::InvalidArgument("bench --sizes is empty (expected e.g. 256,512)");
+    for (const auto& d : split_list(o_.dtypes)) requested_.push_back(sd::parse_dtype(d));
+    if (requested_.empty()) throw sd::InvalidArgument("bench --dtypes is empty (expected e.g. fp32,bf16)");
+    for (auto d : requested_)
+      if (d == c10::kHalf && device_.is_cpu())
+        throw sd::InvalidArgument("bench --dtypes fp16 needs --device cuda (no CPU half-precision kernels); use bf16");
+    t_txt_ = sd::cli::parse_index_list(o_.txt2img_t);
+    t_img_ = sd::cli::parse_index_list(o_.img2img_t);
+    t_multi_ = sd::cli::parse_index_list(o_.multi_t);
+    t_abl_ = sd::cli::parse_index_list(o_.ablation_t);
+    if (want("cfg") && !(o_.guidance > 1.0))
+      throw sd::InvalidArgument("bench --guidance must be > 1 for the cfg section (guidance is off at <= 1)");
+    if (!o_.chart_path.empty() && !chart_available())
+      throw sd::InvalidArgument("bench --chart: this build has no OpenCV (SD_ENGINE_ONLY), so it cannot draw PNGs");
+    if (o_.filter_threshold <= 0 || o_.filter_threshold >= 1)
+      throw sd::InvalidArgument("bench --filter-threshold must be in (0, 1)");
+  }
+
+  bool want(const std::string& s) const {
+    return std::find(sections_.begin(), sections_.end(), s) != sections_.end();
+  }
+  std::string join_sections() const {
+    std::string s;
+    for (size_t i = 0; i < sections_.size(); ++i) s += (i ? "," : "") + sections_[i];
+    return s;
+  }
+
+  // ---- models -------------------------------------------------------------------------------------------------
+  std::shared_ptr<const sd::DiffusionModels> load(c10::ScalarType dt, const std::string& taesd) {
+    sd::LoadOptions lo;
+    lo.dtype = dt;
+    lo.device = o_.device;
+    lo.threads = -1;  // set once above
+    lo.taesd = taesd;
+    const auto t0 = Clock::now();
+    auto m = sd::load_pipeline(o_.model, lo);
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    const std::string ae = taesd == "none" || !has_taesd_ ? "vae" : "taesd";
+    std::cout << std::fixed << std::setprecision(2) << "  load pipeline (" << sd::dtype_name(dt) << ", " << ae
+              << "): " << s << " s, RSS " << std::setprecision(0) << rss_mib() << " MiB\n";
+    loads_.push_back({{"dtype", sd::dtype_name(dt)}, {"autoencoder", ae}, {"seconds", s}, {"rss_mib", rss_mib()}});
+    return m;
+  }
+
+  // ---- one model set: every row that needs it -------------------------------------------------------------------
+  void phase(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, bool req,
+             const std::string& ae) {
+    const bool primary = ae == "taesd" || !has_taesd_;  // rows that do not depend on the autoencoder
+    if (req && want("components") && primary) text_encode(m, dt);
+    for (int64_t size : sizes_) {
+      if (req && want("components")) {
+        if (primary) unet_component(m, dt, size, 1, "components");
+        autoencoder_components(m, dt, size, ae, "components");
+      }
+      // Rows shared by two sections are recorded under the first that runs them: e2e before vae.
+      if (req && primary && want("e2e")) {
+        stream_row(m, "e2e", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true);
+        stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
+      }
+      if (req && want("vae")) {
+        autoencoder_components(m, dt, size, ae, "vae");
+        stream_row(m, "vae", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
+        stream_row(m, "vae", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true);
+      }
+      if (req && primary) {
+        if (want("batch")) batch_rows(m, dt, size, ae);
+        if (want("cfg"))
+          for (auto c : {sd::CfgType::None, sd::CfgType::Self, sd::CfgType::Initialize, sd::CfgType::Full})
+            stream_row(m, "cfg", "img2img", dt, size, ae, c, t_multi_, true);
+        if (want("filter")) filter_row(m, dt, size, ae);
+      }
+      if (want("ablation")) ablation_rows(m, dt, size, ae, primary);
+    }
+  }
+
+  // ---- measurements (memoised by configuration, so a row shared by two sections runs once) -----------------------
+  const Result* find(const std::string& id) const {
+    auto it = results_.find(id);
+    return it == results_.end() ? nullptr : &it->second;
+  }
+
+  const Result& add(const std::string& id, Result r) {
+    r.rss_mib = rss_mib();
+    const double ceil = ceiling_gflops(sd::parse_dtype(r.dtype), device_);
+    if (r.gflop > 0 && r.timing.median > 0) r.gflops = r.gflop / r.timing.median;
+    if (r.gflops > 0 && ceil > 0) r.pct_ceiling = 100.0 * r.gflops / ceil;
+    order_.push_back(id);
+    print(r);
+    return results_.emplace(id, std::move(r)).first->second;
+  }
+
+  const Result& text_encode(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt) {
+    const std::string id = "text_encode/" + sd::dtype_name(dt);
+    if (auto r = find(id)) return *r;
+    Result r;
+    r.section = "components";
+    r.name = "text_encode";
+    r.variant = "tokenize+encode";
+    r.dtype = sd::dtype_name(dt);
+    r.timing = time_runs(device_, o_.warmup, o_.iters, [&] { m->encode_prompt(o_.prompt); });
+    r.gflop = known_gflop(arch_, "text_encode", 0);
+    return add(id, r);
+  }
+
+  int64_t text_dim(const std::shared_ptr<const sd::DiffusionModels>& m) {
+    torch::NoGradGuard ng;
+    return m->encode_prompt(o_.prompt).size(2);
+  }
+
+  torch::TensorOptions topt(c10::ScalarType dt) const { return torch::TensorOptions().dtype(dt).device(device_); }
+
+  const Result& unet_component(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                               int64_t b, const std::string& section) {
+    const std::string id = "unet/" + sd::dtype_name(dt) + "/" + std::to_string(size) + "/b" + std::to_string(b);
+    if (auto r = find(id)) return *r;
+    torch::NoGradGuard ng;
+    const int64_t h = size / m->vae_scale_factor();
+    const auto x = torch::randn({b, m->latent_channels(), h, h}).to(topt(dt));
+    const auto t = torch::full({b}, 999, torch::TensorOptions().dtype(torch::kLong).device(device_));
+    const auto ehs = torch::randn({b, 77, text_dim(m)}).to(topt(dt));
+    Result r;
+    r.section = section;
+    r.name = "unet";
+    r.variant = "b" + std::to_string(b);
+    r.dtype = sd::dtype_name(dt);
+    r.size = size;
+    r.batch = b;
+    r.timing = time_runs(device_, o_.warmup, o_.iters, [&] { m->unet(x, t, ehs); });
+    r.gflop = known_gflop(arch_, "unet", size) * static_cast<double>(b);
+    return add(id, r);
+  }
+
+  void autoencoder_components(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                              const std::string& ae, const std::string& section) {
+    torch::NoGradGuard ng;
+    const int64_t h = size / m->vae_scale_factor();
+    // The full VAE is slow (the issue measured 7.3 s per 256 px decode in fp32): fewer runs, like the naive path.
+    const int iters = ae == "vae" ? std::min(o_.iters, o_.naive_iters) : o_.iters;
+    for (const std::string op : {"encode", "decode"}) {
+      const std::string name = ae + "_" + op;
+      const std::string id = name + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
+      if (find(id)) continue;
+      Result r;
+      r.section = section;
+      r.name = name;
+      r.variant = ae == "vae" ? "AutoencoderKL" : "TAESD";
+      r.dtype = sd::dtype_name(dt);
+      r.size = size;
+      if (op == "encode") {
+        const auto img = (torch::rand({1, 3, size, size}) * 2 - 1).to(topt(dt));
+        sd::TorchRng rng(1);
+        r.timing = time_runs(device_, o_.warmup, iters, [&] { m->encode_image(img, rng); });
+      } else {
+        const auto z = torch::randn({1, m->latent_channels(), h, h}).to(topt(dt));
+        r.timing = time_runs(device_, o_.warmup, iters, [&] { m->decode_latent(z); });
+      }
+      r.gflop = known_gflop(arch_, name, size);
+      add(id, r);
+    }
+  }
+
+  sd::StreamConfig stream_config(int64_t size, sd::CfgType cfg, const std::vector<int64_t>& t, bool batch) const {
+    sd::StreamConfig c;
+    c.width = c.height = size;
+    c.t_index_list = t;
+    c.num_inference_steps = o_.num_inference_steps;
+    c.cfg_type = cfg;
+    c.guidance_scale = o_.guidance;
+    c.use_denoising_batch = batch;
+    return c;
+  }
+
+  // GFLOP of one stream frame from its per-frame UNet rows and autoencoder calls (0 when any part is unknown).
+  double frame_gflop(const std::string& mode, const std::string& ae, int64_t size, double unet_rows) const {
+    const double u = known_gflop(arch_, "unet", size), d = known_gflop(arch_, ae + "_decode", size);
+    const double e = mode == "img2img" ? known_gflop(arch_, ae + "_encode", size) : 0;
+    if (u <= 0 || d <= 0 || (mode == "img2img" && e <= 0)) return 0;
+    return unet_rows * u + d + e;
+  }
+
+  // One stream configuration through sd::StreamDiffusion: `frames` timed frames after warm-up (+ the n−1 frames of
+  // latency of the stream batch). Per-frame stage times come from StreamStats.
+  const Result& stream_row(const std::shared_ptr<const sd::DiffusionModels>& m, const std::string& section,
+                           const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
+                           sd::CfgType cfg, const std::vector<int64_t>& t, bool batch) {
+    std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
+    if (t.size() > 1) variant += batch ? " batch" : " sequential";
+    const std::string id = "stream/" + mode + "/" + variant + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
+    if (auto r = find(id)) return *r;
+    sd::StreamDiffusion stream(m, stream_config(size, cfg, t, batch));
+    stream.prepare(o_.prompt, o_.negative_prompt);
+    const auto frame = torch::rand({3, size, size}, torch::TensorOptions().dtype(torch::kFloat)) * 2 - 1;
+    auto step = [&] { mode == "img2img" ? stream.img2img(frame) : stream.txt2img(); };
+    const int warm = o_.warmup + (batch ? static_cast<int>(t.size()) - 1 : 0);
+    for (int i = 0; i < warm; ++i) step();
+    const sd::StreamStats s0 = stream.stats();
+    Result r;
+    r.section = section;
+    r.name = mode;
+    r.variant = variant;
+    r.dtype = sd::dtype_name(dt);
+    r.size = size;
+    r.steps = static_cast<int64_t>(t.size());
+    r.batch = stream.unet_batch_size();
+    r.timing = time_runs(device_, 0, o_.frames, step);
+    const sd::StreamStats& s1 = stream.stats();
+    const double n = static_cast<double>(std::max<int64_t>(1, s1.processed - s0.processed));
+    const double per_enc = (s1.image_encode_s - s0.image_encode_s) / n, per_unet = (s1.unet_s - s0.unet_s) / n,
+                 per_dec = (s1.decode_s - s0.decode_s) / n, per_total = (s1.total_s - s0.total_s) / n;
+    const double rows = static_cast<double>(s1.unet_rows - s0.unet_rows) / n;
+    r.extra = {{"autoencoder", ae},
+               {"cfg", sd::cfg_type_name(cfg)},
+               {"guidance_scale", stream.guidance_scale()},
+               {"t_index_list", t},
+               {"denoising_batch", batch},
+               {"per_frame_s",
+                {{"image_encode", per_enc},
+                 {"unet", per_unet},
+                 {"decode", per_dec},
+                 {"other", std::max(0.0, per_total - per_enc - per_unet - per_dec)}}},
+               {"unet_calls_per_frame", static_cast<double>(s1.unet_calls - s0.unet_calls) / n},
+               {"unet_rows_per_frame", rows},
+               {"models", "sd::load_pipeline + sd::StreamDiffusion"}};
+    r.gflop = frame_gflop(mode, ae, size, rows);
+    return add(id, r);
+  }
+
+  void batch_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                  const std::string& ae) {
+    stream_row(m, "batch", "img2img", dt, size, ae, sd::CfgType::None, t_multi_, true);
+    stream_row(m, "batch", "img2img", dt, size, ae, sd::CfgType::None, t_multi_, false);
+    // The same comparison on the bare UNet: one call on n rows vs n calls on one row.
+    const int64_t n = static_cast<int64_t>(t_multi_.size());
+    unet_component(m, dt, size, n, "batch");
+    const std::string id = "unet_seq/" + sd::dtype_name(dt) + "/" + std::to_string(size) + "/x" + std::to_string(n);
+    if (find(id)) return;
+    torch::NoGradGuard ng;
+    const int64_t h = size / m->vae_scale_factor();
+    const auto x = torch::randn({1, m->latent_channels(), h, h}).to(topt(dt));
+    const auto t = torch::full({1}, 999, torch::TensorOptions().dtype(torch::kLong).device(device_));
+    const auto ehs = torch::randn({1, 77, text_dim(m)}).to(topt(dt));
+    Result r;
+    r.section = "batch";
+    r.name = "unet";
+    r.variant = std::to_string(n) + "x b1";
+    r.dtype = sd::dtype_name(dt);
+    r.size = size;
+    r.batch = 1;
+    r.steps = n;
+    r.timing = time_runs(device_, o_.warmup, o_.iters, [&] {
+      for (int64_t i = 0; i < n; ++i) m->unet(x, t, ehs);
+    });
+    r.gflop = known_gflop(arch_, "unet", size) * static_cast<double>(n);
+    add(id, r);
+  }
+
+  void filter_row(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                  const std::string& ae) {
+    const Result& base = stream_row(m, "filter", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
+    std::ostringstream v;
+    v << "static thr=" << o_.filter_threshold << " skip<=" << o_.max_skip_frame << " noise=" << o_.filter_noise;
+    const std::string id = "filter/" + v.str() + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
+    if (find(id)) return;
+    sd::StreamDiffusion stream(m, stream_config(size, sd::CfgType::None, t_img_, true));
+    stream.prepare(o_.prompt, o_.negative_prompt);
+    torch::manual_seed(7);
+    // A static scene: one image plus a little independent per-frame noise (a camera's sensor noise).
+    const auto scene = torch::rand({3, size, size}) * 2 - 1;
+    auto next_frame = [&] { return o_.filter_noise > 0 ? scene + o_.filter_noise * torch::randn_like(scene) : scene; };
+    for (int i = 0; i < o_.warmup + static_cast<int>(t_img_.size()) - 1; ++i) stream.img2img(next_frame());
+    sd::SimilarityFilterOptions fo;
+    fo.enabled = true;
+    fo.threshold = o_.filter_threshold;
+    fo.max_skip_frame = o_.max_skip_frame;
+    fo.sleep_on_skip = false;  // measure compute, not the original's output pacing
+    stream.set_similarity_filter(fo);
+    const sd::StreamStats s0 = stream.stats();
+    std::vector<torch::Tensor> frames;
+    for (int i = 0; i < o_.filter_frames; ++i) frames.push_back(next_frame());
+    int i = 0;
+    Result r;
+    r.section = "filter";
+    r.name = "img2img_filter";
+    r.variant = v.str();
+    r.dtype = sd::dtype_name(dt);
+    r.size = size;
+    r.steps = static_cast<int64_t>(t_img_.size());
+    r.timing = time_runs(device_, 0, o_.filter_frames, [&] { stream.img2img(frames[static_cast<size_t>(i++)]); });
+    const sd::StreamStats& s1 = stream.stats();
+    double total = 0;
+    for (double s : r.timing.samples) total += s;
+    const int64_t processed = s1.processed - s0.processed, skipped = s1.skipped - s0.skipped;
+    const double eff_fps = total > 0 ? static_cast<double>(o_.filter_frames) / total : 0;
+    r.extra = {{"frames", o_.filter_frames},
+               {"processed", processed},
+               {"skipped", skipped},
+               {"forced", s1.forced - s0.forced},
+               {"compute_saved_pct", 100.0 * static_cast<double>(skipped) / o_.filter_frames},
+               {"effective_fps", eff_fps},
+               {"unfiltered_fps", base.timing.fps()},
+               {"speedup", base.timing.fps() > 0 ? eff_fps / base.timing.fps() : 0}};
+    add(id, r);
+  }
+
+  const Result& naive_row(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                          const std::string& ae, bool per_call_prompt) {
+    std::ostringstream v;
+    v << "ae=" << ae << " cfg=full(" << o_.naive_guidance << ") t=" << join(t_abl_)
+      << (per_call_prompt ? " text per call" : " cached text");
+    const std::string id = "naive/" + v.str() + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
+    if (auto r = find(id)) return *r;
+    NaiveOptions no;
+    no.prompt = o_.prompt;
+    no.negative_prompt = o_.negative_prompt;
+    no.t_index_list = t_abl_;
+    no.num_inference_steps = o_.num_inference_steps;
+    no.guidance_scale = o_.naive_guidance;
+    no.encode_prompt_per_call = per_call_prompt;
+    no.width = no.height = size;
+    NaiveTxt2Img naive(m, no);
+    NaiveBreakdown sum;
+    int timed = 0;
+    Result r;
+    r.section = "ablation";
+    r.name = "naive_txt2img";
+    r.variant = v.str();
+    r.dtype = sd::dtype_name(dt);
+    r.size = size;
+    r.steps = static_cast<int64_t>(t_abl_.size());
+    r.batch = naive.guidance() ? 2 : 1;
+    for (int i = 0; i < o_.warmup; ++i) naive();
+    r.timing = time_runs(device_, 0, o_.naive_iters, [&] {
+      naive();
+      sum.text_encode_s += naive.last().text_encode_s;
+      sum.unet_s += naive.last().unet_s;
+      sum.decode_s += naive.last().decode_s;
+      sum.unet_rows = naive.last().unet_rows;
+      ++timed;
+    });
+    r.extra = {{"per_frame_s",
+                {{"text_encode", sum.text_encode_s / timed},
+                 {"unet", sum.unet_s / timed},
+                 {"decode", sum.decode_s / timed}}},
+               {"unet_rows_per_frame", sum.unet_rows},
+               {"text_encodes_per_frame", per_call_prompt ? (naive.guidance() ? 2 : 1) : 0},
+               {"models", "sd::load_pipeline + bench naive loop (diffusers StableDiffusionPipeline semantics)"}};
+    const double u = known_gflop(arch_, "unet", size), d = known_gflop(arch_, ae + "_decode", size);
+    const double te = known_gflop(arch_, "text_encode", size);
+    if (u > 0 && d > 0 && (!per_call_prompt || te > 0))
+      r.gflop = static_cast<double>(sum.unet_rows) * u + d + (per_call_prompt ? (naive.guidance() ? 2 : 1) * te : 0);
+    return add(id, r);
+  }
+
+  // Ablation steps in order; each is measured in the phase whose model set it needs and assembled at the end.
+  void ablation_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                     const std::string& ae, bool primary) {
+    auto& rows = ablation_[size];
+    auto put = [&](size_t k, const std::string& label, const Result& r) {
+      if (rows.size() <= k) rows.resize(k + 1);
+      rows[k] = {label, key_of(r)};
     };
-    if (want(o, "text")) {
-      auto t0 = Clock::now();
-      auto tok = sd::ClipTokenizer::from_folder(folder.component_dir("tokenizer"));
-      auto te = sd::load_clip_text_model(folder.component_dir("text_encoder"), dtype);
-      const int64_t p = sd::count_parameters(*te);
-      load_note("text_encoder", std::chrono::duration<double>(Clock::now() - t0).count(), p);
-      auto ids = tok.encode_batch({"a photo of a cat, trending on artstation"});
-      Row r{"text_encode", dname, 77, 1};
-      r.seconds = time_median(o.warmup, o.iters, [&] { te->forward(ids); });
-      const double gf = known_gflop("text_encode", p, 256);
-      r.gflops = gf > 0 ? gf / r.seconds : 0;
-      r.rss = rss_mib();
-      print_row(r);
-      rows.push_back(r);
+    const bool multi = t_abl_.size() > 1;
+    const std::string red = sd::dtype_name(reduced_);
+    if (dt == c10::kFloat && ae == "vae") {
+      put(0, "naive: fp32, text per call, full VAE, CFG batch 2", naive_row(m, dt, size, ae, true));
+      put(1, "+ cached prompt embeddings", naive_row(m, dt, size, ae, false));
     }
-    for (const auto& sz : split(o.sizes)) {
-      const int64_t size = std::stoll(sz);
-      const int64_t h = size / 8;
-      if (want(o, "unet")) {
-        auto t0 = Clock::now();
-        auto unet = sd::load_unet(folder.component_dir("unet"), dtype);
-        const int64_t p = sd::count_parameters(*unet);
-        load_note("unet", std::chrono::duration<double>(Clock::now() - t0).count(), p);
-        const int64_t D = unet->config().cross_attention_dim[0];
-        for (int64_t b : {1, 2}) {
-          auto x = torch::randn({b, 4, h, h}).to(dtype);
-          auto t = torch::full({b}, 999, torch::kLong);
-          auto ehs = torch::randn({b, 77, D}).to(dtype);
-          Row r{"unet", dname, size, b};
-          r.seconds = time_median(o.warmup, o.iters, [&] { unet->forward(x, t, ehs); });
-          const double gf = known_gflop("unet", p, size) * static_cast<double>(b);
-          r.gflops = gf > 0 ? gf / r.seconds : 0;
-          r.rss = rss_mib();
-          print_row(r);
-          rows.push_back(r);
-        }
-      }
-      if (want(o, "taesd") && folder.taesd_dir()) {
-        auto t0 = Clock::now();
-        auto taesd = sd::load_taesd(*folder.taesd_dir(), dtype);
-        load_note("taesd", std::chrono::duration<double>(Clock::now() - t0).count(), sd::count_parameters(*taesd));
-        auto img = (torch::rand({1, 3, size, size}) * 2 - 1).to(dtype);
-        auto z = torch::randn({1, 4, h, h}).to(dtype);
-        Row re{"taesd_encode", dname, size, 1};
-        re.seconds = time_median(o.warmup, o.iters, [&] { taesd->encode(img); });
-        double gf = known_gflop("taesd_encode", sd::count_parameters(*taesd->encoder), size);
-        re.gflops = gf > 0 ? gf / re.seconds : 0;
-        re.rss = rss_mib();
-        print_row(re);
-        rows.push_back(re);
-        Row rd{"taesd_decode", dname, size, 1};
-        rd.seconds = time_median(o.warmup, o.iters, [&] { taesd->decode(z); });
-        gf = known_gflop("taesd_decode", sd::count_parameters(*taesd->decoder), size);
-        rd.gflops = gf > 0 ? gf / rd.seconds : 0;
-        rd.rss = rss_mib();
-        print_row(rd);
-        rows.push_back(rd);
-      }
-      if (want(o, "vae")) {
-        auto t0 = Clock::now();
-        auto vae = sd::load_vae(folder.component_dir("vae"), dtype);
-        const int64_t p = sd::count_parameters(*vae);
-        load_note("vae", std::chrono::duration<double>(Clock::now() - t0).count(), p);
-        auto z = torch::randn({1, 4, h, h}).to(dtype);
-        Row rd{"vae_decode", dname, size, 1};
-        rd.seconds = time_median(std::min(o.warmup, 1), std::max(1, o.iters / 2), [&] { vae->decode(z); });
-        const double gf = known_gflop("vae_decode", p, size);
-        rd.gflops = gf > 0 ? gf / rd.seconds : 0;
-        rd.rss = rss_mib();
-        print_row(rd);
-        rows.push_back(rd);
-      }
-      if (want(o, "stream")) {
-        sd::LoadOptions lo;
-        lo.dtype = dtype;
-        lo.threads = -1;
-        auto t0 = Clock::now();
-        auto models = sd::load_pipeline(o.model, lo);
-        load_note("pipeline", std::chrono::duration<double>(Clock::now() - t0).count(), 0);
-        for (const std::string mode : {"img2img", "txt2img"}) {
-          sd::StreamConfig cfg;
-          cfg.width = cfg.height = size;
-          cfg.cfg_type = sd::CfgType::None;
-          cfg.t_index_list.clear();
-          for (const auto& s : split(o.t_index_list)) cfg.t_index_list.push_back(std::stoll(s));
-          sd::StreamDiffusion stream(models, cfg);
-          stream.prepare("a photo of a cat, trending on artstation");
-          auto frame = (torch::rand({3, size, size}) * 2 - 1);
-          auto step = [&] {
-            if (mode == "img2img")
-              stream.img2img(frame);
-            else
-              stream.txt2img();
-          };
-          Row r{"stream_" + mode + "_t" + std::to_string(cfg.t_index_list.size()), dname, size, 1};
-          r.seconds = time_median(o.warmup + static_cast<int>(cfg.t_index_list.size()), o.stream_frames, step);
-          r.rss = rss_mib();
-          print_row(r);
-          std::cout << "    -> " << std::setprecision(2) << 1.0 / r.seconds << " fps\n";
-          rows.push_back(r);
-        }
-      }
+    if (dt == c10::kFloat && ae == "taesd") put(2, "+ TAESD", naive_row(m, dt, size, ae, false));
+    if (dt == c10::kFloat && primary) {
+      put(3, "+ stream pipeline, RCFG self (UNet batch 1)",
+          stream_row(m, "ablation", "txt2img", dt, size, ae, sd::CfgType::Self, t_abl_, false));
+      put(4, "+ no guidance (cfg none)",
+          stream_row(m, "ablation", "txt2img", dt, size, ae, sd::CfgType::None, t_abl_, false));
+    }
+    if (dt == reduced_ && primary) {
+      put(5, "+ " + red, stream_row(m, "ablation", "txt2img", dt, size, ae, sd::CfgType::None, t_abl_, false));
+      if (multi)
+        put(6, "+ stream batch (" + std::to_string(t_abl_.size()) + " steps, 1 UNet call)",
+            stream_row(m, "ablation", "txt2img", dt, size, ae, sd::CfgType::None, t_abl_, true));
     }
   }
-  std::cout << "peak RSS " << std::setprecision(0) << peak_rss_mib() << " MiB\n";
-  if (!o.json_path.empty()) {
+
+  std::string key_of(const Result& r) const {
+    for (const auto& [k, v] : results_)
+      if (&v == &r) return k;
+    return "";
+  }
+
+  // ---- output -------------------------------------------------------------------------------------------------
+  void print_header() const {
+    std::cout << std::left << std::setw(11) << "section" << std::setw(15) << "name" << std::setw(44) << "variant"
+              << std::setw(6) << "dtype" << std::right << std::setw(5) << "size" << std::setw(4) << "B"
+              << std::setw(10) << "median s" << std::setw(10) << "min s" << std::setw(9) << "fps" << std::setw(9)
+              << "GFLOP/s" << std::setw(7) << "%ceil" << std::setw(8) << "RSS MiB" << "\n";
+  }
+
+  void print(const Result& r) const {
+    std::cout << std::left << std::setw(11) << r.section << std::setw(15) << r.name << std::setw(44)
+              << r.variant.substr(0, 43) << std::setw(6) << r.dtype << std::right << std::setw(5) << r.size
+              << std::setw(4) << r.batch << std::fixed << std::setprecision(4) << std::setw(10) << r.timing.median
+              << std::setw(10) << r.timing.min << std::setprecision(2) << std::setw(9) << r.timing.fps();
+    if (r.gflops > 0)
+      std::cout << std::setprecision(0) << std::setw(9) << r.gflops;
+    else
+      std::cout << std::setw(9) << "-";
+    if (r.pct_ceiling > 0)
+      std::cout << std::setprecision(0) << std::setw(6) << r.pct_ceiling << "%";
+    else
+      std::cout << std::setw(7) << "-";
+    std::cout << std::setprecision(0) << std::setw(8) << r.rss_mib << "\n";
+    if (r.extra.contains("per_frame_s")) {
+      std::cout << "           per frame:";
+      for (const auto& [k, v] : r.extra["per_frame_s"].items())
+        std::cout << " " << k << " " << std::setprecision(4) << v.get<double>() << " s";
+      std::cout << "\n";
+    }
+    if (r.section == "filter" && r.extra.contains("effective_fps"))
+      std::cout << "           processed " << r.extra["processed"] << " / " << r.extra["frames"] << ", skipped "
+                << r.extra["skipped"] << " (" << std::setprecision(0) << r.extra["compute_saved_pct"].get<double>()
+                << "% compute saved), effective " << std::setprecision(2) << r.extra["effective_fps"].get<double>()
+                << " fps vs " << r.extra["unfiltered_fps"].get<double>() << " fps unfiltered\n";
+    std::cout << std::flush;
+  }
+
+  // baseline median / candidate median: how many times faster the candidate is.
+  void compare(const std::string& section, const std::string& what, const std::string& base_id,
+               const std::string& cand_id, const std::string& note = "") {
+    const Result *b = find(base_id), *c = find(cand_id);
+    if (!b || !c || c->timing.median <= 0) return;
+    comparisons_.push_back({{"section", section},
+                            {"what", what},
+                            {"baseline", base_id},
+                            {"candidate", cand_id},
+                            {"baseline_s", b->timing.median},
+                            {"candidate_s", c->timing.median},
+                            {"speedup", b->timing.median / c->timing.median},
+                            {"note", note}});
+  }
+
+  std::string stream_id(const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
+                        sd::CfgType cfg, const std::vector<int64_t>& t, bool batch) const {
+    std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
+    if (t.size() > 1) variant += batch ? " batch" : " sequential";
+    return "stream/" + mode + "/" + variant + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
+  }
+
+  void summarize_all() {
+    const std::string pae = has_taesd_ ? "taesd" : "vae";
+    for (auto dt : requested_) {
+      const std::string d = sd::dtype_name(dt);
+      for (int64_t size : sizes_) {
+        const std::string ds = d + "/" + std::to_string(size), tag = d + " " + std::to_string(size) + " px";
+        const int64_t n = static_cast<int64_t>(t_multi_.size());
+        compare("batch", "stream batch vs sequential, img2img " + std::to_string(n) + " steps, " + tag,
+                stream_id("img2img", dt, size, pae, sd::CfgType::None, t_multi_, false),
+                stream_id("img2img", dt, size, pae, sd::CfgType::None, t_multi_, true));
+        compare("batch", "UNet: 1 call on " + std::to_string(n) + " rows vs " + std::to_string(n) + " calls, " + tag,
+                "unet_seq/" + ds + "/x" + std::to_string(n), "unet/" + ds + "/b" + std::to_string(n));
+        for (auto c : {sd::CfgType::Self, sd::CfgType::Initialize, sd::CfgType::None})
+          compare("cfg", "full CFG vs " + sd::cfg_type_name(c) + ", img2img " + std::to_string(n) + " steps, " + tag,
+                  stream_id("img2img", dt, size, pae, sd::CfgType::Full, t_multi_, true),
+                  stream_id("img2img", dt, size, pae, c, t_multi_, true),
+                  c == sd::CfgType::Self ? "the paper reports 2.05x for RCFG self-negative vs CFG" : "");
+        if (has_taesd_) {
+          for (const std::string op : {"encode", "decode"})
+            compare("vae", "TAESD vs AutoencoderKL " + op + ", " + tag, "vae_" + op + "/" + ds,
+                    "taesd_" + op + "/" + ds);
+          for (const std::string mode : {"img2img", "txt2img"}) {
+            const auto& t = mode == "img2img" ? t_img_ : t_txt_;
+            compare("vae", "TAESD vs AutoencoderKL, " + mode + " frame, " + tag,
+                    stream_id(mode, dt, size, "vae", sd::CfgType::None, t, true),
+                    stream_id(mode, dt, size, "taesd", sd::CfgType::None, t, true));
+          }
+        }
+      }
+    }
+    if (!comparisons_.empty()) {
+      std::cout << "\ncomparisons (speed-up = baseline time / candidate time)\n";
+      for (const auto& c : comparisons_)
+        std::cout << "  " << std::left << std::setw(8) << c["section"].get<std::string>() << std::setw(62)
+                  << c["what"].get<std::string>() << std::right << std::fixed << std::setprecision(4)
+                  << std::setw(9) << c["baseline_s"].get<double>() << " s -> " << std::setw(9)
+                  << c["candidate_s"].get<double>() << " s  x" << std::setprecision(2)
+                  << c["speedup"].get<double>() << (c["note"].get<std::string>().empty() ? "" : "  (") 
+                  << c["note"].get<std::string>() << (c["note"].get<std::string>().empty() ? "" : ")") << "\n";
+    }
+    for (const auto& [size, rows] : ablation_) {
+      nlohmann::json a = {{"size", size}, {"steps", t_abl_.size()}, {"t_index_list", t_abl_}, {"rows", nlohmann::json::array()}};
+      std::cout << "\nablation: txt2img " << size << " px, " << t_abl_.size() << " step(s), t_index " << join(t_abl_)
+                << " (naive CFG " << o_.naive_guidance << ", RCFG guidance " << o_.guidance << ")\n";
+      double naive = 0, prev = 0;
+      for (const auto& row : rows) {
+        const Result* r = row.id.empty() ? nullptr : find(row.id);
+        if (!r) continue;
+        const double s = r->timing.median;
+        if (naive == 0) naive = s;
+        const double vs_naive = s > 0 ? naive / s : 0, vs_prev = prev > 0 && s > 0 ? prev / s : 1;
+        std::cout << "  " << std::left << std::setw(52) << row.label << std::right << std::fixed
+                  << std::setprecision(4) << std::setw(10) << s << " s" << std::setprecision(2) << std::setw(8)
+                  << r->timing.fps() << " fps   x" << std::setw(6) << vs_naive << " vs naive   x" << std::setw(5)
+                  << vs_prev << " vs previous   [" << r->dtype << "]\n";
+        a["rows"].push_back({{"label", row.label},
+                             {"result", row.id},
+                             {"dtype", r->dtype},
+                             {"median_s", s},
+                             {"fps", r->timing.fps()},
+                             {"speedup_vs_naive", vs_naive},
+                             {"speedup_vs_previous", vs_prev}});
+        prev = s;
+      }
+      if (t_abl_.size() == 1)
+        std::cout << "  (stream batch needs > 1 step: see the batch section, or --ablation-t-index 0,16,32,45)\n";
+      ablation_json_.push_back(a);
+    }
+    std::cout << "\npeak RSS " << std::setprecision(0) << peak_rss_mib() << " MiB\n";
+  }
+
+  void write_outputs() {
+    if (o_.json_path.empty() && o_.chart_path.empty()) return;
     nlohmann::json j;
-    j["model"] = o.model;
-    j["threads"] = threads;
-    j["loads"] = loads;
+    j["schema"] = "streamdiffusion-bench/1";
+    j["model"] = o_.model;
+    j["architecture"] = {{"name", arch_.name},
+                         {"unet_parameters", arch_.unet_params},
+                         {"text_encoder_parameters", arch_.text_params},
+                         {"vae_parameters", arch_.vae_params},
+                         {"taesd", has_taesd_}};
+    std::ostringstream dev;
+    dev << device_;
+    j["device"] = dev.str();
+    j["threads"] = threads_;
+    j["libtorch"] = TORCH_VERSION;
+    j["sections"] = sections_;
+    j["sizes"] = sizes_;
+    std::vector<std::string> dts;
+    for (auto d : requested_) dts.push_back(sd::dtype_name(d));
+    j["dtypes"] = dts;
+    j["options"] = {{"iters", o_.iters},
+                    {"warmup", o_.warmup},
+                    {"frames", o_.frames},
+                    {"naive_iters", o_.naive_iters},
+                    {"filter_frames", o_.filter_frames},
+                    {"prompt", o_.prompt},
+                    {"txt2img_t_index", t_txt_},
+                    {"img2img_t_index", t_img_},
+                    {"multi_t_index", t_multi_},
+                    {"ablation_t_index", t_abl_},
+                    {"num_inference_steps", o_.num_inference_steps},
+                    {"guidance", o_.guidance},
+                    {"naive_guidance", o_.naive_guidance}};
+    j["ceilings_gflops"] = {{"fp32", ceiling_gflops(c10::kFloat, device_)},
+                            {"bf16", ceiling_gflops(c10::kBFloat16, device_)},
+                            {"note", "this kind of 2-core CPU: bf16 ~750-800, fp32 ~370-400 GFLOP/s (upper bound used)"}};
+    j["loads"] = loads_;
+    j["results"] = nlohmann::json::array();
+    for (const auto& id : order_) {
+      auto r = to_json(results_.at(id));
+      r["id"] = id;
+      j["results"].push_back(r);
+    }
+    j["comparisons"] = comparisons_.empty() ? nlohmann::json::array() : nlohmann::json(comparisons_);
+    j["ablation"] = ablation_json_;
     j["peak_rss_mib"] = peak_rss_mib();
-    for (const auto& r : rows)
-      j["rows"].push_back({{"what", r.what}, {"dtype", r.dtype}, {"size", r.size}, {"batch", r.batch},
-                           {"seconds", r.seconds}, {"gflops", r.gflops}, {"rss_mib", r.rss}});
-    std::ofstream(o.json_path) << j.dump(2) << "\n";
+    if (!o_.json_path.empty()) {
+      std::ofstream out(o_.json_path);
+      if (!out) throw sd::InvalidArgument("--json: cannot write '" + o_.json_path + "'");
+      out << j.dump(2) << "\n";
+      std::cout << "wrote " << o_.json_path << "\n";
+    }
+    if (!o_.chart_path.empty()) {
+      write_chart(j, o_.chart_path);
+      std::cout << "wrote " << o_.chart_path << "\n";
+    }
   }
-  return 0;
-}
+
+  BenchOptions o_;
+  c10::Device device_;
+  int threads_ = 0;
+  ArchInfo arch_;
+  bool has_taesd_ = false;
+  c10::ScalarType reduced_ = c10::kBFloat16;
+  std::vector<std::string> sections_;
+  std::vector<int64_t> sizes_;
+  std::vector<c10::ScalarType> requested_;
+  std::vector<int64_t> t_txt_, t_img_, t_multi_, t_abl_;
+  std::map<std::string, Result> results_;
+  std::vector<std::string> order_;
+  std::vector<nlohmann::json> loads_;
+  std::vector<nlohmann::json> comparisons_;
+  std::map<int64_t, std::vector<AblationRow>> ablation_;
+  nlohmann::json ablation_json_ = nlohmann::json::array();
+};
 
 sd::cli::Runner setup_bench(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   app.add_option("--model", o->model, "diffusers model folder (e.g. from make-random-model)")->required();
-  app.add_option("--sizes", o->sizes, "image sizes, comma-separated (square)")->capture_default_str();
-  app.add_option("--dtypes", o->dtypes, "fp32,bf16,fp16")->capture_default_str();
-  app.add_option("--components", o->components, "any of text,unet,taesd,vae,stream")->capture_default_str();
+  app.add_option("--sizes", o->sizes, "square image sizes, comma-separated (e.g. 256,512)")->capture_default_str();
+  app.add_option("--dtypes", o->dtypes, "fp32,bf16 (CPU) or fp32,fp16 (CUDA); the ablation adds what it needs")
+      ->capture_default_str();
+  app.add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
+  app.add_option("--sections", o->sections, "all, or any of components,e2e,ablation,batch,cfg,vae,filter")
+      ->capture_default_str();
   app.add_option("--threads", o->threads, "intra-op threads (0 = all cores)")->capture_default_str();
-  app.add_option("--iters", o->iters, "timed iterations per measurement (median)")->capture_default_str();
-  app.add_option("--warmup", o->warmup, "untimed warm-up iterations")->capture_default_str();
-  app.add_option("--stream-frames", o->stream_frames, "timed frames of the end-to-end stream")->capture_default_str();
-  app.add_option("--t-index-list", o->t_index_list, "t_index_list of the end-to-end stream")->capture_default_str();
+  app.add_option("--iters", o->iters, "timed runs per component measurement (median)")->capture_default_str();
+  app.add_option("--warmup", o->warmup, "untimed warm-up runs before each measurement")->capture_default_str();
+  app.add_option("--frames", o->frames, "timed frames per stream measurement (median)")->capture_default_str();
+  app.add_option("--naive-iters", o->naive_iters, "timed runs of the naive path and of the full VAE")
+      ->capture_default_str();
+  app.add_option("--filter-frames", o->filter_frames, "frames of the static scene (filter section)")
+      ->capture_default_str();
+  app.add_option("--prompt", o->prompt, "prompt")->capture_default_str();
+  app.add_option("--negative-prompt", o->negative_prompt, "negative prompt (full CFG, the naive path)");
+  app.add_option("--txt2img-t-index", o->txt2img_t, "t_index_list of the txt2img stream rows")->capture_default_str();
+  app.add_option("--img2img-t-index", o->img2img_t, "t_index_list of the img2img stream rows")->capture_default_str();
+  app.add_option("--multi-t-index", o->multi_t, "t_index_list of the batch and cfg sections")->capture_default_str();
+  app.add_option("--ablation-t-index", o->ablation_t, "t_index_list of the ablation (txt2img)")
+      ->capture_default_str();
+  app.add_option("--num-inference-steps", o->num_inference_steps, "LCM schedule length")->capture_default_str();
+  app.add_option("--guidance", o->guidance, "guidance scale of the RCFG / CFG stream rows (> 1)")
+      ->capture_default_str();
+  app.add_option("--naive-guidance", o->naive_guidance, "CFG scale of the naive path (diffusers' default 7.5)")
+      ->capture_default_str();
+  app.add_option("--filter-threshold", o->filter_threshold, "similarity filter threshold")->capture_default_str();
+  app.add_option("--max-skip-frame", o->max_skip_frame, "similarity filter max_skip_frame")->capture_default_str();
+  app.add_option("--filter-noise", o->filter_noise, "per-frame noise std of the static scene ([-1, 1] scale)")
+      ->capture_default_str();
   app.add_option("--json", o->json_path, "write the results as JSON");
-  return [o] { return run_bench(*o); };
+  app.add_option("--chart", o->chart_path, "write a PNG chart of the ablation and the components (needs OpenCV)");
+  return [o] { return Bench(*o).run(); };
 }
 
-REGISTER_COMMAND("bench", "time each component and the end-to-end stream on a model folder", 80, setup_bench);
+REGISTER_COMMAND("bench", "measure components, whole frames and each StreamDiffusion technique (ablation)", 80,
+                 setup_bench);
 
 }  // namespace

@@ -1,4 +1,5 @@
 // `streamdiffusion info --model DIR`: what a model folder holds, without loading the weights (headers only).
+#include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <map>
@@ -91,7 +92,16 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
     for (const auto& k : fields->second)
       if (cfg.contains(k)) brief[k] = cfg[k];
   out["config"] = brief;
-  if (name != "scheduler" && name != "tokenizer") {
+  // A VAE folder with only its config (models/emoji-tiny: the TAESD beside it does all encoding and decoding; the
+  // pipeline reads just the scale factor from vae/config.json) is described without weights.
+  bool config_only = false;
+  if (name == "vae" && sd::is_directory(dir)) {
+    config_only = true;
+    for (const auto& e : std::filesystem::directory_iterator(dir))
+      if (e.path().extension() != ".json") config_only = false;
+    if (config_only) out["note"] = "config only (no weights; use the TAESD)";
+  }
+  if (name != "scheduler" && name != "tokenizer" && !config_only) {
     auto w = summarize(sd::find_weights(dir));
     out["weights"] = {{"file", w.path}, {"bytes", w.bytes}, {"tensors", w.tensors}, {"parameters", w.parameters},
                       {"dtypes", w.dtypes}};
@@ -121,6 +131,7 @@ sd::cli::Runner setup_info(CLI::App& app) {
     int64_t total = 0;
     for (const auto& c : report["components"]) {
       std::cout << "  " << std::left << std::setw(13) << c["name"].get<std::string>() << c["class"].get<std::string>();
+      if (c.contains("note")) std::cout << "  " << c["note"].get<std::string>();
       if (c.contains("weights")) {
         const auto& w = c["weights"];
         total += w["parameters"].get<int64_t>();

@@ -1,10 +1,13 @@
 #include "apps/cli/pipeline_options.h"
 
 #include <chrono>
+#include <cstdlib>
+#include <filesystem>
 #include <sstream>
 
 #include "core/device.h"
 #include "core/error.h"
+#include "io/model_folder.h"
 #include "pipeline/image.h"
 
 namespace sd::cli {
@@ -76,7 +79,9 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
       mode == PipelineMode::Txt2Img ? "0,16,32,45" : mode == PipelineMode::Img2Img ? "32,45" : "32,45 (txt2img: 0,16,32,45)";
   const char* cfg_default =
       mode == PipelineMode::Txt2Img ? "none" : mode == PipelineMode::Img2Img ? "self" : "self (txt2img: none)";
-  app.add_option("--model", o.model, "diffusers StableDiffusionPipeline folder")->required();
+  if (o.model.empty()) o.model = default_model_dir();
+  app.add_option("--model", o.model,
+                 "diffusers StableDiffusionPipeline folder (default: the shipped tiny emoji model, " + o.model + ")");
   app.add_option("--taesd", o.taesd,
                  "TAESD folder or file for encode/decode, or 'none' for the model's AutoencoderKL "
                  "(default: <model>/taesd when present)");
@@ -133,7 +138,33 @@ StreamConfig stream_config(const PipelineOptions& o, bool txt2img) {
   return c;
 }
 
+std::string default_model_dir() {
+  namespace fs = std::filesystem;
+  const fs::path rel = fs::path("models") / "emoji-tiny";
+  auto ok = [](const fs::path& p) { return is_file((p / "model_index.json").string()); };
+  if (const char* env = std::getenv("SD_DEFAULT_MODEL"); env && *env) return env;
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec)
+    for (fs::path d = exe.parent_path(); !d.empty() && d != d.root_path(); d = d.parent_path())
+      if (ok(d / rel)) return (d / rel).string();
+#ifdef SD_SOURCE_DIR
+  const fs::path src = fs::path(SD_SOURCE_DIR) / rel;
+  if (ok(src)) return src.string();
+#endif
+  if (ok(rel)) return rel.string();
+#ifdef SD_SOURCE_DIR
+  return src.string();
+#else
+  return rel.string();
+#endif
+}
+
 LoadedModels load_models(const PipelineOptions& o) {
+  if (o.model == default_model_dir() && !is_file(o.model + "/model_index.json"))
+    throw InvalidArgument("no --model given and the default model was not found at " + o.model +
+                          " (it ships in the repository as models/emoji-tiny; retrain it with scripts/train-emoji.sh, "
+                          "set SD_DEFAULT_MODEL, or pass --model DIR)");
   LoadOptions lo;
   lo.dtype = parse_dtype(o.common.dtype);
   lo.device = o.common.device;

@@ -50,6 +50,12 @@ std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& 
 std::vector<int64_t> index_list_from(const PipelineOptions& o, bool txt2img);
 StreamConfig stream_config(const PipelineOptions& o, bool txt2img);
 
+// The model used when --model is not given: the shipped tiny emoji model (models/emoji-tiny, trained in-house).
+// Looked up as $SD_DEFAULT_MODEL, then models/emoji-tiny in a folder above the executable, in the source tree the
+// CLI was built from, and in the working directory; the first that holds model_index.json wins (else the
+// source-tree path, which load_models reports as missing with a hint).
+std::string default_model_dir();
+
 struct LoadedModels {
   std::shared_ptr<const DiffusionModels> models;
   double load_s = 0;

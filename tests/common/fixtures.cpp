@@ -1,5 +1,8 @@
 #include "common/fixtures.h"
 
+#include "core/device.h"
+#include "core/error.h"
+
 #include <cstdlib>
 #include <filesystem>
 #include <sstream>
@@ -11,6 +14,24 @@ namespace sd::test {
 std::string fixtures_root() {
   if (const char* env = std::getenv("SD_FIXTURES"); env && *env) return env;
   return SD_DEFAULT_FIXTURES;
+}
+
+c10::Device test_device() {
+  const char* env = std::getenv("SD_TEST_DEVICE");
+  try {
+    return sd::parse_device(env && *env ? env : "cpu");
+  } catch (const std::exception& e) {
+    throw sd::InvalidArgument(std::string("SD_TEST_DEVICE: ") + e.what());
+  }
+}
+
+c10::ScalarType test_dtype() {
+  const char* env = std::getenv("SD_TEST_DTYPE");
+  try {
+    return sd::parse_dtype(env && *env ? env : "fp32");
+  } catch (const std::exception& e) {
+    throw sd::InvalidArgument(std::string("SD_TEST_DTYPE: ") + e.what());
+  }
 }
 
 std::string fixture_path(const std::string& rel) { return (fs::path(fixtures_root()) / rel).string(); }

@@ -35,6 +35,12 @@ std::vector<std::string> fixture_models();
 // Replaces characters gtest does not allow in test names.
 std::string test_name(std::string s);
 
+// Device and dtype of the device golden tests (tests/models/test_device_golden.cpp): $SD_TEST_DEVICE ("cpu" |
+// "cuda" | "cuda:N", default cpu) and $SD_TEST_DTYPE ("fp32" | "bf16" | "fp16", default fp32). A bad value throws
+// sd::InvalidArgument naming the variable. scripts/gpu-check.sh sets them to cuda / fp16.
+c10::Device test_device();
+c10::ScalarType test_dtype();
+
 // A unique scratch directory under the build tree's temp space (removed by the caller if wanted).
 std::string make_temp_dir(const std::string& prefix);
 

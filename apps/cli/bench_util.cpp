@@ -1,0 +1,148 @@
+#include "apps/cli/bench_util.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <numeric>
+#include <sstream>
+
+#include <torch/cuda.h>
+
+#include "core/device.h"
+#include "io/model_folder.h"
+#include "io/safetensors.h"
+
+namespace sd::bench {
+
+Timing summarize(std::vector<double> samples) {
+  Timing t;
+  t.samples = samples;
+  if (samples.empty()) return t;
+  std::sort(samples.begin(), samples.end());
+  const size_t n = samples.size();
+  t.median = n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]);
+  t.min = samples.front();
+  t.max = samples.back();
+  t.mean = std::accumulate(samples.begin(), samples.end(), 0.0) / static_cast<double>(n);
+  return t;
+}
+
+void sync(const c10::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize();
+}
+
+Timing time_runs(const c10::Device& device, int warmup, int iters, const std::function<void()>& fn) {
+  using Clock = std::chrono::steady_clock;
+  for (int i = 0; i < warmup; ++i) fn();
+  sync(device);
+  std::vector<double> s;
+  for (int i = 0; i < std::max(1, iters); ++i) {
+    const auto t0 = Clock::now();
+    fn();
+    sync(device);
+    s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return summarize(std::move(s));
+}
+
+double rss_mib() {
+  std::ifstream in("/proc/self/statm");
+  long pages_total = 0, pages_rss = 0;
+  in >> pages_total >> pages_rss;
+  return static_cast<double>(pages_rss) * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
+
+double peak_rss_mib() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;
+}
+
+namespace {
+
+// Sum of numel over the tensors of a safetensors file whose name starts with `prefix`.
+int64_t count_file_params(const std::string& path, const std::string& prefix = "") {
+  const SafeTensorsFile f = SafeTensorsFile::open(path);
+  int64_t n = 0;
+  for (const auto& t : f.tensors())
+    if (t.name.rfind(prefix, 0) == 0) n += static_cast<int64_t>(t.numel());
+  return n;
+}
+
+}  // namespace
+
+ArchInfo inspect_architecture(const std::string& model_dir) {
+  const ModelFolder folder = ModelFolder::open(model_dir);
+  ArchInfo a;
+  a.unet_params = count_file_params(folder.weights_path("unet"));
+  a.text_params = count_file_params(folder.weights_path("text_encoder"));
+  a.vae_params = count_file_params(folder.weights_path("vae"));
+  if (auto taesd = folder.taesd_dir()) {
+    const std::string w = find_weights(*taesd);
+    a.taesd_encoder_params = count_file_params(w, "encoder.");
+    a.taesd_decoder_params = count_file_params(w, "decoder.");
+  }
+  if (a.unet_params == 865910724)
+    a.name = "sd-turbo / SD2.1";
+  else if (a.unet_params == 859520964)
+    a.name = "SD1.5";
+  else
+    a.name = "unknown (" + std::to_string(a.unet_params) + " UNet parameters)";
+  return a;
+}
+
+double known_gflop(const ArchInfo& a, const std::string& component, int64_t size) {
+  const bool s256 = size == 256, s512 = size == 512;
+  const bool sd_unet = a.unet_params == 865910724 || a.unet_params == 859520964;
+  if (component == "text_encode") return a.text_params == 340387840 ? 45 : 0;  // sd-turbo / SD2.1 OpenCLIP-H
+  if (!s256 && !s512) return 0;
+  if (component == "unet" && sd_unet) return s256 ? 181 : 804;
+  if (component == "taesd_encode" && a.taesd_encoder_params == 1222532) return s256 ? 31 : 122;
+  if (component == "taesd_decode" && a.taesd_decoder_params == 1222531) return s256 ? 35 : 141;
+  if (component == "vae_decode" && a.vae_params > 80000000 && sd_unet) return s256 ? 622 : 2515;
+  return 0;
+}
+
+double ceiling_gflops(c10::ScalarType dtype, const c10::Device& device) {
+  if (!device.is_cpu()) return 0;
+  if (dtype == c10::kBFloat16) return 800;
+  if (dtype == c10::kFloat) return 400;
+  return 0;
+}
+
+nlohmann::json to_json(const Result& r) {
+  nlohmann::json j = {{"section", r.section},
+                      {"name", r.name},
+                      {"variant", r.variant},
+                      {"dtype", r.dtype},
+                      {"size", r.size},
+                      {"batch", r.batch},
+                      {"steps", r.steps},
+                      {"median_s", r.timing.median},
+                      {"min_s", r.timing.min},
+                      {"max_s", r.timing.max},
+                      {"mean_s", r.timing.mean},
+                      {"samples_s", r.timing.samples},
+                      {"iters", r.timing.samples.size()},
+                      {"fps", r.timing.fps()},
+                      {"gflop", r.gflop},
+                      {"gflops", r.gflops},
+                      {"pct_ceiling", r.pct_ceiling},
+                      {"rss_mib", r.rss_mib}};
+  if (!r.extra.empty()) j["extra"] = r.extra;
+  return j;
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+}  // namespace sd::bench

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The CUDA check, run on a lent GPU host (device tool, `carry: [".gpu-deps"]` after scripts/gpu-prepare.sh here),
+# in under 8 minutes on 16 cores:
+#   1. builds the engine-only configuration (-DSD_ENGINE_ONLY=ON: engine libraries, golden tests, bench CLI) against
+#      the libtorch inside the host's PyTorch (CMAKE_PREFIX_PATH = torch.utils.cmake_prefix_path; when a CUDA
+#      wheel's TorchConfig.cmake cannot find the CUDA toolkit, falls back to -DSD_TORCH_DIR, linking the wheel's
+#      libraries directly) plus the unpacked .gpu-deps (header-only / static: see gpu-prepare.sh);
+#   2. runs the golden tests: the CPU suites once, then the module goldens on the device (test_models
+#      --gtest_filter='*DeviceGolden*' with SD_TEST_DEVICE=cuda, SD_TEST_DTYPE=fp16 and fp32; tolerances in
+#      tests/models/test_device_golden.cpp: fp16 rtol 6e-2 (UNet) / 5e-2 (VAE, TAESD) / 2.5e-2 (text encoder) of
+#      max|ref|, fp32 without TF32 atol 1e-4 + rtol 1e-5);
+#   3. makes a random sd-turbo model and runs the 512 px, 1-step txt2img and img2img benchmark in fp16 (and fp32)
+#      on the device, with the per-component rows.
+# Results (logs, JSON) go to $OUT (the device tool's output folder; default ./gpu-check-out).
+#
+# --dry-run: the same on THIS machine without a GPU (CPU libtorch from the system, device cpu, dtype bf16, the tiny
+# fixture model instead of sd-turbo at 512 px): proves the script, the engine-only configuration and the bench work.
+# Environment: BUILD_DIR (default build-gpu, build-gpu-dry with --dry-run), JOBS (default nproc), GPU_DEPS
+# (default .gpu-deps), TIME_LIMIT_S (default 480: later steps are skipped when the budget is spent).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT="${OUT:-$ROOT/gpu-check-out}"
+mkdir -p "$OUT"
+DEPS="$(cd "${GPU_DEPS:-.gpu-deps}" 2>/dev/null && pwd)/root/usr"
+JOBS="${JOBS:-$(nproc)}"
+LIMIT="${TIME_LIMIT_S:-480}"
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+log() { echo "[gpu-check $(( $(date +%s) - START ))s] $*" | tee -a "$SUMMARY"; }
+left() { echo $(( LIMIT - ($(date +%s) - START) )); }
+# Runs a step with a timeout of what is left of the budget; logs to $OUT/<name>.log; records pass/fail.
+step() {
+  local name="$1"; shift
+  local budget; budget=$(left)
+  if [ "$budget" -le 10 ]; then log "SKIP $name (time budget spent)"; return 1; fi
+  log "RUN  $name: $*"
+  timeout "$budget" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  if [ $rc -eq 0 ]; then log "OK   $name"; else log "FAIL $name (rc $rc, see $name.log)"; tail -n 30 "$OUT/$name.log"; fi
+  return $rc
+}
+
+if [ ! -d "$DEPS/include" ]; then
+  echo "gpu-check: no unpacked dependencies at $DEPS: run scripts/gpu-prepare.sh first (and carry .gpu-deps)" >&2
+  exit 2
+fi
+export PATH="$DEPS/bin:$PATH"  # ninja
+# Fixtures: $SD_FIXTURES, else the copy gpu-prepare.sh made, else ../shared/fixtures (this machine).
+if [ -z "${SD_FIXTURES:-}" ]; then
+  if [ -d "$DEPS/../../fixtures/models" ]; then SD_FIXTURES="$(cd "$DEPS/../../fixtures" && pwd)"; else SD_FIXTURES="$ROOT/../shared/fixtures"; fi
+fi
+export SD_FIXTURES
+GEN=(-G Ninja)
+command -v ninja >/dev/null || GEN=()
+PREFIX="$DEPS"
+EXTRA=()
+if [ $DRY = 1 ]; then
+  BUILD_DIR="${BUILD_DIR:-build-gpu-dry}"
+  DEVICE=cpu; DTYPES=(bf16); BENCH_SIZE=64
+  log "dry run on $(hostname): CPU libtorch from the system"
+else
+  BUILD_DIR="${BUILD_DIR:-build-gpu}"
+  DEVICE=cuda; DTYPES=(fp16 fp32); BENCH_SIZE=512
+  TORCH_PREFIX="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')" || { log "no python3 torch"; exit 2; }
+  TORCH_DIR="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
+  TORCH_ABI="$(python3 -c 'import torch;print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
+  PREFIX="$TORCH_PREFIX;$DEPS"
+  python3 -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
+    | tee -a "$SUMMARY"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$SUMMARY" 2>&1 || true
+fi
+CONFIG=(-S . -B "$BUILD_DIR" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DSD_ENGINE_ONLY=ON -DSD_USE_CCACHE=OFF
+        "-DCMAKE_PREFIX_PATH=$PREFIX" "-DSD_GTEST_SOURCE_DIR=$DEPS/src/googletest")
+
+# 1. configure + build
+if ! step configure cmake "${CONFIG[@]}"; then
+  if [ $DRY = 0 ]; then
+    log "find_package(Torch) failed (a CUDA wheel without the CUDA toolkit?): linking $TORCH_DIR directly"
+    rm -rf "$BUILD_DIR"
+    step configure-direct cmake "${CONFIG[@]}" "-DCMAKE_PREFIX_PATH=$DEPS" "-DSD_TORCH_DIR=$TORCH_DIR" \
+      "-DSD_TORCH_CXX11_ABI=$TORCH_ABI" || exit 1
+  else
+    exit 1
+  fi
+fi
+grep -h "streamdiffusion: libtorch" "$OUT"/configure*.log | tee -a "$SUMMARY"
+TARGETS=(streamdiffusion test_models test_pipeline test_io test_tokenizer)
+step build cmake --build "$BUILD_DIR" -j "$JOBS" --target "${TARGETS[@]}" || exit 1
+CLI="$BUILD_DIR/apps/streamdiffusion"
+
+# 2. golden tests: CPU suites (the build is sound), then the module goldens on the device
+for t in test_io test_tokenizer test_models test_pipeline; do
+  step "$t-cpu" "$BUILD_DIR/tests/$t" --gtest_brief=1 || true
+done
+for dt in "${DTYPES[@]}"; do
+  SD_TEST_DEVICE=$DEVICE SD_TEST_DTYPE=$dt step "golden-$DEVICE-$dt" "$BUILD_DIR/tests/test_models" \
+    --gtest_filter='*DeviceGolden*' || true
+  grep -h "\[close\]" "$OUT/golden-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
+done
+
+# 3. benchmark: sd-turbo architecture (random weights) at 512 px, 1 step, txt2img and img2img
+if [ $DRY = 1 ]; then
+  MODEL="$SD_FIXTURES/models/tiny-sd21"
+else
+  MODEL="$BUILD_DIR/sd-turbo-random"
+  [ -d "$MODEL/unet" ] || step make-random-model "$CLI" make-random-model --arch sd-turbo --out "$MODEL" \
+    --tokenizer "$SD_FIXTURES/models/tiny-sd21/tokenizer" --weights-dtype fp16 || true
+fi
+BENCH=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --txt2img-t-index 0 --img2img-t-index 35)
+if [ $DRY = 1 ]; then
+  BENCH+=(--sections components,e2e,batch --threads 2 --iters 2 --frames 3 --warmup 1)
+else
+  BENCH+=(--sections components,e2e --iters 10 --frames 20 --warmup 3)
+fi
+for dt in "${DTYPES[@]}"; do
+  step "bench-$dt" "$CLI" "${BENCH[@]}" --dtypes "$dt" --json "$OUT/bench-$dt.json" || true
+  grep -hE "^(components|e2e|batch) " "$OUT/bench-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
+done
+log "done; results in $OUT"
+cat "$SUMMARY" | grep -E "FAIL|SKIP" && exit 1
+exit 0

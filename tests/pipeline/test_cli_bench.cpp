@@ -1,0 +1,213 @@
+// `streamdiffusion bench` on the tiny fixture model with every section, one timed run each: the JSON report has the
+// expected structure and its numbers are consistent (positive times, fps = 1/median, median within [min, max],
+// speed-ups = ratios of the referenced rows, filter counts add up). Whether the optimised path beats the naive one is
+// NOT checked: on a 64 px model with a few thousand parameters the overheads dominate.
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "common/fixtures.h"
+
+namespace sd {
+namespace {
+
+namespace fs = std::filesystem;
+
+#ifdef SD_BENCH_CLI_PATH
+
+struct RunResult {
+  int status;
+  std::string output;
+};
+
+RunResult run(const std::string& args) {
+  const std::string cmd = std::string(SD_BENCH_CLI_PATH) + " " + args + " 2>&1";
+  RunResult r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof(buf), p)) r.output.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+class CliBench : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = test::fixture_path("models/tiny-sd21");
+    if (!fs::exists(model_)) GTEST_SKIP() << "no fixture model " << model_;
+    dir_ = test::make_temp_dir("sd-bench");
+  }
+  void TearDown() override {
+    if (!dir_.empty()) fs::remove_all(dir_);
+  }
+  std::string model_, dir_;
+};
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
+  const std::string json = dir_ + "/bench.json";
+  std::string args = "bench --model '" + model_ +
+                     "' --sizes 64 --dtypes fp32,bf16 --sections all --iters 1 --warmup 1 --frames 2 "
+                     "--naive-iters 1 --filter-frames 6 --threads 1 --ablation-t-index 0,16 --json '" + json + "'";
+#ifdef SD_TEST_HAVE_OPENCV
+  const std::string png = dir_ + "/bench.png";
+  args += " --chart '" + png + "'";
+#endif
+  const RunResult r = run(args);
+  ASSERT_EQ(r.status, 0) << r.output;
+  ASSERT_TRUE(fs::exists(json)) << r.output;
+#ifdef SD_TEST_HAVE_OPENCV
+  ASSERT_TRUE(fs::exists(png));
+  EXPECT_GT(fs::file_size(png), 1000u);
+#endif
+  const nlohmann::json j = read_json(json);
+  EXPECT_EQ(j["schema"], "streamdiffusion-bench/1");
+  EXPECT_EQ(j["device"], "cpu");
+  EXPECT_EQ(j["threads"], 1);
+  EXPECT_EQ(j["sections"].size(), 7u);
+  ASSERT_TRUE(j["results"].is_array());
+  ASSERT_GE(j["loads"].size(), 4u);  // fp32 + bf16, each with the AutoencoderKL and the TAESD model set
+
+  std::map<std::string, nlohmann::json> by_id;
+  std::set<std::string> sections;
+  for (const auto& x : j["results"]) {
+    const std::string id = x["id"];
+    SCOPED_TRACE(id);
+    EXPECT_EQ(by_id.count(id), 0u) << "duplicate id";
+    by_id[id] = x;
+    sections.insert(x["section"].get<std::string>());
+    const double med = x["median_s"], mn = x["min_s"], mx = x["max_s"], fps = x["fps"];
+    EXPECT_GT(med, 0.0);
+    EXPECT_LE(mn, med);
+    EXPECT_LE(med, mx);
+    EXPECT_NEAR(fps, 1.0 / med, 1e-9 / med);
+    EXPECT_EQ(x["samples_s"].size(), x["iters"].get<size_t>());
+    EXPECT_GE(x["iters"].get<int>(), 1);
+    EXPECT_TRUE(x["dtype"] == "fp32" || x["dtype"] == "bf16");
+    EXPECT_GE(x["rss_mib"].get<double>(), 0.0);
+    // The tiny model is not a real SD architecture: no FLOP counts, so no GFLOP/s.
+    EXPECT_EQ(x["gflop"].get<double>(), 0.0);
+    if (x.contains("extra") && x["extra"].contains("per_frame_s")) {
+      double parts = 0;
+      for (const auto& [k, v] : x["extra"]["per_frame_s"].items()) {
+        EXPECT_GE(v.get<double>(), 0.0) << k;
+        parts += v.get<double>();
+      }
+      EXPECT_GT(parts, 0.0);
+    }
+  }
+  for (const std::string s : {"components", "e2e", "ablation", "batch", "cfg", "vae", "filter"})
+    EXPECT_EQ(sections.count(s), 1u) << "no result in section " << s;
+  for (const std::string id : {"text_encode/fp32", "unet/bf16/64/b1", "taesd_decode/fp32/64", "vae_decode/bf16/64",
+                               "vae_encode/fp32/64", "taesd_encode/bf16/64"})
+    EXPECT_EQ(by_id.count(id), 1u) << id;
+
+  // Stream rows: per-frame UNet rows match the configuration (n steps batched, guidance rows).
+  for (const auto& [id, x] : by_id) {
+    if (id.rfind("stream/", 0) != 0) continue;
+    SCOPED_TRACE(id);
+    const auto& e = x["extra"];
+    const double rows = e["unet_rows_per_frame"], calls = e["unet_calls_per_frame"];
+    const int64_t n = e["t_index_list"].size();
+    const std::string cfg = e["cfg"];
+    const double per_call = cfg == "full" ? 2.0 * n : cfg == "initialize" ? n + 1.0 : static_cast<double>(n);
+    if (e["denoising_batch"].get<bool>()) {
+      EXPECT_DOUBLE_EQ(calls, 1.0);
+      EXPECT_DOUBLE_EQ(rows, per_call);
+      EXPECT_EQ(x["batch"].get<double>(), per_call);
+    } else {
+      EXPECT_DOUBLE_EQ(calls, static_cast<double>(n));
+    }
+  }
+
+  // Comparisons: speed-up = baseline / candidate of the rows they name.
+  ASSERT_TRUE(j["comparisons"].is_array());
+  std::set<std::string> cmp_sections;
+  for (const auto& c : j["comparisons"]) {
+    SCOPED_TRACE(c["what"].get<std::string>());
+    cmp_sections.insert(c["section"].get<std::string>());
+    ASSERT_EQ(by_id.count(c["baseline"].get<std::string>()), 1u);
+    ASSERT_EQ(by_id.count(c["candidate"].get<std::string>()), 1u);
+    const double b = by_id[c["baseline"].get<std::string>()]["median_s"];
+    const double k = by_id[c["candidate"].get<std::string>()]["median_s"];
+    EXPECT_DOUBLE_EQ(c["baseline_s"].get<double>(), b);
+    EXPECT_NEAR(c["speedup"].get<double>(), b / k, 1e-9 * b / k);
+  }
+  for (const std::string s : {"batch", "cfg", "vae"}) EXPECT_EQ(cmp_sections.count(s), 1u) << s;
+  // 2 dtypes x (batch 2 + cfg 3 + vae 4) comparisons at one size.
+  EXPECT_EQ(j["comparisons"].size(), 18u);
+
+  // Ablation: 7 steps (2 denoising steps, so the stream batch row is there), the first is the naive path in fp32.
+  ASSERT_EQ(j["ablation"].size(), 1u);
+  const auto& a = j["ablation"][0];
+  EXPECT_EQ(a["size"], 64);
+  EXPECT_EQ(a["steps"], 2);
+  ASSERT_EQ(a["rows"].size(), 7u);
+  EXPECT_DOUBLE_EQ(a["rows"][0]["speedup_vs_naive"].get<double>(), 1.0);
+  EXPECT_EQ(a["rows"][0]["dtype"], "fp32");
+  EXPECT_EQ(a["rows"][5]["dtype"], "bf16");
+  const auto& naive = by_id.at(a["rows"][0]["result"].get<std::string>());
+  EXPECT_EQ(naive["name"], "naive_txt2img");
+  EXPECT_EQ(naive["batch"], 2);                                  // CFG batch of 2
+  EXPECT_EQ(naive["extra"]["unet_rows_per_frame"], 4);           // 2 steps x 2 rows
+  EXPECT_EQ(naive["extra"]["text_encodes_per_frame"], 2);        // prompt + negative prompt per call
+  const double naive_s = naive["median_s"];
+  double prev = 0;
+  for (const auto& row : a["rows"]) {
+    SCOPED_TRACE(row["label"].get<std::string>());
+    const auto& res = by_id.at(row["result"].get<std::string>());
+    EXPECT_DOUBLE_EQ(row["median_s"].get<double>(), res["median_s"].get<double>());
+    EXPECT_NEAR(row["speedup_vs_naive"].get<double>(), naive_s / row["median_s"].get<double>(), 1e-9 * naive_s);
+    if (prev > 0)
+      EXPECT_NEAR(row["speedup_vs_previous"].get<double>(), prev / row["median_s"].get<double>(), 1e-9 * prev);
+    prev = row["median_s"];
+  }
+
+  // Filter: the counts add up and the effective fps is frames / total time of the timed frames.
+  int filters = 0;
+  for (const auto& [id, x] : by_id) {
+    if (x["section"] != "filter" || x["name"] != "img2img_filter") continue;
+    ++filters;
+    const auto& e = x["extra"];
+    EXPECT_EQ(e["frames"], 6);
+    EXPECT_EQ(e["processed"].get<int>() + e["skipped"].get<int>(), 6);
+    EXPECT_GE(e["skipped"].get<int>(), 1) << "a static scene must be skipped at threshold 0.98";
+    double total = 0;
+    for (const auto& s : x["samples_s"]) total += s.get<double>();
+    EXPECT_NEAR(e["effective_fps"].get<double>(), 6.0 / total, 1e-9 * 6.0 / total);
+    EXPECT_NEAR(e["compute_saved_pct"].get<double>(), 100.0 * e["skipped"].get<int>() / 6.0, 1e-9);
+  }
+  EXPECT_EQ(filters, 2);  // fp32 and bf16
+}
+
+TEST_F(CliBench, RejectsUnknownSectionsAndBadOptions) {
+  RunResult r = run("bench --model '" + model_ + "' --sections components,warp");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("unknown section 'warp'"), std::string::npos) << r.output;
+  r = run("bench --model '" + model_ + "' --dtypes fp16");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("fp16"), std::string::npos) << r.output;
+  r = run("bench --model '" + model_ + "' --sizes 60");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("--sizes"), std::string::npos) << r.output;
+}
+
+#else
+
+TEST(CliBench, NeedsTheCli) { GTEST_SKIP() << "built without the streamdiffusion CLI"; }
+
+#endif
+
+}  // namespace
+}  // namespace sd
