@@ -1,0 +1,232 @@
+// `streamdiffusion contact-sheet`: one PNG showing what a model does - prompts (columns) against txt2img with 1, 2
+// and 4 stream steps, the reference emoji when the emoji data is installed, and a row of img2img on synthetic
+// drawings (OpenCV shapes). Used for docs/emoji-contact-sheet.png (scripts/train-emoji.sh); works on any model.
+#include <iostream>
+#include <sstream>
+
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <torch/torch.h>
+
+#include "apps/cli/commands.h"
+#include "apps/cli/pipeline_options.h"
+#include "core/device.h"
+#include "core/error.h"
+#include "pipeline/diffusion_models.h"
+#include "pipeline/image.h"
+#include "pipeline/stream_diffusion.h"
+#include "train/emoji_dataset.h"
+
+namespace {
+
+struct SheetOptions {
+  std::string model, out = "docs/emoji-contact-sheet.png", data, size = "64x64";
+  std::string prompts =
+      "grinning face;red apple;cat face;heavy black heart;pile of poo;rocket;christmas tree;"
+      "smiling face with sunglasses;fire;banana";
+  std::string img2img_prompts = "red apple;grinning face;christmas tree;blue heart;sun with face";
+  int tile = 128;
+  uint64_t seed = 2;
+  int threads = 0;
+};
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, sep))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+// [3, H, W] in [-1, 1] (RGB) -> BGR tile of tile x tile (nearest: pixels stay visible).
+cv::Mat to_tile(const torch::Tensor& img, int tile) {
+  const auto u8 = sd::tensor_to_image(img.unsqueeze(0))[0].contiguous();  // [H, W, 3] RGB
+  cv::Mat rgb(static_cast<int>(u8.size(0)), static_cast<int>(u8.size(1)), CV_8UC3, u8.data_ptr<uint8_t>());
+  cv::Mat bgr, big;
+  cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+  cv::resize(bgr, big, cv::Size(tile, tile), 0, 0, cv::INTER_NEAREST);
+  return big;
+}
+
+// Synthetic drawings for img2img: simple shapes a child might draw, 64 x 64 RGB in [-1, 1].
+torch::Tensor drawing(int which, int64_t w, int64_t h) {
+  cv::Mat m(static_cast<int>(h), static_cast<int>(w), CV_8UC3, cv::Scalar(255, 255, 255));
+  const cv::Point c(static_cast<int>(w / 2), static_cast<int>(h / 2));
+  const int r = static_cast<int>(std::min(w, h) * 3 / 8);
+  switch (which % 5) {
+    case 0:  // red disc with a stalk
+      cv::circle(m, c + cv::Point(0, r / 6), r, cv::Scalar(40, 40, 220), cv::FILLED, cv::LINE_AA);
+      cv::line(m, c - cv::Point(0, r), c - cv::Point(-r / 4, r + r / 3), cv::Scalar(30, 80, 60), 3, cv::LINE_AA);
+      break;
+    case 1:  // yellow face
+      cv::circle(m, c, r, cv::Scalar(40, 210, 250), cv::FILLED, cv::LINE_AA);
+      cv::circle(m, c + cv::Point(-r / 3, -r / 4), r / 8, cv::Scalar(40, 40, 40), cv::FILLED, cv::LINE_AA);
+      cv::circle(m, c + cv::Point(r / 3, -r / 4), r / 8, cv::Scalar(40, 40, 40), cv::FILLED, cv::LINE_AA);
+      cv::ellipse(m, c + cv::Point(0, r / 6), cv::Size(r / 2, r / 3), 0, 0, 180, cv::Scalar(40, 40, 40), 2,
+                  cv::LINE_AA);
+      break;
+    case 2: {  // green triangle on a brown trunk
+      std::vector<cv::Point> tri{c + cv::Point(0, -r), c + cv::Point(-r, r / 2), c + cv::Point(r, r / 2)};
+      cv::fillConvexPoly(m, tri, cv::Scalar(50, 160, 40), cv::LINE_AA);
+      cv::rectangle(m, c + cv::Point(-r / 6, r / 2), c + cv::Point(r / 6, r), cv::Scalar(30, 70, 120), cv::FILLED);
+      break;
+    }
+    case 3: {  // blue heart from two discs and a triangle
+      const cv::Scalar blue(220, 120, 40);
+      cv::circle(m, c + cv::Point(-r / 2, -r / 4), r / 2, blue, cv::FILLED, cv::LINE_AA);
+      cv::circle(m, c + cv::Point(r / 2, -r / 4), r / 2, blue, cv::FILLED, cv::LINE_AA);
+      std::vector<cv::Point> tri{c + cv::Point(-r, -r / 8), c + cv::Point(r, -r / 8), c + cv::Point(0, r)};
+      cv::fillConvexPoly(m, tri, blue, cv::LINE_AA);
+      break;
+    }
+    default:  // orange sun with rays
+      for (int k = 0; k < 8; ++k) {
+        const double a = k * CV_PI / 4;
+        cv::line(m, c, c + cv::Point(static_cast<int>(r * 1.2 * std::cos(a)), static_cast<int>(r * 1.2 * std::sin(a))),
+                 cv::Scalar(30, 170, 250), 3, cv::LINE_AA);
+      }
+      cv::circle(m, c, r * 2 / 3, cv::Scalar(40, 200, 250), cv::FILLED, cv::LINE_AA);
+      break;
+  }
+  cv::Mat rgb;
+  cv::cvtColor(m, rgb, cv::COLOR_BGR2RGB);
+  auto t = torch::from_blob(rgb.data, {h, w, 3}, torch::kUInt8).clone();
+  return sd::image_to_tensor(t)[0];  // [3, H, W]
+}
+
+void put_text_lines(cv::Mat& canvas, const std::string& text, cv::Rect box, double scale) {
+  // Greedy word wrap into the box width.
+  std::vector<std::string> lines;
+  std::string cur;
+  for (const auto& w : split(text, ' ')) {
+    const std::string cand = cur.empty() ? w : cur + " " + w;
+    int base = 0;
+    if (cv::getTextSize(cand, cv::FONT_HERSHEY_SIMPLEX, scale, 1, &base).width > box.width - 4 && !cur.empty()) {
+      lines.push_back(cur);
+      cur = w;
+    } else {
+      cur = cand;
+    }
+  }
+  if (!cur.empty()) lines.push_back(cur);
+  int y = box.y + static_cast<int>(18 * scale / 0.45);
+  for (const auto& l : lines) {
+    cv::putText(canvas, l, cv::Point(box.x + 3, y), cv::FONT_HERSHEY_SIMPLEX, scale, cv::Scalar(20, 20, 20), 1,
+                cv::LINE_AA);
+    y += static_cast<int>(16 * scale / 0.45);
+  }
+}
+
+sd::cli::Runner setup_contact_sheet(CLI::App& app) {
+  auto o = std::make_shared<SheetOptions>();
+  app.add_option("--model", o->model, "diffusers model folder (default: the shipped models/emoji-tiny)");
+  app.add_option("--out", o->out, "output PNG")->capture_default_str();
+  app.add_option("--prompts", o->prompts, "txt2img prompts, separated by ';'")->capture_default_str();
+  app.add_option("--img2img-prompts", o->img2img_prompts, "prompts for the img2img row (one per drawing, ';')")
+      ->capture_default_str();
+  app.add_option("--data", o->data, "emoji cache for the reference row (default: the fetch script's folder)");
+  app.add_option("--size", o->size, "generation size")->capture_default_str();
+  app.add_option("--tile", o->tile, "tile size in the sheet (pixels)")->capture_default_str();
+  app.add_option("--seed", o->seed, "noise seed")->capture_default_str();
+  app.add_option("--threads", o->threads, "libtorch threads (0 = all cores)")->capture_default_str();
+  return [o] {
+    if (o->model.empty()) o->model = sd::cli::default_model_dir();
+    sd::LoadOptions lo;
+    lo.threads = o->threads;
+    const auto models = sd::load_pipeline(o->model, lo);
+    const auto x = o->size.find('x');
+    if (x == std::string::npos) throw sd::InvalidArgument("--size '" + o->size + "': expected WIDTHxHEIGHT");
+    const int64_t w = std::stoll(o->size.substr(0, x)), h = std::stoll(o->size.substr(x + 1));
+    const auto prompts = split(o->prompts, ';');
+    const auto i2i = split(o->img2img_prompts, ';');
+    const int T = o->tile, label_w = 150, head_h = 44;
+
+    // Reference emoji by name (when the data is installed).
+    std::vector<cv::Mat> refs;
+    const std::string data = o->data.empty() ? sd::train::default_emoji_data_dir() : o->data;
+    if (sd::train::emoji_data_available(data, "google")) {
+      const std::string pkg = sd::train::emoji_package_dir(data, "google");
+      const auto all = sd::train::read_emoji_json(pkg + "/emoji.json", "google");
+      for (const auto& p : prompts) {
+        cv::Mat tile(T, T, CV_8UC3, cv::Scalar(235, 235, 235));
+        for (const auto& e : all)
+          if (e.name == p) {
+            tile = to_tile(sd::train::load_emoji_image(pkg + "/img/google/64/" + e.image, 64), T);
+            break;
+          }
+        refs.push_back(tile);
+      }
+    }
+
+    struct Row {
+      std::string label;
+      std::vector<cv::Mat> tiles;
+    };
+    std::vector<Row> rows;
+    if (!refs.empty()) rows.push_back({"reference emoji (training data)", refs});
+    const std::vector<std::pair<std::string, std::vector<int64_t>>> settings = {
+        {"txt2img 1 step (t 999)", {0}}, {"txt2img 2 steps (999, 99)", {0, 45}},
+        {"txt2img 4 steps (999, 679, 359, 99)", {0, 16, 32, 45}}};
+    for (const auto& [label, list] : settings) {
+      Row r{label, {}};
+      for (const auto& p : prompts) {
+        sd::StreamConfig c;
+        c.width = w;
+        c.height = h;
+        c.t_index_list = list;
+        c.cfg_type = sd::CfgType::None;
+        c.use_denoising_batch = false;
+        c.seed = o->seed;
+        sd::StreamDiffusion s(models, c);
+        s.prepare(p);
+        r.tiles.push_back(to_tile(s.txt2img()[0], T));
+      }
+      rows.push_back(r);
+    }
+    Row in{"img2img input (drawings)", {}}, outr{"img2img 2 steps (679, 359), cfg self", {}};
+    for (size_t k = 0; k < i2i.size(); ++k) {
+      const auto img = drawing(static_cast<int>(k), w, h);
+      sd::StreamConfig c;
+      c.width = w;
+      c.height = h;
+      c.t_index_list = {16, 32};
+      c.cfg_type = sd::CfgType::Self;
+      c.guidance_scale = 1.2;
+      c.use_denoising_batch = false;
+      c.seed = o->seed;
+      sd::StreamDiffusion s(models, c);
+      s.prepare(i2i[k]);
+      in.tiles.push_back(to_tile(img, T));
+      outr.tiles.push_back(to_tile(s.img2img(img)[0], T));
+    }
+    rows.push_back(in);
+    rows.push_back(outr);
+
+    const int cols = static_cast<int>(std::max(prompts.size(), i2i.size()));
+    cv::Mat sheet(head_h + static_cast<int>(rows.size()) * (T + 22), label_w + cols * (T + 4), CV_8UC3,
+                  cv::Scalar(255, 255, 255));
+    for (int k = 0; k < static_cast<int>(prompts.size()); ++k)
+      put_text_lines(sheet, prompts[k], cv::Rect(label_w + k * (T + 4), 0, T + 4, head_h), 0.42);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const int y = head_h + static_cast<int>(r) * (T + 22);
+      put_text_lines(sheet, rows[r].label, cv::Rect(0, y + T / 3, label_w, T), 0.42);
+      for (size_t k = 0; k < rows[r].tiles.size(); ++k) {
+        rows[r].tiles[k].copyTo(sheet(cv::Rect(label_w + static_cast<int>(k) * (T + 4), y, T, T)));
+        if (rows[r].label.rfind("img2img 2", 0) == 0)
+          put_text_lines(sheet, i2i[k], cv::Rect(label_w + static_cast<int>(k) * (T + 4), y + T - 4, T + 4, 22),
+                         0.38);
+      }
+    }
+    if (!cv::imwrite(o->out, sheet)) throw sd::FormatError(o->out, "cannot write the PNG");
+    std::cout << "wrote " << o->out << " (" << sheet.cols << "x" << sheet.rows << ", " << rows.size() << " rows, "
+              << cols << " columns)\n";
+    return 0;
+  };
+}
+
+REGISTER_COMMAND("contact-sheet", "a PNG of prompts vs generated images (txt2img 1/2/4 steps, img2img)", 85,
+                 setup_contact_sheet);
+
+}  // namespace
