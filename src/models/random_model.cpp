@@ -120,6 +120,20 @@ json real_text_encoder_config(const std::string& arch) {
   };
 }
 
+json pipeline_model_index() {
+  return json{{"_class_name", "StableDiffusionPipeline"},
+              {"_diffusers_version", "0.24.0"},
+              {"feature_extractor", {nullptr, nullptr}},
+              {"image_encoder", {nullptr, nullptr}},
+              {"requires_safety_checker", false},
+              {"safety_checker", {nullptr, nullptr}},
+              {"scheduler", {"diffusers", "LCMScheduler"}},
+              {"text_encoder", {"transformers", "CLIPTextModel"}},
+              {"tokenizer", {"transformers", "CLIPTokenizer"}},
+              {"unet", {"diffusers", "UNet2DConditionModel"}},
+              {"vae", {"diffusers", "AutoencoderKL"}}};
+}
+
 json lcm_scheduler_config() {
   return json{
       {"_class_name", "LCMScheduler"},
@@ -192,18 +206,7 @@ RandomModelReport write_random_model(const RandomModelOptions& o) {
   for (const char* sub : {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}) fs::create_directories(out / sub);
   RandomModelReport r;
 
-  write_json(out / "model_index.json",
-             json{{"_class_name", "StableDiffusionPipeline"},
-                  {"_diffusers_version", "0.24.0"},
-                  {"feature_extractor", {nullptr, nullptr}},
-                  {"image_encoder", {nullptr, nullptr}},
-                  {"requires_safety_checker", false},
-                  {"safety_checker", {nullptr, nullptr}},
-                  {"scheduler", {"diffusers", "LCMScheduler"}},
-                  {"text_encoder", {"transformers", "CLIPTextModel"}},
-                  {"tokenizer", {"transformers", "CLIPTokenizer"}},
-                  {"unet", {"diffusers", "UNet2DConditionModel"}},
-                  {"vae", {"diffusers", "AutoencoderKL"}}});
+  write_json(out / "model_index.json", pipeline_model_index());
   write_json(out / "scheduler" / "scheduler_config.json", lcm_scheduler_config());
   for (const char* f : {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}) {
     const fs::path src = fs::path(o.tokenizer_dir) / f;

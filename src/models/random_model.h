@@ -32,6 +32,8 @@ nlohmann::json real_unet_config(const std::string& arch);
 nlohmann::json real_vae_config(const std::string& arch);
 nlohmann::json real_text_encoder_config(const std::string& arch);
 nlohmann::json lcm_scheduler_config();
+// model_index.json of a diffusers StableDiffusionPipeline folder with an LCM scheduler.
+nlohmann::json pipeline_model_index();
 nlohmann::json default_taesd_config();
 
 // Fills every parameter with weights of realistic scale: matrices/convs ~ N(0, 1/fan_in), norm weights ~ 1, biases

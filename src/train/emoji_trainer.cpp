@@ -405,17 +405,7 @@ void EmojiTrainer::export_model(const std::string& out_dir, torch::ScalarType dt
   const fs::path out(out_dir);
   for (const char* sub : {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "taesd"})
     fs::create_directories(out / sub);
-  write_json(out / "model_index.json", json{{"_class_name", "StableDiffusionPipeline"},
-                                            {"_diffusers_version", "0.24.0"},
-                                            {"feature_extractor", {nullptr, nullptr}},
-                                            {"image_encoder", {nullptr, nullptr}},
-                                            {"requires_safety_checker", false},
-                                            {"safety_checker", {nullptr, nullptr}},
-                                            {"scheduler", {"diffusers", "LCMScheduler"}},
-                                            {"text_encoder", {"transformers", "CLIPTextModel"}},
-                                            {"tokenizer", {"transformers", "CLIPTokenizer"}},
-                                            {"unet", {"diffusers", "UNet2DConditionModel"}},
-                                            {"vae", {"diffusers", "AutoencoderKL"}}});
+  write_json(out / "model_index.json", pipeline_model_index());
   write_json(out / "scheduler" / "scheduler_config.json", lcm_scheduler_config());
   write_clip_tokenizer(vocab_, (out / "tokenizer").string(), tokenizer_->max_length());
   auto save = [&](const torch::nn::Module& m, const fs::path& file) {
