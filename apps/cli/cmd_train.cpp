@@ -33,6 +33,7 @@ std::vector<std::string> split_commas(const std::string& s) {
 
 sd::cli::Runner setup_train(CLI::App& app) {
   auto o = std::make_shared<TrainCliOptions>();
+  o->t.probe_every = 500;
   app.add_option("--data", o->data,
                  "emoji cache folder holding node_modules/emoji-datasource-* (default: $SD_EMOJI_DATA or "
                  "~/.cache/streamdiffusion/emoji; scripts/fetch-emoji-data.sh installs it)");
@@ -58,8 +59,21 @@ sd::cli::Runner setup_train(CLI::App& app) {
   app.add_option("--weights-dtype", o->weights_dtype, "dtype of the written weights: fp32 | fp16 | bf16")
       ->capture_default_str();
   app.add_flag("--no-resume", o->no_resume, "ignore an existing checkpoint in --work-dir");
-  app.add_flag("--train-text-encoder", o->t.train_text_encoder,
-               "train the text encoder jointly (default: frozen at its seeded random init)");
+  app.add_option("--train-text-encoder", o->t.train_text_encoder,
+                 "train the text encoder jointly with the UNet (false: frozen at its seeded random init)")
+      ->capture_default_str();
+  app.add_option("--canonical-prob", o->t.canonical_prob,
+                 "probability of training on the emoji's name itself rather than any caption variant")
+      ->capture_default_str();
+  app.add_option("--probe-every", o->t.probe_every,
+                 "log the 1-step prompt adherence on 50 emoji every N UNet steps and at the end (0 = never)")
+      ->capture_default_str();
+  app.add_option("--latent-std", o->t.latent_std,
+                 "standard deviation of the scaled latents the UNet is trained on (sets the TAESD scaling_factor)")
+      ->capture_default_str();
+  app.add_option("--terminal-pure-noise", o->t.terminal_pure_noise,
+                 "at t = 999 train on pure noise, as the stream's first step sees it (true | false)")
+      ->capture_default_str();
   app.add_option("--max-loss-weight", o->t.max_loss_weight, "cap of the x0-space loss weight (1 - a) / a")
       ->capture_default_str();
   return [o] {

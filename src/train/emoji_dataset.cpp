@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cstdlib>
 #include <filesystem>
+#include <random>
 
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
@@ -185,6 +186,19 @@ EmojiDataset load_emoji_dataset(const std::string& data_dir, const std::vector<s
   }
   d.images = torch::stack(imgs);  // [N, 3, S, S]
   return d;
+}
+
+std::vector<std::pair<int64_t, int64_t>> adherence_pairs(int64_t n) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  if (n < 2) return out;
+  const int64_t k = std::max<int64_t>(1, n / 50);
+  std::mt19937_64 rng(12345);
+  for (int64_t i = 0; i < n && out.size() < 50; i += k) {
+    int64_t other = i;
+    while (other == i) other = static_cast<int64_t>(rng() % static_cast<uint64_t>(n));
+    out.emplace_back(i, other);
+  }
+  return out;
 }
 
 }  // namespace sd::train

@@ -4,6 +4,7 @@
 // repository. Images are RGBA and composited onto white; captions come from the names, short names and categories.
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <torch/types.h>
@@ -54,5 +55,10 @@ struct EmojiDataset {
 // first `limit` emoji per style (tiny runs). FormatError if a style's package or an image listed is missing.
 EmojiDataset load_emoji_dataset(const std::string& data_dir, const std::vector<std::string>& styles,
                                 int64_t image_size = 64, int64_t limit = 0);
+
+// The emoji pairs prompt adherence is measured on (tests/train/test_emoji_adherence.cpp and the trainer's probe):
+// sample i = 0, k, 2k, ... with k = max(1, n / 50), at most 50, each with a random other sample j != i drawn by
+// std::mt19937_64 seeded 12345. Empty when n < 2.
+std::vector<std::pair<int64_t, int64_t>> adherence_pairs(int64_t n);
 
 }  // namespace sd::train

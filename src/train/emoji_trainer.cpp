@@ -228,8 +228,8 @@ void EmojiTrainer::prepare_latents() {
     parts.push_back(taesd_->encode(data_->batch(idx)));
   }
   auto lat = torch::cat(parts);
-  // Unit-variance latents for the diffusion (stored as the TAESD's scaling_factor, which the pipeline applies).
-  scaling_factor_ = std::round(1e4 / lat.std().item<double>()) / 1e4;
+  // Latents of std latent_std for the diffusion (stored as the TAESD's scaling_factor, which the pipeline applies).
+  scaling_factor_ = std::round(1e4 * o_.latent_std / lat.std().item<double>()) / 1e4;
   latents_ = lat * scaling_factor_;
   taesd_->train();
 }
@@ -245,38 +245,71 @@ torch::Tensor EmojiTrainer::sample_timesteps(int64_t n, at::Generator& gen) cons
   return t;
 }
 
+void EmojiTrainer::prepare_text_features() {
+  torch::NoGradGuard ng;
+  std::vector<torch::Tensor> ids;
+  caption_row_.clear();
+  int64_t rows = 0;
+  for (const auto& v : token_ids_) {
+    caption_row_.push_back(rows);
+    rows += v.size(0);
+    ids.push_back(v);
+  }
+  ids.push_back(empty_ids_.unsqueeze(0));
+  const auto all = torch::cat(ids);  // [rows + 1, L]
+  std::vector<torch::Tensor> parts;
+  for (int64_t b = 0; b < all.size(0); b += 512) parts.push_back(text_->forward(all.slice(0, b, b + 512)));
+  text_features_ = torch::cat(parts);  // [rows + 1, L, D]
+}
+
 void EmojiTrainer::unet_step(int64_t s, double& loss_out) {
   auto gen = step_generator(o_.seed, step_);
   const int64_t B = o_.batch;
   const auto idx = torch::randint(data_->size(), {B}, gen, torch::kInt64);
   const auto variant = torch::randint(0, 1 << 30, {B}, gen, torch::kInt64);
   const auto drop = torch::rand({B}, gen);
-  std::vector<torch::Tensor> ids;
+  const auto canonical = torch::rand({B}, gen);
+  // Which caption of each sample: the empty one (dropped), the name, or any variant.
+  std::vector<int64_t> pick(static_cast<size_t>(B));
   const auto* ip = idx.data_ptr<int64_t>();
+  const auto* vp = variant.data_ptr<int64_t>();
+  const auto* dp = drop.data_ptr<float>();
+  const auto* cp = canonical.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
-    const auto& opts = token_ids_[static_cast<size_t>(ip[b])];
-    if (drop[b].item<double>() < o_.uncond_prob) {
-      ids.push_back(empty_ids_);
-    } else {
-      ids.push_back(opts[variant[b].item<int64_t>() % opts.size(0)]);
-    }
+    const int64_t n = token_ids_[static_cast<size_t>(ip[b])].size(0);
+    pick[static_cast<size_t>(b)] = dp[b] < o_.uncond_prob ? -1 : cp[b] < o_.canonical_prob ? 0 : vp[b] % n;
   }
-  const auto input_ids = torch::stack(ids);  // [B, 77]
+  torch::Tensor ehs;  // [B, L, D]
+  if (o_.train_text_encoder) {
+    std::vector<torch::Tensor> ids;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t p = pick[static_cast<size_t>(b)];
+      ids.push_back(p < 0 ? empty_ids_ : token_ids_[static_cast<size_t>(ip[b])][p]);
+    }
+    ehs = text_->forward(torch::stack(ids));  // ids [B, L]
+  } else {
+    if (!text_features_.defined()) prepare_text_features();
+    std::vector<int64_t> rows;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t p = pick[static_cast<size_t>(b)];
+      rows.push_back(p < 0 ? text_features_.size(0) - 1 : caption_row_[static_cast<size_t>(ip[b])] + p);
+    }
+    ehs = text_features_.index_select(0, torch::tensor(rows, torch::kInt64));
+  }
   const auto t = sample_timesteps(B, gen);   // [B]
   const auto x0 = latents_.index_select(0, idx);
   const auto noise = torch::randn(x0.sizes(), gen);
   const auto a = alphas_cumprod_.index_select(0, t).view({B, 1, 1, 1});
-  const auto xt = a.sqrt() * x0 + (1 - a).sqrt() * noise;
-  torch::Tensor ehs;  // [B, L, D]
-  if (o_.train_text_encoder) {
-    ehs = text_->forward(input_ids);
-  } else {
-    torch::NoGradGuard ng;
-    ehs = text_->forward(input_ids);
+  auto xt = a.sqrt() * x0 + (1 - a).sqrt() * noise;  // [B, C, h, w]
+  auto target = noise;
+  if (o_.terminal_pure_noise) {
+    const auto terminal = (t == 999).view({B, 1, 1, 1});
+    xt = torch::where(terminal, noise, xt);
+    target = torch::where(terminal, (noise - a.sqrt() * x0) / (1 - a).sqrt(), noise);
   }
   const auto eps = unet_->forward(xt, t, ehs);
   const auto w = ((1 - a) / a).clamp(1.0, o_.max_loss_weight).view({B});
-  const auto loss = (w * (eps - noise).pow(2).mean({1, 2, 3})).mean();
+  const auto loss = (w * (eps - target).pow(2).mean({1, 2, 3})).mean();
   set_lr(*opt_, lr_at(s, o_.unet_steps, o_.lr));
   opt_->zero_grad();
   loss.backward();
@@ -334,12 +367,63 @@ TrainStats EmojiTrainer::run() {
       window_start = step_;
     }
     if ((o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0) || phase_end) save_checkpoint(ckpt);
+    if (!ae && log && o_.probe_every > 0 && ((step_ - o_.ae_steps) % o_.probe_every == 0 || step_ == total)) {
+      const auto p = probe_adherence();
+      char buf[200];
+      std::snprintf(buf, sizeof buf, "train [probe] step %lld: 1-step adherence %d/%d = %.0f%% (mean L2 16x16 own %.3f, other %.3f)",
+                    static_cast<long long>(step_), p.closer, p.n, 100.0 * p.closer / std::max(1, p.n), p.mean_own,
+                    p.mean_other);
+      log(buf);
+    }
   }
   (void)window_start;
   if (step_ >= o_.ae_steps && !latents_.defined()) prepare_latents();
   st.step = step_;
   st.seconds = elapsed();
   return st;
+}
+
+ProbeResult EmojiTrainer::probe_adherence() {
+  torch::NoGradGuard ng;
+  if (!latents_.defined()) prepare_latents();
+  std::vector<int64_t> own, other;
+  std::vector<std::string> names;
+  for (const auto& [i, o] : adherence_pairs(data_->size())) {
+    own.push_back(i);
+    other.push_back(o);
+    names.push_back(data_->entries[static_cast<size_t>(i)].name);
+  }
+  if (own.empty()) return {};
+  const int64_t B = static_cast<int64_t>(own.size());
+  const bool text_training = text_->is_training(), unet_training = unet_->is_training(),
+             ae_training = taesd_->is_training();
+  text_->eval();
+  unet_->eval();
+  taesd_->eval();
+  const auto ehs = text_->forward(tokenizer_->encode_batch(names));  // [B, L, D]
+  auto gen = at::detail::createCPUGenerator(2);
+  auto shape = latents_.sizes().vec();
+  shape[0] = B;
+  const auto xt = torch::randn(shape, gen);  // [B, C, h, w] pure noise, as the stream's first step
+  const auto eps = unet_->forward(xt, torch::full({B}, 999, torch::kInt64), ehs);
+  const double a = alphas_cumprod_[999].item<double>();
+  const auto x0 = (xt - std::sqrt(1 - a) * eps) / std::sqrt(a);
+  const auto img = taesd_->decode(x0 / scaling_factor_);  // [B, 3, 64, 64] in [-1, 1]
+  text_->train(text_training);
+  unet_->train(unet_training);
+  taesd_->train(ae_training);
+  auto small = [](const torch::Tensor& x) {
+    return torch::adaptive_avg_pool2d((x.to(torch::kFloat32).clamp(-1, 1) + 1) / 2, {16, 16});
+  };
+  const auto g = small(img);
+  const auto d_own = (g - small(data_->batch(torch::tensor(own, torch::kInt64)))).pow(2).sum({1, 2, 3}).sqrt();
+  const auto d_oth = (g - small(data_->batch(torch::tensor(other, torch::kInt64)))).pow(2).sum({1, 2, 3}).sqrt();
+  ProbeResult r;
+  r.n = static_cast<int>(B);
+  r.closer = static_cast<int>((d_own < d_oth).sum().item<int64_t>());
+  r.mean_own = d_own.mean().item<double>();
+  r.mean_other = d_oth.mean().item<double>();
+  return r;
 }
 
 std::map<std::string, torch::Tensor> EmojiTrainer::parameters() const {
@@ -398,6 +482,7 @@ bool EmojiTrainer::load_checkpoint(const std::string& path) {
   load_opt_state(*opt_, "optimizer.unet_text.", f);
   step_ = std::stoll(it->second);
   latents_ = torch::Tensor();
+  text_features_ = torch::Tensor();
   return true;
 }
 

@@ -5,9 +5,11 @@
 //   phase 1  a tiny AutoencoderTiny (TAESD architecture, 64 px <-> 8 x 8 x 8 latents): L2 + L1 reconstruction;
 //   phase 2  a tiny CLIP text encoder (own BPE vocabulary, bpe_trainer.h) and a tiny UNet2DConditionModel, jointly,
 //            epsilon prediction on the scaled-linear schedule of the pipeline's LCM scheduler. The loss is the eps
-//            MSE weighted by clamp((1 - a) / a, 1, 100) - x0-space error, which is what the pipeline's LCM step
+//            MSE weighted by clamp((1 - a) / a, 1, 250) - x0-space error, which is what the pipeline's LCM step
 //            (x0 = (x - sqrt(1-a) eps) / sqrt(a)) turns eps errors into - with extra weight on t = 999 and the 50
-//            LCM timesteps the stream uses, so 1-4 step sampling works.
+//            LCM timesteps the stream uses, so 1-4 step sampling works. Two choices make the one-step estimate
+//            usable for a tiny UNet: latents scaled to std 3 (not 1; the TAESD's scaling_factor says so, so the
+//            pipeline needs nothing special), and at t = 999 the input is pure noise, as in the stream's first step.
 // Deterministic for a seed: every step's randomness comes from a generator seeded with (seed, step), so a run
 // resumed from a checkpoint continues exactly like an uninterrupted one (given the same thread count: libtorch's
 // CPU reductions are deterministic per thread count).
@@ -37,26 +39,49 @@ nlohmann::json emoji_text_encoder_config(int64_t vocab_size);
 struct TrainOptions {
   std::string work_dir;  // tokenizer + checkpoint.safetensors (resumed from when present)
   uint64_t seed = 0;
-  int64_t ae_steps = 400, unet_steps = 1000;
-  int64_t ae_batch = 16, batch = 24;
+  int64_t ae_steps = 400, unet_steps = 2400;
+  int64_t ae_batch = 16, batch = 96;
   double ae_lr = 2e-3, lr = 1e-3, weight_decay = 1e-2;
   int64_t warmup = 50;
   int64_t checkpoint_every = 500;  // 0 = only at the end of each phase
   int64_t log_every = 50;          // progress line every N steps (0 = silent)
   double uncond_prob = 0.05;       // caption dropped (empty prompt): lets cfg full / initialize work
-  // The text encoder stays at its seeded random init when false: joint training from scratch let it collapse to
-  // (almost) the same embedding for every caption within 1000 steps, while a frozen random CLIP transformer gives
-  // distinct, deterministic caption features the UNet's cross-attention learns to read.
-  bool train_text_encoder = false;
-  double max_loss_weight = 5.0;  // eps-MSE weight clamp((1 - a) / a, 1, max): x0-space error, capped
+  double canonical_prob = 0.5;     // the emoji's name itself (what users type), else any caption variant
+  // Trained jointly with the UNet. When false it stays at its seeded random init (its caption features are then
+  // computed once): the UNet then learned to tell 1911 captions apart far more slowly (pilots: no gain in adherence
+  // after 500 steps, where the joint run had opened a gap). Joint training collapsed the embeddings only in a run
+  // with latent_std 1, where the first step could not use the caption anyway.
+  bool train_text_encoder = true;
+  // eps-MSE weight clamp((1 - a) / a, 1, max): the x0-space error, capped. 250 > (1 - a) / a at t = 999 (213):
+  // the first stream step is trained on its x0 error in full.
+  double max_loss_weight = 250.0;
+  // Standard deviation of the latents the UNet sees (the TAESD's scaling_factor is latent_std / std of the raw
+  // latents). Above 1 the data outweighs the noise at every t - at t = 999 the pipeline's x0 = (x - sqrt(1 - a) eps)
+  // / sqrt(a) divides the UNet's eps error by sqrt(a) = 0.068, so a larger signal makes the first step's
+  // estimate usable for a tiny UNet.
+  double latent_std = 3.0;
+  // At t = 999 train on what the stream feeds there: pure noise x (no sqrt(a) x0 term), with the eps target that
+  // makes the pipeline's x0 formula return the clean latent.
+  bool terminal_pure_noise = true;
   BpeTrainOptions bpe{1000, 2};
   nlohmann::json taesd_config = emoji_taesd_config();
   nlohmann::json unet_config = emoji_unet_config();
   // hidden_size, layers... of the text encoder; vocab_size and token ids are filled in from the learned vocabulary.
   nlohmann::json text_config = emoji_text_encoder_config(0);
   bool resume = true;
+  // Every N UNet steps (and at the end) log the probe: 1-step adherence on the 50 emoji the adherence test uses
+  // (0 = never). Uses its own generator: the training's randomness and results do not depend on it.
+  int64_t probe_every = 0;
   // Stop after this many steps of this invocation (0 = run to the end); for tests of resuming.
   int64_t stop_after = 0;
+};
+
+// The adherence probe: for every (N / 50)-th sample (at most 50), the one-step (t = 999) image for its emoji name
+// against the named emoji and a random other one (std::mt19937_64 seeded 12345), L2 at 16 x 16 RGB in [0, 1] -
+// the selection and distance of tests/train/test_emoji_adherence.cpp.
+struct ProbeResult {
+  int n = 0, closer = 0;
+  double mean_own = 0, mean_other = 0;
 };
 
 struct TrainStats {
@@ -80,6 +105,8 @@ class EmojiTrainer {
   // False when `path` does not exist; FormatError when it does not match this architecture.
   bool load_checkpoint(const std::string& path);
 
+  ProbeResult probe_adherence();
+
   int64_t step() const { return step_; }
   double latent_scaling_factor() const { return scaling_factor_; }
   // Every trained parameter, prefixed "taesd.", "text_encoder.", "unet." (what checkpoints hold).
@@ -92,6 +119,7 @@ class EmojiTrainer {
   void ae_step(int64_t s, double& loss_out);
   void unet_step(int64_t s, double& loss_out);
   void prepare_latents();
+  void prepare_text_features();
   torch::Tensor sample_timesteps(int64_t n, at::Generator& gen) const;
 
   TrainOptions o_;
@@ -105,9 +133,13 @@ class EmojiTrainer {
   std::unique_ptr<torch::optim::AdamW> ae_opt_, opt_;
   torch::Tensor alphas_cumprod_;            // [1000]
   std::vector<int64_t> lcm_timesteps_;      // the 50 LCM timesteps
-  torch::Tensor latents_;                   // [N, 4, 16, 16] scaled, phase 2
+  torch::Tensor latents_;                   // [N, C, h, w] scaled, phase 2
   std::vector<torch::Tensor> token_ids_;    // per sample: [V, 77] ids of each caption variant
   torch::Tensor empty_ids_;                 // [77]
+  // Frozen text encoder: the features of every caption variant, computed once. Row caption_row_[i] + v holds
+  // variant v of sample i; the last row is the empty caption.
+  torch::Tensor text_features_;             // [rows, L, D]
+  std::vector<int64_t> caption_row_;
   double scaling_factor_ = 1.0;
   int64_t step_ = 0;
 };

@@ -91,4 +91,19 @@ TEST(EmojiDataset, InstalledPackageLoads) {
   EXPECT_GT(all.size(), 1500u);
 }
 
+TEST(EmojiDataset, AdherencePairsAreTheTestsSelection) {
+  const auto p = sd::train::adherence_pairs(1911);
+  ASSERT_EQ(p.size(), 50u);
+  for (size_t k = 0; k < p.size(); ++k) {
+    EXPECT_EQ(p[k].first, static_cast<int64_t>(38 * k));  // every (1911 / 50)-th emoji
+    EXPECT_NE(p[k].second, p[k].first);
+    EXPECT_GE(p[k].second, 0);
+    EXPECT_LT(p[k].second, 1911);
+  }
+  EXPECT_EQ(sd::train::adherence_pairs(1911), p);  // fixed seed
+  EXPECT_EQ(sd::train::adherence_pairs(12).size(), 12u);
+  EXPECT_TRUE(sd::train::adherence_pairs(1).empty());
+  EXPECT_TRUE(sd::train::adherence_pairs(0).empty());
+}
+
 }  // namespace

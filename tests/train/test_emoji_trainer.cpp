@@ -1,6 +1,7 @@
 // The trainer on a small synthetic dataset (coloured shapes) with scaled-down models: determinism for a seed,
 // resuming from a checkpoint gives the same parameters as an uninterrupted run, the loss falls, and the exported
 // folder loads through sd::load_pipeline and generates.
+#include <cmath>
 #include <filesystem>
 
 #include <gtest/gtest.h>
@@ -136,6 +137,39 @@ TEST(EmojiTrainer, ResumeEqualsUninterrupted) {
   wrong.seed = 99;
   sd::train::EmojiTrainer w(wrong, data);
   EXPECT_THROW(w.run(), sd::FormatError);
+}
+
+TEST(EmojiTrainer, ProbeReportsAdherenceAndDoesNotChangeTheTraining) {
+  ThreadScope threads(1);
+  const auto data = synthetic_dataset();
+  const auto root = sd::test::make_temp_dir("train_probe");
+  sd::train::EmojiTrainer plain(tiny_options(root + "/plain"), data);
+  plain.run();
+  auto o = tiny_options(root + "/probed");
+  o.probe_every = 2;
+  o.log_every = 1;
+  sd::train::EmojiTrainer probed(o, data);
+  std::vector<std::string> probe_lines;
+  probed.log = [&](const std::string& l) {
+    if (l.find("[probe]") != std::string::npos) probe_lines.push_back(l);
+  };
+  probed.run();
+  // UNet steps 2, 4, 6 (the last is also the end).
+  ASSERT_EQ(probe_lines.size(), 3u);
+  EXPECT_NE(probe_lines.back().find("step 10: 1-step adherence "), std::string::npos) << probe_lines.back();
+  EXPECT_EQ(max_param_diff(plain.parameters(), probed.parameters()), 0.0);
+  // 12 samples (< 50): every one is probed, each against another sample.
+  const auto p = probed.probe_adherence();
+  EXPECT_EQ(p.n, 12);
+  EXPECT_GE(p.closer, 0);
+  EXPECT_LE(p.closer, 12);
+  EXPECT_TRUE(std::isfinite(p.mean_own) && p.mean_own > 0);
+  EXPECT_TRUE(std::isfinite(p.mean_other) && p.mean_other > 0);
+  // Probing is repeatable (its own generator) and leaves the parameters alone.
+  const auto q = probed.probe_adherence();
+  EXPECT_EQ(q.closer, p.closer);
+  EXPECT_DOUBLE_EQ(q.mean_own, p.mean_own);
+  EXPECT_EQ(max_param_diff(plain.parameters(), probed.parameters()), 0.0);
 }
 
 TEST(EmojiTrainer, LossFallsAndExportLoadsInThePipeline) {
