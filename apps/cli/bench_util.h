@@ -50,6 +50,10 @@ double known_gflop(const ArchInfo& arch, const std::string& component, int64_t s
 // upper bound is used for "% of ceiling". 0 on CUDA (no stated ceiling).
 double ceiling_gflops(c10::ScalarType dtype, const c10::Device& device);
 
+// The ceiling measured in this run: GFLOP/s of the best of `iters` n x n x n matrix products (at::mm, after one
+// warm-up) in `dtype` on `device` - what libtorch's GEMM reaches on this machine and build.
+double measure_matmul_gflops(c10::ScalarType dtype, const c10::Device& device, int64_t n = 2048, int iters = 3);
+
 // One measured quantity. `name` identifies it inside its section (e.g. "unet", "txt2img", "naive"); `variant`
 // says which configuration (e.g. "b2", "cfg=self", "vae=taesd").
 struct Result {
@@ -64,6 +68,7 @@ struct Result {
   double gflop = 0;          // per timed run, 0 = unknown
   double gflops = 0;         // gflop / median
   double pct_ceiling = 0;    // 100 * gflops / ceiling, 0 = unknown
+  double pct_measured = 0;   // 100 * gflops / the matmul ceiling measured in this run, 0 = unknown
   double rss_mib = 0;
   nlohmann::json extra = nlohmann::json::object();  // section-specific figures (component breakdowns, counts)
 };

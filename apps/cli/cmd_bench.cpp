@@ -89,11 +89,36 @@ class Bench {
     threads_ = sd::set_threads(o_.threads);
     arch_ = inspect_architecture(o_.model);
     has_taesd_ = sd::ModelFolder::open(o_.model).taesd_dir().has_value();
+    has_vae_ = arch_.vae_params > 0;
+    if (!has_vae_ && !has_taesd_)
+      throw sd::FormatError(o_.model, "neither vae/ weights nor a TAESD: nothing can encode or decode");
+    if (!has_vae_ && o_.sections == "all") {
+      // "all" means all that this model can do.
+      sections_.erase(std::remove_if(sections_.begin(), sections_.end(),
+                                     [](const std::string& x) { return x == "vae" || x == "ablation"; }),
+                      sections_.end());
+      std::cout << "bench: " << o_.model << "/vae has no weights (TAESD-only model): sections vae and ablation left out\n";
+    }
+    if (!has_vae_ && (want("vae") || want("ablation")))
+      throw sd::InvalidArgument("bench: " + o_.model + "/vae has no weights (a TAESD-only model); the vae and "
+                                "ablation sections need an AutoencoderKL (use e.g. --sections components,e2e,batch,"
+                                "cfg,filter)");
     reduced_ = device_.is_cuda() ? c10::kHalf : c10::kBFloat16;
     std::cout << "bench: " << o_.model << " (" << arch_.name << "), device " << device_ << ", " << threads_
               << " threads, libtorch " << TORCH_VERSION << ", sections " << join_sections() << "\n"
               << "  timings: median of " << o_.iters << " runs (components), " << o_.frames << " frames (streams), "
               << o_.naive_iters << " (naive path), after " << o_.warmup << " warm-up run(s) (+ the stream latency)\n";
+    // The stated ceilings are of the machine the issue measured; this run also measures its own (a plain GEMM),
+    // so "% of ceiling" holds on whatever CPU or GPU runs the bench.
+    std::cout << "  CPU SIMD: " << sd::cpu_simd_level()
+              << (device_.is_cpu() && !sd::cpu_has_native_bf16() ? " (no native bf16: bf16 is emulated here)" : "")
+              << "\n  measured matmul ceiling (2048^3 at::mm, best of 3):";
+    for (auto d : requested_) {
+      measured_ceiling_[d] = measure_matmul_gflops(d, device_);
+      std::cout << " " << sd::dtype_name(d) << " " << std::fixed << std::setprecision(0) << measured_ceiling_[d]
+                << " GFLOP/s";
+    }
+    std::cout << "\n";
     print_header();
 
     // The ablation needs fp32 and the reduced dtype whatever --dtypes says; they are loaded in addition.
@@ -108,7 +133,7 @@ class Bench {
       // AutoencoderKL set does everything.
       const bool vae_phase = !has_taesd_ || (req && (want("components") || want("vae"))) ||
                              (want("ablation") && dt == c10::kFloat);
-      if (vae_phase) {
+      if (vae_phase && has_vae_) {
         auto models = load(dt, "none");
         phase(models, dt, req, "vae");
       }
@@ -229,6 +254,9 @@ class Bench {
     const double ceil = ceiling_gflops(sd::parse_dtype(r.dtype), device_);
     if (r.gflop > 0 && r.timing.median > 0) r.gflops = r.gflop / r.timing.median;
     if (r.gflops > 0 && ceil > 0) r.pct_ceiling = 100.0 * r.gflops / ceil;
+    const auto mc = measured_ceiling_.find(sd::parse_dtype(r.dtype));
+    if (r.gflops > 0 && mc != measured_ceiling_.end() && mc->second > 0)
+      r.pct_measured = 100.0 * r.gflops / mc->second;
     order_.push_back(id);
     print(r);
     return results_.emplace(id, std::move(r)).first->second;
@@ -536,7 +564,7 @@ class Bench {
     std::cout << std::left << std::setw(11) << "section" << std::setw(15) << "name" << std::setw(44) << "variant"
               << std::setw(6) << "dtype" << std::right << std::setw(5) << "size" << std::setw(4) << "B"
               << std::setw(10) << "median s" << std::setw(10) << "min s" << std::setw(9) << "fps" << std::setw(9)
-              << "GFLOP/s" << std::setw(7) << "%ceil" << std::setw(8) << "RSS MiB" << "\n";
+              << "GFLOP/s" << std::setw(7) << "%ceil" << std::setw(7) << "%meas" << std::setw(8) << "RSS MiB" << "\n";
   }
 
   void print(const Result& r) const {
@@ -548,10 +576,12 @@ class Bench {
       std::cout << std::setprecision(0) << std::setw(9) << r.gflops;
     else
       std::cout << std::setw(9) << "-";
-    if (r.pct_ceiling > 0)
-      std::cout << std::setprecision(0) << std::setw(6) << r.pct_ceiling << "%";
-    else
-      std::cout << std::setw(7) << "-";
+    for (double pct : {r.pct_ceiling, r.pct_measured}) {
+      if (pct > 0)
+        std::cout << std::setprecision(0) << std::setw(6) << pct << "%";
+      else
+        std::cout << std::setw(7) << "-";
+    }
     std::cout << std::setprecision(0) << std::setw(8) << r.rss_mib << "\n";
     if (r.extra.contains("per_frame_s")) {
       std::cout << "           per frame:";
@@ -696,6 +726,9 @@ class Bench {
     j["ceilings_gflops"] = {{"fp32", ceiling_gflops(c10::kFloat, device_)},
                             {"bf16", ceiling_gflops(c10::kBFloat16, device_)},
                             {"note", "this kind of 2-core CPU: bf16 ~750-800, fp32 ~370-400 GFLOP/s (upper bound used)"}};
+    for (const auto& [d, g] : measured_ceiling_) j["ceilings_gflops"]["measured_" + sd::dtype_name(d)] = g;
+    j["cpu_simd"] = sd::cpu_simd_level();
+    j["cpu_native_bf16"] = sd::cpu_has_native_bf16();
     j["loads"] = loads_;
     j["results"] = nlohmann::json::array();
     for (const auto& id : order_) {
@@ -723,10 +756,12 @@ class Bench {
   int threads_ = 0;
   ArchInfo arch_;
   bool has_taesd_ = false;
+  bool has_vae_ = true;  // vae/ has weights (false for a TAESD-only model such as models/emoji-tiny)
   c10::ScalarType reduced_ = c10::kBFloat16;
   std::vector<std::string> sections_;
   std::vector<int64_t> sizes_;
   std::vector<c10::ScalarType> requested_;
+  std::map<c10::ScalarType, double> measured_ceiling_;  // GFLOP/s of a plain GEMM per requested dtype, this run
   std::vector<int64_t> t_txt_, t_img_, t_multi_, t_abl_;
   std::map<std::string, Result> results_;
   std::vector<std::string> order_;

@@ -1,5 +1,7 @@
 #include "core/device.h"
 
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 #include <ATen/Parallel.h>
@@ -48,6 +50,46 @@ c10::Device parse_device(const std::string& name) {
 int hardware_threads() {
   unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);
+}
+
+namespace {
+
+// The "flags" line of the first processor in /proc/cpuinfo, as " flag1 flag2 ... " (empty when unreadable).
+const std::string& cpu_flags() {
+  static const std::string flags = [] {
+    std::ifstream in("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(in, line))
+      if (line.rfind("flags", 0) == 0) {
+        const auto colon = line.find(':');
+        if (colon != std::string::npos) return " " + line.substr(colon + 1) + " ";
+      }
+    return std::string();
+  }();
+  return flags;
+}
+
+bool has_flag(const char* f) { return cpu_flags().find(" " + std::string(f) + " ") != std::string::npos; }
+
+}  // namespace
+
+bool cpu_has_native_bf16() {
+  if (cpu_flags().empty()) return true;
+  return has_flag("avx512_bf16") || has_flag("amx_bf16");
+}
+
+bool cpu_has_onednn_bf16() {
+  if (cpu_flags().empty()) return true;
+  return (has_flag("avx512bw") && has_flag("avx512vl") && has_flag("avx512dq")) || has_flag("amx_bf16");
+}
+
+std::string cpu_simd_level() {
+  if (cpu_flags().empty()) return "unknown";
+  if (has_flag("amx_bf16")) return "amx_bf16";
+  if (has_flag("avx512_bf16")) return "avx512_bf16";
+  if (has_flag("avx512f")) return "avx512";
+  if (has_flag("avx2")) return "avx2";
+  return "sse";
 }
 
 int set_threads(int n) {

@@ -19,4 +19,13 @@ c10::Device parse_device(const std::string& name);
 int set_threads(int n);
 int hardware_threads();
 
+// Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16). Without it oneDNN emulates bf16 and it is
+// slower than fp32 (seen: an AVX2-only EPYC). Read from /proc/cpuinfo; true where that cannot be read (unknown).
+bool cpu_has_native_bf16();
+// Whether oneDNN has bf16 kernels on this CPU (AVX-512 BW/VL/DQ, or AMX); elsewhere bf16 convolutions and matrix
+// products fall back to slow generic code. True where /proc/cpuinfo cannot be read (unknown).
+bool cpu_has_onednn_bf16();
+// The CPU's SIMD level for logs and bench output: "amx_bf16", "avx512_bf16", "avx512", "avx2", "sse" or "unknown".
+std::string cpu_simd_level();
+
 }  // namespace sd

@@ -1,9 +1,17 @@
 #include "models/layers.h"
 
+#include "core/device.h"
+
 namespace sd::nn {
 
 FastPathOptions& fast_path() {
-  static FastPathOptions options;
+  static FastPathOptions options = [] {
+    FastPathOptions o;
+    // Without oneDNN's bf16 kernels (an AVX2 CPU) a bf16 matrix product runs at ~4 GFLOP/s vs ~70 in fp32: there
+    // the attention computes in fp32 and rounds once.
+    o.attention_reduced_cpu = sd::cpu_has_onednn_bf16();
+    return o;
+  }();
   return options;
 }
 
@@ -34,8 +42,15 @@ bool Conv2dImpl::prepack() {
   if (!weight.defined() || !weight.device().is_cpu() || !at::hasMKLDNN()) return false;
   if (weight.scalar_type() != torch::kFloat && weight.scalar_type() != torch::kBFloat16) return false;
   torch::NoGradGuard no_grad;
-  packed_ = at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), {padding, padding}, {stride, stride},
-                                             {1, 1}, 1);
+  try {
+    packed_ = at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), {padding, padding}, {stride, stride},
+                                               {1, 1}, 1);
+  } catch (const c10::Error&) {
+    // oneDNN refuses some dtype/CPU pairs (bf16 needs AVX-512 BW/VL/DQ: "bf16 path needs the cpu support
+    // avx512bw, avx512vl and avx512dq" on an AVX2 EPYC); the eager convolution still works there.
+    packed_ = torch::Tensor();
+    return false;
+  }
   packed_from_ = weight.data_ptr();
   packed_version_ = version_of(weight);
   return true;

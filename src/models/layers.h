@@ -10,7 +10,8 @@ namespace sd::nn {
 // switches them off one at a time to show what each is worth.
 struct FastPathOptions {
   bool prepack_conv = true;     // Conv2d::prepack() keeps a oneDNN-ordered copy of the weight (CPU)
-  bool attention_reduced_cpu = true;  // CPU attention in the model dtype (bf16) unless the config asks to upcast
+  // CPU attention in the model dtype (bf16) unless the config asks to upcast; default: where oneDNN has bf16 kernels
+  bool attention_reduced_cpu = true;
 };
 FastPathOptions& fast_path();
 
@@ -33,7 +34,7 @@ class Conv2dImpl : public torch::nn::Module {
   // oneDNN re-orders a plain weight into its blocked layout on every eager call (measured: 1280-channel 3x3 convs at
   // 8x8 run at 60 GFLOP/s fp32 eager vs 180 prepacked). prepack() does it once, for CPU inference in the weight's
   // dtype; the packed copy is used while the weight is unchanged (its version counter is checked) and no gradient
-  // is wanted. Returns false where it does not apply (not CPU, no oneDNN, fp16).
+  // is wanted. Returns false where it does not apply (not CPU, no oneDNN, fp16, bf16 on a CPU without AVX-512).
   bool prepack();
   void unpack() { packed_ = torch::Tensor(); }
   bool prepacked() const { return packed_.defined(); }

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include "core/device.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "io/state_dict.h"
@@ -59,7 +60,9 @@ TEST(Attention, ChunkingDoesNotChangeTheResult) {
   auto whole = sd::attention_chunked(t.q, t.k, t.v, 2, false, int64_t{1} << 40);
   for (int64_t rows : {1, 7, 32}) {
     auto part = sd::attention_chunked(t.q, t.k, t.v, 2, false, rows * 2 * 64 * 4);
-    EXPECT_TRUE(torch::allclose(part, whole, 1e-6, 1e-7)) << rows;
+    // Same arithmetic per element; only the BLAS kernel for the chunk's row count may differ (OpenBLAS on an AVX2
+    // CPU sums in another order for 1 or 7 rows): within 1e-6 of max|whole| (~8 fp32 ulps).
+    EXPECT_TRUE(sd::test::tensors_close(part, whole, 0.0, 1e-6, "chunk of " + std::to_string(rows) + " rows"));
   }
 }
 
@@ -200,6 +203,8 @@ TEST(ResnetBlocks, NamesAndShapes) {
   EXPECT_EQ(up(torch::randn({1, 8, 3, 5}), std::make_pair<int64_t, int64_t>(7, 11)).sizes(),
             (std::vector<int64_t>{1, 4, 7, 11}));
   // bf16: same result as the fp32 computation on the same (bf16-representable) values, up to the convolution.
+  // Only where oneDNN has bf16 convolutions (AVX-512): elsewhere libtorch's generic bf16 path rounds along the way.
+  if (!sd::cpu_has_onednn_bf16()) return;
   sd::Upsample2D up_b(8, 4);
   {
     torch::NoGradGuard g3;

@@ -76,6 +76,14 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
   EXPECT_EQ(j["device"], "cpu");
   EXPECT_EQ(j["threads"], 1);
   EXPECT_EQ(j["sections"].size(), 7u);
+  // The run measures its own GEMM ceiling per requested dtype next to the stated ones, and names the CPU's SIMD.
+  for (const std::string d : {"fp32", "bf16"}) {
+    ASSERT_TRUE(j["ceilings_gflops"].contains("measured_" + d)) << d;
+    EXPECT_GT(j["ceilings_gflops"]["measured_" + d].get<double>(), 0.1) << d;
+  }
+  const std::set<std::string> simd = {"amx_bf16", "avx512_bf16", "avx512", "avx2", "sse", "unknown"};
+  EXPECT_EQ(simd.count(j["cpu_simd"].get<std::string>()), 1u) << j["cpu_simd"];
+  EXPECT_TRUE(j["cpu_native_bf16"].is_boolean());
   ASSERT_TRUE(j["results"].is_array());
   ASSERT_GE(j["loads"].size(), 4u);  // fp32 + bf16, each with the AutoencoderKL and the TAESD model set
 
@@ -98,6 +106,7 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
     EXPECT_GE(x["rss_mib"].get<double>(), 0.0);
     // The tiny model is not a real SD architecture: no FLOP counts, so no GFLOP/s.
     EXPECT_EQ(x["gflop"].get<double>(), 0.0);
+    EXPECT_EQ(x["pct_measured_ceiling"].get<double>(), 0.0);
     if (x.contains("extra") && x["extra"].contains("per_frame_s")) {
       double parts = 0;
       for (const auto& [k, v] : x["extra"]["per_frame_s"].items()) {
