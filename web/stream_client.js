@@ -10,6 +10,7 @@ export class StreamClient extends EventTarget {
     this.inFlight = [];   // send times (ms) of frames without a result yet, oldest first
     this.sent = 0;
     this.received = 0;
+    this.dropped = 0;     // requests the server answered with "dropped" instead of a frame
     this.hello = null;
     this.ws = null;
     this.closedReason = null;
@@ -28,6 +29,11 @@ export class StreamClient extends EventTarget {
           if (msg.type === 'hello') {
             this.hello = msg;
             if (!settled) { settled = true; resolve(msg); }
+          } else if (msg.type === 'dropped') {
+            // The server answers a request it dropped (replaced by a newer one, or its result did not fit the send
+            // queue) with this instead of a frame: the oldest request in flight is settled.
+            this.inFlight.shift();
+            this.dropped += 1;
           } else if (msg.type === 'busy') {
             this.closedReason = 'busy';
             if (!settled) { settled = true; reject(Object.assign(new Error(msg.message), { busy: true })); }

@@ -26,24 +26,35 @@ void StreamSession::send_error(const std::string& message) {
 
 void StreamSession::submit_frame(cv::Mat rgb) {
   frames_in_.fetch_add(1, std::memory_order_relaxed);
+  bool replaced = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!pending_frame_.empty() || pending_generate_) dropped_in_.fetch_add(1, std::memory_order_relaxed);
+    replaced = !pending_frame_.empty() || pending_generate_;
     pending_frame_ = std::move(rgb);  // the latest frame wins
     pending_generate_ = false;
   }
+  if (replaced) reply_dropped();
   schedule();
 }
 
+void StreamSession::reply_dropped() {
+  // Every request gets one reply, a frame or this, in order: a client that keeps N requests in flight (the page's
+  // ?window=2) stays in step instead of waiting for a result that will never come.
+  dropped_in_.fetch_add(1, std::memory_order_relaxed);
+  if (!closed_ && sink_.message) sink_.message({{"type", "dropped"}, {"where", "input"}, {"reason", "replaced by a newer request"}});
+}
+
 void StreamSession::request_generate() {
+  bool replaced = false;
   {
     // In img2img mode the model thread answers with an error (the mode may change before it runs).
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!pending_frame_.empty() || pending_generate_) dropped_in_.fetch_add(1, std::memory_order_relaxed);
+    replaced = !pending_frame_.empty() || pending_generate_;
     pending_frame_ = cv::Mat();
     pending_generate_ = true;
   }
   frames_in_.fetch_add(1, std::memory_order_relaxed);
+  if (replaced) reply_dropped();
   schedule();
 }
 

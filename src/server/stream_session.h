@@ -44,7 +44,8 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   int height() const { return static_cast<int>(defaults_.img2img.height); }
 
   // Network threads. `rgb` is an RGB 8UC3 frame already fitted to width() x height(). In txt2img mode a frame only
-  // asks for the next generated image (its pixels are not used).
+  // asks for the next generated image (its pixels are not used). A request still pending when a newer one arrives
+  // is replaced and answered with {"type": "dropped", "where": "input"}: every request gets exactly one reply.
   void submit_frame(cv::Mat rgb);
   // Asks for one generated image (txt2img mode); in img2img mode an error message is sent instead.
   void request_generate();
@@ -68,6 +69,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   using Clock = std::chrono::steady_clock;
   void schedule();
   void send_error(const std::string& message);
+  void reply_dropped();  // counts a replaced request and tells the client ({"type": "dropped"})
   // Model thread: brings stream_ in line with `want` (builds it on first use or a mode change).
   void apply_settings(const StreamSettings& want);
 

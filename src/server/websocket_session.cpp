@@ -245,11 +245,12 @@ void WebSocketSession::send_json(const nlohmann::json& j) {
 void WebSocketSession::enqueue(Outgoing out) {
   if (finished_ || close_after_write_) return;
   if (out.binary) {
-    // Bounded: drop the oldest frame that is not being written right now.
+    // Bounded: drop the oldest frame that is not being written right now. A short "dropped" message takes its
+    // place, so the client still gets one reply per request, in order.
     while (queued_frames_ >= ctx_->options.send_queue_frames) {
       auto it = std::find_if(queue_.begin() + (writing_ ? 1 : 0), queue_.end(), [](const Outgoing& o) { return o.binary; });
       if (it == queue_.end()) break;
-      queue_.erase(it);
+      *it = Outgoing{false, R"({"type":"dropped","where":"output","reason":"the send queue is full"})"};
       --queued_frames_;
       if (stream_) stream_->count_dropped_output();
     }

@@ -416,6 +416,50 @@ TEST_F(ServerTest, SlowClientDoesNotStallOthers) {
   a.stop();
 }
 
+// Every request gets exactly one reply - its result or {"type": "dropped"} - in order, so a client keeping several
+// requests in flight (the page's ?window=2) stays in step instead of waiting for a result that never comes.
+TEST_F(ServerTest, EveryRequestGetsAResultOrADroppedReply) {
+  start();
+  WsClient c;
+  open_stream(c, port_);
+  ASSERT_TRUE(c.send_json({{"type", "config"}, {"mode", "txt2img"}}));
+  ASSERT_TRUE(c.read_type("config"));
+  const int n = 30;
+  for (int i = 0; i < n; ++i) ASSERT_TRUE(c.send_json({{"type", "generate"}}));
+  int frames = 0, dropped = 0;
+  while (frames + dropped < n) {
+    const auto m = c.read(std::chrono::seconds(60));
+    ASSERT_TRUE(m.ok) << "after " << frames << " frames and " << dropped << " dropped replies: " << m.error;
+    if (m.binary) {
+      ++frames;
+      continue;
+    }
+    const auto j = m.json();
+    if (j.value("type", "") != "dropped") continue;
+    ++dropped;
+    EXPECT_TRUE(j["where"] == "input" || j["where"] == "output") << j.dump();
+  }
+  EXPECT_GE(frames, 1);
+  EXPECT_GE(dropped, 1) << "30 requests at once: those still pending when a newer one came must be replaced";
+  // Nothing beyond one reply per request arrives before the stats answer, and the counters match the replies.
+  ASSERT_TRUE(c.send_json({{"type", "stats"}}));
+  nlohmann::json st;
+  for (;;) {
+    const auto m = c.read(std::chrono::seconds(30));
+    ASSERT_TRUE(m.ok) << m.error;
+    ASSERT_FALSE(m.binary) << "a reply beyond the " << n << " requests";
+    const auto j = m.json();
+    ASSERT_NE(j.value("type", ""), "dropped") << "a reply beyond the " << n << " requests";
+    if (j.value("type", "") == "stats") {
+      st = j;
+      break;
+    }
+  }
+  EXPECT_EQ(st["dropped_in"].get<int>() + st["dropped_out"].get<int>(), dropped) << st.dump();
+  // frames_out counts generated frames, including any the send queue then replaced.
+  EXPECT_EQ(st["frames_out"].get<int>() - st["dropped_out"].get<int>(), frames) << st.dump();
+}
+
 TEST_F(ServerTest, StopClosesClients) {
   start();
   WsClient c;
