@@ -1,7 +1,6 @@
 #include "core/device.h"
 
 #include <fstream>
-#include <sstream>
 #include <thread>
 
 #include <ATen/Parallel.h>

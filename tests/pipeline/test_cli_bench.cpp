@@ -212,6 +212,37 @@ TEST_F(CliBench, RejectsUnknownSectionsAndBadOptions) {
   EXPECT_NE(r.output.find("--sizes"), std::string::npos) << r.output;
 }
 
+// A TAESD-only model (vae/ holds only a config, like models/emoji-tiny): "all" runs what it can, the AutoencoderKL
+// sections are refused by name, and a model with neither autoencoder is a clear error.
+TEST_F(CliBench, TaesdOnlyModel) {
+  const std::string m = dir_ + "/taesd-only";
+  fs::copy(model_, m, fs::copy_options::recursive);
+  for (const auto& e : fs::directory_iterator(m + "/vae"))
+    if (e.path().extension() == ".safetensors" || e.path().extension() == ".bin") fs::remove(e.path());
+  ASSERT_TRUE(fs::exists(m + "/vae/config.json"));
+  const std::string json = dir_ + "/taesd-only.json";
+  RunResult r = run("bench --model '" + m + "' --sizes 64 --dtypes fp32 --iters 1 --warmup 0 --frames 2 " +
+                    "--filter-frames 3 --threads 1 --json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("sections vae and ablation left out"), std::string::npos) << r.output;
+  const nlohmann::json j = read_json(json);
+  std::set<std::string> sections;
+  for (const auto& x : j["results"]) sections.insert(x["section"].get<std::string>());
+  EXPECT_EQ(sections, (std::set<std::string>{"components", "e2e", "batch", "cfg", "filter"}));
+
+  r = run("bench --model '" + m + "' --sections vae --sizes 64 --dtypes fp32");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("vae has no weights (a TAESD-only model); the vae and ablation sections need an "
+                          "AutoencoderKL"),
+            std::string::npos)
+      << r.output;
+
+  fs::remove_all(m + "/taesd");
+  r = run("bench --model '" + m + "' --sections e2e --sizes 64 --dtypes fp32");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("neither vae/ weights nor a TAESD"), std::string::npos) << r.output;
+}
+
 #else
 
 TEST(CliBench, NeedsTheCli) { GTEST_SKIP() << "built without the streamdiffusion CLI"; }
