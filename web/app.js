@@ -9,6 +9,7 @@ const ui = {
   fps: $('fps'), latency: $('latency'), modelMs: $('model-ms'), frames: $('frames'), dropped: $('dropped'),
   prompt: $('prompt'), negative: $('negative_prompt'), guidance: $('guidance'), delta: $('delta'),
   tIndex: $('t_index_list'), seed: $('seed'), reseed: $('reseed'), filter: $('filter'), threshold: $('threshold'),
+  display: $('display'),
 };
 
 const params = new URLSearchParams(location.search);
@@ -27,6 +28,16 @@ const state = {
   generation: 0,
 };
 const inFlightWindow = Math.min(2, Math.max(1, Number(params.get('window')) || 1));
+
+// Frames smaller than the pane are scaled up by CSS: smooth (default) or pixelated (?display=pixelated), remembered.
+function applyDisplay(value) {
+  const v = value === 'pixelated' ? 'pixelated' : 'smooth';
+  ui.display.value = v;
+  ui.output.classList.toggle('pixelated', v === 'pixelated');
+  try { localStorage.setItem('sd.display', v); } catch (_) { /* private mode */ }
+}
+applyDisplay(params.get('display') || (() => { try { return localStorage.getItem('sd.display'); } catch (_) { return null; } })());
+ui.display.addEventListener('change', () => applyDisplay(ui.display.value));
 
 function setStatus(text, kind) {
   ui.status.textContent = text;
@@ -127,7 +138,11 @@ async function connect() {
   const m = /^(\S+)\s*\((.*)\)$/.exec(hello.model || '');
   const name = m ? m[1].split('/').filter(Boolean).pop() : hello.model;
   const tail = m ? m[2].split(', ').slice(-2).join(' · ') : '';
-  ui.model.textContent = `${name} · ${hello.width}×${hello.height}${tail ? ' · ' + tail : ''}`;
+  // The stream size, and the model's native size (what it was trained for) when the server knows it.
+  const native = hello.native_width ? `${hello.native_width}×${hello.native_height}` : '';
+  const size = `${hello.width}×${hello.height}`;
+  const sizeText = !native ? size : native === size ? `${size} (native)` : `${size} (native ${native})`;
+  ui.model.textContent = `${name} · ${sizeText}${tail ? ' · ' + tail : ''}`;
   ui.model.title = hello.model;
   fillForm(hello.settings);
   lastSent = { ...hello.settings };
@@ -307,6 +322,9 @@ window.sdApp = {
     status: ui.status.textContent,
     banner: ui.banner.hidden ? '' : ui.banner.textContent,
     id: state.client?.hello?.id ?? null,
+    model: ui.model.textContent,
+    outputSize: [ui.output.width, ui.output.height],
+    display: ui.display.value,
   }),
 };
 

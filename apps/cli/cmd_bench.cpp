@@ -43,7 +43,7 @@ const std::vector<std::string> kSections{"components", "e2e", "ablation", "batch
 
 struct BenchOptions {
   std::string model;
-  std::string sizes = "256";
+  std::string sizes;  // "" = the model's native size
   std::string dtypes = "bf16";
   std::string device = "cpu";
   std::string sections = "all";
@@ -164,7 +164,17 @@ class Bench {
       if (std::find(sections_.begin(), sections_.end(), s) == sections_.end()) sections_.push_back(s);
     }
     if (sections_.empty()) throw sd::InvalidArgument("bench --sections is empty");
-    for (const auto& s : split_list(o_.sizes)) {
+    std::string sizes = o_.sizes;
+    if (sizes.empty()) {  // the model's native size (pipeline/model_defaults.h)
+      const sd::ModelDefaults md = sd::read_model_defaults(o_.model);
+      if (md.native_width <= 0)
+        throw sd::InvalidArgument("bench: the model's native size is unknown (no UNet sample_size); give --sizes");
+      if (md.native_width != md.native_height)
+        throw sd::InvalidArgument("bench: the model's native size " + std::to_string(md.native_width) + "x" +
+                                  std::to_string(md.native_height) + " is not square; give --sizes");
+      sizes = std::to_string(md.native_width);
+    }
+    for (const auto& s : split_list(sizes)) {
       const auto wh = sd::cli::parse_size(s + "x" + s, "--sizes");
       sizes_.push_back(wh.first);
     }
@@ -774,7 +784,7 @@ class Bench {
 sd::cli::Runner setup_bench(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   app.add_option("--model", o->model, "diffusers model folder (e.g. from make-random-model)")->required();
-  app.add_option("--sizes", o->sizes, "square image sizes, comma-separated (e.g. 256,512)")->capture_default_str();
+  app.add_option("--sizes", o->sizes, "square image sizes, comma-separated (e.g. 256,512; default: the model's native size)");
   app.add_option("--dtypes", o->dtypes, "fp32,bf16 (CPU) or fp32,fp16 (CUDA); the ablation adds what it needs")
       ->capture_default_str();
   app.add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();

@@ -21,7 +21,7 @@
 namespace {
 
 struct SheetOptions {
-  std::string model, out = "docs/emoji-contact-sheet.png", data, size = "64x64";
+  std::string model, out = "docs/emoji-contact-sheet.png", data, size;  // size "" = the model's native size
   std::string prompts =
       "grinning face;red apple;cat face;heavy black heart;pile of poo;rocket;christmas tree;"
       "smiling face with sunglasses;fire;banana";
@@ -127,7 +127,7 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
   app.add_option("--img2img-prompts", o->img2img_prompts, "prompts for the img2img row (one per drawing, ';')")
       ->capture_default_str();
   app.add_option("--data", o->data, "emoji cache for the reference row (default: the fetch script's folder)");
-  app.add_option("--size", o->size, "generation size")->capture_default_str();
+  app.add_option("--size", o->size, "generation size WIDTHxHEIGHT (default: the model's native size)");
   app.add_option("--tile", o->tile, "tile size in the sheet (pixels)")->capture_default_str();
   app.add_option("--seed", o->seed, "noise seed")->capture_default_str();
   app.add_option("--threads", o->threads, "libtorch threads (0 = all cores)")->capture_default_str();
@@ -136,9 +136,11 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
     sd::LoadOptions lo;
     lo.threads = o->threads;
     const auto models = sd::load_pipeline(o->model, lo);
-    const auto x = o->size.find('x');
-    if (x == std::string::npos) throw sd::InvalidArgument("--size '" + o->size + "': expected WIDTHxHEIGHT");
-    const int64_t w = std::stoll(o->size.substr(0, x)), h = std::stoll(o->size.substr(x + 1));
+    sd::cli::PipelineOptions size_only;
+    size_only.model = o->model;
+    size_only.size = o->size;
+    const sd::StreamConfig sized = sd::cli::stream_config(size_only, true);
+    const int64_t w = sized.width, h = sized.height;
     const auto prompts = split(o->prompts, ';');
     const auto i2i = split(o->img2img_prompts, ';');
     const int T = o->tile, label_w = 150, head_h = 44;

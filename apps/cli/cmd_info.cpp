@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/cli/commands.h"
+#include "apps/cli/pipeline_options.h"
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/model_folder.h"
@@ -110,9 +111,9 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
 }
 
 sd::cli::Runner setup_info(CLI::App& app) {
-  auto model = std::make_shared<std::string>();
+  auto model = std::make_shared<std::string>(sd::cli::default_model_dir());
   auto as_json = std::make_shared<bool>(false);
-  app.add_option("--model", *model, "diffusers Stable Diffusion pipeline folder")->required();
+  app.add_option("--model", *model, "diffusers Stable Diffusion pipeline folder (default: the built-in emoji model)");
   app.add_flag("--json", *as_json, "print the summary as JSON");
   return [model, as_json] {
     auto folder = sd::ModelFolder::open(*model);
@@ -123,6 +124,21 @@ sd::cli::Runner setup_info(CLI::App& app) {
     for (const auto& [name, entry] : folder.components())
       report["components"].push_back(component_json(name, folder.component_dir(name), entry.class_name));
     if (auto t = folder.taesd_dir()) report["components"].push_back(component_json("taesd", *t, "AutoencoderTiny"));
+    // What a stream on this model uses when no flag says otherwise, and why.
+    const sd::ModelDefaults d = sd::read_model_defaults(*model);
+    sd::cli::PipelineOptions none;
+    none.model = *model;
+    nlohmann::json defaults;
+    defaults["family"] = d.family;
+    if (d.native_width > 0)
+      defaults["native_size"] = {{"width", d.native_width}, {"height", d.native_height},
+                                 {"reason", d.native_size_reason}};
+    defaults["settings_source"] = d.settings_source;
+    defaults["txt2img"] = sd::cli::explain_settings(none, true, d);
+    defaults["img2img"] = sd::cli::explain_settings(none, false, d);
+    defaults["warnings"] = d.warnings;
+    if (!d.note.empty()) defaults["note"] = d.note;
+    report["defaults"] = defaults;
     if (*as_json) {
       std::cout << report.dump(2) << "\n";
       return 0;
@@ -144,11 +160,27 @@ sd::cli::Runner setup_info(CLI::App& app) {
         std::cout << "      " << it.key() << " = " << it.value().dump() << "\n";
     }
     std::cout << "  total parameters: " << total << "\n";
+    std::cout << "defaults (explicit flags override them):\n  family " << d.family << "; native size ";
+    if (d.native_width > 0)
+      std::cout << d.native_width << "x" << d.native_height << " (" << d.native_size_reason << ")\n";
+    else
+      std::cout << "unknown (UNet sample_size missing): --size is needed\n";
+    std::cout << "  settings from " << d.settings_source << "\n";
+    if (!d.note.empty()) std::cout << "  note: " << d.note << "\n";
+    for (const char* mode : {"txt2img", "img2img"}) {
+      std::cout << "  " << mode << ":";
+      for (const auto& line : defaults[mode]) std::cout << "\n    " << line.get<std::string>();
+      std::cout << "\n";
+    }
+    for (const auto& w : d.warnings) std::cout << "  warning: " << w << "\n";
     return 0;
   };
 }
 
-REGISTER_COMMAND("info", "describe a diffusers model folder: components, configs, parameter counts, dtypes, sizes", 10,
+REGISTER_COMMAND("info",
+                 "describe a model folder: components, configs, parameter counts, dtypes, native size and the "
+                 "default stream settings",
+                 5,
                  setup_info);
 
 }  // namespace

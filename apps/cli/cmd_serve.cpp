@@ -85,13 +85,16 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     }
 
     sd::server::StreamDefaults d;
-    d.img2img = sd::cli::stream_config(o->p, false);
+    const sd::ModelDefaults md = sd::read_model_defaults(o->p.model);
+    d.img2img = sd::cli::stream_config(o->p, false, md);
     {
       // txt2img has its own default steps and cfg; the similarity filter is an img2img feature.
       sd::cli::PipelineOptions t = o->p;
       t.similarity_filter = 0;
-      d.txt2img = sd::cli::stream_config(t, true);
+      d.txt2img = sd::cli::stream_config(t, true, md);
     }
+    d.native_width = md.native_width;
+    d.native_height = md.native_height;
     d.prompt = o->p.prompt;
     d.negative_prompt = o->p.negative_prompt;
     d.txt2img_mode = o->mode == "txt2img";

@@ -37,7 +37,13 @@ int main(int argc, char** argv) {
   // Logs go to stderr so commands can print machine-readable output (JSON, ids, raw frames) on stdout.
   spdlog::set_default_logger(spdlog::stderr_color_mt("streamdiffusion"));
   CLI::App app{"streamdiffusion: real-time Stable Diffusion (StreamDiffusion) in C++"};
+  app.name("streamdiffusion");
   app.require_subcommand(1);
+  app.footer(
+      "First command to try (the built-in 64x64 emoji model, no download):\n"
+      "  streamdiffusion txt2img --prompt \"red apple\" -o apple.png\n"
+      "then `streamdiffusion serve` and open http://127.0.0.1:8000/ for the live browser app.\n"
+      "Every command has --help; `streamdiffusion info` shows a model's native size and default settings.");
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "debug | info | warn | error | off")->capture_default_str();
 
@@ -48,6 +54,10 @@ int main(int argc, char** argv) {
   for (auto& spec : registry) {
     CLI::App* sub = app.add_subcommand(spec.name, spec.description);
     runners[sub] = spec.setup(*sub);
+  }
+  if (argc == 1) {  // no arguments: the command list and a first command, not just "A subcommand is required"
+    std::cout << app.help();
+    return 0;
   }
   try {
     app.parse(argc, argv);

@@ -7,6 +7,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "io/model_folder.h"
 #include "pipeline/image.h"
 
@@ -46,12 +47,28 @@ std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& 
   return {w, h};
 }
 
-std::vector<int64_t> index_list_from(const PipelineOptions& o, bool txt2img) {
+namespace {
+
+int64_t inference_steps(const PipelineOptions& o, const ModelDefaults& d) {
+  if (o.num_inference_steps > 0) return o.num_inference_steps;
+  return d.num_inference_steps.value_or(PipelineOptions::kBuiltinInferenceSteps);
+}
+
+std::string join(const std::vector<int64_t>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s;
+}
+
+}  // namespace
+
+std::vector<int64_t> index_list_from(const PipelineOptions& o, bool txt2img, const ModelDefaults& d) {
   if (!o.t_index_list.empty()) {
     if (o.steps > 0) throw InvalidArgument("give either --t-index-list or --steps, not both");
     return parse_index_list(o.t_index_list);
   }
-  const int64_t S = o.num_inference_steps;
+  const int64_t S = inference_steps(o, d);
+  if (o.steps <= 0 && d.mode(txt2img).t_index_list) return *d.mode(txt2img).t_index_list;
   if (o.steps <= 0) {
     if (txt2img) return S == 50 ? std::vector<int64_t>{0, 16, 32, 45} : std::vector<int64_t>{0};
     return S == 50 ? std::vector<int64_t>{32, 45} : std::vector<int64_t>{S / 2};
@@ -81,26 +98,32 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
       mode == PipelineMode::Txt2Img ? "none" : mode == PipelineMode::Img2Img ? "self" : "self (txt2img: none)";
   if (o.model.empty()) o.model = default_model_dir();
   app.add_option("--model", o.model,
-                 "diffusers StableDiffusionPipeline folder (default: the shipped tiny emoji model, " + o.model + ")");
+                 "diffusers StableDiffusionPipeline folder (default: the shipped tiny emoji model, " + o.model +
+                     "). Unset settings come from the model: its native size and its streamdiffusion.json or "
+                     "family defaults (see `streamdiffusion info`)");
   app.add_option("--taesd", o.taesd,
                  "TAESD folder or file for encode/decode, or 'none' for the model's AutoencoderKL "
                  "(default: <model>/taesd when present)");
   app.add_option("--prompt", o.prompt, "text prompt")->capture_default_str();
   app.add_option("--negative-prompt", o.negative_prompt, "negative prompt (cfg full / initialize)");
   app.add_option("--t-index-list", o.t_index_list,
-                 std::string("comma-separated indices into the LCM timesteps (0 = t 999), default ") + index_default);
+                 std::string("comma-separated indices into the LCM timesteps (0 = t 999), default: the model's, "
+                             "else ") + index_default);
   app.add_option("--steps", o.steps, "number of denoising steps, spread evenly instead of --t-index-list");
   if (img)
     app.add_option("--start-index", o.start_index, "first index used with --steps for img2img (smaller = more change)")
         ->capture_default_str();
-  app.add_option("--num-inference-steps", o.num_inference_steps, "length of the LCM timestep list")
-      ->capture_default_str();
-  app.add_option("--cfg-type", o.cfg_type, std::string("none | full | self | initialize (default ") + cfg_default + ")");
-  app.add_option("--guidance", o.guidance, "guidance scale (active when > 1; ignored by cfg none)")
-      ->capture_default_str();
-  app.add_option("--delta", o.delta, "RCFG delta (scales the virtual residual noise)")->capture_default_str();
+  app.add_option("--num-inference-steps", o.num_inference_steps,
+                 "length of the LCM timestep list (default: the model's, else 50)");
+  app.add_option("--cfg-type", o.cfg_type,
+                 std::string("none | full | self | initialize (default: the model's, else ") + cfg_default + ")");
+  app.add_option("--guidance", o.guidance,
+                 "guidance scale (active when > 1; ignored by cfg none; default: the model's, else 1.2)");
+  app.add_option("--delta", o.delta, "RCFG delta, scales the virtual residual noise (default: the model's, else 1.0)");
   app.add_option("--seed", o.seed, "seed of the stream's noise")->capture_default_str();
-  app.add_option("--size", o.size, "WIDTHxHEIGHT, multiples of 8")->capture_default_str();
+  app.add_option("--size", o.size,
+                 "WIDTHxHEIGHT, multiples of 8 (default: the model's native size, e.g. 64x64 for the built-in model, "
+                 "512x512 for SD 1.5 / sd-turbo)");
   app.add_option("--frame-buffer-size", o.frame_buffer_size, "frames per call (F)")->capture_default_str();
   app.add_flag("--no-denoising-batch", o.no_denoising_batch, "sequential mode: all steps in every call");
   app.add_flag("--no-add-noise", o.no_add_noise, "re-noise in-flight latents without noise");
@@ -115,16 +138,32 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
 }
 
 StreamConfig stream_config(const PipelineOptions& o, bool txt2img) {
+  return stream_config(o, txt2img, read_model_defaults(o.model));
+}
+
+StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDefaults& d) {
+  const ModeRecommendation& rec = d.mode(txt2img);
   StreamConfig c;
-  c.num_inference_steps = o.num_inference_steps;
-  c.t_index_list = index_list_from(o, txt2img);
-  c.cfg_type = parse_cfg_type(o.cfg_type.empty() ? (txt2img ? "none" : "self") : o.cfg_type);
-  c.guidance_scale = o.guidance;
-  c.delta = o.delta;
+  c.num_inference_steps = inference_steps(o, d);
+  c.t_index_list = index_list_from(o, txt2img, d);
+  c.cfg_type = parse_cfg_type(!o.cfg_type.empty() ? o.cfg_type
+                              : rec.cfg_type       ? *rec.cfg_type
+                              : txt2img            ? "none"
+                                                   : "self");
+  c.guidance_scale = !std::isnan(o.guidance) ? o.guidance : rec.guidance.value_or(PipelineOptions::kBuiltinGuidance);
+  c.delta = !std::isnan(o.delta) ? o.delta : rec.delta.value_or(PipelineOptions::kBuiltinDelta);
   c.seed = o.seed;
-  const auto [w, h] = parse_size(o.size);
-  c.width = w;
-  c.height = h;
+  if (!o.size.empty()) {
+    const auto [w, h] = parse_size(o.size);
+    c.width = w;
+    c.height = h;
+  } else if (d.native_width > 0) {
+    check_image_size(d.native_width, d.native_height, "the model's native size");
+    c.width = d.native_width;
+    c.height = d.native_height;
+  } else {
+    c.width = c.height = PipelineOptions::kFallbackSize;
+  }
   if (o.frame_buffer_size < 1) throw InvalidArgument("--frame-buffer-size must be >= 1");
   c.frame_buffer_size = o.frame_buffer_size;
   c.use_denoising_batch = !o.no_denoising_batch;
@@ -136,6 +175,32 @@ StreamConfig stream_config(const PipelineOptions& o, bool txt2img) {
     c.similarity_filter.max_skip_frame = o.max_skip_frame;
   }
   return c;
+}
+
+std::vector<std::string> explain_settings(const PipelineOptions& o, bool txt2img, const ModelDefaults& d) {
+  const StreamConfig c = stream_config(o, txt2img, d);
+  const ModeRecommendation& rec = d.mode(txt2img);
+  const std::string model = d.settings_source.empty() ? "the model" : d.settings_source;
+  const auto from = [&](bool flag, bool recommended) {
+    return flag ? std::string("flag") : recommended ? model : std::string("built-in default");
+  };
+  std::vector<std::string> out;
+  out.push_back("size " + std::to_string(c.width) + "x" + std::to_string(c.height) + " (" +
+                (!o.size.empty()        ? std::string("flag")
+                 : d.native_width > 0   ? "native: " + d.native_size_reason
+                                        : "fallback: the model's native size is unknown") +
+                ")");
+  out.push_back("num_inference_steps " + std::to_string(c.num_inference_steps) + " (" +
+                from(o.num_inference_steps > 0, d.num_inference_steps.has_value()) + ")");
+  out.push_back("t_index_list " + join(c.t_index_list) + " (" +
+                from(!o.t_index_list.empty() || o.steps > 0, rec.t_index_list.has_value()) + ")");
+  out.push_back("cfg_type " + cfg_type_name(c.cfg_type) + " (" + from(!o.cfg_type.empty(), rec.cfg_type.has_value()) +
+                ")");
+  std::ostringstream g;
+  g << "guidance " << c.guidance_scale << " (" << from(!std::isnan(o.guidance), rec.guidance.has_value()) << "), delta "
+    << c.delta << " (" << from(!std::isnan(o.delta), rec.delta.has_value()) << ")";
+  out.push_back(g.str());
+  return out;
 }
 
 std::string default_model_dir() {
@@ -172,6 +237,8 @@ LoadedModels load_models(const PipelineOptions& o) {
   lo.taesd = o.taesd;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
+  const ModelDefaults d = read_model_defaults(o.model);
+  for (const auto& w : d.warnings) log::warn("{}", w);
   l.models = load_pipeline(o.model, lo);
   l.load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return l;

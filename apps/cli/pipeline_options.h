@@ -2,6 +2,8 @@
 // The pipeline options every command that runs a stream takes (txt2img, img2img, stream), their defaults and their
 // translation into a StreamConfig and a loaded model set — one definition so the commands stay consistent.
 // Defaults that depend on the mode (t_index_list, cfg_type) are resolved by stream_config(options, txt2img).
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
@@ -11,22 +13,30 @@
 
 #include "apps/cli/commands.h"
 #include "pipeline/diffusion_models.h"
+#include "pipeline/model_defaults.h"
 #include "pipeline/stream_diffusion.h"
 
 namespace sd::cli {
 
+// Settings left unset (empty string, 0, NaN) come from the model (pipeline/model_defaults.h: its
+// streamdiffusion.json, else its family), else from the built-in defaults below; explicit flags always win.
 struct PipelineOptions {
+  static constexpr double kUnset = std::numeric_limits<double>::quiet_NaN();
+  static constexpr int kBuiltinInferenceSteps = 50;
+  static constexpr double kBuiltinGuidance = 1.2, kBuiltinDelta = 1.0;
+  static constexpr int64_t kFallbackSize = 512;  // when the model's native size cannot be told
+
   CommonOptions common;
   std::string model, taesd, prompt, negative_prompt;
-  std::string t_index_list;
+  std::string t_index_list;  // "" = model / mode default
   int steps = 0;
   int start_index = 32;
-  int num_inference_steps = 50;
-  std::string cfg_type;  // "" = none for txt2img, self for img2img
-  double guidance = 1.2;
-  double delta = 1.0;
+  int num_inference_steps = 0;  // 0 = model default, else 50
+  std::string cfg_type;         // "" = model default, else none for txt2img, self for img2img
+  double guidance = kUnset;     // NaN = model default, else 1.2
+  double delta = kUnset;        // NaN = model default, else 1.0
   uint64_t seed = 2;
-  std::string size = "512x512";
+  std::string size;             // "" = the model's native size
   int frame_buffer_size = 1;
   bool no_denoising_batch = false;
   bool no_add_noise = false;
@@ -46,9 +56,16 @@ std::vector<int64_t> parse_index_list(const std::string& s);
 // "512x512" -> {512, 512}, multiples of 8; InvalidArgument otherwise.
 std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& option = "--size");
 // The explicit --t-index-list, or --steps indices spread evenly (txt2img from index 0, img2img from --start-index),
-// or the mode's default (txt2img 0,16,32,45 / img2img 32,45 with 50 inference steps).
-std::vector<int64_t> index_list_from(const PipelineOptions& o, bool txt2img);
+// or the model's recommendation, or the mode's default (txt2img 0,16,32,45 / img2img 32,45 with 50 inference
+// steps).
+std::vector<int64_t> index_list_from(const PipelineOptions& o, bool txt2img, const ModelDefaults& d = {});
+// The stream configuration of these options for `o.model`, unset settings filled from the model (read here, from
+// its configs and streamdiffusion.json) or the given defaults.
 StreamConfig stream_config(const PipelineOptions& o, bool txt2img);
+StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDefaults& d);
+// Where each effective setting of a mode comes from ("flag", "streamdiffusion.json", "family defaults", "built-in"),
+// one line per setting, for `info` and the load log.
+std::vector<std::string> explain_settings(const PipelineOptions& o, bool txt2img, const ModelDefaults& d);
 
 // The model used when --model is not given: the shipped tiny emoji model (models/emoji-tiny, trained in-house).
 // Looked up as $SD_DEFAULT_MODEL, then models/emoji-tiny in a folder above the executable, in the source tree the

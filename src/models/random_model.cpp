@@ -153,6 +153,22 @@ json lcm_scheduler_config() {
   };
 }
 
+json recommended_settings(const std::string& arch) {
+  const bool turbo = arch == "sd-turbo";
+  json j{{"size", "512x512"}, {"num_inference_steps", 50}};
+  if (turbo) {
+    // sd-turbo: one step, no guidance (adversarially distilled without CFG).
+    j["txt2img"] = {{"t_index_list", {0}}, {"cfg_type", "none"}};
+    j["img2img"] = {{"t_index_list", {32}}, {"cfg_type", "none"}};
+  } else {
+    // SD 1.5 + LCM-LoRA, StreamDiffusion's default recipe.
+    j["txt2img"] = {{"t_index_list", {0, 16, 32, 45}}, {"cfg_type", "none"}};
+    j["img2img"] = {{"t_index_list", {32, 45}}, {"cfg_type", "self"}, {"guidance", 1.2}, {"delta", 1.0}};
+  }
+  j["note"] = "random weights in the real " + arch + " architecture (make-random-model): for speed, not pictures";
+  return j;
+}
+
 json default_taesd_config() {
   return json{
       {"_class_name", "AutoencoderTiny"},
@@ -208,6 +224,7 @@ RandomModelReport write_random_model(const RandomModelOptions& o) {
 
   write_json(out / "model_index.json", pipeline_model_index());
   write_json(out / "scheduler" / "scheduler_config.json", lcm_scheduler_config());
+  write_json(out / "streamdiffusion.json", recommended_settings(o.arch));
   for (const char* f : {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}) {
     const fs::path src = fs::path(o.tokenizer_dir) / f;
     if (fs::exists(src)) fs::copy_file(src, out / "tokenizer" / f, fs::copy_options::overwrite_existing);

@@ -35,6 +35,9 @@ nlohmann::json lcm_scheduler_config();
 // model_index.json of a diffusers StableDiffusionPipeline folder with an LCM scheduler.
 nlohmann::json pipeline_model_index();
 nlohmann::json default_taesd_config();
+// streamdiffusion.json (pipeline/model_defaults.h) of an architecture: its native size and the settings it is used
+// with (sd-turbo: one step, no guidance; sd15: the LCM-LoRA recipe).
+nlohmann::json recommended_settings(const std::string& arch);
 
 // Fills every parameter with weights of realistic scale: matrices/convs ~ N(0, 1/fan_in), norm weights ~ 1, biases
 // and norm biases small, embeddings ~ N(0, 0.02) (token/position tables). Deterministic for a seed.

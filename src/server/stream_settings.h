@@ -31,6 +31,7 @@ struct StreamDefaults {
   std::string prompt, negative_prompt;
   bool txt2img_mode = false;  // mode of a new WebSocket client
   int64_t start_index = 32;   // first index of `steps` for img2img
+  int64_t native_width = 0, native_height = 0;  // the model's native size (0 = unknown), told to the page
 };
 
 struct StreamSettings {

@@ -118,6 +118,8 @@ void WebSocketSession::on_accept(beast::error_code ec) {
              {"id", id_},
              {"width", stream_->width()},
              {"height", stream_->height()},
+             {"native_width", ctx_->defaults.native_width},
+             {"native_height", ctx_->defaults.native_height},
              {"model", ctx_->models->describe()},
              {"settings", stream_->settings().to_json()},
              {"limits",

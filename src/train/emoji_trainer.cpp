@@ -520,6 +520,16 @@ void EmojiTrainer::export_model(const std::string& out_dir, torch::ScalarType dt
   vc["latent_channels"] = tc["latent_channels"];
   vc["scaling_factor"] = scaling_factor_;
   write_json(out / "vae" / "config.json", vc);
+  // The settings the model is measured with (tests/train/test_emoji_adherence.cpp, docs/emoji-contact-sheet.png),
+  // read by every command when no flag overrides them (pipeline/model_defaults.h).
+  const int64_t px = uc.value("sample_size", 8) * (int64_t{1} << (stages - 1));
+  write_json(out / "streamdiffusion.json",
+             json{{"size", std::to_string(px) + "x" + std::to_string(px)},
+                  {"num_inference_steps", 50},
+                  {"txt2img", {{"t_index_list", {0, 16, 32, 45}}, {"cfg_type", "none"}}},
+                  {"img2img", {{"t_index_list", {32, 45}}, {"cfg_type", "self"}, {"guidance", 1.4}, {"delta", 0.8}}},
+                  {"note", "built-in emoji model (" + std::to_string(px) + "x" + std::to_string(px) +
+                               "): txt2img 4 steps in one UNet batch; img2img 2 steps with RCFG self"}});
 }
 
 }  // namespace sd::train

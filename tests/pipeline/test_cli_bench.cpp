@@ -243,6 +243,25 @@ TEST_F(CliBench, TaesdOnlyModel) {
   EXPECT_NE(r.output.find("neither vae/ weights nor a TAESD"), std::string::npos) << r.output;
 }
 
+// Without --sizes the bench runs at the model's native size (streamdiffusion.json, else sample_size x VAE scale).
+TEST_F(CliBench, DefaultSizeIsTheModelsNativeSize) {
+  const std::string m = dir_ + "/native";
+  fs::copy(model_, m, fs::copy_options::recursive);
+  std::ofstream(m + "/streamdiffusion.json") << R"({"size": "96x96"})";
+  const std::string json = dir_ + "/native.json";
+  RunResult r = run("bench --model '" + m + "' --sections components --dtypes fp32 --iters 1 --warmup 0 --threads 1 "
+                    "--json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const nlohmann::json j = read_json(json);
+  ASSERT_GT(j["results"].size(), 1u);
+  for (const auto& x : j["results"])  // text encoding has no image size (0)
+    if (x["name"] != "text_encode") EXPECT_EQ(x["size"].get<int64_t>(), 96) << x.dump();
+  std::ofstream(m + "/streamdiffusion.json") << R"({"size": "64x96"})";
+  r = run("bench --model '" + m + "' --sections components --dtypes fp32");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("is not square; give --sizes"), std::string::npos) << r.output;
+}
+
 #else
 
 TEST(CliBench, NeedsTheCli) { GTEST_SKIP() << "built without the streamdiffusion CLI"; }

@@ -199,6 +199,60 @@ TEST_F(CliGenerate, ClearErrors) {
   EXPECT_NE(r.output.find("cfg_type"), std::string::npos) << r.output;
 }
 
+// Unset settings come from the model folder's streamdiffusion.json (else its native size / family); flags win.
+TEST_F(CliGenerate, DefaultsComeFromTheModel) {
+  const std::string model = tmp_ + "/model";
+  fs::copy(test::fixture_path("models/tiny-sd21"), model, fs::copy_options::recursive);
+  // Without streamdiffusion.json: the native size, UNet sample_size 8 x VAE scale factor 8.
+  auto r = run("txt2img --model " + q(model) + " --prompt 'a cat' --threads 1 -o " + q(tmp_ + "/native.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_png_rgb(tmp_ + "/native.png").sizes(), (std::vector<int64_t>{64, 64, 3}));
+
+  std::ofstream(model + "/streamdiffusion.json")
+      << R"({"size": "96x128", "num_inference_steps": 8,
+             "txt2img": {"t_index_list": [0, 5], "cfg_type": "self", "guidance": 1.6, "delta": 0.5}})";
+  r = run("txt2img --model " + q(model) + " --prompt 'a cat' --threads 1 -o " + q(tmp_ + "/rec.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto rec = read_png_rgb(tmp_ + "/rec.png");
+  EXPECT_EQ(rec.sizes(), (std::vector<int64_t>{128, 96, 3}));
+  // The same run spelled out with flags gives the same image.
+  r = run("txt2img --model " + q(model) + " --prompt 'a cat' --threads 1 --size 96x128 --num-inference-steps 8 "
+          "--t-index-list 0,5 --cfg-type self --guidance 1.6 --delta 0.5 -o " + q(tmp_ + "/flags.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(max_pixel_diff(read_png_rgb(tmp_ + "/flags.png"), rec), 0);
+  // Flags override the file, one by one.
+  r = run("txt2img --model " + q(model) + " --prompt 'a cat' --threads 1 --size 64x64 --guidance 1.0 -o " +
+          q(tmp_ + "/over.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto over = read_png_rgb(tmp_ + "/over.png");
+  EXPECT_EQ(over.sizes(), (std::vector<int64_t>{64, 64, 3}));
+  // `info` says which defaults apply and why.
+  r = run("info --model " + q(model));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("native size 96x128 (streamdiffusion.json)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("t_index_list 0,5 (streamdiffusion.json)"), std::string::npos) << r.output;
+  // img2img: no list in the file; with 8 inference steps the built-in default is the middle index.
+  EXPECT_NE(r.output.find("t_index_list 4 (built-in default)"), std::string::npos) << r.output;
+  // A malformed file is an error naming the file and field, not silently ignored.
+  std::ofstream(model + "/streamdiffusion.json") << R"({"txt2img": {"cfg": "none"}})";
+  r = run("txt2img --model " + q(model) + " --prompt 'a cat' -o " + q(tmp_ + "/bad.png"));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("streamdiffusion.json"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("'txt2img.cfg'"), std::string::npos) << r.output;
+}
+
+// `streamdiffusion` alone lists the commands and a first command to try (exit 0), as --help does.
+TEST(CliHelp, NoArgumentsListsCommandsAndAFirstCommand) {
+  for (const std::string args : {"", "--help"}) {
+    const auto r = run(args);
+    EXPECT_EQ(r.status, 0) << args << ": " << r.output;
+    for (const char* want : {"txt2img", "img2img", "stream", "serve", "info", "bench",
+                             "streamdiffusion txt2img --prompt \"red apple\" -o apple.png"})
+      EXPECT_NE(r.output.find(want), std::string::npos) << args << " lacks " << want << ":\n" << r.output;
+    EXPECT_EQ(r.output.find("A subcommand is required"), std::string::npos) << r.output;
+  }
+}
+
 #else
 
 TEST(CliGenerate, NotBuilt) { GTEST_SKIP() << "the CLI is not part of this build (SD_ENGINE_ONLY)"; }

@@ -7,7 +7,8 @@
 // Checks: the page opens; camera frames go out and generated frames come back and are drawn; a prompt change
 // changes the output; a refused camera is explained; two pages at once get separate streams (different prompts ->
 // different outputs, neither receives more frames than it sent); a page beyond --max-streams shows the busy
-// message; SIGINT stops the server cleanly. Exit 0 = passed, 1 = failed, 77 = skipped (no chromium / node_modules / fixture model).
+// message; SIGINT stops the server cleanly; `serve` with no model arguments streams the built-in model at its native
+// 64x64, scaled up on the page (smooth or pixelated), with the native size in the status line (the README screenshot). Exit 0 = passed, 1 = failed, 77 = skipped (no chromium / node_modules / fixture model).
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -71,10 +72,13 @@ function writeY4m(file, w = 160, h = 120, frames = 2) {
   fs.writeFileSync(file, Buffer.concat(parts));
 }
 
-function startServer() {
+// The fixture model at --size (the protocol checks), or `serve` with no model arguments at all (the built-in model at
+// its native size, as a newcomer starts it).
+function startServer(serveArgs = ['--model', model, '--size', size, '--max-streams', '2',
+  '--prompt', 'a watercolour fox in a misty forest']) {
   return new Promise((resolve, reject) => {
-    const proc = spawn(args.server, ['--log-level', 'warn', 'serve', '--model', model, '--size', size, '--port', '0', '--web-root', webRoot,
-      '--threads', '1', '--max-streams', '2', '--prompt', 'a watercolour fox in a misty forest'],
+    const proc = spawn(args.server, ['--log-level', 'warn', 'serve', ...serveArgs, '--port', '0', '--web-root', webRoot,
+      '--threads', '1'],
     { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     const timer = setTimeout(() => reject(new Error(`the server did not start: ${out}`)), 60000);
@@ -187,14 +191,6 @@ try {
   const stats = await (await fetch(`${server.url}api/stats`)).json();
   check(stats.streams === 2 && stats.clients.length === 2, 'the server counts two streams', JSON.stringify(stats.clients));
 
-  // The screenshot for the README: both streams running, the first page in view.
-  await a.bringToFront();
-  await framesAfter(a, 2);
-  if (args.screenshot) {
-    await a.screenshot({ path: args.screenshot });
-    console.log(`    screenshot: ${args.screenshot}`);
-  }
-
   // 5. A third page is beyond --max-streams 2: a clear busy message.
   const c = await context.newPage();
   await c.goto(server.url);
@@ -223,6 +219,52 @@ try {
   server.proc.kill('SIGINT');
   const r = await Promise.race([exited, sleep(15000).then(() => null)]);
   check(r && r.code === 0, 'SIGINT stops the server cleanly', JSON.stringify(r));
+  server = null;
+
+  // 7. `serve` with no model arguments: the built-in emoji model at its native 64x64, scaled up on the page.
+  server = await startServer([]);
+  console.log(`built-in model server at ${server.url}`);
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
+      `--use-file-for-fake-video-capture=${y4m}`],
+  });
+  const ctx2 = await browser.newContext({ viewport: { width: 1280, height: 760 }, deviceScaleFactor: 1 });
+  const e = await ctx2.newPage();
+  e.on('pageerror', (err) => pageErrors.push(String(err)));
+  await e.goto(server.url);
+  await e.click('#start');  // camera -> emoji img2img
+  await until(async () => (await appStats(e)).received >= 3, 60000, 'frames from the built-in model');
+  const se = await appStats(e);
+  check(se.outputSize[0] === 64 && se.outputSize[1] === 64, 'the built-in model streams 64x64 frames',
+    JSON.stringify(se.outputSize));
+  check(/64×64 \(native\)/.test(se.model), 'the status line says the native size', se.model);
+  const box = await e.evaluate(() => document.getElementById('output').getBoundingClientRect().width);
+  check(box > 200, 'the 64x64 output is scaled up to the pane', `(${box} px wide)`);
+  await e.selectOption('#display', 'pixelated');
+  check(await e.evaluate(() => getComputedStyle(document.getElementById('output')).imageRendering) === 'pixelated',
+    'the pixelated display choice applies');
+  await e.selectOption('#display', 'smooth');
+  // Text only with an emoji name: the README screenshot.
+  await e.click('button.mode[data-mode="txt2img"]');
+  await until(async () => { const s = await appStats(e); return s.running && s.mode === 'txt2img'; }, 10000, 'txt2img mode');
+  await e.fill('#prompt', 'red apple');
+  await sleep(400);
+  await framesAfter(e, 4);
+  const ep = await outputPixels(e);
+  let red = 0;
+  for (let i = 0; i < ep.length; i += 4) if (ep[i] > ep[i + 1] + 40 && ep[i] > ep[i + 2] + 40) red += 1;
+  console.log(`    red pixels in the "red apple" frame: ${red} of ${ep.length / 4}`);
+  check(red > 64, 'the built-in model draws something red for "red apple"', `(${red} red pixels)`);
+  if (args.screenshot) {
+    await e.screenshot({ path: args.screenshot });
+    console.log(`    screenshot: ${args.screenshot}`);
+  }
+  check(pageErrors.length === 0, 'no uncaught errors on the built-in model page', pageErrors.join(' | '));
+  await browser.close();
+  browser = null;
+  server.proc.kill('SIGINT');
   server = null;
 } catch (e) {
   failed += 1;

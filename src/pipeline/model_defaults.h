@@ -1,0 +1,60 @@
+#pragma once
+// What a model folder recommends to the stream when the user gives no flag: its native image size and its stream
+// settings, so a newcomer's first command gives a good picture (a 64x64 model is not asked for 512x512 noise).
+//
+// Precedence, per setting: an explicit flag > the folder's streamdiffusion.json > the family's defaults > the
+// engine's built-in defaults (txt2img 0,16,32,45 / img2img 32,45, cfg none / self, guidance 1.2, delta 1).
+//
+// streamdiffusion.json (optional, in the model folder; every field optional; unknown fields or wrong types are a
+// FormatError naming the field):
+//   {
+//     "size": "64x64" | [64, 64] | 64,          native output size (WIDTHxHEIGHT, multiples of 8)
+//     "num_inference_steps": 50,
+//     "t_index_list": [0, 16, 32, 45], "cfg_type": "none", "guidance": 1.2, "delta": 1.0,   both modes
+//     "txt2img": { same four fields },          per mode, over the top-level ones
+//     "img2img": { same four fields },
+//     "note": "free text"
+//   }
+// Without it the family is recognised from the configs (cross_attention_dim 768 = SD 1.x, 1024 = SD 2.x, 2048 or a
+// text_encoder_2 = SDXL; turbo from an Euler "trailing" scheduler or "turbo" in the folder name; LCM-distilled from
+// time_cond_proj_dim, an LCMScheduler in model_index.json or "lcm" in the name).
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace sd {
+
+// Settings of one mode; unset = no recommendation.
+struct ModeRecommendation {
+  std::optional<std::vector<int64_t>> t_index_list;
+  std::optional<std::string> cfg_type;
+  std::optional<double> guidance;
+  std::optional<double> delta;
+};
+
+struct ModelDefaults {
+  std::string family = "unknown";  // sd15 | sd21 | sd-turbo | sdxl | sdxl-turbo | lcm | unknown (+ "-lcm")
+  // The model's native output size: UNet sample_size x VAE scale factor (0 when it cannot be told).
+  int64_t native_width = 0, native_height = 0;
+  std::string native_size_reason;  // "UNet sample_size 8 x VAE scale factor 8" / "streamdiffusion.json"
+  std::optional<int64_t> num_inference_steps;
+  ModeRecommendation txt2img, img2img;
+  std::string settings_source;  // "streamdiffusion.json", "family defaults (sd-turbo)", "built-in defaults"
+  std::vector<std::string> warnings;  // e.g. plain SD without LCM: few-step output needs an LCM-LoRA or a turbo model
+  std::string note;                   // streamdiffusion.json's "note"
+
+  const ModeRecommendation& mode(bool txt2img_mode) const { return txt2img_mode ? txt2img : img2img; }
+};
+
+// Reads the folder's configs (never weights). A path that is not a model folder gives empty defaults (loading
+// reports that later); a malformed streamdiffusion.json is a FormatError naming the file and field.
+ModelDefaults read_model_defaults(const std::string& model_path);
+
+// Parses a streamdiffusion.json document into `d` (fields present override); `file` names errors.
+void apply_recommendations_json(const std::string& json_text, const std::string& file, ModelDefaults& d);
+
+// The name of the recommendations file in a model folder.
+inline const char* kRecommendationsFile = "streamdiffusion.json";
+
+}  // namespace sd
