@@ -109,6 +109,13 @@ async function framesAfter(page, n, timeout = 60000) {
   await until(async () => (await appStats(page)).received >= start + n, timeout, `${n} more frames`);
 }
 
+// Headless chromium with the still test picture as its fake camera.
+const launchBrowser = () => chromium.launch({
+  executablePath: chromiumPath,
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
+    `--use-file-for-fake-video-capture=${y4m}`],
+});
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sd-e2e-'));
 const y4m = path.join(tmp, 'camera.y4m');
 writeY4m(y4m);
@@ -116,12 +123,7 @@ let server, browser;
 try {
   server = await startServer();
   console.log(`server at ${server.url}`);
-  browser = await chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
-      `--use-file-for-fake-video-capture=${y4m}`],
-  });
+  browser = await launchBrowser();
   const context = await browser.newContext({ viewport: { width: 1280, height: 760 }, deviceScaleFactor: 1 });
   const pageErrors = [];
   const a = await context.newPage();
@@ -224,12 +226,7 @@ try {
   // 7. `serve` with no model arguments: the built-in emoji model at its native 64x64, scaled up on the page.
   server = await startServer([]);
   console.log(`built-in model server at ${server.url}`);
-  browser = await chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
-      `--use-file-for-fake-video-capture=${y4m}`],
-  });
+  browser = await launchBrowser();
   const ctx2 = await browser.newContext({ viewport: { width: 1280, height: 760 }, deviceScaleFactor: 1 });
   const e = await ctx2.newPage();
   e.on('pageerror', (err) => pageErrors.push(String(err)));
