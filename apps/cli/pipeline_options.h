@@ -3,6 +3,7 @@
 // translation into a StreamConfig and a loaded model set — one definition so the commands stay consistent.
 // Defaults that depend on the mode (t_index_list, cfg_type) are resolved by stream_config(options, txt2img).
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -32,13 +33,14 @@ struct PipelineOptions {
   bool no_add_noise = false;
   double similarity_filter = 0;  // 0 = off (img2img)
   int max_skip_frame = 10;
+  std::optional<double> lcm_guidance;  // --lcm-guidance W (LCM-distilled UNets)
 };
 
 enum class PipelineMode { Txt2Img, Img2Img, Either };
 
 // Adds --model, --taesd, --prompt, --negative-prompt, --t-index-list, --steps, --start-index (img2img / either),
 // --num-inference-steps, --cfg-type, --guidance, --delta, --seed, --size, --frame-buffer-size, --no-denoising-batch,
-// --no-add-noise, --similarity-filter and --max-skip-frame (img2img / either), and the common options.
+// --no-add-noise, --similarity-filter and --max-skip-frame (img2img / either), --lcm-guidance, and the common options.
 void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode);
 
 // "32,45" -> {32, 45}; InvalidArgument naming the bad item.
