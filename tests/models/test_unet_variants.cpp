@@ -331,3 +331,45 @@ TEST(UNetTimestepCond, RequiresTimeCondProjDimAndMatchingShape) {
 }
 
 }  // namespace
+
+namespace {
+
+// only_cross_attention as one bool is broadcast to every down/up block but never reaches the mid block
+// (UNetMidBlock2DCrossAttn takes no only_cross_attention in diffusers 0.24); per-block lists are reversed for the
+// up path. Built in memory (no weights).
+TEST(UNetVariantConfig, OnlyCrossAttentionAndPerBlockListsInMemory) {
+  auto j = nlohmann::json::parse(R"({
+    "block_out_channels": [32, 64], "layers_per_block": [1, 3], "transformer_layers_per_block": [2, 1],
+    "norm_num_groups": 8, "cross_attention_dim": 16, "attention_head_dim": [2, 4], "only_cross_attention": true,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+  })");
+  sd::UNet2DConditionModel m(sd::UNet2DConditionConfig::from_json(j, "unet/config.json"));
+  EXPECT_EQ(m->down_list[0]->resnet_list.size(), 1u);
+  EXPECT_EQ(m->down_list[1]->resnet_list.size(), 3u);
+  EXPECT_EQ(m->up_list[0]->resnet_list.size(), 4u);  // reversed(layers_per_block)[0] + 1
+  EXPECT_EQ(m->up_list[1]->resnet_list.size(), 2u);
+  EXPECT_EQ(m->down_list[0]->attention_list[0]->blocks.size(), 2u);
+  EXPECT_EQ(m->up_list[0]->attention_list[0]->blocks.size(), 1u);  // reversed transformer_layers_per_block
+  EXPECT_EQ(m->up_list[1]->attention_list[0]->blocks.size(), 2u);
+  EXPECT_EQ(m->mid_block->attention_list[0]->blocks.size(), 1u);  // the last entry
+  for (const auto& d : m->down_list)
+    for (const auto& t : d->attention_list) EXPECT_TRUE(t->blocks[0]->only_cross_attention);
+  for (const auto& u : m->up_list)
+    for (const auto& t : u->attention_list) EXPECT_TRUE(t->blocks[0]->only_cross_attention);
+  EXPECT_FALSE(m->mid_block->attention_list[0]->blocks[0]->only_cross_attention);
+  const auto sdict = sd::state_dict(*m);
+  EXPECT_EQ(sdict.at("down_blocks.0.attentions.0.transformer_blocks.1.attn1.to_k.weight").size(1), 16);
+  EXPECT_EQ(sdict.at("mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight").size(1), 64);
+  EXPECT_FALSE(sdict.count("mid_block.attentions.0.transformer_blocks.1.attn1.to_k.weight"));
+  // Random weights: the skips line up at an odd latent size and the result has the input's shape.
+  for (auto& p : m->parameters()) {
+    torch::NoGradGuard ng;
+    p.normal_(0.0, 0.1);
+  }
+  torch::InferenceMode im;
+  EXPECT_EQ(m->forward(torch::randn({1, 4, 7, 5}), torch::tensor(3), torch::randn({1, 6, 16})).sizes(),
+            (std::vector<int64_t>{1, 4, 7, 5}));
+}
+
+}  // namespace
