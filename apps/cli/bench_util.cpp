@@ -95,6 +95,10 @@ ArchInfo inspect_architecture(const std::string& model_dir) {
     a.name = "sd-turbo / SD2.1";
   else if (a.unet_params == 859520964)
     a.name = "SD1.5";
+  else if (a.unet_params == 323384964)
+    a.name = "BK-SDM-Tiny";
+  else if (a.unet_params == 328177284)
+    a.name = "SDXS-512-0.9";
   else
     a.name = "unknown (" + std::to_string(a.unet_params) + " UNet parameters)";
   return a;
@@ -103,12 +107,17 @@ ArchInfo inspect_architecture(const std::string& model_dir) {
 double known_gflop(const ArchInfo& a, const std::string& component, int64_t size) {
   const bool s256 = size == 256, s512 = size == 512;
   const bool sd_unet = a.unet_params == 865910724 || a.unet_params == 859520964;
+  // The distilled UNets (counted like the SD ones: 2 FLOP per multiply-add of convs, linears and attention
+  // products): BK-SDM-Tiny 109 / 486 GFLOP at 256 / 512 px, SDXS-512-0.9 105 / 418.
+  const bool bk_tiny = a.unet_params == 323384964, sdxs = a.unet_params == 328177284;
   if (component == "text_encode") return a.text_params == 340387840 ? 45 : 0;  // sd-turbo / SD2.1 OpenCLIP-H
   if (!s256 && !s512) return 0;
   if (component == "unet" && sd_unet) return s256 ? 181 : 804;
+  if (component == "unet" && bk_tiny) return s256 ? 109 : 486;
+  if (component == "unet" && sdxs) return s256 ? 105 : 418;
   if (component == "taesd_encode" && a.taesd_encoder_params == 1222532) return s256 ? 31 : 122;
   if (component == "taesd_decode" && a.taesd_decoder_params == 1222531) return s256 ? 35 : 141;
-  if (component == "vae_decode" && a.vae_params > 80000000 && sd_unet) return s256 ? 622 : 2515;
+  if (component == "vae_decode" && a.vae_params > 80000000 && (sd_unet || bk_tiny || sdxs)) return s256 ? 622 : 2515;
   return 0;
 }
 

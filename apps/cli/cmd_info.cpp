@@ -35,7 +35,8 @@ const std::map<std::string, std::vector<std::string>>& brief_fields() {
   static const std::map<std::string, std::vector<std::string>> f = {
       {"unet", {"block_out_channels", "layers_per_block", "attention_head_dim", "num_attention_heads",
                 "cross_attention_dim", "use_linear_projection", "upcast_attention", "sample_size", "down_block_types",
-                "up_block_types"}},
+                "up_block_types", "mid_block_type", "transformer_layers_per_block", "only_cross_attention",
+                "time_cond_proj_dim"}},
       {"vae", {"block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor"}},
       {"taesd", {"encoder_block_out_channels", "decoder_block_out_channels", "latent_channels", "scaling_factor"}},
       {"text_encoder", {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"}},

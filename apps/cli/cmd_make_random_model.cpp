@@ -12,7 +12,10 @@ sd::cli::Runner setup_make_random_model(CLI::App& app) {
   auto o = std::make_shared<sd::RandomModelOptions>();
   auto dtype = std::make_shared<std::string>("fp32");
   auto no_taesd = std::make_shared<bool>(false);
-  app.add_option("--arch", o->arch, "sd-turbo | sd15")->capture_default_str()->check(CLI::IsMember({"sd-turbo", "sd15"}));
+  app.add_option("--arch", o->arch,
+                 "sd-turbo | sd15 | bk-sdm-tiny (nota-ai, 323M-parameter UNet) | sdxs-512 (IDKiro sdxs-512-0.9, 328M)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"sd-turbo", "sd15", "bk-sdm-tiny", "sdxs-512"}));
   app.add_option("--out", o->out_dir, "output folder (created)")->required();
   app.add_option("--tokenizer", o->tokenizer_dir,
                  "CLIP tokenizer folder to copy (vocab.json + merges.txt), e.g. <a model>/tokenizer")
@@ -35,7 +38,7 @@ sd::cli::Runner setup_make_random_model(CLI::App& app) {
 }
 
 REGISTER_COMMAND("make-random-model",
-                 "write a full-size diffusers folder (sd-turbo or SD 1.5 architecture) with random weights", 90,
+                 "write a full-size diffusers folder (sd-turbo, SD 1.5, BK-SDM-Tiny or SDXS-512 architecture) with random weights", 90,
                  setup_make_random_model);
 
 }  // namespace

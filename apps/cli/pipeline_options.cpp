@@ -134,6 +134,10 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
     app.add_option("--max-skip-frame", o.max_skip_frame, "similarity filter: forced pass after this many skips")
         ->capture_default_str();
   }
+  app.add_option_function<double>(
+      "--lcm-guidance", [&o](double w) { o.lcm_guidance = w; },
+      "guidance scale W baked into LCM-distilled UNets (config time_cond_proj_dim, e.g. LCM-Dreamshaper): every UNet "
+      "call gets the embedding of W - 1 (default 8.5, as diffusers' LatentConsistencyModelPipeline)");
   add_common_options(app, o.common);
 }
 
@@ -235,6 +239,7 @@ LoadedModels load_models(const PipelineOptions& o) {
   lo.device = o.common.device;
   lo.threads = o.common.threads;
   lo.taesd = o.taesd;
+  lo.lcm_guidance = o.lcm_guidance;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
   const ModelDefaults d = read_model_defaults(o.model);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,13 +43,14 @@ struct PipelineOptions {
   bool no_add_noise = false;
   double similarity_filter = 0;  // 0 = off (img2img)
   int max_skip_frame = 10;
+  std::optional<double> lcm_guidance;  // --lcm-guidance W (LCM-distilled UNets)
 };
 
 enum class PipelineMode { Txt2Img, Img2Img, Either };
 
 // Adds --model, --taesd, --prompt, --negative-prompt, --t-index-list, --steps, --start-index (img2img / either),
 // --num-inference-steps, --cfg-type, --guidance, --delta, --seed, --size, --frame-buffer-size, --no-denoising-batch,
-// --no-add-noise, --similarity-filter and --max-skip-frame (img2img / either), and the common options.
+// --no-add-noise, --similarity-filter and --max-skip-frame (img2img / either), --lcm-guidance, and the common options.
 void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode);
 
 // "32,45" -> {32, 45}; InvalidArgument naming the bad item.

@@ -23,8 +23,16 @@ namespace sd {
 
 namespace {
 void check_arch(const std::string& arch) {
-  if (arch != "sd-turbo" && arch != "sd15")
-    throw InvalidArgument("unknown architecture '" + arch + "' (expected sd-turbo or sd15)");
+  if (arch != "sd-turbo" && arch != "sd15" && arch != "bk-sdm-tiny" && arch != "sdxs-512")
+    throw InvalidArgument("unknown architecture '" + arch + "' (expected sd-turbo, sd15, bk-sdm-tiny or sdxs-512)");
+}
+
+// The base family of a distilled UNet: its text encoder and VAE are the base model's (BK-SDM-Tiny: SD 1.4;
+// SDXS-512-0.9: SD 2.1 base, whose text encoder and VAE are sd-turbo's).
+std::string family_of(const std::string& arch) {
+  if (arch == "bk-sdm-tiny") return "sd15";
+  if (arch == "sdxs-512") return "sd-turbo";
+  return arch;
 }
 
 bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
@@ -46,6 +54,22 @@ uint64_t save_module(torch::nn::Module& m, const fs::path& file, torch::ScalarTy
 
 json real_unet_config(const std::string& arch) {
   check_arch(arch);
+  if (arch == "bk-sdm-tiny" || arch == "sdxs-512") {
+    // nota-ai/bk-sdm-tiny: SD 1.4's UNet without the mid block, the innermost stage (down_blocks.3 / up_blocks.0) and
+    // one resnet (+ attention) per remaining stage. IDKiro/sdxs-512-0.9: the same layout on SD 2.1 base (1024-d
+    // text, linear projections, heads [5, 10, 20]) with only cross-attention in the highest-resolution
+    // transformers. 323,384,964 and 328,177,284 parameters.
+    const bool sdxs = arch == "sdxs-512";
+    json c = real_unet_config(sdxs ? "sd-turbo" : "sd15");
+    c["attention_head_dim"] = sdxs ? json::array({5, 10, 20}) : json(8);
+    c["block_out_channels"] = {320, 640, 1280};
+    c["down_block_types"] = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
+    c["up_block_types"] = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
+    c["layers_per_block"] = 1;
+    c["mid_block_type"] = nullptr;
+    c["only_cross_attention"] = sdxs ? json::array({true, false, false}) : json(false);
+    return c;
+  }
   const bool turbo = arch == "sd-turbo";
   return json{
       {"_class_name", "UNet2DConditionModel"},
@@ -76,7 +100,7 @@ json real_unet_config(const std::string& arch) {
 }
 
 json real_vae_config(const std::string& arch) {
-  check_arch(arch);
+  check_arch(arch);  // the same AutoencoderKL for every family; sd-turbo's config says 768 px, the others 512
   return json{
       {"_class_name", "AutoencoderKL"},
       {"_diffusers_version", "0.24.0"},
@@ -96,7 +120,7 @@ json real_vae_config(const std::string& arch) {
 
 json real_text_encoder_config(const std::string& arch) {
   check_arch(arch);
-  const bool turbo = arch == "sd-turbo";
+  const bool turbo = family_of(arch) == "sd-turbo";
   return json{
       {"architectures", {"CLIPTextModel"}},
       {"attention_dropout", 0.0},

@@ -1,5 +1,5 @@
 #pragma once
-// Full-size models with random weights in the real architectures (sd-turbo / SD 1.5): no real weights can be
+// Full-size models with random weights in the real architectures (sd-turbo / SD 1.5 / BK-SDM-Tiny / SDXS-512-0.9): no real weights can be
 // downloaded here, and speed depends only on the architecture, so benchmarks and size tests run on these.
 #include <cstdint>
 #include <string>
@@ -14,7 +14,7 @@ class Module;
 namespace sd {
 
 struct RandomModelOptions {
-  std::string arch = "sd-turbo";  // "sd-turbo" | "sd15"
+  std::string arch = "sd-turbo";  // "sd-turbo" | "sd15" | "bk-sdm-tiny" | "sdxs-512"
   std::string out_dir;
   std::string tokenizer_dir;  // a CLIP tokenizer folder to copy (vocab.json, merges.txt, *config.json)
   uint64_t seed = 0;
@@ -27,7 +27,8 @@ struct RandomModelReport {
   uint64_t bytes_written = 0;
 };
 
-// The component configs of a real architecture, as diffusers / transformers write them.
+// The component configs of a real architecture, as diffusers / transformers write them. The distilled UNets
+// (bk-sdm-tiny, sdxs-512) come with their base model's text encoder and VAE (SD 1.x / SD 2.1 base).
 nlohmann::json real_unet_config(const std::string& arch);
 nlohmann::json real_vae_config(const std::string& arch);
 nlohmann::json real_text_encoder_config(const std::string& arch);

@@ -31,7 +31,9 @@ FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {
 torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) { return out(geglu(x)); }
 
 BasicTransformerBlockImpl::BasicTransformerBlockImpl(int64_t dim, int64_t heads, int64_t dim_head,
-                                                     int64_t cross_attention_dim, bool upcast_attention) {
+                                                     int64_t cross_attention_dim, bool upcast_attention,
+                                                     bool only_cross_attention_)
+    : only_cross_attention(only_cross_attention_) {
   AttentionOptions self_opts;
   self_opts.query_dim = dim;
   self_opts.heads = heads;
@@ -42,7 +44,7 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(int64_t dim, int64_t heads,
   cross_opts.cross_attention_dim = cross_attention_dim;
 
   norm1 = register_module("norm1", sd::nn::LayerNorm(dim, 1e-5));
-  attn1 = register_module("attn1", Attention(self_opts));
+  attn1 = register_module("attn1", Attention(only_cross_attention ? cross_opts : self_opts));
   norm2 = register_module("norm2", sd::nn::LayerNorm(dim, 1e-5));
   attn2 = register_module("attn2", Attention(cross_opts));
   norm3 = register_module("norm3", sd::nn::LayerNorm(dim, 1e-5));
@@ -50,7 +52,7 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(int64_t dim, int64_t heads,
 }
 
 torch::Tensor BasicTransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
-  auto h = attn1(norm1(x)) + x;
+  auto h = attn1(norm1(x), only_cross_attention ? context : torch::Tensor()) + x;
   h = attn2(norm2(h), context) + h;
   return ff(norm3(h)) + h;
 }
@@ -66,7 +68,8 @@ Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DOptions& o) : 
     proj_in_conv = register_module("proj_in", sd::nn::Conv2d(o.in_channels, inner, 1));
   transformer_blocks = register_module("transformer_blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < o.num_layers; ++i) {
-    blocks.emplace_back(inner, o.heads, o.dim_head, o.cross_attention_dim, o.upcast_attention);
+    blocks.emplace_back(inner, o.heads, o.dim_head, o.cross_attention_dim, o.upcast_attention,
+                        o.only_cross_attention);
     transformer_blocks->push_back(blocks.back());
   }
   if (o.use_linear_projection)

@@ -29,12 +29,15 @@ TORCH_MODULE(FeedForward);
 
 // diffusers BasicTransformerBlock (norm_type "layer_norm", no ada-norm, no gligen):
 //   x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)).
+// only_cross_attention: attn1 is a cross-attention too (to_k/to_v take cross_attention_dim inputs) and attends to
+// the context, so the block has two cross-attentions and no self-attention (SDXS-512-0.9's highest level).
 class BasicTransformerBlockImpl : public torch::nn::Module {
  public:
   BasicTransformerBlockImpl(int64_t dim, int64_t heads, int64_t dim_head, int64_t cross_attention_dim,
-                            bool upcast_attention);
+                            bool upcast_attention, bool only_cross_attention = false);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context);  // x [B, N, dim], ctx [B, M, D]
 
+  bool only_cross_attention = false;
   sd::nn::LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
   Attention attn1{nullptr}, attn2{nullptr};
   FeedForward ff{nullptr};
@@ -50,6 +53,7 @@ struct Transformer2DOptions {
   int64_t cross_attention_dim = 0;
   bool use_linear_projection = false;
   bool upcast_attention = false;
+  bool only_cross_attention = false;
 };
 
 class Transformer2DModelImpl : public torch::nn::Module {

@@ -17,6 +17,7 @@ Transformer2DOptions transformer_options(const UNetBlockOptions& o, int64_t chan
   t.cross_attention_dim = o.cross_attention_dim;
   t.use_linear_projection = o.use_linear_projection;
   t.upcast_attention = o.upcast_attention;
+  t.only_cross_attention = o.only_cross_attention;
   return t;
 }
 

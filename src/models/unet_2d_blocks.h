@@ -25,6 +25,7 @@ struct UNetBlockOptions {
   bool use_linear_projection = false;
   bool upcast_attention = false;
   int64_t transformer_layers = 1;
+  bool only_cross_attention = false;  // attn1 of every transformer block attends to the context too
 };
 
 Transformer2DOptions transformer_options(const UNetBlockOptions& o, int64_t channels);

@@ -46,11 +46,12 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
 
   // Features of UNet2DConditionModel this implementation does not have: present and non-null -> error.
   for (const char* key : {"addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim",
-                          "encoder_hid_dim_type", "time_cond_proj_dim", "time_embedding_act_fn", "timestep_post_act",
+                          "encoder_hid_dim_type", "time_embedding_act_fn", "timestep_post_act",
                           "reverse_transformer_layers_per_block"})
     r.require_unsupported_absent(key);
   // Only used by block types / embeddings rejected above or below (Simple* blocks, text_time / projection class
-  // embeddings), so they have no effect on a supported model; dropout is an inference no-op.
+  // embeddings; mid_block_only_cross_attention only reaches UNetMidBlock2DSimpleCrossAttn), so they have no effect
+  // on a supported model; dropout is an inference no-op.
   for (const char* key : {"addition_time_embed_dim", "addition_embed_type_num_heads",
                           "projection_class_embeddings_input_dim", "class_embeddings_concat",
                           "mid_block_only_cross_attention", "cross_attention_norm", "resnet_skip_time_act",
@@ -62,23 +63,6 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
   require_string(r, j, "time_embedding_type", "positional", {"positional"});
   require_string(r, j, "attention_type", "default", {"default"});
   if (r.get_bool("dual_cross_attention", false)) unsupported(file, "dual_cross_attention", j.at("dual_cross_attention"), "false");
-
-  // only_cross_attention: a bool or a list of bools; only all-false is supported.
-  r.ignore("only_cross_attention");
-  if (auto it = j.find("only_cross_attention"); it != j.end() && !it->is_null()) {
-    bool any = false;
-    if (it->is_boolean()) {
-      any = it->get<bool>();
-    } else if (it->is_array()) {
-      for (const auto& e : *it) {
-        if (!e.is_boolean()) r.fail("only_cross_attention", "a boolean or a list of booleans");
-        any = any || e.get<bool>();
-      }
-    } else {
-      r.fail("only_cross_attention", "a boolean or a list of booleans");
-    }
-    if (any) unsupported(file, "only_cross_attention", *it, "false");
-  }
 
   c.in_channels = r.get_int64("in_channels", c.in_channels);
   c.out_channels = r.get_int64("out_channels", c.out_channels);
@@ -103,7 +87,6 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
     c.mid_block_type = require_string(r, j, "mid_block_type", c.mid_block_type, {"UNetMidBlock2DCrossAttn"});
   }
   c.block_out_channels = to64(r.get_int_list("block_out_channels", {320, 640, 1280, 1280}));
-  c.layers_per_block = r.get_int64("layers_per_block", c.layers_per_block);
   c.downsample_padding = r.get_int64("downsample_padding", c.downsample_padding);
   c.mid_block_scale_factor = r.get_double("mid_block_scale_factor", c.mid_block_scale_factor);
   if (!r.has("norm_num_groups") && j.contains("norm_num_groups"))
@@ -113,6 +96,9 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
   c.use_linear_projection = r.get_bool("use_linear_projection", c.use_linear_projection);
   c.upcast_attention = r.get_bool("upcast_attention", c.upcast_attention);
   c.time_embedding_dim = r.get_int64("time_embedding_dim", 0);
+  c.time_cond_proj_dim = r.get_int64("time_cond_proj_dim", 0);
+  if (r.has("time_cond_proj_dim") && c.time_cond_proj_dim <= 0)
+    r.fail("time_cond_proj_dim", "a positive integer or null");
   c.conv_in_kernel = r.get_int64("conv_in_kernel", c.conv_in_kernel);
   c.conv_out_kernel = r.get_int64("conv_out_kernel", c.conv_out_kernel);
 
@@ -125,9 +111,30 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
     c.num_attention_heads = to64(r.get_int_or_list("num_attention_heads", 8, n));
   else
     c.num_attention_heads = head_dim_field;
-  const auto tlpb = r.get_int_or_list("transformer_layers_per_block", 1, n);
-  for (int v : tlpb)
-    if (v != 1) unsupported(file, "transformer_layers_per_block", j.at("transformer_layers_per_block"), "1");
+  // Per-block lists (an int is broadcast). Nested transformer_layers_per_block lists (one count per layer) are only
+  // valid with reverse_transformer_layers_per_block in diffusers, which is rejected above.
+  c.layers_per_block = to64(r.get_int_or_list("layers_per_block", 2, n));
+  c.transformer_layers_per_block = to64(r.get_int_or_list("transformer_layers_per_block", 1, n));
+  // only_cross_attention: a bool (broadcast) or one bool per down block.
+  c.only_cross_attention.assign(n, false);
+  if (r.has("only_cross_attention")) {
+    const auto& v = j.at("only_cross_attention");
+    const std::string expected = "a boolean or a list of " + std::to_string(n) + " booleans";
+    r.ignore("only_cross_attention");
+    if (v.is_boolean()) {
+      c.only_cross_attention.assign(n, v.get<bool>());
+    } else if (v.is_array()) {
+      if (v.size() != n) r.fail("only_cross_attention", expected);
+      for (size_t i = 0; i < n; ++i) {
+        if (!v[i].is_boolean()) r.fail("only_cross_attention", expected);
+        c.only_cross_attention[i] = v[i].get<bool>();
+      }
+    } else {
+      r.fail("only_cross_attention", expected);
+    }
+  } else {
+    r.ignore("only_cross_attention");
+  }
 
   r.log_unknown();
   c.validate(file);
@@ -144,10 +151,20 @@ void UNet2DConditionConfig::validate(const std::string& file) const {
   if (block_out_channels.size() != n)
     bad("block_out_channels has " + std::to_string(block_out_channels.size()) + " entries, down_block_types " +
         std::to_string(n));
-  if (cross_attention_dim.size() != n || num_attention_heads.size() != n)
-    bad("cross_attention_dim / attention heads must have one entry per down block");
+  if (cross_attention_dim.size() != n || num_attention_heads.size() != n || layers_per_block.size() != n ||
+      transformer_layers_per_block.size() != n || only_cross_attention.size() != n)
+    bad("cross_attention_dim, attention heads, layers_per_block, transformer_layers_per_block and "
+        "only_cross_attention must have one entry per down block (" + std::to_string(n) + ")");
   if (in_channels <= 0 || out_channels <= 0) bad("in_channels and out_channels must be positive");
-  if (layers_per_block <= 0) bad("field 'layers_per_block' must be positive");
+  for (size_t i = 0; i < n; ++i) {
+    if (layers_per_block[i] <= 0)
+      bad("field 'layers_per_block' must be positive (block " + std::to_string(i) + ": " +
+          std::to_string(layers_per_block[i]) + ")");
+    if (transformer_layers_per_block[i] <= 0)
+      bad("field 'transformer_layers_per_block' must be positive (block " + std::to_string(i) + ": " +
+          std::to_string(transformer_layers_per_block[i]) + ")");
+  }
+  if (time_cond_proj_dim < 0) bad("field 'time_cond_proj_dim' must be positive");
   if (norm_num_groups <= 0) bad("field 'norm_num_groups' must be positive");
   if (conv_in_kernel <= 0 || conv_in_kernel % 2 == 0) bad("field 'conv_in_kernel' must be a positive odd number");
   if (conv_out_kernel <= 0 || conv_out_kernel % 2 == 0) bad("field 'conv_out_kernel' must be a positive odd number");
@@ -173,7 +190,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
 
   conv_in = register_module("conv_in",
                             sd::nn::Conv2d(c.in_channels, ch[0], c.conv_in_kernel, 1, (c.conv_in_kernel - 1) / 2));
-  time_embedding = register_module("time_embedding", TimestepEmbedding(ch[0], temb));
+  time_embedding = register_module("time_embedding", TimestepEmbedding(ch[0], temb, c.time_cond_proj_dim));
 
   UNetBlockOptions base;
   base.temb_channels = temb;
@@ -191,7 +208,10 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
     o.cross_attention = is_cross_down(c.down_block_types[i]);
     o.heads = c.num_attention_heads[i];
     o.cross_attention_dim = c.cross_attention_dim[i];
-    down_list.emplace_back(in_ch, out_ch, c.layers_per_block, /*add_downsample=*/i < n - 1, c.downsample_padding, o);
+    o.transformer_layers = c.transformer_layers_per_block[i];
+    o.only_cross_attention = c.only_cross_attention[i];
+    down_list.emplace_back(in_ch, out_ch, c.layers_per_block[i], /*add_downsample=*/i < n - 1, c.downsample_padding,
+                           o);
     down_blocks->push_back(down_list.back());
   }
 
@@ -200,6 +220,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
     o.cross_attention = true;
     o.heads = c.num_attention_heads.back();
     o.cross_attention_dim = c.cross_attention_dim.back();
+    o.transformer_layers = c.transformer_layers_per_block.back();
     o.output_scale_factor = c.mid_block_scale_factor;
     mid_block = register_module("mid_block", UNetMidBlock2DCrossAttn(ch.back(), 1, o));
   }
@@ -207,7 +228,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   auto up_blocks = register_module("up_blocks", torch::nn::ModuleList());
   out_ch = ch[n - 1];
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t rev = n - 1 - i;  // reversed lists: channels, heads, cross_attention_dim
+    const int64_t rev = n - 1 - i;  // reversed lists: channels, heads, cross_attention_dim, layers, only_cross
     const int64_t prev_out = out_ch;
     out_ch = ch[rev];
     const int64_t in_ch = ch[std::max<int64_t>(rev - 1, 0)];
@@ -217,7 +238,9 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
     o.cross_attention = is_cross_up(c.up_block_types[i]);
     o.heads = c.num_attention_heads[rev];
     o.cross_attention_dim = c.cross_attention_dim[rev];
-    up_list.emplace_back(in_ch, prev_out, out_ch, c.layers_per_block + 1, add_upsample, o);
+    o.transformer_layers = c.transformer_layers_per_block[rev];
+    o.only_cross_attention = c.only_cross_attention[rev];
+    up_list.emplace_back(in_ch, prev_out, out_ch, c.layers_per_block[rev] + 1, add_upsample, o);
     up_blocks->push_back(up_list.back());
   }
 
@@ -227,7 +250,8 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
 }
 
 torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                                                const torch::Tensor& encoder_hidden_states) {
+                                                const torch::Tensor& encoder_hidden_states,
+                                                const torch::Tensor& timestep_cond) {
   const auto& c = config_;
   if (sample.dim() != 4 || sample.size(1) != c.in_channels)
     throw InvalidArgument("UNet: sample must be [B, " + std::to_string(c.in_channels) + ", h, w], got " +
@@ -255,7 +279,10 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
   auto x = c.center_input_sample ? sample * 2.0 - 1.0 : sample;
   // Sinusoidal embedding in fp32, then the model dtype (as diffusers casts t_emb to sample.dtype).
   auto t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(x.scalar_type());
-  auto emb = time_embedding(t_emb);  // [B, temb]
+  if (timestep_cond.defined() && c.time_cond_proj_dim == 0)
+    throw InvalidArgument("UNet: timestep_cond was given but this UNet has no time_cond_proj_dim (it is not an "
+                          "LCM-distilled UNet with a guidance embedding)");
+  auto emb = time_embedding(t_emb, timestep_cond);  // [B, temb]
 
   x = conv_in(x);
   std::vector<torch::Tensor> skips{x};

@@ -1,7 +1,10 @@
 #pragma once
-// diffusers UNet2DConditionModel (0.24) for SD 1.x / 2.x / sd-turbo configs: positional timestep embedding,
-// conv_in, CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D / CrossAttnUpBlock2D with skip
-// connections, conv_norm_out + SiLU, conv_out. Registered names are exactly diffusers' state-dict keys.
+// diffusers UNet2DConditionModel (0.24) for SD 1.x / 2.x / sd-turbo configs and the distilled / small variants
+// built from the same blocks (BK-SDM, SDXS, LCM-distilled): positional timestep embedding (+ the optional
+// guidance-embedding projection cond_proj), conv_in, CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn or
+// no mid block, UpBlock2D / CrossAttnUpBlock2D with skip connections, conv_norm_out + SiLU, conv_out. Per-block
+// lists (layers, transformer layers, heads, only_cross_attention) follow diffusers: the up path uses them reversed,
+// the mid block the last entry. Registered names are exactly diffusers' state-dict keys.
 #include <string>
 #include <vector>
 
@@ -25,7 +28,12 @@ struct UNet2DConditionConfig {
   std::vector<std::string> up_block_types = {"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                                              "CrossAttnUpBlock2D"};
   std::vector<int64_t> block_out_channels = {320, 640, 1280, 1280};
-  int64_t layers_per_block = 2;
+  // Resnets per down block (up block i has reversed(layers_per_block)[i] + 1).
+  std::vector<int64_t> layers_per_block = {2, 2, 2, 2};
+  // Transformer blocks per Transformer2DModel of each down block (up path reversed, mid block the last entry).
+  std::vector<int64_t> transformer_layers_per_block = {1, 1, 1, 1};
+  // Per down block (up path reversed): attn1 attends to the text too (no self-attention). Not in the mid block.
+  std::vector<bool> only_cross_attention = {false, false, false, false};
   int64_t downsample_padding = 1;
   double mid_block_scale_factor = 1.0;
   int64_t norm_num_groups = 32;
@@ -38,6 +46,7 @@ struct UNet2DConditionConfig {
   bool use_linear_projection = false;
   bool upcast_attention = false;
   int64_t time_embedding_dim = 0;  // 0: 4 * block_out_channels[0]
+  int64_t time_cond_proj_dim = 0;  // > 0: time_embedding.cond_proj for the guidance embedding (LCM-distilled UNets)
   int64_t conv_in_kernel = 3;
   int64_t conv_out_kernel = 3;
 
@@ -53,8 +62,10 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   explicit UNet2DConditionModelImpl(const UNet2DConditionConfig& config);
   // sample [B, in, h, w]; timesteps [B] or [1] or 0-d (int64 or float; broadcast to B);
   // encoder_hidden_states [B, L, cross_attention_dim] -> noise prediction [B, out, h, w] in sample's dtype.
+  // timestep_cond [B or 1, time_cond_proj_dim] (get_guidance_scale_embedding of guidance_scale - 1): only for
+  // UNets with time_cond_proj_dim (else InvalidArgument); undefined = the cond term is skipped, as in diffusers.
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                        const torch::Tensor& encoder_hidden_states);
+                        const torch::Tensor& encoder_hidden_states, const torch::Tensor& timestep_cond = {});
   const UNet2DConditionConfig& config() const { return config_; }
 
   sd::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};

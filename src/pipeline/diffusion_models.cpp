@@ -13,12 +13,16 @@
 #include "models/autoencoder_kl.h"
 #include "models/autoencoder_tiny.h"
 #include "models/clip_text_model.h"
+#include "models/embeddings.h"
 #include "models/unet_2d_condition.h"
 #include "tokenizer/clip_tokenizer.h"
 
 namespace sd {
 
 namespace {
+
+// diffusers' LatentConsistencyModelPipeline.__call__ default guidance_scale.
+constexpr double kLcmPipelineDefaultGuidance = 8.5;
 
 // A diffusers StableDiffusionPipeline folder's models. With TAESD, the AutoencoderKL weights are not loaded (TAESD
 // replaces it, as in StreamDiffusionWrapper); only its config is read for the VAE scale factor.
@@ -33,6 +37,16 @@ class StableDiffusionModels : public DiffusionModels {
     tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(folder.component_dir("tokenizer")));
     text_encoder_ = load_clip_text_model(folder.component_dir("text_encoder"), dtype_, device_);
     unet_ = load_unet(folder.component_dir("unet"), dtype_, device_);
+    if (const int64_t d = unet_->config().time_cond_proj_dim; d > 0) {
+      lcm_guidance_ = opt.lcm_guidance.value_or(kLcmPipelineDefaultGuidance);
+      if (!std::isfinite(lcm_guidance_)) throw InvalidArgument("LCM guidance scale must be finite");
+      // diffusers: w = torch.tensor(guidance_scale - 1) (float32), embedded in float32, cast to the latents' dtype.
+      timestep_cond_ = get_guidance_scale_embedding(torch::tensor({static_cast<float>(lcm_guidance_ - 1.0)}), d)
+                           .to(device_, dtype_);
+    } else if (opt.lcm_guidance) {
+      throw InvalidArgument("LCM guidance (--lcm-guidance) was given but the UNet of " + dir_ +
+                            " has no time_cond_proj_dim: only LCM-distilled UNets take a guidance embedding");
+    }
 
     const std::string vae_dir = folder.component_dir("vae");
     const std::string vae_config_path = folder.config_path("vae");
@@ -69,7 +83,7 @@ class StableDiffusionModels : public DiffusionModels {
   torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& timesteps,
                      const torch::Tensor& encoder_hidden_states) const override {
     torch::NoGradGuard no_grad;
-    return unet_.ptr()->forward(sample, timesteps, encoder_hidden_states);
+    return unet_.ptr()->forward(sample, timesteps, encoder_hidden_states, timestep_cond_);
   }
 
   torch::Tensor encode_image(const torch::Tensor& image, Rng& rng) const override {
@@ -97,7 +111,9 @@ class StableDiffusionModels : public DiffusionModels {
     std::ostringstream o;
     o << dir_ << " (text " << text_hidden_ << "-d, autoencoder "
       << (taesd_ ? "TAESD " + taesd_path_ : std::string("AutoencoderKL")) << ", " << dtype_name(dtype_) << ", "
-      << device_ << ")";
+      << device_;
+    if (timestep_cond_.defined()) o << ", LCM guidance " << lcm_guidance_;
+    o << ")";
     return o.str();
   }
 
@@ -109,6 +125,8 @@ class StableDiffusionModels : public DiffusionModels {
   std::unique_ptr<ClipTokenizer> tokenizer_;
   CLIPTextModel text_encoder_{nullptr};
   UNet2DConditionModel unet_{nullptr};
+  double lcm_guidance_ = 0;
+  torch::Tensor timestep_cond_;  // [1, time_cond_proj_dim] for LCM-distilled UNets, else undefined
   AutoencoderKLConfig vae_config_;
   AutoencoderKL vae_{nullptr};
   AutoencoderTiny taesd_{nullptr};

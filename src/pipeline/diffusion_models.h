@@ -5,7 +5,9 @@
 // Contract (spec §1, §7.2):
 //  * encode_prompt(text)          -> [1, 77, D] last hidden state of the text encoder (tokenised with the model's
 //                                    own tokenizer), in dtype() on device().
-//  * unet(sample, t, ehs)         -> ε̂ [B, C, h, w]; sample [B, C, h, w], t [B] int64, ehs [B, 77, D].
+//  * unet(sample, t, ehs)         -> ε̂ [B, C, h, w]; sample [B, C, h, w], t [B] int64, ehs [B, 77, D]. An
+//                                    LCM-distilled UNet (time_cond_proj_dim) also gets the guidance embedding of
+//                                    LoadOptions::lcm_guidance on every call (the model set holds it).
 //  * encode_image(x, rng)         -> latent [B, C, h, w] already multiplied by the VAE scaling factor; x is an image
 //                                    batch in [-1, 1]. AutoencoderKL samples its posterior with ONE rng.randn draw of
 //                                    the latent's shape per call; TAESD is deterministic and draws nothing.
@@ -51,6 +53,10 @@ struct LoadOptions {
   int threads = 0;  // 0 = all cores; < 0 = leave libtorch's setting alone
   // TAESD folder; "none" = use the AutoencoderKL; empty = <model>/taesd when present, else the AutoencoderKL.
   std::string taesd;
+  // Guidance scale W of LCM-distilled UNets (config time_cond_proj_dim, e.g. LCM-Dreamshaper): every UNet call gets
+  // timestep_cond = get_guidance_scale_embedding(W - 1), as diffusers' LatentConsistencyModelPipeline does. Unset:
+  // that pipeline's default 8.5. Given for a UNet without time_cond_proj_dim: InvalidArgument.
+  std::optional<double> lcm_guidance;
 };
 
 // Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config of a diffusers

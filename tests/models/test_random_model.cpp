@@ -21,12 +21,17 @@ TEST(RandomModel, RealArchitecturesHaveThePublishedParameterCounts) {
   };
   EXPECT_EQ(unet("sd-turbo"), 865910724);
   EXPECT_EQ(unet("sd15"), 859520964);
+  // The distilled UNets (nota-ai/bk-sdm-tiny, IDKiro/sdxs-512-0.9): built in memory, no weights written.
+  EXPECT_EQ(unet("bk-sdm-tiny"), 323384964);
+  EXPECT_EQ(unet("sdxs-512"), 328177284);
   auto text = [](const std::string& arch) {
     return sd::count_parameters(
         *sd::CLIPTextModel(sd::CLIPTextConfig::from_json(sd::real_text_encoder_config(arch), "te")));
   };
   EXPECT_EQ(text("sd-turbo"), 340387840);
   EXPECT_EQ(text("sd15"), 123060480);
+  EXPECT_EQ(text("bk-sdm-tiny"), 123060480);  // SD 1.4's CLIP ViT-L/14
+  EXPECT_EQ(text("sdxs-512"), 340387840);     // SD 2.1 base's OpenCLIP ViT-H/14
   EXPECT_EQ(sd::count_parameters(
                 *sd::AutoencoderKL(sd::AutoencoderKLConfig::from_json(sd::real_vae_config("sd-turbo"), "vae"))),
             83653863);

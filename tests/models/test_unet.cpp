@@ -140,7 +140,10 @@ void expect_config_error(const nlohmann::json& j, const std::vector<std::string>
 TEST(UNetConfig, DiffusersDefaults) {
   auto c = config_of(nlohmann::json::object());
   EXPECT_EQ(c.block_out_channels, (std::vector<int64_t>{320, 640, 1280, 1280}));
-  EXPECT_EQ(c.layers_per_block, 2);
+  EXPECT_EQ(c.layers_per_block, (std::vector<int64_t>{2, 2, 2, 2}));
+  EXPECT_EQ(c.transformer_layers_per_block, (std::vector<int64_t>{1, 1, 1, 1}));
+  EXPECT_EQ(c.only_cross_attention, (std::vector<bool>{false, false, false, false}));
+  EXPECT_EQ(c.time_cond_proj_dim, 0);
   EXPECT_EQ(c.num_attention_heads, (std::vector<int64_t>{8, 8, 8, 8}));
   EXPECT_EQ(c.cross_attention_dim, (std::vector<int64_t>{1280, 1280, 1280, 1280}));
   EXPECT_EQ(c.norm_num_groups, 32);
@@ -186,16 +189,11 @@ TEST(UNetConfig, UnsupportedFieldsAreNamed) {
       {"num_class_embeds", 10},
       {"encoder_hid_dim", 768},
       {"encoder_hid_dim_type", "text_proj"},
-      {"time_cond_proj_dim", 256},
       {"time_embedding_act_fn", "silu"},
       {"timestep_post_act", "silu"},
       {"resnet_time_scale_shift", "scale_shift"},
       {"mid_block_type", "UNetMidBlock2DSimpleCrossAttn"},
-      {"transformer_layers_per_block", 2},
-      {"transformer_layers_per_block", {1, 2}},
       {"dual_cross_attention", true},
-      {"only_cross_attention", true},
-      {"only_cross_attention", {false, true}},
       {"time_embedding_type", "fourier"},
       {"act_fn", "gelu"},
       {"attention_type", "gated"},
@@ -215,6 +213,7 @@ TEST(UNetConfig, UnsupportedFieldsAreNamed) {
   j["only_cross_attention"] = {false, false};
   j["transformer_layers_per_block"] = 1;
   j["resnet_time_scale_shift"] = "default";
+  j["time_cond_proj_dim"] = nullptr;
   EXPECT_NO_THROW(config_of(j));
 }
 
@@ -231,6 +230,12 @@ TEST(UNetConfig, WrongTypesAndInconsistentShapesAreNamed) {
   expect_config_error(with("cross_attention_dim", "x"), {"'cross_attention_dim'"});
   expect_config_error(with("norm_eps", "small"), {"'norm_eps'", "a number"});
   expect_config_error(with("only_cross_attention", 3), {"'only_cross_attention'"});
+  expect_config_error(with("only_cross_attention", {true}), {"'only_cross_attention'", "list of 2 booleans"});
+  expect_config_error(with("layers_per_block", {1, 2, 3}), {"'layers_per_block'", "2 integers"});
+  expect_config_error(with("layers_per_block", {1, 0}), {"'layers_per_block' must be positive"});
+  expect_config_error(with("transformer_layers_per_block", {{1}, {1, 2}}), {"'transformer_layers_per_block'"});
+  expect_config_error(with("transformer_layers_per_block", 0), {"'transformer_layers_per_block' must be positive"});
+  expect_config_error(with("time_cond_proj_dim", 0), {"'time_cond_proj_dim'"});
   expect_config_error(with("block_out_channels", {32, 64, 128}), {"block_out_channels has 3 entries"});
   expect_config_error(with("up_block_types", {"UpBlock2D"}), {"up_block_types has 1 entries"});
   expect_config_error(with("norm_num_groups", 5), {"norm_num_groups"});

@@ -1,0 +1,88 @@
+// `--lcm-guidance W` end to end through the built CLI on the LCM-distilled fixture pipeline
+// (unet_variants/lcm-pipeline, time_cond_proj_dim 32): without the option the UNet gets diffusers'
+// LatentConsistencyModelPipeline default (8.5), another W changes the image, and a UNet without time_cond_proj_dim
+// refuses the option. (The numerics of the guidance path are pinned by LcmPipelineGolden.)
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include <gtest/gtest.h>
+
+#include "common/fixtures.h"
+
+namespace sd {
+namespace {
+
+namespace fs = std::filesystem;
+
+#if defined(SD_CLI_PATH)
+
+struct RunResult {
+  int status;
+  std::string output;
+};
+
+RunResult run(const std::string& args) {
+  const std::string cmd = std::string(SD_CLI_PATH) + " " + args + " 2>&1";
+  RunResult r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof(buf), p)) r.output.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+TEST(CliLcmGuidance, DefaultIsTheLcmPipelineDefaultAndWChangesTheImage) {
+  const std::string folder = "unet_variants/lcm-pipeline";
+  if (!test::fixture_exists(folder)) GTEST_SKIP() << folder << " not in the fixture root";
+  const std::string tmp = test::make_temp_dir("sd-cli-lcm");
+  const std::string base = "txt2img --model " + q(test::fixture_path(folder)) +
+                           " --taesd none --prompt 'a photo of a cat' --num-inference-steps 4 --t-index-list 0,1,2,3"
+                           " --no-denoising-batch --size 64x64 --threads 1 --seed 7";
+  auto out = [&](const std::string& extra, const std::string& name) {
+    const auto r = run(base + extra + " -o " + q(tmp + "/" + name));
+    EXPECT_EQ(r.status, 0) << r.output;
+    return std::make_pair(r.output, read_bytes(tmp + "/" + name));
+  };
+  const auto [log_default, img_default] = out("", "default.png");
+  const auto [log85, img85] = out(" --lcm-guidance 8.5", "w85.png");
+  const auto [log2, img2] = out(" --lcm-guidance 2", "w2.png");
+  ASSERT_FALSE(img_default.empty());
+  EXPECT_NE(log_default.find("LCM guidance 8.5"), std::string::npos) << log_default;
+  EXPECT_NE(log2.find("LCM guidance 2"), std::string::npos) << log2;
+  EXPECT_EQ(img_default, img85);
+  EXPECT_NE(img_default, img2);
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+}
+
+TEST(CliLcmGuidance, RefusedForAUNetWithoutTimeCondProj) {
+  if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "tiny-sd15 absent";
+  const std::string tmp = test::make_temp_dir("sd-cli-lcm");
+  const auto r = run("txt2img --model " + q(test::fixture_path("models/tiny-sd15")) +
+                     " --size 64x64 --threads 1 --lcm-guidance 8 -o " + q(tmp + "/x.png"));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("time_cond_proj_dim"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(tmp + "/x.png"));
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+}
+
+#else
+
+TEST(CliLcmGuidance, NotBuilt) { GTEST_SKIP() << "the CLI is not part of this build"; }
+
+#endif
+
+}  // namespace
+}  // namespace sd
