@@ -1,8 +1,10 @@
-// `streamdiffusion info --model DIR`: what a model folder holds, without loading the weights (headers only).
+// `streamdiffusion info --model DIR|FILE`: what a model folder or single-file checkpoint holds, without loading the
+// weights (headers only).
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -11,7 +13,13 @@
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/model_folder.h"
+#include "io/ldm_checkpoint.h"
 #include "io/safetensors.h"
+#include "io/state_dict.h"
+#include "models/autoencoder_kl.h"
+#include "models/clip_text_model.h"
+#include "models/unet_2d_condition.h"
+#include "pipeline/diffusion_models.h"
 
 namespace {
 
@@ -109,12 +117,156 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
   return out;
 }
 
+template <typename M>
+std::vector<std::string> module_keys(const M& m) {
+  std::vector<std::string> keys;
+  for (const auto& kv : sd::state_dict(*m)) keys.push_back(kv.first);
+  return keys;
+}
+
+// A single-file (LDM) checkpoint: family, dtypes, per-component parameter counts (of the tensors each component's
+// conversion table reads), what was inferred / assumed, and the keys nothing reads.
+nlohmann::json single_file_json(const std::string& path, const std::string& config_dir, const std::string& pred) {
+  sd::refuse_pickle(path);
+  const auto file = sd::SafeTensorsFile::open(path);
+  const auto info = sd::convert::inspect_ldm_checkpoint(file, pred);
+  auto config = [&](const std::string& sub, const char* name, const nlohmann::json& inferred, std::string& from) {
+    const std::string p = config_dir + "/" + sub + "/" + name;
+    if (!config_dir.empty() && sd::is_file(p)) {
+      from = p;
+      return sd::read_json_file(p);
+    }
+    from = "inferred from the weights + " + std::string(sd::convert::family_name(info.family)) + " defaults";
+    return inferred;
+  };
+  nlohmann::json out;
+  out["file"] = path;
+  out["bytes"] = file.file_size();
+  out["tensors"] = file.tensors().size();
+  out["layout"] = "original (LDM / CompVis)";
+  out["family"] = sd::convert::family_name(info.family);
+  out["dtypes"] = info.dtypes;
+  out["prediction_type"] = info.prediction_type;
+  out["prediction_type_note"] = info.prediction_type_note;
+  std::vector<sd::convert::LdmTable> tables;
+  nlohmann::json comps = nlohmann::json::array();
+  auto add = [&](const std::string& name, const std::string& cls, const nlohmann::json& cfg, const std::string& from,
+                 sd::convert::LdmTable table) {
+    std::set<std::string> seen;
+    int64_t params = 0;
+    std::vector<std::string> missing;
+    for (const auto& e : table) {
+      if (!file.contains(e.ldm)) {
+        missing.push_back(e.ldm);
+        continue;
+      }
+      if (seen.insert(e.ldm).second) params += static_cast<int64_t>(file.info(e.ldm).numel());
+    }
+    nlohmann::json c = {{"name", name}, {"class", cls}, {"parameters", params}, {"tensors", seen.size()},
+                        {"config_from", from}};
+    nlohmann::json brief = nlohmann::json::object();
+    if (auto f = brief_fields().find(name); f != brief_fields().end())
+      for (const auto& k : f->second)
+        if (cfg.contains(k)) brief[k] = cfg[k];
+    c["config"] = brief;
+    if (!missing.empty()) c["missing"] = missing;
+    comps.push_back(c);
+    tables.push_back(std::move(table));
+  };
+  std::string from;
+  const auto ucfg = config("unet", "config.json", info.unet_config, from);
+  add("unet", "UNet2DConditionModel", ucfg, from,
+      sd::convert::unet_ldm_table(module_keys(sd::UNet2DConditionModel(sd::UNet2DConditionConfig::from_json(ucfg, from)))));
+  if (info.has_text_encoder) {
+    const auto tcfg = config("text_encoder", "config.json", info.text_encoder_config, from);
+    add("text_encoder",
+        info.text_layout == sd::convert::TextEncoderLayout::HfClip ? "CLIPTextModel (HF CLIP names)"
+                                                                   : "CLIPTextModel (from OpenCLIP, fused in_proj)",
+        tcfg, from,
+        sd::convert::text_encoder_ldm_table(module_keys(sd::CLIPTextModel(sd::CLIPTextConfig::from_json(tcfg, from))),
+                                            info.text_layout));
+  }
+  if (info.has_vae) {
+    const auto vcfg = config("vae", "config.json", info.vae_config, from);
+    add("vae", "AutoencoderKL", vcfg, from,
+        sd::convert::vae_ldm_table(module_keys(sd::AutoencoderKL(sd::AutoencoderKLConfig::from_json(vcfg, from)))));
+  }
+  out["components"] = comps;
+  std::vector<const sd::convert::LdmTable*> ptrs;
+  for (const auto& t : tables) ptrs.push_back(&t);
+  const auto unused = sd::convert::unused_ldm_keys(file, ptrs);
+  out["unused_known"] = unused.known;
+  out["unused_unknown"] = unused.unknown;
+  if (!info.has_text_encoder) out["note_text_encoder"] = "no text encoder in this file";
+  if (!info.has_vae) out["note_vae"] = "no VAE (first_stage_model.*): give --vae or --taesd to run it";
+  return out;
+}
+
+int print_single_file(const nlohmann::json& r) {
+  std::cout << r["file"].get<std::string>() << ": single-file checkpoint, " << r["layout"].get<std::string>() << ", "
+            << r["family"].get<std::string>() << ", " << human_bytes(r["bytes"].get<uint64_t>()) << ", "
+            << r["tensors"].get<size_t>() << " tensors, dtype";
+  for (auto it = r["dtypes"].begin(); it != r["dtypes"].end(); ++it) std::cout << " " << it.key();
+  std::cout << "
+  prediction_type " << r["prediction_type"].get<std::string>() << " ("
+            << r["prediction_type_note"].get<std::string>() << ")
+";
+  int64_t total = 0;
+  for (const auto& c : r["components"]) {
+    total += c["parameters"].get<int64_t>();
+    std::cout << "  " << std::left << std::setw(13) << c["name"].get<std::string>() << c["class"].get<std::string>()
+              << "  " << c["parameters"].get<int64_t>() << " params, " << c["tensors"].get<size_t>()
+              << " tensors; config " << c["config_from"].get<std::string>() << "
+";
+    if (c.contains("missing"))
+      std::cout << "      MISSING " << c["missing"].size() << " tensors, first " << c["missing"][0].get<std::string>()
+                << "
+";
+    for (auto it = c["config"].begin(); it != c["config"].end(); ++it)
+      std::cout << "      " << it.key() << " = " << it.value().dump() << "
+";
+  }
+  for (const char* k : {"note_text_encoder", "note_vae"})
+    if (r.contains(k)) std::cout << "  " << r[k].get<std::string>() << "
+";
+  std::cout << "  total parameters: " << total << "
+";
+  const auto& known = r["unused_known"];
+  const auto& unknown = r["unused_unknown"];
+  std::cout << "  unused keys: " << known.size() + unknown.size() << " (" << known.size()
+            << " that SD does not use: DDPM buffers, position_ids, OpenCLIP projection / last layer, EMA)";
+  if (!unknown.empty()) {
+    std::cout << "; " << unknown.size() << " unknown:";
+    for (size_t i = 0; i < std::min<size_t>(unknown.size(), 20); ++i) std::cout << "
+      " << unknown[i].get<std::string>();
+    if (unknown.size() > 20) std::cout << "
+      ... and " << unknown.size() - 20 << " more";
+  }
+  std::cout << "
+";
+  return 0;
+}
+
 sd::cli::Runner setup_info(CLI::App& app) {
   auto model = std::make_shared<std::string>();
   auto as_json = std::make_shared<bool>(false);
-  app.add_option("--model", *model, "diffusers Stable Diffusion pipeline folder")->required();
+  auto config = std::make_shared<std::string>();
+  auto pred = std::make_shared<std::string>();
+  app.add_option("--model", *model, "diffusers Stable Diffusion pipeline folder or single-file .safetensors checkpoint")
+      ->required();
+  app.add_option("--config", *config, "single files: a diffusers folder of config files to use instead of inference");
+  app.add_option("--prediction-type", *pred, "single files: epsilon | v_prediction (else assumed, and said so)")
+      ->check(CLI::IsMember({"epsilon", "v_prediction"}));
   app.add_flag("--json", *as_json, "print the summary as JSON");
-  return [model, as_json] {
+  return [model, as_json, config, pred] {
+    if (!sd::is_directory(*model)) {
+      const auto r = single_file_json(*model, *config, *pred);
+      if (*as_json) {
+        std::cout << r.dump(2) << "\n";
+        return 0;
+      }
+      return print_single_file(r);
+    }
     auto folder = sd::ModelFolder::open(*model);
     nlohmann::json report;
     report["model"] = *model;
