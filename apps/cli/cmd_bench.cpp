@@ -88,7 +88,7 @@ class Bench {
     validate();
     threads_ = sd::set_threads(o_.threads);
     arch_ = inspect_architecture(o_.model);
-    has_taesd_ = sd::ModelFolder::open(o_.model).taesd_dir().has_value();
+    has_taesd_ = sd::is_directory(o_.model) && sd::ModelFolder::open(o_.model).taesd_dir().has_value();
     has_vae_ = arch_.vae_params > 0;
     if (!has_vae_ && !has_taesd_)
       throw sd::FormatError(o_.model, "neither vae/ weights nor a TAESD: nothing can encode or decode");
@@ -773,7 +773,9 @@ class Bench {
 
 sd::cli::Runner setup_bench(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
-  app.add_option("--model", o->model, "diffusers model folder (e.g. from make-random-model)")->required();
+  app.add_option("--model", o->model,
+                 "diffusers model folder (e.g. from make-random-model) or single-file .safetensors checkpoint")
+      ->required();
   app.add_option("--sizes", o->sizes, "square image sizes, comma-separated (e.g. 256,512)")->capture_default_str();
   app.add_option("--dtypes", o->dtypes, "fp32,bf16 (CPU) or fp32,fp16 (CUDA); the ablation adds what it needs")
       ->capture_default_str();
