@@ -207,43 +207,33 @@ int print_single_file(const nlohmann::json& r) {
             << r["family"].get<std::string>() << ", " << human_bytes(r["bytes"].get<uint64_t>()) << ", "
             << r["tensors"].get<size_t>() << " tensors, dtype";
   for (auto it = r["dtypes"].begin(); it != r["dtypes"].end(); ++it) std::cout << " " << it.key();
-  std::cout << "
-  prediction_type " << r["prediction_type"].get<std::string>() << " ("
-            << r["prediction_type_note"].get<std::string>() << ")
-";
+  std::cout << "\n  prediction_type " << r["prediction_type"].get<std::string>() << " ("
+            << r["prediction_type_note"].get<std::string>() << ")\n";
   int64_t total = 0;
   for (const auto& c : r["components"]) {
     total += c["parameters"].get<int64_t>();
     std::cout << "  " << std::left << std::setw(13) << c["name"].get<std::string>() << c["class"].get<std::string>()
               << "  " << c["parameters"].get<int64_t>() << " params, " << c["tensors"].get<size_t>()
-              << " tensors; config " << c["config_from"].get<std::string>() << "
-";
+              << " tensors; config " << c["config_from"].get<std::string>() << "\n";
     if (c.contains("missing"))
       std::cout << "      MISSING " << c["missing"].size() << " tensors, first " << c["missing"][0].get<std::string>()
-                << "
-";
+                << "\n";
     for (auto it = c["config"].begin(); it != c["config"].end(); ++it)
-      std::cout << "      " << it.key() << " = " << it.value().dump() << "
-";
+      std::cout << "      " << it.key() << " = " << it.value().dump() << "\n";
   }
   for (const char* k : {"note_text_encoder", "note_vae"})
-    if (r.contains(k)) std::cout << "  " << r[k].get<std::string>() << "
-";
-  std::cout << "  total parameters: " << total << "
-";
+    if (r.contains(k)) std::cout << "  " << r[k].get<std::string>() << "\n";
+  std::cout << "  total parameters: " << total << "\n";
   const auto& known = r["unused_known"];
   const auto& unknown = r["unused_unknown"];
   std::cout << "  unused keys: " << known.size() + unknown.size() << " (" << known.size()
             << " that SD does not use: DDPM buffers, position_ids, OpenCLIP projection / last layer, EMA)";
   if (!unknown.empty()) {
     std::cout << "; " << unknown.size() << " unknown:";
-    for (size_t i = 0; i < std::min<size_t>(unknown.size(), 20); ++i) std::cout << "
-      " << unknown[i].get<std::string>();
-    if (unknown.size() > 20) std::cout << "
-      ... and " << unknown.size() - 20 << " more";
+    for (size_t i = 0; i < std::min<size_t>(unknown.size(), 20); ++i) std::cout << "\n      " << unknown[i].get<std::string>();
+    if (unknown.size() > 20) std::cout << "\n      ... and " << unknown.size() - 20 << " more";
   }
-  std::cout << "
-";
+  std::cout << "\n";
   return 0;
 }
 
