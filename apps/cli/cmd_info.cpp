@@ -4,6 +4,7 @@
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <functional>
 #include <set>
 #include <sstream>
 
@@ -150,11 +151,23 @@ nlohmann::json single_file_json(const std::string& path, const std::string& conf
   out["prediction_type_note"] = info.prediction_type_note;
   std::vector<sd::convert::LdmTable> tables;
   nlohmann::json comps = nlohmann::json::array();
+  // A component's parameters are those of the tensors its conversion table reads; when its config cannot build
+  // the model (e.g. real-SD defaults on a non-standard model: use --config), the tensors under its prefix.
   auto add = [&](const std::string& name, const std::string& cls, const nlohmann::json& cfg, const std::string& from,
-                 sd::convert::LdmTable table) {
+                 const std::string& prefix, const std::function<sd::convert::LdmTable()>& make_table) {
+    sd::convert::LdmTable table;
+    std::string config_error;
+    try {
+      table = make_table();
+    } catch (const std::exception& e) {
+      config_error = e.what();
+    }
     std::set<std::string> seen;
     int64_t params = 0;
     std::vector<std::string> missing;
+    if (!config_error.empty())  // every tensor under the prefix counts as this component's
+      for (const auto& t : file.tensors())
+        if (t.name.rfind(prefix, 0) == 0) table.push_back({t.name, t.name});
     for (const auto& e : table) {
       if (!file.contains(e.ldm)) {
         missing.push_back(e.ldm);
@@ -170,26 +183,31 @@ nlohmann::json single_file_json(const std::string& path, const std::string& conf
         if (cfg.contains(k)) brief[k] = cfg[k];
     c["config"] = brief;
     if (!missing.empty()) c["missing"] = missing;
+    if (!config_error.empty()) c["config_error"] = config_error;
     comps.push_back(c);
     tables.push_back(std::move(table));
   };
   std::string from;
   const auto ucfg = config("unet", "config.json", info.unet_config, from);
-  add("unet", "UNet2DConditionModel", ucfg, from,
-      sd::convert::unet_ldm_table(module_keys(sd::UNet2DConditionModel(sd::UNet2DConditionConfig::from_json(ucfg, from)))));
+  add("unet", "UNet2DConditionModel", ucfg, from, sd::convert::kUNetPrefix, [&] {
+    return sd::convert::unet_ldm_table(
+        module_keys(sd::UNet2DConditionModel(sd::UNet2DConditionConfig::from_json(ucfg, from))));
+  });
   if (info.has_text_encoder) {
     const auto tcfg = config("text_encoder", "config.json", info.text_encoder_config, from);
     add("text_encoder",
         info.text_layout == sd::convert::TextEncoderLayout::HfClip ? "CLIPTextModel (HF CLIP names)"
                                                                    : "CLIPTextModel (from OpenCLIP, fused in_proj)",
-        tcfg, from,
-        sd::convert::text_encoder_ldm_table(module_keys(sd::CLIPTextModel(sd::CLIPTextConfig::from_json(tcfg, from))),
-                                            info.text_layout));
+        tcfg, from, info.text_prefix, [&] {
+          return sd::convert::text_encoder_ldm_table(
+              module_keys(sd::CLIPTextModel(sd::CLIPTextConfig::from_json(tcfg, from))), info.text_layout);
+        });
   }
   if (info.has_vae) {
     const auto vcfg = config("vae", "config.json", info.vae_config, from);
-    add("vae", "AutoencoderKL", vcfg, from,
-        sd::convert::vae_ldm_table(module_keys(sd::AutoencoderKL(sd::AutoencoderKLConfig::from_json(vcfg, from)))));
+    add("vae", "AutoencoderKL", vcfg, from, sd::convert::kVaePrefix, [&] {
+      return sd::convert::vae_ldm_table(module_keys(sd::AutoencoderKL(sd::AutoencoderKLConfig::from_json(vcfg, from))));
+    });
   }
   out["components"] = comps;
   std::vector<const sd::convert::LdmTable*> ptrs;
@@ -215,6 +233,9 @@ int print_single_file(const nlohmann::json& r) {
     std::cout << "  " << std::left << std::setw(13) << c["name"].get<std::string>() << c["class"].get<std::string>()
               << "  " << c["parameters"].get<int64_t>() << " params, " << c["tensors"].get<size_t>()
               << " tensors; config " << c["config_from"].get<std::string>() << "\n";
+    if (c.contains("config_error"))
+      std::cout << "      CONFIG ERROR (give --config DIR for a non-standard model): "
+                << c["config_error"].get<std::string>() << "\n";
     if (c.contains("missing"))
       std::cout << "      MISSING " << c["missing"].size() << " tensors, first " << c["missing"][0].get<std::string>()
                 << "\n";

@@ -247,8 +247,8 @@ GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(SingleFile);
 std::vector<std::string> mapped_models() {
   std::vector<std::string> out;
   if (!sd::test::fixture_exists("single_file/key_mapping.json")) return out;
-  for (auto& [k, v] : sd::read_json_file(sd::test::fixture_path("single_file/key_mapping.json")).items())
-    out.push_back(k);
+  const auto j = sd::read_json_file(sd::test::fixture_path("single_file/key_mapping.json"));
+  for (auto& [k, v] : j.items()) out.push_back(k);
   return out;
 }
 

@@ -29,7 +29,8 @@ struct FileCase {
 std::vector<FileCase> file_cases() {
   std::vector<FileCase> out;
   if (!test::fixture_exists("single_file/cases.json")) return out;
-  for (const auto& f : read_json_file(test::fixture_path("single_file/cases.json")).at("files"))
+  const auto j = read_json_file(test::fixture_path("single_file/cases.json"));
+  for (const auto& f : j.at("files"))
     out.push_back({f.at("file").get<std::string>(), f.at("equal_diffusers_folder").get<std::string>(),
                    f.at("dtype").get<std::string>()});
   return out;
@@ -258,7 +259,7 @@ TEST_F(SingleFileErrors, CliInfoOnAFile) {
   auto r = run("info --model " + q(src_));
   ASSERT_EQ(r.status, 0) << r.output;
   for (const char* s : {"SD 1.x", "unet", "text_encoder", "vae", "unused keys", "prediction_type epsilon", "assumed",
-                        "float32", "total parameters"})
+                        "F32", "total parameters"})
     EXPECT_NE(r.output.find(s), std::string::npos) << s << " in:\n" << r.output;
   r = run("info --json --model " + q(test::fixture_path("single_file/tiny-sd21.safetensors")) + " --config " +
           q(test::fixture_path("models/tiny-sd21")));
