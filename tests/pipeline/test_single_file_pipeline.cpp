@@ -83,6 +83,35 @@ TEST_P(SingleFilePipeline, SameImagesAsTheDiffusersFolder) {
   }
 }
 
+// --config as the issue defines it (a folder of config files only, no weights, no tokenizer): the tokenizer is then
+// the shipped models/clip-tokenizer, with SD 2.x's "!" padding; prompts encode as with the folder's own tokenizer.
+TEST_P(SingleFilePipeline, ConfigOnlyFolderAndTheShippedTokenizer) {
+  const auto& c = GetParam();
+  if (!test::fixture_exists("single_file/" + c.file) || !test::fixture_exists(c.folder)) GTEST_SKIP();
+  if (find_clip_tokenizer_dir().empty()) GTEST_SKIP() << "models/clip-tokenizer not found";
+  const std::string dir = test::make_temp_dir("sd-config-only");
+  const fs::path src = test::fixture_path(c.folder);
+  fs::copy_file(src / "model_index.json", fs::path(dir) / "model_index.json");
+  for (const char* f : {"unet/config.json", "vae/config.json", "text_encoder/config.json",
+                        "scheduler/scheduler_config.json"}) {
+    fs::create_directories((fs::path(dir) / f).parent_path());
+    fs::copy_file(src / f, fs::path(dir) / f);
+  }
+  LoadOptions file_opt, folder_opt;
+  file_opt.config = dir;
+  file_opt.taesd = folder_opt.taesd = "none";
+  const auto a = load(test::fixture_path(c.folder), folder_opt);
+  const auto b = load(test::fixture_path("single_file/" + c.file), file_opt);
+  for (const char* prompt : {"a photo of a cat", "", "an oil painting of a fox in the snow, trending on artstation"}) {
+    if (c.dtype == "float32")
+      EXPECT_TRUE(torch::equal(a->encode_prompt(prompt), b->encode_prompt(prompt))) << prompt;
+    else
+      SD_EXPECT_CLOSE(b->encode_prompt(prompt), a->encode_prompt(prompt), 1e-2, 0.0, c.file + " text");
+  }
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, SingleFilePipeline, ::testing::ValuesIn(file_cases()),
                          [](const auto& info) { return test::test_name(info.param.file); });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(SingleFilePipeline);
@@ -161,6 +190,21 @@ TEST_F(SingleFileErrors, VaeMissing) {
   const auto ref = load(test::fixture_path("models/tiny-sd15"), ref_opt);
   const auto z = torch::linspace(-1, 1, 4 * 8 * 8).view({1, 4, 8, 8});
   EXPECT_TRUE(torch::equal(with_vae->decode_latent(z), ref->decode_latent(z)));
+  // --vae as a diffusers folder, a diffusers-layout file and a bare original-layout file (keys without
+  // first_stage_model., as the published fine-tuned VAE files are): the same decoder.
+  std::map<std::string, torch::Tensor> bare;
+  const auto full = SafeTensorsFile::open(src_);
+  for (const auto& k : full.keys())
+    if (k.rfind("first_stage_model.", 0) == 0) bare[k.substr(18)] = full.get(k);
+  save_safetensors(tmp_ + "/bare-vae.safetensors", bare);
+  for (const std::string& vae : {test::fixture_path("models/tiny-sd15/vae"),
+                                 test::fixture_path("models/tiny-sd15/vae/diffusion_pytorch_model.safetensors"),
+                                 tmp_ + "/bare-vae.safetensors"}) {
+    LoadOptions o = with_config();
+    o.taesd = "";
+    o.vae = vae;
+    EXPECT_TRUE(torch::equal(load(none, o)->decode_latent(z), ref->decode_latent(z))) << vae;
+  }
   // A VAE with one tensor missing names it.
   const std::string part = without("part-vae.safetensors", "first_stage_model.decoder.up.", false);
   expect_error(part, with_config(), {part, "VAE", "missing", "first_stage_model.decoder.up."});
