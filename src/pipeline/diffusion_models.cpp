@@ -59,6 +59,9 @@ class StableDiffusionModels : public DiffusionModels {
       load_single_file(model_path, opt, taesd);
     }
     vae_scale_factor_ = int64_t{1} << (vae_config_.block_out_channels.size() - 1);
+    if (taesd != "none" && !opt.vae.empty())
+      log::warn("--vae {} is not used: the TAESD {} encodes and decodes (give --taesd none to use the VAE)", opt.vae,
+                taesd);
 
     if (taesd != "none") {
       taesd_ = load_taesd(taesd, dtype_, device_);

@@ -74,6 +74,13 @@ TEST_P(SingleFilePipeline, SameImagesAsTheDiffusersFolder) {
   const auto m = load(test::fixture_path("single_file/" + c.file), file_opt);
   EXPECT_NE(m->describe().find("single file"), std::string::npos) << m->describe();
   const auto b = run_stream(m);
+  // bf16 runs: both load paths cast the same weights, so they agree exactly too (fp32 files).
+  if (c.dtype == "float32") {
+    folder_opt.dtype = file_opt.dtype = torch::kBFloat16;
+    const auto a16 = run_stream(load(test::fixture_path(c.folder), folder_opt));
+    const auto b16 = run_stream(load(test::fixture_path("single_file/" + c.file), file_opt));
+    for (size_t i = 0; i < a16.size(); ++i) EXPECT_TRUE(torch::equal(a16[i], b16[i])) << "bf16 output " << i;
+  }
   for (size_t i = 0; i < a.size(); ++i) {
     if (c.dtype == "float32") {
       EXPECT_TRUE(torch::equal(a[i], b[i])) << "output " << i << " max diff " << (a[i] - b[i]).abs().max().item<double>();
@@ -305,6 +312,11 @@ TEST_F(SingleFileErrors, CliInfoOnAFile) {
   for (const char* s : {"SD 1.x", "unet", "text_encoder", "vae", "unused keys", "prediction_type epsilon", "assumed",
                         "F32", "total parameters"})
     EXPECT_NE(r.output.find(s), std::string::npos) << s << " in:\n" << r.output;
+  // tokenize on a file: the shipped vocabulary, SD 2.x padding with "!" (id 0) like the tiny-sd21 tokenizer.
+  r = run("tokenize --model " + q(test::fixture_path("single_file/tiny-sd21.safetensors")) + " --prompt 'a cat'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto folder = run("tokenize --model " + q(test::fixture_path("models/tiny-sd21")) + " --prompt 'a cat'");
+  EXPECT_EQ(r.output, folder.output);
   r = run("info --json --model " + q(test::fixture_path("single_file/tiny-sd21.safetensors")) + " --config " +
           q(test::fixture_path("models/tiny-sd21")));
   ASSERT_EQ(r.status, 0) << r.output;
