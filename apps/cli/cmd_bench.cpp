@@ -43,6 +43,7 @@ const std::vector<std::string> kSections{"components", "e2e", "ablation", "batch
 
 struct BenchOptions {
   std::string model;
+  std::string config;  // single files: a diffusers folder of config files (sd::LoadOptions::config)
   std::string sizes = "256";
   std::string dtypes = "bf16";
   std::string device = "cpu";
@@ -202,6 +203,7 @@ class Bench {
     lo.device = o_.device;
     lo.threads = -1;  // set once above
     lo.taesd = taesd;
+    lo.config = o_.config;
     const auto t0 = Clock::now();
     auto m = sd::load_pipeline(o_.model, lo);
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -776,6 +778,8 @@ sd::cli::Runner setup_bench(CLI::App& app) {
   app.add_option("--model", o->model,
                  "diffusers model folder (e.g. from make-random-model) or single-file .safetensors checkpoint")
       ->required();
+  app.add_option("--config", o->config,
+                 "single-file checkpoints: a diffusers folder of config files used instead of inference");
   app.add_option("--sizes", o->sizes, "square image sizes, comma-separated (e.g. 256,512)")->capture_default_str();
   app.add_option("--dtypes", o->dtypes, "fp32,bf16 (CPU) or fp32,fp16 (CUDA); the ablation adds what it needs")
       ->capture_default_str();
