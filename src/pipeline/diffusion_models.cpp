@@ -58,7 +58,6 @@ class StableDiffusionModels : public DiffusionModels {
     } else {
       load_single_file(model_path, opt, taesd);
     }
-    vae_scale_factor_ = int64_t{1} << (vae_config_.block_out_channels.size() - 1);
     if (taesd != "none" && !opt.vae.empty())
       log::warn("--vae {} is not used: the TAESD {} encodes and decodes (give --taesd none to use the VAE)", opt.vae,
                 taesd);
@@ -70,10 +69,11 @@ class StableDiffusionModels : public DiffusionModels {
       latent_channels_ = taesd_->config().latent_channels;
     } else {
       if (!vae_) throw Error("internal: no autoencoder loaded");
-      vae_config_ = vae_->config();
+      vae_config_ = vae_->config();  // --vae: the loaded one's
       scaling_factor_ = vae_config_.scaling_factor;
       latent_channels_ = vae_config_.latent_channels;
     }
+    vae_scale_factor_ = int64_t{1} << (vae_config_.block_out_channels.size() - 1);
     if (latent_channels_ != unet_->config().in_channels)
       throw FormatError(dir_, "the autoencoder has " + std::to_string(latent_channels_) +
                                   " latent channels but the UNet takes " +
