@@ -25,6 +25,7 @@ namespace fs = std::filesystem;
 struct FileCase {
   std::string file, folder, dtype;
 };
+void PrintTo(const FileCase& c, std::ostream* os) { *os << c.file; }
 
 std::vector<FileCase> file_cases() {
   std::vector<FileCase> out;
