@@ -77,19 +77,27 @@ int64_t count_file_params(const std::string& path, const std::string& prefix = "
 }  // namespace
 
 ArchInfo inspect_architecture(const std::string& model_dir) {
-  const ModelFolder folder = ModelFolder::open(model_dir);
   ArchInfo a;
-  a.unet_params = count_file_params(folder.weights_path("unet"));
-  a.text_params = count_file_params(folder.weights_path("text_encoder"));
-  try {
-    a.vae_params = count_file_params(folder.weights_path("vae"));
-  } catch (const FormatError&) {
-    a.vae_params = 0;  // a TAESD-only model (models/emoji-tiny): vae/ holds only a config
-  }
-  if (auto taesd = folder.taesd_dir()) {
-    const std::string w = find_weights(*taesd);
-    a.taesd_encoder_params = count_file_params(w, "encoder.");
-    a.taesd_decoder_params = count_file_params(w, "decoder.");
+  if (is_file(model_dir)) {
+    // A single-file (LDM layout) checkpoint: components by prefix (SD 2.x files hold one more OpenCLIP layer than
+    // the model uses, so their text-encoder count is not a folder's).
+    a.unet_params = count_file_params(model_dir, "model.diffusion_model.");
+    a.text_params = count_file_params(model_dir, "cond_stage_model.");
+    a.vae_params = count_file_params(model_dir, "first_stage_model.");
+  } else {
+    const ModelFolder folder = ModelFolder::open(model_dir);
+    a.unet_params = count_file_params(folder.weights_path("unet"));
+    a.text_params = count_file_params(folder.weights_path("text_encoder"));
+    try {
+      a.vae_params = count_file_params(folder.weights_path("vae"));
+    } catch (const FormatError&) {
+      a.vae_params = 0;  // a TAESD-only model (models/emoji-tiny): vae/ holds only a config
+    }
+    if (auto taesd = folder.taesd_dir()) {
+      const std::string w = find_weights(*taesd);
+      a.taesd_encoder_params = count_file_params(w, "encoder.");
+      a.taesd_decoder_params = count_file_params(w, "decoder.");
+    }
   }
   if (a.unet_params == 865910724)
     a.name = "sd-turbo / SD2.1";

@@ -43,7 +43,8 @@ const std::vector<std::string> kSections{"components", "e2e", "ablation", "batch
 
 struct BenchOptions {
   std::string model;
-  std::string sizes;  // "" = the model's native size
+  std::string config;  // single files: a diffusers folder of config files (sd::LoadOptions::config)
+  std::string sizes;   // "" = the model's native size
   std::string dtypes = "bf16";
   std::string device = "cpu";
   std::string sections = "all";
@@ -88,7 +89,7 @@ class Bench {
     validate();
     threads_ = sd::set_threads(o_.threads);
     arch_ = inspect_architecture(o_.model);
-    has_taesd_ = sd::ModelFolder::open(o_.model).taesd_dir().has_value();
+    has_taesd_ = sd::is_directory(o_.model) && sd::ModelFolder::open(o_.model).taesd_dir().has_value();
     has_vae_ = arch_.vae_params > 0;
     if (!has_vae_ && !has_taesd_)
       throw sd::FormatError(o_.model, "neither vae/ weights nor a TAESD: nothing can encode or decode");
@@ -166,7 +167,7 @@ class Bench {
     if (sections_.empty()) throw sd::InvalidArgument("bench --sections is empty");
     std::string sizes = o_.sizes;
     if (sizes.empty()) {  // the model's native size (pipeline/model_defaults.h)
-      const sd::ModelDefaults md = sd::read_model_defaults(o_.model);
+      const sd::ModelDefaults md = sd::read_model_defaults(o_.model, o_.config);
       if (md.native_width <= 0)
         throw sd::InvalidArgument("bench: the model's native size is unknown (no UNet sample_size); give --sizes");
       if (md.native_width != md.native_height)
@@ -212,6 +213,7 @@ class Bench {
     lo.device = o_.device;
     lo.threads = -1;  // set once above
     lo.taesd = taesd;
+    lo.config = o_.config;
     const auto t0 = Clock::now();
     auto m = sd::load_pipeline(o_.model, lo);
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -783,7 +785,11 @@ class Bench {
 
 sd::cli::Runner setup_bench(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
-  app.add_option("--model", o->model, "diffusers model folder (e.g. from make-random-model)")->required();
+  app.add_option("--model", o->model,
+                 "diffusers model folder (e.g. from make-random-model) or single-file .safetensors checkpoint")
+      ->required();
+  app.add_option("--config", o->config,
+                 "single-file checkpoints: a diffusers folder of config files used instead of inference");
   app.add_option("--sizes", o->sizes, "square image sizes, comma-separated (e.g. 256,512; default: the model's native size)");
   app.add_option("--dtypes", o->dtypes, "fp32,bf16 (CPU) or fp32,fp16 (CUDA); the ablation adds what it needs")
       ->capture_default_str();

@@ -1,8 +1,11 @@
-// `streamdiffusion info --model DIR`: what a model folder holds, without loading the weights (headers only).
+// `streamdiffusion info --model DIR|FILE`: what a model folder or single-file checkpoint holds, without loading the
+// weights (headers only).
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <functional>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -12,7 +15,13 @@
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/model_folder.h"
+#include "io/ldm_checkpoint.h"
 #include "io/safetensors.h"
+#include "io/state_dict.h"
+#include "models/autoencoder_kl.h"
+#include "models/clip_text_model.h"
+#include "models/unet_2d_condition.h"
+#include "pipeline/diffusion_models.h"
 
 namespace {
 
@@ -111,12 +120,208 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
   return out;
 }
 
+template <typename M>
+std::vector<std::string> module_keys(const M& m) {
+  std::vector<std::string> keys;
+  for (const auto& kv : sd::state_dict(*m)) keys.push_back(kv.first);
+  return keys;
+}
+
+// A single-file (LDM) checkpoint: family, dtypes, per-component parameter counts (of the tensors each component's
+// conversion table reads), what was inferred / assumed, and the keys nothing reads.
+nlohmann::json single_file_json(const std::string& path, const std::string& config_dir, const std::string& pred) {
+  sd::refuse_pickle(path);
+  const auto file = sd::SafeTensorsFile::open(path);
+  const auto info = sd::convert::inspect_ldm_checkpoint(file, pred);
+  auto config = [&](const std::string& sub, const char* name, const nlohmann::json& inferred, std::string& from) {
+    const std::string p = config_dir + "/" + sub + "/" + name;
+    if (!config_dir.empty() && sd::is_file(p)) {
+      from = p;
+      return sd::read_json_file(p);
+    }
+    from = "inferred from the weights + " + std::string(sd::convert::family_name(info.family)) + " defaults";
+    return inferred;
+  };
+  nlohmann::json out;
+  out["file"] = path;
+  out["bytes"] = file.file_size();
+  out["tensors"] = file.tensors().size();
+  out["layout"] = "original (LDM / CompVis)";
+  out["family"] = sd::convert::family_name(info.family);
+  out["dtypes"] = info.dtypes;
+  out["prediction_type"] = info.prediction_type;
+  out["prediction_type_note"] = info.prediction_type_note;
+  std::vector<sd::convert::LdmTable> tables;
+  nlohmann::json comps = nlohmann::json::array();
+  // A component's parameters are those of the tensors its conversion table reads; when its config cannot build
+  // the model (e.g. real-SD defaults on a non-standard model: use --config), the tensors under its prefix.
+  auto add = [&](const std::string& name, const std::string& cls, const nlohmann::json& cfg, const std::string& from,
+                 const std::string& prefix, const std::function<sd::convert::LdmTable()>& make_table) {
+    sd::convert::LdmTable table;
+    std::string config_error;
+    try {
+      table = make_table();
+    } catch (const std::exception& e) {
+      config_error = e.what();
+    }
+    std::set<std::string> seen;
+    int64_t params = 0;
+    std::vector<std::string> missing;
+    if (!config_error.empty())  // every tensor under the prefix counts as this component's
+      for (const auto& t : file.tensors())
+        if (t.name.rfind(prefix, 0) == 0) table.push_back({t.name, t.name});
+    for (const auto& e : table) {
+      if (!file.contains(e.ldm)) {
+        missing.push_back(e.ldm);
+        continue;
+      }
+      if (seen.insert(e.ldm).second) params += static_cast<int64_t>(file.info(e.ldm).numel());
+    }
+    nlohmann::json c = {{"name", name}, {"class", cls}, {"parameters", params}, {"tensors", seen.size()},
+                        {"config_from", from}};
+    nlohmann::json brief = nlohmann::json::object();
+    if (auto f = brief_fields().find(name); f != brief_fields().end())
+      for (const auto& k : f->second)
+        if (cfg.contains(k)) brief[k] = cfg[k];
+    c["config"] = brief;
+    if (!missing.empty()) c["missing"] = missing;
+    if (!config_error.empty()) c["config_error"] = config_error;
+    comps.push_back(c);
+    tables.push_back(std::move(table));
+  };
+  std::string from;
+  const auto ucfg = config("unet", "config.json", info.unet_config, from);
+  add("unet", "UNet2DConditionModel", ucfg, from, sd::convert::kUNetPrefix, [&] {
+    return sd::convert::unet_ldm_table(
+        module_keys(sd::UNet2DConditionModel(sd::UNet2DConditionConfig::from_json(ucfg, from))));
+  });
+  if (info.has_text_encoder) {
+    const auto tcfg = config("text_encoder", "config.json", info.text_encoder_config, from);
+    add("text_encoder",
+        info.text_layout == sd::convert::TextEncoderLayout::HfClip ? "CLIPTextModel (HF CLIP names)"
+                                                                   : "CLIPTextModel (from OpenCLIP, fused in_proj)",
+        tcfg, from, info.text_prefix, [&] {
+          return sd::convert::text_encoder_ldm_table(
+              module_keys(sd::CLIPTextModel(sd::CLIPTextConfig::from_json(tcfg, from))), info.text_layout);
+        });
+  }
+  if (info.has_vae) {
+    const auto vcfg = config("vae", "config.json", info.vae_config, from);
+    add("vae", "AutoencoderKL", vcfg, from, sd::convert::kVaePrefix, [&] {
+      return sd::convert::vae_ldm_table(module_keys(sd::AutoencoderKL(sd::AutoencoderKLConfig::from_json(vcfg, from))));
+    });
+  }
+  out["components"] = comps;
+  std::vector<const sd::convert::LdmTable*> ptrs;
+  for (const auto& t : tables) ptrs.push_back(&t);
+  const auto unused = sd::convert::unused_ldm_keys(file, ptrs);
+  out["unused_known"] = unused.known;
+  out["unused_unknown"] = unused.unknown;
+  if (!info.has_text_encoder) out["note_text_encoder"] = "no text encoder in this file";
+  if (!info.has_vae) out["note_vae"] = "no VAE (first_stage_model.*): give --vae or --taesd to run it";
+  return out;
+}
+
+void print_defaults(const nlohmann::json& j);
+
+int print_single_file(const nlohmann::json& r) {
+  std::cout << r["file"].get<std::string>() << ": single-file checkpoint, " << r["layout"].get<std::string>() << ", "
+            << r["family"].get<std::string>() << ", " << human_bytes(r["bytes"].get<uint64_t>()) << ", "
+            << r["tensors"].get<size_t>() << " tensors, dtype";
+  for (auto it = r["dtypes"].begin(); it != r["dtypes"].end(); ++it) std::cout << " " << it.key();
+  std::cout << "\n  prediction_type " << r["prediction_type"].get<std::string>() << " ("
+            << r["prediction_type_note"].get<std::string>() << ")\n";
+  int64_t total = 0;
+  for (const auto& c : r["components"]) {
+    total += c["parameters"].get<int64_t>();
+    std::cout << "  " << std::left << std::setw(13) << c["name"].get<std::string>() << c["class"].get<std::string>()
+              << "  " << c["parameters"].get<int64_t>() << " params, " << c["tensors"].get<size_t>()
+              << " tensors; config " << c["config_from"].get<std::string>() << "\n";
+    if (c.contains("config_error"))
+      std::cout << "      CONFIG ERROR (give --config DIR for a non-standard model): "
+                << c["config_error"].get<std::string>() << "\n";
+    if (c.contains("missing"))
+      std::cout << "      MISSING " << c["missing"].size() << " tensors, first " << c["missing"][0].get<std::string>()
+                << "\n";
+    for (auto it = c["config"].begin(); it != c["config"].end(); ++it)
+      std::cout << "      " << it.key() << " = " << it.value().dump() << "\n";
+  }
+  for (const char* k : {"note_text_encoder", "note_vae"})
+    if (r.contains(k)) std::cout << "  " << r[k].get<std::string>() << "\n";
+  std::cout << "  total parameters: " << total << "\n";
+  const auto& known = r["unused_known"];
+  const auto& unknown = r["unused_unknown"];
+  std::cout << "  unused keys: " << known.size() + unknown.size() << " (" << known.size()
+            << " that SD does not use: DDPM buffers, position_ids, OpenCLIP projection / last layer, EMA)";
+  if (!unknown.empty()) {
+    std::cout << "; " << unknown.size() << " unknown:";
+    for (size_t i = 0; i < std::min<size_t>(unknown.size(), 20); ++i) std::cout << "\n      " << unknown[i].get<std::string>();
+    if (unknown.size() > 20) std::cout << "\n      ... and " << unknown.size() - 20 << " more";
+  }
+  std::cout << "\n";
+  if (r.contains("defaults")) print_defaults(r["defaults"]);
+  return 0;
+}
+
+// What a stream on this model uses when no flag says otherwise, and why (pipeline/model_defaults.h).
+nlohmann::json defaults_json(const std::string& model, const std::string& config, const std::string& pred) {
+  const sd::ModelDefaults d = sd::read_model_defaults(model, config, pred);
+  sd::cli::PipelineOptions none;
+  none.model = model;
+  none.config = config;
+  none.prediction_type = pred;
+  nlohmann::json j;
+  j["family"] = d.family;
+  if (d.native_width > 0)
+    j["native_size"] = {{"width", d.native_width}, {"height", d.native_height}, {"reason", d.native_size_reason}};
+  j["settings_source"] = d.settings_source;
+  j["txt2img"] = sd::cli::explain_settings(none, true, d);
+  j["img2img"] = sd::cli::explain_settings(none, false, d);
+  j["warnings"] = d.warnings;
+  if (!d.note.empty()) j["note"] = d.note;
+  return j;
+}
+
+void print_defaults(const nlohmann::json& j) {
+  std::cout << "defaults (explicit flags override them):\n  family " << j["family"].get<std::string>()
+            << "; native size ";
+  if (j.contains("native_size"))
+    std::cout << j["native_size"]["width"].get<int64_t>() << "x" << j["native_size"]["height"].get<int64_t>() << " ("
+              << j["native_size"]["reason"].get<std::string>() << ")\n";
+  else
+    std::cout << "unknown (UNet sample_size missing): --size is needed\n";
+  std::cout << "  settings from " << j["settings_source"].get<std::string>() << "\n";
+  if (j.contains("note")) std::cout << "  note: " << j["note"].get<std::string>() << "\n";
+  for (const char* mode : {"txt2img", "img2img"}) {
+    std::cout << "  " << mode << ":";
+    for (const auto& line : j[mode]) std::cout << "\n    " << line.get<std::string>();
+    std::cout << "\n";
+  }
+  for (const auto& w : j["warnings"]) std::cout << "  warning: " << w.get<std::string>() << "\n";
+}
+
 sd::cli::Runner setup_info(CLI::App& app) {
   auto model = std::make_shared<std::string>(sd::cli::default_model_dir());
   auto as_json = std::make_shared<bool>(false);
-  app.add_option("--model", *model, "diffusers Stable Diffusion pipeline folder (default: the built-in emoji model)");
+  auto config = std::make_shared<std::string>();
+  auto pred = std::make_shared<std::string>();
+  app.add_option("--model", *model,
+                 "diffusers Stable Diffusion pipeline folder or single-file .safetensors checkpoint (default: the "
+                 "built-in emoji model)");
+  app.add_option("--config", *config, "single files: a diffusers folder of config files to use instead of inference");
+  app.add_option("--prediction-type", *pred, "single files: epsilon | v_prediction (else assumed, and said so)")
+      ->check(CLI::IsMember({"epsilon", "v_prediction"}));
   app.add_flag("--json", *as_json, "print the summary as JSON");
-  return [model, as_json] {
+  return [model, as_json, config, pred] {
+    if (!sd::is_directory(*model)) {
+      auto r = single_file_json(*model, *config, *pred);
+      r["defaults"] = defaults_json(*model, *config, *pred);
+      if (*as_json) {
+        std::cout << r.dump(2) << "\n";
+        return 0;
+      }
+      return print_single_file(r);
+    }
     auto folder = sd::ModelFolder::open(*model);
     nlohmann::json report;
     report["model"] = *model;
@@ -125,21 +330,7 @@ sd::cli::Runner setup_info(CLI::App& app) {
     for (const auto& [name, entry] : folder.components())
       report["components"].push_back(component_json(name, folder.component_dir(name), entry.class_name));
     if (auto t = folder.taesd_dir()) report["components"].push_back(component_json("taesd", *t, "AutoencoderTiny"));
-    // What a stream on this model uses when no flag says otherwise, and why.
-    const sd::ModelDefaults d = sd::read_model_defaults(*model);
-    sd::cli::PipelineOptions none;
-    none.model = *model;
-    nlohmann::json defaults;
-    defaults["family"] = d.family;
-    if (d.native_width > 0)
-      defaults["native_size"] = {{"width", d.native_width}, {"height", d.native_height},
-                                 {"reason", d.native_size_reason}};
-    defaults["settings_source"] = d.settings_source;
-    defaults["txt2img"] = sd::cli::explain_settings(none, true, d);
-    defaults["img2img"] = sd::cli::explain_settings(none, false, d);
-    defaults["warnings"] = d.warnings;
-    if (!d.note.empty()) defaults["note"] = d.note;
-    report["defaults"] = defaults;
+    report["defaults"] = defaults_json(*model, *config, *pred);
     if (*as_json) {
       std::cout << report.dump(2) << "\n";
       return 0;
@@ -161,19 +352,7 @@ sd::cli::Runner setup_info(CLI::App& app) {
         std::cout << "      " << it.key() << " = " << it.value().dump() << "\n";
     }
     std::cout << "  total parameters: " << total << "\n";
-    std::cout << "defaults (explicit flags override them):\n  family " << d.family << "; native size ";
-    if (d.native_width > 0)
-      std::cout << d.native_width << "x" << d.native_height << " (" << d.native_size_reason << ")\n";
-    else
-      std::cout << "unknown (UNet sample_size missing): --size is needed\n";
-    std::cout << "  settings from " << d.settings_source << "\n";
-    if (!d.note.empty()) std::cout << "  note: " << d.note << "\n";
-    for (const char* mode : {"txt2img", "img2img"}) {
-      std::cout << "  " << mode << ":";
-      for (const auto& line : defaults[mode]) std::cout << "\n    " << line.get<std::string>();
-      std::cout << "\n";
-    }
-    for (const auto& w : d.warnings) std::cout << "  warning: " << w << "\n";
+    print_defaults(report["defaults"]);
     return 0;
   };
 }

@@ -85,7 +85,7 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     }
 
     sd::server::StreamDefaults d;
-    const sd::ModelDefaults md = sd::read_model_defaults(o->p.model);
+    const sd::ModelDefaults md = sd::read_model_defaults(o->p.model, o->p.config, o->p.prediction_type);
     d.img2img = sd::cli::stream_config(o->p, false, md);
     {
       // txt2img has its own default steps and cfg; the similarity filter is an img2img feature.

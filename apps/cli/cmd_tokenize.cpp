@@ -4,7 +4,11 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/cli/commands.h"
+#include "core/error.h"
+#include "io/ldm_checkpoint.h"
 #include "io/model_folder.h"
+#include "io/safetensors.h"
+#include "pipeline/diffusion_models.h"
 #include "tokenizer/clip_tokenizer.h"
 
 namespace {
@@ -24,12 +28,24 @@ std::string tokenizer_dir(const std::string& model) {
 sd::cli::Runner setup_tokenize(CLI::App& app) {
   auto opts = std::make_shared<TokenizeOptions>();
   app.add_option("--model", opts->model,
-                 "diffusers pipeline folder, or a CLIP tokenizer folder (vocab.json, merges.txt)")
+                 "diffusers pipeline folder, single-file checkpoint, or a CLIP tokenizer folder (vocab.json, "
+                 "merges.txt)")
       ->required();
+  // (a single-file checkpoint: the shipped models/clip-tokenizer, padded with "!" for SD 2.x as load_pipeline does)
   app.add_option("--prompt", opts->prompt, "the text to tokenize")->required();
   app.add_flag("--tokens", opts->tokens, "also print the BPE strings (without bos/eos/padding) as a second JSON line");
   return [opts] {
-    const auto tok = sd::ClipTokenizer::from_folder(tokenizer_dir(opts->model));
+    std::string dir, pad;
+    if (sd::is_file(opts->model)) {
+      sd::refuse_pickle(opts->model);
+      const auto info = sd::convert::inspect_ldm_checkpoint(sd::SafeTensorsFile::open(opts->model));
+      dir = sd::find_clip_tokenizer_dir();
+      if (dir.empty()) throw sd::FormatError(opts->model, "the shipped models/clip-tokenizer was not found");
+      if (info.family == sd::convert::LdmFamily::SD2) pad = "!";
+    } else {
+      dir = tokenizer_dir(opts->model);
+    }
+    const auto tok = sd::ClipTokenizer::from_folder(dir, pad);
     const auto ids = tok.encode(opts->prompt);
     std::cout << nlohmann::json(ids).dump() << "\n";
     if (opts->tokens) std::cout << nlohmann::json(tok.bpe_tokens(opts->prompt)).dump() << "\n";

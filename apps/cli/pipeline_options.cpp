@@ -98,12 +98,26 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
       mode == PipelineMode::Txt2Img ? "none" : mode == PipelineMode::Img2Img ? "self" : "self (txt2img: none)";
   if (o.model.empty()) o.model = default_model_dir();
   app.add_option("--model", o.model,
-                 "diffusers StableDiffusionPipeline folder (default: the shipped tiny emoji model, " + o.model +
+                 "diffusers StableDiffusionPipeline folder or single-file .safetensors checkpoint (original "
+                 "CompVis/Stability layout, SD 1.x / 2.x) (default: the shipped tiny emoji model, " + o.model +
                      "). Unset settings come from the model: its native size and its streamdiffusion.json or "
                      "family defaults (see `streamdiffusion info`)");
   app.add_option("--taesd", o.taesd,
                  "TAESD folder or file for encode/decode, or 'none' for the model's AutoencoderKL "
                  "(default: <model>/taesd when present)");
+  app.add_option("--vae", o.vae,
+                 "AutoencoderKL from elsewhere: a diffusers folder or a .safetensors file (diffusers or original "
+                 "layout), e.g. a fine-tuned VAE; implies --taesd none unless --taesd is given");
+  app.add_option("--config", o.config,
+                 "single-file checkpoints: a diffusers folder of config files (model_index.json, */config.json, "
+                 "scheduler/scheduler_config.json) used instead of what is inferred from the weights");
+  app.add_option("--tokenizer", o.tokenizer,
+                 "CLIP tokenizer folder (vocab.json + merges.txt); default: the model's, else the shipped "
+                 "models/clip-tokenizer");
+  app.add_option("--prediction-type", o.prediction_type,
+                 "epsilon | v_prediction: what the UNet predicts (cannot be read from SD 2.x weights: SD 2.1-768 is "
+                 "v_prediction; default: the model's scheduler config, single files epsilon)")
+      ->check(CLI::IsMember({"epsilon", "v_prediction"}));
   app.add_option("--prompt", o.prompt, "text prompt")->capture_default_str();
   app.add_option("--negative-prompt", o.negative_prompt, "negative prompt (cfg full / initialize)");
   app.add_option("--t-index-list", o.t_index_list,
@@ -142,7 +156,7 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
 }
 
 StreamConfig stream_config(const PipelineOptions& o, bool txt2img) {
-  return stream_config(o, txt2img, read_model_defaults(o.model));
+  return stream_config(o, txt2img, read_model_defaults(o.model, o.config, o.prediction_type));
 }
 
 StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDefaults& d) {
@@ -230,7 +244,7 @@ std::string default_model_dir() {
 }
 
 LoadedModels load_models(const PipelineOptions& o) {
-  if (o.model == default_model_dir() && !is_file(o.model + "/model_index.json"))
+  if (o.model == default_model_dir() && !is_file(o.model + "/model_index.json") && !is_file(o.model))
     throw InvalidArgument("no --model given and the default model was not found at " + o.model +
                           " (it ships in the repository as models/emoji-tiny; retrain it with scripts/train-emoji.sh, "
                           "set SD_DEFAULT_MODEL, or pass --model DIR)");
@@ -240,9 +254,13 @@ LoadedModels load_models(const PipelineOptions& o) {
   lo.threads = o.common.threads;
   lo.taesd = o.taesd;
   lo.lcm_guidance = o.lcm_guidance;
+  lo.vae = o.vae;
+  lo.config = o.config;
+  lo.tokenizer = o.tokenizer;
+  lo.prediction_type = o.prediction_type;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
-  const ModelDefaults d = read_model_defaults(o.model);
+  const ModelDefaults d = read_model_defaults(o.model, o.config, o.prediction_type);
   for (const auto& w : d.warnings) log::warn("{}", w);
   l.models = load_pipeline(o.model, lo);
   l.load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -29,6 +29,8 @@ struct PipelineOptions {
 
   CommonOptions common;
   std::string model, taesd, prompt, negative_prompt;
+  // Single-file checkpoints and components from elsewhere (see sd::LoadOptions).
+  std::string vae, config, tokenizer, prediction_type;
   std::string t_index_list;  // "" = model / mode default
   int steps = 0;
   int start_index = 32;
@@ -48,7 +50,7 @@ struct PipelineOptions {
 
 enum class PipelineMode { Txt2Img, Img2Img, Either };
 
-// Adds --model, --taesd, --prompt, --negative-prompt, --t-index-list, --steps, --start-index (img2img / either),
+// Adds --model, --taesd, --vae, --config, --tokenizer, --prediction-type, --prompt, --negative-prompt, --t-index-list, --steps, --start-index (img2img / either),
 // --num-inference-steps, --cfg-type, --guidance, --delta, --seed, --size, --frame-buffer-size, --no-denoising-batch,
 // --no-add-noise, --similarity-filter and --max-skip-frame (img2img / either), --lcm-guidance, and the common options.
 void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode);

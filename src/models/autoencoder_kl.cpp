@@ -324,11 +324,16 @@ AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::D
   const auto cfg = AutoencoderKLConfig::from_json(read_json_file(config), config);
   const std::string weights = find_weights(folder);  // refuses pickles with a conversion hint
   const auto file = SafeTensorsFile::open(weights);
+  return load_vae(cfg, file.load_all(), file.path(), dtype, device);
+}
+
+AutoencoderKL load_vae(const AutoencoderKLConfig& cfg, const std::map<std::string, torch::Tensor>& weights,
+                       const std::string& source, torch::ScalarType dtype, torch::Device device) {
   AutoencoderKL vae(cfg);
   LoadWeightsOptions opts;
   opts.dtype = dtype;
   opts.device = device;
-  load_weights(*vae, file, opts);
+  load_weights(*vae, weights, source, opts);
   vae->eval();
   if (device.is_cpu()) vae->set_channels_last(true);
   return vae;

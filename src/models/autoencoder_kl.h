@@ -5,6 +5,7 @@
 //   decoder.{conv_in, mid_block, up_blocks.N.{resnets.M, upsamplers.0.conv}, conv_norm_out, conv_out}.
 // Every GroupNorm uses eps 1e-6. The scaling factor is NOT applied here: callers multiply encode's sample by it and
 // divide latents by it before decode (as diffusers pipelines and StreamDiffusion do).
+#include <map>
 #include <string>
 #include <vector>
 
@@ -151,6 +152,11 @@ TORCH_MODULE(AutoencoderKL);
 // with a vae/ sub-folder is accepted too). Floating-point weights are cast to `dtype` and moved to `device`; the
 // module is returned in eval mode, with channels-last enabled on CPU.
 AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype = torch::kFloat,
+                       torch::Device device = torch::kCPU);
+// The same from a config and an in-memory state dict with diffusers keys (e.g. converted from a single-file
+// checkpoint by io/ldm_checkpoint); `source` names the weights in errors.
+AutoencoderKL load_vae(const AutoencoderKLConfig& config, const std::map<std::string, torch::Tensor>& weights,
+                       const std::string& source, torch::ScalarType dtype = torch::kFloat,
                        torch::Device device = torch::kCPU);
 
 }  // namespace sd

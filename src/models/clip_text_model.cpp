@@ -166,14 +166,19 @@ torch::Tensor CLIPTextModelImpl::forward_clip_skip(const torch::Tensor& input_id
 CLIPTextModel load_clip_text_model(const std::string& dir, torch::ScalarType dtype, torch::Device device) {
   const std::string config_file = dir + "/config.json";
   auto cfg = CLIPTextConfig::from_json(read_json_file(config_file), config_file);
-  CLIPTextModel model(cfg);
   const std::string weights = find_weights(dir);
   auto file = SafeTensorsFile::open(weights);
+  return load_clip_text_model(cfg, file.load_all(), file.path(), dtype, device);
+}
+
+CLIPTextModel load_clip_text_model(const CLIPTextConfig& cfg, const std::map<std::string, torch::Tensor>& weights,
+                                   const std::string& source, torch::ScalarType dtype, torch::Device device) {
+  CLIPTextModel model(cfg);
   LoadWeightsOptions opts;
   opts.allow_unexpected = {"text_model.embeddings.position_ids"};
   opts.dtype = dtype;
   opts.device = device;
-  load_weights(*model, file, opts);
+  load_weights(*model, weights, source, opts);
   model->eval();
   return model;
 }

@@ -2,6 +2,7 @@
 // CLIPTextModel with Hugging Face transformers semantics (what every SD 1.x / 2.x / sd-turbo pipeline uses as its
 // text encoder): token + position embeddings, pre-LN transformer layers with a causal mask, final layer norm.
 // Registered names are the transformers keys: text_model.embeddings.token_embedding.weight, ...
+#include <map>
 #include <string>
 #include <vector>
 
@@ -92,6 +93,11 @@ TORCH_MODULE(CLIPTextModel);
 
 // Reads <dir>/config.json and the weights (strict; the int64 `position_ids` buffer of older checkpoints is ignored).
 CLIPTextModel load_clip_text_model(const std::string& dir, torch::ScalarType dtype = torch::kFloat32,
+                                   torch::Device device = torch::kCPU);
+// The same from a config and an in-memory state dict with transformers keys (e.g. converted from a single-file
+// checkpoint by io/ldm_checkpoint); `source` names the weights in errors.
+CLIPTextModel load_clip_text_model(const CLIPTextConfig& config, const std::map<std::string, torch::Tensor>& weights,
+                                   const std::string& source, torch::ScalarType dtype = torch::kFloat32,
                                    torch::Device device = torch::kCPU);
 
 }  // namespace sd

@@ -305,12 +305,17 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
 UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype, torch::Device device) {
   const std::string config_path = unet_dir + "/config.json";
   auto config = UNet2DConditionConfig::from_json(read_json_file(config_path), config_path);
-  UNet2DConditionModel model(config);
   auto file = SafeTensorsFile::open(find_weights(unet_dir));
+  return load_unet(config, file.load_all(), file.path(), dtype, device);
+}
+
+UNet2DConditionModel load_unet(const UNet2DConditionConfig& config, const std::map<std::string, torch::Tensor>& weights,
+                               const std::string& source, torch::Dtype dtype, torch::Device device) {
+  UNet2DConditionModel model(config);
   LoadWeightsOptions opts;
   opts.dtype = dtype;
   opts.device = device;
-  load_weights(*model, file, opts);
+  load_weights(*model, weights, source, opts);
   model->eval();
   // The UNet's many-channel convolutions at small spatial sizes pay most for oneDNN's per-call weight re-ordering
   // (256 px sd-turbo, bf16: 0.90 s -> 0.71 s per call). The autoencoders' few-channel, large-spatial convolutions

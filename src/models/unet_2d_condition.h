@@ -5,6 +5,7 @@
 // no mid block, UpBlock2D / CrossAttnUpBlock2D with skip connections, conv_norm_out + SiLU, conv_out. Per-block
 // lists (layers, transformer layers, heads, only_cross_attention) follow diffusers: the up path uses them reversed,
 // the mid block the last entry. Registered names are exactly diffusers' state-dict keys.
+#include <map>
 #include <string>
 #include <vector>
 
@@ -84,6 +85,11 @@ TORCH_MODULE(UNet2DConditionModel);
 // Builds the UNet from <unet_dir>/config.json and loads <unet_dir>/*.safetensors strictly (every key must match),
 // converting floating-point weights to `dtype` on `device`. The module is returned in eval mode.
 UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype = torch::kFloat,
+                               torch::Device device = torch::kCPU);
+// The same from a config and an in-memory state dict with diffusers keys (e.g. converted from a single-file
+// checkpoint by io/ldm_checkpoint); `source` names the weights in errors.
+UNet2DConditionModel load_unet(const UNet2DConditionConfig& config, const std::map<std::string, torch::Tensor>& weights,
+                               const std::string& source, torch::Dtype dtype = torch::kFloat,
                                torch::Device device = torch::kCPU);
 
 }  // namespace sd

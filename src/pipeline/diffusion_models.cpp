@@ -1,6 +1,8 @@
 #include "pipeline/diffusion_models.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <sstream>
 
 #include <torch/torch.h>
@@ -9,7 +11,10 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "io/json_config.h"
+#include "io/ldm_checkpoint.h"
 #include "io/model_folder.h"
+#include "io/safetensors.h"
+#include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
 #include "models/autoencoder_tiny.h"
 #include "models/clip_text_model.h"
@@ -28,15 +33,35 @@ constexpr double kLcmPipelineDefaultGuidance = 8.5;
 // replaces it, as in StreamDiffusionWrapper); only its config is read for the VAE scale factor.
 class StableDiffusionModels : public DiffusionModels {
  public:
-  StableDiffusionModels(const std::string& model_dir, const LoadOptions& opt)
+  StableDiffusionModels(const std::string& model_path, const LoadOptions& opt)
       : dtype_(opt.dtype), device_(parse_device(opt.device)) {
-    const ModelFolder folder = ModelFolder::open(model_dir);
-    dir_ = folder.dir();
-
-    sched_ = LCMSchedulerConfig::from_file(folder.config_path("scheduler"));
-    tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(folder.component_dir("tokenizer")));
-    text_encoder_ = load_clip_text_model(folder.component_dir("text_encoder"), dtype_, device_);
-    unet_ = load_unet(folder.component_dir("unet"), dtype_, device_);
+    dir_ = model_path;
+    std::string taesd = opt.taesd;
+    if (is_directory(model_path)) {
+      if (!opt.config.empty())
+        throw InvalidArgument("--config " + opt.config + " is for single-file checkpoints; " + model_path +
+                              " is a diffusers folder with its own configs");
+      const ModelFolder folder = ModelFolder::open(model_path);
+      dir_ = folder.dir();
+      nlohmann::json sched = read_json_file(folder.config_path("scheduler"));
+      if (!opt.prediction_type.empty()) sched["prediction_type"] = opt.prediction_type;
+      sched_ = LCMSchedulerConfig::from_json(sched, folder.config_path("scheduler"));
+      tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(
+          opt.tokenizer.empty() ? folder.component_dir("tokenizer") : opt.tokenizer));
+      text_encoder_ = load_clip_text_model(folder.component_dir("text_encoder"), dtype_, device_);
+      unet_ = load_unet(folder.component_dir("unet"), dtype_, device_);
+      const std::string vae_config_path = folder.config_path("vae");
+      vae_config_ = AutoencoderKLConfig::from_json(read_json_file(vae_config_path), vae_config_path);
+      if (taesd.empty()) taesd = opt.vae.empty() ? folder.taesd_dir().value_or("none") : "none";
+      if (taesd == "none") {
+        if (!opt.vae.empty())
+          load_vae_override(opt.vae);
+        else
+          vae_ = load_vae(folder.component_dir("vae"), dtype_, device_);
+      }
+    } else {
+      load_single_file(model_path, opt, taesd);
+    }
     if (const int64_t d = unet_->config().time_cond_proj_dim; d > 0) {
       lcm_guidance_ = opt.lcm_guidance.value_or(kLcmPipelineDefaultGuidance);
       if (!std::isfinite(lcm_guidance_)) throw InvalidArgument("LCM guidance scale must be finite");
@@ -47,24 +72,22 @@ class StableDiffusionModels : public DiffusionModels {
       throw InvalidArgument("LCM guidance (--lcm-guidance) was given but the UNet of " + dir_ +
                             " has no time_cond_proj_dim: only LCM-distilled UNets take a guidance embedding");
     }
+    if (taesd != "none" && !opt.vae.empty())
+      log::warn("--vae {} is not used: the TAESD {} encodes and decodes (give --taesd none to use the VAE)", opt.vae,
+                taesd);
 
-    const std::string vae_dir = folder.component_dir("vae");
-    const std::string vae_config_path = folder.config_path("vae");
-    vae_config_ = AutoencoderKLConfig::from_json(read_json_file(vae_config_path), vae_config_path);
-    vae_scale_factor_ = int64_t{1} << (vae_config_.block_out_channels.size() - 1);
-
-    std::string taesd = opt.taesd;
-    if (taesd.empty()) taesd = folder.taesd_dir().value_or("none");
     if (taesd != "none") {
       taesd_ = load_taesd(taesd, dtype_, device_);
       taesd_path_ = taesd;
       scaling_factor_ = taesd_->config().scaling_factor;
       latent_channels_ = taesd_->config().latent_channels;
     } else {
-      vae_ = load_vae(vae_dir, dtype_, device_);
+      if (!vae_) throw Error("internal: no autoencoder loaded");
+      vae_config_ = vae_->config();  // --vae: the loaded one's
       scaling_factor_ = vae_config_.scaling_factor;
       latent_channels_ = vae_config_.latent_channels;
     }
+    vae_scale_factor_ = int64_t{1} << (vae_config_.block_out_channels.size() - 1);
     if (latent_channels_ != unet_->config().in_channels)
       throw FormatError(dir_, "the autoencoder has " + std::to_string(latent_channels_) +
                                   " latent channels but the UNet takes " +
@@ -109,7 +132,8 @@ class StableDiffusionModels : public DiffusionModels {
   const LCMSchedulerConfig& scheduler_config() const override { return sched_; }
   std::string describe() const override {
     std::ostringstream o;
-    o << dir_ << " (text " << text_hidden_ << "-d, autoencoder "
+    o << dir_ << " (" << (single_file_note_.empty() ? "" : single_file_note_ + ", ") << "text " << text_hidden_
+      << "-d, autoencoder "
       << (taesd_ ? "TAESD " + taesd_path_ : std::string("AutoencoderKL")) << ", " << dtype_name(dtype_) << ", "
       << device_;
     if (timestep_cond_.defined()) o << ", LCM guidance " << lcm_guidance_;
@@ -118,9 +142,136 @@ class StableDiffusionModels : public DiffusionModels {
   }
 
  private:
+  // --vae: a diffusers folder or a .safetensors file (diffusers, original or first_stage_model. keys). A file's
+  // architecture is read from its shapes; GroupNorm groups and the scaling factor (not in the weights) are kept
+  // from the model's own VAE config (vae_config_, set before this is called).
+  void load_vae_override(const std::string& path) {
+    refuse_pickle(path);
+    if (is_directory(path)) {
+      vae_ = load_vae(path, dtype_, device_);
+      vae_path_ = path;
+      return;
+    }
+    const auto file = SafeTensorsFile::open(path);
+    const auto vinfo = convert::inspect_vae_file(file);
+    nlohmann::json cfg_json = vinfo.config;
+    cfg_json["norm_num_groups"] = vae_config_.norm_num_groups;
+    cfg_json["scaling_factor"] = vae_config_.scaling_factor;
+    const auto cfg = AutoencoderKLConfig::from_json(cfg_json, path + " (inferred AutoencoderKL config)");
+    std::map<std::string, torch::Tensor> weights;
+    if (vinfo.layout == convert::VaeFileLayout::Diffusers) {
+      weights = file.load_all();
+    } else {
+      const auto table = convert::vae_ldm_table(module_keys(AutoencoderKL(cfg)), vinfo.prefix);
+      weights = convert::gather_ldm(file, table, "VAE");
+    }
+    vae_ = load_vae(cfg, weights, path, dtype_, device_);
+    vae_path_ = path;
+  }
+
+  template <typename M>
+  static std::vector<std::string> module_keys(const M& m) {
+    std::vector<std::string> keys;
+    for (const auto& kv : state_dict(*m)) keys.push_back(kv.first);
+    return keys;
+  }
+
+  // A component's config: <config>/<sub>/<file> when --config has it, else the inferred one.
+  static nlohmann::json config_or(const std::string& config_dir, const std::string& sub, const std::string& file,
+                                  const nlohmann::json& inferred, std::string& source, const std::string& path) {
+    if (!config_dir.empty()) {
+      const std::string p = (std::filesystem::path(config_dir) / sub / file).string();
+      if (is_file(p)) {
+        source = p;
+        return read_json_file(p);
+      }
+    }
+    source = path + " (" + sub + " config inferred from the weights and family defaults)";
+    return inferred;
+  }
+
+  void load_single_file(const std::string& path, const LoadOptions& opt, std::string& taesd) {
+    refuse_pickle(path);
+    if (!is_file(path)) throw FormatError(path, "no such file or folder (expected a diffusers model folder or a "
+                                                "single-file .safetensors checkpoint)");
+    if (!opt.config.empty() && !is_directory(opt.config))
+      throw FormatError(opt.config, "--config: not a directory (expected a diffusers folder of config files)");
+    const auto file = SafeTensorsFile::open(path);  // the header; each component maps the file on its own:
+    const auto info = convert::inspect_ldm_checkpoint(file, opt.prediction_type);
+    // When the weights are cast (bf16 / fp16 runs, fp16 files) nothing aliases a component's mapping after its load,
+    // so it is unmapped and its pages leave the RSS before the next component is read (one mapping for all would
+    // keep every touched page until the end: sd-turbo in bf16 peaked at 9.40 GB that way, 7.59 GB like this, as the
+    // folder's 7.56 GB).
+    const auto own_mapping = [&] { return SafeTensorsFile::open(path); };
+    if (!info.has_text_encoder)
+      throw FormatError(path, "no text encoder (cond_stage_model.transformer.* for SD 1.x or cond_stage_model.model.* "
+                              "for SD 2.x): a single file must hold UNet, text encoder and (unless --taesd / --vae) "
+                              "the VAE");
+    std::string src;
+    // Scheduler: --prediction-type wins over the config's.
+    nlohmann::json sched = config_or(opt.config, "scheduler", "scheduler_config.json", info.scheduler_config, src, path);
+    std::string pred_note = info.prediction_type_note;
+    if (!opt.prediction_type.empty()) {
+      sched["prediction_type"] = opt.prediction_type;
+      pred_note = "given";
+    } else if (src.find("inferred") == std::string::npos) {
+      pred_note = "from " + src;
+    }
+    sched_ = LCMSchedulerConfig::from_json(sched, src);
+
+    // Tokenizer: --tokenizer, --config's tokenizer/, the shipped CLIP vocabulary (SD 2.x pads with "!").
+    std::string tok = opt.tokenizer, pad;
+    if (tok.empty() && !opt.config.empty() && is_file(opt.config + "/tokenizer/vocab.json")) tok = opt.config + "/tokenizer";
+    if (tok.empty()) {
+      tok = find_clip_tokenizer_dir();
+      if (tok.empty())
+        throw FormatError(path, "a single file has no tokenizer and the shipped models/clip-tokenizer was not found; "
+                                "give --tokenizer DIR (a CLIP tokenizer folder with vocab.json and merges.txt) or set "
+                                "SD_CLIP_TOKENIZER");
+      if (info.family == convert::LdmFamily::SD2) pad = "!";
+    }
+    tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(tok, pad));
+
+    const auto te_cfg = CLIPTextConfig::from_json(
+        config_or(opt.config, "text_encoder", "config.json", info.text_encoder_config, src, path), src);
+    {
+      const auto table = convert::text_encoder_ldm_table(module_keys(CLIPTextModel(te_cfg)), info.text_layout);
+      text_encoder_ = load_clip_text_model(te_cfg, convert::gather_ldm(own_mapping(), table, "text encoder"), path, dtype_,
+                                           device_);
+    }
+    const auto unet_cfg = UNet2DConditionConfig::from_json(
+        config_or(opt.config, "unet", "config.json", info.unet_config, src, path), src);
+    {
+      const auto table = convert::unet_ldm_table(module_keys(UNet2DConditionModel(unet_cfg)));
+      unet_ = load_unet(unet_cfg, convert::gather_ldm(own_mapping(), table, "UNet"), path, dtype_, device_);
+    }
+    // The VAE config (its scale factor is used even with TAESD); the family's SD VAE when the file has none.
+    nlohmann::json vae_inferred = info.vae_config;
+    if (vae_inferred.is_null())
+      vae_inferred = {{"block_out_channels", {128, 256, 512, 512}}, {"layers_per_block", 2},
+                      {"down_block_types", std::vector<std::string>(4, "DownEncoderBlock2D")},
+                      {"up_block_types", std::vector<std::string>(4, "UpDecoderBlock2D")}, {"latent_channels", 4},
+                      {"scaling_factor", 0.18215}};
+    vae_config_ = AutoencoderKLConfig::from_json(config_or(opt.config, "vae", "config.json", vae_inferred, src, path), src);
+    if (taesd.empty()) taesd = "none";
+    if (taesd == "none") {
+      if (!opt.vae.empty()) {
+        load_vae_override(opt.vae);
+      } else {
+        if (!info.has_vae)
+          throw FormatError(path, "no VAE in this single file (no first_stage_model.* tensors): give --vae FILE|DIR "
+                                  "(an AutoencoderKL) or --taesd DIR");
+        const auto table = convert::vae_ldm_table(module_keys(AutoencoderKL(vae_config_)));
+        vae_ = load_vae(vae_config_, convert::gather_ldm(own_mapping(), table, "VAE"), path, dtype_, device_);
+      }
+    }
+    single_file_note_ = std::string("single file, ") + convert::family_name(info.family) + ", prediction " +
+                        sched_.prediction_type + " " + pred_note;
+  }
+
   c10::ScalarType dtype_;
   c10::Device device_;
-  std::string dir_, taesd_path_;
+  std::string dir_, taesd_path_, vae_path_, single_file_note_;
   LCMSchedulerConfig sched_;
   std::unique_ptr<ClipTokenizer> tokenizer_;
   CLIPTextModel text_encoder_{nullptr};
@@ -135,6 +286,36 @@ class StableDiffusionModels : public DiffusionModels {
 };
 
 }  // namespace
+
+std::string find_clip_tokenizer_dir() {
+  namespace fs = std::filesystem;
+  const fs::path rel = fs::path("models") / "clip-tokenizer";
+  auto ok = [](const fs::path& p) { return is_file((p / "vocab.json").string()) && is_file((p / "merges.txt").string()); };
+  if (const char* env = std::getenv("SD_CLIP_TOKENIZER"); env && *env) return env;
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec)
+    for (fs::path d = exe.parent_path(); !d.empty() && d != d.root_path(); d = d.parent_path())
+      if (ok(d / rel)) return (d / rel).string();
+#ifdef SD_SOURCE_DIR
+  if (ok(fs::path(SD_SOURCE_DIR) / rel)) return (fs::path(SD_SOURCE_DIR) / rel).string();
+#endif
+  if (ok(rel)) return rel.string();
+  return "";
+}
+
+void refuse_pickle(const std::string& path) {
+  const std::string ext = std::filesystem::path(path).extension().string();
+  if (ext != ".ckpt" && ext != ".bin" && ext != ".pt" && ext != ".pth" && ext != ".pkl") return;
+  const std::string out = std::filesystem::path(path).replace_extension(".safetensors").string();
+  throw FormatError(path, "pickled checkpoints are refused: loading a pickle (" + ext +
+                              ") runs whatever code it contains (arbitrary code execution). Convert it once, in a "
+                              "Python you trust with this file, to .safetensors (tensors only): python -c \"import "
+                              "torch, safetensors.torch as st; sd = torch.load('" + path +
+                              "', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+                              "st.save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}, '" +
+                              out + "')\"");
+}
 
 std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_dir, const LoadOptions& options) {
   if (options.dtype == c10::kHalf && parse_device(options.device).is_cpu())

@@ -51,16 +51,39 @@ struct LoadOptions {
   c10::ScalarType dtype = c10::kFloat;
   std::string device = "cpu";
   int threads = 0;  // 0 = all cores; < 0 = leave libtorch's setting alone
-  // TAESD folder; "none" = use the AutoencoderKL; empty = <model>/taesd when present, else the AutoencoderKL.
+  // TAESD folder; "none" = use the AutoencoderKL; empty = <model>/taesd when present, else the AutoencoderKL
+  // (also "none" when `vae` is given).
   std::string taesd;
   // Guidance scale W of LCM-distilled UNets (config time_cond_proj_dim, e.g. LCM-Dreamshaper): every UNet call gets
   // timestep_cond = get_guidance_scale_embedding(W - 1), as diffusers' LatentConsistencyModelPipeline does. Unset:
   // that pipeline's default 8.5. Given for a UNet without time_cond_proj_dim: InvalidArgument.
   std::optional<double> lcm_guidance;
+  // AutoencoderKL from elsewhere: a diffusers folder (AutoencoderKL or pipeline) or a .safetensors file in diffusers,
+  // original (encoder.down.*) or full-checkpoint (first_stage_model.*) layout. Empty = the model's own.
+  std::string vae;
+  // Single-file checkpoints only: a diffusers folder of config files (model_index.json, unet/config.json,
+  // vae/config.json, text_encoder/config.json, scheduler/scheduler_config.json, optionally tokenizer/) that
+  // replaces what is inferred from the weights and the family defaults.
+  std::string config;
+  // CLIP tokenizer folder (vocab.json + merges.txt). Empty = the model folder's, else --config's tokenizer/, else
+  // the shipped models/clip-tokenizer (find_clip_tokenizer_dir()).
+  std::string tokenizer;
+  // "" = the scheduler config's (single files: the family default, epsilon), else "epsilon" | "v_prediction".
+  std::string prediction_type;
 };
 
-// Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config of a diffusers
-// StableDiffusionPipeline folder once. The result is immutable and can be shared by several streams.
-std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_dir, const LoadOptions& options = {});
+// Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config once, from a diffusers
+// StableDiffusionPipeline folder or an original-layout (LDM) single .safetensors file (converted at load by
+// io/ldm_checkpoint). Pickled .ckpt / .bin / .pt files are refused (unpickling runs arbitrary code) with the command
+// that converts them. The result is immutable and can be shared by several streams.
+std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_path, const LoadOptions& options = {});
+
+// The shipped CLIP BPE vocabulary (models/clip-tokenizer): $SD_CLIP_TOKENIZER, else models/clip-tokenizer in a folder
+// above the executable, in the source tree, or in the working directory; "" when none is found.
+std::string find_clip_tokenizer_dir();
+
+// FormatError for pickled checkpoints (.ckpt, .bin, .pt, .pth, .pkl): why they are refused and the one-line
+// conversion. No-op for other names.
+void refuse_pickle(const std::string& path);
 
 }  // namespace sd

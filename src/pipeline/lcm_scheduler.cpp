@@ -33,9 +33,9 @@ LCMSchedulerConfig LCMSchedulerConfig::from_json(const nlohmann::json& j, const 
   if (r.has("trained_betas")) r.fail("trained_betas", "null (explicit beta tables are not supported)");
   if (r.get_bool("rescale_betas_zero_snr", false))
     r.fail("rescale_betas_zero_snr", "false (zero-terminal-SNR schedules are not supported)");
-  const std::string pred = r.get_string("prediction_type", "epsilon");
-  if (pred != "epsilon")
-    r.fail("prediction_type", "\"epsilon\" (StreamDiffusion's formulas assume an epsilon-predicting UNet)");
+  c.prediction_type = r.get_string("prediction_type", "epsilon");
+  if (c.prediction_type != "epsilon" && c.prediction_type != "v_prediction")
+    r.fail("prediction_type", "\"epsilon\" or \"v_prediction\" (\"sample\" is not supported)");
 
   // Read by LCMScheduler but irrelevant to what StreamDiffusion uses (set_timesteps / scalings / alphas_cumprod).
   for (const char* k : {"_class_name", "_diffusers_version", "clip_sample", "clip_sample_range",

@@ -17,10 +17,14 @@ struct LCMSchedulerConfig {
   std::string beta_schedule = "scaled_linear";  // "scaled_linear" | "linear"
   int64_t original_inference_steps = 50;        // LCM default; SD model configs usually lack it
   double timestep_scaling = 10.0;               // LCM default
+  // What the UNet predicts: "epsilon" (noise) or "v_prediction" (v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0, SD 2.x 768-v). The
+  // stream converts v to ε per row (ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t) before guidance, so its formulas stay ε-based.
+  std::string prediction_type = "epsilon";
 
   // scheduler/scheduler_config.json. Keys that only LCMScheduler.step() reads (clip_sample, thresholding, ...) are
   // accepted and ignored; keys that would change the schedule in a way this port does not implement
-  // (trained_betas, rescale_betas_zero_snr, a prediction_type other than "epsilon") are a FormatError; unknown keys
+  // (trained_betas, rescale_betas_zero_snr, a prediction_type other than "epsilon" / "v_prediction") are a
+  // FormatError; unknown keys
   // are only logged (the original warns too, issue #130).
   static LCMSchedulerConfig from_json(const nlohmann::json& j, const std::string& file);
   static LCMSchedulerConfig from_file(const std::string& path);

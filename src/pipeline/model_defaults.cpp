@@ -10,7 +10,9 @@
 
 #include "core/error.h"
 #include "io/json_config.h"
+#include "io/ldm_checkpoint.h"
 #include "io/model_folder.h"
+#include "io/safetensors.h"
 
 namespace sd {
 
@@ -111,14 +113,30 @@ void read_mode(const json& j, const std::string& file, const std::string& prefix
   }
 }
 
-// Family recognition and its recommended settings (used when streamdiffusion.json does not set them).
-void family_defaults(const std::string& dir, ModelDefaults& d) {
-  const json index = config_or_empty(dir + "/model_index.json");
-  const json unet = config_or_empty(dir + "/unet/config.json");
-  const json sched = config_or_empty(dir + "/scheduler/scheduler_config.json");
+// The configs a family and a native size are read from (a folder's files, or what a single file's weights tell).
+struct ModelConfigs {
+  json index = json::object(), unet = json::object(), vae = json::object(), sched = json::object();
+  std::string name;  // folder or file name, lower-cased (turbo / lcm are recognised from it too)
+};
+
+ModelConfigs folder_configs(const std::string& dir) {
+  ModelConfigs c;
+  c.index = config_or_empty(dir + "/model_index.json");
+  c.unet = config_or_empty(dir + "/unet/config.json");
+  c.vae = config_or_empty(dir + "/vae/config.json");
+  c.sched = config_or_empty(dir + "/scheduler/scheduler_config.json");
   fs::path norm = fs::path(dir).lexically_normal();
   if (norm.filename().empty()) norm = norm.parent_path();  // "models/sd-turbo/"
-  const std::string name = lower(norm.filename().string());
+  c.name = lower(norm.filename().string());
+  return c;
+}
+
+// Family recognition and its recommended settings (used when streamdiffusion.json does not set them).
+void family_defaults(const ModelConfigs& c, ModelDefaults& d) {
+  const json& index = c.index;
+  const json& unet = c.unet;
+  const json& sched = c.sched;
+  const std::string& name = c.name;
   const int64_t ctx = unet.contains("cross_attention_dim") ? first_int(unet["cross_attention_dim"], 0) : 0;
   const bool sdxl = index.contains("text_encoder_2") || ctx == 2048 ||
                     (unet.contains("addition_embed_type") && unet["addition_embed_type"] == "text_time");
@@ -220,13 +238,39 @@ void apply_recommendations_json(const std::string& json_text, const std::string&
   d.warnings.clear();  // the model's author chose these settings
 }
 
-ModelDefaults read_model_defaults(const std::string& model_path) {
+ModelDefaults read_model_defaults(const std::string& model_path, const std::string& config_dir,
+                                  const std::string& prediction_type) {
   ModelDefaults d;
-  if (!is_directory(model_path) || !is_file(model_path + "/model_index.json")) return d;
-  family_defaults(model_path, d);
+  std::string folder = model_path;
+  ModelConfigs c;
+  if (is_directory(model_path)) {
+    if (!is_file(model_path + "/model_index.json")) return d;
+    c = folder_configs(model_path);
+  } else if (!config_dir.empty()) {
+    // A single file with --config: the config folder says what the weights cannot.
+    if (!is_directory(config_dir)) return d;
+    folder = config_dir;
+    c = folder_configs(config_dir);
+    c.name = lower(fs::path(model_path).stem().string());
+  } else {
+    // A single file: the configs inferred from its weights (io/ldm_checkpoint), its name for turbo / lcm.
+    try {
+      const auto file = SafeTensorsFile::open(model_path);
+      if (!convert::is_ldm_checkpoint(file)) return d;
+      const convert::LdmCheckpointInfo info = convert::inspect_ldm_checkpoint(file, prediction_type);
+      c.unet = info.unet_config;
+      c.vae = info.vae_config;
+      c.sched = info.scheduler_config;
+      c.name = lower(fs::path(model_path).stem().string());
+    } catch (const Error&) {
+      return d;  // not readable: loading reports it with context
+    }
+    folder.clear();
+  }
+  family_defaults(c, d);
 
-  const json unet = config_or_empty(model_path + "/unet/config.json");
-  const json vae = config_or_empty(model_path + "/vae/config.json");
+  const json& unet = c.unet;
+  const json& vae = c.vae;
   const int64_t sample = unet.contains("sample_size") ? first_int(unet["sample_size"], 0) : 0;
   const int64_t levels = vae.contains("block_out_channels") && vae["block_out_channels"].is_array()
                              ? static_cast<int64_t>(vae["block_out_channels"].size())
@@ -237,8 +281,8 @@ ModelDefaults read_model_defaults(const std::string& model_path) {
     d.native_size_reason = "UNet sample_size " + std::to_string(sample) + " x VAE scale factor " + std::to_string(scale);
   }
 
-  const std::string rec = model_path + "/" + kRecommendationsFile;
-  if (is_file(rec)) {
+  const std::string rec = folder + "/" + kRecommendationsFile;
+  if (!folder.empty() && is_file(rec)) {
     std::ifstream in(rec, std::ios::binary);
     std::stringstream ss;
     ss << in.rdbuf();

@@ -47,9 +47,13 @@ struct ModelDefaults {
   const ModeRecommendation& mode(bool txt2img_mode) const { return txt2img_mode ? txt2img : img2img; }
 };
 
-// Reads the folder's configs (never weights). A path that is not a model folder gives empty defaults (loading
-// reports that later); a malformed streamdiffusion.json is a FormatError naming the file and field.
-ModelDefaults read_model_defaults(const std::string& model_path);
+// Reads the folder's configs (never weights). A single-file checkpoint is read through `config_dir` (--config: its
+// configs and streamdiffusion.json) or else through the configs its tensor names and shapes tell (headers only). A
+// path that is neither gives empty defaults (loading reports that later); a malformed streamdiffusion.json is a
+// FormatError naming the file and field.
+// `prediction_type` (--prediction-type) picks the SD 2.x variant of a single file (v_prediction = the 768 px model).
+ModelDefaults read_model_defaults(const std::string& model_path, const std::string& config_dir = "",
+                                  const std::string& prediction_type = "");
 
 // Parses a streamdiffusion.json document into `d` (fields present override); `file` names errors.
 void apply_recommendations_json(const std::string& json_text, const std::string& file, ModelDefaults& d);

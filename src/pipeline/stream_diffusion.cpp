@@ -478,7 +478,18 @@ torch::Tensor StreamDiffusion::unet_step(const torch::Tensor& x, const torch::Te
     x_in = torch::cat({x, x}, 0);
     t_in = torch::cat({t_list, t_list}, 0);
   }
-  const Tensor pred = call_unet(x_in, t_in, prompt_embeds_);
+  Tensor pred = call_unet(x_in, t_in, prompt_embeds_);
+  if (scheduler_.config().prediction_type == "v_prediction") {
+    // A v-predicting UNet (SD 2.x 768-v): ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t per UNet row, so guidance, RCFG and the
+    // LCM step below stay the ε formulas of the original (guidance is linear, so guiding v or ε is the same).
+    auto rows = [&](const Tensor& c) -> Tensor {
+      if (idx >= 0) return c[idx];
+      if (guided && cfg == CfgType::Initialize) return torch::cat({c.slice(0, 0, F), c}, 0);
+      if (guided && cfg == CfgType::Full) return torch::cat({c, c}, 0);
+      return c;
+    };
+    pred = rows(alpha_) * pred + rows(beta_) * x_in;
+  }
 
   Tensor eps_c, eps_u;
   if (guided && cfg == CfgType::Initialize) {

@@ -235,7 +235,7 @@ std::vector<int64_t> ClipTokenizer::Core::ids(const std::string& text) const {
   return out;
 }
 
-ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
+ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir, const std::string& pad_override) {
   if (!fs::is_directory(tokenizer_dir))
     throw FormatError(tokenizer_dir,
                       "not a directory (expected a CLIP tokenizer folder with vocab.json and merges.txt)");
@@ -376,6 +376,7 @@ ClipTokenizer ClipTokenizer::from_folder(const std::string& tokenizer_dir) {
     read_token_field(j, special_path, "eos_token", eos);
     read_token_field(j, special_path, "pad_token", pad);
   }
+  if (!pad_override.empty()) pad = TokenSetting{pad_override, ""};
   auto token_id = [&](const TokenSetting& t, const char* what) -> int64_t {
     auto it = core->vocab.find(t.content);
     if (it == core->vocab.end())

@@ -33,7 +33,9 @@ class ClipTokenizer {
   // (optional: bos/eos/pad tokens as strings or {"content": ...}, model_max_length; special_tokens_map.json wins
   // as in transformers). FormatError naming the file for anything missing or malformed, or a special token that
   // is not in the vocabulary.
-  static ClipTokenizer from_folder(const std::string& tokenizer_dir);
+  // A non-empty `pad_token` replaces the folder's pad token (SD 2.x pads with "!" where SD 1.x pads with
+  // <|endoftext|>; the shipped models/clip-tokenizer serves both).
+  static ClipTokenizer from_folder(const std::string& tokenizer_dir, const std::string& pad_token = "");
 
   // max_length() ids: bos + bpe_ids[:max_length-2] + eos + pad...
   std::vector<int64_t> encode(const std::string& text) const;

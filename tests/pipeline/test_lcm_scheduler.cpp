@@ -111,11 +111,15 @@ TEST(LcmScheduler, ConfigParsing) {
   auto bad_schedule = j;
   bad_schedule["beta_schedule"] = "squaredcos_cap_v2";
   EXPECT_THROW(LCMSchedulerConfig::from_json(bad_schedule, "sched.json"), FormatError);
+  EXPECT_EQ(c.prediction_type, "epsilon");
   auto vpred = j;
-  vpred["prediction_type"] = "v_prediction";
+  vpred["prediction_type"] = "v_prediction";  // SD 2.x 768-v: the stream converts v to epsilon per row
+  EXPECT_EQ(LCMSchedulerConfig::from_json(vpred, "sched.json").prediction_type, "v_prediction");
+  auto sample = j;
+  sample["prediction_type"] = "sample";
   try {
-    LCMSchedulerConfig::from_json(vpred, "sched.json");
-    FAIL() << "v_prediction accepted";
+    LCMSchedulerConfig::from_json(sample, "sched.json");
+    FAIL() << "prediction_type sample accepted";
   } catch (const FormatError& e) {
     EXPECT_NE(std::string(e.what()).find("prediction_type"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("sched.json"), std::string::npos) << e.what();

@@ -32,6 +32,7 @@ const char* kCases = "pipeline/cases.json";
 struct GoldenCase {
   int index;
   std::string name;
+  std::string single_file;  // "" = the diffusers folder; else single_file/<file> loaded with --config <folder>
 };
 
 std::vector<GoldenCase> golden_cases() {
@@ -39,18 +40,42 @@ std::vector<GoldenCase> golden_cases() {
   if (!test::fixture_exists(kCases)) return out;
   const auto j = read_json_file(test::fixture_path(kCases));
   int i = 0;
-  for (const auto& c : j.at("cases")) out.push_back({i++, c.at("params").at("name").get<std::string>()});
+  for (const auto& c : j.at("cases")) out.push_back({i++, c.at("params").at("name").get<std::string>(), ""});
+  return out;
+}
+
+// The same cases replayed through a single-file (LDM layout) load: every float32 file of single_file/cases.json
+// holds exactly its folder's weights, so the recorded runs apply unchanged. The AutoencoderKL cases are taken (they
+// run all three converted components).
+std::vector<GoldenCase> single_file_cases() {
+  std::vector<GoldenCase> out;
+  if (!test::fixture_exists(kCases) || !test::fixture_exists("single_file/cases.json")) return out;
+  const auto files = read_json_file(test::fixture_path("single_file/cases.json"));
+  const auto j = read_json_file(test::fixture_path(kCases));
+  for (const auto& f : files.at("files")) {
+    if (f.at("dtype") != "float32") continue;
+    const std::string folder = f.at("equal_diffusers_folder").get<std::string>();
+    int i = 0;
+    for (const auto& c : j.at("cases")) {
+      const auto& p = c.at("params");
+      if ("models/" + p.at("model").get<std::string>() == folder && p.at("vae") == "autoencoderkl" &&
+          c.at("result").at("ok").get<bool>())
+        out.push_back({i, p.at("name").get<std::string>(), f.at("file").get<std::string>()});
+      ++i;
+    }
+  }
   return out;
 }
 
 void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.name; }
 
 // Models are loaded once per (model, autoencoder) and shared by the cases, as the library intends.
-std::shared_ptr<const DiffusionModels> models_for(const std::string& model, const std::string& vae) {
+std::shared_ptr<const DiffusionModels> models_for(const std::string& model, const std::string& vae,
+                                                  const std::string& single_file = "") {
   static std::mutex mu;
   static std::map<std::string, std::shared_ptr<const DiffusionModels>> cache;
   std::lock_guard<std::mutex> lock(mu);
-  const std::string key = model + "/" + vae;
+  const std::string key = model + "/" + vae + "/" + single_file;
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   LoadOptions opt;
@@ -61,7 +86,8 @@ std::shared_ptr<const DiffusionModels> models_for(const std::string& model, cons
     opt.taesd = "none";
   else
     throw FormatError(kCases, "unknown vae '" + vae + "'");
-  auto m = load_pipeline(test::fixture_path("models/" + model), opt);
+  if (!single_file.empty()) opt.config = test::fixture_path("models/" + model);
+  auto m = load_pipeline(test::fixture_path(single_file.empty() ? "models/" + model : "single_file/" + single_file), opt);
   cache[key] = m;
   return m;
 }
@@ -195,7 +221,7 @@ TEST_P(PipelineGolden, MatchesReference) {
   if (!test::fixture_exists("models/" + model)) GTEST_SKIP() << "model " << model << " not in the fixture root";
   const auto f = SafeTensorsFile::open(test::fixture_path("pipeline/" + c.at("file").get<std::string>()));
   const auto imgs = SafeTensorsFile::open(test::fixture_path("pipeline/input_images.safetensors"));
-  auto models = models_for(model, p.at("vae").get<std::string>());
+  auto models = models_for(model, p.at("vae").get<std::string>(), GetParam().single_file);
   const StreamConfig cfg = config_from(p, f, models->vae_scale_factor());
   const bool ok = result.at("ok").get<bool>();
   const std::string mode = p.at("mode").get<std::string>();
@@ -319,6 +345,8 @@ TEST_P(PipelineGolden, MatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(Fixture, PipelineGolden, ::testing::ValuesIn(golden_cases()),
                          [](const auto& info) { return test::test_name(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(SingleFile, PipelineGolden, ::testing::ValuesIn(single_file_cases()),
+                         [](const auto& info) { return test::test_name(info.param.single_file + "_" + info.param.name); });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(PipelineGolden);
 
 }  // namespace

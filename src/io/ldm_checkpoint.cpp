@@ -1,0 +1,712 @@
+#include "io/ldm_checkpoint.h"
+
+#include <algorithm>
+#include <set>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace sd::convert {
+
+namespace {
+
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  std::stringstream ss(s);
+  while (std::getline(ss, cur, '.')) out.push_back(cur);
+  return out;
+}
+
+std::string join(const std::vector<std::string>& v, size_t from) {
+  std::string out;
+  for (size_t i = from; i < v.size(); ++i) out += (i > from ? "." : "") + v[i];
+  return out;
+}
+
+bool is_index(const std::string& s) {
+  return !s.empty() && s.size() < 7 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+int to_index(const std::string& s) { return std::stoi(s); }
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+[[noreturn]] void no_place(const std::string& component, const std::string& key) {
+  throw InvalidArgument(component + " key '" + key +
+                        "' has no place in the original (LDM) checkpoint layout (a feature LDM files do not have)");
+}
+
+// ---- UNet -------------------------------------------------------------------------------------------------------
+
+// diffusers ResnetBlock2D names -> openaimodel ResBlock names.
+std::string unet_resnet(const std::vector<std::string>& t, size_t from, const std::string& key) {
+  static const std::map<std::string, std::string> m = {{"norm1", "in_layers.0"},        {"conv1", "in_layers.2"},
+                                                       {"time_emb_proj", "emb_layers.1"}, {"norm2", "out_layers.0"},
+                                                       {"conv2", "out_layers.3"},       {"conv_shortcut", "skip_connection"}};
+  if (from >= t.size()) no_place("UNet", key);
+  auto it = m.find(t[from]);
+  if (it == m.end()) no_place("UNet", key);
+  return it->second + "." + join(t, from + 1);
+}
+
+struct BlockShape {
+  std::set<int> resnets, attentions;
+  bool sampler = false;
+};
+
+}  // namespace
+
+LdmTable unet_ldm_table(const std::vector<std::string>& keys, const std::string& prefix) {
+  // The block structure from the keys themselves: resnets / attentions / samplers per down and up block.
+  std::map<int, BlockShape> down, up;
+  for (const auto& k : keys) {
+    const auto t = split(k);
+    if (t.size() < 4 || (t[0] != "down_blocks" && t[0] != "up_blocks") || !is_index(t[1])) continue;
+    auto& b = (t[0] == "down_blocks" ? down : up)[to_index(t[1])];
+    if ((t[2] == "resnets" || t[2] == "attentions") && is_index(t[3]))
+      (t[2] == "resnets" ? b.resnets : b.attentions).insert(to_index(t[3]));
+    else if (t[2] == "downsamplers" || t[2] == "upsamplers")
+      b.sampler = true;
+  }
+  std::map<int, int> down_base, up_base;  // first input_blocks / output_blocks index of each block
+  int next = 1;
+  for (auto& [i, b] : down) {
+    down_base[i] = next;
+    next += static_cast<int>(b.resnets.size()) + (b.sampler ? 1 : 0);
+  }
+  next = 0;
+  for (auto& [i, b] : up) {
+    up_base[i] = next;
+    next += static_cast<int>(b.resnets.size());
+  }
+
+  LdmTable table;
+  for (const auto& k : keys) {
+    const auto t = split(k);
+    std::string ldm;
+    if (starts_with(k, "conv_in.")) {
+      ldm = "input_blocks.0.0." + join(t, 1);
+    } else if (starts_with(k, "time_embedding.linear_1.")) {
+      ldm = "time_embed.0." + join(t, 2);
+    } else if (starts_with(k, "time_embedding.linear_2.")) {
+      ldm = "time_embed.2." + join(t, 2);
+    } else if (starts_with(k, "conv_norm_out.")) {
+      ldm = "out.0." + join(t, 1);
+    } else if (starts_with(k, "conv_out.")) {
+      ldm = "out.2." + join(t, 1);
+    } else if (starts_with(k, "add_embedding.linear_1.")) {
+      ldm = "label_emb.0.0." + join(t, 2);
+    } else if (starts_with(k, "add_embedding.linear_2.")) {
+      ldm = "label_emb.0.2." + join(t, 2);
+    } else if (t.size() >= 5 && t[0] == "down_blocks" && is_index(t[1])) {
+      const int i = to_index(t[1]);
+      const auto& b = down.at(i);
+      if ((t[2] == "resnets" || t[2] == "attentions") && is_index(t[3])) {
+        // Position of resnet j among the level's resnets (diffusers numbers them 0..L-1).
+        const int j = to_index(t[3]);
+        const std::string idx = std::to_string(down_base.at(i) + j);
+        ldm = t[2] == "resnets" ? "input_blocks." + idx + ".0." + unet_resnet(t, 4, k)
+                                : "input_blocks." + idx + ".1." + join(t, 4);
+      } else if (t[2] == "downsamplers" && t[3] == "0" && t[4] == "conv") {
+        ldm = "input_blocks." + std::to_string(down_base.at(i) + static_cast<int>(b.resnets.size())) + ".0.op." +
+              join(t, 5);
+      } else {
+        no_place("UNet", k);
+      }
+    } else if (t.size() >= 4 && t[0] == "mid_block" && is_index(t[2])) {
+      if (t[1] == "resnets" && (t[2] == "0" || t[2] == "1"))
+        ldm = std::string("middle_block.") + (t[2] == "0" ? "0." : "2.") + unet_resnet(t, 3, k);
+      else if (t[1] == "attentions" && t[2] == "0")
+        ldm = "middle_block.1." + join(t, 3);
+      else
+        no_place("UNet", k);
+    } else if (t.size() >= 5 && t[0] == "up_blocks" && is_index(t[1])) {
+      const int i = to_index(t[1]);
+      const auto& b = up.at(i);
+      if ((t[2] == "resnets" || t[2] == "attentions") && is_index(t[3])) {
+        const std::string idx = std::to_string(up_base.at(i) + to_index(t[3]));
+        ldm = t[2] == "resnets" ? "output_blocks." + idx + ".0." + unet_resnet(t, 4, k)
+                                : "output_blocks." + idx + ".1." + join(t, 4);
+      } else if (t[2] == "upsamplers" && t[3] == "0" && t[4] == "conv") {
+        const int idx = up_base.at(i) + static_cast<int>(b.resnets.size()) - 1;
+        ldm = "output_blocks." + std::to_string(idx) + "." + (b.attentions.empty() ? "1" : "2") + ".conv." +
+              join(t, 5);
+      } else {
+        no_place("UNet", k);
+      }
+    } else {
+      no_place("UNet", k);
+    }
+    table.push_back({k, prefix + ldm, LdmEntry::Op::Copy, 0, 1});
+  }
+  return table;
+}
+
+// ---- VAE --------------------------------------------------------------------------------------------------------
+
+namespace {
+std::string vae_resnet(const std::vector<std::string>& t, size_t from, const std::string& key) {
+  if (from >= t.size()) no_place("AutoencoderKL", key);
+  if (t[from] == "conv_shortcut") return "nin_shortcut." + join(t, from + 1);
+  if (t[from] == "norm1" || t[from] == "conv1" || t[from] == "norm2" || t[from] == "conv2") return join(t, from);
+  no_place("AutoencoderKL", key);
+}
+}  // namespace
+
+LdmTable vae_ldm_table(const std::vector<std::string>& keys, const std::string& prefix) {
+  std::set<int> up_levels;
+  for (const auto& k : keys) {
+    const auto t = split(k);
+    if (t.size() > 2 && t[0] == "decoder" && t[1] == "up_blocks" && is_index(t[2])) up_levels.insert(to_index(t[2]));
+  }
+  const int n = static_cast<int>(up_levels.size());
+  LdmTable table;
+  for (const auto& k : keys) {
+    const auto t = split(k);
+    std::string ldm;
+    LdmEntry::Op op = LdmEntry::Op::Copy;
+    if (starts_with(k, "quant_conv.") || starts_with(k, "post_quant_conv.")) {
+      ldm = k;
+    } else if (t.size() >= 3 && (t[0] == "encoder" || t[0] == "decoder")) {
+      const std::string& side = t[0];
+      if (t[1] == "conv_in" || t[1] == "conv_out") {
+        ldm = k;
+      } else if (t[1] == "conv_norm_out") {
+        ldm = side + ".norm_out." + join(t, 2);
+      } else if (t[1] == "down_blocks" && side == "encoder" && t.size() >= 6 && is_index(t[2])) {
+        if (t[3] == "resnets" && is_index(t[4]))
+          ldm = "encoder.down." + t[2] + ".block." + t[4] + "." + vae_resnet(t, 5, k);
+        else if (t[3] == "downsamplers" && t[4] == "0" && t[5] == "conv")
+          ldm = "encoder.down." + t[2] + ".downsample.conv." + join(t, 6);
+        else
+          no_place("AutoencoderKL", k);
+      } else if (t[1] == "up_blocks" && side == "decoder" && t.size() >= 6 && is_index(t[2])) {
+        const std::string level = std::to_string(n - 1 - to_index(t[2]));  // LDM numbers decoder levels upwards
+        if (t[3] == "resnets" && is_index(t[4]))
+          ldm = "decoder.up." + level + ".block." + t[4] + "." + vae_resnet(t, 5, k);
+        else if (t[3] == "upsamplers" && t[4] == "0" && t[5] == "conv")
+          ldm = "decoder.up." + level + ".upsample.conv." + join(t, 6);
+        else
+          no_place("AutoencoderKL", k);
+      } else if (t[1] == "mid_block" && t.size() >= 5 && t[2] == "resnets" && (t[3] == "0" || t[3] == "1")) {
+        ldm = side + ".mid.block_" + (t[3] == "0" ? "1." : "2.") + vae_resnet(t, 4, k);
+      } else if (t[1] == "mid_block" && t.size() >= 6 && t[2] == "attentions" && t[3] == "0") {
+        static const std::map<std::string, std::string> m = {
+            {"group_norm", "norm"}, {"to_q", "q"}, {"to_k", "k"}, {"to_v", "v"}, {"to_out", "proj_out"}};
+        auto it = m.find(t[4]);
+        if (it == m.end()) no_place("AutoencoderKL", k);
+        size_t rest = 5;
+        if (t[4] == "to_out") {
+          if (t[5] != "0") no_place("AutoencoderKL", k);
+          rest = 6;
+        }
+        ldm = side + ".mid.attn_1." + it->second + "." + join(t, rest);
+        if (t[4] != "group_norm" && t.back() == "weight") op = LdmEntry::Op::Conv1x1ToLinear;
+      } else {
+        no_place("AutoencoderKL", k);
+      }
+    } else {
+      no_place("AutoencoderKL", k);
+    }
+    table.push_back({k, prefix + ldm, op, 0, 1});
+  }
+  return table;
+}
+
+// ---- text encoders ----------------------------------------------------------------------------------------------
+
+LdmTable text_encoder_ldm_table(const std::vector<std::string>& keys, TextEncoderLayout layout,
+                                const std::string& prefix_in) {
+  const std::string prefix =
+      !prefix_in.empty() ? prefix_in : (layout == TextEncoderLayout::HfClip ? kHfClipPrefix : kOpenClipPrefix);
+  LdmTable table;
+  for (const auto& k : keys) {
+    if (layout == TextEncoderLayout::HfClip) {
+      table.push_back({k, prefix + k, LdmEntry::Op::Copy, 0, 1});
+      continue;
+    }
+    const auto t = split(k);
+    std::string ldm;
+    LdmEntry::Op op = LdmEntry::Op::Copy;
+    int chunk = 0, chunks = 1;
+    if (k == "text_model.embeddings.token_embedding.weight") {
+      ldm = "token_embedding.weight";
+    } else if (k == "text_model.embeddings.position_embedding.weight") {
+      ldm = "positional_embedding";
+    } else if (starts_with(k, "text_model.final_layer_norm.")) {
+      ldm = "ln_final." + join(t, 2);
+    } else if (t.size() >= 6 && t[0] == "text_model" && t[1] == "encoder" && t[2] == "layers" && is_index(t[3])) {
+      const std::string block = "transformer.resblocks." + t[3] + ".";
+      const std::string& part = t[4];
+      if (part == "self_attn" && t.size() == 7 && (t[5] == "q_proj" || t[5] == "k_proj" || t[5] == "v_proj")) {
+        ldm = block + "attn.in_proj_" + t[6];
+        op = LdmEntry::Op::Rows;
+        chunk = t[5] == "q_proj" ? 0 : t[5] == "k_proj" ? 1 : 2;
+        chunks = 3;
+      } else if (part == "self_attn" && t[5] == "out_proj") {
+        ldm = block + "attn.out_proj." + join(t, 6);
+      } else if (part == "layer_norm1") {
+        ldm = block + "ln_1." + join(t, 5);
+      } else if (part == "layer_norm2") {
+        ldm = block + "ln_2." + join(t, 5);
+      } else if (part == "mlp" && t[5] == "fc1") {
+        ldm = block + "mlp.c_fc." + join(t, 6);
+      } else if (part == "mlp" && t[5] == "fc2") {
+        ldm = block + "mlp.c_proj." + join(t, 6);
+      } else {
+        no_place("OpenCLIP text encoder", k);
+      }
+    } else {
+      no_place("OpenCLIP text encoder", k);
+    }
+    table.push_back({k, prefix + ldm, op, chunk, chunks});
+  }
+  return table;
+}
+
+// ---- gather / scatter -------------------------------------------------------------------------------------------
+
+std::map<std::string, torch::Tensor> gather_ldm(const SafeTensorsFile& file, const LdmTable& table,
+                                                const std::string& component) {
+  std::map<std::string, torch::Tensor> out, cache;
+  std::vector<std::string> missing, bad;
+  for (const auto& e : table) {
+    if (!file.contains(e.ldm)) {
+      missing.push_back(e.ldm + " (-> " + e.diffusers + ")");
+      continue;
+    }
+    auto it = cache.find(e.ldm);
+    if (it == cache.end()) it = cache.emplace(e.ldm, file.get(e.ldm)).first;
+    torch::Tensor t = it->second;
+    switch (e.op) {
+      case LdmEntry::Op::Copy: break;
+      case LdmEntry::Op::Conv1x1ToLinear:
+        if (t.dim() == 4 && t.size(2) == 1 && t.size(3) == 1) {
+          t = t.reshape({t.size(0), t.size(1)});  // a view of the contiguous mapped tensor
+        } else if (t.dim() != 2) {
+          bad.push_back(e.ldm + ": " + shape_str(t.sizes()) + ", expected [C, C, 1, 1] (1x1 conv) or [C, C]");
+          continue;
+        }
+        break;
+      case LdmEntry::Op::Rows:
+        if (t.dim() < 1 || t.size(0) % e.chunks != 0) {
+          bad.push_back(e.ldm + ": " + shape_str(t.sizes()) + ", expected " + std::to_string(e.chunks) +
+                        " equal row blocks (fused q/k/v)");
+          continue;
+        } else {
+          const int64_t n = t.size(0) / e.chunks;
+          t = t.narrow(0, e.chunk * n, n);  // a view: rows are contiguous
+        }
+        break;
+    }
+    out[e.diffusers] = t;
+  }
+  if (!missing.empty() || !bad.empty()) {
+    std::ostringstream msg;
+    msg << "the " << component << " of this original-layout (LDM) checkpoint is incomplete";
+    if (!missing.empty()) {
+      msg << "; " << missing.size() << " of " << table.size() << " tensors missing:";
+      for (size_t i = 0; i < std::min<size_t>(missing.size(), 8); ++i) msg << "\n    " << missing[i];
+      if (missing.size() > 8) msg << "\n    ... and " << missing.size() - 8 << " more";
+    }
+    if (!bad.empty()) {
+      msg << "\n  wrong shapes:";
+      for (size_t i = 0; i < std::min<size_t>(bad.size(), 8); ++i) msg << "\n    " << bad[i];
+    }
+    throw FormatError(file.path(), msg.str());
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> scatter_ldm(const std::map<std::string, torch::Tensor>& diffusers,
+                                                               const LdmTable& table) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  std::map<std::string, std::vector<torch::Tensor>> fused;  // ldm key -> row blocks in chunk order
+  std::vector<std::string> fused_order;
+  for (const auto& e : table) {
+    auto it = diffusers.find(e.diffusers);
+    if (it == diffusers.end()) throw InvalidArgument("scatter_ldm: no tensor '" + e.diffusers + "'");
+    const torch::Tensor& t = it->second;
+    switch (e.op) {
+      case LdmEntry::Op::Copy: out.emplace_back(e.ldm, t); break;
+      case LdmEntry::Op::Conv1x1ToLinear:
+        out.emplace_back(e.ldm, t.dim() == 2 ? t.reshape({t.size(0), t.size(1), 1, 1}) : t);
+        break;
+      case LdmEntry::Op::Rows: {
+        auto& v = fused[e.ldm];
+        if (v.empty()) fused_order.push_back(e.ldm);
+        if (static_cast<int>(v.size()) < e.chunks) v.resize(e.chunks);
+        v[e.chunk] = t;
+        break;
+      }
+    }
+  }
+  for (const auto& k : fused_order) {
+    const auto& v = fused[k];
+    for (const auto& t : v)
+      if (!t.defined()) throw InvalidArgument("scatter_ldm: a row block of '" + k + "' is missing");
+    out.emplace_back(k, torch::cat(v, 0));
+  }
+  return out;
+}
+
+// ---- inspection -------------------------------------------------------------------------------------------------
+
+const char* family_name(LdmFamily f) {
+  switch (f) {
+    case LdmFamily::SD1: return "SD 1.x";
+    case LdmFamily::SD2: return "SD 2.x";
+    default: return "unknown";
+  }
+}
+
+const std::vector<std::string>& ddpm_buffer_names() {
+  static const std::vector<std::string> n = {"betas",
+                                             "alphas_cumprod",
+                                             "alphas_cumprod_prev",
+                                             "sqrt_alphas_cumprod",
+                                             "sqrt_one_minus_alphas_cumprod",
+                                             "log_one_minus_alphas_cumprod",
+                                             "sqrt_recip_alphas_cumprod",
+                                             "sqrt_recipm1_alphas_cumprod",
+                                             "posterior_variance",
+                                             "posterior_log_variance_clipped",
+                                             "posterior_mean_coef1",
+                                             "posterior_mean_coef2"};
+  return n;
+}
+
+namespace {
+
+struct Shapes {
+  const SafeTensorsFile& f;
+  bool has(const std::string& k) const { return f.contains(k); }
+  std::vector<int64_t> of(const std::string& k) const {
+    if (!f.contains(k)) throw FormatError(f.path(), "expected tensor '" + k + "' is missing");
+    return f.info(k).shape;
+  }
+  int64_t dim(const std::string& k, size_t i) const {
+    const auto s = of(k);
+    if (i >= s.size())
+      throw FormatError(f.path(), "tensor '" + k + "' has shape " + shape_str(s) + ", expected at least " +
+                                      std::to_string(i + 1) + " dimensions");
+    return s[i];
+  }
+  bool any_prefix(const std::string& p) const {
+    for (const auto& t : f.tensors())
+      if (starts_with(t.name, p)) return true;
+    return false;
+  }
+  // Distinct integer indices right after `p` ("p{N}.").
+  std::set<int> indices(const std::string& p) const {
+    std::set<int> out;
+    for (const auto& t : f.tensors()) {
+      if (!starts_with(t.name, p)) continue;
+      const auto dot = t.name.find('.', p.size());
+      const std::string s = t.name.substr(p.size(), dot == std::string::npos ? std::string::npos : dot - p.size());
+      if (is_index(s)) out.insert(to_index(s));
+    }
+    return out;
+  }
+};
+
+nlohmann::json int_or_list(const std::vector<int64_t>& v) {
+  if (!v.empty() && std::all_of(v.begin(), v.end(), [&](int64_t x) { return x == v[0]; })) return v[0];
+  return v;
+}
+
+nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& pred) {
+  const std::string P = kUNetPrefix;
+  nlohmann::json c;
+  c["_class_name"] = "UNet2DConditionModel";
+  const auto conv_in = s.of(P + "input_blocks.0.0.weight");
+  if (conv_in.size() != 4) throw FormatError(s.f.path(), P + "input_blocks.0.0.weight: expected a 4-D conv weight");
+  c["in_channels"] = conv_in[1];
+  c["conv_in_kernel"] = conv_in[2];
+  c["out_channels"] = s.dim(P + "out.2.weight", 0);
+  c["conv_out_kernel"] = s.dim(P + "out.2.weight", 2);
+  // Walk input_blocks: resnets (in_layers), attentions (.1.proj_in), downsamplers (.0.op) close a level.
+  const auto inputs = s.indices(P + "input_blocks.");
+  std::vector<int64_t> channels, layers;
+  std::vector<bool> attention;
+  std::vector<int64_t> transformer_depth;
+  int64_t cur_layers = 0, cur_channels = -1;
+  bool cur_attn = false;
+  int64_t depth = 1;
+  int64_t cross_dim = -1;
+  bool linear_proj = false;
+  for (int i : inputs) {
+    if (i == 0) continue;
+    const std::string b = P + "input_blocks." + std::to_string(i) + ".";
+    if (s.has(b + "0.op.weight")) {
+      channels.push_back(cur_channels);
+      layers.push_back(cur_layers);
+      attention.push_back(cur_attn);
+      cur_layers = 0;
+      cur_channels = -1;
+      cur_attn = false;
+      continue;
+    }
+    if (!s.has(b + "0.in_layers.2.weight"))
+      throw FormatError(s.f.path(), "input block " + b + " is neither a resnet (0.in_layers) nor a downsampler (0.op)");
+    if (cur_channels < 0) cur_channels = s.dim(b + "0.out_layers.3.weight", 0);
+    ++cur_layers;
+    if (s.has(b + "1.proj_in.weight")) {
+      cur_attn = true;
+      linear_proj = s.of(b + "1.proj_in.weight").size() == 2;
+      depth = static_cast<int64_t>(s.indices(b + "1.transformer_blocks.").size());
+      if (cross_dim < 0) cross_dim = s.dim(b + "1.transformer_blocks.0.attn2.to_k.weight", 1);
+    }
+  }
+  if (cur_layers == 0) throw FormatError(s.f.path(), "the UNet's last level has no resnets");
+  channels.push_back(cur_channels);
+  layers.push_back(cur_layers);
+  attention.push_back(cur_attn);
+  const bool mid_attn = s.has(P + "middle_block.1.proj_in.weight");
+  if (cross_dim < 0 && mid_attn) cross_dim = s.dim(P + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1);
+  if (mid_attn) linear_proj = s.of(P + "middle_block.1.proj_in.weight").size() == 2;
+  const size_t n = channels.size();
+  c["block_out_channels"] = channels;
+  c["layers_per_block"] = int_or_list(layers);
+  std::vector<std::string> down, up;
+  for (size_t i = 0; i < n; ++i) down.push_back(attention[i] ? "CrossAttnDownBlock2D" : "DownBlock2D");
+  for (size_t i = 0; i < n; ++i) up.push_back(attention[n - 1 - i] ? "CrossAttnUpBlock2D" : "UpBlock2D");
+  c["down_block_types"] = down;
+  c["up_block_types"] = up;
+  if (!s.any_prefix(P + "middle_block."))
+    c["mid_block_type"] = nullptr;
+  else
+    c["mid_block_type"] = "UNetMidBlock2DCrossAttn";
+  if (cross_dim > 0) c["cross_attention_dim"] = cross_dim;
+  c["use_linear_projection"] = linear_proj;
+  if (depth > 1) c["transformer_layers_per_block"] = depth;
+  // Not in the weights: heads (SD 1.x: 8 per block; SD 2.x: head_dim 64), GroupNorm 32 / eps 1e-5.
+  if (family == LdmFamily::SD2) {
+    std::vector<int64_t> heads;
+    for (auto ch : channels) heads.push_back(std::max<int64_t>(1, ch / 64));
+    c["attention_head_dim"] = heads;
+  } else {
+    c["attention_head_dim"] = 8;
+  }
+  c["norm_num_groups"] = 32;
+  c["norm_eps"] = 1e-5;
+  const int64_t temb = s.dim(P + "time_embed.0.weight", 0);
+  if (temb != 4 * channels[0]) c["time_embedding_dim"] = temb;
+  const bool v768 = family == LdmFamily::SD2 && pred == "v_prediction";
+  c["upcast_attention"] = v768;  // diffusers sets it for SD 2.x 768-v
+  c["sample_size"] = v768 ? 96 : 64;
+  c["flip_sin_to_cos"] = true;
+  c["freq_shift"] = 0;
+  return c;
+}
+
+nlohmann::json infer_vae_ldm(const Shapes& s, const std::string& P, int64_t sample_size) {
+  nlohmann::json c;
+  c["_class_name"] = "AutoencoderKL";
+  const auto levels = s.indices(P + "encoder.down.");
+  if (levels.empty()) throw FormatError(s.f.path(), "no " + P + "encoder.down.N blocks: not an AutoencoderKL");
+  std::vector<int64_t> channels;
+  for (int i : levels) channels.push_back(s.dim(P + "encoder.down." + std::to_string(i) + ".block.0.conv1.weight", 0));
+  c["block_out_channels"] = channels;
+  c["layers_per_block"] = static_cast<int64_t>(s.indices(P + "encoder.down.0.block.").size());
+  c["down_block_types"] = std::vector<std::string>(channels.size(), "DownEncoderBlock2D");
+  c["up_block_types"] = std::vector<std::string>(channels.size(), "UpDecoderBlock2D");
+  c["in_channels"] = s.dim(P + "encoder.conv_in.weight", 1);
+  c["out_channels"] = s.dim(P + "decoder.conv_out.weight", 0);
+  c["latent_channels"] = s.dim(P + "decoder.conv_in.weight", 1);
+  c["use_quant_conv"] = s.has(P + "quant_conv.weight");
+  c["use_post_quant_conv"] = s.has(P + "post_quant_conv.weight");
+  c["mid_block_add_attention"] = s.has(P + "encoder.mid.attn_1.q.weight");
+  c["act_fn"] = "silu";
+  c["norm_num_groups"] = 32;   // not in the weights (LDM hard-codes 32)
+  c["scaling_factor"] = 0.18215;  // not in the weights (yaml scale_factor)
+  c["sample_size"] = sample_size;
+  return c;
+}
+
+nlohmann::json infer_vae_diffusers(const Shapes& s) {
+  nlohmann::json c;
+  c["_class_name"] = "AutoencoderKL";
+  const auto levels = s.indices("encoder.down_blocks.");
+  std::vector<int64_t> channels;
+  for (int i : levels)
+    channels.push_back(s.dim("encoder.down_blocks." + std::to_string(i) + ".resnets.0.conv1.weight", 0));
+  c["block_out_channels"] = channels;
+  c["layers_per_block"] = static_cast<int64_t>(s.indices("encoder.down_blocks.0.resnets.").size());
+  c["down_block_types"] = std::vector<std::string>(channels.size(), "DownEncoderBlock2D");
+  c["up_block_types"] = std::vector<std::string>(channels.size(), "UpDecoderBlock2D");
+  c["in_channels"] = s.dim("encoder.conv_in.weight", 1);
+  c["out_channels"] = s.dim("decoder.conv_out.weight", 0);
+  c["latent_channels"] = s.dim("decoder.conv_in.weight", 1);
+  c["use_quant_conv"] = s.has("quant_conv.weight");
+  c["use_post_quant_conv"] = s.has("post_quant_conv.weight");
+  c["mid_block_add_attention"] = s.has("encoder.mid_block.attentions.0.to_q.weight");
+  c["act_fn"] = "silu";
+  c["norm_num_groups"] = 32;
+  c["scaling_factor"] = 0.18215;
+  c["sample_size"] = 512;
+  return c;
+}
+
+nlohmann::json infer_text_encoder(const Shapes& s, TextEncoderLayout layout, const std::string& P) {
+  nlohmann::json c;
+  c["architectures"] = {"CLIPTextModel"};
+  c["model_type"] = "clip_text_model";
+  int64_t vocab = 0, hidden = 0, inner = 0, positions = 0, layers = 0;
+  if (layout == TextEncoderLayout::HfClip) {
+    const auto emb = s.of(P + "text_model.embeddings.token_embedding.weight");
+    vocab = emb.at(0);
+    hidden = emb.at(1);
+    positions = s.dim(P + "text_model.embeddings.position_embedding.weight", 0);
+    layers = static_cast<int64_t>(s.indices(P + "text_model.encoder.layers.").size());
+    inner = s.dim(P + "text_model.encoder.layers.0.mlp.fc1.weight", 0);
+    c["hidden_act"] = "quick_gelu";  // CLIP ViT-L/14 (not in the weights)
+    c["num_attention_heads"] = hidden == 768 ? 12 : std::max<int64_t>(1, hidden / 64);
+    c["bos_token_id"] = 49406;
+    c["eos_token_id"] = 49407;
+  } else {
+    const auto emb = s.of(P + "token_embedding.weight");
+    vocab = emb.at(0);
+    hidden = emb.at(1);
+    positions = s.dim(P + "positional_embedding", 0);
+    // SD 2.x conditions on the penultimate OpenCLIP layer: the last stored resblock is not used.
+    const int64_t stored = static_cast<int64_t>(s.indices(P + "transformer.resblocks.").size());
+    if (stored < 2) throw FormatError(s.f.path(), "OpenCLIP text encoder with " + std::to_string(stored) +
+                                                       " resblocks; SD 2.x needs at least 2 (it uses the penultimate)");
+    layers = stored - 1;
+    inner = s.dim(P + "transformer.resblocks.0.mlp.c_fc.weight", 0);
+    c["hidden_act"] = "gelu";  // OpenCLIP ViT-H/14 (not in the weights)
+    c["num_attention_heads"] = std::max<int64_t>(1, hidden / 64);
+    c["bos_token_id"] = 0;  // stabilityai/stable-diffusion-2 text_encoder/config.json
+    c["eos_token_id"] = 2;
+  }
+  c["vocab_size"] = vocab;
+  c["hidden_size"] = hidden;
+  c["intermediate_size"] = inner;
+  c["max_position_embeddings"] = positions;
+  c["num_hidden_layers"] = layers;
+  c["layer_norm_eps"] = 1e-5;
+  c["pad_token_id"] = 1;
+  return c;
+}
+
+}  // namespace
+
+bool is_ldm_checkpoint(const SafeTensorsFile& file) { return Shapes{file}.any_prefix(kUNetPrefix); }
+
+LdmCheckpointInfo inspect_ldm_checkpoint(const SafeTensorsFile& file, const std::string& prediction_type) {
+  const Shapes s{file};
+  LdmCheckpointInfo info;
+  info.path = file.path();
+  for (const auto& t : file.tensors()) info.dtypes[safetensors::dtype_name(t.dtype)] += static_cast<int64_t>(t.numel());
+  info.has_unet = s.any_prefix(kUNetPrefix);
+  if (!info.has_unet) {
+    std::string hint;
+    if (s.any_prefix("down_blocks.") || s.any_prefix("unet.")) hint = " (it looks like diffusers UNet weights: pass "
+                                                                    "the diffusers model folder instead)";
+    else if (s.any_prefix("encoder.down.") || s.any_prefix("encoder.down_blocks.")) hint = " (it looks like a VAE: use --vae)";
+    else if (s.any_prefix("lora_unet_") || s.any_prefix("lora_te_")) hint = " (it looks like a LoRA)";
+    throw FormatError(file.path(), "unknown checkpoint layout: no 'model.diffusion_model.*' tensors, so this is not "
+                                   "an original (CompVis / Stability) Stable Diffusion single file" + hint +
+                                   "; expected model.diffusion_model.* (UNet), first_stage_model.* (VAE) and "
+                                   "cond_stage_model.transformer.* (SD 1.x) or cond_stage_model.model.* (SD 2.x)");
+  }
+  info.has_vae = s.any_prefix(kVaePrefix);
+  if (s.any_prefix(kHfClipPrefix)) {
+    info.has_text_encoder = true;
+    info.text_layout = TextEncoderLayout::HfClip;
+    info.text_prefix = kHfClipPrefix;
+    info.family = LdmFamily::SD1;
+  } else if (s.any_prefix(kOpenClipPrefix)) {
+    info.has_text_encoder = true;
+    info.text_layout = TextEncoderLayout::OpenClip;
+    info.text_prefix = kOpenClipPrefix;
+    info.family = LdmFamily::SD2;
+  } else if (s.any_prefix("conditioner.embedders.")) {
+    throw FormatError(file.path(), "an SDXL checkpoint (conditioner.embedders.*): SDXL is not supported yet; "
+                                   "expected an SD 1.x / 2.x single file");
+  }
+  // Family from the cross-attention width when the text encoder does not tell (768 SD 1.x, 1024 SD 2.x).
+  if (info.family == LdmFamily::Unknown) {
+    for (const auto& t : file.tensors()) {
+      if (starts_with(t.name, kUNetPrefix) && t.name.find("attn2.to_k.weight") != std::string::npos &&
+          t.shape.size() == 2) {
+        if (t.shape[1] == 768) info.family = LdmFamily::SD1;
+        if (t.shape[1] == 1024) info.family = LdmFamily::SD2;
+        break;
+      }
+    }
+  }
+  if (!prediction_type.empty() && prediction_type != "epsilon" && prediction_type != "v_prediction")
+    throw InvalidArgument("prediction type '" + prediction_type + "': expected epsilon or v_prediction");
+  if (!prediction_type.empty()) {
+    info.prediction_type = prediction_type;
+    info.prediction_type_note = "given";
+  } else {
+    info.prediction_type = "epsilon";
+    info.prediction_type_note =
+        info.family == LdmFamily::SD2
+            ? "assumed (cannot be read from the weights: SD 2.x 768-v models such as SD 2.1-768 need "
+              "--prediction-type v_prediction; SD 2.1-base and sd-turbo are epsilon)"
+            : "assumed (SD 1.x default)";
+  }
+  info.unet_config = infer_unet(s, info.family, info.prediction_type);
+  const bool v768 = info.family == LdmFamily::SD2 && info.prediction_type == "v_prediction";
+  if (info.has_vae) info.vae_config = infer_vae_ldm(s, kVaePrefix, v768 ? 768 : 512);
+  if (info.has_text_encoder) info.text_encoder_config = infer_text_encoder(s, info.text_layout, info.text_prefix);
+  info.scheduler_config = {{"_class_name", "LCMScheduler"},       {"beta_start", 0.00085},
+                           {"beta_end", 0.012},                    {"beta_schedule", "scaled_linear"},
+                           {"num_train_timesteps", 1000},          {"prediction_type", info.prediction_type},
+                           {"set_alpha_to_one", false},            {"steps_offset", 1},
+                           {"clip_sample", false}};
+  return info;
+}
+
+VaeFileInfo inspect_vae_file(const SafeTensorsFile& file) {
+  const Shapes s{file};
+  VaeFileInfo v;
+  if (s.any_prefix(std::string(kVaePrefix) + "encoder.down.")) {
+    v.layout = VaeFileLayout::Ldm;
+    v.prefix = kVaePrefix;
+    v.config = infer_vae_ldm(s, v.prefix, 512);
+  } else if (s.any_prefix("encoder.down.")) {
+    v.layout = VaeFileLayout::Ldm;
+    v.config = infer_vae_ldm(s, "", 512);
+  } else if (s.any_prefix("encoder.down_blocks.")) {
+    v.layout = VaeFileLayout::Diffusers;
+    v.config = infer_vae_diffusers(s);
+  } else {
+    throw FormatError(file.path(), "not an AutoencoderKL file: expected diffusers keys (encoder.down_blocks.*), "
+                                   "original keys (encoder.down.*) or a full checkpoint's first_stage_model.*");
+  }
+  return v;
+}
+
+UnusedKeys unused_ldm_keys(const SafeTensorsFile& file, const std::vector<const LdmTable*>& tables) {
+  std::set<std::string> used;
+  for (const auto* t : tables)
+    for (const auto& e : *t) used.insert(e.ldm);
+  const std::set<std::string> ddpm(ddpm_buffer_names().begin(), ddpm_buffer_names().end());
+  UnusedKeys out;
+  for (const auto& t : file.tensors()) {
+    const std::string& k = t.name;
+    if (used.count(k)) continue;
+    const bool known = ddpm.count(k) || starts_with(k, "model_ema.") ||
+                       k == std::string(kHfClipPrefix) + "text_model.embeddings.position_ids" ||
+                       k == std::string(kOpenClipPrefix) + "text_projection" ||
+                       k == std::string(kOpenClipPrefix) + "logit_scale" ||
+                       starts_with(k, std::string(kOpenClipPrefix) + "transformer.resblocks.");
+    (known ? out.known : out.unknown).push_back(k);
+  }
+  return out;
+}
+
+}  // namespace sd::convert

@@ -1,0 +1,372 @@
+// Single-file checkpoints through load_pipeline and the CLI: the same images as the equal diffusers folder, the
+// bad inputs of issue 13 (truncated file, VAE missing, pickles, unknown layout) as clear errors, --vae from a file,
+// `info` on a file, and v_prediction in the stream (against the epsilon stream with the converted stub UNet).
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "common/fixtures.h"
+#include "core/error.h"
+#include "io/json_config.h"
+#include "io/safetensors.h"
+#include "pipeline/diffusion_models.h"
+#include "pipeline/lcm_scheduler.h"
+#include "pipeline/stream_diffusion.h"
+#include "stream_test_stubs.h"
+
+namespace sd {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct FileCase {
+  std::string file, folder, dtype;
+};
+void PrintTo(const FileCase& c, std::ostream* os) { *os << c.file; }
+
+std::vector<FileCase> file_cases() {
+  std::vector<FileCase> out;
+  if (!test::fixture_exists("single_file/cases.json")) return out;
+  const auto j = read_json_file(test::fixture_path("single_file/cases.json"));
+  for (const auto& f : j.at("files"))
+    out.push_back({f.at("file").get<std::string>(), f.at("equal_diffusers_folder").get<std::string>(),
+                   f.at("dtype").get<std::string>()});
+  return out;
+}
+
+std::shared_ptr<const DiffusionModels> load(const std::string& path, LoadOptions opt) {
+  opt.threads = -1;
+  return load_pipeline(path, opt);
+}
+
+// txt2img + img2img outputs of one stream (AutoencoderKL, so every converted component runs).
+std::vector<torch::Tensor> run_stream(const std::shared_ptr<const DiffusionModels>& m) {
+  StreamConfig c;
+  c.t_index_list = {0, 2};
+  c.num_inference_steps = 4;
+  c.width = c.height = 64;
+  c.cfg_type = CfgType::Self;
+  c.guidance_scale = 1.4;
+  std::vector<torch::Tensor> out;
+  StreamDiffusion t(m, c);
+  t.prepare("a photo of a cat", "");
+  for (int i = 0; i < 3; ++i) out.push_back(t.txt2img());
+  StreamDiffusion s(m, c);
+  s.prepare("an oil painting", "");
+  const auto img = torch::linspace(-1, 1, 3 * 64 * 64).view({1, 3, 64, 64});
+  for (int i = 0; i < 3; ++i) out.push_back(s.img2img(img));
+  return out;
+}
+
+class SingleFilePipeline : public ::testing::TestWithParam<FileCase> {};
+
+// The float32 files hold exactly the folders' weights: the outputs are bit-identical. The float16 file's weights
+// are the folder's rounded to fp16 (up to 9.4e-4 apart): the same stream within the fixture README's 1e-2 bound.
+TEST_P(SingleFilePipeline, SameImagesAsTheDiffusersFolder) {
+  const auto& c = GetParam();
+  if (!test::fixture_exists("single_file/" + c.file) || !test::fixture_exists(c.folder)) GTEST_SKIP();
+  LoadOptions folder_opt, file_opt;
+  folder_opt.taesd = file_opt.taesd = "none";
+  file_opt.config = test::fixture_path(c.folder);
+  const auto a = run_stream(load(test::fixture_path(c.folder), folder_opt));
+  const auto m = load(test::fixture_path("single_file/" + c.file), file_opt);
+  EXPECT_NE(m->describe().find("single file"), std::string::npos) << m->describe();
+  const auto b = run_stream(m);
+  // bf16 runs: both load paths cast the same weights, so they agree exactly too (fp32 files).
+  if (c.dtype == "float32") {
+    folder_opt.dtype = file_opt.dtype = torch::kBFloat16;
+    const auto a16 = run_stream(load(test::fixture_path(c.folder), folder_opt));
+    const auto b16 = run_stream(load(test::fixture_path("single_file/" + c.file), file_opt));
+    for (size_t i = 0; i < a16.size(); ++i) EXPECT_TRUE(torch::equal(a16[i], b16[i])) << "bf16 output " << i;
+  }
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (c.dtype == "float32") {
+      EXPECT_TRUE(torch::equal(a[i], b[i])) << "output " << i << " max diff " << (a[i] - b[i]).abs().max().item<double>();
+    } else {
+      SD_EXPECT_CLOSE(b[i], a[i], 1e-2, 0.0, c.file + " output " + std::to_string(i));
+    }
+  }
+}
+
+// --config as the issue defines it (a folder of config files only, no weights, no tokenizer): the tokenizer is then
+// the shipped models/clip-tokenizer, with SD 2.x's "!" padding; prompts encode as with the folder's own tokenizer.
+TEST_P(SingleFilePipeline, ConfigOnlyFolderAndTheShippedTokenizer) {
+  const auto& c = GetParam();
+  if (!test::fixture_exists("single_file/" + c.file) || !test::fixture_exists(c.folder)) GTEST_SKIP();
+  if (find_clip_tokenizer_dir().empty()) GTEST_SKIP() << "models/clip-tokenizer not found";
+  const std::string dir = test::make_temp_dir("sd-config-only");
+  const fs::path src = test::fixture_path(c.folder);
+  fs::copy_file(src / "model_index.json", fs::path(dir) / "model_index.json");
+  for (const char* f : {"unet/config.json", "vae/config.json", "text_encoder/config.json",
+                        "scheduler/scheduler_config.json"}) {
+    fs::create_directories((fs::path(dir) / f).parent_path());
+    fs::copy_file(src / f, fs::path(dir) / f);
+  }
+  LoadOptions file_opt, folder_opt;
+  file_opt.config = dir;
+  file_opt.taesd = folder_opt.taesd = "none";
+  const auto a = load(test::fixture_path(c.folder), folder_opt);
+  const auto b = load(test::fixture_path("single_file/" + c.file), file_opt);
+  for (const char* prompt : {"a photo of a cat", "", "an oil painting of a fox in the snow, trending on artstation"}) {
+    if (c.dtype == "float32")
+      EXPECT_TRUE(torch::equal(a->encode_prompt(prompt), b->encode_prompt(prompt))) << prompt;
+    else
+      SD_EXPECT_CLOSE(b->encode_prompt(prompt), a->encode_prompt(prompt), 1e-2, 0.0, c.file + " text");
+  }
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, SingleFilePipeline, ::testing::ValuesIn(file_cases()),
+                         [](const auto& info) { return test::test_name(info.param.file); });
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(SingleFilePipeline);
+
+class SingleFileErrors : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!test::fixture_exists("single_file/tiny-sd15.safetensors")) GTEST_SKIP() << "fixture absent";
+    src_ = test::fixture_path("single_file/tiny-sd15.safetensors");
+    config_ = test::fixture_path("models/tiny-sd15");
+    tmp_ = test::make_temp_dir("sd-single-file");
+  }
+  void TearDown() override {
+    std::error_code ec;
+    if (!tmp_.empty()) fs::remove_all(tmp_, ec);
+  }
+  // load_pipeline must throw FormatError / InvalidArgument whose message holds every fragment.
+  void expect_error(const std::string& path, LoadOptions opt, const std::vector<std::string>& fragments) {
+    try {
+      load(path, opt);
+      ADD_FAILURE() << "no error for " << path;
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      for (const auto& f : fragments) EXPECT_NE(m.find(f), std::string::npos) << "missing '" << f << "' in: " << m;
+      std::cout << "  [error] " << m.substr(0, 300) << "\n";
+    }
+  }
+  // The fixture file without the tensors whose key starts with `drop` (all of them when drop_all).
+  std::string without(const std::string& name, const std::string& drop, bool drop_all = true) {
+    const auto f = SafeTensorsFile::open(src_);
+    std::map<std::string, torch::Tensor> keep;
+    bool dropped_one = false;
+    for (const auto& k : f.keys()) {
+      if (k.rfind(drop, 0) == 0 && (drop_all || !dropped_one)) {
+        dropped_one = true;
+        continue;
+      }
+      keep[k] = f.get(k);
+    }
+    const std::string p = tmp_ + "/" + name;
+    save_safetensors(p, keep);
+    return p;
+  }
+  LoadOptions with_config() const {
+    LoadOptions o;
+    o.config = config_;
+    o.taesd = "none";
+    return o;
+  }
+  std::string src_, config_, tmp_;
+};
+
+TEST_F(SingleFileErrors, TruncatedFile) {
+  std::ifstream in(src_, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), {});
+  for (size_t keep : {size_t{5}, size_t{1000}, bytes.size() / 2, bytes.size() - 1}) {
+    const std::string p = tmp_ + "/truncated.safetensors";
+    std::ofstream(p, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(keep));
+    expect_error(p, with_config(), {p});
+  }
+}
+
+TEST_F(SingleFileErrors, VaeMissing) {
+  const std::string none = without("no-vae.safetensors", "first_stage_model.");
+  expect_error(none, with_config(), {none, "no VAE", "--vae", "--taesd"});
+  // ... which TAESD or --vae then supply.
+  LoadOptions t = with_config();
+  t.taesd = test::fixture_path("models/tiny-sd15/taesd");
+  EXPECT_NO_THROW(load(none, t));
+  LoadOptions v = with_config();
+  v.taesd = "";
+  v.vae = src_;  // the AutoencoderKL of a full checkpoint (first_stage_model.*)
+  const auto with_vae = load(none, v);
+  LoadOptions ref_opt;
+  ref_opt.taesd = "none";
+  const auto ref = load(test::fixture_path("models/tiny-sd15"), ref_opt);
+  const auto z = torch::linspace(-1, 1, 4 * 8 * 8).view({1, 4, 8, 8});
+  EXPECT_TRUE(torch::equal(with_vae->decode_latent(z), ref->decode_latent(z)));
+  // --vae as a diffusers folder, a diffusers-layout file and a bare original-layout file (keys without
+  // first_stage_model., as the published fine-tuned VAE files are): the same decoder.
+  std::map<std::string, torch::Tensor> bare;
+  const auto full = SafeTensorsFile::open(src_);
+  for (const auto& k : full.keys())
+    if (k.rfind("first_stage_model.", 0) == 0) bare[k.substr(18)] = full.get(k);
+  save_safetensors(tmp_ + "/bare-vae.safetensors", bare);
+  for (const std::string& vae : {test::fixture_path("models/tiny-sd15/vae"),
+                                 test::fixture_path("models/tiny-sd15/vae/diffusion_pytorch_model.safetensors"),
+                                 tmp_ + "/bare-vae.safetensors"}) {
+    LoadOptions o = with_config();
+    o.taesd = "";
+    o.vae = vae;
+    EXPECT_TRUE(torch::equal(load(none, o)->decode_latent(z), ref->decode_latent(z))) << vae;
+  }
+  // A VAE with one tensor missing names it.
+  const std::string part = without("part-vae.safetensors", "first_stage_model.decoder.up.", false);
+  expect_error(part, with_config(), {part, "VAE", "missing", "first_stage_model.decoder.up."});
+}
+
+TEST_F(SingleFileErrors, PickleIsRefusedWithTheConversion) {
+  const std::string p = tmp_ + "/model.ckpt";
+  std::ofstream(p) << "not even a pickle";
+  expect_error(p, with_config(), {p, "arbitrary code", "safetensors", "python -c", "torch.load"});
+  const std::string b = tmp_ + "/pytorch_model.bin";
+  std::ofstream(b) << "x";
+  expect_error(b, {}, {b, "arbitrary code"});
+  LoadOptions v;
+  v.vae = p;
+  v.taesd = "";
+  expect_error(test::fixture_path("models/tiny-sd15"), v, {p, "arbitrary code"});
+}
+
+TEST_F(SingleFileErrors, UnknownLayout) {
+  const std::string p = tmp_ + "/other.safetensors";
+  save_safetensors(p, std::map<std::string, torch::Tensor>{{"foo.weight", torch::zeros({4, 4})}});
+  expect_error(p, with_config(), {p, "unknown checkpoint layout", "model.diffusion_model"});
+  // A diffusers UNet file given as the model says what it looks like.
+  const std::string unet = test::fixture_path("models/tiny-sd15/unet/diffusion_pytorch_model.safetensors");
+  expect_error(unet, {}, {"diffusers"});
+  // No text encoder.
+  const std::string no_te = without("no-te.safetensors", "cond_stage_model.");
+  expect_error(no_te, with_config(), {no_te, "no text encoder"});
+  // A missing file, a config that is not a folder, --config on a folder model.
+  expect_error(tmp_ + "/missing.safetensors", {}, {"missing.safetensors"});
+  LoadOptions bad = with_config();
+  bad.config = tmp_ + "/nope";
+  expect_error(src_, bad, {"nope", "--config"});
+  LoadOptions folder = with_config();
+  expect_error(test::fixture_path("models/tiny-sd15"), folder, {"--config", "single-file"});
+}
+
+// Without --config the real-SD family defaults are used (README: GroupNorm 32): the tiny VAE's 8-channel blocks do
+// not divide into 32 groups, which is a config error naming the file and saying the config was inferred, not a
+// crash; with a TAESD (no AutoencoderKL weights needed) the VAE config is still read for the scale factor.
+TEST_F(SingleFileErrors, WithoutConfigTheFamilyDefaultsAreUsed) {
+  LoadOptions o;
+  o.taesd = "none";
+  expect_error(src_, o, {src_, "inferred", "norm_num_groups 32"});
+}
+
+// ---- the CLI ------------------------------------------------------------------------------------------------------
+
+#ifdef SD_CLI_PATH
+struct RunResult {
+  int status;
+  std::string output;
+};
+RunResult run(const std::string& args) {
+  const std::string cmd = std::string(SD_CLI_PATH) + " " + args + " 2>&1";
+  RunResult r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof(buf), p)) r.output.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+std::string q(const std::string& s) { return "'" + s + "'"; }
+std::string read_file(const std::string& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+TEST_F(SingleFileErrors, CliTxt2ImgSameImageAsTheFolder) {
+  const std::string common = " --prompt 'a cat' --t-index-list 0,2 --num-inference-steps 4 --size 64x64 --threads 1 "
+                             "--seed 5 --taesd none";
+  auto r = run("txt2img --model " + q(test::fixture_path("models/tiny-sd15")) + common + " -o " + q(tmp_ + "/a.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run("txt2img --model " + q(src_) + " --config " + q(config_) + common + " -o " + q(tmp_ + "/b.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::string a = read_file(tmp_ + "/a.png"), b = read_file(tmp_ + "/b.png");
+  ASSERT_FALSE(a.empty());
+  EXPECT_TRUE(a == b) << "the single-file PNG differs from the folder's";
+  // --vae FILE with a folder model: the same again.
+  r = run("txt2img --model " + q(test::fixture_path("models/tiny-sd15")) + " --vae " + q(src_) + common + " -o " +
+          q(tmp_ + "/c.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(read_file(tmp_ + "/c.png") == a);
+  r = run("txt2img --model " + q(tmp_ + "/m.ckpt") + common + " -o " + q(tmp_ + "/d.png"));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("arbitrary code"), std::string::npos) << r.output;
+}
+
+TEST_F(SingleFileErrors, CliInfoOnAFile) {
+  auto r = run("info --model " + q(src_));
+  ASSERT_EQ(r.status, 0) << r.output;
+  for (const char* s : {"SD 1.x", "unet", "text_encoder", "vae", "unused keys", "prediction_type epsilon", "assumed",
+                        "F32", "total parameters"})
+    EXPECT_NE(r.output.find(s), std::string::npos) << s << " in:\n" << r.output;
+  // tokenize on a file: the shipped vocabulary, SD 2.x padding with "!" (id 0) like the tiny-sd21 tokenizer.
+  r = run("tokenize --model " + q(test::fixture_path("single_file/tiny-sd21.safetensors")) + " --prompt 'a cat'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto folder = run("tokenize --model " + q(test::fixture_path("models/tiny-sd21")) + " --prompt 'a cat'");
+  EXPECT_EQ(r.output, folder.output);
+  r = run("info --json --model " + q(test::fixture_path("single_file/tiny-sd21.safetensors")) + " --config " +
+          q(test::fixture_path("models/tiny-sd21")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output.substr(r.output.find('{')));
+  EXPECT_EQ(j.at("family"), "SD 2.x");
+  EXPECT_TRUE(j.at("unused_unknown").empty());
+  int64_t total = 0;
+  for (const auto& c : j.at("components")) total += c.at("parameters").get<int64_t>();
+  EXPECT_GT(total, 0);
+}
+#endif
+
+// ---- v_prediction in the stream ---------------------------------------------------------------------------------
+
+// A stub UNet that predicts v for the stub's ε (v = (ε − sqrt(1−ᾱ)·x) / sqrt(ᾱ)); with prediction_type v_prediction
+// the stream must give what the ε stub gives with epsilon.
+class VStub : public test::StubModels {
+ public:
+  VStub() { sched_.prediction_type = "v_prediction"; }
+  torch::Tensor unet(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& ehs) const override {
+    const torch::Tensor eps = StubModels::unet(x, t, ehs);
+    const torch::Tensor ac = LCMScheduler(sched_).alphas_cumprod().index_select(0, t.to(torch::kLong)).view({-1, 1, 1, 1});
+    return (eps - (1 - ac).sqrt() * x) / ac.sqrt();
+  }
+  const LCMSchedulerConfig& scheduler_config() const override { return sched_; }
+
+ private:
+  LCMSchedulerConfig sched_;
+};
+
+TEST(VPrediction, StreamEqualsTheEpsilonStream) {
+  for (auto cfg_type : {CfgType::None, CfgType::Self, CfgType::Full, CfgType::Initialize}) {
+    for (bool batch : {true, false}) {
+      StreamConfig c;
+      c.t_index_list = {10, 30};
+      c.width = c.height = 32;
+      c.cfg_type = cfg_type;
+      c.guidance_scale = 1.5;
+      c.delta = 0.7;
+      c.use_denoising_batch = batch;
+      if (!batch && cfg_type == CfgType::Self) continue;
+      StreamDiffusion e(std::make_shared<test::StubModels>(), c), v(std::make_shared<VStub>(), c);
+      e.prepare("a cat", "blurry");
+      v.prepare("a cat", "blurry");
+      for (int i = 0; i < 4; ++i) {
+        const auto x = torch::linspace(-1, 1, 3 * 32 * 32).view({1, 3, 32, 32}) * (0.5 + 0.1 * i);
+        EXPECT_TRUE(test::tensors_close(v.img2img(x), e.img2img(x), 1e-4, 1e-4,
+                                        "cfg " + std::to_string(static_cast<int>(cfg_type)) + " batch " +
+                                            std::to_string(batch) + " call " + std::to_string(i)));
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace sd
