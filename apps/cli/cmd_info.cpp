@@ -1,4 +1,6 @@
 // `streamdiffusion info --model DIR`: what a model folder holds, without loading the weights (headers only).
+// `streamdiffusion info --model DIR --lora FILE`: which keys of the LoRA patch which modules of that model (the
+// model is loaded and the LoRA matched as --lora would; nothing is written).
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -8,10 +10,13 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/cli/commands.h"
+#include "apps/cli/pipeline_options.h"
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/model_folder.h"
 #include "io/safetensors.h"
+#include "core/log.h"
+#include "pipeline/diffusion_models.h"
 
 namespace {
 
@@ -109,12 +114,69 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
   return out;
 }
 
+nlohmann::json lora_json(const sd::LoraReport& r) {
+  return {{"name", r.name},
+          {"file", r.path},
+          {"layout", r.layout},
+          {"scale", r.scale},
+          {"keys", r.keys},
+          {"matched_keys", r.matched_keys},
+          {"ranks", r.ranks},
+          {"modules", r.modules},
+          {"unmatched_keys", r.unmatched}};
+}
+
+// info --lora: loads the model with the LoRAs (not strict: unmatched keys are listed, not refused) and prints what
+// each matched. Wrong shapes (a LoRA for another family) are the same error --lora gives.
+int lora_info(const std::string& model, const std::vector<std::string>& loras, const std::string& lcm_lora,
+              bool as_json) {
+  sd::LoadOptions lo;
+  lo.threads = -1;
+  lo.taesd = "none";
+  lo.loras = sd::cli::lora_specs(loras, lcm_lora);
+  lo.lora_live = false;
+  sd::log::set_level("warn");  // the load's own info lines would repeat what is printed below
+  auto models = sd::load_pipeline(model, lo);
+  nlohmann::json out;
+  out["model"] = model;
+  out["loras"] = nlohmann::json::array();
+  for (const auto& r : models->loras()) out["loras"].push_back(lora_json(r));
+  if (as_json) {
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  for (const auto& r : models->loras()) {
+    std::cout << r.name << " (" << r.path << ") on " << model << "\n"
+              << "  layout " << r.layout << ", " << r.keys << " keys: " << r.matched_keys << " matched, "
+              << r.unmatched.size() << " unmatched; scale " << r.scale << ", rank";
+    for (size_t i = 0; i < r.ranks.size(); ++i) std::cout << (i ? "/" : " ") << r.ranks[i];
+    std::cout << "\n";
+    for (const char* comp : {"unet", "text_encoder"}) {
+      std::cout << "  " << comp << ": " << r.module_count(comp) << " modules patched\n";
+      if (r.modules.count(comp))
+        for (const auto& m : r.modules.at(comp)) std::cout << "      " << m << "\n";
+    }
+    if (!r.unmatched.empty()) {
+      std::cout << "  unmatched keys (patch nothing; --strict-lora refuses the file):\n";
+      for (const auto& k : r.unmatched) std::cout << "      " << k << "\n";
+    }
+  }
+  return 0;
+}
+
 sd::cli::Runner setup_info(CLI::App& app) {
   auto model = std::make_shared<std::string>();
   auto as_json = std::make_shared<bool>(false);
+  auto loras = std::make_shared<std::vector<std::string>>();
+  auto lcm_lora = std::make_shared<std::string>();
   app.add_option("--model", *model, "diffusers Stable Diffusion pipeline folder")->required();
   app.add_flag("--json", *as_json, "print the summary as JSON");
-  return [model, as_json] {
+  app.add_option("--lora", *loras,
+                 "a LoRA file (FILE[:SCALE], repeatable): print which of its keys patch which modules of --model "
+                 "and which match nothing (loads the model)");
+  app.add_option("--lcm-lora", *lcm_lora, "an LCM-LoRA file, as --lora");
+  return [model, as_json, loras, lcm_lora] {
+    if (!loras->empty() || !lcm_lora->empty()) return lora_info(*model, *loras, *lcm_lora, *as_json);
     auto folder = sd::ModelFolder::open(*model);
     nlohmann::json report;
     report["model"] = *model;
@@ -148,7 +210,10 @@ sd::cli::Runner setup_info(CLI::App& app) {
   };
 }
 
-REGISTER_COMMAND("info", "describe a diffusers model folder: components, configs, parameter counts, dtypes, sizes", 10,
+REGISTER_COMMAND("info",
+                 "describe a diffusers model folder: components, configs, parameter counts, dtypes, sizes; with "
+                 "--lora: the LoRA's matched / unmatched keys",
+                 10,
                  setup_info);
 
 }  // namespace

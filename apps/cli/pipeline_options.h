@@ -32,6 +32,10 @@ struct PipelineOptions {
   bool no_add_noise = false;
   double similarity_filter = 0;  // 0 = off (img2img)
   int max_skip_frame = 10;
+  std::vector<std::string> loras;  // --lora FILE[:SCALE], repeatable
+  std::string lcm_lora;            // --lcm-lora FILE (= --lora FILE:1.0, fused first as in StreamDiffusionWrapper)
+  bool strict_lora = false;
+  bool lora_live = true;           // keep the unfused weights for live scale changes (txt2img / img2img: off)
 };
 
 enum class PipelineMode { Txt2Img, Img2Img, Either };
@@ -49,6 +53,11 @@ std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& 
 // or the mode's default (txt2img 0,16,32,45 / img2img 32,45 with 50 inference steps).
 std::vector<int64_t> index_list_from(const PipelineOptions& o, bool txt2img);
 StreamConfig stream_config(const PipelineOptions& o, bool txt2img);
+
+// Adds --lora, --lcm-lora and --strict-lora (add_pipeline_options does; the bench and info call it on their own).
+void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::string& lcm_lora, bool& strict_lora);
+// --lcm-lora first, then every --lora in order, parsed (FILE[:SCALE]) and named (file stems).
+std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora);
 
 // The model used when --model is not given: the shipped tiny emoji model (models/emoji-tiny, trained in-house).
 // Looked up as $SD_DEFAULT_MODEL, then models/emoji-tiny in a folder above the executable, in the source tree the
