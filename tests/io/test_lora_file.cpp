@@ -116,7 +116,8 @@ TEST(LoraFileReader, EveryLayoutSpelling) {
                            {"unknown.key", d}});
   const auto f = sd::read_lora_file(dir + "/all.safetensors");
   EXPECT_EQ(f.keys, 12u);
-  EXPECT_EQ(f.layout, "mixed (diffusers, diffusers_legacy, kohya, peft)");
+  // (diffusers + legacy names = a legacy file: those renamed only their attention pairs.)
+  EXPECT_EQ(f.layout, "mixed (diffusers_legacy, kohya, peft)");
   ASSERT_EQ(f.pairs.size(), 5u);
   EXPECT_EQ(f.pairs[0].component, "unet");
   EXPECT_EQ(f.pairs[0].module, "down_blocks_0_attentions_0_proj_in");
