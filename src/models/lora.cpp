@@ -228,14 +228,19 @@ void LoraSet::fuse_target(Target& t) {
   torch::NoGradGuard no_grad;
   if (!t.base.defined())
     throw InvalidArgument("this model was loaded without live LoRA scale changes (the unfused weights were not kept)");
-  torch::Tensor w = t.base.to(torch::kFloat);  // may alias base (float32): only out-of-place ops below
+  torch::Tensor w = t.base.to(torch::kFloat);  // aliases base for float32: the first sum is out of place
   bool changed = false;
   for (const Term& term : t.terms) {
     const double s = reports_[term.lora].scale;
     if (s == 0) continue;
-    // diffusers: fused = w_orig + lora_scale * (up' @ down), the conv product reshaped to W's shape.
-    const torch::Tensor delta = torch::mm(term.up, term.down).reshape(t.base.sizes());
-    w = w + delta.mul(s);
+    // diffusers: fused = w_orig + lora_scale * (up' @ down), the conv product reshaped to W's shape (the same
+    // float32 operations in the same order; in place where the tensor is our own).
+    torch::Tensor delta = torch::mm(term.up, term.down).reshape(t.base.sizes());
+    delta.mul_(s);
+    if (changed)
+      w.add_(delta);
+    else
+      w = w + delta;
     changed = true;
   }
   t.weight.set_data(changed ? w.to(t.base.scalar_type()) : t.base);
