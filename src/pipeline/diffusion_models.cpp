@@ -120,13 +120,13 @@ class StableDiffusionModels : public DiffusionModels {
   std::string describe() const override {
     std::ostringstream o;
     o << dir_ << " (text " << text_hidden_ << "-d, autoencoder "
-      << (taesd_ ? "TAESD " + taesd_path_ : std::string("AutoencoderKL")) << ", " << dtype_name(dtype_) << ", "
-      << device_;
+      << (taesd_ ? "TAESD " + taesd_path_ : std::string("AutoencoderKL"));
+    // Names joined without commas: readers (the browser app) take the last two items as dtype and device.
     if (lora_) {
       o << ", LoRA";
-      for (size_t i = 0; i < lora_names_.size(); ++i) o << (i ? ", " : " ") << lora_names_[i];
+      for (size_t i = 0; i < lora_names_.size(); ++i) o << (i ? " + " : " ") << lora_names_[i];
     }
-    o << ")";
+    o << ", " << dtype_name(dtype_) << ", " << device_ << ")";
     return o.str();
   }
 

@@ -378,14 +378,17 @@ TEST(LoraLiveRefused, WithoutKeptBaseScaleChangesAreRefused) {
 
 // load_unet prepacks the CPU convolutions; after fusing (and after a live change) every patched conv must be packed
 // again from the fused weight, i.e. the kernels read the fused weights through the fast path.
-TEST(LoraPrepack, PatchedConvolutionsArePackedFromTheFusedWeights) {
+class LoraPrepack : public ::testing::TestWithParam<torch::Dtype> {};
+
+TEST_P(LoraPrepack, PatchedConvolutionsArePackedFromTheFusedWeights) {
   if (!sd::test::fixture_exists("lora/files/sd15_kohya_lcm.safetensors")) GTEST_SKIP() << "fixture absent";
-  Models m = load_models("tiny-sd15");
+  const torch::Dtype dt = GetParam();
+  Models m = load_models("tiny-sd15", dt);
   std::vector<std::pair<std::string, sd::nn::Conv2dImpl*>> convs;
   for (const auto& item : m.unet->named_modules("", false))
     if (auto* c = dynamic_cast<sd::nn::Conv2dImpl*>(item.value().get())) convs.emplace_back(item.key(), c);
   const bool packed = !convs.empty() && convs.front().second->prepacked();
-  if (!packed) GTEST_SKIP() << "this libtorch / CPU does not prepack fp32 convolutions";
+  if (!packed) GTEST_SKIP() << "this libtorch / CPU does not prepack " << dt << " convolutions";
   sd::LoraSet set(m.components(), true);
   const auto& r = set.add({lora_file_path("sd15_kohya_lcm"), 1.0, "lcm"}, true);
   const std::set<std::string> patched(r.modules.at("unet").begin(), r.modules.at("unet").end());
@@ -404,11 +407,12 @@ TEST(LoraPrepack, PatchedConvolutionsArePackedFromTheFusedWeights) {
       if (!c && patched.count(name)) c = conv;
     ASSERT_NE(c, nullptr);
     torch::NoGradGuard ng;
-    const auto x = torch::randn({1, c->in_channels, 8, 8});
-    EXPECT_TRUE(torch::allclose(c->forward(x), at::conv2d(x, c->weight, c->bias, {c->stride, c->stride},
-                                                           {c->padding, c->padding}),
-                                1e-5, 1e-5))
-        << when;
+    const auto x = torch::randn({1, c->in_channels, 8, 8}).to(dt);
+    const auto packed = c->forward(x).to(torch::kFloat);
+    const auto eager =
+        at::conv2d(x, c->weight, c->bias, {c->stride, c->stride}, {c->padding, c->padding}).to(torch::kFloat);
+    const double tol = dt == torch::kFloat ? 1e-5 : 2e-2;
+    EXPECT_TRUE(torch::allclose(packed, eager, tol, tol)) << when;
   };
   set.fuse();
   check("after fuse");
@@ -419,6 +423,9 @@ TEST(LoraPrepack, PatchedConvolutionsArePackedFromTheFusedWeights) {
   set.set_scale("lcm", 0.4);
   check("after set_scale");
 }
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, LoraPrepack, ::testing::Values(torch::kFloat, torch::kBFloat16),
+                         [](const auto& info) { return info.param == torch::kFloat ? "fp32" : "bf16"; });
 
 // ---- bad inputs -------------------------------------------------------------------------------------------------
 

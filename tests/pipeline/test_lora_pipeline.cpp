@@ -68,7 +68,8 @@ TEST_F(LoraPipeline, LoadReportsNamesScalesAndDescribe) {
   EXPECT_EQ(l[1].name, "sd15_kohya_unet_te");
   EXPECT_EQ(l[1].scale, 0.7);
   EXPECT_EQ(l[1].module_count("text_encoder"), 12u);
-  EXPECT_NE(m->describe().find("LoRA sd15_kohya_lcm, sd15_kohya_unet_te"), std::string::npos) << m->describe();
+  EXPECT_NE(m->describe().find(", LoRA sd15_kohya_lcm + sd15_kohya_unet_te, fp32, cpu)"), std::string::npos)
+      << m->describe();
   m->set_lora_scale("sd15_kohya_lcm", 0.5);
   EXPECT_EQ(m->loras()[0].scale, 0.5);
   EXPECT_THROW(m->set_lora_scale("other", 0.5), InvalidArgument);

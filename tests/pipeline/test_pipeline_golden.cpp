@@ -391,12 +391,13 @@ TEST(PipelineReducedPrecision, Bf16FollowsTheFloat32Reference) {
   RecordProperty("bf16_max_abs_err", std::to_string(bf16_follows_reference("pipeline", name)));
 }
 
-// The same with two LoRAs fused (bf16 weights fused in float32 from the bf16 base): the same bound holds (measured
-// 0.058 max abs).
+// The same with one and with two LoRAs fused (bf16 weights fused in float32 from the bf16 base): the same bound holds
+// (measured 0.056 and 0.058 max abs).
 TEST(PipelineReducedPrecision, Bf16WithLorasFollowsTheFloat32Reference) {
-  const std::string name = "sd15_2lora_img2img_self_t2";
-  if (!test::fixture_exists(std::string(kLoraSet) + "/" + name + ".safetensors")) GTEST_SKIP() << "case absent";
-  RecordProperty("bf16_max_abs_err", std::to_string(bf16_follows_reference(kLoraSet, name)));
+  for (const std::string name : {"sd15_lora_img2img_self_t2", "sd15_2lora_img2img_self_t2"}) {
+    if (!test::fixture_exists(std::string(kLoraSet) + "/" + name + ".safetensors")) GTEST_SKIP() << "case absent";
+    RecordProperty("bf16_max_abs_err_" + name, std::to_string(bf16_follows_reference(kLoraSet, name)));
+  }
 }
 
 }  // namespace
