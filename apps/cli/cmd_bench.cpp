@@ -68,6 +68,9 @@ struct BenchOptions {
   double filter_noise = 0.01;
   std::string json_path;
   std::string chart_path;
+  std::vector<std::string> loras;  // --lora / --lcm-lora: fused into every model set the bench loads
+  std::string lcm_lora;
+  bool strict_lora = false;
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -87,6 +90,7 @@ class Bench {
 
   int run() {
     validate();
+    loras_ = sd::cli::lora_specs(o_.loras, o_.lcm_lora);  // bad --lora arguments fail before anything loads
     threads_ = sd::set_threads(o_.threads);
     arch_ = inspect_architecture(o_.model);
     has_taesd_ = sd::is_directory(o_.model) && sd::ModelFolder::open(o_.model).taesd_dir().has_value();
@@ -214,13 +218,29 @@ class Bench {
     lo.threads = -1;  // set once above
     lo.taesd = taesd;
     lo.config = o_.config;
+    lo.loras = loras_;
+    lo.strict_lora = o_.strict_lora;
     const auto t0 = Clock::now();
     auto m = sd::load_pipeline(o_.model, lo);
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
     const std::string ae = taesd == "none" || !has_taesd_ ? "vae" : "taesd";
     std::cout << std::fixed << std::setprecision(2) << "  load pipeline (" << sd::dtype_name(dt) << ", " << ae
-              << "): " << s << " s, RSS " << std::setprecision(0) << rss_mib() << " MiB\n";
-    loads_.push_back({{"dtype", sd::dtype_name(dt)}, {"autoencoder", ae}, {"seconds", s}, {"rss_mib", rss_mib()}});
+              << (loras_.empty() ? "" : ", LoRAs fused") << "): " << s << " s, RSS " << std::setprecision(0)
+              << rss_mib() << " MiB\n";
+    nlohmann::json load = {{"dtype", sd::dtype_name(dt)}, {"autoencoder", ae}, {"seconds", s}, {"rss_mib", rss_mib()}};
+    // A live scale change (the control channel's `lora NAME SCALE`) re-fuses that LoRA's modules: timed here at the
+    // same scale, so the weights stay as loaded.
+    for (const auto& r : m->loras()) {
+      const auto t1 = Clock::now();
+      m->set_lora_scale(r.name, r.scale);
+      const double rs = std::chrono::duration<double>(Clock::now() - t1).count();
+      std::cout << std::setprecision(3) << "    LoRA " << r.name << " (" << r.summary() << "): live re-fuse " << rs
+                << " s\n";
+      load["loras"].push_back({{"name", r.name}, {"file", r.path}, {"scale", r.scale}, {"refuse_s", rs},
+                               {"unet_modules", r.module_count("unet")},
+                               {"text_encoder_modules", r.module_count("text_encoder")}});
+    }
+    loads_.push_back(load);
     return m;
   }
 
@@ -778,6 +798,7 @@ class Bench {
   std::map<std::string, Result> results_;
   std::vector<std::string> order_;
   std::vector<nlohmann::json> loads_;
+  std::vector<sd::LoraSpec> loras_;
   std::vector<nlohmann::json> comparisons_;
   std::map<int64_t, std::vector<AblationRow>> ablation_;
   nlohmann::json ablation_json_ = nlohmann::json::array();
@@ -822,6 +843,7 @@ sd::cli::Runner setup_bench(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--json", o->json_path, "write the results as JSON");
   app.add_option("--chart", o->chart_path, "write a PNG chart of the ablation and the components (needs OpenCV)");
+  sd::cli::add_lora_options(app, o->loras, o->lcm_lora, o->strict_lora);
   return [o] { return Bench(*o).run(); };
 }
 

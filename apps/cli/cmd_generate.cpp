@@ -50,7 +50,12 @@ void add_shared_options(CLI::App& app, GenerateOptions& o, bool txt2img) {
 
 using sd::cli::stream_config;
 
-sd::cli::LoadedModels load(const GenerateOptions& o) { return sd::cli::load_models(o); }
+// One-shot commands never change a LoRA scale: no need to keep the unfused weights.
+sd::cli::LoadedModels load(const GenerateOptions& o) {
+  sd::cli::PipelineOptions p = o;
+  p.lora_live = false;
+  return sd::cli::load_models(p);
+}
 
 // uint8 RGB [H, W, 3] from a file, centre-cropped and resized to width x height.
 torch::Tensor read_image(const std::string& path, int64_t width, int64_t height) {

@@ -1,5 +1,7 @@
 // `streamdiffusion info --model DIR|FILE`: what a model folder or single-file checkpoint holds, without loading the
-// weights (headers only).
+// weights (headers only), and the defaults a stream on it uses.
+// `streamdiffusion info --model DIR --lora FILE`: which keys of the LoRA patch which modules of that model (the
+// model is loaded and the LoRA matched as --lora would; nothing is written).
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -21,6 +23,7 @@
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
 #include "models/unet_2d_condition.h"
+#include "core/log.h"
 #include "pipeline/diffusion_models.h"
 
 namespace {
@@ -300,11 +303,65 @@ void print_defaults(const nlohmann::json& j) {
   for (const auto& w : j["warnings"]) std::cout << "  warning: " << w.get<std::string>() << "\n";
 }
 
+nlohmann::json lora_json(const sd::LoraReport& r) {
+  return {{"name", r.name},
+          {"file", r.path},
+          {"layout", r.layout},
+          {"scale", r.scale},
+          {"keys", r.keys},
+          {"matched_keys", r.matched_keys},
+          {"ranks", r.ranks},
+          {"modules", r.modules},
+          {"unmatched_keys", r.unmatched}};
+}
+
+// info --lora: loads the model with the LoRAs (not strict: unmatched keys are listed, not refused) and prints what
+// each matched. Wrong shapes (a LoRA for another family) are the same error --lora gives.
+int lora_info(const std::string& model, const std::string& config, const std::string& pred,
+              const std::vector<std::string>& loras, const std::string& lcm_lora, bool as_json) {
+  sd::LoadOptions lo;
+  lo.threads = -1;
+  lo.taesd = "none";
+  lo.config = config;  // single files
+  lo.prediction_type = pred;
+  lo.loras = sd::cli::lora_specs(loras, lcm_lora);
+  lo.lora_live = false;
+  sd::log::set_level("warn");  // the load's own info lines would repeat what is printed below
+  auto models = sd::load_pipeline(model, lo);
+  nlohmann::json out;
+  out["model"] = model;
+  out["loras"] = nlohmann::json::array();
+  for (const auto& r : models->loras()) out["loras"].push_back(lora_json(r));
+  if (as_json) {
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  for (const auto& r : models->loras()) {
+    std::cout << r.name << " (" << r.path << ") on " << model << "\n"
+              << "  layout " << r.layout << ", " << r.keys << " keys: " << r.matched_keys << " matched, "
+              << r.unmatched.size() << " unmatched; scale " << r.scale << ", rank";
+    for (size_t i = 0; i < r.ranks.size(); ++i) std::cout << (i ? "/" : " ") << r.ranks[i];
+    std::cout << "\n";
+    for (const char* comp : {"unet", "text_encoder"}) {
+      std::cout << "  " << comp << ": " << r.module_count(comp) << " modules patched\n";
+      if (r.modules.count(comp))
+        for (const auto& m : r.modules.at(comp)) std::cout << "      " << m << "\n";
+    }
+    if (!r.unmatched.empty()) {
+      std::cout << "  unmatched keys (patch nothing; --strict-lora refuses the file):\n";
+      for (const auto& k : r.unmatched) std::cout << "      " << k << "\n";
+    }
+  }
+  return 0;
+}
+
 sd::cli::Runner setup_info(CLI::App& app) {
   auto model = std::make_shared<std::string>(sd::cli::default_model_dir());
   auto as_json = std::make_shared<bool>(false);
   auto config = std::make_shared<std::string>();
   auto pred = std::make_shared<std::string>();
+  auto loras = std::make_shared<std::vector<std::string>>();
+  auto lcm_lora = std::make_shared<std::string>();
   app.add_option("--model", *model,
                  "diffusers Stable Diffusion pipeline folder or single-file .safetensors checkpoint (default: the "
                  "built-in emoji model)");
@@ -312,7 +369,13 @@ sd::cli::Runner setup_info(CLI::App& app) {
   app.add_option("--prediction-type", *pred, "single files: epsilon | v_prediction (else assumed, and said so)")
       ->check(CLI::IsMember({"epsilon", "v_prediction"}));
   app.add_flag("--json", *as_json, "print the summary as JSON");
-  return [model, as_json, config, pred] {
+  app.add_option("--lora", *loras,
+                 "a LoRA file (FILE[:SCALE], repeatable): print which of its keys patch which modules of --model "
+                 "and which match nothing (loads the model)");
+  app.add_option("--lcm-lora", *lcm_lora, "an LCM-LoRA file, as --lora");
+  return [model, as_json, config, pred, loras, lcm_lora] {
+    if (!loras->empty() || !lcm_lora->empty())
+      return lora_info(*model, *config, *pred, *loras, *lcm_lora, *as_json);
     if (!sd::is_directory(*model)) {
       auto r = single_file_json(*model, *config, *pred);
       r["defaults"] = defaults_json(*model, *config, *pred);
@@ -361,6 +424,9 @@ REGISTER_COMMAND("info",
                  "describe a model folder: components, configs, parameter counts, dtypes, native size and the "
                  "default stream settings",
                  5,
+                 "describe a diffusers model folder: components, configs, parameter counts, dtypes, sizes; with "
+                 "--lora: the LoRA's matched / unmatched keys",
+                 10,
                  setup_info);
 
 }  // namespace

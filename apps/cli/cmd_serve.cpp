@@ -102,6 +102,7 @@ sd::cli::Runner setup_serve(CLI::App& app) {
 
     const sd::cli::LoadedModels l = sd::cli::load_models(o->p);
     sd::log::info("loaded {} in {:.2f} s ({} threads)", l.models->describe(), l.load_s, at::get_num_threads());
+    for (const auto& r : l.models->loras()) d.lora_names.push_back(r.name);
 
     sd::SignalGuard signals;  // SIGINT / SIGTERM: clean shutdown (a second one: at once)
     sd::server::Server server(l.models, d, o->s);

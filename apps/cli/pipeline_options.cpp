@@ -152,7 +152,26 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
       "--lcm-guidance", [&o](double w) { o.lcm_guidance = w; },
       "guidance scale W baked into LCM-distilled UNets (config time_cond_proj_dim, e.g. LCM-Dreamshaper): every UNet "
       "call gets the embedding of W - 1 (default 8.5, as diffusers' LatentConsistencyModelPipeline)");
+  add_lora_options(app, o.loras, o.lcm_lora, o.strict_lora);
   add_common_options(app, o.common);
+}
+
+void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::string& lcm_lora, bool& strict_lora) {
+  app.add_option("--lora", loras,
+                 "LoRA .safetensors (kohya / A1111, diffusers or PEFT layout) fused into the UNet and text encoder, "
+                 "FILE or FILE:SCALE (default scale 1; the text after the last ':' is the scale); repeatable, "
+                 "fused in order. Live: 'lora NAME SCALE' (NAME = the file stem)");
+  app.add_option("--lcm-lora", lcm_lora,
+                 "LCM-LoRA file (= --lora FILE:1.0, fused before the --lora files as StreamDiffusion's recipe does)");
+  app.add_flag("--strict-lora", strict_lora, "LoRA keys that patch nothing in the model are an error (default: a warning)");
+}
+
+std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora) {
+  std::vector<LoraSpec> specs;
+  if (!lcm_lora.empty()) specs.push_back(parse_lora_spec(lcm_lora, "--lcm-lora"));
+  for (const auto& l : loras) specs.push_back(parse_lora_spec(l, "--lora"));
+  name_loras(specs);
+  return specs;
 }
 
 StreamConfig stream_config(const PipelineOptions& o, bool txt2img) {
@@ -258,6 +277,9 @@ LoadedModels load_models(const PipelineOptions& o) {
   lo.config = o.config;
   lo.tokenizer = o.tokenizer;
   lo.prediction_type = o.prediction_type;
+  lo.loras = lora_specs(o.loras, o.lcm_lora);
+  lo.strict_lora = o.strict_lora;
+  lo.lora_live = o.lora_live;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
   const ModelDefaults d = read_model_defaults(o.model, o.config, o.prediction_type);

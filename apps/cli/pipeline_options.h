@@ -46,6 +46,10 @@ struct PipelineOptions {
   double similarity_filter = 0;  // 0 = off (img2img)
   int max_skip_frame = 10;
   std::optional<double> lcm_guidance;  // --lcm-guidance W (LCM-distilled UNets)
+  std::vector<std::string> loras;  // --lora FILE[:SCALE], repeatable
+  std::string lcm_lora;            // --lcm-lora FILE (= --lora FILE:1.0, fused first as in StreamDiffusionWrapper)
+  bool strict_lora = false;
+  bool lora_live = true;           // keep the unfused weights for live scale changes (txt2img / img2img: off)
 };
 
 enum class PipelineMode { Txt2Img, Img2Img, Either };
@@ -70,6 +74,11 @@ StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDe
 // Where each effective setting of a mode comes from ("flag", "streamdiffusion.json", "family defaults", "built-in"),
 // one line per setting, for `info` and the load log.
 std::vector<std::string> explain_settings(const PipelineOptions& o, bool txt2img, const ModelDefaults& d);
+
+// Adds --lora, --lcm-lora and --strict-lora (add_pipeline_options does; the bench and info call it on their own).
+void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::string& lcm_lora, bool& strict_lora);
+// --lcm-lora first, then every --lora in order, parsed (FILE[:SCALE]) and named (file stems).
+std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora);
 
 // The model used when --model is not given: the shipped tiny emoji model (models/emoji-tiny, trained in-house).
 // Looked up as $SD_DEFAULT_MODEL, then models/emoji-tiny in a folder above the executable, in the source tree the

@@ -56,6 +56,11 @@ bool Conv2dImpl::prepack() {
   return true;
 }
 
+bool Conv2dImpl::prepacked_current() const {
+  return packed_.defined() && weight.defined() && packed_version_ == version_of(weight) &&
+         packed_from_ == weight.data_ptr();
+}
+
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
   if (packed_.defined() && fast_path().prepack_conv && x.device().is_cpu() &&
       x.scalar_type() == weight.scalar_type() && packed_version_ == version_of(weight) &&

@@ -38,6 +38,8 @@ class Conv2dImpl : public torch::nn::Module {
   bool prepack();
   void unpack() { packed_ = torch::Tensor(); }
   bool prepacked() const { return packed_.defined(); }
+  // The packed copy exists and was made from the current weight (what forward() then reads).
+  bool prepacked_current() const;
 
  private:
   torch::Tensor packed_;

@@ -19,6 +19,7 @@
 #include "models/autoencoder_tiny.h"
 #include "models/clip_text_model.h"
 #include "models/embeddings.h"
+#include "models/lora.h"
 #include "models/unet_2d_condition.h"
 #include "tokenizer/clip_tokenizer.h"
 
@@ -95,7 +96,30 @@ class StableDiffusionModels : public DiffusionModels {
     if (!(scaling_factor_ > 0) || !std::isfinite(scaling_factor_))
       throw FormatError(dir_, "autoencoder scaling_factor must be positive, got " + std::to_string(scaling_factor_));
     text_hidden_ = text_encoder_->config().hidden_size;
+    if (!opt.loras.empty()) load_loras(opt);
   }
+
+  void load_loras(const LoadOptions& opt) {
+    std::vector<LoraSpec> specs = opt.loras;
+    name_loras(specs);
+    lora_ = std::make_unique<LoraSet>(
+        LoraComponents{{"unet", unet_.ptr().get()}, {"text_encoder", text_encoder_.ptr().get()}}, opt.lora_live);
+    for (const auto& spec : specs) {
+      const LoraReport& r = lora_->add(spec, opt.strict_lora);
+      lora_names_.push_back(r.name);
+      log::info("LoRA {} ({}): {}", r.name, r.path, r.summary());
+    }
+    lora_->fuse();
+    log::info("fused {} LoRA{} in {:.3f} s", specs.size(), specs.size() == 1 ? "" : "s", lora_->fuse_seconds());
+  }
+
+  std::vector<LoraReport> loras() const override { return lora_ ? lora_->reports() : std::vector<LoraReport>{}; }
+  void set_lora_scale(const std::string& name, double scale) const override {
+    if (!lora_) return DiffusionModels::set_lora_scale(name, scale);
+    lora_->set_scale(name, scale);
+    log::info("LoRA {} re-fused at scale {} in {:.3f} s", name, scale, lora_->fuse_seconds());
+  }
+  uint64_t text_encoder_version() const override { return lora_ ? lora_->text_encoder_version() : 0; }
 
   torch::Tensor encode_prompt(const std::string& text) const override {
     torch::NoGradGuard no_grad;
@@ -133,11 +157,14 @@ class StableDiffusionModels : public DiffusionModels {
   std::string describe() const override {
     std::ostringstream o;
     o << dir_ << " (" << (single_file_note_.empty() ? "" : single_file_note_ + ", ") << "text " << text_hidden_
-      << "-d, autoencoder "
-      << (taesd_ ? "TAESD " + taesd_path_ : std::string("AutoencoderKL")) << ", " << dtype_name(dtype_) << ", "
-      << device_;
+      << "-d, autoencoder " << (taesd_ ? "TAESD " + taesd_path_ : std::string("AutoencoderKL"));
     if (timestep_cond_.defined()) o << ", LCM guidance " << lcm_guidance_;
-    o << ")";
+    // Names joined without commas: readers (the browser app) take the last two items as dtype and device.
+    if (lora_) {
+      o << ", LoRA";
+      for (size_t i = 0; i < lora_names_.size(); ++i) o << (i ? " + " : " ") << lora_names_[i];
+    }
+    o << ", " << dtype_name(dtype_) << ", " << device_ << ")";
     return o.str();
   }
 
@@ -281,6 +308,8 @@ class StableDiffusionModels : public DiffusionModels {
   AutoencoderKLConfig vae_config_;
   AutoencoderKL vae_{nullptr};
   AutoencoderTiny taesd_{nullptr};
+  std::unique_ptr<LoraSet> lora_;  // mutated only by set_lora_scale (see DiffusionModels)
+  std::vector<std::string> lora_names_;  // fixed at load (describe() may be called from any thread)
   double scaling_factor_ = 1.0;
   int64_t latent_channels_ = 4, vae_scale_factor_ = 8, text_hidden_ = 0;
 };
@@ -315,6 +344,10 @@ void refuse_pickle(const std::string& path) {
                               "', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
                               "st.save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}, '" +
                               out + "')\"");
+}
+
+void DiffusionModels::set_lora_scale(const std::string& name, double /*scale*/) const {
+  throw InvalidArgument("no LoRA named '" + name + "' (none loaded; give --lora FILE[:SCALE])");
 }
 
 std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_dir, const LoadOptions& options) {

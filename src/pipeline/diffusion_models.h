@@ -16,11 +16,13 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 #include <torch/types.h>
 
+#include "io/lora_file.h"
 #include "pipeline/lcm_scheduler.h"
 #include "pipeline/rng.h"
 
@@ -45,6 +47,17 @@ class DiffusionModels {
   virtual const LCMSchedulerConfig& scheduler_config() const = 0;
   // One line for logs: model folder, which autoencoder, dtype, device.
   virtual std::string describe() const = 0;
+
+  // LoRAs fused into the weights at load (LoadOptions::loras), in load order, with their current scales.
+  virtual std::vector<LoraReport> loras() const { return {}; }
+  // Re-fuses LoRA `name` at `scale` from its kept low-rank factors, without reloading (models/lora.h). The weights
+  // are shared: every stream on these models sees the change; a stream re-encodes its prompts on its next call when
+  // the text encoder changed (text_encoder_version()). The one mutation of a loaded model set: call it from the
+  // thread that runs the models, between calls. InvalidArgument for an unknown name or a non-finite scale, or when
+  // the models were loaded with LoadOptions::lora_live false.
+  virtual void set_lora_scale(const std::string& name, double scale) const;
+  // Changes whenever the text encoder's weights change after load; prompt caches compare it.
+  virtual uint64_t text_encoder_version() const { return 0; }
 };
 
 struct LoadOptions {
@@ -70,6 +83,13 @@ struct LoadOptions {
   std::string tokenizer;
   // "" = the scheduler config's (single files: the family default, epsilon), else "epsilon" | "v_prediction".
   std::string prediction_type;
+  // LoRAs fused into the UNet and text encoder at load, in this order (StreamDiffusionWrapper: the LCM-LoRA first,
+  // then lora_dict). Names default to the file stems (name_loras).
+  std::vector<LoraSpec> loras;
+  bool strict_lora = false;  // LoRA keys that patch nothing are an error (default: a warning)
+  // Keep the unfused weights so set_lora_scale() works (free for float32 weights, which alias their file; a second
+  // copy of the patched weights in bf16 / fp16). One-shot commands turn it off.
+  bool lora_live = true;
 };
 
 // Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config once, from a diffusers

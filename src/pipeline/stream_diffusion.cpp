@@ -185,6 +185,7 @@ void StreamDiffusion::build_schedule() {
 
 void StreamDiffusion::encode_prompts(bool need_uncond) {
   const auto t0 = Clock::now();
+  text_encoder_version_ = models_->text_encoder_version();
   cond_embeds_ = models_->encode_prompt(prompt_);
   ++stats_.text_encodes;
   if (need_uncond) {
@@ -250,6 +251,14 @@ void StreamDiffusion::update_prompt(const std::string& prompt, const std::string
   build_prompt_layout();
 }
 
+void StreamDiffusion::refresh_prompts() {
+  // The text encoder's weights changed under the cached embeddings (a live LoRA scale change on the shared models):
+  // encode again, as update_prompt() with the same prompts would.
+  if (models_->text_encoder_version() == text_encoder_version_) return;
+  encode_prompts(needs_uncond());
+  build_prompt_layout();
+}
+
 void StreamDiffusion::set_guidance_scale(double guidance_scale) {
   if (!std::isfinite(guidance_scale)) throw InvalidArgument("guidance_scale must be finite");
   config_.guidance_scale = guidance_scale;
@@ -310,6 +319,7 @@ void StreamDiffusion::set_similarity_filter(const SimilarityFilterOptions& optio
 torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
   require_prepared("img2img");
   torch::NoGradGuard no_grad;
+  refresh_prompts();
   const auto start = Clock::now();
   const int64_t F = config_.frame_buffer_size;
   Tensor x = images.dim() == 3 ? images.unsqueeze(0) : images;
@@ -350,6 +360,7 @@ torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
 torch::Tensor StreamDiffusion::txt2img() {
   require_prepared("txt2img");
   torch::NoGradGuard no_grad;
+  refresh_prompts();
   const auto start = Clock::now();
   ++stats_.calls;
   const Tensor x = rng_->randn({config_.frame_buffer_size, models_->latent_channels(), latent_height(), latent_width()},
@@ -361,6 +372,7 @@ torch::Tensor StreamDiffusion::txt2img() {
 torch::Tensor StreamDiffusion::txt2img_one_shot() {
   require_prepared("txt2img_one_shot");
   torch::NoGradGuard no_grad;
+  refresh_prompts();
   const auto start = Clock::now();
   const int64_t B = batch_size();
   if (t_sub_.size(0) != B)

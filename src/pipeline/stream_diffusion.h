@@ -89,6 +89,8 @@ class StreamDiffusion {
   torch::Tensor txt2img_one_shot();
 
   // Runtime updates (spec §6), no reload. update_prompt re-encodes both prompts and rebuilds the full text layout.
+  // A change of the shared models' text encoder (DiffusionModels::set_lora_scale) is noticed by the next call, which
+  // re-encodes the prompts first (DiffusionModels::text_encoder_version()).
   void update_prompt(const std::string& prompt, const std::string& negative_prompt = "");
   void set_guidance_scale(double guidance_scale);
   void set_delta(double delta);
@@ -144,6 +146,7 @@ class StreamDiffusion {
   void build_prompt_layout();     // prompt_embeds from cond/uncond (encodes the negative prompt when needed)
   void reset_stream_state();      // init_noise (drawn), stock_noise and buffer zeroed
   void encode_prompts(bool need_uncond);
+  void refresh_prompts();         // re-encodes when the models' text encoder changed since the last encode
   bool needs_uncond() const;
   bool head_rows() const;         // reproduce the original's F > 1 row handling (see header comment)
   void require_prepared(const char* what) const;
@@ -175,6 +178,7 @@ class StreamDiffusion {
   torch::Tensor t_sub_, alpha_, beta_, c_skip_, c_out_;
   torch::Tensor cond_embeds_, uncond_embeds_, prompt_embeds_;
   int64_t uncond_rows_ = 0;
+  uint64_t text_encoder_version_ = 0;  // models_->text_encoder_version() of the cached embeddings
   torch::Tensor init_noise_, stock_noise_, x_t_latent_buffer_, prev_output_;
 
   std::unique_ptr<SimilarityFilter> filter_;

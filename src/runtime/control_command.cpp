@@ -41,7 +41,7 @@ int64_t parse_integer(const std::string& what, const std::string& s) {
 const std::string& control_help() {
   static const std::string help =
       "commands: prompt <text> | negative <text> | guidance <g> | delta <d> | t_index_list <i,j,...> | seed <n> | "
-      "filter on|off | filter_threshold <x> | stats | quit | help";
+      "filter on|off | filter_threshold <x> | lora <name> <scale> | stats | quit | help";
   return help;
 }
 
@@ -108,6 +108,13 @@ std::optional<ControlCommand> parse_control_command(const std::string& raw) {
     c.number = parse_number(cmd, arg);
     if (!(c.number > 0 && c.number <= 1))
       throw InvalidArgument("control: filter_threshold must be in (0, 1], got " + arg);
+  } else if (cmd == "lora") {
+    c.kind = K::Lora;
+    const auto last = arg.find_last_of(" \t");
+    if (arg.empty() || last == std::string::npos)
+      throw InvalidArgument("control: 'lora' needs a LoRA name and a scale, e.g. 'lora lcm-lora-sdv1-5 0.8'");
+    c.text = trim(arg.substr(0, last));
+    c.number = parse_number(cmd, trim(arg.substr(last)));
   } else if (cmd == "stats") {
     no_arg(K::Stats);
   } else if (cmd == "quit" || cmd == "exit") {

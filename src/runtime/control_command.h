@@ -9,6 +9,8 @@
 //   seed <n>                 reseeds the fixed noise (init_noise)
 //   filter on|off            stochastic similarity filter
 //   filter_threshold <x>     similarity threshold η in (0, 1]
+//   lora <name> <scale>      re-fuses a loaded LoRA (--lora; name = file stem) at a new scale, no reload; the
+//                            prompts are re-encoded when it patches the text encoder (the latent buffer is kept)
 //   stats                    print the current status line
 //   quit                     stop the stream (as SIGINT)
 //   help                     list the commands
@@ -22,10 +24,12 @@
 namespace sd {
 
 struct ControlCommand {
-  enum class Kind { Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Stats, Quit, Help };
+  enum class Kind {
+    Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Lora, Stats, Quit, Help
+  };
   Kind kind = Kind::Stats;
-  std::string text;                  // prompt / negative
-  double number = 0;                 // guidance / delta / filter_threshold
+  std::string text;                  // prompt / negative / lora name
+  double number = 0;                 // guidance / delta / filter_threshold / lora scale
   std::vector<int64_t> t_index_list;
   uint64_t seed = 0;
   bool on = false;                   // filter

@@ -261,6 +261,11 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
       stream_->set_similarity_filter(f);
       return {};
     }
+    case K::Lora:
+      // The shared weights are re-fused here, on the model thread between two frames; the stream re-encodes its
+      // prompts on its next call when the LoRA patches the text encoder. The latent buffer is kept.
+      stream_->models().set_lora_scale(c.text, c.number);
+      return {};
     default:
       throw InvalidArgument("'" + c.line + "' is not a pipeline command");
   }

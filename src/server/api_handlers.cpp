@@ -140,6 +140,7 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
     } release{pending};
     try {
       torch::NoGradGuard no_grad;
+      for (const auto& [name, scale] : settings.lora) models->set_lora_scale(name, scale);  // server-wide
       StreamConfig cfg = settings.config(defaults);
       cfg.use_denoising_batch = false;  // all steps in one call: the first output is the final image
       cfg.similarity_filter.enabled = false;

@@ -80,6 +80,13 @@ void StreamSession::close() {
 }
 
 void StreamSession::apply_settings(const StreamSettings& want) {
+  // LoRA scales belong to the shared model (server-wide); every stream re-encodes its prompts on its next call.
+  for (const auto& [name, scale] : want.lora) {
+    bool same = false;
+    for (const auto& r : models_->loras())
+      if (r.name == name) same = r.scale == scale;
+    if (!same) models_->set_lora_scale(name, scale);
+  }
   if (!stream_ || want.txt2img != applied_.txt2img) {
     auto s = std::make_unique<StreamDiffusion>(models_, want.config(defaults_));
     s->prepare(want.prompt, want.negative_prompt);
@@ -131,12 +138,21 @@ void StreamSession::run_model_step() {
     dirty = settings_dirty_;
     settings_dirty_ = false;
     want = wanted_;
+    wanted_.lora.clear();  // a one-shot request: another client may change the scales later
   }
   torch::NoGradGuard no_grad;
   if (dirty || !stream_) {
     try {
       apply_settings(want);
-      if (sink_.message) sink_.message({{"type", "config"}, {"settings", applied_.to_json()}});
+      if (sink_.message) {
+        nlohmann::json settings = applied_.to_json();
+        if (!defaults_.lora_names.empty()) {
+          nlohmann::json scales = nlohmann::json::object();
+          for (const auto& r : models_->loras()) scales[r.name] = r.scale;
+          settings["lora"] = scales;
+        }
+        sink_.message({{"type", "config"}, {"settings", settings}});
+      }
     } catch (const std::exception& e) {
       // Refused by the pipeline: the stream keeps the settings it had, and so does the session.
       {

@@ -1,5 +1,6 @@
 #include "server/stream_settings.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -142,9 +143,22 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
       std::vector<int64_t> list;
       for (const auto& e : v) list.push_back(integer_in(e, key, 0, S - 1));
       s.t_index_list = std::move(list);
+    } else if (key == "lora") {
+      if (!v.is_object() || v.empty())
+        throw InvalidArgument("field 'lora': expected an object {\"<lora name>\": scale}, got " + v.dump());
+      if (d.lora_names.empty()) throw InvalidArgument("field 'lora': no LoRA is loaded (start serve with --lora FILE)");
+      for (const auto& [name, scale] : v.items()) {
+        if (std::find(d.lora_names.begin(), d.lora_names.end(), name) == d.lora_names.end()) {
+          std::string names;
+          for (const auto& n : d.lora_names) names += (names.empty() ? "" : ", ") + n;
+          throw InvalidArgument("field 'lora': no LoRA named '" + name + "' (loaded: " + names + ")");
+        }
+        s.lora[name] = number_in(scale, "lora." + name, -10, 10);
+      }
     } else {
       throw InvalidArgument("unknown field '" + key + "' (expected " + (allow_mode ? "mode, " : "") +
                             "prompt, negative_prompt, guidance, delta, t_index_list, steps, seed, similarity_filter" +
+                            (d.lora_names.empty() ? "" : ", lora") +
                             (skip.count("image") ? ", image" : "") + ")");
     }
   }

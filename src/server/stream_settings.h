@@ -12,8 +12,13 @@
 //                     not together with t_index_list
 //   seed              integer in [0, 2^53]
 //   similarity_filter number in [0, 1): threshold of the stochastic similarity filter, 0 = off (img2img only)
+//   lora              object {name: scale}, scales in [-10, 10], names of the LoRAs the server loaded (--lora,
+//                     name = file stem). SERVER-WIDE: the one loaded model is re-fused at that scale (no reload), so
+//                     every client sees it; streams re-encode their prompts. A request, applied once by the model
+//                     thread; the "config" reply carries the model's current scales.
 // Any other field -> InvalidArgument naming it (nothing of the message is applied).
 #include <cstdint>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -32,6 +37,7 @@ struct StreamDefaults {
   bool txt2img_mode = false;  // mode of a new WebSocket client
   int64_t start_index = 32;   // first index of `steps` for img2img
   int64_t native_width = 0, native_height = 0;  // the model's native size (0 = unknown), told to the page
+  std::vector<std::string> lora_names;  // the LoRAs loaded (what "lora" may name)
 };
 
 struct StreamSettings {
@@ -41,6 +47,8 @@ struct StreamSettings {
   std::vector<int64_t> t_index_list;
   uint64_t seed = 2;
   double similarity_filter = 0;  // threshold, 0 = off
+  // Requested LoRA scales (server-wide; consumed by the model thread, not compared, not in to_json()).
+  std::map<std::string, double> lora;
 
   static StreamSettings defaults(const StreamDefaults& d, bool txt2img);
   // The base config of the mode with these settings applied.

@@ -122,6 +122,7 @@ void WebSocketSession::on_accept(beast::error_code ec) {
              {"native_height", ctx_->defaults.native_height},
              {"model", ctx_->models->describe()},
              {"settings", stream_->settings().to_json()},
+             {"loras", ctx_->defaults.lora_names},
              {"limits",
               {{"max_message_bytes", o.max_ws_message},
                {"max_image_side", kMaxImageSide},

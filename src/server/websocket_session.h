@@ -10,8 +10,9 @@
 //   {"type":"ping"}             -> {"type":"pong"}
 // Server -> client
 //   binary                      a JPEG result, exactly one per frame / generate request the model took
-//   {"type":"hello", id, width, height, settings, limits}     after the handshake
-//   {"type":"config", settings}                             settings applied (by the model thread)
+//   {"type":"hello", id, width, height, settings, loras, limits}   after the handshake (loras: names loaded)
+//   {"type":"config", settings}                             settings applied (by the model thread; with LoRAs
+//                                                           loaded, settings.lora = the model's current scales)
 //   {"type":"stats", ...}                                   about once a second while frames flow, and on request
 //   {"type":"error", message}                               a refused message; the stream goes on
 //   {"type":"busy", message, max_streams}                   then close 1013 (try again later): no free stream slot

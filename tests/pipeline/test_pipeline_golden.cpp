@@ -1,6 +1,7 @@
-// Golden tests: every case of pipeline/cases.json (discovered from the file) run with the real tiny model named by
-// the case, the recorded random draws injected (ReplayRng) and the recorded Python uniform draws for the filter,
-// comparing every call's output and every recorded intermediate tensor (README tolerances).
+// Golden tests: every case of pipeline/cases.json and lora/pipeline/cases.json (discovered from the files) run with
+// the real tiny model named by the case (with the case's LoRAs fused, in order), the recorded random draws injected
+// (ReplayRng) and the recorded Python uniform draws for the filter, comparing every call's output and every recorded
+// intermediate tensor (README tolerances).
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -28,19 +29,22 @@ constexpr double kSchedAtol = 1e-7, kSchedRtol = 1e-6;    // scheduler scalars
 constexpr double kRngAtol = 1.4e-6;                       // libtorch randn vs recording (AVX2 vs scalar kernels)
 
 const char* kCases = "pipeline/cases.json";
+const char* kLoraSet = "lora/pipeline";  // the same layout, with params.loras
 
 struct GoldenCase {
   int index;
   std::string name;
+  std::string set = "pipeline";  // fixture folder holding cases.json, the case files and input_images.safetensors
   std::string single_file;  // "" = the diffusers folder; else single_file/<file> loaded with --config <folder>
 };
 
-std::vector<GoldenCase> golden_cases() {
+std::vector<GoldenCase> golden_cases(const std::string& set = "pipeline") {
   std::vector<GoldenCase> out;
-  if (!test::fixture_exists(kCases)) return out;
-  const auto j = read_json_file(test::fixture_path(kCases));
+  const std::string cases = set + "/cases.json";
+  if (!test::fixture_exists(cases)) return out;
+  const auto j = read_json_file(test::fixture_path(cases));
   int i = 0;
-  for (const auto& c : j.at("cases")) out.push_back({i++, c.at("params").at("name").get<std::string>(), ""});
+  for (const auto& c : j.at("cases")) out.push_back({i++, c.at("params").at("name").get<std::string>(), set});
   return out;
 }
 
@@ -60,7 +64,7 @@ std::vector<GoldenCase> single_file_cases() {
       const auto& p = c.at("params");
       if ("models/" + p.at("model").get<std::string>() == folder && p.at("vae") == "autoencoderkl" &&
           c.at("result").at("ok").get<bool>())
-        out.push_back({i, p.at("name").get<std::string>(), f.at("file").get<std::string>()});
+        out.push_back({i, p.at("name").get<std::string>(), "pipeline", f.at("file").get<std::string>()});
       ++i;
     }
   }
@@ -69,17 +73,24 @@ std::vector<GoldenCase> single_file_cases() {
 
 void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.name; }
 
-// Models are loaded once per (model, autoencoder) and shared by the cases, as the library intends.
+// Models are loaded once per (model, autoencoder, LoRAs, single file) and shared by the cases, as the library
+// intends. `loras`: params.loras of a LoRA case ([{file, api, scale}], fused in order; file =
+// lora/files/<file>.safetensors). `single_file`: single_file/<file> loaded with --config <the model's folder>.
 std::shared_ptr<const DiffusionModels> models_for(const std::string& model, const std::string& vae,
+                                                  const nlohmann::json& loras = nlohmann::json::array(),
                                                   const std::string& single_file = "") {
   static std::mutex mu;
   static std::map<std::string, std::shared_ptr<const DiffusionModels>> cache;
   std::lock_guard<std::mutex> lock(mu);
-  const std::string key = model + "/" + vae + "/" + single_file;
+  const std::string key = model + "/" + vae + "/" + loras.dump() + "/" + single_file;
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   LoadOptions opt;
   opt.threads = -1;  // keep the test runner's setting
+  for (const auto& l : loras)
+    opt.loras.push_back({test::fixture_path("lora/files/" + l.at("file").get<std::string>() + ".safetensors"),
+                         l.at("scale").get<double>(), ""});
+  opt.strict_lora = true;
   if (vae == "taesd")
     opt.taesd = test::fixture_path("models/" + model + "/taesd");
   else if (vae == "autoencoderkl")
@@ -116,7 +127,8 @@ struct ErrorReport {
   return r;
 }
 
-StreamConfig config_from(const nlohmann::json& p, const SafeTensorsFile& f, int64_t vae_scale) {
+StreamConfig config_from(const nlohmann::json& p, const SafeTensorsFile& f, int64_t vae_scale,
+                         const std::string& set = "pipeline") {
   StreamConfig c;
   c.t_index_list = p.at("t_index_list").get<std::vector<int64_t>>();
   c.num_inference_steps = p.at("num_inference_steps").get<int64_t>();
@@ -129,7 +141,7 @@ StreamConfig config_from(const nlohmann::json& p, const SafeTensorsFile& f, int6
   c.seed = p.at("seed").get<uint64_t>();
   // The stream size is not a parameter: it is the input images' size (README: 64x64), or for cases without
   // calls, the latent size of init_noise times the VAE scale factor.
-  const auto imgs = SafeTensorsFile::open(test::fixture_path("pipeline/input_images.safetensors"));
+  const auto imgs = SafeTensorsFile::open(test::fixture_path(set + "/input_images.safetensors"));
   if (f.contains("prepare.init_noise")) {
     const auto& s = f.info("prepare.init_noise").shape;
     c.height = s.at(2) * vae_scale;
@@ -139,7 +151,7 @@ StreamConfig config_from(const nlohmann::json& p, const SafeTensorsFile& f, int6
     c.height = s.at(0);
     c.width = s.at(1);
   }
-  const auto& sf = p.at("similar_image_filter");
+  const auto sf = p.value("similar_image_filter", nlohmann::json());
   if (!sf.is_null()) {
     c.similarity_filter.enabled = true;
     c.similarity_filter.threshold = sf.at("threshold").get<double>();
@@ -213,16 +225,21 @@ Tensor input_batch(const SafeTensorsFile& imgs, const nlohmann::json& ids) {
 class PipelineGolden : public ::testing::TestWithParam<GoldenCase> {};
 
 TEST_P(PipelineGolden, MatchesReference) {
-  const auto all = read_json_file(test::fixture_path(kCases));
+  const std::string& set = GetParam().set;
+  const auto all = read_json_file(test::fixture_path(set + "/cases.json"));
   const auto& c = all.at("cases").at(GetParam().index);
   const auto& p = c.at("params");
   const auto& result = c.at("result");
   const std::string model = p.at("model").get<std::string>();
   if (!test::fixture_exists("models/" + model)) GTEST_SKIP() << "model " << model << " not in the fixture root";
-  const auto f = SafeTensorsFile::open(test::fixture_path("pipeline/" + c.at("file").get<std::string>()));
-  const auto imgs = SafeTensorsFile::open(test::fixture_path("pipeline/input_images.safetensors"));
-  auto models = models_for(model, p.at("vae").get<std::string>(), GetParam().single_file);
-  const StreamConfig cfg = config_from(p, f, models->vae_scale_factor());
+  const auto f = SafeTensorsFile::open(test::fixture_path(set + "/" + c.at("file").get<std::string>()));
+  const auto imgs = SafeTensorsFile::open(test::fixture_path(set + "/input_images.safetensors"));
+  auto models = models_for(model, p.at("vae").get<std::string>(), p.value("loras", nlohmann::json::array()),
+                           GetParam().single_file);
+  if (p.contains("loras")) {
+    ASSERT_EQ(models->loras().size(), p.at("loras").size());
+  }
+  const StreamConfig cfg = config_from(p, f, models->vae_scale_factor(), set);
   const bool ok = result.at("ok").get<bool>();
   const std::string mode = p.at("mode").get<std::string>();
   const int n_calls = p.at("n_calls").get<int>();
@@ -345,6 +362,9 @@ TEST_P(PipelineGolden, MatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(Fixture, PipelineGolden, ::testing::ValuesIn(golden_cases()),
                          [](const auto& info) { return test::test_name(info.param.name); });
+// StreamDiffusion with fused LoRAs (fixtures README "LoRA", pipeline cases): the same checks.
+INSTANTIATE_TEST_SUITE_P(Lora, PipelineGolden, ::testing::ValuesIn(golden_cases(kLoraSet)),
+                         [](const auto& info) { return test::test_name(info.param.name); });
 INSTANTIATE_TEST_SUITE_P(SingleFile, PipelineGolden, ::testing::ValuesIn(single_file_cases()),
                          [](const auto& info) { return test::test_name(info.param.single_file + "_" + info.param.name); });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(PipelineGolden);
@@ -357,24 +377,26 @@ namespace {
 
 // Reduced precision: the same stream in bf16 (weights, activations, latents, coefficients) follows the float32
 // reference loosely. The README's tolerances are for float32; bf16 keeps ~3 significant digits, so the bound here
-// is 0.1 + 0.05 * max|ref| on the decoded images (measured 0.068 max abs on this case).
-TEST(PipelineReducedPrecision, Bf16FollowsTheFloat32Reference) {
-  const std::string name = "sd15_img2img_self_t2_fb1_batch_taesd";
-  if (!test::fixture_exists("pipeline/" + name + ".safetensors")) GTEST_SKIP() << "case absent";
-  const auto all = read_json_file(test::fixture_path(kCases));
+// is 0.1 + 0.05 * max|ref| on the decoded images. Returns the max abs error over the calls.
+double bf16_follows_reference(const std::string& set, const std::string& name) {
+  const auto all = read_json_file(test::fixture_path(set + "/cases.json"));
   const nlohmann::json* c = nullptr;
   for (const auto& x : all.at("cases"))
     if (x.at("params").at("name") == name) c = &x;
-  ASSERT_NE(c, nullptr);
+  EXPECT_NE(c, nullptr);
+  if (!c) return 0;
   const auto& p = c->at("params");
-  const auto f = SafeTensorsFile::open(test::fixture_path("pipeline/" + name + ".safetensors"));
-  const auto imgs = SafeTensorsFile::open(test::fixture_path("pipeline/input_images.safetensors"));
+  const auto f = SafeTensorsFile::open(test::fixture_path(set + "/" + c->at("file").get<std::string>()));
+  const auto imgs = SafeTensorsFile::open(test::fixture_path(set + "/input_images.safetensors"));
   LoadOptions opt;
   opt.dtype = torch::kBFloat16;
   opt.threads = -1;
   opt.taesd = test::fixture_path("models/tiny-sd15/taesd");
+  for (const auto& l : p.value("loras", nlohmann::json::array()))
+    opt.loras.push_back({test::fixture_path("lora/files/" + l.at("file").get<std::string>() + ".safetensors"),
+                         l.at("scale").get<double>(), ""});
   auto models = load_pipeline(test::fixture_path("models/tiny-sd15"), opt);
-  const StreamConfig cfg = config_from(p, f, models->vae_scale_factor());
+  const StreamConfig cfg = config_from(p, f, models->vae_scale_factor(), set);
   StreamDiffusion s(models, cfg, std::make_shared<ReplayRng>(recorded_draws(c->at("result"), f)));
   s.prepare(p.at("prompt").get<std::string>(), p.at("negative_prompt").get<std::string>());
   EXPECT_EQ(s.init_noise().scalar_type(), torch::kBFloat16);
@@ -389,7 +411,23 @@ TEST(PipelineReducedPrecision, Bf16FollowsTheFloat32Reference) {
     worst = std::max(worst, (out.to(torch::kFloat32) - ref).abs().max().item<double>());
   }
   std::cout << "[ errors ] bf16 " << name << ": output max abs err " << worst << "\n";
-  RecordProperty("bf16_max_abs_err", std::to_string(worst));
+  return worst;
+}
+
+// Measured 0.068 max abs on this case.
+TEST(PipelineReducedPrecision, Bf16FollowsTheFloat32Reference) {
+  const std::string name = "sd15_img2img_self_t2_fb1_batch_taesd";
+  if (!test::fixture_exists("pipeline/" + name + ".safetensors")) GTEST_SKIP() << "case absent";
+  RecordProperty("bf16_max_abs_err", std::to_string(bf16_follows_reference("pipeline", name)));
+}
+
+// The same with one and with two LoRAs fused (bf16 weights fused in float32 from the bf16 base): the same bound holds
+// (measured 0.056 and 0.058 max abs).
+TEST(PipelineReducedPrecision, Bf16WithLorasFollowsTheFloat32Reference) {
+  for (const std::string name : {"sd15_lora_img2img_self_t2", "sd15_2lora_img2img_self_t2"}) {
+    if (!test::fixture_exists(std::string(kLoraSet) + "/" + name + ".safetensors")) GTEST_SKIP() << "case absent";
+    RecordProperty("bf16_max_abs_err_" + name, std::to_string(bf16_follows_reference(kLoraSet, name)));
+  }
 }
 
 }  // namespace

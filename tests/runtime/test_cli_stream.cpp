@@ -1,5 +1,6 @@
 // The built `streamdiffusion stream` command on the tiny fixture model: file -> folder, txt2img ticks, raw pipes,
 // live control on stdin, SIGINT, and the errors a user sees for a bad output or a truncated input.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -109,6 +110,40 @@ TEST_F(CliStream, LiveControlOnStdin) {
   EXPECT_EQ(j["controls"].size(), 2u);
   EXPECT_EQ(j["frames_out"], 30) << "a t_index_list length change mid-stream loses no frame";
   EXPECT_EQ(j["config"]["t_index_list"], nlohmann::json::array({20, 30, 40}));
+}
+
+// `lora NAME SCALE` scheduled before frame 3 of a one-step stream without guidance (no latent buffer, fixed noise):
+// from frame 3 on, every output file equals the one of a fresh stream loaded with the LoRA at the new scale; the
+// frames before differ (scale 1 vs 0.7). The LoRA patches the text encoder too, so the prompt is re-encoded.
+TEST_F(CliStream, LiveLoraScaleChangeEqualsFreshStream) {
+  const std::string lora = test::fixture_path("lora/files/sd15_kohya_unet_te.safetensors");
+  if (!fs::exists(lora)) GTEST_SKIP() << "LoRA fixture absent";
+  const std::string video = test::write_index_video(tmp_ + "/in.avi", 6);
+  const std::string common = base_ + "--input " + q(video) + " --control none --t-index-list 45 --cfg-type none ";
+  const auto a = sh(common + "--lora " + q(lora) + " --at '3:lora sd15_kohya_unet_te 0.7' --output " + q(tmp_ + "/a"));
+  ASSERT_EQ(a.status, 0) << a.output;
+  EXPECT_NE(a.output.find("LoRA sd15_kohya_unet_te re-fused at scale 0.7"), std::string::npos) << a.output;
+  const auto b = sh(common + "--lora " + q(lora + ":0.7") + " --output " + q(tmp_ + "/b"));
+  ASSERT_EQ(b.status, 0) << b.output;
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(tmp_ + "/a")) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  ASSERT_EQ(names.size(), 6u);
+  auto bytes = [](const std::string& p) {
+    std::ifstream f(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), {});
+  };
+  for (size_t i = 0; i < names.size(); ++i) {
+    const bool same = bytes(tmp_ + "/a/" + names[i]) == bytes(tmp_ + "/b/" + names[i]);
+    if (i < 3)
+      EXPECT_FALSE(same) << names[i] << ": before the change (scale 1 vs 0.7)";
+    else
+      EXPECT_TRUE(same) << names[i] << ": after the change it must equal the fresh stream at 0.7";
+  }
+  // An unknown name is refused without stopping the stream.
+  const auto c = sh(common + "--lora " + q(lora) + " --at '2:lora nope 0.5' --output none");
+  EXPECT_EQ(c.status, 0) << c.output;
+  EXPECT_NE(c.output.find("no LoRA named 'nope' (loaded: sd15_kohya_unet_te)"), std::string::npos) << c.output;
 }
 
 TEST_F(CliStream, SigintStopsTheCommandCleanly) {

@@ -106,6 +106,11 @@ TEST(ControlCommand, ParsesEveryCommand) {
   EXPECT_TRUE(parse_control_command("filter on")->on);
   EXPECT_FALSE(parse_control_command("filter off")->on);
   EXPECT_DOUBLE_EQ(parse_control_command("filter_threshold 0.95")->number, 0.95);
+  auto l = parse_control_command("lora lcm-lora-sdv1-5 0.8");
+  EXPECT_EQ(l->kind, K::Lora);
+  EXPECT_EQ(l->text, "lcm-lora-sdv1-5");
+  EXPECT_DOUBLE_EQ(l->number, 0.8);
+  EXPECT_EQ(parse_control_command("lora my style  -0.5 ")->text, "my style");  // the last word is the scale
   EXPECT_EQ(parse_control_command("stats")->kind, K::Stats);
   EXPECT_EQ(parse_control_command("quit")->kind, K::Quit);
   EXPECT_EQ(parse_control_command("help")->kind, K::Help);
@@ -126,6 +131,12 @@ TEST(ControlCommand, BadCommandsGiveClearMessages) {
   EXPECT_NE(error_of([] { parse_control_command("filter maybe"); }).find("on or off"), std::string::npos);
   EXPECT_NE(error_of([] { parse_control_command("filter_threshold 1.5"); }).find("(0, 1]"), std::string::npos);
   EXPECT_NE(error_of([] { parse_control_command("quit now"); }).find("takes no argument"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("lora"); }).find("needs a LoRA name and a scale"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("lora 0.5"); }).find("needs a LoRA name and a scale"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("lora style x"); }).find("expects a number, got 'x'"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("lora style nan"); }).find("expects a number"), std::string::npos);
 }
 
 TEST(LatencyHistogram, PercentilesWithinOnePercent) {

@@ -544,3 +544,55 @@ TEST_F(ServerTest, LoadManyClients) {
   EXPECT_LT(rss_end - rss_mid, 50.0) << "RSS grows while streaming";
   EXPECT_LE(max_frames, 4 * min_frames + 4) << "unfair scheduling";
 }
+
+// A LoRA scale change in one client's settings re-fuses the one shared model (server-wide): the config reply carries
+// the new scale, and images from then on (API and WebSocket) equal those of a server loaded at that scale.
+TEST(ServerLora, LiveScaleChangeEqualsAServerLoadedAtThatScale) {
+  const std::string lora = sd::test::fixture_path("lora/files/sd15_kohya_unet_te.safetensors");
+  if (!sd::test::fixture_exists(kModel) || !fs::exists(lora)) GTEST_SKIP() << "fixtures absent";
+  auto serve = [&](double scale) {
+    sd::LoadOptions lo;
+    lo.threads = -1;
+    lo.loras = {{lora, scale, ""}};
+    auto models = sd::load_pipeline(sd::test::fixture_path(kModel), lo);
+    StreamDefaults d = defaults();
+    for (const auto& r : models->loras()) d.lora_names.push_back(r.name);
+    ServerOptions o;
+    o.host = "127.0.0.1";
+    o.port = 0;
+    o.web_root.clear();
+    auto s = std::make_unique<Server>(models, d, o);
+    s->start();
+    return s;
+  };
+  auto live = serve(1.0), fresh = serve(0.7);
+  const std::string req = R"({"prompt":"a red cat","seed":5})";
+  const auto before = http_request(live->port(), http::verb::post, "/api/txt2img", req);
+  const auto want = http_request(fresh->port(), http::verb::post, "/api/txt2img", req);
+  ASSERT_EQ(before.status, 200u) << before.body;
+  ASSERT_EQ(want.status, 200u) << want.body;
+  EXPECT_NE(before.body, want.body) << "scale 1 and 0.7 differ";
+
+  WsClient c;
+  ASSERT_EQ(c.connect(live->port()), 101u);
+  auto hello = c.read_type("hello", std::chrono::seconds(10));
+  ASSERT_TRUE(hello);
+  EXPECT_EQ((*hello)["loras"], nlohmann::json::array({"sd15_kohya_unet_te"}));
+  ASSERT_TRUE(c.send_json({{"type", "config"}, {"lora", {{"nope", 0.5}}}}));
+  EXPECT_NE(c.read_type("error", std::chrono::seconds(30)).value_or(nlohmann::json())["message"].dump().find(
+                "no LoRA named 'nope'"),
+            std::string::npos);
+  ASSERT_TRUE(c.send_json({{"type", "config"}, {"lora", {{"sd15_kohya_unet_te", 0.7}}}}));
+  std::optional<nlohmann::json> cfg;
+  for (int i = 0; i < 5 && !(cfg && cfg->at("settings").contains("lora")); ++i)
+    cfg = c.read_type("config", std::chrono::seconds(30));
+  ASSERT_TRUE(cfg && cfg->at("settings").contains("lora")) << "no config reply with the LoRA scales";
+  EXPECT_EQ((*cfg)["settings"]["lora"]["sd15_kohya_unet_te"], 0.7);
+  const auto after = http_request(live->port(), http::verb::post, "/api/txt2img", req);
+  ASSERT_EQ(after.status, 200u);
+  EXPECT_EQ(after.body, want.body) << "after the live change the API image equals the 0.7 server's";
+  c.close();
+  live->stop();
+  fresh->stop();
+}
+

@@ -5,6 +5,8 @@
 #include <mutex>
 #include <thread>
 
+#include <map>
+
 #include <gtest/gtest.h>
 
 #include "common/fixtures.h"
@@ -175,6 +177,31 @@ TEST(StreamSettingsJson, AppliesValidatesAndNamesUnknownFields) {
   EXPECT_THROW(apply_settings_json({{"steps", 2}, {"t_index_list", {1}}}, s0, d, {}), sd::InvalidArgument);
   EXPECT_THROW(apply_settings_json({{"prompt", std::string(3000, 'a')}}, s0, d, {}), sd::InvalidArgument);
   EXPECT_THROW(apply_settings_json(nlohmann::json::array(), s0, d, {}), sd::InvalidArgument);
+}
+
+// "lora": {name: scale} names only LoRAs the server loaded, scales in [-10, 10]; without LoRAs the field is refused.
+TEST(StreamSettingsJson, LoraField) {
+  StreamDefaults d = test_defaults();
+  const StreamSettings s0 = StreamSettings::defaults(d, false);
+  auto error = [&](const nlohmann::json& j) {
+    try {
+      apply_settings_json(j, s0, d, {});
+    } catch (const sd::InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(error({{"lora", {{"style", 0.5}}}}).find("no LoRA is loaded"), std::string::npos);
+  d.lora_names = {"lcm", "style"};
+  const StreamSettings s1 = apply_settings_json({{"lora", {{"style", 0.5}, {"lcm", -1}}}}, s0, d, {});
+  EXPECT_EQ(s1.lora, (std::map<std::string, double>{{"lcm", -1.0}, {"style", 0.5}}));
+  EXPECT_TRUE(s1 == s0) << "LoRA requests are server-wide, not part of a stream's settings";
+  EXPECT_FALSE(s1.to_json().contains("lora"));
+  EXPECT_NE(error({{"lora", {{"other", 0.5}}}}).find("no LoRA named 'other' (loaded: lcm, style)"), std::string::npos);
+  EXPECT_NE(error({{"lora", {{"style", 11}}}}).find("out of range"), std::string::npos);
+  EXPECT_NE(error({{"lora", {{"style", "high"}}}}).find("expected a number"), std::string::npos);
+  EXPECT_NE(error({{"lora", 0.5}}).find("expected an object"), std::string::npos);
+  EXPECT_NE(error({{"colour", 1}}).find(", lora)"), std::string::npos) << "the field list names lora when loaded";
 }
 
 namespace {

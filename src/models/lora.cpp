@@ -1,0 +1,280 @@
+#include "models/lora.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <set>
+#include <sstream>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "models/layers.h"
+
+namespace sd {
+
+namespace {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+std::string underscored(std::string s) {
+  std::replace(s.begin(), s.end(), '.', '_');
+  return s;
+}
+
+// The LoRA-able leaves (Linear, Conv2d) of one component by dotted path, and the kohya spelling of each path.
+struct ModuleIndex {
+  struct Leaf {
+    std::string path;
+    nn::LinearImpl* linear = nullptr;
+    nn::Conv2dImpl* conv = nullptr;
+    torch::Tensor& weight() const { return linear ? linear->weight : conv->weight; }
+  };
+  std::map<std::string, Leaf> leaves;
+  std::set<std::string> others;                 // every other module path (to tell "not a Linear/Conv2d")
+  std::map<std::string, std::string> kohya;     // underscored -> dotted ("" when two paths collide)
+
+  explicit ModuleIndex(torch::nn::Module& root) {
+    for (const auto& item : root.named_modules("", /*include_self=*/false)) {
+      Leaf leaf;
+      leaf.path = item.key();
+      leaf.linear = dynamic_cast<nn::LinearImpl*>(item.value().get());
+      leaf.conv = dynamic_cast<nn::Conv2dImpl*>(item.value().get());
+      if (!leaf.linear && !leaf.conv) {
+        others.insert(item.key());
+        continue;
+      }
+      const std::string u = underscored(item.key());
+      auto it = kohya.find(u);
+      if (it == kohya.end())
+        kohya[u] = item.key();
+      else
+        it->second.clear();  // ambiguous: such a stem matches nothing
+      leaves.emplace(item.key(), std::move(leaf));
+    }
+  }
+};
+
+struct Match {
+  size_t pair;
+  std::string component;
+  ModuleIndex::Leaf leaf;  // a copy: the index lives only as long as match_impl
+};
+
+// Why the pair's shapes do not fit the leaf's weight, or "" when they do. Linear W [out, in]: down [r, in],
+// up [out, r]. Conv2d W [out, in, kh, kw]: down [r, in, kh, kw], up [out, r, 1, 1] (diffusers' LoRAConv2dLayer).
+std::string shape_problem(const LoraPair& p, const ModuleIndex::Leaf& leaf) {
+  const torch::Tensor& w = leaf.weight();
+  bool ok;
+  std::string want;
+  if (leaf.linear) {
+    ok = p.down.dim() == 2 && p.up.dim() == 2 && p.down.size(1) == w.size(1) && p.up.size(0) == w.size(0);
+    want = "a Linear LoRA needs down [r, " + std::to_string(w.size(1)) + "] and up [" + std::to_string(w.size(0)) +
+           ", r]";
+  } else {
+    ok = p.down.dim() == 4 && p.up.dim() == 4 && p.down.size(1) == w.size(1) && p.down.size(2) == w.size(2) &&
+         p.down.size(3) == w.size(3) && p.up.size(0) == w.size(0) && p.up.size(2) == 1 && p.up.size(3) == 1;
+    want = "a Conv2d LoRA needs down [r, " + std::to_string(w.size(1)) + ", " + std::to_string(w.size(2)) + ", " +
+           std::to_string(w.size(3)) + "] and up [" + std::to_string(w.size(0)) + ", r, 1, 1]";
+  }
+  if (ok) return "";
+  return p.down_key + " " + shape_str(p.down.sizes()) + " / " + p.up_key + " " + shape_str(p.up.sizes()) +
+         " vs the model's " + leaf.path + " (" + (leaf.linear ? "Linear" : "Conv2d") + " weight " +
+         shape_str(w.sizes()) + "; " + want + ")";
+}
+
+LoraReport match_impl(const LoraFile& file, const LoraComponents& components, std::vector<Match>* matches) {
+  std::map<std::string, std::unique_ptr<ModuleIndex>> index;
+  for (const auto& [name, module] : components)
+    if (module) index[name] = std::make_unique<ModuleIndex>(*module);
+
+  LoraReport r;
+  r.path = file.path;
+  r.layout = file.layout;
+  r.keys = file.keys;
+  std::set<std::string> unmatched(file.unparsed.begin(), file.unparsed.end());
+  std::vector<std::string> bad_shapes;
+  std::set<int64_t> ranks;
+  std::set<std::string> seen;  // component|module: one pair per module
+  for (size_t i = 0; i < file.pairs.size(); ++i) {
+    const LoraPair& p = file.pairs[i];
+    std::string component = p.component;
+    if (component.empty()) component = p.module.rfind("text_model.", 0) == 0 ? "text_encoder" : "unet";
+    const ModuleIndex::Leaf* leaf = nullptr;
+    auto ix = index.find(component);
+    if (ix != index.end()) {
+      std::string path = p.module;
+      if (p.underscored) {
+        auto k = ix->second->kohya.find(p.module);
+        path = k == ix->second->kohya.end() ? "" : k->second;
+      }
+      auto l = ix->second->leaves.find(path);
+      if (l != ix->second->leaves.end()) leaf = &l->second;
+    }
+    if (!leaf || !seen.insert(component + "|" + leaf->path).second) {
+      for (const std::string* k : {&p.down_key, &p.up_key, &p.alpha_key})
+        if (!k->empty()) unmatched.insert(*k);
+      continue;
+    }
+    const std::string problem = shape_problem(p, *leaf);
+    if (!problem.empty()) {
+      bad_shapes.push_back(problem);
+      continue;
+    }
+    r.modules[component].push_back(leaf->path);
+    r.matched_keys += p.alpha_key.empty() ? 2 : 3;
+    ranks.insert(p.rank());
+    if (matches) matches->push_back({i, component, *leaf});
+  }
+  if (!bad_shapes.empty()) {
+    std::ostringstream msg;
+    msg << "this LoRA does not fit the model (a LoRA for another model family, e.g. SD 2.x on SD 1.5?): "
+        << bad_shapes.size() << " module" << (bad_shapes.size() == 1 ? " has" : "s have") << " other shapes";
+    for (size_t i = 0; i < std::min<size_t>(bad_shapes.size(), 8); ++i) msg << "\n  " << bad_shapes[i];
+    if (bad_shapes.size() > 8) msg << "\n  ... and " << bad_shapes.size() - 8 << " more";
+    throw FormatError(file.path, msg.str());
+  }
+  // File order for the unmatched list.
+  for (const auto& name : file.unparsed)
+    if (unmatched.erase(name)) r.unmatched.push_back(name);
+  for (const auto& p : file.pairs)
+    for (const std::string* k : {&p.down_key, &p.up_key, &p.alpha_key})
+      if (!k->empty() && unmatched.erase(*k)) r.unmatched.push_back(*k);
+  r.ranks.assign(ranks.begin(), ranks.end());
+  if (r.matched_keys == 0) {
+    std::ostringstream msg;
+    msg << "none of its " << file.keys << " keys patches a module of this model (layout " << file.layout << ")";
+    for (size_t i = 0; i < std::min<size_t>(r.unmatched.size(), 5); ++i) msg << (i ? ", " : ": ") << r.unmatched[i];
+    if (r.unmatched.size() > 5) msg << ", ...";
+    msg << "; not a LoRA for this model (or not a LoRA at all)?";
+    throw FormatError(file.path, msg.str());
+  }
+  return r;
+}
+
+}  // namespace
+
+LoraReport match_lora(const LoraFile& file, const LoraComponents& components) {
+  return match_impl(file, components, nullptr);
+}
+
+LoraSet::LoraSet(LoraComponents components, bool keep_base)
+    : components_(std::move(components)), keep_base_(keep_base) {}
+
+LoraSet::~LoraSet() = default;
+
+const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
+  if (!std::isfinite(spec.scale)) throw InvalidArgument("LoRA " + spec.path + ": the scale must be a finite number");
+  for (const auto& r : reports_)
+    if (r.name == spec.name) throw InvalidArgument("two LoRAs named '" + spec.name + "'");
+  const LoraFile file = read_lora_file(spec.path);
+  std::vector<Match> matches;
+  LoraReport report = match_impl(file, components_, &matches);
+  report.name = spec.name;
+  report.scale = spec.scale;
+  if (!report.unmatched.empty()) {
+    std::ostringstream names;
+    for (size_t i = 0; i < std::min<size_t>(report.unmatched.size(), 5); ++i)
+      names << (i ? ", " : "") << report.unmatched[i];
+    if (report.unmatched.size() > 5) names << ", ...";
+    const std::string msg = std::to_string(report.unmatched.size()) + " of its " + std::to_string(report.keys) +
+                            " keys patch nothing in this model: " + names.str();
+    if (strict) throw FormatError(spec.path, msg + " (--strict-lora)");
+    log::warn("LoRA {}: {} (ignored; --strict-lora makes this an error)", spec.name, msg);
+  }
+
+  const size_t lora = reports_.size();
+  std::vector<size_t> touched;
+  torch::NoGradGuard no_grad;
+  for (const Match& m : matches) {
+    const LoraPair& p = file.pairs[m.pair];
+    const std::string id = m.component + "|" + m.leaf.path;
+    auto it = target_index_.find(id);
+    if (it == target_index_.end()) {
+      Target t;
+      t.component = m.component;
+      t.module = m.leaf.path;
+      t.weight = m.leaf.weight();
+      // A separate handle to the loaded storage: set_data() on the parameter later leaves it alone.
+      t.base = t.weight.detach();
+      t.conv = m.leaf.conv;
+      t.repack = t.conv && t.conv->prepacked();
+      targets_.push_back(std::move(t));
+      it = target_index_.emplace(id, targets_.size() - 1).first;
+    }
+    Target& t = targets_[it->second];
+    const auto dev = t.weight.device();
+    Term term;
+    term.lora = lora;
+    torch::Tensor up = p.up.flatten(1);
+    // diffusers: w_up = w_up * network_alpha / rank (two float32 operations, in this order).
+    if (p.alpha) up = up.mul(*p.alpha).div(p.rank());
+    term.up = up.to(dev).contiguous();
+    term.down = p.down.flatten(1).to(dev).contiguous();
+    t.terms.push_back(std::move(term));
+    touched.push_back(it->second);
+  }
+  reports_.push_back(std::move(report));
+  lora_targets_.push_back(std::move(touched));
+  return reports_.back();
+}
+
+void LoraSet::fuse_target(Target& t) {
+  torch::NoGradGuard no_grad;
+  if (!t.base.defined())
+    throw InvalidArgument("this model was loaded without live LoRA scale changes (the unfused weights were not kept)");
+  torch::Tensor w = t.base.to(torch::kFloat);  // aliases base for float32: the first sum is out of place
+  bool changed = false;
+  for (const Term& term : t.terms) {
+    const double s = reports_[term.lora].scale;
+    if (s == 0) continue;
+    // diffusers: fused = w_orig + lora_scale * (up' @ down), the conv product reshaped to W's shape (the same
+    // float32 operations in the same order; in place where the tensor is our own).
+    torch::Tensor delta = torch::mm(term.up, term.down).reshape(t.base.sizes());
+    delta.mul_(s);
+    if (changed)
+      w.add_(delta);
+    else
+      w = w + delta;
+    changed = true;
+  }
+  t.weight.set_data(changed ? w.to(t.base.scalar_type()) : t.base);
+  if (t.conv && t.repack) t.conv->prepack();
+}
+
+void LoraSet::fuse() {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (Target& t : targets_) {
+    fuse_target(t);
+    if (!keep_base_) t.base = torch::Tensor();
+  }
+  fused_ = true;
+  fuse_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void LoraSet::set_scale(const std::string& name, double scale) {
+  if (!std::isfinite(scale)) throw InvalidArgument("LoRA scale must be a finite number");
+  size_t lora = reports_.size();
+  std::string names;
+  for (size_t i = 0; i < reports_.size(); ++i) {
+    if (reports_[i].name == name) lora = i;
+    names += (i ? ", " : "") + reports_[i].name;
+  }
+  if (lora == reports_.size())
+    throw InvalidArgument("no LoRA named '" + name + "'" + (names.empty() ? " (none loaded)" : " (loaded: " + names + ")"));
+  if (!keep_base_ && fused_)
+    throw InvalidArgument("this model was loaded without live LoRA scale changes (the unfused weights were not kept)");
+  const auto t0 = std::chrono::steady_clock::now();
+  reports_[lora].scale = scale;
+  if (fused_)
+    for (size_t t : lora_targets_[lora]) fuse_target(targets_[t]);
+  if (reports_[lora].patches("text_encoder")) ++text_encoder_version_;
+  fuse_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace sd

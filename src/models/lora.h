@@ -1,0 +1,90 @@
+#pragma once
+// LoRA fused into a model's weights, as diffusers 0.24's load_lora_weights + fuse_lora(lora_scale) do (the non-PEFT
+// path StreamDiffusion uses), with the low-rank factors kept so that a scale change re-fuses without reloading.
+//
+// Per patched Linear / Conv2d weight W, in float32 (fixtures README "LoRA", "Fusion"):
+//   up'_k = (up_k * alpha_k) / rank_k                 only when the file stores an alpha (else up'_k = up_k)
+//   W     = cast( float32(W_base) + s_1 * (up'_1 @ down_1) + s_2 * (up'_2 @ down_2) + ... )
+// with conv factors flattened to [out, r] x [r, in*kh*kw] and the product reshaped to W's shape, LoRAs in the order
+// they were added (= diffusers loading and fusing each on top of the previous ones), cast once to the run dtype.
+// Biases are not touched. W_base is the weight as loaded (in the run dtype; for float32 runs it is the memory-mapped
+// file itself and costs no memory). Prepacked convolutions (nn::Conv2d::prepack) are packed again after every fuse,
+// so the kernels read the fused weights, not a stale packed copy.
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "io/lora_file.h"
+
+namespace sd {
+
+namespace nn {
+class Conv2dImpl;
+}
+
+// Named module trees a LoRA may patch: {"unet", UNet}, {"text_encoder", CLIPTextModel}. Module names are the
+// diffusers / transformers keys (down_blocks.0.attentions.0.proj_in, text_model.encoder.layers.0.self_attn.q_proj).
+using LoraComponents = std::vector<std::pair<std::string, torch::nn::Module*>>;
+
+
+// Matches `file` against the components without changing anything. Throws FormatError naming the file when a pair
+// names an existing module with shapes that do not fit it (each such key with the LoRA's and the weight's shapes:
+// a LoRA for another model family), or when nothing in the file patches any module. Pairs whose module does not
+// exist (or is not a Linear / Conv2d) and keys no layout explains are listed in `unmatched`.
+LoraReport match_lora(const LoraFile& file, const LoraComponents& components);
+
+class LoraSet {
+ public:
+  // keep_base: keep the unfused weights so set_scale() can re-fuse (free for float32 weights that alias their file;
+  // a second copy of the patched weights otherwise). Without it, set_scale() throws.
+  LoraSet(LoraComponents components, bool keep_base);
+  ~LoraSet();
+  LoraSet(const LoraSet&) = delete;
+  LoraSet& operator=(const LoraSet&) = delete;
+
+  // Reads and matches a LoRA (spec.name must be set, unique); its weights change on the next fuse(). Unmatched keys
+  // are logged (count and first names) or, with `strict`, a FormatError. Returns its report.
+  const LoraReport& add(const LoraSpec& spec, bool strict);
+  // Fuses every added LoRA into the weights (see the header comment). Called once after the adds.
+  void fuse();
+  // Re-fuses the modules LoRA `name` patches with its new scale, from the kept base weights and factors: the result
+  // is bit-identical to a fresh load fused at that scale. InvalidArgument for an unknown name or non-finite scale.
+  void set_scale(const std::string& name, double scale);
+
+  const std::vector<LoraReport>& reports() const { return reports_; }
+  bool keeps_base() const { return keep_base_; }
+  // Bumped by every set_scale() of a LoRA that patches the text encoder (prompt embeddings must be re-encoded).
+  uint64_t text_encoder_version() const { return text_encoder_version_; }
+  double fuse_seconds() const { return fuse_s_; }  // wall time of the last fuse() / set_scale()
+
+ private:
+  struct Term {
+    size_t lora;
+    torch::Tensor up;    // up' [out, r] float32 (alpha / rank applied), on the weight's device
+    torch::Tensor down;  // [r, in * kh * kw] float32
+  };
+  struct Target {
+    std::string component, module;
+    torch::Tensor weight;  // the module's parameter (set_data on it replaces what the module reads)
+    torch::Tensor base;    // the unfused weight (a separate handle to the loaded storage)
+    nn::Conv2dImpl* conv = nullptr;
+    bool repack = false;   // it was prepacked when the LoRA was added
+    std::vector<Term> terms;
+  };
+  void fuse_target(Target& t);
+
+  LoraComponents components_;
+  bool keep_base_;
+  std::vector<LoraReport> reports_;
+  std::vector<Target> targets_;
+  std::map<std::string, size_t> target_index_;  // "component|module" -> targets_ index
+  std::vector<std::vector<size_t>> lora_targets_;  // per LoRA: the targets it patches
+  bool fused_ = false;
+  uint64_t text_encoder_version_ = 0;
+  double fuse_s_ = 0;
+};
+
+}  // namespace sd
