@@ -421,12 +421,8 @@ sd::cli::Runner setup_info(CLI::App& app) {
 }
 
 REGISTER_COMMAND("info",
-                 "describe a model folder: components, configs, parameter counts, dtypes, native size and the "
-                 "default stream settings",
-                 5,
-                 "describe a diffusers model folder: components, configs, parameter counts, dtypes, sizes; with "
-                 "--lora: the LoRA's matched / unmatched keys",
-                 10,
-                 setup_info);
+                 "describe a model folder or single file: components, configs, parameter counts, dtypes, native size "
+                 "and the default stream settings; with --lora: the LoRA's matched / unmatched keys",
+                 5, setup_info);
 
 }  // namespace
