@@ -1,5 +1,7 @@
 #include "apps/cli/pipeline_options.h"
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -153,6 +155,9 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
       "guidance scale W baked into LCM-distilled UNets (config time_cond_proj_dim, e.g. LCM-Dreamshaper): every UNet "
       "call gets the embedding of W - 1 (default 8.5, as diffusers' LatentConsistencyModelPipeline)");
   add_lora_options(app, o.loras, o.lcm_lora, o.strict_lora);
+  app.add_option("--clip-skip,--text-encoder-clip-skip", o.clip_skip,
+                 "prompt embeddings from the text encoder layer N before the last (diffusers' clip_skip; 0 = the "
+                 "last layer, default)");
   add_common_options(app, o.common);
 }
 
@@ -279,11 +284,20 @@ LoadedModels load_models(const PipelineOptions& o) {
   lo.prediction_type = o.prediction_type;
   lo.loras = lora_specs(o.loras, o.lcm_lora);
   lo.strict_lora = o.strict_lora;
+  lo.clip_skip = o.clip_skip;
   lo.lora_live = o.lora_live;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
   const ModelDefaults d = read_model_defaults(o.model, o.config, o.prediction_type);
-  for (const auto& w : d.warnings) log::warn("{}", w);
+  // The plain-SD warning is about the missing LCM-LoRA: quiet once one is given (--lcm-lora, or an "lcm" LoRA file).
+  bool lcm_given = !o.lcm_lora.empty();
+  for (const auto& l : o.loras) {
+    std::string low = l;
+    std::transform(low.begin(), low.end(), low.begin(), [](unsigned char c) { return std::tolower(c); });
+    lcm_given = lcm_given || low.find("lcm") != std::string::npos;
+  }
+  if (!lcm_given)
+    for (const auto& w : d.warnings) log::warn("{}", w);
   l.models = load_pipeline(o.model, lo);
   l.load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return l;

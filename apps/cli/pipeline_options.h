@@ -49,6 +49,7 @@ struct PipelineOptions {
   std::vector<std::string> loras;  // --lora FILE[:SCALE], repeatable
   std::string lcm_lora;            // --lcm-lora FILE (= --lora FILE:1.0, fused first as in StreamDiffusionWrapper)
   bool strict_lora = false;
+  int clip_skip = 0;  // --clip-skip / --text-encoder-clip-skip
   bool lora_live = true;           // keep the unfused weights for live scale changes (txt2img / img2img: off)
 };
 

@@ -96,6 +96,12 @@ class StableDiffusionModels : public DiffusionModels {
     if (!(scaling_factor_ > 0) || !std::isfinite(scaling_factor_))
       throw FormatError(dir_, "autoencoder scaling_factor must be positive, got " + std::to_string(scaling_factor_));
     text_hidden_ = text_encoder_->config().hidden_size;
+    clip_skip_ = opt.clip_skip;
+    if (clip_skip_ < 0 || clip_skip_ >= text_encoder_->config().num_hidden_layers)
+      throw InvalidArgument("--clip-skip " + std::to_string(clip_skip_) + ": the text encoder of " + dir_ + " has " +
+                            std::to_string(text_encoder_->config().num_hidden_layers) +
+                            " layers; clip skip must be in [0, " +
+                            std::to_string(text_encoder_->config().num_hidden_layers - 1) + "]");
     if (!opt.loras.empty()) load_loras(opt);
   }
 
@@ -124,7 +130,7 @@ class StableDiffusionModels : public DiffusionModels {
   torch::Tensor encode_prompt(const std::string& text) const override {
     torch::NoGradGuard no_grad;
     const torch::Tensor ids = tokenizer_->encode_batch({text}).to(device_);  // [1, 77]
-    return text_encoder_.ptr()->forward(ids);                               // [1, 77, D]
+    return text_encoder_.ptr()->forward_clip_skip(ids, clip_skip_);         // [1, 77, D]
   }
 
   torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& timesteps,
@@ -158,6 +164,7 @@ class StableDiffusionModels : public DiffusionModels {
     std::ostringstream o;
     o << dir_ << " (" << (single_file_note_.empty() ? "" : single_file_note_ + ", ") << "text " << text_hidden_
       << "-d, autoencoder " << (taesd_ ? "TAESD " + taesd_path_ : std::string("AutoencoderKL"));
+    if (clip_skip_ > 0) o << ", clip skip " << clip_skip_;
     if (timestep_cond_.defined()) o << ", LCM guidance " << lcm_guidance_;
     // Names joined without commas: readers (the browser app) take the last two items as dtype and device.
     if (lora_) {
@@ -312,6 +319,7 @@ class StableDiffusionModels : public DiffusionModels {
   std::vector<std::string> lora_names_;  // fixed at load (describe() may be called from any thread)
   double scaling_factor_ = 1.0;
   int64_t latent_channels_ = 4, vae_scale_factor_ = 8, text_hidden_ = 0;
+  int clip_skip_ = 0;
 };
 
 }  // namespace

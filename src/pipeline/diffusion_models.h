@@ -90,6 +90,9 @@ struct LoadOptions {
   // Keep the unfused weights so set_lora_scale() works (free for float32 weights, which alias their file; a second
   // copy of the patched weights in bf16 / fp16). One-shot commands turn it off.
   bool lora_live = true;
+  // diffusers' clip_skip: the prompt embeddings are the final-layer-normed hidden states of the layer clip_skip
+  // layers before the last (0 = the last layer, as StreamDiffusion does). Must be below the encoder's layer count.
+  int clip_skip = 0;
 };
 
 // Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config once, from a diffusers

@@ -241,6 +241,23 @@ TEST_F(CliGenerate, DefaultsComeFromTheModel) {
   EXPECT_NE(r.output.find("'txt2img.cfg'"), std::string::npos) << r.output;
 }
 
+// --clip-skip N (alias --text-encoder-clip-skip) changes the prompt embeddings and so the image.
+TEST_F(CliGenerate, ClipSkipOption) {
+  const std::string base = "txt2img --model " + q(test::fixture_path("models/tiny-sd15")) +
+                           " --prompt 'a photo of a cat' --threads 1 --t-index-list 0 -o ";
+  auto r = run(base + q(tmp_ + "/s0.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run(base + q(tmp_ + "/s1.png") + " --clip-skip 1");
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run(base + q(tmp_ + "/s1b.png") + " --text-encoder-clip-skip 1");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_GT(max_pixel_diff(read_png_rgb(tmp_ + "/s0.png"), read_png_rgb(tmp_ + "/s1.png")), 0);
+  EXPECT_EQ(max_pixel_diff(read_png_rgb(tmp_ + "/s1.png"), read_png_rgb(tmp_ + "/s1b.png")), 0);
+  r = run(base + q(tmp_ + "/bad.png") + " --clip-skip 9");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("--clip-skip 9"), std::string::npos) << r.output;
+}
+
 // `streamdiffusion` alone lists the commands and a first command to try (exit 0), as --help does.
 TEST(CliHelp, NoArgumentsListsCommandsAndAFirstCommand) {
   for (const std::string args : {"", "--help"}) {

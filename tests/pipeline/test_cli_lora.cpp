@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include <nlohmann/json.hpp>
 
@@ -161,6 +162,27 @@ class CliLora : public ::testing::Test {
 
 TEST_F(CliLora, LcmLoraTxt2ImgReproducesTheReference) {
   EXPECT_LE(txt2img_case("sd15_lcmlora_txt2img_none_t4", model_), 1);
+}
+
+// The check: a single-file checkpoint (+ --config) with a kohya LoRA at 0.7 gives exactly the image of the
+// diffusers folder with the same LoRA, and both reproduce the reference runs.
+TEST_F(CliLora, SingleFileWithLoraEqualsTheFolderRun) {
+  if (!test::fixture_exists("single_file/tiny-sd15.safetensors")) GTEST_SKIP() << "no single_file fixtures";
+  const std::string file = q(test::fixture_path("single_file/tiny-sd15.safetensors")) + " --config " + model_;
+  const auto& p = find("sd15_lora_img2img_self_t2").at("params");  // sd15_kohya_unet_te @ 0.7 (UNet + text encoder)
+  ASSERT_EQ(p.at("loras").size(), 1u);
+  std::map<std::string, torch::Tensor> images;
+  for (const auto& [name, arg] : {std::pair<std::string, std::string>{"folder", model_}, {"file", file}}) {
+    const std::string out = tmp_ + "/" + name + ".png";
+    const auto r = run("txt2img" + case_args(p, arg) + " -o " + q(out));
+    ASSERT_EQ(r.status, 0) << r.output;
+    EXPECT_NE(r.output.find("sd15_kohya_unet_te"), std::string::npos) << r.output;
+    images[name] = read_png_rgb(out);
+    ASSERT_TRUE(images[name].defined()) << r.output;
+  }
+  EXPECT_EQ(max_pixel_diff(images["file"], images["folder"]), 0);
+  EXPECT_LE(txt2img_case("sd15_lcmlora_txt2img_none_t4", file), 1);
+  EXPECT_LE(img2img_case("sd15_lora_img2img_self_t2", file), 1);
 }
 
 TEST_F(CliLora, LoraImg2ImgReproducesTheReference) {
