@@ -317,13 +317,19 @@ nlohmann::json lora_json(const sd::LoraReport& r) {
 
 // info --lora: loads the model with the LoRAs (not strict: unmatched keys are listed, not refused) and prints what
 // each matched. Wrong shapes (a LoRA for another family) are the same error --lora gives.
-int lora_info(const std::string& model, const std::string& config, const std::string& pred,
-              const std::vector<std::string>& loras, const std::string& lcm_lora, bool as_json) {
+struct ComponentArgs {  // single files / components from elsewhere, as the loading commands take them
+  std::string config, pred, vae, taesd, tokenizer;
+};
+
+int lora_info(const std::string& model, const ComponentArgs& c, const std::vector<std::string>& loras,
+              const std::string& lcm_lora, bool as_json) {
   sd::LoadOptions lo;
   lo.threads = -1;
-  lo.taesd = "none";
-  lo.config = config;  // single files
-  lo.prediction_type = pred;
+  lo.taesd = c.taesd;  // the model's own autoencoder unless told (a TAESD-only model has no VAE weights)
+  lo.vae = c.vae;
+  lo.tokenizer = c.tokenizer;
+  lo.config = c.config;  // single files
+  lo.prediction_type = c.pred;
   lo.loras = sd::cli::lora_specs(loras, lcm_lora);
   lo.lora_live = false;
   sd::log::set_level("warn");  // the load's own info lines would repeat what is printed below
@@ -358,24 +364,32 @@ int lora_info(const std::string& model, const std::string& config, const std::st
 sd::cli::Runner setup_info(CLI::App& app) {
   auto model = std::make_shared<std::string>(sd::cli::default_model_dir());
   auto as_json = std::make_shared<bool>(false);
-  auto config = std::make_shared<std::string>();
-  auto pred = std::make_shared<std::string>();
+  auto comp = std::make_shared<ComponentArgs>();
+  auto& config = comp->config;
+  auto& pred = comp->pred;
   auto loras = std::make_shared<std::vector<std::string>>();
   auto lcm_lora = std::make_shared<std::string>();
   app.add_option("--model", *model,
                  "diffusers Stable Diffusion pipeline folder or single-file .safetensors checkpoint (default: the "
                  "built-in emoji model)");
-  app.add_option("--config", *config, "single files: a diffusers folder of config files to use instead of inference");
-  app.add_option("--prediction-type", *pred, "single files: epsilon | v_prediction (else assumed, and said so)")
+  app.add_option("--config", config, "single files: a diffusers folder of config files to use instead of inference");
+  app.add_option("--prediction-type", pred, "single files: epsilon | v_prediction (else assumed, and said so)")
       ->check(CLI::IsMember({"epsilon", "v_prediction"}));
   app.add_flag("--json", *as_json, "print the summary as JSON");
   app.add_option("--lora", *loras,
                  "a LoRA file (FILE[:SCALE], repeatable): print which of its keys patch which modules of --model "
                  "and which match nothing (loads the model)");
   app.add_option("--lcm-lora", *lcm_lora, "an LCM-LoRA file, as --lora");
-  return [model, as_json, config, pred, loras, lcm_lora] {
-    if (!loras->empty() || !lcm_lora->empty())
-      return lora_info(*model, *config, *pred, *loras, *lcm_lora, *as_json);
+  app.add_option("--vae", comp->vae, "with --lora: an AutoencoderKL from elsewhere (as the loading commands)");
+  app.add_option("--taesd", comp->taesd, "with --lora: a TAESD folder or file, or 'none' (as the loading commands)");
+  app.add_option("--tokenizer", comp->tokenizer, "with --lora: a CLIP tokenizer folder (as the loading commands)");
+  return [model, as_json, comp, loras, lcm_lora] {
+    const std::string* config = &comp->config;
+    const std::string* pred = &comp->pred;
+    if (!config->empty() && sd::is_directory(*model))
+      throw sd::InvalidArgument("--config " + *config + " is for single-file checkpoints; " + *model +
+                                " is a diffusers folder with its own configs");
+    if (!loras->empty() || !lcm_lora->empty()) return lora_info(*model, *comp, *loras, *lcm_lora, *as_json);
     if (!sd::is_directory(*model)) {
       auto r = single_file_json(*model, *config, *pred);
       r["defaults"] = defaults_json(*model, *config, *pred);

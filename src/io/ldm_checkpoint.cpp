@@ -4,6 +4,7 @@
 #include <set>
 #include <sstream>
 
+#include "io/state_dict.h"
 #include "core/error.h"
 
 namespace sd::convert {
@@ -31,13 +32,6 @@ bool is_index(const std::string& s) {
 }
 int to_index(const std::string& s) { return std::stoi(s); }
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 [[noreturn]] void no_place(const std::string& component, const std::string& key) {
   throw InvalidArgument(component + " key '" + key +
@@ -562,9 +556,8 @@ nlohmann::json infer_text_encoder(const Shapes& s, TextEncoderLayout layout, con
   c["model_type"] = "clip_text_model";
   int64_t vocab = 0, hidden = 0, inner = 0, positions = 0, layers = 0;
   if (layout == TextEncoderLayout::HfClip) {
-    const auto emb = s.of(P + "text_model.embeddings.token_embedding.weight");
-    vocab = emb.at(0);
-    hidden = emb.at(1);
+    vocab = s.dim(P + "text_model.embeddings.token_embedding.weight", 0);
+    hidden = s.dim(P + "text_model.embeddings.token_embedding.weight", 1);
     positions = s.dim(P + "text_model.embeddings.position_embedding.weight", 0);
     layers = static_cast<int64_t>(s.indices(P + "text_model.encoder.layers.").size());
     inner = s.dim(P + "text_model.encoder.layers.0.mlp.fc1.weight", 0);
@@ -573,9 +566,8 @@ nlohmann::json infer_text_encoder(const Shapes& s, TextEncoderLayout layout, con
     c["bos_token_id"] = 49406;
     c["eos_token_id"] = 49407;
   } else {
-    const auto emb = s.of(P + "token_embedding.weight");
-    vocab = emb.at(0);
-    hidden = emb.at(1);
+    vocab = s.dim(P + "token_embedding.weight", 0);
+    hidden = s.dim(P + "token_embedding.weight", 1);
     positions = s.dim(P + "positional_embedding", 0);
     // SD 2.x conditions on the penultimate OpenCLIP layer: the last stored resblock is not used.
     const int64_t stored = static_cast<int64_t>(s.indices(P + "transformer.resblocks.").size());

@@ -11,6 +11,7 @@
 
 #include <torch/torch.h>
 
+#include "io/state_dict.h"
 #include "core/error.h"
 #include "io/model_folder.h"
 #include "io/safetensors.h"
@@ -24,13 +25,6 @@ bool ends_with(const std::string& s, const std::string& p) {
   return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
 }
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 enum class Part { Down, Up, Alpha };
 
@@ -205,8 +199,14 @@ void name_loras(std::vector<LoraSpec>& specs) {
       s.name = p.stem().string();
       if (s.name.empty()) s.name = "lora";
     }
-    const int n = ++seen[s.name];
-    if (n > 1) s.name += "_" + std::to_string(n);
+    // a, a -> a, a_2; a name already taken (a_2 given too) gets the next free suffix.
+    if (seen.count(s.name)) {
+      const std::string stem = s.name;
+      int n = seen[stem];
+      do s.name = stem + "_" + std::to_string(++n); while (seen.count(s.name));
+      seen[stem] = n;
+    }
+    seen.emplace(s.name, 1);
   }
 }
 
@@ -278,7 +278,9 @@ LoraFile read_lora_file(const std::string& path) {
       throw FormatError(path, p.down_key + " " + shape_str(p.down.sizes()) + " and " + p.up_key + " " +
                                   shape_str(p.up.sizes()) + ": the ranks (down dim 0, up dim 1) differ");
     if (!p.alpha_key.empty()) {
-      const torch::Tensor a = checked_float(f, p.alpha_key);
+      // kohya writes an integer alpha (torch.tensor(rank)) when none was set; diffusers takes any dtype via .item().
+      const torch::Tensor raw = f.get(p.alpha_key);
+      const torch::Tensor a = raw.is_floating_point() ? checked_float(f, p.alpha_key) : raw.to(torch::kFloat);
       if (a.numel() != 1)
         throw FormatError(path, p.alpha_key + ": an alpha must be one number, got shape " + shape_str(a.sizes()));
       // diffusers reads it with .item() (float16 / float32 -> Python float, exact).

@@ -6,6 +6,14 @@
 
 namespace sd {
 
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
 namespace {
 bool allowed(const std::string& key, const std::vector<std::string>& patterns) {
   for (const auto& p : patterns) {
@@ -20,13 +28,6 @@ bool allowed(const std::string& key, const std::vector<std::string>& patterns) {
   return false;
 }
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 void list(std::ostringstream& msg, const char* title, const std::vector<std::string>& items) {
   if (items.empty()) return;

@@ -38,5 +38,7 @@ LoadReport load_weights(torch::nn::Module& module, const SafeTensorsFile& file, 
 // Every parameter and buffer by its full dotted name (what a checkpoint of this module holds).
 std::map<std::string, torch::Tensor> state_dict(const torch::nn::Module& module);
 int64_t count_parameters(const torch::nn::Module& module);
+// "[320, 4, 3, 3]": a shape for error messages.
+std::string shape_str(at::IntArrayRef shape);
 
 }  // namespace sd

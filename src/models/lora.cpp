@@ -6,6 +6,7 @@
 #include <set>
 #include <sstream>
 
+#include "io/state_dict.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "models/layers.h"
@@ -14,13 +15,6 @@ namespace sd {
 
 namespace {
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 std::string underscored(std::string s) {
   std::replace(s.begin(), s.end(), '.', '_');
@@ -251,7 +245,11 @@ void LoraSet::fuse() {
   const auto t0 = std::chrono::steady_clock::now();
   for (Target& t : targets_) {
     fuse_target(t);
-    if (!keep_base_) t.base = torch::Tensor();
+    if (!keep_base_) {  // one-shot: neither the unfused weights nor the factors are needed again
+      t.base = torch::Tensor();
+      t.terms.clear();
+      t.terms.shrink_to_fit();
+    }
   }
   fused_ = true;
   fuse_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

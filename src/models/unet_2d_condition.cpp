@@ -97,8 +97,9 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
   c.upcast_attention = r.get_bool("upcast_attention", c.upcast_attention);
   c.time_embedding_dim = r.get_int64("time_embedding_dim", 0);
   c.time_cond_proj_dim = r.get_int64("time_cond_proj_dim", 0);
-  if (r.has("time_cond_proj_dim") && c.time_cond_proj_dim <= 0)
-    r.fail("time_cond_proj_dim", "a positive integer or null");
+  // The guidance embedding (get_guidance_scale_embedding) needs at least 4 dimensions (half - 1 > 0).
+  if (r.has("time_cond_proj_dim") && c.time_cond_proj_dim < 4)
+    r.fail("time_cond_proj_dim", "an integer >= 4 or null");
   c.conv_in_kernel = r.get_int64("conv_in_kernel", c.conv_in_kernel);
   c.conv_out_kernel = r.get_int64("conv_out_kernel", c.conv_out_kernel);
 

@@ -140,11 +140,14 @@ void family_defaults(const ModelConfigs& c, ModelDefaults& d) {
   const int64_t ctx = unet.contains("cross_attention_dim") ? first_int(unet["cross_attention_dim"], 0) : 0;
   const bool sdxl = index.contains("text_encoder_2") || ctx == 2048 ||
                     (unet.contains("addition_embed_type") && unet["addition_embed_type"] == "text_time");
-  std::string sched_class = sched.value("_class_name", std::string());
+  const auto str = [](const json& j, const char* key) {  // a string field, "" when absent or of another type
+    return j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+  };
+  std::string sched_class = str(sched, "_class_name");
   if (index.contains("scheduler") && index["scheduler"].is_array() && index["scheduler"].size() == 2 &&
       index["scheduler"][1].is_string())
     sched_class = index["scheduler"][1].get<std::string>();
-  const bool trailing = sched.value("timestep_spacing", std::string()) == "trailing";
+  const bool trailing = str(sched, "timestep_spacing") == "trailing";
   const bool turbo = name.find("turbo") != std::string::npos ||
                      (trailing && (sched_class == "EulerDiscreteScheduler" ||
                                    sched_class == "EulerAncestralDiscreteScheduler"));
@@ -275,7 +278,7 @@ ModelDefaults read_model_defaults(const std::string& model_path, const std::stri
   const int64_t levels = vae.contains("block_out_channels") && vae["block_out_channels"].is_array()
                              ? static_cast<int64_t>(vae["block_out_channels"].size())
                              : 4;  // diffusers' AutoencoderKL default is one level; every SD VAE has 4
-  const int64_t scale = int64_t{1} << std::max<int64_t>(levels - 1, 0);
+  const int64_t scale = int64_t{1} << std::clamp<int64_t>(levels - 1, 0, 8);  // real VAEs: 4 levels
   if (sample > 0) {
     d.native_width = d.native_height = sample * scale;
     d.native_size_reason = "UNet sample_size " + std::to_string(sample) + " x VAE scale factor " + std::to_string(scale);

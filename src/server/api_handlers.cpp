@@ -140,7 +140,13 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
     } release{pending};
     try {
       torch::NoGradGuard no_grad;
-      for (const auto& [name, scale] : settings.lora) models->set_lora_scale(name, scale);  // server-wide
+      // Server-wide; unchanged scales are not re-fused (a re-fuse blocks the model worker for seconds).
+      for (const auto& [name, scale] : settings.lora) {
+        bool same = false;
+        for (const auto& r : models->loras())
+          if (r.name == name) same = r.scale == scale;
+        if (!same) models->set_lora_scale(name, scale);
+      }
       StreamConfig cfg = settings.config(defaults);
       cfg.use_denoising_batch = false;  // all steps in one call: the first output is the final image
       cfg.similarity_filter.enabled = false;

@@ -92,6 +92,7 @@ void StreamSession::apply_settings(const StreamSettings& want) {
     s->prepare(want.prompt, want.negative_prompt);
     stream_ = std::move(s);
     applied_ = want;
+    applied_.lora.clear();  // a one-off request on the shared model, never re-applied from this session's state
     return;
   }
   if (want.prompt != applied_.prompt || want.negative_prompt != applied_.negative_prompt) {

@@ -1,6 +1,7 @@
 // --lora FILE[:SCALE] parsing (paths containing ':'), LoRA naming, and the layout reader on hand-made files.
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -94,6 +95,16 @@ TEST(LoraNames, FileStemsMadeUnique) {
   EXPECT_EQ(specs[1].name, "style");
   EXPECT_EQ(specs[2].name, "style_2");
   EXPECT_EQ(specs[3].name, "mine");
+  // A suffixed name that is also a file stem: every name stays unique.
+  std::vector<sd::LoraSpec> clash{{"/a/a.safetensors", 1.0, ""}, {"/b/a.safetensors", 1.0, ""},
+                                  {"/c/a_2.safetensors", 1.0, ""}, {"/d/a.safetensors", 1.0, ""}};
+  sd::name_loras(clash);
+  std::set<std::string> names;
+  for (const auto& c : clash) names.insert(c.name);
+  EXPECT_EQ(names.size(), clash.size()) << clash[0].name << " " << clash[1].name << " " << clash[2].name << " "
+                                        << clash[3].name;
+  EXPECT_EQ(clash[0].name, "a");
+  EXPECT_EQ(clash[1].name, "a_2");
 }
 
 // The layout reader on a hand-made file holding every supported spelling once.

@@ -312,6 +312,26 @@ TEST(LoraLayouts, PeftAndPrefixVariantsFuseIdentically) {
   fs::remove_all(dir);
 }
 
+// kohya stores an integer alpha (torch.tensor(rank)) when none was set: read like a float one (diffusers' .item()).
+TEST(LoraLayouts, IntegerAlphasReadLikeFloatOnes) {
+  if (!sd::test::fixture_exists("lora/files/sd15_kohya_lcm.safetensors")) GTEST_SKIP() << "fixture absent";
+  const std::string src = lora_file_path("sd15_kohya_lcm");  // float32 0-d alphas of 1.0
+  const auto base = fused_weights(src, 0.7, "kohya");
+  const std::string dir = sd::test::make_temp_dir("lora_int_alpha");
+  auto tensors = renamed(src, [](std::string k) { return k; });
+  int converted = 0;
+  for (auto& [k, v] : tensors)
+    if (k.size() > 6 && k.compare(k.size() - 6, 6, ".alpha") == 0) {
+      ASSERT_EQ(v.item<float>(), std::round(v.item<float>())) << k;
+      v = v.to(torch::kLong);
+      ++converted;
+    }
+  ASSERT_GT(converted, 0);
+  sd::save_safetensors(dir + "/int_alpha.safetensors", tensors);
+  expect_same_weights(fused_weights(dir + "/int_alpha.safetensors", 0.7, "kohya"), base, "int64 alphas");
+  fs::remove_all(dir);
+}
+
 // ---- live scale changes, several LoRAs, prepacked convolutions ---------------------------------------------------
 
 std::map<std::string, torch::Tensor> snapshot(Models& m) {

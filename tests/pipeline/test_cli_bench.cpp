@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/cli_run.h"
 #include "common/fixtures.h"
 
 namespace sd {
@@ -20,22 +21,8 @@ namespace fs = std::filesystem;
 
 #ifdef SD_BENCH_CLI_PATH
 
-struct RunResult {
-  int status;
-  std::string output;
-};
-
-RunResult run(const std::string& args) {
-  const std::string cmd = std::string(SD_BENCH_CLI_PATH) + " " + args + " 2>&1";
-  RunResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof(buf), p)) r.output.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using test::RunResult;
+RunResult run(const std::string& args) { return test::run_command(std::string(SD_BENCH_CLI_PATH) + " " + args); }
 
 class CliBench : public ::testing::Test {
  protected:
@@ -178,8 +165,9 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
     const auto& res = by_id.at(row["result"].get<std::string>());
     EXPECT_DOUBLE_EQ(row["median_s"].get<double>(), res["median_s"].get<double>());
     EXPECT_NEAR(row["speedup_vs_naive"].get<double>(), naive_s / row["median_s"].get<double>(), 1e-9 * naive_s);
-    if (prev > 0)
+    if (prev > 0) {
       EXPECT_NEAR(row["speedup_vs_previous"].get<double>(), prev / row["median_s"].get<double>(), 1e-9 * prev);
+    }
     prev = row["median_s"];
   }
 
@@ -255,7 +243,9 @@ TEST_F(CliBench, DefaultSizeIsTheModelsNativeSize) {
   const nlohmann::json j = read_json(json);
   ASSERT_GT(j["results"].size(), 1u);
   for (const auto& x : j["results"])  // text encoding has no image size (0)
-    if (x["name"] != "text_encode") EXPECT_EQ(x["size"].get<int64_t>(), 96) << x.dump();
+    if (x["name"] != "text_encode") {
+      EXPECT_EQ(x["size"].get<int64_t>(), 96) << x.dump();
+    }
   std::ofstream(m + "/streamdiffusion.json") << R"({"size": "64x96"})";
   r = run("bench --model '" + m + "' --sections components --dtypes fp32");
   EXPECT_NE(r.status, 0);

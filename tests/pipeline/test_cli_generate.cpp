@@ -6,15 +6,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/cli_run.h"
 #include "common/fixtures.h"
 #include "io/json_config.h"
 #include "io/safetensors.h"
 #include "pipeline/image.h"
 
 #ifdef SD_TEST_HAVE_OPENCV
-#include <opencv2/core.hpp>
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
+#include "pipeline/cli_images.h"
 #endif
 
 namespace sd {
@@ -24,40 +23,15 @@ namespace fs = std::filesystem;
 
 #if defined(SD_CLI_PATH) && defined(SD_TEST_HAVE_OPENCV)
 
-struct RunResult {
-  int status;
-  std::string output;
-};
+using test::RunResult;
+RunResult run(const std::string& args) { return test::run_command(std::string(SD_CLI_PATH) + " " + args); }
 
-RunResult run(const std::string& args) {
-  const std::string cmd = std::string(SD_CLI_PATH) + " " + args + " 2>&1";
-  RunResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof(buf), p)) r.output.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using test::q;
+using test::max_pixel_diff;
+using test::read_png_rgb;
+using test::write_png_rgb;
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
-torch::Tensor read_png_rgb(const std::string& path) {
-  cv::Mat bgr = cv::imread(path, cv::IMREAD_COLOR);
-  if (bgr.empty()) return torch::Tensor();
-  cv::Mat rgb;
-  cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
-  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
-}
-
-void write_png_rgb(const std::string& path, const torch::Tensor& hwc) {
-  const auto t = hwc.contiguous();
-  cv::Mat rgb(static_cast<int>(t.size(0)), static_cast<int>(t.size(1)), CV_8UC3, t.data_ptr<uint8_t>());
-  cv::Mat bgr;
-  cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
-  ASSERT_TRUE(cv::imwrite(path, bgr)) << path;
-}
 
 // The first ok case of cases.json matching the predicate.
 const nlohmann::json* find_case(const nlohmann::json& all, const std::string& model, const std::string& mode) {
@@ -85,9 +59,6 @@ std::string stream_args(const nlohmann::json& p) {
   return o.str();
 }
 
-int64_t max_pixel_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kInt32) - b.to(torch::kInt32)).abs().max().item<int64_t>();
-}
 
 class CliGenerate : public ::testing::Test {
  protected:

@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include "common/cli_run.h"
 #include "common/fixtures.h"
 
 namespace sd {
@@ -18,24 +19,10 @@ namespace fs = std::filesystem;
 
 #if defined(SD_CLI_PATH)
 
-struct RunResult {
-  int status;
-  std::string output;
-};
+using test::RunResult;
+RunResult run(const std::string& args) { return test::run_command(std::string(SD_CLI_PATH) + " " + args); }
 
-RunResult run(const std::string& args) {
-  const std::string cmd = std::string(SD_CLI_PATH) + " " + args + " 2>&1";
-  RunResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof(buf), p)) r.output.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
-
-std::string q(const std::string& s) { return "'" + s + "'"; }
+using test::q;
 
 std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -8,6 +8,8 @@
 
 #include "common/fixtures.h"
 #include "core/error.h"
+#include "io/ldm_checkpoint.h"
+#include "io/safetensors.h"
 #include "pipeline/model_defaults.h"
 
 #ifndef SD_SOURCE_DIR_FOR_TESTS
@@ -182,6 +184,41 @@ TEST_F(ModelDefaultsTest, BadRecommendationsNameTheFileAndField) {
   const fs::path d = folder("broken", 64);
   std::ofstream(d / sd::kRecommendationsFile) << R"({"size": "huge"})";
   EXPECT_THROW(sd::read_model_defaults(d.string()), sd::FormatError);
+}
+
+TEST_F(ModelDefaultsTest, ConfigsOfTheWrongTypeGiveEmptyNotAnError) {
+  // A null / numeric scheduler class or spacing: no family guess from them, no exception (the loader reports it).
+  const fs::path d = folder("odd", 64, {{"cross_attention_dim", 1024}}, {{"scheduler", nullptr}});
+  write(d / "scheduler" / "scheduler_config.json", json{{"_class_name", 7}, {"timestep_spacing", nullptr}});
+  const auto r = sd::read_model_defaults(d.string());
+  EXPECT_EQ(r.family, "sd21");
+  EXPECT_EQ(r.native_width, 512);
+  // A VAE config with absurdly many levels does not overflow the scale factor.
+  const fs::path deep = folder("deep", 8, {}, {}, {}, 70);
+  EXPECT_GT(sd::read_model_defaults(deep.string()).native_width, 0);
+}
+
+// A single file with a malformed text encoder: no defaults (and no exception) here; loading names the tensor.
+TEST(ModelDefaults, MalformedSingleFileGivesEmptyDefaults) {
+  if (!sd::test::fixture_exists("single_file/tiny-sd15.safetensors")) GTEST_SKIP() << "no single_file fixtures";
+  const auto src = sd::SafeTensorsFile::open(sd::test::fixture_path("single_file/tiny-sd15.safetensors"));
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  const std::string emb = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight";
+  for (const auto& t : src.tensors())
+    tensors.emplace_back(t.name, t.name == emb ? torch::zeros({5}) : src.get(t.name));
+  const std::string dir = sd::test::make_temp_dir("sd_bad_single");
+  const std::string file = dir + "/bad.safetensors";
+  sd::save_safetensors(file, tensors);
+  sd::ModelDefaults d;
+  EXPECT_NO_THROW(d = sd::read_model_defaults(file));
+  EXPECT_EQ(d.native_width, 0);
+  try {
+    sd::convert::inspect_ldm_checkpoint(sd::SafeTensorsFile::open(file));
+    ADD_FAILURE() << "a 1-d token embedding was accepted";
+  } catch (const sd::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("token_embedding"), std::string::npos) << e.what();
+  }
+  fs::remove_all(dir);
 }
 
 TEST(ModelDefaults, FixtureAndBuiltInModels) {

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/cli_run.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "io/json_config.h"
@@ -262,22 +263,9 @@ TEST_F(SingleFileErrors, WithoutConfigTheFamilyDefaultsAreUsed) {
 // ---- the CLI ------------------------------------------------------------------------------------------------------
 
 #ifdef SD_CLI_PATH
-struct RunResult {
-  int status;
-  std::string output;
-};
-RunResult run(const std::string& args) {
-  const std::string cmd = std::string(SD_CLI_PATH) + " " + args + " 2>&1";
-  RunResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof(buf), p)) r.output.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
-std::string q(const std::string& s) { return "'" + s + "'"; }
+using test::RunResult;
+RunResult run(const std::string& args) { return test::run_command(std::string(SD_CLI_PATH) + " " + args); }
+using test::q;
 std::string read_file(const std::string& p) {
   std::ifstream in(p, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(in)), {});

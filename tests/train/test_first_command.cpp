@@ -3,7 +3,6 @@
 // run in an empty folder with no other flag. It must write a 64x64 image (the built-in model's native size, not a
 // 512x512 noise texture) that looks like the red-apple emoji: closer to it (L2 on 16x16 RGB, as the adherence test
 // measures) than to the random other emoji the adherence test would pick, and closer than to most other emoji.
-#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <random>
@@ -14,6 +13,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <torch/torch.h>
 
+#include "common/cli_run.h"
 #include "train/emoji_dataset.h"
 
 #ifndef SD_SOURCE_DIR
@@ -23,19 +23,6 @@
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string run(const std::string& cmd, int* status) {
-  std::string out;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) {
-    *status = -1;
-    return out;
-  }
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  *status = pclose(p);
-  return out;
-}
 
 torch::Tensor small(const torch::Tensor& img_m11) {  // [3, H, W] in [-1, 1] -> [3, 16, 16] in [0, 1]
   const auto x = (img_m11.to(torch::kFloat32).clamp(-1, 1) + 1) / 2;
@@ -50,9 +37,8 @@ TEST(FirstCommand, RedAppleWithNoOtherFlag) {
     GTEST_SKIP() << "the built-in model is not in the source tree";
   const fs::path dir = fs::temp_directory_path() / ("sd_first_command_" + std::to_string(::getpid()));
   fs::create_directories(dir);
-  int status = 0;
-  const std::string out =
-      run("cd '" + dir.string() + "' && '" SD_CLI_PATH "' txt2img --prompt \"red apple\" -o apple.png", &status);
+  const auto [status, out] = sd::test::run_command("cd '" + dir.string() + "' && '" SD_CLI_PATH
+                                                   "' txt2img --prompt \"red apple\" -o apple.png");
   ASSERT_EQ(status, 0) << out;
   const cv::Mat img = cv::imread((dir / "apple.png").string(), cv::IMREAD_COLOR);
   ASSERT_FALSE(img.empty()) << out;
