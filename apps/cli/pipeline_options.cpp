@@ -246,24 +246,13 @@ std::vector<std::string> explain_settings(const PipelineOptions& o, bool txt2img
 }
 
 std::string default_model_dir() {
-  namespace fs = std::filesystem;
-  const fs::path rel = fs::path("models") / "emoji-tiny";
-  auto ok = [](const fs::path& p) { return is_file((p / "model_index.json").string()); };
-  if (const char* env = std::getenv("SD_DEFAULT_MODEL"); env && *env) return env;
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec)
-    for (fs::path d = exe.parent_path(); !d.empty() && d != d.root_path(); d = d.parent_path())
-      if (ok(d / rel)) return (d / rel).string();
+  const std::string found = find_shipped_folder("emoji-tiny", {"model_index.json"}, "SD_DEFAULT_MODEL");
+  if (!found.empty()) return found;
+  // Not found: the source-tree path, which load_models reports as missing with a hint.
 #ifdef SD_SOURCE_DIR
-  const fs::path src = fs::path(SD_SOURCE_DIR) / rel;
-  if (ok(src)) return src.string();
-#endif
-  if (ok(rel)) return rel.string();
-#ifdef SD_SOURCE_DIR
-  return src.string();
+  return (std::filesystem::path(SD_SOURCE_DIR) / "models" / "emoji-tiny").string();
 #else
-  return rel.string();
+  return "models/emoji-tiny";
 #endif
 }
 

@@ -324,11 +324,16 @@ class StableDiffusionModels : public DiffusionModels {
 
 }  // namespace
 
-std::string find_clip_tokenizer_dir() {
+std::string find_shipped_folder(const std::string& name, const std::vector<std::string>& markers,
+                                const char* env_var) {
   namespace fs = std::filesystem;
-  const fs::path rel = fs::path("models") / "clip-tokenizer";
-  auto ok = [](const fs::path& p) { return is_file((p / "vocab.json").string()) && is_file((p / "merges.txt").string()); };
-  if (const char* env = std::getenv("SD_CLIP_TOKENIZER"); env && *env) return env;
+  if (const char* env = env_var ? std::getenv(env_var) : nullptr; env && *env) return env;
+  const fs::path rel = fs::path("models") / name;
+  auto ok = [&](const fs::path& p) {
+    for (const auto& m : markers)
+      if (!is_file((p / m).string())) return false;
+    return true;
+  };
   std::error_code ec;
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
   if (!ec)
@@ -339,6 +344,10 @@ std::string find_clip_tokenizer_dir() {
 #endif
   if (ok(rel)) return rel.string();
   return "";
+}
+
+std::string find_clip_tokenizer_dir() {
+  return find_shipped_folder("clip-tokenizer", {"vocab.json", "merges.txt"}, "SD_CLIP_TOKENIZER");
 }
 
 void refuse_pickle(const std::string& path) {

@@ -101,6 +101,11 @@ struct LoadOptions {
 // that converts them. The result is immutable and can be shared by several streams.
 std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_path, const LoadOptions& options = {});
 
+// A folder shipped in the repository's models/ (models/<name>): $<env_var> when set, else the first models/<name>
+// holding every `markers` file in a folder above the executable, in the source tree the engine was built from, or
+// in the working directory; "" when none is found.
+std::string find_shipped_folder(const std::string& name, const std::vector<std::string>& markers,
+                                const char* env_var);
 // The shipped CLIP BPE vocabulary (models/clip-tokenizer): $SD_CLIP_TOKENIZER, else models/clip-tokenizer in a folder
 // above the executable, in the source tree, or in the working directory; "" when none is found.
 std::string find_clip_tokenizer_dir();

@@ -44,7 +44,7 @@ std::vector<GoldenCase> golden_cases(const std::string& set = "pipeline") {
   if (!test::fixture_exists(cases)) return out;
   const auto j = read_json_file(test::fixture_path(cases));
   int i = 0;
-  for (const auto& c : j.at("cases")) out.push_back({i++, c.at("params").at("name").get<std::string>(), set});
+  for (const auto& c : j.at("cases")) out.push_back({i++, c.at("params").at("name").get<std::string>(), set, ""});
   return out;
 }
 
