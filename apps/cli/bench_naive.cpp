@@ -31,8 +31,8 @@ NaiveTxt2Img::NaiveTxt2Img(std::shared_ptr<const DiffusionModels> models, NaiveO
   }
   if (!options_.encode_prompt_per_call) {
     torch::NoGradGuard ng;
-    cond_ = models_->encode_prompt(options_.prompt);
-    if (guidance()) uncond_ = models_->encode_prompt(options_.negative_prompt);
+    cond_ = models_->encode_text(options_.prompt);
+    if (guidance()) uncond_ = models_->encode_text(options_.negative_prompt);
   }
 }
 
@@ -43,13 +43,19 @@ torch::Tensor NaiveTxt2Img::operator()() {
   last_ = {};
 
   auto t0 = Clock::now();
-  torch::Tensor cond = cond_, uncond = uncond_;
+  TextEmbeddings cond = cond_, uncond = uncond_;
   if (options_.encode_prompt_per_call) {
-    cond = models_->encode_prompt(options_.prompt);
-    if (guidance()) uncond = models_->encode_prompt(options_.negative_prompt);
+    cond = models_->encode_text(options_.prompt);
+    if (guidance()) uncond = models_->encode_text(options_.negative_prompt);
   }
-  // The text rows of the CFG batch: [uncond; cond] -> [2, 77, D] (a fresh tensor every call, as diffusers does).
-  const torch::Tensor ehs = guidance() ? torch::cat({uncond, cond}) : cond;
+  // The text rows of the CFG batch: [uncond; cond] -> [2, 77, D] (a fresh tensor every call, as diffusers does);
+  // SDXL's pooled rows and time ids likewise.
+  const torch::Tensor ehs = guidance() ? torch::cat({uncond.embeds, cond.embeds}) : cond.embeds;
+  AddedConditioning added;
+  if (cond.pooled.defined()) {
+    added = repeat_added_conditioning(*models_, cond.pooled, ehs.size(0), options_.height, options_.width);
+    if (guidance()) added.text_embeds = torch::cat({uncond.pooled, cond.pooled});
+  }
   sync(dev);
   last_.text_encode_s = since(t0);
 
@@ -62,7 +68,7 @@ torch::Tensor NaiveTxt2Img::operator()() {
     const int64_t t = timesteps_[k];
     const torch::Tensor sample = guidance() ? torch::cat({x, x}) : x;
     const torch::Tensor ts = torch::full({sample.size(0)}, t, torch::TensorOptions().dtype(torch::kLong).device(dev));
-    torch::Tensor eps = models_->unet(sample, ts, ehs);
+    torch::Tensor eps = models_->unet(sample, ts, ehs, added);
     last_.unet_rows += sample.size(0);
     if (guidance()) {
       auto parts = eps.chunk(2);

@@ -50,7 +50,7 @@ class NaiveTxt2Img {
   NaiveOptions options_;
   LCMScheduler scheduler_;
   std::vector<int64_t> timesteps_;
-  torch::Tensor cond_, uncond_;  // only with encode_prompt_per_call = false
+  sd::TextEmbeddings cond_, uncond_;  // only with encode_prompt_per_call = false
   at::Generator gen_;
   NaiveBreakdown last_;
 };

@@ -107,6 +107,8 @@ ArchInfo inspect_architecture(const std::string& model_dir) {
     a.name = "BK-SDM-Tiny";
   else if (a.unet_params == 328177284)
     a.name = "SDXS-512-0.9";
+  else if (a.unet_params == 2567463684)
+    a.name = "SDXL / SDXL-Turbo";
   else
     a.name = "unknown (" + std::to_string(a.unet_params) + " UNet parameters)";
   return a;
@@ -119,6 +121,8 @@ double known_gflop(const ArchInfo& a, const std::string& component, int64_t size
   // products): BK-SDM-Tiny 109 / 486 GFLOP at 256 / 512 px, SDXS-512-0.9 105 / 418.
   const bool bk_tiny = a.unet_params == 323384964, sdxs = a.unet_params == 328177284;
   if (component == "text_encode") return a.text_params == 340387840 ? 45 : 0;  // sd-turbo / SD2.1 OpenCLIP-H
+  // SDXL's UNet (2 FLOP per multiply-add): 1,588.8 GFLOP at 512 px (sdxl-turbo), 6,761.2 at 1024 (SDXL base).
+  if (component == "unet" && a.unet_params == 2567463684) return s512 ? 1588.8 : size == 1024 ? 6761.2 : 0;
   if (!s256 && !s512) return 0;
   if (component == "unet" && sd_unet) return s256 ? 181 : 804;
   if (component == "unet" && bk_tiny) return s256 ? 109 : 486;

@@ -314,6 +314,13 @@ class Bench {
 
   torch::TensorOptions topt(c10::ScalarType dt) const { return torch::TensorOptions().dtype(dt).device(device_); }
 
+  // SDXL's added conditioning for b rows at this size (random pooled text); empty for other models.
+  sd::AddedConditioning random_added(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt,
+                                     int64_t b, int64_t size) const {
+    if (m->pooled_text_dim() == 0) return {};
+    return sd::repeat_added_conditioning(*m, torch::randn({1, m->pooled_text_dim()}).to(topt(dt)), b, size, size);
+  }
+
   const Result& unet_component(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
                                int64_t b, const std::string& section) {
     const std::string id = "unet/" + sd::dtype_name(dt) + "/" + std::to_string(size) + "/b" + std::to_string(b);
@@ -323,6 +330,7 @@ class Bench {
     const auto x = torch::randn({b, m->latent_channels(), h, h}).to(topt(dt));
     const auto t = torch::full({b}, 999, torch::TensorOptions().dtype(torch::kLong).device(device_));
     const auto ehs = torch::randn({b, 77, text_dim(m)}).to(topt(dt));
+    const auto added = random_added(m, dt, b, size);
     Result r;
     r.section = section;
     r.name = "unet";
@@ -330,7 +338,7 @@ class Bench {
     r.dtype = sd::dtype_name(dt);
     r.size = size;
     r.batch = b;
-    r.timing = time_runs(device_, o_.warmup, o_.iters, [&] { m->unet(x, t, ehs); });
+    r.timing = time_runs(device_, o_.warmup, o_.iters, [&] { m->unet(x, t, ehs, added); });
     r.gflop = known_gflop(arch_, "unet", size) * static_cast<double>(b);
     return add(id, r);
   }
@@ -444,6 +452,7 @@ class Bench {
     const auto x = torch::randn({1, m->latent_channels(), h, h}).to(topt(dt));
     const auto t = torch::full({1}, 999, torch::TensorOptions().dtype(torch::kLong).device(device_));
     const auto ehs = torch::randn({1, 77, text_dim(m)}).to(topt(dt));
+    const auto added = random_added(m, dt, 1, size);
     Result r;
     r.section = "batch";
     r.name = "unet";
@@ -453,7 +462,7 @@ class Bench {
     r.batch = 1;
     r.steps = n;
     r.timing = time_runs(device_, o_.warmup, o_.iters, [&] {
-      for (int64_t i = 0; i < n; ++i) m->unet(x, t, ehs);
+      for (int64_t i = 0; i < n; ++i) m->unet(x, t, ehs, added);
     });
     r.gflop = known_gflop(arch_, "unet", size) * static_cast<double>(n);
     add(id, r);

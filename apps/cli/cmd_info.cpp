@@ -48,10 +48,16 @@ const std::map<std::string, std::vector<std::string>>& brief_fields() {
       {"unet", {"block_out_channels", "layers_per_block", "attention_head_dim", "num_attention_heads",
                 "cross_attention_dim", "use_linear_projection", "upcast_attention", "sample_size", "down_block_types",
                 "up_block_types", "mid_block_type", "transformer_layers_per_block", "only_cross_attention",
-                "time_cond_proj_dim"}},
-      {"vae", {"block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor"}},
+                "time_cond_proj_dim", "addition_embed_type", "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim"}},
+      {"vae", {"block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor",
+               "force_upcast"}},
       {"taesd", {"encoder_block_out_channels", "decoder_block_out_channels", "latent_channels", "scaling_factor"}},
+      {"taesdxl", {"encoder_block_out_channels", "decoder_block_out_channels", "latent_channels", "scaling_factor"}},
       {"text_encoder", {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"}},
+      {"text_encoder_2", {"architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                          "intermediate_size", "hidden_act", "projection_dim"}},
+      {"tokenizer_2", {"model_max_length", "pad_token", "bos_token", "eos_token"}},
       {"scheduler", {"_class_name", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps",
                      "original_inference_steps", "prediction_type", "timestep_spacing"}},
       {"tokenizer", {"model_max_length", "pad_token", "bos_token", "eos_token"}},
@@ -93,7 +99,8 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
       break;
     }
   }
-  if (name == "tokenizer" && sd::is_file(dir + "/special_tokens_map.json")) {
+  const bool tokenizer = name == "tokenizer" || name == "tokenizer_2";
+  if (tokenizer && sd::is_file(dir + "/special_tokens_map.json")) {
     auto sp = sd::read_json_file(dir + "/special_tokens_map.json");
     for (auto it = sp.begin(); it != sp.end(); ++it) {
       const auto& v = it.value();
@@ -115,7 +122,7 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
       if (e.path().extension() != ".json") config_only = false;
     if (config_only) out["note"] = "config only (no weights; use the TAESD)";
   }
-  if (name != "scheduler" && name != "tokenizer" && !config_only) {
+  if (name != "scheduler" && !tokenizer && !config_only) {
     auto w = summarize(sd::find_weights(dir));
     out["weights"] = {{"file", w.path}, {"bytes", w.bytes}, {"tensors", w.tensors}, {"parameters", w.parameters},
                       {"dtypes", w.dtypes}};
@@ -237,7 +244,7 @@ int print_single_file(const nlohmann::json& r) {
   int64_t total = 0;
   for (const auto& c : r["components"]) {
     total += c["parameters"].get<int64_t>();
-    std::cout << "  " << std::left << std::setw(13) << c["name"].get<std::string>() << c["class"].get<std::string>()
+    std::cout << "  " << std::left << std::setw(15) << c["name"].get<std::string>() << c["class"].get<std::string>()
               << "  " << c["parameters"].get<int64_t>() << " params, " << c["tensors"].get<size_t>()
               << " tensors; config " << c["config_from"].get<std::string>() << "\n";
     if (c.contains("config_error"))
@@ -406,7 +413,8 @@ sd::cli::Runner setup_info(CLI::App& app) {
     report["components"] = nlohmann::json::array();
     for (const auto& [name, entry] : folder.components())
       report["components"].push_back(component_json(name, folder.component_dir(name), entry.class_name));
-    if (auto t = folder.taesd_dir()) report["components"].push_back(component_json("taesd", *t, "AutoencoderTiny"));
+    if (auto t = folder.taesd_dir())
+      report["components"].push_back(component_json(folder.is_sdxl() ? "taesdxl" : "taesd", *t, "AutoencoderTiny"));
     report["defaults"] = defaults_json(*model, *config, *pred);
     if (*as_json) {
       std::cout << report.dump(2) << "\n";
@@ -415,7 +423,7 @@ sd::cli::Runner setup_info(CLI::App& app) {
     std::cout << *model << ": " << report["pipeline"].get<std::string>() << "\n";
     int64_t total = 0;
     for (const auto& c : report["components"]) {
-      std::cout << "  " << std::left << std::setw(13) << c["name"].get<std::string>() << c["class"].get<std::string>();
+      std::cout << "  " << std::left << std::setw(15) << c["name"].get<std::string>() << c["class"].get<std::string>();
       if (c.contains("note")) std::cout << "  " << c["note"].get<std::string>();
       if (c.contains("weights")) {
         const auto& w = c["weights"];

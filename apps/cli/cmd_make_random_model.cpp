@@ -6,6 +6,7 @@
 
 #include "apps/cli/commands.h"
 #include "core/device.h"
+#include "core/error.h"
 #include "io/json_config.h"
 #include "io/ldm_checkpoint.h"
 #include "io/model_folder.h"
@@ -108,9 +109,10 @@ sd::cli::Runner setup_make_random_model(CLI::App& app) {
   auto no_taesd = std::make_shared<bool>(false);
   auto single_file = std::make_shared<std::string>();
   app.add_option("--arch", o->arch,
-                 "sd-turbo | sd15 | bk-sdm-tiny (nota-ai, 323M-parameter UNet) | sdxs-512 (IDKiro sdxs-512-0.9, 328M)")
+                 "sd-turbo | sd15 | bk-sdm-tiny (nota-ai, 323M-parameter UNet) | sdxs-512 (IDKiro sdxs-512-0.9, 328M) | "
+                 "sdxl-turbo (SDXL UNet 2.57B, two text encoders, TAESDXL; 512 px) | sdxl (the same, 1024 px)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"sd-turbo", "sd15", "bk-sdm-tiny", "sdxs-512"}));
+      ->check(CLI::IsMember({"sd-turbo", "sd15", "bk-sdm-tiny", "sdxs-512", "sdxl-turbo", "sdxl"}));
   app.add_option("--out", o->out_dir, "output folder (created)")->required();
   app.add_option("--tokenizer", o->tokenizer_dir,
                  "CLIP tokenizer folder to copy (vocab.json + merges.txt), e.g. <a model>/tokenizer")
@@ -129,9 +131,13 @@ sd::cli::Runner setup_make_random_model(CLI::App& app) {
     auto r = sd::write_random_model(*o);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::cout << "wrote " << o->out_dir << " (" << o->arch << ", " << *dtype << ") in " << s << " s: unet "
-              << r.unet_parameters << ", vae " << r.vae_parameters << ", text_encoder " << r.text_encoder_parameters
-              << ", taesd " << r.taesd_parameters << " parameters; " << r.bytes_written / (1024 * 1024) << " MiB\n";
+              << r.unet_parameters << ", vae " << r.vae_parameters << ", text_encoder " << r.text_encoder_parameters;
+    if (r.text_encoder_2_parameters > 0) std::cout << ", text_encoder_2 " << r.text_encoder_2_parameters;
+    std::cout << ", taesd " << r.taesd_parameters << " parameters; " << r.bytes_written / (1024 * 1024) << " MiB\n";
     if (!single_file->empty()) {
+      if (o->arch == "sdxl-turbo" || o->arch == "sdxl")
+        throw sd::InvalidArgument("--single-file is not available for SDXL architectures yet (SDXL single files "
+                                  "are not loaded either)");
       const auto t1 = std::chrono::steady_clock::now();
       const uint64_t bytes = write_ldm_single_file(o->out_dir, *single_file, o->arch == "sd-turbo", o->seed);
       std::cout << "wrote " << *single_file << " (original LDM layout) in "
@@ -143,7 +149,7 @@ sd::cli::Runner setup_make_random_model(CLI::App& app) {
 }
 
 REGISTER_COMMAND("make-random-model",
-                 "write a full-size diffusers folder (sd-turbo, SD 1.5, BK-SDM-Tiny or SDXS-512 architecture) with random weights", 90,
+                 "write a full-size diffusers folder (sd-turbo, SD 1.5, BK-SDM-Tiny, SDXS-512, SDXL-Turbo or SDXL architecture) with random weights", 90,
                  setup_make_random_model);
 
 }  // namespace

@@ -54,9 +54,6 @@ ModelFolder ModelFolder::open(const std::string& dir) {
       throw FormatError(index, std::string("component '") + required +
                                    "' missing: not a Stable Diffusion pipeline (class '" + f.class_name_ + "')");
   }
-  if (f.components_.count("text_encoder_2") || f.class_name_.find("XL") != std::string::npos)
-    throw FormatError(index, "pipeline class '" + f.class_name_ +
-                                 "' (SDXL) is not supported yet: expected an SD 1.x / 2.x / sd-turbo pipeline");
   return f;
 }
 
@@ -81,8 +78,12 @@ std::string ModelFolder::weights_path(const std::string& name, const std::string
   return find_weights(component_dir(name), variant);
 }
 
+bool ModelFolder::is_sdxl() const {
+  return has_component("text_encoder_2") || class_name_.find("XL") != std::string::npos;
+}
+
 std::optional<std::string> ModelFolder::taesd_dir() const {
-  const std::string d = (fs::path(dir_) / "taesd").string();
+  const std::string d = (fs::path(dir_) / (is_sdxl() ? "taesdxl" : "taesd")).string();
   if (is_directory(d)) return d;
   return std::nullopt;
 }

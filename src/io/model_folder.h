@@ -27,7 +27,10 @@ class ModelFolder {
   std::string config_path(const std::string& name) const;     // <dir>/<name>/config.json (scheduler_config.json)
   // Weights of a component; see find_weights.
   std::string weights_path(const std::string& name, const std::string& variant = "") const;
-  // The optional TAESD folder shipped beside the pipeline (<dir>/taesd), if present.
+  // An SDXL pipeline: StableDiffusionXLPipeline (or a pipeline class with "XL" in its name) or a text_encoder_2.
+  bool is_sdxl() const;
+  // The optional tiny autoencoder shipped beside the pipeline, if present: <dir>/taesd, for SDXL <dir>/taesdxl (the
+  // two have the same architecture but different latent spaces, so an SD folder never picks up a TAESDXL and v.v.).
   std::optional<std::string> taesd_dir() const;
 
  private:

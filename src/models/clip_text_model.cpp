@@ -26,8 +26,12 @@ CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& j, const std::str
   c.bos_token_id = r.get_int64("bos_token_id", c.bos_token_id);
   c.eos_token_id = r.get_int64("eos_token_id", c.eos_token_id);
   c.pad_token_id = r.get_int64("pad_token_id", c.pad_token_id);
+  c.projection_dim = r.get_int64("projection_dim", 0);
+  if (r.has("architectures") && j.at("architectures").is_array())
+    for (const auto& a : j.at("architectures"))
+      if (a.is_string() && a.get<std::string>() == "CLIPTextModelWithProjection") c.with_projection = true;
   for (const char* k : {"architectures", "attention_dropout", "dropout", "initializer_factor", "initializer_range",
-                        "projection_dim", "model_type", "torch_dtype", "transformers_version"})
+                        "model_type", "torch_dtype", "transformers_version"})
     r.ignore(k);
   r.log_unknown();
   if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu")
@@ -41,6 +45,8 @@ CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& j, const std::str
   positive("num_hidden_layers", c.num_hidden_layers);
   positive("num_attention_heads", c.num_attention_heads);
   positive("max_position_embeddings", c.max_position_embeddings);
+  if (c.with_projection && c.projection_dim <= 0)
+    r.fail("projection_dim", "a positive integer (CLIPTextModelWithProjection)");
   if (c.hidden_size % c.num_attention_heads != 0)
     r.fail("num_attention_heads", "a divisor of hidden_size " + std::to_string(c.hidden_size));
   return c;
@@ -143,6 +149,8 @@ CLIPTextOutput CLIPTextTransformerImpl::forward(const torch::Tensor& input_ids, 
 
 CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& c) {
   text_model = register_module("text_model", CLIPTextTransformer(c));
+  if (c.with_projection)
+    text_projection = register_module("text_projection", nn::Linear(c.hidden_size, c.projection_dim, /*bias=*/false));
 }
 
 torch::Tensor CLIPTextModelImpl::forward(const torch::Tensor& input_ids) {
@@ -150,7 +158,19 @@ torch::Tensor CLIPTextModelImpl::forward(const torch::Tensor& input_ids) {
 }
 
 CLIPTextOutput CLIPTextModelImpl::forward_all(const torch::Tensor& input_ids, bool output_hidden_states) {
-  return text_model->forward(input_ids, output_hidden_states);
+  CLIPTextOutput out = text_model->forward(input_ids, output_hidden_states);
+  if (text_projection) out.text_embeds = text_projection(out.pooler_output);
+  return out;
+}
+
+CLIPTextModelImpl::XLOutput CLIPTextModelImpl::forward_sdxl(const torch::Tensor& input_ids, int clip_skip) {
+  if (clip_skip < 0 || clip_skip + 1 >= config().num_hidden_layers + 1)
+    throw InvalidArgument("clip_skip " + std::to_string(clip_skip) + " must be in [0, " +
+                          std::to_string(config().num_hidden_layers - 1) + "] for a text encoder of " +
+                          std::to_string(config().num_hidden_layers) + " layers");
+  const CLIPTextOutput out = forward_all(input_ids, true);
+  const auto& hs = out.hidden_states;
+  return {hs[hs.size() - 2 - static_cast<size_t>(clip_skip)], out.text_embeds};
 }
 
 torch::Tensor CLIPTextModelImpl::forward_clip_skip(const torch::Tensor& input_ids, int clip_skip) {

@@ -1,7 +1,9 @@
 #pragma once
 // CLIPTextModel with Hugging Face transformers semantics (what every SD 1.x / 2.x / sd-turbo pipeline uses as its
-// text encoder): token + position embeddings, pre-LN transformer layers with a causal mask, final layer norm.
-// Registered names are the transformers keys: text_model.embeddings.token_embedding.weight, ...
+// text encoder): token + position embeddings, pre-LN transformer layers with a causal mask, final layer norm; and
+// CLIPTextModelWithProjection (SDXL's text_encoder_2, OpenCLIP-bigG-like: gelu, text_projection without bias on the
+// pooled output). Registered names are the transformers keys: text_model.embeddings.token_embedding.weight, ...,
+// text_projection.weight.
 #include <map>
 #include <string>
 #include <vector>
@@ -25,6 +27,11 @@ struct CLIPTextConfig {
   int64_t bos_token_id = 49406;
   int64_t eos_token_id = 49407;
   int64_t pad_token_id = 1;
+  // CLIPTextModelWithProjection (SDXL's text_encoder_2): `text_projection` [projection_dim, hidden] without bias
+  // maps the pooled output to `text_embeds`. Set from config.json's "architectures"; plain CLIPTextModel configs
+  // carry a projection_dim too (SD 1.5's 768) but no projection weights.
+  bool with_projection = false;
+  int64_t projection_dim = 0;
 
   static CLIPTextConfig from_json(const nlohmann::json& j, const std::string& file);
 };
@@ -62,6 +69,7 @@ struct CLIPTextOutput {
   torch::Tensor last_hidden_state;           // [B, L, D] after final_layer_norm (what SD conditions on)
   torch::Tensor pooler_output;               // [B, D] the EOS position's row
   std::vector<torch::Tensor> hidden_states;  // embeddings, then the output of every layer (num_layers + 1 entries)
+  torch::Tensor text_embeds;                 // [B, projection_dim] pooler_output @ text_projection^T (WithProjection)
 };
 
 // The `text_model` subtree.
@@ -86,8 +94,16 @@ class CLIPTextModelImpl : public torch::nn::Module {
   CLIPTextOutput forward_all(const torch::Tensor& input_ids, bool output_hidden_states = true);
   // diffusers' clip_skip: hidden_states[-(clip_skip + 1)] passed through final_layer_norm; clip_skip 0 = forward().
   torch::Tensor forward_clip_skip(const torch::Tensor& input_ids, int clip_skip);
+  // What StableDiffusionXLPipeline conditions on: hidden_states[-(clip_skip + 2)] WITHOUT the final layer norm
+  // (the penultimate layer's output for clip_skip 0), and (WithProjection) text_embeds.
+  struct XLOutput {
+    torch::Tensor hidden;       // [B, L, D]
+    torch::Tensor text_embeds;  // [B, projection_dim]; undefined without text_projection
+  };
+  XLOutput forward_sdxl(const torch::Tensor& input_ids, int clip_skip = 0);
   const CLIPTextConfig& config() const { return text_model->config; }
   CLIPTextTransformer text_model{nullptr};
+  nn::Linear text_projection{nullptr};  // only for CLIPTextModelWithProjection
 };
 TORCH_MODULE(CLIPTextModel);
 

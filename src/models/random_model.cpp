@@ -23,8 +23,10 @@ namespace sd {
 
 namespace {
 void check_arch(const std::string& arch) {
-  if (arch != "sd-turbo" && arch != "sd15" && arch != "bk-sdm-tiny" && arch != "sdxs-512")
-    throw InvalidArgument("unknown architecture '" + arch + "' (expected sd-turbo, sd15, bk-sdm-tiny or sdxs-512)");
+  if (arch != "sd-turbo" && arch != "sd15" && arch != "bk-sdm-tiny" && arch != "sdxs-512" && arch != "sdxl-turbo" &&
+      arch != "sdxl")
+    throw InvalidArgument("unknown architecture '" + arch +
+                          "' (expected sd-turbo, sd15, bk-sdm-tiny, sdxs-512, sdxl-turbo or sdxl)");
 }
 
 // The base family of a distilled UNet: its text encoder and VAE are the base model's (BK-SDM-Tiny: SD 1.4;
@@ -52,8 +54,45 @@ uint64_t save_module(torch::nn::Module& m, const fs::path& file, torch::ScalarTy
 }
 }  // namespace
 
+bool is_sdxl_arch(const std::string& arch) { return arch == "sdxl-turbo" || arch == "sdxl"; }
+
 json real_unet_config(const std::string& arch) {
   check_arch(arch);
+  if (is_sdxl_arch(arch)) {
+    // stabilityai/sdxl-turbo and stable-diffusion-xl-base-1.0 (the same UNet; 64 vs 128 latent sample_size):
+    // 2,567,463,684 parameters.
+    return json{
+        {"_class_name", "UNet2DConditionModel"},
+        {"_diffusers_version", "0.24.0"},
+        {"act_fn", "silu"},
+        {"addition_embed_type", "text_time"},
+        {"addition_embed_type_num_heads", 64},
+        {"addition_time_embed_dim", 256},
+        {"attention_head_dim", {5, 10, 20}},
+        {"block_out_channels", {320, 640, 1280}},
+        {"center_input_sample", false},
+        {"cross_attention_dim", 2048},
+        {"down_block_types", {"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"}},
+        {"downsample_padding", 1},
+        {"dual_cross_attention", false},
+        {"flip_sin_to_cos", true},
+        {"freq_shift", 0},
+        {"in_channels", 4},
+        {"layers_per_block", 2},
+        {"mid_block_scale_factor", 1},
+        {"norm_eps", 1e-05},
+        {"norm_num_groups", 32},
+        {"num_class_embeds", nullptr},
+        {"only_cross_attention", false},
+        {"out_channels", 4},
+        {"projection_class_embeddings_input_dim", 2816},
+        {"sample_size", arch == "sdxl" ? 128 : 64},
+        {"transformer_layers_per_block", {1, 2, 10}},
+        {"up_block_types", {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}},
+        {"upcast_attention", nullptr},
+        {"use_linear_projection", true},
+    };
+  }
   if (arch == "bk-sdm-tiny" || arch == "sdxs-512") {
     // nota-ai/bk-sdm-tiny: SD 1.4's UNet without the mid block, the innermost stage (down_blocks.3 / up_blocks.0) and
     // one resnet (+ attention) per remaining stage. IDKiro/sdxs-512-0.9: the same layout on SD 2.1 base (1024-d
@@ -112,14 +151,43 @@ json real_vae_config(const std::string& arch) {
       {"layers_per_block", 2},
       {"norm_num_groups", 32},
       {"out_channels", 3},
-      {"sample_size", arch == "sd-turbo" ? 768 : 512},
-      {"scaling_factor", 0.18215},
+      {"sample_size", arch == "sd-turbo" ? 768 : is_sdxl_arch(arch) ? 1024 : 512},
+      // SDXL's VAE: the same architecture, its own latent scale, and fp16 overflow (force_upcast).
+      {"scaling_factor", is_sdxl_arch(arch) ? 0.13025 : 0.18215},
+      {"force_upcast", true},
       {"up_block_types", {"UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"}},
+  };
+}
+
+json real_text_encoder_2_config() {
+  // SDXL's text_encoder_2: OpenCLIP ViT-bigG/14's text tower as transformers' CLIPTextModelWithProjection,
+  // 694,659,840 parameters.
+  return json{
+      {"architectures", {"CLIPTextModelWithProjection"}},
+      {"attention_dropout", 0.0},
+      {"bos_token_id", 0},
+      {"dropout", 0.0},
+      {"eos_token_id", 2},
+      {"hidden_act", "gelu"},
+      {"hidden_size", 1280},
+      {"initializer_factor", 1.0},
+      {"initializer_range", 0.02},
+      {"intermediate_size", 5120},
+      {"layer_norm_eps", 1e-05},
+      {"max_position_embeddings", 77},
+      {"model_type", "clip_text_model"},
+      {"num_attention_heads", 20},
+      {"num_hidden_layers", 32},
+      {"pad_token_id", 1},
+      {"projection_dim", 1280},
+      {"torch_dtype", "float32"},
+      {"vocab_size", 49408},
   };
 }
 
 json real_text_encoder_config(const std::string& arch) {
   check_arch(arch);
+  // SDXL's first encoder is SD 1.x's CLIP ViT-L/14 text model (123,060,480 parameters).
   const bool turbo = family_of(arch) == "sd-turbo";
   return json{
       {"architectures", {"CLIPTextModel"}},
@@ -144,7 +212,20 @@ json real_text_encoder_config(const std::string& arch) {
   };
 }
 
-json pipeline_model_index() {
+json pipeline_model_index(const std::string& arch) {
+  if (is_sdxl_arch(arch))
+    return json{{"_class_name", "StableDiffusionXLPipeline"},
+                {"_diffusers_version", "0.24.0"},
+                {"feature_extractor", {nullptr, nullptr}},
+                {"force_zeros_for_empty_prompt", true},
+                {"image_encoder", {nullptr, nullptr}},
+                {"scheduler", {"diffusers", "LCMScheduler"}},
+                {"text_encoder", {"transformers", "CLIPTextModel"}},
+                {"text_encoder_2", {"transformers", "CLIPTextModelWithProjection"}},
+                {"tokenizer", {"transformers", "CLIPTokenizer"}},
+                {"tokenizer_2", {"transformers", "CLIPTokenizer"}},
+                {"unet", {"diffusers", "UNet2DConditionModel"}},
+                {"vae", {"diffusers", "AutoencoderKL"}}};
   return json{{"_class_name", "StableDiffusionPipeline"},
               {"_diffusers_version", "0.24.0"},
               {"feature_extractor", {nullptr, nullptr}},
@@ -178,10 +259,10 @@ json lcm_scheduler_config() {
 }
 
 json recommended_settings(const std::string& arch) {
-  const bool turbo = arch == "sd-turbo";
-  json j{{"size", "512x512"}, {"num_inference_steps", 50}};
+  const bool turbo = arch == "sd-turbo" || arch == "sdxl-turbo";
+  json j{{"size", arch == "sdxl" ? "1024x1024" : "512x512"}, {"num_inference_steps", 50}};
   if (turbo) {
-    // sd-turbo: one step, no guidance (adversarially distilled without CFG).
+    // sd-turbo / sdxl-turbo: one step, no guidance (adversarially distilled without CFG).
     j["txt2img"] = {{"t_index_list", {0}}, {"cfg_type", "none"}};
     j["img2img"] = {{"t_index_list", {32}}, {"cfg_type", "none"}};
   } else {
@@ -243,18 +324,38 @@ RandomModelReport write_random_model(const RandomModelOptions& o) {
     throw InvalidArgument("make-random-model: tokenizer folder '" + o.tokenizer_dir +
                           "' must hold vocab.json and merges.txt (e.g. a model's tokenizer/ folder)");
   const fs::path out(o.out_dir);
+  const bool xl = is_sdxl_arch(o.arch);
   for (const char* sub : {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}) fs::create_directories(out / sub);
   RandomModelReport r;
 
-  write_json(out / "model_index.json", pipeline_model_index());
+  write_json(out / "model_index.json", pipeline_model_index(o.arch));
   write_json(out / "scheduler" / "scheduler_config.json", lcm_scheduler_config());
   write_json(out / "streamdiffusion.json", recommended_settings(o.arch));
   for (const char* f : {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}) {
     const fs::path src = fs::path(o.tokenizer_dir) / f;
     if (fs::exists(src)) fs::copy_file(src, out / "tokenizer" / f, fs::copy_options::overwrite_existing);
   }
-
   uint64_t seed = o.seed;
+  if (xl) {
+    // The second tokenizer: the same BPE, padding with "!" (id 0) as SDXL's tokenizer_2 does.
+    fs::create_directories(out / "tokenizer_2");
+    for (const char* f : {"vocab.json", "merges.txt"})
+      fs::copy_file(fs::path(o.tokenizer_dir) / f, out / "tokenizer_2" / f, fs::copy_options::overwrite_existing);
+    write_json(out / "tokenizer_2" / "special_tokens_map.json",
+               json{{"bos_token", "<|startoftext|>"}, {"eos_token", "<|endoftext|>"}, {"pad_token", "!"},
+                    {"unk_token", "<|endoftext|>"}});
+    write_json(out / "tokenizer_2" / "tokenizer_config.json",
+               json{{"tokenizer_class", "CLIPTokenizer"}, {"model_max_length", 77}, {"pad_token", "!"},
+                    {"do_lower_case", true}});
+    fs::create_directories(out / "text_encoder_2");
+    auto cfg_json = real_text_encoder_2_config();
+    write_json(out / "text_encoder_2" / "config.json", cfg_json);
+    CLIPTextModel m(CLIPTextConfig::from_json(cfg_json, "text_encoder_2/config.json"));
+    randomize_parameters(*m, seed + 100);
+    r.text_encoder_2_parameters = count_parameters(*m);
+    r.bytes_written += save_module(*m, out / "text_encoder_2" / "model.safetensors", o.dtype);
+  }
+
   {
     auto cfg_json = real_text_encoder_config(o.arch);
     write_json(out / "text_encoder" / "config.json", cfg_json);
@@ -280,13 +381,15 @@ RandomModelReport write_random_model(const RandomModelOptions& o) {
     r.bytes_written += save_module(*m, out / "vae" / "diffusion_pytorch_model.safetensors", o.dtype);
   }
   if (o.with_taesd) {
-    fs::create_directories(out / "taesd");
+    // TAESDXL for SDXL: the same AutoencoderTiny architecture (its own weights, in a folder of its own).
+    const char* taesd = xl ? "taesdxl" : "taesd";
+    fs::create_directories(out / taesd);
     auto cfg_json = default_taesd_config();
-    write_json(out / "taesd" / "config.json", cfg_json);
-    AutoencoderTiny m(AutoencoderTinyConfig::from_json(cfg_json, "taesd/config.json"));
+    write_json(out / taesd / "config.json", cfg_json);
+    AutoencoderTiny m(AutoencoderTinyConfig::from_json(cfg_json, std::string(taesd) + "/config.json"));
     randomize_parameters(*m, seed++);
     r.taesd_parameters = count_parameters(*m);
-    r.bytes_written += save_module(*m, out / "taesd" / "diffusion_pytorch_model.safetensors", o.dtype);
+    r.bytes_written += save_module(*m, out / taesd / "diffusion_pytorch_model.safetensors", o.dtype);
   }
   return r;
 }

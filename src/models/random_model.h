@@ -1,5 +1,6 @@
 #pragma once
-// Full-size models with random weights in the real architectures (sd-turbo / SD 1.5 / BK-SDM-Tiny / SDXS-512-0.9): no real weights can be
+// Full-size models with random weights in the real architectures (sd-turbo / SD 1.5 / BK-SDM-Tiny / SDXS-512-0.9 /
+// SDXL-Turbo / SDXL base): no real weights can be
 // downloaded here, and speed depends only on the architecture, so benchmarks and size tests run on these.
 #include <cstdint>
 #include <string>
@@ -14,7 +15,7 @@ class Module;
 namespace sd {
 
 struct RandomModelOptions {
-  std::string arch = "sd-turbo";  // "sd-turbo" | "sd15" | "bk-sdm-tiny" | "sdxs-512"
+  std::string arch = "sd-turbo";  // "sd-turbo" | "sd15" | "bk-sdm-tiny" | "sdxs-512" | "sdxl-turbo" | "sdxl"
   std::string out_dir;
   std::string tokenizer_dir;  // a CLIP tokenizer folder to copy (vocab.json, merges.txt, *config.json)
   uint64_t seed = 0;
@@ -24,6 +25,7 @@ struct RandomModelOptions {
 
 struct RandomModelReport {
   int64_t unet_parameters = 0, vae_parameters = 0, text_encoder_parameters = 0, taesd_parameters = 0;
+  int64_t text_encoder_2_parameters = 0;  // SDXL only
   uint64_t bytes_written = 0;
 };
 
@@ -32,9 +34,11 @@ struct RandomModelReport {
 nlohmann::json real_unet_config(const std::string& arch);
 nlohmann::json real_vae_config(const std::string& arch);
 nlohmann::json real_text_encoder_config(const std::string& arch);
+nlohmann::json real_text_encoder_2_config();  // SDXL's CLIPTextModelWithProjection (OpenCLIP bigG)
 nlohmann::json lcm_scheduler_config();
-// model_index.json of a diffusers StableDiffusionPipeline folder with an LCM scheduler.
-nlohmann::json pipeline_model_index();
+// model_index.json of a diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder with an LCM
+// scheduler.
+nlohmann::json pipeline_model_index(const std::string& arch = "sd-turbo");
 nlohmann::json default_taesd_config();
 // streamdiffusion.json (pipeline/model_defaults.h) of an architecture: its native size and the settings it is used
 // with (sd-turbo: one step, no guidance; sd15: the LCM-LoRA recipe).
@@ -44,7 +48,8 @@ nlohmann::json recommended_settings(const std::string& arch);
 // and norm biases small, embeddings ~ N(0, 0.02) (token/position tables). Deterministic for a seed.
 void randomize_parameters(torch::nn::Module& module, uint64_t seed);
 
-// Writes a complete diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, taesd/).
+// Writes a complete diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, taesd/;
+// SDXL: also text_encoder_2/, tokenizer_2/, and taesdxl/ instead of taesd/).
 RandomModelReport write_random_model(const RandomModelOptions& opts);
 
 }  // namespace sd

@@ -45,15 +45,14 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
   UNet2DConditionConfig c;
 
   // Features of UNet2DConditionModel this implementation does not have: present and non-null -> error.
-  for (const char* key : {"addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim",
+  for (const char* key : {"class_embed_type", "num_class_embeds", "encoder_hid_dim",
                           "encoder_hid_dim_type", "time_embedding_act_fn", "timestep_post_act",
                           "reverse_transformer_layers_per_block"})
     r.require_unsupported_absent(key);
   // Only used by block types / embeddings rejected above or below (Simple* blocks, text_time / projection class
   // embeddings; mid_block_only_cross_attention only reaches UNetMidBlock2DSimpleCrossAttn), so they have no effect
   // on a supported model; dropout is an inference no-op.
-  for (const char* key : {"addition_time_embed_dim", "addition_embed_type_num_heads",
-                          "projection_class_embeddings_input_dim", "class_embeddings_concat",
+  for (const char* key : {"addition_embed_type_num_heads", "class_embeddings_concat",
                           "mid_block_only_cross_attention", "cross_attention_norm", "resnet_skip_time_act",
                           "resnet_out_scale_factor", "dropout"})
     r.ignore(key);
@@ -100,6 +99,20 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
   // The guidance embedding (get_guidance_scale_embedding) needs at least 4 dimensions (half - 1 > 0).
   if (r.has("time_cond_proj_dim") && c.time_cond_proj_dim < 4)
     r.fail("time_cond_proj_dim", "an integer >= 4 or null");
+  if (r.has("addition_embed_type")) {
+    c.addition_embed_type = require_string(r, j, "addition_embed_type", "", {"text_time"});
+    c.addition_time_embed_dim = r.get_int64("addition_time_embed_dim", 0);
+    c.projection_class_embeddings_input_dim = r.get_int64("projection_class_embeddings_input_dim", 0);
+    if (c.addition_time_embed_dim <= 0) r.fail("addition_time_embed_dim", "a positive integer (text_time UNet)");
+    if (c.projection_class_embeddings_input_dim <= 6 * c.addition_time_embed_dim)
+      r.fail("projection_class_embeddings_input_dim",
+             "an integer above 6 x addition_time_embed_dim = " + std::to_string(6 * c.addition_time_embed_dim) +
+                 " (pooled text width + 6 embedded time ids)");
+  } else {
+    r.ignore("addition_embed_type");
+    r.ignore("addition_time_embed_dim");
+    r.ignore("projection_class_embeddings_input_dim");
+  }
   c.conv_in_kernel = r.get_int64("conv_in_kernel", c.conv_in_kernel);
   c.conv_out_kernel = r.get_int64("conv_out_kernel", c.conv_out_kernel);
 
@@ -181,6 +194,10 @@ void UNet2DConditionConfig::validate(const std::string& file) const {
           std::to_string(num_attention_heads[i]) + " attention heads (attention_head_dim / num_attention_heads)");
   }
   if (time_embedding_dim < 0) bad("field 'time_embedding_dim' must be positive");
+  if (!addition_embed_type.empty() && addition_embed_type != "text_time")
+    bad("field 'addition_embed_type' must be \"text_time\" or null");
+  if (text_time() && (addition_time_embed_dim <= 0 || pooled_text_dim() <= 0))
+    bad("text_time UNet: projection_class_embeddings_input_dim must exceed 6 x addition_time_embed_dim");
 }
 
 UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& c) : config_(c) {
@@ -192,6 +209,9 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   conv_in = register_module("conv_in",
                             sd::nn::Conv2d(c.in_channels, ch[0], c.conv_in_kernel, 1, (c.conv_in_kernel - 1) / 2));
   time_embedding = register_module("time_embedding", TimestepEmbedding(ch[0], temb, c.time_cond_proj_dim));
+  if (c.text_time())
+    add_embedding =
+        register_module("add_embedding", TimestepEmbedding(c.projection_class_embeddings_input_dim, temb));
 
   UNetBlockOptions base;
   base.temb_channels = temb;
@@ -252,7 +272,8 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
 
 torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
                                                 const torch::Tensor& encoder_hidden_states,
-                                                const torch::Tensor& timestep_cond) {
+                                                const torch::Tensor& timestep_cond,
+                                                const torch::Tensor& text_embeds, const torch::Tensor& time_ids) {
   const auto& c = config_;
   if (sample.dim() != 4 || sample.size(1) != c.in_channels)
     throw InvalidArgument("UNet: sample must be [B, " + std::to_string(c.in_channels) + ", h, w], got " +
@@ -284,6 +305,31 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
     throw InvalidArgument("UNet: timestep_cond was given but this UNet has no time_cond_proj_dim (it is not an "
                           "LCM-distilled UNet with a guidance embedding)");
   auto emb = time_embedding(t_emb, timestep_cond);  // [B, temb]
+  if (c.text_time()) {
+    const int64_t p = c.pooled_text_dim();
+    if (!text_embeds.defined() || !time_ids.defined())
+      throw InvalidArgument("UNet: this UNet has addition_embed_type \"text_time\" (SDXL) and needs text_embeds [" +
+                            std::to_string(b) + ", " + std::to_string(p) + "] and time_ids [" + std::to_string(b) +
+                            ", 6] (added_cond_kwargs)");
+    if (text_embeds.dim() != 2 || text_embeds.size(0) != b || text_embeds.size(1) != p)
+      throw InvalidArgument("UNet: text_embeds must be [" + std::to_string(b) + ", " + std::to_string(p) +
+                            "] (the pooled projection of text_encoder_2)");
+    if (time_ids.dim() != 2 || time_ids.size(0) != b || time_ids.size(1) != 6)
+      throw InvalidArgument("UNet: time_ids must be [" + std::to_string(b) +
+                            ", 6] (original size, crop top-left, target size)");
+    // diffusers: add_time_proj(time_ids.flatten()) -> [6B, addition_time_embed_dim] -> [B, 6 * dim]; concat with
+    // the pooled text; add_embedding; added to the timestep embedding.
+    const auto time_embeds =
+        timestep_embedding(time_ids.flatten().to(sample.device()), c.addition_time_embed_dim, c.flip_sin_to_cos,
+                           c.freq_shift)
+            .reshape({b, -1});
+    const auto add_embeds = torch::cat({text_embeds.to(sample.device(), torch::kFloat32), time_embeds}, -1)
+                                .to(emb.scalar_type());  // [B, P + 6 * dim]
+    emb = emb + add_embedding(add_embeds);
+  } else if (text_embeds.defined() || time_ids.defined()) {
+    throw InvalidArgument("UNet: text_embeds / time_ids were given but this UNet has no addition_embed_type "
+                          "\"text_time\" (only SDXL UNets take added conditioning)");
+  }
 
   x = conv_in(x);
   std::vector<torch::Tensor> skips{x};

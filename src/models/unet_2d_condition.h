@@ -1,5 +1,5 @@
 #pragma once
-// diffusers UNet2DConditionModel (0.24) for SD 1.x / 2.x / sd-turbo configs and the distilled / small variants
+// diffusers UNet2DConditionModel (0.24) for SD 1.x / 2.x / sd-turbo / SDXL configs and the distilled / small variants
 // built from the same blocks (BK-SDM, SDXS, LCM-distilled): positional timestep embedding (+ the optional
 // guidance-embedding projection cond_proj), conv_in, CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn or
 // no mid block, UpBlock2D / CrossAttnUpBlock2D with skip connections, conv_norm_out + SiLU, conv_out. Per-block
@@ -50,8 +50,19 @@ struct UNet2DConditionConfig {
   int64_t time_cond_proj_dim = 0;  // > 0: time_embedding.cond_proj for the guidance embedding (LCM-distilled UNets)
   int64_t conv_in_kernel = 3;
   int64_t conv_out_kernel = 3;
+  // SDXL's added conditioning (addition_embed_type "text_time"; "" = none): add_embedding (a TimestepEmbedding over
+  // projection_class_embeddings_input_dim = pooled text dim + 6 x addition_time_embed_dim) of
+  // [text_embeds, sinusoidal(time_ids)] is added to the timestep embedding.
+  std::string addition_embed_type;
+  int64_t addition_time_embed_dim = 0;
+  int64_t projection_class_embeddings_input_dim = 0;
 
   int64_t time_embed_dim() const { return time_embedding_dim > 0 ? time_embedding_dim : 4 * block_out_channels[0]; }
+  bool text_time() const { return addition_embed_type == "text_time"; }
+  // Width of the pooled text embedding a text_time UNet expects (input dim - 6 x addition_time_embed_dim).
+  int64_t pooled_text_dim() const {
+    return text_time() ? projection_class_embeddings_input_dim - 6 * addition_time_embed_dim : 0;
+  }
   // diffusers' defaults, adjusted to a config.json; unsupported settings -> FormatError naming the field.
   static UNet2DConditionConfig from_json(const nlohmann::json& j, const std::string& file);
   // Checks the cross-field consistency (block counts, channel divisibility); FormatError naming `file`.
@@ -65,12 +76,16 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   // encoder_hidden_states [B, L, cross_attention_dim] -> noise prediction [B, out, h, w] in sample's dtype.
   // timestep_cond [B or 1, time_cond_proj_dim] (get_guidance_scale_embedding of guidance_scale - 1): only for
   // UNets with time_cond_proj_dim (else InvalidArgument); undefined = the cond term is skipped, as in diffusers.
+  // text_embeds [B, pooled_text_dim] and time_ids [B, 6] (diffusers' added_cond_kwargs): required by text_time
+  // (SDXL) UNets, refused by the others.
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                        const torch::Tensor& encoder_hidden_states, const torch::Tensor& timestep_cond = {});
+                        const torch::Tensor& encoder_hidden_states, const torch::Tensor& timestep_cond = {},
+                        const torch::Tensor& text_embeds = {}, const torch::Tensor& time_ids = {});
   const UNet2DConditionConfig& config() const { return config_; }
 
   sd::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   TimestepEmbedding time_embedding{nullptr};
+  TimestepEmbedding add_embedding{nullptr};  // text_time only
   std::vector<UNetDownBlock> down_list;
   UNetMidBlock2DCrossAttn mid_block{nullptr};
   std::vector<UNetUpBlock> up_list;

@@ -50,15 +50,17 @@ class StableDiffusionModels : public DiffusionModels {
       tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(
           opt.tokenizer.empty() ? folder.component_dir("tokenizer") : opt.tokenizer));
       text_encoder_ = load_clip_text_model(folder.component_dir("text_encoder"), dtype_, device_);
+      if (folder.is_sdxl()) load_sdxl_text_encoder_2(folder);
       unet_ = load_unet(folder.component_dir("unet"), dtype_, device_);
       const std::string vae_config_path = folder.config_path("vae");
       vae_config_ = AutoencoderKLConfig::from_json(read_json_file(vae_config_path), vae_config_path);
+      set_vae_dtype();
       if (taesd.empty()) taesd = opt.vae.empty() ? folder.taesd_dir().value_or("none") : "none";
       if (taesd == "none") {
         if (!opt.vae.empty())
           load_vae_override(opt.vae);
         else
-          vae_ = load_vae(folder.component_dir("vae"), dtype_, device_);
+          vae_ = load_vae(folder.component_dir("vae"), vae_dtype_, device_);
       }
     } else {
       load_single_file(model_path, opt, taesd);
@@ -96,6 +98,7 @@ class StableDiffusionModels : public DiffusionModels {
     if (!(scaling_factor_ > 0) || !std::isfinite(scaling_factor_))
       throw FormatError(dir_, "autoencoder scaling_factor must be positive, got " + std::to_string(scaling_factor_));
     text_hidden_ = text_encoder_->config().hidden_size;
+    check_sdxl_consistency();
     clip_skip_ = opt.clip_skip;
     if (clip_skip_ < 0 || clip_skip_ >= text_encoder_->config().num_hidden_layers)
       throw InvalidArgument("--clip-skip " + std::to_string(clip_skip_) + ": the text encoder of " + dir_ + " has " +
@@ -128,31 +131,48 @@ class StableDiffusionModels : public DiffusionModels {
   uint64_t text_encoder_version() const override { return lora_ ? lora_->text_encoder_version() : 0; }
 
   torch::Tensor encode_prompt(const std::string& text) const override {
+    if (text_encoder_2_) return encode_text(text, std::nullopt).embeds;
     torch::NoGradGuard no_grad;
     const torch::Tensor ids = tokenizer_->encode_batch({text}).to(device_);  // [1, 77]
     return text_encoder_.ptr()->forward_clip_skip(ids, clip_skip_);         // [1, 77, D]
   }
 
-  torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                     const torch::Tensor& encoder_hidden_states) const override {
+  TextEmbeddings encode_text(const std::string& prompt, const std::optional<std::string>& prompt_2) const override {
+    if (!text_encoder_2_) return {encode_prompt(prompt), torch::Tensor()};
+    // StableDiffusionXLPipeline.encode_prompt: each encoder's hidden_states[-(clip_skip + 2)] (no final layer
+    // norm), concatenated on the feature axis; the pooled output is the last encoder's text_embeds.
     torch::NoGradGuard no_grad;
-    return unet_.ptr()->forward(sample, timesteps, encoder_hidden_states, timestep_cond_);
+    const torch::Tensor ids1 = tokenizer_->encode_batch({prompt}).to(device_);                         // [1, 77]
+    const torch::Tensor ids2 = tokenizer_2_->encode_batch({prompt_2.value_or(prompt)}).to(device_);  // [1, 77]
+    const auto h1 = text_encoder_.ptr()->forward_sdxl(ids1, clip_skip_);
+    const auto h2 = text_encoder_2_.ptr()->forward_sdxl(ids2, clip_skip_);
+    return {torch::cat({h1.hidden, h2.hidden}, -1), h2.text_embeds};  // [1, 77, D1 + D2], [1, P]
+  }
+
+  int64_t pooled_text_dim() const override { return unet_->config().pooled_text_dim(); }
+  bool force_zeros_for_empty_prompt() const override { return force_zeros_; }
+
+  torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& timesteps,
+                     const torch::Tensor& encoder_hidden_states, const AddedConditioning& added) const override {
+    torch::NoGradGuard no_grad;
+    return unet_.ptr()->forward(sample, timesteps, encoder_hidden_states, timestep_cond_, added.text_embeds,
+                                added.time_ids);
   }
 
   torch::Tensor encode_image(const torch::Tensor& image, Rng& rng) const override {
     torch::NoGradGuard no_grad;
-    const torch::Tensor x = image.to(device_, dtype_);
-    if (taesd_) return taesd_.ptr()->encode(x) * scaling_factor_;
+    if (taesd_) return taesd_.ptr()->encode(image.to(device_, dtype_)) * scaling_factor_;
     // AutoencoderKL: a posterior sample mean + std·ε with ε drawn from the stream's generator (CPU, float32).
-    const DiagonalGaussian post = vae_.ptr()->encode(x);
+    // force_upcast (SDXL): the VAE runs in float32 and the latent returns in the model dtype.
+    const DiagonalGaussian post = vae_.ptr()->encode(image.to(device_, vae_dtype_));
     const torch::Tensor noise = rng.randn(post.mean.sizes(), "AutoencoderKL posterior sample").to(post.mean.options());
-    return post.sample(noise) * scaling_factor_;
+    return (post.sample(noise) * scaling_factor_).to(dtype_);
   }
 
   torch::Tensor decode_latent(const torch::Tensor& latent) const override {
     torch::NoGradGuard no_grad;
     const torch::Tensor z = latent / scaling_factor_;
-    return taesd_ ? taesd_.ptr()->decode(z) : vae_.ptr()->decode(z);
+    return taesd_ ? taesd_.ptr()->decode(z) : vae_.ptr()->decode(z.to(vae_dtype_)).to(dtype_);
   }
 
   int64_t latent_channels() const override { return latent_channels_; }
@@ -162,8 +182,15 @@ class StableDiffusionModels : public DiffusionModels {
   const LCMSchedulerConfig& scheduler_config() const override { return sched_; }
   std::string describe() const override {
     std::ostringstream o;
-    o << dir_ << " (" << (single_file_note_.empty() ? "" : single_file_note_ + ", ") << "text " << text_hidden_
-      << "-d, autoencoder " << (taesd_ ? "TAESD " + taesd_path_ : std::string("AutoencoderKL"));
+    o << dir_ << " (" << (single_file_note_.empty() ? "" : single_file_note_ + ", ");
+    if (text_encoder_2_)
+      o << "SDXL, text " << text_hidden_ << "+" << text_encoder_2_->config().hidden_size << "-d, pooled "
+        << pooled_text_dim();
+    else
+      o << "text " << text_hidden_ << "-d";
+    o << ", autoencoder "
+      << (taesd_ ? (text_encoder_2_ ? "TAESDXL " : "TAESD ") + taesd_path_ : std::string("AutoencoderKL"));
+    if (!taesd_ && vae_dtype_ != dtype_) o << " in float32 (force_upcast)";
     if (clip_skip_ > 0) o << ", clip skip " << clip_skip_;
     if (timestep_cond_.defined()) o << ", LCM guidance " << lcm_guidance_;
     // Names joined without commas: readers (the browser app) take the last two items as dtype and device.
@@ -176,13 +203,74 @@ class StableDiffusionModels : public DiffusionModels {
   }
 
  private:
+  // SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer (pads with "!"); both must be there.
+  void load_sdxl_text_encoder_2(const ModelFolder& folder) {
+    for (const char* c : {"text_encoder_2", "tokenizer_2"})
+      if (!folder.has_component(c) || !is_directory(dir_ + "/" + c))
+        throw FormatError(dir_, std::string("an SDXL pipeline (") +
+                                    (folder.pipeline_class().empty() ? "text_encoder_2 listed" : folder.pipeline_class()) +
+                                    ") needs the component folder '" + c + "/' (CLIPTextModelWithProjection and its "
+                                    "tokenizer), which is missing");
+    tokenizer_2_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(folder.component_dir("tokenizer_2")));
+    text_encoder_2_ = load_clip_text_model(folder.component_dir("text_encoder_2"), dtype_, device_);
+    if (!text_encoder_2_->config().with_projection)
+      throw FormatError(folder.config_path("text_encoder_2"),
+                        "text_encoder_2 must be a CLIPTextModelWithProjection (\"architectures\": "
+                        "[\"CLIPTextModelWithProjection\"] with a projection_dim): SDXL pools its text_embeds");
+    // A tokenizer whose ids the embedding table does not cover fails on the first prompt otherwise.
+    const auto check_vocab = [&](const ClipTokenizer& tok, const CLIPTextModel& enc, const char* tname,
+                                 const char* ename) {
+      if (static_cast<int64_t>(tok.vocab_size()) != enc->config().vocab_size)
+        throw FormatError(dir_ + "/" + tname + "/vocab.json",
+                          "vocabulary of " + std::to_string(tok.vocab_size()) + " tokens, but " + ename +
+                              "/config.json has vocab_size " + std::to_string(enc->config().vocab_size) +
+                              ": the tokenizer does not belong to this text encoder");
+    };
+    check_vocab(*tokenizer_, text_encoder_, "tokenizer", "text_encoder");
+    check_vocab(*tokenizer_2_, text_encoder_2_, "tokenizer_2", "text_encoder_2");
+    const auto index = read_json_file(dir_ + "/model_index.json");
+    force_zeros_ = index.value("force_zeros_for_empty_prompt", true);
+  }
+
+  // The shapes the SDXL pieces must agree on (a mixed-up component otherwise fails deep inside the first UNet call).
+  void check_sdxl_consistency() const {
+    const auto& u = unet_->config();
+    if (!text_encoder_2_) {
+      if (u.text_time())
+        throw FormatError(dir_, "the UNet has addition_embed_type \"text_time\" (an SDXL UNet) but the model has no "
+                                "text_encoder_2 / tokenizer_2 (StableDiffusionXLPipeline layout expected)");
+      return;
+    }
+    if (!u.text_time())
+      throw FormatError(dir_ + "/unet/config.json", "an SDXL pipeline's UNet needs addition_embed_type \"text_time\"");
+    const int64_t d = text_hidden_ + text_encoder_2_->config().hidden_size;
+    for (int64_t c : u.cross_attention_dim)
+      if (c != d)
+        throw FormatError(dir_ + "/unet/config.json",
+                          "cross_attention_dim " + std::to_string(c) + " != text_encoder hidden " +
+                              std::to_string(text_hidden_) + " + text_encoder_2 hidden " +
+                              std::to_string(text_encoder_2_->config().hidden_size));
+    if (u.pooled_text_dim() != text_encoder_2_->config().projection_dim)
+      throw FormatError(dir_ + "/unet/config.json",
+                        "projection_class_embeddings_input_dim " + std::to_string(u.projection_class_embeddings_input_dim) +
+                            " != text_encoder_2 projection_dim " + std::to_string(text_encoder_2_->config().projection_dim) +
+                            " + 6 x addition_time_embed_dim " + std::to_string(u.addition_time_embed_dim));
+  }
+
+  // diffusers' SDXL pipelines run a force_upcast VAE in float32 when the rest is reduced precision (its decoder
+  // overflows in fp16). SD 1.x / 2.x pipelines ignore the flag, as diffusers does.
+  void set_vae_dtype() {
+    vae_dtype_ = dtype_;
+    if (text_encoder_2_ && vae_config_.force_upcast && dtype_ != c10::kFloat) vae_dtype_ = c10::kFloat;
+  }
+
   // --vae: a diffusers folder or a .safetensors file (diffusers, original or first_stage_model. keys). A file's
   // architecture is read from its shapes; GroupNorm groups and the scaling factor (not in the weights) are kept
   // from the model's own VAE config (vae_config_, set before this is called).
   void load_vae_override(const std::string& path) {
     refuse_pickle(path);
     if (is_directory(path)) {
-      vae_ = load_vae(path, dtype_, device_);
+      vae_ = load_vae(path, vae_dtype_, device_);
       vae_path_ = path;
       return;
     }
@@ -199,7 +287,7 @@ class StableDiffusionModels : public DiffusionModels {
       const auto table = convert::vae_ldm_table(module_keys(AutoencoderKL(cfg)), vinfo.prefix);
       weights = convert::gather_ldm(file, table, "VAE");
     }
-    vae_ = load_vae(cfg, weights, path, dtype_, device_);
+    vae_ = load_vae(cfg, weights, path, vae_dtype_, device_);
     vae_path_ = path;
   }
 
@@ -287,6 +375,7 @@ class StableDiffusionModels : public DiffusionModels {
                       {"up_block_types", std::vector<std::string>(4, "UpDecoderBlock2D")}, {"latent_channels", 4},
                       {"scaling_factor", 0.18215}};
     vae_config_ = AutoencoderKLConfig::from_json(config_or(opt.config, "vae", "config.json", vae_inferred, src, path), src);
+    set_vae_dtype();
     if (taesd.empty()) taesd = "none";
     if (taesd == "none") {
       if (!opt.vae.empty()) {
@@ -296,7 +385,7 @@ class StableDiffusionModels : public DiffusionModels {
           throw FormatError(path, "no VAE in this single file (no first_stage_model.* tensors): give --vae FILE|DIR "
                                   "(an AutoencoderKL) or --taesd DIR");
         const auto table = convert::vae_ldm_table(module_keys(AutoencoderKL(vae_config_)));
-        vae_ = load_vae(vae_config_, convert::gather_ldm(own_mapping(), table, "VAE"), path, dtype_, device_);
+        vae_ = load_vae(vae_config_, convert::gather_ldm(own_mapping(), table, "VAE"), path, vae_dtype_, device_);
       }
     }
     single_file_note_ = std::string("single file, ") + convert::family_name(info.family) + ", prediction " +
@@ -307,8 +396,11 @@ class StableDiffusionModels : public DiffusionModels {
   c10::Device device_;
   std::string dir_, taesd_path_, vae_path_, single_file_note_;
   LCMSchedulerConfig sched_;
-  std::unique_ptr<ClipTokenizer> tokenizer_;
+  std::unique_ptr<ClipTokenizer> tokenizer_, tokenizer_2_;  // tokenizer_2_: SDXL only
   CLIPTextModel text_encoder_{nullptr};
+  CLIPTextModel text_encoder_2_{nullptr};  // SDXL's CLIPTextModelWithProjection, else null
+  bool force_zeros_ = false;
+  c10::ScalarType vae_dtype_ = c10::kFloat;  // the AutoencoderKL's dtype (float32 under SDXL's force_upcast)
   UNet2DConditionModel unet_{nullptr};
   double lcm_guidance_ = 0;
   torch::Tensor timestep_cond_;  // [1, time_cond_proj_dim] for LCM-distilled UNets, else undefined
@@ -361,6 +453,21 @@ void refuse_pickle(const std::string& path) {
                               "', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
                               "st.save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}, '" +
                               out + "')\"");
+}
+
+torch::Tensor sdxl_add_time_ids(int64_t original_height, int64_t original_width, int64_t crop_top, int64_t crop_left,
+                                int64_t target_height, int64_t target_width) {
+  const std::vector<float> v{static_cast<float>(original_height), static_cast<float>(original_width),
+                             static_cast<float>(crop_top),        static_cast<float>(crop_left),
+                             static_cast<float>(target_height),   static_cast<float>(target_width)};
+  return torch::tensor(v, torch::kFloat32).view({1, 6});
+}
+
+AddedConditioning repeat_added_conditioning(const DiffusionModels& models, const torch::Tensor& pooled, int64_t rows,
+                                            int64_t height, int64_t width) {
+  if (!pooled.defined()) return {};
+  return {pooled.repeat({rows, 1}),
+          sdxl_add_time_ids(height, width, 0, 0, height, width).to(models.device()).repeat({rows, 1})};
 }
 
 void DiffusionModels::set_lora_scale(const std::string& name, double /*scale*/) const {

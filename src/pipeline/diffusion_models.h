@@ -5,9 +5,12 @@
 // Contract (spec §1, §7.2):
 //  * encode_prompt(text)          -> [1, 77, D] last hidden state of the text encoder (tokenised with the model's
 //                                    own tokenizer), in dtype() on device().
-//  * unet(sample, t, ehs)         -> ε̂ [B, C, h, w]; sample [B, C, h, w], t [B] int64, ehs [B, 77, D]. An
+//  * encode_text(prompt[, p2])     -> the same embeddings plus, for SDXL, the pooled projection [1, P] of
+//                                    text_encoder_2 (prompt_2 goes to the second tokenizer/encoder; default prompt).
+//  * unet(sample, t, ehs[, added]) -> ε̂ [B, C, h, w]; sample [B, C, h, w], t [B] int64, ehs [B, 77, D]. An
 //                                    LCM-distilled UNet (time_cond_proj_dim) also gets the guidance embedding of
-//                                    LoadOptions::lcm_guidance on every call (the model set holds it).
+//                                    LoadOptions::lcm_guidance on every call (the model set holds it). SDXL UNets
+//                                    need `added` (one row per UNet row); others refuse it.
 //  * encode_image(x, rng)         -> latent [B, C, h, w] already multiplied by the VAE scaling factor; x is an image
 //                                    batch in [-1, 1]. AutoencoderKL samples its posterior with ONE rng.randn draw of
 //                                    the latent's shape per call; TAESD is deterministic and draws nothing.
@@ -28,13 +31,54 @@
 
 namespace sd {
 
+// A prompt's conditioning: the UNet's encoder_hidden_states row and, for SDXL, the pooled text embedding.
+struct TextEmbeddings {
+  torch::Tensor embeds;  // [1, 77, D]
+  torch::Tensor pooled;  // [1, P] (SDXL: text_encoder_2's text_embeds); undefined for SD 1.x / 2.x
+};
+
+// SDXL's added conditioning (diffusers' added_cond_kwargs), one row per UNet row, batched exactly like the prompt
+// embeddings. Empty (undefined tensors) for models without it.
+struct AddedConditioning {
+  torch::Tensor text_embeds;  // [B, P]
+  torch::Tensor time_ids;     // [B, 6] float32: original (h, w), crop top-left (top, left), target (h, w)
+  bool defined() const { return text_embeds.defined(); }
+};
+
+// diffusers' StableDiffusionXLPipeline._get_add_time_ids: [1, 6] float32 = original_size + crops_coords_top_left +
+// target_size, each (height, width) / (top, left).
+torch::Tensor sdxl_add_time_ids(int64_t original_height, int64_t original_width, int64_t crop_top, int64_t crop_left,
+                                int64_t target_height, int64_t target_width);
+
+class DiffusionModels;
+
+// `rows` copies of a prompt's added conditioning for an image of height x width (original = target size, no crop,
+// as the stream and diffusers' defaults), on the models' device; empty when `pooled` is undefined (not SDXL).
+// pooled [1, P] -> {text_embeds [rows, P], time_ids [rows, 6]}.
+AddedConditioning repeat_added_conditioning(const DiffusionModels& models, const torch::Tensor& pooled, int64_t rows,
+                                            int64_t height, int64_t width);
+
 class DiffusionModels {
  public:
   virtual ~DiffusionModels() = default;
 
   virtual torch::Tensor encode_prompt(const std::string& text) const = 0;
+  // SDXL: embeds = cat(text_encoder hidden_states[-2], text_encoder_2 hidden_states[-2]) (clip skip moves both back)
+  // and pooled = text_encoder_2's text_embeds, as StableDiffusionXLPipeline.encode_prompt; prompt_2 (nullopt =
+  // `prompt`) feeds the second tokenizer/encoder. Other models: {encode_prompt(prompt), undefined}.
+  virtual TextEmbeddings encode_text(const std::string& prompt,
+                                     const std::optional<std::string>& prompt_2 = std::nullopt) const {
+    return {encode_prompt(prompt), torch::Tensor()};
+  }
+  // Width P of the pooled text embedding the UNet's added conditioning takes; 0 = no added conditioning.
+  virtual int64_t pooled_text_dim() const { return 0; }
+  // StableDiffusionXLPipeline's force_zeros_for_empty_prompt (model_index.json): with guidance and NO negative prompt
+  // diffusers uses zeros for the negative rows. The stream always encodes its negative prompt ("" by default), as
+  // the original does; this is for callers reproducing diffusers' own pipeline.
+  virtual bool force_zeros_for_empty_prompt() const { return false; }
   virtual torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                             const torch::Tensor& encoder_hidden_states) const = 0;
+                             const torch::Tensor& encoder_hidden_states,
+                             const AddedConditioning& added = {}) const = 0;
   virtual torch::Tensor encode_image(const torch::Tensor& image, Rng& rng) const = 0;
   virtual torch::Tensor decode_latent(const torch::Tensor& latent) const = 0;
 
@@ -45,6 +89,8 @@ class DiffusionModels {
   virtual c10::ScalarType dtype() const = 0;
   virtual c10::Device device() const = 0;
   virtual const LCMSchedulerConfig& scheduler_config() const = 0;
+  // "sd" (SD 1.x / 2.x family: one text encoder) or "sdxl" (two text encoders, added conditioning).
+  virtual std::string family() const { return pooled_text_dim() > 0 ? "sdxl" : "sd"; }
   // One line for logs: model folder, which autoencoder, dtype, device.
   virtual std::string describe() const = 0;
 
@@ -64,8 +110,8 @@ struct LoadOptions {
   c10::ScalarType dtype = c10::kFloat;
   std::string device = "cpu";
   int threads = 0;  // 0 = all cores; < 0 = leave libtorch's setting alone
-  // TAESD folder; "none" = use the AutoencoderKL; empty = <model>/taesd when present, else the AutoencoderKL
-  // (also "none" when `vae` is given).
+  // TAESD folder; "none" = use the AutoencoderKL; empty = <model>/taesd (SDXL: <model>/taesdxl) when present, else
+  // the AutoencoderKL (also "none" when `vae` is given).
   std::string taesd;
   // Guidance scale W of LCM-distilled UNets (config time_cond_proj_dim, e.g. LCM-Dreamshaper): every UNet call gets
   // timestep_cond = get_guidance_scale_embedding(W - 1), as diffusers' LatentConsistencyModelPipeline does. Unset:

@@ -186,13 +186,18 @@ void StreamDiffusion::build_schedule() {
 void StreamDiffusion::encode_prompts(bool need_uncond) {
   const auto t0 = Clock::now();
   text_encoder_version_ = models_->text_encoder_version();
-  cond_embeds_ = models_->encode_prompt(prompt_);
+  TextEmbeddings cond = models_->encode_text(prompt_);
+  cond_embeds_ = cond.embeds;
+  cond_pooled_ = cond.pooled;
   ++stats_.text_encodes;
   if (need_uncond) {
-    uncond_embeds_ = models_->encode_prompt(negative_prompt_);
+    TextEmbeddings uncond = models_->encode_text(negative_prompt_);
+    uncond_embeds_ = uncond.embeds;
+    uncond_pooled_ = uncond.pooled;
     ++stats_.text_encodes;
   } else {
     uncond_embeds_ = Tensor();
+    uncond_pooled_ = Tensor();
   }
   sync_device();
   stats_.text_encode_s += seconds_since(t0);
@@ -206,12 +211,27 @@ void StreamDiffusion::build_prompt_layout() {
   if (guidance_active() && config_.cfg_type == CfgType::Initialize) uncond_rows_ = config_.frame_buffer_size;
   if (uncond_rows_ > 0 && !uncond_embeds_.defined()) {
     const auto t0 = Clock::now();
-    uncond_embeds_ = models_->encode_prompt(negative_prompt_);
+    TextEmbeddings uncond = models_->encode_text(negative_prompt_);
+    uncond_embeds_ = uncond.embeds;
+    uncond_pooled_ = uncond.pooled;
     ++stats_.text_encodes;
     stats_.text_encode_s += seconds_since(t0);
   }
   const Tensor cond = cond_embeds_.repeat({B, 1, 1});
   prompt_embeds_ = uncond_rows_ > 0 ? torch::cat({uncond_embeds_.repeat({uncond_rows_, 1, 1}), cond}, 0) : cond;
+  // SDXL: the pooled text and the size micro-conditioning get exactly the rows of prompt_embeds_.
+  added_ = AddedConditioning();
+  if (cond_pooled_.defined()) {
+    const Tensor pooled = cond_pooled_.repeat({B, 1});
+    added_.text_embeds =
+        uncond_rows_ > 0 ? torch::cat({uncond_pooled_.repeat({uncond_rows_, 1}), pooled}, 0) : pooled;  // [U, P]
+    added_.time_ids = time_ids_.repeat({prompt_embeds_.size(0), 1});                                    // [U, 6]
+  }
+}
+
+AddedConditioning StreamDiffusion::cond_added_rows(int64_t rows) const {
+  if (!cond_pooled_.defined()) return {};
+  return {cond_pooled_.repeat({rows, 1}), time_ids_.repeat({rows, 1})};
 }
 
 void StreamDiffusion::reset_stream_state() {
@@ -232,6 +252,9 @@ void StreamDiffusion::prepare(const std::string& prompt, const std::string& nega
   guidance_scale_ = config_.cfg_type == CfgType::None ? 1.0 : config_.guidance_scale;
   delta_ = config_.delta;
   build_schedule();
+  // SDXL micro-conditioning: original size = target size = the stream size, no crop (diffusers' defaults).
+  if (models_->pooled_text_dim() > 0)
+    time_ids_ = sdxl_add_time_ids(config_.height, config_.width, 0, 0, config_.height, config_.width).to(device_);
   encode_prompts(needs_uncond());
   build_prompt_layout();
   reset_stream_state();
@@ -384,7 +407,7 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
   const Tensor x = rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot")
                        .to(device_, dtype_);
   trace("x_t_latent_in", x);
-  const Tensor eps = call_unet(x, t_sub_, cond_embeds_.repeat({B, 1, 1}));
+  const Tensor eps = call_unet(x, t_sub_, cond_embeds_.repeat({B, 1, 1}), cond_added_rows(B));
   const Tensor x0 = (x - beta_ * eps) / alpha_;
   trace("x_0_pred_out", x0);
   Tensor out = decode(x0);
@@ -419,15 +442,16 @@ torch::Tensor StreamDiffusion::decode(const torch::Tensor& latent) {
 }
 
 torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torch::Tensor& t,
-                                         const torch::Tensor& ehs) {
-  if (sample.size(0) != t.size(0) || sample.size(0) != ehs.size(0))
+                                         const torch::Tensor& ehs, const AddedConditioning& added) {
+  if (sample.size(0) != t.size(0) || sample.size(0) != ehs.size(0) ||
+      (added.defined() && added.text_embeds.size(0) != ehs.size(0)))
     throw Error("internal: UNet batch rows disagree: sample " + shape_str(sample.sizes()) + ", timesteps " +
                 shape_str(t.sizes()) + ", text " + shape_str(ehs.sizes()));
   const std::string k = "unet" + std::to_string(unet_call_index_++);
   trace(k + ".sample", sample);
   trace(k + ".timestep", t);
   const auto t0 = Clock::now();
-  Tensor out = models_->unet(sample, t, ehs);
+  Tensor out = models_->unet(sample, t, ehs, added);
   sync_device();
   stats_.unet_s += seconds_since(t0);
   ++stats_.unet_calls;
@@ -490,7 +514,7 @@ torch::Tensor StreamDiffusion::unet_step(const torch::Tensor& x, const torch::Te
     x_in = torch::cat({x, x}, 0);
     t_in = torch::cat({t_list, t_list}, 0);
   }
-  Tensor pred = call_unet(x_in, t_in, prompt_embeds_);
+  Tensor pred = call_unet(x_in, t_in, prompt_embeds_, added_);
   if (scheduler_.config().prediction_type == "v_prediction") {
     // A v-predicting UNet (SD 2.x 768-v): ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t per UNet row, so guidance, RCFG and the
     // LCM step below stay the ε formulas of the original (guidance is linear, so guiding v or ε is the same).

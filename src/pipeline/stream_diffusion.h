@@ -133,6 +133,10 @@ class StreamDiffusion {
   const torch::Tensor& cond_embeds() const { return cond_embeds_; }             // [1, 77, D]
   const torch::Tensor& uncond_embeds() const { return uncond_embeds_; }         // [1, 77, D] or undefined
   int64_t uncond_rows() const { return uncond_rows_; }
+  // SDXL's added conditioning in the same row layout as prompt_embeds() (undefined for SD 1.x / 2.x).
+  const AddedConditioning& added_conditioning() const { return added_; }
+  const torch::Tensor& cond_pooled() const { return cond_pooled_; }     // [1, P] or undefined
+  const torch::Tensor& uncond_pooled() const { return uncond_pooled_; } // [1, P] or undefined
   const torch::Tensor& init_noise() const { return init_noise_; }               // [B, C, h, w]
   const torch::Tensor& stock_noise() const { return stock_noise_; }             // [B, C, h, w]
   const torch::Tensor& latent_buffer() const { return x_t_latent_buffer_; }     // [(n−1)·F, C, h, w] or undefined
@@ -157,7 +161,10 @@ class StreamDiffusion {
   // One guided UNet evaluation and scheduler step. idx < 0: batch mode (row-wise coefficients); else sequential
   // step idx. Returns X0.
   torch::Tensor unet_step(const torch::Tensor& x_t_latent, const torch::Tensor& t_list, int64_t idx);
-  torch::Tensor call_unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs);
+  torch::Tensor call_unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
+                          const AddedConditioning& added);
+  // The SDXL rows of `rows` copies of the cond prompt (txt2img_one_shot); empty without added conditioning.
+  AddedConditioning cond_added_rows(int64_t rows) const;
   torch::Tensor decode(const torch::Tensor& latent);
   void trace(const std::string& name, const torch::Tensor& t) const;
   void sync_device() const;
@@ -177,6 +184,8 @@ class StreamDiffusion {
   std::vector<int64_t> timesteps_, sub_timesteps_;
   torch::Tensor t_sub_, alpha_, beta_, c_skip_, c_out_;
   torch::Tensor cond_embeds_, uncond_embeds_, prompt_embeds_;
+  torch::Tensor cond_pooled_, uncond_pooled_, time_ids_;  // SDXL: [1, P], [1, P], [1, 6] (stream size)
+  AddedConditioning added_;                               // SDXL: rows of prompt_embeds_
   int64_t uncond_rows_ = 0;
   uint64_t text_encoder_version_ = 0;  // models_->text_encoder_version() of the cached embeddings
   torch::Tensor init_noise_, stock_noise_, x_t_latent_buffer_, prev_output_;

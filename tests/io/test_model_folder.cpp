@@ -64,7 +64,13 @@ TEST(ModelFolder, NotAPipelineFolder) {
   idx["_class_name"] = "StableDiffusionXLPipeline";
   idx["text_encoder_2"] = {"transformers", "CLIPTextModelWithProjection"};
   touch(d / "model_index.json", idx.dump());
-  EXPECT_NE(error_of([&] { sd::ModelFolder::open(d.string()); }).find("SDXL"), std::string::npos);
+  // An SDXL pipeline opens; its tiny autoencoder is taesdxl/, never an SD taesd/.
+  const auto xl = sd::ModelFolder::open(d.string());
+  EXPECT_TRUE(xl.is_sdxl());
+  fs::create_directories(d / "taesd");
+  EXPECT_FALSE(xl.taesd_dir().has_value());
+  fs::create_directories(d / "taesdxl");
+  EXPECT_EQ(xl.taesd_dir().value(), (d / "taesdxl").string());
 }
 
 TEST(ModelFolder, MissingComponentFolderIsNamed) {

@@ -39,7 +39,20 @@ TEST(RandomModel, RealArchitecturesHaveThePublishedParameterCounts) {
   EXPECT_EQ(sd::count_parameters(*taesd), 2445063);
   EXPECT_EQ(sd::count_parameters(*taesd->encoder), 1222532);
   EXPECT_EQ(sd::count_parameters(*taesd->decoder), 1222531);
-  EXPECT_THROW(sd::real_unet_config("sdxl"), sd::InvalidArgument);
+  // SDXL-Turbo / SDXL base (stabilityai): the UNet, CLIP ViT-L/14 and OpenCLIP bigG/14 with projection, the SDXL VAE
+  // (parameters are allocated, never touched: no 10 GB written).
+  EXPECT_EQ(unet("sdxl-turbo"), 2567463684);
+  EXPECT_EQ(unet("sdxl"), 2567463684);
+  EXPECT_EQ(text("sdxl-turbo"), 123060480);
+  EXPECT_EQ(sd::count_parameters(*sd::CLIPTextModel(
+                sd::CLIPTextConfig::from_json(sd::real_text_encoder_2_config(), "text_encoder_2"))),
+            694659840);
+  EXPECT_EQ(sd::count_parameters(
+                *sd::AutoencoderKL(sd::AutoencoderKLConfig::from_json(sd::real_vae_config("sdxl-turbo"), "vae"))),
+            83653863);
+  EXPECT_EQ(sd::real_unet_config("sdxl-turbo").at("sample_size"), 64);  // 512 px native
+  EXPECT_EQ(sd::real_unet_config("sdxl").at("sample_size"), 128);       // 1024 px native
+  EXPECT_THROW(sd::real_unet_config("sdxl-lightning"), sd::InvalidArgument);
 }
 
 TEST(RandomModel, InitScaleIsRealisticAndDeterministic) {

@@ -184,7 +184,7 @@ TEST(UNetConfig, HeadCountsFromAttentionHeadDimAndNumAttentionHeads) {
 
 TEST(UNetConfig, UnsupportedFieldsAreNamed) {
   const std::vector<std::pair<std::string, nlohmann::json>> cases = {
-      {"addition_embed_type", "text_time"},
+      {"addition_embed_type", "image"},  // "text_time" (SDXL) is supported
       {"class_embed_type", "timestep"},
       {"num_class_embeds", 10},
       {"encoder_hid_dim", 768},

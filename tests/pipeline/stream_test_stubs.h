@@ -40,7 +40,8 @@ class StubModels : public DiffusionModels {
     prompts_.push_back(text);
     return text_embedding(text, dim_);
   }
-  torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs) const override {
+  torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
+                     const AddedConditioning& /*added*/) const override {
     auto out = stub_eps(sample, t, ehs);
     std::lock_guard<std::mutex> l(mu_);
     calls_.push_back({sample.clone(), t.clone(), ehs.clone(), out.clone()});

@@ -1,5 +1,5 @@
-// Golden tests: every case of pipeline/cases.json and lora/pipeline/cases.json (discovered from the files) run with
-// the real tiny model named by the case (with the case's LoRAs fused, in order), the recorded random draws injected
+// Golden tests: every case of pipeline/cases.json, lora/pipeline/cases.json and sdxl/stream/cases.json (discovered
+// from the files) run with the real tiny model named by the case (with the case's LoRAs fused, in order), the recorded random draws injected
 // (ReplayRng) and the recorded Python uniform draws for the filter, comparing every call's output and every recorded
 // intermediate tensor (README tolerances).
 #include <iostream>
@@ -30,6 +30,10 @@ constexpr double kRngAtol = 1.4e-6;                       // libtorch randn vs r
 
 const char* kCases = "pipeline/cases.json";
 const char* kLoraSet = "lora/pipeline";  // the same layout, with params.loras
+const char* kSdxlSet = "sdxl/stream";    // StreamDiffusion on SDXL (+ prepare.pooled / add_text_embeds / add_time_ids)
+
+// Where a set's models live: sdxl/models/ for the SDXL set, models/ for the others.
+std::string model_root(const std::string& set) { return set.rfind("sdxl/", 0) == 0 ? "sdxl/models/" : "models/"; }
 
 struct GoldenCase {
   int index;
@@ -78,11 +82,12 @@ void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.name; }
 // lora/files/<file>.safetensors). `single_file`: single_file/<file> loaded with --config <the model's folder>.
 std::shared_ptr<const DiffusionModels> models_for(const std::string& model, const std::string& vae,
                                                   const nlohmann::json& loras = nlohmann::json::array(),
-                                                  const std::string& single_file = "") {
+                                                  const std::string& single_file = "",
+                                                  const std::string& root = "models/") {
   static std::mutex mu;
   static std::map<std::string, std::shared_ptr<const DiffusionModels>> cache;
   std::lock_guard<std::mutex> lock(mu);
-  const std::string key = model + "/" + vae + "/" + loras.dump() + "/" + single_file;
+  const std::string key = root + model + "/" + vae + "/" + loras.dump() + "/" + single_file;
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   LoadOptions opt;
@@ -91,14 +96,14 @@ std::shared_ptr<const DiffusionModels> models_for(const std::string& model, cons
     opt.loras.push_back({test::fixture_path("lora/files/" + l.at("file").get<std::string>() + ".safetensors"),
                          l.at("scale").get<double>(), ""});
   opt.strict_lora = true;
-  if (vae == "taesd")
-    opt.taesd = test::fixture_path("models/" + model + "/taesd");
+  if (vae == "taesd" || vae == "taesdxl")
+    opt.taesd = test::fixture_path(root + model + "/" + vae);
   else if (vae == "autoencoderkl")
     opt.taesd = "none";
   else
     throw FormatError(kCases, "unknown vae '" + vae + "'");
-  if (!single_file.empty()) opt.config = test::fixture_path("models/" + model);
-  auto m = load_pipeline(test::fixture_path(single_file.empty() ? "models/" + model : "single_file/" + single_file), opt);
+  if (!single_file.empty()) opt.config = test::fixture_path(root + model);
+  auto m = load_pipeline(test::fixture_path(single_file.empty() ? root + model : "single_file/" + single_file), opt);
   cache[key] = m;
   return m;
 }
@@ -195,6 +200,22 @@ void check_prepare(StreamDiffusion& s, const nlohmann::json& params, const nlohm
                                 : cond_ref.repeat({c, 1, 1});
     EXPECT_TRUE(close(rep, "text", pe, expect, kModuleAtol, kModuleRtol, "prompt_embeds layout"));
   }
+  if (f.contains("prepare.pooled_prompt_embeds_cond")) {
+    // SDXL: the pooled text of both prompts and the per-row added conditioning passed to every UNet call.
+    const Tensor pooled_uncond = s.uncond_pooled().defined()
+                                     ? s.uncond_pooled()
+                                     : s.models().encode_text(params.at("negative_prompt").get<std::string>()).pooled;
+    EXPECT_TRUE(close(rep, "text", s.cond_pooled(), get("pooled_prompt_embeds_cond"), kModuleAtol, kModuleRtol,
+                      "pooled_prompt_embeds_cond"));
+    EXPECT_TRUE(close(rep, "text", pooled_uncond, get("pooled_prompt_embeds_uncond"), kModuleAtol, kModuleRtol,
+                      "pooled_prompt_embeds_uncond"));
+    ASSERT_TRUE(s.added_conditioning().defined());
+    EXPECT_TRUE(close(rep, "text", s.added_conditioning().text_embeds, get("add_text_embeds"), kModuleAtol, kModuleRtol,
+                      "add_text_embeds"));
+    EXPECT_TRUE(torch::equal(s.added_conditioning().time_ids, get("add_time_ids"))) << s.added_conditioning().time_ids;
+  } else {
+    EXPECT_FALSE(s.added_conditioning().defined());
+  }
   if (init_noise_replayed)
     EXPECT_TRUE(torch::equal(s.init_noise(), get("init_noise"))) << "init_noise must be the replayed rng0";
   else
@@ -231,11 +252,11 @@ TEST_P(PipelineGolden, MatchesReference) {
   const auto& p = c.at("params");
   const auto& result = c.at("result");
   const std::string model = p.at("model").get<std::string>();
-  if (!test::fixture_exists("models/" + model)) GTEST_SKIP() << "model " << model << " not in the fixture root";
+  if (!test::fixture_exists(model_root(set) + model)) GTEST_SKIP() << "model " << model << " not in the fixture root";
   const auto f = SafeTensorsFile::open(test::fixture_path(set + "/" + c.at("file").get<std::string>()));
   const auto imgs = SafeTensorsFile::open(test::fixture_path(set + "/input_images.safetensors"));
   auto models = models_for(model, p.at("vae").get<std::string>(), p.value("loras", nlohmann::json::array()),
-                           GetParam().single_file);
+                           GetParam().single_file, model_root(set));
   if (p.contains("loras")) {
     ASSERT_EQ(models->loras().size(), p.at("loras").size());
   }
@@ -364,6 +385,9 @@ INSTANTIATE_TEST_SUITE_P(Fixture, PipelineGolden, ::testing::ValuesIn(golden_cas
                          [](const auto& info) { return test::test_name(info.param.name); });
 // StreamDiffusion with fused LoRAs (fixtures README "LoRA", pipeline cases): the same checks.
 INSTANTIATE_TEST_SUITE_P(Lora, PipelineGolden, ::testing::ValuesIn(golden_cases(kLoraSet)),
+                         [](const auto& info) { return test::test_name(info.param.name); });
+// StreamDiffusion on SDXL (fixtures README "SDXL"): the original algorithm plus only the added conditioning.
+INSTANTIATE_TEST_SUITE_P(Sdxl, PipelineGolden, ::testing::ValuesIn(golden_cases(kSdxlSet)),
                          [](const auto& info) { return test::test_name(info.param.name); });
 INSTANTIATE_TEST_SUITE_P(SingleFile, PipelineGolden, ::testing::ValuesIn(single_file_cases()),
                          [](const auto& info) { return test::test_name(info.param.single_file + "_" + info.param.name); });

@@ -321,8 +321,9 @@ TEST_F(SingleFileErrors, CliInfoOnAFile) {
 class VStub : public test::StubModels {
  public:
   VStub() { sched_.prediction_type = "v_prediction"; }
-  torch::Tensor unet(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& ehs) const override {
-    const torch::Tensor eps = StubModels::unet(x, t, ehs);
+  torch::Tensor unet(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& ehs,
+                     const AddedConditioning& added) const override {
+    const torch::Tensor eps = StubModels::unet(x, t, ehs, added);
     const torch::Tensor ac = LCMScheduler(sched_).alphas_cumprod().index_select(0, t.to(torch::kLong)).view({-1, 1, 1, 1});
     return (eps - (1 - ac).sqrt() * x) / ac.sqrt();
   }
