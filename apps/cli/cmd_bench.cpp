@@ -117,6 +117,7 @@ class Bench {
     // so "% of ceiling" holds on whatever CPU or GPU runs the bench.
     std::cout << "  CPU SIMD: " << sd::cpu_simd_level()
               << (device_.is_cpu() && !sd::cpu_has_native_bf16() ? " (no native bf16: bf16 is emulated here)" : "")
+              << (device_.is_cpu() && sd::onednn_amx_active() ? " (oneDNN AMX kernels on)" : "")
               << "\n  measured matmul ceiling (2048^3 at::mm, best of 3):";
     for (auto d : requested_) {
       measured_ceiling_[d] = measure_matmul_gflops(d, device_);
@@ -770,6 +771,7 @@ class Bench {
     for (const auto& [d, g] : measured_ceiling_) j["ceilings_gflops"]["measured_" + sd::dtype_name(d)] = g;
     j["cpu_simd"] = sd::cpu_simd_level();
     j["cpu_native_bf16"] = sd::cpu_has_native_bf16();
+    j["onednn_amx"] = sd::onednn_amx_active();
     j["loads"] = loads_;
     j["results"] = nlohmann::json::array();
     for (const auto& id : order_) {

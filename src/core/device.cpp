@@ -1,5 +1,8 @@
 #include "core/device.h"
 
+#include <cctype>
+#include <cstdlib>
+
 #include <fstream>
 #include <thread>
 
@@ -89,6 +92,18 @@ std::string cpu_simd_level() {
   if (has_flag("avx512f")) return "avx512";
   if (has_flag("avx2")) return "avx2";
   return "sse";
+}
+
+bool onednn_amx_active() {
+  if (!has_flag("amx_bf16")) return false;
+  for (const char* var : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
+    const char* v = std::getenv(var);
+    if (!v || !*v) continue;
+    std::string isa(v);
+    for (auto& ch : isa) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    return isa == "ALL" || isa.find("AMX") != std::string::npos;
+  }
+  return true;
 }
 
 int set_threads(int n) {

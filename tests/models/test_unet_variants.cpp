@@ -32,6 +32,7 @@ constexpr double kAtol = 1e-4, kRtol = 1e-5;  // single module calls in float32 
 // 1e-4 level (README: timestep_cond_f32_vs_f64 1.05e-4); README suggests atol ~1e-3.
 constexpr double kEmbeddingAtol = 1e-3;
 constexpr double kBf16Rtol = 6e-2;
+constexpr double kBf16AmxRtol = 1.2e-1;  // oneDNN's AMX kernels (see Bf16WithinMeasuredBound)
 
 const char* kRoot = "unet_variants";
 
@@ -139,6 +140,10 @@ TEST_P(UNetVariantGolden, MatchesDiffusersFp32) {
 // with upcast_attention in fp32), same bound as the base UNets' bf16 test (tests/models/test_unet.cpp).
 // Measured max abs err / max|ref| (AVX-512 bf16, 2 threads): 1.3% (no-mid-sdxs b1) to 3.8% (no-mid-bk-tiny b1,
 // per-block-layers b3_mixed); attn-variants b1_h8w10 3.6%, lcm-w 2.0-3.7%. Bound 6% (1.6x headroom).
+// oneDNN's AMX kernels (brgemm avx512_core_amx, Debian's oneDNN 2.6.3 on a 2-core Xeon with AMX) round differently:
+// every case measures the same as above except attn-variants(-minimal-config) b3_mixed, 8.0% (one element; 3.6% on
+// the same machine with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16). AMX is 4-5x faster for bf16 there, so it stays on;
+// bound 12% with AMX (1.5x headroom).
 TEST_P(UNetVariantGolden, Bf16WithinMeasuredBound) {
   if (!sd::cpu_has_onednn_bf16()) GTEST_SKIP() << "no oneDNN bf16 kernels on this CPU (" << sd::cpu_simd_level() << ")";
   const auto& c = GetParam();
@@ -154,7 +159,8 @@ TEST_P(UNetVariantGolden, Bf16WithinMeasuredBound) {
   auto out = it->second->forward(f.get(c.name + ".sample").to(torch::kBFloat16), f.get(c.name + ".timestep"),
                                  f.get(c.name + ".encoder_hidden_states").to(torch::kBFloat16), cond);
   EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
-  SD_EXPECT_CLOSE(out, f.get(c.name + ".out"), 0.0, kBf16Rtol, c.variant + " " + c.name + " bf16");
+  const double bound = sd::onednn_amx_active() ? kBf16AmxRtol : kBf16Rtol;
+  SD_EXPECT_CLOSE(out, f.get(c.name + ".out"), 0.0, bound, c.variant + " " + c.name + " bf16");
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, UNetVariantGolden, ::testing::ValuesIn(discover_cases()),

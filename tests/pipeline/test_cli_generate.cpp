@@ -46,11 +46,11 @@ const nlohmann::json* find_case(const nlohmann::json& all, const std::string& mo
   return nullptr;
 }
 
-std::string stream_args(const nlohmann::json& p) {
+std::string stream_args(const nlohmann::json& p, const std::string& root = "models/") {
   std::string tl;
   for (const auto& t : p.at("t_index_list")) tl += (tl.empty() ? "" : ",") + std::to_string(t.get<int>());
   std::ostringstream o;
-  o << " --model " << q(test::fixture_path("models/" + p.at("model").get<std::string>()))
+  o << " --model " << q(test::fixture_path(root + p.at("model").get<std::string>()))
     << " --prompt " << q(p.at("prompt").get<std::string>())
     << " --negative-prompt " << q(p.at("negative_prompt").get<std::string>()) << " --t-index-list " << tl
     << " --num-inference-steps " << p.at("num_inference_steps").get<int>() << " --cfg-type "
@@ -230,6 +230,49 @@ TEST_F(CliGenerate, ClipSkipOption) {
 }
 
 // `streamdiffusion` alone lists the commands and a first command to try (exit 0), as --help does.
+// SDXL folders need no new flag: the CLI on tiny-sdxl reproduces the StreamDiffusion-on-SDXL cases (fixtures sdxl/).
+TEST_F(CliGenerate, SdxlTxt2ImgAndImg2ImgReproduceTheStreamCases) {
+  if (!test::fixture_exists("sdxl/stream/cases.json")) GTEST_SKIP() << "sdxl fixtures absent";
+  const auto xl = read_json_file(test::fixture_path("sdxl/stream/cases.json"));
+  for (const auto& c : xl.at("cases")) {
+    const auto& p = c.at("params");
+    SCOPED_TRACE(p.at("name").get<std::string>());
+    const auto f = SafeTensorsFile::open(test::fixture_path("sdxl/stream/" + c.at("file").get<std::string>()));
+    const std::string vae = p.at("vae") == "taesdxl" ? q(test::fixture_path("sdxl/models/tiny-sdxl/taesdxl")) : "none";
+    const int n = static_cast<int>(p.at("t_index_list").size());
+    if (p.at("mode") == "txt2img") {
+      const std::string out = tmp_ + "/xl.png";
+      const auto r = run("txt2img" + stream_args(p, "sdxl/models/") + " --taesd " + vae + " -o " + q(out));
+      ASSERT_EQ(r.status, 0) << r.output;
+      EXPECT_NE(r.output.find("SDXL"), std::string::npos) << r.output;
+      const auto ref = tensor_to_image(f.get("call" + std::to_string(n - 1) + ".output"))[0];
+      EXPECT_LE(max_pixel_diff(read_png_rgb(out), ref), 1);
+    } else {
+      const auto imgs = SafeTensorsFile::open(test::fixture_path("sdxl/stream/input_images.safetensors"));
+      const auto& calls = c.at("result").at("calls");
+      const std::string in_dir = tmp_ + "/xl_in", out_dir = tmp_ + "/xl_out";
+      fs::create_directories(in_dir);
+      for (size_t i = 0; i < calls.size(); ++i) {
+        char name[32];
+        std::snprintf(name, sizeof(name), "frame_%03zu.png", i);
+        write_png_rgb(in_dir + "/" + name, imgs.get("image" + std::to_string(calls[i].at("input_image_ids")[0].get<int>())));
+      }
+      const auto r = run("img2img" + stream_args(p, "sdxl/models/") + " --taesd " + vae + " --input " + q(in_dir) +
+                         " --output " + q(out_dir));
+      ASSERT_EQ(r.status, 0) << r.output;
+      int compared = 0;
+      for (size_t k = 0; k + n - 1 < calls.size(); ++k) {
+        char name[32];
+        std::snprintf(name, sizeof(name), "frame_%03zu.png", k);
+        const auto ref = tensor_to_image(f.get("call" + std::to_string(k + n - 1) + ".output"))[0];
+        EXPECT_LE(max_pixel_diff(read_png_rgb(out_dir + "/" + name), ref), 1) << name;
+        ++compared;
+      }
+      EXPECT_GT(compared, 0);
+    }
+  }
+}
+
 TEST(CliHelp, NoArgumentsListsCommandsAndAFirstCommand) {
   for (const std::string args : {"", "--help"}) {
     const auto r = run(args);
