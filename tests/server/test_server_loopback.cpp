@@ -596,3 +596,37 @@ TEST(ServerLora, LiveScaleChangeEqualsAServerLoadedAtThatScale) {
   fresh->stop();
 }
 
+
+// SDXL folders serve with no new option: the API and a WebSocket img2img stream on tiny-sdxl (fixtures sdxl/).
+TEST(ServerSdxl, ApiAndWebSocketStreamOnAnSdxlModel) {
+  const std::string model = "sdxl/models/tiny-sdxl";
+  if (!sd::test::fixture_exists(model)) GTEST_SKIP() << "no " << model;
+  sd::LoadOptions lo;
+  lo.threads = -1;
+  auto models = sd::load_pipeline(sd::test::fixture_path(model), lo);
+  ASSERT_EQ(models->family(), "sdxl");
+  ServerOptions o;
+  o.host = "127.0.0.1";
+  o.port = 0;
+  o.web_root.clear();
+  Server s(models, defaults(), o);
+  s.start();
+  const auto a = http_request(s.port(), http::verb::post, "/api/txt2img", R"({"prompt":"a red cat","seed":5})");
+  ASSERT_EQ(a.status, 200u) << a.body;
+  const cv::Mat ia = sd::test::decode_rgb(a.body);
+  EXPECT_EQ(ia.cols, kSize);
+  const auto b = http_request(s.port(), http::verb::post, "/api/txt2img", R"({"prompt":"a blue dog","seed":5})");
+  ASSERT_EQ(b.status, 200u) << b.body;
+  EXPECT_GT(sd::test::mean_abs_diff(ia, sd::test::decode_rgb(b.body)), 0.5) << "the prompt reaches the SDXL encoders";
+  WsClient c;
+  ASSERT_EQ(c.connect(s.port()), 101u);
+  ASSERT_TRUE(c.read_type("hello", std::chrono::seconds(10)));
+  int frames = 0;
+  for (int k = 0; k < 4; ++k) {
+    ASSERT_TRUE(c.send_binary(sd::test::test_jpeg(80, 80, k)));
+    if (c.read_frame(nullptr, std::chrono::seconds(60))) ++frames;
+  }
+  EXPECT_EQ(frames, 4);
+  c.close();
+  s.stop();
+}
