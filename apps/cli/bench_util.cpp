@@ -129,7 +129,9 @@ double known_gflop(const ArchInfo& a, const std::string& component, int64_t size
   if (component == "unet" && sdxs) return s256 ? 105 : 418;
   if (component == "taesd_encode" && a.taesd_encoder_params == 1222532) return s256 ? 31 : 122;
   if (component == "taesd_decode" && a.taesd_decoder_params == 1222531) return s256 ? 35 : 141;
-  if (component == "vae_decode" && a.vae_params > 80000000 && (sd_unet || bk_tiny || sdxs)) return s256 ? 622 : 2515;
+  const bool sdxl_unet = a.unet_params == 2567463684;  // SDXL's VAE is SD's architecture (its own weights)
+  if (component == "vae_decode" && a.vae_params > 80000000 && (sd_unet || bk_tiny || sdxs || sdxl_unet))
+    return s256 ? 622 : 2515;
   return 0;
 }
 

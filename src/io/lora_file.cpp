@@ -30,7 +30,7 @@ enum class Part { Down, Up, Alpha };
 
 struct ParsedKey {
   Part part;
-  std::string component;  // "unet" | "text_encoder" | ""
+  std::string component;  // "unet" | "text_encoder" | "text_encoder_2" | ""
   std::string module;
   bool underscored = false;
   const char* layout;
@@ -40,8 +40,11 @@ struct ParsedKey {
 std::optional<ParsedKey> parse_key(const std::string& key) {
   ParsedKey p;
   // kohya / A1111: lora_unet_<stem>.lora_down.weight | .lora_up.weight | .alpha
+  // SDXL files name the two text encoders lora_te1_ / lora_te2_.
   for (const auto& [prefix, component] : {std::pair<const char*, const char*>{"lora_unet_", "unet"},
-                                          std::pair<const char*, const char*>{"lora_te_", "text_encoder"}}) {
+                                          std::pair<const char*, const char*>{"lora_te_", "text_encoder"},
+                                          std::pair<const char*, const char*>{"lora_te1_", "text_encoder"},
+                                          std::pair<const char*, const char*>{"lora_te2_", "text_encoder_2"}}) {
     if (!starts_with(key, prefix)) continue;
     const auto dot = key.find('.');
     if (dot == std::string::npos) return std::nullopt;
@@ -72,6 +75,9 @@ std::optional<ParsedKey> parse_key(const std::string& key) {
   } else if (starts_with(rest, "text_encoder.")) {
     p.component = "text_encoder";
     rest = rest.substr(13);
+  } else if (starts_with(rest, "text_encoder_2.")) {  // SDXL's second encoder
+    p.component = "text_encoder_2";
+    rest = rest.substr(15);
   }
   struct Suffix {
     const char* text;
@@ -158,7 +164,8 @@ bool is_number(const std::string& text) {
 
 std::string LoraReport::summary() const {
   std::ostringstream o;
-  o << layout << ", " << module_count("unet") << " UNet + " << module_count("text_encoder") << " text-encoder modules, rank";
+  o << layout << ", " << module_count("unet") << " UNet + " << module_count("text_encoder") + module_count("text_encoder_2")
+    << " text-encoder modules, rank";
   for (size_t i = 0; i < ranks.size(); ++i) o << (i ? "/" : " ") << ranks[i];
   o << ", scale " << scale;
   if (!unmatched.empty()) o << ", " << unmatched.size() << " unmatched keys";

@@ -43,7 +43,8 @@ LoraSpec parse_lora_spec(const std::string& arg, const std::string& option = "--
 void name_loras(std::vector<LoraSpec>& specs);
 
 struct LoraPair {
-  std::string component;      // "unet" | "text_encoder" | "" (PEFT without prefix: decided by the module path)
+  std::string component;      // "unet" | "text_encoder" | "text_encoder_2" (SDXL: lora_te2_, text_encoder_2.) | ""
+                              // (PEFT without prefix: decided by the module path)
   std::string module;         // dotted module path, or the kohya stem with '_' for '.' when underscored
   bool underscored = false;
   std::string down_key, up_key, alpha_key;  // keys in the file (alpha_key empty without alpha)

@@ -271,7 +271,7 @@ void LoraSet::set_scale(const std::string& name, double scale) {
   reports_[lora].scale = scale;
   if (fused_)
     for (size_t t : lora_targets_[lora]) fuse_target(targets_[t]);
-  if (reports_[lora].patches("text_encoder")) ++text_encoder_version_;
+  if (reports_[lora].patches("text_encoder") || reports_[lora].patches("text_encoder_2")) ++text_encoder_version_;
   fuse_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 

@@ -111,8 +111,9 @@ class StableDiffusionModels : public DiffusionModels {
   void load_loras(const LoadOptions& opt) {
     std::vector<LoraSpec> specs = opt.loras;
     name_loras(specs);
-    lora_ = std::make_unique<LoraSet>(
-        LoraComponents{{"unet", unet_.ptr().get()}, {"text_encoder", text_encoder_.ptr().get()}}, opt.lora_live);
+    LoraComponents components{{"unet", unet_.ptr().get()}, {"text_encoder", text_encoder_.ptr().get()}};
+    if (text_encoder_2_) components.emplace_back("text_encoder_2", text_encoder_2_.ptr().get());
+    lora_ = std::make_unique<LoraSet>(components, opt.lora_live);
     for (const auto& spec : specs) {
       const LoraReport& r = lora_->add(spec, opt.strict_lora);
       lora_names_.push_back(r.name);

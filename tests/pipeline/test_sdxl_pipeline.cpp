@@ -354,3 +354,89 @@ TEST(SdxlStream, AddedConditioningRowsFollowThePromptRows) {
 
 }  // namespace
 }  // namespace sd
+
+namespace sd {
+namespace {
+
+// SDXL LoRAs patch both text encoders (kohya lora_te1_ / lora_te2_, diffusers text_encoder_2.) and the UNet: a fused
+// load equals a folder whose weights were patched by hand with W + scale * alpha / rank * up @ down.
+TEST(SdxlLora, TextEncoderAndUNetLorasEqualHandPatchedWeights) {
+  SD_REQUIRE_SDXL();
+  const std::string dir = copy_model("lora");
+  const int64_t r = 2;
+  const double alpha = 1.0, scale = 0.8;
+  torch::manual_seed(3);
+  struct Patch {
+    std::string component, module, key_stem;  // key_stem: kohya stem or diffusers module path
+    bool kohya;
+  };
+  const std::vector<Patch> patches = {
+      {"text_encoder", "text_model.encoder.layers.0.self_attn.q_proj", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", true},
+      {"text_encoder_2", "text_model.encoder.layers.1.mlp.fc1", "lora_te2_text_model_encoder_layers_1_mlp_fc1", true},
+      {"unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+       "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k", true},
+      {"text_encoder_2", "text_model.encoder.layers.2.self_attn.k_proj",
+       "text_encoder_2.text_model.encoder.layers.2.self_attn.k_proj", false},
+  };
+  std::map<std::string, std::map<std::string, Tensor>> weights;  // component -> patched state dict
+  auto weights_file = [&](const std::string& c) {
+    return c == "unet" ? dir + "/unet/diffusion_pytorch_model.safetensors" : dir + "/" + c + "/model.safetensors";
+  };
+  for (const char* c : {"text_encoder", "text_encoder_2", "unet"})
+    weights[c] = SafeTensorsFile::open(weights_file(c)).load_all();
+  std::vector<std::pair<std::string, Tensor>> kohya, diffusers;
+  for (const auto& p : patches) {
+    Tensor& w = weights[p.component].at(p.module + ".weight");
+    w = w.clone();
+    const Tensor down = torch::randn({r, w.size(1)}) * 0.3, up = torch::randn({w.size(0), r}) * 0.3;
+    w += scale * (alpha / static_cast<double>(r)) * torch::matmul(up, down);
+    if (p.kohya) {
+      kohya.emplace_back(p.key_stem + ".lora_down.weight", down);
+      kohya.emplace_back(p.key_stem + ".lora_up.weight", up);
+      kohya.emplace_back(p.key_stem + ".alpha", torch::tensor(alpha, torch::kFloat));
+    } else {
+      // diffusers files carry no alpha: the factor is the plain up @ down (alpha = rank).
+      diffusers.emplace_back(p.key_stem + ".lora.down.weight", down * std::sqrt(alpha / r));
+      diffusers.emplace_back(p.key_stem + ".lora.up.weight", up * std::sqrt(alpha / r));
+    }
+  }
+  const std::string kohya_file = dir + "/xl_kohya.safetensors", diffusers_file = dir + "/xl_diffusers.safetensors";
+  save_safetensors(kohya_file, kohya, {});
+  save_safetensors(diffusers_file, diffusers, {});
+  // The hand-patched folder.
+  const std::string patched = copy_model("lora_patched");
+  for (auto& [c, sd] : weights) {
+    std::vector<std::pair<std::string, Tensor>> v(sd.begin(), sd.end());
+    const std::string f = c == "unet" ? patched + "/unet/diffusion_pytorch_model.safetensors"
+                                      : patched + "/" + c + "/model.safetensors";
+    save_safetensors(f, v, {});
+  }
+  LoadOptions o;
+  o.threads = -1;
+  o.taesd = "none";
+  o.strict_lora = true;  // every key must patch something
+  o.loras = {{kohya_file, scale, ""}, {diffusers_file, scale, ""}};
+  const auto fused = load_pipeline(dir, o);
+  ASSERT_EQ(fused->loras().size(), 2u);
+  EXPECT_TRUE(fused->loras()[0].patches("text_encoder_2"));
+  o.loras.clear();
+  const auto hand = load_pipeline(patched, o);
+  const auto a = fused->encode_text("a photo of a cat"), b = hand->encode_text("a photo of a cat");
+  SD_EXPECT_CLOSE(a.embeds, b.embeds, 1e-5, 1e-5, "SDXL LoRA prompt_embeds");
+  SD_EXPECT_CLOSE(a.pooled, b.pooled, 1e-5, 1e-5, "SDXL LoRA pooled");
+  const auto base = shared_fp32()->encode_text("a photo of a cat");
+  EXPECT_GT((a.embeds - base.embeds).abs().max().item<double>(), 1e-3) << "the LoRA changes the text embeddings";
+  const Tensor x = torch::randn({1, 4, 8, 8});
+  const Tensor t = torch::full({1}, 500, torch::kLong);
+  const AddedConditioning added = repeat_added_conditioning(*hand, b.pooled, 1, 64, 64);
+  SD_EXPECT_CLOSE(fused->unet(x, t, b.embeds, added), hand->unet(x, t, b.embeds, added), 1e-5, 1e-5, "SDXL LoRA unet");
+  // A live scale change re-encodes (the text encoders changed).
+  const uint64_t v0 = fused->text_encoder_version();
+  fused->set_lora_scale(fused->loras()[0].name, 0.0);
+  EXPECT_NE(fused->text_encoder_version(), v0);
+  fs::remove_all(dir);
+  fs::remove_all(patched);
+}
+
+}  // namespace
+}  // namespace sd
