@@ -296,6 +296,14 @@ TEST(SdxlSingleFile, WithoutConfigTheInferredConfigsAreThePublishedOnes) {
   for (const auto& w : d.warnings) noted = noted || w.find("--size 512x512") != std::string::npos;
   EXPECT_TRUE(noted);
   EXPECT_NE(d.native_size_reason.find("assumed"), std::string::npos) << d.native_size_reason;
+  EXPECT_EQ(d.native_width, 128 * 2);  // sample_size 128 x this VAE's factor 2 (SDXL base: 128 x 8 = 1024)
+  // A file named like sdxl-turbo: the family (by name) and its 512 px, still said to be assumed.
+  const std::string turbo = dir + "/../small-sdxl-turbo.safetensors";
+  fs::copy_file(file, turbo, fs::copy_options::overwrite_existing);
+  const auto t = read_model_defaults(turbo, "", "");
+  EXPECT_EQ(t.family, "sdxl-turbo");
+  EXPECT_EQ(t.native_width, 512);
+  EXPECT_NE(t.native_size_reason.find("assumed"), std::string::npos) << t.native_size_reason;
 }
 
 // ---- incomplete SDXL files: clear FormatErrors naming the file and the key ---------------------------------------
@@ -399,7 +407,8 @@ TEST(SdxlSingleFileCli, InfoListsBothTextEncoders) {
   // The folder's parameter counts.
   const auto count = [](const std::string& p) {
     int64_t n = 0;
-    for (const auto& t : SafeTensorsFile::open(p).tensors())
+    const auto f = SafeTensorsFile::open(p);
+    for (const auto& t : f.tensors())
       if (t.name != "text_model.embeddings.position_ids") n += static_cast<int64_t>(t.numel());
     return n;
   };
