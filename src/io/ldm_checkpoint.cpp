@@ -524,7 +524,8 @@ nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& 
   c["sample_size"] = family == LdmFamily::SDXL ? 128 : v768 ? 96 : 64;  // SDXL: 1024 px (base; turbo is 512)
   if (s.has(P + "label_emb.0.0.weight")) {
     // SDXL's added conditioning: label_emb.0 = add_embedding over pooled text + 6 x addition_time_embed_dim (256 in
-    // every SDXL UNet; not in the weights: the sinusoidal time projection has none).
+    // every SDXL UNet; the sinusoidal time projection has no weights: inspect_ldm_checkpoint derives it from
+    // text_encoder_2's projection_dim when the file has one).
     c["addition_embed_type"] = "text_time";
     c["addition_time_embed_dim"] = 256;
     c["projection_class_embeddings_input_dim"] = s.dim(P + "label_emb.0.0.weight", 1);
@@ -721,9 +722,18 @@ LdmCheckpointInfo inspect_ldm_checkpoint(const SafeTensorsFile& file, const std:
   if (info.has_vae) info.vae_config = infer_vae_ldm(s, kVaePrefix, sdxl ? 1024 : v768 ? 768 : 512, sdxl);
   if (info.has_text_encoder)
     info.text_encoder_config = infer_text_encoder(s, info.text_layout, info.text_prefix, sdxl);
-  if (info.has_text_encoder_2)
+  if (info.has_text_encoder_2) {
     info.text_encoder_2_config =
         infer_text_encoder(s, TextEncoderLayout::OpenClip, info.text_encoder_2_prefix, /*sdxl=*/true);
+    // label_emb.0.0 takes the pooled text (projection_dim) + 6 embedded time ids: the time embedding width follows
+    // from the two (SDXL: (2816 - 1280) / 6 = 256, the published value, kept when they do not divide).
+    auto& u = info.unet_config;
+    if (u.contains("projection_class_embeddings_input_dim")) {
+      const int64_t rest = u["projection_class_embeddings_input_dim"].get<int64_t>() -
+                           info.text_encoder_2_config["projection_dim"].get<int64_t>();
+      if (rest > 0 && rest % 6 == 0) u["addition_time_embed_dim"] = rest / 6;
+    }
+  }
   if (sdxl)
     info.sample_size_note = "UNet sample_size 128 (1024 px, SDXL base) is assumed: the weights cannot tell; "
                             "sdxl-turbo single files are 512 px models and need --size 512x512 or --config DIR "

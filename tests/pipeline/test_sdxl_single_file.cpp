@@ -120,7 +120,7 @@ TEST(SdxlSingleFile, WrittenInThePublishedLayoutAndInspected) {
   EXPECT_EQ(u.at("cross_attention_dim"), 12);
   EXPECT_EQ(u.at("use_linear_projection"), true);
   EXPECT_EQ(u.at("addition_embed_type"), "text_time");
-  EXPECT_EQ(u.at("addition_time_embed_dim"), 256);  // the published value (the tiny model's 8 is not in the weights)
+  EXPECT_EQ(u.at("addition_time_embed_dim"), 8);  // (label_emb input 60 - projection_dim 12) / 6
   EXPECT_EQ(u.at("projection_class_embeddings_input_dim"), 60);
   EXPECT_EQ(u.at("sample_size"), 128);
   const auto& t1 = info.text_encoder_config;
