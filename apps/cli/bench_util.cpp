@@ -80,9 +80,11 @@ ArchInfo inspect_architecture(const std::string& model_dir) {
   ArchInfo a;
   if (is_file(model_dir)) {
     // A single-file (LDM layout) checkpoint: components by prefix (SD 2.x files hold one more OpenCLIP layer than
-    // the model uses, so their text-encoder count is not a folder's).
+    // the model uses, so their text-encoder count is not a folder's). SDXL (conditioner.embedders.*): the text count
+    // is text_encoder's (CLIP ViT-L, embedders.0), as a folder's text_encoder/ is.
     a.unet_params = count_file_params(model_dir, "model.diffusion_model.");
     a.text_params = count_file_params(model_dir, "cond_stage_model.");
+    if (a.text_params == 0) a.text_params = count_file_params(model_dir, "conditioner.embedders.0.");
     a.vae_params = count_file_params(model_dir, "first_stage_model.");
   } else {
     const ModelFolder folder = ModelFolder::open(model_dir);

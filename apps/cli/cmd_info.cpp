@@ -212,7 +212,17 @@ nlohmann::json single_file_json(const std::string& path, const std::string& conf
                                                                    : "CLIPTextModel (from OpenCLIP, fused in_proj)",
         tcfg, from, info.text_prefix, [&] {
           return sd::convert::text_encoder_ldm_table(
-              module_keys(sd::CLIPTextModel(sd::CLIPTextConfig::from_json(tcfg, from))), info.text_layout);
+              module_keys(sd::CLIPTextModel(sd::CLIPTextConfig::from_json(tcfg, from))), info.text_layout,
+              info.text_prefix);
+        });
+  }
+  if (info.has_text_encoder_2) {  // SDXL: OpenCLIP bigG, every layer and its text_projection used
+    const auto tcfg = config("text_encoder_2", "config.json", info.text_encoder_2_config, from);
+    add("text_encoder_2", "CLIPTextModelWithProjection (from OpenCLIP, fused in_proj, transposed text_projection)",
+        tcfg, from, info.text_encoder_2_prefix, [&] {
+          return sd::convert::text_encoder_ldm_table(
+              module_keys(sd::CLIPTextModel(sd::CLIPTextConfig::from_json(tcfg, from))),
+              sd::convert::TextEncoderLayout::OpenClip, info.text_encoder_2_prefix);
         });
   }
   if (info.has_vae) {
@@ -228,6 +238,10 @@ nlohmann::json single_file_json(const std::string& path, const std::string& conf
   out["unused_known"] = unused.known;
   out["unused_unknown"] = unused.unknown;
   if (!info.has_text_encoder) out["note_text_encoder"] = "no text encoder in this file";
+  if (info.family == sd::convert::LdmFamily::SDXL && !info.has_text_encoder_2)
+    out["note_text_encoder_2"] = std::string("no text_encoder_2 (") + sd::convert::kSdxlOpenClipPrefix +
+                                 "*) in this SDXL file: it cannot be loaded";
+  if (!info.sample_size_note.empty() && config_dir.empty()) out["note_sample_size"] = info.sample_size_note;
   if (!info.has_vae) out["note_vae"] = "no VAE (first_stage_model.*): give --vae or --taesd to run it";
   return out;
 }
@@ -256,13 +270,13 @@ int print_single_file(const nlohmann::json& r) {
     for (auto it = c["config"].begin(); it != c["config"].end(); ++it)
       std::cout << "      " << it.key() << " = " << it.value().dump() << "\n";
   }
-  for (const char* k : {"note_text_encoder", "note_vae"})
+  for (const char* k : {"note_text_encoder", "note_text_encoder_2", "note_vae", "note_sample_size"})
     if (r.contains(k)) std::cout << "  " << r[k].get<std::string>() << "\n";
   std::cout << "  total parameters: " << total << "\n";
   const auto& known = r["unused_known"];
   const auto& unknown = r["unused_unknown"];
   std::cout << "  unused keys: " << known.size() + unknown.size() << " (" << known.size()
-            << " that SD does not use: DDPM buffers, position_ids, OpenCLIP projection / last layer, EMA)";
+            << " that SD does not use: DDPM buffers, position_ids, OpenCLIP projection / last layer / logit_scale, EMA)";
   if (!unknown.empty()) {
     std::cout << "; " << unknown.size() << " unknown:";
     for (size_t i = 0; i < std::min<size_t>(unknown.size(), 20); ++i) std::cout << "\n      " << unknown[i].get<std::string>();

@@ -237,6 +237,11 @@ LdmTable text_encoder_ldm_table(const std::vector<std::string>& keys, TextEncode
       ldm = "positional_embedding";
     } else if (starts_with(k, "text_model.final_layer_norm.")) {
       ldm = "ln_final." + join(t, 2);
+    } else if (k == "text_projection.weight") {
+      // CLIPTextModelWithProjection (SDXL text_encoder_2): OpenCLIP stores the [hidden, proj] matrix it multiplies
+      // from the right; diffusers' Linear weight is its transpose.
+      ldm = "text_projection";
+      op = LdmEntry::Op::Transpose;
     } else if (t.size() >= 6 && t[0] == "text_model" && t[1] == "encoder" && t[2] == "layers" && is_index(t[3])) {
       const std::string block = "transformer.resblocks." + t[3] + ".";
       const std::string& part = t[4];
@@ -269,7 +274,7 @@ LdmTable text_encoder_ldm_table(const std::vector<std::string>& keys, TextEncode
 // ---- gather / scatter -------------------------------------------------------------------------------------------
 
 std::map<std::string, torch::Tensor> gather_ldm(const SafeTensorsFile& file, const LdmTable& table,
-                                                const std::string& component) {
+                                                const std::string& component, const ShapeMap& expected) {
   std::map<std::string, torch::Tensor> out, cache;
   std::vector<std::string> missing, bad;
   for (const auto& e : table) {
@@ -300,6 +305,19 @@ std::map<std::string, torch::Tensor> gather_ldm(const SafeTensorsFile& file, con
           t = t.narrow(0, e.chunk * n, n);  // a view: rows are contiguous
         }
         break;
+      case LdmEntry::Op::Transpose:
+        if (t.dim() != 2) {
+          bad.push_back(e.ldm + ": " + shape_str(t.sizes()) +
+                        ", expected a 2-D [hidden, projection] matrix (OpenCLIP text_projection)");
+          continue;
+        }
+        t = t.t().contiguous();  // one small copy (hidden x projection)
+        break;
+    }
+    if (const auto x = expected.find(e.diffusers); x != expected.end() && t.sizes() != at::IntArrayRef(x->second)) {
+      bad.push_back(e.ldm + " (-> " + e.diffusers + "): " + shape_str(it->second.sizes()) + " in the file gives " +
+                    shape_str(t.sizes()) + ", the model expects " + shape_str(x->second));
+      continue;
     }
     out[e.diffusers] = t;
   }
@@ -334,6 +352,7 @@ std::vector<std::pair<std::string, torch::Tensor>> scatter_ldm(const std::map<st
       case LdmEntry::Op::Conv1x1ToLinear:
         out.emplace_back(e.ldm, t.dim() == 2 ? t.reshape({t.size(0), t.size(1), 1, 1}) : t);
         break;
+      case LdmEntry::Op::Transpose: out.emplace_back(e.ldm, t.t().contiguous()); break;
       case LdmEntry::Op::Rows: {
         auto& v = fused[e.ldm];
         if (v.empty()) fused_order.push_back(e.ldm);
@@ -358,6 +377,7 @@ const char* family_name(LdmFamily f) {
   switch (f) {
     case LdmFamily::SD1: return "SD 1.x";
     case LdmFamily::SD2: return "SD 2.x";
+    case LdmFamily::SDXL: return "SDXL";
     default: return "unknown";
   }
 }
@@ -431,10 +451,10 @@ nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& 
   const auto inputs = s.indices(P + "input_blocks.");
   std::vector<int64_t> channels, layers;
   std::vector<bool> attention;
-  std::vector<int64_t> transformer_depth;
+  std::vector<int64_t> transformer_depth;  // per level (1 for levels without attention)
   int64_t cur_layers = 0, cur_channels = -1;
   bool cur_attn = false;
-  int64_t depth = 1;
+  int64_t depth = 1;  // of the current level
   int64_t cross_dim = -1;
   bool linear_proj = false;
   for (int i : inputs) {
@@ -444,9 +464,11 @@ nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& 
       channels.push_back(cur_channels);
       layers.push_back(cur_layers);
       attention.push_back(cur_attn);
+      transformer_depth.push_back(depth);
       cur_layers = 0;
       cur_channels = -1;
       cur_attn = false;
+      depth = 1;
       continue;
     }
     if (!s.has(b + "0.in_layers.2.weight"))
@@ -464,6 +486,7 @@ nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& 
   channels.push_back(cur_channels);
   layers.push_back(cur_layers);
   attention.push_back(cur_attn);
+  transformer_depth.push_back(depth);
   const bool mid_attn = s.has(P + "middle_block.1.proj_in.weight");
   if (cross_dim < 0 && mid_attn) cross_dim = s.dim(P + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1);
   if (mid_attn) linear_proj = s.of(P + "middle_block.1.proj_in.weight").size() == 2;
@@ -481,9 +504,11 @@ nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& 
     c["mid_block_type"] = "UNetMidBlock2DCrossAttn";
   if (cross_dim > 0) c["cross_attention_dim"] = cross_dim;
   c["use_linear_projection"] = linear_proj;
-  if (depth > 1) c["transformer_layers_per_block"] = depth;
-  // Not in the weights: heads (SD 1.x: 8 per block; SD 2.x: head_dim 64), GroupNorm 32 / eps 1e-5.
-  if (family == LdmFamily::SD2) {
+  // Transformer blocks per level from the key counts (SDXL base: [1, 2, 10]; the mid block uses the last level's).
+  if (std::any_of(transformer_depth.begin(), transformer_depth.end(), [](int64_t d) { return d > 1; }))
+    c["transformer_layers_per_block"] = int_or_list(transformer_depth);
+  // Not in the weights: heads (SD 1.x: 8 per block; SD 2.x and SDXL: head_dim 64), GroupNorm 32 / eps 1e-5.
+  if (family == LdmFamily::SD2 || family == LdmFamily::SDXL) {
     std::vector<int64_t> heads;
     for (auto ch : channels) heads.push_back(std::max<int64_t>(1, ch / 64));
     c["attention_head_dim"] = heads;
@@ -496,13 +521,21 @@ nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& 
   if (temb != 4 * channels[0]) c["time_embedding_dim"] = temb;
   const bool v768 = family == LdmFamily::SD2 && pred == "v_prediction";
   c["upcast_attention"] = v768;  // diffusers sets it for SD 2.x 768-v
-  c["sample_size"] = v768 ? 96 : 64;
+  c["sample_size"] = family == LdmFamily::SDXL ? 128 : v768 ? 96 : 64;  // SDXL: 1024 px (base; turbo is 512)
+  if (s.has(P + "label_emb.0.0.weight")) {
+    // SDXL's added conditioning: label_emb.0 = add_embedding over pooled text + 6 x addition_time_embed_dim (256 in
+    // every SDXL UNet; the sinusoidal time projection has no weights: inspect_ldm_checkpoint derives it from
+    // text_encoder_2's projection_dim when the file has one).
+    c["addition_embed_type"] = "text_time";
+    c["addition_time_embed_dim"] = 256;
+    c["projection_class_embeddings_input_dim"] = s.dim(P + "label_emb.0.0.weight", 1);
+  }
   c["flip_sin_to_cos"] = true;
   c["freq_shift"] = 0;
   return c;
 }
 
-nlohmann::json infer_vae_ldm(const Shapes& s, const std::string& P, int64_t sample_size) {
+nlohmann::json infer_vae_ldm(const Shapes& s, const std::string& P, int64_t sample_size, bool sdxl = false) {
   nlohmann::json c;
   c["_class_name"] = "AutoencoderKL";
   const auto levels = s.indices(P + "encoder.down.");
@@ -521,7 +554,8 @@ nlohmann::json infer_vae_ldm(const Shapes& s, const std::string& P, int64_t samp
   c["mid_block_add_attention"] = s.has(P + "encoder.mid.attn_1.q.weight");
   c["act_fn"] = "silu";
   c["norm_num_groups"] = 32;   // not in the weights (LDM hard-codes 32)
-  c["scaling_factor"] = 0.18215;  // not in the weights (yaml scale_factor)
+  c["scaling_factor"] = sdxl ? 0.13025 : 0.18215;  // not in the weights (yaml scale_factor)
+  if (sdxl) c["force_upcast"] = true;  // the SDXL VAE overflows in fp16 (diffusers runs it in float32)
   c["sample_size"] = sample_size;
   return c;
 }
@@ -550,7 +584,9 @@ nlohmann::json infer_vae_diffusers(const Shapes& s) {
   return c;
 }
 
-nlohmann::json infer_text_encoder(const Shapes& s, TextEncoderLayout layout, const std::string& P) {
+// `sdxl`: SDXL's text encoders (published configs: bos 0 / eos 2; text_encoder_2 uses every OpenCLIP layer and its
+// text_projection, as CLIPTextModelWithProjection).
+nlohmann::json infer_text_encoder(const Shapes& s, TextEncoderLayout layout, const std::string& P, bool sdxl = false) {
   nlohmann::json c;
   c["architectures"] = {"CLIPTextModel"};
   c["model_type"] = "clip_text_model";
@@ -563,8 +599,26 @@ nlohmann::json infer_text_encoder(const Shapes& s, TextEncoderLayout layout, con
     inner = s.dim(P + "text_model.encoder.layers.0.mlp.fc1.weight", 0);
     c["hidden_act"] = "quick_gelu";  // CLIP ViT-L/14 (not in the weights)
     c["num_attention_heads"] = hidden == 768 ? 12 : std::max<int64_t>(1, hidden / 64);
-    c["bos_token_id"] = 49406;
-    c["eos_token_id"] = 49407;
+    c["bos_token_id"] = sdxl ? 0 : 49406;
+    c["eos_token_id"] = sdxl ? 2 : 49407;
+  } else if (sdxl) {
+    vocab = s.dim(P + "token_embedding.weight", 0);
+    hidden = s.dim(P + "token_embedding.weight", 1);
+    positions = s.dim(P + "positional_embedding", 0);
+    layers = static_cast<int64_t>(s.indices(P + "transformer.resblocks.").size());  // SDXL uses every layer
+    if (layers < 1) throw FormatError(s.f.path(), "SDXL text_encoder_2 (" + P + "*) has no transformer.resblocks.N");
+    inner = s.dim(P + "transformer.resblocks.0.mlp.c_fc.weight", 0);
+    const auto proj = s.of(P + "text_projection");
+    if (proj.size() != 2 || proj[0] != hidden || proj[1] <= 0)
+      throw FormatError(s.f.path(), "tensor '" + P + "text_projection' has shape " + shape_str(proj) +
+                                        ", expected [hidden " + std::to_string(hidden) +
+                                        ", projection_dim] (OpenCLIP's pooled-output projection of SDXL's text_encoder_2)");
+    c["architectures"] = {"CLIPTextModelWithProjection"};
+    c["projection_dim"] = proj[1];
+    c["hidden_act"] = "gelu";  // OpenCLIP ViT-bigG/14 (not in the weights)
+    c["num_attention_heads"] = std::max<int64_t>(1, hidden / 64);  // 20 for bigG's 1280
+    c["bos_token_id"] = 0;  // stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json
+    c["eos_token_id"] = 2;
   } else {
     vocab = s.dim(P + "token_embedding.weight", 0);
     hidden = s.dim(P + "token_embedding.weight", 1);
@@ -622,9 +676,20 @@ LdmCheckpointInfo inspect_ldm_checkpoint(const SafeTensorsFile& file, const std:
     info.text_layout = TextEncoderLayout::OpenClip;
     info.text_prefix = kOpenClipPrefix;
     info.family = LdmFamily::SD2;
-  } else if (s.any_prefix("conditioner.embedders.")) {
-    throw FormatError(file.path(), "an SDXL checkpoint (conditioner.embedders.*): SDXL is not supported yet; "
-                                   "expected an SD 1.x / 2.x single file");
+  } else if (s.any_prefix("conditioner.embedders.") || s.has(std::string(kUNetPrefix) + "label_emb.0.0.weight")) {
+    // SDXL (Stability's sgm layout): CLIP ViT-L in HF names + OpenCLIP bigG. The refiner's single encoder sits at
+    // embedders.0.model (OpenCLIP) and is not this layout.
+    if (s.any_prefix("conditioner.embedders.0.model."))
+      throw FormatError(file.path(), "an SDXL refiner-style checkpoint (conditioner.embedders.0.model.*: one OpenCLIP "
+                                     "text encoder) is not supported; expected SDXL base / turbo with "
+                                     "conditioner.embedders.0.transformer.* (CLIP ViT-L) and "
+                                     "conditioner.embedders.1.model.* (OpenCLIP bigG)");
+    info.family = LdmFamily::SDXL;
+    info.text_layout = TextEncoderLayout::HfClip;
+    info.text_prefix = kSdxlClipPrefix;
+    info.has_text_encoder = s.any_prefix(kSdxlClipPrefix);
+    info.text_encoder_2_prefix = kSdxlOpenClipPrefix;
+    info.has_text_encoder_2 = s.any_prefix(kSdxlOpenClipPrefix);
   }
   // Family from the cross-attention width when the text encoder does not tell (768 SD 1.x, 1024 SD 2.x).
   if (info.family == LdmFamily::Unknown) {
@@ -648,12 +713,31 @@ LdmCheckpointInfo inspect_ldm_checkpoint(const SafeTensorsFile& file, const std:
         info.family == LdmFamily::SD2
             ? "assumed (cannot be read from the weights: SD 2.x 768-v models such as SD 2.1-768 need "
               "--prediction-type v_prediction; SD 2.1-base and sd-turbo are epsilon)"
-            : "assumed (SD 1.x default)";
+        : info.family == LdmFamily::SDXL ? "assumed (SDXL base and sdxl-turbo are epsilon)"
+                                         : "assumed (SD 1.x default)";
   }
   info.unet_config = infer_unet(s, info.family, info.prediction_type);
   const bool v768 = info.family == LdmFamily::SD2 && info.prediction_type == "v_prediction";
-  if (info.has_vae) info.vae_config = infer_vae_ldm(s, kVaePrefix, v768 ? 768 : 512);
-  if (info.has_text_encoder) info.text_encoder_config = infer_text_encoder(s, info.text_layout, info.text_prefix);
+  const bool sdxl = info.family == LdmFamily::SDXL;
+  if (info.has_vae) info.vae_config = infer_vae_ldm(s, kVaePrefix, sdxl ? 1024 : v768 ? 768 : 512, sdxl);
+  if (info.has_text_encoder)
+    info.text_encoder_config = infer_text_encoder(s, info.text_layout, info.text_prefix, sdxl);
+  if (info.has_text_encoder_2) {
+    info.text_encoder_2_config =
+        infer_text_encoder(s, TextEncoderLayout::OpenClip, info.text_encoder_2_prefix, /*sdxl=*/true);
+    // label_emb.0.0 takes the pooled text (projection_dim) + 6 embedded time ids: the time embedding width follows
+    // from the two (SDXL: (2816 - 1280) / 6 = 256, the published value, kept when they do not divide).
+    auto& u = info.unet_config;
+    if (u.contains("projection_class_embeddings_input_dim")) {
+      const int64_t rest = u["projection_class_embeddings_input_dim"].get<int64_t>() -
+                           info.text_encoder_2_config["projection_dim"].get<int64_t>();
+      if (rest > 0 && rest % 6 == 0) u["addition_time_embed_dim"] = rest / 6;
+    }
+  }
+  if (sdxl)
+    info.sample_size_note = "UNet sample_size 128 (1024 px, SDXL base) is assumed: the weights cannot tell; "
+                            "sdxl-turbo single files are 512 px models and need --size 512x512 or --config DIR "
+                            "(a diffusers sdxl-turbo folder of configs)";
   info.scheduler_config = {{"_class_name", "LCMScheduler"},       {"beta_start", 0.00085},
                            {"beta_end", 0.012},                    {"beta_schedule", "scaled_linear"},
                            {"num_train_timesteps", 1000},          {"prediction_type", info.prediction_type},
@@ -695,6 +779,8 @@ UnusedKeys unused_ldm_keys(const SafeTensorsFile& file, const std::vector<const 
                        k == std::string(kHfClipPrefix) + "text_model.embeddings.position_ids" ||
                        k == std::string(kOpenClipPrefix) + "text_projection" ||
                        k == std::string(kOpenClipPrefix) + "logit_scale" ||
+                       k == std::string(kSdxlClipPrefix) + "text_model.embeddings.position_ids" ||
+                       k == std::string(kSdxlOpenClipPrefix) + "logit_scale" ||
                        starts_with(k, std::string(kOpenClipPrefix) + "transformer.resblocks.");
     (known ? out.known : out.unknown).push_back(k);
   }

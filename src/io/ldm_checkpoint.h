@@ -9,6 +9,11 @@
 //   cond_stage_model.transformer.*   SD 1.x text encoder: Hugging Face CLIPTextModel names (position_ids ignored)
 //   cond_stage_model.model.*         SD 2.x text encoder: OpenCLIP names, fused attn.in_proj split into q/k/v; the
 //                                    last resblock, text_projection and logit_scale are not used by SD 2
+//   conditioner.embedders.0.transformer.*  SDXL text_encoder (CLIP ViT-L): Hugging Face CLIPTextModel names
+//   conditioner.embedders.1.model.*  SDXL text_encoder_2 (OpenCLIP bigG): OpenCLIP names as SD 2.x, but every
+//                                    resblock is used and text_projection [hidden, proj] is diffusers'
+//                                    text_projection.weight transposed (OpenCLIP computes x @ text_projection);
+//                                    logit_scale is not used
 //   betas, alphas_cumprod, ...       the 12 DDPM buffers of LatentDiffusion: ignored (the schedule comes from config)
 //
 // A table is computed from the diffusers keys of the module built from its config (so it fits any number of levels,
@@ -41,6 +46,7 @@ struct LdmEntry {
     Copy,             // same tensor
     Conv1x1ToLinear,  // file [C, C, 1, 1] -> model [C, C] (VAE mid attention); a 2-D file tensor is taken as is
     Rows,             // row block `chunk` of `chunks` equal blocks along dim 0 (OpenCLIP fused in_proj -> q/k/v)
+    Transpose,        // file [in, out] -> model [out, in] (OpenCLIP text_projection -> text_projection.weight)
   };
   std::string diffusers;
   std::string ldm;
@@ -59,26 +65,32 @@ LdmTable unet_ldm_table(const std::vector<std::string>& diffusers_keys,
 LdmTable vae_ldm_table(const std::vector<std::string>& diffusers_keys, const std::string& prefix = "first_stage_model.");
 LdmTable text_encoder_ldm_table(const std::vector<std::string>& diffusers_keys, TextEncoderLayout layout,
                                 const std::string& prefix = "");  // "" = the layout's cond_stage_model prefix
+// (SDXL: text_encoder_ldm_table(keys, HfClip, kSdxlClipPrefix) and (keys of a CLIPTextModelWithProjection, OpenClip,
+// kSdxlOpenClipPrefix); the latter maps text_projection.weight to `text_projection` with Op::Transpose.)
 
 // The component's state dict (diffusers keys) gathered from `file`: views of the mapped tensors, no copies. Every
 // file key the table needs but the file lacks, and every tensor whose shape does not fit its op, is reported in one
-// FormatError naming the file and `component`.
+// FormatError naming the file and `component`. `expected` (diffusers key -> shape, e.g. the module's state dict
+// shapes): a converted tensor of another shape is reported there too, under its file key.
+using ShapeMap = std::map<std::string, std::vector<int64_t>>;
 std::map<std::string, torch::Tensor> gather_ldm(const SafeTensorsFile& file, const LdmTable& table,
-                                                const std::string& component);
+                                                const std::string& component, const ShapeMap& expected = {});
 // The inverse, for writing LDM files: diffusers tensors -> (file key, tensor) with 1x1 reshapes and fused in_proj
-// rows concatenated back. InvalidArgument for a table key missing from `diffusers`.
+// rows concatenated back and text_projection transposed back. InvalidArgument for a table key missing from `diffusers`.
 std::vector<std::pair<std::string, torch::Tensor>> scatter_ldm(const std::map<std::string, torch::Tensor>& diffusers,
                                                                const LdmTable& table);
 
 // ---- what an LDM single file holds ------------------------------------------------------------------------------
 
-enum class LdmFamily { Unknown, SD1, SD2 };
-const char* family_name(LdmFamily f);  // "SD 1.x", "SD 2.x", "unknown"
+enum class LdmFamily { Unknown, SD1, SD2, SDXL };
+const char* family_name(LdmFamily f);  // "SD 1.x", "SD 2.x", "SDXL", "unknown"
 
 constexpr const char* kUNetPrefix = "model.diffusion_model.";
 constexpr const char* kVaePrefix = "first_stage_model.";
 constexpr const char* kHfClipPrefix = "cond_stage_model.transformer.";
 constexpr const char* kOpenClipPrefix = "cond_stage_model.model.";
+constexpr const char* kSdxlClipPrefix = "conditioner.embedders.0.transformer.";  // SDXL text_encoder
+constexpr const char* kSdxlOpenClipPrefix = "conditioner.embedders.1.model.";    // SDXL text_encoder_2
 
 // Family, components present and diffusers configs inferred from the tensor names and shapes, with the values the
 // weights cannot tell (heads, GroupNorm groups, activation, scaling factor, prediction type) from the family's
@@ -88,9 +100,13 @@ struct LdmCheckpointInfo {
   std::string path;
   LdmFamily family = LdmFamily::Unknown;
   bool has_unet = false, has_vae = false, has_text_encoder = false;
+  bool has_text_encoder_2 = false;  // SDXL: conditioner.embedders.1.model.* (always OpenCLIP layout)
   TextEncoderLayout text_layout = TextEncoderLayout::HfClip;
-  std::string text_prefix;
-  nlohmann::json unet_config, vae_config, text_encoder_config, scheduler_config;
+  std::string text_prefix, text_encoder_2_prefix;
+  nlohmann::json unet_config, vae_config, text_encoder_config, text_encoder_2_config, scheduler_config;
+  // What the weights cannot tell and the inferred configs assumed, for info / logs ("" = nothing to say). SDXL:
+  // sample_size 128 (1024 px, SDXL base); sdxl-turbo is a 512 px model.
+  std::string sample_size_note;
   std::string prediction_type;       // what was assumed (or given)
   std::string prediction_type_note;  // why
   std::map<std::string, int64_t> dtypes;  // safetensors dtype name -> element count
@@ -100,7 +116,8 @@ struct LdmCheckpointInfo {
 bool is_ldm_checkpoint(const SafeTensorsFile& file);
 // FormatError naming the file when it is not an LDM checkpoint (says which layouts are accepted) or the family
 // cannot be told. `prediction_type` "" = the family default (SD 1.x epsilon; SD 2.x epsilon, with a note that
-// 768-v models need v_prediction), else "epsilon" | "v_prediction".
+// 768-v models need v_prediction; SDXL epsilon), else "epsilon" | "v_prediction". SDXL files (conditioner.embedders.*
+// or a UNet with label_emb) get text_encoder_2_config (CLIPTextModelWithProjection) and a text_time UNet config.
 LdmCheckpointInfo inspect_ldm_checkpoint(const SafeTensorsFile& file, const std::string& prediction_type = "");
 
 // Bare / prefixed AutoencoderKL files: "first_stage_model." (a full LDM checkpoint), "" with LDM names
@@ -114,7 +131,8 @@ struct VaeFileInfo {
 VaeFileInfo inspect_vae_file(const SafeTensorsFile& file);
 
 // Keys of `file` that no table reads, split into the ones every LDM file carries and SD does not use (DDPM buffers,
-// position_ids, OpenCLIP's projection / logit scale / last resblock, EMA copies) and the rest.
+// position_ids, OpenCLIP's projection / logit scale / last resblock, SDXL's conditioner.embedders.1.model.logit_scale,
+// EMA copies) and the rest.
 struct UnusedKeys {
   std::vector<std::string> known, unknown;
 };

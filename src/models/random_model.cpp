@@ -1,5 +1,7 @@
 #include "models/random_model.h"
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -8,6 +10,8 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "io/json_config.h"
+#include "io/ldm_checkpoint.h"
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
@@ -392,6 +396,109 @@ RandomModelReport write_random_model(const RandomModelOptions& o) {
     r.bytes_written += save_module(*m, out / taesd / "diffusion_pytorch_model.safetensors", o.dtype);
   }
   return r;
+}
+
+namespace {
+template <typename M>
+std::vector<std::string> module_keys_of(const M& m) {
+  std::vector<std::string> keys;
+  for (const auto& kv : state_dict(*m)) keys.push_back(kv.first);
+  return keys;
+}
+}  // namespace
+
+uint64_t write_ldm_single_file(const std::string& dir, const std::string& path, bool open_clip, uint64_t seed) {
+  namespace cv = convert;
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  auto append = [&](std::vector<std::pair<std::string, torch::Tensor>> v) {
+    for (auto& kv : v) out.push_back(std::move(kv));
+  };
+  const auto cfg = [&](const std::string& sub) {
+    const std::string p = dir + "/" + sub + "/config.json";
+    return std::make_pair(read_json_file(p), p);
+  };
+  const bool sdxl = is_file(dir + "/text_encoder_2/config.json");
+  const auto [uj, up] = cfg("unet");
+  const auto ufile = SafeTensorsFile::open(find_weights(dir + "/unet"));
+  append(cv::scatter_ldm(ufile.load_all(),
+                         cv::unet_ldm_table(module_keys_of(UNet2DConditionModel(UNet2DConditionConfig::from_json(uj, up))))));
+  const auto [vj, vp] = cfg("vae");
+  const auto vfile = SafeTensorsFile::open(find_weights(dir + "/vae"));
+  append(cv::scatter_ldm(vfile.load_all(),
+                         cv::vae_ldm_table(module_keys_of(AutoencoderKL(AutoencoderKLConfig::from_json(vj, vp))))));
+  auto g = at::detail::createCPUGenerator(seed + 1000);
+  // One text encoder's tensors in `layout` under `prefix`.
+  const auto text_encoder = [&](const std::string& sub, cv::TextEncoderLayout layout, const std::string& prefix) {
+    const auto [tj, tp] = cfg(sub);
+    const auto tcfg = CLIPTextConfig::from_json(tj, tp);
+    const auto tfile = SafeTensorsFile::open(find_weights(dir + "/" + sub));
+    auto tw = tfile.load_all();
+    tw.erase("text_model.embeddings.position_ids");
+    return std::make_pair(tcfg, cv::scatter_ldm(tw, cv::text_encoder_ldm_table(module_keys_of(CLIPTextModel(tcfg)),
+                                                                                layout, prefix)));
+  };
+  const auto position_ids = [](const CLIPTextConfig& c) {
+    return torch::arange(c.max_position_embeddings, torch::kLong).view({1, -1});
+  };
+  if (sdxl) {
+    auto [c1, te1] = text_encoder("text_encoder", cv::TextEncoderLayout::HfClip, cv::kSdxlClipPrefix);
+    te1.emplace_back(std::string(cv::kSdxlClipPrefix) + "text_model.embeddings.position_ids", position_ids(c1));
+    append(std::move(te1));
+    auto [c2, te2] = text_encoder("text_encoder_2", cv::TextEncoderLayout::OpenClip, cv::kSdxlOpenClipPrefix);
+    if (!c2.with_projection)
+      throw FormatError(dir + "/text_encoder_2/config.json", "an SDXL text_encoder_2 must be a CLIPTextModelWithProjection");
+    const auto dt = te2.front().second.dtype();
+    te2.emplace_back(std::string(cv::kSdxlOpenClipPrefix) + "logit_scale", torch::tensor(4.6052f).to(dt));
+    append(std::move(te2));
+  } else {
+    const auto layout = open_clip ? cv::TextEncoderLayout::OpenClip : cv::TextEncoderLayout::HfClip;
+    auto [tcfg, text] = text_encoder("text_encoder", layout, "");
+    if (open_clip) {
+      // SD 2.x conditions on the penultimate layer: real files store one more resblock (random here).
+      const std::string last = std::string(cv::kOpenClipPrefix) + "transformer.resblocks." +
+                               std::to_string(tcfg.num_hidden_layers - 1) + ".";
+      const std::string extra = std::string(cv::kOpenClipPrefix) + "transformer.resblocks." +
+                                std::to_string(tcfg.num_hidden_layers) + ".";
+      std::vector<std::pair<std::string, torch::Tensor>> more;
+      for (const auto& [k, t] : text)
+        if (k.rfind(last, 0) == 0)
+          more.emplace_back(extra + k.substr(last.size()), torch::randn(t.sizes(), g).to(t.dtype()) * 0.02);
+      for (auto& kv : more) text.push_back(std::move(kv));
+      const auto dt = text.front().second.dtype();
+      text.emplace_back(std::string(cv::kOpenClipPrefix) + "text_projection",
+                        torch::randn({tcfg.hidden_size, tcfg.hidden_size}, g).to(dt) * 0.02);
+      text.emplace_back(std::string(cv::kOpenClipPrefix) + "logit_scale", torch::tensor(4.6052f).to(dt));
+    } else {
+      text.emplace_back(std::string(cv::kHfClipPrefix) + "text_model.embeddings.position_ids", position_ids(tcfg));
+    }
+    append(std::move(text));
+  }
+  // LatentDiffusion's DDPM buffers (computed in float64, stored float32), unused by diffusers and by the loader.
+  {
+    auto o = torch::TensorOptions().dtype(torch::kFloat64);
+    const auto betas = torch::linspace(std::sqrt(0.00085), std::sqrt(0.012), 1000, o).pow(2);
+    const auto alphas = 1 - betas;
+    const auto ac = torch::cumprod(alphas, 0);
+    const auto ac_prev = torch::cat({torch::ones({1}, o), ac.slice(0, 0, 999)});
+    const auto pv = betas * (1 - ac_prev) / (1 - ac);
+    const std::vector<std::pair<std::string, torch::Tensor>> bufs = {
+        {"betas", betas},
+        {"alphas_cumprod", ac},
+        {"alphas_cumprod_prev", ac_prev},
+        {"sqrt_alphas_cumprod", ac.sqrt()},
+        {"sqrt_one_minus_alphas_cumprod", (1 - ac).sqrt()},
+        {"log_one_minus_alphas_cumprod", (1 - ac).log()},
+        {"sqrt_recip_alphas_cumprod", (1 / ac).sqrt()},
+        {"sqrt_recipm1_alphas_cumprod", (1 / ac - 1).sqrt()},
+        {"posterior_variance", pv},
+        {"posterior_log_variance_clipped", pv.clamp_min(1e-20).log()},
+        {"posterior_mean_coef1", betas * ac_prev.sqrt() / (1 - ac)},
+        {"posterior_mean_coef2", (1 - ac_prev) * alphas.sqrt() / (1 - ac)}};
+    for (const auto& [k, t] : bufs) out.emplace_back(k, t.to(torch::kFloat32));
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  save_safetensors(path, out, {{"format", "pt"}, {"generator", "streamdiffusion make-random-model --single-file"}});
+  return file_size_bytes(path);
 }
 
 }  // namespace sd

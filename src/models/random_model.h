@@ -52,4 +52,13 @@ void randomize_parameters(torch::nn::Module& module, uint64_t seed);
 // SDXL: also text_encoder_2/, tokenizer_2/, and taesdxl/ instead of taesd/).
 RandomModelReport write_random_model(const RandomModelOptions& opts);
 
+// The diffusers folder `dir` as one original-layout (LDM) .safetensors file, through the inverse of the load-time
+// tables (io/ldm_checkpoint: scatter_ldm): UNet, VAE and the text encoder(s), plus what published files carry and
+// the models do not use (the 12 DDPM buffers; SD 1.x / SDXL: position_ids; SD 2.x: one more OpenCLIP resblock,
+// text_projection, logit_scale; SDXL: logit_scale). SDXL folders (text_encoder_2/) are written in Stability's layout
+// (conditioner.embedders.0.transformer.* CLIP ViT-L, conditioner.embedders.1.model.* OpenCLIP bigG with its
+// text_projection); otherwise `open_clip` selects SD 2.x's cond_stage_model.model.* layout over SD 1.x's
+// cond_stage_model.transformer.*. `seed` draws the unused extras. Returns the bytes written.
+uint64_t write_ldm_single_file(const std::string& dir, const std::string& path, bool open_clip, uint64_t seed = 0);
+
 }  // namespace sd

@@ -52,6 +52,7 @@ class StableDiffusionModels : public DiffusionModels {
       text_encoder_ = load_clip_text_model(folder.component_dir("text_encoder"), dtype_, device_);
       if (folder.is_sdxl()) load_sdxl_text_encoder_2(folder);
       unet_ = load_unet(folder.component_dir("unet"), dtype_, device_);
+      unet_config_src_ = folder.config_path("unet");
       const std::string vae_config_path = folder.config_path("vae");
       vae_config_ = AutoencoderKLConfig::from_json(read_json_file(vae_config_path), vae_config_path);
       set_vae_dtype();
@@ -214,23 +215,31 @@ class StableDiffusionModels : public DiffusionModels {
                                     "tokenizer), which is missing");
     tokenizer_2_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(folder.component_dir("tokenizer_2")));
     text_encoder_2_ = load_clip_text_model(folder.component_dir("text_encoder_2"), dtype_, device_);
+    check_sdxl_text_encoders({dir_ + "/tokenizer/vocab.json", dir_ + "/tokenizer_2/vocab.json",
+                              "text_encoder/config.json", folder.config_path("text_encoder_2")});
+    force_zeros_ = read_json_file(dir_ + "/model_index.json").value("force_zeros_for_empty_prompt", true);
+  }
+
+  // Where the SDXL text pieces came from, for the messages of check_sdxl_text_encoders.
+  struct SdxlTextSources {
+    std::string tokenizer_vocab, tokenizer_2_vocab, text_encoder_config, text_encoder_2_config;
+  };
+  // Both SDXL load paths (folder, single file): text_encoder_2 must project its pooled output, and each tokenizer's
+  // ids must be covered by its encoder's embedding table (else the first prompt fails deep inside the encoder).
+  void check_sdxl_text_encoders(const SdxlTextSources& src) const {
     if (!text_encoder_2_->config().with_projection)
-      throw FormatError(folder.config_path("text_encoder_2"),
+      throw FormatError(src.text_encoder_2_config,
                         "text_encoder_2 must be a CLIPTextModelWithProjection (\"architectures\": "
                         "[\"CLIPTextModelWithProjection\"] with a projection_dim): SDXL pools its text_embeds");
-    // A tokenizer whose ids the embedding table does not cover fails on the first prompt otherwise.
-    const auto check_vocab = [&](const ClipTokenizer& tok, const CLIPTextModel& enc, const char* tname,
-                                 const char* ename) {
+    const auto check_vocab = [&](const ClipTokenizer& tok, const CLIPTextModel& enc, const std::string& tsrc,
+                                 const std::string& esrc) {
       if (static_cast<int64_t>(tok.vocab_size()) != enc->config().vocab_size)
-        throw FormatError(dir_ + "/" + tname + "/vocab.json",
-                          "vocabulary of " + std::to_string(tok.vocab_size()) + " tokens, but " + ename +
-                              "/config.json has vocab_size " + std::to_string(enc->config().vocab_size) +
-                              ": the tokenizer does not belong to this text encoder");
+        throw FormatError(tsrc, "vocabulary of " + std::to_string(tok.vocab_size()) + " tokens, but " + esrc +
+                                    " has vocab_size " + std::to_string(enc->config().vocab_size) +
+                                    ": the tokenizer does not belong to this text encoder");
     };
-    check_vocab(*tokenizer_, text_encoder_, "tokenizer", "text_encoder");
-    check_vocab(*tokenizer_2_, text_encoder_2_, "tokenizer_2", "text_encoder_2");
-    const auto index = read_json_file(dir_ + "/model_index.json");
-    force_zeros_ = index.value("force_zeros_for_empty_prompt", true);
+    check_vocab(*tokenizer_, text_encoder_, src.tokenizer_vocab, src.text_encoder_config);
+    check_vocab(*tokenizer_2_, text_encoder_2_, src.tokenizer_2_vocab, src.text_encoder_2_config);
   }
 
   // The shapes the SDXL pieces must agree on (a mixed-up component otherwise fails deep inside the first UNet call).
@@ -239,20 +248,21 @@ class StableDiffusionModels : public DiffusionModels {
     if (!text_encoder_2_) {
       if (u.text_time())
         throw FormatError(dir_, "the UNet has addition_embed_type \"text_time\" (an SDXL UNet) but the model has no "
-                                "text_encoder_2 / tokenizer_2 (StableDiffusionXLPipeline layout expected)");
+                                "text_encoder_2 / tokenizer_2 (StableDiffusionXLPipeline layout, or an SDXL single "
+                                "file with conditioner.embedders.1.model.*, expected)");
       return;
     }
     if (!u.text_time())
-      throw FormatError(dir_ + "/unet/config.json", "an SDXL pipeline's UNet needs addition_embed_type \"text_time\"");
+      throw FormatError(unet_config_src_, "an SDXL pipeline's UNet needs addition_embed_type \"text_time\"");
     const int64_t d = text_hidden_ + text_encoder_2_->config().hidden_size;
     for (int64_t c : u.cross_attention_dim)
       if (c != d)
-        throw FormatError(dir_ + "/unet/config.json",
+        throw FormatError(unet_config_src_,
                           "cross_attention_dim " + std::to_string(c) + " != text_encoder hidden " +
                               std::to_string(text_hidden_) + " + text_encoder_2 hidden " +
                               std::to_string(text_encoder_2_->config().hidden_size));
     if (u.pooled_text_dim() != text_encoder_2_->config().projection_dim)
-      throw FormatError(dir_ + "/unet/config.json",
+      throw FormatError(unet_config_src_,
                         "projection_class_embeddings_input_dim " + std::to_string(u.projection_class_embeddings_input_dim) +
                             " != text_encoder_2 projection_dim " + std::to_string(text_encoder_2_->config().projection_dim) +
                             " + 6 x addition_time_embed_dim " + std::to_string(u.addition_time_embed_dim));
@@ -298,6 +308,18 @@ class StableDiffusionModels : public DiffusionModels {
     for (const auto& kv : state_dict(*m)) keys.push_back(kv.first);
     return keys;
   }
+  // A module's parameter shapes (diffusers keys): the conversion table's keys and what gather_ldm checks.
+  template <typename M>
+  static convert::ShapeMap module_shapes(const M& m) {
+    convert::ShapeMap shapes;
+    for (const auto& kv : state_dict(*m)) shapes[kv.first] = kv.second.sizes().vec();
+    return shapes;
+  }
+  static std::vector<std::string> keys_of(const convert::ShapeMap& shapes) {
+    std::vector<std::string> keys;
+    for (const auto& kv : shapes) keys.push_back(kv.first);
+    return keys;
+  }
 
   // A component's config: <config>/<sub>/<file> when --config has it, else the inferred one.
   static nlohmann::json config_or(const std::string& config_dir, const std::string& sub, const std::string& file,
@@ -326,10 +348,18 @@ class StableDiffusionModels : public DiffusionModels {
     // keep every touched page until the end: sd-turbo in bf16 peaked at 9.40 GB that way, 7.59 GB like this, as the
     // folder's 7.56 GB).
     const auto own_mapping = [&] { return SafeTensorsFile::open(path); };
+    const bool sdxl = info.family == convert::LdmFamily::SDXL;
     if (!info.has_text_encoder)
-      throw FormatError(path, "no text encoder (cond_stage_model.transformer.* for SD 1.x or cond_stage_model.model.* "
-                              "for SD 2.x): a single file must hold UNet, text encoder and (unless --taesd / --vae) "
-                              "the VAE");
+      throw FormatError(path, sdxl ? std::string("an SDXL checkpoint without its text_encoder: no ") +
+                                         convert::kSdxlClipPrefix + "* tensors (CLIP ViT-L)"
+                                   : "no text encoder (cond_stage_model.transformer.* for SD 1.x or "
+                                     "cond_stage_model.model.* for SD 2.x): a single file must hold UNet, text encoder "
+                                     "and (unless --taesd / --vae) the VAE");
+    if (sdxl && !info.has_text_encoder_2)
+      throw FormatError(path, std::string("an SDXL checkpoint without its text_encoder_2: no ") +
+                                  convert::kSdxlOpenClipPrefix +
+                                  "* tensors (OpenCLIP bigG: transformer.resblocks.N, text_projection, ...); an SDXL "
+                                  "single file must hold both text encoders");
     std::string src;
     // Scheduler: --prediction-type wins over the config's.
     nlohmann::json sched = config_or(opt.config, "scheduler", "scheduler_config.json", info.scheduler_config, src, path);
@@ -342,31 +372,65 @@ class StableDiffusionModels : public DiffusionModels {
     }
     sched_ = LCMSchedulerConfig::from_json(sched, src);
 
-    // Tokenizer: --tokenizer, --config's tokenizer/, the shipped CLIP vocabulary (SD 2.x pads with "!").
-    std::string tok = opt.tokenizer, pad;
-    if (tok.empty() && !opt.config.empty() && is_file(opt.config + "/tokenizer/vocab.json")) tok = opt.config + "/tokenizer";
-    if (tok.empty()) {
-      tok = find_clip_tokenizer_dir();
-      if (tok.empty())
+    // Tokenizers: --tokenizer (the first), --config's tokenizer/ (tokenizer_2/), the shipped CLIP vocabulary (SD 2.x
+    // and SDXL's tokenizer_2 pad with "!", as their published tokenizers do).
+    const auto shipped = [&] {
+      const std::string d = find_clip_tokenizer_dir();
+      if (d.empty())
         throw FormatError(path, "a single file has no tokenizer and the shipped models/clip-tokenizer was not found; "
                                 "give --tokenizer DIR (a CLIP tokenizer folder with vocab.json and merges.txt) or set "
                                 "SD_CLIP_TOKENIZER");
+      return d;
+    };
+    const auto from_config = [&](const char* sub) {
+      return !opt.config.empty() && is_file(opt.config + "/" + sub + "/vocab.json") ? opt.config + "/" + sub
+                                                                                    : std::string();
+    };
+    std::string tok = opt.tokenizer, pad;
+    if (tok.empty()) tok = from_config("tokenizer");
+    if (tok.empty()) {
+      tok = shipped();
       if (info.family == convert::LdmFamily::SD2) pad = "!";
     }
     tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(tok, pad));
 
+    std::string te_src, te2_src;
     const auto te_cfg = CLIPTextConfig::from_json(
-        config_or(opt.config, "text_encoder", "config.json", info.text_encoder_config, src, path), src);
+        config_or(opt.config, "text_encoder", "config.json", info.text_encoder_config, te_src, path), te_src);
     {
-      const auto table = convert::text_encoder_ldm_table(module_keys(CLIPTextModel(te_cfg)), info.text_layout);
-      text_encoder_ = load_clip_text_model(te_cfg, convert::gather_ldm(own_mapping(), table, "text encoder"), path, dtype_,
-                                           device_);
+      const auto shapes = module_shapes(CLIPTextModel(te_cfg));
+      const auto table = convert::text_encoder_ldm_table(keys_of(shapes), info.text_layout, info.text_prefix);
+      text_encoder_ = load_clip_text_model(te_cfg, convert::gather_ldm(own_mapping(), table, "text encoder", shapes),
+                                           path, dtype_, device_);
+    }
+    if (sdxl) {
+      std::string tok2 = from_config("tokenizer_2"), pad2;
+      if (tok2.empty()) {
+        tok2 = opt.tokenizer.empty() ? shipped() : opt.tokenizer;
+        pad2 = "!";  // stabilityai SDXL tokenizer_2: pad_token "!"
+      }
+      tokenizer_2_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(tok2, pad2));
+      const auto te2_cfg = CLIPTextConfig::from_json(
+          config_or(opt.config, "text_encoder_2", "config.json", info.text_encoder_2_config, te2_src, path), te2_src);
+      const auto shapes = module_shapes(CLIPTextModel(te2_cfg));
+      const auto table = convert::text_encoder_ldm_table(keys_of(shapes), convert::TextEncoderLayout::OpenClip,
+                                                         info.text_encoder_2_prefix);
+      text_encoder_2_ = load_clip_text_model(
+          te2_cfg, convert::gather_ldm(own_mapping(), table, "text_encoder_2", shapes), path, dtype_, device_);
+      check_sdxl_text_encoders({tok + "/vocab.json", tok2 + "/vocab.json", te_src, te2_src});
+      const std::string index = opt.config.empty() ? "" : opt.config + "/model_index.json";
+      force_zeros_ = !index.empty() && is_file(index)
+                         ? read_json_file(index).value("force_zeros_for_empty_prompt", true)
+                         : true;  // StableDiffusionXLPipeline's default
+      if (!info.sample_size_note.empty() && opt.config.empty()) log::info("{}: {}", path, info.sample_size_note);
     }
     const auto unet_cfg = UNet2DConditionConfig::from_json(
         config_or(opt.config, "unet", "config.json", info.unet_config, src, path), src);
+    unet_config_src_ = src;
     {
-      const auto table = convert::unet_ldm_table(module_keys(UNet2DConditionModel(unet_cfg)));
-      unet_ = load_unet(unet_cfg, convert::gather_ldm(own_mapping(), table, "UNet"), path, dtype_, device_);
+      const auto shapes = module_shapes(UNet2DConditionModel(unet_cfg));
+      const auto table = convert::unet_ldm_table(keys_of(shapes));
+      unet_ = load_unet(unet_cfg, convert::gather_ldm(own_mapping(), table, "UNet", shapes), path, dtype_, device_);
     }
     // The VAE config (its scale factor is used even with TAESD); the family's SD VAE when the file has none.
     nlohmann::json vae_inferred = info.vae_config;
@@ -374,7 +438,7 @@ class StableDiffusionModels : public DiffusionModels {
       vae_inferred = {{"block_out_channels", {128, 256, 512, 512}}, {"layers_per_block", 2},
                       {"down_block_types", std::vector<std::string>(4, "DownEncoderBlock2D")},
                       {"up_block_types", std::vector<std::string>(4, "UpDecoderBlock2D")}, {"latent_channels", 4},
-                      {"scaling_factor", 0.18215}};
+                      {"scaling_factor", sdxl ? 0.13025 : 0.18215}, {"force_upcast", sdxl}};
     vae_config_ = AutoencoderKLConfig::from_json(config_or(opt.config, "vae", "config.json", vae_inferred, src, path), src);
     set_vae_dtype();
     if (taesd.empty()) taesd = "none";
@@ -385,8 +449,10 @@ class StableDiffusionModels : public DiffusionModels {
         if (!info.has_vae)
           throw FormatError(path, "no VAE in this single file (no first_stage_model.* tensors): give --vae FILE|DIR "
                                   "(an AutoencoderKL) or --taesd DIR");
-        const auto table = convert::vae_ldm_table(module_keys(AutoencoderKL(vae_config_)));
-        vae_ = load_vae(vae_config_, convert::gather_ldm(own_mapping(), table, "VAE"), path, vae_dtype_, device_);
+        const auto shapes = module_shapes(AutoencoderKL(vae_config_));
+        const auto table = convert::vae_ldm_table(keys_of(shapes));
+        vae_ = load_vae(vae_config_, convert::gather_ldm(own_mapping(), table, "VAE", shapes), path, vae_dtype_,
+                        device_);
       }
     }
     single_file_note_ = std::string("single file, ") + convert::family_name(info.family) + ", prediction " +
@@ -396,6 +462,7 @@ class StableDiffusionModels : public DiffusionModels {
   c10::ScalarType dtype_;
   c10::Device device_;
   std::string dir_, taesd_path_, vae_path_, single_file_note_;
+  std::string unet_config_src_;  // the UNet config's file (folder) or source (single file), for messages
   LCMSchedulerConfig sched_;
   std::unique_ptr<ClipTokenizer> tokenizer_, tokenizer_2_;  // tokenizer_2_: SDXL only
   CLIPTextModel text_encoder_{nullptr};

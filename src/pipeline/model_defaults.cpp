@@ -121,6 +121,7 @@ ModelDefaults read_model_defaults(const std::string& model_path, const std::stri
   ModelDefaults d;
   std::string folder = model_path;
   ModelConfigs c;
+  std::string size_note;  // what an inferred single-file sample_size cannot tell (SDXL base vs turbo)
   if (is_directory(model_path)) {
     if (!is_file(model_path + "/model_index.json")) return d;
     c = folder_configs(model_path);
@@ -140,6 +141,7 @@ ModelDefaults read_model_defaults(const std::string& model_path, const std::stri
       c.vae = info.vae_config;
       c.sched = info.scheduler_config;
       c.name = lower(fs::path(model_path).stem().string());
+      size_note = info.sample_size_note;
     } catch (const Error&) {
       return d;  // not readable: loading reports it with context
     }
@@ -157,6 +159,14 @@ ModelDefaults read_model_defaults(const std::string& model_path, const std::stri
   if (sample > 0) {
     d.native_width = d.native_height = sample * scale;
     d.native_size_reason = "UNet sample_size " + std::to_string(sample) + " x VAE scale factor " + std::to_string(scale);
+    if (!size_note.empty()) {
+      d.native_size_reason += " (assumed)";
+      if (d.family == "sdxl-turbo") {  // told by the file name only: sdxl-turbo is a 512 px model
+        d.native_width = d.native_height = 512;
+        d.native_size_reason = "sdxl-turbo (by its file name): 512 px (assumed: the weights cannot tell)";
+      }
+      d.warnings.push_back(size_note);
+    }
   }
 
   const std::string rec = folder + "/" + kRecommendationsFile;

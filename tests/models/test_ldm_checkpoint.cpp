@@ -16,6 +16,7 @@
 #include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
+#include "models/random_model.h"
 #include "models/unet_2d_condition.h"
 
 namespace {
@@ -340,6 +341,183 @@ TEST(LdmTables, RealVaeNumberingReversesDecoderLevels) {
   EXPECT_EQ(m.at("encoder.mid_block.attentions.0.to_out.0.weight").op, cv::LdmEntry::Op::Conv1x1ToLinear);
   EXPECT_EQ(m.at("decoder.mid_block.attentions.0.group_norm.bias").ldm, "decoder.mid.attn_1.norm.bias");
   EXPECT_EQ(m.at("decoder.conv_norm_out.weight").ldm, "decoder.norm_out.weight");
+}
+
+// ---- SDXL (Stability's sgm layout) ------------------------------------------------------------------------------
+
+// Published SDXL base / sdxl-turbo key names, written out literally from the layout (not from the tables): the
+// real architecture's structure (3 levels x 2 resnets, transformer depth [1, 2, 10], 12 + 32 text layers, 4 VAE
+// levels) at small widths, so the modules are cheap to build.
+TEST(LdmTables, SdxlPublishedKeyNames) {
+  nlohmann::json u = sd::real_unet_config("sdxl");
+  u["block_out_channels"] = {32, 64, 128};
+  u["attention_head_dim"] = {1, 2, 4};
+  u["cross_attention_dim"] = 96;
+  u["projection_class_embeddings_input_dim"] = 16 + 6 * 256;
+  nlohmann::json t1 = sd::real_text_encoder_config("sdxl");
+  t1["hidden_size"] = 32;
+  t1["intermediate_size"] = 64;
+  t1["num_attention_heads"] = 1;
+  t1["vocab_size"] = 100;
+  nlohmann::json t2 = sd::real_text_encoder_2_config();
+  t2["hidden_size"] = 64;
+  t2["intermediate_size"] = 128;
+  t2["num_attention_heads"] = 1;
+  t2["projection_dim"] = 16;
+  t2["vocab_size"] = 100;
+  nlohmann::json v = sd::real_vae_config("sdxl");
+  v["block_out_channels"] = {32, 32, 32, 32};
+  std::map<std::string, cv::LdmEntry> m;
+  const auto add = [&](const cv::LdmTable& t) {
+    for (const auto& e : t) m[e.diffusers + "@" + e.ldm.substr(0, e.ldm.find('.'))] = e;
+  };
+  add(cv::unet_ldm_table(keys_of(sd::UNet2DConditionModel(sd::UNet2DConditionConfig::from_json(u, "unet")))));
+  add(cv::vae_ldm_table(keys_of(sd::AutoencoderKL(sd::AutoencoderKLConfig::from_json(v, "vae")))));
+  add(cv::text_encoder_ldm_table(keys_of(sd::CLIPTextModel(sd::CLIPTextConfig::from_json(t1, "te"))),
+                                 cv::TextEncoderLayout::HfClip, cv::kSdxlClipPrefix));
+  const auto te2 = sd::CLIPTextConfig::from_json(t2, "te2");
+  ASSERT_TRUE(te2.with_projection);
+  // text_encoder_2 keys are told apart from text_encoder's by a "2:" mark.
+  for (const auto& e : cv::text_encoder_ldm_table(keys_of(sd::CLIPTextModel(te2)), cv::TextEncoderLayout::OpenClip,
+                                                  cv::kSdxlOpenClipPrefix))
+    m["2:" + e.diffusers] = e;
+  const auto ldm = [&](const std::string& k, const char* comp) -> std::string {
+    auto it = m.find(std::string(k) + "@" + comp);
+    if (it == m.end()) return "<no entry for " + k + ">";
+    return it->second.ldm;
+  };
+  const std::string U = "model.diffusion_model.";
+  const std::vector<std::pair<std::string, std::string>> unet = {
+      {"conv_in.weight", "model.diffusion_model.input_blocks.0.0.weight"},
+      {"time_embedding.linear_1.weight", "model.diffusion_model.time_embed.0.weight"},
+      {"time_embedding.linear_2.bias", "model.diffusion_model.time_embed.2.bias"},
+      {"add_embedding.linear_1.weight", "model.diffusion_model.label_emb.0.0.weight"},
+      {"add_embedding.linear_2.bias", "model.diffusion_model.label_emb.0.2.bias"},
+      {"down_blocks.0.resnets.0.norm1.weight", "model.diffusion_model.input_blocks.1.0.in_layers.0.weight"},
+      {"down_blocks.0.resnets.1.time_emb_proj.weight", "model.diffusion_model.input_blocks.2.0.emb_layers.1.weight"},
+      {"down_blocks.0.downsamplers.0.conv.weight", "model.diffusion_model.input_blocks.3.0.op.weight"},
+      {"down_blocks.1.resnets.0.conv_shortcut.weight", "model.diffusion_model.input_blocks.4.0.skip_connection.weight"},
+      {"down_blocks.1.attentions.0.proj_in.weight", "model.diffusion_model.input_blocks.4.1.proj_in.weight"},
+      {"down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k.weight",
+       "model.diffusion_model.input_blocks.5.1.transformer_blocks.1.attn2.to_k.weight"},
+      {"down_blocks.1.downsamplers.0.conv.bias", "model.diffusion_model.input_blocks.6.0.op.bias"},
+      {"down_blocks.2.attentions.0.transformer_blocks.9.ff.net.2.weight",
+       "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.ff.net.2.weight"},
+      {"down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q.weight",
+       "model.diffusion_model.input_blocks.8.1.transformer_blocks.0.attn1.to_q.weight"},
+      {"mid_block.resnets.0.conv1.weight", "model.diffusion_model.middle_block.0.in_layers.2.weight"},
+      {"mid_block.attentions.0.transformer_blocks.9.norm3.weight",
+       "model.diffusion_model.middle_block.1.transformer_blocks.9.norm3.weight"},
+      {"mid_block.resnets.1.conv2.weight", "model.diffusion_model.middle_block.2.out_layers.3.weight"},
+      {"up_blocks.0.resnets.0.conv_shortcut.weight", "model.diffusion_model.output_blocks.0.0.skip_connection.weight"},
+      {"up_blocks.0.attentions.2.transformer_blocks.9.attn1.to_out.0.weight",
+       "model.diffusion_model.output_blocks.2.1.transformer_blocks.9.attn1.to_out.0.weight"},
+      {"up_blocks.0.upsamplers.0.conv.weight", "model.diffusion_model.output_blocks.2.2.conv.weight"},
+      {"up_blocks.1.attentions.0.transformer_blocks.1.attn2.to_v.weight",
+       "model.diffusion_model.output_blocks.3.1.transformer_blocks.1.attn2.to_v.weight"},
+      {"up_blocks.1.upsamplers.0.conv.bias", "model.diffusion_model.output_blocks.5.2.conv.bias"},
+      {"up_blocks.2.resnets.0.norm2.weight", "model.diffusion_model.output_blocks.6.0.out_layers.0.weight"},
+      {"up_blocks.2.resnets.2.time_emb_proj.weight", "model.diffusion_model.output_blocks.8.0.emb_layers.1.weight"},
+      {"conv_norm_out.bias", "model.diffusion_model.out.0.bias"},
+      {"conv_out.weight", "model.diffusion_model.out.2.weight"},
+  };
+  for (const auto& [d, l] : unet) EXPECT_EQ(ldm(d, "model"), l) << d;
+  // No output_blocks.9+: SDXL's UNet has 9 output blocks.
+  for (const auto& [k, e] : m) EXPECT_EQ(e.ldm.find(U + "output_blocks.9."), std::string::npos) << e.ldm;
+  const std::vector<std::pair<std::string, std::string>> vae = {
+      {"encoder.conv_in.weight", "first_stage_model.encoder.conv_in.weight"},
+      {"encoder.down_blocks.0.downsamplers.0.conv.weight", "first_stage_model.encoder.down.0.downsample.conv.weight"},
+      {"decoder.up_blocks.0.resnets.0.conv1.weight", "first_stage_model.decoder.up.3.block.0.conv1.weight"},
+      {"decoder.up_blocks.3.resnets.2.norm2.bias", "first_stage_model.decoder.up.0.block.2.norm2.bias"},
+      {"encoder.mid_block.attentions.0.to_q.weight", "first_stage_model.encoder.mid.attn_1.q.weight"},
+      {"decoder.mid_block.resnets.1.conv2.weight", "first_stage_model.decoder.mid.block_2.conv2.weight"},
+      {"quant_conv.weight", "first_stage_model.quant_conv.weight"},
+      {"post_quant_conv.bias", "first_stage_model.post_quant_conv.bias"},
+  };
+  for (const auto& [d, l] : vae) EXPECT_EQ(ldm(d, "first_stage_model"), l) << d;
+  const std::vector<std::pair<std::string, std::string>> te1 = {
+      {"text_model.embeddings.token_embedding.weight",
+       "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"},
+      {"text_model.embeddings.position_embedding.weight",
+       "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"},
+      {"text_model.encoder.layers.0.self_attn.q_proj.weight",
+       "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"},
+      {"text_model.encoder.layers.11.mlp.fc2.bias",
+       "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.bias"},
+      {"text_model.final_layer_norm.weight", "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"},
+  };
+  for (const auto& [d, l] : te1) EXPECT_EQ(ldm(d, "conditioner"), l) << d;
+  struct Te2 {
+    std::string diffusers, ldm;
+    cv::LdmEntry::Op op;
+    int chunk;
+  };
+  using Op = cv::LdmEntry::Op;
+  const std::vector<Te2> te2_expect = {
+      {"text_model.embeddings.token_embedding.weight", "conditioner.embedders.1.model.token_embedding.weight", Op::Copy, 0},
+      {"text_model.embeddings.position_embedding.weight", "conditioner.embedders.1.model.positional_embedding", Op::Copy, 0},
+      {"text_model.encoder.layers.0.self_attn.q_proj.weight",
+       "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", Op::Rows, 0},
+      {"text_model.encoder.layers.5.self_attn.k_proj.bias",
+       "conditioner.embedders.1.model.transformer.resblocks.5.attn.in_proj_bias", Op::Rows, 1},
+      {"text_model.encoder.layers.31.self_attn.v_proj.weight",  // the last layer is used (SD 2 drops it)
+       "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight", Op::Rows, 2},
+      {"text_model.encoder.layers.31.self_attn.out_proj.weight",
+       "conditioner.embedders.1.model.transformer.resblocks.31.attn.out_proj.weight", Op::Copy, 0},
+      {"text_model.encoder.layers.7.layer_norm1.weight", "conditioner.embedders.1.model.transformer.resblocks.7.ln_1.weight",
+       Op::Copy, 0},
+      {"text_model.encoder.layers.7.layer_norm2.bias", "conditioner.embedders.1.model.transformer.resblocks.7.ln_2.bias",
+       Op::Copy, 0},
+      {"text_model.encoder.layers.3.mlp.fc1.weight", "conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_fc.weight",
+       Op::Copy, 0},
+      {"text_model.encoder.layers.3.mlp.fc2.bias", "conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_proj.bias",
+       Op::Copy, 0},
+      {"text_model.final_layer_norm.bias", "conditioner.embedders.1.model.ln_final.bias", Op::Copy, 0},
+      {"text_projection.weight", "conditioner.embedders.1.model.text_projection", Op::Transpose, 0},
+  };
+  for (const auto& x : te2_expect) {
+    auto it = m.find("2:" + x.diffusers);
+    ASSERT_NE(it, m.end()) << x.diffusers;
+    EXPECT_EQ(it->second.ldm, x.ldm) << x.diffusers;
+    EXPECT_EQ(it->second.op, x.op) << x.diffusers;
+    if (x.op == Op::Rows) {
+      EXPECT_EQ(it->second.chunk, x.chunk) << x.diffusers;
+      EXPECT_EQ(it->second.chunks, 3) << x.diffusers;
+    }
+  }
+  EXPECT_EQ(m.count("2:text_model.encoder.layers.32.self_attn.q_proj.weight"), 0u);
+}
+
+// text_projection: the file holds [hidden, proj] (OpenCLIP: x @ P), the model [proj, hidden]; gather and scatter
+// are inverse transposes, and a 1-D or wrong-shaped tensor is reported under its file key.
+TEST(LdmTables, TextProjectionTransposeBothWays) {
+  const cv::LdmTable table = {
+      {"text_projection.weight", "conditioner.embedders.1.model.text_projection", cv::LdmEntry::Op::Transpose}};
+  const auto w = torch::arange(12, torch::kFloat).view({3, 4});  // diffusers [proj 3, hidden 4]
+  const auto out = cv::scatter_ldm({{"text_projection.weight", w}}, table);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].first, "conditioner.embedders.1.model.text_projection");
+  EXPECT_TRUE(torch::equal(out[0].second, w.t()));
+  EXPECT_EQ(out[0].second.sizes(), (std::vector<int64_t>{4, 3}));
+  const std::string dir = sd::test::make_temp_dir("ldm_proj");
+  const std::string p = dir + "/proj.safetensors";
+  sd::save_safetensors(p, out);
+  const auto back = cv::gather_ldm(sd::SafeTensorsFile::open(p), table, "text_encoder_2", {{"text_projection.weight", {3, 4}}});
+  EXPECT_TRUE(torch::equal(back.at("text_projection.weight"), w));
+  // Wrong shapes: 1-D, and a [hidden - 1, proj] matrix against the model's shape.
+  for (const auto& bad : {torch::zeros({12}), torch::zeros({3, 3})}) {
+    const std::string q = dir + "/bad.safetensors";
+    sd::save_safetensors(q, std::map<std::string, torch::Tensor>{{"conditioner.embedders.1.model.text_projection", bad}});
+    try {
+      cv::gather_ldm(sd::SafeTensorsFile::open(q), table, "text_encoder_2", {{"text_projection.weight", {3, 4}}});
+      ADD_FAILURE() << "no error for " << bad.sizes();
+    } catch (const sd::FormatError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(q), std::string::npos) << msg;
+      EXPECT_NE(msg.find("conditioner.embedders.1.model.text_projection"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("text_encoder_2"), std::string::npos) << msg;
+    }
+  }
 }
 
 // Bad files: clear errors naming the file, never a crash.

@@ -16,6 +16,7 @@
 #include "pipeline/diffusion_models.h"
 #include "pipeline/image.h"
 #include "pipeline/stream_diffusion.h"
+#include "sdxl_single_file_fixture.h"
 
 namespace sd {
 namespace {
@@ -75,6 +76,16 @@ std::vector<GoldenCase> single_file_cases() {
   return out;
 }
 
+// The SDXL stream cases replayed through the tiny-sdxl folder written as an SDXL single file (Stability's layout,
+// sdxl_single_file_fixture.h), loaded with --config <the folder>: the weights are the folder's, so the recorded
+// runs apply unchanged (AutoencoderKL and TAESDXL cases).
+const char* kSdxlSingleFile = "@tiny-sdxl";
+std::vector<GoldenCase> sdxl_single_file_cases() {
+  auto out = golden_cases(kSdxlSet);
+  for (auto& c : out) c.single_file = kSdxlSingleFile;
+  return out;
+}
+
 void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.name; }
 
 // Models are loaded once per (model, autoencoder, LoRAs, single file) and shared by the cases, as the library
@@ -103,7 +114,12 @@ std::shared_ptr<const DiffusionModels> models_for(const std::string& model, cons
   else
     throw FormatError(kCases, "unknown vae '" + vae + "'");
   if (!single_file.empty()) opt.config = test::fixture_path(root + model);
-  auto m = load_pipeline(test::fixture_path(single_file.empty() ? root + model : "single_file/" + single_file), opt);
+  const std::string path = single_file.empty()               ? test::fixture_path(root + model)
+                           : single_file == kSdxlSingleFile ? test::tiny_sdxl_single_file()
+                                                            : test::fixture_path("single_file/" + single_file);
+  auto m = load_pipeline(path, opt);
+  if (!single_file.empty() && m->describe().find("single file") == std::string::npos)
+    throw Error("not loaded as a single file: " + m->describe());
   cache[key] = m;
   return m;
 }
@@ -389,6 +405,8 @@ INSTANTIATE_TEST_SUITE_P(Lora, PipelineGolden, ::testing::ValuesIn(golden_cases(
 // StreamDiffusion on SDXL (fixtures README "SDXL"): the original algorithm plus only the added conditioning.
 INSTANTIATE_TEST_SUITE_P(Sdxl, PipelineGolden, ::testing::ValuesIn(golden_cases(kSdxlSet)),
                          [](const auto& info) { return test::test_name(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(SdxlSingleFile, PipelineGolden, ::testing::ValuesIn(sdxl_single_file_cases()),
+                         [](const auto& info) { return test::test_name("tiny_sdxl_" + info.param.name); });
 INSTANTIATE_TEST_SUITE_P(SingleFile, PipelineGolden, ::testing::ValuesIn(single_file_cases()),
                          [](const auto& info) { return test::test_name(info.param.single_file + "_" + info.param.name); });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(PipelineGolden);
