@@ -116,3 +116,18 @@ def test_fp32_models_set_threads(sd, emoji_models):
     assert emoji_models.vae_scale_factor == 8
     assert "emoji-tiny" in emoji_models.describe()
     assert os.path.isdir(sd.default_model_dir())
+
+
+def test_hub_ids_resolve_to_the_local_cache_only(sd, tmp_path, monkeypatch):
+    from streamdiffusion_cpp.wrapper import resolve_model_path
+
+    snap = tmp_path / "hub" / "models--someone--emoji" / "snapshots" / "0123abcd"
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(sd.default_model_dir())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_path("someone/emoji") == str(snap)
+    assert resolve_model_path("nobody/missing") == "nobody/missing"  # left for the loader to report
+    w = sd.StreamDiffusionWrapper("someone/emoji", mode="txt2img", t_index_list=[0], threads=2)
+    assert (w.width, w.height) == (64, 64)
+    with pytest.raises(sd.FormatError, match="nobody/missing: no such file or folder"):
+        sd.StreamDiffusionWrapper("nobody/missing")
