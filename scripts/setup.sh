@@ -8,6 +8,10 @@ PKGS=(
   libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   chromium nodejs
+  # The Python package (python/, streamdiffusion_cpp): pybind11 + Python headers to build it; pytest, numpy, Pillow
+  # and torch for its tests and the DLPack round trips. Debian's python3-torch is the same libtorch 1.13 build the
+  # engine links (one libtorch in the process, same ABI); venv + pip for the `pip install .` check.
+  pybind11-dev python3-dev python3-pytest python3-numpy python3-pil python3-torch python3-venv python3-pip
 )
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi

@@ -6,12 +6,14 @@
 #include <cstdlib>
 #include <filesystem>
 #include <sstream>
+#include <tuple>
 
 #include "core/device.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "io/model_folder.h"
 #include "pipeline/image.h"
+#include "pipeline/stream_settings.h"
 
 namespace sd::cli {
 
@@ -52,8 +54,7 @@ std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& 
 namespace {
 
 int64_t inference_steps(const PipelineOptions& o, const ModelDefaults& d) {
-  if (o.num_inference_steps > 0) return o.num_inference_steps;
-  return d.num_inference_steps.value_or(PipelineOptions::kBuiltinInferenceSteps);
+  return resolve_inference_steps(o.num_inference_steps > 0 ? std::optional<int64_t>(o.num_inference_steps) : std::nullopt, d);
 }
 
 std::string join(const std::vector<int64_t>& v) {
@@ -70,11 +71,7 @@ std::vector<int64_t> index_list_from(const PipelineOptions& o, bool txt2img, con
     return parse_index_list(o.t_index_list);
   }
   const int64_t S = inference_steps(o, d);
-  if (o.steps <= 0 && d.mode(txt2img).t_index_list) return *d.mode(txt2img).t_index_list;
-  if (o.steps <= 0) {
-    if (txt2img) return S == 50 ? std::vector<int64_t>{0, 16, 32, 45} : std::vector<int64_t>{0};
-    return S == 50 ? std::vector<int64_t>{32, 45} : std::vector<int64_t>{S / 2};
-  }
+  if (o.steps <= 0) return default_index_list(txt2img, S, d);
   // txt2img starts from pure noise (index 0, t = 999); img2img from --start-index (how much the input may change).
   const int64_t first = txt2img ? 0 : o.start_index;
   const int64_t last = txt2img ? S * 45 / 50 : std::max<int64_t>(first, S * 45 / 50);
@@ -184,28 +181,16 @@ StreamConfig stream_config(const PipelineOptions& o, bool txt2img) {
 }
 
 StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDefaults& d) {
-  const ModeRecommendation& rec = d.mode(txt2img);
-  StreamConfig c;
-  c.num_inference_steps = inference_steps(o, d);
-  c.t_index_list = index_list_from(o, txt2img, d);
-  c.cfg_type = parse_cfg_type(!o.cfg_type.empty() ? o.cfg_type
-                              : rec.cfg_type       ? *rec.cfg_type
-                              : txt2img            ? "none"
-                                                   : "self");
-  c.guidance_scale = !std::isnan(o.guidance) ? o.guidance : rec.guidance.value_or(PipelineOptions::kBuiltinGuidance);
-  c.delta = !std::isnan(o.delta) ? o.delta : rec.delta.value_or(PipelineOptions::kBuiltinDelta);
+  // Resolution (flag > model > built-in) is the engine's (pipeline/stream_settings.h), shared with the Python package.
+  StreamRequest r;
+  if (o.num_inference_steps > 0) r.num_inference_steps = o.num_inference_steps;
+  r.t_index_list = index_list_from(o, txt2img, d);
+  if (!o.cfg_type.empty()) r.cfg_type = o.cfg_type;
+  if (!std::isnan(o.guidance)) r.guidance = o.guidance;
+  if (!std::isnan(o.delta)) r.delta = o.delta;
+  if (!o.size.empty()) std::tie(r.width, r.height) = parse_size(o.size);
+  StreamConfig c = resolve_stream_config(r, txt2img, d);
   c.seed = o.seed;
-  if (!o.size.empty()) {
-    const auto [w, h] = parse_size(o.size);
-    c.width = w;
-    c.height = h;
-  } else if (d.native_width > 0) {
-    check_image_size(d.native_width, d.native_height, "the model's native size");
-    c.width = d.native_width;
-    c.height = d.native_height;
-  } else {
-    c.width = c.height = PipelineOptions::kFallbackSize;
-  }
   if (o.frame_buffer_size < 1) throw InvalidArgument("--frame-buffer-size must be >= 1");
   c.frame_buffer_size = o.frame_buffer_size;
   c.use_denoising_batch = !o.no_denoising_batch;
@@ -245,16 +230,7 @@ std::vector<std::string> explain_settings(const PipelineOptions& o, bool txt2img
   return out;
 }
 
-std::string default_model_dir() {
-  const std::string found = find_shipped_folder("emoji-tiny", {"model_index.json"}, "SD_DEFAULT_MODEL");
-  if (!found.empty()) return found;
-  // Not found: the source-tree path, which load_models reports as missing with a hint.
-#ifdef SD_SOURCE_DIR
-  return (std::filesystem::path(SD_SOURCE_DIR) / "models" / "emoji-tiny").string();
-#else
-  return "models/emoji-tiny";
-#endif
-}
+std::string default_model_dir() { return ::sd::default_model_dir(); }
 
 LoadedModels load_models(const PipelineOptions& o) {
   if (o.model == default_model_dir() && !is_file(o.model + "/model_index.json") && !is_file(o.model))

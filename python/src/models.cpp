@@ -1,0 +1,199 @@
+// Model loading (sd::load_pipeline and its LoadOptions), the model's recommended settings (model_defaults.h,
+// stream_settings.h), safetensors files and the image <-> tensor conversions of pipeline/image.h.
+#include <optional>
+#include <variant>
+
+#include "core/device.h"
+#include "core/error.h"
+#include "io/lora_file.h"
+#include "io/model_folder.h"
+#include "io/safetensors.h"
+#include "pipeline/diffusion_models.h"
+#include "pipeline/image.h"
+#include "pipeline/model_defaults.h"
+#include "pipeline/stream_settings.h"
+#include "py_common.h"
+
+namespace sdpy {
+namespace {
+
+// pybind11 holders cannot be shared_ptr<const T>: the Python object holds a non-const pointer to the immutable set.
+using Models = std::shared_ptr<sd::DiffusionModels>;
+
+// "fp32" | "bf16" | "fp16" | "float32" | ... or a torch / numpy dtype ("torch.float16", "<class 'numpy.float32'>").
+c10::ScalarType dtype_arg(py::handle d) {
+  std::string s = py::str(d).cast<std::string>();
+  const auto q = s.find('\'');
+  if (q != std::string::npos) s = s.substr(q + 1, s.rfind('\'') - q - 1);  // <class 'numpy.float32'>
+  const auto dot = s.rfind('.');
+  if (dot != std::string::npos) s = s.substr(dot + 1);  // torch.float16 -> float16
+  return sd::parse_dtype(s);
+}
+
+std::string model_path_or_default(const std::optional<std::string>& model) {
+  if (model && !model->empty()) return *model;
+  const std::string dir = sd::default_model_dir();
+  if (!sd::is_file(dir + "/model_index.json"))
+    throw sd::InvalidArgument("no model given and the built-in model was not found at " + dir +
+                              " (it ships in the repository as models/emoji-tiny; set SD_DEFAULT_MODEL or pass a "
+                              "model folder)");
+  return dir;
+}
+
+std::vector<sd::LoraSpec> lora_specs(py::handle loras, const std::optional<std::string>& lcm_lora) {
+  std::vector<sd::LoraSpec> specs;
+  if (lcm_lora && !lcm_lora->empty()) specs.push_back({*lcm_lora, 1.0, ""});
+  auto add = [&](py::handle path, double scale) {
+    const std::string p = py::str(path).cast<std::string>();
+    if (!sd::is_file(p)) throw sd::InvalidArgument("LoRA file not found: " + p);
+    specs.push_back({p, scale, ""});
+  };
+  if (loras.is_none()) {
+  } else if (py::isinstance<py::dict>(loras)) {  // upstream's lora_dict {path: scale}
+    for (auto kv : loras.cast<py::dict>()) add(kv.first, kv.second.cast<double>());
+  } else {
+    for (auto item : loras) {  // "file", "file:scale", (file, scale)
+      if (py::isinstance<py::str>(item)) {
+        specs.push_back(sd::parse_lora_spec(item.cast<std::string>(), "loras"));
+      } else {
+        auto t = item.cast<py::sequence>();
+        if (t.size() != 2) throw sd::InvalidArgument("loras: expected (path, scale) pairs");
+        add(t[0], t[1].cast<double>());
+      }
+    }
+  }
+  sd::name_loras(specs);
+  return specs;
+}
+
+py::dict mode_dict(const sd::ModeRecommendation& r) {
+  py::dict d;
+  d["t_index_list"] = r.t_index_list ? py::cast(*r.t_index_list) : py::none();
+  d["cfg_type"] = r.cfg_type ? py::cast(*r.cfg_type) : py::none();
+  d["guidance"] = r.guidance ? py::cast(*r.guidance) : py::none();
+  d["delta"] = r.delta ? py::cast(*r.delta) : py::none();
+  return d;
+}
+
+}  // namespace
+
+void bind_models(py::module_& m) {
+  py::class_<sd::DiffusionModels, Models>(m, "Models", R"doc(
+A loaded model set (tokenizer, text encoder, UNet, autoencoder, scheduler config): immutable and shared by any number
+of Streams. Create it with load_pipeline().
+)doc")
+      .def_property_readonly("dtype", [](const sd::DiffusionModels& s) { return sd::dtype_name(s.dtype()); })
+      .def_property_readonly("device", [](const sd::DiffusionModels& s) { return s.device().str(); })
+      .def_property_readonly("vae_scale_factor", &sd::DiffusionModels::vae_scale_factor,
+                             "pixels per latent cell (8 for Stable Diffusion)")
+      .def_property_readonly("latent_channels", &sd::DiffusionModels::latent_channels)
+      .def("describe", &sd::DiffusionModels::describe, "one line: folder, autoencoder, dtype, device")
+      .def("loras",
+           [](const sd::DiffusionModels& s) {
+             py::list out;
+             for (const auto& r : s.loras()) {
+               py::dict d;
+               d["name"] = r.name;
+               d["path"] = r.path;
+               d["layout"] = r.layout;
+               d["scale"] = r.scale;
+               d["keys"] = r.keys;
+               d["matched_keys"] = r.matched_keys;
+               out.append(d);
+             }
+             return out;
+           },
+           "the fused LoRAs in load order: dicts with name, path, layout, scale, keys, matched_keys")
+      .def("set_lora_scale", &sd::DiffusionModels::set_lora_scale, py::arg("name"), py::arg("scale"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Re-fuses LoRA `name` (its file stem) at `scale` without reloading; every stream on these models sees it.")
+      .def("__repr__", [](const sd::DiffusionModels& s) { return "streamdiffusion_cpp.Models(" + s.describe() + ")"; });
+
+  m.def(
+      "load_pipeline",
+      [](std::optional<std::string> model, py::handle dtype, const std::string& device, int threads,
+         const std::string& taesd, const std::string& vae, const std::string& config, const std::string& tokenizer,
+         const std::string& prediction_type, py::handle loras, std::optional<std::string> lcm_lora,
+         bool strict_lora, bool lora_live, int clip_skip, std::optional<double> lcm_guidance) {
+        sd::LoadOptions o;
+        o.dtype = dtype_arg(dtype);
+        o.device = device;
+        o.threads = threads;
+        o.taesd = taesd;
+        o.vae = vae;
+        o.config = config;
+        o.tokenizer = tokenizer;
+        o.prediction_type = prediction_type;
+        o.loras = lora_specs(loras, lcm_lora);
+        o.strict_lora = strict_lora;
+        o.lora_live = lora_live;
+        o.clip_skip = clip_skip;
+        o.lcm_guidance = lcm_guidance;
+        const std::string path = model_path_or_default(model);
+        py::gil_scoped_release release;
+        return std::const_pointer_cast<sd::DiffusionModels>(sd::load_pipeline(path, o));
+      },
+      py::arg("model") = py::none(), py::kw_only(), py::arg("dtype") = "fp32", py::arg("device") = "cpu",
+      py::arg("threads") = 0, py::arg("taesd") = "", py::arg("vae") = "", py::arg("config") = "",
+      py::arg("tokenizer") = "", py::arg("prediction_type") = "", py::arg("loras") = py::none(),
+      py::arg("lcm_lora") = py::none(), py::arg("strict_lora") = false, py::arg("lora_live") = true,
+      py::arg("clip_skip") = 0, py::arg("lcm_guidance") = py::none(),
+      R"doc(
+Loads a model once (sd::load_pipeline): a diffusers folder or an original-layout single .safetensors file.
+
+model: folder or file; None = the built-in models/emoji-tiny. dtype: "fp32" | "bf16" | "fp16" (or a torch dtype).
+device: "cpu" | "cuda[:N]". threads: intra-op threads (0 = all cores, < 0 = leave as is). taesd: TAESD folder, "none"
+for the AutoencoderKL, "" = <model>/taesd when present. vae: an AutoencoderKL folder or file. config / tokenizer /
+prediction_type: for single files. loras: {path: scale}, ["file", "file:scale"] or [(path, scale)], fused in order
+after lcm_lora (scale 1). Raises FormatError (OSError) for missing or malformed files, InvalidArgument (ValueError)
+for bad options.
+)doc");
+
+  m.def("default_model_dir", &sd::default_model_dir, "the built-in model's folder (models/emoji-tiny)");
+  m.def("set_threads", &sd::set_threads, py::arg("n"), "libtorch intra-op threads (0 = all cores); returns the count");
+
+  m.def(
+      "model_defaults",
+      [](std::optional<std::string> model, const std::string& config, const std::string& prediction_type) {
+        const sd::ModelDefaults d = sd::read_model_defaults(model_path_or_default(model), config, prediction_type);
+        py::dict out;
+        out["family"] = d.family;
+        out["native_width"] = d.native_width;
+        out["native_height"] = d.native_height;
+        out["native_size_reason"] = d.native_size_reason;
+        out["num_inference_steps"] = d.num_inference_steps ? py::cast(*d.num_inference_steps) : py::none();
+        out["txt2img"] = mode_dict(d.txt2img);
+        out["img2img"] = mode_dict(d.img2img);
+        out["settings_source"] = d.settings_source;
+        out["warnings"] = d.warnings;
+        out["note"] = d.note;
+        return out;
+      },
+      py::arg("model") = py::none(), py::arg("config") = "", py::arg("prediction_type") = "",
+      "What the model recommends (native size, family, streamdiffusion.json or family settings), read from configs.");
+
+  m.def(
+      "load_safetensors",
+      [](const std::string& path) {
+        const auto f = sd::SafeTensorsFile::open(path);
+        py::dict out;
+        for (const auto& k : f.keys()) out[py::str(k)] = wrap(f.get(k));
+        return out;
+      },
+      py::arg("path"), "All tensors of a .safetensors file as {name: Tensor} (memory-mapped, not copied).");
+
+  m.def(
+      "image_to_tensor",
+      [](py::handle image, int64_t height, int64_t width) {
+        at::Tensor t = to_tensor(image, "image");
+        return wrap(sd::image_to_tensor(t, height, width));
+      },
+      py::arg("image"), py::arg("height") = 0, py::arg("width") = 0,
+      "uint8 RGB [H, W, 3] or [N, H, W, 3] -> float32 NCHW [N, 3, H, W] in [-1, 1] (u8 / 255 * 2 - 1).");
+  m.def(
+      "tensor_to_image", [](py::handle images) { return wrap(sd::tensor_to_image(to_tensor(images, "images"))); },
+      py::arg("images"),
+      "NCHW [N, 3, H, W] in [-1, 1] (any float dtype) -> uint8 RGB [N, H, W, 3] (clamped, rounded half to even).");
+}
+
+}  // namespace sdpy

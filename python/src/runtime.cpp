@@ -1,0 +1,191 @@
+// run_stream(): the real-time runtime of src/runtime (capture -> pre-process -> model -> post-process -> sink on
+// their own threads, bounded queues) driven from Python.
+//
+// Threads and the GIL: the runtime runs on a thread of its own while the calling Python thread waits with the GIL
+// released, waking every 50 ms to run Python's signal handlers (PyErr_CheckSignals). Ctrl-C (SIGINT ->
+// KeyboardInterrupt, or any exception a signal handler raises) therefore stops the stream cleanly — queues cancelled,
+// every thread joined, the sink closed — and is then re-raised in the caller. The per-frame callback runs on the
+// runtime's sink thread, holding the GIL only while it runs; an exception in it stops the stream the same way and is
+// re-raised by run_stream.
+#include <condition_variable>
+#include <iostream>
+#include <mutex>
+#include <thread>
+
+#include "core/error.h"
+#include "py_common.h"
+#include "py_stream.h"
+
+#ifdef SD_PY_HAVE_RUNTIME
+#include <opencv2/imgproc.hpp>
+
+#include "runtime/control_command.h"
+#include "runtime/frame_sink.h"
+#include "runtime/frame_source.h"
+#include "runtime/stream_diffusion_processor.h"
+#include "runtime/stream_runtime.h"
+#endif
+
+namespace sdpy {
+
+#ifdef SD_PY_HAVE_RUNTIME
+namespace {
+
+struct CallbackState {
+  py::object* callback = nullptr;  // owned by run_stream's frame; used only with the GIL held
+  sd::StreamRuntime* runtime = nullptr;
+  std::unique_ptr<py::error_already_set> error;  // guarded by the GIL
+};
+
+// The output frame (BGR 8UC3) as an RGB uint8 [H, W, 3] tensor (one copy; the runtime reuses its buffers).
+at::Tensor frame_rgb(const sd::Frame& f) {
+  cv::Mat rgb;
+  cv::cvtColor(f.image, rgb, cv::COLOR_BGR2RGB);
+  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
+}
+
+void on_output(CallbackState& st, const sd::Frame& f) {
+  at::Tensor rgb = frame_rgb(f);  // without the GIL
+  py::gil_scoped_acquire gil;
+  if (st.error) return;
+  try {
+    py::object r = (*st.callback)(wrap(std::move(rgb)), f.index);
+    if (r.is_none()) return;
+    if (py::isinstance<py::str>(r)) {
+      // A control command line ("prompt rocket", "guidance 1.4", "quit", ...), applied before the next frame.
+      auto cmd = sd::parse_control_command(r.cast<std::string>());
+      if (cmd)
+        st.runtime->post_control(*cmd, [](const std::string& reply) {
+          if (reply.rfind("error", 0) == 0) std::cerr << "run_stream: control refused: " << reply << std::endl;
+        });
+    } else if (!r.cast<bool>()) {
+      st.runtime->request_stop("callback returned False");
+    }
+  } catch (py::error_already_set& e) {
+    st.error = std::make_unique<py::error_already_set>(std::move(e));
+    st.runtime->request_stop("the Python callback raised");
+  } catch (const sd::InvalidArgument& e) {  // a control line that does not parse
+    PyErr_SetString(py::module_::import("streamdiffusion_cpp._core").attr("InvalidArgument").ptr(), e.what());
+    st.error = std::make_unique<py::error_already_set>();
+    st.runtime->request_stop("the Python callback returned a bad control line");
+  } catch (const std::exception& e) {
+    st.error = std::make_unique<py::error_already_set>(
+        (PyErr_SetString(PyExc_RuntimeError, e.what()), py::error_already_set()));
+    st.runtime->request_stop("the Python callback raised");
+  }
+}
+
+py::object json_to_py(const nlohmann::json& j) {
+  return py::module_::import("json").attr("loads")(j.dump());
+}
+
+}  // namespace
+#endif
+
+void bind_runtime(py::module_& m) {
+#ifdef SD_PY_HAVE_RUNTIME
+  m.attr("HAVE_RUNTIME") = true;
+  m.def(
+      "run_stream",
+      [](std::shared_ptr<PyStream> s, const std::string& source, const std::string& sink, py::object callback,
+         const std::string& mode, int64_t max_frames, double fps, bool realtime, bool loop, const std::string& resize,
+         std::optional<std::pair<int64_t, int64_t>> input_size, double output_fps, double status_interval) {
+        if (!s || !s->stream->prepared())
+          throw sd::InvalidArgument("run_stream: call stream.prepare(prompt) first");
+        sd::SourceOptions so;
+        so.fps = fps;
+        so.realtime = realtime;
+        so.loop = loop;
+        if (input_size) std::tie(so.width, so.height) = *input_size;
+        sd::StreamOptions ro;
+        ro.mode = sd::parse_stream_mode(mode);
+        ro.resize = sd::parse_resize_mode(resize);
+        ro.max_frames = max_frames;
+        ro.status_interval_s = status_interval;
+        ro.stop_on_signal = false;  // Python owns SIGINT: see the file comment
+        if (!callback.is_none() && !PyCallable_Check(callback.ptr()))
+          throw py::type_error("run_stream: callback must be callable(image, index) or None");
+
+        std::unique_ptr<sd::StreamRuntime> rt;
+        CallbackState st;
+        st.callback = &callback;
+        {
+          py::gil_scoped_release release;
+          auto src = sd::open_source(source, so);
+          const bool txt2img = !src->has_images();
+          sd::SinkOptions sk;
+          sk.fps = output_fps > 0 ? output_fps : (src->fps() > 0 ? src->fps() : 30.0);
+          auto snk = sd::open_sink(sink, sk);
+          auto proc = std::make_shared<sd::StreamDiffusionProcessor>(s->stream, s->prompt, s->negative_prompt, txt2img);
+          if (!callback.is_none()) ro.on_output = [&st](const sd::Frame& f) { on_output(st, f); };
+          rt = std::make_unique<sd::StreamRuntime>(std::move(src), proc, std::move(snk), ro);
+        }
+        st.runtime = rt.get();
+
+        std::mutex mu;
+        std::condition_variable cv;
+        bool done = false;
+        std::exception_ptr failure;
+        std::thread worker([&] {
+          try {
+            rt->run();
+          } catch (...) {
+            failure = std::current_exception();
+          }
+          std::lock_guard<std::mutex> lock(mu);
+          done = true;
+          cv.notify_all();
+        });
+        std::unique_ptr<py::error_already_set> interrupt;
+        for (;;) {
+          {
+            py::gil_scoped_release release;
+            std::unique_lock<std::mutex> lock(mu);
+            cv.wait_for(lock, std::chrono::milliseconds(50), [&] { return done; });
+            if (done) break;
+          }
+          if (PyErr_CheckSignals() != 0) {
+            interrupt = std::make_unique<py::error_already_set>();  // fetches KeyboardInterrupt
+            rt->request_stop("interrupted (" + std::string(interrupt->type() ? py::str(interrupt->type().attr("__name__")).cast<std::string>() : "signal") + ")");
+            break;
+          }
+        }
+        {
+          py::gil_scoped_release release;
+          worker.join();
+        }
+        if (interrupt) {
+          interrupt->restore();
+          throw py::error_already_set();
+        }
+        if (st.error) {
+          st.error->restore();
+          throw py::error_already_set();
+        }
+        if (failure) std::rethrow_exception(failure);
+        return json_to_py(rt->summary());
+      },
+      py::arg("stream"), py::arg("source") = "none", py::arg("sink") = "none", py::kw_only(),
+      py::arg("callback") = py::none(), py::arg("mode") = "auto", py::arg("max_frames") = 0, py::arg("fps") = 0.0,
+      py::arg("realtime") = false, py::arg("loop") = false, py::arg("resize") = "crop",
+      py::arg("input_size") = py::none(), py::arg("output_fps") = 0.0, py::arg("status_interval") = 0.0,
+      R"doc(
+Runs a prepared Stream in the real-time runtime until the source ends, max_frames are read, the callback stops it or
+Ctrl-C (KeyboardInterrupt, re-raised after a clean stop). The GIL is released while the engine works.
+
+source: "none" (txt2img ticks), a video file, an image folder, "camera[:N]", "screen[:x,y,w,h]", "-" (raw rgb24 on
+stdin, input_size=(w, h)). sink: "none", "window", a video file, a folder or "out/%05d.png", "-" (raw rgb24).
+callback(image, index): each output frame as a uint8 RGB [H, W, 3] Tensor and its input index, on the sink thread;
+return None / True to go on, False to stop, or a control line ("prompt rocket", "guidance 1.4", "t_index_list 32,45",
+"seed 3", "filter on", "quit") applied before the next frame. mode: "auto" | "live" | "lossless". fps: tick /
+screen / folder rate. Returns the runtime's summary (frames in/out, dropped, fps, latency, stop_reason, ...).
+)doc");
+#else
+  m.attr("HAVE_RUNTIME") = false;
+  m.def("run_stream", [](py::args, py::kwargs) -> py::object {
+    throw sd::Error("run_stream: this build has no runtime (engine-only build without OpenCV)");
+  });
+#endif
+}
+
+}  // namespace sdpy

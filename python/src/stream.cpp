@@ -1,0 +1,285 @@
+// One stream (sd::StreamDiffusion) and its configuration, statistics and random sources.
+// Every call that runs the models releases the GIL. Layouts: images in and out are NCHW float in [-1, 1].
+#include <chrono>
+
+#include "core/error.h"
+#include "pipeline/model_defaults.h"
+#include "pipeline/rng.h"
+#include "pipeline/stream_diffusion.h"
+#include "pipeline/stream_settings.h"
+#include "py_common.h"
+#include "py_stream.h"
+
+namespace sdpy {
+namespace {
+
+using Models = std::shared_ptr<sd::DiffusionModels>;  // see models.cpp
+
+std::vector<at::Tensor> tensor_list(py::handle seq, const char* what) {
+  std::vector<at::Tensor> out;
+  for (auto item : seq) out.push_back(to_tensor(item, what).to(c10::kFloat).contiguous());
+  return out;
+}
+
+}  // namespace
+
+void bind_stream(py::module_& m) {
+  py::class_<sd::SimilarityFilterOptions>(m, "SimilarityFilterOptions",
+                                          "The stochastic similarity filter (img2img): skips near-identical frames.")
+      .def(py::init([](bool enabled, double threshold, int max_skip_frame, bool sleep_on_skip) {
+             return sd::SimilarityFilterOptions{enabled, threshold, max_skip_frame, sleep_on_skip};
+           }),
+           py::arg("enabled") = false, py::arg("threshold") = 0.98, py::arg("max_skip_frame") = 10,
+           py::arg("sleep_on_skip") = true)
+      .def_readwrite("enabled", &sd::SimilarityFilterOptions::enabled)
+      .def_readwrite("threshold", &sd::SimilarityFilterOptions::threshold)
+      .def_readwrite("max_skip_frame", &sd::SimilarityFilterOptions::max_skip_frame)
+      .def_readwrite("sleep_on_skip", &sd::SimilarityFilterOptions::sleep_on_skip);
+
+  py::class_<sd::StreamConfig>(m, "StreamConfig", R"doc(
+Settings of one stream (sd::StreamConfig). Build it with resolve_config() to get the model's recommendations for
+whatever is left unset, or set every field yourself.
+)doc")
+      .def(py::init<>())
+      .def_readwrite("t_index_list", &sd::StreamConfig::t_index_list,
+                     "indices into the num_inference_steps LCM timesteps (0 = t 999)")
+      .def_readwrite("num_inference_steps", &sd::StreamConfig::num_inference_steps)
+      .def_property(
+          "cfg_type", [](const sd::StreamConfig& c) { return sd::cfg_type_name(c.cfg_type); },
+          [](sd::StreamConfig& c, const std::string& s) { c.cfg_type = sd::parse_cfg_type(s); },
+          "'none' | 'full' | 'self' | 'initialize'")
+      .def_readwrite("guidance_scale", &sd::StreamConfig::guidance_scale)
+      .def_readwrite("delta", &sd::StreamConfig::delta)
+      .def_readwrite("frame_buffer_size", &sd::StreamConfig::frame_buffer_size)
+      .def_readwrite("use_denoising_batch", &sd::StreamConfig::use_denoising_batch)
+      .def_readwrite("do_add_noise", &sd::StreamConfig::do_add_noise)
+      .def_readwrite("width", &sd::StreamConfig::width)
+      .def_readwrite("height", &sd::StreamConfig::height)
+      .def_readwrite("seed", &sd::StreamConfig::seed)
+      .def_readwrite("similarity_filter", &sd::StreamConfig::similarity_filter)
+      .def_readwrite("original_frame_layout", &sd::StreamConfig::original_frame_layout)
+      .def("__repr__", [](const sd::StreamConfig& c) {
+        std::string idx;
+        for (size_t i = 0; i < c.t_index_list.size(); ++i) idx += (i ? ", " : "") + std::to_string(c.t_index_list[i]);
+        return "StreamConfig(t_index_list=[" + idx + "], num_inference_steps=" + std::to_string(c.num_inference_steps) +
+               ", cfg_type='" + sd::cfg_type_name(c.cfg_type) + "', guidance_scale=" + std::to_string(c.guidance_scale) +
+               ", delta=" + std::to_string(c.delta) + ", frame_buffer_size=" + std::to_string(c.frame_buffer_size) +
+               ", width=" + std::to_string(c.width) + ", height=" + std::to_string(c.height) +
+               ", seed=" + std::to_string(c.seed) + ")";
+      });
+
+  m.def(
+      "resolve_config",
+      [](std::optional<std::string> model, const std::string& mode, std::optional<std::vector<int64_t>> t_index_list,
+         std::optional<int64_t> num_inference_steps, std::optional<std::string> cfg_type,
+         std::optional<double> guidance_scale, std::optional<double> delta, std::optional<int64_t> width,
+         std::optional<int64_t> height, const std::string& config, const std::string& prediction_type) {
+        if (mode != "txt2img" && mode != "img2img")
+          throw sd::InvalidArgument("mode must be 'txt2img' or 'img2img', got '" + mode + "'");
+        const std::string path = model && !model->empty() ? *model : sd::default_model_dir();
+        sd::StreamRequest r{t_index_list, num_inference_steps, cfg_type, guidance_scale, delta, width, height};
+        return sd::resolve_stream_config(r, mode == "txt2img", sd::read_model_defaults(path, config, prediction_type));
+      },
+      py::arg("model") = py::none(), py::arg("mode") = "img2img", py::kw_only(), py::arg("t_index_list") = py::none(),
+      py::arg("num_inference_steps") = py::none(), py::arg("cfg_type") = py::none(),
+      py::arg("guidance_scale") = py::none(), py::arg("delta") = py::none(), py::arg("width") = py::none(),
+      py::arg("height") = py::none(), py::arg("config") = "", py::arg("prediction_type") = "",
+      R"doc(
+A StreamConfig for `model` (None = the built-in model) in `mode`, each unset setting resolved as the CLI does:
+argument > the model's streamdiffusion.json > its family's defaults > built-in (txt2img 0,16,32,45 cfg none, img2img
+32,45 cfg self, guidance 1.2, delta 1, the model's native size).
+)doc");
+
+  py::class_<sd::StreamStats>(m, "StreamStats", "Counters and seconds per stage since the stream was made.")
+      .def_readonly("calls", &sd::StreamStats::calls)
+      .def_readonly("processed", &sd::StreamStats::processed)
+      .def_readonly("skipped", &sd::StreamStats::skipped)
+      .def_readonly("forced", &sd::StreamStats::forced)
+      .def_readonly("unet_calls", &sd::StreamStats::unet_calls)
+      .def_readonly("unet_rows", &sd::StreamStats::unet_rows)
+      .def_readonly("text_encodes", &sd::StreamStats::text_encodes)
+      .def_readonly("text_encode_s", &sd::StreamStats::text_encode_s)
+      .def_readonly("image_encode_s", &sd::StreamStats::image_encode_s)
+      .def_readonly("unet_s", &sd::StreamStats::unet_s)
+      .def_readonly("decode_s", &sd::StreamStats::decode_s)
+      .def_readonly("total_s", &sd::StreamStats::total_s)
+      .def_readonly("ema_call_s", &sd::StreamStats::ema_call_s)
+      .def("__repr__", [](const sd::StreamStats& s) {
+        return "StreamStats(calls=" + std::to_string(s.calls) + ", processed=" + std::to_string(s.processed) +
+               ", skipped=" + std::to_string(s.skipped) + ", unet_calls=" + std::to_string(s.unet_calls) +
+               ", total_s=" + std::to_string(s.total_s) + ")";
+      });
+
+  py::class_<sd::Rng, std::shared_ptr<sd::Rng>>(m, "Rng", "Source of the stream's normal draws.");
+  py::class_<sd::TorchRng, sd::Rng, std::shared_ptr<sd::TorchRng>>(
+      m, "TorchRng", "torch.manual_seed(seed) + torch.randn, draw for draw (the default).")
+      .def(py::init<uint64_t>(), py::arg("seed") = 2);
+  py::class_<sd::ReplayRng, sd::Rng, std::shared_ptr<sd::ReplayRng>>(
+      m, "ReplayRng", "Hands out recorded float32 tensors in order (golden tests); a shape mismatch raises.")
+      .def(py::init([](py::handle draws, const std::string& source) {
+             return std::make_shared<sd::ReplayRng>(tensor_list(draws, "ReplayRng draws"), source);
+           }),
+           py::arg("draws"), py::arg("source") = "replay")
+      .def_property_readonly("consumed", &sd::ReplayRng::consumed)
+      .def_property_readonly("remaining", &sd::ReplayRng::remaining);
+  py::class_<sd::UniformSource, std::shared_ptr<sd::UniformSource>>(m, "UniformSource",
+                                                                     "The similarity filter's uniform draws.");
+  py::class_<sd::Mt19937UniformSource, sd::UniformSource, std::shared_ptr<sd::Mt19937UniformSource>>(
+      m, "Mt19937UniformSource")
+      .def(py::init<uint64_t>(), py::arg("seed") = 0);
+  py::class_<sd::ReplayUniformSource, sd::UniformSource, std::shared_ptr<sd::ReplayUniformSource>>(
+      m, "ReplayUniformSource", "Replays recorded uniform draws in order (golden tests).")
+      .def(py::init<std::vector<double>>(), py::arg("values"))
+      .def_property_readonly("consumed", &sd::ReplayUniformSource::consumed);
+
+  using Rel = py::gil_scoped_release;
+  py::class_<PyStream, std::shared_ptr<PyStream>>(m, "Stream", R"doc(
+One StreamDiffusion stream (sd::StreamDiffusion) on a loaded model set: its latent buffer, RCFG state, noise and
+similarity-filter state belong to one input sequence. Not thread-safe: drive it from one thread. Images in and out
+are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_index_list)).
+)doc")
+      .def(py::init([](Models models, const sd::StreamConfig& config, py::object rng_obj, py::object uniform_obj) {
+             if (!models) throw sd::InvalidArgument("Stream: models is None (use load_pipeline())");
+             auto rng = rng_obj.is_none() ? nullptr : rng_obj.cast<std::shared_ptr<sd::Rng>>();
+             auto uniform = uniform_obj.is_none() ? nullptr : uniform_obj.cast<std::shared_ptr<sd::UniformSource>>();
+             auto s = std::make_shared<PyStream>();
+             s->models = models;
+             s->stream = std::make_shared<sd::StreamDiffusion>(models, config, rng, uniform);
+             return s;
+           }),
+           py::arg("models"), py::arg("config") = sd::StreamConfig(), py::arg("rng") = py::none(),
+           py::arg("uniform") = py::none(),
+           "rng: a TorchRng (default, seeded from config.seed) or ReplayRng; uniform: the filter's draws.")
+      .def(
+          "prepare",
+          [](PyStream& s, const std::string& prompt, const std::string& negative_prompt) {
+            s.prompt = prompt;
+            s.negative_prompt = negative_prompt;
+            Rel r;
+            s.stream->prepare(prompt, negative_prompt);
+          },
+          py::arg("prompt"), py::arg("negative_prompt") = "",
+          "Builds every cache: encodes the prompts, seeds the Rng with config.seed, draws init_noise.")
+      .def_property_readonly("prepared", [](const PyStream& s) { return s.stream->prepared(); })
+      .def(
+          "img2img",
+          [](PyStream& s, py::handle images) {
+            at::Tensor x = to_tensor(images, "images");
+            at::Tensor out;
+            {
+              Rel r;
+              out = s.stream->img2img(x);
+            }
+            return wrap(std::move(out));
+          },
+          py::arg("images"),
+          "One stream step on F new frames: float NCHW [F, 3, H, W] (or [3, H, W] when F = 1) in [-1, 1]. Returns the "
+          "decoded frames [F, 3, H, W] (about [-1, 1], not clamped) of the frames submitted n-1 calls earlier.")
+      .def(
+          "txt2img",
+          [](PyStream& s) {
+            at::Tensor out;
+            {
+              Rel r;
+              out = s.stream->txt2img();
+            }
+            return wrap(std::move(out));
+          },
+          "One stream step from F fresh noise latents; returns NCHW [F, 3, H, W] in about [-1, 1].")
+      .def(
+          "txt2img_one_shot",
+          [](PyStream& s) {
+            at::Tensor out;
+            {
+              Rel r;
+              out = s.stream->txt2img_one_shot();
+            }
+            return wrap(std::move(out));
+          },
+          "sd-turbo one-shot batch: batch_size fresh latents, one UNet call, all images NCHW [B, 3, H, W] in "
+          "about [-1, 1]; no latency, no guidance.")
+      .def(
+          "update_prompt",
+          [](PyStream& s, const std::string& prompt, std::optional<std::string> negative_prompt) {
+            s.prompt = prompt;
+            if (negative_prompt) s.negative_prompt = *negative_prompt;
+            const std::string neg = s.negative_prompt;
+            Rel r;
+            s.stream->update_prompt(prompt, neg);
+          },
+          py::arg("prompt"), py::arg("negative_prompt") = py::none(),
+          "Re-encodes the prompt (and the negative prompt: None keeps the current one).")
+      .def("set_guidance_scale", [](PyStream& s, double g) { s.stream->set_guidance_scale(g); }, py::arg("guidance_scale"))
+      .def("set_delta", [](PyStream& s, double d) { s.stream->set_delta(d); }, py::arg("delta"))
+      .def(
+          "set_t_index_list", [](PyStream& s, const std::vector<int64_t>& l) { s.stream->set_t_index_list(l); },
+          py::arg("t_index_list"),
+          "Same length: new timesteps, buffers kept. Other length: the stream restarts (buffers zeroed).")
+      .def("set_seed", [](PyStream& s, uint64_t seed) { s.stream->set_seed(seed); }, py::arg("seed"),
+           "Reseeds, redraws init_noise, zeroes stock_noise; the latent buffer is kept.")
+      .def(
+          "set_similarity_filter",
+          [](PyStream& s, py::object options, std::optional<double> threshold, std::optional<int> max_skip_frame) {
+            sd::SimilarityFilterOptions o = s.stream->config().similarity_filter;
+            if (py::isinstance<sd::SimilarityFilterOptions>(options)) {
+              o = options.cast<sd::SimilarityFilterOptions>();
+            } else if (!options.is_none()) {
+              o.enabled = options.cast<bool>();
+            }
+            if (threshold) o.threshold = *threshold;
+            if (max_skip_frame) o.max_skip_frame = *max_skip_frame;
+            s.stream->set_similarity_filter(o);
+          },
+          py::arg("enabled") = py::none(), py::arg("threshold") = py::none(), py::arg("max_skip_frame") = py::none(),
+          "set_similarity_filter(True, threshold=0.98, max_skip_frame=10), or a SimilarityFilterOptions.")
+      .def_property_readonly("config", [](const PyStream& s) { return s.stream->config(); })
+      .def_property_readonly("stats", [](const PyStream& s) { return s.stream->stats(); })
+      .def_property_readonly("models", [](const PyStream& s) { return std::const_pointer_cast<sd::DiffusionModels>(s.models); })
+      .def_property_readonly("prompt", [](const PyStream& s) { return s.prompt; })
+      .def_property_readonly("negative_prompt", [](const PyStream& s) { return s.negative_prompt; })
+      .def_property_readonly("width", [](const PyStream& s) { return s.stream->config().width; })
+      .def_property_readonly("height", [](const PyStream& s) { return s.stream->config().height; })
+      .def_property_readonly("frame_buffer_size", [](const PyStream& s) { return s.stream->config().frame_buffer_size; })
+      .def_property_readonly("denoising_steps", [](const PyStream& s) { return s.stream->denoising_steps(); })
+      .def_property_readonly("batch_size", [](const PyStream& s) { return s.stream->batch_size(); })
+      .def_property_readonly("unet_batch_size", [](const PyStream& s) { return s.stream->unet_batch_size(); })
+      .def_property_readonly("guidance_scale", [](const PyStream& s) { return s.stream->guidance_scale(); },
+                             "effective guidance scale (1 for cfg none)")
+      .def_property_readonly("delta", [](const PyStream& s) { return s.stream->delta(); })
+      .def_property_readonly("timesteps", [](const PyStream& s) { return s.stream->timesteps(); })
+      .def_property_readonly("sub_timesteps", [](const PyStream& s) { return s.stream->sub_timesteps(); })
+      .def_property_readonly("last_skipped", [](const PyStream& s) { return !s.stream->last_filter_decision().process; },
+                             "whether the similarity filter skipped the last img2img call")
+      // State tensors (read-only views; None when not built): latent NCHW.
+      .def_property_readonly("init_noise", [](const PyStream& s) { return maybe_wrap(s.stream->init_noise()); })
+      .def_property_readonly("stock_noise", [](const PyStream& s) { return maybe_wrap(s.stream->stock_noise()); })
+      .def_property_readonly("latent_buffer", [](const PyStream& s) { return maybe_wrap(s.stream->latent_buffer()); })
+      .def_property_readonly("prompt_embeds", [](const PyStream& s) { return maybe_wrap(s.stream->prompt_embeds()); })
+      .def_property_readonly("cond_embeds", [](const PyStream& s) { return maybe_wrap(s.stream->cond_embeds()); })
+      .def_property_readonly("uncond_embeds", [](const PyStream& s) { return maybe_wrap(s.stream->uncond_embeds()); })
+      .def_property_readonly("alpha_prod_t_sqrt", [](const PyStream& s) { return maybe_wrap(s.stream->alpha_prod_t_sqrt()); })
+      .def_property_readonly("beta_prod_t_sqrt", [](const PyStream& s) { return maybe_wrap(s.stream->beta_prod_t_sqrt()); })
+      .def(
+          "_time_img2img_native",
+          [](PyStream& s, py::handle images, int n) {
+            // The C++ side of the overhead figure: n img2img calls timed in C++ (no Python between them).
+            at::Tensor x = to_tensor(images, "images");
+            std::vector<double> secs;
+            Rel r;
+            for (int i = 0; i < n; ++i) {
+              const auto t0 = std::chrono::steady_clock::now();
+              at::Tensor out = s.stream->img2img(x);
+              secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            }
+            return secs;
+          },
+          py::arg("images"), py::arg("n"), "benchmark helper: seconds of each of n img2img calls, timed in C++")
+      .def("__repr__", [](const PyStream& s) {
+        const auto& c = s.stream->config();
+        return "streamdiffusion_cpp.Stream(" + std::to_string(c.width) + "x" + std::to_string(c.height) +
+               ", steps=" + std::to_string(c.t_index_list.size()) + ", cfg=" + sd::cfg_type_name(c.cfg_type) +
+               ", prepared=" + (s.stream->prepared() ? "True" : "False") + ")";
+      });
+}
+
+}  // namespace sdpy

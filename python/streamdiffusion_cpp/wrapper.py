@@ -1,0 +1,251 @@
+"""StreamDiffusionWrapper: upstream StreamDiffusion's ``utils/wrapper.py`` API on the streamdiffusion.cpp engine.
+
+Moving over is a changed import::
+
+    from streamdiffusion_cpp import StreamDiffusionWrapper
+
+Every constructor argument and method of upstream's wrapper is accepted. Where upstream's behaviour is right it is
+kept; where it is not, the difference is deliberate and listed in the README ("Python": the mapping from upstream's
+wrapper). In short: unset settings come from the model (native size, recommended t_index_list / cfg / guidance /
+delta) instead of fixed SD 1.5 numbers; models, LoRAs and TAESD resolve to local paths only (a Hugging Face hub id
+is looked up in the local hub cache, never downloaded); acceleration / device_ids / engine_dir /
+use_safety_checker are accepted and noted; txt2img accepts any cfg_type and img2img the sequential mode, which the
+engine implements.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from . import _core
+from .image_utils import postprocess_image as _postprocess
+from .image_utils import preprocess_image as _preprocess
+
+log = logging.getLogger("streamdiffusion_cpp")
+
+_ACCELERATIONS = ("none", "xformers", "tensorrt", "sfast")
+
+
+def _hub_cache_path(repo_id: str) -> Optional[str]:
+    """The newest local snapshot of a Hugging Face hub repository id ("org/name"), or None. Never downloads."""
+    if "/" not in repo_id or os.path.exists(repo_id):
+        return None
+    roots = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HUGGINGFACE_HUB_CACHE")]
+    hf_home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    roots.append(os.path.join(hf_home, "hub"))
+    folder = "models--" + repo_id.replace("/", "--")
+    for root in filter(None, roots):
+        snaps = sorted(glob.glob(os.path.join(root, folder, "snapshots", "*")), key=os.path.getmtime)
+        if snaps:
+            return snaps[-1]
+    return None
+
+
+def resolve_model_path(name: Optional[str]) -> Optional[str]:
+    """A local path for a model name: the path itself, else its local hub-cache snapshot; None = the built-in model.
+
+    A name that is neither is returned unchanged, so loading reports it (FormatError naming the path).
+    """
+    if name is None or name == "":
+        return None
+    name = os.path.expanduser(str(name))
+    return _hub_cache_path(name) or name
+
+
+def _lora_file(path: str) -> str:
+    """A LoRA given as a file, or a folder holding one .safetensors file (diffusers' pytorch_lora_weights...)."""
+    path = resolve_model_path(path) or path
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if len(files) == 1:
+            return files[0]
+        preferred = os.path.join(path, "pytorch_lora_weights.safetensors")
+        if os.path.exists(preferred):
+            return preferred
+        raise _core.InvalidArgument(f"LoRA folder {path} holds {len(files)} .safetensors files; name one")
+    return path
+
+
+def _dtype_name(dtype: Any, device: str) -> str:
+    if dtype is None:
+        return "fp16" if device.startswith("cuda") else "fp32"
+    s = str(dtype)
+    return s.rsplit(".", 1)[-1] if "." in s else s
+
+
+class StreamDiffusionWrapper:
+    """Upstream's StreamDiffusionWrapper on the C++ engine (same arguments and methods; see the module docstring).
+
+    Images: ``img2img`` takes a path, a PIL image, a uint8 HWC array or a float NCHW tensor in [-1, 1] (any
+    ``__dlpack__`` object); results follow ``output_type``: "pil" (PIL image), "pt" (torch NCHW/CHW float in [0, 1]),
+    "np" (numpy HWC float32 in [0, 1]), "latent" (the raw decoder output, CHW float in [-1, 1], as upstream returns
+    it). With frame_buffer_size > 1 each call takes and returns frame_buffer_size images (a list / a batch).
+    """
+
+    def __init__(
+        self,
+        model_id_or_path: Optional[str] = None,
+        t_index_list: Optional[List[int]] = None,
+        lora_dict: Optional[Dict[str, float]] = None,
+        mode: Literal["img2img", "txt2img"] = "img2img",
+        output_type: Literal["pil", "pt", "np", "latent"] = "pil",
+        lcm_lora_id: Optional[str] = None,
+        vae_id: Optional[str] = None,
+        device: Literal["cpu", "cuda"] = "cpu",
+        dtype: Any = None,
+        frame_buffer_size: int = 1,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        warmup: int = 10,
+        acceleration: Literal["none", "xformers", "tensorrt"] = "none",
+        do_add_noise: bool = True,
+        device_ids: Optional[List[int]] = None,
+        use_lcm_lora: bool = True,
+        use_tiny_vae: bool = True,
+        enable_similar_image_filter: bool = False,
+        similar_image_filter_threshold: float = 0.98,
+        similar_image_filter_max_skip_frame: int = 10,
+        use_denoising_batch: bool = True,
+        cfg_type: Optional[Literal["none", "full", "self", "initialize"]] = None,
+        seed: int = 2,
+        use_safety_checker: bool = False,
+        engine_dir: Optional[str] = "engines",
+        *,
+        threads: int = 0,
+    ) -> None:
+        """Loads the model and prepares an empty prompt, as upstream does.
+
+        model_id_or_path: a diffusers folder or single .safetensors file (a hub id only if it is in the local hub
+        cache); None = the built-in emoji model. t_index_list, width, height, cfg_type: None = the model's
+        recommendation / native size. dtype: torch dtype or "fp32" | "bf16" | "fp16" (None: fp32 on CPU, fp16 on
+        CUDA). threads: intra-op threads (0 = all cores).
+        """
+        if mode not in ("img2img", "txt2img"):
+            raise _core.InvalidArgument(f"mode must be 'img2img' or 'txt2img', got {mode!r}")
+        if output_type not in ("pil", "pt", "np", "latent"):
+            raise _core.InvalidArgument(f"output_type must be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
+        if acceleration not in _ACCELERATIONS:
+            raise _core.InvalidArgument(f"acceleration must be one of {_ACCELERATIONS}, got {acceleration!r}")
+        if acceleration != "none":
+            log.warning("acceleration=%r: streamdiffusion.cpp runs its own libtorch path (prepacked CPU "
+                        "convolutions, bf16/fp16); %s is not used", acceleration, acceleration)
+        if device_ids is not None:
+            log.warning("device_ids=%r ignored: one stream runs on one device", device_ids)
+        if use_safety_checker:
+            log.warning("use_safety_checker=True: no safety checker is available in streamdiffusion.cpp "
+                        "(it needs transformers' CLIP vision model); images are returned unfiltered")
+
+        self.device = device
+        self.mode = mode
+        self.output_type = output_type
+        self.frame_buffer_size = frame_buffer_size
+        self.use_denoising_batch = use_denoising_batch
+        self.use_safety_checker = use_safety_checker
+        self.warmup = warmup  # accepted; upstream's wrapper does not use it either (its examples warm up by hand)
+        self.model_path = resolve_model_path(model_id_or_path)
+
+        defaults = _core.model_defaults(self.model_path)
+        self.model_defaults = defaults
+        self.sd_turbo = defaults["family"] in ("sd-turbo", "sdxl-turbo") or "turbo" in str(model_id_or_path or "")
+
+        # LoRAs: the LCM-LoRA first, then lora_dict in order (upstream: load_lcm_lora + fuse, then each lora_dict
+        # entry), none of them for turbo models (as upstream).
+        loras: List[tuple] = []
+        if not self.sd_turbo:
+            if use_lcm_lora:
+                lcm = lcm_lora_id if lcm_lora_id is not None else _hub_cache_path("latent-consistency/lcm-lora-sdv1-5")
+                if lcm is not None:
+                    loras.append((_lora_file(lcm), 1.0))
+                elif defaults["warnings"]:
+                    log.warning("use_lcm_lora=True but no lcm_lora_id was given and latent-consistency/"
+                                "lcm-lora-sdv1-5 is not in the local hub cache (nothing is downloaded): running "
+                                "without an LCM-LoRA")
+            for path, scale in (lora_dict or {}).items():
+                loras.append((_lora_file(path), float(scale)))
+
+        if use_tiny_vae:
+            taesd = resolve_model_path(vae_id) or "" if vae_id is not None else ""
+            vae = ""
+        else:
+            taesd = "none"
+            vae = resolve_model_path(vae_id) or "" if vae_id is not None else ""
+
+        self.dtype = _dtype_name(dtype, device)
+        self.models = _core.load_pipeline(self.model_path, dtype=self.dtype, device=device, threads=threads,
+                                          taesd=taesd, vae=vae, loras=loras)
+
+        if seed < 0:  # upstream: a random seed
+            seed = random.randint(0, 1000000)
+        self.config = _core.resolve_config(self.model_path, mode, t_index_list=t_index_list, cfg_type=cfg_type,
+                                           width=width, height=height)
+        self.config.frame_buffer_size = frame_buffer_size
+        self.config.use_denoising_batch = use_denoising_batch
+        self.config.do_add_noise = do_add_noise
+        self.config.seed = seed
+        if enable_similar_image_filter:
+            if mode != "img2img":
+                raise _core.InvalidArgument("enable_similar_image_filter needs input images (mode='img2img')")
+            self.config.similarity_filter = _core.SimilarityFilterOptions(
+                True, similar_image_filter_threshold, similar_image_filter_max_skip_frame)
+        self._recommended = (self.config.num_inference_steps, self.config.guidance_scale, self.config.delta)
+        self.width = self.config.width
+        self.height = self.config.height
+        self.t_index_list = list(self.config.t_index_list)
+        self.cfg_type = self.config.cfg_type
+        self.batch_size = len(self.t_index_list) * frame_buffer_size if use_denoising_batch else frame_buffer_size
+        self.stream: _core.Stream = _core.Stream(self.models, self.config)
+        # Upstream prepares an empty prompt at load (guidance 1.1 with a cfg, else 1.0; 50 steps).
+        self.prepare("", "", guidance_scale=1.1 if self.cfg_type != "none" else 1.0)
+
+    def prepare(self, prompt: str, negative_prompt: str = "", num_inference_steps: Optional[int] = None,
+                guidance_scale: Optional[float] = None, delta: Optional[float] = None) -> None:
+        """Encodes the prompts and builds every cache (resets the stream, as upstream's prepare).
+
+        num_inference_steps, guidance_scale, delta: None = the model's recommendation (upstream: 50, 1.2, 1.0).
+        """
+        steps, guidance, dlt = self._recommended
+        self.config.num_inference_steps = int(num_inference_steps) if num_inference_steps is not None else steps
+        self.config.guidance_scale = float(guidance_scale) if guidance_scale is not None else guidance
+        self.config.delta = float(delta) if delta is not None else dlt
+        self.stream = _core.Stream(self.models, self.config)
+        self.stream.prepare(prompt, negative_prompt)
+
+    def __call__(self, image: Any = None, prompt: Optional[str] = None):
+        """img2img(image, prompt) in img2img mode, else txt2img(prompt)."""
+        if self.mode == "img2img":
+            return self.img2img(image, prompt)
+        return self.txt2img(prompt)
+
+    def txt2img(self, prompt: Optional[str] = None):
+        """One txt2img step (turbo models: the one-shot batch, as upstream's txt2img_sd_turbo)."""
+        if prompt is not None:
+            self.stream.update_prompt(prompt)
+        if self.sd_turbo and self.use_denoising_batch:
+            out = self.stream.txt2img_one_shot()
+        else:
+            out = self.stream.txt2img()
+        return self.postprocess_image(out, output_type=self.output_type)
+
+    def img2img(self, image: Any, prompt: Optional[str] = None):
+        """One img2img step. image: a path, PIL image (or a list of frame_buffer_size of them), uint8 HWC array,
+        or float NCHW / CHW tensor in [-1, 1] (any __dlpack__ object; not copied)."""
+        if image is None:
+            raise _core.InvalidArgument("img2img: an image is required (mode='img2img')")
+        if prompt is not None:
+            self.stream.update_prompt(prompt)
+        x = self.preprocess_image(image)
+        out = self.stream.img2img(x)
+        return self.postprocess_image(out, output_type=self.output_type)
+
+    def preprocess_image(self, image: Any) -> _core.Tensor:
+        """Path / PIL -> float32 NCHW [1, 3, H, W] in [-1, 1], centre-cropped and resized to the stream size
+        (upstream stretches); tensors pass through unchanged (no copy)."""
+        return _preprocess(image, self.width, self.height)
+
+    def postprocess_image(self, image_tensor: Any, output_type: str = "pil"):
+        """Decoder output NCHW in [-1, 1] -> output_type; the first image unless frame_buffer_size > 1 (upstream)."""
+        out = _postprocess(image_tensor, output_type)
+        return out if self.frame_buffer_size > 1 else out[0]
