@@ -1,4 +1,4 @@
-"""The pipeline golden cases (fixtures pipeline/ and lora/pipeline/) through Python: the recorded random draws are
+"""The pipeline golden cases (fixtures pipeline/, lora/pipeline/ and sdxl/stream/) through Python: the recorded random draws are
 replayed (ReplayRng / ReplayUniformSource), every call's output and the recorded stream state are compared with the
 C++ golden test's tolerances (tests/pipeline/test_pipeline_golden.cpp: atol 5e-4 + rtol 1e-4 * max|ref|)."""
 import json
@@ -9,7 +9,7 @@ import pytest
 
 PIPE_ATOL, PIPE_RTOL = 5e-4, 1e-4
 MODULE_ATOL, MODULE_RTOL = 1e-4, 1e-5
-SETS = ("pipeline", "lora/pipeline")
+SETS = ("pipeline", "lora/pipeline", "sdxl/stream")  # sdxl/stream: StreamDiffusion on the tiny SDXL
 
 
 def _cases():
@@ -44,9 +44,11 @@ def models_for(sd, root, p):
     if key not in _models:
         loras = [(os.path.join(root, "lora", "files", l["file"] + ".safetensors"), l["scale"])
                  for l in p.get("loras", [])]
-        taesd = os.path.join(root, "models", p["model"], "taesd") if p["vae"] == "taesd" else "none"
-        _models[key] = sd.load_pipeline(os.path.join(root, "models", p["model"]), taesd=taesd, loras=loras,
-                                        strict_lora=True, threads=-1)
+        # The SDXL set's models live in sdxl/models/, the others' in models/.
+        sub = ("sdxl", "models") if "sdxl" in p["model"] else ("models",)
+        model_dir = os.path.join(root, *sub, p["model"])
+        taesd = os.path.join(model_dir, p["vae"]) if p["vae"] in ("taesd", "taesdxl") else "none"
+        _models[key] = sd.load_pipeline(model_dir, taesd=taesd, loras=loras, strict_lora=True, threads=-1)
     return _models[key]
 
 

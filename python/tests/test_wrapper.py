@@ -131,3 +131,19 @@ def test_hub_ids_resolve_to_the_local_cache_only(sd, tmp_path, monkeypatch):
     assert (w.width, w.height) == (64, 64)
     with pytest.raises(sd.FormatError, match="nobody/missing: no such file or folder"):
         sd.StreamDiffusionWrapper("nobody/missing")
+
+
+def test_wrapper_on_an_sdxl_folder(sd, fixtures):
+    """SDXL folders need nothing new: the wrapper loads the tiny SDXL (two text encoders, TAESDXL) by path."""
+    model = os.path.join(fixtures, "sdxl", "models", "tiny-sdxl")
+    if not os.path.isdir(model):
+        pytest.skip("no sdxl fixtures")
+    w = sd.StreamDiffusionWrapper(model, mode="txt2img", output_type="np", threads=2)
+    w.prepare("a photo of a cat")
+    out = None
+    for _ in range(len(w.t_index_list)):
+        out = w()
+    arr = np.asarray(out)
+    assert arr.shape == (64, 64, 3)
+    assert arr.std() > 0  # a picture, not a constant
+    assert "SDXL" in w.models.describe()
