@@ -64,38 +64,22 @@ json real_unet_config(const std::string& arch) {
   check_arch(arch);
   if (is_sdxl_arch(arch)) {
     // stabilityai/sdxl-turbo and stable-diffusion-xl-base-1.0 (the same UNet; 64 vs 128 latent sample_size):
-    // 2,567,463,684 parameters.
-    return json{
-        {"_class_name", "UNet2DConditionModel"},
-        {"_diffusers_version", "0.24.0"},
-        {"act_fn", "silu"},
+    // 2,567,463,684 parameters. SD's UNet config with SDXL's blocks, widths and added conditioning.
+    json c = real_unet_config("sd-turbo");
+    c.update(json{
         {"addition_embed_type", "text_time"},
         {"addition_embed_type_num_heads", 64},
         {"addition_time_embed_dim", 256},
         {"attention_head_dim", {5, 10, 20}},
         {"block_out_channels", {320, 640, 1280}},
-        {"center_input_sample", false},
         {"cross_attention_dim", 2048},
         {"down_block_types", {"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"}},
-        {"downsample_padding", 1},
-        {"dual_cross_attention", false},
-        {"flip_sin_to_cos", true},
-        {"freq_shift", 0},
-        {"in_channels", 4},
-        {"layers_per_block", 2},
-        {"mid_block_scale_factor", 1},
-        {"norm_eps", 1e-05},
-        {"norm_num_groups", 32},
-        {"num_class_embeds", nullptr},
-        {"only_cross_attention", false},
-        {"out_channels", 4},
         {"projection_class_embeddings_input_dim", 2816},
         {"sample_size", arch == "sdxl" ? 128 : 64},
         {"transformer_layers_per_block", {1, 2, 10}},
         {"up_block_types", {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}},
-        {"upcast_attention", nullptr},
-        {"use_linear_projection", true},
-    };
+    });
+    return c;
   }
   if (arch == "bk-sdm-tiny" || arch == "sdxs-512") {
     // nota-ai/bk-sdm-tiny: SD 1.4's UNet without the mid block, the innermost stage (down_blocks.3 / up_blocks.0) and
