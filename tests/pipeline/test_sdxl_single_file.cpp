@@ -15,6 +15,7 @@
 
 #include "common/cli_run.h"
 #include "common/fixtures.h"
+#include "config_only_folder.h"
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/ldm_checkpoint.h"
@@ -187,14 +188,11 @@ TEST(SdxlSingleFile, WithConfigSameOutputsAsTheFolder) {
   // A config-only folder (no weights, no tokenizers): the shipped CLIP vocabulary for both tokenizers, tokenizer_2
   // padding with "!" as SDXL's does; prompts encode exactly as with the folder's own tokenizers.
   if (find_clip_tokenizer_dir().empty()) GTEST_SKIP() << "models/clip-tokenizer not found";
-  const std::string dir = test::make_temp_dir("sd-sdxl-config-only");
-  const fs::path src = test::fixture_path(test::kTinySdxl);
-  fs::copy_file(src / "model_index.json", fs::path(dir) / "model_index.json");
-  for (const char* f : {"unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
-                        "scheduler/scheduler_config.json"}) {
-    fs::create_directories((fs::path(dir) / f).parent_path());
-    fs::copy_file(src / f, fs::path(dir) / f);
-  }
+  const std::string dir = test::config_only_folder(
+      test::fixture_path(test::kTinySdxl),
+      {"unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+       "scheduler/scheduler_config.json"},
+      "sd-sdxl-config-only");
   LoadOptions o, fo;
   o.config = dir;
   o.taesd = fo.taesd = "none";

@@ -10,6 +10,7 @@
 
 #include "common/cli_run.h"
 #include "common/fixtures.h"
+#include "config_only_folder.h"
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/safetensors.h"
@@ -98,14 +99,10 @@ TEST_P(SingleFilePipeline, ConfigOnlyFolderAndTheShippedTokenizer) {
   const auto& c = GetParam();
   if (!test::fixture_exists("single_file/" + c.file) || !test::fixture_exists(c.folder)) GTEST_SKIP();
   if (find_clip_tokenizer_dir().empty()) GTEST_SKIP() << "models/clip-tokenizer not found";
-  const std::string dir = test::make_temp_dir("sd-config-only");
-  const fs::path src = test::fixture_path(c.folder);
-  fs::copy_file(src / "model_index.json", fs::path(dir) / "model_index.json");
-  for (const char* f : {"unet/config.json", "vae/config.json", "text_encoder/config.json",
-                        "scheduler/scheduler_config.json"}) {
-    fs::create_directories((fs::path(dir) / f).parent_path());
-    fs::copy_file(src / f, fs::path(dir) / f);
-  }
+  const std::string dir = test::config_only_folder(
+      test::fixture_path(c.folder),
+      {"unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"},
+      "sd-config-only");
   LoadOptions file_opt, folder_opt;
   file_opt.config = dir;
   file_opt.taesd = folder_opt.taesd = "none";
