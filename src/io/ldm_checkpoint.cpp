@@ -437,16 +437,19 @@ nlohmann::json int_or_list(const std::vector<int64_t>& v) {
   return v;
 }
 
-nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& pred) {
-  const std::string P = kUNetPrefix;
+// `P`: the UNet's prefix (a ControlNet's encoder copy has no out.* and no output_blocks).
+nlohmann::json infer_unet(const Shapes& s, LdmFamily family, const std::string& pred,
+                          const std::string& P = kUNetPrefix) {
   nlohmann::json c;
   c["_class_name"] = "UNet2DConditionModel";
   const auto conv_in = s.of(P + "input_blocks.0.0.weight");
   if (conv_in.size() != 4) throw FormatError(s.f.path(), P + "input_blocks.0.0.weight: expected a 4-D conv weight");
   c["in_channels"] = conv_in[1];
   c["conv_in_kernel"] = conv_in[2];
-  c["out_channels"] = s.dim(P + "out.2.weight", 0);
-  c["conv_out_kernel"] = s.dim(P + "out.2.weight", 2);
+  if (s.has(P + "out.2.weight")) {
+    c["out_channels"] = s.dim(P + "out.2.weight", 0);
+    c["conv_out_kernel"] = s.dim(P + "out.2.weight", 2);
+  }
   // Walk input_blocks: resnets (in_layers), attentions (.1.proj_in), downsamplers (.0.op) close a level.
   const auto inputs = s.indices(P + "input_blocks.");
   std::vector<int64_t> channels, layers;
@@ -647,6 +650,102 @@ nlohmann::json infer_text_encoder(const Shapes& s, TextEncoderLayout layout, con
 }  // namespace
 
 bool is_ldm_checkpoint(const SafeTensorsFile& file) { return Shapes{file}.any_prefix(kUNetPrefix); }
+
+// ---- ControlNet -------------------------------------------------------------------------------------------------
+
+LdmTable controlnet_ldm_table(const std::vector<std::string>& keys, const std::string& prefix) {
+  // The encoder copy maps like a UNet's; the conditioning embedding, the zero convs and the mid zero conv are
+  // ControlNet's own. LDM's input_hint_block is one Sequential of convs and SiLUs: convs at 0, 2, 4, ...
+  std::vector<std::string> encoder;
+  int hint_blocks = 0;
+  for (const auto& k : keys) {
+    const auto t = split(k);
+    if (t.size() >= 4 && t[0] == "controlnet_cond_embedding" && t[1] == "blocks" && is_index(t[2]))
+      hint_blocks = std::max(hint_blocks, to_index(t[2]) + 1);
+  }
+  LdmTable table;
+  for (const auto& k : keys) {
+    const auto t = split(k);
+    std::string ldm;
+    if (t[0] == "controlnet_cond_embedding" && t.size() >= 3) {
+      if (t[1] == "conv_in")
+        ldm = "input_hint_block.0." + join(t, 2);
+      else if (t[1] == "blocks" && t.size() >= 4 && is_index(t[2]))
+        ldm = "input_hint_block." + std::to_string(2 * (to_index(t[2]) + 1)) + "." + join(t, 3);
+      else if (t[1] == "conv_out")
+        ldm = "input_hint_block." + std::to_string(2 * (hint_blocks + 1)) + "." + join(t, 2);
+      else
+        no_place("ControlNet", k);
+    } else if (t[0] == "controlnet_down_blocks" && t.size() >= 3 && is_index(t[1])) {
+      ldm = "zero_convs." + t[1] + ".0." + join(t, 2);
+    } else if (t[0] == "controlnet_mid_block" && t.size() >= 2) {
+      ldm = "middle_block_out.0." + join(t, 1);
+    } else {
+      encoder.push_back(k);
+      continue;
+    }
+    table.push_back({k, prefix + ldm, LdmEntry::Op::Copy, 0, 1});
+  }
+  const auto enc = unet_ldm_table(encoder, prefix);
+  table.insert(table.end(), enc.begin(), enc.end());
+  return table;
+}
+
+bool is_ldm_controlnet(const SafeTensorsFile& file) {
+  const Shapes s{file};
+  return s.any_prefix(std::string(kControlNetPrefix) + "input_hint_block.") || s.any_prefix("input_hint_block.");
+}
+
+ControlNetFileInfo inspect_controlnet_file(const SafeTensorsFile& file) {
+  const Shapes s{file};
+  ControlNetFileInfo info;
+  info.path = file.path();
+  if (s.any_prefix(std::string(kControlNetPrefix) + "input_hint_block."))
+    info.prefix = kControlNetPrefix;
+  else if (!s.any_prefix("input_hint_block."))
+    throw FormatError(file.path(), "not a ControlNet: no 'control_model.input_hint_block.*' or 'input_hint_block.*' "
+                                   "tensors (expected the original ControlNet layout: input_hint_block, "
+                                   "input_blocks, middle_block, zero_convs, middle_block_out; or a diffusers "
+                                   "ControlNetModel folder)");
+  const std::string P = info.prefix;
+  // Family from the cross-attention width (768 SD 1.x, 1024 SD 2.x) or SDXL's label_emb.
+  int64_t cross = 0;
+  for (const auto& t : file.tensors())
+    if (starts_with(t.name, P + "input_blocks.") && t.name.find("attn2.to_k.weight") != std::string::npos &&
+        t.shape.size() == 2) {
+      cross = t.shape[1];
+      break;
+    }
+  info.family = s.has(P + "label_emb.0.0.weight") ? LdmFamily::SDXL
+                : cross == 1024                    ? LdmFamily::SD2
+                : cross == 768                     ? LdmFamily::SD1
+                                                   : LdmFamily::Unknown;
+  nlohmann::json c = infer_unet(s, info.family, "epsilon", P);
+  c["_class_name"] = "ControlNetModel";
+  for (const char* k : {"out_channels", "conv_out_kernel", "up_block_types", "sample_size"}) c.erase(k);
+  c["upcast_attention"] = false;
+  // input_hint_block: conv_in, then pairs (c_i -> c_i, c_i -> c_{i+1} stride 2), then conv_out (the last conv).
+  std::vector<int> convs;
+  for (int i : s.indices(P + "input_hint_block."))
+    if (s.has(P + "input_hint_block." + std::to_string(i) + ".weight")) convs.push_back(i);
+  if (convs.size() < 2 || convs.size() % 2 != 0)
+    throw FormatError(file.path(), "input_hint_block has " + std::to_string(convs.size()) +
+                                       " convolutions; expected conv_in, pairs of convs and conv_out (an even count "
+                                       ">= 2)");
+  for (size_t i = 0; i < convs.size(); ++i)
+    if (convs[i] != static_cast<int>(2 * i))
+      throw FormatError(file.path(), "input_hint_block convolutions must sit at indices 0, 2, 4, ... (SiLU between "
+                                     "them); found one at " + std::to_string(convs[i]));
+  const std::string H = P + "input_hint_block.";
+  std::vector<int64_t> outs{s.dim(H + "0.weight", 0)};
+  for (size_t i = 2; i + 1 < convs.size(); i += 2) outs.push_back(s.dim(H + std::to_string(convs[i]) + ".weight", 0));
+  c["conditioning_channels"] = s.dim(H + "0.weight", 1);
+  c["conditioning_embedding_out_channels"] = outs;
+  c["controlnet_conditioning_channel_order"] = "rgb";
+  c["global_pool_conditions"] = false;
+  info.config = c;
+  return info;
+}
 
 LdmCheckpointInfo inspect_ldm_checkpoint(const SafeTensorsFile& file, const std::string& prediction_type) {
   const Shapes s{file};

@@ -138,6 +138,23 @@ struct UnusedKeys {
 };
 UnusedKeys unused_ldm_keys(const SafeTensorsFile& file, const std::vector<const LdmTable*>& tables);
 
+// ---- ControlNet single files ------------------------------------------------------------------------------------
+// The original ControlNet layout (lllyasviel's control_*.safetensors), with or without the "control_model." prefix:
+//   controlnet_cond_embedding.conv_in / blocks.i / conv_out -> input_hint_block.0 / .{2(i+1)} / .{2(N+1)} (convs with
+//   SiLUs between them), controlnet_down_blocks.k -> zero_convs.k.0, controlnet_mid_block -> middle_block_out.0, and
+//   the encoder copy (conv_in, time_embedding, down_blocks, mid_block, add_embedding) as the UNet rule above.
+constexpr const char* kControlNetPrefix = "control_model.";
+struct ControlNetFileInfo {
+  std::string path;
+  std::string prefix;  // "control_model." or ""
+  LdmFamily family = LdmFamily::Unknown;
+  nlohmann::json config;  // a diffusers ControlNetModel config.json, inferred (heads / groups from the family)
+};
+LdmTable controlnet_ldm_table(const std::vector<std::string>& diffusers_keys, const std::string& prefix);
+bool is_ldm_controlnet(const SafeTensorsFile& file);
+// FormatError naming the file when it is not in that layout or its input_hint_block is malformed.
+ControlNetFileInfo inspect_controlnet_file(const SafeTensorsFile& file);
+
 // The names of the 12 DDPM buffers LatentDiffusion stores.
 const std::vector<std::string>& ddpm_buffer_names();
 

@@ -270,52 +270,52 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
       "conv_out", sd::nn::Conv2d(ch[0], c.out_channels, c.conv_out_kernel, 1, (c.conv_out_kernel - 1) / 2));
 }
 
-torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                                                const torch::Tensor& encoder_hidden_states,
-                                                const torch::Tensor& timestep_cond,
-                                                const torch::Tensor& text_embeds, const torch::Tensor& time_ids) {
-  const auto& c = config_;
+void check_unet_inputs(const UNet2DConditionConfig& c, const torch::Tensor& sample,
+                       const torch::Tensor& encoder_hidden_states, const char* who) {
+  const std::string w = who;
   if (sample.dim() != 4 || sample.size(1) != c.in_channels)
-    throw InvalidArgument("UNet: sample must be [B, " + std::to_string(c.in_channels) + ", h, w], got " +
+    throw InvalidArgument(w + ": sample must be [B, " + std::to_string(c.in_channels) + ", h, w], got " +
                           std::to_string(sample.dim()) + "-d with " +
                           (sample.dim() > 1 ? std::to_string(sample.size(1)) : std::string("?")) + " channels");
   const int64_t b = sample.size(0);
   if (!encoder_hidden_states.defined() || encoder_hidden_states.dim() != 3 || encoder_hidden_states.size(0) != b)
-    throw InvalidArgument("UNet: encoder_hidden_states must be [" + std::to_string(b) + ", L, D]");
+    throw InvalidArgument(w + ": encoder_hidden_states must be [" + std::to_string(b) + ", L, D]");
   for (int64_t d : c.cross_attention_dim)
     if (encoder_hidden_states.size(2) != d)
-      throw InvalidArgument("UNet: encoder_hidden_states width " + std::to_string(encoder_hidden_states.size(2)) +
+      throw InvalidArgument(w + ": encoder_hidden_states width " + std::to_string(encoder_hidden_states.size(2)) +
                             " != cross_attention_dim " + std::to_string(d));
+}
 
+torch::Tensor unet_conditioning_embedding(const UNet2DConditionConfig& c, TimestepEmbedding& time_embedding,
+                                          TimestepEmbedding& add_embedding, const torch::Tensor& sample,
+                                          const torch::Tensor& timesteps, const torch::Tensor& timestep_cond,
+                                          const torch::Tensor& text_embeds, const torch::Tensor& time_ids,
+                                          const char* who) {
+  const std::string w = who;
+  const int64_t b = sample.size(0);
   // Timesteps: [B], or one value ([1] / 0-d) broadcast over the batch (diffusers' timesteps.expand(B)).
   torch::Tensor t = timesteps.dim() == 0 ? timesteps.reshape({1}) : timesteps;
   if (t.dim() != 1 || (t.size(0) != b && t.size(0) != 1))
-    throw InvalidArgument("UNet: timesteps must be [" + std::to_string(b) + "], [1] or a scalar");
+    throw InvalidArgument(w + ": timesteps must be [" + std::to_string(b) + "], [1] or a scalar");
   t = t.to(sample.device()).expand({b});
 
-  // Sizes that are not a multiple of the total down factor need explicit upsample sizes (diffusers'
-  // forward_upsample_size).
-  const int64_t factor = int64_t{1} << num_upsamplers_;
-  const bool forward_upsample_size = sample.size(2) % factor != 0 || sample.size(3) % factor != 0;
-
-  auto x = c.center_input_sample ? sample * 2.0 - 1.0 : sample;
   // Sinusoidal embedding in fp32, then the model dtype (as diffusers casts t_emb to sample.dtype).
-  auto t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(x.scalar_type());
+  auto t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.scalar_type());
   if (timestep_cond.defined() && c.time_cond_proj_dim == 0)
-    throw InvalidArgument("UNet: timestep_cond was given but this UNet has no time_cond_proj_dim (it is not an "
+    throw InvalidArgument(w + ": timestep_cond was given but this model has no time_cond_proj_dim (it is not an "
                           "LCM-distilled UNet with a guidance embedding)");
   auto emb = time_embedding(t_emb, timestep_cond);  // [B, temb]
   if (c.text_time()) {
     const int64_t p = c.pooled_text_dim();
     if (!text_embeds.defined() || !time_ids.defined())
-      throw InvalidArgument("UNet: this UNet has addition_embed_type \"text_time\" (SDXL) and needs text_embeds [" +
+      throw InvalidArgument(w + ": this model has addition_embed_type \"text_time\" (SDXL) and needs text_embeds [" +
                             std::to_string(b) + ", " + std::to_string(p) + "] and time_ids [" + std::to_string(b) +
                             ", 6] (added_cond_kwargs)");
     if (text_embeds.dim() != 2 || text_embeds.size(0) != b || text_embeds.size(1) != p)
-      throw InvalidArgument("UNet: text_embeds must be [" + std::to_string(b) + ", " + std::to_string(p) +
+      throw InvalidArgument(w + ": text_embeds must be [" + std::to_string(b) + ", " + std::to_string(p) +
                             "] (the pooled projection of text_encoder_2)");
     if (time_ids.dim() != 2 || time_ids.size(0) != b || time_ids.size(1) != 6)
-      throw InvalidArgument("UNet: time_ids must be [" + std::to_string(b) +
+      throw InvalidArgument(w + ": time_ids must be [" + std::to_string(b) +
                             ", 6] (original size, crop top-left, target size)");
     // diffusers: add_time_proj(time_ids.flatten()) -> [6B, addition_time_embed_dim] -> [B, 6 * dim]; concat with
     // the pooled text; add_embedding; added to the timestep embedding.
@@ -327,14 +327,53 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
                                 .to(emb.scalar_type());  // [B, P + 6 * dim]
     emb = emb + add_embedding(add_embeds);
   } else if (text_embeds.defined() || time_ids.defined()) {
-    throw InvalidArgument("UNet: text_embeds / time_ids were given but this UNet has no addition_embed_type "
+    throw InvalidArgument(w + ": text_embeds / time_ids were given but this model has no addition_embed_type "
                           "\"text_time\" (only SDXL UNets take added conditioning)");
   }
+  return emb;
+}
+
+torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
+                                                const torch::Tensor& encoder_hidden_states,
+                                                const torch::Tensor& timestep_cond,
+                                                const torch::Tensor& text_embeds, const torch::Tensor& time_ids,
+                                                const ControlResiduals& control) {
+  const auto& c = config_;
+  check_unet_inputs(c, sample, encoder_hidden_states, "UNet");
+  // Sizes that are not a multiple of the total down factor need explicit upsample sizes (diffusers'
+  // forward_upsample_size).
+  const int64_t factor = int64_t{1} << num_upsamplers_;
+  const bool forward_upsample_size = sample.size(2) % factor != 0 || sample.size(3) % factor != 0;
+
+  auto x = c.center_input_sample ? sample * 2.0 - 1.0 : sample;
+  const auto emb = unet_conditioning_embedding(c, time_embedding, add_embedding, x, timesteps, timestep_cond,
+                                               text_embeds, time_ids, "UNet");
 
   x = conv_in(x);
   std::vector<torch::Tensor> skips{x};
   for (auto& blk : down_list) x = blk(x, emb, encoder_hidden_states, skips);
+  if (control.defined()) {
+    // ControlNet: residual k is added to the k-th skip tensor before the up blocks consume it, the mid residual to
+    // the mid-block output (diffusers' down_block_additional_residuals / mid_block_additional_residual).
+    if (control.down.size() != skips.size())
+      throw InvalidArgument("UNet: " + std::to_string(control.down.size()) +
+                            " ControlNet down residuals for a UNet with " + std::to_string(skips.size()) +
+                            " skip tensors (the ControlNet was built for another UNet)");
+    for (size_t k = 0; k < skips.size(); ++k) {
+      if (control.down[k].sizes() != skips[k].sizes())
+        throw InvalidArgument("UNet: ControlNet down residual " + std::to_string(k) + " has shape " +
+                              shape_str(control.down[k].sizes()) + ", the UNet's skip tensor " +
+                              shape_str(skips[k].sizes()));
+      skips[k] = skips[k] + control.down[k].to(skips[k].scalar_type());
+    }
+  }
   if (mid_block) x = mid_block(x, emb, encoder_hidden_states);
+  if (control.mid.defined()) {
+    if (control.mid.sizes() != x.sizes())
+      throw InvalidArgument("UNet: ControlNet mid residual has shape " + shape_str(control.mid.sizes()) +
+                            ", the UNet's mid-block output " + shape_str(x.sizes()));
+    x = x + control.mid.to(x.scalar_type());
+  }
   for (size_t i = 0; i < up_list.size(); ++i) {
     auto& blk = up_list[i];
     std::optional<std::pair<int64_t, int64_t>> size;

@@ -11,6 +11,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "models/control_residuals.h"
 #include "models/embeddings.h"
 #include "models/unet_2d_blocks.h"
 
@@ -69,6 +70,17 @@ struct UNet2DConditionConfig {
   void validate(const std::string& file) const;
 };
 
+// Shared by the UNet and the ControlNet (which copies the UNet's encoder): input checks naming `who`, and the
+// conditioning embedding time_embedding(sinusoid(t), timestep_cond) [+ add_embedding(text_embeds, time_ids) for
+// text_time models] -> [B, temb] in sample's dtype. timesteps [B], [1] or 0-d.
+void check_unet_inputs(const UNet2DConditionConfig& c, const torch::Tensor& sample,
+                       const torch::Tensor& encoder_hidden_states, const char* who);
+torch::Tensor unet_conditioning_embedding(const UNet2DConditionConfig& c, TimestepEmbedding& time_embedding,
+                                          TimestepEmbedding& add_embedding, const torch::Tensor& sample,
+                                          const torch::Tensor& timesteps, const torch::Tensor& timestep_cond,
+                                          const torch::Tensor& text_embeds, const torch::Tensor& time_ids,
+                                          const char* who);
+
 class UNet2DConditionModelImpl : public torch::nn::Module {
  public:
   explicit UNet2DConditionModelImpl(const UNet2DConditionConfig& config);
@@ -77,10 +89,11 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   // timestep_cond [B or 1, time_cond_proj_dim] (get_guidance_scale_embedding of guidance_scale - 1): only for
   // UNets with time_cond_proj_dim (else InvalidArgument); undefined = the cond term is skipped, as in diffusers.
   // text_embeds [B, pooled_text_dim] and time_ids [B, 6] (diffusers' added_cond_kwargs): required by text_time
-  // (SDXL) UNets, refused by the others.
+  // (SDXL) UNets, refused by the others. control: ControlNet residuals (shapes must match the skip tensors).
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
                         const torch::Tensor& encoder_hidden_states, const torch::Tensor& timestep_cond = {},
-                        const torch::Tensor& text_embeds = {}, const torch::Tensor& time_ids = {});
+                        const torch::Tensor& text_embeds = {}, const torch::Tensor& time_ids = {},
+                        const ControlResiduals& control = {});
   const UNet2DConditionConfig& config() const { return config_; }
 
   sd::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};

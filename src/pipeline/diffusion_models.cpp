@@ -155,11 +155,13 @@ class StableDiffusionModels : public DiffusionModels {
   bool force_zeros_for_empty_prompt() const override { return force_zeros_; }
 
   torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                     const torch::Tensor& encoder_hidden_states, const AddedConditioning& added) const override {
+                     const torch::Tensor& encoder_hidden_states, const AddedConditioning& added,
+                     const ControlResiduals& control) const override {
     torch::NoGradGuard no_grad;
     return unet_.ptr()->forward(sample, timesteps, encoder_hidden_states, timestep_cond_, added.text_embeds,
-                                added.time_ids);
+                                added.time_ids, control);
   }
+  const UNet2DConditionConfig* unet_config() const override { return &unet_->config(); }
 
   torch::Tensor encode_image(const torch::Tensor& image, Rng& rng) const override {
     torch::NoGradGuard no_grad;

@@ -10,7 +10,8 @@
 //  * unet(sample, t, ehs[, added]) -> ε̂ [B, C, h, w]; sample [B, C, h, w], t [B] int64, ehs [B, 77, D]. An
 //                                    LCM-distilled UNet (time_cond_proj_dim) also gets the guidance embedding of
 //                                    LoadOptions::lcm_guidance on every call (the model set holds it). SDXL UNets
-//                                    need `added` (one row per UNet row); others refuse it.
+//                                    need `added` (one row per UNet row); others refuse it. `control`: the summed
+//                                    residuals of the stream's ControlNets for this call (pipeline/controlnet.h).
 //  * encode_image(x, rng)         -> latent [B, C, h, w] already multiplied by the VAE scaling factor; x is an image
 //                                    batch in [-1, 1]. AutoencoderKL samples its posterior with ONE rng.randn draw of
 //                                    the latent's shape per call; TAESD is deterministic and draws nothing.
@@ -26,6 +27,7 @@
 #include <torch/types.h>
 
 #include "io/lora_file.h"
+#include "models/control_residuals.h"
 #include "pipeline/lcm_scheduler.h"
 #include "pipeline/rng.h"
 
@@ -51,6 +53,7 @@ torch::Tensor sdxl_add_time_ids(int64_t original_height, int64_t original_width,
                                 int64_t target_height, int64_t target_width);
 
 class DiffusionModels;
+struct UNet2DConditionConfig;
 
 // `rows` copies of a prompt's added conditioning for an image of height x width (original = target size, no crop,
 // as the stream and diffusers' defaults), on the models' device; empty when `pooled` is undefined (not SDXL).
@@ -78,7 +81,8 @@ class DiffusionModels {
   virtual bool force_zeros_for_empty_prompt() const { return false; }
   virtual torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& timesteps,
                              const torch::Tensor& encoder_hidden_states,
-                             const AddedConditioning& added = {}) const = 0;
+                             const AddedConditioning& added = {},
+                             const ControlResiduals& control = {}) const = 0;
   virtual torch::Tensor encode_image(const torch::Tensor& image, Rng& rng) const = 0;
   virtual torch::Tensor decode_latent(const torch::Tensor& latent) const = 0;
 
@@ -89,6 +93,8 @@ class DiffusionModels {
   virtual c10::ScalarType dtype() const = 0;
   virtual c10::Device device() const = 0;
   virtual const LCMSchedulerConfig& scheduler_config() const = 0;
+  // The loaded UNet's configuration (ControlNets are checked against it); nullptr for stub models.
+  virtual const UNet2DConditionConfig* unet_config() const { return nullptr; }
   // "sd" (SD 1.x / 2.x family: one text encoder) or "sdxl" (two text encoders, added conditioning).
   virtual std::string family() const { return pooled_text_dim() > 0 ? "sdxl" : "sd"; }
   // One line for logs: model folder, which autoencoder, dtype, device.

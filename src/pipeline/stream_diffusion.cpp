@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "pipeline/controlnet.h"
 #include "pipeline/image.h"
 
 namespace sd {
@@ -310,6 +311,7 @@ void StreamDiffusion::set_t_index_list(const std::vector<int64_t>& t_index_list)
     config_.t_index_list = old;
     throw;
   }
+  control_cache_.clear();
   if (!prepared_) return;
   torch::NoGradGuard no_grad;
   build_schedule();
@@ -403,7 +405,7 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
                           std::to_string(t_sub_.size(0)) +
                           " timesteps; in sequential mode len(t_index_list) must equal frame_buffer_size");
   ++stats_.calls;
-  unet_call_index_ = 0;
+  begin_stream_call();
   const Tensor x = rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot")
                        .to(device_, dtype_);
   trace("x_t_latent_in", x);
@@ -421,7 +423,7 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
 
 torch::Tensor StreamDiffusion::run_stream(const torch::Tensor& x_t_latent, Clock::time_point start) {
   trace("x_t_latent_in", x_t_latent);
-  unet_call_index_ = 0;
+  begin_stream_call();
   const Tensor x0 = predict_x0_batch(x_t_latent);
   trace("x_0_pred_out", x0);
   Tensor out = decode(x0);
@@ -447,17 +449,126 @@ torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torc
       (added.defined() && added.text_embeds.size(0) != ehs.size(0)))
     throw Error("internal: UNet batch rows disagree: sample " + shape_str(sample.sizes()) + ", timesteps " +
                 shape_str(t.sizes()) + ", text " + shape_str(ehs.sizes()));
-  const std::string k = "unet" + std::to_string(unet_call_index_++);
+  const int64_t index = unet_call_index_++;
+  const std::string k = "unet" + std::to_string(index);
   trace(k + ".sample", sample);
   trace(k + ".timestep", t);
+  const ControlResiduals control = control_residuals(index, sample, t, ehs, added);
+  if (control.defined() && trace_) {
+    for (size_t j = 0; j < control.down.size(); ++j) trace(k + ".controlnet_down" + std::to_string(j), control.down[j]);
+    trace(k + ".controlnet_mid", control.mid);
+  }
   const auto t0 = Clock::now();
-  Tensor out = models_->unet(sample, t, ehs, added);
+  Tensor out = models_->unet(sample, t, ehs, added, control);
   sync_device();
   stats_.unet_s += seconds_since(t0);
   ++stats_.unet_calls;
   stats_.unet_rows += sample.size(0);
   trace(k + ".out", out);
   return out;
+}
+
+void StreamDiffusion::begin_stream_call() {
+  unet_call_index_ = 0;
+  if (++control_phase_ >= controlnet_every_) {
+    control_phase_ = 0;
+    control_cache_.clear();
+  }
+}
+
+ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::Tensor& sample,
+                                                    const torch::Tensor& t, const torch::Tensor& ehs,
+                                                    const AddedConditioning& added) {
+  if (controlnets_.empty()) return {};
+  // Reuse (set_controlnet_every): within a phase every UNet call of a stream call keeps the residuals computed on
+  // the phase's first call, as long as its batch has the same rows.
+  if (auto it = control_cache_.find(index); it != control_cache_.end()) {
+    if (!it->second.defined() || it->second.down[0].size(0) == sample.size(0)) {
+      ++stats_.controlnet_reused;
+      return it->second;
+    }
+  }
+  const auto t0 = Clock::now();
+  ControlResiduals sum;
+  for (size_t i = 0; i < controlnets_.size(); ++i) {
+    if (controlnets_[i].scale == 0.0) continue;
+    if (!control_images_[i].defined())
+      throw InvalidArgument("ControlNet " + std::to_string(i) + " (" + controlnets_[i].net->name() +
+                            ") has no control image: set one before the next frame");
+    sum += controlnets_[i].net->residuals(sample, t, ehs, added, control_images_[i], controlnets_[i].scale);
+    ++stats_.controlnet_calls;
+  }
+  sync_device();
+  stats_.controlnet_s += seconds_since(t0);
+  if (controlnet_every_ > 1) control_cache_[index] = sum;
+  return sum;
+}
+
+void StreamDiffusion::set_controlnets(std::vector<ControlNetUnit> units) {
+  for (size_t i = 0; i < units.size(); ++i) {
+    if (!units[i].net) throw InvalidArgument("set_controlnets: ControlNet " + std::to_string(i) + " is null");
+    if (!std::isfinite(units[i].scale))
+      throw InvalidArgument("set_controlnets: ControlNet " + std::to_string(i) + " has a non-finite scale");
+    if (units[i].net->image_scale() != vae_scale_)
+      throw InvalidArgument("ControlNet " + units[i].net->path() + " embeds its control image down " +
+                            std::to_string(units[i].net->image_scale()) + "x but the model's latents are " +
+                            std::to_string(vae_scale_) + "x smaller than the image");
+  }
+  controlnets_ = std::move(units);
+  control_images_.assign(controlnets_.size(), Tensor());
+  control_cache_.clear();
+  control_phase_ = 0;
+}
+
+void StreamDiffusion::set_controlnet_scale(size_t index, double scale) {
+  if (index >= controlnets_.size())
+    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range (" +
+                          std::to_string(controlnets_.size()) + " ControlNets)");
+  if (!std::isfinite(scale)) throw InvalidArgument("ControlNet scale must be finite");
+  controlnets_[index].scale = scale;
+  control_cache_.clear();
+}
+
+void StreamDiffusion::set_control_image(size_t index, const torch::Tensor& image) {
+  if (index >= controlnets_.size())
+    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range (" +
+                          std::to_string(controlnets_.size()) + " ControlNets)");
+  torch::NoGradGuard no_grad;
+  Tensor img;
+  if (image.scalar_type() == torch::kUInt8) {
+    if (image.dim() != 3 || image.size(2) != 3)
+      throw InvalidArgument("control image: a uint8 image must be [H, W, 3] RGB, got " + shape_str(image.sizes()));
+    img = image.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
+  } else {
+    img = image.dim() == 3 ? image.unsqueeze(0) : image;
+    if (img.dim() != 4 || img.size(0) != 1 || img.size(1) != 3)
+      throw InvalidArgument("control image: expected [3, H, W] or [1, 3, H, W] in [0, 1], got " +
+                            shape_str(image.sizes()));
+    img = img.to(torch::kFloat32);
+  }
+  if (img.size(2) != config_.height || img.size(3) != config_.width) {
+    namespace F = torch::nn::functional;
+    img = F::interpolate(img.to(torch::kCPU), F::InterpolateFuncOptions()
+                                                  .size(std::vector<int64_t>{config_.height, config_.width})
+                                                  .mode(torch::kBilinear)
+                                                  .align_corners(false)
+                                                  .antialias(true))
+              .clamp(0, 1);
+  }
+  control_images_[index] = img.to(device_, dtype_).contiguous();
+}
+
+const torch::Tensor& StreamDiffusion::control_image(size_t index) const {
+  if (index >= control_images_.size())
+    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range");
+  return control_images_[index];
+}
+
+void StreamDiffusion::set_controlnet_every(int64_t n) {
+  if (n < 1) throw InvalidArgument("controlnet_every must be >= 1, got " + std::to_string(n));
+  controlnet_every_ = n;
+  control_cache_.clear();
+  control_phase_ = 0;
 }
 
 torch::Tensor StreamDiffusion::predict_x0_batch(torch::Tensor x_t_latent) {

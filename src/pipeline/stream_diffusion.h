@@ -20,6 +20,7 @@
 // state update rolls init_noise by one row. Set it false to use the intended per-frame rows there too.
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,6 +33,14 @@
 #include "pipeline/similarity_filter.h"
 
 namespace sd {
+
+class ControlNet;
+
+// One ControlNet of a stream and its conditioning_scale (guess_mode false).
+struct ControlNetUnit {
+  std::shared_ptr<const ControlNet> net;
+  double scale = 1.0;
+};
 
 enum class CfgType { None, Full, Self, Initialize };
 // "none" | "full" | "self" | "initialize"; anything else throws InvalidArgument.
@@ -62,7 +71,9 @@ struct StreamStats {
   int64_t unet_calls = 0;
   int64_t unet_rows = 0;
   int64_t text_encodes = 0;
-  double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0;
+  int64_t controlnet_calls = 0;   // ControlNet evaluations (one per ControlNet per UNet call that computed them)
+  int64_t controlnet_reused = 0;  // UNet calls that reused cached residuals (set_controlnet_every)
+  double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0, controlnet_s = 0;
   double total_s = 0;          // wall time of processed calls
   double ema_call_s = 0;       // 0.9·ema + 0.1·call time, processed calls only (the filter's sleep)
 };
@@ -100,6 +111,24 @@ class StreamDiffusion {
   // Reseeds, redraws init_noise, zeroes stock_noise; the latent buffer is kept.
   void set_seed(uint64_t seed);
   void set_similarity_filter(const SimilarityFilterOptions& options);
+
+  // ControlNets (fixtures controlnet/; livepeer's StreamDiffusion ControlNet module): before every UNet call each
+  // ControlNet runs on the SAME batch - every stream-batch row, RCFG rows included, the same timesteps and text rows -
+  // with its control image repeated once per row; the residuals (each times its scale) are summed and added to the
+  // UNet's skip tensors and mid-block output. A ControlNet at scale 0 is skipped (bit-identical to none). Replacing
+  // the list clears the control images; every ControlNet needs one before the next call (InvalidArgument).
+  void set_controlnets(std::vector<ControlNetUnit> units);
+  const std::vector<ControlNetUnit>& controlnets() const { return controlnets_; }
+  void set_controlnet_scale(size_t index, double scale);
+  // image: [3, H, W] or [1, 3, H, W] float in [0, 1], or uint8 [H, W, 3] RGB; any size (resized, bilinear with
+  // antialiasing, to the stream's width x height). Takes effect from the next call; may change every frame.
+  void set_control_image(size_t index, const torch::Tensor& image);
+  const torch::Tensor& control_image(size_t index) const;  // [1, 3, H, W] in the stream dtype, or undefined
+  // Recompute the residuals on every n-th stream call only and reuse them in between (what StreamDiffusionTD does to
+  // save compute: the residuals lag the latents and control image by up to n-1 calls). 1 (default) = every call.
+  // Cached residuals are dropped when the ControlNets, a scale or the schedule change.
+  void set_controlnet_every(int64_t n);
+  int64_t controlnet_every() const { return controlnet_every_; }
 
   using TraceFn = std::function<void(const std::string& name, const torch::Tensor& value)>;
   // Observes intermediate tensors of each call (tests, debugging): "image_latent", "x_t_latent_in",
@@ -163,6 +192,11 @@ class StreamDiffusion {
   torch::Tensor unet_step(const torch::Tensor& x_t_latent, const torch::Tensor& t_list, int64_t idx);
   torch::Tensor call_unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
                           const AddedConditioning& added);
+  // The summed ControlNet residuals of UNet call `index` of this stream call (computed or reused); empty without
+  // ControlNets or when every scale is 0.
+  ControlResiduals control_residuals(int64_t index, const torch::Tensor& sample, const torch::Tensor& t,
+                                     const torch::Tensor& ehs, const AddedConditioning& added);
+  void begin_stream_call();  // per stream call bookkeeping (UNet call index, ControlNet reuse phase)
   // The SDXL rows of `rows` copies of the cond prompt (txt2img_one_shot); empty without added conditioning.
   AddedConditioning cond_added_rows(int64_t rows) const;
   torch::Tensor decode(const torch::Tensor& latent);
@@ -195,6 +229,12 @@ class StreamDiffusion {
   StreamStats stats_;
   TraceFn trace_;
   int64_t unet_call_index_ = 0;  // per stream call, for trace names
+
+  std::vector<ControlNetUnit> controlnets_;
+  std::vector<torch::Tensor> control_images_;          // per ControlNet: [1, 3, H, W] in dtype_ on device_
+  int64_t controlnet_every_ = 1;
+  int64_t control_phase_ = 0;                          // stream calls since the residuals were last computed
+  std::map<int64_t, ControlResiduals> control_cache_;  // UNet call index within a stream call -> residuals
 };
 
 }  // namespace sd

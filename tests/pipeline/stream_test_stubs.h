@@ -41,7 +41,7 @@ class StubModels : public DiffusionModels {
     return text_embedding(text, dim_);
   }
   torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
-                     const AddedConditioning& /*added*/) const override {
+                     const AddedConditioning& /*added*/, const ControlResiduals& /*control*/) const override {
     auto out = stub_eps(sample, t, ehs);
     std::lock_guard<std::mutex> l(mu_);
     calls_.push_back({sample.clone(), t.clone(), ehs.clone(), out.clone()});

@@ -319,8 +319,8 @@ class VStub : public test::StubModels {
  public:
   VStub() { sched_.prediction_type = "v_prediction"; }
   torch::Tensor unet(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& ehs,
-                     const AddedConditioning& added) const override {
-    const torch::Tensor eps = StubModels::unet(x, t, ehs, added);
+                     const AddedConditioning& added, const ControlResiduals& control) const override {
+    const torch::Tensor eps = StubModels::unet(x, t, ehs, added, control);
     const torch::Tensor ac = LCMScheduler(sched_).alphas_cumprod().index_select(0, t.to(torch::kLong)).view({-1, 1, 1, 1});
     return (eps - (1 - ac).sqrt() * x) / ac.sqrt();
   }
