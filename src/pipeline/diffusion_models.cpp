@@ -510,19 +510,6 @@ std::string find_clip_tokenizer_dir() {
   return find_shipped_folder("clip-tokenizer", {"vocab.json", "merges.txt"}, "SD_CLIP_TOKENIZER");
 }
 
-void refuse_pickle(const std::string& path) {
-  const std::string ext = std::filesystem::path(path).extension().string();
-  if (ext != ".ckpt" && ext != ".bin" && ext != ".pt" && ext != ".pth" && ext != ".pkl") return;
-  const std::string out = std::filesystem::path(path).replace_extension(".safetensors").string();
-  throw FormatError(path, "pickled checkpoints are refused: loading a pickle (" + ext +
-                              ") runs whatever code it contains (arbitrary code execution). Convert it once, in a "
-                              "Python you trust with this file, to .safetensors (tensors only): python -c \"import "
-                              "torch, safetensors.torch as st; sd = torch.load('" + path +
-                              "', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-                              "st.save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}, '" +
-                              out + "')\"");
-}
-
 torch::Tensor sdxl_add_time_ids(int64_t original_height, int64_t original_width, int64_t crop_top, int64_t crop_left,
                                 int64_t target_height, int64_t target_width) {
   const std::vector<float> v{static_cast<float>(original_height), static_cast<float>(original_width),
