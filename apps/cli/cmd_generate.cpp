@@ -21,6 +21,7 @@
 #include "pipeline/diffusion_models.h"
 #include "pipeline/image.h"
 #include "pipeline/stream_diffusion.h"
+#include "runtime/image_folder_source.h"
 
 namespace {
 
@@ -41,6 +42,7 @@ struct GenerateOptions : sd::cli::PipelineOptions {
 
 void add_shared_options(CLI::App& app, GenerateOptions& o, bool txt2img) {
   sd::cli::add_pipeline_options(app, o, txt2img ? sd::cli::PipelineMode::Txt2Img : sd::cli::PipelineMode::Img2Img);
+  sd::cli::add_ip_adapter_options(app, o);
   app.add_option("--warmup", o.warmup,
                  txt2img ? "calls before the saved one (default n-1 with the denoising batch, so the saved image "
                            "is not a warm-up frame)"
@@ -55,6 +57,14 @@ sd::cli::LoadedModels load(const GenerateOptions& o) {
   sd::cli::PipelineOptions p = o;
   p.lora_live = false;
   return sd::cli::load_models(p);
+}
+
+// --image-prompt: encoded once, before the stream starts (without one, an IP-Adapter sees the zero image).
+void set_image_prompt(const sd::cli::PipelineOptions& o, sd::StreamDiffusion& stream) {
+  if (!o.image_prompt.empty())
+    stream.set_image_prompt(sd::read_rgb_image(o.image_prompt));
+  else if (!o.ip_adapter.empty())
+    sd::log::warn("--ip-adapter without --image-prompt: the adapter conditions on the zero image");
 }
 
 // uint8 RGB [H, W, 3] from a file, centre-cropped and resized to width x height.
@@ -138,6 +148,7 @@ sd::cli::Runner setup_txt2img(CLI::App& app) {
     const sd::StreamConfig cfg = stream_config(*o, true);
     const sd::cli::LoadedModels l = load(*o);
     sd::StreamDiffusion stream(l.models, cfg);
+    set_image_prompt(*o, stream);
     stream.prepare(o->prompt, o->negative_prompt);
     const int64_t n = stream.denoising_steps();
     torch::Tensor out;
@@ -204,6 +215,7 @@ sd::cli::Runner setup_img2img(CLI::App& app) {
 
     const sd::cli::LoadedModels l = load(*o);
     sd::StreamDiffusion stream(l.models, cfg);
+    set_image_prompt(*o, stream);
     stream.prepare(o->prompt, o->negative_prompt);
     const int64_t F = cfg.frame_buffer_size, n = stream.denoising_steps();
     const int64_t latency = cfg.use_denoising_batch ? n - 1 : 0;

@@ -16,6 +16,7 @@
 #include "runtime/control_channel.h"
 #include "runtime/frame_sink.h"
 #include "runtime/frame_source.h"
+#include "runtime/image_folder_source.h"
 #include "runtime/signal_guard.h"
 #include "runtime/stream_diffusion_processor.h"
 #include "runtime/stream_runtime.h"
@@ -72,6 +73,7 @@ bool stdin_usable_for_control(const std::string& input) {
 sd::cli::Runner setup_stream(CLI::App& app) {
   auto o = std::make_shared<StreamCliOptions>();
   sd::cli::add_pipeline_options(app, o->p, sd::cli::PipelineMode::Either);
+  sd::cli::add_ip_adapter_options(app, o->p);
   app.add_option("-i,--input", o->input,
                  "video file | image folder | camera[:N] | screen[:x,y,w,h] | - (raw rgb24 on stdin) | none "
                  "(txt2img: a continuous stream of generated frames)")
@@ -168,6 +170,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     const sd::cli::LoadedModels l = sd::cli::load_models(o->p);
     sd::log::info("loaded {} in {:.2f} s ({} threads)", l.models->describe(), l.load_s, at::get_num_threads());
     auto stream = std::make_shared<sd::StreamDiffusion>(l.models, cfg);
+    if (!o->p.image_prompt.empty()) stream->set_image_prompt(sd::read_rgb_image(o->p.image_prompt));
     stream->prepare(o->p.prompt, o->p.negative_prompt);
     auto processor = std::make_shared<sd::StreamDiffusionProcessor>(stream, o->p.prompt, o->p.negative_prompt, txt2img);
 

@@ -168,6 +168,18 @@ void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::strin
   app.add_flag("--strict-lora", strict_lora, "LoRA keys that patch nothing in the model are an error (default: a warning)");
 }
 
+void add_ip_adapter_options(CLI::App& app, PipelineOptions& o) {
+  app.add_option("--ip-adapter", o.ip_adapter,
+                 "IP-Adapter: its .safetensors file (image encoder in image_encoder/ beside it) or a folder with one "
+                 "ip-adapter*.safetensors and image_encoder/ (h94/IP-Adapter layout); conditions on --image-prompt");
+  app.add_option("--ip-adapter-scale", o.ip_adapter_scale,
+                 "weight of the image prompt's attention (0 = off; live: 'ip_adapter_scale S')")
+      ->capture_default_str();
+  app.add_option("--image-prompt", o.image_prompt,
+                 "image file for the IP-Adapter (any size: resized and centre-cropped for the image encoder; live: "
+                 "'image_prompt FILE')");
+}
+
 std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora) {
   std::vector<LoraSpec> specs;
   if (!lcm_lora.empty()) specs.push_back(parse_lora_spec(lcm_lora, "--lcm-lora"));
@@ -251,6 +263,11 @@ LoadedModels load_models(const PipelineOptions& o) {
   lo.strict_lora = o.strict_lora;
   lo.clip_skip = o.clip_skip;
   lo.lora_live = o.lora_live;
+  if (!o.image_prompt.empty() && o.ip_adapter.empty())
+    throw InvalidArgument("--image-prompt needs an IP-Adapter: give --ip-adapter FILE|DIR");
+  if (!std::isfinite(o.ip_adapter_scale)) throw InvalidArgument("--ip-adapter-scale must be finite");
+  lo.ip_adapter = o.ip_adapter;
+  lo.ip_adapter_scale = o.ip_adapter_scale;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
   const ModelDefaults d = read_model_defaults(o.model, o.config, o.prediction_type);

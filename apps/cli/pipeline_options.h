@@ -51,6 +51,10 @@ struct PipelineOptions {
   bool strict_lora = false;
   int clip_skip = 0;  // --clip-skip / --text-encoder-clip-skip
   bool lora_live = true;           // keep the unfused weights for live scale changes (txt2img / img2img: off)
+  // IP-Adapter (add_ip_adapter_options: txt2img, img2img, stream).
+  std::string ip_adapter;          // --ip-adapter FILE|DIR
+  double ip_adapter_scale = 1.0;   // --ip-adapter-scale (diffusers' default after load_ip_adapter)
+  std::string image_prompt;        // --image-prompt FILE
 };
 
 enum class PipelineMode { Txt2Img, Img2Img, Either };
@@ -78,6 +82,9 @@ std::vector<std::string> explain_settings(const PipelineOptions& o, bool txt2img
 
 // Adds --lora, --lcm-lora and --strict-lora (add_pipeline_options does; the bench and info call it on their own).
 void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::string& lcm_lora, bool& strict_lora);
+// Adds --ip-adapter, --ip-adapter-scale and --image-prompt (txt2img, img2img, stream).
+void add_ip_adapter_options(CLI::App& app, PipelineOptions& o);
+
 // --lcm-lora first, then every --lora in order, parsed (FILE[:SCALE]) and named (file stems).
 std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora);
 

@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "io/json_config.h"
+#include "io/pickle_guard.h"
 
 namespace fs = std::filesystem;
 
@@ -128,6 +129,19 @@ std::string find_weights(const std::string& component_dir, const std::string& va
                                          ") found; pickles are never loaded - convert them to .safetensors first "
                                          "(e.g. with diffusers: save_pretrained(..., safe_serialization=True))");
   throw FormatError(component_dir, "no .safetensors weight file");
+}
+
+void refuse_pickle(const std::string& path) {
+  const std::string ext = std::filesystem::path(path).extension().string();
+  if (ext != ".ckpt" && ext != ".bin" && ext != ".pt" && ext != ".pth" && ext != ".pkl") return;
+  const std::string out = std::filesystem::path(path).replace_extension(".safetensors").string();
+  throw FormatError(path, "pickled checkpoints are refused: loading a pickle (" + ext +
+                              ") runs whatever code it contains (arbitrary code execution). Convert it once, in a "
+                              "Python you trust with this file, to .safetensors (tensors only): python -c \"import "
+                              "torch, safetensors.torch as st; sd = torch.load('" + path +
+                              "', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+                              "st.save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}, '" +
+                              out + "')\"");
 }
 
 }  // namespace sd

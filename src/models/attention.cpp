@@ -131,11 +131,26 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     throw InvalidArgument("Attention: expected [B, N, C] or [B, C, H, W] input, got " + std::to_string(x.dim()) +
                           "-d");
   }
-  const auto& ctx = context.defined() ? context : tokens;
+  torch::Tensor ctx = context.defined() ? context : tokens, image_tokens;
+  if (ip && context.defined()) {
+    const int64_t m = context.size(1) - ip->num_tokens;
+    if (context.dim() != 3 || m < 0)
+      throw InvalidArgument("Attention with IP-Adapter: the context must end with " + std::to_string(ip->num_tokens) +
+                            " image tokens, got " + std::to_string(context.dim() == 3 ? context.size(1) : 0) +
+                            " tokens");
+    ctx = context.slice(1, 0, m);
+    image_tokens = context.slice(1, m);
+  }
+  const bool upcast = options.upcast_attention || options.upcast_softmax;
   auto q = to_q(tokens);
   auto k = to_k(ctx);
   auto v = to_v(ctx);
-  auto o = to_out0(attention(q, k, v, options.heads, options.upcast_attention || options.upcast_softmax));
+  auto a = attention(q, k, v, options.heads, upcast);
+  if (image_tokens.defined()) {
+    const double s = ip->scale ? ip->scale->load() : 1.0;
+    if (s != 0.0) a = a + s * attention(q, ip->to_k_ip(image_tokens), ip->to_v_ip(image_tokens), options.heads, upcast);
+  }
+  auto o = to_out0(a);
   if (spatial) o = o.transpose(1, 2).reshape(x.sizes());  // [B, HW, C] -> [B, C, H, W]
   if (options.residual_connection) o = o + x;
   if (options.rescale_output_factor != 1.0) o = o / options.rescale_output_factor;

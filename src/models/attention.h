@@ -1,6 +1,9 @@
 #pragma once
 // Multi-head scaled dot-product attention and diffusers' `Attention` module (to_q/to_k/to_v/to_out.0, optional
 // group_norm), shared by the UNet transformer blocks and the AutoencoderKL mid-block attention.
+#include <atomic>
+#include <memory>
+
 #include "models/layers.h"
 
 namespace sd {
@@ -36,10 +39,23 @@ struct AttentionOptions {
   double rescale_output_factor = 1.0;
 };
 
+// IP-Adapter's decoupled cross-attention (models/ip_adapter.h) attached to one attn2: the weights belong to the
+// adapter's module tree (keys ip_adapter.{k}.to_k_ip / to_v_ip), the scale is shared by all of the adapter's
+// branches and may change between calls.
+struct IPAttentionBranch {
+  sd::nn::Linear to_k_ip{nullptr}, to_v_ip{nullptr};  // [inner, cross_attention_dim], no bias
+  std::shared_ptr<const std::atomic<double>> scale;
+  int64_t num_tokens = 4;  // image tokens at the end of the context
+};
+
 // diffusers.models.attention_processor.Attention with the default AttnProcessor semantics:
 //   input [B, C, H, W] is flattened to [B, HW, C] tokens (and restored at the end);
 //   group_norm (if any) normalises the tokens over channels; q = to_q(x), k/v = to_k/to_v(context or x);
 //   out = to_out.0(attention(q, k, v)); if residual_connection: out += input; out /= rescale_output_factor.
+// With an IP branch attached (diffusers 0.24 IPAdapterAttnProcessor): the context is [B, M + T, C], its last T rows
+// are the image tokens; k/v come from the first M rows and
+//   out = to_out.0(attention(q, k, v) + scale * attention(q, to_k_ip(img), to_v_ip(img))).
+// Scale 0 skips the branch (the plain result, bit for bit).
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const AttentionOptions& o);
@@ -47,6 +63,7 @@ class AttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {});
 
   AttentionOptions options;
+  std::shared_ptr<IPAttentionBranch> ip;  // null: plain attention (see IPAttentionBranch)
   sd::nn::GroupNorm group_norm{nullptr};
   sd::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out0{nullptr};
   torch::nn::ModuleList to_out{nullptr};  // holds to_out0 as "to_out.0" (diffusers' [Linear, Dropout])

@@ -87,11 +87,16 @@ torch::Tensor CLIPMLPImpl::forward(const torch::Tensor& x) {
   return fc2(h);
 }
 
-CLIPEncoderLayerImpl::CLIPEncoderLayerImpl(const CLIPTextConfig& c) {
-  self_attn = register_module("self_attn", CLIPAttention(c.hidden_size, c.num_attention_heads));
-  layer_norm1 = register_module("layer_norm1", nn::LayerNorm(c.hidden_size, c.layer_norm_eps));
-  mlp = register_module("mlp", CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act));
-  layer_norm2 = register_module("layer_norm2", nn::LayerNorm(c.hidden_size, c.layer_norm_eps));
+CLIPEncoderLayerImpl::CLIPEncoderLayerImpl(const CLIPTextConfig& c)
+    : CLIPEncoderLayerImpl(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act,
+                           c.layer_norm_eps) {}
+
+CLIPEncoderLayerImpl::CLIPEncoderLayerImpl(int64_t hidden, int64_t heads, int64_t inner, const std::string& act,
+                                           double eps) {
+  self_attn = register_module("self_attn", CLIPAttention(hidden, heads));
+  layer_norm1 = register_module("layer_norm1", nn::LayerNorm(hidden, eps));
+  mlp = register_module("mlp", CLIPMLP(hidden, inner, act));
+  layer_norm2 = register_module("layer_norm2", nn::LayerNorm(hidden, eps));
 }
 
 torch::Tensor CLIPEncoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {

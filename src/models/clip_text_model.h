@@ -55,9 +55,12 @@ class CLIPMLPImpl : public torch::nn::Module {
 };
 TORCH_MODULE(CLIPMLP);
 
+// One pre-LN transformer layer, shared by the text and the vision transformer (clip_vision_model.h).
 class CLIPEncoderLayerImpl : public torch::nn::Module {
  public:
   explicit CLIPEncoderLayerImpl(const CLIPTextConfig& c);
+  CLIPEncoderLayerImpl(int64_t hidden_size, int64_t num_attention_heads, int64_t intermediate_size,
+                       const std::string& hidden_act, double layer_norm_eps);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask);
   CLIPAttention self_attn{nullptr};
   nn::LayerNorm layer_norm1{nullptr}, layer_norm2{nullptr};

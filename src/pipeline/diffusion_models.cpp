@@ -19,6 +19,7 @@
 #include "models/autoencoder_tiny.h"
 #include "models/clip_text_model.h"
 #include "models/embeddings.h"
+#include "models/ip_adapter.h"
 #include "models/lora.h"
 #include "models/unet_2d_condition.h"
 #include "tokenizer/clip_tokenizer.h"
@@ -107,6 +108,16 @@ class StableDiffusionModels : public DiffusionModels {
                             " layers; clip skip must be in [0, " +
                             std::to_string(text_encoder_->config().num_hidden_layers - 1) + "]");
     if (!opt.loras.empty()) load_loras(opt);
+    if (!opt.ip_adapter.empty()) {
+      ip_adapter_ = load_ip_adapter(opt.ip_adapter, *unet_, dtype_, device_);
+      set_ip_adapter_scale(opt.ip_adapter_scale);
+    }
+  }
+
+  const IPAdapterModels* ip_adapter() const override { return ip_adapter_.get(); }
+  void set_ip_adapter_scale(double scale) const override {
+    if (!ip_adapter_) return DiffusionModels::set_ip_adapter_scale(scale);
+    ip_adapter_->adapter->set_scale(scale);
   }
 
   void load_loras(const LoadOptions& opt) {
@@ -202,6 +213,7 @@ class StableDiffusionModels : public DiffusionModels {
       o << ", LoRA";
       for (size_t i = 0; i < lora_names_.size(); ++i) o << (i ? " + " : " ") << lora_names_[i];
     }
+    if (ip_adapter_) o << ", IP-Adapter " << std::filesystem::path(ip_adapter_->paths.weights).filename().string();
     o << ", " << dtype_name(dtype_) << ", " << device_ << ")";
     return o.str();
   }
@@ -479,6 +491,7 @@ class StableDiffusionModels : public DiffusionModels {
   AutoencoderTiny taesd_{nullptr};
   std::unique_ptr<LoraSet> lora_;  // mutated only by set_lora_scale (see DiffusionModels)
   std::vector<std::string> lora_names_;  // fixed at load (describe() may be called from any thread)
+  std::shared_ptr<IPAdapterModels> ip_adapter_;  // LoadOptions::ip_adapter, attached to unet_
   double scaling_factor_ = 1.0;
   int64_t latent_channels_ = 4, vae_scale_factor_ = 8, text_hidden_ = 0;
   int clip_skip_ = 0;
@@ -512,19 +525,6 @@ std::string find_clip_tokenizer_dir() {
   return find_shipped_folder("clip-tokenizer", {"vocab.json", "merges.txt"}, "SD_CLIP_TOKENIZER");
 }
 
-void refuse_pickle(const std::string& path) {
-  const std::string ext = std::filesystem::path(path).extension().string();
-  if (ext != ".ckpt" && ext != ".bin" && ext != ".pt" && ext != ".pth" && ext != ".pkl") return;
-  const std::string out = std::filesystem::path(path).replace_extension(".safetensors").string();
-  throw FormatError(path, "pickled checkpoints are refused: loading a pickle (" + ext +
-                              ") runs whatever code it contains (arbitrary code execution). Convert it once, in a "
-                              "Python you trust with this file, to .safetensors (tensors only): python -c \"import "
-                              "torch, safetensors.torch as st; sd = torch.load('" + path +
-                              "', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-                              "st.save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}, '" +
-                              out + "')\"");
-}
-
 torch::Tensor sdxl_add_time_ids(int64_t original_height, int64_t original_width, int64_t crop_top, int64_t crop_left,
                                 int64_t target_height, int64_t target_width) {
   const std::vector<float> v{static_cast<float>(original_height), static_cast<float>(original_width),
@@ -538,6 +538,10 @@ AddedConditioning repeat_added_conditioning(const DiffusionModels& models, const
   if (!pooled.defined()) return {};
   return {pooled.repeat({rows, 1}),
           sdxl_add_time_ids(height, width, 0, 0, height, width).to(models.device()).repeat({rows, 1})};
+}
+
+void DiffusionModels::set_ip_adapter_scale(double /*scale*/) const {
+  throw InvalidArgument("no IP-Adapter loaded (give --ip-adapter FILE|DIR)");
 }
 
 void DiffusionModels::set_lora_scale(const std::string& name, double /*scale*/) const {

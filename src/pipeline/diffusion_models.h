@@ -54,6 +54,7 @@ torch::Tensor sdxl_add_time_ids(int64_t original_height, int64_t original_width,
 
 class DiffusionModels;
 struct UNet2DConditionConfig;
+struct IPAdapterModels;  // models/ip_adapter.h
 
 // `rows` copies of a prompt's added conditioning for an image of height x width (original = target size, no crop,
 // as the stream and diffusers' defaults), on the models' device; empty when `pooled` is undefined (not SDXL).
@@ -110,6 +111,15 @@ class DiffusionModels {
   virtual void set_lora_scale(const std::string& name, double scale) const;
   // Changes whenever the text encoder's weights change after load; prompt caches compare it.
   virtual uint64_t text_encoder_version() const { return 0; }
+
+  // IP-Adapter (LoadOptions::ip_adapter): its image encoder and projection, attached to every cross-attention of the
+  // UNet; null without one. While attached, every unet() context must end with its num_tokens() image tokens
+  // ([B, 77 + T, D]; StreamDiffusion appends them, see set_image_prompt).
+  virtual const IPAdapterModels* ip_adapter() const { return nullptr; }
+  // diffusers' set_ip_adapter_scale (the weight of the image attention; 0 = the plain UNet, exactly). Shared by
+  // every stream on these models; takes effect from the next UNet call. InvalidArgument without an IP-Adapter or
+  // for a non-finite scale.
+  virtual void set_ip_adapter_scale(double scale) const;
 };
 
 struct LoadOptions {
@@ -145,6 +155,10 @@ struct LoadOptions {
   // diffusers' clip_skip: the prompt embeddings are the final-layer-normed hidden states of the layer clip_skip
   // layers before the last (0 = the last layer, as StreamDiffusion does). Must be below the encoder's layer count.
   int clip_skip = 0;
+  // IP-Adapter: a weights file (its image encoder in image_encoder/ beside it) or a folder with one
+  // ip-adapter*.safetensors and image_encoder/ (models/ip_adapter.h). Empty = none.
+  std::string ip_adapter;
+  double ip_adapter_scale = 1.0;  // diffusers' load_ip_adapter leaves it at 1.0
 };
 
 // Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config once, from a diffusers

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "models/ip_adapter.h"
 #include "pipeline/controlnet.h"
 #include "pipeline/image.h"
 
@@ -218,8 +219,18 @@ void StreamDiffusion::build_prompt_layout() {
     ++stats_.text_encodes;
     stats_.text_encode_s += seconds_since(t0);
   }
-  const Tensor cond = cond_embeds_.repeat({B, 1, 1});
-  prompt_embeds_ = uncond_rows_ > 0 ? torch::cat({uncond_embeds_.repeat({uncond_rows_, 1, 1}), cond}, 0) : cond;
+  // IP-Adapter: the image tokens follow the text rows (cond: the image prompt's, uncond: the zero image's).
+  cond_context_ = cond_embeds_;
+  Tensor uncond_context = uncond_embeds_;
+  if (const IPAdapterModels* ip = models_->ip_adapter()) {
+    if (!uncond_image_tokens_.defined())
+      uncond_image_tokens_ = ip->image_tokens(ip->image_embeds(Tensor())).to(device_, dtype_);  // [1, T, D]
+    cond_image_tokens_ = image_tokens_.defined() ? image_tokens_ : uncond_image_tokens_;
+    cond_context_ = torch::cat({cond_embeds_, cond_image_tokens_}, 1);
+    if (uncond_rows_ > 0) uncond_context = torch::cat({uncond_embeds_, uncond_image_tokens_}, 1);
+  }
+  const Tensor cond = cond_context_.repeat({B, 1, 1});
+  prompt_embeds_ = uncond_rows_ > 0 ? torch::cat({uncond_context.repeat({uncond_rows_, 1, 1}), cond}, 0) : cond;
   // SDXL: the pooled text and the size micro-conditioning get exactly the rows of prompt_embeds_.
   added_ = AddedConditioning();
   if (cond_pooled_.defined()) {
@@ -281,6 +292,25 @@ void StreamDiffusion::refresh_prompts() {
   if (models_->text_encoder_version() == text_encoder_version_) return;
   encode_prompts(needs_uncond());
   build_prompt_layout();
+}
+
+void StreamDiffusion::set_image_prompt(const Tensor& rgb_u8_hwc) {
+  const IPAdapterModels* ip = models_->ip_adapter();
+  if (!ip) throw InvalidArgument("set_image_prompt: the models have no IP-Adapter (load one with --ip-adapter)");
+  if (!rgb_u8_hwc.defined() || rgb_u8_hwc.dim() != 3)
+    throw InvalidArgument("image prompt: expected one uint8 RGB image [H, W, 3]");
+  torch::NoGradGuard no_grad;
+  image_tokens_ = ip->image_tokens(ip->image_embeds(rgb_u8_hwc)).to(device_, dtype_);  // [1, T, D]
+  ++stats_.image_prompt_encodes;
+  if (prepared_) build_prompt_layout();
+}
+
+void StreamDiffusion::clear_image_prompt() {
+  image_tokens_ = Tensor();
+  if (prepared_) {
+    torch::NoGradGuard no_grad;
+    build_prompt_layout();
+  }
 }
 
 void StreamDiffusion::set_guidance_scale(double guidance_scale) {
@@ -409,7 +439,7 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
   const Tensor x = rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot")
                        .to(device_, dtype_);
   trace("x_t_latent_in", x);
-  const Tensor eps = call_unet(x, t_sub_, cond_embeds_.repeat({B, 1, 1}), cond_added_rows(B));
+  const Tensor eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
   const Tensor x0 = (x - beta_ * eps) / alpha_;
   trace("x_0_pred_out", x0);
   Tensor out = decode(x0);

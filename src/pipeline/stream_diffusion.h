@@ -73,6 +73,7 @@ struct StreamStats {
   int64_t text_encodes = 0;
   int64_t controlnet_calls = 0;   // ControlNet evaluations (one per ControlNet per UNet call that computed them)
   int64_t controlnet_reused = 0;  // UNet calls that reused cached residuals (set_controlnet_every)
+  int64_t image_prompt_encodes = 0;  // IP-Adapter image prompts through the image encoder (once per image)
   double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0, controlnet_s = 0;
   double total_s = 0;          // wall time of processed calls
   double ema_call_s = 0;       // 0.9·ema + 0.1·call time, processed calls only (the filter's sleep)
@@ -111,6 +112,15 @@ class StreamDiffusion {
   // Reseeds, redraws init_noise, zeroes stock_noise; the latent buffer is kept.
   void set_seed(uint64_t seed);
   void set_similarity_filter(const SimilarityFilterOptions& options);
+  // IP-Adapter image prompt (models with DiffusionModels::ip_adapter()): the image (uint8 RGB [H, W, 3], any size:
+  // CLIPImageProcessor's resize and centre crop) is encoded once, here, to image tokens [1, T, D]; every UNet call
+  // then gets them after the text rows of the cond rows, and the uncond rows get the tokens of diffusers'
+  // unconditional image (zero image_embeds). Until an image is set (or after clear_image_prompt) every row gets the
+  // unconditional image's tokens. May be called before or after prepare(); takes effect from the next call, the
+  // latent buffer is kept. InvalidArgument when the models have no IP-Adapter or for a bad image.
+  void set_image_prompt(const torch::Tensor& rgb_u8_hwc);
+  void clear_image_prompt();
+  bool has_image_prompt() const { return image_tokens_.defined(); }
 
   // ControlNets (fixtures controlnet/; livepeer's StreamDiffusion ControlNet module): before every UNet call each
   // ControlNet runs on the SAME batch - every stream-batch row, RCFG rows included, the same timesteps and text rows -
@@ -161,6 +171,11 @@ class StreamDiffusion {
   const torch::Tensor& prompt_embeds() const { return prompt_embeds_; }         // UNet text rows (spec §4.1)
   const torch::Tensor& cond_embeds() const { return cond_embeds_; }             // [1, 77, D]
   const torch::Tensor& uncond_embeds() const { return uncond_embeds_; }         // [1, 77, D] or undefined
+  // IP-Adapter: the cond rows' image tokens [1, T, D] (the image prompt's, else the unconditional image's) and the
+  // uncond rows' (the unconditional image's); undefined without an IP-Adapter. prompt_embeds() rows are then
+  // [77 + T, D]: the text rows followed by these.
+  const torch::Tensor& cond_image_tokens() const { return cond_image_tokens_; }
+  const torch::Tensor& uncond_image_tokens() const { return uncond_image_tokens_; }
   int64_t uncond_rows() const { return uncond_rows_; }
   // SDXL's added conditioning in the same row layout as prompt_embeds() (undefined for SD 1.x / 2.x).
   const AddedConditioning& added_conditioning() const { return added_; }
@@ -218,6 +233,9 @@ class StreamDiffusion {
   std::vector<int64_t> timesteps_, sub_timesteps_;
   torch::Tensor t_sub_, alpha_, beta_, c_skip_, c_out_;
   torch::Tensor cond_embeds_, uncond_embeds_, prompt_embeds_;
+  // IP-Adapter: the image prompt's tokens (undefined = none set), the tokens of the rows (see cond_image_tokens())
+  // and the cond text rows with their image tokens [1, 77 + T, D] (txt2img_one_shot's rows).
+  torch::Tensor image_tokens_, cond_image_tokens_, uncond_image_tokens_, cond_context_;
   torch::Tensor cond_pooled_, uncond_pooled_, time_ids_;  // SDXL: [1, P], [1, P], [1, 6] (stream size)
   AddedConditioning added_;                               // SDXL: rows of prompt_embeds_
   int64_t uncond_rows_ = 0;

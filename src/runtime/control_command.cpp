@@ -41,7 +41,8 @@ int64_t parse_integer(const std::string& what, const std::string& s) {
 const std::string& control_help() {
   static const std::string help =
       "commands: prompt <text> | negative <text> | guidance <g> | delta <d> | t_index_list <i,j,...> | seed <n> | "
-      "filter on|off | filter_threshold <x> | lora <name> <scale> | stats | quit | help";
+      "filter on|off | filter_threshold <x> | lora <name> <scale> | ip_adapter_scale <s> | image_prompt <path>|none | stats | "
+      "quit | help";
   return help;
 }
 
@@ -115,6 +116,14 @@ std::optional<ControlCommand> parse_control_command(const std::string& raw) {
       throw InvalidArgument("control: 'lora' needs a LoRA name and a scale, e.g. 'lora lcm-lora-sdv1-5 0.8'");
     c.text = trim(arg.substr(0, last));
     c.number = parse_number(cmd, trim(arg.substr(last)));
+  } else if (cmd == "ip_adapter_scale") {
+    c.kind = K::IpAdapterScale;
+    c.number = parse_number(cmd, arg);
+  } else if (cmd == "image_prompt") {
+    c.kind = K::ImagePrompt;
+    if (arg.empty())
+      throw InvalidArgument("control: 'image_prompt' needs an image file (or 'none'), e.g. 'image_prompt style.png'");
+    c.text = arg == "none" ? "" : arg;
   } else if (cmd == "stats") {
     no_arg(K::Stats);
   } else if (cmd == "quit" || cmd == "exit") {

@@ -11,6 +11,8 @@
 //   filter_threshold <x>     similarity threshold η in (0, 1]
 //   lora <name> <scale>      re-fuses a loaded LoRA (--lora; name = file stem) at a new scale, no reload; the
 //                            prompts are re-encoded when it patches the text encoder (the latent buffer is kept)
+//   ip_adapter_scale <s>     IP-Adapter scale (--ip-adapter; 0 = off), shared by the model set, from the next frame
+//   image_prompt <path>|none new IP-Adapter image prompt (read and encoded once; 'none' = the zero image)
 //   stats                    print the current status line
 //   quit                     stop the stream (as SIGINT)
 //   help                     list the commands
@@ -25,11 +27,12 @@ namespace sd {
 
 struct ControlCommand {
   enum class Kind {
-    Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Lora, Stats, Quit, Help
+    Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Lora, IpAdapterScale, ImagePrompt,
+    Stats, Quit, Help
   };
   Kind kind = Kind::Stats;
-  std::string text;                  // prompt / negative / lora name
-  double number = 0;                 // guidance / delta / filter_threshold / lora scale
+  std::string text;                  // prompt / negative / lora name / image_prompt path ("" = none)
+  double number = 0;                 // guidance / delta / filter_threshold / lora scale / ip_adapter_scale
   std::vector<int64_t> t_index_list;
   uint64_t seed = 0;
   bool on = false;                   // filter

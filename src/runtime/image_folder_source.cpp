@@ -72,6 +72,15 @@ bool ImageFolderSource::read(cv::Mat& image, const std::atomic<bool>& stop) {
   return true;
 }
 
+torch::Tensor read_rgb_image(const std::string& path) {
+  const cv::Mat bgr = cv::imread(path, cv::IMREAD_COLOR);
+  if (bgr.empty()) throw FormatError(path, "cannot read as an image (missing, or a format OpenCV cannot decode)");
+  cv::Mat rgb;
+  cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
+  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, {static_cast<int64_t>(rgb.step[0]), 3, 1}, torch::kUInt8)
+      .clone();
+}
+
 std::string ImageFolderSource::describe() const {
   return "image folder " + dir_ + " (" + std::to_string(files_.size()) + " images)";
 }

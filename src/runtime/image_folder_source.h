@@ -3,9 +3,15 @@
 // frame10). An image that cannot be decoded is an error naming the file.
 #include <vector>
 
+#include <torch/types.h>
+
 #include "runtime/frame_source.h"
 
 namespace sd {
+
+// One image file as uint8 RGB [H, W, 3] at its own size (IP-Adapter image prompts); FormatError naming the file
+// when it cannot be decoded.
+torch::Tensor read_rgb_image(const std::string& path);
 
 class ImageFolderSource : public FrameSource {
  public:

@@ -5,6 +5,7 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "pipeline/image.h"
+#include "runtime/image_folder_source.h"
 
 namespace sd {
 
@@ -265,6 +266,17 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
       // The shared weights are re-fused here, on the model thread between two frames; the stream re-encodes its
       // prompts on its next call when the LoRA patches the text encoder. The latent buffer is kept.
       stream_->models().set_lora_scale(c.text, c.number);
+      return {};
+    case K::IpAdapterScale:
+      // The shared adapter's scale, read by every attn2 on the next UNet call (the latent buffer is kept).
+      stream_->models().set_ip_adapter_scale(c.number);
+      return {};
+    case K::ImagePrompt:
+      // Encoded once here, on the model thread; the next call conditions on it.
+      if (c.text.empty())
+        stream_->clear_image_prompt();
+      else
+        stream_->set_image_prompt(read_rgb_image(c.text));
       return {};
     default:
       throw InvalidArgument("'" + c.line + "' is not a pipeline command");

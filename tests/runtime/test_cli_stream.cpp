@@ -146,6 +146,49 @@ TEST_F(CliStream, LiveLoraScaleChangeEqualsFreshStream) {
   EXPECT_NE(c.output.find("no LoRA named 'nope' (loaded: sd15_kohya_unet_te)"), std::string::npos) << c.output;
 }
 
+// IP-Adapter on the CLI: --ip-adapter DIR --image-prompt FILE --ip-adapter-scale 0.6, then `ip_adapter_scale 0`
+// scheduled before frame 3 of a one-step stream without guidance (no latent buffer): from frame 3 on every output
+// equals the stream without IP-Adapter (scale 0 is the plain UNet), before it they differ. `image_prompt` with a
+// missing file is refused without stopping the stream; --image-prompt without --ip-adapter is an error.
+TEST_F(CliStream, IpAdapterScaleAndImagePromptLive) {
+  const std::string adapter = test::fixture_path("ipadapter/models/tiny-ip-adapter-sd15");
+  if (!fs::exists(adapter + "/image_encoder")) GTEST_SKIP() << "IP-Adapter fixture absent";
+  const std::string video = test::write_index_video(tmp_ + "/in.avi", 6);
+  {
+    // A 56x40 RGB image prompt (resized and centre-cropped to the encoder's 32x32).
+    std::ofstream f(tmp_ + "/style_in.ppm", std::ios::binary);
+    f << "P6\n56 40\n255\n";
+    for (int y = 0; y < 40; ++y)
+      for (int x = 0; x < 56; ++x) f << char(x * 4) << char(y * 6) << char((x * y) % 256);
+  }
+  const std::string common = base_ + "--input " + q(video) + " --control none --t-index-list 45 --cfg-type none ";
+  const auto a = sh(common + "--ip-adapter " + q(adapter) + " --image-prompt " + q(tmp_ + "/style_in.ppm") +
+                    " --ip-adapter-scale 0.6 --at '3:ip_adapter_scale 0' --at '1:image_prompt " + tmp_ +
+                    "/missing.png' --output " + q(tmp_ + "/a"));
+  ASSERT_EQ(a.status, 0) << a.output;
+  EXPECT_NE(a.output.find("missing.png: cannot read as an image"), std::string::npos) << a.output;
+  const auto b = sh(common + "--output " + q(tmp_ + "/b"));
+  ASSERT_EQ(b.status, 0) << b.output;
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(tmp_ + "/a")) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  ASSERT_EQ(names.size(), 6u);
+  auto bytes = [](const std::string& p) {
+    std::ifstream f(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), {});
+  };
+  for (size_t i = 0; i < names.size(); ++i) {
+    const bool same = bytes(tmp_ + "/a/" + names[i]) == bytes(tmp_ + "/b/" + names[i]);
+    if (i < 3)
+      EXPECT_FALSE(same) << names[i] << ": before the change (scale 0.6 with an image prompt)";
+    else
+      EXPECT_TRUE(same) << names[i] << ": at scale 0 the stream must equal the one without IP-Adapter";
+  }
+  const auto c = sh(base_ + "--input none --frames 1 --output none --image-prompt " + q(tmp_ + "/style_in.ppm"));
+  EXPECT_NE(c.status, 0) << c.output;
+  EXPECT_NE(c.output.find("--image-prompt needs an IP-Adapter"), std::string::npos) << c.output;
+}
+
 TEST_F(CliStream, SigintStopsTheCommandCleanly) {
   // Endless txt2img; SIGINT once the stream runs. Exit status 130, the stop reason printed, stats written.
   const std::string log = tmp_ + "/log.txt";

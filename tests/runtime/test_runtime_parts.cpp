@@ -111,6 +111,13 @@ TEST(ControlCommand, ParsesEveryCommand) {
   EXPECT_EQ(l->text, "lcm-lora-sdv1-5");
   EXPECT_DOUBLE_EQ(l->number, 0.8);
   EXPECT_EQ(parse_control_command("lora my style  -0.5 ")->text, "my style");  // the last word is the scale
+  auto ips = parse_control_command("ip_adapter_scale 0.6");
+  EXPECT_EQ(ips->kind, K::IpAdapterScale);
+  EXPECT_DOUBLE_EQ(ips->number, 0.6);
+  auto ipi = parse_control_command("image_prompt /tmp/my style.png");
+  EXPECT_EQ(ipi->kind, K::ImagePrompt);
+  EXPECT_EQ(ipi->text, "/tmp/my style.png");
+  EXPECT_EQ(parse_control_command("image_prompt none")->text, "");  // back to the zero image
   EXPECT_EQ(parse_control_command("stats")->kind, K::Stats);
   EXPECT_EQ(parse_control_command("quit")->kind, K::Quit);
   EXPECT_EQ(parse_control_command("help")->kind, K::Help);
@@ -137,6 +144,9 @@ TEST(ControlCommand, BadCommandsGiveClearMessages) {
   EXPECT_NE(error_of([] { parse_control_command("lora style x"); }).find("expects a number, got 'x'"),
             std::string::npos);
   EXPECT_NE(error_of([] { parse_control_command("lora style nan"); }).find("expects a number"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("ip_adapter_scale x"); }).find("expects a number, got 'x'"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("image_prompt"); }).find("needs an image file"), std::string::npos);
 }
 
 TEST(LatencyHistogram, PercentilesWithinOnePercent) {
