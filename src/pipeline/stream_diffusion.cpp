@@ -500,10 +500,9 @@ torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torc
 
 void StreamDiffusion::begin_stream_call() {
   unet_call_index_ = 0;
-  if (++control_phase_ >= controlnet_every_) {
-    control_phase_ = 0;
-    control_cache_.clear();
-  }
+  // Phase 0 computes the residuals, phases 1 .. every-1 reuse them.
+  if (control_phase_ == 0) control_cache_.clear();
+  control_phase_ = (control_phase_ + 1) % controlnet_every_;
 }
 
 ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::Tensor& sample,

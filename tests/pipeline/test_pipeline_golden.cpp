@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/safetensors.h"
+#include "pipeline/controlnet.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/image.h"
 #include "pipeline/stream_diffusion.h"
@@ -32,6 +33,7 @@ constexpr double kRngAtol = 1.4e-6;                       // libtorch randn vs r
 const char* kCases = "pipeline/cases.json";
 const char* kLoraSet = "lora/pipeline";  // the same layout, with params.loras
 const char* kSdxlSet = "sdxl/stream";    // StreamDiffusion on SDXL (+ prepare.pooled / add_text_embeds / add_time_ids)
+const char* kControlNetSet = "controlnet/pipeline";  // + params.controlnet / conditioning_scale / control_schedule
 
 // Where a set's models live: sdxl/models/ for the SDXL set, models/ for the others.
 std::string model_root(const std::string& set) { return set.rfind("sdxl/", 0) == 0 ? "sdxl/models/" : "models/"; }
@@ -318,6 +320,16 @@ TEST_P(PipelineGolden, MatchesReference) {
     uniforms = result.at("python_uniform_draws").get<std::vector<double>>();
   auto uniform = std::make_shared<ReplayUniformSource>(uniforms);
   StreamDiffusion s(models, cfg, rng, uniform);
+  const bool controlnet = p.contains("controlnet");
+  std::unique_ptr<SafeTensorsFile> control_images;
+  if (controlnet) {
+    // ControlNet cases: the case's ControlNet at its conditioning scale; control images set before the listed calls.
+    s.set_controlnets({{ControlNet::load(test::fixture_path("controlnet/" + p.at("controlnet").get<std::string>()),
+                                         *models),
+                        p.at("conditioning_scale").get<double>()}});
+    control_images = std::make_unique<SafeTensorsFile>(
+        SafeTensorsFile::open(test::fixture_path("controlnet/control_images.safetensors")));
+  }
   std::map<std::string, Tensor> traced;
   s.set_trace([&](const std::string& name, const Tensor& t) { traced[name] = t.detach().clone(); });
   s.prepare(p.at("prompt").get<std::string>(), p.at("negative_prompt").get<std::string>());
@@ -338,6 +350,8 @@ TEST_P(PipelineGolden, MatchesReference) {
     const auto& call = calls.at(i);
     traced.clear();
     const int64_t unet_before = s.stats().unet_calls;
+    if (call.contains("set_control_image"))
+      s.set_control_image(0, control_images->get(call.at("set_control_image").get<std::string>()));
     Tensor out;
     if (mode == "img2img")
       out = s.img2img(input_batch(imgs, call.at("input_image_ids")));
@@ -357,7 +371,10 @@ TEST_P(PipelineGolden, MatchesReference) {
     for (const auto& name : per_call[i]) {
       const Tensor ref = f.get(pre + name);
       const std::string what = pre + name;
-      if (name == "output") {
+      if (name == "control_image_u8") {
+        // The input itself: the image set before this call.
+        EXPECT_TRUE(torch::equal(ref, control_images->get(call.at("set_control_image").get<std::string>()))) << what;
+      } else if (name == "output") {
         EXPECT_TRUE(close(rep, "output", out, ref, kPipeAtol, kPipeRtol, what));
       } else if (name == "stock_noise_after") {
         EXPECT_TRUE(close(rep, "state", s.stock_noise(), ref, kPipeAtol, kPipeRtol, what));
@@ -388,8 +405,10 @@ TEST_P(PipelineGolden, MatchesReference) {
       EXPECT_FALSE(s.latent_buffer().defined());
     }
     // Nothing traced that the reference did not record (a skipped call produces nothing).
+    // (ControlNet residuals are recorded for the calls in record_residuals only.)
     for (const auto& [name, t] : traced)
-      EXPECT_TRUE(per_call[i].count(name)) << "produced " << pre + name << " which the reference does not have";
+      EXPECT_TRUE(per_call[i].count(name) || (controlnet && name.find(".controlnet_") != std::string::npos))
+          << "produced " << pre + name << " which the reference does not have";
   }
   EXPECT_EQ(rng->remaining(), 0u) << "recorded random draws left unused";
   EXPECT_EQ(uniform->consumed(), uniforms.size()) << "recorded uniform draws left unused";
@@ -404,6 +423,9 @@ INSTANTIATE_TEST_SUITE_P(Lora, PipelineGolden, ::testing::ValuesIn(golden_cases(
                          [](const auto& info) { return test::test_name(info.param.name); });
 // StreamDiffusion on SDXL (fixtures README "SDXL"): the original algorithm plus only the added conditioning.
 INSTANTIATE_TEST_SUITE_P(Sdxl, PipelineGolden, ::testing::ValuesIn(golden_cases(kSdxlSet)),
+                         [](const auto& info) { return test::test_name(info.param.name); });
+// StreamDiffusion + ControlNet (fixtures README "ControlNet"): every UNet call runs the ControlNet on its batch.
+INSTANTIATE_TEST_SUITE_P(ControlNet, PipelineGolden, ::testing::ValuesIn(golden_cases(kControlNetSet)),
                          [](const auto& info) { return test::test_name(info.param.name); });
 INSTANTIATE_TEST_SUITE_P(SdxlSingleFile, PipelineGolden, ::testing::ValuesIn(sdxl_single_file_cases()),
                          [](const auto& info) { return test::test_name("tiny_sdxl_" + info.param.name); });

@@ -1,0 +1,192 @@
+// ControlNets in the stream on the fixture's tiny-sd15 + tiny-controlnet-sd15: two ControlNets at scales (a, b) give
+// the UNet the sum of their residuals, scale 0 equals no ControlNet bit for bit, --controlnet-every reuses the
+// residuals, a control image of another size is resized, the single-file (original layout) ControlNet equals the
+// diffusers folder, and a ControlNet of another family is refused with both families named.
+#include <filesystem>
+#include <fstream>
+#include <functional>
+
+#include <nlohmann/json.hpp>
+
+#include <gtest/gtest.h>
+
+#include "common/fixtures.h"
+#include "core/error.h"
+#include "io/ldm_checkpoint.h"
+#include "io/safetensors.h"
+#include "io/state_dict.h"
+#include "models/controlnet.h"
+#include "pipeline/controlnet.h"
+#include "pipeline/stream_diffusion.h"
+
+namespace sd {
+namespace {
+
+using torch::Tensor;
+const std::string kCn = "controlnet/models/tiny-controlnet-sd15";
+
+#define SD_REQUIRE_CN() \
+  if (!test::fixture_exists(kCn + "/config.json")) GTEST_SKIP() << "no ControlNet fixtures"
+
+std::shared_ptr<const DiffusionModels> tiny_sd15() {
+  static auto m = [] {
+    LoadOptions o;
+    o.threads = -1;
+    o.taesd = test::fixture_path("models/tiny-sd15/taesd");
+    return load_pipeline(test::fixture_path("models/tiny-sd15"), o);
+  }();
+  return m;
+}
+
+StreamConfig cfg() {
+  StreamConfig c;
+  c.width = c.height = 64;
+  c.cfg_type = CfgType::Self;
+  return c;
+}
+
+Tensor control(int which) {
+  const auto f = SafeTensorsFile::open(test::fixture_path("controlnet/control_images.safetensors"));
+  return f.get("control" + std::to_string(which));
+}
+
+Tensor frame() { return torch::linspace(-1, 1, 3 * 64 * 64).reshape({3, 64, 64}); }
+
+// Runs 3 img2img calls and returns the outputs concatenated; `setup` configures the stream after prepare.
+Tensor run(const std::function<void(StreamDiffusion&)>& setup, std::map<std::string, Tensor>* traced = nullptr) {
+  StreamDiffusion s(tiny_sd15(), cfg());
+  // The first call's tensors (later calls' latents differ between runs).
+  if (traced) s.set_trace([&](const std::string& n, const Tensor& t) { traced->emplace(n, t.clone()); });
+  s.prepare("a cat", "blurry");
+  setup(s);
+  std::vector<Tensor> outs;
+  for (int i = 0; i < 3; ++i) outs.push_back(s.img2img(frame()));
+  return torch::cat(outs);
+}
+
+TEST(ControlNetStream, ScaleZeroEqualsNoControlNetBitForBit) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  const Tensor plain = run([](StreamDiffusion&) {});
+  const Tensor zero = run([&](StreamDiffusion& s) {
+    s.set_controlnets({{cn, 0.0}});
+    s.set_control_image(0, control(0));
+  });
+  EXPECT_TRUE(torch::equal(plain, zero));
+  const Tensor one = run([&](StreamDiffusion& s) {
+    s.set_controlnets({{cn, 1.0}});
+    s.set_control_image(0, control(0));
+  });
+  EXPECT_GT((one - plain).abs().max().item<double>(), 1e-3);
+}
+
+TEST(ControlNetStream, TwoControlNetsGiveTheSumOfTheirResiduals) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  std::map<std::string, Tensor> a, b, ab;
+  run([&](StreamDiffusion& s) { s.set_controlnets({{cn, 0.7}}); s.set_control_image(0, control(0)); }, &a);
+  run([&](StreamDiffusion& s) { s.set_controlnets({{cn, 0.4}}); s.set_control_image(0, control(1)); }, &b);
+  run([&](StreamDiffusion& s) {
+    s.set_controlnets({{cn, 0.7}, {cn, 0.4}});
+    s.set_control_image(0, control(0));
+    s.set_control_image(1, control(1));
+  }, &ab);
+  // The first call's residuals (same inputs in all three runs).
+  for (const std::string k : {"unet0.controlnet_down0", "unet0.controlnet_down3", "unet0.controlnet_mid"}) {
+    ASSERT_TRUE(a.count(k) && b.count(k) && ab.count(k)) << k;
+    SD_EXPECT_CLOSE(ab[k], a[k] + b[k], 1e-5, 1e-6, k);
+  }
+}
+
+TEST(ControlNetStream, EveryNReusesTheResidualsAndCountsIt) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  StreamDiffusion s(tiny_sd15(), cfg());
+  s.prepare("a cat", "blurry");
+  s.set_controlnets({{cn, 1.0}});
+  s.set_control_image(0, control(0));
+  s.set_controlnet_every(2);
+  for (int i = 0; i < 4; ++i) s.img2img(frame());
+  EXPECT_EQ(s.stats().controlnet_calls, 2);
+  EXPECT_EQ(s.stats().controlnet_reused, 2);
+  EXPECT_THROW(s.set_controlnet_every(0), InvalidArgument);
+}
+
+TEST(ControlNetStream, MissingControlImageAndWrongSizes) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  StreamDiffusion s(tiny_sd15(), cfg());
+  s.prepare("a cat");
+  s.set_controlnets({{cn, 1.0}});
+  try {
+    s.img2img(frame());
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("has no control image"), std::string::npos) << e.what();
+  }
+  // Another size is resized, not refused.
+  s.set_control_image(0, torch::rand({3, 100, 37}));
+  EXPECT_EQ(s.control_image(0).sizes().vec(), (std::vector<int64_t>{1, 3, 64, 64}));
+  EXPECT_NO_THROW(s.img2img(frame()));
+  EXPECT_THROW(s.set_control_image(0, torch::zeros({64, 64, 4}, torch::kUInt8)), InvalidArgument);
+  EXPECT_THROW(s.set_control_image(1, control(0)), InvalidArgument);
+}
+
+TEST(ControlNetLoad, OriginalLayoutSingleFileEqualsTheFolder) {
+  SD_REQUIRE_CN();
+  const std::string dir = test::fixture_path(kCn);
+  auto folder_model = load_controlnet_model(dir);
+  std::map<std::string, Tensor> weights = state_dict(*folder_model);
+  std::vector<std::string> keys;
+  for (const auto& kv : weights) keys.push_back(kv.first);
+  const std::string tmp = test::make_temp_dir("cn_single");
+  for (const std::string prefix : {std::string(convert::kControlNetPrefix), std::string()}) {
+    const auto table = convert::controlnet_ldm_table(keys, prefix);
+    const auto ldm = convert::scatter_ldm(weights, table);
+    std::map<std::string, Tensor> out(ldm.begin(), ldm.end());
+    const std::string path = tmp + "/control_tiny" + (prefix.empty() ? "_bare" : "") + ".safetensors";
+    save_safetensors(path, out);
+    // The inferred config has the architecture of the folder's (GroupNorm groups are not in the weights: the
+    // family default 32 is assumed, as for every published ControlNet; the tiny fixture uses 8).
+    const auto file = SafeTensorsFile::open(path);
+    const auto info = convert::inspect_controlnet_file(file);
+    EXPECT_EQ(info.prefix, prefix);
+    const auto c = ControlNetConfig::from_json(info.config, path);
+    EXPECT_EQ(c.conditioning_embedding_out_channels, (std::vector<int64_t>{4, 8, 8, 16}));
+    EXPECT_EQ(c.conditioning_channels, 3);
+    EXPECT_EQ(c.unet.block_out_channels, (std::vector<int64_t>{32, 64}));
+    EXPECT_EQ(c.unet.cross_attention_dim, (std::vector<int64_t>{32, 32}));
+    EXPECT_EQ(c.unet.down_block_types, folder_model->config().unet.down_block_types);
+    // Every tensor converts back to the folder's, bit for bit.
+    const auto back = convert::gather_ldm(file, table, "ControlNet");
+    ASSERT_EQ(back.size(), weights.size());
+    for (const auto& [k, v] : weights) EXPECT_TRUE(torch::equal(back.at(k), v)) << prefix << k;
+    // And it loads as a ControlNet of the model set.
+    const auto cn = ControlNet::load(path, *tiny_sd15());
+    EXPECT_NE(cn->describe().find("original layout"), std::string::npos) << cn->describe();
+  }
+  std::filesystem::remove_all(tmp);
+}
+
+TEST(ControlNetLoad, AnotherFamilyIsRefusedNamingBoth) {
+  SD_REQUIRE_CN();
+  const std::string tmp = test::make_temp_dir("cn_family");
+  const std::string dir = test::fixture_path(kCn);
+  auto j = nlohmann::json::parse(std::ifstream(dir + "/config.json"));
+  j["cross_attention_dim"] = 1024;  // an SD 2.x ControlNet
+  std::ofstream(tmp + "/config.json") << j.dump();
+  std::filesystem::copy_file(dir + "/diffusion_pytorch_model.safetensors", tmp + "/diffusion_pytorch_model.safetensors");
+  try {
+    ControlNet::load(tmp, *tiny_sd15());
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    // Either the shape check of the weights or the family check names what is wrong.
+    const std::string w = e.what();
+    EXPECT_TRUE(w.find("1024") != std::string::npos || w.find("SD 2.x") != std::string::npos) << w;
+  }
+  EXPECT_THROW(ControlNet::load(test::fixture_path("models/tiny-sd15/unet/config.json"), *tiny_sd15()), Error);
+  std::filesystem::remove_all(tmp);
+}
+
+}  // namespace
+}  // namespace sd
