@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "io/model_folder.h"
+#include "pipeline/controlnet.h"
 #include "pipeline/image.h"
 #include "pipeline/stream_settings.h"
 
@@ -178,6 +180,72 @@ void add_ip_adapter_options(CLI::App& app, PipelineOptions& o) {
   app.add_option("--image-prompt", o.image_prompt,
                  "image file for the IP-Adapter (any size: resized and centre-cropped for the image encoder; live: "
                  "'image_prompt FILE')");
+}
+
+void add_controlnet_options(CLI::App& app, PipelineOptions& o, const std::string& control_input_help) {
+  app.add_option("--controlnet", o.controlnets,
+                 "ControlNet: a diffusers folder or a single file (control_*.safetensors), DIR|FILE or DIR|FILE:SCALE "
+                 "(conditioning scale, default 1); repeatable, the residuals are summed. Live: 'controlnet_scale I S'");
+  app.add_option("--control-preprocessor", o.control_preprocessors,
+                 "control image of each ControlNet: canny[:LOW:HIGH] | gray | passthrough | feedback (the previous "
+                 "output); once for all or once per --controlnet (default: canny on the input, passthrough with "
+                 "--control-input). Live: 'control_preprocessor I NAME'");
+  app.add_option("--control-input", o.control_input, control_input_help);
+  app.add_option("--controlnet-every", o.controlnet_every,
+                 "recompute the ControlNet residuals every N calls and reuse them in between (saves compute; the "
+                 "control lags by up to N-1 calls)")
+      ->capture_default_str();
+}
+
+std::pair<std::string, double> parse_controlnet_spec(const std::string& spec) {
+  if (spec.empty()) throw InvalidArgument("--controlnet: empty path");
+  const auto colon = spec.rfind(':');
+  if (colon != std::string::npos && colon + 1 < spec.size() && colon > 0) {
+    const std::string tail = spec.substr(colon + 1);
+    char* end = nullptr;
+    errno = 0;
+    const double v = std::strtod(tail.c_str(), &end);
+    if (end != tail.c_str() && *end == '\0' && errno != ERANGE) {
+      if (!std::isfinite(v)) throw InvalidArgument("--controlnet " + spec + ": the scale must be finite");
+      return {spec.substr(0, colon), v};
+    }
+  }
+  return {spec, 1.0};
+}
+
+ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels& models, bool has_input_frames) {
+  ControlNetSetup s;
+  if (o.controlnets.empty()) {
+    if (!o.control_preprocessors.empty()) throw InvalidArgument("--control-preprocessor needs --controlnet");
+    if (!o.control_input.empty()) throw InvalidArgument("--control-input needs --controlnet");
+    return s;
+  }
+  if (o.controlnet_every < 1) throw InvalidArgument("--controlnet-every must be >= 1");
+  const size_t n = o.controlnets.size();
+  if (o.control_preprocessors.size() > 1 && o.control_preprocessors.size() != n)
+    throw InvalidArgument("--control-preprocessor given " + std::to_string(o.control_preprocessors.size()) +
+                          " times for " + std::to_string(n) + " --controlnet: give it once (for all) or once each");
+  for (size_t i = 0; i < n; ++i) {
+    const auto [path, scale] = parse_controlnet_spec(o.controlnets[i]);
+    std::string spec;
+    if (!o.control_preprocessors.empty())
+      spec = o.control_preprocessors.size() == 1 ? o.control_preprocessors[0] : o.control_preprocessors[i];
+    else if (!o.control_input.empty())
+      spec = "passthrough";
+    else if (has_input_frames)
+      spec = "canny";
+    else
+      throw InvalidArgument("--controlnet " + o.controlnets[i] +
+                            ": txt2img has no input frames to preprocess; give --control-input or "
+                            "--control-preprocessor feedback");
+    auto pre = make_control_preprocessor(spec);
+    if (!pre->feedback() && !has_input_frames && o.control_input.empty())
+      throw InvalidArgument("--control-preprocessor " + spec +
+                            " needs frames: txt2img has none, give --control-input (or use feedback)");
+    s.units.push_back({ControlNet::load(path, models), scale});
+    s.preprocessors.push_back(std::move(pre));
+  }
+  return s;
 }
 
 std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora) {

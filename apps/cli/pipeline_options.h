@@ -16,6 +16,7 @@
 #include "pipeline/diffusion_models.h"
 #include "pipeline/model_defaults.h"
 #include "pipeline/stream_diffusion.h"
+#include "runtime/control_preprocessor.h"
 
 namespace sd::cli {
 
@@ -55,6 +56,11 @@ struct PipelineOptions {
   std::string ip_adapter;          // --ip-adapter FILE|DIR
   double ip_adapter_scale = 1.0;   // --ip-adapter-scale (diffusers' default after load_ip_adapter)
   std::string image_prompt;        // --image-prompt FILE
+  // ControlNet (add_controlnet_options: txt2img, img2img, stream, serve).
+  std::vector<std::string> controlnets;            // --controlnet DIR|FILE[:SCALE], repeatable
+  std::vector<std::string> control_preprocessors;  // --control-preprocessor SPEC: one for all, or one per ControlNet
+  std::string control_input;                       // --control-input SRC (stream: a source; txt2img/img2img: an image)
+  int controlnet_every = 1;                        // --controlnet-every N
 };
 
 enum class PipelineMode { Txt2Img, Img2Img, Either };
@@ -84,6 +90,22 @@ std::vector<std::string> explain_settings(const PipelineOptions& o, bool txt2img
 void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::string& lcm_lora, bool& strict_lora);
 // Adds --ip-adapter, --ip-adapter-scale and --image-prompt (txt2img, img2img, stream).
 void add_ip_adapter_options(CLI::App& app, PipelineOptions& o);
+
+// Adds --controlnet, --control-preprocessor, --control-input (help text per command: `control_input_help`) and
+// --controlnet-every.
+void add_controlnet_options(CLI::App& app, PipelineOptions& o, const std::string& control_input_help);
+
+// The ControlNets of --controlnet (loaded for `models`, scales from FILE:SCALE, default 1) with the preprocessor of
+// each: --control-preprocessor given once applies to all, else one per ControlNet; without it `passthrough` when a
+// control input is given, `canny` when the stream has input frames, else InvalidArgument (txt2img needs a control
+// input or `feedback`). Empty without --controlnet; InvalidArgument for preprocessors without ControlNets.
+struct ControlNetSetup {
+  std::vector<ControlNetUnit> units;
+  std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors;  // one per unit
+};
+ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels& models, bool has_input_frames);
+// "DIR|FILE[:SCALE]" -> {path, scale}: the text after the last ':' is the scale when it is a number.
+std::pair<std::string, double> parse_controlnet_spec(const std::string& spec);
 
 // --lcm-lora first, then every --lora in order, parsed (FILE[:SCALE]) and named (file stems).
 std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora);
