@@ -43,6 +43,10 @@ struct GenerateOptions : sd::cli::PipelineOptions {
 void add_shared_options(CLI::App& app, GenerateOptions& o, bool txt2img) {
   sd::cli::add_pipeline_options(app, o, txt2img ? sd::cli::PipelineMode::Txt2Img : sd::cli::PipelineMode::Img2Img);
   sd::cli::add_ip_adapter_options(app, o);
+  sd::cli::add_controlnet_options(app, o,
+                                  txt2img ? "control image file (preprocessed once; default preprocessor passthrough)"
+                                          : "control image file used for every frame instead of the input frames "
+                                            "(preprocessed once; default preprocessor passthrough)");
   app.add_option("--warmup", o.warmup,
                  txt2img ? "calls before the saved one (default n-1 with the denoising batch, so the saved image "
                            "is not a warm-up frame)"
@@ -65,6 +69,26 @@ void set_image_prompt(const sd::cli::PipelineOptions& o, sd::StreamDiffusion& st
     stream.set_image_prompt(sd::read_rgb_image(o.image_prompt));
   else if (!o.ip_adapter.empty())
     sd::log::warn("--ip-adapter without --image-prompt: the adapter conditions on the zero image");
+}
+
+torch::Tensor read_image(const std::string& path, int64_t width, int64_t height);
+
+// --controlnet for txt2img / img2img: the ControlNets are set on the stream; with --control-input their control images
+// are made once from that file. Returns the setup (img2img without --control-input preprocesses each frame).
+sd::cli::ControlNetSetup setup_controlnets(const sd::cli::PipelineOptions& o, const sd::DiffusionModels& models,
+                                           sd::StreamDiffusion& stream, bool txt2img) {
+  sd::cli::ControlNetSetup c = sd::cli::load_controlnets(o, models, !txt2img);
+  if (c.units.empty()) return c;
+  for (const auto& p : c.preprocessors)
+    if (p->feedback())
+      throw sd::InvalidArgument("--control-preprocessor feedback needs a stream (streamdiffusion stream)");
+  stream.set_controlnets(c.units);
+  stream.set_controlnet_every(o.controlnet_every);
+  if (!o.control_input.empty()) {
+    const torch::Tensor src = read_image(o.control_input, stream.config().width, stream.config().height);
+    for (size_t i = 0; i < c.units.size(); ++i) stream.set_control_image(i, c.preprocessors[i]->apply(src));
+  }
+  return c;
 }
 
 // uint8 RGB [H, W, 3] from a file, centre-cropped and resized to width x height.
@@ -149,6 +173,7 @@ sd::cli::Runner setup_txt2img(CLI::App& app) {
     const sd::cli::LoadedModels l = load(*o);
     sd::StreamDiffusion stream(l.models, cfg);
     set_image_prompt(*o, stream);
+    setup_controlnets(*o, *l.models, stream, true);
     stream.prepare(o->prompt, o->negative_prompt);
     const int64_t n = stream.denoising_steps();
     torch::Tensor out;
@@ -216,14 +241,23 @@ sd::cli::Runner setup_img2img(CLI::App& app) {
     const sd::cli::LoadedModels l = load(*o);
     sd::StreamDiffusion stream(l.models, cfg);
     set_image_prompt(*o, stream);
+    const sd::cli::ControlNetSetup control = setup_controlnets(*o, *l.models, stream, false);
+    const bool control_per_frame = !control.units.empty() && o->control_input.empty();
     stream.prepare(o->prompt, o->negative_prompt);
     const int64_t F = cfg.frame_buffer_size, n = stream.denoising_steps();
     const int64_t latency = cfg.use_denoising_batch ? n - 1 : 0;
-    const auto batch_of = [&](size_t first) {  // F frames from `first`, the last frame repeated past the end
+    // F frames from `first`, the last frame repeated past the end. Each input frame's control images are made as it
+    // is read (the newest frame of a batch gives the batch's, as in the stream runtime).
+    const auto batch_of = [&](size_t first) {
       std::vector<torch::Tensor> xs;
-      for (int64_t k = 0; k < F; ++k)
-        xs.push_back(sd::image_to_tensor(
-            read_image(inputs[std::min(first + k, inputs.size() - 1)].string(), cfg.width, cfg.height)));
+      for (int64_t k = 0; k < F; ++k) {
+        const torch::Tensor rgb =
+            read_image(inputs[std::min(first + k, inputs.size() - 1)].string(), cfg.width, cfg.height);
+        if (control_per_frame)
+          for (size_t i = 0; i < control.units.size(); ++i)
+            stream.set_control_image(i, control.preprocessors[i]->apply(rgb));
+        xs.push_back(sd::image_to_tensor(rgb));
+      }
       return torch::cat(xs, 0);
     };
 

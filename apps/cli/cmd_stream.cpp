@@ -13,6 +13,7 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "pipeline/controlnet.h"
 #include "runtime/control_channel.h"
 #include "runtime/frame_sink.h"
 #include "runtime/frame_source.h"
@@ -74,6 +75,10 @@ sd::cli::Runner setup_stream(CLI::App& app) {
   auto o = std::make_shared<StreamCliOptions>();
   sd::cli::add_pipeline_options(app, o->p, sd::cli::PipelineMode::Either);
   sd::cli::add_ip_adapter_options(app, o->p);
+  sd::cli::add_controlnet_options(
+      app, o->p,
+      "second source for the control images (video file | image folder | camera[:N] | screen[:x,y,w,h]), one frame "
+      "read with each input frame; when it ends the stream ends (default preprocessor: passthrough)");
   app.add_option("-i,--input", o->input,
                  "video file | image folder | camera[:N] | screen[:x,y,w,h] | - (raw rgb24 on stdin) | none "
                  "(txt2img: a continuous stream of generated frames)")
@@ -111,7 +116,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       ->capture_default_str();
   app.footer(
       "Control commands (one per line): prompt <text> | negative <text> | guidance <g> | delta <d> | "
-      "t_index_list <i,j,..> | seed <n> | filter on|off | filter_threshold <x> | stats | quit.\n"
+      "t_index_list <i,j,..> | seed <n> | filter on|off | filter_threshold <x> | lora <name> <s> | "
+      "ip_adapter_scale <s> | image_prompt <file>|none | controlnet_scale <i> <s> | control_preprocessor <i> <name> | "
+      "stats | quit.\n"
       "Lossless mode: the stream's n-1 frames of latency are absorbed (warm-up outputs dropped, the last input "
       "repeated at the end), so output frame i is the result for input frame i.\n"
       "Examples:\n"
@@ -120,7 +127,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       "  ffmpeg -i in.mp4 -f rawvideo -pix_fmt rgb24 -s 512x512 - | streamdiffusion stream --model M --input - "
       "--input-size 512x512 --output - | ffplay -f rawvideo -pixel_format rgb24 -video_size 512x512 -\n"
       "  streamdiffusion stream --model M --input none --output window --prompt 'a cat' --t-index-list 0 "
-      "--cfg-type none");
+      "--cfg-type none\n"
+      "  streamdiffusion stream --model M --controlnet control_v11p_sd15_canny --control-preprocessor canny "
+      "--input camera:0 --output window --prompt 'a marble statue'");
 
   return [o] {
     // Logs (main.cpp's default logger) and status lines go to stderr: stdout may carry raw frames.
@@ -161,6 +170,15 @@ sd::cli::Runner setup_stream(CLI::App& app) {
 
     auto source = sd::open_source(o->input, so);
     const bool txt2img = !source->has_images();
+    std::unique_ptr<sd::FrameSource> control_source;
+    if (!o->p.control_input.empty()) {
+      if (o->p.controlnets.empty()) throw sd::InvalidArgument("--control-input needs --controlnet");
+      sd::SourceOptions cso = so;
+      cso.width = cso.height = 0;  // raw frames are stdin only
+      control_source = sd::open_source(o->p.control_input, cso);
+      if (!control_source->has_images())
+        throw sd::InvalidArgument("--control-input " + o->p.control_input + " gives no images");
+    }
     sd::SinkOptions sk;
     sk.fps = o->output_fps > 0 ? o->output_fps : (source->fps() > 0 ? source->fps() : 30.0);
     sk.fourcc = o->fourcc;
@@ -171,11 +189,22 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     sd::log::info("loaded {} in {:.2f} s ({} threads)", l.models->describe(), l.load_s, at::get_num_threads());
     auto stream = std::make_shared<sd::StreamDiffusion>(l.models, cfg);
     if (!o->p.image_prompt.empty()) stream->set_image_prompt(sd::read_rgb_image(o->p.image_prompt));
+    const sd::cli::ControlNetSetup controlnets = sd::cli::load_controlnets(o->p, *l.models, !txt2img);
+    if (!controlnets.units.empty()) {
+      stream->set_controlnets(controlnets.units);
+      stream->set_controlnet_every(o->p.controlnet_every);
+      for (size_t i = 0; i < controlnets.units.size(); ++i)
+        sd::log::info("controlnet {}: {} scale {} preprocessor {}", i, controlnets.units[i].net->describe(),
+                      controlnets.units[i].scale, controlnets.preprocessors[i]->name());
+    }
     stream->prepare(o->p.prompt, o->p.negative_prompt);
     auto processor = std::make_shared<sd::StreamDiffusionProcessor>(stream, o->p.prompt, o->p.negative_prompt, txt2img);
+    if (!controlnets.units.empty())
+      processor->set_control_preprocessors(controlnets.preprocessors, control_source != nullptr);
 
     sd::SignalGuard signals;  // from here on, Ctrl-C stops the stream cleanly (twice: at once)
     sd::StreamRuntime runtime(std::move(source), processor, std::move(sink), ro);
+    if (control_source) runtime.set_control_source(std::move(control_source));
     std::vector<std::unique_ptr<sd::ControlChannel>> channels;
     for (const auto& c : controls) {
       channels.push_back(std::make_unique<sd::ControlChannel>(
@@ -202,7 +231,11 @@ sd::cli::Runner setup_stream(CLI::App& app) {
                            {"unet_ms_per_call", per_call_ms(ps.unet_s, ps.unet_calls)},
                            {"image_encode_ms_per_call", per_call_ms(ps.image_encode_s, ps.processed)},
                            {"decode_ms_per_call", per_call_ms(ps.decode_s, ps.processed)},
-                           {"call_ms_mean", per_call_ms(ps.total_s, ps.processed)}};
+                           {"call_ms_mean", per_call_ms(ps.total_s, ps.processed)},
+                           {"controlnets", stream->controlnets().size()},
+                           {"controlnet_calls", ps.controlnet_calls},
+                           {"controlnet_reused", ps.controlnet_reused},
+                           {"controlnet_ms_per_call", per_call_ms(ps.controlnet_s, ps.unet_calls)}};
     summary["config"] = {{"model", o->p.model},
                          {"input", o->input},
                          {"output", o->output},

@@ -41,8 +41,8 @@ int64_t parse_integer(const std::string& what, const std::string& s) {
 const std::string& control_help() {
   static const std::string help =
       "commands: prompt <text> | negative <text> | guidance <g> | delta <d> | t_index_list <i,j,...> | seed <n> | "
-      "filter on|off | filter_threshold <x> | lora <name> <scale> | ip_adapter_scale <s> | image_prompt <path>|none | stats | "
-      "quit | help";
+      "filter on|off | filter_threshold <x> | lora <name> <scale> | ip_adapter_scale <s> | image_prompt <path>|none | "
+      "controlnet_scale <i> <s> | control_preprocessor <i> <name> | stats | quit | help";
   return help;
 }
 
@@ -124,6 +124,21 @@ std::optional<ControlCommand> parse_control_command(const std::string& raw) {
     if (arg.empty())
       throw InvalidArgument("control: 'image_prompt' needs an image file (or 'none'), e.g. 'image_prompt style.png'");
     c.text = arg == "none" ? "" : arg;
+  } else if (cmd == "controlnet_scale" || cmd == "control_preprocessor") {
+    const bool scale = cmd == "controlnet_scale";
+    c.kind = scale ? K::ControlnetScale : K::ControlPreprocessor;
+    const std::string usage = scale ? "'controlnet_scale I S', e.g. 'controlnet_scale 0 0.8'"
+                                    : "'control_preprocessor I NAME', e.g. 'control_preprocessor 0 canny:50:150'";
+    const auto sp2 = arg.find_first_of(" \t");
+    if (arg.empty() || sp2 == std::string::npos)
+      throw InvalidArgument("control: '" + cmd + "' needs a ControlNet index (0-based) and a value: " + usage);
+    c.index = parse_integer(cmd + " index", arg.substr(0, sp2));
+    if (c.index < 0) throw InvalidArgument("control: " + cmd + " index must be >= 0, got " + arg.substr(0, sp2));
+    const std::string value = trim(arg.substr(sp2));
+    if (scale)
+      c.number = parse_number(cmd, value);
+    else
+      c.text = value;
   } else if (cmd == "stats") {
     no_arg(K::Stats);
   } else if (cmd == "quit" || cmd == "exit") {

@@ -13,6 +13,9 @@
 //                            prompts are re-encoded when it patches the text encoder (the latent buffer is kept)
 //   ip_adapter_scale <s>     IP-Adapter scale (--ip-adapter; 0 = off), shared by the model set, from the next frame
 //   image_prompt <path>|none new IP-Adapter image prompt (read and encoded once; 'none' = the zero image)
+//   controlnet_scale <i> <s> conditioning scale of ControlNet i (0-based, --controlnet order; 0 = off)
+//   control_preprocessor <i> <name>   control image source of ControlNet i: canny[:LOW:HIGH] | gray | passthrough |
+//                            feedback (frames already pre-processed keep the old one)
 //   stats                    print the current status line
 //   quit                     stop the stream (as SIGINT)
 //   help                     list the commands
@@ -28,12 +31,13 @@ namespace sd {
 struct ControlCommand {
   enum class Kind {
     Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Lora, IpAdapterScale, ImagePrompt,
-    Stats, Quit, Help
+    ControlnetScale, ControlPreprocessor, Stats, Quit, Help
   };
   Kind kind = Kind::Stats;
-  std::string text;                  // prompt / negative / lora name / image_prompt path ("" = none)
-  double number = 0;                 // guidance / delta / filter_threshold / lora scale / ip_adapter_scale
+  std::string text;                  // prompt / negative / lora name / image_prompt path ("" = none) / preprocessor
+  double number = 0;                 // guidance / delta / filter_threshold / lora / ip_adapter / controlnet scale
   std::vector<int64_t> t_index_list;
+  int64_t index = 0;                 // controlnet_scale / control_preprocessor: which ControlNet
   uint64_t seed = 0;
   bool on = false;                   // filter
   std::string line;                  // the command as typed (trimmed), for logs and replies

@@ -4,6 +4,7 @@
 // the model side; each stage fills the field the next one needs and drops the one it no longer needs.
 #include <chrono>
 #include <cstdint>
+#include <vector>
 
 #include <opencv2/core/mat.hpp>
 #include <torch/types.h>
@@ -18,6 +19,10 @@ struct Frame {
   cv::Mat image;                    // BGR 8UC3: the captured frame (source side) or the frame to write (sink side)
   torch::Tensor tensor;             // model side: FrameProcessor::preprocess() output, then process() output
   bool tick = false;                // no pixels (txt2img streaming): the source only sets the pace
+  cv::Mat control;                  // BGR 8UC3 from the second source (--control-input), captured with this frame
+  // Model side: one control image per ControlNet, uint8 RGB [H, W, 3] (FrameProcessor::preprocess_controls());
+  // undefined = this frame brings none (the previous one stays, or the model thread supplies it: feedback).
+  std::vector<torch::Tensor> controls;
 };
 
 }  // namespace sd

@@ -28,6 +28,13 @@ class FrameProcessor {
   // Pre-process thread: uint8 RGB [H, W, 3] -> whatever process() takes (default: unchanged).
   virtual torch::Tensor preprocess(const torch::Tensor& rgb_u8) { return rgb_u8; }
 
+  // Pre-process thread: the control images of one frame (Frame::controls), from the fitted input frame and the second
+  // source's frame (uint8 RGB [H, W, 3]; either undefined when absent). Default: none.
+  virtual std::vector<torch::Tensor> preprocess_controls(const torch::Tensor& input_rgb_u8,
+                                                         const torch::Tensor& control_rgb_u8) {
+    return {};
+  }
+
   // Model thread: one input frame (tensor = preprocess() output; undefined for ticks). Returns the outputs that became
   // ready, oldest first — none during warm-up, usually one per call afterwards — each carrying the index and capture
   // time of the input it belongs to, in input order.

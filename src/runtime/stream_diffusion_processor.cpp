@@ -4,6 +4,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "pipeline/controlnet.h"
 #include "pipeline/image.h"
 #include "runtime/image_folder_source.h"
 
@@ -55,7 +56,19 @@ std::string StreamDiffusionProcessor::describe() const {
   for (auto i : c.t_index_list) t += (t.empty() ? "" : ",") + std::to_string(i);
   return std::string(txt2img_ ? "txt2img" : "img2img") + " " + std::to_string(width_) + "x" + std::to_string(height_) +
          " t_index_list [" + t + "] cfg " + cfg_type_name(c.cfg_type) + " F " + std::to_string(frames_per_call_) +
-         " " + dtype_name(dtype_) + " (" + stream_->models().describe() + ")";
+         " " + dtype_name(dtype_) + " (" + stream_->models().describe() + ")" + describe_controls();
+}
+
+std::string StreamDiffusionProcessor::describe_controls() const {
+  const auto& units = stream_->controlnets();
+  if (units.empty()) return "";
+  const auto pre = control_preprocessors();
+  std::string s = " + ControlNet";
+  for (size_t i = 0; i < units.size(); ++i)
+    s += std::string(i ? ", " : " ") + units[i].net->name() + " x" + std::to_string(units[i].scale).substr(0, 4) +
+         (i < pre.size() ? " <- " + pre[i]->name() : "");
+  if (stream_->controlnet_every() > 1) s += " every " + std::to_string(stream_->controlnet_every());
+  return s;
 }
 
 torch::Tensor StreamDiffusionProcessor::preprocess(const torch::Tensor& rgb_u8) {
@@ -65,6 +78,59 @@ torch::Tensor StreamDiffusionProcessor::preprocess(const torch::Tensor& rgb_u8) 
 
 torch::Tensor StreamDiffusionProcessor::postprocess(const torch::Tensor& out) {
   return tensor_to_image(out).squeeze(0);  // [1, 3, H, W] -> [H, W, 3] uint8
+}
+
+void StreamDiffusionProcessor::check_control_preprocessor(size_t index, const ControlPreprocessor& p) const {
+  if (txt2img_ && !control_source_ && !p.feedback())
+    throw InvalidArgument("control preprocessor " + std::to_string(index) + " '" + p.name() +
+                          "': a txt2img stream has no input frames to preprocess; use feedback or a control input");
+}
+
+void StreamDiffusionProcessor::set_control_preprocessors(
+    std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors, bool control_source) {
+  const size_t n = stream_->controlnets().size();
+  if (preprocessors.size() != n)
+    throw InvalidArgument("control preprocessors: " + std::to_string(preprocessors.size()) + " given for " +
+                          std::to_string(n) + " ControlNet(s)");
+  std::lock_guard<std::mutex> lock(control_mutex_);
+  const bool saved = control_source_;
+  control_source_ = control_source;
+  try {
+    for (size_t i = 0; i < n; ++i) {
+      if (!preprocessors[i]) throw InvalidArgument("control preprocessor " + std::to_string(i) + " is null");
+      check_control_preprocessor(i, *preprocessors[i]);
+    }
+  } catch (...) {
+    control_source_ = saved;
+    throw;
+  }
+  preprocessors_ = std::move(preprocessors);
+}
+
+std::vector<std::shared_ptr<const ControlPreprocessor>> StreamDiffusionProcessor::control_preprocessors() const {
+  std::lock_guard<std::mutex> lock(control_mutex_);
+  return preprocessors_;
+}
+
+std::vector<torch::Tensor> StreamDiffusionProcessor::preprocess_controls(const torch::Tensor& input_rgb_u8,
+                                                                         const torch::Tensor& control_rgb_u8) {
+  const auto pre = control_preprocessors();
+  std::vector<torch::Tensor> out(pre.size());
+  const torch::Tensor& source = control_rgb_u8.defined() ? control_rgb_u8 : input_rgb_u8;
+  for (size_t i = 0; i < pre.size(); ++i)
+    if (!pre[i]->feedback() && source.defined()) out[i] = pre[i]->apply(source);
+  return out;
+}
+
+void StreamDiffusionProcessor::set_feedback_controls() {
+  const auto pre = control_preprocessors();
+  for (size_t i = 0; i < pre.size(); ++i) {
+    if (!pre[i]->feedback()) continue;
+    const torch::Tensor img = last_output_.defined()
+                                  ? (last_output_.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1)
+                                  : torch::zeros({1, 3, height_, width_});
+    stream_->set_control_image(i, img);
+  }
 }
 
 int64_t StreamDiffusionProcessor::real_pending() const {
@@ -78,6 +144,9 @@ std::vector<Frame> StreamDiffusionProcessor::process(Frame in) {
     if (!in.tensor.defined()) throw InvalidArgument("img2img stream: frame " + std::to_string(in.index) + " has no image");
     last_input_ = in.tensor;
   }
+  for (size_t i = 0; i < in.controls.size() && i < stream_->controlnets().size(); ++i)
+    if (in.controls[i].defined()) stream_->set_control_image(i, in.controls[i]);
+  in.controls.clear();
   batch_.push_back(std::move(in));
   std::vector<Frame> outs;
   outs.swap(carry_);
@@ -92,6 +161,7 @@ std::vector<Frame> StreamDiffusionProcessor::run_batch(std::vector<Frame> batch,
   const int64_t F = frames_per_call_;
   torch::Tensor images;
   bool skipped = false;
+  set_feedback_controls();
   if (txt2img_) {
     images = stream_->txt2img();
   } else {
@@ -125,6 +195,7 @@ std::vector<Frame> StreamDiffusionProcessor::run_batch(std::vector<Frame> batch,
     in_flight_.push_back({i < real ? Kind::Real : Kind::Padding, std::move(meta)});
   }
   processed_pending_ += F;
+  last_output_ = images.slice(0, F - 1, F);
   emit_ready(images, outs);
   return outs;
 }
@@ -278,6 +349,21 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
       else
         stream_->set_image_prompt(read_rgb_image(c.text));
       return {};
+    case K::ControlnetScale:
+      stream_->set_controlnet_scale(static_cast<size_t>(c.index), c.number);
+      return {};
+    case K::ControlPreprocessor: {
+      auto pre = control_preprocessors();
+      if (c.index >= static_cast<int64_t>(pre.size()))
+        throw InvalidArgument("control_preprocessor: ControlNet index " + std::to_string(c.index) +
+                              " out of range (" + std::to_string(pre.size()) + " ControlNets)");
+      auto p = make_control_preprocessor(c.text);
+      check_control_preprocessor(static_cast<size_t>(c.index), *p);
+      pre[static_cast<size_t>(c.index)] = std::move(p);
+      std::lock_guard<std::mutex> lock(control_mutex_);
+      preprocessors_ = std::move(pre);
+      return {};
+    }
     default:
       throw InvalidArgument("'" + c.line + "' is not a pipeline command");
   }

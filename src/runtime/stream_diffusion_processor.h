@@ -11,11 +11,18 @@
 //    frame is out; the padding's own outputs are dropped and its entries stay queued as the next sequence's warm-up;
 //  * a t_index_list change of length restarts the stream (buffers zeroed): the frames in flight are flushed first.
 // Frames are batched F at a time; a partial batch at the end is padded with its last frame.
+//
+// ControlNets (the stream's set_controlnets): each has a ControlPreprocessor that makes its control image per frame on
+// the pre-process thread — from the second source's frame when the runtime has one (--control-input), else from the
+// input frame. With F > 1 the newest frame of a call gives the control image. `feedback` takes the previous output
+// (the newest decoded image, warm-up frames included; black before the first) on the model thread.
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "pipeline/stream_diffusion.h"
+#include "runtime/control_preprocessor.h"
 #include "runtime/frame_processor.h"
 
 namespace sd {
@@ -30,6 +37,8 @@ class StreamDiffusionProcessor : public FrameProcessor {
   int64_t height() const override { return height_; }
   bool takes_images() const override { return !txt2img_; }
   torch::Tensor preprocess(const torch::Tensor& rgb_u8) override;
+  std::vector<torch::Tensor> preprocess_controls(const torch::Tensor& input_rgb_u8,
+                                                 const torch::Tensor& control_rgb_u8) override;
   std::vector<Frame> process(Frame in) override;
   std::vector<Frame> flush() override;
   torch::Tensor postprocess(const torch::Tensor& out) override;
@@ -39,6 +48,14 @@ class StreamDiffusionProcessor : public FrameProcessor {
   std::string describe() const override;
 
   const StreamDiffusion& stream() const { return *stream_; }
+
+  // One preprocessor per ControlNet of the stream (set_controlnets first). `control_source`: the runtime reads a
+  // second source (its frames are preprocessed instead of the input). Without one, a txt2img stream has nothing to
+  // preprocess: only `feedback` (or a control image set on the stream beforehand) is accepted. InvalidArgument
+  // otherwise. Before the stream runs, or from the model thread ('control_preprocessor I NAME').
+  void set_control_preprocessors(std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors,
+                                 bool control_source);
+  std::vector<std::shared_ptr<const ControlPreprocessor>> control_preprocessors() const;
 
  private:
   enum class Kind { Real, Duplicate, Padding };
@@ -67,6 +84,14 @@ class StreamDiffusionProcessor : public FrameProcessor {
   torch::Tensor last_input_;     // [1, 3, H, W] the newest real frame (flush padding)
   torch::Tensor last_image_;     // [1, 3, H, W] the newest emitted image (duplicates)
   std::vector<Frame> carry_;     // outputs flushed by a refused command, emitted with the next call
+
+  std::string describe_controls() const;
+  void check_control_preprocessor(size_t index, const ControlPreprocessor& p) const;
+  void set_feedback_controls();  // model thread, before a pipeline call
+  mutable std::mutex control_mutex_;  // preprocessors_ (read on the pre-process thread, changed on the model thread)
+  std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors_;
+  bool control_source_ = false;
+  torch::Tensor last_output_;    // [1, 3, H, W] ≈[-1, 1] the newest decoded image (feedback)
 };
 
 }  // namespace sd

@@ -85,6 +85,30 @@ StreamRuntime::StreamRuntime(std::unique_ptr<FrameSource> source, std::shared_pt
   processor_name_ = processor_->describe();
 }
 
+void StreamRuntime::set_control_source(std::unique_ptr<FrameSource> source) {
+  if (started_) throw InvalidArgument("StreamRuntime::set_control_source() must come before run()");
+  if (source && !source->has_images())
+    throw InvalidArgument("the control input gives no images (" + source->describe() + "): give a video, folder, "
+                          "camera or screen");
+  control_source_ = std::move(source);
+  control_source_name_ = control_source_ ? control_source_->describe() : "";
+}
+
+bool StreamRuntime::read_control(cv::Mat& image, int64_t index) {
+  const bool got = control_source_->read(image, stop_);
+  if (stop_.load()) return false;
+  if (!got) {
+    log::warn("control input {} ended after {} frames: the input ends there too", control_source_name_, index);
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    stop_reason_ = "control input ended";
+    return false;
+  }
+  if (image.empty() || image.type() != CV_8UC3)
+    throw Error("control input " + control_source_name_ + " delivered an empty or non-BGR frame " +
+                std::to_string(index));
+  return true;
+}
+
 StreamRuntime::~StreamRuntime() {
   request_stop("destroyed while running");
   for (auto& t : threads_)
@@ -181,7 +205,10 @@ void StreamRuntime::capture_loop() {
     cv::Mat image;
     if (!source_->read(image, stop_)) break;
     if (stop_.load()) break;
+    cv::Mat control;
+    if (control_source_ && !read_control(control, n)) break;
     Frame f;
+    f.control = std::move(control);
     f.index = n++;
     f.t_capture = StreamClock::now();
     f.tick = !images;
@@ -225,15 +252,26 @@ void StreamRuntime::preprocess_loop() {
   }
 }
 
-void StreamRuntime::preprocess_frame(Frame& f) {
-  if (f.tick) return;
+torch::Tensor StreamRuntime::fit_rgb(const cv::Mat& bgr) const {
   cv::Mat rgb;
-  cv::cvtColor(fit(f.image), rgb, cv::COLOR_BGR2RGB);
-  const torch::Tensor hwc =
-      torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, {static_cast<int64_t>(rgb.step[0]), 3, 1}, torch::kUInt8)
-          .clone();
-  f.tensor = processor_->preprocess(hwc);
-  f.image.release();
+  cv::cvtColor(fit(bgr), rgb, cv::COLOR_BGR2RGB);
+  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, {static_cast<int64_t>(rgb.step[0]), 3, 1},
+                          torch::kUInt8)
+      .clone();
+}
+
+void StreamRuntime::preprocess_frame(Frame& f) {
+  torch::Tensor input, control;  // uint8 RGB [H, W, 3] at the model's size
+  if (!f.tick) {
+    input = fit_rgb(f.image);
+    f.image.release();
+  }
+  if (!f.control.empty()) {
+    control = fit_rgb(f.control);
+    f.control.release();
+  }
+  f.controls = processor_->preprocess_controls(input, control);
+  if (input.defined()) f.tensor = processor_->preprocess(input);
 }
 
 bool StreamRuntime::push_outputs(std::vector<Frame>& outs) {
@@ -385,7 +423,8 @@ void StreamRuntime::run() {
   started_ = true;
   running_ = true;
   stats_.start();
-  log::info("stream: {} -> {} -> {} ({} mode{})", source_name_, processor_name_, sink_name_,
+  log::info("stream: {}{} -> {} -> {} ({} mode{})", source_name_,
+            control_source_ ? " + control " + control_source_name_ : std::string(), processor_name_, sink_name_,
             lossless_ ? "lossless" : "live", options_.synchronous ? ", synchronous" : "");
   const int opencv_threads_before = cv::getNumThreads();
   if (options_.opencv_threads >= 0) cv::setNumThreads(options_.opencv_threads);
@@ -481,7 +520,18 @@ void StreamRuntime::run_synchronous() {
         fail("capture", e.what());  // ends the input; what was read is still flushed
       }
       if (!got || stop_.load()) break;
+      cv::Mat control;
+      if (control_source_) {
+        bool got_control = false;
+        try {
+          got_control = read_control(control, n);
+        } catch (const std::exception& e) {
+          fail("capture", e.what());
+        }
+        if (!got_control) break;
+      }
       Frame f;
+      f.control = std::move(control);
       f.index = n++;
       f.t_capture = StreamClock::now();
       f.tick = !images;
@@ -519,6 +569,7 @@ nlohmann::json StreamRuntime::summary() const {
   nlohmann::json j = stats_.summary();
   j["mode"] = lossless_ ? "lossless" : "live";
   j["source"] = source_name_;
+  j["control_source"] = control_source_ ? nlohmann::json(control_source_name_) : nlohmann::json(nullptr);
   j["sink"] = sink_name_;
   j["processor"] = processor_name_;
   j["latency_frames"] = processor_->latency_frames();

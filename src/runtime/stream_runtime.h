@@ -95,6 +95,12 @@ class StreamRuntime {
   StreamRuntime(const StreamRuntime&) = delete;
   StreamRuntime& operator=(const StreamRuntime&) = delete;
 
+  // A second source read in step with the input (ControlNet control images, --control-input): one of its frames is
+  // captured with each input frame (Frame::control) and handed to FrameProcessor::preprocess_controls(). When it ends
+  // first, the input ends there too (stop reason "control input ended"; what was read is drained as usual). Before
+  // run().
+  void set_control_source(std::unique_ptr<FrameSource> source);
+
   // Runs the stream to its end on the calling thread (which serves as the monitor: status lines, signals). Once.
   void run();
   // Thread-safe; the first reason is kept.
@@ -107,7 +113,7 @@ class StreamRuntime {
   bool running() const { return running_.load(); }
   const RuntimeStats& stats() const { return stats_; }
   std::string status_line() const { return stats_.peek(); }
-  // RuntimeStats::summary() plus mode, source, sink, processor, stop_reason, error, dropped per queue, controls
+  // RuntimeStats::summary() plus mode, source, control_source, sink, processor, stop_reason, error, dropped per queue, controls
   // applied ({frame, command}).
   nlohmann::json summary() const;
 
@@ -128,6 +134,8 @@ class StreamRuntime {
   // Signals, the sink's stop request, dropped counts, the status line when due.
   void monitor_tick(StreamClock::time_point& next_status);
   void preprocess_frame(Frame& f);
+  // The control source's frame for input frame `index`; false when it has ended (input ends) or the stream stops.
+  bool read_control(cv::Mat& image, int64_t index);
   void postprocess_frame(Frame& f);
   void write_frame(const Frame& f);
   void fail(const std::string& stage, const std::string& what);
@@ -139,8 +147,11 @@ class StreamRuntime {
   std::function<bool(std::vector<Frame>&)> emit_;
   int64_t dropped_total() const;
   cv::Mat fit(const cv::Mat& image) const;
+  torch::Tensor fit_rgb(const cv::Mat& bgr) const;  // fit() + RGB uint8 [H, W, 3]
 
   std::unique_ptr<FrameSource> source_;
+  std::unique_ptr<FrameSource> control_source_;  // optional (set_control_source)
+  std::string control_source_name_;
   std::shared_ptr<FrameProcessor> processor_;
   std::unique_ptr<FrameSink> sink_;
   StreamOptions options_;

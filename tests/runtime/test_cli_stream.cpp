@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
 
 #include "common/fixtures.h"
 #include "io/json_config.h"
@@ -242,6 +243,79 @@ TEST_F(CliStream, ClearErrorsForBadOutputAndTruncatedInput) {
     EXPECT_EQ(r.status, 1);
     EXPECT_NE(r.output.find("needs a display"), std::string::npos) << r.output;
   }
+}
+
+// ControlNet from the command line (issue 15): canny on the input, a second source that ends first, errors for flags
+// that cannot work, and the one-shot commands with a control image file.
+TEST_F(CliStream, ControlNetFlagsSecondSourceAndErrors) {
+  if (!test::fixture_exists("controlnet/models/tiny-controlnet-sd15")) GTEST_SKIP() << "no tiny ControlNet fixture";
+  const std::string cn = q(test::fixture_path("controlnet/models/tiny-controlnet-sd15"));
+  const std::string video = test::write_index_video(tmp_ + "/in.avi", 8);
+  const std::string control = test::write_index_video(tmp_ + "/control.avi", 5);
+  auto r = sh(base_ + "--input " + q(video) + " --output " + q(tmp_ + "/out") + " --control none --controlnet " + cn +
+              ":0.8 --control-input " + q(control) + " --control-preprocessor canny:50:150 --controlnet-every 2 " +
+              "--stats-json " + q(tmp_ + "/s.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(count_files(tmp_ + "/out"), 5u) << "the input ends with the control input";
+  EXPECT_NE(r.output.find("ended after 5 frames"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("scale 0.8 preprocessor canny:50:150"), std::string::npos) << r.output;
+  auto j = read_json_file(tmp_ + "/s.json");
+  EXPECT_EQ(j["stop_reason"], "control input ended");
+  EXPECT_EQ(j["pipeline"]["controlnets"], 1);
+  // every 2: 6 calls (5 frames + 1 flush), the residuals computed on every other call.
+  EXPECT_EQ(j["pipeline"]["controlnet_calls"].get<int64_t>() + j["pipeline"]["controlnet_reused"].get<int64_t>(),
+            j["pipeline"]["processed"].get<int64_t>());
+  EXPECT_GT(j["pipeline"]["controlnet_reused"].get<int64_t>(), 0);
+
+  // txt2img with feedback, live scale change on the control channel schedule.
+  r = sh(base_ + "--input none --frames 4 --output " + q(tmp_ + "/gen") + " --control none --t-index-list 0,16 " +
+         "--cfg-type none --controlnet " + cn + " --control-preprocessor feedback --at '2:controlnet_scale 0 0.5'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(count_files(tmp_ + "/gen"), 4u);
+  EXPECT_NE(r.output.find("'controlnet_scale 0 0.5' applied before frame 2"), std::string::npos) << r.output;
+
+  // What cannot work is refused before the model loads, saying what to give instead.
+  r = sh(base_ + "--input none --frames 2 --output none --control none --controlnet " + cn);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("txt2img has no input frames to preprocess; give --control-input"), std::string::npos)
+      << r.output;
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --control-preprocessor canny");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--control-preprocessor needs --controlnet"), std::string::npos) << r.output;
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + cn +
+         " --control-preprocessor depth");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("unknown control preprocessor 'depth'"), std::string::npos) << r.output;
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + cn + " --controlnet " + cn +
+         " --control-preprocessor canny --control-preprocessor gray --control-preprocessor gray");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("given 3 times for 2 --controlnet"), std::string::npos) << r.output;
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + q(tmp_ + "/nothing"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find(tmp_ + "/nothing"), std::string::npos) << r.output;
+
+  // One-shot commands: a control image file for txt2img; canny of each input frame for img2img.
+  const std::string png = tmp_ + "/control.png";
+  ASSERT_TRUE(cv::imwrite(png, test::index_frame(5, 64, 64)));
+  const std::string gen = std::string(SD_CLI_PATH) + " txt2img --model " +
+                          q(test::fixture_path("models/tiny-sd15")) + " --size 64x64 --threads 1 --prompt 'a cat' " +
+                          "--t-index-list 0 --cfg-type none ";
+  r = sh(gen + "--controlnet " + cn + " --control-input " + q(png) + " -o " + q(tmp_ + "/t2i.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = sh(gen + "-o " + q(tmp_ + "/t2i-plain.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const cv::Mat a = cv::imread(tmp_ + "/t2i.png"), b = cv::imread(tmp_ + "/t2i-plain.png");
+  ASSERT_FALSE(a.empty());
+  ASSERT_FALSE(b.empty());
+  EXPECT_GT(cv::norm(a, b, cv::NORM_INF), 0) << "the ControlNet changed nothing";
+  r = sh(gen + "--controlnet " + cn + " -o " + q(tmp_ + "/x.png"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("give --control-input"), std::string::npos) << r.output;
+  r = sh(std::string(SD_CLI_PATH) + " img2img --model " + q(test::fixture_path("models/tiny-sd15")) +
+         " --size 64x64 --threads 1 --prompt 'a cat' --controlnet " + cn + " -i " + q(png) + " -o " +
+         q(tmp_ + "/i2i.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(fs::exists(tmp_ + "/i2i.png"));
 }
 
 #endif  // SD_CLI_PATH
