@@ -88,13 +88,6 @@ ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& config) : confi
       "controlnet_cond_embedding",
       ControlNetConditioningEmbedding(ch[0], config_.conditioning_channels, config_.conditioning_embedding_out_channels));
 
-  UNetBlockOptions base;
-  base.temb_channels = temb;
-  base.resnet_groups = c.norm_num_groups;
-  base.resnet_eps = c.norm_eps;
-  base.use_linear_projection = c.use_linear_projection;
-  base.upcast_attention = c.upcast_attention;
-
   // The zero convs, one per UNet skip tensor, in the order the skips are produced.
   auto zero_convs = register_module("controlnet_down_blocks", torch::nn::ModuleList());
   auto add_zero_conv = [&](int64_t channels) {
@@ -108,26 +101,15 @@ ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& config) : confi
   for (int64_t i = 0; i < n; ++i) {
     const int64_t in_ch = out_ch;
     out_ch = ch[i];
-    UNetBlockOptions o = base;
-    o.cross_attention = c.down_block_types[i] == "CrossAttnDownBlock2D";
-    o.heads = c.num_attention_heads[i];
-    o.cross_attention_dim = c.cross_attention_dim[i];
-    o.transformer_layers = c.transformer_layers_per_block[i];
-    o.only_cross_attention = c.only_cross_attention[i];
     const bool last = i == n - 1;
-    down_list.emplace_back(in_ch, out_ch, c.layers_per_block[i], /*add_downsample=*/!last, c.downsample_padding, o);
+    down_list.emplace_back(in_ch, out_ch, c.layers_per_block[i], /*add_downsample=*/!last, c.downsample_padding,
+                           unet_down_block_options(c, i));
     down_blocks->push_back(down_list.back());
     for (int64_t l = 0; l < c.layers_per_block[i]; ++l) add_zero_conv(out_ch);
     if (!last) add_zero_conv(out_ch);
   }
 
-  UNetBlockOptions o = base;
-  o.cross_attention = true;
-  o.heads = c.num_attention_heads.back();
-  o.cross_attention_dim = c.cross_attention_dim.back();
-  o.transformer_layers = c.transformer_layers_per_block.back();
-  o.output_scale_factor = c.mid_block_scale_factor;
-  mid_block = register_module("mid_block", UNetMidBlock2DCrossAttn(ch.back(), 1, o));
+  mid_block = register_module("mid_block", UNetMidBlock2DCrossAttn(ch.back(), 1, unet_mid_block_options(c)));
   controlnet_mid_block = register_module("controlnet_mid_block", sd::nn::Conv2d(ch.back(), ch.back(), 1));
 }
 
@@ -187,14 +169,7 @@ ControlNetModel load_controlnet_model(const std::string& path, torch::Dtype dtyp
 ControlNetModel load_controlnet_model(const ControlNetConfig& config,
                                       const std::map<std::string, torch::Tensor>& weights, const std::string& source,
                                       torch::Dtype dtype, torch::Device device) {
-  ControlNetModel model(config);
-  LoadWeightsOptions opts;
-  opts.dtype = dtype;
-  opts.device = device;
-  load_weights(*model, weights, source, opts);
-  model->eval();
-  if (device.is_cpu()) sd::nn::prepack_convolutions(*model);
-  return model;
+  return load_prepacked_module<ControlNetModel>(config, weights, source, dtype, device);
 }
 
 }  // namespace sd

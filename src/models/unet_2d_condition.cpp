@@ -200,6 +200,38 @@ void UNet2DConditionConfig::validate(const std::string& file) const {
     bad("text_time UNet: projection_class_embeddings_input_dim must exceed 6 x addition_time_embed_dim");
 }
 
+namespace {
+UNetBlockOptions unet_block_options(const UNet2DConditionConfig& c) {
+  UNetBlockOptions o;
+  o.temb_channels = c.time_embed_dim();
+  o.resnet_groups = c.norm_num_groups;
+  o.resnet_eps = c.norm_eps;
+  o.use_linear_projection = c.use_linear_projection;
+  o.upcast_attention = c.upcast_attention;
+  return o;
+}
+}  // namespace
+
+UNetBlockOptions unet_down_block_options(const UNet2DConditionConfig& c, int64_t i) {
+  UNetBlockOptions o = unet_block_options(c);
+  o.cross_attention = is_cross_down(c.down_block_types[i]);
+  o.heads = c.num_attention_heads[i];
+  o.cross_attention_dim = c.cross_attention_dim[i];
+  o.transformer_layers = c.transformer_layers_per_block[i];
+  o.only_cross_attention = c.only_cross_attention[i];
+  return o;
+}
+
+UNetBlockOptions unet_mid_block_options(const UNet2DConditionConfig& c) {
+  UNetBlockOptions o = unet_block_options(c);
+  o.cross_attention = true;
+  o.heads = c.num_attention_heads.back();
+  o.cross_attention_dim = c.cross_attention_dim.back();
+  o.transformer_layers = c.transformer_layers_per_block.back();
+  o.output_scale_factor = c.mid_block_scale_factor;
+  return o;
+}
+
 UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& c) : config_(c) {
   c.validate("UNet2DConditionConfig");
   const auto& ch = c.block_out_channels;
@@ -213,38 +245,18 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
     add_embedding =
         register_module("add_embedding", TimestepEmbedding(c.projection_class_embeddings_input_dim, temb));
 
-  UNetBlockOptions base;
-  base.temb_channels = temb;
-  base.resnet_groups = c.norm_num_groups;
-  base.resnet_eps = c.norm_eps;
-  base.use_linear_projection = c.use_linear_projection;
-  base.upcast_attention = c.upcast_attention;
-
   auto down_blocks = register_module("down_blocks", torch::nn::ModuleList());
   int64_t out_ch = ch[0];
   for (int64_t i = 0; i < n; ++i) {
     const int64_t in_ch = out_ch;
     out_ch = ch[i];
-    UNetBlockOptions o = base;
-    o.cross_attention = is_cross_down(c.down_block_types[i]);
-    o.heads = c.num_attention_heads[i];
-    o.cross_attention_dim = c.cross_attention_dim[i];
-    o.transformer_layers = c.transformer_layers_per_block[i];
-    o.only_cross_attention = c.only_cross_attention[i];
     down_list.emplace_back(in_ch, out_ch, c.layers_per_block[i], /*add_downsample=*/i < n - 1, c.downsample_padding,
-                           o);
+                           unet_down_block_options(c, i));
     down_blocks->push_back(down_list.back());
   }
 
-  if (!c.mid_block_type.empty()) {
-    UNetBlockOptions o = base;
-    o.cross_attention = true;
-    o.heads = c.num_attention_heads.back();
-    o.cross_attention_dim = c.cross_attention_dim.back();
-    o.transformer_layers = c.transformer_layers_per_block.back();
-    o.output_scale_factor = c.mid_block_scale_factor;
-    mid_block = register_module("mid_block", UNetMidBlock2DCrossAttn(ch.back(), 1, o));
-  }
+  if (!c.mid_block_type.empty())
+    mid_block = register_module("mid_block", UNetMidBlock2DCrossAttn(ch.back(), 1, unet_mid_block_options(c)));
 
   auto up_blocks = register_module("up_blocks", torch::nn::ModuleList());
   out_ch = ch[n - 1];
@@ -255,7 +267,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
     const int64_t in_ch = ch[std::max<int64_t>(rev - 1, 0)];
     const bool add_upsample = i < n - 1;
     if (add_upsample) ++num_upsamplers_;
-    UNetBlockOptions o = base;
+    UNetBlockOptions o = unet_block_options(c);
     o.cross_attention = is_cross_up(c.up_block_types[i]);
     o.heads = c.num_attention_heads[rev];
     o.cross_attention_dim = c.cross_attention_dim[rev];
@@ -397,17 +409,10 @@ UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype, 
 
 UNet2DConditionModel load_unet(const UNet2DConditionConfig& config, const std::map<std::string, torch::Tensor>& weights,
                                const std::string& source, torch::Dtype dtype, torch::Device device) {
-  UNet2DConditionModel model(config);
-  LoadWeightsOptions opts;
-  opts.dtype = dtype;
-  opts.device = device;
-  load_weights(*model, weights, source, opts);
-  model->eval();
   // The UNet's many-channel convolutions at small spatial sizes pay most for oneDNN's per-call weight re-ordering
   // (256 px sd-turbo, bf16: 0.90 s -> 0.71 s per call). The autoencoders' few-channel, large-spatial convolutions
   // run faster eager in channels-last (TAESD decode 89 ms eager vs 138 ms prepacked), so only the UNet is packed.
-  if (device.is_cpu()) sd::nn::prepack_convolutions(*model);
-  return model;
+  return load_prepacked_module<UNet2DConditionModel>(config, weights, source, dtype, device);
 }
 
 }  // namespace sd

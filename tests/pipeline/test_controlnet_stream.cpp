@@ -140,7 +140,7 @@ TEST(ControlNetLoad, OriginalLayoutSingleFileEqualsTheFolder) {
   std::vector<std::string> keys;
   for (const auto& kv : weights) keys.push_back(kv.first);
   const std::string tmp = test::make_temp_dir("cn_single");
-  for (const std::string prefix : {std::string(convert::kControlNetPrefix), std::string()}) {
+  for (const std::string& prefix : {std::string(convert::kControlNetPrefix), std::string()}) {
     const auto table = convert::controlnet_ldm_table(keys, prefix);
     const auto ldm = convert::scatter_ldm(weights, table);
     std::map<std::string, Tensor> out(ldm.begin(), ldm.end());
@@ -166,6 +166,47 @@ TEST(ControlNetLoad, OriginalLayoutSingleFileEqualsTheFolder) {
     EXPECT_NE(cn->describe().find("original layout"), std::string::npos) << cn->describe();
   }
   std::filesystem::remove_all(tmp);
+}
+
+// A real SD 2.x-shaped ControlNet (cross_attention_dim 1024, its own consistent random weights) reaches the family
+// check, which names both sides.
+TEST(ControlNetLoad, AnSd2ControlNetOnAnSd15ModelIsRefusedByTheFamilyCheck) {
+  SD_REQUIRE_CN();
+  const std::string tmp = test::make_temp_dir("cn_sd2");
+  const std::string dir = test::fixture_path(kCn);
+  auto j = nlohmann::json::parse(std::ifstream(dir + "/config.json"));
+  j["cross_attention_dim"] = 1024;
+  std::ofstream(tmp + "/config.json") << j.dump();
+  ControlNetModel sd2(ControlNetConfig::from_json(j, tmp + "/config.json"));
+  std::map<std::string, torch::Tensor> weights;
+  for (const auto& kv : sd2->named_parameters()) weights[kv.key()] = kv.value();
+  save_safetensors(tmp + "/diffusion_pytorch_model.safetensors", weights);
+  try {
+    ControlNet::load(tmp, *tiny_sd15());
+    FAIL() << "expected an error";
+  } catch (const InvalidArgument& e) {
+    const std::string w = e.what();
+    EXPECT_NE(w.find("is for SD 2.x (cross_attention_dim 1024) but the model is"), std::string::npos) << w;
+    EXPECT_NE(w.find("cross_attention_dim 32"), std::string::npos) << w;
+    EXPECT_NE(w.find(tmp), std::string::npos) << w;
+  }
+  std::filesystem::remove_all(tmp);
+}
+
+// A full Stable Diffusion checkpoint given as the ControlNet: the error says what it is and where it belongs.
+TEST(ControlNetLoad, AFullCheckpointIsNotAControlNetWithAHint) {
+  SD_REQUIRE_CN();
+  const std::string ckpt = test::fixture_path("single_file/tiny-sd15.safetensors");
+  if (!test::fixture_exists("single_file/tiny-sd15.safetensors")) GTEST_SKIP() << "no single-file fixture";
+  try {
+    ControlNet::load(ckpt, *tiny_sd15());
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string w = e.what();
+    EXPECT_NE(w.find("not a ControlNet"), std::string::npos) << w;
+    EXPECT_NE(w.find("full Stable Diffusion checkpoint: pass it as the model"), std::string::npos) << w;
+    EXPECT_NE(w.find(ckpt), std::string::npos) << w;
+  }
 }
 
 TEST(ControlNetLoad, AnotherFamilyIsRefusedNamingBoth) {
