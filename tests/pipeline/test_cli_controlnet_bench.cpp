@@ -33,10 +33,11 @@ class CliControlNetBench : public ::testing::Test {
   void TearDown() override {
     if (!dir_.empty()) fs::remove_all(dir_);
   }
-  nlohmann::json bench(const std::string& extra, const std::string& name) {
+  nlohmann::json bench(const std::string& extra, const std::string& name, int frames = 1) {
     const std::string json = dir_ + "/" + name + ".json";
     const RunResult r = run("bench --model " + q(model_) + " --sizes 64 --dtypes fp32 --sections components,e2e "
-                            "--iters 1 --warmup 1 --frames 1 --threads 1 " + extra + " --json " + q(json));
+                            "--iters 1 --warmup 1 --frames " + std::to_string(frames) + " --threads 1 " + extra +
+                            " --json " + q(json));
     EXPECT_EQ(r.status, 0) << r.output;
     if (r.status != 0 || !fs::exists(json)) return {};
     std::ifstream in(json);
@@ -80,7 +81,7 @@ TEST_F(CliControlNetBench, TwoControlNetsRunOnEveryStreamRow) {
 }
 
 TEST_F(CliControlNetBench, EveryTwoReusesTheResiduals) {
-  const auto j = bench("--controlnet " + q(cn_) + " --controlnet-every 2 --frames 3", "every2");
+  const auto j = bench("--controlnet " + q(cn_) + " --controlnet-every 2", "every2", 3);
   ASSERT_FALSE(j.is_null());
   EXPECT_EQ(j["controlnet_every"], 2);
   int streams = 0;
