@@ -147,7 +147,8 @@ def test_control_preprocess_canny_is_binary(sd):
     assert edges.shape == (64, 64, 3) and edges.dtype == np.uint8
     assert set(np.unique(edges).tolist()) == {0, 255}
     assert edges[32, 32].tolist() == [0, 0, 0]  # inside the square: no edge
-    assert edges[16:18, 20:44].max() == 255  # its top border is an edge
+    assert edges[14:18, 20:44].max() == 255  # its top border is an edge ...
+    assert edges[:10].max() == 0 and edges[54:].max() == 0  # ... the flat background is not
     gray = sd.control_preprocess("gray", img)
     assert gray.shape == (64, 64, 3) and (gray[..., 0] == gray[..., 1]).all()
     assert "canny" in sd.control_preprocessor_names()
