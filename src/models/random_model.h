@@ -59,9 +59,9 @@ std::string controlnet_base_arch(const std::string& arch);
 // the conditioning embedding of every published ControlNet (3 channels, 16,32,96,256, rgb). InvalidArgument
 // (naming `source`) for a UNet without a mid block or with added conditioning other than SDXL's text_time.
 nlohmann::json controlnet_config_from_unet(const nlohmann::json& unet_config, const std::string& source = "unet config");
-// The published configs: controlnet-sd15 = lllyasviel/control_v11p_sd15_canny (361,278,195 parameters),
-// controlnet-sd21 = thibaud/controlnet-sd21-canny-diffusers (SD 2.1: 1024-d text, heads 5,10,20,20, linear
-// projections).
+// The published configs: controlnet-sd15 = lllyasviel/control_v11p_sd15_canny (361,279,120 parameters, a 1.45 GB
+// fp32 file), controlnet-sd21 = thibaud/controlnet-sd21-canny-diffusers (SD 2.1: 1024-d text, heads 5,10,20,20,
+// linear projections; 364,228,240 parameters).
 nlohmann::json real_controlnet_config(const std::string& arch);
 
 // Fills every parameter with weights of realistic scale: matrices/convs ~ N(0, 1/fan_in), norm weights ~ 1, biases

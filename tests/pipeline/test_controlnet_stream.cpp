@@ -140,7 +140,7 @@ TEST(ControlNetLoad, OriginalLayoutSingleFileEqualsTheFolder) {
   std::vector<std::string> keys;
   for (const auto& kv : weights) keys.push_back(kv.first);
   const std::string tmp = test::make_temp_dir("cn_single");
-  for (const std::string prefix : {std::string(convert::kControlNetPrefix), std::string()}) {
+  for (const std::string& prefix : {std::string(convert::kControlNetPrefix), std::string()}) {
     const auto table = convert::controlnet_ldm_table(keys, prefix);
     const auto ldm = convert::scatter_ldm(weights, table);
     std::map<std::string, Tensor> out(ldm.begin(), ldm.end());
