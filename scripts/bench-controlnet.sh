@@ -5,7 +5,7 @@
 # SD 2.1's UNet, + a controlnet-sd21 ControlNet). Prints the CPU, then a table of seconds per frame and fps per size
 # and mode with the ratio to the no-ControlNet run, and writes every bench JSON plus a summary JSON.
 #
-#   scripts/bench-controlnet.sh [--sizes "256 512"] [--threads N] [--dtype bf16] [--frames N] [--out DIR]
+#   scripts/bench-controlnet.sh [--sizes "256 512"] [--threads N] [--dtype bf16] [--frames 8] [--warmup 2] [--out DIR]
 #
 # Environment:
 #   SD_BENCH_CACHE     where the random models are made once and kept (default ~/.cache/streamdiffusion-bench;
@@ -22,6 +22,7 @@ SIZES="256 512"
 THREADS=0
 DTYPE=bf16
 FRAMES=8
+WARMUP=2
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,8 +30,9 @@ while [ $# -gt 0 ]; do
     --threads) THREADS="$2"; shift 2 ;;
     --dtype) DTYPE="$2"; shift 2 ;;
     --frames) FRAMES="$2"; shift 2 ;;
+    --warmup) WARMUP="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "bench-controlnet.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,7 +75,7 @@ CPU_FLAGS="$(lscpu 2>/dev/null | sed -n 's/^Flags:[[:space:]]*//p' | tr ' ' '\n'
   grep -E '^(avx2|fma|avx512f|avx512bw|avx512_vnni|avx512_bf16|avx512_fp16|amx_tile|amx_bf16|amx_int8)$' |
   tr '\n' ' ' || true)"
 echo "CPU: ${CPU_MODEL:-unknown} (family ${CPU_FAMILY:-?}, model ${CPU_MODEL_NO:-?}); flags: ${CPU_FLAGS:-none of the listed}"
-echo "cores: $(nproc), threads: $THREADS (0 = all), dtype: $DTYPE, sizes: $SIZES, frames: $FRAMES"
+echo "cores: $(nproc), threads: $THREADS (0 = all), dtype: $DTYPE, sizes: $SIZES, frames: $FRAMES, warm-up: $WARMUP"
 echo "model: $MODEL"
 echo "ControlNet: $CONTROLNET"
 
@@ -93,7 +95,7 @@ for c in "${CONFIGS[@]}"; do
   echo "=== $name: bench $args"
   # shellcheck disable=SC2086  # the ControlNet arguments split on purpose (cache paths have no spaces)
   "$SD" bench --model "$MODEL" --sections e2e --sizes "$SIZES_CSV" --dtypes "$DTYPE" --threads "$THREADS" \
-    --frames "$FRAMES" --warmup 1 $args --json "$OUT/$name.json" | tee "$OUT/$name.log"
+    --frames "$FRAMES" --warmup "$WARMUP" $args --json "$OUT/$name.json" | tee "$OUT/$name.log"
 done
 
 python3 - "$OUT" "$CPU_MODEL" "$CPU_FAMILY" "$CPU_MODEL_NO" "$CPU_FLAGS" "$MODEL" "$CONTROLNET" <<'EOF'
