@@ -9,6 +9,8 @@
 //   cfg         RCFG self / initialize vs full CFG (the paper's 2.05x) vs none;
 //   vae         TAESD vs the full AutoencoderKL (components and whole frames);
 //   filter      the stochastic similarity filter on a static scene (frames skipped, compute saved, effective fps).
+// With --controlnet (repeatable) and --controlnet-every every stream row except the ablation's runs with those
+// ControlNets on a fixed synthetic control image, and components gains one "controlnet" line per ControlNet.
 // Every timing is a median over timed runs after warm-up (device-synchronised). Prints tables, writes JSON (--json)
 // and a PNG chart (--chart, builds with OpenCV).
 #include <algorithm>
@@ -31,6 +33,7 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "io/model_folder.h"
+#include "pipeline/controlnet.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
 
@@ -71,6 +74,8 @@ struct BenchOptions {
   std::vector<std::string> loras;  // --lora / --lcm-lora: fused into every model set the bench loads
   std::string lcm_lora;
   bool strict_lora = false;
+  std::vector<std::string> controlnets;  // --controlnet DIR|FILE[:SCALE], repeatable
+  int controlnet_every = 1;              // --controlnet-every N
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -125,6 +130,11 @@ class Bench {
                 << " GFLOP/s";
     }
     std::cout << "\n";
+    if (!cn_specs_.empty()) {
+      std::cout << "  ControlNets (every stream row but the ablation's; synthetic edge-map control image):";
+      for (const auto& [path, scale] : cn_specs_) std::cout << " " << path << " (scale " << scale << ")";
+      std::cout << ", residuals recomputed every " << o_.controlnet_every << " call(s)\n";
+    }
     print_header();
 
     // The ablation needs fp32 and the reduced dtype whatever --dtypes says; they are loaded in addition.
@@ -200,6 +210,17 @@ class Bench {
       throw sd::InvalidArgument("bench --chart: this build has no OpenCV (SD_ENGINE_ONLY), so it cannot draw PNGs");
     if (o_.filter_threshold <= 0 || o_.filter_threshold >= 1)
       throw sd::InvalidArgument("bench --filter-threshold must be in (0, 1)");
+    if (o_.controlnet_every < 1) throw sd::InvalidArgument("bench --controlnet-every must be >= 1");
+    if (o_.controlnet_every > 1 && o_.controlnets.empty())
+      throw sd::InvalidArgument("bench --controlnet-every needs --controlnet");
+    for (const auto& spec : o_.controlnets) {
+      auto ps = sd::cli::parse_controlnet_spec(spec);
+      if (!sd::is_directory(ps.first) && !sd::is_file(ps.first))
+        throw sd::InvalidArgument("bench --controlnet " + spec + ": no such file or folder '" + ps.first +
+                                  "' (a diffusers ControlNet folder, e.g. from make-random-model --arch "
+                                  "controlnet-sd21, or a control_*.safetensors file)");
+      cn_specs_.push_back(std::move(ps));
+    }
   }
 
   bool want(const std::string& s) const {
@@ -241,6 +262,16 @@ class Bench {
                                {"unet_modules", r.module_count("unet")},
                                {"text_encoder_modules", r.module_count("text_encoder")}});
     }
+    // The ControlNets for this model set (its dtype and device), replacing the previous set's.
+    cn_units_.clear();
+    for (const auto& [path, scale] : cn_specs_) {
+      const auto t1 = Clock::now();
+      auto net = sd::ControlNet::load(path, *m);
+      const double cs = std::chrono::duration<double>(Clock::now() - t1).count();
+      std::cout << std::setprecision(2) << "    " << net->describe() << ": loaded in " << cs << " s\n";
+      load["controlnets"].push_back({{"path", path}, {"scale", scale}, {"seconds", cs}, {"describe", net->describe()}});
+      cn_units_.push_back({std::move(net), scale});
+    }
     loads_.push_back(load);
     return m;
   }
@@ -253,6 +284,7 @@ class Bench {
     for (int64_t size : sizes_) {
       if (req && want("components")) {
         if (primary) unet_component(m, dt, size, 1, "components");
+        if (primary) controlnet_components(m, dt, size);
         autoencoder_components(m, dt, size, ae, "components");
       }
       // Rows shared by two sections are recorded under the first that runs them: e2e before vae.
@@ -344,6 +376,62 @@ class Bench {
     return add(id, r);
   }
 
+  // The fixed control image of the ControlNet rows: a synthetic edge map (white lines on black, as a canny
+  // preprocessor gives) at the stream size, [3, size, size] float in [0, 1]. A ControlNet's cost does not depend on
+  // what the image shows.
+  static torch::Tensor control_image(int64_t size) {
+    auto img = torch::zeros({3, size, size});
+    for (int64_t k = 0; k < size; k += 16) {
+      img.slice(1, k, k + 1).fill_(1.0);
+      img.slice(2, k, k + 1).fill_(1.0);
+    }
+    const auto idx = torch::arange(size, torch::kLong);
+    img.index_put_({torch::indexing::Slice(), idx, idx}, 1.0);  // a diagonal
+    return img;
+  }
+
+  // One line per ControlNet: its residuals for one latent row (batch 1) at this size, as the stream computes them.
+  void controlnet_components(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size) {
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < cn_units_.size(); ++i) {
+      const auto& u = cn_units_[i];
+      const std::string id = "controlnet/" + std::to_string(i) + "/" + sd::dtype_name(dt) + "/" + std::to_string(size) +
+                             "/b1";
+      if (find(id)) continue;
+      const int64_t h = size / m->vae_scale_factor();
+      const auto x = torch::randn({1, m->latent_channels(), h, h}).to(topt(dt));
+      const auto t = torch::full({1}, 999, torch::TensorOptions().dtype(torch::kLong).device(device_));
+      const auto ehs = torch::randn({1, 77, text_dim(m)}).to(topt(dt));
+      const auto added = random_added(m, dt, 1, size);
+      const auto img = control_image(size).unsqueeze(0).to(topt(dt));
+      Result r;
+      r.section = "components";
+      r.name = "controlnet";
+      r.variant = u.net->name() + " b1";
+      r.dtype = sd::dtype_name(dt);
+      r.size = size;
+      r.timing = time_runs(device_, o_.warmup, o_.iters, [&] { u.net->residuals(x, t, ehs, added, img, u.scale); });
+      r.extra = {{"controlnet", u.net->path()}, {"scale", u.scale}};
+      add(id, r);
+    }
+  }
+
+  // The ControlNets of the stream rows (not the ablation's, whose naive path has none).
+  bool with_controlnets(const std::string& section) const { return !cn_units_.empty() && section != "ablation"; }
+  void attach_controlnets(sd::StreamDiffusion& stream, int64_t size) const {
+    stream.set_controlnets(cn_units_);
+    const auto img = control_image(size);
+    for (size_t i = 0; i < cn_units_.size(); ++i) stream.set_control_image(i, img);
+    stream.set_controlnet_every(o_.controlnet_every);
+  }
+  // Untimed calls before the timed frames of a ControlNet row with --controlnet-every N: a multiple of N, so the timed
+  // frames start on a call that computes the residuals; and timed frames rounded up to a multiple of N, so each
+  // compute / reuse phase is measured as often as it occurs.
+  int round_to_every(int n, bool cn) const {
+    const int e = cn ? o_.controlnet_every : 1;
+    return (n + e - 1) / e * e;
+  }
+
   void autoencoder_components(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
                               const std::string& ae, const std::string& section) {
     torch::NoGradGuard ng;
@@ -397,15 +485,16 @@ class Bench {
   const Result& stream_row(const std::shared_ptr<const sd::DiffusionModels>& m, const std::string& section,
                            const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
                            sd::CfgType cfg, const std::vector<int64_t>& t, bool batch) {
-    std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
-    if (t.size() > 1) variant += batch ? " batch" : " sequential";
+    const bool cn = with_controlnets(section);
+    const std::string variant = stream_variant(ae, cfg, t, batch, cn);
     const std::string id = "stream/" + mode + "/" + variant + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
     if (auto r = find(id)) return *r;
     sd::StreamDiffusion stream(m, stream_config(size, cfg, t, batch));
     stream.prepare(o_.prompt, o_.negative_prompt);
+    if (cn) attach_controlnets(stream, size);
     const auto frame = torch::rand({3, size, size}, torch::TensorOptions().dtype(torch::kFloat)) * 2 - 1;
     auto step = [&] { mode == "img2img" ? stream.img2img(frame) : stream.txt2img(); };
-    const int warm = o_.warmup + (batch ? static_cast<int>(t.size()) - 1 : 0);
+    const int warm = round_to_every(o_.warmup + (batch ? static_cast<int>(t.size()) - 1 : 0), cn);
     for (int i = 0; i < warm; ++i) step();
     const sd::StreamStats s0 = stream.stats();
     Result r;
@@ -416,11 +505,12 @@ class Bench {
     r.size = size;
     r.steps = static_cast<int64_t>(t.size());
     r.batch = stream.unet_batch_size();
-    r.timing = time_runs(device_, 0, o_.frames, step);
+    r.timing = time_runs(device_, 0, round_to_every(o_.frames, cn), step);
     const sd::StreamStats& s1 = stream.stats();
     const double n = static_cast<double>(std::max<int64_t>(1, s1.processed - s0.processed));
     const double per_enc = (s1.image_encode_s - s0.image_encode_s) / n, per_unet = (s1.unet_s - s0.unet_s) / n,
-                 per_dec = (s1.decode_s - s0.decode_s) / n, per_total = (s1.total_s - s0.total_s) / n;
+                 per_dec = (s1.decode_s - s0.decode_s) / n, per_total = (s1.total_s - s0.total_s) / n,
+                 per_cn = (s1.controlnet_s - s0.controlnet_s) / n;
     const double rows = static_cast<double>(s1.unet_rows - s0.unet_rows) / n;
     r.extra = {{"autoencoder", ae},
                {"cfg", sd::cfg_type_name(cfg)},
@@ -430,11 +520,24 @@ class Bench {
                {"per_frame_s",
                 {{"image_encode", per_enc},
                  {"unet", per_unet},
+                 {"controlnet", per_cn},
                  {"decode", per_dec},
-                 {"other", std::max(0.0, per_total - per_enc - per_unet - per_dec)}}},
+                 {"other", std::max(0.0, per_total - per_enc - per_unet - per_cn - per_dec)}}},
                {"unet_calls_per_frame", static_cast<double>(s1.unet_calls - s0.unet_calls) / n},
                {"unet_rows_per_frame", rows},
+               {"controlnets", cn ? cn_units_.size() : 0},
                {"models", "sd::load_pipeline + sd::StreamDiffusion"}};
+    if (cn) {
+      // Calls and reuses over the timed frames; the amortised time per frame is the mean (with --controlnet-every
+      // N > 1 the frames alternate between computing and reusing the residuals, so the median is not the cost).
+      r.extra["controlnet_every"] = o_.controlnet_every;
+      r.extra["controlnet_calls"] = s1.controlnet_calls - s0.controlnet_calls;
+      r.extra["controlnet_reused"] = s1.controlnet_reused - s0.controlnet_reused;
+      r.extra["controlnet_calls_per_frame"] = static_cast<double>(s1.controlnet_calls - s0.controlnet_calls) / n;
+      r.extra["controlnet_scales"] = nlohmann::json::array();
+      for (const auto& u : cn_units_) r.extra["controlnet_scales"].push_back(u.scale);
+      r.extra["amortized_s_per_frame"] = r.timing.mean;
+    }
     r.gflop = frame_gflop(mode, ae, size, rows);
     return add(id, r);
   }
@@ -473,11 +576,13 @@ class Bench {
                   const std::string& ae) {
     const Result& base = stream_row(m, "filter", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
     std::ostringstream v;
-    v << "static thr=" << o_.filter_threshold << " skip<=" << o_.max_skip_frame << " noise=" << o_.filter_noise;
+    v << "static thr=" << o_.filter_threshold << " skip<=" << o_.max_skip_frame << " noise=" << o_.filter_noise
+      << cn_suffix(with_controlnets("filter"));
     const std::string id = "filter/" + v.str() + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
     if (find(id)) return;
     sd::StreamDiffusion stream(m, stream_config(size, sd::CfgType::None, t_img_, true));
     stream.prepare(o_.prompt, o_.negative_prompt);
+    if (with_controlnets("filter")) attach_controlnets(stream, size);
     torch::manual_seed(7);
     // A static scene: one image plus a little independent per-frame noise (a camera's sensor noise).
     const auto scene = torch::rand({3, size, size}) * 2 - 1;
@@ -629,6 +734,10 @@ class Bench {
       std::cout << "           per frame:";
       for (const auto& [k, v] : r.extra["per_frame_s"].items())
         std::cout << " " << k << " " << std::setprecision(4) << v.get<double>() << " s";
+      if (r.extra.contains("controlnet_calls"))
+        std::cout << " | ControlNet calls " << r.extra["controlnet_calls"] << ", reused " << r.extra["controlnet_reused"]
+                  << ", amortised " << std::setprecision(4) << r.extra["amortized_s_per_frame"].get<double>()
+                  << " s/frame";
       std::cout << "\n";
     }
     if (r.section == "filter" && r.extra.contains("effective_fps"))
@@ -654,11 +763,24 @@ class Bench {
                             {"note", note}});
   }
 
-  std::string stream_id(const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
-                        sd::CfgType cfg, const std::vector<int64_t>& t, bool batch) const {
+  // " cn=N" (+ " every=K") on the variants of rows with ControlNets, so they never share an id with rows without.
+  std::string cn_suffix(bool cn) const {
+    if (!cn) return "";
+    std::string s = " cn=" + std::to_string(cn_units_.size());
+    if (o_.controlnet_every > 1) s += " every=" + std::to_string(o_.controlnet_every);
+    return s;
+  }
+  std::string stream_variant(const std::string& ae, sd::CfgType cfg, const std::vector<int64_t>& t, bool batch,
+                             bool cn) const {
     std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
     if (t.size() > 1) variant += batch ? " batch" : " sequential";
-    return "stream/" + mode + "/" + variant + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
+    return variant + cn_suffix(cn);
+  }
+  // The id of a stream row outside the ablation (the comparisons' rows).
+  std::string stream_id(const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
+                        sd::CfgType cfg, const std::vector<int64_t>& t, bool batch) const {
+    return "stream/" + mode + "/" + stream_variant(ae, cfg, t, batch, !cn_units_.empty()) + "/" +
+           sd::dtype_name(dt) + "/" + std::to_string(size);
   }
 
   void summarize_all() {
@@ -773,6 +895,9 @@ class Bench {
     j["cpu_native_bf16"] = sd::cpu_has_native_bf16();
     j["onednn_amx"] = sd::onednn_amx_active();
     j["loads"] = loads_;
+    j["controlnets"] = nlohmann::json::array();
+    for (const auto& [path, scale] : cn_specs_) j["controlnets"].push_back({{"path", path}, {"scale", scale}});
+    j["controlnet_every"] = o_.controlnet_every;
     j["results"] = nlohmann::json::array();
     for (const auto& id : order_) {
       auto r = to_json(results_.at(id));
@@ -810,6 +935,8 @@ class Bench {
   std::vector<std::string> order_;
   std::vector<nlohmann::json> loads_;
   std::vector<sd::LoraSpec> loras_;
+  std::vector<std::pair<std::string, double>> cn_specs_;  // --controlnet: path, scale
+  std::vector<sd::ControlNetUnit> cn_units_;              // loaded for the current model set
   std::vector<nlohmann::json> comparisons_;
   std::map<int64_t, std::vector<AblationRow>> ablation_;
   nlohmann::json ablation_json_ = nlohmann::json::array();
@@ -855,6 +982,14 @@ sd::cli::Runner setup_bench(CLI::App& app) {
   app.add_option("--json", o->json_path, "write the results as JSON");
   app.add_option("--chart", o->chart_path, "write a PNG chart of the ablation and the components (needs OpenCV)");
   sd::cli::add_lora_options(app, o->loras, o->lcm_lora, o->strict_lora);
+  app.add_option("--controlnet", o->controlnets,
+                 "ControlNet DIR|FILE or DIR|FILE:SCALE (default scale 1; repeatable, residuals summed), e.g. from "
+                 "make-random-model --arch controlnet-sd21: every stream row except the ablation's runs with it on a "
+                 "fixed synthetic edge-map control image, and components gains a controlnet line per ControlNet");
+  app.add_option("--controlnet-every", o->controlnet_every,
+                 "recompute the ControlNet residuals every N stream calls and reuse them in between; timed frames "
+                 "are rounded up to a multiple of N (see amortized_s_per_frame)")
+      ->capture_default_str();
   return [o] { return Bench(*o).run(); };
 }
 

@@ -26,13 +26,19 @@ sd::cli::Runner setup_make_random_model(CLI::App& app) {
   auto single_file = std::make_shared<std::string>();
   app.add_option("--arch", o->arch,
                  "sd-turbo | sd15 | bk-sdm-tiny (nota-ai, 323M-parameter UNet) | sdxs-512 (IDKiro sdxs-512-0.9, 328M) | "
-                 "sdxl-turbo (SDXL UNet 2.57B, two text encoders, TAESDXL; 512 px) | sdxl (the same, 1024 px)")
+                 "sdxl-turbo (SDXL UNet 2.57B, two text encoders, TAESDXL; 512 px) | sdxl (the same, 1024 px) | "
+                 "controlnet-sd15 (a ControlNet folder: lllyasviel control_v11p_sd15_* architecture, 361M, for sd15) | "
+                 "controlnet-sd21 (thibaud controlnet-sd21-*, for SD 2.1 / sd-turbo) | controlnet (for the UNet of "
+                 "--for-model)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"sd-turbo", "sd15", "bk-sdm-tiny", "sdxs-512", "sdxl-turbo", "sdxl"}));
+      ->check(CLI::IsMember({"sd-turbo", "sd15", "bk-sdm-tiny", "sdxs-512", "sdxl-turbo", "sdxl", "controlnet-sd15",
+                             "controlnet-sd21", "controlnet"}));
   app.add_option("--out", o->out_dir, "output folder (created)")->required();
   app.add_option("--tokenizer", o->tokenizer_dir,
-                 "CLIP tokenizer folder to copy (vocab.json + merges.txt), e.g. <a model>/tokenizer")
-      ->required();
+                 "CLIP tokenizer folder to copy (vocab.json + merges.txt), e.g. <a model>/tokenizer (required for "
+                 "models, not for ControlNets)");
+  app.add_option("--for-model", o->for_model,
+                 "--arch controlnet: the diffusers model folder whose UNet (unet/config.json) the ControlNet copies");
   app.add_option("--seed", o->seed, "random seed")->capture_default_str();
   app.add_option("--weights-dtype", *dtype, "dtype of the written weights: fp32 | bf16 | fp16")->capture_default_str();
   app.add_flag("--no-taesd", *no_taesd, "do not write the taesd/ folder");
@@ -45,6 +51,15 @@ sd::cli::Runner setup_make_random_model(CLI::App& app) {
     o->dtype = sd::parse_dtype(*dtype);
     o->with_taesd = !*no_taesd;
     const auto t0 = std::chrono::steady_clock::now();
+    if (sd::is_controlnet_arch(o->arch)) {
+      if (!single_file->empty()) throw sd::InvalidArgument("make-random-model --single-file: not for ControlNets");
+      if (*no_taesd) throw sd::InvalidArgument("make-random-model --no-taesd: not for ControlNets");
+      const auto r = sd::write_random_controlnet(*o);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::cout << "wrote " << o->out_dir << " (" << o->arch << ", " << *dtype << ") in " << s << " s: ControlNet "
+                << r.controlnet_parameters << " parameters; " << r.bytes_written / (1024 * 1024) << " MiB\n";
+      return 0;
+    }
     auto r = sd::write_random_model(*o);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::cout << "wrote " << o->out_dir << " (" << o->arch << ", " << *dtype << ") in " << s << " s: unet "
@@ -63,7 +78,8 @@ sd::cli::Runner setup_make_random_model(CLI::App& app) {
 }
 
 REGISTER_COMMAND("make-random-model",
-                 "write a full-size diffusers folder (sd-turbo, SD 1.5, BK-SDM-Tiny, SDXS-512, SDXL-Turbo or SDXL architecture) with random weights", 90,
+                 "write a full-size diffusers folder (sd-turbo, SD 1.5, BK-SDM-Tiny, SDXS-512, SDXL-Turbo or SDXL architecture, or "
+                 "a ControlNet for SD 1.5 / SD 2.1) with random weights", 90,
                  setup_make_random_model);
 
 }  // namespace

@@ -104,6 +104,11 @@ of Streams. Create it with load_pipeline().
              return out;
            },
            "the fused LoRAs in load order: dicts with name, path, layout, scale, keys, matched_keys")
+      .def_property_readonly("has_ip_adapter", [](const sd::DiffusionModels& s) { return s.ip_adapter() != nullptr; },
+                             "loaded with ip_adapter=")
+      .def("set_ip_adapter_scale", &sd::DiffusionModels::set_ip_adapter_scale, py::arg("scale"),
+           "weight of the IP-Adapter's image attention (0 = the plain UNet, exactly); shared by every stream on "
+           "these models. InvalidArgument without an IP-Adapter.")
       .def("set_lora_scale", &sd::DiffusionModels::set_lora_scale, py::arg("name"), py::arg("scale"),
            py::call_guard<py::gil_scoped_release>(),
            "Re-fuses LoRA `name` (its file stem) at `scale` without reloading; every stream on these models sees it.")
@@ -114,7 +119,8 @@ of Streams. Create it with load_pipeline().
       [](std::optional<std::string> model, py::handle dtype, const std::string& device, int threads,
          const std::string& taesd, const std::string& vae, const std::string& config, const std::string& tokenizer,
          const std::string& prediction_type, py::handle loras, std::optional<std::string> lcm_lora,
-         bool strict_lora, bool lora_live, int clip_skip, std::optional<double> lcm_guidance) {
+         bool strict_lora, bool lora_live, int clip_skip, std::optional<double> lcm_guidance,
+         const std::string& ip_adapter, double ip_adapter_scale) {
         sd::LoadOptions o;
         o.dtype = dtype_arg(dtype);
         o.device = device;
@@ -129,6 +135,8 @@ of Streams. Create it with load_pipeline().
         o.lora_live = lora_live;
         o.clip_skip = clip_skip;
         o.lcm_guidance = lcm_guidance;
+        o.ip_adapter = ip_adapter;
+        o.ip_adapter_scale = ip_adapter_scale;
         const std::string path = model_path_or_default(model);
         py::gil_scoped_release release;
         return std::const_pointer_cast<sd::DiffusionModels>(sd::load_pipeline(path, o));
@@ -137,7 +145,8 @@ of Streams. Create it with load_pipeline().
       py::arg("threads") = 0, py::arg("taesd") = "", py::arg("vae") = "", py::arg("config") = "",
       py::arg("tokenizer") = "", py::arg("prediction_type") = "", py::arg("loras") = py::none(),
       py::arg("lcm_lora") = py::none(), py::arg("strict_lora") = false, py::arg("lora_live") = true,
-      py::arg("clip_skip") = 0, py::arg("lcm_guidance") = py::none(),
+      py::arg("clip_skip") = 0, py::arg("lcm_guidance") = py::none(), py::arg("ip_adapter") = "",
+      py::arg("ip_adapter_scale") = 1.0,
       R"doc(
 Loads a model once (sd::load_pipeline): a diffusers folder or an original-layout single .safetensors file.
 
@@ -145,7 +154,8 @@ model: folder or file; None = the built-in models/emoji-tiny. dtype: "fp32" | "b
 device: "cpu" | "cuda[:N]". threads: intra-op threads (0 = all cores, < 0 = leave as is). taesd: TAESD folder, "none"
 for the AutoencoderKL, "" = <model>/taesd when present. vae: an AutoencoderKL folder or file. config / tokenizer /
 prediction_type: for single files. loras: {path: scale}, ["file", "file:scale"] or [(path, scale)], fused in order
-after lcm_lora (scale 1). Raises FormatError (OSError) for missing or malformed files, InvalidArgument (ValueError)
+after lcm_lora (scale 1). ip_adapter: an IP-Adapter .safetensors file (image_encoder/ beside it) or a folder
+(h94/IP-Adapter layout), ip_adapter_scale its weight (Stream.set_image_prompt gives the image). Raises FormatError (OSError) for missing or malformed files, InvalidArgument (ValueError)
 for bad options.
 )doc");
 

@@ -29,6 +29,7 @@ void bind_errors(py::module_& m);
 void bind_tensor(py::module_& m);
 void bind_models(py::module_& m);
 void bind_stream(py::module_& m);
+void bind_controlnet(py::module_& m);  // after bind_stream: adds the Stream's ControlNet / IP-Adapter methods
 void bind_runtime(py::module_& m);
 
 }  // namespace sdpy

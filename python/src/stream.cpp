@@ -98,6 +98,12 @@ argument > the model's streamdiffusion.json > its family's defaults > built-in (
       .def_readonly("unet_calls", &sd::StreamStats::unet_calls)
       .def_readonly("unet_rows", &sd::StreamStats::unet_rows)
       .def_readonly("text_encodes", &sd::StreamStats::text_encodes)
+      .def_readonly("controlnet_calls", &sd::StreamStats::controlnet_calls,
+                    "ControlNet evaluations (one per ControlNet per UNet call that computed residuals)")
+      .def_readonly("controlnet_reused", &sd::StreamStats::controlnet_reused,
+                    "UNet calls that reused cached residuals (set_controlnet_every)")
+      .def_readonly("image_prompt_encodes", &sd::StreamStats::image_prompt_encodes)
+      .def_readonly("controlnet_s", &sd::StreamStats::controlnet_s)
       .def_readonly("text_encode_s", &sd::StreamStats::text_encode_s)
       .def_readonly("image_encode_s", &sd::StreamStats::image_encode_s)
       .def_readonly("unet_s", &sd::StreamStats::unet_s)

@@ -19,6 +19,7 @@ the base of both) for the rest.
 """
 from ._core import (  # noqa: F401
     HAVE_RUNTIME,
+    ControlNet,
     Error,
     FormatError,
     InvalidArgument,
@@ -36,6 +37,8 @@ from ._core import (  # noqa: F401
     UniformSource,
     __version__,
     as_tensor,
+    control_preprocess,
+    control_preprocessor_names,
     default_model_dir,
     image_to_tensor,
     load_pipeline,
@@ -60,6 +63,9 @@ __all__ = [
     "Tensor",
     "as_tensor",
     "Models",
+    "ControlNet",
+    "control_preprocess",
+    "control_preprocessor_names",
     "model_defaults",
     "default_model_dir",
     "image_to_tensor",

@@ -58,6 +58,10 @@ class Models:
     def describe(self) -> str: ...
     def loras(self) -> List[Dict[str, Any]]: ...
     def set_lora_scale(self, name: str, scale: float) -> None: ...
+    @property
+    def has_ip_adapter(self) -> bool: ...
+    def set_ip_adapter_scale(self, scale: float) -> None:
+        """Weight of the IP-Adapter's image attention (0 = the plain UNet); InvalidArgument without one."""
 
 def load_pipeline(
     model: Optional[str] = None,
@@ -76,8 +80,28 @@ def load_pipeline(
     lora_live: bool = True,
     clip_skip: int = 0,
     lcm_guidance: Optional[float] = None,
+    ip_adapter: str = "",
+    ip_adapter_scale: float = 1.0,
 ) -> Models:
-    """Loads a diffusers folder or single-file checkpoint (None = the built-in emoji model)."""
+    """Loads a diffusers folder or single-file checkpoint (None = the built-in emoji model); ip_adapter: an
+    IP-Adapter file or folder (image prompts: Stream.set_image_prompt)."""
+
+class ControlNet:
+    """A ControlNet loaded for a model set (checked against its UNet's family); shared by any number of Streams."""
+    @staticmethod
+    def load(path: str, models: Models) -> "ControlNet":
+        """Diffusers folder or control_*.safetensors file; FormatError / InvalidArgument (another family)."""
+    @property
+    def path(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def image_scale(self) -> int: ...
+    def describe(self) -> str: ...
+
+def control_preprocess(name: str, image: TensorLike) -> Any:
+    """'canny[:LOW:HIGH]' | 'gray' | 'passthrough' on uint8 RGB [H, W, 3] -> numpy uint8 RGB [H, W, 3]."""
+def control_preprocessor_names() -> List[str]: ...
 
 def default_model_dir() -> str: ...
 def set_threads(n: int) -> int: ...
@@ -136,6 +160,10 @@ class StreamStats:
     unet_calls: int
     unet_rows: int
     text_encodes: int
+    controlnet_calls: int
+    controlnet_reused: int
+    image_prompt_encodes: int
+    controlnet_s: float
     text_encode_s: float
     image_encode_s: float
     unet_s: float
@@ -227,6 +255,22 @@ class Stream:
     @property
     def beta_prod_t_sqrt(self) -> Optional[Tensor]: ...
     def _time_img2img_native(self, images: TensorLike, n: int) -> List[float]: ...
+    # ControlNets: run before every UNet call, residuals summed; each needs a control image.
+    def set_controlnets(self, controlnets: Sequence[Union[ControlNet, Tuple[ControlNet, float]]]) -> None: ...
+    @property
+    def controlnets(self) -> List[Tuple[ControlNet, float]]: ...
+    def set_controlnet_scale(self, index: int, scale: float) -> None: ...
+    def set_control_image(self, index: int, image: TensorLike) -> None:
+        """uint8 RGB [H, W, 3] or float [3, H, W] / [1, 3, H, W] in [0, 1]; any size."""
+    def set_controlnet_every(self, n: int) -> None: ...
+    @property
+    def controlnet_every(self) -> int: ...
+    # IP-Adapter (models loaded with ip_adapter=).
+    def set_image_prompt(self, image: TensorLike) -> None:
+        """uint8 RGB [H, W, 3], any size."""
+    def clear_image_prompt(self) -> None: ...
+    @property
+    def has_image_prompt(self) -> bool: ...
 
 def run_stream(
     stream: Stream,

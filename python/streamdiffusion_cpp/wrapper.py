@@ -20,11 +20,29 @@ import os
 import random
 from typing import Any, Dict, List, Literal, Optional, Union
 
+import numpy as np
+
 from . import _core
 from .image_utils import postprocess_image as _postprocess
 from .image_utils import preprocess_image as _preprocess
 
 log = logging.getLogger("streamdiffusion_cpp")
+
+
+def _np_zeros_u8(h: int, w: int):
+    return np.zeros((h, w, 3), dtype=np.uint8)
+
+
+def _picture_u8(image: Any) -> Any:
+    """A path or PIL image -> uint8 RGB HWC numpy array; arrays and tensors pass through."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        return np.asarray(image.convert("RGB"))
+    return image
 
 _ACCELERATIONS = ("none", "xformers", "tensorrt", "sfast")
 
@@ -115,6 +133,11 @@ class StreamDiffusionWrapper:
         engine_dir: Optional[str] = "engines",
         *,
         threads: int = 0,
+        controlnets: Optional[List[Union[str, tuple]]] = None,
+        controlnet_every: int = 1,
+        control_preprocessor: Optional[str] = None,
+        ip_adapter: Optional[str] = None,
+        ip_adapter_scale: float = 1.0,
     ) -> None:
         """Loads the model and prepares an empty prompt, as upstream does.
 
@@ -122,6 +145,12 @@ class StreamDiffusionWrapper:
         cache); None = the built-in emoji model. t_index_list, width, height, cfg_type: None = the model's
         recommendation / native size. dtype: torch dtype or "fp32" | "bf16" | "fp16" (None: fp32 on CPU, fp16 on
         CUDA). threads: intra-op threads (0 = all cores).
+
+        controlnets: ControlNets as paths or (path, scale) pairs (diffusers folders or control_*.safetensors files),
+        residuals summed; controlnet_every: recompute them every N calls. control_preprocessor: "canny[:LOW:HIGH]" |
+        "gray" | "passthrough" makes each img2img call's control image from its input frame (else set one with
+        set_control_image). ip_adapter: an IP-Adapter file or folder (image prompts: set_image_prompt),
+        ip_adapter_scale its weight.
         """
         if mode not in ("img2img", "txt2img"):
             raise _core.InvalidArgument(f"mode must be 'img2img' or 'txt2img', got {mode!r}")
@@ -175,7 +204,25 @@ class StreamDiffusionWrapper:
 
         self.dtype = _dtype_name(dtype, device)
         self.models = _core.load_pipeline(self.model_path, dtype=self.dtype, device=device, threads=threads,
-                                          taesd=taesd, vae=vae, loras=loras)
+                                          taesd=taesd, vae=vae, loras=loras, ip_adapter=ip_adapter or "",
+                                          ip_adapter_scale=float(ip_adapter_scale))
+        # ControlNets and image prompt: kept here and given to every stream prepare() makes.
+        self.controlnets: List[tuple] = []
+        for item in controlnets or []:
+            path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else (item[0], float(item[1]))
+            self.controlnets.append((_core.ControlNet.load(str(resolve_model_path(str(path)) or path), self.models),
+                                     scale))
+        self.controlnet_every = int(controlnet_every)
+        if control_preprocessor is not None:
+            if not self.controlnets:
+                raise _core.InvalidArgument("control_preprocessor needs controlnets")
+            if mode != "img2img":
+                raise _core.InvalidArgument("control_preprocessor needs input frames (mode='img2img'); in txt2img "
+                                            "give the control image with set_control_image")
+            _core.control_preprocess(control_preprocessor, _np_zeros_u8(8, 8))  # a bad name fails here
+        self.control_preprocessor = control_preprocessor
+        self._control_images: Dict[int, Any] = {}
+        self._image_prompt: Any = None
 
         if seed < 0:  # upstream: a random seed
             seed = random.randint(0, 1000000)
@@ -212,6 +259,41 @@ class StreamDiffusionWrapper:
         self.config.delta = float(delta) if delta is not None else dlt
         self.stream = _core.Stream(self.models, self.config)
         self.stream.prepare(prompt, negative_prompt)
+        self._attach()
+
+    def _attach(self) -> None:
+        """Gives the current stream the ControlNets, their control images and the image prompt."""
+        if self.controlnets:
+            self.stream.set_controlnets(self.controlnets)
+            self.stream.set_controlnet_every(self.controlnet_every)
+            for i, image in self._control_images.items():
+                self.stream.set_control_image(i, image)
+        if self._image_prompt is not None:
+            self.stream.set_image_prompt(self._image_prompt)
+
+    def set_control_image(self, index: int, image: Any) -> None:
+        """Control image of ControlNet `index`: a path, PIL image, uint8 HWC array or float CHW in [0, 1]."""
+        if not 0 <= index < len(self.controlnets):
+            raise _core.InvalidArgument(f"set_control_image: index {index} out of range ({len(self.controlnets)} "
+                                        "ControlNets)")
+        image = _picture_u8(image)
+        self.stream.set_control_image(index, image)
+        self._control_images[index] = image
+
+    def set_controlnet_scale(self, index: int, scale: float) -> None:
+        """Conditioning scale of ControlNet `index` (0 = as without it)."""
+        self.stream.set_controlnet_scale(index, float(scale))
+        self.controlnets[index] = (self.controlnets[index][0], float(scale))
+
+    def set_image_prompt(self, image: Any) -> None:
+        """IP-Adapter image prompt (ip_adapter=): a path, PIL image or uint8 HWC array."""
+        image = _picture_u8(image)
+        self.stream.set_image_prompt(image)
+        self._image_prompt = image
+
+    def set_ip_adapter_scale(self, scale: float) -> None:
+        """Weight of the IP-Adapter's image attention (0 = off)."""
+        self.models.set_ip_adapter_scale(float(scale))
 
     def __call__(self, image: Any = None, prompt: Optional[str] = None):
         """img2img(image, prompt) in img2img mode, else txt2img(prompt)."""
@@ -237,6 +319,12 @@ class StreamDiffusionWrapper:
         if prompt is not None:
             self.stream.update_prompt(prompt)
         x = self.preprocess_image(image)
+        if self.control_preprocessor is not None:
+            # The control image of this frame (the first one with frame_buffer_size > 1), from the stream input.
+            frame = np.asarray(_core.tensor_to_image(x if len(x.shape) == 4 else np.asarray(x)[None]))[0]
+            control = _core.control_preprocess(self.control_preprocessor, frame)
+            for i in range(len(self.controlnets)):
+                self.stream.set_control_image(i, control)
         out = self.stream.img2img(x)
         return self.postprocess_image(out, output_type=self.output_type)
 

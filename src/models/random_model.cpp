@@ -18,6 +18,7 @@
 #include "models/autoencoder_kl.h"
 #include "models/autoencoder_tiny.h"
 #include "models/clip_text_model.h"
+#include "models/controlnet.h"
 #include "models/unet_2d_condition.h"
 
 namespace fs = std::filesystem;
@@ -59,6 +60,47 @@ uint64_t save_module(torch::nn::Module& m, const fs::path& file, torch::ScalarTy
 }  // namespace
 
 bool is_sdxl_arch(const std::string& arch) { return arch == "sdxl-turbo" || arch == "sdxl"; }
+
+bool is_controlnet_arch(const std::string& arch) {
+  return arch == "controlnet-sd15" || arch == "controlnet-sd21" || arch == "controlnet";
+}
+
+std::string controlnet_base_arch(const std::string& arch) {
+  if (arch == "controlnet-sd15") return "sd15";
+  if (arch == "controlnet-sd21") return "sd-turbo";
+  throw InvalidArgument("unknown ControlNet architecture '" + arch + "' (expected controlnet-sd15 or controlnet-sd21)");
+}
+
+json controlnet_config_from_unet(const json& unet, const std::string& source) {
+  if (!unet.is_object()) throw InvalidArgument(source + ": expected a UNet config.json object");
+  // The keyword arguments of diffusers' ControlNetModel (0.24); from_unet copies these from the UNet's config.
+  static const char* kKeys[] = {
+      "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type", "only_cross_attention",
+      "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
+      "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "encoder_hid_dim",
+      "encoder_hid_dim_type", "attention_head_dim", "num_attention_heads", "use_linear_projection",
+      "class_embed_type", "addition_embed_type", "addition_time_embed_dim", "num_class_embeds", "upcast_attention",
+      "resnet_time_scale_shift", "projection_class_embeddings_input_dim", "addition_embed_type_num_heads"};
+  json c{{"_class_name", "ControlNetModel"}, {"_diffusers_version", "0.24.0"}};
+  for (const char* k : kKeys)
+    if (unet.contains(k)) c[k] = unet[k];
+  if (!c.contains("mid_block_type")) c["mid_block_type"] = "UNetMidBlock2DCrossAttn";
+  if (c["mid_block_type"].is_null())
+    throw InvalidArgument(source + ": the UNet has no mid block (mid_block_type null, e.g. a distilled UNet); a "
+                          "ControlNet copies the mid block");
+  if (!c.contains("upcast_attention") || c["upcast_attention"].is_null()) c["upcast_attention"] = false;
+  c["conditioning_channels"] = 3;
+  c["conditioning_embedding_out_channels"] = {16, 32, 96, 256};
+  c["controlnet_conditioning_channel_order"] = "rgb";
+  c["global_pool_conditions"] = false;
+  return c;
+}
+
+json real_controlnet_config(const std::string& arch) {
+  // Both published families are ControlNetModel.from_unet of their base UNet: lllyasviel/control_v11p_sd15_* of
+  // SD 1.5's, thibaud/controlnet-sd21-* of SD 2.1's (sd-turbo's UNet is SD 2.1's architecture).
+  return controlnet_config_from_unet(real_unet_config(controlnet_base_arch(arch)), arch);
+}
 
 json real_unet_config(const std::string& arch) {
   check_arch(arch);
@@ -291,7 +333,9 @@ void randomize_parameters(torch::nn::Module& module, uint64_t seed) {
     auto opts = torch::TensorOptions().dtype(torch::kFloat32);
     torch::Tensor v;
     const bool is_norm = contains(name, "norm") && t.dim() == 1;
-    if (t.dim() >= 2 && contains(name, "embedding") && !contains(name, "time_embedding")) {
+    // (A ControlNet's controlnet_cond_embedding is a stack of convs, scaled like any conv.)
+    if (t.dim() >= 2 && contains(name, "embedding") && !contains(name, "time_embedding") &&
+        !contains(name, "controlnet_cond_embedding")) {
       v = at::normal(0.0, 0.02, t.sizes(), gen, opts);  // token / position tables
     } else if (t.dim() >= 2) {
       const double fan_in = static_cast<double>(t.numel() / t.size(0));
@@ -305,10 +349,47 @@ void randomize_parameters(torch::nn::Module& module, uint64_t seed) {
   }
 }
 
-RandomModelReport write_random_model(const RandomModelOptions& o) {
-  check_arch(o.arch);
+RandomModelReport write_random_controlnet(const RandomModelOptions& o) {
+  if (!is_controlnet_arch(o.arch))
+    throw InvalidArgument("make-random-model: '" + o.arch + "' is not a ControlNet architecture (expected "
+                          "controlnet-sd15, controlnet-sd21 or controlnet with --for-model)");
   if (o.out_dir.empty()) throw InvalidArgument("make-random-model: --out is required");
-  if (o.tokenizer_dir.empty() || !is_file(o.tokenizer_dir + "/vocab.json") || !is_file(o.tokenizer_dir + "/merges.txt"))
+  json cfg_json;
+  if (o.arch == "controlnet") {
+    if (o.for_model.empty())
+      throw InvalidArgument("make-random-model --arch controlnet needs --for-model DIR (a diffusers model folder "
+                            "whose UNet the ControlNet is made for)");
+    const std::string unet_cfg = o.for_model + "/unet/config.json";
+    if (!is_file(unet_cfg))
+      throw InvalidArgument("make-random-model --for-model " + o.for_model + ": no unet/config.json (expected a "
+                            "diffusers model folder)");
+    cfg_json = controlnet_config_from_unet(read_json_file(unet_cfg), unet_cfg);
+  } else {
+    if (!o.for_model.empty())
+      throw InvalidArgument("make-random-model --for-model goes with --arch controlnet (" + o.arch +
+                            " is a published architecture)");
+    cfg_json = real_controlnet_config(o.arch);
+  }
+  const fs::path out(o.out_dir);
+  fs::create_directories(out);
+  write_json(out / "config.json", cfg_json);
+  ControlNetModel m(ControlNetConfig::from_json(cfg_json, (out / "config.json").string()));
+  randomize_parameters(*m, o.seed);
+  RandomModelReport r;
+  r.controlnet_parameters = count_parameters(*m);
+  r.bytes_written = save_module(*m, out / "diffusion_pytorch_model.safetensors", o.dtype);
+  return r;
+}
+
+RandomModelReport write_random_model(const RandomModelOptions& o) {
+  if (is_controlnet_arch(o.arch)) return write_random_controlnet(o);
+  check_arch(o.arch);
+  if (!o.for_model.empty()) throw InvalidArgument("make-random-model --for-model goes with --arch controlnet");
+  if (o.out_dir.empty()) throw InvalidArgument("make-random-model: --out is required");
+  if (o.tokenizer_dir.empty())
+    throw InvalidArgument("make-random-model --arch " + o.arch + ": --tokenizer is required (a CLIP tokenizer folder, "
+                          "e.g. models/clip-tokenizer)");
+  if (!is_file(o.tokenizer_dir + "/vocab.json") || !is_file(o.tokenizer_dir + "/merges.txt"))
     throw InvalidArgument("make-random-model: tokenizer folder '" + o.tokenizer_dir +
                           "' must hold vocab.json and merges.txt (e.g. a model's tokenizer/ folder)");
   const fs::path out(o.out_dir);

@@ -15,8 +15,13 @@ class Module;
 namespace sd {
 
 struct RandomModelOptions {
-  std::string arch = "sd-turbo";  // "sd-turbo" | "sd15" | "bk-sdm-tiny" | "sdxs-512" | "sdxl-turbo" | "sdxl"
+  // "sd-turbo" | "sd15" | "bk-sdm-tiny" | "sdxs-512" | "sdxl-turbo" | "sdxl", or a ControlNet (a diffusers
+  // ControlNetModel folder: config.json + diffusion_pytorch_model.safetensors): "controlnet-sd15" (lllyasviel
+  // control_v11p_sd15_* architecture), "controlnet-sd21" (thibaud/controlnet-sd21-*: SD 2.1, fits sd-turbo) or
+  // "controlnet" (the encoder of the UNet of `for_model`, for small test models).
+  std::string arch = "sd-turbo";
   std::string out_dir;
+  std::string for_model;      // arch "controlnet": a diffusers model folder (its unet/config.json)
   std::string tokenizer_dir;  // a CLIP tokenizer folder to copy (vocab.json, merges.txt, *config.json)
   uint64_t seed = 0;
   torch::ScalarType dtype = torch::kFloat32;  // dtype of the written weights
@@ -26,6 +31,7 @@ struct RandomModelOptions {
 struct RandomModelReport {
   int64_t unet_parameters = 0, vae_parameters = 0, text_encoder_parameters = 0, taesd_parameters = 0;
   int64_t text_encoder_2_parameters = 0;  // SDXL only
+  int64_t controlnet_parameters = 0;      // ControlNet architectures only (then the only figure)
   uint64_t bytes_written = 0;
 };
 
@@ -44,12 +50,32 @@ nlohmann::json default_taesd_config();
 // with (sd-turbo: one step, no guidance; sd15: the LCM-LoRA recipe).
 nlohmann::json recommended_settings(const std::string& arch);
 
+// ControlNet architectures (make-random-model --arch controlnet-*).
+bool is_controlnet_arch(const std::string& arch);
+// The UNet family a ControlNet architecture is for: controlnet-sd15 -> "sd15", controlnet-sd21 -> "sd-turbo" (SD 2.1).
+std::string controlnet_base_arch(const std::string& arch);
+// diffusers' ControlNetModel.from_unet as a config: the encoder settings of a UNet config.json (every key
+// ControlNetModel takes; up path, out_channels, sample_size, conv kernels and LCM's time_cond_proj_dim dropped) plus
+// the conditioning embedding of every published ControlNet (3 channels, 16,32,96,256, rgb). InvalidArgument
+// (naming `source`) for a UNet without a mid block or with added conditioning other than SDXL's text_time.
+nlohmann::json controlnet_config_from_unet(const nlohmann::json& unet_config, const std::string& source = "unet config");
+// The published configs: controlnet-sd15 = lllyasviel/control_v11p_sd15_canny (361,279,120 parameters, a 1.45 GB
+// fp32 file), controlnet-sd21 = thibaud/controlnet-sd21-canny-diffusers (SD 2.1: 1024-d text, heads 5,10,20,20,
+// linear projections; 364,228,240 parameters).
+nlohmann::json real_controlnet_config(const std::string& arch);
+
 // Fills every parameter with weights of realistic scale: matrices/convs ~ N(0, 1/fan_in), norm weights ~ 1, biases
 // and norm biases small, embeddings ~ N(0, 0.02) (token/position tables). Deterministic for a seed.
 void randomize_parameters(torch::nn::Module& module, uint64_t seed);
 
+// ControlNet architectures: a diffusers ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors)
+// with random weights of the UNet's scale; the zero convs (controlnet_down_blocks, controlnet_mid_block) are random
+// too (a trained ControlNet's are not zero), so the residuals are of a trained one's order and outputs stay finite.
+RandomModelReport write_random_controlnet(const RandomModelOptions& opts);
+
 // Writes a complete diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, taesd/;
-// SDXL: also text_encoder_2/, tokenizer_2/, and taesdxl/ instead of taesd/).
+// SDXL: also text_encoder_2/, tokenizer_2/, and taesdxl/ instead of taesd/). ControlNet architectures:
+// write_random_controlnet.
 RandomModelReport write_random_model(const RandomModelOptions& opts);
 
 // The diffusers folder `dir` as one original-layout (LDM) .safetensors file, through the inverse of the load-time

@@ -21,10 +21,8 @@ std::string unet_family_name(int64_t cross, bool text_time) {
   return "a UNet with cross_attention_dim " + std::to_string(cross);
 }
 
-namespace {
-
 // Every setting the residuals must agree on with the UNet they are added to.
-void check_compatible(const ControlNetConfig& cn, const UNet2DConditionConfig& u, const std::string& path) {
+void check_controlnet_fits(const ControlNetConfig& cn, const UNet2DConditionConfig& u, const std::string& path) {
   const auto& c = cn.unet;
   const std::string cn_family = unet_family_name(c.cross_attention_dim[0], c.text_time());
   const std::string model_family = unet_family_name(u.cross_attention_dim[0], u.text_time());
@@ -49,8 +47,6 @@ void check_compatible(const ControlNetConfig& cn, const UNet2DConditionConfig& u
     throw InvalidArgument("ControlNet " + path + ": pooled text width " + std::to_string(c.pooled_text_dim()) +
                           " vs the UNet's " + std::to_string(u.pooled_text_dim()));
 }
-
-}  // namespace
 
 std::shared_ptr<const ControlNet> ControlNet::load(const std::string& path, const DiffusionModels& models) {
   refuse_pickle(path);
@@ -101,7 +97,7 @@ std::shared_ptr<const ControlNet> ControlNet::load(const std::string& path, cons
                               "(original layout) or controlnet_cond_embedding.* (diffusers names)" + hint);
     }
   }
-  if (const auto* u = models.unet_config()) check_compatible(model->config(), *u, path);
+  if (const auto* u = models.unet_config()) check_controlnet_fits(model->config(), *u, path);
   for (const auto& p : model->parameters()) cn->parameters_ += p.numel();
   cn->model_ = model.ptr();
   return cn;

@@ -42,6 +42,12 @@ class ControlNet {
   int64_t parameters_ = 0;
 };
 
+// What ControlNet::load checks against the model's UNet (InvalidArgument naming `path` and both families or the
+// differing widths): cross-attention width and added conditioning (the family), block_out_channels,
+// layers_per_block, in_channels, pooled text width.
+void check_controlnet_fits(const ControlNetConfig& controlnet, const UNet2DConditionConfig& unet,
+                           const std::string& path);
+
 // The name of a UNet family from its cross-attention width, for errors: "SD 1.x" (768), "SD 2.x" (1024), "SDXL"
 // (2048 with added conditioning), else "a UNet with cross_attention_dim N".
 std::string unet_family_name(int64_t cross_attention_dim, bool text_time);

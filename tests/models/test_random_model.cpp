@@ -9,6 +9,7 @@
 #include "models/autoencoder_kl.h"
 #include "models/autoencoder_tiny.h"
 #include "models/clip_text_model.h"
+#include "models/controlnet.h"
 #include "models/random_model.h"
 #include "models/unet_2d_condition.h"
 
@@ -75,6 +76,70 @@ TEST(RandomModel, InitScaleIsRealisticAndDeterministic) {
   sd::randomize_parameters(*d, 8);
   EXPECT_FALSE(torch::equal(sa.at("text_model.final_layer_norm.weight"),
                             sd::state_dict(*d).at("text_model.final_layer_norm.weight")));
+}
+
+// make-random-model --arch controlnet-sd15|controlnet-sd21: ControlNetModel.from_unet of the base UNet, with the
+// published conditioning embedding. SD 1.5's: 361,279,120 parameters (1.45 GB in fp32, the size of the published
+// control_v11p_sd15_* files); SD 2.1's differs from it exactly by what the two UNet encoders differ by.
+TEST(RandomModel, ControlNetArchitectures) {
+  auto cn_params = [](const nlohmann::json& c) {
+    return sd::count_parameters(*sd::ControlNetModel(sd::ControlNetConfig::from_json(c, "controlnet")));
+  };
+  const auto sd15 = sd::real_controlnet_config("controlnet-sd15");
+  EXPECT_EQ(sd15.at("_class_name"), "ControlNetModel");
+  EXPECT_EQ(sd15.at("cross_attention_dim"), 768);
+  EXPECT_EQ(sd15.at("block_out_channels"), nlohmann::json({320, 640, 1280, 1280}));
+  EXPECT_EQ(sd15.at("conditioning_embedding_out_channels"), nlohmann::json({16, 32, 96, 256}));
+  EXPECT_EQ(sd15.at("use_linear_projection"), false);
+  EXPECT_FALSE(sd15.contains("up_block_types"));
+  EXPECT_FALSE(sd15.contains("out_channels"));
+  EXPECT_FALSE(sd15.contains("sample_size"));
+  EXPECT_EQ(cn_params(sd15), 361279120);
+  const auto sd21 = sd::real_controlnet_config("controlnet-sd21");
+  EXPECT_EQ(sd21.at("cross_attention_dim"), 1024);
+  EXPECT_EQ(sd21.at("attention_head_dim"), nlohmann::json({5, 10, 20, 20}));
+  EXPECT_EQ(sd21.at("use_linear_projection"), true);
+  EXPECT_EQ(sd21.at("upcast_attention"), false);  // sd-turbo's null -> ControlNetModel's default
+  // The two families differ only in the text width of every cross-attention's to_k / to_v (768 -> 1024) - two
+  // transformers in each of the 3 cross-attention down blocks and one in the mid block - and in proj_in / proj_out
+  // being linears instead of 1x1 convs (the same number of weights).
+  int64_t kv_extra = 0;
+  for (int64_t ch : {320, 320, 640, 640, 1280, 1280, 1280}) kv_extra += 2 * ch * (1024 - 768);
+  EXPECT_EQ(cn_params(sd21), 361279120 + kv_extra);
+  EXPECT_EQ(cn_params(sd21), 364228240);
+  EXPECT_THROW(sd::real_controlnet_config("controlnet-sdxl"), sd::InvalidArgument);
+  // A UNet without a mid block has no ControlNet.
+  try {
+    sd::controlnet_config_from_unet(sd::real_unet_config("bk-sdm-tiny"), "bk/unet/config.json");
+    ADD_FAILURE() << "no error for a UNet without a mid block";
+  } catch (const sd::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("bk/unet/config.json: the UNet has no mid block"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(RandomModel, ControlNetInitIsUNetScaled) {
+  // A small ControlNet from a small UNet config: the conditioning embedding's convs and the zero convs get the
+  // 1/sqrt(fan_in) scale of every conv (not the 0.02 of embedding tables), deterministic per seed.
+  nlohmann::json unet = {{"block_out_channels", {32, 64}},
+                         {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
+                         {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
+                         {"cross_attention_dim", 32},
+                         {"layers_per_block", 1},
+                         {"norm_num_groups", 8},
+                         {"attention_head_dim", 8},
+                         {"sample_size", 8},
+                         {"out_channels", 4}};
+  const auto cfg = sd::controlnet_config_from_unet(unet);
+  EXPECT_EQ(cfg.at("mid_block_type"), "UNetMidBlock2DCrossAttn");
+  sd::ControlNetModel a(sd::ControlNetConfig::from_json(cfg, "c")), b(sd::ControlNetConfig::from_json(cfg, "c"));
+  sd::randomize_parameters(*a, 3);
+  sd::randomize_parameters(*b, 3);
+  const auto sa = sd::state_dict(*a), sb = sd::state_dict(*b);
+  for (const auto& [k, v] : sa) EXPECT_TRUE(torch::equal(v, sb.at(k))) << k;
+  // conv_out 256 -> 32, 3x3: fan_in 2304, std 1/48; a zero conv 64 -> 64 1x1: std 1/8.
+  EXPECT_NEAR(sa.at("controlnet_cond_embedding.conv_out.weight").std().item<double>(), 1.0 / 48, 0.002);
+  EXPECT_NEAR(sa.at("controlnet_mid_block.weight").std().item<double>(), 0.125, 0.01);
 }
 
 }  // namespace
