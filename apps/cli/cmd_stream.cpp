@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "apps/cli/commands.h"
+#include "apps/cli/controlnet_options.h"
 #include "apps/cli/pipeline_options.h"
 #include "core/device.h"
 #include "core/error.h"

@@ -16,7 +16,6 @@
 #include "pipeline/diffusion_models.h"
 #include "pipeline/model_defaults.h"
 #include "pipeline/stream_diffusion.h"
-#include "runtime/control_preprocessor.h"
 
 namespace sd::cli {
 
@@ -95,15 +94,6 @@ void add_ip_adapter_options(CLI::App& app, PipelineOptions& o);
 // --controlnet-every.
 void add_controlnet_options(CLI::App& app, PipelineOptions& o, const std::string& control_input_help);
 
-// The ControlNets of --controlnet (loaded for `models`, scales from FILE:SCALE, default 1) with the preprocessor of
-// each: --control-preprocessor given once applies to all, else one per ControlNet; without it `passthrough` when a
-// control input is given, `canny` when the stream has input frames, else InvalidArgument (txt2img needs a control
-// input or `feedback`). Empty without --controlnet; InvalidArgument for preprocessors without ControlNets.
-struct ControlNetSetup {
-  std::vector<ControlNetUnit> units;
-  std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors;  // one per unit
-};
-ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels& models, bool has_input_frames);
 // "DIR|FILE[:SCALE]" -> {path, scale}: the text after the last ':' is the scale when it is a number.
 std::pair<std::string, double> parse_controlnet_spec(const std::string& spec);
 

@@ -1,0 +1,43 @@
+#include "apps/cli/controlnet_options.h"
+
+#include "core/error.h"
+#include "pipeline/controlnet.h"
+
+namespace sd::cli {
+
+ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels& models, bool has_input_frames) {
+  ControlNetSetup s;
+  if (o.controlnets.empty()) {
+    if (!o.control_preprocessors.empty()) throw InvalidArgument("--control-preprocessor needs --controlnet");
+    if (!o.control_input.empty()) throw InvalidArgument("--control-input needs --controlnet");
+    return s;
+  }
+  if (o.controlnet_every < 1) throw InvalidArgument("--controlnet-every must be >= 1");
+  const size_t n = o.controlnets.size();
+  if (o.control_preprocessors.size() > 1 && o.control_preprocessors.size() != n)
+    throw InvalidArgument("--control-preprocessor given " + std::to_string(o.control_preprocessors.size()) +
+                          " times for " + std::to_string(n) + " --controlnet: give it once (for all) or once each");
+  for (size_t i = 0; i < n; ++i) {
+    const auto [path, scale] = parse_controlnet_spec(o.controlnets[i]);
+    std::string spec;
+    if (!o.control_preprocessors.empty())
+      spec = o.control_preprocessors.size() == 1 ? o.control_preprocessors[0] : o.control_preprocessors[i];
+    else if (!o.control_input.empty())
+      spec = "passthrough";
+    else if (has_input_frames)
+      spec = "canny";
+    else
+      throw InvalidArgument("--controlnet " + o.controlnets[i] +
+                            ": txt2img has no input frames to preprocess; give --control-input or "
+                            "--control-preprocessor feedback");
+    auto pre = make_control_preprocessor(spec);
+    if (!pre->feedback() && !has_input_frames && o.control_input.empty())
+      throw InvalidArgument("--control-preprocessor " + spec +
+                            " needs frames: txt2img has none, give --control-input (or use feedback)");
+    s.units.push_back({ControlNet::load(path, models), scale});
+    s.preprocessors.push_back(std::move(pre));
+  }
+  return s;
+}
+
+}  // namespace sd::cli
