@@ -10,6 +10,7 @@
 #include "models/ip_adapter.h"
 #include "pipeline/controlnet.h"
 #include "pipeline/diffusion_models.h"
+#include "runtime/control_preprocessor.h"
 #include "server/http_server.h"
 #include "server/image_codec.h"
 #include "server/stream_settings.h"
@@ -164,7 +165,7 @@ class ServerControlNet : public ::testing::Test {
     StreamDefaults d = base_defaults();
     if (with_controlnet) {
       d.controlnets = {{controlnet(), scale}};
-      d.control_preprocessors = {pre};
+      d.control_preprocessors = {sd::make_control_preprocessor(pre)->name()};  // normalised, as serve does
     }
     ServerOptions o;
     o.host = "127.0.0.1";
