@@ -3,6 +3,7 @@
 // model, the tiny ControlNet (preprocessor gray at start) and the tiny IP-Adapter.
 //
 //   node e2e_controlnet.mjs --server build/apps/streamdiffusion --fixtures ../shared/fixtures [--web-root web]
+//                           [--screenshot out.png]
 //
 // Checks: the page shows the control pane and one ControlNet row; frames flow; the control image shown is the gray
 // picture at first and a canny edge map (nearly all black / white, some white) once canny is chosen; the scale slider
@@ -200,6 +201,10 @@ try {
   await controlsAfter(p, 2);
   const back = await controlLevels(p);
   check(back.bw > 0.9, 'after Clear the control image is the canny edge map again', JSON.stringify(back));
+  if (args.screenshot) {
+    await p.screenshot({ path: args.screenshot });
+    console.log(`    screenshot: ${args.screenshot}`);
+  }
 
   // IP-Adapter: an image prompt upload and the (server-wide) scale slider.
   await uploadPicture(p, '#image-prompt-file', [220, 40, 40]);
