@@ -39,6 +39,20 @@ sd::cli::Runner setup_serve(CLI::App& app) {
   sd::cli::add_controlnet_options(app, o->p,
                                   "not for serve: each client sends its control images (its frames through the "
                                   "preprocessor, or the control_image setting)");
+  // The shared help names the stream command's control channel; serve's live changes are per-client settings.
+  app.get_option("--controlnet")
+      ->description("ControlNet loaded once for every client: a diffusers folder or a single file (control_*.safetensors), "
+                    "DIR|FILE or DIR|FILE:SCALE (a new client's scale, default 1); repeatable, the residuals are summed. "
+                    "Per client: the 'controlnets' setting (page: scale slider)");
+  app.get_option("--control-preprocessor")
+      ->description("a new client's control image of each ControlNet: canny[:LOW:HIGH] | gray | passthrough | feedback "
+                    "(its previous output); once for all or once per --controlnet (default canny). Per client: the "
+                    "'controlnets' setting (page: preprocessor choice) or a static 'control_image'");
+  app.get_option("--ip-adapter-scale")
+      ->description("weight of the image prompt's attention (0 = off); server-wide, changed by the 'ip_adapter_scale' "
+                    "setting");
+  app.get_option("--image-prompt")->description("image file: every new client's IP-Adapter image prompt (each may set "
+                                                "its own with the 'image_prompt' setting)");
   app.add_option("--host", o->s.host, "address to listen on (0.0.0.0 = every interface: think twice)")
       ->capture_default_str();
   app.add_option("--port", o->s.port, "TCP port (0 = any free port, printed at start)")->capture_default_str();
