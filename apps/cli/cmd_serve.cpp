@@ -41,9 +41,9 @@ sd::cli::Runner setup_serve(CLI::App& app) {
                                   "preprocessor, or the control_image setting)");
   // The shared help names the stream command's control channel; serve's live changes are per-client settings.
   app.get_option("--controlnet")
-      ->description("ControlNet loaded once for every client: a diffusers folder or a single file (control_*.safetensors), "
-                    "DIR|FILE or DIR|FILE:SCALE (a new client's scale, default 1); repeatable, the residuals are summed. "
-                    "Per client: the 'controlnets' setting (page: scale slider)");
+      ->description("ControlNet loaded once for every client: a diffusers folder or a single file "
+                    "(control_*.safetensors), DIR|FILE or DIR|FILE:SCALE (a new client's scale, default 1); "
+                    "repeatable, the residuals are summed. Per client: the 'controlnets' setting (page: scale slider)");
   app.get_option("--control-preprocessor")
       ->description("a new client's control image of each ControlNet: canny[:LOW:HIGH] | gray | passthrough | feedback "
                     "(its previous output); once for all or once per --controlnet (default canny). Per client: the "

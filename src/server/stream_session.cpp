@@ -144,14 +144,16 @@ void StreamSession::apply_settings(const StreamSettings& want) {
     if (!same) models_->set_lora_scale(name, scale);
   }
   // So is the IP-Adapter's scale.
-  if (want.ip_adapter_scale && models_->ip_adapter() && models_->ip_adapter()->adapter->scale() != *want.ip_adapter_scale)
+  const IPAdapterModels* ip = models_->ip_adapter();
+  if (want.ip_adapter_scale && ip && ip->adapter->scale() != *want.ip_adapter_scale)
     models_->set_ip_adapter_scale(*want.ip_adapter_scale);
   if (!stream_ || want.txt2img != applied_.txt2img) {
     auto s = std::make_unique<StreamDiffusion>(models_, want.config(defaults_));
     s->prepare(want.prompt, want.negative_prompt);
     if (!defaults_.controlnets.empty()) {
       std::vector<ControlNetUnit> units = defaults_.controlnets;  // the shared nets, this client's scales
-      for (size_t i = 0; i < units.size() && i < want.controlnets.size(); ++i) units[i].scale = want.controlnets[i].scale;
+      for (size_t i = 0; i < units.size() && i < want.controlnets.size(); ++i)
+        units[i].scale = want.controlnets[i].scale;
       s->set_controlnets(std::move(units));
       s->set_controlnet_every(defaults_.controlnet_every);
     }

@@ -58,8 +58,8 @@ std::vector<int64_t> spread_steps(int64_t steps, int64_t S, bool txt2img, int64_
 // A base64 / data-URL JPEG or PNG through the server's image checks (size read from the header first).
 cv::Mat image_field(const nlohmann::json& v, const std::string& key) {
   if (!v.is_string())
-    throw InvalidArgument("field '" + key + "': expected a base64 JPEG or PNG string (a data: URL is fine) or null, got " +
-                          std::string(v.type_name()));
+    throw InvalidArgument("field '" + key + "': expected a base64 JPEG or PNG string (a data: URL is fine) or null, " +
+                          "got " + std::string(v.type_name()));
   const std::string what = "field '" + key + "'";
   return decode_image(base64_decode(v.get_ref<const std::string&>(), what), true, what);
 }

@@ -259,8 +259,9 @@ void WebSocketSession::post_control(size_t index, cv::Mat rgb) {
     // Throttled: the page shows it small beside the output; a copy of every frame would double the traffic.
     const auto now = std::chrono::steady_clock::now();
     if (self->last_control_.size() <= index) self->last_control_.resize(index + 1);
-    if (self->last_control_[index] != std::chrono::steady_clock::time_point{} &&
-        std::chrono::duration<double>(now - self->last_control_[index]).count() < self->ctx_->options.control_interval_s)
+    const auto last = self->last_control_[index];
+    if (last != std::chrono::steady_clock::time_point{} &&
+        std::chrono::duration<double>(now - last).count() < self->ctx_->options.control_interval_s)
       return;
     self->last_control_[index] = now;
     try {

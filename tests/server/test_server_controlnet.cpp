@@ -1,7 +1,8 @@
 // ControlNets and the IP-Adapter in the server: validation of the settings fields (errors name the field and the
 // index), a WebSocket stream with the tiny ControlNet (canny frames, the control images sent back, counters), scale 0
-// equal to a server without ControlNets, a static control_image for txt2img (set, used, cleared), the API fields, and
-// per-client IP-Adapter image prompts with the server-wide ip_adapter_scale.
+// equal to a server without ControlNets, a static control_image for txt2img (set, used, cleared), `feedback` (the
+// previous output as the control image), the API fields, and per-client IP-Adapter image prompts with the server-wide
+// ip_adapter_scale.
 #include <gtest/gtest.h>
 #include <opencv2/imgproc.hpp>
 
@@ -47,7 +48,8 @@ void expect_refused(const nlohmann::json& j, const StreamDefaults& d, const std:
     apply_settings_json(j, s, d, {"type"});
     ADD_FAILURE() << "accepted " << j.dump();
   } catch (const sd::InvalidArgument& e) {
-    for (const auto& w : words) EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what() << " lacks " << w;
+    for (const auto& w : words)
+      EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what() << " lacks " << w;
   }
 }
 
@@ -341,8 +343,9 @@ TEST_F(ServerControlNet, StaticControlImageForTxt2ImgSetUsedAndCleared) {
   // A different static image changes the txt2img output (same seed, same prompt).
   WsClient c2;
   hello(c2, port);
-  configure(c2, {{"mode", "txt2img"}, {"control_image", b64_jpeg(96, 72, 9)}, {"controlnets",
-                                                                                nlohmann::json::array({{{"scale", 2}}})}});
+  configure(c2, {{"mode", "txt2img"},
+                 {"control_image", b64_jpeg(96, 72, 9)},
+                 {"controlnets", nlohmann::json::array({{{"scale", 2}}})}});
   std::vector<cv::Mat> outs2;
   for (int i = 0; i < 3; ++i) {
     ASSERT_TRUE(c2.send_json({{"type", "generate"}}));
@@ -366,6 +369,29 @@ TEST_F(ServerControlNet, StaticControlImageForTxt2ImgSetUsedAndCleared) {
     ASSERT_TRUE(c.send_json({{"type", "generate"}}));
     ASSERT_TRUE(c.read_frame()) << "feedback in txt2img streams";
   }
+  c.close();
+}
+
+TEST_F(ServerControlNet, FeedbackUsesThePreviousOutput) {
+  const uint16_t port = start(true, 1.0, "feedback");
+  WsClient c;
+  hello(c, port);
+  std::vector<nlohmann::json> texts;
+  const auto outs = stream(c, 3, &texts);
+  ASSERT_EQ(outs.size(), 3u);
+  auto last = c.read_type("control", std::chrono::seconds(10));  // the third frame's control image follows it
+  ASSERT_TRUE(last);
+  texts.push_back(*last);
+  std::vector<cv::Mat> controls;
+  for (const auto& t : texts)
+    if (t.value("type", "") == "control")
+      controls.push_back(decode_image(base64_decode(t["image"].get<std::string>(), "control"), false, "control"));
+  ASSERT_EQ(controls.size(), 3u);
+  // Frame k's control image is output k-1 (JPEG twice: a small difference); the first one is the input frame.
+  EXPECT_LT(sd::test::mean_abs_diff(controls[1], outs[0]), 4.0);
+  EXPECT_LT(sd::test::mean_abs_diff(controls[2], outs[1]), 4.0);
+  const cv::Mat first = fit_image(decode_image(sd::test::test_jpeg(96, 72, 0), false, "t"), kSize, kSize);
+  EXPECT_LT(sd::test::mean_abs_diff(controls[0], first), 6.0) << "before any output: the input frame";
   c.close();
 }
 
