@@ -10,6 +10,11 @@ const ui = {
   prompt: $('prompt'), negative: $('negative_prompt'), guidance: $('guidance'), delta: $('delta'),
   tIndex: $('t_index_list'), seed: $('seed'), reseed: $('reseed'), filter: $('filter'), threshold: $('threshold'),
   display: $('display'),
+  panes: $('panes'), controlPane: $('control-pane'), control: $('control'), controlPh: $('control-placeholder'),
+  controlView: $('control-view'), controlViewLabel: $('control-view-label'), cnBox: $('controlnet-box'),
+  cnList: $('controlnets'), controlFile: $('control-file'), controlClear: $('control-clear'),
+  controlState: $('control-image-state'), ipBox: $('ip-box'), ipFile: $('image-prompt-file'),
+  ipClear: $('image-prompt-clear'), ipState: $('image-prompt-state'), ipScale: $('ip-scale'),
 };
 
 const params = new URLSearchParams(location.search);
@@ -26,6 +31,13 @@ const state = {
   latencyEma: null,
   wake: null,
   generation: 0,
+  lastErrorAt: -1e9,
+  controlnets: [],          // from the hello: [{name, scale, preprocessor}]
+  ipAdapter: null,          // from the hello: {scale} or null
+  controlImage: null,       // data URL of the uploaded control image (null = preprocess the input)
+  imagePrompt: null,        // data URL of the uploaded image prompt
+  controlReceived: 0,
+  applied: null,            // the settings of the last "config" reply
 };
 const inFlightWindow = Math.min(2, Math.max(1, Number(params.get('window')) || 1));
 
@@ -72,6 +84,8 @@ function syncOutputs() {
   $('guidance-out').textContent = Number(ui.guidance.value).toFixed(2);
   $('delta-out').textContent = Number(ui.delta.value).toFixed(2);
   $('threshold-out').textContent = Number(ui.threshold.value).toFixed(3);
+  state.controlnets.forEach((_, i) => { $(`cn-scale-${i}-out`).textContent = Number($(`cn-scale-${i}`).value).toFixed(2); });
+  $('ip-scale-out').textContent = Number(ui.ipScale.value).toFixed(2);
 }
 
 function formSettings() {
@@ -85,6 +99,10 @@ function formSettings() {
   const list = ui.tIndex.value.split(',').map((x) => x.trim()).filter((x) => x !== '');
   if (list.length && list.every((x) => /^\d+$/.test(x))) s.t_index_list = list.map(Number);
   if (state.mode !== 'txt2img') s.similarity_filter = ui.filter.checked ? Number(ui.threshold.value) : 0;
+  // Keys in the server's (sorted) order: lastSent compares JSON texts.
+  if (state.controlnets.length)
+    s.controlnets = state.controlnets.map((_, i) => ({ preprocessor: $(`cn-pre-${i}`).value, scale: Number($(`cn-scale-${i}`).value) }));
+  if (state.ipAdapter) s.ip_adapter_scale = Number(ui.ipScale.value);
   return s;
 }
 
@@ -107,6 +125,108 @@ function sendConfig(extra = {}) {
 
 for (const el of [ui.prompt, ui.negative, ui.guidance, ui.delta, ui.tIndex, ui.seed, ui.filter, ui.threshold])
   el.addEventListener('input', () => { touched.add(el); scheduleConfig(); });
+ui.ipScale.addEventListener('input', () => { touched.add(ui.ipScale); scheduleConfig(); });
+
+// ---- ControlNet and IP-Adapter -------------------------------------------------------------------------------
+
+// One row per ControlNet the server loaded: its preprocessor and scale. A preprocessor with arguments
+// ("canny:100:200") keeps them as its option's value, so what the server echoes matches the form.
+function setupControlNets(hello) {
+  state.controlnets = hello.controlnets || [];
+  const names = hello.control_preprocessors || [];
+  const on = state.controlnets.length > 0;
+  ui.cnBox.hidden = !on;
+  ui.controlPane.hidden = !on;
+  ui.panes.classList.toggle('three', on);
+  ui.cnList.replaceChildren();
+  ui.controlView.replaceChildren();
+  state.controlnets.forEach((cn, i) => {
+    const current = (hello.settings.controlnets || [])[i] || cn;
+    const row = document.createElement('div');
+    row.className = 'field';
+    const title = document.createElement('span');
+    title.className = 'cn-name';
+    title.textContent = cn.name;
+    title.title = cn.name;
+    const line = document.createElement('div');
+    line.className = 'row';
+    const sel = document.createElement('select');
+    sel.id = `cn-pre-${i}`;
+    sel.title = 'how the control image is made from each input frame (feedback: the previous output)';
+    for (const n of names) {
+      const o = document.createElement('option');
+      o.textContent = n;
+      o.value = current.preprocessor === n || current.preprocessor.startsWith(`${n}:`) ? current.preprocessor : n;
+      sel.append(o);
+    }
+    sel.value = current.preprocessor;
+    const scale = document.createElement('label');
+    scale.className = 'field';
+    scale.innerHTML = `<span>Scale <output id="cn-scale-${i}-out"></output></span>`
+      + `<input id="cn-scale-${i}" type="range" min="0" max="2" step="0.05">`;
+    line.append(sel, scale);
+    row.append(title, line);
+    ui.cnList.append(row);
+    const slider = scale.querySelector('input');
+    slider.value = current.scale;
+    for (const el of [sel, slider]) el.addEventListener('input', scheduleConfig);
+    const view = document.createElement('option');
+    view.value = i;
+    view.textContent = cn.name;
+    ui.controlView.append(view);
+  });
+  ui.controlViewLabel.hidden = state.controlnets.length < 2;
+}
+
+function setupIpAdapter(hello) {
+  state.ipAdapter = hello.ip_adapter || null;
+  ui.ipBox.hidden = !state.ipAdapter;
+  if (state.ipAdapter && !touched.has(ui.ipScale)) ui.ipScale.value = state.ipAdapter.scale;
+}
+
+// An uploaded picture as a JPEG data URL, at most 1024 px a side (the server fits it anyway; this keeps the message
+// small).
+async function imageFileToDataUrl(file) {
+  const bmp = await createImageBitmap(file);
+  const k = Math.min(1, 1024 / Math.max(bmp.width, bmp.height));
+  const c = document.createElement('canvas');
+  c.width = Math.max(8, Math.round(bmp.width * k));
+  c.height = Math.max(8, Math.round(bmp.height * k));
+  c.getContext('2d').drawImage(bmp, 0, 0, c.width, c.height);
+  bmp.close();
+  return c.toDataURL('image/jpeg', 0.9);
+}
+
+// Images go out as their own config messages (not through the lastSent comparison).
+function sendImages() {
+  if (!state.client?.open) return;
+  const fields = {};
+  if (state.controlnets.length) fields.control_image = state.controlImage;
+  if (state.ipAdapter) fields.image_prompt = state.imagePrompt;
+  if (Object.keys(fields).length) state.client.sendConfig(fields);
+}
+function showImageState() {
+  ui.controlState.textContent = state.controlImage ? 'uploaded' : (state.mode === 'txt2img' ? 'none' : 'from the input');
+  ui.ipState.textContent = state.imagePrompt ? 'uploaded' : 'none';
+}
+async function onImageFile(input, key) {
+  const file = input.files?.[0];
+  if (!file) return;
+  try {
+    state[key] = await imageFileToDataUrl(file);
+  } catch (e) {
+    showBanner(`Cannot read ${file.name}: ${e.message || e}`);
+    return;
+  }
+  showImageState();
+  sendImages();
+}
+ui.controlFile.addEventListener('change', () => onImageFile(ui.controlFile, 'controlImage'));
+ui.ipFile.addEventListener('change', () => onImageFile(ui.ipFile, 'imagePrompt'));
+ui.controlClear.addEventListener('click', () => { state.controlImage = null; ui.controlFile.value = ''; showImageState(); sendImages(); });
+ui.ipClear.addEventListener('click', () => { state.imagePrompt = null; ui.ipFile.value = ''; showImageState(); sendImages(); });
+ui.controlView.addEventListener('change', () => { ui.controlPh.hidden = false; });
+
 ui.reseed.addEventListener('click', () => {
   ui.seed.value = Math.floor(Math.random() * 1e6);
   touched.add(ui.seed);
@@ -144,24 +264,37 @@ async function connect() {
   const sizeText = !native ? size : native === size ? `${size} (native)` : `${size} (native ${native})`;
   ui.model.textContent = `${name} · ${sizeText}${tail ? ' · ' + tail : ''}`;
   ui.model.title = hello.model;
+  setupControlNets(hello);
+  setupIpAdapter(hello);
   fillForm(hello.settings);
   lastSent = { ...hello.settings };
+  if (state.ipAdapter) lastSent.ip_adapter_scale = state.ipAdapter.scale;
   delete lastSent.mode;
+  state.applied = hello.settings;
   setStatus('connected', 'on');
   client.addEventListener('frame', (ev) => onFrame(ev.detail));
   client.addEventListener('error', (ev) => {
     const msg = ev.detail.message;
     state.errors.push(msg);
     if (/^(frame|generation failed|img2img mode)/.test(msg)) client.forgetOldest();
+    state.lastErrorAt = performance.now();
     showBanner(`Server: ${msg}`, 'info');
     wake();
   });
   client.addEventListener('config', (ev) => {
     const applied = ev.detail.settings;
+    state.applied = applied;
     lastSent = { ...lastSent, ...applied };
     delete lastSent.mode;
     // A mode change brings that mode's default steps: show what the server uses (unless the user is typing there).
     if (document.activeElement !== ui.tIndex) ui.tIndex.value = (applied.t_index_list || []).join(',');
+  });
+  client.addEventListener('control', (ev) => {
+    const { index, image } = ev.detail;
+    if (String(index) !== (ui.controlView.value || '0')) return;
+    state.controlReceived += 1;
+    ui.control.src = image;
+    ui.controlPh.hidden = true;
   });
   client.addEventListener('stats', (ev) => {
     const s = ev.detail;
@@ -227,7 +360,8 @@ async function pump(generation) {
         if (blob && state.running && state.generation === generation) c.sendFrame(blob);
       }
     }
-    await nap(c.canSend ? 15 : 1000);
+    // Right after a refused request (e.g. txt2img with a ControlNet but no control image) ask again slowly.
+    await nap(c.canSend && performance.now() - state.lastErrorAt > 1000 ? 15 : 1000);
   }
 }
 
@@ -257,6 +391,8 @@ async function start() {
       ui.inputPh.textContent = 'Text only: images come from the prompt';
     }
     sendConfig({ mode: state.mode === 'txt2img' ? 'txt2img' : 'img2img' });
+    if (state.controlImage || state.imagePrompt) sendImages();
+    showImageState();
     state.running = true;
     ui.start.textContent = 'Stop';
     ui.start.classList.add('stop');
@@ -325,6 +461,9 @@ window.sdApp = {
     model: ui.model.textContent,
     outputSize: [ui.output.width, ui.output.height],
     display: ui.display.value,
+    controlnets: state.controlnets.length,
+    controlReceived: state.controlReceived,
+    applied: state.applied,
   }),
 };
 

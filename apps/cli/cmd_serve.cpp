@@ -3,6 +3,7 @@
 // See src/server/http_server.h for the routes and src/server/websocket_session.h for the WebSocket protocol.
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -12,6 +13,8 @@
 #include "apps/cli/pipeline_options.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "pipeline/controlnet.h"
+#include "runtime/image_folder_source.h"
 #include "runtime/signal_guard.h"
 #include "server/http_server.h"
 
@@ -32,6 +35,24 @@ sd::cli::Runner setup_serve(CLI::App& app) {
   auto o = std::make_shared<ServeOptions>();
   o->s.web_root = SD_DEFAULT_WEB_ROOT;
   sd::cli::add_pipeline_options(app, o->p, sd::cli::PipelineMode::Either);
+  sd::cli::add_ip_adapter_options(app, o->p);
+  sd::cli::add_controlnet_options(app, o->p,
+                                  "not for serve: each client sends its control images (its frames through the "
+                                  "preprocessor, or the control_image setting)");
+  // The shared help names the stream command's control channel; serve's live changes are per-client settings.
+  app.get_option("--controlnet")
+      ->description("ControlNet loaded once for every client: a diffusers folder or a single file "
+                    "(control_*.safetensors), DIR|FILE or DIR|FILE:SCALE (a new client's scale, default 1); "
+                    "repeatable, the residuals are summed. Per client: the 'controlnets' setting (page: scale slider)");
+  app.get_option("--control-preprocessor")
+      ->description("a new client's control image of each ControlNet: canny[:LOW:HIGH] | gray | passthrough | feedback "
+                    "(its previous output); once for all or once per --controlnet (default canny). Per client: the "
+                    "'controlnets' setting (page: preprocessor choice) or a static 'control_image'");
+  app.get_option("--ip-adapter-scale")
+      ->description("weight of the image prompt's attention (0 = off); server-wide, changed by the 'ip_adapter_scale' "
+                    "setting");
+  app.get_option("--image-prompt")->description("image file: every new client's IP-Adapter image prompt (each may set "
+                                                "its own with the 'image_prompt' setting)");
   app.add_option("--host", o->s.host, "address to listen on (0.0.0.0 = every interface: think twice)")
       ->capture_default_str();
   app.add_option("--port", o->s.port, "TCP port (0 = any free port, printed at start)")->capture_default_str();
@@ -73,6 +94,9 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     if (o->max_body_mib < 1 || o->max_body_mib > 1024)
       throw sd::InvalidArgument("--max-http-body must be in [1, 1024] MiB");
     if (o->s.jpeg_quality < 1 || o->s.jpeg_quality > 100) throw sd::InvalidArgument("--jpeg-quality must be in [1, 100]");
+    if (!o->p.control_input.empty())
+      throw sd::InvalidArgument("--control-input is not a serve option: each client's control images come from its own "
+                                "frames (--control-preprocessor) or its control_image setting");
     if (o->p.frame_buffer_size != 1)
       throw sd::InvalidArgument("serve: each client's stream takes one frame per call (--frame-buffer-size must be 1)");
     o->s.max_ws_message = static_cast<size_t>(o->max_ws_mib) << 20;
@@ -103,6 +127,22 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     const sd::cli::LoadedModels l = sd::cli::load_models(o->p);
     sd::log::info("loaded {} in {:.2f} s ({} threads)", l.models->describe(), l.load_s, at::get_num_threads());
     for (const auto& r : l.models->loras()) d.lora_names.push_back(r.name);
+    // ControlNets: loaded once, shared by every client (each with its own scales and preprocessors). Clients may
+    // switch to txt2img, so has_input_frames is true here and txt2img clients are told what they miss.
+    const sd::cli::ControlNetSetup cn = sd::cli::load_controlnets(o->p, *l.models, true);
+    d.controlnets = cn.units;
+    for (const auto& p : cn.preprocessors) d.control_preprocessors.push_back(p->name());
+    d.controlnet_every = o->p.controlnet_every;
+    for (size_t i = 0; i < cn.units.size(); ++i)
+      sd::log::info("ControlNet {}: {} (scale {}, preprocessor {})", i, cn.units[i].net->name(), cn.units[i].scale,
+                    d.control_preprocessors[i]);
+    d.ip_adapter = l.models->ip_adapter() != nullptr;
+    if (!o->p.image_prompt.empty()) {
+      // The image prompt of every new client (each may replace it with its own image_prompt setting).
+      const torch::Tensor t = sd::read_rgb_image(o->p.image_prompt).contiguous();
+      d.image_prompt = cv::Mat(static_cast<int>(t.size(0)), static_cast<int>(t.size(1)), CV_8UC3);
+      std::memcpy(d.image_prompt.data, t.data_ptr<uint8_t>(), static_cast<size_t>(t.numel()));
+    }
 
     sd::SignalGuard signals;  // SIGINT / SIGTERM: clean shutdown (a second one: at once)
     sd::server::Server server(l.models, d, o->s);

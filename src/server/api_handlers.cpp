@@ -6,7 +6,9 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "models/ip_adapter.h"
 #include "pipeline/image.h"
+#include "runtime/control_preprocessor.h"
 #include "server/image_codec.h"
 
 namespace sd::server {
@@ -37,6 +39,38 @@ class ApiJob : public ModelTask {
 };
 
 std::string path_of(const std::string& target) { return target.substr(0, target.find('?')); }
+
+torch::Tensor mat_tensor(const cv::Mat& rgb) {
+  const cv::Mat m = rgb.isContinuous() ? rgb : rgb.clone();
+  return torch::from_blob(m.data, {m.rows, m.cols, 3}, torch::kUInt8).clone();
+}
+
+// The control image of each ControlNet for one request (empty where the scale is 0: skipped, needs none): the
+// static control_image, else the preprocessed input image; `feedback` has no previous output in a one-shot request,
+// so it gets what a stream's first frame gets (the input image, black in txt2img). Made here, on the network thread.
+std::vector<torch::Tensor> request_control_images(const StreamSettings& s, const cv::Mat& image, bool txt2img,
+                                                  int width, int height) {
+  std::vector<torch::Tensor> out(s.controlnets.size());
+  for (size_t i = 0; i < s.controlnets.size(); ++i) {
+    const ControlSetting& c = s.controlnets[i];
+    if (c.scale == 0) continue;
+    if (!s.control_image.empty()) {
+      out[i] = mat_tensor(s.control_image);
+      continue;
+    }
+    const auto pre = make_control_preprocessor(c.preprocessor);
+    if (pre->feedback()) {
+      out[i] = txt2img ? torch::zeros({height, width, 3}, torch::kUInt8) : mat_tensor(image);
+    } else if (txt2img) {
+      throw InvalidArgument("controlnets[" + std::to_string(i) + "] (preprocessor " + c.preprocessor +
+                            ") has no input image to preprocess: give 'control_image' (base64 JPEG/PNG), or set "
+                            "controlnets[" + std::to_string(i) + "].scale to 0");
+    } else {
+      out[i] = pre->apply(mat_tensor(image)).contiguous();
+    }
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -100,6 +134,7 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
   }
   StreamSettings settings;
   cv::Mat image;
+  std::vector<torch::Tensor> control;
   try {
     nlohmann::json j;
     try {
@@ -118,6 +153,8 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
                         static_cast<int>(defaults_.img2img.height));
       if (!image.isContinuous()) image = image.clone();
     }
+    control = request_control_images(settings, image, txt2img, static_cast<int>(defaults_.img2img.width),
+                                     static_cast<int>(defaults_.img2img.height));
   } catch (const std::exception& e) {  // sd::Error mostly; anything else must not escape into the network thread
     errors_.fetch_add(1);
     return done(ApiResponse::error(400, what + ": " + e.what()));
@@ -133,7 +170,8 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
   auto pending = pending_;
   auto models = models_;
   const StreamDefaults defaults = defaults_;
-  auto job = std::make_shared<ApiJob>([this, pending, models, defaults, settings, image, txt2img, done]() {
+  auto job = std::make_shared<ApiJob>([this, pending, models, defaults, settings, image, control,
+                                        txt2img, done]() {
     struct Release {
       std::shared_ptr<std::atomic<int>> p;
       ~Release() { p->fetch_sub(1); }
@@ -147,11 +185,23 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
           if (r.name == name) same = r.scale == scale;
         if (!same) models->set_lora_scale(name, scale);
       }
+      if (settings.ip_adapter_scale && models->ip_adapter() &&
+          models->ip_adapter()->adapter->scale() != *settings.ip_adapter_scale)
+        models->set_ip_adapter_scale(*settings.ip_adapter_scale);
       StreamConfig cfg = settings.config(defaults);
       cfg.use_denoising_batch = false;  // all steps in one call: the first output is the final image
       cfg.similarity_filter.enabled = false;
       StreamDiffusion stream(models, cfg);
       stream.prepare(settings.prompt, settings.negative_prompt);
+      if (!defaults.controlnets.empty()) {
+        std::vector<ControlNetUnit> units = defaults.controlnets;  // the shared nets, this request's scales
+        for (size_t i = 0; i < units.size() && i < settings.controlnets.size(); ++i)
+          units[i].scale = settings.controlnets[i].scale;
+        stream.set_controlnets(std::move(units));
+        for (size_t i = 0; i < control.size(); ++i)
+          if (control[i].defined()) stream.set_control_image(i, control[i]);
+      }
+      if (!settings.image_prompt.empty()) stream.set_image_prompt(mat_tensor(settings.image_prompt));
       torch::Tensor out;
       if (txt2img) {
         out = stream.txt2img();

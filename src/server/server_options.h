@@ -19,6 +19,8 @@ struct ServerOptions {
   int max_api_pending = 8;         // API images waiting for the model at once; more get 503
   size_t send_queue_frames = 2;    // frames queued per client before the oldest unsent one is dropped
   double stats_interval_s = 1.0;   // seconds between the per-client "stats" messages
+  double control_interval_s = 0.25;  // seconds between the "control" images sent to a client, per ControlNet
+  int control_jpeg_quality = 75;     // the "control" images (shown small on the page)
   int jpeg_quality = 85;           // output frames
 };
 

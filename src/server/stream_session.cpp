@@ -4,14 +4,38 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "models/ip_adapter.h"
 #include "pipeline/image.h"
 
 namespace sd::server {
+namespace {
+
+// A view of an RGB 8UC3 image as uint8 [H, W, 3], copied (the stream keeps what it is given).
+torch::Tensor mat_tensor(const cv::Mat& rgb) {
+  const cv::Mat m = rgb.isContinuous() ? rgb : rgb.clone();
+  return torch::from_blob(m.data, {m.rows, m.cols, 3}, torch::kUInt8).clone();
+}
+
+cv::Mat preprocess(const ControlPreprocessor& p, const cv::Mat& rgb) {
+  const torch::Tensor out = p.apply(mat_tensor(rgb)).contiguous();
+  cv::Mat m(static_cast<int>(out.size(0)), static_cast<int>(out.size(1)), CV_8UC3);
+  std::memcpy(m.data, out.data_ptr<uint8_t>(), static_cast<size_t>(out.numel()));
+  return m;
+}
+
+std::vector<std::shared_ptr<const ControlPreprocessor>> make_preprocessors(const StreamSettings& s) {
+  std::vector<std::shared_ptr<const ControlPreprocessor>> out;
+  for (const auto& c : s.controlnets) out.push_back(make_control_preprocessor(c.preprocessor));
+  return out;
+}
+
+}  // namespace
 
 StreamSession::StreamSession(uint64_t id, std::shared_ptr<const DiffusionModels> models,
                              const StreamDefaults& defaults, ModelWorker& worker, SessionSink sink)
     : id_(id), models_(std::move(models)), defaults_(defaults), worker_(worker), sink_(std::move(sink)) {
   wanted_ = StreamSettings::defaults(defaults_, defaults_.txt2img_mode);
+  preprocessors_ = make_preprocessors(wanted_);
   settings_dirty_ = true;
 }
 
@@ -26,11 +50,35 @@ void StreamSession::send_error(const std::string& message) {
 
 void StreamSession::submit_frame(cv::Mat rgb) {
   frames_in_.fetch_add(1, std::memory_order_relaxed);
+  // The control images of this frame, here on the network thread (off the model thread, which every client shares).
+  std::vector<std::shared_ptr<const ControlPreprocessor>> pre;
+  std::vector<ControlSetting> cn;
+  bool static_image = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pre = preprocessors_;
+    cn = wanted_.controlnets;
+    static_image = !wanted_.control_image.empty() || wanted_.txt2img;
+  }
+  std::vector<cv::Mat> control(pre.size());
+  std::vector<std::string> specs(pre.size());
+  for (size_t i = 0; i < pre.size() && !static_image; ++i) {
+    if (pre[i]->feedback() || i >= cn.size() || cn[i].scale == 0) continue;
+    try {
+      control[i] = preprocess(*pre[i], rgb);
+      specs[i] = pre[i]->name();
+    } catch (const std::exception& e) {
+      log::debug("stream {}: control preprocessor {} failed here, the model thread retries: {}", id_, pre[i]->name(),
+                 e.what());
+    }
+  }
   bool replaced = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     replaced = !pending_frame_.empty() || pending_generate_;
     pending_frame_ = std::move(rgb);  // the latest frame wins
+    pending_control_ = std::move(control);
+    pending_control_specs_ = std::move(specs);
     pending_generate_ = false;
   }
   if (replaced) reply_dropped();
@@ -51,6 +99,8 @@ void StreamSession::request_generate() {
     std::lock_guard<std::mutex> lock(mutex_);
     replaced = !pending_frame_.empty() || pending_generate_;
     pending_frame_ = cv::Mat();
+    pending_control_.clear();
+    pending_control_specs_.clear();
     pending_generate_ = true;
   }
   frames_in_.fetch_add(1, std::memory_order_relaxed);
@@ -61,7 +111,12 @@ void StreamSession::request_generate() {
 void StreamSession::update_settings(const nlohmann::json& j) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    wanted_ = apply_settings_json(j, wanted_, defaults_, {"type"});  // throws before changing anything
+    StreamSettings s = apply_settings_json(j, wanted_, defaults_, {"type"});  // throws before changing anything
+    // Specs were checked by apply_settings_json; only changed ones are made again.
+    for (size_t i = 0; i < s.controlnets.size() && i < preprocessors_.size(); ++i)
+      if (preprocessors_[i]->name() != s.controlnets[i].preprocessor)
+        preprocessors_[i] = make_control_preprocessor(s.controlnets[i].preprocessor);
+    wanted_ = std::move(s);
     settings_dirty_ = true;
   }
   schedule();
@@ -76,6 +131,7 @@ void StreamSession::close() {
   closed_ = true;
   std::lock_guard<std::mutex> lock(mutex_);
   pending_frame_ = cv::Mat();
+  pending_control_.clear();
   pending_generate_ = false;
 }
 
@@ -87,12 +143,26 @@ void StreamSession::apply_settings(const StreamSettings& want) {
       if (r.name == name) same = r.scale == scale;
     if (!same) models_->set_lora_scale(name, scale);
   }
+  // So is the IP-Adapter's scale.
+  const IPAdapterModels* ip = models_->ip_adapter();
+  if (want.ip_adapter_scale && ip && ip->adapter->scale() != *want.ip_adapter_scale)
+    models_->set_ip_adapter_scale(*want.ip_adapter_scale);
   if (!stream_ || want.txt2img != applied_.txt2img) {
     auto s = std::make_unique<StreamDiffusion>(models_, want.config(defaults_));
     s->prepare(want.prompt, want.negative_prompt);
+    if (!defaults_.controlnets.empty()) {
+      std::vector<ControlNetUnit> units = defaults_.controlnets;  // the shared nets, this client's scales
+      for (size_t i = 0; i < units.size() && i < want.controlnets.size(); ++i)
+        units[i].scale = want.controlnets[i].scale;
+      s->set_controlnets(std::move(units));
+      s->set_controlnet_every(defaults_.controlnet_every);
+    }
+    if (!want.image_prompt.empty()) s->set_image_prompt(mat_tensor(want.image_prompt));
+    applied_preprocessors_ = make_preprocessors(want);
     stream_ = std::move(s);
     applied_ = want;
     applied_.lora.clear();  // a one-off request on the shared model, never re-applied from this session's state
+    applied_.ip_adapter_scale.reset();
     return;
   }
   if (want.prompt != applied_.prompt || want.negative_prompt != applied_.negative_prompt) {
@@ -120,6 +190,55 @@ void StreamSession::apply_settings(const StreamSettings& want) {
     stream_->set_similarity_filter(want.config(defaults_).similarity_filter);
     applied_.similarity_filter = want.similarity_filter;
   }
+  for (size_t i = 0; i < want.controlnets.size() && i < applied_.controlnets.size(); ++i) {
+    if (want.controlnets[i].scale != applied_.controlnets[i].scale) {
+      stream_->set_controlnet_scale(i, want.controlnets[i].scale);
+      applied_.controlnets[i].scale = want.controlnets[i].scale;
+    }
+    if (want.controlnets[i].preprocessor != applied_.controlnets[i].preprocessor) {
+      applied_preprocessors_[i] = make_control_preprocessor(want.controlnets[i].preprocessor);
+      applied_.controlnets[i].preprocessor = want.controlnets[i].preprocessor;
+    }
+  }
+  applied_.control_image = want.control_image;  // set per call (set_control_images)
+  if (want.image_prompt.data != applied_.image_prompt.data) {
+    if (want.image_prompt.empty())
+      stream_->clear_image_prompt();
+    else
+      stream_->set_image_prompt(mat_tensor(want.image_prompt));  // encoded once, here
+    applied_.image_prompt = want.image_prompt;
+  }
+}
+
+std::vector<cv::Mat> StreamSession::set_control_images(const cv::Mat& frame, const std::vector<cv::Mat>& control,
+                                                       const std::vector<std::string>& control_specs) {
+  std::vector<cv::Mat> used(applied_.controlnets.size());
+  for (size_t i = 0; i < used.size(); ++i) {
+    const ControlSetting& c = applied_.controlnets[i];
+    if (c.scale == 0) continue;  // skipped by the stream: needs no image
+    const ControlPreprocessor& pre = *applied_preprocessors_[i];
+    cv::Mat img;
+    if (!applied_.control_image.empty()) {
+      img = applied_.control_image;
+    } else if (pre.feedback()) {
+      // Before the first result there is no previous output: the input frame, or black in txt2img.
+      img = !last_output_.empty() ? last_output_
+            : !frame.empty()      ? frame
+                                  : cv::Mat(height(), width(), CV_8UC3, cv::Scalar::all(0));
+    } else if (frame.empty()) {
+      throw InvalidArgument("txt2img mode: controlnets[" + std::to_string(i) + "] (preprocessor " + c.preprocessor +
+                            ") has no input frame to preprocess: send a control_image ({\"type\":\"config\","
+                            "\"control_image\":\"<base64 JPEG/PNG>\"}), choose the feedback preprocessor, or set its "
+                            "scale to 0");
+    } else if (i < control.size() && !control[i].empty() && control_specs[i] == c.preprocessor) {
+      img = control[i];  // made on the network thread
+    } else {
+      img = preprocess(pre, frame);  // the preprocessor changed after the frame arrived
+    }
+    stream_->set_control_image(i, mat_tensor(img));
+    used[i] = img;
+  }
+  return used;
 }
 
 void StreamSession::run_model_step() {
@@ -128,18 +247,25 @@ void StreamSession::run_model_step() {
     return;
   }
   cv::Mat frame;
+  std::vector<cv::Mat> control;
+  std::vector<std::string> control_specs;
   bool generate = false, dirty = false;
   StreamSettings want;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     frame = std::move(pending_frame_);
     pending_frame_ = cv::Mat();
+    control = std::move(pending_control_);
+    control_specs = std::move(pending_control_specs_);
+    pending_control_.clear();
+    pending_control_specs_.clear();
     generate = pending_generate_ || !frame.empty();
     pending_generate_ = false;
     dirty = settings_dirty_;
     settings_dirty_ = false;
     want = wanted_;
     wanted_.lora.clear();  // a one-shot request: another client may change the scales later
+    wanted_.ip_adapter_scale.reset();
   }
   torch::NoGradGuard no_grad;
   if (dirty || !stream_) {
@@ -152,13 +278,17 @@ void StreamSession::run_model_step() {
           for (const auto& r : models_->loras()) scales[r.name] = r.scale;
           settings["lora"] = scales;
         }
+        if (models_->ip_adapter()) settings["ip_adapter_scale"] = models_->ip_adapter()->adapter->scale();
         sink_.message({{"type", "config"}, {"settings", settings}});
       }
     } catch (const std::exception& e) {
       // Refused by the pipeline: the stream keeps the settings it had, and so does the session.
       {
         std::lock_guard<std::mutex> lock(mutex_);
-        if (!settings_dirty_) wanted_ = stream_ ? applied_ : StreamSettings::defaults(defaults_, want.txt2img);
+        if (!settings_dirty_) {
+          wanted_ = stream_ ? applied_ : StreamSettings::defaults(defaults_, want.txt2img);
+          preprocessors_ = make_preprocessors(wanted_);
+        }
       }
       send_error(std::string("config not applied: ") + e.what());
       if (!stream_) return;
@@ -171,7 +301,13 @@ void StreamSession::run_model_step() {
   }
   const auto t0 = Clock::now();
   torch::Tensor out;
+  std::vector<cv::Mat> used_control;
+  StreamStats before;
   try {
+    before = stream_->stats();
+    // txt2img does not use a frame's pixels (a frame only asks for the next image): nothing to preprocess.
+    if (!applied_.controlnets.empty())
+      used_control = set_control_images(applied_.txt2img ? cv::Mat() : frame, control, control_specs);
     if (applied_.txt2img) {
       out = stream_->txt2img();
     } else {
@@ -198,6 +334,13 @@ void StreamSession::run_model_step() {
     send_error(std::string("generation failed: ") + e.what());
     return;
   }
+  if (!applied_.controlnets.empty()) {
+    const StreamStats& after = stream_->stats();
+    controlnet_calls_.fetch_add(after.controlnet_calls - before.controlnet_calls, std::memory_order_relaxed);
+    controlnet_reused_.fetch_add(after.controlnet_reused - before.controlnet_reused, std::memory_order_relaxed);
+    controlnet_s_.store(controlnet_s_.load() + (after.controlnet_s - before.controlnet_s));
+  }
+  last_output_ = rgb;  // shares the buffer with the frame handed over below; neither side writes it again
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   const double prev = model_ms_ema_.load();
   model_ms_ema_.store(prev == 0 ? ms : 0.9 * prev + 0.1 * ms);
@@ -213,6 +356,9 @@ void StreamSession::run_model_step() {
     }
   }
   if (!closed_ && sink_.frame) sink_.frame(std::move(rgb));
+  if (!closed_ && sink_.control)
+    for (size_t i = 0; i < used_control.size(); ++i)
+      if (!used_control[i].empty()) sink_.control(i, used_control[i]);
 }
 
 nlohmann::json StreamSession::stats() const {
@@ -222,7 +368,7 @@ nlohmann::json StreamSession::stats() const {
     std::lock_guard<std::mutex> lock(rate_mutex_);
     fps = fps_out_;
   }
-  return {{"id", id_},
+  nlohmann::json j = {{"id", id_},
           {"mode", s.txt2img ? "txt2img" : "img2img"},
           {"frames_in", frames_in_.load()},
           {"dropped_in", dropped_in_.load()},
@@ -232,6 +378,12 @@ nlohmann::json StreamSession::stats() const {
           {"errors", errors_.load()},
           {"model_ms", model_ms_ema_.load()},
           {"fps_out", fps}};
+  if (!defaults_.controlnets.empty()) {
+    j["controlnet_calls"] = controlnet_calls_.load();
+    j["controlnet_reused"] = controlnet_reused_.load();
+    j["controlnet_s"] = controlnet_s_.load();
+  }
+  return j;
 }
 
 }  // namespace sd::server

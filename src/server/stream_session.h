@@ -9,6 +9,11 @@
 // replaced), applies pending settings, runs one stream call and hands the result to the sink. The sink must not
 // block (the WebSocket session queues it on its strand).
 //
+// ControlNets (StreamDefaults::controlnets, shared and immutable) get per-client scales and preprocessors. A frame's
+// control images are made where it arrives (submit_frame, on the network thread that decoded it), so the model
+// thread only sets them; `feedback` (the previous output) and a preprocessor changed in between are done on the
+// model thread. A static control_image replaces the preprocessing.
+//
 // One output per input: the stream answers each call with the frame that entered n−1 calls earlier (spec §3.3), so
 // the first n−1 outputs of a fresh stream are warm-up frames. For live video that is what the original demo does;
 // the client's send-after-receive pacing needs exactly one answer per frame.
@@ -18,12 +23,14 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 #include <opencv2/core/mat.hpp>
 
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
+#include "runtime/control_preprocessor.h"
 #include "server/model_worker.h"
 #include "server/stream_settings.h"
 
@@ -32,6 +39,9 @@ namespace sd::server {
 struct SessionSink {
   std::function<void(cv::Mat rgb)> frame;            // model thread: a result (RGB 8UC3 at the stream size)
   std::function<void(nlohmann::json)> message;       // any thread: a JSON message for this client only
+  // Model thread, after each frame: the control image ControlNet `index` got for it (RGB 8UC3 at the stream size;
+  // shared, never written again). The sink decides how often it is worth sending.
+  std::function<void(size_t index, cv::Mat rgb)> control;
 };
 
 class StreamSession : public ModelTask, public std::enable_shared_from_this<StreamSession> {
@@ -58,7 +68,8 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   bool closed() const { return closed_.load(); }
 
   // Counters for stats: frames_in, dropped_in (replaced before the model took them), frames_out, dropped_out (send
-  // queue full), skipped (similarity filter), errors, model_ms (EMA), fps_out (last second window), mode, prompt.
+  // queue full), skipped (similarity filter), errors, model_ms (EMA), fps_out (last second window), mode, prompt;
+  // with ControlNets controlnet_calls, controlnet_reused (--controlnet-every) and controlnet_s (total seconds).
   nlohmann::json stats() const;
   void count_dropped_output() { dropped_out_.fetch_add(1, std::memory_order_relaxed); }
   void count_error() { errors_.fetch_add(1, std::memory_order_relaxed); }
@@ -72,6 +83,11 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   void reply_dropped();  // counts a replaced request and tells the client ({"type": "dropped"})
   // Model thread: brings stream_ in line with `want` (builds it on first use or a mode change).
   void apply_settings(const StreamSettings& want);
+  // Model thread: sets the control image of every ControlNet with a non-zero scale for this call (`frame` empty in
+  // txt2img) and returns them (for the sink). Throws InvalidArgument when one has no source (txt2img, no
+  // control_image, not feedback).
+  std::vector<cv::Mat> set_control_images(const cv::Mat& frame, const std::vector<cv::Mat>& control,
+                                          const std::vector<std::string>& control_specs);
 
   const uint64_t id_;
   const std::shared_ptr<const DiffusionModels> models_;
@@ -85,14 +101,23 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   bool settings_dirty_ = false;
   cv::Mat pending_frame_;
   bool pending_generate_ = false;
+  // The preprocessors of wanted_ (what submit_frame runs), and the control images made from the pending frame with
+  // the preprocessor spec each was made by (empty = none made).
+  std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors_;
+  std::vector<cv::Mat> pending_control_;
+  std::vector<std::string> pending_control_specs_;
 
   // Model thread only.
   std::unique_ptr<StreamDiffusion> stream_;
   StreamSettings applied_;
+  std::vector<std::shared_ptr<const ControlPreprocessor>> applied_preprocessors_;
+  cv::Mat last_output_;  // the previous result (the `feedback` control image)
 
   std::atomic<int64_t> frames_in_{0}, dropped_in_{0}, frames_out_{0}, dropped_out_{0}, errors_{0};
   std::atomic<int64_t> skipped_{0};
   std::atomic<double> model_ms_ema_{0};
+  std::atomic<int64_t> controlnet_calls_{0}, controlnet_reused_{0};
+  std::atomic<double> controlnet_s_{0};
   mutable std::mutex rate_mutex_;
   Clock::time_point window_start_ = Clock::now();
   int64_t window_frames_ = 0;

@@ -4,6 +4,8 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "runtime/control_preprocessor.h"
+#include "server/image_codec.h"
 
 namespace sd::server {
 namespace {
@@ -53,6 +55,50 @@ std::vector<int64_t> spread_steps(int64_t steps, int64_t S, bool txt2img, int64_
   return out;
 }
 
+// A base64 / data-URL JPEG or PNG through the server's image checks (size read from the header first).
+cv::Mat image_field(const nlohmann::json& v, const std::string& key) {
+  if (!v.is_string())
+    throw InvalidArgument("field '" + key + "': expected a base64 JPEG or PNG string (a data: URL is fine) or null, " +
+                          "got " + std::string(v.type_name()));
+  const std::string what = "field '" + key + "'";
+  return decode_image(base64_decode(v.get_ref<const std::string&>(), what), true, what);
+}
+
+std::vector<ControlSetting> parse_controlnets(const nlohmann::json& v, std::vector<ControlSetting> out,
+                                              const StreamDefaults& d) {
+  if (d.controlnets.empty())
+    throw InvalidArgument("field 'controlnets': no ControlNet is loaded (start serve with --controlnet DIR)");
+  const std::string n = std::to_string(d.controlnets.size());
+  if (!v.is_array() || v.size() != d.controlnets.size())
+    throw InvalidArgument("field 'controlnets': expected an array of " + n +
+                          " object(s) {\"scale\": number, \"preprocessor\": name}, one per loaded ControlNet, got " +
+                          (v.is_array() ? std::to_string(v.size()) + " entries" : std::string(v.type_name())));
+  out.resize(d.controlnets.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const std::string at = "controlnets[" + std::to_string(i) + "]";
+    const auto& e = v[i];
+    if (!e.is_object())
+      throw InvalidArgument("field '" + at + "': expected an object {\"scale\": number, \"preprocessor\": name}, got " +
+                            e.dump());
+    for (const auto& [k, x] : e.items()) {
+      if (k == "scale") {
+        out[i].scale = number_in(x, at + ".scale", 0, 2);
+      } else if (k == "preprocessor") {
+        if (!x.is_string())
+          throw InvalidArgument("field '" + at + ".preprocessor': expected a string, got " + x.dump());
+        try {
+          out[i].preprocessor = make_control_preprocessor(x.get<std::string>())->name();
+        } catch (const InvalidArgument& err) {
+          throw InvalidArgument("field '" + at + ".preprocessor': " + err.what());
+        }
+      } else {
+        throw InvalidArgument("unknown field '" + at + "." + k + "' (expected scale, preprocessor)");
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 StreamSettings StreamSettings::defaults(const StreamDefaults& d, bool txt2img) {
@@ -66,6 +112,10 @@ StreamSettings StreamSettings::defaults(const StreamDefaults& d, bool txt2img) {
   s.t_index_list = c.t_index_list;
   s.seed = c.seed;
   s.similarity_filter = (!txt2img && c.similarity_filter.enabled) ? c.similarity_filter.threshold : 0.0;
+  for (size_t i = 0; i < d.controlnets.size(); ++i)
+    s.controlnets.push_back({d.controlnets[i].scale,
+                             i < d.control_preprocessors.size() ? d.control_preprocessors[i] : "canny"});
+  s.image_prompt = d.image_prompt;
   return s;
 }
 
@@ -82,20 +132,29 @@ StreamConfig StreamSettings::config(const StreamDefaults& d) const {
 }
 
 nlohmann::json StreamSettings::to_json() const {
-  return {{"mode", txt2img ? "txt2img" : "img2img"},
-          {"prompt", prompt},
-          {"negative_prompt", negative_prompt},
-          {"guidance", guidance},
-          {"delta", delta},
-          {"t_index_list", t_index_list},
-          {"seed", seed},
-          {"similarity_filter", similarity_filter}};
+  nlohmann::json j = {{"mode", txt2img ? "txt2img" : "img2img"},
+                      {"prompt", prompt},
+                      {"negative_prompt", negative_prompt},
+                      {"guidance", guidance},
+                      {"delta", delta},
+                      {"t_index_list", t_index_list},
+                      {"seed", seed},
+                      {"similarity_filter", similarity_filter},
+                      {"has_image_prompt", !image_prompt.empty()}};
+  if (!controlnets.empty()) {
+    nlohmann::json cn = nlohmann::json::array();
+    for (const auto& c : controlnets) cn.push_back({{"scale", c.scale}, {"preprocessor", c.preprocessor}});
+    j["controlnets"] = cn;
+    j["has_control_image"] = !control_image.empty();
+  }
+  return j;
 }
 
 bool StreamSettings::operator==(const StreamSettings& o) const {
   return txt2img == o.txt2img && prompt == o.prompt && negative_prompt == o.negative_prompt &&
          guidance == o.guidance && delta == o.delta && t_index_list == o.t_index_list && seed == o.seed &&
-         similarity_filter == o.similarity_filter;
+         similarity_filter == o.similarity_filter && controlnets == o.controlnets &&
+         control_image.data == o.control_image.data && image_prompt.data == o.image_prompt.data;
 }
 
 StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings& s0, const StreamDefaults& d,
@@ -155,10 +214,29 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
         }
         s.lora[name] = number_in(scale, "lora." + name, -10, 10);
       }
+    } else if (key == "controlnets") {
+      s.controlnets = parse_controlnets(v, s.controlnets, d);
+    } else if (key == "control_image") {
+      if (d.controlnets.empty())
+        throw InvalidArgument("field 'control_image': no ControlNet is loaded (start serve with --controlnet DIR)");
+      s.control_image = v.is_null() ? cv::Mat()
+                                    : fit_image(image_field(v, key), static_cast<int>(d.img2img.width),
+                                                static_cast<int>(d.img2img.height));
+      if (!s.control_image.empty() && !s.control_image.isContinuous()) s.control_image = s.control_image.clone();
+    } else if (key == "image_prompt") {
+      if (!d.ip_adapter)
+        throw InvalidArgument("field 'image_prompt': the model has no IP-Adapter (start serve with --ip-adapter)");
+      s.image_prompt = v.is_null() ? cv::Mat() : image_field(v, key);
+    } else if (key == "ip_adapter_scale") {
+      if (!d.ip_adapter)
+        throw InvalidArgument("field 'ip_adapter_scale': the model has no IP-Adapter (start serve with --ip-adapter)");
+      s.ip_adapter_scale = number_in(v, key, 0, 2);
     } else {
       throw InvalidArgument("unknown field '" + key + "' (expected " + (allow_mode ? "mode, " : "") +
                             "prompt, negative_prompt, guidance, delta, t_index_list, steps, seed, similarity_filter" +
                             (d.lora_names.empty() ? "" : ", lora") +
+                            (d.controlnets.empty() ? "" : ", controlnets, control_image") +
+                            (d.ip_adapter ? ", image_prompt, ip_adapter_scale" : "") +
                             (skip.count("image") ? ", image" : "") + ")");
     }
   }

@@ -16,14 +16,29 @@
 //                     name = file stem). SERVER-WIDE: the one loaded model is re-fused at that scale (no reload), so
 //                     every client sees it; streams re-encode their prompts. A request, applied once by the model
 //                     thread; the "config" reply carries the model's current scales.
+//   controlnets       array [{scale, preprocessor}], one entry per ControlNet the server loaded (--controlnet; the
+//                     hello message lists them), in that order; either key of an entry may be left out (unchanged).
+//                     scale: number in [0, 2] (0 = that ControlNet is skipped, exactly as without it);
+//                     preprocessor: a control_preprocessor_names() spec ("canny", "canny:50:150", "gray",
+//                     "passthrough", "feedback" = this client's previous output frame). Per client.
+//   control_image     base64 / data-URL JPEG or PNG, or null: a static control image for every ControlNet of this
+//                     client (centre-cropped and resized to the stream size) instead of preprocessing each input
+//                     frame, until cleared with null. txt2img needs it unless the preprocessors are `feedback` (or the
+//                     scales 0): there are no input frames to preprocess.
+//   image_prompt      base64 / data-URL JPEG or PNG, or null (servers with --ip-adapter): this client's IP-Adapter
+//                     image prompt (null = none: the unconditional image). Per client.
+//   ip_adapter_scale  number in [0, 2] (servers with --ip-adapter). SERVER-WIDE like lora: the weight of the image
+//                     attention of the one loaded model, a request applied once by the model thread.
 // Any other field -> InvalidArgument naming it (nothing of the message is applied).
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <opencv2/core/mat.hpp>
 
 #include "pipeline/stream_diffusion.h"
 
@@ -38,6 +53,20 @@ struct StreamDefaults {
   int64_t start_index = 32;   // first index of `steps` for img2img
   int64_t native_width = 0, native_height = 0;  // the model's native size (0 = unknown), told to the page
   std::vector<std::string> lora_names;  // the LoRAs loaded (what "lora" may name)
+  // ControlNets loaded at start (--controlnet): shared by every client and never changed; each client's stream gets
+  // them with its own scales and preprocessors. The defaults of a new client: the units' scales and these specs.
+  std::vector<ControlNetUnit> controlnets;
+  std::vector<std::string> control_preprocessors;  // one spec per ControlNet
+  int64_t controlnet_every = 1;                    // --controlnet-every (server-wide)
+  bool ip_adapter = false;                         // the model has an IP-Adapter (image_prompt, ip_adapter_scale)
+  cv::Mat image_prompt;                            // --image-prompt: a new client's image prompt (RGB; empty = none)
+};
+
+// One loaded ControlNet as a client uses it.
+struct ControlSetting {
+  double scale = 1.0;
+  std::string preprocessor;  // a make_control_preprocessor() spec
+  bool operator==(const ControlSetting& o) const { return scale == o.scale && preprocessor == o.preprocessor; }
 };
 
 struct StreamSettings {
@@ -49,10 +78,17 @@ struct StreamSettings {
   double similarity_filter = 0;  // threshold, 0 = off
   // Requested LoRA scales (server-wide; consumed by the model thread, not compared, not in to_json()).
   std::map<std::string, double> lora;
+  std::vector<ControlSetting> controlnets;  // one per StreamDefaults::controlnets
+  // Decoded images (RGB 8UC3; empty = none). Compared by buffer: a new message decodes into a new one. control_image
+  // is already fitted to the stream size.
+  cv::Mat control_image, image_prompt;
+  // Requested IP-Adapter scale (server-wide like lora; consumed by the model thread, not in to_json()).
+  std::optional<double> ip_adapter_scale;
 
   static StreamSettings defaults(const StreamDefaults& d, bool txt2img);
   // The base config of the mode with these settings applied.
   StreamConfig config(const StreamDefaults& d) const;
+  // The fields a client may send, in their JSON form; images as "has_control_image" / "has_image_prompt" booleans.
   nlohmann::json to_json() const;
   bool operator==(const StreamSettings& o) const;
   bool operator!=(const StreamSettings& o) const { return !(*this == o); }

@@ -8,6 +8,9 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "models/ip_adapter.h"
+#include "pipeline/controlnet.h"
+#include "runtime/control_preprocessor.h"
 #include "runtime/runtime_stats.h"
 #include "server/image_codec.h"
 
@@ -110,10 +113,23 @@ void WebSocketSession::on_accept(beast::error_code ec) {
   sink.message = [weak](nlohmann::json j) {
     if (auto self = weak.lock()) self->post_json(std::move(j));
   };
+  if (!ctx_->defaults.controlnets.empty())
+    sink.control = [weak](size_t index, cv::Mat rgb) {
+      if (auto self = weak.lock()) self->post_control(index, std::move(rgb));
+    };
   // Atomic: stats() reads it from other threads.
   std::atomic_store(&stream_, std::make_shared<StreamSession>(id_, ctx_->models, ctx_->defaults, ctx_->worker,
                                                               std::move(sink)));
   const auto& o = ctx_->options;
+  // What the page needs to offer the ControlNet and IP-Adapter controls.
+  nlohmann::json controlnets = nlohmann::json::array();
+  const StreamSettings initial = stream_->settings();
+  for (size_t i = 0; i < ctx_->defaults.controlnets.size(); ++i)
+    controlnets.push_back({{"name", ctx_->defaults.controlnets[i].net->name()},
+                           {"scale", initial.controlnets[i].scale},
+                           {"preprocessor", initial.controlnets[i].preprocessor}});
+  nlohmann::json ip_adapter = nullptr;
+  if (ctx_->models->ip_adapter()) ip_adapter = {{"scale", ctx_->models->ip_adapter()->adapter->scale()}};
   send_json({{"type", "hello"},
              {"id", id_},
              {"width", stream_->width()},
@@ -123,6 +139,9 @@ void WebSocketSession::on_accept(beast::error_code ec) {
              {"model", ctx_->models->describe()},
              {"settings", stream_->settings().to_json()},
              {"loras", ctx_->defaults.lora_names},
+             {"controlnets", controlnets},
+             {"control_preprocessors", control_preprocessor_names()},
+             {"ip_adapter", ip_adapter},
              {"limits",
               {{"max_message_bytes", o.max_ws_message},
                {"max_image_side", kMaxImageSide},
@@ -230,6 +249,28 @@ void WebSocketSession::post_frame(cv::Mat rgb) {
       s["worker_queue"] = self->ctx_->worker.stats()["queued"];
       s["streams"] = self->ctx_->active_streams.load();
       self->send_json(s);
+    }
+  });
+}
+
+void WebSocketSession::post_control(size_t index, cv::Mat rgb) {
+  net::post(ws_.get_executor(), [self = shared_from_this(), index, rgb = std::move(rgb)]() {
+    if (self->closing_ || self->finished_) return;
+    // Throttled: the page shows it small beside the output; a copy of every frame would double the traffic.
+    const auto now = std::chrono::steady_clock::now();
+    if (self->last_control_.size() <= index) self->last_control_.resize(index + 1);
+    const auto last = self->last_control_[index];
+    if (last != std::chrono::steady_clock::time_point{} &&
+        std::chrono::duration<double>(now - last).count() < self->ctx_->options.control_interval_s)
+      return;
+    self->last_control_[index] = now;
+    try {
+      self->send_json({{"type", "control"},
+                       {"index", index},
+                       {"image", "data:image/jpeg;base64," +
+                                     base64_encode(encode_jpeg(rgb, self->ctx_->options.control_jpeg_quality))}});
+    } catch (const std::exception& e) {
+      log::debug("stream {}: control image not sent: {}", self->id_, e.what());
     }
   });
 }

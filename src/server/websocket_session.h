@@ -10,7 +10,13 @@
 //   {"type":"ping"}             -> {"type":"pong"}
 // Server -> client
 //   binary                      a JPEG result, exactly one per frame / generate request the model took
-//   {"type":"hello", id, width, height, settings, loras, limits}   after the handshake (loras: names loaded)
+//   {"type":"hello", id, width, height, settings, loras, limits,   after the handshake (loras: names loaded)
+//    controlnets, control_preprocessors, ip_adapter}               controlnets: [{name, scale, preprocessor}] of the
+//                                                           loaded ControlNets (the defaults), control_preprocessors:
+//                                                           the names, ip_adapter: {scale} or null
+//   {"type":"control", index, image}                        the control image ControlNet `index` got for a frame
+//                                                           (a data:image/jpeg;base64 URL), at most every
+//                                                           control_interval_s per ControlNet
 //   {"type":"config", settings}                             settings applied (by the model thread; with LoRAs
 //                                                           loaded, settings.lora = the model's current scales)
 //   {"type":"stats", ...}                                   about once a second while frames flow, and on request
@@ -78,6 +84,7 @@ class WebSocketSession : public std::enable_shared_from_this<WebSocketSession> {
   // Any thread: post to the strand.
   void post_frame(cv::Mat rgb);
   void post_json(nlohmann::json j);
+  void post_control(size_t index, cv::Mat rgb);
 
   boost::beast::websocket::stream<boost::beast::tcp_stream> ws_;
   boost::beast::flat_buffer buffer_;
@@ -94,6 +101,7 @@ class WebSocketSession : public std::enable_shared_from_this<WebSocketSession> {
   bool closing_ = false;
   bool finished_ = false;
   std::chrono::steady_clock::time_point last_stats_{};
+  std::vector<std::chrono::steady_clock::time_point> last_control_;  // per ControlNet (strand only)
 };
 
 }  // namespace sd::server

@@ -1,0 +1,248 @@
+// Browser end-to-end test of the ControlNet and IP-Adapter controls of `streamdiffusion serve`'s page: Debian's
+// chromium (headless, fake camera) driven by playwright-core against the server on loopback with the tiny fixture
+// model, the tiny ControlNet (preprocessor gray at start) and the tiny IP-Adapter.
+//
+//   node e2e_controlnet.mjs --server build/apps/streamdiffusion --fixtures ../shared/fixtures [--web-root web]
+//                           [--screenshot out.png]
+//
+// Checks: the page shows the control pane and one ControlNet row; frames flow; the control image shown is the gray
+// picture at first and a canny edge map (nearly all black / white, some white) once canny is chosen; the scale slider
+// reaches the server (the config reply) and frames keep flowing at scale 0 and 1.5; an uploaded control image
+// replaces the preprocessing (the control pane shows it) and Clear goes back; with an IP-Adapter an image prompt
+// upload and the scale slider are applied. Exit 0 = passed, 1 = failed, 77 = skipped (no chromium / node_modules /
+// fixtures).
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []));
+const SKIP = 77;
+const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
+const fixtures = process.env.SD_FIXTURES || args.fixtures || path.join(here, '../../../shared/fixtures');
+const model = path.join(fixtures, 'models', 'tiny-sd15');
+const controlnet = path.join(fixtures, 'controlnet', 'models', 'tiny-controlnet-sd15');
+const ipAdapter = path.join(fixtures, 'ipadapter', 'models', 'tiny-ip-adapter-sd15');
+const webRoot = args['web-root'] || path.join(here, '../../web');
+
+function skip(why) {
+  console.log(`SKIPPED: ${why}`);
+  process.exit(SKIP);
+}
+if (!args.server || !fs.existsSync(args.server)) skip(`no server binary (--server ${args.server})`);
+if (!fs.existsSync(chromiumPath)) skip(`${chromiumPath} not found (apt-get install chromium; scripts/setup.sh does)`);
+for (const p of [model, controlnet, ipAdapter]) if (!fs.existsSync(p)) skip(`no fixture ${p}`);
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch {
+  skip(`playwright-core is not installed in ${here} (run: cd tests/web && npm ci; scripts/setup.sh does)`);
+}
+
+let passed = 0, failed = 0;
+function check(cond, what, detail = '') {
+  if (cond) { passed += 1; console.log(`  ok   ${what}`); } else { failed += 1; console.log(`  FAIL ${what} ${detail}`); }
+  return cond;
+}
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(fn, timeoutMs, what) {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(100);
+  }
+}
+
+// The fake camera: a horizontal grey ramp (no edges) with a bright square (four edges) and smooth colour.
+function writeY4m(file, w = 160, h = 120, frames = 2) {
+  const Y = Buffer.alloc(w * h), U = Buffer.alloc((w / 2) * (h / 2)), V = Buffer.alloc((w / 2) * (h / 2));
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
+    const inSquare = x > w / 3 && x < (2 * w) / 3 && y > h / 4 && y < (3 * h) / 4;
+    Y[y * w + x] = inSquare ? 235 : 40 + Math.floor((180 * x) / w);
+  }
+  U.fill(128);
+  V.fill(128);
+  const parts = [Buffer.from(`YUV4MPEG2 W${w} H${h} F10:1 Ip A1:1 C420jpeg\n`)];
+  for (let i = 0; i < frames; i++) parts.push(Buffer.from('FRAME\n'), Y, U, V);
+  fs.writeFileSync(file, Buffer.concat(parts));
+}
+
+function startServer(serveArgs) {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(args.server, ['--log-level', 'warn', 'serve', ...serveArgs, '--port', '0', '--web-root', webRoot,
+      '--threads', '1'],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`the server did not start: ${out}`)), 60000);
+    proc.stdout.on('data', (d) => {
+      out += d;
+      const m = /listening on (http:\/\/\S+)/.exec(out);
+      if (m) { clearTimeout(timer); resolve({ proc, url: m[1] }); }
+    });
+    proc.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
+    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`the server exited (${code}): ${out}`)); });
+  });
+}
+
+const appStats = (page) => page.evaluate(() => window.sdApp.stats());
+async function framesAfter(page, n, timeout = 60000) {
+  const start = (await appStats(page)).received;
+  await until(async () => (await appStats(page)).received >= start + n, timeout, `${n} more frames`);
+}
+async function controlsAfter(page, n, timeout = 60000) {
+  const start = (await appStats(page)).controlReceived;
+  await until(async () => (await appStats(page)).controlReceived >= start + n, timeout, `${n} more control images`);
+}
+// The control image shown: share of (nearly) black or white pixels, share of white ones, mean level.
+const controlLevels = (page) => page.evaluate(async () => {
+  const img = document.getElementById('control');
+  await img.decode().catch(() => {});
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth;
+  c.height = img.naturalHeight;
+  const g = c.getContext('2d');
+  g.drawImage(img, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  let bw = 0, white = 0, sum = 0;
+  const n = d.length / 4;
+  for (let i = 0; i < d.length; i += 4) {
+    const m = (d[i] + d[i + 1] + d[i + 2]) / 3;
+    if (m < 40 || m > 215) bw += 1;
+    if (m > 215) white += 1;
+    sum += m;
+  }
+  return { bw: bw / n, white: white / n, mean: sum / n, width: c.width, visible: img.offsetWidth > 0 };
+});
+// Uploads a picture drawn in the page (a flat colour, `rgb`) through a file input, as a user's PNG would be.
+async function uploadPicture(page, selector, rgb) {
+  const png = await page.evaluate(async (colour) => {
+    const c = document.createElement('canvas');
+    c.width = 96;
+    c.height = 80;
+    const g = c.getContext('2d');
+    g.fillStyle = `rgb(${colour.join(',')})`;
+    g.fillRect(0, 0, c.width, c.height);
+    const blob = await new Promise((r) => c.toBlob(r, 'image/png'));
+    return Array.from(new Uint8Array(await blob.arrayBuffer()));
+  }, rgb);
+  await page.setInputFiles(selector, { name: 'picture.png', mimeType: 'image/png', buffer: Buffer.from(png) });
+}
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sd-e2e-cn-'));
+const y4m = path.join(tmp, 'camera.y4m');
+writeY4m(y4m);
+let server, browser;
+try {
+  server = await startServer(['--model', model, '--size', '128x128', '--controlnet', controlnet,
+    '--control-preprocessor', 'gray', '--ip-adapter', ipAdapter, '--prompt', 'a watercolour fox']);
+  console.log(`server at ${server.url}`);
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
+      `--use-file-for-fake-video-capture=${y4m}`],
+  });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, deviceScaleFactor: 1 });
+  const pageErrors = [];
+  const p = await context.newPage();
+  p.on('pageerror', (e) => pageErrors.push(String(e)));
+  await p.goto(server.url);
+  await p.click('#start');
+  await until(async () => (await appStats(p)).received >= 3, 60000, 'the first generated frames');
+  const s0 = await appStats(p);
+  check(s0.controlnets === 1, 'the page knows the server has one ControlNet', JSON.stringify(s0.controlnets));
+  check(await p.isVisible('#control-pane') && await p.isVisible('#controlnet-box'), 'the control pane and the ControlNet controls show');
+  check(await p.isVisible('#ip-box'), 'the IP-Adapter controls show');
+  check(await p.inputValue('#cn-pre-0') === 'gray', 'the preprocessor select shows the server default', await p.inputValue('#cn-pre-0'));
+
+  // The gray control image: grey levels, not an edge map.
+  await controlsAfter(p, 2);
+  const gray = await controlLevels(p);
+  console.log(`    gray control image: ${JSON.stringify(gray)}`);
+  check(gray.visible && gray.width === 128, 'the control image is shown at the stream size', JSON.stringify(gray));
+  check(gray.bw < 0.6, 'the gray control image is not black and white', JSON.stringify(gray));
+
+  // canny: the control image becomes an edge map of the camera picture.
+  const cannyValue = await p.evaluate(() => [...document.querySelectorAll('#cn-pre-0 option')].find((o) => o.textContent === 'canny').value);
+  await p.selectOption('#cn-pre-0', cannyValue);
+  await until(async () => (await appStats(p)).applied?.controlnets?.[0]?.preprocessor?.startsWith('canny'), 20000,
+    'the server applying canny');
+  await controlsAfter(p, 3);
+  const canny = await controlLevels(p);
+  console.log(`    canny control image: ${JSON.stringify(canny)}`);
+  check(canny.bw > 0.9, 'the canny control image is black and white', JSON.stringify(canny));
+  check(canny.white > 0.005 && canny.white < 0.4, 'the canny control image has edges (some white)', JSON.stringify(canny));
+  await framesAfter(p, 3);
+
+  // The scale slider reaches the server; frames keep flowing at 0 and 1.5.
+  for (const v of ['0', '1.5']) {
+    await p.$eval('#cn-scale-0', (el, x) => { el.value = x; el.dispatchEvent(new Event('input', { bubbles: true })); }, v);
+    await until(async () => (await appStats(p)).applied?.controlnets?.[0]?.scale === Number(v), 20000, `scale ${v} applied`);
+    await framesAfter(p, 3);
+    check(true, `frames flow at ControlNet scale ${v}`);
+  }
+  check(await p.textContent('#cn-scale-0-out') === '1.50', 'the scale is shown beside the slider', await p.textContent('#cn-scale-0-out'));
+
+  // An uploaded control image replaces the preprocessing: the control pane shows the flat picture (not edges).
+  await uploadPicture(p, '#control-file', [200, 200, 200]);
+  await until(async () => (await appStats(p)).applied?.has_control_image === true, 20000, 'the control image applied');
+  await controlsAfter(p, 2);
+  const up = await controlLevels(p);
+  console.log(`    uploaded control image: ${JSON.stringify(up)}`);
+  check(Math.abs(up.mean - 200) < 8, 'the uploaded control image is the one used', JSON.stringify(up));
+  await framesAfter(p, 2);
+  await p.click('#control-clear');
+  await until(async () => (await appStats(p)).applied?.has_control_image === false, 20000, 'the control image cleared');
+  await controlsAfter(p, 2);
+  const back = await controlLevels(p);
+  check(back.bw > 0.9, 'after Clear the control image is the canny edge map again', JSON.stringify(back));
+  if (args.screenshot) {
+    await p.screenshot({ path: args.screenshot });
+    console.log(`    screenshot: ${args.screenshot}`);
+  }
+
+  // IP-Adapter: an image prompt upload and the (server-wide) scale slider.
+  await uploadPicture(p, '#image-prompt-file', [220, 40, 40]);
+  await until(async () => (await appStats(p)).applied?.has_image_prompt === true, 20000, 'the image prompt applied');
+  check(await p.textContent('#image-prompt-state') === 'uploaded', 'the page says an image prompt is set');
+  await p.$eval('#ip-scale', (el) => { el.value = '0.5'; el.dispatchEvent(new Event('input', { bubbles: true })); });
+  await until(async () => (await appStats(p)).applied?.ip_adapter_scale === 0.5, 20000, 'ip_adapter_scale 0.5 applied');
+  await framesAfter(p, 3);
+  check(true, 'frames flow with an image prompt at ip_adapter_scale 0.5');
+
+  // The server's counters.
+  const st = await (await fetch(`${server.url}api/stats`)).json();
+  const client = st.clients.find((c) => c.id === s0.id) || {};
+  check(client.controlnet_calls > 5 && client.errors === 0, 'the server counts ControlNet calls and no errors', JSON.stringify(client));
+
+  // Text only: canny has no frames, an uploaded control image makes it work.
+  await p.click('button.mode[data-mode="txt2img"]');
+  await until(async () => (await appStats(p)).banner.includes('control_image'), 20000, 'the txt2img ControlNet hint');
+  check(true, 'txt2img with canny and no control image explains itself');
+  await uploadPicture(p, '#control-file', [90, 90, 90]);
+  await framesAfter(p, 3);
+  check((await appStats(p)).mode === 'txt2img', 'txt2img frames flow with an uploaded control image');
+
+  check(pageErrors.length === 0, 'no uncaught errors in the page', pageErrors.join(' | '));
+  await browser.close();
+  browser = null;
+  const exited = new Promise((resolve) => server.proc.once('exit', (code, sig) => resolve({ code, sig })));
+  server.proc.kill('SIGINT');
+  const r = await Promise.race([exited, sleep(15000).then(() => null)]);
+  check(r && r.code === 0, 'SIGINT stops the server cleanly', JSON.stringify(r));
+  server = null;
+} catch (e) {
+  failed += 1;
+  console.log(`  FAIL ${e.stack || e}`);
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  if (server) server.proc.kill('SIGKILL');
+  fs.rmSync(tmp, { recursive: true, force: true });
+}
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
