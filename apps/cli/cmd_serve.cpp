@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include "apps/cli/commands.h"
+#include "apps/cli/controlnet_options.h"
 #include "apps/cli/pipeline_options.h"
 #include "core/error.h"
 #include "core/log.h"
