@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "io/json_config.h"
@@ -21,12 +22,7 @@ void touch(const fs::path& p, const std::string& content = "x") {
 
 template <typename Fn>
 std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const sd::Error& e) {
-    return e.what();
-  }
-  return "";
+  return sd::test::error_of<sd::Error>(std::forward<Fn>(fn));
 }
 
 const char* kIndex = R"({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],

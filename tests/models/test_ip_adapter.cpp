@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "io/json_config.h"
@@ -45,15 +46,7 @@ UNet2DConditionModel fresh_unet(torch::ScalarType dtype = torch::kFloat) {
   return load_unet(test::fixture_path(kUNet), dtype);
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 #define SD_EXPECT_HAS(text, part) EXPECT_NE((text).find(part), std::string::npos) << (text)
 

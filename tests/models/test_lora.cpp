@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/device.h"
 #include "core/error.h"
@@ -449,14 +450,7 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, LoraPrepack, ::testing::Values(torch::kFloat, t
 
 // ---- bad inputs -------------------------------------------------------------------------------------------------
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const sd::Error& e) {
-    return e.what();
-  }
-  return "";
-}
+std::string error_of(const std::function<void()>& fn) { return sd::test::error_of<sd::Error>(fn); }
 
 TEST(LoraErrors, LoraForAnotherFamilyNamesKeyAndShapes) {
   if (!sd::test::fixture_exists("lora/files/sd21_kohya.safetensors")) GTEST_SKIP() << "fixture absent";

@@ -8,6 +8,7 @@
 #include <opencv2/imgproc.hpp>
 #include <torch/torch.h>
 
+#include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "pipeline/controlnet.h"
@@ -32,15 +33,7 @@ torch::Tensor rgb_of(const cv::Mat& bgr) {
   return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 // ---- preprocessors -------------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "runtime/bounded_queue.h"
@@ -23,15 +24,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST(BoundedQueue, BlockPolicyKeepsEverythingInOrderAndApplesBackPressure) {
   BoundedQueue<int> q(2, OverflowPolicy::Block);

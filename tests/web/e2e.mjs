@@ -9,88 +9,28 @@
 // different outputs, neither receives more frames than it sent); a page beyond --max-streams shows the busy
 // message; SIGINT stops the server cleanly; `serve` with no model arguments streams the built-in model at its native
 // 64x64, scaled up on the page (smooth or pixelated), with the native size in the status line (the README screenshot). Exit 0 = passed, 1 = failed, 77 = skipped (no chromium / node_modules / fixture model).
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import {
+  appStats, check, framesAfter, launchBrowser as launch, parseArgs, requireTools, results, sleep,
+  startServer as start, until, writeY4m,
+} from './harness.mjs';
+
 const here = path.dirname(fileURLToPath(import.meta.url));
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []));
-const SKIP = 77;
-const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
+const args = parseArgs(process.argv.slice(2));
 const fixtures = process.env.SD_FIXTURES || args.fixtures || path.join(here, '../../../shared/fixtures');
 const model = path.join(fixtures, 'models', args['model-name'] || 'tiny-sd15');
 const webRoot = args['web-root'] || path.join(here, '../../web');
 const size = args.size || '128x128';
-
-function skip(why) {
-  console.log(`SKIPPED: ${why}`);
-  process.exit(SKIP);
-}
-if (!args.server || !fs.existsSync(args.server)) skip(`no server binary (--server ${args.server})`);
-if (!fs.existsSync(chromiumPath)) skip(`${chromiumPath} not found (apt-get install chromium; scripts/setup.sh does)`);
-if (!fs.existsSync(model)) skip(`no fixture model at ${model}`);
-let chromium;
-try {
-  ({ chromium } = await import('playwright-core'));
-} catch {
-  skip(`playwright-core is not installed in ${here} (run: cd tests/web && npm ci; scripts/setup.sh does)`);
-}
-
-let passed = 0, failed = 0;
-function check(cond, what, detail = '') {
-  if (cond) { passed += 1; console.log(`  ok   ${what}`); } else { failed += 1; console.log(`  FAIL ${what} ${detail}`); }
-  return cond;
-}
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-async function until(fn, timeoutMs, what) {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(100);
-  }
-}
-
-// A still test picture as the fake camera (Y4M, 4:2:0): colour bars and a bright square, so outputs depend on
-// the prompt and not on a moving pattern.
-function writeY4m(file, w = 160, h = 120, frames = 2) {
-  const Y = Buffer.alloc(w * h), U = Buffer.alloc((w / 2) * (h / 2)), V = Buffer.alloc((w / 2) * (h / 2));
-  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
-    const inSquare = x > w / 3 && x < (2 * w) / 3 && y > h / 4 && y < (3 * h) / 4;
-    Y[y * w + x] = inSquare ? 235 : 40 + Math.floor((180 * x) / w);
-  }
-  for (let y = 0; y < h / 2; y++) for (let x = 0; x < w / 2; x++) {
-    U[y * (w / 2) + x] = 64 + Math.floor((128 * x) / (w / 2));
-    V[y * (w / 2) + x] = 192 - Math.floor((128 * y) / (h / 2));
-  }
-  const parts = [Buffer.from(`YUV4MPEG2 W${w} H${h} F10:1 Ip A1:1 C420jpeg\n`)];
-  for (let i = 0; i < frames; i++) parts.push(Buffer.from('FRAME\n'), Y, U, V);
-  fs.writeFileSync(file, Buffer.concat(parts));
-}
+const chromium = await requireTools(args.server, here, [model]);
 
 // The fixture model at --size (the protocol checks), or `serve` with no model arguments at all (the built-in model at
 // its native size, as a newcomer starts it).
-function startServer(serveArgs = ['--model', model, '--size', size, '--max-streams', '2',
-  '--prompt', 'a watercolour fox in a misty forest']) {
-  return new Promise((resolve, reject) => {
-    const proc = spawn(args.server, ['--log-level', 'warn', 'serve', ...serveArgs, '--port', '0', '--web-root', webRoot,
-      '--threads', '1'],
-    { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`the server did not start: ${out}`)), 60000);
-    proc.stdout.on('data', (d) => {
-      out += d;
-      const m = /listening on (http:\/\/\S+)/.exec(out);
-      if (m) { clearTimeout(timer); resolve({ proc, url: m[1] }); }
-    });
-    proc.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
-    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`the server exited (${code}): ${out}`)); });
-  });
-}
+const startServer = (serveArgs = ['--model', model, '--size', size, '--max-streams', '2',
+  '--prompt', 'a watercolour fox in a misty forest']) => start(args.server, webRoot, serveArgs);
 
 // Mean |a - b| over the RGB bytes of two same-sized pixel arrays.
 function meanDiff(a, b) {
@@ -103,22 +43,11 @@ const outputPixels = (page) => page.evaluate(() => {
   const c = document.getElementById('output');
   return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);
 });
-const appStats = (page) => page.evaluate(() => window.sdApp.stats());
-async function framesAfter(page, n, timeout = 60000) {
-  const start = (await appStats(page)).received;
-  await until(async () => (await appStats(page)).received >= start + n, timeout, `${n} more frames`);
-}
-
 // Headless chromium with the still test picture as its fake camera.
-const launchBrowser = () => chromium.launch({
-  executablePath: chromiumPath,
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
-    `--use-file-for-fake-video-capture=${y4m}`],
-});
+const launchBrowser = () => launch(chromium, y4m);
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sd-e2e-'));
 const y4m = path.join(tmp, 'camera.y4m');
-writeY4m(y4m);
+writeY4m(y4m, { chroma: true });
 let server, browser;
 try {
   server = await startServer();
@@ -264,12 +193,12 @@ try {
   server.proc.kill('SIGINT');
   server = null;
 } catch (e) {
-  failed += 1;
+  results.failed += 1;
   console.log(`  FAIL ${e.stack || e}`);
 } finally {
   if (browser) await browser.close().catch(() => {});
   if (server) server.proc.kill('SIGKILL');
   fs.rmSync(tmp, { recursive: true, force: true });
 }
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+console.log(`${results.passed} passed, ${results.failed} failed`);
+process.exit(results.failed ? 1 : 0);

@@ -11,89 +11,27 @@
 // replaces the preprocessing (the control pane shows it) and Clear goes back; with an IP-Adapter an image prompt
 // upload and the scale slider are applied. Exit 0 = passed, 1 = failed, 77 = skipped (no chromium / node_modules /
 // fixtures).
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import {
+  appStats, check, framesAfter, launchBrowser, parseArgs, requireTools, results, sleep, startServer as start, until,
+  writeY4m,
+} from './harness.mjs';
+
 const here = path.dirname(fileURLToPath(import.meta.url));
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []));
-const SKIP = 77;
-const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
+const args = parseArgs(process.argv.slice(2));
 const fixtures = process.env.SD_FIXTURES || args.fixtures || path.join(here, '../../../shared/fixtures');
 const model = path.join(fixtures, 'models', 'tiny-sd15');
 const controlnet = path.join(fixtures, 'controlnet', 'models', 'tiny-controlnet-sd15');
 const ipAdapter = path.join(fixtures, 'ipadapter', 'models', 'tiny-ip-adapter-sd15');
 const webRoot = args['web-root'] || path.join(here, '../../web');
+const chromium = await requireTools(args.server, here, [model, controlnet, ipAdapter]);
+const startServer = (serveArgs) => start(args.server, webRoot, serveArgs);
 
-function skip(why) {
-  console.log(`SKIPPED: ${why}`);
-  process.exit(SKIP);
-}
-if (!args.server || !fs.existsSync(args.server)) skip(`no server binary (--server ${args.server})`);
-if (!fs.existsSync(chromiumPath)) skip(`${chromiumPath} not found (apt-get install chromium; scripts/setup.sh does)`);
-for (const p of [model, controlnet, ipAdapter]) if (!fs.existsSync(p)) skip(`no fixture ${p}`);
-let chromium;
-try {
-  ({ chromium } = await import('playwright-core'));
-} catch {
-  skip(`playwright-core is not installed in ${here} (run: cd tests/web && npm ci; scripts/setup.sh does)`);
-}
-
-let passed = 0, failed = 0;
-function check(cond, what, detail = '') {
-  if (cond) { passed += 1; console.log(`  ok   ${what}`); } else { failed += 1; console.log(`  FAIL ${what} ${detail}`); }
-  return cond;
-}
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-async function until(fn, timeoutMs, what) {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(100);
-  }
-}
-
-// The fake camera: a horizontal grey ramp (no edges) with a bright square (four edges) and smooth colour.
-function writeY4m(file, w = 160, h = 120, frames = 2) {
-  const Y = Buffer.alloc(w * h), U = Buffer.alloc((w / 2) * (h / 2)), V = Buffer.alloc((w / 2) * (h / 2));
-  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
-    const inSquare = x > w / 3 && x < (2 * w) / 3 && y > h / 4 && y < (3 * h) / 4;
-    Y[y * w + x] = inSquare ? 235 : 40 + Math.floor((180 * x) / w);
-  }
-  U.fill(128);
-  V.fill(128);
-  const parts = [Buffer.from(`YUV4MPEG2 W${w} H${h} F10:1 Ip A1:1 C420jpeg\n`)];
-  for (let i = 0; i < frames; i++) parts.push(Buffer.from('FRAME\n'), Y, U, V);
-  fs.writeFileSync(file, Buffer.concat(parts));
-}
-
-function startServer(serveArgs) {
-  return new Promise((resolve, reject) => {
-    const proc = spawn(args.server, ['--log-level', 'warn', 'serve', ...serveArgs, '--port', '0', '--web-root', webRoot,
-      '--threads', '1'],
-    { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`the server did not start: ${out}`)), 60000);
-    proc.stdout.on('data', (d) => {
-      out += d;
-      const m = /listening on (http:\/\/\S+)/.exec(out);
-      if (m) { clearTimeout(timer); resolve({ proc, url: m[1] }); }
-    });
-    proc.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
-    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`the server exited (${code}): ${out}`)); });
-  });
-}
-
-const appStats = (page) => page.evaluate(() => window.sdApp.stats());
-async function framesAfter(page, n, timeout = 60000) {
-  const start = (await appStats(page)).received;
-  await until(async () => (await appStats(page)).received >= start + n, timeout, `${n} more frames`);
-}
+// The fake camera (writeY4m, grey): a horizontal grey ramp (no edges) with a bright square (four edges).
 async function controlsAfter(page, n, timeout = 60000) {
   const start = (await appStats(page)).controlReceived;
   await until(async () => (await appStats(page)).controlReceived >= start + n, timeout, `${n} more control images`);
@@ -141,12 +79,7 @@ try {
   server = await startServer(['--model', model, '--size', '128x128', '--controlnet', controlnet,
     '--control-preprocessor', 'gray', '--ip-adapter', ipAdapter, '--prompt', 'a watercolour fox']);
   console.log(`server at ${server.url}`);
-  browser = await chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
-      `--use-file-for-fake-video-capture=${y4m}`],
-  });
+  browser = await launchBrowser(chromium, y4m);
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, deviceScaleFactor: 1 });
   const pageErrors = [];
   const p = await context.newPage();
@@ -237,12 +170,12 @@ try {
   check(r && r.code === 0, 'SIGINT stops the server cleanly', JSON.stringify(r));
   server = null;
 } catch (e) {
-  failed += 1;
+  results.failed += 1;
   console.log(`  FAIL ${e.stack || e}`);
 } finally {
   if (browser) await browser.close().catch(() => {});
   if (server) server.proc.kill('SIGKILL');
   fs.rmSync(tmp, { recursive: true, force: true });
 }
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+console.log(`${results.passed} passed, ${results.failed} failed`);
+process.exit(results.failed ? 1 : 0);
