@@ -35,6 +35,20 @@ LoadReport load_weights(torch::nn::Module& module, const std::map<std::string, t
                         const std::string& source, const LoadWeightsOptions& opts = {});
 LoadReport load_weights(torch::nn::Module& module, const SafeTensorsFile& file, const LoadWeightsOptions& opts = {});
 
+// A module built from its config with `tensors` loaded strictly (load_weights), in eval mode: what every model
+// loader does before its own CPU layout choice (prepacking, channels-last).
+template <class Module, class Config>
+Module load_module(const Config& config, const std::map<std::string, torch::Tensor>& tensors,
+                   const std::string& source, torch::ScalarType dtype, torch::Device device) {
+  Module model(config);
+  LoadWeightsOptions opts;
+  opts.dtype = dtype;
+  opts.device = device;
+  load_weights(*model, tensors, source, opts);
+  model->eval();
+  return model;
+}
+
 // Every parameter and buffer by its full dotted name (what a checkpoint of this module holds).
 std::map<std::string, torch::Tensor> state_dict(const torch::nn::Module& module);
 int64_t count_parameters(const torch::nn::Module& module);

@@ -329,12 +329,7 @@ AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::D
 
 AutoencoderKL load_vae(const AutoencoderKLConfig& cfg, const std::map<std::string, torch::Tensor>& weights,
                        const std::string& source, torch::ScalarType dtype, torch::Device device) {
-  AutoencoderKL vae(cfg);
-  LoadWeightsOptions opts;
-  opts.dtype = dtype;
-  opts.device = device;
-  load_weights(*vae, weights, source, opts);
-  vae->eval();
+  auto vae = load_module<AutoencoderKL>(cfg, weights, source, dtype, device);
   if (device.is_cpu()) vae->set_channels_last(true);
   return vae;
 }

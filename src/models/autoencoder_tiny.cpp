@@ -54,12 +54,7 @@ bool is_pickle_name(const std::string& path) {
 
 AutoencoderTiny build_and_load(const AutoencoderTinyConfig& config, const std::map<std::string, torch::Tensor>& state,
                                const std::string& source, torch::ScalarType dtype, torch::Device device) {
-  AutoencoderTiny model(config);
-  LoadWeightsOptions opts;
-  opts.dtype = dtype;
-  opts.device = device;
-  load_weights(*model, state, source, opts);
-  model->eval();
+  auto model = load_module<AutoencoderTiny>(config, state, source, dtype, device);
   if (device.is_cpu()) model->set_channels_last(true);
   return model;
 }

@@ -7,6 +7,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "models/layers.h"
 
 namespace sd {
 
@@ -169,7 +170,10 @@ ControlNetModel load_controlnet_model(const std::string& path, torch::Dtype dtyp
 ControlNetModel load_controlnet_model(const ControlNetConfig& config,
                                       const std::map<std::string, torch::Tensor>& weights, const std::string& source,
                                       torch::Dtype dtype, torch::Device device) {
-  return load_prepacked_module<ControlNetModel>(config, weights, source, dtype, device);
+  // Prepacked like the UNet whose encoder it copies (load_unet says why).
+  auto model = load_module<ControlNetModel>(config, weights, source, dtype, device);
+  if (device.is_cpu()) sd::nn::prepack_convolutions(*model);
+  return model;
 }
 
 }  // namespace sd

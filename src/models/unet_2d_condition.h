@@ -11,10 +11,8 @@
 
 #include <nlohmann/json_fwd.hpp>
 
-#include "io/state_dict.h"
 #include "models/control_residuals.h"
 #include "models/embeddings.h"
-#include "models/layers.h"
 #include "models/unet_2d_blocks.h"
 
 namespace sd {
@@ -87,22 +85,6 @@ torch::Tensor unet_conditioning_embedding(const UNet2DConditionConfig& c, Timest
 // same blocks with them).
 UNetBlockOptions unet_down_block_options(const UNet2DConditionConfig& c, int64_t i);
 UNetBlockOptions unet_mid_block_options(const UNet2DConditionConfig& c);
-
-// A module built from its config with the weights loaded strictly (every key must match), cast to dtype on device,
-// in eval mode; its convolutions prepacked on the CPU (the UNet-shaped modules: many channels, small spatial sizes,
-// where oneDNN's per-call weight re-ordering costs most). `source` names the weights in errors.
-template <class Module, class Config>
-Module load_prepacked_module(const Config& config, const std::map<std::string, torch::Tensor>& weights,
-                             const std::string& source, torch::Dtype dtype, torch::Device device) {
-  Module model(config);
-  LoadWeightsOptions opts;
-  opts.dtype = dtype;
-  opts.device = device;
-  load_weights(*model, weights, source, opts);
-  model->eval();
-  if (device.is_cpu()) sd::nn::prepack_convolutions(*model);
-  return model;
-}
 
 class UNet2DConditionModelImpl : public torch::nn::Module {
  public:

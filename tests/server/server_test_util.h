@@ -16,6 +16,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include "server/image_codec.h"
+#include "server/stream_settings.h"
 
 namespace sd::test {
 
@@ -232,6 +233,20 @@ inline double mean_abs_diff(const cv::Mat& a, const cv::Mat& b) {
   cv::absdiff(a, b, d);
   const cv::Scalar s = cv::mean(d);
   return (s[0] + s[1] + s[2]) / 3.0;
+}
+
+// The server defaults the loopback tests run the tiny fixture model with: size x size, img2img self-CFG at 32,45,
+// txt2img without guidance at 0,16,32,45, prompt "a cat".
+inline sd::server::StreamDefaults tiny_stream_defaults(int64_t size) {
+  sd::server::StreamDefaults d;
+  d.img2img.width = d.img2img.height = size;
+  d.img2img.t_index_list = {32, 45};
+  d.img2img.cfg_type = sd::CfgType::Self;
+  d.txt2img = d.img2img;
+  d.txt2img.t_index_list = {0, 16, 32, 45};
+  d.txt2img.cfg_type = sd::CfgType::None;
+  d.prompt = "a cat";
+  return d;
 }
 
 }  // namespace sd::test

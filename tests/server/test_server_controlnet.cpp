@@ -29,17 +29,7 @@ const char* kModel = "models/tiny-sd15";
 const std::string kCn = "controlnet/models/tiny-controlnet-sd15";
 const std::string kIpAdapter = "ipadapter/models/tiny-ip-adapter-sd15";
 
-StreamDefaults base_defaults() {
-  StreamDefaults d;
-  d.img2img.width = d.img2img.height = kSize;
-  d.img2img.t_index_list = {32, 45};
-  d.img2img.cfg_type = sd::CfgType::Self;
-  d.txt2img = d.img2img;
-  d.txt2img.t_index_list = {0, 16, 32, 45};
-  d.txt2img.cfg_type = sd::CfgType::None;
-  d.prompt = "a cat";
-  return d;
-}
+StreamDefaults base_defaults() { return sd::test::tiny_stream_defaults(kSize); }
 
 // What apply_settings_json must refuse, with the words the message must contain.
 void expect_refused(const nlohmann::json& j, const StreamDefaults& d, const std::vector<std::string>& words) {

@@ -36,17 +36,7 @@ std::shared_ptr<const sd::DiffusionModels> shared_model() {
   return m;
 }
 
-StreamDefaults defaults() {
-  StreamDefaults d;
-  d.img2img.width = d.img2img.height = kSize;
-  d.img2img.t_index_list = {32, 45};
-  d.img2img.cfg_type = sd::CfgType::Self;
-  d.txt2img = d.img2img;
-  d.txt2img.t_index_list = {0, 16, 32, 45};
-  d.txt2img.cfg_type = sd::CfgType::None;
-  d.prompt = "a cat";
-  return d;
-}
+StreamDefaults defaults() { return sd::test::tiny_stream_defaults(kSize); }
 
 class ServerTest : public ::testing::Test {
  protected:
