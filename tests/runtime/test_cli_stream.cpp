@@ -290,6 +290,15 @@ TEST_F(CliStream, ControlNetFlagsSecondSourceAndErrors) {
          " --control-preprocessor canny --control-preprocessor gray --control-preprocessor gray");
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find("given 3 times for 2 --controlnet"), std::string::npos) << r.output;
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --control-input " + q(control));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--control-input needs --controlnet"), std::string::npos) << r.output;
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + cn + " --controlnet-every 0");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--controlnet-every must be >= 1"), std::string::npos) << r.output;
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + cn + " --control-input none");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--control-input none gives no images"), std::string::npos) << r.output;
   r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + q(tmp_ + "/nothing"));
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find(tmp_ + "/nothing"), std::string::npos) << r.output;
@@ -308,6 +317,9 @@ TEST_F(CliStream, ControlNetFlagsSecondSourceAndErrors) {
   ASSERT_FALSE(a.empty());
   ASSERT_FALSE(b.empty());
   EXPECT_GT(cv::norm(a, b, cv::NORM_INF), 0) << "the ControlNet changed nothing";
+  r = sh(gen + "--controlnet " + cn + " --control-preprocessor feedback -o " + q(tmp_ + "/x.png"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("feedback needs a stream"), std::string::npos) << r.output;
   r = sh(gen + "--controlnet " + cn + " -o " + q(tmp_ + "/x.png"));
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find("give --control-input"), std::string::npos) << r.output;
