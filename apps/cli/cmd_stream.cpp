@@ -41,6 +41,9 @@ struct StreamCliOptions {
   double status_interval = 1.0;
   int queue = 4;
   int64_t warmup_outputs = 100;
+  std::string image_prompt_input;  // --image-prompt-input SRC
+  int64_t image_prompt_every = 1;
+  double image_prompt_change = 1.0;
 };
 
 // "N:COMMAND" -> applied before input frame N.
@@ -80,6 +83,17 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       app, o->p,
       "second source for the control images (video file | image folder | camera[:N] | screen[:x,y,w,h]), one frame "
       "read with each input frame; when it ends the stream ends (default preprocessor: passthrough)");
+  app.add_option("--image-prompt-input", o->image_prompt_input,
+                 "second source of IP-Adapter image prompts (video file | image folder | camera[:N] | "
+                 "screen[:x,y,w,h]): one frame read every --image-prompt-every input frames, encoded only when it "
+                 "changed; when it ends the last image stays (needs --ip-adapter)");
+  app.add_option("--image-prompt-every", o->image_prompt_every,
+                 "read the --image-prompt-input every N input frames")
+      ->capture_default_str();
+  app.add_option("--image-prompt-change", o->image_prompt_change,
+                 "mean absolute difference (uint8 levels) above which an image prompt from --image-prompt-input "
+                 "counts as new and is encoded again")
+      ->capture_default_str();
   app.add_option("-i,--input", o->input,
                  "video file | image folder | camera[:N] | screen[:x,y,w,h] | - (raw rgb24 on stdin) | none "
                  "(txt2img: a continuous stream of generated frames)")
@@ -180,6 +194,16 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       if (!control_source->has_images())
         throw sd::InvalidArgument("--control-input " + o->p.control_input + " gives no images");
     }
+    std::unique_ptr<sd::FrameSource> image_prompt_source;
+    if (!o->image_prompt_input.empty()) {
+      if (o->p.ip_adapter.empty()) throw sd::InvalidArgument("--image-prompt-input needs an IP-Adapter (--ip-adapter DIR)");
+      if (o->image_prompt_every < 1) throw sd::InvalidArgument("--image-prompt-every must be >= 1");
+      sd::SourceOptions iso = so;
+      iso.width = iso.height = 0;  // raw frames are stdin only
+      image_prompt_source = sd::open_source(o->image_prompt_input, iso);
+      if (!image_prompt_source->has_images())
+        throw sd::InvalidArgument("--image-prompt-input " + o->image_prompt_input + " gives no images");
+    }
     sd::SinkOptions sk;
     sk.fps = o->output_fps > 0 ? o->output_fps : (source->fps() > 0 ? source->fps() : 30.0);
     sk.fourcc = o->fourcc;
@@ -189,7 +213,11 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     const sd::cli::LoadedModels l = sd::cli::load_models(o->p);
     sd::log::info("loaded {} in {:.2f} s ({} threads)", l.models->describe(), l.load_s, at::get_num_threads());
     auto stream = std::make_shared<sd::StreamDiffusion>(l.models, cfg);
-    if (!o->p.image_prompt.empty()) stream->set_image_prompt(sd::read_rgb_image(o->p.image_prompt));
+    torch::Tensor initial_image_prompt;
+    if (!o->p.image_prompt.empty()) {
+      initial_image_prompt = sd::read_rgb_image(o->p.image_prompt);
+      stream->set_image_prompt(initial_image_prompt);
+    }
     const sd::cli::ControlNetSetup controlnets = sd::cli::load_controlnets(o->p, *l.models, !txt2img);
     if (!controlnets.units.empty()) {
       stream->set_controlnets(controlnets.units);
@@ -202,10 +230,13 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     auto processor = std::make_shared<sd::StreamDiffusionProcessor>(stream, o->p.prompt, o->p.negative_prompt, txt2img);
     if (!controlnets.units.empty())
       processor->set_control_preprocessors(controlnets.preprocessors, control_source != nullptr);
+    processor->set_image_prompt_change(o->image_prompt_change);
+    if (initial_image_prompt.defined()) processor->set_current_image_prompt(initial_image_prompt);
 
     sd::SignalGuard signals;  // from here on, Ctrl-C stops the stream cleanly (twice: at once)
     sd::StreamRuntime runtime(std::move(source), processor, std::move(sink), ro);
     if (control_source) runtime.set_control_source(std::move(control_source));
+    if (image_prompt_source) runtime.set_image_prompt_source(std::move(image_prompt_source), o->image_prompt_every);
     std::vector<std::unique_ptr<sd::ControlChannel>> channels;
     for (const auto& c : controls) {
       channels.push_back(std::make_unique<sd::ControlChannel>(
@@ -236,7 +267,10 @@ sd::cli::Runner setup_stream(CLI::App& app) {
                            {"controlnets", stream->controlnets().size()},
                            {"controlnet_calls", ps.controlnet_calls},
                            {"controlnet_reused", ps.controlnet_reused},
-                           {"controlnet_ms_per_call", per_call_ms(ps.controlnet_s, ps.unet_calls)}};
+                           {"controlnet_ms_per_call", per_call_ms(ps.controlnet_s, ps.unet_calls)},
+                           {"image_prompt_encodes", ps.image_prompt_encodes},
+                           {"image_prompts_unchanged", processor->image_prompts_unchanged()},
+                           {"image_prompt_ms_per_encode", per_call_ms(ps.image_prompt_s, ps.image_prompt_encodes)}};
     summary["config"] = {{"model", o->p.model},
                          {"input", o->input},
                          {"output", o->output},

@@ -20,6 +20,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include "runtime/control_command.h"
+#include "runtime/control_preprocessor.h"
 #include "runtime/frame_sink.h"
 #include "runtime/frame_source.h"
 #include "runtime/stream_diffusion_processor.h"
@@ -89,7 +90,9 @@ void bind_runtime(py::module_& m) {
       "run_stream",
       [](std::shared_ptr<PyStream> s, const std::string& source, const std::string& sink, py::object callback,
          const std::string& mode, int64_t max_frames, double fps, bool realtime, bool loop, const std::string& resize,
-         std::optional<std::pair<int64_t, int64_t>> input_size, double output_fps, double status_interval) {
+         std::optional<std::pair<int64_t, int64_t>> input_size, double output_fps, double status_interval,
+         std::vector<std::string> control_preprocessors, const std::string& control_input,
+         const std::string& image_prompt_input, int64_t image_prompt_every, double image_prompt_change) {
         if (!s || !s->stream->prepared())
           throw sd::InvalidArgument("run_stream: call stream.prepare(prompt) first");
         sd::SourceOptions so;
@@ -117,8 +120,35 @@ void bind_runtime(py::module_& m) {
           sk.fps = output_fps > 0 ? output_fps : (src->fps() > 0 ? src->fps() : 30.0);
           auto snk = sd::open_sink(sink, sk);
           auto proc = std::make_shared<sd::StreamDiffusionProcessor>(s->stream, s->prompt, s->negative_prompt, txt2img);
+          // Second sources read with the input: raw frames are stdin only, hence no input_size for them.
+          sd::SourceOptions second = so;
+          second.width = second.height = 0;
+          std::unique_ptr<sd::FrameSource> control_src, image_prompt_src;
+          if (!control_input.empty()) {
+            if (s->stream->controlnets().empty())
+              throw sd::InvalidArgument("run_stream: control_input needs ControlNets (stream.set_controlnets)");
+            control_src = sd::open_source(control_input, second);
+          }
+          const size_t n_cn = s->stream->controlnets().size();
+          if (!control_preprocessors.empty() || control_src) {
+            // One name per ControlNet, or one for all; a second source alone: passthrough. Neither: the control images
+            // set on the stream stay (stream.set_control_image).
+            if (control_preprocessors.empty()) control_preprocessors = {"passthrough"};
+            if (control_preprocessors.size() == 1 && n_cn > 1) control_preprocessors.resize(n_cn, control_preprocessors[0]);
+            if (control_preprocessors.size() != n_cn)
+              throw sd::InvalidArgument("run_stream: control_preprocessors has " +
+                                        std::to_string(control_preprocessors.size()) + " names for " +
+                                        std::to_string(n_cn) + " ControlNets (give one, or one per ControlNet)");
+            std::vector<std::shared_ptr<const sd::ControlPreprocessor>> pre;
+            for (const auto& name : control_preprocessors) pre.push_back(sd::make_control_preprocessor(name));
+            proc->set_control_preprocessors(std::move(pre), control_src != nullptr);
+          }
+          if (!image_prompt_input.empty()) image_prompt_src = sd::open_source(image_prompt_input, second);
+          proc->set_image_prompt_change(image_prompt_change);
           if (!callback.is_none()) ro.on_output = [&st](const sd::Frame& f) { on_output(st, f); };
           rt = std::make_unique<sd::StreamRuntime>(std::move(src), proc, std::move(snk), ro);
+          if (control_src) rt->set_control_source(std::move(control_src));
+          if (image_prompt_src) rt->set_image_prompt_source(std::move(image_prompt_src), image_prompt_every);
         }
         st.runtime = rt.get();
 
@@ -169,6 +199,8 @@ void bind_runtime(py::module_& m) {
       py::arg("callback") = py::none(), py::arg("mode") = "auto", py::arg("max_frames") = 0, py::arg("fps") = 0.0,
       py::arg("realtime") = false, py::arg("loop") = false, py::arg("resize") = "crop",
       py::arg("input_size") = py::none(), py::arg("output_fps") = 0.0, py::arg("status_interval") = 0.0,
+      py::arg("control_preprocessors") = std::vector<std::string>{}, py::arg("control_input") = "",
+      py::arg("image_prompt_input") = "", py::arg("image_prompt_every") = 1, py::arg("image_prompt_change") = 1.0,
       R"doc(
 Runs a prepared Stream in the real-time runtime until the source ends, max_frames are read, the callback stops it or
 Ctrl-C (KeyboardInterrupt, re-raised after a clean stop). The GIL is released while the engine works.
@@ -178,7 +210,15 @@ stdin, input_size=(w, h)). sink: "none", "window", a video file, a folder or "ou
 callback(image, index): each output frame as a uint8 RGB [H, W, 3] Tensor and its input index, on the sink thread;
 return None / True to go on, False to stop, or a control line ("prompt rocket", "guidance 1.4", "t_index_list 32,45",
 "seed 3", "filter on", "quit") applied before the next frame. mode: "auto" | "live" | "lossless". fps: tick /
-screen / folder rate. Returns the runtime's summary (frames in/out, dropped, fps, latency, stop_reason, ...).
+screen / folder rate.
+ControlNets (stream.set_controlnets): control_preprocessors names each one's preprocessor ("canny[:LOW:HIGH]", "gray",
+"passthrough", "feedback"; one name for all) run on each input frame, or on control_input's frames (passthrough when
+no name is given); without either, the control images set with stream.set_control_image stay;
+control_input is a second source read in step with the input (when it ends, the input ends).
+IP-Adapter: image_prompt_input is a source of image prompts read every image_prompt_every input frames and encoded
+only when it changed by more than image_prompt_change (mean absolute difference in uint8 levels); when it ends the
+last image prompt stays.
+Returns the runtime's summary (frames in/out, dropped, fps, latency, stop_reason, image_prompt_source, ...).
 )doc");
 #else
   m.attr("HAVE_RUNTIME") = false;

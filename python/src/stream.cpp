@@ -103,6 +103,7 @@ argument > the model's streamdiffusion.json > its family's defaults > built-in (
       .def_readonly("controlnet_reused", &sd::StreamStats::controlnet_reused,
                     "UNet calls that reused cached residuals (set_controlnet_every)")
       .def_readonly("image_prompt_encodes", &sd::StreamStats::image_prompt_encodes)
+      .def_readonly("image_prompt_s", &sd::StreamStats::image_prompt_s, "wall time of the image prompt encodes")
       .def_readonly("controlnet_s", &sd::StreamStats::controlnet_s)
       .def_readonly("text_encode_s", &sd::StreamStats::text_encode_s)
       .def_readonly("image_encode_s", &sd::StreamStats::image_encode_s)

@@ -1,7 +1,8 @@
 """ControlNet and IP-Adapter from Python on the fixtures (tiny-sd15, controlnet/models/tiny-controlnet-sd15,
 ipadapter/models/tiny-ip-adapter-sd15): ControlNet.load, Stream.set_controlnets / set_controlnet_scale /
 set_control_image / set_controlnet_every, control_preprocess, load_pipeline(ip_adapter=) + set_image_prompt, and the
-wrapper's controlnets= / ip_adapter= arguments. Scale 0 equals no ControlNet bit for bit; a ControlNet and an image
+wrapper's controlnets= / ip_adapter= arguments, run_stream's second sources (control_input, image_prompt_input).
+Scale 0 equals no ControlNet bit for bit; a ControlNet and an image
 prompt change the output."""
 import os
 
@@ -203,3 +204,44 @@ def test_wrapper_controlnets_and_preprocessor(sd, paths):
     assert np.abs(a - c).max() > 1e-3
     with pytest.raises(sd.InvalidArgument, match="control_preprocessor needs controlnets"):
         sd.StreamDiffusionWrapper(paths["model"], threads=1, control_preprocessor="canny")
+
+
+def test_run_stream_second_sources(sd, paths, models, cn, tmp_path):
+    if not sd.HAVE_RUNTIME:
+        pytest.skip("built without the runtime (engine-only)")
+    from PIL import Image
+
+    def folder(name, colours, size=(64, 64)):
+        d = tmp_path / name
+        d.mkdir()
+        for k, c in enumerate(colours):
+            img = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+            img[:, : size[0] // 2] = c
+            Image.fromarray(img).save(d / f"{k:02d}.png")
+        return str(d)
+
+    src = folder("in", [(40 * k, 100, 200 - 30 * k) for k in range(4)])
+    ctrl = folder("ctrl", [(255, 255, 255), (0, 0, 0)])
+    s = sd.Stream(models, config(sd))
+    s.set_controlnets([(cn, 1.0)])
+    s.prepare("a cat")
+    summary = sd.run_stream(s, src, "none", control_input=ctrl)
+    assert summary["frames_in"] == 2 and summary["frames_out"] == 2
+    assert summary["stop_reason"] == "control input ended"
+    assert s.stats.controlnet_calls == s.stats.unet_calls > 0
+    with pytest.raises(sd.InvalidArgument, match="3 names for 1 ControlNets"):
+        sd.run_stream(s, src, "none", control_preprocessors=["canny", "gray", "gray"])
+
+    # Image prompts A, A, B read with every input frame: two encodes, the repeated A is not encoded again.
+    prompts = folder("prompts", [(250, 10, 10), (250, 10, 10), (10, 10, 250)], size=(56, 40))
+    ipm = sd.load_pipeline(paths["model"], threads=1, ip_adapter=paths["ipa"], ip_adapter_scale=1.0)
+    s2 = sd.Stream(ipm, config(sd))
+    s2.prepare("a cat")
+    summary = sd.run_stream(s2, src, "none", image_prompt_input=prompts)
+    assert summary["frames_out"] == 4 and summary["stop_reason"] == "end of input"
+    assert summary["image_prompt_source"]["read"] == 3 and summary["image_prompt_source"]["ended"]
+    assert s2.stats.image_prompt_encodes == 2 and s2.stats.image_prompt_s > 0
+    with pytest.raises(sd.InvalidArgument, match="needs an IP-Adapter"):
+        sd.run_stream(s, src, "none", image_prompt_input=prompts)
+    with pytest.raises(sd.InvalidArgument, match="read every 0 frames"):
+        sd.run_stream(s2, src, "none", image_prompt_input=prompts, image_prompt_every=0)

@@ -300,8 +300,10 @@ void StreamDiffusion::set_image_prompt(const Tensor& rgb_u8_hwc) {
   if (!rgb_u8_hwc.defined() || rgb_u8_hwc.dim() != 3)
     throw InvalidArgument("image prompt: expected one uint8 RGB image [H, W, 3]");
   torch::NoGradGuard no_grad;
+  const auto t0 = Clock::now();
   image_tokens_ = ip->image_tokens(ip->image_embeds(rgb_u8_hwc)).to(device_, dtype_);  // [1, T, D]
   ++stats_.image_prompt_encodes;
+  stats_.image_prompt_s += seconds_since(t0);
   if (prepared_) build_prompt_layout();
 }
 

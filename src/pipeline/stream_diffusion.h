@@ -75,6 +75,7 @@ struct StreamStats {
   int64_t controlnet_reused = 0;  // UNet calls that reused cached residuals (set_controlnet_every)
   int64_t image_prompt_encodes = 0;  // IP-Adapter image prompts through the image encoder (once per image)
   double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0, controlnet_s = 0;
+  double image_prompt_s = 0;   // wall time of the image prompt encodes
   double total_s = 0;          // wall time of processed calls
   double ema_call_s = 0;       // 0.9·ema + 0.1·call time, processed calls only (the filter's sleep)
 };

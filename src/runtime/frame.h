@@ -23,6 +23,10 @@ struct Frame {
   // Model side: one control image per ControlNet, uint8 RGB [H, W, 3] (FrameProcessor::preprocess_controls());
   // undefined = this frame brings none (the previous one stays, or the model thread supplies it: feedback).
   std::vector<torch::Tensor> controls;
+  // A new IP-Adapter image prompt from the image-prompt source (--image-prompt-input), on the frames it is read with:
+  // BGR 8UC3 on the source side, then uint8 RGB [H, W, 3] at its own size (the image encoder resizes and crops).
+  cv::Mat image_prompt;
+  torch::Tensor image_prompt_rgb;
 };
 
 }  // namespace sd

@@ -24,6 +24,8 @@ class FrameProcessor {
   virtual int64_t height() const = 0;
   // False for a generator (txt2img): input frames are ticks without pixels.
   virtual bool takes_images() const { return true; }
+  // True when process() uses Frame::image_prompt_rgb (an IP-Adapter): the runtime then accepts an image-prompt source.
+  virtual bool takes_image_prompts() const { return false; }
 
   // Pre-process thread: uint8 RGB [H, W, 3] -> whatever process() takes (default: unchanged).
   virtual torch::Tensor preprocess(const torch::Tensor& rgb_u8) { return rgb_u8; }

@@ -1,5 +1,7 @@
 #include "runtime/stream_diffusion_processor.h"
 
+#include <cmath>
+
 #include <torch/torch.h>
 
 #include "core/device.h"
@@ -139,6 +141,28 @@ int64_t StreamDiffusionProcessor::real_pending() const {
   return n + static_cast<int64_t>(batch_.size());
 }
 
+void StreamDiffusionProcessor::set_image_prompt_change(double levels) {
+  if (!(levels >= 0) || !std::isfinite(levels))
+    throw InvalidArgument("image prompt change threshold must be a finite number >= 0 (uint8 levels), got " +
+                          std::to_string(levels));
+  image_prompt_change_ = levels;
+}
+
+void StreamDiffusionProcessor::set_current_image_prompt(const torch::Tensor& rgb_u8) { image_prompt_ = rgb_u8; }
+
+void StreamDiffusionProcessor::apply_image_prompt(const torch::Tensor& rgb_u8) {
+  if (image_prompt_.defined() && image_prompt_.sizes() == rgb_u8.sizes()) {
+    const double change =
+        (rgb_u8.to(torch::kInt16) - image_prompt_.to(torch::kInt16)).abs().to(torch::kFloat32).mean().item<double>();
+    if (change <= image_prompt_change_) {
+      ++image_prompts_unchanged_;
+      return;
+    }
+  }
+  stream_->set_image_prompt(rgb_u8);  // the image encoder runs here, once per new image
+  image_prompt_ = rgb_u8;
+}
+
 std::vector<Frame> StreamDiffusionProcessor::process(Frame in) {
   if (!txt2img_) {
     if (!in.tensor.defined()) throw InvalidArgument("img2img stream: frame " + std::to_string(in.index) + " has no image");
@@ -147,6 +171,8 @@ std::vector<Frame> StreamDiffusionProcessor::process(Frame in) {
   for (size_t i = 0; i < in.controls.size() && i < stream_->controlnets().size(); ++i)
     if (in.controls[i].defined()) stream_->set_control_image(i, in.controls[i]);
   in.controls.clear();
+  if (in.image_prompt_rgb.defined()) apply_image_prompt(in.image_prompt_rgb);
+  in.image_prompt_rgb = torch::Tensor();
   batch_.push_back(std::move(in));
   std::vector<Frame> outs;
   outs.swap(carry_);
@@ -344,10 +370,14 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
       return {};
     case K::ImagePrompt:
       // Encoded once here, on the model thread; the next call conditions on it.
-      if (c.text.empty())
+      if (c.text.empty()) {
         stream_->clear_image_prompt();
-      else
-        stream_->set_image_prompt(read_rgb_image(c.text));
+        image_prompt_ = torch::Tensor();
+      } else {
+        torch::Tensor img = read_rgb_image(c.text);
+        stream_->set_image_prompt(img);
+        image_prompt_ = img;
+      }
       return {};
     case K::ControlnetScale:
       stream_->set_controlnet_scale(static_cast<size_t>(c.index), c.number);

@@ -16,6 +16,11 @@
 // the pre-process thread — from the second source's frame when the runtime has one (--control-input), else from the
 // input frame. With F > 1 the newest frame of a call gives the control image. `feedback` takes the previous output
 // (the newest decoded image, warm-up frames included; black before the first) on the model thread.
+//
+// IP-Adapter image prompts from a source (Frame::image_prompt_rgb, --image-prompt-input): applied on the model thread
+// before the frame's call, encoded only when the image differs from the current image prompt by more than
+// image_prompt_change (mean absolute difference in uint8 levels; same size required) — a still image or a paused
+// video is encoded once, a camera's sensor noise does not re-encode. With F > 1 the newest frame's image prompt rules.
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -36,6 +41,7 @@ class StreamDiffusionProcessor : public FrameProcessor {
   int64_t width() const override { return width_; }
   int64_t height() const override { return height_; }
   bool takes_images() const override { return !txt2img_; }
+  bool takes_image_prompts() const override { return stream_->models().ip_adapter() != nullptr; }
   torch::Tensor preprocess(const torch::Tensor& rgb_u8) override;
   std::vector<torch::Tensor> preprocess_controls(const torch::Tensor& input_rgb_u8,
                                                  const torch::Tensor& control_rgb_u8) override;
@@ -56,6 +62,14 @@ class StreamDiffusionProcessor : public FrameProcessor {
   void set_control_preprocessors(std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors,
                                  bool control_source);
   std::vector<std::shared_ptr<const ControlPreprocessor>> control_preprocessors() const;
+
+  // Image prompts that differ from the current one by at most this mean absolute difference (uint8 levels, >= 0) are
+  // not encoded again (default 1). Before the stream runs.
+  void set_image_prompt_change(double levels);
+  // The stream's initial image prompt (--image-prompt), so that a source image equal to it is not encoded again.
+  void set_current_image_prompt(const torch::Tensor& rgb_u8);
+  // Image prompts from frames that were not encoded (unchanged); the encodes are StreamStats::image_prompt_encodes.
+  int64_t image_prompts_unchanged() const { return image_prompts_unchanged_; }
 
  private:
   enum class Kind { Real, Duplicate, Padding };
@@ -92,6 +106,11 @@ class StreamDiffusionProcessor : public FrameProcessor {
   std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors_;
   bool control_source_ = false;
   torch::Tensor last_output_;    // [1, 3, H, W] ≈[-1, 1] the newest decoded image (feedback)
+
+  void apply_image_prompt(const torch::Tensor& rgb_u8);  // model thread
+  double image_prompt_change_ = 1.0;
+  torch::Tensor image_prompt_;   // uint8 [H, W, 3] the image prompt the stream holds (undefined: none / zero image)
+  int64_t image_prompts_unchanged_ = 0;
 };
 
 }  // namespace sd

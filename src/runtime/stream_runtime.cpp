@@ -109,6 +109,42 @@ bool StreamRuntime::read_control(cv::Mat& image, int64_t index) {
   return true;
 }
 
+void StreamRuntime::set_image_prompt_source(std::unique_ptr<FrameSource> source, int64_t every) {
+  if (started_) throw InvalidArgument("StreamRuntime::set_image_prompt_source() must come before run()");
+  if (every < 1) throw InvalidArgument("image prompt input: read every " + std::to_string(every) + " frames; expected >= 1");
+  if (source) {
+    if (!processor_->takes_image_prompts())
+      throw InvalidArgument("an image prompt input needs an IP-Adapter (" + processor_name_ + " takes no image prompts)");
+    if (!source->has_images())
+      throw InvalidArgument("the image prompt input gives no images (" + source->describe() + "): give an image, "
+                            "video, folder, camera or screen");
+  }
+  image_prompt_source_ = std::move(source);
+  image_prompt_source_name_ = image_prompt_source_ ? image_prompt_source_->describe() : "";
+  image_prompt_every_ = every;
+}
+
+cv::Mat StreamRuntime::read_image_prompt(int64_t index) {
+  cv::Mat image;
+  if (!image_prompt_source_ || image_prompt_source_ended_.load() || index % image_prompt_every_ != 0) return image;
+  if (!image_prompt_source_->read(image, stop_)) {
+    if (stop_.load()) return cv::Mat();
+    image_prompt_source_ended_ = true;
+    const int64_t n = image_prompts_read_.load();
+    if (n == 0)
+      log::warn("image prompt input {} gave no image: the stream goes on with the image prompt it had",
+                image_prompt_source_name_);
+    else
+      log::info("image prompt input {} ended after {} images: the last one stays", image_prompt_source_name_, n);
+    return cv::Mat();
+  }
+  if (image.empty() || image.type() != CV_8UC3)
+    throw Error("image prompt input " + image_prompt_source_name_ + " delivered an empty or non-BGR frame " +
+                std::to_string(image_prompts_read_.load()));
+  ++image_prompts_read_;
+  return image;
+}
+
 StreamRuntime::~StreamRuntime() {
   request_stop("destroyed while running");
   for (auto& t : threads_)
@@ -209,6 +245,7 @@ void StreamRuntime::capture_loop() {
     if (control_source_ && !read_control(control, n)) break;
     Frame f;
     f.control = std::move(control);
+    f.image_prompt = read_image_prompt(n);
     f.index = n++;
     f.t_capture = StreamClock::now();
     f.tick = !images;
@@ -271,6 +308,14 @@ void StreamRuntime::preprocess_frame(Frame& f) {
     f.control.release();
   }
   f.controls = processor_->preprocess_controls(input, control);
+  if (!f.image_prompt.empty()) {
+    cv::Mat rgb;
+    cv::cvtColor(f.image_prompt, rgb, cv::COLOR_BGR2RGB);
+    f.image_prompt_rgb = torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3},
+                                          {static_cast<int64_t>(rgb.step[0]), 3, 1}, torch::kUInt8)
+                             .clone();
+    f.image_prompt.release();
+  }
   if (input.defined()) f.tensor = processor_->preprocess(input);
 }
 
@@ -532,6 +577,12 @@ void StreamRuntime::run_synchronous() {
       }
       Frame f;
       f.control = std::move(control);
+      try {
+        f.image_prompt = read_image_prompt(n);
+      } catch (const std::exception& e) {
+        fail("capture", e.what());
+        break;
+      }
       f.index = n++;
       f.t_capture = StreamClock::now();
       f.tick = !images;
@@ -570,6 +621,11 @@ nlohmann::json StreamRuntime::summary() const {
   j["mode"] = lossless_ ? "lossless" : "live";
   j["source"] = source_name_;
   j["control_source"] = control_source_ ? nlohmann::json(control_source_name_) : nlohmann::json(nullptr);
+  j["image_prompt_source"] = image_prompt_source_ ? nlohmann::json{{"name", image_prompt_source_name_},
+                                                                     {"every", image_prompt_every_},
+                                                                     {"read", image_prompts_read_.load()},
+                                                                     {"ended", image_prompt_source_ended_.load()}}
+                                                  : nlohmann::json(nullptr);
   j["sink"] = sink_name_;
   j["processor"] = processor_name_;
   j["latency_frames"] = processor_->latency_frames();

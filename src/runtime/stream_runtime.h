@@ -100,6 +100,10 @@ class StreamRuntime {
   // first, the input ends there too (stop reason "control input ended"; what was read is drained as usual). Before
   // run().
   void set_control_source(std::unique_ptr<FrameSource> source);
+  // A source of IP-Adapter image prompts (--image-prompt-input): one of its frames is read with input frames 0, every,
+  // 2·every, … (Frame::image_prompt) and handed to the processor, which re-encodes it only when it changed. When it
+  // ends, the last image prompt stays and the stream goes on. The processor must take image prompts. Before run().
+  void set_image_prompt_source(std::unique_ptr<FrameSource> source, int64_t every);
 
   // Runs the stream to its end on the calling thread (which serves as the monitor: status lines, signals). Once.
   void run();
@@ -113,8 +117,8 @@ class StreamRuntime {
   bool running() const { return running_.load(); }
   const RuntimeStats& stats() const { return stats_; }
   std::string status_line() const { return stats_.peek(); }
-  // RuntimeStats::summary() plus mode, source, control_source, sink, processor, stop_reason, error, dropped per queue, controls
-  // applied ({frame, command}).
+  // RuntimeStats::summary() plus mode, source, control_source, image_prompt_source ({name, every, read, ended} or
+  // null), sink, processor, stop_reason, error, dropped per queue, controls applied ({frame, command}).
   nlohmann::json summary() const;
 
  private:
@@ -136,6 +140,8 @@ class StreamRuntime {
   void preprocess_frame(Frame& f);
   // The control source's frame for input frame `index`; false when it has ended (input ends) or the stream stops.
   bool read_control(cv::Mat& image, int64_t index);
+  // The image-prompt source's next frame when input frame `index` is due one (empty otherwise or once it has ended).
+  cv::Mat read_image_prompt(int64_t index);
   void postprocess_frame(Frame& f);
   void write_frame(const Frame& f);
   void fail(const std::string& stage, const std::string& what);
@@ -152,6 +158,11 @@ class StreamRuntime {
   std::unique_ptr<FrameSource> source_;
   std::unique_ptr<FrameSource> control_source_;  // optional (set_control_source)
   std::string control_source_name_;
+  std::unique_ptr<FrameSource> image_prompt_source_;  // optional (set_image_prompt_source); capture side only
+  std::string image_prompt_source_name_;
+  int64_t image_prompt_every_ = 1;
+  std::atomic<int64_t> image_prompts_read_{0};
+  std::atomic<bool> image_prompt_source_ended_{false};
   std::shared_ptr<FrameProcessor> processor_;
   std::unique_ptr<FrameSink> sink_;
   StreamOptions options_;

@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
 
 #include "common/fixtures.h"
@@ -188,6 +189,42 @@ TEST_F(CliStream, IpAdapterScaleAndImagePromptLive) {
   const auto c = sh(base_ + "--input none --frames 1 --output none --image-prompt " + q(tmp_ + "/style_in.ppm"));
   EXPECT_NE(c.status, 0) << c.output;
   EXPECT_NE(c.output.find("--image-prompt needs an IP-Adapter"), std::string::npos) << c.output;
+}
+
+// --image-prompt-input: a folder of image prompts (A, A again, B) read every 2 input frames of a 7-frame video; the
+// repeated A is not encoded again, B is, the folder ends before the video and the stream goes on with B. The stats
+// say so. Without --ip-adapter, or with --image-prompt-every 0, the command refuses.
+TEST_F(CliStream, ImagePromptFromASecondSource) {
+  const std::string adapter = test::fixture_path("ipadapter/models/tiny-ip-adapter-sd15");
+  if (!fs::exists(adapter + "/image_encoder")) GTEST_SKIP() << "IP-Adapter fixture absent";
+  const std::string video = test::write_index_video(tmp_ + "/in.avi", 7);
+  fs::create_directories(tmp_ + "/prompts");
+  cv::Mat a(40, 56, CV_8UC3), b;
+  cv::randu(a, 0, 256);
+  cv::bitwise_not(a, b);
+  ASSERT_TRUE(cv::imwrite(tmp_ + "/prompts/0.png", a) && cv::imwrite(tmp_ + "/prompts/1.png", a) &&
+              cv::imwrite(tmp_ + "/prompts/2.png", b));
+  const std::string common = base_ + "--input " + q(video) + " --control none --output none --ip-adapter " + q(adapter);
+  const auto r = sh(common + " --image-prompt-input " + q(tmp_ + "/prompts") + " --image-prompt-every 2 --stats-json " +
+                    q(tmp_ + "/s.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("ended after 3 images: the last one stays"), std::string::npos) << r.output;
+  const nlohmann::json s = read_json_file(tmp_ + "/s.json");
+  EXPECT_EQ(s["frames_out"], 7) << s.dump();
+  EXPECT_EQ(s["stop_reason"], "end of input");
+  EXPECT_EQ(s["image_prompt_source"]["read"], 3) << s.dump();
+  EXPECT_EQ(s["image_prompt_source"]["ended"], true);
+  EXPECT_EQ(s["pipeline"]["image_prompt_encodes"], 2) << s.dump();
+  EXPECT_EQ(s["pipeline"]["image_prompts_unchanged"], 1);
+  EXPECT_GT(s["pipeline"]["image_prompt_ms_per_encode"].get<double>(), 0.0);
+
+  const auto no_adapter = sh(base_ + "--input " + q(video) + " --output none --control none --image-prompt-input " +
+                             q(tmp_ + "/prompts"));
+  EXPECT_NE(no_adapter.status, 0);
+  EXPECT_NE(no_adapter.output.find("--image-prompt-input needs an IP-Adapter"), std::string::npos) << no_adapter.output;
+  const auto zero = sh(common + " --image-prompt-input " + q(tmp_ + "/prompts") + " --image-prompt-every 0");
+  EXPECT_NE(zero.status, 0);
+  EXPECT_NE(zero.output.find("--image-prompt-every must be >= 1"), std::string::npos) << zero.output;
 }
 
 TEST_F(CliStream, SigintStopsTheCommandCleanly) {

@@ -2,9 +2,12 @@
 // feedback, the registry seam), the control commands, and streams on the tiny fixture model + tiny ControlNet —
 // canny of each input frame equals the bare loop that sets canny images by hand, a second source is kept in step and
 // ends the input when it ends first, feedback feeds the previous output back, live scale / preprocessor changes.
+// Also the IP-Adapter image prompt from a second source (--image-prompt-input): read every N frames, encoded only when
+// it changed, the last one kept when the source ends — equal to the bare loop that sets the image prompts by hand.
 #include <filesystem>
 
 #include <gtest/gtest.h>
+#include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <torch/torch.h>
 
@@ -334,6 +337,163 @@ TEST_F(ControlStream, LiveScaleZeroEqualsNoControlNetAndBadCommandsAreRefused) {
   auto plain = make_stream(false, 1.0, false);
   const RunOut without = run(open_source(video), std::make_shared<StreamDiffusionProcessor>(plain, kPrompt, "", false));
   for (int i = 0; i < 5; ++i) EXPECT_EQ(max_abs_diff(out.frames[i], without.frames[i]), 0) << "frame " << i;
+}
+
+// ---- IP-Adapter image prompts from a second source ----------------------------------------------------------------
+
+const std::string kAdapter = "ipadapter/models/tiny-ip-adapter-sd15";
+
+std::shared_ptr<const DiffusionModels> tiny_models_with_ip_adapter() {
+  static std::shared_ptr<const DiffusionModels> models = [] {
+    LoadOptions lo;
+    lo.threads = 1;
+    lo.ip_adapter = test::fixture_path(kAdapter);
+    lo.ip_adapter_scale = 0.6;
+    return load_pipeline(test::fixture_path(kModel), lo);
+  }();
+  return models;
+}
+
+std::shared_ptr<StreamDiffusion> make_ip_stream() {
+  StreamConfig c;
+  c.t_index_list = {32, 45};
+  c.width = c.height = 64;
+  c.cfg_type = CfgType::Self;
+  auto s = std::make_shared<StreamDiffusion>(tiny_models_with_ip_adapter(), c);
+  s->prepare(kPrompt);
+  return s;
+}
+
+// Three image prompts (56x40, not the model's size: the encoder resizes and crops): A, A with a faint change (mean
+// absolute difference 0.5 level: "unchanged"), and B.
+std::vector<torch::Tensor> image_prompts() {
+  auto a = torch::empty({40, 56, 3}, torch::kUInt8);
+  auto acc = a.accessor<uint8_t, 3>();
+  for (int y = 0; y < 40; ++y)
+    for (int x = 0; x < 56; ++x) {
+      acc[y][x][0] = static_cast<uint8_t>(x * 4);
+      acc[y][x][1] = static_cast<uint8_t>(y * 6);
+      acc[y][x][2] = static_cast<uint8_t>((x * y) % 256);
+    }
+  auto faint = a.clone();
+  faint.slice(0, 0, 20).add_(1);  // +1 on half the rows: mean |diff| = 0.5
+  auto b = (255 - a).contiguous();
+  return {a, faint, b};
+}
+
+void write_rgb_png(const std::string& path, const torch::Tensor& rgb) {
+  cv::Mat m(static_cast<int>(rgb.size(0)), static_cast<int>(rgb.size(1)), CV_8UC3, rgb.data_ptr<uint8_t>());
+  cv::Mat bgr;
+  cv::cvtColor(m, bgr, cv::COLOR_RGB2BGR);
+  ASSERT_TRUE(cv::imwrite(path, bgr)) << path;
+}
+
+class ImagePromptStream : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!test::fixture_exists(kModel) || !std::filesystem::exists(test::fixture_path(kAdapter) + "/image_encoder"))
+      GTEST_SKIP() << "fixture model " << kModel << " / IP-Adapter " << kAdapter << " not present";
+    const auto ims = image_prompts();
+    for (size_t i = 0; i < ims.size(); ++i) write_rgb_png(tmp.path + "/prompts/" + std::to_string(i) + ".png", ims[i]);
+  }
+  TempDir tmp;
+  bool made_ = std::filesystem::create_directories(tmp.path + "/prompts");
+};
+
+RunOut run_with_image_prompts(std::unique_ptr<FrameSource> source, std::shared_ptr<StreamDiffusionProcessor> proc,
+                              std::unique_ptr<FrameSource> prompts, int64_t every, StreamOptions options = quiet()) {
+  auto sink = std::make_unique<MemorySink>();
+  MemorySink* mem = sink.get();
+  StreamRuntime rt(std::move(source), proc, std::move(sink), std::move(options));
+  rt.set_image_prompt_source(std::move(prompts), every);
+  rt.run();
+  RunOut r;
+  r.summary = rt.summary();
+  for (const auto& m : mem->frames) r.frames.push_back(rgb_of(m));
+  return r;
+}
+
+TEST_F(ImagePromptStream, ReadEveryNFramesEncodedOnlyWhenChangedAndTheLastOneStays) {
+  const int N = 8;
+  const std::string video = test::write_index_video(tmp.path + "/in.avi", N);
+  for (const bool synchronous : {false, true}) {
+    SCOPED_TRACE(synchronous ? "synchronous" : "threads");
+    auto stream = make_ip_stream();
+    auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
+    StreamOptions o = quiet();
+    o.synchronous = synchronous;
+    // Read with frames 0 (A), 2 (A faint: not encoded), 4 (B); at 6 the folder has ended: B stays, the input goes on.
+    const RunOut out = run_with_image_prompts(open_source(video), proc, open_source(tmp.path + "/prompts"), 2, o);
+    ASSERT_EQ(out.frames.size(), static_cast<size_t>(N));
+    EXPECT_EQ(out.summary["stop_reason"], "end of input");
+    EXPECT_EQ(out.summary["image_prompt_source"]["read"], 3) << out.summary.dump();
+    EXPECT_EQ(out.summary["image_prompt_source"]["every"], 2);
+    EXPECT_EQ(out.summary["image_prompt_source"]["ended"], true);
+    EXPECT_EQ(stream->stats().image_prompt_encodes, 2);
+    EXPECT_EQ(proc->image_prompts_unchanged(), 1);
+
+    // The bare loop: A set before frame 0, B before frame 4; the delay line flushed with the last frame.
+    auto bare = make_ip_stream();
+    const auto ims = image_prompts();
+    const auto frames = test::read_video(video);
+    for (int k = 0; k < N + 1; ++k) {
+      if (k == 0) bare->set_image_prompt(ims[0]);
+      if (k == 4) bare->set_image_prompt(ims[2]);
+      const torch::Tensor o = bare->img2img(image_to_tensor(rgb_of(frames[std::min(k, N - 1)]), 64, 64));
+      if (k >= 1) EXPECT_EQ(max_abs_diff(out.frames[k - 1], tensor_to_image(o).squeeze(0)), 0) << "frame " << k - 1;
+    }
+  }
+  // The image prompts matter: without them (zero image) the outputs differ.
+  const RunOut without = run(open_source(video),
+                             std::make_shared<StreamDiffusionProcessor>(make_ip_stream(), kPrompt, "", false));
+  auto with_proc = std::make_shared<StreamDiffusionProcessor>(make_ip_stream(), kPrompt, "", false);
+  const RunOut with = run_with_image_prompts(open_source(video), with_proc, open_source(tmp.path + "/prompts"), 2);
+  int64_t diff = 0;
+  for (int i = 0; i < N; ++i) diff = std::max(diff, max_abs_diff(with.frames[i], without.frames[i]));
+  EXPECT_GT(diff, 0);
+}
+
+TEST_F(ImagePromptStream, ThresholdInitialImageAndLiveCommandDecideWhatIsEncoded) {
+  const std::string video = test::write_index_video(tmp.path + "/in.avi", 4);
+  const auto ims = image_prompts();
+  // --image-prompt A at start (the processor told), then the source gives A, A faint, B with every frame, and a live
+  // 'image_prompt none' before frame 2: A faint then differs from the current (zero) image prompt and is encoded.
+  auto stream = make_ip_stream();
+  stream->set_image_prompt(ims[0]);
+  auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
+  proc->set_current_image_prompt(ims[0]);
+  StreamOptions o = quiet();
+  o.scheduled.push_back({1, *parse_control_command("image_prompt none")});
+  const RunOut out = run_with_image_prompts(open_source(video), proc, open_source(tmp.path + "/prompts"), 1, o);
+  EXPECT_EQ(out.frames.size(), 4u);
+  EXPECT_EQ(out.summary["image_prompt_source"]["read"], 3);
+  // Encodes: A by hand; frame 0 (A) unchanged; frame 1 (A faint) after 'none': encoded; frame 2 (B): encoded.
+  EXPECT_EQ(stream->stats().image_prompt_encodes, 3);
+  EXPECT_EQ(proc->image_prompts_unchanged(), 1);
+
+  // Threshold 0: every distinct image is encoded (A faint too).
+  auto strict = make_ip_stream();
+  auto strict_proc = std::make_shared<StreamDiffusionProcessor>(strict, kPrompt, "", false);
+  strict_proc->set_image_prompt_change(0);
+  run_with_image_prompts(open_source(video), strict_proc, open_source(tmp.path + "/prompts"), 1);
+  EXPECT_EQ(strict->stats().image_prompt_encodes, 3);
+  EXPECT_EQ(strict_proc->image_prompts_unchanged(), 0);
+  EXPECT_NE(error_of([&] { strict_proc->set_image_prompt_change(-1); }).find("must be a finite number >= 0"),
+            std::string::npos);
+}
+
+TEST_F(ImagePromptStream, RefusedWithoutAnIpAdapterOrWithABadPeriod) {
+  const std::string video = test::write_index_video(tmp.path + "/in.avi", 2);
+  auto plain = std::make_shared<StreamDiffusionProcessor>(make_stream(false, 1.0, false), kPrompt, "", false);
+  StreamRuntime rt(open_source(video), plain, std::make_unique<MemorySink>(), quiet());
+  std::string e = error_of([&] { rt.set_image_prompt_source(open_source(tmp.path + "/prompts"), 1); });
+  EXPECT_NE(e.find("an image prompt input needs an IP-Adapter"), std::string::npos) << e;
+  auto ip = std::make_shared<StreamDiffusionProcessor>(make_ip_stream(), kPrompt, "", false);
+  StreamRuntime rt2(open_source(video), ip, std::make_unique<MemorySink>(), quiet());
+  e = error_of([&] { rt2.set_image_prompt_source(open_source(tmp.path + "/prompts"), 0); });
+  EXPECT_NE(e.find("read every 0 frames; expected >= 1"), std::string::npos) << e;
+  e = error_of([&] { rt2.set_image_prompt_source(std::make_unique<TickSource>(0.0), 1); });
+  EXPECT_NE(e.find("gives no images"), std::string::npos) << e;
 }
 
 }  // namespace
