@@ -34,6 +34,7 @@
 #include "core/error.h"
 #include "io/model_folder.h"
 #include "pipeline/controlnet.h"
+#include "models/layers.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
 
@@ -284,6 +285,7 @@ class Bench {
     for (int64_t size : sizes_) {
       if (req && want("components")) {
         if (primary) unet_component(m, dt, size, 1, "components");
+        if (primary && device_.is_cpu()) unet_component(m, dt, size, 1, "components", false);
         if (primary) controlnet_components(m, dt, size);
         autoencoder_components(m, dt, size, ae, "components");
       }
@@ -355,8 +357,9 @@ class Bench {
   }
 
   const Result& unet_component(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
-                               int64_t b, const std::string& section) {
-    const std::string id = "unet/" + sd::dtype_name(dt) + "/" + std::to_string(size) + "/b" + std::to_string(b);
+                               int64_t b, const std::string& section, bool attention_tiles = true) {
+    const std::string id = "unet/" + sd::dtype_name(dt) + "/" + std::to_string(size) + "/b" + std::to_string(b) +
+                           (attention_tiles ? "" : "/no-attention-tiles");
     if (auto r = find(id)) return *r;
     torch::NoGradGuard ng;
     const int64_t h = size / m->vae_scale_factor();
@@ -367,10 +370,16 @@ class Bench {
     Result r;
     r.section = section;
     r.name = "unet";
-    r.variant = "b" + std::to_string(b);
+    r.variant = "b" + std::to_string(b) + (attention_tiles ? "" : " attention tiles off");
     r.dtype = sd::dtype_name(dt);
     r.size = size;
     r.batch = b;
+    // The fast path's switch, off for this row only (what the tiled CPU attention is worth).
+    struct Restore {
+      bool saved = sd::nn::fast_path().attention_tiles_cpu;
+      ~Restore() { sd::nn::fast_path().attention_tiles_cpu = saved; }
+    } restore;
+    sd::nn::fast_path().attention_tiles_cpu = attention_tiles;
     r.timing = time_runs(device_, o_.warmup, o_.iters, [&] { m->unet(x, t, ehs, added); });
     r.gflop = known_gflop(arch_, "unet", size) * static_cast<double>(b);
     return add(id, r);
@@ -790,6 +799,8 @@ class Bench {
       for (int64_t size : sizes_) {
         const std::string ds = d + "/" + std::to_string(size), tag = d + " " + std::to_string(size) + " px";
         const int64_t n = static_cast<int64_t>(t_multi_.size());
+        compare("components", "UNet with vs without the tiled CPU attention, " + tag, "unet/" + ds + "/b1/no-attention-tiles",
+                "unet/" + ds + "/b1");
         compare("batch", "stream batch vs sequential, img2img " + std::to_string(n) + " steps, " + tag,
                 stream_id("img2img", dt, size, pae, sd::CfgType::None, t_multi_, false),
                 stream_id("img2img", dt, size, pae, sd::CfgType::None, t_multi_, true));

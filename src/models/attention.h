@@ -10,6 +10,11 @@ namespace sd {
 
 // Default bound on the [B*heads, chunk, M] score matrix held at once by the chunked path (bytes).
 constexpr int64_t kAttentionMaxScoreBytes = int64_t{64} << 20;
+// CPU inference whose [B*heads, N, M] scores take at least this many bytes takes the tiled path (attention_chunked).
+constexpr int64_t kAttentionTiledMinScoreBytes = int64_t{32} << 20;
+
+// Query rows per tile of the tiled CPU path; 0 = not tiled (the scores are small enough for the bmm path).
+int64_t attention_tile_rows(int64_t batch_heads, int64_t queries, int64_t keys, int64_t element_bytes);
 
 // softmax(q k^T * dh^-0.5) v for q [B, N, heads*dh], k [B, M, heads*dh], v [B, M, heads*dv] -> [B, N, heads*dv].
 // upcast: scores and softmax in fp32 (diffusers' upcast_attention / upcast_softmax); reduced-precision inputs are
@@ -21,9 +26,12 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 // The libtorch-1.13 path: bmm (scale folded into q) + softmax + bmm, with the query split into chunks so that the
 // [B*heads, chunk, M] score matrix never exceeds `max_score_bytes` (at least one query row per chunk). Without
 // autograd the softmax is in place (one score buffer per chunk); with autograd the probabilities are a second one.
+// CPU inference on fp32 / bf16 with attention_tile_rows() > 0 (and `tiles`) runs (head, query tile) tasks on the
+// intra-op threads instead, each keeping its scores in cache, with models/softmax_rows.h's soft-max.
 // Same contract as attention().
 torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                int64_t heads, bool upcast, int64_t max_score_bytes = kAttentionMaxScoreBytes);
+                                int64_t heads, bool upcast, int64_t max_score_bytes = kAttentionMaxScoreBytes,
+                                bool tiles = true);
 
 struct AttentionOptions {
   int64_t query_dim = 0;

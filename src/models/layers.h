@@ -12,6 +12,8 @@ struct FastPathOptions {
   bool prepack_conv = true;     // Conv2d::prepack() keeps a oneDNN-ordered copy of the weight (CPU)
   // CPU attention in the model dtype (bf16) unless the config asks to upcast; default: where oneDNN has bf16 kernels
   bool attention_reduced_cpu = true;
+  // CPU attention over large score matrices in (head, query tile) tasks (attention_chunked); off = one bmm per chunk
+  bool attention_tiles_cpu = true;
 };
 FastPathOptions& fast_path();
 

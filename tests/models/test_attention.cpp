@@ -1,7 +1,9 @@
-// Attention: the chunked (libtorch 1.13) path against a plain float64 reference, chunking invariance, the
+// Attention: the chunked (libtorch 1.13) path against a plain float64 reference, chunking invariance, the tiled CPU
+// path (large score matrices) and its soft-max kernel against the reference, the
 // Attention module's diffusers semantics (VAE group-norm/residual path and cross-attention), and the shared ResNet
 // blocks' shapes.
 #include <cmath>
+#include <limits>
 
 #include <gtest/gtest.h>
 
@@ -10,7 +12,9 @@
 #include "core/error.h"
 #include "io/state_dict.h"
 #include "models/attention.h"
+#include "models/layers.h"
 #include "models/resnet.h"
+#include "models/softmax_rows.h"
 
 namespace {
 
@@ -92,6 +96,64 @@ TEST(Attention, ChunkedGradientsMatchReference) {
   (reference_attention(ref_ins[0], ref_ins[1], ref_ins[2], 2) * w.to(torch::kDouble)).sum().backward();
   for (size_t i = 0; i < 3; ++i)
     EXPECT_TRUE(sd::test::tensors_close(ins[i].grad(), ref_ins[i].grad(), 1e-5, 1e-5, "grad " + std::to_string(i)));
+}
+
+// The soft-max kernel of the tiled path: rows of every length around the vector widths, a row stride larger than the
+// row, logits spread wide enough that exp underflows; fp32 within 2e-6 of the float64 soft-max (values <= 1; measured
+// ~1e-6), bf16 within one bf16 rounding of it (2^-9 relative). A NaN poisons its row only.
+TEST(SoftmaxRows, MatchesTheFloat64SoftmaxForEveryRowLength) {
+  torch::manual_seed(3);
+  for (int64_t cols : {1, 2, 7, 15, 16, 17, 31, 64, 100, 1000, 4096}) {
+    const int64_t rows = 5, stride = cols + 3;
+    auto storage = torch::randn({rows, stride}) * 8;
+    storage[0].mul_(20);  // a row whose small entries underflow
+    auto x = storage.narrow(1, 0, cols);
+    auto ref = torch::softmax(x.to(torch::kDouble), -1);
+    auto f = storage.clone();
+    sd::kernels::softmax_rows_inplace(f.data_ptr<float>(), rows, cols, stride);
+    SD_EXPECT_CLOSE(f.narrow(1, 0, cols), ref, 2e-6, 0.0, "fp32 cols " + std::to_string(cols));
+    EXPECT_TRUE(torch::equal(f.narrow(1, cols, 3), storage.narrow(1, cols, 3))) << "wrote past the row";
+    auto b = storage.to(torch::kBFloat16);
+    auto bref = torch::softmax(b.narrow(1, 0, cols).to(torch::kDouble), -1);
+    sd::kernels::softmax_rows_inplace_bf16(reinterpret_cast<uint16_t*>(b.data_ptr<at::BFloat16>()), rows, cols, stride);
+    SD_EXPECT_CLOSE(b.narrow(1, 0, cols), bref, 1e-6, 1.0 / 512, "bf16 cols " + std::to_string(cols));
+  }
+  auto x = torch::randn({2, 40});
+  x[0][7] = std::numeric_limits<float>::quiet_NaN();
+  sd::kernels::softmax_rows_inplace(x.data_ptr<float>(), 2, 40, 40);
+  EXPECT_TRUE(x[0].isnan().all().item<bool>());
+  EXPECT_FALSE(x[1].isnan().any().item<bool>());
+  EXPECT_NEAR(x[1].sum().item<double>(), 1.0, 1e-6);
+}
+
+// Above ~32 MB of scores CPU inference takes the tiled path: (head, query tile) tasks whose scores stay in cache. Its
+// result is the reference's, for a query count that is no multiple of the tile and keys != queries.
+TEST(Attention, TiledPathMatchesReference) {
+  EXPECT_EQ(sd::attention_tile_rows(10, 1024, 1024, 2), 0);      // 20 MB of bf16 scores: the bmm path
+  EXPECT_EQ(sd::attention_tile_rows(5, 4096, 4096, 2), 512);     // 512 px self-attention: 512-row tiles
+  EXPECT_EQ(sd::attention_tile_rows(2, 2000, 2100, 4), 998);     // ~2 M scores per tile
+  EXPECT_EQ(sd::attention_tile_rows(1, 300, 1 << 16, 4), 128);   // at least 128 rows (or all of them)
+  auto t = random_qkv(1, 2000, 2100, 2, 16, torch::kFloat, 2.0);  // 2 heads: 33.6 MB of fp32 scores
+  auto ref = reference_attention(t.q, t.k, t.v, 2);
+  torch::NoGradGuard no_grad;
+  auto tiled = sd::attention_chunked(t.q, t.k, t.v, 2, false);
+  auto bmm = sd::attention_chunked(t.q, t.k, t.v, 2, false, sd::kAttentionMaxScoreBytes, false);
+  SD_EXPECT_CLOSE(tiled, ref, 1e-5, 1e-5, "tiled fp32");
+  SD_EXPECT_CLOSE(bmm, ref, 1e-5, 1e-5, "bmm fp32");
+  // bf16 in the model dtype (the CPU fast path): the tiled error is that of the bmm path (bf16 scores and
+  // probabilities; measured 4.1e-4 abs for both, max|ref| 0.11).
+  const bool saved = sd::nn::fast_path().attention_reduced_cpu;
+  sd::nn::fast_path().attention_reduced_cpu = true;
+  auto tb = random_qkv(2, 2048, 2048, 2, 32, torch::kBFloat16, 0.5);  // 4 × 2048² bf16 = 33.6 MB
+  auto bref = reference_attention(tb.q, tb.k, tb.v, 2);
+  auto btiled = sd::attention_chunked(tb.q, tb.k, tb.v, 2, false);
+  auto bbmm = sd::attention_chunked(tb.q, tb.k, tb.v, 2, false, sd::kAttentionMaxScoreBytes, false);
+  sd::nn::fast_path().attention_reduced_cpu = saved;
+  EXPECT_EQ(btiled.scalar_type(), torch::kBFloat16);
+  SD_EXPECT_CLOSE(btiled, bref, 0.0, 1e-2, "tiled bf16");
+  SD_EXPECT_CLOSE(bbmm, bref, 0.0, 1e-2, "bmm bf16");
+  // The two differ by at most one bf16 ulp of the largest output (2^-7 relative; measured one ulp, 4.9e-4 at 0.076).
+  SD_EXPECT_CLOSE(btiled, bbmm, 0.0, 1.0 / 128, "tiled vs bmm bf16");
 }
 
 TEST(Attention, ShapeErrors) {
