@@ -77,6 +77,7 @@ struct BenchOptions {
   bool strict_lora = false;
   std::vector<std::string> controlnets;  // --controlnet DIR|FILE[:SCALE], repeatable
   int controlnet_every = 1;              // --controlnet-every N
+  int deep_cache_every = 1;              // --deep-cache-every K (extra e2e rows)
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -212,6 +213,7 @@ class Bench {
     if (o_.filter_threshold <= 0 || o_.filter_threshold >= 1)
       throw sd::InvalidArgument("bench --filter-threshold must be in (0, 1)");
     if (o_.controlnet_every < 1) throw sd::InvalidArgument("bench --controlnet-every must be >= 1");
+    if (o_.deep_cache_every < 1) throw sd::InvalidArgument("bench --deep-cache-every must be >= 1");
     if (o_.controlnet_every > 1 && o_.controlnets.empty())
       throw sd::InvalidArgument("bench --controlnet-every needs --controlnet");
     for (const auto& spec : o_.controlnets) {
@@ -293,6 +295,10 @@ class Bench {
       if (req && primary && want("e2e")) {
         stream_row(m, "e2e", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true);
         stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
+        if (o_.deep_cache_every > 1) {
+          stream_row(m, "e2e", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true, o_.deep_cache_every);
+          stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true, o_.deep_cache_every);
+        }
       }
       if (req && want("vae")) {
         autoencoder_components(m, dt, size, ae, "vae");
@@ -436,8 +442,8 @@ class Bench {
   // Untimed calls before the timed frames of a ControlNet row with --controlnet-every N: a multiple of N, so the timed
   // frames start on a call that computes the residuals; and timed frames rounded up to a multiple of N, so each
   // compute / reuse phase is measured as often as it occurs.
-  int round_to_every(int n, bool cn) const {
-    const int e = cn ? o_.controlnet_every : 1;
+  int round_to_every(int n, bool cn, int deep = 1) const {
+    const int e = std::max(cn ? o_.controlnet_every : 1, deep);
     return (n + e - 1) / e * e;
   }
 
@@ -493,17 +499,19 @@ class Bench {
   // latency of the stream batch). Per-frame stage times come from StreamStats.
   const Result& stream_row(const std::shared_ptr<const sd::DiffusionModels>& m, const std::string& section,
                            const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
-                           sd::CfgType cfg, const std::vector<int64_t>& t, bool batch) {
+                           sd::CfgType cfg, const std::vector<int64_t>& t, bool batch, int deep = 1) {
     const bool cn = with_controlnets(section);
-    const std::string variant = stream_variant(ae, cfg, t, batch, cn);
+    const std::string variant = stream_variant(ae, cfg, t, batch, cn) + (deep > 1 ? " deep=" + std::to_string(deep) : "");
     const std::string id = "stream/" + mode + "/" + variant + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
     if (auto r = find(id)) return *r;
-    sd::StreamDiffusion stream(m, stream_config(size, cfg, t, batch));
+    sd::StreamConfig config = stream_config(size, cfg, t, batch);
+    config.deep_cache_every = deep;
+    sd::StreamDiffusion stream(m, config);
     stream.prepare(o_.prompt, o_.negative_prompt);
     if (cn) attach_controlnets(stream, size);
     const auto frame = torch::rand({3, size, size}, torch::TensorOptions().dtype(torch::kFloat)) * 2 - 1;
     auto step = [&] { mode == "img2img" ? stream.img2img(frame) : stream.txt2img(); };
-    const int warm = round_to_every(o_.warmup + (batch ? static_cast<int>(t.size()) - 1 : 0), cn);
+    const int warm = round_to_every(o_.warmup + (batch ? static_cast<int>(t.size()) - 1 : 0), cn, deep);
     for (int i = 0; i < warm; ++i) step();
     const sd::StreamStats s0 = stream.stats();
     Result r;
@@ -514,7 +522,7 @@ class Bench {
     r.size = size;
     r.steps = static_cast<int64_t>(t.size());
     r.batch = stream.unet_batch_size();
-    r.timing = time_runs(device_, 0, round_to_every(o_.frames, cn), step);
+    r.timing = time_runs(device_, 0, round_to_every(o_.frames, cn, deep), step);
     const sd::StreamStats& s1 = stream.stats();
     const double n = static_cast<double>(std::max<int64_t>(1, s1.processed - s0.processed));
     const double per_enc = (s1.image_encode_s - s0.image_encode_s) / n, per_unet = (s1.unet_s - s0.unet_s) / n,
@@ -547,7 +555,13 @@ class Bench {
       for (const auto& u : cn_units_) r.extra["controlnet_scales"].push_back(u.scale);
       r.extra["amortized_s_per_frame"] = r.timing.mean;
     }
-    r.gflop = frame_gflop(mode, ae, size, rows);
+    if (deep > 1) {
+      // Frames alternate between one full UNet call and K - 1 shallow ones: the mean is the cost per frame.
+      r.extra["deep_cache_every"] = deep;
+      r.extra["unet_shallow_calls"] = s1.unet_shallow_calls - s0.unet_shallow_calls;
+      r.extra["amortized_s_per_frame"] = r.timing.mean;
+    }
+    r.gflop = deep > 1 ? 0.0 : frame_gflop(mode, ae, size, rows);
     return add(id, r);
   }
 
@@ -799,6 +813,26 @@ class Bench {
       for (int64_t size : sizes_) {
         const std::string ds = d + "/" + std::to_string(size), tag = d + " " + std::to_string(size) + " px";
         const int64_t n = static_cast<int64_t>(t_multi_.size());
+        if (o_.deep_cache_every > 1) {
+          for (const std::string mode : {"img2img", "txt2img"}) {
+            const auto& t = mode == "img2img" ? t_img_ : t_txt_;
+            const std::string exact = stream_id(mode, dt, size, pae, sd::CfgType::None, t, true);
+            const std::string deep = "stream/" + mode + "/" +
+                                     stream_variant(pae, sd::CfgType::None, t, true, !cn_units_.empty()) + " deep=" +
+                                     std::to_string(o_.deep_cache_every) + "/" + ds;
+            const Result *b = find(exact), *c = find(deep);
+            if (b && c && c->timing.mean > 0)
+              comparisons_.push_back({{"section", "e2e"},
+                                      {"what", "deep cache every " + std::to_string(o_.deep_cache_every) +
+                                                   " vs exact (amortised mean per frame), " + mode + ", " + tag},
+                                      {"baseline", exact},
+                                      {"candidate", deep},
+                                      {"baseline_s", b->timing.mean},
+                                      {"candidate_s", c->timing.mean},
+                                      {"speedup", b->timing.mean / c->timing.mean},
+                                      {"note", "means of both rows"}});
+          }
+        }
         compare("components", "UNet with vs without the tiled CPU attention, " + tag, "unet/" + ds + "/b1/no-attention-tiles",
                 "unet/" + ds + "/b1");
         compare("batch", "stream batch vs sequential, img2img " + std::to_string(n) + " steps, " + tag,
@@ -997,6 +1031,9 @@ sd::cli::Runner setup_bench(CLI::App& app) {
                  "ControlNet DIR|FILE or DIR|FILE:SCALE (default scale 1; repeatable, residuals summed), e.g. from "
                  "make-random-model --arch controlnet-sd21: every stream row except the ablation's runs with it on a "
                  "fixed synthetic edge-map control image, and components gains a controlnet line per ControlNet");
+  app.add_option("--deep-cache-every", o->deep_cache_every,
+                 "also time the e2e streams with the UNet's deep features reused for K - 1 of every K frames "
+                 "(StreamConfig::deep_cache_every), compared with the exact rows by their mean time per frame");
   app.add_option("--controlnet-every", o->controlnet_every,
                  "recompute the ControlNet residuals every N stream calls and reuse them in between; timed frames "
                  "are rounded up to a multiple of N (see amortized_s_per_frame)")

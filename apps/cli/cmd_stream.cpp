@@ -133,6 +133,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       "Control commands (one per line): prompt <text> | negative <text> | guidance <g> | delta <d> | "
       "t_index_list <i,j,..> | seed <n> | filter on|off | filter_threshold <x> | lora <name> <s> | "
       "ip_adapter_scale <s> | image_prompt <file>|none | controlnet_scale <i> <s> | control_preprocessor <i> <name> | "
+      "deep_cache <k> [<s>] | "
       "stats | quit.\n"
       "Lossless mode: the stream's n-1 frames of latency are absorbed (warm-up outputs dropped, the last input "
       "repeated at the end), so output frame i is the result for input frame i.\n"
@@ -268,6 +269,8 @@ sd::cli::Runner setup_stream(CLI::App& app) {
                            {"controlnet_calls", ps.controlnet_calls},
                            {"controlnet_reused", ps.controlnet_reused},
                            {"controlnet_ms_per_call", per_call_ms(ps.controlnet_s, ps.unet_calls)},
+                           {"unet_shallow_calls", ps.unet_shallow_calls},
+                           {"deep_cache_forced", ps.deep_cache_forced},
                            {"image_prompt_encodes", ps.image_prompt_encodes},
                            {"image_prompts_unchanged", processor->image_prompts_unchanged()},
                            {"image_prompt_ms_per_encode", per_call_ms(ps.image_prompt_s, ps.image_prompt_encodes)}};

@@ -142,6 +142,14 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
   app.add_option("--frame-buffer-size", o.frame_buffer_size, "frames per call (F)")->capture_default_str();
   app.add_flag("--no-denoising-batch", o.no_denoising_batch, "sequential mode: all steps in every call");
   app.add_flag("--no-add-noise", o.no_add_noise, "re-noise in-flight latents without noise");
+  app.add_option("--deep-cache-every", o.deep_cache_every,
+                 "reuse the UNet's deep features: one full UNet call every K stream calls, the K - 1 between run only "
+                 "its first level (faster, approximate; 1 = off; live: 'deep_cache K')")
+      ->capture_default_str();
+  app.add_option("--deep-cache-similarity", o.deep_cache_similarity,
+                 "with --deep-cache-every: an input whose cosine similarity to the last fully computed one is below "
+                 "this forces a full UNet call")
+      ->capture_default_str();
   if (img) {
     app.add_option("--similarity-filter", o.similarity_filter,
                    "enable the stochastic similarity filter with this threshold (e.g. 0.98; 0 = off)")
@@ -240,6 +248,9 @@ StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDe
   c.frame_buffer_size = o.frame_buffer_size;
   c.use_denoising_batch = !o.no_denoising_batch;
   c.do_add_noise = !o.no_add_noise;
+  if (o.deep_cache_every < 1) throw InvalidArgument("--deep-cache-every must be >= 1 (1 = off)");
+  c.deep_cache_every = o.deep_cache_every;
+  c.deep_cache_min_similarity = o.deep_cache_similarity;
   if (o.similarity_filter > 0) {
     if (txt2img) throw InvalidArgument("--similarity-filter needs input images (img2img)");
     c.similarity_filter.enabled = true;

@@ -45,6 +45,8 @@ struct PipelineOptions {
   bool no_add_noise = false;
   double similarity_filter = 0;  // 0 = off (img2img)
   int max_skip_frame = 10;
+  int deep_cache_every = 1;             // --deep-cache-every K (1 = off)
+  double deep_cache_similarity = 0.95;  // --deep-cache-similarity S
   std::optional<double> lcm_guidance;  // --lcm-guidance W (LCM-distilled UNets)
   std::vector<std::string> loras;  // --lora FILE[:SCALE], repeatable
   std::string lcm_lora;            // --lcm-lora FILE (= --lora FILE:1.0, fused first as in StreamDiffusionWrapper)
@@ -66,7 +68,8 @@ enum class PipelineMode { Txt2Img, Img2Img, Either };
 
 // Adds --model, --taesd, --vae, --config, --tokenizer, --prediction-type, --prompt, --negative-prompt, --t-index-list, --steps, --start-index (img2img / either),
 // --num-inference-steps, --cfg-type, --guidance, --delta, --seed, --size, --frame-buffer-size, --no-denoising-batch,
-// --no-add-noise, --similarity-filter and --max-skip-frame (img2img / either), --lcm-guidance, and the common options.
+// --no-add-noise, --similarity-filter and --max-skip-frame (img2img / either), --deep-cache-every and
+// --deep-cache-similarity, --lcm-guidance, and the common options.
 void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode);
 
 // "32,45" -> {32, 45}; InvalidArgument naming the bad item.

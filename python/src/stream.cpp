@@ -1,6 +1,7 @@
 // One stream (sd::StreamDiffusion) and its configuration, statistics and random sources.
 // Every call that runs the models releases the GIL. Layouts: images in and out are NCHW float in [-1, 1].
 #include <chrono>
+#include <optional>
 
 #include "core/error.h"
 #include "pipeline/model_defaults.h"
@@ -58,6 +59,10 @@ whatever is left unset, or set every field yourself.
       .def_readwrite("seed", &sd::StreamConfig::seed)
       .def_readwrite("similarity_filter", &sd::StreamConfig::similarity_filter)
       .def_readwrite("original_frame_layout", &sd::StreamConfig::original_frame_layout)
+      .def_readwrite("deep_cache_every", &sd::StreamConfig::deep_cache_every,
+                     "reuse the UNet's deep features for k - 1 of every k stream calls (1 = off)")
+      .def_readwrite("deep_cache_min_similarity", &sd::StreamConfig::deep_cache_min_similarity,
+                     "img2img input similarity below which a full UNet call is forced")
       .def("__repr__", [](const sd::StreamConfig& c) {
         std::string idx;
         for (size_t i = 0; i < c.t_index_list.size(); ++i) idx += (i ? ", " : "") + std::to_string(c.t_index_list[i]);
@@ -103,6 +108,10 @@ argument > the model's streamdiffusion.json > its family's defaults > built-in (
       .def_readonly("controlnet_reused", &sd::StreamStats::controlnet_reused,
                     "UNet calls that reused cached residuals (set_controlnet_every)")
       .def_readonly("image_prompt_encodes", &sd::StreamStats::image_prompt_encodes)
+      .def_readonly("unet_shallow_calls", &sd::StreamStats::unet_shallow_calls,
+                    "UNet calls that ran only the first level on cached deep features (deep_cache_every)")
+      .def_readonly("deep_cache_forced", &sd::StreamStats::deep_cache_forced,
+                    "full UNet calls forced by an input below deep_cache_min_similarity")
       .def_readonly("image_prompt_s", &sd::StreamStats::image_prompt_s, "wall time of the image prompt encodes")
       .def_readonly("controlnet_s", &sd::StreamStats::controlnet_s)
       .def_readonly("text_encode_s", &sd::StreamStats::text_encode_s)
@@ -218,6 +227,13 @@ are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier
           "Re-encodes the prompt (and the negative prompt: None keeps the current one).")
       .def("set_guidance_scale", [](PyStream& s, double g) { s.stream->set_guidance_scale(g); }, py::arg("guidance_scale"))
       .def("set_delta", [](PyStream& s, double d) { s.stream->set_delta(d); }, py::arg("delta"))
+      .def(
+          "set_deep_cache",
+          [](PyStream& s, int64_t every, std::optional<double> min_similarity) {
+            s.stream->set_deep_cache(every, min_similarity.value_or(s.stream->config().deep_cache_min_similarity));
+          },
+          py::arg("every"), py::arg("min_similarity") = py::none(),
+          "Deep-feature reuse, live: a full UNet call every `every` stream calls (1 = off); the cache is dropped.")
       .def(
           "set_t_index_list", [](PyStream& s, const std::vector<int64_t>& l) { s.stream->set_t_index_list(l); },
           py::arg("t_index_list"),

@@ -48,14 +48,15 @@ UNetDownBlockImpl::UNetDownBlockImpl(int64_t in_channels, int64_t out_channels, 
 }
 
 torch::Tensor UNetDownBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& temb,
-                                         const torch::Tensor& context, std::vector<torch::Tensor>& skips) {
+                                         const torch::Tensor& context, std::vector<torch::Tensor>& skips,
+                                         bool downsample) {
   auto h = x;
   for (size_t i = 0; i < resnet_list.size(); ++i) {
     h = resnet_list[i](h, temb);
     if (!attention_list.empty()) h = attention_list[i](h, context);
     skips.push_back(h);
   }
-  if (downsampler) {
+  if (downsampler && downsample) {
     h = downsampler(h);
     skips.push_back(h);
   }

@@ -37,9 +37,10 @@ class UNetDownBlockImpl : public torch::nn::Module {
  public:
   UNetDownBlockImpl(int64_t in_channels, int64_t out_channels, int64_t num_layers, bool add_downsample,
                     int64_t downsample_padding, const UNetBlockOptions& o);
-  // Returns the block output and appends its skip tensors to `skips`.
+  // Returns the block output and appends its skip tensors to `skips`. downsample false: stop before the downsampler
+  // (the UNet's shallow path, unet_feature_cache.h).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb, const torch::Tensor& context,
-                        std::vector<torch::Tensor>& skips);
+                        std::vector<torch::Tensor>& skips, bool downsample = true);
 
   std::vector<ResnetBlock2D> resnet_list;
   std::vector<Transformer2DModel> attention_list;

@@ -350,7 +350,7 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
                                                 const torch::Tensor& encoder_hidden_states,
                                                 const torch::Tensor& timestep_cond,
                                                 const torch::Tensor& text_embeds, const torch::Tensor& time_ids,
-                                                const ControlResiduals& control) {
+                                                const ControlResiduals& control, UNetFeatureCache* cache) {
   const auto& c = config_;
   check_unet_inputs(c, sample, encoder_hidden_states, "UNet");
   // Sizes that are not a multiple of the total down factor need explicit upsample sizes (diffusers'
@@ -364,6 +364,21 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
 
   x = conv_in(x);
   std::vector<torch::Tensor> skips{x};
+  if (cache && cache->reuse) {
+    // The shallow path: the first level's skips, then the last up block on the stored deep features.
+    if (!supports_feature_cache())
+      throw InvalidArgument("UNet: this layout has no shallow path for the deep-feature cache");
+    if (!cache->deep.defined() || cache->deep.size(0) != x.size(0) || cache->deep.size(2) != x.size(2) ||
+        cache->deep.size(3) != x.size(3))
+      throw InvalidArgument("UNet: the deep-feature cache holds " +
+                            (cache->deep.defined() ? shape_str(cache->deep.sizes()) : std::string("nothing")) +
+                            ", which does not fit a sample of shape " + shape_str(sample.sizes()));
+    down_list.front()(x, emb, encoder_hidden_states, skips, /*downsample=*/false);
+    if (control.defined())
+      for (size_t k = 0; k < skips.size(); ++k) skips[k] = skips[k] + control.down[k].to(skips[k].scalar_type());
+    x = up_list.back()(cache->deep, emb, encoder_hidden_states, skips, std::nullopt);
+    return conv_out(torch::silu(conv_norm_out(x)));
+  }
   for (auto& blk : down_list) x = blk(x, emb, encoder_hidden_states, skips);
   if (control.defined()) {
     // ControlNet: residual k is added to the k-th skip tensor before the up blocks consume it, the mid residual to
@@ -395,10 +410,17 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
       const auto& next = skips[skips.size() - used - 1];
       size = std::make_pair(next.size(2), next.size(3));
     }
+    if (cache && i + 1 == up_list.size()) cache->deep = x;
     x = blk(x, emb, encoder_hidden_states, skips, size);
   }
   x = conv_out(torch::silu(conv_norm_out(x)));
   return x;
+}
+
+bool UNet2DConditionModelImpl::supports_feature_cache() const {
+  // The last up block must consume exactly conv_in's output and the first down block's layer outputs.
+  return !down_list.empty() && !up_list.empty() &&
+         up_list.back()->num_layers() == static_cast<int64_t>(down_list.front()->resnet_list.size()) + 1;
 }
 
 UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype, torch::Device device) {

@@ -14,6 +14,7 @@
 #include "models/control_residuals.h"
 #include "models/embeddings.h"
 #include "models/unet_2d_blocks.h"
+#include "models/unet_feature_cache.h"
 
 namespace sd {
 
@@ -94,11 +95,16 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   // timestep_cond [B or 1, time_cond_proj_dim] (get_guidance_scale_embedding of guidance_scale - 1): only for
   // UNets with time_cond_proj_dim (else InvalidArgument); undefined = the cond term is skipped, as in diffusers.
   // text_embeds [B, pooled_text_dim] and time_ids [B, 6] (diffusers' added_cond_kwargs): required by text_time
-  // (SDXL) UNets, refused by the others. control: ControlNet residuals (shapes must match the skip tensors).
+  // (SDXL) UNets, refused by the others. control: ControlNet residuals (shapes must match the skip tensors; a reused
+  // call adds only those of the first level's skips). cache: see unet_feature_cache.h — a full call stores the last
+  // up block's input in cache->deep; with cache->reuse the call runs only the first level on it.
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
                         const torch::Tensor& encoder_hidden_states, const torch::Tensor& timestep_cond = {},
                         const torch::Tensor& text_embeds = {}, const torch::Tensor& time_ids = {},
-                        const ControlResiduals& control = {});
+                        const ControlResiduals& control = {}, UNetFeatureCache* cache = nullptr);
+  // Whether the layout allows the shallow path: the last up block consumes exactly conv_in's and the first down
+  // block's layer outputs (true for every SD / SDXL layout).
+  bool supports_feature_cache() const;
   const UNet2DConditionConfig& config() const { return config_; }
 
   sd::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};

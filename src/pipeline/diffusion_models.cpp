@@ -172,6 +172,14 @@ class StableDiffusionModels : public DiffusionModels {
     return unet_.ptr()->forward(sample, timesteps, encoder_hidden_states, timestep_cond_, added.text_embeds,
                                 added.time_ids, control);
   }
+  torch::Tensor unet_cached(const torch::Tensor& sample, const torch::Tensor& timesteps,
+                            const torch::Tensor& encoder_hidden_states, const AddedConditioning& added,
+                            const ControlResiduals& control, UNetFeatureCache& cache) const override {
+    torch::NoGradGuard no_grad;
+    return unet_.ptr()->forward(sample, timesteps, encoder_hidden_states, timestep_cond_, added.text_embeds,
+                                added.time_ids, control, &cache);
+  }
+  bool supports_feature_cache() const override { return unet_->supports_feature_cache(); }
   const UNet2DConditionConfig* unet_config() const override { return &unet_->config(); }
 
   torch::Tensor encode_image(const torch::Tensor& image, Rng& rng) const override {

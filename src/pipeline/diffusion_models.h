@@ -28,6 +28,7 @@
 
 #include "io/lora_file.h"
 #include "models/control_residuals.h"
+#include "models/unet_feature_cache.h"
 #include "pipeline/lcm_scheduler.h"
 #include "pipeline/rng.h"
 
@@ -84,6 +85,16 @@ class DiffusionModels {
                              const torch::Tensor& encoder_hidden_states,
                              const AddedConditioning& added = {},
                              const ControlResiduals& control = {}) const = 0;
+  // unet() with the deep-feature cache (models/unet_feature_cache.h): a full call stores its deep features in
+  // `cache`, a call with cache.reuse runs only the first level on them. Models without the split (the default) run
+  // the plain unet() and leave `cache` empty; supports_feature_cache() says which.
+  virtual torch::Tensor unet_cached(const torch::Tensor& sample, const torch::Tensor& timesteps,
+                                    const torch::Tensor& encoder_hidden_states, const AddedConditioning& added,
+                                    const ControlResiduals& control, UNetFeatureCache& cache) const {
+    cache = UNetFeatureCache{};
+    return unet(sample, timesteps, encoder_hidden_states, added, control);
+  }
+  virtual bool supports_feature_cache() const { return false; }
   virtual torch::Tensor encode_image(const torch::Tensor& image, Rng& rng) const = 0;
   virtual torch::Tensor decode_latent(const torch::Tensor& latent) const = 0;
 

@@ -99,6 +99,14 @@ void StreamDiffusion::validate_config() const {
   if (c.frame_buffer_size < 1)
     throw InvalidArgument("frame_buffer_size must be >= 1, got " + std::to_string(c.frame_buffer_size));
   check_image_size(c.width, c.height, "stream");
+  if (c.deep_cache_every < 1)
+    throw InvalidArgument("deep_cache_every must be >= 1 (1 = off), got " + std::to_string(c.deep_cache_every));
+  if (!(c.deep_cache_min_similarity >= -1.0 && c.deep_cache_min_similarity <= 1.0))
+    throw InvalidArgument("deep_cache_min_similarity must be in [-1, 1], got " +
+                          std::to_string(c.deep_cache_min_similarity));
+  if (c.deep_cache_every > 1 && !models_->supports_feature_cache())
+    throw InvalidArgument("deep_cache_every " + std::to_string(c.deep_cache_every) +
+                          ": these models have no shallow UNet path to reuse deep features with");
   if (vae_scale_ < 1 || c.width % vae_scale_ != 0 || c.height % vae_scale_ != 0)
     throw InvalidArgument("stream size " + std::to_string(c.width) + "x" + std::to_string(c.height) +
                           " is not a multiple of the VAE scale factor " + std::to_string(vae_scale_));
@@ -207,6 +215,7 @@ void StreamDiffusion::encode_prompts(bool need_uncond) {
 
 void StreamDiffusion::build_prompt_layout() {
   // Spec §4.1: none/self -> e_c × B; full -> e_n × B, e_c × B; initialize -> e_n × F, e_c × B.
+  reset_deep_cache();  // deep features of another conditioning are not reused
   const int64_t B = batch_size();
   uncond_rows_ = 0;
   if (guidance_active() && config_.cfg_type == CfgType::Full) uncond_rows_ = B;
@@ -344,6 +353,7 @@ void StreamDiffusion::set_t_index_list(const std::vector<int64_t>& t_index_list)
     throw;
   }
   control_cache_.clear();
+  reset_deep_cache();
   if (!prepared_) return;
   torch::NoGradGuard no_grad;
   build_schedule();
@@ -398,6 +408,16 @@ torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
       return prev_output_;
     }
     if (last_decision_.forced) ++stats_.forced;
+  }
+
+  if (config_.deep_cache_every > 1) {
+    // The similarity filter's measure against the input of the last full UNet call: a cut or a fast move refreshes
+    // the deep features at once instead of carrying the old picture's for up to K - 1 frames.
+    const bool full_next = deep_phase_ == 0;
+    if (!full_next && deep_ref_input_.defined() && deep_ref_input_.sizes() == x.sizes() &&
+        SimilarityFilter::cosine_similarity(x, deep_ref_input_) < config_.deep_cache_min_similarity)
+      deep_force_full_ = true;
+    if (full_next || deep_force_full_) deep_ref_input_ = x;
   }
 
   // Step 3: z = Enc(x) · scaling_factor (the model applies the factor).
@@ -491,7 +511,15 @@ torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torc
     trace(k + ".controlnet_mid", control.mid);
   }
   const auto t0 = Clock::now();
-  Tensor out = models_->unet(sample, t, ehs, added, control);
+  Tensor out;
+  if (config_.deep_cache_every > 1) {
+    UNetFeatureCache& cache = deep_cache_[index];
+    cache.reuse = deep_reuse_now_ && cache.deep.defined() && cache.deep.size(0) == sample.size(0);
+    if (cache.reuse) ++stats_.unet_shallow_calls;
+    out = models_->unet_cached(sample, t, ehs, added, control, cache);
+  } else {
+    out = models_->unet(sample, t, ehs, added, control);
+  }
   sync_device();
   stats_.unet_s += seconds_since(t0);
   ++stats_.unet_calls;
@@ -502,6 +530,17 @@ torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torc
 
 void StreamDiffusion::begin_stream_call() {
   unet_call_index_ = 0;
+  // Deep cache: phase 0 (or a forced refresh) runs the full UNet and stores its deep features, phases 1 .. K-1 reuse.
+  deep_reuse_now_ = false;
+  if (config_.deep_cache_every > 1) {
+    if (deep_force_full_ && deep_phase_ != 0) {
+      ++stats_.deep_cache_forced;
+      deep_phase_ = 0;
+    }
+    deep_reuse_now_ = deep_phase_ != 0;
+    deep_phase_ = (deep_phase_ + 1) % config_.deep_cache_every;
+  }
+  deep_force_full_ = false;
   // Phase 0 computes the residuals, phases 1 .. every-1 reuse them.
   if (control_phase_ == 0) control_cache_.clear();
   control_phase_ = (control_phase_ + 1) % controlnet_every_;
@@ -549,6 +588,7 @@ void StreamDiffusion::set_controlnets(std::vector<ControlNetUnit> units) {
   control_images_.assign(controlnets_.size(), Tensor());
   control_cache_.clear();
   control_phase_ = 0;
+  reset_deep_cache();
 }
 
 void StreamDiffusion::set_controlnet_scale(size_t index, double scale) {
@@ -595,11 +635,31 @@ const torch::Tensor& StreamDiffusion::control_image(size_t index) const {
   return control_images_[index];
 }
 
+void StreamDiffusion::reset_deep_cache() {
+  deep_cache_.clear();
+  deep_phase_ = 0;
+  deep_ref_input_ = torch::Tensor();
+}
+
+void StreamDiffusion::set_deep_cache(int64_t every, double min_similarity) {
+  const StreamConfig old = config_;
+  config_.deep_cache_every = every;
+  config_.deep_cache_min_similarity = min_similarity;
+  try {
+    validate_config();
+  } catch (...) {
+    config_ = old;
+    throw;
+  }
+  reset_deep_cache();
+}
+
 void StreamDiffusion::set_controlnet_every(int64_t n) {
   if (n < 1) throw InvalidArgument("controlnet_every must be >= 1, got " + std::to_string(n));
   controlnet_every_ = n;
   control_cache_.clear();
   control_phase_ = 0;
+  reset_deep_cache();
 }
 
 torch::Tensor StreamDiffusion::predict_x0_batch(torch::Tensor x_t_latent) {

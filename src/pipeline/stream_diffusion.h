@@ -61,6 +61,12 @@ struct StreamConfig {
   uint64_t seed = 2;
   SimilarityFilterOptions similarity_filter;
   bool original_frame_layout = true;  // see the header comment
+  // Temporal reuse of the UNet's deep features (models/unet_feature_cache.h): 1 = off; K > 1 = one full UNet call
+  // every K stream calls, the K − 1 between run only the first level on the stored deep features. An img2img input
+  // whose cosine similarity to the input of the last full call (the similarity filter's measure) falls below
+  // deep_cache_min_similarity forces a full call at once.
+  int64_t deep_cache_every = 1;
+  double deep_cache_min_similarity = 0.95;
 };
 
 struct StreamStats {
@@ -73,6 +79,8 @@ struct StreamStats {
   int64_t text_encodes = 0;
   int64_t controlnet_calls = 0;   // ControlNet evaluations (one per ControlNet per UNet call that computed them)
   int64_t controlnet_reused = 0;  // UNet calls that reused cached residuals (set_controlnet_every)
+  int64_t unet_shallow_calls = 0;  // UNet calls that ran only the first level on cached deep features (deep cache)
+  int64_t deep_cache_forced = 0;   // full calls forced by an input less similar than deep_cache_min_similarity
   int64_t image_prompt_encodes = 0;  // IP-Adapter image prompts through the image encoder (once per image)
   double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0, controlnet_s = 0;
   double image_prompt_s = 0;   // wall time of the image prompt encodes
@@ -140,6 +148,9 @@ class StreamDiffusion {
   // Cached residuals are dropped when the ControlNets, a scale or the schedule change.
   void set_controlnet_every(int64_t n);
   int64_t controlnet_every() const { return controlnet_every_; }
+  // StreamConfig::deep_cache_every / deep_cache_min_similarity, live (the cache is dropped; the next call is full).
+  // InvalidArgument for K < 1, a similarity outside [-1, 1], or K > 1 on models without the shallow path.
+  void set_deep_cache(int64_t every, double min_similarity);
 
   using TraceFn = std::function<void(const std::string& name, const torch::Tensor& value)>;
   // Observes intermediate tensors of each call (tests, debugging): "image_latent", "x_t_latent_in",
@@ -254,6 +265,14 @@ class StreamDiffusion {
   int64_t controlnet_every_ = 1;
   int64_t control_phase_ = 0;                          // stream calls since the residuals were last computed
   std::map<int64_t, ControlResiduals> control_cache_;  // UNet call index within a stream call -> residuals
+
+  // Deep-feature cache (StreamConfig::deep_cache_every).
+  void reset_deep_cache();
+  std::map<int64_t, UNetFeatureCache> deep_cache_;  // UNet call index within a stream call -> deep features
+  int64_t deep_phase_ = 0;        // stream calls since the last full one (0 = the next call is full)
+  bool deep_reuse_now_ = false;   // this stream call reuses
+  bool deep_force_full_ = false;  // set by img2img when the input moved too far
+  torch::Tensor deep_ref_input_;  // the img2img input of the last full call
 };
 
 }  // namespace sd

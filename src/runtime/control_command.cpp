@@ -42,7 +42,8 @@ const std::string& control_help() {
   static const std::string help =
       "commands: prompt <text> | negative <text> | guidance <g> | delta <d> | t_index_list <i,j,...> | seed <n> | "
       "filter on|off | filter_threshold <x> | lora <name> <scale> | ip_adapter_scale <s> | image_prompt <path>|none | "
-      "controlnet_scale <i> <s> | control_preprocessor <i> <name> | stats | quit | help";
+      "controlnet_scale <i> <s> | control_preprocessor <i> <name> | deep_cache <k> [<similarity>] | stats | quit | "
+      "help";
   return help;
 }
 
@@ -139,6 +140,16 @@ std::optional<ControlCommand> parse_control_command(const std::string& raw) {
       c.number = parse_number(cmd, value);
     else
       c.text = value;
+  } else if (cmd == "deep_cache") {
+    c.kind = K::DeepCache;
+    const auto sp2 = arg.find_first_of(" \t");
+    if (arg.empty())
+      throw InvalidArgument("control: 'deep_cache' needs k (a full UNet call every k frames, 1 = off), e.g. "
+                            "'deep_cache 3' or 'deep_cache 3 0.9'");
+    c.index = parse_integer(cmd, arg.substr(0, sp2));
+    if (c.index < 1) throw InvalidArgument("control: deep_cache k must be >= 1 (1 = off), got " + arg.substr(0, sp2));
+    c.number = sp2 == std::string::npos ? std::numeric_limits<double>::quiet_NaN()
+                                        : parse_number(cmd + " similarity", trim(arg.substr(sp2)));
   } else if (cmd == "stats") {
     no_arg(K::Stats);
   } else if (cmd == "quit" || cmd == "exit") {

@@ -16,6 +16,8 @@
 //   controlnet_scale <i> <s> conditioning scale of ControlNet i (0-based, --controlnet order; 0 = off)
 //   control_preprocessor <i> <name>   control image source of ControlNet i: canny[:LOW:HIGH] | gray | passthrough |
 //                            feedback (frames already pre-processed keep the old one)
+//   deep_cache <k> [<s>]     reuse the UNet's deep features for k - 1 of every k frames (1 = off); s: the input
+//                            similarity below which a full call is forced (default: unchanged)
 //   stats                    print the current status line
 //   quit                     stop the stream (as SIGINT)
 //   help                     list the commands
@@ -31,13 +33,14 @@ namespace sd {
 struct ControlCommand {
   enum class Kind {
     Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Lora, IpAdapterScale, ImagePrompt,
-    ControlnetScale, ControlPreprocessor, Stats, Quit, Help
+    ControlnetScale, ControlPreprocessor, DeepCache, Stats, Quit, Help
   };
   Kind kind = Kind::Stats;
   std::string text;                  // prompt / negative / lora name / image_prompt path ("" = none) / preprocessor
-  double number = 0;                 // guidance / delta / filter_threshold / lora / ip_adapter / controlnet scale
+  double number = 0;                 // guidance / delta / filter_threshold / lora / ip_adapter / controlnet scale /
+                                     // deep_cache similarity (NaN = unchanged)
   std::vector<int64_t> t_index_list;
-  int64_t index = 0;                 // controlnet_scale / control_preprocessor: which ControlNet
+  int64_t index = 0;                 // controlnet_scale / control_preprocessor: which ControlNet; deep_cache: k
   uint64_t seed = 0;
   bool on = false;                   // filter
   std::string line;                  // the command as typed (trimmed), for logs and replies

@@ -382,6 +382,10 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
     case K::ControlnetScale:
       stream_->set_controlnet_scale(static_cast<size_t>(c.index), c.number);
       return {};
+    case K::DeepCache:
+      stream_->set_deep_cache(c.index,
+                              std::isnan(c.number) ? stream_->config().deep_cache_min_similarity : c.number);
+      return {};
     case K::ControlPreprocessor: {
       auto pre = control_preprocessors();
       if (c.index >= static_cast<int64_t>(pre.size()))

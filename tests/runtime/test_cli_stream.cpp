@@ -227,6 +227,24 @@ TEST_F(CliStream, ImagePromptFromASecondSource) {
   EXPECT_NE(zero.output.find("--image-prompt-every must be >= 1"), std::string::npos) << zero.output;
 }
 
+// --deep-cache-every 2 on an 8-frame video, switched off live before frame 4 ('deep_cache 1'): calls 1 and 3 reuse
+// the deep features, none after; the stats JSON counts them (similarity -1: the index frames' cuts force nothing).
+// --deep-cache-every 0 is refused.
+TEST_F(CliStream, DeepCacheEveryAndLiveSwitch) {
+  const std::string video = test::write_index_video(tmp_ + "/in.avi", 8);
+  const auto r = sh(base_ + "--input " + q(video) + " --output none --control none --t-index-list 45 --cfg-type none "
+                    "--deep-cache-every 2 --deep-cache-similarity -1 --at '4:deep_cache 1' --stats-json " + q(tmp_ + "/s.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const nlohmann::json s = read_json_file(tmp_ + "/s.json");
+  EXPECT_EQ(s["frames_out"], 8) << s.dump();
+  EXPECT_EQ(s["pipeline"]["unet_shallow_calls"], 2) << s.dump();
+  EXPECT_EQ(s["pipeline"]["deep_cache_forced"], 0);
+  EXPECT_EQ(s["controls"].size(), 1u);
+  const auto bad = sh(base_ + "--input " + q(video) + " --output none --control none --deep-cache-every 0");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.output.find("--deep-cache-every must be >= 1"), std::string::npos) << bad.output;
+}
+
 TEST_F(CliStream, SigintStopsTheCommandCleanly) {
   // Endless txt2img; SIGINT once the stream runs. Exit status 130, the stop reason printed, stats written.
   const std::string log = tmp_ + "/log.txt";

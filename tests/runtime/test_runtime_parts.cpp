@@ -4,6 +4,8 @@
 #include <fstream>
 #include <thread>
 
+#include <cmath>
+
 #include <gtest/gtest.h>
 
 #include "common/error_of.h"
@@ -111,6 +113,18 @@ TEST(ControlCommand, ParsesEveryCommand) {
   EXPECT_EQ(ipi->kind, K::ImagePrompt);
   EXPECT_EQ(ipi->text, "/tmp/my style.png");
   EXPECT_EQ(parse_control_command("image_prompt none")->text, "");  // back to the zero image
+  auto dc = parse_control_command("deep_cache 3");
+  EXPECT_EQ(dc->kind, K::DeepCache);
+  EXPECT_EQ(dc->index, 3);
+  EXPECT_TRUE(std::isnan(dc->number));  // the similarity threshold stays as it is
+  auto dcs = parse_control_command("deep_cache 2  0.9");
+  EXPECT_EQ(dcs->index, 2);
+  EXPECT_DOUBLE_EQ(dcs->number, 0.9);
+  EXPECT_NE(error_of([] { parse_control_command("deep_cache"); }).find("needs k"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("deep_cache 0"); }).find("k must be >= 1 (1 = off), got 0"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { parse_control_command("deep_cache 2 lots"); }).find("expects a number, got 'lots'"),
+            std::string::npos);
   EXPECT_EQ(parse_control_command("stats")->kind, K::Stats);
   EXPECT_EQ(parse_control_command("quit")->kind, K::Quit);
   EXPECT_EQ(parse_control_command("help")->kind, K::Help);
