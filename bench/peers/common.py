@@ -52,6 +52,10 @@ def cpu_info():
             k, _, v = line.partition(":")
             if k.strip() == "Model name":
                 info["model"] = v.strip()
+            elif k.strip() == "CPU family":
+                info["family"] = v.strip()
+            elif k.strip() == "Model":
+                info["model_number"] = v.strip()
             elif k.strip() == "Flags":
                 info["flags"] = v.split()
     except (OSError, subprocess.CalledProcessError):

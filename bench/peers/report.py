@@ -35,7 +35,7 @@ def main():
             peers.append(j)
     cpu = next((j["cpu"] for j in peers if j.get("cpu")), {"model": "?", "flags": []})
     threads = ours["threads"] if ours else next((j.get("threads") for j in peers if j.get("threads")), "?")
-    print(f"CPU: {cpu['model']}, {threads} threads")
+    print(f"CPU: {cpu['model']} (family {cpu.get('family', '?')}, model {cpu.get('model_number', '?')}), {threads} threads")
     print(f"SIMD flags: {' '.join(f for f in cpu['flags'] if SIMD.match(f))}")
     for j in peers:
         if j.get("versions"):
