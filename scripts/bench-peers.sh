@@ -23,6 +23,13 @@ while (($#)); do
   shift 2
 done
 mkdir -p "$out"
+# The default model: the random-weight sd-turbo architecture, made once (as scripts/bench-controlnet.sh does).
+if [[ $model == "$HOME/.cache/streamdiffusion-bench/sd-turbo-random" && ! -f $model/.complete ]]; then
+  echo "making the random sd-turbo model in $model (once)"
+  rm -rf "$model"
+  "$bin" make-random-model --arch sd-turbo --out "$model" --tokenizer "$repo/models/clip-tokenizer" \
+    --weights-dtype bf16 && touch "$model/.complete"
+fi
 venvs=${SD_PEERS_VENVS:-$HOME/.cache/streamdiffusion-bench/venvs}
 common=(--model "$model" --sizes "$sizes" --threads "$threads" --frames "$frames" --warmup "$warmup")
 
