@@ -598,6 +598,7 @@ void StreamDiffusion::set_controlnet_scale(size_t index, double scale) {
   if (!std::isfinite(scale)) throw InvalidArgument("ControlNet scale must be finite");
   controlnets_[index].scale = scale;
   control_cache_.clear();
+  reset_deep_cache();  // the deep features hold the old scale's residuals
 }
 
 void StreamDiffusion::set_control_image(size_t index, const torch::Tensor& image) {

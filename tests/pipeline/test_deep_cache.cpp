@@ -8,6 +8,7 @@
 #include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/error.h"
+#include "pipeline/controlnet.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
 #include "stream_test_stubs.h"
@@ -147,8 +148,11 @@ TEST(DeepCacheStream, ACutForcesAFullCallAndLiveChangesDropTheCache) {
   EXPECT_EQ(s.stats().unet_shallow_calls, 5);
   s.img2img(moving_frame(9, true));
   EXPECT_EQ(s.stats().unet_shallow_calls, 6);
+  s.set_t_index_list({30, 45});
+  s.img2img(moving_frame(10, true));
+  EXPECT_EQ(s.stats().unet_shallow_calls, 6) << "a new schedule: full";
   s.set_deep_cache(1, 0.95);
-  for (int k = 10; k < 13; ++k) s.img2img(moving_frame(k, true));
+  for (int k = 11; k < 14; ++k) s.img2img(moving_frame(k, true));
   EXPECT_EQ(s.stats().unet_shallow_calls, 6) << "off";
   // txt2img streams reuse by count alone.
   StreamConfig tc = stream_config(2);
@@ -158,6 +162,40 @@ TEST(DeepCacheStream, ACutForcesAFullCallAndLiveChangesDropTheCache) {
   t.prepare("a photo of a cat");
   for (int k = 0; k < 6; ++k) t.txt2img();
   EXPECT_EQ(t.stats().unet_shallow_calls, 3);
+}
+
+// With a ControlNet: the shallow path adds the first level's residuals, so reusing the features of the same input is
+// still the full call bit for bit; in the stream a scale change drops the cache (the deep features hold the old
+// scale's residuals).
+TEST(DeepCacheStream, WithAControlNet) {
+  const std::string cn_dir = "controlnet/models/tiny-controlnet-sd15";
+  if (!test::fixture_exists("models/tiny-sd15") || !test::fixture_exists(cn_dir)) GTEST_SKIP();
+  auto m = load("models/tiny-sd15");
+  auto net = ControlNet::load(test::fixture_path(cn_dir), *m);
+  torch::manual_seed(9);
+  const Tensor x = torch::randn({1, 4, 8, 8});
+  const Tensor t = torch::tensor({700}, torch::kLong);
+  const Tensor ehs = m->encode_prompt("a cat");
+  const Tensor control_image = torch::rand({1, 3, 64, 64});
+  const ControlResiduals res = net->residuals(x, t, ehs, {}, control_image, 0.8);
+  const Tensor full = m->unet(x, t, ehs, {}, res);
+  UNetFeatureCache cache;
+  m->unet_cached(x, t, ehs, {}, res, cache);
+  cache.reuse = true;
+  EXPECT_TRUE(torch::equal(m->unet_cached(x, t, ehs, {}, res, cache), full));
+
+  StreamDiffusion s(m, stream_config(3));
+  s.set_controlnets({{net, 1.0}});
+  s.set_control_image(0, control_image);
+  s.prepare("a photo of a cat");
+  s.img2img(moving_frame(0));
+  s.img2img(moving_frame(1));
+  EXPECT_EQ(s.stats().unet_shallow_calls, 1);
+  s.set_controlnet_scale(0, 0.5);
+  s.img2img(moving_frame(2));
+  EXPECT_EQ(s.stats().unet_shallow_calls, 1) << "a scale change: full";
+  s.img2img(moving_frame(3));
+  EXPECT_EQ(s.stats().unet_shallow_calls, 2);
 }
 
 TEST(DeepCacheStream, BadSettingsAndModelsWithoutTheSplitAreRefused) {
