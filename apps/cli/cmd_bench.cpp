@@ -501,7 +501,7 @@ class Bench {
                            const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
                            sd::CfgType cfg, const std::vector<int64_t>& t, bool batch, int deep = 1) {
     const bool cn = with_controlnets(section);
-    const std::string variant = stream_variant(ae, cfg, t, batch, cn) + (deep > 1 ? " deep=" + std::to_string(deep) : "");
+    const std::string variant = stream_variant(ae, cfg, t, batch, cn, deep);
     const std::string id = "stream/" + mode + "/" + variant + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
     if (auto r = find(id)) return *r;
     sd::StreamConfig config = stream_config(size, cfg, t, batch);
@@ -794,15 +794,15 @@ class Bench {
     return s;
   }
   std::string stream_variant(const std::string& ae, sd::CfgType cfg, const std::vector<int64_t>& t, bool batch,
-                             bool cn) const {
+                             bool cn, int deep = 1) const {
     std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
     if (t.size() > 1) variant += batch ? " batch" : " sequential";
-    return variant + cn_suffix(cn);
+    return variant + cn_suffix(cn) + (deep > 1 ? " deep=" + std::to_string(deep) : "");
   }
   // The id of a stream row outside the ablation (the comparisons' rows).
   std::string stream_id(const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
-                        sd::CfgType cfg, const std::vector<int64_t>& t, bool batch) const {
-    return "stream/" + mode + "/" + stream_variant(ae, cfg, t, batch, !cn_units_.empty()) + "/" +
+                        sd::CfgType cfg, const std::vector<int64_t>& t, bool batch, int deep = 1) const {
+    return "stream/" + mode + "/" + stream_variant(ae, cfg, t, batch, !cn_units_.empty(), deep) + "/" +
            sd::dtype_name(dt) + "/" + std::to_string(size);
   }
 
@@ -817,9 +817,7 @@ class Bench {
           for (const std::string mode : {"img2img", "txt2img"}) {
             const auto& t = mode == "img2img" ? t_img_ : t_txt_;
             const std::string exact = stream_id(mode, dt, size, pae, sd::CfgType::None, t, true);
-            const std::string deep = "stream/" + mode + "/" +
-                                     stream_variant(pae, sd::CfgType::None, t, true, !cn_units_.empty()) + " deep=" +
-                                     std::to_string(o_.deep_cache_every) + "/" + ds;
+            const std::string deep = stream_id(mode, dt, size, pae, sd::CfgType::None, t, true, o_.deep_cache_every);
             const Result *b = find(exact), *c = find(deep);
             if (b && c && c->timing.mean > 0)
               comparisons_.push_back({{"section", "e2e"},

@@ -289,13 +289,20 @@ void StreamRuntime::preprocess_loop() {
   }
 }
 
-torch::Tensor StreamRuntime::fit_rgb(const cv::Mat& bgr) const {
+namespace {
+
+// BGR 8UC3 -> an owned uint8 RGB tensor [H, W, 3].
+torch::Tensor rgb_tensor(const cv::Mat& bgr) {
   cv::Mat rgb;
-  cv::cvtColor(fit(bgr), rgb, cv::COLOR_BGR2RGB);
+  cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
   return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, {static_cast<int64_t>(rgb.step[0]), 3, 1},
                           torch::kUInt8)
       .clone();
 }
+
+}  // namespace
+
+torch::Tensor StreamRuntime::fit_rgb(const cv::Mat& bgr) const { return rgb_tensor(fit(bgr)); }
 
 void StreamRuntime::preprocess_frame(Frame& f) {
   torch::Tensor input, control;  // uint8 RGB [H, W, 3] at the model's size
@@ -309,11 +316,7 @@ void StreamRuntime::preprocess_frame(Frame& f) {
   }
   f.controls = processor_->preprocess_controls(input, control);
   if (!f.image_prompt.empty()) {
-    cv::Mat rgb;
-    cv::cvtColor(f.image_prompt, rgb, cv::COLOR_BGR2RGB);
-    f.image_prompt_rgb = torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3},
-                                          {static_cast<int64_t>(rgb.step[0]), 3, 1}, torch::kUInt8)
-                             .clone();
+    f.image_prompt_rgb = rgb_tensor(f.image_prompt);  // its own size: the image encoder resizes and crops
     f.image_prompt.release();
   }
   if (input.defined()) f.tensor = processor_->preprocess(input);

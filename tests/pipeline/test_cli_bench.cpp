@@ -202,6 +202,35 @@ TEST_F(CliBench, RejectsUnknownSectionsAndBadOptions) {
   EXPECT_NE(r.output.find("--sizes"), std::string::npos) << r.output;
 }
 
+// --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
+// counted) and one comparison per mode against the exact row by their means; K = 0 is refused.
+TEST_F(CliBench, DeepCacheRowsAndComparisons) {
+  const std::string json = dir_ + "/deep.json";
+  RunResult r = run("bench --model '" + model_ + "' --sizes 64 --dtypes fp32 --sections e2e --frames 3 --warmup 1 "
+                    "--threads 1 --deep-cache-every 2 --json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = read_json(json);
+  int deep_rows = 0;
+  for (const auto& x : j["results"]) {
+    if (x["variant"].get<std::string>().find(" deep=2") == std::string::npos) continue;
+    ++deep_rows;
+    EXPECT_EQ(x["samples_s"].size(), 4u) << "3 frames rounded up to a multiple of 2";
+    EXPECT_EQ(x["extra"]["unet_shallow_calls"], 2) << x.dump();
+    EXPECT_DOUBLE_EQ(x["extra"]["amortized_s_per_frame"].get<double>(), x["mean_s"].get<double>());
+  }
+  EXPECT_EQ(deep_rows, 2);
+  int comparisons = 0;
+  for (const auto& c : j["comparisons"]) {
+    if (c["what"].get<std::string>().rfind("deep cache every 2", 0) != 0) continue;
+    ++comparisons;
+    EXPECT_NE(c["candidate"].get<std::string>().find(" deep=2/fp32/64"), std::string::npos) << c.dump();
+  }
+  EXPECT_EQ(comparisons, 2);
+  r = run("bench --model '" + model_ + "' --deep-cache-every 0");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("bench --deep-cache-every must be >= 1"), std::string::npos) << r.output;
+}
+
 // A TAESD-only model (vae/ holds only a config, like models/emoji-tiny): "all" runs what it can, the AutoencoderKL
 // sections are refused by name, and a model with neither autoencoder is a clear error.
 TEST_F(CliBench, TaesdOnlyModel) {
