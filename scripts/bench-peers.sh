@@ -2,33 +2,38 @@
 # Our `streamdiffusion bench` (sections e2e, components) and the peers (bench/peers/) on the same model folder, sizes,
 # thread count and prompt, then one table (our fps, each peer's, ours/peer) and a PNG chart. See bench/peers/README.md.
 #   scripts/bench-peers.sh [--sizes 256[,512]] [--threads 2] [--peers a,b,c] [--out DIR] [--model DIR]
-#                          [--frames N] [--warmup N] [--bin PATH]
+#                          [--arch sd-turbo|bk-sdm-tiny|sdxs-512|sd15] [--frames N] [--warmup N] [--bin PATH]
+# --arch picks the random-weight model (made once with `make-random-model --arch`, in
+# ~/.cache/streamdiffusion-bench/<arch>-random); --model gives any diffusers folder instead.
 # Peers: streamdiffusion, streamdiffusion-tcmalloc, diffusers, openvino, sdcpp (default: all). Each is installed on
 # first use into ~/.cache/streamdiffusion-bench/venvs/<peer> (bench/peers/install.sh); one that cannot install or run
 # is listed with the reason.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 peers_dir=$repo/bench/peers
-model=$HOME/.cache/streamdiffusion-bench/sd-turbo-random
+model= arch=sd-turbo
 sizes=512 threads=2 frames=10 warmup=1 out=bench-peers-out
 peers=streamdiffusion,streamdiffusion-tcmalloc,diffusers,openvino,sdcpp
 bin=${SD_BIN:-$repo/build/apps/streamdiffusion}
 while (($#)); do
   case $1 in
-    --sizes) sizes=$2 ;; --threads) threads=$2 ;; --peers) peers=$2 ;; --out) out=$2 ;; --model) model=$2 ;;
+    --sizes) sizes=$2 ;; --threads) threads=$2 ;; --peers) peers=$2 ;; --out) out=$2 ;; --model) model=$2 ;; --arch) arch=$2 ;;
     --frames) frames=$2 ;; --warmup) warmup=$2 ;; --bin) bin=$2 ;;
-    -h|--help) sed -n 2,8p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
     *) echo "bench-peers.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift 2
 done
 mkdir -p "$out"
-# The default model: the random-weight sd-turbo architecture, made once (as scripts/bench-controlnet.sh does).
-if [[ $model == "$HOME/.cache/streamdiffusion-bench/sd-turbo-random" && ! -f $model/.complete ]]; then
-  echo "making the random sd-turbo model in $model (once)"
-  rm -rf "$model"
-  "$bin" make-random-model --arch sd-turbo --out "$model" --tokenizer "$repo/models/clip-tokenizer" \
-    --weights-dtype bf16 && touch "$model/.complete"
+# The default model: the random-weight architecture --arch, made once (as scripts/bench-controlnet.sh does).
+if [[ -z $model ]]; then
+  model=$HOME/.cache/streamdiffusion-bench/$arch-random
+  if [[ ! -f $model/.complete ]]; then
+    echo "making the random $arch model in $model (once)"
+    rm -rf "$model"
+    "$bin" make-random-model --arch "$arch" --out "$model" --tokenizer "$repo/models/clip-tokenizer" \
+      --weights-dtype bf16 && touch "$model/.complete" || { echo "make-random-model --arch $arch failed" >&2; exit 1; }
+  fi
 fi
 venvs=${SD_PEERS_VENVS:-$HOME/.cache/streamdiffusion-bench/venvs}
 common=(--model "$model" --sizes "$sizes" --threads "$threads" --frames "$frames" --warmup "$warmup")

@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 
 #include "core/device.h"
+#include "models/int8.h"
 #include "core/error.h"
 #include "io/model_folder.h"
 #include "io/safetensors.h"
@@ -146,6 +147,18 @@ double ceiling_gflops(c10::ScalarType dtype, const c10::Device& device) {
 
 double measure_matmul_gflops(c10::ScalarType dtype, const c10::Device& device, int64_t n, int iters) {
   torch::NoGradGuard ng;
+  if (dtype == c10::kQInt8) {  // the int8 mode: oneDNN's int8 product (activation quantization included)
+    const auto a = torch::randn({n, n}).to(sd::int8_float_dtype());
+    const auto w = sd::int8::pack_linear(torch::randn({n, n}), torch::Tensor());
+    double best = 0;
+    for (int i = 0; i <= iters; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto c = sd::int8::linear(a, w);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i > 0) best = std::max(best, 2.0 * static_cast<double>(n) * n * n / s / 1e9);
+    }
+    return best;
+  }
   const auto opt = torch::TensorOptions().dtype(dtype).device(device);
   const auto a = torch::randn({n, n}, opt), b = torch::randn({n, n}, opt);
   double best = 0;

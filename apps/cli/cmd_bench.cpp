@@ -31,6 +31,7 @@
 #include "apps/cli/commands.h"
 #include "apps/cli/pipeline_options.h"
 #include "core/device.h"
+#include "models/int8.h"
 #include "core/error.h"
 #include "io/model_folder.h"
 #include "pipeline/controlnet.h"
@@ -197,7 +198,16 @@ class Bench {
       sizes_.push_back(wh.first);
     }
     if (sizes_.empty()) throw sd::InvalidArgument("bench --sizes is empty (expected e.g. 256,512)");
-    for (const auto& d : split_list(o_.dtypes)) requested_.push_back(sd::parse_dtype(d));
+    for (const auto& d : split_list(o_.dtypes)) {
+      if (d != "int8") {
+        requested_.push_back(sd::parse_dtype(d));
+        continue;
+      }
+      // int8: the UNet's matrix products in int8 over int8_float_dtype(); rows labelled "int8".
+      if (!device_.is_cpu()) throw sd::InvalidArgument("bench --dtypes int8 runs on the CPU only");
+      if (!sd::int8::available()) throw sd::InvalidArgument("bench --dtypes int8: " + sd::int8::unavailable_reason());
+      requested_.push_back(c10::kQInt8);
+    }
     if (requested_.empty()) throw sd::InvalidArgument("bench --dtypes is empty (expected e.g. fp32,bf16)");
     for (auto d : requested_)
       if (d == c10::kHalf && device_.is_cpu())
@@ -238,7 +248,8 @@ class Bench {
   // ---- models -------------------------------------------------------------------------------------------------
   std::shared_ptr<const sd::DiffusionModels> load(c10::ScalarType dt, const std::string& taesd) {
     sd::LoadOptions lo;
-    lo.dtype = dt;
+    lo.dtype = compute_dtype(dt);
+    lo.int8 = dt == c10::kQInt8;
     lo.device = o_.device;
     lo.threads = -1;  // set once above
     lo.taesd = taesd;
@@ -353,7 +364,11 @@ class Bench {
     return m->encode_prompt(o_.prompt).size(2);
   }
 
-  torch::TensorOptions topt(c10::ScalarType dt) const { return torch::TensorOptions().dtype(dt).device(device_); }
+  // The tensors' dtype for a row's dtype (int8 rows compute around the int8 products in int8_float_dtype()).
+  static c10::ScalarType compute_dtype(c10::ScalarType dt) { return dt == c10::kQInt8 ? sd::int8_float_dtype() : dt; }
+  torch::TensorOptions topt(c10::ScalarType dt) const {
+    return torch::TensorOptions().dtype(compute_dtype(dt)).device(device_);
+  }
 
   // SDXL's added conditioning for b rows at this size (random pooled text); empty for other models.
   sd::AddedConditioning random_added(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt,

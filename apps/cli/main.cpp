@@ -24,7 +24,7 @@ bool register_command(CommandSpec spec) {
 
 void add_common_options(CLI::App& app, CommonOptions& opts) {
   app.add_option("--threads", opts.threads, "intra-op threads for the model (0 = all cores)")->capture_default_str();
-  app.add_option("--dtype", opts.dtype, "weights and activations: fp32 | bf16 | fp16 (fp16 on CUDA)")
+  app.add_option("--dtype", opts.dtype, "weights and activations: fp32 | bf16 | fp16 (fp16 on CUDA) | int8 (CPU, libtorch 2: the UNet's matrix products in int8, the rest bf16/fp32)")
       ->capture_default_str();
   app.add_option("--device", opts.device, "cpu | cuda | cuda:N")->capture_default_str();
 }

@@ -294,7 +294,12 @@ LoadedModels load_models(const PipelineOptions& o) {
                           " (it ships in the repository as models/emoji-tiny; retrain it with scripts/train-emoji.sh, "
                           "set SD_DEFAULT_MODEL, or pass --model DIR)");
   LoadOptions lo;
-  lo.dtype = parse_dtype(o.common.dtype);
+  if (o.common.dtype == "int8") {
+    lo.int8 = true;
+    lo.dtype = int8_float_dtype();
+  } else {
+    lo.dtype = parse_dtype(o.common.dtype);
+  }
   lo.device = o.common.device;
   lo.threads = o.common.threads;
   lo.taesd = o.taesd;

@@ -31,6 +31,7 @@ std::string dtype_name(c10::ScalarType t) {
     case c10::kBFloat16: return "bf16";
     case c10::kHalf: return "fp16";
     case c10::kDouble: return "fp64";
+    case c10::kQInt8: return "int8";  // the int8 mode's label (int8_float_dtype)
     default: return c10::toString(t);
   }
 }
@@ -83,6 +84,13 @@ bool cpu_has_native_bf16() {
 bool cpu_has_onednn_bf16() {
   if (cpu_flags().empty()) return true;
   return (has_flag("avx512bw") && has_flag("avx512vl") && has_flag("avx512dq")) || has_flag("amx_bf16");
+}
+
+c10::ScalarType int8_float_dtype() { return cpu_has_native_bf16() ? c10::kBFloat16 : c10::kFloat; }
+
+bool cpu_has_int8_dot() {
+  if (cpu_flags().empty()) return true;
+  return has_flag("avx512_vnni") || has_flag("avx_vnni") || has_flag("amx_int8");
 }
 
 std::string cpu_simd_level() {

@@ -25,6 +25,13 @@ bool cpu_has_native_bf16();
 // Whether oneDNN has bf16 kernels on this CPU (AVX-512 BW/VL/DQ, or AMX); elsewhere bf16 convolutions and matrix
 // products fall back to slow generic code. True where /proc/cpuinfo cannot be read (unknown).
 bool cpu_has_onednn_bf16();
+// `--dtype int8` runs the UNet's convolutions and linear layers in int8 (LoadOptions::int8) and everything else in
+// this float dtype: bf16 where the CPU computes it natively, else fp32. dtype_name(c10::kQInt8) is "int8", the mode's
+// label in bench rows.
+c10::ScalarType int8_float_dtype();
+// Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), which oneDNN's int8
+// kernels need to beat the float path. True where /proc/cpuinfo cannot be read (unknown).
+bool cpu_has_int8_dot();
 // The CPU's SIMD level for logs and bench output: "amx_bf16", "avx512_bf16", "avx512", "avx2", "sse" or "unknown".
 std::string cpu_simd_level();
 // Whether oneDNN runs its AMX kernels here: the CPU has AMX-BF16 and ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA (read by

@@ -7,6 +7,7 @@
 #include <torch/version.h>
 
 #include "core/error.h"
+#include "core/torch_compat.h"
 #include "models/softmax_rows.h"
 
 namespace sd {
@@ -132,7 +133,7 @@ torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, 
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t heads,
                         bool upcast) {
-#if TORCH_VERSION_MAJOR >= 2
+#if SD_HAS_SDPA
   check_qkv(q, k, v, heads);
   // The fused kernels never materialise the full score matrix. Reduced precision on CPU (and whenever upcasting)
   // is computed in fp32 as on the 1.13 path: older CPU SDPA math paths soft-max in the input dtype.

@@ -1,6 +1,7 @@
 #include "models/layers.h"
 
 #include "core/device.h"
+#include "core/error.h"
 
 namespace sd::nn {
 
@@ -29,7 +30,28 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias) : in_features(in)
   if (has_bias) bias = register_parameter("bias", torch::empty({out}));
 }
 
-torch::Tensor LinearImpl::forward(const torch::Tensor& x) { return torch::nn::functional::linear(x, weight, bias); }
+namespace {
+// Whether the int8 copy should serve this call: CPU inference (no gradient wanted) with the fast path on.
+bool use_int8(bool quantized, const torch::Tensor& x, const torch::Tensor& weight) {
+  return quantized && fast_path().int8 && x.device().is_cpu() &&
+         !(torch::GradMode::is_enabled() && (weight.requires_grad() || x.requires_grad()));
+}
+}  // namespace
+
+void LinearImpl::quantize_int8() {
+  torch::NoGradGuard no_grad;
+  int8_ = std::make_shared<sd::int8::PackedLinear>(sd::int8::pack_linear(weight, bias));
+  int8_from_ = weight.data_ptr();
+  int8_version_ = version_of(weight);
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
+  if (use_int8(int8_ != nullptr, x, weight)) {
+    if (int8_version_ != version_of(weight) || int8_from_ != weight.data_ptr()) quantize_int8();
+    return sd::int8::linear(x, *int8_);
+  }
+  return torch::nn::functional::linear(x, weight, bias);
+}
 
 Conv2dImpl::Conv2dImpl(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, bool has_bias)
     : in_channels(in), out_channels(out), kernel_size(k), stride(s), padding(p) {
@@ -61,7 +83,19 @@ bool Conv2dImpl::prepacked_current() const {
          packed_from_ == weight.data_ptr();
 }
 
+void Conv2dImpl::quantize_int8() {
+  torch::NoGradGuard no_grad;
+  int8_ = std::make_shared<sd::int8::PackedConv>(sd::int8::pack_conv(weight, bias, stride, padding));
+  int8_from_ = weight.data_ptr();
+  int8_version_ = version_of(weight);
+  packed_ = torch::Tensor();
+}
+
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
+  if (use_int8(int8_ != nullptr, x, weight)) {
+    if (int8_version_ != version_of(weight) || int8_from_ != weight.data_ptr()) quantize_int8();
+    return sd::int8::conv2d(x, *int8_);
+  }
   if (packed_.defined() && fast_path().prepack_conv && x.device().is_cpu() &&
       x.scalar_type() == weight.scalar_type() && packed_version_ == version_of(weight) &&
       packed_from_ == weight.data_ptr() &&
@@ -75,6 +109,23 @@ int64_t prepack_convolutions(torch::nn::Module& module) {
   int64_t n = 0;
   for (auto& m : module.modules(/*include_self=*/true)) {
     if (auto* conv = dynamic_cast<Conv2dImpl*>(m.get())) n += conv->prepack() ? 1 : 0;
+  }
+  return n;
+}
+
+int64_t quantize_int8(torch::nn::Module& module, const std::function<bool(const std::string&)>& keep_float) {
+  const std::string why = sd::int8::unavailable_reason();
+  if (!why.empty()) throw InvalidArgument("int8: " + why);
+  int64_t n = 0;
+  for (const auto& item : module.named_modules("", /*include_self=*/false)) {
+    if (keep_float && keep_float(item.key())) continue;
+    if (auto* conv = dynamic_cast<Conv2dImpl*>(item.value().get())) {
+      conv->quantize_int8();
+      ++n;
+    } else if (auto* lin = dynamic_cast<LinearImpl*>(item.value().get())) {
+      lin->quantize_int8();
+      ++n;
+    }
   }
   return n;
 }

@@ -2,7 +2,13 @@
 // Leaf layers with diffusers/transformers parameter names ("weight", "bias"). Parameters are created empty: every
 // model's weights come from a file (or an explicit random init), so paying for libtorch's default initialisation of
 // a billion parameters at construction would be waste.
+#include <functional>
+#include <memory>
+#include <string>
+
 #include <torch/torch.h>
+
+#include "models/int8.h"
 
 namespace sd::nn {
 
@@ -14,6 +20,8 @@ struct FastPathOptions {
   bool attention_reduced_cpu = true;
   // CPU attention over large score matrices in (head, query tile) tasks (attention_chunked); off = one bmm per chunk
   bool attention_tiles_cpu = true;
+  // Layers given an int8 copy (quantize_int8(), `--dtype int8`) compute with it; off = their float path
+  bool int8 = true;
 };
 FastPathOptions& fast_path();
 
@@ -23,6 +31,16 @@ class LinearImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
   torch::Tensor weight, bias;  // [out, in], [out]
   int64_t in_features, out_features;
+
+  // An int8 copy of the weight (per output channel) that forward() uses on the CPU, quantizing each input on the fly
+  // (sd::int8). Re-made when the weight changes in place (a LoRA scale). Throws where int8 is unavailable.
+  void quantize_int8();
+  bool quantized() const { return int8_ != nullptr; }
+
+ private:
+  std::shared_ptr<sd::int8::PackedLinear> int8_;
+  const void* int8_from_ = nullptr;
+  int64_t int8_version_ = -1;
 };
 TORCH_MODULE(Linear);
 
@@ -42,8 +60,14 @@ class Conv2dImpl : public torch::nn::Module {
   bool prepacked() const { return packed_.defined(); }
   // The packed copy exists and was made from the current weight (what forward() then reads).
   bool prepacked_current() const;
+  // As Linear::quantize_int8; drops the float packed copy, which forward() then no longer reads.
+  void quantize_int8();
+  bool quantized() const { return int8_ != nullptr; }
 
  private:
+  std::shared_ptr<sd::int8::PackedConv> int8_;
+  const void* int8_from_ = nullptr;
+  int64_t int8_version_ = -1;
   torch::Tensor packed_;
   const void* packed_from_ = nullptr;  // the weight storage packed_ was made from
   int64_t packed_version_ = -1;
@@ -83,5 +107,9 @@ TORCH_MODULE(Embedding);
 
 // Prepacks every Conv2d under `module` (see Conv2dImpl::prepack); returns how many were packed.
 int64_t prepack_convolutions(torch::nn::Module& module);
+
+// Gives every Conv2d and Linear under `module` whose dotted name `keep_float` does not accept an int8 copy; returns
+// how many. Throws InvalidArgument naming the reason where int8 is unavailable (sd::int8::unavailable_reason()).
+int64_t quantize_int8(torch::nn::Module& module, const std::function<bool(const std::string&)>& keep_float);
 
 }  // namespace sd::nn

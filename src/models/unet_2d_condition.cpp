@@ -423,6 +423,18 @@ bool UNet2DConditionModelImpl::supports_feature_cache() const {
          up_list.back()->num_layers() == static_cast<int64_t>(down_list.front()->resnet_list.size()) + 1;
 }
 
+int64_t UNet2DConditionModelImpl::quantize_int8() {
+  const auto keep_float = [](const std::string& name) {
+    const auto ends = [&](const std::string& tail) {
+      return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+    };
+    return name == "conv_in" || name == "conv_out" || name.rfind("time_embedding", 0) == 0 ||
+           name.rfind("add_embedding", 0) == 0 || ends("time_emb_proj") || ends("attn2.to_k") || ends("attn2.to_v") ||
+           name.find("_ip") != std::string::npos;  // IP-Adapter projections (to_k_ip / to_v_ip)
+  };
+  return sd::nn::quantize_int8(*this, keep_float);
+}
+
 UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype, torch::Device device) {
   const std::string config_path = unet_dir + "/config.json";
   auto config = UNet2DConditionConfig::from_json(read_json_file(config_path), config_path);

@@ -1,5 +1,6 @@
 #include "pipeline/diffusion_models.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -112,12 +113,23 @@ class StableDiffusionModels : public DiffusionModels {
       ip_adapter_ = load_ip_adapter(opt.ip_adapter, *unet_, dtype_, device_);
       set_ip_adapter_scale(opt.ip_adapter_scale);
     }
+    if (opt.int8) quantize_unet();
   }
+
+  int64_t int8_layers() const override { return int8_layers_; }
 
   const IPAdapterModels* ip_adapter() const override { return ip_adapter_.get(); }
   void set_ip_adapter_scale(double scale) const override {
     if (!ip_adapter_) return DiffusionModels::set_ip_adapter_scale(scale);
     ip_adapter_->adapter->set_scale(scale);
+  }
+
+  void quantize_unet() {
+    if (!device_.is_cpu()) throw InvalidArgument("--dtype int8 runs on the CPU only (device " + device_.str() + ")");
+    const auto t0 = std::chrono::steady_clock::now();
+    int8_layers_ = unet_->quantize_int8();
+    log::info("int8: {} UNet layers quantized in {:.2f} s", int8_layers_,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
 
   void load_loras(const LoadOptions& opt) {
@@ -222,7 +234,7 @@ class StableDiffusionModels : public DiffusionModels {
       for (size_t i = 0; i < lora_names_.size(); ++i) o << (i ? " + " : " ") << lora_names_[i];
     }
     if (ip_adapter_) o << ", IP-Adapter " << std::filesystem::path(ip_adapter_->paths.weights).filename().string();
-    o << ", " << dtype_name(dtype_) << ", " << device_ << ")";
+    o << ", " << (int8_layers_ > 0 ? "int8/" : "") << dtype_name(dtype_) << ", " << device_ << ")";
     return o.str();
   }
 
@@ -503,6 +515,7 @@ class StableDiffusionModels : public DiffusionModels {
   double scaling_factor_ = 1.0;
   int64_t latent_channels_ = 4, vae_scale_factor_ = 8, text_hidden_ = 0;
   int clip_skip_ = 0;
+  int64_t int8_layers_ = 0;
 };
 
 }  // namespace

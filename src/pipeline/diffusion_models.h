@@ -111,6 +111,8 @@ class DiffusionModels {
   virtual std::string family() const { return pooled_text_dim() > 0 ? "sdxl" : "sd"; }
   // One line for logs: model folder, which autoencoder, dtype, device.
   virtual std::string describe() const = 0;
+  // How many of the UNet's layers compute in int8 (LoadOptions::int8); 0 = none.
+  virtual int64_t int8_layers() const { return 0; }
 
   // LoRAs fused into the weights at load (LoadOptions::loras), in load order, with their current scales.
   virtual std::vector<LoraReport> loras() const { return {}; }
@@ -170,6 +172,11 @@ struct LoadOptions {
   // ip-adapter*.safetensors and image_encoder/ (models/ip_adapter.h). Empty = none.
   std::string ip_adapter;
   double ip_adapter_scale = 1.0;  // diffusers' load_ip_adapter leaves it at 1.0
+  // The UNet's convolutions and linear layers in int8 (models/int8.h; `--dtype int8`), after LoRAs are fused; the
+  // rest stays in `dtype`. Only its first and last convolutions, the time/added embeddings and the text-context
+  // projections of cross-attention (small products, most sensitive) stay float. CPU only; InvalidArgument where
+  // int8 is unavailable (sd::int8::unavailable_reason()).
+  bool int8 = false;
 };
 
 // Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config once, from a diffusers

@@ -12,6 +12,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "core/error.h"
+#include "core/torch_compat.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "models/random_model.h"
@@ -111,7 +112,7 @@ void save_opt_state(torch::optim::AdamW& opt, const std::string& prefix,
                     std::vector<std::pair<std::string, torch::Tensor>>& out) {
   const auto& params = opt.param_groups().at(0).params();
   for (size_t i = 0; i < params.size(); ++i) {
-    auto it = opt.state().find(c10::guts::to_string(params[i].unsafeGetTensorImpl()));
+    auto it = opt.state().find(compat::optimizer_state_key(opt, params[i]));
     if (it == opt.state().end()) continue;
     auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
     const std::string k = prefix + std::to_string(i);
@@ -133,7 +134,7 @@ void load_opt_state(torch::optim::AdamW& opt, const std::string& prefix, const S
     s->exp_avg_sq(f.get(k + ".exp_avg_sq").clone());
     if (!s->exp_avg().sizes().equals(params[i].sizes()))
       throw FormatError(f.path(), "optimizer state " + k + " does not match the parameter's shape");
-    opt.state()[c10::guts::to_string(params[i].unsafeGetTensorImpl())] = std::move(s);
+    opt.state()[compat::optimizer_state_key(opt, params[i])] = std::move(s);
   }
 }
 
