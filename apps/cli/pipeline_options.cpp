@@ -294,7 +294,7 @@ LoadedModels load_models(const PipelineOptions& o) {
                           " (it ships in the repository as models/emoji-tiny; retrain it with scripts/train-emoji.sh, "
                           "set SD_DEFAULT_MODEL, or pass --model DIR)");
   LoadOptions lo;
-  lo.dtype = parse_dtype(o.common.dtype);
+  lo.dtype = parse_dtype(o.common.dtype, parse_device(o.common.device));
   lo.device = o.common.device;
   lo.threads = o.common.threads;
   lo.taesd = o.taesd;
