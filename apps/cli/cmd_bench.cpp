@@ -50,7 +50,7 @@ struct BenchOptions {
   std::string model;
   std::string config;  // single files: a diffusers folder of config files (sd::LoadOptions::config)
   std::string sizes;   // "" = the model's native size
-  std::string dtypes = "bf16";
+  std::string dtypes = "auto";
   std::string device = "cpu";
   std::string sections = "all";
   int threads = 0;
@@ -198,15 +198,18 @@ class Bench {
       sizes_.push_back(wh.first);
     }
     if (sizes_.empty()) throw sd::InvalidArgument("bench --sizes is empty (expected e.g. 256,512)");
-    for (const auto& d : split_list(o_.dtypes)) {
-      if (d != "int8") {
-        requested_.push_back(sd::parse_dtype(d));
-        continue;
+    for (const auto& name : split_list(o_.dtypes)) {
+      c10::ScalarType d = c10::kQInt8;
+      if (name == "int8") {
+        // The UNet's matrix products in int8 over int8_float_dtype(); rows labelled "int8".
+        if (!device_.is_cpu()) throw sd::InvalidArgument("bench --dtypes int8 runs on the CPU only");
+        if (!sd::int8::available())
+          throw sd::InvalidArgument("bench --dtypes int8: " + sd::int8::unavailable_reason());
+      } else {
+        // "auto" is the dtype a plain command would run in here; rows and JSON name what it resolved to.
+        d = sd::parse_dtype(name, device_);
       }
-      // int8: the UNet's matrix products in int8 over int8_float_dtype(); rows labelled "int8".
-      if (!device_.is_cpu()) throw sd::InvalidArgument("bench --dtypes int8 runs on the CPU only");
-      if (!sd::int8::available()) throw sd::InvalidArgument("bench --dtypes int8: " + sd::int8::unavailable_reason());
-      requested_.push_back(c10::kQInt8);
+      if (std::find(requested_.begin(), requested_.end(), d) == requested_.end()) requested_.push_back(d);
     }
     if (requested_.empty()) throw sd::InvalidArgument("bench --dtypes is empty (expected e.g. fp32,bf16)");
     for (auto d : requested_)
@@ -1008,7 +1011,9 @@ sd::cli::Runner setup_bench(CLI::App& app) {
   app.add_option("--config", o->config,
                  "single-file checkpoints: a diffusers folder of config files used instead of inference");
   app.add_option("--sizes", o->sizes, "square image sizes, comma-separated (e.g. 256,512; default: the model's native size)");
-  app.add_option("--dtypes", o->dtypes, "fp32,bf16 (CPU) or fp32,fp16 (CUDA); the ablation adds what it needs")
+  app.add_option("--dtypes", o->dtypes,
+                 "fp32,bf16 (CPU) or fp32,fp16 (CUDA), or auto (what the other commands run in here: bf16 on a CPU "
+                 "with AVX512-BF16/AMX, fp16 on CUDA, else fp32); the ablation adds what it needs")
       ->capture_default_str();
   app.add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
   app.add_option("--sections", o->sections, "all, or any of components,e2e,ablation,batch,cfg,vae,filter")

@@ -1,11 +1,13 @@
 // `streamdiffusion serve`: the resident server — the model loaded once, the browser app of web/ (live webcam /
 // screen img2img and live txt2img over a WebSocket per client) and an HTTP API (txt2img, img2img, health, stats).
 // See src/server/http_server.h for the routes and src/server/websocket_session.h for the WebSocket protocol.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <thread>
+#include <tuple>
 
 #include <ATen/Parallel.h>
 
@@ -29,6 +31,7 @@ struct ServeOptions {
   sd::cli::PipelineOptions p;
   sd::server::ServerOptions s;
   std::string mode = "img2img";
+  std::string max_size;  // "" = twice the stream size per side
   int64_t max_ws_mib = 4, max_body_mib = 16;
 };
 
@@ -63,6 +66,9 @@ sd::cli::Runner setup_serve(CLI::App& app) {
   app.add_option("--max-streams", o->s.max_streams,
                  "concurrent WebSocket streams (each has its own stream state); more get a 'busy' message")
       ->capture_default_str();
+  app.add_option("--max-size", o->max_size,
+                 "WIDTHxHEIGHT: the largest output an API request may ask for with \"width\" / \"height\" "
+                 "(default: twice the stream size per side, at most 4096)");
   app.add_option("--max-ws-message", o->max_ws_mib, "largest WebSocket message in MiB (a bigger one closes that client)")
       ->capture_default_str();
   app.add_option("--max-http-body", o->max_body_mib, "largest HTTP request body in MiB (413 beyond)")
@@ -118,6 +124,18 @@ sd::cli::Runner setup_serve(CLI::App& app) {
       t.similarity_filter = 0;
       d.txt2img = sd::cli::stream_config(t, true, md);
     }
+    if (o->max_size.empty()) {
+      // Room for the sizes clients of other SD servers ask for (768 on a 512 model) without letting one request
+      // hold the model thread for a 16x larger image.
+      d.max_width = std::min<int64_t>(2 * d.img2img.width, 4096);
+      d.max_height = std::min<int64_t>(2 * d.img2img.height, 4096);
+    } else {
+      std::tie(d.max_width, d.max_height) = sd::cli::parse_size(o->max_size, "--max-size");
+    }
+    if (d.max_width < d.img2img.width || d.max_height < d.img2img.height)
+      throw sd::InvalidArgument("--max-size " + std::to_string(d.max_width) + "x" + std::to_string(d.max_height) +
+                                " is smaller than the stream size " + std::to_string(d.img2img.width) + "x" +
+                                std::to_string(d.img2img.height));
     d.native_width = md.native_width;
     d.native_height = md.native_height;
     d.prompt = o->p.prompt;

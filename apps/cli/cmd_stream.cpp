@@ -283,7 +283,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
                          {"t_index_list", stream->config().t_index_list},
                          {"cfg_type", sd::cfg_type_name(cfg.cfg_type)},
                          {"frame_buffer_size", cfg.frame_buffer_size},
-                         {"dtype", o->p.common.dtype},
+                         {"dtype", sd::dtype_name(l.models->dtype())},  // what "auto" resolved to
                          {"threads", at::get_num_threads()},
                          {"synchronous", o->sync},
                          {"load_s", l.load_s}};

@@ -25,7 +25,7 @@ bool register_command(CommandSpec spec);
 // Common options every model command takes (threads, dtype, device); applied by apply_common().
 struct CommonOptions {
   int threads = 0;
-  std::string dtype = "fp32";
+  std::string dtype = "auto";  // resolved by sd::parse_dtype for the device
   std::string device = "cpu";
 };
 void add_common_options(CLI::App& app, CommonOptions& opts);

@@ -24,7 +24,11 @@ bool register_command(CommandSpec spec) {
 
 void add_common_options(CLI::App& app, CommonOptions& opts) {
   app.add_option("--threads", opts.threads, "intra-op threads for the model (0 = all cores)")->capture_default_str();
-  app.add_option("--dtype", opts.dtype, "weights and activations: fp32 | bf16 | fp16 (fp16 on CUDA) | int8 (CPU, libtorch 2: the UNet's matrix products in int8, the rest bf16/fp32)")
+  app.add_option("--dtype", opts.dtype,
+                 "weights and activations: auto | fp32 | bf16 | fp16 (fp16 on CUDA) | int8. auto: bf16 on a CPU with "
+                 "AVX512-BF16 or AMX-BF16, fp16 on CUDA, else fp32 (bf16 without them is emulated, far slower). "
+                 "int8 (CPU with VNNI/AMX, libtorch 2 builds): the UNet's convolutions and linear layers in int8, "
+                 "the rest as auto")
       ->capture_default_str();
   app.add_option("--device", opts.device, "cpu | cuda | cuda:N")->capture_default_str();
 }

@@ -298,7 +298,7 @@ LoadedModels load_models(const PipelineOptions& o) {
     lo.int8 = true;
     lo.dtype = int8_float_dtype();
   } else {
-    lo.dtype = parse_dtype(o.common.dtype);
+    lo.dtype = parse_dtype(o.common.dtype, parse_device(o.common.device));
   }
   lo.device = o.common.device;
   lo.threads = o.common.threads;

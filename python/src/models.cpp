@@ -20,14 +20,16 @@ namespace {
 // pybind11 holders cannot be shared_ptr<const T>: the Python object holds a non-const pointer to the immutable set.
 using Models = std::shared_ptr<sd::DiffusionModels>;
 
-// "fp32" | "bf16" | "fp16" | "float32" | ... or a torch / numpy dtype ("torch.float16", "<class 'numpy.float32'>").
-c10::ScalarType dtype_arg(py::handle d) {
+// "auto" (or None) | "fp32" | "bf16" | "fp16" | "float32" | ... or a torch / numpy dtype ("torch.float16",
+// "<class 'numpy.float32'>"), for the device the models load on.
+c10::ScalarType dtype_arg(py::handle d, const std::string& device) {
+  if (d.is_none()) return sd::parse_dtype("auto", sd::parse_device(device));
   std::string s = py::str(d).cast<std::string>();
   const auto q = s.find('\'');
   if (q != std::string::npos) s = s.substr(q + 1, s.rfind('\'') - q - 1);  // <class 'numpy.float32'>
   const auto dot = s.rfind('.');
   if (dot != std::string::npos) s = s.substr(dot + 1);  // torch.float16 -> float16
-  return sd::parse_dtype(s);
+  return sd::parse_dtype(s, sd::parse_device(device));
 }
 
 std::string model_path_or_default(const std::optional<std::string>& model) {
@@ -122,7 +124,7 @@ of Streams. Create it with load_pipeline().
          bool strict_lora, bool lora_live, int clip_skip, std::optional<double> lcm_guidance,
          const std::string& ip_adapter, double ip_adapter_scale) {
         sd::LoadOptions o;
-        o.dtype = dtype_arg(dtype);
+        o.dtype = dtype_arg(dtype, device);
         o.device = device;
         o.threads = threads;
         o.taesd = taesd;
@@ -141,7 +143,7 @@ of Streams. Create it with load_pipeline().
         py::gil_scoped_release release;
         return std::const_pointer_cast<sd::DiffusionModels>(sd::load_pipeline(path, o));
       },
-      py::arg("model") = py::none(), py::kw_only(), py::arg("dtype") = "fp32", py::arg("device") = "cpu",
+      py::arg("model") = py::none(), py::kw_only(), py::arg("dtype") = "auto", py::arg("device") = "cpu",
       py::arg("threads") = 0, py::arg("taesd") = "", py::arg("vae") = "", py::arg("config") = "",
       py::arg("tokenizer") = "", py::arg("prediction_type") = "", py::arg("loras") = py::none(),
       py::arg("lcm_lora") = py::none(), py::arg("strict_lora") = false, py::arg("lora_live") = true,
@@ -150,7 +152,8 @@ of Streams. Create it with load_pipeline().
       R"doc(
 Loads a model once (sd::load_pipeline): a diffusers folder or an original-layout single .safetensors file.
 
-model: folder or file; None = the built-in models/emoji-tiny. dtype: "fp32" | "bf16" | "fp16" (or a torch dtype).
+model: folder or file; None = the built-in models/emoji-tiny. dtype: "auto" (or None: bf16 on a CPU with AVX512-BF16
+or AMX-BF16, fp16 on CUDA, else fp32; Models.dtype tells which) | "fp32" | "bf16" | "fp16" (or a torch dtype).
 device: "cpu" | "cuda[:N]". threads: intra-op threads (0 = all cores, < 0 = leave as is). taesd: TAESD folder, "none"
 for the AutoencoderKL, "" = <model>/taesd when present. vae: an AutoencoderKL folder or file. config / tokenizer /
 prediction_type: for single files. loras: {path: scale}, ["file", "file:scale"] or [(path, scale)], fused in order

@@ -66,7 +66,7 @@ class Models:
 def load_pipeline(
     model: Optional[str] = None,
     *,
-    dtype: Any = "fp32",
+    dtype: Any = "auto",
     device: str = "cpu",
     threads: int = 0,
     taesd: str = "",

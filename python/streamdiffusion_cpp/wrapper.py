@@ -89,7 +89,7 @@ def _lora_file(path: str) -> str:
 
 def _dtype_name(dtype: Any, device: str) -> str:
     if dtype is None:
-        return "fp16" if device.startswith("cuda") else "fp32"
+        return "auto"  # the engine picks for the device: bf16 / fp16 where it is native, else fp32
     s = str(dtype)
     return s.rsplit(".", 1)[-1] if "." in s else s
 
@@ -143,8 +143,9 @@ class StreamDiffusionWrapper:
 
         model_id_or_path: a diffusers folder or single .safetensors file (a hub id only if it is in the local hub
         cache); None = the built-in emoji model. t_index_list, width, height, cfg_type: None = the model's
-        recommendation / native size. dtype: torch dtype or "fp32" | "bf16" | "fp16" (None: fp32 on CPU, fp16 on
-        CUDA). threads: intra-op threads (0 = all cores).
+        recommendation / native size. dtype: torch dtype or "auto" | "fp32" | "bf16" | "fp16" (None = "auto": bf16 on
+        a CPU with AVX512-BF16 or AMX-BF16, fp16 on CUDA, else fp32; self.dtype says which). threads: intra-op
+        threads (0 = all cores).
 
         controlnets: ControlNets as paths or (path, scale) pairs (diffusers folders or control_*.safetensors files),
         residuals summed; controlnet_every: recompute them every N calls. control_preprocessor: "canny[:LOW:HIGH]" |
@@ -202,10 +203,10 @@ class StreamDiffusionWrapper:
             taesd = "none"
             vae = resolve_model_path(vae_id) or "" if vae_id is not None else ""
 
-        self.dtype = _dtype_name(dtype, device)
-        self.models = _core.load_pipeline(self.model_path, dtype=self.dtype, device=device, threads=threads,
-                                          taesd=taesd, vae=vae, loras=loras, ip_adapter=ip_adapter or "",
-                                          ip_adapter_scale=float(ip_adapter_scale))
+        self.models = _core.load_pipeline(self.model_path, dtype=_dtype_name(dtype, device), device=device,
+                                          threads=threads, taesd=taesd, vae=vae, loras=loras,
+                                          ip_adapter=ip_adapter or "", ip_adapter_scale=float(ip_adapter_scale))
+        self.dtype = self.models.dtype  # what "auto" resolved to: "fp32", "bf16" or "fp16"
         # ControlNets and image prompt: kept here and given to every stream prepare() makes.
         self.controlnets: List[tuple] = []
         for item in controlnets or []:

@@ -43,4 +43,4 @@ def sd():
 
 @pytest.fixture(scope="session")
 def emoji_models(sd):
-    return sd.load_pipeline(None, threads=2)
+    return sd.load_pipeline(None, dtype="fp32", threads=2)

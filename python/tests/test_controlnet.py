@@ -24,7 +24,7 @@ def paths(fixtures):
 
 @pytest.fixture(scope="module")
 def models(sd, paths):
-    return sd.load_pipeline(paths["model"], threads=1)
+    return sd.load_pipeline(paths["model"], dtype="fp32", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_control_preprocess_canny_is_binary(sd):
 def test_ip_adapter_image_prompt_changes_output(sd, paths):
     if not os.path.isdir(paths["ipa"]):
         pytest.skip("no IP-Adapter fixture")
-    m = sd.load_pipeline(paths["model"], threads=1, ip_adapter=paths["ipa"], ip_adapter_scale=1.0)
+    m = sd.load_pipeline(paths["model"], dtype="fp32", threads=1, ip_adapter=paths["ipa"], ip_adapter_scale=1.0)
     assert m.has_ip_adapter
     plain, _ = run(sd, m)
     picture = np.zeros((40, 56, 3), dtype=np.uint8)
@@ -175,7 +175,7 @@ def test_ip_adapter_image_prompt_changes_output(sd, paths):
     m.set_ip_adapter_scale(0.0)
     zero, _ = run(sd, m, lambda s: s.set_image_prompt(picture))
     m.set_ip_adapter_scale(1.0)
-    plain_models = sd.load_pipeline(paths["model"], threads=1)
+    plain_models = sd.load_pipeline(paths["model"], dtype="fp32", threads=1)
     reference, _ = run(sd, plain_models)
     assert np.array_equal(zero, reference)
     with pytest.raises(sd.InvalidArgument):
@@ -234,7 +234,7 @@ def test_run_stream_second_sources(sd, paths, models, cn, tmp_path):
 
     # Image prompts A, A, B read with every input frame: two encodes, the repeated A is not encoded again.
     prompts = folder("prompts", [(250, 10, 10), (250, 10, 10), (10, 10, 250)], size=(56, 40))
-    ipm = sd.load_pipeline(paths["model"], threads=1, ip_adapter=paths["ipa"], ip_adapter_scale=1.0)
+    ipm = sd.load_pipeline(paths["model"], dtype="fp32", threads=1, ip_adapter=paths["ipa"], ip_adapter_scale=1.0)
     s2 = sd.Stream(ipm, config(sd))
     s2.prepare("a cat")
     summary = sd.run_stream(s2, src, "none", image_prompt_input=prompts)

@@ -48,7 +48,9 @@ def models_for(sd, root, p):
         sub = ("sdxl", "models") if "sdxl" in p["model"] else ("models",)
         model_dir = os.path.join(root, *sub, p["model"])
         taesd = os.path.join(model_dir, p["vae"]) if p["vae"] in ("taesd", "taesdxl") else "none"
-        _models[key] = sd.load_pipeline(model_dir, taesd=taesd, loras=loras, strict_lora=True, threads=-1)
+        # The goldens and their tolerances are float32 ("auto" may pick bf16 on some CPUs).
+        _models[key] = sd.load_pipeline(model_dir, dtype="fp32", taesd=taesd, loras=loras, strict_lora=True,
+                                        threads=-1)
     return _models[key]
 
 
@@ -126,7 +128,7 @@ def test_pipeline_golden(sd, fixtures, case_set, index):
 
 
 def test_replay_rng_shape_mismatch_is_the_engine_error(sd, fixtures):
-    models = sd.load_pipeline(os.path.join(fixtures, "models", "tiny-sd15"), threads=-1,
+    models = sd.load_pipeline(os.path.join(fixtures, "models", "tiny-sd15"), dtype="fp32", threads=-1,
                               taesd=os.path.join(fixtures, "models", "tiny-sd15", "taesd"))
     cfg = sd.resolve_config(os.path.join(fixtures, "models", "tiny-sd15"), "txt2img", t_index_list=[0],
                             width=64, height=64)

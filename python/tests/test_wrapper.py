@@ -54,7 +54,8 @@ def test_txt2img_output_types(sd):
     w.prepare("rocket")
     raw = w.txt2img()
     assert tuple(raw.shape) == (3, 64, 64) and float(raw.min()) < 0.0  # the decoder output in [-1, 1]
-    np.testing.assert_allclose(np.clip(raw.numpy() / 2 + 0.5, 0, 1).transpose(1, 2, 0), arr, atol=1e-6)
+    # "latent" is in the model's dtype (bf16 where "auto" picks it): numpy needs it as float.
+    np.testing.assert_allclose(np.clip(raw.float().numpy() / 2 + 0.5, 0, 1).transpose(1, 2, 0), arr, atol=1e-6)
 
 
 def test_img2img_on_pil_path_and_tensor(sd, tmp_path):
@@ -88,10 +89,10 @@ def test_wrapper_equals_the_stream(sd):
     """The wrapper adds nothing to the numbers: the same config through Stream gives the same image."""
     w = sd.StreamDiffusionWrapper(mode="txt2img", output_type="latent", t_index_list=[0, 32], threads=2)
     w.prepare("cat face")
-    a = [np.asarray(w.txt2img()).copy() for _ in range(2)]
+    a = [np.asarray(w.txt2img().float()).copy() for _ in range(2)]  # model dtype (bf16 where auto picks it)
     s = sd.Stream(w.models, w.config)
     s.prepare("cat face")
-    b = [np.asarray(s.txt2img())[0].copy() for _ in range(2)]
+    b = [np.asarray(s.txt2img().float())[0].copy() for _ in range(2)]
     assert np.array_equal(a[1], b[1])
 
 
@@ -109,6 +110,29 @@ def test_upstream_arguments_accepted(sd, caplog):
     assert any("tensorrt" in r.message for r in caplog.records)
     assert w.stream.config.similarity_filter.enabled
     assert w.batch_size == 2
+
+
+def _cpu_has_native_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False  # unknown flags: auto takes fp32
+
+
+def test_dtype_auto_is_the_default_and_reported_resolved(sd):
+    # bf16 only where this CPU computes it natively (emulated bf16 is many times slower than fp32).
+    expected = "bf16" if _cpu_has_native_bf16() else "fp32"
+    for kwargs in ({}, {"dtype": None}, {"dtype": "auto"}):
+        assert sd.load_pipeline(None, threads=1, **kwargs).dtype == expected, kwargs
+    w = sd.StreamDiffusionWrapper(mode="txt2img", t_index_list=[0], threads=1)
+    assert w.dtype == expected and w.models.dtype == expected
+    assert sd.StreamDiffusionWrapper(mode="txt2img", t_index_list=[0], dtype="fp32", threads=1).dtype == "fp32"
+    assert sd.StreamDiffusionWrapper(mode="txt2img", t_index_list=[0], dtype=torch.bfloat16, threads=1).dtype == "bf16"
 
 
 def test_fp32_models_set_threads(sd, emoji_models):

@@ -18,11 +18,12 @@ extern "C" void openblas_set_num_threads(int) __attribute__((weak));
 
 namespace sd {
 
-c10::ScalarType parse_dtype(const std::string& name) {
+c10::ScalarType parse_dtype(const std::string& name, std::optional<c10::Device> device) {
+  if (name == "auto" && device) return auto_dtype(*device);
   if (name == "fp32" || name == "float32" || name == "float") return c10::kFloat;
   if (name == "bf16" || name == "bfloat16") return c10::kBFloat16;
   if (name == "fp16" || name == "float16" || name == "half") return c10::kHalf;
-  throw InvalidArgument("unknown dtype '" + name + "' (expected fp32, bf16 or fp16)");
+  throw InvalidArgument("unknown dtype '" + name + "' (expected " + (device ? "auto, " : "") + "fp32, bf16 or fp16)");
 }
 
 std::string dtype_name(c10::ScalarType t) {
@@ -72,9 +73,23 @@ const std::string& cpu_flags() {
   return flags;
 }
 
-bool has_flag(const char* f) { return cpu_flags().find(" " + std::string(f) + " ") != std::string::npos; }
+// Whether `flags` (a "flags" line, space-separated) holds the flag `f` as a whole word.
+bool flags_have(const std::string& flags, const char* f) {
+  const std::string padded = " " + flags + " ";
+  return padded.find(" " + std::string(f) + " ") != std::string::npos;
+}
+
+bool has_flag(const char* f) { return flags_have(cpu_flags(), f); }
 
 }  // namespace
+
+c10::ScalarType auto_dtype(const c10::Device& device, const std::string& cpu_flags) {
+  if (device.is_cuda()) return c10::kHalf;
+  if (flags_have(cpu_flags, "avx512_bf16") || flags_have(cpu_flags, "amx_bf16")) return c10::kBFloat16;
+  return c10::kFloat;
+}
+
+c10::ScalarType auto_dtype(const c10::Device& device) { return auto_dtype(device, cpu_flags()); }
 
 bool cpu_has_native_bf16() {
   if (cpu_flags().empty()) return true;

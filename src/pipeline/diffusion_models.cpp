@@ -575,7 +575,8 @@ std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_di
                           "use bf16 or fp32 on the CPU, or fp16 with a CUDA device");
   if (options.threads >= 0) set_threads(options.threads);
   if (options.dtype == c10::kBFloat16 && parse_device(options.device).is_cpu() && !cpu_has_native_bf16())
-    log::warn("bf16 on this CPU ({}, no AVX512-BF16/AMX) is emulated and slower than fp32; --dtype fp32 is faster here",
+    log::warn("bf16 on this CPU ({}, no AVX512-BF16/AMX) is emulated and slower than fp32; --dtype fp32 (or auto, "
+              "the default) is faster here",
               cpu_simd_level());
   auto models = std::make_shared<StableDiffusionModels>(model_dir, options);
   log::info("loaded {}", models->describe());

@@ -1,7 +1,11 @@
 #include "server/api_handlers.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <numeric>
 
 #include <torch/torch.h>
 
@@ -72,7 +76,68 @@ std::vector<torch::Tensor> request_control_images(const StreamSettings& s, const
   return out;
 }
 
+// The output size of one request: "width" / "height" (each optional: the server's size), positive multiples of
+// `step` (what the stream needs: 8 and the VAE's scale factor) up to the server's --max-size. InvalidArgument naming
+// the field and what it expects.
+std::pair<int64_t, int64_t> request_size(const nlohmann::json& j, const StreamDefaults& d, int64_t step) {
+  const int64_t max_w = d.max_width > 0 ? d.max_width : d.img2img.width;
+  const int64_t max_h = d.max_height > 0 ? d.max_height : d.img2img.height;
+  auto side = [&](const char* key, int64_t fallback, int64_t max) {
+    if (!j.contains(key)) return fallback;
+    const auto& v = j.at(key);
+    const int64_t hi = max / step * step;
+    const std::string expected = "expected an integer multiple of " + std::to_string(step) + " in [" +
+                                 std::to_string(step) + ", " + std::to_string(hi) + "] (the server's --max-size is " +
+                                 std::to_string(max_w) + "x" + std::to_string(max_h) + ")";
+    const bool integral =
+        v.is_number_integer() || (v.is_number_float() && std::isfinite(v.get<double>()) &&
+                                  std::floor(v.get<double>()) == v.get<double>() && std::abs(v.get<double>()) < 1e9);
+    if (!integral) throw InvalidArgument(std::string("field '") + key + "': " + expected + ", got " + v.dump());
+    int64_t x = 0;
+    if (v.is_number_unsigned())
+      x = static_cast<int64_t>(std::min<uint64_t>(v.get<uint64_t>(), static_cast<uint64_t>(INT64_MAX)));
+    else if (v.is_number_integer())
+      x = v.get<int64_t>();
+    else
+      x = static_cast<int64_t>(v.get<double>());  // integral and small, checked above
+    if (x < step || x > max || x % step != 0)
+      throw InvalidArgument(std::string("field '") + key + "': " + expected + ", got " + v.dump());
+    return x;
+  };
+  return {side("width", d.img2img.width, max_w), side("height", d.img2img.height, max_h)};
+}
+
+// Everything of a stream config an API stream is built with, but the seed (set per request without a rebuild).
+bool same_but_seed(const StreamConfig& a, const StreamConfig& b) {
+  return a.t_index_list == b.t_index_list && a.num_inference_steps == b.num_inference_steps &&
+         a.cfg_type == b.cfg_type && a.guidance_scale == b.guidance_scale && a.delta == b.delta &&
+         a.frame_buffer_size == b.frame_buffer_size && a.use_denoising_batch == b.use_denoising_batch &&
+         a.do_add_noise == b.do_add_noise && a.width == b.width && a.height == b.height &&
+         a.similarity_filter.enabled == b.similarity_filter.enabled &&
+         a.original_frame_layout == b.original_frame_layout && a.deep_cache_every == b.deep_cache_every &&
+         a.deep_cache_min_similarity == b.deep_cache_min_similarity;
+}
+
 }  // namespace
+
+StreamDiffusion& ApiHandlers::stream_for(const StreamConfig& cfg, bool txt2img) {
+  // Model thread only. prepare() (after set_seed) draws the state from the seed again and ControlNets, control
+  // images and the image prompt are set per request, so a kept stream gives what a fresh one would.
+  const CachedStream::Key key{txt2img, cfg.width, cfg.height};
+  auto it = std::find_if(streams_.begin(), streams_.end(), [&](const CachedStream& c) { return c.key == key; });
+  if (it != streams_.end() && same_but_seed(it->stream->config(), cfg)) {
+    streams_reused_.fetch_add(1);
+    streams_.splice(streams_.begin(), streams_, it);  // most recently used first
+    streams_.front().stream->set_seed(cfg.seed);
+    return *streams_.front().stream;
+  }
+  if (it != streams_.end()) streams_.erase(it);  // same size, other settings: replaced
+  streams_.push_front(CachedStream{key, std::make_unique<StreamDiffusion>(models_, cfg)});
+  while (streams_.size() > kMaxCachedStreams) streams_.pop_back();
+  streams_built_.fetch_add(1);
+  streams_cached_.store(static_cast<int64_t>(streams_.size()));
+  return *streams_.front().stream;
+}
 
 ApiHandlers::ApiHandlers(std::shared_ptr<const DiffusionModels> models, StreamDefaults defaults, ModelWorker& worker,
                          int max_pending, std::function<nlohmann::json()> server_stats)
@@ -90,7 +155,10 @@ nlohmann::json ApiHandlers::stats() const {
           {"pending", pending_->load()},
           {"max_pending", max_pending_},
           {"rejected_busy", rejected_busy_.load()},
-          {"errors", errors_.load()}};
+          {"errors", errors_.load()},
+          {"streams_built", streams_built_.load()},
+          {"streams_reused", streams_reused_.load()},
+          {"streams_cached", streams_cached_.load()}};
 }
 
 void ApiHandlers::handle(const ApiRequest& req, Done done) {
@@ -102,7 +170,10 @@ void ApiHandlers::handle(const ApiRequest& req, Done done) {
     nlohmann::json h = {{"status", "ok"},
                         {"model", models_->describe()},
                         {"width", defaults_.img2img.width},
-                        {"height", defaults_.img2img.height}};
+                        {"height", defaults_.img2img.height},
+                        {"max_width", defaults_.max_width > 0 ? defaults_.max_width : defaults_.img2img.width},
+                        {"max_height", defaults_.max_height > 0 ? defaults_.max_height : defaults_.img2img.height},
+                        {"size_multiple", size_step()}};
     if (server_stats_) {
       const auto s = server_stats_();
       h["streams"] = s.value("streams", 0);
@@ -135,6 +206,7 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
   StreamSettings settings;
   cv::Mat image;
   std::vector<torch::Tensor> control;
+  StreamDefaults defaults = defaults_;  // at this request's size
   try {
     nlohmann::json j;
     try {
@@ -142,19 +214,21 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
     } catch (const nlohmann::json::parse_error& e) {
       throw InvalidArgument(std::string("bad JSON: ") + e.what());
     }
-    std::set<std::string> skip;
+    if (!j.is_object()) throw InvalidArgument("expected a JSON object, got " + std::string(j.type_name()));
+    const auto [width, height] = request_size(j, defaults_, size_step());
+    defaults.img2img.width = defaults.txt2img.width = width;
+    defaults.img2img.height = defaults.txt2img.height = height;
+    std::set<std::string> skip{"width", "height"};
     if (!txt2img) skip.insert("image");
-    settings = apply_settings_json(j, StreamSettings::defaults(defaults_, txt2img), defaults_, skip, false);
+    settings = apply_settings_json(j, StreamSettings::defaults(defaults, txt2img), defaults, skip, false);
     if (!txt2img) {
       if (!j.contains("image") || !j["image"].is_string())
         throw InvalidArgument("field 'image': expected a base64 JPEG or PNG string");
       const std::string bytes = base64_decode(j["image"].get_ref<const std::string&>(), "field 'image'");
-      image = fit_image(decode_image(bytes, true, "field 'image'"), static_cast<int>(defaults_.img2img.width),
-                        static_cast<int>(defaults_.img2img.height));
+      image = fit_image(decode_image(bytes, true, "field 'image'"), static_cast<int>(width), static_cast<int>(height));
       if (!image.isContinuous()) image = image.clone();
     }
-    control = request_control_images(settings, image, txt2img, static_cast<int>(defaults_.img2img.width),
-                                     static_cast<int>(defaults_.img2img.height));
+    control = request_control_images(settings, image, txt2img, static_cast<int>(width), static_cast<int>(height));
   } catch (const std::exception& e) {  // sd::Error mostly; anything else must not escape into the network thread
     errors_.fetch_add(1);
     return done(ApiResponse::error(400, what + ": " + e.what()));
@@ -169,7 +243,6 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
   }
   auto pending = pending_;
   auto models = models_;
-  const StreamDefaults defaults = defaults_;
   auto job = std::make_shared<ApiJob>([this, pending, models, defaults, settings, image, control,
                                         txt2img, done]() {
     struct Release {
@@ -191,7 +264,8 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
       StreamConfig cfg = settings.config(defaults);
       cfg.use_denoising_batch = false;  // all steps in one call: the first output is the final image
       cfg.similarity_filter.enabled = false;
-      StreamDiffusion stream(models, cfg);
+      StreamDiffusion& stream = stream_for(cfg, txt2img);
+      if (stream.has_image_prompt()) stream.clear_image_prompt();  // a kept stream: the last request's
       stream.prepare(settings.prompt, settings.negative_prompt);
       if (!defaults.controlnets.empty()) {
         std::vector<ControlNetUnit> units = defaults.controlnets;  // the shared nets, this request's scales

@@ -3,24 +3,30 @@
 //   GET  /api/health    {"status":"ok", "model":..., "width":..., "height":..., "streams":..., "max_streams":...}
 //   GET  /api/stats     server, model worker, per-stream and API counters, RSS
 //   POST /api/txt2img   Content-Type: application/json, body: the stream settings fields (see stream_settings.h,
-//                       without "mode") -> image/png
+//                       without "mode") and optionally "width" / "height" (positive multiples of 8 and of the VAE's
+//                       scale factor, at most the server's --max-size; default the server's size) -> image/png of
+//                       that size
 //   POST /api/img2img   the same plus "image": base64 JPEG or PNG (a data: URL is fine), any size within
 //                       8..4096 px per side (centre-cropped and resized to the server's size) -> image/png
 //                       With ControlNets (serve --controlnet) both take "controlnets" and "control_image" (txt2img
 //                       needs the latter unless a scale is 0), img2img preprocesses "image"; with an IP-Adapter both
 //                       take "image_prompt" and "ip_adapter_scale" (server-wide).
-// Each request runs a fresh StreamDiffusion in sequential mode (all denoising steps in one call, no stream latency)
-// as one unit of work on the shared ModelWorker, in turn with the live streams. At most `max_pending` requests
+// Each request runs a StreamDiffusion in sequential mode (all denoising steps in one call, no stream latency) as one
+// unit of work on the shared ModelWorker, in turn with the live streams. The stream of each mode and size is kept
+// (a few, least recently used dropped) and prepared again per request, which gives what a fresh one would. At most `max_pending` requests
 // wait at once; beyond that 503 with a JSON "busy" body. Errors: 400 (bad JSON, unknown field, bad image), 404,
 // 405, 415 — always a JSON body {"error": "..."}.
 #include <atomic>
 #include <functional>
+#include <list>
 #include <memory>
+#include <numeric>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "pipeline/diffusion_models.h"
+#include "pipeline/stream_diffusion.h"
 #include "server/model_worker.h"
 #include "server/stream_settings.h"
 
@@ -56,6 +62,11 @@ class ApiHandlers {
 
  private:
   void generate(bool txt2img, const ApiRequest& request, Done done);
+  // What request sizes must be multiples of: 8 and the VAE's scale factor (the stream's own checks).
+  int64_t size_step() const { return std::lcm<int64_t>(8, models_->vae_scale_factor()); }
+  // Model thread: the kept stream of this mode and size, reused when `cfg` differs from its config by the seed at
+  // most (else built anew); at most kMaxCachedStreams are kept, the least recently used goes first.
+  StreamDiffusion& stream_for(const StreamConfig& cfg, bool txt2img);
 
   std::shared_ptr<const DiffusionModels> models_;
   StreamDefaults defaults_;
@@ -64,6 +75,19 @@ class ApiHandlers {
   std::function<nlohmann::json()> server_stats_;
   std::shared_ptr<std::atomic<int>> pending_ = std::make_shared<std::atomic<int>>(0);
   std::atomic<int64_t> requests_{0}, images_{0}, rejected_busy_{0}, errors_{0};
+
+  struct CachedStream {
+    struct Key {
+      bool txt2img;
+      int64_t width, height;
+      bool operator==(const Key& o) const { return txt2img == o.txt2img && width == o.width && height == o.height; }
+    };
+    Key key;
+    std::unique_ptr<StreamDiffusion> stream;
+  };
+  static constexpr size_t kMaxCachedStreams = 4;
+  std::list<CachedStream> streams_;  // model thread only; most recently used first
+  std::atomic<int64_t> streams_built_{0}, streams_reused_{0}, streams_cached_{0};
 };
 
 }  // namespace sd::server

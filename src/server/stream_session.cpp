@@ -31,6 +31,13 @@ std::vector<std::shared_ptr<const ControlPreprocessor>> make_preprocessors(const
 
 }  // namespace
 
+nlohmann::json dropped_message(DropPoint where) {
+  const bool input = where == DropPoint::Input;
+  return {{"type", "dropped"},
+          {"where", input ? "input" : "output"},
+          {"reason", input ? "replaced by a newer request" : "the send queue is full"}};
+}
+
 StreamSession::StreamSession(uint64_t id, std::shared_ptr<const DiffusionModels> models,
                              const StreamDefaults& defaults, ModelWorker& worker, SessionSink sink)
     : id_(id), models_(std::move(models)), defaults_(defaults), worker_(worker), sink_(std::move(sink)) {
@@ -89,7 +96,7 @@ void StreamSession::reply_dropped() {
   // Every request gets one reply, a frame or this, in order: a client that keeps N requests in flight (the page's
   // ?window=2) stays in step instead of waiting for a result that will never come.
   dropped_in_.fetch_add(1, std::memory_order_relaxed);
-  if (!closed_ && sink_.message) sink_.message({{"type", "dropped"}, {"where", "input"}, {"reason", "replaced by a newer request"}});
+  if (!closed_ && sink_.message) sink_.message(dropped_message(DropPoint::Input));
 }
 
 void StreamSession::request_generate() {

@@ -36,6 +36,13 @@
 
 namespace sd::server {
 
+// Where a request lost its frame: replaced by a newer one while it waited for the model (input), or pushed out of
+// the client's full send queue after it was made (output).
+enum class DropPoint { Input, Output };
+// The reply such a request gets instead of its frame: {"type": "dropped", "where": "input" | "output", "reason"}.
+// One definition for both places that drop, so the page sees one message shape.
+nlohmann::json dropped_message(DropPoint where);
+
 struct SessionSink {
   std::function<void(cv::Mat rgb)> frame;            // model thread: a result (RGB 8UC3 at the stream size)
   std::function<void(nlohmann::json)> message;       // any thread: a JSON message for this client only

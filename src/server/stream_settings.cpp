@@ -237,7 +237,8 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
                             (d.lora_names.empty() ? "" : ", lora") +
                             (d.controlnets.empty() ? "" : ", controlnets, control_image") +
                             (d.ip_adapter ? ", image_prompt, ip_adapter_scale" : "") +
-                            (skip.count("image") ? ", image" : "") + ")");
+                            (skip.count("width") ? ", width, height" : "") + (skip.count("image") ? ", image" : "") +
+                            ")");
     }
   }
   return s;

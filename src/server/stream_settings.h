@@ -52,6 +52,8 @@ struct StreamDefaults {
   bool txt2img_mode = false;  // mode of a new WebSocket client
   int64_t start_index = 32;   // first index of `steps` for img2img
   int64_t native_width = 0, native_height = 0;  // the model's native size (0 = unknown), told to the page
+  // The largest width / height an API request may ask for (serve --max-size); 0 = the stream size (no larger).
+  int64_t max_width = 0, max_height = 0;
   std::vector<std::string> lora_names;  // the LoRAs loaded (what "lora" may name)
   // ControlNets loaded at start (--controlnet): shared by every client and never changed; each client's stream gets
   // them with its own scales and preprocessors. The defaults of a new client: the units' scales and these specs.

@@ -294,7 +294,7 @@ void WebSocketSession::enqueue(Outgoing out) {
     while (queued_frames_ >= ctx_->options.send_queue_frames) {
       auto it = std::find_if(queue_.begin() + (writing_ ? 1 : 0), queue_.end(), [](const Outgoing& o) { return o.binary; });
       if (it == queue_.end()) break;
-      *it = Outgoing{false, R"({"type":"dropped","where":"output","reason":"the send queue is full"})"};
+      *it = Outgoing{false, dropped_message(DropPoint::Output).dump()};
       --queued_frames_;
       if (stream_) stream_->count_dropped_output();
     }

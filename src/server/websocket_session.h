@@ -21,6 +21,9 @@
 //                                                           loaded, settings.lora = the model's current scales)
 //   {"type":"stats", ...}                                   about once a second while frames flow, and on request
 //   {"type":"error", message}                               a refused message; the stream goes on
+//   {"type":"dropped", where, reason}                       instead of the frame of a request that lost it: "input"
+//                                                           (replaced while pending) or "output" (send queue full);
+//                                                           one reply per request either way (dropped_message)
 //   {"type":"busy", message, max_streams}                   then close 1013 (try again later): no free stream slot
 // A message over --max-ws-message closes the connection with 1009 (message too big): it cannot be skipped unread.
 //

@@ -38,6 +38,8 @@ void expect_close(const torch::Tensor& a, const torch::Tensor& ref, double atol,
 struct GoldenCase {
   std::string model, name, error;
 };
+// gtest prints the parameter with the test (ctest, --gtest_list_tests); without this it is a byte dump.
+void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.model << "/" << c.name; }
 
 std::vector<GoldenCase> golden_cases() {
   std::vector<GoldenCase> out;

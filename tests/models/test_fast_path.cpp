@@ -24,6 +24,11 @@ Conv2d random_conv(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t p
 struct ConvCase {
   int64_t in, out, k, stride, pad, hw;
 };
+// gtest prints the parameter with the test (ctest, --gtest_list_tests); without this it is a byte dump.
+void PrintTo(const ConvCase& c, std::ostream* os) {
+  *os << "in " << c.in << ", out " << c.out << ", kernel " << c.k << ", stride " << c.stride << ", pad " << c.pad
+      << ", " << c.hw << "x" << c.hw;
+}
 
 class PrepackedConv : public ::testing::TestWithParam<ConvCase> {};
 

@@ -280,11 +280,42 @@ std::string edited_adapter(const std::string& name,
   return path;
 }
 
+// The fixture's widths the broken adapters are built against, read from its files rather than assumed (zeros when
+// the fixtures are absent: every case then skips before using them).
+struct IpWidths {
+  int64_t cross = 0;      // the UNet's cross_attention_dim
+  int64_t embed = 0;      // the image encoder's projection_dim
+  int64_t proj_rows = 0;  // image_proj.proj.weight rows: tokens x cross
+};
+const IpWidths& ip_widths() {
+  static const IpWidths w = [] {
+    IpWidths r;
+    if (!have_fixtures()) return r;
+    const auto c = read_json_file(test::fixture_path(kUNet + "/config.json")).at("cross_attention_dim");
+    r.cross = c.is_array() ? c.at(0).get<int64_t>() : c.get<int64_t>();
+    const std::string enc = test::fixture_path(kAdapterDir + "/image_encoder/config.json");
+    r.embed = CLIPVisionConfig::from_json(read_json_file(enc), enc).projection_dim;
+    r.proj_rows = SafeTensorsFile::open(test::fixture_path(kAdapterFile)).info("image_proj.proj.weight").shape.at(0);
+    return r;
+  }();
+  return w;
+}
+std::string dims(std::vector<int64_t> d) {
+  std::string s;
+  for (auto x : d) s += (s.empty() ? "[" : ", ") + std::to_string(x);
+  return s + "]";
+}
+// A tensor's shape in the fixture adapter file (empty when the fixtures are absent).
+std::vector<int64_t> adapter_shape(const std::string& key) {
+  if (!have_fixtures()) return {};
+  return SafeTensorsFile::open(test::fixture_path(kAdapterFile)).info(key).shape;
+}
+
 struct BadAdapter {
   std::string name;
   std::function<std::string()> make;        // returns the path to load
   std::vector<std::string> message_parts;   // every one must appear in the error
-  int64_t image_embed_dim = 8;
+  int64_t image_embed_dim = ip_widths().embed;
 };
 void PrintTo(const BadAdapter& b, std::ostream* os) { *os << b.name; }
 
@@ -313,29 +344,36 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         BadAdapter{"wrong_cross_attention_dim",
                    [] {
-                     // An adapter for a UNet with a 48-wide context (e.g. an SD 2.x adapter on SD 1.5).
+                     // An adapter for a UNet with a 16 wider context (e.g. an SD 2.x adapter on SD 1.5).
                      return edited_adapter("cad", [](std::map<std::string, Tensor>& t) {
-                       t["image_proj.norm.weight"] = torch::ones({48});
-                       t["image_proj.norm.bias"] = torch::zeros({48});
-                       t["image_proj.proj.weight"] = torch::zeros({4 * 48, 8});
-                       t["image_proj.proj.bias"] = torch::zeros({4 * 48});
+                       const auto& w = ip_widths();
+                       const int64_t other = w.cross + 16, tokens = w.proj_rows / w.cross;
+                       t["image_proj.norm.weight"] = torch::ones({other});
+                       t["image_proj.norm.bias"] = torch::zeros({other});
+                       t["image_proj.proj.weight"] = torch::zeros({tokens * other, w.embed});
+                       t["image_proj.proj.bias"] = torch::zeros({tokens * other});
                      });
                    },
-                   {"image_proj.norm.weight", "[48]", "expected [32]", "cross_attention_dim"}},
+                   {"image_proj.norm.weight", dims({ip_widths().cross + 16}), "expected " + dims({ip_widths().cross}),
+                    "cross_attention_dim"}},
         BadAdapter{"missing_key",
                    [] {
                      return edited_adapter("missing",
                                            [](std::map<std::string, Tensor>& t) { t.erase("ip_adapter.5.to_v_ip.weight"); });
                    },
-                   {"missing key ip_adapter.5.to_v_ip.weight", "[32, 32]",
+                   {"missing key ip_adapter.5.to_v_ip.weight", dims(adapter_shape("ip_adapter.5.to_v_ip.weight")),
                     "up_blocks.1.attentions.1.transformer_blocks.0.attn2"}},
         BadAdapter{"wrong_branch_width",
                    [] {
+                     // 16 more output rows than the branch the fixture's mid block has.
                      return edited_adapter("width", [](std::map<std::string, Tensor>& t) {
-                       t["ip_adapter.7.to_k_ip.weight"] = torch::zeros({32, 32});
+                       auto shape = adapter_shape("ip_adapter.7.to_k_ip.weight");
+                       shape.at(0) += 16;
+                       t["ip_adapter.7.to_k_ip.weight"] = torch::zeros(shape);
                      });
                    },
-                   {"ip_adapter.7.to_k_ip.weight", "expected [64, 32]", "mid_block"}},
+                   {"ip_adapter.7.to_k_ip.weight", "expected " + dims(adapter_shape("ip_adapter.7.to_k_ip.weight")),
+                    "mid_block"}},
         BadAdapter{"too_many_cross_attentions",
                    [] {
                      return edited_adapter("count", [](std::map<std::string, Tensor>& t) {
@@ -346,8 +384,11 @@ INSTANTIATE_TEST_SUITE_P(
                    {"ip_adapter.9", "4 attn2"}},
         BadAdapter{"wrong_projection_dim",
                    [] { return test::fixture_path(kAdapterFile); },
-                   {"image_proj.proj.weight", "[128, 8]", "expected [128, 1024]", "projection_dim is 1024"},
-                   1024},
+                   // An image encoder with another projection_dim than the one the adapter was made for.
+                   {"image_proj.proj.weight", dims({ip_widths().proj_rows, ip_widths().embed}),
+                    "expected " + dims({ip_widths().proj_rows, ip_widths().embed + 16}),
+                    "projection_dim is " + std::to_string(ip_widths().embed + 16)},
+                   ip_widths().embed + 16},
         BadAdapter{"truncated_file",
                    [] {
                      const std::string dir = test::make_temp_dir("ip_trunc");

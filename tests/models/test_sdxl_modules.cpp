@@ -189,15 +189,16 @@ TEST(SdxlUNet, ConfigErrorsNameTheField) {
   j["addition_embed_type"] = "image";
   fails_with(j, "addition_embed_type");
   j = base;
-  j["projection_class_embeddings_input_dim"] = 48;  // = 6 x 8: no room for the pooled text
+  // 6 time ids x addition_time_embed_dim of the fixture: no room for the pooled text.
+  j["projection_class_embeddings_input_dim"] = 6 * base.at("addition_time_embed_dim").get<int64_t>();
   fails_with(j, "projection_class_embeddings_input_dim");
   j = base;
   j["addition_time_embed_dim"] = nullptr;
   fails_with(j, "addition_time_embed_dim");
   // The tiny model's config parses: the SDXL fields are read, not ignored.
   const auto ok = UNet2DConditionConfig::from_json(base, path);
-  EXPECT_EQ(ok.addition_time_embed_dim, 8);
-  EXPECT_EQ(ok.projection_class_embeddings_input_dim, 60);
+  EXPECT_EQ(ok.addition_time_embed_dim, base.at("addition_time_embed_dim").get<int64_t>());
+  EXPECT_EQ(ok.projection_class_embeddings_input_dim, base.at("projection_class_embeddings_input_dim").get<int64_t>());
 }
 
 TEST(SdxlAutoencoders, AutoencoderKLMatchesDiffusers) {

@@ -13,6 +13,7 @@
 
 #include "common/cli_run.h"
 #include "common/fixtures.h"
+#include "core/device.h"
 
 namespace sd {
 namespace {
@@ -281,6 +282,26 @@ TEST_F(CliBench, DefaultSizeIsTheModelsNativeSize) {
   r = run("bench --model '" + m + "' --sections components --dtypes fp32");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("is not square; give --sizes"), std::string::npos) << r.output;
+}
+
+// --dtypes defaults to auto, resolved like every other command's --dtype: the JSON names the concrete dtype.
+TEST_F(CliBench, DtypesAutoIsTheDefaultAndReportedResolved) {
+  const std::string expected = dtype_name(auto_dtype(c10::Device(c10::kCPU)));
+  const std::string json = dir_ + "/auto.json";
+  RunResult r = run("bench --model '" + model_ + "' --sections components --sizes 64 --iters 1 --warmup 0 --threads 1 "
+                    "--json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  nlohmann::json j = read_json(json);
+  EXPECT_EQ(j["dtypes"], nlohmann::json::array({expected})) << j["dtypes"];
+  ASSERT_GT(j["results"].size(), 1u);
+  for (const auto& x : j["results"]) EXPECT_EQ(x["dtype"], expected) << x.dump();
+  // Named twice (auto is fp32 here or bf16 there): each dtype runs once.
+  r = run("bench --model '" + model_ + "' --sections components --sizes 64 --iters 1 --warmup 0 --threads 1 "
+          "--dtypes auto,fp32," + expected + " --json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  j = read_json(json);
+  const auto want = expected == "fp32" ? nlohmann::json::array({"fp32"}) : nlohmann::json::array({expected, "fp32"});
+  EXPECT_EQ(j["dtypes"], want) << j["dtypes"];
 }
 
 #else

@@ -55,7 +55,8 @@ std::string stream_args(const nlohmann::json& p, const std::string& root = "mode
     << " --negative-prompt " << q(p.at("negative_prompt").get<std::string>()) << " --t-index-list " << tl
     << " --num-inference-steps " << p.at("num_inference_steps").get<int>() << " --cfg-type "
     << p.at("cfg_type").get<std::string>() << " --guidance " << p.at("guidance_scale").get<double>() << " --delta "
-    << p.at("delta").get<double>() << " --seed " << p.at("seed").get<int>() << " --size 64x64 --threads 1";
+    << p.at("delta").get<double>() << " --seed " << p.at("seed").get<int>() << " --size 64x64 --threads 1"
+    << " --dtype fp32";  // the references are float32 (the default, auto, may pick bf16)
   return o.str();
 }
 

@@ -48,7 +48,7 @@ std::string case_args(const nlohmann::json& p, const std::string& model_arg) {
     << q(p.at("negative_prompt").get<std::string>()) << " --t-index-list " << tl << " --num-inference-steps "
     << p.at("num_inference_steps").get<int>() << " --cfg-type " << p.at("cfg_type").get<std::string>()
     << " --guidance " << p.at("guidance_scale").get<double>() << " --delta " << p.at("delta").get<double>()
-    << " --seed " << p.at("seed").get<int>() << " --size 64x64 --threads 1 --taesd "
+    << " --seed " << p.at("seed").get<int>() << " --size 64x64 --threads 1 --dtype fp32 --taesd "
     << q(test::fixture_path("models/" + p.at("model").get<std::string>() + "/taesd"));
   for (const auto& l : p.at("loras")) {
     const std::string file = lora_path(l.at("file").get<std::string>());

@@ -12,6 +12,7 @@
 
 #include "common/fixtures.h"
 #include "core/error.h"
+#include "io/json_config.h"
 #include "io/ldm_checkpoint.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
@@ -36,6 +37,16 @@ std::shared_ptr<const DiffusionModels> tiny_sd15() {
     return load_pipeline(test::fixture_path("models/tiny-sd15"), o);
   }();
   return m;
+}
+
+// The fixture model's text width, and the SD family (width, name) a ControlNet must have to be of another family
+// than it: derived from the fixture, so the broken value differs whatever the fixture has.
+int64_t model_cross_attention_dim() {
+  const auto v = read_json_file(test::fixture_path("models/tiny-sd15/unet/config.json")).at("cross_attention_dim");
+  return v.is_array() ? v.at(0).get<int64_t>() : v.get<int64_t>();
+}
+std::pair<int64_t, std::string> another_family(int64_t cross) {
+  return cross == 1024 ? std::make_pair(int64_t{768}, std::string("SD 1.x")) : std::make_pair(int64_t{1024}, std::string("SD 2.x"));
 }
 
 StreamConfig cfg() {
@@ -174,20 +185,26 @@ TEST(ControlNetLoad, AnSd2ControlNetOnAnSd15ModelIsRefusedByTheFamilyCheck) {
   SD_REQUIRE_CN();
   const std::string tmp = test::make_temp_dir("cn_sd2");
   const std::string dir = test::fixture_path(kCn);
+  const int64_t model_cross = model_cross_attention_dim();
+  const auto [cross, family] = another_family(model_cross);
   auto j = nlohmann::json::parse(std::ifstream(dir + "/config.json"));
-  j["cross_attention_dim"] = 1024;
+  j["cross_attention_dim"] = cross;
   std::ofstream(tmp + "/config.json") << j.dump();
-  ControlNetModel sd2(ControlNetConfig::from_json(j, tmp + "/config.json"));
+  ControlNetModel other(ControlNetConfig::from_json(j, tmp + "/config.json"));
   std::map<std::string, torch::Tensor> weights;
-  for (const auto& kv : sd2->named_parameters()) weights[kv.key()] = kv.value();
+  for (const auto& kv : other->named_parameters()) weights[kv.key()] = kv.value();
   save_safetensors(tmp + "/diffusion_pytorch_model.safetensors", weights);
   try {
     ControlNet::load(tmp, *tiny_sd15());
     FAIL() << "expected an error";
   } catch (const InvalidArgument& e) {
     const std::string w = e.what();
-    EXPECT_NE(w.find("is for SD 2.x (cross_attention_dim 1024) but the model is"), std::string::npos) << w;
-    EXPECT_NE(w.find("cross_attention_dim 32"), std::string::npos) << w;
+    EXPECT_NE(w.find("is for " + family + " (cross_attention_dim " + std::to_string(cross) + ") but the model is"),
+              std::string::npos)
+        << w;
+    EXPECT_NE(w.find(unet_family_name(model_cross, false) + " (cross_attention_dim " + std::to_string(model_cross) + ")"),
+              std::string::npos)
+        << w;
     EXPECT_NE(w.find(tmp), std::string::npos) << w;
   }
   std::filesystem::remove_all(tmp);
@@ -213,8 +230,9 @@ TEST(ControlNetLoad, AnotherFamilyIsRefusedNamingBoth) {
   SD_REQUIRE_CN();
   const std::string tmp = test::make_temp_dir("cn_family");
   const std::string dir = test::fixture_path(kCn);
+  const auto [cross, family] = another_family(model_cross_attention_dim());
   auto j = nlohmann::json::parse(std::ifstream(dir + "/config.json"));
-  j["cross_attention_dim"] = 1024;  // an SD 2.x ControlNet
+  j["cross_attention_dim"] = cross;  // a ControlNet of another family
   std::ofstream(tmp + "/config.json") << j.dump();
   std::filesystem::copy_file(dir + "/diffusion_pytorch_model.safetensors", tmp + "/diffusion_pytorch_model.safetensors");
   try {
@@ -223,7 +241,7 @@ TEST(ControlNetLoad, AnotherFamilyIsRefusedNamingBoth) {
   } catch (const Error& e) {
     // Either the shape check of the weights or the family check names what is wrong.
     const std::string w = e.what();
-    EXPECT_TRUE(w.find("1024") != std::string::npos || w.find("SD 2.x") != std::string::npos) << w;
+    EXPECT_TRUE(w.find(std::to_string(cross)) != std::string::npos || w.find(family) != std::string::npos) << w;
   }
   EXPECT_THROW(ControlNet::load(test::fixture_path("models/tiny-sd15/unet/config.json"), *tiny_sd15()), Error);
   std::filesystem::remove_all(tmp);

@@ -14,6 +14,11 @@
 #include "pipeline/stream_diffusion.h"
 
 namespace sd {
+
+// gtest prints the parameter with the test (ctest, --gtest_list_tests); an enum would show as its number. In sd, not
+// the anonymous namespace, so that gtest finds it by argument-dependent lookup.
+inline void PrintTo(CfgType t, std::ostream* os) { *os << cfg_type_name(t); }
+
 namespace {
 
 using torch::Tensor;

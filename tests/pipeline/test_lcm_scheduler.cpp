@@ -16,6 +16,8 @@ struct TableCase {
   int index;
   std::string name;
 };
+// gtest prints the parameter with the test (ctest, --gtest_list_tests); without this it is a byte dump.
+void PrintTo(const TableCase& c, std::ostream* os) { *os << c.name; }
 
 std::vector<TableCase> table_cases() {
   std::vector<TableCase> out;

@@ -22,6 +22,8 @@ struct FilterCase {
   int index;
   std::string name;
 };
+// gtest prints the parameter with the test (ctest, --gtest_list_tests); without this it is a byte dump.
+void PrintTo(const FilterCase& c, std::ostream* os) { *os << c.name; }
 
 std::vector<FilterCase> filter_cases() {
   std::vector<FilterCase> out;

@@ -13,6 +13,7 @@
 #include <opencv2/imgcodecs.hpp>
 
 #include "common/fixtures.h"
+#include "core/device.h"
 #include "io/json_config.h"
 #include "runtime/runtime_test_util.h"
 
@@ -73,6 +74,30 @@ TEST_F(CliStream, VideoToImageFolderWithStats) {
   EXPECT_EQ(j["pipeline"]["processed"], 21) << "20 frames + 1 flush call (n = 2)";
   EXPECT_GT(j["latency_ms"]["p50"].get<double>(), 0.0);
   EXPECT_NE(r.output.find("20 in, 20 out, 0 dropped"), std::string::npos) << r.output;
+}
+
+// --dtype auto, the default, runs in what this CPU computes natively and reports that (stats JSON, load log), never
+// "auto"; an explicit bf16 stays bf16, with the warning where the CPU only emulates it.
+TEST_F(CliStream, DtypeAutoIsTheDefaultAndReportsTheConcreteDtype) {
+  const std::string expected = dtype_name(auto_dtype(c10::Device(c10::kCPU)));
+  const std::string run = "--input none --frames 2 --output none --control none --stats-json " + q(tmp_ + "/s.json");
+  for (const std::string flag : {"--dtype auto ", ""}) {
+    SCOPED_TRACE(flag.empty() ? "default" : flag);
+    const auto r = sh(base_ + flag + run);
+    ASSERT_EQ(r.status, 0) << r.output;
+    EXPECT_EQ(read_json_file(tmp_ + "/s.json")["config"]["dtype"], expected);
+    EXPECT_NE(r.output.find(", " + expected + ", cpu)"), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("is emulated"), std::string::npos) << r.output;
+  }
+  const auto bf16 = sh(base_ + "--dtype bf16 " + run);
+  ASSERT_EQ(bf16.status, 0) << bf16.output;
+  EXPECT_EQ(read_json_file(tmp_ + "/s.json")["config"]["dtype"], "bf16");
+  EXPECT_EQ(bf16.output.find("is emulated and slower than fp32") != std::string::npos, !cpu_has_native_bf16())
+      << bf16.output;
+  const auto bad = sh(base_ + "--dtype fp64 " + run);
+  EXPECT_EQ(bad.status, 1) << bad.output;
+  EXPECT_NE(bad.output.find("unknown dtype 'fp64' (expected auto, fp32, bf16 or fp16)"), std::string::npos)
+      << bad.output;
 }
 
 TEST_F(CliStream, Txt2ImgTicksWithScheduledPromptChange) {

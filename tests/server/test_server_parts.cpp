@@ -21,6 +21,15 @@
 namespace fs = std::filesystem;
 using namespace sd::server;
 
+// Both places that drop a request (a pending input replaced, a queued output pushed out) answer with this message; the
+// page counts it by "type" and shows "where".
+TEST(ServerMessages, DroppedReplyJson) {
+  EXPECT_EQ(dropped_message(DropPoint::Input),
+            nlohmann::json::parse(R"({"type":"dropped","where":"input","reason":"replaced by a newer request"})"));
+  EXPECT_EQ(dropped_message(DropPoint::Output),
+            nlohmann::json::parse(R"({"type":"dropped","where":"output","reason":"the send queue is full"})"));
+}
+
 TEST(ImageCodec, ProbesAndDecodesJpegAndPng) {
   const std::string jpg = sd::test::test_jpeg(40, 24);
   const ImageHeader h = probe_image(jpg, "frame");
