@@ -338,10 +338,11 @@ class Bench {
 
   const Result& add(const std::string& id, Result r) {
     r.rss_mib = rss_mib();
-    const double ceil = ceiling_gflops(sd::parse_dtype(r.dtype), device_);
+    const c10::ScalarType rdt = r.dtype == "int8" ? c10::kQInt8 : sd::parse_dtype(r.dtype);
+    const double ceil = ceiling_gflops(rdt, device_);
     if (r.gflop > 0 && r.timing.median > 0) r.gflops = r.gflop / r.timing.median;
     if (r.gflops > 0 && ceil > 0) r.pct_ceiling = 100.0 * r.gflops / ceil;
-    const auto mc = measured_ceiling_.find(sd::parse_dtype(r.dtype));
+    const auto mc = measured_ceiling_.find(rdt);
     if (r.gflops > 0 && mc != measured_ceiling_.end() && mc->second > 0)
       r.pct_measured = 100.0 * r.gflops / mc->second;
     order_.push_back(id);

@@ -1,6 +1,7 @@
 #pragma once
 // The libtorch API differences between the builds we keep compiling (Debian's 1.13, PyPI's 2.x: see
 // scripts/fetch-libtorch2.sh), in one place. Code elsewhere calls these instead of testing versions itself.
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -13,13 +14,19 @@ namespace sd::compat {
 // libtorch 2's scaled_dot_product_attention (fused, never materialises the score matrix); 1.13 has none. A macro:
 // the code that calls it must not be compiled against 1.13.
 #define SD_HAS_SDPA (TORCH_VERSION_MAJOR >= 2)
+// libtorch 2's CPU group norm on bf16 input keeps fp32 statistics (mixed-type kernels); 1.13's accumulates in bf16.
+#define SD_HAS_MIXED_GROUP_NORM (TORCH_VERSION_MAJOR >= 2)
 
 // The key of parameter `p` in torch::optim::Optimizer::state(): a string of its TensorImpl's address up to some 2.x
 // release, the address itself after (the map's key type says which).
-inline auto optimizer_state_key(const torch::optim::Optimizer& opt, const at::Tensor& p) {
+// (A template, so that only the matching branch is compiled.)
+template <class Optimizer>
+auto optimizer_state_key(const Optimizer& opt, const at::Tensor& p) {
   using Key = typename std::decay_t<decltype(opt.state())>::key_type;
   if constexpr (std::is_same_v<Key, std::string>) {
-    return c10::guts::to_string(p.unsafeGetTensorImpl());
+    std::ostringstream o;  // what 1.13's c10::guts::to_string(TensorImpl*) writes: the address
+    o << static_cast<const void*>(p.unsafeGetTensorImpl());
+    return o.str();
   } else {
     return static_cast<Key>(p.unsafeGetTensorImpl());
   }

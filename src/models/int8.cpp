@@ -39,17 +39,22 @@ inline float load(const T* x, int64_t i) {
   else return x[i];
 }
 
+// Also returns whether all n values are finite: the comparisons skip a NaN, so v - v (0, or NaN for inf and NaN) is
+// summed alongside.
 template <class T>
-SD_CLONES void min_max(const T* x, int64_t n, float* lo, float* hi) {
+SD_CLONES bool min_max(const T* x, int64_t n, float* lo, float* hi) {
   float mn = 0, mx = 0;  // the range always holds 0
-#pragma omp simd reduction(min : mn) reduction(max : mx)
+  float z = 0;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(+ : z)
   for (int64_t i = 0; i < n; ++i) {
     const float v = load(x, i);
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
+    z += v - v;
   }
   *lo = mn;
   *hi = mx;
+  return z == 0;
 }
 
 template <class T>
@@ -70,16 +75,21 @@ QuantizedActivation quantize_impl(const torch::Tensor& x) {
   const T* p = reinterpret_cast<const T*>(x.data_ptr());
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<float> lo(static_cast<size_t>(chunks)), hi(static_cast<size_t>(chunks));
+  std::vector<char> finite(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c)
-      min_max(p + c * kChunk, std::min(kChunk, n - c * kChunk), &lo[static_cast<size_t>(c)], &hi[static_cast<size_t>(c)]);
+    for (int64_t c = b; c < e; ++c) {
+      const auto i = static_cast<size_t>(c);
+      finite[i] = min_max(p + c * kChunk, std::min(kChunk, n - c * kChunk), &lo[i], &hi[i]);
+    }
   });
   float mn = 0, mx = 0;
+  bool all_finite = true;
   for (int64_t c = 0; c < chunks; ++c) {
     mn = std::min(mn, lo[static_cast<size_t>(c)]);
     mx = std::max(mx, hi[static_cast<size_t>(c)]);
+    all_finite = all_finite && finite[static_cast<size_t>(c)];
   }
-  if (!std::isfinite(mn) || !std::isfinite(mx))
+  if (!all_finite || !std::isfinite(mn) || !std::isfinite(mx))
     throw Error("int8: the input of a quantized layer holds inf or NaN (range [" + std::to_string(mn) + ", " +
                          std::to_string(mx) + "])");
   QuantizedActivation r;

@@ -108,8 +108,10 @@ TORCH_MODULE(Embedding);
 // Prepacks every Conv2d under `module` (see Conv2dImpl::prepack); returns how many were packed.
 int64_t prepack_convolutions(torch::nn::Module& module);
 
-// Gives every Conv2d and Linear under `module` whose dotted name `keep_float` does not accept an int8 copy; returns
-// how many. Throws InvalidArgument naming the reason where int8 is unavailable (sd::int8::unavailable_reason()).
-int64_t quantize_int8(torch::nn::Module& module, const std::function<bool(const std::string&)>& keep_float);
+// Gives every Conv2d and Linear under `module` (and `module` itself) that `keep_float(dotted name, layer)` does not
+// accept an int8 copy; returns how many. Throws InvalidArgument naming the reason where int8 is unavailable
+// (sd::int8::unavailable_reason()).
+using KeepFloat = std::function<bool(const std::string& name, const torch::nn::Module& layer)>;
+int64_t quantize_int8(torch::nn::Module& module, const KeepFloat& keep_float);
 
 }  // namespace sd::nn

@@ -105,10 +105,10 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   // Whether the layout allows the shallow path: the last up block consumes exactly conv_in's and the first down
   // block's layer outputs (true for every SD / SDXL layout).
   bool supports_feature_cache() const;
-  // Gives the convolutions and linear layers an int8 copy (sd::nn::quantize_int8; `--dtype int8`) except conv_in,
-  // conv_out, the time / added embeddings and resnets' time projections (one row per sample: nothing to gain) and
-  // the cross-attention projections of the text context (77 rows; their error would reach every query). Returns how
-  // many layers; InvalidArgument where int8 is unavailable.
+  // Gives the linear layers an int8 copy (sd::nn::quantize_int8; `--dtype int8`) except the time / added embeddings
+  // and resnets' time projections (one row per sample: nothing to gain) and the cross-attention projections of the
+  // text context (77 rows; their error would reach every query). Convolutions stay float (measured slower in int8,
+  // see the .cpp). Returns how many layers; InvalidArgument where int8 is unavailable.
   int64_t quantize_int8();
   const UNet2DConditionConfig& config() const { return config_; }
 

@@ -172,10 +172,9 @@ struct LoadOptions {
   // ip-adapter*.safetensors and image_encoder/ (models/ip_adapter.h). Empty = none.
   std::string ip_adapter;
   double ip_adapter_scale = 1.0;  // diffusers' load_ip_adapter leaves it at 1.0
-  // The UNet's convolutions and linear layers in int8 (models/int8.h; `--dtype int8`), after LoRAs are fused; the
-  // rest stays in `dtype`. Only its first and last convolutions, the time/added embeddings and the text-context
-  // projections of cross-attention (small products, most sensitive) stay float. CPU only; InvalidArgument where
-  // int8 is unavailable (sd::int8::unavailable_reason()).
+  // The UNet's linear layers in int8 (models/int8.h, UNet2DConditionModelImpl::quantize_int8; `--dtype int8`), after
+  // LoRAs are fused; the rest stays in `dtype`. CPU only; InvalidArgument where int8 is unavailable
+  // (sd::int8::unavailable_reason()).
   bool int8 = false;
 };
 

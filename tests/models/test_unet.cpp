@@ -20,7 +20,7 @@
 namespace {
 
 constexpr double kAtol = 1e-4, kRtol = 1e-5;  // fixture README: single module calls in float32
-constexpr double kInt8RelL2 = 1.0;  // see Int8WithinMeasuredBound
+constexpr double kInt8RelL2 = 0.09;  // see Int8WithinMeasuredBound
 
 struct UNetCase {
   std::string model;
@@ -109,9 +109,10 @@ TEST_P(UNetGolden, Bf16WithinMeasuredBound) {
   SD_EXPECT_CLOSE(out, t.out, 0.0, 6e-2, c.model + " " + c.name + " bf16");
 }
 
-// int8 convolutions and linear layers (`--dtype int8`, models/int8.h) over fp32 or bf16 activations, against the
-// fp32 reference. Relative L2 of the output (the measure the issue asks for; the per-element max of a quantized
-// model is dominated by a few outliers). Measured (libtorch 2.15, AMX-INT8): MEASURED. Bound: BOUND.
+// int8 linear layers (`--dtype int8`, models/int8.h; convolutions stay float) over fp32 or bf16 activations, against
+// the fp32 reference. Relative L2 of the output (the measure the issue asks for; the per-element max of a quantized
+// model is dominated by a few outliers). Measured (libtorch 2.15, AMX-INT8, 2-core Xeon family 6 model 167): tiny-sd15
+// 1.5-1.9% (fp32 activations) / 1.8-2.6% (bf16), tiny-sd21 2.9-3.4% / 3.0-4.4%. Bound: 9% (2x headroom).
 sd::UNet2DConditionModel cached_int8_unet(const std::string& model, torch::Dtype dtype) {
   static std::map<std::pair<std::string, int>, sd::UNet2DConditionModel> cache;
   auto key = std::make_pair(model, static_cast<int>(dtype));

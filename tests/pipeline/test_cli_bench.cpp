@@ -14,6 +14,7 @@
 #include "common/cli_run.h"
 #include "common/fixtures.h"
 #include "core/device.h"
+#include "models/int8.h"
 
 namespace sd {
 namespace {
@@ -302,6 +303,30 @@ TEST_F(CliBench, DtypesAutoIsTheDefaultAndReportedResolved) {
   j = read_json(json);
   const auto want = expected == "fp32" ? nlohmann::json::array({"fp32"}) : nlohmann::json::array({expected, "fp32"});
   EXPECT_EQ(j["dtypes"], want) << j["dtypes"];
+}
+
+// --dtypes int8: rows labelled int8 with the int8 GEMM as their measured ceiling where the kernels exist (libtorch 2,
+// a CPU with VNNI/AMX); elsewhere a clear refusal that says why (Debian's libtorch 1.13 has no oneDNN int8 operators).
+TEST_F(CliBench, Int8RowsOrTheReasonTheyCannotRun) {
+  const std::string json = dir_ + "/int8.json";
+  const RunResult r = run("bench --model '" + model_ + "' --sections components --sizes 64 --iters 1 --warmup 0 "
+                          "--threads 1 --dtypes int8 --json '" + json + "'");
+  if (!sd::int8::available()) {
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.output.find("bench --dtypes int8: " + sd::int8::unavailable_reason()), std::string::npos) << r.output;
+    return;
+  }
+  ASSERT_EQ(r.status, 0) << r.output;
+  const nlohmann::json j = read_json(json);
+  EXPECT_EQ(j["dtypes"], nlohmann::json::array({"int8"}));
+  EXPECT_GT(j["ceilings_gflops"]["measured_int8"].get<double>(), 0.0) << j["ceilings_gflops"];
+  bool unet = false;
+  for (const auto& x : j["results"]) {
+    EXPECT_EQ(x["dtype"], "int8") << x.dump();
+    if (x["name"] == "unet") unet = true;
+  }
+  EXPECT_TRUE(unet);
+  EXPECT_NE(r.output.find("int8/"), std::string::npos) << "the load line names the int8 mode: " << r.output;
 }
 
 #else

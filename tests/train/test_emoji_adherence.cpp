@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "io/model_folder.h"
+#include "models/int8.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
 #include "train/emoji_dataset.h"
@@ -107,6 +108,35 @@ TEST(EmojiAdherence, ShippedModelFollowsThePrompt) {
             << ", other " << r.mean_other << "); required >= 70%\n";
   EXPECT_GE(r.n, 50);
   EXPECT_GE(rate, 0.70);
+}
+
+// `--dtype int8` (the UNet's linear layers in int8) keeps the shipped model's adherence: the same measure and the
+// same >= 70% bar, next to the float model's figure on the same prompts (libtorch 2 builds on a CPU with VNNI/AMX;
+// skipped elsewhere with the reason).
+TEST(EmojiAdherence, Int8KeepsTheAdherence) {
+  if (!sd::int8::available()) GTEST_SKIP() << sd::int8::unavailable_reason();
+  const std::string model = shipped_model();
+  if (!sd::is_file(model + "/model_index.json"))
+    GTEST_SKIP() << "no model at " << model << " (train it with scripts/train-emoji.sh)";
+  const std::string data = sd::train::default_emoji_data_dir();
+  if (!sd::train::emoji_data_available(data, "google"))
+    GTEST_SKIP() << "emoji data not installed in " << data << " (run scripts/fetch-emoji-data.sh)";
+  const std::string pkg = sd::train::emoji_package_dir(data, "google");
+  const auto all = sd::train::read_emoji_json(pkg + "/emoji.json", "google");
+  const std::string img_dir = pkg + "/img/google/64";
+  const std::vector<int64_t> list{0, 16, 32, 45};
+  sd::LoadOptions lo;
+  lo.threads = -1;
+  const auto fp = measure(sd::load_pipeline(model, lo), all, img_dir, list, false);
+  lo.int8 = true;
+  const auto models = sd::load_pipeline(model, lo);
+  ASSERT_GT(models->int8_layers(), 0);
+  const auto q = measure(models, all, img_dir, list, false);
+  std::cout << "  [adherence] 4 steps: fp32 " << fp.closer << "/" << fp.n << ", int8 " << q.closer << "/" << q.n
+            << " (mean L2 16x16 own/other: fp32 " << fp.mean_own << "/" << fp.mean_other << ", int8 " << q.mean_own
+            << "/" << q.mean_other << ")\n";
+  EXPECT_GE(q.n, 50);
+  EXPECT_GE(static_cast<double>(q.closer) / q.n, 0.70);
 }
 
 }  // namespace
