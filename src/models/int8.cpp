@@ -12,16 +12,11 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "models/simd_clones.h"
 
 namespace sd::int8 {
 
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define SD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SD_CLONES
-#endif
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t b = static_cast<uint32_t>(h) << 16;

@@ -3,15 +3,11 @@
 #include <cstring>
 #include <vector>
 
+#include "models/simd_clones.h"
+
 namespace sd::kernels {
 
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define SD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SD_CLONES
-#endif
 
 inline float bits_to_float(uint32_t b) {
   float f;

@@ -73,16 +73,36 @@ AdherenceResult measure(const std::shared_ptr<const sd::DiffusionModels>& models
   return r;
 }
 
-TEST(EmojiAdherence, ShippedModelFollowsThePrompt) {
-  const std::string model = shipped_model();
-  if (!sd::is_file(model + "/model_index.json"))
-    GTEST_SKIP() << "no model at " << model << " (train it with scripts/train-emoji.sh)";
+// The shipped model and the emoji data; `missing` says why a test cannot run (it is then skipped).
+struct Inputs {
+  std::string model, img_dir, missing;
+  std::vector<sd::train::EmojiEntry> all;
+};
+
+Inputs inputs() {
+  Inputs in;
+  in.model = shipped_model();
+  if (!sd::is_file(in.model + "/model_index.json")) {
+    in.missing = "no model at " + in.model + " (train it with scripts/train-emoji.sh)";
+    return in;
+  }
   const std::string data = sd::train::default_emoji_data_dir();
-  if (!sd::train::emoji_data_available(data, "google"))
-    GTEST_SKIP() << "emoji data not installed in " << data << " (run scripts/fetch-emoji-data.sh)";
+  if (!sd::train::emoji_data_available(data, "google")) {
+    in.missing = "emoji data not installed in " + data + " (run scripts/fetch-emoji-data.sh)";
+    return in;
+  }
   const std::string pkg = sd::train::emoji_package_dir(data, "google");
-  const auto all = sd::train::read_emoji_json(pkg + "/emoji.json", "google");
-  const std::string img_dir = pkg + "/img/google/64";
+  in.all = sd::train::read_emoji_json(pkg + "/emoji.json", "google");
+  in.img_dir = pkg + "/img/google/64";
+  return in;
+}
+
+TEST(EmojiAdherence, ShippedModelFollowsThePrompt) {
+  const Inputs in = inputs();
+  if (!in.missing.empty()) GTEST_SKIP() << in.missing;
+  const std::string& model = in.model;
+  const std::string& img_dir = in.img_dir;
+  const auto& all = in.all;
   sd::LoadOptions lo;
   lo.threads = -1;
   const auto models = sd::load_pipeline(model, lo);
@@ -115,15 +135,11 @@ TEST(EmojiAdherence, ShippedModelFollowsThePrompt) {
 // skipped elsewhere with the reason).
 TEST(EmojiAdherence, Int8KeepsTheAdherence) {
   if (!sd::int8::available()) GTEST_SKIP() << sd::int8::unavailable_reason();
-  const std::string model = shipped_model();
-  if (!sd::is_file(model + "/model_index.json"))
-    GTEST_SKIP() << "no model at " << model << " (train it with scripts/train-emoji.sh)";
-  const std::string data = sd::train::default_emoji_data_dir();
-  if (!sd::train::emoji_data_available(data, "google"))
-    GTEST_SKIP() << "emoji data not installed in " << data << " (run scripts/fetch-emoji-data.sh)";
-  const std::string pkg = sd::train::emoji_package_dir(data, "google");
-  const auto all = sd::train::read_emoji_json(pkg + "/emoji.json", "google");
-  const std::string img_dir = pkg + "/img/google/64";
+  const Inputs in = inputs();
+  if (!in.missing.empty()) GTEST_SKIP() << in.missing;
+  const std::string& model = in.model;
+  const std::string& img_dir = in.img_dir;
+  const auto& all = in.all;
   const std::vector<int64_t> list{0, 16, 32, 45};
   sd::LoadOptions lo;
   lo.threads = -1;
