@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 #include "core/device.h"
@@ -27,7 +26,8 @@ inline float bf16_to_float(uint16_t h) {
 
 // The min/max and code loops are vectorised through `omp simd` (-fopenmp-simd for this file, no OpenMP runtime):
 // libtorch's quantize_per_tensor wants fp32 input and goes through a quantized tensor, three passes where these are
-// two (measured 58 ms for a [2, 320, 64, 64] bf16 activation on 2 cores, more than the int8 convolution itself).
+// two (a [2, 320, 64, 64] bf16 activation on 2 cores, libtorch 2.15: 2.7 ms with aminmax + quantize_per_tensor, 1.1 ms
+// here).
 template <class T>
 inline float load(const T* x, int64_t i) {
   if constexpr (std::is_same_v<T, uint16_t>) return bf16_to_float(x[i]);
