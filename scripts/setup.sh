@@ -6,7 +6,11 @@ PKGS=(
   libtorch-dev libopenblas0-pthread
   libopencv-dev libboost-dev libboost-system-dev libx11-dev libxext-dev
   libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libpcre2-dev
+  # Settings files (--config FILE.yaml) and OSC control (--control osc://...); liblo-tools' oscsend drives the OSC tests.
+  libyaml-cpp-dev liblo-dev liblo-tools
   libgtest-dev libgmock-dev libbenchmark-dev
+  # The libFuzzer targets (scripts/fuzz.sh, tests/fuzz): clang and its fuzzer / sanitizer runtimes.
+  clang-14 libclang-rt-14-dev
   chromium nodejs
   # The Python package (python/, streamdiffusion_cpp): pybind11 + Python headers to build it; pytest, numpy, Pillow
   # and torch for its tests and the DLPack round trips. Debian's python3-torch is the same libtorch 1.13 build the

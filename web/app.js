@@ -15,6 +15,9 @@ const ui = {
   cnList: $('controlnets'), controlFile: $('control-file'), controlClear: $('control-clear'),
   controlState: $('control-image-state'), ipBox: $('ip-box'), ipFile: $('image-prompt-file'),
   ipClear: $('image-prompt-clear'), ipState: $('image-prompt-state'), ipScale: $('ip-scale'),
+  promptList: $('prompt-list'), promptAdd: $('prompt-add'), promptBlend: $('prompt_blend'),
+  promptListState: $('prompt-list-state'), seedList: $('seed_list'), seedListState: $('seed-list-state'),
+  transition: $('transition'), latentFeedback: $('latent_feedback'), feedbackField: $('feedback-field'),
 };
 
 const params = new URLSearchParams(location.search);
@@ -77,8 +80,74 @@ function fillForm(s) {
   set(ui.seed, s.seed);
   if (!touched.has(ui.filter)) ui.filter.checked = s.similarity_filter > 0;
   if (s.similarity_filter > 0) set(ui.threshold, s.similarity_filter);
+  if (!touched.has(ui.promptList)) setPromptRows(s.prompt_list || []);
+  set(ui.seedList, (s.seed_list || []).map(([seed, w]) => `${seed}:${w}`).join(', '));
+  set(ui.promptBlend, s.prompt_blend || 'linear');
+  // the server says "0", "2.5s" or "30f"; the slider is seconds (a frame count shows as 0 until moved)
+  const t = /^([\d.]+)s$/.exec(s.transition || '');
+  set(ui.transition, t ? Number(t[1]) : 0);
+  set(ui.latentFeedback, s.latent_feedback ?? 0);
   syncOutputs();
 }
+
+// ---- prompt list (blend) and seed list --------------------------------------------------------------------------
+
+// One row per prompt: text, weight (0..1, normalised by the server), remove.
+function addPromptRow(text = '', weight = 1) {
+  const row = document.createElement('div');
+  row.className = 'prompt-row';
+  const t = document.createElement('input');
+  t.type = 'text';
+  t.value = text;
+  t.placeholder = 'a prompt to blend, (word:1.3) weights allowed';
+  const w = document.createElement('input');
+  w.type = 'range';
+  w.min = '0';
+  w.max = '1';
+  w.step = '0.05';
+  w.value = String(weight);
+  w.title = 'weight (the weights are normalised to sum 1)';
+  const out = document.createElement('output');
+  const del = document.createElement('button');
+  del.type = 'button';
+  del.textContent = '×';
+  del.title = 'remove';
+  row.append(t, w, out, del);
+  ui.promptList.append(row);
+  const changed = () => { touched.add(ui.promptList); scheduleConfig(); };
+  t.addEventListener('input', changed);
+  w.addEventListener('input', changed);
+  del.addEventListener('click', () => { row.remove(); changed(); });
+}
+function setPromptRows(list) {
+  ui.promptList.replaceChildren();
+  for (const [text, weight] of list) addPromptRow(text, Math.min(1, weight));
+}
+// [[text, weight], ...] of the rows with text; [] = no blend (the prompt above). Weights all 0 -> not sent.
+function promptListValue() {
+  const rows = [...ui.promptList.querySelectorAll('.prompt-row')];
+  const list = rows.map((r) => [r.children[0].value, Number(r.children[1].value)]).filter(([t]) => t.trim() !== '');
+  return list.length && list.every(([, w]) => w === 0) ? null : list;
+}
+// "2:1, 7:0.5" -> [[2, 1], [7, 0.5]]; "" -> []; null when malformed (the field turns red, nothing is sent).
+function seedListValue() {
+  const text = ui.seedList.value.trim();
+  if (!text) return [];
+  const list = [];
+  for (const item of text.split(/[\s,]+/).filter(Boolean)) {
+    const m = /^(\d+)(?::([\d.]+))?$/.exec(item);
+    if (!m) return null;
+    list.push([Number(m[1]), m[2] === undefined ? 1 : Number(m[2])]);
+  }
+  return list.every(([, w]) => w === 0) || list.length > 16 ? null : list;
+}
+ui.promptAdd.addEventListener('click', () => {
+  // The first row starts from the prompt above, so a blend begins where the picture is.
+  if (!ui.promptList.children.length) addPromptRow(ui.prompt.value, 1);
+  addPromptRow('', 0.5);
+  touched.add(ui.promptList);
+  scheduleConfig();
+});
 
 function syncOutputs() {
   $('guidance-out').textContent = Number(ui.guidance.value).toFixed(2);
@@ -86,6 +155,19 @@ function syncOutputs() {
   $('threshold-out').textContent = Number(ui.threshold.value).toFixed(3);
   state.controlnets.forEach((_, i) => { $(`cn-scale-${i}-out`).textContent = Number($(`cn-scale-${i}`).value).toFixed(2); });
   $('ip-scale-out').textContent = Number(ui.ipScale.value).toFixed(2);
+  const t = Number(ui.transition.value);
+  $('transition-out').textContent = t > 0 ? `${t.toFixed(1)} s` : 'at once';
+  $('latent-feedback-out').textContent = Number(ui.latentFeedback.value).toFixed(2);
+  const rows = [...ui.promptList.querySelectorAll('.prompt-row')];
+  const total = rows.reduce((a, r) => a + (r.children[0].value.trim() ? Number(r.children[1].value) : 0), 0);
+  for (const r of rows) r.children[2].textContent = total > 0 && r.children[0].value.trim()
+    ? `${Math.round((100 * Number(r.children[1].value)) / total)}%` : '–';
+  const pl = promptListValue();
+  ui.promptListState.textContent = pl === null ? 'all weights 0' : pl.length ? `${pl.length} prompts blended` : 'off: the prompt above';
+  const sl = seedListValue();
+  ui.seedList.classList.toggle('invalid', sl === null);
+  ui.seedListState.textContent = sl === null ? 'expected seed:weight, ...' : sl.length ? `${sl.length} seeds blended` : 'off: the seed above';
+  ui.feedbackField.hidden = state.mode === 'txt2img';
 }
 
 function formSettings() {
@@ -103,10 +185,28 @@ function formSettings() {
   if (state.controlnets.length)
     s.controlnets = state.controlnets.map((_, i) => ({ preprocessor: $(`cn-pre-${i}`).value, scale: Number($(`cn-scale-${i}`).value) }));
   if (state.ipAdapter) s.ip_adapter_scale = Number(ui.ipScale.value);
+  const pl = promptListValue();
+  if (pl !== null) s.prompt_list = pl;
+  const sl = seedListValue();
+  if (sl !== null) s.seed_list = sl;
+  s.transition = Number(ui.transition.value);
+  s.prompt_blend = ui.promptBlend.value;
+  if (state.mode !== 'txt2img') s.latent_feedback = Number(ui.latentFeedback.value);
   return s;
 }
 
+// A plain prompt (seed) replaces the list on the server: send the pair together so neither undoes the other, and
+// the transition with them so the change morphs.
+const pairs = [['prompt', 'prompt_list'], ['seed', 'seed_list']];
+
 let lastSent = {};
+// The server reports a transition as "0", "2.5s" or "30f"; the page sends seconds: compare like with like.
+function asSent(settings) {
+  const s = { ...settings };
+  const t = /^([\d.]+)s?$/.exec(String(s.transition ?? ''));
+  if (t) s.transition = Number(t[1]);
+  return s;
+}
 let configTimer = null;
 function scheduleConfig() {
   syncOutputs();
@@ -119,11 +219,16 @@ function sendConfig(extra = {}) {
   const changed = {};
   for (const [k, v] of Object.entries(s)) if (JSON.stringify(lastSent[k]) !== JSON.stringify(v)) changed[k] = v;
   if (!Object.keys(changed).length) return;
+  for (const [a, b] of pairs)
+    if ((a in changed || b in changed) && a in s && b in s) { changed[a] = s[a]; changed[b] = s[b]; }
+  if ('transition' in s && ['prompt', 'prompt_list', 'seed', 'seed_list'].some((k) => k in changed))
+    changed.transition = s.transition;
   Object.assign(lastSent, changed);
   state.client.sendConfig(changed);
 }
 
-for (const el of [ui.prompt, ui.negative, ui.guidance, ui.delta, ui.tIndex, ui.seed, ui.filter, ui.threshold])
+for (const el of [ui.prompt, ui.negative, ui.guidance, ui.delta, ui.tIndex, ui.seed, ui.filter, ui.threshold,
+  ui.seedList, ui.transition, ui.latentFeedback, ui.promptBlend])
   el.addEventListener('input', () => { touched.add(el); scheduleConfig(); });
 ui.ipScale.addEventListener('input', () => { touched.add(ui.ipScale); scheduleConfig(); });
 
@@ -267,7 +372,7 @@ async function connect() {
   setupControlNets(hello);
   setupIpAdapter(hello);
   fillForm(hello.settings);
-  lastSent = { ...hello.settings };
+  lastSent = asSent(hello.settings);
   if (state.ipAdapter) lastSent.ip_adapter_scale = state.ipAdapter.scale;
   delete lastSent.mode;
   state.applied = hello.settings;
@@ -284,7 +389,7 @@ async function connect() {
   client.addEventListener('config', (ev) => {
     const applied = ev.detail.settings;
     state.applied = applied;
-    lastSent = { ...lastSent, ...applied };
+    lastSent = { ...lastSent, ...asSent(applied) };
     delete lastSent.mode;
     // A mode change brings that mode's default steps: show what the server uses (unless the user is typing there).
     if (document.activeElement !== ui.tIndex) ui.tIndex.value = (applied.t_index_list || []).join(',');

@@ -8,7 +8,10 @@
 //   batch       stream batch (one UNet call on n rows) vs sequential denoising (n calls of one row), same steps;
 //   cfg         RCFG self / initialize vs full CFG (the paper's 2.05x) vs none;
 //   vae         TAESD vs the full AutoencoderKL (components and whole frames);
-//   filter      the stochastic similarity filter on a static scene (frames skipped, compute saved, effective fps).
+//   filter      the stochastic similarity filter on a static scene (frames skipped, compute saved, effective fps);
+//   flicker     latent feedback (--latent-feedback A): the mean absolute frame-to-frame difference of the img2img
+//               outputs (0..255 levels) on a static scene with sensor noise, without and with the feedback (not a
+//               timing: the same frames through two streams).
 // With --controlnet (repeatable) and --controlnet-every every stream row except the ablation's runs with those
 // ControlNets on a fixed synthetic control image, and components gains one "controlnet" line per ControlNet.
 // Every timing is a median over timed runs after warm-up (device-synchronised). Prints tables, writes JSON (--json)
@@ -22,6 +25,7 @@
 #include <map>
 #include <sstream>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -44,7 +48,7 @@ namespace {
 using namespace sd::bench;
 using Clock = std::chrono::steady_clock;
 
-const std::vector<std::string> kSections{"components", "e2e", "ablation", "batch", "cfg", "vae", "filter"};
+const std::vector<std::string> kSections{"components", "e2e", "ablation", "batch", "cfg", "vae", "filter", "flicker"};
 
 struct BenchOptions {
   std::string model;
@@ -71,6 +75,9 @@ struct BenchOptions {
   double filter_threshold = 0.98;
   int max_skip_frame = 10;
   double filter_noise = 0.01;
+  double latent_feedback = 0.5;  // flicker section: A of the "with" row
+  int flicker_frames = 24;       // flicker section: measured frames (after the stream latency and settling)
+  double flicker_noise = 0.04;   // flicker section: per-frame sensor noise std ([-1, 1] scale)
   std::string json_path;
   std::string chart_path;
   std::vector<std::string> loras;  // --lora / --lcm-lora: fused into every model set the bench loads
@@ -179,7 +186,7 @@ class Bench {
       }
       if (std::find(kSections.begin(), kSections.end(), s) == kSections.end())
         throw sd::InvalidArgument("bench --sections: unknown section '" + s +
-                                  "' (expected all or any of components,e2e,ablation,batch,cfg,vae,filter)");
+                                  "' (expected all or any of components,e2e,ablation,batch,cfg,vae,filter,flicker)");
       if (std::find(sections_.begin(), sections_.end(), s) == sections_.end()) sections_.push_back(s);
     }
     if (sections_.empty()) throw sd::InvalidArgument("bench --sections is empty");
@@ -225,6 +232,11 @@ class Bench {
       throw sd::InvalidArgument("bench --chart: this build has no OpenCV (SD_ENGINE_ONLY), so it cannot draw PNGs");
     if (o_.filter_threshold <= 0 || o_.filter_threshold >= 1)
       throw sd::InvalidArgument("bench --filter-threshold must be in (0, 1)");
+    if (!(o_.latent_feedback > 0 && o_.latent_feedback <= 1))
+      throw sd::InvalidArgument("bench --latent-feedback must be in (0, 1]");
+    if (o_.flicker_frames < 2) throw sd::InvalidArgument("bench --flicker-frames must be >= 2");
+    if (!(o_.flicker_noise >= 0) || o_.flicker_noise > 1)
+      throw sd::InvalidArgument("bench --flicker-noise must be in [0, 1]");
     if (o_.controlnet_every < 1) throw sd::InvalidArgument("bench --controlnet-every must be >= 1");
     if (o_.deep_cache_every < 1) throw sd::InvalidArgument("bench --deep-cache-every must be >= 1");
     if (o_.controlnet_every > 1 && o_.controlnets.empty())
@@ -325,6 +337,7 @@ class Bench {
           for (auto c : {sd::CfgType::None, sd::CfgType::Self, sd::CfgType::Initialize, sd::CfgType::Full})
             stream_row(m, "cfg", "img2img", dt, size, ae, c, t_multi_, true);
         if (want("filter")) filter_row(m, dt, size, ae);
+        if (want("flicker")) flicker_rows(m, dt, size, ae);
       }
       if (want("ablation")) ablation_rows(m, dt, size, ae, primary);
     }
@@ -664,6 +677,78 @@ class Bench {
     add(id, r);
   }
 
+  // Latent feedback against flicker: the same noisy frames of one static scene through a stream without and one with
+  // --latent-feedback A; flicker = mean |out_k - out_(k-1)| of the decoded outputs in 0..255 levels, over
+  // --flicker-frames outputs after the stream latency and 4 settling frames. The input's own frame-to-frame
+  // difference (the sensor noise) is reported beside it.
+  void flicker_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                    const std::string& ae) {
+    const int settle = static_cast<int>(t_img_.size()) - 1 + 4;
+    const int total = settle + o_.flicker_frames + 1;
+    // A smooth static scene (bilinear 8x8 colour field) plus independent per-frame noise, the same for both rows.
+    auto gen = at::detail::createCPUGenerator(11);
+    const auto field = torch::rand({1, 3, 8, 8}, gen) * 2 - 1;
+    namespace F = torch::nn::functional;
+    const torch::Tensor scene =
+        F::interpolate(field, F::InterpolateFuncOptions()
+                                  .size(std::vector<int64_t>{size, size})
+                                  .mode(torch::kBilinear)
+                                  .align_corners(false))[0];
+    std::vector<torch::Tensor> frames;
+    for (int i = 0; i < total; ++i)
+      frames.push_back((scene + o_.flicker_noise * torch::randn(scene.sizes(), gen)).clamp(-1, 1));
+    const auto levels = [](const torch::Tensor& a, const torch::Tensor& b) {
+      return (a.clamp(-1, 1) - b.clamp(-1, 1)).abs().mean().item<double>() * 127.5;
+    };
+    double input_flicker = 0;
+    for (int i = settle + 1; i < total; ++i) input_flicker += levels(frames[i], frames[i - 1]);
+    input_flicker /= o_.flicker_frames;
+    double without = 0;
+    for (double A : {0.0, o_.latent_feedback}) {
+      std::ostringstream v;
+      v << "static A=" << A << " noise=" << o_.flicker_noise << " t=" << join(t_img_) << cn_suffix(with_controlnets("flicker"));
+      const std::string id = "flicker/" + v.str() + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
+      if (find(id)) continue;
+      sd::StreamConfig c = stream_config(size, sd::CfgType::None, t_img_, true);
+      c.latent_feedback = A;
+      sd::StreamDiffusion stream(m, c);
+      stream.prepare(o_.prompt, o_.negative_prompt);
+      if (with_controlnets("flicker")) attach_controlnets(stream, size);
+      torch::Tensor prev;
+      double sum = 0;
+      int i = 0;
+      auto step = [&] {
+        const torch::Tensor out = stream.img2img(frames[static_cast<size_t>(i)].to(m->device(), m->dtype()))
+                                      .to(torch::kCPU, torch::kFloat32)
+                                      .clone();
+        if (i > settle) sum += levels(out, prev);
+        prev = out;
+        ++i;
+      };
+      while (i <= settle) step();
+      Result r;
+      r.timing = time_runs(device_, 0, o_.flicker_frames, step);  // per frame, for the record (not the figure)
+      const double flicker = sum / o_.flicker_frames;
+      if (A == 0.0) without = flicker;
+      r.section = "flicker";
+      r.name = "feedback";
+      r.variant = v.str();
+      r.dtype = sd::dtype_name(dt);
+      r.size = size;
+      r.steps = static_cast<int64_t>(t_img_.size());
+      r.extra = {{"latent_feedback", A},
+                 {"frames", o_.flicker_frames},
+                 {"noise", o_.flicker_noise},
+                 {"flicker_levels", flicker},
+                 {"input_flicker_levels", input_flicker}};
+      if (A > 0 && without > 0) {
+        r.extra["flicker_without_levels"] = without;
+        r.extra["reduction_pct"] = 100.0 * (1.0 - flicker / without);
+      }
+      add(id, r);
+    }
+  }
+
   const Result& naive_row(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
                           const std::string& ae, bool per_call_prompt) {
     std::ostringstream v;
@@ -757,6 +842,16 @@ class Bench {
   }
 
   void print(const Result& r) const {
+    if (r.section == "flicker") {  // not a timing
+      std::cout << std::left << std::setw(11) << r.section << std::setw(15) << r.name << std::setw(44)
+                << r.variant.substr(0, 43) << std::setw(6) << r.dtype << std::right << std::setw(5) << r.size
+                << "    flicker " << std::fixed << std::setprecision(3) << r.extra["flicker_levels"].get<double>()
+                << " levels/frame (input " << r.extra["input_flicker_levels"].get<double>() << ")";
+      if (r.extra.contains("reduction_pct"))
+        std::cout << ", " << std::setprecision(1) << r.extra["reduction_pct"].get<double>() << "% less than without";
+      std::cout << "\n" << std::flush;
+      return;
+    }
     std::cout << std::left << std::setw(11) << r.section << std::setw(15) << r.name << std::setw(44)
               << r.variant.substr(0, 43) << std::setw(6) << r.dtype << std::right << std::setw(5) << r.size
               << std::setw(4) << r.batch << std::fixed << std::setprecision(4) << std::setw(10) << r.timing.median
@@ -941,6 +1036,9 @@ class Bench {
                     {"frames", o_.frames},
                     {"naive_iters", o_.naive_iters},
                     {"filter_frames", o_.filter_frames},
+                    {"latent_feedback", o_.latent_feedback},
+                    {"flicker_frames", o_.flicker_frames},
+                    {"flicker_noise", o_.flicker_noise},
                     {"prompt", o_.prompt},
                     {"txt2img_t_index", t_txt_},
                     {"img2img_t_index", t_img_},
@@ -1017,7 +1115,7 @@ sd::cli::Runner setup_bench(CLI::App& app) {
                  "with AVX512-BF16/AMX, fp16 on CUDA, else fp32); the ablation adds what it needs")
       ->capture_default_str();
   app.add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
-  app.add_option("--sections", o->sections, "all, or any of components,e2e,ablation,batch,cfg,vae,filter")
+  app.add_option("--sections", o->sections, "all, or any of components,e2e,ablation,batch,cfg,vae,filter,flicker")
       ->capture_default_str();
   app.add_option("--threads", o->threads, "intra-op threads (0 = all cores)")->capture_default_str();
   app.add_option("--iters", o->iters, "timed runs per component measurement (median)")->capture_default_str();
@@ -1042,6 +1140,14 @@ sd::cli::Runner setup_bench(CLI::App& app) {
   app.add_option("--filter-threshold", o->filter_threshold, "similarity filter threshold")->capture_default_str();
   app.add_option("--max-skip-frame", o->max_skip_frame, "similarity filter max_skip_frame")->capture_default_str();
   app.add_option("--filter-noise", o->filter_noise, "per-frame noise std of the static scene ([-1, 1] scale)")
+      ->capture_default_str();
+  app.add_option("--latent-feedback", o->latent_feedback,
+                 "flicker section: latent feedback A of the 'with' stream (the 'without' stream has A = 0)")
+      ->capture_default_str();
+  app.add_option("--flicker-frames", o->flicker_frames, "flicker section: measured output frames")
+      ->capture_default_str();
+  app.add_option("--flicker-noise", o->flicker_noise,
+                 "flicker section: per-frame sensor noise std of the static scene ([-1, 1] scale)")
       ->capture_default_str();
   app.add_option("--json", o->json_path, "write the results as JSON");
   app.add_option("--chart", o->chart_path, "write a PNG chart of the ablation and the components (needs OpenCV)");

@@ -175,7 +175,7 @@ sd::cli::Runner setup_txt2img(CLI::App& app) {
     sd::StreamDiffusion stream(l.models, cfg);
     set_image_prompt(*o, stream);
     setup_controlnets(*o, *l.models, stream, true);
-    stream.prepare(o->prompt, o->negative_prompt);
+    stream.prepare(sd::cli::prompt_list_from(*o), o->negative_prompt);
     const int64_t n = stream.denoising_steps();
     torch::Tensor out;
     int64_t frames = 0;
@@ -244,7 +244,7 @@ sd::cli::Runner setup_img2img(CLI::App& app) {
     set_image_prompt(*o, stream);
     const sd::cli::ControlNetSetup control = setup_controlnets(*o, *l.models, stream, false);
     const bool control_per_frame = !control.units.empty() && o->control_input.empty();
-    stream.prepare(o->prompt, o->negative_prompt);
+    stream.prepare(sd::cli::prompt_list_from(*o), o->negative_prompt);
     const int64_t F = cfg.frame_buffer_size, n = stream.denoising_steps();
     const int64_t latency = cfg.use_denoising_batch ? n - 1 : 0;
     // F frames from `first`, the last frame repeated past the end. Each input frame's control images are made as it

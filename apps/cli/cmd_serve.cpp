@@ -122,6 +122,7 @@ sd::cli::Runner setup_serve(CLI::App& app) {
       // txt2img has its own default steps and cfg; the similarity filter is an img2img feature.
       sd::cli::PipelineOptions t = o->p;
       t.similarity_filter = 0;
+      t.latent_feedback = 0;
       d.txt2img = sd::cli::stream_config(t, true, md);
     }
     if (o->max_size.empty()) {
@@ -140,6 +141,7 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     d.native_height = md.native_height;
     d.prompt = o->p.prompt;
     d.negative_prompt = o->p.negative_prompt;
+    if (!o->p.prompt_list.empty()) d.prompt_list = sd::parse_prompt_list(o->p.prompt_list);
     d.txt2img_mode = o->mode == "txt2img";
     d.start_index = o->p.start_index;
 

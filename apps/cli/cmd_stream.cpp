@@ -41,6 +41,7 @@ struct StreamCliOptions {
   double status_interval = 1.0;
   int queue = 4;
   int64_t warmup_outputs = 100;
+  double watchdog = 10.0;
   std::string image_prompt_input;  // --image-prompt-input SRC
   int64_t image_prompt_every = 1;
   double image_prompt_change = 1.0;
@@ -119,8 +120,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
   app.add_option("--output-fps", o->output_fps, "frame rate written to a video file (default: the input's, else 30)");
   app.add_option("--fourcc", o->fourcc, "video codec override (MJPG, avc1, mp4v, VP80, ...)");
   app.add_option("--control", o->control,
-                 "control channel(s): auto (stdin unless it carries frames) | stdin | none | fifo:PATH | unix:PATH "
-                 "(repeatable)")
+                 "control channel(s): auto (stdin unless it carries frames) | stdin | none | fifo:PATH | unix:PATH | "
+                 "osc://HOST:PORT[?reply=osc://HOST:PORT|sender] (OSC over UDP: /prompt s, /guidance f, ... = the "
+                 "control commands; last value wins) (repeatable)")
       ->capture_default_str();
   app.add_option("--at", o->at, "FRAME:COMMAND, a control command applied before input frame FRAME (repeatable)");
   app.add_option("--stats-json", o->stats_json, "write a JSON summary here at exit (fps, latency, drops, RSS, ...)");
@@ -128,6 +130,10 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--queue", o->queue, "capacity of each lossless queue")->capture_default_str();
   app.add_option("--warmup-outputs", o->warmup_outputs, "outputs after which RSS counts as 'after warm-up'")
+      ->capture_default_str();
+  app.add_option("--watchdog", o->watchdog,
+                 "log any frame a stage spends more than this many times its median on (and over 100 ms), with the "
+                 "stage, while it is still there (0 = off; the timings stay in --stats-json)")
       ->capture_default_str();
   app.footer(
       "Control commands (one per line): prompt <text> | negative <text> | guidance <g> | delta <d> | "
@@ -140,6 +146,8 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       "Examples:\n"
       "  streamdiffusion stream --model M --input in.mp4 --output out.mp4 --prompt 'oil painting'\n"
       "  streamdiffusion stream --model M --input camera:0 --output window --prompt 'anime' --control unix:/tmp/sd\n"
+      "  streamdiffusion stream --config live.yaml --control osc://127.0.0.1:9000   (then: oscsend localhost 9000 "
+      "/prompt s 'a fox')\n"
       "  ffmpeg -i in.mp4 -f rawvideo -pix_fmt rgb24 -s 512x512 - | streamdiffusion stream --model M --input - "
       "--input-size 512x512 --output - | ffplay -f rawvideo -pixel_format rgb24 -video_size 512x512 -\n"
       "  streamdiffusion stream --model M --input none --output window --prompt 'a cat' --t-index-list 0 "
@@ -171,6 +179,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     if (o->queue < 1) throw sd::InvalidArgument("--queue must be >= 1");
     ro.queue_capacity = static_cast<size_t>(o->queue);
     ro.warmup_outputs = o->warmup_outputs;
+    ro.watchdog_factor = o->watchdog;
     for (const auto& a : o->at) ro.scheduled.push_back(parse_at(a));
     std::vector<std::string> controls;
     for (const auto& c : o->control) {
@@ -227,7 +236,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
         sd::log::info("controlnet {}: {} scale {} preprocessor {}", i, controlnets.units[i].net->describe(),
                       controlnets.units[i].scale, controlnets.preprocessors[i]->name());
     }
-    stream->prepare(o->p.prompt, o->p.negative_prompt);
+    stream->prepare(sd::cli::prompt_list_from(o->p), o->p.negative_prompt);
     auto processor = std::make_shared<sd::StreamDiffusionProcessor>(stream, o->p.prompt, o->p.negative_prompt, txt2img);
     if (!controlnets.units.empty())
       processor->set_control_preprocessors(controlnets.preprocessors, control_source != nullptr);
@@ -240,9 +249,10 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     if (image_prompt_source) runtime.set_image_prompt_source(std::move(image_prompt_source), o->image_prompt_every);
     std::vector<std::unique_ptr<sd::ControlChannel>> channels;
     for (const auto& c : controls) {
+      const bool coalesce = sd::ControlChannel::last_value_wins(c);  // OSC: faders stream values
       channels.push_back(std::make_unique<sd::ControlChannel>(
-          c, [&runtime](sd::ControlCommand cmd, sd::ControlChannel::Reply reply) {
-            runtime.post_control(std::move(cmd), std::move(reply));
+          c, [&runtime, coalesce](sd::ControlCommand cmd, sd::ControlChannel::Reply reply) {
+            runtime.post_control(std::move(cmd), std::move(reply), coalesce);
           }));
       sd::log::info("control: {} ({})", channels.back()->describe(), sd::control_help());
     }
@@ -253,9 +263,12 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     } catch (const std::exception& e) {
       error = e.what();
     }
+    nlohmann::json channel_stats = nlohmann::json::array();
+    for (const auto& c : channels) channel_stats.push_back(c->stats());
     channels.clear();
 
     nlohmann::json summary = runtime.summary();
+    summary["control_channels"] = channel_stats;
     const sd::StreamStats& ps = stream->stats();
     const auto per_call_ms = [](double s, int64_t n) { return n > 0 ? 1000.0 * s / static_cast<double>(n) : 0.0; };
     summary["pipeline"] = {{"calls", ps.calls},
@@ -303,6 +316,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
                  static_cast<long long>(summary["skipped"].get<int64_t>()), summary["duration_s"].get<double>(),
                  summary["output_fps"].get<double>(), summary["output_fps_steady"].get<double>(),
                  lat["p50"].get<double>(), lat["p95"].get<double>());
+    const auto& wd = summary["watchdog"];
+    std::fprintf(stderr, "[stream] watchdog: %lld slow frames, longest gap between outputs %.0f ms\n",
+                 static_cast<long long>(wd["slow_frames"].get<int64_t>()), wd["max_output_gap_ms"].get<double>());
     if (!error.empty()) throw sd::Error(error);
     const int sig = sd::SignalGuard::pending();
     return sig != 0 ? 128 + sig : 0;

@@ -10,6 +10,10 @@
 
 #include <spdlog/sinks/stdout_color_sinks.h>
 
+#ifdef SD_HAVE_SETTINGS_FILES
+#include "config/settings_file.h"
+#endif
+
 namespace sd::cli {
 
 std::vector<CommandSpec>& command_registry() {
@@ -63,11 +67,46 @@ int main(int argc, char** argv) {
     std::cout << app.help();
     return 0;
   }
+  std::vector<std::string> args(argv + 1, argv + argc);
+#ifdef SD_HAVE_SETTINGS_FILES
+  // Settings files for every command (config/settings_file.h): --config FILE.yaml, --dump-config.
+  CLI::Option* dump = sd::enable_settings_files(app);
+  // `streamdiffusion config --dump COMMAND [options]` = `streamdiffusion COMMAND [options] --dump-config`.
+  CLI::App* config_cmd = app.add_subcommand(
+      "config", "print a command's effective settings as a settings file: config --dump COMMAND [--config FILE] [options]");
+  config_cmd->allow_extras();
+  runners[config_cmd] = [] {
+    std::cerr << "usage: streamdiffusion config --dump COMMAND [--config FILE.yaml] [options]\n";
+    return 2;
+  };
+  if (args.size() >= 3 && args[0] == "config" && args[1] == "--dump") {
+    args.erase(args.begin(), args.begin() + 2);
+    args.push_back("--dump-config");
+  }
+  args = sd::rewrite_config_arguments(std::move(args));
+  // A dump may be a template to fill in: the options a run requires (--input, -o) need not be there yet.
+  if (std::find(args.begin(), args.end(), "--dump-config") != args.end())
+    for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; }))
+      for (CLI::Option* opt : sub->get_options([](CLI::Option*) { return true; })) opt->required(false);
+#endif
   try {
-    app.parse(argc, argv);
+    std::reverse(args.begin(), args.end());  // CLI11 takes the arguments last first
+    app.parse(args);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  } catch (const sd::Error& e) {  // a settings file that does not fit the command (file, line, key, expected type)
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
   }
+#ifdef SD_HAVE_SETTINGS_FILES
+  if (dump->count() > 0) {
+    for (CLI::App* sub : app.get_subcommands())
+      if (sub->parsed() && sub != config_cmd) {
+        std::cout << sd::dump_settings(*sub);
+        return 0;
+      }
+  }
+#endif
   try {
     sd::log::set_level(log_level);
     for (auto& [sub, run] : runners)

@@ -150,7 +150,24 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
                  "with --deep-cache-every: an input whose cosine similarity to the last fully computed one is below "
                  "this forces a full UNet call")
       ->capture_default_str();
+  app.add_option("--prompt-list", o.prompt_list,
+                 "weighted prompt blend instead of --prompt: 'a cat:1 | a dog:0.5' (weight after the item's last ':') "
+                 "or JSON [[\"a cat\", 1], [\"a dog\", 0.5]]; weights are normalised (live: 'prompt_list LIST')");
+  app.add_option("--seed-list", o.seed_list,
+                 "weighted seed blend of the fixed noise instead of --seed: '1:0.7, 2:0.3' or JSON [[1, 0.7], [2, 0.3]] "
+                 "(variance-preserving: sum w_i N_i / sqrt(sum w_i^2); live: 'seed_list LIST')");
+  app.add_option("--transition", o.transition,
+                 "how live prompt / seed changes morph: seconds (2, 2.5s), frames (30f) or 0 = at once (default; live: "
+                 "'transition T')");
+  app.add_option("--prompt-blend", o.prompt_blend,
+                 "linear | slerp: how a prompt list and a transition blend the embeddings (default linear; live: "
+                 "'prompt_blend M')")
+      ->check(CLI::IsMember({"linear", "slerp"}));
   if (img) {
+    app.add_option("--latent-feedback", o.latent_feedback,
+                   "latent feedback A in [0, 1]: the input latent is (1 - A) x encoded frame + A x the previous output "
+                   "latent, a cheap temporal smoothing against flicker (0 = off; live: 'latent_feedback A')")
+        ->capture_default_str();
     app.add_option("--similarity-filter", o.similarity_filter,
                    "enable the stochastic similarity filter with this threshold (e.g. 0.98; 0 = off)")
         ->capture_default_str();
@@ -221,6 +238,11 @@ std::pair<std::string, double> parse_controlnet_spec(const std::string& spec) {
   return {spec, 1.0};
 }
 
+std::vector<WeightedPrompt> prompt_list_from(const PipelineOptions& o) {
+  if (o.prompt_list.empty()) return {{o.prompt, 1.0}};
+  return parse_prompt_list(o.prompt_list);
+}
+
 std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora) {
   std::vector<LoraSpec> specs;
   if (!lcm_lora.empty()) specs.push_back(parse_lora_spec(lcm_lora, "--lcm-lora"));
@@ -244,6 +266,13 @@ StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDe
   if (!o.size.empty()) std::tie(r.width, r.height) = parse_size(o.size);
   StreamConfig c = resolve_stream_config(r, txt2img, d);
   c.seed = o.seed;
+  if (!o.seed_list.empty()) c.seed_list = parse_seed_list(o.seed_list);
+  if (!o.transition.empty()) c.transition = parse_transition(o.transition);
+  if (!o.prompt_blend.empty()) c.prompt_blend = parse_blend_method(o.prompt_blend);
+  if (!(o.latent_feedback >= 0 && o.latent_feedback <= 1))
+    throw InvalidArgument("--latent-feedback must be in [0, 1], got " + std::to_string(o.latent_feedback));
+  if (o.latent_feedback > 0 && txt2img) throw InvalidArgument("--latent-feedback needs input images (img2img)");
+  c.latent_feedback = o.latent_feedback;
   if (o.frame_buffer_size < 1) throw InvalidArgument("--frame-buffer-size must be >= 1");
   c.frame_buffer_size = o.frame_buffer_size;
   c.use_denoising_batch = !o.no_denoising_batch;

@@ -62,6 +62,12 @@ struct PipelineOptions {
   std::vector<std::string> control_preprocessors;  // --control-preprocessor SPEC: one for all, or one per ControlNet
   std::string control_input;                       // --control-input SRC (stream: a source; txt2img/img2img: an image)
   int controlnet_every = 1;                        // --controlnet-every N
+  // Live performance controls (pipeline/prompt_blend.h), also as control commands.
+  std::string prompt_list;     // --prompt-list LIST (instead of --prompt)
+  std::string seed_list;       // --seed-list LIST (instead of --seed)
+  std::string transition;      // --transition T ("" = at once)
+  std::string prompt_blend;    // --prompt-blend linear|slerp ("" = linear)
+  double latent_feedback = 0;  // --latent-feedback A (img2img / either)
 };
 
 enum class PipelineMode { Txt2Img, Img2Img, Either };
@@ -99,6 +105,9 @@ void add_controlnet_options(CLI::App& app, PipelineOptions& o, const std::string
 
 // "DIR|FILE[:SCALE]" -> {path, scale}: the text after the last ':' is the scale when it is a number.
 std::pair<std::string, double> parse_controlnet_spec(const std::string& spec);
+
+// The weighted prompt list of these options: --prompt-list parsed, else {{--prompt, 1}}.
+std::vector<WeightedPrompt> prompt_list_from(const PipelineOptions& o);
 
 // --lcm-lora first, then every --lora in order, parsed (FILE[:SCALE]) and named (file stems).
 std::vector<LoraSpec> lora_specs(const std::vector<std::string>& loras, const std::string& lcm_lora);

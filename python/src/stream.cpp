@@ -1,6 +1,7 @@
 // One stream (sd::StreamDiffusion) and its configuration, statistics and random sources.
 // Every call that runs the models releases the GIL. Layouts: images in and out are NCHW float in [-1, 1].
 #include <chrono>
+#include <cmath>
 #include <optional>
 
 #include "core/error.h"
@@ -20,6 +21,69 @@ std::vector<at::Tensor> tensor_list(py::handle seq, const char* what) {
   std::vector<at::Tensor> out;
   for (auto item : seq) out.push_back(to_tensor(item, what).to(c10::kFloat).contiguous());
   return out;
+}
+
+// Prompt / seed lists from Python: a list of (item, weight) pairs (or bare items, weight 1), or a dict {item: weight};
+// a str is parsed as the text form ("a cat:1 | a dog:0.5", "1:0.7, 2:0.3").
+std::vector<sd::WeightedPrompt> prompt_list_arg(py::handle obj) {
+  if (py::isinstance<py::str>(obj)) return sd::parse_prompt_list(obj.cast<std::string>());
+  std::vector<sd::WeightedPrompt> out;
+  if (py::isinstance<py::dict>(obj)) {
+    for (auto item : obj.cast<py::dict>()) out.push_back({item.first.cast<std::string>(), item.second.cast<double>()});
+  } else {
+    for (auto item : obj) {
+      if (py::isinstance<py::str>(item)) {
+        out.push_back({item.cast<std::string>(), 1.0});
+        continue;
+      }
+      const auto pair = item.cast<py::sequence>();
+      if (pair.size() != 2) throw sd::InvalidArgument("prompt list: expected (text, weight) pairs");
+      out.push_back({pair[0].cast<std::string>(), pair[1].cast<double>()});
+    }
+  }
+  sd::check_prompt_list(out, "prompt list");
+  return out;
+}
+
+std::vector<sd::WeightedSeed> seed_list_arg(py::handle obj) {
+  if (py::isinstance<py::str>(obj)) return sd::parse_seed_list(obj.cast<std::string>());
+  std::vector<sd::WeightedSeed> out;
+  if (py::isinstance<py::dict>(obj)) {
+    for (auto item : obj.cast<py::dict>()) out.push_back({item.first.cast<uint64_t>(), item.second.cast<double>()});
+  } else {
+    for (auto item : obj) {
+      if (py::isinstance<py::int_>(item)) {
+        out.push_back({item.cast<uint64_t>(), 1.0});
+        continue;
+      }
+      const auto pair = item.cast<py::sequence>();
+      if (pair.size() != 2) throw sd::InvalidArgument("seed list: expected (seed, weight) pairs");
+      out.push_back({pair[0].cast<uint64_t>(), pair[1].cast<double>()});
+    }
+  }
+  sd::check_seed_list(out, "seed list");
+  return out;
+}
+
+py::list prompt_list_py(const std::vector<sd::WeightedPrompt>& l) {
+  py::list out;
+  for (const auto& e : l) out.append(py::make_tuple(e.text, e.weight));
+  return out;
+}
+
+py::list seed_list_py(const std::vector<sd::WeightedSeed>& l) {
+  py::list out;
+  for (const auto& e : l) out.append(py::make_tuple(e.seed, e.weight));
+  return out;
+}
+
+// A transition: seconds (a number), or the text form ("2.5s", "30f", "0").
+sd::Transition transition_arg(py::handle obj) {
+  if (py::isinstance<py::str>(obj)) return sd::parse_transition(obj.cast<std::string>());
+  sd::Transition t;
+  t.seconds = obj.cast<double>();
+  if (!(t.seconds >= 0) || !std::isfinite(t.seconds)) throw sd::InvalidArgument("transition: seconds must be >= 0");
+  return t;
 }
 
 }  // namespace
@@ -63,6 +127,20 @@ whatever is left unset, or set every field yourself.
                      "reuse the UNet's deep features for k - 1 of every k stream calls (1 = off)")
       .def_readwrite("deep_cache_min_similarity", &sd::StreamConfig::deep_cache_min_similarity,
                      "img2img input similarity below which a full UNet call is forced")
+      .def_property(
+          "seed_list", [](const sd::StreamConfig& c) { return seed_list_py(c.seed_list); },
+          [](sd::StreamConfig& c, py::object v) { c.seed_list = v.is_none() ? std::vector<sd::WeightedSeed>{} : seed_list_arg(v); },
+          "[(seed, weight), ...]: init_noise = sum w_i N_i / sqrt(sum w_i^2) (weights normalised); [] = seed alone")
+      .def_property(
+          "prompt_blend", [](const sd::StreamConfig& c) { return sd::blend_method_name(c.prompt_blend); },
+          [](sd::StreamConfig& c, const std::string& m) { c.prompt_blend = sd::parse_blend_method(m); },
+          "'linear' | 'slerp': how a prompt list (and a transition) blends the embeddings")
+      .def_property(
+          "transition", [](const sd::StreamConfig& c) { return sd::transition_str(c.transition); },
+          [](sd::StreamConfig& c, py::object v) { c.transition = transition_arg(v); },
+          "how prompt / seed changes morph: seconds (a number or '2.5s'), frames ('30f'), 0 = at once")
+      .def_readwrite("latent_feedback", &sd::StreamConfig::latent_feedback,
+                     "A in [0, 1]: img2img input latent = (1 - A) * encoded frame + A * previous output latent")
       .def("__repr__", [](const sd::StreamConfig& c) {
         std::string idx;
         for (size_t i = 0; i < c.t_index_list.size(); ++i) idx += (i ? ", " : "") + std::to_string(c.t_index_list[i]);
@@ -168,14 +246,59 @@ are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier
            "rng: a TorchRng (default, seeded from config.seed) or ReplayRng; uniform: the filter's draws.")
       .def(
           "prepare",
-          [](PyStream& s, const std::string& prompt, const std::string& negative_prompt) {
-            s.prompt = prompt;
+          [](PyStream& s, py::object prompt, const std::string& negative_prompt) {
+            const bool text = py::isinstance<py::str>(prompt);
+            const std::vector<sd::WeightedPrompt> list =
+                text ? std::vector<sd::WeightedPrompt>{{prompt.cast<std::string>(), 1.0}} : prompt_list_arg(prompt);
+            s.prompt = text ? list[0].text : sd::prompt_list_str(list);
             s.negative_prompt = negative_prompt;
             Rel r;
-            s.stream->prepare(prompt, negative_prompt);
+            s.stream->prepare(list, negative_prompt);
           },
           py::arg("prompt"), py::arg("negative_prompt") = "",
-          "Builds every cache: encodes the prompts, seeds the Rng with config.seed, draws init_noise.")
+          "Builds every cache: encodes the prompts, seeds the Rng with config.seed (or blends config.seed_list), draws "
+          "init_noise. prompt: a str (weights like '(word:1.3)' allowed) or a prompt list [(text, weight), ...].")
+      .def(
+          "set_prompt_list",
+          [](PyStream& s, py::object prompts) {
+            const auto list = prompt_list_arg(prompts);
+            Rel r;
+            s.stream->set_prompt_list(list);
+          },
+          py::arg("prompts"),
+          "A weighted prompt blend [(text, weight), ...] or {text: weight} (weights normalised), on the cached "
+          "embeddings: only texts new to the stream are encoded. Morphs with the stream's transition.")
+      .def_property_readonly("prompt_list", [](const PyStream& s) { return prompt_list_py(s.stream->prompt_list()); },
+                             "the target prompt list [(text, weight), ...]")
+      .def_property_readonly(
+          "effective_prompts", [](const PyStream& s) { return prompt_list_py(s.stream->effective_prompts()); },
+          "the normalised prompt weights of the next call (during a transition: the morph's)")
+      .def(
+          "set_negative_prompt",
+          [](PyStream& s, const std::string& negative_prompt) {
+            s.negative_prompt = negative_prompt;
+            Rel r;
+            s.stream->set_negative_prompt(negative_prompt);
+          },
+          py::arg("negative_prompt"), "A new negative prompt alone (the prompt blend is kept).")
+      .def(
+          "set_seed_list", [](PyStream& s, py::object seeds) { s.stream->set_seed_list(seed_list_arg(seeds)); },
+          py::arg("seeds"),
+          "init_noise from a weighted seed list [(seed, weight), ...], variance-preserving: sum w_i N_i / "
+          "sqrt(sum w_i^2). Morphs with the stream's transition.")
+      .def_property_readonly("effective_seeds", [](const PyStream& s) { return seed_list_py(s.stream->effective_seeds()); },
+                             "the normalised seed weights of the next call (during a transition: the morph's)")
+      .def(
+          "set_transition", [](PyStream& s, py::object t) { s.stream->set_transition(transition_arg(t)); },
+          py::arg("transition"),
+          "How later prompt / seed changes morph: seconds (a number or '2.5s'), frames ('30f'), 0 = at once.")
+      .def_property_readonly("transition_active", [](const PyStream& s) { return s.stream->transition_active(); })
+      .def(
+          "set_prompt_blend", [](PyStream& s, const std::string& m) { s.stream->set_prompt_blend(sd::parse_blend_method(m)); },
+          py::arg("method"), "'linear' | 'slerp' (the current list is blended again at once)")
+      .def(
+          "set_latent_feedback", [](PyStream& s, double a) { s.stream->set_latent_feedback(a); }, py::arg("amount"),
+          "A in [0, 1]: img2img input latent = (1 - A) * encoded frame + A * previous output latent (0 = off).")
       .def_property_readonly("prepared", [](const PyStream& s) { return s.stream->prepared(); })
       .def(
           "img2img",

@@ -41,6 +41,10 @@ class Tensor:
     def __len__(self) -> int: ...
 
 TensorLike = Any  # any object with __dlpack__ (torch.Tensor, numpy.ndarray, ...) or a numpy-viewable object
+# [(text, weight), ...], {text: weight}, or the text form "a cat:1 | a dog:0.5"
+PromptList = Union[Sequence[Union[str, Tuple[str, float]]], Dict[str, float], str]
+# [(seed, weight), ...], {seed: weight}, or the text form "1:0.7, 2:0.3"
+SeedList = Union[Sequence[Union[int, Tuple[int, float]]], Dict[int, float], str]
 
 def as_tensor(obj: TensorLike) -> Tensor:
     """Wraps a tensor-like object without copying."""
@@ -134,6 +138,10 @@ class StreamConfig:
     seed: int
     similarity_filter: SimilarityFilterOptions
     original_frame_layout: bool
+    seed_list: List[Tuple[int, float]]  # set with a SeedList; [] = seed alone
+    prompt_blend: str  # "linear" | "slerp"
+    transition: str  # set with seconds or "2.5s" / "30f"; reads "0", "2.5s", "30f"
+    latent_feedback: float
     def __init__(self) -> None: ...
 
 def resolve_config(
@@ -192,9 +200,27 @@ class Stream:
     """One stream on a Models set. Images in/out: NCHW float in [-1, 1]."""
     def __init__(self, models: Models, config: StreamConfig = ..., rng: Optional[Rng] = None,
                  uniform: Optional[UniformSource] = None) -> None: ...
-    def prepare(self, prompt: str, negative_prompt: str = "") -> None: ...
+    def prepare(self, prompt: Union[str, PromptList], negative_prompt: str = "") -> None:
+        """prompt: a str ("(word:1.3)" / "[word]" weights allowed) or a prompt list [(text, weight), ...]."""
     @property
     def prepared(self) -> bool: ...
+    def set_prompt_list(self, prompts: PromptList) -> None:
+        """Weighted prompt blend (normalised weights), on cached embeddings; morphs with the transition."""
+    @property
+    def prompt_list(self) -> List[Tuple[str, float]]: ...
+    @property
+    def effective_prompts(self) -> List[Tuple[str, float]]: ...
+    def set_negative_prompt(self, negative_prompt: str) -> None: ...
+    def set_seed_list(self, seeds: SeedList) -> None:
+        """init_noise = sum w_i N_i / sqrt(sum w_i^2) (normalised weights); morphs with the transition."""
+    @property
+    def effective_seeds(self) -> List[Tuple[int, float]]: ...
+    def set_transition(self, transition: Union[float, str]) -> None:
+        """Seconds (a number or "2.5s"), frames ("30f"), 0 = at once."""
+    @property
+    def transition_active(self) -> bool: ...
+    def set_prompt_blend(self, method: str) -> None: ...
+    def set_latent_feedback(self, amount: float) -> None: ...
     def img2img(self, images: TensorLike) -> Tensor:
         """[F, 3, H, W] (or [3, H, W]) float in [-1, 1] -> [F, 3, H, W] in about [-1, 1] (n-1 calls late)."""
     def txt2img(self) -> Tensor: ...

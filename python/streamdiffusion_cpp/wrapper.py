@@ -138,6 +138,10 @@ class StreamDiffusionWrapper:
         control_preprocessor: Optional[str] = None,
         ip_adapter: Optional[str] = None,
         ip_adapter_scale: float = 1.0,
+        seed_list: Optional[Any] = None,
+        prompt_blend: str = "linear",
+        transition: Any = 0,
+        latent_feedback: float = 0.0,
     ) -> None:
         """Loads the model and prepares an empty prompt, as upstream does.
 
@@ -152,6 +156,12 @@ class StreamDiffusionWrapper:
         "gray" | "passthrough" makes each img2img call's control image from its input frame (else set one with
         set_control_image). ip_adapter: an IP-Adapter file or folder (image prompts: set_image_prompt),
         ip_adapter_scale its weight.
+
+        Live performance controls (also settable later): seed_list [(seed, weight), ...] blends the fixed noise
+        (variance-preserving) instead of seed; prompt_blend "linear" | "slerp" for prompt lists (prepare / __call__
+        take [(text, weight), ...] as the prompt); transition: how prompt / seed changes morph (seconds, "2.5s" or
+        "30f" frames; 0 = at once); latent_feedback A in [0, 1] (img2img): input latent = (1 - A) * encoded frame +
+        A * previous output latent.
         """
         if mode not in ("img2img", "txt2img"):
             raise _core.InvalidArgument(f"mode must be 'img2img' or 'txt2img', got {mode!r}")
@@ -233,6 +243,13 @@ class StreamDiffusionWrapper:
         self.config.use_denoising_batch = use_denoising_batch
         self.config.do_add_noise = do_add_noise
         self.config.seed = seed
+        if seed_list:
+            self.config.seed_list = seed_list
+        self.config.prompt_blend = prompt_blend
+        self.config.transition = transition
+        if latent_feedback and mode != "img2img":
+            raise _core.InvalidArgument("latent_feedback needs input images (mode='img2img')")
+        self.config.latent_feedback = float(latent_feedback)
         if enable_similar_image_filter:
             if mode != "img2img":
                 raise _core.InvalidArgument("enable_similar_image_filter needs input images (mode='img2img')")
@@ -248,10 +265,11 @@ class StreamDiffusionWrapper:
         # Upstream prepares an empty prompt at load (guidance 1.1 with a cfg, else 1.0; 50 steps).
         self.prepare("", "", guidance_scale=1.1 if self.cfg_type != "none" else 1.0)
 
-    def prepare(self, prompt: str, negative_prompt: str = "", num_inference_steps: Optional[int] = None,
+    def prepare(self, prompt: Any, negative_prompt: str = "", num_inference_steps: Optional[int] = None,
                 guidance_scale: Optional[float] = None, delta: Optional[float] = None) -> None:
         """Encodes the prompts and builds every cache (resets the stream, as upstream's prepare).
 
+        prompt: a str ("(word:1.3)" / "[word]" weights allowed) or a prompt list [(text, weight), ...].
         num_inference_steps, guidance_scale, delta: None = the model's recommendation (upstream: 50, 1.2, 1.0).
         """
         steps, guidance, dlt = self._recommended
@@ -296,6 +314,44 @@ class StreamDiffusionWrapper:
         """Weight of the IP-Adapter's image attention (0 = off)."""
         self.models.set_ip_adapter_scale(float(scale))
 
+    # ---- live performance controls (kept in self.config, so a later prepare() keeps them) ----
+    def _update_prompt(self, prompt: Any) -> None:
+        if isinstance(prompt, str):
+            self.stream.update_prompt(prompt)
+        else:
+            self.stream.set_prompt_list(prompt)
+
+    def set_prompt_list(self, prompts: Any) -> None:
+        """Weighted prompt blend [(text, weight), ...] or {text: weight}; morphs with the transition."""
+        self.stream.set_prompt_list(prompts)
+
+    def set_seed_list(self, seeds: Any) -> None:
+        """Fixed noise from a weighted seed list [(seed, weight), ...] (variance-preserving); morphs with the
+        transition."""
+        self.stream.set_seed_list(seeds)
+        self.config.seed_list = seeds
+
+    def set_seed(self, seed: int) -> None:
+        """A new seed (morphs with the transition)."""
+        self.stream.set_seed(int(seed))
+        self.config.seed = int(seed)
+        self.config.seed_list = []
+
+    def set_transition(self, transition: Any) -> None:
+        """How later prompt / seed changes morph: seconds (a number or "2.5s"), frames ("30f"), 0 = at once."""
+        self.stream.set_transition(transition)
+        self.config.transition = transition
+
+    def set_prompt_blend(self, method: str) -> None:
+        """"linear" | "slerp"."""
+        self.stream.set_prompt_blend(method)
+        self.config.prompt_blend = method
+
+    def set_latent_feedback(self, amount: float) -> None:
+        """Latent feedback A in [0, 1] (img2img); 0 = off."""
+        self.stream.set_latent_feedback(float(amount))
+        self.config.latent_feedback = float(amount)
+
     def __call__(self, image: Any = None, prompt: Optional[str] = None):
         """img2img(image, prompt) in img2img mode, else txt2img(prompt)."""
         if self.mode == "img2img":
@@ -305,7 +361,7 @@ class StreamDiffusionWrapper:
     def txt2img(self, prompt: Optional[str] = None):
         """One txt2img step (turbo models: the one-shot batch, as upstream's txt2img_sd_turbo)."""
         if prompt is not None:
-            self.stream.update_prompt(prompt)
+            self._update_prompt(prompt)
         if self.sd_turbo and self.use_denoising_batch:
             out = self.stream.txt2img_one_shot()
         else:
@@ -318,7 +374,7 @@ class StreamDiffusionWrapper:
         if image is None:
             raise _core.InvalidArgument("img2img: an image is required (mode='img2img')")
         if prompt is not None:
-            self.stream.update_prompt(prompt)
+            self._update_prompt(prompt)
         x = self.preprocess_image(image)
         if self.control_preprocessor is not None:
             # The control image of this frame (the first one with frame_buffer_size > 1), from the stream input.

@@ -25,8 +25,19 @@ c10::Device parse_device(const std::string& name);
 
 // Sets libtorch's intra-op thread count (0 = number of cores) and returns what is in force. libtorch as packaged
 // here defaults to 1 thread, so every entry point calls this explicitly.
+// OpenBLAS (fp32 matrix products in Debian's libtorch) is pinned to one thread as well, see pin_blas_threads().
 int set_threads(int n);
 int hardware_threads();
+
+// Pins OpenBLAS to one thread (where libtorch calls it). OpenBLAS's own workers spin-wait next to libtorch's OpenMP
+// team: on 2 cores under a competing CPU load, fp32 streams ran at a third of the frame rate with 7x more frames over
+// 10x the median and 1.6 s frames (src/runtime/README.md, "The stall"). Done by set_threads() and by every model load,
+// whatever its thread setting. Returns OpenBLAS's thread count afterwards (0 where there is no OpenBLAS).
+int pin_blas_threads();
+// Warns once when the environment makes libgomp's workers spin without end (OMP_WAIT_POLICY=ACTIVE or an infinite
+// GOMP_SPINCOUNT): under a competing CPU load that made frames 3x slower, with 2 s stalls (measured, same README).
+// Returns the warning ("" = none).
+std::string openmp_wait_policy_warning();
 
 // Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16). Without it oneDNN emulates bf16 and it is
 // slower than fp32 (seen: an AVX2-only EPYC). Read from /proc/cpuinfo; true where that cannot be read (unknown).

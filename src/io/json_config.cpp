@@ -1,6 +1,9 @@
 #include "io/json_config.h"
 
+#include <cmath>
 #include <fstream>
+#include <limits>
+#include <optional>
 #include <sstream>
 
 #include "core/log.h"
@@ -12,9 +15,13 @@ nlohmann::json read_json_file(const std::string& path) {
   if (!in) throw FormatError(path, "cannot open file");
   std::stringstream ss;
   ss << in.rdbuf();
+  return parse_json_text(ss.str(), path);
+}
+
+nlohmann::json parse_json_text(const std::string& text, const std::string& path) {
   try {
-    return nlohmann::json::parse(ss.str());
-  } catch (const nlohmann::json::parse_error& e) {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number like 1e999
     throw FormatError(path, std::string("not valid JSON: ") + e.what());
   }
 }
@@ -42,19 +49,54 @@ bool ConfigReader::has(const std::string& key) const {
   return it != j_.end() && !it->is_null();
 }
 
+namespace {
+// An integer JSON value (or a float with an integral value, e.g. 1.0) in [lo, hi]; nullopt otherwise (a fraction,
+// out of range, another type). Floats are range-checked before the conversion (1e300 would be undefined behaviour).
+std::optional<int64_t> integer_value(const nlohmann::json& v, int64_t lo, int64_t hi) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return std::nullopt;
+    const auto i = static_cast<int64_t>(u);
+    return i >= lo && i <= hi ? std::optional<int64_t>(i) : std::nullopt;
+  }
+  if (v.is_number_integer()) {
+    const int64_t i = v.get<int64_t>();
+    return i >= lo && i <= hi ? std::optional<int64_t>(i) : std::nullopt;
+  }
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    // [-2^63, 2^63): every double in it converts exactly; the bounds are powers of two, so exact too.
+    if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0) || d != std::trunc(d)) return std::nullopt;
+    const auto i = static_cast<int64_t>(d);
+    return i >= lo && i <= hi ? std::optional<int64_t>(i) : std::nullopt;
+  }
+  return std::nullopt;
+}
+
+// A number too large in magnitude for the field (rather than a fraction or another type): what the error then says.
+bool out_of_range(const nlohmann::json& v, double max) {
+  if (v.is_number_unsigned() || v.is_number_integer()) return true;  // integers only fail on range
+  return v.is_number_float() && !(std::fabs(v.get<double>()) <= max);
+}
+
+constexpr int64_t kIntMin = std::numeric_limits<int>::min(), kIntMax = std::numeric_limits<int>::max();
+const std::string kIntRange = "[" + std::to_string(kIntMin) + ", " + std::to_string(kIntMax) + "]";
+}  // namespace
+
 int64_t ConfigReader::get_int64(const std::string& key, int64_t def) {
   const auto* v = find(key);
   if (!v) return def;
-  if (v->is_number_integer()) return v->get<int64_t>();
   // 1.0 written for an integer field is accepted; 1.5 is not.
-  if (v->is_number_float()) {
-    double d = v->get<double>();
-    if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
-  }
-  fail(key, "an integer");
+  if (auto i = integer_value(*v, std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max())) return *i;
+  fail(key, out_of_range(*v, 9.2e18) ? "an integer in the 64-bit range" : "an integer");
 }
 
-int ConfigReader::get_int(const std::string& key, int def) { return static_cast<int>(get_int64(key, def)); }
+int ConfigReader::get_int(const std::string& key, int def) {
+  const auto* v = find(key);
+  if (!v) return def;
+  if (auto i = integer_value(*v, kIntMin, kIntMax)) return static_cast<int>(*i);
+  fail(key, out_of_range(*v, kIntMax) ? "an integer in " + kIntRange : "an integer");
+}
 
 double ConfigReader::get_double(const std::string& key, double def) {
   const auto* v = find(key);
@@ -91,7 +133,9 @@ std::vector<int> ConfigReader::get_int_list(const std::string& key, const std::v
   std::vector<int> out;
   for (const auto& e : *v) {
     if (!e.is_number_integer()) fail(key, "a list of integers");
-    out.push_back(e.get<int>());
+    const auto i = integer_value(e, kIntMin, kIntMax);
+    if (!i) fail(key, "a list of integers in " + kIntRange);
+    out.push_back(static_cast<int>(*i));
   }
   return out;
 }
@@ -111,12 +155,18 @@ std::vector<std::string> ConfigReader::get_string_list(const std::string& key, c
 std::vector<int> ConfigReader::get_int_or_list(const std::string& key, int def, size_t n) {
   const auto* v = find(key);
   if (!v) return std::vector<int>(n, def);
-  if (v->is_number_integer()) return std::vector<int>(n, v->get<int>());
+  if (v->is_number_integer()) {
+    const auto i = integer_value(*v, kIntMin, kIntMax);
+    if (!i) fail(key, "an integer in " + kIntRange + " or a list of them");
+    return std::vector<int>(n, static_cast<int>(*i));
+  }
   if (v->is_array()) {
     std::vector<int> out;
     for (const auto& e : *v) {
       if (!e.is_number_integer()) fail(key, "an integer or a list of integers");
-      out.push_back(e.get<int>());
+      const auto i = integer_value(e, kIntMin, kIntMax);
+      if (!i) fail(key, "an integer in " + kIntRange + " or a list of them");
+      out.push_back(static_cast<int>(*i));
     }
     if (out.size() != n) fail(key, "an integer or a list of " + std::to_string(n) + " integers");
     return out;

@@ -13,6 +13,8 @@
 namespace sd {
 
 nlohmann::json read_json_file(const std::string& path);  // FormatError if missing, unreadable or not JSON
+// The JSON text of a file read by read_json_file (the fuzz targets call this): FormatError naming `path` if not JSON.
+nlohmann::json parse_json_text(const std::string& text, const std::string& path);
 
 class ConfigReader {
  public:

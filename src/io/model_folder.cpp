@@ -33,7 +33,10 @@ ModelFolder ModelFolder::open(const std::string& dir) {
   if (!is_file(index))
     throw FormatError(dir, "no model_index.json: not a diffusers pipeline folder (expected model_index.json and "
                            "unet/, vae/, text_encoder/, tokenizer/, scheduler/)");
-  auto j = read_json_file(index);
+  return from_index(read_json_file(index), dir, index);
+}
+
+ModelFolder ModelFolder::from_index(const nlohmann::json& j, const std::string& dir, const std::string& index) {
   if (!j.is_object()) throw FormatError(index, "expected a JSON object");
   ModelFolder f;
   f.dir_ = dir;

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 namespace sd {
 
 struct ComponentEntry {
@@ -18,6 +20,8 @@ class ModelFolder {
   // Reads <dir>/model_index.json; FormatError if the folder is not a diffusers Stable Diffusion pipeline
   // (missing index, or missing one of unet / vae / text_encoder / tokenizer / scheduler).
   static ModelFolder open(const std::string& dir);
+  // The same from the parsed model_index.json `index` (at `index_path`) of `dir`, without touching the disk.
+  static ModelFolder from_index(const nlohmann::json& index, const std::string& dir, const std::string& index_path);
 
   const std::string& dir() const { return dir_; }
   const std::string& pipeline_class() const { return class_name_; }

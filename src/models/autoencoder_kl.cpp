@@ -84,6 +84,9 @@ void AutoencoderKLConfig::validate(const std::string& source) const {
   if (in_channels <= 0 || out_channels <= 0 || latent_channels <= 0)
     fail("in_channels, out_channels and latent_channels must be positive");
   if (block_out_channels.empty()) fail("block_out_channels is empty");
+  // Each block but the last halves the size: spatial_factor() = 2^(blocks - 1) must stay a sane int64.
+  if (block_out_channels.size() > 16)
+    fail("block_out_channels has " + std::to_string(block_out_channels.size()) + " entries, at most 16 are supported");
   if (down_block_types.size() != block_out_channels.size())
     fail("down_block_types has " + std::to_string(down_block_types.size()) + " entries but block_out_channels " +
          list_str(block_out_channels) + " has " + std::to_string(block_out_channels.size()));

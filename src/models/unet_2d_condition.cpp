@@ -39,6 +39,9 @@ std::string require_string(ConfigReader& r, const nlohmann::json& j, const std::
 
 std::vector<int64_t> to64(const std::vector<int>& v) { return {v.begin(), v.end()}; }
 
+// Upper bound of the text_time embedding widths (far above any published model's).
+constexpr int64_t kMaxEmbeddingDim = int64_t{1} << 20;
+
 }  // namespace
 
 UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, const std::string& file) {
@@ -104,7 +107,12 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j, 
     c.addition_embed_type = require_string(r, j, "addition_embed_type", "", {"text_time"});
     c.addition_time_embed_dim = r.get_int64("addition_time_embed_dim", 0);
     c.projection_class_embeddings_input_dim = r.get_int64("projection_class_embeddings_input_dim", 0);
-    if (c.addition_time_embed_dim <= 0) r.fail("addition_time_embed_dim", "a positive integer (text_time UNet)");
+    // Bounded (SDXL: 256 and 2816) so that 6 x addition_time_embed_dim below cannot overflow.
+    if (c.addition_time_embed_dim <= 0 || c.addition_time_embed_dim > kMaxEmbeddingDim)
+      r.fail("addition_time_embed_dim",
+             "a positive integer up to " + std::to_string(kMaxEmbeddingDim) + " (text_time UNet)");
+    if (c.projection_class_embeddings_input_dim > kMaxEmbeddingDim)
+      r.fail("projection_class_embeddings_input_dim", "an integer up to " + std::to_string(kMaxEmbeddingDim));
     if (c.projection_class_embeddings_input_dim <= 6 * c.addition_time_embed_dim)
       r.fail("projection_class_embeddings_input_dim",
              "an integer above 6 x addition_time_embed_dim = " + std::to_string(6 * c.addition_time_embed_dim) +

@@ -174,6 +174,24 @@ class StableDiffusionModels : public DiffusionModels {
     return {torch::cat({h1.hidden, h2.hidden}, -1), h2.text_embeds};  // [1, 77, D1 + D2], [1, P]
   }
 
+  TextEmbeddings encode_weighted_text(const std::vector<PromptChunk>& chunks) const override {
+    torch::NoGradGuard no_grad;
+    const WeightedTokens t1 = weighted_tokens(*tokenizer_, chunks);
+    if (t1.dropped > 0)
+      log::warn("weighted prompt: {} token(s) past the {}-token window dropped", t1.dropped,
+                tokenizer_->max_length());
+    if (!text_encoder_2_) {
+      const torch::Tensor z = text_encoder_.ptr()->forward_clip_skip(t1.ids.to(device_), clip_skip_);  // [1, 77, D]
+      return {apply_token_weights(z, t1.weights), torch::Tensor()};
+    }
+    // SDXL: each encoder's rows weighted and mean-restored on their own (A1111), the pooled embedding unweighted.
+    const WeightedTokens t2 = weighted_tokens(*tokenizer_2_, chunks);
+    const auto h1 = text_encoder_.ptr()->forward_sdxl(t1.ids.to(device_), clip_skip_);
+    const auto h2 = text_encoder_2_.ptr()->forward_sdxl(t2.ids.to(device_), clip_skip_);
+    return {torch::cat({apply_token_weights(h1.hidden, t1.weights), apply_token_weights(h2.hidden, t2.weights)}, -1),
+            h2.text_embeds};
+  }
+
   int64_t pooled_text_dim() const override { return unet_->config().pooled_text_dim(); }
   bool force_zeros_for_empty_prompt() const override { return force_zeros_; }
 
@@ -565,6 +583,11 @@ void DiffusionModels::set_ip_adapter_scale(double /*scale*/) const {
   throw InvalidArgument("no IP-Adapter loaded (give --ip-adapter FILE|DIR)");
 }
 
+TextEmbeddings DiffusionModels::encode_weighted_text(const std::vector<PromptChunk>& /*chunks*/) const {
+  throw InvalidArgument("prompt weights need the model's CLIP tokenizer; these models (" + describe() +
+                        ") have none: write the prompt without (word:1.3) / [word] syntax");
+}
+
 void DiffusionModels::set_lora_scale(const std::string& name, double /*scale*/) const {
   throw InvalidArgument("no LoRA named '" + name + "' (none loaded; give --lora FILE[:SCALE])");
 }
@@ -573,7 +596,10 @@ std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_di
   if (options.dtype == c10::kHalf && parse_device(options.device).is_cpu())
     throw InvalidArgument("fp16 is not supported on the CPU (libtorch has no CPU half-precision matmul kernels); "
                           "use bf16 or fp32 on the CPU, or fp16 with a CUDA device");
-  if (options.threads >= 0) set_threads(options.threads);
+  if (options.threads >= 0)
+    set_threads(options.threads);
+  else
+    pin_blas_threads();  // libtorch's thread count is left alone, but OpenBLAS's spinning workers never help
   if (options.dtype == c10::kBFloat16 && parse_device(options.device).is_cpu() && !cpu_has_native_bf16())
     log::warn("bf16 on this CPU ({}, no AVX512-BF16/AMX) is emulated and slower than fp32; --dtype fp32 (or auto, "
               "the default) is faster here",

@@ -30,6 +30,7 @@
 #include "models/control_residuals.h"
 #include "models/unet_feature_cache.h"
 #include "pipeline/lcm_scheduler.h"
+#include "pipeline/prompt_weights.h"
 #include "pipeline/rng.h"
 
 namespace sd {
@@ -75,6 +76,10 @@ class DiffusionModels {
                                      const std::optional<std::string>& prompt_2 = std::nullopt) const {
     return {encode_prompt(prompt), torch::Tensor()};
   }
+  // Prompt weights (pipeline/prompt_weights.h): the chunks tokenised one by one with the model's tokenizer(s), cut to
+  // the 77-token window, encoded, each token row times its weight, rescaled to the unweighted mean (A1111). SDXL:
+  // per encoder, pooled unweighted. Models without a CLIP tokenizer (test stubs) refuse weights (InvalidArgument).
+  virtual TextEmbeddings encode_weighted_text(const std::vector<PromptChunk>& chunks) const;
   // Width P of the pooled text embedding the UNet's added conditioning takes; 0 = no added conditioning.
   virtual int64_t pooled_text_dim() const { return 0; }
   // StableDiffusionXLPipeline's force_zeros_for_empty_prompt (model_index.json): with guidance and NO negative prompt

@@ -11,6 +11,11 @@
 
 namespace sd {
 
+namespace {
+// The largest num_train_timesteps a config may give (diffusers' Stable Diffusion schedulers use 1000).
+constexpr int64_t kMaxTrainTimesteps = 100000;
+}  // namespace
+
 LCMSchedulerConfig LCMSchedulerConfig::from_json(const nlohmann::json& j, const std::string& file) {
   ConfigReader r(j, file);
   LCMSchedulerConfig c;
@@ -21,8 +26,13 @@ LCMSchedulerConfig LCMSchedulerConfig::from_json(const nlohmann::json& j, const 
   c.original_inference_steps = r.get_int64("original_inference_steps", c.original_inference_steps);
   c.timestep_scaling = r.get_double("timestep_scaling", c.timestep_scaling);
 
-  if (c.num_train_timesteps < 2) r.fail("num_train_timesteps", "an integer >= 2");
-  if (c.original_inference_steps < 1) r.fail("original_inference_steps", "an integer >= 1");
+  // The schedule tensors have num_train_timesteps entries (diffusers' models use 1000): a bound keeps a crafted
+  // config from allocating terabytes.
+  if (c.num_train_timesteps < 2 || c.num_train_timesteps > kMaxTrainTimesteps)
+    r.fail("num_train_timesteps", "an integer in [2, " + std::to_string(kMaxTrainTimesteps) + "]");
+  if (c.original_inference_steps < 1 || c.original_inference_steps > c.num_train_timesteps)
+    r.fail("original_inference_steps",
+           "an integer in [1, num_train_timesteps = " + std::to_string(c.num_train_timesteps) + "]");
   if (c.beta_schedule != "scaled_linear" && c.beta_schedule != "linear")
     r.fail("beta_schedule", "\"scaled_linear\" or \"linear\" (the only schedules implemented)");
   if (!(c.beta_start > 0 && c.beta_end > 0 && c.beta_start < 1 && c.beta_end < 1))

@@ -1,5 +1,6 @@
 #include "pipeline/stream_diffusion.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <thread>
@@ -12,6 +13,7 @@
 #include "models/ip_adapter.h"
 #include "pipeline/controlnet.h"
 #include "pipeline/image.h"
+#include "pipeline/prompt_weights.h"
 
 namespace sd {
 
@@ -124,6 +126,9 @@ void StreamDiffusion::validate_config() const {
   }
   if (!std::isfinite(c.guidance_scale)) throw InvalidArgument("guidance_scale must be finite");
   if (!std::isfinite(c.delta)) throw InvalidArgument("delta must be finite");
+  if (!(c.latent_feedback >= 0 && c.latent_feedback <= 1))
+    throw InvalidArgument("latent_feedback must be in [0, 1], got " + std::to_string(c.latent_feedback));
+  if (!c.seed_list.empty()) check_seed_list(c.seed_list, "seed_list");
 }
 
 int64_t StreamDiffusion::batch_size() const {
@@ -194,23 +199,93 @@ void StreamDiffusion::build_schedule() {
 }
 
 void StreamDiffusion::encode_prompts(bool need_uncond) {
-  const auto t0 = Clock::now();
+  // Every prompt text the blend needs is encoded again (prepare, update_prompt, a changed text encoder), then the
+  // negative prompt when the layout needs it.
   text_encoder_version_ = models_->text_encoder_version();
-  TextEmbeddings cond = models_->encode_text(prompt_);
-  cond_embeds_ = cond.embeds;
-  cond_pooled_ = cond.pooled;
-  ++stats_.text_encodes;
+  prompt_cache_.clear();
+  encode_missing_prompts();
+  blend_prompts();
   if (need_uncond) {
-    TextEmbeddings uncond = models_->encode_text(negative_prompt_);
+    const auto t0 = Clock::now();
+    TextEmbeddings uncond = encode_one_prompt(negative_prompt_);
     uncond_embeds_ = uncond.embeds;
     uncond_pooled_ = uncond.pooled;
     ++stats_.text_encodes;
+    sync_device();
+    stats_.text_encode_s += seconds_since(t0);
   } else {
     uncond_embeds_ = Tensor();
     uncond_pooled_ = Tensor();
   }
-  sync_device();
-  stats_.text_encode_s += seconds_since(t0);
+}
+
+TextEmbeddings StreamDiffusion::encode_one_prompt(const std::string& text) {
+  // Prompt weights (prompt_weights.h): text without weight syntax takes the plain path, bit for bit as before.
+  const std::vector<PromptChunk> chunks = parse_prompt_weights(text);
+  if (unweighted(chunks)) return models_->encode_text(joined_text(chunks));
+  return models_->encode_weighted_text(chunks);
+}
+
+void StreamDiffusion::encode_missing_prompts() {
+  // Only texts the blend does not hold yet are encoded (a new list, not every frame); texts no longer needed go.
+  const auto t0 = Clock::now();
+  const std::vector<std::string> keys = prompt_schedule_.keys();
+  bool encoded = false;
+  for (const auto& text : keys) {
+    if (prompt_cache_.count(text)) continue;
+    prompt_cache_[text] = encode_one_prompt(text);
+    ++stats_.text_encodes;
+    encoded = true;
+  }
+  for (auto it = prompt_cache_.begin(); it != prompt_cache_.end();)
+    it = std::find(keys.begin(), keys.end(), it->first) == keys.end() ? prompt_cache_.erase(it) : std::next(it);
+  if (encoded) {
+    sync_device();
+    stats_.text_encode_s += seconds_since(t0);
+  }
+}
+
+void StreamDiffusion::blend_prompts() {
+  // cond = the blend of the effective list's cached embeddings (one entry: that prompt's embeddings, bit for bit).
+  std::vector<Tensor> embeds, pooled;
+  std::vector<double> weights;
+  for (const auto& [text, weight] : prompt_schedule_.current()) {
+    const TextEmbeddings& e = prompt_cache_.at(text);
+    embeds.push_back(e.embeds);
+    pooled.push_back(e.pooled);
+    weights.push_back(weight);
+  }
+  cond_embeds_ = blend_embeddings(embeds, weights, config_.prompt_blend);
+  cond_pooled_ = pooled[0].defined() ? blend_embeddings(pooled, weights, config_.prompt_blend) : Tensor();
+}
+
+torch::Tensor StreamDiffusion::seed_noise(uint64_t seed) {
+  // A seed's init_noise: the first draw after seeding the stream's Rng (as a single seed draws it).
+  auto it = seed_cache_.find(seed);
+  if (it != seed_cache_.end()) return it->second;
+  const auto opts = torch::TensorOptions().dtype(dtype_).device(device_);
+  rng_->manual_seed(seed);
+  Tensor n = rng_->randn({batch_size(), models_->latent_channels(), latent_height(), latent_width()},
+                         "seed blend: init_noise")
+                 .to(opts);
+  seed_cache_[seed] = n;
+  return n;
+}
+
+void StreamDiffusion::blend_seeds() {
+  // init_noise = Σ ŵ_i·N_i / sqrt(Σ ŵ_i²) over the effective seed list (prompt_blend.h). Seeds of weight 0 are not
+  // drawn, and new seeds are drawn last to first, so the stream's later random draws (txt2img latents) continue from
+  // the list's first seed, as they would with that seed alone.
+  const auto& list = seed_schedule_.current();
+  std::vector<Tensor> noise(list.size());
+  std::vector<double> weights;
+  for (size_t i = list.size(); i-- > 0;)
+    if (list[i].second > 0) noise[i] = seed_noise(list[i].first);
+  for (const auto& e : list) weights.push_back(e.second);
+  init_noise_ = blend_noise(noise, weights);
+  const std::vector<uint64_t> keys = seed_schedule_.keys();
+  for (auto it = seed_cache_.begin(); it != seed_cache_.end();)
+    it = std::find(keys.begin(), keys.end(), it->first) == keys.end() ? seed_cache_.erase(it) : std::next(it);
 }
 
 void StreamDiffusion::build_prompt_layout() {
@@ -222,7 +297,7 @@ void StreamDiffusion::build_prompt_layout() {
   if (guidance_active() && config_.cfg_type == CfgType::Initialize) uncond_rows_ = config_.frame_buffer_size;
   if (uncond_rows_ > 0 && !uncond_embeds_.defined()) {
     const auto t0 = Clock::now();
-    TextEmbeddings uncond = models_->encode_text(negative_prompt_);
+    TextEmbeddings uncond = encode_one_prompt(negative_prompt_);
     uncond_embeds_ = uncond.embeds;
     uncond_pooled_ = uncond.pooled;
     ++stats_.text_encodes;
@@ -259,16 +334,38 @@ void StreamDiffusion::reset_stream_state() {
   torch::NoGradGuard no_grad;
   const int64_t n = denoising_steps(), F = config_.frame_buffer_size, C = models_->latent_channels();
   const auto opts = torch::TensorOptions().dtype(dtype_).device(device_);
-  rng_->manual_seed(config_.seed);
   x_t_latent_buffer_ = n > 1 ? torch::zeros({(n - 1) * F, C, latent_height(), latent_width()}, opts) : Tensor();
-  // init_noise is drawn on the CPU in float32, then cast and moved (spec §3.1): the first draw after seeding.
-  init_noise_ = rng_->randn({batch_size(), C, latent_height(), latent_width()}, "prepare: init_noise").to(opts);
+  seed_cache_.clear();
+  if (config_.seed_list.empty()) {
+    rng_->manual_seed(config_.seed);
+    // init_noise is drawn on the CPU in float32, then cast and moved (spec §3.1): the first draw after seeding.
+    init_noise_ = rng_->randn({batch_size(), C, latent_height(), latent_width()}, "prepare: init_noise").to(opts);
+    seed_schedule_.reset({{config_.seed, 1.0}});
+    seed_cache_[config_.seed] = init_noise_;
+  } else {
+    // Seed blend (prompt_blend.h): each seed's draw as above, blended variance-preserving.
+    std::vector<std::pair<uint64_t, double>> seeds;
+    for (const auto& e : config_.seed_list) seeds.push_back({e.seed, e.weight});
+    seed_schedule_.reset(seeds);
+    blend_seeds();
+  }
   stock_noise_ = torch::zeros_like(init_noise_);
+  prev_output_latent_ = Tensor();
+  calls_since_reset_ = 0;
 }
 
 void StreamDiffusion::prepare(const std::string& prompt, const std::string& negative_prompt) {
+  prepare(std::vector<WeightedPrompt>{{prompt, 1.0}}, negative_prompt);
+}
+
+void StreamDiffusion::prepare(const std::vector<WeightedPrompt>& prompts, const std::string& negative_prompt) {
   torch::NoGradGuard no_grad;
-  prompt_ = prompt;
+  check_prompt_list(prompts, "prompt list");
+  prompt_list_ = prompts;
+  prompt_ = prompts.size() == 1 ? prompts[0].text : prompt_list_str(prompts);
+  std::vector<std::pair<std::string, double>> entries;
+  for (const auto& p : prompts) entries.push_back({p.text, p.weight});
+  prompt_schedule_.reset(entries);
   negative_prompt_ = negative_prompt;
   guidance_scale_ = config_.cfg_type == CfgType::None ? 1.0 : config_.guidance_scale;
   delta_ = config_.delta;
@@ -289,10 +386,88 @@ void StreamDiffusion::prepare(const std::string& prompt, const std::string& nega
 void StreamDiffusion::update_prompt(const std::string& prompt, const std::string& negative_prompt) {
   require_prepared("update_prompt");
   torch::NoGradGuard no_grad;
-  prompt_ = prompt;
+  // Both prompts are encoded again (as before); with a transition the cond rows morph towards the new prompt.
   negative_prompt_ = negative_prompt;
-  encode_prompts(needs_uncond());
+  uncond_embeds_ = Tensor();
+  uncond_pooled_ = Tensor();
+  start_prompt_list({{prompt, 1.0}}, true);
+}
+
+void StreamDiffusion::set_negative_prompt(const std::string& negative_prompt) {
+  require_prepared("set_negative_prompt");
+  torch::NoGradGuard no_grad;
+  negative_prompt_ = negative_prompt;
+  uncond_embeds_ = Tensor();
+  uncond_pooled_ = Tensor();
+  build_prompt_layout();  // encodes it when the layout has negative rows
+}
+
+void StreamDiffusion::set_prompt_list(const std::vector<WeightedPrompt>& prompts) {
+  require_prepared("set_prompt_list");
+  torch::NoGradGuard no_grad;
+  start_prompt_list(prompts, false);
+}
+
+void StreamDiffusion::start_prompt_list(const std::vector<WeightedPrompt>& prompts, bool reencode) {
+  check_prompt_list(prompts, "prompt list");
+  if (reencode)
+    for (const auto& p : prompts) prompt_cache_.erase(p.text);
+  std::vector<std::pair<std::string, double>> entries;
+  for (const auto& p : prompts) entries.push_back({p.text, p.weight});
+  prompt_list_ = prompts;
+  prompt_ = prompts.size() == 1 ? prompts[0].text : prompt_list_str(prompts);
+  prompt_schedule_.set(entries, config_.transition);
+  encode_missing_prompts();
+  blend_prompts();  // at once: the new list; with a transition: the current mix until the next call steps it
+  build_prompt_layout();  // (encodes the negative prompt when the layout needs it)
+}
+
+void StreamDiffusion::set_prompt_blend(BlendMethod method) {
+  config_.prompt_blend = method;
+  if (!prepared_) return;
+  torch::NoGradGuard no_grad;
+  blend_prompts();
   build_prompt_layout();
+}
+
+void StreamDiffusion::set_transition(const Transition& transition) {
+  if (transition.frames < 0 || !(transition.seconds >= 0) || !std::isfinite(transition.seconds))
+    throw InvalidArgument("transition: frames and seconds must be >= 0");
+  config_.transition = transition;
+}
+
+std::vector<WeightedPrompt> StreamDiffusion::effective_prompts() const {
+  std::vector<WeightedPrompt> out;
+  double total = 0;
+  for (const auto& e : prompt_schedule_.current()) total += e.second;
+  for (const auto& e : prompt_schedule_.current()) out.push_back({e.first, e.second / total});
+  return out;
+}
+
+std::vector<WeightedSeed> StreamDiffusion::effective_seeds() const {
+  std::vector<WeightedSeed> out;
+  double total = 0;
+  for (const auto& e : seed_schedule_.current()) total += e.second;
+  for (const auto& e : seed_schedule_.current()) out.push_back({e.first, e.second / total});
+  return out;
+}
+
+void StreamDiffusion::set_latent_feedback(double amount) {
+  if (!(amount >= 0 && amount <= 1))
+    throw InvalidArgument("latent_feedback must be in [0, 1], got " + std::to_string(amount));
+  config_.latent_feedback = amount;
+}
+
+void StreamDiffusion::advance_transitions() {
+  // One stream call of the running transitions (prompt_blend.h): the cond rows and init_noise of this call. No text
+  // is encoded here: every embedding the morph needs was encoded when the list changed.
+  const auto now = Clock::now();
+  if (prompt_schedule_.step(now)) {
+    blend_prompts();
+    build_prompt_layout();
+    if (!prompt_schedule_.active()) encode_missing_prompts();  // done: drop the old texts (encodes nothing)
+  }
+  if (seed_schedule_.step(now)) blend_seeds();
 }
 
 void StreamDiffusion::refresh_prompts() {
@@ -366,11 +541,40 @@ void StreamDiffusion::set_t_index_list(const std::vector<int64_t>& t_index_list)
 
 void StreamDiffusion::set_seed(uint64_t seed) {
   config_.seed = seed;
+  config_.seed_list.clear();
   if (!prepared_) return;
   torch::NoGradGuard no_grad;
+  if (!config_.transition.instant()) {  // morph: a seed blend from the current noise to this seed's
+    seed_schedule_.set({{seed, 1.0}}, config_.transition);
+    // Every seed the morph needs, drawn now (not during it), last to first as blend_seeds() does.
+    const std::vector<uint64_t> keys = seed_schedule_.keys();
+    for (size_t i = keys.size(); i-- > 0;) seed_noise(keys[i]);
+    return;
+  }
   rng_->manual_seed(seed);
   init_noise_ = rng_->randn(init_noise_.sizes(), "set_seed: init_noise").to(init_noise_.options());
   stock_noise_ = torch::zeros_like(init_noise_);
+  seed_schedule_.reset({{seed, 1.0}});
+  seed_cache_.clear();
+  seed_cache_[seed] = init_noise_;
+}
+
+void StreamDiffusion::set_seed_list(const std::vector<WeightedSeed>& seeds) {
+  check_seed_list(seeds, "seed list");
+  config_.seed_list = seeds;
+  if (!prepared_) return;
+  torch::NoGradGuard no_grad;
+  std::vector<std::pair<uint64_t, double>> entries;
+  for (const auto& e : seeds) entries.push_back({e.seed, e.weight});
+  seed_schedule_.set(entries, config_.transition);
+  if (seed_schedule_.active()) {
+    // Every seed the morph needs, drawn now (not during it), last to first as blend_seeds() does.
+    const std::vector<uint64_t> keys = seed_schedule_.keys();
+    for (size_t i = keys.size(); i-- > 0;) seed_noise(keys[i]);
+    return;
+  }
+  blend_seeds();
+  stock_noise_ = torch::zeros_like(init_noise_);  // as set_seed
 }
 
 void StreamDiffusion::set_similarity_filter(const SimilarityFilterOptions& options) {
@@ -398,6 +602,7 @@ torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
                           "] in [-1, 1] (frame_buffer_size frames at the stream's size)");
   x = x.to(device_, dtype_);
   ++stats_.calls;
+  advance_transitions();
 
   if (filter_) {
     last_decision_ = filter_->check(x);
@@ -427,10 +632,19 @@ torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
   stats_.image_encode_s += seconds_since(t0);
   trace("image_latent", z);
 
+  // Latent feedback (StreamConfig::latent_feedback A): x_in = (1 − A)·z + A·x0_prev, the previous call's output
+  // latent — a cheap temporal smoothing against flicker.
+  Tensor x_in = z;
+  if (config_.latent_feedback > 0 && prev_output_latent_.defined() && prev_output_latent_.sizes() == z.sizes()) {
+    const double A = config_.latent_feedback;
+    x_in = (1.0 - A) * z + A * prev_output_latent_;
+    trace("latent_feedback_in", x_in);
+  }
+
   // Step 4: x_t = α_0·z + β_0·init_noise — per-frame noise rows [0, F); the original uses row 0 for every frame.
   // (Rows [0, F) of α/β all hold t_0, so row 0 broadcasts.)
   const Tensor noise = head_rows() ? init_noise_[0] : init_noise_.slice(0, 0, F);
-  const Tensor x_t = add_noise(z, noise, alpha_[0], beta_[0]);
+  const Tensor x_t = add_noise(x_in, noise, alpha_[0], beta_[0]);
   return run_stream(x_t, start);
 }
 
@@ -440,6 +654,7 @@ torch::Tensor StreamDiffusion::txt2img() {
   refresh_prompts();
   const auto start = Clock::now();
   ++stats_.calls;
+  advance_transitions();
   const Tensor x = rng_->randn({config_.frame_buffer_size, models_->latent_channels(), latent_height(), latent_width()},
                                "txt2img: latent")
                        .to(device_, dtype_);
@@ -457,6 +672,7 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
                           std::to_string(t_sub_.size(0)) +
                           " timesteps; in sequential mode len(t_index_list) must equal frame_buffer_size");
   ++stats_.calls;
+  advance_transitions();
   begin_stream_call();
   const Tensor x = rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot")
                        .to(device_, dtype_);
@@ -478,6 +694,10 @@ torch::Tensor StreamDiffusion::run_stream(const torch::Tensor& x_t_latent, Clock
   begin_stream_call();
   const Tensor x0 = predict_x0_batch(x_t_latent);
   trace("x_0_pred_out", x0);
+  // The output latent of a real frame (past the n − 1 warm-up calls of the denoising batch) feeds latent feedback.
+  ++calls_since_reset_;
+  const int64_t warmup = config_.use_denoising_batch ? denoising_steps() - 1 : 0;
+  prev_output_latent_ = calls_since_reset_ > warmup ? x0 : Tensor();
   Tensor out = decode(x0);
   prev_output_ = out;
   ++stats_.processed;

@@ -29,6 +29,7 @@
 
 #include "pipeline/diffusion_models.h"
 #include "pipeline/lcm_scheduler.h"
+#include "pipeline/prompt_blend.h"
 #include "pipeline/rng.h"
 #include "pipeline/similarity_filter.h"
 
@@ -67,6 +68,15 @@ struct StreamConfig {
   // deep_cache_min_similarity forces a full call at once.
   int64_t deep_cache_every = 1;
   double deep_cache_min_similarity = 0.95;
+  // Live performance controls (pipeline/prompt_blend.h). seed_list: init_noise is the variance-preserving blend of
+  // these seeds' draws (empty = `seed` alone). prompt_blend: how a prompt list blends. transition: how prompt and seed
+  // changes morph (default: at once, as before).
+  std::vector<WeightedSeed> seed_list;
+  BlendMethod prompt_blend = BlendMethod::Linear;
+  Transition transition;
+  // Latent feedback A in [0, 1] (img2img): the encoded input latent becomes (1 − A)·z + A·x0_prev, x0_prev the
+  // previous call's output latent (once the stream is past its warm-up); 0 = off, exactly as before.
+  double latent_feedback = 0;
 };
 
 struct StreamStats {
@@ -97,6 +107,8 @@ class StreamDiffusion {
   // Builds every cache (spec §3.1, §6): seeds the Rng with config.seed, encodes the prompts, computes the schedule
   // and coefficients, draws init_noise (the first draw), zeroes stock_noise and the latent buffer.
   void prepare(const std::string& prompt, const std::string& negative_prompt = "");
+  // The same with a weighted prompt list (pipeline/prompt_blend.h); {{p, 1}} is prepare(p) exactly.
+  void prepare(const std::vector<WeightedPrompt>& prompts, const std::string& negative_prompt = "");
   bool prepared() const { return prepared_; }
 
   // One stream step with F new frames [F, 3, H, W] in [-1, 1] (a [3, H, W] tensor when F = 1). Returns the decoded
@@ -112,14 +124,33 @@ class StreamDiffusion {
   // Runtime updates (spec §6), no reload. update_prompt re-encodes both prompts and rebuilds the full text layout.
   // A change of the shared models' text encoder (DiffusionModels::set_lora_scale) is noticed by the next call, which
   // re-encodes the prompts first (DiffusionModels::text_encoder_version()).
+  // Prompts may carry weights ((word:1.3), [word]: pipeline/prompt_weights.h). With config().transition the prompt
+  // morphs from the current conditioning to the new one over the transition (the negative prompt changes at once).
   void update_prompt(const std::string& prompt, const std::string& negative_prompt = "");
+  // A weighted prompt list, blended on the cached embeddings (config().prompt_blend); only texts new to the stream are
+  // encoded. Morphs with config().transition. InvalidArgument for a bad list (prompt_blend.h).
+  void set_prompt_list(const std::vector<WeightedPrompt>& prompts);
+  const std::vector<WeightedPrompt>& prompt_list() const { return prompt_list_; }  // the target list
+  // A new negative prompt alone (encoded when the layout needs it); the prompt blend is kept.
+  void set_negative_prompt(const std::string& negative_prompt);
+  void set_prompt_blend(BlendMethod method);   // re-blends the current list at once
+  void set_transition(const Transition& transition);  // for the next prompt / seed changes
+  bool transition_active() const { return prompt_schedule_.active() || seed_schedule_.active(); }
+  // The effective prompt / seed weights of the next call (during a transition: the morph's; normalised).
+  std::vector<WeightedPrompt> effective_prompts() const;
+  std::vector<WeightedSeed> effective_seeds() const;
+  // Latent feedback A in [0, 1] (StreamConfig::latent_feedback), live.
+  void set_latent_feedback(double amount);
   void set_guidance_scale(double guidance_scale);
   void set_delta(double delta);
   // Same length: new timesteps and coefficients, buffers kept (in-flight latents are one call off schedule).
   // Different length: the stream state is reset (buffers zeroed, init_noise redrawn from config.seed).
   void set_t_index_list(const std::vector<int64_t>& t_index_list);
-  // Reseeds, redraws init_noise, zeroes stock_noise; the latent buffer is kept.
+  // Reseeds, redraws init_noise, zeroes stock_noise; the latent buffer is kept. With config().transition the noise
+  // morphs to the new seed's instead (a seed blend over the transition, stock_noise kept).
   void set_seed(uint64_t seed);
+  // init_noise from a weighted seed list (StreamConfig::seed_list), at once or with config().transition.
+  void set_seed_list(const std::vector<WeightedSeed>& seeds);
   void set_similarity_filter(const SimilarityFilterOptions& options);
   // IP-Adapter image prompt (models with DiffusionModels::ip_adapter()): the image (uint8 RGB [H, W, 3], any size:
   // CLIPImageProcessor's resize and centre crop) is encoded once, here, to image tokens [1, T, D]; every UNet call
@@ -197,6 +228,7 @@ class StreamDiffusion {
   const torch::Tensor& stock_noise() const { return stock_noise_; }             // [B, C, h, w]
   const torch::Tensor& latent_buffer() const { return x_t_latent_buffer_; }     // [(n−1)·F, C, h, w] or undefined
   const torch::Tensor& previous_output() const { return prev_output_; }
+  const torch::Tensor& previous_output_latent() const { return prev_output_latent_; }  // x0 of the last output
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -206,6 +238,15 @@ class StreamDiffusion {
   void build_prompt_layout();     // prompt_embeds from cond/uncond (encodes the negative prompt when needed)
   void reset_stream_state();      // init_noise (drawn), stock_noise and buffer zeroed
   void encode_prompts(bool need_uncond);
+  // Prompt / seed blends: the embeddings of one prompt text (weights parsed), encoding the texts the schedule needs
+  // (cached per text), the blend of the effective list into cond_embeds_ / cond_pooled_, and the seeds' noise.
+  TextEmbeddings encode_one_prompt(const std::string& text);
+  void encode_missing_prompts();
+  void blend_prompts();
+  torch::Tensor seed_noise(uint64_t seed);
+  void blend_seeds();
+  void start_prompt_list(const std::vector<WeightedPrompt>& prompts, bool reencode);
+  void advance_transitions();  // per stream call
   void refresh_prompts();         // re-encodes when the models' text encoder changed since the last encode
   bool needs_uncond() const;
   bool head_rows() const;         // reproduce the original's F > 1 row handling (see header comment)
@@ -253,6 +294,15 @@ class StreamDiffusion {
   int64_t uncond_rows_ = 0;
   uint64_t text_encoder_version_ = 0;  // models_->text_encoder_version() of the cached embeddings
   torch::Tensor init_noise_, stock_noise_, x_t_latent_buffer_, prev_output_;
+  torch::Tensor prev_output_latent_;   // latent feedback: the last output's x0 (undefined during warm-up)
+  int64_t calls_since_reset_ = 0;      // stream calls since the buffer was last zeroed (warm-up: < n)
+
+  // Prompt and seed blends (pipeline/prompt_blend.h).
+  std::vector<WeightedPrompt> prompt_list_;
+  BlendSchedule<std::string> prompt_schedule_;
+  BlendSchedule<uint64_t> seed_schedule_;
+  std::map<std::string, TextEmbeddings> prompt_cache_;  // text -> its embeddings (the texts the schedule needs)
+  std::map<uint64_t, torch::Tensor> seed_cache_;         // seed -> its init_noise draw (seed blends only)
 
   std::unique_ptr<SimilarityFilter> filter_;
   FilterDecision last_decision_;

@@ -9,10 +9,12 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <netinet/in.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include "core/error.h"
+#include "runtime/osc_control.h"
 
 namespace sd {
 namespace {
@@ -51,7 +53,67 @@ struct ControlChannel::Client {
   }
 };
 
+// An OSC channel's socket and where its replies go. The reader thread owns `reply_to` (changed by /reply); reply
+// functions hold the socket weakly and their own copy of the address, so a late reply after the channel is gone is
+// dropped.
+struct ControlChannel::Osc {
+  OscSpec spec;
+  std::shared_ptr<OscSocket> socket;
+  bool to_sender = false;
+  std::string reply_to;  // sockaddr bytes; "" = no replies
+
+  std::string describe_reply() const {
+    if (to_sender) return "replies to the sender";
+    return reply_to.empty() ? "no replies" : "replies set";
+  }
+  Reply reply_for(const std::string& sender) const {
+    const std::string target = to_sender ? sender : reply_to;
+    if (target.empty()) return {};
+    return [weak = std::weak_ptr<OscSocket>(socket), target](const std::string& text) {
+      auto s = weak.lock();
+      if (!s) return;
+      std::string address = "/streamdiffusion/status", body = text;
+      if (text.rfind("ok: ", 0) == 0) {
+        address = "/streamdiffusion/ok";
+        body = text.substr(4);
+      } else if (text.rfind("error: ", 0) == 0) {
+        address = "/streamdiffusion/error";
+        body = text.substr(7);
+      }
+      s->send_to(target, osc_encode_strings(address, {body}));
+    };
+  }
+};
+
+bool ControlChannel::last_value_wins(const std::string& spec) {
+  return spec.rfind("osc://", 0) == 0 || spec.rfind("osc.udp://", 0) == 0;
+}
+
+int ControlChannel::osc_port() const { return osc_ ? osc_->socket->port() : 0; }
+
+nlohmann::json ControlChannel::stats() const {
+  return {{"channel", name_}, {"received", received_.load()}, {"bad", bad_.load()}, {"answered", answered_.load()},
+          {"posted", posted_.load()}};
+}
+
 ControlChannel::ControlChannel(const std::string& spec, Handler handler) : handler_(std::move(handler)) {
+  if (last_value_wins(spec)) {
+    osc_ = std::make_shared<Osc>();
+    osc_->spec = parse_osc_spec(spec);
+    osc_->socket = std::make_shared<OscSocket>(osc_->spec);
+    if (osc_->spec.reply == OscSpec::Reply::Sender) osc_->to_sender = true;
+    if (osc_->spec.reply == OscSpec::Reply::Fixed) {
+      osc_->reply_to = osc_->socket->resolve(osc_->spec.reply_host, osc_->spec.reply_port);
+      if (osc_->reply_to.empty())
+        throw InvalidArgument("control channel '" + spec + "': cannot resolve the reply host " + osc_->spec.reply_host);
+    }
+    name_ = "osc udp " + osc_->spec.host + ":" + std::to_string(osc_->socket->port()) +
+            (osc_->spec.reply == OscSpec::Reply::Fixed
+                 ? " (replies to " + osc_->spec.reply_host + ":" + std::to_string(osc_->spec.reply_port) + ")"
+                 : " (" + osc_->describe_reply() + ")");
+    thread_ = std::thread([this] { run_osc(); });
+    return;
+  }
   if (spec == "stdin" || spec == "-") {
     fd_ = STDIN_FILENO;
     name_ = "stdin";
@@ -101,7 +163,8 @@ ControlChannel::ControlChannel(const std::string& spec, Handler handler) : handl
     listening_ = true;
     name_ = "unix socket " + path;
   } else {
-    throw InvalidArgument("control channel: expected stdin, fd:N, fifo:PATH or unix:PATH, got '" + spec + "'");
+    throw InvalidArgument("control channel: expected stdin, fd:N, fifo:PATH, unix:PATH or osc://HOST:PORT, got '" +
+                          spec + "'");
   }
   thread_ = std::thread([this] { run(); });
 }
@@ -122,18 +185,117 @@ void ControlChannel::handle_line(const std::string& line, const Reply& reply) {
   try {
     cmd = parse_control_command(line);
   } catch (const std::exception& e) {
+    ++received_;
+    ++bad_;
     std::string what = e.what();
     if (what.rfind("control: ", 0) == 0) what = what.substr(9);  // the reply's channel already says so
-    reply("error: " + what);
+    if (reply) reply("error: " + what);
     return;
   }
   if (!cmd) return;
+  ++received_;
   ++lines_;
   if (cmd->kind == ControlCommand::Kind::Help) {
-    reply(control_help());
+    ++answered_;
+    if (reply) reply(control_help());
     return;
   }
+  ++posted_;
   handler_(std::move(*cmd), reply);
+}
+
+void ControlChannel::serve_osc_packet(const char* data, size_t n, const std::string& sender) {
+  std::vector<std::pair<size_t, size_t>> messages;
+  try {
+    messages = osc_packet_messages(data, n);
+  } catch (const std::exception& e) {
+    ++received_;
+    ++bad_;
+    if (auto reply = osc_->reply_for(sender)) reply(std::string("error: ") + e.what());
+    return;
+  }
+  for (const auto& [offset, size] : messages) {
+    OscMessageLine m;
+    try {
+      m = osc_message_to_line(data + offset, size);
+    } catch (const std::exception& e) {
+      ++received_;
+      ++bad_;
+      if (auto reply = osc_->reply_for(sender)) reply(std::string("error: ") + e.what());
+      continue;
+    }
+    if (m.command != "reply") {
+      handle_line(m.line, osc_->reply_for(sender));
+      continue;
+    }
+    // /reply [none | PORT | HOST PORT | osc://HOST:PORT]: where replies go from now on (the sender when no argument).
+    ++received_;
+    std::vector<std::string> args;
+    for (size_t pos = 6; pos < m.line.size();) {
+      const size_t next = std::min(m.line.find(' ', pos), m.line.size());
+      if (next > pos) args.push_back(m.line.substr(pos, next - pos));
+      pos = next + 1;
+    }
+    std::string error;
+    try {
+      if (args.empty()) {
+        osc_->to_sender = true;
+      } else if (args.size() == 1 && (args[0] == "none" || args[0] == "off")) {
+        osc_->to_sender = false;
+        osc_->reply_to.clear();
+      } else {
+        const OscSpec r = args.size() == 1 && args[0].find("://") != std::string::npos
+                              ? parse_osc_spec(args[0])
+                              : args.size() == 1 ? parse_osc_spec("osc://:" + args[0])
+                                                 : parse_osc_spec("osc://" + args[0] + ":" + args[1]);
+        std::string target;
+        if (args.size() == 1 && args[0].find("://") == std::string::npos) {
+          // The sender's host, another port.
+          target = sender;
+          auto* sa = reinterpret_cast<sockaddr*>(target.data());
+          if (sa->sa_family == AF_INET6)
+            reinterpret_cast<sockaddr_in6*>(sa)->sin6_port = htons(static_cast<uint16_t>(r.port));
+          else
+            reinterpret_cast<sockaddr_in*>(sa)->sin_port = htons(static_cast<uint16_t>(r.port));
+        } else {
+          target = osc_->socket->resolve(r.host, r.port);
+          if (target.empty()) throw InvalidArgument("cannot resolve " + r.host);
+        }
+        if (r.port == 0) throw InvalidArgument("the reply port cannot be 0");
+        osc_->to_sender = false;
+        osc_->reply_to = target;
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    if (!error.empty()) {
+      ++bad_;
+      if (auto reply = osc_->reply_for(sender)) reply("error: /reply: " + error);
+      continue;
+    }
+    ++answered_;
+    if (auto reply = osc_->reply_for(sender)) reply("ok: replies go here");
+  }
+}
+
+void ControlChannel::run_osc() {
+  // One datagram at a time into a buffer of the largest UDP payload; the socket is non-blocking, so every waiting
+  // datagram is read before polling again (a flood is drained as fast as it is parsed).
+  std::vector<char> buf(65536);
+  const int fd = osc_->socket->fd();
+  while (!stop_) {
+    pollfd p{fd, POLLIN, 0};
+    const int r = ::poll(&p, 1, 50);
+    if (r < 0 && errno != EINTR) break;
+    if (r <= 0) continue;
+    while (!stop_) {
+      sockaddr_storage from{};
+      socklen_t len = sizeof from;
+      const ssize_t n = ::recvfrom(fd, buf.data(), buf.size(), 0, reinterpret_cast<sockaddr*>(&from), &len);
+      if (n < 0) break;  // drained (EAGAIN) or a transient error: poll again
+      serve_osc_packet(buf.data(), static_cast<size_t>(n), std::string(reinterpret_cast<const char*>(&from), len));
+    }
+  }
 }
 
 void ControlChannel::serve_lines(const std::shared_ptr<Client>& client, const char* data, size_t n) {
@@ -187,7 +349,9 @@ void ControlChannel::run() {
     std::vector<std::shared_ptr<Client>> keep;
     for (size_t i = 0; i < clients.size(); ++i) {
       auto& c = clients[i];
-      const short ev = fds[k + i].revents;
+      // A client accepted above was not polled yet (no pollfd of its own: reading fds[k + i] for it read past the
+      // end, found by TSan as a heap-use-after-free); it is polled from the next round on.
+      const short ev = k + i < fds.size() ? fds[k + i].revents : 0;
       bool alive = true;
       if (ev & (POLLIN | POLLHUP | POLLERR)) {
         const ssize_t got = ::read(c->fd, buf, sizeof buf);

@@ -6,6 +6,9 @@
 //   fifo:PATH    a named pipe, created if absent (echo 'prompt a cat' > PATH); answers go to stderr
 //   unix:PATH    a Unix stream socket, any number of clients (e.g. socat - UNIX-CONNECT:PATH); answers go back to
 //                the client that sent the command
+//   osc://HOST:PORT[?reply=osc://HOST:PORT|sender]
+//                OSC messages over UDP, `/name args...` = the line `name args...` (see osc_control.h for the
+//                mapping and the replies); last value wins (last_value_wins)
 // A line that does not parse is answered with the error and has no effect. End of input on stdin/fd only ends the
 // channel, not the stream.
 #include <atomic>
@@ -13,6 +16,8 @@
 #include <memory>
 #include <string>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "runtime/control_command.h"
 
@@ -32,10 +37,22 @@ class ControlChannel {
   void stop();
   const std::string& describe() const { return name_; }
   int64_t lines() const { return lines_.load(); }  // command lines seen (for tests)
+  // The UDP port of an osc:// channel (the bound one when the spec said 0); 0 for other channels.
+  int osc_port() const;
+  // Whether a channel of this spec streams values (OSC faders), so its commands should be posted with
+  // StreamRuntime::post_control(..., coalesce = true): only the newest of each kind is applied at a frame boundary.
+  // Line channels (stdin, FIFO, socket) carry discrete commands, each applied.
+  static bool last_value_wins(const std::string& spec);
+  // Counters: received (commands and messages, blank/comment lines excepted) = bad (did not parse) + answered (help,
+  // /reply: answered here) + posted (handed to the handler).
+  nlohmann::json stats() const;
 
  private:
   struct Client;
+  struct Osc;
   void run();
+  void run_osc();
+  void serve_osc_packet(const char* data, size_t n, const std::string& sender);
   void serve_lines(const std::shared_ptr<Client>& client, const char* data, size_t n);
   void handle_line(const std::string& line, const Reply& reply);
 
@@ -47,6 +64,8 @@ class ControlChannel {
   bool listening_ = false;   // unix socket
   std::atomic<bool> stop_{false};
   std::atomic<int64_t> lines_{0};
+  std::atomic<int64_t> received_{0}, bad_{0}, answered_{0}, posted_{0};
+  std::shared_ptr<Osc> osc_;  // osc:// channels
   std::thread thread_;
 };
 

@@ -42,9 +42,21 @@ const std::string& control_help() {
   static const std::string help =
       "commands: prompt <text> | negative <text> | guidance <g> | delta <d> | t_index_list <i,j,...> | seed <n> | "
       "filter on|off | filter_threshold <x> | lora <name> <scale> | ip_adapter_scale <s> | image_prompt <path>|none | "
-      "controlnet_scale <i> <s> | control_preprocessor <i> <name> | deep_cache <k> [<similarity>] | stats | quit | "
-      "help";
+      "controlnet_scale <i> <s> | control_preprocessor <i> <name> | deep_cache <k> [<similarity>] | "
+      "prompt_list <text:w | text:w ...> or [[\"text\", w], ...] | seed_list <seed:w, seed:w ...> or [[seed, w], ...] | "
+      "transition <seconds>|<n>f|0 | prompt_blend linear|slerp | latent_feedback <0..1> | stats | quit | help";
   return help;
+}
+
+std::string control_coalesce_key(const ControlCommand& c) {
+  using K = ControlCommand::Kind;
+  std::string key = std::to_string(static_cast<int>(c.kind));
+  switch (c.kind) {
+    case K::Lora: return key + ":" + c.text;
+    case K::ControlnetScale:
+    case K::ControlPreprocessor: return key + ":" + std::to_string(c.index);
+    default: return key;
+  }
 }
 
 std::optional<ControlCommand> parse_control_command(const std::string& raw) {
@@ -150,6 +162,26 @@ std::optional<ControlCommand> parse_control_command(const std::string& raw) {
     if (c.index < 1) throw InvalidArgument("control: deep_cache k must be >= 1 (1 = off), got " + arg.substr(0, sp2));
     c.number = sp2 == std::string::npos ? std::numeric_limits<double>::quiet_NaN()
                                         : parse_number(cmd + " similarity", trim(arg.substr(sp2)));
+  } else if (cmd == "prompt_list") {
+    c.kind = K::PromptList;
+    if (arg.empty())
+      throw InvalidArgument("control: 'prompt_list' needs a weighted list, e.g. 'prompt_list a cat:1 | a dog:0.5'");
+    c.prompts = parse_prompt_list(arg);
+  } else if (cmd == "seed_list") {
+    c.kind = K::SeedList;
+    if (arg.empty()) throw InvalidArgument("control: 'seed_list' needs a weighted list, e.g. 'seed_list 1:0.7, 2:0.3'");
+    c.seeds = parse_seed_list(arg);
+  } else if (cmd == "transition") {
+    c.kind = K::Transition;
+    c.transition = parse_transition(arg);
+  } else if (cmd == "prompt_blend") {
+    c.kind = K::PromptBlend;
+    c.blend = parse_blend_method(arg);
+  } else if (cmd == "latent_feedback") {
+    c.kind = K::LatentFeedback;
+    c.number = parse_number(cmd, arg);
+    if (!(c.number >= 0 && c.number <= 1))
+      throw InvalidArgument("control: latent_feedback must be in [0, 1], got " + arg);
   } else if (cmd == "stats") {
     no_arg(K::Stats);
   } else if (cmd == "quit" || cmd == "exit") {

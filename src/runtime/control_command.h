@@ -6,7 +6,15 @@
 //   guidance <g>             guidance scale γ (float)
 //   delta <d>                RCFG δ (float)
 //   t_index_list 32,45       denoising steps (indices into the LCM timesteps); a new length restarts the stream
-//   seed <n>                 reseeds the fixed noise (init_noise)
+//   seed <n>                 reseeds the fixed noise (init_noise); morphs with a transition
+//   prompt_list <list>       weighted prompt blend: 'a cat:1 | a dog:0.5' (weight after the item's last ':', default
+//                            1) or JSON [["a cat", 1], ["a dog", 0.5]]; only new texts are encoded; morphs with a
+//                            transition
+//   seed_list <list>         weighted seed blend of init_noise (variance-preserving): '1:0.7, 2:0.3' or JSON
+//                            [[1, 0.7], [2, 0.3]]; morphs with a transition
+//   transition <t>           how later prompt / seed changes morph: seconds ('2', '2.5s'), frames ('30f'), 0 = at once
+//   prompt_blend linear|slerp  how a prompt list (and a transition) blends the embeddings
+//   latent_feedback <a>      img2img input latent = (1 - a)·encoded frame + a·previous output latent, a in [0, 1]
 //   filter on|off            stochastic similarity filter
 //   filter_threshold <x>     similarity threshold η in (0, 1]
 //   lora <name> <scale>      re-fuses a loaded LoRA (--lora; name = file stem) at a new scale, no reload; the
@@ -28,21 +36,28 @@
 #include <string>
 #include <vector>
 
+#include "pipeline/prompt_blend.h"
+
 namespace sd {
 
 struct ControlCommand {
   enum class Kind {
     Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Lora, IpAdapterScale, ImagePrompt,
-    ControlnetScale, ControlPreprocessor, DeepCache, Stats, Quit, Help
+    ControlnetScale, ControlPreprocessor, DeepCache, PromptList, SeedList, Transition, PromptBlend, LatentFeedback,
+    Stats, Quit, Help
   };
   Kind kind = Kind::Stats;
   std::string text;                  // prompt / negative / lora name / image_prompt path ("" = none) / preprocessor
   double number = 0;                 // guidance / delta / filter_threshold / lora / ip_adapter / controlnet scale /
-                                     // deep_cache similarity (NaN = unchanged)
+                                     // deep_cache similarity (NaN = unchanged) / latent_feedback
   std::vector<int64_t> t_index_list;
   int64_t index = 0;                 // controlnet_scale / control_preprocessor: which ControlNet; deep_cache: k
   uint64_t seed = 0;
   bool on = false;                   // filter
+  std::vector<WeightedPrompt> prompts;  // prompt_list
+  std::vector<WeightedSeed> seeds;      // seed_list
+  sd::Transition transition;            // transition
+  BlendMethod blend = BlendMethod::Linear;  // prompt_blend
   std::string line;                  // the command as typed (trimmed), for logs and replies
 };
 
@@ -52,5 +67,11 @@ std::optional<ControlCommand> parse_control_command(const std::string& line);
 
 // The command summary printed by `help` (one line per command).
 const std::string& control_help();
+
+// What a newer command replaces when commands are coalesced (last value wins, StreamRuntime::post_control): the
+// kind, plus what the command is about for kinds that address one of several things (a LoRA by name, a ControlNet
+// by index), so `controlnet_scale 0 x` does not replace `controlnet_scale 1 y`. New kinds need no entry unless they
+// address one of several things too.
+std::string control_coalesce_key(const ControlCommand& c);
 
 }  // namespace sd

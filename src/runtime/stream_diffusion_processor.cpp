@@ -309,7 +309,10 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
       prompt_ = c.text;
       return {};
     case K::Negative:
-      stream_->update_prompt(prompt_, c.text);
+      if (stream_->prompt_list().size() == 1)
+        stream_->update_prompt(prompt_, c.text);
+      else
+        stream_->set_negative_prompt(c.text);  // keeps the prompt blend
       negative_prompt_ = c.text;
       return {};
     case K::Guidance:
@@ -320,6 +323,22 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
       return {};
     case K::Seed:
       stream_->set_seed(c.seed);
+      return {};
+    case K::PromptList:
+      stream_->set_prompt_list(c.prompts);  // only texts new to the stream are encoded, here
+      prompt_ = c.prompts.size() == 1 ? c.prompts[0].text : prompt_;
+      return {};
+    case K::SeedList:
+      stream_->set_seed_list(c.seeds);
+      return {};
+    case K::Transition:
+      stream_->set_transition(c.transition);
+      return {};
+    case K::PromptBlend:
+      stream_->set_prompt_blend(c.blend);
+      return {};
+    case K::LatentFeedback:
+      stream_->set_latent_feedback(c.number);
       return {};
     case K::TIndexList: {
       if (static_cast<int64_t>(c.t_index_list.size()) == stream_->denoising_steps()) {

@@ -30,6 +30,21 @@ size_t capacity(bool lossless, size_t lossless_capacity, bool before_model) {
 
 OverflowPolicy policy(bool lossless) { return lossless ? OverflowPolicy::Block : OverflowPolicy::DropOldest; }
 
+StageWatchdog::Options watchdog_options(const StreamOptions& o) {
+  StageWatchdog::Options w;
+  if (o.watchdog_factor != 0 && !(o.watchdog_factor >= 1))
+    throw InvalidArgument("watchdog factor " + std::to_string(o.watchdog_factor) + ": expected 0 (off) or >= 1");
+  if (!(o.watchdog_min_ms >= 0))
+    throw InvalidArgument("watchdog minimum " + std::to_string(o.watchdog_min_ms) + " ms: expected >= 0");
+  w.factor = o.watchdog_factor == 0 ? 1.0 : o.watchdog_factor;
+  w.min_ms = o.watchdog_min_ms;
+  if (o.watchdog_factor == 0)
+    w.log = [](const std::string&) {};
+  else
+    w.log = o.watchdog_log;
+  return w;
+}
+
 void default_status(const std::string& line) { std::fprintf(stderr, "[stream] %s\n", line.c_str()); }
 
 }  // namespace
@@ -67,7 +82,8 @@ StreamRuntime::StreamRuntime(std::unique_ptr<FrameSource> source, std::shared_pt
       q_model_(capacity(lossless_, options_.queue_capacity, true), policy(lossless_)),
       q_post_(capacity(lossless_, options_.queue_capacity, false), policy(lossless_)),
       q_sink_(capacity(lossless_, options_.queue_capacity, false), policy(lossless_)),
-      stats_(options_.warmup_outputs) {
+      stats_(options_.warmup_outputs),
+      watchdog_(watchdog_options(options_)) {
   if (!processor_) throw InvalidArgument("StreamRuntime: no frame processor");
   if (!sink_) throw InvalidArgument("StreamRuntime: no sink");
   if (source_->has_images() != processor_->takes_images())
@@ -238,6 +254,7 @@ void StreamRuntime::capture_loop() {
   int64_t n = 0;
   while (!stop_.load()) {
     if (options_.max_frames > 0 && n >= options_.max_frames) break;
+    StageWatchdog::Timer capture_timer(watchdog_, StageWatchdog::Capture, n);
     cv::Mat image;
     if (!source_->read(image, stop_)) break;
     if (stop_.load()) break;
@@ -246,6 +263,7 @@ void StreamRuntime::capture_loop() {
     Frame f;
     f.control = std::move(control);
     f.image_prompt = read_image_prompt(n);
+    capture_timer.finish();
     f.index = n++;
     f.t_capture = StreamClock::now();
     f.tick = !images;
@@ -284,7 +302,9 @@ void StreamRuntime::preprocess_loop() {
     ~CloseOnExit() { q.close(); }
   } closer{q_model_};
   while (auto f = q_capture_.pop()) {
+    StageWatchdog::Timer pre_timer(watchdog_, StageWatchdog::Preprocess, f->index);
     preprocess_frame(*f);
+    pre_timer.finish();
     if (!q_model_.push(std::move(*f))) break;
   }
 }
@@ -334,10 +354,12 @@ void StreamRuntime::model_loop() {
     ~CloseOnExit() { q.close(); }
   } closer{q_post_};
   while (auto f = q_model_.pop()) {
+    StageWatchdog::Timer model_timer(watchdog_, StageWatchdog::Model, f->index);
     apply_controls(f->index);
     stats_.on_model_frame();
     std::vector<Frame> outs = processor_->process(std::move(*f));
     stats_.set_skipped(processor_->skipped());
+    model_timer.finish();
     if (!push_outputs(outs)) return;
   }
   if (stop_.load() || q_model_.cancelled()) return;
@@ -349,6 +371,7 @@ void StreamRuntime::model_loop() {
   {
     std::lock_guard<std::mutex> lock(state_mutex_);
     left.swap(pending_);
+    controls_unapplied_ += static_cast<int64_t>(left.size());
   }
   for (auto& p : left)
     if (p.reply) p.reply("error: '" + p.command.line + "' not applied: the input has ended");
@@ -360,13 +383,18 @@ void StreamRuntime::apply_controls(int64_t frame_index) {
     std::lock_guard<std::mutex> lock(state_mutex_);
     todo.swap(pending_);
   }
-  while (next_scheduled_ < options_.scheduled.size() && options_.scheduled[next_scheduled_].frame <= frame_index)
+  while (next_scheduled_ < options_.scheduled.size() && options_.scheduled[next_scheduled_].frame <= frame_index) {
     todo.push_back({options_.scheduled[next_scheduled_++].command, {}});
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    ++controls_scheduled_;
+  }
   for (auto& p : todo) {
     try {
       std::vector<Frame> outs = processor_->apply(p.command);
       {
         std::lock_guard<std::mutex> lock(state_mutex_);
+        ++controls_applied_count_;
+        if (controls_applied_.size() >= kMaxControlsListed) controls_applied_.erase(controls_applied_.begin());
         controls_applied_.push_back({{"frame", frame_index}, {"command", p.command.line}});
       }
       log::info("control: '{}' applied before frame {}", p.command.line, frame_index);
@@ -374,6 +402,10 @@ void StreamRuntime::apply_controls(int64_t frame_index) {
       push_outputs(outs);
     } catch (const std::exception& e) {
       // A refused command changes nothing and does not stop the stream.
+      {
+        std::lock_guard<std::mutex> lock(state_mutex_);
+        ++controls_refused_;
+      }
       log::warn("control: '{}' refused: {}", p.command.line, e.what());
       if (p.reply) p.reply(std::string("error: ") + e.what());
     }
@@ -386,7 +418,9 @@ void StreamRuntime::postprocess_loop() {
     ~CloseOnExit() { q.close(); }
   } closer{q_sink_};
   while (auto f = q_post_.pop()) {
+    StageWatchdog::Timer post_timer(watchdog_, StageWatchdog::Postprocess, f->index);
     postprocess_frame(*f);
+    post_timer.finish();
     if (!q_sink_.push(std::move(*f))) break;
   }
 }
@@ -402,9 +436,13 @@ void StreamRuntime::postprocess_frame(Frame& f) {
 }
 
 void StreamRuntime::write_frame(const Frame& f) {
+  StageWatchdog::Timer sink_timer(watchdog_, StageWatchdog::Sink, f.index);
   sink_->write(f.image, stop_);
+  sink_timer.finish();
   if (stop_.load()) return;
-  stats_.on_output(f.t_capture, StreamClock::now());
+  const auto now = StreamClock::now();
+  watchdog_.on_output(now);
+  stats_.on_output(f.t_capture, now);
   if (options_.on_output) options_.on_output(f);
 }
 
@@ -426,8 +464,13 @@ void StreamRuntime::sink_loop() {
 
 // ---- control ---------------------------------------------------------------------------------------------------
 
-void StreamRuntime::post_control(ControlCommand command, Reply reply) {
+void StreamRuntime::post_control(ControlCommand command, Reply reply, bool coalesce) {
   using K = ControlCommand::Kind;
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    ++controls_posted_;
+    if (command.kind == K::Stats || command.kind == K::Quit || command.kind == K::Help) ++controls_answered_;
+  }
   switch (command.kind) {
     case K::Stats:
       if (reply) reply(stats_.peek());
@@ -443,7 +486,17 @@ void StreamRuntime::post_control(ControlCommand command, Reply reply) {
       break;
   }
   std::lock_guard<std::mutex> lock(state_mutex_);
-  pending_.push_back({std::move(command), std::move(reply)});
+  if (coalesce) {
+    // Last value wins: the older pending command of this kind goes (at most one exists, as each post removes it).
+    const std::string key = control_coalesce_key(command);
+    for (auto it = pending_.begin(); it != pending_.end(); ++it)
+      if (it->coalesce && control_coalesce_key(it->command) == key) {
+        pending_.erase(it);
+        ++controls_coalesced_;
+        break;
+      }
+  }
+  pending_.push_back({std::move(command), std::move(reply), coalesce});
 }
 
 // ---- run --------------------------------------------------------------------------------------------------------
@@ -457,6 +510,7 @@ void StreamRuntime::monitor_tick(StreamClock::time_point& next_status) {
     request_stop("interrupted by " + SignalGuard::name(SignalGuard::pending()));
   if (sink_->wants_stop()) request_stop("stopped from the output window");
   stats_.set_dropped(dropped_total());
+  watchdog_.poll(StreamClock::now());
   if (options_.status_interval_s > 0 && StreamClock::now() >= next_status) {
     options_.status(stats_.tick());
     const auto interval = std::chrono::duration_cast<StreamClock::duration>(
@@ -544,7 +598,9 @@ void StreamRuntime::run_synchronous() {
   emit_ = [this, &stage](std::vector<Frame>& outs) {
     for (auto& o : outs) {
       stage = "post-process";
+      StageWatchdog::Timer post_timer(watchdog_, StageWatchdog::Postprocess, o.index);
       postprocess_frame(o);
+      post_timer.finish();
       stage = "sink";
       write_frame(o);
       if (stop_.load()) return false;
@@ -560,6 +616,7 @@ void StreamRuntime::run_synchronous() {
       monitor_tick(next_status);
       if (stop_.load() || (options_.max_frames > 0 && n >= options_.max_frames)) break;
       stage = "capture";
+      StageWatchdog::Timer capture_timer(watchdog_, StageWatchdog::Capture, n);
       cv::Mat image;
       bool got = false;
       try {
@@ -586,18 +643,23 @@ void StreamRuntime::run_synchronous() {
         fail("capture", e.what());
         break;
       }
+      capture_timer.finish();
       f.index = n++;
       f.t_capture = StreamClock::now();
       f.tick = !images;
       if (images) f.image = std::move(image);
       stats_.on_captured();
       stage = "pre-process";
+      StageWatchdog::Timer pre_timer(watchdog_, StageWatchdog::Preprocess, f.index);
       preprocess_frame(f);
+      pre_timer.finish();
       stage = "model";
+      StageWatchdog::Timer model_timer(watchdog_, StageWatchdog::Model, f.index);
       apply_controls(f.index);
       stats_.on_model_frame();
       std::vector<Frame> outs = processor_->process(std::move(f));
       stats_.set_skipped(processor_->skipped());
+      model_timer.finish();
       if (!push_outputs(outs)) break;
     }
     if (!stop_.load()) {
@@ -632,6 +694,7 @@ nlohmann::json StreamRuntime::summary() const {
   j["sink"] = sink_name_;
   j["processor"] = processor_name_;
   j["latency_frames"] = processor_->latency_frames();
+  j["watchdog"] = watchdog_.summary();
   j["dropped_by_queue"] = {{"capture", q_capture_.dropped()},
                            {"model_input", q_model_.dropped()},
                            {"post_process", q_post_.dropped()},
@@ -640,6 +703,11 @@ nlohmann::json StreamRuntime::summary() const {
   j["stop_reason"] = stop_reason_;
   j["error"] = error_.empty() ? nlohmann::json(nullptr) : nlohmann::json(error_);
   j["controls"] = controls_applied_;
+  j["control_counts"] = {{"posted", controls_posted_},       {"scheduled", controls_scheduled_},
+                         {"answered", controls_answered_},
+                         {"coalesced", controls_coalesced_}, {"applied", controls_applied_count_},
+                         {"refused", controls_refused_},     {"unapplied", controls_unapplied_},
+                         {"pending", static_cast<int64_t>(pending_.size())}};
   return j;
 }
 

@@ -28,6 +28,9 @@
 // Live control: post_control() queues a command that the model thread applies before the next frame (a frame
 // boundary); `stats`, `quit` and `help` are answered at once. StreamOptions::scheduled applies commands at given input
 // frame indices (reproducible scripted changes).
+//
+// Watchdog: every stage's time per frame is tracked (stage_watchdog.h); a frame far slower than the stage's median is
+// logged with the stage it is in, while it is still there, and the longest gap between outputs is in the summary.
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -48,6 +51,7 @@
 #include "runtime/frame_sink.h"
 #include "runtime/frame_source.h"
 #include "runtime/runtime_stats.h"
+#include "runtime/stage_watchdog.h"
 
 namespace sd {
 
@@ -83,6 +87,11 @@ struct StreamOptions {
   // in parallel, and on a few cores OpenCV's spinning workers steal time from the model's OpenMP team (whose
   // barriers spin too), so 1 (no OpenCV workers) is the default. Restored when run() returns.
   int opencv_threads = 1;
+  // The watchdog (stage_watchdog.h): log a frame that a stage spends more than watchdog_factor × its median on (and
+  // more than watchdog_min_ms). 0 = no log lines (the timings are still in the summary).
+  double watchdog_factor = 10.0;
+  double watchdog_min_ms = 100.0;
+  std::function<void(const std::string&)> watchdog_log;  // default: log::warn
 };
 
 class StreamRuntime {
@@ -110,22 +119,30 @@ class StreamRuntime {
   // Thread-safe; the first reason is kept.
   void request_stop(const std::string& reason);
   // Thread-safe. `reply` (optional) receives "ok: ..." / "error: ..." once the command was applied or refused.
-  void post_control(ControlCommand command, Reply reply = {});
+  // coalesce: last value wins - a pending command of the same kind (control_coalesce_key) that was also posted with
+  // coalesce is dropped (counted as coalesced, not answered) and this one queued after the other pending ones, so a
+  // flood of fader values costs one apply per kind and frame (OSC channels).
+  void post_control(ControlCommand command, Reply reply = {}, bool coalesce = false);
 
   bool lossless() const { return lossless_; }
   StreamMode mode() const { return lossless_ ? StreamMode::Lossless : StreamMode::Live; }
   bool running() const { return running_.load(); }
   const RuntimeStats& stats() const { return stats_; }
+  const StageWatchdog& watchdog() const { return watchdog_; }
   std::string status_line() const { return stats_.peek(); }
   // RuntimeStats::summary() plus mode, source, control_source, image_prompt_source ({name, every, read, ended} or
-  // null), sink, processor, stop_reason, error, dropped per queue, controls applied ({frame, command}).
+  // null), sink, processor, stop_reason, error, dropped per queue, controls applied ({frame, command}; the latest
+  // kMaxControlsListed) and control_counts: posted + scheduled (--at) = answered (stats, quit, help) + coalesced +
+  // applied + refused + unapplied (arrived after the last frame) + pending.
   nlohmann::json summary() const;
 
  private:
   struct PendingControl {
     ControlCommand command;
     Reply reply;
+    bool coalesce = false;
   };
+  static constexpr size_t kMaxControlsListed = 1000;  // summary()'s list of applied commands stays bounded
 
   void capture_loop();
   void preprocess_loop();
@@ -171,6 +188,7 @@ class StreamRuntime {
 
   BoundedQueue<Frame> q_capture_, q_model_, q_post_, q_sink_;
   RuntimeStats stats_;
+  StageWatchdog watchdog_;
 
   std::atomic<bool> stop_{false};
   std::atomic<bool> running_{false};
@@ -186,6 +204,8 @@ class StreamRuntime {
   std::string error_;
   std::deque<PendingControl> pending_;
   nlohmann::json controls_applied_ = nlohmann::json::array();
+  int64_t controls_posted_ = 0, controls_scheduled_ = 0, controls_answered_ = 0, controls_coalesced_ = 0, controls_applied_count_ = 0,
+          controls_refused_ = 0, controls_unapplied_ = 0;
   size_t next_scheduled_ = 0;  // model thread only
 };
 

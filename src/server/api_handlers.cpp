@@ -13,6 +13,7 @@
 #include "models/ip_adapter.h"
 #include "pipeline/image.h"
 #include "runtime/control_preprocessor.h"
+#include "server/api_request.h"
 #include "server/image_codec.h"
 
 namespace sd::server {
@@ -44,69 +45,6 @@ class ApiJob : public ModelTask {
 
 std::string path_of(const std::string& target) { return target.substr(0, target.find('?')); }
 
-torch::Tensor mat_tensor(const cv::Mat& rgb) {
-  const cv::Mat m = rgb.isContinuous() ? rgb : rgb.clone();
-  return torch::from_blob(m.data, {m.rows, m.cols, 3}, torch::kUInt8).clone();
-}
-
-// The control image of each ControlNet for one request (empty where the scale is 0: skipped, needs none): the
-// static control_image, else the preprocessed input image; `feedback` has no previous output in a one-shot request,
-// so it gets what a stream's first frame gets (the input image, black in txt2img). Made here, on the network thread.
-std::vector<torch::Tensor> request_control_images(const StreamSettings& s, const cv::Mat& image, bool txt2img,
-                                                  int width, int height) {
-  std::vector<torch::Tensor> out(s.controlnets.size());
-  for (size_t i = 0; i < s.controlnets.size(); ++i) {
-    const ControlSetting& c = s.controlnets[i];
-    if (c.scale == 0) continue;
-    if (!s.control_image.empty()) {
-      out[i] = mat_tensor(s.control_image);
-      continue;
-    }
-    const auto pre = make_control_preprocessor(c.preprocessor);
-    if (pre->feedback()) {
-      out[i] = txt2img ? torch::zeros({height, width, 3}, torch::kUInt8) : mat_tensor(image);
-    } else if (txt2img) {
-      throw InvalidArgument("controlnets[" + std::to_string(i) + "] (preprocessor " + c.preprocessor +
-                            ") has no input image to preprocess: give 'control_image' (base64 JPEG/PNG), or set "
-                            "controlnets[" + std::to_string(i) + "].scale to 0");
-    } else {
-      out[i] = pre->apply(mat_tensor(image)).contiguous();
-    }
-  }
-  return out;
-}
-
-// The output size of one request: "width" / "height" (each optional: the server's size), positive multiples of
-// `step` (what the stream needs: 8 and the VAE's scale factor) up to the server's --max-size. InvalidArgument naming
-// the field and what it expects.
-std::pair<int64_t, int64_t> request_size(const nlohmann::json& j, const StreamDefaults& d, int64_t step) {
-  const int64_t max_w = d.max_width > 0 ? d.max_width : d.img2img.width;
-  const int64_t max_h = d.max_height > 0 ? d.max_height : d.img2img.height;
-  auto side = [&](const char* key, int64_t fallback, int64_t max) {
-    if (!j.contains(key)) return fallback;
-    const auto& v = j.at(key);
-    const int64_t hi = max / step * step;
-    const std::string expected = "expected an integer multiple of " + std::to_string(step) + " in [" +
-                                 std::to_string(step) + ", " + std::to_string(hi) + "] (the server's --max-size is " +
-                                 std::to_string(max_w) + "x" + std::to_string(max_h) + ")";
-    const bool integral =
-        v.is_number_integer() || (v.is_number_float() && std::isfinite(v.get<double>()) &&
-                                  std::floor(v.get<double>()) == v.get<double>() && std::abs(v.get<double>()) < 1e9);
-    if (!integral) throw InvalidArgument(std::string("field '") + key + "': " + expected + ", got " + v.dump());
-    int64_t x = 0;
-    if (v.is_number_unsigned())
-      x = static_cast<int64_t>(std::min<uint64_t>(v.get<uint64_t>(), static_cast<uint64_t>(INT64_MAX)));
-    else if (v.is_number_integer())
-      x = v.get<int64_t>();
-    else
-      x = static_cast<int64_t>(v.get<double>());  // integral and small, checked above
-    if (x < step || x > max || x % step != 0)
-      throw InvalidArgument(std::string("field '") + key + "': " + expected + ", got " + v.dump());
-    return x;
-  };
-  return {side("width", d.img2img.width, max_w), side("height", d.img2img.height, max_h)};
-}
-
 // Everything of a stream config an API stream is built with, but the seed (set per request without a rebuild).
 bool same_but_seed(const StreamConfig& a, const StreamConfig& b) {
   return a.t_index_list == b.t_index_list && a.num_inference_steps == b.num_inference_steps &&
@@ -115,7 +53,8 @@ bool same_but_seed(const StreamConfig& a, const StreamConfig& b) {
          a.do_add_noise == b.do_add_noise && a.width == b.width && a.height == b.height &&
          a.similarity_filter.enabled == b.similarity_filter.enabled &&
          a.original_frame_layout == b.original_frame_layout && a.deep_cache_every == b.deep_cache_every &&
-         a.deep_cache_min_similarity == b.deep_cache_min_similarity;
+         a.deep_cache_min_similarity == b.deep_cache_min_similarity && a.prompt_blend == b.prompt_blend &&
+         a.latent_feedback == b.latent_feedback && a.transition == b.transition;
 }
 
 }  // namespace
@@ -128,7 +67,10 @@ StreamDiffusion& ApiHandlers::stream_for(const StreamConfig& cfg, bool txt2img) 
   if (it != streams_.end() && same_but_seed(it->stream->config(), cfg)) {
     streams_reused_.fetch_add(1);
     streams_.splice(streams_.begin(), streams_, it);  // most recently used first
-    streams_.front().stream->set_seed(cfg.seed);
+    if (cfg.seed_list.empty())
+      streams_.front().stream->set_seed(cfg.seed);
+    else
+      streams_.front().stream->set_seed_list(cfg.seed_list);
     return *streams_.front().stream;
   }
   if (it != streams_.end()) streams_.erase(it);  // same size, other settings: replaced
@@ -203,36 +145,17 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
     return done(ApiResponse::error(415, what + ": expected Content-Type: application/json, got '" +
                                             req.content_type + "'"));
   }
-  StreamSettings settings;
-  cv::Mat image;
-  std::vector<torch::Tensor> control;
-  StreamDefaults defaults = defaults_;  // at this request's size
+  ApiBody parsed;
   try {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(req.body);
-    } catch (const nlohmann::json::parse_error& e) {
-      throw InvalidArgument(std::string("bad JSON: ") + e.what());
-    }
-    if (!j.is_object()) throw InvalidArgument("expected a JSON object, got " + std::string(j.type_name()));
-    const auto [width, height] = request_size(j, defaults_, size_step());
-    defaults.img2img.width = defaults.txt2img.width = width;
-    defaults.img2img.height = defaults.txt2img.height = height;
-    std::set<std::string> skip{"width", "height"};
-    if (!txt2img) skip.insert("image");
-    settings = apply_settings_json(j, StreamSettings::defaults(defaults, txt2img), defaults, skip, false);
-    if (!txt2img) {
-      if (!j.contains("image") || !j["image"].is_string())
-        throw InvalidArgument("field 'image': expected a base64 JPEG or PNG string");
-      const std::string bytes = base64_decode(j["image"].get_ref<const std::string&>(), "field 'image'");
-      image = fit_image(decode_image(bytes, true, "field 'image'"), static_cast<int>(width), static_cast<int>(height));
-      if (!image.isContinuous()) image = image.clone();
-    }
-    control = request_control_images(settings, image, txt2img, static_cast<int>(width), static_cast<int>(height));
+    parsed = parse_api_body(txt2img, req.body, defaults_, size_step());
   } catch (const std::exception& e) {  // sd::Error mostly; anything else must not escape into the network thread
     errors_.fetch_add(1);
     return done(ApiResponse::error(400, what + ": " + e.what()));
   }
+  const StreamDefaults& defaults = parsed.defaults;
+  const StreamSettings& settings = parsed.settings;
+  const cv::Mat& image = parsed.image;
+  const std::vector<torch::Tensor>& control = parsed.control;
 
   if (pending_->fetch_add(1) >= max_pending_) {
     pending_->fetch_sub(1);
@@ -264,9 +187,10 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
       StreamConfig cfg = settings.config(defaults);
       cfg.use_denoising_batch = false;  // all steps in one call: the first output is the final image
       cfg.similarity_filter.enabled = false;
+      cfg.transition = sd::Transition{};  // one image per request: nothing to morph
       StreamDiffusion& stream = stream_for(cfg, txt2img);
       if (stream.has_image_prompt()) stream.clear_image_prompt();  // a kept stream: the last request's
-      stream.prepare(settings.prompt, settings.negative_prompt);
+      stream.prepare(settings.prompts(), settings.negative_prompt);
       if (!defaults.controlnets.empty()) {
         std::vector<ControlNetUnit> units = defaults.controlnets;  // the shared nets, this request's scales
         for (size_t i = 0; i < units.size() && i < settings.controlnets.size(); ++i)

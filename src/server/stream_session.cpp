@@ -156,7 +156,7 @@ void StreamSession::apply_settings(const StreamSettings& want) {
     models_->set_ip_adapter_scale(*want.ip_adapter_scale);
   if (!stream_ || want.txt2img != applied_.txt2img) {
     auto s = std::make_unique<StreamDiffusion>(models_, want.config(defaults_));
-    s->prepare(want.prompt, want.negative_prompt);
+    s->prepare(want.prompts(), want.negative_prompt);
     if (!defaults_.controlnets.empty()) {
       std::vector<ControlNetUnit> units = defaults_.controlnets;  // the shared nets, this client's scales
       for (size_t i = 0; i < units.size() && i < want.controlnets.size(); ++i)
@@ -172,9 +172,30 @@ void StreamSession::apply_settings(const StreamSettings& want) {
     applied_.ip_adapter_scale.reset();
     return;
   }
-  if (want.prompt != applied_.prompt || want.negative_prompt != applied_.negative_prompt) {
+  // The transition and blend method first: they shape the prompt / seed changes of the same message.
+  if (!(want.transition == applied_.transition)) {
+    stream_->set_transition(want.transition);
+    applied_.transition = want.transition;
+  }
+  if (want.prompt_blend != applied_.prompt_blend) {
+    stream_->set_prompt_blend(want.prompt_blend);
+    applied_.prompt_blend = want.prompt_blend;
+  }
+  if (want.latent_feedback != applied_.latent_feedback) {
+    stream_->set_latent_feedback(want.txt2img ? 0.0 : want.latent_feedback);
+    applied_.latent_feedback = want.latent_feedback;
+  }
+  if (!want.prompt_list.empty()) {
+    if (want.negative_prompt != applied_.negative_prompt) stream_->set_negative_prompt(want.negative_prompt);
+    if (want.prompt_list != applied_.prompt_list) stream_->set_prompt_list(want.prompt_list);  // new texts encoded
+    applied_.prompt = want.prompt;
+    applied_.prompt_list = want.prompt_list;
+    applied_.negative_prompt = want.negative_prompt;
+  } else if (want.prompt != applied_.prompt || want.negative_prompt != applied_.negative_prompt ||
+             !applied_.prompt_list.empty()) {
     stream_->update_prompt(want.prompt, want.negative_prompt);
     applied_.prompt = want.prompt;
+    applied_.prompt_list.clear();
     applied_.negative_prompt = want.negative_prompt;
   }
   if (want.guidance != applied_.guidance) {
@@ -189,9 +210,14 @@ void StreamSession::apply_settings(const StreamSettings& want) {
     stream_->set_t_index_list(want.t_index_list);
     applied_.t_index_list = want.t_index_list;
   }
-  if (want.seed != applied_.seed) {
+  if (!want.seed_list.empty()) {
+    if (want.seed_list != applied_.seed_list) stream_->set_seed_list(want.seed_list);
+    applied_.seed = want.seed;
+    applied_.seed_list = want.seed_list;
+  } else if (want.seed != applied_.seed || !applied_.seed_list.empty()) {
     stream_->set_seed(want.seed);
     applied_.seed = want.seed;
+    applied_.seed_list.clear();
   }
   if (want.similarity_filter != applied_.similarity_filter) {
     stream_->set_similarity_filter(want.config(defaults_).similarity_filter);

@@ -99,7 +99,72 @@ std::vector<ControlSetting> parse_controlnets(const nlohmann::json& v, std::vect
   return out;
 }
 
+std::vector<WeightedPrompt> parse_prompt_list_field(const nlohmann::json& v) {
+  const std::string key = "prompt_list";
+  std::vector<WeightedPrompt> out;
+  if (v.is_null()) return out;
+  if (!v.is_array() || v.size() > kMaxBlendEntries)
+    throw InvalidArgument("field 'prompt_list': expected an array of at most " + std::to_string(kMaxBlendEntries) +
+                          " [text, weight] pairs, got " + v.dump().substr(0, 200));
+  for (size_t i = 0; i < v.size(); ++i) {
+    const auto& e = v[i];
+    const std::string at = key + "[" + std::to_string(i) + "]";
+    if (e.is_array() && e.size() == 2)
+      out.push_back({text(e[0], at + "[0]"), number_in(e[1], at + "[1]", 0, 100)});
+    else if (e.is_object() && e.contains("text") && e.size() <= 2 && (e.size() == 1 || e.contains("weight")))
+      out.push_back({text(e["text"], at + ".text"), e.contains("weight") ? number_in(e["weight"], at + ".weight", 0, 100)
+                                                                           : 1.0});
+    else
+      throw InvalidArgument("field '" + at + "': expected [text, weight] or {\"text\": ..., \"weight\": ...}, got " +
+                            e.dump().substr(0, 200));
+  }
+  if (!out.empty()) check_prompt_list(out, "field 'prompt_list'");
+  return out;
+}
+
+std::vector<WeightedSeed> parse_seed_list_field(const nlohmann::json& v) {
+  std::vector<WeightedSeed> out;
+  if (v.is_null()) return out;
+  if (!v.is_array() || v.size() > kMaxBlendEntries)
+    throw InvalidArgument("field 'seed_list': expected an array of at most " + std::to_string(kMaxBlendEntries) +
+                          " [seed, weight] pairs, got " + v.dump().substr(0, 200));
+  for (size_t i = 0; i < v.size(); ++i) {
+    const auto& e = v[i];
+    const std::string at = "seed_list[" + std::to_string(i) + "]";
+    if (!e.is_array() || e.size() != 2)
+      throw InvalidArgument("field '" + at + "': expected [seed, weight], got " + e.dump().substr(0, 200));
+    out.push_back({static_cast<uint64_t>(integer_in(e[0], at + "[0]", 0, int64_t{1} << 53)),
+                   number_in(e[1], at + "[1]", 0, 100)});
+  }
+  if (!out.empty()) check_seed_list(out, "field 'seed_list'");
+  return out;
+}
+
+Transition parse_transition_field(const nlohmann::json& v) {
+  Transition t;
+  if (v.is_number()) {
+    t.seconds = number_in(v, "transition", 0, 60);
+    return t;
+  }
+  if (!v.is_string())
+    throw InvalidArgument("field 'transition': expected seconds (a number in [0, 60]) or a string \"2.5s\" / "
+                          "\"30f\", got " + v.dump());
+  try {
+    t = parse_transition(v.get<std::string>());
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(std::string("field 'transition': ") + e.what());
+  }
+  if (t.seconds > 60 || t.frames > 3600)
+    throw InvalidArgument("field 'transition': " + v.dump() + " is out of range (at most 60 s or 3600 frames)");
+  return t;
+}
+
 }  // namespace
+
+std::vector<WeightedPrompt> StreamSettings::prompts() const {
+  if (!prompt_list.empty()) return prompt_list;
+  return {{prompt, 1.0}};
+}
 
 StreamSettings StreamSettings::defaults(const StreamDefaults& d, bool txt2img) {
   const StreamConfig& c = txt2img ? d.txt2img : d.img2img;
@@ -116,6 +181,11 @@ StreamSettings StreamSettings::defaults(const StreamDefaults& d, bool txt2img) {
     s.controlnets.push_back({d.controlnets[i].scale,
                              i < d.control_preprocessors.size() ? d.control_preprocessors[i] : "canny"});
   s.image_prompt = d.image_prompt;
+  s.prompt_list = d.prompt_list;
+  s.seed_list = c.seed_list;
+  s.transition = c.transition;
+  s.prompt_blend = c.prompt_blend;
+  s.latent_feedback = txt2img ? 0.0 : c.latent_feedback;
   return s;
 }
 
@@ -128,6 +198,10 @@ StreamConfig StreamSettings::config(const StreamDefaults& d) const {
   c.similarity_filter.enabled = !txt2img && similarity_filter > 0;
   if (c.similarity_filter.enabled) c.similarity_filter.threshold = similarity_filter;
   c.similarity_filter.sleep_on_skip = false;  // the server paces nothing: a skip is answered at once
+  c.seed_list = seed_list;
+  c.transition = transition;
+  c.prompt_blend = prompt_blend;
+  c.latent_feedback = txt2img ? 0.0 : latent_feedback;
   return c;
 }
 
@@ -140,7 +214,15 @@ nlohmann::json StreamSettings::to_json() const {
                       {"t_index_list", t_index_list},
                       {"seed", seed},
                       {"similarity_filter", similarity_filter},
-                      {"has_image_prompt", !image_prompt.empty()}};
+                      {"has_image_prompt", !image_prompt.empty()},
+                      {"transition", transition_str(transition)},
+                      {"prompt_blend", blend_method_name(prompt_blend)},
+                      {"latent_feedback", latent_feedback}};
+  nlohmann::json pl = nlohmann::json::array(), sl = nlohmann::json::array();
+  for (const auto& p : prompt_list) pl.push_back({p.text, p.weight});
+  for (const auto& e : seed_list) sl.push_back({e.seed, e.weight});
+  j["prompt_list"] = pl;
+  j["seed_list"] = sl;
   if (!controlnets.empty()) {
     nlohmann::json cn = nlohmann::json::array();
     for (const auto& c : controlnets) cn.push_back({{"scale", c.scale}, {"preprocessor", c.preprocessor}});
@@ -154,7 +236,9 @@ bool StreamSettings::operator==(const StreamSettings& o) const {
   return txt2img == o.txt2img && prompt == o.prompt && negative_prompt == o.negative_prompt &&
          guidance == o.guidance && delta == o.delta && t_index_list == o.t_index_list && seed == o.seed &&
          similarity_filter == o.similarity_filter && controlnets == o.controlnets &&
-         control_image.data == o.control_image.data && image_prompt.data == o.image_prompt.data;
+         control_image.data == o.control_image.data && image_prompt.data == o.image_prompt.data &&
+         prompt_list == o.prompt_list && seed_list == o.seed_list && transition == o.transition &&
+         prompt_blend == o.prompt_blend && latent_feedback == o.latent_feedback;
 }
 
 StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings& s0, const StreamDefaults& d,
@@ -181,6 +265,7 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
     if (skip.count(key) || key == "mode") continue;
     if (key == "prompt") {
       s.prompt = text(v, key);
+      if (!j.contains("prompt_list")) s.prompt_list.clear();  // a plain prompt replaces the blend
     } else if (key == "negative_prompt") {
       s.negative_prompt = text(v, key);
     } else if (key == "guidance") {
@@ -189,6 +274,19 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
       s.delta = number_in(v, key, 0, 10);
     } else if (key == "seed") {
       s.seed = static_cast<uint64_t>(integer_in(v, key, 0, int64_t{1} << 53));
+      if (!j.contains("seed_list")) s.seed_list.clear();  // a plain seed replaces the blend
+    } else if (key == "prompt_list") {
+      s.prompt_list = parse_prompt_list_field(v);
+    } else if (key == "seed_list") {
+      s.seed_list = parse_seed_list_field(v);
+    } else if (key == "transition") {
+      s.transition = parse_transition_field(v);
+    } else if (key == "prompt_blend") {
+      if (!v.is_string() || (v != "linear" && v != "slerp"))
+        throw InvalidArgument("field 'prompt_blend': expected \"linear\" or \"slerp\", got " + v.dump());
+      s.prompt_blend = parse_blend_method(v.get<std::string>());
+    } else if (key == "latent_feedback") {
+      s.latent_feedback = number_in(v, key, 0, 1);
     } else if (key == "similarity_filter") {
       const double x = number_in(v, key, 0, 1, true);
       if (x > 0 && s.txt2img) throw InvalidArgument("field 'similarity_filter': needs input images (img2img mode)");
@@ -233,7 +331,8 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
       s.ip_adapter_scale = number_in(v, key, 0, 2);
     } else {
       throw InvalidArgument("unknown field '" + key + "' (expected " + (allow_mode ? "mode, " : "") +
-                            "prompt, negative_prompt, guidance, delta, t_index_list, steps, seed, similarity_filter" +
+                            "prompt, negative_prompt, guidance, delta, t_index_list, steps, seed, similarity_filter, prompt_list, "
+                            "seed_list, transition, prompt_blend, latent_feedback" +
                             (d.lora_names.empty() ? "" : ", lora") +
                             (d.controlnets.empty() ? "" : ", controlnets, control_image") +
                             (d.ip_adapter ? ", image_prompt, ip_adapter_scale" : "") +

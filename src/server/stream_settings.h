@@ -29,6 +29,17 @@
 //                     image prompt (null = none: the unconditional image). Per client.
 //   ip_adapter_scale  number in [0, 2] (servers with --ip-adapter). SERVER-WIDE like lora: the weight of the image
 //                     attention of the one loaded model, a request applied once by the model thread.
+//   prompt_list       array of 1..16 [text, weight] pairs (or {"text", "weight"} objects), texts as prompt, weights
+//                     in [0, 100] (normalised; at least one > 0): a prompt blend used instead of prompt; [] or null =
+//                     back to prompt. Sending prompt clears it. Only new texts are encoded.
+//   seed_list         array of 1..16 [seed, weight] pairs, seeds as seed, weights in [0, 100]: the init noise is the
+//                     variance-preserving blend of the seeds' noise, instead of seed; [] or null = back to seed.
+//                     Sending seed clears it.
+//   transition        how prompt / prompt_list / seed / seed_list changes morph: a number of seconds in [0, 60], or a
+//                     string "2.5s" / "30f" (frames, at most 3600); 0 = at once. Applied before the other fields of
+//                     the same message.
+//   prompt_blend      "linear" | "slerp"
+//   latent_feedback   number in [0, 1]: img2img input latent = (1 - a)·encoded frame + a·previous output latent
 // Any other field -> InvalidArgument naming it (nothing of the message is applied).
 #include <cstdint>
 #include <map>
@@ -49,6 +60,7 @@ struct StreamDefaults {
   StreamConfig img2img;  // base configs: size, cfg type, num_inference_steps, frame buffer, default t_index_list, ...
   StreamConfig txt2img;
   std::string prompt, negative_prompt;
+  std::vector<WeightedPrompt> prompt_list;  // --prompt-list (empty = prompt)
   bool txt2img_mode = false;  // mode of a new WebSocket client
   int64_t start_index = 32;   // first index of `steps` for img2img
   int64_t native_width = 0, native_height = 0;  // the model's native size (0 = unknown), told to the page
@@ -86,6 +98,14 @@ struct StreamSettings {
   cv::Mat control_image, image_prompt;
   // Requested IP-Adapter scale (server-wide like lora; consumed by the model thread, not in to_json()).
   std::optional<double> ip_adapter_scale;
+  // Live performance controls (pipeline/prompt_blend.h); empty lists = prompt / seed alone.
+  std::vector<WeightedPrompt> prompt_list;
+  std::vector<WeightedSeed> seed_list;
+  Transition transition;
+  BlendMethod prompt_blend = BlendMethod::Linear;
+  double latent_feedback = 0;
+  // The prompts the stream conditions on: prompt_list, else {{prompt, 1}}.
+  std::vector<WeightedPrompt> prompts() const;
 
   static StreamSettings defaults(const StreamDefaults& d, bool txt2img);
   // The base config of the mode with these settings applied.

@@ -12,6 +12,7 @@
 #include "pipeline/controlnet.h"
 #include "runtime/control_preprocessor.h"
 #include "runtime/runtime_stats.h"
+#include "server/client_message.h"
 #include "server/image_codec.h"
 
 namespace beast = boost::beast;
@@ -178,36 +179,20 @@ void WebSocketSession::on_read(beast::error_code ec, std::size_t) {
 }
 
 void WebSocketSession::handle_text(const std::string& text) {
-  nlohmann::json j;
   try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    stream_->count_error();
-    send_json({{"type", "error"}, {"message", std::string("bad JSON: ") + e.what()}});
-    return;
-  }
-  try {
-    if (!j.is_object() || !j.contains("type") || !j["type"].is_string())
-      throw InvalidArgument("expected a JSON object with a string field 'type' (config | generate | stats | ping)");
-    const std::string type = j["type"];
-    if (type == "config") {
-      stream_->update_settings(j);
-    } else if (type == "generate" || type == "stats" || type == "ping") {
-      if (j.size() != 1) {
-        for (const auto& [k, v] : j.items())
-          if (k != "type") throw InvalidArgument("unknown field '" + k + "' in a '" + type + "' message");
-      }
-      if (type == "generate") stream_->request_generate();
-      if (type == "stats") {
-        nlohmann::json s = stream_->stats();
-        s["type"] = "stats";
-        s["worker_queue"] = ctx_->worker.stats()["queued"];
-        s["streams"] = ctx_->active_streams.load();
-        send_json(s);
-      }
-      if (type == "ping") send_json({{"type", "pong"}});
-    } else {
-      throw InvalidArgument("unknown message type '" + type + "' (expected config | generate | stats | ping)");
+    const ClientMessage m = parse_client_message(text);
+    if (m.type == "config") {
+      stream_->update_settings(m.body);
+    } else if (m.type == "generate") {
+      stream_->request_generate();
+    } else if (m.type == "stats") {
+      nlohmann::json s = stream_->stats();
+      s["type"] = "stats";
+      s["worker_queue"] = ctx_->worker.stats()["queued"];
+      s["streams"] = ctx_->active_streams.load();
+      send_json(s);
+    } else if (m.type == "ping") {
+      send_json({{"type", "pong"}});
     }
   } catch (const std::exception& e) {  // an exception escaping a handler would end io_context::run (terminate)
     stream_->count_error();

@@ -34,6 +34,12 @@ c10::ScalarType test_dtype() {
   }
 }
 
+double time_scale() {
+  const char* v = std::getenv("SD_TEST_TIME_SCALE");
+  const double s = v ? std::atof(v) : 1.0;
+  return s >= 1.0 ? s : 1.0;
+}
+
 std::string fixture_path(const std::string& rel) { return (fs::path(fixtures_root()) / rel).string(); }
 
 bool fixture_exists(const std::string& rel) {

@@ -41,6 +41,11 @@ std::string test_name(std::string s);
 c10::Device test_device();
 c10::ScalarType test_dtype();
 
+// Multiplier for the tests' wall-clock bounds (a stop within a second, a frame every few seconds): $SD_TEST_TIME_SCALE
+// (>= 1, default 1). SD_SANITIZE builds set it on every test (the instrumented code runs several times slower); the
+// numeric tolerances of results never scale.
+double time_scale();
+
 // A unique scratch directory under the build tree's temp space (removed by the caller if wanted).
 std::string make_temp_dir(const std::string& prefix);
 

@@ -48,7 +48,8 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
   const std::string json = dir_ + "/bench.json";
   std::string args = "bench --model '" + model_ +
                      "' --sizes 64 --dtypes fp32,bf16 --sections all --iters 1 --warmup 1 --frames 2 "
-                     "--naive-iters 1 --filter-frames 6 --threads 1 --ablation-t-index 0,16 --json '" + json + "'";
+                     "--naive-iters 1 --filter-frames 6 --flicker-frames 3 --threads 1 --ablation-t-index 0,16 --json '" + json +
+                     "'";
 #ifdef SD_TEST_HAVE_OPENCV
   const std::string png = dir_ + "/bench.png";
   args += " --chart '" + png + "'";
@@ -64,7 +65,7 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
   EXPECT_EQ(j["schema"], "streamdiffusion-bench/1");
   EXPECT_EQ(j["device"], "cpu");
   EXPECT_EQ(j["threads"], 1);
-  EXPECT_EQ(j["sections"].size(), 7u);
+  EXPECT_EQ(j["sections"].size(), 8u);
   // The run measures its own GEMM ceiling per requested dtype next to the stated ones, and names the CPU's SIMD.
   for (const std::string d : {"fp32", "bf16"}) {
     ASSERT_TRUE(j["ceilings_gflops"].contains("measured_" + d)) << d;
@@ -105,7 +106,7 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
       EXPECT_GT(parts, 0.0);
     }
   }
-  for (const std::string s : {"components", "e2e", "ablation", "batch", "cfg", "vae", "filter"})
+  for (const std::string s : {"components", "e2e", "ablation", "batch", "cfg", "vae", "filter", "flicker"})
     EXPECT_EQ(sections.count(s), 1u) << "no result in section " << s;
   for (const std::string id : {"text_encode/fp32", "unet/bf16/64/b1", "taesd_decode/fp32/64", "vae_decode/bf16/64",
                                "vae_encode/fp32/64", "taesd_encode/bf16/64"})
@@ -192,6 +193,36 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
   EXPECT_EQ(filters, 2);  // fp32 and bf16
 }
 
+// The latent-feedback flicker figure (README "Latent feedback"): the same noisy static scene through a stream without
+// and one with --latent-feedback A; the outputs change less from frame to frame with it.
+TEST_F(CliBench, FlickerSectionMeasuresLatentFeedback) {
+  const std::string json = dir_ + "/flicker.json";
+  const RunResult r = run("bench --model '" + model_ + "' --sections flicker --sizes 64 --dtypes fp32 --threads 1 " +
+                          "--latent-feedback 0.5 --flicker-frames 8 --json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("% less than without"), std::string::npos) << r.output;
+  const nlohmann::json j = read_json(json);
+  std::map<double, nlohmann::json> by_a;
+  for (const auto& x : j["results"]) {
+    ASSERT_EQ(x["section"], "flicker");
+    by_a[x["extra"]["latent_feedback"].get<double>()] = x["extra"];
+  }
+  ASSERT_EQ(by_a.size(), 2u);
+  const auto& off = by_a.at(0.0);
+  const auto& on = by_a.at(0.5);
+  EXPECT_EQ(off["frames"], 8);
+  const double input = off["input_flicker_levels"], f_off = off["flicker_levels"], f_on = on["flicker_levels"];
+  std::cout << "  flicker: input " << input << ", without " << f_off << ", with A=0.5 " << f_on << " levels/frame\n";
+  EXPECT_GT(input, 1.0);  // the sensor noise is there (std 0.04 of [-1, 1] = 5 levels)
+  EXPECT_GT(f_off, 0.0);
+  EXPECT_LT(f_on, f_off);
+  EXPECT_NEAR(on["reduction_pct"].get<double>(), 100.0 * (1 - f_on / f_off), 1e-9);
+  EXPECT_EQ(on["flicker_without_levels"].get<double>(), f_off);
+  // bad values are refused
+  EXPECT_NE(run("bench --model '" + model_ + "' --sections flicker --latent-feedback 0").status, 0);
+  EXPECT_NE(run("bench --model '" + model_ + "' --sections flicker --flicker-frames 1").status, 0);
+}
+
 TEST_F(CliBench, RejectsUnknownSectionsAndBadOptions) {
   RunResult r = run("bench --model '" + model_ + "' --sections components,warp");
   EXPECT_NE(r.status, 0);
@@ -243,13 +274,13 @@ TEST_F(CliBench, TaesdOnlyModel) {
   ASSERT_TRUE(fs::exists(m + "/vae/config.json"));
   const std::string json = dir_ + "/taesd-only.json";
   RunResult r = run("bench --model '" + m + "' --sizes 64 --dtypes fp32 --iters 1 --warmup 0 --frames 2 " +
-                    "--filter-frames 3 --threads 1 --json '" + json + "'");
+                    "--filter-frames 3 --flicker-frames 2 --threads 1 --json '" + json + "'");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("sections vae and ablation left out"), std::string::npos) << r.output;
   const nlohmann::json j = read_json(json);
   std::set<std::string> sections;
   for (const auto& x : j["results"]) sections.insert(x["section"].get<std::string>());
-  EXPECT_EQ(sections, (std::set<std::string>{"components", "e2e", "batch", "cfg", "filter"}));
+  EXPECT_EQ(sections, (std::set<std::string>{"components", "e2e", "batch", "cfg", "filter", "flicker"}));
 
   r = run("bench --model '" + m + "' --sections vae --sizes 64 --dtypes fp32");
   EXPECT_NE(r.status, 0);

@@ -77,6 +77,8 @@ class StubProcessor : public FrameProcessor {
   std::chrono::milliseconds delay{0};
   int64_t throw_at = -1;
   bool invert = false;
+  int64_t slow_at = -1;  // this frame takes slow_delay instead of delay (a stall)
+  std::chrono::milliseconds slow_delay{0};
 
   int64_t width() const override { return width_; }
   int64_t height() const override { return height_; }
@@ -84,7 +86,10 @@ class StubProcessor : public FrameProcessor {
 
   std::vector<Frame> process(Frame in) override {
     if (in.index == throw_at) throw InvalidArgument("stub model failure at frame " + std::to_string(in.index));
-    if (delay.count() > 0) std::this_thread::sleep_for(delay);
+    if (in.index == slow_at)
+      std::this_thread::sleep_for(slow_delay);
+    else if (delay.count() > 0)
+      std::this_thread::sleep_for(delay);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       processed_.push_back(in.index);

@@ -167,7 +167,7 @@ TEST(StreamRuntime, SigintMidStreamStopsWithinASecond) {
   killer.join();
   const double stop_s = (returned - raised_at_ns.load()) / 1e9;
   std::cout << "  stopped " << stop_s * 1000 << " ms after SIGINT, " << mem->frames.size() << " frames written\n";
-  EXPECT_LT(stop_s, 1.0);
+  EXPECT_LT(stop_s, 1.0 * test::time_scale());
   EXPECT_GT(mem->frames.size(), 0u);
   EXPECT_TRUE(mem->closed) << "the sink is closed on the way out";
   EXPECT_EQ(rt.summary()["stop_reason"], "interrupted by SIGINT");
@@ -190,7 +190,7 @@ TEST(StreamRuntime, SigintStopsALosslessStreamBlockedOnASlowSink) {
   rt.run();
   killer.join();
   const double total = std::chrono::duration<double>(StreamClock::now() - t0).count();
-  EXPECT_LT(total, 1.3);
+  EXPECT_LT(total, 1.3 * test::time_scale());
   EXPECT_EQ(rt.summary()["stop_reason"], "interrupted by SIGTERM");
 }
 
@@ -530,7 +530,7 @@ TEST(StreamRuntime, SynchronousModeIsTheSameStreamOnOneThread) {
   const auto t0 = StreamClock::now();
   live.run();
   killer.join();
-  EXPECT_LT(std::chrono::duration<double>(StreamClock::now() - t0).count(), 1.2);
+  EXPECT_LT(std::chrono::duration<double>(StreamClock::now() - t0).count(), 1.2 * test::time_scale());
   EXPECT_EQ(live.summary()["stop_reason"], "interrupted by SIGINT");
 }
 

@@ -15,6 +15,7 @@
 #include <opencv2/core.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "common/fixtures.h"
 #include "server/image_codec.h"
 #include "server/stream_settings.h"
 
@@ -133,7 +134,14 @@ class WsClient {
     return !ec;
   }
 
-  Message read(std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+  // Every wait below is scaled by sd::test::time_scale() (sanitizer builds).
+  static std::chrono::milliseconds scaled(std::chrono::milliseconds timeout) {
+    return std::chrono::milliseconds(static_cast<int64_t>(timeout.count() * sd::test::time_scale()));
+  }
+
+  Message read(std::chrono::milliseconds timeout = std::chrono::seconds(60)) { return read_for(scaled(timeout)); }
+
+  Message read_for(std::chrono::milliseconds timeout) {
     Message m;
     if (dead_) {
       m.closed = true;
@@ -173,11 +181,11 @@ class WsClient {
   // Reads until a binary message (skipping text messages, which go to `texts`); nullopt on close / timeout.
   std::optional<std::string> read_frame(std::vector<nlohmann::json>* texts = nullptr,
                                         std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    const auto deadline = std::chrono::steady_clock::now() + scaled(timeout);
     for (;;) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) return std::nullopt;
-      Message m = read(left);
+      Message m = read_for(left);
       if (!m.ok) return std::nullopt;
       if (m.binary) return m.data;
       if (texts) texts->push_back(m.json());
@@ -187,11 +195,11 @@ class WsClient {
   // Reads until a text message of `type` (binary frames are counted in `frames`).
   std::optional<nlohmann::json> read_type(const std::string& type, std::chrono::milliseconds timeout = std::chrono::seconds(60),
                                           int* frames = nullptr) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    const auto deadline = std::chrono::steady_clock::now() + scaled(timeout);
     for (;;) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) return std::nullopt;
-      Message m = read(left);
+      Message m = read_for(left);
       if (!m.ok) return std::nullopt;
       if (m.binary) {
         if (frames) ++*frames;

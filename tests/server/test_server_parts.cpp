@@ -213,6 +213,88 @@ TEST(StreamSettingsJson, LoraField) {
   EXPECT_NE(error({{"colour", 1}}).find(", lora)"), std::string::npos) << "the field list names lora when loaded";
 }
 
+// The live performance controls: prompt_list, seed_list, transition, prompt_blend, latent_feedback, with bounds; a
+// plain prompt / seed replaces the list.
+TEST(StreamSettingsJson, BlendTransitionAndFeedbackFields) {
+  const auto J = [](const char* text) { return nlohmann::json::parse(text); };
+  const StreamDefaults d = test_defaults();
+  const StreamSettings s0 = StreamSettings::defaults(d, false);
+  EXPECT_TRUE(s0.prompt_list.empty());
+  EXPECT_EQ(s0.prompts(), (std::vector<sd::WeightedPrompt>{{"a cat", 1.0}}));
+  const StreamSettings s1 = apply_settings_json(J(R"J({"prompt_list": [["a cat", 1], ["a (dog:1.2)", 0.5]],
+      "seed_list": [[1, 0.7], [2, 0.3]], "transition": "30f", "prompt_blend": "slerp", "latent_feedback": 0.25})J"),
+                                                s0, d, {});
+  EXPECT_EQ(s1.prompt_list, (std::vector<sd::WeightedPrompt>{{"a cat", 1.0}, {"a (dog:1.2)", 0.5}}));
+  EXPECT_EQ(s1.prompts(), s1.prompt_list);
+  EXPECT_EQ(s1.seed_list, (std::vector<sd::WeightedSeed>{{1, 0.7}, {2, 0.3}}));
+  EXPECT_EQ(s1.transition.frames, 30);
+  EXPECT_EQ(s1.prompt_blend, sd::BlendMethod::Slerp);
+  EXPECT_EQ(s1.latent_feedback, 0.25);
+  EXPECT_TRUE(s1 != s0);
+  const sd::StreamConfig c = s1.config(d);
+  EXPECT_EQ(c.seed_list, s1.seed_list);
+  EXPECT_EQ(c.transition.frames, 30);
+  EXPECT_EQ(c.prompt_blend, sd::BlendMethod::Slerp);
+  EXPECT_EQ(c.latent_feedback, 0.25);
+  const nlohmann::json j = s1.to_json();
+  EXPECT_EQ(j["prompt_list"], J(R"J([["a cat", 1.0], ["a (dog:1.2)", 0.5]])J"));
+  EXPECT_EQ(j["seed_list"], J("[[1, 0.7], [2, 0.3]]"));
+  EXPECT_EQ(j["transition"], "30f");
+  EXPECT_EQ(j["prompt_blend"], "slerp");
+  // to_json() round-trips through apply_settings_json
+  const StreamSettings back = apply_settings_json(j, s0, d, {"has_image_prompt"});
+  EXPECT_TRUE(back == s1);
+  // objects, seconds, and a plain prompt / seed clearing the lists
+  const StreamSettings s2 =
+      apply_settings_json(J(R"({"prompt_list": [{"text": "x", "weight": 2}, {"text": "y"}], "transition": 1.5})"), s0, d, {});
+  EXPECT_EQ(s2.prompt_list, (std::vector<sd::WeightedPrompt>{{"x", 2.0}, {"y", 1.0}}));
+  EXPECT_EQ(s2.transition.seconds, 1.5);
+  const StreamSettings s3 = apply_settings_json(J(R"({"prompt": "a bird", "seed": 9})"), s1, d, {});
+  EXPECT_TRUE(s3.prompt_list.empty());
+  EXPECT_TRUE(s3.seed_list.empty());
+  EXPECT_EQ(s3.prompts(), (std::vector<sd::WeightedPrompt>{{"a bird", 1.0}}));
+  EXPECT_TRUE(apply_settings_json(J(R"({"prompt_list": null})"), s1, d, {}).prompt_list.empty());
+  EXPECT_TRUE(apply_settings_json(J(R"({"seed_list": []})"), s1, d, {}).seed_list.empty());
+  // txt2img streams take no latent feedback
+  EXPECT_EQ(apply_settings_json(J(R"({"mode": "txt2img"})"), s1, d, {}).config(d).latent_feedback, 0.0);
+
+  auto error = [&](const nlohmann::json& j) {
+    try {
+      apply_settings_json(j, s0, d, {});
+    } catch (const sd::InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  nlohmann::json many = nlohmann::json::array();
+  for (int i = 0; i < 17; ++i) many.push_back(nlohmann::json::array({"p" + std::to_string(i), 1}));
+  nlohmann::json too_many = nlohmann::json::object();
+  too_many["prompt_list"] = many;
+  EXPECT_NE(error(too_many).find("at most 16"), std::string::npos) << error(too_many);
+  nlohmann::json long_text = nlohmann::json::object();
+  long_text["prompt_list"] = nlohmann::json::array({nlohmann::json::array({std::string(3000, 'a'), 1})});
+  EXPECT_NE(error(long_text).find("bytes, at most"), std::string::npos) << error(long_text);
+  for (const auto& [text, words] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"prompt_list": "a cat"})", "field 'prompt_list': expected an array"},
+           {R"({"prompt_list": [["a", -1]]})", "prompt_list[0][1]"},
+           {R"({"prompt_list": [["a", 101]]})", "out of range"},
+           {R"({"prompt_list": [["a", 0], ["b", 0]]})", "every weight is 0"},
+           {R"({"prompt_list": [[1, 1]]})", "expected a string"},
+           {R"({"prompt_list": [{"text": "a", "w": 1}]})", "expected [text, weight]"},
+           {R"({"seed_list": [[-1, 1]]})", "seed_list[0][0]"},
+           {R"({"seed_list": [[1.5, 1]]})", "expected an integer"},
+           {R"({"seed_list": [[1, 1, 1]]})", "expected [seed, weight]"},
+           {R"({"transition": 61})", "out of range"},
+           {R"({"transition": "4000f"})", "out of range"},
+           {R"({"transition": "soon"})", "field 'transition'"},
+           {R"({"transition": true})", "expected seconds"},
+           {R"({"prompt_blend": "cubic"})", "\"linear\" or \"slerp\""},
+           {R"({"latent_feedback": 1.5})", "out of range"},
+           {R"({"latent_feedback": "lots"})", "expected a number"},
+       })
+    EXPECT_NE(error(J(text.c_str())).find(words), std::string::npos) << text << " -> " << error(J(text.c_str()));
+}
+
 namespace {
 class RecordingTask : public ModelTask {
  public:

@@ -1,0 +1,54 @@
+// Regression tests of what the fuzz targets (tests/fuzz, docs/FUZZING.md) found in the model configs' readers.
+#include <functional>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "common/error_of.h"
+#include "core/error.h"
+#include "models/autoencoder_kl.h"
+#include "models/unet_2d_condition.h"
+
+namespace {
+
+std::string format_error_of(const std::function<void()>& f) { return sd::test::error_of<sd::FormatError>(f); }
+
+// fuzz_config: a text_time UNet config with a huge addition_time_embed_dim overflowed 6 x addition_time_embed_dim
+// (UBSan: "signed integer overflow: 6 * 4611686018427387904") before the check that compares it with
+// projection_class_embeddings_input_dim.
+TEST(FuzzFindings, UNetTextTimeDimsAreBounded) {
+  const std::string m = format_error_of([] {
+    sd::UNet2DConditionConfig::from_json(
+        nlohmann::json::parse(R"({"addition_embed_type": "text_time", "addition_time_embed_dim": 4611686018427387904,
+                                  "projection_class_embeddings_input_dim": 5})"),
+        "unet/config.json");
+  });
+  EXPECT_EQ(m.rfind("unet/config.json: field 'addition_time_embed_dim': expected a positive integer up to 1048576", 0),
+            0u)
+      << m;
+  const std::string p = format_error_of([] {
+    sd::UNet2DConditionConfig::from_json(
+        nlohmann::json::parse(R"({"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                                  "projection_class_embeddings_input_dim": 9223372036854775807})"),
+        "unet/config.json");
+  });
+  EXPECT_NE(p.find("field 'projection_class_embeddings_input_dim': expected an integer up to 1048576"),
+            std::string::npos)
+      << p;
+}
+
+// fuzz_config: spatial_factor() (the VAE scale factor every loader asks for) is 2^(blocks - 1): a config with 64 or
+// more blocks made that shift undefined behaviour. At most 16 blocks are accepted.
+TEST(FuzzFindings, AutoencoderKLBlockCountIsBounded) {
+  nlohmann::json j;
+  j["block_out_channels"] = std::vector<int>(70, 32);
+  j["down_block_types"] = std::vector<std::string>(70, "DownEncoderBlock2D");
+  j["up_block_types"] = std::vector<std::string>(70, "UpDecoderBlock2D");
+  const std::string m = format_error_of([&] { sd::AutoencoderKLConfig::from_json(j, "vae/config.json"); });
+  EXPECT_NE(m.find("vae/config.json: AutoencoderKL config: block_out_channels has 70 entries, at most 16"),
+            std::string::npos)
+      << m;
+}
+
+}  // namespace
