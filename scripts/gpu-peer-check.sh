@@ -4,7 +4,8 @@
 # /tmp/sdpeer, never over the host's own packages: they shadow them only through PYTHONPATH), prints the versions,
 # then runs bench/peers/run_streamdiffusion.py on the model folder: txt2img (t_index 0) and img2img (t_index 35 of
 # 50), 1 step, cfg none, TAESD, whole frames (warm-up, then --frames timed), into OUT_DIR/peer-streamdiffusion.json
-# (the shape of `streamdiffusion bench --json`), OUT_DIR/peer-streamdiffusion.log, and one summary line per mode.
+# (the shape of `streamdiffusion bench --json`; the only file it writes there), its output on stdout (warnings and
+# progress bars filtered out) and one summary line per row, starting with "peer " (grep "^peer " for the summary).
 #   scripts/gpu-peer-check.sh MODEL_DIR OUT_DIR [--device cuda|cpu] [--dtype fp16] [--size 512] [--frames 20]
 #                             [--warmup 3] [--threads N] [--timeout S]
 # Defaults are the GPU run (cuda, fp16, 512 px, 20 frames, 3 warm-up). On a machine without a GPU, e.g.
@@ -36,7 +37,6 @@ SITE="${SDPEER_DIR:-/tmp/sdpeer}"
 mkdir -p "$OUTDIR" || { echo "gpu-peer-check: cannot create $OUTDIR" >&2; exit 2; }
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 JSON="$OUTDIR/peer-streamdiffusion.json"
-LOG="$OUTDIR/peer-streamdiffusion.log"
 say() { echo "[gpu-peer-check] $*"; }
 START=$(date +%s)
 
@@ -53,8 +53,8 @@ stamp="$(cd "$WHL" && ls -l --time-style=+%s *.whl | awk '{print $5, $6, $7}' | 
 if [ "$(cat "$SITE/.installed" 2>/dev/null)" != "$stamp" ]; then
   rm -rf "$SITE"
   if ! "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
-      --upgrade --target "$SITE" "$WHL"/*.whl > "$OUTDIR/peer-install.log" 2>&1; then
-    say "FAIL: pip install of the carried wheels failed:"; tail -n 20 "$OUTDIR/peer-install.log"; exit 3
+      --upgrade --target "$SITE" "$WHL"/*.whl > "$SITE.install.log" 2>&1; then
+    say "FAIL: pip install of the carried wheels failed:"; tail -n 20 "$SITE.install.log"; exit 3
   fi
   echo "$stamp" > "$SITE/.installed"
 fi
@@ -62,11 +62,18 @@ say "installed $(ls "$WHL"/*.whl | wc -l) wheels into $SITE in $(( $(date +%s) -
 export PYTHONPATH="$SITE:$ROOT/bench/peers${PYTHONPATH:+:$PYTHONPATH}"
 # HF_HOME inside $SITE: transformers 4.x would otherwise migrate the host's cache folder (written by hub 1.x).
 export HF_HOME="$SITE/hf-home"
+mkdir -p "$HF_HOME/hub" && echo 1 > "$HF_HOME/hub/version.txt"  # no cache migration message from transformers 4.x
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 
 # 2. versions (which copy each import comes from: the carried ones must win over the host's)
 "$PY" - <<'EOF' 2>&1 | sed 's/^/  /'
-import importlib, importlib.metadata as md
+import importlib, importlib.metadata as md, sys, warnings
+warnings.filterwarnings("ignore")
+sys.modules.setdefault("peft", None)  # as run_streamdiffusion.py does (without --with-peft)
+try:
+    print(f"{'peft':16s} {md.version('peft'):14s} (installed on this host; hidden from diffusers)")
+except md.PackageNotFoundError:
+    pass
 for n in ["streamdiffusion", "diffusers", "transformers", "huggingface_hub", "tokenizers", "accelerate",
           "safetensors", "numpy", "torch"]:
     try:
@@ -87,9 +94,10 @@ RUN=("$PY" "$ROOT/bench/peers/run_streamdiffusion.py" --model "$MODEL" --device 
 [ "${DEVICE%%:*}" = cuda ] && RUN+=(--frame-on-device)
 say "run: ${RUN[*]}"
 T0=$(date +%s)
-timeout "$TMO" "${RUN[@]}" > "$LOG" 2>&1
-rc=$?
-grep -vE "^\s*$|FutureWarning|warnings.warn|deprecat" "$LOG" | tail -n 40 | sed 's/^/  /'
+timeout "$TMO" "${RUN[@]}" 2>&1 | tr '\r' '\n' |
+  grep --line-buffered -vE "^\s*$|FutureWarning|warnings.warn|_register_pytree_node|Loading pipeline components|Ignored unknown kwarg" |
+  sed -u 's/^/  /'
+rc=${PIPESTATUS[0]}
 [ $rc -eq 124 ] && say "TIMEOUT after $TMO s"
 
 # 4. one line per mode
@@ -105,14 +113,13 @@ gpu = j.get("gpu", {}).get("name", j.get("device", "?"))
 for r in j["results"]:
     x = r.get("extra", {})
     b2b = f", back-to-back {x['back_to_back_fps']:.1f} fps" if "back_to_back_fps" in x else ""
-    print(f"[gpu-peer-check] original StreamDiffusion ({stack}) on {gpu}: {r['name']:7s} {r['size']} px "
-          f"{r['dtype']} {r['variant']}: {r['fps']:.2f} fps (median {r['median_s'] * 1e3:.2f} ms{b2b}; "
-          f"output finite {x.get('output_finite')})")
+    print(f"peer streamdiffusion {r['name']:7s} {r['size']} px {r['dtype']} {r['variant']}: {r['fps']:.2f} fps "
+          f"(median {r['median_s'] * 1e3:.2f} ms{b2b}; output finite {x.get('output_finite')}) on {gpu}; {stack}")
 for s in j.get("skipped", []):
-    print(f"[gpu-peer-check] not measured: {s['variant']}: {s['reason']}")
+    print(f"peer streamdiffusion not measured: {s['variant']}: {s['reason']}")
 sys.exit(0 if j["results"] and not j.get("skipped") else 4)
 EOF
 src=$?
 [ $rc -eq 0 ] && rc=$src
-say "done in $(( $(date +%s) - START )) s (bench $(( $(date +%s) - T0 )) s), rc $rc; $JSON, $LOG"
+say "done in $(( $(date +%s) - START )) s (bench $(( $(date +%s) - T0 )) s), rc $rc; $JSON"
 exit $rc

@@ -7,6 +7,10 @@ frame (both return the decoded image tensor, as our stream's img2img / txt2img d
 StreamDiffusion.__call__ times itself with torch.cuda.Event and torch.cuda.synchronize, which fail without CUDA: both
 are replaced by perf_counter stand-ins.
 
+peft: a host with peft installed (the GPU host has it) would switch diffusers 0.24 to its PEFT backend, whose UNet
+forward walks every module (scale_lora_layers) on each call and imports whatever peft version is there; the original
+StreamDiffusion does not install peft, so it is hidden from diffusers (sys.modules["peft"] = None) unless --with-peft.
+
 --device cuda: nothing is patched (StreamDiffusion's own torch.cuda.Event timing runs); `pipe.to("cuda", dtype)`,
 TAESD in the same dtype (--dtypes fp16 is the original's default), diffusers' default attention processor (PyTorch 2's
 scaled_dot_product_attention; no xformers, no TensorRT). Each timed frame is wall-clock from the call to the
@@ -17,6 +21,7 @@ are part of the frame); --frame-on-device also times img2img with the frame alre
 """
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -42,6 +47,8 @@ def extra_args(p):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--frame-on-device", action="store_true",
                    help="cuda: also an img2img row with the input frame already on the GPU (variant '... frame=device')")
+    p.add_argument("--with-peft", action="store_true",
+                   help="let diffusers see an installed peft (by default it is hidden: see the module docstring)")
 
 
 def time_frames_cuda(step, warmup, frames):
@@ -80,7 +87,7 @@ def main():
     cuda = args.device.startswith("cuda")
     peer = "streamdiffusion" + ("+tcmalloc" if allocator() == "tcmalloc" else "")
     rep = Report(peer, args, ["streamdiffusion", "diffusers", "transformers", "accelerate", "huggingface_hub",
-                              "tokenizers", "safetensors", "numpy", "torch"])
+                              "tokenizers", "safetensors", "numpy", "torch", "peft"])
     rep.j["device"] = args.device
     if cuda:
         if not torch.cuda.is_available():
@@ -98,7 +105,13 @@ def main():
     if not torch.cuda.is_available():
         torch.cuda.Event = _CpuEvent
         torch.cuda.synchronize = lambda *a, **k: None
+    if not args.with_peft:
+        # find_spec("peft") is None while sys.modules["peft"] is None: diffusers 0.24 then keeps its own LoRA-compatible
+        # layers instead of calling peft's scale_lora_layers (a walk over every module) on each UNet call.
+        sys.modules.setdefault("peft", None)
+    rep.j["options"]["peft"] = "visible" if args.with_peft else "hidden"
     from diffusers import AutoencoderTiny, StableDiffusionPipeline
+    from diffusers.utils import USE_PEFT_BACKEND
     from streamdiffusion import StreamDiffusion
 
     for dt_name in args.dtypes:
@@ -137,7 +150,8 @@ def main():
                         extra = {"models": "diffusers StableDiffusionPipeline + streamdiffusion.StreamDiffusion, TAESD",
                                  "device": args.device, "load_s": load_s,
                                  "frame": "device " + dt_name if dev_frame else "host float32",
-                                 "attention_processor": type(next(iter(pipe.unet.attn_processors.values()))).__name__}
+                                 "attention_processor": type(next(iter(pipe.unet.attn_processors.values()))).__name__,
+                                 "diffusers_peft_backend": bool(USE_PEFT_BACKEND)}
                         with torch.no_grad():
                             if cuda:
                                 timing, more = time_frames_cuda(step, args.warmup + len(t) - 1, args.frames)
