@@ -12,10 +12,11 @@
 #   PYTHON=/path/to/python scripts/gpu-peer-check.sh ../shared/fixtures/models/tiny-sd21 /tmp/peer --device cpu \
 #     --dtype fp32 --size 64 --frames 3 --warmup 1
 # Never aborts its caller: every failure is printed, and the exit code says what happened (0 ok, 2 usage/no wheels,
-# 3 install failed, 4 the peer failed or recorded no row, 124 timeout). The run is bounded by --timeout (default 240 s).
+# 3 install failed, 4 the peer failed or recorded no row, 5 no Python 3.12 with torch here (PYTHON, default python3),
+# 124 timeout). The run is bounded by --timeout (default 240 s).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 [ $# -ge 2 ] || { usage; exit 2; }
 MODEL="$1"; OUTDIR="$2"; shift 2
 DEVICE=cuda; DTYPE=fp16; SIZE=512; FRAMES=20; WARMUP=3; THREADS=0; TMO=240
@@ -47,6 +48,10 @@ if [ ! -f "$MODEL/model_index.json" ] || [ ! -d "$MODEL/taesd" ]; then
   say "FAIL: $MODEL is not a diffusers folder with taesd/"; exit 2
 fi
 MODEL="$(cd "$MODEL" && pwd)"
+# The wheels are for CPython 3.12 (tokenizers is cp312) and need the host's torch: elsewhere, say so and stop (rc 5).
+if ! pyv="$("$PY" -c 'import sys, torch; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" || [ "$pyv" != 3.12 ]; then
+  say "not run: $PY is not a Python 3.12 with torch (${pyv:-no torch}); set PYTHON"; exit 5
+fi
 
 # 1. install (skipped when the same wheels are already installed there: a rerun on a warm machine)
 stamp="$(cd "$WHL" && ls -l --time-style=+%s *.whl | awk '{print $5, $6, $7}' | md5sum | cut -c1-16)"
