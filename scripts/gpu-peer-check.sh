@@ -12,8 +12,8 @@
 #   PYTHON=/path/to/python scripts/gpu-peer-check.sh ../shared/fixtures/models/tiny-sd21 /tmp/peer --device cpu \
 #     --dtype fp32 --size 64 --frames 3 --warmup 1
 # Never aborts its caller: every failure is printed, and the exit code says what happened (0 ok, 2 usage/no wheels,
-# 3 install failed, 4 the peer failed or recorded no row, 5 no Python 3.12 with torch here (PYTHON, default python3),
-# 124 timeout). The run is bounded by --timeout (default 240 s).
+# 3 install failed, 4 no row or a row not measured, 5 no Python 3.12 with torch here (PYTHON, default python3),
+# 124 timeout, else the runner's own exit code). The run is bounded by --timeout (default 240 s).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; }
