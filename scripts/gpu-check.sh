@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# The CUDA check, run on a lent GPU host (device tool, `carry: [".gpu-deps"]` after scripts/gpu-prepare.sh here),
-# in under 8 minutes on 16 cores:
+# The CUDA check, run on a lent GPU host (device tool, `carry: [".gpu-deps/root", ".gpu-deps/fixtures", ".whl-peer"]`
+# after scripts/gpu-prepare.sh here), in under 8 minutes on 16 cores. Steps, most important first (each is
+# time-boxed; later ones are skipped when the budget is spent):
 #   1. builds the engine-only configuration (-DSD_ENGINE_ONLY=ON: engine libraries, golden tests, bench CLI) against
 #      the libtorch inside the host's PyTorch (CMAKE_PREFIX_PATH = torch.utils.cmake_prefix_path; when a CUDA
 #      wheel's TorchConfig.cmake cannot find the CUDA toolkit, falls back to -DSD_TORCH_DIR, linking the wheel's
 #      libraries directly) plus the unpacked .gpu-deps (header-only / static: see gpu-prepare.sh);
-#   2. runs the golden tests: the CPU suites once, then the module goldens on the device (test_models
-#      --gtest_filter='*DeviceGolden*' with SD_TEST_DEVICE=cuda, SD_TEST_DTYPE=fp16 and fp32; tolerances in
+#   2. the goldens on the device, fp16 then fp32: the module goldens (test_device '*DeviceGolden*'; tolerances in
 #      tests/models/test_device_golden.cpp: fp16 rtol 6e-2 (UNet) / 5e-2 (VAE, TAESD) / 2.5e-2 (text encoder) of
-#      max|ref|, fp32 without TF32 atol 1e-4 + rtol 1e-5);
-#   3. makes a random sd-turbo model and runs the 512 px, 1-step txt2img and img2img benchmark in fp16 (and fp32)
-#      on the device, with the per-component rows.
-# Results (logs, JSON) go to $OUT (the device tool's output folder; default ./gpu-check-out).
+#      max|ref|, fp32 without TF32 atol 1e-4 + rtol 1e-5) and the CUDA-graph streams against eager streams
+#      (test_device 'StreamGraphs*', tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range);
+#   3. makes a random sd-turbo model (fp16 weights) and runs the 512 px, 1-step txt2img and img2img benchmark in fp16
+#      (CUDA graphs on, and off as extra rows), with the per-component rows;
+#   4. many streams in one UNet call: bench --sections multistream for 1, 2, 4, 8, 16 streams (when the CLI has it);
+#   5. the original StreamDiffusion (PyPI streamdiffusion 0.1.1 + diffusers 0.24, wheels carried in .whl-peer by
+#      scripts/gpu-peer-prepare.sh) on the same model, GPU and size, side by side (scripts/gpu-peer-check.sh);
+#   6. the fp32 benchmark rows, as the budget allows.
+# The device tests are one small program (test_device, engine-only builds) so the build stays short.
+# Results (logs, JSON) go to $OUT (the device tool's output folder; default ./gpu-check-out); summary.txt has the
+# figures.
 #
 # --dry-run: the same on THIS machine without a GPU (CPU libtorch from the system, device cpu, dtype bf16, the tiny
 # fixture model instead of sd-turbo at 512 px): proves the script, the engine-only configuration and the bench work.
@@ -88,18 +95,18 @@ if ! step configure cmake "${CONFIG[@]}"; then
   fi
 fi
 grep -h "streamdiffusion: libtorch" "$OUT"/configure*.log | tee -a "$SUMMARY"
-TARGETS=(streamdiffusion test_models test_pipeline test_io test_tokenizer)
+TARGETS=(streamdiffusion test_device)
 step build cmake --build "$BUILD_DIR" -j "$JOBS" --target "${TARGETS[@]}" || exit 1
 CLI="$BUILD_DIR/apps/streamdiffusion"
 
-# 2. golden tests: CPU suites (the build is sound), then the module goldens on the device
-for t in test_io test_tokenizer test_models test_pipeline; do
-  step "$t-cpu" "$BUILD_DIR/tests/$t" --gtest_brief=1 || true
-done
+# 2. goldens on the device: module goldens, then CUDA-graph streams against eager streams
 for dt in "${DTYPES[@]}"; do
-  SD_TEST_DEVICE=$DEVICE SD_TEST_DTYPE=$dt step "golden-$DEVICE-$dt" "$BUILD_DIR/tests/test_models" \
+  SD_TEST_DEVICE=$DEVICE SD_TEST_DTYPE=$dt step "golden-$DEVICE-$dt" "$BUILD_DIR/tests/test_device" \
     --gtest_filter='*DeviceGolden*' || true
   grep -h "\[close\]" "$OUT/golden-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
+  SD_TEST_DEVICE=$DEVICE SD_TEST_DTYPE=$dt step "graphs-$DEVICE-$dt" "$BUILD_DIR/tests/test_device" \
+    --gtest_filter='GraphCache*:*StreamGraphs*' || true
+  grep -hE "\[graphs\]|PASSED|FAILED" "$OUT/graphs-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
 done
 
 # 3. benchmark: sd-turbo architecture (random weights) at 512 px, 1 step, txt2img and img2img
@@ -112,14 +119,42 @@ else
 fi
 BENCH=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --txt2img-t-index 0 --img2img-t-index 35)
 if [ $DRY = 1 ]; then
-  BENCH+=(--sections components,e2e,batch --threads 2 --iters 2 --frames 3 --warmup 1)
+  BENCH+=(--sections components,e2e --threads 2 --iters 2 --frames 3 --warmup 1)
 else
-  BENCH+=(--sections components,e2e --iters 10 --frames 20 --warmup 3)
+  BENCH+=(--sections components,e2e --iters 20 --frames 200 --warmup 10)
 fi
-for dt in "${DTYPES[@]}"; do
-  step "bench-$dt" "$CLI" "${BENCH[@]}" --dtypes "$dt" --json "$OUT/bench-$dt.json" || true
-  grep -hE "^(components|e2e|batch) " "$OUT/bench-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
-done
+bench_rows() {  # dtype
+  step "bench-$1" "$CLI" "${BENCH[@]}" --dtypes "$1" --json "$OUT/bench-$1.json" || true
+  grep -hE "^(components|e2e|batch) |graphs on vs off" "$OUT/bench-$1.log" | sed "s/^/  /" >> "$SUMMARY"
+}
+bench_rows "${DTYPES[0]}"
+
+# 4. many streams, one UNet call
+if "$CLI" bench --help 2>/dev/null | grep -q -- "--streams"; then
+  MS=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --img2img-t-index 35 --sections multistream)
+  if [ $DRY = 1 ]; then MS+=(--streams 1,2,4 --frames 3 --warmup 1 --threads 2); else MS+=(--streams 1,2,4,8,16 --frames 40 --warmup 5); fi
+  step "multistream-${DTYPES[0]}" "$CLI" "${MS[@]}" --dtypes "${DTYPES[0]}" --json "$OUT/multistream.json" || true
+  grep -hE "^multistream |streams" "$OUT/multistream-${DTYPES[0]}.log" | sed "s/^/  /" >> "$SUMMARY"
+else
+  log "SKIP multistream (this CLI has no bench --streams)"
+fi
+
+# 5. the original StreamDiffusion on the same model and device (gpu-peer-check.sh never aborts; rc says what ran)
+if [ $DRY = 0 ] && ls .whl-peer/*.whl >/dev/null 2>&1; then
+  step peer-streamdiffusion bash scripts/gpu-peer-check.sh "$MODEL" "$OUT" || true
+  grep -hE "^peer " "$OUT/peer-streamdiffusion.log" | sed "s/^/  /" >> "$SUMMARY"
+elif [ $DRY = 1 ] && [ -n "${PEER_PYTHON:-}" ] && ls .whl-peer/*.whl >/dev/null 2>&1; then
+  # Here: a Python 3.12 with torch like the GPU host's (the carried wheels are cp312), e.g. PEER_PYTHON=/tmp/hostvenv/bin/python.
+  PYTHON="$PEER_PYTHON" step peer-streamdiffusion bash scripts/gpu-peer-check.sh "$MODEL" "$OUT" --device cpu \
+    --dtype fp32 --size "$BENCH_SIZE" --frames 3 --warmup 1 --threads 2 || true
+  grep -hE "^peer " "$OUT/peer-streamdiffusion.log" | sed "s/^/  /" >> "$SUMMARY"
+else
+  log "SKIP peer (no .whl-peer wheels, or a dry run without PEER_PYTHON: run scripts/gpu-peer-prepare.sh, carry .whl-peer)"
+fi
+
+# 6. the rest, as the budget allows
+for dt in "${DTYPES[@]:1}"; do bench_rows "$dt"; done
+
 log "done; results in $OUT"
 cat "$SUMMARY" | grep -E "FAIL|SKIP" && exit 1
 exit 0

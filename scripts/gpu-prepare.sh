@@ -10,7 +10,8 @@
 #   libpcre2-dev                               the static libpcre2-8.a + pcre2.h (C, no C++ ABI)
 #   googletest                                 GoogleTest sources, built in-tree with libtorch's flags (SD_GTEST_SOURCE_DIR)
 #   ninja-build                                the ninja binary (the host may only have make)
-# and copies the golden fixtures ($SD_FIXTURES, default ../shared/fixtures, ~40 MB) into .gpu-deps/fixtures.
+# and copies the fixtures the device tests read ($SD_FIXTURES, default ../shared/fixtures: models/ and modules/, ~24 MB;
+# the whole folder would not fit the 64 MiB a device run carries) into .gpu-deps/fixtures.
 # Usage: scripts/gpu-prepare.sh [DEST]   (default .gpu-deps; idempotent: re-downloads only what is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,8 @@ test -f "$R/include/nlohmann/json.hpp" && test -f "$R/include/CLI/CLI.hpp" && te
 FIX="${SD_FIXTURES:-../shared/fixtures}"
 if [ -d "$FIX/models" ]; then
   rm -rf "$DEST/fixtures"
-  cp -r "$FIX" "$DEST/fixtures"
+  mkdir -p "$DEST/fixtures"
+  cp -r "$FIX/models" "$FIX/modules" "$DEST/fixtures/"
   chmod -R u+w "$DEST/fixtures"
 else
   echo "gpu-prepare: no fixtures at $FIX (set SD_FIXTURES): the GPU host will have no golden tests" >&2

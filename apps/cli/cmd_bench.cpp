@@ -325,6 +325,13 @@ class Bench {
           stream_row(m, "e2e", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true, o_.deep_cache_every);
           stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true, o_.deep_cache_every);
         }
+        if (device_.is_cuda()) {
+          // The same streams launching every kernel (StreamConfig::cuda_graphs off), side by side.
+          graphs_ = false;
+          stream_row(m, "e2e", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true);
+          stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
+          graphs_ = true;
+        }
       }
       if (req && want("vae")) {
         autoencoder_components(m, dt, size, ae, "vae");
@@ -516,6 +523,7 @@ class Bench {
     c.cfg_type = cfg;
     c.guidance_scale = o_.guidance;
     c.use_denoising_batch = batch;
+    c.cuda_graphs = graphs_;
     return c;
   }
 
@@ -573,6 +581,8 @@ class Bench {
                  {"decode", per_dec},
                  {"other", std::max(0.0, per_total - per_enc - per_unet - per_cn - per_dec)}}},
                {"unet_calls_per_frame", static_cast<double>(s1.unet_calls - s0.unet_calls) / n},
+               {"cuda_graphs", config.cuda_graphs && device_.is_cuda()},
+               {"graph_replays_per_frame", static_cast<double>(s1.graph_replays - s0.graph_replays) / n},
                {"unet_rows_per_frame", rows},
                {"controlnets", cn ? cn_units_.size() : 0},
                {"models", "sd::load_pipeline + sd::StreamDiffusion"}};
@@ -911,7 +921,8 @@ class Bench {
                              bool cn, int deep = 1) const {
     std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
     if (t.size() > 1) variant += batch ? " batch" : " sequential";
-    return variant + cn_suffix(cn) + (deep > 1 ? " deep=" + std::to_string(deep) : "");
+    return variant + cn_suffix(cn) + (deep > 1 ? " deep=" + std::to_string(deep) : "") +
+           (graphs_ ? "" : " graphs=off");
   }
   // The id of a stream row outside the ablation (the comparisons' rows).
   std::string stream_id(const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
@@ -943,6 +954,16 @@ class Bench {
                                       {"candidate_s", c->timing.mean},
                                       {"speedup", b->timing.mean / c->timing.mean},
                                       {"note", "means of both rows"}});
+          }
+        }
+        if (device_.is_cuda()) {
+          for (const std::string mode : {"img2img", "txt2img"}) {
+            const auto& t = mode == "img2img" ? t_img_ : t_txt_;
+            graphs_ = false;
+            const std::string off = stream_id(mode, dt, size, pae, sd::CfgType::None, t, true);
+            graphs_ = true;
+            compare("e2e", "CUDA graphs on vs off, " + mode + ", " + tag, off,
+                    stream_id(mode, dt, size, pae, sd::CfgType::None, t, true));
           }
         }
         compare("components", "UNet with vs without the tiled CPU attention, " + tag, "unet/" + ds + "/b1/no-attention-tiles",
@@ -1084,6 +1105,7 @@ class Bench {
   int threads_ = 0;
   ArchInfo arch_;
   bool has_taesd_ = false;
+  bool graphs_ = true;  // StreamConfig::cuda_graphs of the stream rows being run (CUDA: also timed off)
   bool has_vae_ = true;  // vae/ has weights (false for a TAESD-only model such as models/emoji-tiny)
   c10::ScalarType reduced_ = c10::kBFloat16;
   std::vector<std::string> sections_;

@@ -146,6 +146,9 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
                  "reuse the UNet's deep features: one full UNet call every K stream calls, the K - 1 between run only "
                  "its first level (faster, approximate; 1 = off; live: 'deep_cache K')")
       ->capture_default_str();
+  app.add_flag("--no-cuda-graphs", o.no_cuda_graphs,
+               "on CUDA, launch every kernel of each frame instead of replaying the recorded CUDA graphs of the UNet "
+               "and TAESD (for comparison or debugging)");
   app.add_option("--deep-cache-similarity", o.deep_cache_similarity,
                  "with --deep-cache-every: an input whose cosine similarity to the last fully computed one is below "
                  "this forces a full UNet call")
@@ -280,6 +283,7 @@ StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDe
   if (o.deep_cache_every < 1) throw InvalidArgument("--deep-cache-every must be >= 1 (1 = off)");
   c.deep_cache_every = o.deep_cache_every;
   c.deep_cache_min_similarity = o.deep_cache_similarity;
+  c.cuda_graphs = !o.no_cuda_graphs;
   if (o.similarity_filter > 0) {
     if (txt2img) throw InvalidArgument("--similarity-filter needs input images (img2img)");
     c.similarity_filter.enabled = true;

@@ -127,6 +127,10 @@ whatever is left unset, or set every field yourself.
                      "reuse the UNet's deep features for k - 1 of every k stream calls (1 = off)")
       .def_readwrite("deep_cache_min_similarity", &sd::StreamConfig::deep_cache_min_similarity,
                      "img2img input similarity below which a full UNet call is forced")
+      .def_readwrite("cuda_graphs", &sd::StreamConfig::cuda_graphs,
+                     "on CUDA, record the UNet / TAESD calls once per shape as CUDA graphs and replay them")
+      .def_readwrite("sync_components", &sd::StreamConfig::sync_components,
+                     "wait for the device after each component (exact per-component times; slower on CUDA)")
       .def_property(
           "seed_list", [](const sd::StreamConfig& c) { return seed_list_py(c.seed_list); },
           [](sd::StreamConfig& c, py::object v) { c.seed_list = v.is_none() ? std::vector<sd::WeightedSeed>{} : seed_list_arg(v); },
@@ -190,6 +194,9 @@ argument > the model's streamdiffusion.json > its family's defaults > built-in (
                     "UNet calls that ran only the first level on cached deep features (deep_cache_every)")
       .def_readonly("deep_cache_forced", &sd::StreamStats::deep_cache_forced,
                     "full UNet calls forced by an input below deep_cache_min_similarity")
+      .def_readonly("graph_replays", &sd::StreamStats::graph_replays,
+                    "UNet / encode / decode calls answered by a CUDA graph replay")
+      .def_readonly("graph_captures", &sd::StreamStats::graph_captures, "CUDA graphs recorded")
       .def_readonly("image_prompt_s", &sd::StreamStats::image_prompt_s, "wall time of the image prompt encodes")
       .def_readonly("controlnet_s", &sd::StreamStats::controlnet_s)
       .def_readonly("text_encode_s", &sd::StreamStats::text_encode_s)

@@ -142,6 +142,10 @@ class StreamConfig:
     prompt_blend: str  # "linear" | "slerp"
     transition: str  # set with seconds or "2.5s" / "30f"; reads "0", "2.5s", "30f"
     latent_feedback: float
+    deep_cache_every: int
+    deep_cache_min_similarity: float
+    cuda_graphs: bool  # CUDA: UNet / TAESD recorded once per shape and replayed
+    sync_components: bool
     def __init__(self) -> None: ...
 
 def resolve_config(
@@ -171,6 +175,10 @@ class StreamStats:
     controlnet_calls: int
     controlnet_reused: int
     image_prompt_encodes: int
+    unet_shallow_calls: int
+    deep_cache_forced: int
+    graph_replays: int
+    graph_captures: int
     controlnet_s: float
     text_encode_s: float
     image_encode_s: float

@@ -1,5 +1,6 @@
 #include "pipeline/diffusion_models.h"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -151,9 +152,12 @@ class StableDiffusionModels : public DiffusionModels {
   void set_lora_scale(const std::string& name, double scale) const override {
     if (!lora_) return DiffusionModels::set_lora_scale(name, scale);
     lora_->set_scale(name, scale);
+    ++weights_version_;
     log::info("LoRA {} re-fused at scale {} in {:.3f} s", name, scale, lora_->fuse_seconds());
   }
   uint64_t text_encoder_version() const override { return lora_ ? lora_->text_encoder_version() : 0; }
+  uint64_t weights_version() const override { return weights_version_.load(); }
+  bool deterministic_encode() const override { return static_cast<bool>(taesd_); }
 
   torch::Tensor encode_prompt(const std::string& text) const override {
     if (text_encoder_2_) return encode_text(text, std::nullopt).embeds;
@@ -528,6 +532,7 @@ class StableDiffusionModels : public DiffusionModels {
   AutoencoderKL vae_{nullptr};
   AutoencoderTiny taesd_{nullptr};
   std::unique_ptr<LoraSet> lora_;  // mutated only by set_lora_scale (see DiffusionModels)
+  mutable std::atomic<uint64_t> weights_version_{0};  // set_lora_scale calls
   std::vector<std::string> lora_names_;  // fixed at load (describe() may be called from any thread)
   std::shared_ptr<IPAdapterModels> ip_adapter_;  // LoadOptions::ip_adapter, attached to unet_
   double scaling_factor_ = 1.0;

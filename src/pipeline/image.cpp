@@ -50,9 +50,10 @@ torch::Tensor tensor_to_image(const torch::Tensor& x) {
     throw InvalidArgument("decoded image has shape " + shape_str(x.sizes()) + " and dtype " +
                           c10::toString(x.scalar_type()) + "; expected a float tensor [N, 3, H, W]");
   torch::NoGradGuard no_grad;
-  const torch::Tensor y = (x.detach().to(torch::kCPU, torch::kFloat32) / 2.0 + 0.5).clamp(0.0, 1.0);
+  // Converted where the image is (on a GPU: there), so only the 8-bit pixels cross to the host.
+  const torch::Tensor y = (x.detach().to(torch::kFloat32) / 2.0 + 0.5).clamp(0.0, 1.0);
   // torch::round is round-half-to-even, like numpy's .round().
-  return (y * 255.0).round().to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous();
+  return (y * 255.0).round().to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous().to(torch::kCPU);
 }
 
 }  // namespace sd

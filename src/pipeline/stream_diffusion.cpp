@@ -93,6 +93,8 @@ StreamDiffusion::StreamDiffusion(std::shared_ptr<const DiffusionModels> models, 
   guidance_scale_ = config_.cfg_type == CfgType::None ? 1.0 : config_.guidance_scale;
   delta_ = config_.delta;
   set_similarity_filter(config_.similarity_filter);
+  graphs_ = std::make_unique<GraphCache>();
+  graphs_weights_version_ = models_->weights_version();
 }
 
 void StreamDiffusion::validate_config() const {
@@ -163,7 +165,27 @@ void StreamDiffusion::trace(const std::string& name, const Tensor& t) const {
 }
 
 void StreamDiffusion::sync_device() const {
-  if (device_.is_cuda()) torch::cuda::synchronize();
+  if (config_.sync_components && device_.is_cuda()) torch::cuda::synchronize();
+}
+
+bool StreamDiffusion::use_graphs() const {
+  return config_.cuda_graphs && device_.is_cuda() && GraphCache::compiled() && !trace_ && !has_image_prompt();
+}
+
+std::vector<torch::Tensor> StreamDiffusion::graphed(
+    const std::string& name, const std::vector<Tensor>& inputs,
+    const std::function<std::vector<Tensor>(const std::vector<Tensor>&)>& fn) {
+  // A re-fused LoRA replaced weight tensors: the recorded graphs read the old addresses.
+  if (const uint64_t v = models_->weights_version(); v != graphs_weights_version_) {
+    graphs_->clear();
+    graphs_weights_version_ = v;
+  }
+  const auto before = graphs_->counts();
+  auto out = graphs_->run(name, inputs, fn);
+  const auto after = graphs_->counts();
+  stats_.graph_replays += after.replays - before.replays;
+  stats_.graph_captures += after.captures - before.captures;
+  return out;
 }
 
 // ---- Caches (spec §3.1, §6) -----------------------------------------------------------------------------------
@@ -627,7 +649,11 @@ torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
 
   // Step 3: z = Enc(x) · scaling_factor (the model applies the factor).
   auto t0 = Clock::now();
-  const Tensor z = models_->encode_image(x, *rng_);
+  const Tensor z = use_graphs() && models_->deterministic_encode()
+                       ? graphed("encode", {x}, [this](const std::vector<Tensor>& in) {
+                           return std::vector<Tensor>{models_->encode_image(in[0], *rng_)};
+                         })[0]
+                       : models_->encode_image(x, *rng_);
   sync_device();
   stats_.image_encode_s += seconds_since(t0);
   trace("image_latent", z);
@@ -709,7 +735,10 @@ torch::Tensor StreamDiffusion::run_stream(const torch::Tensor& x_t_latent, Clock
 
 torch::Tensor StreamDiffusion::decode(const torch::Tensor& latent) {
   const auto t0 = Clock::now();
-  Tensor img = models_->decode_latent(latent);
+  Tensor img = use_graphs() ? graphed("decode", {latent}, [this](const std::vector<Tensor>& in) {
+                                return std::vector<Tensor>{models_->decode_latent(in[0])};
+                              })[0]
+                            : models_->decode_latent(latent);
   sync_device();
   stats_.decode_s += seconds_since(t0);
   return img;
@@ -737,6 +766,14 @@ torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torc
     cache.reuse = deep_reuse_now_ && cache.deep.defined() && cache.deep.size(0) == sample.size(0);
     if (cache.reuse) ++stats_.unet_shallow_calls;
     out = models_->unet_cached(sample, t, ehs, added, control, cache);
+  } else if (!control.defined() && use_graphs()) {
+    // Inputs: sample [R, C, h, w], t [R], text rows [R, 77, D], and SDXL's added conditioning (undefined for SD).
+    out = graphed("unet", {sample, t, ehs, added.text_embeds, added.time_ids}, [this](const std::vector<Tensor>& in) {
+      AddedConditioning a;
+      a.text_embeds = in[3];
+      a.time_ids = in[4];
+      return std::vector<Tensor>{models_->unet(in[0], in[1], in[2], a, ControlResiduals{})};
+    })[0];
   } else {
     out = models_->unet(sample, t, ehs, added, control);
   }

@@ -27,6 +27,7 @@
 
 #include <torch/types.h>
 
+#include "core/cuda_graph.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/lcm_scheduler.h"
 #include "pipeline/prompt_blend.h"
@@ -77,6 +78,14 @@ struct StreamConfig {
   // Latent feedback A in [0, 1] (img2img): the encoded input latent becomes (1 − A)·z + A·x0_prev, x0_prev the
   // previous call's output latent (once the stream is past its warm-up); 0 = off, exactly as before.
   double latent_feedback = 0;
+  // CUDA graphs (core/cuda_graph.h) for the UNet call and the TAESD encode / decode on a CUDA device: each fixed
+  // shape is recorded once and replayed. Off: every call launches its kernels. No effect elsewhere. Calls with
+  // ControlNet residuals, the deep cache, an IP-Adapter image prompt or a trace run without graphs.
+  bool cuda_graphs = true;
+  // Waits for the device after each component so the StreamStats times are the components' own. Off on CUDA by
+  // default: a host wait inside a frame stalls the launch queue; the output's copy to the host is the frame's one
+  // wait. (A no-op on the CPU.)
+  bool sync_components = false;
 };
 
 struct StreamStats {
@@ -92,6 +101,8 @@ struct StreamStats {
   int64_t unet_shallow_calls = 0;  // UNet calls that ran only the first level on cached deep features (deep cache)
   int64_t deep_cache_forced = 0;   // full calls forced by an input less similar than deep_cache_min_similarity
   int64_t image_prompt_encodes = 0;  // IP-Adapter image prompts through the image encoder (once per image)
+  int64_t graph_replays = 0;         // UNet / encode / decode calls answered by a CUDA graph replay
+  int64_t graph_captures = 0;        // CUDA graphs recorded (one per component and shape)
   double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0, controlnet_s = 0;
   double image_prompt_s = 0;   // wall time of the image prompt encodes
   double total_s = 0;          // wall time of processed calls
@@ -306,6 +317,12 @@ class StreamDiffusion {
 
   std::unique_ptr<SimilarityFilter> filter_;
   FilterDecision last_decision_;
+  // CUDA graphs of the fixed-shape components (StreamConfig::cuda_graphs).
+  bool use_graphs() const;
+  std::vector<torch::Tensor> graphed(const std::string& name, const std::vector<torch::Tensor>& inputs,
+                                     const std::function<std::vector<torch::Tensor>(const std::vector<torch::Tensor>&)>& fn);
+  std::unique_ptr<GraphCache> graphs_;
+  uint64_t graphs_weights_version_ = 0;
   StreamStats stats_;
   TraceFn trace_;
   int64_t unet_call_index_ = 0;  // per stream call, for trace names

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The CUDA variant kept compiling on a machine without a GPU: builds the engine (its libraries, the CLI and the test
+# programs with the CUDA-only code: CUDA graphs, the device goldens) against PyPI's CUDA torch wheel, and links it.
+# Nothing runs (there is no GPU); scripts/gpu-check.sh runs it on a lent GPU host.
+#
+# The wheel is the one scripts/fetch-libtorch2.sh downloads for the libtorch 2 CPU build (PyPI's Linux torch wheel is
+# the CUDA one), so CI downloads nothing more than NVIDIA's small runtime wheel it also fetched. This unpacks the
+# CUDA half next to the CPU half (libtorch.so, libtorch_cuda.so, libc10_cuda.so) and the CUDA runtime headers
+# (nvidia/cu13/include from that runtime wheel) into ~/.cache/streamdiffusion/libtorch-cuda-$VERSION (~1.1 GB), then
+# configures build-cuda with -DSD_TORCH_DIR (SD_WITH_CUDA on) and builds. The CUDA libraries that libtorch_cuda.so
+# needs at run time (cuBLAS, cuDNN, ...) are not downloaded: the link allows their symbols to stay unresolved
+# (-Wl,--allow-shlib-undefined); every symbol of ours and of libtorch's is still resolved.
+# Called by .ci/run after the README's test command; SD_SKIP_CUDA_CHECK=1 skips it there.
+# Environment: BUILD_DIR_CUDA (default build-cuda), SD_TORCH2_VERSION (as fetch-libtorch2.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION="${SD_TORCH2_VERSION:-2.15.0}"
+BUILD_DIR="${BUILD_DIR_CUDA:-build-cuda}"
+DEST="$HOME/.cache/streamdiffusion/libtorch-cuda-$VERSION"
+say() { echo "cuda-compile-check: $*" >&2; }
+export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}"
+
+T2="$(bash scripts/fetch-libtorch2.sh)"
+DL="$T2/download"
+if [ ! -f "$DEST/.complete" ]; then
+  WHEEL="$(ls "$DL"/torch-"$VERSION"-*.whl 2>/dev/null | head -1)"
+  RUNTIME="$(ls "$DL"/nvidia_cuda_runtime*.whl 2>/dev/null | head -1)"
+  [ -n "$WHEEL" ] && [ -n "$RUNTIME" ] || { say "the torch / CUDA runtime wheels are not in $DL"; exit 1; }
+  rm -rf "$DEST"
+  mkdir -p "$DEST"
+  say "unpacking the CUDA half of $(basename "$WHEEL") and the CUDA runtime headers into $DEST"
+  python3 - "$WHEEL" "$RUNTIME" "$DEST" <<'EOF'
+import sys, zipfile
+wheel, runtime, dest = sys.argv[1:4]
+keep = ("torch/include/", "torch/share/cmake/", "torch/version.py", "torch/lib/libtorch.so", "torch/lib/libtorch_cpu.so",
+        "torch/lib/libtorch_cuda.so", "torch/lib/libc10.so", "torch/lib/libc10_cuda.so", "torch/lib/libgomp",
+        "torch/lib/libgfortran", "torch/lib/libtorch_cuda_linalg.so", "torch/lib/libtorch_nvshmem.so",
+        "torch/lib/libcaffe2_nvrtc.so")
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(dest, [n for n in z.namelist() if n.startswith(keep)])
+with zipfile.ZipFile(runtime) as z:
+    # nvidia/cu13/include (CUDA 13 wheels) or nvidia/cuda_runtime/include (CUDA 12): beside torch/, where CMake looks.
+    z.extractall(dest, [n for n in z.namelist() if "/include/" in n])
+EOF
+  # As fetch-libtorch2.sh: the wheel's fmt 12 would shadow Debian's fmt 9 (spdlog); pybind11 is not built here.
+  rm -rf "$DEST/torch/include/fmt" "$DEST/torch/include/pybind11"
+  cp "$T2/torch/cxx11_abi" "$DEST/torch/cxx11_abi"
+  touch "$DEST/.complete"
+fi
+say "libtorch $VERSION with CUDA in $DEST/torch ($(du -sh "$DEST" | cut -f1))"
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSD_TORCH_DIR="$DEST/torch" -DSD_BUILD_PYTHON=OFF \
+  -DSD_ENGINE_ONLY=ON "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined" > "$BUILD_DIR.configure.log" 2>&1 ||
+  { cat "$BUILD_DIR.configure.log"; exit 1; }
+grep "streamdiffusion: libtorch" "$BUILD_DIR.configure.log"
+grep -q "CUDA ON" "$BUILD_DIR.configure.log" || { say "the configuration did not see CUDA"; exit 1; }
+cmake --build "$BUILD_DIR" -j "$(nproc)" --target streamdiffusion test_device
+# What was built is CUDA code: the CLI links libtorch_cuda and ours calls into at::cuda (the CUDA graphs).
+readelf -d "$BUILD_DIR/apps/streamdiffusion" | grep -q "libtorch_cuda.so" ||
+  { say "the CLI does not link libtorch_cuda.so"; exit 1; }
+nm -C "$BUILD_DIR/apps/streamdiffusion" | grep -q "at::cuda::CUDAGraph::replay" ||
+  { say "the CLI has no CUDA graph code (SD_WITH_CUDA not in effect?)"; exit 1; }
+echo "CUDA compile check: OK (streamdiffusion and test_device compiled and linked against libtorch $VERSION with CUDA)"

@@ -1,0 +1,145 @@
+// CUDA graphs of the stream's fixed-shape components (core/cuda_graph.h, StreamConfig::cuda_graphs).
+// Here (CPU) they check the pass-through: GraphCache runs the function eagerly and counts it, and a stream with graphs
+// on equals one with graphs off bit for bit. On a GPU host (scripts/gpu-check.sh: SD_TEST_DEVICE=cuda,
+// SD_TEST_DTYPE=fp16 / fp32) the same tests check that graphs were recorded and replayed, that a t_index_list change
+// (another UNet batch shape) records a new graph, and that the replayed stream's outputs equal the eager stream's:
+// the same kernels on the same inputs, so within fp32 / fp16 rounding of a different cuDNN / cuBLAS algorithm choice
+// between the eager warm-up and the capture (bound: 1e-4 of the output range in fp32, 1e-2 in fp16).
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include "common/fixtures.h"
+#include "core/cuda_graph.h"
+#include "core/device.h"
+#include "pipeline/diffusion_models.h"
+#include "pipeline/stream_diffusion.h"
+
+namespace sd {
+namespace {
+
+TEST(GraphCache, OffTheGpuEveryCallRunsTheFunction) {
+  GraphCache cache;
+  int calls = 0;
+  auto fn = [&](const std::vector<at::Tensor>& in) {
+    ++calls;
+    return std::vector<at::Tensor>{in[0] * 2 + 1, at::Tensor()};
+  };
+  const auto x = torch::arange(6, torch::kFloat).reshape({2, 3});
+  for (int i = 0; i < 3; ++i) {
+    const auto out = cache.run("f", {x, at::Tensor()}, fn);
+    ASSERT_EQ(out.size(), 2u);
+    EXPECT_TRUE(torch::equal(out[0], x * 2 + 1));
+    EXPECT_FALSE(out[1].defined());
+  }
+  EXPECT_EQ(calls, 3);
+  const auto c = cache.counts();
+  EXPECT_EQ(c.eager, 3);
+  EXPECT_EQ(c.captures, 0);
+  EXPECT_EQ(c.replays, 0);
+  EXPECT_EQ(c.graphs, 0u);
+}
+
+TEST(GraphCache, DisabledRunsEagerly) {
+  GraphCache cache;
+  cache.set_enabled(false);
+  EXPECT_FALSE(cache.enabled());
+  int calls = 0;
+  const auto x = torch::ones({4});
+  for (int i = 0; i < 2; ++i)
+    cache.run("g", {x}, [&](const std::vector<at::Tensor>& in) {
+      ++calls;
+      return std::vector<at::Tensor>{in[0] + 1};
+    });
+  EXPECT_EQ(calls, 2);
+  EXPECT_EQ(cache.counts().eager, 2);
+}
+
+struct GraphCase {
+  std::string model;
+  std::string mode;  // txt2img | img2img
+  CfgType cfg;
+};
+void PrintTo(const GraphCase& c, std::ostream* os) { *os << c.model << "/" << c.mode << "/" << cfg_type_name(c.cfg); }
+
+class StreamGraphs : public ::testing::TestWithParam<GraphCase> {};
+
+TEST_P(StreamGraphs, ReplayedStreamEqualsEagerStream) {
+  const GraphCase& gc = GetParam();
+  if (!test::fixture_exists("models/" + gc.model)) GTEST_SKIP() << "no fixture " << gc.model;
+  const c10::Device device = test::test_device();
+  const c10::ScalarType dtype = test::test_dtype();
+  if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
+  LoadOptions lo;
+  lo.device = device.str();
+  lo.dtype = dtype;
+  lo.threads = -1;
+  const auto models = load_pipeline(test::fixture_path("models/" + gc.model), lo);
+
+  StreamConfig config;
+  config.width = config.height = 64;
+  config.t_index_list = {20, 35};
+  config.cfg_type = gc.cfg;
+  config.guidance_scale = 1.4;
+  config.seed = 7;
+  StreamConfig eager_config = config;
+  eager_config.cuda_graphs = false;
+  StreamDiffusion graphed(models, config), eager(models, eager_config);
+  graphed.prepare("a red fox in the snow", "blurry");
+  eager.prepare("a red fox in the snow", "blurry");
+
+  const auto frame = [&](int i) {
+    return (torch::rand({1, 3, 64, 64}, torch::TensorOptions().dtype(torch::kFloat)) * 2 - 1) * (1.0 - 0.05 * i);
+  };
+  torch::manual_seed(3);
+  const double tol = device.is_cpu() ? 0.0 : (dtype == c10::kHalf ? 1e-2 : 1e-4);
+  auto check = [&](int call) {
+    torch::Tensor a, b;
+    if (gc.mode == "img2img") {
+      const auto x = frame(call);
+      a = graphed.img2img(x);
+      b = eager.img2img(x);
+    } else {
+      a = graphed.txt2img();
+      b = eager.txt2img();
+    }
+    const auto af = a.to(torch::kCPU, torch::kFloat), bf = b.to(torch::kCPU, torch::kFloat);
+    const double range = std::max(1e-6, bf.abs().max().item<double>());
+    const double diff = (af - bf).abs().max().item<double>();
+    EXPECT_LE(diff, tol * range) << "call " << call << ": graphs on vs off, max|diff| " << diff << " of range " << range;
+  };
+  for (int call = 0; call < 5; ++call) check(call);
+  // Another UNet batch shape (three steps): a new graph, and the outputs still agree.
+  graphed.set_t_index_list({10, 25, 40});
+  eager.set_t_index_list({10, 25, 40});
+  for (int call = 5; call < 9; ++call) check(call);
+
+  const StreamStats& s = graphed.stats();
+  if (device.is_cuda() && GraphCache::compiled()) {
+    // UNet + decode (+ TAESD encode for img2img), once per shape; the first call per shape is the eager warm-up.
+    EXPECT_GE(s.graph_captures, 4) << "expected UNet and decode graphs for both batch shapes";
+    EXPECT_GE(s.graph_replays, 8);
+    std::cout << "[graphs] " << gc.model << " " << gc.mode << " " << cfg_type_name(gc.cfg) << ": " << s.graph_captures
+              << " captures, " << s.graph_replays << " replays\n";
+  } else {
+    EXPECT_EQ(s.graph_captures, 0);
+    EXPECT_EQ(s.graph_replays, 0);
+  }
+  EXPECT_EQ(eager.stats().graph_replays, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, StreamGraphs,
+                         ::testing::Values(GraphCase{"tiny-sd15", "txt2img", CfgType::None},
+                                           GraphCase{"tiny-sd15", "img2img", CfgType::Self},
+                                           GraphCase{"tiny-sd21", "img2img", CfgType::Full},
+                                           GraphCase{"tiny-sd21", "txt2img", CfgType::Initialize}),
+                         [](const auto& info) {
+                           std::string n = info.param.model + "_" + info.param.mode + "_" +
+                                           cfg_type_name(info.param.cfg);
+                           for (auto& ch : n)
+                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return n;
+                         });
+
+}  // namespace
+}  // namespace sd
