@@ -171,6 +171,7 @@ class StreamStats:
     controlnet_calls: int
     controlnet_reused: int
     image_prompt_encodes: int
+    batched_calls: int
     controlnet_s: float
     text_encode_s: float
     image_encode_s: float
