@@ -973,7 +973,7 @@ class Bench {
       std::cout << "\n" << std::flush;
       return;
     }
-    std::cout << std::left << std::setw(11) << r.section << std::setw(15) << r.name << std::setw(44)
+    std::cout << std::left << std::setw(11) << r.section + " " << std::setw(15) << r.name << std::setw(44)
               << r.variant.substr(0, 43) << std::setw(6) << r.dtype << std::right << std::setw(5) << r.size
               << std::setw(4) << r.batch << std::fixed << std::setprecision(4) << std::setw(10) << r.timing.median
               << std::setw(10) << r.timing.min << std::setprecision(2) << std::setw(9) << r.timing.fps();
@@ -1094,7 +1094,7 @@ class Bench {
     if (!comparisons_.empty()) {
       std::cout << "\ncomparisons (speed-up = baseline time / candidate time)\n";
       for (const auto& c : comparisons_)
-        std::cout << "  " << std::left << std::setw(8) << c["section"].get<std::string>() << std::setw(62)
+        std::cout << "  " << std::left << std::setw(8) << c["section"].get<std::string>() + " " << std::setw(62)
                   << c["what"].get<std::string>() << std::right << std::fixed << std::setprecision(4)
                   << std::setw(9) << c["baseline_s"].get<double>() << " s -> " << std::setw(9)
                   << c["candidate_s"].get<double>() << " s  x" << std::setprecision(2)
