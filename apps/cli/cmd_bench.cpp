@@ -41,6 +41,7 @@
 #include "pipeline/controlnet.h"
 #include "models/layers.h"
 #include "pipeline/diffusion_models.h"
+#include "pipeline/multi_stream.h"
 #include "pipeline/stream_diffusion.h"
 
 namespace {
@@ -49,6 +50,8 @@ using namespace sd::bench;
 using Clock = std::chrono::steady_clock;
 
 const std::vector<std::string> kSections{"components", "e2e", "ablation", "batch", "cfg", "vae", "filter", "flicker"};
+// Sections that run only when named (not part of "all"): multistream times K streams one by one vs batched.
+const std::vector<std::string> kExtraSections{"multistream"};
 
 struct BenchOptions {
   std::string model;
@@ -86,6 +89,7 @@ struct BenchOptions {
   std::vector<std::string> controlnets;  // --controlnet DIR|FILE[:SCALE], repeatable
   int controlnet_every = 1;              // --controlnet-every N
   int deep_cache_every = 1;              // --deep-cache-every K (extra e2e rows)
+  std::string streams = "1,2,4,8,16";    // --streams: stream counts of the multistream section
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -184,9 +188,11 @@ class Bench {
         sections_ = kSections;
         continue;
       }
-      if (std::find(kSections.begin(), kSections.end(), s) == kSections.end())
+      if (std::find(kSections.begin(), kSections.end(), s) == kSections.end() &&
+          std::find(kExtraSections.begin(), kExtraSections.end(), s) == kExtraSections.end())
         throw sd::InvalidArgument("bench --sections: unknown section '" + s +
-                                  "' (expected all or any of components,e2e,ablation,batch,cfg,vae,filter,flicker)");
+                                  "' (expected all or any of components,e2e,ablation,batch,cfg,vae,filter,flicker,"
+                                  "multistream)");
       if (std::find(sections_.begin(), sections_.end(), s) == sections_.end()) sections_.push_back(s);
     }
     if (sections_.empty()) throw sd::InvalidArgument("bench --sections is empty");
@@ -226,6 +232,20 @@ class Bench {
     t_img_ = sd::cli::parse_index_list(o_.img2img_t);
     t_multi_ = sd::cli::parse_index_list(o_.multi_t);
     t_abl_ = sd::cli::parse_index_list(o_.ablation_t);
+    for (const auto& k : split_list(o_.streams)) {
+      int64_t v = 0;
+      try {
+        size_t used = 0;
+        v = std::stoll(k, &used);
+        if (used != k.size()) v = 0;
+      } catch (const std::exception&) {
+        v = 0;
+      }
+      if (v < 1 || v > 256)
+        throw sd::InvalidArgument("bench --streams: '" + k + "' is not a stream count in 1..256 (e.g. 1,2,4,8,16)");
+      streams_.push_back(v);
+    }
+    if (want("multistream") && streams_.empty()) throw sd::InvalidArgument("bench --streams is empty");
     if (want("cfg") && !(o_.guidance > 1.0))
       throw sd::InvalidArgument("bench --guidance must be > 1 for the cfg section (guidance is off at <= 1)");
     if (!o_.chart_path.empty() && !chart_available())
@@ -345,6 +365,7 @@ class Bench {
             stream_row(m, "cfg", "img2img", dt, size, ae, c, t_multi_, true);
         if (want("filter")) filter_row(m, dt, size, ae);
         if (want("flicker")) flicker_rows(m, dt, size, ae);
+        if (want("multistream")) multistream_rows(m, dt, size, ae);
       }
       if (want("ablation")) ablation_rows(m, dt, size, ae, primary);
     }
@@ -637,6 +658,106 @@ class Bench {
     add(id, r);
   }
 
+  // Many streams, one UNet call (pipeline/multi_stream.h): K img2img streams (cfg self, --multi-t-index, each its own
+  // prompt, seed and frame) run one by one (K img2img calls per round) and batched (one sd::run_stream_calls per
+  // round: one UNet call over all their rows, one decode), in the same run, rounds interleaved (alternating which
+  // goes first). Rows: the median seconds per round; fps_total = K / median.
+  void multistream_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                        const std::string& ae) {
+    torch::NoGradGuard ng;
+    const std::string ds = sd::dtype_name(dt) + "/" + std::to_string(size);
+    const sd::CfgType cfg = sd::CfgType::Self;
+    nlohmann::json table = nlohmann::json::array();
+    for (int64_t k : streams_) {
+      const std::string variant = "k=" + std::to_string(k) + " ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) +
+                                  " t=" + join(t_multi_);
+      const std::string id_one = "multistream/one-by-one/" + variant + "/" + ds;
+      const std::string id_many = "multistream/batched/" + variant + "/" + ds;
+      if (find(id_one) && find(id_many)) continue;
+      std::vector<std::unique_ptr<sd::StreamDiffusion>> one, many;
+      std::vector<torch::Tensor> frames;
+      for (int64_t i = 0; i < k; ++i) {
+        sd::StreamConfig c = stream_config(size, cfg, t_multi_, true);
+        c.seed = 1000 + static_cast<uint64_t>(i);
+        const std::string prompt = o_.prompt + ", variation " + std::to_string(i);
+        for (auto* v : {&one, &many}) {
+          v->push_back(std::make_unique<sd::StreamDiffusion>(m, c));
+          v->back()->prepare(prompt, o_.negative_prompt);
+        }
+        frames.push_back(torch::rand({3, size, size}) * 2 - 1);
+      }
+      std::vector<sd::StreamCall> calls;
+      for (int64_t i = 0; i < k; ++i) calls.push_back({many[i].get(), frames[i]});
+      sd::MultiStreamStats ms;
+      auto round_one = [&] {
+        for (int64_t i = 0; i < k; ++i) one[i]->img2img(frames[i]);
+      };
+      auto round_many = [&] { sd::run_streams_batched(calls, {}, &ms); };
+      const int warm = o_.warmup + static_cast<int>(t_multi_.size()) - 1;
+      for (int w = 0; w < std::max(1, warm); ++w) {
+        round_one();
+        round_many();
+      }
+      const sd::MultiStreamStats ms0 = ms;
+      std::vector<double> a, b;
+      auto timed = [&](const std::function<void()>& fn, std::vector<double>& out) {
+        const auto t0 = Clock::now();
+        fn();
+        sync(device_);
+        out.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      };
+      for (int f = 0; f < o_.frames; ++f) {
+        if (f % 2 == 0) {
+          timed(round_one, a);
+          timed(round_many, b);
+        } else {
+          timed(round_many, b);
+          timed(round_one, a);
+        }
+      }
+      Result r1, r2;
+      for (Result* r : {&r1, &r2}) {
+        r->section = "multistream";
+        r->dtype = sd::dtype_name(dt);
+        r->size = size;
+        r->batch = k;
+        r->steps = static_cast<int64_t>(t_multi_.size());
+      }
+      r1.name = "one-by-one";
+      r2.name = "batched";
+      r1.variant = r2.variant = variant;
+      r1.timing = summarize(a);
+      r2.timing = summarize(b);
+      const double fps1 = r1.timing.median > 0 ? static_cast<double>(k) / r1.timing.median : 0;
+      const double fps2 = r2.timing.median > 0 ? static_cast<double>(k) / r2.timing.median : 0;
+      const double ratio = fps1 > 0 ? fps2 / fps1 : 0;
+      const int64_t rows = k * one[0]->unet_batch_size();
+      r1.extra = {{"streams", k}, {"fps_total", fps1}, {"unet_calls_per_round", k}, {"unet_rows_per_call",
+                   one[0]->unet_batch_size()}, {"cfg", sd::cfg_type_name(cfg)}, {"t_index_list", t_multi_}};
+      r2.extra = {{"streams", k},
+                  {"fps_total", fps2},
+                  {"speedup_vs_one_by_one", ratio},
+                  {"unet_calls_per_round", 1},
+                  {"unet_rows_per_call", rows},
+                  {"shared_unet_calls", ms.shared_unet_calls - ms0.shared_unet_calls},
+                  {"cfg", sd::cfg_type_name(cfg)},
+                  {"t_index_list", t_multi_}};
+      add(id_one, r1);
+      add(id_many, r2);
+      std::cout << "           " << k << " streams: one by one " << std::fixed << std::setprecision(2) << fps1
+                << " fps total, batched " << fps2 << " fps total, x" << ratio << "\n";
+      compare("multistream", std::to_string(k) + " streams batched vs one by one (a round of " + std::to_string(k) +
+                                 " frames), " + sd::dtype_name(dt) + " " + std::to_string(size) + " px",
+              id_one, id_many);
+      table.push_back({{"streams", k}, {"one_by_one_fps", fps1}, {"batched_fps", fps2}, {"ratio", ratio},
+                       {"one_by_one_s_per_round", r1.timing.median}, {"batched_s_per_round", r2.timing.median}});
+    }
+    if (!table.empty())
+      multistream_json_.push_back({{"dtype", sd::dtype_name(dt)}, {"size", size}, {"autoencoder", ae},
+                                   {"cfg", sd::cfg_type_name(cfg)}, {"t_index_list", t_multi_}, {"rounds", o_.frames},
+                                   {"rows", table}});
+  }
+
   void filter_row(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
                   const std::string& ae) {
     const Result& base = stream_row(m, "filter", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
@@ -862,7 +983,7 @@ class Bench {
       std::cout << "\n" << std::flush;
       return;
     }
-    std::cout << std::left << std::setw(11) << r.section << std::setw(15) << r.name << std::setw(44)
+    std::cout << std::left << std::setw(11) << r.section + " " << std::setw(15) << r.name << std::setw(44)
               << r.variant.substr(0, 43) << std::setw(6) << r.dtype << std::right << std::setw(5) << r.size
               << std::setw(4) << r.batch << std::fixed << std::setprecision(4) << std::setw(10) << r.timing.median
               << std::setw(10) << r.timing.min << std::setprecision(2) << std::setw(9) << r.timing.fps();
@@ -994,7 +1115,7 @@ class Bench {
     if (!comparisons_.empty()) {
       std::cout << "\ncomparisons (speed-up = baseline time / candidate time)\n";
       for (const auto& c : comparisons_)
-        std::cout << "  " << std::left << std::setw(8) << c["section"].get<std::string>() << std::setw(62)
+        std::cout << "  " << std::left << std::setw(8) << c["section"].get<std::string>() + " " << std::setw(62)
                   << c["what"].get<std::string>() << std::right << std::fixed << std::setprecision(4)
                   << std::setw(9) << c["baseline_s"].get<double>() << " s -> " << std::setw(9)
                   << c["candidate_s"].get<double>() << " s  x" << std::setprecision(2)
@@ -1087,6 +1208,7 @@ class Bench {
     }
     j["comparisons"] = comparisons_.empty() ? nlohmann::json::array() : nlohmann::json(comparisons_);
     j["ablation"] = ablation_json_;
+    if (!multistream_json_.empty()) j["multistream"] = multistream_json_;
     j["peak_rss_mib"] = peak_rss_mib();
     if (!o_.json_path.empty()) {
       std::ofstream out(o_.json_path);
@@ -1122,6 +1244,8 @@ class Bench {
   std::vector<nlohmann::json> comparisons_;
   std::map<int64_t, std::vector<AblationRow>> ablation_;
   nlohmann::json ablation_json_ = nlohmann::json::array();
+  std::vector<int64_t> streams_;                              // --streams (multistream section)
+  nlohmann::json multistream_json_ = nlohmann::json::array();  // one table per dtype and size
 };
 
 sd::cli::Runner setup_bench(CLI::App& app) {
@@ -1137,7 +1261,11 @@ sd::cli::Runner setup_bench(CLI::App& app) {
                  "with AVX512-BF16/AMX, fp16 on CUDA, else fp32); the ablation adds what it needs")
       ->capture_default_str();
   app.add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
-  app.add_option("--sections", o->sections, "all, or any of components,e2e,ablation,batch,cfg,vae,filter,flicker")
+  app.add_option("--sections", o->sections,
+                 "all, or any of components,e2e,ablation,batch,cfg,vae,filter,flicker; multistream (not in all) "
+                 "times --streams img2img streams one by one vs batched into one UNet call per round")
+      ->capture_default_str();
+  app.add_option("--streams", o->streams, "multistream section: stream counts, comma-separated")
       ->capture_default_str();
   app.add_option("--threads", o->threads, "intra-op threads (0 = all cores)")->capture_default_str();
   app.add_option("--iters", o->iters, "timed runs per component measurement (median)")->capture_default_str();

@@ -80,6 +80,11 @@ sd::cli::Runner setup_serve(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--max-api-pending", o->s.max_api_pending, "API images waiting for the model at once (503 beyond)")
       ->capture_default_str();
+  app.add_option("--max-batch-streams", o->s.max_batch_streams,
+                 "most clients whose pending frames run in ONE UNet call (their stream-batch rows concatenated; each "
+                 "keeps its own timesteps, prompt, RCFG state and noise); 1 = one client per model step")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
   app.add_option("--send-queue", o->s.send_queue_frames,
                  "output frames queued per client; a slow client loses its oldest unsent frames")
       ->capture_default_str();
@@ -171,15 +176,18 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     const std::string host = o->s.host.find(':') != std::string::npos ? "[" + o->s.host + "]" : o->s.host;
     std::printf("listening on http://%s:%u/\n", host.c_str(), static_cast<unsigned>(server.port()));
     std::fflush(stdout);
-    sd::log::info("serving {} on http://{}:{}/ ({} stream slots, {}x{})", o->s.web_root, host, server.port(),
-                  o->s.max_streams, d.img2img.width, d.img2img.height);
+    sd::log::info("serving {} on http://{}:{}/ ({} stream slots, {}x{}, up to {} streams per UNet call)",
+                  o->s.web_root, host, server.port(), o->s.max_streams, d.img2img.width, d.img2img.height,
+                  o->s.max_batch_streams);
     while (sd::SignalGuard::pending() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     const int sig = sd::SignalGuard::pending();
     sd::log::info("{}: shutting down", sd::SignalGuard::name(sig));
     server.stop();
     const auto s = server.stats();
-    sd::log::info("served {} streams, {} model steps, {} HTTP requests", s["streams_total"].get<int64_t>(),
-                  s["worker"]["steps"].get<int64_t>(), s["http_requests"].get<int64_t>());
+    sd::log::info("served {} streams, {} model steps ({} shared UNet calls for {} stream calls), {} HTTP requests",
+                  s["streams_total"].get<int64_t>(), s["worker"]["steps"].get<int64_t>(),
+                  s["worker"]["batched_calls"].get<int64_t>(), s["worker"]["batched_streams"].get<int64_t>(),
+                  s["http_requests"].get<int64_t>());
     return 0;
   };
 }

@@ -192,6 +192,8 @@ argument > the model's streamdiffusion.json > its family's defaults > built-in (
       .def_readonly("image_prompt_encodes", &sd::StreamStats::image_prompt_encodes)
       .def_readonly("unet_shallow_calls", &sd::StreamStats::unet_shallow_calls,
                     "UNet calls that ran only the first level on cached deep features (deep_cache_every)")
+      .def_readonly("batched_calls", &sd::StreamStats::batched_calls,
+                    "calls whose UNet rows ran in one UNet call shared with other streams (multi-stream batching)")
       .def_readonly("deep_cache_forced", &sd::StreamStats::deep_cache_forced,
                     "full UNet calls forced by an input below deep_cache_min_similarity")
       .def_readonly("graph_replays", &sd::StreamStats::graph_replays,

@@ -179,6 +179,7 @@ class StreamStats:
     deep_cache_forced: int
     graph_replays: int
     graph_captures: int
+    batched_calls: int
     controlnet_s: float
     text_encode_s: float
     image_encode_s: float

@@ -610,10 +610,24 @@ void StreamDiffusion::set_similarity_filter(const SimilarityFilterOptions& optio
 // ---- One call (spec §3.2–§3.5) --------------------------------------------------------------------------------
 
 torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
+  torch::NoGradGuard no_grad;
+  CallState call = begin_img2img(images);
+  if (call.done) return call.output;
+  return complete_call(call);
+}
+
+torch::Tensor StreamDiffusion::txt2img() {
+  torch::NoGradGuard no_grad;
+  CallState call = begin_txt2img();
+  return complete_call(call);
+}
+
+StreamDiffusion::CallState StreamDiffusion::begin_img2img(const torch::Tensor& images) {
   require_prepared("img2img");
   torch::NoGradGuard no_grad;
   refresh_prompts();
-  const auto start = Clock::now();
+  CallState call;
+  call.start = Clock::now();
   const int64_t F = config_.frame_buffer_size;
   Tensor x = images.dim() == 3 ? images.unsqueeze(0) : images;
   if (x.dim() != 4 || x.size(0) != F || x.size(1) != 3 || x.size(2) != config_.height ||
@@ -632,7 +646,9 @@ torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
       ++stats_.skipped;
       if (config_.similarity_filter.sleep_on_skip && stats_.ema_call_s > 0)
         std::this_thread::sleep_for(std::chrono::duration<double>(stats_.ema_call_s));
-      return prev_output_;
+      call.done = true;
+      call.output = prev_output_;
+      return call;
     }
     if (last_decision_.forced) ++stats_.forced;
   }
@@ -670,21 +686,24 @@ torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
   // Step 4: x_t = α_0·z + β_0·init_noise — per-frame noise rows [0, F); the original uses row 0 for every frame.
   // (Rows [0, F) of α/β all hold t_0, so row 0 broadcasts.)
   const Tensor noise = head_rows() ? init_noise_[0] : init_noise_.slice(0, 0, F);
-  const Tensor x_t = add_noise(x_in, noise, alpha_[0], beta_[0]);
-  return run_stream(x_t, start);
+  call.x_t = add_noise(x_in, noise, alpha_[0], beta_[0]);
+  begin_unet_rows(call);
+  return call;
 }
 
-torch::Tensor StreamDiffusion::txt2img() {
+StreamDiffusion::CallState StreamDiffusion::begin_txt2img() {
   require_prepared("txt2img");
   torch::NoGradGuard no_grad;
   refresh_prompts();
-  const auto start = Clock::now();
+  CallState call;
+  call.start = Clock::now();
   ++stats_.calls;
   advance_transitions();
-  const Tensor x = rng_->randn({config_.frame_buffer_size, models_->latent_channels(), latent_height(), latent_width()},
-                               "txt2img: latent")
-                       .to(device_, dtype_);
-  return run_stream(x, start);
+  call.x_t = rng_->randn({config_.frame_buffer_size, models_->latent_channels(), latent_height(), latent_width()},
+                         "txt2img: latent")
+                 .to(device_, dtype_);
+  begin_unet_rows(call);
+  return call;
 }
 
 torch::Tensor StreamDiffusion::txt2img_one_shot() {
@@ -715,22 +734,79 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
   return out;
 }
 
-torch::Tensor StreamDiffusion::run_stream(const torch::Tensor& x_t_latent, Clock::time_point start) {
-  trace("x_t_latent_in", x_t_latent);
+void StreamDiffusion::begin_unet_rows(CallState& call) {
+  trace("x_t_latent_in", call.x_t);
   begin_stream_call();
-  const Tensor x0 = predict_x0_batch(x_t_latent);
-  trace("x_0_pred_out", x0);
+  if (!config_.use_denoising_batch) return;  // sequential mode: its UNet calls happen in complete_call
+  const int64_t n = denoising_steps(), F = config_.frame_buffer_size, B = batch_size();
+  call.x = call.x_t;
+  if (n > 1) {
+    // Step 5: the stream batch [new frames; buffer] (row group j at t_j), and the RCFG state shifted by F rows.
+    call.x = torch::cat({call.x_t, x_t_latent_buffer_}, 0);
+    stock_noise_ = torch::cat({init_noise_.slice(0, 0, F), stock_noise_.slice(0, 0, B - F)}, 0);
+  }
+  std::tie(call.x_in, call.t_in) = unet_layout(call.x, t_sub_);
+}
+
+torch::Tensor StreamDiffusion::finish_unet(CallState& call, const torch::Tensor& pred) {
+  const int64_t n = denoising_steps(), F = config_.frame_buffer_size, B = batch_size();
+  const Tensor x0 = after_unet(call.x, call.x_in, pred, -1);
+  Tensor out = x0;  // n == 1: all F rows, no buffer
+  if (n > 1) {
+    // Step 8: output the last F rows; re-noise the others to their next timestep with the fixed noise rows.
+    out = x0.slice(0, B - F);
+    const Tensor x0_head = x0.slice(0, 0, B - F);
+    if (config_.do_add_noise)
+      x_t_latent_buffer_ = alpha_.slice(0, F) * x0_head + beta_.slice(0, F) * init_noise_.slice(0, F);
+    else
+      x_t_latent_buffer_ = alpha_.slice(0, F) * x0_head;
+  }
+  trace("x_0_pred_out", out);
+  return out;
+}
+
+torch::Tensor StreamDiffusion::finish_call(CallState& call, const torch::Tensor& latent, const torch::Tensor& image) {
   // The output latent of a real frame (past the n − 1 warm-up calls of the denoising batch) feeds latent feedback.
   ++calls_since_reset_;
   const int64_t warmup = config_.use_denoising_batch ? denoising_steps() - 1 : 0;
-  prev_output_latent_ = calls_since_reset_ > warmup ? x0 : Tensor();
-  Tensor out = decode(x0);
-  prev_output_ = out;
+  prev_output_latent_ = calls_since_reset_ > warmup ? latent : Tensor();
+  prev_output_ = image;
   ++stats_.processed;
-  const double dt = seconds_since(start);
+  const double dt = seconds_since(call.start);
   stats_.total_s += dt;
   stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * dt;
-  return out;
+  return image;
+}
+
+torch::Tensor StreamDiffusion::complete_call(CallState& call) {
+  Tensor latent;
+  if (config_.use_denoising_batch) {
+    const Tensor pred = call_unet(call.x_in, call.t_in, prompt_embeds_, added_);
+    latent = finish_unet(call, pred);
+  } else {
+    latent = predict_x0_sequential(call.x_t);
+    trace("x_0_pred_out", latent);
+  }
+  return finish_call(call, latent, decode(latent));
+}
+
+void StreamDiffusion::record_shared_unet(const CallState& call, const torch::Tensor& pred, double seconds) {
+  const std::string k = "unet" + std::to_string(unet_call_index_++);
+  trace(k + ".sample", call.x_in);
+  trace(k + ".timestep", call.t_in);
+  stats_.unet_s += seconds;
+  ++stats_.unet_calls;
+  ++stats_.batched_calls;
+  stats_.unet_rows += call.x_in.size(0);
+  trace(k + ".out", pred);
+}
+
+std::string StreamDiffusion::batch_blocker() const {
+  if (!prepared_) return "not prepared";
+  if (!config_.use_denoising_batch) return "sequential mode (use_denoising_batch false) makes one UNet call per step";
+  if (!controlnets_.empty()) return "ControlNets run on the stream's own UNet batch";
+  if (config_.deep_cache_every > 1) return "the deep-feature cache (deep_cache_every > 1) keeps per-stream UNet features";
+  return "";
 }
 
 torch::Tensor StreamDiffusion::decode(const torch::Tensor& latent) {
@@ -920,28 +996,8 @@ void StreamDiffusion::set_controlnet_every(int64_t n) {
   reset_deep_cache();
 }
 
-torch::Tensor StreamDiffusion::predict_x0_batch(torch::Tensor x_t_latent) {
-  const int64_t n = denoising_steps(), F = config_.frame_buffer_size, B = batch_size();
-
-  if (config_.use_denoising_batch) {
-    Tensor x = x_t_latent;
-    if (n > 1) {
-      // Step 5: the stream batch [new frames; buffer] (row group j at t_j), and the RCFG state shifted by F rows.
-      x = torch::cat({x_t_latent, x_t_latent_buffer_}, 0);
-      stock_noise_ = torch::cat({init_noise_.slice(0, 0, F), stock_noise_.slice(0, 0, B - F)}, 0);
-    }
-    const Tensor x0 = unet_step(x, t_sub_, -1);
-    if (n == 1) return x0;  // all F rows; no buffer
-    // Step 8: output the last F rows; re-noise the others to their next timestep with the fixed noise rows.
-    const Tensor out = x0.slice(0, B - F);
-    const Tensor x0_head = x0.slice(0, 0, B - F);
-    if (config_.do_add_noise)
-      x_t_latent_buffer_ = alpha_.slice(0, F) * x0_head + beta_.slice(0, F) * init_noise_.slice(0, F);
-    else
-      x_t_latent_buffer_ = alpha_.slice(0, F) * x0_head;
-    return out;
-  }
-
+torch::Tensor StreamDiffusion::predict_x0_sequential(const torch::Tensor& x_t_latent) {
+  const int64_t n = denoising_steps(), F = config_.frame_buffer_size;
   // Sequential mode (spec §3.8), including the original's quirk of overwriting init_noise with the input latent.
   init_noise_ = x_t_latent;
   Tensor x = x_t_latent, x0;
@@ -960,21 +1016,28 @@ torch::Tensor StreamDiffusion::predict_x0_batch(torch::Tensor x_t_latent) {
   return x0;
 }
 
-torch::Tensor StreamDiffusion::unet_step(const torch::Tensor& x, const torch::Tensor& t_list, int64_t idx) {
+std::pair<torch::Tensor, torch::Tensor> StreamDiffusion::unet_layout(const torch::Tensor& x,
+                                                                     const torch::Tensor& t_list) const {
   const int64_t F = config_.frame_buffer_size;
   const bool guided = guidance_active();
   const CfgType cfg = config_.cfg_type;
-
   // UNet batch layouts (spec §4.1).
-  Tensor x_in = x, t_in = t_list;
-  if (guided && cfg == CfgType::Initialize) {
-    x_in = torch::cat({x.slice(0, 0, F), x}, 0);
-    t_in = torch::cat({t_list.slice(0, 0, F), t_list}, 0);
-  } else if (guided && cfg == CfgType::Full) {
-    x_in = torch::cat({x, x}, 0);
-    t_in = torch::cat({t_list, t_list}, 0);
-  }
-  Tensor pred = call_unet(x_in, t_in, prompt_embeds_, added_);
+  if (guided && cfg == CfgType::Initialize)
+    return {torch::cat({x.slice(0, 0, F), x}, 0), torch::cat({t_list.slice(0, 0, F), t_list}, 0)};
+  if (guided && cfg == CfgType::Full) return {torch::cat({x, x}, 0), torch::cat({t_list, t_list}, 0)};
+  return {x, t_list};
+}
+
+torch::Tensor StreamDiffusion::unet_step(const torch::Tensor& x, const torch::Tensor& t_list, int64_t idx) {
+  const auto [x_in, t_in] = unet_layout(x, t_list);
+  return after_unet(x, x_in, call_unet(x_in, t_in, prompt_embeds_, added_), idx);
+}
+
+torch::Tensor StreamDiffusion::after_unet(const torch::Tensor& x, const torch::Tensor& x_in, torch::Tensor pred,
+                                          int64_t idx) {
+  const int64_t F = config_.frame_buffer_size;
+  const bool guided = guidance_active();
+  const CfgType cfg = config_.cfg_type;
   if (scheduler_.config().prediction_type == "v_prediction") {
     // A v-predicting UNet (SD 2.x 768-v): ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t per UNet row, so guidance, RCFG and the
     // LCM step below stay the ε formulas of the original (guidance is linear, so guiding v or ε is the same).

@@ -103,6 +103,10 @@ struct StreamStats {
   int64_t image_prompt_encodes = 0;  // IP-Adapter image prompts through the image encoder (once per image)
   int64_t graph_replays = 0;         // UNet / encode / decode calls answered by a CUDA graph replay
   int64_t graph_captures = 0;        // CUDA graphs recorded (one per component and shape)
+  // Multi-stream batching (pipeline/multi_stream.h): stream calls whose UNet rows ran in one UNet call shared with
+  // other streams (each still counts one unet_call and its own rows; unet_s / decode_s get the share of the shared
+  // call's time in proportion to the rows).
+  int64_t batched_calls = 0;
   double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0, controlnet_s = 0;
   double image_prompt_s = 0;   // wall time of the image prompt encodes
   double total_s = 0;          // wall time of processed calls
@@ -205,6 +209,9 @@ class StreamDiffusion {
   const std::shared_ptr<Rng>& rng() const { return rng_; }
   const SimilarityFilter* similarity_filter() const { return filter_.get(); }
   const FilterDecision& last_filter_decision() const { return last_decision_; }
+  // Multi-stream batching (pipeline/multi_stream.h): "" when this stream's calls may share one UNet call with other
+  // streams' calls, else why they cannot (not prepared, sequential mode, ControlNets, deep-feature cache).
+  std::string batch_blocker() const;
 
   // Derived quantities and state (shapes in the header comment of each member below).
   int64_t denoising_steps() const { return static_cast<int64_t>(config_.t_index_list.size()); }
@@ -263,11 +270,38 @@ class StreamDiffusion {
   bool head_rows() const;         // reproduce the original's F > 1 row handling (see header comment)
   void require_prepared(const char* what) const;
 
-  // predict_x0_batch + decode + bookkeeping; `start` = when the call began (timing).
-  torch::Tensor run_stream(const torch::Tensor& x_t_latent, Clock::time_point start);
-  torch::Tensor predict_x0_batch(torch::Tensor x_t_latent);
-  // One guided UNet evaluation and scheduler step. idx < 0: batch mode (row-wise coefficients); else sequential
-  // step idx. Returns X0.
+  // One stream call, split around its UNet evaluation so that the one-stream path (img2img / txt2img) and the
+  // multi-stream path (pipeline/multi_stream.cpp, which runs several streams' UNet rows in one call between the
+  // halves) are the same code:
+  //   begin_img2img / begin_txt2img   everything before the UNet: checks, filter, encode, add noise, then
+  //                                    begin_unet_rows: the stream batch (buffer rows, RCFG shift) and the UNet rows
+  //   UNet                             call_unet (one stream) or one shared call (several)
+  //   finish_unet                      guidance, RCFG update, LCM denoise, buffer update -> the output latent
+  //   finish_call                      after the decode: output, latent feedback, counters
+  struct CallState {
+    Clock::time_point start;
+    bool done = false;       // answered without the models (similarity filter skip): `output` is the answer
+    torch::Tensor output;
+    torch::Tensor x_t;       // the new latents [F, C, h, w]
+    torch::Tensor x;         // the stream batch [B, C, h, w] (denoising batch)
+    torch::Tensor x_in, t_in;  // the UNet rows (spec §4.1 layout)
+  };
+  friend struct MultiStreamAccess;  // pipeline/multi_stream.cpp
+  CallState begin_img2img(const torch::Tensor& images);
+  CallState begin_txt2img();
+  void begin_unet_rows(CallState& call);
+  torch::Tensor finish_unet(CallState& call, const torch::Tensor& pred);
+  torch::Tensor finish_call(CallState& call, const torch::Tensor& latent, const torch::Tensor& image);
+  torch::Tensor complete_call(CallState& call);  // the one-stream rest of a begun call
+  // The trace and counters of one UNet evaluation whose rows ran in a shared call (multi-stream).
+  void record_shared_unet(const CallState& call, const torch::Tensor& pred, double seconds);
+  torch::Tensor predict_x0_sequential(const torch::Tensor& x_t_latent);
+  // The UNet rows of one guided evaluation of the stream batch x at t_list (spec §4.1): x_in, t_in.
+  std::pair<torch::Tensor, torch::Tensor> unet_layout(const torch::Tensor& x, const torch::Tensor& t_list) const;
+  // Guidance, denoise and (batch mode) the RCFG update on the UNet output `pred` of the rows x_in. idx < 0: batch
+  // mode (row-wise coefficients); else sequential step idx. Returns X0.
+  torch::Tensor after_unet(const torch::Tensor& x, const torch::Tensor& x_in, torch::Tensor pred, int64_t idx);
+  // unet_layout + call_unet + after_unet (sequential steps).
   torch::Tensor unet_step(const torch::Tensor& x_t_latent, const torch::Tensor& t_list, int64_t idx);
   torch::Tensor call_unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
                           const AddedConditioning& added);

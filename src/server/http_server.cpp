@@ -249,6 +249,7 @@ void Server::start() {
   started_ = true;
   // JPEG coding runs on the network threads; OpenCV's own spinning workers would only steal the model's cores.
   cv::setNumThreads(1);
+  ctx_->worker.set_max_batch_streams(o.max_batch_streams);
   ctx_->worker.start();
   impl_->do_accept();
   for (int i = 0; i < o.io_threads; ++i) impl_->threads.emplace_back([this] { impl_->ioc.run(); });

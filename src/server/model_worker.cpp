@@ -46,27 +46,79 @@ bool ModelWorker::schedule(const std::shared_ptr<ModelTask>& task) {
 
 void ModelWorker::loop() {
   for (;;) {
-    std::shared_ptr<ModelTask> task;
+    std::vector<std::shared_ptr<ModelTask>> tasks;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
       if (stopping_) return;
-      task = std::move(queue_.front());
+      tasks.push_back(std::move(queue_.front()));
       queue_.pop_front();
       // Cleared before the step: work that arrives during it schedules the task again, at the back (round robin).
-      task->queued_ = false;
+      tasks.front()->queued_ = false;
+      // Gathering: the other queued tasks that can share the step, in queue order; the rest keep their places.
+      const void* key = max_batch_ > 1 ? tasks.front()->batch_key() : nullptr;
+      for (auto it = queue_.begin(); key && it != queue_.end() && static_cast<int>(tasks.size()) < max_batch_;) {
+        if ((*it)->batch_key() == key) {
+          (*it)->queued_ = false;
+          tasks.push_back(std::move(*it));
+          it = queue_.erase(it);
+        } else {
+          ++it;
+        }
+      }
     }
     const auto t0 = std::chrono::steady_clock::now();
+    if (tasks.size() == 1) {
+      try {
+        tasks.front()->run_model_step();
+      } catch (const std::exception& e) {
+        errors_.fetch_add(1);
+        log::error("model worker: a task failed: {}", e.what());
+      }
+    } else {
+      run_gathered(tasks);
+    }
+    busy_us_.fetch_add(
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count());
+    steps_.fetch_add(static_cast<int64_t>(tasks.size()));
+    tasks.clear();  // a closed client's state is released here, not kept until the next turn
+  }
+}
+
+void ModelWorker::run_gathered(std::vector<std::shared_ptr<ModelTask>>& tasks) {
+  gathered_steps_.fetch_add(1);
+  std::vector<BatchedStep> steps(tasks.size());
+  std::vector<size_t> running;
+  for (size_t k = 0; k < tasks.size(); ++k) {
     try {
-      task->run_model_step();
+      if (tasks[k]->begin_batched_step(steps[k])) running.push_back(k);
     } catch (const std::exception& e) {
       errors_.fetch_add(1);
       log::error("model worker: a task failed: {}", e.what());
     }
-    busy_us_.fetch_add(
-        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count());
-    steps_.fetch_add(1);
-    task.reset();  // a closed client's state is released here, not kept until the next turn
+  }
+  std::vector<sd::StreamCall> calls;
+  for (size_t k : running) calls.push_back({steps[k].stream, steps[k].images});
+  sd::MultiStreamStats ms;
+  sd::MultiStreamOptions options;
+  options.max_streams = max_batch_;
+  std::vector<sd::StreamCallResult> results;
+  if (!calls.empty()) results = sd::run_stream_calls(calls, options, &ms);
+  {
+    std::lock_guard<std::mutex> lock(batch_mutex_);
+    batch_stats_.add(ms);
+  }
+  for (size_t j = 0; j < running.size(); ++j) {
+    BatchedStep& step = steps[running[j]];
+    step.output = std::move(results[j].output);
+    step.error = results[j].error;
+    step.shared_with = results[j].shared_with;
+    try {
+      tasks[running[j]]->end_batched_step(step);
+    } catch (const std::exception& e) {
+      errors_.fetch_add(1);
+      log::error("model worker: a task failed: {}", e.what());
+    }
   }
 }
 
@@ -82,9 +134,20 @@ nlohmann::json ModelWorker::stats() const {
   }
   const double up = started ? std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() : 0.0;
   const double busy = static_cast<double>(busy_us_.load()) * 1e-6;
+  sd::MultiStreamStats b;
+  {
+    std::lock_guard<std::mutex> lock(batch_mutex_);
+    b = batch_stats_;
+  }
   return {{"steps", steps_.load()},     {"errors", errors_.load()},
           {"busy_s", busy},             {"queued", queued},
-          {"uptime_s", up},             {"utilisation", up > 0 ? busy / up : 0.0}};
+          {"uptime_s", up},             {"utilisation", up > 0 ? busy / up : 0.0},
+          {"max_batch_streams", max_batch_},
+          {"gathered_steps", gathered_steps_.load()},
+          {"batched_calls", b.shared_unet_calls},
+          {"batched_streams", b.batched_calls},
+          {"max_batch", b.max_batch},
+          {"own_calls", b.own_calls}};
 }
 
 }  // namespace sd::server

@@ -16,7 +16,10 @@ struct ServerOptions {
   size_t max_http_body = 16u << 20;   // bytes; a bigger request body gets 413
   std::vector<std::string> allow_origins;  // extra Origins allowed to open a WebSocket ("*" = any)
   int io_threads = 2;              // Asio threads (network, JPEG coding)
-  int max_api_pending = 8;         // API images waiting for the model at once; more get 503
+  int max_api_pending = 8;
+  // Clients whose pending frames the model worker gathers into one step with one UNet call (ModelWorker,
+  // pipeline/multi_stream.h); 1 = one client per step.
+  int max_batch_streams = 8;         // API images waiting for the model at once; more get 503
   size_t send_queue_frames = 2;    // frames queued per client before the oldest unsent one is dropped
   double stats_interval_s = 1.0;   // seconds between the per-client "stats" messages
   double control_interval_s = 0.25;  // seconds between the "control" images sent to a client, per ControlNet

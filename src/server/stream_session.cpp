@@ -275,9 +275,44 @@ std::vector<cv::Mat> StreamSession::set_control_images(const cv::Mat& frame, con
 }
 
 void StreamSession::run_model_step() {
+  PendingStep p;
+  if (!begin_step(p)) return;
+  torch::Tensor out;
+  try {
+    out = p.txt2img ? stream_->txt2img() : stream_->img2img(p.x);
+  } catch (const std::exception& e) {
+    send_error(std::string("generation failed: ") + e.what());
+    return;
+  }
+  end_step(p, out);
+}
+
+bool StreamSession::begin_batched_step(BatchedStep& step) {
+  batch_step_ = PendingStep();
+  if (!begin_step(batch_step_)) return false;
+  step.stream = stream_.get();
+  step.images = batch_step_.txt2img ? torch::Tensor() : batch_step_.x;
+  return true;
+}
+
+void StreamSession::end_batched_step(BatchedStep& step) {
+  PendingStep p = std::move(batch_step_);
+  batch_step_ = PendingStep();
+  if (step.error) {
+    try {
+      std::rethrow_exception(step.error);
+    } catch (const std::exception& e) {
+      send_error(std::string("generation failed: ") + e.what());
+    }
+    return;
+  }
+  end_step(p, step.output);
+}
+
+bool StreamSession::begin_step(PendingStep& p) {
   if (closed_) {
     stream_.reset();
-    return;
+    return false;
   }
   cv::Mat frame;
   std::vector<cv::Mat> control;
@@ -324,38 +359,39 @@ void StreamSession::run_model_step() {
         }
       }
       send_error(std::string("config not applied: ") + e.what());
-      if (!stream_) return;
+      if (!stream_) return false;
     }
   }
-  if (!generate) return;
+  if (!generate) return false;
   if (!applied_.txt2img && frame.empty()) {
     send_error("img2img mode: send a JPEG frame (binary message), or switch to {\"type\":\"config\",\"mode\":\"txt2img\"}");
-    return;
+    return false;
   }
-  const auto t0 = Clock::now();
-  torch::Tensor out;
-  std::vector<cv::Mat> used_control;
-  StreamStats before;
+  p.t0 = Clock::now();
+  p.txt2img = applied_.txt2img;
   try {
-    before = stream_->stats();
+    p.before = stream_->stats();
     // txt2img does not use a frame's pixels (a frame only asks for the next image): nothing to preprocess.
     if (!applied_.controlnets.empty())
-      used_control = set_control_images(applied_.txt2img ? cv::Mat() : frame, control, control_specs);
-    if (applied_.txt2img) {
-      out = stream_->txt2img();
-    } else {
+      p.used_control = set_control_images(applied_.txt2img ? cv::Mat() : frame, control, control_specs);
+    if (!applied_.txt2img) {
       if (frame.cols != width() || frame.rows != height() || frame.type() != CV_8UC3 || !frame.isContinuous())
         throw InvalidArgument("frame is not a continuous RGB image of the stream size");
       const torch::Tensor hwc = torch::from_blob(frame.data, {frame.rows, frame.cols, 3}, torch::kUInt8);
-      const torch::Tensor x = image_to_tensor(hwc, height(), width()).to(models_->device(), models_->dtype());
-      const int64_t skipped_before = stream_->stats().skipped;
-      out = stream_->img2img(x);
-      if (stream_->stats().skipped > skipped_before) skipped_.fetch_add(1, std::memory_order_relaxed);
+      p.x = image_to_tensor(hwc, height(), width()).to(models_->device(), models_->dtype());
     }
   } catch (const std::exception& e) {
     send_error(std::string("generation failed: ") + e.what());
-    return;
+    return false;
   }
+  return true;
+}
+
+void StreamSession::end_step(PendingStep& p, const torch::Tensor& out) {
+  if (stream_->stats().skipped > p.before.skipped) skipped_.fetch_add(1, std::memory_order_relaxed);
+  const std::vector<cv::Mat>& used_control = p.used_control;
+  const StreamStats& before = p.before;
+  const auto t0 = p.t0;
   cv::Mat rgb;
   try {
     // Inside a try too: an exception here would reach the worker, and the client would get neither a frame nor an

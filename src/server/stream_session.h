@@ -82,9 +82,27 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   void count_error() { errors_.fetch_add(1, std::memory_order_relaxed); }
 
   void run_model_step() override;
+  // Multi-stream batching (ModelWorker::set_max_batch_streams): sessions on the same models may share a step; the
+  // halves of run_model_step, with the stream call made by the worker for several sessions at once.
+  const void* batch_key() const override { return models_.get(); }
+  bool begin_batched_step(BatchedStep& step) override;
+  void end_batched_step(BatchedStep& step) override;
 
  private:
   using Clock = std::chrono::steady_clock;
+  // One step between its halves (model thread).
+  struct PendingStep {
+    bool txt2img = false;
+    torch::Tensor x;  // img2img input [1, 3, H, W] in the model's dtype
+    std::vector<cv::Mat> used_control;
+    StreamStats before;
+    Clock::time_point t0;
+  };
+  // Takes the pending input, applies settings, sets control images, makes the input tensor. False: no stream call
+  // this turn (handled: settings only, closed, or an error sent to the client).
+  bool begin_step(PendingStep& p);
+  // The result to the client (frame, counters, control images).
+  void end_step(PendingStep& p, const torch::Tensor& out);
   void schedule();
   void send_error(const std::string& message);
   void reply_dropped();  // counts a replaced request and tells the client ({"type": "dropped"})
@@ -119,6 +137,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   StreamSettings applied_;
   std::vector<std::shared_ptr<const ControlPreprocessor>> applied_preprocessors_;
   cv::Mat last_output_;  // the previous result (the `feedback` control image)
+  PendingStep batch_step_;  // between begin_batched_step and end_batched_step
 
   std::atomic<int64_t> frames_in_{0}, dropped_in_{0}, frames_out_{0}, dropped_out_{0}, errors_{0};
   std::atomic<int64_t> skipped_{0};

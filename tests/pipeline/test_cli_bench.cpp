@@ -235,6 +235,41 @@ TEST_F(CliBench, RejectsUnknownSectionsAndBadOptions) {
   EXPECT_NE(r.output.find("--sizes"), std::string::npos) << r.output;
 }
 
+// The multistream section (not part of "all"): per stream count one row one by one and one batched (one UNet call
+// per round), fps_total = K / median, the ratio in the row, the comparison and the JSON table; bad counts refused.
+TEST_F(CliBench, MultistreamSectionTimesOneByOneAndBatched) {
+  const std::string json = dir_ + "/multi.json";
+  const RunResult r = run("bench --model '" + model_ +
+                          "' --sizes 64 --dtypes fp32 --sections multistream --streams 1,3 --frames 2 --warmup 0 "
+                          "--threads 1 --json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("3 streams: one by one"), std::string::npos) << r.output;
+  const auto j = read_json(json);
+  ASSERT_TRUE(j.contains("multistream")) << j.dump();
+  ASSERT_EQ(j["multistream"].size(), 1u);
+  const auto& rows = j["multistream"][0]["rows"];
+  ASSERT_EQ(rows.size(), 2u);
+  std::map<std::string, nlohmann::json> by_id;
+  for (const auto& res : j["results"]) by_id[res["id"].get<std::string>()] = res;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t k = rows[i]["streams"].get<int64_t>();
+    EXPECT_EQ(k, i == 0 ? 1 : 3);
+    const double one = rows[i]["one_by_one_fps"].get<double>(), many = rows[i]["batched_fps"].get<double>();
+    EXPECT_GT(one, 0);
+    EXPECT_GT(many, 0);
+    EXPECT_NEAR(rows[i]["ratio"].get<double>(), many / one, 1e-9);
+    EXPECT_NEAR(one, k / rows[i]["one_by_one_s_per_round"].get<double>(), 1e-9);
+    const std::string variant = "k=" + std::to_string(k) + " ae=taesd cfg=self t=32,45";
+    const auto& b = by_id.at("multistream/batched/" + variant + "/fp32/64");
+    EXPECT_EQ(b["section"], "multistream");
+    EXPECT_EQ(b["extra"]["unet_calls_per_round"], 1);
+    EXPECT_EQ(b["extra"]["shared_unet_calls"], k >= 2 ? 2 : 0);
+    EXPECT_TRUE(by_id.count("multistream/one-by-one/" + variant + "/fp32/64"));
+  }
+  EXPECT_NE(run("bench --model '" + model_ + "' --sections multistream --streams 0").status, 0);
+  EXPECT_NE(run("bench --model '" + model_ + "' --sections multistream --streams 2,x").status, 0);
+}
+
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
 // counted) and one comparison per mode against the exact row by their means; K = 0 is refused.
 TEST_F(CliBench, DeepCacheRowsAndComparisons) {

@@ -603,6 +603,9 @@ TEST_F(ServerTest, LoadManyClients) {
   const double seconds = std::getenv("SD_LOAD_SECONDS") ? std::atof(std::getenv("SD_LOAD_SECONDS")) : 10.0;
   ServerOptions o;
   o.max_streams = clients;
+  // SD_LOAD_BATCH_STREAMS: serve's --max-batch-streams (default 8; 1 = one client per model step, for comparison).
+  if (std::getenv("SD_LOAD_BATCH_STREAMS")) o.max_batch_streams = std::atoi(std::getenv("SD_LOAD_BATCH_STREAMS"));
+  std::cout << "  [load] max_batch_streams " << o.max_batch_streams << "\n";
   start(o);
   // Warm-up: one client, a few frames (allocator pools, lazy init).
   {

@@ -1,0 +1,302 @@
+#include "pipeline/multi_stream.h"
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <sstream>
+
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include "core/error.h"
+
+namespace sd {
+
+using torch::Tensor;
+
+// The halves of a stream call (private to StreamDiffusion, which befriends this).
+struct MultiStreamAccess {
+  using CallState = StreamDiffusion::CallState;
+  static CallState begin(StreamDiffusion& s, const Tensor& images) {
+    return images.defined() ? s.begin_img2img(images) : s.begin_txt2img();
+  }
+  static Tensor complete(StreamDiffusion& s, CallState& c) { return s.complete_call(c); }
+  static void record_unet(StreamDiffusion& s, const CallState& c, const Tensor& pred, double seconds) {
+    s.record_shared_unet(c, pred, seconds);
+  }
+  static Tensor finish_unet(StreamDiffusion& s, CallState& c, const Tensor& pred) { return s.finish_unet(c, pred); }
+  static Tensor decode(StreamDiffusion& s, const Tensor& latent) { return s.decode(latent); }
+  static void add_decode_time(StreamDiffusion& s, double seconds) { s.stats_.decode_s += seconds; }
+  static Tensor finish(StreamDiffusion& s, CallState& c, const Tensor& latent, const Tensor& image) {
+    return s.finish_call(c, latent, image);
+  }
+  static const Tensor& embeds(const StreamDiffusion& s) { return s.prompt_embeds_; }
+  static const AddedConditioning& added(const StreamDiffusion& s) { return s.added_; }
+};
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << s;
+  return o.str();
+}
+
+void sync(const DiffusionModels& m) {
+  if (m.device().is_cuda()) torch::cuda::synchronize();
+}
+
+std::exception_ptr invalid(const std::string& what) { return std::make_exception_ptr(InvalidArgument(what)); }
+
+}  // namespace
+
+void MultiStreamStats::add(const MultiStreamStats& o) {
+  steps += o.steps;
+  stream_calls += o.stream_calls;
+  shared_unet_calls += o.shared_unet_calls;
+  batched_calls += o.batched_calls;
+  own_calls += o.own_calls;
+  skipped += o.skipped;
+  errors += o.errors;
+  max_batch = std::max(max_batch, o.max_batch);
+  max_rows = std::max(max_rows, o.max_rows);
+}
+
+std::string batch_incompatibility(const StreamDiffusion& a, const StreamDiffusion& b) {
+  if (std::string r = a.batch_blocker(); !r.empty()) return "the first stream cannot share UNet calls: " + r;
+  if (std::string r = b.batch_blocker(); !r.empty()) return "the second stream cannot share UNet calls: " + r;
+  if (&a.models() != &b.models()) return "different model sets (streams share a UNet call only on the same models)";
+  if (a.latent_height() != b.latent_height() || a.latent_width() != b.latent_width())
+    return "different stream sizes (" + std::to_string(a.config().width) + "x" + std::to_string(a.config().height) +
+           " vs " + std::to_string(b.config().width) + "x" + std::to_string(b.config().height) + ")";
+  const Tensor& ea = a.prompt_embeds();
+  const Tensor& eb = b.prompt_embeds();
+  if (ea.dim() != eb.dim() || !ea.sizes().slice(1).equals(eb.sizes().slice(1)))
+    return "different prompt-embedding shapes per row (" + shape_str(ea.sizes().slice(1)) + " vs " +
+           shape_str(eb.sizes().slice(1)) + ")";
+  if (a.added_conditioning().defined() != b.added_conditioning().defined())
+    return "one stream has SDXL added conditioning and the other has none";
+  return "";
+}
+
+std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& calls,
+                                               const MultiStreamOptions& options, MultiStreamStats* stats_out) {
+  torch::NoGradGuard no_grad;
+  const size_t n = calls.size();
+  std::vector<StreamCallResult> res(n);
+  MultiStreamStats st;
+  st.steps = 1;
+  st.stream_calls = static_cast<int64_t>(n);
+
+  // Checks that fail one call before anything changes: no stream, the same stream twice.
+  std::vector<bool> usable(n, true);
+  std::map<const StreamDiffusion*, size_t> first;
+  for (size_t i = 0; i < n; ++i) {
+    if (!calls[i].stream) {
+      res[i].error = invalid("run_stream_calls: call " + std::to_string(i) + " has no stream");
+      usable[i] = false;
+      continue;
+    }
+    auto [it, fresh] = first.emplace(calls[i].stream, i);
+    if (!fresh) {
+      res[i].error = invalid("run_stream_calls: calls " + std::to_string(it->second) + " and " + std::to_string(i) +
+                             " are for the same stream; a stream takes one call per step");
+      usable[i] = false;
+    }
+  }
+
+  // Groups of streams that can share a UNet call, in call order; blocked streams run alone.
+  std::vector<std::vector<size_t>> groups;
+  std::vector<size_t> alone;
+  std::vector<bool> capped(n, false);
+  for (size_t i = 0; i < n; ++i) {
+    if (!usable[i]) continue;
+    const StreamDiffusion& s = *calls[i].stream;
+    if (std::string why = s.batch_blocker(); !why.empty()) {
+      res[i].fallback = why;
+      alone.push_back(i);
+      continue;
+    }
+    bool placed = false;
+    for (auto& g : groups) {
+      if (!batch_incompatibility(*calls[g.front()].stream, s).empty()) continue;
+      if (options.max_streams > 0 && static_cast<int64_t>(g.size()) >= options.max_streams) {
+        capped[i] = true;  // a compatible group is full
+        continue;
+      }
+      g.push_back(i);
+      placed = true;
+      break;
+    }
+    if (!placed) groups.push_back({i});
+  }
+  const size_t batchable = [&] {
+    size_t k = 0;
+    for (const auto& g : groups) k += g.size();
+    return k;
+  }();
+  for (auto& g : groups) {
+    if (g.size() != 1) continue;
+    if (capped[g.front()])
+      res[g.front()].fallback = "the shared calls of this step are full (max_streams " +
+                                std::to_string(options.max_streams) + ")";
+    else if (batchable > 1)
+      res[g.front()].fallback = "no other stream of this step shares its models, size and prompt-embedding shape";
+    alone.push_back(g.front());
+    g.clear();
+  }
+  std::sort(alone.begin(), alone.end());
+
+  // A call on its own: the one-stream path itself.
+  const auto run_alone = [&](size_t i) {
+    StreamDiffusion& s = *calls[i].stream;
+    const int64_t skipped_before = s.stats().skipped, unet_before = s.stats().unet_calls;
+    try {
+      res[i].output = calls[i].images.defined() ? s.img2img(calls[i].images) : s.txt2img();
+      res[i].skipped = s.stats().skipped > skipped_before;
+      res[i].shared_with = s.stats().unet_calls > unet_before ? 1 : 0;
+    } catch (...) {
+      res[i].error = std::current_exception();
+    }
+  };
+
+  for (const auto& g : groups) {
+    if (g.empty()) continue;
+    // First halves. A call the filter skips is answered here; one that throws fails alone.
+    std::vector<size_t> active;
+    std::vector<MultiStreamAccess::CallState> states(n);
+    for (size_t i : g) {
+      try {
+        states[i] = MultiStreamAccess::begin(*calls[i].stream, calls[i].images);
+        if (states[i].done) {
+          res[i].output = states[i].output;
+          res[i].skipped = true;
+        } else {
+          active.push_back(i);
+        }
+      } catch (...) {
+        res[i].error = std::current_exception();
+      }
+    }
+    if (active.empty()) continue;
+    if (active.size() == 1) {  // the others were skipped: its own UNet call, as one stream would make it
+      const size_t i = active.front();
+      try {
+        res[i].output = MultiStreamAccess::complete(*calls[i].stream, states[i]);
+        res[i].shared_with = 1;
+      } catch (...) {
+        res[i].error = std::current_exception();
+      }
+      continue;
+    }
+    try {
+      // One UNet call over every stream's rows.
+      const DiffusionModels& models = calls[active.front()].stream->models();
+      std::vector<Tensor> xs, ts, es, tes, tis;
+      std::vector<int64_t> rows;
+      for (size_t i : active) {
+        const StreamDiffusion& s = *calls[i].stream;
+        const Tensor& ehs = MultiStreamAccess::embeds(s);
+        const AddedConditioning& added = MultiStreamAccess::added(s);
+        const int64_t r = states[i].x_in.size(0);
+        if (states[i].t_in.size(0) != r || ehs.size(0) != r || (added.defined() && added.text_embeds.size(0) != r))
+          throw Error("internal: UNet batch rows disagree for stream call " + std::to_string(i) + ": sample " +
+                      shape_str(states[i].x_in.sizes()) + ", timesteps " + shape_str(states[i].t_in.sizes()) +
+                      ", text " + shape_str(ehs.sizes()));
+        rows.push_back(r);
+        xs.push_back(states[i].x_in);
+        ts.push_back(states[i].t_in);
+        es.push_back(ehs);
+        if (added.defined()) {
+          tes.push_back(added.text_embeds);
+          tis.push_back(added.time_ids);
+        }
+      }
+      AddedConditioning added;
+      if (!tes.empty()) added = {torch::cat(tes, 0), torch::cat(tis, 0)};
+      const Tensor x = torch::cat(xs, 0);
+      const int64_t total = x.size(0);
+      auto t0 = std::chrono::steady_clock::now();
+      const Tensor pred = models.unet(x, torch::cat(ts, 0), torch::cat(es, 0), added);
+      sync(models);
+      const double unet_s = seconds_since(t0);
+      ++st.shared_unet_calls;
+      st.batched_calls += static_cast<int64_t>(active.size());
+      st.max_batch = std::max<int64_t>(st.max_batch, static_cast<int64_t>(active.size()));
+      st.max_rows = std::max(st.max_rows, total);
+
+      // Second halves on each stream's rows.
+      std::vector<Tensor> latents;
+      int64_t off = 0;
+      for (size_t k = 0; k < active.size(); ++k) {
+        const size_t i = active[k];
+        StreamDiffusion& s = *calls[i].stream;
+        const Tensor p = pred.slice(0, off, off + rows[k]);
+        off += rows[k];
+        const double share = unet_s * static_cast<double>(rows[k]) / static_cast<double>(total);
+        MultiStreamAccess::record_unet(s, states[i], p, share);
+        latents.push_back(MultiStreamAccess::finish_unet(s, states[i], p));
+        res[i].shared_with = static_cast<int64_t>(active.size());
+      }
+
+      // The decode: one call for the group (or one per stream), then each stream's bookkeeping.
+      std::vector<Tensor> images(active.size());
+      if (options.batch_decode) {
+        t0 = std::chrono::steady_clock::now();
+        const Tensor all = torch::cat(latents, 0);
+        const Tensor img = models.decode_latent(all);
+        sync(models);
+        const double dec_s = seconds_since(t0);
+        int64_t o = 0;
+        for (size_t k = 0; k < active.size(); ++k) {
+          const int64_t r = latents[k].size(0);
+          images[k] = img.slice(0, o, o + r);
+          o += r;
+          MultiStreamAccess::add_decode_time(*calls[active[k]].stream,
+                                             dec_s * static_cast<double>(r) / static_cast<double>(all.size(0)));
+        }
+      } else {
+        for (size_t k = 0; k < active.size(); ++k)
+          images[k] = MultiStreamAccess::decode(*calls[active[k]].stream, latents[k]);
+      }
+      for (size_t k = 0; k < active.size(); ++k) {
+        const size_t i = active[k];
+        res[i].output = MultiStreamAccess::finish(*calls[i].stream, states[i], latents[k], images[k]);
+      }
+    } catch (...) {
+      const std::exception_ptr e = std::current_exception();
+      for (size_t i : active) {
+        res[i].output = Tensor();
+        res[i].shared_with = 0;
+        res[i].error = e;
+      }
+    }
+  }
+  for (size_t i : alone) run_alone(i);
+
+  for (size_t i = 0; i < n; ++i) {
+    if (res[i].error) ++st.errors;
+    else if (res[i].skipped) ++st.skipped;
+    else if (res[i].shared_with == 1) ++st.own_calls;
+  }
+  if (st.own_calls > 0) st.max_batch = std::max<int64_t>(st.max_batch, 1);
+  if (stats_out) stats_out->add(st);
+  return res;
+}
+
+std::vector<torch::Tensor> run_streams_batched(const std::vector<StreamCall>& calls,
+                                               const MultiStreamOptions& options, MultiStreamStats* stats) {
+  std::vector<StreamCallResult> res = run_stream_calls(calls, options, stats);
+  std::vector<Tensor> out;
+  for (auto& r : res) {
+    if (r.error) std::rethrow_exception(r.error);
+    out.push_back(std::move(r.output));
+  }
+  return out;
+}
+
+}  // namespace sd

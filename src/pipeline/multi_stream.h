@@ -1,0 +1,84 @@
+#pragma once
+// Many streams, one UNet call. run_stream_calls() makes one stream call (img2img or txt2img) for each of several
+// StreamDiffusion objects that share one DiffusionModels, running the UNet rows of all of them in ONE UNet call:
+//
+//   per stream   the first half of its call (StreamDiffusion::begin_img2img / begin_txt2img): input checks,
+//                similarity filter, encode, add noise, the stream batch [new rows; buffer], the RCFG shift and the
+//                UNet row layout of its cfg type (spec §3.2 steps 1-5, §4.1)
+//   shared       cat of every stream's rows (latents, timesteps, prompt embeddings, SDXL added conditioning) ->
+//                one DiffusionModels::unet call -> split back by each stream's row count
+//   per stream   guidance / RCFG update, LCM denoise, buffer update (StreamDiffusion::finish_unet)
+//   shared       one decode of every stream's output latents (MultiStreamOptions::batch_decode), split
+//   per stream   output, latent feedback, counters (StreamDiffusion::finish_call)
+//
+// Each row keeps its own timestep, prompt embeddings, RCFG state, noise and Rng: the halves are the very code the
+// one-stream img2img() / txt2img() run, so the outputs equal one-by-one calls up to the UNet's and decoder's
+// floating-point differences between batch sizes (tests/pipeline/test_multi_stream.cpp measures them).
+//
+// Streams share a UNet call when they have the same models object, latent size and prompt-embedding shape
+// (text length, IP-Adapter tokens, width; dtype and device come with the models). A stream runs its own call
+// (the plain one-stream path, counted in StreamCallResult::fallback) when StreamDiffusion::batch_blocker() names a
+// reason - sequential mode, ControlNets, the deep-feature cache - or when no other stream of the step is compatible.
+// A call the similarity filter skips returns the previous output without any model call. The encode stays per
+// stream (AutoencoderKL draws its posterior noise from each stream's own Rng).
+//
+// Errors are per call: a bad input (shape, unprepared stream, the same stream twice) fails that call only, before
+// it changes anything; a failure of a shared UNet or decode call fails every call of that group (their streams are
+// then left as a failed one-stream call would leave them: the RCFG shift done, the buffer not updated).
+#include <exception>
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+
+#include "pipeline/stream_diffusion.h"
+
+namespace sd {
+
+struct StreamCall {
+  StreamDiffusion* stream = nullptr;
+  torch::Tensor images;  // img2img: what StreamDiffusion::img2img takes; undefined: txt2img
+};
+
+struct StreamCallResult {
+  torch::Tensor output;      // what img2img() / txt2img() would return
+  std::exception_ptr error;  // set (and output undefined) when this call failed
+  bool skipped = false;      // answered by the similarity filter (no model call)
+  int64_t shared_with = 0;   // streams in the UNet call that ran its rows (1 = its own call; 0 = none ran)
+  std::string fallback;      // why it ran alone while other streams were batched ("" otherwise)
+};
+
+struct MultiStreamOptions {
+  int64_t max_streams = 0;   // most streams in one UNet call (0 = no limit); larger groups are split in order
+  bool batch_decode = true;  // one decode for the group's output latents (else one per stream)
+};
+
+// Counters of one or more run_stream_calls steps (added up by the caller, e.g. serve's model worker).
+struct MultiStreamStats {
+  int64_t steps = 0;            // run_stream_calls invocations
+  int64_t stream_calls = 0;     // calls given
+  int64_t shared_unet_calls = 0;  // UNet calls that ran the rows of >= 2 streams
+  int64_t batched_calls = 0;    // stream calls whose rows ran in such a shared call
+  int64_t own_calls = 0;        // stream calls that ran their own UNet call(s)
+  int64_t skipped = 0;          // answered by the similarity filter
+  int64_t errors = 0;
+  int64_t max_batch = 0;        // most streams in one UNet call so far
+  int64_t max_rows = 0;         // most UNet rows in one call so far
+  void add(const MultiStreamStats& o);
+};
+
+// One stream call per entry (see the header comment). `stats`, when given, is added to.
+std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& calls,
+                                               const MultiStreamOptions& options = {},
+                                               MultiStreamStats* stats = nullptr);
+
+// run_stream_calls, then the outputs in order; rethrows the first call's error.
+std::vector<torch::Tensor> run_streams_batched(const std::vector<StreamCall>& calls,
+                                               const MultiStreamOptions& options = {},
+                                               MultiStreamStats* stats = nullptr);
+
+// "" when streams a and b can share UNet calls, else why not (the first difference found): either one's
+// batch_blocker(), different models, latent size or prompt-embedding shape.
+std::string batch_incompatibility(const StreamDiffusion& a, const StreamDiffusion& b);
+
+}  // namespace sd

@@ -1,0 +1,212 @@
+// Multi-stream batching in serve's model worker (ModelWorker::set_max_batch_streams, pipeline/multi_stream.h): the
+// pending frames of two clients (StreamSessions on one model) run as one step with one UNet call, their results
+// reach each client as before and equal what the one-client-per-step worker gives them; the worker's stats JSON
+// counts it; clients whose streams cannot share (deep-feature cache) are gathered but run their own calls.
+#include <functional>
+#include <future>
+#include <mutex>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <opencv2/core.hpp>
+
+#include "common/fixtures.h"
+#include "pipeline/diffusion_models.h"
+#include "server/model_worker.h"
+#include "server/stream_session.h"
+#include "server_test_util.h"
+
+using namespace sd::server;
+
+namespace {
+
+constexpr int kSize = 64;
+const char* kModel = "models/tiny-sd15";
+
+std::shared_ptr<const sd::DiffusionModels> shared_model() {
+  static std::shared_ptr<const sd::DiffusionModels> m = [] {
+    sd::LoadOptions lo;
+    lo.threads = -1;
+    return sd::load_pipeline(sd::test::fixture_path(kModel), lo);
+  }();
+  return m;
+}
+
+// A client: what its session sends.
+struct Client {
+  std::mutex m;
+  std::vector<cv::Mat> frames;
+  std::vector<nlohmann::json> messages;
+  SessionSink sink() {
+    return {[this](cv::Mat rgb) {
+              std::lock_guard<std::mutex> l(m);
+              frames.push_back(rgb.clone());
+            },
+            [this](nlohmann::json j) {
+              std::lock_guard<std::mutex> l(m);
+              messages.push_back(std::move(j));
+            },
+            nullptr};
+  }
+  size_t count() {
+    std::lock_guard<std::mutex> l(m);
+    return frames.size();
+  }
+  std::vector<std::string> errors() {
+    std::lock_guard<std::mutex> l(m);
+    std::vector<std::string> out;
+    for (const auto& j : messages)
+      if (j.value("type", "") == "error") out.push_back(j.value("message", ""));
+    return out;
+  }
+};
+
+// Holds the worker (a task that runs until released) so that the clients' frames queue up behind it.
+class Gate : public ModelTask {
+ public:
+  void run_model_step() override {
+    entered_.set_value();
+    released_.get_future().wait();
+  }
+  std::future<void> entered() { return entered_.get_future(); }
+  void release() { released_.set_value(); }
+
+ private:
+  std::promise<void> entered_, released_;
+};
+
+cv::Mat test_frame(int round, int client) {
+  cv::Mat m(kSize, kSize, CV_8UC3);
+  cv::RNG rng(1000 + 31 * round + client);
+  rng.fill(m, cv::RNG::UNIFORM, cv::Scalar::all(0), cv::Scalar::all(256));
+  return m;
+}
+
+bool wait_for(const std::function<bool()>& done) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(static_cast<int>(60 * sd::test::time_scale()));
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return true;
+}
+
+// Runs `rounds` rounds: in each, both clients' frames are queued while the worker is held, then released. Client 0
+// streams img2img (seed 2, "a cat"), client 1 txt2img when `mixed` (else img2img with another prompt and seed).
+struct RunResult {
+  std::vector<std::vector<cv::Mat>> frames;
+  nlohmann::json worker_stats;
+  std::vector<std::string> errors;
+};
+
+RunResult run_two_clients(int max_batch, int rounds, bool mixed, const StreamDefaults& d) {
+  ModelWorker w;
+  w.set_max_batch_streams(max_batch);
+  Client c[2];
+  auto s0 = std::make_shared<StreamSession>(1, shared_model(), d, w, c[0].sink());
+  auto s1 = std::make_shared<StreamSession>(2, shared_model(), d, w, c[1].sink());
+  if (mixed)
+    s1->update_settings({{"mode", "txt2img"}, {"prompt", "a red car"}, {"seed", 7}});
+  else
+    s1->update_settings({{"prompt", "a red car"}, {"seed", 7}});
+  w.start();
+  for (int r = 0; r < rounds; ++r) {
+    auto gate = std::make_shared<Gate>();
+    auto entered = gate->entered();
+    w.schedule(gate);
+    entered.wait();  // the worker is inside the gate: what follows queues up
+    s0->submit_frame(test_frame(r, 0));
+    if (mixed)
+      s1->request_generate();
+    else
+      s1->submit_frame(test_frame(r, 1));
+    gate->release();
+    EXPECT_TRUE(wait_for([&] { return c[0].count() > static_cast<size_t>(r) && c[1].count() > static_cast<size_t>(r); }))
+        << "round " << r;
+  }
+  RunResult out;
+  out.worker_stats = w.stats();
+  w.stop();
+  for (auto& cl : c) {
+    std::lock_guard<std::mutex> l(cl.m);
+    out.frames.push_back(cl.frames);
+  }
+  for (auto& cl : c)
+    for (auto& e : cl.errors()) out.errors.push_back(e);
+  return out;
+}
+
+// Largest per-channel difference between two RGB frames (uint8 levels).
+double max_level_diff(const cv::Mat& a, const cv::Mat& b) {
+  cv::Mat d;
+  cv::absdiff(a, b, d);
+  double mx = 0;
+  cv::minMaxLoc(d.reshape(1), nullptr, &mx);
+  return mx;
+}
+
+class ServerBatch : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    if (!sd::test::fixture_exists(kModel)) GTEST_SKIP() << "no " << kModel;
+  }
+};
+
+TEST_P(ServerBatch, TwoClientsShareOneUNetCallAndGetTheirOneAtATimeFrames) {
+  const bool mixed = GetParam();
+  const int rounds = 4;
+  const StreamDefaults d = sd::test::tiny_stream_defaults(kSize);
+  const RunResult batched = run_two_clients(8, rounds, mixed, d);
+  const RunResult alone = run_two_clients(1, rounds, mixed, d);
+  EXPECT_TRUE(batched.errors.empty()) << batched.errors.front();
+  EXPECT_TRUE(alone.errors.empty()) << alone.errors.front();
+
+  // The worker's counters: one gathered step and one shared UNet call per round, two streams in it.
+  const auto& ws = batched.worker_stats;
+  std::cout << "  [server batch] batched worker: " << ws.dump() << "\n  [server batch] one at a time: "
+            << alone.worker_stats.dump() << "\n";
+  EXPECT_EQ(ws["max_batch_streams"], 8);
+  EXPECT_EQ(ws["gathered_steps"], rounds);
+  EXPECT_EQ(ws["batched_calls"], rounds);
+  EXPECT_EQ(ws["batched_streams"], 2 * rounds);
+  EXPECT_EQ(ws["max_batch"], 2);
+  EXPECT_EQ(ws["own_calls"], 0);
+  EXPECT_EQ(ws["steps"], 1 + 3 * rounds);  // client 1's settings, then per round the gate and two task turns
+  EXPECT_EQ(alone.worker_stats["max_batch_streams"], 1);
+  EXPECT_EQ(alone.worker_stats["gathered_steps"], 0);
+  EXPECT_EQ(alone.worker_stats["batched_calls"], 0);
+
+  // Each client got one frame per request, equal to its one-at-a-time frame (uint8: float differences of ~1e-6
+  // may move a value across a rounding boundary, one level at most).
+  for (int k = 0; k < 2; ++k) {
+    ASSERT_EQ(batched.frames[k].size(), static_cast<size_t>(rounds));
+    ASSERT_EQ(alone.frames[k].size(), static_cast<size_t>(rounds));
+    for (int r = 0; r < rounds; ++r) {
+      const double diff = max_level_diff(batched.frames[k][r], alone.frames[k][r]);
+      EXPECT_LE(diff, 1.0) << "client " << k << " round " << r;
+    }
+  }
+  // The two clients' streams are their own: different prompts and seeds give different frames.
+  EXPECT_GT(max_level_diff(batched.frames[0][rounds - 1], batched.frames[1][rounds - 1]), 10.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, ServerBatch, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "Img2imgAndTxt2img" : "TwoImg2img"; });
+
+TEST(ServerBatchFallback, StreamsThatCannotShareAreGatheredButRunAlone) {
+  if (!sd::test::fixture_exists(kModel)) GTEST_SKIP() << "no " << kModel;
+  StreamDefaults d = sd::test::tiny_stream_defaults(kSize);
+  d.img2img.deep_cache_every = 2;  // per-stream UNet features: no shared calls
+  const RunResult batched = run_two_clients(8, 2, false, d);
+  const RunResult alone = run_two_clients(1, 2, false, d);
+  EXPECT_TRUE(batched.errors.empty()) << batched.errors.front();
+  const auto& ws = batched.worker_stats;
+  EXPECT_EQ(ws["gathered_steps"], 2);
+  EXPECT_EQ(ws["batched_calls"], 0);
+  EXPECT_EQ(ws["own_calls"], 4);
+  EXPECT_EQ(ws["max_batch"], 1);
+  for (int k = 0; k < 2; ++k)
+    for (int r = 0; r < 2; ++r) EXPECT_EQ(max_level_diff(batched.frames[k][r], alone.frames[k][r]), 0.0);
+}
+
+}  // namespace
