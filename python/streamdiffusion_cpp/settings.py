@@ -362,6 +362,15 @@ def from_config(cls: Any, path: Any, *, mode: Optional[str] = None, ignore_cli_o
     init["mode"] = mode or args["mode"] or "img2img"
     if after.get("control_input") is not None and init.get("control_preprocessor") is not None:
         after["control_preprocessor"] = init.pop("control_preprocessor")  # applied once to the control image
+    if prepare.get("num_inference_steps") is not None and init.get("t_index_list") is None:
+        # As the CLI: the default t_index_list is the one for these inference steps (the wrapper's own default is
+        # resolved for the model's steps, before prepare() sets them).
+        from .wrapper import resolve_model_path
+
+        init["t_index_list"] = list(_core.resolve_config(
+            resolve_model_path(init.get("model_id_or_path")), init["mode"],
+            num_inference_steps=int(prepare["num_inference_steps"]), config=init.get("config") or "",
+            prediction_type=init.get("prediction_type") or "").t_index_list)
     wrapper = cls(**init)
     if prepare:
         # The file's steps / guidance / delta become the wrapper's defaults: a later prepare(prompt) keeps them.

@@ -117,6 +117,13 @@ def test_overrides_win_over_the_file(sd, model, tmp_path):
         sd.StreamDiffusionWrapper.from_config(f, sed=3)
 
 
+def test_num_inference_steps_without_t_index_list_resolves_as_the_cli(sd, model, tmp_path):
+    f = write(tmp_path, f"model: '{model}'\nsize: 64x64\nnum_inference_steps: 20\n")
+    w = sd.StreamDiffusionWrapper.from_config(f, threads=1)
+    expected = list(sd.resolve_config(model, "img2img", num_inference_steps=20).t_index_list)
+    assert w.t_index_list == expected and max(expected) < 20 and w.config.num_inference_steps == 20
+
+
 def test_dash_and_underscore_name_the_same_key(sd, model, tmp_path):
     f = write(tmp_path, f"model: '{model}'\nsize: 64x64\nt-index-list: '0,16'\nframe-buffer-size: 1\n")
     s = sd.load_settings(f)
