@@ -1,5 +1,5 @@
 // The extension module streamdiffusion_cpp._core: one bind_* function per concern (errors, tensors, models,
-// stream, runtime), each in its own file.
+// stream, runtime, settings), each in its own file.
 #include "py_common.h"
 
 PYBIND11_MODULE(_core, m) {
@@ -11,4 +11,5 @@ PYBIND11_MODULE(_core, m) {
   sdpy::bind_stream(m);
   sdpy::bind_controlnet(m);
   sdpy::bind_runtime(m);
+  sdpy::bind_settings(m);
 }

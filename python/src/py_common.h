@@ -31,5 +31,6 @@ void bind_models(py::module_& m);
 void bind_stream(py::module_& m);
 void bind_controlnet(py::module_& m);  // after bind_stream: adds the Stream's ControlNet / IP-Adapter methods
 void bind_runtime(py::module_& m);
+void bind_settings(py::module_& m);  // settings files (read_settings; the CLI's YAML reader where built)
 
 }  // namespace sdpy

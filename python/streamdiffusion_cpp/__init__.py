@@ -16,6 +16,9 @@ take as they are. Layouts: model-side images are NCHW float in [-1, 1]; picture-
 Engine errors are Python exceptions carrying the C++ message: :class:`InvalidArgument` (a ``ValueError``) for bad
 arguments, :class:`FormatError` (an ``OSError``) for missing or malformed files, :class:`Error` (a ``RuntimeError``,
 the base of both) for the rest.
+
+Settings files: :func:`load_settings` reads the CLI's ``--config FILE.yaml`` files (and ``--dump-config`` output);
+:meth:`StreamDiffusionWrapper.from_config` builds a wrapper from one (keyword arguments override the file).
 """
 from ._core import (  # noqa: F401
     HAVE_RUNTIME,
@@ -50,10 +53,13 @@ from ._core import (  # noqa: F401
     tensor_to_image,
 )
 from .image_utils import pil_to_tensor, postprocess_image, preprocess_image, tensor_to_pil  # noqa: F401
+from .settings import Settings, load_settings  # noqa: F401
 from .wrapper import StreamDiffusionWrapper  # noqa: F401
 
 __all__ = [
     "StreamDiffusionWrapper",
+    "load_settings",
+    "Settings",
     "load_pipeline",
     "Stream",
     "StreamConfig",

@@ -324,3 +324,13 @@ def run_stream(
     status_interval: float = 0.0,
 ) -> Dict[str, Any]:
     """Runs a prepared Stream in the real-time runtime (GIL released; Ctrl-C stops it cleanly)."""
+
+# Settings files (streamdiffusion_cpp.load_settings / StreamDiffusionWrapper.from_config).
+HAVE_SETTINGS: bool  # False in engine-only builds (no yaml-cpp): read_settings is absent
+
+def read_settings(path: str) -> List[Tuple[str, List[str], bool, int]]:
+    """A settings file (YAML, as the CLI's --config FILE): [(key, values, is_list, line), ...] in file order, keys
+    normalised (t-index-list -> t_index_list), values as text. FormatError (file, line) for a missing file / bad YAML."""
+
+def parse_prompt_list(text: str) -> List[Tuple[str, float]]:
+    """'a cat:1 | a dog:0.5' or JSON [["a cat", 1], ...] (the CLI's --prompt-list) -> [(text, weight), ...]."""

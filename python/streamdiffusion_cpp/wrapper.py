@@ -142,6 +142,15 @@ class StreamDiffusionWrapper:
         prompt_blend: str = "linear",
         transition: Any = 0,
         latent_feedback: float = 0.0,
+        config: str = "",
+        tokenizer: str = "",
+        prediction_type: str = "",
+        lcm_guidance: Optional[float] = None,
+        clip_skip: int = 0,
+        strict_lora: bool = False,
+        deep_cache_every: int = 1,
+        deep_cache_similarity: float = 0.95,
+        cuda_graphs: bool = True,
     ) -> None:
         """Loads the model and prepares an empty prompt, as upstream does.
 
@@ -162,6 +171,10 @@ class StreamDiffusionWrapper:
         take [(text, weight), ...] as the prompt); transition: how prompt / seed changes morph (seconds, "2.5s" or
         "30f" frames; 0 = at once); latent_feedback A in [0, 1] (img2img): input latent = (1 - A) * encoded frame +
         A * previous output latent.
+
+        As the CLI's options of the same names: config (single-file checkpoints: a diffusers folder of config files),
+        tokenizer, prediction_type ("epsilon" | "v_prediction"), lcm_guidance (LCM-distilled UNets), clip_skip,
+        strict_lora, deep_cache_every / deep_cache_similarity, cuda_graphs (False = --no-cuda-graphs).
         """
         if mode not in ("img2img", "txt2img"):
             raise _core.InvalidArgument(f"mode must be 'img2img' or 'txt2img', got {mode!r}")
@@ -187,7 +200,7 @@ class StreamDiffusionWrapper:
         self.warmup = warmup  # accepted; upstream's wrapper does not use it either (its examples warm up by hand)
         self.model_path = resolve_model_path(model_id_or_path)
 
-        defaults = _core.model_defaults(self.model_path)
+        defaults = _core.model_defaults(self.model_path, config or "", prediction_type or "")
         self.model_defaults = defaults
         self.sd_turbo = defaults["family"] in ("sd-turbo", "sdxl-turbo") or "turbo" in str(model_id_or_path or "")
 
@@ -215,7 +228,10 @@ class StreamDiffusionWrapper:
 
         self.models = _core.load_pipeline(self.model_path, dtype=_dtype_name(dtype, device), device=device,
                                           threads=threads, taesd=taesd, vae=vae, loras=loras,
-                                          ip_adapter=ip_adapter or "", ip_adapter_scale=float(ip_adapter_scale))
+                                          ip_adapter=ip_adapter or "", ip_adapter_scale=float(ip_adapter_scale),
+                                          config=config or "", tokenizer=tokenizer or "",
+                                          prediction_type=prediction_type or "", lcm_guidance=lcm_guidance,
+                                          clip_skip=int(clip_skip), strict_lora=bool(strict_lora))
         self.dtype = self.models.dtype  # what "auto" resolved to: "fp32", "bf16" or "fp16"
         # ControlNets and image prompt: kept here and given to every stream prepare() makes.
         self.controlnets: List[tuple] = []
@@ -238,10 +254,16 @@ class StreamDiffusionWrapper:
         if seed < 0:  # upstream: a random seed
             seed = random.randint(0, 1000000)
         self.config = _core.resolve_config(self.model_path, mode, t_index_list=t_index_list, cfg_type=cfg_type,
-                                           width=width, height=height)
+                                           width=width, height=height, config=config or "",
+                                           prediction_type=prediction_type or "")
         self.config.frame_buffer_size = frame_buffer_size
         self.config.use_denoising_batch = use_denoising_batch
         self.config.do_add_noise = do_add_noise
+        if int(deep_cache_every) < 1:
+            raise _core.InvalidArgument("deep_cache_every must be >= 1 (1 = off)")
+        self.config.deep_cache_every = int(deep_cache_every)
+        self.config.deep_cache_min_similarity = float(deep_cache_similarity)
+        self.config.cuda_graphs = bool(cuda_graphs)
         self.config.seed = seed
         if seed_list:
             self.config.seed_list = seed_list
@@ -264,6 +286,33 @@ class StreamDiffusionWrapper:
         self.stream: _core.Stream = _core.Stream(self.models, self.config)
         # Upstream prepares an empty prompt at load (guidance 1.1 with a cfg, else 1.0; 50 steps).
         self.prepare("", "", guidance_scale=1.1 if self.cfg_type != "none" else 1.0)
+
+    @classmethod
+    def from_config(cls, path: Any, *, mode: Optional[str] = None, ignore_cli_only: bool = False,
+                    **overrides: Any) -> "StreamDiffusionWrapper":
+        """A wrapper from a settings file: the CLI's ``--config FILE.yaml`` (or ``--dump-config`` output) of txt2img,
+        img2img, stream or serve, keys = the CLI's long option names (``t_index_list`` = ``t-index-list``).
+
+        The CLI's options map onto the constructor (model -> model_id_or_path, size WxH -> width / height, lora
+        FILE[:SCALE] list -> lora_dict, lcm_lora -> lcm_lora_id, no_denoising_batch -> use_denoising_batch=False,
+        similarity_filter T -> enable_similar_image_filter + threshold, taesd / vae -> use_tiny_vae + vae_id, ...) and
+        onto prepare() (prompt or prompt_list, negative_prompt, num_inference_steps, guidance -> guidance_scale,
+        delta), which runs after construction; those three numbers stay the defaults of later prepare() calls. As the
+        CLI, no LCM-LoRA is fused unless lcm_lora names one. image_prompt / control_input (image files) are set after
+        construction. mode: "img2img" | "txt2img"; else the file's ``mode``, else txt2img for a txt2img dump or a
+        stream with ``input: none``, else img2img.
+
+        overrides: constructor or prepare() arguments (t_index_list=[0], guidance_scale=1.5), or settings keys read
+        as in a file (size="64x64", guidance=1.3); they win over the file.
+
+        Errors: FormatError (with .file) for a missing file or bad YAML (with the line); InvalidArgument naming the
+        file, line, key and expected type for an unknown key (and the closest known one), a wrong type, a list for a
+        single-value key, a CLI-only key (input, output, fps, control, serve options, ...; skipped with a warning
+        when ignore_cli_only=True) or one the wrapper cannot do (steps).
+        """
+        from .settings import from_config
+
+        return from_config(cls, path, mode=mode, ignore_cli_only=ignore_cli_only, **overrides)
 
     def prepare(self, prompt: Any, negative_prompt: str = "", num_inference_steps: Optional[int] = None,
                 guidance_scale: Optional[float] = None, delta: Optional[float] = None) -> None:
