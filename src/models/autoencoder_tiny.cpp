@@ -55,7 +55,7 @@ bool is_pickle_name(const std::string& path) {
 AutoencoderTiny build_and_load(const AutoencoderTinyConfig& config, const std::map<std::string, torch::Tensor>& state,
                                const std::string& source, torch::ScalarType dtype, torch::Device device) {
   auto model = load_module<AutoencoderTiny>(config, state, source, dtype, device);
-  if (device.is_cpu()) model->set_channels_last(true);
+  if (device.is_cpu() || (device.is_cuda() && sd::nn::fast_path().channels_last_cuda)) model->set_channels_last(true);
   return model;
 }
 

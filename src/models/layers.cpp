@@ -1,5 +1,8 @@
 #include "models/layers.h"
 
+#include <cstdlib>
+#include <string>
+
 #include "core/device.h"
 #include "core/error.h"
 #include "core/torch_compat.h"
@@ -12,6 +15,7 @@ FastPathOptions& fast_path() {
     // Without oneDNN's bf16 kernels (an AVX2 CPU) a bf16 matrix product runs at ~4 GFLOP/s vs ~70 in fp32: there
     // the attention computes in fp32 and rounds once.
     o.attention_reduced_cpu = sd::cpu_has_onednn_bf16();
+    if (const char* cl = std::getenv("SD_CUDA_CHANNELS_LAST")) o.channels_last_cuda = std::string(cl) == "1";
     return o;
   }();
   return options;
