@@ -333,7 +333,7 @@ AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::D
 AutoencoderKL load_vae(const AutoencoderKLConfig& cfg, const std::map<std::string, torch::Tensor>& weights,
                        const std::string& source, torch::ScalarType dtype, torch::Device device) {
   auto vae = load_module<AutoencoderKL>(cfg, weights, source, dtype, device);
-  if (device.is_cpu() || (device.is_cuda() && sd::nn::fast_path().channels_last_cuda)) vae->set_channels_last(true);
+  if (device.is_cpu()) vae->set_channels_last(true);
   return vae;
 }
 

@@ -10,6 +10,7 @@
 #include "io/json_config.h"
 #include "io/model_folder.h"
 #include "io/safetensors.h"
+#include "models/cuda_layout.h"
 #include "io/state_dict.h"
 
 namespace sd {
@@ -55,7 +56,8 @@ bool is_pickle_name(const std::string& path) {
 AutoencoderTiny build_and_load(const AutoencoderTinyConfig& config, const std::map<std::string, torch::Tensor>& state,
                                const std::string& source, torch::ScalarType dtype, torch::Device device) {
   auto model = load_module<AutoencoderTiny>(config, state, source, dtype, device);
-  if (device.is_cpu() || (device.is_cuda() && sd::nn::fast_path().channels_last_cuda)) model->set_channels_last(true);
+  // CPU: faster eager; CUDA: cuDNN's NHWC kernels (models/cuda_layout.h).
+  if (device.is_cpu() || (device.is_cuda() && sd::nn::cuda_channels_last())) model->set_channels_last(true);
   return model;
 }
 

@@ -6,8 +6,17 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/torch_compat.h"
+#include "models/cuda_layout.h"
 
 namespace sd::nn {
+
+bool cuda_channels_last() {
+  static const bool on = [] {
+    const char* e = std::getenv("SD_CUDA_CHANNELS_LAST");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
 
 FastPathOptions& fast_path() {
   static FastPathOptions options = [] {
@@ -15,7 +24,6 @@ FastPathOptions& fast_path() {
     // Without oneDNN's bf16 kernels (an AVX2 CPU) a bf16 matrix product runs at ~4 GFLOP/s vs ~70 in fp32: there
     // the attention computes in fp32 and rounds once.
     o.attention_reduced_cpu = sd::cpu_has_onednn_bf16();
-    if (const char* cl = std::getenv("SD_CUDA_CHANNELS_LAST")) o.channels_last_cuda = std::string(cl) == "1";
     return o;
   }();
   return options;

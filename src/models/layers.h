@@ -22,10 +22,6 @@ struct FastPathOptions {
   bool attention_tiles_cpu = true;
   // Layers given an int8 copy (quantize_int8(), `--dtype int8`) compute with it; off = their float path
   bool int8 = true;
-  // CUDA: the UNet and the autoencoders keep channels-last (NHWC) weights and activations, for cuDNN's NHWC
-  // convolution kernels and free [B, HW, C] views in the transformer blocks. Set by SD_CUDA_CHANNELS_LAST=1 until it
-  // is measured faster (scripts/gpu-check.sh times both).
-  bool channels_last_cuda = false;
 };
 FastPathOptions& fast_path();
 

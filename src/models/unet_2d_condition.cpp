@@ -9,6 +9,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "models/cuda_layout.h"
 #include "models/layers.h"
 
 namespace sd {
@@ -367,7 +368,6 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
   const bool forward_upsample_size = sample.size(2) % factor != 0 || sample.size(3) % factor != 0;
 
   auto x = c.center_input_sample ? sample * 2.0 - 1.0 : sample;
-  if (channels_last_) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
   const auto emb = unet_conditioning_embedding(c, time_embedding, add_embedding, x, timesteps, timestep_cond,
                                                text_embeds, time_ids, "UNet");
 
@@ -386,7 +386,7 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
     if (control.defined())
       for (size_t k = 0; k < skips.size(); ++k) skips[k] = skips[k] + control.down[k].to(skips[k].scalar_type());
     x = up_list.back()(cache->deep, emb, encoder_hidden_states, skips, std::nullopt);
-    return conv_out(torch::silu(conv_norm_out(x))).contiguous();
+    return conv_out(torch::silu(conv_norm_out(x)));
   }
   for (auto& blk : down_list) x = blk(x, emb, encoder_hidden_states, skips);
   if (control.defined()) {
@@ -423,15 +423,7 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample, con
     x = blk(x, emb, encoder_hidden_states, skips, size);
   }
   x = conv_out(torch::silu(conv_norm_out(x)));
-  return channels_last_ ? x.contiguous() : x;
-}
-
-void UNet2DConditionModelImpl::set_channels_last(bool on) {
-  torch::NoGradGuard ng;
-  const auto fmt = on ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
-  for (auto& p : parameters())
-    if (p.dim() == 4) p.set_data(p.contiguous(fmt));
-  channels_last_ = on;
+  return x;
 }
 
 bool UNet2DConditionModelImpl::supports_feature_cache() const {
@@ -470,7 +462,12 @@ UNet2DConditionModel load_unet(const UNet2DConditionConfig& config, const std::m
   // run faster eager in channels-last (TAESD decode 89 ms eager vs 138 ms prepacked), so only the UNet is packed.
   auto model = load_module<UNet2DConditionModel>(config, weights, source, dtype, device);
   if (device.is_cpu()) sd::nn::prepack_convolutions(*model);
-  if (device.is_cuda() && sd::nn::fast_path().channels_last_cuda) model->set_channels_last(true);
+  if (device.is_cuda() && sd::nn::cuda_channels_last()) {
+    // Channels-last weights (models/cuda_layout.h): the activations follow through the convolutions.
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters())
+      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+  }
   return model;
 }
 

@@ -110,10 +110,6 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   // text context (77 rows; their error would reach every query). Convolutions stay float (measured slower in int8,
   // see the .cpp). Returns how many layers; InvalidArgument where int8 is unavailable.
   int64_t quantize_int8();
-  // Channels-last (NHWC) convolution weights and activations (FastPathOptions::channels_last_cuda); outputs stay
-  // contiguous NCHW.
-  void set_channels_last(bool on);
-  bool channels_last() const { return channels_last_; }
   const UNet2DConditionConfig& config() const { return config_; }
 
   sd::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
@@ -127,7 +123,6 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
  private:
   UNet2DConditionConfig config_;
   int64_t num_upsamplers_ = 0;
-  bool channels_last_ = false;
 };
 TORCH_MODULE(UNet2DConditionModel);
 
