@@ -8,6 +8,7 @@
 #include "common/error_of.h"
 #include "core/error.h"
 #include "pipeline/lcm_scheduler.h"
+#include "pipeline/prompt_blend.h"
 
 namespace {
 
@@ -31,6 +32,19 @@ TEST(FuzzFindings, LcmSchedulerConfigIsBounded) {
   EXPECT_NE(o.find("field 'original_inference_steps': expected an integer in [1, num_train_timesteps = 1000]"),
             std::string::npos)
       << o;
+}
+
+// fuzz_control_command: a prompt or seed list in JSON with a number too large for a double (1e9995) made
+// nlohmann::json throw out_of_range (not parse_error), which escaped as an uncaught exception. Both lists now refuse
+// any JSON error as a bad list.
+TEST(FuzzFindings, ListNumbersTooLargeForADoubleAreBadLists) {
+  const std::string p =
+      sd::test::error_of<sd::InvalidArgument>([] { sd::parse_prompt_list(R"([["a cat", 1e9995]])"); });
+  EXPECT_EQ(p.rfind("prompt_list: bad JSON: ", 0), 0u) << p;
+  const std::string s = sd::test::error_of<sd::InvalidArgument>([] { sd::parse_seed_list("[[1, 1e9995]]"); });
+  EXPECT_EQ(s.rfind("seed_list: bad JSON: ", 0), 0u) << s;
+  // A number that fits still parses.
+  EXPECT_EQ(sd::parse_prompt_list(R"([["a cat", 1e3]])").size(), 1u);
 }
 
 }  // namespace
