@@ -69,8 +69,10 @@ grep "streamdiffusion: libtorch" "$BUILD_DIR/sd-configure.log"
 grep -q "CUDA ON" "$BUILD_DIR/sd-configure.log" || { say "the configuration did not see CUDA"; exit 1; }
 cmake --build "$BUILD_DIR" -j "$(nproc)" --target streamdiffusion test_device
 # What was built is CUDA code: the CLI links libtorch_cuda and ours calls into at::cuda (the CUDA graphs).
-readelf -d "$BUILD_DIR/apps/streamdiffusion" | grep -q "libtorch_cuda.so" ||
-  { say "the CLI does not link libtorch_cuda.so"; exit 1; }
-nm -C "$BUILD_DIR/apps/streamdiffusion" | grep -q "at::cuda::CUDAGraph::replay" ||
+# (Whole outputs into variables: `cmd | grep -q` under pipefail fails when grep stops reading early.)
+NEEDED_LIBS="$(readelf -d "$BUILD_DIR/apps/streamdiffusion")"
+grep -q "libtorch_cuda.so" <<<"$NEEDED_LIBS" || { say "the CLI does not link libtorch_cuda.so"; exit 1; }
+SYMBOLS="$(nm -C "$BUILD_DIR/apps/streamdiffusion")"
+grep -q "at::cuda::CUDAGraph::replay" <<<"$SYMBOLS" ||
   { say "the CLI has no CUDA graph code (SD_WITH_CUDA not in effect?)"; exit 1; }
 echo "CUDA compile check: OK (streamdiffusion and test_device compiled and linked against libtorch $VERSION with CUDA)"
