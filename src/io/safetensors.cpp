@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
 
 #include "core/error.h"
 
@@ -23,6 +25,30 @@ struct SafeTensorsFile::Mapping {
   }
   ~Mapping() {
     if (addr && size) munmap(addr, size);
+  }
+  // Live tensors aliasing each tensor's bytes (by data offset): get() may hand out the same bytes twice.
+  std::mutex live_mutex;
+  std::map<uint64_t, int> live;
+  void acquire(uint64_t offset) {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    ++live[offset];
+  }
+  // One alias of the bytes [p, p + n) at `offset` is gone; when it was the last, the whole pages they cover go back
+  // to the kernel. The mapping outlives a tensor while other tensors alias it, so without this a weight dropped after
+  // load (a prepacked convolution's dense copy, models/layers.h) would stay resident until the file's last weight
+  // dies. Tensors never overlap (parse_header refuses it), so no page inside [p, p + n) belongs to another one.
+  void release(uint64_t offset, void* p, size_t n) {
+    {
+      std::lock_guard<std::mutex> lock(live_mutex);
+      auto it = live.find(offset);
+      if (it == live.end() || --it->second > 0) return;
+      live.erase(it);
+    }
+    if (!addr) return;
+    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+    const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+    if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
   }
 };
 
@@ -125,8 +151,16 @@ torch::Tensor SafeTensorsFile::get(const std::string& name) const {
   const size_t isz = safetensors::dtype_size(t.dtype);
   if (reinterpret_cast<uintptr_t>(ptr) % isz == 0) {
     auto keep = map_;  // the tensor keeps the mapping alive
+    const uint64_t offset = t.begin;
+    const size_t nbytes = t.nbytes();
+    keep->acquire(offset);
     return torch::from_blob(
-        ptr, t.shape, [keep](void*) mutable { keep.reset(); }, opts);
+        ptr, t.shape,
+        [keep, offset, nbytes](void* p) mutable {
+          keep->release(offset, p, nbytes);
+          keep.reset();
+        },
+        opts);
   }
   auto out = torch::empty(t.shape, opts);
   std::memcpy(out.data_ptr(), ptr, t.nbytes());

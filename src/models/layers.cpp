@@ -24,6 +24,9 @@ FastPathOptions& fast_path() {
     // Without oneDNN's bf16 kernels (an AVX2 CPU) a bf16 matrix product runs at ~4 GFLOP/s vs ~70 in fp32: there
     // the attention computes in fp32 and rounds once.
     o.attention_reduced_cpu = sd::cpu_has_onednn_bf16();
+    // SD_ONE_CONV_COPY=0 keeps the dense convolution weights beside the packed ones (to measure what one copy saves).
+    const char* e = std::getenv("SD_ONE_CONV_COPY");
+    o.one_conv_copy = !(e && std::string(e) == "0");
     return o;
   }();
   return options;
@@ -73,7 +76,9 @@ Conv2dImpl::Conv2dImpl(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p,
 }
 
 bool Conv2dImpl::prepack() {
+  restore_dense();  // packing reads the dense weight
   packed_ = torch::Tensor();
+  dense_released_ = false;
   if (!weight.defined() || !weight.device().is_cpu() || !at::hasMKLDNN()) return false;
   if (weight.scalar_type() != torch::kFloat && weight.scalar_type() != torch::kBFloat16) return false;
   torch::NoGradGuard no_grad;
@@ -92,11 +97,40 @@ bool Conv2dImpl::prepack() {
 }
 
 bool Conv2dImpl::prepacked_current() const {
-  return packed_.defined() && weight.defined() && packed_version_ == version_of(weight) &&
-         packed_from_ == weight.data_ptr();
+  // Released, the packed copy is the weight's only one.
+  return packed_.defined() && weight.defined() &&
+         (dense_released() || (packed_version_ == version_of(weight) && packed_from_ == weight.data_ptr()));
+}
+
+bool Conv2dImpl::dense_released() const {
+  // A weight set since (set_data with real numbers) ends the release: the packed copy is then stale.
+  return dense_released_ && weight.defined() && weight.numel() == 0 && packed_.defined();
+}
+
+bool Conv2dImpl::release_dense() {
+  if (dense_released()) return true;
+  if (!prepacked_current()) return false;
+  torch::NoGradGuard no_grad;
+  weight.set_data(torch::empty({0}, weight.options()));
+  // The freed storage's address may come back for a weight set later (set_data): it must not look packed.
+  packed_from_ = nullptr;
+  dense_released_ = true;
+  return true;
+}
+
+void Conv2dImpl::restore_dense() {
+  if (dense_released()) {
+    torch::NoGradGuard no_grad;
+    // oneDNN's reorder back to the plain [out, in, k, k] layout: the same numbers (tested bit for bit).
+    weight.set_data(packed_.to_dense());
+    packed_from_ = weight.data_ptr();
+    packed_version_ = version_of(weight);
+  }
+  dense_released_ = false;
 }
 
 void Conv2dImpl::quantize_int8() {
+  restore_dense();
   torch::NoGradGuard no_grad;
   int8_ = std::make_shared<sd::int8::PackedConv>(sd::int8::pack_conv(weight, bias, stride, padding));
   int8_from_ = weight.data_ptr();
@@ -109,19 +143,45 @@ torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
     if (int8_version_ != version_of(weight) || int8_from_ != weight.data_ptr()) quantize_int8();
     return sd::int8::conv2d(x, *int8_);
   }
+  const bool released = dense_released();
   if (packed_.defined() && fast_path().prepack_conv && x.device().is_cpu() &&
-      x.scalar_type() == weight.scalar_type() && packed_version_ == version_of(weight) &&
-      packed_from_ == weight.data_ptr() &&
+      x.scalar_type() == weight.scalar_type() &&
+      (released || (packed_version_ == version_of(weight) && packed_from_ == weight.data_ptr())) &&
       !(torch::GradMode::is_enabled() && (weight.requires_grad() || x.requires_grad()))) {
     return at::mkldnn_convolution(x, packed_, bias, {padding, padding}, {stride, stride}, {1, 1}, 1);
   }
+  if (released) restore_dense();  // this call needs the dense weight (and so will the next ones like it)
   return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
 }
 
 int64_t prepack_convolutions(torch::nn::Module& module) {
   int64_t n = 0;
   for (auto& m : module.modules(/*include_self=*/true)) {
-    if (auto* conv = dynamic_cast<Conv2dImpl*>(m.get())) n += conv->prepack() ? 1 : 0;
+    if (auto* conv = dynamic_cast<Conv2dImpl*>(m.get())) {
+      if (!conv->prepack()) continue;
+      ++n;
+      if (fast_path().one_conv_copy) conv->release_dense();
+    }
+  }
+  return n;
+}
+
+int64_t parameter_count(torch::nn::Module& module) {
+  int64_t n = 0;
+  for (const auto& p : module.parameters()) n += p.numel();
+  for (auto& m : module.modules(/*include_self=*/true))
+    if (auto* conv = dynamic_cast<Conv2dImpl*>(m.get()); conv && conv->dense_released())
+      n += conv->out_channels * conv->in_channels * conv->kernel_size * conv->kernel_size;
+  return n;
+}
+
+int64_t restore_dense_convolutions(torch::nn::Module& module) {
+  int64_t n = 0;
+  for (auto& m : module.modules(/*include_self=*/true)) {
+    if (auto* conv = dynamic_cast<Conv2dImpl*>(m.get()); conv && conv->dense_released()) {
+      conv->restore_dense();
+      ++n;
+    }
   }
   return n;
 }

@@ -16,6 +16,9 @@ namespace sd::nn {
 // switches them off one at a time to show what each is worth.
 struct FastPathOptions {
   bool prepack_conv = true;     // Conv2d::prepack() keeps a oneDNN-ordered copy of the weight (CPU)
+  // Models loaded for CPU inference keep only the packed copy of each prepacked convolution weight (the dense one is
+  // re-made from it, losslessly, when something reads it: release_dense()); off = keep both (read at load time)
+  bool one_conv_copy = true;
   // CPU attention in the model dtype (bf16) unless the config asks to upcast; default: where oneDNN has bf16 kernels
   bool attention_reduced_cpu = true;
   // CPU attention over large score matrices in (head, query tile) tasks (attention_chunked); off = one bmm per chunk
@@ -60,6 +63,13 @@ class Conv2dImpl : public torch::nn::Module {
   bool prepacked() const { return packed_.defined(); }
   // The packed copy exists and was made from the current weight (what forward() then reads).
   bool prepacked_current() const;
+  // One copy instead of two: while the packed copy is current, the dense weight is swapped for an empty tensor of the
+  // same dtype and device (so a reader that does not know shows a loud shape error, never stale numbers);
+  // restore_dense() re-makes it from the packed copy (an exact reorder). forward() restores it itself where it needs
+  // the dense weight (fast path off, another input dtype, autograd); LoRA fusion restores before reading.
+  bool release_dense();
+  void restore_dense();
+  bool dense_released() const;
   // As Linear::quantize_int8; drops the float packed copy, which forward() then no longer reads.
   void quantize_int8();
   bool quantized() const { return int8_ != nullptr; }
@@ -71,6 +81,7 @@ class Conv2dImpl : public torch::nn::Module {
   torch::Tensor packed_;
   const void* packed_from_ = nullptr;  // the weight storage packed_ was made from
   int64_t packed_version_ = -1;
+  bool dense_released_ = false;
 };
 TORCH_MODULE(Conv2d);
 
@@ -105,8 +116,14 @@ class EmbeddingImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Embedding);
 
-// Prepacks every Conv2d under `module` (see Conv2dImpl::prepack); returns how many were packed.
+// Prepacks every Conv2d under `module` (see Conv2dImpl::prepack); returns how many were packed. With
+// fast_path().one_conv_copy, the packed ones then drop their dense weight (Conv2dImpl::release_dense).
 int64_t prepack_convolutions(torch::nn::Module& module);
+// Re-makes the dense weight of every Conv2d under `module` that released it (before code that reads weights
+// generically: LoRA matching and fusion, state dicts); returns how many.
+int64_t restore_dense_convolutions(torch::nn::Module& module);
+// The number of parameters of `module`, released convolution weights counted at their real size.
+int64_t parameter_count(torch::nn::Module& module);
 
 // Gives every Conv2d and Linear under `module` (and `module` itself) that `keep_float(dotted name, layer)` does not
 // accept an int8 copy; returns how many. Throws InvalidArgument naming the reason where int8 is unavailable

@@ -63,6 +63,7 @@ struct Match {
 // Why the pair's shapes do not fit the leaf's weight, or "" when they do. Linear W [out, in]: down [r, in],
 // up [out, r]. Conv2d W [out, in, kh, kw]: down [r, in, kh, kw], up [out, r, 1, 1] (diffusers' LoRAConv2dLayer).
 std::string shape_problem(const LoraPair& p, const ModuleIndex::Leaf& leaf) {
+  if (leaf.conv) leaf.conv->restore_dense();  // a matched convolution's weight is read (and fused) from here on
   const torch::Tensor& w = leaf.weight();
   bool ok;
   std::string want;
@@ -197,6 +198,7 @@ const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
       // A separate handle to the loaded storage: set_data() on the parameter later leaves it alone.
       t.base = t.weight.detach();
       t.conv = m.leaf.conv;
+      if (t.conv) t.conv->restore_dense();
       t.repack = t.conv && t.conv->prepacked();
       targets_.push_back(std::move(t));
       it = target_index_.emplace(id, targets_.size() - 1).first;
@@ -238,7 +240,11 @@ void LoraSet::fuse_target(Target& t) {
     changed = true;
   }
   t.weight.set_data(changed ? w.to(t.base.scalar_type()) : t.base);
-  if (t.conv && t.repack) t.conv->prepack();
+  if (t.conv && t.repack) {
+    t.conv->prepack();
+    // The fused weight is re-made from base + terms on the next fuse, so the packed copy can be its only one.
+    if (sd::nn::fast_path().one_conv_copy) t.conv->release_dense();
+  }
 }
 
 void LoraSet::fuse() {

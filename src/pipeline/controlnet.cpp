@@ -11,6 +11,7 @@
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "models/controlnet.h"
+#include "models/layers.h"
 
 namespace sd {
 
@@ -98,7 +99,7 @@ std::shared_ptr<const ControlNet> ControlNet::load(const std::string& path, cons
     }
   }
   if (const auto* u = models.unet_config()) check_controlnet_fits(model->config(), *u, path);
-  for (const auto& p : model->parameters()) cn->parameters_ += p.numel();
+  cn->parameters_ = sd::nn::parameter_count(*model);
   cn->model_ = model.ptr();
   return cn;
 }

@@ -1,4 +1,6 @@
 // safetensors reader/writer: round trips, zero-copy, and every class of corruption named in the error.
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -86,6 +88,50 @@ TEST_F(SafeTensorsTest, AlignedTensorsAliasTheMappingAndOutliveTheFileObject) {
   t.mul_(2);  // copy-on-write private mapping: writable, does not touch the file
   auto again = SafeTensorsFile::open(path).get("w");
   EXPECT_TRUE(torch::equal(again, ref));
+}
+
+// Resident kB of the mapping that holds address `p` (/proc/self/smaps), -1 where it cannot be read.
+long long mapping_rss_kb(const void* p) {
+  std::ifstream f("/proc/self/smaps");
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  std::string line;
+  bool in = false;
+  while (std::getline(f, line)) {
+    unsigned long long b = 0, e = 0;
+    if (std::sscanf(line.c_str(), "%llx-%llx ", &b, &e) == 2) {
+      in = a >= b && a < e;
+    } else if (in && line.rfind("Rss:", 0) == 0) {
+      return std::atoll(line.c_str() + 4);
+    }
+  }
+  return -1;
+}
+
+TEST_F(SafeTensorsTest, ATensorsPagesLeaveTheMappingWithItsLastAliasWhileOtherTensorsLive) {
+  const std::string path = dir_ + "/two.safetensors";
+  const auto ref_a = torch::randn({512, 512}), ref_b = torch::randn({512, 512});  // 1 MiB each
+  sd::save_safetensors(path, std::vector<std::pair<std::string, torch::Tensor>>{{"a", ref_a}, {"b", ref_b}});
+  torch::Tensor a, a2, b;
+  {
+    auto f = SafeTensorsFile::open(path);
+    a = f.get("a");
+    a2 = f.get("a");  // the same bytes twice
+    b = f.get("b");
+  }
+  ASSERT_EQ(a.data_ptr(), a2.data_ptr());
+  a.mul_(2);  // copy-on-write pages, seen through both aliases
+  EXPECT_TRUE(torch::equal(b, ref_b));
+  const long long both = mapping_rss_kb(b.data_ptr());
+  if (both < 0) GTEST_SKIP() << "no /proc/self/smaps";
+  EXPECT_GE(both, 2 * 1024 - 8) << "both tensors were touched";
+  a = torch::Tensor();
+  // a2 still aliases the bytes: nothing was given back and the modified values are intact.
+  EXPECT_TRUE(torch::equal(a2, ref_a * 2));
+  EXPECT_GE(mapping_rss_kb(b.data_ptr()), 2 * 1024 - 8);
+  a2 = torch::Tensor();
+  const long long after = mapping_rss_kb(b.data_ptr());
+  EXPECT_LE(after, 1024 + 16) << "a's pages stayed resident after its last alias died (" << both << " kB before)";
+  EXPECT_TRUE(torch::equal(b, ref_b));
 }
 
 TEST_F(SafeTensorsTest, UnalignedTensorIsCopied) {

@@ -130,6 +130,77 @@ TEST(PrepackConvolutions, PacksEveryConvolutionOfATree) {
   EXPECT_EQ(sd::nn::prepack_convolutions(*seq), 2);
 }
 
+// One copy of each packed weight (issue 20, memory): the dense weight is dropped while the packed copy serves, and
+// comes back bit for bit when something needs it.
+class OneConvCopy : public ::testing::TestWithParam<torch::Dtype> {};
+
+TEST_P(OneConvCopy, ReleasedWeightGivesThePackedResultAndComesBackExactly) {
+  const torch::Dtype dtype = GetParam();
+  auto conv = random_conv(16, 24, 3, 1, 1, dtype);
+  const auto original = conv->weight.clone();
+  torch::NoGradGuard no_grad;
+  if (!conv->prepack()) GTEST_SKIP() << "oneDNN does not pack " << dtype << " on this CPU";
+  const auto x = torch::randn({2, 16, 9, 9}).to(dtype);
+  const auto packed = conv->forward(x);
+  ASSERT_TRUE(conv->release_dense());
+  EXPECT_TRUE(conv->dense_released());
+  EXPECT_EQ(conv->weight.numel(), 0);  // the dense copy is gone
+  EXPECT_EQ(conv->weight.scalar_type(), dtype);
+  EXPECT_TRUE(torch::equal(conv->forward(x), packed));
+  conv->restore_dense();
+  EXPECT_FALSE(conv->dense_released());
+  ASSERT_EQ(conv->weight.sizes(), original.sizes());
+  EXPECT_TRUE(torch::equal(conv->weight, original)) << "max |diff| " << (conv->weight - original).abs().max().item<double>();
+  // Restored, the packed copy is still the current one: no re-pack, same result.
+  EXPECT_TRUE(conv->prepacked_current());
+  EXPECT_TRUE(torch::equal(conv->forward(x), packed));
+}
+
+TEST_P(OneConvCopy, PathsThatNeedTheDenseWeightRestoreIt) {
+  const torch::Dtype dtype = GetParam();
+  auto conv = random_conv(6, 8, 3, 1, 1, dtype);
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({1, 6, 7, 7}).to(dtype);
+  const auto eager = at::conv2d(x, conv->weight, conv->bias, {1, 1}, {1, 1});
+  if (!conv->prepack()) GTEST_SKIP() << "oneDNN does not pack " << dtype << " on this CPU";
+  ASSERT_TRUE(conv->release_dense());
+  sd::nn::fast_path().prepack_conv = false;
+  const auto y = conv->forward(x);
+  sd::nn::fast_path().prepack_conv = true;
+  EXPECT_FALSE(conv->dense_released());
+  EXPECT_TRUE(torch::equal(y, eager));
+  // A weight set from outside ends the release: the packed copy is stale and the new weight is used.
+  ASSERT_TRUE(conv->release_dense());
+  conv->weight.set_data(torch::zeros({8, 6, 3, 3}).to(dtype));
+  EXPECT_FALSE(conv->dense_released());
+  EXPECT_TRUE(torch::equal(conv->forward(x), conv->bias.view({1, 8, 1, 1}).expand({1, 8, 7, 7})));
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, OneConvCopy, ::testing::Values(torch::kFloat, torch::kBFloat16),
+                         [](const auto& info) { return std::string(info.param == torch::kFloat ? "fp32" : "bf16"); });
+
+TEST(PrepackConvolutions, KeepsOneCopyUnlessAskedForBoth) {
+  auto tree = [] {
+    return torch::nn::Sequential(random_conv(2, 4, 3, 1, 1, torch::kFloat), random_conv(4, 4, 1, 1, 0, torch::kFloat));
+  };
+  auto one = tree();
+  const int64_t params = sd::nn::parameter_count(*one);
+  EXPECT_EQ(params, 4 * 2 * 9 + 4 + 4 * 4 + 4);
+  ASSERT_EQ(sd::nn::prepack_convolutions(*one), 2);
+  for (const auto& p : one->named_parameters())
+    if (p.key().find("weight") != std::string::npos) EXPECT_EQ(p.value().numel(), 0) << p.key();
+  EXPECT_EQ(sd::nn::parameter_count(*one), params);
+  EXPECT_EQ(sd::nn::restore_dense_convolutions(*one), 2);
+  EXPECT_EQ(sd::nn::restore_dense_convolutions(*one), 0);
+  EXPECT_EQ(one->named_parameters()["0.weight"].sizes(), torch::IntArrayRef({4, 2, 3, 3}));
+
+  sd::nn::fast_path().one_conv_copy = false;
+  auto both = tree();
+  EXPECT_EQ(sd::nn::prepack_convolutions(*both), 2);
+  sd::nn::fast_path().one_conv_copy = true;
+  EXPECT_EQ(both->named_parameters()["1.weight"].sizes(), torch::IntArrayRef({4, 4, 1, 1}));
+}
+
 TEST(GEGLU, PackedGateMatchesTheFormulaWithAndWithoutGrad) {
   torch::manual_seed(3);
   sd::GEGLU geglu(8, 6);

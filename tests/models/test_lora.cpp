@@ -53,11 +53,18 @@ Models load_models(const std::string& model, torch::Dtype dtype = torch::kFloat)
   return m;
 }
 
+// The module's weights as a reader sees them: prepacked convolutions keep one copy (models/layers.h, release_dense),
+// so code that reads weights generically re-makes the dense ones first.
+std::map<std::string, torch::Tensor> dense_state_dict(torch::nn::Module& module) {
+  sd::nn::restore_dense_convolutions(module);
+  return sd::state_dict(module);
+}
+
 torch::Tensor param(Models& m, const std::string& full) {
   // "unet.<name>" | "text_encoder.<name>"
   const bool unet = full.rfind("unet.", 0) == 0;
   const std::string name = full.substr(unet ? 5 : 13);
-  auto dict = sd::state_dict(unet ? static_cast<torch::nn::Module&>(*m.unet) : static_cast<torch::nn::Module&>(*m.text));
+  auto dict = dense_state_dict(unet ? static_cast<torch::nn::Module&>(*m.unet) : static_cast<torch::nn::Module&>(*m.text));
   auto it = dict.find(name);
   if (it == dict.end()) throw std::runtime_error("no parameter " + full);
   return it->second;
@@ -261,8 +268,8 @@ std::map<std::string, torch::Tensor> fused_weights(const std::string& lora_path,
   EXPECT_TRUE(r.unmatched.empty());
   set.fuse();
   std::map<std::string, torch::Tensor> out;
-  for (auto& [k, v] : sd::state_dict(*m.unet)) out["unet." + k] = v.clone();
-  for (auto& [k, v] : sd::state_dict(*m.text)) out["text_encoder." + k] = v.clone();
+  for (auto& [k, v] : dense_state_dict(*m.unet)) out["unet." + k] = v.clone();
+  for (auto& [k, v] : dense_state_dict(*m.text)) out["text_encoder." + k] = v.clone();
   return out;
 }
 
@@ -337,8 +344,8 @@ TEST(LoraLayouts, IntegerAlphasReadLikeFloatOnes) {
 
 std::map<std::string, torch::Tensor> snapshot(Models& m) {
   std::map<std::string, torch::Tensor> out;
-  for (auto& [k, v] : sd::state_dict(*m.unet)) out["unet." + k] = v.clone();
-  for (auto& [k, v] : sd::state_dict(*m.text)) out["text_encoder." + k] = v.clone();
+  for (auto& [k, v] : dense_state_dict(*m.unet)) out["unet." + k] = v.clone();
+  for (auto& [k, v] : dense_state_dict(*m.text)) out["text_encoder." + k] = v.clone();
   return out;
 }
 
@@ -414,6 +421,7 @@ TEST_P(LoraPrepack, PatchedConvolutionsArePackedFromTheFusedWeights) {
   const auto& r = set.add({lora_file_path("sd15_kohya_lcm"), 1.0, "lcm"}, true);
   const std::set<std::string> patched(r.modules.at("unet").begin(), r.modules.at("unet").end());
   std::map<std::string, torch::Tensor> before;
+  sd::nn::restore_dense_convolutions(*m.unet);
   for (auto& [name, c] : convs) before[name] = c->weight.clone();
   auto check = [&](const std::string& when) {
     int n = 0;
@@ -430,6 +438,9 @@ TEST_P(LoraPrepack, PatchedConvolutionsArePackedFromTheFusedWeights) {
     torch::NoGradGuard ng;
     const auto x = torch::randn({1, c->in_channels, 8, 8}).to(dt);
     const auto packed = c->forward(x).to(torch::kFloat);
+    // The fused weight's only copy is the packed one (one copy): re-made exactly for the eager reference.
+    EXPECT_TRUE(c->dense_released()) << when;
+    c->restore_dense();
     const auto eager =
         at::conv2d(x, c->weight, c->bias, {c->stride, c->stride}, {c->padding, c->padding}).to(torch::kFloat);
     const double tol = dt == torch::kFloat ? 1e-5 : 2e-2;
@@ -438,6 +449,7 @@ TEST_P(LoraPrepack, PatchedConvolutionsArePackedFromTheFusedWeights) {
   set.fuse();
   check("after fuse");
   int changed = 0;
+  sd::nn::restore_dense_convolutions(*m.unet);
   for (auto& [name, c] : convs) changed += !torch::equal(before[name], c->weight);
   EXPECT_EQ(changed, static_cast<int>(std::count_if(convs.begin(), convs.end(),
                                                     [&](const auto& p) { return patched.count(p.first) > 0; })));

@@ -16,6 +16,7 @@
 #include "io/ldm_checkpoint.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "models/layers.h"
 #include "models/controlnet.h"
 #include "pipeline/controlnet.h"
 #include "pipeline/stream_diffusion.h"
@@ -147,6 +148,7 @@ TEST(ControlNetLoad, OriginalLayoutSingleFileEqualsTheFolder) {
   SD_REQUIRE_CN();
   const std::string dir = test::fixture_path(kCn);
   auto folder_model = load_controlnet_model(dir);
+  sd::nn::restore_dense_convolutions(*folder_model);  // prepacked convolutions keep one copy (models/layers.h)
   std::map<std::string, Tensor> weights = state_dict(*folder_model);
   std::vector<std::string> keys;
   for (const auto& kv : weights) keys.push_back(kv.first);
