@@ -9,16 +9,10 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/text.h"
 
 namespace sd {
 namespace {
-
-std::string trim(const std::string& s) {
-  const char* ws = " \t\r\n";
-  const auto b = s.find_first_not_of(ws);
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(ws) - b + 1);
-}
 
 // A finite double spelling the whole of `s`.
 bool to_number(const std::string& s, double& v) {

@@ -6,16 +6,10 @@
 #include <limits>
 
 #include "core/error.h"
+#include "core/text.h"
 
 namespace sd {
 namespace {
-
-std::string trim(const std::string& s) {
-  const char* ws = " \t\r\n";
-  const auto b = s.find_first_not_of(ws);
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(ws) - b + 1);
-}
 
 double parse_number(const std::string& cmd, const std::string& arg) {
   if (arg.empty()) throw InvalidArgument("control: '" + cmd + "' needs a number, e.g. '" + cmd + " 1.5'");
