@@ -42,6 +42,7 @@ struct StreamCliOptions {
   int queue = 4;
   int64_t warmup_outputs = 100;
   double watchdog = 10.0;
+  bool fixed_threads = false;
   std::string image_prompt_input;  // --image-prompt-input SRC
   int64_t image_prompt_every = 1;
   double image_prompt_change = 1.0;
@@ -131,6 +132,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
   app.add_option("--queue", o->queue, "capacity of each lossless queue")->capture_default_str();
   app.add_option("--warmup-outputs", o->warmup_outputs, "outputs after which RSS counts as 'after warm-up'")
       ->capture_default_str();
+  app.add_flag("--fixed-threads", o->fixed_threads,
+               "keep --threads intra-op threads when other processes contend for the CPU (default: the model thread "
+               "drops to 1 thread while its run-queue wait is high - no barrier stalls - and goes back when it clears)");
   app.add_option("--watchdog", o->watchdog,
                  "log any frame a stage spends more than this many times its median on (and over 100 ms), with the "
                  "stage, while it is still there (0 = off; the timings stay in --stats-json)")
@@ -180,6 +184,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     ro.queue_capacity = static_cast<size_t>(o->queue);
     ro.warmup_outputs = o->warmup_outputs;
     ro.watchdog_factor = o->watchdog;
+    ro.adaptive_threads = !o->fixed_threads;
     for (const auto& a : o->at) ro.scheduled.push_back(parse_at(a));
     std::vector<std::string> controls;
     for (const auto& c : o->control) {
@@ -319,6 +324,12 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     const auto& wd = summary["watchdog"];
     std::fprintf(stderr, "[stream] watchdog: %lld slow frames, longest gap between outputs %.0f ms\n",
                  static_cast<long long>(wd["slow_frames"].get<int64_t>()), wd["max_output_gap_ms"].get<double>());
+    if (const auto& g = summary["thread_governor"]; g.is_object() && g["active"].get<bool>())
+      std::fprintf(stderr, "[stream] threads: %d of %d now; cut to 1 thread %lld times under CPU contention (%lld of "
+                   "%lld model frames)\n", g["threads"].get<int>(), g["max_threads"].get<int>(),
+                   static_cast<long long>(g["reductions"].get<int64_t>()),
+                   static_cast<long long>(g["frames_reduced"].get<int64_t>()),
+                   static_cast<long long>(g["frames"].get<int64_t>()));
     if (!error.empty()) throw sd::Error(error);
     const int sig = sd::SignalGuard::pending();
     return sig != 0 ? 128 + sig : 0;

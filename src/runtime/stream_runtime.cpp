@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <iterator>
 
+#include <ATen/Parallel.h>
 #include <opencv2/core/utility.hpp>
 #include <opencv2/imgproc.hpp>
 
@@ -354,12 +355,7 @@ void StreamRuntime::model_loop() {
     ~CloseOnExit() { q.close(); }
   } closer{q_post_};
   while (auto f = q_model_.pop()) {
-    StageWatchdog::Timer model_timer(watchdog_, StageWatchdog::Model, f->index);
-    apply_controls(f->index);
-    stats_.on_model_frame();
-    std::vector<Frame> outs = processor_->process(std::move(*f));
-    stats_.set_skipped(processor_->skipped());
-    model_timer.finish();
+    std::vector<Frame> outs = model_frame(std::move(*f));
     if (!push_outputs(outs)) return;
   }
   if (stop_.load() || q_model_.cancelled()) return;
@@ -375,6 +371,40 @@ void StreamRuntime::model_loop() {
   }
   for (auto& p : left)
     if (p.reply) p.reply("error: '" + p.command.line + "' not applied: the input has ended");
+}
+
+std::vector<Frame> StreamRuntime::model_frame(Frame f) {
+  if (!governor_) {
+    ThreadGovernor::Options g;
+    g.max_threads = options_.adaptive_threads ? at::get_num_threads() : 1;
+    std::lock_guard<std::mutex> lock(governor_mutex_);
+    governor_ = std::make_unique<ThreadGovernor>(g);
+  }
+  const auto t0 = StreamClock::now();
+  const double wait0 = governor_->active() ? thread_runqueue_wait_s() : -1;
+  StageWatchdog::Timer model_timer(watchdog_, StageWatchdog::Model, f.index);
+  apply_controls(f.index);
+  stats_.on_model_frame();
+  std::vector<Frame> outs = processor_->process(std::move(f));
+  stats_.set_skipped(processor_->skipped());
+  model_timer.finish();
+  if (wait0 >= 0) {
+    const auto t1 = StreamClock::now();
+    const double wall = std::chrono::duration<double>(t1 - t0).count();
+    const double wait = thread_runqueue_wait_s() - wait0;
+    std::lock_guard<std::mutex> lock(governor_mutex_);
+    const int before = governor_->threads();
+    const int now = governor_->update(wall, wait, std::chrono::duration<double>(t1.time_since_epoch()).count());
+    if (now != before) {
+      set_team_size_here(now);
+      if (now == 1)
+        log::info("model: the CPU is contended (the model thread waited for a CPU {:.0f}% of its frame time): 1 "
+                  "intra-op thread until it clears", 100 * governor_->wait_share());
+      else
+        log::info("model: CPU contention cleared: {} intra-op threads again", now);
+    }
+  }
+  return outs;
 }
 
 void StreamRuntime::apply_controls(int64_t frame_index) {
@@ -654,12 +684,7 @@ void StreamRuntime::run_synchronous() {
       preprocess_frame(f);
       pre_timer.finish();
       stage = "model";
-      StageWatchdog::Timer model_timer(watchdog_, StageWatchdog::Model, f.index);
-      apply_controls(f.index);
-      stats_.on_model_frame();
-      std::vector<Frame> outs = processor_->process(std::move(f));
-      stats_.set_skipped(processor_->skipped());
-      model_timer.finish();
+      std::vector<Frame> outs = model_frame(std::move(f));
       if (!push_outputs(outs)) break;
     }
     if (!stop_.load()) {
@@ -674,6 +699,8 @@ void StreamRuntime::run_synchronous() {
   } catch (const std::exception& e) {
     fail(stage, e.what());
   }
+  // The calling thread keeps its team size (the governor may have cut it).
+  if (governor_ && governor_->threads() != governor_->max_threads()) set_team_size_here(governor_->max_threads());
   try {
     sink_->close();
   } catch (const std::exception& e) {
@@ -695,6 +722,10 @@ nlohmann::json StreamRuntime::summary() const {
   j["processor"] = processor_name_;
   j["latency_frames"] = processor_->latency_frames();
   j["watchdog"] = watchdog_.summary();
+  {
+    std::lock_guard<std::mutex> lock(governor_mutex_);
+    j["thread_governor"] = governor_ ? governor_->summary() : nlohmann::json(nullptr);
+  }
   j["dropped_by_queue"] = {{"capture", q_capture_.dropped()},
                            {"model_input", q_model_.dropped()},
                            {"post_process", q_post_.dropped()},

@@ -52,6 +52,7 @@
 #include "runtime/frame_source.h"
 #include "runtime/runtime_stats.h"
 #include "runtime/stage_watchdog.h"
+#include "runtime/thread_governor.h"
 
 namespace sd {
 
@@ -92,6 +93,9 @@ struct StreamOptions {
   double watchdog_factor = 10.0;
   double watchdog_min_ms = 100.0;
   std::function<void(const std::string&)> watchdog_log;  // default: log::warn
+  // The model thread's intra-op team shrinks to one thread while other processes contend for the CPU and grows back
+  // when they leave (thread_governor.h); false = keep the team size (--fixed-threads).
+  bool adaptive_threads = true;
 };
 
 class StreamRuntime {
@@ -164,6 +168,8 @@ class StreamRuntime {
   void fail(const std::string& stage, const std::string& what);
   void cancel_queues();
   void apply_controls(int64_t frame_index);
+  // The model stage on one frame (controls due, the processor, the watchdog's timing, the thread governor).
+  std::vector<Frame> model_frame(Frame f);
   // Hands model outputs on: to the post-process queue (threads) or straight through post-process and sink
   // (synchronous). false = the stream is stopping.
   bool push_outputs(std::vector<Frame>& outs);
@@ -189,6 +195,9 @@ class StreamRuntime {
   BoundedQueue<Frame> q_capture_, q_model_, q_post_, q_sink_;
   RuntimeStats stats_;
   StageWatchdog watchdog_;
+  // Made by the model thread on its first frame (it knows the team size); summary() reads it from other threads.
+  std::unique_ptr<ThreadGovernor> governor_;
+  mutable std::mutex governor_mutex_;
 
   std::atomic<bool> stop_{false};
   std::atomic<bool> running_{false};
