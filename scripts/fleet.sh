@@ -50,6 +50,7 @@ cmd_stop() {
   [[ -d "$run_dir" ]] || { echo "fleet.sh: no run dir $run_dir: nothing to stop"; return 0; }
   local drain=10
   [[ -f "$run_dir/drain-seconds" ]] && drain="$(cat "$run_dir/drain-seconds")"
+  drain="$(awk -v d="$drain" 'BEGIN { printf "%d", (d == int(d)) ? d : int(d) + 1 }')"  # whole seconds, rounded up
   # nginx first (no new connections), then the workers drain in parallel.
   stop_pid "$run_dir/nginx.pid" QUIT 5
   local f pids=()
@@ -96,6 +97,9 @@ cmd_start() {
     esac
   done
   [[ "$port" =~ ^[0-9]+$ && "$port" -ge 1 && "$port" -le 65535 ]] || die "--port: expected 1..65535, got '$port'"
+  [[ "$drain" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--drain-seconds: expected a number of seconds >= 0, got '$drain'"
+  [[ "$max_streams" =~ ^[0-9]+$ && "$max_streams" -ge 1 ]] || die "--max-streams: expected a count >= 1, got '$max_streams'"
+  [[ -z "$threads" || "$threads" =~ ^[0-9]+$ ]] || die "--threads: expected a count, got '$threads'"
   [[ -x "$bin" ]] || die "no streamdiffusion binary at $bin (build it, or give --bin / SD_BIN)"
   if [[ -z "$threads" ]]; then threads=$(( $(nproc) / n )); (( threads >= 1 )) || threads=1; fi
   if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
