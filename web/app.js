@@ -641,6 +641,7 @@ window.sdApp = {
     banner: ui.banner.hidden ? '' : ui.banner.textContent,
     id: state.client?.hello?.id ?? null,
     stream: streamId,
+    streamFromServer: state.client?.hello?.stream ?? null,
     worker: state.worker ?? null,
     reconnects: reconnect.count,
     prompt: ui.prompt.value,
