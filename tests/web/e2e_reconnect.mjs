@@ -7,7 +7,8 @@
 // refuse new streams (503) and exit once the page has gone. Worker B then starts on the same port (what a restarted
 // worker, or nginx's next upstream, looks like to the page). Checks: the page reconnects by itself with its stream id
 // (?stream=, sessionStorage), gets frames from B, keeps its prompt in the form and sends it to B (B's config reply),
-// and shows no error banner.
+// and shows no error banner. Then B is killed (SIGKILL: the socket just drops) and C starts on the port: the page
+// finds it by its backoff, again with its prompt.
 // Exit 0 = passed, 1 = failed, 77 = skipped (no chromium / node_modules).
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -45,7 +46,7 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sd-e2e-reconnect-'));
 const y4m = path.join(tmp, 'camera.y4m');
 writeY4m(y4m, {});
 const prompt = 'a blue bird that survives a drain';
-let a, b, browser;
+let a, b, c, browser;
 try {
   a = await startWorker('worker-A', 0);
   console.log(`worker A at ${a.url}`);
@@ -87,13 +88,27 @@ try {
   check(s2.running && s2.connected, 'the page is running and connected', JSON.stringify({ running: s2.running, connected: s2.connected }));
   check(s2.banner === '', 'no banner shown (no error)', s2.banner);
   check(s2.errors.length === 0, 'no error messages', JSON.stringify(s2.errors));
+
+  // A worker that dies (SIGKILL: no reconnect message, the socket just drops): the page retries with backoff and
+  // finds worker C on the same port.
+  b.proc.kill('SIGKILL');
+  await b.exited;
+  const reconnectsBefore = (await appStats(p)).reconnects;
+  c = await startWorker('worker-C', a.port);
+  await until(async () => (await appStats(p)).worker === 'worker-C', 30000, 'the page on worker C');
+  await until(async () => (await appStats(p)).applied?.prompt === prompt, 20000, 'the prompt applied by C');
+  await framesAfter(p, 3, 30000);
+  const s3 = await appStats(p);
+  check(s3.reconnects === reconnectsBefore + 1, 'after a dropped connection too', `${reconnectsBefore} -> ${s3.reconnects}`);
+  check(s3.applied?.prompt === prompt && s3.prompt === prompt, 'worker C applies the kept prompt', s3.applied?.prompt);
+  check(s3.errors.length === 0 && s3.banner === '', 'still no error shown', JSON.stringify([s3.errors, s3.banner]));
   check(pageErrors.length === 0, 'no page errors', pageErrors.join('; '));
 } catch (e) {
   results.failed += 1;
   console.log(`  FAIL ${e.stack || e}`);
 } finally {
   if (browser) await browser.close();
-  for (const w of [a, b]) if (w) w.proc.kill('SIGINT');
+  for (const w of [a, b, c]) if (w) w.proc.kill('SIGINT');
   fs.rmSync(tmp, { recursive: true, force: true });
 }
 console.log(`${results.passed} passed, ${results.failed} failed`);
