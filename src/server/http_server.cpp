@@ -119,7 +119,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
       beast::error_code pec;
       const auto peer = stream_.socket().remote_endpoint(pec);
       f.peer_address = pec ? std::string("unknown") : peer.address().to_string();
-      f.forwarded = req.find("X-Forwarded-For") != req.end() || req.find(http::field::forwarded) != req.end() ||
+      f.forwarded = req.find("X-Forwarded-For") != req.end() || req.find("Forwarded") != req.end() ||
                     req.find("X-Real-IP") != req.end();
       ApiResponse r = *handle_fleet_request(*ctx_, f);
       Response res{static_cast<http::status>(r.status), version};

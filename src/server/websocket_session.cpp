@@ -118,9 +118,10 @@ void WebSocketSession::on_accept(beast::error_code ec) {
   sink.message = [weak](nlohmann::json j) {
     if (auto self = weak.lock()) self->post_json(std::move(j));
   };
-  sink.timing = [ctx = ctx_](double queue_s, double model_s) {
-    ctx->stages.queue.observe(queue_s);
-    ctx->stages.model.observe(model_s);
+  // A raw pointer: the model thread that calls it belongs to the context (no shared_ptr cycle through the queue).
+  sink.timing = [stages = &ctx_->stages](double queue_s, double model_s) {
+    stages->queue.observe(queue_s);
+    stages->model.observe(model_s);
   };
   if (!ctx_->defaults.controlnets.empty())
     sink.control = [weak](size_t index, cv::Mat rgb) {
