@@ -8,7 +8,7 @@
 //   - SIGTERM of another: its clients get {"type":"reconnect"}, no error message, move within 5 s, and the worker
 //     exits within its --drain-seconds;
 //   - 200 connection attempts beyond --max-streams across the fleet are each answered "busy", and no worker dies;
-//   - /api/drain through nginx is refused.
+//   - /api/drain through nginx is refused; forged stream ids get nginx's 414 (10 kB) or the worker's 400.
 // Skipped (with the reason) when nginx is not installed or the fixtures are absent.
 #include <signal.h>
 #include <sys/types.h>
@@ -577,6 +577,14 @@ TEST_F(FleetTest, ConnectionsBeyondMaxStreamsAreAnsweredBusyAndNoWorkerDies) {
     EXPECT_EQ(m.value("sd_streams_open"), 2) << w.id;
   }
   EXPECT_EQ(rejected, 200 + busy_while_filling);
+  // Forged stream ids through nginx: 10 kB does not fit nginx's request line buffers (its own 414); a 100-character
+  // one reaches a worker and gets the worker's 400 naming what it expects.
+  EXPECT_EQ(sd::test::upgrade_answer(fleet.port(), "/ws?stream=" + std::string(10240, 'A')).status, 414u);
+  const auto forged = sd::test::upgrade_answer(fleet.port(), "/ws?stream=" + std::string(100, 'A'));
+  EXPECT_EQ(forged.status, 400u);
+  EXPECT_EQ(forged.json()["error"],
+            "stream id (query parameter 'stream'): expected 1 to 64 characters of [A-Za-z0-9_-], got 100 characters");
+  for (const auto& w : fleet.workers()) EXPECT_TRUE(alive(w.pid)) << w.id;
   // The held streams still work.
   for (auto& c : held) {
     ASSERT_TRUE(c->send_binary(sd::test::test_jpeg(64, 64, 1)));
