@@ -41,8 +41,31 @@ const state = {
   imagePrompt: null,        // data URL of the uploaded image prompt
   controlReceived: 0,
   applied: null,            // the settings of the last "config" reply
+  worker: null,             // the worker id of the hello (a fleet's worker serving this stream)
 };
 const inFlightWindow = Math.min(2, Math.max(1, Number(params.get('window')) || 1));
+
+// The stream id: the routing key of a fleet (nginx hashes /ws on it, so a reconnect finds the same worker while it
+// lives). Made here, kept for this tab in sessionStorage, sent as ?stream= and as the sd_stream cookie.
+function makeStreamId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'[b & 63]).join('');
+}
+const streamId = (() => {
+  let id = null;
+  try { id = sessionStorage.getItem('sd.stream'); } catch (_) { /* private mode */ }
+  if (!id || !/^[A-Za-z0-9_-]{1,64}$/.test(id)) {
+    id = makeStreamId();
+    try { sessionStorage.setItem('sd.stream', id); } catch (_) { /* private mode */ }
+  }
+  document.cookie = `sd_stream=${id}; path=/; SameSite=Strict`;
+  return id;
+})();
+// Reconnects: after a {"type":"reconnect"} message (the worker drains) or a connection that dropped while running,
+// the page connects again with exponential backoff (250 ms doubling to 8 s, with jitter), keeps its settings and
+// goes on; it gives up after kMaxReconnects failures in a row.
+const kMaxReconnects = 10;
+const reconnect = { attempts: 0, count: 0, timer: null, reason: '' };
 
 // Frames smaller than the pane are scaled up by CSS: smooth (default) or pixelated (?display=pixelated), remembered.
 function applyDisplay(value) {
@@ -340,13 +363,14 @@ ui.reseed.addEventListener('click', () => {
 
 // ---- connection ----------------------------------------------------------------------------------------------
 
-async function connect() {
-  const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+async function connect({ again = false } = {}) {
+  const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws?stream=${streamId}`;
   const client = new StreamClient(url, { window: inFlightWindow });
   setStatus('connecting…', 'warn');
   try {
     await client.connect();
   } catch (e) {
+    if (again) throw e;  // reconnecting: the backoff loop says what happens
     if (e.busy) {
       setStatus('busy', 'bad');
       showBanner(`${e.message}`, 'error');
@@ -369,9 +393,12 @@ async function connect() {
   const sizeText = !native ? size : native === size ? `${size} (native)` : `${size} (native ${native})`;
   ui.model.textContent = `${name} · ${sizeText}${tail ? ' · ' + tail : ''}`;
   ui.model.title = hello.model;
-  setupControlNets(hello);
-  setupIpAdapter(hello);
-  fillForm(hello.settings);
+  if (!again) {
+    setupControlNets(hello);
+    setupIpAdapter(hello);
+    fillForm(hello.settings);  // a reconnect keeps the form: what the user set goes to the new worker below
+  }
+  state.worker = hello.worker || null;
   lastSent = asSent(hello.settings);
   if (state.ipAdapter) lastSent.ip_adapter_scale = state.ipAdapter.scale;
   delete lastSent.mode;
@@ -406,10 +433,21 @@ async function connect() {
     ui.modelMs.textContent = s.model_ms ? s.model_ms.toFixed(0) : '–';
     ui.dropped.textContent = (s.dropped_in || 0) + (s.dropped_out || 0);
   });
+  client.addEventListener('reconnect', (ev) => {
+    // The worker drains: go elsewhere now (the results still in flight are only warm-up frames of the old stream).
+    if (state.client !== client) return;
+    state.client = null;
+    client.close();
+    if (state.running) scheduleReconnect(`worker ${ev.detail.worker || ''} draining`, true);
+  });
   client.addEventListener('close', (ev) => {
     if (state.client === client) {
       state.client = null;
       const busy = ev.detail.reason === 'busy';
+      if (state.running && !busy && ev.detail.code !== 1000) {
+        scheduleReconnect(`connection closed (${ev.detail.code})`);
+        return;
+      }
       setStatus(busy ? 'busy' : 'disconnected', busy ? 'bad' : 'off');
       if (state.running) {
         if (!busy) showBanner(`The connection closed (${ev.detail.code}${ev.detail.reason ? ' ' + ev.detail.reason : ''}).`);
@@ -418,6 +456,44 @@ async function connect() {
     }
   });
   return client;
+}
+
+function scheduleReconnect(reason, now = false) {
+  clearTimeout(reconnect.timer);
+  reconnect.reason = reason;
+  const delay = now && reconnect.attempts === 0 ? 0
+    : Math.min(8000, 250 * 2 ** reconnect.attempts) * (0.75 + 0.5 * Math.random());
+  setStatus('reconnecting…', 'warn');
+  reconnect.timer = setTimeout(tryReconnect, delay);
+}
+
+async function tryReconnect() {
+  if (!state.running || state.client) return;
+  const generation = state.generation;
+  let client;
+  try {
+    client = await connect({ again: true });
+  } catch (e) {
+    if (!state.running || state.generation !== generation) return;
+    reconnect.attempts += 1;
+    if (reconnect.attempts >= kMaxReconnects) {
+      reconnect.attempts = 0;
+      showBanner(`Cannot reconnect (${reconnect.reason}): ${e.message}`);
+      setStatus('offline', 'bad');
+      stop();
+      return;
+    }
+    scheduleReconnect(reconnect.reason);
+    return;
+  }
+  if (!state.running || state.generation !== generation) { client.close(); return; }
+  reconnect.attempts = 0;
+  reconnect.count += 1;
+  state.client = client;
+  // The new stream starts from the server's defaults: send the whole form (prompt etc.) and the images again.
+  sendConfig({ mode: state.mode === 'txt2img' ? 'txt2img' : 'img2img' });
+  if (state.controlImage || state.imagePrompt) sendImages();
+  wake();
 }
 
 // ---- frames --------------------------------------------------------------------------------------------------
@@ -454,7 +530,7 @@ function nap(ms) {
 async function pump(generation) {
   while (state.running && state.generation === generation) {
     const c = state.client;
-    if (!c) return;
+    if (!c) { await nap(100); continue; }  // between two connections (reconnecting)
     // A result that never came (lost in a reconnect, refused frame) must not block the stream forever.
     if (c.inFlight.length && performance.now() - c.inFlight[0] > 15000) c.forgetOldest();
     if (c.canSend) {
@@ -524,6 +600,7 @@ function stopMedia() {
 
 function stop() {
   state.running = false;
+  clearTimeout(reconnect.timer);
   state.generation += 1;
   stopMedia();
   ui.inputPh.hidden = false;
@@ -563,6 +640,11 @@ window.sdApp = {
     status: ui.status.textContent,
     banner: ui.banner.hidden ? '' : ui.banner.textContent,
     id: state.client?.hello?.id ?? null,
+    stream: streamId,
+    streamFromServer: state.client?.hello?.stream ?? null,
+    worker: state.worker ?? null,
+    reconnects: reconnect.count,
+    prompt: ui.prompt.value,
     model: ui.model.textContent,
     outputSize: [ui.output.width, ui.output.height],
     display: ui.display.value,

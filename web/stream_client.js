@@ -1,6 +1,8 @@
 // One WebSocket stream to `streamdiffusion serve`: JPEG frames out, JPEG results in, JSON control both ways.
 // The client keeps at most `window` frames in flight: a new frame goes out only when an earlier result came back,
 // so a slow server never builds up a queue.
+// A `{"type":"reconnect"}` message (the server drains) is dispatched as a 'reconnect' event like any other message
+// type; the page opens a new StreamClient (see app.js: reconnect with backoff, same stream id, same settings).
 
 export class StreamClient extends EventTarget {
   constructor(url, { window = 1 } = {}) {
@@ -51,6 +53,7 @@ export class StreamClient extends EventTarget {
       };
       ws.onclose = (ev) => {
         this.inFlight = [];
+        this.closed = true;
         if (!settled) { settled = true; reject(new Error(`connection closed (${ev.code} ${ev.reason || ''})`)); }
         this.dispatchEvent(new CustomEvent('close', { detail: { code: ev.code, reason: ev.reason || this.closedReason } }));
       };

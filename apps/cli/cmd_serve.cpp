@@ -33,6 +33,7 @@ struct ServeOptions {
   std::string mode = "img2img";
   std::string max_size;  // "" = twice the stream size per side
   int64_t max_ws_mib = 4, max_body_mib = 16;
+  double drain_seconds = 10;
 };
 
 sd::cli::Runner setup_serve(CLI::App& app) {
@@ -89,6 +90,13 @@ sd::cli::Runner setup_serve(CLI::App& app) {
                  "output frames queued per client; a slow client loses its oldest unsent frames")
       ->capture_default_str();
   app.add_option("--jpeg-quality", o->s.jpeg_quality, "quality of the output frames (1-100)")->capture_default_str();
+  app.add_option("--worker-id", o->s.worker_id,
+                 "this worker's name in a fleet: in each stream's hello and stats messages, /api/health, /api/ready "
+                 "and /metrics (default HOST:PORT); up to 64 characters of [A-Za-z0-9_.:-]");
+  app.add_option("--drain-seconds", o->drain_seconds,
+                 "on SIGTERM or POST /api/drain (loopback only): refuse new streams, tell each client to reconnect "
+                 "elsewhere, and exit when they have gone or after this many seconds (0 = SIGTERM stops at once)")
+      ->capture_default_str();
   app.footer(
       "Open http://127.0.0.1:8000/ (with the default --host/--port) for the browser app. The API:\n"
       "  curl -s localhost:8000/api/health\n"
@@ -96,7 +104,8 @@ sd::cli::Runner setup_serve(CLI::App& app) {
       "-o cat.png\n"
       "  curl -s -H 'Content-Type: application/json' -d \"{\\\"prompt\\\":\\\"oil painting\\\",\\\"image\\\":\\\"$(base64 -w0 "
       "in.jpg)\\\"}\" localhost:8000/api/img2img -o out.png\n"
-      "Stop with Ctrl-C (SIGINT) or SIGTERM: clients are told, the model step in progress finishes.");
+      "Stop with Ctrl-C (SIGINT): clients are told, the model step in progress finishes. SIGTERM drains first (see\n"
+      "--drain-seconds; a fleet behind nginx: scripts/fleet.sh, docs/SCALING.md).");
 
   return [o, web_root] {
     sd::cli::apply_threads(o->p.common);
@@ -106,6 +115,13 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     if (o->max_body_mib < 1 || o->max_body_mib > 1024)
       throw sd::InvalidArgument("--max-http-body must be in [1, 1024] MiB");
     if (o->s.jpeg_quality < 1 || o->s.jpeg_quality > 100) throw sd::InvalidArgument("--jpeg-quality must be in [1, 100]");
+    if (!(o->drain_seconds >= 0 && o->drain_seconds <= 3600))
+      throw sd::InvalidArgument("--drain-seconds must be in [0, 3600], got " + std::to_string(o->drain_seconds));
+    if (o->s.worker_id.size() > 64 ||
+        o->s.worker_id.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-") !=
+            std::string::npos)
+      throw sd::InvalidArgument("--worker-id '" + o->s.worker_id +
+                                "': expected up to 64 characters of [A-Za-z0-9_.:-]");
     if (!o->p.control_input.empty())
       throw sd::InvalidArgument("--control-input is not a serve option: each client's control images come from its own "
                                 "frames (--control-preprocessor) or its control_image setting");
@@ -179,9 +195,18 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     sd::log::info("serving {} on http://{}:{}/ ({} stream slots, {}x{}, up to {} streams per UNet call)",
                   o->s.web_root, host, server.port(), o->s.max_streams, d.img2img.width, d.img2img.height,
                   o->s.max_batch_streams);
-    while (sd::SignalGuard::pending() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    while (sd::SignalGuard::pending() == 0 && !server.draining())
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     const int sig = sd::SignalGuard::pending();
-    sd::log::info("{}: shutting down", sd::SignalGuard::name(sig));
+    if (sig != SIGINT && o->drain_seconds > 0) {
+      // SIGTERM (a rolling restart, Kubernetes' preStop) or POST /api/drain: clients move to other workers first.
+      sd::log::info("{}: draining for up to {} s", sig ? sd::SignalGuard::name(sig) : "POST /api/drain",
+                    o->drain_seconds);
+      if (sig) sd::SignalGuard::clear();  // a second signal during the drain stops at once
+      server.drain_and_stop(o->drain_seconds, [] { return sd::SignalGuard::pending() != 0; });
+    } else {
+      sd::log::info("{}: shutting down", sig ? sd::SignalGuard::name(sig) : "drain");
+    }
     server.stop();
     const auto s = server.stats();
     sd::log::info("served {} streams, {} model steps ({} shared UNet calls for {} stream calls), {} HTTP requests",

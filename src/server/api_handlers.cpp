@@ -120,6 +120,8 @@ void ApiHandlers::handle(const ApiRequest& req, Done done) {
       const auto s = server_stats_();
       h["streams"] = s.value("streams", 0);
       h["max_streams"] = s.value("max_streams", 0);
+      h["worker_id"] = s.value("worker_id", "");
+      h["draining"] = s.value("draining", false);
     }
     return done(ApiResponse::json(200, h));
   }
@@ -135,7 +137,8 @@ void ApiHandlers::handle(const ApiRequest& req, Done done) {
   }
   errors_.fetch_add(1);
   done(ApiResponse::error(404, "no API endpoint " + path +
-                                   " (expected /api/health, /api/stats, /api/txt2img, /api/img2img)"));
+                                   " (expected /api/health, /api/ready, /api/stats, /api/txt2img, /api/img2img, "
+                                   "or POST /api/drain)"));
 }
 
 void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {

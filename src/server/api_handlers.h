@@ -1,6 +1,7 @@
 #pragma once
 // The HTTP API (JSON in, PNG or JSON out):
-//   GET  /api/health    {"status":"ok", "model":..., "width":..., "height":..., "streams":..., "max_streams":...}
+//   GET  /api/health    {"status":"ok", "model":..., "width":..., "height":..., "streams":..., "max_streams":...,
+//                       "worker_id":..., "draining":...}  (alive; readiness is /api/ready, fleet.h)
 //   GET  /api/stats     server, model worker, per-stream and API counters, RSS
 //   POST /api/txt2img   Content-Type: application/json, body: the stream settings fields (see stream_settings.h,
 //                       without "mode") and optionally "width" / "height" (positive multiples of 8 and of the VAE's

@@ -1,5 +1,6 @@
 #include "server/http_server.h"
 
+#include <algorithm>
 #include <array>
 #include <fstream>
 #include <sstream>
@@ -80,13 +81,56 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
         return send(error_response(403, "origin '" + origin + "' is not allowed (see --allow-origin)", req.version(),
                                    false));
       }
+      // The stream id (the routing key of a fleet): a bad one is refused before any slot is taken.
+      std::string stream_id;
+      try {
+        stream_id = stream_id_of(target, std::string(req[http::field::cookie]));
+      } catch (const std::exception& e) {
+        ctx_->rejected_stream_id.fetch_add(1);
+        return send(error_response(400, e.what(), req.version(), false));
+      }
+      // Draining: refused here, before the handshake, so that a load balancer (nginx proxy_next_upstream http_503)
+      // hands the stream to another worker instead of passing a "busy" WebSocket on.
+      if (ctx_->draining && !ctx_->stopping) {
+        ctx_->rejected_draining.fetch_add(1);
+        Response res{http::status::service_unavailable, req.version()};
+        res.set(http::field::content_type, "application/json");
+        res.set(http::field::retry_after, "1");
+        res.keep_alive(false);
+        res.body() = nlohmann::json{{"type", "busy"},
+                                    {"reason", "draining"},
+                                    {"worker", ctx_->worker_id},
+                                    {"error", "this worker is draining: connect again to get another one"}}
+                         .dump();
+        res.prepare_payload();
+        return send(std::move(res));
+      }
       stream_.expires_never();
-      std::make_shared<WebSocketSession>(std::move(stream_), ctx_)->run(std::move(req));
+      std::make_shared<WebSocketSession>(std::move(stream_), ctx_)->run(std::move(req), std::move(stream_id));
       return;
     }
 
     const unsigned version = req.version();
     const bool keep_alive = req.keep_alive();
+    if (path == "/metrics" || path == "/api/ready" || path == "/api/drain") {
+      FleetRequest f;
+      f.method = std::string(req.method_string());
+      f.path = path;
+      beast::error_code pec;
+      const auto peer = stream_.socket().remote_endpoint(pec);
+      f.peer_address = pec ? std::string("unknown") : peer.address().to_string();
+      f.forwarded = req.find("X-Forwarded-For") != req.end() || req.find("Forwarded") != req.end() ||
+                    req.find("X-Real-IP") != req.end();
+      ApiResponse r = *handle_fleet_request(*ctx_, f);
+      Response res{static_cast<http::status>(r.status), version};
+      res.set(http::field::content_type, r.content_type);
+      res.set(http::field::cache_control, "no-store");
+      res.keep_alive(keep_alive);
+      res.body() = std::move(r.body);
+      res.prepare_payload();
+      if (req.method() == http::verb::head) res.body().clear();
+      return send(std::move(res));
+    }
     if (ApiHandlers::is_api(path)) {
       ApiRequest a;
       a.method = std::string(req.method_string());
@@ -226,6 +270,7 @@ Server::Server(std::shared_ptr<const DiffusionModels> models, StreamDefaults def
   if (!ctx_->options.web_root.empty()) ctx_->files.emplace(ctx_->options.web_root);
   ctx_->api = std::make_unique<ApiHandlers>(ctx_->models, ctx_->defaults, ctx_->worker, ctx_->options.max_api_pending,
                                             [this] { return stats(); });
+  ctx_->request_drain = [this] { begin_drain(); };
 }
 
 Server::~Server() { stop(); }
@@ -247,12 +292,39 @@ void Server::start() {
   if (ec) throw Error("cannot listen on " + o.host + ":" + std::to_string(o.port) + ": " + ec.message());
   port_ = a.local_endpoint().port();
   started_ = true;
+  ctx_->worker_id = o.worker_id.empty() ? (o.host.find(':') != std::string::npos ? "[" + o.host + "]" : o.host) + ":" +
+                                              std::to_string(port_)
+                                        : o.worker_id;
   // JPEG coding runs on the network threads; OpenCV's own spinning workers would only steal the model's cores.
   cv::setNumThreads(1);
   ctx_->worker.set_max_batch_streams(o.max_batch_streams);
   ctx_->worker.start();
   impl_->do_accept();
   for (int i = 0; i < o.io_threads; ++i) impl_->threads.emplace_back([this] { impl_->ioc.run(); });
+}
+
+void Server::begin_drain() {
+  if (ctx_->draining.exchange(true)) return;
+  log::info("draining: no new streams; {} open stream(s) told to reconnect", ctx_->active_streams.load());
+  for (auto& s : ctx_->live_sessions()) s->drain();
+}
+
+bool Server::draining() const { return ctx_->draining.load(); }
+
+int Server::drain_and_stop(double seconds, const std::function<bool()>& cut_short) {
+  begin_drain();
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto deadline = t0 + std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, seconds) * 1e6));
+  auto api_pending = [this] { return ctx_->api ? ctx_->api->stats().value("pending", 0) : 0; };
+  while ((ctx_->active_streams.load() > 0 || api_pending() > 0) && std::chrono::steady_clock::now() < deadline &&
+         !(cut_short && cut_short()))
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const int left = ctx_->active_streams.load();
+  log::info("drain done in {:.2f} s, {} stream(s) still open{}",
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), left,
+            left ? " (cut off at the deadline)" : "");
+  stop();
+  return left;
 }
 
 void Server::stop() {
@@ -283,6 +355,11 @@ nlohmann::json Server::stats() const {
   }
   const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - ctx_->t_start).count();
   return {{"uptime_s", up},
+          {"worker_id", ctx_->worker_id},
+          {"draining", ctx_->draining.load()},
+          {"rejected_draining", ctx_->rejected_draining.load()},
+          {"rejected_stream_id", ctx_->rejected_stream_id.load()},
+          {"reconnects_sent", ctx_->reconnects_sent.load()},
           {"streams", ctx_->active_streams.load()},
           {"max_streams", ctx_->options.max_streams},
           {"streams_total", ctx_->streams_total.load()},

@@ -13,6 +13,7 @@
 
 #include "pipeline/diffusion_models.h"
 #include "server/api_handlers.h"
+#include "server/fleet.h"
 #include "server/model_worker.h"
 #include "server/server_options.h"
 #include "server/static_files.h"
@@ -36,9 +37,32 @@ struct ServerContext {
   std::atomic<int64_t> streams_total{0}, rejected_busy{0}, rejected_origin{0}, http_requests{0};
   std::atomic<bool> stopping{false};
 
-  // A stream slot for a new WebSocket client; false when --max-streams are in use (or shutting down).
+  // Fleet (fleet.h): this worker's name in hellos, stats and /api/health (--worker-id, default host:port); draining
+  // (Server::drain) refuses new streams and tells the open ones to reconnect elsewhere.
+  std::string worker_id;
+  std::atomic<bool> draining{false};
+  std::atomic<int64_t> rejected_draining{0}, rejected_stream_id{0}, reconnects_sent{0};
+  std::function<void()> request_drain;  // POST /api/drain (set by Server)
+  StageHistograms stages;
+  // The counters of closed streams, added when a stream closes (WebSocketSession::finish): with the open streams'
+  // own counters they make the server-wide totals of /metrics. A session is "retired" under this mutex.
+  struct StreamTotals {
+    int64_t frames_in = 0, frames_out = 0, dropped_in = 0, dropped_out = 0, skipped = 0, errors = 0;
+    void add(const nlohmann::json& s) {
+      frames_in += s.value("frames_in", int64_t{0});
+      frames_out += s.value("frames_out", int64_t{0});
+      dropped_in += s.value("dropped_in", int64_t{0});
+      dropped_out += s.value("dropped_out", int64_t{0});
+      skipped += s.value("skipped", int64_t{0});
+      errors += s.value("errors", int64_t{0});
+    }
+  };
+  std::mutex totals_mutex;
+  StreamTotals closed_streams;
+
+  // A stream slot for a new WebSocket client; false when --max-streams are in use (or draining, shutting down).
   bool acquire_stream_slot() {
-    if (stopping) return false;
+    if (stopping || draining) return false;
     int n = active_streams.load();
     while (n < options.max_streams)
       if (active_streams.compare_exchange_weak(n, n + 1)) return true;

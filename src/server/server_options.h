@@ -25,6 +25,7 @@ struct ServerOptions {
   double control_interval_s = 0.25;  // seconds between the "control" images sent to a client, per ControlNet
   int control_jpeg_quality = 75;     // the "control" images (shown small on the page)
   int jpeg_quality = 85;           // output frames
+  std::string worker_id;           // this worker's name in a fleet (hello, stats, /api/health); "" = host:port
 };
 
 }  // namespace sd::server

@@ -84,6 +84,7 @@ void StreamSession::submit_frame(cv::Mat rgb) {
     std::lock_guard<std::mutex> lock(mutex_);
     replaced = !pending_frame_.empty() || pending_generate_;
     pending_frame_ = std::move(rgb);  // the latest frame wins
+    pending_since_ = Clock::now();
     pending_control_ = std::move(control);
     pending_control_specs_ = std::move(specs);
     pending_generate_ = false;
@@ -109,6 +110,7 @@ void StreamSession::request_generate() {
     pending_control_.clear();
     pending_control_specs_.clear();
     pending_generate_ = true;
+    pending_since_ = Clock::now();
   }
   frames_in_.fetch_add(1, std::memory_order_relaxed);
   if (replaced) reply_dropped();
@@ -329,6 +331,7 @@ bool StreamSession::begin_step(PendingStep& p) {
     pending_control_specs_.clear();
     generate = pending_generate_ || !frame.empty();
     pending_generate_ = false;
+    p.requested = pending_since_;
     dirty = settings_dirty_;
     settings_dirty_ = false;
     want = wanted_;
@@ -410,7 +413,10 @@ void StreamSession::end_step(PendingStep& p, const torch::Tensor& out) {
     controlnet_s_.store(controlnet_s_.load() + (after.controlnet_s - before.controlnet_s));
   }
   last_output_ = rgb;  // shares the buffer with the frame handed over below; neither side writes it again
-  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  const auto t_end = Clock::now();
+  const double ms = std::chrono::duration<double, std::milli>(t_end - t0).count();
+  if (sink_.timing && p.requested != Clock::time_point{})
+    sink_.timing(std::chrono::duration<double>(t0 - p.requested).count(), ms / 1000.0);
   const double prev = model_ms_ema_.load();
   model_ms_ema_.store(prev == 0 ? ms : 0.9 * prev + 0.1 * ms);
   frames_out_.fetch_add(1, std::memory_order_relaxed);

@@ -49,6 +49,9 @@ struct SessionSink {
   // Model thread, after each frame: the control image ControlNet `index` got for it (RGB 8UC3 at the stream size;
   // shared, never written again). The sink decides how often it is worth sending.
   std::function<void(size_t index, cv::Mat rgb)> control;
+  // Model thread, with each result (before `frame`): seconds its request waited for the model (queue) and the
+  // step took (model). Optional: the server's stage histograms (/metrics).
+  std::function<void(double queue_s, double model_s)> timing;
 };
 
 class StreamSession : public ModelTask, public std::enable_shared_from_this<StreamSession> {
@@ -97,6 +100,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
     std::vector<cv::Mat> used_control;
     StreamStats before;
     Clock::time_point t0;
+    Clock::time_point requested;  // when the request it answers arrived (the latest one, if it replaced others)
   };
   // Takes the pending input, applies settings, sets control images, makes the input tensor. False: no stream call
   // this turn (handled: settings only, closed, or an error sent to the client).
@@ -126,6 +130,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   bool settings_dirty_ = false;
   cv::Mat pending_frame_;
   bool pending_generate_ = false;
+  Clock::time_point pending_since_{};  // arrival of the pending request
   // The preprocessors of wanted_ (what submit_frame runs), and the control images made from the pending frame with
   // the preprocessor spec each was made by (empty = none made).
   std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors_;

@@ -72,7 +72,8 @@ WebSocketSession::~WebSocketSession() {
   if (has_slot_) ctx_->release_stream_slot();
 }
 
-void WebSocketSession::run(http::request<http::string_body> req) {
+void WebSocketSession::run(http::request<http::string_body> req, std::string stream_id) {
+  stream_id_ = std::move(stream_id);
   beast::get_lowest_layer(ws_).expires_never();
   auto timeouts = websocket::stream_base::timeout::suggested(beast::role_type::server);
   timeouts.idle_timeout = std::chrono::seconds(30);  // a vanished peer is noticed (pings when idle)
@@ -92,12 +93,15 @@ void WebSocketSession::on_accept(beast::error_code ec) {
     return;
   }
   if (!ctx_->acquire_stream_slot()) {
-    ctx_->rejected_busy.fetch_add(1);
-    const bool stopping = ctx_->stopping.load();
+    const bool stopping = ctx_->stopping.load(), draining = ctx_->draining.load();
+    (draining && !stopping ? ctx_->rejected_draining : ctx_->rejected_busy).fetch_add(1);
     send_json({{"type", "busy"},
-               {"message", stopping ? std::string("the server is shutting down")
-                                    : "the server is busy: all " + std::to_string(ctx_->options.max_streams) +
-                                          " stream slots are in use; try again later"},
+               {"reason", stopping ? "stopping" : draining ? "draining" : "full"},
+               {"message", stopping   ? std::string("the server is shutting down")
+                           : draining ? std::string("this worker is draining: reconnect to get another one")
+                                      : "the server is busy: all " + std::to_string(ctx_->options.max_streams) +
+                                            " stream slots are in use; try again later"},
+               {"worker", ctx_->worker_id},
                {"max_streams", ctx_->options.max_streams}});
     close_with(websocket::close_code::try_again_later, "busy");
     do_read();  // until the peer answers the close
@@ -113,6 +117,11 @@ void WebSocketSession::on_accept(beast::error_code ec) {
   };
   sink.message = [weak](nlohmann::json j) {
     if (auto self = weak.lock()) self->post_json(std::move(j));
+  };
+  // A raw pointer: the model thread that calls it belongs to the context (no shared_ptr cycle through the queue).
+  sink.timing = [stages = &ctx_->stages](double queue_s, double model_s) {
+    stages->queue.observe(queue_s);
+    stages->model.observe(model_s);
   };
   if (!ctx_->defaults.controlnets.empty())
     sink.control = [weak](size_t index, cv::Mat rgb) {
@@ -133,6 +142,8 @@ void WebSocketSession::on_accept(beast::error_code ec) {
   if (ctx_->models->ip_adapter()) ip_adapter = {{"scale", ctx_->models->ip_adapter()->adapter->scale()}};
   send_json({{"type", "hello"},
              {"id", id_},
+             {"worker", ctx_->worker_id},
+             {"stream", stream_id_},
              {"width", stream_->width()},
              {"height", stream_->height()},
              {"native_width", ctx_->defaults.native_width},
@@ -148,7 +159,9 @@ void WebSocketSession::on_accept(beast::error_code ec) {
                {"max_image_side", kMaxImageSide},
                {"min_image_side", kMinImageSide},
                {"max_streams", o.max_streams}}}});
-  log::info("stream {} opened ({} of {} slots)", id_, ctx_->active_streams.load(), o.max_streams);
+  log::info("stream {} opened ({} of {} slots){}", id_, ctx_->active_streams.load(), o.max_streams,
+            stream_id_.empty() ? std::string() : ", stream id " + stream_id_);
+  if (ctx_->draining) drain();  // the drain began between the slot and the hello: this one is told too
   do_read();
 }
 
@@ -190,6 +203,7 @@ void WebSocketSession::handle_text(const std::string& text) {
       s["type"] = "stats";
       s["worker_queue"] = ctx_->worker.stats()["queued"];
       s["streams"] = ctx_->active_streams.load();
+      s["worker"] = ctx_->worker_id;
       send_json(s);
     } else if (m.type == "ping") {
       send_json({{"type", "pong"}});
@@ -202,8 +216,10 @@ void WebSocketSession::handle_text(const std::string& text) {
 
 void WebSocketSession::handle_binary(const std::string& data) {
   try {
+    const auto t0 = std::chrono::steady_clock::now();
     cv::Mat rgb = fit_image(decode_image(data, false, "frame"), stream_->width(), stream_->height());
     if (!rgb.isContinuous()) rgb = rgb.clone();
+    ctx_->stages.decode.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     stream_->submit_frame(std::move(rgb));
   } catch (const std::exception& e) {  // an exception escaping a handler would end io_context::run (terminate)
     stream_->count_error();
@@ -217,7 +233,10 @@ void WebSocketSession::post_frame(cv::Mat rgb) {
     Outgoing out;
     out.binary = true;
     try {
+      const auto t0 = std::chrono::steady_clock::now();
       out.data = encode_jpeg(rgb, self->ctx_->options.jpeg_quality);
+      self->ctx_->stages.encode.observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     } catch (const std::exception& e) {
       // This frame gets no result: say so in the words the page treats as "answered" (see web/app.js).
       if (self->stream_) self->stream_->count_error();
@@ -233,6 +252,7 @@ void WebSocketSession::post_frame(cv::Mat rgb) {
       s["type"] = "stats";
       s["worker_queue"] = self->ctx_->worker.stats()["queued"];
       s["streams"] = self->ctx_->active_streams.load();
+      s["worker"] = self->ctx_->worker_id;
       self->send_json(s);
     }
   });
@@ -336,8 +356,22 @@ void WebSocketSession::shutdown() {
                                       [](const Outgoing& o) { return o.binary; }),
                        self->queue_.end());
     self->queued_frames_ = (self->writing_ && !self->queue_.empty() && self->queue_.front().binary) ? 1 : 0;
-    self->send_json({{"type", "error"}, {"message", "the server is shutting down"}});
+    // After a reconnect message (a drain) the client is on its way elsewhere: no error for it to show.
+    if (!self->reconnect_sent_) self->send_json({{"type", "error"}, {"message", "the server is shutting down"}});
     self->close_with(websocket::close_code::going_away, "server shutdown");
+  });
+}
+
+void WebSocketSession::drain() {
+  net::dispatch(ws_.get_executor(), [self = shared_from_this()]() {
+    if (self->finished_ || self->closing_ || self->close_after_write_ || !self->has_slot_ || self->reconnect_sent_)
+      return;
+    self->reconnect_sent_ = true;
+    self->ctx_->reconnects_sent.fetch_add(1);
+    self->send_json({{"type", "reconnect"},
+                     {"reason", "draining"},
+                     {"worker", self->ctx_->worker_id},
+                     {"message", "this worker is draining: open a new connection (another worker takes the stream)"}});
   });
 }
 
@@ -347,6 +381,11 @@ void WebSocketSession::finish() {
   if (stream_) {
     stream_->close();
     const auto s = stream_->stats();
+    {
+      std::lock_guard<std::mutex> lock(ctx_->totals_mutex);
+      ctx_->closed_streams.add(s);
+      retired_ = true;
+    }
     log::info("stream {} closed: {} frames in, {} out, {} dropped in, {} dropped out, {} errors", id_,
               s["frames_in"].get<int64_t>(), s["frames_out"].get<int64_t>(), s["dropped_in"].get<int64_t>(),
               s["dropped_out"].get<int64_t>(), s["errors"].get<int64_t>());

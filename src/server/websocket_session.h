@@ -10,7 +10,9 @@
 //   {"type":"ping"}             -> {"type":"pong"}
 // Server -> client
 //   binary                      a JPEG result, exactly one per frame / generate request the model took
-//   {"type":"hello", id, width, height, settings, loras, limits,   after the handshake (loras: names loaded)
+//   {"type":"hello", id, width, height, settings, loras, limits,   after the handshake (loras: names loaded;
+//    worker, stream,                                         worker: this server's --worker-id, stream: the
+//                                                           client's stream id, ?stream= or the sd_stream cookie)
 //    controlnets, control_preprocessors, ip_adapter}               controlnets: [{name, scale, preprocessor}] of the
 //                                                           loaded ControlNets (the defaults), control_preprocessors:
 //                                                           the names, ip_adapter: {scale} or null
@@ -19,12 +21,17 @@
 //                                                           control_interval_s per ControlNet
 //   {"type":"config", settings}                             settings applied (by the model thread; with LoRAs
 //                                                           loaded, settings.lora = the model's current scales)
-//   {"type":"stats", ...}                                   about once a second while frames flow, and on request
+//   {"type":"stats", ..., worker}                           about once a second while frames flow, and on request
+//   {"type":"reconnect", reason, worker, message}           the server drains (SIGTERM, POST /api/drain): open a new
+//                                                           connection (the load balancer picks another worker); the
+//                                                           results of frames in flight still come until then
 //   {"type":"error", message}                               a refused message; the stream goes on
 //   {"type":"dropped", where, reason}                       instead of the frame of a request that lost it: "input"
 //                                                           (replaced while pending) or "output" (send queue full);
 //                                                           one reply per request either way (dropped_message)
 //   {"type":"busy", message, max_streams}                   then close 1013 (try again later): no free stream slot
+// A draining server refuses the upgrade itself (HTTP 503, JSON {"type":"busy","reason":"draining"}), so that a
+// load balancer retries another worker; a stream id that is not 1..64 characters of [A-Za-z0-9_-] gets HTTP 400.
 // A message over --max-ws-message closes the connection with 1009 (message too big): it cannot be skipped unread.
 //
 // Threads: all socket work runs on the session's strand. The model thread hands results over with send_frame(),
@@ -58,9 +65,13 @@ class WebSocketSession : public std::enable_shared_from_this<WebSocketSession> {
   ~WebSocketSession();
 
   // Completes the handshake of this upgrade request (Origin already checked) and starts reading.
-  void run(boost::beast::http::request<boost::beast::http::string_body> req);
-  // Any thread: close with "going away" (server shutdown).
+  void run(boost::beast::http::request<boost::beast::http::string_body> req, std::string stream_id = "");
+  // Any thread: close with "going away" (server shutdown; no error message after a reconnect message).
   void shutdown();
+  // Any thread: tell the client to reconnect elsewhere ({"type":"reconnect"}); the stream goes on until it closes.
+  void drain();
+  // Closed and its counters added to ServerContext::closed_streams (read under ctx->totals_mutex).
+  bool retired() const { return retired_.load(); }
   // Any thread. Snapshot of the stream's counters (empty when busy / not yet started).
   nlohmann::json stats() const;
 
@@ -95,6 +106,9 @@ class WebSocketSession : public std::enable_shared_from_this<WebSocketSession> {
   std::shared_ptr<StreamSession> stream_;  // null when refused (busy)
   bool has_slot_ = false;
   uint64_t id_ = 0;
+  std::string stream_id_;
+  bool reconnect_sent_ = false;  // strand only
+  std::atomic<bool> retired_{false};
 
   std::deque<Outgoing> queue_;
   size_t queued_frames_ = 0;

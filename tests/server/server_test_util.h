@@ -87,6 +87,39 @@ inline unsigned upgrade_status(uint16_t port, const std::string& origin) {
   return parser.get().result_int();
 }
 
+// The answer to a WebSocket upgrade request on `target` with extra headers, read directly: status and body (a
+// refusal's JSON; empty for 101).
+inline HttpResult upgrade_answer(uint16_t port, const std::string& target,
+                                 const std::vector<std::pair<std::string, std::string>>& headers = {}) {
+  net::io_context ioc;
+  beast::tcp_stream stream(ioc);
+  HttpResult r;
+  beast::error_code ec;
+  stream.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), ec);
+  if (ec) return r;
+  http::request<http::empty_body> req{http::verb::get, target, 11};
+  req.set(http::field::host, "127.0.0.1:" + std::to_string(port));
+  req.set(http::field::upgrade, "websocket");
+  req.set(http::field::connection, "Upgrade");
+  req.set(http::field::sec_websocket_key, "dGhlIHNhbXBsZSBub25jZQ==");
+  req.set(http::field::sec_websocket_version, "13");
+  for (const auto& [k, v] : headers) req.set(k, v);
+  http::write(stream, req, ec);
+  if (ec) return r;
+  beast::flat_buffer buf;
+  http::response_parser<http::string_body> parser;
+  stream.expires_after(std::chrono::seconds(30));
+  http::read_header(stream, buf, parser, ec);
+  if (ec) return r;
+  r.status = parser.get().result_int();
+  r.content_type = std::string(parser.get()[http::field::content_type]);
+  if (r.status != 101) {
+    http::read(stream, buf, parser, ec);
+    r.body = parser.get().body();
+  }
+  return r;
+}
+
 // A raw request target (no normalisation by any client library), for traversal tests.
 inline HttpResult http_get(uint16_t port, const std::string& target) { return http_request(port, http::verb::get, target); }
 
@@ -103,7 +136,7 @@ class WsClient {
   };
 
   // Connects and completes the handshake; returns the HTTP status of the upgrade answer (101 on success).
-  unsigned connect(uint16_t port, const std::string& origin = "") {
+  unsigned connect(uint16_t port, const std::string& origin = "", const std::string& target = "/ws") {
     beast::error_code ec;
     beast::get_lowest_layer(ws_).connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), ec);
     if (ec) return 0;
@@ -112,7 +145,7 @@ class WsClient {
     }));
     ws_.read_message_max(64u << 20);
     websocket::response_type res;
-    ws_.handshake(res, "127.0.0.1:" + std::to_string(port), "/ws", ec);
+    ws_.handshake(res, "127.0.0.1:" + std::to_string(port), target, ec);
     if (ec) {
       dead_ = true;
       return 0;  // refused (see upgrade_status for the HTTP status)

@@ -46,7 +46,7 @@ struct Client {
               std::lock_guard<std::mutex> l(m);
               messages.push_back(std::move(j));
             },
-            nullptr};
+            nullptr, nullptr};
   }
   size_t count() {
     std::lock_guard<std::mutex> l(m);
