@@ -12,6 +12,8 @@ PKGS=(
   # The libFuzzer targets (scripts/fuzz.sh, tests/fuzz): clang and its fuzzer / sanitizer runtimes.
   clang-14 libclang-rt-14-dev
   chromium nodejs
+  # The fleet test (tests/fleet, scripts/fleet.sh): Debian's nginx, started by the test as a plain process on loopback.
+  nginx-light
   # The Python package (python/, streamdiffusion_cpp): pybind11 + Python headers to build it; pytest, numpy, Pillow
   # and torch for its tests and the DLPack round trips. Debian's python3-torch is the same libtorch 1.13 build the
   # engine links (one libtorch in the process, same ABI); venv + pip for the `pip install .` check.

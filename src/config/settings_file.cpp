@@ -54,17 +54,23 @@ bool all_digits(const std::string& s, size_t from) {
                      [](char c) { return c >= '0' && c <= '9'; });
 }
 
-// Whether `text` is a value of CLI11 type `type` (the subset CLI11 converts; anything it also accepts beyond this,
-// hex integers for one, is refused here on purpose: a settings file should read plainly).
+// A decimal integer with a leading zero ("010", "-07"): CLI11 reads integers with strtoll base 0, so it would take
+// 010 as octal 8 and refuse 099 with its own message (fuzz_settings found the latter).
+bool leading_zero(const std::string& text, size_t from) { return text.size() > from + 1 && text[from] == '0'; }
+
+// Whether `text` is a value of CLI11 type `type` (the subset CLI11 converts the same way; anything it also accepts
+// beyond this, hex or octal integers for one, is refused here on purpose: a settings file should read plainly).
 bool fits_type(const std::string& type, const std::string& text) {
   if (type == "INT") {
-    if (!all_digits(text, text[0] == '-' || text[0] == '+' ? 1 : 0)) return false;
+    const size_t from = text[0] == '-' || text[0] == '+' ? 1 : 0;
+    if (!all_digits(text, from) || leading_zero(text, from)) return false;
     errno = 0;
     std::strtoll(text.c_str(), nullptr, 10);
     return errno != ERANGE;
   }
   if (type == "UINT") {
-    if (!all_digits(text, text[0] == '+' ? 1 : 0)) return false;
+    const size_t from = text[0] == '+' ? 1 : 0;
+    if (!all_digits(text, from) || leading_zero(text, from)) return false;
     errno = 0;
     std::strtoull(text.c_str(), nullptr, 10);
     return errno != ERANGE;
@@ -236,7 +242,12 @@ std::vector<CLI::ConfigItem> settings_to_config_items(const std::vector<Settings
       for (size_t i = 0; i < e.values.size(); ++i) {
         const std::string& v = e.values[i];
         const std::string vwhere = at_line(e.value_lines[i]) + "key '" + e.key + "': ";
-        if (!fits_type(type, v)) throw FormatError(file, vwhere + "expected " + expected + ", got '" + v + "'");
+        if (!fits_type(type, v))
+          throw FormatError(file, vwhere + "expected " + expected + ", got '" + v + "'" +
+                                      ((type == "INT" || type == "UINT") && !v.empty() &&
+                                               leading_zero(v, v[0] == '-' || v[0] == '+' ? 1 : 0)
+                                           ? " (write integers without leading zeros)"
+                                           : ""));
         // The option's own validators (ranges, member lists), here so that their refusal names the line.
         for (int k = 0;; ++k) {
           CLI::Validator* val = nullptr;

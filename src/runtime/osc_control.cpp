@@ -1,6 +1,7 @@
 #include "runtime/osc_control.h"
 
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -59,7 +60,8 @@ std::string strip_scheme(const std::string& s) {
 
 std::string number_text(double v, bool single) {
   // An integral value reads as an integer (CHOPs send floats; `seed 42.0` would not parse).
-  if (v == static_cast<double>(static_cast<long long>(v)) && std::abs(v) < 1e15)
+  // (Range first: converting NaN, infinities or values beyond long long is undefined - fuzz_osc found NaN.)
+  if (std::isfinite(v) && std::abs(v) < 1e15 && v == std::trunc(v))
     return std::to_string(static_cast<long long>(v));
   char buf[64];
   const auto r = single ? std::to_chars(buf, buf + sizeof buf, static_cast<float>(v))
@@ -142,6 +144,11 @@ OscMessageLine osc_message_to_line(const void* data, size_t size) {
   MessagePtr m(lo_message_deserialise(const_cast<void*>(data), size, &result));
   if (!m || result != 0)
     throw InvalidArgument("OSC message " + out.address + " is malformed (liblo error " + std::to_string(result) + ")");
+  // OSC addresses are printable ASCII (OSC 1.0); a line break in one would end the control line early (fuzz_osc).
+  for (const char c : out.address)
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
+      throw InvalidArgument("OSC address has a control character (byte " + std::to_string(static_cast<int>(c)) +
+                            "): addresses are printable ASCII");
   const auto slash = out.address.find_last_of('/');
   out.command = out.address.substr(slash + 1);
   if (out.command.empty()) throw InvalidArgument("OSC address '" + out.address + "' names no command");
@@ -149,19 +156,49 @@ OscMessageLine osc_message_to_line(const void* data, size_t size) {
   const char* types = lo_message_get_types(m.get());
   lo_arg** argv = lo_message_get_argv(m.get());
   const int argc = lo_message_get_argc(m.get());
+  // liblo's argv points into the message at 4-byte steps, while lo_arg (a union with 8-byte members) wants 8: read
+  // the bytes, never through a lo_arg member (UBSan: misaligned member access, found by fuzz_osc).
+  const auto read = [&](int i, auto& v) { std::memcpy(&v, static_cast<const void*>(argv[i]), sizeof v); };
   for (int i = 0; i < argc; ++i) {
     std::string a;
     switch (types[i]) {
-      case LO_STRING: a = one_line(&argv[i]->s); break;
-      case LO_SYMBOL: a = one_line(&argv[i]->S); break;
-      case LO_INT32: a = std::to_string(argv[i]->i); break;
-      case LO_INT64: a = std::to_string(static_cast<long long>(argv[i]->h)); break;
-      case LO_FLOAT: a = number_text(argv[i]->f, true); break;
-      case LO_DOUBLE: a = number_text(argv[i]->d, false); break;
+      case LO_STRING:
+      case LO_SYMBOL: a = one_line(reinterpret_cast<const char*>(argv[i])); break;
+      case LO_INT32: {
+        int32_t v;
+        read(i, v);
+        a = std::to_string(v);
+        break;
+      }
+      case LO_INT64: {
+        int64_t v;
+        read(i, v);
+        a = std::to_string(static_cast<long long>(v));
+        break;
+      }
+      case LO_FLOAT: {
+        float v;
+        read(i, v);
+        a = number_text(v, true);
+        break;
+      }
+      case LO_DOUBLE: {
+        double v;
+        read(i, v);
+        a = number_text(v, false);
+        break;
+      }
       case LO_TRUE: a = "true"; break;
       case LO_FALSE: a = "false"; break;
       case LO_NIL: a = "none"; break;
-      case LO_CHAR: a = std::string(1, static_cast<char>(argv[i]->c)); break;
+      case LO_CHAR: {
+        // lo_arg's c is a char holding the 32-bit argument's low byte, as liblo stores it after byte swapping.
+        char c;
+        read(i, c);
+        // A control character (a line break would end the control line: fuzz_osc) reads as a space, as in strings.
+        a = std::string(1, static_cast<unsigned char>(c) < 0x20 || c == 0x7f ? ' ' : c);
+        break;
+      }
       default:
         throw InvalidArgument("OSC message " + out.address + ": argument " + std::to_string(i + 1) + " has type '" +
                               std::string(1, types[i]) + "', which has no text form (use s, i, h, f, d, T, F, N, c)");

@@ -205,6 +205,12 @@ TEST_F(SettingsFile, EveryBadKeyAndTypeIsRefusedWithFileLineKeyAndExpectedType) 
       {"guidance: .nan\n", "key 'guidance': expected a number, got '.nan'"},
       {"frames: 1.5\n", "bad.yaml: line 1: key 'frames': expected an integer, got '1.5'"},
       {"seed: -1\n", "bad.yaml: line 1: key 'seed': expected an integer >= 0, got '-1'"},
+      // fuzz_settings: CLI11 reads integers base 0 (010 = octal 8, 099 refused with its own message): refused here
+      // with the file and line.
+      {"frames: 099\n", "bad.yaml: line 1: key 'frames': expected an integer, got '099' (write integers without "
+                        "leading zeros)"},
+      {"frames: -010\n", "key 'frames': expected an integer, got '-010' (write integers without leading zeros)"},
+      {"seed: 007\n", "key 'seed': expected an integer >= 0, got '007' (write integers without leading zeros)"},
       {"seed: 99999999999999999999999\n", "key 'seed': expected an integer >= 0, got '99999999999999999999999'"},
       {"loop: maybe\n", "bad.yaml: line 1: key 'loop': expected true or false, got 'maybe'"},
       {"loop: [true]\n", "bad.yaml: line 1: key 'loop': expected true or false, got a list of 1"},

@@ -60,4 +60,28 @@ class FileImage {
   std::string path_;
 };
 
+// A text file on a path the real readers open (CLI11's --config-file): an in-memory file (memfd) holding the input.
+class TextFile {
+ public:
+  explicit TextFile(const char* name) {
+    fd_ = memfd_create(name, MFD_CLOEXEC);
+    if (fd_ < 0) {
+      std::perror("memfd_create");
+      std::abort();
+    }
+    path_ = "/proc/self/fd/" + std::to_string(fd_);
+  }
+  const std::string& write(const uint8_t* data, size_t size) {
+    if (ftruncate(fd_, 0) != 0 || pwrite(fd_, data, size, 0) != static_cast<ssize_t>(size)) {
+      std::perror("fuzz text file");
+      std::abort();
+    }
+    return path_;
+  }
+
+ private:
+  int fd_ = -1;
+  std::string path_;
+};
+
 }  // namespace sd::fuzz

@@ -138,3 +138,38 @@ cfgs = {6: {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.01
         5: {"vision_config": {"hidden_size": 32, "image_size": 32, "patch_size": 8}, "projection_dim": 16}}
 for k, v in cfgs.items():
     put("config", "k%d" % k, bytes([k]) + json.dumps(v).encode())
+# settings: YAML settings files (fuzz_settings.cpp's command has these options).
+put("settings", "full", "# live.yaml\ninput: camera\nprompt: \"oil painting of a harbour\"\nguidance: 1.2\n"
+    "t_index_list: \"32,45\"\nlora: [style.safetensors:0.8, detail.safetensors]\nloop: true\nframes: 100\n"
+    "seed: 18446744073709551615\nqueue: 8\nprediction-type: v_prediction\ncontrolnet-scale: [0.5, 1]\n")
+put("settings", "block_list", "input: in.mp4\ncontrol:\n  - canny\n  - depth\nno_denoising_batch: false\n"
+    "text-encoder-clip-skip: 2\nlcm-guidance: 8.5\nthreads: 2\n")
+put("settings", "flow", "{input: x, prompt: 'a ''quoted'' cat', loop: yes, frames: -1}\n")
+put("settings", "anchors", "input: &a camera\nprompt: *a\n---\nsecond: doc\n")
+put("settings", "tags", "input: !!str 12\nframes: !!int 0x10\nguidance: .inf\n")
+# osc: OSC datagrams (messages and bundles).
+def osc_str(s):
+    b = s.encode() + b"\0"
+    return b + b"\0" * (-len(b) % 4)
+def osc(addr, *args):
+    tags, data = ",", b""
+    for a in args:
+        if isinstance(a, bool): tags += "T" if a else "F"
+        elif isinstance(a, int): tags += "i"; data += struct.pack(">i", a)
+        elif isinstance(a, float): tags += "f"; data += struct.pack(">f", a)
+        elif a is None: tags += "N"
+        else: tags += "s"; data += osc_str(a)
+    return osc_str(addr) + osc_str(tags) + data
+def bundle(*msgs):
+    out = osc_str("#bundle") + b"\0" * 7 + b"\1"
+    for m in msgs: out += struct.pack(">i", len(m)) + m
+    return out
+put("osc", "prompt", osc("/prompt", "a watercolour fox"))
+put("osc", "guidance", osc("/streamdiffusion/guidance", 1.4))
+put("osc", "t_index", osc("/t_index_list", 20, 35))
+put("osc", "seed_float", osc("/seed", 42.0))
+put("osc", "lora", osc("/lora", "style", 0.7))
+put("osc", "filter", osc("/filter", True))
+put("osc", "image_prompt", osc("/image_prompt", None))
+put("osc", "reply", osc("/reply", "127.0.0.1", 9001))
+put("osc", "bundle", bundle(osc("/delta", 0.5), bundle(osc("/stats"), osc("/negative", "blurry"))))

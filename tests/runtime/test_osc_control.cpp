@@ -8,6 +8,8 @@
 #include <thread>
 #include <vector>
 
+#include <limits>
+
 #include <gtest/gtest.h>
 
 #include "core/error.h"
@@ -78,10 +80,47 @@ TEST(OscMapping, MessagesBecomeControlLines) {
   m = lo_message_new();
   EXPECT_EQ(line_of(serialise("/stats", m)), "stats");
 
+  // 8-byte arguments at 4-byte offsets (after an int32): read byte-wise, the values intact (fuzz_osc: reading them
+  // through liblo's 8-byte-aligned lo_arg was a misaligned access); a char and a symbol.
+  m = lo_message_new();
+  lo_message_add_int32(m, -7);
+  lo_message_add_int64(m, -5000000001LL);
+  lo_message_add_double(m, 2.5);
+  lo_message_add_char(m, 'x');
+  lo_message_add_symbol(m, "sym");
+  EXPECT_EQ(line_of(serialise("/a", m)), "a -7 -5000000001 2.5 x sym");
+  m = lo_message_new();
+  lo_message_add_char(m, '\n');  // fuzz_osc: a line break as a char argument
+  lo_message_add_char(m, 'y');
+  EXPECT_EQ(line_of(serialise("/a", m)), "a   y");
+
+  // Floats that are no integer's: NaN and infinities as text (the control parser then refuses them), huge values in
+  // exponent form (fuzz_osc: NaN went through an undefined float-to-integer conversion).
+  m = lo_message_new();
+  lo_message_add_float(m, std::numeric_limits<float>::quiet_NaN());
+  lo_message_add_double(m, -std::numeric_limits<double>::infinity());
+  lo_message_add_double(m, 1e300);
+  EXPECT_EQ(line_of(serialise("/guidance", m)), "guidance nan -inf 1e+300");
+  EXPECT_THROW(parse_control_command("guidance nan"), InvalidArgument);
+
   // Every line above is a command the parser takes (the mapping adds no syntax of its own).
   for (const char* l : {"prompt a watercolour fox on a hill", "guidance 1.4", "seed 42", "delta 0.1",
                         "t_index_list 20 35", "lora style 0.7", "filter true", "image_prompt none", "stats"})
     EXPECT_NO_THROW(parse_control_command(l)) << l;
+}
+
+TEST(OscMapping, AnAddressWithALineBreakIsRefused) {
+  // fuzz_osc: "/prompt\nquit" made a control line with a line break in it.
+  lo_message m = lo_message_new();
+  lo_message_add_string(m, "x");
+  const std::string bytes = serialise("/prompt\nquit", m);
+  try {
+    osc_message_to_line(bytes.data(), bytes.size());
+    ADD_FAILURE() << "an address with a line break was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("OSC address has a control character (byte 10)"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(OscMapping, ArgumentsWithoutATextFormAndMalformedBytesAreRefused) {
