@@ -392,9 +392,11 @@ std::vector<Frame> StreamRuntime::model_frame(Frame f) {
     const auto t1 = StreamClock::now();
     const double wall = std::chrono::duration<double>(t1 - t0).count();
     const double wait = thread_runqueue_wait_s() - wait0;
+    const double others = other_runnable_threads();
     std::lock_guard<std::mutex> lock(governor_mutex_);
     const int before = governor_->threads();
-    const int now = governor_->update(wall, wait, std::chrono::duration<double>(t1.time_since_epoch()).count());
+    const int now =
+        governor_->update(wall, wait, std::chrono::duration<double>(t1.time_since_epoch()).count(), others);
     if (now != before) {
       set_team_size_here(now);
       if (now == 1)

@@ -111,6 +111,29 @@ TEST(ThreadGovernor, ACompetitorThatLeavesOneCoreFreeDoublesTheHoldInsteadOfFlap
   EXPECT_DOUBLE_EQ(g.summary()["hold_s"].get<double>(), 2.0);
 }
 
+TEST(ThreadGovernor, TheFullTeamComesBackOnlyWhenTheCoresItNeedsAreFree) {
+  ThreadGovernor::Options o = two_threads();
+  o.cores = 2;
+  ThreadGovernor g(o);
+  double t = 0;
+  for (int i = 0; i < 3; ++i) g.update(0.02, 0.01, t += 0.02, 3);  // two hogs and a team member runnable
+  ASSERT_EQ(g.threads(), 1);
+  // One thread has a core to itself (no wait), but the two hogs are still runnable: a second member has no core.
+  for (int i = 0; i < 1000; ++i) ASSERT_EQ(g.update(0.02, 0, t += 0.02, 2), 1) << "frame " << i;
+  // The hogs leave: back to two threads once the smoothed count has come down (and the hold is long over).
+  int frames = 0;
+  while (g.update(0.02, 0, t += 0.02, 0) == 1) ASSERT_LT(++frames, 20);
+  EXPECT_LE(g.summary()["other_runnable"].get<double>(), 0.5);
+  EXPECT_EQ(g.summary()["restores"].get<int64_t>(), 1);
+  // Unknown (no /proc/loadavg): the wait share alone decides, as before.
+  ThreadGovernor h(o);
+  t = 0;
+  for (int i = 0; i < 3; ++i) h.update(0.02, 0.01, t += 0.02, -1);
+  ASSERT_EQ(h.threads(), 1);
+  int n = 0;
+  while (h.update(0.02, 0, t += 0.02, -1) == 1) ASSERT_LT(++n, 200);
+}
+
 TEST(ThreadGovernor, BadOptionsAreRefusedWithTheirNames) {
   ThreadGovernor::Options o = two_threads();
   o.leave = 0.3;
@@ -143,6 +166,16 @@ void spin_for(std::chrono::milliseconds d) {
   const auto end = std::chrono::steady_clock::now() + d;
   volatile uint64_t x = 0;
   while (std::chrono::steady_clock::now() < end) x = x + 1;
+}
+
+TEST(RunQueueWait, OtherRunnableThreadsCountTheHogs) {
+  if (other_runnable_threads() < 0) GTEST_SKIP() << "no /proc/loadavg";
+  Hogs hogs(hog_count());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  // This thread is not counted; the hogs are (other processes' threads may add to them).
+  double most = 0;
+  for (int i = 0; i < 20; ++i) most = std::max(most, other_runnable_threads());
+  EXPECT_GE(most, hog_count() - 0.5);
 }
 
 TEST(RunQueueWait, GrowsWhenEveryCoreIsTaken) {
