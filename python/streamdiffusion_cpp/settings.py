@@ -57,10 +57,11 @@ _CLI_ONLY: Dict[str, str] = {
     **{k: "a `streamdiffusion stream` runtime option (sources, sinks, queues, control channels)"
        for k in ("input_size", "input_fps", "loop", "realtime", "sync", "resize", "frames", "output_fps", "fourcc",
                  "control", "at", "stats_json", "status_interval", "queue", "warmup_outputs", "watchdog",
-                 "image_prompt_input", "image_prompt_every", "image_prompt_change")},
+                 "fixed_threads", "image_prompt_input", "image_prompt_every", "image_prompt_change")},
     **{k: "a `streamdiffusion serve` server option"
        for k in ("host", "port", "web_root", "max_streams", "max_size", "max_ws_message", "max_http_body",
-                 "allow_origin", "io_threads", "max_api_pending", "max_batch_streams", "send_queue", "jpeg_quality")},
+                 "allow_origin", "io_threads", "max_api_pending", "max_batch_streams", "send_queue", "jpeg_quality",
+                 "worker_id", "drain_seconds")},
     "log_level": "a CLI logging option (Python: the 'streamdiffusion_cpp' logger)",
 }
 

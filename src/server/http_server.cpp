@@ -121,15 +121,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
       f.peer_address = pec ? std::string("unknown") : peer.address().to_string();
       f.forwarded = req.find("X-Forwarded-For") != req.end() || req.find("Forwarded") != req.end() ||
                     req.find("X-Real-IP") != req.end();
-      ApiResponse r = *handle_fleet_request(*ctx_, f);
-      Response res{static_cast<http::status>(r.status), version};
-      res.set(http::field::content_type, r.content_type);
-      res.set(http::field::cache_control, "no-store");
-      res.keep_alive(keep_alive);
-      res.body() = std::move(r.body);
-      res.prepare_payload();
-      if (req.method() == http::verb::head) res.body().clear();
-      return send(std::move(res));
+      return send(api_response(*handle_fleet_request(*ctx_, f), version, keep_alive,
+                               req.method() == http::verb::head));
     }
     if (ApiHandlers::is_api(path)) {
       ApiRequest a;
@@ -141,19 +134,24 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
       stream_.expires_never();  // an image may wait for its turn on the model
       ctx_->api->handle(a, [self = shared_from_this(), version, keep_alive, head](ApiResponse r) {
         net::post(self->stream_.get_executor(), [self, r = std::move(r), version, keep_alive, head]() mutable {
-          Response res{static_cast<http::status>(r.status), version};
-          res.set(http::field::content_type, r.content_type);
-          res.set(http::field::cache_control, "no-store");
-          res.keep_alive(keep_alive);
-          res.body() = std::move(r.body);
-          res.prepare_payload();
-          if (head) res.body().clear();
-          self->send(std::move(res));
+          self->send(api_response(std::move(r), version, keep_alive, head));
         });
       });
       return;
     }
     send(static_file(req));
+  }
+
+  // An API handler's answer as the HTTP response (never cached; HEAD gets the headers only).
+  static Response api_response(ApiResponse r, unsigned version, bool keep_alive, bool head) {
+    Response res{static_cast<http::status>(r.status), version};
+    res.set(http::field::content_type, r.content_type);
+    res.set(http::field::cache_control, "no-store");
+    res.keep_alive(keep_alive);
+    res.body() = std::move(r.body);
+    res.prepare_payload();
+    if (head) res.body().clear();
+    return res;
   }
 
   Response error_response(unsigned status, const std::string& message, unsigned version, bool keep_alive) {
