@@ -242,6 +242,12 @@ std::vector<CLI::ConfigItem> settings_to_config_items(const std::vector<Settings
       for (size_t i = 0; i < e.values.size(); ++i) {
         const std::string& v = e.values[i];
         const std::string vwhere = at_line(e.value_lines[i]) + "key '" + e.key + "': ";
+        // CLI11 takes any value written as "[...]" apart as a list (its own vector syntax), also one quoted in
+        // YAML: `lora: '[]'` became no value at all and a CLI11 error without file and line (fuzz_settings).
+        if (v.size() >= 2 && v.front() == '[' && v.back() == ']')
+          throw FormatError(file, vwhere + "a value written in brackets ('" + v + "') would be taken apart as a list "
+                                           "by the command-line parser: write a list as a YAML sequence (" + e.key +
+                                           ": [a, b]) and a single value without enclosing brackets");
         if (!fits_type(type, v))
           throw FormatError(file, vwhere + "expected " + expected + ", got '" + v + "'" +
                                       ((type == "INT" || type == "UINT") && !v.empty() &&

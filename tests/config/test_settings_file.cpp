@@ -211,6 +211,10 @@ TEST_F(SettingsFile, EveryBadKeyAndTypeIsRefusedWithFileLineKeyAndExpectedType) 
                         "leading zeros)"},
       {"frames: -010\n", "key 'frames': expected an integer, got '-010' (write integers without leading zeros)"},
       {"seed: 007\n", "key 'seed': expected an integer >= 0, got '007' (write integers without leading zeros)"},
+      // fuzz_settings: CLI11 takes "[...]" apart as a list, also when YAML quoted it as one text.
+      {"lora: '[]'\n", "bad.yaml: line 1: key 'lora': a value written in brackets ('[]') would be taken apart as a "
+                       "list by the command-line parser: write a list as a YAML sequence (lora: [a, b])"},
+      {"prompt: \"[a, b]\"\n", "bad.yaml: line 1: key 'prompt': a value written in brackets ('[a, b]')"},
       {"seed: 99999999999999999999999\n", "key 'seed': expected an integer >= 0, got '99999999999999999999999'"},
       {"loop: maybe\n", "bad.yaml: line 1: key 'loop': expected true or false, got 'maybe'"},
       {"loop: [true]\n", "bad.yaml: line 1: key 'loop': expected true or false, got a list of 1"},
