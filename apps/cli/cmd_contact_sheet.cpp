@@ -1,6 +1,6 @@
 // `streamdiffusion contact-sheet`: one PNG showing what a model does - prompts (columns) against txt2img with 1, 2
-// and 4 stream steps, the reference emoji when the emoji data is installed, and a row of img2img on synthetic
-// drawings (OpenCV shapes). Used for docs/emoji-contact-sheet.png (scripts/train-emoji.sh); works on any model.
+// and 4 stream steps, the reference emoji and each generated image's retrieval rank when the emoji data is
+// installed, and a row of img2img on synthetic drawings (OpenCV shapes). Used for docs/emoji-contact-sheet.png (scripts/train-emoji.sh); works on any model.
 #include <iostream>
 #include <sstream>
 
@@ -17,6 +17,7 @@
 #include "pipeline/image.h"
 #include "pipeline/stream_diffusion.h"
 #include "train/emoji_dataset.h"
+#include "train/emoji_eval.h"
 
 namespace {
 
@@ -147,33 +148,46 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
 
     // Reference emoji by name (when the data is installed).
     std::vector<cv::Mat> refs;
+    // With the data, each generated tile also gets its retrieval rank (train/emoji_eval.h: L2 at 32 x 32 RGB among
+    // all emoji; 1 = the named emoji is the closest), the measure of `streamdiffusion eval`.
     const std::string data = o->data.empty() ? sd::train::default_emoji_data_dir() : o->data;
+    sd::train::EmojiDataset ds;
+    sd::train::RetrievalFeatures gallery;
+    std::vector<int64_t> prompt_index(prompts.size(), -1);  // the prompt's emoji in ds, -1 = not an emoji name
     if (sd::train::emoji_data_available(data, "google")) {
-      const std::string pkg = sd::train::emoji_package_dir(data, "google");
-      const auto all = sd::train::read_emoji_json(pkg + "/emoji.json", "google");
-      for (const auto& p : prompts) {
+      ds = sd::train::load_emoji_dataset(data, {"google"}, 64);
+      gallery = sd::train::retrieval_features(ds.batch(torch::arange(ds.size(), torch::kInt64)));
+      for (size_t k = 0; k < prompts.size(); ++k) {
         cv::Mat tile(T, T, CV_8UC3, cv::Scalar(235, 235, 235));
-        for (const auto& e : all)
-          if (e.name == p) {
-            tile = to_tile(sd::train::load_emoji_image(pkg + "/img/google/64/" + e.image, 64), T);
+        for (int64_t i = 0; i < ds.size(); ++i)
+          if (ds.entries[static_cast<size_t>(i)].name == prompts[k]) {
+            tile = to_tile(ds.batch(torch::tensor({i}, torch::kInt64))[0], T);
+            prompt_index[k] = i;
             break;
           }
         refs.push_back(tile);
       }
     }
+    auto rank_caption = [&](size_t k, const torch::Tensor& img) -> std::string {  // img [3, H, W]
+      if (prompt_index[k] < 0) return "";
+      const auto q = sd::train::retrieval_features(img.unsqueeze(0).to(torch::kCPU, torch::kFloat32));
+      const auto r = sd::train::retrieval_ranks(q.rgb, gallery.rgb, torch::tensor({prompt_index[k]}, torch::kInt64));
+      return "rank " + std::to_string(r[0].item<int64_t>()) + " / " + std::to_string(ds.size());
+    };
 
     struct Row {
       std::string label;
       std::vector<cv::Mat> tiles;
+      std::vector<std::string> captions;  // under each tile ("" = none)
     };
     std::vector<Row> rows;
-    if (!refs.empty()) rows.push_back({"reference emoji (training data)", refs});
+    if (!refs.empty()) rows.push_back({"reference emoji (training data)", refs, {}});
     const std::vector<std::pair<std::string, std::vector<int64_t>>> settings = {
         {"txt2img 1 step (t 999)", {0}}, {"txt2img 2 steps (999, 99)", {0, 45}},
         {"txt2img 4 steps (999, 679, 359, 99)", {0, 16, 32, 45}}};
     for (const auto& [label, list] : settings) {
-      Row r{label, {}};
-      for (const auto& p : prompts) {
+      Row r{label, {}, {}};
+      for (size_t k = 0; k < prompts.size(); ++k) {
         sd::StreamConfig c;
         c.width = w;
         c.height = h;
@@ -182,12 +196,14 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
         c.use_denoising_batch = false;
         c.seed = o->seed;
         sd::StreamDiffusion s(models, c);
-        s.prepare(p);
-        r.tiles.push_back(to_tile(s.txt2img()[0], T));
+        s.prepare(prompts[k]);
+        const auto img = s.txt2img()[0];
+        r.tiles.push_back(to_tile(img, T));
+        r.captions.push_back(rank_caption(k, img));
       }
       rows.push_back(r);
     }
-    Row in{"img2img input (drawings)", {}}, outr{"img2img 2 steps (679, 359), cfg self", {}};
+    Row in{"img2img input (drawings)", {}, {}}, outr{"img2img 2 steps (679, 359), cfg self", {}, {}};
     for (size_t k = 0; k < i2i.size(); ++k) {
       const auto img = drawing(static_cast<int>(k), w, h);
       sd::StreamConfig c;
@@ -216,10 +232,19 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
       put_text_lines(sheet, rows[r].label, cv::Rect(0, y + T / 3, label_w, T), 0.42);
       for (size_t k = 0; k < rows[r].tiles.size(); ++k) {
         rows[r].tiles[k].copyTo(sheet(cv::Rect(label_w + static_cast<int>(k) * (T + 4), y, T, T)));
-        if (rows[r].label.rfind("img2img 2", 0) == 0)
-          put_text_lines(sheet, i2i[k], cv::Rect(label_w + static_cast<int>(k) * (T + 4), y + T - 4, T + 4, 22),
-                         0.38);
+        const std::string caption = rows[r].label.rfind("img2img 2", 0) == 0 ? i2i[k]
+                                    : k < rows[r].captions.size()             ? rows[r].captions[k]
+                                                                              : "";
+        if (!caption.empty())
+          put_text_lines(sheet, caption, cv::Rect(label_w + static_cast<int>(k) * (T + 4), y + T - 4, T + 4, 22), 0.38);
       }
+    }
+    for (size_t k = 0; k < prompts.size(); ++k) {
+      if (prompt_index[k] < 0) continue;
+      std::cout << "retrieval rank of '" << prompts[k] << "' (1, 2, 4 steps):";
+      for (const auto& r : rows)
+        if (k < r.captions.size()) std::cout << " " << r.captions[k].substr(5, r.captions[k].find(' ', 5) - 5);
+      std::cout << " of " << ds.size() << "\n";
     }
     if (!cv::imwrite(o->out, sheet)) throw sd::FormatError(o->out, "cannot write the PNG");
     std::cout << "wrote " << o->out << " (" << sheet.cols << "x" << sheet.rows << ", " << rows.size() << " rows, "

@@ -17,6 +17,7 @@
 #include "io/state_dict.h"
 #include "models/random_model.h"
 #include "pipeline/lcm_scheduler.h"
+#include "train/emoji_eval.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -371,9 +372,18 @@ TrainStats EmojiTrainer::run() {
     if (!ae && log && o_.probe_every > 0 && ((step_ - o_.ae_steps) % o_.probe_every == 0 || step_ == total)) {
       const auto p = probe_adherence();
       char buf[200];
-      std::snprintf(buf, sizeof buf, "train [probe] step %lld: 1-step adherence %d/%d = %.0f%% (mean L2 16x16 own %.3f, other %.3f)",
+      std::snprintf(buf, sizeof buf,
+                    "train [probe] step %lld: 1-step adherence %d/%d = %.0f%% (mean L2 16x16 own %.3f, other %.3f); "
+                    "retrieval top-1 %.0f%%, top-5 %.0f%%; sharpness %.3f",
                     static_cast<long long>(step_), p.closer, p.n, 100.0 * p.closer / std::max(1, p.n), p.mean_own,
-                    p.mean_other);
+                    p.mean_other, 100 * p.top1, 100 * p.top5, p.sharpness);
+      log(buf);
+    }
+    if (ae && step_ == o_.ae_steps && log && o_.probe_every > 0) {
+      const auto p = probe_autoencoder();
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "train [probe] autoencoder at step %lld: PSNR %.2f dB, SSIM %.4f over %lld images",
+                    static_cast<long long>(step_), p.psnr_db, p.ssim, static_cast<long long>(p.n));
       log(buf);
     }
   }
@@ -424,6 +434,34 @@ ProbeResult EmojiTrainer::probe_adherence() {
   r.closer = static_cast<int>((d_own < d_oth).sum().item<int64_t>());
   r.mean_own = d_own.mean().item<double>();
   r.mean_other = d_oth.mean().item<double>();
+  const auto own_t = torch::tensor(own, torch::kInt64);
+  const auto gallery = retrieval_features(data_->batch(torch::arange(data_->size(), torch::kInt64)));
+  const auto ranks = retrieval_ranks(retrieval_features(img).rgb, gallery.rgb, own_t);
+  r.top1 = (ranks <= 1).to(torch::kFloat64).mean().item<double>();
+  r.top5 = (ranks <= 5).to(torch::kFloat64).mean().item<double>();
+  const double real_sharp = rms_gradient(data_->batch(own_t)).mean().item<double>();
+  r.sharpness = real_sharp > 0 ? rms_gradient(img).mean().item<double>() / real_sharp : 0;
+  return r;
+}
+
+AutoencoderProbe EmojiTrainer::probe_autoencoder() {
+  torch::NoGradGuard ng;
+  const bool ae_training = taesd_->is_training();
+  taesd_->eval();
+  std::vector<torch::Tensor> p, s;
+  for (int64_t i = 0; i < data_->size(); i += 64) {
+    const auto x = data_->batch(torch::arange(i, std::min(data_->size(), i + 64), torch::kInt64));
+    const auto y = taesd_->decode(taesd_->encode(x));
+    p.push_back(psnr(y, x));
+    s.push_back(ssim(y, x));
+  }
+  taesd_->train(ae_training);
+  AutoencoderProbe r;
+  r.n = data_->size();
+  if (r.n > 0) {
+    r.psnr_db = torch::cat(p).mean().item<double>();
+    r.ssim = torch::cat(s).mean().item<double>();
+  }
   return r;
 }
 

@@ -79,9 +79,19 @@ struct TrainOptions {
 // The adherence probe: for every (N / 50)-th sample (at most 50), the one-step (t = 999) image for its emoji name
 // against the named emoji and a random other one (std::mt19937_64 seeded 12345), L2 at 16 x 16 RGB in [0, 1] -
 // the selection and distance of tests/train/test_emoji_adherence.cpp.
+// With it, the measures of `streamdiffusion eval` (train/emoji_eval.h) on the same one-step images: retrieval top-1 /
+// top-5 among all training samples (L2 at 32 x 32 RGB) and sharpness (RMS gradient over the named emoji's).
 struct ProbeResult {
   int n = 0, closer = 0;
   double mean_own = 0, mean_other = 0;
+  double top1 = 0, top5 = 0, sharpness = 0;
+};
+
+// The autoencoder's round trip over every sample (encode, decode): mean per-image PSNR and SSIM as `eval` measures
+// them. Logged at the end of the autoencoder phase when probing.
+struct AutoencoderProbe {
+  int64_t n = 0;
+  double psnr_db = 0, ssim = 0;
 };
 
 struct TrainStats {
@@ -106,6 +116,7 @@ class EmojiTrainer {
   bool load_checkpoint(const std::string& path);
 
   ProbeResult probe_adherence();
+  AutoencoderProbe probe_autoencoder();
 
   int64_t step() const { return step_; }
   double latent_scaling_factor() const { return scaling_factor_; }

@@ -154,9 +154,12 @@ TEST(EmojiTrainer, ProbeReportsAdherenceAndDoesNotChangeTheTraining) {
     if (l.find("[probe]") != std::string::npos) probe_lines.push_back(l);
   };
   probed.run();
-  // UNet steps 2, 4, 6 (the last is also the end).
-  ASSERT_EQ(probe_lines.size(), 3u);
+  // The autoencoder at the end of its phase (step 4), then UNet steps 2, 4, 6 (the last is also the end).
+  ASSERT_EQ(probe_lines.size(), 4u);
+  EXPECT_NE(probe_lines.front().find("autoencoder at step 4: PSNR "), std::string::npos) << probe_lines.front();
+  EXPECT_NE(probe_lines.front().find(" over 12 images"), std::string::npos) << probe_lines.front();
   EXPECT_NE(probe_lines.back().find("step 10: 1-step adherence "), std::string::npos) << probe_lines.back();
+  EXPECT_NE(probe_lines.back().find("; retrieval top-1 "), std::string::npos) << probe_lines.back();
   EXPECT_EQ(max_param_diff(plain.parameters(), probed.parameters()), 0.0);
   // 12 samples (< 50): every one is probed, each against another sample.
   const auto p = probed.probe_adherence();
@@ -165,6 +168,16 @@ TEST(EmojiTrainer, ProbeReportsAdherenceAndDoesNotChangeTheTraining) {
   EXPECT_LE(p.closer, 12);
   EXPECT_TRUE(std::isfinite(p.mean_own) && p.mean_own > 0);
   EXPECT_TRUE(std::isfinite(p.mean_other) && p.mean_other > 0);
+  EXPECT_GE(p.top1, 0.0);
+  EXPECT_LE(p.top1, p.top5);
+  EXPECT_LE(p.top5, 1.0);
+  EXPECT_TRUE(std::isfinite(p.sharpness) && p.sharpness > 0);
+  // The autoencoder probe: every sample, finite PSNR below the exact-match cap, SSIM in (-1, 1).
+  const auto ae = probed.probe_autoencoder();
+  EXPECT_EQ(ae.n, 12);
+  EXPECT_TRUE(std::isfinite(ae.psnr_db) && ae.psnr_db > 0 && ae.psnr_db < 100);
+  EXPECT_GT(ae.ssim, -1.0);
+  EXPECT_LT(ae.ssim, 1.0);
   // Probing is repeatable (its own generator) and leaves the parameters alone.
   const auto q = probed.probe_adherence();
   EXPECT_EQ(q.closer, p.closer);
