@@ -16,7 +16,13 @@ if [ "${SD_LIBTORCH:-}" = 2 ]; then
   BUILD_DIR="${BUILD_DIR:-build-t2}"
 fi
 BUILD_DIR="${BUILD_DIR:-build}"
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "${TORCH_ARGS[@]}"
+# A build folder configured before keeps its settings: the README test runs this script on the suite's own build
+# (BUILD_DIR), which may be a sanitizer build (RelWithDebInfo -O1); forcing Release there rebuilt it all.
+if [ -f "$BUILD_DIR/CMakeCache.txt" ]; then
+  cmake -S . -B "$BUILD_DIR" "${TORCH_ARGS[@]}"
+else
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "${TORCH_ARGS[@]}"
+fi
 cmake --build "$BUILD_DIR" -j "$(nproc)" --target streamdiffusion
 SD="$BUILD_DIR/apps/streamdiffusion"
 MODEL="${MODEL:-models/emoji-tiny}"
