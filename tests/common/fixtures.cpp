@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <set>
 #include <sstream>
 
 namespace fs = std::filesystem;
@@ -55,6 +56,29 @@ std::vector<std::string> fixture_models() {
   for (const auto& e : fs::directory_iterator(dir, ec))
     if (e.is_directory() && fs::exists(e.path() / "model_index.json")) out.push_back(e.path().filename().string());
   std::sort(out.begin(), out.end());
+  return out;
+}
+
+void PrintTo(const ComponentGoldenCase& c, std::ostream* os) { *os << c.model << "/" << c.name; }
+
+std::vector<ComponentGoldenCase> component_golden_cases(const std::string& component) {
+  std::vector<ComponentGoldenCase> out;
+  for (const auto& m : fixture_models()) {
+    const std::string rel = "modules/" + m + "/" + component + ".safetensors";
+    if (!fixture_exists("models/" + m + "/" + component) || !fixture_exists(rel)) continue;
+    try {
+      std::set<std::string> cases;
+      for (const auto& k : SafeTensorsFile::open(fixture_path(rel)).keys()) {
+        const auto dot = k.find('.');
+        if (dot == std::string::npos) throw FormatError(rel, "key '" + k + "' is not '<case>.<tensor>'");
+        cases.insert(k.substr(0, dot));
+      }
+      if (cases.empty()) throw FormatError(rel, "no cases");
+      for (const auto& c : cases) out.push_back({m, c, ""});
+    } catch (const std::exception& e) {
+      out.push_back({m, "unreadable", e.what()});
+    }
+  }
   return out;
 }
 

@@ -19,6 +19,17 @@ bool fixture_exists(const std::string& rel);
 // Model folder names under models/ (sorted), empty when the fixture root has no models/.
 std::vector<std::string> fixture_models();
 
+// One golden case of a model component: a fixture model folder and a case prefix of the keys of
+// modules/<model>/<component>.safetensors ("encode", "decode", ...). `error` is set when the file exists but cannot
+// be read, so the malformed part fails as its own test.
+struct ComponentGoldenCase {
+  std::string model, name, error;
+};
+// gtest prints the parameter with the test (ctest, --gtest_list_tests); without this it is a byte dump.
+void PrintTo(const ComponentGoldenCase& c, std::ostream* os);
+// The cases of every fixture model that has models/<model>/<component> and modules/<model>/<component>.safetensors.
+std::vector<ComponentGoldenCase> component_golden_cases(const std::string& component);
+
 // max|a - ref| <= atol + rtol * max|ref|, computed in float64. Returns a gtest assertion result that names `what`,
 // the max error, the bound and where the largest error is.
 ::testing::AssertionResult tensors_close(const torch::Tensor& actual, const torch::Tensor& ref, double atol,

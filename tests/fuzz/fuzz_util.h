@@ -24,32 +24,26 @@ inline void expect_names_file(const sd::FormatError& e, const std::string& file)
   }
 }
 
-// A safetensors file on a path the real loaders open (SafeTensorsFile::open, read_lora_file): an in-memory file
-// (memfd) holding u64 length | header JSON | data | zeros. The fuzz input is "<header JSON>\0<data bytes>" (no NUL:
-// all header); the zeros (sparse: no memory until read) pad the data region to `min_data` bytes, so a mutated header
-// whose offsets fit stays a valid file without the fuzzer having to grow megabytes of tensor data.
-class FileImage {
+// An in-memory file (memfd) on a path the real readers open ("/proc/self/fd/N"), rewritten for each input: `bytes`
+// at offset 0, then zeros up to `size` (sparse: no memory until read).
+class MemFile {
  public:
-  FileImage() {
-    fd_ = memfd_create("fuzz.safetensors", MFD_CLOEXEC);
+  explicit MemFile(const char* name) {
+    fd_ = memfd_create(name, MFD_CLOEXEC);
     if (fd_ < 0) {
       std::perror("memfd_create");
       std::abort();
     }
     path_ = "/proc/self/fd/" + std::to_string(fd_);
   }
+  MemFile(const MemFile&) = delete;
+  MemFile& operator=(const MemFile&) = delete;
+  ~MemFile() { close(fd_); }
   const std::string& path() const { return path_; }
-  const std::string& write(const uint8_t* data, size_t size, uint64_t min_data) {
-    const void* nul = std::memchr(data, 0, size);
-    const size_t header = nul ? static_cast<size_t>(static_cast<const uint8_t*>(nul) - data) : size;
-    const size_t extra = nul ? size - header - 1 : 0;
-    std::string head(8, '\0');
-    for (int i = 0; i < 8; ++i) head[i] = static_cast<char>((static_cast<uint64_t>(header) >> (8 * i)) & 0xff);
-    head.append(reinterpret_cast<const char*>(data), header);
-    if (extra) head.append(reinterpret_cast<const char*>(data) + header + 1, extra);
-    if (ftruncate(fd_, 0) != 0 || pwrite(fd_, head.data(), head.size(), 0) != static_cast<ssize_t>(head.size()) ||
-        ftruncate(fd_, static_cast<off_t>(8 + header + std::max<uint64_t>(extra, min_data))) != 0) {
-      std::perror("fuzz file image");
+  const std::string& write(const void* bytes, size_t n, uint64_t size) {
+    if (ftruncate(fd_, 0) != 0 || pwrite(fd_, bytes, n, 0) != static_cast<ssize_t>(n) ||
+        ftruncate(fd_, static_cast<off_t>(std::max<uint64_t>(n, size))) != 0) {
+      std::perror("fuzz memfd");
       std::abort();
     }
     return path_;
@@ -60,28 +54,36 @@ class FileImage {
   std::string path_;
 };
 
-// A text file on a path the real readers open (CLI11's --config-file): an in-memory file (memfd) holding the input.
-class TextFile {
+// A safetensors file on a path the real loaders open (SafeTensorsFile::open, read_lora_file): u64 length | header
+// JSON | data | zeros. The fuzz input is "<header JSON>\0<data bytes>" (no NUL: all header); the zeros pad the data
+// region to `min_data` bytes, so a mutated header whose offsets fit stays a valid file without the fuzzer having to
+// grow megabytes of tensor data.
+class FileImage {
  public:
-  explicit TextFile(const char* name) {
-    fd_ = memfd_create(name, MFD_CLOEXEC);
-    if (fd_ < 0) {
-      std::perror("memfd_create");
-      std::abort();
-    }
-    path_ = "/proc/self/fd/" + std::to_string(fd_);
-  }
-  const std::string& write(const uint8_t* data, size_t size) {
-    if (ftruncate(fd_, 0) != 0 || pwrite(fd_, data, size, 0) != static_cast<ssize_t>(size)) {
-      std::perror("fuzz text file");
-      std::abort();
-    }
-    return path_;
+  const std::string& path() const { return file_.path(); }
+  const std::string& write(const uint8_t* data, size_t size, uint64_t min_data) {
+    const void* nul = std::memchr(data, 0, size);
+    const size_t header = nul ? static_cast<size_t>(static_cast<const uint8_t*>(nul) - data) : size;
+    const size_t extra = nul ? size - header - 1 : 0;
+    std::string head(8, '\0');
+    for (int i = 0; i < 8; ++i) head[i] = static_cast<char>((static_cast<uint64_t>(header) >> (8 * i)) & 0xff);
+    head.append(reinterpret_cast<const char*>(data), header);
+    if (extra) head.append(reinterpret_cast<const char*>(data) + header + 1, extra);
+    return file_.write(head.data(), head.size(), 8 + header + std::max<uint64_t>(extra, min_data));
   }
 
  private:
-  int fd_ = -1;
-  std::string path_;
+  MemFile file_{"fuzz.safetensors"};
+};
+
+// A text file on a path the real readers open (CLI11's --config-file) holding the input as it is.
+class TextFile {
+ public:
+  explicit TextFile(const char* name) : file_(name) {}
+  const std::string& write(const uint8_t* data, size_t size) { return file_.write(data, size, size); }
+
+ private:
+  MemFile file_;
 };
 
 }  // namespace sd::fuzz

@@ -27,40 +27,7 @@ constexpr double kAtol = 1e-4, kRtol = 1e-5;  // fixture README: single VAE/TAES
 // rounding) and each of the ~15 conv layers rounds its output once. The bound leaves 2.5x margin.
 constexpr double kBf16Rtol = 5e-2;
 
-void expect_close(const torch::Tensor& a, const torch::Tensor& ref, double atol, double rtol, const std::string& what) {
-  auto r = sd::test::tensors_close(a, ref, atol, rtol, what);
-  EXPECT_TRUE(r);
-  if (r) std::cout << "  [close] " << r.message() << "\n";
-}
-
-// One golden case: a model folder and a case prefix of modules/<model>/taesd.safetensors ("encode", "decode").
-// `error` is set when the fixture exists but cannot be read, so the malformed part fails as its own test.
-struct GoldenCase {
-  std::string model, name, error;
-};
-// gtest prints the parameter with the test (ctest, --gtest_list_tests); without this it is a byte dump.
-void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.model << "/" << c.name; }
-
-std::vector<GoldenCase> golden_cases() {
-  std::vector<GoldenCase> out;
-  for (const auto& m : sd::test::fixture_models()) {
-    const std::string rel = "modules/" + m + "/taesd.safetensors";
-    if (!sd::test::fixture_exists("models/" + m + "/taesd") || !sd::test::fixture_exists(rel)) continue;
-    try {
-      std::set<std::string> cases;
-      for (const auto& k : sd::SafeTensorsFile::open(sd::test::fixture_path(rel)).keys()) {
-        const auto dot = k.find('.');
-        if (dot == std::string::npos) throw sd::FormatError(rel, "key '" + k + "' is not '<case>.<tensor>'");
-        cases.insert(k.substr(0, dot));
-      }
-      if (cases.empty()) throw sd::FormatError(rel, "no cases");
-      for (const auto& c : cases) out.push_back({m, c, ""});
-    } catch (const std::exception& e) {
-      out.push_back({m, "unreadable", e.what()});
-    }
-  }
-  return out;
-}
+using GoldenCase = sd::test::ComponentGoldenCase;
 
 // Runs a case on `vae` (inputs cast to its dtype) and returns {output, reference} in fp32.
 std::pair<torch::Tensor, torch::Tensor> run_case(sd::AutoencoderTiny& vae, const GoldenCase& c) {
@@ -90,7 +57,7 @@ TEST_P(TaesdGolden, MatchesDiffusersFp32) {
     vae->set_channels_last(cl);
     auto [out, ref] = run_case(vae, c);
     EXPECT_TRUE(out.is_contiguous());
-    expect_close(out, ref, kAtol, kRtol, c.model + " taesd " + c.name + (cl ? " (channels-last)" : " (NCHW)"));
+    SD_EXPECT_CLOSE(out, ref, kAtol, kRtol, c.model + " taesd " + c.name + (cl ? " (channels-last)" : " (NCHW)"));
   }
 }
 
@@ -100,10 +67,10 @@ TEST_P(TaesdGolden, Bf16WithinMeasuredBound) {
   auto vae = sd::load_taesd(sd::test::fixture_path("models/" + c.model + "/taesd"), torch::kBFloat16);
   EXPECT_EQ(vae->dtype(), torch::kBFloat16);
   auto [out, ref] = run_case(vae, c);
-  expect_close(out, ref, 0.0, kBf16Rtol, c.model + " taesd bf16 " + c.name);
+  SD_EXPECT_CLOSE(out, ref, 0.0, kBf16Rtol, c.model + " taesd bf16 " + c.name);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, TaesdGolden, ::testing::ValuesIn(golden_cases()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, TaesdGolden, ::testing::ValuesIn(sd::test::component_golden_cases("taesd")),
                          [](const auto& info) { return sd::test::test_name(info.param.model + "_" + info.param.name); });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(TaesdGolden);
 
