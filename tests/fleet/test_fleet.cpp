@@ -315,7 +315,8 @@ bool wait_for(F f, double seconds) {
 
 void pause_all(std::vector<std::unique_ptr<FleetClient>>& clients, bool p) {
   for (auto& c : clients) c->pause(p);
-  if (p) ASSERT_TRUE(wait_for([&] {
+  if (!p) return;
+  ASSERT_TRUE(wait_for([&] {
     for (auto& c : clients)
       if (!c->idle()) return false;
     return true;

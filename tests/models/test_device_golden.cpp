@@ -68,7 +68,9 @@ class DeviceGolden : public ::testing::TestWithParam<DeviceCase> {
     const auto& c = GetParam();
     // (device_ may name no index: "cuda" is the current device, where outputs say cuda:0.)
     ASSERT_EQ(out.device().type(), device_.type()) << what << " on " << out.device();
-    if (device_.has_index()) ASSERT_EQ(out.device().index(), device_.index()) << what;
+    if (device_.has_index()) {
+      ASSERT_EQ(out.device().index(), device_.index()) << what;
+    }
     ASSERT_EQ(out.scalar_type(), dtype_) << what;
     const double atol = dtype_ == c10::kFloat ? 1e-4 : 0.0;
     SD_EXPECT_CLOSE(out.cpu(), ref, atol, rtol_for(c.component, dtype_),

@@ -187,8 +187,11 @@ TEST(PrepackConvolutions, KeepsOneCopyUnlessAskedForBoth) {
   const int64_t params = sd::nn::parameter_count(*one);
   EXPECT_EQ(params, 4 * 2 * 9 + 4 + 4 * 4 + 4);
   ASSERT_EQ(sd::nn::prepack_convolutions(*one), 2);
-  for (const auto& p : one->named_parameters())
-    if (p.key().find("weight") != std::string::npos) EXPECT_EQ(p.value().numel(), 0) << p.key();
+  for (const auto& p : one->named_parameters()) {
+    if (p.key().find("weight") != std::string::npos) {
+      EXPECT_EQ(p.value().numel(), 0) << p.key();
+    }
+  }
   EXPECT_EQ(sd::nn::parameter_count(*one), params);
   EXPECT_EQ(sd::nn::restore_dense_convolutions(*one), 2);
   EXPECT_EQ(sd::nn::restore_dense_convolutions(*one), 0);

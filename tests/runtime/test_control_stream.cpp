@@ -440,7 +440,9 @@ TEST_F(ImagePromptStream, ReadEveryNFramesEncodedOnlyWhenChangedAndTheLastOneSta
       if (k == 0) bare->set_image_prompt(ims[0]);
       if (k == 4) bare->set_image_prompt(ims[2]);
       const torch::Tensor o = bare->img2img(image_to_tensor(rgb_of(frames[std::min(k, N - 1)]), 64, 64));
-      if (k >= 1) EXPECT_EQ(max_abs_diff(out.frames[k - 1], tensor_to_image(o).squeeze(0)), 0) << "frame " << k - 1;
+      if (k >= 1) {
+        EXPECT_EQ(max_abs_diff(out.frames[k - 1], tensor_to_image(o).squeeze(0)), 0) << "frame " << k - 1;
+      }
     }
   }
   // The image prompts matter: without them (zero image) the outputs differ.

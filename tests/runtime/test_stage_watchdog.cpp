@@ -179,7 +179,9 @@ TEST(StageWatchdog, TheRuntimeNamesTheStageOfAStall) {
     }
     EXPECT_TRUE(took);
     // The monitor polls only when stages run on their own threads.
-    if (!synchronous) EXPECT_TRUE(still) << "the stall is reported while it lasts";
+    if (!synchronous) {
+      EXPECT_TRUE(still) << "the stall is reported while it lasts";
+    }
     EXPECT_EQ(j["stages"]["model"]["frames"], 60);
     EXPECT_GE(j["slow_frames"].get<int64_t>(), 1);
     EXPECT_GE(j["max_output_gap_ms"].get<double>(), 450.0);
