@@ -168,17 +168,17 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
         refs.push_back(tile);
       }
     }
-    auto rank_caption = [&](size_t k, const torch::Tensor& img) -> std::string {  // img [3, H, W]
-      if (prompt_index[k] < 0) return "";
+    auto rank_of = [&](size_t k, const torch::Tensor& img) -> int64_t {  // img [3, H, W]; -1 = no emoji name
+      if (prompt_index[k] < 0) return -1;
       const auto q = sd::train::retrieval_features(img.unsqueeze(0).to(torch::kCPU, torch::kFloat32));
       const auto r = sd::train::retrieval_ranks(q.rgb, gallery.rgb, torch::tensor({prompt_index[k]}, torch::kInt64));
-      return "rank " + std::to_string(r[0].item<int64_t>()) + " / " + std::to_string(ds.size());
+      return r[0].item<int64_t>();
     };
 
     struct Row {
       std::string label;
       std::vector<cv::Mat> tiles;
-      std::vector<std::string> captions;  // under each tile ("" = none)
+      std::vector<int64_t> ranks;  // retrieval rank of each tile (-1 = none)
     };
     std::vector<Row> rows;
     if (!refs.empty()) rows.push_back({"reference emoji (training data)", refs, {}});
@@ -199,7 +199,7 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
         s.prepare(prompts[k]);
         const auto img = s.txt2img()[0];
         r.tiles.push_back(to_tile(img, T));
-        r.captions.push_back(rank_caption(k, img));
+        r.ranks.push_back(rank_of(k, img));
       }
       rows.push_back(r);
     }
@@ -233,8 +233,9 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
       for (size_t k = 0; k < rows[r].tiles.size(); ++k) {
         rows[r].tiles[k].copyTo(sheet(cv::Rect(label_w + static_cast<int>(k) * (T + 4), y, T, T)));
         const std::string caption = rows[r].label.rfind("img2img 2", 0) == 0 ? i2i[k]
-                                    : k < rows[r].captions.size()             ? rows[r].captions[k]
-                                                                              : "";
+                                    : k < rows[r].ranks.size() && rows[r].ranks[k] > 0
+                                        ? "rank " + std::to_string(rows[r].ranks[k]) + " / " + std::to_string(ds.size())
+                                        : std::string();
         if (!caption.empty())
           put_text_lines(sheet, caption, cv::Rect(label_w + static_cast<int>(k) * (T + 4), y + T - 4, T + 4, 22), 0.38);
       }
@@ -243,7 +244,7 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
       if (prompt_index[k] < 0) continue;
       std::cout << "retrieval rank of '" << prompts[k] << "' (1, 2, 4 steps):";
       for (const auto& r : rows)
-        if (k < r.captions.size()) std::cout << " " << r.captions[k].substr(5, r.captions[k].find(' ', 5) - 5);
+        if (k < r.ranks.size()) std::cout << " " << r.ranks[k];
       std::cout << " of " << ds.size() << "\n";
     }
     if (!cv::imwrite(o->out, sheet)) throw sd::FormatError(o->out, "cannot write the PNG");
