@@ -17,6 +17,7 @@ struct TrainCliOptions {
   std::string data, out = "models/emoji-tiny", work_dir = "emoji-train", styles = "google";
   int64_t limit = 0;
   int threads = 0;
+  int64_t ae_channels = 24;
   std::string weights_dtype = "fp32";
   bool no_resume = false;
   sd::train::TrainOptions t;
@@ -48,6 +49,12 @@ sd::cli::Runner setup_train(CLI::App& app) {
   app.add_option("--ae-batch", o->t.ae_batch, "autoencoder batch size")->capture_default_str();
   app.add_option("--batch", o->t.batch, "UNet batch size")->capture_default_str();
   app.add_option("--ae-lr", o->t.ae_lr, "autoencoder learning rate (AdamW, warm-up then cosine)")->capture_default_str();
+  app.add_option("--ae-loss", o->t.ae_loss, "autoencoder loss: edge (L1 + L2 + gradient L1) | l2l1 (L2 + 0.5 L1)")
+      ->capture_default_str();
+  app.add_option("--ae-grad-weight", o->t.ae_grad_weight, "weight of the gradient term of the edge loss")
+      ->capture_default_str();
+  app.add_option("--ae-channels", o->ae_channels, "channels of every autoencoder stage (encoder and decoder)")
+      ->capture_default_str();
   app.add_option("--lr", o->t.lr, "UNet + text encoder learning rate")->capture_default_str();
   app.add_option("--bpe-merges", o->t.bpe.max_merges, "maximum BPE merges of the learned vocabulary")
       ->capture_default_str();
@@ -86,6 +93,9 @@ sd::cli::Runner setup_train(CLI::App& app) {
         sd::train::load_emoji_dataset(data, styles, 64, o->limit));
     std::cerr << "train: " << ds->size() << " images (" << o->styles << ") from " << data << " in "
               << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() << " s\n";
+    if (o->ae_channels < 1) throw sd::InvalidArgument("--ae-channels must be >= 1");
+    o->t.taesd_config["encoder_block_out_channels"] = std::vector<int64_t>(4, o->ae_channels);
+    o->t.taesd_config["decoder_block_out_channels"] = std::vector<int64_t>(4, o->ae_channels);
     o->t.work_dir = o->work_dir;
     o->t.resume = !o->no_resume;
     sd::train::EmojiTrainer trainer(o->t, ds);

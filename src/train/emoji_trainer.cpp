@@ -147,6 +147,8 @@ EmojiTrainer::EmojiTrainer(TrainOptions opts, std::shared_ptr<const EmojiDataset
   if (o_.work_dir.empty()) throw InvalidArgument("train: a work folder is required");
   if (o_.ae_steps < 0 || o_.unet_steps < 0 || o_.batch < 1 || o_.ae_batch < 1)
     throw InvalidArgument("train: steps must be >= 0 and batch sizes >= 1");
+  if (o_.ae_loss != "l2l1" && o_.ae_loss != "edge")
+    throw InvalidArgument("train: autoencoder loss '" + o_.ae_loss + "' is not one of l2l1, edge");
   log = [](const std::string& line) { std::cerr << line << std::endl; };
   fs::create_directories(o_.work_dir);
 
@@ -210,10 +212,17 @@ void EmojiTrainer::ae_step(int64_t s, double& loss_out) {
   auto gen = step_generator(o_.seed, step_);
   const auto idx = torch::randint(data_->size(), {o_.ae_batch}, gen, torch::kInt64);
   const auto x = data_->batch(idx);  // [B, 3, 64, 64] in [-1, 1]
-  const auto z = taesd_->encode(x);  // [B, 4, 16, 16]
+  const auto z = taesd_->encode(x);  // [B, 8, 8, 8]
   const auto xr = taesd_->decode(z);
   const auto d = xr - x;
-  const auto loss = d.pow(2).mean() + 0.5 * d.abs().mean() + 1e-4 * z.pow(2).mean();
+  auto loss = d.pow(2).mean() + 1e-4 * z.pow(2).mean();
+  if (o_.ae_loss == "edge") {
+    // Differences of neighbouring pixels: [B, 3, 64, 63] and [B, 3, 63, 64].
+    const auto gx = d.slice(3, 1) - d.slice(3, 0, -1), gy = d.slice(2, 1) - d.slice(2, 0, -1);
+    loss = loss + d.abs().mean() + o_.ae_grad_weight * (gx.abs().mean() + gy.abs().mean());
+  } else {
+    loss = loss + 0.5 * d.abs().mean();
+  }
   set_lr(*ae_opt_, lr_at(s, o_.ae_steps, o_.ae_lr));
   ae_opt_->zero_grad();
   loss.backward();
@@ -435,8 +444,10 @@ ProbeResult EmojiTrainer::probe_adherence() {
   r.mean_own = d_own.mean().item<double>();
   r.mean_other = d_oth.mean().item<double>();
   const auto own_t = torch::tensor(own, torch::kInt64);
-  const auto gallery = retrieval_features(data_->batch(torch::arange(data_->size(), torch::kInt64)));
-  const auto ranks = retrieval_ranks(retrieval_features(img).rgb, gallery.rgb, own_t);
+  // The dataset's side of the retrieval does not change during training: computed at the first probe.
+  if (!probe_gallery_.defined())
+    probe_gallery_ = retrieval_features(data_->batch(torch::arange(data_->size(), torch::kInt64))).rgb;
+  const auto ranks = retrieval_ranks(retrieval_features(img).rgb, probe_gallery_, own_t);
   r.top1 = (ranks <= 1).to(torch::kFloat64).mean().item<double>();
   r.top5 = (ranks <= 5).to(torch::kFloat64).mean().item<double>();
   const double real_sharp = rms_gradient(data_->batch(own_t)).mean().item<double>();

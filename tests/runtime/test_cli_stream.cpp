@@ -112,6 +112,45 @@ TEST_F(CliStream, Txt2ImgTicksWithScheduledPromptChange) {
   EXPECT_EQ(j["config"]["txt2img"], true);
 }
 
+// The strip of docs/emoji-live-stream.png (scripts/stream-strip.sh): stream frames side by side, each tile the frame
+// scaled by an integer factor with nearest neighbour, captions below; and the errors for a bad label count or file.
+TEST_F(CliStream, MontageOfStreamFrames) {
+  const auto r = sh(base_ + "--input none --frames 3 --output " + q(tmp_ + "/gen/%03d.png") +
+                    " --t-index-list 0,45 --control none --at '2:prompt a dog'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::string cli = SD_CLI_PATH;
+  const std::string files = q(tmp_ + "/gen/000.png") + " " + q(tmp_ + "/gen/001.png") + " " + q(tmp_ + "/gen/002.png");
+  const auto m = sh(cli + " montage " + files + " --tile 128 --labels '0: a cat;1: a cat;2: a dog' --out " +
+                    q(tmp_ + "/strip.png"));
+  ASSERT_EQ(m.status, 0) << m.output;
+  const cv::Mat strip = cv::imread(tmp_ + "/strip.png", cv::IMREAD_COLOR);
+  ASSERT_FALSE(strip.empty());
+  EXPECT_EQ(strip.cols, 3 * (128 + 4));
+  EXPECT_EQ(strip.rows, 128 + 22 + 4);
+  for (int k = 0; k < 3; ++k) {
+    const cv::Mat frame = cv::imread(tmp_ + "/gen/00" + std::to_string(k) + ".png", cv::IMREAD_COLOR);
+    ASSERT_EQ(frame.cols, 64);
+    for (int y = 0; y < 64; y += 7)
+      for (int x = 0; x < 64; x += 5)
+        ASSERT_EQ(strip.at<cv::Vec3b>(2 * y + 1, k * 132 + 2 * x + 1), frame.at<cv::Vec3b>(y, x))
+            << "tile " << k << " pixel " << x << "," << y;
+  }
+  // Caption text is drawn below each tile: dark pixels there, none in the gap between tiles.
+  const cv::Mat caption = strip(cv::Rect(0, 128, 128, 22)).clone();  // contiguous: datastart..dataend is the box
+  EXPECT_LT(*std::min_element(caption.datastart, caption.dataend), 128);
+  const cv::Mat gap = strip(cv::Rect(128, 0, 4, 128)).clone();
+  EXPECT_EQ(*std::min_element(gap.datastart, gap.dataend), 255);
+
+  const auto bad_labels = sh(cli + " montage " + files + " --labels 'a;b' --out " + q(tmp_ + "/x.png"));
+  EXPECT_NE(bad_labels.status, 0);
+  EXPECT_NE(bad_labels.output.find("--labels has 2 captions for 3 images"), std::string::npos) << bad_labels.output;
+  const auto missing = sh(cli + " montage " + q(tmp_ + "/gen/999.png") + " --out " + q(tmp_ + "/x.png"));
+  EXPECT_NE(missing.status, 0);
+  EXPECT_NE(missing.output.find("999.png"), std::string::npos) << missing.output;
+  EXPECT_NE(missing.output.find("cannot read this image"), std::string::npos) << missing.output;
+  EXPECT_FALSE(fs::exists(tmp_ + "/x.png"));
+}
+
 TEST_F(CliStream, RawFramesThroughStdinAndStdout) {
   // 6 raw rgb24 64x64 frames in, 6 out.
   const std::string raw = tmp_ + "/in.rgb";

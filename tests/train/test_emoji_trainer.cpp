@@ -139,6 +139,38 @@ TEST(EmojiTrainer, ResumeEqualsUninterrupted) {
   EXPECT_THROW(w.run(), sd::FormatError);
 }
 
+// The autoencoder's loss is an option: "edge" (the default: L1 + L2 + gradient L1) and "l2l1" (the first model's)
+// train different weights from the same seed; an unknown name is refused with the accepted ones.
+TEST(EmojiTrainer, AutoencoderLossOption) {
+  ThreadScope threads(1);
+  const auto data = synthetic_dataset();
+  const auto root = sd::test::make_temp_dir("train_ae_loss");
+  auto edge = tiny_options(root + "/edge");
+  edge.unet_steps = 0;
+  EXPECT_EQ(edge.ae_loss, "edge");
+  sd::train::EmojiTrainer a(edge, data);
+  const auto sa = a.run();
+  auto old = edge;
+  old.work_dir = root + "/l2l1";
+  old.ae_loss = "l2l1";
+  sd::train::EmojiTrainer b(old, data);
+  const auto sb = b.run();
+  EXPECT_EQ(sa.step, 4);
+  // Same data and init, so the loss values differ by the gradient term (>= 0) and the L1 weight.
+  EXPECT_GT(sa.ae_loss, sb.ae_loss);
+  EXPECT_GT(max_param_diff(a.parameters(), b.parameters()), 1e-6);
+  auto bad = edge;
+  bad.work_dir = root + "/bad";
+  bad.ae_loss = "ssim";
+  try {
+    sd::train::EmojiTrainer t(bad, data);
+    FAIL() << "an unknown autoencoder loss was accepted";
+  } catch (const sd::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("autoencoder loss 'ssim' is not one of l2l1, edge"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(EmojiTrainer, ProbeReportsAdherenceAndDoesNotChangeTheTraining) {
   ThreadScope threads(1);
   const auto data = synthetic_dataset();
