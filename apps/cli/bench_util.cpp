@@ -7,7 +7,6 @@
 #include <chrono>
 #include <fstream>
 #include <numeric>
-#include <sstream>
 
 #include <torch/cuda.h>
 #include <torch/torch.h>
@@ -194,15 +193,6 @@ nlohmann::json to_json(const Result& r) {
                       {"rss_mib", r.rss_mib}};
   if (!r.extra.empty()) j["extra"] = r.extra;
   return j;
-}
-
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
 }
 
 }  // namespace sd::bench

@@ -75,7 +75,4 @@ struct Result {
 
 nlohmann::json to_json(const Result& r);
 
-// "256,512" -> {"256", "512"}; empty items dropped.
-std::vector<std::string> split_list(const std::string& s);
-
 }  // namespace sd::bench

@@ -37,6 +37,7 @@
 #include "core/device.h"
 #include "models/int8.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "io/model_folder.h"
 #include "pipeline/controlnet.h"
 #include "models/layers.h"
@@ -183,7 +184,7 @@ class Bench {
     if (o_.iters < 1 || o_.frames < 1 || o_.naive_iters < 1 || o_.filter_frames < 1 || o_.warmup < 0)
       throw sd::InvalidArgument("bench: --iters, --frames, --naive-iters and --filter-frames must be >= 1 and "
                                 "--warmup >= 0");
-    for (const auto& s : split_list(o_.sections)) {
+    for (const auto& s : sd::split(o_.sections, ',')) {
       if (s == "all") {
         sections_ = kSections;
         continue;
@@ -206,12 +207,12 @@ class Bench {
                                   std::to_string(md.native_height) + " is not square; give --sizes");
       sizes = std::to_string(md.native_width);
     }
-    for (const auto& s : split_list(sizes)) {
+    for (const auto& s : sd::split(sizes, ',')) {
       const auto wh = sd::cli::parse_size(s + "x" + s, "--sizes");
       sizes_.push_back(wh.first);
     }
     if (sizes_.empty()) throw sd::InvalidArgument("bench --sizes is empty (expected e.g. 256,512)");
-    for (const auto& name : split_list(o_.dtypes)) {
+    for (const auto& name : sd::split(o_.dtypes, ',')) {
       c10::ScalarType d = c10::kQInt8;
       if (name == "int8") {
         // The UNet's matrix products in int8 over int8_float_dtype(); rows labelled "int8".
@@ -232,7 +233,7 @@ class Bench {
     t_img_ = sd::cli::parse_index_list(o_.img2img_t);
     t_multi_ = sd::cli::parse_index_list(o_.multi_t);
     t_abl_ = sd::cli::parse_index_list(o_.ablation_t);
-    for (const auto& k : split_list(o_.streams)) {
+    for (const auto& k : sd::split(o_.streams, ',')) {
       int64_t v = 0;
       try {
         size_t used = 0;

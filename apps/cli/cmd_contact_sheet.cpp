@@ -2,7 +2,6 @@
 // and 4 stream steps, the reference emoji and each generated image's retrieval rank when the emoji data is
 // installed, and a row of img2img on synthetic drawings (OpenCV shapes). Used for docs/emoji-contact-sheet.png (scripts/train-emoji.sh); works on any model.
 #include <iostream>
-#include <sstream>
 
 #include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
@@ -13,6 +12,7 @@
 #include "apps/cli/pipeline_options.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/image.h"
 #include "pipeline/stream_diffusion.h"
@@ -31,15 +31,6 @@ struct SheetOptions {
   uint64_t seed = 2;
   int threads = 0;
 };
-
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, sep))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
 
 // [3, H, W] in [-1, 1] (RGB) -> BGR tile of tile x tile (nearest: pixels stay visible).
 cv::Mat to_tile(const torch::Tensor& img, int tile) {
@@ -101,7 +92,7 @@ void put_text_lines(cv::Mat& canvas, const std::string& text, cv::Rect box, doub
   // Greedy word wrap into the box width.
   std::vector<std::string> lines;
   std::string cur;
-  for (const auto& w : split(text, ' ')) {
+  for (const auto& w : sd::split(text, ' ')) {
     const std::string cand = cur.empty() ? w : cur + " " + w;
     int base = 0;
     if (cv::getTextSize(cand, cv::FONT_HERSHEY_SIMPLEX, scale, 1, &base).width > box.width - 4 && !cur.empty()) {
@@ -142,8 +133,8 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
     size_only.size = o->size;
     const sd::StreamConfig sized = sd::cli::stream_config(size_only, true);
     const int64_t w = sized.width, h = sized.height;
-    const auto prompts = split(o->prompts, ';');
-    const auto i2i = split(o->img2img_prompts, ';');
+    const auto prompts = sd::split(o->prompts, ';');
+    const auto i2i = sd::split(o->img2img_prompts, ';');
     const int T = o->tile, label_w = 150, head_h = 44;
 
     // Reference emoji by name (when the data is installed).

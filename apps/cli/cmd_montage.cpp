@@ -2,7 +2,6 @@
 // a stream's frames (scripts/stream-strip.sh draws docs/emoji-live-stream.png from `stream --output DIR/%05d.png`).
 // Scaled with nearest neighbour so that 64 x 64 pixels stay visible.
 #include <iostream>
-#include <sstream>
 
 #include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
@@ -10,6 +9,7 @@
 
 #include "apps/cli/commands.h"
 #include "core/error.h"
+#include "core/text.h"
 
 namespace {
 
@@ -18,16 +18,6 @@ struct MontageOptions {
   std::string out, labels;
   int tile = 128, columns = 0;  // columns 0 = one row
 };
-
-std::vector<std::string> split_labels(const std::string& s) {
-  std::vector<std::string> out;
-  if (s.empty()) return out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ';')) out.push_back(item);
-  if (s.back() == ';') out.emplace_back();
-  return out;
-}
 
 sd::cli::Runner setup_montage(CLI::App& app) {
   auto o = std::make_shared<MontageOptions>();
@@ -40,7 +30,7 @@ sd::cli::Runner setup_montage(CLI::App& app) {
   return [o] {
     if (o->tile < 8 || o->tile > 4096) throw sd::InvalidArgument("--tile must be in [8, 4096], got " + std::to_string(o->tile));
     if (o->columns < 0) throw sd::InvalidArgument("--columns must be >= 0");
-    const auto labels = split_labels(o->labels);
+    const auto labels = sd::split(o->labels, ';', /*keep_empty=*/true);
     if (!labels.empty() && labels.size() != o->images.size())
       throw sd::InvalidArgument("--labels has " + std::to_string(labels.size()) + " captions for " +
                                 std::to_string(o->images.size()) + " images (one per image, separated by ';')");

@@ -4,11 +4,11 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
-#include <sstream>
 
 #include "apps/cli/commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "train/emoji_trainer.h"
 
 namespace {
@@ -17,20 +17,10 @@ struct TrainCliOptions {
   std::string data, out = "models/emoji-tiny", work_dir = "emoji-train", styles = "google";
   int64_t limit = 0;
   int threads = 0;
-  int64_t ae_channels = 24;
   std::string weights_dtype = "fp32";
   bool no_resume = false;
   sd::train::TrainOptions t;
 };
-
-std::vector<std::string> split_commas(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
 
 sd::cli::Runner setup_train(CLI::App& app) {
   auto o = std::make_shared<TrainCliOptions>();
@@ -53,7 +43,10 @@ sd::cli::Runner setup_train(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--ae-grad-weight", o->t.ae_grad_weight, "weight of the gradient term of the edge loss")
       ->capture_default_str();
-  app.add_option("--ae-channels", o->ae_channels, "channels of every autoencoder stage (encoder and decoder)")
+  app.add_option("--ae-channels", o->t.ae_channels,
+                 "channels of every autoencoder stage, encoder and decoder (0 = the recipe's: " +
+                     std::to_string(sd::train::emoji_taesd_config()["decoder_block_out_channels"][0].get<int64_t>()) +
+                     ")")
       ->capture_default_str();
   app.add_option("--lr", o->t.lr, "UNet + text encoder learning rate")->capture_default_str();
   app.add_option("--bpe-merges", o->t.bpe.max_merges, "maximum BPE merges of the learned vocabulary")
@@ -86,16 +79,17 @@ sd::cli::Runner setup_train(CLI::App& app) {
   return [o] {
     sd::set_threads(o->threads);
     const auto dtype = sd::parse_dtype(o->weights_dtype);
+    // Checked before the dataset loads, so a typo fails at once.
+    if (o->t.ae_channels < 0)
+      throw sd::InvalidArgument("--ae-channels must be >= 1 (or 0 for the recipe's), got " +
+                                std::to_string(o->t.ae_channels));
     const std::string data = o->data.empty() ? sd::train::default_emoji_data_dir() : o->data;
-    const auto styles = split_commas(o->styles);
+    const auto styles = sd::split(o->styles, ',');
     const auto t0 = std::chrono::steady_clock::now();
     auto ds = std::make_shared<sd::train::EmojiDataset>(
         sd::train::load_emoji_dataset(data, styles, 64, o->limit));
     std::cerr << "train: " << ds->size() << " images (" << o->styles << ") from " << data << " in "
               << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() << " s\n";
-    if (o->ae_channels < 1) throw sd::InvalidArgument("--ae-channels must be >= 1");
-    o->t.taesd_config["encoder_block_out_channels"] = std::vector<int64_t>(4, o->ae_channels);
-    o->t.taesd_config["decoder_block_out_channels"] = std::vector<int64_t>(4, o->ae_channels);
     o->t.work_dir = o->work_dir;
     o->t.resume = !o->no_resume;
     sd::train::EmojiTrainer trainer(o->t, ds);

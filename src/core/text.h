@@ -1,6 +1,7 @@
 #pragma once
-// Small text helpers shared by the line parsers (control commands, prompt lists).
+// Small text helpers shared by the line parsers (control commands, prompt lists, option lists, key paths).
 #include <string>
+#include <vector>
 
 namespace sd {
 
@@ -10,6 +11,23 @@ inline std::string trim(const std::string& s) {
   const auto b = s.find_first_not_of(ws);
   if (b == std::string::npos) return "";
   return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
+
+// `s` cut at every `sep`. keep_empty: every field keeps its position, a trailing separator included
+// ("a;;b;" -> a, "", b, ""), for lists where an empty entry means something (one caption per image); otherwise
+// empty fields are dropped ("a,,b," -> a, b). An empty `s` gives no fields either way.
+inline std::vector<std::string> split(const std::string& s, char sep, bool keep_empty = false) {
+  std::vector<std::string> out;
+  if (s.empty()) return out;
+  size_t from = 0;
+  while (true) {
+    const auto at = s.find(sep, from);
+    std::string field = s.substr(from, at == std::string::npos ? std::string::npos : at - from);
+    if (keep_empty || !field.empty()) out.push_back(std::move(field));
+    if (at == std::string::npos) break;
+    from = at + 1;
+  }
+  return out;
 }
 
 }  // namespace sd

@@ -6,6 +6,7 @@
 
 #include "io/state_dict.h"
 #include "core/error.h"
+#include "core/text.h"
 
 namespace sd::convert {
 
@@ -13,13 +14,8 @@ namespace {
 
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::string cur;
-  std::stringstream ss(s);
-  while (std::getline(ss, cur, '.')) out.push_back(cur);
-  return out;
-}
+// A key's dot-separated parts, empty ones kept in place ("a..b" -> a, "", b).
+std::vector<std::string> split(const std::string& s) { return sd::split(s, '.', /*keep_empty=*/true); }
 
 std::string join(const std::vector<std::string>& v, size_t from) {
   std::string out;

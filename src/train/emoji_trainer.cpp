@@ -149,6 +149,13 @@ EmojiTrainer::EmojiTrainer(TrainOptions opts, std::shared_ptr<const EmojiDataset
     throw InvalidArgument("train: steps must be >= 0 and batch sizes >= 1");
   if (o_.ae_loss != "l2l1" && o_.ae_loss != "edge")
     throw InvalidArgument("train: autoencoder loss '" + o_.ae_loss + "' is not one of l2l1, edge");
+  if (o_.ae_channels < 0)
+    throw InvalidArgument("train: autoencoder channels must be >= 1, or 0 for the config's own lists; got " +
+                          std::to_string(o_.ae_channels));
+  if (o_.ae_channels > 0) {
+    o_.taesd_config["encoder_block_out_channels"] = std::vector<int64_t>(4, o_.ae_channels);
+    o_.taesd_config["decoder_block_out_channels"] = std::vector<int64_t>(4, o_.ae_channels);
+  }
   log = [](const std::string& line) { std::cerr << line << std::endl; };
   fs::create_directories(o_.work_dir);
 

@@ -49,6 +49,9 @@ struct TrainOptions {
   // (L2 alone averages an edge it cannot place into a blur).
   std::string ae_loss = "edge";
   double ae_grad_weight = 1.0;
+  // > 0: every stage of the autoencoder's encoder and decoder gets this many channels (replacing taesd_config's
+  // two channel lists); 0: taesd_config as given.
+  int64_t ae_channels = 0;
   int64_t warmup = 50;
   int64_t checkpoint_every = 500;  // 0 = only at the end of each phase
   int64_t log_every = 50;          // progress line every N steps (0 = silent)

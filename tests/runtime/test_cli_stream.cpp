@@ -148,6 +148,14 @@ TEST_F(CliStream, MontageOfStreamFrames) {
   EXPECT_NE(missing.status, 0);
   EXPECT_NE(missing.output.find("999.png"), std::string::npos) << missing.output;
   EXPECT_NE(missing.output.find("cannot read this image"), std::string::npos) << missing.output;
+  for (const auto& [flags, message] : std::vector<std::pair<std::string, std::string>>{
+           {"--tile 7", "--tile must be in [8, 4096], got 7"},
+           {"--tile 4097", "--tile must be in [8, 4096], got 4097"},
+           {"--columns -1", "--columns must be >= 0"}}) {
+    const auto r = sh(cli + " montage " + files + " " + flags + " --out " + q(tmp_ + "/x.png"));
+    EXPECT_NE(r.status, 0) << flags;
+    EXPECT_NE(r.output.find(message), std::string::npos) << flags << ": " << r.output;
+  }
   EXPECT_FALSE(fs::exists(tmp_ + "/x.png"));
 }
 

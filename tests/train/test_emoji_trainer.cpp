@@ -7,8 +7,10 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "common/cli_run.h"
 #include "common/fixtures.h"
 #include "core/error.h"
+#include "io/json_config.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
 #include "train/emoji_trainer.h"
@@ -170,6 +172,62 @@ TEST(EmojiTrainer, AutoencoderLossOption) {
         << e.what();
   }
 }
+
+// ae_channels replaces both channel lists of the autoencoder config (the exported taesd/config.json and the weights
+// follow); 0 keeps the config's own lists; a negative count is refused before anything is trained.
+TEST(EmojiTrainer, AutoencoderChannelsOption) {
+  ThreadScope threads(1);
+  const auto data = synthetic_dataset();
+  const auto root = sd::test::make_temp_dir("train_ae_channels");
+  auto o = tiny_options(root + "/c12");
+  o.ae_steps = 1;
+  o.unet_steps = 0;
+  o.ae_channels = 12;
+  sd::train::EmojiTrainer t(o, data);
+  t.log = nullptr;
+  t.run();
+  const auto params = t.parameters();
+  const auto w = params.find("taesd.decoder.layers.0.weight");
+  ASSERT_NE(w, params.end()) << "no taesd.decoder.layers.0.weight among the trainer's parameters";
+  EXPECT_EQ(w->second.size(0), 12) << "the decoder's first convolution has " << w->second.size(0) << " outputs";
+  t.export_model(root + "/model", torch::kFloat32);
+  const auto cfg = sd::read_json_file(root + "/model/taesd/config.json");
+  EXPECT_EQ(cfg["encoder_block_out_channels"], nlohmann::json({12, 12, 12, 12}));
+  EXPECT_EQ(cfg["decoder_block_out_channels"], nlohmann::json({12, 12, 12, 12}));
+
+  auto keep = tiny_options(root + "/keep");  // 0: tiny_options' own 8-channel lists
+  keep.ae_steps = 1;
+  keep.unet_steps = 0;
+  sd::train::EmojiTrainer k(keep, data);
+  k.log = nullptr;
+  EXPECT_EQ(k.parameters().at("taesd.decoder.layers.0.weight").size(0), 8);
+
+  auto bad = tiny_options(root + "/bad");
+  bad.ae_channels = -3;
+  try {
+    sd::train::EmojiTrainer b(bad, data);
+    FAIL() << "a negative channel count was accepted";
+  } catch (const sd::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("autoencoder channels must be >= 1, or 0 for the config's own lists; got -3"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+#ifdef SD_CLI_PATH
+// The CLI checks --ae-channels before it loads any data.
+TEST(EmojiTrainerCli, RefusesANegativeChannelCountBeforeLoading) {
+  const auto root = sd::test::make_temp_dir("train_cli_channels");
+  const auto r = sd::test::run_command("'" SD_CLI_PATH "' train --ae-channels -1 --data " +
+                                       sd::test::q(root + "/no-such-data") + " --work-dir " +
+                                       sd::test::q(root + "/w") + " --out " + sd::test::q(root + "/m"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("--ae-channels must be >= 1 (or 0 for the recipe's), got -1"), std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("no-such-data"), std::string::npos) << "the data was read first:\n" << r.output;
+  EXPECT_FALSE(std::filesystem::exists(root + "/w"));
+}
+#endif
 
 TEST(EmojiTrainer, ProbeReportsAdherenceAndDoesNotChangeTheTraining) {
   ThreadScope threads(1);
