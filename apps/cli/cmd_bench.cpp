@@ -198,8 +198,8 @@ class Bench {
     }
     if (sections_.empty()) throw sd::InvalidArgument("bench --sections is empty");
     std::string sizes = o_.sizes;
+    const sd::ModelDefaults md = sd::read_model_defaults(o_.model, o_.config);
     if (sizes.empty()) {  // the model's native size (pipeline/model_defaults.h)
-      const sd::ModelDefaults md = sd::read_model_defaults(o_.model, o_.config);
       if (md.native_width <= 0)
         throw sd::InvalidArgument("bench: the model's native size is unknown (no UNet sample_size); give --sizes");
       if (md.native_width != md.native_height)
@@ -220,8 +220,9 @@ class Bench {
         if (!sd::int8::available())
           throw sd::InvalidArgument("bench --dtypes int8: " + sd::int8::unavailable_reason());
       } else {
-        // "auto" is the dtype a plain command would run in here; rows and JSON name what it resolved to.
-        d = sd::parse_dtype(name, device_);
+        // "auto" is the dtype a plain command would run this model in here (its cpu_dtype on a CPU where it names
+        // one); rows and JSON name what it resolved to.
+        d = sd::parse_dtype(sd::dtype_request(md, name, device_.is_cpu()), device_);
       }
       if (std::find(requested_.begin(), requested_.end(), d) == requested_.end()) requested_.push_back(d);
     }

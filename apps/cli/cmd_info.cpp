@@ -14,6 +14,7 @@
 
 #include "apps/cli/commands.h"
 #include "apps/cli/pipeline_options.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/model_folder.h"
@@ -303,6 +304,11 @@ nlohmann::json defaults_json(const std::string& model, const std::string& config
   j["img2img"] = sd::cli::explain_settings(none, false, d);
   j["warnings"] = d.warnings;
   if (!d.note.empty()) j["note"] = d.note;
+  // What --dtype auto runs on this machine's CPU, and why.
+  const auto cpu_auto = sd::parse_dtype(sd::dtype_request(d, "auto", true), c10::Device(c10::kCPU));
+  j["cpu_dtype_auto"] = {{"dtype", sd::dtype_name(cpu_auto)},
+                         {"reason", d.cpu_dtype ? d.settings_source + " cpu_dtype"
+                                                : "this CPU (" + sd::cpu_simd_level() + ")"}};
   return j;
 }
 
@@ -316,6 +322,9 @@ void print_defaults(const nlohmann::json& j) {
     std::cout << "unknown (UNet sample_size missing): --size is needed\n";
   std::cout << "  settings from " << j["settings_source"].get<std::string>() << "\n";
   if (j.contains("note")) std::cout << "  note: " << j["note"].get<std::string>() << "\n";
+  if (j.contains("cpu_dtype_auto"))
+    std::cout << "  --dtype auto on the CPU: " << j["cpu_dtype_auto"]["dtype"].get<std::string>() << " ("
+              << j["cpu_dtype_auto"]["reason"].get<std::string>() << ")\n";
   for (const char* mode : {"txt2img", "img2img"}) {
     std::cout << "  " << mode << ":";
     for (const auto& line : j[mode]) std::cout << "\n    " << line.get<std::string>();

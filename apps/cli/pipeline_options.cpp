@@ -326,12 +326,17 @@ LoadedModels load_models(const PipelineOptions& o) {
     throw InvalidArgument("no --model given and the default model was not found at " + o.model +
                           " (it ships in the repository as models/emoji-tiny; retrain it with scripts/train-emoji.sh, "
                           "set SD_DEFAULT_MODEL, or pass --model DIR)");
+  const ModelDefaults d = read_model_defaults(o.model, o.config, o.prediction_type);
   LoadOptions lo;
   if (o.common.dtype == "int8") {
     lo.int8 = true;
     lo.dtype = int8_float_dtype();
   } else {
-    lo.dtype = parse_dtype(o.common.dtype, parse_device(o.common.device));
+    const c10::Device device = parse_device(o.common.device);
+    lo.dtype = parse_dtype(dtype_request(d, o.common.dtype, device.is_cpu()), device);
+    if (o.common.dtype == "auto" && lo.dtype != auto_dtype(device))
+      log::info("dtype {}: the model's {} names it for CPUs (this machine's own choice would be {})",
+                dtype_name(lo.dtype), d.settings_source, dtype_name(auto_dtype(device)));
   }
   lo.device = o.common.device;
   lo.threads = o.common.threads;
@@ -352,7 +357,6 @@ LoadedModels load_models(const PipelineOptions& o) {
   lo.ip_adapter_scale = o.ip_adapter_scale;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
-  const ModelDefaults d = read_model_defaults(o.model, o.config, o.prediction_type);
   // The plain-SD warning is about the missing LCM-LoRA: quiet once one is given (--lcm-lora, or an "lcm" LoRA file).
   bool lcm_given = !o.lcm_lora.empty();
   for (const auto& l : o.loras) {

@@ -21,15 +21,17 @@ namespace {
 using Models = std::shared_ptr<sd::DiffusionModels>;
 
 // "auto" (or None) | "fp32" | "bf16" | "fp16" | "float32" | ... or a torch / numpy dtype ("torch.float16",
-// "<class 'numpy.float32'>"), for the device the models load on.
-c10::ScalarType dtype_arg(py::handle d, const std::string& device) {
-  if (d.is_none()) return sd::parse_dtype("auto", sd::parse_device(device));
+// "<class 'numpy.float32'>"), for the device the models load on; "auto" follows the model's own cpu_dtype on a CPU
+// (streamdiffusion.json, read through `defaults`) as the CLI does.
+c10::ScalarType dtype_arg(py::handle d, const std::string& device, const sd::ModelDefaults& defaults) {
+  const c10::Device dev = sd::parse_device(device);
+  if (d.is_none()) return sd::parse_dtype(sd::dtype_request(defaults, "auto", dev.is_cpu()), dev);
   std::string s = py::str(d).cast<std::string>();
   const auto q = s.find('\'');
   if (q != std::string::npos) s = s.substr(q + 1, s.rfind('\'') - q - 1);  // <class 'numpy.float32'>
   const auto dot = s.rfind('.');
   if (dot != std::string::npos) s = s.substr(dot + 1);  // torch.float16 -> float16
-  return sd::parse_dtype(s, sd::parse_device(device));
+  return sd::parse_dtype(sd::dtype_request(defaults, s, dev.is_cpu()), dev);
 }
 
 std::string model_path_or_default(const std::optional<std::string>& model) {
@@ -123,8 +125,9 @@ of Streams. Create it with load_pipeline().
          const std::string& prediction_type, py::handle loras, std::optional<std::string> lcm_lora,
          bool strict_lora, bool lora_live, int clip_skip, std::optional<double> lcm_guidance,
          const std::string& ip_adapter, double ip_adapter_scale) {
+        const std::string path = model_path_or_default(model);
         sd::LoadOptions o;
-        o.dtype = dtype_arg(dtype, device);
+        o.dtype = dtype_arg(dtype, device, sd::read_model_defaults(path, config, prediction_type));
         o.device = device;
         o.threads = threads;
         o.taesd = taesd;
@@ -139,7 +142,6 @@ of Streams. Create it with load_pipeline().
         o.lcm_guidance = lcm_guidance;
         o.ip_adapter = ip_adapter;
         o.ip_adapter_scale = ip_adapter_scale;
-        const std::string path = model_path_or_default(model);
         py::gil_scoped_release release;
         return std::const_pointer_cast<sd::DiffusionModels>(sd::load_pipeline(path, o));
       },
@@ -152,8 +154,9 @@ of Streams. Create it with load_pipeline().
       R"doc(
 Loads a model once (sd::load_pipeline): a diffusers folder or an original-layout single .safetensors file.
 
-model: folder or file; None = the built-in models/emoji-tiny. dtype: "auto" (or None: bf16 on a CPU with AVX512-BF16
-or AMX-BF16, fp16 on CUDA, else fp32; Models.dtype tells which) | "fp32" | "bf16" | "fp16" (or a torch dtype).
+model: folder or file; None = the built-in models/emoji-tiny. dtype: "auto" (or None: the model's streamdiffusion.json
+"cpu_dtype" on a CPU where it names one, else bf16 on a CPU with AVX512-BF16 or AMX-BF16, fp16 on CUDA, else fp32;
+Models.dtype tells which) | "fp32" | "bf16" | "fp16" (or a torch dtype).
 device: "cpu" | "cuda[:N]". threads: intra-op threads (0 = all cores, < 0 = leave as is). taesd: TAESD folder, "none"
 for the AutoencoderKL, "" = <model>/taesd when present. vae: an AutoencoderKL folder or file. config / tokenizer /
 prediction_type: for single files. loras: {path: scale}, ["file", "file:scale"] or [(path, scale)], fused in order
@@ -180,6 +183,7 @@ for bad options.
         out["settings_source"] = d.settings_source;
         out["warnings"] = d.warnings;
         out["note"] = d.note;
+        out["cpu_dtype"] = d.cpu_dtype ? py::cast(*d.cpu_dtype) : py::none();
         return out;
       },
       py::arg("model") = py::none(), py::arg("config") = "", py::arg("prediction_type") = "",

@@ -13,6 +13,8 @@
 //     "t_index_list": [0, 16, 32, 45], "cfg_type": "none", "guidance": 1.2, "delta": 1.0,   both modes
 //     "txt2img": { same four fields },          per mode, over the top-level ones
 //     "img2img": { same four fields },
+//     "cpu_dtype": "fp32" | "bf16",             what --dtype auto runs on a CPU (else the machine's rule: bf16
+//                                               where the CPU computes it natively); a flag still wins
 //     "note": "free text"
 //   }
 // Without it the family is recognised from the configs (cross_attention_dim 768 = SD 1.x, 1024 = SD 2.x, 2048 or a
@@ -43,6 +45,9 @@ struct ModelDefaults {
   std::string settings_source;  // "streamdiffusion.json", "family defaults (sd-turbo)", "built-in defaults"
   std::vector<std::string> warnings;  // e.g. plain SD without LCM: few-step output needs an LCM-LoRA or a turbo model
   std::string note;                   // streamdiffusion.json's "note"
+  // streamdiffusion.json's "cpu_dtype" ("fp32" | "bf16"): a model small enough that bf16's conversions outweigh its
+  // arithmetic (the built-in 64x64 model ran at half the fp32 frame rate in bf16) names fp32 here.
+  std::optional<std::string> cpu_dtype;
 
   const ModeRecommendation& mode(bool txt2img_mode) const { return txt2img_mode ? txt2img : img2img; }
 };
@@ -57,6 +62,10 @@ ModelDefaults read_model_defaults(const std::string& model_path, const std::stri
 
 // Parses a streamdiffusion.json document into `d` (fields present override); `file` names errors.
 void apply_recommendations_json(const std::string& json_text, const std::string& file, ModelDefaults& d);
+
+// The dtype name to resolve (sd::parse_dtype) for a `requested` one ("auto", "fp32", ...) on a CPU or not: "auto"
+// on a CPU becomes the model's cpu_dtype where it names one; anything else is returned as given.
+std::string dtype_request(const ModelDefaults& d, const std::string& requested, bool on_cpu);
 
 // The name of the recommendations file in a model folder.
 inline const char* kRecommendationsFile = "streamdiffusion.json";

@@ -77,12 +77,12 @@ void read_mode(const json& j, const std::string& file, const std::string& prefix
     } else if (key == "delta") {
       m.delta = number(v, file, field, 0, 10);
     } else if (prefix.empty() && (key == "size" || key == "num_inference_steps" || key == "txt2img" ||
-                                  key == "img2img" || key == "note")) {
+                                  key == "img2img" || key == "note" || key == "cpu_dtype")) {
       continue;  // top-level fields read by the caller
     } else {
       throw FormatError(file, "unknown field '" + field +
                                   "' (known: size, num_inference_steps, t_index_list, cfg_type, guidance, delta, "
-                                  "txt2img, img2img, note)");
+                                  "txt2img, img2img, cpu_dtype, note)");
     }
   }
 }
@@ -110,6 +110,12 @@ void apply_recommendations_json(const std::string& json_text, const std::string&
     if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > 1000)
       bad(file, "num_inference_steps", "an integer in [1, 1000]");
     d.num_inference_steps = v.get<int64_t>();
+  }
+  if (j.contains("cpu_dtype")) {
+    const json& v = j["cpu_dtype"];
+    if (!v.is_string() || (v.get<std::string>() != "fp32" && v.get<std::string>() != "bf16"))
+      bad(file, "cpu_dtype", "\"fp32\" or \"bf16\"");
+    d.cpu_dtype = v.get<std::string>();
   }
   if (j.contains("note")) {
     if (!j["note"].is_string()) bad(file, "note", "a string");
@@ -144,5 +150,8 @@ void apply_recommendations_json(const std::string& json_text, const std::string&
   d.warnings.clear();  // the model's author chose these settings
 }
 
+std::string dtype_request(const ModelDefaults& d, const std::string& requested, bool on_cpu) {
+  return requested == "auto" && on_cpu && d.cpu_dtype ? *d.cpu_dtype : requested;
+}
 
 }  // namespace sd

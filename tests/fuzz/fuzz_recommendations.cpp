@@ -40,6 +40,7 @@ void check_one(const uint8_t* data, size_t size) {
       ok = ok && (*m->cfg_type == "none" || *m->cfg_type == "full" || *m->cfg_type == "self" ||
                   *m->cfg_type == "initialize");
   }
+  if (d.cpu_dtype) ok = ok && (*d.cpu_dtype == "fp32" || *d.cpu_dtype == "bf16");
   if (!ok) {
     std::fprintf(stderr, "accepted settings break an invariant: %.*s\n", static_cast<int>(size), data);
     std::abort();
@@ -61,9 +62,9 @@ const char* kValues[] = {"0", "1", "-1", "8", "64", "4096", "4104", "1000", "100
                          "-0.0", "2.5", "20", "20.000001", "NaN", "null", "true", "\"64x64\"", "\"8x4096\"",
                          "\"0x0\"", "\"64x\"", "\"x64\"", "\"64x64x64\"", "\"-8x8\"", "\"99999999999999999999x8\"",
                          "[64, 64]", "[64]", "[64, 64, 64]", "[\"a\", 1]", "[0, 16, 32, 45]", "[]", "[49]", "[50]",
-                         "\"none\"", "\"self\"", "\"sometimes\"", "{}", "{\"cfg_type\": \"full\"}", "\"\\u0000\""};
+                         "\"none\"", "\"self\"", "\"fp32\"", "\"bf16\"", "\"fp16\"", "\"sometimes\"", "{}", "{\"cfg_type\": \"full\"}", "\"\\u0000\""};
 const char* kKeys[] = {"size", "num_inference_steps", "t_index_list", "cfg_type", "guidance", "delta", "note",
-                       "txt2img", "img2img", "sise", ""};
+                       "txt2img", "img2img", "cpu_dtype", "sise", ""};
 
 std::string value(std::mt19937_64& rng, int depth) {
   if (depth < 2 && rng() % 5 == 0) {

@@ -8,6 +8,7 @@
 
 #include "common/cli_run.h"
 #include "common/fixtures.h"
+#include "core/device.h"
 #include "io/json_config.h"
 #include "io/safetensors.h"
 #include "pipeline/image.h"
@@ -211,6 +212,31 @@ TEST_F(CliGenerate, DefaultsComeFromTheModel) {
   EXPECT_EQ(r.status, 1) << r.output;
   EXPECT_NE(r.output.find("streamdiffusion.json"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("'txt2img.cfg'"), std::string::npos) << r.output;
+}
+
+// streamdiffusion.json's "cpu_dtype" is what --dtype auto (the default) loads on a CPU; --dtype still wins. The file
+// names the dtype this machine would not pick itself, so the test sees the model's choice either way.
+TEST_F(CliGenerate, AutoDtypeFollowsTheModelsCpuDtype) {
+  const std::string model = tmp_ + "/model";
+  fs::copy(test::fixture_path("models/tiny-sd21"), model, fs::copy_options::recursive);
+  const std::string machine = sd::dtype_name(sd::auto_dtype(c10::Device(c10::kCPU)));
+  const std::string named = machine == "fp32" ? "bf16" : "fp32";
+  std::ofstream(model + "/streamdiffusion.json") << R"({"cpu_dtype": ")" << named << R"("})";
+  const std::string gen = "stream --model " + q(model) + " --input none --frames 1 --output none --threads 1 ";
+  auto r = run(gen + "--stats-json " + q(tmp_ + "/auto.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_json_file(tmp_ + "/auto.json")["config"]["dtype"], named);
+  EXPECT_NE(r.output.find("dtype " + named + ": the model's streamdiffusion.json names it for CPUs (this machine's own "
+                          "choice would be " + machine + ")"),
+            std::string::npos)
+      << r.output;
+  r = run(gen + "--dtype " + machine + " --stats-json " + q(tmp_ + "/flag.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_json_file(tmp_ + "/flag.json")["config"]["dtype"], machine);
+  r = run("info --model " + q(model));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--dtype auto on the CPU: " + named + " (streamdiffusion.json cpu_dtype)"), std::string::npos)
+      << r.output;
 }
 
 // --clip-skip N (alias --text-encoder-clip-skip) changes the prompt embeddings and so the image.

@@ -180,10 +180,32 @@ TEST_F(ModelDefaultsTest, BadRecommendationsNameTheFileAndField) {
   expect_error(R"({"num_inference_steps": 0})", "field 'num_inference_steps'");
   expect_error(R"({"num_inference_steps": 10, "t_index_list": [0, 10]})", "not below num_inference_steps 10");
   expect_error(R"({"txt2img": 3})", "field 'txt2img'");
+  expect_error(R"({"cpu_dtype": "fp16"})", "field 'cpu_dtype': expected \"fp32\" or \"bf16\"");
+  expect_error(R"({"cpu_dtype": 32})", "field 'cpu_dtype'");
+  expect_error(R"({"txt2img": {"cpu_dtype": "fp32"}})", "unknown field 'txt2img.cpu_dtype'");  // top level only
   // A folder with a malformed file fails loudly (not silently ignored).
   const fs::path d = folder("broken", 64);
   std::ofstream(d / sd::kRecommendationsFile) << R"({"size": "huge"})";
   EXPECT_THROW(sd::read_model_defaults(d.string()), sd::FormatError);
+}
+
+// "cpu_dtype" is what --dtype auto runs on a CPU; an explicit dtype, or a device other than the CPU, ignores it.
+TEST_F(ModelDefaultsTest, CpuDtypeAnswersAutoOnTheCpuOnly) {
+  const fs::path d = folder("small", 8);
+  EXPECT_FALSE(sd::read_model_defaults(d.string()).cpu_dtype.has_value());
+  const auto none = sd::read_model_defaults(d.string());
+  EXPECT_EQ(sd::dtype_request(none, "auto", true), "auto");  // no opinion: the machine's rule
+  write(d / sd::kRecommendationsFile, json{{"cpu_dtype", "fp32"}});
+  const auto r = sd::read_model_defaults(d.string());
+  ASSERT_TRUE(r.cpu_dtype.has_value());
+  EXPECT_EQ(*r.cpu_dtype, "fp32");
+  EXPECT_EQ(sd::dtype_request(r, "auto", true), "fp32");
+  EXPECT_EQ(sd::dtype_request(r, "auto", false), "auto");  // CUDA keeps its own rule (fp16)
+  EXPECT_EQ(sd::dtype_request(r, "bf16", true), "bf16");   // a flag wins
+  EXPECT_EQ(sd::dtype_request(r, "int8", true), "int8");
+  sd::ModelDefaults b;
+  sd::apply_recommendations_json(R"({"cpu_dtype": "bf16"})", "f", b);
+  EXPECT_EQ(sd::dtype_request(b, "auto", true), "bf16");
 }
 
 TEST_F(ModelDefaultsTest, ConfigsOfTheWrongTypeGiveEmptyNotAnError) {

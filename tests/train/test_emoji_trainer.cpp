@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "io/json_config.h"
 #include "pipeline/diffusion_models.h"
+#include "pipeline/model_defaults.h"
 #include "pipeline/stream_diffusion.h"
 #include "train/emoji_trainer.h"
 
@@ -298,6 +299,10 @@ TEST(EmojiTrainer, LossFallsAndExportLoadsInThePipeline) {
 
   const std::string model = root + "/model";
   t.export_model(model, torch::kFloat16);
+  // The exported streamdiffusion.json: its native size and the dtype --dtype auto loads on a CPU.
+  const auto defaults = sd::read_model_defaults(model);
+  EXPECT_EQ(defaults.native_width, 64);
+  EXPECT_EQ(defaults.cpu_dtype.value_or("none"), "fp32");
   sd::LoadOptions lo;
   lo.threads = -1;
   const auto models = sd::load_pipeline(model, lo);
