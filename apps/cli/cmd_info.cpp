@@ -309,6 +309,7 @@ nlohmann::json defaults_json(const std::string& model, const std::string& config
   j["cpu_dtype_auto"] = {{"dtype", sd::dtype_name(cpu_auto)},
                          {"reason", d.cpu_dtype ? d.settings_source + " cpu_dtype"
                                                 : "this CPU (" + sd::cpu_simd_level() + ")"}};
+  if (d.cpu_threads) j["cpu_threads"] = *d.cpu_threads;
   return j;
 }
 
@@ -325,6 +326,9 @@ void print_defaults(const nlohmann::json& j) {
   if (j.contains("cpu_dtype_auto"))
     std::cout << "  --dtype auto on the CPU: " << j["cpu_dtype_auto"]["dtype"].get<std::string>() << " ("
               << j["cpu_dtype_auto"]["reason"].get<std::string>() << ")\n";
+  if (j.contains("cpu_threads"))
+    std::cout << "  --threads 0 (the default) on the CPU: " << j["cpu_threads"].get<int64_t>()
+              << " (streamdiffusion.json cpu_threads)\n";
   for (const char* mode : {"txt2img", "img2img"}) {
     std::cout << "  " << mode << ":";
     for (const auto& line : j[mode]) std::cout << "\n    " << line.get<std::string>();

@@ -339,7 +339,9 @@ LoadedModels load_models(const PipelineOptions& o) {
                 dtype_name(lo.dtype), d.settings_source, dtype_name(auto_dtype(device)));
   }
   lo.device = o.common.device;
-  lo.threads = o.common.threads;
+  lo.threads = threads_request(d, o.common.threads, parse_device(o.common.device).is_cpu());
+  if (lo.threads != o.common.threads)
+    log::info("threads {}: the model's {} names it for CPUs (--threads N overrides)", lo.threads, d.settings_source);
   lo.taesd = o.taesd;
   lo.lcm_guidance = o.lcm_guidance;
   lo.vae = o.vae;

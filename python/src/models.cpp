@@ -127,9 +127,10 @@ of Streams. Create it with load_pipeline().
          const std::string& ip_adapter, double ip_adapter_scale) {
         const std::string path = model_path_or_default(model);
         sd::LoadOptions o;
-        o.dtype = dtype_arg(dtype, device, sd::read_model_defaults(path, config, prediction_type));
+        const sd::ModelDefaults defaults = sd::read_model_defaults(path, config, prediction_type);
+        o.dtype = dtype_arg(dtype, device, defaults);
         o.device = device;
-        o.threads = threads;
+        o.threads = sd::threads_request(defaults, threads, sd::parse_device(device).is_cpu());
         o.taesd = taesd;
         o.vae = vae;
         o.config = config;
@@ -157,7 +158,8 @@ Loads a model once (sd::load_pipeline): a diffusers folder or an original-layout
 model: folder or file; None = the built-in models/emoji-tiny. dtype: "auto" (or None: the model's streamdiffusion.json
 "cpu_dtype" on a CPU where it names one, else bf16 on a CPU with AVX512-BF16 or AMX-BF16, fp16 on CUDA, else fp32;
 Models.dtype tells which) | "fp32" | "bf16" | "fp16" (or a torch dtype).
-device: "cpu" | "cuda[:N]". threads: intra-op threads (0 = all cores, < 0 = leave as is). taesd: TAESD folder, "none"
+device: "cpu" | "cuda[:N]". threads: intra-op threads (0 = all cores, or the model's streamdiffusion.json
+"cpu_threads" on a CPU where it names one; < 0 = leave as is). taesd: TAESD folder, "none"
 for the AutoencoderKL, "" = <model>/taesd when present. vae: an AutoencoderKL folder or file. config / tokenizer /
 prediction_type: for single files. loras: {path: scale}, ["file", "file:scale"] or [(path, scale)], fused in order
 after lcm_lora (scale 1). ip_adapter: an IP-Adapter .safetensors file (image_encoder/ beside it) or a folder
@@ -184,6 +186,7 @@ for bad options.
         out["warnings"] = d.warnings;
         out["note"] = d.note;
         out["cpu_dtype"] = d.cpu_dtype ? py::cast(*d.cpu_dtype) : py::none();
+        out["cpu_threads"] = d.cpu_threads ? py::cast(*d.cpu_threads) : py::none();
         return out;
       },
       py::arg("model") = py::none(), py::arg("config") = "", py::arg("prediction_type") = "",

@@ -15,6 +15,8 @@
 //     "img2img": { same four fields },
 //     "cpu_dtype": "fp32" | "bf16",             what --dtype auto runs on a CPU (else the machine's rule: bf16
 //                                               where the CPU computes it natively); a flag still wins
+//     "cpu_threads": 1,                         the intra-op threads of --threads 0 (the default: every core) on a
+//                                               CPU; a flag (--threads N) still wins
 //     "note": "free text"
 //   }
 // Without it the family is recognised from the configs (cross_attention_dim 768 = SD 1.x, 1024 = SD 2.x, 2048 or a
@@ -48,6 +50,9 @@ struct ModelDefaults {
   // streamdiffusion.json's "cpu_dtype" ("fp32" | "bf16"): a model small enough that bf16's conversions outweigh its
   // arithmetic (the built-in 64x64 model ran at half the fp32 frame rate in bf16) names fp32 here.
   std::optional<std::string> cpu_dtype;
+  // streamdiffusion.json's "cpu_threads" (1..1024): a model too small to gain from a thread team names its count here
+  // (the built-in model streamed at 90 fps on 1 thread and 44 on 2, on a 2-core machine).
+  std::optional<int64_t> cpu_threads;
 
   const ModeRecommendation& mode(bool txt2img_mode) const { return txt2img_mode ? txt2img : img2img; }
 };
@@ -66,6 +71,9 @@ void apply_recommendations_json(const std::string& json_text, const std::string&
 // The dtype name to resolve (sd::parse_dtype) for a `requested` one ("auto", "fp32", ...) on a CPU or not: "auto"
 // on a CPU becomes the model's cpu_dtype where it names one; anything else is returned as given.
 std::string dtype_request(const ModelDefaults& d, const std::string& requested, bool on_cpu);
+// The intra-op thread count for a `requested` one (0 = every core, the default; < 0 = leave as is): 0 on a CPU becomes
+// the model's cpu_threads where it names one; anything else is returned as given.
+int threads_request(const ModelDefaults& d, int requested, bool on_cpu);
 
 // The name of the recommendations file in a model folder.
 inline const char* kRecommendationsFile = "streamdiffusion.json";

@@ -77,12 +77,13 @@ void read_mode(const json& j, const std::string& file, const std::string& prefix
     } else if (key == "delta") {
       m.delta = number(v, file, field, 0, 10);
     } else if (prefix.empty() && (key == "size" || key == "num_inference_steps" || key == "txt2img" ||
-                                  key == "img2img" || key == "note" || key == "cpu_dtype")) {
+                                  key == "img2img" || key == "note" || key == "cpu_dtype" ||
+                                  key == "cpu_threads")) {
       continue;  // top-level fields read by the caller
     } else {
       throw FormatError(file, "unknown field '" + field +
                                   "' (known: size, num_inference_steps, t_index_list, cfg_type, guidance, delta, "
-                                  "txt2img, img2img, cpu_dtype, note)");
+                                  "txt2img, img2img, cpu_dtype, cpu_threads, note)");
     }
   }
 }
@@ -117,6 +118,12 @@ void apply_recommendations_json(const std::string& json_text, const std::string&
       bad(file, "cpu_dtype", "\"fp32\" or \"bf16\"");
     d.cpu_dtype = v.get<std::string>();
   }
+  if (j.contains("cpu_threads")) {
+    const json& v = j["cpu_threads"];
+    if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > 1024)
+      bad(file, "cpu_threads", "an integer in [1, 1024]");
+    d.cpu_threads = v.get<int64_t>();
+  }
   if (j.contains("note")) {
     if (!j["note"].is_string()) bad(file, "note", "a string");
     d.note = j["note"].get<std::string>();
@@ -148,6 +155,10 @@ void apply_recommendations_json(const std::string& json_text, const std::string&
                                       std::to_string(S));
   d.settings_source = std::filesystem::path(file).filename().string();
   d.warnings.clear();  // the model's author chose these settings
+}
+
+int threads_request(const ModelDefaults& d, int requested, bool on_cpu) {
+  return requested == 0 && on_cpu && d.cpu_threads ? static_cast<int>(*d.cpu_threads) : requested;
 }
 
 std::string dtype_request(const ModelDefaults& d, const std::string& requested, bool on_cpu) {

@@ -41,6 +41,7 @@ void check_one(const uint8_t* data, size_t size) {
                   *m->cfg_type == "initialize");
   }
   if (d.cpu_dtype) ok = ok && (*d.cpu_dtype == "fp32" || *d.cpu_dtype == "bf16");
+  if (d.cpu_threads) ok = ok && *d.cpu_threads >= 1 && *d.cpu_threads <= 1024;
   if (!ok) {
     std::fprintf(stderr, "accepted settings break an invariant: %.*s\n", static_cast<int>(size), data);
     std::abort();
@@ -64,7 +65,7 @@ const char* kValues[] = {"0", "1", "-1", "8", "64", "4096", "4104", "1000", "100
                          "[64, 64]", "[64]", "[64, 64, 64]", "[\"a\", 1]", "[0, 16, 32, 45]", "[]", "[49]", "[50]",
                          "\"none\"", "\"self\"", "\"fp32\"", "\"bf16\"", "\"fp16\"", "\"sometimes\"", "{}", "{\"cfg_type\": \"full\"}", "\"\\u0000\""};
 const char* kKeys[] = {"size", "num_inference_steps", "t_index_list", "cfg_type", "guidance", "delta", "note",
-                       "txt2img", "img2img", "cpu_dtype", "sise", ""};
+                       "txt2img", "img2img", "cpu_dtype", "cpu_threads", "sise", ""};
 
 std::string value(std::mt19937_64& rng, int depth) {
   if (depth < 2 && rng() % 5 == 0) {

@@ -78,7 +78,7 @@ put("recommendations", "full", json.dumps({
     "txt2img": {"t_index_list": [0], "cfg_type": "none", "guidance": 0},
     "img2img": {"t_index_list": [32, 45], "cfg_type": "self", "guidance": 1.2, "delta": 1.0}, "note": "sd-turbo"}))
 put("recommendations", "emoji", json.dumps({
-    "size": "64x64", "num_inference_steps": 50, "cpu_dtype": "fp32",
+    "size": "64x64", "num_inference_steps": 50, "cpu_dtype": "fp32", "cpu_threads": 1,
     "txt2img": {"t_index_list": [0, 16, 32, 45], "cfg_type": "none"},
     "img2img": {"t_index_list": [32, 45], "cfg_type": "self", "guidance": 1.4, "delta": 0.8}, "note": "emoji"}))
 

@@ -239,6 +239,28 @@ TEST_F(CliGenerate, AutoDtypeFollowsTheModelsCpuDtype) {
       << r.output;
 }
 
+// streamdiffusion.json's "cpu_threads" is the thread count of the default --threads 0; --threads N still wins.
+TEST_F(CliGenerate, DefaultThreadsFollowTheModelsCpuThreads) {
+  const std::string model = tmp_ + "/model";
+  fs::copy(test::fixture_path("models/tiny-sd21"), model, fs::copy_options::recursive);
+  std::ofstream(model + "/streamdiffusion.json") << R"({"cpu_threads": 1})";
+  const std::string gen = "stream --model " + q(model) + " --input none --frames 1 --output none --dtype fp32 ";
+  auto r = run(gen + "--stats-json " + q(tmp_ + "/default.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_json_file(tmp_ + "/default.json")["config"]["threads"], 1);
+  EXPECT_NE(r.output.find("threads 1: the model's streamdiffusion.json names it for CPUs (--threads N overrides)"),
+            std::string::npos)
+      << r.output;
+  r = run(gen + "--threads 2 --stats-json " + q(tmp_ + "/flag.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_json_file(tmp_ + "/flag.json")["config"]["threads"], 2);
+  r = run("info --model " + q(model));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--threads 0 (the default) on the CPU: 1 (streamdiffusion.json cpu_threads)"),
+            std::string::npos)
+      << r.output;
+}
+
 // --clip-skip N (alias --text-encoder-clip-skip) changes the prompt embeddings and so the image.
 TEST_F(CliGenerate, ClipSkipOption) {
   const std::string base = "txt2img --model " + q(test::fixture_path("models/tiny-sd15")) +

@@ -183,6 +183,9 @@ TEST_F(ModelDefaultsTest, BadRecommendationsNameTheFileAndField) {
   expect_error(R"({"cpu_dtype": "fp16"})", "field 'cpu_dtype': expected \"fp32\" or \"bf16\"");
   expect_error(R"({"cpu_dtype": 32})", "field 'cpu_dtype'");
   expect_error(R"({"txt2img": {"cpu_dtype": "fp32"}})", "unknown field 'txt2img.cpu_dtype'");  // top level only
+  expect_error(R"({"cpu_threads": 0})", "field 'cpu_threads': expected an integer in [1, 1024]");
+  expect_error(R"({"cpu_threads": 1.5})", "field 'cpu_threads'");
+  expect_error(R"({"cpu_threads": "1"})", "field 'cpu_threads'");
   // A folder with a malformed file fails loudly (not silently ignored).
   const fs::path d = folder("broken", 64);
   std::ofstream(d / sd::kRecommendationsFile) << R"({"size": "huge"})";
@@ -206,6 +209,20 @@ TEST_F(ModelDefaultsTest, CpuDtypeAnswersAutoOnTheCpuOnly) {
   sd::ModelDefaults b;
   sd::apply_recommendations_json(R"({"cpu_dtype": "bf16"})", "f", b);
   EXPECT_EQ(sd::dtype_request(b, "auto", true), "bf16");
+}
+
+// "cpu_threads" is what --threads 0 (the default) runs a CPU stream with; an explicit count, "leave as is" (< 0) or a
+// device other than the CPU ignores it.
+TEST_F(ModelDefaultsTest, CpuThreadsAnswerTheDefaultThreadCountOnTheCpuOnly) {
+  const fs::path d = folder("small", 8);
+  EXPECT_EQ(sd::threads_request(sd::read_model_defaults(d.string()), 0, true), 0);  // no opinion: every core
+  write(d / sd::kRecommendationsFile, json{{"cpu_threads", 1}});
+  const auto r = sd::read_model_defaults(d.string());
+  EXPECT_EQ(r.cpu_threads.value_or(0), 1);
+  EXPECT_EQ(sd::threads_request(r, 0, true), 1);
+  EXPECT_EQ(sd::threads_request(r, 0, false), 0);
+  EXPECT_EQ(sd::threads_request(r, 2, true), 2);
+  EXPECT_EQ(sd::threads_request(r, -1, true), -1);
 }
 
 TEST_F(ModelDefaultsTest, ConfigsOfTheWrongTypeGiveEmptyNotAnError) {

@@ -303,6 +303,7 @@ TEST(EmojiTrainer, LossFallsAndExportLoadsInThePipeline) {
   const auto defaults = sd::read_model_defaults(model);
   EXPECT_EQ(defaults.native_width, 64);
   EXPECT_EQ(defaults.cpu_dtype.value_or("none"), "fp32");
+  EXPECT_EQ(defaults.cpu_threads.value_or(0), 1);
   sd::LoadOptions lo;
   lo.threads = -1;
   const auto models = sd::load_pipeline(model, lo);
