@@ -124,13 +124,20 @@ def _cpu_has_native_bf16():
     return False  # unknown flags: auto takes fp32
 
 
-def test_dtype_auto_is_the_default_and_reported_resolved(sd):
-    # bf16 only where this CPU computes it natively (emulated bf16 is many times slower than fp32).
+def test_dtype_auto_is_the_default_and_reported_resolved(sd, fixtures):
+    # A model that names no "cpu_dtype": bf16 only where this CPU computes it natively (emulated bf16 is many times
+    # slower than fp32).
     expected = "bf16" if _cpu_has_native_bf16() else "fp32"
+    plain = os.path.join(fixtures, "models", "tiny-sd21")
     for kwargs in ({}, {"dtype": None}, {"dtype": "auto"}):
-        assert sd.load_pipeline(None, threads=1, **kwargs).dtype == expected, kwargs
-    w = sd.StreamDiffusionWrapper(mode="txt2img", t_index_list=[0], threads=1)
+        assert sd.load_pipeline(plain, threads=1, **kwargs).dtype == expected, kwargs
+    w = sd.StreamDiffusionWrapper(plain, mode="txt2img", t_index_list=[0], threads=1)
     assert w.dtype == expected and w.models.dtype == expected
+    # The built-in model's streamdiffusion.json names fp32 for CPUs (in bf16 its conversions cost half its frame rate).
+    for kwargs in ({}, {"dtype": None}, {"dtype": "auto"}):
+        assert sd.load_pipeline(None, threads=1, **kwargs).dtype == "fp32", kwargs
+    w = sd.StreamDiffusionWrapper(mode="txt2img", t_index_list=[0], threads=1)
+    assert w.dtype == "fp32" and w.models.dtype == "fp32"
     assert sd.StreamDiffusionWrapper(mode="txt2img", t_index_list=[0], dtype="fp32", threads=1).dtype == "fp32"
     assert sd.StreamDiffusionWrapper(mode="txt2img", t_index_list=[0], dtype=torch.bfloat16, threads=1).dtype == "bf16"
 
