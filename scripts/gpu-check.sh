@@ -9,9 +9,11 @@
 #   2. the goldens on the device, fp16 then fp32: the module goldens (test_device '*DeviceGolden*'; tolerances in
 #      tests/models/test_device_golden.cpp: fp16 rtol 6e-2 (UNet) / 5e-2 (VAE, TAESD) / 2.5e-2 (text encoder) of
 #      max|ref|, fp32 without TF32 atol 1e-4 + rtol 1e-5) and the CUDA-graph streams against eager streams
-#      (test_device 'StreamGraphs*', tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range);
+#      and the batched many-stream calls with and without their shared graphs (test_device '*StreamGraphs*',
+#      tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range);
 #   3. makes a random sd-turbo model (fp16 weights) and runs the 512 px, 1-step txt2img and img2img benchmark in fp16
 #      (CUDA graphs on, and off as extra rows), with the per-component rows;
+#   3b. the same e2e rows with cuDNN's autotuner off (SD_CUDNN_BENCHMARK=0; on is the default on CUDA), to compare;
 #   4. many streams in one UNet call: bench --sections multistream for 1, 2, 4, 8, 16 streams (when the CLI has it);
 #   5. the original StreamDiffusion (PyPI streamdiffusion 0.1.1 + diffusers 0.24, wheels carried in .whl-peer by
 #      scripts/gpu-peer-prepare.sh) on the same model, GPU and size, side by side (scripts/gpu-peer-check.sh);
@@ -118,6 +120,7 @@ else
     --tokenizer "$SD_FIXTURES/models/tiny-sd21/tokenizer" --weights-dtype fp16 || true
 fi
 BENCH=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --txt2img-t-index 0 --img2img-t-index 35)
+BENCH_E2E=("${BENCH[@]}" --sections e2e --iters 20 --frames 100 --warmup 10)
 if [ $DRY = 1 ]; then
   BENCH+=(--sections components,e2e --threads 2 --iters 2 --frames 3 --warmup 1)
 else
@@ -128,6 +131,11 @@ bench_rows() {  # dtype
   grep -hE "^(components|e2e|batch) |graphs on vs off" "$OUT/bench-$1.log" | sed "s/^/  /" >> "$SUMMARY"
 }
 bench_rows "${DTYPES[0]}"
+if [ $DRY = 0 ]; then
+  step "bench-${DTYPES[0]}-autotuner-off" env SD_CUDNN_BENCHMARK=0 "$CLI" "${BENCH_E2E[@]}" \
+    --dtypes "${DTYPES[0]}" --json "$OUT/bench-${DTYPES[0]}-autotuner-off.json" || true
+  grep -hE "^e2e " "$OUT/bench-${DTYPES[0]}-autotuner-off.log" | sed "s/^/  autotuner off: /" >> "$SUMMARY"
+fi
 
 # 4. many streams, one UNet call
 if "$CLI" bench --help 2>/dev/null | grep -q -- "--streams"; then

@@ -40,6 +40,7 @@
 #include "core/text.h"
 #include "io/model_folder.h"
 #include "pipeline/controlnet.h"
+#include "models/cuda_layout.h"
 #include "models/layers.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/multi_stream.h"
@@ -691,10 +692,13 @@ class Bench {
       std::vector<sd::StreamCall> calls;
       for (int64_t i = 0; i < k; ++i) calls.push_back({many[i].get(), frames[i]});
       sd::MultiStreamStats ms;
+      sd::SharedGraphs graphs;  // the batched calls' CUDA graphs, as serve's model worker keeps them
+      sd::MultiStreamOptions mo;
+      mo.graphs = &graphs;
       auto round_one = [&] {
         for (int64_t i = 0; i < k; ++i) one[i]->img2img(frames[i]);
       };
-      auto round_many = [&] { sd::run_streams_batched(calls, {}, &ms); };
+      auto round_many = [&] { sd::run_streams_batched(calls, mo, &ms); };
       const int warm = o_.warmup + static_cast<int>(t_multi_.size()) - 1;
       for (int w = 0; w < std::max(1, warm); ++w) {
         round_one();
@@ -742,6 +746,8 @@ class Bench {
                   {"unet_calls_per_round", 1},
                   {"unet_rows_per_call", rows},
                   {"shared_unet_calls", ms.shared_unet_calls - ms0.shared_unet_calls},
+                  {"graph_replays_per_round", static_cast<double>(ms.graph_replays - ms0.graph_replays) /
+                                                  std::max(1, o_.frames)},
                   {"cfg", sd::cfg_type_name(cfg)},
                   {"t_index_list", t_multi_}};
       add(id_one, r1);
@@ -1168,6 +1174,9 @@ class Bench {
     std::ostringstream dev;
     dev << device_;
     j["device"] = dev.str();
+    if (device_.is_cuda())
+      j["cuda"] = {{"cudnn_benchmark", at::globalContext().benchmarkCuDNN()},
+                   {"channels_last", sd::nn::cuda_channels_last()}};
     j["threads"] = threads_;
     j["libtorch"] = TORCH_VERSION;
     j["sections"] = sections_;

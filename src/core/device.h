@@ -23,6 +23,15 @@ c10::ScalarType auto_dtype(const c10::Device& device);  // with this machine's f
 // "cpu" | "cuda" | "cuda:N"; cuda without a CUDA build/device is a clear error.
 c10::Device parse_device(const std::string& name);
 
+// cuDNN's autotuner (cudnn.benchmark) for a CUDA device: a stream runs the same shapes every frame, so timing cuDNN's
+// convolution algorithms once per shape - at the first call of each, which runs eagerly before any CUDA graph capture
+// - beats its heuristic pick at no cost per frame. PyTorch leaves it off. On for CUDA devices unless
+// SD_CUDNN_BENCHMARK=0 (to compare); called by every model load. Returns whether it is on (false off CUDA, where it
+// changes nothing).
+bool configure_cuda_backend(const c10::Device& device);
+// What configure_cuda_backend decides from SD_CUDNN_BENCHMARK's value (null = unset): on unless "0", "off" or "false".
+bool cudnn_benchmark_wanted(const char* env_value);
+
 // Sets libtorch's intra-op thread count (0 = number of cores) and returns what is in force. libtorch as packaged
 // here defaults to 1 thread, so every entry point calls this explicitly.
 // OpenBLAS (fp32 matrix products in Debian's libtorch) is pinned to one thread as well, see pin_blas_threads().

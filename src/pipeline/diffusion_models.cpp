@@ -609,6 +609,7 @@ std::shared_ptr<const DiffusionModels> load_pipeline(const std::string& model_di
     log::warn("bf16 on this CPU ({}, no AVX512-BF16/AMX) is emulated and slower than fp32; --dtype fp32 (or auto, "
               "the default) is faster here",
               cpu_simd_level());
+  configure_cuda_backend(parse_device(options.device));
   auto models = std::make_shared<StableDiffusionModels>(model_dir, options);
   log::info("loaded {}", models->describe());
   return models;

@@ -31,6 +31,16 @@ struct MultiStreamAccess {
     return s.finish_call(c, latent, image);
   }
   static const Tensor& embeds(const StreamDiffusion& s) { return s.prompt_embeds_; }
+  static bool wants_graphs(const StreamDiffusion& s) { return s.wants_graphs(); }
+  static const std::shared_ptr<const DiffusionModels>& models(const StreamDiffusion& s) { return s.models_; }
+  // Graphs recorded for another model set, or over weights since replaced, read tensors that are gone.
+  static void bind(SharedGraphs& g, const std::shared_ptr<const DiffusionModels>& m) {
+    if (g.models_.lock() == m && g.weights_version_ == m->weights_version()) return;
+    g.cache_.clear();
+    g.models_ = m;
+    g.weights_version_ = m->weights_version();
+  }
+  static GraphCache& cache(SharedGraphs& g) { return g.cache_; }
   static const AddedConditioning& added(const StreamDiffusion& s) { return s.added_; }
 };
 
@@ -64,6 +74,8 @@ void MultiStreamStats::add(const MultiStreamStats& o) {
   errors += o.errors;
   max_batch = std::max(max_batch, o.max_batch);
   max_rows = std::max(max_rows, o.max_rows);
+  graph_captures += o.graph_captures;
+  graph_replays += o.graph_replays;
 }
 
 std::string batch_incompatibility(const StreamDiffusion& a, const StreamDiffusion& b) {
@@ -196,6 +208,25 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
     try {
       // One UNet call over every stream's rows.
       const DiffusionModels& models = calls[active.front()].stream->models();
+      // Through the shared CUDA graphs when every stream allows them; a host wait after each shared call only when
+      // a stream asks for one (its timings then split UNet and decode time exactly).
+      bool graphs = options.graphs != nullptr, sync_each = false;
+      for (size_t i : active) {
+        graphs = graphs && MultiStreamAccess::wants_graphs(*calls[i].stream);
+        sync_each = sync_each || calls[i].stream->config().sync_components;
+      }
+      if (graphs) MultiStreamAccess::bind(*options.graphs, MultiStreamAccess::models(*calls[active.front()].stream));
+      const auto shared_call = [&](const std::string& name, const std::vector<Tensor>& inputs,
+                                   const GraphCache::Fn& fn) {
+        if (!graphs) return fn(inputs);
+        GraphCache& cache = MultiStreamAccess::cache(*options.graphs);
+        const GraphCache::Counts before = cache.counts();
+        std::vector<Tensor> out = cache.run(name, inputs, fn);
+        const GraphCache::Counts after = cache.counts();
+        st.graph_captures += after.captures - before.captures;
+        st.graph_replays += after.replays - before.replays;
+        return out;
+      };
       std::vector<Tensor> xs, ts, es, tes, tis;
       std::vector<int64_t> rows;
       for (size_t i : active) {
@@ -221,8 +252,16 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
       const Tensor x = torch::cat(xs, 0);
       const int64_t total = x.size(0);
       auto t0 = std::chrono::steady_clock::now();
-      const Tensor pred = models.unet(x, torch::cat(ts, 0), torch::cat(es, 0), added);
-      sync(models);
+      // Inputs: sample [R, C, h, w], t [R], text rows [R, 77, D], SDXL's added conditioning (undefined for SD).
+      const Tensor pred = shared_call("unet", {x, torch::cat(ts, 0), torch::cat(es, 0), added.text_embeds, added.time_ids},
+                                      [&models](const std::vector<Tensor>& in) {
+                                        AddedConditioning a;
+                                        a.text_embeds = in[3];
+                                        a.time_ids = in[4];
+                                        return std::vector<Tensor>{models.unet(in[0], in[1], in[2], a,
+                                                                               ControlResiduals{})};
+                                      })[0];
+      if (sync_each) sync(models);
       const double unet_s = seconds_since(t0);
       ++st.shared_unet_calls;
       st.batched_calls += static_cast<int64_t>(active.size());
@@ -248,8 +287,10 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
       if (options.batch_decode) {
         t0 = std::chrono::steady_clock::now();
         const Tensor all = torch::cat(latents, 0);
-        const Tensor img = models.decode_latent(all);
-        sync(models);
+        const Tensor img = shared_call("decode", {all}, [&models](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{models.decode_latent(in[0])};
+        })[0];
+        if (sync_each) sync(models);
         const double dec_s = seconds_since(t0);
         int64_t o = 0;
         for (size_t k = 0; k < active.size(); ++k) {

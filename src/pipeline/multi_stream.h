@@ -22,15 +22,21 @@
 // A call the similarity filter skips returns the previous output without any model call. The encode stays per
 // stream (AutoencoderKL draws its posterior noise from each stream's own Rng).
 //
+// CUDA graphs (MultiStreamOptions::graphs): on a CUDA device the group's UNet call and its decode are recorded once
+// per row count (core/cuda_graph.h) and replayed after, like the one-stream path's own calls; no host wait inside a
+// step unless a stream asks for it (StreamConfig::sync_components).
+//
 // Errors are per call: a bad input (shape, unprepared stream, the same stream twice) fails that call only, before
 // it changes anything; a failure of a shared UNet or decode call fails every call of that group (their streams are
 // then left as a failed one-stream call would leave them: the RCFG shift done, the buffer not updated).
 #include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <torch/types.h>
 
+#include "core/cuda_graph.h"
 #include "pipeline/stream_diffusion.h"
 
 namespace sd {
@@ -48,9 +54,28 @@ struct StreamCallResult {
   std::string fallback;      // why it ran alone while other streams were batched ("" otherwise)
 };
 
+// The CUDA graphs of the shared calls: the caller keeps one across steps (serve's model worker, bench) and passes it
+// in MultiStreamOptions::graphs. A group goes through it when every one of its streams has graphs on
+// (StreamConfig::cuda_graphs, no trace, no IP-Adapter image prompt); a graph per (call, row count), recorded on the
+// second call of a shape. Off a CUDA device those calls run eagerly (counts().eager). Its graphs are dropped when the
+// group's model set differs from the last one's, or when that set's weights were replaced (a LoRA re-fused).
+class SharedGraphs {
+ public:
+  explicit SharedGraphs(size_t max_graphs = 16) : cache_(max_graphs) {}
+  GraphCache::Counts counts() const { return cache_.counts(); }
+  void clear() { cache_.clear(); }
+
+ private:
+  friend struct MultiStreamAccess;
+  GraphCache cache_;
+  std::weak_ptr<const DiffusionModels> models_;
+  uint64_t weights_version_ = 0;
+};
+
 struct MultiStreamOptions {
   int64_t max_streams = 0;   // most streams in one UNet call (0 = no limit); larger groups are split in order
   bool batch_decode = true;  // one decode for the group's output latents (else one per stream)
+  SharedGraphs* graphs = nullptr;  // CUDA graphs of the shared UNet call and decode (null: they run eagerly)
 };
 
 // Counters of one or more run_stream_calls steps (added up by the caller, e.g. serve's model worker).
@@ -64,6 +89,8 @@ struct MultiStreamStats {
   int64_t errors = 0;
   int64_t max_batch = 0;        // most streams in one UNet call so far
   int64_t max_rows = 0;         // most UNet rows in one call so far
+  int64_t graph_captures = 0;   // shared UNet / decode calls recorded as CUDA graphs (SharedGraphs)
+  int64_t graph_replays = 0;    // shared UNet / decode calls answered by a replay
   void add(const MultiStreamStats& o);
 };
 

@@ -168,9 +168,9 @@ void StreamDiffusion::sync_device() const {
   if (config_.sync_components && device_.is_cuda()) torch::cuda::synchronize();
 }
 
-bool StreamDiffusion::use_graphs() const {
-  return config_.cuda_graphs && device_.is_cuda() && GraphCache::compiled() && !trace_ && !has_image_prompt();
-}
+bool StreamDiffusion::wants_graphs() const { return config_.cuda_graphs && !trace_ && !has_image_prompt(); }
+
+bool StreamDiffusion::use_graphs() const { return wants_graphs() && device_.is_cuda() && GraphCache::compiled(); }
 
 std::vector<torch::Tensor> StreamDiffusion::graphed(
     const std::string& name, const std::vector<Tensor>& inputs,

@@ -353,6 +353,7 @@ class StreamDiffusion {
   FilterDecision last_decision_;
   // CUDA graphs of the fixed-shape components (StreamConfig::cuda_graphs).
   bool use_graphs() const;
+  bool wants_graphs() const;  // use_graphs() but for the device: the config allows graphs for this stream's calls
   std::vector<torch::Tensor> graphed(const std::string& name, const std::vector<torch::Tensor>& inputs,
                                      const std::function<std::vector<torch::Tensor>(const std::vector<torch::Tensor>&)>& fn);
   std::unique_ptr<GraphCache> graphs_;

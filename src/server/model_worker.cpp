@@ -102,6 +102,7 @@ void ModelWorker::run_gathered(std::vector<std::shared_ptr<ModelTask>>& tasks) {
   sd::MultiStreamStats ms;
   sd::MultiStreamOptions options;
   options.max_streams = max_batch_;
+  options.graphs = &graphs_;
   std::vector<sd::StreamCallResult> results;
   if (!calls.empty()) results = sd::run_stream_calls(calls, options, &ms);
   {
@@ -147,7 +148,9 @@ nlohmann::json ModelWorker::stats() const {
           {"batched_calls", b.shared_unet_calls},
           {"batched_streams", b.batched_calls},
           {"max_batch", b.max_batch},
-          {"own_calls", b.own_calls}};
+          {"own_calls", b.own_calls},
+          {"batched_graph_captures", b.graph_captures},
+          {"batched_graph_replays", b.graph_replays}};
 }
 
 }  // namespace sd::server

@@ -98,6 +98,7 @@ class ModelWorker {
   std::atomic<int64_t> gathered_steps_{0};
   mutable std::mutex batch_mutex_;
   sd::MultiStreamStats batch_stats_;
+  sd::SharedGraphs graphs_;  // CUDA graphs of the gathered steps' shared calls (the worker thread's only)
   std::chrono::steady_clock::time_point t_start_;
 };
 

@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include <ATen/Context.h>
+
 #include "core/device.h"
 #include "core/error.h"
 
@@ -69,6 +71,17 @@ TEST(Device, ParseDtypeTakesAutoOnlyWithADevice) {
     EXPECT_NE(std::string(e.what()).find("unknown dtype 'fp64' (expected auto, fp32, bf16 or fp16)"), std::string::npos)
         << e.what();
   }
+}
+
+TEST(Device, CudnnAutotunerIsOnForCudaUnlessTheEnvironmentSaysNo) {
+  EXPECT_TRUE(sd::cudnn_benchmark_wanted(nullptr));
+  EXPECT_TRUE(sd::cudnn_benchmark_wanted("1"));
+  EXPECT_TRUE(sd::cudnn_benchmark_wanted(""));
+  for (const char* off : {"0", "off", "OFF", "false", "False"}) EXPECT_FALSE(sd::cudnn_benchmark_wanted(off)) << off;
+  // Off CUDA it changes nothing and says so.
+  const bool before = at::globalContext().benchmarkCuDNN();
+  EXPECT_FALSE(sd::configure_cuda_backend(c10::Device(c10::kCPU)));
+  EXPECT_EQ(at::globalContext().benchmarkCuDNN(), before);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "core/cuda_graph.h"
 #include "core/device.h"
 #include "pipeline/diffusion_models.h"
+#include "pipeline/multi_stream.h"
 #include "pipeline/stream_diffusion.h"
 
 namespace sd {
@@ -142,6 +143,82 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, StreamGraphs,
                              if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            return n;
                          });
+
+// Many streams, one UNet call, through SharedGraphs (pipeline/multi_stream.h): the batched calls of streams with graphs
+// on equal the same batched calls of twin streams with graphs off. Three streams, then two (another row count: new
+// graphs). On CUDA: a UNet and a decode graph per row count, replayed from the third step of each; here (CPU) every
+// shared call goes through the cache and runs eagerly, bit for bit the eager calls; a group with one stream whose
+// graphs are off does not go through it at all.
+TEST(SharedStreamGraphs, BatchedCallsReplayedEqualEagerBatchedCalls) {
+  if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "no fixture tiny-sd15";
+  const c10::Device device = test::test_device();
+  const c10::ScalarType dtype = test::test_dtype();
+  if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
+  LoadOptions lo;
+  lo.device = device.str();
+  lo.dtype = dtype;
+  lo.threads = -1;
+  const auto models = load_pipeline(test::fixture_path("models/tiny-sd15"), lo);
+
+  std::vector<std::unique_ptr<StreamDiffusion>> graphed, eager;
+  const std::vector<std::string> prompts = {"a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit"};
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    StreamConfig c;
+    c.width = c.height = 64;
+    c.t_index_list = {20, 35};
+    c.cfg_type = CfgType::Self;
+    c.guidance_scale = 1.3;
+    c.seed = 11 + i;
+    graphed.push_back(std::make_unique<StreamDiffusion>(models, c));
+    c.cuda_graphs = false;
+    eager.push_back(std::make_unique<StreamDiffusion>(models, c));
+    graphed.back()->prepare(prompts[i], "blurry");
+    eager.back()->prepare(prompts[i], "blurry");
+  }
+  SharedGraphs graphs;
+  MultiStreamOptions with_graphs;
+  with_graphs.graphs = &graphs;
+  MultiStreamStats gs, es;
+  torch::manual_seed(5);
+  const double tol = device.is_cpu() ? 0.0 : (dtype == c10::kHalf ? 1e-2 : 1e-4);
+  const auto step = [&](size_t streams, int call) {
+    std::vector<StreamCall> a, b;
+    for (size_t i = 0; i < streams; ++i) {
+      const auto x = torch::rand({1, 3, 64, 64}) * 2 - 1;
+      a.push_back({graphed[i].get(), x});
+      b.push_back({eager[i].get(), x});
+    }
+    const auto ra = run_streams_batched(a, with_graphs, &gs);
+    const auto rb = run_streams_batched(b, {}, &es);
+    for (size_t i = 0; i < streams; ++i) {
+      const auto af = ra[i].to(torch::kCPU, torch::kFloat), bf = rb[i].to(torch::kCPU, torch::kFloat);
+      const double range = std::max(1e-6, bf.abs().max().item<double>());
+      const double diff = (af - bf).abs().max().item<double>();
+      EXPECT_LE(diff, tol * range) << "step " << call << " stream " << i << ": max|diff| " << diff << " of " << range;
+    }
+  };
+  for (int call = 0; call < 4; ++call) step(3, call);
+  for (int call = 4; call < 7; ++call) step(2, call);
+  EXPECT_EQ(gs.shared_unet_calls, 7);
+  EXPECT_EQ(es.graph_captures + es.graph_replays, 0);
+  if (device.is_cuda() && GraphCache::compiled()) {
+    // Per row count (6 and 4 UNet rows): the eager warm-up, the capture (and its replay), then replays.
+    EXPECT_EQ(gs.graph_captures, 4) << "a UNet and a decode graph for 3 streams and for 2";
+    EXPECT_EQ(gs.graph_replays, 2 * 3 + 2 * 2);
+    EXPECT_EQ(graphs.counts().graphs, 4u);
+    std::cout << "[graphs] shared calls: " << gs.graph_captures << " captures, " << gs.graph_replays << " replays\n";
+  } else {
+    EXPECT_EQ(gs.graph_captures, 0);
+    EXPECT_EQ(gs.graph_replays, 0);
+    EXPECT_EQ(graphs.counts().eager, 2 * 7) << "every shared UNet call and decode goes through the cache";
+  }
+  // One stream of the group with graphs off: the group's shared calls leave the cache alone.
+  const auto before = graphs.counts();
+  run_streams_batched({{graphed[0].get(), torch::rand({1, 3, 64, 64})}, {eager[2].get(), torch::rand({1, 3, 64, 64})}},
+                      with_graphs, &gs);
+  const auto after = graphs.counts();
+  EXPECT_EQ(after.eager + after.replays + after.captures, before.eager + before.replays + before.captures);
+}
 
 }  // namespace
 }  // namespace sd
