@@ -6,6 +6,11 @@
 
 #include "core/error.h"
 
+#if SD_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace sd {
 
 namespace {
@@ -23,7 +28,10 @@ void check_image_size(int64_t width, int64_t height, const char* what) {
                           "8x8 pixel blocks), e.g. 512x512");
 }
 
-torch::Tensor image_to_tensor(const torch::Tensor& img, int64_t expect_height, int64_t expect_width) {
+namespace {
+
+// The checks of image_to_tensor; returns the [N, H, W, 3] view.
+torch::Tensor checked_nhwc(const torch::Tensor& img, int64_t expect_height, int64_t expect_width) {
   const std::string expected =
       "expected uint8 RGB pixels of shape [H, W, 3] or [N, H, W, 3]" +
       (expect_height > 0 ? " with H=" + std::to_string(expect_height) + ", W=" + std::to_string(expect_width) : "");
@@ -39,10 +47,43 @@ torch::Tensor image_to_tensor(const torch::Tensor& img, int64_t expect_height, i
     throw InvalidArgument("image is " + std::to_string(nhwc.size(2)) + "x" + std::to_string(nhwc.size(1)) +
                           " (WxH) but the stream works at " + std::to_string(expect_width) + "x" +
                           std::to_string(expect_height) + "; " + expected);
+  return nhwc;
+}
+
+torch::Tensor convert(const torch::Tensor& nhwc) {
   torch::NoGradGuard no_grad;
   // Same float32 ops as VaeImageProcessor: u8 / 255, then 2 * v - 1.
   torch::Tensor v = nhwc.to(torch::kFloat32).div(255.0).permute({0, 3, 1, 2}).contiguous();
   return v * 2.0 - 1.0;
+}
+
+}  // namespace
+
+torch::Tensor image_to_tensor(const torch::Tensor& img, int64_t expect_height, int64_t expect_width) {
+  return convert(checked_nhwc(img, expect_height, expect_width));
+}
+
+torch::Tensor image_to_device_tensor(const torch::Tensor& img, int64_t expect_height, int64_t expect_width,
+                                     const c10::Device& device, c10::ScalarType dtype) {
+  const torch::Tensor nhwc = checked_nhwc(img, expect_height, expect_width);
+#if SD_WITH_CUDA
+  if (device.is_cuda()) {
+    torch::NoGradGuard no_grad;
+    const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
+    c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index);
+    torch::Tensor out;
+    {
+      c10::cuda::CUDAStreamGuard guard(side);
+      torch::Tensor src = nhwc;
+      if (src.is_cpu() && !src.is_pinned()) src = src.contiguous().pin_memory();
+      out = convert(src.to(c10::Device(c10::kCUDA, index), /*non_blocking=*/true)).to(dtype);
+    }
+    side.synchronize();
+    out.record_stream(c10::cuda::getDefaultCUDAStream(index));
+    return out;
+  }
+#endif
+  return convert(nhwc).to(device, dtype);
 }
 
 torch::Tensor tensor_to_image(const torch::Tensor& x) {

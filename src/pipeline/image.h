@@ -16,6 +16,16 @@ void check_image_size(int64_t width, int64_t height, const char* what);
 // naming the expected shape.
 torch::Tensor image_to_tensor(const torch::Tensor& hwc_u8, int64_t expect_height = 0, int64_t expect_width = 0);
 
+// image_to_tensor onto `device` in `dtype`, for frames: on CUDA the 8-bit pixels (a quarter of the float bytes) go up
+// from pinned host memory on a side stream and are converted there, and the CALLING thread waits for that stream, so
+// a pre-processing thread's upload overlaps the model's kernels of the previous frame instead of queueing behind them
+// on the model's stream; the result is marked as used by this device's default stream (the model threads' stream;
+// the caching allocator then does not hand its memory out again before their work on it is done). The same values
+// as image_to_tensor(...).to(device, dtype) (the conversion is exact in float32 either way); elsewhere that itself.
+// Checks as image_to_tensor, before any copy.
+torch::Tensor image_to_device_tensor(const torch::Tensor& hwc_u8, int64_t expect_height, int64_t expect_width,
+                                     const c10::Device& device, c10::ScalarType dtype);
+
 // Decoder output [N, 3, H, W] (any float dtype, ≈[-1, 1]) -> uint8 [N, H, W, 3]:
 // y = clamp(x / 2 + 0.5, 0, 1) in float32, then round-half-to-even(255 * y) (numpy's rounding).
 torch::Tensor tensor_to_image(const torch::Tensor& nchw);

@@ -74,14 +74,9 @@ std::string StreamDiffusionProcessor::describe_controls() const {
 }
 
 torch::Tensor StreamDiffusionProcessor::preprocess(const torch::Tensor& rgb_u8) {
-  // [H, W, 3] uint8 -> [1, 3, H, W] in [-1, 1], already in the model's dtype and on its device (off the model thread).
-  if (device_.is_cuda() && rgb_u8.is_cpu()) {
-    // The 8-bit pixels (a quarter of the float bytes) go up from pinned memory without blocking this thread, and are
-    // converted on the device; the copy is ordered before the model's use on the same stream.
-    const torch::Tensor pinned = rgb_u8.is_pinned() ? rgb_u8 : rgb_u8.contiguous().pin_memory();
-    return image_to_tensor(pinned.to(device_, /*non_blocking=*/true), height_, width_).to(dtype_);
-  }
-  return image_to_tensor(rgb_u8, height_, width_).to(device_, dtype_);
+  // [H, W, 3] uint8 -> [1, 3, H, W] in [-1, 1], already in the model's dtype and on its device (off the model thread;
+  // on CUDA uploaded and converted on a side stream, overlapping the model's previous frame).
+  return image_to_device_tensor(rgb_u8, height_, width_, device_, dtype_);
 }
 
 torch::Tensor StreamDiffusionProcessor::postprocess(const torch::Tensor& out) {

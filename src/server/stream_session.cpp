@@ -381,7 +381,7 @@ bool StreamSession::begin_step(PendingStep& p) {
       if (frame.cols != width() || frame.rows != height() || frame.type() != CV_8UC3 || !frame.isContinuous())
         throw InvalidArgument("frame is not a continuous RGB image of the stream size");
       const torch::Tensor hwc = torch::from_blob(frame.data, {frame.rows, frame.cols, 3}, torch::kUInt8);
-      p.x = image_to_tensor(hwc, height(), width()).to(models_->device(), models_->dtype());
+      p.x = image_to_device_tensor(hwc, height(), width(), models_->device(), models_->dtype());
     }
   } catch (const std::exception& e) {
     send_error(std::string("generation failed: ") + e.what());

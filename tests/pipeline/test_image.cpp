@@ -92,5 +92,31 @@ TEST(Image, RoundTripOfPixels) {
   EXPECT_TRUE(torch::equal(tensor_to_image(image_to_tensor(img))[0], img));
 }
 
+// Frames onto the model's device (the runtime's and the server's upload): the values of the host conversion in the
+// model's dtype, exactly (u8 / 255 * 2 - 1 is exact in float32 on either side, and the cast is the same). On a GPU
+// host (SD_TEST_DEVICE=cuda) this is the pinned, side-stream upload; the result is then used on the default stream.
+TEST(Image, ToDeviceTensorEqualsTheHostConversion) {
+  const c10::Device device = test::test_device();
+  const c10::ScalarType dtype = device.is_cpu() && test::test_dtype() == c10::kHalf ? c10::kFloat : test::test_dtype();
+  const auto img = torch::randint(0, 256, {16, 24, 3}, torch::kUInt8);
+  for (int frame = 0; frame < 3; ++frame) {
+    const auto x = image_to_device_tensor(img, 16, 24, device, dtype);
+    EXPECT_EQ(x.device().type(), device.type());
+    EXPECT_EQ(x.scalar_type(), dtype);
+    ASSERT_EQ(x.sizes(), (std::vector<int64_t>{1, 3, 16, 24}));
+    const auto y = (x * 1).to(torch::kCPU);  // used on this thread's (the default) stream
+    EXPECT_TRUE(torch::equal(y, image_to_tensor(img, 16, 24).to(dtype))) << "frame " << frame;
+  }
+  // The checks come before any copy, with image_to_tensor's message.
+  try {
+    image_to_device_tensor(img, 24, 16, device, dtype);
+    ADD_FAILURE() << "wrong size accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("image is 24x16 (WxH) but the stream works at 16x24"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(image_to_device_tensor(torch::zeros({16, 24, 3}), 16, 24, device, dtype), InvalidArgument);
+}
+
 }  // namespace
 }  // namespace sd
