@@ -17,9 +17,14 @@ using torch::Tensor;
 // The halves of a stream call (private to StreamDiffusion, which befriends this).
 struct MultiStreamAccess {
   using CallState = StreamDiffusion::CallState;
+  // Up to the encode for img2img (call.image set), the whole first half for txt2img.
   static CallState begin(StreamDiffusion& s, const Tensor& images) {
-    return images.defined() ? s.begin_img2img(images) : s.begin_txt2img();
+    return images.defined() ? s.begin_img2img_input(images) : s.begin_txt2img();
   }
+  static Tensor encode(StreamDiffusion& s, const Tensor& x) { return s.encode_input(x); }
+  static Rng& rng(StreamDiffusion& s) { return *s.rng_; }
+  static void add_encode_time(StreamDiffusion& s, double seconds) { s.stats_.image_encode_s += seconds; }
+  static void begin_latent(StreamDiffusion& s, CallState& c, const Tensor& z) { s.begin_img2img_latent(c, z); }
   static Tensor complete(StreamDiffusion& s, CallState& c) { return s.complete_call(c); }
   static void record_unet(StreamDiffusion& s, const CallState& c, const Tensor& pred, double seconds) {
     s.record_shared_unet(c, pred, seconds);
@@ -74,6 +79,7 @@ void MultiStreamStats::add(const MultiStreamStats& o) {
   errors += o.errors;
   max_batch = std::max(max_batch, o.max_batch);
   max_rows = std::max(max_rows, o.max_rows);
+  shared_encode_calls += o.shared_encode_calls;
   graph_captures += o.graph_captures;
   graph_replays += o.graph_replays;
 }
@@ -195,6 +201,75 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
       }
     }
     if (active.empty()) continue;
+
+    const DiffusionModels& models = calls[active.front()].stream->models();
+    // Through the shared CUDA graphs when every stream allows them; a host wait after each shared call only when
+    // a stream asks for one (its timings then split encode, UNet and decode time exactly).
+    bool graphs = options.graphs != nullptr, sync_each = false;
+    for (size_t i : active) {
+      graphs = graphs && MultiStreamAccess::wants_graphs(*calls[i].stream);
+      sync_each = sync_each || calls[i].stream->config().sync_components;
+    }
+    if (graphs) MultiStreamAccess::bind(*options.graphs, MultiStreamAccess::models(*calls[active.front()].stream));
+    const auto shared_call = [&](const std::string& name, const std::vector<Tensor>& inputs,
+                                 const GraphCache::Fn& fn) {
+      if (!graphs) return fn(inputs);
+      GraphCache& cache = MultiStreamAccess::cache(*options.graphs);
+      const GraphCache::Counts before = cache.counts();
+      std::vector<Tensor> out = cache.run(name, inputs, fn);
+      const GraphCache::Counts after = cache.counts();
+      st.graph_captures += after.captures - before.captures;
+      st.graph_replays += after.replays - before.replays;
+      return out;
+    };
+
+    // The img2img inputs' encode: one call for the group when the encode is a pure function of the image (TAESD);
+    // the AutoencoderKL draws its posterior sample from each stream's Rng, so there each stream encodes its own.
+    std::vector<size_t> to_encode;
+    for (size_t i : active)
+      if (states[i].image.defined()) to_encode.push_back(i);
+    const auto fail = [&](size_t i, std::exception_ptr e) {
+      res[i].error = e;
+      active.erase(std::find(active.begin(), active.end(), i));
+    };
+    if (to_encode.size() >= 2 && models.deterministic_encode()) {
+      try {
+        std::vector<Tensor> xs;
+        for (size_t i : to_encode) xs.push_back(states[i].image);
+        const Tensor x = torch::cat(xs, 0);  // [sum F, 3, H, W]
+        const auto t0 = std::chrono::steady_clock::now();
+        // A deterministic encode draws nothing from the Rng it is given.
+        Rng& rng = MultiStreamAccess::rng(*calls[to_encode.front()].stream);
+        const Tensor z = shared_call("encode", {x}, [&models, &rng](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{models.encode_image(in[0], rng)};
+        })[0];
+        if (sync_each) sync(models);
+        const double enc_s = seconds_since(t0);
+        ++st.shared_encode_calls;
+        int64_t off = 0;
+        for (size_t i : to_encode) {
+          const int64_t r = states[i].image.size(0);
+          MultiStreamAccess::add_encode_time(*calls[i].stream, enc_s * static_cast<double>(r) /
+                                                                   static_cast<double>(x.size(0)));
+          MultiStreamAccess::begin_latent(*calls[i].stream, states[i], z.slice(0, off, off + r));
+          off += r;
+        }
+      } catch (...) {
+        const std::exception_ptr e = std::current_exception();
+        for (size_t i : to_encode) fail(i, e);
+      }
+    } else {
+      for (size_t i : to_encode) {
+        try {
+          MultiStreamAccess::begin_latent(*calls[i].stream, states[i],
+                                          MultiStreamAccess::encode(*calls[i].stream, states[i].image));
+        } catch (...) {
+          fail(i, std::current_exception());
+        }
+      }
+    }
+    if (active.empty()) continue;
+
     if (active.size() == 1) {  // the others were skipped: its own UNet call, as one stream would make it
       const size_t i = active.front();
       try {
@@ -207,26 +282,6 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
     }
     try {
       // One UNet call over every stream's rows.
-      const DiffusionModels& models = calls[active.front()].stream->models();
-      // Through the shared CUDA graphs when every stream allows them; a host wait after each shared call only when
-      // a stream asks for one (its timings then split UNet and decode time exactly).
-      bool graphs = options.graphs != nullptr, sync_each = false;
-      for (size_t i : active) {
-        graphs = graphs && MultiStreamAccess::wants_graphs(*calls[i].stream);
-        sync_each = sync_each || calls[i].stream->config().sync_components;
-      }
-      if (graphs) MultiStreamAccess::bind(*options.graphs, MultiStreamAccess::models(*calls[active.front()].stream));
-      const auto shared_call = [&](const std::string& name, const std::vector<Tensor>& inputs,
-                                   const GraphCache::Fn& fn) {
-        if (!graphs) return fn(inputs);
-        GraphCache& cache = MultiStreamAccess::cache(*options.graphs);
-        const GraphCache::Counts before = cache.counts();
-        std::vector<Tensor> out = cache.run(name, inputs, fn);
-        const GraphCache::Counts after = cache.counts();
-        st.graph_captures += after.captures - before.captures;
-        st.graph_replays += after.replays - before.replays;
-        return out;
-      };
       std::vector<Tensor> xs, ts, es, tes, tis;
       std::vector<int64_t> rows;
       for (size_t i : active) {

@@ -4,7 +4,8 @@
 //
 //   per stream   the first half of its call (StreamDiffusion::begin_img2img / begin_txt2img): input checks,
 //                similarity filter, encode, add noise, the stream batch [new rows; buffer], the RCFG shift and the
-//                UNet row layout of its cfg type (spec §3.2 steps 1-5, §4.1)
+//                UNet row layout of its cfg type (spec §3.2 steps 1-5, §4.1); the img2img inputs of the group are
+//                encoded in ONE call when the encode is deterministic (TAESD)
 //   shared       cat of every stream's rows (latents, timesteps, prompt embeddings, SDXL added conditioning) ->
 //                one DiffusionModels::unet call -> split back by each stream's row count
 //   per stream   guidance / RCFG update, LCM denoise, buffer update (StreamDiffusion::finish_unet)
@@ -19,10 +20,10 @@
 // (text length, IP-Adapter tokens, width; dtype and device come with the models). A stream runs its own call
 // (the plain one-stream path, counted in StreamCallResult::fallback) when StreamDiffusion::batch_blocker() names a
 // reason - sequential mode, ControlNets, the deep-feature cache - or when no other stream of the step is compatible.
-// A call the similarity filter skips returns the previous output without any model call. The encode stays per
-// stream (AutoencoderKL draws its posterior noise from each stream's own Rng).
+// A call the similarity filter skips returns the previous output without any model call. With an AutoencoderKL
+// the encode stays per stream (it draws its posterior noise from each stream's own Rng).
 //
-// CUDA graphs (MultiStreamOptions::graphs): on a CUDA device the group's UNet call and its decode are recorded once
+// CUDA graphs (MultiStreamOptions::graphs): on a CUDA device the group's encode, UNet call and decode are recorded once
 // per row count (core/cuda_graph.h) and replayed after, like the one-stream path's own calls; no host wait inside a
 // step unless a stream asks for it (StreamConfig::sync_components).
 //
@@ -89,8 +90,9 @@ struct MultiStreamStats {
   int64_t errors = 0;
   int64_t max_batch = 0;        // most streams in one UNet call so far
   int64_t max_rows = 0;         // most UNet rows in one call so far
-  int64_t graph_captures = 0;   // shared UNet / decode calls recorded as CUDA graphs (SharedGraphs)
-  int64_t graph_replays = 0;    // shared UNet / decode calls answered by a replay
+  int64_t shared_encode_calls = 0;  // encodes of >= 2 streams' img2img inputs in one call (TAESD)
+  int64_t graph_captures = 0;   // shared encode / UNet / decode calls recorded as CUDA graphs (SharedGraphs)
+  int64_t graph_replays = 0;    // shared encode / UNet / decode calls answered by a replay
   void add(const MultiStreamStats& o);
 };
 

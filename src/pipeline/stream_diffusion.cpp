@@ -623,6 +623,12 @@ torch::Tensor StreamDiffusion::txt2img() {
 }
 
 StreamDiffusion::CallState StreamDiffusion::begin_img2img(const torch::Tensor& images) {
+  CallState call = begin_img2img_input(images);
+  if (!call.done) begin_img2img_latent(call, encode_input(call.image));
+  return call;
+}
+
+StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Tensor& images) {
   require_prepared("img2img");
   torch::NoGradGuard no_grad;
   refresh_prompts();
@@ -662,7 +668,12 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img(const torch::Tensor& i
       deep_force_full_ = true;
     if (full_next || deep_force_full_) deep_ref_input_ = x;
   }
+  call.image = x;
+  return call;
+}
 
+torch::Tensor StreamDiffusion::encode_input(const torch::Tensor& x) {
+  torch::NoGradGuard no_grad;
   // Step 3: z = Enc(x) · scaling_factor (the model applies the factor).
   auto t0 = Clock::now();
   const Tensor z = use_graphs() && models_->deterministic_encode()
@@ -672,6 +683,13 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img(const torch::Tensor& i
                        : models_->encode_image(x, *rng_);
   sync_device();
   stats_.image_encode_s += seconds_since(t0);
+  return z;
+}
+
+void StreamDiffusion::begin_img2img_latent(CallState& call, const torch::Tensor& z) {
+  torch::NoGradGuard no_grad;
+  call.image = Tensor();
+  const int64_t F = config_.frame_buffer_size;
   trace("image_latent", z);
 
   // Latent feedback (StreamConfig::latent_feedback A): x_in = (1 − A)·z + A·x0_prev, the previous call's output
@@ -688,7 +706,6 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img(const torch::Tensor& i
   const Tensor noise = head_rows() ? init_noise_[0] : init_noise_.slice(0, 0, F);
   call.x_t = add_noise(x_in, noise, alpha_[0], beta_[0]);
   begin_unet_rows(call);
-  return call;
 }
 
 StreamDiffusion::CallState StreamDiffusion::begin_txt2img() {

@@ -285,9 +285,15 @@ class StreamDiffusion {
     torch::Tensor x_t;       // the new latents [F, C, h, w]
     torch::Tensor x;         // the stream batch [B, C, h, w] (denoising batch)
     torch::Tensor x_in, t_in;  // the UNet rows (spec §4.1 layout)
+    torch::Tensor image;     // img2img between begin_img2img_input and begin_img2img_latent: the input [F, 3, H, W]
   };
   friend struct MultiStreamAccess;  // pipeline/multi_stream.cpp
+  // begin_img2img = begin_img2img_input (checks, transitions, filter, deep-cache reference: call.image), then
+  // encode_input(call.image) (several streams' inputs may share one encode), then begin_img2img_latent.
   CallState begin_img2img(const torch::Tensor& images);
+  CallState begin_img2img_input(const torch::Tensor& images);
+  torch::Tensor encode_input(const torch::Tensor& x);  // step 3: z = Enc(x) · scaling_factor
+  void begin_img2img_latent(CallState& call, const torch::Tensor& z);
   CallState begin_txt2img();
   void begin_unet_rows(CallState& call);
   torch::Tensor finish_unet(CallState& call, const torch::Tensor& pred);

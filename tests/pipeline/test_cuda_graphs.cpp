@@ -146,7 +146,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, StreamGraphs,
 
 // Many streams, one UNet call, through SharedGraphs (pipeline/multi_stream.h): the batched calls of streams with graphs
 // on equal the same batched calls of twin streams with graphs off. Three streams, then two (another row count: new
-// graphs). On CUDA: a UNet and a decode graph per row count, replayed from the third step of each; here (CPU) every
+// graphs). On CUDA: a TAESD encode, a UNet and a decode graph per row count, replayed from the third step of each;
+// here (CPU) every
 // shared call goes through the cache and runs eagerly, bit for bit the eager calls; a group with one stream whose
 // graphs are off does not go through it at all.
 TEST(SharedStreamGraphs, BatchedCallsReplayedEqualEagerBatchedCalls) {
@@ -200,17 +201,18 @@ TEST(SharedStreamGraphs, BatchedCallsReplayedEqualEagerBatchedCalls) {
   for (int call = 0; call < 4; ++call) step(3, call);
   for (int call = 4; call < 7; ++call) step(2, call);
   EXPECT_EQ(gs.shared_unet_calls, 7);
+  EXPECT_EQ(gs.shared_encode_calls, 7);
   EXPECT_EQ(es.graph_captures + es.graph_replays, 0);
   if (device.is_cuda() && GraphCache::compiled()) {
     // Per row count (6 and 4 UNet rows): the eager warm-up, the capture (and its replay), then replays.
-    EXPECT_EQ(gs.graph_captures, 4) << "a UNet and a decode graph for 3 streams and for 2";
-    EXPECT_EQ(gs.graph_replays, 2 * 3 + 2 * 2);
-    EXPECT_EQ(graphs.counts().graphs, 4u);
+    EXPECT_EQ(gs.graph_captures, 6) << "a TAESD encode, a UNet and a decode graph for 3 streams and for 2";
+    EXPECT_EQ(gs.graph_replays, 3 * 3 + 3 * 2);
+    EXPECT_EQ(graphs.counts().graphs, 6u);
     std::cout << "[graphs] shared calls: " << gs.graph_captures << " captures, " << gs.graph_replays << " replays\n";
   } else {
     EXPECT_EQ(gs.graph_captures, 0);
     EXPECT_EQ(gs.graph_replays, 0);
-    EXPECT_EQ(graphs.counts().eager, 2 * 7) << "every shared UNet call and decode goes through the cache";
+    EXPECT_EQ(graphs.counts().eager, 3 * 7) << "every shared encode, UNet call and decode goes through the cache";
   }
   // One stream of the group with graphs off: the group's shared calls leave the cache alone.
   const auto before = graphs.counts();

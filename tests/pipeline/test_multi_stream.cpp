@@ -152,6 +152,10 @@ double compare_batched(const std::shared_ptr<const DiffusionModels>& m, const st
   EXPECT_EQ(stats.steps, calls);
   EXPECT_EQ(stats.stream_calls, calls * static_cast<int64_t>(specs.size()));
   EXPECT_EQ(stats.errors, 0);
+  // The img2img inputs share one encode per step when it is deterministic (TAESD), never with the AutoencoderKL.
+  const int64_t img2img_streams = std::count_if(specs.begin(), specs.end(), [](const Spec& s) { return s.img2img; });
+  EXPECT_EQ(stats.shared_encode_calls, specs.size() >= 2 && img2img_streams >= 2 && m->deterministic_encode() ? calls : 0)
+      << label;
   if (specs.size() >= 2) {
     EXPECT_EQ(stats.shared_unet_calls, calls);
     EXPECT_EQ(stats.batched_calls, calls * static_cast<int64_t>(specs.size()));
