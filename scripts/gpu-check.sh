@@ -13,7 +13,8 @@
 #      tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range);
 #   3. makes a random sd-turbo model (fp16 weights) and runs the 512 px, 1-step txt2img and img2img benchmark in fp16
 #      (CUDA graphs on, and off as extra rows), with the per-component rows;
-#   3b. the same e2e rows with cuDNN's autotuner off (SD_CUDNN_BENCHMARK=0; on is the default on CUDA), to compare;
+#   3b. the same e2e rows with cuDNN's autotuner off (SD_CUDNN_BENCHMARK=0; on is the default on CUDA), to compare,
+#       and the img2img frame's GPU time by operator (bench --sections profile);
 #   4. many streams in one UNet call: bench --sections multistream for 1, 2, 4, 8, 16 streams (when the CLI has it);
 #   5. the original StreamDiffusion (PyPI streamdiffusion 0.1.1 + diffusers 0.24, wheels carried in .whl-peer by
 #      scripts/gpu-peer-prepare.sh) on the same model, GPU and size, side by side (scripts/gpu-peer-check.sh);
@@ -121,6 +122,7 @@ else
 fi
 BENCH=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --txt2img-t-index 0 --img2img-t-index 35)
 BENCH_E2E=("${BENCH[@]}" --sections e2e --iters 20 --frames 100 --warmup 10)
+BENCH_PROFILE=("${BENCH[@]}" --sections profile --frames 20 --warmup 5)
 if [ $DRY = 1 ]; then
   BENCH+=(--sections components,e2e --threads 2 --iters 2 --frames 3 --warmup 1)
 else
@@ -135,6 +137,10 @@ if [ $DRY = 0 ]; then
   step "bench-${DTYPES[0]}-autotuner-off" env SD_CUDNN_BENCHMARK=0 "$CLI" "${BENCH_E2E[@]}" \
     --dtypes "${DTYPES[0]}" --json "$OUT/bench-${DTYPES[0]}-autotuner-off.json" || true
   grep -hE "^e2e " "$OUT/bench-${DTYPES[0]}-autotuner-off.log" | sed "s/^/  autotuner off: /" >> "$SUMMARY"
+  # Where the GPU time of an img2img frame goes, operator by operator (graphs off; the shares are what to read).
+  step "profile-${DTYPES[0]}" "$CLI" "${BENCH_PROFILE[@]}" --dtypes "${DTYPES[0]}" \
+    --json "$OUT/profile-${DTYPES[0]}.json" || true
+  grep -hE "^profile " "$OUT/profile-${DTYPES[0]}.log" | head -16 | sed "s/^/  /" >> "$SUMMARY"
 fi
 
 # 4. many streams, one UNet call

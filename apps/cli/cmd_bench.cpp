@@ -31,6 +31,7 @@
 
 #include "apps/cli/bench_chart.h"
 #include "apps/cli/bench_naive.h"
+#include "apps/cli/bench_profile.h"
 #include "apps/cli/bench_util.h"
 #include "apps/cli/commands.h"
 #include "apps/cli/pipeline_options.h"
@@ -52,8 +53,9 @@ using namespace sd::bench;
 using Clock = std::chrono::steady_clock;
 
 const std::vector<std::string> kSections{"components", "e2e", "ablation", "batch", "cfg", "vae", "filter", "flicker"};
-// Sections that run only when named (not part of "all"): multistream times K streams one by one vs batched.
-const std::vector<std::string> kExtraSections{"multistream"};
+// Sections that run only when named (not part of "all"): multistream times K streams one by one vs batched; profile
+// lists the operators that take an img2img frame's time.
+const std::vector<std::string> kExtraSections{"multistream", "profile"};
 
 struct BenchOptions {
   std::string model;
@@ -92,6 +94,7 @@ struct BenchOptions {
   int controlnet_every = 1;              // --controlnet-every N
   int deep_cache_every = 1;              // --deep-cache-every K (extra e2e rows)
   std::string streams = "1,2,4,8,16";    // --streams: stream counts of the multistream section
+  bool profile_shapes = false;           // --profile-shapes: the profile section per operator and input shapes
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -194,7 +197,7 @@ class Bench {
           std::find(kExtraSections.begin(), kExtraSections.end(), s) == kExtraSections.end())
         throw sd::InvalidArgument("bench --sections: unknown section '" + s +
                                   "' (expected all or any of components,e2e,ablation,batch,cfg,vae,filter,flicker,"
-                                  "multistream)");
+                                  "multistream,profile)");
       if (std::find(sections_.begin(), sections_.end(), s) == sections_.end()) sections_.push_back(s);
     }
     if (sections_.empty()) throw sd::InvalidArgument("bench --sections is empty");
@@ -369,6 +372,7 @@ class Bench {
         if (want("filter")) filter_row(m, dt, size, ae);
         if (want("flicker")) flicker_rows(m, dt, size, ae);
         if (want("multistream")) multistream_rows(m, dt, size, ae);
+        if (want("profile")) profile_rows(m, dt, size, ae);
       }
       if (want("ablation")) ablation_rows(m, dt, size, ae, primary);
     }
@@ -659,6 +663,58 @@ class Bench {
     });
     r.gflop = known_gflop(arch_, "unet", size) * static_cast<double>(n);
     add(id, r);
+  }
+
+  // Where an img2img frame's time goes, operator by operator (the e2e row's stream: cfg none, --img2img-t-index):
+  // libtorch's profiler over --frames frames after the warm-up, each operator's SELF time (its children's removed),
+  // per frame, and its longest call (a descheduled host thread lands on whichever operator ran: look there before
+  // trusting a surprising row). On CUDA the time is the GPU's between CUDA events around each operator (so the stream
+  // runs without CUDA graphs, whose kernels the profiler cannot see, and the event pairs slow the host: read the
+  // shares, not the frame rate); on the CPU it is the host's. The top operators are printed; the JSON has all.
+  void profile_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                    const std::string& ae) {
+    torch::NoGradGuard ng;
+    graphs_ = false;
+    sd::StreamDiffusion stream(m, stream_config(size, sd::CfgType::None, t_img_, true));
+    graphs_ = true;
+    stream.prepare(o_.prompt, o_.negative_prompt);
+    const torch::Tensor frame = torch::rand({1, 3, size, size}) * 2 - 1;
+    for (int w = 0; w < std::max(1, o_.warmup + static_cast<int>(t_img_.size()) - 1); ++w) stream.img2img(frame);
+    sync(device_);
+    const bool cuda = device_.is_cuda();
+    const std::vector<OpTime> ops = profile_ops(
+        cuda,
+        [&] {
+          for (int f = 0; f < o_.frames; ++f) stream.img2img(frame);
+          sync(device_);
+        },
+        o_.profile_shapes);
+    double total = 0;
+    for (const auto& op : ops) total += cuda ? op.self_cuda_us : op.self_cpu_us;
+    const double per_frame = 1.0 / o_.frames;
+    std::cout << "profile    img2img " << sd::dtype_name(dt) << " " << size << " px, ae " << ae << ", "
+              << o_.frames << " frames: " << std::fixed << std::setprecision(3) << total * 1e-3 * per_frame
+              << " ms of " << (cuda ? "GPU" : "CPU") << " time per frame in " << ops.size() << " operators\n";
+    nlohmann::json rows = nlohmann::json::array();
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const OpTime& op = ops[i];
+      const double self = cuda ? op.self_cuda_us : op.self_cpu_us;
+      const double share = total > 0 ? self / total : 0;
+      rows.push_back({{"operator", op.name},
+                      {"calls_per_frame", static_cast<double>(op.calls) * per_frame},
+                      {"self_ms_per_frame", self * 1e-3 * per_frame},
+                      {"self_cpu_ms_per_frame", op.self_cpu_us * 1e-3 * per_frame},
+                      {"max_call_ms", op.max_self_us * 1e-3},
+                      {"share", share}});
+      if (i < 20)
+        std::cout << "profile      " << std::left << std::setw(o_.profile_shapes ? 72 : 44) << op.name << std::right << std::setw(8)
+                  << std::setprecision(1) << static_cast<double>(op.calls) * per_frame << " calls "
+                  << std::setw(9) << std::setprecision(3) << self * 1e-3 * per_frame << " ms " << std::setw(6)
+                  << std::setprecision(1) << 100.0 * share << " %\n";
+    }
+    profile_json_.push_back({{"mode", "img2img"}, {"dtype", sd::dtype_name(dt)}, {"size", size}, {"autoencoder", ae},
+                             {"t_index_list", t_img_}, {"frames", o_.frames}, {"clock", cuda ? "gpu" : "cpu"},
+                             {"ms_per_frame", total * 1e-3 * per_frame}, {"operators", rows}});
   }
 
   // Many streams, one UNet call (pipeline/multi_stream.h): K img2img streams (cfg self, --multi-t-index, each its own
@@ -1220,6 +1276,7 @@ class Bench {
     j["comparisons"] = comparisons_.empty() ? nlohmann::json::array() : nlohmann::json(comparisons_);
     j["ablation"] = ablation_json_;
     if (!multistream_json_.empty()) j["multistream"] = multistream_json_;
+    if (!profile_json_.empty()) j["profile"] = profile_json_;
     j["peak_rss_mib"] = peak_rss_mib();
     if (!o_.json_path.empty()) {
       std::ofstream out(o_.json_path);
@@ -1257,6 +1314,7 @@ class Bench {
   nlohmann::json ablation_json_ = nlohmann::json::array();
   std::vector<int64_t> streams_;                              // --streams (multistream section)
   nlohmann::json multistream_json_ = nlohmann::json::array();  // one table per dtype and size
+  nlohmann::json profile_json_ = nlohmann::json::array();      // one operator table per dtype and size
 };
 
 sd::cli::Runner setup_bench(CLI::App& app) {
@@ -1273,11 +1331,14 @@ sd::cli::Runner setup_bench(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
   app.add_option("--sections", o->sections,
-                 "all, or any of components,e2e,ablation,batch,cfg,vae,filter,flicker; multistream (not in all) "
-                 "times --streams img2img streams one by one vs batched into one UNet call per round")
+                 "all, or any of components,e2e,ablation,batch,cfg,vae,filter,flicker; not in all: multistream "
+                 "times --streams img2img streams one by one vs batched into one UNet call per round, profile lists "
+                 "the operators taking an img2img frame's time (libtorch's profiler; CUDA: kernel time, graphs off)")
       ->capture_default_str();
   app.add_option("--streams", o->streams, "multistream section: stream counts, comma-separated")
       ->capture_default_str();
+  app.add_flag("--profile-shapes", o->profile_shapes,
+               "profile section: one row per operator and input shapes (which convolution or copy it is)");
   app.add_option("--threads", o->threads, "intra-op threads (0 = all cores)")->capture_default_str();
   app.add_option("--iters", o->iters, "timed runs per component measurement (median)")->capture_default_str();
   app.add_option("--warmup", o->warmup, "untimed warm-up runs before each measurement")->capture_default_str();

@@ -270,6 +270,60 @@ TEST_F(CliBench, MultistreamSectionTimesOneByOneAndBatched) {
   EXPECT_NE(run("bench --model '" + model_ + "' --sections multistream --streams 2,x").status, 0);
 }
 
+// --sections profile: the img2img frame's operators by self time (CPU here): the convolutions and matrix products
+// are there, each share is its self time over the total, the shares add up to 1, the table is sorted, and the
+// per-frame total is at most the whole frame's time (the operators run inside the frame).
+TEST_F(CliBench, ProfileSectionListsTheFramesOperators) {
+  const std::string json = dir_ + "/profile.json";
+  const RunResult r = run("bench --model '" + model_ +
+                          "' --sizes 64 --dtypes fp32 --sections profile,e2e --frames 4 --warmup 1 --threads 1 "
+                          "--json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("profile    img2img fp32 64 px"), std::string::npos) << r.output;
+  const auto j = read_json(json);
+  ASSERT_TRUE(j.contains("profile")) << j.dump();
+  ASSERT_EQ(j["profile"].size(), 1u);
+  const auto& p = j["profile"][0];
+  EXPECT_EQ(p["clock"], "cpu");
+  EXPECT_EQ(p["frames"], 4);
+  const auto& ops = p["operators"];
+  ASSERT_GT(ops.size(), 10u);
+  double shares = 0, ms = 0, prev = 1e30;
+  std::set<std::string> names;
+  for (const auto& op : ops) {
+    const double self = op["self_ms_per_frame"].get<double>();
+    EXPECT_GE(self, 0);
+    EXPECT_LE(self, prev) << "sorted by self time";
+    prev = self;
+    EXPECT_GT(op["calls_per_frame"].get<double>(), 0);
+    // The longest call is at most the operator's whole time, and at least its mean call's.
+    const double calls = op["calls_per_frame"].get<double>() * 4;
+    EXPECT_LE(op["max_call_ms"].get<double>(), self * 4 + 1e-9) << op.dump();
+    EXPECT_GE(op["max_call_ms"].get<double>(), self * 4 / calls - 1e-9) << op.dump();
+    shares += op["share"].get<double>();
+    ms += self;
+    names.insert(op["operator"].get<std::string>());
+  }
+  EXPECT_NEAR(shares, 1.0, 1e-9);
+  EXPECT_NEAR(ms, p["ms_per_frame"].get<double>(), 1e-9);
+  bool conv = false, matmul = false;
+  for (const auto& n : names) {
+    conv = conv || n.find("conv") != std::string::npos;
+    matmul = matmul || n.find("mm") != std::string::npos || n.find("linear") != std::string::npos;
+  }
+  EXPECT_TRUE(conv) << "no convolution among the operators";
+  EXPECT_TRUE(matmul) << "no matrix product among the operators";
+  // The e2e img2img row of the same run: the profiled operators fit inside its frame (median, with the profiler's own
+  // cost on top of the operators the bound is loose but real).
+  int e2e_rows = 0;
+  for (const auto& res : j["results"]) {
+    if (res["section"] != "e2e" || res["name"] != "img2img") continue;
+    ++e2e_rows;
+    EXPECT_LT(p["ms_per_frame"].get<double>(), 3.0 * 1e3 * res["median_s"].get<double>()) << res.dump();
+  }
+  EXPECT_EQ(e2e_rows, 1);
+}
+
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
 // counted) and one comparison per mode against the exact row by their means; K = 0 is refused.
 TEST_F(CliBench, DeepCacheRowsAndComparisons) {
