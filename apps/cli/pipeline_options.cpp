@@ -328,18 +328,18 @@ LoadedModels load_models(const PipelineOptions& o) {
                           "set SD_DEFAULT_MODEL, or pass --model DIR)");
   const ModelDefaults d = read_model_defaults(o.model, o.config, o.prediction_type);
   LoadOptions lo;
+  const c10::Device device = parse_device(o.common.device);
   if (o.common.dtype == "int8") {
     lo.int8 = true;
     lo.dtype = int8_float_dtype();
   } else {
-    const c10::Device device = parse_device(o.common.device);
     lo.dtype = parse_dtype(dtype_request(d, o.common.dtype, device.is_cpu()), device);
     if (o.common.dtype == "auto" && lo.dtype != auto_dtype(device))
       log::info("dtype {}: the model's {} names it for CPUs (this machine's own choice would be {})",
                 dtype_name(lo.dtype), d.settings_source, dtype_name(auto_dtype(device)));
   }
   lo.device = o.common.device;
-  lo.threads = threads_request(d, o.common.threads, parse_device(o.common.device).is_cpu());
+  lo.threads = threads_request(d, o.common.threads, device.is_cpu());
   if (lo.threads != o.common.threads)
     log::info("threads {}: the model's {} names it for CPUs (--threads N overrides)", lo.threads, d.settings_source);
   lo.taesd = o.taesd;

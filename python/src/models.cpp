@@ -23,8 +23,7 @@ using Models = std::shared_ptr<sd::DiffusionModels>;
 // "auto" (or None) | "fp32" | "bf16" | "fp16" | "float32" | ... or a torch / numpy dtype ("torch.float16",
 // "<class 'numpy.float32'>"), for the device the models load on; "auto" follows the model's own cpu_dtype on a CPU
 // (streamdiffusion.json, read through `defaults`) as the CLI does.
-c10::ScalarType dtype_arg(py::handle d, const std::string& device, const sd::ModelDefaults& defaults) {
-  const c10::Device dev = sd::parse_device(device);
+c10::ScalarType dtype_arg(py::handle d, const c10::Device& dev, const sd::ModelDefaults& defaults) {
   if (d.is_none()) return sd::parse_dtype(sd::dtype_request(defaults, "auto", dev.is_cpu()), dev);
   std::string s = py::str(d).cast<std::string>();
   const auto q = s.find('\'');
@@ -128,9 +127,10 @@ of Streams. Create it with load_pipeline().
         const std::string path = model_path_or_default(model);
         sd::LoadOptions o;
         const sd::ModelDefaults defaults = sd::read_model_defaults(path, config, prediction_type);
-        o.dtype = dtype_arg(dtype, device, defaults);
+        const c10::Device dev = sd::parse_device(device);
+        o.dtype = dtype_arg(dtype, dev, defaults);
         o.device = device;
-        o.threads = sd::threads_request(defaults, threads, sd::parse_device(device).is_cpu());
+        o.threads = sd::threads_request(defaults, threads, dev.is_cpu());
         o.taesd = taesd;
         o.vae = vae;
         o.config = config;
