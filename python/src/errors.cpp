@@ -11,9 +11,32 @@
 
 namespace sdpy {
 
+namespace {
+py::handle error_type, invalid, format;
+}  // namespace
+
+py::object exception_object(std::exception_ptr p) {
+  try {
+    std::rethrow_exception(p);
+  } catch (const sd::InvalidArgument& e) {
+    return py::reinterpret_borrow<py::object>(invalid)(py::str(e.what()));
+  } catch (const sd::FormatError& e) {
+    // OSError(msg) keeps args = (msg,) so str(e) is the C++ message; .file names the file.
+    py::object exc = py::reinterpret_borrow<py::object>(format)(py::str(e.what()));
+    exc.attr("file") = e.file();  // not .filename: OSError would print "[Errno None] None: <file>" instead of the message
+    return exc;
+  } catch (const sd::Error& e) {
+    return py::reinterpret_borrow<py::object>(error_type)(py::str(e.what()));
+  } catch (const c10::Error& e) {
+    return py::reinterpret_borrow<py::object>(PyExc_RuntimeError)(py::str(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    return py::reinterpret_borrow<py::object>(PyExc_RuntimeError)(py::str(e.what()));
+  }
+}
+
 void bind_errors(py::module_& m) {
   static py::exception<sd::Error> error(m, "Error", PyExc_RuntimeError);
-  static py::handle invalid, format;
+  error_type = error;
   invalid = PyErr_NewExceptionWithDoc(
       "streamdiffusion_cpp._core.InvalidArgument",
       "A bad argument (size, option, t_index_list, image shape); the message is the engine's.",
@@ -26,20 +49,16 @@ void bind_errors(py::module_& m) {
   m.attr("InvalidArgument") = invalid;
   m.attr("FormatError") = format;
   py::register_exception_translator([](std::exception_ptr p) {
+    if (!p) return;
     try {
-      if (p) std::rethrow_exception(p);
-    } catch (const sd::InvalidArgument& e) {
-      PyErr_SetString(invalid.ptr(), e.what());
-    } catch (const sd::FormatError& e) {
-      // OSError(msg) keeps args = (msg,) so str(e) is the C++ message; .file names the file.
-      py::object exc = py::reinterpret_borrow<py::object>(format)(py::str(e.what()));
-      exc.attr("file") = e.file();  // not .filename: OSError would print "[Errno None] None: <file>" instead of the message
-      PyErr_SetObject(format.ptr(), exc.ptr());
-    } catch (const sd::Error& e) {
-      error(e.what());
-    } catch (const c10::Error& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+      std::rethrow_exception(p);
+    } catch (const sd::Error&) {
+    } catch (const c10::Error&) {
+    } catch (...) {
+      std::rethrow_exception(p);  // pybind11's own translators (std::exception -> RuntimeError, ...)
     }
+    const py::object exc = exception_object(p);
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
   });
 }
 

@@ -9,6 +9,7 @@ PYBIND11_MODULE(_core, m) {
   sdpy::bind_tensor(m);
   sdpy::bind_models(m);
   sdpy::bind_stream(m);
+  sdpy::bind_batch(m);
   sdpy::bind_controlnet(m);
   sdpy::bind_runtime(m);
   sdpy::bind_settings(m);

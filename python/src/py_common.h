@@ -1,6 +1,7 @@
 #pragma once
 // Shared declarations of the binding files. Only tensor-handling files need libtorch's types (torch/types.h); no
 // file includes <torch/torch.h> (the precompiled header shared with the engine provides it anyway).
+#include <exception>
 #include <memory>
 #include <string>
 
@@ -26,6 +27,9 @@ py::object wrap(at::Tensor t);
 
 // Error translation (errors.cpp): sd::Error and its subclasses -> streamdiffusion_cpp exceptions.
 void bind_errors(py::module_& m);
+// The Python exception instance a C++ exception becomes (the same mapping as raising it), for APIs that return errors.
+py::object exception_object(std::exception_ptr p);
+void bind_batch(py::module_& m);  // many streams, one UNet call (after bind_stream)
 void bind_tensor(py::module_& m);
 void bind_models(py::module_& m);
 void bind_stream(py::module_& m);

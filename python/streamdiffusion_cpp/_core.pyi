@@ -307,6 +307,21 @@ class Stream:
     @property
     def has_image_prompt(self) -> bool: ...
 
+class StreamBatcher:
+    """Many streams, one UNet call: run() makes one call of each Stream given, the UNet rows of all the streams that
+    can share a call in ONE UNet call (one TAESD encode and one decode for the group), as `serve` batches clients."""
+    def __init__(self, *, max_streams: int = 0, batch_decode: bool = True) -> None: ...
+    def run(
+        self,
+        calls: Sequence[Union[Stream, Tuple[Stream, Optional[TensorLike]]]],
+        *,
+        return_exceptions: bool = False,
+    ) -> List[Union[Tensor, BaseException]]: ...
+    @property
+    def stats(self) -> Dict[str, int]: ...
+    @property
+    def max_streams(self) -> int: ...
+
 def run_stream(
     stream: Stream,
     source: str = "none",
