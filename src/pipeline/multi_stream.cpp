@@ -233,6 +233,8 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
       active.erase(std::find(active.begin(), active.end(), i));
     };
     if (to_encode.size() >= 2 && models.deterministic_encode()) {
+      Tensor z;  // [sum F, C, h, w]: the group's latents in to_encode order
+      double enc_s = 0;
       try {
         std::vector<Tensor> xs;
         for (size_t i : to_encode) xs.push_back(states[i].image);
@@ -240,23 +242,29 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
         const auto t0 = std::chrono::steady_clock::now();
         // A deterministic encode draws nothing from the Rng it is given.
         Rng& rng = MultiStreamAccess::rng(*calls[to_encode.front()].stream);
-        const Tensor z = shared_call("encode", {x}, [&models, &rng](const std::vector<Tensor>& in) {
+        z = shared_call("encode", {x}, [&models, &rng](const std::vector<Tensor>& in) {
           return std::vector<Tensor>{models.encode_image(in[0], rng)};
         })[0];
         if (sync_each) sync(models);
-        const double enc_s = seconds_since(t0);
+        enc_s = seconds_since(t0);
         ++st.shared_encode_calls;
+      } catch (...) {  // the shared call failed: every call of it
+        const std::exception_ptr e = std::current_exception();
+        for (size_t i : to_encode) fail(i, e);
+      }
+      if (z.defined()) {
         int64_t off = 0;
         for (size_t i : to_encode) {
           const int64_t r = states[i].image.size(0);
-          MultiStreamAccess::add_encode_time(*calls[i].stream, enc_s * static_cast<double>(r) /
-                                                                   static_cast<double>(x.size(0)));
-          MultiStreamAccess::begin_latent(*calls[i].stream, states[i], z.slice(0, off, off + r));
+          try {
+            MultiStreamAccess::add_encode_time(*calls[i].stream,
+                                               enc_s * static_cast<double>(r) / static_cast<double>(z.size(0)));
+            MultiStreamAccess::begin_latent(*calls[i].stream, states[i], z.slice(0, off, off + r));
+          } catch (...) {
+            fail(i, std::current_exception());
+          }
           off += r;
         }
-      } catch (...) {
-        const std::exception_ptr e = std::current_exception();
-        for (size_t i : to_encode) fail(i, e);
       }
     } else {
       for (size_t i : to_encode) {

@@ -28,8 +28,9 @@
 // step unless a stream asks for it (StreamConfig::sync_components).
 //
 // Errors are per call: a bad input (shape, unprepared stream, the same stream twice) fails that call only, before
-// it changes anything; a failure of a shared UNet or decode call fails every call of that group (their streams are
-// then left as a failed one-stream call would leave them: the RCFG shift done, the buffer not updated).
+// it changes anything; a failure of a shared call fails every call it served: the shared encode its img2img calls
+// (the group's other calls go on), the shared UNet or decode call every call of the group (their streams are then
+// left as a failed one-stream call would leave them: the RCFG shift done, the buffer not updated).
 #include <exception>
 #include <memory>
 #include <string>

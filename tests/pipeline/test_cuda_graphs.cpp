@@ -56,6 +56,15 @@ TEST(GraphCache, DisabledRunsEagerly) {
   EXPECT_EQ(cache.counts().eager, 2);
 }
 
+// A fixture model on $SD_TEST_DEVICE in $SD_TEST_DTYPE.
+std::shared_ptr<const DiffusionModels> load_on_test_device(const std::string& fixture) {
+  LoadOptions lo;
+  lo.device = test::test_device().str();
+  lo.dtype = test::test_dtype();
+  lo.threads = -1;
+  return load_pipeline(test::fixture_path(fixture), lo);
+}
+
 struct GraphCase {
   std::string model;
   std::string mode;  // txt2img | img2img
@@ -71,11 +80,7 @@ TEST_P(StreamGraphs, ReplayedStreamEqualsEagerStream) {
   const c10::Device device = test::test_device();
   const c10::ScalarType dtype = test::test_dtype();
   if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
-  LoadOptions lo;
-  lo.device = device.str();
-  lo.dtype = dtype;
-  lo.threads = -1;
-  const auto models = load_pipeline(test::fixture_path("models/" + gc.model), lo);
+  const auto models = load_on_test_device("models/" + gc.model);
 
   StreamConfig config;
   config.width = config.height = 64;
@@ -147,19 +152,14 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, StreamGraphs,
 // Many streams, one UNet call, through SharedGraphs (pipeline/multi_stream.h): the batched calls of streams with graphs
 // on equal the same batched calls of twin streams with graphs off. Three streams, then two (another row count: new
 // graphs). On CUDA: a TAESD encode, a UNet and a decode graph per row count, replayed from the third step of each;
-// here (CPU) every
-// shared call goes through the cache and runs eagerly, bit for bit the eager calls; a group with one stream whose
-// graphs are off does not go through it at all.
+// here (CPU) every shared call goes through the cache and runs eagerly, bit for bit the eager calls; a group with
+// one stream whose graphs are off does not go through it at all.
 TEST(SharedStreamGraphs, BatchedCallsReplayedEqualEagerBatchedCalls) {
   if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "no fixture tiny-sd15";
   const c10::Device device = test::test_device();
   const c10::ScalarType dtype = test::test_dtype();
   if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
-  LoadOptions lo;
-  lo.device = device.str();
-  lo.dtype = dtype;
-  lo.threads = -1;
-  const auto models = load_pipeline(test::fixture_path("models/tiny-sd15"), lo);
+  const auto models = load_on_test_device("models/tiny-sd15");
 
   std::vector<std::unique_ptr<StreamDiffusion>> graphed, eager;
   const std::vector<std::string> prompts = {"a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit"};

@@ -18,6 +18,7 @@
 #include "pipeline/diffusion_models.h"
 #include "pipeline/multi_stream.h"
 #include "pipeline/stream_diffusion.h"
+#include "stream_test_stubs.h"
 
 namespace sd {
 namespace {
@@ -382,6 +383,47 @@ TEST_F(MultiStreamFallback, ErrorsFailOnlyTheirCall) {
   // run_streams_batched rethrows the first error.
   EXPECT_EQ(error_of<InvalidArgument>([&] { run_streams_batched({{a.get(), bad}}); }).substr(0, 25),
             "img2img: input has shape ");
+}
+
+// A failing shared encode fails the calls it served, and only those: the group's txt2img call still runs (its own
+// UNet call), and the failed streams run again next step. The stub encode is deterministic and refuses more than one
+// frame at a time, so the shared call fails and a stream's own call does not.
+class OneFrameEncode : public test::StubModels {
+ public:
+  bool deterministic_encode() const override { return true; }
+  torch::Tensor encode_image(const torch::Tensor& x, Rng& rng) const override {
+    if (x.size(0) > 1) throw Error("stub encode: " + std::to_string(x.size(0)) + " frames at once");
+    return StubModels::encode_image(x, rng);
+  }
+};
+
+TEST(MultiStreamEncode, AFailedSharedEncodeFailsOnlyTheCallsItServed) {
+  auto m = std::make_shared<OneFrameEncode>();
+  std::vector<std::unique_ptr<StreamDiffusion>> s;
+  for (int i = 0; i < 3; ++i) {
+    StreamConfig c;
+    c.width = c.height = kSize;
+    c.t_index_list = {20, 35};
+    c.seed = 3 + i;
+    s.push_back(std::make_unique<StreamDiffusion>(m, c));
+    s.back()->prepare("prompt " + std::to_string(i));
+  }
+  MultiStreamStats stats;
+  const auto res = run_stream_calls({{s[0].get(), frame(0, 0)}, {s[1].get(), frame(0, 1)}, {s[2].get(), Tensor()}},
+                                    {}, &stats);
+  for (int i : {0, 1}) {
+    ASSERT_TRUE(res[i].error) << i;
+    EXPECT_EQ(error_of<Error>([&] { std::rethrow_exception(res[i].error); }), "stub encode: 2 frames at once");
+    EXPECT_FALSE(res[i].output.defined());
+  }
+  ASSERT_FALSE(res[2].error);
+  EXPECT_EQ(res[2].shared_with, 1);
+  EXPECT_EQ(res[2].output.sizes(), (std::vector<int64_t>{1, 3, kSize, kSize}));
+  EXPECT_EQ(stats.errors, 2);
+  EXPECT_EQ(stats.shared_encode_calls, 0);
+  EXPECT_EQ(stats.own_calls, 1);
+  // Alone, each failed stream's own encode works.
+  for (int i : {0, 1}) EXPECT_EQ(s[i]->img2img(frame(1, i)).sizes(), (std::vector<int64_t>{1, 3, kSize, kSize}));
 }
 
 }  // namespace
