@@ -24,7 +24,7 @@ MODEL="$SD_FIXTURES/models/tiny-sd21"
 "$BUILD_DIR/apps/streamdiffusion" version
 # int8 needs VNNI/AMX (an AVX2-only CPU has neither): the bench covers it where `version` says it is available.
 DTYPES=fp32,auto
-if "$BUILD_DIR/apps/streamdiffusion" version | grep -q "int8: available"; then DTYPES=fp32,auto,int8; fi
+if grep -q "int8: available" <<<"$("$BUILD_DIR/apps/streamdiffusion" version)"; then DTYPES=fp32,auto,int8; fi
 "$BUILD_DIR/apps/streamdiffusion" bench --model "$MODEL" --sizes 64 --iters 1 --frames 2 --warmup 0 \
   --sections components,e2e --dtypes "$DTYPES" --json "$BUILD_DIR/bench-t2.json" > "$BUILD_DIR/bench-t2.log" 2>&1 ||
   { cat "$BUILD_DIR/bench-t2.log"; exit 1; }
