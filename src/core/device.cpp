@@ -55,16 +55,14 @@ c10::Device parse_device(const std::string& name) {
   throw InvalidArgument("unknown device '" + name + "' (expected cpu, cuda or cuda:N)");
 }
 
-bool cudnn_benchmark_wanted(const char* env_value) {
-  if (!env_value) return true;
-  std::string v(env_value);
-  for (auto& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return !(v == "0" || v == "off" || v == "false");
+bool env_switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::string(v) == "0");
 }
 
 bool configure_cuda_backend(const c10::Device& device) {
   if (!device.is_cuda()) return false;
-  const bool on = cudnn_benchmark_wanted(std::getenv("SD_CUDNN_BENCHMARK"));
+  const bool on = env_switch_on("SD_CUDNN_BENCHMARK");
   if (at::globalContext().benchmarkCuDNN() != on) {
     at::globalContext().setBenchmarkCuDNN(on);
     log::info("cuDNN autotuner {} (SD_CUDNN_BENCHMARK{})", on ? "on" : "off", on ? "=0 turns it off" : "=0");

@@ -29,8 +29,9 @@ c10::Device parse_device(const std::string& name);
 // SD_CUDNN_BENCHMARK=0 (to compare); called by every model load. Returns whether it is on (false off CUDA, where it
 // changes nothing).
 bool configure_cuda_backend(const c10::Device& device);
-// What configure_cuda_backend decides from SD_CUDNN_BENCHMARK's value (null = unset): on unless "0", "off" or "false".
-bool cudnn_benchmark_wanted(const char* env_value);
+// The project's comparison switches (SD_CUDNN_BENCHMARK, SD_CUDA_CHANNELS_LAST, SD_ONE_CONV_COPY): on unless the
+// variable `name` is exactly "0".
+bool env_switch_on(const char* name);
 
 // Sets libtorch's intra-op thread count (0 = number of cores) and returns what is in force. libtorch as packaged
 // here defaults to 1 thread, so every entry point calls this explicitly.

@@ -11,10 +11,7 @@
 namespace sd::nn {
 
 bool cuda_channels_last() {
-  static const bool on = [] {
-    const char* e = std::getenv("SD_CUDA_CHANNELS_LAST");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = sd::env_switch_on("SD_CUDA_CHANNELS_LAST");
   return on;
 }
 
@@ -25,8 +22,7 @@ FastPathOptions& fast_path() {
     // the attention computes in fp32 and rounds once.
     o.attention_reduced_cpu = sd::cpu_has_onednn_bf16();
     // SD_ONE_CONV_COPY=0 keeps the dense convolution weights beside the packed ones (to measure what one copy saves).
-    const char* e = std::getenv("SD_ONE_CONV_COPY");
-    o.one_conv_copy = !(e && std::string(e) == "0");
+    o.one_conv_copy = sd::env_switch_on("SD_ONE_CONV_COPY");
     return o;
   }();
   return options;

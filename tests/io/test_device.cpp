@@ -1,4 +1,5 @@
 // CPU feature detection used to warn about emulated bf16 and reported by the bench; the dtype "auto" picks from it.
+#include <cstdlib>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -74,10 +75,17 @@ TEST(Device, ParseDtypeTakesAutoOnlyWithADevice) {
 }
 
 TEST(Device, CudnnAutotunerIsOnForCudaUnlessTheEnvironmentSaysNo) {
-  EXPECT_TRUE(sd::cudnn_benchmark_wanted(nullptr));
-  EXPECT_TRUE(sd::cudnn_benchmark_wanted("1"));
-  EXPECT_TRUE(sd::cudnn_benchmark_wanted(""));
-  for (const char* off : {"0", "off", "OFF", "false", "False"}) EXPECT_FALSE(sd::cudnn_benchmark_wanted(off)) << off;
+  // The comparison switches: on unless exactly "0".
+  const char* name = "SD_TEST_SWITCH_FOR_DEVICE_TEST";
+  unsetenv(name);
+  EXPECT_TRUE(sd::env_switch_on(name));
+  for (const char* on : {"1", "", "off"}) {
+    setenv(name, on, 1);
+    EXPECT_TRUE(sd::env_switch_on(name)) << on;
+  }
+  setenv(name, "0", 1);
+  EXPECT_FALSE(sd::env_switch_on(name));
+  unsetenv(name);
   // Off CUDA it changes nothing and says so.
   const bool before = at::globalContext().benchmarkCuDNN();
   EXPECT_FALSE(sd::configure_cuda_backend(c10::Device(c10::kCPU)));
