@@ -16,6 +16,8 @@ namespace sd::compat {
 #define SD_HAS_SDPA (TORCH_VERSION_MAJOR >= 2)
 // libtorch 2's CPU group norm on bf16 input keeps fp32 statistics (mixed-type kernels); 1.13's accumulates in bf16.
 #define SD_HAS_MIXED_GROUP_NORM (TORCH_VERSION_MAJOR >= 2)
+// CUDA's upsample_nearest2d takes bf16 from torch 2.1 (fp16 always); before, bf16 goes through an exact fp32 copy.
+#define SD_HAS_CUDA_BF16_UPSAMPLE (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
 
 // The key of parameter `p` in torch::optim::Optimizer::state(): a string of its TensorImpl's address up to some 2.x
 // release, the address itself after (the map's key type says which).

@@ -139,8 +139,11 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   // and on a CPU only where oneDNN lacks bf16 kernels (attention_reduced_cpu), as on the 1.13 path: libtorch 2's CPU
   // flash attention keeps its soft-max statistics and accumulators in fp32 for bf16 inputs, and runs 3x faster on
   // them than on fp32 copies (5 heads x 4096 tokens: 33 vs 98 ms, 2-core AMX Xeon, libtorch 2.15).
+  // On CUDA the upcast is not taken, as by diffusers' AttnProcessor2_0 (its default on torch 2): the flash and
+  // memory-efficient kernels keep scores and soft-max in fp32 already, and have no fp32 flash variant to upcast to.
   const bool cpu_fp32 = q.device().is_cpu() && !sd::nn::fast_path().attention_reduced_cpu;
-  const auto cdt = reduced(q.scalar_type()) && (upcast || cpu_fp32) ? torch::kFloat : q.scalar_type();
+  const auto cdt = reduced(q.scalar_type()) && ((upcast && !q.is_cuda()) || cpu_fp32) ? torch::kFloat
+                                                                                     : q.scalar_type();
   auto to4 = [heads, cdt](const torch::Tensor& x) {
     return x.to(cdt).reshape({x.size(0), x.size(1), heads, x.size(2) / heads}).transpose(1, 2);  // [B, heads, N, d]
   };

@@ -85,6 +85,10 @@ class Conv2dImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Conv2d);
 
+// The input of a nearest-neighbour upsampling on CUDA: NCHW from 64 rows up, where the NHWC kernel has failed
+// (diffusers' Upsample2D workaround, huggingface/diffusers#984); `x` itself below.
+torch::Tensor cuda_upsample_input(const torch::Tensor& x);
+
 // GroupNorm over NCHW (or [B, C, *]); statistics in fp32 when the input is reduced precision.
 class GroupNormImpl : public torch::nn::Module {
  public:

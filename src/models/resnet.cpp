@@ -1,6 +1,7 @@
 #include "models/resnet.h"
 
 #include "core/error.h"
+#include "core/torch_compat.h"
 
 namespace sd {
 
@@ -54,13 +55,13 @@ Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out_channels) {
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, std::optional<std::pair<int64_t, int64_t>> size) {
   std::vector<int64_t> out_size = size ? std::vector<int64_t>{size->first, size->second}
                                        : std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2};
-  // Nearest-neighbour only copies values, so a detour through fp32 is exact; it is taken where bf16 kernels may be
+  // Nearest-neighbour only copies values, so a detour through fp32 is exact; it is taken where the bf16 kernel is
   // missing (CUDA before torch 2.1, as diffusers does). The CPU kernel handles bf16 natively.
   torch::Tensor up;
-  if (x.scalar_type() == torch::kBFloat16 && !x.device().is_cpu()) {
+  if (x.scalar_type() == torch::kBFloat16 && !x.device().is_cpu() && !SD_HAS_CUDA_BF16_UPSAMPLE) {
     up = at::upsample_nearest2d(x.to(torch::kFloat), out_size).to(x.scalar_type());
   } else {
-    up = at::upsample_nearest2d(x, out_size);
+    up = at::upsample_nearest2d(x.is_cuda() ? sd::nn::cuda_upsample_input(x) : x, out_size);
   }
   return conv(up);
 }

@@ -1,6 +1,7 @@
 #include "models/transformer_2d.h"
 
 #include "core/error.h"
+#include "models/cuda_layout.h"
 
 namespace sd {
 
@@ -12,8 +13,9 @@ torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
   auto h = proj(x);
   auto parts = h.chunk(2, -1);  // each [.., dim_out], rows strided by 2*dim_out
   // Exact (erf) GELU, as diffusers' F.gelu. On the strided half the bf16 CPU kernel is ~9x slower than on a packed
-  // copy (3.7 ms vs 0.4 ms at [1024, 1280]), so the gate is packed first; the product is taken in place.
-  auto gate = torch::gelu(parts[1].contiguous());
+  // copy (3.7 ms vs 0.4 ms at [1024, 1280]), so there the gate is packed first (a GPU kernel reads strided rows at
+  // full speed); the product is taken in place.
+  auto gate = torch::gelu(x.device().is_cpu() ? parts[1].contiguous() : parts[1]);
   if (torch::GradMode::is_enabled() && (gate.requires_grad() || parts[0].requires_grad())) return parts[0] * gate;
   return gate.mul_(parts[0]);
 }
@@ -90,10 +92,14 @@ torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x, const torc
   }
   for (auto& blk : blocks) tokens = blk(tokens, context);
   torch::Tensor out;
+  // [B, H, W, C] tokens permuted to NCHW are channels-last already: kept so where the convolutions run channels-last
+  // (CUDA, models/cuda_layout.h), instead of a copy to NCHW that the next convolution would copy back.
+  const auto fmt = x.is_cuda() && sd::nn::cuda_channels_last() ? torch::MemoryFormat::ChannelsLast
+                                                                : torch::MemoryFormat::Contiguous;
   if (proj_out_conv) {
-    out = proj_out_conv(tokens.reshape({b, h, w, tokens.size(2)}).permute({0, 3, 1, 2}).contiguous());
+    out = proj_out_conv(tokens.reshape({b, h, w, tokens.size(2)}).permute({0, 3, 1, 2}).contiguous(fmt));
   } else {
-    out = proj_out_linear(tokens).reshape({b, h, w, options.in_channels}).permute({0, 3, 1, 2}).contiguous();
+    out = proj_out_linear(tokens).reshape({b, h, w, options.in_channels}).permute({0, 3, 1, 2}).contiguous(fmt);
   }
   return out + x;
 }
