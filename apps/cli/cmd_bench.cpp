@@ -95,6 +95,7 @@ struct BenchOptions {
   int deep_cache_every = 1;              // --deep-cache-every K (extra e2e rows)
   std::string streams = "1,2,4,8,16";    // --streams: stream counts of the multistream section
   bool profile_shapes = false;           // --profile-shapes: the profile section per operator and input shapes
+  int profile_streams = 0;               // --profile-streams K: the profile section also over K batched streams
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -671,6 +672,7 @@ class Bench {
   // trusting a surprising row). On CUDA the time is the GPU's between CUDA events around each operator (so the stream
   // runs without CUDA graphs, whose kernels the profiler cannot see, and the event pairs slow the host: read the
   // shares, not the frame rate); on the CPU it is the host's. The top operators are printed; the JSON has all.
+  // --profile-streams K adds the same over rounds of K batched streams (the multistream section's batched row).
   void profile_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
                     const std::string& ae) {
     torch::NoGradGuard ng;
@@ -681,40 +683,85 @@ class Bench {
     const torch::Tensor frame = torch::rand({1, 3, size, size}) * 2 - 1;
     for (int w = 0; w < std::max(1, o_.warmup + static_cast<int>(t_img_.size()) - 1); ++w) stream.img2img(frame);
     sync(device_);
+    report_profile(profile_ops(
+                       device_.is_cuda(),
+                       [&] {
+                         for (int f = 0; f < o_.frames; ++f) stream.img2img(frame);
+                         sync(device_);
+                       },
+                       o_.profile_shapes),
+                   {{"mode", "img2img"}, {"dtype", sd::dtype_name(dt)}, {"size", size}, {"autoencoder", ae},
+                    {"t_index_list", t_img_}, {"frames", o_.frames}},
+                   "img2img " + sd::dtype_name(dt) + " " + std::to_string(size) + " px, ae " + ae + ", " +
+                       std::to_string(o_.frames) + " frames",
+                   "frame");
+    if (o_.profile_streams < 2) return;
+
+    // K streams as in multistream_rows, batched without the shared graphs (eager, for the profiler).
+    const int64_t k = o_.profile_streams;
+    const sd::CfgType cfg = sd::CfgType::Self;
+    std::vector<std::unique_ptr<sd::StreamDiffusion>> streams;
+    std::vector<sd::StreamCall> calls;
+    graphs_ = false;
+    for (int64_t i = 0; i < k; ++i) {
+      sd::StreamConfig c = stream_config(size, cfg, t_multi_, true);
+      c.seed = 1000 + static_cast<uint64_t>(i);
+      streams.push_back(std::make_unique<sd::StreamDiffusion>(m, c));
+      streams.back()->prepare(o_.prompt + ", variation " + std::to_string(i), o_.negative_prompt);
+      calls.push_back({streams.back().get(), torch::rand({3, size, size}) * 2 - 1});
+    }
+    graphs_ = true;
+    const sd::MultiStreamOptions mo;
+    for (int w = 0; w < std::max(1, o_.warmup + static_cast<int>(t_multi_.size()) - 1); ++w)
+      sd::run_streams_batched(calls, mo);
+    sync(device_);
+    report_profile(profile_ops(
+                       device_.is_cuda(),
+                       [&] {
+                         for (int f = 0; f < o_.frames; ++f) sd::run_streams_batched(calls, mo);
+                         sync(device_);
+                       },
+                       o_.profile_shapes),
+                   {{"mode", "img2img-batched-streams"}, {"streams", k}, {"cfg", sd::cfg_type_name(cfg)},
+                    {"dtype", sd::dtype_name(dt)}, {"size", size}, {"autoencoder", ae}, {"t_index_list", t_multi_},
+                    {"rounds", o_.frames}},
+                   std::to_string(k) + " batched img2img streams (cfg self, t " + join(t_multi_) + ") " +
+                       sd::dtype_name(dt) + " " + std::to_string(size) + " px, ae " + ae + ", " +
+                       std::to_string(o_.frames) + " rounds",
+                   "round");
+  }
+
+  // Prints the top operators of a profile (time per `unit`: --frames of them were profiled) and keeps the table.
+  void report_profile(const std::vector<OpTime>& ops, nlohmann::json entry, const std::string& label,
+                      const std::string& unit) {
     const bool cuda = device_.is_cuda();
-    const std::vector<OpTime> ops = profile_ops(
-        cuda,
-        [&] {
-          for (int f = 0; f < o_.frames; ++f) stream.img2img(frame);
-          sync(device_);
-        },
-        o_.profile_shapes);
     double total = 0;
     for (const auto& op : ops) total += cuda ? op.self_cuda_us : op.self_cpu_us;
-    const double per_frame = 1.0 / o_.frames;
-    std::cout << "profile    img2img " << sd::dtype_name(dt) << " " << size << " px, ae " << ae << ", "
-              << o_.frames << " frames: " << std::fixed << std::setprecision(3) << total * 1e-3 * per_frame
-              << " ms of " << (cuda ? "GPU" : "CPU") << " time per frame in " << ops.size() << " operators\n";
+    const double per_unit = 1.0 / o_.frames;
+    std::cout << "profile    " << label << ": " << std::fixed << std::setprecision(3) << total * 1e-3 * per_unit
+              << " ms of " << (cuda ? "GPU" : "CPU") << " time per " << unit << " in " << ops.size()
+              << " operators\n";
     nlohmann::json rows = nlohmann::json::array();
     for (size_t i = 0; i < ops.size(); ++i) {
       const OpTime& op = ops[i];
       const double self = cuda ? op.self_cuda_us : op.self_cpu_us;
       const double share = total > 0 ? self / total : 0;
       rows.push_back({{"operator", op.name},
-                      {"calls_per_frame", static_cast<double>(op.calls) * per_frame},
-                      {"self_ms_per_frame", self * 1e-3 * per_frame},
-                      {"self_cpu_ms_per_frame", op.self_cpu_us * 1e-3 * per_frame},
+                      {"calls_per_" + unit, static_cast<double>(op.calls) * per_unit},
+                      {"self_ms_per_" + unit, self * 1e-3 * per_unit},
+                      {"self_cpu_ms_per_" + unit, op.self_cpu_us * 1e-3 * per_unit},
                       {"max_call_ms", op.max_self_us * 1e-3},
                       {"share", share}});
       if (i < 20)
-        std::cout << "profile      " << std::left << std::setw(o_.profile_shapes ? 72 : 44) << op.name << std::right << std::setw(8)
-                  << std::setprecision(1) << static_cast<double>(op.calls) * per_frame << " calls "
-                  << std::setw(9) << std::setprecision(3) << self * 1e-3 * per_frame << " ms " << std::setw(6)
+        std::cout << "profile      " << std::left << std::setw(o_.profile_shapes ? 72 : 44) << op.name << std::right
+                  << std::setw(8) << std::setprecision(1) << static_cast<double>(op.calls) * per_unit << " calls "
+                  << std::setw(9) << std::setprecision(3) << self * 1e-3 * per_unit << " ms " << std::setw(6)
                   << std::setprecision(1) << 100.0 * share << " %\n";
     }
-    profile_json_.push_back({{"mode", "img2img"}, {"dtype", sd::dtype_name(dt)}, {"size", size}, {"autoencoder", ae},
-                             {"t_index_list", t_img_}, {"frames", o_.frames}, {"clock", cuda ? "gpu" : "cpu"},
-                             {"ms_per_frame", total * 1e-3 * per_frame}, {"operators", rows}});
+    entry["clock"] = cuda ? "gpu" : "cpu";
+    entry["ms_per_" + unit] = total * 1e-3 * per_unit;
+    entry["operators"] = rows;
+    profile_json_.push_back(std::move(entry));
   }
 
   // Many streams, one UNet call (pipeline/multi_stream.h): K img2img streams (cfg self, --multi-t-index, each its own
@@ -1339,6 +1386,11 @@ sd::cli::Runner setup_bench(CLI::App& app) {
       ->capture_default_str();
   app.add_flag("--profile-shapes", o->profile_shapes,
                "profile section: one row per operator and input shapes (which convolution or copy it is)");
+  app.add_option("--profile-streams", o->profile_streams,
+                 "profile section: also profile rounds of K img2img streams batched into one UNet call (as the "
+                 "multistream section's batched row, --multi-t-index, without CUDA graphs); 0 = not")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--threads", o->threads, "intra-op threads (0 = all cores)")->capture_default_str();
   app.add_option("--iters", o->iters, "timed runs per component measurement (median)")->capture_default_str();
   app.add_option("--warmup", o->warmup, "untimed warm-up runs before each measurement")->capture_default_str();

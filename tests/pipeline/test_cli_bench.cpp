@@ -324,6 +324,40 @@ TEST_F(CliBench, ProfileSectionListsTheFramesOperators) {
   EXPECT_EQ(e2e_rows, 1);
 }
 
+// --profile-streams K: a second table over rounds of K batched streams. A round makes one encode, one UNet call and
+// one decode for all K streams, as a single stream's frame does for one: as many aten::conv2d calls (the kernels under
+// it differ with the batch size).
+TEST_F(CliBench, ProfileStreamsProfilesBatchedRounds) {
+  const std::string json = dir_ + "/profile-streams.json";
+  const RunResult r = run("bench --model '" + model_ +
+                          "' --sizes 64 --dtypes fp32 --sections profile --profile-streams 3 --frames 2 --warmup 1 "
+                          "--threads 1 --json '" + json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("profile    3 batched img2img streams (cfg self, t 32,45) fp32 64 px"), std::string::npos)
+      << r.output;
+  const auto j = read_json(json);
+  ASSERT_EQ(j["profile"].size(), 2u) << j.dump();
+  const auto& one = j["profile"][0];
+  const auto& many = j["profile"][1];
+  EXPECT_EQ(one["mode"], "img2img");
+  EXPECT_EQ(many["mode"], "img2img-batched-streams");
+  EXPECT_EQ(many["streams"], 3);
+  EXPECT_EQ(many["rounds"], 2);
+  const auto conv2d_calls = [](const nlohmann::json& p, const std::string& unit) {
+    double calls = 0, ms = 0;
+    for (const auto& op : p["operators"]) {
+      ms += op["self_ms_per_" + unit].get<double>();
+      if (op["operator"] == "aten::conv2d") calls = op["calls_per_" + unit].get<double>();
+    }
+    EXPECT_NEAR(ms, p["ms_per_" + unit].get<double>(), 1e-9);
+    return calls;
+  };
+  const double per_frame = conv2d_calls(one, "frame");
+  EXPECT_GT(per_frame, 10);
+  EXPECT_EQ(conv2d_calls(many, "round"), per_frame);
+  EXPECT_NE(run("bench --model '" + model_ + "' --sections profile --profile-streams -1").status, 0);
+}
+
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
 // counted) and one comparison per mode against the exact row by their means; K = 0 is refused.
 TEST_F(CliBench, DeepCacheRowsAndComparisons) {
