@@ -5,6 +5,20 @@
 
 namespace sd {
 
+namespace {
+
+// Whether proj_in's input, a [B, HW, C] view of NCHW memory (C the fastest-moving dimension only logically), should be
+// packed before the product. For B > 1 matmul runs such a view as a batched product over the weight expanded to
+// [B, C, C_out] and copied; packing copies B·HW·C values instead, less where HW <= C. Measured on the CPU in bf16
+// (random sd-turbo, 128 px, 2 threads, 16 streams of 2 rows batched: 3.37-3.42 -> 3.56 frames/s, one by one 2.63-2.66
+// -> 2.77-2.79); fp32 on the CPU (MKL) measured no better and stays as it was, and one row needs no weight copy.
+bool pack_tokens_first(const torch::Tensor& t) {
+  if (t.is_contiguous() || t.size(0) < 2 || t.size(1) > t.size(2)) return false;
+  return !t.device().is_cpu() || t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kHalf;
+}
+
+}  // namespace
+
 GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) {
   proj = register_module("proj", sd::nn::Linear(dim_in, dim_out * 2));
 }
@@ -88,7 +102,8 @@ torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x, const torc
     hs = proj_in_conv(hs);
     tokens = hs.permute({0, 2, 3, 1}).reshape({b, h * w, hs.size(1)});
   } else {
-    tokens = proj_in_linear(hs.permute({0, 2, 3, 1}).reshape({b, h * w, hs.size(1)}));
+    tokens = hs.permute({0, 2, 3, 1}).reshape({b, h * w, hs.size(1)});
+    tokens = proj_in_linear(pack_tokens_first(tokens) ? tokens.contiguous() : tokens);
   }
   for (auto& blk : blocks) tokens = blk(tokens, context);
   torch::Tensor out;

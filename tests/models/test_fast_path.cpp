@@ -222,4 +222,34 @@ TEST(GEGLU, PackedGateMatchesTheFormulaWithAndWithoutGrad) {
   EXPECT_TRUE(geglu->proj->weight.grad().defined());
 }
 
+// proj_in of a linear-projection Transformer2D packs its [B, HW, C] view of the NCHW input first when B > 1 and HW <=
+// C (bf16 on the CPU; models/transformer_2d.cpp): the rows stay independent, so a batch of 3 equals its rows run one
+// at a time (one row takes the strided product), and the bf16 block tracks the fp32 one.
+TEST(Transformer2D, PackedProjInBatchEqualsItsRowsAndTracksFp32) {
+  sd::Transformer2DOptions o;
+  o.in_channels = 64;
+  o.heads = 2;
+  o.dim_head = 32;
+  o.norm_num_groups = 8;
+  o.cross_attention_dim = 16;
+  o.use_linear_projection = true;
+  sd::Transformer2DModel fp32(o), bf16(o);
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(11);
+  auto dst = bf16->named_parameters();
+  for (auto& p : fp32->named_parameters()) {
+    p.value().set_data(torch::randn(p.value().sizes()) * (p.key().find("norm") != std::string::npos ? 1.0 : 0.15));
+    dst[p.key()].set_data(p.value().to(torch::kBFloat16));
+  }
+  const auto x = torch::randn({3, 64, 4, 4});  // HW 16 <= C 64
+  const auto ctx = torch::randn({3, 5, 16});
+  const auto xb = x.to(torch::kBFloat16), cb = ctx.to(torch::kBFloat16);
+  const auto batched = bf16->forward(xb, cb).to(torch::kFloat);
+  std::vector<torch::Tensor> rows;
+  for (int64_t i = 0; i < 3; ++i) rows.push_back(bf16->forward(xb.slice(0, i, i + 1), cb.slice(0, i, i + 1)));
+  // The same bf16 arithmetic over differently laid-out operands: a few bf16 ulps of the output.
+  SD_EXPECT_CLOSE(batched, torch::cat(rows, 0).to(torch::kFloat), 0.0, 2e-2, "bf16 batch vs its rows");
+  SD_EXPECT_CLOSE(batched, fp32->forward(x, ctx), 0.0, 5e-2, "bf16 vs fp32 Transformer2D");
+}
+
 }  // namespace
