@@ -12,7 +12,8 @@
 #      and the batched many-stream calls with and without their shared graphs (test_device '*StreamGraphs*',
 #      tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range);
 #   3. makes a random sd-turbo model (fp16 weights) and runs the 512 px, 1-step txt2img and img2img benchmark in fp16
-#      (CUDA graphs on, and off as extra rows), with the per-component rows;
+#      (CUDA graphs on, and off as extra rows), with the per-component rows; each e2e row also times its frames queued
+#      back to back (one synchronisation: a runtime's throughput, and whether the host is the limit);
 #   3b. the same e2e rows with cuDNN's autotuner off (SD_CUDNN_BENCHMARK=0; on is the default on CUDA), to compare,
 #       and the GPU time by operator of an img2img frame and of a round of 16 batched streams (bench --sections
 #       profile --profile-streams 16);
@@ -137,13 +138,13 @@ else
 fi
 bench_rows() {  # dtype
   step "bench-$1" "$CLI" "${BENCH[@]}" --dtypes "$1" --json "$OUT/bench-$1.json" || true
-  grep -hE "^(components|e2e|batch) |graphs on vs off" "$OUT/bench-$1.log" | sed "s/^/  /" >> "$SUMMARY"
+  grep -hE "^(components|e2e|batch) |graphs on vs off|back to back" "$OUT/bench-$1.log" | sed "s/^/  /" >> "$SUMMARY"
 }
 bench_rows "${DTYPES[0]}"
 if [ $DRY = 0 ]; then
   step "bench-${DTYPES[0]}-autotuner-off" env SD_CUDNN_BENCHMARK=0 "$CLI" "${BENCH_E2E[@]}" \
     --dtypes "${DTYPES[0]}" --json "$OUT/bench-${DTYPES[0]}-autotuner-off.json" || true
-  grep -hE "^e2e " "$OUT/bench-${DTYPES[0]}-autotuner-off.log" | sed "s/^/  autotuner off: /" >> "$SUMMARY"
+  grep -hE "^e2e |back to back" "$OUT/bench-${DTYPES[0]}-autotuner-off.log" | sed "s/^/  autotuner off: /" >> "$SUMMARY"
 fi
 # Where the time of an img2img frame goes, operator by operator (on CUDA the GPU's, graphs off: read the shares).
 step "profile-${DTYPES[0]}" "$CLI" "${BENCH_PROFILE[@]}" --dtypes "${DTYPES[0]}" --json "$OUT/profile-${DTYPES[0]}.json" ||

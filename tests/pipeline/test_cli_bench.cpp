@@ -358,6 +358,36 @@ TEST_F(CliBench, ProfileStreamsProfilesBatchedRounds) {
   EXPECT_NE(run("bench --model '" + model_ + "' --sections profile --profile-streams -1").status, 0);
 }
 
+// e2e rows also queue --frames frames back to back with one synchronisation (a runtime's throughput): the frame count,
+// fps = frames / total time, and the host's queueing time inside that total; other sections' rows have none.
+TEST_F(CliBench, E2eRowsCarryAPipelinedThroughput) {
+  const std::string json = dir_ + "/pipelined.json";
+  const RunResult r = run("bench --model '" + model_ +
+                          "' --sizes 64 --dtypes fp32 --sections e2e,cfg --frames 3 --warmup 1 --threads 1 --json '" +
+                          json + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("3 frames back to back"), std::string::npos) << r.output;
+  const auto j = read_json(json);
+  int e2e = 0;
+  for (const auto& res : j["results"]) {
+    SCOPED_TRACE(res["id"].get<std::string>());
+    if (res["section"] != "e2e") {
+      EXPECT_FALSE(res.contains("extra") && res["extra"].contains("pipelined"));
+      continue;
+    }
+    ++e2e;
+    ASSERT_TRUE(res["extra"].contains("pipelined")) << res.dump();
+    const auto& p = res["extra"]["pipelined"];
+    EXPECT_EQ(p["frames"], 3);
+    const double total = p["total_s"].get<double>();
+    ASSERT_GT(total, 0);
+    EXPECT_NEAR(p["fps"].get<double>(), 3 / total, 1e-9 * 3 / total);
+    EXPECT_GT(p["host_s_per_frame"].get<double>(), 0);
+    EXPECT_LE(p["host_s_per_frame"].get<double>() * 3, total);
+  }
+  EXPECT_EQ(e2e, 2);  // txt2img and img2img
+}
+
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
 // counted) and one comparison per mode against the exact row by their means; K = 0 is refused.
 TEST_F(CliBench, DeepCacheRowsAndComparisons) {
