@@ -17,10 +17,10 @@
 #   3b. the same e2e rows with cuDNN's autotuner off (SD_CUDNN_BENCHMARK=0; on is the default on CUDA), to compare,
 #       and the GPU time by operator of an img2img frame and of a round of 16 batched streams (bench --sections
 #       profile --profile-streams 16);
-#   4. many streams in one UNet call: bench --sections multistream for 1, 2, 4, 8, 16 streams (when the CLI has it),
-#      and for 1, 4, 16 streams in the e2e rows' 1-step configuration;
+#   4. many streams in one UNet call: bench --sections multistream for 1, 2, 4, 8, 16 streams (when the CLI has it);
 #   5. the original StreamDiffusion (PyPI streamdiffusion 0.1.1 + diffusers 0.24, wheels carried in .whl-peer by
 #      scripts/gpu-peer-prepare.sh) on the same model, GPU and size, side by side (scripts/gpu-peer-check.sh);
+#   5b. multi-stream rows for 1, 4, 16 streams in the e2e rows' 1-step configuration (total img2img fps of K clients);
 #   6. the fp32 benchmark rows, as the budget allows.
 # The device tests are one small program (test_device, engine-only builds) so the build stays short.
 # Results (logs, JSON) go to $OUT (the device tool's output folder; default ./gpu-check-out); summary.txt has the
@@ -161,13 +161,6 @@ if grep -q -- "--streams" <<<"$BENCH_HELP"; then
   if [ $DRY = 1 ]; then MS+=(--streams 1,2,4 --frames 3 --warmup 1 --threads 2); else MS+=(--streams 1,2,4,8,16 --frames 40 --warmup 5); fi
   step "multistream-${DTYPES[0]}" "$CLI" "${MS[@]}" --dtypes "${DTYPES[0]}" --json "$OUT/multistream.json" || true
   grep -hE "^multistream |streams" "$OUT/multistream-${DTYPES[0]}.log" | sed "s/^/  /" >> "$SUMMARY"
-  # The e2e rows' configuration (1 step, t 35) over many streams: total frames per second of K sd-turbo img2img
-  # clients on one GPU, beside the one-stream img2img row.
-  MS1=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --sections multistream --multi-t-index 35)
-  if [ $DRY = 1 ]; then MS1+=(--streams 4 --frames 3 --warmup 1 --threads 2); else MS1+=(--streams 1,4,16 --frames 30 --warmup 5); fi
-  step "multistream-1step-${DTYPES[0]}" "$CLI" "${MS1[@]}" --dtypes "${DTYPES[0]}" --json "$OUT/multistream-1step.json" ||
-    true
-  grep -hE "streams:" "$OUT/multistream-1step-${DTYPES[0]}.log" | sed "s/^/  1 step: /" >> "$SUMMARY"
 else
   log "SKIP multistream (this CLI has no bench --streams)"
 fi
@@ -183,6 +176,16 @@ elif [ $DRY = 1 ] && [ -n "${PEER_PYTHON:-}" ] && ls .whl-peer/*.whl >/dev/null 
   grep -hE "^peer " "$OUT/peer-streamdiffusion.log" | sed "s/^/  /" >> "$SUMMARY"
 else
   log "SKIP peer (no .whl-peer wheels, or a dry run without PEER_PYTHON: run scripts/gpu-peer-prepare.sh, carry .whl-peer)"
+fi
+
+# 5b. the e2e rows' configuration (1 step, t 35) over many streams: total img2img frames per second of K sd-turbo
+# clients on one GPU, beside the one-stream img2img row (after the peer: the budget may end here)
+if grep -q -- "--streams" <<<"$BENCH_HELP"; then
+  MS1=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --sections multistream --multi-t-index 35)
+  if [ $DRY = 1 ]; then MS1+=(--streams 4 --frames 3 --warmup 1 --threads 2); else MS1+=(--streams 1,4,16 --frames 30 --warmup 5); fi
+  step "multistream-1step-${DTYPES[0]}" "$CLI" "${MS1[@]}" --dtypes "${DTYPES[0]}" --json "$OUT/multistream-1step.json" ||
+    true
+  grep -hE "streams:" "$OUT/multistream-1step-${DTYPES[0]}.log" | sed "s/^/  1 step: /" >> "$SUMMARY"
 fi
 
 # 6. the rest, as the budget allows
