@@ -132,7 +132,7 @@ if [ $DRY = 1 ]; then PROFILE_OPTS=(--frames 3 --warmup 1 --threads 2 --profile-
 else PROFILE_OPTS=(--frames 20 --warmup 5 --profile-streams 16); fi
 BENCH_PROFILE=("${BENCH[@]}" --sections profile "${PROFILE_OPTS[@]}")
 if [ $DRY = 1 ]; then
-  BENCH+=(--sections components,e2e --threads 2 --iters 2 --frames 3 --warmup 1)
+  BENCH+=(--sections components,e2e --threads 2 --iters 2 --frames 3 --warmup 1 --pipelined-frames 3)
 else
   BENCH+=(--sections components,e2e --iters 20 --frames 200 --warmup 10)
 fi

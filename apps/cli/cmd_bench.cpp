@@ -96,6 +96,7 @@ struct BenchOptions {
   std::string streams = "1,2,4,8,16";    // --streams: stream counts of the multistream section
   bool profile_shapes = false;           // --profile-shapes: the profile section per operator and input shapes
   int profile_streams = 0;               // --profile-streams K: the profile section also over K batched streams
+  int pipelined_frames = -1;             // --pipelined-frames N: e2e frames queued back to back (-1: auto)
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -633,29 +634,29 @@ class Bench {
       r.extra["amortized_s_per_frame"] = r.timing.mean;
     }
     r.gflop = deep > 1 ? 0.0 : frame_gflop(mode, ae, size, rows);
-    if (section == "e2e" && !cn && deep == 1) pipelined(r, step);
+    if (section == "e2e" && !cn && deep == 1) {
+      const int n = o_.pipelined_frames >= 0 ? o_.pipelined_frames : (device_.is_cpu() ? 0 : o_.frames);
+      if (n > 0) pipelined(r, step, n);
+    }
     return add(id, r);
   }
 
   // The timed frames each end with a device synchronisation (a frame's latency). A runtime's model thread queues the
-  // next frame while the GPU still runs the last one (the output waits on another thread): --frames frames back to
-  // back and one synchronisation give that throughput, and the host's own time to queue them (host-bound where it
-  // nears the total). On the CPU every call is synchronous and the two agree.
-  void pipelined(Result& r, const std::function<void()>& step) {
+  // next frame while the GPU still runs the last one (the output waits on another thread): `n` frames back to back
+  // and one synchronisation give that throughput, and the host's own time to queue them (host-bound where it nears
+  // the total). By default on a GPU only: on the CPU every call is synchronous and the two agree.
+  void pipelined(Result& r, const std::function<void()>& step, int n) {
     sync(device_);
     const auto t0 = Clock::now();
-    for (int i = 0; i < o_.frames; ++i) step();
+    for (int i = 0; i < n; ++i) step();
     const double host = std::chrono::duration<double>(Clock::now() - t0).count();
     sync(device_);
     const double total = std::chrono::duration<double>(Clock::now() - t0).count();
-    r.extra["pipelined"] = {{"frames", o_.frames},
-                            {"fps", total > 0 ? o_.frames / total : 0.0},
-                            {"total_s", total},
-                            {"host_s_per_frame", host / o_.frames}};
-    std::cout << "           " << r.name << " " << r.variant << " " << r.dtype << " " << r.size << " px: "
-              << o_.frames << " frames back to back " << std::fixed << std::setprecision(2)
-              << (total > 0 ? o_.frames / total : 0.0) << " fps (pipelined), host " << std::setprecision(3)
-              << 1e3 * host / o_.frames << " ms per frame\n";
+    const double fps = total > 0 ? n / total : 0.0;
+    r.extra["pipelined"] = {{"frames", n}, {"fps", fps}, {"total_s", total}, {"host_s_per_frame", host / n}};
+    std::cout << "           " << r.name << " " << r.variant << " " << r.dtype << " " << r.size << " px: " << n
+              << " frames back to back " << std::fixed << std::setprecision(2) << fps << " fps (pipelined), host "
+              << std::setprecision(3) << 1e3 * host / n << " ms per frame\n";
   }
 
   void batch_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
@@ -1408,6 +1409,10 @@ sd::cli::Runner setup_bench(CLI::App& app) {
       ->capture_default_str();
   app.add_flag("--profile-shapes", o->profile_shapes,
                "profile section: one row per operator and input shapes (which convolution or copy it is)");
+  app.add_option("--pipelined-frames", o->pipelined_frames,
+                 "e2e rows: also time N frames queued back to back with one device synchronisation (a runtime's "
+                 "throughput; default --frames on a GPU, none on the CPU, where calls are synchronous)")
+      ->check(CLI::Range(-1, 1000000));
   app.add_option("--profile-streams", o->profile_streams,
                  "profile section: also profile rounds of K img2img streams batched into one UNet call (as the "
                  "multistream section's batched row, --multi-t-index, without CUDA graphs); 0 = not")

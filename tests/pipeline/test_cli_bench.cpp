@@ -358,13 +358,14 @@ TEST_F(CliBench, ProfileStreamsProfilesBatchedRounds) {
   EXPECT_NE(run("bench --model '" + model_ + "' --sections profile --profile-streams -1").status, 0);
 }
 
-// e2e rows also queue --frames frames back to back with one synchronisation (a runtime's throughput): the frame count,
-// fps = frames / total time, and the host's queueing time inside that total; other sections' rows have none.
+// --pipelined-frames N: e2e rows also queue N frames back to back with one synchronisation (a runtime's throughput;
+// by default on a GPU only): the frame count, fps = frames / total time, and the host's queueing time inside that
+// total; other sections' rows have none, and neither has a CPU run without the option.
 TEST_F(CliBench, E2eRowsCarryAPipelinedThroughput) {
   const std::string json = dir_ + "/pipelined.json";
   const RunResult r = run("bench --model '" + model_ +
-                          "' --sizes 64 --dtypes fp32 --sections e2e,cfg --frames 3 --warmup 1 --threads 1 --json '" +
-                          json + "'");
+                          "' --sizes 64 --dtypes fp32 --sections e2e,cfg --frames 2 --pipelined-frames 3 --warmup 1 "
+                          "--threads 1 --json '" + json + "'");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("3 frames back to back"), std::string::npos) << r.output;
   const auto j = read_json(json);
@@ -386,6 +387,12 @@ TEST_F(CliBench, E2eRowsCarryAPipelinedThroughput) {
     EXPECT_LE(p["host_s_per_frame"].get<double>() * 3, total);
   }
   EXPECT_EQ(e2e, 2);  // txt2img and img2img
+  const std::string plain = dir_ + "/plain.json";
+  ASSERT_EQ(run("bench --model '" + model_ + "' --sizes 64 --dtypes fp32 --sections e2e --frames 2 --warmup 0 "
+                "--threads 1 --json '" + plain + "'")
+                .status,
+            0);
+  for (const auto& res : read_json(plain)["results"]) EXPECT_FALSE(res["extra"].contains("pipelined")) << res.dump();
 }
 
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
