@@ -7,6 +7,7 @@
 #include "core/error.h"
 
 #if SD_WITH_CUDA
+#include <c10/core/Event.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -86,15 +87,65 @@ torch::Tensor image_to_device_tensor(const torch::Tensor& img, int64_t expect_he
   return convert(nhwc).to(device, dtype);
 }
 
-torch::Tensor tensor_to_image(const torch::Tensor& x) {
+namespace {
+
+void check_decoded(const torch::Tensor& x) {
   if (x.dim() != 4 || x.size(1) != 3 || !x.is_floating_point())
     throw InvalidArgument("decoded image has shape " + shape_str(x.sizes()) + " and dtype " +
                           c10::toString(x.scalar_type()) + "; expected a float tensor [N, 3, H, W]");
+}
+
+// [N, 3, H, W] float -> uint8 [N, H, W, 3], where x is.
+torch::Tensor to_pixels(const torch::Tensor& x) {
   torch::NoGradGuard no_grad;
-  // Converted where the image is (on a GPU: there), so only the 8-bit pixels cross to the host.
   const torch::Tensor y = (x.detach().to(torch::kFloat32) / 2.0 + 0.5).clamp(0.0, 1.0);
   // torch::round is round-half-to-even, like numpy's .round().
-  return (y * 255.0).round().to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous().to(torch::kCPU);
+  return (y * 255.0).round().to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous();
+}
+
+}  // namespace
+
+torch::Tensor tensor_to_image(const torch::Tensor& x) {
+  check_decoded(x);
+  // Converted where the image is (on a GPU: there), so only the 8-bit pixels cross to the host.
+  if (x.is_cuda()) return start_image_download(x).get();
+  return to_pixels(x).to(torch::kCPU);
+}
+
+const torch::Tensor& ImageDownload::get() {
+  if (wait_) {
+    wait_();
+    wait_ = nullptr;
+  }
+  return pixels_;
+}
+
+ImageDownload start_image_download(const torch::Tensor& x) {
+  check_decoded(x);
+#if SD_WITH_CUDA
+  if (x.is_cuda()) {
+    torch::NoGradGuard no_grad;
+    const c10::DeviceIndex index = x.device().index();
+    // The frame's work so far, on this thread's stream; the side stream starts after it.
+    c10::Event produced(c10::DeviceType::CUDA);
+    produced.record(c10::cuda::getCurrentCUDAStream(index));
+    c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index);
+    produced.block(side);
+    torch::Tensor host;
+    {
+      c10::cuda::CUDAStreamGuard guard(side);
+      const torch::Tensor u8 = to_pixels(x);
+      host = torch::empty(u8.sizes(), u8.options().device(torch::kCPU).pinned_memory(true));
+      host.copy_(u8, /*non_blocking=*/true);
+    }
+    // x was made on the model's stream: its memory is not handed out again before the side stream has read it.
+    x.record_stream(side);
+    auto copied = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
+    copied->record(side);
+    return ImageDownload(std::move(host), [copied] { copied->synchronize(); });
+  }
+#endif
+  return ImageDownload(to_pixels(x).to(torch::kCPU), nullptr);
 }
 
 }  // namespace sd

@@ -2,6 +2,8 @@
 // Image tensors at the pipeline's boundary (spec §7.1, §7.3). Pixels are uint8 HWC RGB; the model side is NCHW
 // float in [-1, 1]. Resizing is the caller's business (the CLI does it with OpenCV): here sizes must already match.
 #include <cstdint>
+#include <functional>
+#include <utility>
 #include <vector>
 
 #include <torch/types.h>
@@ -26,8 +28,27 @@ torch::Tensor image_to_tensor(const torch::Tensor& hwc_u8, int64_t expect_height
 torch::Tensor image_to_device_tensor(const torch::Tensor& hwc_u8, int64_t expect_height, int64_t expect_width,
                                      const c10::Device& device, c10::ScalarType dtype);
 
-// Decoder output [N, 3, H, W] (any float dtype, ≈[-1, 1]) -> uint8 [N, H, W, 3]:
+// Decoder output [N, 3, H, W] (any float dtype, ≈[-1, 1]) -> uint8 [N, H, W, 3] on the host:
 // y = clamp(x / 2 + 0.5, 0, 1) in float32, then round-half-to-even(255 * y) (numpy's rounding).
 torch::Tensor tensor_to_image(const torch::Tensor& nchw);
+
+// tensor_to_image in two halves, for a model thread that runs ahead of the GPU. start_image_download() takes the
+// output where it is: on CUDA it queues the conversion, and the copy of the 8-bit pixels into pinned host memory, on
+// a side stream behind the work queued so far on the calling thread's stream (the frame that produced it), and
+// returns at once; get(), on any thread, waits for that copy only, not for the frames the model thread queued since.
+// Elsewhere the pixels are ready at once. The same values as tensor_to_image. `nchw` must not be written before get()
+// returns (the stream's outputs are fresh tensors: nothing writes them again).
+class ImageDownload {
+ public:
+  ImageDownload() = default;
+  ImageDownload(torch::Tensor pixels, std::function<void()> wait) : pixels_(std::move(pixels)), wait_(std::move(wait)) {}
+  // uint8 [N, H, W, 3] on the host (waits for the copy the first time).
+  const torch::Tensor& get();
+
+ private:
+  torch::Tensor pixels_;
+  std::function<void()> wait_;
+};
+ImageDownload start_image_download(const torch::Tensor& nchw);
 
 }  // namespace sd

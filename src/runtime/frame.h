@@ -4,6 +4,7 @@
 // the model side; each stage fills the field the next one needs and drops the one it no longer needs.
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include <opencv2/core/mat.hpp>
@@ -27,6 +28,10 @@ struct Frame {
   // BGR 8UC3 on the source side, then uint8 RGB [H, W, 3] at its own size (the image encoder resizes and crops).
   cv::Mat image_prompt;
   torch::Tensor image_prompt_rgb;
+  // Model side: a post-process the processor started on the model thread (FrameProcessor::begin_postprocess, e.g. the
+  // pixels' copy to the host queued behind the frame's kernels); the post-process thread calls it instead of
+  // postprocess(tensor).
+  std::function<torch::Tensor()> postprocessed;
 };
 
 }  // namespace sd

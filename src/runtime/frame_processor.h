@@ -49,6 +49,12 @@ class FrameProcessor {
   // Post-process thread: process() output tensor -> uint8 RGB [H, W, 3] (default: unchanged).
   virtual torch::Tensor postprocess(const torch::Tensor& out) { return out; }
 
+  // Model thread, for each output of process() / flush() / apply() as it is handed on: may start the post-process
+  // there by setting Frame::postprocessed (which the post-process thread then calls instead of postprocess()), so that
+  // on a GPU the frame's pixels leave behind its own kernels, not behind those the model thread queues next.
+  // Default: nothing.
+  virtual void begin_postprocess(Frame& out) {}
+
   // Model thread, between two frames. Throws sd::Error (InvalidArgument) when the command cannot be applied; the
   // processor is then unchanged. May return outputs that had to be produced first (a change that restarts the stream
   // flushes the frames in flight).

@@ -83,6 +83,12 @@ torch::Tensor StreamDiffusionProcessor::postprocess(const torch::Tensor& out) {
   return tensor_to_image(out).squeeze(0);  // [1, 3, H, W] -> [H, W, 3] uint8
 }
 
+void StreamDiffusionProcessor::begin_postprocess(Frame& out) {
+  if (!out.tensor.defined() || !out.tensor.is_cuda()) return;  // the CPU converts on the post-process thread
+  auto download = std::make_shared<ImageDownload>(start_image_download(out.tensor));
+  out.postprocessed = [download] { return download->get().squeeze(0); };
+}
+
 void StreamDiffusionProcessor::check_control_preprocessor(size_t index, const ControlPreprocessor& p) const {
   if (txt2img_ && !control_source_ && !p.feedback())
     throw InvalidArgument("control preprocessor " + std::to_string(index) + " '" + p.name() +

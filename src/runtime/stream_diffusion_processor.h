@@ -48,6 +48,8 @@ class StreamDiffusionProcessor : public FrameProcessor {
   std::vector<Frame> process(Frame in) override;
   std::vector<Frame> flush() override;
   torch::Tensor postprocess(const torch::Tensor& out) override;
+  // On CUDA: starts the output's conversion and copy to pinned host memory (start_image_download).
+  void begin_postprocess(Frame& out) override;
   std::vector<Frame> apply(const ControlCommand& command) override;
   int64_t skipped() const override { return stream_->stats().skipped; }
   int64_t latency_frames() const override;

@@ -344,6 +344,7 @@ void StreamRuntime::preprocess_frame(Frame& f) {
 }
 
 bool StreamRuntime::push_outputs(std::vector<Frame>& outs) {
+  for (auto& o : outs) processor_->begin_postprocess(o);
   const bool ok = emit_(outs);
   outs.clear();
   return ok;
@@ -458,7 +459,8 @@ void StreamRuntime::postprocess_loop() {
 }
 
 void StreamRuntime::postprocess_frame(Frame& f) {
-  torch::Tensor rgb = processor_->postprocess(f.tensor);
+  torch::Tensor rgb = f.postprocessed ? f.postprocessed() : processor_->postprocess(f.tensor);
+  f.postprocessed = nullptr;
   if (!rgb.defined() || rgb.dim() != 3 || rgb.size(2) != 3 || rgb.scalar_type() != torch::kUInt8)
     throw InvalidArgument("processor output for frame " + std::to_string(f.index) + " is not a uint8 [H, W, 3] image");
   rgb = rgb.to(torch::kCPU).contiguous();

@@ -118,5 +118,33 @@ TEST(Image, ToDeviceTensorEqualsTheHostConversion) {
   EXPECT_THROW(image_to_device_tensor(torch::zeros({16, 24, 3}), 16, 24, device, dtype), InvalidArgument);
 }
 
+// start_image_download + get() gives tensor_to_image's pixels of the host copy (the conversion is exact float32 either
+// way), on the host (pinned on CUDA), the same tensor on a second get(); downloads started back to back (as a model
+// thread that runs ahead) each keep their own frame; bad shapes fail before anything is queued.
+TEST(Image, DownloadEqualsTheHostConversion) {
+  const c10::Device device = test::test_device();
+  const c10::ScalarType dtype = device.is_cpu() && test::test_dtype() == c10::kHalf ? c10::kFloat : test::test_dtype();
+  torch::manual_seed(5);
+  std::vector<torch::Tensor> frames;
+  std::vector<ImageDownload> downloads;
+  for (int i = 0; i < 3; ++i) {
+    frames.push_back((torch::randn({2, 3, 16, 24}) * 1.2).to(dtype));  // beyond [-1, 1]: the clamp counts
+    downloads.push_back(start_image_download(frames.back().to(device) * 1));  // a fresh device tensor, as a frame's
+  }
+  for (int i = 0; i < 3; ++i) {
+    const torch::Tensor& px = downloads[i].get();
+    EXPECT_TRUE(px.is_cpu());
+    if (device.is_cuda()) EXPECT_TRUE(px.is_pinned());
+    ASSERT_EQ(px.sizes(), (std::vector<int64_t>{2, 16, 24, 3}));
+    EXPECT_EQ(px.scalar_type(), torch::kUInt8);
+    EXPECT_TRUE(torch::equal(px, tensor_to_image(frames[i]))) << "frame " << i;
+    EXPECT_EQ(downloads[i].get().data_ptr(), px.data_ptr());
+  }
+  EXPECT_TRUE(torch::equal(tensor_to_image(frames[0].to(device)), tensor_to_image(frames[0])));
+  EXPECT_THROW(start_image_download(torch::zeros({1, 4, 8, 8}, torch::TensorOptions().device(device))),
+               InvalidArgument);
+  EXPECT_THROW(start_image_download(torch::zeros({1, 3, 8, 8}, torch::kUInt8)), InvalidArgument);
+}
+
 }  // namespace
 }  // namespace sd

@@ -534,6 +534,50 @@ TEST(StreamRuntime, SynchronousModeIsTheSameStreamOnOneThread) {
   EXPECT_EQ(live.summary()["stop_reason"], "interrupted by SIGINT");
 }
 
+// A processor that starts each output's post-process on the model thread (FrameProcessor::begin_postprocess, as the
+// StreamDiffusion processor does on CUDA): the post-process thread uses what it started instead of postprocess(), for
+// every output, flushed ones included, and in order.
+class EarlyPostprocessStub : public StubProcessor {
+ public:
+  using StubProcessor::StubProcessor;
+  std::vector<Frame> process(Frame in) override {
+    model_thread = std::this_thread::get_id();
+    return StubProcessor::process(std::move(in));
+  }
+  void begin_postprocess(Frame& out) override {
+    EXPECT_EQ(std::this_thread::get_id(), model_thread) << "begun on the model thread";
+    ++begun;
+    const torch::Tensor inverted = 255 - out.tensor;
+    out.postprocessed = [this, inverted, begun_on = std::this_thread::get_id()] {
+      ++finished;
+      if (std::this_thread::get_id() == begun_on) ++on_model_thread;
+      return inverted;
+    };
+  }
+  torch::Tensor postprocess(const torch::Tensor& out) override {
+    ADD_FAILURE() << "postprocess() called although the post-process was begun";
+    return out;
+  }
+  std::thread::id model_thread;  // written and read on the model thread only
+  std::atomic<int> begun{0}, finished{0}, on_model_thread{0};
+};
+
+TEST(StreamRuntime, PostprocessBegunOnTheModelThreadIsUsed) {
+  TempDir tmp;
+  const int n = 12;
+  const std::string video = test::write_index_video(tmp.path + "/in.avi", n);
+  auto stub = std::make_shared<EarlyPostprocessStub>(/*latency=*/2, 64, 64);
+  auto sink = std::make_unique<MemorySink>();
+  MemorySink* mem = sink.get();
+  StreamRuntime rt(open_source(video), stub, std::move(sink), quiet());
+  rt.run();
+  ASSERT_EQ(mem->frames.size(), static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) EXPECT_EQ(test::decode_index(mem->frames[i], /*invert=*/true), i);
+  EXPECT_EQ(stub->begun.load(), n);
+  EXPECT_EQ(stub->finished.load(), n);
+  EXPECT_EQ(stub->on_model_thread.load(), 0) << "finished on the post-process thread";
+}
+
 TEST(StreamRuntime, ImageFolderInput) {
   TempDir tmp;
   const std::string dir = tmp.path + "/frames";
