@@ -20,18 +20,7 @@ struct PyBatcher {
 
 py::dict stats_dict(const sd::MultiStreamStats& s) {
   py::dict d;
-  d["steps"] = s.steps;
-  d["stream_calls"] = s.stream_calls;
-  d["shared_unet_calls"] = s.shared_unet_calls;
-  d["shared_encode_calls"] = s.shared_encode_calls;
-  d["batched_calls"] = s.batched_calls;
-  d["own_calls"] = s.own_calls;
-  d["skipped"] = s.skipped;
-  d["errors"] = s.errors;
-  d["max_batch"] = s.max_batch;
-  d["max_rows"] = s.max_rows;
-  d["graph_captures"] = s.graph_captures;
-  d["graph_replays"] = s.graph_replays;
+  s.for_each([&d](const char* name, int64_t value) { d[name] = value; });
   return d;
 }
 

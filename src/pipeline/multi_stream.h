@@ -95,6 +95,22 @@ struct MultiStreamStats {
   int64_t graph_captures = 0;   // shared encode / UNet / decode calls recorded as CUDA graphs (SharedGraphs)
   int64_t graph_replays = 0;    // shared encode / UNet / decode calls answered by a replay
   void add(const MultiStreamStats& o);
+  // Calls f(name, value) for every counter, in declaration order (reports: Python's StreamBatcher.stats).
+  template <class F>
+  void for_each(F&& f) const {
+    f("steps", steps);
+    f("stream_calls", stream_calls);
+    f("shared_unet_calls", shared_unet_calls);
+    f("batched_calls", batched_calls);
+    f("own_calls", own_calls);
+    f("skipped", skipped);
+    f("errors", errors);
+    f("max_batch", max_batch);
+    f("max_rows", max_rows);
+    f("shared_encode_calls", shared_encode_calls);
+    f("graph_captures", graph_captures);
+    f("graph_replays", graph_replays);
+  }
 };
 
 // One stream call per entry (see the header comment). `stats`, when given, is added to.

@@ -26,8 +26,25 @@ namespace fs = std::filesystem;
 using test::RunResult;
 RunResult run(const std::string& args) { return test::run_command(std::string(SD_BENCH_CLI_PATH) + " " + args); }
 
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
 class CliBench : public ::testing::Test {
  protected:
+  // `bench --model <the tiny model> <args> --json <dir>/<name>`: the run, and its report when it succeeded.
+  struct BenchRun {
+    RunResult run;
+    nlohmann::json report;
+  };
+  BenchRun bench(const std::string& args, const std::string& name) {
+    const std::string json = dir_ + "/" + name;
+    BenchRun b{run("bench --model '" + model_ + "' " + args + " --json '" + json + "'"), nlohmann::json()};
+    if (b.run.status == 0 && fs::exists(json)) b.report = read_json(json);
+    return b;
+  }
+
   void SetUp() override {
     model_ = test::fixture_path("models/tiny-sd21");
     if (!fs::exists(model_)) GTEST_SKIP() << "no fixture model " << model_;
@@ -38,11 +55,6 @@ class CliBench : public ::testing::Test {
   }
   std::string model_, dir_;
 };
-
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  return nlohmann::json::parse(in);
-}
 
 TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
   const std::string json = dir_ + "/bench.json";
@@ -238,13 +250,13 @@ TEST_F(CliBench, RejectsUnknownSectionsAndBadOptions) {
 // The multistream section (not part of "all"): per stream count one row one by one and one batched (one UNet call
 // per round), fps_total = K / median, the ratio in the row, the comparison and the JSON table; bad counts refused.
 TEST_F(CliBench, MultistreamSectionTimesOneByOneAndBatched) {
-  const std::string json = dir_ + "/multi.json";
-  const RunResult r = run("bench --model '" + model_ +
-                          "' --sizes 64 --dtypes fp32 --sections multistream --streams 1,3 --frames 2 --warmup 0 "
-                          "--threads 1 --json '" + json + "'");
+  const BenchRun b = bench("--sizes 64 --dtypes fp32 --sections multistream --streams 1,3 --frames 2 --warmup 0 "
+                           "--threads 1",
+                           "multi.json");
+  const RunResult& r = b.run;
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("3 streams: one by one"), std::string::npos) << r.output;
-  const auto j = read_json(json);
+  const auto& j = b.report;
   ASSERT_TRUE(j.contains("multistream")) << j.dump();
   ASSERT_EQ(j["multistream"].size(), 1u);
   const auto& rows = j["multistream"][0]["rows"];
@@ -274,13 +286,12 @@ TEST_F(CliBench, MultistreamSectionTimesOneByOneAndBatched) {
 // are there, each share is its self time over the total, the shares add up to 1, the table is sorted, and the
 // per-frame total is at most the whole frame's time (the operators run inside the frame).
 TEST_F(CliBench, ProfileSectionListsTheFramesOperators) {
-  const std::string json = dir_ + "/profile.json";
-  const RunResult r = run("bench --model '" + model_ +
-                          "' --sizes 64 --dtypes fp32 --sections profile,e2e --frames 4 --warmup 1 --threads 1 "
-                          "--json '" + json + "'");
+  const BenchRun b =
+      bench("--sizes 64 --dtypes fp32 --sections profile,e2e --frames 4 --warmup 1 --threads 1", "profile.json");
+  const RunResult& r = b.run;
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("profile    img2img fp32 64 px"), std::string::npos) << r.output;
-  const auto j = read_json(json);
+  const auto& j = b.report;
   ASSERT_TRUE(j.contains("profile")) << j.dump();
   ASSERT_EQ(j["profile"].size(), 1u);
   const auto& p = j["profile"][0];
@@ -328,14 +339,14 @@ TEST_F(CliBench, ProfileSectionListsTheFramesOperators) {
 // one decode for all K streams, as a single stream's frame does for one: as many aten::conv2d calls (the kernels under
 // it differ with the batch size).
 TEST_F(CliBench, ProfileStreamsProfilesBatchedRounds) {
-  const std::string json = dir_ + "/profile-streams.json";
-  const RunResult r = run("bench --model '" + model_ +
-                          "' --sizes 64 --dtypes fp32 --sections profile --profile-streams 3 --frames 2 --warmup 1 "
-                          "--threads 1 --json '" + json + "'");
+  const BenchRun b = bench("--sizes 64 --dtypes fp32 --sections profile --profile-streams 3 --frames 2 --warmup 1 "
+                           "--threads 1",
+                           "profile-streams.json");
+  const RunResult& r = b.run;
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("profile    3 batched img2img streams (cfg self, t 32,45) fp32 64 px"), std::string::npos)
       << r.output;
-  const auto j = read_json(json);
+  const auto& j = b.report;
   ASSERT_EQ(j["profile"].size(), 2u) << j.dump();
   const auto& one = j["profile"][0];
   const auto& many = j["profile"][1];
@@ -362,13 +373,13 @@ TEST_F(CliBench, ProfileStreamsProfilesBatchedRounds) {
 // by default on a GPU only): the frame count, fps = frames / total time, and the host's queueing time inside that
 // total; other sections' rows have none, and neither has a CPU run without the option.
 TEST_F(CliBench, E2eRowsCarryAPipelinedThroughput) {
-  const std::string json = dir_ + "/pipelined.json";
-  const RunResult r = run("bench --model '" + model_ +
-                          "' --sizes 64 --dtypes fp32 --sections e2e,cfg --frames 2 --pipelined-frames 3 --warmup 1 "
-                          "--threads 1 --json '" + json + "'");
+  const BenchRun b = bench("--sizes 64 --dtypes fp32 --sections e2e,cfg --frames 2 --pipelined-frames 3 --warmup 1 "
+                           "--threads 1",
+                           "pipelined.json");
+  const RunResult& r = b.run;
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("3 frames back to back"), std::string::npos) << r.output;
-  const auto j = read_json(json);
+  const auto& j = b.report;
   int e2e = 0;
   for (const auto& res : j["results"]) {
     SCOPED_TRACE(res["id"].get<std::string>());
@@ -387,12 +398,10 @@ TEST_F(CliBench, E2eRowsCarryAPipelinedThroughput) {
     EXPECT_LE(p["host_s_per_frame"].get<double>() * 3, total);
   }
   EXPECT_EQ(e2e, 2);  // txt2img and img2img
-  const std::string plain = dir_ + "/plain.json";
-  ASSERT_EQ(run("bench --model '" + model_ + "' --sizes 64 --dtypes fp32 --sections e2e --frames 2 --warmup 0 "
-                "--threads 1 --json '" + plain + "'")
-                .status,
-            0);
-  for (const auto& res : read_json(plain)["results"]) EXPECT_FALSE(res["extra"].contains("pipelined")) << res.dump();
+  const BenchRun plain =
+      bench("--sizes 64 --dtypes fp32 --sections e2e --frames 2 --warmup 0 --threads 1", "plain.json");
+  ASSERT_EQ(plain.run.status, 0) << plain.run.output;
+  for (const auto& res : plain.report["results"]) EXPECT_FALSE(res["extra"].contains("pipelined")) << res.dump();
 }
 
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
