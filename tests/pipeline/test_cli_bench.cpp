@@ -402,6 +402,9 @@ TEST_F(CliBench, E2eRowsCarryAPipelinedThroughput) {
       bench("--sizes 64 --dtypes fp32 --sections e2e --frames 2 --warmup 0 --threads 1", "plain.json");
   ASSERT_EQ(plain.run.status, 0) << plain.run.output;
   for (const auto& res : plain.report["results"]) EXPECT_FALSE(res["extra"].contains("pipelined")) << res.dump();
+  const RunResult bad = run("bench --model '" + model_ + "' --sections e2e --pipelined-frames -2");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.output.find("--pipelined-frames"), std::string::npos) << bad.output;
 }
 
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
