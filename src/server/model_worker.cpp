@@ -114,6 +114,16 @@ void ModelWorker::run_gathered(std::vector<std::shared_ptr<ModelTask>>& tasks) {
     step.output = std::move(results[j].output);
     step.error = results[j].error;
     step.shared_with = results[j].shared_with;
+    if (step.error || !step.output.defined()) continue;
+    try {
+      tasks[running[j]]->begin_batched_output(step);
+    } catch (const std::exception& e) {
+      // Its end_batched_step still runs: the task answers its client there.
+      log::error("model worker: a task failed to start its output: {}", e.what());
+    }
+  }
+  for (size_t j = 0; j < running.size(); ++j) {
+    BatchedStep& step = steps[running[j]];
     try {
       tasks[running[j]]->end_batched_step(step);
     } catch (const std::exception& e) {

@@ -11,7 +11,8 @@
 // takes the other queued tasks with the same key (in queue order, up to N in all; other tasks keep their places)
 // and runs them as ONE step: each task's begin_batched_step (the first half of its run_model_step: its input and
 // settings), one sd::run_stream_calls over their streams (their UNet rows in one UNet call, pipeline/multi_stream.h),
-// then each task's end_batched_step (its result to its client, exactly as run_model_step delivers it). Tasks that
+// then each task's begin_batched_output (its download started) and each task's end_batched_step (its result to its
+// client, exactly as run_model_step delivers it). Tasks that
 // arrive while a step runs wait for the next one, as before.
 #include <atomic>
 #include <condition_variable>
@@ -50,6 +51,10 @@ class ModelTask {
   // Model thread, gathered steps: the first half of run_model_step. False when this turn needs no stream call (it
   // was handled here: settings only, an error sent, the task closed); true with step.stream / step.images set.
   virtual bool begin_batched_step(BatchedStep& /*step*/) { return false; }
+  // Model thread, gathered steps with a step.output: called for every such task of the step before the first
+  // end_batched_step, to start what can run behind the device's queue (a session starts its frame's download, so
+  // that on CUDA the step's conversions and copies are queued back to back and only the first wait is for the step).
+  virtual void begin_batched_output(BatchedStep& /*step*/) {}
   // Model thread: the second half, with step.output or step.error (called only after a true begin_batched_step).
   virtual void end_batched_step(BatchedStep& /*step*/) {}
 

@@ -297,9 +297,20 @@ bool StreamSession::begin_batched_step(BatchedStep& step) {
   return true;
 }
 
+void StreamSession::begin_batched_output(BatchedStep& step) {
+  try {
+    batch_pixels_ = start_image_download(step.output.slice(0, 0, 1));
+  } catch (const std::exception&) {
+    // end_step converts the frame itself then, and sends the client the error this would have been.
+    batch_pixels_.reset();
+  }
+}
+
 void StreamSession::end_batched_step(BatchedStep& step) {
   PendingStep p = std::move(batch_step_);
   batch_step_ = PendingStep();
+  std::optional<ImageDownload> pixels = std::move(batch_pixels_);
+  batch_pixels_.reset();
   if (step.error) {
     try {
       std::rethrow_exception(step.error);
@@ -308,7 +319,7 @@ void StreamSession::end_batched_step(BatchedStep& step) {
     }
     return;
   }
-  end_step(p, step.output);
+  end_step(p, step.output, std::move(pixels));
 }
 
 bool StreamSession::begin_step(PendingStep& p) {
@@ -390,7 +401,7 @@ bool StreamSession::begin_step(PendingStep& p) {
   return true;
 }
 
-void StreamSession::end_step(PendingStep& p, const torch::Tensor& out) {
+void StreamSession::end_step(PendingStep& p, const torch::Tensor& out, std::optional<ImageDownload> pixels) {
   if (stream_->stats().skipped > p.before.skipped) skipped_.fetch_add(1, std::memory_order_relaxed);
   const std::vector<cv::Mat>& used_control = p.used_control;
   const StreamStats& before = p.before;
@@ -399,7 +410,8 @@ void StreamSession::end_step(PendingStep& p, const torch::Tensor& out) {
   try {
     // Inside a try too: an exception here would reach the worker, and the client would get neither a frame nor an
     // error for its request.
-    const torch::Tensor img = tensor_to_image(out.slice(0, 0, 1)).squeeze(0).contiguous();  // [H, W, 3] uint8
+    if (!pixels) pixels = start_image_download(out.slice(0, 0, 1));
+    const torch::Tensor img = pixels->get().squeeze(0).contiguous();  // [H, W, 3] uint8
     rgb.create(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), CV_8UC3);
     std::memcpy(rgb.data, img.data_ptr<uint8_t>(), static_cast<size_t>(img.numel()));
   } catch (const std::exception& e) {

@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,7 @@
 #include <opencv2/core/mat.hpp>
 
 #include "pipeline/diffusion_models.h"
+#include "pipeline/image.h"
 #include "pipeline/stream_diffusion.h"
 #include "runtime/control_preprocessor.h"
 #include "server/model_worker.h"
@@ -89,6 +91,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   // halves of run_model_step, with the stream call made by the worker for several sessions at once.
   const void* batch_key() const override { return models_.get(); }
   bool begin_batched_step(BatchedStep& step) override;
+  void begin_batched_output(BatchedStep& step) override;  // starts the frame's download (start_image_download)
   void end_batched_step(BatchedStep& step) override;
 
  private:
@@ -105,8 +108,9 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   // Takes the pending input, applies settings, sets control images, makes the input tensor. False: no stream call
   // this turn (handled: settings only, closed, or an error sent to the client).
   bool begin_step(PendingStep& p);
-  // The result to the client (frame, counters, control images).
-  void end_step(PendingStep& p, const torch::Tensor& out);
+  // The result to the client (frame, counters, control images); its pixels from `pixels` when the download was
+  // started (begin_batched_output), else converted here.
+  void end_step(PendingStep& p, const torch::Tensor& out, std::optional<ImageDownload> pixels = std::nullopt);
   void schedule();
   void send_error(const std::string& message);
   void reply_dropped();  // counts a replaced request and tells the client ({"type": "dropped"})
@@ -143,6 +147,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   std::vector<std::shared_ptr<const ControlPreprocessor>> applied_preprocessors_;
   cv::Mat last_output_;  // the previous result (the `feedback` control image)
   PendingStep batch_step_;  // between begin_batched_step and end_batched_step
+  std::optional<ImageDownload> batch_pixels_;  // between begin_batched_output and end_batched_step
 
   std::atomic<int64_t> frames_in_{0}, dropped_in_{0}, frames_out_{0}, dropped_out_{0}, errors_{0};
   std::atomic<int64_t> skipped_{0};

@@ -1,7 +1,8 @@
 // Multi-stream batching in serve's model worker (ModelWorker::set_max_batch_streams, pipeline/multi_stream.h): the
 // pending frames of two clients (StreamSessions on one model) run as one step with one UNet call, their results
 // reach each client as before and equal what the one-client-per-step worker gives them; the worker's stats JSON
-// counts it; clients whose streams cannot share (deep-feature cache) are gathered but run their own calls.
+// counts it; clients whose streams cannot share (deep-feature cache) are gathered but run their own calls; a gathered
+// step starts every client's download before it delivers the first result.
 #include <functional>
 #include <future>
 #include <mutex>
@@ -209,6 +210,88 @@ TEST(ServerBatchFallback, StreamsThatCannotShareAreGatheredButRunAlone) {
   EXPECT_EQ(ws["max_batch"], 1);
   for (int k = 0; k < 2; ++k)
     for (int r = 0; r < 2; ++r) EXPECT_EQ(max_level_diff(batched.frames[k][r], alone.frames[k][r]), 0.0);
+}
+
+// Forwards a session's halves to it, logging each call (the model thread's order).
+class Recorder : public ModelTask {
+ public:
+  Recorder(std::shared_ptr<StreamSession> s, int k, std::mutex& m, std::vector<std::string>& log)
+      : s_(std::move(s)), k_(k), m_(m), log_(log) {}
+  void run_model_step() override { note("alone"); }
+  const void* batch_key() const override { return s_->batch_key(); }
+  bool begin_batched_step(BatchedStep& step) override {
+    note("begin");
+    return s_->begin_batched_step(step);
+  }
+  void begin_batched_output(BatchedStep& step) override {
+    note("output");
+    s_->begin_batched_output(step);
+  }
+  void end_batched_step(BatchedStep& step) override {
+    s_->end_batched_step(step);
+    note("end");
+  }
+
+ private:
+  void note(const char* what) {
+    std::lock_guard<std::mutex> l(m_);
+    log_.push_back(std::string(what) + " " + std::to_string(k_));
+  }
+  std::shared_ptr<StreamSession> s_;
+  int k_;
+  std::mutex& m_;
+  std::vector<std::string>& log_;
+};
+
+TEST(ServerBatchOrder, EveryClientsDownloadStartsBeforeTheFirstResultIsDelivered) {
+  if (!sd::test::fixture_exists(kModel)) GTEST_SKIP() << "no " << kModel;
+  const StreamDefaults d = sd::test::tiny_stream_defaults(kSize);
+  // The sessions schedule themselves on `idle`, which never runs; `w` runs the recorders that wrap them instead.
+  ModelWorker idle;
+  ModelWorker w;
+  w.set_max_batch_streams(8);
+  constexpr int kClients = 3;
+  Client c[kClients];
+  std::mutex m;
+  std::vector<std::string> log;
+  std::vector<std::shared_ptr<Recorder>> recorders;
+  std::vector<std::shared_ptr<StreamSession>> sessions;
+  for (int k = 0; k < kClients; ++k) {
+    sessions.push_back(std::make_shared<StreamSession>(10 + k, shared_model(), d, idle, c[k].sink()));
+    sessions.back()->update_settings({{"seed", 3 + k}});
+    recorders.push_back(std::make_shared<Recorder>(sessions.back(), k, m, log));
+  }
+  w.start();
+  // Two rounds: the first frame of a two-step stream batch is its buffer's start, alike for every client.
+  constexpr int kRounds = 2;
+  for (int r = 0; r < kRounds; ++r) {
+    for (int k = 0; k < kClients; ++k) sessions[k]->submit_frame(test_frame(r, k));
+    auto gate = std::make_shared<Gate>();
+    auto entered = gate->entered();
+    w.schedule(gate);
+    entered.wait();
+    for (auto& rec : recorders) w.schedule(rec);
+    gate->release();
+    ASSERT_TRUE(wait_for([&] {
+      std::lock_guard<std::mutex> l(m);
+      return log.size() >= static_cast<size_t>(3 * kClients * (r + 1));
+    })) << "round " << r;
+  }
+  w.stop();
+  std::vector<std::string> expected;
+  for (int r = 0; r < kRounds; ++r)
+    for (const char* what : {"begin", "output", "end"})
+      for (int k = 0; k < kClients; ++k) expected.push_back(std::string(what) + " " + std::to_string(k));
+  EXPECT_EQ(log, expected);
+  EXPECT_EQ(w.stats()["batched_streams"], kRounds * kClients);
+  for (int k = 0; k < kClients; ++k) {
+    EXPECT_EQ(c[k].count(), static_cast<size_t>(kRounds)) << "client " << k;
+    EXPECT_TRUE(c[k].errors().empty()) << c[k].errors().front();
+  }
+  // Each client's frame is its own (frames and seeds differ), delivered from its own download.
+  std::lock_guard<std::mutex> l0(c[0].m), l1(c[1].m), l2(c[2].m);
+  EXPECT_GT(max_level_diff(c[0].frames[1], c[1].frames[1]), 10.0);
+  EXPECT_GT(max_level_diff(c[1].frames[1], c[2].frames[1]), 10.0);
 }
 
 }  // namespace
