@@ -10,7 +10,8 @@
 #      tests/models/test_device_golden.cpp: fp16 rtol 6e-2 (UNet) / 5e-2 (VAE, TAESD) / 2.5e-2 (text encoder) of
 #      max|ref|, fp32 without TF32 atol 1e-4 + rtol 1e-5) and the CUDA-graph streams against eager streams
 #      and the batched many-stream calls with and without their shared graphs (test_device '*StreamGraphs*',
-#      tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range);
+#      tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range), the image up/downloads and
+#      the side-stream work (similarity filter, complete inputs: tests/pipeline/test_side_stream.cpp);
 #   3. makes a random sd-turbo model (fp16 weights) and runs the 512 px, 1-step txt2img and img2img benchmark in fp16
 #      (CUDA graphs on, and off as extra rows), with the per-component rows; each e2e row also times its frames queued
 #      back to back (one synchronisation: a runtime's throughput, and whether the host is the limit);
@@ -113,7 +114,7 @@ for dt in "${DTYPES[@]}"; do
     --gtest_filter='*DeviceGolden*' || true
   grep -h "\[close\]" "$OUT/golden-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
   SD_TEST_DEVICE=$DEVICE SD_TEST_DTYPE=$dt step "graphs-$DEVICE-$dt" "$BUILD_DIR/tests/test_device" \
-    --gtest_filter='GraphCache*:*StreamGraphs*:Image.*' || true
+    --gtest_filter='GraphCache*:*StreamGraphs*:Image.*:SideStream*' || true
   grep -hE "\[graphs\]|PASSED|FAILED" "$OUT/graphs-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
 done
 

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/side_stream.h"
 
 #if SD_WITH_CUDA
 #include <c10/core/Event.h>
@@ -71,15 +72,13 @@ torch::Tensor image_to_device_tensor(const torch::Tensor& img, int64_t expect_he
   if (device.is_cuda()) {
     torch::NoGradGuard no_grad;
     const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
-    c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index);
     torch::Tensor out;
-    {
-      c10::cuda::CUDAStreamGuard guard(side);
+    // Not behind the frames queued on the model's stream: the pixels are complete on the host.
+    run_on_side_stream(c10::Device(c10::kCUDA, index), /*after_current=*/false, [&] {
       torch::Tensor src = nhwc;
       if (src.is_cpu() && !src.is_pinned()) src = src.contiguous().pin_memory();
       out = convert(src.to(c10::Device(c10::kCUDA, index), /*non_blocking=*/true)).to(dtype);
-    }
-    side.synchronize();
+    });
     out.record_stream(c10::cuda::getDefaultCUDAStream(index));
     return out;
   }

@@ -18,8 +18,8 @@ using torch::Tensor;
 struct MultiStreamAccess {
   using CallState = StreamDiffusion::CallState;
   // Up to the encode for img2img (call.image set), the whole first half for txt2img.
-  static CallState begin(StreamDiffusion& s, const Tensor& images) {
-    return images.defined() ? s.begin_img2img_input(images) : s.begin_txt2img();
+  static CallState begin(StreamDiffusion& s, const Tensor& images, InputReady ready) {
+    return images.defined() ? s.begin_img2img_input(images, ready) : s.begin_txt2img();
   }
   static Tensor encode(StreamDiffusion& s, const Tensor& x) { return s.encode_input(x); }
   static Rng& rng(StreamDiffusion& s) { return *s.rng_; }
@@ -189,7 +189,7 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
     std::vector<MultiStreamAccess::CallState> states(n);
     for (size_t i : g) {
       try {
-        states[i] = MultiStreamAccess::begin(*calls[i].stream, calls[i].images);
+        states[i] = MultiStreamAccess::begin(*calls[i].stream, calls[i].images, calls[i].ready);
         if (states[i].done) {
           res[i].output = states[i].output;
           res[i].skipped = true;

@@ -46,6 +46,7 @@ namespace sd {
 struct StreamCall {
   StreamDiffusion* stream = nullptr;
   torch::Tensor images;  // img2img: what StreamDiffusion::img2img takes; undefined: txt2img
+  InputReady ready = InputReady::queued;  // as StreamDiffusion::img2img's
 };
 
 struct StreamCallResult {

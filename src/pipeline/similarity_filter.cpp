@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/side_stream.h"
 
 namespace sd {
 
@@ -23,8 +24,8 @@ double SimilarityFilter::cosine_similarity(const torch::Tensor& a, const torch::
                           " values but the reference frame has " + std::to_string(a.numel()) +
                           " (the input size changed mid-stream)");
   torch::NoGradGuard no_grad;
-  const auto fa = a.detach().reshape(-1).to(torch::kCPU, torch::kFloat32);
-  const auto fb = b.detach().reshape(-1).to(torch::kCPU, torch::kFloat32);
+  const auto fa = a.detach().reshape(-1).to(torch::kFloat32);
+  const auto fb = b.detach().reshape(-1).to(a.device(), torch::kFloat32);
   return torch::cosine_similarity(fa, fb, /*dim=*/0, /*eps=*/1e-6).item<float>();
 }
 
@@ -33,24 +34,36 @@ double SimilarityFilter::skip_probability(double cos_sim, double threshold) {
   return std::max(0.0, 1.0 - (1.0 - cos_sim) / (1.0 - threshold));
 }
 
-FilterDecision SimilarityFilter::check(const torch::Tensor& x) {
+FilterDecision SimilarityFilter::check(const torch::Tensor& x, bool x_complete) {
   FilterDecision d;
-  if (!prev_.defined()) {
-    prev_ = x.detach().clone();
+  // On CUDA the copy that may become the reference is made on the side stream too, so that it is complete (and the
+  // reference never depends on work queued behind this call). Elsewhere it is made only for a processed frame.
+  torch::Tensor copy;
+  const bool first = !prev_.defined();
+  run_on_side_stream(x.device(), /*after_current=*/!x_complete, [&] {
+    if (!x.is_cuda()) {
+      if (!first) d.cos_sim = cosine_similarity(prev_, x);
+      return;
+    }
+    copy = x.detach().clone();
+    if (!first) d.cos_sim = cosine_similarity(prev_, copy);
+  });
+  const auto keep = [&] { prev_ = copy.defined() ? copy : x.detach().clone(); };
+  if (first) {
+    keep();
     d.first = true;
     d.skip_count = skip_count_;
     ++processed_;
     return d;
   }
-  d.cos_sim = cosine_similarity(prev_, x);
   d.uniform = uniform_->uniform();  // drawn on every call after the first, as the original does
   d.skip_prob = skip_probability(d.cos_sim, threshold_);
   if (d.skip_prob < d.uniform) {
-    prev_ = x.detach().clone();
+    keep();
     ++processed_;
   } else if (skip_count_ > max_skip_frame_) {  // strictly greater (original)
     skip_count_ = 0;
-    prev_ = x.detach().clone();
+    keep();
     d.forced = true;
     ++processed_;
     ++forced_;

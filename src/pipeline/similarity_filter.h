@@ -34,12 +34,16 @@ class SimilarityFilter {
  public:
   SimilarityFilter(double threshold, int max_skip_frame, std::shared_ptr<UniformSource> uniform);
 
-  // Decides for the preprocessed input batch `x` (any shape; flattened). Stores x as the reference when processed.
-  FilterDecision check(const torch::Tensor& x);
+  // Decides for the preprocessed input batch `x` (any shape; flattened). Stores a copy of x as the reference when
+  // processed. On CUDA the cosine runs on a side stream (run_on_side_stream) and only its value comes back: after the
+  // work queued on the calling thread's stream unless `x_complete` (nothing queued writes x any more), so deciding
+  // about frame N need not wait for frame N-1's kernels. The decision is the same either way.
+  FilterDecision check(const torch::Tensor& x, bool x_complete = false);
   // Forgets the reference frame and the skip counter (the counters below are kept).
   void reset();
 
-  // torch.nn.CosineSimilarity(dim=0, eps=1e-6) on the flattened tensors, in float32.
+  // torch.nn.CosineSimilarity(dim=0, eps=1e-6) on the flattened tensors, in float32, computed where they are (on a
+  // GPU only the value crosses to the host). Waits for it: on CUDA, for the calling thread's current stream.
   static double cosine_similarity(const torch::Tensor& a, const torch::Tensor& b);
   static double skip_probability(double cos_sim, double threshold);
 

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/side_stream.h"
 #include "models/ip_adapter.h"
 #include "pipeline/controlnet.h"
 #include "pipeline/image.h"
@@ -609,9 +610,9 @@ void StreamDiffusion::set_similarity_filter(const SimilarityFilterOptions& optio
 
 // ---- One call (spec §3.2–§3.5) --------------------------------------------------------------------------------
 
-torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images) {
+torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images, InputReady ready) {
   torch::NoGradGuard no_grad;
-  CallState call = begin_img2img(images);
+  CallState call = begin_img2img(images, ready);
   if (call.done) return call.output;
   return complete_call(call);
 }
@@ -622,13 +623,13 @@ torch::Tensor StreamDiffusion::txt2img() {
   return complete_call(call);
 }
 
-StreamDiffusion::CallState StreamDiffusion::begin_img2img(const torch::Tensor& images) {
-  CallState call = begin_img2img_input(images);
+StreamDiffusion::CallState StreamDiffusion::begin_img2img(const torch::Tensor& images, InputReady ready) {
+  CallState call = begin_img2img_input(images, ready);
   if (!call.done) begin_img2img_latent(call, encode_input(call.image));
   return call;
 }
 
-StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Tensor& images) {
+StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Tensor& images, InputReady ready) {
   require_prepared("img2img");
   torch::NoGradGuard no_grad;
   refresh_prompts();
@@ -642,12 +643,15 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
                           c10::toString(images.scalar_type()) + "; expected a float tensor [" + std::to_string(F) +
                           ", 3, " + std::to_string(config_.height) + ", " + std::to_string(config_.width) +
                           "] in [-1, 1] (frame_buffer_size frames at the stream's size)");
+  const Tensor given = x;
   x = x.to(device_, dtype_);
+  // A copy or conversion just queued on this thread's stream makes even a complete input a queued one.
+  const bool complete = ready == InputReady::complete && x.is_same(given);
   ++stats_.calls;
   advance_transitions();
 
   if (filter_) {
-    last_decision_ = filter_->check(x);
+    last_decision_ = filter_->check(x, complete);
     if (!last_decision_.process) {
       ++stats_.skipped;
       if (config_.similarity_filter.sleep_on_skip && stats_.ema_call_s > 0)
@@ -663,10 +667,16 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
     // The similarity filter's measure against the input of the last full UNet call: a cut or a fast move refreshes
     // the deep features at once instead of carrying the old picture's for up to K - 1 frames.
     const bool full_next = deep_phase_ == 0;
-    if (!full_next && deep_ref_input_.defined() && deep_ref_input_.sizes() == x.sizes() &&
-        SimilarityFilter::cosine_similarity(x, deep_ref_input_) < config_.deep_cache_min_similarity)
-      deep_force_full_ = true;
-    if (full_next || deep_force_full_) deep_ref_input_ = x;
+    if (!full_next && deep_ref_input_.defined() && deep_ref_input_.sizes() == x.sizes()) {
+      double cos = 1.0;
+      run_on_side_stream(device_, /*after_current=*/!(complete && deep_ref_complete_),
+                         [&] { cos = SimilarityFilter::cosine_similarity(x, deep_ref_input_); });
+      if (cos < config_.deep_cache_min_similarity) deep_force_full_ = true;
+    }
+    if (full_next || deep_force_full_) {
+      deep_ref_input_ = x;
+      deep_ref_complete_ = complete;
+    }
   }
   call.image = x;
   return call;

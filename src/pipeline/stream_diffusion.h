@@ -49,6 +49,14 @@ enum class CfgType { None, Full, Self, Initialize };
 CfgType parse_cfg_type(const std::string& name);
 std::string cfg_type_name(CfgType t);
 
+// What the producer of an img2img input promises (StreamDiffusion::img2img). `queued`: work queued on the calling
+// thread's CUDA stream may still be writing it, so whatever reads it first waits for that stream - behind the
+// previous frames' kernels when the caller runs ahead of the GPU. `complete`: nothing queued writes it any more
+// (image_to_device_tensor's frames: uploaded and waited for), so the similarity filter's and the deep cache's cosine
+// run at once on a side stream and the decision about frame N does not wait for frame N-1. The outputs are the
+// same either way; off CUDA, and for inputs that still need a copy or conversion, the two are the same.
+enum class InputReady { queued, complete };
+
 struct StreamConfig {
   std::vector<int64_t> t_index_list{32, 45};  // indices into the num_inference_steps LCM timesteps (0 = t 999)
   int64_t num_inference_steps = 50;
@@ -129,7 +137,7 @@ class StreamDiffusion {
   // One stream step with F new frames [F, 3, H, W] in [-1, 1] (a [3, H, W] tensor when F = 1). Returns the decoded
   // images [F, 3, H, W] (≈[-1, 1], not clamped) of the frames submitted n−1 calls earlier (warm-up outputs first).
   // With the similarity filter, a skipped call returns the previous output and changes no state.
-  torch::Tensor img2img(const torch::Tensor& images);
+  torch::Tensor img2img(const torch::Tensor& images, InputReady ready = InputReady::queued);
   // One stream step whose new latents are F fresh standard-normal draws (spec §3.4).
   torch::Tensor txt2img();
   // sd-turbo one-shot batch (spec §3.5): B = rows of the stream batch fresh latents, one UNet call at the B
@@ -290,8 +298,8 @@ class StreamDiffusion {
   friend struct MultiStreamAccess;  // pipeline/multi_stream.cpp
   // begin_img2img = begin_img2img_input (checks, transitions, filter, deep-cache reference: call.image), then
   // encode_input(call.image) (several streams' inputs may share one encode), then begin_img2img_latent.
-  CallState begin_img2img(const torch::Tensor& images);
-  CallState begin_img2img_input(const torch::Tensor& images);
+  CallState begin_img2img(const torch::Tensor& images, InputReady ready);
+  CallState begin_img2img_input(const torch::Tensor& images, InputReady ready);
   torch::Tensor encode_input(const torch::Tensor& x);  // step 3: z = Enc(x) · scaling_factor
   void begin_img2img_latent(CallState& call, const torch::Tensor& z);
   CallState begin_txt2img();
@@ -381,6 +389,7 @@ class StreamDiffusion {
   bool deep_reuse_now_ = false;   // this stream call reuses
   bool deep_force_full_ = false;  // set by img2img when the input moved too far
   torch::Tensor deep_ref_input_;  // the img2img input of the last full call
+  bool deep_ref_complete_ = false;  // it was given as InputReady::complete
 };
 
 }  // namespace sd

@@ -208,7 +208,8 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
         out = stream.txt2img();
       } else {
         const torch::Tensor hwc = torch::from_blob(image.data, {image.rows, image.cols, 3}, torch::kUInt8);
-        out = stream.img2img(image_to_device_tensor(hwc, image.rows, image.cols, models->device(), models->dtype()));
+        out = stream.img2img(image_to_device_tensor(hwc, image.rows, image.cols, models->device(), models->dtype()),
+                             InputReady::complete);
       }
       const torch::Tensor img = tensor_to_image(out.slice(0, 0, 1)).squeeze(0).contiguous();
       cv::Mat rgb(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), CV_8UC3);

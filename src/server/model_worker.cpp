@@ -98,7 +98,7 @@ void ModelWorker::run_gathered(std::vector<std::shared_ptr<ModelTask>>& tasks) {
     }
   }
   std::vector<sd::StreamCall> calls;
-  for (size_t k : running) calls.push_back({steps[k].stream, steps[k].images});
+  for (size_t k : running) calls.push_back({steps[k].stream, steps[k].images, steps[k].ready});
   sd::MultiStreamStats ms;
   sd::MultiStreamOptions options;
   options.max_streams = max_batch_;

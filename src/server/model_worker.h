@@ -35,6 +35,7 @@ namespace sd::server {
 struct BatchedStep {
   sd::StreamDiffusion* stream = nullptr;  // set by begin_batched_step
   torch::Tensor images;                   // img2img input (StreamDiffusion::img2img's); undefined = txt2img
+  sd::InputReady ready = sd::InputReady::queued;  // as StreamDiffusion::img2img's
   torch::Tensor output;                   // set by the worker: the call's result, or
   std::exception_ptr error;               // why it failed
   int64_t shared_with = 0;                // streams in the UNet call that ran it (1 = its own)

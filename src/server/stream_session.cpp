@@ -281,7 +281,7 @@ void StreamSession::run_model_step() {
   if (!begin_step(p)) return;
   torch::Tensor out;
   try {
-    out = p.txt2img ? stream_->txt2img() : stream_->img2img(p.x);
+    out = p.txt2img ? stream_->txt2img() : stream_->img2img(p.x, InputReady::complete);
   } catch (const std::exception& e) {
     send_error(std::string("generation failed: ") + e.what());
     return;
@@ -294,6 +294,7 @@ bool StreamSession::begin_batched_step(BatchedStep& step) {
   if (!begin_step(batch_step_)) return false;
   step.stream = stream_.get();
   step.images = batch_step_.txt2img ? torch::Tensor() : batch_step_.x;
+  step.ready = InputReady::complete;  // image_to_device_tensor's
   return true;
 }
 

@@ -1,0 +1,143 @@
+// Small device work off the model thread's stream (core/side_stream.h) and the promise that an img2img input is
+// complete (InputReady). On the CPU run_on_side_stream is the function itself and both promises take one path, so
+// these tests check the results and the decisions; in test_device on a GPU host (scripts/gpu-check.sh,
+// SD_TEST_DEVICE=cuda) they check the same on a side stream: that work queued on the calling thread's stream is waited
+// for when asked, and that a stream fed complete frames decides and computes what a stream fed queued ones does.
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include "common/fixtures.h"
+#include "core/error.h"
+#include "core/side_stream.h"
+#include "pipeline/diffusion_models.h"
+#include "pipeline/image.h"
+#include "pipeline/similarity_filter.h"
+#include "pipeline/stream_diffusion.h"
+
+namespace sd {
+namespace {
+
+TEST(SideStream, SeesTheWorkQueuedBeforeItWhenAskedAndReturnsCompleteResults) {
+  const c10::Device device = test::test_device();
+  const auto opts = torch::TensorOptions().device(device).dtype(torch::kFloat);
+  const torch::Tensor x = torch::arange(1 << 20, opts);
+  // Queued on the calling thread's stream just before: on a GPU still running when the side stream starts.
+  torch::Tensor y = x * 2;
+  for (int i = 0; i < 20; ++i) y = y + 1;
+  double sum = 0;
+  torch::Tensor made;
+  run_on_side_stream(device, /*after_current=*/true, [&] {
+    sum = y.to(torch::kDouble).sum().item<double>();
+    made = y - 20;
+  });
+  const double n = 1 << 20;
+  EXPECT_DOUBLE_EQ(sum, n * (n - 1) + 20 * n);  // sum of 2i + 20
+  // `made` is complete: read on the calling thread's stream it has its values.
+  EXPECT_TRUE(torch::equal(made.cpu(), (x * 2).cpu()));
+
+  // A complete input (waited for here) needs no wait: the same values.
+  torch::Tensor z = x * 3;
+  if (device.is_cuda()) run_on_side_stream(device, true, [] {});  // z is complete after this
+  double zsum = 0;
+  run_on_side_stream(device, /*after_current=*/false, [&] { zsum = z.to(torch::kDouble).sum().item<double>(); });
+  EXPECT_DOUBLE_EQ(zsum, 3 * n * (n - 1) / 2);
+
+  // An exception in the work reaches the caller, and the next call runs normally.
+  EXPECT_THROW(run_on_side_stream(device, true, [] { throw InvalidArgument("bad"); }), InvalidArgument);
+  int ran = 0;
+  run_on_side_stream(device, false, [&] { ++ran; });
+  EXPECT_EQ(ran, 1);
+}
+
+// Frames of a static scene with sensor noise, with a cut at frame 6 (uint8 RGB, 64 px).
+torch::Tensor scene_frame(int i) {
+  torch::manual_seed(i < 6 ? 11 : 12);
+  const torch::Tensor scene = torch::rand({64, 64, 3}) * 255;
+  torch::manual_seed(100 + i);
+  return (scene + torch::randn({64, 64, 3}) * 2).clamp(0, 255).to(torch::kUInt8);
+}
+
+TEST(SideStream, FilterDecidesTheSameForCompleteAndQueuedFrames) {
+  const c10::Device device = test::test_device();
+  const c10::ScalarType dtype = test::test_dtype();
+  if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
+  SimilarityFilter complete(0.98, 3, std::make_shared<Mt19937UniformSource>(4));
+  SimilarityFilter queued(0.98, 3, std::make_shared<Mt19937UniformSource>(4));
+  int skips = 0;
+  for (int i = 0; i < 12; ++i) {
+    const torch::Tensor x = image_to_device_tensor(scene_frame(i), 64, 64, device, dtype);  // complete on return
+    const FilterDecision a = complete.check(x, /*x_complete=*/true);
+    // The queued copy is made on the calling thread's stream: the filter must wait for it.
+    const FilterDecision b = queued.check(x * 1, /*x_complete=*/false);
+    EXPECT_EQ(a.process, b.process) << "frame " << i;
+    EXPECT_EQ(a.forced, b.forced) << "frame " << i;
+    EXPECT_EQ(a.cos_sim, b.cos_sim) << "frame " << i;
+    skips += a.process ? 0 : 1;
+    if (i == 6) {
+      EXPECT_LT(a.cos_sim, 0.9) << "the cut";
+    } else if (i > 0) {
+      EXPECT_GT(a.cos_sim, 0.98) << "frame " << i << " of a static scene";
+    }
+  }
+  EXPECT_GT(skips, 3);  // the static scene is mostly skipped
+  EXPECT_EQ(complete.skipped(), queued.skipped());
+  EXPECT_EQ(complete.forced(), queued.forced());
+}
+
+TEST(SideStream, FilterKeepsACopyOfTheReference) {
+  const c10::Device device = test::test_device();
+  SimilarityFilter f(0.98, 3, std::make_shared<Mt19937UniformSource>(4));
+  torch::Tensor x = torch::ones({1, 3, 8, 8}, torch::TensorOptions().device(device));
+  ASSERT_TRUE(f.check(x, true).first);
+  x.mul_(-1);  // the caller reuses its buffer
+  const FilterDecision d = f.check(torch::ones({1, 3, 8, 8}, torch::TensorOptions().device(device)), true);
+  EXPECT_NEAR(d.cos_sim, 1.0, 1e-6) << "compared with the frame as it was, not with the caller's buffer now";
+  EXPECT_THROW(f.check(torch::ones({1, 3, 4, 4}, torch::TensorOptions().device(device)), true), InvalidArgument);
+}
+
+TEST(SideStream, StreamFedCompleteFramesEqualsStreamFedQueuedFrames) {
+  if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "no fixture tiny-sd15";
+  const c10::Device device = test::test_device();
+  const c10::ScalarType dtype = test::test_dtype();
+  if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
+  LoadOptions lo;
+  lo.device = device.str();
+  lo.dtype = dtype;
+  lo.threads = -1;
+  const auto models = load_pipeline(test::fixture_path("models/tiny-sd15"), lo);
+  StreamConfig config;
+  config.width = config.height = 64;
+  config.t_index_list = {20, 35};
+  config.cfg_type = CfgType::Self;
+  config.seed = 5;
+  config.similarity_filter.enabled = true;
+  config.similarity_filter.threshold = 0.98;
+  config.similarity_filter.max_skip_frame = 2;
+  config.similarity_filter.sleep_on_skip = false;
+  config.deep_cache_every = 3;
+  config.deep_cache_min_similarity = 0.9;
+  StreamDiffusion a(models, config, nullptr, std::make_shared<Mt19937UniformSource>(9));
+  StreamDiffusion b(models, config, nullptr, std::make_shared<Mt19937UniformSource>(9));
+  a.prepare("a lighthouse at dusk");
+  b.prepare("a lighthouse at dusk");
+  const double tol = device.is_cpu() ? 0.0 : 1e-2;
+  for (int i = 0; i < 12; ++i) {
+    const torch::Tensor x = image_to_device_tensor(scene_frame(i), 64, 64, device, dtype);
+    const torch::Tensor oa = a.img2img(x, InputReady::complete).to(torch::kCPU, torch::kFloat);
+    const torch::Tensor ob = b.img2img(x * 1, InputReady::queued).to(torch::kCPU, torch::kFloat);
+    const double range = std::max(1e-6, ob.abs().max().item<double>());
+    EXPECT_LE((oa - ob).abs().max().item<double>(), tol * range) << "frame " << i;
+  }
+  const StreamStats &sa = a.stats(), &sb = b.stats();
+  EXPECT_EQ(sa.skipped, sb.skipped);
+  EXPECT_EQ(sa.forced, sb.forced);
+  EXPECT_EQ(sa.unet_shallow_calls, sb.unet_shallow_calls);
+  EXPECT_EQ(sa.deep_cache_forced, sb.deep_cache_forced);
+  EXPECT_GT(sa.skipped, 0);
+  EXPECT_GT(sa.unet_shallow_calls, 0);
+  EXPECT_GE(sa.deep_cache_forced, 1) << "the cut at frame 6 refreshes the deep features";
+}
+
+}  // namespace
+}  // namespace sd
