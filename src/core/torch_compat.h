@@ -18,6 +18,9 @@ namespace sd::compat {
 #define SD_HAS_MIXED_GROUP_NORM (TORCH_VERSION_MAJOR >= 2)
 // CUDA's upsample_nearest2d takes bf16 from torch 2.1 (fp16 always); before, bf16 goes through an exact fp32 copy.
 #define SD_HAS_CUDA_BF16_UPSAMPLE (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
+// c10::Event::elapsedTime (timing events on any backend) is in the 2.x releases from 2.5; before, only ATen's
+// CUDAEvent times, and its header needs the CUDA toolkit's.
+#define SD_HAS_EVENT_TIMING (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5))
 
 // The key of parameter `p` in torch::optim::Optimizer::state(): a string of its TensorImpl's address up to some 2.x
 // release, the address itself after (the map's key type says which).

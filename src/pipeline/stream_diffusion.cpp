@@ -11,10 +11,17 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/side_stream.h"
+#include "core/torch_compat.h"
 #include "models/ip_adapter.h"
 #include "pipeline/controlnet.h"
 #include "pipeline/image.h"
 #include "pipeline/prompt_weights.h"
+
+#if SD_WITH_CUDA && SD_HAS_EVENT_TIMING
+#include <c10/core/Event.h>
+#include <c10/cuda/CUDAStream.h>
+#define SD_TIMES_CALLS_ON_DEVICE 1
+#endif
 
 namespace sd {
 
@@ -608,6 +615,47 @@ void StreamDiffusion::set_similarity_filter(const SimilarityFilterOptions& optio
     filter_.reset();
 }
 
+struct StreamDiffusion::CallTimer {
+#ifdef SD_TIMES_CALLS_ON_DEVICE
+  c10::Event start{c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT};  // BACKEND_DEFAULT: with timing
+  c10::Event end{c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT};
+#endif
+};
+
+std::shared_ptr<StreamDiffusion::CallTimer> StreamDiffusion::start_call_timer() {
+#ifdef SD_TIMES_CALLS_ON_DEVICE
+  if (device_.is_cuda()) {
+    auto t = std::make_shared<CallTimer>();
+    t->start.record(c10::cuda::getCurrentCUDAStream(device_.has_index() ? device_.index() : -1));
+    return t;
+  }
+#endif
+  return nullptr;
+}
+
+void StreamDiffusion::end_call_timer(std::shared_ptr<CallTimer> timer, double host_seconds) {
+  if (!timer) {
+    stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * host_seconds;
+    return;
+  }
+#ifdef SD_TIMES_CALLS_ON_DEVICE
+  timer->end.record(c10::cuda::getCurrentCUDAStream(device_.has_index() ? device_.index() : -1));
+  call_timers_.push_back(std::move(timer));
+  // A caller that never lets the GPU catch up keeps the newest calls' events only.
+  if (call_timers_.size() > 16) call_timers_.pop_front();
+#endif
+}
+
+void StreamDiffusion::fold_call_timers() {
+#ifdef SD_TIMES_CALLS_ON_DEVICE
+  while (!call_timers_.empty() && call_timers_.front()->end.query()) {
+    const CallTimer& t = *call_timers_.front();
+    stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * t.start.elapsedTime(t.end) / 1000.0;  // ms
+    call_timers_.pop_front();
+  }
+#endif
+}
+
 // ---- One call (spec §3.2–§3.5) --------------------------------------------------------------------------------
 
 torch::Tensor StreamDiffusion::img2img(const torch::Tensor& images, InputReady ready) {
@@ -649,6 +697,7 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
   const bool complete = ready == InputReady::complete && x.is_same(given);
   ++stats_.calls;
   advance_transitions();
+  fold_call_timers();  // before the filter: its sleep on a skip is the EMA
 
   if (filter_) {
     last_decision_ = filter_->check(x, complete);
@@ -662,6 +711,7 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
     }
     if (last_decision_.forced) ++stats_.forced;
   }
+  call.timer = start_call_timer();
 
   if (config_.deep_cache_every > 1) {
     // The similarity filter's measure against the input of the last full UNet call: a cut or a fast move refreshes
@@ -726,6 +776,8 @@ StreamDiffusion::CallState StreamDiffusion::begin_txt2img() {
   call.start = Clock::now();
   ++stats_.calls;
   advance_transitions();
+  fold_call_timers();
+  call.timer = start_call_timer();
   call.x_t = rng_->randn({config_.frame_buffer_size, models_->latent_channels(), latent_height(), latent_width()},
                          "txt2img: latent")
                  .to(device_, dtype_);
@@ -745,6 +797,8 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
                           " timesteps; in sequential mode len(t_index_list) must equal frame_buffer_size");
   ++stats_.calls;
   advance_transitions();
+  fold_call_timers();
+  std::shared_ptr<CallTimer> timer = start_call_timer();
   begin_stream_call();
   const Tensor x = rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot")
                        .to(device_, dtype_);
@@ -757,7 +811,7 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
   ++stats_.processed;
   const double dt = seconds_since(start);
   stats_.total_s += dt;
-  stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * dt;
+  end_call_timer(std::move(timer), dt);
   return out;
 }
 
@@ -801,7 +855,7 @@ torch::Tensor StreamDiffusion::finish_call(CallState& call, const torch::Tensor&
   ++stats_.processed;
   const double dt = seconds_since(call.start);
   stats_.total_s += dt;
-  stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * dt;
+  end_call_timer(std::move(call.timer), dt);
   return image;
 }
 

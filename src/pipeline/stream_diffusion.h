@@ -19,6 +19,7 @@
 // StreamConfig::original_frame_layout is true (the default): all F frames enter with init_noise[0], and the RCFG
 // state update rolls init_noise by one row. Set it false to use the intended per-frame rows there too.
 #include <chrono>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -118,7 +119,8 @@ struct StreamStats {
   double text_encode_s = 0, image_encode_s = 0, unet_s = 0, decode_s = 0, controlnet_s = 0;
   double image_prompt_s = 0;   // wall time of the image prompt encodes
   double total_s = 0;          // wall time of processed calls
-  double ema_call_s = 0;       // 0.9·ema + 0.1·call time, processed calls only (the filter's sleep)
+  double ema_call_s = 0;       // 0.9·ema + 0.1·call time, processed calls only (the filter's sleep); on CUDA the
+                               // device time between events around the call, folded in once done (a call or so late)
 };
 
 class StreamDiffusion {
@@ -286,6 +288,7 @@ class StreamDiffusion {
   //   UNet                             call_unet (one stream) or one shared call (several)
   //   finish_unet                      guidance, RCFG update, LCM denoise, buffer update -> the output latent
   //   finish_call                      after the decode: output, latent feedback, counters
+  struct CallTimer;  // device events around a call (stream_diffusion.cpp)
   struct CallState {
     Clock::time_point start;
     bool done = false;       // answered without the models (similarity filter skip): `output` is the answer
@@ -294,7 +297,16 @@ class StreamDiffusion {
     torch::Tensor x;         // the stream batch [B, C, h, w] (denoising batch)
     torch::Tensor x_in, t_in;  // the UNet rows (spec §4.1 layout)
     torch::Tensor image;     // img2img between begin_img2img_input and begin_img2img_latent: the input [F, 3, H, W]
+    std::shared_ptr<CallTimer> timer;  // a processed call's device events (CUDA), else null
   };
+  // StreamStats::ema_call_s, the filter's sleep on a skip, is a processed call's time. On CUDA that is the GPU's time
+  // between events recorded around the call, as the original times it (on a GPU running ahead, the call's host time is
+  // only its launch), folded in when a later call finds the end event done, so the host never waits for it;
+  // elsewhere the call's host time.
+  std::shared_ptr<CallTimer> start_call_timer();  // null off CUDA (or in a libtorch whose events cannot time)
+  void end_call_timer(std::shared_ptr<CallTimer> timer, double host_seconds);
+  void fold_call_timers();  // the finished calls' device times into the EMA
+  std::deque<std::shared_ptr<CallTimer>> call_timers_;
   friend struct MultiStreamAccess;  // pipeline/multi_stream.cpp
   // begin_img2img = begin_img2img_input (checks, transitions, filter, deep-cache reference: call.image), then
   // encode_input(call.image) (several streams' inputs may share one encode), then begin_img2img_latent.

@@ -139,5 +139,36 @@ TEST(SideStream, StreamFedCompleteFramesEqualsStreamFedQueuedFrames) {
   EXPECT_GE(sa.deep_cache_forced, 1) << "the cut at frame 6 refreshes the deep features";
 }
 
+// StreamStats::ema_call_s (the filter's sleep on a skip): on CUDA the device time between events around each processed
+// call, folded in by a later call once done; elsewhere the host time. Either way a positive time once calls finished.
+TEST(SideStream, CallTimeEmaIsFoldedInByLaterCalls) {
+  if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "no fixture tiny-sd15";
+  const c10::Device device = test::test_device();
+  const c10::ScalarType dtype = test::test_dtype();
+  if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
+  LoadOptions lo;
+  lo.device = device.str();
+  lo.dtype = dtype;
+  lo.threads = -1;
+  const auto models = load_pipeline(test::fixture_path("models/tiny-sd15"), lo);
+  StreamConfig config;
+  config.width = config.height = 64;
+  config.t_index_list = {20, 35};
+  StreamDiffusion s(models, config);
+  s.prepare("a lighthouse at dusk");
+  EXPECT_EQ(s.stats().ema_call_s, 0.0);
+  const torch::Tensor x = image_to_device_tensor(scene_frame(0), 64, 64, device, dtype);
+  for (int i = 0; i < 4; ++i) s.img2img(x, InputReady::complete);
+  s.txt2img();
+  // Every call's work done; the next call folds the finished ones in.
+  run_on_side_stream(device, /*after_current=*/true, [] {});
+  s.img2img(x, InputReady::complete);
+  const double ema = s.stats().ema_call_s;
+  EXPECT_GT(ema, 0.0);
+  EXPECT_LT(ema, 60.0);
+  std::cout << "[side stream] ema_call_s " << ema * 1e3 << " ms, host total " << s.stats().total_s * 1e3 << " ms for "
+            << s.stats().processed << " calls\n";
+}
+
 }  // namespace
 }  // namespace sd
