@@ -25,7 +25,7 @@
 #   6. the fp32 benchmark rows, as the budget allows.
 # The device tests are one small program (test_device, engine-only builds) so the build stays short.
 # Results (logs, JSON) go to $OUT (the device tool's output folder; default ./gpu-check-out); summary.txt has the
-# figures.
+# figures, and at its end the goals, met or not (goals.txt: scripts/gpu-goals.py over the JSON files).
 #
 # --dry-run: the same on THIS machine without a GPU (CPU libtorch from the system, device cpu, dtype bf16, the tiny
 # fixture model instead of sd-turbo at 512 px): proves the script, the engine-only configuration and the bench work.
@@ -191,6 +191,14 @@ fi
 
 # 6. the rest, as the budget allows
 for dt in "${DTYPES[@]:1}"; do bench_rows "$dt"; done
+
+# The goals, read from the JSON files above (scripts/gpu-goals.py; not a step: it runs whatever is left).
+GOALS_PY="${PYTHON:-python3}"
+if command -v "$GOALS_PY" >/dev/null 2>&1; then
+  "$GOALS_PY" scripts/gpu-goals.py "$OUT" --dtype "${DTYPES[0]}" > "$OUT/goals.txt" 2>&1 || true
+  sed "s/^/  /" "$OUT/goals.txt" >> "$SUMMARY"
+  cat "$OUT/goals.txt"
+fi
 
 log "done; results in $OUT"
 cat "$SUMMARY" | grep -E "FAIL|SKIP" && exit 1

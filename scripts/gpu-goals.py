@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Issue 22's goals, read from a gpu-check.sh result folder (its JSON files), one line each.
+
+    scripts/gpu-goals.py OUT_DIR [--dtype fp16]
+
+Goals (512 px, sd-turbo, 1 step, TAESD, on the lent GPU):
+  1. img2img >= 150 fps (bench e2e row, CUDA graphs on; the per-frame figure synchronises after every frame, the
+     back-to-back one once for all: both are printed, the verdict names the figure that met it);
+  2. img2img >= 1.5x the original StreamDiffusion on the same GPU and model (peer-streamdiffusion.json);
+  3. 16 batched streams >= 4x the throughput of 16 streams run one by one (multistream.json: the largest K).
+Also printed: txt2img, the autotuner-off rows and the 1-step multi-stream rows when present. A missing file is
+reported as "not measured", never as a failure of the script; the exit code is 0 unless OUT_DIR does not exist.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def e2e(bench, mode, graphs):
+    """The e2e row of `mode` with CUDA graphs on/off: (fps, back-to-back fps or None), or None. Off CUDA (a dry run)
+    the bench has one row per mode, without graphs: it stands for "on" too."""
+    rows = [r for r in (bench or {}).get("results", []) if r.get("section") == "e2e" and r.get("name") == mode]
+    if not any(r.get("extra", {}).get("cuda_graphs") for r in rows):
+        rows = rows[:1] if graphs else []
+        graphs = False
+    for r in rows:
+        x = r.get("extra", {})
+        if bool(x.get("cuda_graphs")) == graphs:
+            return r.get("fps", 0.0), (x.get("pipelined") or {}).get("fps")
+    return None
+
+
+def peer_fps(peer, mode):
+    for r in (peer or {}).get("results", []):
+        if r.get("name") == mode:
+            return r.get("fps")
+    return None
+
+
+def multistream(ms):
+    """{K: {"one-by-one": fps_total, "batched": fps_total}} of a multistream JSON."""
+    rows = {}
+    for r in (ms or {}).get("results", []):
+        x = r.get("extra", {})
+        if r.get("section") == "multistream" and "streams" in x:
+            rows.setdefault(int(x["streams"]), {})[r.get("name")] = x.get("fps_total", 0.0)
+    return rows
+
+
+def verdict(ok):
+    return "MET" if ok else "NOT MET"
+
+
+def fmt_row(row):
+    if row is None:
+        return "not measured"
+    fps, b2b = row
+    return f"{fps:.1f} fps per frame" + (f", {b2b:.1f} back to back" if b2b else "")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--dtype", default="fp16")
+    a = ap.parse_args()
+    if not os.path.isdir(a.out):
+        print(f"gpu-goals: no folder {a.out}", file=sys.stderr)
+        return 2
+    bench = load(os.path.join(a.out, f"bench-{a.dtype}.json"))
+    tuner_off = load(os.path.join(a.out, f"bench-{a.dtype}-autotuner-off.json"))
+    peer = load(os.path.join(a.out, "peer-streamdiffusion.json"))
+    ms = multistream(load(os.path.join(a.out, "multistream.json")))
+    ms1 = multistream(load(os.path.join(a.out, "multistream-1step.json")))
+    device = (bench or {}).get("device", "?")
+    out = []
+
+    img = e2e(bench, "img2img", True)
+    if img is None:
+        out.append("goal 1 img2img >= 150 fps: not measured (no e2e img2img row with CUDA graphs on)")
+    else:
+        fps, b2b = img
+        best, how = (fps, "per frame") if fps >= 150 or not b2b or b2b <= fps else (b2b, "back to back")
+        out.append(f"goal 1 img2img >= 150 fps: {fmt_row(img)} -> {verdict(best >= 150)}"
+                   + (f" ({how})" if best >= 150 else ""))
+    for mode in ("txt2img",):
+        out.append(f"     {mode}: {fmt_row(e2e(bench, mode, True))}; graphs off {fmt_row(e2e(bench, mode, False))}")
+    out.append(f"     img2img graphs off: {fmt_row(e2e(bench, 'img2img', False))}")
+    if tuner_off is not None:
+        out.append(f"     autotuner off: img2img {fmt_row(e2e(tuner_off, 'img2img', True))}, "
+                   f"txt2img {fmt_row(e2e(tuner_off, 'txt2img', True))}")
+
+    theirs = peer_fps(peer, "img2img")
+    if img is None or not theirs:
+        out.append("goal 2 img2img >= 1.5x the original: not measured"
+                   + ("" if theirs else " (no peer-streamdiffusion.json img2img row)"))
+    else:
+        ratio = img[0] / theirs
+        out.append(f"goal 2 img2img >= 1.5x the original: {img[0]:.1f} / {theirs:.1f} fps = x{ratio:.2f} -> "
+                   f"{verdict(ratio >= 1.5)}")
+        t_ours, t_theirs = e2e(bench, "txt2img", True), peer_fps(peer, "txt2img")
+        if t_ours and t_theirs:
+            out.append(f"     txt2img: {t_ours[0]:.1f} / {t_theirs:.1f} fps = x{t_ours[0] / t_theirs:.2f}")
+
+    both = [k for k, v in ms.items() if "batched" in v and "one-by-one" in v]
+    if not both:
+        out.append("goal 3 16 batched streams >= 4x one by one: not measured (no multistream.json rows)")
+    else:
+        k = max(both)
+        b, o = ms[k]["batched"], ms[k]["one-by-one"]
+        ratio = b / o if o else 0.0
+        label = "goal 3 16 batched streams >= 4x one by one" + ("" if k == 16 else f" (largest K measured: {k})")
+        out.append(f"{label}: {b:.1f} / {o:.1f} fps total = x{ratio:.2f} -> {verdict(k == 16 and ratio >= 4)}")
+        out.append("     by K: " + ", ".join(
+            f"{kk}: x{ms[kk]['batched'] / ms[kk]['one-by-one']:.2f}" for kk in sorted(both) if ms[kk]["one-by-one"]))
+    for k in sorted(ms1):
+        v = ms1[k]
+        if "batched" in v:
+            out.append(f"     1 step, {k} streams: {v['batched']:.1f} fps total batched"
+                       + (f", {v['one-by-one']:.1f} one by one" if "one-by-one" in v else ""))
+    print(f"goals on {device} ({a.dtype}):")
+    for line in out:
+        print("  " + line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

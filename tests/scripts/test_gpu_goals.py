@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""scripts/gpu-goals.py: issue 22's goal lines from gpu-check.sh's JSON files.
+
+    test_gpu_goals.py CLI FIXTURES
+
+A real (CPU) bench output read as a dry run reads it, and made-up GPU results in the same schema: the verdicts and
+ratios for goals met and not met, missing files reported as not measured.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu-goals.py")
+CLI, FIXTURES = (sys.argv[1], sys.argv[2]) if len(sys.argv) > 2 else (None, None)
+
+
+def goals(out, dtype):
+    r = subprocess.run([sys.executable, SCRIPT, out, "--dtype", dtype], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def e2e_row(mode, fps, graphs, pipelined=None):
+    extra = {"cuda_graphs": graphs}
+    if pipelined:
+        extra["pipelined"] = {"fps": pipelined, "frames": 100}
+    return {"section": "e2e", "name": mode, "fps": fps, "extra": extra}
+
+
+def ms_rows(k, one, batched):
+    return [{"section": "multistream", "name": "one-by-one", "extra": {"streams": k, "fps_total": one}},
+            {"section": "multistream", "name": "batched", "extra": {"streams": k, "fps_total": batched}}]
+
+
+def write(folder, name, obj):
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(obj, f)
+
+
+class MadeUpGpuRun(unittest.TestCase):
+    def test_goals_met(self):
+        with tempfile.TemporaryDirectory() as d:
+            write(d, "bench-fp16.json", {"device": "cuda", "results": [
+                e2e_row("txt2img", 190.0, True, 230.0), e2e_row("txt2img", 60.0, False),
+                e2e_row("img2img", 160.0, True, 200.0), e2e_row("img2img", 50.0, False)]})
+            write(d, "peer-streamdiffusion.json", {"results": [{"name": "img2img", "fps": 40.0},
+                                                               {"name": "txt2img", "fps": 50.0}]})
+            write(d, "multistream.json", {"results": ms_rows(1, 60, 60) + ms_rows(16, 60, 300)})
+            out = goals(d, "fp16")
+            self.assertIn("goal 1 img2img >= 150 fps: 160.0 fps per frame, 200.0 back to back -> MET (per frame)", out)
+            self.assertIn("img2img graphs off: 50.0 fps per frame", out)
+            self.assertIn("goal 2 img2img >= 1.5x the original: 160.0 / 40.0 fps = x4.00 -> MET", out)
+            self.assertIn("txt2img: 190.0 / 50.0 fps = x3.80", out)
+            self.assertIn("goal 3 16 batched streams >= 4x one by one: 300.0 / 60.0 fps total = x5.00 -> MET", out)
+            self.assertIn("by K: 1: x1.00, 16: x5.00", out)
+
+    def test_goals_not_met_or_met_back_to_back_only(self):
+        with tempfile.TemporaryDirectory() as d:
+            write(d, "bench-fp16.json", {"device": "cuda", "results": [e2e_row("img2img", 120.0, True, 155.0)]})
+            write(d, "peer-streamdiffusion.json", {"results": [{"name": "img2img", "fps": 100.0}]})
+            write(d, "multistream.json", {"results": ms_rows(16, 58.0, 97.7)})
+            out = goals(d, "fp16")
+            self.assertIn("goal 1 img2img >= 150 fps: 120.0 fps per frame, 155.0 back to back -> MET (back to back)",
+                          out)
+            self.assertIn("x1.20 -> NOT MET", out)
+            self.assertIn("97.7 / 58.0 fps total = x1.68 -> NOT MET", out)
+
+    def test_missing_files_are_not_measured(self):
+        with tempfile.TemporaryDirectory() as d:
+            out = goals(d, "fp16")
+            self.assertEqual(out.count("not measured"), 6, out)
+            self.assertNotIn("MET", out.replace("NOT MET", ""))
+        r = subprocess.run([sys.executable, SCRIPT, "/nonexistent/gpu-out"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("no folder /nonexistent/gpu-out", r.stderr)
+
+
+@unittest.skipUnless(CLI and FIXTURES and os.path.isdir(os.path.join(FIXTURES or "", "models", "tiny-sd21")),
+                     "needs the CLI and the fixtures")
+class RealBenchOutput(unittest.TestCase):
+    def test_dry_run_figures(self):
+        with tempfile.TemporaryDirectory() as d:
+            base = [CLI, "bench", "--model", os.path.join(FIXTURES, "models", "tiny-sd21"), "--device", "cpu",
+                    "--sizes", "64", "--dtypes", "fp32", "--threads", "2", "--frames", "2", "--warmup", "1",
+                    "--img2img-t-index", "35"]
+            for extra, name in ((["--sections", "e2e", "--iters", "2", "--txt2img-t-index", "0"], "bench-fp32.json"),
+                                (["--sections", "multistream", "--streams", "1,2"], "multistream.json")):
+                r = subprocess.run(base + extra + ["--json", os.path.join(d, name)], capture_output=True, text=True,
+                                   timeout=600)
+                self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+            out = goals(d, "fp32")
+            self.assertIn("goals on cpu (fp32):", out)
+            line = next(l for l in out.splitlines() if "goal 1" in l)
+            fps = float(line.split(": ")[1].split(" fps")[0])
+            self.assertGreater(fps, 0.0)
+            self.assertIn("goal 3 16 batched streams >= 4x one by one (largest K measured: 2):", out)
+            self.assertIn("by K: 1: x", out)
+            self.assertIn("goal 2 img2img >= 1.5x the original: not measured", out)
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
