@@ -13,8 +13,9 @@
 #      tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range), the image up/downloads and
 #      the side-stream work (similarity filter, complete inputs: tests/pipeline/test_side_stream.cpp);
 #   3. makes a random sd-turbo model (fp16 weights) and runs the 512 px, 1-step txt2img and img2img benchmark in fp16
-#      (CUDA graphs on, and off as extra rows), with the per-component rows; each e2e row also times its frames queued
-#      back to back (one synchronisation: a runtime's throughput, and whether the host is the limit);
+#      (CUDA graphs on, and off as extra rows; img2img also with the frame already on the GPU, the runtime's case), with
+#      the per-component rows; each e2e row also times its frames queued back to back (one synchronisation: a
+#      runtime's throughput, and whether the host is the limit);
 #   3b. the same e2e rows with cuDNN's autotuner off (SD_CUDNN_BENCHMARK=0; on is the default on CUDA), to compare,
 #       and the GPU time by operator of an img2img frame and of a round of 16 batched streams (bench --sections
 #       profile --profile-streams 16);
@@ -133,7 +134,7 @@ if [ $DRY = 1 ]; then PROFILE_OPTS=(--frames 3 --warmup 1 --threads 2 --profile-
 else PROFILE_OPTS=(--frames 20 --warmup 5 --profile-streams 16); fi
 BENCH_PROFILE=("${BENCH[@]}" --sections profile "${PROFILE_OPTS[@]}")
 if [ $DRY = 1 ]; then
-  BENCH+=(--sections components,e2e --threads 2 --iters 2 --frames 3 --warmup 1 --pipelined-frames 3)
+  BENCH+=(--sections components,e2e --threads 2 --iters 2 --frames 3 --warmup 1 --pipelined-frames 3 --frame-on-device)
 else
   BENCH+=(--sections components,e2e --iters 20 --frames 200 --warmup 10)
 fi

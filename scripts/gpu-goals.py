@@ -4,9 +4,11 @@
     scripts/gpu-goals.py OUT_DIR [--dtype fp16]
 
 Goals (512 px, sd-turbo, 1 step, TAESD, on the lent GPU):
-  1. img2img >= 150 fps (bench e2e row, CUDA graphs on; the per-frame figure synchronises after every frame, the
-     back-to-back one once for all: both are printed, the verdict names the figure that met it);
-  2. img2img >= 1.5x the original StreamDiffusion on the same GPU and model (peer-streamdiffusion.json);
+  1. img2img >= 150 fps (bench e2e rows, CUDA graphs on, the frame a host tensor and already on the device; the
+     per-frame figure synchronises after every frame, the back-to-back one once for all: all are printed, the
+     verdict names the first that met it, most conservative first);
+  2. img2img >= 1.5x the original StreamDiffusion on the same GPU and model (peer-streamdiffusion.json), host frame
+     against host frame (and frame on device against its --frame-on-device row, when both are there);
   3. 16 batched streams >= 4x the throughput of 16 streams run one by one (multistream.json: the largest K).
 Also printed: txt2img, the autotuner-off rows and the 1-step multi-stream rows when present. A missing file is
 reported as "not measured", never as a failure of the script; the exit code is 0 unless OUT_DIR does not exist.
@@ -25,10 +27,11 @@ def load(path):
         return None
 
 
-def e2e(bench, mode, graphs):
-    """The e2e row of `mode` with CUDA graphs on/off: (fps, back-to-back fps or None), or None. Off CUDA (a dry run)
-    the bench has one row per mode, without graphs: it stands for "on" too."""
-    rows = [r for r in (bench or {}).get("results", []) if r.get("section") == "e2e" and r.get("name") == mode]
+def e2e(bench, mode, graphs, on_device=False):
+    """The e2e row of `mode` with CUDA graphs on/off (and the frame on the device or not): (fps, back-to-back fps or
+    None), or None. Off CUDA (a dry run) the bench has no graphs rows: its row stands for "on"."""
+    rows = [r for r in (bench or {}).get("results", []) if r.get("section") == "e2e" and r.get("name") == mode
+            and r.get("variant", "").endswith(" frame=device") == on_device]
     if not any(r.get("extra", {}).get("cuda_graphs") for r in rows):
         rows = rows[:1] if graphs else []
         graphs = False
@@ -39,9 +42,9 @@ def e2e(bench, mode, graphs):
     return None
 
 
-def peer_fps(peer, mode):
+def peer_fps(peer, mode, on_device=False):
     for r in (peer or {}).get("results", []):
-        if r.get("name") == mode:
+        if r.get("name") == mode and r.get("variant", "").endswith(" frame=device") == on_device:
             return r.get("fps")
     return None
 
@@ -84,13 +87,18 @@ def main():
     out = []
 
     img = e2e(bench, "img2img", True)
-    if img is None:
+    img_dev = e2e(bench, "img2img", True, on_device=True)
+    if img is None and img_dev is None:
         out.append("goal 1 img2img >= 150 fps: not measured (no e2e img2img row with CUDA graphs on)")
     else:
-        fps, b2b = img
-        best, how = (fps, "per frame") if fps >= 150 or not b2b or b2b <= fps else (b2b, "back to back")
-        out.append(f"goal 1 img2img >= 150 fps: {fmt_row(img)} -> {verdict(best >= 150)}"
-                   + (f" ({how})" if best >= 150 else ""))
+        # Every figure of the goal's configuration, the verdict by the first that reaches 150 (most conservative first).
+        figures = []
+        for row, where in ((img, "host frame"), (img_dev, "frame on device")):
+            if row:
+                figures += [(row[0], f"{where}, per frame")] + ([(row[1], f"{where}, back to back")] if row[1] else [])
+        met = next((how for fps, how in figures if fps >= 150), None)
+        out.append(f"goal 1 img2img >= 150 fps: {fmt_row(img)}; frame on device {fmt_row(img_dev)} -> "
+                   + (f"MET ({met})" if met else "NOT MET"))
     for mode in ("txt2img",):
         out.append(f"     {mode}: {fmt_row(e2e(bench, mode, True))}; graphs off {fmt_row(e2e(bench, mode, False))}")
     out.append(f"     img2img graphs off: {fmt_row(e2e(bench, 'img2img', False))}")
@@ -99,6 +107,7 @@ def main():
                    f"txt2img {fmt_row(e2e(tuner_off, 'txt2img', True))}")
 
     theirs = peer_fps(peer, "img2img")
+    theirs_dev = peer_fps(peer, "img2img", on_device=True)
     if img is None or not theirs:
         out.append("goal 2 img2img >= 1.5x the original: not measured"
                    + ("" if theirs else " (no peer-streamdiffusion.json img2img row)"))
@@ -106,6 +115,8 @@ def main():
         ratio = img[0] / theirs
         out.append(f"goal 2 img2img >= 1.5x the original: {img[0]:.1f} / {theirs:.1f} fps = x{ratio:.2f} -> "
                    f"{verdict(ratio >= 1.5)}")
+        if img_dev and theirs_dev:
+            out.append(f"     frame on device: {img_dev[0]:.1f} / {theirs_dev:.1f} fps = x{img_dev[0] / theirs_dev:.2f}")
         t_ours, t_theirs = e2e(bench, "txt2img", True), peer_fps(peer, "txt2img")
         if t_ours and t_theirs:
             out.append(f"     txt2img: {t_ours[0]:.1f} / {t_theirs:.1f} fps = x{t_ours[0] / t_theirs:.2f}")

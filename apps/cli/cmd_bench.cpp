@@ -97,6 +97,8 @@ struct BenchOptions {
   bool profile_shapes = false;           // --profile-shapes: the profile section per operator and input shapes
   int profile_streams = 0;               // --profile-streams K: the profile section also over K batched streams
   int pipelined_frames = -1;             // --pipelined-frames N: e2e frames queued back to back (-1: auto)
+  bool frame_on_device = false;          // --frame-on-device: the e2e img2img row with the frame on the device also
+                                         // off CUDA (on CUDA it is always added)
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -360,6 +362,9 @@ class Bench {
           stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
           graphs_ = true;
         }
+        // The frame already on the device (the runtime's case; the original's --frame-on-device row).
+        if (device_.is_cuda() || o_.frame_on_device)
+          stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true, 1, /*frame_on_device=*/true);
       }
       if (req && want("vae")) {
         autoencoder_components(m, dt, size, ae, "vae");
@@ -569,9 +574,10 @@ class Bench {
   // latency of the stream batch). Per-frame stage times come from StreamStats.
   const Result& stream_row(const std::shared_ptr<const sd::DiffusionModels>& m, const std::string& section,
                            const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
-                           sd::CfgType cfg, const std::vector<int64_t>& t, bool batch, int deep = 1) {
+                           sd::CfgType cfg, const std::vector<int64_t>& t, bool batch, int deep = 1,
+                           bool frame_on_device = false) {
     const bool cn = with_controlnets(section);
-    const std::string variant = stream_variant(ae, cfg, t, batch, cn, deep);
+    const std::string variant = stream_variant(ae, cfg, t, batch, cn, deep) + (frame_on_device ? " frame=device" : "");
     const std::string id = "stream/" + mode + "/" + variant + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
     if (auto r = find(id)) return *r;
     sd::StreamConfig config = stream_config(size, cfg, t, batch);
@@ -579,8 +585,17 @@ class Bench {
     sd::StreamDiffusion stream(m, config);
     stream.prepare(o_.prompt, o_.negative_prompt);
     if (cn) attach_controlnets(stream, size);
-    const auto frame = torch::rand({3, size, size}, torch::TensorOptions().dtype(torch::kFloat)) * 2 - 1;
-    auto step = [&] { mode == "img2img" ? stream.img2img(frame) : stream.txt2img(); };
+    // The frame: a float32 host tensor, uploaded by each call as the original's bench feeds it; or (frame=device) on
+    // the device in the stream's dtype before the first call and complete, as the runtime's pre-process thread hands
+    // frames over (uploaded on a side stream, off the model thread).
+    torch::Tensor frame = torch::rand({3, size, size}, torch::TensorOptions().dtype(torch::kFloat)) * 2 - 1;
+    sd::InputReady ready = sd::InputReady::queued;
+    if (frame_on_device) {
+      frame = frame.to(device_, dt);
+      sync(device_);
+      ready = sd::InputReady::complete;
+    }
+    auto step = [&] { mode == "img2img" ? stream.img2img(frame, ready) : stream.txt2img(); };
     const int warm = round_to_every(o_.warmup + (batch ? static_cast<int>(t.size()) - 1 : 0), cn, deep);
     for (int i = 0; i < warm; ++i) step();
     const sd::StreamStats s0 = stream.stats();
@@ -1412,6 +1427,9 @@ sd::cli::Runner setup_bench(CLI::App& app) {
                  "e2e rows: also time N frames queued back to back with one device synchronisation (a runtime's "
                  "throughput; default --frames on a GPU, none on the CPU, where calls are synchronous)")
       ->check(CLI::Range(-1, 1000000));
+  app.add_flag("--frame-on-device", o->frame_on_device,
+               "e2e section: also an img2img row whose frame is on the device in the stream's dtype before the first "
+               "call (variant '... frame=device', the runtime's case); always added on CUDA");
   app.add_option("--profile-streams", o->profile_streams,
                  "profile section: also profile rounds of K img2img streams batched into one UNet call (as the "
                  "multistream section's batched row, --multi-t-index, without CUDA graphs); 0 = not")

@@ -407,6 +407,35 @@ TEST_F(CliBench, E2eRowsCarryAPipelinedThroughput) {
   EXPECT_NE(bad.output.find("--pipelined-frames"), std::string::npos) << bad.output;
 }
 
+// --frame-on-device (always on CUDA): one more e2e img2img row whose frame is on the device before the first call
+// (variant "... frame=device"), the same stream configuration as the host-frame row.
+TEST_F(CliBench, FrameOnDeviceAddsAnImg2imgRow) {
+  const BenchRun b =
+      bench("--sizes 64 --dtypes fp32 --sections e2e --frames 2 --warmup 1 --threads 1 --frame-on-device", "dev.json");
+  ASSERT_EQ(b.run.status, 0) << b.run.output;
+  const nlohmann::json* host = nullptr;
+  const nlohmann::json* dev = nullptr;
+  int e2e = 0;
+  for (const auto& res : b.report["results"]) {
+    if (res["section"] != "e2e") continue;
+    ++e2e;
+    if (res["name"] != "img2img") continue;
+    const std::string v = res["variant"];
+    (v.size() > 13 && v.compare(v.size() - 13, 13, " frame=device") == 0 ? dev : host) = &res;
+  }
+  EXPECT_EQ(e2e, 3);  // txt2img, img2img, img2img frame=device
+  ASSERT_TRUE(host && dev) << b.report.dump();
+  EXPECT_EQ((*dev)["variant"].get<std::string>(), (*host)["variant"].get<std::string>() + " frame=device");
+  EXPECT_GT((*dev)["fps"].get<double>(), 0);
+  EXPECT_EQ((*dev)["extra"]["unet_calls_per_frame"], (*host)["extra"]["unet_calls_per_frame"]);
+  EXPECT_EQ((*dev)["extra"]["t_index_list"], (*host)["extra"]["t_index_list"]);
+  EXPECT_GT((*dev)["extra"]["per_frame_s"]["image_encode"].get<double>(), 0);
+  const BenchRun plain = bench("--sizes 64 --dtypes fp32 --sections e2e --frames 2 --warmup 0 --threads 1", "p.json");
+  ASSERT_EQ(plain.run.status, 0) << plain.run.output;
+  for (const auto& res : plain.report["results"])
+    EXPECT_EQ(res["variant"].get<std::string>().find("frame=device"), std::string::npos) << "off the GPU only on request";
+}
+
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
 // counted) and one comparison per mode against the exact row by their means; K = 0 is refused.
 TEST_F(CliBench, DeepCacheRowsAndComparisons) {
