@@ -1,5 +1,7 @@
 #include "core/side_stream.h"
 
+#include <ATen/ATen.h>
+
 #if SD_WITH_CUDA
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -30,6 +32,12 @@ void run_on_side_stream(const c10::Device& device, bool after_current, const std
   (void)device;
   (void)after_current;
   fn();
+}
+
+at::Tensor to_device_nonblocking(const at::Tensor& x, const c10::Device& device, c10::ScalarType dtype) {
+  if (device.is_cuda() && x.is_cpu())
+    return x.contiguous().pin_memory().to(device, /*non_blocking=*/true).to(dtype);
+  return x.to(device, dtype);
 }
 
 }  // namespace sd

@@ -4,10 +4,13 @@
 // A model thread that runs ahead of the GPU has the previous frame's kernels queued on its stream. Work that reads
 // only tensors already complete (an input image_to_device_tensor uploaded and waited for) need not queue behind them:
 // run_on_side_stream runs it on a side stream and waits for that stream only. The similarity filter's cosine and the
-// frame upload use it, so deciding about frame N does not wait for frame N-1 to finish.
+// frame upload use it, so deciding about frame N does not wait for frame N-1 to finish. Host tensors that a frame
+// needs (an img2img frame from a library caller, txt2img's fresh noise) go up with to_device_nonblocking.
 #include <functional>
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 
 namespace sd {
 
@@ -16,5 +19,12 @@ namespace sd {
 // and the host then waits for the side stream: what fn computed is complete on return, and nothing of it is left
 // queued. Elsewhere (CPU, builds without CUDA) fn runs as it is.
 void run_on_side_stream(const c10::Device& device, bool after_current, const std::function<void()>& fn);
+
+// x.to(device, dtype) without a host wait for a host tensor going to a CUDA device: staged in pinned memory and
+// copied non-blocking on the calling thread's stream (PyTorch's pinned-memory allocator keeps the staging buffer until
+// the copy is done), then converted there. A blocking copy would wait for every kernel queued before it - the previous
+// frames' - on each call that brings a frame or fresh noise from the host. The same values as x.to(device, dtype);
+// anything else is exactly that.
+at::Tensor to_device_nonblocking(const at::Tensor& x, const c10::Device& device, c10::ScalarType dtype);
 
 }  // namespace sd

@@ -692,7 +692,7 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
                           ", 3, " + std::to_string(config_.height) + ", " + std::to_string(config_.width) +
                           "] in [-1, 1] (frame_buffer_size frames at the stream's size)");
   const Tensor given = x;
-  x = x.to(device_, dtype_);
+  x = to_device_nonblocking(x, device_, dtype_);
   // A copy or conversion just queued on this thread's stream makes even a complete input a queued one.
   const bool complete = ready == InputReady::complete && x.is_same(given);
   ++stats_.calls;
@@ -778,9 +778,11 @@ StreamDiffusion::CallState StreamDiffusion::begin_txt2img() {
   advance_transitions();
   fold_call_timers();
   call.timer = start_call_timer();
-  call.x_t = rng_->randn({config_.frame_buffer_size, models_->latent_channels(), latent_height(), latent_width()},
-                         "txt2img: latent")
-                 .to(device_, dtype_);
+  // Drawn on the host (the reference's CPU generator), sent up without waiting for the frames queued before.
+  call.x_t = to_device_nonblocking(
+      rng_->randn({config_.frame_buffer_size, models_->latent_channels(), latent_height(), latent_width()},
+                  "txt2img: latent"),
+      device_, dtype_);
   begin_unet_rows(call);
   return call;
 }
@@ -800,8 +802,9 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
   fold_call_timers();
   std::shared_ptr<CallTimer> timer = start_call_timer();
   begin_stream_call();
-  const Tensor x = rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot")
-                       .to(device_, dtype_);
+  const Tensor x = to_device_nonblocking(
+      rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot"), device_,
+      dtype_);
   trace("x_t_latent_in", x);
   const Tensor eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
   const Tensor x0 = (x - beta_ * eps) / alpha_;

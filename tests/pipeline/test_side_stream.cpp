@@ -119,17 +119,24 @@ TEST(SideStream, StreamFedCompleteFramesEqualsStreamFedQueuedFrames) {
   config.deep_cache_min_similarity = 0.9;
   StreamDiffusion a(models, config, nullptr, std::make_shared<Mt19937UniformSource>(9));
   StreamDiffusion b(models, config, nullptr, std::make_shared<Mt19937UniformSource>(9));
+  StreamDiffusion c(models, config, nullptr, std::make_shared<Mt19937UniformSource>(9));  // fed host frames
   a.prepare("a lighthouse at dusk");
   b.prepare("a lighthouse at dusk");
+  c.prepare("a lighthouse at dusk");
   const double tol = device.is_cpu() ? 0.0 : 1e-2;
   for (int i = 0; i < 12; ++i) {
     const torch::Tensor x = image_to_device_tensor(scene_frame(i), 64, 64, device, dtype);
     const torch::Tensor oa = a.img2img(x, InputReady::complete).to(torch::kCPU, torch::kFloat);
     const torch::Tensor ob = b.img2img(x * 1, InputReady::queued).to(torch::kCPU, torch::kFloat);
+    // A host frame (to_device_nonblocking: pinned, non-blocking on a GPU): the same values arrive.
+    const torch::Tensor oc = c.img2img(x.cpu(), InputReady::complete).to(torch::kCPU, torch::kFloat);
     const double range = std::max(1e-6, ob.abs().max().item<double>());
     EXPECT_LE((oa - ob).abs().max().item<double>(), tol * range) << "frame " << i;
+    EXPECT_LE((oc - ob).abs().max().item<double>(), tol * range) << "frame " << i << ", host frame";
   }
-  const StreamStats &sa = a.stats(), &sb = b.stats();
+  const StreamStats &sa = a.stats(), &sb = b.stats(), &sc = c.stats();
+  EXPECT_EQ(sc.skipped, sb.skipped);
+  EXPECT_EQ(sc.unet_shallow_calls, sb.unet_shallow_calls);
   EXPECT_EQ(sa.skipped, sb.skipped);
   EXPECT_EQ(sa.forced, sb.forced);
   EXPECT_EQ(sa.unet_shallow_calls, sb.unet_shallow_calls);
@@ -168,6 +175,25 @@ TEST(SideStream, CallTimeEmaIsFoldedInByLaterCalls) {
   EXPECT_LT(ema, 60.0);
   std::cout << "[side stream] ema_call_s " << ema * 1e3 << " ms, host total " << s.stats().total_s * 1e3 << " ms for "
             << s.stats().processed << " calls\n";
+}
+
+TEST(SideStream, ToDeviceNonblockingEqualsTo) {
+  const c10::Device device = test::test_device();
+  const torch::Tensor host = torch::randn({2, 3, 17, 5}).transpose(2, 3);  // not contiguous
+  for (const auto dtype : {c10::kFloat, c10::kHalf, c10::kBFloat16}) {
+    const torch::Tensor a = to_device_nonblocking(host, device, dtype);
+    const torch::Tensor b = host.to(device, dtype);
+    EXPECT_EQ(a.device(), b.device());
+    EXPECT_EQ(a.scalar_type(), dtype);
+    EXPECT_TRUE(torch::equal(a.cpu(), b.cpu())) << c10::toString(dtype);
+  }
+  // Already there: the same tensor, not a copy.
+  const torch::Tensor d = host.to(device, c10::kFloat);
+  EXPECT_TRUE(to_device_nonblocking(d, device, c10::kFloat).is_same(d));
+  // Txt2img's fresh noise goes the same way: a stream's frames equal eager ones (CUDA graphs tests); here its values.
+  std::vector<torch::Tensor> staged;
+  for (int i = 0; i < 4; ++i) staged.push_back(to_device_nonblocking(host * i, device, c10::kFloat));
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(torch::equal(staged[i].cpu(), host * i)) << "copy " << i;
 }
 
 }  // namespace
