@@ -96,19 +96,31 @@ TEST(SideStream, FilterKeepsACopyOfTheReference) {
   EXPECT_THROW(f.check(torch::ones({1, 3, 4, 4}, torch::TensorOptions().device(device)), true), InvalidArgument);
 }
 
-TEST(SideStream, StreamFedCompleteFramesEqualsStreamFedQueuedFrames) {
-  if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "no fixture tiny-sd15";
+// Streams of tiny-sd15 on the test device ($SD_TEST_DEVICE / $SD_TEST_DTYPE), 64 px, two steps.
+class SideStreamModel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "no fixture tiny-sd15";
+    if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
+    LoadOptions lo;
+    lo.device = device.str();
+    lo.dtype = dtype;
+    lo.threads = -1;
+    models = load_pipeline(test::fixture_path("models/tiny-sd15"), lo);
+  }
+  static StreamConfig two_step_config() {
+    StreamConfig config;
+    config.width = config.height = 64;
+    config.t_index_list = {20, 35};
+    return config;
+  }
   const c10::Device device = test::test_device();
   const c10::ScalarType dtype = test::test_dtype();
-  if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
-  LoadOptions lo;
-  lo.device = device.str();
-  lo.dtype = dtype;
-  lo.threads = -1;
-  const auto models = load_pipeline(test::fixture_path("models/tiny-sd15"), lo);
-  StreamConfig config;
-  config.width = config.height = 64;
-  config.t_index_list = {20, 35};
+  std::shared_ptr<const DiffusionModels> models;
+};
+
+TEST_F(SideStreamModel, StreamFedCompleteFramesEqualsStreamFedQueuedFrames) {
+  StreamConfig config = two_step_config();
   config.cfg_type = CfgType::Self;
   config.seed = 5;
   config.similarity_filter.enabled = true;
@@ -148,19 +160,8 @@ TEST(SideStream, StreamFedCompleteFramesEqualsStreamFedQueuedFrames) {
 
 // StreamStats::ema_call_s (the filter's sleep on a skip): on CUDA the device time between events around each processed
 // call, folded in by a later call once done; elsewhere the host time. Either way a positive time once calls finished.
-TEST(SideStream, CallTimeEmaIsFoldedInByLaterCalls) {
-  if (!test::fixture_exists("models/tiny-sd15")) GTEST_SKIP() << "no fixture tiny-sd15";
-  const c10::Device device = test::test_device();
-  const c10::ScalarType dtype = test::test_dtype();
-  if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
-  LoadOptions lo;
-  lo.device = device.str();
-  lo.dtype = dtype;
-  lo.threads = -1;
-  const auto models = load_pipeline(test::fixture_path("models/tiny-sd15"), lo);
-  StreamConfig config;
-  config.width = config.height = 64;
-  config.t_index_list = {20, 35};
+TEST_F(SideStreamModel, CallTimeEmaIsFoldedInByLaterCalls) {
+  StreamConfig config = two_step_config();
   StreamDiffusion s(models, config);
   s.prepare("a lighthouse at dusk");
   EXPECT_EQ(s.stats().ema_call_s, 0.0);
