@@ -124,7 +124,10 @@ bool GraphCache::capture(Entry& e, const std::string& key, const std::vector<at:
   e.static_inputs.clear();
   for (const auto& t : inputs) e.static_inputs.push_back(t.defined() ? t.clone() : at::Tensor());
   auto graph = std::make_unique<at::cuda::CUDAGraph>();
-  auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
+  // From the high-priority pool: the side streams of other threads (uploads, downloads, the filter's cosine:
+  // core/side_stream) come from the low-priority one, and work another thread queued on a stream under capture would
+  // be recorded into the graph instead of running.
+  auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
   // Once per key, so a host wait here costs nothing per frame: the side stream must see the clones above.
   c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
   try {

@@ -21,9 +21,12 @@ void run_on_side_stream(const c10::Device& device, bool after_current, const std
       queued.record(c10::cuda::getCurrentCUDAStream(index));
       queued.block(side);
     }
-    {
+    try {
       c10::cuda::CUDAStreamGuard guard(side);
       fn();
+    } catch (...) {
+      side.synchronize();  // nothing of it left queued, as on success
+      throw;
     }
     side.synchronize();
     return;
@@ -35,8 +38,13 @@ void run_on_side_stream(const c10::Device& device, bool after_current, const std
 }
 
 at::Tensor to_device_nonblocking(const at::Tensor& x, const c10::Device& device, c10::ScalarType dtype) {
-  if (device.is_cuda() && x.is_cpu())
-    return x.contiguous().pin_memory().to(device, /*non_blocking=*/true).to(dtype);
+  if (device.is_cuda() && x.is_cpu()) {
+    // Always a fresh staging buffer: pin_memory() of a tensor already pinned would be the caller's own buffer, which
+    // the copy may still read after this returns (a capture ring reusing its pinned frames).
+    at::Tensor staged = at::empty(x.sizes(), x.options().pinned_memory(true));
+    staged.copy_(x);
+    return staged.to(device, /*non_blocking=*/true).to(dtype);
+  }
   return x.to(device, dtype);
 }
 

@@ -17,11 +17,13 @@ namespace sd {
 // On a CUDA device: fn runs with a side stream of that device current (from PyTorch's pool), after the work queued
 // so far on the calling thread's current stream when `after_current` (for inputs that work may still be writing),
 // and the host then waits for the side stream: what fn computed is complete on return, and nothing of it is left
-// queued. Elsewhere (CPU, builds without CUDA) fn runs as it is.
+// queued (also when fn throws). Side streams come from PyTorch's low-priority pool; CUDA-graph captures
+// (core/cuda_graph) take theirs from the high-priority pool, so a side stream is never a stream under capture.
+// Elsewhere (CPU, builds without CUDA) fn runs as it is.
 void run_on_side_stream(const c10::Device& device, bool after_current, const std::function<void()>& fn);
 
-// x.to(device, dtype) without a host wait for a host tensor going to a CUDA device: staged in pinned memory and
-// copied non-blocking on the calling thread's stream (PyTorch's pinned-memory allocator keeps the staging buffer until
+// x.to(device, dtype) without a host wait for a host tensor going to a CUDA device: staged in pinned memory (always a
+// fresh buffer, so the caller may reuse x at once, pinned or not) and copied non-blocking on the calling thread's stream (PyTorch's pinned-memory allocator keeps the staging buffer until
 // the copy is done), then converted there. A blocking copy would wait for every kernel queued before it - the previous
 // frames' - on each call that brings a frame or fresh noise from the host. The same values as x.to(device, dtype);
 // anything else is exactly that.

@@ -649,9 +649,14 @@ void StreamDiffusion::end_call_timer(std::shared_ptr<CallTimer> timer, double ho
 void StreamDiffusion::fold_call_timers() {
 #ifdef SD_TIMES_CALLS_ON_DEVICE
   while (!call_timers_.empty() && call_timers_.front()->end.query()) {
-    const CallTimer& t = *call_timers_.front();
-    stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * t.start.elapsedTime(t.end) / 1000.0;  // ms
-    call_timers_.pop_front();
+    const std::shared_ptr<CallTimer> t = std::move(call_timers_.front());
+    call_timers_.pop_front();  // first: a timer that cannot be read is dropped, not read again on every call
+    try {
+      stats_.ema_call_s = 0.9 * stats_.ema_call_s + 0.1 * t->start.elapsedTime(t->end) / 1000.0;  // ms
+    } catch (const std::exception& e) {
+      log::warn("stream: a call's device time could not be read ({}); the filter's sleep keeps its last value",
+                e.what());
+    }
   }
 #endif
 }
@@ -724,7 +729,12 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
       if (cos < config_.deep_cache_min_similarity) deep_force_full_ = true;
     }
     if (full_next || deep_force_full_) {
-      deep_ref_input_ = x;
+      // A copy: the caller may reuse its buffer. Made on a side stream for a complete input (so it is complete too),
+      // else in order on this thread's stream, without a wait.
+      if (complete)
+        run_on_side_stream(device_, /*after_current=*/false, [&] { deep_ref_input_ = x.clone(); });
+      else
+        deep_ref_input_ = x.clone();
       deep_ref_complete_ = complete;
     }
   }

@@ -120,7 +120,8 @@ struct StreamStats {
   double image_prompt_s = 0;   // wall time of the image prompt encodes
   double total_s = 0;          // wall time of processed calls
   double ema_call_s = 0;       // 0.9·ema + 0.1·call time, processed calls only (the filter's sleep); on CUDA the
-                               // device time between events around the call, folded in once done (a call or so late)
+                               // device time between events around the call, folded in once done (a call or so late;
+                               // torch >= 2.5, else the host time)
 };
 
 class StreamDiffusion {
@@ -400,8 +401,8 @@ class StreamDiffusion {
   int64_t deep_phase_ = 0;        // stream calls since the last full one (0 = the next call is full)
   bool deep_reuse_now_ = false;   // this stream call reuses
   bool deep_force_full_ = false;  // set by img2img when the input moved too far
-  torch::Tensor deep_ref_input_;  // the img2img input of the last full call
-  bool deep_ref_complete_ = false;  // it was given as InputReady::complete
+  torch::Tensor deep_ref_input_;  // a copy of the img2img input of the last full call
+  bool deep_ref_complete_ = false;  // made on a side stream from a complete input (nothing queued writes it)
 };
 
 }  // namespace sd

@@ -37,8 +37,9 @@ class FrameProcessor {
     return {};
   }
 
-  // Model thread: one input frame (tensor = preprocess() output; undefined for ticks). Returns the outputs that became
-  // ready, oldest first — none during warm-up, usually one per call afterwards — each carrying the index and capture
+  // Model thread: one input frame (tensor = preprocess() output, and nothing may still be writing it on a device
+  // stream: a processor may read it on a side stream at once, as StreamDiffusionProcessor does; undefined for
+  // ticks). Returns the outputs that became ready, oldest first — none during warm-up, usually one per call afterwards — each carrying the index and capture
   // time of the input it belongs to, in input order.
   virtual std::vector<Frame> process(Frame in) = 0;
 

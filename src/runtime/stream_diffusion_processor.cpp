@@ -201,8 +201,8 @@ std::vector<Frame> StreamDiffusionProcessor::run_batch(std::vector<Frame> batch,
     std::vector<torch::Tensor> xs;
     for (const auto& f : batch) xs.push_back(f.tensor);
     const int64_t skipped_before = stream_->stats().skipped;
-    // preprocess()'s frames are complete on the device (image_to_device_tensor); a cat of several is queued on this
-    // thread's stream.
+    // preprocess()'s frames are complete on the device (image_to_device_tensor; FrameProcessor::process requires it of
+    // its callers); a cat of several is queued on this thread's stream.
     images = xs.size() == 1 ? stream_->img2img(xs[0], InputReady::complete)
                             : stream_->img2img(torch::cat(xs, 0));  // [F, 3, H, W]
     skipped = stream_->stats().skipped > skipped_before;

@@ -11,9 +11,9 @@
 // takes the other queued tasks with the same key (in queue order, up to N in all; other tasks keep their places)
 // and runs them as ONE step: each task's begin_batched_step (the first half of its run_model_step: its input and
 // settings), one sd::run_stream_calls over their streams (their UNet rows in one UNet call, pipeline/multi_stream.h),
-// then each task's begin_batched_output (its download started) and each task's end_batched_step (its result to its
-// client, exactly as run_model_step delivers it). Tasks that
-// arrive while a step runs wait for the next one, as before.
+// then each task's begin_batched_output (on CUDA a session starts its frame's download there) and each task's
+// end_batched_step (its result to its client, exactly as run_model_step delivers it). Tasks that arrive while a step
+// runs wait for the next one, as before.
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>

@@ -299,6 +299,8 @@ bool StreamSession::begin_batched_step(BatchedStep& step) {
 }
 
 void StreamSession::begin_batched_output(BatchedStep& step) {
+  // On the CPU the conversion is the work itself: end_step does it, so the first clients get theirs first.
+  if (!step.output.is_cuda()) return;
   try {
     batch_pixels_ = start_image_download(step.output.slice(0, 0, 1));
   } catch (const std::exception&) {

@@ -91,7 +91,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   // halves of run_model_step, with the stream call made by the worker for several sessions at once.
   const void* batch_key() const override { return models_.get(); }
   bool begin_batched_step(BatchedStep& step) override;
-  void begin_batched_output(BatchedStep& step) override;  // starts the frame's download (start_image_download)
+  void begin_batched_output(BatchedStep& step) override;  // on CUDA starts the frame's download (start_image_download)
   void end_batched_step(BatchedStep& step) override;
 
  private:

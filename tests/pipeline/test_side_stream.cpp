@@ -10,6 +10,7 @@
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "core/side_stream.h"
+#include "core/torch_compat.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/image.h"
 #include "pipeline/similarity_filter.h"
@@ -18,30 +19,43 @@
 namespace sd {
 namespace {
 
+#if SD_WITH_CUDA && SD_HAS_EVENT_TIMING
+constexpr bool kDeviceTimed = true;  // StreamStats::ema_call_s from CUDA timing events
+#else
+constexpr bool kDeviceTimed = false;
+#endif
+
 TEST(SideStream, SeesTheWorkQueuedBeforeItWhenAskedAndReturnsCompleteResults) {
   const c10::Device device = test::test_device();
   const auto opts = torch::TensorOptions().device(device).dtype(torch::kFloat);
-  const torch::Tensor x = torch::arange(1 << 20, opts);
-  // Queued on the calling thread's stream just before: on a GPU still running when the side stream starts.
-  torch::Tensor y = x * 2;
-  for (int i = 0; i < 20; ++i) y = y + 1;
+  // Queued on the calling thread's stream just before: on a GPU milliseconds of matrix products (40 of 2048^3 through
+  // the identity, exact for these small integers) still running when the side stream starts; had it not waited, it
+  // would read y's memory before the last product wrote it.
+  const int64_t n = device.is_cuda() ? 2048 : 64;
+  const torch::Tensor v = torch::arange(n * n, opts).remainder(7).reshape({n, n});
+  const torch::Tensor eye = torch::eye(n, opts);
+  torch::Tensor y = v;
+  for (int i = 0; i < 40; ++i) y = torch::mm(y, eye);
+  y = y + 1;
   double sum = 0;
   torch::Tensor made;
   run_on_side_stream(device, /*after_current=*/true, [&] {
     sum = y.to(torch::kDouble).sum().item<double>();
-    made = y - 20;
+    made = y * 2;
   });
-  const double n = 1 << 20;
-  EXPECT_DOUBLE_EQ(sum, n * (n - 1) + 20 * n);  // sum of 2i + 20
+  const double expected = v.cpu().to(torch::kDouble).sum().item<double>() + static_cast<double>(n * n);
+  EXPECT_DOUBLE_EQ(sum, expected);
   // `made` is complete: read on the calling thread's stream it has its values.
-  EXPECT_TRUE(torch::equal(made.cpu(), (x * 2).cpu()));
+  EXPECT_TRUE(torch::equal(made.cpu(), ((v + 1) * 2).cpu()));
+  const torch::Tensor x = torch::arange(1 << 20, opts);
+  const double nx = 1 << 20;
 
   // A complete input (waited for here) needs no wait: the same values.
   torch::Tensor z = x * 3;
   if (device.is_cuda()) run_on_side_stream(device, true, [] {});  // z is complete after this
   double zsum = 0;
   run_on_side_stream(device, /*after_current=*/false, [&] { zsum = z.to(torch::kDouble).sum().item<double>(); });
-  EXPECT_DOUBLE_EQ(zsum, 3 * n * (n - 1) / 2);
+  EXPECT_DOUBLE_EQ(zsum, 3 * nx * (nx - 1) / 2);
 
   // An exception in the work reaches the caller, and the next call runs normally.
   EXPECT_THROW(run_on_side_stream(device, true, [] { throw InvalidArgument("bad"); }), InvalidArgument);
@@ -166,7 +180,13 @@ TEST_F(SideStreamModel, CallTimeEmaIsFoldedInByLaterCalls) {
   s.prepare("a lighthouse at dusk");
   EXPECT_EQ(s.stats().ema_call_s, 0.0);
   const torch::Tensor x = image_to_device_tensor(scene_frame(0), 64, 64, device, dtype);
-  for (int i = 0; i < 4; ++i) s.img2img(x, InputReady::complete);
+  s.img2img(x, InputReady::complete);
+  // Timed on the device, the first call's time is not folded in by the call itself; on the host it is.
+  if (kDeviceTimed && device.is_cuda())
+    EXPECT_EQ(s.stats().ema_call_s, 0.0) << "device-timed calls are folded in by later calls";
+  else
+    EXPECT_GT(s.stats().ema_call_s, 0.0);
+  for (int i = 0; i < 3; ++i) s.img2img(x, InputReady::complete);
   s.txt2img();
   // Every call's work done; the next call folds the finished ones in.
   run_on_side_stream(device, /*after_current=*/true, [] {});

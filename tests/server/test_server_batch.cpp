@@ -2,7 +2,8 @@
 // pending frames of two clients (StreamSessions on one model) run as one step with one UNet call, their results
 // reach each client as before and equal what the one-client-per-step worker gives them; the worker's stats JSON
 // counts it; clients whose streams cannot share (deep-feature cache) are gathered but run their own calls; a gathered
-// step starts every client's download before it delivers the first result.
+// step calls every client's begin_batched_output (where, on CUDA, a session starts its download) before it delivers
+// the first result.
 #include <functional>
 #include <future>
 #include <mutex>
@@ -288,7 +289,7 @@ TEST(ServerBatchOrder, EveryClientsDownloadStartsBeforeTheFirstResultIsDelivered
     EXPECT_EQ(c[k].count(), static_cast<size_t>(kRounds)) << "client " << k;
     EXPECT_TRUE(c[k].errors().empty()) << c[k].errors().front();
   }
-  // Each client's frame is its own (frames and seeds differ), delivered from its own download.
+  // Each client's frame is its own (frames and seeds differ).
   std::lock_guard<std::mutex> l0(c[0].m), l1(c[1].m), l2(c[2].m);
   EXPECT_GT(max_level_diff(c[0].frames[1], c[1].frames[1]), 10.0);
   EXPECT_GT(max_level_diff(c[1].frames[1], c[2].frames[1]), 10.0);

@@ -683,19 +683,19 @@ TEST_F(ServerTest, LoadManyClients) {
   // 20 small streams: each has its own buffers (tiny model: well under 1 MiB each). Bounded: no growth with time.
   // Under ASan, freed blocks wait in its quarantine (256 MiB by default) before they are reused, and it fills over
   // the run: both bounds get that much more (LeakSanitizer checks for leaks there).
-// Under TSan, memory freed by one thread and allocated by another goes through its allocator's caches and every page
-// the heap touches gets shadow memory (several times its size) that is never given back: measured 42 MiB more after
-// the clients closed than at the run's peak (mid 665.8, peak 675.2, end 717.1 MiB), while the uninstrumented build
-// ends within 4 MiB of the middle; it gets 100 MiB for that.
+  // Under TSan, memory freed by one thread and allocated by another goes through its allocator's caches, and every
+  // page the heap touches gets shadow memory (several times its size) that is never given back: measured 42 MiB more
+  // after the clients closed than at the run's peak (mid 665.8, peak 675.2, end 717.1 MiB), while the uninstrumented
+  // build ends within 4 MiB of the middle; it gets 100 MiB for that.
 #if defined(__SANITIZE_ADDRESS__)
-  const double quarantine = 256.0;
+  const double sanitizer_allowance = 256.0;
 #elif defined(__SANITIZE_THREAD__)
-  const double quarantine = 100.0;
+  const double sanitizer_allowance = 100.0;
 #else
-  const double quarantine = 0.0;
+  const double sanitizer_allowance = 0.0;
 #endif
-  EXPECT_LT(rss_peak - rss_start, 300.0 + quarantine);
-  EXPECT_LT(rss_end - rss_mid, 50.0 + quarantine) << "RSS grows while streaming";
+  EXPECT_LT(rss_peak - rss_start, 300.0 + sanitizer_allowance);
+  EXPECT_LT(rss_end - rss_mid, 50.0 + sanitizer_allowance) << "RSS grows while streaming";
   EXPECT_LE(max_frames, 4 * min_frames + 4) << "unfair scheduling";
 }
 
