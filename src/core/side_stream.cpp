@@ -11,7 +11,8 @@
 
 namespace sd {
 
-void run_on_side_stream(const c10::Device& device, bool after_current, const std::function<void()>& fn) {
+std::function<void()> queue_on_side_stream(const c10::Device& device, bool after_current,
+                                           const std::function<void()>& fn) {
 #if SD_WITH_CUDA
   if (device.is_cuda()) {
     const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
@@ -25,16 +26,22 @@ void run_on_side_stream(const c10::Device& device, bool after_current, const std
       c10::cuda::CUDAStreamGuard guard(side);
       fn();
     } catch (...) {
-      side.synchronize();  // nothing of it left queued, as on success
+      side.synchronize();  // nothing of it left queued
       throw;
     }
-    side.synchronize();
-    return;
+    auto done = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
+    done->record(side);
+    return [done] { done->synchronize(); };
   }
 #endif
   (void)device;
   (void)after_current;
   fn();
+  return nullptr;
+}
+
+void run_on_side_stream(const c10::Device& device, bool after_current, const std::function<void()>& fn) {
+  if (const auto wait = queue_on_side_stream(device, after_current, fn)) wait();
 }
 
 at::Tensor to_device_nonblocking(const at::Tensor& x, const c10::Device& device, c10::ScalarType dtype) {

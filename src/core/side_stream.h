@@ -21,10 +21,14 @@ namespace sd {
 // (core/cuda_graph) take theirs from the high-priority pool, so a side stream is never a stream under capture.
 // Elsewhere (CPU, builds without CUDA) fn runs as it is.
 void run_on_side_stream(const c10::Device& device, bool after_current, const std::function<void()>& fn);
+// The same without the wait: returns what waits for fn's work (null where fn ran as it is), for a thread that hands
+// the wait to another (start_image_download). When fn throws, its queued work is waited for before the rethrow.
+std::function<void()> queue_on_side_stream(const c10::Device& device, bool after_current,
+                                           const std::function<void()>& fn);
 
 // x.to(device, dtype) without a host wait for a host tensor going to a CUDA device: staged in pinned memory (always a
-// fresh buffer, so the caller may reuse x at once, pinned or not) and copied non-blocking on the calling thread's stream (PyTorch's pinned-memory allocator keeps the staging buffer until
-// the copy is done), then converted there. A blocking copy would wait for every kernel queued before it - the previous
+// fresh buffer, so the caller may reuse x at once, pinned or not) and copied non-blocking on the calling thread's
+// stream (PyTorch's pinned-memory allocator keeps the staging buffer until the copy is done), then converted there. A blocking copy would wait for every kernel queued before it - the previous
 // frames' - on each call that brings a frame or fresh noise from the host. The same values as x.to(device, dtype);
 // anything else is exactly that.
 at::Tensor to_device_nonblocking(const at::Tensor& x, const c10::Device& device, c10::ScalarType dtype);

@@ -8,8 +8,6 @@
 #include "core/side_stream.h"
 
 #if SD_WITH_CUDA
-#include <c10/core/Event.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -124,24 +122,16 @@ ImageDownload start_image_download(const torch::Tensor& x) {
 #if SD_WITH_CUDA
   if (x.is_cuda()) {
     torch::NoGradGuard no_grad;
-    const c10::DeviceIndex index = x.device().index();
-    // The frame's work so far, on this thread's stream; the side stream starts after it.
-    c10::Event produced(c10::DeviceType::CUDA);
-    produced.record(c10::cuda::getCurrentCUDAStream(index));
-    c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index);
-    produced.block(side);
     torch::Tensor host;
-    {
-      c10::cuda::CUDAStreamGuard guard(side);
+    // After the frame's work so far on this thread's stream; the wait is get()'s.
+    auto wait = queue_on_side_stream(x.device(), /*after_current=*/true, [&] {
       const torch::Tensor u8 = to_pixels(x);
       host = torch::empty(u8.sizes(), u8.options().device(torch::kCPU).pinned_memory(true));
       host.copy_(u8, /*non_blocking=*/true);
-    }
-    // x was made on the model's stream: its memory is not handed out again before the side stream has read it.
-    x.record_stream(side);
-    auto copied = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
-    copied->record(side);
-    return ImageDownload(std::move(host), [copied] { copied->synchronize(); });
+      // x was made on the model's stream: its memory is not handed out again before this side stream has read it.
+      x.record_stream(c10::cuda::getCurrentCUDAStream(x.device().index()));
+    });
+    return ImageDownload(std::move(host), std::move(wait));
   }
 #endif
   return ImageDownload(to_pixels(x).to(torch::kCPU), nullptr);

@@ -41,12 +41,8 @@ FilterDecision SimilarityFilter::check(const torch::Tensor& x, bool x_complete) 
   torch::Tensor copy;
   const bool first = !prev_.defined();
   run_on_side_stream(x.device(), /*after_current=*/!x_complete, [&] {
-    if (!x.is_cuda()) {
-      if (!first) d.cos_sim = cosine_similarity(prev_, x);
-      return;
-    }
-    copy = x.detach().clone();
-    if (!first) d.cos_sim = cosine_similarity(prev_, copy);
+    if (x.is_cuda()) copy = x.detach().clone();
+    if (!first) d.cos_sim = cosine_similarity(prev_, copy.defined() ? copy : x);
   });
   const auto keep = [&] { prev_ = copy.defined() ? copy : x.detach().clone(); };
   if (first) {

@@ -39,8 +39,8 @@ class FrameProcessor {
 
   // Model thread: one input frame (tensor = preprocess() output, and nothing may still be writing it on a device
   // stream: a processor may read it on a side stream at once, as StreamDiffusionProcessor does; undefined for
-  // ticks). Returns the outputs that became ready, oldest first — none during warm-up, usually one per call afterwards — each carrying the index and capture
-  // time of the input it belongs to, in input order.
+  // ticks). Returns the outputs that became ready, oldest first — none during warm-up, usually one per call
+  // afterwards — each carrying the index and capture time of the input it belongs to, in input order.
   virtual std::vector<Frame> process(Frame in) = 0;
 
   // Model thread, end of input: the outputs of every frame still in flight, so that every input has produced exactly
