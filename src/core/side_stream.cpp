@@ -44,6 +44,22 @@ void run_on_side_stream(const c10::Device& device, bool after_current, const std
   if (const auto wait = queue_on_side_stream(device, after_current, fn)) wait();
 }
 
+at::Tensor complete_on_side_stream(const c10::Device& device, const std::function<at::Tensor()>& fn) {
+#if SD_WITH_CUDA
+  if (device.is_cuda()) {
+    const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
+    const c10::cuda::CUDAStream consumer = c10::cuda::getCurrentCUDAStream(index);
+    at::Tensor out;
+    run_on_side_stream(device, /*after_current=*/false, [&] { out = fn(); });
+    // Made on the side stream, read on the caller's: its memory must not be handed out again before that is done.
+    if (out.defined() && out.is_cuda()) out.record_stream(consumer);
+    return out;
+  }
+#endif
+  (void)device;
+  return fn();
+}
+
 at::Tensor to_device_nonblocking(const at::Tensor& x, const c10::Device& device, c10::ScalarType dtype) {
   if (device.is_cuda() && x.is_cpu()) {
     // Always a fresh staging buffer: pin_memory() of a tensor already pinned would be the caller's own buffer, which

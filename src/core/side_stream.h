@@ -5,7 +5,8 @@
 // only tensors already complete (an input image_to_device_tensor uploaded and waited for) need not queue behind them:
 // run_on_side_stream runs it on a side stream and waits for that stream only. The similarity filter's cosine and the
 // frame upload use it, so deciding about frame N does not wait for frame N-1 to finish. Host tensors that a frame
-// needs (an img2img frame from a library caller, txt2img's fresh noise) go up with to_device_nonblocking.
+// needs (an img2img frame from a library caller, txt2img's fresh noise) go up with to_device_nonblocking, or, where
+// the filter compares the frame at once, on a side stream (complete_on_side_stream).
 #include <functional>
 
 #include <ATen/core/Tensor.h>
@@ -25,6 +26,13 @@ void run_on_side_stream(const c10::Device& device, bool after_current, const std
 // the wait to another (start_image_download). When fn throws, its queued work is waited for before the rethrow.
 std::function<void()> queue_on_side_stream(const c10::Device& device, bool after_current,
                                            const std::function<void()>& fn);
+
+// A tensor made by fn on a side stream, not behind the work queued on the calling thread's stream (fn must read only
+// tensors complete already: host memory, frames waited for), and waited for: complete on return, and marked in use by
+// the calling thread's current stream for the caching allocator. For an input the similarity filter is about to
+// compare (a host frame's upload, the runtime's cat of several frames), so that its decision waits for this work
+// only, not for the previous frames' kernels. Elsewhere fn() as it is.
+at::Tensor complete_on_side_stream(const c10::Device& device, const std::function<at::Tensor()>& fn);
 
 // x.to(device, dtype) without a host wait for a host tensor going to a CUDA device: staged in pinned memory (always a
 // fresh buffer, so the caller may reuse x at once, pinned or not) and copied non-blocking on the calling thread's

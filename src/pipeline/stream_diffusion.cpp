@@ -697,9 +697,17 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
                           ", 3, " + std::to_string(config_.height) + ", " + std::to_string(config_.width) +
                           "] in [-1, 1] (frame_buffer_size frames at the stream's size)");
   const Tensor given = x;
-  x = to_device_nonblocking(x, device_, dtype_);
-  // A copy or conversion just queued on this thread's stream makes even a complete input a queued one.
-  const bool complete = ready == InputReady::complete && x.is_same(given);
+  bool complete = ready == InputReady::complete;
+  if (x.is_cpu() && device_.is_cuda() && (filter_ || config_.deep_cache_every > 1)) {
+    // A host frame is complete by nature: sent up on a side stream, the filter's and the deep cache's cosine wait
+    // for that upload only, not for the previous frames' kernels queued on this thread's stream.
+    x = complete_on_side_stream(device_, [&] { return to_device_nonblocking(given, device_, dtype_); });
+    complete = true;
+  } else {
+    x = to_device_nonblocking(x, device_, dtype_);
+    // A copy or conversion just queued on this thread's stream makes even a complete input a queued one.
+    complete = complete && x.is_same(given);
+  }
   ++stats_.calls;
   advance_transitions();
   fold_call_timers();  // before the filter: its sleep on a skip is the EMA

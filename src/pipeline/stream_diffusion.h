@@ -55,7 +55,9 @@ std::string cfg_type_name(CfgType t);
 // previous frames' kernels when the caller runs ahead of the GPU. `complete`: nothing queued writes it any more
 // (image_to_device_tensor's frames: uploaded and waited for), so the similarity filter's and the deep cache's cosine
 // run at once on a side stream and the decision about frame N does not wait for frame N-1. The outputs are the
-// same either way; off CUDA, and for inputs that still need a copy or conversion, the two are the same.
+// same either way; off CUDA, and for device inputs that still need a conversion, the two are the same. A host input
+// is complete whatever is promised: with the filter or the deep cache on it goes up on a side stream (waited for
+// there), else non-blocking on the calling thread's stream.
 enum class InputReady { queued, complete };
 
 struct StreamConfig {

@@ -6,6 +6,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/side_stream.h"
 #include "pipeline/controlnet.h"
 #include "pipeline/image.h"
 #include "runtime/image_folder_source.h"
@@ -202,9 +203,10 @@ std::vector<Frame> StreamDiffusionProcessor::run_batch(std::vector<Frame> batch,
     for (const auto& f : batch) xs.push_back(f.tensor);
     const int64_t skipped_before = stream_->stats().skipped;
     // preprocess()'s frames are complete on the device (image_to_device_tensor; FrameProcessor::process requires it of
-    // its callers); a cat of several is queued on this thread's stream.
-    images = xs.size() == 1 ? stream_->img2img(xs[0], InputReady::complete)
-                            : stream_->img2img(torch::cat(xs, 0));  // [F, 3, H, W]
+    // its callers); so is a cat of several made on a side stream.
+    images = stream_->img2img(xs.size() == 1 ? xs[0]
+                                             : complete_on_side_stream(device_, [&] { return torch::cat(xs, 0); }),
+                              InputReady::complete);  // [F, 3, H, W]
     skipped = stream_->stats().skipped > skipped_before;
   }
   std::vector<Frame> outs;

@@ -16,6 +16,11 @@
 #include "pipeline/similarity_filter.h"
 #include "pipeline/stream_diffusion.h"
 
+#if SD_WITH_CUDA
+#include <c10/core/Event.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace sd {
 namespace {
 
@@ -62,6 +67,42 @@ TEST(SideStream, SeesTheWorkQueuedBeforeItWhenAskedAndReturnsCompleteResults) {
   int ran = 0;
   run_on_side_stream(device, false, [&] { ++ran; });
   EXPECT_EQ(ran, 1);
+}
+
+#if SD_WITH_CUDA
+// Queues a few hundred milliseconds of fp32 matrix products (no TF32) on the calling thread's stream of `device` and
+// returns an event recorded after them: not done yet when a call that should not wait for them returns.
+std::unique_ptr<c10::Event> queue_long_work(const c10::Device& device) {
+  const auto opts = torch::TensorOptions().device(device).dtype(torch::kFloat);
+  const torch::Tensor eye = torch::eye(4096, opts);
+  torch::Tensor y = torch::ones({4096, 4096}, opts);
+  for (int i = 0; i < 100; ++i) y = torch::mm(y, eye);  // 100 x 137 GFLOP
+  auto done = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
+  done->record(c10::cuda::getCurrentCUDAStream(device.index()));
+  return done;
+}
+#endif
+
+TEST(SideStream, CompleteOnSideStreamMakesItsTensorWithoutWaitingForTheCallersQueuedWork) {
+  const c10::Device device = test::test_device();
+  const torch::Tensor host = torch::randn({4, 3, 8, 8});
+  const torch::Tensor made =
+      complete_on_side_stream(device, [&] { return to_device_nonblocking(host, device, c10::kFloat) * 2; });
+  EXPECT_EQ(made.device().type(), device.type());
+  EXPECT_TRUE(torch::equal(made.cpu(), host * 2));
+  // Read on the calling thread's stream after it: its values.
+  EXPECT_TRUE(torch::equal((made + 1).cpu(), host * 2 + 1));
+  EXPECT_THROW(complete_on_side_stream(device, []() -> torch::Tensor { throw InvalidArgument("bad"); }),
+               InvalidArgument);
+#if SD_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto done = queue_long_work(device);
+    const torch::Tensor up =
+        complete_on_side_stream(device, [&] { return to_device_nonblocking(host, device, c10::kHalf); });
+    EXPECT_FALSE(done->query()) << "it waited for the work queued before it";
+    EXPECT_TRUE(torch::equal(up.cpu(), host.to(c10::kHalf)));
+  }
+#endif
 }
 
 // Frames of a static scene with sensor noise, with a cut at frame 6 (uint8 RGB, 64 px).
@@ -170,6 +211,38 @@ TEST_F(SideStreamModel, StreamFedCompleteFramesEqualsStreamFedQueuedFrames) {
   EXPECT_GT(sa.skipped, 0);
   EXPECT_GT(sa.unet_shallow_calls, 0);
   EXPECT_GE(sa.deep_cache_forced, 1) << "the cut at frame 6 refreshes the deep features";
+}
+
+// A host frame is complete by nature: with the filter on, the decision about it (and so img2img's return) does not
+// wait for the kernels queued before it on the calling thread's stream. On the CPU nothing is ever queued; the values
+// of host-fed streams are checked above.
+TEST_F(SideStreamModel, HostFramesWithTheFilterDoNotWaitForThePreviousFramesKernels) {
+  if (!device.is_cuda()) GTEST_SKIP() << "nothing is queued off a GPU";
+#if SD_WITH_CUDA
+  StreamConfig config = two_step_config();
+  config.similarity_filter.enabled = true;
+  config.similarity_filter.threshold = 0.98;
+  config.similarity_filter.max_skip_frame = 2;
+  config.similarity_filter.sleep_on_skip = false;
+  StreamDiffusion s(models, config, nullptr, std::make_shared<Mt19937UniformSource>(9));
+  s.prepare("a lighthouse at dusk");
+  for (int i = 0; i < 4; ++i) s.img2img(image_to_tensor(scene_frame(i), 64, 64));  // graphs recorded, filter primed
+  run_on_side_stream(device, /*after_current=*/true, [] {});
+  for (int i = 4; i < 6; ++i) {
+    const auto done = queue_long_work(device);
+    const int64_t calls = s.stats().calls;
+    s.img2img(image_to_tensor(scene_frame(i), 64, 64));
+    EXPECT_FALSE(done->query()) << "frame " << i << ": img2img waited for the work queued before it";
+    EXPECT_EQ(s.stats().calls, calls + 1);
+    done->synchronize();
+  }
+  // A device frame through the runtime's cat of several (complete_on_side_stream) goes the same way.
+  const torch::Tensor a = image_to_device_tensor(scene_frame(6), 64, 64, device, dtype);
+  const auto done = queue_long_work(device);
+  const torch::Tensor cat = complete_on_side_stream(device, [&] { return torch::cat({a, a}, 0); });
+  EXPECT_FALSE(done->query());
+  EXPECT_TRUE(torch::equal(cat.cpu(), torch::cat({a, a}, 0).cpu()));
+#endif
 }
 
 // StreamStats::ema_call_s (the filter's sleep on a skip): on CUDA the device time between events around each processed
