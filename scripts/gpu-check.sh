@@ -18,7 +18,8 @@
 #      runtime's throughput, and whether the host is the limit);
 #   3b. the same e2e rows with cuDNN's autotuner off (SD_CUDNN_BENCHMARK=0; on is the default on CUDA), to compare,
 #       and the GPU time by operator of an img2img frame and of a round of 16 batched streams (bench --sections
-#       profile --profile-streams 16);
+#       profile --profile-streams 16), and Kineto's kernel trace of graphed frames and rounds (--profile-kernels:
+#       how busy the GPU is per frame, in how many kernels of which lengths; traces in kernels-*.json.gz);
 #   4. many streams in one UNet call: bench --sections multistream for 1, 2, 4, 8, 16 streams (when the CLI has it);
 #   5. the original StreamDiffusion (PyPI streamdiffusion 0.1.1 + diffusers 0.24, wheels carried in .whl-peer by
 #      scripts/gpu-peer-prepare.sh) on the same model, GPU and size, side by side (scripts/gpu-peer-check.sh);
@@ -130,8 +131,11 @@ fi
 BENCH=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --txt2img-t-index 0 --img2img-t-index 35)
 BENCH_E2E=("${BENCH[@]}" --sections e2e --iters 20 --frames 100 --warmup 10)
 # The profile also takes rounds of 16 batched streams (4 in the dry run): where the batched step's time goes.
+# --profile-kernels: Kineto's trace of graphed frames (GPU busy share, kernel count and lengths; the Chrome traces go to
+# $OUT/kernels-*.json, gzipped after); a skip line in the dry run.
 if [ $DRY = 1 ]; then PROFILE_OPTS=(--frames 3 --warmup 1 --threads 2 --profile-streams 4)
 else PROFILE_OPTS=(--frames 20 --warmup 5 --profile-streams 16); fi
+PROFILE_OPTS+=(--profile-kernels --profile-trace "$OUT")
 BENCH_PROFILE=("${BENCH[@]}" --sections profile "${PROFILE_OPTS[@]}")
 if [ $DRY = 1 ]; then
   BENCH+=(--sections components,e2e --threads 2 --iters 2 --frames 3 --warmup 1 --pipelined-frames 3 --frame-on-device)
@@ -151,8 +155,9 @@ fi
 # Where the time of an img2img frame goes, operator by operator (on CUDA the GPU's, graphs off: read the shares).
 step "profile-${DTYPES[0]}" "$CLI" "${BENCH_PROFILE[@]}" --dtypes "${DTYPES[0]}" --json "$OUT/profile-${DTYPES[0]}.json" ||
   true
-# Each table's heading and its top 12 operators.
+# Each table's heading and its top 12 operators (the kernel tables: heading, lengths and top 11 kernels).
 grep -hE "^profile " "$OUT/profile-${DTYPES[0]}.log" | awk '/^profile    [^ ]/ {n = 0} n++ < 13' | sed "s/^/  /" >> "$SUMMARY"
+for t in "$OUT"/kernels-*.json; do [ -f "$t" ] && gzip -f "$t"; done
 
 # 4. many streams, one UNet call
 # The help into a variable first: `cli | grep -q` under pipefail fails when grep stops reading early (SIGPIPE), which

@@ -5,6 +5,12 @@
 
 #include <torch/csrc/autograd/profiler_legacy.h>
 
+#include "core/error.h"
+
+#if SD_WITH_CUDA
+#include <torch/csrc/autograd/profiler_kineto.h>
+#endif
+
 namespace sd::bench {
 
 namespace {
@@ -73,6 +79,91 @@ std::vector<OpTime> profile_ops(bool cuda, const std::function<void()>& work, bo
     return x != y ? x > y : a.name < b.name;
   });
   return out;
+}
+
+DeviceSummary summarize_device_events(const std::vector<DeviceEvent>& events) {
+  DeviceSummary s;
+  s.events = static_cast<int64_t>(events.size());
+  if (events.empty()) return s;
+  std::vector<std::pair<uint64_t, uint64_t>> spans;
+  std::map<std::string, OpTime> by_name;
+  for (const auto& e : events) {
+    const uint64_t end = std::max(e.start_ns, e.end_ns);
+    spans.emplace_back(e.start_ns, end);
+    const double us = static_cast<double>(end - e.start_ns) * 1e-3;
+    s.sum_us += us;
+    size_t b = 0;
+    while (b < DeviceSummary::kEdgesUs.size() && us >= DeviceSummary::kEdgesUs[b]) ++b;
+    ++s.bucket_events[b];
+    s.bucket_us[b] += us;
+    OpTime& t = by_name[e.name];
+    t.name = e.name;
+    ++t.calls;
+    t.self_cuda_us += us;
+    t.max_self_us = std::max(t.max_self_us, us);
+  }
+  std::sort(spans.begin(), spans.end());
+  uint64_t cur_start = spans.front().first, cur_end = spans.front().second, last_end = cur_end;
+  double busy_ns = 0;
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first > cur_end) {
+      busy_ns += static_cast<double>(cur_end - cur_start);
+      cur_start = spans[i].first;
+    }
+    cur_end = std::max(cur_end, spans[i].second);
+    last_end = std::max(last_end, spans[i].second);
+  }
+  busy_ns += static_cast<double>(cur_end - cur_start);
+  s.busy_us = busy_ns * 1e-3;
+  s.span_us = static_cast<double>(last_end - spans.front().first) * 1e-3;
+  for (auto& [name, t] : by_name) s.by_name.push_back(std::move(t));
+  std::sort(s.by_name.begin(), s.by_name.end(), [](const OpTime& a, const OpTime& b) {
+    return a.self_cuda_us != b.self_cuda_us ? a.self_cuda_us > b.self_cuda_us : a.name < b.name;
+  });
+  return s;
+}
+
+bool device_events_available() {
+#if SD_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::vector<DeviceEvent> profile_device_events(const std::function<void()>& work, const std::string& trace_path) {
+#if SD_WITH_CUDA
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  using torch::profiler::impl::ProfilerConfig;
+  using torch::profiler::impl::ProfilerState;
+  const ProfilerConfig config(ProfilerState::KINETO);
+  const std::set<ActivityType> activities{ActivityType::CPU, ActivityType::CUDA};
+  prof::prepareProfiler(config, activities);
+  prof::enableProfiler(config, activities);
+  std::unique_ptr<prof::ProfilerResult> result;
+  try {
+    work();
+  } catch (...) {
+    prof::disableProfiler();
+    throw;
+  }
+  result = prof::disableProfiler();
+  if (!trace_path.empty()) result->save(trace_path);
+  // libkineto::ActivityType: GPU_MEMCPY 3, GPU_MEMSET 4, CONCURRENT_KERNEL 5 (GPU_USER_ANNOTATION, 2, spans kernels
+  // already counted).
+  std::vector<DeviceEvent> out;
+  for (const auto& e : result->events()) {
+    const uint8_t kind = e.activityType();
+    if (e.deviceType() != c10::DeviceType::CUDA || kind < 3 || kind > 5) continue;
+    out.push_back({e.name(), e.startNs(), e.endNs()});
+  }
+  return out;
+#else
+  (void)work;
+  (void)trace_path;
+  throw Error("the device event profile needs a CUDA build (libtorch 2 with Kineto)");
+#endif
 }
 
 }  // namespace sd::bench

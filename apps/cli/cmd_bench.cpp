@@ -96,6 +96,8 @@ struct BenchOptions {
   std::string streams = "1,2,4,8,16";    // --streams: stream counts of the multistream section
   bool profile_shapes = false;           // --profile-shapes: the profile section per operator and input shapes
   int profile_streams = 0;               // --profile-streams K: the profile section also over K batched streams
+  bool profile_kernels = false;          // --profile-kernels: the profile section also traces graphed frames' kernels
+  std::string profile_trace;             // --profile-trace DIR: Chrome traces of the kernel profiles go there
   int pipelined_frames = -1;             // --pipelined-frames N: e2e frames queued back to back (-1: auto)
   bool frame_on_device = false;          // --frame-on-device: the e2e img2img row with the frame on the device also
                                          // off CUDA (on CUDA it is always added)
@@ -103,7 +105,10 @@ struct BenchOptions {
 
 std::string join(const std::vector<int64_t>& v) {
   std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';
+    s += std::to_string(v[i]);  // not "," + to_string(...): GCC 12 -O2 warns falsely on that (-Wstringop-overflow)
+  }
   return s;
 }
 
@@ -379,7 +384,16 @@ class Bench {
         if (want("filter")) filter_row(m, dt, size, ae);
         if (want("flicker")) flicker_rows(m, dt, size, ae);
         if (want("multistream")) multistream_rows(m, dt, size, ae);
-        if (want("profile")) profile_rows(m, dt, size, ae);
+        if (want("profile")) {
+          profile_rows(m, dt, size, ae);
+          if (o_.profile_kernels) {
+            try {
+              kernel_rows(m, dt, size, ae);
+            } catch (const std::exception& e) {  // the operator tables above stand; the trace is an extra
+              std::cout << "profile    kernels: failed: " << e.what() << "\n";
+            }
+          }
+        }
       }
       if (want("ablation")) ablation_rows(m, dt, size, ae, primary);
     }
@@ -766,6 +780,137 @@ class Bench {
                        sd::dtype_name(dt) + " " + std::to_string(size) + " px, ae " + ae + ", " +
                        std::to_string(o_.frames) + " rounds",
                    "round");
+  }
+
+  // The GPU's own account of graphed frames (--profile-kernels; CUDA builds): Kineto's trace (CUPTI) of --frames
+  // img2img frames as the e2e frame=device row runs them (CUDA graphs on, the frame on the device), and with
+  // --profile-streams K of rounds of K streams one by one and batched through the shared graphs (the multistream
+  // section's rounds). Per frame or round: the unprofiled wall time, how much of it the GPU was busy, and in how many
+  // kernels of which lengths - whether arithmetic or the count of small kernels sets the frame rate.
+  void kernel_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                   const std::string& ae) {
+    if (!device_.is_cuda() || !sd::bench::device_events_available()) {
+      std::cout << "profile    kernels: skipped (Kineto's kernel trace needs a CUDA device and a CUDA build)\n";
+      return;
+    }
+    torch::NoGradGuard ng;
+    const std::string ds = sd::dtype_name(dt) + " " + std::to_string(size) + " px, ae " + ae;
+    sd::StreamDiffusion stream(m, stream_config(size, sd::CfgType::None, t_img_, true));
+    stream.prepare(o_.prompt, o_.negative_prompt);
+    const torch::Tensor frame = (torch::rand({3, size, size}) * 2 - 1).to(device_, dt);
+    sync(device_);
+    const auto one_frame = [&] { stream.img2img(frame, sd::InputReady::complete); };
+    for (int w = 0; w < std::max(3, o_.warmup + static_cast<int>(t_img_.size()) - 1); ++w) one_frame();
+    sync(device_);
+    kernel_profile("img2img", one_frame,
+                   {{"mode", "img2img"}, {"dtype", sd::dtype_name(dt)}, {"size", size}, {"autoencoder", ae},
+                    {"t_index_list", t_img_}, {"cuda_graphs", true}},
+                   "img2img " + ds + ", graphs on, frame on the device", "frame");
+    if (o_.profile_streams < 2) return;
+
+    const int64_t k = o_.profile_streams;
+    const sd::CfgType cfg = sd::CfgType::Self;
+    std::vector<std::unique_ptr<sd::StreamDiffusion>> one, many;
+    std::vector<torch::Tensor> frames;
+    for (int64_t i = 0; i < k; ++i) {
+      sd::StreamConfig c = stream_config(size, cfg, t_multi_, true);
+      c.seed = 1000 + static_cast<uint64_t>(i);
+      for (auto* v : {&one, &many}) {
+        v->push_back(std::make_unique<sd::StreamDiffusion>(m, c));
+        v->back()->prepare(o_.prompt + ", variation " + std::to_string(i), o_.negative_prompt);
+      }
+      frames.push_back(torch::rand({3, size, size}) * 2 - 1);
+    }
+    std::vector<sd::StreamCall> calls;
+    for (int64_t i = 0; i < k; ++i) calls.push_back({many[i].get(), frames[i]});
+    sd::SharedGraphs graphs;
+    sd::MultiStreamOptions mo;
+    mo.graphs = &graphs;
+    const auto round_one = [&] {
+      for (int64_t i = 0; i < k; ++i) one[i]->img2img(frames[i]);
+    };
+    const auto round_many = [&] { sd::run_streams_batched(calls, mo); };
+    for (int w = 0; w < std::max(3, o_.warmup + static_cast<int>(t_multi_.size()) - 1); ++w) {
+      round_one();
+      round_many();
+    }
+    sync(device_);
+    const std::string what = std::to_string(k) + " img2img streams (cfg self, t " + join(t_multi_) + ") " + ds;
+    const nlohmann::json base = {{"streams", k},          {"cfg", sd::cfg_type_name(cfg)}, {"dtype", sd::dtype_name(dt)},
+                                 {"size", size},          {"autoencoder", ae},              {"t_index_list", t_multi_},
+                                 {"cuda_graphs", true}};
+    nlohmann::json e1 = base, e2 = base;
+    e1["mode"] = "img2img-streams-one-by-one";
+    e2["mode"] = "img2img-batched-streams";
+    kernel_profile("streams-one-by-one-" + std::to_string(k), round_one, e1, what + ", one by one", "round");
+    kernel_profile("streams-batched-" + std::to_string(k), round_many, e2, what + ", batched", "round");
+  }
+
+  // Times --frames `unit`s of `fn` unprofiled, then traces up to 3 more (a trace of thousands of kernels per unit
+  // grows fast), and prints what the GPU did per unit.
+  void kernel_profile(const std::string& slug, const std::function<void()>& fn, nlohmann::json entry,
+                      const std::string& label, const std::string& unit) {
+    const int timed = std::max(1, o_.frames), n = std::min(timed, 3);
+    const auto t0 = Clock::now();
+    for (int f = 0; f < timed; ++f) fn();
+    sync(device_);
+    const double wall_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / timed;
+    const std::string trace = o_.profile_trace.empty() ? "" : o_.profile_trace + "/kernels-" + slug + ".json";
+    const auto events = sd::bench::profile_device_events(
+        [&] {
+          for (int f = 0; f < n; ++f) fn();
+          sync(device_);
+        },
+        trace);
+    const sd::bench::DeviceSummary d = sd::bench::summarize_device_events(events);
+    const double per = 1.0 / n;
+    std::cout << std::fixed << std::setprecision(3) << "profile    kernels " << label << ", " << n << " " << unit
+              << "s traced: " << wall_us * 1e-3 << " ms per " << unit << " (" << timed << " unprofiled), GPU busy " << d.busy_us * 1e-3 * per
+              << " ms (" << std::setprecision(1) << (wall_us > 0 ? 100.0 * d.busy_us * per / wall_us : 0.0)
+              << " %) in " << static_cast<double>(d.events) * per << " kernels, copies and memsets\n";
+    std::cout << "profile      by length:";
+    const char* names[] = {"< 5 us", "5-20 us", "20-100 us", ">= 100 us"};
+    nlohmann::json buckets = nlohmann::json::array();
+    for (size_t b = 0; b < d.bucket_events.size(); ++b) {
+      std::cout << (b ? "," : "") << " " << names[b] << " " << std::setprecision(1)
+                << static_cast<double>(d.bucket_events[b]) * per << " (" << std::setprecision(3)
+                << d.bucket_us[b] * 1e-3 * per << " ms)";
+      buckets.push_back({{"length", names[b]},
+                         {"events_per_" + unit, static_cast<double>(d.bucket_events[b]) * per},
+                         {"ms_per_" + unit, d.bucket_us[b] * 1e-3 * per}});
+    }
+    std::cout << "\n";
+    nlohmann::json rows = nlohmann::json::array();
+    for (size_t i = 0; i < d.by_name.size(); ++i) {
+      const auto& k = d.by_name[i];
+      const double share = d.sum_us > 0 ? k.self_cuda_us / d.sum_us : 0;
+      if (i < 40)
+        rows.push_back({{"kernel", k.name},
+                        {"calls_per_" + unit, static_cast<double>(k.calls) * per},
+                        {"ms_per_" + unit, k.self_cuda_us * 1e-3 * per},
+                        {"mean_us", k.self_cuda_us / static_cast<double>(k.calls)},
+                        {"max_us", k.max_self_us},
+                        {"share", share}});
+      if (i < 15) {
+        std::string name = k.name.rfind("void ", 0) == 0 ? k.name.substr(5) : k.name;
+        if (name.size() > 72) name = name.substr(0, 69) + "...";
+        std::cout << "profile      " << std::left << std::setw(72) << name << std::right << std::setw(8)
+                  << std::setprecision(1) << static_cast<double>(k.calls) * per << " calls " << std::setw(9)
+                  << std::setprecision(3) << k.self_cuda_us * 1e-3 * per << " ms " << std::setw(6)
+                  << std::setprecision(1) << 100.0 * share << " % " << std::setw(8)
+                  << k.self_cuda_us / static_cast<double>(k.calls) << " us mean\n";
+      }
+    }
+    entry["clock"] = "gpu-kineto";
+    entry["units"] = n;
+    entry["wall_ms_per_" + unit] = wall_us * 1e-3;
+    entry["busy_ms_per_" + unit] = d.busy_us * 1e-3 * per;
+    entry["kernel_ms_per_" + unit] = d.sum_us * 1e-3 * per;
+    entry["events_per_" + unit] = static_cast<double>(d.events) * per;
+    entry["by_length"] = buckets;
+    entry["kernels"] = rows;
+    if (!trace.empty()) entry["trace"] = trace;
+    profile_json_.push_back(std::move(entry));
   }
 
   // Prints the top operators of a profile (time per `unit`: --frames of them were profiled) and keeps the table.
@@ -1435,6 +1580,12 @@ sd::cli::Runner setup_bench(CLI::App& app) {
                  "multistream section's batched row, --multi-t-index, without CUDA graphs); 0 = not")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_flag("--profile-kernels", o->profile_kernels,
+               "profile section: also trace the GPU's kernels (Kineto) over graphed img2img frames, and with "
+               "--profile-streams K over rounds of K streams one by one and batched: busy share, kernel count and "
+               "lengths, top kernels (CUDA builds on a GPU; elsewhere a skip line)");
+  app.add_option("--profile-trace", o->profile_trace,
+                 "with --profile-kernels: a folder for the Chrome traces (kernels-*.json; chrome://tracing, Perfetto)");
   app.add_option("--threads", o->threads, "intra-op threads (0 = all cores)")->capture_default_str();
   app.add_option("--iters", o->iters, "timed runs per component measurement (median)")->capture_default_str();
   app.add_option("--warmup", o->warmup, "untimed warm-up runs before each measurement")->capture_default_str();

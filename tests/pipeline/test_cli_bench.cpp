@@ -369,6 +369,23 @@ TEST_F(CliBench, ProfileStreamsProfilesBatchedRounds) {
   EXPECT_NE(run("bench --model '" + model_ + "' --sections profile --profile-streams -1").status, 0);
 }
 
+// --profile-kernels: Kineto's kernel trace of graphed frames needs a GPU and a CUDA build; elsewhere the profile
+// section says so in one line and its operator tables are unchanged (tests/pipeline/test_bench_profile.cpp checks the
+// summary; scripts/gpu-check.sh runs it on a GPU).
+TEST_F(CliBench, ProfileKernelsSaysWhyItSkipsOffAGpu) {
+  const BenchRun b = bench("--sizes 64 --dtypes fp32 --sections profile --profile-kernels --profile-trace '" + dir_ +
+                               "' --frames 2 --warmup 1 --threads 1",
+                           "kernels.json");
+  ASSERT_EQ(b.run.status, 0) << b.run.output;
+  EXPECT_NE(b.run.output.find("profile    kernels: skipped (Kineto's kernel trace needs a CUDA device and a CUDA build)"),
+            std::string::npos)
+      << b.run.output;
+  ASSERT_EQ(b.report["profile"].size(), 1u) << b.report.dump();
+  EXPECT_EQ(b.report["profile"][0]["mode"], "img2img");
+  EXPECT_EQ(b.report["profile"][0]["clock"], "cpu");
+  EXPECT_FALSE(fs::exists(dir_ + "/kernels-img2img.json")) << "no trace where none was taken";
+}
+
 // --pipelined-frames N: e2e rows also queue N frames back to back with one synchronisation (a runtime's throughput;
 // by default on a GPU only): the frame count, fps = frames / total time, and the host's queueing time inside that
 // total; other sections' rows have none, and neither has a CPU run without the option.

@@ -134,7 +134,9 @@ TEST(Image, DownloadEqualsTheHostConversion) {
   for (int i = 0; i < 3; ++i) {
     const torch::Tensor& px = downloads[i].get();
     EXPECT_TRUE(px.is_cpu());
-    if (device.is_cuda()) EXPECT_TRUE(px.is_pinned());
+    if (device.is_cuda()) {
+      EXPECT_TRUE(px.is_pinned());
+    }
     ASSERT_EQ(px.sizes(), (std::vector<int64_t>{2, 16, 24, 3}));
     EXPECT_EQ(px.scalar_type(), torch::kUInt8);
     EXPECT_TRUE(torch::equal(px, tensor_to_image(frames[i]))) << "frame " << i;
