@@ -1,6 +1,8 @@
 #include "apps/cli/bench_profile.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <filesystem>
 #include <map>
 
 #include <torch/csrc/autograd/profiler_legacy.h>
@@ -137,8 +139,13 @@ std::vector<DeviceEvent> profile_device_events(const std::function<void()>& work
   using torch::profiler::impl::ActivityType;
   using torch::profiler::impl::ProfilerConfig;
   using torch::profiler::impl::ProfilerState;
+  // As PyTorch's Python profiler does where CUDA graphs are used: CUPTI torn down and set up again between sessions
+  // has crashed graph replays (pytorch#112507) before CUDA 12.6. Set only where the user has not.
+  setenv("TEARDOWN_CUPTI", "0", /*overwrite=*/0);
   const ProfilerConfig config(ProfilerState::KINETO);
-  const std::set<ActivityType> activities{ActivityType::CPU, ActivityType::CUDA};
+  // The host's operators only for the Chrome trace (where the host leaves the GPU idle); the summary reads the GPU's.
+  std::set<ActivityType> activities{ActivityType::CUDA};
+  if (!trace_path.empty()) activities.insert(ActivityType::CPU);
   prof::prepareProfiler(config, activities);
   prof::enableProfiler(config, activities);
   std::unique_ptr<prof::ProfilerResult> result;
@@ -149,7 +156,12 @@ std::vector<DeviceEvent> profile_device_events(const std::function<void()>& work
     throw;
   }
   result = prof::disableProfiler();
-  if (!trace_path.empty()) result->save(trace_path);
+  if (!trace_path.empty()) {
+    const std::filesystem::path parent = std::filesystem::path(trace_path).parent_path();
+    if (!parent.empty()) std::filesystem::create_directories(parent);
+    result->save(trace_path);
+    if (!std::filesystem::exists(trace_path)) throw Error("could not write the kernel trace " + trace_path);
+  }
   // libkineto::ActivityType: GPU_MEMCPY 3, GPU_MEMSET 4, CONCURRENT_KERNEL 5 (GPU_USER_ANNOTATION, 2, spans kernels
   // already counted).
   std::vector<DeviceEvent> out;
@@ -158,6 +170,8 @@ std::vector<DeviceEvent> profile_device_events(const std::function<void()>& work
     if (e.deviceType() != c10::DeviceType::CUDA || kind < 3 || kind > 5) continue;
     out.push_back({e.name(), e.startNs(), e.endNs()});
   }
+  // Work on the GPU and no event: CUPTI recorded nothing (not loadable, or held by another tool such as nsys).
+  if (out.empty()) throw Error("Kineto returned no GPU events (CUPTI inactive, or in use by another profiler?)");
   return out;
 #else
   (void)work;

@@ -782,8 +782,8 @@ class Bench {
                    "round");
   }
 
-  // The GPU's own account of graphed frames (--profile-kernels; CUDA builds): Kineto's trace (CUPTI) of --frames
-  // img2img frames as the e2e frame=device row runs them (CUDA graphs on, the frame on the device), and with
+  // The GPU's own account of graphed frames (--profile-kernels; CUDA builds): Kineto's trace (CUPTI) of up to 3
+  // img2img frames (after --frames timed without the profiler) as the e2e frame=device row runs them (CUDA graphs on, the frame on the device), and with
   // --profile-streams K of rounds of K streams one by one and batched through the shared graphs (the multistream
   // section's rounds). Per frame or round: the unprofiled wall time, how much of it the GPU was busy, and in how many
   // kernels of which lengths - whether arithmetic or the count of small kernels sets the frame rate.
@@ -867,7 +867,7 @@ class Bench {
     std::cout << std::fixed << std::setprecision(3) << "profile    kernels " << label << ", " << n << " " << unit
               << "s traced: " << wall_us * 1e-3 << " ms per " << unit << " (" << timed << " unprofiled), GPU busy " << d.busy_us * 1e-3 * per
               << " ms (" << std::setprecision(1) << (wall_us > 0 ? 100.0 * d.busy_us * per / wall_us : 0.0)
-              << " %) in " << static_cast<double>(d.events) * per << " kernels, copies and memsets\n";
+              << " % of the unprofiled time) in " << static_cast<double>(d.events) * per << " kernels, copies and memsets\n";
     std::cout << "profile      by length:";
     const char* names[] = {"< 5 us", "5-20 us", "20-100 us", ">= 100 us"};
     nlohmann::json buckets = nlohmann::json::array();
@@ -902,7 +902,8 @@ class Bench {
       }
     }
     entry["clock"] = "gpu-kineto";
-    entry["units"] = n;
+    entry["units"] = n;              // traced
+    entry["units_timed"] = timed;    // the wall time's, unprofiled
     entry["wall_ms_per_" + unit] = wall_us * 1e-3;
     entry["busy_ms_per_" + unit] = d.busy_us * 1e-3 * per;
     entry["kernel_ms_per_" + unit] = d.sum_us * 1e-3 * per;

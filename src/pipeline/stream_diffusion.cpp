@@ -698,7 +698,7 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
                           "] in [-1, 1] (frame_buffer_size frames at the stream's size)");
   const Tensor given = x;
   bool complete = ready == InputReady::complete;
-  if (x.is_cpu() && device_.is_cuda() && (filter_ || config_.deep_cache_every > 1)) {
+  if (x.is_cpu() && device_.is_cuda() && compares_inputs()) {
     // A host frame is complete by nature: sent up on a side stream, the filter's and the deep cache's cosine wait
     // for that upload only, not for the previous frames' kernels queued on this thread's stream.
     x = complete_on_side_stream(device_, [&] { return to_device_nonblocking(given, device_, dtype_); });

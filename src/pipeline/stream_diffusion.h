@@ -55,9 +55,9 @@ std::string cfg_type_name(CfgType t);
 // previous frames' kernels when the caller runs ahead of the GPU. `complete`: nothing queued writes it any more
 // (image_to_device_tensor's frames: uploaded and waited for), so the similarity filter's and the deep cache's cosine
 // run at once on a side stream and the decision about frame N does not wait for frame N-1. The outputs are the
-// same either way; off CUDA, and for device inputs that still need a conversion, the two are the same. A host input
-// is complete whatever is promised: with the filter or the deep cache on it goes up on a side stream (waited for
-// there), else non-blocking on the calling thread's stream.
+// same either way; off CUDA, and for device inputs that still need a conversion, the two are the same. Where the
+// stream compares its inputs (StreamDiffusion::compares_inputs) a host input goes up on a side stream, waited for
+// there, and so is complete whatever is promised; elsewhere it goes up non-blocking on the calling thread's stream.
 enum class InputReady { queued, complete };
 
 struct StreamConfig {
@@ -221,6 +221,9 @@ class StreamDiffusion {
   const DiffusionModels& models() const { return *models_; }
   const std::shared_ptr<Rng>& rng() const { return rng_; }
   const SimilarityFilter* similarity_filter() const { return filter_.get(); }
+  // Whether img2img compares each input with an earlier one as it arrives (the similarity filter, the deep cache's
+  // check): then an input that is complete (InputReady) spares the model thread a wait for the frames before it.
+  bool compares_inputs() const { return filter_ != nullptr || config_.deep_cache_every > 1; }
   const FilterDecision& last_filter_decision() const { return last_decision_; }
   // Multi-stream batching (pipeline/multi_stream.h): "" when this stream's calls may share one UNet call with other
   // streams' calls, else why they cannot (not prepared, sequential mode, ControlNets, deep-feature cache).

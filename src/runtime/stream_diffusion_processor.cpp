@@ -203,10 +203,15 @@ std::vector<Frame> StreamDiffusionProcessor::run_batch(std::vector<Frame> batch,
     for (const auto& f : batch) xs.push_back(f.tensor);
     const int64_t skipped_before = stream_->stats().skipped;
     // preprocess()'s frames are complete on the device (image_to_device_tensor; FrameProcessor::process requires it of
-    // its callers); so is a cat of several made on a side stream.
-    images = stream_->img2img(xs.size() == 1 ? xs[0]
-                                             : complete_on_side_stream(device_, [&] { return torch::cat(xs, 0); }),
-                              InputReady::complete);  // [F, 3, H, W]
+    // its callers); so is a cat of several made on a side stream, where the stream compares its inputs at once (else
+    // the cat is queued on this thread's stream, no wait).
+    if (xs.size() == 1)
+      images = stream_->img2img(xs[0], InputReady::complete);
+    else if (stream_->compares_inputs())
+      images = stream_->img2img(complete_on_side_stream(device_, [&] { return torch::cat(xs, 0); }),
+                                InputReady::complete);  // [F, 3, H, W]
+    else
+      images = stream_->img2img(torch::cat(xs, 0));
     skipped = stream_->stats().skipped > skipped_before;
   }
   std::vector<Frame> outs;

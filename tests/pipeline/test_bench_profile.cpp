@@ -2,7 +2,11 @@
 // the device events' intervals, the length buckets, the per-kernel table; and, off CUDA builds, the clear refusal.
 #include <gtest/gtest.h>
 
+#include <torch/torch.h>
+
 #include "apps/cli/bench_profile.h"
+#include "common/fixtures.h"
+#include "core/cuda_graph.h"
 #include "core/error.h"
 
 namespace sd::bench {
@@ -46,6 +50,31 @@ TEST(BenchKernelSummary, EdgesAndEmptyTraces) {
   const DeviceSummary nested = summarize_device_events({{"outer", 0, 100000}, {"inner", 10000, 20000}});
   EXPECT_DOUBLE_EQ(nested.busy_us, 100);
   EXPECT_DOUBLE_EQ(nested.sum_us, 110);
+}
+
+// On a GPU (test_device, SD_TEST_DEVICE=cuda): Kineto sees the kernels of eager work and of a replayed CUDA graph.
+TEST(BenchKernelSummary, TracesTheGpusKernelsAlsoInsideAReplayedGraph) {
+  const c10::Device device = test::test_device();
+  if (!device_events_available() || !device.is_cuda()) GTEST_SKIP() << "needs a CUDA build and SD_TEST_DEVICE=cuda";
+  const torch::Tensor a = torch::randn({512, 512}, torch::TensorOptions().device(device));
+  GraphCache graphs;
+  const auto fn = [](const std::vector<torch::Tensor>& in) {
+    return std::vector<torch::Tensor>{torch::mm(in[0], in[0]).relu()};
+  };
+  for (int i = 0; i < 3; ++i) graphs.run("mm", {a}, fn);  // eager, then recorded
+  ASSERT_GT(graphs.counts().captures, 0);
+  const int64_t replays = graphs.counts().replays;
+  const auto events = profile_device_events([&] {
+    for (int i = 0; i < 4; ++i) graphs.run("mm", {a}, fn);
+    torch::mm(a, a).sum().item<float>();
+  });
+  EXPECT_EQ(graphs.counts().replays, replays + 4);
+  const DeviceSummary s = summarize_device_events(events);
+  EXPECT_GE(s.events, 4 * 2 + 2) << "4 replays of a matmul and a relu, then an eager matmul and sum";
+  EXPECT_GT(s.busy_us, 0);
+  EXPECT_LE(s.busy_us, s.span_us + 1e-9);
+  EXPECT_LE(s.busy_us, s.sum_us + 1e-9);
+  for (const auto& e : events) EXPECT_FALSE(e.name.empty());
 }
 
 TEST(BenchKernelSummary, TheTraceNeedsACudaBuild) {
