@@ -752,16 +752,8 @@ class Bench {
     // K streams as in multistream_rows, batched without the shared graphs (eager, for the profiler).
     const int64_t k = o_.profile_streams;
     const sd::CfgType cfg = sd::CfgType::Self;
-    std::vector<std::unique_ptr<sd::StreamDiffusion>> streams;
-    std::vector<sd::StreamCall> calls;
-    for (int64_t i = 0; i < k; ++i) {
-      sd::StreamConfig c = stream_config(size, cfg, t_multi_, true);
-      c.cuda_graphs = false;
-      c.seed = 1000 + static_cast<uint64_t>(i);
-      streams.push_back(std::make_unique<sd::StreamDiffusion>(m, c));
-      streams.back()->prepare(o_.prompt + ", variation " + std::to_string(i), o_.negative_prompt);
-      calls.push_back({streams.back().get(), torch::rand({3, size, size}) * 2 - 1});
-    }
+    const StreamSet set = make_stream_set(m, size, k, cfg, /*with_one_by_one=*/false, /*cuda_graphs=*/false);
+    const std::vector<sd::StreamCall>& calls = set.calls;
     const sd::MultiStreamOptions mo;
     for (int w = 0; w < std::max(1, o_.warmup + static_cast<int>(t_multi_.size()) - 1); ++w)
       sd::run_streams_batched(calls, mo);
@@ -780,6 +772,33 @@ class Bench {
                        sd::dtype_name(dt) + " " + std::to_string(size) + " px, ae " + ae + ", " +
                        std::to_string(o_.frames) + " rounds",
                    "round");
+  }
+
+  // K img2img streams as the multistream section runs them: `cfg`, --multi-t-index, stream i with seed 1000 + i, the
+  // prompt "<--prompt>, variation i" and its own random frame. `many` serves batched rounds (`calls`: many[i] with
+  // frames[i]); with `with_one_by_one` a twin `one` serves rounds of K separate calls.
+  struct StreamSet {
+    std::vector<std::unique_ptr<sd::StreamDiffusion>> one, many;
+    std::vector<torch::Tensor> frames;
+    std::vector<sd::StreamCall> calls;
+  };
+  StreamSet make_stream_set(const std::shared_ptr<const sd::DiffusionModels>& m, int64_t size, int64_t k,
+                            sd::CfgType cfg, bool with_one_by_one, bool cuda_graphs = true) {
+    StreamSet set;
+    for (int64_t i = 0; i < k; ++i) {
+      sd::StreamConfig c = stream_config(size, cfg, t_multi_, true);
+      c.cuda_graphs = cuda_graphs;
+      c.seed = 1000 + static_cast<uint64_t>(i);
+      const std::string prompt = o_.prompt + ", variation " + std::to_string(i);
+      for (auto* v : {&set.one, &set.many}) {
+        if (v == &set.one && !with_one_by_one) continue;
+        v->push_back(std::make_unique<sd::StreamDiffusion>(m, c));
+        v->back()->prepare(prompt, o_.negative_prompt);
+      }
+      set.frames.push_back(torch::rand({3, size, size}) * 2 - 1);
+    }
+    for (int64_t i = 0; i < k; ++i) set.calls.push_back({set.many[i].get(), set.frames[i]});
+    return set;
   }
 
   // The GPU's own account of graphed frames (--profile-kernels; CUDA builds): Kineto's trace (CUPTI) of up to 3
@@ -810,26 +829,14 @@ class Bench {
 
     const int64_t k = o_.profile_streams;
     const sd::CfgType cfg = sd::CfgType::Self;
-    std::vector<std::unique_ptr<sd::StreamDiffusion>> one, many;
-    std::vector<torch::Tensor> frames;
-    for (int64_t i = 0; i < k; ++i) {
-      sd::StreamConfig c = stream_config(size, cfg, t_multi_, true);
-      c.seed = 1000 + static_cast<uint64_t>(i);
-      for (auto* v : {&one, &many}) {
-        v->push_back(std::make_unique<sd::StreamDiffusion>(m, c));
-        v->back()->prepare(o_.prompt + ", variation " + std::to_string(i), o_.negative_prompt);
-      }
-      frames.push_back(torch::rand({3, size, size}) * 2 - 1);
-    }
-    std::vector<sd::StreamCall> calls;
-    for (int64_t i = 0; i < k; ++i) calls.push_back({many[i].get(), frames[i]});
+    const StreamSet set = make_stream_set(m, size, k, cfg, /*with_one_by_one=*/true);
     sd::SharedGraphs graphs;
     sd::MultiStreamOptions mo;
     mo.graphs = &graphs;
     const auto round_one = [&] {
-      for (int64_t i = 0; i < k; ++i) one[i]->img2img(frames[i]);
+      for (int64_t i = 0; i < k; ++i) set.one[i]->img2img(set.frames[i]);
     };
-    const auto round_many = [&] { sd::run_streams_batched(calls, mo); };
+    const auto round_many = [&] { sd::run_streams_batched(set.calls, mo); };
     for (int w = 0; w < std::max(3, o_.warmup + static_cast<int>(t_multi_.size()) - 1); ++w) {
       round_one();
       round_many();
@@ -963,20 +970,10 @@ class Bench {
       const std::string id_one = "multistream/one-by-one/" + variant + "/" + ds;
       const std::string id_many = "multistream/batched/" + variant + "/" + ds;
       if (find(id_one) && find(id_many)) continue;
-      std::vector<std::unique_ptr<sd::StreamDiffusion>> one, many;
-      std::vector<torch::Tensor> frames;
-      for (int64_t i = 0; i < k; ++i) {
-        sd::StreamConfig c = stream_config(size, cfg, t_multi_, true);
-        c.seed = 1000 + static_cast<uint64_t>(i);
-        const std::string prompt = o_.prompt + ", variation " + std::to_string(i);
-        for (auto* v : {&one, &many}) {
-          v->push_back(std::make_unique<sd::StreamDiffusion>(m, c));
-          v->back()->prepare(prompt, o_.negative_prompt);
-        }
-        frames.push_back(torch::rand({3, size, size}) * 2 - 1);
-      }
-      std::vector<sd::StreamCall> calls;
-      for (int64_t i = 0; i < k; ++i) calls.push_back({many[i].get(), frames[i]});
+      const StreamSet set = make_stream_set(m, size, k, cfg, /*with_one_by_one=*/true);
+      const auto& one = set.one;
+      const auto& frames = set.frames;
+      const auto& calls = set.calls;
       sd::MultiStreamStats ms;
       sd::SharedGraphs graphs;  // the batched calls' CUDA graphs, as serve's model worker keeps them
       sd::MultiStreamOptions mo;
