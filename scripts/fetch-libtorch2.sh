@@ -5,15 +5,25 @@
 # libtorch_cpu.so + libc10.so (+ the libgomp it was built with), whose only CUDA needs are the profiler's
 # libcudart/libcupti sonames (loaded, never called without a GPU). So this downloads the wheel (~540 MB, once),
 # keeps include/, share/cmake and the CPU libraries (~560 MB unpacked), adds libcudart + libcupti from NVIDIA's
-# small runtime wheels next to them (libtorch_cpu's RPATH has $ORIGIN), and drops libtorch.so / libtorch_cuda*.so so
-# that `-DSD_TORCH_DIR=DEST/torch` links the CPU backend alone. The wheel's C++ ABI is read from libc10.so.
+# small runtime wheels next to them (libtorch_cpu's RPATH has $ORIGIN), and leaves out libtorch.so / libtorch_cuda*.so
+# so that `-DSD_TORCH_DIR=DEST/torch` links the CPU backend alone (libtorch.so: a stand-in over libtorch_cpu, below). The wheel's C++ ABI is read from libc10.so.
 #   cmake -S . -B build-t2 -G Ninja -DSD_TORCH_DIR="$(scripts/fetch-libtorch2.sh)/torch"
 # SD_TORCH2_VERSION (default below) picks the wheel; DEST defaults to ~/.cache/streamdiffusion/libtorch-$VERSION.
 set -euo pipefail
 VERSION="${SD_TORCH2_VERSION:-2.15.0}"
 DEST="${1:-$HOME/.cache/streamdiffusion/libtorch-$VERSION}"
 say() { echo "fetch-libtorch2: $*" >&2; }
+# PyTorch's libtorch.so is a thin library over libtorch_cpu.so and libtorch_cuda.so. The CPU half gets a stand-in of
+# that name over libtorch_cpu.so alone (linked by the build, so loaded with it): AOTInductor's compiled packages
+# (--compiled-unet) name libtorch.so, which would otherwise resolve to another libtorch on the system (Debian's 1.13).
+stub_libtorch() {
+  [ -f "$DEST/torch/lib/libtorch.so" ] && return 0
+  printf '' | "${CC:-cc}" -shared -x c - -o "$DEST/torch/lib/libtorch.so" -Wl,-soname,libtorch.so -Wl,--no-as-needed \
+    -L"$DEST/torch/lib" -ltorch_cpu -lc10 -Wl,-rpath,'$ORIGIN' ||
+    { say "could not make the libtorch.so stand-in in $DEST/torch/lib"; exit 1; }
+}
 if [ -f "$DEST/.complete" ]; then
+  stub_libtorch
   echo "$DEST"
   exit 0
 fi
@@ -82,6 +92,7 @@ EOF
 fi
 ABI="$(if [ "$(nm -D --defined-only "$DEST/torch/lib/libc10.so" | grep -c __cxx11)" -gt 0 ]; then echo 1; else echo 0; fi)"
 echo "${ABI:-1}" > "$DEST/torch/cxx11_abi"
+stub_libtorch
 touch "$DEST/.complete"
 say "libtorch $VERSION (CPU, C++11 ABI ${ABI:-1}) in $DEST/torch ($(du -sh "$DEST/torch" | cut -f1)); the download can go: $DL"
 echo "$DEST"

@@ -16,6 +16,8 @@
 #      (CUDA graphs on, and off as extra rows; img2img also with the frame already on the GPU, the runtime's case), with
 #      the per-component rows; each e2e row also times its frames queued back to back (one synchronisation: a
 #      runtime's throughput, and whether the host is the limit);
+#   3a. the UNet compiled on the host by AOTInductor (scripts/compile-unet.py, diffusers 0.24 from the peer's wheels)
+#       and the e2e rows with it beside the model's own UNet in one bench run (bench --compiled-unet);
 #   3b. the same e2e rows with cuDNN's autotuner off (SD_CUDNN_BENCHMARK=0; on is the default on CUDA), to compare,
 #       and the GPU time by operator of an img2img frame and of a round of 16 batched streams (bench --sections
 #       profile --profile-streams 16), and Kineto's kernel trace of graphed frames and rounds (--profile-kernels:
@@ -24,6 +26,8 @@
 #   5. the original StreamDiffusion (PyPI streamdiffusion 0.1.1 + diffusers 0.24, wheels carried in .whl-peer by
 #      scripts/gpu-peer-prepare.sh) on the same model, GPU and size, side by side (scripts/gpu-peer-check.sh);
 #   5b. multi-stream rows for 1, 4, 16 streams in the e2e rows' 1-step configuration (total img2img fps of K clients);
+#   5c. the same img2img frame with diffusers 0.24's modules, eager and torch.compile'd (Inductor), both in CUDA graphs
+#       (bench/peers/run_compiled.py): what compiling would add to a graphed frame (INDUCTOR_MODE picks the mode);
 #   6. the fp32 benchmark rows, as the budget allows.
 # The device tests are one small program (test_device, engine-only builds) so the build stays short.
 # Results (logs, JSON) go to $OUT (the device tool's output folder; default ./gpu-check-out); summary.txt has the
@@ -146,7 +150,60 @@ bench_rows() {  # dtype
   step "bench-$1" "$CLI" "${BENCH[@]}" --dtypes "$1" --json "$OUT/bench-$1.json" || true
   grep -hE "^(components|e2e|batch) |graphs on vs off|back to back" "$OUT/bench-$1.log" | sed "s/^/  /" >> "$SUMMARY"
 }
+# 3a (started here, in the background). The UNet compiled by AOTInductor on this host (scripts/compile-unet.py: the
+# host's torch, diffusers 0.24 from the peer's wheels, installed first). Compiling takes minutes of CPU, so it runs
+# while the GPU steps below run, on the cores above the first four (taskset; Inductor's compile workers likewise),
+# which the bench's host threads keep. Waited for after the main bench rows.
+COMPILED="$BUILD_DIR/unet-compiled-${DTYPES[0]}-$BENCH_SIZE.pt2"
+COMPILE_ENV=()
+if [ $DRY = 0 ] && ls .whl-peer/*.whl >/dev/null 2>&1; then
+  PEER_INSTALL_ONLY=1 step peer-install bash scripts/gpu-peer-check.sh "$MODEL" "$OUT" &&
+    COMPILE_ENV=(env PYTHONPATH="${SDPEER_DIR:-/tmp/sdpeer}" HF_HUB_OFFLINE=1 "${PYTHON:-python3}")
+elif [ $DRY = 1 ] && [ -n "${PROBE_PYTHON:-}" ]; then
+  COMPILE_ENV=("$PROBE_PYTHON")  # here: a Python with torch (the build's version) and diffusers
+fi
+COMPILE_PID=""
+if [ ${#COMPILE_ENV[@]} -eq 0 ]; then
+  log "SKIP compile-unet (needs the peer's wheels, .whl-peer, installed; in a dry run PROBE_PYTHON)"
+elif ! "$CLI" version 2>/dev/null | grep -q "compiled UNet.*: available"; then
+  log "SKIP compile-unet (this build cannot load compiled UNets: $("$CLI" version 2>/dev/null | grep "compiled UNet"))"
+elif [ -f "$COMPILED" ]; then
+  log "compile-unet: $COMPILED is there already (a rerun)"
+elif [ "$(left)" -le 60 ]; then
+  log "SKIP compile-unet (time budget spent)"
+else
+  PIN=()
+  if [ "$JOBS" -ge 8 ] && command -v taskset >/dev/null; then
+    PIN=(taskset -c "4-$((JOBS - 1))")
+    export TORCHINDUCTOR_COMPILE_THREADS=$((JOBS - 4))
+  fi
+  log "RUN  compile-unet (background${PIN:+, ${PIN[*]}}): scripts/compile-unet.py $MODEL --out $COMPILED"
+  ( timeout "$(left)" "${PIN[@]}" "${COMPILE_ENV[@]}" scripts/compile-unet.py "$MODEL" --out "$COMPILED" \
+      --device "$DEVICE" --dtype "${DTYPES[0]}" --width "$BENCH_SIZE" --height "$BENCH_SIZE" \
+      > "$OUT/compile-unet.log" 2>&1; echo $? > "$OUT/compile-unet.rc" ) &
+  COMPILE_PID=$!
+fi
+
 bench_rows "${DTYPES[0]}"
+
+# 3a. the compiled UNet's e2e rows beside the same rows on the model's own UNet, in one bench run (rows
+# "unet=compiled", the "compiled UNet vs the model's own" comparisons, and one call's max difference).
+if [ -n "$COMPILE_PID" ]; then
+  wait "$COMPILE_PID"
+  rc="$(cat "$OUT/compile-unet.rc" 2>/dev/null || echo '?')"
+  if [ "$rc" = 0 ]; then log "OK   compile-unet"; else log "FAIL compile-unet (rc $rc, see compile-unet.log)"; tail -n 30 "$OUT/compile-unet.log"; fi
+  grep -h "^compile-unet:" "$OUT/compile-unet.log" | sed "s/^/  /" >> "$SUMMARY"
+fi
+if [ -f "$COMPILED" ] && [ ${#COMPILE_ENV[@]} -gt 0 ]; then
+  if [ $DRY = 1 ]; then COMPILED_OPTS=(--threads 2 --iters 2 --frames 3 --warmup 1 --frame-on-device)
+  else COMPILED_OPTS=(--iters 20 --frames 100 --warmup 10); fi
+  step "bench-compiled-${DTYPES[0]}" "$CLI" bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" \
+    --txt2img-t-index 0 --img2img-t-index 35 --sections e2e "${COMPILED_OPTS[@]}" --dtypes "${DTYPES[0]}" \
+    --compiled-unet "$COMPILED" --json "$OUT/bench-compiled-${DTYPES[0]}.json" || true
+  grep -hE "^e2e |compiled UNet vs|back to back" "$OUT/bench-compiled-${DTYPES[0]}.log" | sed "s/^/  /" >> "$SUMMARY"
+fi
+
+
 if [ $DRY = 0 ]; then
   step "bench-${DTYPES[0]}-autotuner-off" env SD_CUDNN_BENCHMARK=0 "$CLI" "${BENCH_E2E[@]}" \
     --dtypes "${DTYPES[0]}" --json "$OUT/bench-${DTYPES[0]}-autotuner-off.json" || true
@@ -193,6 +250,27 @@ if grep -q -- "--streams" <<<"$BENCH_HELP"; then
   step "multistream-1step-${DTYPES[0]}" "$CLI" "${MS1[@]}" --dtypes "${DTYPES[0]}" --json "$OUT/multistream-1step.json" ||
     true
   grep -hE "streams:" "$OUT/multistream-1step-${DTYPES[0]}.log" | sed "s/^/  1 step: /" >> "$SUMMARY"
+fi
+
+# 5c. what PyTorch's compiler (Inductor) would add to a graphed frame, before anyone builds it into the engine
+# (AOTInductor packages load from C++): bench/peers/run_compiled.py times the e2e rows' img2img frame (frame on the
+# device) with diffusers 0.24's modules from the peer's install, eager and torch.compile'd, both replayed in CUDA
+# graphs, and the UNet alone; "probe ..." lines give the ratio. Compiling takes minutes: last before the fp32 rows.
+PROBE_SITE="${SDPEER_DIR:-/tmp/sdpeer}"
+if [ $DRY = 0 ] && [ -d "$PROBE_SITE/diffusers" ]; then
+  step inductor-probe env PYTHONPATH="$PROBE_SITE:$ROOT/bench/peers" HF_HOME="$PROBE_SITE/hf-home" HF_HUB_OFFLINE=1 \
+    "${PYTHON:-python3}" bench/peers/run_compiled.py --model "$MODEL" --device cuda --dtypes "${DTYPES[0]}" \
+    --sizes "$BENCH_SIZE" --frames 50 --warmup 5 --compile-mode "${INDUCTOR_MODE:-default}" \
+    --json "$OUT/inductor-probe.json" || true
+  grep -hE "^probe |compiled in|peer skipped" "$OUT/inductor-probe.log" | sed "s/^/  /" >> "$SUMMARY"
+elif [ $DRY = 1 ] && [ -n "${PROBE_PYTHON:-}" ]; then
+  # Here: a Python with torch and diffusers 0.24, e.g. PROBE_PYTHON=/tmp/pyt2/bin/python (CPU: eager and compiled).
+  step inductor-probe env PYTHONPATH="$ROOT/bench/peers" "$PROBE_PYTHON" bench/peers/run_compiled.py \
+    --model "$MODEL" --device cpu --dtypes fp32 --sizes "$BENCH_SIZE" --frames 3 --warmup 1 --threads 2 \
+    --json "$OUT/inductor-probe.json" || true
+  grep -hE "^probe |compiled in|peer skipped" "$OUT/inductor-probe.log" | sed "s/^/  /" >> "$SUMMARY"
+else
+  log "SKIP inductor-probe (needs the peer's diffusers install, $PROBE_SITE; in a dry run PROBE_PYTHON)"
 fi
 
 # 6. the rest, as the budget allows

@@ -10,6 +10,7 @@ Goals (512 px, sd-turbo, 1 step, TAESD, on the lent GPU):
   2. img2img >= 1.5x the original StreamDiffusion on the same GPU and model (peer-streamdiffusion.json), host frame
      against host frame (and frame on device against its --frame-on-device row, when both are there);
   3. 16 batched streams >= 4x the throughput of 16 streams run one by one (multistream.json: the largest K).
+Goals 1 and 2 also count the compiled UNet's rows (bench-compiled-DTYPE.json, bench --compiled-unet), named as such.
 Also printed: txt2img, the autotuner-off rows and the 1-step multi-stream rows when present. A missing file is
 reported as "not measured", never as a failure of the script; the exit code is 0 unless OUT_DIR does not exist.
 """
@@ -27,11 +28,13 @@ def load(path):
         return None
 
 
-def e2e(bench, mode, graphs, on_device=False):
-    """The e2e row of `mode` with CUDA graphs on/off (and the frame on the device or not): (fps, back-to-back fps or
-    None), or None. Off CUDA (a dry run) the bench has no graphs rows: its row stands for "on"."""
+def e2e(bench, mode, graphs, on_device=False, compiled=False):
+    """The e2e row of `mode` with CUDA graphs on/off (and the frame on the device or not; the compiled UNet's rows,
+    variant 'unet=compiled', or the model's own UNet's): (fps, back-to-back fps or None), or None. Off CUDA (a dry
+    run) the bench has no graphs rows: its row stands for "on"."""
     rows = [r for r in (bench or {}).get("results", []) if r.get("section") == "e2e" and r.get("name") == mode
-            and r.get("variant", "").endswith(" frame=device") == on_device]
+            and r.get("variant", "").endswith(" frame=device") == on_device
+            and ("unet=compiled" in r.get("variant", "")) == compiled]
     if not any(r.get("extra", {}).get("cuda_graphs") for r in rows):
         rows = rows[:1] if graphs else []
         graphs = False
@@ -80,6 +83,7 @@ def main():
         return 2
     bench = load(os.path.join(a.out, f"bench-{a.dtype}.json"))
     tuner_off = load(os.path.join(a.out, f"bench-{a.dtype}-autotuner-off.json"))
+    compiled = load(os.path.join(a.out, f"bench-compiled-{a.dtype}.json"))  # step 3a: --compiled-unet
     peer = load(os.path.join(a.out, "peer-streamdiffusion.json"))
     ms = multistream(load(os.path.join(a.out, "multistream.json")))
     ms1 = multistream(load(os.path.join(a.out, "multistream-1step.json")))
@@ -88,18 +92,33 @@ def main():
 
     img = e2e(bench, "img2img", True)
     img_dev = e2e(bench, "img2img", True, on_device=True)
-    if img is None and img_dev is None:
+    # The compiled UNet's rows (bench --compiled-unet): the same engine and frame with the UNet calls run by the
+    # AOTInductor package; its file also has the model's own UNet's rows of the same run, side by side.
+    c_img = e2e(compiled, "img2img", True, compiled=True)
+    c_img_dev = e2e(compiled, "img2img", True, on_device=True, compiled=True)
+    if img is None and img_dev is None and c_img is None and c_img_dev is None:
         out.append("goal 1 img2img >= 150 fps: not measured (no e2e img2img row with CUDA graphs on)")
     else:
         # Every figure of the goal's configuration, the verdict by the first that reaches 150 (most conservative first).
         figures = []
         for i, how in ((0, "per frame"), (1, "back to back")):  # synchronised every frame first
-            for row, where in ((img, "host frame"), (img_dev, "frame on device")):
+            for row, where in ((img, "host frame"), (img_dev, "frame on device"), (c_img, "compiled UNet, host frame"),
+                               (c_img_dev, "compiled UNet, frame on device")):
                 if row and row[i]:
                     figures.append((row[i], f"{where}, {how}"))
         met = next((how for fps, how in figures if fps >= 150), None)
-        out.append(f"goal 1 img2img >= 150 fps: {fmt_row(img)}; frame on device {fmt_row(img_dev)} -> "
-                   + (f"MET ({met})" if met else "NOT MET"))
+        line = f"goal 1 img2img >= 150 fps: {fmt_row(img)}; frame on device {fmt_row(img_dev)}"
+        if compiled is not None:
+            line += f"; compiled UNet {fmt_row(c_img)}, frame on device {fmt_row(c_img_dev)}"
+        out.append(line + " -> " + (f"MET ({met})" if met else "NOT MET"))
+        if compiled is not None:
+            own_same_run = e2e(compiled, "img2img", True)
+            if own_same_run and c_img:
+                out.append(f"     compiled vs own UNet, same run: img2img {c_img[0]:.1f} / {own_same_run[0]:.1f} fps = "
+                           f"x{c_img[0] / own_same_run[0]:.2f}")
+            for c in compiled.get("checks", []):
+                if "max_abs_diff" in c:
+                    out.append(f"     {c['what']}: max |diff| {c['max_abs_diff']:.3g} of {c['max_abs_own']:.3g}")
     for mode in ("txt2img",):
         out.append(f"     {mode}: {fmt_row(e2e(bench, mode, True))}; graphs off {fmt_row(e2e(bench, mode, False))}")
     out.append(f"     img2img graphs off: {fmt_row(e2e(bench, 'img2img', False))}")
@@ -116,6 +135,8 @@ def main():
         ratio = img[0] / theirs
         out.append(f"goal 2 img2img >= 1.5x the original: {img[0]:.1f} / {theirs:.1f} fps = x{ratio:.2f} -> "
                    f"{verdict(ratio >= 1.5)}")
+        if c_img:
+            out.append(f"     compiled UNet: {c_img[0]:.1f} / {theirs:.1f} fps = x{c_img[0] / theirs:.2f}")
         if img_dev and theirs_dev:
             out.append(f"     frame on device: {img_dev[0]:.1f} / {theirs_dev:.1f} fps = x{img_dev[0] / theirs_dev:.2f}")
         t_ours, t_theirs = e2e(bench, "txt2img", True), peer_fps(peer, "txt2img")

@@ -8,7 +8,8 @@
 # progress bars filtered out) and one summary line per row, starting with "peer " (grep "^peer " for the summary).
 #   scripts/gpu-peer-check.sh MODEL_DIR OUT_DIR [--device cuda|cpu] [--dtype fp16] [--size 512] [--frames 20]
 #                             [--warmup 3] [--threads N] [--timeout S]
-# Defaults are the GPU run (cuda, fp16, 512 px, 20 frames, 3 warm-up). On a machine without a GPU, e.g.
+# Defaults are the GPU run (cuda, fp16, 512 px, 20 frames, 3 warm-up); PEER_INSTALL_ONLY=1 stops after the install.
+# On a machine without a GPU, e.g.
 #   PYTHON=/path/to/python scripts/gpu-peer-check.sh ../shared/fixtures/models/tiny-sd21 /tmp/peer --device cpu \
 #     --dtype fp32 --size 64 --frames 3 --warmup 1
 # Never aborts its caller: every failure is printed, and the exit code says what happened (0 ok, 2 usage/no wheels,
@@ -16,7 +17,7 @@
 # 124 timeout, else the runner's own exit code). The run is bounded by --timeout (default 240 s).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 [ $# -ge 2 ] || { usage; exit 2; }
 MODEL="$1"; OUTDIR="$2"; shift 2
 DEVICE=cuda; DTYPE=fp16; SIZE=512; FRAMES=20; WARMUP=3; THREADS=0; TMO=240
@@ -64,6 +65,8 @@ if [ "$(cat "$SITE/.installed" 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" > "$SITE/.installed"
 fi
 say "installed $(ls "$WHL"/*.whl | wc -l) wheels into $SITE in $(( $(date +%s) - START )) s"
+# PEER_INSTALL_ONLY=1: only the install (gpu-check's compiled-UNet step imports diffusers 0.24 from $SITE).
+if [ "${PEER_INSTALL_ONLY:-0}" = 1 ]; then exit 0; fi
 export PYTHONPATH="$SITE:$ROOT/bench/peers${PYTHONPATH:+:$PYTHONPATH}"
 # HF_HOME inside $SITE: transformers 4.x would otherwise migrate the host's cache folder (written by hub 1.x).
 export HF_HOME="$SITE/hf-home"

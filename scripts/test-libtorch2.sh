@@ -4,6 +4,10 @@
 # whose golden cases include the int8 layers that only libtorch 2 has (oneDNN's int8 operators), the emoji model's
 # adherence in int8, and the CLI's
 # bench on the tiny fixture model in fp32, auto (bf16 where native) and int8 (where the CPU has VNNI/AMX).
+# With SD_COMPILE_PYTHON (a Python with torch of the same version and diffusers, e.g. a venv outside the repository:
+# PyPI's torch pulls gigabytes of CUDA libraries, so CI does not install it) it also compiles the tiny fixture's UNet
+# with scripts/compile-unet.py and checks the package against the engine's UNet (test_models' CompiledUNet* with
+# SD_COMPILED_UNET) and through the CLI's bench (--compiled-unet: rows 'unet=compiled').
 # Called by scripts/test.sh (SD_SKIP_LIBTORCH2=1 skips it); runnable alone once scripts/setup.sh has run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +18,14 @@ TORCH2="$(bash scripts/fetch-libtorch2.sh)/torch"
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSD_TORCH_DIR="$TORCH2" -DSD_BUILD_PYTHON=OFF
 cmake --build "$BUILD_DIR" -j "$(nproc)" --target test_models test_train streamdiffusion
 export SD_FIXTURES="${SD_FIXTURES:-$PWD/../shared/fixtures}"
+if [ -n "${SD_COMPILE_PYTHON:-}" ]; then
+  echo "== libtorch 2: the tiny fixture's UNet compiled by AOTInductor ($SD_COMPILE_PYTHON)"
+  "$SD_COMPILE_PYTHON" scripts/compile-unet.py "$SD_FIXTURES/models/tiny-sd21" --out "$BUILD_DIR/tiny-sd21-unet.pt2" \
+    --device cpu --dtype fp32 --width 64 --height 64 > "$BUILD_DIR/compile-unet.log" 2>&1 ||
+    { cat "$BUILD_DIR/compile-unet.log"; exit 1; }
+  tail -n 1 "$BUILD_DIR/compile-unet.log"
+  export SD_COMPILED_UNET="$PWD/$BUILD_DIR/tiny-sd21-unet.pt2"
+fi
 echo "== libtorch 2: test_models"
 "$BUILD_DIR/tests/test_models" --gtest_brief=1
 echo "== libtorch 2: the built-in emoji model's adherence with --dtype int8"
@@ -29,4 +41,32 @@ if grep -q "int8: available" <<<"$("$BUILD_DIR/apps/streamdiffusion" version)"; 
   --sections components,e2e --dtypes "$DTYPES" --json "$BUILD_DIR/bench-t2.json" > "$BUILD_DIR/bench-t2.log" 2>&1 ||
   { cat "$BUILD_DIR/bench-t2.log"; exit 1; }
 grep -E "^(e2e|unet) " "$BUILD_DIR/bench-t2.log" | head -12
+if [ -n "${SD_COMPILED_UNET:-}" ]; then
+  # With a LoRA fused at load and re-fused live (the bench times a re-fuse): the package must compute with the
+  # engine's weights, so one call of it matches the model's own UNet (fp32: 1e-4 of its largest value).
+  echo "== libtorch 2: the CLI's bench with the compiled UNet (and a LoRA)"
+  "$BUILD_DIR/apps/streamdiffusion" bench --model "$SD_FIXTURES/models/tiny-sd21" --sizes 64 --iters 1 --frames 2 \
+    --warmup 0 --sections e2e --dtypes fp32 --compiled-unet "$SD_COMPILED_UNET" \
+    --lora "$SD_FIXTURES/lora/files/sd21_kohya.safetensors:0.8" \
+    --json "$BUILD_DIR/bench-t2-compiled.json" > "$BUILD_DIR/bench-t2-compiled.log" 2>&1 ||
+    { cat "$BUILD_DIR/bench-t2-compiled.log"; exit 1; }
+  grep -E "^e2e |compiled UNet" "$BUILD_DIR/bench-t2-compiled.log"
+  python3 - "$BUILD_DIR/bench-t2-compiled.json" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))
+rows = [r for r in j["results"] if "unet=compiled" in r["variant"]]
+assert len(rows) >= 2, "no e2e rows ran the compiled UNet"
+for r in rows:
+    assert r["extra"]["compiled_unet"]["calls_per_frame"] >= 1, r
+checks = j.get("checks", [])
+assert checks and checks[0]["relative"] < 1e-4, checks
+print(f"compiled UNet: {len(rows)} rows, one call {checks[0]['relative']:.2e} of the own UNet's largest value")
+EOF
+  echo "== libtorch 2: a call of another shape runs the model's own UNet (and says so)"
+  "$BUILD_DIR/apps/streamdiffusion" txt2img --model "$SD_FIXTURES/models/tiny-sd21" --size 128x128 \
+    --compiled-unet "$SD_COMPILED_UNET" -o "$BUILD_DIR/compiled-other-size.png" > "$BUILD_DIR/compiled-other.log" 2>&1 ||
+    { cat "$BUILD_DIR/compiled-other.log"; exit 1; }
+  grep -q "not used for a call (sample \[" "$BUILD_DIR/compiled-other.log" ||
+    { echo "no fallback line"; cat "$BUILD_DIR/compiled-other.log"; exit 1; }
+fi
 echo "libtorch 2 build: OK"

@@ -23,6 +23,7 @@
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -43,6 +44,7 @@
 #include "pipeline/controlnet.h"
 #include "models/cuda_layout.h"
 #include "models/layers.h"
+#include "models/unet_2d_condition.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/multi_stream.h"
 #include "pipeline/stream_diffusion.h"
@@ -98,6 +100,7 @@ struct BenchOptions {
   int profile_streams = 0;               // --profile-streams K: the profile section also over K batched streams
   bool profile_kernels = false;          // --profile-kernels: the profile section also traces graphed frames' kernels
   std::string profile_trace;             // --profile-trace DIR: Chrome traces of the kernel profiles go there
+  std::string compiled_unet;             // --compiled-unet FILE: every model set runs its UNet calls of that shape
   int pipelined_frames = -1;             // --pipelined-frames N: e2e frames queued back to back (-1: auto)
   bool frame_on_device = false;          // --frame-on-device: the e2e img2img row with the frame on the device also
                                          // off CUDA (on CUDA it is always added)
@@ -306,8 +309,10 @@ class Bench {
     lo.config = o_.config;
     lo.loras = loras_;
     lo.strict_lora = o_.strict_lora;
+    lo.compiled_unet = o_.compiled_unet;
     const auto t0 = Clock::now();
     auto m = sd::load_pipeline(o_.model, lo);
+    m->set_compiled_unet_enabled(false);  // on only for its own rows (compiled_rows)
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
     const std::string ae = taesd == "none" || !has_taesd_ ? "vae" : "taesd";
     std::cout << std::fixed << std::setprecision(2) << "  load pipeline (" << sd::dtype_name(dt) << ", " << ae
@@ -370,6 +375,7 @@ class Bench {
         // The frame already on the device (the runtime's case; the original's --frame-on-device row).
         if (device_.is_cuda() || o_.frame_on_device)
           stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true, 1, /*frame_on_device=*/true);
+        if (!m->compiled_unet_stats().path.empty()) compiled_rows(m, dt, size, ae);
       }
       if (req && want("vae")) {
         autoencoder_components(m, dt, size, ae, "vae");
@@ -613,6 +619,7 @@ class Bench {
     const int warm = round_to_every(o_.warmup + (batch ? static_cast<int>(t.size()) - 1 : 0), cn, deep);
     for (int i = 0; i < warm; ++i) step();
     const sd::StreamStats s0 = stream.stats();
+    const int64_t compiled0 = m->compiled_unet_stats().calls;
     Result r;
     r.section = section;
     r.name = mode;
@@ -662,12 +669,66 @@ class Bench {
       r.extra["unet_shallow_calls"] = s1.unet_shallow_calls - s0.unet_shallow_calls;
       r.extra["amortized_s_per_frame"] = r.timing.mean;
     }
+    if (const auto c = m->compiled_unet_stats(); !c.path.empty() && compiled_) {
+      // The compiled UNet ran the timed frames' calls (else their shape did not fit it: the model's own UNet did).
+      const int64_t calls = c.calls - compiled0;
+      r.extra["compiled_unet"] = {{"file", c.path}, {"calls_per_frame", static_cast<double>(calls) / n},
+                                  {"fallback", calls > 0 ? "" : c.last_fallback}};
+      if (calls == 0)
+        std::cout << "           " << mode << " " << variant << ": the compiled UNet ran no call (" << c.last_fallback
+                  << ")\n";
+    }
     r.gflop = deep > 1 ? 0.0 : frame_gflop(mode, ae, size, rows);
     if (section == "e2e" && !cn && deep == 1) {
       const int n = o_.pipelined_frames >= 0 ? o_.pipelined_frames : (device_.is_cpu() ? 0 : o_.frames);
       if (n > 0) pipelined(r, step, n);
     }
     return add(id, r);
+  }
+
+  // --compiled-unet: the e2e rows again with the compiled UNet on (variant " unet=compiled"), beside the rows above
+  // that ran the model's own UNet, and one UNet call of the package's shape both ways: how far apart they are.
+  void compiled_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
+                     const std::string& ae) {
+    m->set_compiled_unet_enabled(true);
+    compiled_ = true;
+    try {
+      stream_row(m, "e2e", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true);
+      stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
+      if (device_.is_cuda() || o_.frame_on_device)
+        stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true, 1, /*frame_on_device=*/true);
+    } catch (...) {
+      compiled_ = false;
+      m->set_compiled_unet_enabled(false);
+      throw;
+    }
+    compiled_ = false;
+    m->set_compiled_unet_enabled(false);
+    const auto* cfg = m->unet_config();
+    const std::string id = "compiled_check/" + sd::dtype_name(dt) + "/" + std::to_string(size);
+    if (!cfg || checks_.count(id)) return;
+    checks_.insert(id);
+    torch::NoGradGuard ng;
+    const int64_t h = size / m->vae_scale_factor();
+    torch::manual_seed(11);
+    const auto x = torch::randn({1, cfg->in_channels, h, h}).to(device_, dt);
+    const auto t = torch::tensor({500}, torch::kLong).to(device_);
+    const auto e = torch::randn({1, 77, cfg->cross_attention_dim.front()}).to(device_, dt);
+    const auto own = m->unet(x, t, e).to(torch::kFloat);
+    const int64_t before = m->compiled_unet_stats().calls;
+    m->set_compiled_unet_enabled(true);
+    const auto compiled = m->unet(x, t, e).to(torch::kFloat);
+    m->set_compiled_unet_enabled(false);
+    if (m->compiled_unet_stats().calls == before) return;  // another shape: the rows above said so
+    const double diff = (compiled - own).abs().max().item<double>(), ref = own.abs().max().item<double>();
+    std::cout << "           compiled UNet vs the model's own, one call " << sd::dtype_name(dt) << " " << size
+              << " px: max |diff| " << std::setprecision(3) << std::scientific << diff << " of max |own| " << ref
+              << std::fixed << "\n";
+    accuracy_checks_.push_back({{"what", "compiled UNet vs the model's own UNet, one call, " + sd::dtype_name(dt) +
+                                             " " + std::to_string(size) + " px"},
+                                {"max_abs_diff", diff},
+                                {"max_abs_own", ref},
+                                {"relative", ref > 0 ? diff / ref : diff}});
   }
 
   // The timed frames each end with a device synchronisation (a frame's latency). A runtime's model thread queues the
@@ -1334,7 +1395,7 @@ class Bench {
     std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
     if (t.size() > 1) variant += batch ? " batch" : " sequential";
     return variant + cn_suffix(cn) + (deep > 1 ? " deep=" + std::to_string(deep) : "") +
-           (graphs_ ? "" : " graphs=off");
+           (graphs_ ? "" : " graphs=off") + (compiled_ ? " unet=compiled" : "");
   }
   // The id of a stream row outside the ablation (the comparisons' rows).
   std::string stream_id(const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
@@ -1377,6 +1438,14 @@ class Bench {
             compare("e2e", "CUDA graphs on vs off, " + mode + ", " + tag, off,
                     stream_id(mode, dt, size, pae, sd::CfgType::None, t, true));
           }
+        }
+        for (const std::string mode : {"img2img", "txt2img"}) {  // --compiled-unet
+          const auto& t = mode == "img2img" ? t_img_ : t_txt_;
+          compiled_ = true;
+          const std::string with = stream_id(mode, dt, size, pae, sd::CfgType::None, t, true);
+          compiled_ = false;
+          compare("e2e", "compiled UNet vs the model's own, " + mode + ", " + tag,
+                  stream_id(mode, dt, size, pae, sd::CfgType::None, t, true), with);
         }
         compare("components", "UNet with vs without the tiled CPU attention, " + tag, "unet/" + ds + "/b1/no-attention-tiles",
                 "unet/" + ds + "/b1");
@@ -1501,6 +1570,7 @@ class Bench {
       j["results"].push_back(r);
     }
     j["comparisons"] = comparisons_.empty() ? nlohmann::json::array() : nlohmann::json(comparisons_);
+    if (!accuracy_checks_.empty()) j["checks"] = accuracy_checks_;  // --compiled-unet: compiled_rows
     j["ablation"] = ablation_json_;
     if (!multistream_json_.empty()) j["multistream"] = multistream_json_;
     if (!profile_json_.empty()) j["profile"] = profile_json_;
@@ -1523,6 +1593,9 @@ class Bench {
   ArchInfo arch_;
   bool has_taesd_ = false;
   bool graphs_ = true;  // StreamConfig::cuda_graphs of the stream rows being run (CUDA: also timed off)
+  bool compiled_ = false;  // the stream rows being run have the compiled UNet on (compiled_rows)
+  std::set<std::string> checks_;  // compiled_rows' one-call checks done
+  std::vector<nlohmann::json> accuracy_checks_;  // their results (JSON "checks")
   bool has_vae_ = true;  // vae/ has weights (false for a TAESD-only model such as models/emoji-tiny)
   c10::ScalarType reduced_ = c10::kBFloat16;
   std::vector<std::string> sections_;
@@ -1619,6 +1692,10 @@ sd::cli::Runner setup_bench(CLI::App& app) {
   app.add_option("--json", o->json_path, "write the results as JSON");
   app.add_option("--chart", o->chart_path, "write a PNG chart of the ablation and the components (needs OpenCV)");
   sd::cli::add_lora_options(app, o->loras, o->lcm_lora, o->strict_lora);
+  app.add_option("--compiled-unet", o->compiled_unet,
+                 "UNet compiled by scripts/compile-unet.py (AOTInductor; libtorch >= 2.11 builds) for the model, device, "
+                 "dtype and UNet call shape of the rows to time: those rows run it (variant 'unet=compiled'), the "
+                 "others the model's own UNet");
   app.add_option("--controlnet", o->controlnets,
                  "ControlNet DIR|FILE or DIR|FILE:SCALE (default scale 1; repeatable, residuals summed), e.g. from "
                  "make-random-model --arch controlnet-sd21: every stream row except the ablation's runs with it on a "

@@ -4,6 +4,7 @@
 
 #include "apps/cli/commands.h"
 #include "core/device.h"
+#include "models/compiled_unet.h"
 #include "models/int8.h"
 
 namespace {
@@ -14,6 +15,10 @@ sd::cli::Runner setup_version(CLI::App& app) {
               << "CPU SIMD " << sd::cpu_simd_level() << ", --dtype auto = " << sd::dtype_name(sd::auto_dtype(c10::kCPU))
               << " on the CPU, int8: "
               << (sd::int8::available() ? std::string("available") : "unavailable: " + sd::int8::unavailable_reason())
+              << "\n"
+              << "compiled UNet (--compiled-unet, AOTInductor): "
+              << (sd::compiled_unet_available() ? std::string("available")
+                                                : "unavailable: " + sd::compiled_unet_unavailable_reason())
               << "\n";
     return 0;
   };

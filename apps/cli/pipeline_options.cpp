@@ -119,6 +119,10 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
                  "epsilon | v_prediction: what the UNet predicts (cannot be read from SD 2.x weights: SD 2.1-768 is "
                  "v_prediction; default: the model's scheduler config, single files epsilon)")
       ->check(CLI::IsMember({"epsilon", "v_prediction"}));
+  app.add_option("--compiled-unet", o.compiled_unet,
+                 "UNet compiled by scripts/compile-unet.py (PyTorch AOTInductor, libtorch >= 2.11 builds) for this "
+                 "model, device, dtype and UNet call shape: runs those calls with fused kernels and the model's "
+                 "weights; calls of other shapes run the model's own UNet");
   app.add_option("--prompt", o.prompt, "text prompt")->capture_default_str();
   app.add_option("--negative-prompt", o.negative_prompt, "negative prompt (cfg full / initialize)");
   app.add_option("--t-index-list", o.t_index_list,
@@ -357,6 +361,7 @@ LoadedModels load_models(const PipelineOptions& o) {
   if (!std::isfinite(o.ip_adapter_scale)) throw InvalidArgument("--ip-adapter-scale must be finite");
   lo.ip_adapter = o.ip_adapter;
   lo.ip_adapter_scale = o.ip_adapter_scale;
+  lo.compiled_unet = o.compiled_unet;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
   // The plain-SD warning is about the missing LCM-LoRA: quiet once one is given (--lcm-lora, or an "lcm" LoRA file).

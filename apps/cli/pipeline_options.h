@@ -48,6 +48,7 @@ struct PipelineOptions {
   int deep_cache_every = 1;             // --deep-cache-every K (1 = off)
   double deep_cache_similarity = 0.95;  // --deep-cache-similarity S
   bool no_cuda_graphs = false;          // --no-cuda-graphs (CUDA: launch every kernel, no recorded graphs)
+  std::string compiled_unet;            // --compiled-unet FILE (scripts/compile-unet.py; libtorch >= 2.6 builds)
   std::optional<double> lcm_guidance;  // --lcm-guidance W (LCM-distilled UNets)
   std::vector<std::string> loras;  // --lora FILE[:SCALE], repeatable
   std::string lcm_lora;            // --lcm-lora FILE (= --lora FILE:1.0, fused first as in StreamDiffusionWrapper)

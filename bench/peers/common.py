@@ -95,6 +95,39 @@ def time_frames(step, warmup, frames):
             "samples_s": samples, "iters": len(samples), "fps": 1.0 / med if med > 0 else 0.0}
 
 
+def time_frames_cuda(step, warmup, frames):
+    """Warm-up, then `frames` whole frames each synchronised (the row's timing), plus CUDA-event and back-to-back
+    figures for `extra`."""
+    import torch  # the runners that time on a GPU have it; this module itself does not need it
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    samples, events = [], []
+    for _ in range(frames):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        e0.record()
+        step()
+        e1.record()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+        events.append(e0.elapsed_time(e1) / 1000.0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(frames):
+        out = step()
+    torch.cuda.synchronize()
+    b2b = (time.perf_counter() - t0) / max(1, frames)
+    med = statistics.median(samples)
+    timing = {"median_s": med, "min_s": min(samples), "max_s": max(samples), "mean_s": statistics.fmean(samples),
+              "samples_s": samples, "iters": len(samples), "fps": 1.0 / med if med > 0 else 0.0}
+    extra = {"cuda_event_median_s": statistics.median(events),
+             "back_to_back_s_per_frame": b2b, "back_to_back_fps": 1.0 / b2b if b2b > 0 else 0.0,
+             "output_finite": bool(torch.isfinite(out).all().item()) if torch.is_tensor(out) else None}
+    return timing, extra
+
+
 class Report:
     def __init__(self, peer, args, packages):
         self.args = args

@@ -63,6 +63,8 @@ _CLI_ONLY: Dict[str, str] = {
                  "allow_origin", "io_threads", "max_api_pending", "max_batch_streams", "send_queue", "jpeg_quality",
                  "worker_id", "drain_seconds")},
     "log_level": "a CLI logging option (Python: the 'streamdiffusion_cpp' logger)",
+    "compiled_unet": "a CLI option of libtorch 2.11+ builds (the Python module, on Debian's libtorch 1.13, cannot "
+                     "load compiled UNets; the same numbers without it)",
 }
 
 _UNSUPPORTED: Dict[str, str] = {

@@ -21,6 +21,15 @@ namespace sd::compat {
 // c10::Event::elapsedTime (timing events on any backend) is in the 2.x releases from 2.5; before, only ATen's
 // CUDAEvent times, and its header needs the CUDA toolkit's.
 #define SD_HAS_EVENT_TIMING (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5))
+// AOTInductor's model packages (torch::inductor::AOTIModelPackageLoader with load_constants(..., user_managed) and
+// load_metadata_from_package): models/compiled_unet.h. Checked against the 2.11 and 2.15 headers; older 2.x releases
+// differ in these calls, so they are left out.
+#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)) && \
+    __has_include(<torch/csrc/inductor/aoti_package/model_package_loader.h>)
+#define SD_HAS_AOTI 1
+#else
+#define SD_HAS_AOTI 0
+#endif
 
 // The key of parameter `p` in torch::optim::Optimizer::state(): a string of its TensorImpl's address up to some 2.x
 // release, the address itself after (the map's key type says which).

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <mutex>
+#include <set>
 #include <sstream>
 
 #include <torch/torch.h>
@@ -20,6 +22,7 @@
 #include "models/autoencoder_kl.h"
 #include "models/autoencoder_tiny.h"
 #include "models/clip_text_model.h"
+#include "models/compiled_unet.h"
 #include "models/embeddings.h"
 #include "models/ip_adapter.h"
 #include "models/lora.h"
@@ -115,6 +118,33 @@ class StableDiffusionModels : public DiffusionModels {
       set_ip_adapter_scale(opt.ip_adapter_scale);
     }
     if (opt.int8) quantize_unet();
+    if (!opt.compiled_unet.empty()) load_compiled_unet(opt);
+  }
+
+  void load_compiled_unet(const LoadOptions& opt) {
+    const std::string& path = opt.compiled_unet;
+    if (opt.int8)
+      throw InvalidArgument("--compiled-unet " + path + " cannot be combined with --dtype int8: the package computes "
+                            "with the float weights");
+    if (ip_adapter_)
+      throw InvalidArgument("--compiled-unet " + path + " cannot be combined with an IP-Adapter: its image attention "
+                            "is not in the package");
+    if (unet_->config().text_time() || timestep_cond_.defined())
+      throw InvalidArgument("--compiled-unet " + path + ": SDXL (added conditioning) and LCM guidance-embedding "
+                            "UNets are not supported by compiled packages yet");
+    const auto t0 = std::chrono::steady_clock::now();
+    compiled_ = CompiledUNet::load(path, *unet_, device_, dtype_);
+    const auto& i = compiled_->info();
+    log::info("compiled UNet {}: sample {}, context {}, {} weights handed over in {:.2f} s", path,
+              shape_str(at::IntArrayRef(i.sample)), shape_str(at::IntArrayRef(i.context)), i.weights.size(),
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+
+  void set_compiled_unet_enabled(bool on) const override { compiled_on_ = on; }
+  CompiledUNetStats compiled_unet_stats() const override {
+    if (!compiled_) return {};
+    std::lock_guard<std::mutex> lock(compiled_mu_);
+    return {compiled_->path(), compiled_calls_.load(), compiled_fallbacks_.load(), compiled_last_fallback_};
   }
 
   int64_t int8_layers() const override { return int8_layers_; }
@@ -153,6 +183,7 @@ class StableDiffusionModels : public DiffusionModels {
     if (!lora_) return DiffusionModels::set_lora_scale(name, scale);
     lora_->set_scale(name, scale);
     ++weights_version_;
+    if (compiled_) compiled_->load_weights();  // the re-fused tensors (and a re-packed convolution's plain weight)
     log::info("LoRA {} re-fused at scale {} in {:.3f} s", name, scale, lora_->fuse_seconds());
   }
   uint64_t text_encoder_version() const override { return lora_ ? lora_->text_encoder_version() : 0; }
@@ -203,8 +234,25 @@ class StableDiffusionModels : public DiffusionModels {
                      const torch::Tensor& encoder_hidden_states, const AddedConditioning& added,
                      const ControlResiduals& control) const override {
     torch::NoGradGuard no_grad;
+    if (compiled_ && compiled_on_) {
+      std::string why = control.defined() ? "ControlNet residuals" : compiled_->mismatch(sample, timesteps,
+                                                                                         encoder_hidden_states);
+      if (why.empty()) {
+        ++compiled_calls_;
+        return compiled_->run(sample, timesteps, encoder_hidden_states);
+      }
+      note_compiled_fallback(why);
+    }
     return unet_.ptr()->forward(sample, timesteps, encoder_hidden_states, timestep_cond_, added.text_embeds,
                                 added.time_ids, control);
+  }
+  // Logged once per reason: a stream whose shape the package does not fit runs the model's own UNet on every call.
+  void note_compiled_fallback(const std::string& why) const {
+    ++compiled_fallbacks_;
+    std::lock_guard<std::mutex> lock(compiled_mu_);
+    if (compiled_fallback_reasons_.insert(why).second)
+      log::warn("compiled UNet {} not used for a call ({}): the model's own UNet runs it", compiled_->path(), why);
+    compiled_last_fallback_ = why;
   }
   torch::Tensor unet_cached(const torch::Tensor& sample, const torch::Tensor& timesteps,
                             const torch::Tensor& encoder_hidden_states, const AddedConditioning& added,
@@ -256,6 +304,7 @@ class StableDiffusionModels : public DiffusionModels {
       for (size_t i = 0; i < lora_names_.size(); ++i) o << (i ? " + " : " ") << lora_names_[i];
     }
     if (ip_adapter_) o << ", IP-Adapter " << std::filesystem::path(ip_adapter_->paths.weights).filename().string();
+    if (compiled_) o << ", compiled UNet " << std::filesystem::path(compiled_->path()).filename().string();
     o << ", " << (int8_layers_ > 0 ? "int8/" : "") << dtype_name(dtype_) << ", " << device_ << ")";
     return o.str();
   }
@@ -539,6 +588,12 @@ class StableDiffusionModels : public DiffusionModels {
   int64_t latent_channels_ = 4, vae_scale_factor_ = 8, text_hidden_ = 0;
   int clip_skip_ = 0;
   int64_t int8_layers_ = 0;
+  std::unique_ptr<CompiledUNet> compiled_;  // LoadOptions::compiled_unet
+  mutable std::atomic<bool> compiled_on_{true};
+  mutable std::atomic<int64_t> compiled_calls_{0}, compiled_fallbacks_{0};
+  mutable std::mutex compiled_mu_;  // the fallback reasons
+  mutable std::set<std::string> compiled_fallback_reasons_;
+  mutable std::string compiled_last_fallback_;
 };
 
 }  // namespace

@@ -118,6 +118,18 @@ class DiffusionModels {
   virtual std::string describe() const = 0;
   // How many of the UNet's layers compute in int8 (LoadOptions::int8); 0 = none.
   virtual int64_t int8_layers() const { return 0; }
+  // The compiled UNet (LoadOptions::compiled_unet, models/compiled_unet.h): its package ("" = none), how many UNet
+  // calls it ran, how many calls of other shapes (or with ControlNet residuals) the model's own UNet ran instead, and
+  // the last such call's reason.
+  struct CompiledUNetStats {
+    std::string path;
+    int64_t calls = 0, fallbacks = 0;
+    std::string last_fallback;
+  };
+  virtual CompiledUNetStats compiled_unet_stats() const { return {}; }
+  // Turns the compiled UNet off (the model's own UNet runs every call) and on again, for side-by-side measurements
+  // and checks; on after load. A no-op without one. Call it between calls, like set_lora_scale.
+  virtual void set_compiled_unet_enabled(bool on) const {}
 
   // LoRAs fused into the weights at load (LoadOptions::loras), in load order, with their current scales.
   virtual std::vector<LoraReport> loras() const { return {}; }
@@ -187,6 +199,11 @@ struct LoadOptions {
   // LoRAs are fused; the rest stays in `dtype`. CPU only; InvalidArgument where int8 is unavailable
   // (sd::int8::unavailable_reason()).
   bool int8 = false;
+  // A UNet compiled by scripts/compile-unet.py (AOTInductor, libtorch >= 2.11; models/compiled_unet.h): it runs the
+  // UNet calls of the shape it was compiled for, with this model set's weights; the model's own UNet runs the others
+  // and those with ControlNet residuals. Not with int8, an IP-Adapter, SDXL or an LCM guidance embedding
+  // (InvalidArgument); a package for another UNet, device, dtype or torch: FormatError naming the difference.
+  std::string compiled_unet;
 };
 
 // Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config once, from a diffusers

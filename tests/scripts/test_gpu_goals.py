@@ -24,11 +24,12 @@ def goals(out, dtype):
     return r.stdout
 
 
-def e2e_row(mode, fps, graphs, pipelined=None, on_device=False):
+def e2e_row(mode, fps, graphs, pipelined=None, on_device=False, compiled=False):
     extra = {"cuda_graphs": graphs}
     if pipelined:
         extra["pipelined"] = {"fps": pipelined, "frames": 100}
-    variant = "ae=taesd cfg=none t=35" + ("" if graphs else " graphs=off") + (" frame=device" if on_device else "")
+    variant = ("ae=taesd cfg=none t=35" + ("" if graphs else " graphs=off") + (" unet=compiled" if compiled else "")
+               + (" frame=device" if on_device else ""))
     return {"section": "e2e", "name": mode, "variant": variant, "fps": fps, "extra": extra}
 
 
@@ -43,6 +44,32 @@ def write(folder, name, obj):
 
 
 class MadeUpGpuRun(unittest.TestCase):
+    def test_the_compiled_unet_rows_count_and_are_named(self):
+        with tempfile.TemporaryDirectory() as d:
+            write(d, "bench-fp16.json", {"device": "cuda", "results": [
+                e2e_row("img2img", 90.0, True, 95.0), e2e_row("img2img", 30.0, False),
+                e2e_row("img2img", 92.0, True, 97.0, on_device=True)]})
+            # bench --compiled-unet: the own UNet's rows of the same run, and the compiled ones.
+            write(d, "bench-compiled-fp16.json", {"device": "cuda", "results": [
+                e2e_row("img2img", 88.0, True), e2e_row("img2img", 155.0, True, 170.0, compiled=True),
+                e2e_row("img2img", 158.0, True, on_device=True, compiled=True)],
+                "checks": [{"what": "compiled UNet vs the model's own UNet, one call, fp16 512 px",
+                                 "max_abs_diff": 0.004, "max_abs_own": 3.5, "relative": 0.004 / 3.5}]})
+            write(d, "peer-streamdiffusion.json", {"results": [
+                {"name": "img2img", "variant": "ae=taesd cfg=none t=35", "fps": 50.0}]})
+            out = goals(d, "fp16")
+            self.assertIn("compiled UNet 155.0 fps per frame, 170.0 back to back, frame on device 158.0 fps per "
+                          "frame -> MET (compiled UNet, host frame, per frame)", out)
+            self.assertIn("compiled vs own UNet, same run: img2img 155.0 / 88.0 fps = x1.76", out)
+            self.assertIn("max |diff| 0.004 of 3.5", out)
+            self.assertIn("goal 2 img2img >= 1.5x the original: 90.0 / 50.0 fps = x1.80 -> MET", out)
+            self.assertIn("compiled UNet: 155.0 / 50.0 fps = x3.10", out)
+            # Without the compiled run the own rows decide (and nothing about a compiled UNet is printed).
+            os.remove(os.path.join(d, "bench-compiled-fp16.json"))
+            out = goals(d, "fp16")
+            self.assertIn("-> NOT MET", out.splitlines()[1])
+            self.assertNotIn("compiled", out)
+
     def test_goals_met(self):
         with tempfile.TemporaryDirectory() as d:
             write(d, "bench-fp16.json", {"device": "cuda", "results": [
