@@ -26,6 +26,8 @@
 #   5. the original StreamDiffusion (PyPI streamdiffusion 0.1.1 + diffusers 0.24, wheels carried in .whl-peer by
 #      scripts/gpu-peer-prepare.sh) on the same model, GPU and size, side by side (scripts/gpu-peer-check.sh);
 #   5b. multi-stream rows for 1, 4, 16 streams in the e2e rows' 1-step configuration (total img2img fps of K clients);
+#   4b. (after 5b) step 4's rows for 1, 4, 16 streams with a compiled UNet of a row range (compile-unet.py --rows 1-32,
+#       compiled in the background after 3a's) beside the model's own UNet's, in one bench run;
 #   5c. the same img2img frame with diffusers 0.24's modules, eager and torch.compile'd (Inductor), both in CUDA graphs
 #       (bench/peers/run_compiled.py): what compiling would add to a graphed frame (INDUCTOR_MODE picks the mode);
 #   6. the fp32 benchmark rows, as the budget allows.
@@ -162,38 +164,54 @@ if [ $DRY = 0 ] && ls .whl-peer/*.whl >/dev/null 2>&1; then
 elif [ $DRY = 1 ] && [ -n "${PROBE_PYTHON:-}" ]; then
   COMPILE_ENV=("$PROBE_PYTHON")  # here: a Python with torch (the build's version) and diffusers
 fi
-COMPILE_PID=""
+# A package of a row range (--rows 1-32: 16 streams of 2 rows) for the multistream rows (4b), compiled after the first.
+COMPILED_MS="$BUILD_DIR/unet-compiled-${DTYPES[0]}-$BENCH_SIZE-rows.pt2"
+if [ $DRY = 1 ]; then MS_ROWS=1-8; else MS_ROWS=1-32; fi
+CAN_COMPILE=0
 if [ ${#COMPILE_ENV[@]} -eq 0 ]; then
   log "SKIP compile-unet (needs the peer's wheels, .whl-peer, installed; in a dry run PROBE_PYTHON)"
 elif ! "$CLI" version 2>/dev/null | grep -q "compiled UNet.*: available"; then
   log "SKIP compile-unet (this build cannot load compiled UNets: $("$CLI" version 2>/dev/null | grep "compiled UNet"))"
-elif [ -f "$COMPILED" ]; then
-  log "compile-unet: $COMPILED is there already (a rerun)"
-elif [ "$(left)" -le 60 ]; then
-  log "SKIP compile-unet (time budget spent)"
 else
-  PIN=()
+  CAN_COMPILE=1
+fi
+# compile_bg NAME PACKAGE [compile-unet.py options]: compiles in the background (sets COMPILE_PID; "" = not started).
+compile_bg() {
+  local name="$1" pkg="$2"; shift 2
+  COMPILE_PID=""
+  if [ $CAN_COMPILE = 0 ]; then return; fi
+  if [ -f "$pkg" ]; then log "$name: $pkg is there already (a rerun)"; return; fi
+  if [ "$(left)" -le 60 ]; then log "SKIP $name (time budget spent)"; return; fi
+  local pin=()
   if [ "$JOBS" -ge 8 ] && command -v taskset >/dev/null; then
-    PIN=(taskset -c "4-$((JOBS - 1))")
+    pin=(taskset -c "4-$((JOBS - 1))")
     export TORCHINDUCTOR_COMPILE_THREADS=$((JOBS - 4))
   fi
-  log "RUN  compile-unet (background${PIN:+, ${PIN[*]}}): scripts/compile-unet.py $MODEL --out $COMPILED"
-  ( timeout "$(left)" "${PIN[@]}" "${COMPILE_ENV[@]}" scripts/compile-unet.py "$MODEL" --out "$COMPILED" \
-      --device "$DEVICE" --dtype "${DTYPES[0]}" --width "$BENCH_SIZE" --height "$BENCH_SIZE" \
-      > "$OUT/compile-unet.log" 2>&1; echo $? > "$OUT/compile-unet.rc" ) &
+  log "RUN  $name (background${pin:+, ${pin[*]}}): scripts/compile-unet.py $MODEL --out $pkg $*"
+  ( timeout "$(left)" "${pin[@]}" "${COMPILE_ENV[@]}" scripts/compile-unet.py "$MODEL" --out "$pkg" \
+      --device "$DEVICE" --dtype "${DTYPES[0]}" --width "$BENCH_SIZE" --height "$BENCH_SIZE" "$@" \
+      > "$OUT/$name.log" 2>&1; echo $? > "$OUT/$name.rc" ) &
   COMPILE_PID=$!
-fi
+}
+# compile_wait NAME PID: waits for a background compile and records its outcome.
+compile_wait() {
+  if [ -z "$2" ]; then return; fi
+  wait "$2"
+  local rc; rc="$(cat "$OUT/$1.rc" 2>/dev/null || echo '?')"
+  if [ "$rc" = 0 ]; then log "OK   $1"; else log "FAIL $1 (rc $rc, see $1.log)"; tail -n 30 "$OUT/$1.log"; fi
+  grep -h "^compile-unet:" "$OUT/$1.log" | sed "s/^/  /" >> "$SUMMARY"
+}
+compile_bg compile-unet "$COMPILED"
+COMPILE_PID1="$COMPILE_PID"
 
 bench_rows "${DTYPES[0]}"
 
 # 3a. the compiled UNet's e2e rows beside the same rows on the model's own UNet, in one bench run (rows
 # "unet=compiled", the "compiled UNet vs the model's own" comparisons, and one call's max difference).
-if [ -n "$COMPILE_PID" ]; then
-  wait "$COMPILE_PID"
-  rc="$(cat "$OUT/compile-unet.rc" 2>/dev/null || echo '?')"
-  if [ "$rc" = 0 ]; then log "OK   compile-unet"; else log "FAIL compile-unet (rc $rc, see compile-unet.log)"; tail -n 30 "$OUT/compile-unet.log"; fi
-  grep -h "^compile-unet:" "$OUT/compile-unet.log" | sed "s/^/  /" >> "$SUMMARY"
-fi
+compile_wait compile-unet "$COMPILE_PID1"
+# The row-range package next, while the GPU steps below run (its rows: 4b).
+compile_bg compile-unet-rows "$COMPILED_MS" --rows "$MS_ROWS"
+COMPILE_PID2="$COMPILE_PID"
 if [ -f "$COMPILED" ] && [ ${#COMPILE_ENV[@]} -gt 0 ]; then
   if [ $DRY = 1 ]; then COMPILED_OPTS=(--threads 2 --iters 2 --frames 3 --warmup 1 --frame-on-device)
   else COMPILED_OPTS=(--iters 20 --frames 100 --warmup 10); fi
@@ -250,6 +268,18 @@ if grep -q -- "--streams" <<<"$BENCH_HELP"; then
   step "multistream-1step-${DTYPES[0]}" "$CLI" "${MS1[@]}" --dtypes "${DTYPES[0]}" --json "$OUT/multistream-1step.json" ||
     true
   grep -hE "streams:" "$OUT/multistream-1step-${DTYPES[0]}.log" | sed "s/^/  1 step: /" >> "$SUMMARY"
+fi
+
+# 4b. the multistream rows of step 4 with the row-range package (1-32 rows: every stream count, one by one and batched,
+# runs compiled) beside the model's own UNet's, in one bench run (tables "unet=compiled"; gpu-goals.py's goal 3 counts
+# them). 1 and 16 streams (the goal's) and 4.
+compile_wait compile-unet-rows "$COMPILE_PID2"
+if [ -f "$COMPILED_MS" ] && [ $CAN_COMPILE = 1 ] && grep -q -- "--streams" <<<"$BENCH_HELP"; then
+  MSC=(bench --model "$MODEL" --device "$DEVICE" --sizes "$BENCH_SIZE" --img2img-t-index 35 --sections multistream)
+  if [ $DRY = 1 ]; then MSC+=(--streams 1,4 --frames 3 --warmup 1 --threads 2); else MSC+=(--streams 1,4,16 --frames 30 --warmup 5); fi
+  step "multistream-compiled-${DTYPES[0]}" "$CLI" "${MSC[@]}" --dtypes "${DTYPES[0]}" --compiled-unet "$COMPILED_MS" \
+    --json "$OUT/multistream-compiled.json" || true
+  grep -hE "streams|compiled UNet vs" "$OUT/multistream-compiled-${DTYPES[0]}.log" | sed "s/^/  /" >> "$SUMMARY"
 fi
 
 # 5c. what PyTorch's compiler (Inductor) would add to a graphed frame, before anyone builds it into the engine

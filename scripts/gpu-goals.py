@@ -10,7 +10,8 @@ Goals (512 px, sd-turbo, 1 step, TAESD, on the lent GPU):
   2. img2img >= 1.5x the original StreamDiffusion on the same GPU and model (peer-streamdiffusion.json), host frame
      against host frame (and frame on device against its --frame-on-device row, when both are there);
   3. 16 batched streams >= 4x the throughput of 16 streams run one by one (multistream.json: the largest K).
-Goals 1 and 2 also count the compiled UNet's rows (bench-compiled-DTYPE.json, bench --compiled-unet), named as such.
+Goals 1 and 2 also count the compiled UNet's rows (bench-compiled-DTYPE.json, bench --compiled-unet), goal 3 the
+multistream rows with a compiled UNet of a row range (multistream-compiled.json), named as such.
 Also printed: txt2img, the autotuner-off rows and the 1-step multi-stream rows when present. A missing file is
 reported as "not measured", never as a failure of the script; the exit code is 0 unless OUT_DIR does not exist.
 """
@@ -52,12 +53,14 @@ def peer_fps(peer, mode, on_device=False):
     return None
 
 
-def multistream(ms):
-    """{K: {"one-by-one": fps_total, "batched": fps_total}} of a multistream JSON."""
+def multistream(ms, compiled=False):
+    """{K: {"one-by-one": fps_total, "batched": fps_total}} of a multistream JSON: the rows of the model's own UNet, or
+    of the compiled UNet (variant 'unet=compiled', bench --compiled-unet)."""
     rows = {}
     for r in (ms or {}).get("results", []):
         x = r.get("extra", {})
-        if r.get("section") == "multistream" and "streams" in x:
+        if (r.get("section") == "multistream" and "streams" in x
+                and ("unet=compiled" in r.get("variant", "")) == compiled):
             rows.setdefault(int(x["streams"]), {})[r.get("name")] = x.get("fps_total", 0.0)
     return rows
 
@@ -87,6 +90,8 @@ def main():
     peer = load(os.path.join(a.out, "peer-streamdiffusion.json"))
     ms = multistream(load(os.path.join(a.out, "multistream.json")))
     ms1 = multistream(load(os.path.join(a.out, "multistream-1step.json")))
+    ms_c_json = load(os.path.join(a.out, "multistream-compiled.json"))  # step 4b: --compiled-unet, a row range
+    ms_c, ms_c_own = multistream(ms_c_json, compiled=True), multistream(ms_c_json)
     device = (bench or {}).get("device", "?")
     out = []
 
@@ -119,6 +124,12 @@ def main():
             for c in compiled.get("checks", []):
                 if "max_abs_diff" in c:
                     out.append(f"     {c['what']}: max |diff| {c['max_abs_diff']:.3g} of {c['max_abs_own']:.3g}")
+            # What the package costs in device memory: the model set loaded with it against without (bench-DTYPE).
+            own_mib = next((l["device_mib"] for l in (bench or {}).get("loads", []) if "device_mib" in l), None)
+            c_mib = next((l["device_mib"] for l in compiled.get("loads", []) if "device_mib" in l), None)
+            if own_mib is not None and c_mib is not None:
+                out.append(f"     device memory after load: {c_mib:.0f} MiB with the compiled UNet, {own_mib:.0f} MiB "
+                           f"without (+{c_mib - own_mib:.0f})")
     for mode in ("txt2img",):
         out.append(f"     {mode}: {fmt_row(e2e(bench, mode, True))}; graphs off {fmt_row(e2e(bench, mode, False))}")
     out.append(f"     img2img graphs off: {fmt_row(e2e(bench, 'img2img', False))}")
@@ -143,17 +154,34 @@ def main():
         if t_ours and t_theirs:
             out.append(f"     txt2img: {t_ours[0]:.1f} / {t_theirs:.1f} fps = x{t_ours[0] / t_theirs:.2f}")
 
-    both = [k for k, v in ms.items() if "batched" in v and "one-by-one" in v]
-    if not both:
+    def paired(table):
+        return [k for k, v in table.items() if "batched" in v and "one-by-one" in v]
+
+    both, both_c = paired(ms), paired(ms_c)
+    if not both and not both_c:
         out.append("goal 3 16 batched streams >= 4x one by one: not measured (no multistream.json rows)")
     else:
-        k = max(both)
-        b, o = ms[k]["batched"], ms[k]["one-by-one"]
-        ratio = b / o if o else 0.0
-        label = "goal 3 16 batched streams >= 4x one by one" + ("" if k == 16 else f" (largest K measured: {k})")
-        out.append(f"{label}: {b:.1f} / {o:.1f} fps total = x{ratio:.2f} -> {verdict(k == 16 and ratio >= 4)}")
-        out.append("     by K: " + ", ".join(
-            f"{kk}: x{ms[kk]['batched'] / ms[kk]['one-by-one']:.2f}" for kk in sorted(both) if ms[kk]["one-by-one"]))
+        # The model's own UNet (step 4) and the compiled UNet of a row range (step 4b, both ways compiled); the verdict
+        # by either at 16 streams.
+        figures, by_k, met, kmax = [], [], False, max(both + both_c)
+        for table, keys, what in ((ms, both, ""), (ms_c, both_c, "compiled UNet ")):
+            if not keys:
+                continue
+            k = max(keys)
+            b, o = table[k]["batched"], table[k]["one-by-one"]
+            ratio = b / o if o else 0.0
+            met = met or (k == 16 and ratio >= 4)
+            figures.append(f"{what}{b:.1f} / {o:.1f} fps total = x{ratio:.2f}" + ("" if k == kmax else f" (K {k})"))
+            by_k.append(f"     {what}by K: " + ", ".join(
+                f"{kk}: x{table[kk]['batched'] / table[kk]['one-by-one']:.2f}" for kk in sorted(keys)
+                if table[kk]["one-by-one"]))
+        label = "goal 3 16 batched streams >= 4x one by one" + ("" if kmax == 16 else f" (largest K measured: {kmax})")
+        out.append(f"{label}: {'; '.join(figures)} -> {verdict(met)}")
+        out.extend(by_k)
+        for k in sorted(ms_c):  # compiled vs the own UNet of the same run (step 4b)
+            if "batched" in ms_c[k] and "batched" in ms_c_own.get(k, {}) and ms_c_own[k]["batched"]:
+                out.append(f"     {k} streams batched, compiled vs own UNet, same run: {ms_c[k]['batched']:.1f} / "
+                           f"{ms_c_own[k]['batched']:.1f} fps = x{ms_c[k]['batched'] / ms_c_own[k]['batched']:.2f}")
     for k in sorted(ms1):
         v = ms1[k]
         if "batched" in v:

@@ -7,7 +7,8 @@
 # With SD_COMPILE_PYTHON (a Python with torch of the same version and diffusers, e.g. a venv outside the repository:
 # PyPI's torch pulls gigabytes of CUDA libraries, so CI does not install it) it also compiles the tiny fixture's UNet
 # with scripts/compile-unet.py and checks the package against the engine's UNet (test_models' CompiledUNet* with
-# SD_COMPILED_UNET) and through the CLI's bench (--compiled-unet: rows 'unet=compiled').
+# SD_COMPILED_UNET) and through the CLI's bench (--compiled-unet: rows 'unet=compiled'), and a package of a row range
+# (--rows 1-4: test_models with SD_COMPILED_UNET_ROWS, bench's multistream rows one by one and batched).
 # Called by scripts/test.sh (SD_SKIP_LIBTORCH2=1 skips it); runnable alone once scripts/setup.sh has run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,12 @@ if [ -n "${SD_COMPILE_PYTHON:-}" ]; then
     { cat "$BUILD_DIR/compile-unet.log"; exit 1; }
   tail -n 1 "$BUILD_DIR/compile-unet.log"
   export SD_COMPILED_UNET="$PWD/$BUILD_DIR/tiny-sd21-unet.pt2"
+  # A package of a row range (a dynamic row count): 1 to 4 rows, for test_models and bench's multistream rows.
+  "$SD_COMPILE_PYTHON" scripts/compile-unet.py "$SD_FIXTURES/models/tiny-sd21" --out "$BUILD_DIR/tiny-sd21-unet-rows.pt2" \
+    --device cpu --dtype fp32 --width 64 --height 64 --rows 1-4 > "$BUILD_DIR/compile-unet-rows.log" 2>&1 ||
+    { cat "$BUILD_DIR/compile-unet-rows.log"; exit 1; }
+  tail -n 1 "$BUILD_DIR/compile-unet-rows.log"
+  export SD_COMPILED_UNET_ROWS="$PWD/$BUILD_DIR/tiny-sd21-unet-rows.pt2"
 fi
 echo "== libtorch 2: test_models"
 "$BUILD_DIR/tests/test_models" --gtest_brief=1
@@ -68,5 +75,23 @@ EOF
     { cat "$BUILD_DIR/compiled-other.log"; exit 1; }
   grep -q "not used for a call (sample \[" "$BUILD_DIR/compiled-other.log" ||
     { echo "no fallback line"; cat "$BUILD_DIR/compiled-other.log"; exit 1; }
+  echo "== libtorch 2: many streams, one by one and batched, through a package of a row range (1-4 rows)"
+  "$BUILD_DIR/apps/streamdiffusion" bench --model "$SD_FIXTURES/models/tiny-sd21" --sizes 64 --frames 2 --warmup 0 \
+    --sections multistream --streams 1,2 --dtypes fp32 --compiled-unet "$SD_COMPILED_UNET_ROWS" \
+    --json "$BUILD_DIR/bench-t2-ms-compiled.json" > "$BUILD_DIR/bench-t2-ms-compiled.log" 2>&1 ||
+    { cat "$BUILD_DIR/bench-t2-ms-compiled.log"; exit 1; }
+  grep -E "streams" "$BUILD_DIR/bench-t2-ms-compiled.log"
+  python3 - "$BUILD_DIR/bench-t2-ms-compiled.json" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))
+rows = [r for r in j["results"] if r["section"] == "multistream" and "unet=compiled" in r["variant"]]
+assert len(rows) == 4, rows  # 1 and 2 streams, one by one and batched
+for r in rows:
+    # cfg self, 2 steps: 2 rows a stream; one by one k calls a round, batched one (2k rows), all in the package.
+    want = r["extra"]["streams"] if r["name"] == "one-by-one" else 1
+    assert r["extra"]["compiled_unet"]["calls_per_round"] == want, r
+assert [t["unet"] for t in j["multistream"]] == ["own", "compiled"], j["multistream"]
+print(f"compiled UNet of a row range: {len(rows)} multistream rows ran every UNet call in the package")
+EOF
 fi
 echo "libtorch 2 build: OK"

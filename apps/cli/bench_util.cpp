@@ -10,6 +10,9 @@
 
 #include <torch/cuda.h>
 #include <torch/torch.h>
+#if SD_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include "core/device.h"
 #include "models/int8.h"
@@ -61,6 +64,19 @@ double peak_rss_mib() {
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
   return static_cast<double>(ru.ru_maxrss) / 1024.0;
+}
+
+double device_allocated_mib(const c10::Device& device, bool peak) {
+#if SD_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.has_index() ? device.index() : 0);
+    const auto& all = stats.allocated_bytes[0];  // StatType::AGGREGATE
+    return static_cast<double>(peak ? all.peak : all.current) / (1024.0 * 1024.0);
+  }
+#endif
+  (void)device;
+  (void)peak;
+  return -1.0;
 }
 
 namespace {

@@ -28,6 +28,9 @@ void sync(const c10::Device& device);
 
 double rss_mib();
 double peak_rss_mib();
+// Device memory held by libtorch's CUDA caching allocator on `device` (tensors allocated, MiB), now or its peak since
+// the start; -1 off CUDA.
+double device_allocated_mib(const c10::Device& device, bool peak = false);
 
 // Parameter counts of the model folder's weight files (from the safetensors headers, nothing loaded), used to
 // recognise the real architectures whose FLOP counts are known.

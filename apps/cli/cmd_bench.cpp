@@ -317,8 +317,15 @@ class Bench {
     const std::string ae = taesd == "none" || !has_taesd_ ? "vae" : "taesd";
     std::cout << std::fixed << std::setprecision(2) << "  load pipeline (" << sd::dtype_name(dt) << ", " << ae
               << (loras_.empty() ? "" : ", LoRAs fused") << "): " << s << " s, RSS " << std::setprecision(0)
-              << rss_mib() << " MiB\n";
+              << rss_mib() << " MiB";
     nlohmann::json load = {{"dtype", sd::dtype_name(dt)}, {"autoencoder", ae}, {"seconds", s}, {"rss_mib", rss_mib()}};
+    // On CUDA the tensors the model set holds on the device (weights, caches, a compiled UNet's folded constants).
+    if (const double dev = device_allocated_mib(device_); dev >= 0) {
+      std::cout << ", device " << dev << " MiB allocated";
+      load["device_mib"] = dev;
+    }
+    if (!o_.compiled_unet.empty()) load["compiled_unet"] = o_.compiled_unet;
+    std::cout << "\n";
     // A live scale change (the control channel's `lora NAME SCALE`) re-fuses that LoRA's modules: timed here at the
     // same scale, so the weights stay as loaded.
     for (const auto& r : m->loras()) {
@@ -389,7 +396,24 @@ class Bench {
             stream_row(m, "cfg", "img2img", dt, size, ae, c, t_multi_, true);
         if (want("filter")) filter_row(m, dt, size, ae);
         if (want("flicker")) flicker_rows(m, dt, size, ae);
-        if (want("multistream")) multistream_rows(m, dt, size, ae);
+        if (want("multistream")) {
+          multistream_rows(m, dt, size, ae);
+          // --compiled-unet: the same table with the package running the UNet calls it fits (a row range, --rows
+          // MIN-MAX, fits the one-by-one and the batched calls alike), after the model's own.
+          if (!m->compiled_unet_stats().path.empty()) {
+            m->set_compiled_unet_enabled(true);
+            compiled_ = true;
+            try {
+              multistream_rows(m, dt, size, ae);
+            } catch (...) {
+              compiled_ = false;
+              m->set_compiled_unet_enabled(false);
+              throw;
+            }
+            compiled_ = false;
+            m->set_compiled_unet_enabled(false);
+          }
+        }
         if (want("profile")) {
           profile_rows(m, dt, size, ae);
           if (o_.profile_kernels) {
@@ -1027,7 +1051,7 @@ class Bench {
     nlohmann::json table = nlohmann::json::array();
     for (int64_t k : streams_) {
       const std::string variant = "k=" + std::to_string(k) + " ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) +
-                                  " t=" + join(t_multi_);
+                                  " t=" + join(t_multi_) + (compiled_ ? " unet=compiled" : "");
       const std::string id_one = "multistream/one-by-one/" + variant + "/" + ds;
       const std::string id_many = "multistream/batched/" + variant + "/" + ds;
       if (find(id_one) && find(id_many)) continue;
@@ -1050,19 +1074,31 @@ class Bench {
       }
       const sd::MultiStreamStats ms0 = ms;
       std::vector<double> a, b;
+      int64_t compiled_one = 0, compiled_many = 0;  // UNet calls the compiled package ran (--compiled-unet)
+      auto compiled_calls = [&] { return m->compiled_unet_stats().calls; };
       auto timed = [&](const std::function<void()>& fn, std::vector<double>& out) {
         const auto t0 = Clock::now();
         fn();
         sync(device_);
         out.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
       };
+      auto timed_one = [&] {
+        const int64_t c0 = compiled_calls();
+        timed(round_one, a);
+        compiled_one += compiled_calls() - c0;
+      };
+      auto timed_many = [&] {
+        const int64_t c0 = compiled_calls();
+        timed(round_many, b);
+        compiled_many += compiled_calls() - c0;
+      };
       for (int f = 0; f < o_.frames; ++f) {
         if (f % 2 == 0) {
-          timed(round_one, a);
-          timed(round_many, b);
+          timed_one();
+          timed_many();
         } else {
-          timed(round_many, b);
-          timed(round_one, a);
+          timed_many();
+          timed_one();
         }
       }
       Result r1, r2;
@@ -1094,20 +1130,44 @@ class Bench {
                                                   std::max(1, o_.frames)},
                   {"cfg", sd::cfg_type_name(cfg)},
                   {"t_index_list", t_multi_}};
+      if (compiled_) {
+        // Calls per round the package ran (one by one: k per round; batched: 1); 0 = it fits neither (the reason).
+        const double rounds = std::max(1, o_.frames);
+        r1.extra["compiled_unet"] = {{"calls_per_round", compiled_one / rounds}};
+        r2.extra["compiled_unet"] = {{"calls_per_round", compiled_many / rounds}};
+        if (compiled_one == 0 || compiled_many == 0) {
+          const char* which = compiled_one == 0 && compiled_many == 0 ? "one-by-one or batched"
+                              : compiled_one == 0                     ? "one-by-one"
+                                                                      : "batched";
+          std::cout << "           " << k << " streams: the compiled UNet ran no " << which << " call ("
+                    << m->compiled_unet_stats().last_fallback << ")\n";
+        }
+      }
       add(id_one, r1);
       add(id_many, r2);
-      std::cout << "           " << k << " streams: one by one " << std::fixed << std::setprecision(2) << fps1
-                << " fps total, batched " << fps2 << " fps total, x" << ratio << "\n";
+      std::cout << "           " << k << " streams" << (compiled_ ? " (compiled UNet)" : "") << ": one by one "
+                << std::fixed << std::setprecision(2) << fps1 << " fps total, batched " << fps2 << " fps total, x"
+                << ratio << "\n";
       compare("multistream", std::to_string(k) + " streams batched vs one by one (a round of " + std::to_string(k) +
-                                 " frames), " + sd::dtype_name(dt) + " " + std::to_string(size) + " px",
+                                 " frames), " + sd::dtype_name(dt) + " " + std::to_string(size) + " px" +
+                                 (compiled_ ? ", compiled UNet" : ""),
               id_one, id_many);
+      if (compiled_) {  // against the model's own UNet's rows of this run (the table before)
+        const std::string own = " unet=compiled";
+        auto own_id = [&](std::string id) { return id.replace(id.find(own), own.size(), ""); };
+        for (const auto& [what, id] : {std::pair<std::string, std::string>{"batched", id_many}, {"one by one", id_one}})
+          if (find(own_id(id)))
+            compare("multistream", std::to_string(k) + " streams " + what + ", compiled UNet vs the model's own, " +
+                                       sd::dtype_name(dt) + " " + std::to_string(size) + " px",
+                    own_id(id), id);
+      }
       table.push_back({{"streams", k}, {"one_by_one_fps", fps1}, {"batched_fps", fps2}, {"ratio", ratio},
                        {"one_by_one_s_per_round", r1.timing.median}, {"batched_s_per_round", r2.timing.median}});
     }
     if (!table.empty())
       multistream_json_.push_back({{"dtype", sd::dtype_name(dt)}, {"size", size}, {"autoencoder", ae},
                                    {"cfg", sd::cfg_type_name(cfg)}, {"t_index_list", t_multi_}, {"rounds", o_.frames},
-                                   {"rows", table}});
+                                   {"unet", compiled_ ? "compiled" : "own"}, {"rows", table}});
   }
 
   void filter_row(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
@@ -1510,7 +1570,10 @@ class Bench {
         std::cout << "  (stream batch needs > 1 step: see the batch section, or --ablation-t-index 0,16,32,45)\n";
       ablation_json_.push_back(a);
     }
-    std::cout << "\npeak RSS " << std::setprecision(0) << peak_rss_mib() << " MiB\n";
+    std::cout << "\npeak RSS " << std::setprecision(0) << peak_rss_mib() << " MiB";
+    if (const double dev = device_allocated_mib(device_, /*peak=*/true); dev >= 0)
+      std::cout << ", peak device memory allocated " << dev << " MiB";
+    std::cout << "\n";
   }
 
   void write_outputs() {
@@ -1575,6 +1638,7 @@ class Bench {
     if (!multistream_json_.empty()) j["multistream"] = multistream_json_;
     if (!profile_json_.empty()) j["profile"] = profile_json_;
     j["peak_rss_mib"] = peak_rss_mib();
+    if (const double dev = device_allocated_mib(device_, /*peak=*/true); dev >= 0) j["peak_device_mib"] = dev;
     if (!o_.json_path.empty()) {
       std::ofstream out(o_.json_path);
       if (!out) throw sd::InvalidArgument("--json: cannot write '" + o_.json_path + "'");
@@ -1694,8 +1758,9 @@ sd::cli::Runner setup_bench(CLI::App& app) {
   sd::cli::add_lora_options(app, o->loras, o->lcm_lora, o->strict_lora);
   app.add_option("--compiled-unet", o->compiled_unet,
                  "UNet compiled by scripts/compile-unet.py (AOTInductor; libtorch >= 2.11 builds) for the model, device, "
-                 "dtype and UNet call shape of the rows to time: those rows run it (variant 'unet=compiled'), the "
-                 "others the model's own UNet");
+                 "dtype and UNet call shape of the rows to time: the e2e rows and the multistream table again with "
+                 "it on (variant 'unet=compiled'; a package of a row range, compile-unet.py --rows 1-32, fits every "
+                 "stream count), beside the model's own UNet's");
   app.add_option("--controlnet", o->controlnets,
                  "ControlNet DIR|FILE or DIR|FILE:SCALE (default scale 1; repeatable, residuals summed), e.g. from "
                  "make-random-model --arch controlnet-sd21: every stream row except the ablation's runs with it on a "

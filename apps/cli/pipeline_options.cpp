@@ -121,8 +121,9 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
       ->check(CLI::IsMember({"epsilon", "v_prediction"}));
   app.add_option("--compiled-unet", o.compiled_unet,
                  "UNet compiled by scripts/compile-unet.py (PyTorch AOTInductor, libtorch >= 2.11 builds) for this "
-                 "model, device, dtype and UNet call shape: runs those calls with fused kernels and the model's "
-                 "weights; calls of other shapes run the model's own UNet");
+                 "model, device, dtype and UNet call shape (its rows fixed or a range, --rows MIN-MAX: serve's "
+                 "batched streams): runs those calls with fused kernels and the model's weights; calls of other "
+                 "shapes run the model's own UNet");
   app.add_option("--prompt", o.prompt, "text prompt")->capture_default_str();
   app.add_option("--negative-prompt", o.negative_prompt, "negative prompt (cfg full / initialize)");
   app.add_option("--t-index-list", o.t_index_list,

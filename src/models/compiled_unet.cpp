@@ -127,6 +127,19 @@ CompiledUNetInfo parse_compiled_unet_metadata(const std::map<std::string, std::s
     throw FormatError(path, "metadata streamdiffusion.sample_layout is \"" + layout +
                                 "\", expected channels_last or contiguous");
   info.sample_channels_last = layout == "channels_last";
+  info.rows_min = info.rows_max = info.sample[0];
+  if (auto it = metadata.find(std::string(kPrefix) + "rows"); it != metadata.end()) {
+    // "MIN-MAX" (or "N"), and the example's rows among them.
+    const std::string& r = it->second;
+    const size_t dash = r.find('-');
+    const auto lo = parse_dims(r.substr(0, dash), path, "streamdiffusion.rows");
+    const auto hi = dash == std::string::npos ? lo : parse_dims(r.substr(dash + 1), path, "streamdiffusion.rows");
+    if (lo.size() != 1 || hi.size() != 1 || lo[0] > hi[0] || info.sample[0] < lo[0] || info.sample[0] > hi[0])
+      throw FormatError(path, "metadata streamdiffusion.rows = \"" + r + "\" is not MIN-MAX with MIN <= " +
+                                  std::to_string(info.sample[0]) + " (the sample's rows) <= MAX");
+    info.rows_min = lo[0];
+    info.rows_max = hi[0];
+  }
   info.config_json = get("config");
   info.torch_version = get("torch");
   nlohmann::json w;
@@ -216,15 +229,27 @@ void check_compiled_unet(const CompiledUNetInfo& info, const UNet2DConditionConf
 
 std::string compiled_unet_mismatch(const CompiledUNetInfo& info, const torch::Tensor& sample,
                                    const torch::Tensor& timesteps, const torch::Tensor& encoder_hidden_states) {
-  if (sample.sizes().vec() != info.sample)
-    return "sample " + shape_str(sample.sizes()) + ", compiled for " + dims_str(info.sample);
-  if (encoder_hidden_states.sizes().vec() != info.context)
-    return "encoder_hidden_states " + shape_str(encoder_hidden_states.sizes()) + ", compiled for " +
-           dims_str(info.context);
+  // What it was compiled for, with the rows as a range where they are one ("[1-32, 4, 64, 64]").
+  auto compiled_for = [&](const std::vector<int64_t>& dims) {
+    if (info.rows_min == info.rows_max) return dims_str(dims);
+    std::string s = "[" + std::to_string(info.rows_min) + "-" + std::to_string(info.rows_max);
+    for (size_t i = 1; i < dims.size(); ++i) s += ", " + std::to_string(dims[i]);
+    return s + "]";
+  };
+  const int64_t rows = sample.dim() == 4 ? sample.size(0) : -1;
+  if (rows < info.rows_min || rows > info.rows_max ||
+      !std::equal(info.sample.begin() + 1, info.sample.end(), sample.sizes().begin() + 1))
+    return "sample " + shape_str(sample.sizes()) + ", compiled for " + compiled_for(info.sample);
+  if (encoder_hidden_states.dim() != 3 || encoder_hidden_states.size(0) != rows ||
+      encoder_hidden_states.size(1) != info.context[1] || encoder_hidden_states.size(2) != info.context[2]) {
+    std::vector<int64_t> want = info.context;
+    want[0] = rows;
+    return "encoder_hidden_states " + shape_str(encoder_hidden_states.sizes()) + ", expected " + dims_str(want);
+  }
   if (sample.scalar_type() != info.dtype || encoder_hidden_states.scalar_type() != info.dtype)
     return "inputs in " + dtype_name(sample.scalar_type()) + ", compiled for " + dtype_name(info.dtype);
-  if (timesteps.numel() != info.sample[0] && timesteps.numel() != 1)
-    return "timesteps " + shape_str(timesteps.sizes()) + " for " + std::to_string(info.sample[0]) + " rows";
+  if (timesteps.numel() != rows && timesteps.numel() != 1)
+    return "timesteps " + shape_str(timesteps.sizes()) + " for " + std::to_string(rows) + " rows";
   return "";
 }
 
@@ -306,7 +331,7 @@ torch::Tensor CompiledUNet::run(const torch::Tensor& sample, const torch::Tensor
                                 const torch::Tensor& encoder_hidden_states) const {
   if (const std::string why = mismatch(sample, timesteps, encoder_hidden_states); !why.empty())
     throw InvalidArgument("compiled UNet " + path_ + ": " + why);
-  const int64_t rows = info_.sample[0];
+  const int64_t rows = sample.size(0);
   std::vector<at::Tensor> in{
       sample.to(device_).contiguous(info_.sample_channels_last ? at::MemoryFormat::ChannelsLast
                                                                : at::MemoryFormat::Contiguous),

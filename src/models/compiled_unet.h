@@ -1,8 +1,9 @@
 #pragma once
 // A UNet compiled ahead of time by PyTorch's AOTInductor (scripts/compile-unet.py): Inductor's fused kernels for one
-// fixed call shape, in a package (.pt2) that libtorch >= 2.11 loads from C++. It replaces the engine's UNet for the
-// calls of exactly that shape (LoadOptions::compiled_unet, `--compiled-unet FILE`); the engine's own UNet runs every
-// other call.
+// call shape, in a package (.pt2) that libtorch >= 2.11 loads from C++. The row count is fixed or a range (a dynamic
+// size: one package for serve's batched streams, whose rows vary with the clients waiting). It replaces the engine's
+// UNet for the calls of that shape (LoadOptions::compiled_unet, `--compiled-unet FILE`); the engine's own UNet runs
+// every other call.
 //
 // The package holds code only. Its weights are the engine's: at load, and again whenever the UNet's weights are
 // replaced (a LoRA re-fused), each of the loaded UNet's tensors is handed to it under its name (diffusers' state-dict
@@ -31,9 +32,11 @@ struct UNet2DConditionConfig;
 struct CompiledUNetInfo {
   std::string device;                  // "cpu" / "cuda"
   c10::ScalarType dtype = c10::kFloat;
-  std::vector<int64_t> sample;         // [rows, C, h, w]
+  std::vector<int64_t> sample;         // [rows, C, h, w] of the example it was compiled with
   bool sample_channels_last = false;   // the layout the compiled code reads its sample in
   std::vector<int64_t> context;        // [rows, tokens, D]
+  // The row counts it takes (streamdiffusion.rows "MIN-MAX"; packages without it: sample[0] only).
+  int64_t rows_min = 1, rows_max = 1;
   struct Weight {
     std::vector<int64_t> shape, strides;
     c10::ScalarType dtype = c10::kFloat;
@@ -53,8 +56,8 @@ void check_compiled_unet(const CompiledUNetInfo& info, const UNet2DConditionConf
                          const std::vector<std::pair<std::string, torch::Tensor>>& weights, c10::Device device,
                          c10::ScalarType dtype, const std::string& path);
 
-// Why a call's inputs do not fit the package ("" when they do): sample [rows, C, h, w] in the dtype on the device,
-// timesteps [rows], encoder_hidden_states [rows, tokens, D].
+// Why a call's inputs do not fit the package ("" when they do): sample [rows, C, h, w] in the dtype on the device with
+// rows in [rows_min, rows_max], timesteps [rows] (or one for all), encoder_hidden_states [rows, tokens, D].
 std::string compiled_unet_mismatch(const CompiledUNetInfo& info, const torch::Tensor& sample,
                                    const torch::Tensor& timesteps, const torch::Tensor& encoder_hidden_states);
 

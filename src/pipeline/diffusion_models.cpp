@@ -135,8 +135,11 @@ class StableDiffusionModels : public DiffusionModels {
     const auto t0 = std::chrono::steady_clock::now();
     compiled_ = CompiledUNet::load(path, *unet_, device_, dtype_);
     const auto& i = compiled_->info();
-    log::info("compiled UNet {}: sample {}, context {}, {} weights handed over in {:.2f} s", path,
-              shape_str(at::IntArrayRef(i.sample)), shape_str(at::IntArrayRef(i.context)), i.weights.size(),
+    log::info("compiled UNet {}: sample {} ({} rows), context {}, {} weights handed over in {:.2f} s", path,
+              shape_str(at::IntArrayRef(i.sample)),
+              i.rows_min == i.rows_max ? std::to_string(i.rows_min)
+                                       : std::to_string(i.rows_min) + "-" + std::to_string(i.rows_max),
+              shape_str(at::IntArrayRef(i.context)), i.weights.size(),
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
 

@@ -200,9 +200,9 @@ struct LoadOptions {
   // (sd::int8::unavailable_reason()).
   bool int8 = false;
   // A UNet compiled by scripts/compile-unet.py (AOTInductor, libtorch >= 2.11; models/compiled_unet.h): it runs the
-  // UNet calls of the shape it was compiled for, with this model set's weights; the model's own UNet runs the others
-  // and those with ControlNet residuals. Not with int8, an IP-Adapter, SDXL or an LCM guidance embedding
-  // (InvalidArgument); a package for another UNet, device, dtype or torch: FormatError naming the difference.
+  // UNet calls of the shape it was compiled for (its rows fixed or a range: serve's batched streams), with this model
+  // set's weights; the model's own UNet runs the others and those with ControlNet residuals. Not with int8, an
+  // IP-Adapter, SDXL, an LCM guidance embedding (InvalidArgument); another UNet, device, dtype, torch: FormatError.
   std::string compiled_unet;
 };
 

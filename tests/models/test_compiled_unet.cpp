@@ -180,14 +180,60 @@ TEST_F(CompiledUNetChecks, CallsOfAnotherShapeOrDtypeAreNamed) {
   EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({2, 4, 8, 8}), t, torch::zeros({2, 77, ctx})),
             "sample [2, 4, 8, 8], compiled for [1, 4, 8, 8]");
   EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({1, 4, 8, 8}), t, torch::zeros({1, 81, ctx})),
-            "encoder_hidden_states [1, 81, " + std::to_string(ctx) + "], compiled for [1, 77, " +
-                std::to_string(ctx) + "]");
+            "encoder_hidden_states [1, 81, " + std::to_string(ctx) + "], expected [1, 77, " + std::to_string(ctx) +
+                "]");
+  EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({1, 4, 16, 8}), t, torch::zeros({1, 77, ctx})),
+            "sample [1, 4, 16, 8], compiled for [1, 4, 8, 8]");
+  EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({4, 8, 8}), t, torch::zeros({1, 77, ctx})),
+            "sample [4, 8, 8], compiled for [1, 4, 8, 8]");
   EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({1, 4, 8, 8}, torch::kBFloat16), t,
                                        torch::zeros({1, 77, ctx}, torch::kBFloat16)),
             "inputs in bf16, compiled for fp32");
   EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({1, 4, 8, 8}), torch::tensor({1, 2, 3}),
                                        torch::zeros({1, 77, ctx})),
             "timesteps [3] for 1 rows");
+}
+
+// A package compiled with --rows MIN-MAX takes every call with a row count in the range, and says which it takes.
+TEST_F(CompiledUNetChecks, ARowRangeTakesEveryRowCountInIt) {
+  auto m = meta_;
+  m["streamdiffusion.sample"] = "2,4,8,8";
+  const int64_t ctx = unet_->config().cross_attention_dim.front();
+  m["streamdiffusion.context"] = "2,77," + std::to_string(ctx);
+  m["streamdiffusion.rows"] = "1-32";
+  ASSERT_EQ(check(m), "");
+  const auto info = sd::parse_compiled_unet_metadata(m, "pkg.pt2");
+  EXPECT_EQ(info.rows_min, 1);
+  EXPECT_EQ(info.rows_max, 32);
+  for (int64_t rows : {1, 2, 17, 32}) {
+    EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({rows, 4, 8, 8}), torch::full({rows}, 500, torch::kLong),
+                                         torch::zeros({rows, 77, ctx})),
+              "")
+        << rows;
+    EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({rows, 4, 8, 8}), torch::tensor({500}, torch::kLong),
+                                         torch::zeros({rows, 77, ctx})),
+              "")
+        << rows << " rows, one timestep for all";
+  }
+  EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({33, 4, 8, 8}), torch::tensor({500}),
+                                       torch::zeros({33, 77, ctx})),
+            "sample [33, 4, 8, 8], compiled for [1-32, 4, 8, 8]");
+  EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({3, 4, 8, 8}), torch::tensor({500}),
+                                       torch::zeros({2, 77, ctx})),
+            "encoder_hidden_states [2, 77, " + std::to_string(ctx) + "], expected [3, 77, " + std::to_string(ctx) +
+                "]");
+  EXPECT_EQ(sd::compiled_unet_mismatch(info, torch::zeros({3, 4, 8, 8}), torch::tensor({1, 2}),
+                                       torch::zeros({3, 77, ctx})),
+            "timesteps [2] for 3 rows");
+  // Without the entry (packages of fixed rows made before it): the sample's rows only.
+  const auto fixed = sd::parse_compiled_unet_metadata(meta_, "pkg.pt2");
+  EXPECT_EQ(fixed.rows_min, 1);
+  EXPECT_EQ(fixed.rows_max, 1);
+  // A range that is not one, or that leaves out the example the package was compiled with.
+  for (const char* bad : {"4-2", "x-3", "1-", "3-8", "0-4"}) {
+    m["streamdiffusion.rows"] = bad;
+    EXPECT_NE(check(m).find("streamdiffusion.rows"), std::string::npos) << bad << ": " << check(m);
+  }
 }
 
 TEST_F(CompiledUNetChecks, LoadSaysWhatIsMissing) {
@@ -259,6 +305,41 @@ TEST_F(CompiledUNetChecks, PackageComputesTheUNetWithTheEnginesWeights) {
   EXPECT_GT((ref2 - ref).abs().max().item<double>(), 1e-3 * scale);  // the change shows
   const auto out2 = c->run(x, t, e);
   EXPECT_TRUE(torch::allclose(out2, ref2, 1e-5, 1e-4)) << "max |diff| " << (out2 - ref2).abs().max().item<double>();
+}
+
+// A package of a row range: SD_COMPILED_UNET_ROWS = scripts/compile-unet.py <fixtures>/models/tiny-sd21 --device cpu
+// --dtype fp32 --width 64 --height 64 --rows 1-4. Each row count in the range computes what the engine's UNet does,
+// row for row (each row its own timestep), and a count outside it is refused before the package runs.
+TEST_F(CompiledUNetChecks, PackageOfARowRangeComputesEveryRowCount) {
+  const char* path = std::getenv("SD_COMPILED_UNET_ROWS");
+  if (!sd::compiled_unet_available()) GTEST_SKIP() << sd::compiled_unet_unavailable_reason();
+  if (!path || !*path)
+    GTEST_SKIP() << "SD_COMPILED_UNET_ROWS not set (scripts/test-libtorch2.sh makes one with SD_COMPILE_PYTHON)";
+  torch::NoGradGuard ng;
+  auto own = sd::load_unet(dir_);
+  auto c = sd::CompiledUNet::load(path, *unet_, torch::kCPU, c10::kFloat);
+  ASSERT_EQ(c->info().rows_min, 1);
+  ASSERT_EQ(c->info().rows_max, 4);
+  const int64_t ctx = unet_->config().cross_attention_dim.front();
+  torch::manual_seed(5);
+  for (int64_t rows : {1, 2, 3, 4}) {
+    const auto x = torch::randn({rows, 4, 8, 8});
+    const auto t = torch::arange(rows, torch::kLong) * 250 + 100;  // 100, 350, 600, 850
+    const auto e = torch::randn({rows, 77, ctx});
+    const auto ref = own->forward(x, t, e);
+    const auto out = c->run(x, t, e);
+    ASSERT_EQ(out.sizes(), ref.sizes()) << rows;
+    // The module tolerance of the goldens (1e-4 abs + 1e-5 rel), as for a package of fixed rows.
+    EXPECT_TRUE(torch::allclose(out, ref, 1e-5, 1e-4))
+        << rows << " rows: max |diff| " << (out - ref).abs().max().item<double>();
+  }
+  try {
+    c->run(torch::randn({5, 4, 8, 8}), torch::tensor({500}), torch::randn({5, 77, ctx}));
+    FAIL() << "5 rows ran";
+  } catch (const sd::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("sample [5, 4, 8, 8], compiled for [1-4, 4, 8, 8]"), std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace

@@ -33,9 +33,12 @@ def e2e_row(mode, fps, graphs, pipelined=None, on_device=False, compiled=False):
     return {"section": "e2e", "name": mode, "variant": variant, "fps": fps, "extra": extra}
 
 
-def ms_rows(k, one, batched):
-    return [{"section": "multistream", "name": "one-by-one", "extra": {"streams": k, "fps_total": one}},
-            {"section": "multistream", "name": "batched", "extra": {"streams": k, "fps_total": batched}}]
+def ms_rows(k, one, batched, compiled=False):
+    variant = f"k={k} ae=taesd cfg=self t=32,45" + (" unet=compiled" if compiled else "")
+    return [{"section": "multistream", "name": "one-by-one", "variant": variant,
+             "extra": {"streams": k, "fps_total": one}},
+            {"section": "multistream", "name": "batched", "variant": variant,
+             "extra": {"streams": k, "fps_total": batched}}]
 
 
 def write(folder, name, obj):
@@ -46,11 +49,13 @@ def write(folder, name, obj):
 class MadeUpGpuRun(unittest.TestCase):
     def test_the_compiled_unet_rows_count_and_are_named(self):
         with tempfile.TemporaryDirectory() as d:
-            write(d, "bench-fp16.json", {"device": "cuda", "results": [
+            write(d, "bench-fp16.json", {"device": "cuda", "loads": [{"dtype": "fp16", "device_mib": 2600.0}],
+                                         "results": [
                 e2e_row("img2img", 90.0, True, 95.0), e2e_row("img2img", 30.0, False),
                 e2e_row("img2img", 92.0, True, 97.0, on_device=True)]})
             # bench --compiled-unet: the own UNet's rows of the same run, and the compiled ones.
-            write(d, "bench-compiled-fp16.json", {"device": "cuda", "results": [
+            write(d, "bench-compiled-fp16.json", {"device": "cuda", "loads": [{"dtype": "fp16", "device_mib": 3800.0}],
+                                                  "results": [
                 e2e_row("img2img", 88.0, True), e2e_row("img2img", 155.0, True, 170.0, compiled=True),
                 e2e_row("img2img", 158.0, True, on_device=True, compiled=True)],
                 "checks": [{"what": "compiled UNet vs the model's own UNet, one call, fp16 512 px",
@@ -62,6 +67,7 @@ class MadeUpGpuRun(unittest.TestCase):
                           "frame -> MET (compiled UNet, host frame, per frame)", out)
             self.assertIn("compiled vs own UNet, same run: img2img 155.0 / 88.0 fps = x1.76", out)
             self.assertIn("max |diff| 0.004 of 3.5", out)
+            self.assertIn("device memory after load: 3800 MiB with the compiled UNet, 2600 MiB without (+1200)", out)
             self.assertIn("goal 2 img2img >= 1.5x the original: 90.0 / 50.0 fps = x1.80 -> MET", out)
             self.assertIn("compiled UNet: 155.0 / 50.0 fps = x3.10", out)
             # Without the compiled run the own rows decide (and nothing about a compiled UNet is printed).
@@ -69,6 +75,29 @@ class MadeUpGpuRun(unittest.TestCase):
             out = goals(d, "fp16")
             self.assertIn("-> NOT MET", out.splitlines()[1])
             self.assertNotIn("compiled", out)
+
+    def test_the_compiled_multistream_rows_count_for_goal_3(self):
+        with tempfile.TemporaryDirectory() as d:
+            write(d, "multistream.json", {"results": ms_rows(1, 58.0, 57.4) + ms_rows(16, 58.0, 97.7)})
+            # Step 4b: the own UNet's table and the compiled one (a row range) of the same run.
+            write(d, "multistream-compiled.json", {"results": ms_rows(1, 60.0, 60.0) + ms_rows(16, 60.0, 100.0)
+                                                   + ms_rows(1, 90.0, 90.0, True) + ms_rows(16, 90.0, 400.0, True)})
+            out = goals(d, "fp16")
+            self.assertIn("goal 3 16 batched streams >= 4x one by one: 97.7 / 58.0 fps total = x1.68; compiled UNet "
+                          "400.0 / 90.0 fps total = x4.44 -> MET", out)
+            self.assertIn("     by K: 1: x0.99, 16: x1.68", out)
+            self.assertIn("     compiled UNet by K: 1: x1.00, 16: x4.44", out)
+            self.assertIn("16 streams batched, compiled vs own UNet, same run: 400.0 / 100.0 fps = x4.00", out)
+            # Compiled rows below the goal: not met by either.
+            write(d, "multistream-compiled.json", {"results": ms_rows(16, 60.0, 100.0)
+                                                   + ms_rows(16, 90.0, 200.0, True)})
+            out = goals(d, "fp16")
+            self.assertIn("compiled UNet 200.0 / 90.0 fps total = x2.22 -> NOT MET", out)
+            # Only the compiled file: goal 3 is still read.
+            os.remove(os.path.join(d, "multistream.json"))
+            out = goals(d, "fp16")
+            self.assertIn("goal 3 16 batched streams >= 4x one by one: compiled UNet 200.0 / 90.0 fps total = x2.22 "
+                          "-> NOT MET", out)
 
     def test_goals_met(self):
         with tempfile.TemporaryDirectory() as d:
