@@ -400,19 +400,7 @@ class Bench {
           multistream_rows(m, dt, size, ae);
           // --compiled-unet: the same table with the package running the UNet calls it fits (a row range, --rows
           // MIN-MAX, fits the one-by-one and the batched calls alike), after the model's own.
-          if (!m->compiled_unet_stats().path.empty()) {
-            m->set_compiled_unet_enabled(true);
-            compiled_ = true;
-            try {
-              multistream_rows(m, dt, size, ae);
-            } catch (...) {
-              compiled_ = false;
-              m->set_compiled_unet_enabled(false);
-              throw;
-            }
-            compiled_ = false;
-            m->set_compiled_unet_enabled(false);
-          }
+          if (!m->compiled_unet_stats().path.empty()) with_compiled_unet(m, [&] { multistream_rows(m, dt, size, ae); });
         }
         if (want("profile")) {
           profile_rows(m, dt, size, ae);
@@ -710,24 +698,31 @@ class Bench {
     return add(id, r);
   }
 
+  // Runs `rows` with the compiled UNet on (their variants " unet=compiled"); off again afterwards, also on a throw.
+  void with_compiled_unet(const std::shared_ptr<const sd::DiffusionModels>& m, const std::function<void()>& rows) {
+    struct Off {
+      const sd::DiffusionModels& m;
+      bool& flag;
+      ~Off() {
+        flag = false;
+        m.set_compiled_unet_enabled(false);
+      }
+    } off{*m, compiled_};
+    m->set_compiled_unet_enabled(true);
+    compiled_ = true;
+    rows();
+  }
+
   // --compiled-unet: the e2e rows again with the compiled UNet on (variant " unet=compiled"), beside the rows above
   // that ran the model's own UNet, and one UNet call of the package's shape both ways: how far apart they are.
   void compiled_rows(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
                      const std::string& ae) {
-    m->set_compiled_unet_enabled(true);
-    compiled_ = true;
-    try {
+    with_compiled_unet(m, [&] {
       stream_row(m, "e2e", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true);
       stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true);
       if (device_.is_cuda() || o_.frame_on_device)
         stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true, 1, /*frame_on_device=*/true);
-    } catch (...) {
-      compiled_ = false;
-      m->set_compiled_unet_enabled(false);
-      throw;
-    }
-    compiled_ = false;
-    m->set_compiled_unet_enabled(false);
+    });
     const auto* cfg = m->unet_config();
     const std::string id = "compiled_check/" + sd::dtype_name(dt) + "/" + std::to_string(size);
     if (!cfg || checks_.count(id)) return;
