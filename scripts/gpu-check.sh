@@ -280,6 +280,8 @@ if [ -f "$COMPILED_MS" ] && [ $CAN_COMPILE = 1 ] && grep -q -- "--streams" <<<"$
   step "multistream-compiled-${DTYPES[0]}" "$CLI" "${MSC[@]}" --dtypes "${DTYPES[0]}" --compiled-unet "$COMPILED_MS" \
     --json "$OUT/multistream-compiled.json" || true
   grep -hE "streams|compiled UNet vs" "$OUT/multistream-compiled-${DTYPES[0]}.log" | sed "s/^/  /" >> "$SUMMARY"
+elif [ $CAN_COMPILE = 1 ]; then
+  log "SKIP multistream-compiled (no row-range package: see compile-unet-rows.log, or the budget was spent)"
 fi
 
 # 5c. what PyTorch's compiler (Inductor) would add to a graphed frame, before anyone builds it into the engine
