@@ -291,6 +291,14 @@ std::string render_metrics(ServerContext& ctx) {
         static_cast<double>(api.value("images", int64_t{0})));
   m.one("sd_api_rejected_busy_total", "counter", "API image requests refused with 503 (--max-api-pending).",
         static_cast<double>(api.value("rejected_busy", int64_t{0})));
+  if (ctx.models)
+    if (const auto c = ctx.models->compiled_unet_stats(); !c.path.empty()) {
+      m.family("sd_unet_calls_total", "counter",
+               "UNet calls with a compiled UNet loaded (--compiled-unet), by the UNet that ran them: compiled (the "
+               "package) or own (a call the package does not take; /api/stats says the last reason).");
+      m.sample("sd_unet_calls_total", static_cast<double>(c.calls), "unet=\"compiled\"");
+      m.sample("sd_unet_calls_total", static_cast<double>(c.fallbacks), "unet=\"own\"");
+    }
   const double rss_mb = resident_memory_mb();
   if (rss_mb >= 0)
     m.one("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss_mb * 1024.0 * 1024.0);

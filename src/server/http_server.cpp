@@ -352,7 +352,7 @@ nlohmann::json Server::stats() const {
     if (!j.is_null()) streams.push_back(std::move(j));
   }
   const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - ctx_->t_start).count();
-  return {{"uptime_s", up},
+  nlohmann::json out = {{"uptime_s", up},
           {"worker_id", ctx_->worker_id},
           {"draining", ctx_->draining.load()},
           {"rejected_draining", ctx_->rejected_draining.load()},
@@ -367,6 +367,13 @@ nlohmann::json Server::stats() const {
           {"worker", ctx_->worker.stats()},
           {"rss_mb", resident_memory_mb()},
           {"clients", streams}};
+  // --compiled-unet: how many UNet calls the package ran, and how many the model's own UNet ran instead (a shape it
+  // does not take, e.g. more batched rows than its range; ControlNet residuals) with the last reason.
+  if (ctx_->models)
+    if (const auto c = ctx_->models->compiled_unet_stats(); !c.path.empty())
+      out["compiled_unet"] = {
+          {"file", c.path}, {"calls", c.calls}, {"fallbacks", c.fallbacks}, {"last_fallback", c.last_fallback}};
+  return out;
 }
 
 }  // namespace sd::server

@@ -11,6 +11,7 @@
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "pipeline/diffusion_models.h"
+#include "pipeline/stream_test_stubs.h"
 #include "prometheus_text.h"
 #include "server/fleet.h"
 #include "server/http_server.h"
@@ -47,13 +48,14 @@ class FleetServerTest : public ::testing::Test {
   void TearDown() override {
     if (server_) server_->stop();
   }
-  void start(const std::string& worker_id, int max_streams = 4) {
+  void start(const std::string& worker_id, int max_streams = 4,
+             std::shared_ptr<const sd::DiffusionModels> models = nullptr) {
     ServerOptions o;
     o.host = "127.0.0.1";
     o.port = 0;
     o.worker_id = worker_id;
     o.max_streams = max_streams;
-    server_ = std::make_unique<Server>(fleet_model(), sd::test::tiny_stream_defaults(kSize), o);
+    server_ = std::make_unique<Server>(models ? models : fleet_model(), sd::test::tiny_stream_defaults(kSize), o);
     server_->start();
     port_ = server_->port();
   }
@@ -257,6 +259,33 @@ TEST_F(FleetServerTest, ForgedStreamIdsAreRefusedAndTheServerGoesOn) {
   const auto stats = http_get(port_, "/api/stats").json();
   EXPECT_EQ(stats["rejected_stream_id"], 3);
   EXPECT_EQ(metrics().value("sd_streams_rejected_total", {{"reason", "stream_id"}}), 3);
+}
+
+// Models that report a compiled UNet (--compiled-unet) and its counts, as DiffusionModels keeps them.
+class CompiledUNetStub : public sd::test::StubModels {
+ public:
+  CompiledUNetStats compiled_unet_stats() const override {
+    return {"/models/unet-rows-1-16.pt2", 41, 3, "sample [18, 4, 8, 8], compiled for [1-16, 4, 8, 8]"};
+  }
+};
+
+// With a compiled UNet, /api/stats and /metrics say how many UNet calls it ran and how many the model's own UNet ran
+// instead (with the last reason: e.g. more batched rows than its range); without one, neither mentions it.
+TEST_F(FleetServerTest, CompiledUNetCallsAreInStatsAndMetrics) {
+  start("w-own");
+  EXPECT_FALSE(http_get(port_, "/api/stats").json().contains("compiled_unet"));
+  EXPECT_FALSE(metrics().has("sd_unet_calls_total", {{"unet", "compiled"}}));
+  server_->stop();
+  start("w-compiled", 4, std::make_shared<CompiledUNetStub>());
+  const auto c = http_get(port_, "/api/stats").json().at("compiled_unet");
+  EXPECT_EQ(c["file"], "/models/unet-rows-1-16.pt2");
+  EXPECT_EQ(c["calls"], 41);
+  EXPECT_EQ(c["fallbacks"], 3);
+  EXPECT_EQ(c["last_fallback"], "sample [18, 4, 8, 8], compiled for [1-16, 4, 8, 8]");
+  const PromText m = metrics();
+  EXPECT_EQ(m.type("sd_unet_calls_total"), "counter");
+  EXPECT_EQ(m.value("sd_unet_calls_total", {{"unet", "compiled"}}), 41);
+  EXPECT_EQ(m.value("sd_unet_calls_total", {{"unet", "own"}}), 3);
 }
 
 // /metrics parses as Prometheus text, and its counters are what the clients counted and what the page's stats
