@@ -75,6 +75,18 @@ EOF
     { cat "$BUILD_DIR/compiled-other.log"; exit 1; }
   grep -q "not used for a call (sample \[" "$BUILD_DIR/compiled-other.log" ||
     { echo "no fallback line"; cat "$BUILD_DIR/compiled-other.log"; exit 1; }
+  echo "== libtorch 2: info --compiled-unet: what a package was made for, and whether it fits a model"
+  "$BUILD_DIR/apps/streamdiffusion" info --compiled-unet "$SD_COMPILED_UNET_ROWS" --model "$SD_FIXTURES/models/tiny-sd21" \
+    > "$BUILD_DIR/info-compiled.log" 2>&1 || { cat "$BUILD_DIR/info-compiled.log"; exit 1; }
+  grep -q "sample \[1-4, 4, 8, 8\] (rows 1 to 4 per call)" "$BUILD_DIR/info-compiled.log" &&
+    grep -q "fits .*tiny-sd21: loaded with it" "$BUILD_DIR/info-compiled.log" ||
+    { echo "info --compiled-unet said:"; cat "$BUILD_DIR/info-compiled.log"; exit 1; }
+  # Another model (tiny-sd15's UNet config differs): refused, naming the difference.
+  if "$BUILD_DIR/apps/streamdiffusion" info --compiled-unet "$SD_COMPILED_UNET_ROWS" \
+      --model "$SD_FIXTURES/models/tiny-sd15" > "$BUILD_DIR/info-compiled-other.log" 2>&1 ||
+      ! grep -q "compiled from another UNet config" "$BUILD_DIR/info-compiled-other.log"; then
+    echo "info --compiled-unet with another model:"; cat "$BUILD_DIR/info-compiled-other.log"; exit 1
+  fi
   echo "== libtorch 2: many streams, one by one and batched, through a package of a row range (1-4 rows)"
   "$BUILD_DIR/apps/streamdiffusion" bench --model "$SD_FIXTURES/models/tiny-sd21" --sizes 64 --frames 2 --warmup 0 \
     --sections multistream --streams 1,2 --dtypes fp32 --compiled-unet "$SD_COMPILED_UNET_ROWS" \

@@ -2,6 +2,8 @@
 // weights (headers only), and the defaults a stream on it uses.
 // `streamdiffusion info --model DIR --lora FILE`: which keys of the LoRA patch which modules of that model (the
 // model is loaded and the LoRA matched as --lora would; nothing is written).
+// `streamdiffusion info --compiled-unet FILE [--model DIR]`: what a compiled UNet package was made for (its
+// metadata); with --model, whether it fits that model (loaded with it, as --compiled-unet loads it).
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -23,6 +25,7 @@
 #include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
+#include "models/compiled_unet.h"
 #include "models/unet_2d_condition.h"
 #include "core/log.h"
 #include "pipeline/diffusion_models.h"
@@ -395,6 +398,60 @@ int lora_info(const std::string& model, const ComponentArgs& c, const std::vecto
   return 0;
 }
 
+// info --compiled-unet: the package's metadata; with a model, the package loaded with it (every load check, the
+// weights handed over, one call) on the package's device and dtype.
+int compiled_unet_info(const std::string& path, const std::string* model, bool as_json) {
+  const sd::CompiledUNetInfo i = sd::read_compiled_unet_info(path);
+  auto dims = [&](const std::vector<int64_t>& d) {
+    std::string s = "[" + (i.rows_min == i.rows_max ? std::to_string(d[0])
+                                                    : std::to_string(i.rows_min) + "-" + std::to_string(i.rows_max));
+    for (size_t k = 1; k < d.size(); ++k) s += ", " + std::to_string(d[k]);
+    return s + "]";
+  };
+  nlohmann::json j = {{"file", path},
+                      {"device", i.device},
+                      {"dtype", sd::dtype_name(i.dtype)},
+                      {"sample", dims(i.sample)},
+                      {"rows", {i.rows_min, i.rows_max}},
+                      {"sample_layout", i.sample_channels_last ? "channels_last" : "contiguous"},
+                      {"context", dims(i.context)},
+                      {"torch", i.torch_version},
+                      {"mode", i.mode},
+                      {"weights", i.weights.size()}};
+  nlohmann::json cfg = nlohmann::json::parse(i.config_json, nullptr, /*allow_exceptions=*/false);
+  nlohmann::json brief = nlohmann::json::object();
+  if (cfg.is_object())
+    for (const auto& k : brief_fields().at("unet"))
+      if (cfg.contains(k) && !cfg[k].is_null()) brief[k] = cfg[k];
+  j["unet"] = brief;
+  if (model) {
+    sd::LoadOptions lo;
+    lo.device = i.device;
+    lo.dtype = i.dtype;
+    lo.threads = -1;
+    lo.compiled_unet = path;
+    const auto m = sd::load_pipeline(*model, lo);  // a package that does not fit: the loader's error, naming it
+    j["model"] = *model;
+    j["fits"] = true;
+    j["loaded"] = m->describe();
+  }
+  if (as_json) {
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  std::cout << path << ": compiled UNet (AOTInductor) for " << i.device << " " << sd::dtype_name(i.dtype)
+            << ", PyTorch " << i.torch_version << (i.mode.empty() ? "" : ", mode " + i.mode) << "\n"
+            << "  sample " << j["sample"].get<std::string>() << " ("
+            << (i.rows_min == i.rows_max ? std::to_string(i.rows_min) + " rows"
+                                         : "rows " + std::to_string(i.rows_min) + " to " + std::to_string(i.rows_max))
+            << " per call), " << j["sample_layout"].get<std::string>() << "; context "
+            << j["context"].get<std::string>() << "; " << i.weights.size() << " weights, handed over at load\n";
+  for (auto it = brief.begin(); it != brief.end(); ++it)
+    std::cout << "      " << it.key() << " = " << it.value().dump() << "\n";
+  if (model) std::cout << "  fits " << *model << ": loaded with it (" << j["loaded"].get<std::string>() << ")\n";
+  return 0;
+}
+
 sd::cli::Runner setup_info(CLI::App& app) {
   auto model = std::make_shared<std::string>(sd::cli::default_model_dir());
   auto as_json = std::make_shared<bool>(false);
@@ -403,7 +460,8 @@ sd::cli::Runner setup_info(CLI::App& app) {
   auto& pred = comp->pred;
   auto loras = std::make_shared<std::vector<std::string>>();
   auto lcm_lora = std::make_shared<std::string>();
-  app.add_option("--model", *model,
+  auto compiled = std::make_shared<std::string>();
+  CLI::Option* model_opt = app.add_option("--model", *model,
                  "diffusers Stable Diffusion pipeline folder or single-file .safetensors checkpoint (default: the "
                  "built-in emoji model)");
   app.add_option("--config", config, "single files: a diffusers folder of config files to use instead of inference");
@@ -417,7 +475,13 @@ sd::cli::Runner setup_info(CLI::App& app) {
   app.add_option("--vae", comp->vae, "with --lora: an AutoencoderKL from elsewhere (as the loading commands)");
   app.add_option("--taesd", comp->taesd, "with --lora: a TAESD folder or file, or 'none' (as the loading commands)");
   app.add_option("--tokenizer", comp->tokenizer, "with --lora: a CLIP tokenizer folder (as the loading commands)");
-  return [model, as_json, comp, loras, lcm_lora] {
+  app.add_option("--compiled-unet", *compiled,
+                 "a compiled UNet package (scripts/compile-unet.py): what it was made for (device, dtype, sample "
+                 "shape and rows, PyTorch, UNet config); with --model, whether it fits that model (loads it; "
+                 "libtorch >= 2.11 builds)");
+  return [model, as_json, comp, loras, lcm_lora, compiled, model_opt] {
+    if (!compiled->empty())
+      return compiled_unet_info(*compiled, model_opt->count() > 0 ? model.get() : nullptr, *as_json);
     const std::string* config = &comp->config;
     const std::string* pred = &comp->pred;
     if (!config->empty() && sd::is_directory(*model))
@@ -471,7 +535,8 @@ sd::cli::Runner setup_info(CLI::App& app) {
 
 REGISTER_COMMAND("info",
                  "describe a model folder or single file: components, configs, parameter counts, dtypes, native size "
-                 "and the default stream settings; with --lora: the LoRA's matched / unmatched keys",
+                 "and the default stream settings; with --lora: the LoRA's matched / unmatched keys; with "
+                 "--compiled-unet: what a compiled UNet package was made for",
                  5, setup_info);
 
 }  // namespace

@@ -142,6 +142,7 @@ CompiledUNetInfo parse_compiled_unet_metadata(const std::map<std::string, std::s
   }
   info.config_json = get("config");
   info.torch_version = get("torch");
+  if (auto it = metadata.find(std::string(kPrefix) + "mode"); it != metadata.end()) info.mode = it->second;
   nlohmann::json w;
   try {
     w = nlohmann::json::parse(get("weights"));
@@ -280,8 +281,7 @@ struct CompiledUNet::Impl {
   std::mutex mu;
 };
 
-std::unique_ptr<CompiledUNet> CompiledUNet::load(const std::string& path, UNet2DConditionModelImpl& unet,
-                                                 c10::Device device, c10::ScalarType dtype) {
+CompiledUNetInfo read_compiled_unet_info(const std::string& path) {
   if (!std::filesystem::is_regular_file(path)) throw InvalidArgument("compiled UNet " + path + ": no such file");
   std::map<std::string, std::string> metadata;
   try {
@@ -290,7 +290,12 @@ std::unique_ptr<CompiledUNet> CompiledUNet::load(const std::string& path, UNet2D
   } catch (const c10::Error& e) {
     throw FormatError(path, std::string("not an AOTInductor package: ") + e.what_without_backtrace());
   }
-  CompiledUNetInfo info = parse_compiled_unet_metadata(metadata, path);
+  return parse_compiled_unet_metadata(metadata, path);
+}
+
+std::unique_ptr<CompiledUNet> CompiledUNet::load(const std::string& path, UNet2DConditionModelImpl& unet,
+                                                 c10::Device device, c10::ScalarType dtype) {
+  CompiledUNetInfo info = read_compiled_unet_info(path);
   // Checked before the package's code is loaded (a package for another device or torch would fail obscurely there).
   check_compiled_unet(info, unet.config(), plain_weights(unet), device, dtype, path);
   auto impl = std::make_unique<Impl>();
@@ -364,6 +369,10 @@ std::string compiled_unet_unavailable_reason() {
 }
 
 struct CompiledUNet::Impl {};
+
+CompiledUNetInfo read_compiled_unet_info(const std::string& path) {
+  throw InvalidArgument("compiled UNet " + path + ": " + compiled_unet_unavailable_reason());
+}
 
 std::unique_ptr<CompiledUNet> CompiledUNet::load(const std::string& path, UNet2DConditionModelImpl&, c10::Device,
                                                  c10::ScalarType) {

@@ -44,11 +44,16 @@ struct CompiledUNetInfo {
   std::map<std::string, Weight> weights;  // by diffusers key
   std::string config_json;                // the UNet config it was compiled from (diffusers' config dict)
   std::string torch_version;              // of the compiling PyTorch (the engine's must match)
+  std::string mode;                       // Inductor's mode (default / max-autotune); "" if not recorded
 };
 
 // Parses the streamdiffusion.* entries of a package's metadata; FormatError naming `path` and the entry.
 CompiledUNetInfo parse_compiled_unet_metadata(const std::map<std::string, std::string>& metadata,
                                               const std::string& path);
+
+// A package's metadata read from its file (AOTInductor builds; InvalidArgument elsewhere, or for a missing file;
+// FormatError for a file that is not a UNet package of this format), without loading its code.
+CompiledUNetInfo read_compiled_unet_info(const std::string& path);
 
 // The load checks against the loaded UNet (see above), FormatError naming `path`: device type and dtype, the config,
 // then the weights (missing / extra names, shape, dtype, strides; the first few differences are listed).

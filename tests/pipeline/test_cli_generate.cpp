@@ -11,6 +11,7 @@
 #include "core/device.h"
 #include "io/json_config.h"
 #include "io/safetensors.h"
+#include "models/compiled_unet.h"
 #include "pipeline/image.h"
 
 #ifdef SD_TEST_HAVE_OPENCV
@@ -170,6 +171,12 @@ TEST_F(CliGenerate, ClearErrors) {
   r = run("txt2img --model " + model + " --cfg-type sometimes --size 64x64 -o " + q(tmp_ + "/x.png"));
   EXPECT_EQ(r.status, 1) << r.output;
   EXPECT_NE(r.output.find("cfg_type"), std::string::npos) << r.output;
+  // `info --compiled-unet`: a missing package is named (AOTInductor builds); elsewhere the build says what it needs.
+  r = run("info --compiled-unet " + q(tmp_ + "/none.pt2"));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find(tmp_ + "/none.pt2: " + (compiled_unet_available() ? "no such file" : "this build's libtorch")),
+            std::string::npos)
+      << r.output;
 }
 
 // Unset settings come from the model folder's streamdiffusion.json (else its native size / family); flags win.
