@@ -87,6 +87,12 @@ EOF
       ! grep -q "compiled from another UNet config" "$BUILD_DIR/info-compiled-other.log"; then
     echo "info --compiled-unet with another model:"; cat "$BUILD_DIR/info-compiled-other.log"; exit 1
   fi
+  echo "== libtorch 2: stream (txt2img) through the package of a row range: its summary counts the calls"
+  "$BUILD_DIR/apps/streamdiffusion" stream --model "$SD_FIXTURES/models/tiny-sd21" -i none -o none --frames 4 \
+    --size 64x64 --compiled-unet "$SD_COMPILED_UNET_ROWS" > "$BUILD_DIR/stream-compiled.log" 2>&1 ||
+    { cat "$BUILD_DIR/stream-compiled.log"; exit 1; }
+  grep "\[stream\] compiled UNet: [1-9][0-9]* calls, 0 by the model's own UNet" "$BUILD_DIR/stream-compiled.log" ||
+    { echo "no compiled UNet line:"; cat "$BUILD_DIR/stream-compiled.log"; exit 1; }
   echo "== libtorch 2: many streams, one by one and batched, through a package of a row range (1-4 rows)"
   "$BUILD_DIR/apps/streamdiffusion" bench --model "$SD_FIXTURES/models/tiny-sd21" --sizes 64 --frames 2 --warmup 0 \
     --sections multistream --streams 1,2 --dtypes fp32 --compiled-unet "$SD_COMPILED_UNET_ROWS" \

@@ -305,6 +305,10 @@ sd::cli::Runner setup_stream(CLI::App& app) {
                          {"threads", at::get_num_threads()},
                          {"synchronous", o->sync},
                          {"load_s", l.load_s}};
+    // --compiled-unet: did the package run the stream's UNet calls?
+    if (const auto c = l.models->compiled_unet_stats(); !c.path.empty())
+      summary["compiled_unet"] = {
+          {"file", c.path}, {"calls", c.calls}, {"fallbacks", c.fallbacks}, {"last_fallback", c.last_fallback}};
     if (!o->stats_json.empty()) {
       std::ofstream f(o->stats_json);
       if (!f) throw sd::FormatError(o->stats_json, "cannot write the stats summary");
@@ -324,6 +328,11 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     const auto& wd = summary["watchdog"];
     std::fprintf(stderr, "[stream] watchdog: %lld slow frames, longest gap between outputs %.0f ms\n",
                  static_cast<long long>(wd["slow_frames"].get<int64_t>()), wd["max_output_gap_ms"].get<double>());
+    if (const auto c = l.models->compiled_unet_stats(); !c.path.empty()) {
+      std::fprintf(stderr, "[stream] compiled UNet: %lld calls, %lld by the model's own UNet%s%s%s\n",
+                   static_cast<long long>(c.calls), static_cast<long long>(c.fallbacks),
+                   c.fallbacks ? " (last: " : "", c.last_fallback.c_str(), c.fallbacks ? ")" : "");
+    }
     if (const auto& g = summary["thread_governor"]; g.is_object() && g["active"].get<bool>())
       std::fprintf(stderr, "[stream] threads: %d of %d now; cut to 1 thread %lld times under CPU contention (%lld of "
                    "%lld model frames)\n", g["threads"].get<int>(), g["max_threads"].get<int>(),
