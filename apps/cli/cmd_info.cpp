@@ -402,19 +402,13 @@ int lora_info(const std::string& model, const ComponentArgs& c, const std::vecto
 // weights handed over, one call) on the package's device and dtype.
 int compiled_unet_info(const std::string& path, const std::string* model, bool as_json) {
   const sd::CompiledUNetInfo i = sd::read_compiled_unet_info(path);
-  auto dims = [&](const std::vector<int64_t>& d) {
-    std::string s = "[" + (i.rows_min == i.rows_max ? std::to_string(d[0])
-                                                    : std::to_string(i.rows_min) + "-" + std::to_string(i.rows_max));
-    for (size_t k = 1; k < d.size(); ++k) s += ", " + std::to_string(d[k]);
-    return s + "]";
-  };
   nlohmann::json j = {{"file", path},
                       {"device", i.device},
                       {"dtype", sd::dtype_name(i.dtype)},
-                      {"sample", dims(i.sample)},
+                      {"sample", sd::compiled_unet_dims(i, i.sample)},
                       {"rows", {i.rows_min, i.rows_max}},
                       {"sample_layout", i.sample_channels_last ? "channels_last" : "contiguous"},
-                      {"context", dims(i.context)},
+                      {"context", sd::compiled_unet_dims(i, i.context)},
                       {"torch", i.torch_version},
                       {"mode", i.mode},
                       {"weights", i.weights.size()}};
@@ -442,7 +436,7 @@ int compiled_unet_info(const std::string& path, const std::string* model, bool a
   std::cout << path << ": compiled UNet (AOTInductor) for " << i.device << " " << sd::dtype_name(i.dtype)
             << ", PyTorch " << i.torch_version << (i.mode.empty() ? "" : ", mode " + i.mode) << "\n"
             << "  sample " << j["sample"].get<std::string>() << " ("
-            << (i.rows_min == i.rows_max ? std::to_string(i.rows_min) + " rows"
+            << (i.rows_min == i.rows_max ? std::to_string(i.rows_min) + (i.rows_min == 1 ? " row" : " rows")
                                          : "rows " + std::to_string(i.rows_min) + " to " + std::to_string(i.rows_max))
             << " per call), " << j["sample_layout"].get<std::string>() << "; context "
             << j["context"].get<std::string>() << "; " << i.weights.size() << " weights, handed over at load\n";

@@ -222,25 +222,26 @@ void check_compiled_unet(const CompiledUNetInfo& info, const UNet2DConditionConf
     if (!info.weights.count(name)) problems.push_back(name + " (a weight of the loaded UNet) is not in the package");
   if (!problems.empty()) {
     std::string msg = std::to_string(problems.size()) + " weight(s) differ from the loaded UNet's:";
-    for (size_t i = 0; i < problems.size() && i < 5; ++i) msg += " " + problems[i] + (i + 1 < problems.size() ? ";" : "");
+    for (size_t i = 0; i < problems.size() && i < 5; ++i)
+      msg += " " + problems[i] + (i + 1 < problems.size() ? ";" : "");
     if (problems.size() > 5) msg += " ...";
     throw FormatError(path, msg);
   }
 }
 
+std::string compiled_unet_dims(const CompiledUNetInfo& info, const std::vector<int64_t>& dims) {
+  if (info.rows_min == info.rows_max || dims.empty()) return dims_str(dims);
+  std::string s = "[" + std::to_string(info.rows_min) + "-" + std::to_string(info.rows_max);
+  for (size_t i = 1; i < dims.size(); ++i) s += ", " + std::to_string(dims[i]);
+  return s + "]";
+}
+
 std::string compiled_unet_mismatch(const CompiledUNetInfo& info, const torch::Tensor& sample,
                                    const torch::Tensor& timesteps, const torch::Tensor& encoder_hidden_states) {
-  // What it was compiled for, with the rows as a range where they are one ("[1-32, 4, 64, 64]").
-  auto compiled_for = [&](const std::vector<int64_t>& dims) {
-    if (info.rows_min == info.rows_max) return dims_str(dims);
-    std::string s = "[" + std::to_string(info.rows_min) + "-" + std::to_string(info.rows_max);
-    for (size_t i = 1; i < dims.size(); ++i) s += ", " + std::to_string(dims[i]);
-    return s + "]";
-  };
   const int64_t rows = sample.dim() == 4 ? sample.size(0) : -1;
   if (rows < info.rows_min || rows > info.rows_max ||
       !std::equal(info.sample.begin() + 1, info.sample.end(), sample.sizes().begin() + 1))
-    return "sample " + shape_str(sample.sizes()) + ", compiled for " + compiled_for(info.sample);
+    return "sample " + shape_str(sample.sizes()) + ", compiled for " + compiled_unet_dims(info, info.sample);
   if (encoder_hidden_states.dim() != 3 || encoder_hidden_states.size(0) != rows ||
       encoder_hidden_states.size(1) != info.context[1] || encoder_hidden_states.size(2) != info.context[2]) {
     std::vector<int64_t> want = info.context;
@@ -297,7 +298,8 @@ std::unique_ptr<CompiledUNet> CompiledUNet::load(const std::string& path, UNet2D
                                                  c10::Device device, c10::ScalarType dtype) {
   CompiledUNetInfo info = read_compiled_unet_info(path);
   // Checked before the package's code is loaded (a package for another device or torch would fail obscurely there).
-  check_compiled_unet(info, unet.config(), plain_weights(unet), device, dtype, path);
+  auto weights = plain_weights(unet);
+  check_compiled_unet(info, unet.config(), weights, device, dtype, path);
   auto impl = std::make_unique<Impl>();
   try {
     impl->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
@@ -307,13 +309,17 @@ std::unique_ptr<CompiledUNet> CompiledUNet::load(const std::string& path, UNet2D
     throw FormatError(path, std::string("AOTInductor could not load the package: ") + e.what_without_backtrace());
   }
   std::unique_ptr<CompiledUNet> c(new CompiledUNet(path, std::move(info), unet, device, dtype, std::move(impl)));
-  c->load_weights();
+  c->hand_over(weights);
   return c;
 }
 
 void CompiledUNet::load_weights() {
   auto weights = plain_weights(unet_);
   check_compiled_unet(info_, unet_.config(), weights, device_, dtype_, path_);
+  hand_over(weights);
+}
+
+void CompiledUNet::hand_over(const std::vector<std::pair<std::string, torch::Tensor>>& weights) {
   std::unordered_map<std::string, at::Tensor> constants(weights.begin(), weights.end());
   try {
     // user_managed: the package reads these tensors themselves (no copy); its folded constants are folded again
@@ -379,6 +385,7 @@ std::unique_ptr<CompiledUNet> CompiledUNet::load(const std::string& path, UNet2D
   throw InvalidArgument("compiled UNet " + path + ": " + compiled_unet_unavailable_reason());
 }
 void CompiledUNet::load_weights() {}
+void CompiledUNet::hand_over(const std::vector<std::pair<std::string, torch::Tensor>>&) {}
 torch::Tensor CompiledUNet::run(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&) const {
   throw InvalidArgument(compiled_unet_unavailable_reason());
 }

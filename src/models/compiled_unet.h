@@ -61,6 +61,10 @@ void check_compiled_unet(const CompiledUNetInfo& info, const UNet2DConditionConf
                          const std::vector<std::pair<std::string, torch::Tensor>>& weights, c10::Device device,
                          c10::ScalarType dtype, const std::string& path);
 
+// `dims` (the package's sample or context) with the first dimension written as its row range where it is one:
+// "[1-32, 4, 64, 64]"; "[1, 4, 64, 64]" for a package of fixed rows.
+std::string compiled_unet_dims(const CompiledUNetInfo& info, const std::vector<int64_t>& dims);
+
 // Why a call's inputs do not fit the package ("" when they do): sample [rows, C, h, w] in the dtype on the device with
 // rows in [rows_min, rows_max], timesteps [rows] (or one for all), encoder_hidden_states [rows, tokens, D].
 std::string compiled_unet_mismatch(const CompiledUNetInfo& info, const torch::Tensor& sample,
@@ -94,6 +98,8 @@ class CompiledUNet {
 
  private:
   struct Impl;
+  // Hands these (checked) weights to the package and runs it once, folding its constants from them.
+  void hand_over(const std::vector<std::pair<std::string, torch::Tensor>>& weights);
   CompiledUNet(std::string path, CompiledUNetInfo info, UNet2DConditionModelImpl& unet, c10::Device device,
                c10::ScalarType dtype, std::unique_ptr<Impl> impl);
   std::string path_;
