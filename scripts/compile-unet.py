@@ -49,23 +49,10 @@ def main():
                         "compile)")
     a = p.parse_args()
 
-    import torch
-    import torch._inductor
-
-    sys.modules.setdefault("peft", None)  # diffusers 0.24 without the PEFT backend, as the engine has no PEFT layers
-    import safetensors.torch  # noqa: F401 - diffusers 0.24 calls safetensors.torch without importing it
-    from diffusers import UNet2DConditionModel
-
-    unet_dir = os.path.join(a.model, "unet") if os.path.isdir(os.path.join(a.model, "unet")) else a.model
-    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
-        sys.exit(f"compile-unet: {unet_dir}/config.json not found (expected a diffusers folder with unet/)")
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    if (major, minor) < (2, 11):
-        sys.exit(f"compile-unet: torch {torch.__version__} is older than 2.11, the oldest whose AOTInductor packages the "
-                 "engine loads (load_constants with user-managed weights)")
+    # The arguments first, before torch is imported (seconds), so that a mistake is named at once.
     try:
-        lo, _, hi = a.rows.partition("-")
-        rows_min, rows_max = int(lo), int(hi or lo)
+        lo, dash, hi = a.rows.partition("-")
+        rows_min, rows_max = int(lo), int(hi if dash else lo)  # "4-" is not a range
     except ValueError:
         sys.exit(f"compile-unet: --rows {a.rows!r} is not N or MIN-MAX (e.g. 1 or 1-32)")
     if a.width % 8 or a.height % 8 or rows_min < 1 or rows_max < rows_min:
@@ -73,6 +60,21 @@ def main():
                  "MAX)")
     # The example inputs' row count. A dynamic one must not be 1: torch.export specialises sizes 0 and 1.
     rows = rows_min if rows_min == rows_max else max(rows_min, 2)
+    unet_dir = os.path.join(a.model, "unet") if os.path.isdir(os.path.join(a.model, "unet")) else a.model
+    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
+        sys.exit(f"compile-unet: {unet_dir}/config.json not found (expected a diffusers folder with unet/)")
+
+    import torch
+    import torch._inductor
+
+    sys.modules.setdefault("peft", None)  # diffusers 0.24 without the PEFT backend, as the engine has no PEFT layers
+    import safetensors.torch  # noqa: F401 - diffusers 0.24 calls safetensors.torch without importing it
+    from diffusers import UNet2DConditionModel
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 11):
+        sys.exit(f"compile-unet: torch {torch.__version__} is older than 2.11, the oldest whose AOTInductor packages the "
+                 "engine loads (load_constants with user-managed weights)")
     dtype = getattr(torch, DTYPES[a.dtype])
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
