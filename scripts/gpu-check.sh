@@ -13,7 +13,8 @@
 #      tests/pipeline/test_cuda_graphs.cpp: 1e-2 (fp16) / 1e-4 (fp32) of the range), the image up/downloads and
 #      the side-stream work (similarity filter, complete inputs: tests/pipeline/test_side_stream.cpp);
 #   3. makes a random sd-turbo model (fp16 weights) and runs the 512 px, 1-step txt2img and img2img benchmark in fp16
-#      (CUDA graphs on, and off as extra rows; img2img also with the frame already on the GPU, the runtime's case), with
+#      (CUDA graphs on, and off as extra rows; img2img also with the frame already on the GPU, the runtime's case; TAESD
+#      with its cuDNN-fused convolution + ReLU off as extra rows, components and e2e), with
 #      the per-component rows; each e2e row also times its frames queued back to back (one synchronisation: a
 #      runtime's throughput, and whether the host is the limit);
 #   3a. the UNet compiled on the host by AOTInductor (scripts/compile-unet.py, diffusers 0.24 from the peer's wheels)
@@ -122,7 +123,7 @@ for dt in "${DTYPES[@]}"; do
     --gtest_filter='*DeviceGolden*' || true
   grep -h "\[close\]" "$OUT/golden-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
   SD_TEST_DEVICE=$DEVICE SD_TEST_DTYPE=$dt step "graphs-$DEVICE-$dt" "$BUILD_DIR/tests/test_device" \
-    --gtest_filter='GraphCache*:*StreamGraphs*:Image.*:SideStream*:BenchKernel*' || true
+    --gtest_filter='GraphCache*:*StreamGraphs*:Image.*:SideStream*:BenchKernel*:FusedConv*' || true
   grep -hE "\[graphs\]|PASSED|FAILED" "$OUT/graphs-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
 done
 
@@ -150,7 +151,8 @@ else
 fi
 bench_rows() {  # dtype
   step "bench-$1" "$CLI" "${BENCH[@]}" --dtypes "$1" --json "$OUT/bench-$1.json" || true
-  grep -hE "^(components|e2e|batch) |graphs on vs off|back to back" "$OUT/bench-$1.log" | sed "s/^/  /" >> "$SUMMARY"
+  grep -hE "^(components|e2e|batch) |graphs on vs off|fused convolution|back to back" "$OUT/bench-$1.log" |
+    sed "s/^/  /" >> "$SUMMARY"
 }
 # 3a (started here, in the background). The UNet compiled by AOTInductor on this host (scripts/compile-unet.py: the
 # host's torch, diffusers 0.24 from the peer's wheels, installed first). Compiling takes minutes of CPU, so it runs

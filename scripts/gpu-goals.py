@@ -29,13 +29,15 @@ def load(path):
         return None
 
 
-def e2e(bench, mode, graphs, on_device=False, compiled=False):
+def e2e(bench, mode, graphs, on_device=False, compiled=False, fused=True):
     """The e2e row of `mode` with CUDA graphs on/off (and the frame on the device or not; the compiled UNet's rows,
-    variant 'unet=compiled', or the model's own UNet's): (fps, back-to-back fps or None), or None. Off CUDA (a dry
-    run) the bench has no graphs rows: its row stands for "on"."""
+    variant 'unet=compiled', or the model's own UNet's; TAESD's convolutions fused or, fused=False, not: variant
+    'fused-conv=off'): (fps, back-to-back fps or None), or None. Off CUDA (a dry run) the bench has no graphs rows: its
+    row stands for "on"."""
     rows = [r for r in (bench or {}).get("results", []) if r.get("section") == "e2e" and r.get("name") == mode
             and r.get("variant", "").endswith(" frame=device") == on_device
-            and ("unet=compiled" in r.get("variant", "")) == compiled]
+            and ("unet=compiled" in r.get("variant", "")) == compiled
+            and ("fused-conv=off" in r.get("variant", "")) != fused]
     if not any(r.get("extra", {}).get("cuda_graphs") for r in rows):
         rows = rows[:1] if graphs else []
         graphs = False
@@ -136,6 +138,11 @@ def main():
     if tuner_off is not None:
         out.append(f"     autotuner off: img2img {fmt_row(e2e(tuner_off, 'img2img', True))}, "
                    f"txt2img {fmt_row(e2e(tuner_off, 'txt2img', True))}")
+
+    u_img, u_txt = e2e(bench, "img2img", True, on_device=True, fused=False), e2e(bench, "txt2img", True, fused=False)
+    if u_img or u_txt:  # TAESD's cuDNN-fused convolution + ReLU off, same run (the rows above have it on)
+        out.append(f"     TAESD unfused: img2img frame on device {fmt_row(u_img)} (fused {fmt_row(img_dev)}), "
+                   f"txt2img {fmt_row(u_txt)} (fused {fmt_row(e2e(bench, 'txt2img', True))})")
 
     theirs = peer_fps(peer, "img2img")
     theirs_dev = peer_fps(peer, "img2img", on_device=True)

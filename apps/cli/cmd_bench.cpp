@@ -104,6 +104,8 @@ struct BenchOptions {
   int pipelined_frames = -1;             // --pipelined-frames N: e2e frames queued back to back (-1: auto)
   bool frame_on_device = false;          // --frame-on-device: the e2e img2img row with the frame on the device also
                                          // off CUDA (on CUDA it is always added)
+  bool unfused_rows = false;             // --unfused-rows: TAESD rows with the fused convolution + ReLU off also
+                                         // off CUDA (on CUDA they are added while it is on)
 };
 
 std::string join(const std::vector<int64_t>& v) {
@@ -382,6 +384,14 @@ class Bench {
         // The frame already on the device (the runtime's case; the original's --frame-on-device row).
         if (device_.is_cuda() || o_.frame_on_device)
           stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true, 1, /*frame_on_device=*/true);
+        if (ae == "taesd" && unfused_rows()) {
+          // TAESD's convolutions unfused (variant " fused-conv=off"): both frames that use its encoder and decoder.
+          with_fused_conv_off([&] {
+            stream_row(m, "e2e", "txt2img", dt, size, ae, sd::CfgType::None, t_txt_, true);
+            stream_row(m, "e2e", "img2img", dt, size, ae, sd::CfgType::None, t_img_, true, 1,
+                       device_.is_cuda() || o_.frame_on_device);
+          });
+        }
         if (!m->compiled_unet_stats().path.empty()) compiled_rows(m, dt, size, ae);
       }
       if (req && want("vae")) {
@@ -559,26 +569,34 @@ class Bench {
     const int64_t h = size / m->vae_scale_factor();
     // The full VAE is slow (the issue measured 7.3 s per 256 px decode in fp32): fewer runs, like the naive path.
     const int iters = ae == "vae" ? std::min(o_.iters, o_.naive_iters) : o_.iters;
+    // TAESD also with its fused convolution + ReLU off (ids ".../unfused"), right after the same calls with it on.
+    const bool unfused = ae == "taesd" && unfused_rows();
     for (const std::string op : {"encode", "decode"}) {
-      const std::string name = ae + "_" + op;
-      const std::string id = name + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
-      if (find(id)) continue;
-      Result r;
-      r.section = section;
-      r.name = name;
-      r.variant = ae == "vae" ? "AutoencoderKL" : "TAESD";
-      r.dtype = sd::dtype_name(dt);
-      r.size = size;
-      if (op == "encode") {
-        const auto img = (torch::rand({1, 3, size, size}) * 2 - 1).to(topt(dt));
-        sd::TorchRng rng(1);
-        r.timing = time_runs(device_, o_.warmup, iters, [&] { m->encode_image(img, rng); });
-      } else {
-        const auto z = torch::randn({1, m->latent_channels(), h, h}).to(topt(dt));
-        r.timing = time_runs(device_, o_.warmup, iters, [&] { m->decode_latent(z); });
+      for (const bool fused : {true, false}) {
+        if (!fused && !unfused) continue;
+        const std::string name = ae + "_" + op;
+        const std::string id = name + "/" + sd::dtype_name(dt) + "/" + std::to_string(size) + (fused ? "" : "/unfused");
+        if (find(id)) continue;
+        Result r;
+        r.section = section;
+        r.name = name;
+        r.variant = ae == "vae" ? "AutoencoderKL" : fused ? "TAESD" : "TAESD unfused";
+        r.dtype = sd::dtype_name(dt);
+        r.size = size;
+        auto time_op = [&] {
+          if (op == "encode") {
+            const auto img = (torch::rand({1, 3, size, size}) * 2 - 1).to(topt(dt));
+            sd::TorchRng rng(1);
+            r.timing = time_runs(device_, o_.warmup, iters, [&] { m->encode_image(img, rng); });
+          } else {
+            const auto z = torch::randn({1, m->latent_channels(), h, h}).to(topt(dt));
+            r.timing = time_runs(device_, o_.warmup, iters, [&] { m->decode_latent(z); });
+          }
+        };
+        if (fused) time_op(); else with_fused_conv_off(time_op);
+        r.gflop = known_gflop(arch_, name, size);
+        add(id, r);
       }
-      r.gflop = known_gflop(arch_, name, size);
-      add(id, r);
     }
   }
 
@@ -660,6 +678,8 @@ class Bench {
                  {"other", std::max(0.0, per_total - per_enc - per_unet - per_cn - per_dec)}}},
                {"unet_calls_per_frame", static_cast<double>(s1.unet_calls - s0.unet_calls) / n},
                {"cuda_graphs", config.cuda_graphs && device_.is_cuda()},
+               // Whether TAESD's convolutions ran fused (it turns itself off if cuDNN refuses or disagrees).
+               {"cuda_fused_conv", device_.is_cuda() && sd::nn::cuda_fused_conv()},
                {"graph_replays_per_frame", static_cast<double>(s1.graph_replays - s0.graph_replays) / n},
                {"unet_rows_per_frame", rows},
                {"controlnets", cn ? cn_units_.size() : 0},
@@ -710,6 +730,24 @@ class Bench {
     } off{*m, compiled_};
     m->set_compiled_unet_enabled(true);
     compiled_ = true;
+    rows();
+  }
+
+  // TAESD's rows with cuDNN's fused convolution + ReLU (sd::nn::conv_add_relu) off: on CUDA while it is on at the
+  // start, elsewhere with --unfused-rows (both ways eager there).
+  bool unfused_rows() const { return (device_.is_cuda() && fused_at_start_) || o_.unfused_rows; }
+  // Runs `rows` with the fusion off (their variants " fused-conv=off"); as it was again afterwards, also on a throw.
+  void with_fused_conv_off(const std::function<void()>& rows) {
+    struct Restore {
+      bool& flag;
+      bool was;
+      ~Restore() {
+        flag = true;
+        sd::nn::set_cuda_fused_conv(was);
+      }
+    } restore{fused_, sd::nn::cuda_fused_conv()};
+    sd::nn::set_cuda_fused_conv(false);
+    fused_ = false;
     rows();
   }
 
@@ -1450,13 +1488,14 @@ class Bench {
     std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
     if (t.size() > 1) variant += batch ? " batch" : " sequential";
     return variant + cn_suffix(cn) + (deep > 1 ? " deep=" + std::to_string(deep) : "") +
-           (graphs_ ? "" : " graphs=off") + (compiled_ ? " unet=compiled" : "");
+           (graphs_ ? "" : " graphs=off") + (compiled_ ? " unet=compiled" : "") + (fused_ ? "" : " fused-conv=off");
   }
   // The id of a stream row outside the ablation (the comparisons' rows).
   std::string stream_id(const std::string& mode, c10::ScalarType dt, int64_t size, const std::string& ae,
-                        sd::CfgType cfg, const std::vector<int64_t>& t, bool batch, int deep = 1) const {
-    return "stream/" + mode + "/" + stream_variant(ae, cfg, t, batch, !cn_units_.empty(), deep) + "/" +
-           sd::dtype_name(dt) + "/" + std::to_string(size);
+                        sd::CfgType cfg, const std::vector<int64_t>& t, bool batch, int deep = 1,
+                        bool frame_on_device = false) const {
+    return "stream/" + mode + "/" + stream_variant(ae, cfg, t, batch, !cn_units_.empty(), deep) +
+           (frame_on_device ? " frame=device" : "") + "/" + sd::dtype_name(dt) + "/" + std::to_string(size);
   }
 
   void summarize_all() {
@@ -1492,6 +1531,21 @@ class Bench {
             graphs_ = true;
             compare("e2e", "CUDA graphs on vs off, " + mode + ", " + tag, off,
                     stream_id(mode, dt, size, pae, sd::CfgType::None, t, true));
+          }
+        }
+        if (has_taesd_ && unfused_rows()) {  // cuDNN's fused convolution + ReLU in TAESD
+          for (const std::string op : {"encode", "decode"})
+            compare("components", "TAESD " + op + " fused convolution + ReLU vs unfused, " + tag,
+                    "taesd_" + op + "/" + ds + "/unfused", "taesd_" + op + "/" + ds);
+          for (const std::string mode : {"txt2img", "img2img"}) {
+            const auto& t = mode == "img2img" ? t_img_ : t_txt_;
+            const bool on_device = mode == "img2img" && (device_.is_cuda() || o_.frame_on_device);
+            fused_ = false;
+            const std::string off = stream_id(mode, dt, size, "taesd", sd::CfgType::None, t, true, 1, on_device);
+            fused_ = true;
+            compare("e2e", "TAESD fused convolution + ReLU vs unfused, " + mode + (on_device ? " frame=device" : "") +
+                               ", " + tag,
+                    off, stream_id(mode, dt, size, "taesd", sd::CfgType::None, t, true, 1, on_device));
           }
         }
         for (const std::string mode : {"img2img", "txt2img"}) {  // --compiled-unet
@@ -1651,8 +1705,10 @@ class Bench {
   int threads_ = 0;
   ArchInfo arch_;
   bool has_taesd_ = false;
+  const bool fused_at_start_ = sd::nn::cuda_fused_conv();
   bool graphs_ = true;  // StreamConfig::cuda_graphs of the stream rows being run (CUDA: also timed off)
   bool compiled_ = false;  // the stream rows being run have the compiled UNet on (compiled_rows)
+  bool fused_ = true;      // sd::nn::cuda_fused_conv() is on for the TAESD rows being run (with_fused_conv_off)
   std::set<std::string> checks_;  // compiled_rows' one-call checks done
   std::vector<nlohmann::json> accuracy_checks_;  // their results (JSON "checks")
   bool has_vae_ = true;  // vae/ has weights (false for a TAESD-only model such as models/emoji-tiny)
@@ -1705,6 +1761,10 @@ sd::cli::Runner setup_bench(CLI::App& app) {
   app.add_flag("--frame-on-device", o->frame_on_device,
                "e2e section: also an img2img row whose frame is on the device in the stream's dtype before the first "
                "call (variant '... frame=device', the runtime's case); always added on CUDA");
+  app.add_flag("--unfused-rows", o->unfused_rows,
+               "components and e2e sections: also time TAESD with cuDNN's fused convolution + ReLU off (variants "
+               "'TAESD unfused', '... fused-conv=off'); always added on CUDA while it is on (SD_CUDA_FUSED_CONV); "
+               "elsewhere both ways run the eager path");
   app.add_option("--profile-streams", o->profile_streams,
                  "profile section: also profile rounds of K img2img streams batched into one UNet call (as the "
                  "multistream section's batched row, --multi-t-index, without CUDA graphs); 0 = not")

@@ -11,6 +11,7 @@
 // class would not match the library's (a different size for the object we allocate).
 #include <cuda.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -178,8 +179,16 @@ std::vector<at::Tensor> GraphCache::replay(Entry& e, const std::vector<at::Tenso
   return out;
 }
 
+bool cuda_stream_capturing(const c10::Device& device) {
+  if (!device.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 #else
 
+bool cuda_stream_capturing(const c10::Device&) { return false; }
 bool GraphCache::capture(Entry&, const std::string&, const std::vector<at::Tensor>&, const Fn&) { return false; }
 std::vector<at::Tensor> GraphCache::replay(Entry&, const std::vector<at::Tensor>&) { return {}; }
 

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include <ATen/Tensor.h>
+#include <c10/core/Device.h>
 
 namespace sd {
 
@@ -65,5 +66,9 @@ class GraphCache {
   std::map<std::string, std::unique_ptr<Entry>> entries_;
   Counts counts_;
 };
+
+// Whether this thread's current stream on `device` is recording a CUDA graph (false for other devices and in builds
+// without CUDA): code that would wait for the device, or try something that may fail, checks it first.
+bool cuda_stream_capturing(const c10::Device& device);
 
 }  // namespace sd

@@ -8,4 +8,12 @@ namespace sd::nn {
 
 bool cuda_channels_last();
 
+// cuDNN's fused convolution + bias (+ residual) + ReLU for the ReLU-ending convolutions of TAESD on CUDA (conv_add_relu
+// in layers.h): one kernel where the eager path runs the convolution, the bias add, the residual add and the ReLU each
+// as its own pass over the activations (32 MB each for TAESD at 512 px in fp16). On unless SD_CUDA_FUSED_CONV=0;
+// set_cuda_fused_conv() switches it while running (the bench times both). It turns itself off, with a warning, when
+// cuDNN refuses a fused call or the first fused result of a dtype differs from the eager one.
+bool cuda_fused_conv();
+void set_cuda_fused_conv(bool on);
+
 }  // namespace sd::nn

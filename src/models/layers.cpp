@@ -1,10 +1,15 @@
 #include "models/layers.h"
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
+#include "core/cuda_graph.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "core/torch_compat.h"
 #include "models/cuda_layout.h"
 
@@ -14,6 +19,23 @@ bool cuda_channels_last() {
   static const bool on = sd::env_switch_on("SD_CUDA_CHANNELS_LAST");
   return on;
 }
+
+namespace {
+std::atomic<bool>& fused_conv_flag() {
+  static std::atomic<bool> on{sd::env_switch_on("SD_CUDA_FUSED_CONV")};
+  return on;
+}
+// The dtypes (bit i: c10::ScalarType i) whose first fused result was compared with the eager one.
+std::atomic<uint64_t> fused_conv_checked{0};
+
+void fused_conv_off(const std::string& why) {
+  if (fused_conv_flag().exchange(false))
+    log::warn("cuDNN's fused convolution + ReLU is off from now on ({}): TAESD runs its convolutions eagerly", why);
+}
+}  // namespace
+
+bool cuda_fused_conv() { return fused_conv_flag().load(); }
+void set_cuda_fused_conv(bool on) { fused_conv_flag().store(on); }
 
 torch::Tensor cuda_upsample_input(const torch::Tensor& x) { return x.size(0) >= 64 ? x.contiguous() : x; }
 
@@ -157,6 +179,57 @@ torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
   }
   if (released) restore_dense();  // this call needs the dense weight (and so will the next ones like it)
   return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+}
+
+namespace {
+torch::Tensor conv_add_relu_eager(Conv2dImpl& conv, const torch::Tensor& x, const torch::Tensor& z) {
+  auto h = conv.forward(x);  // a fresh tensor: the add and the ReLU run in place
+  if (z.defined()) h.add_(z);
+  return h.relu_();
+}
+}  // namespace
+
+torch::Tensor conv_add_relu(Conv2dImpl& conv, const torch::Tensor& x, const torch::Tensor& z) {
+  // cuDNN's fused kernels have no autograd: training keeps the eager path.
+  const bool grad = torch::GradMode::is_enabled() &&
+                    (x.requires_grad() || conv.weight.requires_grad() || (z.defined() && z.requires_grad()));
+  if (!x.is_cuda() || !cuda_fused_conv() || grad) return conv_add_relu_eager(conv, x, z);
+  const std::vector<int64_t> stride{conv.stride, conv.stride}, padding{conv.padding, conv.padding}, dilation{1, 1};
+  const c10::optional<at::Tensor> bias = conv.bias.defined() ? c10::optional<at::Tensor>(conv.bias) : c10::nullopt;
+  // Inside a capture nothing may wait for the device, and a failure belongs to the capture (the graph cache then runs
+  // the call eagerly); the first call of a shape is always eager (GraphCache's warm-up), so the checks run there.
+  const bool capturing = sd::cuda_stream_capturing(x.device());
+  torch::Tensor y;
+  try {
+    y = z.defined() ? at::cudnn_convolution_add_relu(x, conv.weight, z, at::Scalar(1.0), bias, stride, padding,
+                                                     dilation, 1)
+                    : at::cudnn_convolution_relu(x, conv.weight, bias, stride, padding, dilation, 1);
+  } catch (const c10::Error& e) {
+    if (capturing) throw;
+    fused_conv_off(std::string("cuDNN refused the call: ") + e.what_without_backtrace());
+    return conv_add_relu_eager(conv, x, z);
+  }
+  // The first fused result of each dtype against the eager path's (one wait for the device, once): a cuDNN whose
+  // fused engine computes something else turns the fusion off instead of changing every frame. The bound is far above
+  // the rounding of one convolution (fp32 1e-3, 1e-2 with TF32, fp16 1e-2, bf16 4e-2 of max |eager|) and far below a
+  // missing term.
+  const uint64_t bit = uint64_t{1} << (static_cast<int>(x.scalar_type()) & 63);
+  if (!capturing && !(fused_conv_checked.fetch_or(bit) & bit)) {
+    const auto ref = conv_add_relu_eager(conv, x, z);
+    const double scale = ref.abs().max().item<double>();
+    const double diff = (y.to(torch::kFloat) - ref.to(torch::kFloat)).abs().max().item<double>();
+    const bool fp32 = x.scalar_type() == torch::kFloat;
+    const double tol = fp32 ? (at::globalContext().allowTF32CuDNN() ? 1e-2 : 1e-3)
+                            : x.scalar_type() == torch::kHalf ? 1e-2 : 4e-2;
+    if (!(diff <= tol * std::max(scale, 1e-6))) {
+      fused_conv_off("its first " + std::string(c10::toString(x.scalar_type())) + " result differs from the eager " +
+                     "path's by " + std::to_string(diff) + " (max |eager| " + std::to_string(scale) + ")");
+      return ref;
+    }
+    log::info("cuDNN's fused convolution + ReLU checked against the eager path ({}, difference {:.3g} of max {:.3g})",
+              c10::toString(x.scalar_type()), diff, scale);
+  }
+  return y;
 }
 
 int64_t prepack_convolutions(torch::nn::Module& module) {

@@ -85,6 +85,10 @@ class Conv2dImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Conv2d);
 
+// relu(conv(x) + bias [+ z]): TAESD's ReLU-ending convolutions (z: a block's residual, [B, out, H', W']). On CUDA with
+// cuda_fused_conv() on, one cuDNN call (at::cudnn_convolution_relu / _add_relu); elsewhere conv(x), += z, ReLU in place.
+torch::Tensor conv_add_relu(Conv2dImpl& conv, const torch::Tensor& x, const torch::Tensor& z = {});
+
 // The input of a nearest-neighbour upsampling on CUDA: NCHW from 64 rows up, where the NHWC kernel has failed
 // (diffusers' Upsample2D workaround, huggingface/diffusers#984); `x` itself below.
 torch::Tensor cuda_upsample_input(const torch::Tensor& x);

@@ -451,6 +451,50 @@ TEST_F(CliBench, FrameOnDeviceAddsAnImg2imgRow) {
   ASSERT_EQ(plain.run.status, 0) << plain.run.output;
   for (const auto& res : plain.report["results"])
     EXPECT_EQ(res["variant"].get<std::string>().find("frame=device"), std::string::npos) << "off the GPU only on request";
+  for (const auto& res : plain.report["results"])
+    EXPECT_EQ(res["variant"].get<std::string>().find("fused-conv=off"), std::string::npos) << "off the GPU on request";
+}
+
+// --unfused-rows (always on CUDA while the fusion is on): TAESD's components and the e2e frames that use it again with
+// cuDNN's fused convolution + ReLU off (ids ".../unfused"; variants "TAESD unfused", "... fused-conv=off"), each
+// compared with its fused row. Off the GPU both ways are the eager path; the rows report the fusion off there.
+TEST_F(CliBench, UnfusedRowsTimeTaesdBothWays) {
+  const BenchRun b = bench("--sizes 64 --dtypes fp32 --sections components,e2e --iters 2 --frames 2 --warmup 1 "
+                           "--threads 1 --unfused-rows", "unfused.json");
+  ASSERT_EQ(b.run.status, 0) << b.run.output;
+  std::map<std::string, int> taesd;  // component rows by variant
+  std::set<std::string> unfused_e2e;
+  int e2e = 0;
+  for (const auto& res : b.report["results"]) {
+    const std::string v = res["variant"], name = res["name"];
+    if (res["section"] == "components" && name.rfind("taesd_", 0) == 0) {
+      ++taesd[v];
+      EXPECT_GT(res["median_s"].get<double>(), 0) << res.dump();
+    }
+    if (res["section"] != "e2e") continue;
+    ++e2e;
+    EXPECT_FALSE(res["extra"]["cuda_fused_conv"].get<bool>()) << "off CUDA nothing runs fused: " << res.dump();
+    if (v.find(" fused-conv=off") != std::string::npos) unfused_e2e.insert(name);
+  }
+  EXPECT_EQ(taesd["TAESD"], 2);  // encode, decode
+  EXPECT_EQ(taesd["TAESD unfused"], 2);
+  EXPECT_EQ(e2e, 4);  // txt2img, img2img, and both unfused
+  EXPECT_EQ(unfused_e2e, (std::set<std::string>{"txt2img", "img2img"}));
+  int compared = 0;
+  for (const auto& c : b.report["comparisons"]) {
+    const std::string what = c["what"];
+    if (what.find("fused convolution + ReLU vs unfused") == std::string::npos) continue;
+    ++compared;
+    EXPECT_NE(c["baseline"].get<std::string>().find(what.rfind("TAESD e", 0) == 0 || what.rfind("TAESD d", 0) == 0
+                                                         ? "/unfused"
+                                                         : "fused-conv=off"),
+              std::string::npos)
+        << c.dump();
+    EXPECT_GT(c["speedup"].get<double>(), 0);
+  }
+  EXPECT_EQ(compared, 4) << b.report["comparisons"].dump();  // encode, decode, txt2img, img2img
+  EXPECT_NE(b.run.output.find("TAESD decode fused convolution + ReLU vs unfused, fp32 64 px"), std::string::npos)
+      << b.run.output;
 }
 
 // --deep-cache-every K: extra e2e rows (variant "... deep=K", timed frames a multiple of K, the shallow calls
