@@ -231,8 +231,15 @@ void check_compiled_unet(const CompiledUNetInfo& info, const UNet2DConditionConf
 
 std::string compiled_unet_dims(const CompiledUNetInfo& info, const std::vector<int64_t>& dims) {
   if (info.rows_min == info.rows_max || dims.empty()) return dims_str(dims);
-  std::string s = "[" + std::to_string(info.rows_min) + "-" + std::to_string(info.rows_max);
-  for (size_t i = 1; i < dims.size(); ++i) s += ", " + std::to_string(dims[i]);
+  // Appended piece by piece: `"[" + std::to_string(...)` gives GCC 12 a false -Wstringop-overflow here.
+  std::string s = "[";
+  s += std::to_string(info.rows_min);
+  s += '-';
+  s += std::to_string(info.rows_max);
+  for (size_t i = 1; i < dims.size(); ++i) {
+    s += ", ";
+    s += std::to_string(dims[i]);
+  }
   return s + "]";
 }
 

@@ -136,7 +136,8 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
                                 "); this IP-Adapter was made for a UNet with " + std::to_string((max_id + 1) / 2));
   for (const auto& s : slots) {
     const int64_t inner = s.attention->options.heads * s.attention->options.dim_head;
-    const std::string expected = "[" + std::to_string(inner) + ", " + std::to_string(c) + "]";
+    std::string expected = "[";  // appended piece by piece: `"[" + std::to_string(...)` is a GCC 12 false warning
+    expected += std::to_string(inner) + ", " + std::to_string(c) + "]";
     for (const char* w : {"to_k_ip", "to_v_ip"}) {
       const std::string key = "ip_adapter." + std::to_string(s.key_id) + "." + w + ".weight";
       const auto sh = shape_of(need(key, expected + " for " + s.name));
@@ -174,7 +175,10 @@ IPAdapterPaths find_ip_adapter(const std::string& path) {
     if (candidates.empty() && !pickles.empty()) refuse_pickle(pickles.front());
     if (candidates.size() != 1) {
       std::string list;
-      for (const auto& c : candidates) list += " " + fs::path(c).filename().string();
+      for (const auto& c : candidates) {
+        list += ' ';
+        list += fs::path(c).filename().string();
+      }
       throw FormatError(path, candidates.empty()
                                   ? "no ip-adapter*.safetensors file in this folder"
                                   : "several ip-adapter*.safetensors files (" + list.substr(1) +

@@ -56,7 +56,10 @@ int64_t StreamDiffusionProcessor::latency_frames() const {
 std::string StreamDiffusionProcessor::describe() const {
   const StreamConfig& c = stream_->config();
   std::string t;
-  for (auto i : c.t_index_list) t += (t.empty() ? "" : ",") + std::to_string(i);
+  for (auto i : c.t_index_list) {
+    if (!t.empty()) t += ',';
+    t += std::to_string(i);
+  }
   return std::string(txt2img_ ? "txt2img" : "img2img") + " " + std::to_string(width_) + "x" + std::to_string(height_) +
          " t_index_list [" + t + "] cfg " + cfg_type_name(c.cfg_type) + " F " + std::to_string(frames_per_call_) +
          " " + dtype_name(dtype_) + " (" + stream_->models().describe() + ")" + describe_controls();
