@@ -197,15 +197,16 @@ torch::Tensor conv_add_relu(Conv2dImpl& conv, const torch::Tensor& x, const torc
   const std::vector<int64_t> stride{conv.stride, conv.stride}, padding{conv.padding, conv.padding}, dilation{1, 1};
   const c10::optional<at::Tensor> bias = conv.bias.defined() ? c10::optional<at::Tensor>(conv.bias) : c10::nullopt;
   // Inside a capture nothing may wait for the device, and a failure belongs to the capture (the graph cache then runs
-  // the call eagerly); the first call of a shape is always eager (GraphCache's warm-up), so the checks run there.
-  const bool capturing = sd::cuda_stream_capturing(x.device());
+  // the call eagerly); the first call of a shape is always eager (GraphCache's warm-up), so the checks run there. Asked
+  // only where it matters (a failure, the check not yet done), not on every call.
+  auto capturing = [&] { return sd::cuda_stream_capturing(x.device()); };
   torch::Tensor y;
   try {
     y = z.defined() ? at::cudnn_convolution_add_relu(x, conv.weight, z, at::Scalar(1.0), bias, stride, padding,
                                                      dilation, 1)
                     : at::cudnn_convolution_relu(x, conv.weight, bias, stride, padding, dilation, 1);
   } catch (const c10::Error& e) {
-    if (capturing) throw;
+    if (capturing()) throw;
     fused_conv_off(std::string("cuDNN refused the call: ") + e.what_without_backtrace());
     return conv_add_relu_eager(conv, x, z);
   }
@@ -214,7 +215,7 @@ torch::Tensor conv_add_relu(Conv2dImpl& conv, const torch::Tensor& x, const torc
   // the rounding of one convolution (fp32 1e-3, 1e-2 with TF32, fp16 1e-2, bf16 4e-2 of max |eager|) and far below a
   // missing term.
   const uint64_t bit = uint64_t{1} << (static_cast<int>(x.scalar_type()) & 63);
-  if (!capturing && !(fused_conv_checked.fetch_or(bit) & bit)) {
+  if (!(fused_conv_checked.load() & bit) && !capturing() && !(fused_conv_checked.fetch_or(bit) & bit)) {
     const auto ref = conv_add_relu_eager(conv, x, z);
     const double scale = ref.abs().max().item<double>();
     const double diff = (y.to(torch::kFloat) - ref.to(torch::kFloat)).abs().max().item<double>();
