@@ -362,7 +362,7 @@ class Bench {
     for (int64_t size : sizes_) {
       if (req && want("components")) {
         if (primary) unet_component(m, dt, size, 1, "components");
-        if (primary && device_.is_cpu()) unet_component(m, dt, size, 1, "components", false);
+        if (primary && device_.is_cpu()) unet_component(m, dt, size, 1, "components", FastOff::AttentionTiles);
         if (primary) controlnet_components(m, dt, size);
         autoencoder_components(m, dt, size, ae, "components");
       }
@@ -478,10 +478,32 @@ class Bench {
     return sd::repeat_added_conditioning(*m, torch::randn({1, m->pooled_text_dim()}).to(topt(dt)), b, size, size);
   }
 
+  // A CPU fast path switched off for one row, to show what it is worth.
+  enum class FastOff { None, AttentionTiles, UpsamplePhases };
+  static std::string off_id(FastOff off) {
+    return off == FastOff::AttentionTiles ? "/no-attention-tiles" : off == FastOff::UpsamplePhases ? "/no-upsample-phases" : "";
+  }
+  static std::string off_variant(FastOff off) {
+    return off == FastOff::AttentionTiles   ? " attention tiles off"
+           : off == FastOff::UpsamplePhases ? " upsample phases off"
+                                            : "";
+  }
+  // Runs `f` with the fast path's switch for `off` off, restoring it after (exceptions included).
+  template <class F>
+  static void with_fast_off(FastOff off, F&& f) {
+    struct Restore {
+      sd::nn::FastPathOptions saved = sd::nn::fast_path();
+      ~Restore() { sd::nn::fast_path() = saved; }
+    } restore;
+    if (off == FastOff::AttentionTiles) sd::nn::fast_path().attention_tiles_cpu = false;
+    if (off == FastOff::UpsamplePhases) sd::nn::fast_path().upsample_phases = false;
+    f();
+  }
+
   const Result& unet_component(const std::shared_ptr<const sd::DiffusionModels>& m, c10::ScalarType dt, int64_t size,
-                               int64_t b, const std::string& section, bool attention_tiles = true) {
+                               int64_t b, const std::string& section, FastOff off = FastOff::None) {
     const std::string id = "unet/" + sd::dtype_name(dt) + "/" + std::to_string(size) + "/b" + std::to_string(b) +
-                           (attention_tiles ? "" : "/no-attention-tiles");
+                           off_id(off);
     if (auto r = find(id)) return *r;
     torch::NoGradGuard ng;
     const int64_t h = size / m->vae_scale_factor();
@@ -492,17 +514,11 @@ class Bench {
     Result r;
     r.section = section;
     r.name = "unet";
-    r.variant = "b" + std::to_string(b) + (attention_tiles ? "" : " attention tiles off");
+    r.variant = "b" + std::to_string(b) + off_variant(off);
     r.dtype = sd::dtype_name(dt);
     r.size = size;
     r.batch = b;
-    // The fast path's switch, off for this row only (what the tiled CPU attention is worth).
-    struct Restore {
-      bool saved = sd::nn::fast_path().attention_tiles_cpu;
-      ~Restore() { sd::nn::fast_path().attention_tiles_cpu = saved; }
-    } restore;
-    sd::nn::fast_path().attention_tiles_cpu = attention_tiles;
-    r.timing = time_runs(device_, o_.warmup, o_.iters, [&] { m->unet(x, t, ehs, added); });
+    with_fast_off(off, [&] { r.timing = time_runs(device_, o_.warmup, o_.iters, [&] { m->unet(x, t, ehs, added); }); });
     r.gflop = known_gflop(arch_, "unet", size) * static_cast<double>(b);
     return add(id, r);
   }
@@ -569,18 +585,23 @@ class Bench {
     const int64_t h = size / m->vae_scale_factor();
     // The full VAE is slow (the issue measured 7.3 s per 256 px decode in fp32): fewer runs, like the naive path.
     const int iters = ae == "vae" ? std::min(o_.iters, o_.naive_iters) : o_.iters;
-    // TAESD also with its fused convolution + ReLU off (ids ".../unfused"), right after the same calls with it on.
+    // TAESD also with its fused convolution + ReLU off (ids ".../unfused"), right after the same calls with it on;
+    // on the CPU the decoders also with the upsample phases off (".../no-upsample-phases").
     const bool unfused = ae == "taesd" && unfused_rows();
+    enum class Row { Plain, Unfused, NoPhases };
     for (const std::string op : {"encode", "decode"}) {
-      for (const bool fused : {true, false}) {
-        if (!fused && !unfused) continue;
+      for (const Row row : {Row::Plain, Row::Unfused, Row::NoPhases}) {
+        if (row == Row::Unfused && !unfused) continue;
+        if (row == Row::NoPhases && (op != "decode" || !device_.is_cpu())) continue;
         const std::string name = ae + "_" + op;
-        const std::string id = name + "/" + sd::dtype_name(dt) + "/" + std::to_string(size) + (fused ? "" : "/unfused");
+        const std::string id = name + "/" + sd::dtype_name(dt) + "/" + std::to_string(size) +
+                               (row == Row::Unfused ? "/unfused" : row == Row::NoPhases ? off_id(FastOff::UpsamplePhases) : "");
         if (find(id)) continue;
         Result r;
         r.section = section;
         r.name = name;
-        r.variant = ae == "vae" ? "AutoencoderKL" : fused ? "TAESD" : "TAESD unfused";
+        r.variant = std::string(ae == "vae" ? "AutoencoderKL" : row == Row::Unfused ? "TAESD unfused" : "TAESD") +
+                    (row == Row::NoPhases ? off_variant(FastOff::UpsamplePhases) : "");
         r.dtype = sd::dtype_name(dt);
         r.size = size;
         auto time_op = [&] {
@@ -593,7 +614,9 @@ class Bench {
             r.timing = time_runs(device_, o_.warmup, iters, [&] { m->decode_latent(z); });
           }
         };
-        if (fused) time_op(); else with_fused_conv_off(time_op);
+        if (row == Row::Plain) time_op();
+        else if (row == Row::Unfused) with_fused_conv_off(time_op);
+        else with_fast_off(FastOff::UpsamplePhases, time_op);
         r.gflop = known_gflop(arch_, name, size);
         add(id, r);
       }
@@ -1558,6 +1581,10 @@ class Bench {
         }
         compare("components", "UNet with vs without the tiled CPU attention, " + tag, "unet/" + ds + "/b1/no-attention-tiles",
                 "unet/" + ds + "/b1");
+        for (const std::string ae : {"taesd", "vae"})
+          compare("components", std::string(ae == "vae" ? "AutoencoderKL" : "TAESD") +
+                                    " decode with vs without the upsample phases, " + tag,
+                  ae + "_decode/" + ds + off_id(FastOff::UpsamplePhases), ae + "_decode/" + ds);
         compare("batch", "stream batch vs sequential, img2img " + std::to_string(n) + " steps, " + tag,
                 stream_id("img2img", dt, size, pae, sd::CfgType::None, t_multi_, false),
                 stream_id("img2img", dt, size, pae, sd::CfgType::None, t_multi_, true));

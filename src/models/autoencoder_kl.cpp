@@ -142,7 +142,7 @@ VAEUpBlockImpl::VAEUpBlockImpl(int64_t in, int64_t out, int64_t layers, bool add
   }
   if (add_upsample) {
     upsamplers = register_module("upsamplers", torch::nn::ModuleList());
-    upsample = Upsample2D(out, out);
+    upsample = Upsample2D(out, out, /*phases=*/true);
     upsamplers->push_back(upsample);
   }
 }

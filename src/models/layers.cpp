@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 
 #include "core/cuda_graph.h"
@@ -47,6 +48,8 @@ FastPathOptions& fast_path() {
     o.attention_reduced_cpu = sd::cpu_has_onednn_bf16();
     // SD_ONE_CONV_COPY=0 keeps the dense convolution weights beside the packed ones (to measure what one copy saves).
     o.one_conv_copy = sd::env_switch_on("SD_ONE_CONV_COPY");
+    // SD_UPSAMPLE_PHASES=0: upsample, then convolve (no four-phase kernels: 16/9 of those convolutions' weights less).
+    o.upsample_phases = sd::env_switch_on("SD_UPSAMPLE_PHASES");
     return o;
   }();
   return options;
@@ -65,7 +68,10 @@ bool native_reduced_norm(const torch::Tensor& x, const torch::Tensor& weight) {
 }
 
 // A parameter's identity for caches derived from it: storage + in-place version.
-int64_t version_of(const torch::Tensor& t) { return t.defined() ? static_cast<int64_t>(t._version()) : -1; }
+// Inference tensors (made under c10::InferenceMode) keep no version counter: their in-place changes go unseen.
+int64_t version_of(const torch::Tensor& t) {
+  return !t.defined() ? -1 : t.is_inference() ? 0 : static_cast<int64_t>(t._version());
+}
 }  // namespace
 
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias) : in_features(in), out_features(out) {
@@ -138,10 +144,13 @@ bool Conv2dImpl::release_dense() {
   if (dense_released()) return true;
   if (!prepacked_current()) return false;
   torch::NoGradGuard no_grad;
+  const bool phases = upsample_phases_current();
   weight.set_data(torch::empty({0}, weight.options()));
   // The freed storage's address may come back for a weight set later (set_data): it must not look packed.
   packed_from_ = nullptr;
   dense_released_ = true;
+  phases_storage_ = c10::Storage();  // holding it would keep the dense copy alive
+  phases_from_packed_ = phases;      // made from the numbers the packed copy now holds alone
   return true;
 }
 
@@ -149,9 +158,15 @@ void Conv2dImpl::restore_dense() {
   if (dense_released()) {
     torch::NoGradGuard no_grad;
     // oneDNN's reorder back to the plain [out, in, k, k] layout: the same numbers (tested bit for bit).
+    const bool phases = upsample_phases_current();
     weight.set_data(packed_.to_dense());
     packed_from_ = weight.data_ptr();
     packed_version_ = version_of(weight);
+    if (phases) {  // the same numbers, now in the dense weight
+      phases_storage_ = weight.storage();
+      phases_version_ = packed_version_;
+      phases_from_packed_ = false;
+    }
   }
   dense_released_ = false;
 }
@@ -179,6 +194,86 @@ torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
   }
   if (released) restore_dense();  // this call needs the dense weight (and so will the next ones like it)
   return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+}
+
+bool Conv2dImpl::upsample_phases_current() const {
+  if (!phases_) return false;
+  if (bias.defined() && !(bias.has_storage() &&
+                          bias.storage().unsafeGetStorageImpl() == phases_bias_storage_.unsafeGetStorageImpl() &&
+                          phases_bias_version_ == version_of(bias)))
+    return false;
+  if (dense_released()) return phases_from_packed_;
+  return !phases_from_packed_ && weight.defined() && weight.numel() > 0 && weight.has_storage() &&
+         weight.storage().unsafeGetStorageImpl() == phases_storage_.unsafeGetStorageImpl() &&
+         phases_version_ == version_of(weight);
+}
+
+void Conv2dImpl::make_upsample_phases() {
+  torch::NoGradGuard no_grad;
+  const bool released = dense_released();
+  const auto w = (released ? packed_.to_dense() : weight).to(torch::kDouble);  // [out, in, 3, 3]
+  // Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. x rows (i - 1, i, i) for a = 0 and
+  // (i, i, i + 1) for a = 1 (the padding row of the upsampled image is x's padding row): R[a][p][r] = 1 where tap r
+  // lands on the p-th of the two x rows. Columns alike.
+  const auto r = torch::tensor({1., 0., 0., 0., 1., 1., 1., 1., 0., 0., 0., 1.}, w.options()).view({2, 2, 3});
+  const auto k = torch::einsum("apr,oirs,bqs->aboipq", {r, w, r})  // [2, 2, out, in, 2, 2]
+                     .reshape({4 * out_channels, in_channels, 2, 2})
+                     .to(weight.scalar_type())
+                     .contiguous();
+  auto p = std::make_shared<Conv2dImpl>(in_channels, 4 * out_channels, 2, 1, 1, bias.defined());
+  p->weight.set_data(k);
+  p->weight.set_requires_grad(false);
+  if (bias.defined()) {
+    p->bias.set_data(bias.detach().repeat({4}));  // [4 * out]: block a * 2 + b is phase (a, b)
+    p->bias.set_requires_grad(false);
+  }
+  // Prepacked (one copy) where this convolution is: the phases then cost 16/9 of its weight in memory.
+  if (packed_.defined() && p->prepack() && fast_path().one_conv_copy) p->release_dense();
+  phases_ = std::move(p);
+  phases_storage_ = released ? c10::Storage() : weight.storage();
+  phases_version_ = released ? -1 : version_of(weight);
+  phases_from_packed_ = released;
+  if (bias.defined()) {
+    phases_bias_storage_ = bias.storage();
+    phases_bias_version_ = version_of(bias);
+  }
+}
+
+torch::Tensor Conv2dImpl::forward_upsampled2x(const torch::Tensor& x) {
+  const auto dt = x.scalar_type();
+  const bool grad = torch::GradMode::is_enabled() &&
+                    (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
+  const bool phases = fast_path().upsample_phases && kernel_size == 3 && stride == 1 && padding == 1 &&
+                      x.dim() == 4 && x.device().is_cpu() && weight.device().is_cpu() && !grad &&
+                      !use_int8(int8_ != nullptr, x, weight) && dt == weight.scalar_type() &&
+                      (dt == torch::kFloat || dt == torch::kBFloat16) && x.size(1) == in_channels &&
+                      x.size(2) > 0 && x.size(3) > 0;
+  if (!phases) {
+    // Nearest-neighbour only copies values: the fp32 detour is exact where libtorch 1.13's CPU kernel lacks bf16.
+    const std::vector<int64_t> size{x.size(2) * 2, x.size(3) * 2};
+    if (x.device().is_cpu() && reduced(x)) return forward(at::upsample_nearest2d(x.to(torch::kFloat), size).to(dt));
+    return forward(at::upsample_nearest2d(x, size));
+  }
+  std::shared_ptr<Conv2dImpl> phases_conv;
+  {
+    // Streams may share a model across threads: one makes the kernels, each call keeps the ones it started with.
+    static std::mutex making;
+    const std::lock_guard<std::mutex> lock(making);
+    if (!upsample_phases_current()) make_upsample_phases();
+    phases_conv = phases_;
+  }
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3), o = out_channels;
+  // [N, 4 * out, H + 1, W + 1] in x's memory format: phase (a, b)'s output pixel (i, j) is at row i + a, column
+  // j + b of channel block a * 2 + b, an address linear in (a, b) whatever the strides. So one strided view reads
+  // the four phases in output order, [N, out, H, 2 (a), W, 2 (b)], and one copy writes them into the
+  // [N, out, 2H, 2W] output (in x's memory format too: TAESD runs channels-last on the CPU).
+  const auto y = phases_conv->forward(x);
+  const int64_t sn = y.stride(0), sc = y.stride(1), sh = y.stride(2), sw = y.stride(3);
+  const auto phased = y.as_strided({n, o, h, 2, w, 2}, {sn, sc, sh, 2 * o * sc + sh, sw, o * sc + sw});
+  auto out = torch::empty({n, o, 2 * h, 2 * w}, y.options().memory_format(x.suggest_memory_format()));
+  const int64_t on = out.stride(0), oc = out.stride(1), oh = out.stride(2), ow = out.stride(3);
+  out.as_strided({n, o, h, 2, w, 2}, {on, oc, 2 * oh, oh, 2 * ow, ow}).copy_(phased);
+  return out;
 }
 
 namespace {

@@ -25,6 +25,10 @@ struct FastPathOptions {
   bool attention_tiles_cpu = true;
   // Layers given an int8 copy (quantize_int8(), `--dtype int8`) compute with it; off = their float path
   bool int8 = true;
+  // The autoencoders' CPU nearest-2x upsampling + 3x3 convolution as four 2x2 convolutions on the small input
+  // (Conv2dImpl::forward_upsampled2x; their kernels cost 16/9 of those convolutions' weights in memory); off =
+  // upsample, then convolve (SD_UPSAMPLE_PHASES=0)
+  bool upsample_phases = true;
 };
 FastPathOptions& fast_path();
 
@@ -74,7 +78,27 @@ class Conv2dImpl : public torch::nn::Module {
   void quantize_int8();
   bool quantized() const { return int8_ != nullptr; }
 
+  // forward(nearest_upsample_2x(x)): diffusers' Upsample2D and TAESD's decoder. For a 3x3, stride-1, padding-1
+  // convolution on the CPU (fast_path().upsample_phases, no gradient wanted) it runs on x itself. An output pixel
+  // of row parity a and column parity b sees a 2x2 window of x through its 3x3 window over the upsampled image,
+  // the taps that land on the same x pixel summed: four 2x2 kernels, one per (a, b), made once from the weight
+  // (sums in float64, rounded once to the weight's dtype) and run as one convolution with 4x the output channels,
+  // whose four blocks are interleaved into the 2x-sized output. 16 multiply-adds instead of 36 per input pixel
+  // and channel pair, and the 4x-sized upsampled image is never written. Elsewhere: upsample, then forward().
+  torch::Tensor forward_upsampled2x(const torch::Tensor& x);
+  // Whether the four-phase kernels exist and were made from the current weight (for tests).
+  bool upsample_phases_current() const;
+
  private:
+  // The four-phase convolution ([4 * out, in, 2, 2], padding 1; prepacked like this one), made on first use.
+  std::shared_ptr<Conv2dImpl> phases_;
+  // What they were made from: the dense weight's storage (held, so that its address cannot come back for another
+  // weight) and version, or the packed copy while the dense weight is released.
+  c10::Storage phases_storage_, phases_bias_storage_;
+  int64_t phases_version_ = -1, phases_bias_version_ = -1;
+  bool phases_from_packed_ = false;
+  void make_upsample_phases();
+
   std::shared_ptr<sd::int8::PackedConv> int8_;
   const void* int8_from_ = nullptr;
   int64_t int8_version_ = -1;

@@ -48,13 +48,16 @@ torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
   return conv(x);
 }
 
-Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out_channels) {
+Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out_channels, bool use_phases) : phases(use_phases) {
   conv = register_module("conv", sd::nn::Conv2d(channels, out_channels, 3, 1, 1));
 }
 
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, std::optional<std::pair<int64_t, int64_t>> size) {
   std::vector<int64_t> out_size = size ? std::vector<int64_t>{size->first, size->second}
                                        : std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2};
+  // On the CPU, exactly 2x (where asked): four 2x2 convolutions on x instead of a 3x3 one on the 4x-sized image.
+  if (phases && x.device().is_cpu() && out_size[0] == x.size(2) * 2 && out_size[1] == x.size(3) * 2)
+    return conv->forward_upsampled2x(x);
   // Nearest-neighbour only copies values, so a detour through fp32 is exact; it is taken where the bf16 kernel is
   // missing (CUDA before torch 2.1, as diffusers does). The CPU kernel handles bf16 natively.
   torch::Tensor up;

@@ -42,12 +42,17 @@ TORCH_MODULE(Downsample2D);
 // diffusers Upsample2D with use_conv=True: nearest-neighbour x2 (or to an explicit size) then a 3x3 conv `conv`.
 class Upsample2DImpl : public torch::nn::Module {
  public:
-  Upsample2DImpl(int64_t channels, int64_t out_channels);
+  // phases: on the CPU, exactly 2x runs as Conv2dImpl::forward_upsampled2x (four 2x2 convolutions on the input; see
+  // there). The autoencoders ask for it (AutoencoderKL decode 512 px fp32 27.1 -> 24.7 s on a 2-core Zen 2); the UNet
+  // does not: its three upsamplers are ~2% of a call, less than the kernels' memory (16/9 of their weights, +236 MB
+  // for an fp32 SD 2.1 UNet) is worth.
+  Upsample2DImpl(int64_t channels, int64_t out_channels, bool phases = false);
   // output_size: the (H, W) to upsample to instead of 2x (the UNet passes the skip's size when the input size is
   // not a multiple of its total down factor).
   torch::Tensor forward(const torch::Tensor& x, std::optional<std::pair<int64_t, int64_t>> output_size = {});
 
   sd::nn::Conv2d conv{nullptr};
+  bool phases = false;
 };
 TORCH_MODULE(Upsample2D);
 

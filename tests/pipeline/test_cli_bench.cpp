@@ -156,10 +156,13 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
     EXPECT_NEAR(c["speedup"].get<double>(), b / k, 1e-9 * b / k);
   }
   for (const std::string s : {"batch", "cfg", "vae", "components"}) EXPECT_EQ(cmp_sections.count(s), 1u) << s;
-  // 2 dtypes x (attention tiles 1 + batch 2 + cfg 3 + vae 4) comparisons at one size.
-  EXPECT_EQ(j["comparisons"].size(), 20u);
+  // 2 dtypes x (attention tiles 1 + upsample phases 2 + batch 2 + cfg 3 + vae 4) comparisons at one size.
+  EXPECT_EQ(j["comparisons"].size(), 24u);
   // The UNet with the tiled CPU attention switched off is its own row (and the fast path is back on after it).
   EXPECT_EQ(by_id.count("unet/bf16/64/b1/no-attention-tiles"), 1u);
+  // So are both decoders with the upsample phases off (CPU).
+  for (const std::string id : {"taesd_decode/fp32/64/no-upsample-phases", "vae_decode/bf16/64/no-upsample-phases"})
+    EXPECT_EQ(by_id.count(id), 1u) << id;
 
   // Ablation: 7 steps (2 denoising steps, so the stream batch row is there), the first is the naive path in fp32.
   ASSERT_EQ(j["ablation"].size(), 1u);
