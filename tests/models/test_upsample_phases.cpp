@@ -194,38 +194,42 @@ TEST(UpsamplePhases, Upsample2DUsesThemForExactly2xWhereAsked) {
   EXPECT_TRUE(torch::allclose(out, ref, 1e-6, 1e-6));
 }
 
-TEST(UpsamplePhases, TaesdDecoderUsesThemAfterEachUpsampling) {
+// A decoder's output with the phases off and on (both in fp32, so they agree to rounding), and how many of its
+// convolutions made phase kernels.
+struct DecodedBothWays {
+  torch::Tensor plain, phased;
+  int64_t convolutions_with_phases = 0;
+};
+template <class Vae>
+DecodedBothWays decode_both_ways(Vae& vae, const torch::Tensor& z) {
   torch::NoGradGuard ng;
-  auto vae = sd::load_taesd(sd::test::fixture_path("models/tiny-sd15/taesd"));
-  const auto z = torch::randn({1, 4, 4, 4});
   PhasesSwitch keep;
+  DecodedBothWays d;
   sd::nn::fast_path().upsample_phases = false;
-  const auto plain = vae->decode(z);
+  d.plain = vae->decode(z);
   sd::nn::fast_path().upsample_phases = true;
-  const auto phased = vae->decode(z);
-  int64_t with_phases = 0;
-  for (auto& m : vae->decoder->modules())
-    if (auto* c = dynamic_cast<sd::nn::Conv2dImpl*>(m.get()); c && c->upsample_phases_current()) ++with_phases;
+  d.phased = vae->decode(z);
+  for (auto& m : vae->modules())
+    if (auto* c = dynamic_cast<sd::nn::Conv2dImpl*>(m.get()); c && c->upsample_phases_current())
+      ++d.convolutions_with_phases;
+  return d;
+}
+
+TEST(UpsamplePhases, TaesdDecoderUsesThemAfterEachUpsampling) {
+  auto vae = sd::load_taesd(sd::test::fixture_path("models/tiny-sd15/taesd"));
+  torch::manual_seed(2);
+  const auto d = decode_both_ways(vae, torch::randn({1, 4, 4, 4}));
   // One convolution after each upsampling: one fewer than the decoder's stages.
-  EXPECT_EQ(with_phases, static_cast<int64_t>(vae->config().num_decoder_blocks.size()) - 1);
-  SD_EXPECT_CLOSE(phased, plain, 1e-5, 1e-5, "TAESD decode, phases on vs off");
+  EXPECT_EQ(d.convolutions_with_phases, static_cast<int64_t>(vae->config().num_decoder_blocks.size()) - 1);
+  SD_EXPECT_CLOSE(d.phased, d.plain, 1e-5, 1e-5, "TAESD decode, phases on vs off");
 }
 
 TEST(UpsamplePhases, AutoencoderKlDecoderUsesThemInEachUpsampler) {
-  torch::NoGradGuard ng;
   auto vae = sd::load_vae(sd::test::fixture_path("models/tiny-sd15/vae"));
   torch::manual_seed(2);
-  const auto z = torch::randn({1, 4, 4, 4});
-  PhasesSwitch keep;
-  sd::nn::fast_path().upsample_phases = false;
-  const auto plain = vae->decode(z);
-  sd::nn::fast_path().upsample_phases = true;
-  const auto phased = vae->decode(z);
-  int64_t with_phases = 0;
-  for (auto& m : vae->modules())
-    if (auto* c = dynamic_cast<sd::nn::Conv2dImpl*>(m.get()); c && c->upsample_phases_current()) ++with_phases;
-  EXPECT_EQ(with_phases, 3) << "one per up block but the last (4 blocks in the fixture)";
-  SD_EXPECT_CLOSE(phased, plain, 1e-5, 1e-5, "AutoencoderKL decode, phases on vs off");
+  const auto d = decode_both_ways(vae, torch::randn({1, 4, 4, 4}));
+  EXPECT_EQ(d.convolutions_with_phases, 3) << "one per up block but the last (4 blocks in the fixture)";
+  SD_EXPECT_CLOSE(d.phased, d.plain, 1e-5, 1e-5, "AutoencoderKL decode, phases on vs off");
 }
 
 }  // namespace
