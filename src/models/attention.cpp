@@ -98,7 +98,8 @@ torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, 
   const bool needs_grad =
       torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
   if (const int64_t tile = attention_tile_rows(bh, n, m, static_cast<int64_t>(c10::elementSize(cdt)));
-      tile > 0 && tiles && sd::nn::fast_path().attention_tiles_cpu && qh.is_cpu() && !needs_grad && (cdt == torch::kFloat || cdt == torch::kBFloat16))
+      tile > 0 && tiles && sd::nn::fast_path().attention_tiles_cpu && qh.is_cpu() && !needs_grad &&
+      (cdt == torch::kBFloat16 || (cdt == torch::kFloat && sd::nn::fast_path().attention_tiles_fp32)))
     return merge_heads(attention_tiles_cpu(qh.contiguous(), kt.contiguous(), vh.contiguous(), tile), heads)
         .to(v.scalar_type());
   const int64_t row_bytes = std::max<int64_t>(1, bh * m * static_cast<int64_t>(c10::elementSize(cdt)));

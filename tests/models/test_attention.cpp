@@ -136,7 +136,11 @@ TEST(Attention, TiledPathMatchesReference) {
   auto t = random_qkv(1, 2000, 2100, 2, 16, torch::kFloat, 2.0);  // 2 heads: 33.6 MB of fp32 scores
   auto ref = reference_attention(t.q, t.k, t.v, 2);
   torch::NoGradGuard no_grad;
+  // fp32 tiles are off by default (slower where measured): switched on here to test them.
+  const bool fp32_saved = sd::nn::fast_path().attention_tiles_fp32;
+  sd::nn::fast_path().attention_tiles_fp32 = true;
   auto tiled = sd::attention_chunked(t.q, t.k, t.v, 2, false);
+  sd::nn::fast_path().attention_tiles_fp32 = fp32_saved;
   auto bmm = sd::attention_chunked(t.q, t.k, t.v, 2, false, sd::kAttentionMaxScoreBytes, false);
   SD_EXPECT_CLOSE(tiled, ref, 1e-5, 1e-5, "tiled fp32");
   SD_EXPECT_CLOSE(bmm, ref, 1e-5, 1e-5, "bmm fp32");
