@@ -43,7 +43,7 @@ TORCH_MODULE(Downsample2D);
 class Upsample2DImpl : public torch::nn::Module {
  public:
   // phases: on the CPU, exactly 2x runs as Conv2dImpl::forward_upsampled2x (four 2x2 convolutions on the input; see
-  // there). The autoencoders ask for it (AutoencoderKL decode 512 px fp32 27.1 -> 24.7 s on a 2-core Zen 2); the UNet
+  // there). The autoencoders ask for it (AutoencoderKL decode 256 px fp32 6.20 -> 5.58 s on a 2-core Zen 2); the UNet
   // does not: its three upsamplers are ~2% of a call, less than the kernels' memory (16/9 of their weights, +236 MB
   // for an fp32 SD 2.1 UNet) is worth.
   Upsample2DImpl(int64_t channels, int64_t out_channels, bool phases = false);
