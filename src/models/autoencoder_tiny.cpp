@@ -192,8 +192,7 @@ torch::Tensor TinyLayersImpl::forward(torch::Tensor x) {
       case Kind::Upsample:
         // The decoder's upsampling is followed by a 3x3 convolution: on the CPU the two run as one
         // (Conv2dImpl::forward_upsampled2x, four 2x2 convolutions on the small input).
-        if (op.factor == 2 && x.device().is_cpu() && i + 1 < ops_.size() && ops_[i + 1].kind == Kind::Conv &&
-            !(i + 2 < ops_.size() && ops_[i + 2].kind == Kind::ReLU)) {
+        if (op.factor == 2 && x.device().is_cpu() && i + 1 < ops_.size() && ops_[i + 1].kind == Kind::Conv) {
           x = ops_[i + 1].conv->forward_upsampled2x(x);
           ++i;
         } else {
