@@ -6,7 +6,6 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
-#include "core/torch_compat.h"
 #include "io/checkpoint_convert.h"
 #include "io/json_config.h"
 #include "io/model_folder.h"
@@ -24,18 +23,6 @@ std::string list_str(const std::vector<int>& v) {
   std::string s = "[";
   for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
   return s + "]";
-}
-
-// Nearest-neighbour upsampling by an integer factor. Values are copied, never computed, so running the fp32 kernel
-// for a bf16 tensor (libtorch 1.13 has no bf16 CPU kernel for upsample_nearest2d) is exact. CUDA upsamples fp16 (and
-// bf16 from torch 2.1) itself: the detour would cost two passes over the decoder's largest, 512 px activations.
-torch::Tensor upsample_nearest(const torch::Tensor& x, int64_t factor) {
-  const std::vector<int64_t> size{x.size(2) * factor, x.size(3) * factor};
-  const bool reduced = x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf;
-  if (x.is_cuda() && (x.scalar_type() != torch::kBFloat16 || SD_HAS_CUDA_BF16_UPSAMPLE))
-    return at::upsample_nearest2d(sd::nn::cuda_upsample_input(x), size);
-  if (reduced) return at::upsample_nearest2d(x.to(torch::kFloat), size).to(x.scalar_type());
-  return at::upsample_nearest2d(x, size);
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -196,7 +183,7 @@ torch::Tensor TinyLayersImpl::forward(torch::Tensor x) {
           x = ops_[i + 1].conv->forward_upsampled2x(x);
           ++i;
         } else {
-          x = upsample_nearest(x, op.factor);
+          x = sd::nn::upsample_nearest(x, {x.size(2) * op.factor, x.size(3) * op.factor});
         }
         break;
     }

@@ -40,6 +40,13 @@ void set_cuda_fused_conv(bool on) { fused_conv_flag().store(on); }
 
 torch::Tensor cuda_upsample_input(const torch::Tensor& x) { return x.size(0) >= 64 ? x.contiguous() : x; }
 
+torch::Tensor upsample_nearest(const torch::Tensor& x, const std::vector<int64_t>& size) {
+  const auto dt = x.scalar_type();
+  const bool detour = x.is_cuda() ? (dt == torch::kBFloat16 && !SD_HAS_CUDA_BF16_UPSAMPLE) : dt == torch::kHalf;
+  if (detour) return at::upsample_nearest2d(x.to(torch::kFloat), size).to(dt);
+  return at::upsample_nearest2d(x.is_cuda() ? cuda_upsample_input(x) : x, size);
+}
+
 FastPathOptions& fast_path() {
   static FastPathOptions options = [] {
     FastPathOptions o;
@@ -249,10 +256,7 @@ torch::Tensor Conv2dImpl::forward_upsampled2x(const torch::Tensor& x) {
                       (dt == torch::kFloat || dt == torch::kBFloat16) && x.size(1) == in_channels &&
                       x.size(2) > 0 && x.size(3) > 0;
   if (!phases) {
-    // Nearest-neighbour only copies values: the fp32 detour is exact where libtorch 1.13's CPU kernel lacks bf16.
-    const std::vector<int64_t> size{x.size(2) * 2, x.size(3) * 2};
-    if (x.device().is_cpu() && reduced(x)) return forward(at::upsample_nearest2d(x.to(torch::kFloat), size).to(dt));
-    return forward(at::upsample_nearest2d(x, size));
+    return forward(upsample_nearest(x, {x.size(2) * 2, x.size(3) * 2}));
   }
   std::shared_ptr<Conv2dImpl> phases_conv;
   {

@@ -120,6 +120,12 @@ torch::Tensor conv_add_relu(Conv2dImpl& conv, const torch::Tensor& x, const torc
 // (diffusers' Upsample2D workaround, huggingface/diffusers#984); `x` itself below.
 torch::Tensor cuda_upsample_input(const torch::Tensor& x);
 
+// Nearest-neighbour upsampling of [B, C, H, W] to [B, C, size[0], size[1]], the memory format of x kept. Values are
+// copied, never computed, so a detour through fp32 is exact; it is taken only where libtorch lacks the dtype's kernel:
+// fp16 on the CPU (1.13), bf16 on CUDA before torch 2.1. The CPU kernel takes bf16 (1.13 too, 3-5x faster than the
+// detour) and CUDA fp16.
+torch::Tensor upsample_nearest(const torch::Tensor& x, const std::vector<int64_t>& size);
+
 // GroupNorm over NCHW (or [B, C, *]); statistics in fp32 when the input is reduced precision.
 class GroupNormImpl : public torch::nn::Module {
  public:

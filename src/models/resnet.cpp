@@ -1,7 +1,6 @@
 #include "models/resnet.h"
 
 #include "core/error.h"
-#include "core/torch_compat.h"
 
 namespace sd {
 
@@ -58,15 +57,7 @@ torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, std::optional<std:
   // On the CPU, exactly 2x (where asked): four 2x2 convolutions on x instead of a 3x3 one on the 4x-sized image.
   if (phases && x.device().is_cpu() && out_size[0] == x.size(2) * 2 && out_size[1] == x.size(3) * 2)
     return conv->forward_upsampled2x(x);
-  // Nearest-neighbour only copies values, so a detour through fp32 is exact; it is taken where the bf16 kernel is
-  // missing (CUDA before torch 2.1, as diffusers does). The CPU kernel handles bf16 natively.
-  torch::Tensor up;
-  if (x.scalar_type() == torch::kBFloat16 && !x.device().is_cpu() && !SD_HAS_CUDA_BF16_UPSAMPLE) {
-    up = at::upsample_nearest2d(x.to(torch::kFloat), out_size).to(x.scalar_type());
-  } else {
-    up = at::upsample_nearest2d(x.is_cuda() ? sd::nn::cuda_upsample_input(x) : x, out_size);
-  }
-  return conv(up);
+  return conv(sd::nn::upsample_nearest(x, out_size));
 }
 
 }  // namespace sd

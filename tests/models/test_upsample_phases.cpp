@@ -167,6 +167,33 @@ TEST(UpsamplePhases, PlainPathWhereTheyDoNotApply) {
   EXPECT_TRUE(torch::equal(conv->weight.grad(), gw));
 }
 
+// sd::nn::upsample_nearest, the one nearest-neighbour upsampling of the models (plain paths of the above, TAESD's
+// upsampling when the phases are off, other sizes): every output pixel is its source pixel, bit for bit, in each dtype
+// (fp16 through the fp32 detour on the CPU) and memory format, for 2x, 3x and a non-integer size.
+TEST(UpsamplePhases, UpsampleNearestCopiesEachSourcePixel) {
+  torch::manual_seed(5);
+  const auto x32 = torch::randn({2, 3, 5, 4});
+  for (const auto dt : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+    for (const bool cl : {false, true}) {
+      auto x = x32.to(dt);
+      if (cl) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+      for (const auto& size : {std::vector<int64_t>{10, 8}, {15, 12}, {7, 9}}) {
+        const auto what = std::string(c10::toString(dt)) + (cl ? " channels-last " : " ") + std::to_string(size[0]) +
+                          "x" + std::to_string(size[1]);
+        const auto y = sd::nn::upsample_nearest(x, size);
+        ASSERT_EQ(y.sizes(), (std::vector<int64_t>{2, 3, size[0], size[1]})) << what;
+        EXPECT_EQ(y.scalar_type(), dt) << what;
+        EXPECT_EQ(y.is_contiguous(at::MemoryFormat::ChannelsLast), cl) << what;
+        // PyTorch's "nearest": source index floor(i * in / out).
+        const auto rows = (torch::arange(size[0]) * x.size(2)).div(size[0], "floor");
+        const auto cols = (torch::arange(size[1]) * x.size(3)).div(size[1], "floor");
+        const auto expect = x.index_select(2, rows).index_select(3, cols);
+        EXPECT_TRUE(torch::equal(y.contiguous(), expect.contiguous())) << what;
+      }
+    }
+  }
+}
+
 TEST(UpsamplePhases, Upsample2DUsesThemForExactly2xWhereAsked) {
   torch::NoGradGuard ng;
   sd::Upsample2D up(8, 4, /*phases=*/true);
