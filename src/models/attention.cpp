@@ -1,6 +1,7 @@
 #include "models/attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include <ATen/Parallel.h>
@@ -70,11 +71,21 @@ torch::Tensor attention_tiles_cpu(const torch::Tensor& qh, const torch::Tensor& 
 
 }  // namespace
 
+int parallel_for_threads() {
+  std::atomic<int> threads{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { ++threads; });
+  return threads.load();
+}
+
 int64_t attention_tile_rows(int64_t batch_heads, int64_t queries, int64_t keys, int64_t element_bytes) {
-  // Below ~32 MB of scores the bmm path's scores stay in the last-level cache and its two big GEMMs win over the
-  // per-tile call overhead (measured bf16, 2 threads: 10 heads × 1024² = 20 MB: bmm 8.3 ms vs tiles 8.2–10 ms; 20
-  // heads: 31 ms vs 17 ms; 5 heads × 4096²: 131 ms vs 71 ms). ~2 M scores per tile (512 rows at 4096 keys).
-  if (batch_heads * queries * keys * element_bytes < kAttentionTiledMinScoreBytes) return 0;
+  // fp32: tiles at every size (2-core Zen 2, libtorch 1.13, OpenBLAS pinned to one thread as the engine runs it, 2
+  // threads, vs the bmm path: 20 heads x 64 x 64 0.56 vs 0.70 ms; 20 x 256 x 77 1.7 vs 2.9; 20 x 256^2 3.5 vs 6.3;
+  // 10 x 1024^2 23 vs 59; 5 x 4096^2 170 vs 470). bf16 (oneDNN's kernels): below ~32 MB of scores the bmm path's
+  // scores stay in the last-level cache and its two big GEMMs were as fast (measured on a 2-core AMX Xeon while
+  // at::parallel_for still ran the tiles on one thread, see parallel_for_threads(): 10 heads x 1024^2 = 20 MB bmm 8.3
+  // ms vs tiles 8.2-10 ms; 20 heads: 31 vs 17 ms; 5 heads x 4096^2: 131 vs 71 ms). ~2 M scores per tile (512 rows
+  // at 4096 keys).
+  if (element_bytes < 4 && batch_heads * queries * keys * element_bytes < kAttentionTiledMinScoreBytes) return 0;
   return std::min<int64_t>(queries, std::clamp<int64_t>((int64_t{2} << 20) / std::max<int64_t>(keys, 1), 128, 1024));
 }
 
@@ -99,7 +110,7 @@ torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, 
       torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
   if (const int64_t tile = attention_tile_rows(bh, n, m, static_cast<int64_t>(c10::elementSize(cdt)));
       tile > 0 && tiles && sd::nn::fast_path().attention_tiles_cpu && qh.is_cpu() && !needs_grad &&
-      (cdt == torch::kBFloat16 || (cdt == torch::kFloat && sd::nn::fast_path().attention_tiles_fp32)))
+      (cdt == torch::kBFloat16 || cdt == torch::kFloat))
     return merge_heads(attention_tiles_cpu(qh.contiguous(), kt.contiguous(), vh.contiguous(), tile), heads)
         .to(v.scalar_type());
   const int64_t row_bytes = std::max<int64_t>(1, bh * m * static_cast<int64_t>(c10::elementSize(cdt)));

@@ -10,8 +10,14 @@ namespace sd {
 
 // Default bound on the [B*heads, chunk, M] score matrix held at once by the chunked path (bytes).
 constexpr int64_t kAttentionMaxScoreBytes = int64_t{64} << 20;
-// CPU inference whose [B*heads, N, M] scores take at least this many bytes takes the tiled path (attention_chunked).
+// CPU inference in bf16 whose [B*heads, N, M] scores take at least this many bytes takes the tiled path
+// (attention_chunked); fp32 takes it at every size.
 constexpr int64_t kAttentionTiledMinScoreBytes = int64_t{32} << 20;
+
+// How many intra-op threads at::parallel_for reaches from this library's kernels (the attention tiles, the int8
+// quantizer) at the current at::get_num_threads(): 1 where they were built without OpenMP (src/CMakeLists.txt), when
+// ATen's OpenMP template runs the whole range on the calling thread.
+int parallel_for_threads();
 
 // Query rows per tile of the tiled CPU path; 0 = not tiled (the scores are small enough for the bmm path).
 int64_t attention_tile_rows(int64_t batch_heads, int64_t queries, int64_t keys, int64_t element_bytes);

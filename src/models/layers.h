@@ -21,11 +21,9 @@ struct FastPathOptions {
   bool one_conv_copy = true;
   // CPU attention in the model dtype (bf16) unless the config asks to upcast; default: where oneDNN has bf16 kernels
   bool attention_reduced_cpu = true;
-  // CPU attention over large score matrices in (head, query tile) tasks (attention_chunked); off = one bmm per chunk
+  // CPU attention in (head, query tile) tasks (attention_chunked; fp32 at every size, bf16 over large score
+  // matrices); off = one bmm per chunk
   bool attention_tiles_cpu = true;
-  // ... in fp32 too. Off: the tiles' gain was measured in bf16 (AMX Xeon), and in fp32 they were slower on an AVX2
-  // Zen 2 with libtorch 1.13 (5 heads x 4096 tokens: 680 vs 436 ms; sd-turbo UNet at 512 px 9.5 vs 8.3 s).
-  bool attention_tiles_fp32 = false;
   // Layers given an int8 copy (quantize_int8(), `--dtype int8`) compute with it; off = their float path
   bool int8 = true;
   // The autoencoders' CPU nearest-2x upsampling + 3x3 convolution as four 2x2 convolutions on the small input

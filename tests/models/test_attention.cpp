@@ -47,23 +47,25 @@ TEST(Attention, ChunkedMatchesReferenceForEveryChunkSize) {
   const int64_t row = 2 * 3 * 29 * 4;
   for (int64_t rows : {int64_t{1}, int64_t{2}, int64_t{5}, int64_t{16}, int64_t{36}, int64_t{37}, int64_t{1000}}) {
     for (bool upcast : {false, true}) {
-      auto out = sd::attention_chunked(t.q, t.k, t.v, 3, upcast, rows * row);
+      auto out = sd::attention_chunked(t.q, t.k, t.v, 3, upcast, rows * row, /*tiles=*/false);
       EXPECT_EQ(out.sizes(), t.q.sizes());
       EXPECT_TRUE(sd::test::tensors_close(out, ref, 1e-6, 1e-6,
                                           "chunk " + std::to_string(rows) + (upcast ? " upcast" : "")));
     }
   }
   // A bound below one row still makes progress (one query row per chunk).
-  EXPECT_TRUE(sd::test::tensors_close(sd::attention_chunked(t.q, t.k, t.v, 3, false, 1), ref, 1e-6, 1e-6, "tiny"));
-  // The public entry point is the same computation.
+  EXPECT_TRUE(
+      sd::test::tensors_close(sd::attention_chunked(t.q, t.k, t.v, 3, false, 1, false), ref, 1e-6, 1e-6, "tiny"));
+  // The tiled path (CPU fp32 inference at every size) and the public entry point are the same computation.
+  EXPECT_TRUE(sd::test::tensors_close(sd::attention_chunked(t.q, t.k, t.v, 3, false), ref, 1e-6, 1e-6, "tiles"));
   EXPECT_TRUE(sd::test::tensors_close(sd::attention(t.q, t.k, t.v, 3, false), ref, 1e-6, 1e-6, "attention()"));
 }
 
 TEST(Attention, ChunkingDoesNotChangeTheResult) {
   auto t = random_qkv(1, 64, 64, 2, 16, torch::kFloat);
-  auto whole = sd::attention_chunked(t.q, t.k, t.v, 2, false, int64_t{1} << 40);
+  auto whole = sd::attention_chunked(t.q, t.k, t.v, 2, false, int64_t{1} << 40, /*tiles=*/false);
   for (int64_t rows : {1, 7, 32}) {
-    auto part = sd::attention_chunked(t.q, t.k, t.v, 2, false, rows * 2 * 64 * 4);
+    auto part = sd::attention_chunked(t.q, t.k, t.v, 2, false, rows * 2 * 64 * 4, /*tiles=*/false);
     // Same arithmetic per element; only the BLAS kernel for the chunk's row count may differ (OpenBLAS on an AVX2
     // CPU sums in another order for 1 or 7 rows): within 1e-6 of max|whole| (~8 fp32 ulps).
     EXPECT_TRUE(sd::test::tensors_close(part, whole, 0.0, 1e-6, "chunk of " + std::to_string(rows) + " rows"));
@@ -77,9 +79,12 @@ TEST(Attention, Bf16ChunkedIsFp32ComputeRoundedOnce) {
   auto ref = reference_attention(t.q, t.k, t.v, 2);
   for (bool upcast : {false, true}) {
     for (int64_t rows : {3, 50}) {
-      auto out = sd::attention_chunked(t.q, t.k, t.v, 2, upcast, rows * 2 * 2 * 40 * 4);
-      EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
-      EXPECT_TRUE(sd::test::tensors_close(out, ref, 0.0, 4e-3, upcast ? "bf16 upcast" : "bf16"));
+      for (bool tiles : {false, true}) {  // the tiles where bf16 computes in fp32 (no oneDNN bf16, or upcast)
+        auto out = sd::attention_chunked(t.q, t.k, t.v, 2, upcast, rows * 2 * 2 * 40 * 4, tiles);
+        EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+        EXPECT_TRUE(sd::test::tensors_close(out, ref, 0.0, 4e-3, std::string(upcast ? "bf16 upcast" : "bf16") +
+                                                                     (tiles ? " tiles" : "")));
+      }
     }
   }
 }
@@ -126,24 +131,25 @@ TEST(SoftmaxRows, MatchesTheFloat64SoftmaxForEveryRowLength) {
   EXPECT_NEAR(x[1].sum().item<double>(), 1.0, 1e-6);
 }
 
-// Above ~32 MB of scores CPU inference takes the tiled path: (head, query tile) tasks whose scores stay in cache. Its
-// result is the reference's, for a query count that is no multiple of the tile and keys != queries.
+// CPU inference takes the tiled path in fp32, and in bf16 above ~32 MB of scores: (head, query tile) tasks whose
+// scores stay in cache. Its result is the reference's, for a query count that is no multiple of the tile and keys !=
+// queries, and for a few queries against the 77 tokens of a prompt (cross-attention).
 TEST(Attention, TiledPathMatchesReference) {
   EXPECT_EQ(sd::attention_tile_rows(10, 1024, 1024, 2), 0);      // 20 MB of bf16 scores: the bmm path
   EXPECT_EQ(sd::attention_tile_rows(5, 4096, 4096, 2), 512);     // 512 px self-attention: 512-row tiles
   EXPECT_EQ(sd::attention_tile_rows(2, 2000, 2100, 4), 998);     // ~2 M scores per tile
   EXPECT_EQ(sd::attention_tile_rows(1, 300, 1 << 16, 4), 128);   // at least 128 rows (or all of them)
+  EXPECT_EQ(sd::attention_tile_rows(20, 64, 64, 4), 64);         // fp32 at any size (all 64 rows in one tile)
   auto t = random_qkv(1, 2000, 2100, 2, 16, torch::kFloat, 2.0);  // 2 heads: 33.6 MB of fp32 scores
   auto ref = reference_attention(t.q, t.k, t.v, 2);
   torch::NoGradGuard no_grad;
-  // fp32 tiles are off by default (slower where measured): switched on here to test them.
-  const bool fp32_saved = sd::nn::fast_path().attention_tiles_fp32;
-  sd::nn::fast_path().attention_tiles_fp32 = true;
   auto tiled = sd::attention_chunked(t.q, t.k, t.v, 2, false);
-  sd::nn::fast_path().attention_tiles_fp32 = fp32_saved;
   auto bmm = sd::attention_chunked(t.q, t.k, t.v, 2, false, sd::kAttentionMaxScoreBytes, false);
   SD_EXPECT_CLOSE(tiled, ref, 1e-5, 1e-5, "tiled fp32");
   SD_EXPECT_CLOSE(bmm, ref, 1e-5, 1e-5, "bmm fp32");
+  auto x = random_qkv(2, 300, 77, 4, 16, torch::kFloat, 2.0);  // cross-attention: 2 x 4 heads, 300 queries, 77 keys
+  SD_EXPECT_CLOSE(sd::attention_chunked(x.q, x.k, x.v, 4, false), reference_attention(x.q, x.k, x.v, 4), 1e-5, 1e-5,
+                  "tiled fp32 cross-attention");
   // bf16 in the model dtype (the CPU fast path): the tiled error is that of the bmm path (bf16 scores and
   // probabilities; measured 4.1e-4 abs for both, max|ref| 0.11). That path is taken where oneDNN has bf16 kernels
   // (fast_path's default); without them the products compute in fp32, as tested here then: libtorch 1.13's fallback
@@ -160,6 +166,24 @@ TEST(Attention, TiledPathMatchesReference) {
   SD_EXPECT_CLOSE(bbmm, bref, 0.0, 1e-2, "bmm bf16");
   // The two differ by at most one bf16 ulp of the largest output (2^-7 relative; measured one ulp, 4.9e-4 at 0.076).
   SD_EXPECT_CLOSE(btiled, bbmm, 0.0, 1.0 / 128, "tiled vs bmm bf16");
+}
+
+// at::parallel_for splits the tiles (and the int8 quantizer's chunks) across the intra-op threads only in files
+// built with OpenMP: without it ATen's template runs the whole range on the calling thread (it did, unnoticed, until
+// Dec 2026). GCC builds have it, except under TSan.
+TEST(Attention, TilesRunOnEveryIntraOpThread) {
+  const int saved = at::get_num_threads();
+  at::set_num_threads(2);
+  const int reached = sd::parallel_for_threads();
+  at::set_num_threads(1);
+  const int one = sd::parallel_for_threads();
+  at::set_num_threads(saved);
+  EXPECT_EQ(one, 1);
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
+  EXPECT_EQ(reached, 2) << "at::parallel_for ran on one thread: the kernels' files lack -fopenmp";
+#else
+  EXPECT_GE(reached, 1);
+#endif
 }
 
 TEST(Attention, ShapeErrors) {
