@@ -156,7 +156,7 @@ class Bench {
     std::cout << "  CPU SIMD: " << sd::cpu_simd_level()
               << (device_.is_cpu() && !sd::cpu_has_native_bf16() ? " (no native bf16: bf16 is emulated here)" : "")
               << (device_.is_cpu() && sd::onednn_amx_active() ? " (oneDNN AMX kernels on)" : "")
-              << "\n  measured matmul ceiling (2048^3 at::mm, best of 3):";
+              << "\n  measured matmul ceiling (2048^3 product as the engine runs it, best of 3):";
     for (auto d : requested_) {
       measured_ceiling_[d] = measure_matmul_gflops(d, device_);
       std::cout << " " << sd::dtype_name(d) << " " << std::fixed << std::setprecision(0) << measured_ceiling_[d]

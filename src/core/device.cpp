@@ -154,6 +154,8 @@ int pin_blas_threads() {
   return openblas_get_num_threads ? openblas_get_num_threads() : 1;
 }
 
+bool blas_single_threaded() { return openblas_get_num_threads && openblas_get_num_threads() == 1; }
+
 std::string openmp_wait_policy_warning() {
   std::string what;
   const char* policy = std::getenv("OMP_WAIT_POLICY");

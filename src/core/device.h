@@ -42,8 +42,11 @@ int hardware_threads();
 // Pins OpenBLAS to one thread (where libtorch calls it). OpenBLAS's own workers spin-wait next to libtorch's OpenMP
 // team: on 2 cores under a competing CPU load, fp32 streams ran at a third of the frame rate with 7x more frames over
 // 10x the median and 1.6 s frames (src/runtime/README.md, "The stall"). Done by set_threads() and by every model load,
-// whatever its thread setting. Returns OpenBLAS's thread count afterwards (0 where there is no OpenBLAS).
+// whatever its thread setting. Returns OpenBLAS's thread count afterwards (0 where there is no OpenBLAS). The fp32
+// linear layers then split their products across libtorch's own threads (models/cpu_parallel.h).
 int pin_blas_threads();
+// Whether libtorch's fp32 products run on one thread: OpenBLAS pinned (pin_blas_threads()). False without OpenBLAS.
+bool blas_single_threaded();
 // Warns once when the environment makes libgomp's workers spin without end (OMP_WAIT_POLICY=ACTIVE or an infinite
 // GOMP_SPINCOUNT): under a competing CPU load that made frames 3x slower, with 2 s stalls (measured, same README).
 // Returns the warning ("" = none).

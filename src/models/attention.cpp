@@ -1,14 +1,13 @@
 #include "models/attention.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 
-#include <ATen/Parallel.h>
 #include <torch/version.h>
 
 #include "core/error.h"
 #include "core/torch_compat.h"
+#include "models/cpu_parallel.h"
 #include "models/softmax_rows.h"
 
 namespace sd {
@@ -52,7 +51,7 @@ torch::Tensor attention_tiles_cpu(const torch::Tensor& qh, const torch::Tensor& 
   auto out = torch::empty({bh, n, dv}, qh.options());
   const int64_t tiles = (n + tile - 1) / tile;
   const bool bf16 = qh.scalar_type() == torch::kBFloat16;
-  at::parallel_for(0, bh * tiles, 1, [&](int64_t begin, int64_t end) {
+  sd::nn::parallel_chunks(bh * tiles, [&](int64_t begin, int64_t end) {
     auto scores = torch::empty({std::min(tile, n), m}, qh.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / tiles, s = (t % tiles) * tile, len = std::min(tile, n - s);
@@ -70,12 +69,6 @@ torch::Tensor attention_tiles_cpu(const torch::Tensor& qh, const torch::Tensor& 
 }
 
 }  // namespace
-
-int parallel_for_threads() {
-  std::atomic<int> threads{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { ++threads; });
-  return threads.load();
-}
 
 int64_t attention_tile_rows(int64_t batch_heads, int64_t queries, int64_t keys, int64_t element_bytes) {
   // fp32: tiles at every size (2-core Zen 2, libtorch 1.13, OpenBLAS pinned to one thread as the engine runs it, 2

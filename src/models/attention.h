@@ -14,11 +14,6 @@ constexpr int64_t kAttentionMaxScoreBytes = int64_t{64} << 20;
 // (attention_chunked); fp32 takes it at every size.
 constexpr int64_t kAttentionTiledMinScoreBytes = int64_t{32} << 20;
 
-// How many intra-op threads at::parallel_for reaches from this library's kernels (the attention tiles, the int8
-// quantizer) at the current at::get_num_threads(): 1 where they were built without OpenMP (src/CMakeLists.txt), when
-// ATen's OpenMP template runs the whole range on the calling thread.
-int parallel_for_threads();
-
 // Query rows per tile of the tiled CPU path; 0 = not tiled (the scores are small enough for the bmm path).
 int64_t attention_tile_rows(int64_t batch_heads, int64_t queries, int64_t keys, int64_t element_bytes);
 

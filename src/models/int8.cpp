@@ -1,6 +1,5 @@
 #include "models/int8.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/version.h>
 
@@ -11,6 +10,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "models/cpu_parallel.h"
 #include "models/simd_clones.h"
 
 namespace sd::int8 {
@@ -71,7 +71,7 @@ QuantizedActivation quantize_impl(const torch::Tensor& x) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<float> lo(static_cast<size_t>(chunks)), hi(static_cast<size_t>(chunks));
   std::vector<char> finite(static_cast<size_t>(chunks));
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+  sd::nn::parallel_chunks(chunks, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const auto i = static_cast<size_t>(c);
       finite[i] = min_max(p + c * kChunk, std::min(kChunk, n - c * kChunk), &lo[i], &hi[i]);
@@ -94,7 +94,7 @@ QuantizedActivation quantize_impl(const torch::Tensor& x) {
   uint8_t* q = r.q.data_ptr<uint8_t>();
   const auto inv = static_cast<float>(1.0 / r.scale);
   const auto zp = static_cast<float>(r.zero_point);
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+  sd::nn::parallel_chunks(chunks, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) to_codes(p + c * kChunk, q + c * kChunk, std::min(kChunk, n - c * kChunk), inv, zp);
   });
   return r;

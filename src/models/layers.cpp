@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/torch_compat.h"
+#include "models/cpu_parallel.h"
 #include "models/cuda_layout.h"
 
 namespace sd::nn {
@@ -57,6 +58,8 @@ FastPathOptions& fast_path() {
     o.one_conv_copy = sd::env_switch_on("SD_ONE_CONV_COPY");
     // SD_UPSAMPLE_PHASES=0: upsample, then convolve (no four-phase kernels: 16/9 of those convolutions' weights less).
     o.upsample_phases = sd::env_switch_on("SD_UPSAMPLE_PHASES");
+    // SD_LINEAR_THREADS=0: fp32 linear layers as one BLAS call (one thread where OpenBLAS is pinned).
+    o.linear_threads = sd::env_switch_on("SD_LINEAR_THREADS");
     return o;
   }();
   return options;
@@ -106,6 +109,8 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
     if (int8_version_ != version_of(weight) || int8_from_ != weight.data_ptr()) quantize_int8();
     return sd::int8::linear(x, *int8_);
   }
+  // fp32 on the CPU with OpenBLAS pinned to one thread: the product across the intra-op threads (models/cpu_parallel.h).
+  if (fast_path().linear_threads && use_linear_cpu_threads(x, weight, bias)) return linear_cpu_threads(x, weight, bias);
   return torch::nn::functional::linear(x, weight, bias);
 }
 

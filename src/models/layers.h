@@ -24,6 +24,9 @@ struct FastPathOptions {
   // CPU attention in (head, query tile) tasks (attention_chunked; fp32 at every size, bf16 over large score
   // matrices); off = one bmm per chunk
   bool attention_tiles_cpu = true;
+  // CPU fp32 linear layers across the intra-op threads where OpenBLAS is pinned to one (models/cpu_parallel.h); off =
+  // one BLAS call on one thread (SD_LINEAR_THREADS=0)
+  bool linear_threads = true;
   // Layers given an int8 copy (quantize_int8(), `--dtype int8`) compute with it; off = their float path
   bool int8 = true;
   // The autoencoders' CPU nearest-2x upsampling + 3x3 convolution as four 2x2 convolutions on the small input

@@ -168,24 +168,6 @@ TEST(Attention, TiledPathMatchesReference) {
   SD_EXPECT_CLOSE(btiled, bbmm, 0.0, 1.0 / 128, "tiled vs bmm bf16");
 }
 
-// at::parallel_for splits the tiles (and the int8 quantizer's chunks) across the intra-op threads only in files
-// built with OpenMP: without it ATen's template runs the whole range on the calling thread (it did, unnoticed, until
-// Dec 2026). GCC builds have it, except under TSan.
-TEST(Attention, TilesRunOnEveryIntraOpThread) {
-  const int saved = at::get_num_threads();
-  at::set_num_threads(2);
-  const int reached = sd::parallel_for_threads();
-  at::set_num_threads(1);
-  const int one = sd::parallel_for_threads();
-  at::set_num_threads(saved);
-  EXPECT_EQ(one, 1);
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
-  EXPECT_EQ(reached, 2) << "at::parallel_for ran on one thread: the kernels' files lack -fopenmp";
-#else
-  EXPECT_GE(reached, 1);
-#endif
-}
-
 TEST(Attention, ShapeErrors) {
   auto t = random_qkv(1, 4, 4, 2, 4, torch::kFloat);
   EXPECT_THROW(sd::attention_chunked(t.q, t.k, t.v, 3, false), sd::InvalidArgument);
