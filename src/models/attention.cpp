@@ -75,7 +75,7 @@ int64_t attention_tile_rows(int64_t batch_heads, int64_t queries, int64_t keys, 
   // threads, vs the bmm path: 20 heads x 64 x 64 0.56 vs 0.70 ms; 20 x 256 x 77 1.7 vs 2.9; 20 x 256^2 3.5 vs 6.3;
   // 10 x 1024^2 23 vs 59; 5 x 4096^2 170 vs 470). bf16 (oneDNN's kernels): below ~32 MB of scores the bmm path's
   // scores stay in the last-level cache and its two big GEMMs were as fast (measured on a 2-core AMX Xeon while
-  // at::parallel_for still ran the tiles on one thread, see parallel_for_threads(): 10 heads x 1024^2 = 20 MB bmm 8.3
+  // at::parallel_for still ran the tiles on one thread, see models/cpu_parallel.h: 10 heads x 1024^2 = 20 MB bmm 8.3
   // ms vs tiles 8.2-10 ms; 20 heads: 31 vs 17 ms; 5 heads x 4096^2: 131 vs 71 ms). ~2 M scores per tile (512 rows
   // at 4096 keys).
   if (element_bytes < 4 && batch_heads * queries * keys * element_bytes < kAttentionTiledMinScoreBytes) return 0;
