@@ -82,7 +82,7 @@ def main():
 
     t0 = time.perf_counter()
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype).to(device).eval()
-    channels_last = device.type == "cuda"  # as the engine converts the UNet's 4-d weights on CUDA (cuda_layout.h)
+    channels_last = device.type == "cuda"  # as the engine converts the UNet's 4-d weights on CUDA (conv_layout.h)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     cfg = unet.config

@@ -42,7 +42,7 @@
 #include "core/text.h"
 #include "io/model_folder.h"
 #include "pipeline/controlnet.h"
-#include "models/cuda_layout.h"
+#include "models/conv_layout.h"
 #include "models/layers.h"
 #include "models/unet_2d_condition.h"
 #include "pipeline/diffusion_models.h"
@@ -586,22 +586,30 @@ class Bench {
     // The full VAE is slow (the issue measured 7.3 s per 256 px decode in fp32): fewer runs, like the naive path.
     const int iters = ae == "vae" ? std::min(o_.iters, o_.naive_iters) : o_.iters;
     // TAESD also with its fused convolution + ReLU off (ids ".../unfused"), right after the same calls with it on;
-    // on the CPU the decoders also with the upsample phases off (".../no-upsample-phases").
+    // on the CPU the decoders also with the upsample phases off (".../no-upsample-phases"), and TAESD and the
+    // AutoencoderKL's decode in the activation layout the CPU does not pick for this dtype (".../other-layout",
+    // models/conv_layout.h; the full VAE's encode is left out: slow, and the same convolutions).
     const bool unfused = ae == "taesd" && unfused_rows();
-    enum class Row { Plain, Unfused, NoPhases };
+    const bool cl = sd::nn::cpu_channels_last(compute_dtype(dt));
+    enum class Row { Plain, Unfused, NoPhases, OtherLayout };
     for (const std::string op : {"encode", "decode"}) {
-      for (const Row row : {Row::Plain, Row::Unfused, Row::NoPhases}) {
+      for (const Row row : {Row::Plain, Row::Unfused, Row::NoPhases, Row::OtherLayout}) {
         if (row == Row::Unfused && !unfused) continue;
         if (row == Row::NoPhases && (op != "decode" || !device_.is_cpu())) continue;
+        if (row == Row::OtherLayout && (!device_.is_cpu() || (ae == "vae" && op != "decode"))) continue;
         const std::string name = ae + "_" + op;
         const std::string id = name + "/" + sd::dtype_name(dt) + "/" + std::to_string(size) +
-                               (row == Row::Unfused ? "/unfused" : row == Row::NoPhases ? off_id(FastOff::UpsamplePhases) : "");
+                               (row == Row::Unfused       ? "/unfused"
+                                : row == Row::NoPhases    ? off_id(FastOff::UpsamplePhases)
+                                : row == Row::OtherLayout ? "/other-layout"
+                                                          : "");
         if (find(id)) continue;
         Result r;
         r.section = section;
         r.name = name;
         r.variant = std::string(ae == "vae" ? "AutoencoderKL" : row == Row::Unfused ? "TAESD unfused" : "TAESD") +
-                    (row == Row::NoPhases ? off_variant(FastOff::UpsamplePhases) : "");
+                    (row == Row::NoPhases ? off_variant(FastOff::UpsamplePhases) : "") +
+                    (row == Row::OtherLayout ? (cl ? " NCHW" : " channels-last") : "");
         r.dtype = sd::dtype_name(dt);
         r.size = size;
         auto time_op = [&] {
@@ -616,7 +624,11 @@ class Bench {
         };
         if (row == Row::Plain) time_op();
         else if (row == Row::Unfused) with_fused_conv_off(time_op);
-        else with_fast_off(FastOff::UpsamplePhases, time_op);
+        else if (row == Row::NoPhases) with_fast_off(FastOff::UpsamplePhases, time_op);
+        else {
+          sd::nn::ScopedCpuChannelsLast other(cl ? 0 : 1);
+          time_op();
+        }
         r.gflop = known_gflop(arch_, name, size);
         add(id, r);
       }
@@ -1585,6 +1597,14 @@ class Bench {
           compare("components", std::string(ae == "vae" ? "AutoencoderKL" : "TAESD") +
                                     " decode with vs without the upsample phases, " + tag,
                   ae + "_decode/" + ds + off_id(FastOff::UpsamplePhases), ae + "_decode/" + ds);
+        for (const std::string name : {"taesd_encode", "taesd_decode", "vae_decode"}) {
+          const bool cl = sd::nn::cpu_channels_last(compute_dtype(dt));
+          compare("components",
+                  std::string(name == "vae_decode" ? "AutoencoderKL decode" : name == "taesd_encode" ? "TAESD encode"
+                                                                                                     : "TAESD decode") +
+                      (cl ? " channels-last vs NCHW, " : " NCHW vs channels-last, ") + tag,
+                  name + "/" + ds + "/other-layout", name + "/" + ds);
+        }
         compare("batch", "stream batch vs sequential, img2img " + std::to_string(n) + " steps, " + tag,
                 stream_id("img2img", dt, size, pae, sd::CfgType::None, t_multi_, false),
                 stream_id("img2img", dt, size, pae, sd::CfgType::None, t_multi_, true));
@@ -1668,6 +1688,8 @@ class Bench {
     if (device_.is_cuda())
       j["cuda"] = {{"cudnn_benchmark", at::globalContext().benchmarkCuDNN()},
                    {"channels_last", sd::nn::cuda_channels_last()}};
+    if (device_.is_cpu())  // the autoencoders' activation layout per dtype (models/conv_layout.h)
+      for (auto d : requested_) j["cpu_channels_last"][sd::dtype_name(d)] = sd::nn::cpu_channels_last(compute_dtype(d));
     j["threads"] = threads_;
     j["libtorch"] = TORCH_VERSION;
     j["sections"] = sections_;

@@ -10,6 +10,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "models/conv_layout.h"
 
 namespace sd {
 
@@ -274,8 +275,15 @@ void AutoencoderKLImpl::set_channels_last(bool on) {
   channels_last_ = on;
 }
 
+bool AutoencoderKLImpl::channels_last() const {
+  if (channels_last_) return *channels_last_;
+  return device().is_cpu() && sd::nn::cpu_channels_last(dtype());
+}
+
 torch::Tensor AutoencoderKLImpl::to_layout(const torch::Tensor& t) const {
-  return t.contiguous(channels_last_ ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous);
+  // t has the model's dtype and device (check_input)
+  const bool cl = channels_last_ ? *channels_last_ : t.is_cpu() && sd::nn::cpu_channels_last(t.scalar_type());
+  return t.contiguous(cl ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous);
 }
 
 DiagonalGaussian AutoencoderKLImpl::encode(const torch::Tensor& x) {
@@ -333,7 +341,7 @@ AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::D
 AutoencoderKL load_vae(const AutoencoderKLConfig& cfg, const std::map<std::string, torch::Tensor>& weights,
                        const std::string& source, torch::ScalarType dtype, torch::Device device) {
   auto vae = load_module<AutoencoderKL>(cfg, weights, source, dtype, device);
-  if (device.is_cpu()) vae->set_channels_last(true);
+  // NCHW on CUDA (measured faster there than channels-last); the CPU picks by dtype at each call (models/conv_layout.h).
   return vae;
 }
 

@@ -6,6 +6,7 @@
 // Every GroupNorm uses eps 1e-6. The scaling factor is NOT applied here: callers multiply encode's sample by it and
 // divide latents by it before decode (as diffusers pipelines and StreamDiffusion do).
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -125,12 +126,14 @@ class AutoencoderKLImpl : public torch::nn::Module {
   // [-1, 1], not clamped (diffusers' vae.decode(z).sample).
   torch::Tensor decode(const torch::Tensor& z);
 
-  // Stores the convolution weights (and runs the activations) in channels-last (NHWC) memory format. Measured on
-  // CPU (libtorch 1.13 / oneDNN, 1 thread, SD VAE decode): about 10% less time at 512 px in fp32 and bf16, 3-8% at
-  // 256 px. Results equal the NCHW path up to summation order; encode/decode always return NCHW-contiguous tensors.
-  // load_vae() enables it for CPU models.
+  // The activations' memory layout. Until set_channels_last() is called, CPU models keep NCHW weights and take
+  // the layout sd::nn::cpu_channels_last() picks for the input's dtype at each call (models/conv_layout.h), and
+  // load_vae() on CUDA sets it. set_channels_last(on) stores the convolution weights in that format (oneDNN and cuDNN
+  // follow a channels-last weight too) and runs every call in it. Results equal the NCHW path up to summation order;
+  // encode/decode always return NCHW-contiguous tensors.
   void set_channels_last(bool on);
-  bool channels_last() const { return channels_last_; }
+  // The layout a call in this model's dtype runs in.
+  bool channels_last() const;
 
   const AutoencoderKLConfig& config() const { return config_; }
   torch::ScalarType dtype() const;
@@ -144,7 +147,7 @@ class AutoencoderKLImpl : public torch::nn::Module {
   void check_input(const torch::Tensor& t, int64_t channels, const char* what) const;
   torch::Tensor to_layout(const torch::Tensor& t) const;
   AutoencoderKLConfig config_;
-  bool channels_last_ = false;
+  std::optional<bool> channels_last_;  // unset: the device's default (on the CPU, by dtype)
 };
 TORCH_MODULE(AutoencoderKL);
 

@@ -11,7 +11,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
-#include "models/cuda_layout.h"
+#include "models/conv_layout.h"
 
 namespace sd {
 
@@ -47,8 +47,8 @@ bool is_pickle_name(const std::string& path) {
 AutoencoderTiny build_and_load(const AutoencoderTinyConfig& config, const std::map<std::string, torch::Tensor>& state,
                                const std::string& source, torch::ScalarType dtype, torch::Device device) {
   auto model = load_module<AutoencoderTiny>(config, state, source, dtype, device);
-  // CPU: faster eager; CUDA: cuDNN's NHWC kernels (models/cuda_layout.h).
-  if (device.is_cpu() || (device.is_cuda() && sd::nn::cuda_channels_last())) model->set_channels_last(true);
+  // CUDA: cuDNN's NHWC kernels; the CPU picks by dtype at each call (models/conv_layout.h).
+  if (device.is_cuda() && sd::nn::cuda_channels_last()) model->set_channels_last(true);
   return model;
 }
 
@@ -258,8 +258,15 @@ void AutoencoderTinyImpl::set_channels_last(bool on) {
   channels_last_ = on;
 }
 
+bool AutoencoderTinyImpl::channels_last() const {
+  if (channels_last_) return *channels_last_;
+  return device().is_cpu() && sd::nn::cpu_channels_last(dtype());
+}
+
 torch::Tensor AutoencoderTinyImpl::to_layout(const torch::Tensor& t) const {
-  return t.contiguous(channels_last_ ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous);
+  // t has the model's dtype and device (check_input)
+  const bool cl = channels_last_ ? *channels_last_ : t.is_cpu() && sd::nn::cpu_channels_last(t.scalar_type());
+  return t.contiguous(cl ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous);
 }
 
 torch::Tensor AutoencoderTinyImpl::encode(const torch::Tensor& x) {

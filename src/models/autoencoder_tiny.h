@@ -9,6 +9,7 @@
 // Weights load from a diffusers AutoencoderTiny folder or from madebyollin's original taesd_encoder/decoder files
 // (converted to diffusers names at load, io/checkpoint_convert.h).
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -114,12 +115,14 @@ class AutoencoderTinyImpl : public torch::nn::Module {
   torch::Tensor scale_latents(const torch::Tensor& z) const;
   torch::Tensor unscale_latents(const torch::Tensor& v) const;
 
-  // Stores the convolution weights (and runs the activations) in channels-last (NHWC) memory format. Measured on
-  // CPU (libtorch 1.13 / oneDNN, 1 thread): 25-30% less time for encode and decode at 512 px in fp32 and bf16.
-  // Results equal the NCHW path up to summation order. encode/decode always return NCHW-contiguous tensors.
-  // load_taesd() enables it for CPU models.
+  // The activations' memory layout. Until set_channels_last() is called, CPU models keep NCHW weights and take
+  // the layout sd::nn::cpu_channels_last() picks for the input's dtype at each call (models/conv_layout.h), and
+  // load_taesd() on CUDA sets it. set_channels_last(on) stores the convolution weights in that format (oneDNN and cuDNN
+  // follow a channels-last weight too) and runs every call in it. Results equal the NCHW path up to summation order;
+  // encode/decode always return NCHW-contiguous tensors.
   void set_channels_last(bool on);
-  bool channels_last() const { return channels_last_; }
+  // The layout a call in this model's dtype runs in.
+  bool channels_last() const;
 
   const AutoencoderTinyConfig& config() const { return config_; }
   torch::ScalarType dtype() const;
@@ -132,7 +135,7 @@ class AutoencoderTinyImpl : public torch::nn::Module {
   void check_input(const torch::Tensor& t, int64_t channels, const char* what) const;
   torch::Tensor to_layout(const torch::Tensor& t) const;
   AutoencoderTinyConfig config_;
-  bool channels_last_ = false;
+  std::optional<bool> channels_last_;  // unset: the device's default (on the CPU, by dtype)
 };
 TORCH_MODULE(AutoencoderTiny);
 

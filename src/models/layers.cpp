@@ -13,7 +13,7 @@
 #include "core/log.h"
 #include "core/torch_compat.h"
 #include "models/cpu_parallel.h"
-#include "models/cuda_layout.h"
+#include "models/conv_layout.h"
 
 namespace sd::nn {
 
@@ -21,6 +21,25 @@ bool cuda_channels_last() {
   static const bool on = sd::env_switch_on("SD_CUDA_CHANNELS_LAST");
   return on;
 }
+
+namespace {
+std::atomic<int>& cpu_layout_mode() {
+  static std::atomic<int> mode{[] {
+    const char* v = std::getenv("SD_CPU_CHANNELS_LAST");
+    if (!v || !*v) return -1;
+    return std::string(v) == "0" ? 0 : 1;
+  }()};
+  return mode;
+}
+}  // namespace
+
+bool cpu_channels_last(c10::ScalarType dtype) {
+  const int mode = cpu_layout_mode().load();
+  if (mode >= 0) return mode == 1;
+  return dtype != c10::kFloat || SD_HAS_FAST_CPU_NHWC_FP32;
+}
+
+int set_cpu_channels_last(int mode) { return cpu_layout_mode().exchange(mode < 0 ? -1 : mode > 0 ? 1 : 0); }
 
 namespace {
 std::atomic<bool>& fused_conv_flag() {

@@ -1,7 +1,7 @@
 #include "models/transformer_2d.h"
 
 #include "core/error.h"
-#include "models/cuda_layout.h"
+#include "models/conv_layout.h"
 
 namespace sd {
 
@@ -108,7 +108,7 @@ torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x, const torc
   for (auto& blk : blocks) tokens = blk(tokens, context);
   torch::Tensor out;
   // [B, H, W, C] tokens permuted to NCHW are channels-last already: kept so where the convolutions run channels-last
-  // (CUDA, models/cuda_layout.h), instead of a copy to NCHW that the next convolution would copy back.
+  // (CUDA, models/conv_layout.h), instead of a copy to NCHW that the next convolution would copy back.
   const auto fmt = x.is_cuda() && sd::nn::cuda_channels_last() ? torch::MemoryFormat::ChannelsLast
                                                                 : torch::MemoryFormat::Contiguous;
   if (proj_out_conv) {

@@ -9,7 +9,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
-#include "models/cuda_layout.h"
+#include "models/conv_layout.h"
 #include "models/layers.h"
 
 namespace sd {
@@ -463,7 +463,7 @@ UNet2DConditionModel load_unet(const UNet2DConditionConfig& config, const std::m
   auto model = load_module<UNet2DConditionModel>(config, weights, source, dtype, device);
   if (device.is_cpu()) sd::nn::prepack_convolutions(*model);
   if (device.is_cuda() && sd::nn::cuda_channels_last()) {
-    // Channels-last weights (models/cuda_layout.h): the activations follow through the convolutions.
+    // Channels-last weights (models/conv_layout.h): the activations follow through the convolutions.
     torch::NoGradGuard no_grad;
     for (auto& p : model->parameters())
       if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));

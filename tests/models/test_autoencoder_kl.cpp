@@ -15,6 +15,7 @@
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
+#include "models/conv_layout.h"
 
 namespace fs = std::filesystem;
 
@@ -56,10 +57,25 @@ TEST_P(VaeGolden, MatchesDiffusersFp32) {
   const auto& c = GetParam();
   ASSERT_TRUE(c.error.empty()) << c.error;
   auto vae = sd::load_vae(sd::test::fixture_path("models/" + c.model + "/vae"));
-  EXPECT_TRUE(vae->channels_last());  // load_vae's CPU default
-  // Both memory layouts (channels-last is the CPU default; NCHW is what other devices get).
+  // On the CPU the weights stay NCHW and each call takes the layout sd::nn::cpu_channels_last() picks for its dtype.
+  for (const auto& p : vae->parameters()) {
+    if (p.dim() == 4) {
+      EXPECT_TRUE(p.is_contiguous());
+    }
+  }
+  // The dtype rule, then each layout forced for every dtype, then each layout set on the model itself.
+  for (int forced : {-1, 1, 0}) {
+    sd::nn::ScopedCpuChannelsLast layout(forced);
+    EXPECT_EQ(vae->channels_last(), forced < 0 ? sd::nn::cpu_channels_last(torch::kFloat) : forced == 1);
+    for (const auto& [name, out, ref] : run_case(vae, c)) {
+      EXPECT_TRUE(out.is_contiguous()) << name;
+      SD_EXPECT_CLOSE(out, ref, kAtol, kRtol,
+                      c.model + " vae " + c.name + "." + name + " (CPU layout " + std::to_string(forced) + ")");
+    }
+  }
   for (bool cl : {true, false}) {
     vae->set_channels_last(cl);
+    EXPECT_EQ(vae->channels_last(), cl);
     for (const auto& [name, out, ref] : run_case(vae, c)) {
       EXPECT_TRUE(out.is_contiguous()) << name;
       SD_EXPECT_CLOSE(out, ref, kAtol, kRtol,

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <torch/version.h>
 
 #include "common/fixtures.h"
 #include "core/error.h"
@@ -14,6 +15,7 @@
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "models/autoencoder_tiny.h"
+#include "models/conv_layout.h"
 
 namespace fs = std::filesystem;
 
@@ -51,14 +53,50 @@ TEST_P(TaesdGolden, MatchesDiffusersFp32) {
   ASSERT_TRUE(c.error.empty()) << c.error;
   auto vae = sd::load_taesd(sd::test::fixture_path("models/" + c.model + "/taesd"));
   EXPECT_DOUBLE_EQ(vae->config().scaling_factor, 1.0);
-  EXPECT_TRUE(vae->channels_last());  // load_taesd's CPU default
-  // Both memory layouts (channels-last is the CPU default; NCHW is what other devices get).
+  // On the CPU the weights stay NCHW and each call takes the layout sd::nn::cpu_channels_last() picks for its dtype.
+  for (const auto& p : vae->parameters()) {
+    if (p.dim() == 4) {
+      EXPECT_TRUE(p.is_contiguous());
+    }
+  }
+  // The dtype rule, then each layout forced for every dtype (the bench's other-layout rows), then each layout set on
+  // the model itself (weights converted; what CUDA gets).
+  for (int forced : {-1, 1, 0}) {
+    sd::nn::ScopedCpuChannelsLast layout(forced);
+    EXPECT_EQ(vae->channels_last(), forced < 0 ? sd::nn::cpu_channels_last(torch::kFloat) : forced == 1);
+    auto [out, ref] = run_case(vae, c);
+    EXPECT_TRUE(out.is_contiguous());
+    SD_EXPECT_CLOSE(out, ref, kAtol, kRtol, c.model + " taesd " + c.name + " (CPU layout " + std::to_string(forced) + ")");
+  }
   for (bool cl : {true, false}) {
     vae->set_channels_last(cl);
+    EXPECT_EQ(vae->channels_last(), cl);
     auto [out, ref] = run_case(vae, c);
     EXPECT_TRUE(out.is_contiguous());
     SD_EXPECT_CLOSE(out, ref, kAtol, kRtol, c.model + " taesd " + c.name + (cl ? " (channels-last)" : " (NCHW)"));
   }
+}
+
+TEST(CpuLayout, Fp32RunsNchwOnLibtorch1AndOverridesApply) {
+  sd::nn::ScopedCpuChannelsLast rule(-1);  // whatever SD_CPU_CHANNELS_LAST says
+  // libtorch 1.13's NHWC fp32 convolutions measured x1.4-1.5 slower (models/conv_layout.h); bf16 keeps channels-last.
+  EXPECT_EQ(sd::nn::cpu_channels_last(torch::kFloat), TORCH_VERSION_MAJOR >= 2);
+  EXPECT_TRUE(sd::nn::cpu_channels_last(torch::kBFloat16));
+  {
+    sd::nn::ScopedCpuChannelsLast nchw(0);
+    EXPECT_FALSE(sd::nn::cpu_channels_last(torch::kBFloat16));
+    EXPECT_FALSE(sd::nn::cpu_channels_last(torch::kFloat));
+    sd::nn::ScopedCpuChannelsLast nhwc(7);  // any positive mode is channels-last
+    EXPECT_TRUE(sd::nn::cpu_channels_last(torch::kFloat));
+  }
+  EXPECT_EQ(sd::nn::set_cpu_channels_last(-1), -1);  // the scopes restored the rule
+  // A bf16 model without a layout of its own follows the rule; one given a layout keeps it.
+  auto vae = sd::load_taesd(sd::test::fixture_path("models/tiny-sd15/taesd"), torch::kBFloat16);
+  EXPECT_TRUE(vae->channels_last());
+  vae->set_channels_last(false);
+  EXPECT_FALSE(vae->channels_last());
+  sd::nn::ScopedCpuChannelsLast nhwc(1);
+  EXPECT_FALSE(vae->channels_last());
 }
 
 TEST_P(TaesdGolden, Bf16WithinMeasuredBound) {

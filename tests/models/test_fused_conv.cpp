@@ -15,7 +15,7 @@
 
 #include "common/fixtures.h"
 #include "core/device.h"
-#include "models/cuda_layout.h"
+#include "models/conv_layout.h"
 #include "models/layers.h"
 
 namespace {

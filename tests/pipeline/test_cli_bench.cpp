@@ -14,6 +14,7 @@
 #include "common/cli_run.h"
 #include "common/fixtures.h"
 #include "core/device.h"
+#include "models/conv_layout.h"
 #include "models/int8.h"
 
 namespace sd {
@@ -156,8 +157,21 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
     EXPECT_NEAR(c["speedup"].get<double>(), b / k, 1e-9 * b / k);
   }
   for (const std::string s : {"batch", "cfg", "vae", "components"}) EXPECT_EQ(cmp_sections.count(s), 1u) << s;
-  // 2 dtypes x (attention tiles 1 + upsample phases 2 + batch 2 + cfg 3 + vae 4) comparisons at one size.
-  EXPECT_EQ(j["comparisons"].size(), 24u);
+  // 2 dtypes x (attention tiles 1 + upsample phases 2 + CPU layout 3 + batch 2 + cfg 3 + vae 4) comparisons at one
+  // size.
+  EXPECT_EQ(j["comparisons"].size(), 30u);
+  // TAESD (encode, decode) and the AutoencoderKL's decode in the CPU layout the rule does not pick for the dtype.
+  for (const std::string dt : {"fp32", "bf16"}) {
+    const bool cl = sd::nn::cpu_channels_last(dt == "fp32" ? c10::kFloat : c10::kBFloat16);
+    EXPECT_EQ(j["cpu_channels_last"][dt].get<bool>(), cl) << dt;
+    for (const std::string name : {"taesd_encode", "taesd_decode", "vae_decode"}) {
+      const std::string id = name + "/" + dt + "/64/other-layout";
+      ASSERT_EQ(by_id.count(id), 1u) << id;
+      const std::string variant = by_id[id]["variant"];
+      EXPECT_EQ(variant, std::string(name == "vae_decode" ? "AutoencoderKL" : "TAESD") + (cl ? " NCHW" : " channels-last"));
+    }
+  }
+  EXPECT_EQ(by_id.count("vae_encode/fp32/64/other-layout"), 0u);  // slow, and the same convolutions
   // The UNet with the tiled CPU attention switched off is its own row (and the fast path is back on after it).
   EXPECT_EQ(by_id.count("unet/bf16/64/b1/no-attention-tiles"), 1u);
   // So are both decoders with the upsample phases off (CPU).
