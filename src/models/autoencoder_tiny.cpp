@@ -259,13 +259,12 @@ void AutoencoderTinyImpl::set_channels_last(bool on) {
 }
 
 bool AutoencoderTinyImpl::channels_last() const {
-  if (channels_last_) return *channels_last_;
-  return device().is_cpu() && sd::nn::cpu_channels_last(dtype());
+  return sd::nn::autoencoder_channels_last(channels_last_, dtype(), device().is_cpu());
 }
 
 torch::Tensor AutoencoderTinyImpl::to_layout(const torch::Tensor& t) const {
-  // t has the model's dtype and device (check_input)
-  const bool cl = channels_last_ ? *channels_last_ : t.is_cpu() && sd::nn::cpu_channels_last(t.scalar_type());
+  // t has the model's dtype and device (check_input), so this is channels_last()'s answer
+  const bool cl = sd::nn::autoencoder_channels_last(channels_last_, t.scalar_type(), t.is_cpu());
   return t.contiguous(cl ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous);
 }
 

@@ -9,21 +9,31 @@
 //
 // CPU: the autoencoders (TAESD, AutoencoderKL) keep NCHW weights and pick the activations' layout by their dtype at
 // each call (cpu_channels_last); the UNet runs NCHW on its prepacked oneDNN weights either way.
+#include <optional>
+
 #include <c10/core/ScalarType.h>
 
 namespace sd::nn {
 
+// CUDA: the UNet and TAESD store their 4-d weights channels-last at load (on unless SD_CUDA_CHANNELS_LAST=0).
 bool cuda_channels_last();
 
 // Whether the autoencoders' activations of `dtype` run channels-last on the CPU. fp32 on libtorch 1.13 runs NCHW: its
-// oneDNN 2.6 NHWC convolutions measured x1.4-1.5 slower than NCHW ones (Zen 2, AVX2, 2 threads, 256 px sd-turbo: TAESD
-// decode 0.27 -> 0.19 s, AutoencoderKL decode 5.1 -> 3.3 s); on libtorch 2 both layouts measured alike, and bf16 ran
-// faster channels-last where it was first measured, so those keep channels-last. The bench times the other layout
-// beside the default (variants "... channels-last" / "... NCHW"). SD_CPU_CHANNELS_LAST=1|0 forces one layout.
+// oneDNN 2.6 NHWC convolutions measured x1.4-1.7 slower than NCHW ones (Zen 2, AVX2, 2 threads, sd-turbo 512 px:
+// TAESD decode 1.29 -> 0.92 s, AutoencoderKL decode 23.4 -> 13.7 s; x1.2-1.5 on 1 thread). On libtorch 2 both layouts
+// measured alike, and bf16 ran faster channels-last where it was first measured, so those keep channels-last. The
+// bench times the other layout beside the default (variants "... channels-last" / "... NCHW").
+// SD_CPU_CHANNELS_LAST=1|0 forces one layout.
 bool cpu_channels_last(c10::ScalarType dtype);
 // Forces the CPU layout for every dtype (1 channels-last, 0 NCHW) or restores the rule above (-1); returns the
 // previous setting. For comparisons (the bench); autoencoders given a layout explicitly keep theirs.
 int set_cpu_channels_last(int mode);
+// The layout an autoencoder runs a call of `dtype` in: its own (set_channels_last) where it has one, else
+// cpu_channels_last(dtype) on the CPU and NCHW elsewhere.
+inline bool autoencoder_channels_last(const std::optional<bool>& own, c10::ScalarType dtype, bool on_cpu) {
+  if (own) return *own;
+  return on_cpu && cpu_channels_last(dtype);
+}
 // set_cpu_channels_last(mode) for a scope, the previous setting restored at its end.
 class ScopedCpuChannelsLast {
  public:

@@ -9,13 +9,13 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/autoencoder_layouts.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
-#include "models/conv_layout.h"
 
 namespace fs = std::filesystem;
 
@@ -57,31 +57,12 @@ TEST_P(VaeGolden, MatchesDiffusersFp32) {
   const auto& c = GetParam();
   ASSERT_TRUE(c.error.empty()) << c.error;
   auto vae = sd::load_vae(sd::test::fixture_path("models/" + c.model + "/vae"));
-  // On the CPU the weights stay NCHW and each call takes the layout sd::nn::cpu_channels_last() picks for its dtype.
-  for (const auto& p : vae->parameters()) {
-    if (p.dim() == 4) {
-      EXPECT_TRUE(p.is_contiguous());
-    }
-  }
-  // The dtype rule, then each layout forced for every dtype, then each layout set on the model itself.
-  for (int forced : {-1, 1, 0}) {
-    sd::nn::ScopedCpuChannelsLast layout(forced);
-    EXPECT_EQ(vae->channels_last(), forced < 0 ? sd::nn::cpu_channels_last(torch::kFloat) : forced == 1);
+  sd::test::for_each_cpu_layout(vae, [&](const std::string& layout) {
     for (const auto& [name, out, ref] : run_case(vae, c)) {
       EXPECT_TRUE(out.is_contiguous()) << name;
-      SD_EXPECT_CLOSE(out, ref, kAtol, kRtol,
-                      c.model + " vae " + c.name + "." + name + " (CPU layout " + std::to_string(forced) + ")");
+      SD_EXPECT_CLOSE(out, ref, kAtol, kRtol, c.model + " vae " + c.name + "." + name + layout);
     }
-  }
-  for (bool cl : {true, false}) {
-    vae->set_channels_last(cl);
-    EXPECT_EQ(vae->channels_last(), cl);
-    for (const auto& [name, out, ref] : run_case(vae, c)) {
-      EXPECT_TRUE(out.is_contiguous()) << name;
-      SD_EXPECT_CLOSE(out, ref, kAtol, kRtol,
-                   c.model + " vae " + c.name + "." + name + (cl ? " (channels-last)" : " (NCHW)"));
-    }
-  }
+  });
 }
 
 TEST_P(VaeGolden, Bf16WithinMeasuredBound) {

@@ -9,13 +9,13 @@
 #include <nlohmann/json.hpp>
 #include <torch/version.h>
 
+#include "common/autoencoder_layouts.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "io/checkpoint_convert.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "models/autoencoder_tiny.h"
-#include "models/conv_layout.h"
 
 namespace fs = std::filesystem;
 
@@ -53,33 +53,16 @@ TEST_P(TaesdGolden, MatchesDiffusersFp32) {
   ASSERT_TRUE(c.error.empty()) << c.error;
   auto vae = sd::load_taesd(sd::test::fixture_path("models/" + c.model + "/taesd"));
   EXPECT_DOUBLE_EQ(vae->config().scaling_factor, 1.0);
-  // On the CPU the weights stay NCHW and each call takes the layout sd::nn::cpu_channels_last() picks for its dtype.
-  for (const auto& p : vae->parameters()) {
-    if (p.dim() == 4) {
-      EXPECT_TRUE(p.is_contiguous());
-    }
-  }
-  // The dtype rule, then each layout forced for every dtype (the bench's other-layout rows), then each layout set on
-  // the model itself (weights converted; what CUDA gets).
-  for (int forced : {-1, 1, 0}) {
-    sd::nn::ScopedCpuChannelsLast layout(forced);
-    EXPECT_EQ(vae->channels_last(), forced < 0 ? sd::nn::cpu_channels_last(torch::kFloat) : forced == 1);
+  sd::test::for_each_cpu_layout(vae, [&](const std::string& layout) {
     auto [out, ref] = run_case(vae, c);
     EXPECT_TRUE(out.is_contiguous());
-    SD_EXPECT_CLOSE(out, ref, kAtol, kRtol, c.model + " taesd " + c.name + " (CPU layout " + std::to_string(forced) + ")");
-  }
-  for (bool cl : {true, false}) {
-    vae->set_channels_last(cl);
-    EXPECT_EQ(vae->channels_last(), cl);
-    auto [out, ref] = run_case(vae, c);
-    EXPECT_TRUE(out.is_contiguous());
-    SD_EXPECT_CLOSE(out, ref, kAtol, kRtol, c.model + " taesd " + c.name + (cl ? " (channels-last)" : " (NCHW)"));
-  }
+    SD_EXPECT_CLOSE(out, ref, kAtol, kRtol, c.model + " taesd " + c.name + layout);
+  });
 }
 
 TEST(CpuLayout, Fp32RunsNchwOnLibtorch1AndOverridesApply) {
-  sd::nn::ScopedCpuChannelsLast rule(-1);  // whatever SD_CPU_CHANNELS_LAST says
-  // libtorch 1.13's NHWC fp32 convolutions measured x1.4-1.5 slower (models/conv_layout.h); bf16 keeps channels-last.
+  sd::nn::ScopedCpuChannelsLast rule(-1);  // the dtype rule, whatever SD_CPU_CHANNELS_LAST says
+  // libtorch 1.13's NHWC fp32 convolutions measured x1.4-1.7 slower (models/conv_layout.h); bf16 keeps channels-last.
   EXPECT_EQ(sd::nn::cpu_channels_last(torch::kFloat), TORCH_VERSION_MAJOR >= 2);
   EXPECT_TRUE(sd::nn::cpu_channels_last(torch::kBFloat16));
   {
