@@ -16,8 +16,8 @@ namespace sd::compat {
 #define SD_HAS_SDPA (TORCH_VERSION_MAJOR >= 2)
 // libtorch 2's CPU group norm on bf16 input keeps fp32 statistics (mixed-type kernels); 1.13's accumulates in bf16.
 #define SD_HAS_MIXED_GROUP_NORM (TORCH_VERSION_MAJOR >= 2)
-// libtorch 2's oneDNN runs fp32 channels-last (NHWC) convolutions on the CPU as fast as NCHW ones; 1.13's (oneDNN 2.6)
-// measured x1.4-1.7 slower on AVX2 (models/conv_layout.h).
+// libtorch 2's oneDNN runs fp32 channels-last (NHWC) convolutions on the CPU faster than NCHW ones; 1.13's (oneDNN
+// 2.6) measured x1.4-1.7 slower than NCHW on AVX2 (models/conv_layout.h).
 #define SD_HAS_FAST_CPU_NHWC_FP32 (TORCH_VERSION_MAJOR >= 2)
 // CUDA's upsample_nearest2d takes bf16 from torch 2.1 (fp16 always); before, bf16 goes through an exact fp32 copy.
 #define SD_HAS_CUDA_BF16_UPSAMPLE (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))

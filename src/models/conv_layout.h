@@ -20,10 +20,10 @@ bool cuda_channels_last();
 
 // Whether the autoencoders' activations of `dtype` run channels-last on the CPU. fp32 on libtorch 1.13 runs NCHW: its
 // oneDNN 2.6 NHWC convolutions measured x1.4-1.7 slower than NCHW ones (Zen 2, AVX2, 2 threads, sd-turbo 512 px:
-// TAESD decode 1.29 -> 0.92 s, AutoencoderKL decode 23.4 -> 13.7 s; x1.2-1.5 on 1 thread). On libtorch 2 both layouts
-// measured alike, and bf16 ran faster channels-last where it was first measured, so those keep channels-last. The
-// bench times the other layout beside the default (variants "... channels-last" / "... NCHW").
-// SD_CPU_CHANNELS_LAST=1|0 forces one layout.
+// TAESD decode 1.29 -> 0.92 s, AutoencoderKL decode 23.4 -> 13.7 s; x1.2-1.5 on 1 thread). On libtorch 2 it is the
+// other way round (same machine: TAESD decode 0.92 -> 0.77 s channels-last, AutoencoderKL 13.7 -> 13.2 s), and bf16
+// ran faster channels-last where it was first measured, so those run channels-last. The bench times the other layout
+// beside the default (variants "... channels-last" / "... NCHW"). SD_CPU_CHANNELS_LAST=1|0 forces one layout.
 bool cpu_channels_last(c10::ScalarType dtype);
 // Forces the CPU layout for every dtype (1 channels-last, 0 NCHW) or restores the rule above (-1); returns the
 // previous setting. For comparisons (the bench); autoencoders given a layout explicitly keep theirs.
