@@ -590,7 +590,7 @@ class Bench {
     // AutoencoderKL's decode in the activation layout the CPU does not pick for this dtype (".../other-layout",
     // models/conv_layout.h; the full VAE's encode is left out: slow, and the same convolutions).
     const bool unfused = ae == "taesd" && unfused_rows();
-    const bool cl = sd::nn::cpu_channels_last(compute_dtype(dt));
+    const bool cl = sd::nn::cpu_channels_last(m->autoencoder_dtype());
     enum class Row { Plain, Unfused, NoPhases, OtherLayout };
     for (const std::string op : {"encode", "decode"}) {
       for (const Row row : {Row::Plain, Row::Unfused, Row::NoPhases, Row::OtherLayout}) {
@@ -1598,11 +1598,13 @@ class Bench {
                                     " decode with vs without the upsample phases, " + tag,
                   ae + "_decode/" + ds + off_id(FastOff::UpsamplePhases), ae + "_decode/" + ds);
         for (const std::string name : {"taesd_encode", "taesd_decode", "vae_decode"}) {
-          const bool cl = sd::nn::cpu_channels_last(compute_dtype(dt));
+          const Result* other = find(name + "/" + ds + "/other-layout");
+          if (!other) continue;
+          const bool other_nchw = other->variant.size() >= 5 && other->variant.compare(other->variant.size() - 5, 5, " NCHW") == 0;
           compare("components",
                   std::string(name == "vae_decode" ? "AutoencoderKL decode" : name == "taesd_encode" ? "TAESD encode"
                                                                                                      : "TAESD decode") +
-                      (cl ? " channels-last vs NCHW, " : " NCHW vs channels-last, ") + tag,
+                      (other_nchw ? " channels-last vs NCHW, " : " NCHW vs channels-last, ") + tag,
                   name + "/" + ds + "/other-layout", name + "/" + ds);
         }
         compare("batch", "stream batch vs sequential, img2img " + std::to_string(n) + " steps, " + tag,

@@ -286,6 +286,7 @@ class StableDiffusionModels : public DiffusionModels {
   int64_t latent_channels() const override { return latent_channels_; }
   int64_t vae_scale_factor() const override { return vae_scale_factor_; }
   c10::ScalarType dtype() const override { return dtype_; }
+  c10::ScalarType autoencoder_dtype() const override { return taesd_ ? dtype_ : vae_dtype_; }
   c10::Device device() const override { return device_; }
   const LCMSchedulerConfig& scheduler_config() const override { return sched_; }
   std::string describe() const override {

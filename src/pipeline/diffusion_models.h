@@ -108,6 +108,9 @@ class DiffusionModels {
   // does the encoding (the original swaps the VAE after building its image processor).
   virtual int64_t vae_scale_factor() const = 0;
   virtual c10::ScalarType dtype() const = 0;
+  // The dtype encode_image/decode_latent compute in: dtype(), but float32 for an AutoencoderKL under SDXL's
+  // force_upcast.
+  virtual c10::ScalarType autoencoder_dtype() const { return dtype(); }
   virtual c10::Device device() const = 0;
   virtual const LCMSchedulerConfig& scheduler_config() const = 0;
   // The loaded UNet's configuration (ControlNets are checked against it); nullptr for stub models.
