@@ -1600,7 +1600,8 @@ class Bench {
         for (const std::string name : {"taesd_encode", "taesd_decode", "vae_decode"}) {
           const Result* other = find(name + "/" + ds + "/other-layout");
           if (!other) continue;
-          const bool other_nchw = other->variant.size() >= 5 && other->variant.compare(other->variant.size() - 5, 5, " NCHW") == 0;
+          const std::string& v = other->variant;
+          const bool other_nchw = v.size() >= 5 && v.compare(v.size() - 5, 5, " NCHW") == 0;
           compare("components",
                   std::string(name == "vae_decode" ? "AutoencoderKL decode" : name == "taesd_encode" ? "TAESD encode"
                                                                                                      : "TAESD decode") +

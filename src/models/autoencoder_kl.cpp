@@ -340,7 +340,8 @@ AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::D
 AutoencoderKL load_vae(const AutoencoderKLConfig& cfg, const std::map<std::string, torch::Tensor>& weights,
                        const std::string& source, torch::ScalarType dtype, torch::Device device) {
   auto vae = load_module<AutoencoderKL>(cfg, weights, source, dtype, device);
-  // NCHW on CUDA (measured faster there than channels-last); the CPU picks by dtype at each call (models/conv_layout.h).
+  // NCHW on CUDA (measured faster there than channels-last); the CPU picks by dtype at each call
+  // (models/conv_layout.h).
   return vae;
 }
 

@@ -168,7 +168,8 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
       const std::string id = name + "/" + dt + "/64/other-layout";
       ASSERT_EQ(by_id.count(id), 1u) << id;
       const std::string variant = by_id[id]["variant"];
-      EXPECT_EQ(variant, std::string(name == "vae_decode" ? "AutoencoderKL" : "TAESD") + (cl ? " NCHW" : " channels-last"));
+      EXPECT_EQ(variant,
+                std::string(name == "vae_decode" ? "AutoencoderKL" : "TAESD") + (cl ? " NCHW" : " channels-last"));
     }
   }
   EXPECT_EQ(by_id.count("vae_encode/fp32/64/other-layout"), 0u);  // slow, and the same convolutions
