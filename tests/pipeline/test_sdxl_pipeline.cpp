@@ -215,6 +215,8 @@ TEST(SdxlReducedPrecision, Bf16FollowsTheFloat32Reference) {
   SD_REQUIRE_SDXL();
   const auto m = tiny_sdxl("none", c10::kBFloat16);
   EXPECT_NE(m->describe().find("AutoencoderKL in float32 (force_upcast)"), std::string::npos) << m->describe();
+  EXPECT_EQ(m->dtype(), c10::kBFloat16);
+  EXPECT_EQ(m->autoencoder_dtype(), c10::kFloat);  // what the bench's layout rows go by
   const auto f = SafeTensorsFile::open(test::fixture_path("sdxl/pipeline/xl_pipe_s1_g0.safetensors"));
   const TextEmbeddings pos = m->encode_text("a photo of a cat, trending on artstation");
   EXPECT_EQ(pos.embeds.scalar_type(), c10::kBFloat16);
