@@ -15,7 +15,6 @@
 #endif
 
 #include "core/device.h"
-#include "models/cpu_parallel.h"
 #include "models/int8.h"
 #include "models/layers.h"
 #include "core/error.h"
@@ -180,11 +179,10 @@ double measure_matmul_gflops(c10::ScalarType dtype, const c10::Device& device, i
   const auto a = torch::randn({n, n}, opt), b = torch::randn({n, n}, opt);
   // Where OpenBLAS is pinned to one thread, the engine's fp32 linear layers split their products across the intra-op
   // threads (models/cpu_parallel.h): the ceiling is that product, not one BLAS call on one core.
-  const bool split = sd::nn::fast_path().linear_threads && sd::nn::use_linear_cpu_threads(a, b, torch::Tensor());
   double best = 0;
   for (int i = 0; i <= iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    const auto c = split ? sd::nn::linear_cpu_threads(a, b, torch::Tensor()) : torch::mm(a, b);
+    const auto c = sd::nn::float_linear(a, b, torch::Tensor());
     (void)c.sum().item<float>();  // waits for the device
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (i > 0) best = std::max(best, 2.0 * static_cast<double>(n) * n * n / s / 1e9);

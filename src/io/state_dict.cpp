@@ -6,14 +6,6 @@
 
 namespace sd {
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
-
 namespace {
 bool allowed(const std::string& key, const std::vector<std::string>& patterns) {
   for (const auto& p : patterns) {

@@ -9,6 +9,7 @@
 
 #include <torch/torch.h>
 
+#include "core/shape_str.h"
 #include "io/safetensors.h"
 
 namespace sd {
@@ -52,7 +53,5 @@ Module load_module(const Config& config, const std::map<std::string, torch::Tens
 // Every parameter and buffer by its full dotted name (what a checkpoint of this module holds).
 std::map<std::string, torch::Tensor> state_dict(const torch::nn::Module& module);
 int64_t count_parameters(const torch::nn::Module& module);
-// "[320, 4, 3, 3]": a shape for error messages.
-std::string shape_str(at::IntArrayRef shape);
 
 }  // namespace sd

@@ -128,6 +128,10 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
     if (int8_version_ != version_of(weight) || int8_from_ != weight.data_ptr()) quantize_int8();
     return sd::int8::linear(x, *int8_);
   }
+  return float_linear(x, weight, bias);
+}
+
+torch::Tensor float_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
   // fp32 on the CPU with OpenBLAS pinned to one thread: the product across the intra-op threads (models/cpu_parallel.h).
   if (fast_path().linear_threads && use_linear_cpu_threads(x, weight, bias)) return linear_cpu_threads(x, weight, bias);
   return torch::nn::functional::linear(x, weight, bias);

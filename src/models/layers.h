@@ -36,6 +36,10 @@ struct FastPathOptions {
 };
 FastPathOptions& fast_path();
 
+// x [..., in] times weight [out, in] (+ bias [out]) as the engine's float linear layers run it: across the intra-op
+// threads where fast_path().linear_threads and models/cpu_parallel.h apply, else torch's linear.
+torch::Tensor float_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias);
+
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias = true);

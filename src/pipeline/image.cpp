@@ -1,10 +1,9 @@
 #include "pipeline/image.h"
 
-#include <sstream>
-
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/shape_str.h"
 #include "core/side_stream.h"
 
 #if SD_WITH_CUDA
@@ -12,14 +11,6 @@
 #endif
 
 namespace sd {
-
-namespace {
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
-}
-}  // namespace
 
 void check_image_size(int64_t width, int64_t height, const char* what) {
   if (width <= 0 || height <= 0 || width % 8 != 0 || height % 8 != 0)

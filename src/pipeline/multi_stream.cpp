@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
-#include <sstream>
 
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/shape_str.h"
 
 namespace sd {
 
@@ -53,12 +53,6 @@ namespace {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
 }
 
 void sync(const DiffusionModels& m) {

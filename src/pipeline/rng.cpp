@@ -1,21 +1,12 @@
 #include "pipeline/rng.h"
 
-#include <sstream>
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/shape_str.h"
 
 namespace sd {
-
-namespace {
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
-}
-}  // namespace
 
 TorchRng::TorchRng(uint64_t seed) : gen_(at::detail::createCPUGenerator(seed)) {}
 

@@ -2,13 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 #include <thread>
 
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/shape_str.h"
 #include "core/log.h"
 #include "core/side_stream.h"
 #include "core/torch_compat.h"
@@ -28,12 +28,6 @@ namespace sd {
 using torch::Tensor;
 
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
-}
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
