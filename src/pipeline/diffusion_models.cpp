@@ -155,7 +155,11 @@ class StableDiffusionModels : public DiffusionModels {
   const IPAdapterModels* ip_adapter() const override { return ip_adapter_.get(); }
   void set_ip_adapter_scale(double scale) const override {
     if (!ip_adapter_) return DiffusionModels::set_ip_adapter_scale(scale);
+    const double before = ip_adapter_->adapter->scale();
     ip_adapter_->adapter->set_scale(scale);
+    // The attention reads the scale on the host (a factor, and whether the image branch runs at all): a recorded CUDA
+    // graph holds the old one.
+    if (ip_adapter_->adapter->scale() != before) ++weights_version_;
   }
 
   void quantize_unet() {
@@ -585,7 +589,7 @@ class StableDiffusionModels : public DiffusionModels {
   AutoencoderKL vae_{nullptr};
   AutoencoderTiny taesd_{nullptr};
   std::unique_ptr<LoraSet> lora_;  // mutated only by set_lora_scale (see DiffusionModels)
-  mutable std::atomic<uint64_t> weights_version_{0};  // set_lora_scale calls
+  mutable std::atomic<uint64_t> weights_version_{0};  // set_lora_scale calls, IP-Adapter scale changes
   std::vector<std::string> lora_names_;  // fixed at load (describe() may be called from any thread)
   std::shared_ptr<IPAdapterModels> ip_adapter_;  // LoadOptions::ip_adapter, attached to unet_
   double scaling_factor_ = 1.0;

@@ -144,8 +144,9 @@ class DiffusionModels {
   virtual void set_lora_scale(const std::string& name, double scale) const;
   // Changes whenever the text encoder's weights change after load; prompt caches compare it.
   virtual uint64_t text_encoder_version() const { return 0; }
-  // Changes whenever any weight tensor is replaced after load (a LoRA re-fused): CUDA graphs, which read the weights
-  // at their recorded addresses, are dropped when it moves.
+  // Changes whenever any weight tensor is replaced after load (a LoRA re-fused) or a value the UNet reads on the host
+  // changes (the IP-Adapter scale): CUDA graphs, which read the weights at their recorded addresses and keep the
+  // values they were recorded with, are dropped when it moves.
   virtual uint64_t weights_version() const { return 0; }
   // Whether encode_image is a pure function of the image (TAESD); the AutoencoderKL draws its posterior sample from
   // the stream's generator on the host, so it is not recorded in a CUDA graph.

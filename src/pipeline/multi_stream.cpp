@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <thread>
 
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "core/shape_str.h"
 
 namespace sd {
@@ -17,9 +19,10 @@ using torch::Tensor;
 // The halves of a stream call (private to StreamDiffusion, which befriends this).
 struct MultiStreamAccess {
   using CallState = StreamDiffusion::CallState;
-  // Up to the encode for img2img (call.image set), the whole first half for txt2img.
+  // Up to the encode for img2img (call.image set), the whole first half for txt2img. A skip's sleep is left to
+  // run_stream_calls (call.skip_sleep_s): one stream's skip must not stall the others' calls.
   static CallState begin(StreamDiffusion& s, const Tensor& images, InputReady ready) {
-    return images.defined() ? s.begin_img2img_input(images, ready) : s.begin_txt2img();
+    return images.defined() ? s.begin_img2img_input(images, ready, /*defer_sleep=*/true) : s.begin_txt2img();
   }
   static Tensor encode(StreamDiffusion& s, const Tensor& x) { return s.encode_input(x); }
   static Rng& rng(StreamDiffusion& s) { return *s.rng_; }
@@ -61,6 +64,16 @@ void sync(const DiffusionModels& m) {
 
 std::exception_ptr invalid(const std::string& what) { return std::make_exception_ptr(InvalidArgument(what)); }
 
+std::string message_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "unknown error";
+  }
+}
+
 }  // namespace
 
 void MultiStreamStats::add(const MultiStreamStats& o) {
@@ -76,6 +89,7 @@ void MultiStreamStats::add(const MultiStreamStats& o) {
   shared_encode_calls += o.shared_encode_calls;
   graph_captures += o.graph_captures;
   graph_replays += o.graph_replays;
+  shared_call_failures += o.shared_call_failures;
 }
 
 std::string batch_incompatibility(const StreamDiffusion& a, const StreamDiffusion& b) {
@@ -163,13 +177,24 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
   }
   std::sort(alone.begin(), alone.end());
 
-  // A call on its own: the one-stream path itself.
+  // The longest sleep a skipped call asked for (SimilarityFilterOptions::sleep_on_skip): slept once, at the end of a
+  // step in which no call ran the models, so that a skip paces the caller as one stream's would but never stalls
+  // the other streams' calls.
+  double skip_sleep_s = 0;
+  // A call on its own: the one-stream path itself (img2img() / txt2img() in their halves, for the deferred sleep).
   const auto run_alone = [&](size_t i) {
     StreamDiffusion& s = *calls[i].stream;
-    const int64_t skipped_before = s.stats().skipped, unet_before = s.stats().unet_calls;
+    const int64_t unet_before = s.stats().unet_calls;
     try {
-      res[i].output = calls[i].images.defined() ? s.img2img(calls[i].images) : s.txt2img();
-      res[i].skipped = s.stats().skipped > skipped_before;
+      MultiStreamAccess::CallState c = MultiStreamAccess::begin(s, calls[i].images, calls[i].ready);
+      if (c.done) {
+        res[i].output = c.output;
+        res[i].skipped = true;
+        skip_sleep_s = std::max(skip_sleep_s, c.skip_sleep_s);
+        return;
+      }
+      if (c.image.defined()) MultiStreamAccess::begin_latent(s, c, MultiStreamAccess::encode(s, c.image));
+      res[i].output = MultiStreamAccess::complete(s, c);
       res[i].shared_with = s.stats().unet_calls > unet_before ? 1 : 0;
     } catch (...) {
       res[i].error = std::current_exception();
@@ -187,6 +212,7 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
         if (states[i].done) {
           res[i].output = states[i].output;
           res[i].skipped = true;
+          skip_sleep_s = std::max(skip_sleep_s, states[i].skip_sleep_s);
         } else {
           active.push_back(i);
         }
@@ -226,9 +252,31 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
       res[i].error = e;
       active.erase(std::find(active.begin(), active.end(), i));
     };
+    // A shared call that failed (a CUDA out-of-memory error at a large row count, say) is made again by each of its
+    // streams alone, from where the shared call left them (nothing of theirs changed in it); a stream's call fails
+    // only if its own call fails too. `why` goes to each call's StreamCallResult::fallback.
+    const auto shared_failed = [&](const char* call, size_t streams, const std::exception_ptr& e) {
+      const std::string why = "the shared " + std::string(call) + " of " + std::to_string(streams) +
+                              " streams failed (" + message_of(e) + "); each stream made its own";
+      log::warn("multi-stream: {}", why);
+      ++st.shared_call_failures;
+      return why;
+    };
+    const auto encode_each = [&](const std::vector<size_t>& which, const std::string& why) {
+      for (size_t i : which) {
+        try {
+          MultiStreamAccess::begin_latent(*calls[i].stream, states[i],
+                                          MultiStreamAccess::encode(*calls[i].stream, states[i].image));
+          if (!why.empty()) res[i].fallback = why;
+        } catch (...) {
+          fail(i, std::current_exception());
+        }
+      }
+    };
     if (to_encode.size() >= 2 && models.deterministic_encode()) {
       Tensor z;  // [sum F, C, h, w]: the group's latents in to_encode order
       double enc_s = 0;
+      std::exception_ptr shared_error;
       try {
         std::vector<Tensor> xs;
         for (size_t i : to_encode) xs.push_back(states[i].image);
@@ -242,9 +290,9 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
         if (sync_each) sync(models);
         enc_s = seconds_since(t0);
         ++st.shared_encode_calls;
-      } catch (...) {  // the shared call failed: every call of it
-        const std::exception_ptr e = std::current_exception();
-        for (size_t i : to_encode) fail(i, e);
+      } catch (...) {
+        shared_error = std::current_exception();
+        z = Tensor();
       }
       if (z.defined()) {
         int64_t off = 0;
@@ -259,33 +307,37 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
           }
           off += r;
         }
+      } else {
+        encode_each(to_encode, shared_failed("encode", to_encode.size(), shared_error));
       }
     } else {
-      for (size_t i : to_encode) {
-        try {
-          MultiStreamAccess::begin_latent(*calls[i].stream, states[i],
-                                          MultiStreamAccess::encode(*calls[i].stream, states[i].image));
-        } catch (...) {
-          fail(i, std::current_exception());
-        }
-      }
+      encode_each(to_encode, "");
     }
     if (active.empty()) continue;
 
-    if (active.size() == 1) {  // the others were skipped: its own UNet call, as one stream would make it
-      const size_t i = active.front();
+    // Its own UNet call, as one stream would make it: the others were skipped or failed, or the shared call failed.
+    const auto complete_alone = [&](size_t i, const std::string& why) {
       try {
         res[i].output = MultiStreamAccess::complete(*calls[i].stream, states[i]);
         res[i].shared_with = 1;
+        if (!why.empty()) res[i].fallback = why;
       } catch (...) {
         res[i].error = std::current_exception();
       }
+    };
+    if (active.size() == 1) {
+      complete_alone(active.front(), "");
       continue;
     }
+
+    // One UNet call over every stream's rows.
+    Tensor pred;
+    std::vector<int64_t> rows;
+    int64_t total = 0;
+    double unet_s = 0;
+    std::exception_ptr shared_error;
     try {
-      // One UNet call over every stream's rows.
       std::vector<Tensor> xs, ts, es, tes, tis;
-      std::vector<int64_t> rows;
       for (size_t i : active) {
         const StreamDiffusion& s = *calls[i].stream;
         const Tensor& ehs = MultiStreamAccess::embeds(s);
@@ -307,42 +359,59 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
       AddedConditioning added;
       if (!tes.empty()) added = {torch::cat(tes, 0), torch::cat(tis, 0)};
       const Tensor x = torch::cat(xs, 0);
-      const int64_t total = x.size(0);
-      auto t0 = std::chrono::steady_clock::now();
+      total = x.size(0);
+      const auto t0 = std::chrono::steady_clock::now();
       // Inputs: sample [R, C, h, w], t [R], text rows [R, 77, D], SDXL's added conditioning (undefined for SD).
-      const Tensor pred = shared_call("unet", {x, torch::cat(ts, 0), torch::cat(es, 0), added.text_embeds, added.time_ids},
-                                      [&models](const std::vector<Tensor>& in) {
-                                        AddedConditioning a;
-                                        a.text_embeds = in[3];
-                                        a.time_ids = in[4];
-                                        return std::vector<Tensor>{models.unet(in[0], in[1], in[2], a,
-                                                                               ControlResiduals{})};
-                                      })[0];
+      pred = shared_call("unet", {x, torch::cat(ts, 0), torch::cat(es, 0), added.text_embeds, added.time_ids},
+                         [&models](const std::vector<Tensor>& in) {
+                           AddedConditioning a;
+                           a.text_embeds = in[3];
+                           a.time_ids = in[4];
+                           return std::vector<Tensor>{models.unet(in[0], in[1], in[2], a, ControlResiduals{})};
+                         })[0];
       if (sync_each) sync(models);
-      const double unet_s = seconds_since(t0);
-      ++st.shared_unet_calls;
-      st.batched_calls += static_cast<int64_t>(active.size());
-      st.max_batch = std::max<int64_t>(st.max_batch, static_cast<int64_t>(active.size()));
-      st.max_rows = std::max(st.max_rows, total);
+      unet_s = seconds_since(t0);
+    } catch (...) {
+      shared_error = std::current_exception();
+      pred = Tensor();
+    }
+    if (!pred.defined()) {
+      const std::string why = shared_failed("UNet call", active.size(), shared_error);
+      for (size_t i : active) complete_alone(i, why);
+      continue;
+    }
+    ++st.shared_unet_calls;
+    st.batched_calls += static_cast<int64_t>(active.size());
+    st.max_batch = std::max<int64_t>(st.max_batch, static_cast<int64_t>(active.size()));
+    st.max_rows = std::max(st.max_rows, total);
 
-      // Second halves on each stream's rows.
-      std::vector<Tensor> latents;
-      int64_t off = 0;
-      for (size_t k = 0; k < active.size(); ++k) {
-        const size_t i = active[k];
-        StreamDiffusion& s = *calls[i].stream;
-        const Tensor p = pred.slice(0, off, off + rows[k]);
-        off += rows[k];
-        const double share = unet_s * static_cast<double>(rows[k]) / static_cast<double>(total);
+    // Second halves on each stream's rows; from here a stream's state has moved on, so a failure is its call's.
+    std::vector<size_t> done;
+    std::vector<Tensor> latents;
+    int64_t off = 0;
+    for (size_t k = 0; k < active.size(); ++k) {
+      const size_t i = active[k];
+      StreamDiffusion& s = *calls[i].stream;
+      const Tensor p = pred.slice(0, off, off + rows[k]);
+      off += rows[k];
+      const double share = unet_s * static_cast<double>(rows[k]) / static_cast<double>(total);
+      try {
         MultiStreamAccess::record_unet(s, states[i], p, share);
         latents.push_back(MultiStreamAccess::finish_unet(s, states[i], p));
+        done.push_back(i);
         res[i].shared_with = static_cast<int64_t>(active.size());
+      } catch (...) {
+        res[i].error = std::current_exception();
       }
+    }
 
-      // The decode: one call for the group (or one per stream), then each stream's bookkeeping.
-      std::vector<Tensor> images(active.size());
-      if (options.batch_decode) {
-        t0 = std::chrono::steady_clock::now();
+    // The decode: one call for the group (or one per stream, also when the shared one fails), then each stream's
+    // bookkeeping.
+    std::vector<Tensor> images(done.size());
+    std::string decode_why;
+    if (options.batch_decode && done.size() >= 2) {
+      try {
+        const auto t0 = std::chrono::steady_clock::now();
         const Tensor all = torch::cat(latents, 0);
         const Tensor img = shared_call("decode", {all}, [&models](const std::vector<Tensor>& in) {
           return std::vector<Tensor>{models.decode_latent(in[0])};
@@ -350,27 +419,29 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
         if (sync_each) sync(models);
         const double dec_s = seconds_since(t0);
         int64_t o = 0;
-        for (size_t k = 0; k < active.size(); ++k) {
+        for (size_t k = 0; k < done.size(); ++k) {
           const int64_t r = latents[k].size(0);
           images[k] = img.slice(0, o, o + r);
           o += r;
-          MultiStreamAccess::add_decode_time(*calls[active[k]].stream,
+          MultiStreamAccess::add_decode_time(*calls[done[k]].stream,
                                              dec_s * static_cast<double>(r) / static_cast<double>(all.size(0)));
         }
-      } else {
-        for (size_t k = 0; k < active.size(); ++k)
-          images[k] = MultiStreamAccess::decode(*calls[active[k]].stream, latents[k]);
+      } catch (...) {
+        decode_why = shared_failed("decode", done.size(), std::current_exception());
+        for (auto& img : images) img = Tensor();
       }
-      for (size_t k = 0; k < active.size(); ++k) {
-        const size_t i = active[k];
+    }
+    for (size_t k = 0; k < done.size(); ++k) {
+      const size_t i = done[k];
+      try {
+        if (!images[k].defined()) {
+          images[k] = MultiStreamAccess::decode(*calls[i].stream, latents[k]);
+          if (!decode_why.empty()) res[i].fallback = decode_why;
+        }
         res[i].output = MultiStreamAccess::finish(*calls[i].stream, states[i], latents[k], images[k]);
-      }
-    } catch (...) {
-      const std::exception_ptr e = std::current_exception();
-      for (size_t i : active) {
+      } catch (...) {
         res[i].output = Tensor();
-        res[i].shared_with = 0;
-        res[i].error = e;
+        res[i].error = std::current_exception();
       }
     }
   }
@@ -383,6 +454,10 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
   }
   if (st.own_calls > 0) st.max_batch = std::max<int64_t>(st.max_batch, 1);
   if (stats_out) stats_out->add(st);
+  // No call of this step ran the models (all skipped, or failed): it paces its caller as one stream's skip would.
+  if (skip_sleep_s > 0 &&
+      std::none_of(res.begin(), res.end(), [](const StreamCallResult& r) { return r.shared_with > 0; }))
+    std::this_thread::sleep_for(std::chrono::duration<double>(skip_sleep_s));
   return res;
 }
 

@@ -20,17 +20,21 @@
 // (text length, IP-Adapter tokens, width; dtype and device come with the models). A stream runs its own call
 // (the plain one-stream path, counted in StreamCallResult::fallback) when StreamDiffusion::batch_blocker() names a
 // reason - sequential mode, ControlNets, the deep-feature cache - or when no other stream of the step is compatible.
-// A call the similarity filter skips returns the previous output without any model call. With an AutoencoderKL
-// the encode stays per stream (it draws its posterior noise from each stream's own Rng).
+// A call the similarity filter skips returns the previous output without any model call; its sleep
+// (SimilarityFilterOptions::sleep_on_skip) is slept once, at the end of a step in which no call ran the models, never
+// while other streams' calls wait. With an AutoencoderKL the encode stays per stream (it draws its posterior noise
+// from each stream's own Rng).
 //
 // CUDA graphs (MultiStreamOptions::graphs): on a CUDA device the group's encode, UNet call and decode are recorded once
 // per row count (core/cuda_graph.h) and replayed after, like the one-stream path's own calls; no host wait inside a
 // step unless a stream asks for it (StreamConfig::sync_components).
 //
 // Errors are per call: a bad input (shape, unprepared stream, the same stream twice) fails that call only, before
-// it changes anything; a failure of a shared call fails every call it served: the shared encode its img2img calls
-// (the group's other calls go on), the shared UNet or decode call every call of the group (their streams are then
-// left as a failed one-stream call would leave them: the RCFG shift done, the buffer not updated).
+// it changes anything. A shared encode, UNet call or decode that fails (a CUDA out-of-memory error at a large row
+// count, say) is made again by each of its streams alone, from where the shared call left them (nothing of theirs
+// changed in it), so the outputs are the one-by-one outputs; a call fails only if its own call fails too
+// (StreamCallResult::fallback says why it ran alone, MultiStreamStats::shared_call_failures counts them, and the log
+// has a warning). After the shared UNet call a stream's failure is its own call's (its buffer has moved on).
 #include <exception>
 #include <memory>
 #include <string>
@@ -54,7 +58,8 @@ struct StreamCallResult {
   std::exception_ptr error;  // set (and output undefined) when this call failed
   bool skipped = false;      // answered by the similarity filter (no model call)
   int64_t shared_with = 0;   // streams in the UNet call that ran its rows (1 = its own call; 0 = none ran)
-  std::string fallback;      // why it ran alone while other streams were batched ("" otherwise)
+  std::string fallback;      // why it ran alone, or made its encode or decode alone, while other streams were batched
+                             // (or after their shared call failed); "" otherwise
 };
 
 // The CUDA graphs of the shared calls: the caller keeps one across steps (serve's model worker, bench) and passes it
@@ -95,6 +100,7 @@ struct MultiStreamStats {
   int64_t shared_encode_calls = 0;  // encodes of >= 2 streams' img2img inputs in one call (TAESD)
   int64_t graph_captures = 0;   // shared encode / UNet / decode calls recorded as CUDA graphs (SharedGraphs)
   int64_t graph_replays = 0;    // shared encode / UNet / decode calls answered by a replay
+  int64_t shared_call_failures = 0;  // shared encode / UNet / decode calls that failed (each stream then made its own)
   void add(const MultiStreamStats& o);
   // Calls f(name, value) for every counter, in declaration order (reports: Python's StreamBatcher.stats).
   template <class F>
@@ -111,6 +117,7 @@ struct MultiStreamStats {
     f("shared_encode_calls", shared_encode_calls);
     f("graph_captures", graph_captures);
     f("graph_replays", graph_replays);
+    f("shared_call_failures", shared_call_failures);
   }
 };
 

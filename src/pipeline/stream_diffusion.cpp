@@ -676,7 +676,8 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img(const torch::Tensor& i
   return call;
 }
 
-StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Tensor& images, InputReady ready) {
+StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Tensor& images, InputReady ready,
+                                                                 bool defer_sleep) {
   require_prepared("img2img");
   torch::NoGradGuard no_grad;
   refresh_prompts();
@@ -710,8 +711,12 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
     last_decision_ = filter_->check(x, complete);
     if (!last_decision_.process) {
       ++stats_.skipped;
-      if (config_.similarity_filter.sleep_on_skip && stats_.ema_call_s > 0)
-        std::this_thread::sleep_for(std::chrono::duration<double>(stats_.ema_call_s));
+      if (config_.similarity_filter.sleep_on_skip && stats_.ema_call_s > 0) {
+        if (defer_sleep)
+          call.skip_sleep_s = stats_.ema_call_s;
+        else
+          std::this_thread::sleep_for(std::chrono::duration<double>(stats_.ema_call_s));
+      }
       call.done = true;
       call.output = prev_output_;
       return call;
@@ -900,7 +905,9 @@ void StreamDiffusion::record_shared_unet(const CallState& call, const torch::Ten
 std::string StreamDiffusion::batch_blocker() const {
   if (!prepared_) return "not prepared";
   if (!config_.use_denoising_batch) return "sequential mode (use_denoising_batch false) makes one UNet call per step";
-  if (!controlnets_.empty()) return "ControlNets run on the stream's own UNet batch";
+  // At scale 0 a ControlNet adds nothing (control_residuals skips it): such a stream's UNet call is the plain one.
+  if (std::any_of(controlnets_.begin(), controlnets_.end(), [](const ControlNetUnit& u) { return u.scale != 0.0; }))
+    return "ControlNets run on the stream's own UNet batch";
   if (config_.deep_cache_every > 1) return "the deep-feature cache (deep_cache_every > 1) keeps per-stream UNet features";
   return "";
 }

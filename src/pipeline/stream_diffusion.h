@@ -304,6 +304,7 @@ class StreamDiffusion {
     torch::Tensor x_in, t_in;  // the UNet rows (spec §4.1 layout)
     torch::Tensor image;     // img2img between begin_img2img_input and begin_img2img_latent: the input [F, 3, H, W]
     std::shared_ptr<CallTimer> timer;  // a processed call's device events (CUDA), else null
+    double skip_sleep_s = 0;  // a skip's sleep (SimilarityFilterOptions::sleep_on_skip) left to the caller (defer_sleep)
   };
   // StreamStats::ema_call_s, the filter's sleep on a skip, is a processed call's time. On CUDA that is the GPU's time
   // between events recorded around the call, as the original times it (on a GPU running ahead, the call's host time is
@@ -317,7 +318,9 @@ class StreamDiffusion {
   // begin_img2img = begin_img2img_input (checks, transitions, filter, deep-cache reference: call.image), then
   // encode_input(call.image) (several streams' inputs may share one encode), then begin_img2img_latent.
   CallState begin_img2img(const torch::Tensor& images, InputReady ready);
-  CallState begin_img2img_input(const torch::Tensor& images, InputReady ready);
+  // defer_sleep: a skip does not sleep here but leaves the time in call.skip_sleep_s (a shared step must not stall
+  // the other streams' calls on one stream's skip).
+  CallState begin_img2img_input(const torch::Tensor& images, InputReady ready, bool defer_sleep = false);
   torch::Tensor encode_input(const torch::Tensor& x);  // step 3: z = Enc(x) · scaling_factor
   void begin_img2img_latent(CallState& call, const torch::Tensor& z);
   CallState begin_txt2img();

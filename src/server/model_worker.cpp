@@ -103,8 +103,18 @@ void ModelWorker::run_gathered(std::vector<std::shared_ptr<ModelTask>>& tasks) {
   sd::MultiStreamOptions options;
   options.max_streams = max_batch_;
   options.graphs = &graphs_;
-  std::vector<sd::StreamCallResult> results;
-  if (!calls.empty()) results = sd::run_stream_calls(calls, options, &ms);
+  std::vector<sd::StreamCallResult> results(calls.size());
+  try {
+    if (!calls.empty()) results = sd::run_stream_calls(calls, options, &ms);
+  } catch (const std::exception& e) {
+    // Its failures are per call; this is one outside them (out of memory while grouping, say). Every running task
+    // still answers its client, with the error, in end_batched_step.
+    errors_.fetch_add(1);
+    log::error("model worker: a gathered step failed: {}", e.what());
+    const std::exception_ptr error = std::current_exception();
+    results.assign(calls.size(), sd::StreamCallResult());
+    for (auto& r : results) r.error = error;
+  }
   {
     std::lock_guard<std::mutex> lock(batch_mutex_);
     batch_stats_.add(ms);
@@ -160,7 +170,8 @@ nlohmann::json ModelWorker::stats() const {
           {"max_batch", b.max_batch},
           {"own_calls", b.own_calls},
           {"batched_graph_captures", b.graph_captures},
-          {"batched_graph_replays", b.graph_replays}};
+          {"batched_graph_replays", b.graph_replays},
+          {"batched_call_failures", b.shared_call_failures}};
 }
 
 }  // namespace sd::server

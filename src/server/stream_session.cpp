@@ -289,6 +289,11 @@ void StreamSession::run_model_step() {
   end_step(p, out);
 }
 
+const void* StreamSession::batch_key() const {
+  if (stream_ && !stream_->batch_blocker().empty()) return nullptr;
+  return models_.get();
+}
+
 bool StreamSession::begin_batched_step(BatchedStep& step) {
   batch_step_ = PendingStep();
   if (!begin_step(batch_step_)) return false;

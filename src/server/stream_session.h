@@ -89,7 +89,11 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   void run_model_step() override;
   // Multi-stream batching (ModelWorker::set_max_batch_streams): sessions on the same models may share a step; the
   // halves of run_model_step, with the stream call made by the worker for several sessions at once.
-  const void* batch_key() const override { return models_.get(); }
+  // Not gathered (null) while its stream cannot share UNet calls (StreamDiffusion::batch_blocker: ControlNets at a
+  // non-zero scale, the deep-feature cache, sequential mode): it would run alone anyway, and its result would wait for
+  // the whole gathered step. Read on the model thread (the worker's loop), which owns stream_; a session without a
+  // stream yet (its first step) is gathered.
+  const void* batch_key() const override;
   bool begin_batched_step(BatchedStep& step) override;
   void begin_batched_output(BatchedStep& step) override;  // on CUDA starts the frame's download (start_image_download)
   void end_batched_step(BatchedStep& step) override;

@@ -90,6 +90,14 @@ TEST(ControlNetStream, ScaleZeroEqualsNoControlNetBitForBit) {
     s.set_control_image(0, control(0));
   });
   EXPECT_GT((one - plain).abs().max().item<double>(), 1e-3);
+  // So a stream whose ControlNets are all at scale 0 may share UNet calls with others (pipeline/multi_stream.h);
+  // one at a non-zero scale may not.
+  StreamDiffusion s(tiny_sd15(), cfg());
+  s.prepare("a cat");
+  s.set_controlnets({{cn, 0.0}, {cn, 0.0}});
+  EXPECT_EQ(s.batch_blocker(), "");
+  s.set_controlnet_scale(1, 0.5);
+  EXPECT_EQ(s.batch_blocker(), "ControlNets run on the stream's own UNet batch");
 }
 
 TEST(ControlNetStream, TwoControlNetsGiveTheSumOfTheirResiduals) {

@@ -158,9 +158,17 @@ TEST_F(IPAdapterStreamLive, ScaleAndImageChangesTakeEffectFromTheNextCall) {
   EXPECT_EQ(b.stats().image_prompt_encodes, 2);
   EXPECT_EQ(a.stats().image_prompt_encodes, 1);
   // The scale: the same stream state run at two scales gives different outputs from the call after the change.
+  // A change moves weights_version() (the attention reads the scale on the host, so CUDA graphs recorded at the old
+  // scale are dropped); setting the same scale again does not.
+  const uint64_t v0 = models->weights_version();
   models->set_ip_adapter_scale(0.0);
+  const uint64_t v1 = models->weights_version();
+  EXPECT_NE(v1, v0);
   const Tensor off = a.txt2img_one_shot();
+  models->set_ip_adapter_scale(0.0);
+  EXPECT_EQ(models->weights_version(), v1);
   models->set_ip_adapter_scale(1.0);
+  EXPECT_NE(models->weights_version(), v1);
   const Tensor on = a.txt2img_one_shot();
   EXPECT_GT((on - off).abs().max().item<double>(), 1e-3);
 }

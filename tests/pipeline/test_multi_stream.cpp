@@ -3,7 +3,8 @@
 // consecutive calls (so latent buffers and RCFG state roll), batched into one UNet call per step, give what each
 // stream gives on its own. The only difference allowed is the floating-point one of a UNet / decoder evaluated on a
 // larger batch (fp32; kTol below, measured and printed). Plus the counters, the fallbacks (streams that cannot
-// share a call run their own, bit for bit the one-stream path) and the errors.
+// share a call run their own, bit for bit the one-stream path), the errors, and shared calls that fail (each stream
+// then makes its own).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -324,7 +325,7 @@ TEST_F(MultiStreamFallback, SimilarityFilterSkipsInsideABatch) {
     SimilarityFilterOptions f;
     f.enabled = true;
     f.threshold = 0.9;
-    f.sleep_on_skip = false;
+    f.sleep_on_skip = true;  // left to the end of a step in which nothing ran: here stream 1 runs, so no sleep
     v.back()->set_similarity_filter(f);
     v.push_back(make_stream(m_, kSpecs[1]));
   };
@@ -385,45 +386,126 @@ TEST_F(MultiStreamFallback, ErrorsFailOnlyTheirCall) {
             "img2img: input has shape ");
 }
 
-// A failing shared encode fails the calls it served, and only those: the group's txt2img call still runs (its own
-// UNet call), and the failed streams run again next step. The stub encode is deterministic and refuses more than one
-// frame at a time, so the shared call fails and a stream's own call does not.
-class OneFrameEncode : public test::StubModels {
+// A shared call that fails is made again by each of its streams alone. The stub models refuse an encode, UNet call or
+// decode over more than a set number of frames / rows (as a GPU out of memory at a large batch would), so the shared
+// call fails and each stream's own call does not; the stub UNet is row by row, so the outputs equal the one-by-one
+// outputs bit for bit whichever calls were shared.
+class LimitedModels : public test::StubModels {
  public:
+  int64_t max_encode = 1 << 20, max_unet_rows = 1 << 20, max_decode = 1 << 20;
   bool deterministic_encode() const override { return true; }
   torch::Tensor encode_image(const torch::Tensor& x, Rng& rng) const override {
-    if (x.size(0) > 1) throw Error("stub encode: " + std::to_string(x.size(0)) + " frames at once");
+    if (x.size(0) > max_encode) throw Error("stub encode: " + std::to_string(x.size(0)) + " frames at once");
     return StubModels::encode_image(x, rng);
+  }
+  torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
+                     const AddedConditioning& added, const ControlResiduals& control) const override {
+    if (sample.size(0) > max_unet_rows) throw Error("stub unet: " + std::to_string(sample.size(0)) + " rows at once");
+    return StubModels::unet(sample, t, ehs, added, control);
+  }
+  torch::Tensor decode_latent(const torch::Tensor& z) const override {
+    if (z.size(0) > max_decode) throw Error("stub decode: " + std::to_string(z.size(0)) + " latents at once");
+    return StubModels::decode_latent(z);
   }
 };
 
-TEST(MultiStreamEncode, AFailedSharedEncodeFailsOnlyTheCallsItServed) {
-  auto m = std::make_shared<OneFrameEncode>();
+std::vector<std::unique_ptr<StreamDiffusion>> stub_streams(const std::shared_ptr<const DiffusionModels>& m) {
   std::vector<std::unique_ptr<StreamDiffusion>> s;
   for (int i = 0; i < 3; ++i) {
     StreamConfig c;
     c.width = c.height = kSize;
     c.t_index_list = {20, 35};
+    c.cfg_type = i == 1 ? CfgType::Full : CfgType::Self;  // 2 or 4 UNet rows
+    c.guidance_scale = 1.3;
     c.seed = 3 + i;
     s.push_back(std::make_unique<StreamDiffusion>(m, c));
-    s.back()->prepare("prompt " + std::to_string(i));
+    s.back()->prepare("prompt " + std::to_string(i), "blurry");
   }
+  return s;
+}
+
+struct FailCase {
+  const char* which;   // the shared call that fails
+  const char* reason;  // its fallback line, as each call's StreamCallResult::fallback gives it
+};
+
+void PrintTo(const FailCase& c, std::ostream* os) { *os << c.which; }
+
+class MultiStreamSharedFailure : public ::testing::TestWithParam<FailCase> {};
+
+TEST_P(MultiStreamSharedFailure, IsMadeAgainByEachStreamAloneWithTheOneByOneOutputs) {
+  const FailCase fc = GetParam();
+  auto limited = std::make_shared<LimitedModels>();
+  const std::string which = fc.which;
+  if (which == "encode") limited->max_encode = 1;
+  if (which == "unet") limited->max_unet_rows = 4;  // one stream's rows at most (cfg full: 4)
+  if (which == "decode") limited->max_decode = 1;
+  auto plain = std::make_shared<LimitedModels>();
+  auto one = stub_streams(plain), many = stub_streams(limited);
   MultiStreamStats stats;
-  const auto res = run_stream_calls({{s[0].get(), frame(0, 0)}, {s[1].get(), frame(0, 1)}, {s[2].get(), Tensor()}},
-                                    {}, &stats);
-  for (int i : {0, 1}) {
+  for (int c = 0; c < 3; ++c) {
+    std::vector<StreamCall> step;
+    std::vector<Tensor> expect;
+    for (size_t i = 0; i < one.size(); ++i) {
+      const Tensor x = i == 2 ? Tensor() : frame(c, static_cast<int64_t>(i));  // stream 2: txt2img
+      expect.push_back(x.defined() ? one[i]->img2img(x) : one[i]->txt2img());
+      step.push_back({many[i].get(), x});
+    }
+    const auto res = run_stream_calls(step, {}, &stats);
+    for (size_t i = 0; i < one.size(); ++i) {
+      ASSERT_FALSE(res[i].error) << which << " call " << c << " stream " << i;
+      EXPECT_TRUE(torch::equal(res[i].output, expect[i])) << which << " call " << c << " stream " << i;
+      // The encode is shared by the img2img streams 0 and 1 only.
+      const bool fell_back = which != "encode" || i < 2;
+      EXPECT_EQ(res[i].fallback, fell_back ? fc.reason : "") << which << " stream " << i;
+      EXPECT_EQ(res[i].shared_with, which == "unet" ? 1 : 3) << which << " stream " << i;
+    }
+  }
+  EXPECT_EQ(stats.shared_call_failures, 3);
+  EXPECT_EQ(stats.errors, 0);
+  EXPECT_EQ(stats.shared_encode_calls, which == "encode" ? 0 : 3);
+  EXPECT_EQ(stats.shared_unet_calls, which == "unet" ? 0 : 3);
+  EXPECT_EQ(stats.own_calls, which == "unet" ? 9 : 0);
+  // The rolled state equals the one-by-one streams' too.
+  for (size_t i = 0; i < one.size(); ++i) {
+    EXPECT_TRUE(torch::equal(many[i]->stock_noise(), one[i]->stock_noise())) << which << " stream " << i;
+    EXPECT_TRUE(torch::equal(many[i]->latent_buffer(), one[i]->latent_buffer())) << which << " stream " << i;
+    EXPECT_EQ(many[i]->stats().unet_calls, one[i]->stats().unet_calls);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Calls, MultiStreamSharedFailure,
+    ::testing::Values(
+        FailCase{"encode", "the shared encode of 2 streams failed (stub encode: 2 frames at once); each stream made "
+                           "its own"},
+        FailCase{"unet", "the shared UNet call of 3 streams failed (stub unet: 8 rows at once); each stream made its "
+                         "own"},
+        FailCase{"decode", "the shared decode of 3 streams failed (stub decode: 3 latents at once); each stream made "
+                           "its own"}),
+    [](const auto& info) { return std::string(info.param.which); });
+
+TEST(MultiStreamSharedFailureAlone, ACallFailsOnlyWhenItsOwnCallFailsToo) {
+  // No stream's rows fit (2 rows each, at most 1): the shared call fails, then each stream's own call; every call
+  // gets its own call's error, and the streams still run once the limit is lifted.
+  auto m = std::make_shared<LimitedModels>();
+  m->max_unet_rows = 1;
+  auto s = stub_streams(m);
+  std::vector<StreamCall> step;
+  for (size_t i = 0; i < s.size(); ++i) step.push_back({s[i].get(), i == 2 ? Tensor() : frame(0, static_cast<int64_t>(i))});
+  MultiStreamStats stats;
+  const auto res = run_stream_calls(step, {}, &stats);
+  for (size_t i = 0; i < s.size(); ++i) {
     ASSERT_TRUE(res[i].error) << i;
-    EXPECT_EQ(error_of<Error>([&] { std::rethrow_exception(res[i].error); }), "stub encode: 2 frames at once");
+    EXPECT_EQ(error_of<Error>([&] { std::rethrow_exception(res[i].error); }),
+              "stub unet: " + std::to_string(s[i]->unet_batch_size()) + " rows at once");
     EXPECT_FALSE(res[i].output.defined());
   }
-  ASSERT_FALSE(res[2].error);
-  EXPECT_EQ(res[2].shared_with, 1);
-  EXPECT_EQ(res[2].output.sizes(), (std::vector<int64_t>{1, 3, kSize, kSize}));
-  EXPECT_EQ(stats.errors, 2);
-  EXPECT_EQ(stats.shared_encode_calls, 0);
-  EXPECT_EQ(stats.own_calls, 1);
-  // Alone, each failed stream's own encode works.
-  for (int i : {0, 1}) EXPECT_EQ(s[i]->img2img(frame(1, i)).sizes(), (std::vector<int64_t>{1, 3, kSize, kSize}));
+  EXPECT_EQ(stats.errors, 3);
+  EXPECT_EQ(stats.shared_call_failures, 1);
+  m->max_unet_rows = 1 << 20;
+  for (size_t i = 0; i < s.size(); ++i) step[i].images = i == 2 ? Tensor() : frame(1, static_cast<int64_t>(i));
+  for (const auto& r : run_stream_calls(step, {}, &stats)) EXPECT_FALSE(r.error);
 }
 
 }  // namespace
