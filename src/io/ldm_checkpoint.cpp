@@ -876,10 +876,32 @@ UnusedKeys unused_ldm_keys(const SafeTensorsFile& file, const std::vector<const 
                        k == std::string(kOpenClipPrefix) + "logit_scale" ||
                        k == std::string(kSdxlClipPrefix) + "text_model.embeddings.position_ids" ||
                        k == std::string(kSdxlOpenClipPrefix) + "logit_scale" ||
-                       starts_with(k, std::string(kOpenClipPrefix) + "transformer.resblocks.");
+                       starts_with(k, std::string(kOpenClipPrefix) + "transformer.resblocks.") ||
+                       starts_with(k, std::string(kVaePrefix) + "loss.") || starts_with(k, "loss.");
     (known ? out.known : out.unknown).push_back(k);
   }
   return out;
+}
+
+std::vector<std::string> check_unread_ldm_keys(const SafeTensorsFile& file, const std::vector<const LdmTable*>& tables,
+                                               const std::vector<std::string>& prefixes,
+                                               const std::string& config_note) {
+  std::vector<std::string> unread, others;
+  for (auto& k : unused_ldm_keys(file, tables).unknown) {
+    const bool loaded = std::any_of(prefixes.begin(), prefixes.end(),
+                                    [&](const std::string& p) { return starts_with(k, p); });
+    (loaded ? unread : others).push_back(std::move(k));
+  }
+  if (!unread.empty()) {
+    std::string first;
+    for (size_t i = 0; i < unread.size() && i < 5; ++i) first += (i ? ", " : "") + unread[i];
+    throw FormatError(file.path(), std::to_string(unread.size()) + " tensor" + (unread.size() == 1 ? "" : "s") +
+                                       " of the components loaded from this file fit no layer of the models built "
+                                       "from " + config_note + " (" + first + (unread.size() > 5 ? ", ..." : "") +
+                                       "): a config that does not match the file (--config of another model?), or "
+                                       "layers this loader does not know; they would be dropped");
+  }
+  return others;
 }
 
 }  // namespace sd::convert

@@ -132,11 +132,19 @@ VaeFileInfo inspect_vae_file(const SafeTensorsFile& file);
 
 // Keys of `file` that no table reads, split into the ones every LDM file carries and SD does not use (DDPM buffers,
 // position_ids, OpenCLIP's projection / logit scale / last resblock, SDXL's conditioner.embedders.1.model.logit_scale,
-// EMA copies) and the rest.
+// EMA copies, a training checkpoint's VAE loss weights) and the rest.
 struct UnusedKeys {
   std::vector<std::string> known, unknown;
 };
 UnusedKeys unused_ldm_keys(const SafeTensorsFile& file, const std::vector<const LdmTable*>& tables);
+// After a load: the unknown unused keys under `prefixes` (the components read from `file`; "" is the whole file) are
+// weights of layers the built models have no place for (a config that does not fit the file, a deeper block than
+// the one the config was inferred from): a FormatError naming how many and the first of them, `config_note` saying
+// where the config came from. Returns the other unknown keys (outside those components: nothing was loaded from
+// there) for a warning.
+std::vector<std::string> check_unread_ldm_keys(const SafeTensorsFile& file, const std::vector<const LdmTable*>& tables,
+                                               const std::vector<std::string>& prefixes,
+                                               const std::string& config_note);
 
 // ---- ControlNet single files ------------------------------------------------------------------------------------
 // The original ControlNet layout (lllyasviel's control_*.safetensors), with or without the "control_model." prefix:

@@ -111,7 +111,10 @@ Header parse_header(const uint8_t* data, size_t size, const std::string& file) {
       if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / dim) overflow = true;
       numel *= dim;
     }
-    if (overflow && numel != 0) fail(file, tensor_ctx(name) + "shape " + sh->dump() + " overflows");
+    // Any overflow fails, also one a later 0 would hide ([2^32, 2^32] wraps to 0 elements): torch sizes its storage
+    // from the full product, and an element count past int64 is no tensor at all.
+    if (overflow || numel > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      fail(file, tensor_ctx(name) + "shape " + sh->dump() + " overflows");
     auto off = v.find("data_offsets");
     if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
         !(*off)[1].is_number_unsigned())

@@ -410,6 +410,8 @@ class StableDiffusionModels : public DiffusionModels {
     } else {
       const auto table = convert::vae_ldm_table(module_keys(AutoencoderKL(cfg)), vinfo.prefix);
       weights = convert::gather_ldm(file, table, "VAE");
+      // A full checkpoint's other components are not this load's business; its VAE's (or a bare VAE file's) are.
+      convert::check_unread_ldm_keys(file, {&table}, {vinfo.prefix}, "the config inferred from its weights");
     }
     vae_ = load_vae(cfg, weights, path, vae_dtype_, device_);
     vae_path_ = path;
@@ -507,6 +509,9 @@ class StableDiffusionModels : public DiffusionModels {
     }
     tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(tok, pad));
 
+    // The tables of the components read from the file, and their key prefixes: what check_unread_ldm_keys compares.
+    std::vector<convert::LdmTable> read;
+    std::vector<std::string> read_prefixes;
     std::string te_src, te2_src;
     const auto te_cfg = CLIPTextConfig::from_json(
         config_or(opt.config, "text_encoder", "config.json", info.text_encoder_config, te_src, path), te_src);
@@ -515,6 +520,8 @@ class StableDiffusionModels : public DiffusionModels {
       const auto table = convert::text_encoder_ldm_table(keys_of(shapes), info.text_layout, info.text_prefix);
       text_encoder_ = load_clip_text_model(te_cfg, convert::gather_ldm(own_mapping(), table, "text encoder", shapes),
                                            path, dtype_, device_);
+      read.push_back(table);
+      read_prefixes.push_back(info.text_prefix);
     }
     if (sdxl) {
       std::string tok2 = from_config("tokenizer_2"), pad2;
@@ -530,6 +537,8 @@ class StableDiffusionModels : public DiffusionModels {
                                                          info.text_encoder_2_prefix);
       text_encoder_2_ = load_clip_text_model(
           te2_cfg, convert::gather_ldm(own_mapping(), table, "text_encoder_2", shapes), path, dtype_, device_);
+      read.push_back(table);
+      read_prefixes.push_back(info.text_encoder_2_prefix);
       check_sdxl_text_encoders({tok + "/vocab.json", tok2 + "/vocab.json", te_src, te2_src});
       const std::string index = opt.config.empty() ? "" : opt.config + "/model_index.json";
       force_zeros_ = !index.empty() && is_file(index)
@@ -544,6 +553,8 @@ class StableDiffusionModels : public DiffusionModels {
       const auto shapes = module_shapes(UNet2DConditionModel(unet_cfg));
       const auto table = convert::unet_ldm_table(keys_of(shapes));
       unet_ = load_unet(unet_cfg, convert::gather_ldm(own_mapping(), table, "UNet", shapes), path, dtype_, device_);
+      read.push_back(table);
+      read_prefixes.push_back(convert::kUNetPrefix);
     }
     // The VAE config (its scale factor is used even with TAESD); the family's SD VAE when the file has none.
     nlohmann::json vae_inferred = info.vae_config;
@@ -566,8 +577,20 @@ class StableDiffusionModels : public DiffusionModels {
         const auto table = convert::vae_ldm_table(keys_of(shapes));
         vae_ = load_vae(vae_config_, convert::gather_ldm(own_mapping(), table, "VAE", shapes), path, vae_dtype_,
                         device_);
+        read.push_back(table);
+        read_prefixes.push_back(convert::kVaePrefix);
       }
     }
+    // A table reads only the keys of the layers the config built: any other weight of those components would be
+    // dropped without a word (the folder path refuses unexpected keys the same way, in load_weights).
+    std::vector<const convert::LdmTable*> tables;
+    for (const auto& t : read) tables.push_back(&t);
+    const std::vector<std::string> others = convert::check_unread_ldm_keys(
+        file, tables, read_prefixes,
+        opt.config.empty() ? std::string("the config inferred from its weights") : "--config " + opt.config);
+    if (!others.empty())
+      log::warn("{}: {} tensor{} outside the components loaded, not used (first: {})", path, others.size(),
+                others.size() == 1 ? "" : "s", others.front());
     single_file_note_ = std::string("single file, ") + convert::family_name(info.family) + ", prediction " +
                         sched_.prediction_type + " " + pred_note;
   }

@@ -197,6 +197,19 @@ TEST(SafeTensorsCorrupt, MissingFields) {
   expect_error(raw_file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,-4]}})", 4), {"'w'", "data_offsets"});
 }
 
+TEST(SafeTensorsCorrupt, ShapesWhoseElementCountOverflowsAreRefused) {
+  // 2^32 x 2^32 wraps to 0 elements, which once matched the empty byte range; 2^62 x 4 x F32 passes the element
+  // count but not the byte length; 2^33 x 2^31 x 0 is empty only by a wrapped product.
+  expect_error(raw_file(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0),
+               {"'w'", "shape [4294967296,4294967296] overflows"});
+  expect_error(raw_file(R"({"w":{"dtype":"F32","shape":[4,4611686018427387904],"data_offsets":[0,0]}})", 0),
+               {"'w'", "overflows"});
+  expect_error(raw_file(R"({"w":{"dtype":"U8","shape":[8589934592,2147483648,0],"data_offsets":[0,0]}})", 0),
+               {"'w'", "overflows"});
+  expect_error(raw_file(R"({"w":{"dtype":"U8","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0),
+               {"'w'", "overflows"});
+}
+
 TEST(SafeTensorsCorrupt, MetadataMustBeStrings) {
   expect_error(raw_file(R"({"__metadata__":{"a":1}})", 0), {"__metadata__"});
 }

@@ -211,6 +211,21 @@ TEST_F(SingleFileErrors, VaeMissing) {
     o.vae = vae;
     EXPECT_TRUE(torch::equal(load(none, o)->decode_latent(z), ref->decode_latent(z))) << vae;
   }
+  // A bare VAE file with a layer the inferred AutoencoderKL has no place for names it; a training checkpoint's loss
+  // weights are known and skipped.
+  bare["decoder.up.0.extra.weight"] = torch::ones({4});
+  save_safetensors(tmp_ + "/bare-vae-extra.safetensors", bare);
+  {
+    LoadOptions o = with_config();
+    o.taesd = "";
+    o.vae = tmp_ + "/bare-vae-extra.safetensors";
+    expect_error(none, o, {o.vae, "1 tensor ", "decoder.up.0.extra.weight"});
+    bare.erase("decoder.up.0.extra.weight");
+    bare["loss.logvar"] = torch::zeros({});
+    save_safetensors(tmp_ + "/bare-vae-loss.safetensors", bare);
+    o.vae = tmp_ + "/bare-vae-loss.safetensors";
+    EXPECT_TRUE(torch::equal(load(none, o)->decode_latent(z), ref->decode_latent(z)));
+  }
   // A VAE with one tensor missing names it.
   const std::string part = without("part-vae.safetensors", "first_stage_model.decoder.up.", false);
   expect_error(part, with_config(), {part, "VAE", "missing", "first_stage_model.decoder.up."});
@@ -246,6 +261,47 @@ TEST_F(SingleFileErrors, UnknownLayout) {
   expect_error(src_, bad, {"nope", "--config"});
   LoadOptions folder = with_config();
   expect_error(test::fixture_path("models/tiny-sd15"), folder, {"--config", "single-file"});
+}
+
+// Weights of the loaded components that no layer of the built models reads (a --config of another model, a deeper
+// block than the config has) are an error naming them, not dropped; a tensor outside those components (an SGM file's
+// denoiser.sigmas, say) is not read and does not stop the load.
+TEST_F(SingleFileErrors, WeightsNoLayerReadsAreAnErrorNamingThem) {
+  const auto with_extra = [&](const std::string& name, const std::map<std::string, torch::Tensor>& extra) {
+    const auto f = SafeTensorsFile::open(src_);
+    std::map<std::string, torch::Tensor> all;
+    for (const auto& k : f.keys()) all[k] = f.get(k);
+    for (const auto& kv : extra) all[kv.first] = kv.second;
+    const std::string p = tmp_ + "/" + name;
+    save_safetensors(p, all);
+    return p;
+  };
+  const std::string deeper = with_extra(
+      "deeper.safetensors", {{"model.diffusion_model.input_blocks.1.1.transformer_blocks.7.attn1.to_q.weight",
+                              torch::zeros({4, 4})},
+                             {"first_stage_model.decoder.up.9.block.0.conv1.weight", torch::zeros({4, 4, 3, 3})}});
+  expect_error(deeper, with_config(),
+               {deeper, "2 tensors", "fit no layer", "--config " + config_,
+                "model.diffusion_model.input_blocks.1.1.transformer_blocks.7.attn1.to_q.weight",
+                "first_stage_model.decoder.up.9.block.0.conv1.weight"});
+  // (A deeper transformer block than the first ones would change the inferred depth; a layer of no known name does
+  // not.)
+  const std::string unet_only = with_extra(
+      "unknown-unet-layer.safetensors", {{"model.diffusion_model.input_blocks.1.1.extra_norm.weight", torch::ones({4})}});
+  expect_error(unet_only, with_config(),
+               {unet_only, "1 tensor ", "model.diffusion_model.input_blocks.1.1.extra_norm.weight"});
+  // Outside the loaded components: loaded, the same model as without it.
+  const std::string other = with_extra("sigmas.safetensors", {{"denoiser.sigmas", torch::ones({1000})}});
+  const auto a = load(other, with_config());
+  const auto b = load(src_, with_config());
+  const auto z = torch::linspace(-1, 1, 4 * 8 * 8).view({1, 4, 8, 8});
+  EXPECT_TRUE(torch::equal(a->decode_latent(z), b->decode_latent(z)));
+  // Without the VAE loaded from the file (TAESD), its unknown keys are not read either and do not stop the load.
+  LoadOptions t = with_config();
+  t.taesd = test::fixture_path("models/tiny-sd15/taesd");
+  const std::string vae_extra = with_extra(
+      "vae-extra.safetensors", {{"first_stage_model.decoder.up.9.block.0.conv1.weight", torch::zeros({4, 4, 3, 3})}});
+  EXPECT_NO_THROW(load(vae_extra, t));
 }
 
 // Without --config the real-SD family defaults are used (README: GroupNorm 32): the tiny VAE's 8-channel blocks do
