@@ -60,6 +60,11 @@ LoadReport load_weights(torch::nn::Module& module, const std::map<std::string, t
     if (!it->second.sizes().equals(t.sizes()))
       mismatched.push_back(name + ": file has " + shape_str(t.sizes()) + ", model expects " +
                            shape_str(it->second.sizes()));
+    // An integer tensor cast into a float parameter (a quantised checkpoint's raw int8 codes, say) would load as
+    // numbers of another scale, silently.
+    else if (it->second.is_floating_point() && !t.is_floating_point())
+      mismatched.push_back(name + ": file has " + std::string(c10::toString(t.scalar_type())) +
+                           " values, model expects floating point");
   }
   for (const auto& kv : targets)
     if (!tensors.count(kv.first)) missing.push_back(kv.first);

@@ -183,9 +183,17 @@ const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
     log::warn("LoRA {}: {} (ignored; --strict-lora makes this an error)", spec.name, msg);
   }
 
+  torch::NoGradGuard no_grad;
+  // Finite factors and alpha can still make an infinite up' (alpha 3e38): checked before anything is changed.
+  for (const Match& m : matches) {
+    const LoraPair& p = file.pairs[m.pair];
+    if (p.alpha && !torch::isfinite(p.up.flatten(1).mul(*p.alpha).div(p.rank())).all().item<bool>())
+      throw FormatError(spec.path, p.up_key + ": alpha " + std::to_string(*p.alpha) + " / rank " +
+                                       std::to_string(p.rank()) + " times this up factor overflows float32 (" +
+                                       m.component + " " + m.leaf.path + ")");
+  }
   const size_t lora = reports_.size();
   std::vector<size_t> touched;
-  torch::NoGradGuard no_grad;
   for (const Match& m : matches) {
     const LoraPair& p = file.pairs[m.pair];
     const std::string id = m.component + "|" + m.leaf.path;

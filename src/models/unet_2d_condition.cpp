@@ -42,6 +42,8 @@ std::vector<int64_t> to64(const std::vector<int>& v) { return {v.begin(), v.end(
 
 // Upper bound of the text_time embedding widths (far above any published model's).
 constexpr int64_t kMaxEmbeddingDim = int64_t{1} << 20;
+constexpr int64_t kMaxChannels = int64_t{1} << 16;  // channels, groups, sample_size (validate)
+constexpr int64_t kMaxLayers = 256;                 // resnets / transformer blocks per level
 
 }  // namespace
 
@@ -169,6 +171,26 @@ void UNet2DConditionConfig::validate(const std::string& file) const {
   auto bad = [&file](const std::string& what) { throw FormatError(file, what); };
   const size_t n = down_block_types.size();
   if (n == 0) bad("down_block_types is empty");
+  // Bounds far above every published UNet (4 levels, 1280 channels, 10 transformer layers) that keep the shapes'
+  // arithmetic in range: the upsampling factor is 2^(levels - 1), and a module of absurd width would only fail later
+  // in an allocation that names no file.
+  if (n > 16) bad("down_block_types has " + std::to_string(n) + " entries, at most 16 are supported");
+  const auto too_large = [&](const char* field, int64_t v, int64_t max) {
+    if (v > max) bad("field '" + std::string(field) + "' is " + std::to_string(v) + ", at most " + std::to_string(max));
+  };
+  too_large("in_channels", in_channels, kMaxChannels);
+  too_large("out_channels", out_channels, kMaxChannels);
+  too_large("sample_size", sample_size, kMaxChannels);
+  too_large("norm_num_groups", norm_num_groups, kMaxChannels);
+  too_large("conv_in_kernel", conv_in_kernel, 31);
+  too_large("conv_out_kernel", conv_out_kernel, 31);
+  too_large("downsample_padding", downsample_padding, 31);
+  too_large("time_cond_proj_dim", time_cond_proj_dim, kMaxEmbeddingDim);
+  too_large("time_embedding_dim", time_embedding_dim, kMaxEmbeddingDim);
+  for (int64_t v : block_out_channels) too_large("block_out_channels", v, kMaxChannels);
+  for (int64_t v : layers_per_block) too_large("layers_per_block", v, kMaxLayers);
+  for (int64_t v : transformer_layers_per_block) too_large("transformer_layers_per_block", v, kMaxLayers);
+  for (int64_t v : cross_attention_dim) too_large("cross_attention_dim", v, kMaxEmbeddingDim);
   if (up_block_types.size() != n)
     bad("up_block_types has " + std::to_string(up_block_types.size()) + " entries, down_block_types " +
         std::to_string(n));

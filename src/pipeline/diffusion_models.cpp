@@ -51,7 +51,8 @@ class StableDiffusionModels : public DiffusionModels {
       const ModelFolder folder = ModelFolder::open(model_path);
       dir_ = folder.dir();
       nlohmann::json sched = read_json_file(folder.config_path("scheduler"));
-      if (!opt.prediction_type.empty()) sched["prediction_type"] = opt.prediction_type;
+      if (!opt.prediction_type.empty())
+        override_prediction_type(sched, opt.prediction_type, folder.config_path("scheduler"));
       sched_ = LCMSchedulerConfig::from_json(sched, folder.config_path("scheduler"));
       tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(
           opt.tokenizer.empty() ? folder.component_dir("tokenizer") : opt.tokenizer));
@@ -330,7 +331,7 @@ class StableDiffusionModels : public DiffusionModels {
     text_encoder_2_ = load_clip_text_model(folder.component_dir("text_encoder_2"), dtype_, device_);
     check_sdxl_text_encoders({dir_ + "/tokenizer/vocab.json", dir_ + "/tokenizer_2/vocab.json",
                               "text_encoder/config.json", folder.config_path("text_encoder_2")});
-    force_zeros_ = read_json_file(dir_ + "/model_index.json").value("force_zeros_for_empty_prompt", true);
+    force_zeros_ = read_force_zeros(dir_ + "/model_index.json");
   }
 
   // Where the SDXL text pieces came from, for the messages of check_sdxl_text_encoders.
@@ -417,6 +418,18 @@ class StableDiffusionModels : public DiffusionModels {
     vae_path_ = path;
   }
 
+  // model_index.json's force_zeros_for_empty_prompt (StableDiffusionXLPipeline's default: true); a FormatError naming
+  // the file for a value that is not a bool or a file that is not an object.
+  static bool read_force_zeros(const std::string& index) {
+    const nlohmann::json j = read_json_file(index);
+    return ConfigReader(j, index).get_bool("force_zeros_for_empty_prompt", true);
+  }
+  // --prediction-type over a scheduler config read from `src`.
+  static void override_prediction_type(nlohmann::json& sched, const std::string& type, const std::string& src) {
+    if (!sched.is_object()) throw FormatError(src, "expected a JSON object at top level");
+    sched["prediction_type"] = type;
+  }
+
   template <typename M>
   static std::vector<std::string> module_keys(const M& m) {
     std::vector<std::string> keys;
@@ -480,7 +493,7 @@ class StableDiffusionModels : public DiffusionModels {
     nlohmann::json sched = config_or(opt.config, "scheduler", "scheduler_config.json", info.scheduler_config, src, path);
     std::string pred_note = info.prediction_type_note;
     if (!opt.prediction_type.empty()) {
-      sched["prediction_type"] = opt.prediction_type;
+      override_prediction_type(sched, opt.prediction_type, src);
       pred_note = "given";
     } else if (src.find("inferred") == std::string::npos) {
       pred_note = "from " + src;
@@ -542,7 +555,7 @@ class StableDiffusionModels : public DiffusionModels {
       check_sdxl_text_encoders({tok + "/vocab.json", tok2 + "/vocab.json", te_src, te2_src});
       const std::string index = opt.config.empty() ? "" : opt.config + "/model_index.json";
       force_zeros_ = !index.empty() && is_file(index)
-                         ? read_json_file(index).value("force_zeros_for_empty_prompt", true)
+                         ? read_force_zeros(index)
                          : true;  // StableDiffusionXLPipeline's default
       if (!info.sample_size_note.empty() && opt.config.empty()) log::info("{}: {}", path, info.sample_size_note);
     }

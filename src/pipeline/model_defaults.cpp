@@ -156,7 +156,7 @@ ModelDefaults read_model_defaults(const std::string& model_path, const std::stri
                              ? static_cast<int64_t>(vae["block_out_channels"].size())
                              : 4;  // diffusers' AutoencoderKL default is one level; every SD VAE has 4
   const int64_t scale = int64_t{1} << std::clamp<int64_t>(levels - 1, 0, 8);  // real VAEs: 4 levels
-  if (sample > 0) {
+  if (sample > 0 && sample <= (int64_t{1} << 16)) {  // (the UNet config refuses larger ones; this reads the raw JSON)
     d.native_width = d.native_height = sample * scale;
     d.native_size_reason = "UNet sample_size " + std::to_string(sample) + " x VAE scale factor " + std::to_string(scale);
     if (!size_note.empty()) {

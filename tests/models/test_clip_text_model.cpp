@@ -148,6 +148,8 @@ TEST_F(TextEncoderLoadErrors, ReportsAllMissingUnexpectedAndMismatchedKeysAtOnce
   w.erase("text_model.encoder.layers.0.mlp.fc1.bias");
   w["text_model.extra.weight"] = torch::zeros({1});
   w["text_model.encoder.layers.0.self_attn.q_proj.weight"] = torch::zeros({8, 9});
+  // Raw integer codes where a float weight belongs (a quantised file): not cast silently.
+  w["text_model.encoder.layers.0.self_attn.k_proj.weight"] = torch::zeros({8, 8}, torch::kInt8);
   sd::save_safetensors(dir_ + "/model.safetensors", w);
   try {
     sd::load_clip_text_model(dir_);
@@ -161,6 +163,7 @@ TEST_F(TextEncoderLoadErrors, ReportsAllMissingUnexpectedAndMismatchedKeysAtOnce
     EXPECT_NE(m.find("unexpected keys (1)"), std::string::npos) << m;
     EXPECT_NE(m.find("text_model.extra.weight"), std::string::npos) << m;
     EXPECT_NE(m.find("q_proj.weight: file has [8, 9], model expects [8, 8]"), std::string::npos) << m;
+    EXPECT_NE(m.find("k_proj.weight: file has Char values, model expects floating point"), std::string::npos) << m;
   }
 }
 

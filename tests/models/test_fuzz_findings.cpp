@@ -51,4 +51,27 @@ TEST(FuzzFindings, AutoencoderKLBlockCountIsBounded) {
       << m;
 }
 
+// Review: the UNet config had no upper bounds: 65 or more levels made 2^(levels - 1) undefined behaviour, and absurd
+// widths reached an allocation whose error names no file.
+TEST(FuzzFindings, UNetConfigIsBounded) {
+  nlohmann::json j;
+  j["down_block_types"] = std::vector<std::string>(70, "DownBlock2D");
+  j["up_block_types"] = std::vector<std::string>(70, "UpBlock2D");
+  j["block_out_channels"] = std::vector<int>(70, 32);
+  std::string m = format_error_of([&] { sd::UNet2DConditionConfig::from_json(j, "unet/config.json"); });
+  EXPECT_NE(m.find("unet/config.json"), std::string::npos) << m;
+  EXPECT_NE(m.find("down_block_types has 70 entries, at most 16"), std::string::npos) << m;
+  m = format_error_of([] {
+    sd::UNet2DConditionConfig::from_json(nlohmann::json::parse(R"({"in_channels": 9000000000000000000})"),
+                                         "unet/config.json");
+  });
+  EXPECT_NE(m.find("field 'in_channels' is 9000000000000000000, at most 65536"), std::string::npos) << m;
+  m = format_error_of([] {
+    sd::UNet2DConditionConfig::from_json(
+        nlohmann::json::parse(R"({"layers_per_block": 100000, "transformer_layers_per_block": 1})"),
+        "unet/config.json");
+  });
+  EXPECT_NE(m.find("field 'layers_per_block' is 100000, at most 256"), std::string::npos) << m;
+}
+
 }  // namespace

@@ -523,6 +523,22 @@ TEST_F(LoraTempFiles, NanOrInfIsRefusedNamingTheKey) {
     if (k == "lora_te_text_model_encoder_layers_1_mlp_fc2.alpha") v = torch::full({}, std::nanf(""), torch::kHalf);
   const std::string msg = error_of([&] { sd::read_lora_file(write("nan_alpha.safetensors", t)); });
   EXPECT_NE(msg.find("lora_te_text_model_encoder_layers_1_mlp_fc2.alpha"), std::string::npos) << msg;
+  // Finite factors and a finite alpha whose product is not (review): refused before the model is touched.
+  auto h = original();
+  for (auto& [k, v] : h) {
+    if (k == "lora_unet_mid_block_resnets_0_conv1.alpha") v = torch::full({}, 3e38f);
+    if (k == "lora_unet_mid_block_resnets_0_conv1.lora_up.weight") {
+      v = v.clone();
+      v.view(-1)[0] = 100.0f;
+    }
+  }
+  const std::string hp = write("huge_alpha.safetensors", h);
+  Models m = load_models("tiny-sd15");
+  sd::LoraSet set(m.components(), false);
+  const std::string hm = error_of([&] { set.add({hp, 1.0, "huge"}, false); });
+  EXPECT_NE(hm.find(hp + ": lora_unet_mid_block_resnets_0_conv1.lora_up.weight: alpha"), std::string::npos) << hm;
+  EXPECT_NE(hm.find("overflows float32"), std::string::npos) << hm;
+  EXPECT_TRUE(set.reports().empty());
 }
 
 // Every key must land somewhere: unmatched ones are reported (count + names), --strict-lora makes them an error,

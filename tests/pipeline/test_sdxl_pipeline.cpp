@@ -302,6 +302,34 @@ TEST(SdxlErrors, TextEncoder2WithoutProjection) {
   fs::remove_all(dir);
 }
 
+TEST(SdxlErrors, ModelIndexAndSchedulerOfTheWrongTypeNameTheirFile) {
+  SD_REQUIRE_SDXL();
+  const std::string dir = copy_model("types");
+  // force_zeros_for_empty_prompt as a string: once nlohmann's type_error with no file in it.
+  auto index = read_json_file(dir + "/model_index.json");
+  index["force_zeros_for_empty_prompt"] = "false";
+  std::ofstream(dir + "/model_index.json") << index.dump();
+  const std::string e = load_error(dir);
+  EXPECT_NE(e.find(dir + "/model_index.json"), std::string::npos) << e;
+  EXPECT_NE(e.find("force_zeros_for_empty_prompt"), std::string::npos) << e;
+  index["force_zeros_for_empty_prompt"] = false;
+  std::ofstream(dir + "/model_index.json") << index.dump();
+  // A scheduler config that is no object, with --prediction-type to write into it.
+  std::ofstream(dir + "/scheduler/scheduler_config.json") << "[1]";
+  try {
+    LoadOptions o;
+    o.threads = -1;
+    o.taesd = "none";
+    o.prediction_type = "v_prediction";
+    load_pipeline(dir, o);
+    ADD_FAILURE() << "no error";
+  } catch (const FormatError& x) {
+    EXPECT_NE(std::string(x.what()).find("scheduler_config.json: expected a JSON object"), std::string::npos)
+        << x.what();
+  }
+  fs::remove_all(dir);
+}
+
 TEST(SdxlErrors, SizeNotAMultipleOfTheVaeFactor) {
   SD_REQUIRE_SDXL();
   StreamConfig c;
