@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include <ATen/Parallel.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "apps/cli/commands.h"
@@ -73,6 +74,7 @@ sd::ScheduledCommand parse_at(const std::string& s) {
 // background job reading its terminal gets SIGTTIN).
 bool stdin_usable_for_control(const std::string& input) {
   if (input == "-" || input == "stdin") return false;
+  if (fcntl(STDIN_FILENO, F_GETFD) == -1) return false;  // closed (<&-): `--control stdin` says so, auto skips it
   if (isatty(STDIN_FILENO)) return tcgetpgrp(STDIN_FILENO) == getpgrp();
   return true;
 }
@@ -179,6 +181,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     ro.synchronous = o->sync;
     if (o->frames < 0) throw sd::InvalidArgument("--frames must be >= 0");
     ro.max_frames = o->frames;
+    sd::check_status_interval(o->status_interval);
     ro.status_interval_s = o->status_interval;
     if (o->queue < 1) throw sd::InvalidArgument("--queue must be >= 1");
     ro.queue_capacity = static_cast<size_t>(o->queue);
@@ -315,13 +318,19 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       f << summary.dump(2) << "\n";
     }
     const auto& lat = summary["latency_ms"];
+    const int64_t discarded = summary["discarded_at_stop"].get<int64_t>();
+    const int64_t in_flight = summary["in_flight_at_stop"].get<int64_t>();
+    // Every frame in is accounted for: out, dropped, or lost to the stop (only then are those two shown).
+    const std::string lost = discarded + in_flight > 0 ? ", " + std::to_string(discarded) + " discarded and " +
+                                                             std::to_string(in_flight) + " in flight at stop"
+                                                       : std::string();
     std::fprintf(stderr,
-                 "[stream] %s: %lld in, %lld out, %lld dropped, %lld skipped in %.1f s | out %.2f fps (steady %.2f) | "
-                 "latency p50 %.1f ms p95 %.1f ms\n",
+                 "[stream] %s: %lld in, %lld out, %lld dropped%s, %lld skipped in %.1f s | out %.2f fps (steady %.2f) "
+                 "| latency p50 %.1f ms p95 %.1f ms\n",
                  summary["stop_reason"].get<std::string>().c_str(),
                  static_cast<long long>(summary["frames_in"].get<int64_t>()),
                  static_cast<long long>(summary["frames_out"].get<int64_t>()),
-                 static_cast<long long>(summary["dropped"].get<int64_t>()),
+                 static_cast<long long>(summary["dropped"].get<int64_t>()), lost.c_str(),
                  static_cast<long long>(summary["skipped"].get<int64_t>()), summary["duration_s"].get<double>(),
                  summary["output_fps"].get<double>(), summary["output_fps_steady"].get<double>(),
                  lat["p50"].get<double>(), lat["p95"].get<double>());

@@ -1,6 +1,8 @@
 #include "runtime/control_channel.h"
 
 #include <cerrno>
+#include <chrono>
+#include <climits>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -14,6 +16,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "runtime/osc_control.h"
 
 namespace sd {
@@ -28,6 +31,8 @@ void reply_to_stderr(const std::string& text) {
 }
 
 constexpr size_t kMaxLine = 64 * 1024;  // a longer "line" is someone streaming garbage at us
+// After a failed accept (out of descriptors): the connection stays queued, so polling at once would spin.
+constexpr auto kAcceptRetry = std::chrono::milliseconds(200);
 
 }  // namespace
 
@@ -35,7 +40,8 @@ constexpr size_t kMaxLine = 64 * 1024;  // a longer "line" is someone streaming 
 struct ControlChannel::Client {
   int fd = -1;
   bool socket = false;
-  std::string partial;
+  std::string partial;    // the line so far, up to kMaxLine bytes
+  size_t line_bytes = 0;  // its length, also past kMaxLine (then the line is refused at its newline)
   std::mutex mutex;
   bool open = true;
 
@@ -117,12 +123,18 @@ ControlChannel::ControlChannel(const std::string& spec, Handler handler) : handl
   if (spec == "stdin" || spec == "-") {
     fd_ = STDIN_FILENO;
     name_ = "stdin";
+    // A closed descriptor would poll as invalid forever: refuse it here, where the error can still be seen.
+    if (::fcntl(fd_, F_GETFD) == -1) throw InvalidArgument("control channel stdin: standard input is closed");
   } else if (spec.rfind("fd:", 0) == 0) {
     char* end = nullptr;
     const long v = std::strtol(spec.c_str() + 3, &end, 10);
-    if (spec.size() == 3 || *end != '\0' || v < 0) throw InvalidArgument("control channel: bad descriptor in '" + spec + "'");
+    if (spec.size() == 3 || *end != '\0' || v < 0 || v > INT_MAX)
+      throw InvalidArgument("control channel: bad descriptor in '" + spec + "'");
     fd_ = static_cast<int>(v);
     name_ = spec;
+    if (::fcntl(fd_, F_GETFD) == -1)
+      throw InvalidArgument("control channel " + spec + ": descriptor " + std::to_string(v) + " is not open (" +
+                            std::strerror(errno) + ")");
   } else if (spec.rfind("fifo:", 0) == 0) {
     const std::string path = spec.substr(5);
     if (path.empty()) throw InvalidArgument("control channel: fifo: needs a path");
@@ -296,6 +308,7 @@ void ControlChannel::run_osc() {
       serve_osc_packet(buf.data(), static_cast<size_t>(n), std::string(reinterpret_cast<const char*>(&from), len));
     }
   }
+  ended_ = true;
 }
 
 void ControlChannel::serve_lines(const std::shared_ptr<Client>& client, const char* data, size_t n) {
@@ -307,12 +320,22 @@ void ControlChannel::serve_lines(const std::shared_ptr<Client>& client, const ch
   else
     reply = reply_to_stderr;
   for (size_t i = 0; i < n; ++i) {
-    if (data[i] == '\n') {
-      handle_line(client->partial, reply);
-      client->partial.clear();
-    } else if (client->partial.size() < kMaxLine) {
-      client->partial += data[i];
+    if (data[i] != '\n') {
+      if (++client->line_bytes <= kMaxLine) client->partial += data[i];
+      continue;
     }
+    if (client->line_bytes > kMaxLine) {
+      // Cut short it could still parse, as a different command: nothing of it is applied.
+      ++received_;
+      ++bad_;
+      if (reply)
+        reply("error: line longer than " + std::to_string(kMaxLine / 1024) + " KiB (" +
+              std::to_string(client->line_bytes) + " bytes); ignored");
+    } else {
+      handle_line(client->partial, reply);
+    }
+    client->partial.clear();
+    client->line_bytes = 0;
   }
 }
 
@@ -325,16 +348,26 @@ void ControlChannel::run() {
     clients.push_back(input);
   }
   char buf[4096];
+  auto accept_after = std::chrono::steady_clock::time_point{};
+  bool accept_failing = false;
   while (!stop_) {
     std::vector<pollfd> fds;
-    if (listening_) fds.push_back({fd_, POLLIN, 0});
+    const bool accepting = listening_ && std::chrono::steady_clock::now() >= accept_after;
+    if (accepting) fds.push_back({fd_, POLLIN, 0});
     for (auto& c : clients) fds.push_back({c->fd, POLLIN, 0});
-    if (fds.empty()) break;  // the input ended
+    if (fds.empty() && !listening_) break;  // the input ended
     const int r = ::poll(fds.data(), fds.size(), 50);
-    if (r < 0 && errno != EINTR) break;
+    if (r < 0 && errno != EINTR) {
+      log::warn("control channel {}: poll failed ({}); no more commands from it", name_, std::strerror(errno));
+      break;
+    }
     if (r <= 0) continue;
     size_t k = 0;
-    if (listening_) {
+    if (accepting) {
+      if (fds[0].revents & POLLNVAL) {
+        log::warn("control channel {}: the listening socket was closed; no more commands from it", name_);
+        break;
+      }
       if (fds[0].revents & POLLIN) {
         const int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
         if (c >= 0) {
@@ -342,6 +375,13 @@ void ControlChannel::run() {
           client->fd = c;
           client->socket = true;
           clients.push_back(client);
+          accept_failing = false;
+        } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED) {
+          if (!accept_failing)
+            log::warn("control channel {}: cannot accept a connection ({}); trying again every {} ms", name_,
+                      std::strerror(errno), kAcceptRetry.count());
+          accept_failing = true;
+          accept_after = std::chrono::steady_clock::now() + kAcceptRetry;
         }
       }
       k = 1;
@@ -353,12 +393,16 @@ void ControlChannel::run() {
       // end, found by TSan as a heap-use-after-free); it is polled from the next round on.
       const short ev = k + i < fds.size() ? fds[k + i].revents : 0;
       bool alive = true;
-      if (ev & (POLLIN | POLLHUP | POLLERR)) {
+      if (ev & POLLNVAL) {
+        // Closed under us (fd:N closed by its owner): poll() would report it at once forever.
+        log::warn("control channel {}: the descriptor was closed; no more commands from it", name_);
+        alive = false;
+      } else if (ev & (POLLIN | POLLHUP | POLLERR)) {
         const ssize_t got = ::read(c->fd, buf, sizeof buf);
         if (got > 0) {
           serve_lines(c, buf, static_cast<size_t>(got));
         } else if (got == 0 || (errno != EAGAIN && errno != EINTR)) {
-          if (!c->partial.empty()) serve_lines(c, "\n", 1);  // a last line without a newline
+          if (c->line_bytes > 0) serve_lines(c, "\n", 1);  // a last line without a newline
           alive = false;
         }
       }
@@ -371,6 +415,7 @@ void ControlChannel::run() {
   }
   for (auto& c : clients)
     if (c->socket) c->close_fd();
+  ended_ = true;
 }
 
 }  // namespace sd

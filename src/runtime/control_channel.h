@@ -9,8 +9,8 @@
 //   osc://HOST:PORT[?reply=osc://HOST:PORT|sender]
 //                OSC messages over UDP, `/name args...` = the line `name args...` (see osc_control.h for the
 //                mapping and the replies); last value wins (last_value_wins)
-// A line that does not parse is answered with the error and has no effect. End of input on stdin/fd only ends the
-// channel, not the stream.
+// A line that does not parse, or is longer than 64 KiB, is answered with the error and has no effect. End of input on
+// stdin/fd (or the descriptor closed under it) only ends the channel, not the stream.
 #include <atomic>
 #include <functional>
 #include <memory>
@@ -37,6 +37,8 @@ class ControlChannel {
   void stop();
   const std::string& describe() const { return name_; }
   int64_t lines() const { return lines_.load(); }  // command lines seen (for tests)
+  // The input has ended (end of file, the descriptor closed) or the channel was stopped: nothing more is read.
+  bool ended() const { return ended_.load(); }
   // The UDP port of an osc:// channel (the bound one when the spec said 0); 0 for other channels.
   int osc_port() const;
   // Whether a channel of this spec streams values (OSC faders), so its commands should be posted with
@@ -63,6 +65,7 @@ class ControlChannel {
   bool own_fd_ = false;
   bool listening_ = false;   // unix socket
   std::atomic<bool> stop_{false};
+  std::atomic<bool> ended_{false};
   std::atomic<int64_t> lines_{0};
   std::atomic<int64_t> received_{0}, bad_{0}, answered_{0}, posted_{0};
   std::shared_ptr<Osc> osc_;  // osc:// channels

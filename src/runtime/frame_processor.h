@@ -56,9 +56,10 @@ class FrameProcessor {
   // Default: nothing.
   virtual void begin_postprocess(Frame& out) {}
 
-  // Model thread, between two frames. Throws sd::Error (InvalidArgument) when the command cannot be applied; the
-  // processor is then unchanged. May return outputs that had to be produced first (a change that restarts the stream
-  // flushes the frames in flight).
+  // Model thread, between two frames. Throws sd::InvalidArgument, and only that, when it refuses the command (a bad
+  // value, a file the command names that cannot be read): the processor is then unchanged and the stream goes on.
+  // Any other exception is the processor failing (a model call while flushing) and stops the stream. May return
+  // outputs that had to be produced first (a change that restarts the stream flushes the frames in flight).
   virtual std::vector<Frame> apply(const ControlCommand& command) = 0;
 
   // Frames answered without running the model (similarity filter) so far.

@@ -1,5 +1,7 @@
 #include "runtime/frame_source.h"
 
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <thread>
 
@@ -13,8 +15,23 @@
 #include "runtime/video_source.h"
 
 namespace sd {
+namespace {
+
+// A period in nanoseconds that cannot overflow the clock, even added to a time point decades ahead.
+bool fps_in_range(double fps) { return fps == 0 || (fps >= kMinFps && std::isfinite(fps)); }
+
+std::string number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+}  // namespace
 
 void FramePacer::set_fps(double fps) {
+  if (!fps_in_range(fps))
+    throw InvalidArgument("frame rate " + number(fps) + ": expected 0 (no pacing) or a finite rate of at least " +
+                          number(kMinFps) + " frames per second");
   period_ = fps > 0 ? std::chrono::nanoseconds(static_cast<int64_t>(1e9 / fps)) : std::chrono::nanoseconds(0);
   started_ = false;
 }
@@ -40,6 +57,9 @@ bool FramePacer::wait(const std::atomic<bool>& stop) {
 
 std::unique_ptr<FrameSource> open_source(const std::string& spec, const SourceOptions& options) {
   if (spec.empty()) throw InvalidArgument("--input is empty");
+  if (!fps_in_range(options.fps))
+    throw InvalidArgument("--input-fps " + number(options.fps) + ": expected 0 (the default) or a finite rate of at "
+                          "least " + number(kMinFps) + " frames per second");
   if (spec == "none") return std::make_unique<TickSource>(options.fps);
   if (spec == "-" || spec == "stdin")
     return std::make_unique<RawFrameSource>(STDIN_FILENO, options.width, options.height, "stdin");

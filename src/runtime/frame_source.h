@@ -17,9 +17,15 @@
 
 namespace sd {
 
+// The slowest pacing a source takes (a frame every ~11.6 days): below ~1e-10 fps the period overflows the clock's
+// int64 nanoseconds, and this leaves a wide margin for the time points it is added to.
+constexpr double kMinFps = 1e-6;
+
 struct SourceOptions {
   int64_t width = 0, height = 0;  // raw frames: their size (required); camera: requested capture size (0 = driver's)
-  double fps = 0;                 // ticks / screen / image folder in real time: frames per second (0 = default)
+  // ticks / screen / image folder in real time: frames per second (0 = default; else finite and >= kMinFps, which
+  // open_source() checks)
+  double fps = 0;
   bool realtime = false;          // video file / image folder: deliver at the file's rate instead of as fast as read
   bool loop = false;              // video file / image folder: start over at the end (a soak or a demo)
 };
@@ -45,6 +51,7 @@ std::unique_ptr<FrameSource> open_source(const std::string& spec, const SourceOp
 class FramePacer {
  public:
   explicit FramePacer(double fps = 0) { set_fps(fps); }
+  // InvalidArgument unless fps is 0 or finite and >= kMinFps.
   void set_fps(double fps);
   // false when stopped while waiting.
   bool wait(const std::atomic<bool>& stop);

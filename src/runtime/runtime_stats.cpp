@@ -116,6 +116,9 @@ std::string RuntimeStats::format_line(const Counts& now, const Counts& prev, std
   else
     s += "p50 " + fmt("%.1f", nearest_rank(window, 50)) + " ms p95 " + fmt("%.1f", nearest_rank(window, 95)) + " ms";
   s += " | dropped " + std::to_string(dropped_.load()) + " | skipped " + std::to_string(skipped_.load());
+  const int64_t discarded = discarded_at_stop_.load(), in_flight = in_flight_at_stop_.load();
+  if (discarded + in_flight > 0)
+    s += " | lost at stop: discarded " + std::to_string(discarded) + ", in flight " + std::to_string(in_flight);
   if (rss >= 0) s += " | rss " + fmt("%.0f", rss) + " MB";
   return s;
 }
@@ -167,6 +170,9 @@ nlohmann::json RuntimeStats::summary() const {
   j["frames_out"] = out;
   j["dropped"] = dropped_.load();
   j["skipped"] = skipped_.load();
+  // frames_in == frames_out + dropped + discarded_at_stop + in_flight_at_stop once the stream has ended.
+  j["discarded_at_stop"] = discarded_at_stop_.load();
+  j["in_flight_at_stop"] = in_flight_at_stop_.load();
   const double d = std::max(duration, 1e-9);
   j["input_fps"] = captured_.load() / d;
   j["model_fps"] = model_frames_.load() / d;

@@ -48,6 +48,11 @@ class RuntimeStats {
   void on_output(StreamClock::time_point t_capture, StreamClock::time_point now);
   void set_dropped(int64_t n) { dropped_.store(n, std::memory_order_relaxed); }
   void set_skipped(int64_t n) { skipped_.store(n, std::memory_order_relaxed); }
+  // Frames a stop lost: waiting in a queue (discarded) or held by a stage or the processor (in flight).
+  void set_lost_at_stop(int64_t discarded, int64_t in_flight) {
+    discarded_at_stop_.store(discarded, std::memory_order_relaxed);
+    in_flight_at_stop_.store(in_flight, std::memory_order_relaxed);
+  }
   void finish();
 
   // Rates over the time since the previous tick, latency percentiles of the outputs in that interval, samples RSS;
@@ -61,9 +66,12 @@ class RuntimeStats {
   int64_t outputs() const { return outputs_.load(); }
   int64_t dropped() const { return dropped_.load(); }
   int64_t skipped() const { return skipped_.load(); }
+  int64_t discarded_at_stop() const { return discarded_at_stop_.load(); }
+  int64_t in_flight_at_stop() const { return in_flight_at_stop_.load(); }
 
-  // duration_s, frames_in / model / out, dropped, skipped, fps (whole run and steady state), latency_ms
-  // {p50, p95, mean, max, count}, rss_mb {start, after_warmup, end, max, growth_after_warmup}, rss_samples.
+  // duration_s, frames_in / model / out, dropped, skipped, discarded_at_stop, in_flight_at_stop, fps (whole run and
+  // steady state), latency_ms {p50, p95, mean, max, count}, rss_mb {start, after_warmup, end, max,
+  // growth_after_warmup}, rss_samples.
   nlohmann::json summary() const;
 
  private:
@@ -79,6 +87,7 @@ class RuntimeStats {
   StreamClock::time_point t0_, t_end_;
   bool finished_ = false;
   std::atomic<int64_t> captured_{0}, model_frames_{0}, outputs_{0}, dropped_{0}, skipped_{0};
+  std::atomic<int64_t> discarded_at_stop_{0}, in_flight_at_stop_{0};
 
   mutable std::mutex mutex_;  // guards everything below
   LatencyHistogram total_;

@@ -373,7 +373,13 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
         if (t >= steps)
           throw InvalidArgument("t_index_list entry " + std::to_string(t) + " is out of range: num_inference_steps is " +
                                 std::to_string(steps));
-      std::vector<Frame> outs = flush_in_flight();
+      std::vector<Frame> outs;
+      try {
+        outs = flush_in_flight();
+      } catch (const InvalidArgument& e) {
+        // Not a refusal (the list was checked above): the model failed on the frames in flight.
+        throw Error(std::string("flushing the frames in flight for the new t_index_list: ") + e.what());
+      }
       try {
         stream_->set_t_index_list(c.t_index_list);
       } catch (...) {
@@ -413,7 +419,12 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
         stream_->clear_image_prompt();
         image_prompt_ = torch::Tensor();
       } else {
-        torch::Tensor img = read_rgb_image(c.text);
+        torch::Tensor img;
+        try {
+          img = read_rgb_image(c.text);
+        } catch (const FormatError& e) {
+          throw InvalidArgument(e.what());  // a refusal: the stream keeps its image prompt
+        }
         stream_->set_image_prompt(img);
         image_prompt_ = img;
       }

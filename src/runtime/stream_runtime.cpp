@@ -48,7 +48,36 @@ StageWatchdog::Options watchdog_options(const StreamOptions& o) {
 
 void default_status(const std::string& line) { std::fprintf(stderr, "[stream] %s\n", line.c_str()); }
 
+// The frames a stage holds count as lost (in flight at stop) unless they leave it: handed on, or written by the sink.
+// A stop that refuses them, or an error unwinding past them, leaves them behind.
+class Holding {
+ public:
+  Holding(std::atomic<int64_t>& lost, size_t frames) : lost_(lost), frames_(static_cast<int64_t>(frames)) {}
+  ~Holding() {
+    if (frames_ > 0) lost_ += frames_;
+  }
+  Holding(const Holding&) = delete;
+  Holding& operator=(const Holding&) = delete;
+  void release() { --frames_; }
+
+ private:
+  std::atomic<int64_t>& lost_;
+  int64_t frames_;
+};
+
+std::string number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
 }  // namespace
+
+void check_status_interval(double seconds) {
+  if (!(seconds >= 0 && seconds <= kMaxStatusIntervalS))
+    throw InvalidArgument("--status-interval " + number(seconds) + ": expected 0 (no status lines) or seconds up to " +
+                          number(kMaxStatusIntervalS) + " (a year)");
+}
 
 StreamMode parse_stream_mode(const std::string& name) {
   if (name == "auto") return StreamMode::Auto;
@@ -93,7 +122,7 @@ StreamRuntime::StreamRuntime(std::unique_ptr<FrameSource> source, std::shared_pt
                               : "--input none gives no images but the stream transforms images (img2img): give an "
                                 "input");
   if (options_.max_frames < 0) throw InvalidArgument("max_frames must be >= 0");
-  if (options_.status_interval_s < 0) throw InvalidArgument("status interval must be >= 0");
+  check_status_interval(options_.status_interval_s);
   std::stable_sort(options_.scheduled.begin(), options_.scheduled.end(),
                    [](const ScheduledCommand& a, const ScheduledCommand& b) { return a.frame < b.frame; });
   if (!options_.status) options_.status = default_status;
@@ -274,7 +303,10 @@ void StreamRuntime::capture_loop() {
       f.image = std::move(image);
     }
     stats_.on_captured();
-    if (!q_capture_.push(std::move(f))) break;
+    if (!q_capture_.push(std::move(f))) {
+      ++stage_lost_;  // the stream stopped: the queue takes nothing more
+      break;
+    }
   }
 }
 
@@ -303,10 +335,12 @@ void StreamRuntime::preprocess_loop() {
     ~CloseOnExit() { q.close(); }
   } closer{q_model_};
   while (auto f = q_capture_.pop()) {
+    Holding held(stage_lost_, 1);
     StageWatchdog::Timer pre_timer(watchdog_, StageWatchdog::Preprocess, f->index);
     preprocess_frame(*f);
     pre_timer.finish();
     if (!q_model_.push(std::move(*f))) break;
+    held.release();
   }
 }
 
@@ -345,6 +379,7 @@ void StreamRuntime::preprocess_frame(Frame& f) {
 
 bool StreamRuntime::push_outputs(std::vector<Frame>& outs) {
   for (auto& o : outs) processor_->begin_postprocess(o);
+  model_handed_ += static_cast<int64_t>(outs.size());
   const bool ok = emit_(outs);
   outs.clear();
   return ok;
@@ -375,6 +410,7 @@ void StreamRuntime::model_loop() {
 }
 
 std::vector<Frame> StreamRuntime::model_frame(Frame f) {
+  ++model_taken_;  // the model stage's from here: in flight until its output is handed on
   if (!governor_) {
     ThreadGovernor::Options g;
     g.max_threads = options_.adaptive_threads ? at::get_num_threads() : 1;
@@ -385,6 +421,8 @@ std::vector<Frame> StreamRuntime::model_frame(Frame f) {
   const double wait0 = governor_->active() ? thread_runqueue_wait_s() : -1;
   StageWatchdog::Timer model_timer(watchdog_, StageWatchdog::Model, f.index);
   apply_controls(f.index);
+  // A scheduled quit (or any stop meanwhile): the outputs could not be handed on, so the model call is not made.
+  if (stop_.load()) return {};
   stats_.on_model_frame();
   std::vector<Frame> outs = processor_->process(std::move(f));
   stats_.set_skipped(processor_->skipped());
@@ -421,27 +459,60 @@ void StreamRuntime::apply_controls(int64_t frame_index) {
     std::lock_guard<std::mutex> lock(state_mutex_);
     ++controls_scheduled_;
   }
-  for (auto& p : todo) {
-    try {
-      std::vector<Frame> outs = processor_->apply(p.command);
+  // Commands not reached (the stream stops, or apply() failed on one) are pending again, so the counts add up.
+  struct Requeue {
+    StreamRuntime& rt;
+    std::deque<PendingControl>& todo;
+    ~Requeue() {
+      if (todo.empty()) return;
+      std::lock_guard<std::mutex> lock(rt.state_mutex_);
+      rt.pending_.insert(rt.pending_.begin(), std::make_move_iterator(todo.begin()),
+                         std::make_move_iterator(todo.end()));
+    }
+  } requeue{*this, todo};
+  while (!todo.empty()) {
+    const ControlCommand& c = todo.front().command;
+    if (c.kind == ControlCommand::Kind::Quit) {
+      // Only a scheduled quit comes this way: post_control() answers a posted one at once.
+      PendingControl p = std::move(todo.front());
+      todo.pop_front();
       {
         std::lock_guard<std::mutex> lock(state_mutex_);
-        ++controls_applied_count_;
-        if (controls_applied_.size() >= kMaxControlsListed) controls_applied_.erase(controls_applied_.begin());
-        controls_applied_.push_back({{"frame", frame_index}, {"command", p.command.line}});
+        ++controls_answered_;
       }
-      log::info("control: '{}' applied before frame {}", p.command.line, frame_index);
-      if (p.reply) p.reply("ok: '" + p.command.line + "' applied before frame " + std::to_string(frame_index));
-      push_outputs(outs);
-    } catch (const std::exception& e) {
-      // A refused command changes nothing and does not stop the stream.
+      log::info("control: '{}' before frame {}: stopping", p.command.line, frame_index);
+      request_stop("quit command (--at)");
+      if (p.reply) p.reply("ok: stopping");
+      return;
+    }
+    std::vector<Frame> outs;
+    try {
+      outs = processor_->apply(c);
+    } catch (const InvalidArgument& e) {
+      // A refused command changes nothing and does not stop the stream. Any other error is the processor failing
+      // (a model call while flushing): it stops the stream as a model error.
+      PendingControl p = std::move(todo.front());
+      todo.pop_front();
       {
         std::lock_guard<std::mutex> lock(state_mutex_);
         ++controls_refused_;
       }
       log::warn("control: '{}' refused: {}", p.command.line, e.what());
       if (p.reply) p.reply(std::string("error: ") + e.what());
+      continue;
     }
+    PendingControl p = std::move(todo.front());
+    todo.pop_front();
+    {
+      std::lock_guard<std::mutex> lock(state_mutex_);
+      ++controls_applied_count_;
+      if (controls_applied_.size() >= kMaxControlsListed) controls_applied_.erase(controls_applied_.begin());
+      controls_applied_.push_back({{"frame", frame_index}, {"command", p.command.line}});
+    }
+    log::info("control: '{}' applied before frame {}", p.command.line, frame_index);
+    if (p.reply) p.reply("ok: '" + p.command.line + "' applied before frame " + std::to_string(frame_index));
+    // Outside the refusal's reach: the command was applied, and an error on the way to the sink is that stage's.
+    if (!push_outputs(outs)) return;
   }
 }
 
@@ -451,10 +522,12 @@ void StreamRuntime::postprocess_loop() {
     ~CloseOnExit() { q.close(); }
   } closer{q_sink_};
   while (auto f = q_post_.pop()) {
+    Holding held(stage_lost_, 1);
     StageWatchdog::Timer post_timer(watchdog_, StageWatchdog::Postprocess, f->index);
     postprocess_frame(*f);
     post_timer.finish();
     if (!q_sink_.push(std::move(*f))) break;
+    held.release();
   }
 }
 
@@ -469,21 +542,26 @@ void StreamRuntime::postprocess_frame(Frame& f) {
   f.tensor = torch::Tensor();
 }
 
-void StreamRuntime::write_frame(const Frame& f) {
+bool StreamRuntime::write_frame(const Frame& f) {
   StageWatchdog::Timer sink_timer(watchdog_, StageWatchdog::Sink, f.index);
   sink_->write(f.image, stop_);
   sink_timer.finish();
-  if (stop_.load()) return;
+  // A stop may have cut the write short: the frame is not counted as written (the caller counts it lost).
+  if (stop_.load()) return false;
   const auto now = StreamClock::now();
   watchdog_.on_output(now);
   stats_.on_output(f.t_capture, now);
-  if (options_.on_output) options_.on_output(f);
+  return true;
 }
 
 void StreamRuntime::sink_loop() {
   try {
     while (auto f = q_sink_.pop()) {
-      write_frame(*f);
+      Holding held(stage_lost_, 1);
+      if (write_frame(*f)) {
+        held.release();  // before the callback: a frame it fails on was still written
+        if (options_.on_output) options_.on_output(*f);
+      }
       if (stop_.load()) break;
     }
   } catch (...) {
@@ -539,6 +617,14 @@ int64_t StreamRuntime::dropped_total() const {
   return q_capture_.dropped() + q_model_.dropped() + q_post_.dropped() + q_sink_.dropped();
 }
 
+int64_t StreamRuntime::discarded_total() const {
+  return q_capture_.discarded() + q_model_.discarded() + q_post_.discarded() + q_sink_.discarded();
+}
+
+int64_t StreamRuntime::in_flight_total() const {
+  return stage_lost_.load() + model_taken_.load() - model_handed_.load();
+}
+
 void StreamRuntime::monitor_tick(StreamClock::time_point& next_status) {
   if (options_.stop_on_signal && SignalGuard::pending() != 0)
     request_stop("interrupted by " + SignalGuard::name(SignalGuard::pending()));
@@ -570,6 +656,7 @@ void StreamRuntime::run() {
     run_threads();
   if (options_.opencv_threads >= 0) cv::setNumThreads(opencv_threads_before);
   stats_.set_dropped(dropped_total());
+  stats_.set_lost_at_stop(discarded_total(), in_flight_total());
   stats_.finish();
   running_ = false;
   std::string error, reason;
@@ -578,15 +665,22 @@ void StreamRuntime::run() {
     error = error_;
     reason = stop_reason_;
   }
-  log::info("stream ended ({}): {} frames in, {} out, {} dropped, {} skipped", reason, stats_.captured(),
-            stats_.outputs(), stats_.dropped(), stats_.skipped());
+  log::info("stream ended ({}): {} frames in, {} out, {} dropped, {} skipped{}", reason, stats_.captured(),
+            stats_.outputs(), stats_.dropped(), stats_.skipped(),
+            stats_.discarded_at_stop() + stats_.in_flight_at_stop() > 0
+                ? ", lost at stop: " + std::to_string(stats_.discarded_at_stop()) + " discarded from the queues, " +
+                      std::to_string(stats_.in_flight_at_stop()) + " in flight"
+                : std::string());
   if (!error.empty()) throw Error(error);
 }
 
 void StreamRuntime::run_threads() {
   emit_ = [this](std::vector<Frame>& outs) {
-    for (auto& o : outs)
+    Holding held(stage_lost_, outs.size());
+    for (auto& o : outs) {
       if (!q_post_.push(std::move(o))) return false;
+      held.release();
+    }
     return true;
   };
   using Loop = void (StreamRuntime::*)();
@@ -624,19 +718,26 @@ void StreamRuntime::run_threads() {
   }
   for (auto& t : threads_) t.join();
   threads_.clear();
+  // A stop requested from another thread may still be cancelling the queues: finish that here, so that what is left
+  // in them is discarded, and counted, before run() reads the counts.
+  if (stop_.load()) cancel_queues();
 }
 
 void StreamRuntime::run_synchronous() {
   // The same stages, one frame at a time: read, pre-process, model, and each output through post-process and sink.
   const char* stage = "capture";
   emit_ = [this, &stage](std::vector<Frame>& outs) {
+    Holding held(stage_lost_, outs.size());
     for (auto& o : outs) {
       stage = "post-process";
       StageWatchdog::Timer post_timer(watchdog_, StageWatchdog::Postprocess, o.index);
       postprocess_frame(o);
       post_timer.finish();
       stage = "sink";
-      write_frame(o);
+      if (write_frame(o)) {
+        held.release();  // before the callback: a frame it fails on was still written
+        if (options_.on_output) options_.on_output(o);
+      }
       if (stop_.load()) return false;
     }
     return true;
@@ -683,10 +784,12 @@ void StreamRuntime::run_synchronous() {
       f.tick = !images;
       if (images) f.image = std::move(image);
       stats_.on_captured();
+      Holding held(stage_lost_, 1);
       stage = "pre-process";
       StageWatchdog::Timer pre_timer(watchdog_, StageWatchdog::Preprocess, f.index);
       preprocess_frame(f);
       pre_timer.finish();
+      held.release();
       stage = "model";
       std::vector<Frame> outs = model_frame(std::move(f));
       if (!push_outputs(outs)) break;
@@ -734,6 +837,10 @@ nlohmann::json StreamRuntime::summary() const {
                            {"model_input", q_model_.dropped()},
                            {"post_process", q_post_.dropped()},
                            {"sink", q_sink_.dropped()}};
+  j["discarded_by_queue"] = {{"capture", q_capture_.discarded()},
+                             {"model_input", q_model_.discarded()},
+                             {"post_process", q_post_.discarded()},
+                             {"sink", q_sink_.discarded()}};
   std::lock_guard<std::mutex> lock(state_mutex_);
   j["stop_reason"] = stop_reason_;
   j["error"] = error_.empty() ? nlohmann::json(nullptr) : nlohmann::json(error_);

@@ -23,11 +23,15 @@
 // cancel every queue (in-flight frames are discarded) and raise the stop flag that sources/sinks poll; a source error
 // (unreadable or truncated input) ends the input instead, so the frames before it are still written. In every case all
 // threads are joined before run() returns, the sink is closed (video trailer written), and the first error is thrown
-// from run() as sd::Error naming the stage. Stopping takes at most one model call plus ~100 ms.
+// from run() as sd::Error naming the stage. Stopping takes at most one model call plus ~100 ms. The frames a stop
+// loses are counted: those waiting in a queue (discarded_at_stop) and those a stage or the processor held
+// (in_flight_at_stop), so that frames_in == frames_out + dropped + discarded_at_stop + in_flight_at_stop always.
 //
 // Live control: post_control() queues a command that the model thread applies before the next frame (a frame
 // boundary); `stats`, `quit` and `help` are answered at once. StreamOptions::scheduled applies commands at given input
-// frame indices (reproducible scripted changes).
+// frame indices (reproducible scripted changes); a scheduled `quit` stops the stream before its frame. A command the
+// processor refuses (sd::InvalidArgument, FrameProcessor::apply) is answered with the error and the stream goes on;
+// any other exception from apply() is a model error that stops the stream.
 //
 // Watchdog: every stage's time per frame is tracked (stage_watchdog.h); a frame far slower than the stage's median is
 // logged with the stage it is in, while it is still there, and the longest gap between outputs is in the summary.
@@ -70,11 +74,17 @@ struct ScheduledCommand {
   ControlCommand command;
 };
 
+// The longest status line period: far beyond any use, and far below where seconds stop fitting the clock's
+// nanoseconds.
+constexpr double kMaxStatusIntervalS = 86400.0 * 365;
+// InvalidArgument naming --status-interval unless `seconds` is 0 or in (0, kMaxStatusIntervalS] (NaN included).
+void check_status_interval(double seconds);
+
 struct StreamOptions {
   StreamMode mode = StreamMode::Auto;
   size_t queue_capacity = 4;      // lossless queues
   int64_t max_frames = 0;         // stop reading the source after this many frames (0 = until it ends)
-  double status_interval_s = 1.0; // status line period (0 = none)
+  double status_interval_s = 1.0; // status line period (0 = none; at most kMaxStatusIntervalS)
   std::function<void(const std::string&)> status;  // where status lines go (default: stderr)
   bool stop_on_signal = true;     // poll SignalGuard::pending() (install a SignalGuard to catch SIGINT/SIGTERM)
   ResizeMode resize = ResizeMode::Crop;
@@ -135,9 +145,10 @@ class StreamRuntime {
   const StageWatchdog& watchdog() const { return watchdog_; }
   std::string status_line() const { return stats_.peek(); }
   // RuntimeStats::summary() plus mode, source, control_source, image_prompt_source ({name, every, read, ended} or
-  // null), sink, processor, stop_reason, error, dropped per queue, controls applied ({frame, command}; the latest
-  // kMaxControlsListed) and control_counts: posted + scheduled (--at) = answered (stats, quit, help) + coalesced +
-  // applied + refused + unapplied (arrived after the last frame) + pending.
+  // null), sink, processor, stop_reason, error, dropped per queue, discarded per queue (at stop), controls applied
+  // ({frame, command}; the latest kMaxControlsListed) and control_counts: posted + scheduled (--at) = answered (stats,
+  // quit, help; a scheduled quit too) + coalesced + applied + refused + unapplied (arrived after the last frame) +
+  // pending. Once run() has returned, frames_in == frames_out + dropped + discarded_at_stop + in_flight_at_stop.
   nlohmann::json summary() const;
 
  private:
@@ -164,7 +175,8 @@ class StreamRuntime {
   // The image-prompt source's next frame when input frame `index` is due one (empty otherwise or once it has ended).
   cv::Mat read_image_prompt(int64_t index);
   void postprocess_frame(Frame& f);
-  void write_frame(const Frame& f);
+  // Writes and counts an output; false: not counted (a stop came during the write). The caller calls on_output.
+  bool write_frame(const Frame& f);
   void fail(const std::string& stage, const std::string& what);
   void cancel_queues();
   void apply_controls(int64_t frame_index);
@@ -175,6 +187,9 @@ class StreamRuntime {
   bool push_outputs(std::vector<Frame>& outs);
   std::function<bool(std::vector<Frame>&)> emit_;
   int64_t dropped_total() const;
+  int64_t discarded_total() const;  // lost to the queues' cancel()
+  // Frames a stage held when the stream stopped or failed, and those still inside the processor.
+  int64_t in_flight_total() const;
   cv::Mat fit(const cv::Mat& image) const;
   torch::Tensor fit_rgb(const cv::Mat& bgr) const;  // fit() + RGB uint8 [H, W, 3]
 
@@ -198,6 +213,11 @@ class StreamRuntime {
   // Made by the model thread on its first frame (it knows the team size); summary() reads it from other threads.
   std::unique_ptr<ThreadGovernor> governor_;
   mutable std::mutex governor_mutex_;
+
+  // Frame accounting for stops (in_flight_total): frames a stage thread could not hand on, and the frames the model
+  // stage took minus the outputs it handed on (the difference is inside the processor: its delay line, a partial
+  // batch).
+  std::atomic<int64_t> stage_lost_{0}, model_taken_{0}, model_handed_{0};
 
   std::atomic<bool> stop_{false};
   std::atomic<bool> running_{false};

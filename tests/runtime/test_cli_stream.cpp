@@ -372,6 +372,33 @@ TEST_F(CliStream, ClearErrorsForBadOutputAndTruncatedInput) {
   }
 }
 
+// `--at N:quit` stops the stream before input frame N: a stop (exit status 0), not a refused command, with every frame
+// read accounted for. A --status-interval or --input-fps that is not a number or would overflow the clock is refused
+// before the model loads, naming the option.
+TEST_F(CliStream, ScheduledQuitAndRatesOutOfRange) {
+  const auto r = sh(base_ + "--input none --frames 50 --output none --control none --at 3:quit --stats-json " +
+                    q(tmp_ + "/s.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = read_json_file(tmp_ + "/s.json");
+  EXPECT_EQ(j["stop_reason"], "quit command (--at)");
+  EXPECT_LT(j["frames_in"].get<int64_t>(), 50);
+  EXPECT_EQ(j["control_counts"]["refused"], 0);
+  EXPECT_EQ(j["frames_in"].get<int64_t>(), j["frames_out"].get<int64_t>() + j["dropped"].get<int64_t>() +
+                                                 j["discarded_at_stop"].get<int64_t>() +
+                                                 j["in_flight_at_stop"].get<int64_t>())
+      << j.dump();
+
+  std::string base = base_;
+  base.replace(base.find("--status-interval 0 "), 20, "");
+  for (const std::string bad : {"--status-interval 1e12", "--status-interval nan", "--status-interval inf",
+                                "--input-fps 1e-12", "--input-fps nan"}) {
+    const auto e = sh(base + "--input none --frames 2 --output none --control none " + bad);
+    EXPECT_NE(e.status, 0) << bad;
+    EXPECT_NE(e.output.find(bad.substr(0, bad.find(' '))), std::string::npos) << e.output;
+    EXPECT_EQ(e.output.find("loaded"), std::string::npos) << bad << ": refused before loading the model";
+  }
+}
+
 // ControlNet from the command line (issue 15): canny on the input, a second source that ends first, errors for flags
 // that cannot work, and the one-shot commands with a control image file.
 TEST_F(CliStream, ControlNetFlagsSecondSourceAndErrors) {
