@@ -221,6 +221,7 @@ std::vector<Frame> StreamDiffusionProcessor::run_batch(std::vector<Frame> batch,
   const int64_t real = F - pad;
   if (skipped) {
     // Nothing advanced: each skipped frame repeats the image of its predecessor.
+    skipped_frames_ += real;
     for (int64_t i = 0; i < real; ++i) {
       Frame meta;
       meta.index = batch[i].index;

@@ -51,7 +51,8 @@ class StreamDiffusionProcessor : public FrameProcessor {
   // On CUDA: starts the output's conversion and copy to pinned host memory (start_image_download).
   void begin_postprocess(Frame& out) override;
   std::vector<Frame> apply(const ControlCommand& command) override;
-  int64_t skipped() const override { return stream_->stats().skipped; }
+  // Frames, not stream calls: a skipped call answers frame_buffer_size frames (fewer in a padded last batch).
+  int64_t skipped() const override { return skipped_frames_; }
   int64_t latency_frames() const override;
   std::string describe() const override;
 
@@ -113,6 +114,7 @@ class StreamDiffusionProcessor : public FrameProcessor {
   double image_prompt_change_ = 1.0;
   torch::Tensor image_prompt_;   // uint8 [H, W, 3] the image prompt the stream holds (undefined: none / zero image)
   int64_t image_prompts_unchanged_ = 0;
+  int64_t skipped_frames_ = 0;
 };
 
 }  // namespace sd

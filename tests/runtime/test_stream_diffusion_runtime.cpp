@@ -186,6 +186,13 @@ TEST_F(TinyModelStream, SimilarityFilterSkipsKeepOneOutputPerInput) {
   }
   EXPECT_GE(repeats, summary["skipped"].get<int64_t>());
   EXPECT_EQ(repeats, 18);
+
+  // Two frames per call: a skipped call answers two frames, and the summary counts frames (it counted calls).
+  auto s2 = make_stream({32, 45}, false, f, 2);
+  const auto outs2 = run_video(video, s2, quiet(), &summary);
+  ASSERT_EQ(outs2.size(), 24u);
+  EXPECT_GE(s2->stats().skipped, 6);
+  EXPECT_EQ(summary["skipped"].get<int64_t>(), 2 * s2->stats().skipped);
 }
 
 TEST_F(TinyModelStream, LivePromptChangeShowsInTheNextOutput) {
