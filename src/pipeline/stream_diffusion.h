@@ -304,7 +304,8 @@ class StreamDiffusion {
     torch::Tensor x_in, t_in;  // the UNet rows (spec §4.1 layout)
     torch::Tensor image;     // img2img between begin_img2img_input and begin_img2img_latent: the input [F, 3, H, W]
     std::shared_ptr<CallTimer> timer;  // a processed call's device events (CUDA), else null
-    double skip_sleep_s = 0;  // a skip's sleep (SimilarityFilterOptions::sleep_on_skip) left to the caller (defer_sleep)
+    double skip_sleep_s = 0;  // a skip's sleep (SimilarityFilterOptions::sleep_on_skip) left to the caller
+                              // (begin_img2img_input's defer_sleep)
   };
   // StreamStats::ema_call_s, the filter's sleep on a skip, is a processed call's time. On CUDA that is the GPU's time
   // between events recorded around the call, as the original times it (on a GPU running ahead, the call's host time is

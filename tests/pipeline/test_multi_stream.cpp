@@ -492,7 +492,8 @@ TEST(MultiStreamSharedFailureAlone, ACallFailsOnlyWhenItsOwnCallFailsToo) {
   m->max_unet_rows = 1;
   auto s = stub_streams(m);
   std::vector<StreamCall> step;
-  for (size_t i = 0; i < s.size(); ++i) step.push_back({s[i].get(), i == 2 ? Tensor() : frame(0, static_cast<int64_t>(i))});
+  for (size_t i = 0; i < s.size(); ++i)
+    step.push_back({s[i].get(), i == 2 ? Tensor() : frame(0, static_cast<int64_t>(i))});
   MultiStreamStats stats;
   const auto res = run_stream_calls(step, {}, &stats);
   for (size_t i = 0; i < s.size(); ++i) {

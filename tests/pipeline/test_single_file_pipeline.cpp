@@ -287,7 +287,8 @@ TEST_F(SingleFileErrors, WeightsNoLayerReadsAreAnErrorNamingThem) {
   // (A deeper transformer block than the first ones would change the inferred depth; a layer of no known name does
   // not.)
   const std::string unet_only = with_extra(
-      "unknown-unet-layer.safetensors", {{"model.diffusion_model.input_blocks.1.1.extra_norm.weight", torch::ones({4})}});
+      "unknown-unet-layer.safetensors",
+      {{"model.diffusion_model.input_blocks.1.1.extra_norm.weight", torch::ones({4})}});
   expect_error(unet_only, with_config(),
                {unet_only, "1 tensor ", "model.diffusion_model.input_blocks.1.1.extra_norm.weight"});
   // Outside the loaded components: loaded, the same model as without it.

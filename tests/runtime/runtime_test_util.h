@@ -19,8 +19,15 @@
 #include "runtime/frame_processor.h"
 #include "runtime/frame_sink.h"
 #include "runtime/frame_source.h"
+#include "runtime/stream_runtime.h"
 
 namespace sd::test {
+
+// Runtime options without the periodic status line (the tests read the summary instead).
+inline StreamOptions quiet(StreamOptions o = {}) {
+  o.status_interval_s = 0;
+  return o;
+}
 
 // A 4x4 grid of black/white cells = the 16 bits of `index` (bit 0 top-left), robust to JPEG compression.
 inline cv::Mat index_frame(int index, int width, int height) {

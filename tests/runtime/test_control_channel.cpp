@@ -18,6 +18,7 @@
 #include "core/error.h"
 #include "runtime/control_channel.h"
 #include "runtime/frame.h"
+#include "runtime/unix_socket_client.h"
 
 namespace sd {
 namespace {
@@ -95,14 +96,8 @@ TEST(ControlChannelInput, ALineOver64KiBIsRefusedWholeAndTheNextLinesStillCount)
   Received received;
   {
     ControlChannel channel("unix:" + path, received.handler());
-    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    const int fd = test::connect_unix(path);
     ASSERT_GE(fd, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
-    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-    timeval tv{5, 0};  // a missing reply fails the test instead of hanging it
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     // Cut at 64 KiB, the first line would be a valid prompt of the first 64 KiB. The last one is exactly 64 KiB long.
     const std::string longest = "prompt " + std::string(64 * 1024 - 7, 'b');
     const std::string text = "prompt " + std::string(70000, 'a') + "\nseed 3\n" + longest + "\n";

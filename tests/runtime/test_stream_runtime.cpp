@@ -20,6 +20,7 @@
 #include "runtime/runtime_test_util.h"
 #include "runtime/signal_guard.h"
 #include "runtime/stream_runtime.h"
+#include "runtime/unix_socket_client.h"
 #include "runtime/video_source.h"
 
 namespace sd {
@@ -27,13 +28,9 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::MemorySink;
+using test::quiet;
 using test::StubProcessor;
 using test::SyntheticSource;
-
-StreamOptions quiet(StreamOptions o = {}) {
-  o.status_interval_s = 0;
-  return o;
-}
 
 struct TempDir {
   std::string path = test::make_temp_dir("rt_stream");
@@ -307,13 +304,8 @@ TEST(StreamRuntime, LiveControlOverAUnixSocket) {
   });
   std::thread client([&] {
     std::this_thread::sleep_for(100ms);
-    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
-    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-    timeval tv{5, 0};  // a missing reply fails the test instead of hanging it
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    const int fd = test::connect_unix(path);
+    ASSERT_GE(fd, 0);
     auto ask = [&](const std::string& line) {
       const std::string l = line + "\n";
       EXPECT_EQ(::write(fd, l.data(), l.size()), static_cast<ssize_t>(l.size()));

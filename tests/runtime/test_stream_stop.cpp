@@ -19,13 +19,9 @@ namespace {
 using namespace std::chrono_literals;
 using test::error_of;
 using test::MemorySink;
+using test::quiet;
 using test::StubProcessor;
 using test::SyntheticSource;
-
-StreamOptions quiet(StreamOptions o = {}) {
-  o.status_interval_s = 0;
-  return o;
-}
 
 int64_t count(const nlohmann::json& j, const char* key) { return j.at(key).get<int64_t>(); }
 
