@@ -258,7 +258,12 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
     const auto shared_failed = [&](const char* call, size_t streams, const std::exception_ptr& e) {
       const std::string why = "the shared " + std::string(call) + " of " + std::to_string(streams) +
                               " streams failed (" + message_of(e) + "); each stream made its own";
-      log::warn("multi-stream: {}", why);
+      // An out-of-memory group fails at every step until it shrinks: one warning per 10 s, the counter has them all.
+      static log::Throttle throttle(std::chrono::seconds(10));
+      int64_t held = 0;
+      if (throttle.pass(held))
+        log::warn("multi-stream: {}{}", why,
+                  held > 0 ? " (and " + std::to_string(held) + " shared calls failed since the last warning)" : "");
       ++st.shared_call_failures;
       return why;
     };

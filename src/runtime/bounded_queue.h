@@ -7,11 +7,14 @@
 //                 recent item, "latest frame wins"; the producer never waits).
 // Shutdown: close() lets consumers drain what is queued and then pop() returns nullopt (end of stream);
 // cancel() wakes every waiter at once, discards what is queued and makes push()/pop() fail from then on.
+// What a dropped item carries that must outlive it (a frame's new image prompt, which only some frames bring) moves to
+// the item queued after it through set_carry().
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <optional>
 
@@ -37,13 +40,23 @@ class BoundedQueue {
       not_full_.wait(lock, [&] { return items_.size() < capacity_ || closed_ || cancelled_; });
     if (closed_ || cancelled_) return false;
     while (items_.size() >= capacity_) {
+      T old = std::move(items_.front());
       items_.pop_front();
       ++dropped_;
+      if (carry_) carry_(old, items_.empty() ? item : items_.front());
     }
     items_.push_back(std::move(item));
     ++pushed_;
     not_empty_.notify_one();
     return true;
+  }
+
+  // DropOldest: called with each dropped item and its successor (the next queued item, or the one being pushed), under
+  // the queue's lock, so it must be quick and must not touch the queue. Set it before the queue is used.
+  using Carry = std::function<void(T& dropped, T& successor)>;
+  void set_carry(Carry carry) {
+    std::lock_guard<std::mutex> l(mutex_);
+    carry_ = std::move(carry);
   }
 
   // Waits for an item. nullopt: closed and drained, or cancelled.
@@ -102,6 +115,7 @@ class BoundedQueue {
   mutable std::mutex mutex_;
   std::condition_variable not_empty_, not_full_;
   std::deque<T> items_;
+  Carry carry_;
   bool closed_ = false, cancelled_ = false;
   int64_t dropped_ = 0, discarded_ = 0, pushed_ = 0;
 };

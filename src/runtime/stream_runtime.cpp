@@ -31,6 +31,22 @@ size_t capacity(bool lossless, size_t lossless_capacity, bool before_model) {
 
 OverflowPolicy policy(bool lossless) { return lossless ? OverflowPolicy::Block : OverflowPolicy::DropOldest; }
 
+// A live queue drops the oldest frame, but not what only that frame brought: a new image prompt (read every N frames)
+// or a control image the frames after it leave undefined would be lost with it, so they go on with the next frame
+// unless it brings its own (which is newer).
+void carry_frame_inputs(Frame& dropped, Frame& next) {
+  if (next.image_prompt.empty() && !next.image_prompt_rgb.defined()) {
+    next.image_prompt = std::move(dropped.image_prompt);
+    next.image_prompt_rgb = std::move(dropped.image_prompt_rgb);
+  }
+  if (next.controls.empty()) {
+    next.controls = std::move(dropped.controls);
+  } else if (next.controls.size() == dropped.controls.size()) {
+    for (size_t i = 0; i < next.controls.size(); ++i)
+      if (!next.controls[i].defined()) next.controls[i] = std::move(dropped.controls[i]);
+  }
+}
+
 StageWatchdog::Options watchdog_options(const StreamOptions& o) {
   StageWatchdog::Options w;
   if (o.watchdog_factor != 0 && !(o.watchdog_factor >= 1))
@@ -116,6 +132,8 @@ StreamRuntime::StreamRuntime(std::unique_ptr<FrameSource> source, std::shared_pt
       watchdog_(watchdog_options(options_)) {
   if (!processor_) throw InvalidArgument("StreamRuntime: no frame processor");
   if (!sink_) throw InvalidArgument("StreamRuntime: no sink");
+  q_capture_.set_carry(carry_frame_inputs);
+  q_model_.set_carry(carry_frame_inputs);
   if (source_->has_images() != processor_->takes_images())
     throw InvalidArgument(source_->has_images()
                               ? "the input gives images but the stream generates them (txt2img): use --input none"
@@ -298,8 +316,7 @@ void StreamRuntime::capture_loop() {
     f.t_capture = StreamClock::now();
     f.tick = !images;
     if (images) {
-      if (image.empty() || image.type() != CV_8UC3)
-        throw Error("source " + source_name_ + " delivered an empty or non-BGR frame " + std::to_string(f.index));
+      check_source_frame(image, f.index);
       f.image = std::move(image);
     }
     stats_.on_captured();
@@ -308,6 +325,11 @@ void StreamRuntime::capture_loop() {
       break;
     }
   }
+}
+
+void StreamRuntime::check_source_frame(const cv::Mat& image, int64_t index) const {
+  if (image.empty() || image.type() != CV_8UC3)
+    throw Error("source " + source_name_ + " delivered an empty or non-BGR frame " + std::to_string(index));
 }
 
 cv::Mat StreamRuntime::fit(const cv::Mat& image) const {
@@ -744,6 +766,32 @@ void StreamRuntime::run_synchronous() {
   };
   auto next_status = StreamClock::now() + std::chrono::duration_cast<StreamClock::duration>(
                                               std::chrono::duration<double>(options_.status_interval_s));
+  // A source or sink blocked in a read or a write (a pipe, a camera, a paced input) only watches stop_, and this
+  // thread cannot poll the signal meanwhile: a watcher does, as the monitor does in threaded mode.
+  struct SignalWatcher {
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    std::thread thread;
+    ~SignalWatcher() {
+      if (!thread.joinable()) return;
+      {
+        std::lock_guard<std::mutex> lock(m);
+        done = true;
+      }
+      cv.notify_all();
+      thread.join();
+    }
+  } watcher;
+  if (options_.stop_on_signal)
+    watcher.thread = std::thread([this, &watcher] {
+      std::unique_lock<std::mutex> lock(watcher.m);
+      while (!watcher.cv.wait_for(lock, std::chrono::milliseconds(20), [&] { return watcher.done; }))
+        if (const int sig = SignalGuard::pending()) {
+          request_stop("interrupted by " + SignalGuard::name(sig));
+          return;
+        }
+    });
   const bool images = source_->has_images();
   try {
     int64_t n = 0;
@@ -782,7 +830,15 @@ void StreamRuntime::run_synchronous() {
       f.index = n++;
       f.t_capture = StreamClock::now();
       f.tick = !images;
-      if (images) f.image = std::move(image);
+      if (images) {
+        try {
+          check_source_frame(image, f.index);
+        } catch (const std::exception& e) {
+          fail("capture", e.what());
+          break;
+        }
+        f.image = std::move(image);
+      }
       stats_.on_captured();
       Holding held(stage_lost_, 1);
       stage = "pre-process";

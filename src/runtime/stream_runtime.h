@@ -174,6 +174,7 @@ class StreamRuntime {
   bool read_control(cv::Mat& image, int64_t index);
   // The image-prompt source's next frame when input frame `index` is due one (empty otherwise or once it has ended).
   cv::Mat read_image_prompt(int64_t index);
+  void check_source_frame(const cv::Mat& image, int64_t index) const;  // throws Error: empty or not BGR 8UC3
   void postprocess_frame(Frame& f);
   // Writes and counts an output; false: not counted (a stop came during the write). The caller calls on_output.
   bool write_frame(const Frame& f);

@@ -11,6 +11,7 @@
 #include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "runtime/bounded_queue.h"
 #include "runtime/control_command.h"
 #include "runtime/frame_sink.h"
@@ -54,6 +55,34 @@ TEST(BoundedQueue, DropOldestKeepsTheNewestAndCountsDrops) {
   EXPECT_EQ(*q.pop(), 9);
 }
 
+TEST(BoundedQueue, DropOldestHandsWhatADroppedItemCarriesToItsSuccessor) {
+  // Items are (id, payload); a payload of 0 = none. A dropped payload goes on with the next item unless it has its own.
+  BoundedQueue<std::pair<int, int>> q(2, OverflowPolicy::DropOldest);
+  std::vector<std::pair<int, int>> seen;  // (dropped id, successor id)
+  q.set_carry([&](std::pair<int, int>& dropped, std::pair<int, int>& next) {
+    seen.push_back({dropped.first, next.first});
+    if (next.second == 0) std::swap(next.second, dropped.second);
+  });
+  q.push({1, 10});
+  q.push({2, 0});
+  q.push({3, 30});  // drops 1: its 10 goes to 2
+  q.push({4, 0});   // drops 2 (now with 10): 3 has its own 30, so 10 is superseded
+  q.push({5, 0});   // drops 3: 30 goes to 4
+  ASSERT_EQ(seen, (std::vector<std::pair<int, int>>{{1, 2}, {2, 3}, {3, 4}}));
+  EXPECT_EQ(q.dropped(), 3);
+  EXPECT_EQ(*q.pop(), std::make_pair(4, 30));
+  EXPECT_EQ(*q.pop(), std::make_pair(5, 0));
+  // Capacity 1: the successor is the item being pushed.
+  BoundedQueue<std::pair<int, int>> one(1, OverflowPolicy::DropOldest);
+  one.set_carry([](std::pair<int, int>& dropped, std::pair<int, int>& next) {
+    if (next.second == 0) std::swap(next.second, dropped.second);
+  });
+  one.push({1, 7});
+  one.push({2, 0});
+  one.push({3, 0});
+  EXPECT_EQ(*one.pop(), std::make_pair(3, 7));
+}
+
 TEST(BoundedQueue, CloseDrainsCancelDiscardsAndWakesWaiters) {
   BoundedQueue<int> q(4, OverflowPolicy::Block);
   q.push(1);
@@ -84,6 +113,20 @@ TEST(BoundedQueue, CloseDrainsCancelDiscardsAndWakesWaiters) {
   blocked_consumer.join();
   EXPECT_EQ(full.discarded(), 1);
   EXPECT_FALSE(full.pop().has_value());
+}
+
+TEST(LogThrottle, OneMessagePerIntervalAndACountOfTheOnesHeldBack) {
+  log::Throttle t(std::chrono::seconds(10));
+  const auto t0 = log::Throttle::Clock::time_point{} + std::chrono::hours(1);
+  int64_t held = -1;
+  ASSERT_TRUE(t.pass(held, t0));
+  EXPECT_EQ(held, 0);
+  for (int i = 1; i <= 5; ++i) EXPECT_FALSE(t.pass(held, t0 + std::chrono::seconds(i)));
+  ASSERT_TRUE(t.pass(held, t0 + std::chrono::seconds(10)));
+  EXPECT_EQ(held, 5);
+  EXPECT_FALSE(t.pass(held, t0 + std::chrono::seconds(19)));
+  ASSERT_TRUE(t.pass(held, t0 + std::chrono::seconds(25)));
+  EXPECT_EQ(held, 1);
 }
 
 TEST(ControlCommand, ParsesEveryCommand) {

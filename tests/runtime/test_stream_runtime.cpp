@@ -138,6 +138,41 @@ TEST(StreamRuntime, LatestFrameWinsDropsAndCountsStaleFrames) {
   }
 }
 
+// Takes image prompts and records the index each one carries (an index frame), in the order the model gets them.
+class ImagePromptStub : public StubProcessor {
+ public:
+  using StubProcessor::StubProcessor;
+  bool takes_image_prompts() const override { return true; }
+  std::vector<Frame> process(Frame in) override {
+    if (in.image_prompt_rgb.defined()) {
+      const torch::Tensor rgb = in.image_prompt_rgb.contiguous();
+      const cv::Mat m(static_cast<int>(rgb.size(0)), static_cast<int>(rgb.size(1)), CV_8UC3, rgb.data_ptr<uint8_t>());
+      prompts.push_back(test::decode_index(m));
+    }
+    return StubProcessor::process(std::move(in));
+  }
+  std::vector<int> prompts;  // model thread only; read after run()
+};
+
+TEST(StreamRuntime, LiveDropsKeepTheImagePromptsTheDroppedFramesBrought) {
+  // Image prompts 0, 1, 2 come with frames 0, 3, 6 (every 3 frames; then the prompt input ends and the last one
+  // stays). A live source far faster than the model drops most frames, those among them: what such a frame brought
+  // goes on with the next frame, so the model still ends on prompt 2, and gets the prompts in order.
+  const int n = 300;
+  auto stub = std::make_shared<ImagePromptStub>(1, 64, 64);
+  stub->delay = 10ms;
+  StreamRuntime rt(std::make_unique<SyntheticSource>(n, /*live=*/true, 64, 64, /*fps=*/1000), stub,
+                   std::make_unique<MemorySink>(), quiet());
+  rt.set_image_prompt_source(std::make_unique<SyntheticSource>(3, /*live=*/false, 32, 32), 3);
+  rt.run();
+  const auto s = rt.summary();
+  EXPECT_GT(s["dropped"].get<int64_t>(), n / 2);
+  EXPECT_EQ(s["image_prompt_source"]["read"], 3);
+  ASSERT_FALSE(stub->prompts.empty());
+  EXPECT_EQ(stub->prompts.back(), 2) << "the last image prompt was lost with a dropped frame";
+  for (size_t i = 1; i < stub->prompts.size(); ++i) EXPECT_GT(stub->prompts[i], stub->prompts[i - 1]);
+}
+
 size_t thread_count() {
   size_t n = 0;
   for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
@@ -524,6 +559,61 @@ TEST(StreamRuntime, SynchronousModeIsTheSameStreamOnOneThread) {
   killer.join();
   EXPECT_LT(std::chrono::duration<double>(StreamClock::now() - t0).count(), 1.2 * test::time_scale());
   EXPECT_EQ(live.summary()["stop_reason"], "interrupted by SIGINT");
+}
+
+TEST(StreamRuntime, SynchronousModeStopsOnASignalWhileTheSourceIsBlocked) {
+  // A source that delivers a frame every 4 s (a paced input, a stalled pipe or camera) blocks the only stream thread
+  // in its read; the read returns as soon as the stop flag is set, which a watcher does on Ctrl-C.
+  SignalGuard guard;
+  StreamOptions o = quiet();
+  o.synchronous = true;
+  StreamRuntime rt(std::make_unique<SyntheticSource>(-1, true, 64, 64, /*fps=*/0.25),
+                   std::make_shared<StubProcessor>(0), std::make_unique<MemorySink>(), o);
+  std::thread killer([] {
+    std::this_thread::sleep_for(300ms);
+    std::raise(SIGINT);
+  });
+  const auto t0 = StreamClock::now();
+  rt.run();
+  killer.join();
+  const double took = std::chrono::duration<double>(StreamClock::now() - t0).count();
+  EXPECT_LT(took, 2.0 * test::time_scale()) << "the signal waited for the next frame";
+  EXPECT_EQ(rt.summary()["stop_reason"], "interrupted by SIGINT");
+}
+
+// Gives `good` frames, then an empty one.
+class EmptyFrameSource : public FrameSource {
+ public:
+  explicit EmptyFrameSource(int good) : good_(good) {}
+  bool read(cv::Mat& image, const std::atomic<bool>&) override {
+    image = n_ < good_ ? test::index_frame(n_, 64, 64) : cv::Mat();
+    ++n_;
+    return true;
+  }
+  bool live() const override { return false; }
+  std::string describe() const override { return "empty-frames"; }
+
+ private:
+  int good_, n_ = 0;
+};
+
+TEST(StreamRuntime, AnEmptyFrameFromTheSourceIsAClearErrorInBothModes) {
+  for (const bool synchronous : {false, true}) {
+    SCOPED_TRACE(synchronous ? "synchronous" : "threads");
+    StreamOptions o = quiet();
+    o.synchronous = synchronous;
+    auto sink = std::make_unique<MemorySink>();
+    MemorySink* mem = sink.get();
+    StreamRuntime rt(std::make_unique<EmptyFrameSource>(3), std::make_shared<StubProcessor>(1, 64, 64), std::move(sink),
+                     o);
+    try {
+      rt.run();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      EXPECT_STREQ(e.what(), "capture: source empty-frames delivered an empty or non-BGR frame 3");
+    }
+    EXPECT_EQ(mem->frames.size(), 3u) << "the frames read before it still come out";
+  }
 }
 
 // A processor that starts each output's post-process on the model thread (FrameProcessor::begin_postprocess, as the
