@@ -300,7 +300,16 @@ void StreamDiffusion::blend_seeds() {
   // init_noise = Σ ŵ_i·N_i / sqrt(Σ ŵ_i²) over the effective seed list (prompt_blend.h). Seeds of weight 0 are not
   // drawn, and new seeds are drawn last to first, so the stream's later random draws (txt2img latents) continue from
   // the list's first seed, as they would with that seed alone.
-  const auto& list = seed_schedule_.current();
+  // A seed listed twice is one draw: its weights add up (two copies of one noise are not independent, and would
+  // scale the blend by up to sqrt(2)).
+  std::vector<std::pair<uint64_t, double>> list;
+  for (const auto& e : seed_schedule_.current()) {
+    auto same = std::find_if(list.begin(), list.end(), [&](const auto& m) { return m.first == e.first; });
+    if (same != list.end())
+      same->second += e.second;
+    else
+      list.push_back(e);
+  }
   std::vector<Tensor> noise(list.size());
   std::vector<double> weights;
   for (size_t i = list.size(); i-- > 0;)
@@ -409,6 +418,10 @@ void StreamDiffusion::prepare(const std::vector<WeightedPrompt>& prompts, const 
 
 void StreamDiffusion::update_prompt(const std::string& prompt, const std::string& negative_prompt) {
   require_prepared("update_prompt");
+  // The prompts the stream already has or is morphing to (a caller that passes its prompt with every frame, as
+  // upstream's wrapper does): nothing to do. Starting over would restart the transition on every frame, so that it
+  // never ended, and encode both texts each time; a changed text encoder is re-encoded by the next call anyway.
+  if (negative_prompt == negative_prompt_ && prompt_list_ == std::vector<WeightedPrompt>{{prompt, 1.0}}) return;
   torch::NoGradGuard no_grad;
   // Both prompts are encoded again (as before); with a transition the cond rows morph towards the new prompt.
   negative_prompt_ = negative_prompt;
@@ -428,6 +441,7 @@ void StreamDiffusion::set_negative_prompt(const std::string& negative_prompt) {
 
 void StreamDiffusion::set_prompt_list(const std::vector<WeightedPrompt>& prompts) {
   require_prepared("set_prompt_list");
+  if (prompts == prompt_list_) return;  // the current target again: the transition towards it goes on
   torch::NoGradGuard no_grad;
   start_prompt_list(prompts, false);
 }
@@ -691,6 +705,7 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
                           c10::toString(images.scalar_type()) + "; expected a float tensor [" + std::to_string(F) +
                           ", 3, " + std::to_string(config_.height) + ", " + std::to_string(config_.width) +
                           "] in [-1, 1] (frame_buffer_size frames at the stream's size)");
+  check_call_inputs("img2img");
   const Tensor given = x;
   bool complete = ready == InputReady::complete;
   if (x.is_cpu() && device_.is_cuda() && compares_inputs()) {
@@ -709,6 +724,8 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
 
   if (filter_) {
     last_decision_ = filter_->check(x, complete);
+    // Nothing to answer a skip with before the first output (the first call failed, say): the frame is processed.
+    if (!last_decision_.process && !prev_output_.defined()) last_decision_.process = true;
     if (!last_decision_.process) {
       ++stats_.skipped;
       if (config_.similarity_filter.sleep_on_skip && stats_.ema_call_s > 0) {
@@ -787,6 +804,7 @@ void StreamDiffusion::begin_img2img_latent(CallState& call, const torch::Tensor&
 
 StreamDiffusion::CallState StreamDiffusion::begin_txt2img() {
   require_prepared("txt2img");
+  check_call_inputs("txt2img");
   torch::NoGradGuard no_grad;
   refresh_prompts();
   CallState call;
@@ -806,6 +824,7 @@ StreamDiffusion::CallState StreamDiffusion::begin_txt2img() {
 
 torch::Tensor StreamDiffusion::txt2img_one_shot() {
   require_prepared("txt2img_one_shot");
+  check_call_inputs("txt2img_one_shot");
   torch::NoGradGuard no_grad;
   refresh_prompts();
   const auto start = Clock::now();
@@ -823,7 +842,9 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
       rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot"), device_,
       dtype_);
   trace("x_t_latent_in", x);
-  const Tensor eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
+  Tensor eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
+  // A v-predicting UNet: ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t, as in after_unet().
+  if (scheduler_.config().prediction_type == "v_prediction") eps = alpha_ * eps + beta_ * x;
   const Tensor x0 = (x - beta_ * eps) / alpha_;
   trace("x_0_pred_out", x0);
   Tensor out = decode(x0);
@@ -844,6 +865,7 @@ void StreamDiffusion::begin_unet_rows(CallState& call) {
   if (n > 1) {
     // Step 5: the stream batch [new frames; buffer] (row group j at t_j), and the RCFG state shifted by F rows.
     call.x = torch::cat({call.x_t, x_t_latent_buffer_}, 0);
+    call.stock_noise_before = stock_noise_;
     stock_noise_ = torch::cat({init_noise_.slice(0, 0, F), stock_noise_.slice(0, 0, B - F)}, 0);
   }
   std::tie(call.x_in, call.t_in) = unet_layout(call.x, t_sub_);
@@ -882,7 +904,15 @@ torch::Tensor StreamDiffusion::finish_call(CallState& call, const torch::Tensor&
 torch::Tensor StreamDiffusion::complete_call(CallState& call) {
   Tensor latent;
   if (config_.use_denoising_batch) {
-    const Tensor pred = call_unet(call.x_in, call.t_in, prompt_embeds_, added_);
+    Tensor pred;
+    try {
+      pred = call_unet(call.x_in, call.t_in, prompt_embeds_, added_);
+    } catch (...) {
+      // The UNet failed (out of memory, say): the RCFG state goes back to where the call found it, so that the rows
+      // of the next call still line up with the buffer, which did not move.
+      if (call.stock_noise_before.defined()) stock_noise_ = call.stock_noise_before;
+      throw;
+    }
     latent = finish_unet(call, pred);
   } else {
     latent = predict_x0_sequential(call.x_t);
@@ -980,6 +1010,13 @@ void StreamDiffusion::begin_stream_call() {
   // Phase 0 computes the residuals, phases 1 .. every-1 reuse them.
   if (control_phase_ == 0) control_cache_.clear();
   control_phase_ = (control_phase_ + 1) % controlnet_every_;
+}
+
+void StreamDiffusion::check_call_inputs(const char* what) const {
+  for (size_t i = 0; i < controlnets_.size(); ++i)
+    if (controlnets_[i].scale != 0.0 && !control_images_[i].defined())
+      throw InvalidArgument(std::string(what) + ": ControlNet " + std::to_string(i) + " (" +
+                            controlnets_[i].net->name() + ") has no control image: set one before the next frame");
 }
 
 ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::Tensor& sample,

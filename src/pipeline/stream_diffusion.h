@@ -149,7 +149,8 @@ class StreamDiffusion {
   // timesteps, X0 = (X − β·ε̂)/α, all B images decoded. No buffer, no guidance, no latency.
   torch::Tensor txt2img_one_shot();
 
-  // Runtime updates (spec §6), no reload. update_prompt re-encodes both prompts and rebuilds the full text layout.
+  // Runtime updates (spec §6), no reload. update_prompt re-encodes both prompts and rebuilds the full text layout,
+  // unless both are the ones the stream has (or morphs to): then it does nothing, as set_prompt_list with the target.
   // A change of the shared models' text encoder (DiffusionModels::set_lora_scale) is noticed by the next call, which
   // re-encodes the prompts first (DiffusionModels::text_encoder_version()).
   // Prompts may carry weights ((word:1.3), [word]: pipeline/prompt_weights.h). With config().transition the prompt
@@ -306,7 +307,11 @@ class StreamDiffusion {
     std::shared_ptr<CallTimer> timer;  // a processed call's device events (CUDA), else null
     double skip_sleep_s = 0;  // a skip's sleep (SimilarityFilterOptions::sleep_on_skip) left to the caller
                               // (begin_img2img_input's defer_sleep)
+    torch::Tensor stock_noise_before;  // the RCFG state before begin_unet_rows shifted it: back there if the UNet fails
   };
+  // InvalidArgument before a call changes anything (so that a retry after the fix is the call that was refused):
+  // a ControlNet that would run without a control image.
+  void check_call_inputs(const char* what) const;
   // StreamStats::ema_call_s, the filter's sleep on a skip, is a processed call's time. On CUDA that is the GPU's time
   // between events recorded around the call, as the original times it (on a GPU running ahead, the call's host time is
   // only its launch), folded in when a later call finds the end event done, so the host never waits for it;

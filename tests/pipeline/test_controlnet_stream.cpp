@@ -144,10 +144,17 @@ TEST(ControlNetStream, MissingControlImageAndWrongSizes) {
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("has no control image"), std::string::npos) << e.what();
   }
+  EXPECT_EQ(s.stats().calls, 0) << "refused before the call changed anything";
   // Another size is resized, not refused.
-  s.set_control_image(0, torch::rand({3, 100, 37}));
+  const Tensor image = torch::rand({3, 100, 37});
+  s.set_control_image(0, image);
   EXPECT_EQ(s.control_image(0).sizes().vec(), (std::vector<int64_t>{1, 3, 64, 64}));
-  EXPECT_NO_THROW(s.img2img(frame()));
+  // The retry is the call a stream that had its control image from the start makes.
+  StreamDiffusion fresh(tiny_sd15(), cfg());
+  fresh.prepare("a cat");
+  fresh.set_controlnets({{cn, 1.0}});
+  fresh.set_control_image(0, image);
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(torch::equal(s.img2img(frame()), fresh.img2img(frame()))) << "call " << i;
   EXPECT_THROW(s.set_control_image(0, torch::zeros({64, 64, 4}, torch::kUInt8)), InvalidArgument);
   EXPECT_THROW(s.set_control_image(1, control(0)), InvalidArgument);
 }

@@ -189,6 +189,28 @@ TEST(PromptBlend, TransitionOverNFramesHitsTheTargetEmbeddingExactlyAtFrameN) {
   }
 }
 
+TEST(PromptBlend, ThePromptGivenAgainWithEveryFrameDoesNotRestartTheTransition) {
+  // Upstream's wrapper passes its prompt with every call: the morph must still end at frame N, encoding nothing more.
+  const int64_t N = 4;
+  auto c = config();
+  c.transition = Transition{N, 0};
+  StreamDiffusion s(std::make_shared<StubModels>(), c);
+  s.prepare("a cat");
+  const int64_t encodes = s.stats().text_encodes;
+  for (int64_t k = 1; k <= N; ++k) {
+    s.update_prompt("a dog");
+    s.set_prompt_list({{"a dog", 1.0}});
+    s.img2img(frames(1, k));
+    EXPECT_EQ(s.transition_active(), k < N) << "frame " << k;
+  }
+  EXPECT_TRUE(torch::equal(s.cond_embeds(), emb("a dog")));
+  EXPECT_EQ(s.stats().text_encodes, encodes + 1) << "the new prompt, once";
+  // A new negative prompt with the same prompt is a change: the prompt is encoded again (cfg self has no negative
+  // rows, so the negative prompt is not encoded).
+  s.update_prompt("a dog", "blurry");
+  EXPECT_EQ(s.stats().text_encodes, encodes + 2);
+}
+
 TEST(PromptBlend, ATransitionInterruptedMorphsOnFromWhereItIs) {
   auto c = config();
   c.transition = Transition{4, 0};
@@ -277,6 +299,24 @@ TEST(SeedBlend, OneSeedIsTheSeedBitForBit) {
   plain.set_seed(9);
   EXPECT_TRUE(torch::equal(list.init_noise(), plain.init_noise()));
   EXPECT_TRUE(torch::equal(list.stock_noise(), plain.stock_noise()));
+}
+
+TEST(SeedBlend, ASeedListedTwiceIsOneSeedWithTheWeightsAdded) {
+  auto c = config();
+  c.seed = 7;
+  StreamDiffusion plain(std::make_shared<StubModels>(), c);
+  plain.prepare("p");
+  c.seed = 8;
+  StreamDiffusion eight(std::make_shared<StubModels>(), c);
+  eight.prepare("p");
+  c.seed_list = {{7, 1.0}, {7, 1.0}};
+  StreamDiffusion twice(std::make_shared<StubModels>(), c);
+  twice.prepare("p");
+  EXPECT_TRUE(torch::equal(twice.init_noise(), plain.init_noise())) << "two copies of one noise are not a blend";
+  // 7:0.25, 8:0.5, 7:0.25 is 7:0.5, 8:0.5.
+  twice.set_seed_list({{7, 0.25}, {8, 0.5}, {7, 0.25}});
+  const Tensor want = (0.5 * plain.init_noise() + 0.5 * eight.init_noise()) / std::sqrt(0.5);
+  EXPECT_TRUE(torch::allclose(twice.init_noise(), want, 1e-6, 1e-6));
 }
 
 TEST(SeedBlend, SeedTransitionStaysStandardNormalAndEndsOnTheNewSeed) {

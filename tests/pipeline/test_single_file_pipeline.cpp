@@ -411,5 +411,18 @@ TEST(VPrediction, StreamEqualsTheEpsilonStream) {
   }
 }
 
+TEST(VPrediction, OneShotTxt2ImgEqualsTheEpsilonOne) {
+  StreamConfig c;
+  c.t_index_list = {10, 30};
+  c.width = c.height = 32;
+  c.cfg_type = CfgType::None;
+  StreamDiffusion e(std::make_shared<test::StubModels>(), c), v(std::make_shared<VStub>(), c);
+  e.prepare("a cat");
+  v.prepare("a cat");
+  for (int i = 0; i < 2; ++i)
+    EXPECT_TRUE(test::tensors_close(v.txt2img_one_shot(), e.txt2img_one_shot(), 1e-4, 1e-4,
+                                    "one-shot call " + std::to_string(i)));
+}
+
 }  // namespace
 }  // namespace sd

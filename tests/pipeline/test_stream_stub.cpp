@@ -578,6 +578,59 @@ TEST(StreamStub, SimilarityFilterSkipsWithoutTouchingState) {
   EXPECT_EQ(s.similarity_filter()->skipped(), 2);
 }
 
+// A UNet that fails on chosen calls (an out-of-memory error, say).
+class FailingUnet : public StubModels {
+ public:
+  mutable int64_t calls = 0;
+  std::vector<int64_t> fail_at;
+  torch::Tensor unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
+                     const AddedConditioning& added, const ControlResiduals& control) const override {
+    if (std::find(fail_at.begin(), fail_at.end(), calls++) != fail_at.end()) throw Error("stub unet: out of memory");
+    return StubModels::unet(sample, t, ehs, added, control);
+  }
+};
+
+TEST(StreamStub, AFailedUNetCallLeavesTheStreamWhereItWas) {
+  // cfg self with two steps: the call shifts the RCFG state before its UNet call. After a failure a stream must go on
+  // as if the failed call had not been made (the buffer did not move, so the stock noise must not have either).
+  for (CfgType cfg_type : {CfgType::Self, CfgType::Initialize, CfgType::Full}) {
+    SCOPED_TRACE(cfg_type_name(cfg_type));
+    const auto cfg = base_config({32, 45}, 1, cfg_type);
+    auto failing = std::make_shared<FailingUnet>();
+    failing->fail_at = {2};
+    auto clean = std::make_shared<FailingUnet>();
+    StreamDiffusion s(failing, cfg), ref(clean, cfg);
+    s.prepare("p");
+    ref.prepare("p");
+    for (int i = 0; i < 2; ++i) ASSERT_TRUE(torch::equal(s.img2img(frames(1, i)), ref.img2img(frames(1, i))));
+    EXPECT_THROW(s.img2img(frames(1, 2)), Error);
+    EXPECT_TRUE(torch::equal(s.stock_noise(), ref.stock_noise()));
+    EXPECT_TRUE(torch::equal(s.latent_buffer(), ref.latent_buffer()));
+    for (int i = 2; i < 5; ++i)
+      EXPECT_TRUE(torch::equal(s.img2img(frames(1, i)), ref.img2img(frames(1, i)))) << "call " << i;
+  }
+}
+
+TEST(StreamStub, TheFilterDoesNotSkipBeforeThereIsAnOutputToAnswerWith) {
+  // The first call fails after the filter took its frame as the reference; the retry with the same frame would be
+  // skipped (similarity 1) with nothing to return.
+  auto cfg = base_config({32, 45}, 1, CfgType::Self);
+  cfg.similarity_filter.enabled = true;
+  cfg.similarity_filter.threshold = 0.9;
+  auto models = std::make_shared<FailingUnet>();
+  models->fail_at = {0};
+  auto u = std::make_shared<ReplayUniformSource>(std::vector<double>{0.5, 0.5, 0.5});
+  StreamDiffusion s(models, cfg, nullptr, u);
+  s.prepare("p");
+  const Tensor a = frames(1, 0);
+  EXPECT_THROW(s.img2img(a), Error);
+  const Tensor out = s.img2img(a);
+  ASSERT_TRUE(out.defined());
+  EXPECT_EQ(out.sizes().vec(), (std::vector<int64_t>{1, 3, kSize, kSize}));
+  EXPECT_TRUE(s.last_filter_decision().process);
+  EXPECT_EQ(s.img2img(a).data_ptr(), out.data_ptr()) << "then it skips as before";
+}
+
 // ---- Errors ----------------------------------------------------------------------------------------------------
 TEST(StreamStub, Errors) {
   auto models = std::make_shared<StubModels>();
