@@ -6,6 +6,7 @@
 #include <optional>
 #include <sstream>
 
+#include "core/json_limits.h"
 #include "core/log.h"
 
 namespace sd {
@@ -19,6 +20,7 @@ nlohmann::json read_json_file(const std::string& path) {
 }
 
 nlohmann::json parse_json_text(const std::string& text, const std::string& path) {
+  if (std::string why = json_depth_problem(text); !why.empty()) throw FormatError(path, "not valid JSON: " + why);
   try {
     return nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number like 1e999

@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/json_limits.h"
 #include "core/error.h"
 #include "pipeline/model_defaults.h"
 
@@ -92,6 +93,7 @@ void read_mode(const json& j, const std::string& file, const std::string& prefix
 
 void apply_recommendations_json(const std::string& json_text, const std::string& file, ModelDefaults& d) {
   json j;
+  if (std::string why = json_depth_problem(json_text); !why.empty()) throw FormatError(file, "not valid JSON: " + why);
   try {
     j = json::parse(json_text);
   } catch (const json::exception& e) {

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "core/json_limits.h"
 #include "core/error.h"
 #include "core/text.h"
 
@@ -112,6 +113,7 @@ std::vector<WeightedPrompt> parse_prompt_list(const std::string& text) {
   std::vector<WeightedPrompt> out;
   if (s[0] == '[') {
     nlohmann::json j;
+    if (std::string why = json_depth_problem(s); !why.empty()) throw InvalidArgument("prompt_list: bad JSON: " + why);
     try {
       j = nlohmann::json::parse(s);
     } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for numbers like 1e9999 (fuzz)
@@ -164,6 +166,7 @@ std::vector<WeightedSeed> parse_seed_list(const std::string& text) {
   };
   if (!s.empty() && s[0] == '[') {
     nlohmann::json j;
+    if (std::string why = json_depth_problem(s); !why.empty()) throw InvalidArgument("seed_list: bad JSON: " + why);
     try {
       j = nlohmann::json::parse(s);
     } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for numbers like 1e9999 (fuzz)

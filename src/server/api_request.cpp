@@ -7,6 +7,7 @@
 
 #include <torch/torch.h>
 
+#include "core/json_limits.h"
 #include "core/error.h"
 #include "runtime/control_preprocessor.h"
 #include "server/image_codec.h"
@@ -63,7 +64,7 @@ std::pair<int64_t, int64_t> request_size(const nlohmann::json& j, const StreamDe
     const bool integral =
         v.is_number_integer() || (v.is_number_float() && std::isfinite(v.get<double>()) &&
                                   std::floor(v.get<double>()) == v.get<double>() && std::abs(v.get<double>()) < 1e9);
-    if (!integral) throw InvalidArgument(std::string("field '") + key + "': " + expected + ", got " + v.dump());
+    if (!integral) throw InvalidArgument(std::string("field '") + key + "': " + expected + ", got " + json_excerpt(v));
     int64_t x = 0;
     if (v.is_number_unsigned())
       x = static_cast<int64_t>(std::min<uint64_t>(v.get<uint64_t>(), static_cast<uint64_t>(INT64_MAX)));
@@ -72,7 +73,7 @@ std::pair<int64_t, int64_t> request_size(const nlohmann::json& j, const StreamDe
     else
       x = static_cast<int64_t>(v.get<double>());  // integral and small, checked above
     if (x < step || x > max || x % step != 0)
-      throw InvalidArgument(std::string("field '") + key + "': " + expected + ", got " + v.dump());
+      throw InvalidArgument(std::string("field '") + key + "': " + expected + ", got " + json_excerpt(v));
     return x;
   };
   return {side("width", d.img2img.width, max_w), side("height", d.img2img.height, max_h)};
@@ -84,6 +85,7 @@ ApiBody parse_api_body(bool txt2img, const std::string& body, const StreamDefaul
   ApiBody out;
   out.defaults = server;
   nlohmann::json j;
+  if (std::string why = json_depth_problem(body); !why.empty()) throw InvalidArgument("bad JSON: " + why);
   try {
     j = nlohmann::json::parse(body);
   } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number like 1e999

@@ -1,11 +1,13 @@
 #include "server/client_message.h"
 
+#include "core/json_limits.h"
 #include "core/error.h"
 
 namespace sd::server {
 
 ClientMessage parse_client_message(const std::string& text) {
   ClientMessage m;
+  if (std::string why = json_depth_problem(text); !why.empty()) throw InvalidArgument("bad JSON: " + why);
   try {
     m.body = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number like 1e999

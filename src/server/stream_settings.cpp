@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/json_limits.h"
 #include "core/error.h"
 #include "runtime/control_preprocessor.h"
 #include "server/image_codec.h"
@@ -14,16 +15,16 @@ constexpr size_t kMaxPromptBytes = 2000;
 constexpr size_t kMaxSteps = 10;
 
 double number_in(const nlohmann::json& v, const std::string& key, double lo, double hi, bool hi_open = false) {
-  if (!v.is_number()) throw InvalidArgument("field '" + key + "': expected a number, got " + v.dump());
+  if (!v.is_number()) throw InvalidArgument("field '" + key + "': expected a number, got " + json_excerpt(v));
   const double x = v.get<double>();
   if (!std::isfinite(x) || x < lo || (hi_open ? x >= hi : x > hi))
-    throw InvalidArgument("field '" + key + "': " + v.dump() + " is out of range [" + std::to_string(lo) + ", " +
+    throw InvalidArgument("field '" + key + "': " + json_excerpt(v) + " is out of range [" + std::to_string(lo) + ", " +
                           std::to_string(hi) + (hi_open ? ")" : "]"));
   return x;
 }
 
 std::string text(const nlohmann::json& v, const std::string& key) {
-  if (!v.is_string()) throw InvalidArgument("field '" + key + "': expected a string, got " + v.dump());
+  if (!v.is_string()) throw InvalidArgument("field '" + key + "': expected a string, got " + json_excerpt(v));
   std::string s = v.get<std::string>();
   if (s.size() > kMaxPromptBytes)
     throw InvalidArgument("field '" + key + "': " + std::to_string(s.size()) + " bytes, at most " +
@@ -33,10 +34,10 @@ std::string text(const nlohmann::json& v, const std::string& key) {
 
 int64_t integer_in(const nlohmann::json& v, const std::string& key, int64_t lo, int64_t hi) {
   if (!v.is_number_integer() && !(v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()))
-    throw InvalidArgument("field '" + key + "': expected an integer, got " + v.dump());
+    throw InvalidArgument("field '" + key + "': expected an integer, got " + json_excerpt(v));
   const double x = v.get<double>();
   if (x < static_cast<double>(lo) || x > static_cast<double>(hi))
-    throw InvalidArgument("field '" + key + "': " + v.dump() + " is out of range [" + std::to_string(lo) + ", " +
+    throw InvalidArgument("field '" + key + "': " + json_excerpt(v) + " is out of range [" + std::to_string(lo) + ", " +
                           std::to_string(hi) + "]");
   return v.is_number_unsigned() ? static_cast<int64_t>(v.get<uint64_t>()) : v.get<int64_t>();
 }
@@ -79,13 +80,13 @@ std::vector<ControlSetting> parse_controlnets(const nlohmann::json& v, std::vect
     const auto& e = v[i];
     if (!e.is_object())
       throw InvalidArgument("field '" + at + "': expected an object {\"scale\": number, \"preprocessor\": name}, got " +
-                            e.dump());
+                            json_excerpt(e));
     for (const auto& [k, x] : e.items()) {
       if (k == "scale") {
         out[i].scale = number_in(x, at + ".scale", 0, 2);
       } else if (k == "preprocessor") {
         if (!x.is_string())
-          throw InvalidArgument("field '" + at + ".preprocessor': expected a string, got " + x.dump());
+          throw InvalidArgument("field '" + at + ".preprocessor': expected a string, got " + json_excerpt(x));
         try {
           out[i].preprocessor = make_control_preprocessor(x.get<std::string>())->name();
         } catch (const InvalidArgument& err) {
@@ -105,7 +106,7 @@ std::vector<WeightedPrompt> parse_prompt_list_field(const nlohmann::json& v) {
   if (v.is_null()) return out;
   if (!v.is_array() || v.size() > kMaxBlendEntries)
     throw InvalidArgument("field 'prompt_list': expected an array of at most " + std::to_string(kMaxBlendEntries) +
-                          " [text, weight] pairs, got " + v.dump().substr(0, 200));
+                          " [text, weight] pairs, got " + json_excerpt(v));
   for (size_t i = 0; i < v.size(); ++i) {
     const auto& e = v[i];
     const std::string at = key + "[" + std::to_string(i) + "]";
@@ -116,7 +117,7 @@ std::vector<WeightedPrompt> parse_prompt_list_field(const nlohmann::json& v) {
                                                                            : 1.0});
     else
       throw InvalidArgument("field '" + at + "': expected [text, weight] or {\"text\": ..., \"weight\": ...}, got " +
-                            e.dump().substr(0, 200));
+                            json_excerpt(e));
   }
   if (!out.empty()) check_prompt_list(out, "field 'prompt_list'");
   return out;
@@ -127,12 +128,12 @@ std::vector<WeightedSeed> parse_seed_list_field(const nlohmann::json& v) {
   if (v.is_null()) return out;
   if (!v.is_array() || v.size() > kMaxBlendEntries)
     throw InvalidArgument("field 'seed_list': expected an array of at most " + std::to_string(kMaxBlendEntries) +
-                          " [seed, weight] pairs, got " + v.dump().substr(0, 200));
+                          " [seed, weight] pairs, got " + json_excerpt(v));
   for (size_t i = 0; i < v.size(); ++i) {
     const auto& e = v[i];
     const std::string at = "seed_list[" + std::to_string(i) + "]";
     if (!e.is_array() || e.size() != 2)
-      throw InvalidArgument("field '" + at + "': expected [seed, weight], got " + e.dump().substr(0, 200));
+      throw InvalidArgument("field '" + at + "': expected [seed, weight], got " + json_excerpt(e));
     out.push_back({static_cast<uint64_t>(integer_in(e[0], at + "[0]", 0, int64_t{1} << 53)),
                    number_in(e[1], at + "[1]", 0, 100)});
   }
@@ -148,14 +149,14 @@ Transition parse_transition_field(const nlohmann::json& v) {
   }
   if (!v.is_string())
     throw InvalidArgument("field 'transition': expected seconds (a number in [0, 60]) or a string \"2.5s\" / "
-                          "\"30f\", got " + v.dump());
+                          "\"30f\", got " + json_excerpt(v));
   try {
     t = parse_transition(v.get<std::string>());
   } catch (const InvalidArgument& e) {
     throw InvalidArgument(std::string("field 'transition': ") + e.what());
   }
   if (t.seconds > 60 || t.frames > 3600)
-    throw InvalidArgument("field 'transition': " + v.dump() + " is out of range (at most 60 s or 3600 frames)");
+    throw InvalidArgument("field 'transition': " + json_excerpt(v) + " is out of range (at most 60 s or 3600 frames)");
   return t;
 }
 
@@ -250,7 +251,7 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
     if (!allow_mode) throw InvalidArgument("unknown field 'mode' (the endpoint decides the mode)");
     const auto& v = j.at("mode");
     if (!v.is_string() || (v != "img2img" && v != "txt2img"))
-      throw InvalidArgument("field 'mode': expected \"img2img\" or \"txt2img\", got " + v.dump());
+      throw InvalidArgument("field 'mode': expected \"img2img\" or \"txt2img\", got " + json_excerpt(v));
     const bool t2i = v == "txt2img";
     if (t2i != s.txt2img) {
       s.txt2img = t2i;
@@ -283,7 +284,7 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
       s.transition = parse_transition_field(v);
     } else if (key == "prompt_blend") {
       if (!v.is_string() || (v != "linear" && v != "slerp"))
-        throw InvalidArgument("field 'prompt_blend': expected \"linear\" or \"slerp\", got " + v.dump());
+        throw InvalidArgument("field 'prompt_blend': expected \"linear\" or \"slerp\", got " + json_excerpt(v));
       s.prompt_blend = parse_blend_method(v.get<std::string>());
     } else if (key == "latent_feedback") {
       s.latent_feedback = number_in(v, key, 0, 1);
@@ -296,13 +297,13 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
     } else if (key == "t_index_list") {
       if (!v.is_array() || v.empty() || v.size() > kMaxSteps)
         throw InvalidArgument("field 't_index_list': expected an array of 1.." + std::to_string(kMaxSteps) +
-                              " integers, got " + v.dump());
+                              " integers, got " + json_excerpt(v));
       std::vector<int64_t> list;
       for (const auto& e : v) list.push_back(integer_in(e, key, 0, S - 1));
       s.t_index_list = std::move(list);
     } else if (key == "lora") {
       if (!v.is_object() || v.empty())
-        throw InvalidArgument("field 'lora': expected an object {\"<lora name>\": scale}, got " + v.dump());
+        throw InvalidArgument("field 'lora': expected an object {\"<lora name>\": scale}, got " + json_excerpt(v));
       if (d.lora_names.empty()) throw InvalidArgument("field 'lora': no LoRA is loaded (start serve with --lora FILE)");
       for (const auto& [name, scale] : v.items()) {
         if (std::find(d.lora_names.begin(), d.lora_names.end(), name) == d.lora_names.end()) {

@@ -8,6 +8,7 @@
 #include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/error.h"
+#include "core/json_limits.h"
 #include "io/json_config.h"
 
 #include <nlohmann/json.hpp>
@@ -28,6 +29,17 @@ TEST(FuzzFindings, JsonNumberOverflowIsAFormatErrorNamingTheFile) {
   std::ofstream(d / "config.json") << R"({"beta_start": -3e400})";
   const std::string f = format_error_of([&] { sd::read_json_file((d / "config.json").string()); });
   EXPECT_EQ(f.rfind((d / "config.json").string() + ": not valid JSON", 0), 0u) << f;
+}
+
+// Review finding: a config file nested 100000 levels deep parsed (nlohmann's parser is iterative) and then overflowed
+// the stack in the first dump() or copy of the value. Refused before parsing, naming the file.
+TEST(FuzzFindings, DeeplyNestedJsonIsAFormatErrorNamingTheFile) {
+  const std::string deep = R"({"block_out_channels": )" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  EXPECT_EQ(format_error_of([&] { sd::parse_json_text(deep, "unet/config.json"); }),
+            "unet/config.json: not valid JSON: arrays / objects nested more than 64 levels deep");
+  EXPECT_EQ(sd::json_nesting_depth(R"({"a": [1, {"b": "]]]"}], "c": "\"[["})"), 3);
+  EXPECT_EQ(sd::json_nesting_depth(std::string(10, '{')), 10);
+  EXPECT_EQ(sd::json_nesting_depth(std::string(1000, '['), 64), 65) << "counting stops past the limit";
 }
 
 // fuzz_config: an integer field given as a float too large for int64 (1e300) was converted with static_cast, which

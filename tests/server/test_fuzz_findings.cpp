@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "server/api_request.h"
 #include "server/client_message.h"
+#include "server/stream_settings.h"
 
 using sd::server::ApiBody;
 using sd::server::StreamDefaults;
@@ -69,6 +70,33 @@ TEST(FuzzFindings, JsonNumberOverflowIsBadJson) {
   const std::string api =
       invalid_argument_of([] { sd::server::parse_api_body(true, R"({"seed": 3e308, "width": 1e400})", small_defaults(), 8); });
   EXPECT_EQ(api.rfind("bad JSON: ", 0), 0u) << api;
+}
+
+// Review finding: nlohmann's parser is iterative, but dump() (quoted by the settings' error messages), copies and
+// comparisons recurse once per level, so 200 KB of '[' in a config message or an API body overflowed the server's
+// stack (SIGSEGV). Text nested deeper than 64 levels is refused before it is parsed.
+TEST(FuzzFindings, DeeplyNestedJsonIsRefusedBeforeItIsParsed) {
+  const auto nested = [](const std::string& head, int depth, const std::string& tail) {
+    return head + std::string(depth, '[') + std::string(depth, ']') + tail;
+  };
+  const std::string deep = nested(R"({"type": "config", "guidance": )", 100000, "}");
+  const std::string ws = invalid_argument_of([&] { sd::server::parse_client_message(deep); });
+  EXPECT_EQ(ws, "bad JSON: arrays / objects nested more than 64 levels deep");
+  const std::string api = invalid_argument_of(
+      [&] { sd::server::parse_api_body(true, nested(R"({"width": )", 200000, "}"), small_defaults(), 8); });
+  EXPECT_EQ(api, "bad JSON: arrays / objects nested more than 64 levels deep");
+  // 63 levels under the message object are fine (the settings refuse the value, quoting an excerpt of it).
+  const auto ok = sd::server::parse_client_message(nested(R"({"type": "config", "guidance": )", 63, "}"));
+  const std::string settings = invalid_argument_of(
+      [&] { sd::server::apply_settings_json(ok.body, sd::server::StreamSettings{}, small_defaults(), {"type"}); });
+  EXPECT_EQ(settings.rfind("field 'guidance': expected a number, got [[[[", 0), 0u) << settings;
+  EXPECT_LE(settings.size(), 200u) << "an excerpt, not the whole value";
+  // Brackets inside strings are text, not nesting.
+  EXPECT_EQ(sd::server::parse_client_message(R"({"type": "config", "prompt": ")" + std::string(1000, '[') + R"("})")
+                .body.at("prompt")
+                .get<std::string>()
+                .size(),
+            1000u);
 }
 
 }  // namespace
