@@ -148,18 +148,7 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
     return done(ApiResponse::error(415, what + ": expected Content-Type: application/json, got '" +
                                             req.content_type + "'"));
   }
-  ApiBody parsed;
-  try {
-    parsed = parse_api_body(txt2img, req.body, defaults_, size_step());
-  } catch (const std::exception& e) {  // sd::Error mostly; anything else must not escape into the network thread
-    errors_.fetch_add(1);
-    return done(ApiResponse::error(400, what + ": " + e.what()));
-  }
-  const StreamDefaults& defaults = parsed.defaults;
-  const StreamSettings& settings = parsed.settings;
-  const cv::Mat& image = parsed.image;
-  const std::vector<torch::Tensor>& control = parsed.control;
-
+  // The slot first: a busy server answers before it spends a network thread on decoding the body's images.
   if (pending_->fetch_add(1) >= max_pending_) {
     pending_->fetch_sub(1);
     rejected_busy_.fetch_add(1);
@@ -167,6 +156,18 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
                                         {"message", "the server has " + std::to_string(max_pending_) +
                                                         " API requests waiting already; try again shortly"}}));
   }
+  ApiBody parsed;
+  try {
+    parsed = parse_api_body(txt2img, req.body, defaults_, size_step());
+  } catch (const std::exception& e) {  // sd::Error mostly; anything else must not escape into the network thread
+    pending_->fetch_sub(1);
+    errors_.fetch_add(1);
+    return done(ApiResponse::error(400, what + ": " + e.what()));
+  }
+  const StreamDefaults& defaults = parsed.defaults;
+  const StreamSettings& settings = parsed.settings;
+  const cv::Mat& image = parsed.image;
+  const std::vector<torch::Tensor>& control = parsed.control;
   auto pending = pending_;
   auto models = models_;
   auto job = std::make_shared<ApiJob>([this, pending, models, defaults, settings, image, control,
@@ -219,9 +220,12 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
       r.body = encode_png(rgb);
       images_.fetch_add(1);
       done(std::move(r));
-    } catch (const std::exception& e) {
+    } catch (const InvalidArgument& e) {  // what the request asked for cannot be done (a setting the models refuse)
       errors_.fetch_add(1);
       done(ApiResponse::error(400, std::string("generation failed: ") + e.what()));
+    } catch (const std::exception& e) {  // the server's failure (out of memory, a model error): not the client's
+      errors_.fetch_add(1);
+      done(ApiResponse::error(500, std::string("generation failed: ") + e.what()));
     }
   });
   if (!worker_.schedule(job)) {

@@ -263,9 +263,11 @@ std::string render_metrics(ServerContext& ctx) {
         static_cast<double>(t.frames_out));
   m.family("sd_frames_dropped_total", "counter",
            "Requests answered with a 'dropped' message instead of a frame, by reason: input (replaced by a newer "
-           "one before the model took it), output (pushed out of the client's full send queue).");
+           "one before the model took it), output (pushed out of the client's full send queue, or left unsent when the "
+           "stream closed), closed (a request the model had not taken when the stream closed: no reply).");
   m.sample("sd_frames_dropped_total", static_cast<double>(t.dropped_in), "reason=\"input\"");
   m.sample("sd_frames_dropped_total", static_cast<double>(t.dropped_out), "reason=\"output\"");
+  m.sample("sd_frames_dropped_total", static_cast<double>(t.lost_at_close), "reason=\"closed\"");
   m.one("sd_frames_skipped_total", "counter", "Frames the similarity filter skipped (their previous result resent).",
         static_cast<double>(t.skipped));
   m.one("sd_stream_errors_total", "counter", "Error messages sent to WebSocket clients (bad input, failed steps).",

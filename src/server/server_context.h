@@ -47,7 +47,8 @@ struct ServerContext {
   // The counters of closed streams, added when a stream closes (WebSocketSession::finish): with the open streams'
   // own counters they make the server-wide totals of /metrics. A session is "retired" under this mutex.
   struct StreamTotals {
-    int64_t frames_in = 0, frames_out = 0, dropped_in = 0, dropped_out = 0, skipped = 0, errors = 0;
+    int64_t frames_in = 0, frames_out = 0, dropped_in = 0, dropped_out = 0, skipped = 0, errors = 0,
+            lost_at_close = 0;
     void add(const nlohmann::json& s) {
       frames_in += s.value("frames_in", int64_t{0});
       frames_out += s.value("frames_out", int64_t{0});
@@ -55,6 +56,7 @@ struct ServerContext {
       dropped_out += s.value("dropped_out", int64_t{0});
       skipped += s.value("skipped", int64_t{0});
       errors += s.value("errors", int64_t{0});
+      lost_at_close += s.value("lost_at_close", int64_t{0});
     }
   };
   std::mutex totals_mutex;

@@ -139,6 +139,9 @@ StreamSettings StreamSession::settings() const {
 void StreamSession::close() {
   closed_ = true;
   std::lock_guard<std::mutex> lock(mutex_);
+  // A request the model had not taken yet gets no reply: counted, so that frames_in = frames_out + dropped_in +
+  // errors + lost_at_close.
+  if (!pending_frame_.empty() || pending_generate_) lost_at_close_.fetch_add(1, std::memory_order_relaxed);
   pending_frame_ = cv::Mat();
   pending_control_.clear();
   pending_generate_ = false;
@@ -471,6 +474,7 @@ nlohmann::json StreamSession::stats() const {
           {"dropped_out", dropped_out_.load()},
           {"skipped", skipped_.load()},
           {"errors", errors_.load()},
+          {"lost_at_close", lost_at_close_.load()},
           {"model_ms", model_ms_ema_.load()},
           {"fps_out", fps}};
   if (!defaults_.controlnets.empty()) {

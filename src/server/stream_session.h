@@ -80,7 +80,9 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   bool closed() const { return closed_.load(); }
 
   // Counters for stats: frames_in, dropped_in (replaced before the model took them), frames_out, dropped_out (send
-  // queue full), skipped (similarity filter), errors, model_ms (EMA), fps_out (last second window), mode, prompt;
+  // queue full, or left unsent when the stream closed), skipped (similarity filter), errors, lost_at_close (a request
+  // the model had not taken when the stream closed: no reply), model_ms (EMA), fps_out (last second window), mode,
+  // prompt;
   // with ControlNets controlnet_calls, controlnet_reused (--controlnet-every) and controlnet_s (total seconds).
   nlohmann::json stats() const;
   void count_dropped_output() { dropped_out_.fetch_add(1, std::memory_order_relaxed); }
@@ -153,7 +155,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   PendingStep batch_step_;  // between begin_batched_step and end_batched_step
   std::optional<ImageDownload> batch_pixels_;  // between begin_batched_output and end_batched_step
 
-  std::atomic<int64_t> frames_in_{0}, dropped_in_{0}, frames_out_{0}, dropped_out_{0}, errors_{0};
+  std::atomic<int64_t> frames_in_{0}, dropped_in_{0}, frames_out_{0}, dropped_out_{0}, errors_{0}, lost_at_close_{0};
   std::atomic<int64_t> skipped_{0};
   std::atomic<double> model_ms_ema_{0};
   std::atomic<int64_t> controlnet_calls_{0}, controlnet_reused_{0};

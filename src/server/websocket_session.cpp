@@ -352,9 +352,12 @@ void WebSocketSession::shutdown() {
     // !has_slot_: not accepted yet (on_accept will see ctx_->stopping and refuse, a write now would race the
     // handshake's answer on the socket) or already finished.
     if (self->finished_ || self->closing_ || self->close_after_write_ || !self->has_slot_) return;
-    self->queue_.erase(std::remove_if(self->queue_.begin() + (self->writing_ ? 1 : 0), self->queue_.end(),
-                                      [](const Outgoing& o) { return o.binary; }),
-                       self->queue_.end());
+    const auto unsent = std::remove_if(self->queue_.begin() + (self->writing_ ? 1 : 0), self->queue_.end(),
+                                       [](const Outgoing& o) { return o.binary; });
+    // Results the model made that will not be sent: counted with the send queue's drops (frames_out = sent + those).
+    if (self->stream_)
+      for (auto it = unsent; it != self->queue_.end(); ++it) self->stream_->count_dropped_output();
+    self->queue_.erase(unsent, self->queue_.end());
     self->queued_frames_ = (self->writing_ && !self->queue_.empty() && self->queue_.front().binary) ? 1 : 0;
     // After a reconnect message (a drain) the client is on its way elsewhere: no error for it to show.
     if (!self->reconnect_sent_) self->send_json({{"type", "error"}, {"message", "the server is shutting down"}});

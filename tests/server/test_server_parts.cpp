@@ -2,6 +2,7 @@
 // traversal protection, MIME types, the Origin rule, the settings JSON and the model worker's round robin.
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <thread>
 
@@ -11,6 +12,8 @@
 
 #include "common/fixtures.h"
 #include "core/error.h"
+#include "pipeline/stream_test_stubs.h"
+#include "server/api_handlers.h"
 #include "server/image_codec.h"
 #include "server/model_worker.h"
 #include "server/static_files.h"
@@ -326,4 +329,44 @@ TEST(ModelWorker, SchedulesEachTaskOnceAndServesInOrder) {
   w.stop();
   EXPECT_EQ(log, (std::vector<int>{1, 2}));
   EXPECT_FALSE(w.schedule(a));  // stopped
+}
+
+namespace {
+// Stub models whose UNet fails: the server's own failure, not the request's.
+class FailingModels : public sd::test::StubModels {
+ public:
+  torch::Tensor unet(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const sd::AddedConditioning&,
+                     const sd::ControlResiduals&) const override {
+    throw sd::Error("stub unet: out of memory");
+  }
+};
+
+ApiResponse call_api(ApiHandlers& api, const std::string& target, const std::string& body) {
+  std::promise<ApiResponse> p;
+  auto f = p.get_future();
+  api.handle({"POST", target, "application/json", body}, [&p](ApiResponse r) { p.set_value(std::move(r)); });
+  EXPECT_EQ(f.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  return f.get();
+}
+}  // namespace
+
+// Review finding: every generation failure was a 400 ("your request is bad"), so clients and proxies did not retry a
+// server fault and monitoring counted it as a client error.
+TEST(ApiHandlersStatus, AServerFailureIs500AndABadRequest400) {
+  ModelWorker w;
+  w.start();
+  StreamDefaults d = sd::test::tiny_stream_defaults(16);
+  d.max_width = d.max_height = 64;
+  ApiHandlers api(std::make_shared<FailingModels>(), d, w, 2, [] { return nlohmann::json::object(); });
+  const ApiResponse failed = call_api(api, "/api/txt2img", R"({"prompt": "a cat"})");
+  EXPECT_EQ(failed.status, 500u) << failed.body;
+  EXPECT_EQ(nlohmann::json::parse(failed.body)["error"], "generation failed: stub unet: out of memory");
+  const ApiResponse bad = call_api(api, "/api/txt2img", R"({"prompt": "a cat", "guidance": "high"})");
+  EXPECT_EQ(bad.status, 400u) << bad.body;
+  // A working model answers 200 with a PNG (the same handlers, so 500 is the UNet's failure, not the set-up's).
+  ApiHandlers ok_api(std::make_shared<sd::test::StubModels>(), d, w, 2, [] { return nlohmann::json::object(); });
+  const ApiResponse ok = call_api(ok_api, "/api/txt2img", R"({"prompt": "a cat"})");
+  EXPECT_EQ(ok.status, 200u) << ok.body;
+  EXPECT_EQ(ok.content_type, "image/png");
+  w.stop();
 }
