@@ -66,6 +66,10 @@ const streamId = (() => {
 // goes on; it gives up after kMaxReconnects failures in a row.
 const kMaxReconnects = 10;
 const reconnect = { attempts: 0, count: 0, timer: null, reason: '' };
+// A page left stopped gives its stream slot back after a while: the server has --max-streams of them, and the page's
+// answers to its keep-alive pings would hold one for good. Start connects again. ?release_after=S shortens it (tests).
+const kReleaseAfterMs = 1000 * (Number(params.get('release_after')) > 0 ? Number(params.get('release_after')) : 60);
+let releaseTimer = null;
 
 // Frames smaller than the pane are scaled up by CSS: smooth (default) or pixelated (?display=pixelated), remembered.
 function applyDisplay(value) {
@@ -549,6 +553,7 @@ async function pump(generation) {
 // ---- start / stop --------------------------------------------------------------------------------------------
 
 async function start() {
+  clearTimeout(releaseTimer);
   showBanner('');
   ui.start.disabled = true;
   const generation = ++state.generation;
@@ -598,9 +603,19 @@ function stopMedia() {
   ui.input.srcObject = null;
 }
 
+function releaseStream() {
+  if (state.running || !state.client) return;
+  const client = state.client;
+  state.client = null;  // first: its close event is then not a lost connection
+  client.close();
+  setStatus('idle', 'off');
+}
+
 function stop() {
   state.running = false;
   clearTimeout(reconnect.timer);
+  clearTimeout(releaseTimer);
+  releaseTimer = setTimeout(releaseStream, kReleaseAfterMs);
   state.generation += 1;
   stopMedia();
   ui.inputPh.hidden = false;

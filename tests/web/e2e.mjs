@@ -141,18 +141,40 @@ try {
   check((await a.inputValue('#t_index_list')) === '0,16,32,45', 'the form shows the txt2img steps',
     await a.inputValue('#t_index_list'));
 
+  // 7. A page left stopped gives its stream slot back (here after 1 s: ?release_after=1); Start connects again.
+  await b.close();
+  await until(async () => (await (await fetch(`${server.url}api/stats`)).json()).streams === 1, 10000,
+    'the closed page\'s stream gone');
+  const d = await context.newPage();
+  d.on('pageerror', (e) => pageErrors.push(String(e)));
+  await d.goto(`${server.url}?mode=txt2img&release_after=1`);
+  await d.click('#start');
+  await until(async () => (await appStats(d)).received >= 2, 60000, 'frames on the page that will stop');
+  await d.click('#start');  // Stop
+  await until(async () => (await (await fetch(`${server.url}api/stats`)).json()).streams === 1, 10000,
+    'the stopped page\'s stream slot released');
+  const released = await (await fetch(`${server.url}api/stats`)).json();
+  check(released.streams === 1 && (await appStats(d)).status === 'idle', 'a page left stopped releases its stream slot',
+    JSON.stringify({ streams: released.streams, status: (await appStats(d)).status }));
+  const before = (await appStats(d)).received;
+  await d.click('#start');
+  await until(async () => (await appStats(d)).received >= before + 2, 60000, 'frames after Start again');
+  check((await appStats(d)).banner === '', 'Start after the release reconnects without an error banner',
+    (await appStats(d)).banner);
+  await d.close();
+
   check(pageErrors.length === 0, 'no uncaught errors in the pages', pageErrors.join(' | '));
   await browser.close();
   browser = null;
 
-  // 6. SIGINT: clean shutdown, exit code 0.
+  // 8. SIGINT: clean shutdown, exit code 0.
   const exited = new Promise((resolve) => server.proc.once('exit', (code, sig) => resolve({ code, sig })));
   server.proc.kill('SIGINT');
   const r = await Promise.race([exited, sleep(15000).then(() => null)]);
   check(r && r.code === 0, 'SIGINT stops the server cleanly', JSON.stringify(r));
   server = null;
 
-  // 7. `serve` with no model arguments: the built-in emoji model at its native 64x64, scaled up on the page.
+  // 9. `serve` with no model arguments: the built-in emoji model at its native 64x64, scaled up on the page.
   server = await startServer([]);
   console.log(`built-in model server at ${server.url}`);
   browser = await launchBrowser();
