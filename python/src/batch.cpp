@@ -1,6 +1,9 @@
 // Many streams, one UNet call, from Python: streamdiffusion_cpp.StreamBatcher runs one call of each of several
 // Streams with their UNet rows in ONE UNet call (pipeline/multi_stream.h: the engine's run_stream_calls, as `serve`
 // batches its clients), keeping the shared calls' CUDA graphs and the counters across steps.
+#include <algorithm>
+#include <mutex>
+
 #include <pybind11/stl.h>
 
 #include "core/error.h"
@@ -79,6 +82,14 @@ Not thread-safe; drive it and its streams from one thread.
             std::vector<sd::StreamCallResult> results;
             {
               Rel r;
+              // Every stream's lock (py_stream.h), GIL released first, taken in one order (by address) so that two
+              // batchers sharing streams cannot deadlock.
+              std::vector<std::mutex*> mus;
+              for (const auto& k : keep) mus.push_back(k->mu.get());
+              std::sort(mus.begin(), mus.end());
+              mus.erase(std::unique(mus.begin(), mus.end()), mus.end());
+              std::vector<std::unique_lock<std::mutex>> locks;
+              for (std::mutex* mu : mus) locks.emplace_back(*mu);
               results = sd::run_stream_calls(engine_calls, b.options, &b.stats);
             }
             py::list out;

@@ -112,49 +112,53 @@ UNet's family and cast to its dtype and device. Immutable; any number of Streams
   auto stream = py::reinterpret_borrow<py::class_<PyStream, std::shared_ptr<PyStream>>>(m.attr("Stream"));
   stream
       .def(
-          "set_controlnets", [](PyStream& s, py::handle units) { s.stream->set_controlnets(units_arg(units)); },
+          "set_controlnets",
+          [](PyStream& s, py::handle units) {
+            auto list = units_arg(units);
+            locked(s)->set_controlnets(std::move(list));
+          },
           py::arg("controlnets"),
           "[(ControlNet, scale), ...] or [ControlNet, ...] (scale 1): run before every UNet call, residuals summed. "
           "Replacing the list clears the control images; each needs one (set_control_image) before the next call.")
       .def_property_readonly(
           "controlnets",
           [](const PyStream& s) {
+            const auto units = locked(s)->controlnets();
             py::list out;
-            for (const auto& u : s.stream->controlnets())
+            for (const auto& u : units)
               out.append(py::make_tuple(std::const_pointer_cast<sd::ControlNet>(u.net), u.scale));
             return out;
           },
           "the stream's ControlNets as (ControlNet, scale) pairs")
       .def(
-          "set_controlnet_scale", [](PyStream& s, size_t i, double scale) { s.stream->set_controlnet_scale(i, scale); },
+          "set_controlnet_scale",
+          [](PyStream& s, size_t i, double scale) { locked(s)->set_controlnet_scale(i, scale); },
           py::arg("index"), py::arg("scale"), "conditioning scale of ControlNet `index` (0 = skipped: as without it)")
       .def(
           "set_control_image",
           [](PyStream& s, size_t i, py::handle image) {
             at::Tensor t = image_arg(image, "image");
-            py::gil_scoped_release release;
-            s.stream->set_control_image(i, t);
+            locked(s)->set_control_image(i, t);
           },
           py::arg("index"), py::arg("image"),
           "control image of ControlNet `index`: uint8 RGB [H, W, 3] (numpy HWC) or float [3, H, W] / [1, 3, H, W] in "
           "[0, 1]; any size (resized to the stream's). Takes effect from the next call.")
       .def(
-          "set_controlnet_every", [](PyStream& s, int64_t n) { s.stream->set_controlnet_every(n); }, py::arg("n"),
+          "set_controlnet_every", [](PyStream& s, int64_t n) { locked(s)->set_controlnet_every(n); }, py::arg("n"),
           "recompute the ControlNet residuals every n calls and reuse them in between (1 = every call)")
-      .def_property_readonly("controlnet_every", [](const PyStream& s) { return s.stream->controlnet_every(); })
+      .def_property_readonly("controlnet_every", [](const PyStream& s) { return locked(s)->controlnet_every(); })
       .def(
           "set_image_prompt",
           [](PyStream& s, py::handle image) {
             at::Tensor t = image_arg(image, "image");
-            py::gil_scoped_release release;
-            s.stream->set_image_prompt(t);
+            locked(s)->set_image_prompt(t);
           },
           py::arg("image"),
           "IP-Adapter image prompt (models loaded with ip_adapter=): uint8 RGB [H, W, 3], any size; encoded once, "
           "used from the next call.")
-      .def("clear_image_prompt", [](PyStream& s) { s.stream->clear_image_prompt(); },
+      .def("clear_image_prompt", [](PyStream& s) { locked(s)->clear_image_prompt(); },
            "back to the unconditional image prompt")
-      .def_property_readonly("has_image_prompt", [](const PyStream& s) { return s.stream->has_image_prompt(); });
+      .def_property_readonly("has_image_prompt", [](const PyStream& s) { return locked(s)->has_image_prompt(); });
 }
 
 }  // namespace sdpy

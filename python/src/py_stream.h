@@ -1,7 +1,14 @@
 #pragma once
 // The Python Stream object: the engine stream plus the prompts it was prepared with (the runtime's processor needs
-// them to change either one on its own).
+// them to change either one on its own), and the lock that makes it safe to use from several Python threads.
+//
+// Threads: calls release the GIL while the engine works, so a second Python thread (a GUI changing settings while a
+// worker thread runs frames) could change the stream in the middle of a call (buffers swapped under the UNet, the
+// filter freed while it runs). Every access to the engine stream goes through locked(), which releases the GIL and
+// then takes the stream's lock, in that order: engine code may take the GIL (to free a Python-owned tensor), so the
+// lock is never waited for while holding the GIL. run_stream's model thread takes the same lock per frame.
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "pipeline/stream_diffusion.h"
@@ -12,8 +19,25 @@ namespace sdpy {
 struct PyStream {
   std::shared_ptr<const sd::DiffusionModels> models;
   std::shared_ptr<sd::StreamDiffusion> stream;
-  std::string prompt, negative_prompt;
+  std::string prompt, negative_prompt;  // GIL-protected (Python side)
+  std::shared_ptr<std::mutex> mu = std::make_shared<std::mutex>();
 };
+
+// The engine stream, GIL released and the stream's lock held until the end of the full expression:
+//   locked(s)->set_seed(seed);   at::Tensor t = locked(s)->init_noise();   (then wrap t, with the GIL)
+// Nothing Python may be touched inside that expression: convert arguments first, wrap results after.
+class LockedStream {
+ public:
+  explicit LockedStream(const PyStream& s) : lock_(*s.mu), stream_(s.stream.get()) {}
+  sd::StreamDiffusion* operator->() const { return stream_; }
+  sd::StreamDiffusion& operator*() const { return *stream_; }
+
+ private:
+  py::gil_scoped_release release_;  // first: released before the lock is waited for, taken back after it is let go
+  std::unique_lock<std::mutex> lock_;
+  sd::StreamDiffusion* stream_;
+};
+inline LockedStream locked(const PyStream& s) { return LockedStream(s); }
 
 inline py::object maybe_wrap(const at::Tensor& t) { return t.defined() ? wrap(t) : py::none(); }
 

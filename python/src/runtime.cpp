@@ -76,6 +76,51 @@ void on_output(CallbackState& st, const sd::Frame& f) {
   }
 }
 
+// The processor's model-thread calls under the Python Stream's lock (py_stream.h), so that a Python thread may call
+// the stream's setters while run_stream runs it: they wait for the frame in progress. The pre- and post-process
+// calls touch no state process() changes (frame_processor.h) and run unlocked. The runtime's threads never hold
+// the GIL, so the lock is never waited for while holding it.
+class LockedProcessor : public sd::FrameProcessor {
+ public:
+  LockedProcessor(std::shared_ptr<sd::FrameProcessor> p, std::shared_ptr<std::mutex> mu)
+      : p_(std::move(p)), mu_(std::move(mu)) {}
+  int64_t width() const override { return p_->width(); }
+  int64_t height() const override { return p_->height(); }
+  bool takes_images() const override { return p_->takes_images(); }
+  bool takes_image_prompts() const override { return p_->takes_image_prompts(); }
+  torch::Tensor preprocess(const torch::Tensor& rgb_u8) override { return p_->preprocess(rgb_u8); }
+  std::vector<torch::Tensor> preprocess_controls(const torch::Tensor& input, const torch::Tensor& control) override {
+    return p_->preprocess_controls(input, control);
+  }
+  std::vector<sd::Frame> process(sd::Frame in) override {
+    std::lock_guard<std::mutex> lock(*mu_);
+    return p_->process(std::move(in));
+  }
+  std::vector<sd::Frame> flush() override {
+    std::lock_guard<std::mutex> lock(*mu_);
+    return p_->flush();
+  }
+  torch::Tensor postprocess(const torch::Tensor& out) override { return p_->postprocess(out); }
+  void begin_postprocess(sd::Frame& out) override {
+    std::lock_guard<std::mutex> lock(*mu_);
+    p_->begin_postprocess(out);
+  }
+  std::vector<sd::Frame> apply(const sd::ControlCommand& command) override {
+    std::lock_guard<std::mutex> lock(*mu_);
+    return p_->apply(command);
+  }
+  int64_t skipped() const override { return p_->skipped(); }
+  int64_t latency_frames() const override {
+    std::lock_guard<std::mutex> lock(*mu_);
+    return p_->latency_frames();
+  }
+  std::string describe() const override { return p_->describe(); }
+
+ private:
+  std::shared_ptr<sd::FrameProcessor> p_;
+  std::shared_ptr<std::mutex> mu_;
+};
+
 py::object json_to_py(const nlohmann::json& j) {
   return py::module_::import("json").attr("loads")(j.dump());
 }
@@ -114,6 +159,7 @@ void bind_runtime(py::module_& m) {
         st.callback = &callback;
         {
           py::gil_scoped_release release;
+          std::lock_guard<std::mutex> setup_lock(*s->mu);  // the processor reads the stream (py_stream.h)
           auto src = sd::open_source(source, so);
           const bool txt2img = !src->has_images();
           sd::SinkOptions sk;
@@ -146,7 +192,8 @@ void bind_runtime(py::module_& m) {
           if (!image_prompt_input.empty()) image_prompt_src = sd::open_source(image_prompt_input, second);
           proc->set_image_prompt_change(image_prompt_change);
           if (!callback.is_none()) ro.on_output = [&st](const sd::Frame& f) { on_output(st, f); };
-          rt = std::make_unique<sd::StreamRuntime>(std::move(src), proc, std::move(snk), ro);
+          rt = std::make_unique<sd::StreamRuntime>(std::move(src), std::make_shared<LockedProcessor>(proc, s->mu),
+                                                   std::move(snk), ro);
           if (control_src) rt->set_control_source(std::move(control_src));
           if (image_prompt_src) rt->set_image_prompt_source(std::move(image_prompt_src), image_prompt_every);
         }

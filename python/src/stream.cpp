@@ -261,8 +261,7 @@ are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier
                 text ? std::vector<sd::WeightedPrompt>{{prompt.cast<std::string>(), 1.0}} : prompt_list_arg(prompt);
             s.prompt = text ? list[0].text : sd::prompt_list_str(list);
             s.negative_prompt = negative_prompt;
-            Rel r;
-            s.stream->prepare(list, negative_prompt);
+            locked(s)->prepare(list, negative_prompt);
           },
           py::arg("prompt"), py::arg("negative_prompt") = "",
           "Builds every cache: encodes the prompts, seeds the Rng with config.seed (or blends config.seed_list), draws "
@@ -271,53 +270,64 @@ are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier
           "set_prompt_list",
           [](PyStream& s, py::object prompts) {
             const auto list = prompt_list_arg(prompts);
-            Rel r;
-            s.stream->set_prompt_list(list);
+            locked(s)->set_prompt_list(list);
           },
           py::arg("prompts"),
           "A weighted prompt blend [(text, weight), ...] or {text: weight} (weights normalised), on the cached "
           "embeddings: only texts new to the stream are encoded. Morphs with the stream's transition.")
-      .def_property_readonly("prompt_list", [](const PyStream& s) { return prompt_list_py(s.stream->prompt_list()); },
+      .def_property_readonly("prompt_list", [](const PyStream& s) {
+        const auto list = locked(s)->prompt_list();
+        return prompt_list_py(list);
+      },
                              "the target prompt list [(text, weight), ...]")
       .def_property_readonly(
-          "effective_prompts", [](const PyStream& s) { return prompt_list_py(s.stream->effective_prompts()); },
+          "effective_prompts", [](const PyStream& s) {
+            const auto list = locked(s)->effective_prompts();
+            return prompt_list_py(list);
+          },
           "the normalised prompt weights of the next call (during a transition: the morph's)")
       .def(
           "set_negative_prompt",
           [](PyStream& s, const std::string& negative_prompt) {
             s.negative_prompt = negative_prompt;
-            Rel r;
-            s.stream->set_negative_prompt(negative_prompt);
+            locked(s)->set_negative_prompt(negative_prompt);
           },
           py::arg("negative_prompt"), "A new negative prompt alone (the prompt blend is kept).")
       .def(
-          "set_seed_list", [](PyStream& s, py::object seeds) { s.stream->set_seed_list(seed_list_arg(seeds)); },
+          "set_seed_list", [](PyStream& s, py::object seeds) {
+            const auto list = seed_list_arg(seeds);
+            locked(s)->set_seed_list(list);
+          },
           py::arg("seeds"),
           "init_noise from a weighted seed list [(seed, weight), ...], variance-preserving: sum w_i N_i / "
           "sqrt(sum w_i^2). Morphs with the stream's transition.")
-      .def_property_readonly("effective_seeds", [](const PyStream& s) { return seed_list_py(s.stream->effective_seeds()); },
+      .def_property_readonly("effective_seeds", [](const PyStream& s) {
+        const auto list = locked(s)->effective_seeds();
+        return seed_list_py(list);
+      },
                              "the normalised seed weights of the next call (during a transition: the morph's)")
       .def(
-          "set_transition", [](PyStream& s, py::object t) { s.stream->set_transition(transition_arg(t)); },
+          "set_transition", [](PyStream& s, py::object t) {
+            const sd::Transition transition = transition_arg(t);
+            locked(s)->set_transition(transition);
+          },
           py::arg("transition"),
           "How later prompt / seed changes morph: seconds (a number or '2.5s'), frames ('30f'), 0 = at once.")
-      .def_property_readonly("transition_active", [](const PyStream& s) { return s.stream->transition_active(); })
+      .def_property_readonly("transition_active", [](const PyStream& s) { return locked(s)->transition_active(); })
       .def(
-          "set_prompt_blend", [](PyStream& s, const std::string& m) { s.stream->set_prompt_blend(sd::parse_blend_method(m)); },
+          "set_prompt_blend",
+          [](PyStream& s, const std::string& m) { locked(s)->set_prompt_blend(sd::parse_blend_method(m)); },
           py::arg("method"), "'linear' | 'slerp' (the current list is blended again at once)")
       .def(
-          "set_latent_feedback", [](PyStream& s, double a) { s.stream->set_latent_feedback(a); }, py::arg("amount"),
+          "set_latent_feedback", [](PyStream& s, double a) { locked(s)->set_latent_feedback(a); }, py::arg("amount"),
           "A in [0, 1]: img2img input latent = (1 - A) * encoded frame + A * previous output latent (0 = off).")
-      .def_property_readonly("prepared", [](const PyStream& s) { return s.stream->prepared(); })
+      .def_property_readonly("prepared", [](const PyStream& s) { return locked(s)->prepared(); })
       .def(
           "img2img",
           [](PyStream& s, py::handle images) {
             at::Tensor x = to_tensor(images, "images");
             at::Tensor out;
-            {
-              Rel r;
-              out = s.stream->img2img(x);
-            }
+            out = locked(s)->img2img(x);
             return wrap(std::move(out));
           },
           py::arg("images"),
@@ -327,10 +337,7 @@ are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier
           "txt2img",
           [](PyStream& s) {
             at::Tensor out;
-            {
-              Rel r;
-              out = s.stream->txt2img();
-            }
+            out = locked(s)->txt2img();
             return wrap(std::move(out));
           },
           "One stream step from F fresh noise latents; returns NCHW [F, 3, H, W] in about [-1, 1].")
@@ -338,10 +345,7 @@ are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier
           "txt2img_one_shot",
           [](PyStream& s) {
             at::Tensor out;
-            {
-              Rel r;
-              out = s.stream->txt2img_one_shot();
-            }
+            out = locked(s)->txt2img_one_shot();
             return wrap(std::move(out));
           },
           "sd-turbo one-shot batch: batch_size fresh latents, one UNet call, all images NCHW [B, 3, H, W] in "
@@ -352,30 +356,35 @@ are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier
             s.prompt = prompt;
             if (negative_prompt) s.negative_prompt = *negative_prompt;
             const std::string neg = s.negative_prompt;
-            Rel r;
-            s.stream->update_prompt(prompt, neg);
+            locked(s)->update_prompt(prompt, neg);
           },
           py::arg("prompt"), py::arg("negative_prompt") = py::none(),
           "Re-encodes the prompt (and the negative prompt: None keeps the current one).")
-      .def("set_guidance_scale", [](PyStream& s, double g) { s.stream->set_guidance_scale(g); }, py::arg("guidance_scale"))
-      .def("set_delta", [](PyStream& s, double d) { s.stream->set_delta(d); }, py::arg("delta"))
+      .def("set_guidance_scale", [](PyStream& s, double g) { locked(s)->set_guidance_scale(g); },
+           py::arg("guidance_scale"))
+      .def("set_delta", [](PyStream& s, double d) { locked(s)->set_delta(d); }, py::arg("delta"))
       .def(
           "set_deep_cache",
           [](PyStream& s, int64_t every, std::optional<double> min_similarity) {
-            s.stream->set_deep_cache(every, min_similarity.value_or(s.stream->config().deep_cache_min_similarity));
+            LockedStream l = locked(s);
+            l->set_deep_cache(every, min_similarity.value_or(l->config().deep_cache_min_similarity));
           },
           py::arg("every"), py::arg("min_similarity") = py::none(),
           "Deep-feature reuse, live: a full UNet call every `every` stream calls (1 = off); the cache is dropped.")
       .def(
-          "set_t_index_list", [](PyStream& s, const std::vector<int64_t>& l) { s.stream->set_t_index_list(l); },
+          "set_t_index_list", [](PyStream& s, const std::vector<int64_t>& l) { locked(s)->set_t_index_list(l); },
           py::arg("t_index_list"),
           "Same length: new timesteps, buffers kept. Other length: the stream restarts (buffers zeroed).")
-      .def("set_seed", [](PyStream& s, uint64_t seed) { s.stream->set_seed(seed); }, py::arg("seed"),
+      .def("set_seed", [](PyStream& s, uint64_t seed) { locked(s)->set_seed(seed); }, py::arg("seed"),
            "Reseeds, redraws init_noise, zeroes stock_noise; the latent buffer is kept.")
       .def(
           "set_similarity_filter",
           [](PyStream& s, py::object options, std::optional<double> threshold, std::optional<int> max_skip_frame) {
-            sd::SimilarityFilterOptions o = s.stream->config().similarity_filter;
+            sd::SimilarityFilterOptions o = locked(s)->config().similarity_filter;
+            if (py::isinstance<py::float_>(options))
+              throw py::type_error("set_similarity_filter: enabled must be True / False (or a SimilarityFilterOptions)"
+                                   ", got " + py::str(options).cast<std::string>() +
+                                   "; a threshold goes by name: set_similarity_filter(True, threshold=...)");
             if (py::isinstance<sd::SimilarityFilterOptions>(options)) {
               o = options.cast<sd::SimilarityFilterOptions>();
             } else if (!options.is_none()) {
@@ -383,57 +392,84 @@ are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier
             }
             if (threshold) o.threshold = *threshold;
             if (max_skip_frame) o.max_skip_frame = *max_skip_frame;
-            s.stream->set_similarity_filter(o);
+            locked(s)->set_similarity_filter(o);
           },
           py::arg("enabled") = py::none(), py::arg("threshold") = py::none(), py::arg("max_skip_frame") = py::none(),
           "set_similarity_filter(True, threshold=0.98, max_skip_frame=10), or a SimilarityFilterOptions.")
-      .def_property_readonly("config", [](const PyStream& s) { return s.stream->config(); })
-      .def_property_readonly("stats", [](const PyStream& s) { return s.stream->stats(); })
+      .def_property_readonly("config", [](const PyStream& s) { return locked(s)->config(); })
+      .def_property_readonly("stats", [](const PyStream& s) { return locked(s)->stats(); })
       .def_property_readonly("models", [](const PyStream& s) { return std::const_pointer_cast<sd::DiffusionModels>(s.models); })
       .def_property_readonly("prompt", [](const PyStream& s) { return s.prompt; })
       .def_property_readonly("negative_prompt", [](const PyStream& s) { return s.negative_prompt; })
-      .def_property_readonly("width", [](const PyStream& s) { return s.stream->config().width; })
-      .def_property_readonly("height", [](const PyStream& s) { return s.stream->config().height; })
-      .def_property_readonly("frame_buffer_size", [](const PyStream& s) { return s.stream->config().frame_buffer_size; })
-      .def_property_readonly("denoising_steps", [](const PyStream& s) { return s.stream->denoising_steps(); })
-      .def_property_readonly("batch_size", [](const PyStream& s) { return s.stream->batch_size(); })
-      .def_property_readonly("unet_batch_size", [](const PyStream& s) { return s.stream->unet_batch_size(); })
-      .def_property_readonly("guidance_scale", [](const PyStream& s) { return s.stream->guidance_scale(); },
+      .def_property_readonly("width", [](const PyStream& s) { return locked(s)->config().width; })
+      .def_property_readonly("height", [](const PyStream& s) { return locked(s)->config().height; })
+      .def_property_readonly("frame_buffer_size",
+                             [](const PyStream& s) { return locked(s)->config().frame_buffer_size; })
+      .def_property_readonly("denoising_steps", [](const PyStream& s) { return locked(s)->denoising_steps(); })
+      .def_property_readonly("batch_size", [](const PyStream& s) { return locked(s)->batch_size(); })
+      .def_property_readonly("unet_batch_size", [](const PyStream& s) { return locked(s)->unet_batch_size(); })
+      .def_property_readonly("guidance_scale", [](const PyStream& s) { return locked(s)->guidance_scale(); },
                              "effective guidance scale (1 for cfg none)")
-      .def_property_readonly("delta", [](const PyStream& s) { return s.stream->delta(); })
-      .def_property_readonly("timesteps", [](const PyStream& s) { return s.stream->timesteps(); })
-      .def_property_readonly("sub_timesteps", [](const PyStream& s) { return s.stream->sub_timesteps(); })
-      .def_property_readonly("last_skipped", [](const PyStream& s) { return !s.stream->last_filter_decision().process; },
+      .def_property_readonly("delta", [](const PyStream& s) { return locked(s)->delta(); })
+      .def_property_readonly("timesteps", [](const PyStream& s) { return locked(s)->timesteps(); })
+      .def_property_readonly("sub_timesteps", [](const PyStream& s) { return locked(s)->sub_timesteps(); })
+      .def_property_readonly("last_skipped",
+                             [](const PyStream& s) { return !locked(s)->last_filter_decision().process; },
                              "whether the similarity filter skipped the last img2img call")
       // State tensors (read-only views; None when not built): latent NCHW.
-      .def_property_readonly("init_noise", [](const PyStream& s) { return maybe_wrap(s.stream->init_noise()); })
-      .def_property_readonly("stock_noise", [](const PyStream& s) { return maybe_wrap(s.stream->stock_noise()); })
-      .def_property_readonly("latent_buffer", [](const PyStream& s) { return maybe_wrap(s.stream->latent_buffer()); })
-      .def_property_readonly("prompt_embeds", [](const PyStream& s) { return maybe_wrap(s.stream->prompt_embeds()); })
-      .def_property_readonly("cond_embeds", [](const PyStream& s) { return maybe_wrap(s.stream->cond_embeds()); })
-      .def_property_readonly("uncond_embeds", [](const PyStream& s) { return maybe_wrap(s.stream->uncond_embeds()); })
-      .def_property_readonly("alpha_prod_t_sqrt", [](const PyStream& s) { return maybe_wrap(s.stream->alpha_prod_t_sqrt()); })
-      .def_property_readonly("beta_prod_t_sqrt", [](const PyStream& s) { return maybe_wrap(s.stream->beta_prod_t_sqrt()); })
+      .def_property_readonly("init_noise", [](const PyStream& s) {
+        const at::Tensor t = locked(s)->init_noise();
+        return maybe_wrap(t);
+      })
+      .def_property_readonly("stock_noise", [](const PyStream& s) {
+        const at::Tensor t = locked(s)->stock_noise();
+        return maybe_wrap(t);
+      })
+      .def_property_readonly("latent_buffer", [](const PyStream& s) {
+        const at::Tensor t = locked(s)->latent_buffer();
+        return maybe_wrap(t);
+      })
+      .def_property_readonly("prompt_embeds", [](const PyStream& s) {
+        const at::Tensor t = locked(s)->prompt_embeds();
+        return maybe_wrap(t);
+      })
+      .def_property_readonly("cond_embeds", [](const PyStream& s) {
+        const at::Tensor t = locked(s)->cond_embeds();
+        return maybe_wrap(t);
+      })
+      .def_property_readonly("uncond_embeds", [](const PyStream& s) {
+        const at::Tensor t = locked(s)->uncond_embeds();
+        return maybe_wrap(t);
+      })
+      .def_property_readonly("alpha_prod_t_sqrt", [](const PyStream& s) {
+        const at::Tensor t = locked(s)->alpha_prod_t_sqrt();
+        return maybe_wrap(t);
+      })
+      .def_property_readonly("beta_prod_t_sqrt", [](const PyStream& s) {
+        const at::Tensor t = locked(s)->beta_prod_t_sqrt();
+        return maybe_wrap(t);
+      })
       .def(
           "_time_img2img_native",
           [](PyStream& s, py::handle images, int n) {
             // The C++ side of the overhead figure: n img2img calls timed in C++ (no Python between them).
             at::Tensor x = to_tensor(images, "images");
             std::vector<double> secs;
-            Rel r;
+            LockedStream l = locked(s);
             for (int i = 0; i < n; ++i) {
               const auto t0 = std::chrono::steady_clock::now();
-              at::Tensor out = s.stream->img2img(x);
+              at::Tensor out = l->img2img(x);
               secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
             }
             return secs;
           },
           py::arg("images"), py::arg("n"), "benchmark helper: seconds of each of n img2img calls, timed in C++")
       .def("__repr__", [](const PyStream& s) {
-        const auto& c = s.stream->config();
+        const sd::StreamConfig c = locked(s)->config();
+        const bool prepared = locked(s)->prepared();
         return "streamdiffusion_cpp.Stream(" + std::to_string(c.width) + "x" + std::to_string(c.height) +
                ", steps=" + std::to_string(c.t_index_list.size()) + ", cfg=" + sd::cfg_type_name(c.cfg_type) +
-               ", prepared=" + (s.stream->prepared() ? "True" : "False") + ")";
+               ", prepared=" + (prepared ? "True" : "False") + ")";
       });
 }
 

@@ -31,7 +31,22 @@ void gil_deleter(DLManagedTensor* self) {
   original(self);
 }
 
+// True when the capsule's tensor has a negative stride on a dimension longer than 1 (numpy's a[..., ::-1], np.flip):
+// libtorch 1.13's from_blob computes the storage size with unsigned arithmetic, and its overflow check then throws
+// inside a noexcept function (std::terminate: the whole interpreter aborts), so such a capsule must not reach it.
+bool has_negative_strides(py::capsule cap) {
+  if (!PyCapsule_IsValid(cap.ptr(), "dltensor")) return false;
+  const auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
+  if (!managed || !managed->dl_tensor.strides) return false;
+  for (int i = 0; i < managed->dl_tensor.ndim; ++i)
+    if (managed->dl_tensor.strides[i] < 0 && managed->dl_tensor.shape[i] > 1) return true;
+  return false;
+}
+
 at::Tensor from_capsule(py::capsule cap, const char* what) {
+  if (has_negative_strides(cap))
+    throw py::value_error(std::string(what) + ": the tensor has negative strides (a reversed view such as "
+                          "a[..., ::-1]); pass a copy: numpy.ascontiguousarray(a)");
   const char* name = PyCapsule_GetName(cap.ptr());
   if (!name || std::string(name) != "dltensor") {
     PyErr_Clear();
@@ -120,6 +135,12 @@ at::Tensor to_tensor(py::handle obj, const char* what) {
       if (!e.matches(PyExc_BufferError) && !e.matches(PyExc_TypeError)) throw;
       py::module_ np = py::module_::import("numpy");
       cap = np.attr("array")(obj, py::arg("copy") = true).attr("__dlpack__")();
+    }
+    if (has_negative_strides(cap.cast<py::capsule>())) {
+      // A reversed numpy view (frame[..., ::-1], the usual BGR -> RGB): one copy, as for read-only arrays.
+      py::module_ np = py::module_::import("numpy");
+      if (py::isinstance(obj, np.attr("ndarray")))
+        cap = np.attr("ascontiguousarray")(obj).attr("__dlpack__")();
     }
     return from_capsule(cap.cast<py::capsule>(), what);
   }

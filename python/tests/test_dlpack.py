@@ -71,6 +71,21 @@ def test_strided_views_cross_as_views(sd):
     assert np.asarray(s).tolist() == t.tolist()
 
 
+def test_reversed_numpy_views_are_copied_not_an_abort(sd):
+    # numpy exports negative strides through DLPack; libtorch 1.13's from_blob aborted the interpreter on them
+    # (std::terminate). The usual BGR -> RGB idiom frame[..., ::-1] must simply work.
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    for v in (a[:, :, ::-1], a[::-1], np.flip(a, 1), np.rot90(a[0])):
+        s = sd.as_tensor(v)
+        assert np.asarray(s).tolist() == v.tolist()
+    bgr = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    rgb = bgr[..., ::-1]
+    assert torch.equal(torch.from_dlpack(sd.as_tensor(rgb)), torch.from_numpy(np.ascontiguousarray(rgb)))
+    # A bare capsule cannot be copied from: a clear error instead.
+    with pytest.raises(ValueError, match="negative strides"):
+        sd.as_tensor(a[:, ::-1].__dlpack__())
+
+
 def test_stream_output_reaches_torch_without_copy(sd, emoji_models):
     cfg = sd.resolve_config(None, "img2img")
     s = sd.Stream(emoji_models, cfg)

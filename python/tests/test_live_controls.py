@@ -135,3 +135,51 @@ def test_wrapper_controls(sd):
     w.set_latent_feedback(0.0)
     with pytest.raises(sd.InvalidArgument):
         sd.StreamDiffusionWrapper(mode="txt2img", latent_feedback=0.5)
+
+
+def test_the_prompt_passed_with_every_frame_still_finishes_the_transition(sd):
+    # Upstream's usage: wrapper(image, prompt) on every frame. Each call used to restart the morph, so it never ended.
+    w = sd.StreamDiffusionWrapper(mode="txt2img", t_index_list=[0], output_type="np", transition="3f")
+    w.prepare("red apple")
+    encodes = w.stream.stats.text_encodes
+    for k in range(3):
+        w(prompt="cat face")
+        assert w.stream.transition_active == (k < 2), k
+    assert w.stream.stats.text_encodes == encodes + 1
+
+
+def test_settings_from_another_thread_while_a_thread_runs_frames(sd, emoji_models):
+    # A GUI thread changing settings while a worker thread runs frames: the calls release the GIL, so without the
+    # stream's lock a setter could swap buffers under a running UNet call or free the filter while it runs.
+    import threading
+
+    s = sd.Stream(emoji_models, cfg(sd, "img2img", cfg_type="self", guidance_scale=1.4))
+    s.prepare("red apple")
+    x = np.zeros((1, 3, s.height, s.width), dtype=np.float32)
+    errors, done = [], threading.Event()
+
+    def worker():
+        try:
+            for _ in range(150):
+                out = np.asarray(s.img2img(x))
+                assert out.shape == (1, 3, s.height, s.width)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    k = 0
+    while not done.is_set():
+        s.set_similarity_filter(k % 2 == 0, threshold=0.9)
+        s.set_t_index_list([32, 45] if k % 3 else [40])
+        s.set_guidance_scale(1.0 if k % 4 == 0 else 1.6)
+        s.update_prompt("rocket" if k % 2 else "red apple")
+        _ = s.latent_buffer, s.stats, s.config
+        k += 1
+    t.join()
+    assert not errors, errors
+    assert k > 10, "the setters ran while the frames did"
+    with pytest.raises(TypeError, match="threshold goes by name"):
+        s.set_similarity_filter(0.95)
