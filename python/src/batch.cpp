@@ -54,7 +54,8 @@ ONE UNet call, with one TAESD encode and one decode for the group, as `serve` ba
 its own timesteps, prompt, RCFG state, noise and similarity filter: the outputs equal one call per stream up to the
 floating-point differences of a larger batch. Streams that cannot share (sequential mode, ControlNets, the deep
 cache) run their own call. Keep one batcher across steps: it holds the shared calls' CUDA graphs and the counters.
-Not thread-safe; drive it and its streams from one thread.
+A batcher is not thread-safe (drive it from one thread); its streams may be used from other threads meanwhile (a
+run waits for their calls in progress, and they for it).
 )doc")
       .def(py::init([](int64_t max_streams, bool batch_decode) {
              if (max_streams < 0)

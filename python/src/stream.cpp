@@ -235,11 +235,11 @@ argument > the model's streamdiffusion.json > its family's defaults > built-in (
       .def(py::init<std::vector<double>>(), py::arg("values"))
       .def_property_readonly("consumed", &sd::ReplayUniformSource::consumed);
 
-  using Rel = py::gil_scoped_release;
   py::class_<PyStream, std::shared_ptr<PyStream>>(m, "Stream", R"doc(
 One StreamDiffusion stream (sd::StreamDiffusion) on a loaded model set: its latent buffer, RCFG state, noise and
-similarity-filter state belong to one input sequence. Not thread-safe: drive it from one thread. Images in and out
-are NCHW float in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_index_list)).
+similarity-filter state belong to one input sequence. Thread-safe: calls from several threads (a worker running
+frames, a GUI changing settings) take turns, each waiting for the call in progress. Images in and out are NCHW float
+in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_index_list)).
 )doc")
       .def(py::init([](Models models, const sd::StreamConfig& config, py::object rng_obj, py::object uniform_obj) {
              if (!models) throw sd::InvalidArgument("Stream: models is None (use load_pipeline())");
