@@ -50,6 +50,9 @@ ws = {
 }
 for k, v in ws.items():
     put("ws_message", k, json.dumps(v))
+# Nesting around the 64-level limit (core/json_limits.h): 63 levels under the message object, and 70.
+put("ws_message", "nested_63", '{"type": "config", "guidance": ' + "[" * 63 + "]" * 63 + "}")
+put("ws_message", "nested_70", '{"type": "config", "guidance": ' + "[" * 70 + "]" * 70 + "}")
 # api_body: the first byte picks the endpoint (bit 0: txt2img).
 api = {
     "txt2img": (1, {"prompt": "a dog", "width": 128, "height": 64, "seed": 3, "steps": 2,
@@ -62,6 +65,7 @@ api = {
 }
 for k, (b, v) in api.items():
     put("api_body", k, bytes([b]) + json.dumps(v).encode())
+put("api_body", "nested_70", b"\x01" + b'{"width": ' + b"{\"a\": " * 70 + b"1" + b"}" * 70 + b"}")
 for i, line in enumerate(["prompt a cat in the snow", "negative blurry", "guidance 1.5", "delta 0.5",
                           "t_index_list 32,45", "seed 42", "filter on", "filter_threshold 0.98", "lora lcm 0.8",
                           "ip_adapter_scale 0.5", "image_prompt none", "controlnet_scale 1 0.5",
