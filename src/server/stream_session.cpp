@@ -118,14 +118,26 @@ void StreamSession::request_generate() {
 }
 
 void StreamSession::update_settings(const nlohmann::json& j) {
+  // Applied outside the lock first: a control image or an image prompt is decoded here (up to 4096 x 4096 px, tens of
+  // ms or more), and the model thread takes this lock at every step, which all clients share. Committed if wanted_ did
+  // not change meanwhile, else applied again, under the lock, to what it is now.
+  StreamSettings base;
+  uint64_t version = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    StreamSettings s = apply_settings_json(j, wanted_, defaults_, {"type"});  // throws before changing anything
+    base = wanted_;
+    version = wanted_version_;
+  }
+  StreamSettings s = apply_settings_json(j, base, defaults_, {"type"});  // throws before changing anything
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (wanted_version_ != version) s = apply_settings_json(j, wanted_, defaults_, {"type"});
     // Specs were checked by apply_settings_json; only changed ones are made again.
     for (size_t i = 0; i < s.controlnets.size() && i < preprocessors_.size(); ++i)
       if (preprocessors_[i]->name() != s.controlnets[i].preprocessor)
         preprocessors_[i] = make_control_preprocessor(s.controlnets[i].preprocessor);
     wanted_ = std::move(s);
+    ++wanted_version_;
     settings_dirty_ = true;
   }
   schedule();
@@ -359,6 +371,7 @@ bool StreamSession::begin_step(PendingStep& p) {
     want = wanted_;
     wanted_.lora.clear();  // a one-shot request: another client may change the scales later
     wanted_.ip_adapter_scale.reset();
+    ++wanted_version_;
   }
   torch::NoGradGuard no_grad;
   if (dirty || !stream_) {
@@ -380,6 +393,7 @@ bool StreamSession::begin_step(PendingStep& p) {
         std::lock_guard<std::mutex> lock(mutex_);
         if (!settings_dirty_) {
           wanted_ = stream_ ? applied_ : StreamSettings::defaults(defaults_, want.txt2img);
+          ++wanted_version_;
           preprocessors_ = make_preprocessors(wanted_);
         }
       }

@@ -137,6 +137,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
 
   mutable std::mutex mutex_;  // guards the pending input and the wanted settings
   StreamSettings wanted_;
+  uint64_t wanted_version_ = 0;  // moves with every change of wanted_ (update_settings commits against it)
   bool settings_dirty_ = false;
   cv::Mat pending_frame_;
   bool pending_generate_ = false;

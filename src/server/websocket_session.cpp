@@ -292,7 +292,11 @@ void WebSocketSession::send_json(const nlohmann::json& j) {
 }
 
 void WebSocketSession::enqueue(Outgoing out) {
-  if (finished_ || close_after_write_) return;
+  if (finished_ || close_after_write_ || cut_) return;
+  // Frames are bounded below and text by send_json, but each frame pushed out leaves a "dropped" reply in its place:
+  // with the write pending for good (the client's receive window full) the queue would grow by one per step.
+  constexpr size_t kMaxQueuedDropReplies = 128;
+  if (queue_.size() >= 64 + ctx_->options.send_queue_frames + kMaxQueuedDropReplies) return cut_unread_client();
   if (out.binary) {
     // Bounded: drop the oldest frame that is not being written right now. A short "dropped" message takes its
     // place, so the client still gets one reply per request, in order.
@@ -309,6 +313,14 @@ void WebSocketSession::enqueue(Outgoing out) {
   }
   queue_.push_back(std::move(out));
   if (!writing_) do_write();
+}
+
+void WebSocketSession::cut_unread_client() {
+  cut_ = true;
+  log::warn("stream {}: the client reads nothing ({} messages wait to be sent): connection closed", id_, queue_.size());
+  beast::error_code ec;
+  beast::get_lowest_layer(ws_).socket().shutdown(net::ip::tcp::socket::shutdown_both, ec);
+  beast::get_lowest_layer(ws_).socket().close(ec);
 }
 
 void WebSocketSession::do_write() {

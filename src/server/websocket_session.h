@@ -89,6 +89,9 @@ class WebSocketSession : public std::enable_shared_from_this<WebSocketSession> {
 
   // Strand only.
   void enqueue(Outgoing out);
+  // A client that reads nothing while its requests keep coming: the socket is closed (the pending write then fails
+  // and finish() releases the stream and its slot).
+  void cut_unread_client();
   void do_write();
   void on_write(boost::beast::error_code ec, std::size_t bytes);
   void send_json(const nlohmann::json& j);
@@ -117,6 +120,7 @@ class WebSocketSession : public std::enable_shared_from_this<WebSocketSession> {
   boost::beast::websocket::close_reason close_reason_;
   bool closing_ = false;
   bool finished_ = false;
+  bool cut_ = false;  // the connection was cut: the client read nothing (enqueue)
   std::chrono::steady_clock::time_point last_stats_{};
   std::vector<std::chrono::steady_clock::time_point> last_control_;  // per ControlNet (strand only)
 };

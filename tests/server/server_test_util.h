@@ -125,6 +125,8 @@ inline HttpResult http_get(uint16_t port, const std::string& target) { return ht
 
 class WsClient {
  public:
+  int receive_buffer = 0;  // SO_RCVBUF in bytes (0: the system's), for a client that reads slowly or not at all
+
   struct Message {
     bool ok = false;        // false: timeout or error (see error / closed)
     bool binary = false;
@@ -138,6 +140,12 @@ class WsClient {
   // Connects and completes the handshake; returns the HTTP status of the upgrade answer (101 on success).
   unsigned connect(uint16_t port, const std::string& origin = "", const std::string& target = "/ws") {
     beast::error_code ec;
+    if (receive_buffer > 0) {  // before connecting: the TCP window the client offers
+      auto& socket = beast::get_lowest_layer(ws_).socket();
+      socket.open(tcp::v4(), ec);
+      if (!ec) socket.set_option(net::socket_base::receive_buffer_size(receive_buffer), ec);
+      if (ec) return 0;
+    }
     beast::get_lowest_layer(ws_).connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), ec);
     if (ec) return 0;
     ws_.set_option(websocket::stream_base::decorator([origin](websocket::request_type& req) {

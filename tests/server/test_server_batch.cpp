@@ -14,6 +14,7 @@
 
 #include "common/fixtures.h"
 #include "pipeline/diffusion_models.h"
+#include "server/image_codec.h"
 #include "server/model_worker.h"
 #include "server/stream_session.h"
 #include "server_test_util.h"
@@ -321,6 +322,39 @@ TEST(ServerSessionClose, ARequestTheModelHadNotTakenIsCountedAsLostAtClose) {
                                                j["errors"].get<int64_t>() + j["lost_at_close"].get<int64_t>());
   s->close();  // again: nothing more
   EXPECT_EQ(s->stats()["lost_at_close"], 1);
+}
+
+// Review finding: update_settings decoded a client's control image / image prompt (up to 4096 x 4096 px) while
+// holding the session's lock, which the shared model thread takes at every step (and /metrics, /api/stats too).
+TEST(ServerSessionSettings, ImagesAreDecodedOutsideTheLockTheModelThreadTakes) {
+  if (!sd::test::fixture_exists(kModel)) GTEST_SKIP() << "no " << kModel;
+  StreamDefaults d = sd::test::tiny_stream_defaults(kSize);
+  d.ip_adapter = true;  // the field is accepted (only decoded here: the idle worker never runs a step)
+  ModelWorker idle;
+  Client c;
+  auto s = std::make_shared<StreamSession>(1, shared_model(), d, idle, c.sink());
+  cv::Mat big(2048, 2048, CV_8UC3);
+  cv::randu(big, cv::Scalar::all(0), cv::Scalar::all(255));
+  const nlohmann::json j = {{"image_prompt", base64_encode(encode_png(big))}};
+  std::atomic<bool> updating{false}, done{false};
+  std::atomic<int64_t> during{0};
+  std::thread reader([&] {
+    while (!done.load()) {
+      const bool before = updating.load();
+      (void)s->settings();  // what the model thread's step and the stats take
+      if (before && updating.load()) ++during;
+    }
+  });
+  updating = true;
+  const auto t0 = std::chrono::steady_clock::now();
+  s->update_settings(j);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  updating = false;
+  done = true;
+  reader.join();
+  EXPECT_EQ(s->settings().image_prompt.cols, 2048);
+  EXPECT_GT(took, 0.02) << "the decode is long enough to tell";
+  EXPECT_GE(during.load(), 10) << "settings() waited for the " << took << " s decode";
 }
 
 }  // namespace

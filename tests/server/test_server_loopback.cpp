@@ -787,3 +787,39 @@ TEST(ServerSdxl, ApiAndWebSocketStreamOnAnSdxlModel) {
   c.close();
   s.stop();
 }
+
+namespace {
+
+// Review finding: a client that sends requests but never reads filled its TCP window; its write stayed pending, and
+// each step pushed a frame out of its send queue and left a "dropped" reply in its place, so the queue grew by one
+// per step for good, holding the stream slot and a share of the model. Now the connection is cut.
+TEST_F(ServerTest, AClientThatReadsNothingIsCutOffInsteadOfQueueingForever) {
+  ServerOptions o;
+  o.send_queue_frames = 1;
+  start(o);
+  WsClient c;
+  c.receive_buffer = 2048;  // a small window: the server's writes stall soon
+  open_stream(c, port_);
+  ASSERT_TRUE(c.send_json({{"type", "config"}, {"mode", "txt2img"}}));
+  const auto t0 = Clock::now();
+  int sent = 0, streams = -1;
+  while (Clock::now() - t0 < std::chrono::seconds(120)) {
+    if (!c.send_json({{"type", "generate"}})) break;  // the server closed the connection
+    if (++sent % 20 == 0) {
+      streams = nlohmann::json::parse(http_get(port_, "/api/stats").body).value("streams", -1);
+      if (streams == 0) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  for (int i = 0; i < 100 && streams != 0; ++i) {  // the close may still be on its way
+    streams = nlohmann::json::parse(http_get(port_, "/api/stats").body).value("streams", -1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(streams, 0) << "the client that reads nothing still holds its stream after " << sent << " requests";
+  // The server goes on: a new client streams.
+  WsClient d;
+  open_stream(d, port_);
+  EXPECT_TRUE(round_trip(d, 1));
+}
+
+}  // namespace
