@@ -259,9 +259,10 @@ in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_ind
             const bool text = py::isinstance<py::str>(prompt);
             const std::vector<sd::WeightedPrompt> list =
                 text ? std::vector<sd::WeightedPrompt>{{prompt.cast<std::string>(), 1.0}} : prompt_list_arg(prompt);
+            locked(s)->prepare(list, negative_prompt);
+            // After the call: a refused prompt leaves the stream's, which run_stream starts from.
             s.prompt = text ? list[0].text : sd::prompt_list_str(list);
             s.negative_prompt = negative_prompt;
-            locked(s)->prepare(list, negative_prompt);
           },
           py::arg("prompt"), py::arg("negative_prompt") = "",
           "Builds every cache: encodes the prompts, seeds the Rng with config.seed (or blends config.seed_list), draws "
@@ -289,8 +290,8 @@ in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_ind
       .def(
           "set_negative_prompt",
           [](PyStream& s, const std::string& negative_prompt) {
-            s.negative_prompt = negative_prompt;
             locked(s)->set_negative_prompt(negative_prompt);
+            s.negative_prompt = negative_prompt;
           },
           py::arg("negative_prompt"), "A new negative prompt alone (the prompt blend is kept).")
       .def(
@@ -353,10 +354,10 @@ in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_ind
       .def(
           "update_prompt",
           [](PyStream& s, const std::string& prompt, std::optional<std::string> negative_prompt) {
-            s.prompt = prompt;
-            if (negative_prompt) s.negative_prompt = *negative_prompt;
-            const std::string neg = s.negative_prompt;
+            const std::string neg = negative_prompt.value_or(s.negative_prompt);
             locked(s)->update_prompt(prompt, neg);
+            s.prompt = prompt;
+            s.negative_prompt = neg;
           },
           py::arg("prompt"), py::arg("negative_prompt") = py::none(),
           "Re-encodes the prompt (and the negative prompt: None keeps the current one).")

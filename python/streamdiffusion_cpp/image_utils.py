@@ -6,6 +6,8 @@ shrinking, LANCZOS when enlarging) -- what the CLI and the runtime do, so a pict
 """
 from __future__ import annotations
 
+import os
+
 from typing import List, Optional, Sequence, Union
 
 from . import _core
@@ -68,7 +70,7 @@ def preprocess_image(image, width: int, height: int) -> _core.Tensor:
     Paths and PIL images are fitted (centre crop + resize) to width x height; uint8 arrays must already have that
     size; float tensors are taken as they are (already in [-1, 1], NCHW or CHW) without a copy.
     """
-    if isinstance(image, str):
+    if isinstance(image, (str, os.PathLike)):
         _require_pil()
         with Image.open(image) as im:
             return pil_to_tensor(im, width, height)

@@ -38,6 +38,10 @@ def test_unprepared_stream_and_bad_options(sd, emoji_models):
     s = sd.Stream(emoji_models, sd.resolve_config(None, "txt2img"))
     with pytest.raises(sd.InvalidArgument, match="call prepare"):
         s.txt2img()
+    # A refused call leaves the prompts the stream has (run_stream starts from them).
+    with pytest.raises(sd.InvalidArgument, match="prepare"):
+        s.update_prompt("rocket", "blurry")
+    assert s.prompt == "" and s.negative_prompt == ""
     with pytest.raises(ValueError, match="unknown cfg_type 'bogus'"):
         sd.resolve_config(None, "img2img", cfg_type="bogus")
     with pytest.raises(ValueError, match="multiples of 8"):

@@ -71,6 +71,8 @@ def test_img2img_on_pil_path_and_tensor(sd, tmp_path):
     assert isinstance(out, Image.Image) and out.size == (64, 64)
     x = w.preprocess_image(src)
     assert x.shape == (1, 3, 64, 64) and x.dtype == "float32"
+    # a pathlib.Path is a path too (it was a TypeError)
+    assert np.array_equal(np.asarray(w.preprocess_image(path)), np.asarray(w.preprocess_image(str(path))))
     xa = np.asarray(x)
     assert xa.min() >= -1.0 and xa.max() <= 1.0
     # centre crop: the red blob (x 30..66 of 96) lands at 14..50 of 64

@@ -706,6 +706,10 @@ StreamDiffusion::CallState StreamDiffusion::begin_img2img_input(const torch::Ten
                           ", 3, " + std::to_string(config_.height) + ", " + std::to_string(config_.width) +
                           "] in [-1, 1] (frame_buffer_size frames at the stream's size)");
   check_call_inputs("img2img");
+  // One NaN frame would stay in the stream for good where a state carries it over (RCFG self with one step, latent
+  // feedback): refused. Host frames only: on a device the check would wait for the frame's kernels.
+  if (x.is_cpu() && !torch::isfinite(x).all().item<bool>())
+    throw InvalidArgument("img2img: the input has NaN or infinite values (expected [-1, 1])");
   const Tensor given = x;
   bool complete = ready == InputReady::complete;
   if (x.is_cpu() && device_.is_cuda() && compares_inputs()) {

@@ -1,6 +1,8 @@
 // Stream logic with stub models (spec §15): every configuration against an independent per-row simulation of the
 // spec's formulas (§3.2, §3.6 intended layout, §4.4, §4.5), plus latency, warm-up, runtime updates, the similarity
 // filter, sequential mode and errors.
+#include <cmath>
+#include <limits>
 #include <sstream>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -657,6 +659,13 @@ TEST(StreamStub, Errors) {
   expect_invalid([&] { s.img2img(torch::zeros({1, 3, 8, 16})); }, "[1, 3, 16, 16]");
   expect_invalid([&] { s.img2img(torch::zeros({2, 3, 16, 16})); }, "[1, 3, 16, 16]");
   EXPECT_NO_THROW(s.img2img(torch::zeros({3, 16, 16})));  // a single frame without the batch dim
+  // A NaN frame is refused before it touches the stream (it would stay in the RCFG state for good with n = 1).
+  const int64_t calls = s.stats().calls;
+  Tensor nan_frame = torch::zeros({1, 3, 16, 16});
+  nan_frame[0][1][3][4] = std::numeric_limits<float>::quiet_NaN();
+  expect_invalid([&] { s.img2img(nan_frame); }, "NaN or infinite");
+  expect_invalid([&] { s.img2img(torch::full({1, 3, 16, 16}, INFINITY)); }, "NaN or infinite");
+  EXPECT_EQ(s.stats().calls, calls);
   EXPECT_THROW(parse_cfg_type("cfg"), InvalidArgument);
   auto seq = cfg;
   seq.use_denoising_batch = false;
