@@ -1828,7 +1828,9 @@ sd::cli::Runner setup_bench(CLI::App& app) {
                "lengths, top kernels (CUDA builds on a GPU; elsewhere a skip line)");
   app.add_option("--profile-trace", o->profile_trace,
                  "with --profile-kernels: a folder for the Chrome traces (kernels-*.json; chrome://tracing, Perfetto)");
-  app.add_option("--threads", o->threads, "intra-op threads (0 = all cores)")->capture_default_str();
+  app.add_option("--threads", o->threads, "intra-op threads (0 = all cores)")
+      ->check(CLI::Range(0, 1024))  // more is a typo that would hang the command making threads
+      ->capture_default_str();
   app.add_option("--iters", o->iters, "timed runs per component measurement (median)")->capture_default_str();
   app.add_option("--warmup", o->warmup, "untimed warm-up runs before each measurement")->capture_default_str();
   app.add_option("--frames", o->frames, "timed frames per stream measurement (median)")->capture_default_str();

@@ -120,9 +120,13 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--data", o->data, "emoji cache for the reference row (default: the fetch script's folder)");
   app.add_option("--size", o->size, "generation size WIDTHxHEIGHT (default: the model's native size)");
-  app.add_option("--tile", o->tile, "tile size in the sheet (pixels)")->capture_default_str();
+  app.add_option("--tile", o->tile, "tile size in the sheet (pixels)")
+      ->check(CLI::Range(8, 4096))  // as montage's: checked before the model loads and the sheet is generated
+      ->capture_default_str();
   app.add_option("--seed", o->seed, "noise seed")->capture_default_str();
-  app.add_option("--threads", o->threads, "libtorch threads (0 = all cores)")->capture_default_str();
+  app.add_option("--threads", o->threads, "libtorch threads (0 = all cores)")
+      ->check(CLI::Range(0, 1024))  // more is a typo that would hang the command making threads
+      ->capture_default_str();
   return [o] {
     if (o->model.empty()) o->model = sd::cli::default_model_dir();
     sd::LoadOptions lo;

@@ -57,7 +57,9 @@ sd::cli::Runner setup_eval(CLI::App& app) {
   app.add_option("--json", o->json, "also write the result (with every name's ranks) as JSON to this file");
   app.add_flag("--per-name", o->per_name, "print every name's retrieval ranks");
   app.add_flag("--no-reconstruction", o->no_reconstruction, "skip the autoencoder measure");
-  app.add_option("--threads", o->threads, "libtorch threads (0 = all cores)")->capture_default_str();
+  app.add_option("--threads", o->threads, "libtorch threads (0 = all cores)")
+      ->check(CLI::Range(0, 1024))  // more is a typo that would hang the command making threads
+      ->capture_default_str();
   return [o] {
     sd::train::EmojiEvalOptions eo;
     eo.steps = parse_steps(o->steps);

@@ -168,7 +168,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     // Everything that can be refused is checked before the model loads.
     sd::SourceOptions so;
     if (!o->input_size.empty()) {
-      const auto [w, h] = sd::cli::parse_size(o->input_size, "--input-size");
+      const auto [w, h] = sd::cli::parse_size(o->input_size, "--input-size", /*model_size=*/false);
       so.width = w;
       so.height = h;
     }
@@ -206,6 +206,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     std::unique_ptr<sd::FrameSource> control_source;
     if (!o->p.control_input.empty()) {
       if (o->p.controlnets.empty()) throw sd::InvalidArgument("--control-input needs --controlnet");
+      if (o->p.control_input == "-" || o->p.control_input == "stdin")
+        throw sd::InvalidArgument("--control-input cannot read stdin (raw frames are the --input's only); give a "
+                                  "video, an image folder, camera[:N] or screen");
       sd::SourceOptions cso = so;
       cso.width = cso.height = 0;  // raw frames are stdin only
       control_source = sd::open_source(o->p.control_input, cso);
@@ -216,6 +219,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     if (!o->image_prompt_input.empty()) {
       if (o->p.ip_adapter.empty()) throw sd::InvalidArgument("--image-prompt-input needs an IP-Adapter (--ip-adapter DIR)");
       if (o->image_prompt_every < 1) throw sd::InvalidArgument("--image-prompt-every must be >= 1");
+      if (o->image_prompt_input == "-" || o->image_prompt_input == "stdin")
+        throw sd::InvalidArgument("--image-prompt-input cannot read stdin (raw frames are the --input's only); give "
+                                  "a video, an image folder, camera[:N] or screen");
       sd::SourceOptions iso = so;
       iso.width = iso.height = 0;  // raw frames are stdin only
       image_prompt_source = sd::open_source(o->image_prompt_input, iso);

@@ -55,7 +55,9 @@ sd::cli::Runner setup_train(CLI::App& app) {
   app.add_option("--checkpoint-every", o->t.checkpoint_every, "steps between checkpoints")->capture_default_str();
   app.add_option("--log-every", o->t.log_every, "steps between progress lines")->capture_default_str();
   app.add_option("--stop-after", o->t.stop_after, "stop after N steps of this run (resume later)");
-  app.add_option("--threads", o->threads, "libtorch threads (0 = all cores)")->capture_default_str();
+  app.add_option("--threads", o->threads, "libtorch threads (0 = all cores)")
+      ->check(CLI::Range(0, 1024))  // more is a typo that would hang the command making threads
+      ->capture_default_str();
   app.add_option("--weights-dtype", o->weights_dtype, "dtype of the written weights: fp32 | fp16 | bf16")
       ->capture_default_str();
   app.add_flag("--no-resume", o->no_resume, "ignore an existing checkpoint in --work-dir");

@@ -27,7 +27,10 @@ bool register_command(CommandSpec spec) {
 }
 
 void add_common_options(CLI::App& app, CommonOptions& opts) {
-  app.add_option("--threads", opts.threads, "intra-op threads for the model (0 = all cores)")->capture_default_str();
+  app.add_option("--threads", opts.threads,
+                 "intra-op threads for the model (0 = the model's recommendation, else all cores)")
+      ->check(CLI::Range(0, 1024))  // more is a typo that would hang the command making threads
+      ->capture_default_str();
   app.add_option("--dtype", opts.dtype,
                  "weights and activations: auto | fp32 | bf16 | fp16 (fp16 on CUDA) | int8. auto: bf16 on a CPU with "
                  "AVX512-BF16 or AMX-BF16, fp16 on CUDA, else fp32 (bf16 without them is emulated, far slower). "

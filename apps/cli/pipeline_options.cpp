@@ -37,7 +37,7 @@ std::vector<int64_t> parse_index_list(const std::string& s) {
   return out;
 }
 
-std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& option) {
+std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& option, bool model_size) {
   const auto x = s.find('x');
   int64_t w = 0, h = 0;
   try {
@@ -48,6 +48,11 @@ std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& 
     if (p1 != x || p2 != s.size() - x - 1) throw std::invalid_argument(s);
   } catch (const std::exception&) {
     throw InvalidArgument(option + " '" + s + "': expected WIDTHxHEIGHT, e.g. 512x512");
+  }
+  if (!model_size) {
+    if (w < 1 || h < 1 || w > 16384 || h > 16384)
+      throw InvalidArgument(option + " '" + s + "': expected 1 to 16384 px per side");
+    return {w, h};
   }
   check_image_size(w, h, option.c_str());
   return {w, h};

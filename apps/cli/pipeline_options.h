@@ -82,8 +82,10 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode);
 
 // "32,45" -> {32, 45}; InvalidArgument naming the bad item.
 std::vector<int64_t> parse_index_list(const std::string& s);
-// "512x512" -> {512, 512}, multiples of 8; InvalidArgument otherwise.
-std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& option = "--size");
+// "512x512" -> {512, 512}, multiples of 8 (a model size); InvalidArgument otherwise. model_size false: any size of 1
+// to 16384 px per side (a camera's or a raw input's frames, which the stream fits to its own size).
+std::pair<int64_t, int64_t> parse_size(const std::string& s, const std::string& option = "--size",
+                                       bool model_size = true);
 // The explicit --t-index-list, or --steps indices spread evenly (txt2img from index 0, img2img from --start-index),
 // or the model's recommendation, or the mode's default (txt2img 0,16,32,45 / img2img 32,45 with 50 inference
 // steps).

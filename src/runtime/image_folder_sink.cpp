@@ -26,7 +26,10 @@ ImageFolderSink::ImageFolderSink(const std::string& spec) {
   } else {
     dir_ = spec;
     while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
-    pattern_ = dir_ + "/frame_%06d.png";
+    // The folder's name is text in a printf pattern: its '%' are escaped ("renders_50%" is a folder, not a format).
+    std::string escaped;
+    for (const char c : dir_) escaped += c == '%' ? std::string("%%") : std::string(1, c);
+    pattern_ = escaped + "/frame_%06d.png";
   }
   std::error_code ec;
   if (fs::exists(dir_, ec) && !fs::is_directory(dir_, ec))

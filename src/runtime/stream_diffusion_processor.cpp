@@ -330,8 +330,10 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
       prompt_ = c.text;
       return {};
     case K::Negative:
+      // The stream's own prompt (set by --prompt-list, a prompt_list command or --prompt): prompt_ is only what the
+      // processor was made with.
       if (stream_->prompt_list().size() == 1)
-        stream_->update_prompt(prompt_, c.text);
+        stream_->update_prompt(stream_->prompt_list()[0].text, c.text);
       else
         stream_->set_negative_prompt(c.text);  // keeps the prompt blend
       negative_prompt_ = c.text;

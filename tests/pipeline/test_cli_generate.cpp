@@ -171,6 +171,12 @@ TEST_F(CliGenerate, ClearErrors) {
   r = run("txt2img --model " + model + " --cfg-type sometimes --size 64x64 -o " + q(tmp_ + "/x.png"));
   EXPECT_EQ(r.status, 1) << r.output;
   EXPECT_NE(r.output.find("cfg_type"), std::string::npos) << r.output;
+  // --threads out of range is refused at once (100000 hung the command making threads; -3 silently meant all cores).
+  for (const char* threads : {"100000", "-3"}) {
+    r = run("txt2img --model " + model + " --size 64x64 --threads " + threads + " -o " + q(tmp_ + "/x.png"));
+    EXPECT_NE(r.status, 0) << r.output;
+    EXPECT_NE(r.output.find("--threads"), std::string::npos) << r.output;
+  }
   // `info --compiled-unet`: a missing package is named (AOTInductor builds); elsewhere the build says what it needs.
   r = run("info --compiled-unet " + q(tmp_ + "/none.pt2"));
   EXPECT_EQ(r.status, 1) << r.output;

@@ -112,6 +112,23 @@ TEST_F(CliStream, Txt2ImgTicksWithScheduledPromptChange) {
   EXPECT_EQ(j["config"]["txt2img"], true);
 }
 
+// Review finding: with --prompt-list of one prompt, a live 'negative' command went back to --prompt (here none: the
+// empty prompt), which the stream had never used. Both ways of giving one prompt must give the same frames.
+TEST_F(CliStream, ANegativeCommandKeepsThePromptListsPrompt) {
+  const std::string common = std::string(SD_CLI_PATH) + " stream --model " + q(test::fixture_path("models/tiny-sd15")) +
+                             " --size 64x64 --threads 1 --status-interval 0 --input none --frames 4 --control none "
+                             "--t-index-list 0,16,32,45 --at '1:negative blurry' ";
+  const auto a = sh(common + "--prompt rocket --output " + q(tmp_ + "/a"));
+  ASSERT_EQ(a.status, 0) << a.output;
+  const auto b = sh(common + "--prompt-list 'rocket:1' --output " + q(tmp_ + "/b"));
+  ASSERT_EQ(b.status, 0) << b.output;
+  for (const char* f : {"/frame_000001.png", "/frame_000003.png"}) {
+    const cv::Mat fa = cv::imread(tmp_ + "/a" + f), fb = cv::imread(tmp_ + "/b" + f);
+    ASSERT_FALSE(fa.empty() || fb.empty()) << f;
+    EXPECT_EQ(cv::norm(fa, fb, cv::NORM_INF), 0) << f;
+  }
+}
+
 // The strip of docs/emoji-live-stream.png (scripts/stream-strip.sh): stream frames side by side, each tile the frame
 // scaled by an integer factor with nearest neighbour, captions below; and the errors for a bad label count or file.
 TEST_F(CliStream, MontageOfStreamFrames) {
@@ -170,6 +187,22 @@ TEST_F(CliStream, RawFramesThroughStdinAndStdout) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(fs::file_size(tmp_ + "/out.rgb"), 6u * 64 * 64 * 3) << "stdout carries frames only, logs go to stderr";
   EXPECT_NE(r.output.find("rawvideo -pix_fmt rgb24 -s 64x64"), std::string::npos) << r.output;
+}
+
+// Review finding: --input-size took the model's multiple-of-8 rule, refusing common camera and raw sizes (854x480,
+// 100x100) that the stream fits to its own size anyway.
+TEST_F(CliStream, InputSizeNeedNotBeAModelSize) {
+  const std::string raw = tmp_ + "/in100.rgb";
+  {
+    std::ofstream f(raw, std::ios::binary);
+    for (int i = 0; i < 2 * 100 * 100 * 3; ++i) f.put(static_cast<char>((i * 5) & 0xff));
+  }
+  auto r = sh("cat " + q(raw) + " | " + base_ + "--input - --input-size 100x100 --output " + q(tmp_ + "/o100"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(count_files(tmp_ + "/o100"), 2u);
+  r = sh(base_ + "--input - --input-size 0x100 --output none < /dev/null");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("--input-size '0x100': expected 1 to 16384 px per side"), std::string::npos) << r.output;
 }
 
 TEST_F(CliStream, LiveControlOnStdin) {
@@ -453,6 +486,10 @@ TEST_F(CliStream, ControlNetFlagsSecondSourceAndErrors) {
   r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + cn + " --control-input none");
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find("--control-input none gives no images"), std::string::npos) << r.output;
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + cn + " --control-input -");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--control-input cannot read stdin"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("--input-size"), std::string::npos) << "no advice that cannot help: " << r.output;
   r = sh(base_ + "--input " + q(video) + " --output none --control none --controlnet " + q(tmp_ + "/nothing"));
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find(tmp_ + "/nothing"), std::string::npos) << r.output;

@@ -290,6 +290,13 @@ TEST(SinkSpec, ClearErrors) {
   EXPECT_FALSE(ImageFolderSink::is_pattern("out/%s%05d.png"));
   ImageFolderSink pattern(dir + "/imgs/%04d.jpg");
   EXPECT_EQ(pattern.file_name(7), dir + "/imgs/0007.jpg");
+  // A folder whose name has '%' in it is a name, not a printf format (review: 'x%n' crashed, 'x%d' wrote to x0/).
+  for (const std::string name : {"50%d x%n", "out%s", "100%"}) {
+    ImageFolderSink folder(dir + "/" + name);
+    EXPECT_EQ(folder.file_name(3), dir + "/" + name + "/frame_000003.png") << name;
+    folder.write(cv::Mat(8, 8, CV_8UC3, cv::Scalar(1, 2, 3)), std::atomic<bool>(false));
+    EXPECT_TRUE(std::filesystem::exists(dir + "/" + name + "/frame_000000.png")) << name;
+  }
   std::filesystem::remove_all(dir);
 }
 

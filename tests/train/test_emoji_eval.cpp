@@ -238,6 +238,20 @@ TEST(EmojiEvalCli, ContactSheetShowsRetrievalRanks) {
   EXPECT_EQ(out.find("retrieval rank of 'a purple elephant'"), std::string::npos) << out;
   EXPECT_TRUE(std::filesystem::exists(dir + "/sheet.png"));
 }
+
+// Review finding: --tile was not checked, so 0 failed in an OpenCV assertion after the whole sheet was generated.
+TEST(EmojiEvalCli, ContactSheetTileIsCheckedFirst) {
+  const auto dir = sd::test::make_temp_dir("eval-sheet-tile");
+  for (const char* tile : {"0", "5000"}) {
+    const auto [status, out] = sd::test::run_command("'" SD_CLI_PATH "' contact-sheet --tile " + std::string(tile) +
+                                                     " --out " + sd::test::q(dir + "/sheet.png"));
+    EXPECT_NE(status, 0) << out;
+    EXPECT_NE(out.find("--tile"), std::string::npos) << out;
+    EXPECT_EQ(out.find("OpenCV"), std::string::npos) << out;
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir + "/sheet.png"));
+  std::filesystem::remove_all(dir);
+}
 #endif
 
 }  // namespace
