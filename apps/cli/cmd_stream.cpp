@@ -2,6 +2,7 @@
 // raw stdin in; window, video file, image folder or raw stdout out; the prompt and the other pipeline settings
 // changeable while it runs. See src/runtime/stream_runtime.h for the threads, queues and modes.
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 
@@ -166,6 +167,13 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     sd::cli::apply_threads(o->p.common);
 
     // Everything that can be refused is checked before the model loads.
+    if (!o->stats_json.empty()) {
+      const std::string dir = std::filesystem::path(o->stats_json).parent_path().string();
+      const std::string folder = dir.empty() ? "." : dir;
+      if (!std::filesystem::is_directory(folder) || ::access(folder.c_str(), W_OK) != 0)
+        throw sd::InvalidArgument("--stats-json " + o->stats_json + ": the folder '" + folder +
+                                  "' does not exist or is not writable");
+    }
     sd::SourceOptions so;
     if (!o->input_size.empty()) {
       const auto [w, h] = sd::cli::parse_size(o->input_size, "--input-size", /*model_size=*/false);
@@ -318,11 +326,6 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     if (const auto c = l.models->compiled_unet_stats(); !c.path.empty())
       summary["compiled_unet"] = {
           {"file", c.path}, {"calls", c.calls}, {"fallbacks", c.fallbacks}, {"last_fallback", c.last_fallback}};
-    if (!o->stats_json.empty()) {
-      std::ofstream f(o->stats_json);
-      if (!f) throw sd::FormatError(o->stats_json, "cannot write the stats summary");
-      f << summary.dump(2) << "\n";
-    }
     const auto& lat = summary["latency_ms"];
     const int64_t discarded = summary["discarded_at_stop"].get<int64_t>();
     const int64_t in_flight = summary["in_flight_at_stop"].get<int64_t>();
@@ -354,6 +357,12 @@ sd::cli::Runner setup_stream(CLI::App& app) {
                    static_cast<long long>(g["reductions"].get<int64_t>()),
                    static_cast<long long>(g["frames_reduced"].get<int64_t>()),
                    static_cast<long long>(g["frames"].get<int64_t>()));
+    // Last: a file that cannot be written after all still leaves the summary above.
+    if (!o->stats_json.empty()) {
+      std::ofstream f(o->stats_json);
+      if (!f) throw sd::FormatError(o->stats_json, "cannot write the stats summary");
+      f << summary.dump(2) << "\n";
+    }
     if (!error.empty()) throw sd::Error(error);
     const int sig = sd::SignalGuard::pending();
     return sig != 0 ? 128 + sig : 0;

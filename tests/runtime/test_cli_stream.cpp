@@ -382,6 +382,14 @@ TEST_F(CliStream, ClearErrorsForBadOutputAndTruncatedInput) {
             std::string::npos)
       << r.output;
   EXPECT_EQ(r.output.find("loaded"), std::string::npos) << "refused before loading the model";
+  // An unwritable --stats-json is refused before the model loads (it was found after the whole stream, losing the
+  // summary).
+  r = sh(base_ + "--input " + q(video) + " --output none --control none --stats-json /nonexistent_dir/s.json");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--stats-json /nonexistent_dir/s.json: the folder '/nonexistent_dir' does not exist"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("loaded"), std::string::npos) << "refused before loading the model";
 
   std::string bytes;
   {
