@@ -86,6 +86,15 @@ sd::Transition transition_arg(py::handle obj) {
   return t;
 }
 
+// A getter of one of the stream's state tensors: read under the stream's lock (py_stream.h), wrapped once the GIL is
+// held again.
+auto state_tensor(const torch::Tensor& (sd::StreamDiffusion::*get)() const) {
+  return [get](const PyStream& s) {
+    const at::Tensor t = ((*locked(s)).*get)();
+    return maybe_wrap(t);
+  };
+}
+
 }  // namespace
 
 void bind_stream(py::module_& m) {
@@ -418,38 +427,14 @@ in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_ind
                              [](const PyStream& s) { return !locked(s)->last_filter_decision().process; },
                              "whether the similarity filter skipped the last img2img call")
       // State tensors (read-only views; None when not built): latent NCHW.
-      .def_property_readonly("init_noise", [](const PyStream& s) {
-        const at::Tensor t = locked(s)->init_noise();
-        return maybe_wrap(t);
-      })
-      .def_property_readonly("stock_noise", [](const PyStream& s) {
-        const at::Tensor t = locked(s)->stock_noise();
-        return maybe_wrap(t);
-      })
-      .def_property_readonly("latent_buffer", [](const PyStream& s) {
-        const at::Tensor t = locked(s)->latent_buffer();
-        return maybe_wrap(t);
-      })
-      .def_property_readonly("prompt_embeds", [](const PyStream& s) {
-        const at::Tensor t = locked(s)->prompt_embeds();
-        return maybe_wrap(t);
-      })
-      .def_property_readonly("cond_embeds", [](const PyStream& s) {
-        const at::Tensor t = locked(s)->cond_embeds();
-        return maybe_wrap(t);
-      })
-      .def_property_readonly("uncond_embeds", [](const PyStream& s) {
-        const at::Tensor t = locked(s)->uncond_embeds();
-        return maybe_wrap(t);
-      })
-      .def_property_readonly("alpha_prod_t_sqrt", [](const PyStream& s) {
-        const at::Tensor t = locked(s)->alpha_prod_t_sqrt();
-        return maybe_wrap(t);
-      })
-      .def_property_readonly("beta_prod_t_sqrt", [](const PyStream& s) {
-        const at::Tensor t = locked(s)->beta_prod_t_sqrt();
-        return maybe_wrap(t);
-      })
+      .def_property_readonly("init_noise", state_tensor(&sd::StreamDiffusion::init_noise))
+      .def_property_readonly("stock_noise", state_tensor(&sd::StreamDiffusion::stock_noise))
+      .def_property_readonly("latent_buffer", state_tensor(&sd::StreamDiffusion::latent_buffer))
+      .def_property_readonly("prompt_embeds", state_tensor(&sd::StreamDiffusion::prompt_embeds))
+      .def_property_readonly("cond_embeds", state_tensor(&sd::StreamDiffusion::cond_embeds))
+      .def_property_readonly("uncond_embeds", state_tensor(&sd::StreamDiffusion::uncond_embeds))
+      .def_property_readonly("alpha_prod_t_sqrt", state_tensor(&sd::StreamDiffusion::alpha_prod_t_sqrt))
+      .def_property_readonly("beta_prod_t_sqrt", state_tensor(&sd::StreamDiffusion::beta_prod_t_sqrt))
       .def(
           "_time_img2img_native",
           [](PyStream& s, py::handle images, int n) {
