@@ -1035,13 +1035,11 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
       return it->second;
     }
   }
+  check_call_inputs("UNet call");  // checked before the call too (a control image cleared since is still refused)
   const auto t0 = Clock::now();
   ControlResiduals sum;
   for (size_t i = 0; i < controlnets_.size(); ++i) {
     if (controlnets_[i].scale == 0.0) continue;
-    if (!control_images_[i].defined())
-      throw InvalidArgument("ControlNet " + std::to_string(i) + " (" + controlnets_[i].net->name() +
-                            ") has no control image: set one before the next frame");
     sum += controlnets_[i].net->residuals(sample, t, ehs, added, control_images_[i], controlnets_[i].scale);
     ++stats_.controlnet_calls;
   }

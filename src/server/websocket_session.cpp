@@ -284,9 +284,12 @@ void WebSocketSession::post_json(nlohmann::json j) {
   net::post(ws_.get_executor(), [self = shared_from_this(), j = std::move(j)]() { self->send_json(j); });
 }
 
+namespace {
+constexpr size_t kMaxQueuedText = 64;  // text messages waiting to be sent (send_json drops more)
+}  // namespace
+
 void WebSocketSession::send_json(const nlohmann::json& j) {
   if (finished_) return;
-  constexpr size_t kMaxQueuedText = 64;
   if (queue_.size() >= kMaxQueuedText + queued_frames_) return;  // a client that reads nothing: drop the chatter
   enqueue(Outgoing{false, j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)});
 }
@@ -296,7 +299,8 @@ void WebSocketSession::enqueue(Outgoing out) {
   // Frames are bounded below and text by send_json, but each frame pushed out leaves a "dropped" reply in its place:
   // with the write pending for good (the client's receive window full) the queue would grow by one per step.
   constexpr size_t kMaxQueuedDropReplies = 128;
-  if (queue_.size() >= 64 + ctx_->options.send_queue_frames + kMaxQueuedDropReplies) return cut_unread_client();
+  if (queue_.size() >= kMaxQueuedText + ctx_->options.send_queue_frames + kMaxQueuedDropReplies)
+    return cut_unread_client();
   if (out.binary) {
     // Bounded: drop the oldest frame that is not being written right now. A short "dropped" message takes its
     // place, so the client still gets one reply per request, in order.
