@@ -52,7 +52,8 @@ void add_shared_options(CLI::App& app, GenerateOptions& o, bool txt2img) {
                  txt2img ? "calls before the saved one (default n-1 with the denoising batch, so the saved image "
                            "is not a warm-up frame)"
                          : "extra calls with the first frame before the sequence (default 0; outputs are always "
-                           "aligned with their inputs, so warm-up frames are never saved)");
+                           "aligned with their inputs, so warm-up frames are never saved)")
+      ->check(sd::cli::at_least(0));
 }
 
 using sd::cli::stream_config;

@@ -94,10 +94,12 @@ sd::cli::Runner setup_stream(CLI::App& app) {
                  "changed; when it ends the last image stays (needs --ip-adapter)");
   app.add_option("--image-prompt-every", o->image_prompt_every,
                  "read the --image-prompt-input every N input frames")
+      ->check(sd::cli::at_least(1))
       ->capture_default_str();
   app.add_option("--image-prompt-change", o->image_prompt_change,
                  "mean absolute difference (uint8 levels) above which an image prompt from --image-prompt-input "
                  "counts as new and is encoded again")
+      ->check(sd::cli::at_least(0))
       ->capture_default_str();
   app.add_option("-i,--input", o->input,
                  "video file | image folder | camera[:N] | screen[:x,y,w,h] | - (raw rgb24 on stdin) | none "
@@ -110,7 +112,8 @@ sd::cli::Runner setup_stream(CLI::App& app) {
   app.add_option("--input-size", o->input_size, "WIDTHxHEIGHT of raw stdin frames; requested camera size");
   app.add_option("--input-fps", o->input_fps,
                  "frame rate of --input none (0 = as fast as the model), of screen capture (default 30), of "
-                 "--realtime files");
+                 "--realtime files")
+      ->check(sd::cli::at_least(0));
   app.add_flag("--loop", o->loop, "start a video file / image folder over at its end");
   app.add_flag("--realtime", o->realtime, "deliver file frames at their native rate (a live source: stale frames dropped)");
   app.add_option("--mode", o->mode,
@@ -120,8 +123,10 @@ sd::cli::Runner setup_stream(CLI::App& app) {
   app.add_flag("--sync", o->sync, "run every stage on one thread, no queues (the bare loop, for comparisons)");
   app.add_option("--resize", o->resize, "crop (centre-crop to the aspect ratio, then resize) | stretch")
       ->capture_default_str();
-  app.add_option("--frames", o->frames, "stop after this many input frames (0 = until the input ends)");
-  app.add_option("--output-fps", o->output_fps, "frame rate written to a video file (default: the input's, else 30)");
+  app.add_option("--frames", o->frames, "stop after this many input frames (0 = until the input ends)")
+      ->check(sd::cli::at_least(0));
+  app.add_option("--output-fps", o->output_fps, "frame rate written to a video file (default: the input's, else 30)")
+      ->check(sd::cli::at_least(0));
   app.add_option("--fourcc", o->fourcc, "video codec override (MJPG, avc1, mp4v, VP80, ...)");
   app.add_option("--control", o->control,
                  "control channel(s): auto (stdin unless it carries frames) | stdin | none | fifo:PATH | unix:PATH | "
@@ -132,7 +137,7 @@ sd::cli::Runner setup_stream(CLI::App& app) {
   app.add_option("--stats-json", o->stats_json, "write a JSON summary here at exit (fps, latency, drops, RSS, ...)");
   app.add_option("--status-interval", o->status_interval, "seconds between status lines on stderr (0 = none)")
       ->capture_default_str();
-  app.add_option("--queue", o->queue, "capacity of each lossless queue")->capture_default_str();
+  app.add_option("--queue", o->queue, "capacity of each lossless queue")->check(sd::cli::at_least(1))->capture_default_str();
   app.add_option("--warmup-outputs", o->warmup_outputs, "outputs after which RSS counts as 'after warm-up'")
       ->capture_default_str();
   app.add_flag("--fixed-threads", o->fixed_threads,
@@ -141,6 +146,12 @@ sd::cli::Runner setup_stream(CLI::App& app) {
   app.add_option("--watchdog", o->watchdog,
                  "log any frame a stage spends more than this many times its median on (and over 100 ms), with the "
                  "stage, while it is still there (0 = off; the timings stay in --stats-json)")
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            const double v = std::strtod(text.c_str(), nullptr);  // not a number: the number check says so
+            return v == 0 || v >= 1 ? "" : "expected 0 (off) or a factor >= 1, got " + text;
+          },
+          "0 or >= 1"))
       ->capture_default_str();
   app.footer(
       "Control commands (one per line): prompt <text> | negative <text> | guidance <g> | delta <d> | "
@@ -187,11 +198,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     ro.mode = sd::parse_stream_mode(o->mode);
     ro.resize = sd::parse_resize_mode(o->resize);
     ro.synchronous = o->sync;
-    if (o->frames < 0) throw sd::InvalidArgument("--frames must be >= 0");
     ro.max_frames = o->frames;
     sd::check_status_interval(o->status_interval);
     ro.status_interval_s = o->status_interval;
-    if (o->queue < 1) throw sd::InvalidArgument("--queue must be >= 1");
     ro.queue_capacity = static_cast<size_t>(o->queue);
     ro.warmup_outputs = o->warmup_outputs;
     ro.watchdog_factor = o->watchdog;
@@ -226,7 +235,6 @@ sd::cli::Runner setup_stream(CLI::App& app) {
     std::unique_ptr<sd::FrameSource> image_prompt_source;
     if (!o->image_prompt_input.empty()) {
       if (o->p.ip_adapter.empty()) throw sd::InvalidArgument("--image-prompt-input needs an IP-Adapter (--ip-adapter DIR)");
-      if (o->image_prompt_every < 1) throw sd::InvalidArgument("--image-prompt-every must be >= 1");
       if (o->image_prompt_input == "-" || o->image_prompt_input == "stdin")
         throw sd::InvalidArgument("--image-prompt-input cannot read stdin (raw frames are the --input's only); give "
                                   "a video, an image folder, camera[:N] or screen");

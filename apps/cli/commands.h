@@ -30,6 +30,9 @@ struct CommonOptions {
 };
 void add_common_options(CLI::App& app, CommonOptions& opts);
 void apply_threads(const CommonOptions& opts);
+// A CLI11 check that a number is >= `min` ("--steps: expected >= 1, got 0"; CLI11 2.1's PositiveNumber names
+// DBL_MAX in full). A value that is not a number passes here: the settings files' number check refuses it.
+CLI::Validator at_least(double min);
 
 }  // namespace sd::cli
 

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <iostream>
 #include <map>
+#include <sstream>
 
 #include "apps/cli/commands.h"
 #include "core/device.h"
@@ -42,6 +43,18 @@ void add_common_options(CLI::App& app, CommonOptions& opts) {
 
 void apply_threads(const CommonOptions& opts) { sd::set_threads(opts.threads); }
 
+CLI::Validator at_least(double min) {
+  std::ostringstream bound;
+  bound << ">= " << min;
+  return CLI::Validator(
+      [min, b = bound.str()](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        return end != text.c_str() && *end == '\0' && !(v >= min) ? "expected " + b + ", got " + text : "";
+      },
+      bound.str());
+}
+
 }  // namespace sd::cli
 
 int main(int argc, char** argv) {
@@ -56,7 +69,14 @@ int main(int argc, char** argv) {
       "then `streamdiffusion serve` and open http://127.0.0.1:8000/ for the live browser app.\n"
       "Every command has --help; `streamdiffusion info` shows a model's native size and default settings.");
   std::string log_level = "info";
-  app.add_option("--log-level", log_level, "debug | info | warn | error | off")->capture_default_str();
+  // On the top level (`streamdiffusion --log-level debug stream ...`) and on every command, which makes it a key of
+  // settings files too (`log_level: debug`): the top level's options are not theirs.
+  const auto add_log_level = [&log_level](CLI::App& a) {
+    a.add_option("--log-level", log_level, "trace | debug | info | warn | error | critical | off")
+        ->check(CLI::IsMember({"trace", "debug", "info", "warn", "warning", "error", "critical", "off"}))
+        ->capture_default_str();
+  };
+  add_log_level(app);
 
   auto& registry = sd::cli::command_registry();
   std::sort(registry.begin(), registry.end(),
@@ -65,6 +85,7 @@ int main(int argc, char** argv) {
   for (auto& spec : registry) {
     CLI::App* sub = app.add_subcommand(spec.name, spec.description);
     runners[sub] = spec.setup(*sub);
+    add_log_level(*sub);
   }
   if (argc == 1) {  // no arguments: the command list and a first command, not just "A subcommand is required"
     std::cout << app.help();
@@ -96,7 +117,9 @@ int main(int argc, char** argv) {
     std::reverse(args.begin(), args.end());  // CLI11 takes the arguments last first
     app.parse(args);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // CLI11's own codes (105 for a refused value, 106 for a missing option, ...) would read as signals or crashes to
+    // a shell script; a usage error exits 2 as other command-line tools do (--help / --version: 0).
+    return app.exit(e) == 0 ? 0 : 2;
   } catch (const sd::Error& e) {  // a settings file that does not fit the command (file, line, key, expected type)
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -134,7 +134,9 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
   app.add_option("--t-index-list", o.t_index_list,
                  std::string("comma-separated indices into the LCM timesteps (0 = t 999), default: the model's, "
                              "else ") + index_default);
-  app.add_option("--steps", o.steps, "number of denoising steps, spread evenly instead of --t-index-list");
+  // The validators below refuse what the unset value (0, or -1 where 0 is a value) would otherwise silently mean.
+  app.add_option("--steps", o.steps, "number of denoising steps, spread evenly instead of --t-index-list")
+      ->check(sd::cli::at_least(1));
   if (img)
     app.add_option("--start-index", o.start_index, "first index used with --steps for img2img (smaller = more change)")
         ->capture_default_str();
@@ -183,8 +185,10 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
         ->capture_default_str();
     app.add_option("--similarity-filter", o.similarity_filter,
                    "enable the stochastic similarity filter with this threshold (e.g. 0.98; 0 = off)")
+        ->check(CLI::Range(0.0, 1.0))
         ->capture_default_str();
     app.add_option("--max-skip-frame", o.max_skip_frame, "similarity filter: forced pass after this many skips")
+        ->check(sd::cli::at_least(0))
         ->capture_default_str();
   }
   app.add_option_function<double>(

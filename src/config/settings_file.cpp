@@ -326,7 +326,30 @@ std::vector<CLI::ConfigItem> YamlSettingsConfig::from_config(std::istream& input
   return settings_to_config_items(entries, *command, file);
 }
 
+void read_numbers_as_settings_files_do(CLI::App& app) {
+  for (CLI::Option* o : app.get_options([](CLI::Option*) { return true; })) {
+    if (is_flag(*o)) continue;
+    const std::string type = base_type(*o);
+    if (type != "INT" && type != "UINT" && type != "FLOAT") continue;
+    const std::string expected = type == "INT"    ? "a decimal integer"
+                                 : type == "UINT" ? "a decimal integer >= 0"
+                                                  : "a finite number";
+    // No description: the option's help keeps its type name ("UINT", "FLOAT:INT in [0 - 1]").
+    o->check(CLI::Validator(
+        [type, expected](std::string& text) -> std::string {
+          if (fits_type(type, text)) return "";
+          const bool zero = (type == "INT" || type == "UINT") && !text.empty() &&
+                            leading_zero(text, text[0] == '-' || text[0] == '+' ? 1 : 0);
+          return "expected " + expected + ", got '" + text + "'" +
+                 (zero ? " (write integers without leading zeros: CLI11 would read them as octal)" : "");
+        },
+        ""));
+  }
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) read_numbers_as_settings_files_do(*sub);
+}
+
 CLI::Option* enable_settings_files(CLI::App& top) {
+  read_numbers_as_settings_files_do(top);
   top.config_formatter(std::make_shared<YamlSettingsConfig>(&top));
   top.set_config(kSettingsOption, "",
                  "settings file (YAML): the command's options as 'key: value' (keys = long option names, '-' or '_'); "

@@ -75,8 +75,15 @@ class YamlSettingsConfig : public CLI::Config {
   const CLI::App* top_;
 };
 
+// Gives every integer and number option of `app` and its sub-commands (as they are now) the settings files' rules
+// for numbers (decimal, no leading zeros, no sign on unsigned, finite) as a CLI11 validator. CLI11 alone reads
+// `--seed 0042` as octal 34, `--seed -1` as 2^64 - 1 and `--guidance nan` as NaN, values a settings file refuses,
+// so such a command line's --dump-config did not load back.
+void read_numbers_as_settings_files_do(CLI::App& app);
+
 // Adds --config-file and --dump-config to the top-level app (reachable after any sub-command) and installs the YAML
-// formatter. Returns the --dump-config option.
+// formatter; the options the app has by then read numbers as settings files do (read_numbers_as_settings_files_do).
+// Returns the --dump-config option.
 CLI::Option* enable_settings_files(CLI::App& top);
 // argv with `--config FILE` / `--config=FILE` rewritten to --config-file where FILE is a settings file (see above).
 std::vector<std::string> rewrite_config_arguments(std::vector<std::string> args);

@@ -250,6 +250,45 @@ TEST_F(SettingsFile, EveryBadKeyAndTypeIsRefusedWithFileLineKeyAndExpectedType) 
   EXPECT_EQ(refusal("prompt: \"\"\nt_index_list: '1'\n"), "");
 }
 
+// CLI11 alone reads integers base 0 and takes -1 for an unsigned option and nan for a number; the command line now
+// refuses what a settings file refuses, so every command line's --dump-config loads back.
+TEST_F(SettingsFile, TheCommandLineReadsNumbersAsTheFileDoes) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> refused = {
+      {{"--seed", "0042"}, "--seed: expected a decimal integer >= 0, got '0042' (write integers without leading zeros"},
+      {{"--seed", "-1"}, "--seed: expected a decimal integer >= 0, got '-1'"},
+      {{"--seed", "0x10"}, "--seed: expected a decimal integer >= 0, got '0x10'"},
+      {{"--frames", "-010"}, "--frames: expected a decimal integer, got '-010'"},
+      {{"--guidance", "nan"}, "--guidance: expected a finite number, got 'nan'"},
+      {{"--guidance", "inf"}, "--guidance: expected a finite number, got 'inf'"},
+      {{"--lcm-guidance", "1e999"}, "--lcm-guidance: expected a finite number, got '1e999'"},
+      {{"--clip-skip", "08"}, "--clip-skip: expected a decimal integer, got '08'"},
+  };
+  for (const auto& [args, expected] : refused) {
+    Cli c;
+    std::vector<std::string> argv{"stream", "-i", "x"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    const std::string msg = test::error_of([&] { c.parse(argv); });
+    EXPECT_NE(msg.find(expected), std::string::npos) << args[0] << " " << args[1] << ": " << msg;
+  }
+  // What both read the same is taken, and the dump of it loads back to the same values.
+  Cli a;
+  a.parse({"stream", "-i", "x", "--seed", "42", "--frames", "-3", "--guidance", "-0.5", "--lcm-guidance", "1e-3",
+           "--queue", "+8"});
+  EXPECT_EQ(a.v.seed, 42u);
+  EXPECT_EQ(a.v.frames, -3);
+  EXPECT_DOUBLE_EQ(a.v.lcm, 1e-3);
+  EXPECT_EQ(a.v.queue, 8);
+  Cli b;
+  b.parse({"stream", "--config", write("dump.yaml", a.dumped())});
+  EXPECT_TRUE(a.v == b.v) << a.dumped();
+  // A validator of the option's own still has its say, and the help keeps the option's type name.
+  Cli d;
+  EXPECT_NE(test::error_of([&] { d.parse({"stream", "-i", "x", "--queue", "65"}); }).find("not in range 1 to 64"),
+            std::string::npos);
+  EXPECT_EQ(d.stream->get_option("--queue")->get_type_name(), "INT:INT in [1 - 64]");
+  EXPECT_EQ(d.stream->get_option("--seed")->get_type_name(), "UINT");
+}
+
 TEST_F(SettingsFile, AMissingFileAndAFileWithoutACommandAreRefused) {
   Cli c;
   EXPECT_THROW(c.parse({"stream", "-i", "x", "--config", dir_ + "/missing.yaml"}), CLI::FileError);

@@ -177,6 +177,10 @@ TEST_F(CliGenerate, ClearErrors) {
     EXPECT_NE(r.status, 0) << r.output;
     EXPECT_NE(r.output.find("--threads"), std::string::npos) << r.output;
   }
+  // A negative --warmup meant the default (n - 1); usage errors exit 2.
+  r = run("txt2img --model " + model + " --size 64x64 --warmup -1 -o " + q(tmp_ + "/x.png"));
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--warmup: expected >= 0, got -1"), std::string::npos) << r.output;
   // `info --compiled-unet`: a missing package is named (AOTInductor builds); elsewhere the build says what it needs.
   r = run("info --compiled-unet " + q(tmp_ + "/none.pt2"));
   EXPECT_EQ(r.status, 1) << r.output;

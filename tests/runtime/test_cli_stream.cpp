@@ -329,7 +329,7 @@ TEST_F(CliStream, ImagePromptFromASecondSource) {
   EXPECT_NE(no_adapter.output.find("--image-prompt-input needs an IP-Adapter"), std::string::npos) << no_adapter.output;
   const auto zero = sh(common + " --image-prompt-input " + q(tmp_ + "/prompts") + " --image-prompt-every 0");
   EXPECT_NE(zero.status, 0);
-  EXPECT_NE(zero.output.find("--image-prompt-every must be >= 1"), std::string::npos) << zero.output;
+  EXPECT_NE(zero.output.find("--image-prompt-every: expected >= 1, got 0"), std::string::npos) << zero.output;
 }
 
 // --deep-cache-every 2 on an 8-frame video, switched off live before frame 4 ('deep_cache 1'): calls 1 and 3 reuse
@@ -438,6 +438,56 @@ TEST_F(CliStream, ScheduledQuitAndRatesOutOfRange) {
     EXPECT_NE(e.output.find(bad.substr(0, bad.find(' '))), std::string::npos) << e.output;
     EXPECT_EQ(e.output.find("loaded"), std::string::npos) << bad << ": refused before loading the model";
   }
+}
+
+// Values that silently meant the default (a negative fps or threshold) or wrapped around (-1 for an unsigned seed),
+// octal integers and a watchdog factor the runtime refuses only after loading are all refused while parsing, exit
+// status 2 (a usage error, not CLI11's 105).
+TEST_F(CliStream, BadNumbersAreUsageErrorsBeforeTheModelLoads) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--output-fps -5", "--output-fps: expected >= 0, got -5"},
+      {"--input-fps -1", "--input-fps: expected >= 0, got -1"},
+      {"--similarity-filter -0.5", "--similarity-filter: Value -0.5 not in range"},
+      {"--similarity-filter 2", "--similarity-filter: Value 2 not in range"},
+      {"--max-skip-frame -1", "--max-skip-frame: expected >= 0, got -1"},
+      {"--steps 0", "--steps: expected >= 1, got 0"},
+      {"--steps -2", "--steps: expected >= 1, got -2"},
+      {"--watchdog 0.5", "--watchdog: expected 0 (off) or a factor >= 1, got 0.5"},
+      {"--image-prompt-change -1", "--image-prompt-change: expected >= 0, got -1"},
+      {"--image-prompt-every 0", "--image-prompt-every: expected >= 1, got 0"},
+      {"--seed -1", "--seed: expected a decimal integer >= 0, got '-1'"},
+      {"--seed 0042", "--seed: expected a decimal integer >= 0, got '0042'"},
+      {"--guidance nan", "--guidance: expected a finite number, got 'nan'"},
+      {"--queue 08", "--queue: expected a decimal integer, got '08'"},
+      {"--log-level loud", "--log-level: loud not in {trace,debug,info,warn,warning,error,critical,off}"},
+  };
+  for (const auto& [bad, expected] : cases) {
+    const auto r = sh(base_ + "--input none --frames 2 --output none --control none " + bad);
+    EXPECT_EQ(r.status, 2) << bad << ": " << r.output;
+    EXPECT_NE(r.output.find(expected), std::string::npos) << bad << ": " << r.output;
+    EXPECT_EQ(r.output.find("loaded"), std::string::npos) << bad << ": refused before loading the model";
+  }
+  EXPECT_EQ(sh(base_ + "--input none --output none --no-such-option").status, 2);
+  EXPECT_EQ(sh(std::string(SD_CLI_PATH) + " stream --help").status, 0);
+}
+
+// log_level is a key of settings files (it was an option of the top level only, which settings files cannot set).
+TEST_F(CliStream, LogLevelFromASettingsFile) {
+  const std::string quiet = tmp_ + "/quiet.yaml";
+  std::ofstream(quiet) << "log_level: warn\nframes: 2\n";
+  auto r = sh(base_ + "--input none --output none --control none --config " + q(quiet));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(r.output.find("loaded"), std::string::npos) << "info lines are below warn: " << r.output;
+  r = sh(base_ + "--input none --output none --control none --frames 2");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("loaded"), std::string::npos) << r.output;
+  // After the command name too, and the top level's option still works.
+  r = sh(base_ + "--input none --output none --control none --frames 2 --log-level error");
+  EXPECT_EQ(r.output.find("loaded"), std::string::npos) << r.output;
+  r = sh(std::string(SD_CLI_PATH) + " --log-level error " + base_.substr(std::string(SD_CLI_PATH).size() + 1) +
+         "--input none --output none --control none --frames 2");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(r.output.find("loaded"), std::string::npos) << r.output;
 }
 
 // ControlNet from the command line (issue 15): canny on the input, a second source that ends first, errors for flags
