@@ -97,6 +97,12 @@ auto state_tensor(const torch::Tensor& (sd::StreamDiffusion::*get)() const) {
 
 }  // namespace
 
+// What Stream.config returns: a copy of the stream's settings that refuses assignments. A plain copy took
+// `s.config.guidance_scale = 2` and changed nothing, silently.
+struct StreamConfigSnapshot : sd::StreamConfig {
+  explicit StreamConfigSnapshot(const sd::StreamConfig& c) : sd::StreamConfig(c) {}
+};
+
 void bind_stream(py::module_& m) {
   py::class_<sd::SimilarityFilterOptions>(m, "SimilarityFilterOptions",
                                           "The stochastic similarity filter (img2img): skips near-identical frames.")
@@ -115,6 +121,12 @@ Settings of one stream (sd::StreamConfig). Build it with resolve_config() to get
 whatever is left unset, or set every field yourself.
 )doc")
       .def(py::init<>())
+      .def(py::init<const sd::StreamConfig&>(), py::arg("other"),
+           "a copy (of Stream.config, say, to change and build a new Stream from)")
+      .def("copy", [](const sd::StreamConfig& c) { return sd::StreamConfig(c); }, "a changeable copy")
+      .def("__copy__", [](const sd::StreamConfig& c) { return sd::StreamConfig(c); })
+      .def("__deepcopy__", [](const sd::StreamConfig& c, const py::dict&) { return sd::StreamConfig(c); },
+           py::arg("memo"))
       .def_readwrite("t_index_list", &sd::StreamConfig::t_index_list,
                      "indices into the num_inference_steps LCM timesteps (0 = t 999)")
       .def_readwrite("num_inference_steps", &sd::StreamConfig::num_inference_steps)
@@ -162,6 +174,17 @@ whatever is left unset, or set every field yourself.
                ", delta=" + std::to_string(c.delta) + ", frame_buffer_size=" + std::to_string(c.frame_buffer_size) +
                ", width=" + std::to_string(c.width) + ", height=" + std::to_string(c.height) +
                ", seed=" + std::to_string(c.seed) + ")";
+      });
+  py::class_<StreamConfigSnapshot, sd::StreamConfig>(m, "StreamConfigSnapshot", R"doc(
+Stream.config: the settings the stream runs with, read-only. Change a running stream with its setters
+(set_guidance_scale, set_delta, set_t_index_list, set_seed, set_similarity_filter, ...), or build a new Stream from
+a changed copy: c = s.config.copy(); c.width = 256; Stream(models, c).
+)doc")
+      .def("__setattr__", [](const py::object&, const std::string& name, const py::object&) {
+        throw py::attribute_error(
+            "Stream.config is a read-only snapshot: setting '" + name + "' on it would change nothing. Change a "
+            "running stream with its setters (set_guidance_scale, set_delta, set_t_index_list, set_seed, "
+            "set_similarity_filter, ...), or build a new Stream from s.config.copy()");
       });
 
   m.def(
@@ -406,7 +429,8 @@ in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_ind
           },
           py::arg("enabled") = py::none(), py::arg("threshold") = py::none(), py::arg("max_skip_frame") = py::none(),
           "set_similarity_filter(True, threshold=0.98, max_skip_frame=10), or a SimilarityFilterOptions.")
-      .def_property_readonly("config", [](const PyStream& s) { return locked(s)->config(); })
+      .def_property_readonly("config", [](const PyStream& s) { return StreamConfigSnapshot(locked(s)->config()); },
+                             "the stream's settings (a read-only snapshot; see StreamConfigSnapshot)")
       .def_property_readonly("stats", [](const PyStream& s) { return locked(s)->stats(); })
       .def_property_readonly("models", [](const PyStream& s) { return std::const_pointer_cast<sd::DiffusionModels>(s.models); })
       .def_property_readonly("prompt", [](const PyStream& s) { return s.prompt; })

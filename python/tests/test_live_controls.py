@@ -183,3 +183,23 @@ def test_settings_from_another_thread_while_a_thread_runs_frames(sd, emoji_model
     assert k > 10, "the setters ran while the frames did"
     with pytest.raises(TypeError, match="threshold goes by name"):
         s.set_similarity_filter(0.95)
+
+
+def test_stream_config_is_a_read_only_snapshot(sd, emoji_models):
+    # A plain copy took `s.config.guidance_scale = 2` and changed nothing, silently.
+    import copy
+    s = sd.Stream(emoji_models, cfg(sd))
+    s.prepare("red apple")
+    with pytest.raises(AttributeError, match=r"read-only snapshot: setting 'guidance_scale' .*set_guidance_scale"):
+        s.config.guidance_scale = 2.0
+    with pytest.raises(AttributeError, match="setting 'seed'"):
+        setattr(s.config, "seed", 5)
+    assert isinstance(s.config, sd.StreamConfig)
+    s.set_guidance_scale(2.0)
+    assert s.config.guidance_scale == 2.0
+    # Changeable copies, to build another stream from.
+    for c in (s.config.copy(), sd.StreamConfig(s.config), copy.copy(s.config), copy.deepcopy(s.config)):
+        assert type(c) is sd.StreamConfig and c.guidance_scale == 2.0
+        c.seed = 99
+        assert c.seed == 99 and s.config.seed != 99
+    assert sd.Stream(emoji_models, c).config.seed == 99
