@@ -10,6 +10,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "models/config_limits.h"
 #include "models/conv_layout.h"
 
 namespace sd {
@@ -82,8 +83,10 @@ AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& j, cons
 
 void AutoencoderKLConfig::validate(const std::string& source) const {
   auto fail = [&](const std::string& what) { throw FormatError(source, "AutoencoderKL config: " + what); };
-  if (in_channels <= 0 || out_channels <= 0 || latent_channels <= 0)
-    fail("in_channels, out_channels and latent_channels must be positive");
+  using namespace config_limits;
+  if (in_channels <= 0 || out_channels <= 0 || latent_channels <= 0 || in_channels > kMaxChannels ||
+      out_channels > kMaxChannels || latent_channels > kMaxChannels)
+    fail("in_channels, out_channels and latent_channels must be positive, at most " + std::to_string(kMaxChannels));
   if (block_out_channels.empty()) fail("block_out_channels is empty");
   // Each block but the last halves the size: spatial_factor() = 2^(blocks - 1) must stay a sane int64.
   if (block_out_channels.size() > 16)
@@ -99,12 +102,14 @@ void AutoencoderKLConfig::validate(const std::string& source) const {
   for (const auto& t : up_block_types)
     if (t != "UpDecoderBlock2D") fail("up_block_types: '" + t + "' is not supported (only UpDecoderBlock2D)");
   if (act_fn != "silu" && act_fn != "swish") fail("act_fn '" + act_fn + "' is not supported (only silu)");
-  if (layers_per_block < 1) fail("layers_per_block must be >= 1");
+  if (layers_per_block < 1 || layers_per_block > kMaxLayers)
+    fail("layers_per_block " + std::to_string(layers_per_block) + " must be in [1, " + std::to_string(kMaxLayers) +
+         "]");
   if (norm_num_groups < 1) fail("norm_num_groups must be >= 1");
   for (int ch : block_out_channels)
-    if (ch <= 0 || ch % norm_num_groups != 0)
+    if (ch <= 0 || ch % norm_num_groups != 0 || ch > kMaxChannels)
       fail("block_out_channels " + list_str(block_out_channels) + " must be positive multiples of norm_num_groups " +
-           std::to_string(norm_num_groups));
+           std::to_string(norm_num_groups) + ", at most " + std::to_string(kMaxChannels));
 }
 
 int64_t AutoencoderKLConfig::spatial_factor() const {

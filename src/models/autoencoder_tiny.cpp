@@ -11,6 +11,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "models/config_limits.h"
 #include "models/conv_layout.h"
 
 namespace sd {
@@ -88,8 +89,10 @@ AutoencoderTinyConfig AutoencoderTinyConfig::from_json(const nlohmann::json& j, 
 
 void AutoencoderTinyConfig::validate(const std::string& source) const {
   auto fail = [&](const std::string& what) { throw FormatError(source, "AutoencoderTiny config: " + what); };
-  if (in_channels <= 0 || out_channels <= 0 || latent_channels <= 0)
-    fail("in_channels, out_channels and latent_channels must be positive");
+  using namespace config_limits;
+  if (in_channels <= 0 || out_channels <= 0 || latent_channels <= 0 || in_channels > kMaxChannels ||
+      out_channels > kMaxChannels || latent_channels > kMaxChannels)
+    fail("in_channels, out_channels and latent_channels must be positive, at most " + std::to_string(kMaxChannels));
   if (upsampling_scaling_factor < 1) fail("upsampling_scaling_factor must be >= 1");
   if (act_fn != "relu") fail("act_fn '" + act_fn + "' is not supported (TAESD uses relu)");
   auto check = [&](const char* chans_name, const std::vector<int>& chans, const char* blocks_name,
@@ -99,9 +102,13 @@ void AutoencoderTinyConfig::validate(const std::string& source) const {
       fail(std::string(chans_name) + " " + list_str(chans) + " and " + blocks_name + " " + list_str(blocks) +
            " must have the same length");
     for (int ch : chans)
-      if (ch <= 0) fail(std::string(chans_name) + " " + list_str(chans) + " must be positive");
+      if (ch <= 0 || ch > kMaxChannels)
+        fail(std::string(chans_name) + " " + list_str(chans) + " must be positive, at most " +
+             std::to_string(kMaxChannels));
     for (int b : blocks)
-      if (b < 0) fail(std::string(blocks_name) + " " + list_str(blocks) + " must not be negative");
+      if (b < 0 || b > kMaxLayers)
+        fail(std::string(blocks_name) + " " + list_str(blocks) + " must be in [0, " + std::to_string(kMaxLayers) +
+             "]");
     // diffusers builds each stride-2 / post-upsample conv as conv(c_i, c_i), so differing widths give a network
     // that cannot run; reject it here instead of failing inside a convolution.
     for (int ch : chans)
@@ -111,6 +118,9 @@ void AutoencoderTinyConfig::validate(const std::string& source) const {
   };
   check("encoder_block_out_channels", encoder_block_out_channels, "num_encoder_blocks", num_encoder_blocks);
   check("decoder_block_out_channels", decoder_block_out_channels, "num_decoder_blocks", num_decoder_blocks);
+  // Each level but the last halves the size: spatial_factor() = 2^(levels - 1) must stay a sane int64.
+  if (num_encoder_blocks.size() > 16)
+    fail("num_encoder_blocks has " + std::to_string(num_encoder_blocks.size()) + " entries, at most 16 are supported");
   if (num_encoder_blocks.size() != num_decoder_blocks.size())
     fail("num_encoder_blocks " + list_str(num_encoder_blocks) + " and num_decoder_blocks " +
          list_str(num_decoder_blocks) + " must have the same length (the decoder must undo the encoder's scale)");

@@ -7,6 +7,7 @@
 #include "io/json_config.h"
 #include "io/model_folder.h"
 #include "io/state_dict.h"
+#include "models/config_limits.h"
 
 namespace sd {
 
@@ -36,17 +37,19 @@ CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& j, const std::str
   r.log_unknown();
   if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu")
     r.fail("hidden_act", "\"quick_gelu\" or \"gelu\"");
-  auto positive = [&](const char* field, int64_t v) {
-    if (v <= 0) r.fail(field, "a positive integer");
+  using namespace config_limits;
+  auto positive = [&](const char* field, int64_t v, int64_t max) {
+    if (v <= 0 || v > max) r.fail(field, "a positive integer up to " + std::to_string(max));
   };
-  positive("vocab_size", c.vocab_size);
-  positive("hidden_size", c.hidden_size);
-  positive("intermediate_size", c.intermediate_size);
-  positive("num_hidden_layers", c.num_hidden_layers);
-  positive("num_attention_heads", c.num_attention_heads);
-  positive("max_position_embeddings", c.max_position_embeddings);
-  if (c.with_projection && c.projection_dim <= 0)
-    r.fail("projection_dim", "a positive integer (CLIPTextModelWithProjection)");
+  positive("vocab_size", c.vocab_size, kMaxEmbeddingDim);
+  positive("hidden_size", c.hidden_size, kMaxChannels);
+  positive("intermediate_size", c.intermediate_size, kMaxEmbeddingDim);
+  positive("num_hidden_layers", c.num_hidden_layers, kMaxLayers);
+  positive("num_attention_heads", c.num_attention_heads, kMaxChannels);
+  positive("max_position_embeddings", c.max_position_embeddings, kMaxChannels);
+  if (c.with_projection && (c.projection_dim <= 0 || c.projection_dim > kMaxChannels))
+    r.fail("projection_dim", "a positive integer up to " + std::to_string(kMaxChannels) +
+                                 " (CLIPTextModelWithProjection)");
   if (c.hidden_size % c.num_attention_heads != 0)
     r.fail("num_attention_heads", "a divisor of hidden_size " + std::to_string(c.hidden_size));
   return c;

@@ -5,6 +5,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "models/config_limits.h"
 
 namespace sd {
 
@@ -33,17 +34,18 @@ CLIPVisionConfig CLIPVisionConfig::from_json(const nlohmann::json& j, const std:
     r.ignore(k);
   r.log_unknown();
   if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu") r.fail("hidden_act", "\"quick_gelu\" or \"gelu\"");
-  auto positive = [&](const char* field, int64_t v) {
-    if (v <= 0) r.fail(field, "a positive integer");
+  using namespace config_limits;
+  auto positive = [&](const char* field, int64_t v, int64_t max) {
+    if (v <= 0 || v > max) r.fail(field, "a positive integer up to " + std::to_string(max));
   };
-  positive("hidden_size", c.hidden_size);
-  positive("intermediate_size", c.intermediate_size);
-  positive("num_hidden_layers", c.num_hidden_layers);
-  positive("num_attention_heads", c.num_attention_heads);
-  positive("num_channels", c.num_channels);
-  positive("image_size", c.image_size);
-  positive("patch_size", c.patch_size);
-  positive("projection_dim", c.projection_dim);
+  positive("hidden_size", c.hidden_size, kMaxChannels);
+  positive("intermediate_size", c.intermediate_size, kMaxEmbeddingDim);
+  positive("num_hidden_layers", c.num_hidden_layers, kMaxLayers);
+  positive("num_attention_heads", c.num_attention_heads, kMaxChannels);
+  positive("num_channels", c.num_channels, kMaxChannels);
+  positive("image_size", c.image_size, kMaxChannels);
+  positive("patch_size", c.patch_size, kMaxChannels);
+  positive("projection_dim", c.projection_dim, kMaxChannels);
   if (c.hidden_size % c.num_attention_heads != 0)
     r.fail("num_attention_heads", "a divisor of hidden_size " + std::to_string(c.hidden_size));
   if (c.image_size % c.patch_size != 0)

@@ -10,6 +10,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/json_limits.h"
 #include "core/torch_compat.h"
 #include "io/state_dict.h"
 #include "models/layers.h"
@@ -144,8 +145,12 @@ CompiledUNetInfo parse_compiled_unet_metadata(const std::map<std::string, std::s
   info.torch_version = get("torch");
   if (auto it = metadata.find(std::string(kPrefix) + "mode"); it != metadata.end()) info.mode = it->second;
   nlohmann::json w;
+  const std::string weights = get("weights");
+  // Nested too deep, the value would overflow the stack where it is copied or quoted (core/json_limits.h).
+  if (const std::string why = json_depth_problem(weights); !why.empty())
+    throw FormatError(path, "metadata streamdiffusion.weights is not JSON of weights: " + why);
   try {
-    w = nlohmann::json::parse(get("weights"));
+    w = nlohmann::json::parse(weights);
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(path, std::string("metadata streamdiffusion.weights is not JSON: ") + e.what());
   }
@@ -188,6 +193,8 @@ void check_compiled_unet(const CompiledUNetInfo& info, const UNet2DConditionConf
                                 std::to_string(config.in_channels) + " channels and a context of width " +
                                 std::to_string(config.cross_attention_dim.front()));
   nlohmann::json theirs;
+  if (const std::string why = json_depth_problem(info.config_json); !why.empty())
+    throw FormatError(path, "metadata streamdiffusion.config is not a UNet config: " + why);
   try {
     theirs = config_fields(
         UNet2DConditionConfig::from_json(nlohmann::json::parse(info.config_json), path + " (streamdiffusion.config)"));

@@ -9,6 +9,7 @@
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "models/config_limits.h"
 #include "models/conv_layout.h"
 #include "models/layers.h"
 
@@ -40,10 +41,9 @@ std::string require_string(ConfigReader& r, const nlohmann::json& j, const std::
 
 std::vector<int64_t> to64(const std::vector<int>& v) { return {v.begin(), v.end()}; }
 
-// Upper bound of the text_time embedding widths (far above any published model's).
-constexpr int64_t kMaxEmbeddingDim = int64_t{1} << 20;
-constexpr int64_t kMaxChannels = int64_t{1} << 16;  // channels, groups, sample_size (validate)
-constexpr int64_t kMaxLayers = 256;                 // resnets / transformer blocks per level
+using config_limits::kMaxChannels;
+using config_limits::kMaxEmbeddingDim;
+using config_limits::kMaxLayers;
 
 }  // namespace
 

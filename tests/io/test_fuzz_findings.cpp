@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/json_limits.h"
 #include "io/json_config.h"
+#include "io/safetensors_header.h"
 
 #include <nlohmann/json.hpp>
 
@@ -40,6 +41,36 @@ TEST(FuzzFindings, DeeplyNestedJsonIsAFormatErrorNamingTheFile) {
   EXPECT_EQ(sd::json_nesting_depth(R"({"a": [1, {"b": "]]]"}], "c": "\"[["})"), 3);
   EXPECT_EQ(sd::json_nesting_depth(std::string(10, '{')), 10);
   EXPECT_EQ(sd::json_nesting_depth(std::string(1000, '['), 64), 65) << "counting stops past the limit";
+}
+
+// Review finding: the safetensors header had no such check. A 600 KB file whose "shape" nested 300,000 levels deep
+// (as a model's weights, --lora, --vae, ...) parsed and then overflowed the stack where the error message quoted the
+// shape (SIGSEGV). A long shape is quoted as an excerpt.
+TEST(FuzzFindings, ADeeplyNestedSafetensorsHeaderIsAFormatErrorNotACrash) {
+  auto file_of = [](const std::string& header) {
+    std::string bytes(8, '\0');
+    uint64_t n = header.size();
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+    return bytes + header;
+  };
+  auto error_of_header = [&](const std::string& header) {
+    const std::string bytes = file_of(header);
+    return format_error_of([&] {
+      sd::safetensors::parse_header(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "deep.safetensors");
+    });
+  };
+  const std::string deep = R"({"a": {"dtype": "F32", "shape": )" + std::string(300000, '[') +
+                           std::string(300000, ']') + R"(, "data_offsets": [0, 0]}})";
+  EXPECT_EQ(error_of_header(deep),
+            "deep.safetensors: header is not a safetensors header: arrays / objects nested more than 64 levels deep");
+  std::string flat = R"({"a": {"dtype": "F32", "shape": [)";
+  for (int i = 0; i < 100000; ++i) flat += "1, ";
+  flat += R"(-1], "data_offsets": [0, 4]}})";
+  const std::string m = error_of_header(flat);
+  EXPECT_NE(m.find("deep.safetensors: tensor 'a': shape entries must be non-negative integers, found [1,1,1,"),
+            std::string::npos)
+      << m.substr(0, 300);
+  EXPECT_LT(m.size(), 300u);
 }
 
 // fuzz_config: an integer field given as a float too large for int64 (1e300) was converted with static_cast, which

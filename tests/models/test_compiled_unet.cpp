@@ -111,6 +111,10 @@ TEST_F(CompiledUNetChecks, MissingOrMalformedMetadataIsNamed) {
   m = meta_;
   m["streamdiffusion.weights"] = "{not json";
   EXPECT_NE(check(m).find("streamdiffusion.weights is not JSON"), std::string::npos) << check(m);
+  m["streamdiffusion.weights"] = R"({"conv_in.weight": )" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  EXPECT_NE(check(m).find("streamdiffusion.weights is not JSON of weights: arrays / objects nested more than 64"),
+            std::string::npos)
+      << check(m).substr(0, 300);
   m = meta_;
   m["streamdiffusion.weights"] = R"({"conv_in.weight": [[1], [1, 2], "float32"]})";
   EXPECT_NE(check(m).find("conv_in.weight\"] is not [shape, strides, dtype]"), std::string::npos) << check(m);
@@ -145,6 +149,12 @@ TEST_F(CompiledUNetChecks, AnotherConfigIsRefusedNamingTheField) {
   EXPECT_NE(e.find("num_attention_heads"), std::string::npos) << e;
   m["streamdiffusion.config"] = "[1, 2";
   EXPECT_NE(check(m).find("streamdiffusion.config is not JSON"), std::string::npos) << check(m);
+  // Nested 100,000 levels deep it overflowed the stack where the config reader quoted the field (a crash).
+  m["streamdiffusion.config"] =
+      R"({"block_out_channels": )" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  EXPECT_NE(check(m).find("streamdiffusion.config is not a UNet config: arrays / objects nested more than 64"),
+            std::string::npos)
+      << check(m).substr(0, 300);
 }
 
 TEST_F(CompiledUNetChecks, WeightsThatDifferAreListedByName) {
