@@ -105,10 +105,24 @@ nlohmann::json ApiHandlers::stats() const {
 
 void ApiHandlers::handle(const ApiRequest& req, Done done) {
   requests_.fetch_add(1);
+  if (auto r = answer_before_body(req, true)) return done(std::move(*r));
+  generate(path_of(req.target) == "/api/txt2img", req, std::move(done));
+}
+
+std::optional<ApiResponse> ApiHandlers::refusal_before_body(const ApiRequest& req) {
+  const std::string path = path_of(req.target);
+  const bool get = req.method == "GET" || req.method == "HEAD";
+  if ((path == "/api/health" || path == "/api/stats") && get) return std::nullopt;  // an answer, given after the body
+  auto r = answer_before_body(req, false);
+  if (r) requests_.fetch_add(1);  // handle() never sees this request
+  return r;
+}
+
+std::optional<ApiResponse> ApiHandlers::answer_before_body(const ApiRequest& req, bool take_slot) {
   const std::string path = path_of(req.target);
   const bool get = req.method == "GET" || req.method == "HEAD";
   if (path == "/api/health") {
-    if (!get) return done(ApiResponse::error(405, "use GET for " + path));
+    if (!get) return ApiResponse::error(405, "use GET for " + path);
     nlohmann::json h = {{"status", "ok"},
                         {"model", models_->describe()},
                         {"width", defaults_.img2img.width},
@@ -123,39 +137,39 @@ void ApiHandlers::handle(const ApiRequest& req, Done done) {
       h["worker_id"] = s.value("worker_id", "");
       h["draining"] = s.value("draining", false);
     }
-    return done(ApiResponse::json(200, h));
+    return ApiResponse::json(200, h);
   }
   if (path == "/api/stats") {
-    if (!get) return done(ApiResponse::error(405, "use GET for " + path));
+    if (!get) return ApiResponse::error(405, "use GET for " + path);
     nlohmann::json s = server_stats_ ? server_stats_() : nlohmann::json::object();
     s["api"] = stats();
-    return done(ApiResponse::json(200, s));
+    return ApiResponse::json(200, s);
   }
   if (path == "/api/txt2img" || path == "/api/img2img") {
-    if (req.method != "POST") return done(ApiResponse::error(405, "use POST with a JSON body for " + path));
-    return generate(path == "/api/txt2img", req, std::move(done));
+    if (req.method != "POST") return ApiResponse::error(405, "use POST with a JSON body for " + path);
+    if (req.content_type.rfind("application/json", 0) != 0) {
+      errors_.fetch_add(1);
+      return ApiResponse::error(415, path.substr(5) + ": expected Content-Type: application/json, got '" +
+                                         req.content_type + "'");
+    }
+    // The slot first: a busy server answers before it spends a network thread on decoding the body's images. Without
+    // `take_slot` it is only looked at: a slot taken now would be held for as long as the body takes to arrive.
+    const bool busy = take_slot ? pending_->fetch_add(1) >= max_pending_ : pending_->load() >= max_pending_;
+    if (!busy) return std::nullopt;
+    if (take_slot) pending_->fetch_sub(1);
+    rejected_busy_.fetch_add(1);
+    return ApiResponse::json(503, {{"error", "busy"},
+                                   {"message", "the server has " + std::to_string(max_pending_) +
+                                                   " API requests waiting already; try again shortly"}});
   }
   errors_.fetch_add(1);
-  done(ApiResponse::error(404, "no API endpoint " + path +
-                                   " (expected /api/health, /api/ready, /api/stats, /api/txt2img, /api/img2img, "
-                                   "or POST /api/drain)"));
+  return ApiResponse::error(404, "no API endpoint " + path +
+                                     " (expected /api/health, /api/ready, /api/stats, /api/txt2img, /api/img2img, "
+                                     "or POST /api/drain)");
 }
 
 void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
   const std::string what = txt2img ? "txt2img" : "img2img";
-  if (req.content_type.rfind("application/json", 0) != 0) {
-    errors_.fetch_add(1);
-    return done(ApiResponse::error(415, what + ": expected Content-Type: application/json, got '" +
-                                            req.content_type + "'"));
-  }
-  // The slot first: a busy server answers before it spends a network thread on decoding the body's images.
-  if (pending_->fetch_add(1) >= max_pending_) {
-    pending_->fetch_sub(1);
-    rejected_busy_.fetch_add(1);
-    return done(ApiResponse::json(503, {{"error", "busy"},
-                                        {"message", "the server has " + std::to_string(max_pending_) +
-                                                        " API requests waiting already; try again shortly"}}));
-  }
   ApiBody parsed;
   try {
     parsed = parse_api_body(txt2img, req.body, defaults_, size_step());

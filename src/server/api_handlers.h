@@ -22,6 +22,7 @@
 #include <list>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -58,10 +59,19 @@ class ApiHandlers {
   static bool is_api(const std::string& target);
   // `done` is called exactly once: at once (health, stats, errors) or from the model thread (images).
   void handle(const ApiRequest& request, Done done);
+  // For a client that waits for "100 Continue" before it sends the body (Expect: 100-continue): the refusal its
+  // request gets whatever the body says (404, 405, 415, 503 busy), counted as handle() counts it; nullopt when the
+  // body is wanted (then handle() takes the whole request as usual). `request.body` is not looked at.
+  std::optional<ApiResponse> refusal_before_body(const ApiRequest& request);
 
   nlohmann::json stats() const;
 
  private:
+  // What needs no body: health, stats and the refusals of the route, method, Content-Type and a busy server
+  // (counted); nullopt for an image request that has a pending slot (taken here when `take_slot`, else only looked
+  // for).
+  std::optional<ApiResponse> answer_before_body(const ApiRequest& request, bool take_slot);
+  // An image request whose pending slot is taken: its body parsed, its job scheduled.
   void generate(bool txt2img, const ApiRequest& request, Done done);
   // What request sizes must be multiples of: 8 and the VAE's scale factor (the stream's own checks).
   int64_t size_step() const { return std::lcm<int64_t>(8, models_->vae_scale_factor()); }

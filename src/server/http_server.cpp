@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <fstream>
+#include <optional>
 #include <sstream>
+#include <string_view>
 
 #include <boost/asio/ip/tcp.hpp>
 #include <opencv2/core/utility.hpp>
@@ -48,7 +50,53 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
     parser_->body_limit(ctx_->options.max_http_body);
     parser_->header_limit(kMaxHeaderBytes);
     stream_.expires_after(kRequestTimeout);
+    http::async_read_header(stream_, buffer_, *parser_,
+                            beast::bind_front_handler(&HttpSession::on_header, shared_from_this()));
+  }
+
+  // The header is in. A client that sent "Expect: 100-continue" waits before it sends the body (curl: up to a second,
+  // then it sends it anyway): it gets "100 Continue", or at once the final answer when the request is refused
+  // whatever the body; the refusal closes the connection, as the body it announced may still come (RFC 9110 10.1.1).
+  void on_header(beast::error_code ec, std::size_t) {
+    if (ec) return on_read(ec, 0);
+    const auto& req = parser_->get();
+    if (parser_->is_done() || req.version() < 11 || !beast::iequals(req[http::field::expect], "100-continue"))
+      return read_body();
+    if (auto refusal = refusal_before_body(req)) {
+      ctx_->http_requests.fetch_add(1);
+      refusal->keep_alive(false);
+      return send(std::move(*refusal));
+    }
+    static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+    net::async_write(stream_, net::buffer(kContinue.data(), kContinue.size()),
+                     [self = shared_from_this()](beast::error_code wec, std::size_t) {
+                       if (wec) return self->close();
+                       self->read_body();
+                     });
+  }
+
+  void read_body() {
     http::async_read(stream_, buffer_, *parser_, beast::bind_front_handler(&HttpSession::on_read, shared_from_this()));
+  }
+
+  // The answer of a request that is refused whatever its body says (a wrong route, method or Content-Type, a busy
+  // API); nullopt when the body is wanted. Bodies that are too large are refused by the parser already (413).
+  std::optional<Response> refusal_before_body(const http::request<http::string_body>& req) {
+    if (websocket::is_upgrade(req)) return std::nullopt;
+    const std::string target(req.target());
+    const std::string path = target.substr(0, target.find('?'));
+    if (path == "/metrics" || path == "/api/ready" || path == "/api/drain") return std::nullopt;
+    if (ApiHandlers::is_api(path)) {
+      ApiRequest a;
+      a.method = std::string(req.method_string());
+      a.target = target;
+      a.content_type = std::string(req[http::field::content_type]);
+      auto r = ctx_->api->refusal_before_body(a);
+      if (!r) return std::nullopt;
+      return api_response(std::move(*r), req.version(), false, req.method() == http::verb::head);
+    }
+    if (req.method() != http::verb::get && req.method() != http::verb::head) return static_file(req);  // 405
+    return std::nullopt;
   }
 
   void on_read(beast::error_code ec, std::size_t) {

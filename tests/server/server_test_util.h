@@ -264,6 +264,88 @@ class WsClient {
   bool dead_ = false;
 };
 
+// A plain TCP client that writes bytes as given and reads with deadlines, for exchanges an HTTP client library does
+// not show step by step (Expect: 100-continue; a request and then a hang-up; pipelining).
+class RawClient {
+ public:
+  bool connect(uint16_t port) {
+    beast::error_code ec;
+    stream_.socket().connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), ec);
+    return !ec;
+  }
+  bool write(const std::string& bytes) {
+    beast::error_code ec;
+    net::write(stream_.socket(), net::buffer(bytes), ec);
+    return !ec;
+  }
+  // The bytes up to and including `delimiter`, or nullopt when it has not come within `timeout` (or the connection
+  // ended first).
+  std::optional<std::string> read_until(const std::string& delimiter, std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const std::string have = beast::buffers_to_string(buffer_.data());
+      if (const auto at = have.find(delimiter); at != std::string::npos) {
+        buffer_.consume(at + delimiter.size());
+        return have.substr(0, at + delimiter.size());
+      }
+      bool done = false;
+      beast::error_code ec;
+      stream_.async_read_some(buffer_.prepare(4096), [&](beast::error_code e, std::size_t n) {
+        ec = e;
+        buffer_.commit(n);
+        done = true;
+      });
+      if (!run_until(deadline, done) || ec) return std::nullopt;
+    }
+  }
+  // One HTTP response (a 1xx one too), or nullopt when none has come whole within `timeout`.
+  std::optional<http::response<http::string_body>> read_response(std::chrono::milliseconds timeout) {
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(64u << 20);
+    bool done = false;
+    beast::error_code ec;
+    http::async_read(stream_, buffer_, parser, [&](beast::error_code e, std::size_t) {
+      ec = e;
+      done = true;
+    });
+    if (!run_until(std::chrono::steady_clock::now() + timeout, done) || ec) return std::nullopt;
+    return parser.release();
+  }
+  // True when the server ends the connection (EOF or reset) within `timeout` with nothing more sent.
+  bool closed_by_server(std::chrono::milliseconds timeout) {
+    if (buffer_.size() > 0) return false;
+    char byte = 0;
+    bool done = false;
+    beast::error_code ec;
+    stream_.async_read_some(net::buffer(&byte, 1), [&](beast::error_code e, std::size_t) {
+      ec = e;
+      done = true;
+    });
+    return run_until(std::chrono::steady_clock::now() + timeout, done) && ec;
+  }
+  void close() {
+    beast::error_code ec;
+    stream_.socket().close(ec);
+  }
+
+ private:
+  // Runs the pending read until it completes (true) or the deadline passes (false: the read is cancelled).
+  bool run_until(std::chrono::steady_clock::time_point deadline, const bool& done) {
+    ioc_.restart();
+    ioc_.run_until(deadline);
+    if (done) return true;
+    beast::error_code ec;
+    stream_.socket().cancel(ec);
+    ioc_.restart();
+    ioc_.run();
+    return false;
+  }
+
+  net::io_context ioc_;
+  beast::tcp_stream stream_{ioc_};
+  beast::flat_buffer buffer_;
+};
+
 // A test picture: gradients and a square whose place depends on `k`, as JPEG (w x h).
 inline std::string test_jpeg(int w, int h, int k = 0) {
   cv::Mat rgb(h, w, CV_8UC3);
