@@ -98,15 +98,19 @@ nlohmann::json ApiHandlers::stats() const {
           {"max_pending", max_pending_},
           {"rejected_busy", rejected_busy_.load()},
           {"errors", errors_.load()},
+          {"cancelled", cancelled_.load()},
           {"streams_built", streams_built_.load()},
           {"streams_reused", streams_reused_.load()},
           {"streams_cached", streams_cached_.load()}};
 }
 
-void ApiHandlers::handle(const ApiRequest& req, Done done) {
+ApiHandlers::Cancel ApiHandlers::handle(const ApiRequest& req, Done done) {
   requests_.fetch_add(1);
-  if (auto r = answer_before_body(req, true)) return done(std::move(*r));
-  generate(path_of(req.target) == "/api/txt2img", req, std::move(done));
+  if (auto r = answer_before_body(req, true)) {
+    done(std::move(*r));
+    return {};
+  }
+  return generate(path_of(req.target) == "/api/txt2img", req, std::move(done));
 }
 
 std::optional<ApiResponse> ApiHandlers::refusal_before_body(const ApiRequest& req) {
@@ -168,7 +172,7 @@ std::optional<ApiResponse> ApiHandlers::answer_before_body(const ApiRequest& req
                                      "or POST /api/drain)");
 }
 
-void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
+ApiHandlers::Cancel ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
   const std::string what = txt2img ? "txt2img" : "img2img";
   ApiBody parsed;
   try {
@@ -176,7 +180,8 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
   } catch (const std::exception& e) {  // sd::Error mostly; anything else must not escape into the network thread
     pending_->fetch_sub(1);
     errors_.fetch_add(1);
-    return done(ApiResponse::error(400, what + ": " + e.what()));
+    done(ApiResponse::error(400, what + ": " + e.what()));
+    return {};
   }
   const StreamDefaults& defaults = parsed.defaults;
   const StreamSettings& settings = parsed.settings;
@@ -246,7 +251,17 @@ void ApiHandlers::generate(bool txt2img, const ApiRequest& req, Done done) {
     // The worker has stopped: the job never runs, so release its slot and answer here.
     pending_->fetch_sub(1);
     done(ApiResponse::error(503, "the server is shutting down"));
+    return {};
   }
+  // Weak: a job that has run is gone, and a Cancel kept by its connection must not keep its images alive. Taking it
+  // out of the queue and the worker taking it for its turn exclude each other under the worker's lock.
+  return [this, weak = std::weak_ptr<ModelTask>(job)] {
+    const auto queued = weak.lock();
+    if (!queued || !worker_.unschedule(queued)) return false;
+    pending_->fetch_sub(1);
+    cancelled_.fetch_add(1);
+    return true;
+  };
 }
 
 }  // namespace sd::server

@@ -16,7 +16,8 @@
 // unit of work on the shared ModelWorker, in turn with the live streams. The stream of each mode and size is kept
 // (a few, least recently used dropped) and prepared again per request, which gives what a fresh one would. At most `max_pending` requests
 // wait at once; beyond that 503 with a JSON "busy" body. Errors: 400 (bad JSON, unknown field, bad image), 404,
-// 405, 415 — always a JSON body {"error": "..."}.
+// 405, 415 — always a JSON body {"error": "..."}. A request whose client hangs up before the model takes it is
+// dropped (HttpSession cancels it: it never runs; counted as "cancelled" in /api/stats, sd_api_cancelled_total).
 #include <atomic>
 #include <functional>
 #include <list>
@@ -52,13 +53,18 @@ struct ApiResponse {
 class ApiHandlers {
  public:
   using Done = std::function<void(ApiResponse)>;
+  // Drops an image request whose client has gone, if the model has not taken it yet: true then (it never runs, its
+  // pending place is free at once, it counts as "cancelled" and its `done` is never called); false when it runs or
+  // has run. Any thread.
+  using Cancel = std::function<bool()>;
 
   ApiHandlers(std::shared_ptr<const DiffusionModels> models, StreamDefaults defaults, ModelWorker& worker,
               int max_pending, std::function<nlohmann::json()> server_stats);
 
   static bool is_api(const std::string& target);
-  // `done` is called exactly once: at once (health, stats, errors) or from the model thread (images).
-  void handle(const ApiRequest& request, Done done);
+  // `done` is called exactly once: at once (health, stats, errors) or from the model thread (images), unless the
+  // returned Cancel (set for a queued image only) drops the request.
+  Cancel handle(const ApiRequest& request, Done done);
   // For a client that waits for "100 Continue" before it sends the body (Expect: 100-continue): the refusal its
   // request gets whatever the body says (404, 405, 415, 503 busy), counted as handle() counts it; nullopt when the
   // body is wanted (then handle() takes the whole request as usual). `request.body` is not looked at.
@@ -71,8 +77,8 @@ class ApiHandlers {
   // (counted); nullopt for an image request that has a pending slot (taken here when `take_slot`, else only looked
   // for).
   std::optional<ApiResponse> answer_before_body(const ApiRequest& request, bool take_slot);
-  // An image request whose pending slot is taken: its body parsed, its job scheduled.
-  void generate(bool txt2img, const ApiRequest& request, Done done);
+  // An image request whose pending slot is taken: its body parsed, its job scheduled (and its Cancel returned).
+  Cancel generate(bool txt2img, const ApiRequest& request, Done done);
   // What request sizes must be multiples of: 8 and the VAE's scale factor (the stream's own checks).
   int64_t size_step() const { return std::lcm<int64_t>(8, models_->vae_scale_factor()); }
   // Model thread: the kept stream of this mode and size, reused when `cfg` differs from its config by the seed at
@@ -85,7 +91,7 @@ class ApiHandlers {
   const int max_pending_;
   std::function<nlohmann::json()> server_stats_;
   std::shared_ptr<std::atomic<int>> pending_ = std::make_shared<std::atomic<int>>(0);
-  std::atomic<int64_t> requests_{0}, images_{0}, rejected_busy_{0}, errors_{0};
+  std::atomic<int64_t> requests_{0}, images_{0}, rejected_busy_{0}, errors_{0}, cancelled_{0};
 
   struct CachedStream {
     struct Key {

@@ -293,6 +293,9 @@ std::string render_metrics(ServerContext& ctx) {
         static_cast<double>(api.value("images", int64_t{0})));
   m.one("sd_api_rejected_busy_total", "counter", "API image requests refused with 503 (--max-api-pending).",
         static_cast<double>(api.value("rejected_busy", int64_t{0})));
+  m.one("sd_api_cancelled_total", "counter",
+        "API image requests dropped before the model took them: their client closed the connection.",
+        static_cast<double>(api.value("cancelled", int64_t{0})));
   if (ctx.models)
     if (const auto c = ctx.models->compiled_unet_stats(); !c.path.empty()) {
       m.family("sd_unet_calls_total", "counter",

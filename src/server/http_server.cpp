@@ -180,11 +180,13 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
       a.body = std::move(req.body());
       const bool head = req.method() == http::verb::head;
       stream_.expires_never();  // an image may wait for its turn on the model
-      ctx_->api->handle(a, [self = shared_from_this(), version, keep_alive, head](ApiResponse r) {
+      auto cancel = ctx_->api->handle(a, [self = shared_from_this(), version, keep_alive, head](ApiResponse r) {
         net::post(self->stream_.get_executor(), [self, r = std::move(r), version, keep_alive, head]() mutable {
+          self->stop_watching();
           self->send(api_response(std::move(r), version, keep_alive, head));
         });
       });
+      if (cancel) watch_for_hangup(std::move(cancel));
       return;
     }
     send(static_file(req));
@@ -240,6 +242,48 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
     if (head) res.body().clear();
     return res;
   }
+
+  // While an API image waits for the model, a wait on the socket notices a client that hangs up, so that its request
+  // is dropped before it costs model time. A peek tells what made the socket readable: EOF or an error is a hang-up;
+  // data is a pipelined request (read after this answer): the client is still there, and the watch ends; nothing
+  // (a readiness left over from the request's own bytes, which epoll reports by edge) means wait again.
+  void watch_for_hangup(ApiHandlers::Cancel cancel) {
+    cancel_ = std::move(cancel);
+    wait_readable();
+  }
+  void wait_readable() {
+    stream_.socket().async_wait(tcp::socket::wait_read,
+                                [self = shared_from_this()](beast::error_code ec) { self->on_readable(ec); });
+  }
+  void on_readable(beast::error_code ec) {
+    if (!cancel_ || ec == net::error::operation_aborted) return;  // answered meanwhile
+    if (!ec) {
+      auto& socket = stream_.socket();
+      char byte = 0;
+      socket.non_blocking(true, ec);  // a peek that returns at once; asynchronous operations do not look at it
+      const std::size_t pipelined = ec ? 0 : socket.receive(net::buffer(&byte, 1), tcp::socket::message_peek, ec);
+      beast::error_code ignored;
+      socket.non_blocking(false, ignored);
+      if (ec == net::error::would_block || ec == net::error::try_again) return wait_readable();
+      if (!ec && pipelined > 0) {
+        cancel_ = nullptr;
+        return;
+      }
+    }
+    const auto cancel = std::move(cancel_);
+    cancel_ = nullptr;
+    if (cancel()) {
+      log::debug("api: the client left before the model took its request ({}); dropped", ec.message());
+      close();
+    }  // else the model has it: its answer is sent as usual (a client that only half-closed still reads it)
+  }
+  void stop_watching() {
+    if (!cancel_) return;
+    cancel_ = nullptr;
+    beast::error_code ec;
+    stream_.socket().cancel(ec);  // the wait is the only operation pending on the socket now
+  }
+  ApiHandlers::Cancel cancel_;  // set while a wait for a hang-up is pending
 
   void send(Response&& res) {
     auto msg = std::make_shared<Response>(std::move(res));

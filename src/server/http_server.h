@@ -8,7 +8,8 @@
 // --max-http-body (413 beyond), 30 s to send a request, one request at a time per connection (keep-alive).
 // Expect: 100-continue (curl 7.88 sends it with bodies over 1 MiB, older curl over 1 KiB) gets "100 Continue" once
 // the header is read, or at once the final answer, with the connection closed, when the request is refused whatever
-// its body (413, a wrong route, method or Content-Type, a busy API).
+// its body (413, a wrong route, method or Content-Type, a busy API). An API image request whose client hangs up
+// before the model takes it is dropped (ApiHandlers::Cancel).
 // The WebSocket upgrade checks the Origin (403 when refused) before any stream slot is taken.
 #include <cstdint>
 #include <functional>

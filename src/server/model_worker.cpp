@@ -1,5 +1,6 @@
 #include "server/model_worker.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "core/log.h"
@@ -41,6 +42,15 @@ bool ModelWorker::schedule(const std::shared_ptr<ModelTask>& task) {
     queue_.push_back(task);
   }
   cv_.notify_one();
+  return true;
+}
+
+bool ModelWorker::unschedule(const std::shared_ptr<ModelTask>& task) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = std::find(queue_.begin(), queue_.end(), task);
+  if (it == queue_.end()) return false;
+  queue_.erase(it);
+  task->queued_ = false;
   return true;
 }
 

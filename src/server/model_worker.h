@@ -76,6 +76,9 @@ class ModelWorker {
   void stop();
   // Thread-safe, non-blocking. False once stopped.
   bool schedule(const std::shared_ptr<ModelTask>& task);
+  // Thread-safe, non-blocking: takes a task that waits for its turn out of the queue, so that it does not run (an API
+  // request whose client has gone). False when it is not waiting: running, run already, or never scheduled.
+  bool unschedule(const std::shared_ptr<ModelTask>& task);
 
   // Most tasks gathered into one step (1 = off, every task runs alone); call before start(). Values < 1 are 1.
   void set_max_batch_streams(int n) { max_batch_ = n < 1 ? 1 : n; }

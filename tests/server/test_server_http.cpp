@@ -1,5 +1,5 @@
 // The HTTP side of the server byte by byte, on loopback with stub models (no fixtures): Expect: 100-continue (the
-// interim answer before the body; refusals without it).
+// interim answer before the body; refusals without it) and API requests whose client hangs up while they wait.
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "pipeline/stream_test_stubs.h"
+#include "prometheus_text.h"
 #include "server/http_server.h"
 #include "server_test_util.h"
 
@@ -193,4 +194,70 @@ TEST_F(ServerHttp, ExpectContinueRefusalsComeAtOnceWithoutTheBody) {
   const auto r = held.get();
   EXPECT_EQ(r.status, 200u) << r.body;
   EXPECT_EQ(r.content_type, "image/png");
+}
+
+// An API request queued behind other work kept its place after its client had gone and ran the model for no one. A
+// hang-up (EOF) while it waits drops it: it never runs, its pending place is free at once, and it is counted. Data
+// from a client that waits (a pipelined request) is not a hang-up.
+TEST_F(ServerHttp, AQueuedApiRequestWhoseClientHangsUpNeverRuns) {
+  ServerOptions o;
+  o.max_api_pending = 4;
+  start_blocking(o);
+  auto queued = [&] { return server_->stats()["worker"].value("queued", -1); };
+  // A holds the model.
+  auto a = std::async(std::launch::async, [&] {
+    return http_request(port_, http::verb::post, "/api/txt2img", kTxt2ImgBody);
+  });
+  ASSERT_TRUE(models_->wait_entered(WsClient::scaled(30s)));
+  struct ReleaseOnExit {  // before `a` waits for its answer, also when an assertion ends the test early
+    BlockingModels& models;
+    ~ReleaseOnExit() { models.release(); }
+  } release_on_exit{*models_};
+  const size_t unet_calls_per_image = sd::test::tiny_stream_defaults(kSize).txt2img.t_index_list.size();
+
+  // C waits, and pipelines a second request on its connection meanwhile: readable, but not gone.
+  RawClient c;
+  ASSERT_TRUE(c.connect(port_));
+  ASSERT_TRUE(c.write(post_header("/api/txt2img", "application/json", kTxt2ImgBody.size(), "") + kTxt2ImgBody));
+  ASSERT_TRUE(wait_for([&] { return queued() == 1; })) << "C is not waiting: " << server_->stats().dump();
+  ASSERT_TRUE(c.write("GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"));
+
+  // B waits, then its client hangs up.
+  RawClient b;
+  ASSERT_TRUE(b.connect(port_));
+  ASSERT_TRUE(b.write(post_header("/api/txt2img", "application/json", kTxt2ImgBody.size(), "") + kTxt2ImgBody));
+  ASSERT_TRUE(wait_for([&] { return queued() == 2; })) << "B and C are not both waiting: " << server_->stats().dump();
+  EXPECT_EQ(api_stats()["pending"], 3);
+  b.close();
+  EXPECT_TRUE(wait_for([&] { return api_stats().value("cancelled", -1) == 1; }))
+      << "B's hang-up did not drop its request: " << api_stats().dump();
+  EXPECT_EQ(api_stats()["pending"], 2) << "B's pending place is free at once";
+  EXPECT_EQ(queued(), 1) << "only C waits";
+
+  models_->release();
+  const auto ra = a.get();
+  EXPECT_EQ(ra.status, 200u) << ra.body;
+  EXPECT_EQ(ra.content_type, "image/png");
+  auto rc = c.read_response(WsClient::scaled(30s));
+  ASSERT_TRUE(rc) << "C was not answered";
+  EXPECT_EQ(rc->result_int(), 200u) << rc->body();
+  EXPECT_EQ((*rc)[http::field::content_type], "image/png");
+  rc = c.read_response(WsClient::scaled(30s));
+  ASSERT_TRUE(rc) << "C's pipelined request was not answered";
+  EXPECT_EQ(rc->result_int(), 200u) << rc->body();
+  EXPECT_EQ(nlohmann::json::parse(rc->body(), nullptr, false).value("status", ""), "ok") << rc->body();
+
+  // The model ran A and C only. A job answers before its turn ends (its pending place freed, the turn counted).
+  EXPECT_TRUE(wait_for([&] { return api_stats()["pending"] == 0 && server_->stats()["worker"]["steps"] >= 2; }))
+      << api_stats().dump();
+  const auto stats = server_->stats();
+  EXPECT_EQ(stats["worker"]["steps"], 2) << stats.dump();
+  EXPECT_EQ(models_->unet_calls().size(), 2 * unet_calls_per_image);
+  const auto api = api_stats();
+  EXPECT_EQ(api["images"], 2) << api.dump();
+  EXPECT_EQ(api["cancelled"], 1) << api.dump();
+  EXPECT_EQ(api["pending"], 0) << api.dump();
+  const sd::test::PromText metrics(http_get(port_, "/metrics").body);
+  EXPECT_EQ(metrics.type("sd_api_cancelled_total"), "counter");
+  EXPECT_EQ(metrics.value("sd_api_cancelled_total"), 1);
 }

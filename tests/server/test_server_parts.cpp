@@ -331,6 +331,29 @@ TEST(ModelWorker, SchedulesEachTaskOnceAndServesInOrder) {
   EXPECT_FALSE(w.schedule(a));  // stopped
 }
 
+// A task taken out of the queue before its turn never runs (an API request whose client has gone); one that is not
+// waiting (never scheduled, or taken out already) is not found.
+TEST(ModelWorker, UnscheduleTakesAWaitingTaskOutOfTheQueue) {
+  std::vector<int> log;
+  std::mutex m;
+  auto a = std::make_shared<RecordingTask>(1, log, m);
+  auto b = std::make_shared<RecordingTask>(2, log, m);
+  auto c = std::make_shared<RecordingTask>(3, log, m);
+  ModelWorker w;
+  EXPECT_TRUE(w.schedule(a));
+  EXPECT_TRUE(w.schedule(b));
+  EXPECT_TRUE(w.schedule(c));
+  EXPECT_TRUE(w.unschedule(b));
+  EXPECT_FALSE(w.unschedule(b));
+  EXPECT_EQ(w.stats()["queued"], 2);
+  w.start();
+  for (int i = 0; i < 200 && w.steps() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_FALSE(w.unschedule(a)) << "a has run";
+  w.stop();
+  EXPECT_EQ(log, (std::vector<int>{1, 3}));
+  EXPECT_EQ(w.steps(), 2);
+}
+
 namespace {
 // Stub models whose UNet fails: the server's own failure, not the request's.
 class FailingModels : public sd::test::StubModels {
