@@ -137,18 +137,27 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
         ctx_->rejected_stream_id.fetch_add(1);
         return send(error_response(400, e.what(), req.version(), false));
       }
-      // Draining: refused here, before the handshake, so that a load balancer (nginx proxy_next_upstream http_503)
-      // hands the stream to another worker instead of passing a "busy" WebSocket on.
-      if (ctx_->draining && !ctx_->stopping) {
-        ctx_->rejected_draining.fetch_add(1);
+      // Draining, or full behind a load balancer: refused here, before the handshake, so that the balancer (nginx
+      // proxy_next_upstream http_503) hands the stream to another worker instead of passing a "busy" WebSocket on
+      // while others have free slots. A direct client that finds every slot taken gets the "busy" message in the
+      // WebSocket instead (a browser cannot read the status of a refused upgrade), and so does the balancer's last
+      // try (X-SD-Last-Try, deploy/nginx/fleet.conf.template: every worker refused, one is asked to say why).
+      const bool last_try = req.find("X-SD-Last-Try") != req.end();
+      const bool draining = ctx_->draining && !ctx_->stopping;
+      if (!last_try && (draining || (forwarded(req) && ctx_->active_streams.load() >= ctx_->options.max_streams))) {
+        (draining ? ctx_->rejected_draining : ctx_->rejected_busy).fetch_add(1);
         Response res{http::status::service_unavailable, req.version()};
         res.set(http::field::content_type, "application/json");
         res.set(http::field::retry_after, "1");
         res.keep_alive(false);
         res.body() = nlohmann::json{{"type", "busy"},
-                                    {"reason", "draining"},
+                                    {"reason", draining ? "draining" : "full"},
                                     {"worker", ctx_->worker_id},
-                                    {"error", "this worker is draining: connect again to get another one"}}
+                                    {"max_streams", ctx_->options.max_streams},
+                                    {"error", draining ? std::string("this worker is draining: connect again to get "
+                                                                     "another one")
+                                                       : "all " + std::to_string(ctx_->options.max_streams) +
+                                                             " stream slots of this worker are in use"}}
                          .dump();
         res.prepare_payload();
         return send(std::move(res));
@@ -167,8 +176,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
       beast::error_code pec;
       const auto peer = stream_.socket().remote_endpoint(pec);
       f.peer_address = pec ? std::string("unknown") : peer.address().to_string();
-      f.forwarded = req.find("X-Forwarded-For") != req.end() || req.find("Forwarded") != req.end() ||
-                    req.find("X-Real-IP") != req.end();
+      f.forwarded = forwarded(req);
       return send(api_response(*handle_fleet_request(*ctx_, f), version, keep_alive,
                                req.method() == http::verb::head));
     }
@@ -190,6 +198,12 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
       return;
     }
     send(static_file(req));
+  }
+
+  // Whether the request came through a proxy (what a load balancer in front of a fleet adds).
+  static bool forwarded(const http::request<http::string_body>& req) {
+    return req.find("X-Forwarded-For") != req.end() || req.find("Forwarded") != req.end() ||
+           req.find("X-Real-IP") != req.end();
   }
 
   // An API handler's answer as the HTTP response (never cached; HEAD gets the headers only).

@@ -126,6 +126,7 @@ inline HttpResult http_get(uint16_t port, const std::string& target) { return ht
 class WsClient {
  public:
   int receive_buffer = 0;  // SO_RCVBUF in bytes (0: the system's), for a client that reads slowly or not at all
+  std::vector<std::pair<std::string, std::string>> headers;  // extra upgrade request headers (X-Forwarded-For, ...)
 
   struct Message {
     bool ok = false;        // false: timeout or error (see error / closed)
@@ -148,8 +149,9 @@ class WsClient {
     }
     beast::get_lowest_layer(ws_).connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port), ec);
     if (ec) return 0;
-    ws_.set_option(websocket::stream_base::decorator([origin](websocket::request_type& req) {
+    ws_.set_option(websocket::stream_base::decorator([origin, extra = headers](websocket::request_type& req) {
       if (!origin.empty()) req.set(http::field::origin, origin);
+      for (const auto& [k, v] : extra) req.set(k, v);
     }));
     ws_.read_message_max(64u << 20);
     websocket::response_type res;

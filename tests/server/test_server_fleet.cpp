@@ -233,6 +233,38 @@ TEST_F(FleetServerTest, ReadyHealthAndTheWorkerIdInHelloAndStats) {
   EXPECT_EQ(http_get(port_, "/api/ready").status, 200u);
 }
 
+// A full worker behind a load balancer refuses the upgrade with 503, so that nginx (proxy_next_upstream http_503)
+// gives the stream a worker with a free slot; it answered "busy" after the handshake, which kept the stream there
+// while others were free. A direct client and the balancer's last try (X-SD-Last-Try) get "busy" in the WebSocket.
+TEST_F(FleetServerTest, AFullWorkerRefusesAProxiedUpgradeSoTheBalancerTriesAnother) {
+  start("w-full", 1);
+  WsClient holder;
+  open(holder, "holder");
+  const auto proxied = sd::test::upgrade_answer(port_, "/ws?stream=next", {{"X-Forwarded-For", "10.0.0.7"}});
+  EXPECT_EQ(proxied.status, 503u) << proxied.body;
+  EXPECT_EQ(proxied.json()["type"], "busy");
+  EXPECT_EQ(proxied.json()["reason"], "full");
+  EXPECT_EQ(proxied.json()["worker"], "w-full");
+  EXPECT_EQ(proxied.json()["error"], "all 1 stream slots of this worker are in use");
+  for (const bool last_try : {false, true}) {
+    WsClient c;
+    if (last_try) c.headers = {{"X-Forwarded-For", "10.0.0.7"}, {"X-SD-Last-Try", "1"}};
+    ASSERT_EQ(c.connect(port_, "", "/ws?stream=direct"), 101u) << "last try: " << last_try;
+    const auto busy = c.read_type("busy", std::chrono::seconds(10));
+    ASSERT_TRUE(busy) << "last try: " << last_try;
+    EXPECT_EQ((*busy)["reason"], "full");
+  }
+  EXPECT_EQ(metrics().value("sd_streams_rejected_total", {{"reason", "busy"}}), 3);
+  // A free slot takes a proxied stream.
+  holder.close();
+  const auto deadline = Clock::now() + std::chrono::seconds(5);
+  while (http_get(port_, "/api/ready").status != 200 && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  WsClient next;
+  next.headers = {{"X-Forwarded-For", "10.0.0.7"}};
+  EXPECT_EQ(open(next, "next")["worker"], "w-full");
+}
+
 TEST_F(FleetServerTest, DefaultWorkerIdIsHostAndPort) {
   start("");
   EXPECT_EQ(http_get(port_, "/api/health").json()["worker_id"], "127.0.0.1:" + std::to_string(port_));
