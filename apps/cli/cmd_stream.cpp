@@ -137,7 +137,9 @@ sd::cli::Runner setup_stream(CLI::App& app) {
   app.add_option("--stats-json", o->stats_json, "write a JSON summary here at exit (fps, latency, drops, RSS, ...)");
   app.add_option("--status-interval", o->status_interval, "seconds between status lines on stderr (0 = none)")
       ->capture_default_str();
-  app.add_option("--queue", o->queue, "capacity of each lossless queue")->check(sd::cli::at_least(1))->capture_default_str();
+  app.add_option("--queue", o->queue, "capacity of each lossless queue")
+      ->check(sd::cli::at_least(1))
+      ->capture_default_str();
   app.add_option("--warmup-outputs", o->warmup_outputs, "outputs after which RSS counts as 'after warm-up'")
       ->capture_default_str();
   app.add_flag("--fixed-threads", o->fixed_threads,
