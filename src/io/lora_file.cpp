@@ -57,7 +57,7 @@ std::optional<ParsedKey> parse_key(const std::string& key) {
     else if (suffix == ".alpha")
       p.part = Part::Alpha;
     else
-      return std::nullopt;  // LyCORIS (hada_*, lokr_*, lora_mid), DoRA scales, ...: not supported
+      return std::nullopt;  // LyCORIS (hada_*, lokr_*, lora_mid), DoRA scales, ...: lora_method() refuses them
     if (stem.empty()) return std::nullopt;
     p.component = component;
     p.module = stem;
@@ -130,6 +130,45 @@ std::optional<ParsedKey> parse_key(const std::string& key) {
     }
   }
   return std::nullopt;
+}
+
+// LoRA methods whose files carry terms beyond a down / up pair (a magnitude, a mid factor, other factorisations,
+// full differences). Their keys are recognised so that such a file is refused: fusing its plain pairs alone (DoRA and
+// Tucker LoCon files have them) would silently give other weights than the file was trained for.
+struct Method {
+  const char* name;     // for the error: the method and the key part that shows it
+  const char* part;     // a key's last name part (before a trailing ".weight")
+  bool prefix = false;  // `part` is a prefix (hada_w1_a, lokr_w2_b, ...)
+};
+
+// The method a key belongs to and the module stem it names, or nullptr.
+const Method* lora_method(const std::string& key, std::string* stem) {
+  static const Method methods[] = {
+      {"DoRA (dora_scale)", "dora_scale"},
+      {"DoRA (lora_magnitude_vector)", "lora_magnitude_vector"},
+      {"LyCORIS Tucker LoCon (lora_mid)", "lora_mid"},
+      {"LyCORIS LoHa (hada_*)", "hada_", true},
+      {"LyCORIS LoKr (lokr_*)", "lokr_", true},
+      {"LyCORIS full weight differences (diff / diff_b)", "diff"},
+      {"LyCORIS full weight differences (diff / diff_b)", "diff_b"},
+      {"LyCORIS (IA)^3 (on_input)", "on_input"},
+      {"LyCORIS OFT (oft_blocks)", "oft_blocks"},
+      {"LyCORIS GLoRA (a1 / a2 / b1 / b2)", "a1"},
+      {"LyCORIS GLoRA (a1 / a2 / b1 / b2)", "a2"},
+      {"LyCORIS GLoRA (a1 / a2 / b1 / b2)", "b1"},
+      {"LyCORIS GLoRA (a1 / a2 / b1 / b2)", "b2"},
+  };
+  std::string rest = key;
+  if (ends_with(rest, ".weight")) rest.resize(rest.size() - 7);
+  const auto dot = rest.rfind('.');
+  if (dot == std::string::npos || dot == 0) return nullptr;
+  const std::string last = rest.substr(dot + 1);
+  for (const Method& m : methods) {
+    if (m.prefix ? !starts_with(last, m.part) : last != m.part) continue;
+    *stem = rest.substr(0, dot);
+    return &m;
+  }
+  return nullptr;
 }
 
 torch::Tensor checked_float(const SafeTensorsFile& f, const std::string& key) {
@@ -237,10 +276,21 @@ LoraFile read_lora_file(const std::string& path) {
   std::map<std::string, Pending> groups;  // (component | module | underscored) -> halves seen
   std::set<std::string> layouts;
   size_t order = 0;
+  const Method* method = nullptr;  // the first one in file order, its first key and the modules using it
+  std::string method_key;
+  std::set<std::string> method_stems;
   for (const auto& info : f.tensors()) {
     const std::string& key = info.name;
     auto parsed = parse_key(key);
     if (!parsed) {
+      std::string stem;
+      if (const Method* m = lora_method(key, &stem)) {
+        if (!method) {
+          method = m;
+          method_key = key;
+        }
+        if (std::string(m->name) == method->name) method_stems.insert(stem);
+      }
       out.unparsed.push_back(key);
       continue;
     }
@@ -260,6 +310,16 @@ LoraFile read_lora_file(const std::string& path) {
     }
     slot = key;
     if (parsed->part != Part::Alpha) layouts.insert(parsed->layout);
+  }
+
+  if (method) {
+    const size_t more = method_stems.size() - 1;
+    throw FormatError(path, std::string(method->name) + " is not supported: " + method_key +
+                                (more ? " (and " + std::to_string(more) + " more module" + (more == 1 ? "" : "s") + ")"
+                                      : "") +
+                                "; only plain LoRA (down / up pairs, optional alpha) is fused, and fusing the rest of "
+                                "the file without these terms would give other weights than it was trained for "
+                                "(diffusers 0.24 refuses such keys too)");
   }
 
   std::vector<Pending*> ordered;

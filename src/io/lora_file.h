@@ -16,7 +16,9 @@
 //                     prefix; without a component prefix, "text_model.*" modules are the text encoder's, the rest
 //                     the UNet's. Scale lora_alpha / r = 1 (diffusers' PEFT path without network alphas).
 // A "<stem>.alpha" key is read in every layout. Keys no layout explains, and halves of a pair without the other
-// half, are listed in `unparsed` (the caller reports them; --strict-lora makes them an error).
+// half, are listed in `unparsed` (the caller reports them; --strict-lora makes them an error). Keys of LoRA methods
+// with terms beyond a down / up pair refuse the whole file instead: DoRA (dora_scale, lora_magnitude_vector) and the
+// LyCORIS methods (lora_mid, hada_*, lokr_*, diff / diff_b, on_input, oft_blocks, GLoRA a1 / a2 / b1 / b2).
 #include <map>
 #include <optional>
 #include <string>
@@ -83,7 +85,8 @@ struct LoraReport {
 };
 
 // Reads and validates a LoRA file: FormatError naming the file and key for non-float factors, factors that are not
-// 2-D / 4-D, ranks that disagree between down and up, an alpha that is not one number, and NaN / Inf anywhere.
+// 2-D / 4-D, ranks that disagree between down and up, an alpha that is not one number, and NaN / Inf anywhere; and
+// naming the method and an example key for a DoRA / LyCORIS file ("DoRA (dora_scale) is not supported: KEY ...").
 LoraFile read_lora_file(const std::string& path);
 
 }  // namespace sd

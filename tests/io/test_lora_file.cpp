@@ -146,4 +146,74 @@ TEST(LoraFileReader, EveryLayoutSpelling) {
   fs::remove_all(dir);
 }
 
+// DoRA and the LyCORIS methods carry terms beyond a down / up pair: a file with any of their keys is refused naming
+// the method, its first key and how many more modules use it, also when it holds plain pairs that would match (before,
+// those were fused and the method's keys only counted as unparsed).
+TEST(LoraFileReader, DoraAndLycorisFilesAreRefused) {
+  const std::string dir = sd::test::make_temp_dir("lora_methods_io");
+  const std::string why =
+      "; only plain LoRA (down / up pairs, optional alpha) is fused, and fusing the rest of the file without these "
+      "terms would give other weights than it was trained for (diffusers 0.24 refuses such keys too)";
+  struct Case {
+    std::vector<std::string> keys;  // after one plain kohya pair
+    std::string message;            // after "<file>: "
+  };
+  const std::vector<Case> cases = {
+      {{"lora_unet_a.dora_scale", "lora_unet_b.lora_down.weight", "lora_unet_b.lora_up.weight",
+        "lora_unet_b.dora_scale"},
+       "DoRA (dora_scale) is not supported: lora_unet_a.dora_scale (and 1 more module)"},
+      {{"unet.mid_block.attentions.0.proj_out.lora_A.weight", "unet.mid_block.attentions.0.proj_out.lora_B.weight",
+        "unet.mid_block.attentions.0.proj_out.lora_magnitude_vector.weight"},
+       "DoRA (lora_magnitude_vector) is not supported: "
+       "unet.mid_block.attentions.0.proj_out.lora_magnitude_vector.weight"},
+      {{"lora_unet_a.lora_mid.weight"},
+       "LyCORIS Tucker LoCon (lora_mid) is not supported: lora_unet_a.lora_mid.weight"},
+      {{"lora_unet_c.hada_w1_a", "lora_unet_c.hada_w1_b", "lora_unet_c.hada_w2_a", "lora_unet_c.hada_w2_b",
+        "lora_unet_c.hada_t1", "lora_unet_c.alpha"},
+       "LyCORIS LoHa (hada_*) is not supported: lora_unet_c.hada_w1_a"},
+      {{"lora_te_c.lokr_w1", "lora_te_c.lokr_w2_a", "lora_te_c.lokr_w2_b", "lora_te_d.lokr_w1", "lora_te_e.lokr_w1"},
+       "LyCORIS LoKr (lokr_*) is not supported: lora_te_c.lokr_w1 (and 2 more modules)"},
+      {{"lora_unet_c.diff", "lora_unet_c.diff_b", "lora_unet_d.diff_b"},
+       "LyCORIS full weight differences (diff / diff_b) is not supported: lora_unet_c.diff (and 1 more module)"},
+      {{"lora_unet_c.weight", "lora_unet_c.on_input"},
+       "LyCORIS (IA)^3 (on_input) is not supported: lora_unet_c.on_input"},
+      {{"lora_unet_c.oft_blocks"}, "LyCORIS OFT (oft_blocks) is not supported: lora_unet_c.oft_blocks"},
+      {{"lora_unet_c.a1.weight", "lora_unet_c.a2.weight", "lora_unet_c.b1.weight", "lora_unet_c.b2.weight"},
+       "LyCORIS GLoRA (a1 / a2 / b1 / b2) is not supported: lora_unet_c.a1.weight"},
+      // The first method in file order is named.
+      {{"lora_unet_c.hada_w1_a", "lora_unet_a.dora_scale"},
+       "LyCORIS LoHa (hada_*) is not supported: lora_unet_c.hada_w1_a"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::vector<std::pair<std::string, torch::Tensor>> t = {{"lora_unet_a.lora_down.weight", torch::ones({2, 8})},
+                                                             {"lora_unet_a.lora_up.weight", torch::ones({8, 2})}};
+    for (const auto& k : cases[i].keys) {
+      const bool down = k.find("lora_down.") != std::string::npos || k.find("lora_A.") != std::string::npos;
+      t.emplace_back(k, down ? torch::ones({2, 8}) : torch::ones({8, 2}));
+    }
+    const std::string p = dir + "/m" + std::to_string(i) + ".safetensors";
+    sd::save_safetensors(p, t);
+    std::string msg;
+    try {
+      sd::read_lora_file(p);
+    } catch (const sd::FormatError& e) {
+      msg = e.what();
+    }
+    EXPECT_EQ(msg, p + ": " + cases[i].message + why) << "case " << i;
+  }
+  // Plain pairs with an alpha and unknown keys are no method: read as before.
+  sd::save_safetensors(dir + "/plain.safetensors",
+                       std::vector<std::pair<std::string, torch::Tensor>>{
+                           {"lora_unet_a.lora_down.weight", torch::ones({2, 8})},
+                           {"lora_unet_a.lora_up.weight", torch::ones({8, 2})},
+                           {"lora_unet_a.alpha", torch::full({}, 1.0)},
+                           {"lora_unet_a.lora_down.weight_orphan", torch::ones({2})},
+                           {"lora_unet_b.scale_weight", torch::ones({2})}});
+  const auto f = sd::read_lora_file(dir + "/plain.safetensors");
+  EXPECT_EQ(f.pairs.size(), 1u);
+  EXPECT_EQ(f.unparsed,
+            (std::vector<std::string>{"lora_unet_a.lora_down.weight_orphan", "lora_unet_b.scale_weight"}));
+  fs::remove_all(dir);
+}
+
 }  // namespace

@@ -547,7 +547,7 @@ TEST_F(LoraTempFiles, UnmatchedKeysAreReportedOrStrictError) {
   auto t = original();
   t.emplace_back("lora_unet_down_blocks_7_resnets_0_conv1.lora_down.weight", torch::zeros({4, 32, 3, 3}));
   t.emplace_back("lora_unet_down_blocks_7_resnets_0_conv1.lora_up.weight", torch::zeros({32, 4, 1, 1}));
-  t.emplace_back("lora_unet_conv_in.hada_w1_a", torch::zeros({4, 4}));  // LyCORIS LoHa: not supported
+  t.emplace_back("lora_unet_conv_in.lora_side", torch::zeros({4, 4}));  // no layout's key (and no method's)
   t.emplace_back("lora_unet_mid_block_resnets_1_conv2.lora_down.weight_orphan", torch::zeros({2}));
   t.emplace_back("lora_te_text_model_encoder_layers_0_mlp_fc9.lora_down.weight", torch::zeros({4, 32}));  // no up
   const std::string p = write("extra.safetensors", t);
@@ -615,6 +615,69 @@ TEST_F(LoraTempFiles, MalformedFilesAreClearErrors) {
                                                              {"lora_unet_x.alpha", torch::ones({2})}}));
             }).find("one number"),
             std::string::npos);
+}
+
+// ---- LoRA methods beyond plain pairs ----------------------------------------------------------------------------
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// A DoRA file as kohya / LyCORIS write it (<stem>.dora_scale beside each pair) holds plain pairs that match; fused
+// without DoRA's magnitude normalisation they give other weights, so the file is refused (before the fix: fused,
+// with "79 of its 316 keys patch nothing" as a warning). Likewise a file with one Tucker mid factor or LoHa module.
+TEST(LoraMethods, DoraAndLycorisFilesAreRefusedNotFusedAsPlainPairs) {
+  if (!sd::test::fixture_exists("lora/files/sd15_kohya_lcm.safetensors")) GTEST_SKIP() << "fixture absent";
+  const std::string src = lora_file_path("sd15_kohya_lcm");
+  const std::string dir = sd::test::make_temp_dir("lora_methods");
+  const auto load = [&](const std::string& path) {
+    Models m = load_models("tiny-sd15");
+    sd::LoraSet set(m.components(), /*keep_base=*/false);
+    set.add({path, 1.0, "x"}, /*strict=*/false);
+    set.fuse();
+  };
+  const std::string why =
+      "; only plain LoRA (down / up pairs, optional alpha) is fused, and fusing the rest of the file without these "
+      "terms would give other weights than it was trained for (diffusers 0.24 refuses such keys too)";
+  // The unmodified file loads as before: every key patches one of its 79 modules.
+  {
+    Models m = load_models("tiny-sd15");
+    sd::LoraSet set(m.components(), false);
+    const auto& r = set.add({src, 1.0, "lcm"}, true);
+    EXPECT_EQ(r.keys, 237u);
+    EXPECT_EQ(r.matched_keys, 237u);
+    EXPECT_EQ(r.module_count("unet"), 79u);
+  }
+  // DoRA: a magnitude per output row of every module.
+  auto dora = renamed(src, [](std::string k) { return k; });
+  std::vector<std::pair<std::string, torch::Tensor>> scales;
+  for (const auto& [k, v] : dora)
+    if (ends_with(k, ".lora_up.weight"))
+      scales.emplace_back(k.substr(0, k.size() - 15) + ".dora_scale", torch::ones({v.size(0), 1}));
+  ASSERT_EQ(scales.size(), 79u);
+  const std::string first = scales.front().first;
+  dora.insert(dora.end(), scales.begin(), scales.end());
+  const std::string dp = dir + "/dora.safetensors";
+  sd::save_safetensors(dp, dora);
+  EXPECT_EQ(error_of([&] { load(dp); }),
+            dp + ": DoRA (dora_scale) is not supported: " + first + " (and 78 more modules)" + why);
+  // One module with a Tucker mid factor (LoCon with use_tucker: down, mid, up).
+  auto mid = renamed(src, [](std::string k) { return k; });
+  mid.emplace_back("lora_unet_mid_block_resnets_0_conv1.lora_mid.weight", torch::ones({4, 4, 3, 3}));
+  const std::string mp = dir + "/tucker.safetensors";
+  sd::save_safetensors(mp, mid);
+  EXPECT_EQ(error_of([&] { load(mp); }), mp + ": LyCORIS Tucker LoCon (lora_mid) is not supported: "
+                                              "lora_unet_mid_block_resnets_0_conv1.lora_mid.weight" + why);
+  // One more module (outside the LCM targets) as LoHa.
+  auto hada = renamed(src, [](std::string k) { return k; });
+  for (const char* part : {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
+    hada.emplace_back(std::string("lora_unet_time_embedding_linear_1.") + part, torch::ones({4, 4}));
+  hada.emplace_back("lora_unet_time_embedding_linear_1.alpha", torch::full({}, 4.0));
+  const std::string hp = dir + "/loha.safetensors";
+  sd::save_safetensors(hp, hada);
+  EXPECT_EQ(error_of([&] { load(hp); }),
+            hp + ": LyCORIS LoHa (hada_*) is not supported: lora_unet_time_embedding_linear_1.hada_w1_a" + why);
+  fs::remove_all(dir);
 }
 
 }  // namespace
