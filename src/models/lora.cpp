@@ -6,6 +6,7 @@
 #include <set>
 #include <sstream>
 
+#include "io/ldm_checkpoint.h"
 #include "io/state_dict.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -33,7 +34,7 @@ struct ModuleIndex {
   std::set<std::string> others;                 // every other module path (to tell "not a Linear/Conv2d")
   std::map<std::string, std::string> kohya;     // underscored -> dotted ("" when two paths collide)
 
-  explicit ModuleIndex(torch::nn::Module& root) {
+  ModuleIndex(torch::nn::Module& root, const std::string& component) {
     for (const auto& item : root.named_modules("", /*include_self=*/false)) {
       Leaf leaf;
       leaf.path = item.key();
@@ -50,6 +51,47 @@ struct ModuleIndex {
       else
         it->second.clear();  // ambiguous: such a stem matches nothing
       leaves.emplace(item.key(), std::move(leaf));
+    }
+    if (component == "unet") add_ldm_aliases();
+  }
+
+  // kohya's SDXL trainer (and some SD 1.x ones) name UNet modules as the original (LDM / sgm) layout does:
+  // lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q, ..._middle_block_2_emb_layers_1. Those are the names
+  // of single-file checkpoints, so the single-file key table built from this UNet's own modules gives them for any
+  // config (levels, resnets per level, attention-less levels, transformer depths); diffusers 0.24 renames such files
+  // with _maybe_map_sgm_blocks_to_diffusers to the same modules.
+  void add_ldm_aliases() {
+    // The table has a place for every module of these; modules beside them (an LCM UNet's time_embedding.cond_proj,
+    // class embeddings) have none in LDM files, hence no alias.
+    static const char* const mapped[] = {"conv_in.",     "time_embedding.linear_", "add_embedding.linear_",
+                                         "down_blocks.", "mid_block.",             "up_blocks.",
+                                         "conv_out."};
+    std::vector<std::string> keys;
+    for (const auto& [path, leaf] : leaves) {
+      const std::string key = path + ".weight";
+      for (const char* prefix : mapped)
+        if (key.rfind(prefix, 0) == 0) {
+          keys.push_back(key);
+          break;
+        }
+    }
+    convert::LdmTable table;
+    try {
+      table = convert::unet_ldm_table(keys, "");
+    } catch (const InvalidArgument& e) {  // a block type the original layout has no place for: diffusers names only
+      log::debug("LoRA: no original-layout UNet names for this UNet ({})", e.what());
+      return;
+    }
+    std::map<std::string, std::string> aliases;
+    for (const auto& e : table) {
+      const std::string path = e.diffusers.substr(0, e.diffusers.size() - 7);  // less ".weight"
+      const std::string alias = underscored(e.ldm.substr(0, e.ldm.size() - 7));
+      auto [it, fresh] = aliases.emplace(alias, path);
+      if (!fresh && it->second != path) it->second.clear();
+    }
+    for (const auto& [alias, path] : aliases) {
+      auto [it, fresh] = kohya.emplace(alias, path);
+      if (!fresh && it->second != path) it->second.clear();  // a diffusers stem of another module: ambiguous
     }
   }
 };
@@ -86,7 +128,7 @@ std::string shape_problem(const LoraPair& p, const ModuleIndex::Leaf& leaf) {
 LoraReport match_impl(const LoraFile& file, const LoraComponents& components, std::vector<Match>* matches) {
   std::map<std::string, std::unique_ptr<ModuleIndex>> index;
   for (const auto& [name, module] : components)
-    if (module) index[name] = std::make_unique<ModuleIndex>(*module);
+    if (module) index[name] = std::make_unique<ModuleIndex>(*module, name);
 
   LoraReport r;
   r.path = file.path;
@@ -96,12 +138,18 @@ LoraReport match_impl(const LoraFile& file, const LoraComponents& components, st
   std::vector<std::string> bad_shapes;
   std::set<int64_t> ranks;
   std::set<std::string> seen;  // component|module: one pair per module
+  // A file whose UNet pairs all miss while its text-encoder pairs match is half a LoRA (UNet names of another layout
+  // or another model): refused below rather than applied to the text encoders alone.
+  size_t unet_pairs = 0, unet_matched = 0, text_matched = 0;
+  std::string unet_missed;  // the first UNet pair's down key that names no module
   for (size_t i = 0; i < file.pairs.size(); ++i) {
     const LoraPair& p = file.pairs[i];
     std::string component = p.component;
     if (component.empty()) component = p.module.rfind("text_model.", 0) == 0 ? "text_encoder" : "unet";
     const ModuleIndex::Leaf* leaf = nullptr;
     auto ix = index.find(component);
+    const bool unet = component == "unet" && ix != index.end();
+    unet_pairs += unet;
     if (ix != index.end()) {
       std::string path = p.module;
       if (p.underscored) {
@@ -114,6 +162,7 @@ LoraReport match_impl(const LoraFile& file, const LoraComponents& components, st
     if (!leaf || !seen.insert(component + "|" + leaf->path).second) {
       for (const std::string* k : {&p.down_key, &p.up_key, &p.alpha_key})
         if (!k->empty()) unmatched.insert(*k);
+      if (unet && unet_missed.empty()) unet_missed = p.down_key;
       continue;
     }
     const std::string problem = shape_problem(p, *leaf);
@@ -121,6 +170,7 @@ LoraReport match_impl(const LoraFile& file, const LoraComponents& components, st
       bad_shapes.push_back(problem);
       continue;
     }
+    (unet ? unet_matched : text_matched) += 1;
     r.modules[component].push_back(leaf->path);
     r.matched_keys += p.alpha_key.empty() ? 2 : 3;
     ranks.insert(p.rank());
@@ -134,6 +184,12 @@ LoraReport match_impl(const LoraFile& file, const LoraComponents& components, st
     if (bad_shapes.size() > 8) msg << "\n  ... and " << bad_shapes.size() - 8 << " more";
     throw FormatError(file.path, msg.str());
   }
+  if (unet_pairs > 0 && unet_matched == 0 && text_matched > 0)
+    throw FormatError(file.path, "its text-encoder pairs patch this model but none of its " +
+                                     std::to_string(unet_pairs) + " UNet pairs does (e.g. " + unet_missed +
+                                     ": no UNet module of that name, in diffusers' or the original LDM / sgm "
+                                     "layout's names); refusing to apply the text-encoder half alone (a LoRA for "
+                                     "another model family?)");
   // File order for the unmatched list.
   for (const auto& name : file.unparsed)
     if (unmatched.erase(name)) r.unmatched.push_back(name);

@@ -27,12 +27,16 @@ class Conv2dImpl;
 
 // Named module trees a LoRA may patch: {"unet", UNet}, {"text_encoder", CLIPTextModel}. Module names are the
 // diffusers / transformers keys (down_blocks.0.attentions.0.proj_in, text_model.encoder.layers.0.self_attn.q_proj).
+// kohya stems of the "unet" component also match in the original (LDM / sgm) layout's names that single-file
+// checkpoints use (input_blocks_4_1_transformer_blocks_0_attn1_to_q, middle_block_2_emb_layers_1; kohya's SDXL
+// files), from convert::unet_ldm_table of the UNet's own modules.
 using LoraComponents = std::vector<std::pair<std::string, torch::nn::Module*>>;
 
 
 // Matches `file` against the components without changing anything. Throws FormatError naming the file when a pair
 // names an existing module with shapes that do not fit it (each such key with the LoRA's and the weight's shapes:
-// a LoRA for another model family), or when nothing in the file patches any module. Pairs whose module does not
+// a LoRA for another model family), when nothing in the file patches any module, or when its text-encoder pairs
+// match but none of its UNet pairs does (naming one: half a LoRA is not applied). Pairs whose module does not
 // exist (or is not a Linear / Conv2d) and keys no layout explains are listed in `unmatched`.
 LoraReport match_lora(const LoraFile& file, const LoraComponents& components);
 

@@ -2,6 +2,7 @@
 // it lists, every golden (fused weights, UNet and text-encoder outputs after fusion at two scales) in float32 within
 // the README tolerances and in bf16 within a measured bound, PEFT layouts (renamed fixture keys) giving the same
 // fused weights, live scale changes equal to fresh fusion, prepacked convolutions updated, and the bad inputs.
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -18,12 +19,14 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "io/json_config.h"
+#include "io/ldm_checkpoint.h"
 #include "io/lora_file.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "models/clip_text_model.h"
 #include "models/layers.h"
 #include "models/lora.h"
+#include "models/random_model.h"
 #include "models/unet_2d_condition.h"
 
 namespace fs = std::filesystem;
@@ -678,6 +681,227 @@ TEST(LoraMethods, DoraAndLycorisFilesAreRefusedNotFusedAsPlainPairs) {
   EXPECT_EQ(error_of([&] { load(hp); }),
             hp + ": LyCORIS LoHa (hada_*) is not supported: lora_unet_time_embedding_linear_1.hada_w1_a" + why);
   fs::remove_all(dir);
+}
+
+// ---- original-layout (LDM / sgm) UNet names ---------------------------------------------------------------------
+
+// The modules a LoRA can patch (Linear, Conv2d) and their weights' shapes, in module order.
+std::vector<std::pair<std::string, std::vector<int64_t>>> lora_targets(torch::nn::Module& unet) {
+  sd::nn::restore_dense_convolutions(unet);
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  for (const auto& item : unet.named_modules("", false)) {
+    if (auto* l = dynamic_cast<sd::nn::LinearImpl*>(item.value().get()))
+      out.emplace_back(item.key(), l->weight.sizes().vec());
+    else if (auto* c = dynamic_cast<sd::nn::Conv2dImpl*>(item.value().get()))
+      out.emplace_back(item.key(), c->weight.sizes().vec());
+  }
+  return out;
+}
+
+std::string kohya_stem(std::string path) {
+  std::replace(path.begin(), path.end(), '.', '_');
+  return path;
+}
+
+// kohya stem of each UNet module's diffusers path -> the stem of its original-layout name: the single-file key table
+// the other way round.
+std::map<std::string, std::string> ldm_stems(torch::nn::Module& unet) {
+  std::vector<std::string> keys;
+  for (const auto& [path, shape] : lora_targets(unet)) keys.push_back(path + ".weight");
+  std::map<std::string, std::string> out;
+  for (const auto& e : sd::convert::unet_ldm_table(keys, ""))
+    out[kohya_stem(e.diffusers.substr(0, e.diffusers.size() - 7))] = kohya_stem(e.ldm.substr(0, e.ldm.size() - 7));
+  return out;
+}
+
+// A rank-2 kohya pair (alpha 1) for a weight of shape `w`.
+void add_pair(std::vector<std::pair<std::string, torch::Tensor>>& t, const std::string& stem,
+              const std::vector<int64_t>& w) {
+  const bool conv = w.size() == 4;
+  t.emplace_back("lora_unet_" + stem + ".lora_down.weight",
+                 conv ? torch::randn({2, w[1], w[2], w[3]}) : torch::randn({2, w[1]}));
+  t.emplace_back("lora_unet_" + stem + ".lora_up.weight",
+                 conv ? torch::randn({w[0], 2, 1, 1}) : torch::randn({w[0], 2}));
+  t.emplace_back("lora_unet_" + stem + ".alpha", torch::full({}, 1.0));
+}
+
+// Stems written by hand in the original layout's names patch the diffusers modules diffusers 0.24's
+// _maybe_map_sgm_blocks_to_diffusers + _convert_kohya_lora_to_diffusers rename them to (input block i of a UNet with
+// L resnets per level: down_blocks.(i-1)/(L+1), layer (i-1)%(L+1), inner 0 resnets / 1 attentions, "op" the
+// downsampler; output block i: up_blocks.i/(L+1), layer i%(L+1), inner 2 the upsampler; middle_block 0 / 1 / 2:
+// resnets.0 / attentions.0 / resnets.1; in_layers_2 conv1, out_layers_3 conv2, emb_layers_1 time_emb_proj,
+// skip_connection conv_shortcut).
+void expect_stems_patch(torch::nn::Module& unet, const std::vector<std::pair<std::string, std::string>>& stems,
+                        const std::string& dir, const std::string& what) {
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& [path, shape] : lora_targets(unet)) shapes[path] = shape;
+  std::vector<std::pair<std::string, torch::Tensor>> t;
+  std::vector<std::string> want;
+  for (const auto& [stem, path] : stems) {
+    ASSERT_TRUE(shapes.count(path)) << what << ": no module " << path;
+    add_pair(t, stem, shapes.at(path));
+    want.push_back(path);
+  }
+  const std::string p = dir + "/" + what + "_literal.safetensors";
+  sd::save_safetensors(p, t);
+  const sd::LoraReport r = sd::match_lora(sd::read_lora_file(p), {{"unet", &unet}});
+  EXPECT_TRUE(r.unmatched.empty()) << what << ": " << r.unmatched.size() << " unmatched, first " << r.unmatched.front();
+  EXPECT_EQ(r.module_count("unet") ? r.modules.at("unet") : std::vector<std::string>{}, want) << what;
+}
+
+// A LoRA on every module of `unet`, written with diffusers stems and with original-layout stems, fused into two
+// copies of the model (make() builds the same weights each call): the UNet weights are bit-equal.
+void expect_ldm_names_fuse_identically(const std::function<sd::UNet2DConditionModel()>& make, const std::string& dir,
+                                       const std::string& what) {
+  sd::UNet2DConditionModel probe = make();
+  const auto targets = lora_targets(*probe);
+  const auto ldm = ldm_stems(*probe);
+  ASSERT_EQ(ldm.size(), targets.size()) << what;
+  torch::manual_seed(7);
+  std::vector<std::pair<std::string, torch::Tensor>> diffusers_named, ldm_named;
+  for (const auto& [path, shape] : targets) add_pair(diffusers_named, kohya_stem(path), shape);
+  for (const auto& [k, v] : diffusers_named) {
+    const auto dot = k.find('.');
+    ldm_named.emplace_back("lora_unet_" + ldm.at(k.substr(10, dot - 10)) + k.substr(dot), v);
+  }
+  const std::string a = dir + "/" + what + "_diffusers_names.safetensors";
+  const std::string b = dir + "/" + what + "_ldm_names.safetensors";
+  sd::save_safetensors(a, diffusers_named);
+  sd::save_safetensors(b, ldm_named);
+  std::map<std::string, torch::Tensor> fused[2];
+  std::vector<std::string> modules[2];
+  for (int i = 0; i < 2; ++i) {
+    sd::UNet2DConditionModel unet = make();
+    sd::LoraSet set({{"unet", unet.ptr().get()}}, false);
+    const auto& r = set.add({i ? b : a, 0.7, "x"}, /*strict=*/true);
+    modules[i] = r.modules.at("unet");
+    set.fuse();
+    fused[i] = dense_state_dict(*unet);
+  }
+  EXPECT_EQ(modules[0].size(), targets.size()) << what;
+  EXPECT_EQ(modules[1], modules[0]) << what;
+  expect_same_weights(fused[1], fused[0], what + " original-layout names");
+  sd::UNet2DConditionModel base = make();
+  EXPECT_FALSE(torch::equal(dense_state_dict(*base).at("down_blocks.0.resnets.0.conv1.weight"),
+                            fused[0].at("down_blocks.0.resnets.0.conv1.weight")))
+      << what << ": the LoRA changes the weights";
+}
+
+// SD 1.x kohya files written with the original layout's UNet names (some trainers do): the fixtures' kohya files with
+// their UNet stems renamed through the single-file key table fuse bit-identically to the originals.
+TEST(LoraLdmNames, Sd15KohyaFilesWithLdmNamesFuseIdentically) {
+  if (!sd::test::fixture_exists("lora/files/sd15_kohya_unet_te.safetensors")) GTEST_SKIP() << "fixture absent";
+  const std::string dir = sd::test::make_temp_dir("lora_ldm_sd15");
+  Models probe = load_models("tiny-sd15");
+  const auto ldm = ldm_stems(*probe.unet);
+  for (const char* name : {"sd15_kohya_lcm", "sd15_kohya_unet_te"}) {
+    int unet_keys = 0;
+    const std::string p = dir + "/" + name + "_ldm.safetensors";
+    sd::save_safetensors(p, renamed(lora_file_path(name), [&](std::string k) {
+                           if (k.rfind("lora_unet_", 0) != 0) return k;
+                           ++unet_keys;
+                           const auto dot = k.find('.');
+                           return "lora_unet_" + ldm.at(k.substr(10, dot - 10)) + k.substr(dot);
+                         }));
+    EXPECT_GT(unet_keys, 190) << name;
+    expect_same_weights(fused_weights(p, 0.7, "kohya"), fused_weights(lora_file_path(name), 0.7, "kohya"), name);
+  }
+  // tiny-sd15: levels [CrossAttnDown, Down] x 1 resnet, ups [Up, CrossAttnUp] x 2.
+  expect_stems_patch(*probe.unet,
+                     {{"input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+                       "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"},
+                      {"input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"},
+                      {"input_blocks_2_0_op", "down_blocks.0.downsamplers.0.conv"},
+                      {"input_blocks_3_0_emb_layers_1", "down_blocks.1.resnets.0.time_emb_proj"},
+                      {"middle_block_1_proj_in", "mid_block.attentions.0.proj_in"},
+                      {"middle_block_2_out_layers_3", "mid_block.resnets.1.conv2"},
+                      {"output_blocks_1_1_conv", "up_blocks.0.upsamplers.0.conv"},
+                      {"output_blocks_2_0_skip_connection", "up_blocks.1.resnets.0.conv_shortcut"},
+                      {"output_blocks_3_1_transformer_blocks_0_ff_net_2",
+                       "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2"}},
+                     dir, "tiny-sd15");
+  fs::remove_all(dir);
+}
+
+// kohya SDXL files (sgm names) on SDXL's UNet layout: 3 levels x 2 resnets, no attention in the first, transformer
+// depths 2 and 10 (real_unet_config("sdxl") at small widths), and on the tiny-sdxl fixture model.
+TEST(LoraLdmNames, SdxlKohyaNamesMapAsDiffusersDoes) {
+  nlohmann::json u = sd::real_unet_config("sdxl");
+  u["block_out_channels"] = {32, 64, 128};
+  u["attention_head_dim"] = {1, 2, 4};
+  u["cross_attention_dim"] = 96;
+  u["projection_class_embeddings_input_dim"] = 16 + 6 * 256;
+  const auto config = sd::UNet2DConditionConfig::from_json(u, "sdxl unet");
+  torch::manual_seed(3);
+  std::map<std::string, torch::Tensor> weights;
+  for (const auto& [k, v] : sd::state_dict(*sd::UNet2DConditionModel(config)))
+    weights[k] = v.is_floating_point() ? torch::randn(v.sizes()) * 0.05 : v.clone();
+  const auto make = [&] { return sd::load_unet(config, weights, "sdxl-layout unet"); };
+  const std::string dir = sd::test::make_temp_dir("lora_ldm_sdxl");
+  sd::UNet2DConditionModel unet = make();
+  expect_stems_patch(*unet,
+                     {{"input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                       "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"},
+                      {"input_blocks_5_1_transformer_blocks_1_attn2_to_k",
+                       "down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k"},
+                      {"input_blocks_7_1_proj_in", "down_blocks.2.attentions.0.proj_in"},
+                      {"input_blocks_8_1_transformer_blocks_9_ff_net_2",
+                       "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2"},
+                      {"input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"},
+                      {"input_blocks_2_0_emb_layers_1", "down_blocks.0.resnets.1.time_emb_proj"},
+                      {"input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"},
+                      {"input_blocks_6_0_op", "down_blocks.1.downsamplers.0.conv"},
+                      {"middle_block_1_transformer_blocks_9_attn1_to_out_0",
+                       "mid_block.attentions.0.transformer_blocks.9.attn1.to_out.0"},
+                      {"middle_block_2_emb_layers_1", "mid_block.resnets.1.time_emb_proj"},
+                      {"output_blocks_0_1_transformer_blocks_9_attn2_to_v",
+                       "up_blocks.0.attentions.0.transformer_blocks.9.attn2.to_v"},
+                      {"output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"},
+                      {"output_blocks_5_1_proj_out", "up_blocks.1.attentions.2.proj_out"},
+                      {"output_blocks_8_0_skip_connection", "up_blocks.2.resnets.2.conv_shortcut"},
+                      // Beyond the blocks diffusers renames: the single-file names of the embeddings.
+                      {"time_embed_0", "time_embedding.linear_1"},
+                      {"label_emb_0_2", "add_embedding.linear_2"}},
+                     dir, "sdxl");
+  expect_ldm_names_fuse_identically(make, dir, "sdxl");
+  if (sd::test::fixture_exists("sdxl/models/tiny-sdxl/unet"))
+    expect_ldm_names_fuse_identically(
+        [] { return sd::load_unet(sd::test::fixture_path("sdxl/models/tiny-sdxl/unet")); }, dir, "tiny-sdxl");
+  fs::remove_all(dir);
+}
+
+// An SDXL LoRA on SD 1.5: its text-encoder pairs match, none of its UNet pairs does. Refused, naming a UNet key,
+// instead of changing the text encoder alone (before the fix: a warning, and generation went ahead half-patched).
+// A text-encoder-only LoRA still loads.
+TEST_F(LoraTempFiles, UnetHalfThatMatchesNothingIsRefused) {
+  std::vector<std::pair<std::string, torch::Tensor>> te;
+  for (auto& [k, v] : original())
+    if (k.rfind("lora_te_", 0) == 0) te.emplace_back(k, v);
+  ASSERT_EQ(te.size(), 12u * 3);
+  std::vector<std::pair<std::string, torch::Tensor>> t;
+  torch::manual_seed(5);
+  for (const char* stem : {"input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                           "input_blocks_4_1_transformer_blocks_1_attn1_to_q",
+                           "middle_block_1_transformer_blocks_9_ff_net_2"})
+    add_pair(t, stem, {32, 32});
+  t.insert(t.end(), te.begin(), te.end());
+  const std::string p = write("sdxl_on_sd15.safetensors", t);
+  {
+    Models m = load_models("tiny-sd15");
+    sd::LoraSet set(m.components(), false);
+    EXPECT_EQ(error_of([&] { set.add({p, 1.0, "sdxl"}, false); }),
+              p + ": its text-encoder pairs patch this model but none of its 3 UNet pairs does (e.g. "
+                  "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight: no UNet module of "
+                  "that name, in diffusers' or the original LDM / sgm layout's names); refusing to apply the "
+                  "text-encoder half alone (a LoRA for another model family?)");
+    EXPECT_TRUE(set.reports().empty());
+  }
+  const std::string q = write("te_only.safetensors", te);
+  Models m = load_models("tiny-sd15");
+  sd::LoraSet set(m.components(), false);
+  const auto& r = set.add({q, 1.0, "te"}, true);
+  EXPECT_EQ(r.module_count("text_encoder"), 12u);
+  EXPECT_EQ(r.module_count("unet"), 0u);
 }
 
 }  // namespace
