@@ -1,9 +1,11 @@
 #include "io/checkpoint_convert.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstring>
 
 #include "core/error.h"
+#include "core/text.h"
 
 namespace sd::convert {
 
@@ -34,6 +36,22 @@ bool split_index(const std::string& key, long& idx, std::string& rest) {
 }
 
 bool starts_with(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
+
+// The current name of a deprecated AutoencoderKL attention key ("" when `key` is not one). diffusers renames exactly
+// "{path}.{old}.weight|bias" of each attention block built with _from_deprecated_attn_block: in an AutoencoderKL the
+// mid blocks of encoder and decoder.
+std::string current_vae_attention_name(const std::string& key) {
+  static const std::pair<const char*, const char*> kRenamed[] = {
+      {"query", "to_q"}, {"key", "to_k"}, {"value", "to_v"}, {"proj_attn", "to_out.0"}};
+  const auto t = split(key, '.', /*keep_empty=*/true);
+  if (t.size() != 6 || (t[0] != "encoder" && t[0] != "decoder") || t[1] != "mid_block" || t[2] != "attentions" ||
+      t[3].empty() || !std::all_of(t[3].begin(), t[3].end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+      (t[5] != "weight" && t[5] != "bias"))
+    return "";
+  for (const auto& [old_name, name] : kRenamed)
+    if (t[4] == old_name) return t[0] + ".mid_block.attentions." + t[3] + "." + name + "." + t[5];
+  return "";
+}
 
 }  // namespace
 
@@ -83,6 +101,25 @@ std::pair<std::map<std::string, torch::Tensor>, std::map<std::string, torch::Ten
     (half == TaesdHalf::Encoder ? enc : dec)[key] = t;
   }
   return {enc, dec};
+}
+
+bool is_deprecated_vae_attention_key(const std::string& key) { return !current_vae_attention_name(key).empty(); }
+
+size_t vae_deprecated_attention_to_current(std::map<std::string, torch::Tensor>& weights, const std::string& source) {
+  std::vector<std::pair<std::string, std::string>> renames;  // old -> current
+  for (const auto& kv : weights)
+    if (std::string now = current_vae_attention_name(kv.first); !now.empty()) {
+      if (weights.count(now))
+        throw FormatError(source, kv.first + " (the name diffusers used before 0.14) and " + now +
+                                      " are the same layer: expected one of the two names, not both");
+      renames.emplace_back(kv.first, std::move(now));
+    }
+  for (const auto& [old_key, now] : renames) {
+    auto node = weights.extract(old_key);
+    node.key() = now;
+    weights.insert(std::move(node));
+  }
+  return renames.size();
 }
 
 }  // namespace sd::convert

@@ -8,6 +8,9 @@
 //     encoder keys "{idx}.weight|bias" and "{idx}.conv.{0,2,4}.weight|bias" ("{idx}.skip.weight" where a Block
 //     changes width) map to "encoder.layers.{idx}..." with the same idx; the decoder's layer 0 is the parameterless
 //     Clamp, which diffusers does in forward(), so decoder idx N maps to "decoder.layers.{N-1}...".
+//   * diffusers AutoencoderKL weights saved before diffusers ~0.14 (the SD 1.x / 2.x vae/ folders on the hub,
+//     sd-vae-ft-mse): the mid-block attention's "query", "key", "value", "proj_attn" are today's "to_q", "to_k",
+//     "to_v", "to_out.0" (diffusers 0.24 renames them at load: ModelMixin._convert_deprecated_attention_blocks).
 #include <map>
 #include <string>
 #include <utility>
@@ -37,5 +40,14 @@ std::map<std::string, torch::Tensor> taesd_original_to_diffusers(const std::map<
 // (for exporting and for testing the conversion).
 std::pair<std::map<std::string, torch::Tensor>, std::map<std::string, torch::Tensor>> taesd_diffusers_to_original(
     const std::map<std::string, torch::Tensor>& diffusers);
+
+// Renames, in place, the deprecated attention names of an AutoencoderKL state dict:
+// "{encoder,decoder}.mid_block.attentions.{i}.{query,key,value,proj_attn}.{weight,bias}" -> ".to_q", ".to_k", ".to_v",
+// ".to_out.0" (the same tensors). Weights already under the current names pass unchanged. A layer under both names is
+// a FormatError naming `source` and both keys: diffusers would keep the old one without a word, and which one the
+// file meant cannot be told. Returns how many keys were renamed.
+size_t vae_deprecated_attention_to_current(std::map<std::string, torch::Tensor>& weights, const std::string& source);
+// True for a key under a deprecated name that vae_deprecated_attention_to_current renames.
+bool is_deprecated_vae_attention_key(const std::string& key);
 
 }  // namespace sd::convert

@@ -575,7 +575,9 @@ nlohmann::json infer_vae_diffusers(const Shapes& s) {
   c["latent_channels"] = s.dim("decoder.conv_in.weight", 1);
   c["use_quant_conv"] = s.has("quant_conv.weight");
   c["use_post_quant_conv"] = s.has("post_quant_conv.weight");
-  c["mid_block_add_attention"] = s.has("encoder.mid_block.attentions.0.to_q.weight");
+  // VAEs saved before diffusers ~0.14 name it "query" (converted at load by io/checkpoint_convert).
+  c["mid_block_add_attention"] =
+      s.has("encoder.mid_block.attentions.0.to_q.weight") || s.has("encoder.mid_block.attentions.0.query.weight");
   c["act_fn"] = "silu";
   c["norm_num_groups"] = 32;
   c["scaling_factor"] = 0.18215;

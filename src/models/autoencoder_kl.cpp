@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/checkpoint_convert.h"
 #include "io/json_config.h"
 #include "io/model_folder.h"
 #include "io/safetensors.h"
@@ -344,7 +345,11 @@ AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::D
 
 AutoencoderKL load_vae(const AutoencoderKLConfig& cfg, const std::map<std::string, torch::Tensor>& weights,
                        const std::string& source, torch::ScalarType dtype, torch::Device device) {
-  auto vae = load_module<AutoencoderKL>(cfg, weights, source, dtype, device);
+  // Every AutoencoderKL load passes here (folder, --vae file, single file), so VAEs saved before diffusers ~0.14 load
+  // under their old attention names wherever they come from.
+  auto current = weights;
+  convert::vae_deprecated_attention_to_current(current, source);
+  auto vae = load_module<AutoencoderKL>(cfg, current, source, dtype, device);
   // NCHW on CUDA (measured faster there than channels-last); the CPU picks by dtype at each call
   // (models/conv_layout.h).
   return vae;

@@ -157,7 +157,8 @@ TORCH_MODULE(AutoencoderKL);
 AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype = torch::kFloat,
                        torch::Device device = torch::kCPU);
 // The same from a config and an in-memory state dict with diffusers keys (e.g. converted from a single-file
-// checkpoint by io/ldm_checkpoint); `source` names the weights in errors.
+// checkpoint by io/ldm_checkpoint); `source` names the weights in errors. Both take the mid-block attention names of
+// VAEs saved before diffusers ~0.14 (query / key / value / proj_attn; io/checkpoint_convert.h) as diffusers does.
 AutoencoderKL load_vae(const AutoencoderKLConfig& config, const std::map<std::string, torch::Tensor>& weights,
                        const std::string& source, torch::ScalarType dtype = torch::kFloat,
                        torch::Device device = torch::kCPU);
