@@ -868,6 +868,11 @@ UnusedKeys unused_ldm_keys(const SafeTensorsFile& file, const std::vector<const 
   for (const auto* t : tables)
     for (const auto& e : *t) used.insert(e.ldm);
   const std::set<std::string> ddpm(ddpm_buffer_names().begin(), ddpm_buffer_names().end());
+  // SD 2.x conditions on the penultimate OpenCLIP layer: only the last stored resblock is unused. Any other resblock a
+  // table does not read is a layer the text encoder's config has no place for (a --config with fewer layers).
+  const std::string resblocks = std::string(kOpenClipPrefix) + "transformer.resblocks.";
+  const std::set<int> stored = Shapes{file}.indices(resblocks);
+  const std::string last_resblock = stored.empty() ? "" : resblocks + std::to_string(*stored.rbegin()) + ".";
   UnusedKeys out;
   for (const auto& t : file.tensors()) {
     const std::string& k = t.name;
@@ -878,7 +883,7 @@ UnusedKeys unused_ldm_keys(const SafeTensorsFile& file, const std::vector<const 
                        k == std::string(kOpenClipPrefix) + "logit_scale" ||
                        k == std::string(kSdxlClipPrefix) + "text_model.embeddings.position_ids" ||
                        k == std::string(kSdxlOpenClipPrefix) + "logit_scale" ||
-                       starts_with(k, std::string(kOpenClipPrefix) + "transformer.resblocks.") ||
+                       (!last_resblock.empty() && starts_with(k, last_resblock)) ||
                        starts_with(k, std::string(kVaePrefix) + "loss.") || starts_with(k, "loss.");
     (known ? out.known : out.unknown).push_back(k);
   }

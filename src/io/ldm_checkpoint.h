@@ -131,8 +131,9 @@ struct VaeFileInfo {
 VaeFileInfo inspect_vae_file(const SafeTensorsFile& file);
 
 // Keys of `file` that no table reads, split into the ones every LDM file carries and SD does not use (DDPM buffers,
-// position_ids, OpenCLIP's projection / logit scale / last resblock, SDXL's conditioner.embedders.1.model.logit_scale,
-// EMA copies, a training checkpoint's VAE loss weights) and the rest.
+// position_ids, OpenCLIP's projection / logit scale / highest-numbered resblock, SDXL's
+// conditioner.embedders.1.model.logit_scale, EMA copies, a training checkpoint's VAE loss weights) and the rest (an
+// earlier resblock left unread is unknown: a text encoder config with fewer layers than the file).
 struct UnusedKeys {
   std::vector<std::string> known, unknown;
 };

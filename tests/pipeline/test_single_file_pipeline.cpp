@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/cli_run.h"
+#include "common/error_of.h"
 #include "common/fixtures.h"
 #include "config_only_folder.h"
 #include "core/error.h"
@@ -303,6 +304,38 @@ TEST_F(SingleFileErrors, WeightsNoLayerReadsAreAnErrorNamingThem) {
   const std::string vae_extra = with_extra(
       "vae-extra.safetensors", {{"first_stage_model.decoder.up.9.block.0.conv1.weight", torch::zeros({4, 4, 3, 3})}});
   EXPECT_NO_THROW(load(vae_extra, t));
+}
+
+// SD 2.x conditions on the penultimate OpenCLIP layer, so only the file's last resblock is known to be unused: a
+// --config whose text encoder has fewer layers than the file's (3 resblocks here, 2 used) leaves a layer unread, which
+// is refused as for every other component instead of dropping it.
+TEST(SingleFileSd2, ConfigWithFewerTextLayersThanTheFileIsRefused) {
+  const std::string model = "models/tiny-sd21", file_rel = "single_file/tiny-sd21.safetensors";
+  if (!test::fixture_exists(file_rel) || !test::fixture_exists(model)) GTEST_SKIP() << "fixture absent";
+  const std::string file = test::fixture_path(file_rel);
+  const std::string dir = test::config_only_folder(
+      test::fixture_path(model),
+      {"unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"},
+      "sd-config-fewer-layers");
+  const std::string te_config = dir + "/text_encoder/config.json";
+  nlohmann::json te = read_json_file(te_config);
+  ASSERT_EQ(te.at("num_hidden_layers"), 2);
+  LoadOptions o;
+  o.config = dir;
+  o.taesd = "none";
+  o.tokenizer = test::fixture_path(model + "/tokenizer");
+  EXPECT_NO_THROW(load(file, o));
+  te["num_hidden_layers"] = 1;
+  std::ofstream(te_config, std::ios::trunc) << te.dump(2);
+  const std::string b = "cond_stage_model.model.transformer.resblocks.1.";
+  EXPECT_EQ(test::error_of<Error>([&] { load(file, o); }),
+            file + ": 12 tensors of the components loaded from this file fit no layer of the models built from "
+                   "--config " + dir + " (" + b + "attn.in_proj_bias, " + b + "attn.in_proj_weight, " + b +
+                "attn.out_proj.bias, " + b + "attn.out_proj.weight, " + b + "ln_1.bias, ...): a config that does "
+                "not match the file (--config of another model?), or layers this loader does not know; they would "
+                "be dropped");
+  std::error_code ec;
+  fs::remove_all(dir, ec);
 }
 
 // Without --config the real-SD family defaults are used (README: GroupNorm 32): the tiny VAE's 8-channel blocks do
