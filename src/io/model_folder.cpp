@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "io/json_config.h"
 #include "io/pickle_guard.h"
 
@@ -92,41 +93,80 @@ std::optional<std::string> ModelFolder::taesd_dir() const {
   return std::nullopt;
 }
 
+namespace {
+// "<base>-00001-of-00003": a shard of a sharded checkpoint (diffusers / transformers save_pretrained).
+bool is_shard_stem(const std::string& stem) {
+  const size_t of = stem.rfind("-of-");
+  const size_t dash = of == std::string::npos || of == 0 ? std::string::npos : stem.rfind('-', of - 1);
+  const auto digits = [](const std::string& s) {
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  return dash != std::string::npos && digits(stem.substr(dash + 1, of - dash - 1)) && digits(stem.substr(of + 4));
+}
+}  // namespace
+
 std::string find_weights(const std::string& component_dir, const std::string& variant) {
   if (!is_directory(component_dir)) throw FormatError(component_dir, "not a directory");
-  std::vector<std::string> plain, variants, pickles, index_files;
-  const std::string vsuffix = variant.empty() ? "" : "." + variant + ".safetensors";
+  // plain: "<base>.safetensors"; variants: "<base>.<variant>.safetensors" (file name, variant name).
+  std::vector<std::string> plain, pickles, index_files, shards;
+  std::vector<std::pair<std::string, std::string>> variants;
   for (const auto& e : fs::directory_iterator(component_dir)) {
     if (!e.is_regular_file()) continue;
     const std::string name = e.path().filename().string();
     auto ends = [&](const std::string& s) {
       return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
     };
-    if (ends(".safetensors.index.json")) {
+    // "<base>.safetensors.index.json", a variant's "<base>.safetensors.index.fp16.json".
+    if (ends(".json") && name.find(".safetensors.index.") != std::string::npos) {
       index_files.push_back(name);
     } else if (ends(".safetensors")) {
-      // "<stem>.fp16.safetensors" is a variant; "<stem>.safetensors" is the default weights.
       const std::string stem = name.substr(0, name.size() - 12);
-      if (!vsuffix.empty() && ends(vsuffix))
-        variants.push_back(e.path().string());
-      else if (stem.find('.') == std::string::npos)
+      const size_t dot = stem.find('.');
+      if (is_shard_stem(stem))
+        shards.push_back(name);
+      else if (dot == std::string::npos)
         plain.push_back(e.path().string());
+      else if (stem.find('.', dot + 1) == std::string::npos)
+        variants.emplace_back(name, stem.substr(dot + 1));
     } else if (ends(".bin") || ends(".ckpt") || ends(".pt") || ends(".pth") || ends(".pkl")) {
       pickles.push_back(name);
     }
   }
   std::sort(plain.begin(), plain.end());
   std::sort(variants.begin(), variants.end());
-  if (!variants.empty()) {
-    if (variants.size() > 1) throw FormatError(component_dir, "several '" + vsuffix + "' weight files");
-    return variants[0];
+  const auto path_of = [&](const std::string& name) { return (fs::path(component_dir) / name).string(); };
+  if (!variant.empty()) {
+    std::vector<std::string> asked;
+    for (const auto& [name, v] : variants)
+      if (v == variant) asked.push_back(name);
+    if (asked.size() > 1)
+      throw FormatError(component_dir, "several '." + variant + ".safetensors' weight files (" + asked[0] + ", " +
+                                           asked[1] + (asked.size() > 2 ? ", ..." : "") + ")");
+    if (asked.size() == 1) return path_of(asked[0]);
   }
   if (plain.size() == 1) return plain[0];
   if (plain.size() > 1)
     throw FormatError(component_dir, "several .safetensors weight files; expected one (" + plain[0] + ", " +
                                          plain[1] + ", ...)");
-  if (!index_files.empty())
-    throw FormatError(component_dir, "sharded checkpoint (" + index_files[0] + ") is not supported yet");
+  if (!index_files.empty() || !shards.empty())
+    throw FormatError(component_dir, "sharded checkpoint (" + (index_files.empty() ? shards[0] : index_files[0]) +
+                                         ") is not supported yet");
+  // Only a variant's files downloaded (the fp16 files of a hub model, say): with one, it is the weights.
+  if (variants.size() == 1) {
+    log::info("{}: no plain .safetensors weight file; loading the '{}' variant {}", component_dir,
+              variants[0].second, variants[0].first);
+    return path_of(variants[0].first);
+  }
+  if (variants.size() > 1) {
+    std::string names;
+    for (const auto& [name, v] : variants) names += (names.empty() ? "" : ", ") + name;
+    const std::string& first = variants[0].first;
+    const std::string base = first.substr(0, first.find('.')) + ".safetensors";
+    throw FormatError(component_dir, "no plain .safetensors weight file and " + std::to_string(variants.size()) +
+                                         " variants (" + names + "): which one to load cannot be told; keep only "
+                                         "that one in the folder (move the others out) or add the full weights as " +
+                                         base);
+  }
   if (!pickles.empty())
     throw FormatError(component_dir, "only pickle weights (" + pickles[0] +
                                          ") found; pickles are never loaded - convert them to .safetensors first "

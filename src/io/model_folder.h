@@ -43,9 +43,11 @@ class ModelFolder {
   std::map<std::string, ComponentEntry> components_;
 };
 
-// The safetensors weight file inside a component folder: the single *.safetensors file, preferring
-// "<stem>.<variant>.safetensors" when `variant` (e.g. "fp16") is given and present. Sharded checkpoints
-// (*.safetensors.index.json) are not supported yet. Only pickles (.bin/.ckpt/.pt/.pth) -> FormatError telling the
+// The safetensors weight file inside a component folder: the single "<stem>.safetensors", preferring
+// "<stem>.<variant>.safetensors" when `variant` (e.g. "fp16") is given and present. A folder with no plain file and
+// exactly one variant file (only the fp16 files downloaded) gives that file, logged at info; several variants and no
+// plain file -> FormatError naming them. Sharded checkpoints (*.safetensors.index[.<variant>].json,
+// *-00001-of-0000N.safetensors) are not supported yet. Only pickles (.bin/.ckpt/.pt/.pth) -> FormatError telling the
 // user to convert them to safetensors (pickles are never loaded).
 std::string find_weights(const std::string& component_dir, const std::string& variant = "");
 

@@ -1,9 +1,13 @@
 // diffusers folder discovery, weight-file selection and typed config reading: the errors name file and field.
 #include <filesystem>
 #include <fstream>
+#include <memory>
+#include <sstream>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
 
 #include "common/error_of.h"
 #include "common/fixtures.h"
@@ -94,6 +98,63 @@ TEST(FindWeights, VariantsPicklesAndAmbiguity) {
   const fs::path s = sd::test::make_temp_dir("sd-fw");
   touch(s / "diffusion_pytorch_model.safetensors.index.json");
   EXPECT_NE(error_of([&] { sd::find_weights(s.string()); }).find("sharded"), std::string::npos);
+}
+
+// What the default logger prints while `fn` runs (at info level).
+template <typename Fn>
+std::string logged(Fn&& fn) {
+  std::ostringstream out;
+  const auto saved = spdlog::default_logger();
+  auto capture = std::make_shared<spdlog::logger>("capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(out));
+  capture->set_pattern("%l %v");
+  capture->set_level(spdlog::level::info);
+  spdlog::set_default_logger(capture);
+  try {
+    fn();
+  } catch (...) {
+    spdlog::set_default_logger(saved);
+    throw;
+  }
+  spdlog::set_default_logger(saved);
+  return out.str();
+}
+
+// Only a variant's files downloaded (e.g. allow_patterns="*.fp16.safetensors"): the one variant is the weights, and
+// the log says which file; with several and no plain file the choice cannot be made, and the error names them.
+TEST(FindWeights, OnlyVariantFiles) {
+  const fs::path d = sd::test::make_temp_dir("sd-fw-variant");
+  touch(d / "config.json");
+  touch(d / "diffusion_pytorch_model.fp16.safetensors");
+  std::string found;
+  const std::string log = logged([&] { found = sd::find_weights(d.string()); });
+  EXPECT_EQ(found, (d / "diffusion_pytorch_model.fp16.safetensors").string());
+  EXPECT_EQ(log, "info " + d.string() + ": no plain .safetensors weight file; loading the 'fp16' variant "
+                 "diffusion_pytorch_model.fp16.safetensors\n");
+  // Another variant asked for and absent: the one there.
+  EXPECT_EQ(sd::find_weights(d.string(), "bf16"), found);
+  touch(d / "diffusion_pytorch_model.bf16.safetensors");
+  EXPECT_EQ(fs::path(sd::find_weights(d.string(), "bf16")).filename(), "diffusion_pytorch_model.bf16.safetensors");
+  const std::string several =
+      d.string() + ": no plain .safetensors weight file and 2 variants (diffusion_pytorch_model.bf16.safetensors, "
+                   "diffusion_pytorch_model.fp16.safetensors): which one to load cannot be told; keep only that one "
+                   "in the folder (move the others out) or add the full weights as diffusion_pytorch_model.safetensors";
+  EXPECT_EQ(error_of([&] { sd::find_weights(d.string()); }), several);
+  EXPECT_EQ(error_of([&] { sd::find_weights(d.string(), "fp32"); }), several);
+  // A plain file is the weights whatever variants lie beside it.
+  touch(d / "diffusion_pytorch_model.safetensors");
+  EXPECT_EQ(logged([&] { found = sd::find_weights(d.string()); }), "");
+  EXPECT_EQ(fs::path(found).filename(), "diffusion_pytorch_model.safetensors");
+  // A sharded variant (no single file to load) is named as sharded, not taken for variants.
+  const fs::path s = sd::test::make_temp_dir("sd-fw-variant");
+  touch(s / "diffusion_pytorch_model.safetensors.index.fp16.json");
+  touch(s / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors");
+  touch(s / "diffusion_pytorch_model.fp16-00002-of-00002.safetensors");
+  EXPECT_EQ(error_of([&] { sd::find_weights(s.string()); }),
+            s.string() + ": sharded checkpoint (diffusion_pytorch_model.safetensors.index.fp16.json) is not supported "
+                         "yet");
+  std::error_code ec;
+  fs::remove_all(d, ec);
+  fs::remove_all(s, ec);
 }
 
 TEST(ConfigReader, DefaultsTypesAndErrors) {

@@ -1,6 +1,7 @@
 // Model folders and VAE files as they are published, not as diffusers 0.24's save_pretrained writes them: VAEs saved
 // before diffusers ~0.14 (mid-block attention named query / key / value / proj_attn: the SD 1.x / 2.x vae/ folders,
-// sd-vae-ft-mse). Each loads as the model it was made from, bit for bit; what cannot be told apart is refused by name.
+// sd-vae-ft-mse) and component folders downloaded with only a variant's weights (diffusion_pytorch_model.fp16.
+// safetensors). Each loads as the model it was made from, bit for bit; what cannot be told apart is refused by name.
 #include <cstring>
 #include <filesystem>
 
@@ -12,6 +13,7 @@
 #include "io/safetensors.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/rng.h"
+#include "pipeline/stream_diffusion.h"
 
 namespace sd {
 namespace {
@@ -140,6 +142,51 @@ TEST_F(PublishedLayouts, VaeWithBothAttentionNamesForOneLayerIsRefused) {
   LoadOptions v;
   v.vae = file;
   EXPECT_EQ(test::error_of<Error>([&] { load(test::fixture_path(kModel), v); }), file + expected);
+}
+
+// txt2img + img2img frames of one stream (the UNet runs at every step).
+std::vector<torch::Tensor> run_stream(const std::shared_ptr<const DiffusionModels>& m) {
+  StreamConfig c;
+  c.t_index_list = {0, 2};
+  c.num_inference_steps = 4;
+  c.width = c.height = 64;
+  c.cfg_type = CfgType::Self;
+  c.guidance_scale = 1.4;
+  std::vector<torch::Tensor> out;
+  StreamDiffusion t(m, c);
+  t.prepare("a photo of a cat", "");
+  for (int i = 0; i < 2; ++i) out.push_back(t.txt2img());
+  StreamDiffusion s(m, c);
+  s.prepare("an oil painting", "");
+  const auto img = torch::linspace(-1, 1, 3 * 64 * 64).view({1, 3, 64, 64});
+  for (int i = 0; i < 2; ++i) out.push_back(s.img2img(img));
+  return out;
+}
+
+// Downloading only the fp16 files of a hub model (allow_patterns="*.fp16.safetensors") leaves no plain weight file:
+// the one variant there is the weights.
+TEST_F(PublishedLayouts, FolderWithOnlyAVariantWeightFileLoadsIt) {
+  const std::string m = copy_model("fp16-only");
+  fs::rename(m + "/unet/diffusion_pytorch_model.safetensors", m + "/unet/diffusion_pytorch_model.fp16.safetensors");
+  fs::rename(m + "/text_encoder/model.safetensors", m + "/text_encoder/model.fp16.safetensors");
+  const auto a = run_stream(load(test::fixture_path(kModel), {}));
+  const auto b = run_stream(load(m, {}));
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(torch::equal(a[i], b[i])) << "frame " << i << " max diff " << (a[i] - b[i]).abs().max().item<double>();
+}
+
+// Two variants and no plain file: which one was meant cannot be told; the error names both and how to choose.
+TEST_F(PublishedLayouts, FolderWithSeveralVariantsAndNoPlainFileIsRefused) {
+  const std::string m = copy_model("two-variants");
+  const std::string unet = m + "/unet";
+  fs::copy_file(unet + "/diffusion_pytorch_model.safetensors", unet + "/diffusion_pytorch_model.bf16.safetensors");
+  fs::rename(unet + "/diffusion_pytorch_model.safetensors", unet + "/diffusion_pytorch_model.fp16.safetensors");
+  EXPECT_EQ(test::error_of<Error>([&] { load(m, {}); }),
+            unet + ": no plain .safetensors weight file and 2 variants (diffusion_pytorch_model.bf16.safetensors, "
+                   "diffusion_pytorch_model.fp16.safetensors): which one to load cannot be told; keep only that one "
+                   "in the folder (move the others out) or add the full weights as "
+                   "diffusion_pytorch_model.safetensors");
 }
 
 }  // namespace
