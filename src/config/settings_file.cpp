@@ -12,6 +12,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "core/error.h"
+#include "core/text.h"
 
 namespace sd {
 namespace {
@@ -48,11 +49,7 @@ std::string describe_type(const CLI::Option& o) {
   return is_list(o) ? what + ", or a list of them" : what;
 }
 
-bool all_digits(const std::string& s, size_t from) {
-  if (from >= s.size()) return false;
-  return std::all_of(s.begin() + static_cast<std::ptrdiff_t>(from), s.end(),
-                     [](char c) { return c >= '0' && c <= '9'; });
-}
+bool all_digits(const std::string& s, size_t from) { return from < s.size() && is_decimal(s.substr(from)); }
 
 // A decimal integer with a leading zero ("010", "-07"): CLI11 reads integers with strtoll base 0, so it would take
 // 010 as octal 8 and refuse 099 with its own message (fuzz_settings found the latter).
@@ -334,8 +331,10 @@ void read_numbers_as_settings_files_do(CLI::App& app) {
     const std::string expected = type == "INT"    ? "a decimal integer"
                                  : type == "UINT" ? "a decimal integer >= 0"
                                                   : "a finite number";
-    // No description: the option's help keeps its type name ("UINT", "FLOAT:INT in [0 - 1]").
-    o->check(CLI::Validator(
+    // No description: the option's help keeps its type name ("UINT", "FLOAT:INT in [0 - 1]"). Put first (what
+    // transform() does with a validator that changes nothing): an option's own range check would otherwise read "08"
+    // first and say only "not in range".
+    o->transform(CLI::Validator(
         [type, expected](std::string& text) -> std::string {
           if (fits_type(type, text)) return "";
           const bool zero = (type == "INT" || type == "UINT") && !text.empty() &&

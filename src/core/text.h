@@ -13,6 +13,15 @@ inline std::string trim(const std::string& s) {
   return s.substr(b, s.find_last_not_of(ws) - b + 1);
 }
 
+// `s` is one or more ASCII digits (no sign, no space: what a key index or a shard number is; std::isdigit would
+// depend on the locale).
+inline bool is_decimal(const std::string& s) {
+  if (s.empty()) return false;
+  for (char c : s)
+    if (c < '0' || c > '9') return false;
+  return true;
+}
+
 // `s` cut at every `sep`. keep_empty: every field keeps its position, a trailing separator included
 // ("a;;b;" -> a, "", b, ""), for lists where an empty entry means something (one caption per image); otherwise
 // empty fields are dropped ("a,,b," -> a, b). An empty `s` gives no fields either way.

@@ -45,8 +45,7 @@ std::string current_vae_attention_name(const std::string& key) {
       {"query", "to_q"}, {"key", "to_k"}, {"value", "to_v"}, {"proj_attn", "to_out.0"}};
   const auto t = split(key, '.', /*keep_empty=*/true);
   if (t.size() != 6 || (t[0] != "encoder" && t[0] != "decoder") || t[1] != "mid_block" || t[2] != "attentions" ||
-      t[3].empty() || !std::all_of(t[3].begin(), t[3].end(), [](char c) { return c >= '0' && c <= '9'; }) ||
-      (t[5] != "weight" && t[5] != "bias"))
+      !is_decimal(t[3]) || (t[5] != "weight" && t[5] != "bias"))
     return "";
   for (const auto& [old_name, name] : kRenamed)
     if (t[4] == old_name) return t[0] + ".mid_block.attentions." + t[3] + "." + name + "." + t[5];

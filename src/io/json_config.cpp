@@ -39,6 +39,10 @@ void ConfigReader::fail(const std::string& key, const std::string& expected) con
   throw FormatError(file_, "field '" + key + "': expected " + expected + ", found " + found);
 }
 
+void ConfigReader::check_positive(const std::string& key, int64_t value, int64_t max) const {
+  if (value <= 0 || value > max) fail(key, "a positive integer up to " + std::to_string(max));
+}
+
 const nlohmann::json* ConfigReader::find(const std::string& key) {
   seen_.insert(key);
   auto it = j_.find(key);

@@ -40,6 +40,8 @@ class ConfigReader {
   void log_unknown() const;
   const std::string& file() const { return file_; }
   [[noreturn]] void fail(const std::string& key, const std::string& expected) const;
+  // fail()s unless 0 < value <= max: `value` is what was read for `key` (bounds of sizes that allocate memory).
+  void check_positive(const std::string& key, int64_t value, int64_t max) const;
 
  private:
   const nlohmann::json* find(const std::string& key);

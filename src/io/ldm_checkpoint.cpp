@@ -24,7 +24,7 @@ std::string join(const std::vector<std::string>& v, size_t from) {
 }
 
 bool is_index(const std::string& s) {
-  return !s.empty() && s.size() < 7 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  return s.size() < 7 && is_decimal(s);
 }
 int to_index(const std::string& s) { return std::stoi(s); }
 

@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/text.h"
 #include "io/json_config.h"
 #include "io/pickle_guard.h"
 
@@ -98,10 +99,8 @@ namespace {
 bool is_shard_stem(const std::string& stem) {
   const size_t of = stem.rfind("-of-");
   const size_t dash = of == std::string::npos || of == 0 ? std::string::npos : stem.rfind('-', of - 1);
-  const auto digits = [](const std::string& s) {
-    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
-  };
-  return dash != std::string::npos && digits(stem.substr(dash + 1, of - dash - 1)) && digits(stem.substr(of + 4));
+  return dash != std::string::npos && is_decimal(stem.substr(dash + 1, of - dash - 1)) &&
+         is_decimal(stem.substr(of + 4));
 }
 }  // namespace
 

@@ -38,15 +38,12 @@ CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& j, const std::str
   if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu")
     r.fail("hidden_act", "\"quick_gelu\" or \"gelu\"");
   using namespace config_limits;
-  auto positive = [&](const char* field, int64_t v, int64_t max) {
-    if (v <= 0 || v > max) r.fail(field, "a positive integer up to " + std::to_string(max));
-  };
-  positive("vocab_size", c.vocab_size, kMaxEmbeddingDim);
-  positive("hidden_size", c.hidden_size, kMaxChannels);
-  positive("intermediate_size", c.intermediate_size, kMaxEmbeddingDim);
-  positive("num_hidden_layers", c.num_hidden_layers, kMaxLayers);
-  positive("num_attention_heads", c.num_attention_heads, kMaxChannels);
-  positive("max_position_embeddings", c.max_position_embeddings, kMaxChannels);
+  r.check_positive("vocab_size", c.vocab_size, kMaxEmbeddingDim);
+  r.check_positive("hidden_size", c.hidden_size, kMaxChannels);
+  r.check_positive("intermediate_size", c.intermediate_size, kMaxEmbeddingDim);
+  r.check_positive("num_hidden_layers", c.num_hidden_layers, kMaxLayers);
+  r.check_positive("num_attention_heads", c.num_attention_heads, kMaxChannels);
+  r.check_positive("max_position_embeddings", c.max_position_embeddings, kMaxChannels);
   if (c.with_projection && (c.projection_dim <= 0 || c.projection_dim > kMaxChannels))
     r.fail("projection_dim", "a positive integer up to " + std::to_string(kMaxChannels) +
                                  " (CLIPTextModelWithProjection)");

@@ -35,17 +35,14 @@ CLIPVisionConfig CLIPVisionConfig::from_json(const nlohmann::json& j, const std:
   r.log_unknown();
   if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu") r.fail("hidden_act", "\"quick_gelu\" or \"gelu\"");
   using namespace config_limits;
-  auto positive = [&](const char* field, int64_t v, int64_t max) {
-    if (v <= 0 || v > max) r.fail(field, "a positive integer up to " + std::to_string(max));
-  };
-  positive("hidden_size", c.hidden_size, kMaxChannels);
-  positive("intermediate_size", c.intermediate_size, kMaxEmbeddingDim);
-  positive("num_hidden_layers", c.num_hidden_layers, kMaxLayers);
-  positive("num_attention_heads", c.num_attention_heads, kMaxChannels);
-  positive("num_channels", c.num_channels, kMaxChannels);
-  positive("image_size", c.image_size, kMaxChannels);
-  positive("patch_size", c.patch_size, kMaxChannels);
-  positive("projection_dim", c.projection_dim, kMaxChannels);
+  r.check_positive("hidden_size", c.hidden_size, kMaxChannels);
+  r.check_positive("intermediate_size", c.intermediate_size, kMaxEmbeddingDim);
+  r.check_positive("num_hidden_layers", c.num_hidden_layers, kMaxLayers);
+  r.check_positive("num_attention_heads", c.num_attention_heads, kMaxChannels);
+  r.check_positive("num_channels", c.num_channels, kMaxChannels);
+  r.check_positive("image_size", c.image_size, kMaxChannels);
+  r.check_positive("patch_size", c.patch_size, kMaxChannels);
+  r.check_positive("projection_dim", c.projection_dim, kMaxChannels);
   if (c.hidden_size % c.num_attention_heads != 0)
     r.fail("num_attention_heads", "a divisor of hidden_size " + std::to_string(c.hidden_size));
   if (c.image_size % c.patch_size != 0)

@@ -16,6 +16,12 @@ std::string fixtures_root();
 // Joins fixtures_root() with a relative path.
 std::string fixture_path(const std::string& rel);
 bool fixture_exists(const std::string& rel);
+// Skips the current test when fixtures_root() lacks `rel` (a clone without ../shared beside it), as the data-driven
+// golden tests do by finding no cases.
+#define SD_SKIP_WITHOUT_FIXTURE(rel)                                                                     \
+  do {                                                                                                   \
+    if (!::sd::test::fixture_exists(rel)) GTEST_SKIP() << (rel) << " not in " << ::sd::test::fixtures_root(); \
+  } while (0)
 // Model folder names under models/ (sorted), empty when the fixture root has no models/.
 std::vector<std::string> fixture_models();
 

@@ -262,6 +262,7 @@ TEST_F(SettingsFile, TheCommandLineReadsNumbersAsTheFileDoes) {
       {{"--guidance", "inf"}, "--guidance: expected a finite number, got 'inf'"},
       {{"--lcm-guidance", "1e999"}, "--lcm-guidance: expected a finite number, got '1e999'"},
       {{"--clip-skip", "08"}, "--clip-skip: expected a decimal integer, got '08'"},
+      {{"--queue", "08"}, "--queue: expected a decimal integer, got '08' (write integers without leading zeros"},
   };
   for (const auto& [args, expected] : refused) {
     Cli c;

@@ -14,18 +14,16 @@
 #include "pipeline/diffusion_models.h"
 #include "pipeline/rng.h"
 #include "pipeline/stream_diffusion.h"
+#include "stream_outputs.h"
 
 namespace sd {
 namespace {
 
 namespace fs = std::filesystem;
+using test::load_models;
+using test::stream_outputs;
 
 constexpr const char* kModel = "models/tiny-sd15";
-
-std::shared_ptr<const DiffusionModels> load(const std::string& path, LoadOptions opt) {
-  opt.threads = -1;
-  return load_pipeline(path, opt);
-}
 
 // A diffusers 0.24 AutoencoderKL key under the names diffusers wrote before ~0.14 (what
 // ModelMixin._convert_deprecated_attention_blocks renames at load).
@@ -94,7 +92,7 @@ class DeprecatedVaeNames : public PublishedLayouts {
     save_safetensors(file_, old);
     LoadOptions none;
     none.taesd = "none";
-    ref_ = vae_outputs(*load(test::fixture_path(kModel), none));
+    ref_ = vae_outputs(*load_models(test::fixture_path(kModel), none));
   }
   std::string model_, file_;
   VaeOutputs ref_;
@@ -105,7 +103,7 @@ class DeprecatedVaeNames : public PublishedLayouts {
 TEST_F(DeprecatedVaeNames, FolderLoadsAsTheOriginal) {
   LoadOptions none;
   none.taesd = "none";
-  const auto folder = vae_outputs(*load(model_, none));
+  const auto folder = vae_outputs(*load_models(model_, none));
   EXPECT_TRUE(torch::equal(folder.decoded, ref_.decoded));
   EXPECT_TRUE(torch::equal(folder.encoded, ref_.encoded));
 }
@@ -115,7 +113,7 @@ TEST_F(DeprecatedVaeNames, FolderLoadsAsTheOriginal) {
 TEST_F(DeprecatedVaeNames, VaeFileLoadsAsTheOriginal) {
   LoadOptions v;
   v.vae = file_;
-  const auto f = vae_outputs(*load(test::fixture_path(kModel), v));
+  const auto f = vae_outputs(*load_models(test::fixture_path(kModel), v));
   EXPECT_TRUE(torch::equal(f.decoded, ref_.decoded));
   EXPECT_TRUE(torch::equal(f.encoded, ref_.encoded));
 }
@@ -138,29 +136,10 @@ TEST_F(PublishedLayouts, VaeWithBothAttentionNamesForOneLayerIsRefused) {
       "encoder.mid_block.attentions.0.to_k.bias are the same layer: expected one of the two names, not both";
   LoadOptions none;
   none.taesd = "none";
-  EXPECT_EQ(test::error_of<Error>([&] { load(m, none); }), weights + expected);
+  EXPECT_EQ(test::error_of<Error>([&] { load_models(m, none); }), weights + expected);
   LoadOptions v;
   v.vae = file;
-  EXPECT_EQ(test::error_of<Error>([&] { load(test::fixture_path(kModel), v); }), file + expected);
-}
-
-// txt2img + img2img frames of one stream (the UNet runs at every step).
-std::vector<torch::Tensor> run_stream(const std::shared_ptr<const DiffusionModels>& m) {
-  StreamConfig c;
-  c.t_index_list = {0, 2};
-  c.num_inference_steps = 4;
-  c.width = c.height = 64;
-  c.cfg_type = CfgType::Self;
-  c.guidance_scale = 1.4;
-  std::vector<torch::Tensor> out;
-  StreamDiffusion t(m, c);
-  t.prepare("a photo of a cat", "");
-  for (int i = 0; i < 2; ++i) out.push_back(t.txt2img());
-  StreamDiffusion s(m, c);
-  s.prepare("an oil painting", "");
-  const auto img = torch::linspace(-1, 1, 3 * 64 * 64).view({1, 3, 64, 64});
-  for (int i = 0; i < 2; ++i) out.push_back(s.img2img(img));
-  return out;
+  EXPECT_EQ(test::error_of<Error>([&] { load_models(test::fixture_path(kModel), v); }), file + expected);
 }
 
 // Downloading only the fp16 files of a hub model (allow_patterns="*.fp16.safetensors") leaves no plain weight file:
@@ -169,8 +148,8 @@ TEST_F(PublishedLayouts, FolderWithOnlyAVariantWeightFileLoadsIt) {
   const std::string m = copy_model("fp16-only");
   fs::rename(m + "/unet/diffusion_pytorch_model.safetensors", m + "/unet/diffusion_pytorch_model.fp16.safetensors");
   fs::rename(m + "/text_encoder/model.safetensors", m + "/text_encoder/model.fp16.safetensors");
-  const auto a = run_stream(load(test::fixture_path(kModel), {}));
-  const auto b = run_stream(load(m, {}));
+  const auto a = stream_outputs(load_models(test::fixture_path(kModel), {}), 2);
+  const auto b = stream_outputs(load_models(m, {}), 2);
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i)
     EXPECT_TRUE(torch::equal(a[i], b[i])) << "frame " << i << " max diff " << (a[i] - b[i]).abs().max().item<double>();
@@ -182,7 +161,7 @@ TEST_F(PublishedLayouts, FolderWithSeveralVariantsAndNoPlainFileIsRefused) {
   const std::string unet = m + "/unet";
   fs::copy_file(unet + "/diffusion_pytorch_model.safetensors", unet + "/diffusion_pytorch_model.bf16.safetensors");
   fs::rename(unet + "/diffusion_pytorch_model.safetensors", unet + "/diffusion_pytorch_model.fp16.safetensors");
-  EXPECT_EQ(test::error_of<Error>([&] { load(m, {}); }),
+  EXPECT_EQ(test::error_of<Error>([&] { load_models(m, {}); }),
             unet + ": no plain .safetensors weight file and 2 variants (diffusion_pytorch_model.bf16.safetensors, "
                    "diffusion_pytorch_model.fp16.safetensors): which one to load cannot be told; keep only that one "
                    "in the folder (move the others out) or add the full weights as "

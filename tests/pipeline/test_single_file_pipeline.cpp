@@ -18,12 +18,15 @@
 #include "pipeline/diffusion_models.h"
 #include "pipeline/lcm_scheduler.h"
 #include "pipeline/stream_diffusion.h"
+#include "stream_outputs.h"
 #include "stream_test_stubs.h"
 
 namespace sd {
 namespace {
 
 namespace fs = std::filesystem;
+using test::load_models;
+using test::stream_outputs;
 
 struct FileCase {
   std::string file, folder, dtype;
@@ -40,30 +43,6 @@ std::vector<FileCase> file_cases() {
   return out;
 }
 
-std::shared_ptr<const DiffusionModels> load(const std::string& path, LoadOptions opt) {
-  opt.threads = -1;
-  return load_pipeline(path, opt);
-}
-
-// txt2img + img2img outputs of one stream (AutoencoderKL, so every converted component runs).
-std::vector<torch::Tensor> run_stream(const std::shared_ptr<const DiffusionModels>& m) {
-  StreamConfig c;
-  c.t_index_list = {0, 2};
-  c.num_inference_steps = 4;
-  c.width = c.height = 64;
-  c.cfg_type = CfgType::Self;
-  c.guidance_scale = 1.4;
-  std::vector<torch::Tensor> out;
-  StreamDiffusion t(m, c);
-  t.prepare("a photo of a cat", "");
-  for (int i = 0; i < 3; ++i) out.push_back(t.txt2img());
-  StreamDiffusion s(m, c);
-  s.prepare("an oil painting", "");
-  const auto img = torch::linspace(-1, 1, 3 * 64 * 64).view({1, 3, 64, 64});
-  for (int i = 0; i < 3; ++i) out.push_back(s.img2img(img));
-  return out;
-}
-
 class SingleFilePipeline : public ::testing::TestWithParam<FileCase> {};
 
 // The float32 files hold exactly the folders' weights: the outputs are bit-identical. The float16 file's weights
@@ -74,15 +53,15 @@ TEST_P(SingleFilePipeline, SameImagesAsTheDiffusersFolder) {
   LoadOptions folder_opt, file_opt;
   folder_opt.taesd = file_opt.taesd = "none";
   file_opt.config = test::fixture_path(c.folder);
-  const auto a = run_stream(load(test::fixture_path(c.folder), folder_opt));
-  const auto m = load(test::fixture_path("single_file/" + c.file), file_opt);
+  const auto a = stream_outputs(load_models(test::fixture_path(c.folder), folder_opt), 3);
+  const auto m = load_models(test::fixture_path("single_file/" + c.file), file_opt);
   EXPECT_NE(m->describe().find("single file"), std::string::npos) << m->describe();
-  const auto b = run_stream(m);
+  const auto b = stream_outputs(m, 3);
   // bf16 runs: both load paths cast the same weights, so they agree exactly too (fp32 files).
   if (c.dtype == "float32") {
     folder_opt.dtype = file_opt.dtype = torch::kBFloat16;
-    const auto a16 = run_stream(load(test::fixture_path(c.folder), folder_opt));
-    const auto b16 = run_stream(load(test::fixture_path("single_file/" + c.file), file_opt));
+    const auto a16 = stream_outputs(load_models(test::fixture_path(c.folder), folder_opt), 3);
+    const auto b16 = stream_outputs(load_models(test::fixture_path("single_file/" + c.file), file_opt), 3);
     for (size_t i = 0; i < a16.size(); ++i) EXPECT_TRUE(torch::equal(a16[i], b16[i])) << "bf16 output " << i;
   }
   for (size_t i = 0; i < a.size(); ++i) {
@@ -107,8 +86,8 @@ TEST_P(SingleFilePipeline, ConfigOnlyFolderAndTheShippedTokenizer) {
   LoadOptions file_opt, folder_opt;
   file_opt.config = dir;
   file_opt.taesd = folder_opt.taesd = "none";
-  const auto a = load(test::fixture_path(c.folder), folder_opt);
-  const auto b = load(test::fixture_path("single_file/" + c.file), file_opt);
+  const auto a = load_models(test::fixture_path(c.folder), folder_opt);
+  const auto b = load_models(test::fixture_path("single_file/" + c.file), file_opt);
   for (const char* prompt : {"a photo of a cat", "", "an oil painting of a fox in the snow, trending on artstation"}) {
     if (c.dtype == "float32")
       EXPECT_TRUE(torch::equal(a->encode_prompt(prompt), b->encode_prompt(prompt))) << prompt;
@@ -138,7 +117,7 @@ class SingleFileErrors : public ::testing::Test {
   // load_pipeline must throw FormatError / InvalidArgument whose message holds every fragment.
   void expect_error(const std::string& path, LoadOptions opt, const std::vector<std::string>& fragments) {
     try {
-      load(path, opt);
+      load_models(path, opt);
       ADD_FAILURE() << "no error for " << path;
     } catch (const Error& e) {
       const std::string m = e.what();
@@ -187,14 +166,14 @@ TEST_F(SingleFileErrors, VaeMissing) {
   // ... which TAESD or --vae then supply.
   LoadOptions t = with_config();
   t.taesd = test::fixture_path("models/tiny-sd15/taesd");
-  EXPECT_NO_THROW(load(none, t));
+  EXPECT_NO_THROW(load_models(none, t));
   LoadOptions v = with_config();
   v.taesd = "";
   v.vae = src_;  // the AutoencoderKL of a full checkpoint (first_stage_model.*)
-  const auto with_vae = load(none, v);
+  const auto with_vae = load_models(none, v);
   LoadOptions ref_opt;
   ref_opt.taesd = "none";
-  const auto ref = load(test::fixture_path("models/tiny-sd15"), ref_opt);
+  const auto ref = load_models(test::fixture_path("models/tiny-sd15"), ref_opt);
   const auto z = torch::linspace(-1, 1, 4 * 8 * 8).view({1, 4, 8, 8});
   EXPECT_TRUE(torch::equal(with_vae->decode_latent(z), ref->decode_latent(z)));
   // --vae as a diffusers folder, a diffusers-layout file and a bare original-layout file (keys without
@@ -210,7 +189,7 @@ TEST_F(SingleFileErrors, VaeMissing) {
     LoadOptions o = with_config();
     o.taesd = "";
     o.vae = vae;
-    EXPECT_TRUE(torch::equal(load(none, o)->decode_latent(z), ref->decode_latent(z))) << vae;
+    EXPECT_TRUE(torch::equal(load_models(none, o)->decode_latent(z), ref->decode_latent(z))) << vae;
   }
   // A bare VAE file with a layer the inferred AutoencoderKL has no place for names it; a training checkpoint's loss
   // weights are known and skipped.
@@ -225,7 +204,7 @@ TEST_F(SingleFileErrors, VaeMissing) {
     bare["loss.logvar"] = torch::zeros({});
     save_safetensors(tmp_ + "/bare-vae-loss.safetensors", bare);
     o.vae = tmp_ + "/bare-vae-loss.safetensors";
-    EXPECT_TRUE(torch::equal(load(none, o)->decode_latent(z), ref->decode_latent(z)));
+    EXPECT_TRUE(torch::equal(load_models(none, o)->decode_latent(z), ref->decode_latent(z)));
   }
   // A VAE with one tensor missing names it.
   const std::string part = without("part-vae.safetensors", "first_stage_model.decoder.up.", false);
@@ -294,8 +273,8 @@ TEST_F(SingleFileErrors, WeightsNoLayerReadsAreAnErrorNamingThem) {
                {unet_only, "1 tensor ", "model.diffusion_model.input_blocks.1.1.extra_norm.weight"});
   // Outside the loaded components: loaded, the same model as without it.
   const std::string other = with_extra("sigmas.safetensors", {{"denoiser.sigmas", torch::ones({1000})}});
-  const auto a = load(other, with_config());
-  const auto b = load(src_, with_config());
+  const auto a = load_models(other, with_config());
+  const auto b = load_models(src_, with_config());
   const auto z = torch::linspace(-1, 1, 4 * 8 * 8).view({1, 4, 8, 8});
   EXPECT_TRUE(torch::equal(a->decode_latent(z), b->decode_latent(z)));
   // Without the VAE loaded from the file (TAESD), its unknown keys are not read either and do not stop the load.
@@ -303,7 +282,7 @@ TEST_F(SingleFileErrors, WeightsNoLayerReadsAreAnErrorNamingThem) {
   t.taesd = test::fixture_path("models/tiny-sd15/taesd");
   const std::string vae_extra = with_extra(
       "vae-extra.safetensors", {{"first_stage_model.decoder.up.9.block.0.conv1.weight", torch::zeros({4, 4, 3, 3})}});
-  EXPECT_NO_THROW(load(vae_extra, t));
+  EXPECT_NO_THROW(load_models(vae_extra, t));
 }
 
 // SD 2.x conditions on the penultimate OpenCLIP layer, so only the file's last resblock is known to be unused: a
@@ -324,11 +303,11 @@ TEST(SingleFileSd2, ConfigWithFewerTextLayersThanTheFileIsRefused) {
   o.config = dir;
   o.taesd = "none";
   o.tokenizer = test::fixture_path(model + "/tokenizer");
-  EXPECT_NO_THROW(load(file, o));
+  EXPECT_NO_THROW(load_models(file, o));
   te["num_hidden_layers"] = 1;
   std::ofstream(te_config, std::ios::trunc) << te.dump(2);
   const std::string b = "cond_stage_model.model.transformer.resblocks.1.";
-  EXPECT_EQ(test::error_of<Error>([&] { load(file, o); }),
+  EXPECT_EQ(test::error_of<Error>([&] { load_models(file, o); }),
             file + ": 12 tensors of the components loaded from this file fit no layer of the models built from "
                    "--config " + dir + " (" + b + "attn.in_proj_bias, " + b + "attn.in_proj_weight, " + b +
                 "attn.out_proj.bias, " + b + "attn.out_proj.weight, " + b + "ln_1.bias, ...): a config that does "
