@@ -62,6 +62,7 @@ const std::vector<std::string> kExtraSections{"multistream", "profile"};
 struct BenchOptions {
   std::string model;
   std::string config;  // single files: a diffusers folder of config files (sd::LoadOptions::config)
+  std::string variant;  // --variant: the model folder's <stem>.NAME.safetensors (sd::LoadOptions::variant)
   std::string sizes;   // "" = the model's native size
   std::string dtypes = "auto";
   std::string device = "cpu";
@@ -309,6 +310,7 @@ class Bench {
     lo.threads = -1;  // set once above
     lo.taesd = taesd;
     lo.config = o_.config;
+    lo.variant = o_.variant;
     lo.loras = loras_;
     lo.strict_lora = o_.strict_lora;
     lo.compiled_unet = o_.compiled_unet;
@@ -1791,6 +1793,7 @@ sd::cli::Runner setup_bench(CLI::App& app) {
       ->required();
   app.add_option("--config", o->config,
                  "single-file checkpoints: a diffusers folder of config files used instead of inference");
+  sd::cli::add_variant_option(app, o->variant, o->model);
   app.add_option("--sizes", o->sizes, "square image sizes, comma-separated (e.g. 256,512; default: the model's native size)");
   app.add_option("--dtypes", o->dtypes,
                  "fp32,bf16 (CPU) or fp32,fp16 (CUDA), or auto (what the other commands run in here: bf16 on a CPU "

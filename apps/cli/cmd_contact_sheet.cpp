@@ -23,6 +23,7 @@ namespace {
 
 struct SheetOptions {
   std::string model, out = "docs/emoji-contact-sheet.png", data, size;  // size "" = the model's native size
+  std::string variant;  // --variant
   std::string prompts =
       "grinning face;red apple;cat face;heavy black heart;pile of poo;rocket;christmas tree;"
       "smiling face with sunglasses;fire;banana";
@@ -114,6 +115,7 @@ void put_text_lines(cv::Mat& canvas, const std::string& text, cv::Rect box, doub
 sd::cli::Runner setup_contact_sheet(CLI::App& app) {
   auto o = std::make_shared<SheetOptions>();
   app.add_option("--model", o->model, "diffusers model folder (default: the shipped models/emoji-tiny)");
+  sd::cli::add_variant_option(app, o->variant, o->model);
   app.add_option("--out", o->out, "output PNG")->capture_default_str();
   app.add_option("--prompts", o->prompts, "txt2img prompts, separated by ';'")->capture_default_str();
   app.add_option("--img2img-prompts", o->img2img_prompts, "prompts for the img2img row (one per drawing, ';')")
@@ -131,6 +133,7 @@ sd::cli::Runner setup_contact_sheet(CLI::App& app) {
     if (o->model.empty()) o->model = sd::cli::default_model_dir();
     sd::LoadOptions lo;
     lo.threads = o->threads;
+    lo.variant = o->variant;
     const auto models = sd::load_pipeline(o->model, lo);
     sd::cli::PipelineOptions size_only;
     size_only.model = o->model;

@@ -19,6 +19,7 @@ namespace {
 
 struct EvalCliOptions {
   std::string model, data, style = "google", json, steps = "1,2,4";
+  std::string variant;  // --variant
   int threads = 0;
   bool per_name = false, no_reconstruction = false;
   uint64_t seed = 2;
@@ -47,6 +48,7 @@ std::vector<int> parse_steps(const std::string& s) {
 sd::cli::Runner setup_eval(CLI::App& app) {
   auto o = std::make_shared<EvalCliOptions>();
   app.add_option("--model", o->model, "diffusers model folder (default: the shipped models/emoji-tiny)");
+  sd::cli::add_variant_option(app, o->variant, o->model);
   app.add_option("--data", o->data,
                  "emoji cache folder holding node_modules/emoji-datasource-* (default: $SD_EMOJI_DATA or "
                  "~/.cache/streamdiffusion/emoji; scripts/fetch-emoji-data.sh installs it)");
@@ -73,6 +75,7 @@ sd::cli::Runner setup_eval(CLI::App& app) {
     const auto t0 = std::chrono::steady_clock::now();
     sd::LoadOptions lo;
     lo.threads = o->threads;
+    lo.variant = o->variant;
     const auto models = sd::load_pipeline(o->model, lo);
     const auto ds = sd::train::load_emoji_dataset(data, {o->style}, 64);
     const auto r = sd::train::evaluate_emoji_model(models, ds, eo);

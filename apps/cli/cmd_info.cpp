@@ -90,7 +90,8 @@ WeightsSummary summarize(const std::string& path) {
   return s;
 }
 
-nlohmann::json component_json(const std::string& name, const std::string& dir, const std::string& class_name) {
+nlohmann::json component_json(const std::string& name, const std::string& dir, const std::string& class_name,
+                              const std::string& variant) {
   nlohmann::json out;
   out["name"] = name;
   out["class"] = class_name;
@@ -127,7 +128,7 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
     if (config_only) out["note"] = "config only (no weights; use the TAESD)";
   }
   if (name != "scheduler" && !tokenizer && !config_only) {
-    auto w = summarize(sd::find_weights(dir));
+    auto w = summarize(sd::find_weights(dir, variant));
     out["weights"] = {{"file", w.path}, {"bytes", w.bytes}, {"tensors", w.tensors}, {"parameters", w.parameters},
                       {"dtypes", w.dtypes}};
   }
@@ -355,7 +356,7 @@ nlohmann::json lora_json(const sd::LoraReport& r) {
 // info --lora: loads the model with the LoRAs (not strict: unmatched keys are listed, not refused) and prints what
 // each matched. Wrong shapes (a LoRA for another family) are the same error --lora gives.
 struct ComponentArgs {  // single files / components from elsewhere, as the loading commands take them
-  std::string config, pred, vae, taesd, tokenizer;
+  std::string config, pred, vae, taesd, tokenizer, variant;
 };
 
 int lora_info(const std::string& model, const ComponentArgs& c, const std::vector<std::string>& loras,
@@ -367,6 +368,7 @@ int lora_info(const std::string& model, const ComponentArgs& c, const std::vecto
   lo.tokenizer = c.tokenizer;
   lo.config = c.config;  // single files
   lo.prediction_type = c.pred;
+  lo.variant = c.variant;
   lo.loras = sd::cli::lora_specs(loras, lcm_lora);
   lo.lora_live = false;
   sd::log::set_level("warn");  // the load's own info lines would repeat what is printed below
@@ -400,7 +402,7 @@ int lora_info(const std::string& model, const ComponentArgs& c, const std::vecto
 
 // info --compiled-unet: the package's metadata; with a model, the package loaded with it (every load check, the
 // weights handed over, one call) on the package's device and dtype.
-int compiled_unet_info(const std::string& path, const std::string* model, bool as_json) {
+int compiled_unet_info(const std::string& path, const std::string* model, const std::string& variant, bool as_json) {
   const sd::CompiledUNetInfo i = sd::read_compiled_unet_info(path);
   nlohmann::json j = {{"file", path},
                       {"device", i.device},
@@ -424,6 +426,7 @@ int compiled_unet_info(const std::string& path, const std::string* model, bool a
     lo.dtype = i.dtype;
     lo.threads = -1;
     lo.compiled_unet = path;
+    lo.variant = variant;
     const auto m = sd::load_pipeline(*model, lo);  // a package that does not fit: the loader's error, naming it
     j["model"] = *model;
     j["fits"] = true;
@@ -461,6 +464,7 @@ sd::cli::Runner setup_info(CLI::App& app) {
   app.add_option("--config", config, "single files: a diffusers folder of config files to use instead of inference");
   app.add_option("--prediction-type", pred, "single files: epsilon | v_prediction (else assumed, and said so)")
       ->check(CLI::IsMember({"epsilon", "v_prediction"}));
+  sd::cli::add_variant_option(app, comp->variant, *model);
   app.add_flag("--json", *as_json, "print the summary as JSON");
   app.add_option("--lora", *loras,
                  "a LoRA file (FILE[:SCALE], repeatable): print which of its keys patch which modules of --model "
@@ -475,7 +479,8 @@ sd::cli::Runner setup_info(CLI::App& app) {
                  "libtorch >= 2.11 builds)");
   return [model, as_json, comp, loras, lcm_lora, compiled, model_opt] {
     if (!compiled->empty())
-      return compiled_unet_info(*compiled, model_opt->count() > 0 ? model.get() : nullptr, *as_json);
+      return compiled_unet_info(*compiled, model_opt->count() > 0 ? model.get() : nullptr, comp->variant,
+                                *as_json);
     const std::string* config = &comp->config;
     const std::string* pred = &comp->pred;
     if (!config->empty() && sd::is_directory(*model))
@@ -492,14 +497,21 @@ sd::cli::Runner setup_info(CLI::App& app) {
       return print_single_file(r);
     }
     auto folder = sd::ModelFolder::open(*model);
+    const std::string& variant = comp->variant;
+    if (!variant.empty()) {
+      sd::check_variant_name(variant);
+      folder.check_variant(variant);
+    }
     nlohmann::json report;
     report["model"] = *model;
     report["pipeline"] = folder.pipeline_class();
     report["components"] = nlohmann::json::array();
     for (const auto& [name, entry] : folder.components())
-      report["components"].push_back(component_json(name, folder.component_dir(name), entry.class_name));
+      report["components"].push_back(component_json(name, folder.component_dir(name), entry.class_name, variant));
     if (auto t = folder.taesd_dir())
-      report["components"].push_back(component_json(folder.is_sdxl() ? "taesdxl" : "taesd", *t, "AutoencoderTiny"));
+      report["components"].push_back(
+          component_json(folder.is_sdxl() ? "taesdxl" : "taesd", *t, "AutoencoderTiny", variant));
+    if (!variant.empty()) report["variant"] = variant;
     report["defaults"] = defaults_json(*model, *config, *pred);
     if (*as_json) {
       std::cout << report.dump(2) << "\n";
@@ -516,6 +528,9 @@ sd::cli::Runner setup_info(CLI::App& app) {
         std::cout << "  " << w["parameters"].get<int64_t>() << " params, " << human_bytes(w["bytes"].get<uint64_t>())
                   << ", " << w["tensors"].get<size_t>() << " tensors, dtype";
         for (auto it = w["dtypes"].begin(); it != w["dtypes"].end(); ++it) std::cout << " " << it.key();
+        // Which file each component reads is the point of asking for a variant (some may have only plain weights).
+        if (!variant.empty())
+          std::cout << ", " << std::filesystem::path(w["file"].get<std::string>()).filename().string();
       }
       std::cout << "\n";
       for (auto it = c["config"].begin(); it != c["config"].end(); ++it)

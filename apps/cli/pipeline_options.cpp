@@ -124,6 +124,7 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
                  "epsilon | v_prediction: what the UNet predicts (cannot be read from SD 2.x weights: SD 2.1-768 is "
                  "v_prediction; default: the model's scheduler config, single files epsilon)")
       ->check(CLI::IsMember({"epsilon", "v_prediction"}));
+  add_variant_option(app, o.variant, o.model);
   app.add_option("--compiled-unet", o.compiled_unet,
                  "UNet compiled by scripts/compile-unet.py (PyTorch AOTInductor, libtorch >= 2.11 builds) for this "
                  "model, device, dtype and UNet call shape (its rows fixed or a range, --rows MIN-MAX: serve's "
@@ -200,6 +201,33 @@ void add_pipeline_options(CLI::App& app, PipelineOptions& o, PipelineMode mode) 
                  "prompt embeddings from the text encoder layer N before the last (diffusers' clip_skip; 0 = the "
                  "last layer, default)");
   add_common_options(app, o.common);
+}
+
+void add_variant_option(CLI::App& app, std::string& variant, const std::string& model) {
+  app.add_option("--variant", variant,
+                 "weight-file variant of a diffusers model folder, as diffusers' from_pretrained(variant=NAME): each "
+                 "component folder that has <stem>.NAME.safetensors (e.g. fp16: half the bytes to read) loads it, the "
+                 "others their plain weights; the weights are cast to --dtype either way. Not for single files")
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            if (v.empty()) return "";  // the plain weights, as when unset
+            try {
+              check_variant_name(v);
+            } catch (const InvalidArgument&) {
+              return "'" + v + "' is not a variant name: expected e.g. fp16 (letters, digits, '_' or '-'; the NAME of "
+                     "<stem>.NAME.safetensors)";
+            }
+            return "";
+          },
+          "NAME"));
+  // Which --model is given is known only once every option is read (a settings file may set either), so the
+  // single-file refusal waits for the end of parsing; it is still a usage error, before anything loads.
+  app.callback([&variant, &model] {
+    if (!variant.empty() && is_file(model))
+      throw CLI::ValidationError("--variant", variant + ": variants are for diffusers model folders (<stem>." +
+                                                  variant + ".safetensors in each component folder); --model " +
+                                                  model + " is a single-file checkpoint: drop --variant");
+  });
 }
 
 void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::string& lcm_lora, bool& strict_lora) {
@@ -372,6 +400,7 @@ LoadedModels load_models(const PipelineOptions& o) {
   lo.ip_adapter = o.ip_adapter;
   lo.ip_adapter_scale = o.ip_adapter_scale;
   lo.compiled_unet = o.compiled_unet;
+  lo.variant = o.variant;
   const auto t0 = std::chrono::steady_clock::now();
   LoadedModels l;
   // The plain-SD warning is about the missing LCM-LoRA: quiet once one is given (--lcm-lora, or an "lcm" LoRA file).

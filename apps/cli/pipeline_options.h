@@ -31,6 +31,7 @@ struct PipelineOptions {
   std::string model, taesd, prompt, negative_prompt;
   // Single-file checkpoints and components from elsewhere (see sd::LoadOptions).
   std::string vae, config, tokenizer, prediction_type;
+  std::string variant;  // --variant NAME: <stem>.NAME.safetensors in the model's component folders ("" = plain)
   std::string t_index_list;  // "" = model / mode default
   int steps = 0;
   int start_index = 32;
@@ -97,6 +98,10 @@ StreamConfig stream_config(const PipelineOptions& o, bool txt2img, const ModelDe
 // Where each effective setting of a mode comes from ("flag", "streamdiffusion.json", "family defaults", "built-in"),
 // one line per setting, for `info` and the load log.
 std::vector<std::string> explain_settings(const PipelineOptions& o, bool txt2img, const ModelDefaults& d);
+
+// Adds --variant (add_pipeline_options does; bench, info, eval and contact-sheet call it on their own). A name that
+// is not plain, or a variant with a single-file --model (`model`, read after parsing), is a usage error (exit 2).
+void add_variant_option(CLI::App& app, std::string& variant, const std::string& model);
 
 // Adds --lora, --lcm-lora and --strict-lora (add_pipeline_options does; the bench and info call it on their own).
 void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::string& lcm_lora, bool& strict_lora);

@@ -91,6 +91,8 @@ of Streams. Create it with load_pipeline().
                              "pixels per latent cell (8 for Stable Diffusion)")
       .def_property_readonly("latent_channels", &sd::DiffusionModels::latent_channels)
       .def("describe", &sd::DiffusionModels::describe, "one line: folder, autoencoder, dtype, device")
+      .def_property_readonly("variant", &sd::DiffusionModels::variant,
+                             "the weight-file variant loaded with (load_pipeline(variant=)); \"\" = the plain files")
       .def("loras",
            [](const sd::DiffusionModels& s) {
              py::list out;
@@ -123,7 +125,7 @@ of Streams. Create it with load_pipeline().
          const std::string& taesd, const std::string& vae, const std::string& config, const std::string& tokenizer,
          const std::string& prediction_type, py::handle loras, std::optional<std::string> lcm_lora,
          bool strict_lora, bool lora_live, int clip_skip, std::optional<double> lcm_guidance,
-         const std::string& ip_adapter, double ip_adapter_scale) {
+         const std::string& ip_adapter, double ip_adapter_scale, const std::string& variant) {
         const std::string path = model_path_or_default(model);
         sd::LoadOptions o;
         const sd::ModelDefaults defaults = sd::read_model_defaults(path, config, prediction_type);
@@ -143,6 +145,7 @@ of Streams. Create it with load_pipeline().
         o.lcm_guidance = lcm_guidance;
         o.ip_adapter = ip_adapter;
         o.ip_adapter_scale = ip_adapter_scale;
+        o.variant = variant;
         py::gil_scoped_release release;
         return std::const_pointer_cast<sd::DiffusionModels>(sd::load_pipeline(path, o));
       },
@@ -151,7 +154,7 @@ of Streams. Create it with load_pipeline().
       py::arg("tokenizer") = "", py::arg("prediction_type") = "", py::arg("loras") = py::none(),
       py::arg("lcm_lora") = py::none(), py::arg("strict_lora") = false, py::arg("lora_live") = true,
       py::arg("clip_skip") = 0, py::arg("lcm_guidance") = py::none(), py::arg("ip_adapter") = "",
-      py::arg("ip_adapter_scale") = 1.0,
+      py::arg("ip_adapter_scale") = 1.0, py::arg("variant") = "",
       R"doc(
 Loads a model once (sd::load_pipeline): a diffusers folder or an original-layout single .safetensors file.
 
@@ -163,7 +166,10 @@ device: "cpu" | "cuda[:N]". threads: intra-op threads (0 = all cores, or the mod
 for the AutoencoderKL, "" = <model>/taesd when present. vae: an AutoencoderKL folder or file. config / tokenizer /
 prediction_type: for single files. loras: {path: scale}, ["file", "file:scale"] or [(path, scale)], fused in order
 after lcm_lora (scale 1). ip_adapter: an IP-Adapter .safetensors file (image_encoder/ beside it) or a folder
-(h94/IP-Adapter layout), ip_adapter_scale its weight (Stream.set_image_prompt gives the image). Raises FormatError (OSError) for missing or malformed files, InvalidArgument (ValueError)
+(h94/IP-Adapter layout), ip_adapter_scale its weight (Stream.set_image_prompt gives the image). variant: as diffusers'
+from_pretrained(variant=), e.g. "fp16": each component folder holding <stem>.fp16.safetensors loads it, the others
+their plain weights (cast to dtype either way); "" = the plain files; refused for single files. Raises FormatError
+(OSError) for missing or malformed files, InvalidArgument (ValueError)
 for bad options.
 )doc");
 

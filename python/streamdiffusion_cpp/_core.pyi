@@ -60,6 +60,8 @@ class Models:
     @property
     def latent_channels(self) -> int: ...
     def describe(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
     def loras(self) -> List[Dict[str, Any]]: ...
     def set_lora_scale(self, name: str, scale: float) -> None: ...
     @property
@@ -86,9 +88,11 @@ def load_pipeline(
     lcm_guidance: Optional[float] = None,
     ip_adapter: str = "",
     ip_adapter_scale: float = 1.0,
+    variant: str = "",
 ) -> Models:
     """Loads a diffusers folder or single-file checkpoint (None = the built-in emoji model); ip_adapter: an
-    IP-Adapter file or folder (image prompts: Stream.set_image_prompt)."""
+    IP-Adapter file or folder (image prompts: Stream.set_image_prompt); variant: diffusers' from_pretrained(variant=),
+    e.g. "fp16" (<stem>.fp16.safetensors where a component folder has it, else its plain weights)."""
 
 class ControlNet:
     """A ControlNet loaded for a model set (checked against its UNet's family); shared by any number of Streams."""

@@ -35,7 +35,7 @@ from . import _core
 
 _TYPES: Dict[str, str] = {
     # loading
-    "model": "text", "taesd": "text", "vae": "text", "config": "text", "tokenizer": "text",
+    "model": "text", "taesd": "text", "vae": "text", "config": "text", "tokenizer": "text", "variant": "text",
     "prediction_type": "epsilon|v_prediction", "lora": "list", "lcm_lora": "text", "strict_lora": "bool",
     "clip_skip": "int", "text_encoder_clip_skip": "int", "lcm_guidance": "float",
     "ip_adapter": "text", "ip_adapter_scale": "float", "image_prompt": "text",
@@ -268,7 +268,7 @@ def _map(v: Dict[str, Any], settings: Settings, mode: Optional[str], skipped: Li
     same = ("t_index_list", "cfg_type", "seed", "frame_buffer_size", "threads", "device", "config", "tokenizer",
             "prediction_type", "lcm_guidance", "clip_skip", "strict_lora", "ip_adapter", "ip_adapter_scale",
             "controlnet_every", "seed_list", "transition", "prompt_blend", "latent_feedback", "deep_cache_every",
-            "deep_cache_similarity", "dtype")
+            "deep_cache_similarity", "dtype", "variant")
     for k in same:
         if k in v:
             init[k] = v[k]

@@ -151,6 +151,7 @@ class StreamDiffusionWrapper:
         deep_cache_every: int = 1,
         deep_cache_similarity: float = 0.95,
         cuda_graphs: bool = True,
+        variant: str = "",
     ) -> None:
         """Loads the model and prepares an empty prompt, as upstream does.
 
@@ -174,7 +175,8 @@ class StreamDiffusionWrapper:
 
         As the CLI's options of the same names: config (single-file checkpoints: a diffusers folder of config files),
         tokenizer, prediction_type ("epsilon" | "v_prediction"), lcm_guidance (LCM-distilled UNets), clip_skip,
-        strict_lora, deep_cache_every / deep_cache_similarity, cuda_graphs (False = --no-cuda-graphs).
+        strict_lora, deep_cache_every / deep_cache_similarity, cuda_graphs (False = --no-cuda-graphs), variant
+        (diffusers' from_pretrained(variant=), e.g. "fp16").
         """
         if mode not in ("img2img", "txt2img"):
             raise _core.InvalidArgument(f"mode must be 'img2img' or 'txt2img', got {mode!r}")
@@ -231,7 +233,8 @@ class StreamDiffusionWrapper:
                                           ip_adapter=ip_adapter or "", ip_adapter_scale=float(ip_adapter_scale),
                                           config=config or "", tokenizer=tokenizer or "",
                                           prediction_type=prediction_type or "", lcm_guidance=lcm_guidance,
-                                          clip_skip=int(clip_skip), strict_lora=bool(strict_lora))
+                                          clip_skip=int(clip_skip), strict_lora=bool(strict_lora),
+                                          variant=variant or "")
         self.dtype = self.models.dtype  # what "auto" resolved to: "fp32", "bf16" or "fp16"
         # ControlNets and image prompt: kept here and given to every stream prepare() makes.
         self.controlnets: List[tuple] = []

@@ -84,6 +84,22 @@ std::string ModelFolder::weights_path(const std::string& name, const std::string
   return find_weights(component_dir(name), variant);
 }
 
+void ModelFolder::check_variant(const std::string& variant) const {
+  std::string found;
+  for (const auto& [name, entry] : components_) {
+    const std::string d = (fs::path(dir_) / name).string();
+    if (!is_directory(d)) continue;
+    if (has_variant_weights(d, variant)) return;
+    std::string list;
+    for (const auto& f : weight_files(d)) list += (list.empty() ? "" : ", ") + f;
+    if (!list.empty()) found += (found.empty() ? "" : "; ") + name + "/: " + list;
+  }
+  throw InvalidArgument("--variant " + variant + ": no component folder of " + dir_ + " has '" + variant +
+                        "' weights (<stem>." + variant + ".safetensors); found " +
+                        (found.empty() ? std::string("no weight files") : found) +
+                        ". Load it without --variant, or name the variant its files have");
+}
+
 bool ModelFolder::is_sdxl() const {
   return has_component("text_encoder_2") || class_name_.find("XL") != std::string::npos;
 }
@@ -142,6 +158,35 @@ std::string find_weights(const std::string& component_dir, const std::string& va
       throw FormatError(component_dir, "several '." + variant + ".safetensors' weight files (" + asked[0] + ", " +
                                            asked[1] + (asked.size() > 2 ? ", ..." : "") + ")");
     if (asked.size() == 1) return path_of(asked[0]);
+    // The asked variant saved sharded must not silently give way to the plain file.
+    for (const auto& name : index_files)
+      if (name.size() > variant.size() + 6 && name.compare(name.size() - variant.size() - 6, std::string::npos,
+                                                           "." + variant + ".json") == 0)
+        throw FormatError(component_dir, "the '" + variant + "' variant is a sharded checkpoint (" + name +
+                                             "), which is not supported yet");
+    for (const auto& name : shards)
+      if (name.find("." + variant + "-") != std::string::npos)
+        throw FormatError(component_dir, "the '" + variant + "' variant is a sharded checkpoint (" + name +
+                                             "), which is not supported yet");
+    const std::string stem_src = !plain.empty() ? fs::path(plain[0]).filename().string()
+                                 : !variants.empty() ? variants[0].first
+                                                     : std::string("diffusion_pytorch_model.");
+    const std::string wanted = stem_src.substr(0, stem_src.find('.')) + "." + variant + ".safetensors";
+    // diffusers (pipeline_loading_utils._identify_model_variants) passes the variant only to the components that have
+    // it; the others load their plain weights.
+    if (plain.size() == 1) {
+      log::info("{}: no '{}' variant weight file ({}); loading the plain {}", component_dir, variant, wanted,
+                fs::path(plain[0]).filename().string());
+      return plain[0];
+    }
+    if (plain.empty() && !variants.empty()) {
+      std::string found;
+      for (const auto& [name, v] : variants) found += (found.empty() ? "" : ", ") + name;
+      for (const auto& name : index_files) found += (found.empty() ? "" : ", ") + name;
+      for (const auto& name : shards) found += (found.empty() ? "" : ", ") + name;
+      throw FormatError(component_dir, "variant '" + variant + "' asked (--variant) but there is no " + wanted +
+                                           " and no plain weight file to fall back on; found: " + found);
+    }
   }
   if (plain.size() == 1) return plain[0];
   if (plain.size() > 1)
@@ -171,6 +216,44 @@ std::string find_weights(const std::string& component_dir, const std::string& va
                                          ") found; pickles are never loaded - convert them to .safetensors first "
                                          "(e.g. with diffusers: save_pretrained(..., safe_serialization=True))");
   throw FormatError(component_dir, "no .safetensors weight file");
+}
+
+std::vector<std::string> weight_files(const std::string& component_dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(component_dir, ec)) {
+    if (!e.is_regular_file()) continue;
+    const std::string name = e.path().filename().string();
+    const std::string ext = e.path().extension().string();
+    if (ext == ".safetensors" || ext == ".bin" || ext == ".ckpt" || ext == ".pt" || ext == ".pth" ||
+        name.find(".safetensors.index.") != std::string::npos)
+      out.push_back(name);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+bool has_variant_weights(const std::string& component_dir, const std::string& variant) {
+  for (const std::string& name : weight_files(component_dir)) {
+    // "<stem>.<variant>.<ext>", a shard "<stem>.<variant>-00001-of-00002.<ext>", an index "<...>.index.<variant>.json"
+    const size_t dot = name.find('.');
+    const std::string second = name.substr(dot + 1, name.find('.', dot + 1) - dot - 1);
+    if (second == variant || second.rfind(variant + "-", 0) == 0) return true;
+    const std::string index_tail = ".index." + variant + ".json";
+    if (name.size() > index_tail.size() && name.compare(name.size() - index_tail.size(), std::string::npos,
+                                                        index_tail) == 0)
+      return true;
+  }
+  return false;
+}
+
+void check_variant_name(const std::string& variant) {
+  const bool ok = !variant.empty() && std::all_of(variant.begin(), variant.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+  });
+  if (!ok)
+    throw InvalidArgument("--variant '" + variant + "': expected the name of a weight-file variant such as fp16 "
+                          "(letters, digits, '_' or '-'; it is the NAME of <stem>.NAME.safetensors)");
 }
 
 void refuse_pickle(const std::string& path) {

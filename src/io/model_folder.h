@@ -36,6 +36,10 @@ class ModelFolder {
   // The optional tiny autoencoder shipped beside the pipeline, if present: <dir>/taesd, for SDXL <dir>/taesdxl (the
   // two have the same architecture but different latent spaces, so an SD folder never picks up a TAESDXL and v.v.).
   std::optional<std::string> taesd_dir() const;
+  // InvalidArgument naming the folder, `variant` and the weight files found when no component folder holds weights
+  // of `variant` (has_variant_weights), as diffusers' DiffusionPipeline.from_pretrained refuses it ("no such modeling
+  // files are available"): loading every plain file instead would silently ignore the request.
+  void check_variant(const std::string& variant) const;
 
  private:
   std::string dir_;
@@ -50,6 +54,17 @@ class ModelFolder {
 // *-00001-of-0000N.safetensors) are not supported yet. Only pickles (.bin/.ckpt/.pt/.pth) -> FormatError telling the
 // user to convert them to safetensors (pickles are never loaded).
 std::string find_weights(const std::string& component_dir, const std::string& variant = "");
+// A variant asked for (diffusers' from_pretrained(variant=)): the components holding it load its file, the others
+// their plain weights (logged at info); a component with neither, or one whose variant is sharded, is a FormatError
+// naming the folder, the variant and the files found.
+
+// The weight-like files of a folder (.safetensors, pickles, shard indexes), sorted by name: for messages.
+std::vector<std::string> weight_files(const std::string& component_dir);
+// Whether a component folder holds weights of `variant` ("<stem>.<variant>.*", its shards or shard index): what
+// diffusers' _identify_model_variants looks for before passing the variant to a component.
+bool has_variant_weights(const std::string& component_dir, const std::string& variant);
+// InvalidArgument unless `variant` is a plain name (letters, digits, '_', '-'): it becomes part of a file name.
+void check_variant_name(const std::string& variant);
 
 bool is_directory(const std::string& path);
 bool is_file(const std::string& path);

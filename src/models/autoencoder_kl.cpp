@@ -330,7 +330,8 @@ torch::Tensor AutoencoderKLImpl::decode(const torch::Tensor& z) {
 // ---------------------------------------------------------------------------------------------------------------
 // Loading
 
-AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::Device device) {
+AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::Device device,
+                       const std::string& variant) {
   if (!is_directory(dir)) throw FormatError(dir, "not a directory (expected a diffusers AutoencoderKL folder)");
   std::string folder = dir;
   if (!is_file((fs::path(dir) / "config.json").string()) && is_file((fs::path(dir) / "vae" / "config.json").string()))
@@ -338,7 +339,7 @@ AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype, torch::D
   const std::string config = (fs::path(folder) / "config.json").string();
   if (!is_file(config)) throw FormatError(folder, "no config.json (expected a diffusers AutoencoderKL folder)");
   const auto cfg = AutoencoderKLConfig::from_json(read_json_file(config), config);
-  const std::string weights = find_weights(folder);  // refuses pickles with a conversion hint
+  const std::string weights = find_weights(folder, variant);  // refuses pickles with a conversion hint
   const auto file = SafeTensorsFile::open(weights);
   return load_vae(cfg, file.load_all(), file.path(), dtype, device);
 }

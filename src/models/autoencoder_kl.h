@@ -153,9 +153,9 @@ TORCH_MODULE(AutoencoderKL);
 
 // Loads a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors; a pipeline folder
 // with a vae/ sub-folder is accepted too). Floating-point weights are cast to `dtype` and moved to `device`; the
-// module is returned in eval mode, with channels-last enabled on CPU.
+// module is returned in eval mode, with channels-last enabled on CPU. `variant` (e.g. "fp16"): find_weights'.
 AutoencoderKL load_vae(const std::string& dir, torch::ScalarType dtype = torch::kFloat,
-                       torch::Device device = torch::kCPU);
+                       torch::Device device = torch::kCPU, const std::string& variant = "");
 // The same from a config and an in-memory state dict with diffusers keys (e.g. converted from a single-file
 // checkpoint by io/ldm_checkpoint); `source` names the weights in errors. Both take the mid-block attention names of
 // VAEs saved before diffusers ~0.14 (query / key / value / proj_attn; io/checkpoint_convert.h) as diffusers does.

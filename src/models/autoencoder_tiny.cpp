@@ -390,12 +390,13 @@ AutoencoderTiny load_taesd_original(const std::string& encoder_file, const std::
   return build_and_load(infer_autoencoder_tiny_config(state, source), state, source, dtype, device);
 }
 
-AutoencoderTiny load_taesd(const std::string& path, torch::ScalarType dtype, torch::Device device) {
+AutoencoderTiny load_taesd(const std::string& path, torch::ScalarType dtype, torch::Device device,
+                           const std::string& variant) {
   if (is_directory(path)) {
     const std::string config = (fs::path(path) / "config.json").string();
     if (is_file(config)) {
       const auto cfg = AutoencoderTinyConfig::from_json(read_json_file(config), config);
-      const std::string weights = find_weights(path);  // refuses pickles with a conversion hint
+      const std::string weights = find_weights(path, variant);  // refuses pickles with a conversion hint
       const auto file = SafeTensorsFile::open(weights);
       return build_and_load(cfg, file.load_all(), weights, dtype, device);
     }

@@ -151,9 +151,10 @@ AutoencoderTinyConfig infer_autoencoder_tiny_config(const std::map<std::string, 
 //   * the path of one of those two original files (the other one is found beside it by name).
 // Pickled .pth/.pt/.bin/.ckpt files are refused with a message saying how to convert them to safetensors.
 // Floating-point weights are cast to `dtype` and moved to `device`; the module is returned in eval mode, with
-// channels-last enabled on CPU.
+// channels-last enabled on CPU. `variant` (e.g. "fp16"): find_weights' for a diffusers folder (madebyollin's files
+// have no variants).
 AutoencoderTiny load_taesd(const std::string& path, torch::ScalarType dtype = torch::kFloat,
-                           torch::Device device = torch::kCPU);
+                           torch::Device device = torch::kCPU, const std::string& variant = "");
 // madebyollin's original pair, given explicitly.
 AutoencoderTiny load_taesd_original(const std::string& encoder_file, const std::string& decoder_file,
                                     torch::ScalarType dtype = torch::kFloat, torch::Device device = torch::kCPU);

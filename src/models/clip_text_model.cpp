@@ -188,10 +188,11 @@ torch::Tensor CLIPTextModelImpl::forward_clip_skip(const torch::Tensor& input_id
   return text_model->final_layer_norm(hs[hs.size() - 1 - static_cast<size_t>(clip_skip)]);
 }
 
-CLIPTextModel load_clip_text_model(const std::string& dir, torch::ScalarType dtype, torch::Device device) {
+CLIPTextModel load_clip_text_model(const std::string& dir, torch::ScalarType dtype, torch::Device device,
+                                   const std::string& variant) {
   const std::string config_file = dir + "/config.json";
   auto cfg = CLIPTextConfig::from_json(read_json_file(config_file), config_file);
-  const std::string weights = find_weights(dir);
+  const std::string weights = find_weights(dir, variant);
   auto file = SafeTensorsFile::open(weights);
   return load_clip_text_model(cfg, file.load_all(), file.path(), dtype, device);
 }

@@ -110,9 +110,10 @@ class CLIPTextModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(CLIPTextModel);
 
-// Reads <dir>/config.json and the weights (strict; the int64 `position_ids` buffer of older checkpoints is ignored).
+// Reads <dir>/config.json and the weights (strict; the int64 `position_ids` buffer of older checkpoints is ignored);
+// `variant` (e.g. "fp16"): find_weights'.
 CLIPTextModel load_clip_text_model(const std::string& dir, torch::ScalarType dtype = torch::kFloat32,
-                                   torch::Device device = torch::kCPU);
+                                   torch::Device device = torch::kCPU, const std::string& variant = "");
 // The same from a config and an in-memory state dict with transformers keys (e.g. converted from a single-file
 // checkpoint by io/ldm_checkpoint); `source` names the weights in errors.
 CLIPTextModel load_clip_text_model(const CLIPTextConfig& config, const std::map<std::string, torch::Tensor>& weights,

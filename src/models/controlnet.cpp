@@ -160,10 +160,11 @@ ControlResiduals& ControlResiduals::operator+=(const ControlResiduals& other) {
   return *this;
 }
 
-ControlNetModel load_controlnet_model(const std::string& path, torch::Dtype dtype, torch::Device device) {
+ControlNetModel load_controlnet_model(const std::string& path, torch::Dtype dtype, torch::Device device,
+                                      const std::string& variant) {
   const std::string config_path = path + "/config.json";
   const auto config = ControlNetConfig::from_json(read_json_file(config_path), config_path);
-  auto file = SafeTensorsFile::open(find_weights(path));
+  auto file = SafeTensorsFile::open(find_weights(path, variant));
   return load_controlnet_model(config, file.load_all(), file.path(), dtype, device);
 }
 

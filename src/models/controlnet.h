@@ -70,8 +70,9 @@ TORCH_MODULE(ControlNetModel);
 // file in the original layout (control_model.* or bare: input_hint_block, zero_convs, middle_block_out; converted
 // at load by io/ldm_checkpoint, config inferred from the weights) or in diffusers names with a config.json beside
 // it. Pickled files are refused with the conversion command. Loaded strictly; eval mode; weights cast to `dtype`.
+// `variant` (e.g. "fp16"): find_weights' for a folder.
 ControlNetModel load_controlnet_model(const std::string& path, torch::Dtype dtype = torch::kFloat,
-                                      torch::Device device = torch::kCPU);
+                                      torch::Device device = torch::kCPU, const std::string& variant = "");
 ControlNetModel load_controlnet_model(const ControlNetConfig& config,
                                       const std::map<std::string, torch::Tensor>& weights, const std::string& source,
                                       torch::Dtype dtype = torch::kFloat, torch::Device device = torch::kCPU);

@@ -470,10 +470,11 @@ int64_t UNet2DConditionModelImpl::quantize_int8() {
   return sd::nn::quantize_int8(*this, keep_float);
 }
 
-UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype, torch::Device device) {
+UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype, torch::Device device,
+                               const std::string& variant) {
   const std::string config_path = unet_dir + "/config.json";
   auto config = UNet2DConditionConfig::from_json(read_json_file(config_path), config_path);
-  auto file = SafeTensorsFile::open(find_weights(unet_dir));
+  auto file = SafeTensorsFile::open(find_weights(unet_dir, variant));
   return load_unet(config, file.load_all(), file.path(), dtype, device);
 }
 

@@ -127,9 +127,10 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
 TORCH_MODULE(UNet2DConditionModel);
 
 // Builds the UNet from <unet_dir>/config.json and loads <unet_dir>/*.safetensors strictly (every key must match),
-// converting floating-point weights to `dtype` on `device`. The module is returned in eval mode.
+// converting floating-point weights to `dtype` on `device`. The module is returned in eval mode. `variant` (e.g.
+// "fp16"): find_weights'.
 UNet2DConditionModel load_unet(const std::string& unet_dir, torch::Dtype dtype = torch::kFloat,
-                               torch::Device device = torch::kCPU);
+                               torch::Device device = torch::kCPU, const std::string& variant = "");
 // The same from a config and an in-memory state dict with diffusers keys (e.g. converted from a single-file
 // checkpoint by io/ldm_checkpoint); `source` names the weights in errors.
 UNet2DConditionModel load_unet(const UNet2DConditionConfig& config, const std::map<std::string, torch::Tensor>& weights,

@@ -60,7 +60,7 @@ std::shared_ptr<const ControlNet> ControlNet::load(const std::string& path, cons
     if (!is_file(path + "/config.json"))
       throw FormatError(path, "not a diffusers ControlNet folder: no config.json (expected config.json + "
                               "diffusion_pytorch_model.safetensors, or a single control_*.safetensors file)");
-    model = load_controlnet_model(path, dtype, device);
+    model = load_controlnet_model(path, dtype, device, models.variant());
     cn->layout_ = "diffusers folder";
   } else {
     if (!is_file(path))

@@ -19,7 +19,8 @@ class ControlNetModelImpl;
 class ControlNet {
  public:
   // InvalidArgument / FormatError naming the path: no such file, a pickle, not a ControlNet, a ControlNet for
-  // another family or another UNet (e.g. SD 2.x on SD 1.5: the cross-attention widths differ).
+  // another family or another UNet (e.g. SD 2.x on SD 1.5: the cross-attention widths differ). A diffusers folder
+  // loads the models' variant (LoadOptions::variant) when it has it, else its plain weights.
   static std::shared_ptr<const ControlNet> load(const std::string& path, const DiffusionModels& models);
 
   // Residuals for one UNet call: the same sample / timesteps / text rows (and SDXL added conditioning) as the UNet,

@@ -44,11 +44,14 @@ class StableDiffusionModels : public DiffusionModels {
       : dtype_(opt.dtype), device_(parse_device(opt.device)) {
     dir_ = model_path;
     std::string taesd = opt.taesd;
+    variant_ = opt.variant;
+    if (!variant_.empty()) check_variant_name(variant_);
     if (is_directory(model_path)) {
       if (!opt.config.empty())
         throw InvalidArgument("--config " + opt.config + " is for single-file checkpoints; " + model_path +
                               " is a diffusers folder with its own configs");
       const ModelFolder folder = ModelFolder::open(model_path);
+      if (!variant_.empty()) folder.check_variant(variant_);
       dir_ = folder.dir();
       nlohmann::json sched = read_json_file(folder.config_path("scheduler"));
       if (!opt.prediction_type.empty())
@@ -56,9 +59,9 @@ class StableDiffusionModels : public DiffusionModels {
       sched_ = LCMSchedulerConfig::from_json(sched, folder.config_path("scheduler"));
       tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(
           opt.tokenizer.empty() ? folder.component_dir("tokenizer") : opt.tokenizer));
-      text_encoder_ = load_clip_text_model(folder.component_dir("text_encoder"), dtype_, device_);
+      text_encoder_ = load_clip_text_model(folder.component_dir("text_encoder"), dtype_, device_, variant_);
       if (folder.is_sdxl()) load_sdxl_text_encoder_2(folder);
-      unet_ = load_unet(folder.component_dir("unet"), dtype_, device_);
+      unet_ = load_unet(folder.component_dir("unet"), dtype_, device_, variant_);
       unet_config_src_ = folder.config_path("unet");
       const std::string vae_config_path = folder.config_path("vae");
       vae_config_ = AutoencoderKLConfig::from_json(read_json_file(vae_config_path), vae_config_path);
@@ -68,9 +71,13 @@ class StableDiffusionModels : public DiffusionModels {
         if (!opt.vae.empty())
           load_vae_override(opt.vae);
         else
-          vae_ = load_vae(folder.component_dir("vae"), vae_dtype_, device_);
+          vae_ = load_vae(folder.component_dir("vae"), vae_dtype_, device_, variant_);
       }
     } else {
+      if (!variant_.empty() && is_file(model_path))
+        throw InvalidArgument("--variant " + variant_ + " is for diffusers model folders (it picks <stem>." +
+                              variant_ + ".safetensors in each component folder); " + model_path +
+                              " is a single-file checkpoint: load it without --variant");
       load_single_file(model_path, opt, taesd);
     }
     if (const int64_t d = unet_->config().time_cond_proj_dim; d > 0) {
@@ -88,7 +95,7 @@ class StableDiffusionModels : public DiffusionModels {
                 taesd);
 
     if (taesd != "none") {
-      taesd_ = load_taesd(taesd, dtype_, device_);
+      taesd_ = load_taesd(taesd, dtype_, device_, variant_);
       taesd_path_ = taesd;
       scaling_factor_ = taesd_->config().scaling_factor;
       latent_channels_ = taesd_->config().latent_channels;
@@ -306,6 +313,7 @@ class StableDiffusionModels : public DiffusionModels {
       << (taesd_ ? (text_encoder_2_ ? "TAESDXL " : "TAESD ") + taesd_path_ : std::string("AutoencoderKL"));
     if (!taesd_ && vae_dtype_ != dtype_) o << " in float32 (force_upcast)";
     if (clip_skip_ > 0) o << ", clip skip " << clip_skip_;
+    if (!variant_.empty()) o << ", variant " << variant_;
     if (timestep_cond_.defined()) o << ", LCM guidance " << lcm_guidance_;
     // Names joined without commas: readers (the browser app) take the last two items as dtype and device.
     if (lora_) {
@@ -318,6 +326,8 @@ class StableDiffusionModels : public DiffusionModels {
     return o.str();
   }
 
+  std::string variant() const override { return variant_; }
+
  private:
   // SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer (pads with "!"); both must be there.
   void load_sdxl_text_encoder_2(const ModelFolder& folder) {
@@ -328,7 +338,7 @@ class StableDiffusionModels : public DiffusionModels {
                                     ") needs the component folder '" + c + "/' (CLIPTextModelWithProjection and its "
                                     "tokenizer), which is missing");
     tokenizer_2_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_folder(folder.component_dir("tokenizer_2")));
-    text_encoder_2_ = load_clip_text_model(folder.component_dir("text_encoder_2"), dtype_, device_);
+    text_encoder_2_ = load_clip_text_model(folder.component_dir("text_encoder_2"), dtype_, device_, variant_);
     check_sdxl_text_encoders({dir_ + "/tokenizer/vocab.json", dir_ + "/tokenizer_2/vocab.json",
                               "text_encoder/config.json", folder.config_path("text_encoder_2")});
     force_zeros_ = read_force_zeros(dir_ + "/model_index.json");
@@ -395,7 +405,7 @@ class StableDiffusionModels : public DiffusionModels {
   void load_vae_override(const std::string& path) {
     refuse_pickle(path);
     if (is_directory(path)) {
-      vae_ = load_vae(path, vae_dtype_, device_);
+      vae_ = load_vae(path, vae_dtype_, device_, variant_);
       vae_path_ = path;
       return;
     }
@@ -610,7 +620,7 @@ class StableDiffusionModels : public DiffusionModels {
 
   c10::ScalarType dtype_;
   c10::Device device_;
-  std::string dir_, taesd_path_, vae_path_, single_file_note_;
+  std::string dir_, taesd_path_, vae_path_, single_file_note_, variant_;
   std::string unet_config_src_;  // the UNet config's file (folder) or source (single file), for messages
   LCMSchedulerConfig sched_;
   std::unique_ptr<ClipTokenizer> tokenizer_, tokenizer_2_;  // tokenizer_2_: SDXL only

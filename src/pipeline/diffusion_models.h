@@ -133,6 +133,8 @@ class DiffusionModels {
   // Turns the compiled UNet off (the model's own UNet runs every call) and on again, for side-by-side measurements
   // and checks; on after load. A no-op without one. Call it between calls, like set_lora_scale.
   virtual void set_compiled_unet_enabled(bool on) const {}
+  // LoadOptions::variant of this set ("" = the plain weights); ControlNet folders loaded for it use it too.
+  virtual std::string variant() const { return ""; }
 
   // LoRAs fused into the weights at load (LoadOptions::loras), in load order, with their current scales.
   virtual std::vector<LoraReport> loras() const { return {}; }
@@ -208,6 +210,12 @@ struct LoadOptions {
   // set's weights; the model's own UNet runs the others and those with ControlNet residuals. Not with int8, an
   // IP-Adapter, SDXL, an LCM guidance embedding (InvalidArgument); another UNet, device, dtype, torch: FormatError.
   std::string compiled_unet;
+  // diffusers' from_pretrained(variant=): "<stem>.<variant>.safetensors" (e.g. "fp16") is loaded instead of the
+  // plain weights in each component folder that has it (text encoders, UNet, VAE, TAESD, ControlNet folders loaded
+  // for this set); the others load their plain weights. Weights are cast to `dtype` whatever the file's. "" = the
+  // plain files. InvalidArgument for a single-file checkpoint, a name that is not plain, or a folder where no
+  // component has the variant (as diffusers).
+  std::string variant;
 };
 
 // Loads tokenizer, text encoder, UNet, AutoencoderKL (+ TAESD) and the scheduler config once, from a diffusers

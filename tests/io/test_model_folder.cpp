@@ -130,8 +130,6 @@ TEST(FindWeights, OnlyVariantFiles) {
   EXPECT_EQ(found, (d / "diffusion_pytorch_model.fp16.safetensors").string());
   EXPECT_EQ(log, "info " + d.string() + ": no plain .safetensors weight file; loading the 'fp16' variant "
                  "diffusion_pytorch_model.fp16.safetensors\n");
-  // Another variant asked for and absent: the one there.
-  EXPECT_EQ(sd::find_weights(d.string(), "bf16"), found);
   touch(d / "diffusion_pytorch_model.bf16.safetensors");
   EXPECT_EQ(fs::path(sd::find_weights(d.string(), "bf16")).filename(), "diffusion_pytorch_model.bf16.safetensors");
   const std::string several =
@@ -139,7 +137,6 @@ TEST(FindWeights, OnlyVariantFiles) {
                    "diffusion_pytorch_model.fp16.safetensors): which one to load cannot be told; keep only that one "
                    "in the folder (move the others out) or add the full weights as diffusion_pytorch_model.safetensors";
   EXPECT_EQ(error_of([&] { sd::find_weights(d.string()); }), several);
-  EXPECT_EQ(error_of([&] { sd::find_weights(d.string(), "fp32"); }), several);
   // A plain file is the weights whatever variants lie beside it.
   touch(d / "diffusion_pytorch_model.safetensors");
   EXPECT_EQ(logged([&] { found = sd::find_weights(d.string()); }), "");
@@ -155,6 +152,67 @@ TEST(FindWeights, OnlyVariantFiles) {
   std::error_code ec;
   fs::remove_all(d, ec);
   fs::remove_all(s, ec);
+}
+
+// A variant asked for (--variant, load_pipeline(variant=)): its file; else, as diffusers, the plain weights (logged);
+// never another variant, and never the plain file in place of the asked variant saved sharded.
+TEST(FindWeights, AskedVariant) {
+  const fs::path d = sd::test::make_temp_dir("sd-fw-asked");
+  touch(d / "diffusion_pytorch_model.safetensors");
+  touch(d / "diffusion_pytorch_model.fp16.safetensors");
+  std::string found;
+  EXPECT_EQ(logged([&] { found = sd::find_weights(d.string(), "fp16"); }), "");
+  EXPECT_EQ(found, (d / "diffusion_pytorch_model.fp16.safetensors").string());
+  EXPECT_EQ(logged([&] { found = sd::find_weights(d.string(), "bf16"); }),
+            "info " + d.string() + ": no 'bf16' variant weight file (diffusion_pytorch_model.bf16.safetensors); "
+                                   "loading the plain diffusion_pytorch_model.safetensors\n");
+  EXPECT_EQ(found, (d / "diffusion_pytorch_model.safetensors").string());
+  // Only another variant: refused, naming the folder, the variant and what is there.
+  fs::remove(d / "diffusion_pytorch_model.safetensors");
+  EXPECT_EQ(error_of([&] { sd::find_weights(d.string(), "bf16"); }),
+            d.string() + ": variant 'bf16' asked (--variant) but there is no diffusion_pytorch_model.bf16.safetensors "
+                         "and no plain weight file to fall back on; found: diffusion_pytorch_model.fp16.safetensors");
+  // The asked variant sharded, beside a plain file.
+  const fs::path s = sd::test::make_temp_dir("sd-fw-asked");
+  touch(s / "model.safetensors");
+  touch(s / "model.safetensors.index.fp16.json");
+  touch(s / "model.fp16-00001-of-00002.safetensors");
+  EXPECT_EQ(error_of([&] { sd::find_weights(s.string(), "fp16"); }),
+            s.string() + ": the 'fp16' variant is a sharded checkpoint (model.safetensors.index.fp16.json), which is "
+                         "not supported yet");
+  EXPECT_EQ(fs::path(sd::find_weights(s.string())).filename(), "model.safetensors");
+  EXPECT_TRUE(sd::has_variant_weights(s.string(), "fp16"));
+  EXPECT_FALSE(sd::has_variant_weights(s.string(), "fp1"));
+  EXPECT_FALSE(sd::has_variant_weights(s.string(), "bf16"));
+  EXPECT_TRUE(sd::has_variant_weights(d.string(), "fp16"));
+  EXPECT_EQ(sd::weight_files(s.string()), (std::vector<std::string>{"model.fp16-00001-of-00002.safetensors",
+                                                                     "model.safetensors",
+                                                                     "model.safetensors.index.fp16.json"}));
+  std::error_code ec;
+  fs::remove_all(d, ec);
+  fs::remove_all(s, ec);
+}
+
+TEST(ModelFolder, CheckVariant) {
+  const fs::path d = sd::test::make_temp_dir("sd-mf-variant");
+  touch(d / "model_index.json", kIndex);
+  touch(d / "unet" / "diffusion_pytorch_model.safetensors");
+  touch(d / "text_encoder" / "model.safetensors");
+  touch(d / "vae" / "config.json");
+  touch(d / "scheduler" / "scheduler_config.json");
+  const auto f = sd::ModelFolder::open(d.string());
+  const std::string msg = error_of([&] { f.check_variant("fp16"); });
+  EXPECT_EQ(msg, "--variant fp16: no component folder of " + d.string() + " has 'fp16' weights "
+                 "(<stem>.fp16.safetensors); found text_encoder/: model.safetensors; unet/: "
+                 "diffusion_pytorch_model.safetensors. Load it without --variant, or name the variant its files have");
+  touch(d / "vae" / "diffusion_pytorch_model.fp16.safetensors");
+  EXPECT_NO_THROW(f.check_variant("fp16"));
+  EXPECT_NO_THROW(sd::check_variant_name("non_ema-2"));
+  EXPECT_EQ(error_of([&] { sd::check_variant_name("fp16.safetensors"); }),
+            "--variant 'fp16.safetensors': expected the name of a weight-file variant such as fp16 (letters, digits, "
+            "'_' or '-'; it is the NAME of <stem>.NAME.safetensors)");
+  std::error_code ec;
+  fs::remove_all(d, ec);
 }
 
 TEST(ConfigReader, DefaultsTypesAndErrors) {
