@@ -349,6 +349,7 @@ nlohmann::json lora_json(const sd::LoraReport& r) {
           {"keys", r.keys},
           {"matched_keys", r.matched_keys},
           {"ranks", r.ranks},
+          {"methods", r.methods},
           {"modules", r.modules},
           {"unmatched_keys", r.unmatched}};
 }
@@ -383,7 +384,10 @@ int lora_info(const std::string& model, const ComponentArgs& c, const std::vecto
   }
   for (const auto& r : models->loras()) {
     std::cout << r.name << " (" << r.path << ") on " << model << "\n"
-              << "  layout " << r.layout << ", " << r.keys << " keys: " << r.matched_keys << " matched, "
+              << "  layout " << r.layout;
+    for (size_t i = 0; i < r.methods.size(); ++i)  // LyCORIS / DoRA modules: "layout kohya (LoHa, DoRA)"
+      std::cout << (i ? ", " : " (") << r.methods[i] << (i + 1 == r.methods.size() ? ")" : "");
+    std::cout << ", " << r.keys << " keys: " << r.matched_keys << " matched, "
               << r.unmatched.size() << " unmatched; scale " << r.scale << ", rank";
     for (size_t i = 0; i < r.ranks.size(); ++i) std::cout << (i ? "/" : " ") << r.ranks[i];
     std::cout << "\n";

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -29,6 +30,7 @@ struct ModuleIndex {
     nn::LinearImpl* linear = nullptr;
     nn::Conv2dImpl* conv = nullptr;
     torch::Tensor& weight() const { return linear ? linear->weight : conv->weight; }
+    torch::Tensor& bias() const { return linear ? linear->bias : conv->bias; }
   };
   std::map<std::string, Leaf> leaves;
   std::set<std::string> others;                 // every other module path (to tell "not a Linear/Conv2d")
@@ -102,27 +104,79 @@ struct Match {
   ModuleIndex::Leaf leaf;  // a copy: the index lives only as long as match_impl
 };
 
+// Which axis DoRA's magnitude scales for weight `w`: 0 per output channel (PEFT's lora_magnitude_vector [out],
+// LyCORIS' dora_scale [out, 1(, 1, 1)] with wd_on_output), 1 per input channel (dora_scale [1, in(, 1, 1)], LyCORIS'
+// original convention), -1 when its shape is neither. The shape decides, as ComfyUI's weight_decompose does.
+int dora_axis(const torch::Tensor& m, const torch::Tensor& w) {
+  const auto s = m.sizes();
+  auto ones_from = [&](size_t i) {
+    for (; i < s.size(); ++i)
+      if (s[i] != 1) return false;
+    return true;
+  };
+  if (s.empty() || s.size() > static_cast<size_t>(w.dim())) return -1;
+  if (s[0] == w.size(0) && ones_from(1)) return 0;
+  if (s.size() >= 2 && s[0] == 1 && s[1] == w.size(1) && ones_from(2)) return 1;
+  return -1;
+}
+
 // Why the pair's shapes do not fit the leaf's weight, or "" when they do. Linear W [out, in]: down [r, in],
 // up [out, r]. Conv2d W [out, in, kh, kw]: down [r, in, kh, kw], up [out, r, 1, 1] (diffusers' LoRAConv2dLayer).
+// Other methods: the weight difference they make (LoraPair::delta_shape) is W's shape, or [out, in * kh * kw] for a
+// convolution; a full module's diff_b is the bias's shape; a DoRA magnitude is one per output or input channel.
 std::string shape_problem(const LoraPair& p, const ModuleIndex::Leaf& leaf) {
   if (leaf.conv) leaf.conv->restore_dense();  // a matched convolution's weight is read (and fused) from here on
   const torch::Tensor& w = leaf.weight();
-  bool ok;
-  std::string want;
-  if (leaf.linear) {
-    ok = p.down.dim() == 2 && p.up.dim() == 2 && p.down.size(1) == w.size(1) && p.up.size(0) == w.size(0);
-    want = "a Linear LoRA needs down [r, " + std::to_string(w.size(1)) + "] and up [" + std::to_string(w.size(0)) +
-           ", r]";
-  } else {
-    ok = p.down.dim() == 4 && p.up.dim() == 4 && p.down.size(1) == w.size(1) && p.down.size(2) == w.size(2) &&
-         p.down.size(3) == w.size(3) && p.up.size(0) == w.size(0) && p.up.size(2) == 1 && p.up.size(3) == 1;
-    want = "a Conv2d LoRA needs down [r, " + std::to_string(w.size(1)) + ", " + std::to_string(w.size(2)) + ", " +
-           std::to_string(w.size(3)) + "] and up [" + std::to_string(w.size(0)) + ", r, 1, 1]";
+  const std::string layer = std::string(leaf.linear ? "Linear" : "Conv2d") + " weight " + shape_str(w.sizes());
+  if (p.method == "lora" && !p.has("lora_mid")) {
+    bool ok;
+    std::string want;
+    if (leaf.linear) {
+      ok = p.down.dim() == 2 && p.up.dim() == 2 && p.down.size(1) == w.size(1) && p.up.size(0) == w.size(0);
+      want = "a Linear LoRA needs down [r, " + std::to_string(w.size(1)) + "] and up [" +
+             std::to_string(w.size(0)) + ", r]";
+    } else {
+      ok = p.down.dim() == 4 && p.up.dim() == 4 && p.down.size(1) == w.size(1) && p.down.size(2) == w.size(2) &&
+           p.down.size(3) == w.size(3) && p.up.size(0) == w.size(0) && p.up.size(2) == 1 && p.up.size(3) == 1;
+      want = "a Conv2d LoRA needs down [r, " + std::to_string(w.size(1)) + ", " + std::to_string(w.size(2)) + ", " +
+             std::to_string(w.size(3)) + "] and up [" + std::to_string(w.size(0)) + ", r, 1, 1]";
+    }
+    if (!ok)
+      return p.down_key + " " + shape_str(p.down.sizes()) + " / " + p.up_key + " " + shape_str(p.up.sizes()) +
+             " vs the model's " + leaf.path + " (" + layer + "; " + want + ")";
+  } else if (!p.delta_shape.empty()) {
+    const auto& d = p.delta_shape;
+    const bool ok = d.size() == 4 ? w.sizes().vec() == d
+                                  : d.size() == 2 && d[0] == w.size(0) && d[0] * d[1] == w.numel();
+    if (!ok) {
+      std::string keys;
+      for (const auto& [part, key] : p.factor_keys)
+        if (part != "diff_b") keys += (keys.empty() ? "" : " / ") + key + " " + shape_str(p.factor(part).sizes());
+      if (!p.down_key.empty())
+        keys = p.down_key + " " + shape_str(p.down.sizes()) + " / " + p.up_key + " " + shape_str(p.up.sizes()) +
+               " / " + keys;
+      std::string want = shape_str(w.sizes());
+      if (leaf.conv) want += " (or [" + std::to_string(w.size(0)) + ", " + std::to_string(w.numel() / w.size(0)) + "])";
+      return keys + " make a " + p.method_name() + " weight difference of " + shape_str(d) + " vs the model's " +
+             leaf.path + " (" + layer + "; it needs " + want + ")";
+    }
   }
-  if (ok) return "";
-  return p.down_key + " " + shape_str(p.down.sizes()) + " / " + p.up_key + " " + shape_str(p.up.sizes()) +
-         " vs the model's " + leaf.path + " (" + (leaf.linear ? "Linear" : "Conv2d") + " weight " +
-         shape_str(w.sizes()) + "; " + want + ")";
+  if (p.has("diff_b")) {
+    const torch::Tensor& b = leaf.bias();
+    const torch::Tensor& db = p.factor("diff_b");
+    if (!b.defined())
+      return p.factor_keys.at("diff_b") + " " + shape_str(db.sizes()) + " vs the model's " + leaf.path +
+             ", which has no bias";
+    if (db.sizes() != b.sizes())
+      return p.factor_keys.at("diff_b") + " " + shape_str(db.sizes()) + " vs the model's " + leaf.path + " (bias " +
+             shape_str(b.sizes()) + "; diff_b needs " + shape_str(b.sizes()) + ")";
+  }
+  if (p.magnitude.defined() && dora_axis(p.magnitude, w) < 0)
+    return p.magnitude_key + " " + shape_str(p.magnitude.sizes()) + " vs the model's " + leaf.path + " (" + layer +
+           "; a DoRA magnitude needs [" + std::to_string(w.size(0)) + "] or [" + std::to_string(w.size(0)) +
+           ", 1" + (w.dim() == 4 ? ", 1, 1" : "") + "] (per output channel) or [1, " + std::to_string(w.size(1)) +
+           (w.dim() == 4 ? ", 1, 1" : "") + "] (per input channel))";
+  return "";
 }
 
 LoraReport match_impl(const LoraFile& file, const LoraComponents& components, std::vector<Match>* matches) {
@@ -137,6 +191,7 @@ LoraReport match_impl(const LoraFile& file, const LoraComponents& components, st
   std::set<std::string> unmatched(file.unparsed.begin(), file.unparsed.end());
   std::vector<std::string> bad_shapes;
   std::set<int64_t> ranks;
+  std::set<std::string> methods;
   std::set<std::string> seen;  // component|module: one pair per module
   // A file whose UNet pairs all miss while its text-encoder pairs match is half a LoRA (UNet names of another layout
   // or another model): refused below rather than applied to the text encoders alone.
@@ -160,9 +215,8 @@ LoraReport match_impl(const LoraFile& file, const LoraComponents& components, st
       if (l != ix->second->leaves.end()) leaf = &l->second;
     }
     if (!leaf || !seen.insert(component + "|" + leaf->path).second) {
-      for (const std::string* k : {&p.down_key, &p.up_key, &p.alpha_key})
-        if (!k->empty()) unmatched.insert(*k);
-      if (unet && unet_missed.empty()) unet_missed = p.down_key;
+      for (const std::string& k : p.keys()) unmatched.insert(k);
+      if (unet && unet_missed.empty()) unet_missed = p.first_key();
       continue;
     }
     const std::string problem = shape_problem(p, *leaf);
@@ -172,8 +226,14 @@ LoraReport match_impl(const LoraFile& file, const LoraComponents& components, st
     }
     (unet ? unet_matched : text_matched) += 1;
     r.modules[component].push_back(leaf->path);
-    r.matched_keys += p.alpha_key.empty() ? 2 : 3;
-    ranks.insert(p.rank());
+    r.matched_keys += p.keys().size();
+    if (p.rank() > 0) ranks.insert(p.rank());
+    if (!p.plain()) {
+      const std::string name = p.method_name();
+      const auto plus = name.find(" + DoRA");
+      if (plus != std::string::npos) methods.insert("DoRA");
+      if (name.substr(0, plus) != "LoRA") methods.insert(name.substr(0, plus));
+    }
     if (matches) matches->push_back({i, component, *leaf});
   }
   if (!bad_shapes.empty()) {
@@ -194,9 +254,10 @@ LoraReport match_impl(const LoraFile& file, const LoraComponents& components, st
   for (const auto& name : file.unparsed)
     if (unmatched.erase(name)) r.unmatched.push_back(name);
   for (const auto& p : file.pairs)
-    for (const std::string* k : {&p.down_key, &p.up_key, &p.alpha_key})
-      if (!k->empty() && unmatched.erase(*k)) r.unmatched.push_back(*k);
+    for (const std::string& k : p.keys())
+      if (unmatched.erase(k)) r.unmatched.push_back(k);
   r.ranks.assign(ranks.begin(), ranks.end());
+  r.methods.assign(methods.begin(), methods.end());
   if (r.matched_keys == 0) {
     std::ostringstream msg;
     msg << "none of its " << file.keys << " keys patches a module of this model (layout " << file.layout << ")";
@@ -240,45 +301,99 @@ const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
   }
 
   torch::NoGradGuard no_grad;
-  // Finite factors and alpha can still make an infinite up' (alpha 3e38): checked before anything is changed.
+  // Finite factors and alpha can still make an infinite up' (alpha 3e38), or a product of other methods' factors
+  // overflow: checked before anything is changed.
   for (const Match& m : matches) {
     const LoraPair& p = file.pairs[m.pair];
-    if (p.alpha && !torch::isfinite(p.up.flatten(1).mul(*p.alpha).div(p.rank())).all().item<bool>())
-      throw FormatError(spec.path, p.up_key + ": alpha " + std::to_string(*p.alpha) + " / rank " +
-                                       std::to_string(p.rank()) + " times this up factor overflows float32 (" +
+    if (p.plain()) {
+      if (p.alpha && !torch::isfinite(p.up.flatten(1).mul(*p.alpha).div(p.rank())).all().item<bool>())
+        throw FormatError(spec.path, p.up_key + ": alpha " + std::to_string(*p.alpha) + " / rank " +
+                                         std::to_string(p.rank()) + " times this up factor overflows float32 (" +
+                                         m.component + " " + m.leaf.path + ")");
+      continue;
+    }
+    torch::Tensor d;
+    try {
+      d = lora_delta(p);
+    } catch (const c10::Error& e) {  // shapes the reader's checks let through that a product still refuses
+      throw FormatError(spec.path, p.first_key() + ": the " + p.method_name() + " factors do not make a weight "
+                                       "difference (" + e.what_without_backtrace() + ")");
+    }
+    if (d.defined() && !torch::isfinite(d).all().item<bool>())
+      throw FormatError(spec.path, p.first_key() + ": the " + p.method_name() +
+                                       " weight difference these factors (and alpha) make overflows float32 (" +
                                        m.component + " " + m.leaf.path + ")");
   }
   const size_t lora = reports_.size();
   std::vector<size_t> touched;
-  for (const Match& m : matches) {
-    const LoraPair& p = file.pairs[m.pair];
-    const std::string id = m.component + "|" + m.leaf.path;
+  // The target of a module's weight (or, for a full module's diff_b, its bias), made on first use.
+  auto target = [&](const Match& m, bool bias) -> size_t {
+    const std::string id = m.component + "|" + m.leaf.path + (bias ? "|bias" : "");
     auto it = target_index_.find(id);
     if (it == target_index_.end()) {
       Target t;
       t.component = m.component;
       t.module = m.leaf.path;
-      t.weight = m.leaf.weight();
+      t.weight = bias ? m.leaf.bias() : m.leaf.weight();
       // A separate handle to the loaded storage: set_data() on the parameter later leaves it alone.
       t.base = t.weight.detach();
-      t.conv = m.leaf.conv;
-      if (t.conv) t.conv->restore_dense();
-      t.repack = t.conv && t.conv->prepacked();
+      if (!bias) {
+        t.conv = m.leaf.conv;
+        if (t.conv) t.conv->restore_dense();
+        t.repack = t.conv && t.conv->prepacked();
+      } else {
+        t.bias_linear = m.leaf.linear;
+        t.bias_conv = m.leaf.conv;
+      }
       targets_.push_back(std::move(t));
       it = target_index_.emplace(id, targets_.size() - 1).first;
     }
-    Target& t = targets_[it->second];
+    touched.push_back(it->second);
+    return it->second;
+  };
+  for (const Match& m : matches) {
+    const LoraPair& p = file.pairs[m.pair];
+    const bool weight = p.plain() || !p.delta_shape.empty();
+    const size_t ti = weight ? target(m, false) : target(m, true);
+    Target& t = targets_[ti];
     const auto dev = t.weight.device();
     Term term;
     term.lora = lora;
-    torch::Tensor up = p.up.flatten(1);
-    // diffusers: w_up = w_up * network_alpha / rank (two float32 operations, in this order).
-    if (p.alpha) up = up.mul(*p.alpha).div(p.rank());
-    term.up = up.to(dev).contiguous();
-    term.down = p.down.flatten(1).to(dev).contiguous();
-    t.terms.push_back(std::move(term));
-    touched.push_back(it->second);
+    if (p.plain()) {
+      torch::Tensor up = p.up.flatten(1);
+      // diffusers: w_up = w_up * network_alpha / rank (two float32 operations, in this order).
+      if (p.alpha) up = up.mul(*p.alpha).div(p.rank());
+      term.up = up.to(dev).contiguous();
+      term.down = p.down.flatten(1).to(dev).contiguous();
+      t.terms.push_back(std::move(term));
+      continue;
+    }
+    auto module = std::make_shared<LoraPair>(p);
+    if (module->down.defined()) module->down = module->down.to(dev);
+    if (module->up.defined()) module->up = module->up.to(dev);
+    for (auto& kv : module->factors) kv.second = kv.second.to(dev);
+    if (module->magnitude.defined()) {
+      std::vector<int64_t> shape(t.base.dim(), 1);
+      const int axis = dora_axis(p.magnitude, t.base);
+      shape[axis] = t.base.size(axis);
+      term.magnitude = p.magnitude.reshape(shape).to(dev);
+      module->magnitude = torch::Tensor();  // the reshaped copy above is the one read
+    }
+    term.module = module;
+    if (weight) {
+      t.terms.push_back(term);
+      if (p.has("diff_b")) {
+        Term b = term;
+        b.bias = true;
+        targets_[target(m, true)].terms.push_back(std::move(b));
+      }
+    } else {
+      term.bias = true;
+      t.terms.push_back(std::move(term));
+    }
   }
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
   reports_.push_back(std::move(report));
   lora_targets_.push_back(std::move(touched));
   return reports_.back();
@@ -293,17 +408,46 @@ void LoraSet::fuse_target(Target& t) {
   for (const Term& term : t.terms) {
     const double s = reports_[term.lora].scale;
     if (s == 0) continue;
-    // diffusers: fused = w_orig + lora_scale * (up' @ down), the conv product reshaped to W's shape (the same
-    // float32 operations in the same order; in place where the tensor is our own).
-    torch::Tensor delta = torch::mm(term.up, term.down).reshape(t.base.sizes());
-    delta.mul_(s);
-    if (changed)
-      w.add_(delta);
-    else
-      w = w + delta;
+    if (!term.module) {
+      // diffusers: fused = w_orig + lora_scale * (up' @ down), the conv product reshaped to W's shape (the same
+      // float32 operations in the same order; in place where the tensor is our own).
+      torch::Tensor delta = torch::mm(term.up, term.down).reshape(t.base.sizes());
+      delta.mul_(s);
+      if (changed)
+        w.add_(delta);
+      else
+        w = w + delta;
+      changed = true;
+      continue;
+    }
+    torch::Tensor delta = term.bias ? term.module->factor("diff_b") : lora_delta(*term.module);
+    delta = delta.reshape(t.base.sizes());
+    if (term.magnitude.defined()) {
+      // DoRA on the running weight (ComfyUI weight_decompose), then blended by s.
+      torch::Tensor merged = w + delta;
+      std::vector<int64_t> dims;
+      for (int64_t d = 0; d < merged.dim(); ++d)
+        if (term.magnitude.size(d) == 1) dims.push_back(d);
+      torch::Tensor norm = merged.norm(2, dims, /*keepdim=*/true).add_(std::numeric_limits<float>::epsilon());
+      merged.mul_(term.magnitude / norm);
+      if (s == 1) {
+        w = merged;
+      } else {
+        merged.sub_(w).mul_(s);
+        w = changed ? w.add_(merged) : w + merged;
+      }
+    } else {
+      delta = delta.mul(s);  // out of place: a full module's diff_b is the kept factor itself
+      if (changed)
+        w.add_(delta);
+      else
+        w = w + delta;
+    }
     changed = true;
   }
   t.weight.set_data(changed ? w.to(t.base.scalar_type()) : t.base);
+  if (t.bias_linear && t.bias_linear->quantized()) t.bias_linear->quantize_int8();
+  if (t.bias_conv && t.bias_conv->quantized()) t.bias_conv->quantize_int8();
   if (t.conv && t.repack) {
     t.conv->prepack();
     // The fused weight is re-made from base + terms on the next fuse, so the packed copy can be its only one.

@@ -7,9 +7,16 @@
 //   W     = cast( float32(W_base) + s_1 * (up'_1 @ down_1) + s_2 * (up'_2 @ down_2) + ... )
 // with conv factors flattened to [out, r] x [r, in*kh*kw] and the product reshaped to W's shape, LoRAs in the order
 // they were added (= diffusers loading and fusing each on top of the previous ones), cast once to the run dtype.
-// Biases are not touched. W_base is the weight as loaded (in the run dtype; for float32 runs it is the memory-mapped
-// file itself and costs no memory). Prepacked convolutions (nn::Conv2d::prepack) are packed again after every fuse,
-// so the kernels read the fused weights, not a stale packed copy.
+// Other methods add s_k * lora_delta_k (io/lora_file.h: LoCon Tucker, LoHa, LoKr, full diff; a full module's diff_b
+// adds s_k * diff_b to the bias, the only bias a LoRA changes). A DoRA term (magnitude m) replaces the running sum W
+// as ComfyUI's weight_decompose does (comfy/weight_adapter/base.py; the norm as LyCORIS' apply_weight_decompose):
+//   W_d = m * (W + delta) / (||W + delta|| + eps),   W <- W + s * (W_d - W)
+// with the norm per output channel (over the other axes) for a magnitude [out] / [out, 1, ..] and per input channel
+// for [1, in, ..], eps = float32 epsilon. At s = 1 this is DoRA's merged weight; s only blends towards it (the
+// magnitude is not scaled). DoRA is not a difference that can be added: a scale change, or any earlier LoRA's, is
+// re-fused from W_base through every term in order. W_base is the weight as loaded (in the run dtype; for float32 runs
+// it is the memory-mapped file itself and costs no memory). Prepacked convolutions (nn::Conv2d::prepack) are packed
+// again after every fuse, so the kernels read the fused weights, not a stale packed copy.
 #include <memory>
 #include <string>
 #include <utility>
@@ -23,6 +30,7 @@ namespace sd {
 
 namespace nn {
 class Conv2dImpl;
+class LinearImpl;
 }
 
 // Named module trees a LoRA may patch: {"unet", UNet}, {"text_encoder", CLIPTextModel}. Module names are the
@@ -67,15 +75,22 @@ class LoraSet {
  private:
   struct Term {
     size_t lora;
-    torch::Tensor up;    // up' [out, r] float32 (alpha / rank applied), on the weight's device
+    torch::Tensor up;    // plain pairs: up' [out, r] float32 (alpha / rank applied), on the weight's device
     torch::Tensor down;  // [r, in * kh * kw] float32
+    // Other methods and DoRA: the module's terms (on the weight's device), its difference rebuilt on every fuse.
+    std::shared_ptr<const LoraPair> module;
+    bool bias = false;         // the term is a full module's diff_b (the target is the bias)
+    torch::Tensor magnitude;   // DoRA: shaped to broadcast against the weight ([out, 1, ..] or [1, in, ..])
   };
   struct Target {
     std::string component, module;
-    torch::Tensor weight;  // the module's parameter (set_data on it replaces what the module reads)
+    torch::Tensor weight;  // the module's parameter, or its bias (set_data on it replaces what the module reads)
     torch::Tensor base;    // the unfused weight (a separate handle to the loaded storage)
     nn::Conv2dImpl* conv = nullptr;
     bool repack = false;   // it was prepacked when the LoRA was added
+    // A bias target's layer: an int8 copy holds the bias too and sees only weight changes by itself.
+    nn::LinearImpl* bias_linear = nullptr;
+    nn::Conv2dImpl* bias_conv = nullptr;
     std::vector<Term> terms;
   };
   void fuse_target(Target& t);

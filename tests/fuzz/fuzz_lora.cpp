@@ -17,7 +17,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const sd::LoraFile lora = sd::read_lora_file(path);
     size_t keys = lora.unparsed.size();
     for (const auto& p : lora.pairs) {
-      keys += 2 + (p.alpha_key.empty() ? 0 : 1);
+      keys += p.keys().size();
+      if (p.method != "lora") continue;  // LyCORIS modules: read_lora_file checked their factors chain
       const bool ok = p.down.defined() && p.up.defined() && p.down.scalar_type() == torch::kFloat &&
                       p.up.scalar_type() == torch::kFloat && (p.down.dim() == 2 || p.down.dim() == 4) &&
                       (p.up.dim() == 2 || p.up.dim() == 4) && p.rank() >= 1 && p.up.size(1) == p.rank() &&

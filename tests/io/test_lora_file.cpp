@@ -146,51 +146,32 @@ TEST(LoraFileReader, EveryLayoutSpelling) {
   fs::remove_all(dir);
 }
 
-// DoRA and the LyCORIS methods carry terms beyond a down / up pair: a file with any of their keys is refused naming
-// the method, its first key and how many more modules use it, also when it holds plain pairs that would match (before,
-// those were fused and the method's keys only counted as unparsed).
-TEST(LoraFileReader, DoraAndLycorisFilesAreRefused) {
+// LyCORIS methods without a fusion are refused naming the method, its first key and how many more modules use it,
+// also when the file holds pairs that would match (fusing those alone would give other weights).
+TEST(LoraFileReader, UnsupportedLycorisMethodsAreRefused) {
   const std::string dir = sd::test::make_temp_dir("lora_methods_io");
   const std::string why =
-      "; only plain LoRA (down / up pairs, optional alpha) is fused, and fusing the rest of the file without these "
-      "terms would give other weights than it was trained for (diffusers 0.24 refuses such keys too)";
+      "; LoRA, LoCon (also Tucker), LoHa, LoKr, full differences and DoRA are fused, and fusing the rest of the file "
+      "without these terms would give other weights than it was trained for";
   struct Case {
     std::vector<std::string> keys;  // after one plain kohya pair
     std::string message;            // after "<file>: "
   };
   const std::vector<Case> cases = {
-      {{"lora_unet_a.dora_scale", "lora_unet_b.lora_down.weight", "lora_unet_b.lora_up.weight",
-        "lora_unet_b.dora_scale"},
-       "DoRA (dora_scale) is not supported: lora_unet_a.dora_scale (and 1 more module)"},
-      {{"unet.mid_block.attentions.0.proj_out.lora_A.weight", "unet.mid_block.attentions.0.proj_out.lora_B.weight",
-        "unet.mid_block.attentions.0.proj_out.lora_magnitude_vector.weight"},
-       "DoRA (lora_magnitude_vector) is not supported: "
-       "unet.mid_block.attentions.0.proj_out.lora_magnitude_vector.weight"},
-      {{"lora_unet_a.lora_mid.weight"},
-       "LyCORIS Tucker LoCon (lora_mid) is not supported: lora_unet_a.lora_mid.weight"},
-      {{"lora_unet_c.hada_w1_a", "lora_unet_c.hada_w1_b", "lora_unet_c.hada_w2_a", "lora_unet_c.hada_w2_b",
-        "lora_unet_c.hada_t1", "lora_unet_c.alpha"},
-       "LyCORIS LoHa (hada_*) is not supported: lora_unet_c.hada_w1_a"},
-      {{"lora_te_c.lokr_w1", "lora_te_c.lokr_w2_a", "lora_te_c.lokr_w2_b", "lora_te_d.lokr_w1", "lora_te_e.lokr_w1"},
-       "LyCORIS LoKr (lokr_*) is not supported: lora_te_c.lokr_w1 (and 2 more modules)"},
-      {{"lora_unet_c.diff", "lora_unet_c.diff_b", "lora_unet_d.diff_b"},
-       "LyCORIS full weight differences (diff / diff_b) is not supported: lora_unet_c.diff (and 1 more module)"},
-      {{"lora_unet_c.weight", "lora_unet_c.on_input"},
-       "LyCORIS (IA)^3 (on_input) is not supported: lora_unet_c.on_input"},
+      {{"lora_unet_c.weight", "lora_unet_c.on_input", "lora_unet_d.on_input"},
+       "LyCORIS (IA)^3 (on_input) is not supported: lora_unet_c.on_input (and 1 more module)"},
       {{"lora_unet_c.oft_blocks"}, "LyCORIS OFT (oft_blocks) is not supported: lora_unet_c.oft_blocks"},
       {{"lora_unet_c.a1.weight", "lora_unet_c.a2.weight", "lora_unet_c.b1.weight", "lora_unet_c.b2.weight"},
        "LyCORIS GLoRA (a1 / a2 / b1 / b2) is not supported: lora_unet_c.a1.weight"},
-      // The first method in file order is named.
-      {{"lora_unet_c.hada_w1_a", "lora_unet_a.dora_scale"},
-       "LyCORIS LoHa (hada_*) is not supported: lora_unet_c.hada_w1_a"},
+      // Beside fusable LoHa terms, the unsupported method still refuses the file.
+      {{"lora_unet_e.hada_w1_a", "lora_unet_e.hada_w1_b", "lora_unet_e.hada_w2_a", "lora_unet_e.hada_w2_b",
+        "lora_unet_c.oft_blocks"},
+       "LyCORIS OFT (oft_blocks) is not supported: lora_unet_c.oft_blocks"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     std::vector<std::pair<std::string, torch::Tensor>> t = {{"lora_unet_a.lora_down.weight", torch::ones({2, 8})},
                                                              {"lora_unet_a.lora_up.weight", torch::ones({8, 2})}};
-    for (const auto& k : cases[i].keys) {
-      const bool down = k.find("lora_down.") != std::string::npos || k.find("lora_A.") != std::string::npos;
-      t.emplace_back(k, down ? torch::ones({2, 8}) : torch::ones({8, 2}));
-    }
+    for (const auto& k : cases[i].keys) t.emplace_back(k, torch::ones({2, 2}));
     const std::string p = dir + "/m" + std::to_string(i) + ".safetensors";
     sd::save_safetensors(p, t);
     std::string msg;
@@ -211,8 +192,161 @@ TEST(LoraFileReader, DoraAndLycorisFilesAreRefused) {
                            {"lora_unet_b.scale_weight", torch::ones({2})}});
   const auto f = sd::read_lora_file(dir + "/plain.safetensors");
   EXPECT_EQ(f.pairs.size(), 1u);
+  EXPECT_TRUE(f.pairs[0].plain());
   EXPECT_EQ(f.unparsed,
             (std::vector<std::string>{"lora_unet_a.lora_down.weight_orphan", "lora_unet_b.scale_weight"}));
+  fs::remove_all(dir);
+}
+
+using Tensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+const sd::LoraPair& module_named(const sd::LoraFile& f, const std::string& module) {
+  for (const auto& p : f.pairs)
+    if (p.module == module) return p;
+  throw std::runtime_error("no module " + module);
+}
+
+// Every fused method's keys, in kohya and dotted (diffusers / PEFT) names, become one module each with its method,
+// factors, alpha, the shape of the difference it makes and the rank alpha divides by.
+TEST(LoraFileReader, LycorisAndDoraModulesAreRead) {
+  const std::string dir = sd::test::make_temp_dir("lora_lycoris_io");
+  const Tensors t = {
+      // LoHa (kohya), rank 2, on a [8, 6] Linear
+      {"lora_unet_loha.hada_w1_a", torch::ones({8, 2})},
+      {"lora_unet_loha.hada_w1_b", torch::ones({2, 6})},
+      {"lora_unet_loha.hada_w2_a", torch::ones({8, 3})},
+      {"lora_unet_loha.hada_w2_b", torch::ones({3, 6})},
+      {"lora_unet_loha.alpha", torch::full({}, 4.0)},
+      // LoHa with Tucker cores on a [8, 6, 3, 3] conv
+      {"lora_unet_tk.hada_t1", torch::ones({2, 2, 3, 3})},
+      {"lora_unet_tk.hada_w1_a", torch::ones({2, 8})},
+      {"lora_unet_tk.hada_w1_b", torch::ones({2, 6})},
+      {"lora_unet_tk.hada_t2", torch::ones({2, 2, 3, 3})},
+      {"lora_unet_tk.hada_w2_a", torch::ones({2, 8})},
+      {"lora_unet_tk.hada_w2_b", torch::ones({2, 6})},
+      // LoKr: full w1 [2, 3], decomposed w2 [4, 1] @ [1, 2] -> [8, 6]; rank 1
+      {"lora_te_lokr.lokr_w1", torch::ones({2, 3})},
+      {"lora_te_lokr.lokr_w2_a", torch::ones({4, 1})},
+      {"lora_te_lokr.lokr_w2_b", torch::ones({1, 2})},
+      {"lora_te_lokr.alpha", torch::full({}, 1.0)},
+      // LoKr conv: w1 [2, 2], 4-D w2 [4, 3, 3, 3] -> [8, 6, 3, 3]; both full: no rank
+      {"lora_unet_lokr4.lokr_w1", torch::ones({2, 2})},
+      {"lora_unet_lokr4.lokr_w2", torch::ones({4, 3, 3, 3})},
+      // full differences, diffusers names
+      {"unet.full.diff", torch::ones({8, 6})},
+      {"unet.full.diff_b", torch::ones({8})},
+      {"unet.bias_only.diff_b", torch::ones({8})},
+      // Tucker LoCon
+      {"lora_unet_mid.lora_down.weight", torch::ones({2, 6, 1, 1})},
+      {"lora_unet_mid.lora_mid.weight", torch::ones({2, 2, 3, 3})},
+      {"lora_unet_mid.lora_up.weight", torch::ones({8, 2, 1, 1})},
+      // DoRA, kohya (dora_scale per output row) and PEFT (lora_magnitude_vector)
+      {"lora_unet_dora.lora_down.weight", torch::ones({2, 6})},
+      {"lora_unet_dora.lora_up.weight", torch::ones({8, 2})},
+      {"lora_unet_dora.dora_scale", torch::ones({8, 1})},
+      {"unet.pd.lora_A.weight", torch::ones({2, 6})},
+      {"unet.pd.lora_B.weight", torch::ones({8, 2})},
+      {"unet.pd.lora_magnitude_vector.weight", torch::ones({8})},
+  };
+  sd::save_safetensors(dir + "/all.safetensors", t);
+  const auto f = sd::read_lora_file(dir + "/all.safetensors");
+  EXPECT_TRUE(f.unparsed.empty());
+  ASSERT_EQ(f.pairs.size(), 9u);
+  size_t keys = 0;
+  for (const auto& p : f.pairs) keys += p.keys().size();
+  EXPECT_EQ(keys, t.size()) << "every key belongs to one module";
+  struct Want {
+    std::string module, method, name;
+    std::vector<int64_t> shape;
+    int64_t rank;
+  };
+  for (const Want& w : std::vector<Want>{{"loha", "loha", "LoHa", {8, 6}, 2},
+                                         {"tk", "loha", "LoHa", {8, 6, 3, 3}, 2},
+                                         {"lokr", "lokr", "LoKr", {8, 6}, 1},
+                                         {"lokr4", "lokr", "LoKr", {8, 6, 3, 3}, 0},
+                                         {"full", "full", "full", {8, 6}, 0},
+                                         {"bias_only", "full", "full", {}, 0},
+                                         {"mid", "lora", "Tucker LoCon", {8, 6, 3, 3}, 2},
+                                         {"dora", "lora", "LoRA + DoRA", {8, 6}, 2},
+                                         {"pd", "lora", "LoRA + DoRA", {8, 6}, 2}}) {
+    const auto& p = module_named(f, w.module);
+    EXPECT_EQ(p.method, w.method) << w.module;
+    EXPECT_EQ(p.method_name(), w.name) << w.module;
+    EXPECT_EQ(p.delta_shape, w.shape) << w.module;
+    EXPECT_EQ(p.rank(), w.rank) << w.module;
+    EXPECT_FALSE(p.plain()) << w.module;
+  }
+  EXPECT_EQ(*module_named(f, "loha").alpha, 4.0);
+  EXPECT_EQ(module_named(f, "full").component, "unet");
+  EXPECT_EQ(module_named(f, "lokr").component, "text_encoder");
+  EXPECT_EQ(module_named(f, "dora").magnitude_key, "lora_unet_dora.dora_scale");
+  EXPECT_EQ(module_named(f, "pd").magnitude_key, "unet.pd.lora_magnitude_vector.weight");
+  EXPECT_EQ(module_named(f, "pd").magnitude.sizes(), (std::vector<int64_t>{8}));
+  fs::remove_all(dir);
+}
+
+// Incomplete, mixed or misshapen modules are errors naming the file, the key(s) with their shapes and what was
+// expected (never a silent skip of half a module or an exception from a matrix product).
+TEST(LoraFileReader, IncompleteOrMisshapenLycorisModulesNameTheKeys) {
+  const std::string dir = sd::test::make_temp_dir("lora_lycoris_errors");
+  const auto loha = [](int64_t r1b) {
+    return Tensors{{"lora_unet_m.hada_w1_a", torch::ones({8, 2})},
+                   {"lora_unet_m.hada_w1_b", torch::ones({r1b, 6})},
+                   {"lora_unet_m.hada_w2_a", torch::ones({8, 2})},
+                   {"lora_unet_m.hada_w2_b", torch::ones({2, 6})}};
+  };
+  struct Case {
+    Tensors t;
+    std::string message;  // after "<file>: "
+  };
+  Tensors missing = loha(2);
+  missing.pop_back();
+  Tensors other_out = loha(2);
+  other_out[2].second = torch::ones({7, 2});
+  const std::vector<Case> cases = {
+      {missing, "lora_unet_m.hada_w1_a: a LoHa module needs hada_w2_b too (lora_unet_m.hada_w2_b is missing)"},
+      {loha(3), "lora_unet_m.hada_w1_a [8, 2] / lora_unet_m.hada_w1_b [3, 6]: hada_w1_b must be [2, in] "
+                "(hada_w1_a's rank)"},
+      {other_out, "lora_unet_m.hada_w2_a [7, 2] / lora_unet_m.hada_w2_b [2, 6]: w2_a @ w2_b must be [8, 6] like "
+                  "w1_a @ w1_b, got [7, 6]"},
+      {{{"lora_unet_k.lokr_w1", torch::ones({2, 2})}, {"lora_unet_k.lokr_w2_a", torch::ones({4, 2})}},
+       "lora_unet_k.lokr_w1: a LoKr module without lokr_w2 needs lokr_w2_b too (lora_unet_k.lokr_w2_b is missing)"},
+      {{{"lora_unet_k.lokr_w1", torch::ones({2, 2})},
+        {"lora_unet_k.lokr_t2", torch::ones({2, 2, 3, 3})},
+        {"lora_unet_k.lokr_w2_a", torch::ones({3, 4})},
+        {"lora_unet_k.lokr_w2_b", torch::ones({2, 4})}},
+       "lora_unet_k.lokr_t2 [2, 2, 3, 3] / lora_unet_k.lokr_w2_a [3, 4] / lora_unet_k.lokr_w2_b [2, 4]: with Tucker, "
+       "lokr_w2_a must be [2, out2] and lokr_w2_b [2, in2]"},
+      {{{"lora_unet_c.lora_down.weight", torch::ones({2, 6, 1, 1})},
+        {"lora_unet_c.lora_mid.weight", torch::ones({3, 2, 3, 3})},
+        {"lora_unet_c.lora_up.weight", torch::ones({8, 2, 1, 1})}},
+       "lora_unet_c.lora_down.weight [2, 6, 1, 1] / lora_unet_c.lora_mid.weight [3, 2, 3, 3] / "
+       "lora_unet_c.lora_up.weight [8, 2, 1, 1]: a Tucker LoCon needs down [r, in, 1, 1], mid [r, r, kh, kw] and up "
+       "[out, r, 1, 1] (mid dim 0 = up dim 1, mid dim 1 = down dim 0)"},
+      {{{"lora_unet_c.lora_mid.weight", torch::ones({2, 2, 3, 3})},
+        {"lora_unet_c.lora_up.weight", torch::ones({8, 2, 1, 1})}},
+       "lora_unet_c.lora_mid.weight: a Tucker LoCon module needs both halves of its pair (the down factor is "
+       "missing)"},
+      {{{"lora_unet_c.hada_w1_a", torch::ones({8, 2})}, {"lora_unet_c.lora_down.weight", torch::ones({2, 6})}},
+       "lora_unet_c.lora_down.weight: this module mixes the terms of several methods (loha, lora); a module is "
+       "patched by one method"},
+      {{{"lora_unet_c.dora_scale", torch::ones({8, 1})}},
+       "lora_unet_c.dora_scale: a DoRA magnitude without the factors it scales (no lora_down / lora_up, lora_A / "
+       "lora_B, hada_* or lokr_* keys for this module)"},
+      {{{"lora_unet_c.diff", torch::ones({8})}},
+       "lora_unet_c.diff [8]: a full diff must be 2-D or 4-D (the weight's shape)"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string p = dir + "/e" + std::to_string(i) + ".safetensors";
+    sd::save_safetensors(p, cases[i].t);
+    std::string msg;
+    try {
+      sd::read_lora_file(p);
+    } catch (const sd::FormatError& e) {
+      msg = e.what();
+    }
+    EXPECT_EQ(msg, p + ": " + cases[i].message) << "case " << i;
+  }
   fs::remove_all(dir);
 }
 

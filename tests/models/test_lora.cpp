@@ -626,60 +626,63 @@ bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-// A DoRA file as kohya / LyCORIS write it (<stem>.dora_scale beside each pair) holds plain pairs that match; fused
-// without DoRA's magnitude normalisation they give other weights, so the file is refused (before the fix: fused,
-// with "79 of its 316 keys patch nothing" as a warning). Likewise a file with one Tucker mid factor or LoHa module.
-TEST(LoraMethods, DoraAndLycorisFilesAreRefusedNotFusedAsPlainPairs) {
+// A DoRA file as kohya / LyCORIS write it (<stem>.dora_scale [out, 1(, 1, 1)] beside each pair of the LCM fixture,
+// 79 modules: 1x1 / 3x3 convolutions and Linears): every fused weight is m * (W + dW) / ||W + dW|| with the norm per
+// output channel, W + dW being the plain pairs' fusion (checked against diffusers by the goldens). Before: refused.
+TEST(LoraMethods, DoraFileFusesEveryModuleWithItsMagnitude) {
   if (!sd::test::fixture_exists("lora/files/sd15_kohya_lcm.safetensors")) GTEST_SKIP() << "fixture absent";
   const std::string src = lora_file_path("sd15_kohya_lcm");
-  const std::string dir = sd::test::make_temp_dir("lora_methods");
-  const auto load = [&](const std::string& path) {
-    Models m = load_models("tiny-sd15");
-    sd::LoraSet set(m.components(), /*keep_base=*/false);
-    set.add({path, 1.0, "x"}, /*strict=*/false);
-    set.fuse();
-  };
-  const std::string why =
-      "; only plain LoRA (down / up pairs, optional alpha) is fused, and fusing the rest of the file without these "
-      "terms would give other weights than it was trained for (diffusers 0.24 refuses such keys too)";
-  // The unmodified file loads as before: every key patches one of its 79 modules.
+  const std::string dir = sd::test::make_temp_dir("lora_dora");
+  Models plain = load_models("tiny-sd15");
   {
-    Models m = load_models("tiny-sd15");
-    sd::LoraSet set(m.components(), false);
-    const auto& r = set.add({src, 1.0, "lcm"}, true);
-    EXPECT_EQ(r.keys, 237u);
-    EXPECT_EQ(r.matched_keys, 237u);
-    EXPECT_EQ(r.module_count("unet"), 79u);
+    sd::LoraSet set(plain.components(), false);
+    set.add({src, 1.0, "lcm"}, true);
+    set.fuse();
   }
-  // DoRA: a magnitude per output row of every module.
+  const auto merged = snapshot(plain);  // W + dW per module
+  torch::manual_seed(11);
   auto dora = renamed(src, [](std::string k) { return k; });
+  std::map<std::string, torch::Tensor> magnitudes;  // "unet.<module>.weight" -> [out]
   std::vector<std::pair<std::string, torch::Tensor>> scales;
   for (const auto& [k, v] : dora)
-    if (ends_with(k, ".lora_up.weight"))
-      scales.emplace_back(k.substr(0, k.size() - 15) + ".dora_scale", torch::ones({v.size(0), 1}));
+    if (ends_with(k, ".lora_up.weight")) {
+      const std::string stem = k.substr(0, k.size() - 15);
+      std::vector<int64_t> shape(v.dim(), 1);
+      shape[0] = v.size(0);
+      const torch::Tensor m = torch::rand({v.size(0)}) + 0.5;
+      scales.emplace_back(stem + ".dora_scale", m.reshape(shape));
+      magnitudes[stem] = m;
+    }
   ASSERT_EQ(scales.size(), 79u);
-  const std::string first = scales.front().first;
   dora.insert(dora.end(), scales.begin(), scales.end());
   const std::string dp = dir + "/dora.safetensors";
   sd::save_safetensors(dp, dora);
-  EXPECT_EQ(error_of([&] { load(dp); }),
-            dp + ": DoRA (dora_scale) is not supported: " + first + " (and 78 more modules)" + why);
-  // One module with a Tucker mid factor (LoCon with use_tucker: down, mid, up).
-  auto mid = renamed(src, [](std::string k) { return k; });
-  mid.emplace_back("lora_unet_mid_block_resnets_0_conv1.lora_mid.weight", torch::ones({4, 4, 3, 3}));
-  const std::string mp = dir + "/tucker.safetensors";
-  sd::save_safetensors(mp, mid);
-  EXPECT_EQ(error_of([&] { load(mp); }), mp + ": LyCORIS Tucker LoCon (lora_mid) is not supported: "
-                                              "lora_unet_mid_block_resnets_0_conv1.lora_mid.weight" + why);
-  // One more module (outside the LCM targets) as LoHa.
-  auto hada = renamed(src, [](std::string k) { return k; });
-  for (const char* part : {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
-    hada.emplace_back(std::string("lora_unet_time_embedding_linear_1.") + part, torch::ones({4, 4}));
-  hada.emplace_back("lora_unet_time_embedding_linear_1.alpha", torch::full({}, 4.0));
-  const std::string hp = dir + "/loha.safetensors";
-  sd::save_safetensors(hp, hada);
-  EXPECT_EQ(error_of([&] { load(hp); }),
-            hp + ": LyCORIS LoHa (hada_*) is not supported: lora_unet_time_embedding_linear_1.hada_w1_a" + why);
+  Models m = load_models("tiny-sd15");
+  sd::LoraSet set(m.components(), false);
+  const auto& r = set.add({dp, 1.0, "dora"}, true);
+  EXPECT_EQ(r.matched_keys, 237u + 79u);
+  EXPECT_EQ(r.methods, (std::vector<std::string>{"DoRA"}));
+  EXPECT_NE(r.summary().find("kohya (DoRA), 79 UNet"), std::string::npos) << r.summary();
+  set.fuse();
+  const auto fused = snapshot(m);
+  int checked = 0;
+  for (const auto& module : r.modules.at("unet")) {
+    const std::string key = "unet." + module + ".weight";
+    const torch::Tensor wm = merged.at(key);
+    std::string stem = module;
+    std::replace(stem.begin(), stem.end(), '.', '_');
+    const torch::Tensor mag = magnitudes.at("lora_unet_" + stem);
+    // Per output channel, written out: row o scaled by mag[o] / sqrt(sum of its squares).
+    torch::Tensor want = torch::empty_like(wm);
+    for (int64_t o = 0; o < wm.size(0); ++o) {
+      const double norm = std::sqrt(wm[o].pow(2).sum().item<double>());
+      want[o] = wm[o] * (mag[o].item<double>() / norm);
+    }
+    EXPECT_TRUE(torch::allclose(fused.at(key), want, 1e-5, 1e-6)) << key << " max diff "
+        << (fused.at(key) - want).abs().max().item<double>();
+    ++checked;
+  }
+  EXPECT_EQ(checked, 79);
   fs::remove_all(dir);
 }
 
@@ -902,6 +905,353 @@ TEST_F(LoraTempFiles, UnetHalfThatMatchesNothingIsRefused) {
   const auto& r = set.add({q, 1.0, "te"}, true);
   EXPECT_EQ(r.module_count("text_encoder"), 12u);
   EXPECT_EQ(r.module_count("unet"), 0u);
+}
+
+
+// ---- LyCORIS methods and DoRA on hand-checked weights -----------------------------------------------------------
+
+// A one-module "text encoder" whose weight the test writes by hand (kohya stem lora_te_proj, dotted text_encoder.proj).
+struct HandModel : torch::nn::Module {
+  sd::nn::Linear proj{nullptr};
+  sd::nn::Conv2d conv{nullptr};
+  HandModel(const torch::Tensor& w, const torch::Tensor& b) {
+    if (w.dim() == 2) {
+      proj = register_module("proj", sd::nn::Linear(w.size(1), w.size(0)));
+      proj->weight.set_data(w.clone());
+      proj->bias.set_data(b.clone());
+    } else {
+      conv = register_module("proj", sd::nn::Conv2d(w.size(1), w.size(0), w.size(2), 1, w.size(2) / 2));
+      conv->weight.set_data(w.clone());
+      conv->bias.set_data(b.clone());
+    }
+  }
+  torch::Tensor weight() { return proj ? proj->weight : conv->weight; }
+  torch::Tensor bias() { return proj ? proj->bias : conv->bias; }
+};
+
+using Tensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+torch::Tensor T(std::initializer_list<std::initializer_list<float>> rows) {
+  std::vector<torch::Tensor> r;
+  for (const auto& row : rows) r.push_back(torch::tensor(std::vector<float>(row)));
+  return torch::stack(r);
+}
+
+class LoraLycoris : public ::testing::Test {
+ protected:
+  void SetUp() override { dir_ = sd::test::make_temp_dir("lora_lycoris"); }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string write(const std::string& name, const Tensors& t) {
+    const std::string p = dir_ + "/" + name;
+    sd::save_safetensors(p, t);
+    return p;
+  }
+  // {weight, bias} of a hand model with weight w (bias b, zeros by default) after fusing `t` at `scale`.
+  std::pair<torch::Tensor, torch::Tensor> fuse_hand(const torch::Tensor& w, const Tensors& t, double scale,
+                                                    torch::Tensor b = {}) {
+    if (!b.defined()) b = torch::zeros({w.size(0)});
+    auto model = std::make_shared<HandModel>(w, b);
+    sd::LoraSet set({{"text_encoder", model.get()}}, false);
+    set.add({write("hand" + std::to_string(files_++) + ".safetensors", t), scale, "hand"}, true);
+    set.fuse();
+    return {model->weight().clone(), model->bias().clone()};
+  }
+  std::string dir_;
+  int files_ = 0;
+};
+
+// LoHa, rank 2, alpha 1 (scale 1/2), user scale 0.5, W = ones:
+//   w1_a @ w1_b = [[1, 2], [0, 1]] @ [[1, 0], [3, 1]] = [[7, 2], [3, 1]]
+//   w2_a @ w2_b = [[1, 0], [0, 2]] @ [[2, 1], [1, 1]] = [[2, 1], [2, 2]]
+//   (7*2, 2*1; 3*2, 1*2) = [[14, 2], [6, 2]] * 1/2 * 0.5 = [[3.5, 0.5], [1.5, 0.5]]
+// in kohya and diffusers names alike.
+TEST_F(LoraLycoris, LohaHandChecked) {
+  const torch::Tensor W = torch::ones({2, 2});
+  const torch::Tensor want = W + T({{3.5f, 0.5f}, {1.5f, 0.5f}});
+  for (const std::string prefix : {"lora_te_proj.", "text_encoder.proj."}) {
+    const Tensors t = {{prefix + "hada_w1_a", T({{1, 2}, {0, 1}})}, {prefix + "hada_w1_b", T({{1, 0}, {3, 1}})},
+                       {prefix + "hada_w2_a", T({{1, 0}, {0, 2}})}, {prefix + "hada_w2_b", T({{2, 1}, {1, 1}})},
+                       {prefix + "alpha", torch::full({}, 1.0)}};
+    const auto [w, b] = fuse_hand(W, t, 0.5);
+    EXPECT_TRUE(torch::allclose(w, want, 0, 1e-6)) << prefix << "\n" << w;
+    EXPECT_TRUE(torch::equal(b, torch::zeros({2}))) << "LoHa leaves the bias";
+  }
+}
+
+// LoKr on a [4, 4] Linear with W = 0. Both factors full: kron(w1, w2) and the alpha (8) is ignored:
+//   kron([[1, 2], [3, 4]], [[0, 1], [1, 0]]) = [[0, 1, 0, 2], [1, 0, 2, 0], [0, 3, 0, 4], [3, 0, 4, 0]]
+// w2 decomposed (w2_a [2, 1] @ w2_b [1, 2] = [[0, 1], [0, 0]], rank 1) with alpha 2: scale 2 / 1 applies:
+//   2 * kron(w1, [[0, 1], [0, 0]]) = [[0, 2, 0, 4], [0, 0, 0, 0], [0, 6, 0, 8], [0, 0, 0, 0]]
+TEST_F(LoraLycoris, LokrHandCheckedAlphaOnlyWithADecomposedFactor) {
+  const torch::Tensor W = torch::zeros({4, 4});
+  const torch::Tensor w1 = T({{1, 2}, {3, 4}});
+  auto [full, b] = fuse_hand(W, {{"lora_te_proj.lokr_w1", w1}, {"lora_te_proj.lokr_w2", T({{0, 1}, {1, 0}})},
+                                 {"lora_te_proj.alpha", torch::full({}, 8.0)}}, 1.0);
+  EXPECT_TRUE(torch::allclose(full, T({{0, 1, 0, 2}, {1, 0, 2, 0}, {0, 3, 0, 4}, {3, 0, 4, 0}}), 0, 1e-6)) << full;
+  auto [dec, b2] = fuse_hand(W, {{"lora_te_proj.lokr_w1", w1}, {"lora_te_proj.lokr_w2_a", T({{1}, {0}})},
+                                 {"lora_te_proj.lokr_w2_b", T({{0, 1}})}, {"lora_te_proj.alpha", torch::full({}, 2.0)}},
+                             1.0);
+  EXPECT_TRUE(torch::allclose(dec, T({{0, 2, 0, 4}, {0, 0, 0, 0}, {0, 6, 0, 8}, {0, 0, 0, 0}}), 0, 1e-6)) << dec;
+  // w1 decomposed instead (w1_a [2, 1] @ w1_b [1, 2] = [[1, 2], [0, 0]], alpha 1, rank 1), at scale 0.5:
+  //   0.5 * kron([[1, 2], [0, 0]], [[0, 1], [1, 0]]) = [[0, .5, 0, 1], [.5, 0, 1, 0], 0, 0]
+  auto [w1d, b3] = fuse_hand(W, {{"lora_te_proj.lokr_w1_a", T({{1}, {0}})}, {"lora_te_proj.lokr_w1_b", T({{1, 2}})},
+                                 {"lora_te_proj.lokr_w2", T({{0, 1}, {1, 0}})},
+                                 {"lora_te_proj.alpha", torch::full({}, 1.0)}}, 0.5);
+  EXPECT_TRUE(torch::allclose(w1d, T({{0, .5, 0, 1}, {.5, 0, 1, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}}), 0, 1e-6)) << w1d;
+}
+
+// Full differences: W += s * diff, b += s * diff_b, no alpha (an alpha key is read but scales nothing). s = 2:
+//   [[1, 2], [3, 4]] + 2 * [[0.25, 0], [0, -1]] = [[1.5, 2], [3, 2]];  [0.5, -0.5] + 2 * [1, 2] = [2.5, 3.5]
+TEST_F(LoraLycoris, FullDiffAddsToWeightAndBias) {
+  const auto [w, b] = fuse_hand(T({{1, 2}, {3, 4}}),
+                                {{"lora_te_proj.diff", T({{0.25f, 0}, {0, -1}})},
+                                 {"lora_te_proj.diff_b", torch::tensor({1.0f, 2.0f})},
+                                 {"lora_te_proj.alpha", torch::full({}, 16.0)}},
+                                2.0, torch::tensor({0.5f, -0.5f}));
+  EXPECT_TRUE(torch::allclose(w, T({{1.5f, 2}, {3, 2}}), 0, 1e-6)) << w;
+  EXPECT_TRUE(torch::allclose(b, torch::tensor({2.5f, 3.5f}), 0, 1e-6)) << b;
+  // diff_b alone patches the bias only.
+  const auto [w2, b2] = fuse_hand(T({{1, 2}, {3, 4}}), {{"text_encoder.proj.diff_b", torch::tensor({1.0f, 2.0f})}},
+                                  1.0, torch::tensor({0.5f, -0.5f}));
+  EXPECT_TRUE(torch::equal(w2, T({{1, 2}, {3, 4}})));
+  EXPECT_TRUE(torch::allclose(b2, torch::tensor({1.5f, 1.5f}), 0, 1e-6)) << b2;
+}
+
+// Tucker LoCon on a 2 -> 2 3x3 convolution, W = 0, down = identity [2, 2, 1, 1], up = diag(1, 2), alpha 1 (1/2):
+// delta[p, q, k, l] = sum_ij mid[i, j, k, l] up[p, i] down[j, q] / 2, so with mid[0, 0] = 1..9 and mid[1, 1, 1, 1] = 3
+// (the rest 0): delta[0, 0] = (1..9) / 2, delta[1, 1, 1, 1] = 3 * 2 / 2 = 3, all else 0.
+TEST_F(LoraLycoris, TuckerLoconHandChecked) {
+  torch::Tensor mid = torch::zeros({2, 2, 3, 3});
+  mid[0][0] = torch::arange(1, 10, torch::kFloat).reshape({3, 3});
+  mid[1][1][1][1] = 3;
+  const torch::Tensor down = torch::eye(2).reshape({2, 2, 1, 1});
+  const torch::Tensor up = torch::diag(torch::tensor({1.0f, 2.0f})).reshape({2, 2, 1, 1});
+  const auto [w, b] = fuse_hand(torch::zeros({2, 2, 3, 3}),
+                                {{"lora_te_proj.lora_down.weight", down}, {"lora_te_proj.lora_mid.weight", mid},
+                                 {"lora_te_proj.lora_up.weight", up}, {"lora_te_proj.alpha", torch::full({}, 1.0)}},
+                                1.0);
+  torch::Tensor want = torch::zeros({2, 2, 3, 3});
+  want[0][0] = T({{0.5f, 1, 1.5f}, {2, 2.5f, 3}, {3.5f, 4, 4.5f}});
+  want[1][1][1][1] = 3;
+  EXPECT_TRUE(torch::allclose(w, want, 0, 1e-6)) << w;
+}
+
+// DoRA on W = [[3, 0], [4, 2]] with dW = up @ down = [[0], [1]] @ [[0, 1]] = [[0, 0], [0, 1]]:
+// W + dW = [[3, 0], [4, 3]], row norms (3, 5), column norms (5, 3).
+//   per output (dora_scale [[3], [10]], PEFT lora_magnitude_vector [3, 10]): rows * (3/3, 10/5) = [[3, 0], [8, 6]]
+//   per input (dora_scale [[5, 6]]): columns * (5/5, 6/3) = [[3, 0], [4, 6]]
+//   scale 0.5 (ComfyUI: W + s * (W_dora - W)), per output: [[3, 0], [4, 2]] + 0.5 * [[0, 0], [4, 4]] = [[3, 0], [6, 4]]
+TEST_F(LoraLycoris, DoraHandCheckedAxesAndScale) {
+  const torch::Tensor W = T({{3, 0}, {4, 2}});
+  auto pair = [](const std::string& down, const std::string& up) {
+    return Tensors{{down, T({{0, 1}})}, {up, T({{0}, {1}})}};
+  };
+  auto kohya = [&](const torch::Tensor& scale) {
+    Tensors t = pair("lora_te_proj.lora_down.weight", "lora_te_proj.lora_up.weight");
+    t.emplace_back("lora_te_proj.dora_scale", scale);
+    return t;
+  };
+  const torch::Tensor per_out = T({{3, 0}, {8, 6}}), per_in = T({{3, 0}, {4, 6}});
+  EXPECT_TRUE(torch::allclose(fuse_hand(W, kohya(T({{3}, {10}})), 1.0).first, per_out, 0, 1e-5));
+  EXPECT_TRUE(torch::allclose(fuse_hand(W, kohya(T({{5, 6}})), 1.0).first, per_in, 0, 1e-5));
+  Tensors peft = pair("text_encoder.proj.lora_A.weight", "text_encoder.proj.lora_B.weight");
+  peft.emplace_back("text_encoder.proj.lora_magnitude_vector.weight", torch::tensor({3.0f, 10.0f}));
+  EXPECT_TRUE(torch::allclose(fuse_hand(W, peft, 1.0).first, per_out, 0, 1e-5));
+  EXPECT_TRUE(torch::allclose(fuse_hand(W, kohya(T({{3}, {10}})), 0.5).first, T({{3, 0}, {6, 4}}), 0, 1e-5));
+  // A conv magnitude [out, 1, 1, 1] on a 1x1 convolution: the norm runs over input channels and kernel taps.
+  const torch::Tensor Wc = W.reshape({2, 2, 1, 1});
+  Tensors conv = {{"lora_te_proj.lora_down.weight", T({{0, 1}}).reshape({1, 2, 1, 1})},
+                  {"lora_te_proj.lora_up.weight", T({{0}, {1}}).reshape({2, 1, 1, 1})},
+                  {"lora_te_proj.dora_scale", torch::tensor({3.0f, 10.0f}).reshape({2, 1, 1, 1})}};
+  EXPECT_TRUE(torch::allclose(fuse_hand(Wc, conv, 1.0).first, per_out.reshape({2, 2, 1, 1}), 0, 1e-5));
+}
+
+// The formulas against tiny-sd15's convolutions and Linears, computed here another way (per kernel tap, per block),
+// at scale 0.7; every other parameter is untouched.
+TEST_F(LoraLycoris, ConvAndLinearModulesMatchIndependentFormulas) {
+  torch::manual_seed(3);
+  const auto R = [](std::vector<int64_t> s) { return torch::randn(s) * 0.3; };
+  // LoHa with Tucker on down_blocks.0.resnets.0.conv1 [32, 32, 3, 3], rank 4, alpha 2
+  const torch::Tensor t1 = R({4, 4, 3, 3}), a1 = R({4, 32}), b1 = R({4, 32}), t2 = R({4, 4, 3, 3}), a2 = R({4, 32}),
+                      b2 = R({4, 32});
+  // LoKr with a Tucker w2 on down_blocks.0.resnets.0.conv2: w1 [4, 4], t2 [2, 2, 3, 3], w2_a [2, 8], w2_b [2, 8]
+  const torch::Tensor k1 = R({4, 4}), kt = R({2, 2, 3, 3}), ka = R({2, 8}), kb = R({2, 8});
+  // LoKr with a 4-D full w2 on conv_in [32, 4, 3, 3]: w1 [4, 2], w2 [8, 2, 3, 3] (alpha ignored)
+  const torch::Tensor c1 = R({4, 2}), c2 = R({8, 2, 3, 3});
+  // LoHa without Tucker on time_embedding.linear_1 [128, 32], rank 3, no alpha (scale 1)
+  const torch::Tensor h1a = R({128, 3}), h1b = R({3, 32}), h2a = R({128, 3}), h2b = R({3, 32});
+  // LoKr, both factors decomposed, on the text encoder's layers.0.self_attn.q_proj [32, 32], PEFT-style names
+  const torch::Tensor q1a = R({4, 1}), q1b = R({1, 4}), q2a = R({8, 1}), q2b = R({1, 8});
+  const Tensors t = {
+      {"lora_unet_down_blocks_0_resnets_0_conv1.hada_t1", t1},
+      {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a", a1},
+      {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_b", b1},
+      {"lora_unet_down_blocks_0_resnets_0_conv1.hada_t2", t2},
+      {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w2_a", a2},
+      {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w2_b", b2},
+      {"lora_unet_down_blocks_0_resnets_0_conv1.alpha", torch::full({}, 2.0)},
+      {"lora_unet_down_blocks_0_resnets_0_conv2.lokr_w1", k1},
+      {"lora_unet_down_blocks_0_resnets_0_conv2.lokr_t2", kt},
+      {"lora_unet_down_blocks_0_resnets_0_conv2.lokr_w2_a", ka},
+      {"lora_unet_down_blocks_0_resnets_0_conv2.lokr_w2_b", kb},
+      {"lora_unet_down_blocks_0_resnets_0_conv2.alpha", torch::full({}, 1.0)},
+      {"lora_unet_conv_in.lokr_w1", c1},
+      {"lora_unet_conv_in.lokr_w2", c2},
+      {"lora_unet_conv_in.alpha", torch::full({}, 5.0)},
+      {"unet.time_embedding.linear_1.hada_w1_a", h1a},
+      {"unet.time_embedding.linear_1.hada_w1_b", h1b},
+      {"unet.time_embedding.linear_1.hada_w2_a", h2a},
+      {"unet.time_embedding.linear_1.hada_w2_b", h2b},
+      {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lokr_w1_a", q1a},
+      {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lokr_w1_b", q1b},
+      {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lokr_w2_a", q2a},
+      {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lokr_w2_b", q2b},
+      {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.alpha", torch::full({}, 3.0)},
+  };
+  // Tucker per kernel tap: out[:, :, k, l] = a^T t[:, :, k, l] b.
+  auto tucker = [](const torch::Tensor& core, const torch::Tensor& a, const torch::Tensor& b) {
+    torch::Tensor out = torch::zeros({a.size(1), b.size(1), core.size(2), core.size(3)});
+    for (int64_t k = 0; k < core.size(2); ++k)
+      for (int64_t l = 0; l < core.size(3); ++l)
+        out.select(2, k).select(2, l).copy_(a.t().mm(core.select(2, k).select(2, l)).mm(b));
+    return out;
+  };
+  // Kronecker product by blocks: block (i, j) = w1[i, j] * w2.
+  auto kron = [](const torch::Tensor& w1, const torch::Tensor& w2) {
+    std::vector<int64_t> shape = w2.sizes().vec();
+    shape[0] *= w1.size(0);
+    shape[1] *= w1.size(1);
+    torch::Tensor out = torch::zeros(shape);
+    for (int64_t i = 0; i < w1.size(0); ++i)
+      for (int64_t j = 0; j < w1.size(1); ++j)
+        out.narrow(0, i * w2.size(0), w2.size(0)).narrow(1, j * w2.size(1), w2.size(1)).copy_(w1[i][j] * w2);
+    return out;
+  };
+  const std::map<std::string, torch::Tensor> deltas = {
+      {"unet.down_blocks.0.resnets.0.conv1.weight", tucker(t1, a1, b1) * tucker(t2, a2, b2) * (2.0 / 4)},
+      {"unet.down_blocks.0.resnets.0.conv2.weight",
+       kron(k1.reshape({4, 4, 1, 1}), tucker(kt, ka, kb)) * (1.0 / 2)},
+      {"unet.conv_in.weight", kron(c1.reshape({4, 2, 1, 1}), c2)},
+      {"unet.time_embedding.linear_1.weight", h1a.mm(h1b) * h2a.mm(h2b)},
+      {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight", kron(q1a.mm(q1b), q2a.mm(q2b)) * 3.0},
+  };
+  Models base_m = load_models("tiny-sd15");
+  const auto base = snapshot(base_m);
+  Models m = load_models("tiny-sd15");
+  sd::LoraSet set(m.components(), false);
+  const auto& r = set.add({write("lyco.safetensors", t), 0.7, "lyco"}, true);
+  EXPECT_EQ(r.matched_keys, t.size());
+  EXPECT_EQ(r.methods, (std::vector<std::string>{"LoHa", "LoKr"}));
+  EXPECT_EQ(r.ranks, (std::vector<int64_t>{1, 2, 3, 4}));
+  set.fuse();
+  const auto fused = snapshot(m);
+  int changed = 0;
+  for (const auto& [k, v] : fused) {
+    auto d = deltas.find(k);
+    if (d == deltas.end()) {
+      EXPECT_TRUE(torch::equal(v, base.at(k))) << k << " changed";
+      continue;
+    }
+    const torch::Tensor want = base.at(k) + 0.7 * d->second;
+    EXPECT_TRUE(torch::allclose(v, want, 1e-5, 1e-5)) << k << " max diff " << (v - want).abs().max().item<double>();
+    EXPECT_GT((v - base.at(k)).abs().max().item<double>(), 1e-3) << k << " must change";
+    ++changed;
+  }
+  EXPECT_EQ(changed, 5);
+}
+
+// Live scale changes re-fuse the new methods from the kept factors: equal to a fresh load at the new scales, also
+// for DoRA on top of an earlier LoRA whose scale changes (DoRA normalises the running weight, so it is recomputed)
+// and for a full module's bias; both at 0 give the base model back exactly.
+TEST_F(LoraLycoris, LiveScaleChangesRefuseFromTheKeptFactors) {
+  if (!sd::test::fixture_exists("lora/files/sd15_kohya_lcm.safetensors")) GTEST_SKIP() << "fixture absent";
+  torch::manual_seed(4);
+  Tensors t = {{"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", torch::randn({2, 32, 3, 3}) * 0.1},
+               {"lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight", torch::randn({32, 2, 1, 1}) * 0.1},
+               {"lora_unet_down_blocks_0_resnets_0_conv1.dora_scale", torch::rand({32, 1, 1, 1}) + 0.5},
+               {"lora_unet_time_embedding_linear_1.hada_w1_a", torch::randn({128, 2})},
+               {"lora_unet_time_embedding_linear_1.hada_w1_b", torch::randn({2, 32})},
+               {"lora_unet_time_embedding_linear_1.hada_w2_a", torch::randn({128, 2})},
+               {"lora_unet_time_embedding_linear_1.hada_w2_b", torch::randn({2, 32})},
+               {"lora_unet_conv_out.diff", torch::randn({4, 32, 3, 3}) * 0.1},
+               {"lora_unet_conv_out.diff_b", torch::randn({4})}};
+  const std::string p = write("live.safetensors", t);
+  const std::string lcm = lora_file_path("sd15_kohya_lcm");
+  auto fresh = [&](double s1, double s2) {
+    Models m = load_models("tiny-sd15");
+    sd::LoraSet set(m.components(), false);
+    set.add({lcm, s1, "lcm"}, true);
+    set.add({p, s2, "lyco"}, true);
+    set.fuse();
+    return snapshot(m);
+  };
+  Models base_m = load_models("tiny-sd15");
+  const auto base = snapshot(base_m);
+  Models m = load_models("tiny-sd15");
+  sd::LoraSet set(m.components(), true);
+  set.add({lcm, 1.0, "lcm"}, true);
+  set.add({p, 1.0, "lyco"}, true);
+  set.fuse();
+  const auto at_1 = snapshot(m);
+  expect_same_weights(at_1, fresh(1.0, 1.0), "fused at load");
+  EXPECT_FALSE(torch::equal(at_1.at("unet.conv_out.bias"), base.at("unet.conv_out.bias")));
+  set.set_scale("lcm", 0.3);  // the DoRA module (conv1 is an LCM target too) is re-normalised
+  expect_same_weights(snapshot(m), fresh(0.3, 1.0), "lcm -> 0.3");
+  set.set_scale("lyco", 0.5);
+  expect_same_weights(snapshot(m), fresh(0.3, 0.5), "lyco -> 0.5");
+  set.set_scale("lyco", -1.0);
+  expect_same_weights(snapshot(m), fresh(0.3, -1.0), "lyco -> -1");
+  set.set_scale("lcm", 0.0);
+  set.set_scale("lyco", 0.0);
+  expect_same_weights(snapshot(m), base, "both at 0 = the base model");
+}
+
+// Against the model: a difference, a bias difference or a DoRA magnitude of another shape is refused naming the
+// keys, their shapes and the shape the module needs.
+TEST_F(LoraLycoris, ShapesThatDoNotFitTheModelNameKeysAndTheExpectedShape) {
+  auto refusal = [&](const Tensors& t) {
+    Models m = load_models("tiny-sd15");
+    sd::LoraSet set(m.components(), false);
+    const std::string p = write("bad" + std::to_string(files_++) + ".safetensors", t);
+    return std::make_pair(p, error_of([&] { set.add({p, 1.0, "bad"}, false); }));
+  };
+  const std::string q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
+  {
+    const auto [p, msg] = refusal({{q + ".hada_w1_a", torch::ones({32, 2})}, {q + ".hada_w1_b", torch::ones({2, 64})},
+                                   {q + ".hada_w2_a", torch::ones({32, 2})}, {q + ".hada_w2_b", torch::ones({2, 64})}});
+    EXPECT_NE(msg.find(p + ": this LoRA does not fit the model"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(q + ".hada_w1_a [32, 2] / " + q + ".hada_w1_b [2, 64] / " + q + ".hada_w2_a [32, 2] / " + q +
+                       ".hada_w2_b [2, 64] make a LoHa weight difference of [32, 64] vs the model's "
+                       "text_model.encoder.layers.0.self_attn.q_proj (Linear weight [32, 32]; it needs [32, 32])"),
+              std::string::npos)
+        << msg;
+  }
+  {
+    const std::string c = "lora_unet_down_blocks_0_resnets_0_conv1";
+    const auto [p, msg] = refusal({{c + ".lokr_w1", torch::ones({4, 4})}, {c + ".lokr_w2", torch::ones({8, 8, 1, 1})}});
+    EXPECT_NE(msg.find(c + ".lokr_w1 [4, 4] / " + c + ".lokr_w2 [8, 8, 1, 1] make a LoKr weight difference of "
+                       "[32, 32, 1, 1] vs the model's down_blocks.0.resnets.0.conv1 (Conv2d weight [32, 32, 3, 3]; "
+                       "it needs [32, 32, 3, 3] (or [32, 288]))"),
+              std::string::npos)
+        << msg;
+  }
+  {
+    const auto [p, msg] = refusal({{q + ".lora_down.weight", torch::ones({2, 32})},
+                                   {q + ".lora_up.weight", torch::ones({32, 2})},
+                                   {q + ".dora_scale", torch::ones({16, 1})}});
+    EXPECT_NE(msg.find(q + ".dora_scale [16, 1] vs the model's text_model.encoder.layers.0.self_attn.q_proj (Linear "
+                       "weight [32, 32]; a DoRA magnitude needs [32] or [32, 1] (per output channel) or [1, 32] (per "
+                       "input channel))"),
+              std::string::npos)
+        << msg;
+  }
+  {
+    const auto [p, msg] = refusal({{q + ".diff", torch::ones({32, 32})}, {q + ".diff_b", torch::ones({7})}});
+    EXPECT_NE(msg.find(q + ".diff_b [7] vs the model's text_model.encoder.layers.0.self_attn.q_proj (bias [32]; "
+                       "diff_b needs [32])"),
+              std::string::npos)
+        << msg;
+  }
 }
 
 }  // namespace
