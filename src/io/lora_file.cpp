@@ -374,6 +374,14 @@ void check_factors(const std::string& path, LoraPair& p) {
     fail({part}, "a " + p.method_name() + " " + what);
   };
   auto S = [](int64_t v) { return std::to_string(v); };
+  // An empty factor (rank 0, or any other zero dimension) makes an all-zero difference from a module that names a
+  // method: refused like a plain pair's rank 0, rather than fused as a patch that changes nothing.
+  for (const auto& [part, t] : p.factors)
+    if (t.numel() == 0) fail({part}, "an empty " + p.method_name() + " factor (rank 0 or a zero dimension)");
+  for (const auto* f : {&p.down, &p.up})
+    if (f->defined() && f->numel() == 0)
+      throw FormatError(path, (f == &p.down ? p.down_key : p.up_key) + " " + shape_str(f->sizes()) + ": an empty " +
+                                  p.method_name() + " factor (rank 0 or a zero dimension)");
   if (p.method == "lora") {  // Tucker LoCon: down [r, in, 1, 1], mid [r, r, kh, kw], up [out, r, 1, 1]
     const torch::Tensor &mid = p.factor("lora_mid"), &d = p.down, &u = p.up;
     const bool ok = mid.dim() == 4 && d.dim() == 4 && u.dim() == 4 && d.size(2) == 1 && d.size(3) == 1 &&
@@ -457,7 +465,12 @@ void check_factors(const std::string& path, LoraPair& p) {
       w2 = {x.size(0), y.flatten(1).size(1)};
       p.delta_rank = y.size(0);
     }
-    p.delta_shape = {a * w2[0], b * w2[1]};
+    // Products of finite factors' dimensions can still pass int64 (LoKr multiplies them): checked below too.
+    int64_t rows, cols;
+    if (__builtin_mul_overflow(a, w2[0], &rows) || __builtin_mul_overflow(b, w2[1], &cols))
+      fail({p.has("lokr_w1") ? "lokr_w1" : "lokr_w1_b", p.has("lokr_w2") ? "lokr_w2" : "lokr_w2_b"},
+           "the LoKr weight difference's dimensions overflow int64");
+    p.delta_shape = {rows, cols};
     if (w2.size() == 4) {
       p.delta_shape.push_back(w2[2]);
       p.delta_shape.push_back(w2[3]);
@@ -469,6 +482,12 @@ void check_factors(const std::string& path, LoraPair& p) {
     }
     if (p.has("diff_b")) dims("diff_b", {1}, "diff_b must be 1-D [out] (the bias's shape)");
   }
+  // The difference's element count is compared with a weight's (models/lora.cpp): it must be an int64 too.
+  int64_t n = 1;
+  for (int64_t d : p.delta_shape)
+    if (__builtin_mul_overflow(n, d, &n))
+      throw FormatError(path, p.first_key() + ": the " + p.method_name() + " weight difference " +
+                                  shape_str(p.delta_shape) + " has more elements than int64 counts");
 }
 
 // Which method a module's keys make, its terms moved from `parts` (part -> key) into the pair, or a FormatError for

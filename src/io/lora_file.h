@@ -25,11 +25,12 @@
 //   LoKr          lokr_w1 or lokr_w1_a / lokr_w1_b, lokr_w2 or lokr_w2_a / lokr_w2_b, optional lokr_t2, alpha
 //   full          diff (the weight difference itself) and / or diff_b (the bias's)
 //   DoRA          dora_scale (kohya / LyCORIS: [out, 1(, 1, 1)] or [1, in(, 1, 1)]) or lora_magnitude_vector
-//                 (PEFT / diffusers: [out]) beside any of the above but full: the magnitude of the decomposed weight
-// A module whose terms are incomplete (a LoHa without hada_w2_b, lokr_t2 without lokr_w2_a) or mix methods is a
-// FormatError naming the keys. The LyCORIS methods that still have no fusion - (IA)^3 (on_input), OFT / BOFT
-// (oft_blocks), GLoRA (a1 / a2 / b1 / b2) - refuse the whole file, naming the method and a key: fusing the rest of
-// such a file would give other weights than it was trained for.
+//                 (PEFT / diffusers: per output channel, [out] or a Conv2d's [1, out, 1, 1]) beside any of the
+//                 above but full: the magnitude of the decomposed weight
+// A module whose terms are incomplete (a LoHa without hada_w2_b, lokr_t2 without lokr_w2_a), mix methods or have
+// an empty factor (rank 0) is a FormatError naming the keys. The LyCORIS methods that still have no fusion -
+// (IA)^3 (on_input), OFT / BOFT (oft_blocks), GLoRA (a1 / a2 / b1 / b2) - refuse the whole file, naming the method
+// and a key: fusing the rest of such a file would give other weights than it was trained for.
 #include <map>
 #include <optional>
 #include <string>

@@ -104,20 +104,57 @@ struct Match {
   ModuleIndex::Leaf leaf;  // a copy: the index lives only as long as match_impl
 };
 
-// Which axis DoRA's magnitude scales for weight `w`: 0 per output channel (PEFT's lora_magnitude_vector [out],
-// LyCORIS' dora_scale [out, 1(, 1, 1)] with wd_on_output), 1 per input channel (dora_scale [1, in(, 1, 1)], LyCORIS'
-// original convention), -1 when its shape is neither. The shape decides, as ComfyUI's weight_decompose does.
-int dora_axis(const torch::Tensor& m, const torch::Tensor& w) {
+// PEFT / diffusers name DoRA's magnitude lora_magnitude_vector; kohya / LyCORIS dora_scale. The two differ in axis
+// rule and in how the user's scale enters (LoraSet::fuse_target).
+bool peft_magnitude(const LoraPair& p) { return p.magnitude_key.find("lora_magnitude_vector") != std::string::npos; }
+
+// Which axis DoRA's magnitude scales for weight `w`: 0 per output channel, 1 per input channel, -1 when its shape
+// fits neither. PEFT's lora_magnitude_vector is always per output channel: [out] for a Linear, [out] or, as
+// _DoraConvNdLayer stores it (weight.norm(dim=(1, 2, 3), keepdim=True).transpose(1, 0)), [1, out, 1, 1] for a
+// Conv2d - so its [1, X, 1, 1] must not be read as per input channel. For kohya / LyCORIS dora_scale the shape
+// decides, as ComfyUI's weight_decompose does: [out, 1(, 1, 1)] (wd_on_output) or [1, in(, 1, 1)] (LyCORIS'
+// original convention).
+int dora_axis(const LoraPair& p, const torch::Tensor& m, const torch::Tensor& w) {
   const auto s = m.sizes();
   auto ones_from = [&](size_t i) {
     for (; i < s.size(); ++i)
       if (s[i] != 1) return false;
     return true;
   };
+  if (peft_magnitude(p)) {
+    if (s.size() == 1 && s[0] == w.size(0)) return 0;
+    if (w.dim() == 4 && s.size() == 4 && s[0] == 1 && s[1] == w.size(0) && ones_from(2)) return 0;
+    return -1;
+  }
   if (s.empty() || s.size() > static_cast<size_t>(w.dim())) return -1;
   if (s[0] == w.size(0) && ones_from(1)) return 0;
   if (s.size() >= 2 && s[0] == 1 && s[1] == w.size(1) && ones_from(2)) return 1;
   return -1;
+}
+
+// DoRA's magnitude shaped to broadcast against weight `w` ([out, 1, ..] or [1, in, ..]).
+torch::Tensor dora_magnitude(const LoraPair& p, const torch::Tensor& w) {
+  std::vector<int64_t> shape(w.dim(), 1);
+  const int axis = dora_axis(p, p.magnitude, w);
+  shape[axis] = w.size(axis);
+  return p.magnitude.reshape(shape);
+}
+
+// The running weight `w` (float32) after a DoRA term with difference `delta` (W's shape), magnitude `m` (shaped by
+// dora_magnitude) at user scale s (lora.h): PEFT's rule (lora_magnitude_vector) scales the difference before the
+// norm, m * (W + s dW) / ||W + s dW||; ComfyUI's (dora_scale) blends W + s * (m * (W + dW) / ||W + dW|| - W).
+// Out of place: `w` is left alone.
+torch::Tensor dora_apply(const torch::Tensor& w, const torch::Tensor& delta, const torch::Tensor& m, double s,
+                         bool peft) {
+  torch::Tensor merged = peft && s != 1 ? w + delta * s : w + delta;
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < merged.dim(); ++d)
+    if (m.size(d) == 1) dims.push_back(d);
+  const torch::Tensor norm = merged.norm(2, dims, /*keepdim=*/true).add_(std::numeric_limits<float>::epsilon());
+  merged.mul_(m / norm);
+  if (peft || s == 1) return merged;
+  merged.sub_(w).mul_(s);
+  return merged.add_(w);
 }
 
 // Why the pair's shapes do not fit the leaf's weight, or "" when they do. Linear W [out, in]: down [r, in],
@@ -171,11 +208,18 @@ std::string shape_problem(const LoraPair& p, const ModuleIndex::Leaf& leaf) {
       return p.factor_keys.at("diff_b") + " " + shape_str(db.sizes()) + " vs the model's " + leaf.path + " (bias " +
              shape_str(b.sizes()) + "; diff_b needs " + shape_str(b.sizes()) + ")";
   }
-  if (p.magnitude.defined() && dora_axis(p.magnitude, w) < 0)
+  if (p.magnitude.defined() && dora_axis(p, p.magnitude, w) < 0) {
+    const std::string out = std::to_string(w.size(0));
+    const std::string want =
+        peft_magnitude(p)
+            ? "a PEFT DoRA magnitude (lora_magnitude_vector) is per output channel: [" + out + "]" +
+                  (w.dim() == 4 ? " or [1, " + out + ", 1, 1]" : "")
+            : "a DoRA magnitude needs [" + out + "] or [" + out + ", 1" + (w.dim() == 4 ? ", 1, 1" : "") +
+                  "] (per output channel) or [1, " + std::to_string(w.size(1)) + (w.dim() == 4 ? ", 1, 1" : "") +
+                  "] (per input channel)";
     return p.magnitude_key + " " + shape_str(p.magnitude.sizes()) + " vs the model's " + leaf.path + " (" + layer +
-           "; a DoRA magnitude needs [" + std::to_string(w.size(0)) + "] or [" + std::to_string(w.size(0)) +
-           ", 1" + (w.dim() == 4 ? ", 1, 1" : "") + "] (per output channel) or [1, " + std::to_string(w.size(1)) +
-           (w.dim() == 4 ? ", 1, 1" : "") + "] (per input channel))";
+           "; " + want + ")";
+  }
   return "";
 }
 
@@ -323,6 +367,18 @@ const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
       throw FormatError(spec.path, p.first_key() + ": the " + p.method_name() +
                                        " weight difference these factors (and alpha) make overflows float32 (" +
                                        m.component + " " + m.leaf.path + ")");
+    // DoRA divides a finite magnitude by a norm that may be tiny: m / (||W + dW|| + eps) can overflow although every
+    // term is finite. Checked on the module's weight as it is now, at this LoRA's scale.
+    if (p.magnitude.defined() && d.defined() && spec.scale != 0) {
+      const torch::Tensor w = m.leaf.weight().detach().to(torch::kFloat);
+      const torch::Tensor fused =
+          dora_apply(w, d.reshape(w.sizes()), dora_magnitude(p, w), spec.scale, peft_magnitude(p));
+      if (!torch::isfinite(fused).all().item<bool>())
+        throw FormatError(spec.path, p.magnitude_key + ": this DoRA magnitude " + shape_str(p.magnitude.sizes()) +
+                                         " over the norm of " + m.component + " " + m.leaf.path + " + its " +
+                                         p.method_name() + " weight difference overflows float32 (a magnitude too "
+                                         "large for a near-zero norm?)");
+    }
   }
   const size_t lora = reports_.size();
   std::vector<size_t> touched;
@@ -373,10 +429,8 @@ const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
     if (module->up.defined()) module->up = module->up.to(dev);
     for (auto& kv : module->factors) kv.second = kv.second.to(dev);
     if (module->magnitude.defined()) {
-      std::vector<int64_t> shape(t.base.dim(), 1);
-      const int axis = dora_axis(p.magnitude, t.base);
-      shape[axis] = t.base.size(axis);
-      term.magnitude = p.magnitude.reshape(shape).to(dev);
+      term.magnitude = dora_magnitude(p, t.base).to(dev);
+      term.peft_dora = peft_magnitude(p);
       module->magnitude = torch::Tensor();  // the reshaped copy above is the one read
     }
     term.module = module;
@@ -423,19 +477,8 @@ void LoraSet::fuse_target(Target& t) {
     torch::Tensor delta = term.bias ? term.module->factor("diff_b") : lora_delta(*term.module);
     delta = delta.reshape(t.base.sizes());
     if (term.magnitude.defined()) {
-      // DoRA on the running weight (ComfyUI weight_decompose), then blended by s.
-      torch::Tensor merged = w + delta;
-      std::vector<int64_t> dims;
-      for (int64_t d = 0; d < merged.dim(); ++d)
-        if (term.magnitude.size(d) == 1) dims.push_back(d);
-      torch::Tensor norm = merged.norm(2, dims, /*keepdim=*/true).add_(std::numeric_limits<float>::epsilon());
-      merged.mul_(term.magnitude / norm);
-      if (s == 1) {
-        w = merged;
-      } else {
-        merged.sub_(w).mul_(s);
-        w = changed ? w.add_(merged) : w + merged;
-      }
+      // DoRA on the running weight, s by PEFT's rule or ComfyUI's (dora_apply, lora.h).
+      w = dora_apply(w, delta, term.magnitude, s, term.peft_dora);
     } else {
       delta = delta.mul(s);  // out of place: a full module's diff_b is the kept factor itself
       if (changed)

@@ -9,11 +9,17 @@
 // they were added (= diffusers loading and fusing each on top of the previous ones), cast once to the run dtype.
 // Other methods add s_k * lora_delta_k (io/lora_file.h: LoCon Tucker, LoHa, LoKr, full diff; a full module's diff_b
 // adds s_k * diff_b to the bias, the only bias a LoRA changes). A DoRA term (magnitude m) replaces the running sum W
-// as ComfyUI's weight_decompose does (comfy/weight_adapter/base.py; the norm as LyCORIS' apply_weight_decompose):
-//   W_d = m * (W + delta) / (||W + delta|| + eps),   W <- W + s * (W_d - W)
-// with the norm per output channel (over the other axes) for a magnitude [out] / [out, 1, ..] and per input channel
-// for [1, in, ..], eps = float32 epsilon. At s = 1 this is DoRA's merged weight; s only blends towards it (the
-// magnitude is not scaled). DoRA is not a difference that can be added: a scale change, or any earlier LoRA's, is
+// by DoRA's decomposed weight (the norm per output channel, over the other axes, as LyCORIS' apply_weight_decompose
+// and PEFT do; eps = float32 epsilon). The user's scale s enters by the rule of the file's naming:
+//   PEFT / diffusers (lora_magnitude_vector, what diffusers loads through PEFT, fuse_lora(lora_scale=s) included;
+//   peft/tuners/lora/dora.py scales the difference before the norm):
+//     W <- m * (W + s * delta) / (||W + s * delta|| + eps)
+//   kohya / LyCORIS (dora_scale; ComfyUI's weight_decompose, comfy/weight_adapter/base.py):
+//     W_d = m * (W + delta) / (||W + delta|| + eps),   W <- W + s * (W_d - W)   (s blends towards DoRA's weight)
+// lora_magnitude_vector is always per output channel ([out]; PEFT stores a Conv2d's as [1, out, 1, 1]); dora_scale's
+// shape decides: [out] / [out, 1, ..] per output channel, [1, in, ..] per input channel (the norm then per input
+// channel). Both rules give DoRA's merged weight at s = 1; s = 0 leaves the LoRA out (as unloading it does; PEFT's
+// rule would give m * W / ||W||). DoRA is not a difference that can be added: a scale change, or any earlier LoRA's, is
 // re-fused from W_base through every term in order. W_base is the weight as loaded (in the run dtype; for float32 runs
 // it is the memory-mapped file itself and costs no memory). Prepacked convolutions (nn::Conv2d::prepack) are packed
 // again after every fuse, so the kernels read the fused weights, not a stale packed copy.
@@ -81,6 +87,7 @@ class LoraSet {
     std::shared_ptr<const LoraPair> module;
     bool bias = false;         // the term is a full module's diff_b (the target is the bias)
     torch::Tensor magnitude;   // DoRA: shaped to broadcast against the weight ([out, 1, ..] or [1, in, ..])
+    bool peft_dora = false;    // the magnitude is PEFT's lora_magnitude_vector (PEFT's scale rule, not ComfyUI's)
   };
   struct Target {
     std::string component, module;

@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include "core/shape_str.h"
 #include "fuzz_torch.h"
 #include "fuzz_util.h"
 #include "io/lora_file.h"
@@ -18,7 +19,30 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     size_t keys = lora.unparsed.size();
     for (const auto& p : lora.pairs) {
       keys += p.keys().size();
-      if (p.method != "lora") continue;  // LyCORIS modules: read_lora_file checked their factors chain
+      if (!p.plain()) {
+        // Other methods and DoRA: read_lora_file checked that their factors chain, so the difference they make has
+        // delta_shape (and lora_delta does not throw). Products past 16 Mi elements are left out: a LoKr of two
+        // 512 x 512 factors (2 MiB of file) is a 2^36-element kron, more memory than a fuzz run has.
+        int64_t n = 1;
+        for (int64_t k : p.delta_shape) n = k > 0 && n <= (int64_t{1} << 24) / k ? n * k : (int64_t{1} << 24) + 1;
+        if (n > (int64_t{1} << 24)) continue;
+        torch::Tensor d;
+        try {
+          d = sd::lora_delta(p);
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "lora_delta throws for accepted module %s: %s\n", p.first_key().c_str(), e.what());
+          std::abort();
+        }
+        // (An empty delta_shape is a full module with only diff_b, which makes no weight difference.)
+        const bool ok = p.delta_shape.empty() ? !d.defined() : d.defined() && d.sizes().vec() == p.delta_shape;
+        if (!ok) {
+          std::fprintf(stderr, "module %s: lora_delta %s, delta_shape %s\n", p.first_key().c_str(),
+                       d.defined() ? sd::shape_str(d.sizes()).c_str() : "undefined",
+                       sd::shape_str(p.delta_shape).c_str());
+          std::abort();
+        }
+        if (p.method != "lora") continue;  // the checks below are a down / up pair's
+      }
       const bool ok = p.down.defined() && p.up.defined() && p.down.scalar_type() == torch::kFloat &&
                       p.up.scalar_type() == torch::kFloat && (p.down.dim() == 2 || p.down.dim() == 4) &&
                       (p.up.dim() == 2 || p.up.dim() == 4) && p.rank() >= 1 && p.up.size(1) == p.rank() &&

@@ -335,6 +335,25 @@ TEST(LoraFileReader, IncompleteOrMisshapenLycorisModulesNameTheKeys) {
        "lora_B, hada_* or lokr_* keys for this module)"},
       {{{"lora_unet_c.diff", torch::ones({8})}},
        "lora_unet_c.diff [8]: a full diff must be 2-D or 4-D (the weight's shape)"},
+      // Rank 0 (empty factors) would fuse as an all-zero patch: refused as a plain pair's rank 0 is.
+      {{{"lora_unet_m.hada_w1_a", torch::ones({8, 0})},
+        {"lora_unet_m.hada_w1_b", torch::ones({0, 6})},
+        {"lora_unet_m.hada_w2_a", torch::ones({8, 2})},
+        {"lora_unet_m.hada_w2_b", torch::ones({2, 6})}},
+       "lora_unet_m.hada_w1_a [8, 0]: an empty LoHa factor (rank 0 or a zero dimension)"},
+      {{{"lora_unet_m.hada_w1_a", torch::ones({8, 2})},
+        {"lora_unet_m.hada_w1_b", torch::ones({2, 6})},
+        {"lora_unet_m.hada_w2_a", torch::ones({8, 2})},
+        {"lora_unet_m.hada_w2_b", torch::ones({2, 0})}},
+       "lora_unet_m.hada_w2_b [2, 0]: an empty LoHa factor (rank 0 or a zero dimension)"},
+      {{{"lora_unet_k.lokr_w1", torch::ones({2, 2})},
+        {"lora_unet_k.lokr_w2_a", torch::ones({4, 0})},
+        {"lora_unet_k.lokr_w2_b", torch::ones({0, 4})}},
+       "lora_unet_k.lokr_w2_a [4, 0]: an empty LoKr factor (rank 0 or a zero dimension)"},
+      {{{"lora_unet_c.lora_down.weight", torch::ones({2, 6, 1, 1})},
+        {"lora_unet_c.lora_mid.weight", torch::ones({2, 2, 0, 3})},
+        {"lora_unet_c.lora_up.weight", torch::ones({8, 2, 1, 1})}},
+       "lora_unet_c.lora_mid.weight [2, 2, 0, 3]: an empty Tucker LoCon factor (rank 0 or a zero dimension)"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const std::string p = dir + "/e" + std::to_string(i) + ".safetensors";

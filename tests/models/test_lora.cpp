@@ -1066,6 +1066,88 @@ TEST_F(LoraLycoris, DoraHandCheckedAxesAndScale) {
   EXPECT_TRUE(torch::allclose(fuse_hand(Wc, conv, 1.0).first, per_out.reshape({2, 2, 1, 1}), 0, 1e-5));
 }
 
+// PEFT stores a Conv2d's lora_magnitude_vector as [1, out, 1, 1] (_DoraConvNdLayer.get_weight_norm: norm over
+// dims (1, 2, 3), keepdim, transposed) and means it per OUTPUT channel, also where in == out would let [1, X, 1, 1]
+// pass for per input channel. On 1x1 convolutions (W as in DoraHandCheckedAxesAndScale), magnitude (3, 10):
+//   in == out = 2: rows of W + dW = [[3, 0], [4, 3]] * (3/3, 10/5) = [[3, 0], [8, 6]] (per input: [[3, 0], [4, 6]])
+//   in 2, out 3: W = [[3, 0], [4, 2], [0, 1]], dW row 1 = [0, 1], magnitude (3, 10, 2): [[3, 0], [8, 6], [0, 2]]
+TEST_F(LoraLycoris, PeftConvMagnitudeIsPerOutputChannel) {
+  auto peft = [](const torch::Tensor& up, const torch::Tensor& magnitude) {
+    return Tensors{{"text_encoder.proj.lora_A.weight", T({{0, 1}}).reshape({1, 2, 1, 1})},
+                   {"text_encoder.proj.lora_B.weight", up},
+                   {"text_encoder.proj.lora_magnitude_vector.weight", magnitude}};
+  };
+  const torch::Tensor W = T({{3, 0}, {4, 2}}).reshape({2, 2, 1, 1});
+  const torch::Tensor want = T({{3, 0}, {8, 6}}).reshape({2, 2, 1, 1});
+  const torch::Tensor up2 = T({{0}, {1}}).reshape({2, 1, 1, 1});
+  for (const auto& m : {torch::tensor({3.0f, 10.0f}).reshape({1, 2, 1, 1}), torch::tensor({3.0f, 10.0f})}) {
+    const torch::Tensor w = fuse_hand(W, peft(up2, m), 1.0).first;
+    EXPECT_TRUE(torch::allclose(w, want, 0, 1e-5)) << m.sizes() << "\n" << w;
+  }
+  const torch::Tensor W3 = T({{3, 0}, {4, 2}, {0, 1}}).reshape({3, 2, 1, 1});
+  const torch::Tensor up3 = T({{0}, {1}, {0}}).reshape({3, 1, 1, 1});
+  const torch::Tensor m3 = torch::tensor({3.0f, 10.0f, 2.0f}).reshape({1, 3, 1, 1});
+  const torch::Tensor w3 = fuse_hand(W3, peft(up3, m3), 1.0).first;
+  EXPECT_TRUE(torch::allclose(w3, T({{3, 0}, {8, 6}, {0, 2}}).reshape({3, 2, 1, 1}), 0, 1e-5)) << w3;
+  // [out, 1, 1, 1] is dora_scale's spelling, not PEFT's: refused naming what PEFT's magnitude needs.
+  const std::string bad = write("bad_peft.safetensors", peft(up3, torch::ones({3, 1, 1, 1})));
+  auto model = std::make_shared<HandModel>(W3, torch::zeros({3}));
+  sd::LoraSet set({{"text_encoder", model.get()}}, false);
+  const std::string msg = error_of([&] { set.add({bad, 1.0, "bad"}, true); });
+  EXPECT_NE(msg.find("text_encoder.proj.lora_magnitude_vector.weight [3, 1, 1, 1] vs the model's proj (Conv2d weight "
+                     "[3, 2, 1, 1]; a PEFT DoRA magnitude (lora_magnitude_vector) is per output channel: [3] or "
+                     "[1, 3, 1, 1])"),
+            std::string::npos)
+      << msg;
+}
+
+// The user's scale s = 0.5 by each file naming's rule, W = [[3, 0], [4, 2]], dW = [[0], [2]] @ [[0, 1]] =
+// [[0, 0], [0, 2]], magnitude (3, 10) per output channel:
+//   PEFT (lora_magnitude_vector): m * (W + s dW) / ||W + s dW||: W + dW / 2 = [[3, 0], [4, 3]], row norms (3, 5)
+//     -> [[3, 0], [8, 6]]
+//   ComfyUI (dora_scale): W_d = m * (W + dW) / ||W + dW||: W + dW = [[3, 0], [4, 4]], norms (3, 4 sqrt 2)
+//     -> W_d = [[3, 0], [5 sqrt 2, 5 sqrt 2]], W + s (W_d - W) = [[3, 0], [2 + 2.5 sqrt 2, 1 + 2.5 sqrt 2]]
+TEST_F(LoraLycoris, DoraScaleRuleFollowsTheFileNaming) {
+  const torch::Tensor W = T({{3, 0}, {4, 2}});
+  const float r = 2.5f * std::sqrt(2.0f);
+  const Tensors peft = {{"text_encoder.proj.lora_A.weight", T({{0, 1}})},
+                        {"text_encoder.proj.lora_B.weight", T({{0}, {2}})},
+                        {"text_encoder.proj.lora_magnitude_vector.weight", torch::tensor({3.0f, 10.0f})}};
+  const Tensors kohya = {{"lora_te_proj.lora_down.weight", T({{0, 1}})},
+                         {"lora_te_proj.lora_up.weight", T({{0}, {2}})},
+                         {"lora_te_proj.dora_scale", T({{3}, {10}})}};
+  const torch::Tensor wp = fuse_hand(W, peft, 0.5).first, wk = fuse_hand(W, kohya, 0.5).first;
+  EXPECT_TRUE(torch::allclose(wp, T({{3, 0}, {8, 6}}), 0, 1e-5)) << "PEFT's rule\n" << wp;
+  EXPECT_TRUE(torch::allclose(wk, T({{3, 0}, {2 + r, 1 + r}}), 0, 1e-5)) << "ComfyUI's rule\n" << wk;
+  // At s = 1 both are DoRA's merged weight: m * (W + dW) / ||W + dW|| = [[3, 0], [5 sqrt 2, 5 sqrt 2]].
+  const torch::Tensor full = T({{3, 0}, {5 * std::sqrt(2.0f), 5 * std::sqrt(2.0f)}});
+  EXPECT_TRUE(torch::allclose(fuse_hand(W, peft, 1.0).first, full, 0, 1e-5));
+  EXPECT_TRUE(torch::allclose(fuse_hand(W, kohya, 1.0).first, full, 0, 1e-5));
+}
+
+// A finite magnitude over a zero norm (W's row 0 and dW's are 0) overflows: m / (0 + eps) = 1e38 / 1.2e-7. Refused
+// naming the file and the key before any weight changes, in both namings.
+TEST_F(LoraLycoris, DoraThatOverflowsIsRefusedBeforeAnythingChanges) {
+  const torch::Tensor W = T({{0, 0}, {4, 2}});
+  for (const auto& [key, magnitude] : std::vector<std::pair<std::string, torch::Tensor>>{
+           {"lora_te_proj.dora_scale", T({{1e38f}, {1}})},
+           {"text_encoder.proj.lora_magnitude_vector.weight", torch::tensor({1e38f, 1.0f})}}) {
+    const bool peft = key.rfind("text_encoder.", 0) == 0;
+    const std::string stem = peft ? "text_encoder.proj.lora_" : "lora_te_proj.lora_";
+    const std::string p = write("overflow" + std::to_string(files_++) + ".safetensors",
+                                {{stem + (peft ? "A.weight" : "down.weight"), T({{0, 1}})},
+                                 {stem + (peft ? "B.weight" : "up.weight"), T({{0}, {1}})},
+                                 {key, magnitude}});
+    auto model = std::make_shared<HandModel>(W, torch::zeros({2}));
+    sd::LoraSet set({{"text_encoder", model.get()}}, false);
+    const std::string msg = error_of([&] { set.add({p, 1.0, "big"}, true); });
+    EXPECT_NE(msg.find(p + ": " + key + ": this DoRA magnitude"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("overflows float32"), std::string::npos) << msg;
+    EXPECT_TRUE(torch::equal(model->weight(), W));
+    EXPECT_TRUE(set.reports().empty());
+  }
+}
+
 // The formulas against tiny-sd15's convolutions and Linears, computed here another way (per kernel tap, per block),
 // at scale 0.7; every other parameter is untouched.
 TEST_F(LoraLycoris, ConvAndLinearModulesMatchIndependentFormulas) {
