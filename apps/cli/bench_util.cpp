@@ -93,7 +93,7 @@ int64_t count_file_params(const std::string& path, const std::string& prefix = "
 
 }  // namespace
 
-ArchInfo inspect_architecture(const std::string& model_dir) {
+ArchInfo inspect_architecture(const std::string& model_dir, const std::string& variant) {
   ArchInfo a;
   if (is_file(model_dir)) {
     // A single-file (LDM layout) checkpoint: components by prefix (SD 2.x files hold one more OpenCLIP layer than
@@ -105,15 +105,15 @@ ArchInfo inspect_architecture(const std::string& model_dir) {
     a.vae_params = count_file_params(model_dir, "first_stage_model.");
   } else {
     const ModelFolder folder = ModelFolder::open(model_dir);
-    a.unet_params = count_file_params(folder.weights_path("unet"));
-    a.text_params = count_file_params(folder.weights_path("text_encoder"));
+    a.unet_params = count_file_params(folder.weights_path("unet", variant));
+    a.text_params = count_file_params(folder.weights_path("text_encoder", variant));
     try {
-      a.vae_params = count_file_params(folder.weights_path("vae"));
+      a.vae_params = count_file_params(folder.weights_path("vae", variant));
     } catch (const FormatError&) {
       a.vae_params = 0;  // a TAESD-only model (models/emoji-tiny): vae/ holds only a config
     }
     if (auto taesd = folder.taesd_dir()) {
-      const std::string w = find_weights(*taesd);
+      const std::string w = find_weights(*taesd, variant);
       a.taesd_encoder_params = count_file_params(w, "encoder.");
       a.taesd_decoder_params = count_file_params(w, "decoder.");
     }

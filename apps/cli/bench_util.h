@@ -42,7 +42,9 @@ struct ArchInfo {
   int64_t taesd_decoder_params = 0;
   std::string name;  // "sd-turbo / SD2.1", "SD1.5" or "unknown"
 };
-ArchInfo inspect_architecture(const std::string& model_dir);
+// `variant` (--variant): the files a folder's components load with it (find_weights'), so that counting parameters
+// reads the weights the run loads, and a folder holding only variants is counted as it loads.
+ArchInfo inspect_architecture(const std::string& model_dir, const std::string& variant = "");
 
 // GFLOP (multiply-add = 2) of one image through `component` at `size` px (square) for the real SD architectures,
 // measured for the issue at 256 and 512 px (0 = unknown: other sizes or architectures). Components: text_encode,

@@ -131,7 +131,7 @@ class Bench {
     validate();
     loras_ = sd::cli::lora_specs(o_.loras, o_.lcm_lora);  // bad --lora arguments fail before anything loads
     threads_ = sd::set_threads(o_.threads);
-    arch_ = inspect_architecture(o_.model);
+    arch_ = inspect_architecture(o_.model, o_.variant);
     has_taesd_ = sd::is_directory(o_.model) && sd::ModelFolder::open(o_.model).taesd_dir().has_value();
     has_vae_ = arch_.vae_params > 0;
     if (!has_vae_ && !has_taesd_)

@@ -99,17 +99,17 @@ def test_variant_errors(sd, folders, fixtures):
     with pytest.raises(sd.InvalidArgument) as e:
         sd.load_pipeline(model, dtype="fp32", threads=2, variant="bf16")
     assert str(e.value) == (
-        f"--variant bf16: no component folder of {model} has 'bf16' weights (<stem>.bf16.safetensors); found "
+        f"variant 'bf16': no component folder of {model} has 'bf16' weights (<stem>.bf16.safetensors); found "
         "text_encoder/: model.fp16.safetensors, model.safetensors; unet/: diffusion_pytorch_model.fp16.safetensors, "
-        "diffusion_pytorch_model.safetensors; vae/: diffusion_pytorch_model.safetensors. Load it without --variant, "
+        "diffusion_pytorch_model.safetensors; vae/: diffusion_pytorch_model.safetensors. Load it without a variant, "
         "or name the variant its files have")
     single = os.path.join(fixtures, "single_file", "tiny-sd15.safetensors")
     if os.path.exists(single):
         with pytest.raises(ValueError, match=re.escape(
-                f"--variant fp16 is for diffusers model folders (it picks <stem>.fp16.safetensors in each component "
-                f"folder); {single} is a single-file checkpoint: load it without --variant")):
+                f"variant 'fp16' is for diffusers model folders (it picks <stem>.fp16.safetensors in each component "
+                f"folder); {single} is a single-file checkpoint: load it without a variant")):
             sd.load_pipeline(single, dtype="fp32", threads=2, variant="fp16")
-    with pytest.raises(sd.InvalidArgument, match=re.escape("--variant 'fp16.x': expected the name of a weight-file")):
+    with pytest.raises(sd.InvalidArgument, match=re.escape("variant 'fp16.x': expected the name of a weight-file")):
         sd.load_pipeline(model, dtype="fp32", threads=2, variant="fp16.x")
 
 

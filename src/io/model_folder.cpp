@@ -94,10 +94,11 @@ void ModelFolder::check_variant(const std::string& variant) const {
     for (const auto& f : weight_files(d)) list += (list.empty() ? "" : ", ") + f;
     if (!list.empty()) found += (found.empty() ? "" : "; ") + name + "/: " + list;
   }
-  throw InvalidArgument("--variant " + variant + ": no component folder of " + dir_ + " has '" + variant +
+  // Worded without the option's name: the CLI's --variant and Python's load_pipeline(variant=) both come here.
+  throw InvalidArgument("variant '" + variant + "': no component folder of " + dir_ + " has '" + variant +
                         "' weights (<stem>." + variant + ".safetensors); found " +
                         (found.empty() ? std::string("no weight files") : found) +
-                        ". Load it without --variant, or name the variant its files have");
+                        ". Load it without a variant, or name the variant its files have");
 }
 
 bool ModelFolder::is_sdxl() const {
@@ -184,7 +185,7 @@ std::string find_weights(const std::string& component_dir, const std::string& va
       for (const auto& [name, v] : variants) found += (found.empty() ? "" : ", ") + name;
       for (const auto& name : index_files) found += (found.empty() ? "" : ", ") + name;
       for (const auto& name : shards) found += (found.empty() ? "" : ", ") + name;
-      throw FormatError(component_dir, "variant '" + variant + "' asked (--variant) but there is no " + wanted +
+      throw FormatError(component_dir, "variant '" + variant + "' asked but there is no " + wanted +
                                            " and no plain weight file to fall back on; found: " + found);
     }
   }
@@ -234,15 +235,24 @@ std::vector<std::string> weight_files(const std::string& component_dir) {
 }
 
 bool has_variant_weights(const std::string& component_dir, const std::string& variant) {
+  // Only the names find_weights loads (or refuses as the variant sharded) count: "<stem>.<variant>.safetensors", a
+  // shard "<stem>.<variant>-00001-of-00002.safetensors", an index "<stem>.safetensors.index.<variant>.json". Not the
+  // extension of a plain file ("model.safetensors" is no variant 'safetensors') and not a pickle's variant
+  // ("pytorch_model.fp16.bin" is never loaded, so it must not make --variant fp16 pass check_variant).
+  const std::string index_tail = "." + variant + ".json";
   for (const std::string& name : weight_files(component_dir)) {
-    // "<stem>.<variant>.<ext>", a shard "<stem>.<variant>-00001-of-00002.<ext>", an index "<...>.index.<variant>.json"
-    const size_t dot = name.find('.');
-    const std::string second = name.substr(dot + 1, name.find('.', dot + 1) - dot - 1);
-    if (second == variant || second.rfind(variant + "-", 0) == 0) return true;
-    const std::string index_tail = ".index." + variant + ".json";
-    if (name.size() > index_tail.size() && name.compare(name.size() - index_tail.size(), std::string::npos,
-                                                        index_tail) == 0)
-      return true;
+    const auto ends = [&](const std::string& s) {
+      return name.size() > s.size() && name.compare(name.size() - s.size(), std::string::npos, s) == 0;
+    };
+    if (name.find(".safetensors.index.") != std::string::npos) {
+      if (ends(index_tail)) return true;
+    } else if (ends(".safetensors")) {
+      const std::string stem = name.substr(0, name.size() - 12);
+      const size_t dot = stem.find('.');
+      if (dot == std::string::npos) continue;
+      const std::string rest = stem.substr(dot + 1);
+      if (rest == variant || (is_shard_stem(stem) && rest.rfind(variant + "-", 0) == 0)) return true;
+    }
   }
   return false;
 }
@@ -252,7 +262,7 @@ void check_variant_name(const std::string& variant) {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
   });
   if (!ok)
-    throw InvalidArgument("--variant '" + variant + "': expected the name of a weight-file variant such as fp16 "
+    throw InvalidArgument("variant '" + variant + "': expected the name of a weight-file variant such as fp16 "
                           "(letters, digits, '_' or '-'; it is the NAME of <stem>.NAME.safetensors)");
 }
 

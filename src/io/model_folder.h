@@ -60,8 +60,9 @@ std::string find_weights(const std::string& component_dir, const std::string& va
 
 // The weight-like files of a folder (.safetensors, pickles, shard indexes), sorted by name: for messages.
 std::vector<std::string> weight_files(const std::string& component_dir);
-// Whether a component folder holds weights of `variant` ("<stem>.<variant>.*", its shards or shard index): what
-// diffusers' _identify_model_variants looks for before passing the variant to a component.
+// Whether a component folder holds weights of `variant` that find_weights would take ("<stem>.<variant>.safetensors",
+// its shards or shard index; not pickles): what diffusers' _identify_model_variants looks for before passing the
+// variant to a component.
 bool has_variant_weights(const std::string& component_dir, const std::string& variant);
 // InvalidArgument unless `variant` is a plain name (letters, digits, '_', '-'): it becomes part of a file name.
 void check_variant_name(const std::string& variant);

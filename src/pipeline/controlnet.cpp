@@ -60,7 +60,23 @@ std::shared_ptr<const ControlNet> ControlNet::load(const std::string& path, cons
     if (!is_file(path + "/config.json"))
       throw FormatError(path, "not a diffusers ControlNet folder: no config.json (expected config.json + "
                               "diffusion_pytorch_model.safetensors, or a single control_*.safetensors file)");
-    model = load_controlnet_model(path, dtype, device, models.variant());
+    // As diffusers' ControlNetModel.from_pretrained(variant=) with the pipeline's variant: the folder's variant file,
+    // else its plain weights; a folder with only other variants is refused as a component is. The variant was not
+    // asked for this folder but for the model set, so the message says where it came from.
+    const std::string variant = models.variant();
+    if (!variant.empty()) {
+      try {
+        find_weights(path, variant);
+      } catch (const FormatError& e) {
+        std::string what = e.what();
+        const std::string prefix = e.file() + ": ";
+        if (what.rfind(prefix, 0) == 0) what.erase(0, prefix.size());
+        throw FormatError(e.file(), what + " (the variant '" + variant + "' is the model's (--variant, "
+                                "load_pipeline(variant=)); ControlNet folders load it when they have it, else their "
+                                "plain weights)");
+      }
+    }
+    model = load_controlnet_model(path, dtype, device, variant);
     cn->layout_ = "diffusers folder";
   } else {
     if (!is_file(path))

@@ -75,9 +75,9 @@ class StableDiffusionModels : public DiffusionModels {
       }
     } else {
       if (!variant_.empty() && is_file(model_path))
-        throw InvalidArgument("--variant " + variant_ + " is for diffusers model folders (it picks <stem>." +
+        throw InvalidArgument("variant '" + variant_ + "' is for diffusers model folders (it picks <stem>." +
                               variant_ + ".safetensors in each component folder); " + model_path +
-                              " is a single-file checkpoint: load it without --variant");
+                              " is a single-file checkpoint: load it without a variant");
       load_single_file(model_path, opt, taesd);
     }
     if (const int64_t d = unet_->config().time_cond_proj_dim; d > 0) {

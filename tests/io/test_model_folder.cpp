@@ -170,7 +170,7 @@ TEST(FindWeights, AskedVariant) {
   // Only another variant: refused, naming the folder, the variant and what is there.
   fs::remove(d / "diffusion_pytorch_model.safetensors");
   EXPECT_EQ(error_of([&] { sd::find_weights(d.string(), "bf16"); }),
-            d.string() + ": variant 'bf16' asked (--variant) but there is no diffusion_pytorch_model.bf16.safetensors "
+            d.string() + ": variant 'bf16' asked but there is no diffusion_pytorch_model.bf16.safetensors "
                          "and no plain weight file to fall back on; found: diffusion_pytorch_model.fp16.safetensors");
   // The asked variant sharded, beside a plain file.
   const fs::path s = sd::test::make_temp_dir("sd-fw-asked");
@@ -202,15 +202,50 @@ TEST(ModelFolder, CheckVariant) {
   touch(d / "scheduler" / "scheduler_config.json");
   const auto f = sd::ModelFolder::open(d.string());
   const std::string msg = error_of([&] { f.check_variant("fp16"); });
-  EXPECT_EQ(msg, "--variant fp16: no component folder of " + d.string() + " has 'fp16' weights "
+  EXPECT_EQ(msg, "variant 'fp16': no component folder of " + d.string() + " has 'fp16' weights "
                  "(<stem>.fp16.safetensors); found text_encoder/: model.safetensors; unet/: "
-                 "diffusion_pytorch_model.safetensors. Load it without --variant, or name the variant its files have");
+                 "diffusion_pytorch_model.safetensors. Load it without a variant, or name the variant its files have");
   touch(d / "vae" / "diffusion_pytorch_model.fp16.safetensors");
   EXPECT_NO_THROW(f.check_variant("fp16"));
   EXPECT_NO_THROW(sd::check_variant_name("non_ema-2"));
   EXPECT_EQ(error_of([&] { sd::check_variant_name("fp16.safetensors"); }),
-            "--variant 'fp16.safetensors': expected the name of a weight-file variant such as fp16 (letters, digits, "
+            "variant 'fp16.safetensors': expected the name of a weight-file variant such as fp16 (letters, digits, "
             "'_' or '-'; it is the NAME of <stem>.NAME.safetensors)");
+  std::error_code ec;
+  fs::remove_all(d, ec);
+}
+
+// Only the files find_weights loads count as a variant's: not the extension of a plain file (model.safetensors is no
+// variant 'safetensors', pytorch_model.bin none 'bin'), and not a pickle's variant (pytorch_model.fp16.bin is never
+// loaded): either would pass the check and load every plain file, ignoring the variant asked for.
+TEST(ModelFolder, CheckVariantCountsOnlyTheFilesTheLoaderTakes) {
+  const fs::path d = sd::test::make_temp_dir("sd-mf-variant-ext");
+  touch(d / "model_index.json", kIndex);
+  touch(d / "unet" / "diffusion_pytorch_model.safetensors");
+  touch(d / "unet" / "diffusion_pytorch_model.fp16.bin");
+  touch(d / "text_encoder" / "model.safetensors");
+  touch(d / "text_encoder" / "pytorch_model.bin");
+  touch(d / "vae" / "config.json");
+  touch(d / "scheduler" / "scheduler_config.json");
+  const auto f = sd::ModelFolder::open(d.string());
+  const std::string found = "; found text_encoder/: model.safetensors, pytorch_model.bin; unet/: "
+                            "diffusion_pytorch_model.fp16.bin, diffusion_pytorch_model.safetensors. Load it without a "
+                            "variant, or name the variant its files have";
+  for (const std::string v : {"safetensors", "bin", "fp16"}) {
+    SCOPED_TRACE(v);
+    EXPECT_FALSE(sd::has_variant_weights((d / "unet").string(), v));
+    EXPECT_FALSE(sd::has_variant_weights((d / "text_encoder").string(), v));
+    EXPECT_EQ(error_of([&] { f.check_variant(v); }), "variant '" + v + "': no component folder of " + d.string() +
+                                                         " has '" + v + "' weights (<stem>." + v + ".safetensors)" +
+                                                         found);
+  }
+  // The shard and index forms the loader recognises (and refuses as the variant sharded) still count.
+  touch(d / "vae" / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors");
+  EXPECT_TRUE(sd::has_variant_weights((d / "vae").string(), "fp16"));
+  fs::remove(d / "vae" / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors");
+  touch(d / "vae" / "diffusion_pytorch_model.safetensors.index.fp16.json");
+  EXPECT_TRUE(sd::has_variant_weights((d / "vae").string(), "fp16"));
+  EXPECT_NO_THROW(f.check_variant("fp16"));
   std::error_code ec;
   fs::remove_all(d, ec);
 }

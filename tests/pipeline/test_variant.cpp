@@ -153,10 +153,10 @@ TEST_F(Variant, ComponentsWithoutTheVariantLoadTheirPlainWeights) {
 TEST_F(Variant, AVariantNoComponentHasIsRefusedNamingTheFiles) {
   const std::string m = with_variants("both", {"unet"});
   EXPECT_EQ(test::error_of<InvalidArgument>([&] { load(m, "bf16"); }),
-            "--variant bf16: no component folder of " + m + " has 'bf16' weights (<stem>.bf16.safetensors); found "
+            "variant 'bf16': no component folder of " + m + " has 'bf16' weights (<stem>.bf16.safetensors); found "
             "text_encoder/: model.safetensors; unet/: diffusion_pytorch_model.fp16.safetensors, "
             "diffusion_pytorch_model.safetensors; vae/: diffusion_pytorch_model.safetensors. Load it without "
-            "--variant, or name the variant its files have");
+            "a variant, or name the variant its files have");
 }
 
 // A component with neither the asked variant nor plain weights (only another variant) is refused by folder: taking
@@ -165,7 +165,7 @@ TEST_F(Variant, AComponentWithNeitherTheVariantNorPlainWeightsIsRefused) {
   const std::string m = with_variants("mixed", {"text_encoder"});
   fs::rename(m + "/unet/diffusion_pytorch_model.safetensors", m + "/unet/diffusion_pytorch_model.bf16.safetensors");
   EXPECT_EQ(test::error_of<FormatError>([&] { load(m, "fp16"); }),
-            m + "/unet: variant 'fp16' asked (--variant) but there is no diffusion_pytorch_model.fp16.safetensors "
+            m + "/unet: variant 'fp16' asked but there is no diffusion_pytorch_model.fp16.safetensors "
                 "and no plain weight file to fall back on; found: diffusion_pytorch_model.bf16.safetensors");
 }
 
@@ -174,11 +174,11 @@ TEST_F(Variant, SingleFilesAndNamesThatAreNotPlainAreRefused) {
   if (test::fixture_exists(single)) {
     const std::string f = test::fixture_path(single);
     EXPECT_EQ(test::error_of<InvalidArgument>([&] { load(f, "fp16"); }),
-              "--variant fp16 is for diffusers model folders (it picks <stem>.fp16.safetensors in each component "
-              "folder); " + f + " is a single-file checkpoint: load it without --variant");
+              "variant 'fp16' is for diffusers model folders (it picks <stem>.fp16.safetensors in each component "
+              "folder); " + f + " is a single-file checkpoint: load it without a variant");
   }
   EXPECT_EQ(test::error_of<InvalidArgument>([&] { load(test::fixture_path(kModel), "fp16/../x"); }),
-            "--variant 'fp16/../x': expected the name of a weight-file variant such as fp16 (letters, digits, '_' or "
+            "variant 'fp16/../x': expected the name of a weight-file variant such as fp16 (letters, digits, '_' or "
             "'-'; it is the NAME of <stem>.NAME.safetensors)");
 }
 
@@ -204,6 +204,36 @@ TEST_F(Variant, ControlNetFoldersLoadTheModelsVariant) {
   EXPECT_TRUE(torch::equal(asked, mid(cn_ref, *with)));
   EXPECT_TRUE(torch::equal(mid(cn, *without), mid(test::fixture_path(kCn), *without)));
   EXPECT_GT((asked - mid(cn, *without)).abs().max().item<double>(), 1e-4);
+}
+
+// A ControlNet folder takes the model set's variant, under the same rule as a component: without that variant it
+// loads its plain weights; with only other variants it is refused, the message saying the variant is the model's.
+TEST_F(Variant, ControlNetFoldersWithoutTheModelsVariant) {
+  if (!test::fixture_exists(kCn + "/config.json")) GTEST_SKIP() << "no ControlNet fixtures";
+  const std::string cn = tmp_ + "/cn", only = tmp_ + "/cn-fp16-only";
+  fs::copy(test::fixture_path(kCn), cn, fs::copy_options::recursive);
+  write_fp16_variant(cn + "/diffusion_pytorch_model.safetensors", cn + "/diffusion_pytorch_model.fp16.safetensors");
+  fs::copy(cn, only, fs::copy_options::recursive);
+  fs::remove(only + "/diffusion_pytorch_model.safetensors");
+  const std::string m = with_variants("model", {"unet"});
+  fs::rename(m + "/unet/diffusion_pytorch_model.fp16.safetensors",
+             m + "/unet/diffusion_pytorch_model.bf16.safetensors");
+  const auto bf16 = load(m, "bf16");
+  const auto sample = torch::linspace(-1, 1, 4 * 8 * 8).reshape({1, 4, 8, 8});
+  const auto t = torch::tensor({500}, torch::kLong);
+  const auto ehs = bf16->encode_prompt("a cat");
+  const auto image = torch::linspace(0, 1, 3 * 64 * 64).reshape({1, 3, 64, 64});
+  const auto mid = [&](const std::string& path) {
+    return ControlNet::load(path, *bf16)->residuals(sample, t, ehs, {}, image, 1.0).mid;
+  };
+  EXPECT_TRUE(torch::equal(mid(cn), mid(test::fixture_path(kCn))));
+  EXPECT_EQ(test::error_of<FormatError>([&] { ControlNet::load(only, *bf16); }),
+            only + ": variant 'bf16' asked but there is no diffusion_pytorch_model.bf16.safetensors and no plain "
+                   "weight file to fall back on; found: diffusion_pytorch_model.fp16.safetensors (the variant 'bf16' is "
+                   "the model's (--variant, load_pipeline(variant=)); ControlNet folders load it when they have it, "
+                   "else their plain weights)");
+  // Without a variant, the folder's only variant is its weights, as a component's.
+  EXPECT_NO_THROW(ControlNet::load(only, *load(m, "")));
 }
 
 #if defined(SD_CLI_PATH) && defined(SD_TEST_HAVE_OPENCV)
@@ -252,7 +282,7 @@ TEST_F(Variant, CliCommandsTakeItAndRefuseWhatCannotBe) {
   EXPECT_NE(r.output.find(", model.safetensors\n"), std::string::npos) << r.output;  // no variant: plain
   r = cli("info --model " + q(m) + " --variant bf16");
   EXPECT_EQ(r.status, 1) << r.output;
-  EXPECT_NE(r.output.find("error: --variant bf16: no component folder of " + m + " has 'bf16' weights"),
+  EXPECT_NE(r.output.find("error: variant 'bf16': no component folder of " + m + " has 'bf16' weights"),
             std::string::npos) << r.output;
   r = cli("bench --model " + q(m) + " --variant fp16 --sections e2e --sizes 64 --dtypes fp32 --frames 1 --iters 1 "
           "--warmup 0 --threads 1");
@@ -282,6 +312,19 @@ TEST_F(Variant, CliCommandsTakeItAndRefuseWhatCannotBe) {
               std::string::npos)
         << r.output;
   }
+}
+
+// `bench --variant fp16` on a folder holding only variants (fp16 and bf16, no plain files) reads the fp16 files, as
+// txt2img loads them: the architecture it inspects first must not take the plain files (there are none, and two
+// variants cannot be told apart).
+TEST_F(Variant, CliBenchOnAFolderOfOnlyVariants) {
+  const std::string m = with_variants("only-variants", {"unet", "text_encoder", "vae", "taesd"});
+  for (const auto& [dir, stem] : kFiles)
+    fs::rename(m + "/" + dir + "/" + stem + ".safetensors", m + "/" + dir + "/" + stem + ".bf16.safetensors");
+  const auto r = cli("bench --model " + q(m) + " --variant fp16 --sections e2e --sizes 64 --dtypes fp32 --frames 1 "
+                     "--iters 1 --warmup 0 --threads 1");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find(", variant fp16, fp32, cpu)"), std::string::npos) << r.output;
 }
 
 #endif  // SD_CLI_PATH && SD_TEST_HAVE_OPENCV
