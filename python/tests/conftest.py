@@ -35,6 +35,15 @@ def fixtures():
 
 
 @pytest.fixture(scope="session")
+def cli():
+    """The streamdiffusion CLI's path; tests that run it skip when it is not built."""
+    path = cli_path()
+    if not path:
+        pytest.skip("the streamdiffusion CLI is not built")
+    return path
+
+
+@pytest.fixture(scope="session")
 def sd():
     import streamdiffusion_cpp
 

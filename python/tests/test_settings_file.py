@@ -8,17 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import child_env, cli_path
+from conftest import child_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def cli():
-    path = cli_path()
-    if not path:
-        pytest.skip("the streamdiffusion CLI is not built")
-    return path
 
 
 @pytest.fixture(scope="module")

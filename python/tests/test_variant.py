@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import child_env, cli_path
+from conftest import child_env
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -45,14 +45,6 @@ def _write_safetensors(path, tensors):
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
-@pytest.fixture(scope="module")
-def cli():
-    path = cli_path()
-    if not path:
-        pytest.skip("the streamdiffusion CLI is not built")
-    return path
 
 
 @pytest.fixture(scope="module")
