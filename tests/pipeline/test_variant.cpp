@@ -229,9 +229,9 @@ TEST_F(Variant, ControlNetFoldersWithoutTheModelsVariant) {
   EXPECT_TRUE(torch::equal(mid(cn), mid(test::fixture_path(kCn))));
   EXPECT_EQ(test::error_of<FormatError>([&] { ControlNet::load(only, *bf16); }),
             only + ": variant 'bf16' asked but there is no diffusion_pytorch_model.bf16.safetensors and no plain "
-                   "weight file to fall back on; found: diffusion_pytorch_model.fp16.safetensors (the variant 'bf16' is "
-                   "the model's (--variant, load_pipeline(variant=)); ControlNet folders load it when they have it, "
-                   "else their plain weights)");
+                   "weight file to fall back on; found: diffusion_pytorch_model.fp16.safetensors (the variant "
+                   "'bf16' is the model's (--variant, load_pipeline(variant=)); ControlNet folders load it when they "
+                   "have it, else their plain weights)");
   // Without a variant, the folder's only variant is its weights, as a component's.
   EXPECT_NO_THROW(ControlNet::load(only, *load(m, "")));
 }
