@@ -12,8 +12,8 @@ set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-ALL=(safetensors safetensors_file lora single_file config recommendations tokenizer image ws_message api_body
-     control_command settings osc)
+ALL=(safetensors safetensors_file shard_index lora single_file config recommendations tokenizer image ws_message
+     api_body control_command settings osc)
 TARGET="${1:-all}"; shift || true
 RUNS="${1:-200000}"; shift || true
 OUT="${SD_FUZZ_BUILD_DIR:-build-fuzz}"

@@ -75,6 +75,7 @@ struct WeightsSummary {
   size_t tensors = 0;
   int64_t parameters = 0;
   std::map<std::string, int64_t> dtypes;  // dtype -> element count
+  std::vector<std::string> shards;         // a sharded checkpoint's shard files (path is its index)
 };
 
 WeightsSummary summarize(const std::string& path) {
@@ -83,6 +84,8 @@ WeightsSummary summarize(const std::string& path) {
   auto f = sd::SafeTensorsFile::open(path);
   s.bytes = f.file_size();
   s.tensors = f.tensors().size();
+  if (f.files() != std::vector<std::string>{path})
+    for (const auto& file : f.files()) s.shards.push_back(std::filesystem::path(file).filename().string());
   for (const auto& t : f.tensors()) {
     s.parameters += static_cast<int64_t>(t.numel());
     s.dtypes[sd::safetensors::dtype_name(t.dtype)] += static_cast<int64_t>(t.numel());
@@ -131,6 +134,7 @@ nlohmann::json component_json(const std::string& name, const std::string& dir, c
     auto w = summarize(sd::find_weights(dir, variant));
     out["weights"] = {{"file", w.path}, {"bytes", w.bytes}, {"tensors", w.tensors}, {"parameters", w.parameters},
                       {"dtypes", w.dtypes}};
+    if (!w.shards.empty()) out["weights"]["shards"] = w.shards;
   }
   return out;
 }
@@ -532,6 +536,7 @@ sd::cli::Runner setup_info(CLI::App& app) {
         std::cout << "  " << w["parameters"].get<int64_t>() << " params, " << human_bytes(w["bytes"].get<uint64_t>())
                   << ", " << w["tensors"].get<size_t>() << " tensors, dtype";
         for (auto it = w["dtypes"].begin(); it != w["dtypes"].end(); ++it) std::cout << " " << it.key();
+        if (w.contains("shards")) std::cout << ", " << w["shards"].size() << " shards";
         // Which file each component reads is the point of asking for a variant (some may have only plain weights).
         if (!variant.empty())
           std::cout << ", " << std::filesystem::path(w["file"].get<std::string>()).filename().string();

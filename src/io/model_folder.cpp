@@ -8,6 +8,7 @@
 #include "core/text.h"
 #include "io/json_config.h"
 #include "io/pickle_guard.h"
+#include "io/shard_index.h"
 
 namespace fs = std::filesystem;
 
@@ -123,8 +124,9 @@ bool is_shard_stem(const std::string& stem) {
 
 std::string find_weights(const std::string& component_dir, const std::string& variant) {
   if (!is_directory(component_dir)) throw FormatError(component_dir, "not a directory");
-  // plain: "<base>.safetensors"; variants: "<base>.<variant>.safetensors" (file name, variant name).
-  std::vector<std::string> plain, pickles, index_files, shards;
+  // plain: "<base>.safetensors" or a shard index "<base>.safetensors.index.json"; variants (file name, variant name):
+  // "<base>.<variant>.safetensors" or "<base>.safetensors.index.<variant>.json"; shards: what an index names.
+  std::vector<std::string> plain, plain_index, pickles, shards;
   std::vector<std::pair<std::string, std::string>> variants;
   for (const auto& e : fs::directory_iterator(component_dir)) {
     if (!e.is_regular_file()) continue;
@@ -132,16 +134,20 @@ std::string find_weights(const std::string& component_dir, const std::string& va
     auto ends = [&](const std::string& s) {
       return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
     };
-    // "<base>.safetensors.index.json", a variant's "<base>.safetensors.index.fp16.json".
-    if (ends(".json") && name.find(".safetensors.index.") != std::string::npos) {
-      index_files.push_back(name);
+    if (is_shard_index_name(name)) {
+      const std::string tag = ".safetensors.index.";
+      const std::string rest = name.substr(name.rfind(tag) + tag.size());  // "json" or "<variant>.json"
+      if (rest == "json")
+        plain_index.push_back(name);
+      else
+        variants.emplace_back(name, rest.substr(0, rest.size() - 5));
     } else if (ends(".safetensors")) {
       const std::string stem = name.substr(0, name.size() - 12);
       const size_t dot = stem.find('.');
       if (is_shard_stem(stem))
         shards.push_back(name);
       else if (dot == std::string::npos)
-        plain.push_back(e.path().string());
+        plain.push_back(name);
       else if (stem.find('.', dot + 1) == std::string::npos)
         variants.emplace_back(name, stem.substr(dot + 1));
     } else if (ends(".bin") || ends(".ckpt") || ends(".pt") || ends(".pth") || ends(".pkl")) {
@@ -149,53 +155,65 @@ std::string find_weights(const std::string& component_dir, const std::string& va
     }
   }
   std::sort(plain.begin(), plain.end());
+  std::sort(plain_index.begin(), plain_index.end());
+  std::sort(shards.begin(), shards.end());
   std::sort(variants.begin(), variants.end());
   const auto path_of = [&](const std::string& name) { return (fs::path(component_dir) / name).string(); };
+  const auto list = [](const std::vector<std::string>& names) {
+    std::string s;
+    for (size_t i = 0; i < names.size() && i < 3; ++i) s += (i ? ", " : "") + names[i];
+    return s + (names.size() > 3 ? ", ..." : "");
+  };
+  if (plain_index.size() > 1)
+    throw FormatError(component_dir, "several sharded checkpoints (" + list(plain_index) + "); expected one");
+  // The plain weights: a shard index wins over a single file beside it, as in diffusers' ModelMixin.from_pretrained.
+  const auto plain_weights = [&]() -> std::string {
+    if (plain_index.size() == 1) {
+      if (!plain.empty())
+        log::info("{}: both {} and the sharded checkpoint {}; loading the shards (as diffusers does)", component_dir,
+                  plain[0], plain_index[0]);
+      return path_of(plain_index[0]);
+    }
+    if (plain.size() == 1) return path_of(plain[0]);
+    return "";
+  };
   if (!variant.empty()) {
     std::vector<std::string> asked;
     for (const auto& [name, v] : variants)
       if (v == variant) asked.push_back(name);
     if (asked.size() > 1)
-      throw FormatError(component_dir, "several '." + variant + ".safetensors' weight files (" + asked[0] + ", " +
-                                           asked[1] + (asked.size() > 2 ? ", ..." : "") + ")");
+      throw FormatError(component_dir, "several weight files of the '" + variant + "' variant (" + list(asked) +
+                                           "); expected one file or one shard index");
     if (asked.size() == 1) return path_of(asked[0]);
-    // The asked variant saved sharded must not silently give way to the plain file.
-    for (const auto& name : index_files)
-      if (name.size() > variant.size() + 6 && name.compare(name.size() - variant.size() - 6, std::string::npos,
-                                                           "." + variant + ".json") == 0)
-        throw FormatError(component_dir, "the '" + variant + "' variant is a sharded checkpoint (" + name +
-                                             "), which is not supported yet");
+    // The asked variant's shards without their index must not silently give way to the plain weights.
     for (const auto& name : shards)
       if (name.find("." + variant + "-") != std::string::npos)
-        throw FormatError(component_dir, "the '" + variant + "' variant is a sharded checkpoint (" + name +
-                                             "), which is not supported yet");
-    const std::string stem_src = !plain.empty() ? fs::path(plain[0]).filename().string()
-                                 : !variants.empty() ? variants[0].first
-                                                     : std::string("diffusion_pytorch_model.");
+        throw FormatError(component_dir, "the '" + variant + "' variant's shards (" + name + ", ...) are here but "
+                                             "not their index (<stem>.safetensors.index." + variant + ".json): "
+                                             "download it too");
+    std::string stem_src = !plain.empty()         ? plain[0]
+                           : !plain_index.empty() ? plain_index[0]
+                           : !variants.empty()    ? variants[0].first
+                                                  : std::string("diffusion_pytorch_model.");
     const std::string wanted = stem_src.substr(0, stem_src.find('.')) + "." + variant + ".safetensors";
     // diffusers (pipeline_loading_utils._identify_model_variants) passes the variant only to the components that have
     // it; the others load their plain weights.
-    if (plain.size() == 1) {
+    if (const std::string w = plain_weights(); !w.empty()) {
       log::info("{}: no '{}' variant weight file ({}); loading the plain {}", component_dir, variant, wanted,
-                fs::path(plain[0]).filename().string());
-      return plain[0];
+                fs::path(w).filename().string());
+      return w;
     }
-    if (plain.empty() && !variants.empty()) {
+    if (plain.empty() && plain_index.empty() && !variants.empty()) {
       std::string found;
       for (const auto& [name, v] : variants) found += (found.empty() ? "" : ", ") + name;
-      for (const auto& name : index_files) found += (found.empty() ? "" : ", ") + name;
       for (const auto& name : shards) found += (found.empty() ? "" : ", ") + name;
       throw FormatError(component_dir, "variant '" + variant + "' asked but there is no " + wanted +
                                            " and no plain weight file to fall back on; found: " + found);
     }
   }
-  if (plain.size() == 1) return plain[0];
-  if (plain.size() > 1)
-    throw FormatError(component_dir, "several .safetensors weight files; expected one (" + plain[0] + ", " +
-                                         plain[1] + ", ...)");
-  if (!index_files.empty() || !shards.empty())
-    throw FormatError(component_dir, "sharded checkpoint (" + (index_files.empty() ? shards[0] : index_files[0]) +
-                                         ") is not supported yet");
+  if (plain.size() > 1 && plain_index.empty())
+    throw FormatError(component_dir, "several .safetensors weight files; expected one (" + list(plain) + ")");
+  if (const std::string w = plain_weights(); !w.empty()) return w;
   // Only a variant's files downloaded (the fp16 files of a hub model, say): with one, it is the weights.
   if (variants.size() == 1) {
     log::info("{}: no plain .safetensors weight file; loading the '{}' variant {}", component_dir,
@@ -211,6 +229,16 @@ std::string find_weights(const std::string& component_dir, const std::string& va
                                          " variants (" + names + "): which one to load cannot be told; keep only "
                                          "that one in the folder (move the others out) or add the full weights as " +
                                          base);
+  }
+  if (!shards.empty()) {
+    // "<base>[.<variant>]-00001-of-00002.safetensors" -> "<base>.safetensors.index[.<variant>].json"
+    std::string stem = shards[0].substr(0, shards[0].size() - 12);
+    stem = stem.substr(0, stem.rfind('-', stem.rfind("-of-") - 1));
+    const size_t dot = stem.find('.');
+    const std::string base = stem.substr(0, dot) + ".safetensors.index" +
+                             (dot == std::string::npos ? "" : stem.substr(dot)) + ".json";
+    throw FormatError(component_dir, "shards of a sharded checkpoint (" + list(shards) + ") but not their index " +
+                                         base + ": download it too (it names the shard of every tensor)");
   }
   if (!pickles.empty())
     throw FormatError(component_dir, "only pickle weights (" + pickles[0] +

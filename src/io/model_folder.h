@@ -50,13 +50,14 @@ class ModelFolder {
 // The safetensors weight file inside a component folder: the single "<stem>.safetensors", preferring
 // "<stem>.<variant>.safetensors" when `variant` (e.g. "fp16") is given and present. A folder with no plain file and
 // exactly one variant file (only the fp16 files downloaded) gives that file, logged at info; several variants and no
-// plain file -> FormatError naming them. Sharded checkpoints (*.safetensors.index[.<variant>].json,
-// *-00001-of-0000N.safetensors) are not supported yet. Only pickles (.bin/.ckpt/.pt/.pth) -> FormatError telling the
-// user to convert them to safetensors (pickles are never loaded).
+// plain file -> FormatError naming them. A sharded checkpoint gives its index ("<stem>.safetensors.index.json", a
+// variant's "<stem>.safetensors.index.<variant>.json"; SafeTensorsFile::open opens its shards), preferred to a single
+// file beside it as diffusers does; shards without their index -> FormatError naming the index to download. Only
+// pickles (.bin/.ckpt/.pt/.pth) -> FormatError telling the user to convert them to safetensors (never loaded).
 std::string find_weights(const std::string& component_dir, const std::string& variant = "");
 // A variant asked for (diffusers' from_pretrained(variant=)): the components holding it load its file, the others
-// their plain weights (logged at info); a component with neither, or one whose variant is sharded, is a FormatError
-// naming the folder, the variant and the files found.
+// their plain weights (logged at info); a component with neither, or with the variant's shards but not their index, is
+// a FormatError naming the folder, the variant and the files found.
 
 // The weight-like files of a folder (.safetensors, pickles, shard indexes), sorted by name: for messages.
 std::vector<std::string> weight_files(const std::string& component_dir);

@@ -8,11 +8,13 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <mutex>
 
 #include "core/error.h"
+#include "io/shard_index.h"
 
 namespace sd {
 
@@ -86,7 +88,28 @@ safetensors::DType from_torch(torch::ScalarType t, const std::string& what) {
   }
 }
 
-SafeTensorsFile SafeTensorsFile::open(const std::string& path) {
+namespace {
+constexpr uint64_t kMaxShardIndexBytes = 64ull << 20;  // an SDXL UNet's index is ~200 KB
+}  // namespace
+
+void SafeTensorsFile::add_part(std::shared_ptr<Mapping> map, safetensors::Header header, const std::string& file) {
+  const size_t part = parts_.size();
+  for (auto& t : header.tensors) {
+    if (const auto it = index_.find(t.name); it != index_.end())
+      throw FormatError(path_, "tensor '" + t.name + "' is in two files: " + files_[part_of_[it->second]] + " and " +
+                                   file + " (which one to load cannot be told)");
+    index_[t.name] = tensors_.size();
+    part_of_.push_back(part);
+    tensors_.push_back(std::move(t));
+  }
+  parts_.push_back(Part{std::move(map), header.data_start});
+  files_.push_back(file);
+}
+
+// Maps `path` (private + writable: copy-on-write, so a tensor aliasing the file can be modified in place safely) and
+// parses its header into `header`.
+std::shared_ptr<SafeTensorsFile::Mapping> SafeTensorsFile::map_file(const std::string& path,
+                                                                     safetensors::Header& header) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw FormatError(path, std::string("cannot open: ") + std::strerror(errno));
   struct stat st {};
@@ -97,7 +120,6 @@ SafeTensorsFile SafeTensorsFile::open(const std::string& path) {
   auto m = std::make_shared<Mapping>();
   m->size = static_cast<size_t>(st.st_size);
   if (m->size > 0) {
-    // Private + writable: copy-on-write, so a tensor aliasing the file can be modified in place safely.
     m->addr = mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
     if (m->addr == MAP_FAILED) {
       m->addr = nullptr;
@@ -106,11 +128,55 @@ SafeTensorsFile SafeTensorsFile::open(const std::string& path) {
     }
   }
   ::close(fd);
+  header = safetensors::parse_header(m->data(), m->size, path);
+  return m;
+}
+
+SafeTensorsFile SafeTensorsFile::open(const std::string& path) {
+  if (is_shard_index_name(std::filesystem::path(path).filename().string())) return open_sharded(path);
   SafeTensorsFile f;
   f.path_ = path;
-  f.header_ = safetensors::parse_header(m->data(), m->size, path);
-  f.map_ = std::move(m);
-  for (size_t i = 0; i < f.header_.tensors.size(); ++i) f.index_[f.header_.tensors[i].name] = i;
+  safetensors::Header header;
+  auto m = map_file(path, header);
+  f.metadata_ = header.metadata;
+  f.add_part(std::move(m), std::move(header), path);
+  return f;
+}
+
+SafeTensorsFile SafeTensorsFile::open_sharded(const std::string& index_path) {
+  std::ifstream in(index_path, std::ios::binary);
+  if (!in) throw FormatError(index_path, std::string("cannot open: ") + std::strerror(errno));
+  std::string text(kMaxShardIndexBytes + 1, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<size_t>(in.gcount()));
+  if (text.size() > kMaxShardIndexBytes)
+    throw FormatError(index_path, "larger than " + std::to_string(kMaxShardIndexBytes >> 20) +
+                                      " MiB: not a sharded checkpoint's index");
+  const ShardIndex index = parse_shard_index(text, index_path);
+  const std::filesystem::path dir = std::filesystem::path(index_path).parent_path();
+  SafeTensorsFile f;
+  f.path_ = index_path;
+  f.metadata_ = index.metadata;
+  for (const std::string& shard : index.shards) {
+    const std::string p = (dir / shard).string();
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(p, ec)) {
+      const auto held = std::find_if(index.weight_map.begin(), index.weight_map.end(),
+                                     [&](const auto& kv) { return kv.second == shard; });
+      throw FormatError(index_path, "shard " + shard + " (holding '" + held->first + "') is missing: expected " + p +
+                                        " (every file the index names is needed)");
+    }
+    safetensors::Header header;
+    auto m = map_file(p, header);
+    f.add_part(std::move(m), std::move(header), p);
+  }
+  // As diffusers, every tensor of every shard loads (the map only names the files); a tensor the index lists that no
+  // shard holds means a shard from another save (or a truncated one): refused here, by name, rather than later as a
+  // missing module weight.
+  for (const auto& [tensor, shard] : index.weight_map)
+    if (!f.index_.count(tensor))
+      throw FormatError(index_path, "the index maps tensor '" + tensor + "' to " + shard +
+                                        ", but no shard holds it (a shard from another save?)");
   return f;
 }
 
@@ -120,9 +186,9 @@ SafeTensorsFile SafeTensorsFile::from_bytes(std::string bytes, const std::string
   m->size = m->owned.size();
   SafeTensorsFile f;
   f.path_ = name;
-  f.header_ = safetensors::parse_header(m->data(), m->size, name);
-  f.map_ = std::move(m);
-  for (size_t i = 0; i < f.header_.tensors.size(); ++i) f.index_[f.header_.tensors[i].name] = i;
+  auto header = safetensors::parse_header(m->data(), m->size, name);
+  f.metadata_ = header.metadata;
+  f.add_part(std::move(m), std::move(header), name);
   return f;
 }
 
@@ -137,20 +203,25 @@ bool SafeTensorsFile::contains(const std::string& name) const { return index_.co
 const safetensors::TensorInfo& SafeTensorsFile::info(const std::string& name) const {
   auto it = index_.find(name);
   if (it == index_.end()) throw FormatError(path_, "no tensor named '" + name + "'");
-  return header_.tensors[it->second];
+  return tensors_[it->second];
 }
 
-size_t SafeTensorsFile::file_size() const { return map_ ? map_->size : 0; }
+size_t SafeTensorsFile::file_size() const {
+  size_t n = 0;
+  for (const auto& p : parts_) n += p.map->size;
+  return n;
+}
 
 torch::Tensor SafeTensorsFile::get(const std::string& name) const {
   const auto& t = info(name);
+  const Part& part = parts_[part_of_[index_.at(name)]];
   const auto dtype = to_torch(t.dtype);
   auto opts = torch::TensorOptions().dtype(dtype);
   if (t.numel() == 0) return torch::empty(t.shape, opts);
-  uint8_t* ptr = const_cast<uint8_t*>(map_->data()) + header_.data_start + t.begin;
+  uint8_t* ptr = const_cast<uint8_t*>(part.map->data()) + part.data_start + t.begin;
   const size_t isz = safetensors::dtype_size(t.dtype);
   if (reinterpret_cast<uintptr_t>(ptr) % isz == 0) {
-    auto keep = map_;  // the tensor keeps the mapping alive
+    auto keep = part.map;  // the tensor keeps the mapping alive
     const uint64_t offset = t.begin;
     const size_t nbytes = t.nbytes();
     keep->acquire(offset);
@@ -169,7 +240,7 @@ torch::Tensor SafeTensorsFile::get(const std::string& name) const {
 
 std::map<std::string, torch::Tensor> SafeTensorsFile::load_all() const {
   std::map<std::string, torch::Tensor> out;
-  for (const auto& t : header_.tensors) out[t.name] = get(t.name);
+  for (const auto& t : tensors_) out[t.name] = get(t.name);
   return out;
 }
 

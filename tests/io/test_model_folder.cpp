@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/model_folder.h"
+#include "io/shard_index.h"
 
 namespace fs = std::filesystem;
 
@@ -80,26 +81,6 @@ TEST(ModelFolder, MissingComponentFolderIsNamed) {
   EXPECT_NE(error_of([&] { f.component_dir("unet"); }).find("component folder 'unet/' is missing"), std::string::npos);
 }
 
-TEST(FindWeights, VariantsPicklesAndAmbiguity) {
-  const fs::path d = sd::test::make_temp_dir("sd-fw");
-  EXPECT_NE(error_of([&] { sd::find_weights(d.string()); }).find("no .safetensors weight file"), std::string::npos);
-  touch(d / "diffusion_pytorch_model.bin");
-  const std::string pickle = error_of([&] { sd::find_weights(d.string()); });
-  EXPECT_NE(pickle.find("pickles are never loaded"), std::string::npos) << pickle;
-  EXPECT_NE(pickle.find("diffusion_pytorch_model.bin"), std::string::npos) << pickle;
-  touch(d / "diffusion_pytorch_model.safetensors");
-  touch(d / "diffusion_pytorch_model.fp16.safetensors");
-  EXPECT_EQ(fs::path(sd::find_weights(d.string())).filename(), "diffusion_pytorch_model.safetensors");
-  EXPECT_EQ(fs::path(sd::find_weights(d.string(), "fp16")).filename(), "diffusion_pytorch_model.fp16.safetensors");
-  // Asking for a variant that is absent falls back to the default weights.
-  EXPECT_EQ(fs::path(sd::find_weights(d.string(), "bf16")).filename(), "diffusion_pytorch_model.safetensors");
-  touch(d / "other.safetensors");
-  EXPECT_NE(error_of([&] { sd::find_weights(d.string()); }).find("several .safetensors"), std::string::npos);
-  const fs::path s = sd::test::make_temp_dir("sd-fw");
-  touch(s / "diffusion_pytorch_model.safetensors.index.json");
-  EXPECT_NE(error_of([&] { sd::find_weights(s.string()); }).find("sharded"), std::string::npos);
-}
-
 // What the default logger prints while `fn` runs (at info level).
 template <typename Fn>
 std::string logged(Fn&& fn) {
@@ -117,6 +98,69 @@ std::string logged(Fn&& fn) {
   }
   spdlog::set_default_logger(saved);
   return out.str();
+}
+
+TEST(FindWeights, VariantsPicklesAndAmbiguity) {
+  const fs::path d = sd::test::make_temp_dir("sd-fw");
+  EXPECT_NE(error_of([&] { sd::find_weights(d.string()); }).find("no .safetensors weight file"), std::string::npos);
+  touch(d / "diffusion_pytorch_model.bin");
+  const std::string pickle = error_of([&] { sd::find_weights(d.string()); });
+  EXPECT_NE(pickle.find("pickles are never loaded"), std::string::npos) << pickle;
+  EXPECT_NE(pickle.find("diffusion_pytorch_model.bin"), std::string::npos) << pickle;
+  touch(d / "diffusion_pytorch_model.safetensors");
+  touch(d / "diffusion_pytorch_model.fp16.safetensors");
+  EXPECT_EQ(fs::path(sd::find_weights(d.string())).filename(), "diffusion_pytorch_model.safetensors");
+  EXPECT_EQ(fs::path(sd::find_weights(d.string(), "fp16")).filename(), "diffusion_pytorch_model.fp16.safetensors");
+  // Asking for a variant that is absent falls back to the default weights.
+  EXPECT_EQ(fs::path(sd::find_weights(d.string(), "bf16")).filename(), "diffusion_pytorch_model.safetensors");
+  touch(d / "other.safetensors");
+  EXPECT_NE(error_of([&] { sd::find_weights(d.string()); }).find("several .safetensors"), std::string::npos);
+}
+
+// Sharded checkpoints (save_pretrained with max_shard_size): the index is the weights (SafeTensorsFile opens its
+// shards); it wins over a single file beside it, as in diffusers; shards without their index are refused naming it.
+TEST(FindWeights, ShardIndexes) {
+  const fs::path d = sd::test::make_temp_dir("sd-fw-shards");
+  touch(d / "diffusion_pytorch_model-00001-of-00002.safetensors");
+  touch(d / "diffusion_pytorch_model-00002-of-00002.safetensors");
+  EXPECT_EQ(error_of([&] { sd::find_weights(d.string()); }),
+            d.string() + ": shards of a sharded checkpoint (diffusion_pytorch_model-00001-of-00002.safetensors, "
+                         "diffusion_pytorch_model-00002-of-00002.safetensors) but not their index "
+                         "diffusion_pytorch_model.safetensors.index.json: download it too (it names the shard of "
+                         "every tensor)");
+  touch(d / "diffusion_pytorch_model.safetensors.index.json");
+  EXPECT_EQ(sd::find_weights(d.string()), (d / "diffusion_pytorch_model.safetensors.index.json").string());
+  // Asked for a variant it does not have: the plain (sharded) weights, logged.
+  std::string found;
+  EXPECT_EQ(logged([&] { found = sd::find_weights(d.string(), "fp16"); }),
+            "info " + d.string() + ": no 'fp16' variant weight file (diffusion_pytorch_model.fp16.safetensors); "
+                                   "loading the plain diffusion_pytorch_model.safetensors.index.json\n");
+  EXPECT_EQ(found, (d / "diffusion_pytorch_model.safetensors.index.json").string());
+  touch(d / "diffusion_pytorch_model.safetensors");
+  EXPECT_EQ(logged([&] { found = sd::find_weights(d.string()); }),
+            "info " + d.string() + ": both diffusion_pytorch_model.safetensors and the sharded checkpoint "
+                                   "diffusion_pytorch_model.safetensors.index.json; loading the shards (as diffusers "
+                                   "does)\n");
+  EXPECT_EQ(found, (d / "diffusion_pytorch_model.safetensors.index.json").string());
+  touch(d / "other.safetensors.index.json");
+  EXPECT_EQ(error_of([&] { sd::find_weights(d.string()); }),
+            d.string() + ": several sharded checkpoints (diffusion_pytorch_model.safetensors.index.json, "
+                         "other.safetensors.index.json); expected one");
+  // A variant's shards without their index name the variant's index.
+  const fs::path v = sd::test::make_temp_dir("sd-fw-shards");
+  touch(v / "model.fp16-00001-of-00002.safetensors");
+  EXPECT_EQ(error_of([&] { sd::find_weights(v.string()); }),
+            v.string() + ": shards of a sharded checkpoint (model.fp16-00001-of-00002.safetensors) but not their "
+                         "index model.safetensors.index.fp16.json: download it too (it names the shard of every "
+                         "tensor)");
+  EXPECT_EQ(sd::is_shard_index_name("model.safetensors.index.fp16.json"), true);
+  EXPECT_EQ(sd::is_shard_index_name("model.safetensors.index.json"), true);
+  EXPECT_EQ(sd::is_shard_index_name(".safetensors.index.json"), false);
+  EXPECT_EQ(sd::is_shard_index_name("model.safetensors.index.a.b.json"), false);
+  EXPECT_EQ(sd::is_shard_index_name("model.safetensors.json"), false);
+  std::error_code ec;
+  fs::remove_all(d, ec);
+  fs::remove_all(v, ec);
 }
 
 // Only a variant's files downloaded (e.g. allow_patterns="*.fp16.safetensors"): the one variant is the weights, and
@@ -141,14 +185,22 @@ TEST(FindWeights, OnlyVariantFiles) {
   touch(d / "diffusion_pytorch_model.safetensors");
   EXPECT_EQ(logged([&] { found = sd::find_weights(d.string()); }), "");
   EXPECT_EQ(fs::path(found).filename(), "diffusion_pytorch_model.safetensors");
-  // A sharded variant (no single file to load) is named as sharded, not taken for variants.
+  // A sharded variant alone is that variant's weights (its index), as a single variant file is.
   const fs::path s = sd::test::make_temp_dir("sd-fw-variant");
   touch(s / "diffusion_pytorch_model.safetensors.index.fp16.json");
   touch(s / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors");
   touch(s / "diffusion_pytorch_model.fp16-00002-of-00002.safetensors");
+  EXPECT_EQ(logged([&] { found = sd::find_weights(s.string()); }),
+            "info " + s.string() + ": no plain .safetensors weight file; loading the 'fp16' variant "
+                                   "diffusion_pytorch_model.safetensors.index.fp16.json\n");
+  EXPECT_EQ(found, (s / "diffusion_pytorch_model.safetensors.index.fp16.json").string());
+  // ... and counts as one of the variants when there are several.
+  touch(s / "diffusion_pytorch_model.bf16.safetensors");
   EXPECT_EQ(error_of([&] { sd::find_weights(s.string()); }),
-            s.string() + ": sharded checkpoint (diffusion_pytorch_model.safetensors.index.fp16.json) is not supported "
-                         "yet");
+            s.string() + ": no plain .safetensors weight file and 2 variants (diffusion_pytorch_model.bf16.safetensors"
+                         ", diffusion_pytorch_model.safetensors.index.fp16.json): which one to load cannot be told; "
+                         "keep only that one in the folder (move the others out) or add the full weights as "
+                         "diffusion_pytorch_model.safetensors");
   std::error_code ec;
   fs::remove_all(d, ec);
   fs::remove_all(s, ec);
@@ -172,14 +224,12 @@ TEST(FindWeights, AskedVariant) {
   EXPECT_EQ(error_of([&] { sd::find_weights(d.string(), "bf16"); }),
             d.string() + ": variant 'bf16' asked but there is no diffusion_pytorch_model.bf16.safetensors "
                          "and no plain weight file to fall back on; found: diffusion_pytorch_model.fp16.safetensors");
-  // The asked variant sharded, beside a plain file.
+  // The asked variant sharded, beside a plain file: its index.
   const fs::path s = sd::test::make_temp_dir("sd-fw-asked");
   touch(s / "model.safetensors");
   touch(s / "model.safetensors.index.fp16.json");
   touch(s / "model.fp16-00001-of-00002.safetensors");
-  EXPECT_EQ(error_of([&] { sd::find_weights(s.string(), "fp16"); }),
-            s.string() + ": the 'fp16' variant is a sharded checkpoint (model.safetensors.index.fp16.json), which is "
-                         "not supported yet");
+  EXPECT_EQ(sd::find_weights(s.string(), "fp16"), (s / "model.safetensors.index.fp16.json").string());
   EXPECT_EQ(fs::path(sd::find_weights(s.string())).filename(), "model.safetensors");
   EXPECT_TRUE(sd::has_variant_weights(s.string(), "fp16"));
   EXPECT_FALSE(sd::has_variant_weights(s.string(), "fp1"));
@@ -188,6 +238,11 @@ TEST(FindWeights, AskedVariant) {
   EXPECT_EQ(sd::weight_files(s.string()), (std::vector<std::string>{"model.fp16-00001-of-00002.safetensors",
                                                                      "model.safetensors",
                                                                      "model.safetensors.index.fp16.json"}));
+  // Its shards without the index: refused naming the index, never the plain file in the variant's place.
+  fs::remove(s / "model.safetensors.index.fp16.json");
+  EXPECT_EQ(error_of([&] { sd::find_weights(s.string(), "fp16"); }),
+            s.string() + ": the 'fp16' variant's shards (model.fp16-00001-of-00002.safetensors, ...) are here but not "
+                         "their index (<stem>.safetensors.index.fp16.json): download it too");
   std::error_code ec;
   fs::remove_all(d, ec);
   fs::remove_all(s, ec);
@@ -239,7 +294,7 @@ TEST(ModelFolder, CheckVariantCountsOnlyTheFilesTheLoaderTakes) {
                                                          " has '" + v + "' weights (<stem>." + v + ".safetensors)" +
                                                          found);
   }
-  // The shard and index forms the loader recognises (and refuses as the variant sharded) still count.
+  // The shard and index forms the loader recognises still count.
   touch(d / "vae" / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors");
   EXPECT_TRUE(sd::has_variant_weights((d / "vae").string(), "fp16"));
   fs::remove(d / "vae" / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors");

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include <gtest/gtest.h>
 
@@ -262,6 +263,109 @@ TEST(SafeTensorsWriter, RejectsDuplicateAndReservedNames) {
   EXPECT_THROW(sd::save_safetensors(dir + "/d.safetensors", dup), sd::InvalidArgument);
   std::vector<std::pair<std::string, torch::Tensor>> meta = {{"__metadata__", torch::ones({1})}};
   EXPECT_THROW(sd::save_safetensors(dir + "/m.safetensors", meta), sd::InvalidArgument);
+}
+
+// A sharded checkpoint (diffusers / transformers save_pretrained with max_shard_size) opens as one file: every tensor
+// of every shard the index names, aliasing its own shard's mapping.
+class ShardedSafeTensors : public SafeTensorsTest {
+ protected:
+  void write_index(const std::string& name, const std::string& json) const { std::ofstream(dir_ + "/" + name) << json; }
+  std::string error(const std::string& name) const {
+    try {
+      SafeTensorsFile::open(dir_ + "/" + name);
+    } catch (const FormatError& e) {
+      return e.what();
+    }
+    return "no error";
+  }
+  void SetUp() override {
+    SafeTensorsTest::SetUp();
+    sd::save_safetensors(dir_ + "/m-00001-of-00002.safetensors",
+                         std::vector<std::pair<std::string, torch::Tensor>>{{"a", torch::arange(6).view({2, 3})},
+                                                                            {"b", torch::ones({4}).to(torch::kHalf)}});
+    sd::save_safetensors(dir_ + "/m-00002-of-00002.safetensors",
+                         std::vector<std::pair<std::string, torch::Tensor>>{{"c", torch::full({3}, 2.5)}},
+                         {{"format", "pt"}});
+  }
+};
+
+TEST_F(ShardedSafeTensors, EveryShardsTensorsUnderOneName) {
+  write_index("m.safetensors.index.json", R"({"metadata": {"total_size": 68, "note": "x"},
+      "weight_map": {"a": "m-00001-of-00002.safetensors", "b": "m-00001-of-00002.safetensors",
+                     "c": "m-00002-of-00002.safetensors"}})");
+  const auto f = SafeTensorsFile::open(dir_ + "/m.safetensors.index.json");
+  EXPECT_EQ(f.path(), dir_ + "/m.safetensors.index.json");
+  EXPECT_EQ(f.files(), (std::vector<std::string>{dir_ + "/m-00001-of-00002.safetensors",
+                                                  dir_ + "/m-00002-of-00002.safetensors"}));
+  EXPECT_EQ(f.keys(), (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_EQ(f.metadata(), (std::map<std::string, std::string>{{"note", "x"}, {"total_size", "68"}}));
+  EXPECT_EQ(f.file_size(), fs::file_size(f.files()[0]) + fs::file_size(f.files()[1]));
+  EXPECT_TRUE(torch::equal(f.get("a"), torch::arange(6).view({2, 3})));
+  EXPECT_TRUE(torch::equal(f.get("b"), torch::ones({4}).to(torch::kHalf)));
+  EXPECT_TRUE(torch::equal(f.get("c"), torch::full({3}, 2.5)));
+  EXPECT_EQ(f.info("c").shape, (std::vector<int64_t>{3}));
+  EXPECT_EQ(f.load_all().size(), 3u);
+  // The tensors alias their shard's mapping and outlive the file object.
+  torch::Tensor c;
+  {
+    const auto g = SafeTensorsFile::open(dir_ + "/m.safetensors.index.json");
+    c = g.get("c");
+  }
+  EXPECT_EQ(c.sum().item<float>(), 7.5f);
+  EXPECT_EQ(error("m.safetensors.index.json").find("no error"), 0u);
+  // A variant's index opens the same way.
+  fs::copy_file(dir_ + "/m.safetensors.index.json", dir_ + "/m.safetensors.index.fp16.json");
+  EXPECT_EQ(SafeTensorsFile::open(dir_ + "/m.safetensors.index.fp16.json").keys().size(), 3u);
+}
+
+// As diffusers, every tensor of the named shards loads (the map names the files); a tensor in two shards, one the
+// index lists that no shard holds, a missing shard or an index that is not one are refused naming the index.
+TEST_F(ShardedSafeTensors, BrokenIndexesAreNamed) {
+  const std::string ix = dir_ + "/i.safetensors.index.json";
+  write_index("i.safetensors.index.json", R"({"weight_map": {"a": "m-00001-of-00002.safetensors"}})");
+  EXPECT_EQ(SafeTensorsFile::open(ix).keys(), (std::vector<std::string>{"a", "b"}));
+  write_index("i.safetensors.index.json", R"({"weight_map": {"a": "m-00001-of-00002.safetensors",
+                                                             "z": "m-00002-of-00002.safetensors"}})");
+  EXPECT_EQ(error("i.safetensors.index.json"),
+            ix + ": the index maps tensor 'z' to m-00002-of-00002.safetensors, but no shard holds it (a shard from "
+                 "another save?)");
+  write_index("i.safetensors.index.json", R"({"weight_map": {"a": "m-00001-of-00002.safetensors",
+                                                             "q": "m-00003-of-00003.safetensors"}})");
+  EXPECT_EQ(error("i.safetensors.index.json"),
+            ix + ": shard m-00003-of-00003.safetensors (holding 'q') is missing: expected " + dir_ +
+                "/m-00003-of-00003.safetensors (every file the index names is needed)");
+  fs::copy_file(dir_ + "/m-00001-of-00002.safetensors", dir_ + "/copy.safetensors");
+  write_index("i.safetensors.index.json", R"({"weight_map": {"a": "m-00001-of-00002.safetensors",
+                                                             "b": "copy.safetensors"}})");
+  EXPECT_EQ(error("i.safetensors.index.json"),
+            ix + ": tensor 'a' is in two files: " + dir_ + "/copy.safetensors and " + dir_ +
+                "/m-00001-of-00002.safetensors (which one to load cannot be told)");
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"[1]", "expected a JSON object with a \"weight_map\" (a sharded checkpoint's index), found [1]"},
+      {"{\"weight_map\": {}}", "field 'weight_map': expected an object naming the shard of each tensor, found {}"},
+      {"{}", "field 'weight_map': expected an object naming the shard of each tensor, found nothing"},
+      {R"({"weight_map": {"a": 3}})", "field 'weight_map': tensor 'a': expected a shard file name, found 3"},
+      {R"({"weight_map": {"a": "../m-00001-of-00002.safetensors"}})",
+       "field 'weight_map': tensor 'a': expected the name of a .safetensors shard in the index's folder (no path), "
+       "found \"../m-00001-of-00002.safetensors\""},
+      {R"({"weight_map": {"a": "m.bin"}})",
+       "field 'weight_map': tensor 'a': expected the name of a .safetensors shard in the index's folder (no path), "
+       "found \"m.bin\""},
+      {R"({"weight_map": {"": "m-00001-of-00002.safetensors"}})", "field 'weight_map': a tensor with an empty name"},
+      {R"({"metadata": [1], "weight_map": {"a": "m-00001-of-00002.safetensors"}})",
+       "field 'metadata': expected an object, found [1]"},
+  };
+  for (const auto& [json, why] : bad) {
+    write_index("i.safetensors.index.json", json);
+    EXPECT_EQ(error("i.safetensors.index.json"), ix + ": " + why) << json;
+  }
+  write_index("i.safetensors.index.json", "{\"weight_map\": ");
+  EXPECT_EQ(error("i.safetensors.index.json").rfind(ix + ": not valid JSON: ", 0), 0u);
+  // A shard that is itself corrupt is named by its own path.
+  std::ofstream(dir_ + "/m-00002-of-00002.safetensors", std::ios::trunc) << "xx";
+  write_index("i.safetensors.index.json", R"({"weight_map": {"c": "m-00002-of-00002.safetensors"}})");
+  EXPECT_EQ(error("i.safetensors.index.json").rfind(dir_ + "/m-00002-of-00002.safetensors: ", 0), 0u)
+      << error("i.safetensors.index.json");
 }
 
 // Every fixture file must open and every tensor must be readable (the reader against real-world writers).
