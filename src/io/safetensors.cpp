@@ -146,12 +146,15 @@ SafeTensorsFile SafeTensorsFile::open(const std::string& path) {
 SafeTensorsFile SafeTensorsFile::open_sharded(const std::string& index_path) {
   std::ifstream in(index_path, std::ios::binary);
   if (!in) throw FormatError(index_path, std::string("cannot open: ") + std::strerror(errno));
-  std::string text(kMaxShardIndexBytes + 1, '\0');
-  in.read(text.data(), static_cast<std::streamsize>(text.size()));
-  text.resize(static_cast<size_t>(in.gcount()));
-  if (text.size() > kMaxShardIndexBytes)
-    throw FormatError(index_path, "larger than " + std::to_string(kMaxShardIndexBytes >> 20) +
-                                      " MiB: not a sharded checkpoint's index");
+  // Read in pieces up to the cap: a file size from stat would not hold for a pipe or a file still being written.
+  std::string text;
+  char buf[1 << 16];
+  while (in.read(buf, sizeof buf) || in.gcount() > 0) {
+    text.append(buf, static_cast<size_t>(in.gcount()));
+    if (text.size() > kMaxShardIndexBytes)
+      throw FormatError(index_path, "larger than " + std::to_string(kMaxShardIndexBytes >> 20) +
+                                        " MiB: not a sharded checkpoint's index");
+  }
   const ShardIndex index = parse_shard_index(text, index_path);
   const std::filesystem::path dir = std::filesystem::path(index_path).parent_path();
   SafeTensorsFile f;

@@ -361,6 +361,9 @@ TEST_F(ShardedSafeTensors, BrokenIndexesAreNamed) {
   }
   write_index("i.safetensors.index.json", "{\"weight_map\": ");
   EXPECT_EQ(error("i.safetensors.index.json").rfind(ix + ": not valid JSON: ", 0), 0u);
+  // Read up to a cap (a real index is ~200 KB), never whole whatever its size.
+  write_index("i.safetensors.index.json", std::string((64u << 20) + 1, ' '));
+  EXPECT_EQ(error("i.safetensors.index.json"), ix + ": larger than 64 MiB: not a sharded checkpoint's index");
   // A shard that is itself corrupt is named by its own path.
   std::ofstream(dir_ + "/m-00002-of-00002.safetensors", std::ios::trunc) << "xx";
   write_index("i.safetensors.index.json", R"({"weight_map": {"c": "m-00002-of-00002.safetensors"}})");
