@@ -104,11 +104,14 @@ of Streams. Create it with load_pipeline().
                d["scale"] = r.scale;
                d["keys"] = r.keys;
                d["matched_keys"] = r.matched_keys;
+               d["methods"] = r.methods;
                out.append(d);
              }
              return out;
            },
-           "the fused LoRAs in load order: dicts with name, path, layout, scale, keys, matched_keys")
+           "the fused LoRAs in load order: dicts with name, path, layout, scale, keys, matched_keys and methods (those "
+           "beyond plain LoRA that patch modules, sorted, as `info --lora` names them: \"DoRA\", \"LoHa\", \"LoKr\", "
+           "\"Tucker LoCon\", \"full\"; [] for a plain LoRA)")
       .def_property_readonly("has_ip_adapter", [](const sd::DiffusionModels& s) { return s.ip_adapter() != nullptr; },
                              "loaded with ip_adapter=")
       .def("set_ip_adapter_scale", &sd::DiffusionModels::set_ip_adapter_scale, py::arg("scale"),

@@ -6,45 +6,15 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import urllib.request
 
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import child_env, read_safetensors, write_safetensors
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _FILES = {"unet": "diffusion_pytorch_model", "text_encoder": "model"}
-
-
-def _read_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for k, v in header.items():
-        if k != "__metadata__":
-            a, b = v["data_offsets"]
-            out[k] = np.frombuffer(data[a:b], dtype=_DTYPES[v["dtype"]]).reshape(v["shape"])
-    return out
-
-
-def _write_safetensors(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for k in sorted(tensors):
-        raw = np.ascontiguousarray(tensors[k]).tobytes()
-        header[k] = {"dtype": _NAMES[tensors[k].dtype], "shape": list(tensors[k].shape),
-                     "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +28,11 @@ def folders(tmp_path_factory, fixtures):
     shutil.copytree(src, model)
     shutil.copytree(src, ref)
     for comp, stem in _FILES.items():
-        plain = _read_safetensors(os.path.join(model, comp, stem + ".safetensors"))
+        plain = read_safetensors(os.path.join(model, comp, stem + ".safetensors"))
         fp16 = {k: (v.astype(np.float32) * 0.9).astype(np.float16) if v.dtype.kind == "f" else v
                 for k, v in plain.items()}
-        _write_safetensors(os.path.join(model, comp, stem + ".fp16.safetensors"), fp16)
-        _write_safetensors(os.path.join(ref, comp, stem + ".safetensors"), fp16)
+        write_safetensors(os.path.join(model, comp, stem + ".fp16.safetensors"), fp16)
+        write_safetensors(os.path.join(ref, comp, stem + ".safetensors"), fp16)
     return model, ref
 
 

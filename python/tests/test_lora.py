@@ -1,0 +1,48 @@
+"""Models.loras(): the report of each fused LoRA, for kohya files made here on the fixture tiny-sd15 - one with a
+LoHa module and a DoRA pair, one plain - and the same methods as the CLI's `info --lora --json` gives."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import child_env, write_safetensors
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory, fixtures):
+    model = os.path.join(fixtures, "models", "tiny-sd15")
+    if not os.path.isdir(model):
+        pytest.skip("no tiny-sd15 fixture")
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj."  # Linear [32, 32]
+    t = "lora_unet_time_embedding_linear_1."  # Linear [128, 32]
+    c = "lora_unet_down_blocks_0_resnets_0_conv1."  # Conv2d [32, 32, 3, 3]
+    root = tmp_path_factory.mktemp("lora")
+    lyco, plain = str(root / "lyco.safetensors"), str(root / "plain.safetensors")
+    write_safetensors(lyco, {te + "lora_down.weight": r(2, 32), te + "lora_up.weight": r(32, 2),
+                             te + "dora_scale": np.full((32, 1), 0.8, np.float32),
+                             t + "hada_w1_a": r(128, 2), t + "hada_w1_b": r(2, 32), t + "hada_w2_a": r(128, 2),
+                             t + "hada_w2_b": r(2, 32), t + "alpha": np.array(1.0, np.float32)})
+    write_safetensors(plain, {c + "lora_down.weight": r(4, 32, 3, 3), c + "lora_up.weight": r(32, 4, 1, 1)})
+    return model, lyco, plain
+
+
+def test_loras_report_the_methods_beyond_plain_lora(sd, lora_files, cli):
+    model, lyco, plain = lora_files
+    models = sd.load_pipeline(model, dtype="fp32", taesd="none", loras=[(lyco, 0.5), plain], strict_lora=True,
+                              threads=-1)
+    got = models.loras()
+    assert [(r["name"], r["layout"], r["scale"], r["keys"], r["matched_keys"], r["methods"]) for r in got] == [
+        ("lyco", "kohya", 0.5, 8, 8, ["DoRA", "LoHa"]),
+        ("plain", "kohya", 1.0, 2, 2, []),
+    ]
+    # The struct the CLI's info --lora prints: the same names, "layout kohya (DoRA, LoHa)".
+    out = subprocess.run([cli, "info", "--json", "--model", model, "--lora", lyco + ":0.5", "--lora", plain],
+                         capture_output=True, text=True, env=child_env(), check=True).stdout
+    assert [r["methods"] for r in json.loads(out)["loras"]] == [r["methods"] for r in got]
