@@ -453,10 +453,8 @@ const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
   return reports_.back();
 }
 
-void LoraSet::fuse_target(Target& t) {
-  torch::NoGradGuard no_grad;
-  if (!t.base.defined())
-    throw InvalidArgument("this model was loaded without live LoRA scale changes (the unfused weights were not kept)");
+torch::Tensor LoraSet::fused_weight(const Target& t, const Term** overflow) const {
+  if (overflow) *overflow = nullptr;
   torch::Tensor w = t.base.to(torch::kFloat);  // aliases base for float32: the first sum is out of place
   bool changed = false;
   for (const Term& term : t.terms) {
@@ -471,30 +469,70 @@ void LoraSet::fuse_target(Target& t) {
         w.add_(delta);
       else
         w = w + delta;
-      changed = true;
-      continue;
-    }
-    torch::Tensor delta = term.bias ? term.module->factor("diff_b") : lora_delta(*term.module);
-    delta = delta.reshape(t.base.sizes());
-    if (term.magnitude.defined()) {
-      // DoRA on the running weight, s by PEFT's rule or ComfyUI's (dora_apply, lora.h).
-      w = dora_apply(w, delta, term.magnitude, s, term.peft_dora);
     } else {
-      delta = delta.mul(s);  // out of place: a full module's diff_b is the kept factor itself
-      if (changed)
-        w.add_(delta);
-      else
-        w = w + delta;
+      torch::Tensor delta = term.bias ? term.module->factor("diff_b") : lora_delta(*term.module);
+      delta = delta.reshape(t.base.sizes());
+      if (term.magnitude.defined()) {
+        // DoRA on the running weight, s by PEFT's rule or ComfyUI's (dora_apply, lora.h).
+        w = dora_apply(w, delta, term.magnitude, s, term.peft_dora);
+      } else {
+        delta = delta.mul(s);  // out of place: a full module's diff_b is the kept factor itself
+        if (changed)
+          w.add_(delta);
+        else
+          w = w + delta;
+      }
     }
     changed = true;
+    if (overflow && !torch::isfinite(w).all().item<bool>()) {
+      *overflow = &term;
+      break;
+    }
   }
-  t.weight.set_data(changed ? w.to(t.base.scalar_type()) : t.base);
+  return changed ? w : torch::Tensor();
+}
+
+void LoraSet::fuse_target(Target& t) {
+  torch::NoGradGuard no_grad;
+  if (!t.base.defined())
+    throw InvalidArgument("this model was loaded without live LoRA scale changes (the unfused weights were not kept)");
+  const torch::Tensor w = fused_weight(t, nullptr);
+  t.weight.set_data(w.defined() ? w.to(t.base.scalar_type()) : t.base);
   if (t.bias_linear && t.bias_linear->quantized()) t.bias_linear->quantize_int8();
   if (t.bias_conv && t.bias_conv->quantized()) t.bias_conv->quantize_int8();
   if (t.conv && t.repack) {
     t.conv->prepack();
     // The fused weight is re-made from base + terms on the next fuse, so the packed copy can be its only one.
     if (sd::nn::fast_path().one_conv_copy) t.conv->release_dense();
+  }
+}
+
+// add() checks a DoRA result only at the scale given then, on the loaded weight. Another scale can still overflow
+// float32: PEFT's rule puts s inside the norm (W + s dW can vanish), ComfyUI's blends by s towards a weight that may be
+// near float32's limit, a LoRA added at scale 0 was never checked, and an earlier LoRA's scale moves the weight that a
+// later DoRA term normalises. So every target of this LoRA holding a DoRA term is summed at the new scales first, one
+// at a time (no second copy of the weights is kept), and the first that is not finite refuses the scale.
+void LoraSet::refuse_dora_overflow(size_t lora, double before) const {
+  torch::NoGradGuard no_grad;
+  for (size_t ti : lora_targets_[lora]) {
+    const Target& t = targets_[ti];
+    if (std::none_of(t.terms.begin(), t.terms.end(), [](const Term& x) { return x.magnitude.defined(); })) continue;
+    const Term* bad = nullptr;
+    fused_weight(t, &bad);
+    if (!bad) continue;
+    const LoraReport& r = reports_[lora];
+    const std::string where = t.component + " " + t.module;
+    std::ostringstream msg;
+    msg << "LoRA '" << r.name << "': scale " << r.scale << " refused (it stays " << before << ", no weight changed): "
+        << reports_[bad->lora].path << ": ";
+    if (bad->magnitude.defined())
+      msg << bad->module->magnitude_key << ": this DoRA magnitude over the norm of " << where << " + its "
+          << bad->module->method_name() << " weight difference overflows float32 at that scale (a magnitude too "
+          << "large for a near-zero norm?)";
+    else  // an earlier term of the sum, at a scale too large for its difference
+      msg << (bad->module ? bad->module->first_key() + ": its " + bad->module->method_name() : std::string("its LoRA"))
+          << " weight difference on " << where << " overflows float32 at that scale";
+    throw InvalidArgument(msg.str());
   }
 }
 
@@ -525,7 +563,14 @@ void LoraSet::set_scale(const std::string& name, double scale) {
   if (!keep_base_ && fused_)
     throw InvalidArgument("this model was loaded without live LoRA scale changes (the unfused weights were not kept)");
   const auto t0 = std::chrono::steady_clock::now();
+  const double before = reports_[lora].scale;
   reports_[lora].scale = scale;
+  try {
+    refuse_dora_overflow(lora, before);
+  } catch (...) {
+    reports_[lora].scale = before;
+    throw;
+  }
   if (fused_)
     for (size_t t : lora_targets_[lora]) fuse_target(targets_[t]);
   if (reports_[lora].patches("text_encoder") || reports_[lora].patches("text_encoder_2")) ++text_encoder_version_;

@@ -69,7 +69,9 @@ class LoraSet {
   // Fuses every added LoRA into the weights (see the header comment). Called once after the adds.
   void fuse();
   // Re-fuses the modules LoRA `name` patches with its new scale, from the kept base weights and factors: the result
-  // is bit-identical to a fresh load fused at that scale. InvalidArgument for an unknown name or non-finite scale.
+  // is bit-identical to a fresh load fused at that scale. InvalidArgument for an unknown name or non-finite scale,
+  // and, before anything changes, for a scale at which a module holding a DoRA term (this LoRA's or another's) would
+  // overflow float32 (naming the LoRA, the scale, the DoRA file and magnitude key, and the module).
   void set_scale(const std::string& name, double scale);
 
   const std::vector<LoraReport>& reports() const { return reports_; }
@@ -100,7 +102,14 @@ class LoraSet {
     nn::Conv2dImpl* bias_conv = nullptr;
     std::vector<Term> terms;
   };
+  // The target's weight from its base through every term at the LoRAs' current scales, in float32; undefined when
+  // no term applies (every scale 0). With `overflow`, the sum stops at the first term after which the weight is not
+  // finite and points it there (nullptr when none).
+  torch::Tensor fused_weight(const Target& t, const Term** overflow) const;
   void fuse_target(Target& t);
+  // InvalidArgument when a target of LoRA `lora` that holds a DoRA term is not finite at the scales now in reports_
+  // (`before`: the LoRA's scale to name as kept).
+  void refuse_dora_overflow(size_t lora, double before) const;
 
   LoraComponents components_;
   bool keep_base_;

@@ -1148,6 +1148,94 @@ TEST_F(LoraLycoris, DoraThatOverflowsIsRefusedBeforeAnythingChanges) {
   }
 }
 
+// A scale set later can overflow a DoRA result that was finite when the LoRA was added; set_scale refuses it naming
+// the LoRA, the scale, the DoRA file and key, and leaves the weights and the scale as they were. W = [[0, 1], [4, 2]],
+// magnitude (1e38, 1):
+//   PEFT's rule, dW = [[0, 1], [0, 0]]: at s = 1 row 0 is 1e38 * [0, 2] / 2 = [0, 1e38]; at s = -1 W + s dW's row 0
+//     is 0, its norm eps, and 0 * (1e38 / eps) is NaN
+//   ComfyUI's rule, same dW: W_d's row 0 = [0, 1e38]; at s = 10, W + 10 (W_d - W) passes float32's 3.4e38
+//   an earlier plain LoRA (dW = [[0, 1], [0, 0]]) under a PEFT DoRA pair whose difference leaves row 0 alone: the plain
+//     LoRA's scale -1 zeroes the row the DoRA term normalises; its scale 1e39 overflows the sum before the DoRA term
+TEST_F(LoraLycoris, DoraThatOverflowsAtALaterScaleIsRefusedBeforeAnythingChanges) {
+  const torch::Tensor W = T({{0, 1}, {4, 2}});
+  auto pair = [](const std::string& stem, bool peft, const torch::Tensor& up) {
+    return Tensors{{stem + (peft ? "lora_A.weight" : "lora_down.weight"), T({{0, 1}})},
+                   {stem + (peft ? "lora_B.weight" : "lora_up.weight"), up}};
+  };
+  const std::string pk = "text_encoder.proj.lora_magnitude_vector.weight", kk = "lora_te_proj.dora_scale";
+  Tensors peft = pair("text_encoder.proj.", true, T({{1}, {0}})), kohya = pair("lora_te_proj.", false, T({{1}, {0}}));
+  peft.push_back({pk, torch::tensor({1e38f, 1.0f})});
+  kohya.push_back({kk, T({{1e38f}, {1}})});
+  Tensors dora_below = pair("text_encoder.proj.", true, T({{0}, {1}}));
+  dora_below.push_back({pk, torch::tensor({1e38f, 1.0f})});
+  const std::string fp = write("peft.safetensors", peft), fk = write("kohya.safetensors", kohya),
+                    plain = write("plain.safetensors", pair("lora_te_proj.", false, T({{1}, {0}}))),
+                    below = write("dora_below.safetensors", dora_below);
+  struct Case {
+    std::vector<std::string> files;  // added in order, at scale 1, named a, b
+    std::string lora;                // whose scale changes
+    double refused, accepted;
+    std::string message;
+  };
+  const std::string tail = " weight difference overflows float32 at that scale (a magnitude too large for a "
+                           "near-zero norm?)";
+  const std::vector<Case> cases = {
+      {{fp}, "a", -1, 0.5,
+       "LoRA 'a': scale -1 refused (it stays 1, no weight changed): " + fp + ": " + pk +
+           ": this DoRA magnitude over the norm of text_encoder proj + its LoRA" + tail},
+      {{fk}, "a", 10, 2,
+       "LoRA 'a': scale 10 refused (it stays 1, no weight changed): " + fk + ": " + kk +
+           ": this DoRA magnitude over the norm of text_encoder proj + its LoRA" + tail},
+      {{plain, below}, "a", -1, 0.5,
+       "LoRA 'a': scale -1 refused (it stays 1, no weight changed): " + below + ": " + pk +
+           ": this DoRA magnitude over the norm of text_encoder proj + its LoRA" + tail},
+      // The sum already overflows at the plain term: 1e39 * 1 passes float32's range before DoRA's norm.
+      {{plain, below}, "a", 1e39, 2,
+       "LoRA 'a': scale 1e+39 refused (it stays 1, no weight changed): " + plain +
+           ": its LoRA weight difference on text_encoder proj overflows float32 at that scale"},
+  };
+  const char* names[] = {"a", "b"};
+  // The weight of a fresh load with every LoRA at scale 1 but `c.lora` at `scale`.
+  auto fresh = [&](const Case& c, double scale) {
+    auto model = std::make_shared<HandModel>(W, torch::zeros({2}));
+    sd::LoraSet set({{"text_encoder", model.get()}}, false);
+    for (size_t i = 0; i < c.files.size(); ++i) set.add({c.files[i], names[i] == c.lora ? scale : 1.0, names[i]}, true);
+    set.fuse();
+    return model->weight().clone();
+  };
+  for (const Case& c : cases) {
+    auto model = std::make_shared<HandModel>(W, torch::zeros({2}));
+    sd::LoraSet set({{"text_encoder", model.get()}}, true);
+    for (size_t i = 0; i < c.files.size(); ++i) set.add({c.files[i], 1.0, names[i]}, true);
+    set.fuse();
+    const torch::Tensor at_1 = model->weight().clone();
+    ASSERT_TRUE(torch::isfinite(at_1).all().item<bool>()) << c.message;
+    EXPECT_EQ(error_of([&] { set.set_scale(c.lora, c.refused); }), c.message);
+    EXPECT_TRUE(torch::equal(model->weight(), at_1)) << c.message << "\n" << model->weight();
+    EXPECT_EQ(set.reports()[0].scale, 1.0) << c.message;
+    EXPECT_EQ(set.text_encoder_version(), 0u) << c.message;
+    // The set still changes scales: a finite result re-fuses as a fresh load at that scale.
+    set.set_scale(c.lora, c.accepted);
+    EXPECT_TRUE(torch::equal(model->weight(), fresh(c, c.accepted))) << c.message << "\n" << model->weight();
+    EXPECT_EQ(set.reports()[0].scale, c.accepted) << c.message;
+  }
+  // A DoRA LoRA added at scale 0 was never checked at another scale: here W + dW's row 0 is 0 at every scale.
+  const torch::Tensor Z = T({{0, 0}, {4, 2}});
+  Tensors zero = pair("lora_te_proj.", false, T({{0}, {1}}));
+  zero.push_back({kk, T({{1e38f}, {1}})});
+  const std::string fz = write("zero.safetensors", zero);
+  auto model = std::make_shared<HandModel>(Z, torch::zeros({2}));
+  sd::LoraSet set({{"text_encoder", model.get()}}, true);
+  set.add({fz, 0.0, "z"}, true);
+  set.fuse();
+  EXPECT_TRUE(torch::equal(model->weight(), Z));
+  EXPECT_EQ(error_of([&] { set.set_scale("z", 1.0); }),
+            "LoRA 'z': scale 1 refused (it stays 0, no weight changed): " + fz + ": " + kk +
+                ": this DoRA magnitude over the norm of text_encoder proj + its LoRA" + tail);
+  EXPECT_TRUE(torch::equal(model->weight(), Z));
+  EXPECT_EQ(set.reports()[0].scale, 0.0);
+}
+
 // The formulas against tiny-sd15's convolutions and Linears, computed here another way (per kernel tap, per block),
 // at scale 0.7; every other parameter is untouched.
 TEST_F(LoraLycoris, ConvAndLinearModulesMatchIndependentFormulas) {
