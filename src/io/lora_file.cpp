@@ -57,8 +57,11 @@ struct ParsedKey {
 std::optional<ParsedKey> parse_key(const std::string& key) {
   ParsedKey p;
   // kohya / A1111: lora_unet_<stem>.lora_down.weight | .lora_up.weight | .alpha
-  // SDXL files name the two text encoders lora_te1_ / lora_te2_.
+  // SDXL files name the two text encoders lora_te1_ / lora_te2_. SimpleTuner's LyCORIS files name UNet modules
+  // lycoris_<stem>, which ComfyUI (comfy/lora.py, model_lora_keys_unet) maps like lora_unet_<stem> of the diffusers
+  // module path; it has no text-encoder form.
   for (const auto& [prefix, component] : {std::pair<const char*, const char*>{"lora_unet_", "unet"},
+                                          std::pair<const char*, const char*>{"lycoris_", "unet"},
                                           std::pair<const char*, const char*>{"lora_te_", "text_encoder"},
                                           std::pair<const char*, const char*>{"lora_te1_", "text_encoder"},
                                           std::pair<const char*, const char*>{"lora_te2_", "text_encoder_2"}}) {

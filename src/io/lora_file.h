@@ -7,6 +7,8 @@
 //   kohya / A1111     lora_unet_<module, '.' -> '_'>.lora_down.weight [r, in(, kh, kw)] / .lora_up.weight
 //                     [out, r(, 1, 1)] / .alpha (0-d, F32 or F16; none = scale 1); lora_te_<text-encoder module>...
 //                     The stem is resolved against the model's module names later (underscored = true).
+//                     lycoris_<UNet module, '.' -> '_'> (SimpleTuner's LyCORIS files) is read as lora_unet_ is, as
+//                     ComfyUI does (layout "kohya").
 //   diffusers 0.24    unet.<module>.lora.down.weight / .lora.up.weight,
 //                     text_encoder.<module>.lora_linear_layer.down.weight / .up.weight (no alphas). The doubled
 //                     "unet.unet." prefix of 0.24's training scripts is accepted, as diffusers strips every "unet.".

@@ -343,6 +343,48 @@ TEST(LoraLayouts, IntegerAlphasReadLikeFloatOnes) {
   fs::remove_all(dir);
 }
 
+// SimpleTuner's LyCORIS files name UNet modules lycoris_<stem>, which ComfyUI maps as lora_unet_<stem>: the fixtures'
+// kohya files with their UNet keys renamed so (beside their lora_te_ keys) fuse bit-identically to the originals, and
+// so do LyCORIS terms (a LoKr convolution, a LoHa Linear with DoRA).
+TEST(LoraLayouts, LycorisPrefixFusesLikeLoraUnet) {
+  if (!sd::test::fixture_exists("lora/files/sd15_kohya_unet_te.safetensors")) GTEST_SKIP() << "fixture absent";
+  const std::string dir = sd::test::make_temp_dir("lora_lycoris_prefix");
+  int unet_keys = 0;
+  const auto lycoris = [&](std::string k) {
+    if (k.rfind("lora_unet_", 0) != 0) return k;
+    ++unet_keys;
+    return "lycoris_" + k.substr(10);
+  };
+  for (const char* name : {"sd15_kohya_lcm", "sd15_kohya_unet_te"}) {
+    unet_keys = 0;
+    const std::string p = dir + "/" + name + "_lycoris.safetensors";
+    sd::save_safetensors(p, renamed(lora_file_path(name), lycoris));
+    EXPECT_GT(unet_keys, 190) << name;
+    expect_same_weights(fused_weights(p, 0.7, "kohya"), fused_weights(lora_file_path(name), 0.7, "kohya"), name);
+  }
+  torch::manual_seed(6);
+  const std::string conv = "lora_unet_down_blocks_0_resnets_0_conv1.", linear = "lora_unet_time_embedding_linear_1.";
+  const std::vector<std::pair<std::string, torch::Tensor>> terms = {
+      {conv + "lokr_w1", torch::randn({4, 4})},
+      {conv + "lokr_w2", torch::randn({8, 8, 3, 3}) * 0.1},
+      {linear + "hada_w1_a", torch::randn({128, 2})},
+      {linear + "hada_w1_b", torch::randn({2, 32})},
+      {linear + "hada_w2_a", torch::randn({128, 2})},
+      {linear + "hada_w2_b", torch::randn({2, 32})},
+      {linear + "alpha", torch::full({}, 1.0)},
+      {linear + "dora_scale", torch::rand({128, 1}) + 0.5}};
+  sd::save_safetensors(dir + "/terms.safetensors", terms);
+  unet_keys = 0;
+  sd::save_safetensors(dir + "/terms_lycoris.safetensors", renamed(dir + "/terms.safetensors", lycoris));
+  EXPECT_EQ(unet_keys, 8);
+  const auto want = fused_weights(dir + "/terms.safetensors", 0.7, "kohya");
+  expect_same_weights(fused_weights(dir + "/terms_lycoris.safetensors", 0.7, "kohya"), want, "LoKr, LoHa + DoRA");
+  Models base = load_models("tiny-sd15");
+  for (const char* k : {"down_blocks.0.resnets.0.conv1.weight", "time_embedding.linear_1.weight"})
+    EXPECT_FALSE(torch::equal(want.at(std::string("unet.") + k), dense_state_dict(*base.unet).at(k))) << k;
+  fs::remove_all(dir);
+}
+
 // ---- live scale changes, several LoRAs, prepacked convolutions ---------------------------------------------------
 
 std::map<std::string, torch::Tensor> snapshot(Models& m) {
