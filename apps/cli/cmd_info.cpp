@@ -536,7 +536,8 @@ sd::cli::Runner setup_info(CLI::App& app) {
         std::cout << "  " << w["parameters"].get<int64_t>() << " params, " << human_bytes(w["bytes"].get<uint64_t>())
                   << ", " << w["tensors"].get<size_t>() << " tensors, dtype";
         for (auto it = w["dtypes"].begin(); it != w["dtypes"].end(); ++it) std::cout << " " << it.key();
-        if (w.contains("shards")) std::cout << ", " << w["shards"].size() << " shards";
+        if (w.contains("shards"))
+          std::cout << ", " << w["shards"].size() << (w["shards"].size() == 1 ? " shard" : " shards");
         // Which file each component reads is the point of asking for a variant (some may have only plain weights).
         if (!variant.empty())
           std::cout << ", " << std::filesystem::path(w["file"].get<std::string>()).filename().string();

@@ -113,133 +113,124 @@ std::optional<std::string> ModelFolder::taesd_dir() const {
 }
 
 namespace {
-// "<base>-00001-of-00003": a shard of a sharded checkpoint (diffusers / transformers save_pretrained).
-bool is_shard_stem(const std::string& stem) {
-  const size_t of = stem.rfind("-of-");
-  const size_t dash = of == std::string::npos || of == 0 ? std::string::npos : stem.rfind('-', of - 1);
-  return dash != std::string::npos && is_decimal(stem.substr(dash + 1, of - dash - 1)) &&
-         is_decimal(stem.substr(of + 4));
+
+// The index a shard belongs to, as save_pretrained names it now: "<stem>.safetensors.index[.<variant>].json".
+std::string index_name_of(const WeightFileName& w) {
+  return w.stem + ".safetensors.index" + (w.variant.empty() ? "" : "." + w.variant) + ".json";
 }
+
+std::string list_names(const std::vector<std::string>& names) {
+  std::string s;
+  for (size_t i = 0; i < names.size() && i < 3; ++i) s += (i ? ", " : "") + names[i];
+  return s + (names.size() > 3 ? ", ..." : "");
+}
+
 }  // namespace
 
 std::string find_weights(const std::string& component_dir, const std::string& variant) {
   if (!is_directory(component_dir)) throw FormatError(component_dir, "not a directory");
-  // plain: "<base>.safetensors" or a shard index "<base>.safetensors.index.json"; variants (file name, variant name):
-  // "<base>.<variant>.safetensors" or "<base>.safetensors.index.<variant>.json"; shards: what an index names.
-  std::vector<std::string> plain, plain_index, pickles, shards;
-  std::vector<std::pair<std::string, std::string>> variants;
+  // Each weight-like file by what its name says (io/shard_index.h), sorted by name.
+  std::vector<std::pair<std::string, WeightFileName>> files;
+  std::vector<std::string> pickles;
   for (const auto& e : fs::directory_iterator(component_dir)) {
     if (!e.is_regular_file()) continue;
     const std::string name = e.path().filename().string();
-    auto ends = [&](const std::string& s) {
-      return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
-    };
-    if (is_shard_index_name(name)) {
-      const std::string tag = ".safetensors.index.";
-      const std::string rest = name.substr(name.rfind(tag) + tag.size());  // "json" or "<variant>.json"
-      if (rest == "json")
-        plain_index.push_back(name);
-      else
-        variants.emplace_back(name, rest.substr(0, rest.size() - 5));
-    } else if (ends(".safetensors")) {
-      const std::string stem = name.substr(0, name.size() - 12);
-      const size_t dot = stem.find('.');
-      if (is_shard_stem(stem))
-        shards.push_back(name);
-      else if (dot == std::string::npos)
-        plain.push_back(name);
-      else if (stem.find('.', dot + 1) == std::string::npos)
-        variants.emplace_back(name, stem.substr(dot + 1));
-    } else if (ends(".bin") || ends(".ckpt") || ends(".pt") || ends(".pth") || ends(".pkl")) {
+    const WeightFileName w = parse_weight_file_name(name);
+    if (w.kind == WeightFileName::kPickle)
       pickles.push_back(name);
-    }
+    else if (w.kind != WeightFileName::kNone)
+      files.emplace_back(name, w);
   }
-  std::sort(plain.begin(), plain.end());
-  std::sort(plain_index.begin(), plain_index.end());
-  std::sort(shards.begin(), shards.end());
-  std::sort(variants.begin(), variants.end());
+  std::sort(files.begin(), files.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::sort(pickles.begin(), pickles.end());
   const auto path_of = [&](const std::string& name) { return (fs::path(component_dir) / name).string(); };
-  const auto list = [](const std::vector<std::string>& names) {
-    std::string s;
-    for (size_t i = 0; i < names.size() && i < 3; ++i) s += (i ? ", " : "") + names[i];
-    return s + (names.size() > 3 ? ", ..." : "");
+  const auto named = [&](WeightFileName::Kind kind, const std::string& v) {
+    std::vector<std::string> out;
+    for (const auto& [name, w] : files)
+      if (w.kind == kind && w.variant == v) out.push_back(name);
+    return out;
   };
-  if (plain_index.size() > 1)
-    throw FormatError(component_dir, "several sharded checkpoints (" + list(plain_index) + "); expected one");
-  // The plain weights: a shard index wins over a single file beside it, as in diffusers' ModelMixin.from_pretrained.
-  const auto plain_weights = [&]() -> std::string {
-    if (plain_index.size() == 1) {
-      if (!plain.empty())
-        log::info("{}: both {} and the sharded checkpoint {}; loading the shards (as diffusers does)", component_dir,
-                  plain[0], plain_index[0]);
-      return path_of(plain_index[0]);
-    }
-    if (plain.size() == 1) return path_of(plain[0]);
-    return "";
+  // The weights of variant `v` ("" = plain): its single file or its shard index, "" when it has neither. With both,
+  // the library's order: diffusers' ModelMixin takes the index, transformers' PreTrainedModel (model.safetensors,
+  // the text and image encoders) the single file.
+  const auto weights_of = [&](const std::string& v) -> std::string {
+    const auto singles = named(WeightFileName::kSingle, v), indexes = named(WeightFileName::kIndex, v);
+    const std::string what = v.empty() ? "" : " of the '" + v + "' variant";
+    if (singles.size() > 1)
+      throw FormatError(component_dir, "several .safetensors weight files" + what + "; expected one (" +
+                                           list_names(singles) + ")");
+    if (indexes.size() > 1)
+      throw FormatError(component_dir, "several sharded checkpoints" + what + " (" + list_names(indexes) +
+                                           "); expected one");
+    if (singles.empty() && indexes.empty()) return "";
+    if (indexes.empty()) return path_of(singles[0]);
+    const WeightFileName index = parse_weight_file_name(indexes[0]);
+    if (index.legacy)
+      log::warn("{}: {} is diffusers' deprecated name for a variant's shard index (now {}); loading it", component_dir,
+                indexes[0], index_name_of(index));
+    if (singles.empty()) return path_of(indexes[0]);
+    const bool single_wins = index.stem == "model";
+    log::info("{}: both {} and the sharded checkpoint {}; loading {} (as {} does)", component_dir, singles[0],
+              indexes[0], single_wins ? "the single file" : "the shards", single_wins ? "transformers" : "diffusers");
+    return path_of(single_wins ? singles[0] : indexes[0]);
   };
+  // Shards of variant `v` whose index is absent must not silently give way to other weights.
+  const auto refuse_orphan_shards = [&](const std::string& v) {
+    const auto shards = named(WeightFileName::kShard, v);
+    if (shards.empty()) return;
+    const std::string index = index_name_of(parse_weight_file_name(shards[0]));
+    throw FormatError(component_dir, "shards of a sharded checkpoint (" + list_names(shards) + ") but not their "
+                                         "index " + index + ": download it too (it names the shard of every tensor)");
+  };
+  // Variants with weights (a single file or an index), sorted.
+  std::vector<std::string> variants;
+  for (const auto& [name, w] : files)
+    if (!w.variant.empty() && w.kind != WeightFileName::kShard &&
+        std::find(variants.begin(), variants.end(), w.variant) == variants.end())
+      variants.push_back(w.variant);
+  std::sort(variants.begin(), variants.end());
+  const auto variant_files = [&] {
+    std::string found;
+    for (const auto& [name, w] : files)  // an index stands for its shards
+      if (!w.variant.empty() && w.kind != WeightFileName::kShard) found += (found.empty() ? "" : ", ") + name;
+    return found;
+  };
+  std::string stem = files.empty() ? "diffusion_pytorch_model" : files[0].second.stem;
+  for (const auto& [name, w] : files)
+    if (w.variant.empty()) stem = w.stem;
+
   if (!variant.empty()) {
-    std::vector<std::string> asked;
-    for (const auto& [name, v] : variants)
-      if (v == variant) asked.push_back(name);
-    if (asked.size() > 1)
-      throw FormatError(component_dir, "several weight files of the '" + variant + "' variant (" + list(asked) +
-                                           "); expected one file or one shard index");
-    if (asked.size() == 1) return path_of(asked[0]);
-    // The asked variant's shards without their index must not silently give way to the plain weights.
-    for (const auto& name : shards)
-      if (name.find("." + variant + "-") != std::string::npos)
-        throw FormatError(component_dir, "the '" + variant + "' variant's shards (" + name + ", ...) are here but "
-                                             "not their index (<stem>.safetensors.index." + variant + ".json): "
-                                             "download it too");
-    std::string stem_src = !plain.empty()         ? plain[0]
-                           : !plain_index.empty() ? plain_index[0]
-                           : !variants.empty()    ? variants[0].first
-                                                  : std::string("diffusion_pytorch_model.");
-    const std::string wanted = stem_src.substr(0, stem_src.find('.')) + "." + variant + ".safetensors";
+    if (std::string w = weights_of(variant); !w.empty()) return w;
+    refuse_orphan_shards(variant);
     // diffusers (pipeline_loading_utils._identify_model_variants) passes the variant only to the components that have
     // it; the others load their plain weights.
-    if (const std::string w = plain_weights(); !w.empty()) {
+    const std::string wanted = stem + "." + variant + ".safetensors";
+    if (std::string w = weights_of(""); !w.empty()) {
       log::info("{}: no '{}' variant weight file ({}); loading the plain {}", component_dir, variant, wanted,
                 fs::path(w).filename().string());
       return w;
     }
-    if (plain.empty() && plain_index.empty() && !variants.empty()) {
-      std::string found;
-      for (const auto& [name, v] : variants) found += (found.empty() ? "" : ", ") + name;
-      for (const auto& name : shards) found += (found.empty() ? "" : ", ") + name;
+    refuse_orphan_shards("");
+    if (!variants.empty())
       throw FormatError(component_dir, "variant '" + variant + "' asked but there is no " + wanted +
-                                           " and no plain weight file to fall back on; found: " + found);
-    }
+                                           " and no plain weight file to fall back on; found: " + variant_files());
   }
-  if (plain.size() > 1 && plain_index.empty())
-    throw FormatError(component_dir, "several .safetensors weight files; expected one (" + list(plain) + ")");
-  if (const std::string w = plain_weights(); !w.empty()) return w;
+  if (std::string w = weights_of(""); !w.empty()) return w;
+  refuse_orphan_shards("");
   // Only a variant's files downloaded (the fp16 files of a hub model, say): with one, it is the weights.
   if (variants.size() == 1) {
-    log::info("{}: no plain .safetensors weight file; loading the '{}' variant {}", component_dir,
-              variants[0].second, variants[0].first);
-    return path_of(variants[0].first);
+    const std::string w = weights_of(variants[0]);
+    log::info("{}: no plain .safetensors weight file; loading the '{}' variant {}", component_dir, variants[0],
+              fs::path(w).filename().string());
+    return w;
   }
-  if (variants.size() > 1) {
-    std::string names;
-    for (const auto& [name, v] : variants) names += (names.empty() ? "" : ", ") + name;
-    const std::string& first = variants[0].first;
-    const std::string base = first.substr(0, first.find('.')) + ".safetensors";
+  if (variants.size() > 1)
     throw FormatError(component_dir, "no plain .safetensors weight file and " + std::to_string(variants.size()) +
-                                         " variants (" + names + "): which one to load cannot be told; keep only "
-                                         "that one in the folder (move the others out) or add the full weights as " +
-                                         base);
-  }
-  if (!shards.empty()) {
-    // "<base>[.<variant>]-00001-of-00002.safetensors" -> "<base>.safetensors.index[.<variant>].json"
-    std::string stem = shards[0].substr(0, shards[0].size() - 12);
-    stem = stem.substr(0, stem.rfind('-', stem.rfind("-of-") - 1));
-    const size_t dot = stem.find('.');
-    const std::string base = stem.substr(0, dot) + ".safetensors.index" +
-                             (dot == std::string::npos ? "" : stem.substr(dot)) + ".json";
-    throw FormatError(component_dir, "shards of a sharded checkpoint (" + list(shards) + ") but not their index " +
-                                         base + ": download it too (it names the shard of every tensor)");
-  }
+                                         " variants (" + variant_files() + "): which one to load cannot be told; keep "
+                                         "only that one in the folder (move the others out) or add the full weights "
+                                         "as " + stem + ".safetensors");
+  for (const auto& [name, w] : files)
+    if (w.kind == WeightFileName::kShard) refuse_orphan_shards(w.variant);
   if (!pickles.empty())
     throw FormatError(component_dir, "only pickle weights (" + pickles[0] +
                                          ") found; pickles are never loaded - convert them to .safetensors first "
@@ -253,34 +244,19 @@ std::vector<std::string> weight_files(const std::string& component_dir) {
   for (const auto& e : fs::directory_iterator(component_dir, ec)) {
     if (!e.is_regular_file()) continue;
     const std::string name = e.path().filename().string();
-    const std::string ext = e.path().extension().string();
-    if (ext == ".safetensors" || ext == ".bin" || ext == ".ckpt" || ext == ".pt" || ext == ".pth" ||
-        name.find(".safetensors.index.") != std::string::npos)
-      out.push_back(name);
+    if (parse_weight_file_name(name).kind != WeightFileName::kNone) out.push_back(name);
   }
   std::sort(out.begin(), out.end());
   return out;
 }
 
 bool has_variant_weights(const std::string& component_dir, const std::string& variant) {
-  // Only the names find_weights loads (or refuses as the variant sharded) count: "<stem>.<variant>.safetensors", a
-  // shard "<stem>.<variant>-00001-of-00002.safetensors", an index "<stem>.safetensors.index.<variant>.json". Not the
-  // extension of a plain file ("model.safetensors" is no variant 'safetensors') and not a pickle's variant
-  // ("pytorch_model.fp16.bin" is never loaded, so it must not make --variant fp16 pass check_variant).
-  const std::string index_tail = "." + variant + ".json";
+  // Only the names find_weights loads count: a single "<stem>.<variant>.safetensors", a shard index or a shard of the
+  // variant. Not the extension of a plain file ("model.safetensors" is no variant 'safetensors') and not a pickle's
+  // variant ("pytorch_model.fp16.bin" is never loaded, so it must not make --variant fp16 pass check_variant).
   for (const std::string& name : weight_files(component_dir)) {
-    const auto ends = [&](const std::string& s) {
-      return name.size() > s.size() && name.compare(name.size() - s.size(), std::string::npos, s) == 0;
-    };
-    if (name.find(".safetensors.index.") != std::string::npos) {
-      if (ends(index_tail)) return true;
-    } else if (ends(".safetensors")) {
-      const std::string stem = name.substr(0, name.size() - 12);
-      const size_t dot = stem.find('.');
-      if (dot == std::string::npos) continue;
-      const std::string rest = stem.substr(dot + 1);
-      if (rest == variant || (is_shard_stem(stem) && rest.rfind(variant + "-", 0) == 0)) return true;
-    }
+    const WeightFileName w = parse_weight_file_name(name);
+    if (w.kind != WeightFileName::kPickle && !w.variant.empty() && w.variant == variant) return true;
   }
   return false;
 }

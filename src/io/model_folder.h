@@ -51,8 +51,9 @@ class ModelFolder {
 // "<stem>.<variant>.safetensors" when `variant` (e.g. "fp16") is given and present. A folder with no plain file and
 // exactly one variant file (only the fp16 files downloaded) gives that file, logged at info; several variants and no
 // plain file -> FormatError naming them. A sharded checkpoint gives its index ("<stem>.safetensors.index.json", a
-// variant's "<stem>.safetensors.index.<variant>.json"; SafeTensorsFile::open opens its shards), preferred to a single
-// file beside it as diffusers does; shards without their index -> FormatError naming the index to download. Only
+// variant's "<stem>.safetensors.index.<variant>.json" or diffusers' older names, io/shard_index.h;
+// SafeTensorsFile::open opens its shards); beside a single file the index wins for diffusers' "diffusion_pytorch_model" and loses for
+// transformers' "model", as each library orders them; shards without their index -> FormatError naming the index. Only
 // pickles (.bin/.ckpt/.pt/.pth) -> FormatError telling the user to convert them to safetensors (never loaded).
 std::string find_weights(const std::string& component_dir, const std::string& variant = "");
 // A variant asked for (diffusers' from_pretrained(variant=)): the components holding it load its file, the others

@@ -13,11 +13,28 @@ namespace sd {
 struct ShardIndex {
   std::map<std::string, std::string> weight_map;  // tensor name -> shard file name (in the index's folder)
   std::vector<std::string> shards;                // the distinct shard file names, sorted
-  std::map<std::string, std::string> metadata;    // "metadata": strings as they are, other values as JSON text
+  std::map<std::string, std::string> metadata;    // "metadata": strings as they are, other values as their JSON
 };
 
-// A file name of the index form above ("*.safetensors.index.json" or "*.safetensors.index.<variant>.json").
-bool is_shard_index_name(const std::string& file_name);
+// What a weight file's name says it is, as diffusers' and transformers' save_pretrained name them:
+//   single  <stem>.safetensors, a variant's <stem>.<variant>.safetensors
+//   index   <stem>.safetensors.index.json, <stem>.safetensors.index.<variant>.json (diffusers' older variant
+//           placement, still loaded with a deprecation warning: <stem>.safetensors.<variant>.index.json)
+//   shard   <stem>-00001-of-00002.safetensors, <stem>.<variant>-00001-of-00002.safetensors (older:
+//           <stem>-00001-of-00002.<variant>.safetensors)
+//   pickle  .bin / .ckpt / .pt / .pth / .pkl (never loaded)
+struct WeightFileName {
+  enum Kind { kNone, kSingle, kIndex, kShard, kPickle } kind = kNone;
+  std::string stem;     // "diffusion_pytorch_model"
+  std::string variant;  // "fp16"; "" for the plain weights (and for pickles)
+  bool legacy = false;  // diffusers' older variant placement
+};
+WeightFileName parse_weight_file_name(const std::string& file_name);
+
+// A file name of a shard index (either form above).
+inline bool is_shard_index_name(const std::string& file_name) {
+  return parse_weight_file_name(file_name).kind == WeightFileName::kIndex;
+}
 
 // Parses and checks the index text; FormatError naming `index_path`, the key and what was expected when it is not
 // JSON, has no non-empty "weight_map" object, maps a tensor to something other than a plain file name ending in

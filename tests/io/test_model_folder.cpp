@@ -3,6 +3,7 @@
 #include <fstream>
 #include <memory>
 #include <sstream>
+#include <tuple>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -118,7 +119,8 @@ TEST(FindWeights, VariantsPicklesAndAmbiguity) {
 }
 
 // Sharded checkpoints (save_pretrained with max_shard_size): the index is the weights (SafeTensorsFile opens its
-// shards); it wins over a single file beside it, as in diffusers; shards without their index are refused naming it.
+// shards); beside a single file it wins for diffusers' components and loses for transformers' (model.safetensors),
+// as each library orders them; shards without their index are refused naming it.
 TEST(FindWeights, ShardIndexes) {
   const fs::path d = sd::test::make_temp_dir("sd-fw-shards");
   touch(d / "diffusion_pytorch_model-00001-of-00002.safetensors");
@@ -142,10 +144,37 @@ TEST(FindWeights, ShardIndexes) {
                                    "diffusion_pytorch_model.safetensors.index.json; loading the shards (as diffusers "
                                    "does)\n");
   EXPECT_EQ(found, (d / "diffusion_pytorch_model.safetensors.index.json").string());
+  // An asked variant present is not blocked by an ambiguity of the plain weights.
   touch(d / "other.safetensors.index.json");
+  touch(d / "diffusion_pytorch_model.fp16.safetensors");
+  EXPECT_EQ(sd::find_weights(d.string(), "fp16"), (d / "diffusion_pytorch_model.fp16.safetensors").string());
   EXPECT_EQ(error_of([&] { sd::find_weights(d.string()); }),
             d.string() + ": several sharded checkpoints (diffusion_pytorch_model.safetensors.index.json, "
                          "other.safetensors.index.json); expected one");
+  // transformers (the text and image encoders' model.safetensors) takes the single file before the index.
+  const fs::path t = sd::test::make_temp_dir("sd-fw-shards");
+  touch(t / "model.safetensors");
+  touch(t / "model.safetensors.index.json");
+  EXPECT_EQ(logged([&] { found = sd::find_weights(t.string()); }),
+            "info " + t.string() + ": both model.safetensors and the sharded checkpoint model.safetensors.index.json; "
+                                   "loading the single file (as transformers does)\n");
+  EXPECT_EQ(found, (t / "model.safetensors").string());
+  // A variant's single file and index: the same order, for the variant.
+  touch(t / "model.fp16.safetensors");
+  touch(t / "model.safetensors.index.fp16.json");
+  EXPECT_EQ(sd::find_weights(t.string(), "fp16"), (t / "model.fp16.safetensors").string());
+  touch(d / "diffusion_pytorch_model.safetensors.index.fp16.json");
+  EXPECT_EQ(sd::find_weights(d.string(), "fp16"), (d / "diffusion_pytorch_model.safetensors.index.fp16.json").string());
+  // Plain shards without their index never give way to a variant, asked or not.
+  const fs::path o = sd::test::make_temp_dir("sd-fw-shards");
+  touch(o / "x-00001-of-00002.safetensors");
+  touch(o / "x.fp16.safetensors");
+  const std::string orphan = o.string() + ": shards of a sharded checkpoint (x-00001-of-00002.safetensors) but not "
+                                          "their index x.safetensors.index.json: download it too (it names the shard "
+                                          "of every tensor)";
+  EXPECT_EQ(error_of([&] { sd::find_weights(o.string()); }), orphan);
+  EXPECT_EQ(error_of([&] { sd::find_weights(o.string(), "bf16"); }), orphan);
+  EXPECT_EQ(sd::find_weights(o.string(), "fp16"), (o / "x.fp16.safetensors").string());
   // A variant's shards without their index name the variant's index.
   const fs::path v = sd::test::make_temp_dir("sd-fw-shards");
   touch(v / "model.fp16-00001-of-00002.safetensors");
@@ -153,14 +182,58 @@ TEST(FindWeights, ShardIndexes) {
             v.string() + ": shards of a sharded checkpoint (model.fp16-00001-of-00002.safetensors) but not their "
                          "index model.safetensors.index.fp16.json: download it too (it names the shard of every "
                          "tensor)");
-  EXPECT_EQ(sd::is_shard_index_name("model.safetensors.index.fp16.json"), true);
-  EXPECT_EQ(sd::is_shard_index_name("model.safetensors.index.json"), true);
-  EXPECT_EQ(sd::is_shard_index_name(".safetensors.index.json"), false);
-  EXPECT_EQ(sd::is_shard_index_name("model.safetensors.index.a.b.json"), false);
-  EXPECT_EQ(sd::is_shard_index_name("model.safetensors.json"), false);
+  // diffusers' older variant names (still loaded, with a deprecation warning): "<stem>.safetensors.<v>.index.json"
+  // and shards "<stem>-00001-of-00002.<v>.safetensors".
+  const fs::path l = sd::test::make_temp_dir("sd-fw-shards");
+  touch(l / "diffusion_pytorch_model-00001-of-00002.fp16.safetensors");
+  touch(l / "diffusion_pytorch_model-00002-of-00002.fp16.safetensors");
+  EXPECT_TRUE(sd::has_variant_weights(l.string(), "fp16"));
+  EXPECT_EQ(error_of([&] { sd::find_weights(l.string(), "fp16"); }),
+            l.string() + ": shards of a sharded checkpoint (diffusion_pytorch_model-00001-of-00002.fp16.safetensors, "
+                         "diffusion_pytorch_model-00002-of-00002.fp16.safetensors) but not their index "
+                         "diffusion_pytorch_model.safetensors.index.fp16.json: download it too (it names the shard of "
+                         "every tensor)");
+  touch(l / "diffusion_pytorch_model.safetensors.fp16.index.json");
+  EXPECT_EQ(logged([&] { found = sd::find_weights(l.string(), "fp16"); }),
+            "warning " + l.string() + ": diffusion_pytorch_model.safetensors.fp16.index.json is diffusers' deprecated "
+                                      "name for a variant's shard index (now "
+                                      "diffusion_pytorch_model.safetensors.index.fp16.json); loading it\n");
+  EXPECT_EQ(found, (l / "diffusion_pytorch_model.safetensors.fp16.index.json").string());
+  EXPECT_EQ(sd::find_weights(l.string()), found);  // the only weights there
   std::error_code ec;
-  fs::remove_all(d, ec);
-  fs::remove_all(v, ec);
+  for (const auto& dir : {d, v, t, o, l}) fs::remove_all(dir, ec);
+}
+
+TEST(FindWeights, WeightFileNames) {
+  using W = sd::WeightFileName;
+  const std::vector<std::tuple<std::string, W::Kind, std::string, std::string, bool>> cases = {
+      {"diffusion_pytorch_model.safetensors", W::kSingle, "diffusion_pytorch_model", "", false},
+      {"model.fp16.safetensors", W::kSingle, "model", "fp16", false},
+      {"model.safetensors.index.json", W::kIndex, "model", "", false},
+      {"model.safetensors.index.fp16.json", W::kIndex, "model", "fp16", false},
+      {"model.safetensors.fp16.index.json", W::kIndex, "model", "fp16", true},
+      {"model-00001-of-00002.safetensors", W::kShard, "model", "", false},
+      {"model.fp16-00001-of-00002.safetensors", W::kShard, "model", "fp16", false},
+      {"model-00001-of-00002.fp16.safetensors", W::kShard, "model", "fp16", true},
+      {"pytorch_model.fp16.bin", W::kPickle, "pytorch_model", "", false},
+      {"model.ckpt", W::kPickle, "model", "", false},
+      {"model.a.b.safetensors", W::kNone, "", "", false},
+      {"model.safetensors.index.a.b.json", W::kNone, "", "", false},
+      {".safetensors.index.json", W::kNone, "", "", false},
+      {".safetensors", W::kNone, "", "", false},
+      {"model.safetensors.json", W::kNone, "", "", false},
+      {"config.json", W::kNone, "", "", false},
+      {"model-x-of-00002.safetensors", W::kSingle, "model-x-of-00002", "", false},
+  };
+  for (const auto& [name, kind, stem, variant, legacy] : cases) {
+    SCOPED_TRACE(name);
+    const W w = sd::parse_weight_file_name(name);
+    EXPECT_EQ(w.kind, kind);
+    EXPECT_EQ(w.stem, stem);
+    EXPECT_EQ(w.variant, variant);
+    EXPECT_EQ(w.legacy, legacy);
+    EXPECT_EQ(sd::is_shard_index_name(name), kind == W::kIndex);
+  }
 }
 
 // Only a variant's files downloaded (e.g. allow_patterns="*.fp16.safetensors"): the one variant is the weights, and
@@ -241,8 +314,8 @@ TEST(FindWeights, AskedVariant) {
   // Its shards without the index: refused naming the index, never the plain file in the variant's place.
   fs::remove(s / "model.safetensors.index.fp16.json");
   EXPECT_EQ(error_of([&] { sd::find_weights(s.string(), "fp16"); }),
-            s.string() + ": the 'fp16' variant's shards (model.fp16-00001-of-00002.safetensors, ...) are here but not "
-                         "their index (<stem>.safetensors.index.fp16.json): download it too");
+            s.string() + ": shards of a sharded checkpoint (model.fp16-00001-of-00002.safetensors) but not their index "
+                         "model.safetensors.index.fp16.json: download it too (it names the shard of every tensor)");
   std::error_code ec;
   fs::remove_all(d, ec);
   fs::remove_all(s, ec);

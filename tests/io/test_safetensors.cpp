@@ -313,9 +313,22 @@ TEST_F(ShardedSafeTensors, EveryShardsTensorsUnderOneName) {
   }
   EXPECT_EQ(c.sum().item<float>(), 7.5f);
   EXPECT_EQ(error("m.safetensors.index.json").find("no error"), 0u);
-  // A variant's index opens the same way.
+  // A variant's index opens the same way, under diffusers' older name too.
   fs::copy_file(dir_ + "/m.safetensors.index.json", dir_ + "/m.safetensors.index.fp16.json");
   EXPECT_EQ(SafeTensorsFile::open(dir_ + "/m.safetensors.index.fp16.json").keys().size(), 3u);
+  fs::copy_file(dir_ + "/m.safetensors.index.json", dir_ + "/m.safetensors.fp16.index.json");
+  EXPECT_EQ(SafeTensorsFile::open(dir_ + "/m.safetensors.fp16.index.json").keys().size(), 3u);
+  // The Hugging Face cache's layout: snapshot files are links to blobs elsewhere.
+  fs::create_directories(dir_ + "/blobs");
+  fs::create_directories(dir_ + "/snapshot");
+  for (const std::string name : {"m-00001-of-00002.safetensors", "m-00002-of-00002.safetensors",
+                                 "m.safetensors.index.json"}) {
+    fs::rename(dir_ + "/" + name, dir_ + "/blobs/" + name);
+    fs::create_symlink("../blobs/" + name, dir_ + "/snapshot/" + name);
+  }
+  const auto linked = SafeTensorsFile::open(dir_ + "/snapshot/m.safetensors.index.json");
+  EXPECT_TRUE(torch::equal(linked.get("a"), torch::arange(6).view({2, 3})));
+  EXPECT_EQ(linked.keys().size(), 3u);
 }
 
 // As diffusers, every tensor of the named shards loads (the map names the files); a tensor in two shards, one the

@@ -21,9 +21,17 @@ namespace {
 namespace fs = std::filesystem;
 
 // Replaces `<dir>/<stem>[.<variant>].safetensors` by `shards` shard files and their index, as save_pretrained names
-// them; the tensors go round-robin (by name) so every shard holds some of every kind.
-void shard(const std::string& dir, const std::string& stem, int shards, const std::string& variant = "") {
+// them (legacy: diffusers' older variant names, <stem>-00001-of-00002.<variant>.safetensors and
+// <stem>.safetensors.<variant>.index.json); the tensors go round-robin (by name) so every shard holds some of every
+// kind.
+void shard(const std::string& dir, const std::string& stem, int shards, const std::string& variant = "",
+           bool legacy = false) {
   const std::string v = variant.empty() ? "" : "." + variant;
+  const auto shard_name = [&](size_t p) {
+    char n[64];
+    std::snprintf(n, sizeof n, "-%05zu-of-%05d", p + 1, shards);
+    return legacy ? stem + n + v + ".safetensors" : stem + v + n + ".safetensors";
+  };
   const std::string file = dir + "/" + stem + v + ".safetensors";
   std::vector<std::vector<std::pair<std::string, torch::Tensor>>> parts(static_cast<size_t>(shards));
   nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
@@ -36,19 +44,14 @@ void shard(const std::string& dir, const std::string& stem, int shards, const st
       total += static_cast<int64_t>(t.nbytes());
       const size_t p = i++ % parts.size();
       parts[p].emplace_back(k, t);
-      char name[64];
-      std::snprintf(name, sizeof name, "-%05zu-of-%05d.safetensors", p + 1, shards);
-      index["weight_map"][k] = stem + v + name;
+      index["weight_map"][k] = shard_name(p);
     }
   }
   fs::remove(file);
-  for (size_t p = 0; p < parts.size(); ++p) {
-    char name[64];
-    std::snprintf(name, sizeof name, "-%05zu-of-%05d.safetensors", p + 1, shards);
-    save_safetensors(dir + "/" + stem + v + name, parts[p], {{"format", "pt"}});
-  }
+  for (size_t p = 0; p < parts.size(); ++p) save_safetensors(dir + "/" + shard_name(p), parts[p], {{"format", "pt"}});
   index["metadata"]["total_size"] = total;
-  std::ofstream(dir + "/" + stem + ".safetensors.index" + v + ".json") << index.dump(2);
+  std::ofstream(dir + "/" + stem + (legacy ? ".safetensors" + v + ".index.json" : ".safetensors.index" + v + ".json"))
+      << index.dump(2);
 }
 
 double max_diff(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
@@ -108,9 +111,12 @@ TEST_F(Sharded, SdxlUnetAndSecondTextEncoder) {
 }
 
 // A sharded fp16 variant beside plain weights: --variant fp16 loads the shards (the model they are), without it the
-// plain file.
-TEST_F(Sharded, AShardedVariantLoadsWhenAsked) {
+// plain file; under diffusers' older variant names too.
+class ShardedVariant : public Sharded, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(ShardedVariant, LoadsWhenAsked) {
   SD_SKIP_WITHOUT_FIXTURE("models/tiny-sd15");
+  const bool legacy = GetParam();
   const std::string m = copy_model("models/tiny-sd15", "variant");
   const std::string ref = copy_model("models/tiny-sd15", "ref");
   {
@@ -120,8 +126,9 @@ TEST_F(Sharded, AShardedVariantLoadsWhenAsked) {
     save_safetensors(m + "/unet/diffusion_pytorch_model.fp16.safetensors", w);
     save_safetensors(ref + "/unet/diffusion_pytorch_model.safetensors", w);
   }
-  shard(m + "/unet", "diffusion_pytorch_model", 2, "fp16");
-  ASSERT_TRUE(fs::exists(m + "/unet/diffusion_pytorch_model.safetensors.index.fp16.json"));
+  shard(m + "/unet", "diffusion_pytorch_model", 2, "fp16", legacy);
+  ASSERT_TRUE(fs::exists(m + "/unet/diffusion_pytorch_model.safetensors" +
+                         (legacy ? ".fp16.index.json" : ".index.fp16.json")));
   const auto asked = test::stream_outputs(test::load_models(m, with("", "fp16")), 1);
   EXPECT_EQ(max_diff(asked, test::stream_outputs(test::load_models(ref, with("")), 1)), 0.0);
   const auto plain = test::stream_outputs(test::load_models(m, with("")), 1);
@@ -130,6 +137,8 @@ TEST_F(Sharded, AShardedVariantLoadsWhenAsked) {
             0.0);
   EXPECT_GT(max_diff(asked, plain), 1e-3);
 }
+INSTANTIATE_TEST_SUITE_P(Names, ShardedVariant, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "Legacy" : "Current"; });
 
 // A shard missing from the folder is named with the index before anything loads.
 TEST_F(Sharded, AMissingShardIsNamed) {
@@ -173,6 +182,9 @@ TEST_F(Sharded, InfoReportsTheShards) {
   EXPECT_FALSE(w_ref.contains("shards"));
   const auto text = cli("info --model " + test::q(m));
   EXPECT_NE(text.output.find(" tensors, dtype F32, 3 shards\n"), std::string::npos) << text.output;
+  shard(m + "/text_encoder", "model", 1);  // a one-shard save
+  const auto one = cli("info --model " + test::q(m));
+  EXPECT_NE(one.output.find(" tensors, dtype F32, 1 shard\n"), std::string::npos) << one.output;
 }
 
 }  // namespace
