@@ -13,6 +13,13 @@ inline std::string trim(const std::string& s) {
   return s.substr(b, s.find_last_not_of(ws) - b + 1);
 }
 
+inline bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
+}
+inline bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 // `s` is one or more ASCII digits (no sign, no space: what a key index or a shard number is; std::isdigit would
 // depend on the locale).
 inline bool is_decimal(const std::string& s) {

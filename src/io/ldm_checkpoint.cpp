@@ -12,7 +12,6 @@ namespace sd::convert {
 
 namespace {
 
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
 // A key's dot-separated parts, empty ones kept in place ("a..b" -> a, "", b).
 std::vector<std::string> split(const std::string& s) { return sd::split(s, '.', /*keep_empty=*/true); }

@@ -14,6 +14,7 @@
 
 #include "io/state_dict.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "io/model_folder.h"
 #include "io/safetensors.h"
 
@@ -21,10 +22,6 @@ namespace sd {
 
 namespace {
 
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
-bool ends_with(const std::string& s, const std::string& p) {
-  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
-}
 
 
 enum class Part { Down, Up, Alpha, Factor };

@@ -12,10 +12,6 @@ namespace sd {
 
 namespace {
 
-bool ends_in(const std::string& s, const std::string& tail) {
-  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
-}
-
 // A variant name: non-empty, no dot (what diffusers' _add_variant inserts as one name component).
 bool plain_part(const std::string& s) { return !s.empty() && s.find('.') == std::string::npos; }
 
@@ -35,12 +31,12 @@ std::string shard_base(const std::string& s) {
 WeightFileName parse_weight_file_name(const std::string& name) {
   WeightFileName w;
   for (const char* ext : {".bin", ".ckpt", ".pt", ".pth", ".pkl"})
-    if (ends_in(name, ext)) {
+    if (ends_with(name, ext)) {
       w.kind = WeightFileName::kPickle;
       w.stem = name.substr(0, name.find('.'));
       return w;
     }
-  if (ends_in(name, ".json")) {
+  if (ends_with(name, ".json")) {
     const std::string tag = ".safetensors.index.";
     const size_t at = name.rfind(tag);
     if (at != std::string::npos && at > 0) {
@@ -53,7 +49,7 @@ WeightFileName parse_weight_file_name(const std::string& name) {
       }
       return w;
     }
-    if (ends_in(name, ".index.json")) {  // diffusers' older "<stem>.safetensors.<variant>.index.json"
+    if (ends_with(name, ".index.json")) {  // diffusers' older "<stem>.safetensors.<variant>.index.json"
       const std::string head = name.substr(0, name.size() - 11);
       const size_t st = head.rfind(".safetensors.");
       if (st != std::string::npos && st > 0 && plain_part(head.substr(st + 13))) {
@@ -65,7 +61,7 @@ WeightFileName parse_weight_file_name(const std::string& name) {
     }
     return w;
   }
-  if (!ends_in(name, ".safetensors") || name.size() == 12) return w;
+  if (!ends_with(name, ".safetensors") || name.size() == 12) return w;
   const std::string base = name.substr(0, name.size() - 12);
   if (std::string head = shard_base(base); !head.empty()) {  // "<stem>[.<variant>]-00001-of-00002"
     const size_t dot = head.find('.');

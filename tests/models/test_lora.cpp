@@ -17,6 +17,7 @@
 #include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/device.h"
+#include "core/text.h"
 #include "core/error.h"
 #include "io/json_config.h"
 #include "io/ldm_checkpoint.h"
@@ -664,10 +665,6 @@ TEST_F(LoraTempFiles, MalformedFilesAreClearErrors) {
 
 // ---- LoRA methods beyond plain pairs ----------------------------------------------------------------------------
 
-bool ends_with(const std::string& s, const std::string& tail) {
-  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
-}
-
 // A DoRA file as kohya / LyCORIS write it (<stem>.dora_scale [out, 1(, 1, 1)] beside each pair of the LCM fixture,
 // 79 modules: 1x1 / 3x3 convolutions and Linears): every fused weight is m * (W + dW) / ||W + dW|| with the norm per
 // output channel, W + dW being the plain pairs' fusion (checked against diffusers by the goldens). Before: refused.
@@ -687,7 +684,7 @@ TEST(LoraMethods, DoraFileFusesEveryModuleWithItsMagnitude) {
   std::map<std::string, torch::Tensor> magnitudes;  // "unet.<module>.weight" -> [out]
   std::vector<std::pair<std::string, torch::Tensor>> scales;
   for (const auto& [k, v] : dora)
-    if (ends_with(k, ".lora_up.weight")) {
+    if (sd::ends_with(k, ".lora_up.weight")) {
       const std::string stem = k.substr(0, k.size() - 15);
       std::vector<int64_t> shape(v.dim(), 1);
       shape[0] = v.size(0);
