@@ -2,10 +2,12 @@
 // The model-loading tests compare what a loaded model makes, not its weights one by one: the frames of a txt2img
 // and an img2img stream (the UNet at every step, RCFG self, the autoencoder the load options chose), so every
 // converted component runs.
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include "pipeline/diffusion_models.h"
@@ -36,6 +38,14 @@ inline std::vector<torch::Tensor> stream_outputs(const std::shared_ptr<const Dif
   const auto img = torch::linspace(-1, 1, 3 * 64 * 64).view({1, 3, 64, 64});
   for (int i = 0; i < frames; ++i) out.push_back(s.img2img(img));
   return out;
+}
+
+// The largest absolute difference between two runs' frames (the model-loading tests expect 0: bit for bit).
+inline double max_diff(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double d = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) d = std::max(d, (a[i] - b[i]).abs().max().item<double>());
+  return d;
 }
 
 }  // namespace sd::test

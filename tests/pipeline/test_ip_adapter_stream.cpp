@@ -12,6 +12,7 @@
 #include "models/ip_adapter.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
+#include "stream_outputs.h"
 
 namespace sd {
 
@@ -60,11 +61,7 @@ std::vector<Tensor> run(StreamDiffusion& s, int calls) {
   return out;
 }
 
-double max_diff(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
-  double m = 0;
-  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, (a[i] - b[i]).abs().max().item<double>());
-  return m;
-}
+using test::max_diff;
 
 class IPAdapterStream : public ::testing::TestWithParam<CfgType> {
  protected:

@@ -54,12 +54,7 @@ void shard(const std::string& dir, const std::string& stem, int shards, const st
       << index.dump(2);
 }
 
-double max_diff(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double d = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) d = std::max(d, (a[i] - b[i]).abs().max().item<double>());
-  return d;
-}
+using test::max_diff;
 
 class Sharded : public ::testing::Test {
  protected:

@@ -18,6 +18,7 @@
 #include "pipeline/diffusion_models.h"
 #include "pipeline/rng.h"
 #include "pipeline/stream_diffusion.h"
+#include "stream_outputs.h"
 
 #ifdef SD_TEST_HAVE_OPENCV
 #include "pipeline/cli_images.h"
@@ -74,11 +75,7 @@ std::vector<torch::Tensor> frames(const DiffusionModels& m) {
   return out;
 }
 
-double max_diff(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  double d = 0;
-  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, (a[i] - b[i]).abs().max().item<double>());
-  return d;
-}
+using test::max_diff;
 
 class Variant : public ::testing::Test {
  protected:
