@@ -10,6 +10,7 @@
 #include "io/ldm_checkpoint.h"
 #include "io/state_dict.h"
 #include "core/error.h"
+#include "core/device.h"
 #include "core/log.h"
 #include "models/layers.h"
 
@@ -492,12 +493,29 @@ torch::Tensor LoraSet::fused_weight(const Target& t, const Term** overflow) cons
   return changed ? w : torch::Tensor();
 }
 
-void LoraSet::fuse_target(Target& t) {
+// Every fuse checks its result: a scale (the user's, or one a file's factors make extreme) can overflow float32 in
+// any method's sum, DoRA divides by a norm that may vanish, and a float32 result can pass the run dtype's range on the
+// cast (float16's 65504). A weight that is not finite would turn every frame into NaN with no word of why. Once a
+// value is not finite the rest of the sum keeps it so (inf + x, inf - inf, DoRA's inf / inf), so one test of the
+// result suffices and the sum is only run again, term by term, to name the first term that overflows.
+std::string LoraSet::fuse_target(Target& t, bool apply) {
   torch::NoGradGuard no_grad;
   if (!t.base.defined())
     throw InvalidArgument("this model was loaded without live LoRA scale changes (the unfused weights were not kept)");
-  const torch::Tensor w = fused_weight(t, nullptr);
-  t.weight.set_data(w.defined() ? w.to(t.base.scalar_type()) : t.base);
+  const torch::Tensor w32 = fused_weight(t, nullptr);
+  torch::Tensor w = w32.defined() ? w32.to(t.base.scalar_type()) : t.base;
+  if (w32.defined() && !torch::isfinite(w).all().item<bool>()) {
+    const Term* bad = nullptr;
+    fused_weight(t, &bad);
+    return overflow_message(t, bad);
+  }
+  if (apply) put(t, w);
+  return {};
+}
+
+void LoraSet::put(Target& t, const torch::Tensor& w) {
+  t.weight.set_data(w);
+  ++weight_changes_;
   if (t.bias_linear && t.bias_linear->quantized()) t.bias_linear->quantize_int8();
   if (t.bias_conv && t.bias_conv->quantized()) t.bias_conv->quantize_int8();
   if (t.conv && t.repack) {
@@ -507,47 +525,55 @@ void LoraSet::fuse_target(Target& t) {
   }
 }
 
-// add() checks a DoRA result only at the scale given then, on the loaded weight. Another scale can still overflow
-// float32: PEFT's rule puts s inside the norm (W + s dW can vanish), ComfyUI's blends by s towards a weight that may be
-// near float32's limit, a LoRA added at scale 0 was never checked, and an earlier LoRA's scale moves the weight that a
-// later DoRA term normalises. So every target of this LoRA holding a DoRA term is summed at the new scales first, one
-// at a time (no second copy of the weights is kept), and the first that is not finite refuses the scale.
-void LoraSet::refuse_dora_overflow(size_t lora, double before) const {
-  torch::NoGradGuard no_grad;
-  for (size_t ti : lora_targets_[lora]) {
-    const Target& t = targets_[ti];
-    if (std::none_of(t.terms.begin(), t.terms.end(), [](const Term& x) { return x.magnitude.defined(); })) continue;
-    const Term* bad = nullptr;
-    fused_weight(t, &bad);
-    if (!bad) continue;
-    const LoraReport& r = reports_[lora];
-    const std::string where = t.component + " " + t.module;
-    std::ostringstream msg;
-    msg << "LoRA '" << r.name << "': scale " << r.scale << " refused (it stays " << before << ", no weight changed): "
-        << reports_[bad->lora].path << ": ";
-    if (bad->magnitude.defined())
-      msg << bad->module->magnitude_key << ": this DoRA magnitude over the norm of " << where << " + its "
-          << bad->module->method_name() << " weight difference overflows float32 at that scale (a magnitude too "
-          << "large for a near-zero norm?)";
-    else  // an earlier term of the sum, at a scale too large for its difference
-      msg << (bad->module ? bad->module->first_key() + ": its " + bad->module->method_name() : std::string("its LoRA"))
-          << " weight difference on " << where << " overflows float32 at that scale";
-    throw InvalidArgument(msg.str());
+std::string LoraSet::overflow_message(const Target& t, const Term* bad) const {
+  const std::string where = t.component + " " + t.module + (t.bias_linear || t.bias_conv ? " bias" : "");
+  std::ostringstream msg;
+  if (!bad) {  // finite in float32, not in the run dtype
+    msg << "the fused weight of " << where << " is finite in float32 but overflows " << dtype_name(t.base.scalar_type())
+        << ", the weights' dtype, at these scales (";
+    bool first = true;
+    for (const Term& x : t.terms)
+      if (reports_[x.lora].scale != 0) {
+        msg << (first ? "" : ", ") << "'" << reports_[x.lora].name << "' " << reports_[x.lora].scale;
+        first = false;
+      }
+    msg << "; --dtype fp32 would hold it)";
+    return msg.str();
   }
+  msg << reports_[bad->lora].path << ": ";
+  if (bad->magnitude.defined())
+    msg << bad->module->magnitude_key << ": this DoRA magnitude over the norm of " << where << " + its "
+        << bad->module->method_name() << " weight difference overflows float32 at that scale (a magnitude too large "
+        << "for a near-zero norm?)";
+  else  // a difference too large at its scale, or one pushing a sum already near float32's limit past it
+    msg << (bad->module ? bad->module->first_key() + ": its " + bad->module->method_name() : std::string("its LoRA"))
+        << " weight difference on " << where << " overflows float32 at that scale";
+  return msg.str();
 }
 
 void LoraSet::fuse() {
   const auto t0 = std::chrono::steady_clock::now();
-  for (Target& t : targets_) {
-    fuse_target(t);
-    if (!keep_base_) {  // one-shot: neither the unfused weights nor the factors are needed again
+  for (size_t i = 0; i < targets_.size(); ++i) {
+    const std::string bad = fuse_target(targets_[i], true);
+    if (!bad.empty()) {
+      for (size_t j = 0; j < i; ++j) put(targets_[j], targets_[j].base);  // the model as loaded
+      throw InvalidArgument("LoRAs not fused (" + scales() + "): " + bad);
+    }
+  }
+  if (!keep_base_)  // one-shot: neither the unfused weights nor the factors are needed again
+    for (Target& t : targets_) {
       t.base = torch::Tensor();
       t.terms.clear();
       t.terms.shrink_to_fit();
     }
-  }
   fused_ = true;
   fuse_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string LoraSet::scales() const {
+  std::ostringstream s;
+  for (size_t i = 0; i < reports_.size(); ++i) s << (i ? ", " : "") << "'" << reports_[i].name << "' " << reports_[i].scale;
+  return s.str();
 }
 
 void LoraSet::set_scale(const std::string& name, double scale) {
@@ -565,14 +591,20 @@ void LoraSet::set_scale(const std::string& name, double scale) {
   const auto t0 = std::chrono::steady_clock::now();
   const double before = reports_[lora].scale;
   reports_[lora].scale = scale;
-  try {
-    refuse_dora_overflow(lora, before);
-  } catch (...) {
+  // Fused target by target (no second copy of the weights); the first that overflows puts the scale back and
+  // re-fuses the targets already done, bit-identical to before (fused_weight is deterministic in base and terms).
+  // Before the first fuse() only the check runs: fuse() makes the weights.
+  const std::vector<size_t>& targets = lora_targets_[lora];
+  for (size_t i = 0; i < targets.size(); ++i) {
+    const std::string bad = fuse_target(targets_[targets[i]], fused_);
+    if (bad.empty()) continue;
     reports_[lora].scale = before;
-    throw;
+    if (fused_)
+      for (size_t j = 0; j < i; ++j) fuse_target(targets_[targets[j]], true);
+    std::ostringstream msg;
+    msg << "LoRA '" << name << "': scale " << scale << " refused (it stays " << before << ", no weight changed): " << bad;
+    throw InvalidArgument(msg.str());
   }
-  if (fused_)
-    for (size_t t : lora_targets_[lora]) fuse_target(targets_[t]);
   if (reports_[lora].patches("text_encoder") || reports_[lora].patches("text_encoder_2")) ++text_encoder_version_;
   fuse_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

@@ -66,12 +66,15 @@ class LoraSet {
   // Reads and matches a LoRA (spec.name must be set, unique); its weights change on the next fuse(). Unmatched keys
   // are logged (count and first names) or, with `strict`, a FormatError. Returns its report.
   const LoraReport& add(const LoraSpec& spec, bool strict);
-  // Fuses every added LoRA into the weights (see the header comment). Called once after the adds.
+  // Fuses every added LoRA into the weights (see the header comment). Called once after the adds. InvalidArgument,
+  // with the weights left as loaded, when a fused weight would not be finite (see set_scale).
   void fuse();
   // Re-fuses the modules LoRA `name` patches with its new scale, from the kept base weights and factors: the result
   // is bit-identical to a fresh load fused at that scale. InvalidArgument for an unknown name or non-finite scale,
-  // and, before anything changes, for a scale at which a module holding a DoRA term (this LoRA's or another's) would
-  // overflow float32 (naming the LoRA, the scale, the DoRA file and magnitude key, and the module).
+  // and for a scale at which a module it patches would not be finite: its float32 sum overflows (naming the file and
+  // key of the first term that does: a difference too large at its scale, a DoRA magnitude over a near-zero norm) or
+  // the cast to the weights' dtype does (fp16's 65504). The scale and the weights then stay as they were (targets
+  // fused before the refusal are fused back, new tensors with the old values: weight_changes() counts them).
   void set_scale(const std::string& name, double scale);
 
   const std::vector<LoraReport>& reports() const { return reports_; }
@@ -79,6 +82,8 @@ class LoraSet {
   // Bumped by every set_scale() of a LoRA that patches the text encoder (prompt embeddings must be re-encoded).
   uint64_t text_encoder_version() const { return text_encoder_version_; }
   double fuse_seconds() const { return fuse_s_; }  // wall time of the last fuse() / set_scale()
+  // Bumped by every weight tensor replaced (set_data): a CUDA graph recorded before holds the old storage.
+  uint64_t weight_changes() const { return weight_changes_; }
 
  private:
   struct Term {
@@ -106,10 +111,12 @@ class LoraSet {
   // no term applies (every scale 0). With `overflow`, the sum stops at the first term after which the weight is not
   // finite and points it there (nullptr when none).
   torch::Tensor fused_weight(const Target& t, const Term** overflow) const;
-  void fuse_target(Target& t);
-  // InvalidArgument when a target of LoRA `lora` that holds a DoRA term is not finite at the scales now in reports_
-  // (`before`: the LoRA's scale to name as kept).
-  void refuse_dora_overflow(size_t lora, double before) const;
+  // Sums target t at the current scales; with `apply`, puts the result in the module's weight. Returns why it is not
+  // finite (empty when it is; nothing applied then).
+  std::string fuse_target(Target& t, bool apply);
+  void put(Target& t, const torch::Tensor& w);  // the weight the module reads (re-packed / re-quantized as it was)
+  std::string overflow_message(const Target& t, const Term* bad) const;
+  std::string scales() const;  // "'a' 1, 'b' 0.5"
 
   LoraComponents components_;
   bool keep_base_;
@@ -119,6 +126,7 @@ class LoraSet {
   std::vector<std::vector<size_t>> lora_targets_;  // per LoRA: the targets it patches
   bool fused_ = false;
   uint64_t text_encoder_version_ = 0;
+  uint64_t weight_changes_ = 0;
   double fuse_s_ = 0;
 };
 

@@ -196,10 +196,20 @@ class StableDiffusionModels : public DiffusionModels {
   std::vector<LoraReport> loras() const override { return lora_ ? lora_->reports() : std::vector<LoraReport>{}; }
   void set_lora_scale(const std::string& name, double scale) const override {
     if (!lora_) return DiffusionModels::set_lora_scale(name, scale);
-    lora_->set_scale(name, scale);
+    const uint64_t changes = lora_->weight_changes();
+    try {
+      lora_->set_scale(name, scale);
+    } catch (...) {
+      // A refused scale can still have replaced tensors (fused back to the old values): new storage all the same.
+      if (lora_->weight_changes() != changes) weights_changed();
+      throw;
+    }
+    weights_changed();
+    log::info("LoRA {} re-fused at scale {} in {:.3f} s", name, scale, lora_->fuse_seconds());
+  }
+  void weights_changed() const {
     ++weights_version_;
     if (compiled_) compiled_->load_weights();  // the re-fused tensors (and a re-packed convolution's plain weight)
-    log::info("LoRA {} re-fused at scale {} in {:.3f} s", name, scale, lora_->fuse_seconds());
   }
   uint64_t text_encoder_version() const override { return lora_ ? lora_->text_encoder_version() : 0; }
   uint64_t weights_version() const override { return weights_version_.load(); }

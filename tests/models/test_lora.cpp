@@ -1275,6 +1275,103 @@ TEST_F(LoraLycoris, DoraThatOverflowsAtALaterScaleIsRefusedBeforeAnythingChanges
   EXPECT_EQ(set.reports()[0].scale, 0.0);
 }
 
+// Every method's sum is checked, not only DoRA's: a plain LoRA or a LoHa at a scale past float32's range, and a
+// float32 sum past float16's 65504 on the cast to fp16 weights, are refused at fuse() (the weights stay as loaded)
+// and on set_scale (scale and weights stay as they were).
+TEST_F(LoraLycoris, EveryOverflowIsRefusedAtFuseAndOnSetScale) {
+  const torch::Tensor W = T({{1, 0}, {0, 1}});
+  const std::string plain = write("plain.safetensors", {{"lora_te_proj.lora_down.weight", T({{1, 0}})},
+                                                        {"lora_te_proj.lora_up.weight", T({{1}, {0}})}});
+  const std::string loha = write("loha.safetensors", {{"lora_te_proj.hada_w1_a", T({{1}, {0}})},
+                                                      {"lora_te_proj.hada_w1_b", T({{1, 0}})},
+                                                      {"lora_te_proj.hada_w2_a", T({{1}, {0}})},
+                                                      {"lora_te_proj.hada_w2_b", T({{1, 0}})}});
+  const std::string on = " weight difference on text_encoder proj overflows float32 at that scale";
+  const std::string plain_msg = plain + ": its LoRA" + on, loha_msg = loha + ": lora_te_proj.hada_w1_a: its LoHa" + on;
+  // At load: nothing fused, the weight as loaded.
+  for (const auto& [file, msg] : std::vector<std::pair<std::string, std::string>>{{plain, plain_msg},
+                                                                                  {loha, loha_msg}}) {
+    auto model = std::make_shared<HandModel>(W, torch::zeros({2}));
+    sd::LoraSet set({{"text_encoder", model.get()}}, true);
+    set.add({file, 1e39, "big"}, true);
+    EXPECT_EQ(error_of([&] { set.fuse(); }), "LoRAs not fused ('big' 1e+39): " + msg);
+    EXPECT_TRUE(torch::equal(model->weight(), W)) << model->weight();
+    // Live: scale 1 fuses, 1e39 is refused and leaves scale and weight.
+    auto live = std::make_shared<HandModel>(W, torch::zeros({2}));
+    sd::LoraSet ls({{"text_encoder", live.get()}}, true);
+    ls.add({file, 1.0, "a"}, true);
+    ls.fuse();
+    const torch::Tensor at_1 = live->weight().clone();
+    EXPECT_TRUE(torch::equal(at_1, T({{2, 0}, {0, 1}}))) << at_1;
+    const uint64_t changes = ls.weight_changes();
+    EXPECT_EQ(error_of([&] { ls.set_scale("a", -1e39); }),
+              "LoRA 'a': scale -1e+39 refused (it stays 1, no weight changed): " + msg);
+    EXPECT_TRUE(torch::equal(live->weight(), at_1));
+    EXPECT_EQ(ls.reports()[0].scale, 1.0);
+    EXPECT_EQ(ls.weight_changes(), changes);  // one target, refused before it was replaced
+    ls.set_scale("a", 3.0);
+    EXPECT_TRUE(torch::equal(live->weight(), T({{4, 0}, {0, 1}}))) << live->weight();
+  }
+  // fp16 weights: 60000 + 4000 * 1 is a finite float32 that the cast to fp16 (max 65504) makes inf.
+  const torch::Tensor H = T({{60000, 0}, {0, 1}}).to(torch::kHalf);
+  const std::string cast = "the fused weight of text_encoder proj is finite in float32 but overflows fp16, the "
+                           "weights' dtype, at these scales (";
+  {
+    auto model = std::make_shared<HandModel>(H, torch::zeros({2}, torch::kHalf));
+    sd::LoraSet set({{"text_encoder", model.get()}}, false);
+    set.add({plain, 6000, "a"}, true);
+    EXPECT_EQ(error_of([&] { set.fuse(); }),
+              "LoRAs not fused ('a' 6000): " + cast + "'a' 6000; --dtype fp32 would hold it)");
+    EXPECT_TRUE(torch::equal(model->weight(), H));
+  }
+  auto model = std::make_shared<HandModel>(H, torch::zeros({2}, torch::kHalf));
+  sd::LoraSet set({{"text_encoder", model.get()}}, true);
+  set.add({plain, 1000, "a"}, true);
+  set.add({loha, 0.0, "b"}, true);
+  set.fuse();
+  const torch::Tensor at_1000 = model->weight().clone();
+  EXPECT_EQ(at_1000[0][0].item<float>(), 60992.0f);  // 61000 rounded to fp16's step of 32
+  EXPECT_EQ(error_of([&] { set.set_scale("b", 5000); }),
+            "LoRA 'b': scale 5000 refused (it stays 0, no weight changed): " + cast + "'a' 1000, 'b' 5000; --dtype "
+            "fp32 would hold it)");
+  EXPECT_TRUE(torch::equal(model->weight(), at_1000));
+  EXPECT_EQ(set.reports()[1].scale, 0.0);
+  set.set_scale("b", 4000);  // 65000: finite in fp16
+  EXPECT_EQ(model->weight()[0][0].item<float>(), 64992.0f);
+}
+
+// Two modules of one LoRA: the first fuses at the new scale, the second overflows; the first is fused back, so the
+// refusal leaves every weight bit-equal (in new tensors, which weight_changes() counts for recorded CUDA graphs).
+TEST_F(LoraLycoris, ARefusedScaleFusesBackTheModulesAlreadyDone) {
+  struct TwoModel : torch::nn::Module {
+    sd::nn::Linear a{nullptr}, b{nullptr};
+    TwoModel() {
+      a = register_module("a", sd::nn::Linear(2, 2));
+      b = register_module("b", sd::nn::Linear(2, 2));
+      a->weight.set_data(T({{1, 2}, {3, 4}}));
+      b->weight.set_data(T({{3e38f, 0}, {0, 1}}));
+    }
+  };
+  const std::string f = write("two.safetensors", {{"lora_te_a.lora_down.weight", T({{1, 0}})},
+                                                  {"lora_te_a.lora_up.weight", T({{1}, {0}})},
+                                                  {"lora_te_b.lora_down.weight", T({{1, 0}})},
+                                                  {"lora_te_b.lora_up.weight", T({{1}, {0}})}});
+  auto model = std::make_shared<TwoModel>();
+  sd::LoraSet set({{"text_encoder", model.get()}}, true);
+  set.add({f, 1e37, "x"}, true);
+  set.fuse();
+  const torch::Tensor a = model->a->weight.clone(), b = model->b->weight.clone();
+  EXPECT_EQ(a[0][0].item<float>(), 1e37f);
+  const uint64_t changes = set.weight_changes();
+  EXPECT_EQ(error_of([&] { set.set_scale("x", 1e38); }),
+            "LoRA 'x': scale 1e+38 refused (it stays 1e+37, no weight changed): " + f +
+                ": its LoRA weight difference on text_encoder b overflows float32 at that scale");
+  EXPECT_TRUE(torch::equal(model->a->weight, a)) << model->a->weight;
+  EXPECT_TRUE(torch::equal(model->b->weight, b)) << model->b->weight;
+  EXPECT_EQ(set.weight_changes(), changes + 2);  // a at 1e38, then a back at 1e37
+  EXPECT_EQ(set.reports()[0].scale, 1e37);
+}
+
 // The formulas against tiny-sd15's convolutions and Linears, computed here another way (per kernel tap, per block),
 // at scale 0.7; every other parameter is untouched.
 TEST_F(LoraLycoris, ConvAndLinearModulesMatchIndependentFormulas) {

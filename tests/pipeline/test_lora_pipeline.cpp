@@ -165,6 +165,42 @@ TEST_F(LoraPipeline, Bf16LiveScaleChangeEqualsFreshStream) {
   EXPECT_TRUE(torch::equal(oa, ob)) << (oa.to(torch::kFloat) - ob.to(torch::kFloat)).abs().max().item<double>();
 }
 
+// A refused live scale leaves the frames as they were. Here the LoRA's first module fuses at the new scale and its
+// second overflows, so the first is fused back: new tensors with the old values, which moves weights_version() (a CUDA
+// graph recorded on the old tensors must be recorded again).
+TEST_F(LoraPipeline, RefusedScaleKeepsTheFrames) {
+  const std::string dir = test::make_temp_dir("lora_refused");
+  const std::string f = dir + "/two.safetensors";
+  const std::string a_key = "lora_unet_down_blocks_0_attentions_0_proj_in.",
+                    b_key = "lora_unet_up_blocks_1_attentions_0_proj_out.";
+  save_safetensors(f, std::vector<std::pair<std::string, Tensor>>{
+                          {a_key + "lora_down.weight", torch::full({4, 32, 1, 1}, 0.01f)},
+                          {a_key + "lora_up.weight", torch::full({32, 4, 1, 1}, 0.01f)},
+                          {b_key + "lora_down.weight", torch::ones({4, 32, 1, 1})},
+                          {b_key + "lora_up.weight", torch::full({32, 4, 1, 1}, 1e30f)}});
+  auto live = load({{f, 0.0, "two"}});
+  auto base = load({});
+  StreamDiffusion a(live, config({45}, CfgType::None)), b(base, config({45}, CfgType::None));
+  a.prepare("a cat");
+  b.prepare("a cat");
+  a.img2img(frame(0));
+  b.img2img(frame(0));
+  const uint64_t v = live->weights_version();
+  try {
+    live->set_lora_scale("two", 1e10);  // proj_in: 4e-4 * 1e10 is finite; proj_out: 4e30 * 1e10 is not
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(std::string(e.what()), "LoRA 'two': scale 1e+10 refused (it stays 0, no weight changed): " + f +
+                                         ": its LoRA weight difference on unet up_blocks.1.attentions.0.proj_out "
+                                         "overflows float32 at that scale");
+  }
+  EXPECT_NE(live->weights_version(), v);
+  EXPECT_EQ(live->loras()[0].scale, 0.0);
+  const Tensor oa = a.img2img(frame(1)), ob = b.img2img(frame(1));
+  EXPECT_TRUE(torch::equal(oa, ob)) << (oa - ob).abs().max().item<double>();
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(LoraPipeline, LoadErrors) {
   // An SD 2.x LoRA on SD 1.5: the error names the key and both shapes.
   try {
