@@ -105,13 +105,18 @@ of Streams. Create it with load_pipeline().
                d["keys"] = r.keys;
                d["matched_keys"] = r.matched_keys;
                d["methods"] = r.methods;
+               d["ranks"] = r.ranks;
+               d["modules"] = r.modules;
+               d["unmatched_keys"] = r.unmatched;
                out.append(d);
              }
              return out;
            },
-           "the fused LoRAs in load order: dicts with name, path, layout, scale, keys, matched_keys and methods (those "
+           "the fused LoRAs in load order: dicts with name, path, layout, scale, keys, matched_keys, methods (those "
            "beyond plain LoRA that patch modules, sorted, as `info --lora` names them: \"DoRA\", \"LoHa\", \"LoKr\", "
-           "\"Tucker LoCon\", \"full\"; [] for a plain LoRA)")
+           "\"Tucker LoCon\", \"full\"; [] for a plain LoRA), ranks (distinct, ascending), modules (component -> "
+           "the module paths it patches, file order) and unmatched_keys (keys that patch nothing, file order; loaded "
+           "without strict_lora) - what `info --lora --json` prints, path there named file")
       .def_property_readonly("has_ip_adapter", [](const sd::DiffusionModels& s) { return s.ip_adapter() != nullptr; },
                              "loaded with ip_adapter=")
       .def("set_ip_adapter_scale", &sd::DiffusionModels::set_ip_adapter_scale, py::arg("scale"),

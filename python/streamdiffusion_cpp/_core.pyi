@@ -64,7 +64,8 @@ class Models:
     def variant(self) -> str: ...
     def loras(self) -> List[Dict[str, Any]]:
         """The fused LoRAs in load order: name, path, layout, scale, keys, matched_keys, methods (beyond plain LoRA,
-        sorted, e.g. ["DoRA", "LoHa"]; [] for a plain LoRA)."""
+        sorted, e.g. ["DoRA", "LoHa"]; [] for a plain LoRA), ranks (distinct, ascending), modules (component -> patched
+        module paths, file order), unmatched_keys (keys that patch nothing, file order)."""
     def set_lora_scale(self, name: str, scale: float) -> None: ...
     @property
     def has_ip_adapter(self) -> bool: ...

@@ -46,3 +46,31 @@ def test_loras_report_the_methods_beyond_plain_lora(sd, lora_files, cli):
     out = subprocess.run([cli, "info", "--json", "--model", model, "--lora", lyco + ":0.5", "--lora", plain],
                          capture_output=True, text=True, env=child_env(), check=True).stdout
     assert [r["methods"] for r in json.loads(out)["loras"]] == [r["methods"] for r in got]
+
+
+def test_loras_report_ranks_modules_and_unmatched_keys_as_info_does(sd, lora_files, cli, tmp_path):
+    model, lyco, plain = lora_files
+    # The plain file plus a key no module of tiny-sd15 has: listed (not refused) without strict_lora.
+    extra = str(tmp_path / "extra.safetensors")
+    stray = "lora_unet_no_such_block.lora_down.weight"
+    c = "lora_unet_down_blocks_0_resnets_0_conv1."
+    rng = np.random.default_rng(1)
+    write_safetensors(extra, {c + "lora_down.weight": rng.standard_normal((4, 32, 3, 3)).astype(np.float32),
+                              c + "lora_up.weight": rng.standard_normal((32, 4, 1, 1)).astype(np.float32),
+                              stray: np.zeros((4, 32), np.float32),
+                              "lora_unet_no_such_block.lora_up.weight": np.zeros((32, 4), np.float32)})
+    models = sd.load_pipeline(model, dtype="fp32", taesd="none", loras=[(lyco, 0.5), extra], threads=-1)
+    got = models.loras()
+    assert [(r["ranks"], r["modules"], r["unmatched_keys"]) for r in got] == [
+        ([2], {"text_encoder": ["text_model.encoder.layers.0.self_attn.q_proj"], "unet": ["time_embedding.linear_1"]},
+         []),
+        ([4], {"unet": ["down_blocks.0.resnets.0.conv1"]},
+         [stray, "lora_unet_no_such_block.lora_up.weight"]),
+    ]
+    # Every field as the CLI's info --lora --json prints it (which names the path "file").
+    out = subprocess.run([cli, "info", "--json", "--model", model, "--lora", lyco + ":0.5", "--lora", extra],
+                         capture_output=True, text=True, env=child_env(), check=True).stdout
+    info = json.loads(out)["loras"]
+    for r in info:
+        r["path"] = r.pop("file")
+    assert got == info
