@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # libFuzzer + AddressSanitizer + UBSan on every parser of untrusted input (docs/FUZZING.md).
 # Usage: scripts/fuzz.sh [TARGET|all] [RUNS|TIMEs] [extra libFuzzer flags...]
-#   TARGET  safetensors safetensors_file lora single_file config recommendations tokenizer image ws_message api_body
-#           control_command settings osc (default: all)
+#   TARGET  safetensors safetensors_file shard_index weight_names lora single_file config recommendations tokenizer
+#           image ws_message api_body control_command settings osc (default: all)
 #   RUNS    executions per target (default 200000), or a time per target such as 10s / 5m
 # Builds the targets with clang++-14 in build-fuzz (-DSD_FUZZ=ON: only the fuzz targets and the sources they need),
 # seeds build-fuzz/corpus/TARGET from tests/fuzz/corpus/TARGET and the fixtures ($SD_FIXTURES, default
@@ -12,8 +12,8 @@ set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-ALL=(safetensors safetensors_file shard_index lora single_file config recommendations tokenizer image ws_message
-     api_body control_command settings osc)
+ALL=(safetensors safetensors_file shard_index weight_names lora single_file config recommendations tokenizer image
+     ws_message api_body control_command settings osc)
 TARGET="${1:-all}"; shift || true
 RUNS="${1:-200000}"; shift || true
 OUT="${SD_FUZZ_BUILD_DIR:-build-fuzz}"

@@ -5,7 +5,6 @@
 
 #include "core/error.h"
 #include "core/log.h"
-#include "core/text.h"
 #include "io/json_config.h"
 #include "io/pickle_guard.h"
 #include "io/shard_index.h"

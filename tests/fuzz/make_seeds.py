@@ -181,3 +181,13 @@ put("osc", "filter", osc("/filter", True))
 put("osc", "image_prompt", osc("/image_prompt", None))
 put("osc", "reply", osc("/reply", "127.0.0.1", 9001))
 put("osc", "bundle", bundle(osc("/delta", 0.5), bundle(osc("/stats"), osc("/negative", "blurry"))))
+
+# weight_names: the input is both a weight-file name and a shard index's text.
+for i, n in enumerate(["diffusion_pytorch_model.safetensors", "model.fp16.safetensors",
+                       "diffusion_pytorch_model.safetensors.index.fp16.json",
+                       "diffusion_pytorch_model.safetensors.fp16.index.json",
+                       "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+                       "diffusion_pytorch_model-00002-of-00002.fp16.safetensors", "model.ckpt"]):
+    put("weight_names", "name%d" % i, n)
+put("weight_names", "index", json.dumps({"metadata": {"total_size": 48}, "weight_map": {
+    "x": "a-00001-of-00002.safetensors", "y": "a-00002-of-00002.safetensors"}}))
