@@ -17,8 +17,17 @@
 
 namespace {
 
+// Removed when the process exits normally (libFuzzer's end of run; a crash leaves it for the finding's reproduction).
+struct Folder {
+  std::string path;
+  ~Folder() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+
 const std::string& folder() {
-  static const std::string dir = [] {
+  static const Folder dir{[] {
     const std::string d = std::filesystem::temp_directory_path().string() + "/fuzz-shard-index-" +
                           std::to_string(getpid());
     std::filesystem::create_directories(d);
@@ -27,8 +36,8 @@ const std::string& folder() {
     sd::save_safetensors(d + "/a-00002-of-00002.safetensors", V{{"z", torch::zeros({3}).to(torch::kHalf)}});
     sd::save_safetensors(d + "/copy.safetensors", V{{"x", torch::arange(6)}});
     return d;
-  }();
-  return dir;
+  }()};
+  return dir.path;
 }
 
 }  // namespace
