@@ -124,7 +124,9 @@ of Streams. Create it with load_pipeline().
            "these models. InvalidArgument without an IP-Adapter.")
       .def("set_lora_scale", &sd::DiffusionModels::set_lora_scale, py::arg("name"), py::arg("scale"),
            py::call_guard<py::gil_scoped_release>(),
-           "Re-fuses LoRA `name` (its file stem) at `scale` without reloading; every stream on these models sees it.")
+           "Re-fuses LoRA `name` (its file stem) at `scale` without reloading; every stream on these models sees it. "
+           "InvalidArgument, the scale and weights unchanged, where a fused weight would not be finite. Call it "
+           "between frames: not while another thread runs a Stream on these models or reads loras().")
       .def("__repr__", [](const sd::DiffusionModels& s) { return "streamdiffusion_cpp.Models(" + s.describe() + ")"; });
 
   m.def(

@@ -141,6 +141,17 @@ torch::Tensor dora_magnitude(const LoraPair& p, const torch::Tensor& w) {
   return p.magnitude.reshape(shape);
 }
 
+// ||merged|| + eps over the axes magnitude m is 1 on. A channel of finite but huge values (past ~1.8e19) has an
+// infinite float32 norm, and m / inf would zero it silently: NaN there instead, which the fuse's finiteness check
+// refuses.
+torch::Tensor dora_norm(const torch::Tensor& merged, const torch::Tensor& m) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < merged.dim(); ++d)
+    if (m.size(d) == 1) dims.push_back(d);
+  torch::Tensor norm = merged.norm(2, dims, /*keepdim=*/true).add_(std::numeric_limits<float>::epsilon());
+  return norm.masked_fill_(torch::isinf(norm), std::numeric_limits<float>::quiet_NaN());
+}
+
 // The running weight `w` (float32) after a DoRA term with difference `delta` (W's shape), magnitude `m` (shaped by
 // dora_magnitude) at user scale s (lora.h): PEFT's rule (lora_magnitude_vector) scales the difference before the
 // norm, m * (W + s dW) / ||W + s dW||; ComfyUI's (dora_scale) blends W + s * (m * (W + dW) / ||W + dW|| - W).
@@ -148,11 +159,7 @@ torch::Tensor dora_magnitude(const LoraPair& p, const torch::Tensor& w) {
 torch::Tensor dora_apply(const torch::Tensor& w, const torch::Tensor& delta, const torch::Tensor& m, double s,
                          bool peft) {
   torch::Tensor merged = peft && s != 1 ? w + delta * s : w + delta;
-  std::vector<int64_t> dims;
-  for (int64_t d = 0; d < merged.dim(); ++d)
-    if (m.size(d) == 1) dims.push_back(d);
-  const torch::Tensor norm = merged.norm(2, dims, /*keepdim=*/true).add_(std::numeric_limits<float>::epsilon());
-  merged.mul_(m / norm);
+  merged.mul_(m / dora_norm(merged, m));
   if (peft || s == 1) return merged;
   merged.sub_(w).mul_(s);
   return merged.add_(w);
@@ -395,6 +402,7 @@ const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
       // A separate handle to the loaded storage: set_data() on the parameter later leaves it alone.
       t.base = t.weight.detach();
       if (!bias) {
+        t.linear = m.leaf.linear;
         t.conv = m.leaf.conv;
         if (t.conv) t.conv->restore_dense();
         t.repack = t.conv && t.conv->prepacked();
@@ -454,13 +462,18 @@ const LoraReport& LoraSet::add(const LoraSpec& spec, bool strict) {
   return reports_.back();
 }
 
-torch::Tensor LoraSet::fused_weight(const Target& t, const Term** overflow) const {
-  if (overflow) *overflow = nullptr;
+torch::Tensor LoraSet::fused_weight(const Target& t, Overflow* overflow) const {
   torch::Tensor w = t.base.to(torch::kFloat);  // aliases base for float32: the first sum is out of place
+  const auto finite = [](const torch::Tensor& x) { return torch::isfinite(x).all().item<bool>(); };
+  if (overflow && !finite(w)) {
+    overflow->what = Overflow::kBase;
+    return w;
+  }
   bool changed = false;
   for (const Term& term : t.terms) {
     const double s = reports_[term.lora].scale;
     if (s == 0) continue;
+    Overflow::What what = Overflow::kDifference;
     if (!term.module) {
       // diffusers: fused = w_orig + lora_scale * (up' @ down), the conv product reshaped to W's shape (the same
       // float32 operations in the same order; in place where the tensor is our own).
@@ -474,6 +487,17 @@ torch::Tensor LoraSet::fused_weight(const Target& t, const Term** overflow) cons
       torch::Tensor delta = term.bias ? term.module->factor("diff_b") : lora_delta(*term.module);
       delta = delta.reshape(t.base.sizes());
       if (term.magnitude.defined()) {
+        // Naming only: the difference (at PEFT's scale, or ComfyUI's blend at a large one), the norm of what DoRA
+        // normalises, or the magnitude over that norm. PEFT's rule normalises W + s dW; ComfyUI's
+        // W_d = m (W + dW) / ||W + dW|| is then blended by s.
+        if (overflow) {
+          const torch::Tensor merged = term.peft_dora ? w + delta * s : w + delta;
+          if (finite(merged))
+            what = !finite(dora_norm(merged, term.magnitude)) ? Overflow::kNorm
+                   : !finite(dora_apply(w, delta, term.magnitude, term.peft_dora ? s : 1.0, term.peft_dora))
+                       ? Overflow::kMagnitude
+                       : Overflow::kDifference;
+        }
         // DoRA on the running weight, s by PEFT's rule or ComfyUI's (dora_apply, lora.h).
         w = dora_apply(w, delta, term.magnitude, s, term.peft_dora);
       } else {
@@ -485,8 +509,9 @@ torch::Tensor LoraSet::fused_weight(const Target& t, const Term** overflow) cons
       }
     }
     changed = true;
-    if (overflow && !torch::isfinite(w).all().item<bool>()) {
-      *overflow = &term;
+    if (overflow && !finite(w)) {
+      overflow->term = &term;
+      overflow->what = what;
       break;
     }
   }
@@ -496,8 +521,9 @@ torch::Tensor LoraSet::fused_weight(const Target& t, const Term** overflow) cons
 // Every fuse checks its result: a scale (the user's, or one a file's factors make extreme) can overflow float32 in
 // any method's sum, DoRA divides by a norm that may vanish, and a float32 result can pass the run dtype's range on the
 // cast (float16's 65504). A weight that is not finite would turn every frame into NaN with no word of why. Once a
-// value is not finite the rest of the sum keeps it so (inf + x, inf - inf, DoRA's inf / inf), so one test of the
-// result suffices and the sum is only run again, term by term, to name the first term that overflows.
+// value is not finite the rest of the sum keeps it so (inf + x, inf - inf, DoRA's inf / inf; dora_apply turns an
+// infinite norm into NaN), so one test of the result suffices and the sum is only run again, term by term, to name
+// the first term that overflows.
 std::string LoraSet::fuse_target(Target& t, bool apply) {
   torch::NoGradGuard no_grad;
   if (!t.base.defined())
@@ -505,9 +531,9 @@ std::string LoraSet::fuse_target(Target& t, bool apply) {
   const torch::Tensor w32 = fused_weight(t, nullptr);
   torch::Tensor w = w32.defined() ? w32.to(t.base.scalar_type()) : t.base;
   if (w32.defined() && !torch::isfinite(w).all().item<bool>()) {
-    const Term* bad = nullptr;
-    fused_weight(t, &bad);
-    return overflow_message(t, bad);
+    Overflow o;
+    fused_weight(t, &o);
+    return overflow_message(t, o);
   }
   if (apply) put(t, w);
   return {};
@@ -516,19 +542,29 @@ std::string LoraSet::fuse_target(Target& t, bool apply) {
 void LoraSet::put(Target& t, const torch::Tensor& w) {
   t.weight.set_data(w);
   ++weight_changes_;
+  // An int8 copy is made again now, from the weight just set: its own check (storage and version) would notice at
+  // the next call, but a copy made now cannot go stale in between.
+  if (t.linear && t.linear->quantized()) t.linear->quantize_int8();
   if (t.bias_linear && t.bias_linear->quantized()) t.bias_linear->quantize_int8();
   if (t.bias_conv && t.bias_conv->quantized()) t.bias_conv->quantize_int8();
-  if (t.conv && t.repack) {
+  if (t.conv && t.conv->quantized()) {
+    t.conv->quantize_int8();  // the int8 copy is what it reads; no float packed copy to make
+  } else if (t.conv && t.repack) {
     t.conv->prepack();
     // The fused weight is re-made from base + terms on the next fuse, so the packed copy can be its only one.
     if (sd::nn::fast_path().one_conv_copy) t.conv->release_dense();
   }
 }
 
-std::string LoraSet::overflow_message(const Target& t, const Term* bad) const {
-  const std::string where = t.component + " " + t.module + (t.bias_linear || t.bias_conv ? " bias" : "");
+std::string LoraSet::overflow_message(const Target& t, const Overflow& o) const {
+  const bool bias = t.bias_linear || t.bias_conv;
+  const std::string where = t.component + " " + t.module + (bias ? " bias" : "");
   std::ostringstream msg;
-  if (!bad) {  // finite in float32, not in the run dtype
+  if (o.what == Overflow::kBase) {
+    msg << "the model's own " << where << " is not finite (NaN or inf in the loaded weights)";
+    return msg.str();
+  }
+  if (!o.term) {  // finite in float32, not in the run dtype
     msg << "the fused weight of " << where << " is finite in float32 but overflows " << dtype_name(t.base.scalar_type())
         << ", the weights' dtype, at these scales (";
     bool first = true;
@@ -540,14 +576,24 @@ std::string LoraSet::overflow_message(const Target& t, const Term* bad) const {
     msg << "; --dtype fp32 would hold it)";
     return msg.str();
   }
-  msg << reports_[bad->lora].path << ": ";
-  if (bad->magnitude.defined())
-    msg << bad->module->magnitude_key << ": this DoRA magnitude over the norm of " << where << " + its "
-        << bad->module->method_name() << " weight difference overflows float32 at that scale (a magnitude too large "
+  const Term& bad = *o.term;
+  msg << reports_[bad.lora].path << ": ";
+  if (o.what == Overflow::kNorm) {
+    msg << bad.module->magnitude_key << ": the norm DoRA divides by overflows float32: " << where << " + its "
+        << bad.module->method_name() << " weight difference is too large at these scales (an earlier LoRA's scale?)";
+  } else if (o.what == Overflow::kMagnitude) {
+    msg << bad.module->magnitude_key << ": this DoRA magnitude over the norm of " << where << " + its "
+        << bad.module->method_name() << " weight difference overflows float32 at that scale (a magnitude too large "
         << "for a near-zero norm?)";
-  else  // a difference too large at its scale, or one pushing a sum already near float32's limit past it
-    msg << (bad->module ? bad->module->first_key() + ": its " + bad->module->method_name() : std::string("its LoRA"))
-        << " weight difference on " << where << " overflows float32 at that scale";
+  } else {  // a difference too large at its scale, or one pushing a sum already near float32's limit past it
+    if (!bad.module)
+      msg << "its LoRA";
+    else if (bad.bias)
+      msg << bad.module->factor_keys.at("diff_b") << ": its bias";
+    else
+      msg << bad.module->first_key() << ": its " << bad.module->method_name();
+    msg << " weight difference on " << where << " overflows float32 at that scale";
+  }
   return msg.str();
 }
 
@@ -572,7 +618,8 @@ void LoraSet::fuse() {
 
 std::string LoraSet::scales() const {
   std::ostringstream s;
-  for (size_t i = 0; i < reports_.size(); ++i) s << (i ? ", " : "") << "'" << reports_[i].name << "' " << reports_[i].scale;
+  for (size_t i = 0; i < reports_.size(); ++i)
+    s << (i ? ", " : "") << "'" << reports_[i].name << "' " << reports_[i].scale;
   return s.str();
 }
 
@@ -595,14 +642,29 @@ void LoraSet::set_scale(const std::string& name, double scale) {
   // re-fuses the targets already done, bit-identical to before (fused_weight is deterministic in base and terms).
   // Before the first fuse() only the check runs: fuse() makes the weights.
   const std::vector<size_t>& targets = lora_targets_[lora];
-  for (size_t i = 0; i < targets.size(); ++i) {
-    const std::string bad = fuse_target(targets_[targets[i]], fused_);
-    if (bad.empty()) continue;
+  const auto fuse_back = [&](size_t n) {  // the first n targets, at the scale put back
     reports_[lora].scale = before;
     if (fused_)
-      for (size_t j = 0; j < i; ++j) fuse_target(targets_[targets[j]], true);
+      for (size_t j = 0; j < n; ++j)
+        if (const std::string bad = fuse_target(targets_[targets[j]], true); !bad.empty())
+          throw Error("LoRA '" + name + "': fusing back at scale " + std::to_string(before) + " failed: " + bad);
+  };
+  size_t done = 0;
+  std::string bad;
+  try {
+    for (; done < targets.size() && bad.empty(); ++done) bad = fuse_target(targets_[targets[done]], fused_);
+  } catch (...) {  // not an overflow (out of memory, say): the same state as before, as far as it can be made
+    try {
+      fuse_back(std::min(done + 1, targets.size()));
+    } catch (...) {
+    }
+    throw;
+  }
+  if (!bad.empty()) {
+    fuse_back(done - 1);
     std::ostringstream msg;
-    msg << "LoRA '" << name << "': scale " << scale << " refused (it stays " << before << ", no weight changed): " << bad;
+    msg << "LoRA '" << name << "': scale " << scale << " refused (it stays " << before << ", no weight changed): "
+        << bad;
     throw InvalidArgument(msg.str());
   }
   if (reports_[lora].patches("text_encoder") || reports_[lora].patches("text_encoder_2")) ++text_encoder_version_;

@@ -74,7 +74,9 @@ class LoraSet {
   // and for a scale at which a module it patches would not be finite: its float32 sum overflows (naming the file and
   // key of the first term that does: a difference too large at its scale, a DoRA magnitude over a near-zero norm) or
   // the cast to the weights' dtype does (fp16's 65504). The scale and the weights then stay as they were (targets
-  // fused before the refusal are fused back, new tensors with the old values: weight_changes() counts them).
+  // fused before the refusal are fused back, new tensors with the old values: weight_changes() counts them). Any
+  // other error (out of memory) puts the scale back and fuses back as far as it can. Not thread-safe: call it where
+  // nothing else uses the model (the model thread, between frames).
   void set_scale(const std::string& name, double scale);
 
   const std::vector<LoraReport>& reports() const { return reports_; }
@@ -100,22 +102,29 @@ class LoraSet {
     std::string component, module;
     torch::Tensor weight;  // the module's parameter, or its bias (set_data on it replaces what the module reads)
     torch::Tensor base;    // the unfused weight (a separate handle to the loaded storage)
-    nn::Conv2dImpl* conv = nullptr;
+    nn::Conv2dImpl* conv = nullptr;      // a weight target's layer (its packed / int8 copies are made again)
+    nn::LinearImpl* linear = nullptr;
     bool repack = false;   // it was prepacked when the LoRA was added
     // A bias target's layer: an int8 copy holds the bias too and sees only weight changes by itself.
     nn::LinearImpl* bias_linear = nullptr;
     nn::Conv2dImpl* bias_conv = nullptr;
     std::vector<Term> terms;
   };
+  // Where a fused weight stops being finite: the loaded weight itself, a term's difference (at its scale), the norm
+  // a DoRA term divides by, or its magnitude over that norm; no term (kCast) when the float32 sum is finite and only
+  // the cast is not.
+  struct Overflow {
+    enum What { kCast, kBase, kDifference, kNorm, kMagnitude } what = kCast;
+    const Term* term = nullptr;
+  };
   // The target's weight from its base through every term at the LoRAs' current scales, in float32; undefined when
-  // no term applies (every scale 0). With `overflow`, the sum stops at the first term after which the weight is not
-  // finite and points it there (nullptr when none).
-  torch::Tensor fused_weight(const Target& t, const Term** overflow) const;
+  // no term applies (every scale 0). With `overflow`, the sum stops where the weight stops being finite and says so.
+  torch::Tensor fused_weight(const Target& t, Overflow* overflow) const;
   // Sums target t at the current scales; with `apply`, puts the result in the module's weight. Returns why it is not
   // finite (empty when it is; nothing applied then).
   std::string fuse_target(Target& t, bool apply);
   void put(Target& t, const torch::Tensor& w);  // the weight the module reads (re-packed / re-quantized as it was)
-  std::string overflow_message(const Target& t, const Term* bad) const;
+  std::string overflow_message(const Target& t, const Overflow& o) const;
   std::string scales() const;  // "'a' 1, 'b' 0.5"
 
   LoraComponents components_;

@@ -201,7 +201,14 @@ class StableDiffusionModels : public DiffusionModels {
       lora_->set_scale(name, scale);
     } catch (...) {
       // A refused scale can still have replaced tensors (fused back to the old values): new storage all the same.
-      if (lora_->weight_changes() != changes) weights_changed();
+      // The refusal is what the caller hears, not a failure to reload the compiled UNet's weights after it.
+      if (lora_->weight_changes() != changes) {
+        try {
+          weights_changed();
+        } catch (const std::exception& e) {
+          log::error("LoRA {}: after the refused scale, reloading the weights failed: {}", name, e.what());
+        }
+      }
       throw;
     }
     weights_changed();

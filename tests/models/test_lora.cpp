@@ -25,6 +25,7 @@
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "models/clip_text_model.h"
+#include "models/int8.h"
 #include "models/layers.h"
 #include "models/lora.h"
 #include "models/random_model.h"
@@ -352,7 +353,7 @@ TEST(LoraLayouts, LycorisPrefixFusesLikeLoraUnet) {
   const std::string dir = sd::test::make_temp_dir("lora_lycoris_prefix");
   int unet_keys = 0;
   const auto lycoris = [&](std::string k) {
-    if (k.rfind("lora_unet_", 0) != 0) return k;
+    if (!sd::starts_with(k, "lora_unet_")) return k;
     ++unet_keys;
     return "lycoris_" + k.substr(10);
   };
@@ -435,6 +436,42 @@ TEST_P(LoraLive, ScaleChangeEqualsFreshFusion) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, LoraLive, ::testing::Values(torch::kFloat, torch::kBFloat16),
                          [](const auto& info) { return info.param == torch::kFloat ? "fp32" : "bf16"; });
+
+// int8 (--dtype int8, libtorch 2): LoRAs fuse first and the UNet's Linear layers are quantized after. A live change
+// makes each changed layer's int8 copy again at once (its own check at the next call compares the storage address,
+// which a freed weight's successor can reuse), so the UNet's output equals a fresh int8 model's at that scale bit
+// for bit, also after two changes between calls.
+TEST(LoraInt8, LiveScaleChangeEqualsAFreshQuantizedModel) {
+  if (!sd::int8::available()) GTEST_SKIP() << sd::int8::unavailable_reason();
+  if (!sd::test::fixture_exists("lora/files/sd15_kohya_unet_te.safetensors")) GTEST_SKIP() << "fixture absent";
+  struct Quantized {
+    Models m;
+    std::unique_ptr<sd::LoraSet> set;
+  };
+  const auto load = [](double scale, bool live) {
+    Quantized q{load_models("tiny-sd15"), nullptr};
+    q.set = std::make_unique<sd::LoraSet>(q.m.components(), live);
+    q.set->add({lora_file_path("sd15_kohya_unet_te"), scale, "style"}, true);
+    q.set->add({lora_file_path("sd15_kohya_lcm"), 1.0, "lcm"}, true);
+    q.set->fuse();
+    EXPECT_GT(q.m.unet->quantize_int8(), 0);
+    return q;
+  };
+  const auto unet_in = sd::SafeTensorsFile::open(sd::test::fixture_path("modules/tiny-sd15/unet.safetensors"));
+  const std::string c = unet_case_names(unet_in).front();
+  torch::NoGradGuard ng;
+  const auto run = [&](Models& m) {
+    return m.unet->forward(unet_in.get(c + ".sample"), unet_in.get(c + ".timestep"),
+                           unet_in.get(c + ".encoder_hidden_states"));
+  };
+  Quantized live = load(1.0, true), fresh = load(0.6, false);
+  const torch::Tensor at_1 = run(live.m);
+  live.set->set_scale("style", 0.3);
+  live.set->set_scale("style", 0.6);
+  const torch::Tensor a = run(live.m), b = run(fresh.m);
+  EXPECT_TRUE(torch::equal(a, b)) << (a - b).abs().max().item<double>();
+  EXPECT_FALSE(torch::equal(at_1, a)) << "the change did not reach the int8 layers";
+}
 
 TEST(LoraLiveRefused, WithoutKeptBaseScaleChangesAreRefused) {
   if (!sd::test::fixture_exists("lora/files/sd15_kohya_lcm.safetensors")) GTEST_SKIP() << "fixture absent";
@@ -1192,7 +1229,8 @@ TEST_F(LoraLycoris, DoraThatOverflowsIsRefusedBeforeAnythingChanges) {
 // magnitude (1e38, 1):
 //   PEFT's rule, dW = [[0, 1], [0, 0]]: at s = 1 row 0 is 1e38 * [0, 2] / 2 = [0, 1e38]; at s = -1 W + s dW's row 0
 //     is 0, its norm eps, and 0 * (1e38 / eps) is NaN
-//   ComfyUI's rule, same dW: W_d's row 0 = [0, 1e38]; at s = 10, W + 10 (W_d - W) passes float32's 3.4e38
+//   ComfyUI's rule, same dW: W_d's row 0 = [0, 1e38]; at s = 10, W + 10 (W_d - W) passes float32's 3.4e38 (named
+//     as the difference at that scale: the magnitude over the norm is finite)
 //   an earlier plain LoRA (dW = [[0, 1], [0, 0]]) under a PEFT DoRA pair whose difference leaves row 0 alone: the plain
 //     LoRA's scale -1 zeroes the row the DoRA term normalises; its scale 1e39 overflows the sum before the DoRA term
 TEST_F(LoraLycoris, DoraThatOverflowsAtALaterScaleIsRefusedBeforeAnythingChanges) {
@@ -1222,9 +1260,11 @@ TEST_F(LoraLycoris, DoraThatOverflowsAtALaterScaleIsRefusedBeforeAnythingChanges
       {{fp}, "a", -1, 0.5,
        "LoRA 'a': scale -1 refused (it stays 1, no weight changed): " + fp + ": " + pk +
            ": this DoRA magnitude over the norm of text_encoder proj + its LoRA" + tail},
+      // W_d is finite ([0, 1e38] in row 0): the blend by s = 10 overflows, not the magnitude over the norm.
       {{fk}, "a", 10, 2,
-       "LoRA 'a': scale 10 refused (it stays 1, no weight changed): " + fk + ": " + kk +
-           ": this DoRA magnitude over the norm of text_encoder proj + its LoRA" + tail},
+       "LoRA 'a': scale 10 refused (it stays 1, no weight changed): " + fk +
+           ": lora_te_proj.lora_down.weight: its LoRA weight difference on text_encoder proj overflows "
+           "float32 at that scale"},
       {{plain, below}, "a", -1, 0.5,
        "LoRA 'a': scale -1 refused (it stays 1, no weight changed): " + below + ": " + pk +
            ": this DoRA magnitude over the norm of text_encoder proj + its LoRA" + tail},
@@ -1342,16 +1382,17 @@ TEST_F(LoraLycoris, EveryOverflowIsRefusedAtFuseAndOnSetScale) {
 
 // Two modules of one LoRA: the first fuses at the new scale, the second overflows; the first is fused back, so the
 // refusal leaves every weight bit-equal (in new tensors, which weight_changes() counts for recorded CUDA graphs).
+struct TwoModel : torch::nn::Module {
+  sd::nn::Linear a{nullptr}, b{nullptr};
+  TwoModel() {
+    a = register_module("a", sd::nn::Linear(2, 2));
+    b = register_module("b", sd::nn::Linear(2, 2));
+    a->weight.set_data(T({{1, 2}, {3, 4}}));
+    b->weight.set_data(T({{3e38f, 0}, {0, 1}}));
+  }
+};
+
 TEST_F(LoraLycoris, ARefusedScaleFusesBackTheModulesAlreadyDone) {
-  struct TwoModel : torch::nn::Module {
-    sd::nn::Linear a{nullptr}, b{nullptr};
-    TwoModel() {
-      a = register_module("a", sd::nn::Linear(2, 2));
-      b = register_module("b", sd::nn::Linear(2, 2));
-      a->weight.set_data(T({{1, 2}, {3, 4}}));
-      b->weight.set_data(T({{3e38f, 0}, {0, 1}}));
-    }
-  };
   const std::string f = write("two.safetensors", {{"lora_te_a.lora_down.weight", T({{1, 0}})},
                                                   {"lora_te_a.lora_up.weight", T({{1}, {0}})},
                                                   {"lora_te_b.lora_down.weight", T({{1, 0}})},
@@ -1370,6 +1411,56 @@ TEST_F(LoraLycoris, ARefusedScaleFusesBackTheModulesAlreadyDone) {
   EXPECT_TRUE(torch::equal(model->b->weight, b)) << model->b->weight;
   EXPECT_EQ(set.weight_changes(), changes + 2);  // a at 1e38, then a back at 1e37
   EXPECT_EQ(set.reports()[0].scale, 1e37);
+  // At load: a fuses, b overflows; fuse() puts a back to the weight as loaded.
+  auto loaded = std::make_shared<TwoModel>();
+  sd::LoraSet at_load({{"text_encoder", loaded.get()}}, false);
+  at_load.add({f, 1e38, "x"}, true);
+  EXPECT_EQ(error_of([&] { at_load.fuse(); }),
+            "LoRAs not fused ('x' 1e+38): " + f +
+                ": its LoRA weight difference on text_encoder b overflows float32 at that scale");
+  EXPECT_TRUE(torch::equal(loaded->a->weight, T({{1, 2}, {3, 4}}))) << loaded->a->weight;
+  EXPECT_TRUE(torch::equal(loaded->b->weight, T({{3e38f, 0}, {0, 1}}))) << loaded->b->weight;
+  EXPECT_EQ(at_load.weight_changes(), 2u);  // a fused, a put back
+}
+
+// What the message blames: a loaded weight that is already not finite, and a full module's diff_b by its own key.
+TEST_F(LoraLycoris, OverflowMessagesNameTheRightCulprit) {
+  const std::string plain = write("p.safetensors", {{"lora_te_proj.lora_down.weight", T({{1, 0}})},
+                                                    {"lora_te_proj.lora_up.weight", T({{1}, {0}})}});
+  auto nan_model = std::make_shared<HandModel>(T({{1, 0}, {0, NAN}}), torch::zeros({2}));
+  sd::LoraSet a({{"text_encoder", nan_model.get()}}, false);
+  a.add({plain, 1.0, "p"}, true);
+  EXPECT_EQ(error_of([&] { a.fuse(); }),
+            "LoRAs not fused ('p' 1): the model's own text_encoder proj is not finite (NaN or inf in the loaded "
+            "weights)");
+  const std::string full = write("full.safetensors", {{"text_encoder.proj.diff", T({{0, 0}, {0, 0}})},
+                                                      {"text_encoder.proj.diff_b", torch::tensor({3e38f, 0.0f})}});
+  auto model = std::make_shared<HandModel>(T({{1, 0}, {0, 1}}), torch::tensor({1e38f, 0.0f}));
+  sd::LoraSet b({{"text_encoder", model.get()}}, true);
+  b.add({full, 1.0, "f"}, true);
+  EXPECT_EQ(error_of([&] { b.fuse(); }),
+            "LoRAs not fused ('f' 1): " + full +
+                ": text_encoder.proj.diff_b: its bias weight difference on text_encoder proj bias overflows float32 "
+                "at that scale");
+}
+
+// DoRA's norm over a channel of finite but huge values is infinite in float32, and m / inf would zero the channel: it
+// is refused instead. An earlier plain LoRA at scale 1e20 makes row 0 [1e20, 1e20]; its squared norm passes 3.4e38.
+TEST_F(LoraLycoris, DoraOverAnInfiniteNormIsRefusedNotZeroed) {
+  const std::string plain = write("big.safetensors", {{"lora_te_proj.lora_down.weight", T({{1, 1}})},
+                                                      {"lora_te_proj.lora_up.weight", T({{1}, {0}})}});
+  const std::string dora = write("dora.safetensors", {{"lora_te_proj.lora_down.weight", T({{0, 0}})},
+                                                      {"lora_te_proj.lora_up.weight", T({{0}, {0}})},
+                                                      {"lora_te_proj.dora_scale", T({{1}, {1}})}});
+  auto model = std::make_shared<HandModel>(T({{0, 0}, {0, 1}}), torch::zeros({2}));
+  sd::LoraSet set({{"text_encoder", model.get()}}, true);
+  set.add({plain, 1e20, "big"}, true);
+  set.add({dora, 1.0, "d"}, true);
+  EXPECT_EQ(error_of([&] { set.fuse(); }),
+            "LoRAs not fused ('big' 1e+20, 'd' 1): " + dora +
+                ": lora_te_proj.dora_scale: the norm DoRA divides by overflows float32: text_encoder proj + its LoRA "
+                "weight difference is too large at these scales (an earlier LoRA's scale?)");
+  EXPECT_TRUE(torch::equal(model->weight(), T({{0, 0}, {0, 1}})));
 }
 
 // The formulas against tiny-sd15's convolutions and Linears, computed here another way (per kernel tap, per block),
