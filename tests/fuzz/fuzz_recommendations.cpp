@@ -56,6 +56,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 }
 
 #ifdef SD_FUZZ_STANDALONE_MAIN
+#include <iterator>
+#include <vector>
+
+#include "fuzz_driver.h"
+
 namespace {
 
 // Valid documents built from the grammar, then mutated: most inputs reach the field checks, not just the JSON parser.
@@ -79,25 +84,11 @@ std::string value(std::mt19937_64& rng, int depth) {
   return kValues[rng() % (sizeof(kValues) / sizeof(kValues[0]))];
 }
 
-std::string mutate(std::string s, std::mt19937_64& rng) {
-  const int rounds = static_cast<int>(rng() % 3);
-  for (int r = 0; r < rounds && !s.empty(); ++r) {
-    switch (rng() % 4) {
-      case 0: s[rng() % s.size()] = static_cast<char>(rng()); break;
-      case 1: s.resize(rng() % s.size()); break;
-      case 2: s.insert(rng() % s.size(), kValues[rng() % (sizeof(kValues) / sizeof(kValues[0]))]); break;
-      case 3: s.erase(rng() % s.size(), 1 + rng() % 4); break;
-    }
-  }
-  return s;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const long iterations = argc > 1 ? std::atol(argv[1]) : 100000;
-  const unsigned long seed = argc > 2 ? std::strtoul(argv[2], nullptr, 10) : 1;
-  std::mt19937_64 rng(seed);
+  auto [iterations, rng] = sd::fuzz::driver_args(argc, argv);
+  const std::vector<std::string> pieces(std::begin(kValues), std::end(kValues));
   long accepted = 0;
   for (long i = 0; i < iterations; ++i) {
     std::string doc = "{";
@@ -105,7 +96,7 @@ int main(int argc, char** argv) {
     for (int k = 0; k < n; ++k)
       doc += (k ? ", \"" : "\"") + std::string(kKeys[rng() % (sizeof(kKeys) / sizeof(kKeys[0]))]) + "\": " +
              value(rng, 0);
-    doc = mutate(doc + "}", rng);
+    doc = sd::fuzz::mutate_text(doc + "}", rng, "", pieces);
     sd::ModelDefaults d;
     try {
       sd::apply_recommendations_json(doc, "fuzz.json", d);

@@ -38,6 +38,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 }
 
 #ifdef SD_FUZZ_STANDALONE_MAIN
+#include "fuzz_driver.h"
+
 namespace {
 
 using sd::safetensors::DType;
@@ -122,9 +124,7 @@ std::string mutate(std::string s, std::mt19937_64& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const long iterations = argc > 1 ? std::atol(argv[1]) : 100000;
-  const unsigned long seed = argc > 2 ? std::strtoul(argv[2], nullptr, 10) : 1;
-  std::mt19937_64 rng(seed);
+  auto [iterations, rng] = sd::fuzz::driver_args(argc, argv);
   long parsed_ok = 0;
   for (long i = 0; i < iterations; ++i) {
     std::string input = mutate(valid_file(rng), rng);

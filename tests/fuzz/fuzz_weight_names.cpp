@@ -119,6 +119,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 }
 
 #ifdef SD_FUZZ_STANDALONE_MAIN
+#include "fuzz_driver.h"
+
 namespace {
 
 template <size_t N>
@@ -181,25 +183,13 @@ std::string build_index(std::mt19937_64& rng) {
   return doc + "}}";
 }
 
-std::string mutate(std::string s, std::mt19937_64& rng) {
-  const int rounds = static_cast<int>(rng() % 3);
-  for (int r = 0; r < rounds && !s.empty(); ++r) {
-    switch (rng() % 4) {
-      case 0: s[rng() % s.size()] = ".-/\\\"{}0x"[rng() % 9]; break;
-      case 1: s.resize(rng() % s.size()); break;
-      case 2: s.insert(rng() % s.size(), rng() % 2 ? "." : "-of-"); break;
-      case 3: s.erase(rng() % s.size(), 1 + rng() % 4); break;
-    }
-  }
-  return s;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const long iterations = argc > 1 ? std::atol(argv[1]) : 100000;
-  const unsigned long seed = argc > 2 ? std::strtoul(argv[2], nullptr, 10) : 1;
-  std::mt19937_64 rng(seed);
+  auto [iterations, rng] = sd::fuzz::driver_args(argc, argv);
+  const auto mutate = [&rng = rng](const std::string& s) {
+    return sd::fuzz::mutate_text(s, rng, ".-/\\\"{}0x", {".", "-of-"});
+  };
   long named = 0, accepted = 0;
   for (long i = 0; i < iterations; ++i) {
     // A name from the grammar parses to exactly what built it; then mutated, only the invariants hold.
@@ -207,10 +197,10 @@ int main(int argc, char** argv) {
     const sd::WeightFileName w = sd::parse_weight_file_name(b.name);
     if (w.kind != b.w.kind || w.stem != b.w.stem || w.variant != b.w.variant || w.legacy != b.w.legacy)
       fail("a well-formed name read as something else", b.name);
-    const std::string name = mutate(b.name, rng);
+    const std::string name = mutate(b.name);
     check_name(name);
     named += sd::parse_weight_file_name(name).kind != sd::WeightFileName::kNone;
-    accepted += check_index(mutate(build_index(rng), rng));
+    accepted += check_index(mutate(build_index(rng)));
   }
   std::printf("fuzz_weight_names_random: %ld executions, mutated names read as weight files: %ld, indexes accepted: "
               "%ld, rejected: %ld, no crash\n",
