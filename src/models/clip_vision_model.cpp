@@ -82,8 +82,11 @@ CLIPVisionOutput CLIPVisionTransformerImpl::forward(const torch::Tensor& pixel_v
   auto positions = torch::arange(c.num_patches() + 1, torch::TensorOptions().dtype(torch::kLong).device(w.device()));
   auto h = torch::cat({cls, patches}, 1) + position_embedding(positions);
   h = pre_layrnorm(h);
-  for (const auto& layer : *layers) h = layer->as<CLIPEncoderLayer>()->forward(h, torch::Tensor());
   CLIPVisionOutput out;
+  for (const auto& layer : *layers) {
+    out.penultimate_hidden_state = h;
+    h = layer->as<CLIPEncoderLayer>()->forward(h, torch::Tensor());
+  }
   out.last_hidden_state = h;
   out.pooler_output = post_layernorm(h.select(1, 0));
   return out;

@@ -35,6 +35,9 @@ struct CLIPVisionConfig {
 
 struct CLIPVisionOutput {
   torch::Tensor last_hidden_state;  // [B, 1 + patches, D] encoder output (no post_layernorm)
+  // [B, 1 + patches, D] hidden_states[-2]: the last layer's input (IP-Adapter Plus reads it); with one layer, the
+  // embeddings after pre_layrnorm
+  torch::Tensor penultimate_hidden_state;
   torch::Tensor pooler_output;      // [B, D] post_layernorm(CLS state)
   torch::Tensor image_embeds;       // [B, projection_dim] visual_projection(pooler_output)
 };

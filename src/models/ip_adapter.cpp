@@ -29,6 +29,64 @@ torch::Tensor ImageProjectionImpl::forward(const torch::Tensor& image_embeds) {
   return norm(proj(x).reshape({x.size(0), num_tokens, cross_attention_dim}));
 }
 
+PerceiverAttentionImpl::PerceiverAttentionImpl(int64_t dim, int64_t h, int64_t dim_head) : heads(h) {
+  const int64_t inner = h * dim_head;
+  norm1 = register_module("norm1", sd::nn::LayerNorm(dim, 1e-5));
+  norm2 = register_module("norm2", sd::nn::LayerNorm(dim, 1e-5));
+  to_q = register_module("to_q", sd::nn::Linear(dim, inner, false));
+  to_kv = register_module("to_kv", sd::nn::Linear(dim, 2 * inner, false));
+  to_out = register_module("to_out", sd::nn::Linear(inner, dim, false));
+}
+
+torch::Tensor PerceiverAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& latents) {
+  const torch::Tensor l = norm2(latents);                              // [B, Q, D]
+  const auto kv = to_kv(torch::cat({norm1(x), l}, 1)).chunk(2, -1);   // keys / values over [B, N + Q, inner]
+  // The original scales q and k by dh^-1/4 each; attention() scales q k^T by dh^-1/2: the same soft-max argument.
+  return to_out(attention(to_q(l), kv[0], kv[1], heads, /*upcast=*/true));
+}
+
+namespace {
+// A Resampler block: "0" the attention, "1" the feed-forward (nn.Sequential: "0" LayerNorm, "1" Linear, "2" GELU,
+// "3" Linear).
+struct ResamplerBlockImpl : torch::nn::Module {
+  ResamplerBlockImpl(const ResamplerConfig& c) {
+    attn = register_module("0", PerceiverAttention(c.hidden_dim, c.heads, c.dim_head));
+    auto ff = register_module("1", std::make_shared<torch::nn::Module>());
+    ff_norm = ff->register_module("0", sd::nn::LayerNorm(c.hidden_dim, 1e-5));
+    ff_up = ff->register_module("1", sd::nn::Linear(c.hidden_dim, c.ff_dim, false));
+    ff_down = ff->register_module("3", sd::nn::Linear(c.ff_dim, c.hidden_dim, false));
+  }
+  torch::Tensor forward(const torch::Tensor& x, torch::Tensor latents) {
+    latents = attn(x, latents) + latents;
+    return ff_down(torch::gelu(ff_up(ff_norm(latents)))) + latents;
+  }
+  PerceiverAttention attn{nullptr};
+  sd::nn::LayerNorm ff_norm{nullptr};
+  sd::nn::Linear ff_up{nullptr}, ff_down{nullptr};
+};
+TORCH_MODULE(ResamplerBlock);
+}  // namespace
+
+ResamplerImpl::ResamplerImpl(const ResamplerConfig& c) : config(c) {
+  latents = register_parameter("latents", torch::empty({1, c.num_queries, c.hidden_dim}));
+  proj_in = register_module("proj_in", sd::nn::Linear(c.embed_dim, c.hidden_dim));
+  proj_out = register_module("proj_out", sd::nn::Linear(c.hidden_dim, c.output_dim));
+  norm_out = register_module("norm_out", sd::nn::LayerNorm(c.output_dim, 1e-5));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.depth; ++i) layers->push_back(ResamplerBlock(c));
+}
+
+torch::Tensor ResamplerImpl::forward(const torch::Tensor& features) {
+  if (features.dim() != 3 || features.size(2) != config.embed_dim)
+    throw InvalidArgument("IP-Adapter Plus image_proj: the image features must be [B, N, " +
+                          std::to_string(config.embed_dim) + "] (the image encoder's penultimate hidden states), got " +
+                          shape_str(features.sizes()));
+  const torch::Tensor x = proj_in(features.to(latents.device(), latents.scalar_type()));  // [B, N, D]
+  torch::Tensor l = latents.expand({features.size(0), config.num_queries, config.hidden_dim});
+  for (const auto& block : *layers) l = block->as<ResamplerBlockImpl>()->forward(x, l);
+  return norm_out(proj_out(l));  // [B, Q, C]
+}
+
 std::vector<CrossAttentionSlot> ip_adapter_cross_attentions(torch::nn::Module& unet) {
   // diffusers' attn_processors walks named_children recursively: down_blocks, up_blocks, then mid_block (the order
   // UNet2DConditionModel.__init__ registers them), each in its own registration order.
@@ -56,6 +114,16 @@ std::vector<CrossAttentionSlot> ip_adapter_cross_attentions(torch::nn::Module& u
 IPAdapterImpl::IPAdapterImpl(int64_t p, int64_t c, int64_t t, const std::vector<CrossAttentionSlot>& slots)
     : slots_(slots), scale_(std::make_shared<std::atomic<double>>(1.0)) {
   image_proj = register_module("image_proj", ImageProjection(p, c, t));
+  add_branches(c, t);
+}
+
+IPAdapterImpl::IPAdapterImpl(const ResamplerConfig& r, const std::vector<CrossAttentionSlot>& slots)
+    : slots_(slots), scale_(std::make_shared<std::atomic<double>>(1.0)) {
+  resampler = register_module("image_proj", Resampler(r));
+  add_branches(r.output_dim, r.num_queries);
+}
+
+void IPAdapterImpl::add_branches(int64_t c, int64_t t) {
   ip_adapter = register_module("ip_adapter", std::make_shared<torch::nn::Module>());
   for (const auto& s : slots_) {
     const auto& o = s.attention->options;
@@ -70,7 +138,9 @@ IPAdapterImpl::IPAdapterImpl(int64_t p, int64_t c, int64_t t, const std::vector<
   }
 }
 
-torch::Tensor IPAdapterImpl::project(const torch::Tensor& image_embeds) { return image_proj(image_embeds); }
+torch::Tensor IPAdapterImpl::project(const torch::Tensor& image_embeds) {
+  return plus() ? resampler(image_embeds) : image_proj(image_embeds);
+}
 
 void IPAdapterImpl::attach() {
   for (size_t i = 0; i < slots_.size(); ++i) slots_[i].attention->ip = branches_[i];
@@ -88,8 +158,72 @@ void IPAdapterImpl::set_scale(double scale) {
   scale_->store(scale);
 }
 
+namespace {
+
+// A Plus file's Resampler from its shapes (image_proj.latents present), each checked; dh = 64 as diffusers reads it.
+ResamplerConfig resampler_config(const SafeTensorsFile& file, const std::string& path, int64_t c,
+                                 int64_t image_hidden_size) {
+  const auto shape = [&](const std::string& key) -> std::vector<int64_t> {
+    if (!file.contains(key))
+      throw FormatError(path, "missing key " + key + " (an IP-Adapter Plus file: image_proj.latents, proj_in, "
+                              "proj_out, norm_out and image_proj.layers.N.{0.norm1, 0.norm2, 0.to_q, 0.to_kv, "
+                              "0.to_out, 1.0, 1.1, 1.3})");
+    const auto& i = file.info(key);
+    return std::vector<int64_t>(i.shape.begin(), i.shape.end());
+  };
+  const auto expect = [&](const std::string& key, const std::vector<int64_t>& want, const std::string& why) {
+    const auto got = shape(key);
+    if (got != want)
+      throw FormatError(path, key + " has shape " + shape_str(got) + ", expected " + shape_str(want) + why);
+  };
+  ResamplerConfig r;
+  const auto lat = shape("image_proj.latents");
+  if (lat.size() != 3 || lat[0] != 1 || lat[1] <= 0 || lat[2] <= 0)
+    throw FormatError(path, "image_proj.latents has shape " + shape_str(lat) + ", expected [1, Q, D] (Q learnt "
+                            "queries of width D)");
+  r.num_queries = lat[1];
+  r.hidden_dim = lat[2];
+  r.output_dim = c;
+  const auto in = shape("image_proj.proj_in.weight");
+  if (in.size() != 2 || in[0] != r.hidden_dim || in[1] <= 0)
+    throw FormatError(path, "image_proj.proj_in.weight has shape " + shape_str(in) + ", expected [" +
+                            std::to_string(r.hidden_dim) + ", E] (E: the image encoder's hidden_size)");
+  r.embed_dim = in[1];
+  if (image_hidden_size > 0 && r.embed_dim != image_hidden_size)
+    throw FormatError(path, "image_proj.proj_in.weight has shape " + shape_str(in) + ", expected [" +
+                            std::to_string(r.hidden_dim) + ", " + std::to_string(image_hidden_size) +
+                            "]: the image encoder's hidden_size is " + std::to_string(image_hidden_size));
+  expect("image_proj.proj_out.weight", {c, r.hidden_dim},
+         ": the adapter's cross_attention_dim must be the UNet's " + std::to_string(c) +
+             " (an IP-Adapter for another base model?)");
+  while (file.contains("image_proj.layers." + std::to_string(r.depth) + ".0.to_q.weight")) ++r.depth;
+  if (r.depth == 0) shape("image_proj.layers.0.0.to_q.weight");  // names the missing key
+  const auto q = shape("image_proj.layers.0.0.to_q.weight");
+  if (q.size() != 2 || q[0] <= 0 || q[0] % r.dim_head != 0)
+    throw FormatError(path, "image_proj.layers.0.0.to_q.weight has shape " + shape_str(q) + ", expected [H x 64, " +
+                            std::to_string(r.hidden_dim) + "] (heads of 64 channels)");
+  r.heads = q[0] / r.dim_head;
+  const auto ff = shape("image_proj.layers.0.1.1.weight");
+  if (ff.size() != 2 || ff[0] <= 0)
+    throw FormatError(path, "image_proj.layers.0.1.1.weight has shape " + shape_str(ff) + ", expected [F, " +
+                            std::to_string(r.hidden_dim) + "]");
+  r.ff_dim = ff[0];
+  for (int64_t i = 0; i < r.depth; ++i) {
+    const std::string b = "image_proj.layers." + std::to_string(i) + ".";
+    const int64_t inner = r.heads * r.dim_head, d = r.hidden_dim;
+    expect(b + "0.to_q.weight", {inner, d}, "");
+    expect(b + "0.to_kv.weight", {2 * inner, d}, " (keys and values)");
+    expect(b + "0.to_out.weight", {d, inner}, "");
+    expect(b + "1.1.weight", {r.ff_dim, d}, "");
+    expect(b + "1.3.weight", {d, r.ff_dim}, "");
+  }
+  return r;
+}
+
+}  // namespace
+
 IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& unet, int64_t image_embed_dim,
-                                  torch::ScalarType dtype, torch::Device device) {
+                                  torch::ScalarType dtype, torch::Device device, int64_t image_hidden_size) {
   refuse_pickle(path);
   const auto file = SafeTensorsFile::open(path);
   const auto slots = ip_adapter_cross_attentions(unet);
@@ -103,21 +237,30 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
     return file.info(key);
   };
   auto shape_of = [](const safetensors::TensorInfo& i) { return std::vector<int64_t>(i.shape.begin(), i.shape.end()); };
-  const auto norm_shape = shape_of(need("image_proj.norm.weight", "[" + std::to_string(c) + "]"));
-  if (norm_shape.size() != 1 || norm_shape[0] != c)
-    throw FormatError(path, "image_proj.norm.weight has shape " + shape_str(norm_shape) + ", expected [" +
-                                std::to_string(c) + "]: the adapter's cross_attention_dim does not match the UNet's " +
-                                std::to_string(c) + " (an IP-Adapter for another base model?)");
-  const auto proj_shape = shape_of(need("image_proj.proj.weight", "[T x " + std::to_string(c) + ", P]"));
-  if (proj_shape.size() != 2 || proj_shape[0] % c != 0 || proj_shape[0] == 0)
-    throw FormatError(path, "image_proj.proj.weight has shape " + shape_str(proj_shape) + ", expected [T x " +
-                                std::to_string(c) + ", P] (T image tokens of the UNet's cross_attention_dim " +
-                                std::to_string(c) + ")");
-  const int64_t tokens = proj_shape[0] / c, p = proj_shape[1];
-  if (image_embed_dim > 0 && p != image_embed_dim)
-    throw FormatError(path, "image_proj.proj.weight has shape " + shape_str(proj_shape) + ", expected [" +
-                                std::to_string(proj_shape[0]) + ", " + std::to_string(image_embed_dim) +
-                                "]: the image encoder's projection_dim is " + std::to_string(image_embed_dim));
+  const bool plus = file.contains("image_proj.latents");
+  ResamplerConfig resampler;
+  int64_t tokens = 0, p = 0;
+  if (plus) {
+    resampler = resampler_config(file, path, c, image_hidden_size);
+    tokens = resampler.num_queries;
+  } else {
+    const auto norm_shape = shape_of(need("image_proj.norm.weight", "[" + std::to_string(c) + "]"));
+    if (norm_shape.size() != 1 || norm_shape[0] != c)
+      throw FormatError(path, "image_proj.norm.weight has shape " + shape_str(norm_shape) + ", expected [" +
+                                  std::to_string(c) + "]: the adapter's cross_attention_dim does not match the " +
+                                  "UNet's " + std::to_string(c) + " (an IP-Adapter for another base model?)");
+    const auto proj_shape = shape_of(need("image_proj.proj.weight", "[T x " + std::to_string(c) + ", P]"));
+    if (proj_shape.size() != 2 || proj_shape[0] % c != 0 || proj_shape[0] == 0)
+      throw FormatError(path, "image_proj.proj.weight has shape " + shape_str(proj_shape) + ", expected [T x " +
+                                  std::to_string(c) + ", P] (T image tokens of the UNet's cross_attention_dim " +
+                                  std::to_string(c) + ")");
+    tokens = proj_shape[0] / c;
+    p = proj_shape[1];
+    if (image_embed_dim > 0 && p != image_embed_dim)
+      throw FormatError(path, "image_proj.proj.weight has shape " + shape_str(proj_shape) + ", expected [" +
+                                  std::to_string(proj_shape[0]) + ", " + std::to_string(image_embed_dim) +
+                                  "]: the image encoder's projection_dim is " + std::to_string(image_embed_dim));
+  }
   // The number of cross-attentions: the highest ip_adapter.{k} id must be the last attn2's.
   int64_t max_id = -1;
   for (const auto& k : file.keys()) {
@@ -145,7 +288,7 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
         throw FormatError(path, key + " has shape " + shape_str(sh) + ", expected " + expected + " for " + s.name);
     }
   }
-  IPAdapter adapter(p, c, tokens, slots);
+  IPAdapter adapter = plus ? IPAdapter(resampler, slots) : IPAdapter(p, c, tokens, slots);
   LoadWeightsOptions opts;
   opts.dtype = dtype;
   opts.device = device;
@@ -201,6 +344,14 @@ torch::Tensor IPAdapterModels::image_embeds(const torch::Tensor& rgb_u8_hwc) con
   torch::NoGradGuard no_grad;
   const auto& cfg = image_encoder->config();
   const auto& w = image_encoder->visual_projection->weight;
+  if (adapter->plus()) {
+    // diffusers' encode_image(output_hidden_states=True): hidden_states[-2] of the image, and for classifier-free
+    // guidance of zeros_like(pixel_values) (zero after the normalisation, not a black image).
+    const torch::Tensor pixels =
+        rgb_u8_hwc.defined() ? clip_image_preprocess(rgb_u8_hwc, cfg.image_size)
+                             : torch::zeros({1, cfg.num_channels, cfg.image_size, cfg.image_size});
+    return image_encoder.ptr()->forward(pixels.to(w.device(), w.scalar_type())).penultimate_hidden_state;
+  }
   // diffusers' encode_image for classifier-free guidance: the unconditional image embeds are zeros.
   if (!rgb_u8_hwc.defined()) return torch::zeros({1, cfg.projection_dim}, w.options());
   const torch::Tensor pixels = clip_image_preprocess(rgb_u8_hwc, cfg.image_size);
@@ -217,11 +368,13 @@ std::shared_ptr<IPAdapterModels> load_ip_adapter(const std::string& path, torch:
   auto m = std::make_shared<IPAdapterModels>();
   m->paths = find_ip_adapter(path);
   m->image_encoder = load_clip_vision_model(m->paths.image_encoder_dir, dtype, device);
-  m->adapter = load_ip_adapter_weights(m->paths.weights, unet, m->image_encoder->config().projection_dim, dtype, device);
+  const auto& ec = m->image_encoder->config();
+  m->adapter = load_ip_adapter_weights(m->paths.weights, unet, ec.projection_dim, dtype, device, ec.hidden_size);
   m->adapter->attach();
-  log::info("IP-Adapter {}: {} image tokens into {} cross-attentions, image encoder {} ({} px, projection {})",
-            m->paths.weights, m->adapter->num_tokens(), m->adapter->slots().size(), m->paths.image_encoder_dir,
-            m->image_encoder->config().image_size, m->image_encoder->config().projection_dim);
+  log::info("IP-Adapter{} {}: {} image tokens into {} cross-attentions, image encoder {} ({} px, {} {})",
+            m->adapter->plus() ? " Plus" : "", m->paths.weights, m->adapter->num_tokens(), m->adapter->slots().size(),
+            m->paths.image_encoder_dir, ec.image_size, m->adapter->plus() ? "penultimate hidden states" : "projection",
+            m->adapter->plus() ? ec.hidden_size : ec.projection_dim);
   return m;
 }
 

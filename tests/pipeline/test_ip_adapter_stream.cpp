@@ -6,10 +6,14 @@
 // StreamDiffusion runs with IP-Adapter; the UNet itself is checked against diffusers in tests/models.)
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include "common/fixtures.h"
+#include "common/ip_adapter_plus.h"
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "models/ip_adapter.h"
+#include "models/unet_2d_condition.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
 #include "stream_outputs.h"
@@ -136,6 +140,49 @@ TEST_P(IPAdapterStream, ContextRowsCarryImageAndZeroImageTokens) {
 INSTANTIATE_TEST_SUITE_P(Cfg, IPAdapterStream,
                          ::testing::Values(CfgType::None, CfgType::Self, CfgType::Full, CfgType::Initialize),
                          [](const auto& info) { return cfg_type_name(info.param); });
+
+// IP-Adapter Plus (a made-up file, common/ip_adapter_plus.h): 16 tokens of the image's penultimate hidden states in
+// every row, the zero image's in the uncond rows; scale 0 is the plain stream bit for bit, scale 0.6 changes it.
+TEST_P(IPAdapterStream, PlusAdapterRowsAndScaleZero) {
+  const CfgType cfg = GetParam();
+  const std::string dir = test::make_temp_dir("ip_plus_stream");
+  {
+    auto unet = load_unet(test::fixture_path("models/tiny-sd15/unet"));
+    save_safetensors(dir + "/ip-adapter-plus_sd15.safetensors", test::plus_tensors(*unet));
+  }
+  std::filesystem::copy(test::fixture_path(kAdapterDir + "/image_encoder"), dir + "/image_encoder",
+                        std::filesystem::copy_options::recursive);
+  LoadOptions o;
+  o.threads = -1;
+  o.taesd = test::fixture_path("models/tiny-sd15/taesd");
+  o.ip_adapter = dir;
+  o.ip_adapter_scale = 0.0;
+  const auto models = load_pipeline(test::fixture_path("models/tiny-sd15"), o);
+  const IPAdapterModels* ip = models->ip_adapter();
+  ASSERT_TRUE(ip && ip->adapter->plus());
+  StreamDiffusion s(models, config(cfg));
+  s.prepare("a photo of a cat", "blurry");
+  s.set_image_prompt(image_prompt(1));
+  const int64_t q = test::kPlusQ;
+  ASSERT_EQ(s.prompt_embeds().size(1), 77 + q);
+  const Tensor img = ip->image_tokens(ip->image_embeds(image_prompt(1)));
+  const Tensor zero = ip->image_tokens(ip->image_embeds(Tensor()));
+  const Tensor pe = s.prompt_embeds();
+  for (int64_t r = 0; r < pe.size(0); ++r)
+    EXPECT_TRUE(torch::equal(pe[r].slice(0, 77), (r < s.uncond_rows() ? zero : img)[0])) << "row " << r;
+  const auto at0 = run(s, 3);
+  const auto plain_models = load(false);
+  StreamDiffusion plain(plain_models, config(cfg));
+  plain.prepare("a photo of a cat", "blurry");
+  const auto ref = run(plain, 3);
+  EXPECT_EQ(max_diff(at0, ref), 0.0) << "scale 0 is the plain stream";
+  models->set_ip_adapter_scale(0.6);
+  StreamDiffusion s2(models, config(cfg));
+  s2.prepare("a photo of a cat", "blurry");
+  s2.set_image_prompt(image_prompt(1));
+  EXPECT_GT(max_diff(run(s2, 3), ref), 1e-3);
+  std::filesystem::remove_all(dir);
+}
 
 class IPAdapterStreamLive : public IPAdapterStream {};
 

@@ -1,0 +1,214 @@
+// IP-Adapter Plus (models/ip_adapter.h, Resampler): no fixture holds a Plus file, so the tests make one with random
+// weights for the fixture tiny-sd15 UNet and tiny image encoder, in the original file layout, and check the projection
+// against h94/IP-Adapter's Resampler formula written out here another way (per-head soft-max of (q dh^-1/4)
+// (k dh^-1/4)^T, as the original computes it); the encoder's penultimate hidden states against a one-layer copy of
+// the encoder; the UNet with Plus tokens (16, not 4) at scale 0 against the plain UNet, bit for bit; and the loader's
+// errors.
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include <gtest/gtest.h>
+
+#include "common/error_of.h"
+#include "common/fixtures.h"
+#include "common/ip_adapter_plus.h"
+#include "core/error.h"
+#include "io/json_config.h"
+#include "io/safetensors.h"
+#include "io/state_dict.h"
+#include "models/clip_vision_model.h"
+#include "models/ip_adapter.h"
+#include "models/unet_2d_condition.h"
+
+namespace sd {
+namespace {
+
+namespace fs = std::filesystem;
+using torch::Tensor;
+using Tensors = std::map<std::string, Tensor>;
+
+const std::string kEncoder = "ipadapter/models/tiny-ip-adapter-sd15/image_encoder";
+const std::string kUNet = "models/tiny-sd15/unet";
+
+#define SD_REQUIRE_FIXTURES()                                                                           \
+  if (!test::fixture_exists(kEncoder + "/config.json") || !test::fixture_exists(kUNet + "/config.json")) \
+  GTEST_SKIP() << "tiny-sd15 / tiny IP-Adapter image encoder not in the fixture root"
+
+using test::plus_tensors;
+// The made-up adapter's sizes (common/ip_adapter_plus.h).
+constexpr int64_t kE = test::kPlusE, kC = test::kPlusC, kD = test::kPlusD, kQ = test::kPlusQ,
+                  kDepth = test::kPlusDepth, kHeads = test::kPlusHeads, kDh = test::kPlusDh, kF = test::kPlusF;
+
+std::string write(const std::string& dir, const std::string& name, const Tensors& t) {
+  const std::string p = dir + "/" + name;
+  save_safetensors(p, t);
+  return p;
+}
+
+// h94/IP-Adapter's Resampler as its resampler.py computes it, from the file's tensors.
+Tensor resampler_reference(const Tensors& t, const Tensor& features) {
+  const auto ln = [&](const Tensor& x, const std::string& k) {
+    return torch::layer_norm(x, {x.size(-1)}, t.at(k + "weight"), t.at(k + "bias"), 1e-5);
+  };
+  const auto heads = [](const Tensor& x) {  // [B, L, H * dh] -> [B, H, L, dh]
+    return x.view({x.size(0), x.size(1), kHeads, -1}).transpose(1, 2);
+  };
+  const int64_t b = features.size(0);
+  Tensor x = torch::matmul(features, t.at("image_proj.proj_in.weight").t()) + t.at("image_proj.proj_in.bias");
+  Tensor latents = t.at("image_proj.latents").repeat({b, 1, 1});
+  for (int64_t i = 0; i < kDepth; ++i) {
+    const std::string p = "image_proj.layers." + std::to_string(i) + ".";
+    const Tensor xn = ln(x, p + "0.norm1."), l = ln(latents, p + "0.norm2.");
+    const Tensor q = torch::matmul(l, t.at(p + "0.to_q.weight").t());
+    const auto kv = torch::matmul(torch::cat({xn, l}, -2), t.at(p + "0.to_kv.weight").t()).chunk(2, -1);
+    const double scale = 1 / std::sqrt(std::sqrt(static_cast<double>(kDh)));
+    const Tensor w = torch::softmax(torch::matmul(heads(q) * scale, (heads(kv[0]) * scale).transpose(-2, -1)), -1);
+    const Tensor out = torch::matmul(w, heads(kv[1])).permute({0, 2, 1, 3}).reshape({b, kQ, -1});
+    latents = torch::matmul(out, t.at(p + "0.to_out.weight").t()) + latents;
+    const Tensor h = torch::gelu(torch::matmul(ln(latents, p + "1.0."), t.at(p + "1.1.weight").t()));
+    latents = torch::matmul(h, t.at(p + "1.3.weight").t()) + latents;
+  }
+  const Tensor out = torch::matmul(latents, t.at("image_proj.proj_out.weight").t()) + t.at("image_proj.proj_out.bias");
+  return ln(out, "image_proj.norm_out.");
+}
+
+TEST(IPAdapterPlus, ResamplerMatchesTheOriginalFormula) {
+  SD_REQUIRE_FIXTURES();
+  auto unet = load_unet(test::fixture_path(kUNet));
+  const std::string dir = test::make_temp_dir("ip_plus");
+  const Tensors t = plus_tensors(*unet);
+  const std::string file = write(dir, "ip-adapter-plus_tiny.safetensors", t);
+  auto adapter = load_ip_adapter_weights(file, *unet, 8, torch::kFloat, torch::kCPU, kE);
+  EXPECT_TRUE(adapter->plus());
+  EXPECT_EQ(adapter->num_tokens(), kQ);
+  EXPECT_EQ(adapter->image_embed_dim(), kE);
+  EXPECT_EQ(adapter->cross_attention_dim(), kC);
+  const auto& rc = adapter->resampler->config;
+  EXPECT_EQ(std::vector<int64_t>({rc.hidden_dim, rc.depth, rc.heads, rc.ff_dim}),
+            std::vector<int64_t>({kD, kDepth, kHeads, kF}));
+  std::set<std::string> names, keys;
+  for (const auto& p : adapter->named_parameters()) names.insert(p.key());
+  for (const auto& kv : t) keys.insert(kv.first);
+  EXPECT_EQ(names, keys) << "registered names are the file's keys";
+  torch::NoGradGuard ng;
+  torch::manual_seed(1);
+  const Tensor features = torch::randn({2, 17, kE});  // [B, 1 + patches, E], as the tiny encoder gives
+  const Tensor got = adapter->project(features), want = resampler_reference(t, features);
+  ASSERT_EQ(got.sizes(), (std::vector<int64_t>{2, kQ, kC}));
+  EXPECT_TRUE(torch::allclose(got, want, 1e-5, 1e-5)) << (got - want).abs().max().item<double>();
+  // Each image's tokens depend on its own features only.
+  const Tensor one = adapter->project(features.slice(0, 1, 2));
+  EXPECT_TRUE(torch::allclose(one, got.slice(0, 1, 2), 1e-6, 1e-6));
+  EXPECT_THROW(adapter->project(torch::zeros({2, 8})), InvalidArgument);  // image_embeds, not hidden states
+  fs::remove_all(dir);
+}
+
+// hidden_states[-2] is the last layer's input: a copy of the encoder with its last layer removed ends there.
+TEST(IPAdapterPlus, PenultimateHiddenStateIsTheLastLayersInput) {
+  SD_REQUIRE_FIXTURES();
+  auto two = load_clip_vision_model(test::fixture_path(kEncoder));
+  ASSERT_EQ(two->config().num_hidden_layers, 2);
+  CLIPVisionConfig c1 = two->config();
+  c1.num_hidden_layers = 1;
+  CLIPVisionModel one(c1);
+  std::map<std::string, Tensor> weights;
+  for (const auto& [k, v] : state_dict(*two))
+    if (k.find("encoder.layers.1.") == std::string::npos) weights[k] = v;
+  load_weights(*one, weights, "two-layer encoder");
+  torch::NoGradGuard ng;
+  torch::manual_seed(2);
+  const Tensor px = torch::randn({2, 3, c1.image_size, c1.image_size});
+  const auto a = two->forward(px), b = one->forward(px);
+  EXPECT_TRUE(torch::equal(a.penultimate_hidden_state, b.last_hidden_state));
+  EXPECT_FALSE(torch::equal(a.penultimate_hidden_state, a.last_hidden_state));
+}
+
+// Through the folder loader: the image features are the penultimate hidden states (the unconditional ones those of
+// zero pixel values), 16 tokens reach every attn2, scale 0 is the plain UNet bit for bit, and a real scale changes it.
+TEST(IPAdapterPlus, UNetTakesTheTokensAndScaleZeroIsThePlainUNet) {
+  SD_REQUIRE_FIXTURES();
+  auto unet = load_unet(test::fixture_path(kUNet));
+  const std::string dir = test::make_temp_dir("ip_plus_folder");
+  write(dir, "ip-adapter-plus_sd15.safetensors", plus_tensors(*unet));
+  fs::copy(test::fixture_path(kEncoder), dir + "/image_encoder", fs::copy_options::recursive);
+  auto ip = load_ip_adapter(dir, *unet);
+  ASSERT_TRUE(ip->adapter->plus());
+  torch::NoGradGuard ng;
+  const Tensor rgb = torch::randint(0, 256, {40, 48, 3}, torch::kUInt8);
+  const Tensor features = ip->image_embeds(rgb);
+  EXPECT_EQ(features.sizes(), (std::vector<int64_t>{1, 17, kE}));
+  const auto& ec = ip->image_encoder->config();
+  const Tensor px = clip_image_preprocess(rgb, ec.image_size);
+  EXPECT_TRUE(torch::equal(features, ip->image_encoder->forward(px).penultimate_hidden_state));
+  const Tensor uncond = ip->image_embeds(Tensor());
+  EXPECT_TRUE(torch::equal(
+      uncond, ip->image_encoder->forward(torch::zeros({1, 3, ec.image_size, ec.image_size})).penultimate_hidden_state));
+  const Tensor tokens = torch::cat({ip->image_tokens(uncond), ip->image_tokens(features)});  // [2, 16, C]
+  ASSERT_EQ(tokens.sizes(), (std::vector<int64_t>{2, kQ, kC}));
+  torch::manual_seed(3);
+  const Tensor sample = torch::randn({2, 4, 8, 8}), t = torch::tensor({999, 259}), text = torch::randn({2, 77, kC});
+  const Tensor ctx = torch::cat({text, tokens}, 1);  // [2, 77 + 16, C]
+  ip->adapter->set_scale(0.0);
+  const Tensor out0 = unet->forward(sample, t, ctx);
+  ip->adapter->set_scale(0.7);
+  const Tensor out = unet->forward(sample, t, ctx);
+  ip->adapter->detach();
+  const Tensor plain = unet->forward(sample, t, text);
+  EXPECT_TRUE(torch::equal(out0, plain)) << (out0 - plain).abs().max().item<double>();
+  EXPECT_GT((out - plain).abs().max().item<double>(), 1e-3);
+  EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
+  fs::remove_all(dir);
+}
+
+TEST(IPAdapterPlus, BadFilesNameTheKeyAndTheExpectedShape) {
+  SD_REQUIRE_FIXTURES();
+  auto unet = load_unet(test::fixture_path(kUNet));
+  const std::string dir = test::make_temp_dir("ip_plus_bad");
+  struct Case {
+    std::string name;
+    std::function<void(Tensors&)> edit;
+    std::string message;  // after "<file>: "
+    int64_t hidden = kE;
+  };
+  const std::vector<Case> cases = {
+      {"other_encoder", [](Tensors&) {},
+       "image_proj.proj_in.weight has shape [24, 16], expected [24, 1280]: the image encoder's hidden_size is 1280",
+       1280},
+      {"other_cross_dim", [](Tensors& t) { t["image_proj.proj_out.weight"] = torch::zeros({48, kD}); },
+       "image_proj.proj_out.weight has shape [48, 24], expected [32, 24]: the adapter's cross_attention_dim must be "
+       "the UNet's 32 (an IP-Adapter for another base model?)"},
+      {"latents", [](Tensors& t) { t["image_proj.latents"] = torch::zeros({kQ, kD}); },
+       "image_proj.latents has shape [16, 24], expected [1, Q, D] (Q learnt queries of width D)"},
+      {"to_kv", [](Tensors& t) { t["image_proj.layers.1.0.to_kv.weight"] = torch::zeros({128, kD}); },
+       "image_proj.layers.1.0.to_kv.weight has shape [128, 24], expected [256, 24] (keys and values)"},
+      {"heads", [](Tensors& t) {
+         for (const char* k : {"image_proj.layers.0.0.to_q.weight", "image_proj.layers.1.0.to_q.weight"})
+           t[k] = torch::zeros({100, kD});
+       },
+       "image_proj.layers.0.0.to_q.weight has shape [100, 24], expected [H x 64, 24] (heads of 64 channels)"},
+      {"missing", [](Tensors& t) { t.erase("image_proj.layers.1.1.3.weight"); },
+       "missing key image_proj.layers.1.1.3.weight (an IP-Adapter Plus file: image_proj.latents, proj_in, proj_out, "
+       "norm_out and image_proj.layers.N.{0.norm1, 0.norm2, 0.to_q, 0.to_kv, 0.to_out, 1.0, 1.1, 1.3})"},
+  };
+  for (const Case& c : cases) {
+    Tensors t = plus_tensors(*unet);
+    c.edit(t);
+    const std::string file = write(dir, "ip-adapter-plus_" + c.name + ".safetensors", t);
+    EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(file, *unet, 8, torch::kFloat, torch::kCPU, c.hidden); }),
+              file + ": " + c.message)
+        << c.name;
+  }
+  // A key the Resampler has no place for (a later IP-Adapter version's positional embedding) is named by the strict
+  // load.
+  Tensors t = plus_tensors(*unet);
+  t["image_proj.pos_emb.weight"] = torch::zeros({257, kE});
+  const std::string file = write(dir, "ip-adapter-plus_pos.safetensors", t);
+  const std::string msg = test::error_of([&] { load_ip_adapter_weights(file, *unet, 8); });
+  EXPECT_NE(msg.find("image_proj.pos_emb.weight"), std::string::npos) << msg;
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace sd
