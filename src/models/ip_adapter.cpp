@@ -192,7 +192,9 @@ ResamplerConfig resampler_config(const SafeTensorsFile& file, const std::string&
   if (image_hidden_size > 0 && r.embed_dim != image_hidden_size)
     throw FormatError(path, "image_proj.proj_in.weight has shape " + shape_str(in) + ", expected [" +
                             std::to_string(r.hidden_dim) + ", " + std::to_string(image_hidden_size) +
-                            "]: the image encoder's hidden_size is " + std::to_string(image_hidden_size));
+                            "]: the image encoder's hidden_size is " + std::to_string(image_hidden_size) +
+                            " (a Plus file needs the image encoder it was trained with: h94's *_vit-h SDXL files use "
+                            "ViT-H, hidden_size 1280, from models/image_encoder, not sdxl_models/image_encoder)");
   expect("image_proj.proj_out.weight", {c, r.hidden_dim},
          ": the adapter's cross_attention_dim must be the UNet's " + std::to_string(c) +
              " (an IP-Adapter for another base model?)");

@@ -1037,10 +1037,15 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
   }
   check_call_inputs("UNet call");  // checked before the call too (a control image cleared since is still refused)
   const auto t0 = Clock::now();
+  // A ControlNet conditions on the text alone: diffusers appends an IP-Adapter's image tokens inside the UNet
+  // (encoder_hid_proj), and its ControlNet pipelines hand the ControlNet the prompt embeddings without them.
+  Tensor text = ehs;  // [R, 77 (+ T), D]
+  if (const IPAdapterModels* ip = models_->ip_adapter(); ip && ip->adapter->attached())
+    text = ehs.narrow(1, 0, ehs.size(1) - ip->adapter->num_tokens());
   ControlResiduals sum;
   for (size_t i = 0; i < controlnets_.size(); ++i) {
     if (controlnets_[i].scale == 0.0) continue;
-    sum += controlnets_[i].net->residuals(sample, t, ehs, added, control_images_[i], controlnets_[i].scale);
+    sum += controlnets_[i].net->residuals(sample, t, text, added, control_images_[i], controlnets_[i].scale);
     ++stats_.controlnet_calls;
   }
   sync_device();

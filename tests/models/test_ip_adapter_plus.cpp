@@ -174,7 +174,9 @@ TEST(IPAdapterPlus, BadFilesNameTheKeyAndTheExpectedShape) {
   };
   const std::vector<Case> cases = {
       {"other_encoder", [](Tensors&) {},
-       "image_proj.proj_in.weight has shape [24, 16], expected [24, 1280]: the image encoder's hidden_size is 1280",
+       "image_proj.proj_in.weight has shape [24, 16], expected [24, 1280]: the image encoder's hidden_size is 1280 "
+       "(a Plus file needs the image encoder it was trained with: h94's *_vit-h SDXL files use ViT-H, hidden_size "
+       "1280, from models/image_encoder, not sdxl_models/image_encoder)",
        1280},
       {"other_cross_dim", [](Tensors& t) { t["image_proj.proj_out.weight"] = torch::zeros({48, kD}); },
        "image_proj.proj_out.weight has shape [48, 24], expected [32, 24]: the adapter's cross_attention_dim must be "

@@ -100,6 +100,36 @@ TEST(ControlNetStream, ScaleZeroEqualsNoControlNetBitForBit) {
   EXPECT_EQ(s.batch_blocker(), "ControlNets run on the stream's own UNet batch");
 }
 
+// With an IP-Adapter the context ends with its image tokens, which only the UNet reads: the ControlNet gets the text
+// alone, as diffusers' ControlNet pipelines give it. At IP scale 0 the UNet ignores the tokens exactly, so the frames
+// equal the same stream without an adapter only if the ControlNet's residuals do.
+TEST(ControlNetStream, WithAnIPAdapterTheControlNetSeesTheTextAlone) {
+  SD_REQUIRE_CN();
+  const std::string adapter = "ipadapter/models/tiny-ip-adapter-sd15";
+  if (!test::fixture_exists(adapter + "/image_encoder")) GTEST_SKIP() << "no IP-Adapter fixture";
+  LoadOptions o;
+  o.threads = -1;
+  o.taesd = test::fixture_path("models/tiny-sd15/taesd");
+  o.ip_adapter = test::fixture_path(adapter);
+  o.ip_adapter_scale = 0.0;
+  const auto ip_models = load_pipeline(test::fixture_path("models/tiny-sd15"), o);
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  const Tensor plain = run([&](StreamDiffusion& s) {
+    s.set_controlnets({{cn, 1.0}});
+    s.set_control_image(0, control(0));
+  });
+  StreamDiffusion s(ip_models, cfg());
+  s.prepare("a cat", "blurry");
+  s.set_controlnets({{ControlNet::load(test::fixture_path(kCn), *ip_models), 1.0}});
+  s.set_control_image(0, control(0));
+  s.set_image_prompt(torch::full({32, 32, 3}, 200, torch::kUInt8));
+  ASSERT_GT(s.prompt_embeds().size(1), 77);
+  std::vector<Tensor> outs;
+  for (int i = 0; i < 3; ++i) outs.push_back(s.img2img(frame()));
+  const Tensor with_ip = torch::cat(outs);
+  EXPECT_TRUE(torch::equal(with_ip, plain)) << (with_ip - plain).abs().max().item<double>();
+}
+
 TEST(ControlNetStream, TwoControlNetsGiveTheSumOfTheirResiduals) {
   SD_REQUIRE_CN();
   const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
