@@ -185,6 +185,56 @@ TEST(IPAdapterPlus, UNetTakesTheTokensAndScaleZeroIsThePlainUNet) {
   fs::remove_all(dir);
 }
 
+// SDXL (no fixture adapter): made-up plain and Plus adapters for the tiny SDXL UNet (a block without attention, one
+// of two transformer layers, cross_attention_dim 12) attach to all its attn2, take their tokens beside the added
+// conditioning, are the plain UNet bit for bit at scale 0 and change it at 0.7.
+TEST(IPAdapterPlus, SdxlUNetTakesPlainAndPlusTokens) {
+  const std::string model = "sdxl/models/tiny-sdxl/unet";
+  if (!test::fixture_exists(model + "/config.json")) GTEST_SKIP() << "no tiny-sdxl fixture";
+  SD_REQUIRE_FIXTURES();
+  const std::string dir = test::make_temp_dir("ip_sdxl");
+  torch::NoGradGuard ng;
+  for (const bool plus : {false, true}) {
+    auto unet = load_unet(test::fixture_path(model));
+    const auto slots = ip_adapter_cross_attentions(*unet);
+    // down: 1 attention x 2 transformer layers; up: 2 x 2; mid: 1 x 2 (transformer_layers_per_block [1, 2]).
+    ASSERT_EQ(slots.size(), 8u);
+    const int64_t c = slots.front().attention->options.cross_attention_dim;
+    Tensors t;
+    if (plus) {
+      t = plus_tensors(*unet);
+    } else {
+      torch::manual_seed(5);
+      t["image_proj.proj.weight"] = torch::randn({4 * c, 8}) * 0.2;
+      t["image_proj.proj.bias"] = torch::randn({4 * c}) * 0.2;
+      t["image_proj.norm.weight"] = torch::ones({c});
+      t["image_proj.norm.bias"] = torch::zeros({c});
+      test::add_ip_branches(t, *unet);
+    }
+    const std::string file = write(dir, plus ? "plus.safetensors" : "plain.safetensors", t);
+    auto adapter = load_ip_adapter_weights(file, *unet, 8, torch::kFloat, torch::kCPU, kE);
+    EXPECT_EQ(adapter->plus(), plus);
+    adapter->attach();
+    torch::manual_seed(6);
+    const Tensor features = plus ? torch::randn({2, 17, kE}) : torch::randn({2, 8});
+    const Tensor tokens = adapter->project(features);  // [2, 4 | 16, 12]
+    ASSERT_EQ(tokens.sizes(), (std::vector<int64_t>{2, plus ? kQ : 4, c}));
+    const Tensor sample = torch::randn({2, 4, 8, 8}), ts = torch::tensor({999, 259}), text = torch::randn({2, 77, c});
+    const Tensor text_embeds = torch::randn({2, 12});
+    const Tensor time_ids = torch::tensor({64.f, 64.f, 0.f, 0.f, 64.f, 64.f}).repeat({2, 1});  // [2, 6]
+    const Tensor ctx = torch::cat({text, tokens}, 1);
+    adapter->set_scale(0.0);
+    const Tensor out0 = unet->forward(sample, ts, ctx, {}, text_embeds, time_ids);
+    adapter->set_scale(0.7);
+    const Tensor out = unet->forward(sample, ts, ctx, {}, text_embeds, time_ids);
+    adapter->detach();
+    const Tensor base = unet->forward(sample, ts, text, {}, text_embeds, time_ids);
+    EXPECT_TRUE(torch::equal(out0, base)) << (plus ? "Plus " : "plain ") << (out0 - base).abs().max().item<double>();
+    EXPECT_GT((out - base).abs().max().item<double>(), 1e-4) << (plus ? "Plus" : "plain");
+  }
+  fs::remove_all(dir);
+}
+
 TEST(IPAdapterPlus, BadFilesNameTheKeyAndTheExpectedShape) {
   SD_REQUIRE_FIXTURES();
   auto unet = load_unet(test::fixture_path(kUNet));
