@@ -87,6 +87,23 @@ torch::Tensor ResamplerImpl::forward(const torch::Tensor& features) {
   return norm_out(proj_out(l));  // [B, Q, C]
 }
 
+FullProjectionImpl::FullProjectionImpl(int64_t e, int64_t c, int64_t n)
+    : embed_dim(e), cross_attention_dim(c), num_tokens(n) {
+  auto proj = register_module("proj", std::make_shared<torch::nn::Module>());  // the original's nn.Sequential
+  fc1 = proj->register_module("0", sd::nn::Linear(e, e));
+  fc2 = proj->register_module("2", sd::nn::Linear(e, c));
+  norm = proj->register_module("3", sd::nn::LayerNorm(c, 1e-5));
+}
+
+torch::Tensor FullProjectionImpl::forward(const torch::Tensor& features) {
+  if (features.dim() != 3 || features.size(1) != num_tokens || features.size(2) != embed_dim)
+    throw InvalidArgument("IP-Adapter full-face image_proj: the image features must be [B, " +
+                          std::to_string(num_tokens) + ", " + std::to_string(embed_dim) +
+                          "] (the image encoder's penultimate hidden states), got " + shape_str(features.sizes()));
+  const auto& w = fc1->weight;
+  return norm(fc2(torch::gelu(fc1(features.to(w.device(), w.scalar_type())))));  // [B, N, C]
+}
+
 std::vector<CrossAttentionSlot> ip_adapter_cross_attentions(torch::nn::Module& unet) {
   // diffusers' attn_processors walks named_children recursively: down_blocks, up_blocks, then mid_block (the order
   // UNet2DConditionModel.__init__ registers them), each in its own registration order.
@@ -123,6 +140,12 @@ IPAdapterImpl::IPAdapterImpl(const ResamplerConfig& r, const std::vector<CrossAt
   add_branches(r.output_dim, r.num_queries);
 }
 
+IPAdapterImpl::IPAdapterImpl(FullProjection full, const std::vector<CrossAttentionSlot>& slots)
+    : slots_(slots), scale_(std::make_shared<std::atomic<double>>(1.0)) {
+  full_proj = register_module("image_proj", std::move(full));
+  add_branches(full_proj->cross_attention_dim, full_proj->num_tokens);
+}
+
 void IPAdapterImpl::add_branches(int64_t c, int64_t t) {
   ip_adapter = register_module("ip_adapter", std::make_shared<torch::nn::Module>());
   for (const auto& s : slots_) {
@@ -139,7 +162,7 @@ void IPAdapterImpl::add_branches(int64_t c, int64_t t) {
 }
 
 torch::Tensor IPAdapterImpl::project(const torch::Tensor& image_embeds) {
-  return plus() ? resampler(image_embeds) : image_proj(image_embeds);
+  return plus() ? resampler(image_embeds) : full_face() ? full_proj(image_embeds) : image_proj(image_embeds);
 }
 
 void IPAdapterImpl::attach() {
@@ -225,7 +248,8 @@ ResamplerConfig resampler_config(const SafeTensorsFile& file, const std::string&
 }  // namespace
 
 IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& unet, int64_t image_embed_dim,
-                                  torch::ScalarType dtype, torch::Device device, int64_t image_hidden_size) {
+                                  torch::ScalarType dtype, torch::Device device, int64_t image_hidden_size,
+                                  int64_t image_tokens) {
   refuse_pickle(path);
   const auto file = SafeTensorsFile::open(path);
   const auto slots = ip_adapter_cross_attentions(unet);
@@ -240,11 +264,30 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
   };
   auto shape_of = [](const safetensors::TensorInfo& i) { return std::vector<int64_t>(i.shape.begin(), i.shape.end()); };
   const bool plus = file.contains("image_proj.latents");
+  const bool full_face = !plus && file.contains("image_proj.proj.0.weight");
   ResamplerConfig resampler;
   int64_t tokens = 0, p = 0;
   if (plus) {
     resampler = resampler_config(file, path, c, image_hidden_size);
     tokens = resampler.num_queries;
+  } else if (full_face) {
+    const auto fc1 = shape_of(file.info("image_proj.proj.0.weight"));
+    if (fc1.size() != 2 || fc1[0] != fc1[1] || fc1[0] <= 0 || (image_hidden_size > 0 && fc1[0] != image_hidden_size))
+      throw FormatError(path, "image_proj.proj.0.weight has shape " + shape_str(fc1) + ", expected [E, E] (E: the " +
+                              "image encoder's hidden_size" +
+                              (image_hidden_size > 0 ? ", " + std::to_string(image_hidden_size) : std::string()) +
+                              "; a full-face IP-Adapter)");
+    p = fc1[0];
+    const std::string want2 = "[" + std::to_string(c) + ", " + std::to_string(p) + "]";
+    const auto fc2 = shape_of(need("image_proj.proj.2.weight", want2));
+    if (fc2 != std::vector<int64_t>{c, p})
+      throw FormatError(path, "image_proj.proj.2.weight has shape " + shape_str(fc2) + ", expected " + want2 +
+                              ": the adapter's cross_attention_dim must be the UNet's " + std::to_string(c) +
+                              " (an IP-Adapter for another base model?)");
+    if (image_tokens <= 0)
+      throw InvalidArgument("IP-Adapter " + path + ": a full-face adapter needs the image encoder's token count "
+                            "(load it with its image encoder)");
+    tokens = image_tokens;
   } else {
     const auto norm_shape = shape_of(need("image_proj.norm.weight", "[" + std::to_string(c) + "]"));
     if (norm_shape.size() != 1 || norm_shape[0] != c)
@@ -290,7 +333,9 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
         throw FormatError(path, key + " has shape " + shape_str(sh) + ", expected " + expected + " for " + s.name);
     }
   }
-  IPAdapter adapter = plus ? IPAdapter(resampler, slots) : IPAdapter(p, c, tokens, slots);
+  IPAdapter adapter = plus        ? IPAdapter(resampler, slots)
+                      : full_face ? IPAdapter(FullProjection(p, c, tokens), slots)
+                                  : IPAdapter(p, c, tokens, slots);
   LoadWeightsOptions opts;
   opts.dtype = dtype;
   opts.device = device;
@@ -346,7 +391,7 @@ torch::Tensor IPAdapterModels::image_embeds(const torch::Tensor& rgb_u8_hwc) con
   torch::NoGradGuard no_grad;
   const auto& cfg = image_encoder->config();
   const auto& w = image_encoder->visual_projection->weight;
-  if (adapter->plus()) {
+  if (adapter->reads_hidden_states()) {
     // diffusers' encode_image(output_hidden_states=True): hidden_states[-2] of the image, and for classifier-free
     // guidance of zeros_like(pixel_values) (zero after the normalisation, not a black image).
     const torch::Tensor pixels =
@@ -371,12 +416,14 @@ std::shared_ptr<IPAdapterModels> load_ip_adapter(const std::string& path, torch:
   m->paths = find_ip_adapter(path);
   m->image_encoder = load_clip_vision_model(m->paths.image_encoder_dir, dtype, device);
   const auto& ec = m->image_encoder->config();
-  m->adapter = load_ip_adapter_weights(m->paths.weights, unet, ec.projection_dim, dtype, device, ec.hidden_size);
+  m->adapter = load_ip_adapter_weights(m->paths.weights, unet, ec.projection_dim, dtype, device, ec.hidden_size,
+                                       ec.num_patches() + 1);
   m->adapter->attach();
+  const bool states = m->adapter->reads_hidden_states();
   log::info("IP-Adapter{} {}: {} image tokens into {} cross-attentions, image encoder {} ({} px, {} {})",
-            m->adapter->plus() ? " Plus" : "", m->paths.weights, m->adapter->num_tokens(), m->adapter->slots().size(),
-            m->paths.image_encoder_dir, ec.image_size, m->adapter->plus() ? "penultimate hidden states" : "projection",
-            m->adapter->plus() ? ec.hidden_size : ec.projection_dim);
+            m->adapter->plus() ? " Plus" : m->adapter->full_face() ? " full-face" : "", m->paths.weights,
+            m->adapter->num_tokens(), m->adapter->slots().size(), m->paths.image_encoder_dir, ec.image_size,
+            states ? "penultimate hidden states" : "projection", states ? ec.hidden_size : ec.projection_dim);
   return m;
 }
 

@@ -80,6 +80,21 @@ class ResamplerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Resampler);
 
+// ip-adapter-full-face's projection (the original's MLPProjModel, diffusers' IPAdapterFullImageProjection): every token
+// of the encoder's penultimate hidden states [B, N, E] through LayerNorm(Linear(E -> C)(GELU(Linear(E -> E)(x)))), so
+// the UNet gets N = 1 + patches image tokens (257 for ViT-H/14 at 224 px). File keys image_proj.proj.0 [E, E],
+// image_proj.proj.2 [C, E] (with biases) and image_proj.proj.3 (the LayerNorm, eps 1e-5).
+class FullProjectionImpl : public torch::nn::Module {
+ public:
+  FullProjectionImpl(int64_t embed_dim, int64_t cross_attention_dim, int64_t num_tokens);
+  // features [B, N, E] -> ip_tokens [B, N, C]
+  torch::Tensor forward(const torch::Tensor& features);
+  sd::nn::Linear fc1{nullptr}, fc2{nullptr};
+  sd::nn::LayerNorm norm{nullptr};
+  int64_t embed_dim, cross_attention_dim, num_tokens;
+};
+TORCH_MODULE(FullProjection);
+
 // One cross-attention of a UNet as diffusers orders them for IP-Adapter.
 struct CrossAttentionSlot {
   std::string name;  // "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
@@ -98,6 +113,8 @@ class IPAdapterImpl : public torch::nn::Module {
                 const std::vector<CrossAttentionSlot>& slots);
   // IP-Adapter Plus: the Resampler as image_proj.
   IPAdapterImpl(const ResamplerConfig& resampler, const std::vector<CrossAttentionSlot>& slots);
+  // ip-adapter-full-face: the per-token MLP as image_proj.
+  IPAdapterImpl(FullProjection full, const std::vector<CrossAttentionSlot>& slots);
 
   // image_embeds [B, P] (Plus: the encoder's penultimate hidden states [B, N, E]) -> ip_tokens [B, T, C] (in the
   // weights' dtype and device).
@@ -111,18 +128,28 @@ class IPAdapterImpl : public torch::nn::Module {
   // Safe to change between UNet calls; InvalidArgument when not finite.
   void set_scale(double scale);
   double scale() const { return scale_->load(); }
-  int64_t num_tokens() const { return plus() ? resampler->config.num_queries : image_proj->num_tokens; }
-  // P, the image encoder's projection_dim; Plus: E, its hidden_size.
-  int64_t image_embed_dim() const { return plus() ? resampler->config.embed_dim : image_proj->image_embed_dim; }
+  int64_t num_tokens() const {
+    return plus() ? resampler->config.num_queries : full_face() ? full_proj->num_tokens : image_proj->num_tokens;
+  }
+  // P, the image encoder's projection_dim; Plus and full-face: E, its hidden_size.
+  int64_t image_embed_dim() const {
+    return plus() ? resampler->config.embed_dim : full_face() ? full_proj->embed_dim : image_proj->image_embed_dim;
+  }
   int64_t cross_attention_dim() const {
-    return plus() ? resampler->config.output_dim : image_proj->cross_attention_dim;
+    return plus() ? resampler->config.output_dim
+                  : full_face() ? full_proj->cross_attention_dim : image_proj->cross_attention_dim;
   }
   // IP-Adapter Plus (a Resampler over the encoder's penultimate hidden states).
   bool plus() const { return !resampler.is_empty(); }
+  // ip-adapter-full-face (every penultimate hidden state a token).
+  bool full_face() const { return !full_proj.is_empty(); }
+  // What project() takes: the encoder's penultimate hidden states (Plus, full-face), else its image_embeds.
+  bool reads_hidden_states() const { return plus() || full_face(); }
   const std::vector<CrossAttentionSlot>& slots() const { return slots_; }
 
-  ImageProjection image_proj{nullptr};  // registered as "image_proj", one of the two
+  ImageProjection image_proj{nullptr};  // registered as "image_proj", one of the three
   Resampler resampler{nullptr};
+  FullProjection full_proj{nullptr};
   std::shared_ptr<torch::nn::Module> ip_adapter;  // children "1", "3", ... each with to_k_ip, to_v_ip
 
  private:
@@ -138,10 +165,12 @@ TORCH_MODULE(IPAdapter);
 // the UNet (cross_attention_dim, the number and widths of its attn2) and returns the adapter, not attached. Errors
 // (FormatError) name the file, the key and the expected shape. `image_embed_dim` > 0 also checks
 // image_proj.proj.weight against the image encoder's projection_dim, `image_hidden_size` > 0 a Plus file's
-// image_proj.proj_in.weight against its hidden_size. A Plus file is told by its image_proj.latents.
+// image_proj.proj_in.weight (full-face: image_proj.proj.0.weight) against its hidden_size. A Plus file is told by
+// its image_proj.latents, a full-face one by image_proj.proj.0.weight; the latter's token count is the encoder's
+// 1 + patches, `image_tokens` (required for it).
 IPAdapter load_ip_adapter_weights(const std::string& file, torch::nn::Module& unet, int64_t image_embed_dim = 0,
                                   torch::ScalarType dtype = torch::kFloat32, torch::Device device = torch::kCPU,
-                                  int64_t image_hidden_size = 0);
+                                  int64_t image_hidden_size = 0, int64_t image_tokens = 0);
 
 // Where an IP-Adapter's files are: `path` is the weights file (its image encoder in image_encoder/ next to it) or a
 // folder holding exactly one ip-adapter*.safetensors and image_encoder/. FormatError / InvalidArgument otherwise.

@@ -1,9 +1,9 @@
-// IP-Adapter Plus (models/ip_adapter.h, Resampler): no fixture holds a Plus file, so the tests make one with random
-// weights for the fixture tiny-sd15 UNet and tiny image encoder, in the original file layout, and check the projection
-// against h94/IP-Adapter's Resampler formula written out here another way (per-head soft-max of (q dh^-1/4)
-// (k dh^-1/4)^T, as the original computes it); the encoder's penultimate hidden states against a one-layer copy of
-// the encoder; the UNet with Plus tokens (16, not 4) at scale 0 against the plain UNet, bit for bit; and the loader's
-// errors.
+// IP-Adapter Plus (models/ip_adapter.h, Resampler) and full-face (FullProjection): no fixture holds such a file, so
+// the tests make them with random weights for the fixture tiny-sd15 UNet and tiny image encoder, in the original file
+// layout, and check the Resampler against h94/IP-Adapter's formula written out here another way (per-head soft-max of
+// (q dh^-1/4) (k dh^-1/4)^T, as the original computes it) and full-face's MLP against its formula; the encoder's
+// penultimate hidden states against a one-layer copy of the encoder; the UNet (tiny-sd15 and tiny-sdxl) with the
+// tokens at scale 0 against the plain UNet, bit for bit; and the loader's errors.
 #include <cmath>
 #include <iostream>
 #include <filesystem>
@@ -232,6 +232,62 @@ TEST(IPAdapterPlus, SdxlUNetTakesPlainAndPlusTokens) {
     EXPECT_TRUE(torch::equal(out0, base)) << (plus ? "Plus " : "plain ") << (out0 - base).abs().max().item<double>();
     EXPECT_GT((out - base).abs().max().item<double>(), 1e-4) << (plus ? "Plus" : "plain");
   }
+  fs::remove_all(dir);
+}
+
+// ip-adapter-full-face: every penultimate hidden state becomes a token through the original's MLPProjModel,
+// LayerNorm(Linear(GELU(Linear(x)))); 17 tokens with the tiny encoder (1 + 4 x 4 patches).
+TEST(IPAdapterFullFace, ProjectionMatchesItsFormulaAndTheUNetTakesTheTokens) {
+  SD_REQUIRE_FIXTURES();
+  auto unet = load_unet(test::fixture_path(kUNet));
+  const std::string dir = test::make_temp_dir("ip_full_face");
+  torch::manual_seed(8);
+  const std::string p = "image_proj.proj.";
+  Tensors t = {{p + "0.weight", torch::randn({kE, kE}) * 0.3}, {p + "0.bias", torch::randn({kE})},
+               {p + "2.weight", torch::randn({kC, kE}) * 0.3}, {p + "2.bias", torch::randn({kC})},
+               {p + "3.weight", 1 + torch::randn({kC}) * 0.1}, {p + "3.bias", torch::randn({kC})}};
+  test::add_ip_branches(t, *unet);
+  write(dir, "ip-adapter-full-face_sd15.safetensors", t);
+  fs::copy(test::fixture_path(kEncoder), dir + "/image_encoder", fs::copy_options::recursive);
+  auto ip = load_ip_adapter(dir, *unet);
+  ASSERT_TRUE(ip->adapter->full_face());
+  EXPECT_FALSE(ip->adapter->plus());
+  EXPECT_EQ(ip->adapter->num_tokens(), 17);
+  std::set<std::string> names, keys;
+  for (const auto& n : ip->adapter->named_parameters()) names.insert(n.key());
+  for (const auto& kv : t) keys.insert(kv.first);
+  EXPECT_EQ(names, keys);
+  torch::NoGradGuard ng;
+  const Tensor features = ip->image_embeds(torch::randint(0, 256, {32, 32, 3}, torch::kUInt8));  // [1, 17, 16]
+  ASSERT_EQ(features.sizes(), (std::vector<int64_t>{1, 17, kE}));
+  const Tensor h = torch::gelu(torch::matmul(features, t[p + "0.weight"].t()) + t[p + "0.bias"]);
+  const Tensor want = torch::layer_norm(torch::matmul(h, t[p + "2.weight"].t()) + t[p + "2.bias"], {kC},
+                                        t[p + "3.weight"], t[p + "3.bias"], 1e-5);
+  const Tensor tokens = ip->image_tokens(features);
+  EXPECT_TRUE(torch::allclose(tokens, want, 1e-5, 1e-5)) << (tokens - want).abs().max().item<double>();
+  EXPECT_THROW(ip->image_tokens(torch::zeros({1, 16, kE})), InvalidArgument);  // not the encoder's 17 tokens
+  const Tensor both = torch::cat({ip->image_tokens(ip->image_embeds(Tensor())), tokens});  // [2, 17, C]
+  torch::manual_seed(9);
+  const Tensor sample = torch::randn({2, 4, 8, 8}), ts = torch::tensor({999, 259}), text = torch::randn({2, 77, kC});
+  const Tensor ctx = torch::cat({text, both}, 1);  // [2, 77 + 17, C]
+  ip->adapter->set_scale(0.0);
+  const Tensor out0 = unet->forward(sample, ts, ctx);
+  ip->adapter->set_scale(0.7);
+  const Tensor out = unet->forward(sample, ts, ctx);
+  ip->adapter->detach();
+  const Tensor plain = unet->forward(sample, ts, text);
+  EXPECT_TRUE(torch::equal(out0, plain));
+  EXPECT_GT((out - plain).abs().max().item<double>(), 1e-3);
+  // Errors: another base model's width; no token count without the encoder.
+  t[p + "2.weight"] = torch::zeros({48, kE});
+  const std::string bad = write(dir, "ip-adapter-full-face_bad.safetensors", t);
+  EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(bad, *unet, 8, torch::kFloat, torch::kCPU, kE, 17); }),
+            bad + ": image_proj.proj.2.weight has shape [48, 16], expected [32, 16]: the adapter's "
+                  "cross_attention_dim must be the UNet's 32 (an IP-Adapter for another base model?)");
+  const std::string file = dir + "/ip-adapter-full-face_sd15.safetensors";
+  EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(file, *unet, 8); }),
+            "IP-Adapter " + file + ": a full-face adapter needs the image encoder's token count (load it with its "
+            "image encoder)");
   fs::remove_all(dir);
 }
 
