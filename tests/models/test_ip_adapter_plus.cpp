@@ -49,6 +49,27 @@ std::string write(const std::string& dir, const std::string& name, const Tensors
   return p;
 }
 
+// The UNet with `adapter` attached and the context [random text, tokens] (tokens [2, T, C]): at scale 0 exactly the
+// plain UNet on the text, at 0.7 more than 1e-4 away from it and finite. SDXL: its added conditioning. Detaches.
+void expect_scale_zero_is_the_plain_unet(UNet2DConditionModelImpl& unet, IPAdapterImpl& adapter, const Tensor& tokens,
+                                         const std::string& what, bool sdxl = false) {
+  torch::manual_seed(3);
+  const int64_t c = tokens.size(2);
+  const Tensor sample = torch::randn({2, 4, 8, 8}), t = torch::tensor({999, 259}), text = torch::randn({2, 77, c});
+  const Tensor text_embeds = sdxl ? torch::randn({2, 12}) : Tensor();
+  const Tensor time_ids = sdxl ? torch::tensor({64.f, 64.f, 0.f, 0.f, 64.f, 64.f}).repeat({2, 1}) : Tensor();
+  const Tensor ctx = torch::cat({text, tokens}, 1);  // [2, 77 + T, C]
+  adapter.set_scale(0.0);
+  const Tensor out0 = unet.forward(sample, t, ctx, {}, text_embeds, time_ids);
+  adapter.set_scale(0.7);
+  const Tensor out = unet.forward(sample, t, ctx, {}, text_embeds, time_ids);
+  adapter.detach();
+  const Tensor plain = unet.forward(sample, t, text, {}, text_embeds, time_ids);
+  EXPECT_TRUE(torch::equal(out0, plain)) << what << ": " << (out0 - plain).abs().max().item<double>();
+  EXPECT_GT((out - plain).abs().max().item<double>(), 1e-4) << what;
+  EXPECT_TRUE(torch::isfinite(out).all().item<bool>()) << what;
+}
+
 // h94/IP-Adapter's Resampler as its resampler.py computes it, from the file's tensors.
 Tensor resampler_reference(const Tensors& t, const Tensor& features) {
   const auto ln = [&](const Tensor& x, const std::string& k) {
@@ -170,18 +191,7 @@ TEST(IPAdapterPlus, UNetTakesTheTokensAndScaleZeroIsThePlainUNet) {
       uncond, ip->image_encoder->forward(torch::zeros({1, 3, ec.image_size, ec.image_size})).penultimate_hidden_state));
   const Tensor tokens = torch::cat({ip->image_tokens(uncond), ip->image_tokens(features)});  // [2, 16, C]
   ASSERT_EQ(tokens.sizes(), (std::vector<int64_t>{2, kQ, kC}));
-  torch::manual_seed(3);
-  const Tensor sample = torch::randn({2, 4, 8, 8}), t = torch::tensor({999, 259}), text = torch::randn({2, 77, kC});
-  const Tensor ctx = torch::cat({text, tokens}, 1);  // [2, 77 + 16, C]
-  ip->adapter->set_scale(0.0);
-  const Tensor out0 = unet->forward(sample, t, ctx);
-  ip->adapter->set_scale(0.7);
-  const Tensor out = unet->forward(sample, t, ctx);
-  ip->adapter->detach();
-  const Tensor plain = unet->forward(sample, t, text);
-  EXPECT_TRUE(torch::equal(out0, plain)) << (out0 - plain).abs().max().item<double>();
-  EXPECT_GT((out - plain).abs().max().item<double>(), 1e-3);
-  EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
+  expect_scale_zero_is_the_plain_unet(*unet, *ip->adapter, tokens, "Plus");
   fs::remove_all(dir);
 }
 
@@ -219,18 +229,7 @@ TEST(IPAdapterPlus, SdxlUNetTakesPlainAndPlusTokens) {
     const Tensor features = plus ? torch::randn({2, 17, kE}) : torch::randn({2, 8});
     const Tensor tokens = adapter->project(features);  // [2, 4 | 16, 12]
     ASSERT_EQ(tokens.sizes(), (std::vector<int64_t>{2, plus ? kQ : 4, c}));
-    const Tensor sample = torch::randn({2, 4, 8, 8}), ts = torch::tensor({999, 259}), text = torch::randn({2, 77, c});
-    const Tensor text_embeds = torch::randn({2, 12});
-    const Tensor time_ids = torch::tensor({64.f, 64.f, 0.f, 0.f, 64.f, 64.f}).repeat({2, 1});  // [2, 6]
-    const Tensor ctx = torch::cat({text, tokens}, 1);
-    adapter->set_scale(0.0);
-    const Tensor out0 = unet->forward(sample, ts, ctx, {}, text_embeds, time_ids);
-    adapter->set_scale(0.7);
-    const Tensor out = unet->forward(sample, ts, ctx, {}, text_embeds, time_ids);
-    adapter->detach();
-    const Tensor base = unet->forward(sample, ts, text, {}, text_embeds, time_ids);
-    EXPECT_TRUE(torch::equal(out0, base)) << (plus ? "Plus " : "plain ") << (out0 - base).abs().max().item<double>();
-    EXPECT_GT((out - base).abs().max().item<double>(), 1e-4) << (plus ? "Plus" : "plain");
+    expect_scale_zero_is_the_plain_unet(*unet, *adapter, tokens, plus ? "SDXL Plus" : "SDXL plain", true);
   }
   fs::remove_all(dir);
 }
@@ -267,17 +266,7 @@ TEST(IPAdapterFullFace, ProjectionMatchesItsFormulaAndTheUNetTakesTheTokens) {
   EXPECT_TRUE(torch::allclose(tokens, want, 1e-5, 1e-5)) << (tokens - want).abs().max().item<double>();
   EXPECT_THROW(ip->image_tokens(torch::zeros({1, 16, kE})), InvalidArgument);  // not the encoder's 17 tokens
   const Tensor both = torch::cat({ip->image_tokens(ip->image_embeds(Tensor())), tokens});  // [2, 17, C]
-  torch::manual_seed(9);
-  const Tensor sample = torch::randn({2, 4, 8, 8}), ts = torch::tensor({999, 259}), text = torch::randn({2, 77, kC});
-  const Tensor ctx = torch::cat({text, both}, 1);  // [2, 77 + 17, C]
-  ip->adapter->set_scale(0.0);
-  const Tensor out0 = unet->forward(sample, ts, ctx);
-  ip->adapter->set_scale(0.7);
-  const Tensor out = unet->forward(sample, ts, ctx);
-  ip->adapter->detach();
-  const Tensor plain = unet->forward(sample, ts, text);
-  EXPECT_TRUE(torch::equal(out0, plain));
-  EXPECT_GT((out - plain).abs().max().item<double>(), 1e-3);
+  expect_scale_zero_is_the_plain_unet(*unet, *ip->adapter, both, "full-face");
   // Errors: another base model's width; no token count without the encoder.
   t[p + "2.weight"] = torch::zeros({48, kE});
   const std::string bad = write(dir, "ip-adapter-full-face_bad.safetensors", t);
