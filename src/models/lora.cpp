@@ -600,18 +600,19 @@ std::string LoraSet::overflow_message(const Target& t, const Overflow& o) const 
 void LoraSet::fuse() {
   const auto t0 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < targets_.size(); ++i) {
-    const std::string bad = fuse_target(targets_[i], true);
+    Target& t = targets_[i];
+    const std::string bad = fuse_target(t, true);
     if (!bad.empty()) {
-      for (size_t j = 0; j < i; ++j) put(targets_[j], targets_[j].base);  // the model as loaded
+      if (keep_base_)
+        for (size_t j = 0; j < i; ++j) put(targets_[j], targets_[j].base);  // the model as loaded
       throw InvalidArgument("LoRAs not fused (" + scales() + "): " + bad);
     }
-  }
-  if (!keep_base_)  // one-shot: neither the unfused weights nor the factors are needed again
-    for (Target& t : targets_) {
-      t.base = torch::Tensor();
+    if (!keep_base_) {  // one-shot: neither the unfused weights nor the factors are needed again (freed as it goes:
+      t.base = torch::Tensor();  // a reduced-precision model's base is a copy of its own, as large as the fused one)
       t.terms.clear();
       t.terms.shrink_to_fit();
     }
+  }
   fused_ = true;
   fuse_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

@@ -66,8 +66,10 @@ class LoraSet {
   // Reads and matches a LoRA (spec.name must be set, unique); its weights change on the next fuse(). Unmatched keys
   // are logged (count and first names) or, with `strict`, a FormatError. Returns its report.
   const LoraReport& add(const LoraSpec& spec, bool strict);
-  // Fuses every added LoRA into the weights (see the header comment). Called once after the adds. InvalidArgument,
-  // with the weights left as loaded, when a fused weight would not be finite (see set_scale).
+  // Fuses every added LoRA into the weights (see the header comment). Called once after the adds. InvalidArgument
+  // when a fused weight would not be finite (see set_scale): with keep_base the weights are left as loaded; without,
+  // the unfused weights are freed as the fuse goes, so those fused before stay fused and the model is to be discarded
+  // (as a failed load_pipeline does).
   void fuse();
   // Re-fuses the modules LoRA `name` patches with its new scale, from the kept base weights and factors: the result
   // is bit-identical to a fresh load fused at that scale. InvalidArgument for an unknown name or non-finite scale,

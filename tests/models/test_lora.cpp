@@ -1411,9 +1411,10 @@ TEST_F(LoraLycoris, ARefusedScaleFusesBackTheModulesAlreadyDone) {
   EXPECT_TRUE(torch::equal(model->b->weight, b)) << model->b->weight;
   EXPECT_EQ(set.weight_changes(), changes + 2);  // a at 1e38, then a back at 1e37
   EXPECT_EQ(set.reports()[0].scale, 1e37);
-  // At load: a fuses, b overflows; fuse() puts a back to the weight as loaded.
+  // At load: a fuses, b overflows; fuse() puts a back to the weight as loaded (keep_base: the base is there to put
+  // back; a one-shot set frees each base as it fuses, and its model is discarded after the error).
   auto loaded = std::make_shared<TwoModel>();
-  sd::LoraSet at_load({{"text_encoder", loaded.get()}}, false);
+  sd::LoraSet at_load({{"text_encoder", loaded.get()}}, true);
   at_load.add({f, 1e38, "x"}, true);
   EXPECT_EQ(error_of([&] { at_load.fuse(); }),
             "LoRAs not fused ('x' 1e+38): " + f +
