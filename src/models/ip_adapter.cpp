@@ -264,7 +264,12 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
   };
   auto shape_of = [](const safetensors::TensorInfo& i) { return std::vector<int64_t>(i.shape.begin(), i.shape.end()); };
   const bool plus = file.contains("image_proj.latents");
-  const bool full_face = !plus && file.contains("image_proj.proj.0.weight");
+  // full-face's MLP ends in proj.3 (its LayerNorm), as diffusers tells it apart; FaceID's starts with proj.0 too.
+  const bool full_face = !plus && file.contains("image_proj.proj.3.weight");
+  if (!plus && !full_face &&
+      (file.contains("image_proj.proj.0.weight") || file.contains("image_proj.perceiver_resampler.latents")))
+    throw FormatError(path, "an IP-Adapter FaceID file (image_proj.proj.0 / perceiver_resampler: a projection of "
+                            "InsightFace face embeddings) is not supported; plain, Plus and full-face IP-Adapters are");
   ResamplerConfig resampler;
   int64_t tokens = 0, p = 0;
   if (plus) {

@@ -116,8 +116,8 @@ class IPAdapterImpl : public torch::nn::Module {
   // ip-adapter-full-face: the per-token MLP as image_proj.
   IPAdapterImpl(FullProjection full, const std::vector<CrossAttentionSlot>& slots);
 
-  // image_embeds [B, P] (Plus: the encoder's penultimate hidden states [B, N, E]) -> ip_tokens [B, T, C] (in the
-  // weights' dtype and device).
+  // image_embeds [B, P] (Plus, full-face: the encoder's penultimate hidden states [B, N, E]) -> ip_tokens [B, T, C]
+  // (in the weights' dtype and device).
   torch::Tensor project(const torch::Tensor& image_embeds);
   // Sets the IP branch of every slot's attn2 (the slots this adapter was built for). Until detach(), the UNet's
   // context must end with num_tokens() image tokens.
@@ -166,8 +166,8 @@ TORCH_MODULE(IPAdapter);
 // (FormatError) name the file, the key and the expected shape. `image_embed_dim` > 0 also checks
 // image_proj.proj.weight against the image encoder's projection_dim, `image_hidden_size` > 0 a Plus file's
 // image_proj.proj_in.weight (full-face: image_proj.proj.0.weight) against its hidden_size. A Plus file is told by
-// its image_proj.latents, a full-face one by image_proj.proj.0.weight; the latter's token count is the encoder's
-// 1 + patches, `image_tokens` (required for it).
+// its image_proj.latents, a full-face one by image_proj.proj.3.weight; the latter's token count is the encoder's
+// 1 + patches, `image_tokens` (required for it). FaceID files are refused by name.
 IPAdapter load_ip_adapter_weights(const std::string& file, torch::nn::Module& unet, int64_t image_embed_dim = 0,
                                   torch::ScalarType dtype = torch::kFloat32, torch::Device device = torch::kCPU,
                                   int64_t image_hidden_size = 0, int64_t image_tokens = 0);
@@ -186,9 +186,10 @@ struct IPAdapterModels {
   CLIPVisionModel image_encoder{nullptr};
   IPAdapterPaths paths;
 
-  // uint8 RGB [H, W, 3] or [B, H, W, 3] -> image_embeds [B, P] through CLIPImageProcessor + the encoder (Plus: its
-  // penultimate hidden states [B, N, E]). Undefined input: diffusers' unconditional image (zeros [1, P]; Plus: the
-  // encoder's hidden states of all-zero pixel values, as diffusers' encode_image with output_hidden_states).
+  // uint8 RGB [H, W, 3] or [B, H, W, 3] -> image_embeds [B, P] through CLIPImageProcessor + the encoder (Plus,
+  // full-face: its penultimate hidden states [B, N, E]). Undefined input: diffusers' unconditional image (zeros
+  // [1, P]; Plus, full-face: the encoder's hidden states of all-zero pixel values, as diffusers' encode_image with
+  // output_hidden_states).
   torch::Tensor image_embeds(const torch::Tensor& rgb_u8_hwc) const;
   // image_embeds -> ip_tokens [B, T, C] (what is appended to the text context).
   torch::Tensor image_tokens(const torch::Tensor& image_embeds) const;

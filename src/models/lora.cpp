@@ -657,7 +657,8 @@ void LoraSet::set_scale(const std::string& name, double scale) {
   } catch (...) {  // not an overflow (out of memory, say): the same state as before, as far as it can be made
     try {
       fuse_back(std::min(done + 1, targets.size()));
-    } catch (...) {
+    } catch (...) {  // some weights may stay at the new scale: cached prompt embeddings must not be trusted
+      if (reports_[lora].patches("text_encoder") || reports_[lora].patches("text_encoder_2")) ++text_encoder_version_;
     }
     throw;
   }

@@ -1040,7 +1040,7 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
   // A ControlNet conditions on the text alone: diffusers appends an IP-Adapter's image tokens inside the UNet
   // (encoder_hid_proj), and its ControlNet pipelines hand the ControlNet the prompt embeddings without them.
   Tensor text = ehs;  // [R, 77 (+ T), D]
-  if (const IPAdapterModels* ip = models_->ip_adapter(); ip && ip->adapter->attached())
+  if (const IPAdapterModels* ip = models_->ip_adapter())  // as build_prompt_layout appends them
     text = ehs.narrow(1, 0, ehs.size(1) - ip->adapter->num_tokens());
   ControlResiduals sum;
   for (size_t i = 0; i < controlnets_.size(); ++i) {

@@ -273,6 +273,16 @@ TEST(IPAdapterFullFace, ProjectionMatchesItsFormulaAndTheUNetTakesTheTokens) {
   EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(bad, *unet, 8, torch::kFloat, torch::kCPU, kE, 17); }),
             bad + ": image_proj.proj.2.weight has shape [48, 16], expected [32, 16]: the adapter's "
                   "cross_attention_dim must be the UNet's 32 (an IP-Adapter for another base model?)");
+  // A FaceID file (its MLP from a 512-d InsightFace embedding, then image_proj.norm) is refused by name, not read as
+  // a full-face one.
+  Tensors face = {{p + "0.weight", torch::zeros({64, 512})}, {p + "0.bias", torch::zeros({64})},
+                  {p + "2.weight", torch::zeros({4 * kC, 64})}, {p + "2.bias", torch::zeros({4 * kC})},
+                  {"image_proj.norm.weight", torch::ones({kC})}, {"image_proj.norm.bias", torch::zeros({kC})}};
+  test::add_ip_branches(face, *unet);
+  const std::string faceid = write(dir, "ip-adapter-faceid_sd15.safetensors", face);
+  EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(faceid, *unet, 8, torch::kFloat, torch::kCPU, kE, 17); }),
+            faceid + ": an IP-Adapter FaceID file (image_proj.proj.0 / perceiver_resampler: a projection of "
+                     "InsightFace face embeddings) is not supported; plain, Plus and full-face IP-Adapters are");
   const std::string file = dir + "/ip-adapter-full-face_sd15.safetensors";
   EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(file, *unet, 8); }),
             "IP-Adapter " + file + ": a full-face adapter needs the image encoder's token count (load it with its "
