@@ -243,8 +243,8 @@ void add_lora_options(CLI::App& app, std::vector<std::string>& loras, std::strin
 void add_ip_adapter_options(CLI::App& app, PipelineOptions& o) {
   app.add_option("--ip-adapter", o.ip_adapter,
                  "IP-Adapter: its .safetensors file (image encoder in image_encoder/ beside it) or a folder with one "
-                 "ip-adapter*.safetensors and image_encoder/ (h94/IP-Adapter layout: plain, Plus, full-face); conditions on "
-                 "--image-prompt");
+                 "ip-adapter*.safetensors and image_encoder/ (h94/IP-Adapter layout: plain, Plus, full-face); "
+                 "conditions on --image-prompt");
   app.add_option("--ip-adapter-scale", o.ip_adapter_scale,
                  "weight of the image prompt's attention (0 = off; live: 'ip_adapter_scale S')")
       ->capture_default_str();
