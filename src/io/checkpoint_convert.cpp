@@ -35,7 +35,6 @@ bool split_index(const std::string& key, long& idx, std::string& rest) {
   return true;
 }
 
-
 // The current name of a deprecated AutoencoderKL attention key ("" when `key` is not one). diffusers renames exactly
 // "{path}.{old}.weight|bias" of each attention block built with _from_deprecated_attn_block: in an AutoencoderKL the
 // mid blocks of encoder and decoder.

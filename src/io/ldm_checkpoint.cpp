@@ -12,7 +12,6 @@ namespace sd::convert {
 
 namespace {
 
-
 // A key's dot-separated parts, empty ones kept in place ("a..b" -> a, "", b).
 std::vector<std::string> split(const std::string& s) { return sd::split(s, '.', /*keep_empty=*/true); }
 
@@ -26,7 +25,6 @@ bool is_index(const std::string& s) {
   return s.size() < 7 && is_decimal(s);
 }
 int to_index(const std::string& s) { return std::stoi(s); }
-
 
 [[noreturn]] void no_place(const std::string& component, const std::string& key) {
   throw InvalidArgument(component + " key '" + key +

@@ -131,22 +131,25 @@ std::vector<CrossAttentionSlot> ip_adapter_cross_attentions(torch::nn::Module& u
 IPAdapterImpl::IPAdapterImpl(int64_t p, int64_t c, int64_t t, const std::vector<CrossAttentionSlot>& slots)
     : slots_(slots), scale_(std::make_shared<std::atomic<double>>(1.0)) {
   image_proj = register_module("image_proj", ImageProjection(p, c, t));
-  add_branches(c, t);
+  add_branches(p, c, t);
 }
 
 IPAdapterImpl::IPAdapterImpl(const ResamplerConfig& r, const std::vector<CrossAttentionSlot>& slots)
     : slots_(slots), scale_(std::make_shared<std::atomic<double>>(1.0)) {
   resampler = register_module("image_proj", Resampler(r));
-  add_branches(r.output_dim, r.num_queries);
+  add_branches(r.embed_dim, r.output_dim, r.num_queries);
 }
 
 IPAdapterImpl::IPAdapterImpl(FullProjection full, const std::vector<CrossAttentionSlot>& slots)
     : slots_(slots), scale_(std::make_shared<std::atomic<double>>(1.0)) {
   full_proj = register_module("image_proj", std::move(full));
-  add_branches(full_proj->cross_attention_dim, full_proj->num_tokens);
+  add_branches(full_proj->embed_dim, full_proj->cross_attention_dim, full_proj->num_tokens);
 }
 
-void IPAdapterImpl::add_branches(int64_t c, int64_t t) {
+void IPAdapterImpl::add_branches(int64_t p, int64_t c, int64_t t) {
+  image_embed_dim_ = p;
+  cross_attention_dim_ = c;
+  num_tokens_ = t;
   ip_adapter = register_module("ip_adapter", std::make_shared<torch::nn::Module>());
   for (const auto& s : slots_) {
     const auto& o = s.attention->options;

@@ -128,17 +128,10 @@ class IPAdapterImpl : public torch::nn::Module {
   // Safe to change between UNet calls; InvalidArgument when not finite.
   void set_scale(double scale);
   double scale() const { return scale_->load(); }
-  int64_t num_tokens() const {
-    return plus() ? resampler->config.num_queries : full_face() ? full_proj->num_tokens : image_proj->num_tokens;
-  }
+  int64_t num_tokens() const { return num_tokens_; }
   // P, the image encoder's projection_dim; Plus and full-face: E, its hidden_size.
-  int64_t image_embed_dim() const {
-    return plus() ? resampler->config.embed_dim : full_face() ? full_proj->embed_dim : image_proj->image_embed_dim;
-  }
-  int64_t cross_attention_dim() const {
-    return plus() ? resampler->config.output_dim
-                  : full_face() ? full_proj->cross_attention_dim : image_proj->cross_attention_dim;
-  }
+  int64_t image_embed_dim() const { return image_embed_dim_; }
+  int64_t cross_attention_dim() const { return cross_attention_dim_; }
   // IP-Adapter Plus (a Resampler over the encoder's penultimate hidden states).
   bool plus() const { return !resampler.is_empty(); }
   // ip-adapter-full-face (every penultimate hidden state a token).
@@ -153,7 +146,9 @@ class IPAdapterImpl : public torch::nn::Module {
   std::shared_ptr<torch::nn::Module> ip_adapter;  // children "1", "3", ... each with to_k_ip, to_v_ip
 
  private:
-  void add_branches(int64_t cross_attention_dim, int64_t num_tokens);
+  // The decoupled branches of every slot, and the sizes the accessors give.
+  void add_branches(int64_t image_embed_dim, int64_t cross_attention_dim, int64_t num_tokens);
+  int64_t image_embed_dim_ = 0, cross_attention_dim_ = 0, num_tokens_ = 0;
   std::vector<CrossAttentionSlot> slots_;
   std::vector<std::shared_ptr<IPAttentionBranch>> branches_;  // one per slot
   std::shared_ptr<std::atomic<double>> scale_;
