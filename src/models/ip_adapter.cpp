@@ -279,7 +279,7 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
     resampler = resampler_config(file, path, c, image_hidden_size);
     tokens = resampler.num_queries;
   } else if (full_face) {
-    const auto fc1 = shape_of(file.info("image_proj.proj.0.weight"));
+    const auto fc1 = shape_of(need("image_proj.proj.0.weight", "[E, E] (a full-face IP-Adapter)"));
     if (fc1.size() != 2 || fc1[0] != fc1[1] || fc1[0] <= 0 || (image_hidden_size > 0 && fc1[0] != image_hidden_size))
       throw FormatError(path, "image_proj.proj.0.weight has shape " + shape_str(fc1) + ", expected [E, E] (E: the " +
                               "image encoder's hidden_size" +

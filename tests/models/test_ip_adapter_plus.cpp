@@ -283,6 +283,20 @@ TEST(IPAdapterFullFace, ProjectionMatchesItsFormulaAndTheUNetTakesTheTokens) {
   EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(faceid, *unet, 8, torch::kFloat, torch::kCPU, kE, 17); }),
             faceid + ": an IP-Adapter FaceID file (image_proj.proj.0 / perceiver_resampler: a projection of "
                      "InsightFace face embeddings) is not supported; plain, Plus and full-face IP-Adapters are");
+  // proj.0 of another shape than [E, E] for the encoder, and a full-face file without it.
+  t[p + "2.weight"] = torch::zeros({kC, kE});
+  t[p + "0.weight"] = torch::zeros({kE, 8});
+  const std::string fc1 = write(dir, "ip-adapter-full-face_fc1.safetensors", t);
+  EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(fc1, *unet, 8, torch::kFloat, torch::kCPU, kE, 17); }),
+            fc1 + ": image_proj.proj.0.weight has shape [16, 8], expected [E, E] (E: the image encoder's hidden_size, "
+                  "16; a full-face IP-Adapter)");
+  t.erase(p + "0.weight");
+  const std::string no_fc1 = write(dir, "ip-adapter-full-face_nofc1.safetensors", t);
+  const std::string missing = test::error_of([&] { load_ip_adapter_weights(no_fc1, *unet, 8); });
+  EXPECT_EQ(missing.rfind(no_fc1 + ": missing key image_proj.proj.0.weight (expected shape [E, E] (a full-face "
+                                   "IP-Adapter);", 0),
+            0u)
+      << missing;
   const std::string file = dir + "/ip-adapter-full-face_sd15.safetensors";
   EXPECT_EQ(test::error_of([&] { load_ip_adapter_weights(file, *unet, 8); }),
             "IP-Adapter " + file + ": a full-face adapter needs the image encoder's token count (load it with its "
@@ -318,6 +332,8 @@ TEST(IPAdapterPlus, BadFilesNameTheKeyAndTheExpectedShape) {
            t[k] = torch::zeros({100, kD});
        },
        "image_proj.layers.0.0.to_q.weight has shape [100, 24], expected [H x 64, 24] (heads of 64 channels)"},
+      {"ff", [](Tensors& t) { t["image_proj.layers.0.1.1.weight"] = torch::zeros({kF}); },
+       "image_proj.layers.0.1.1.weight has shape [96], expected [F, 24]"},
       {"missing", [](Tensors& t) { t.erase("image_proj.layers.1.1.3.weight"); },
        "missing key image_proj.layers.1.1.3.weight (an IP-Adapter Plus file: image_proj.latents, proj_in, proj_out, "
        "norm_out and image_proj.layers.N.{0.norm1, 0.norm2, 0.to_q, 0.to_kv, 0.to_out, 1.0, 1.1, 1.3})"},
