@@ -96,12 +96,24 @@ bool native_reduced_norm(const torch::Tensor& x, const torch::Tensor& weight) {
   return reduced(x) && (!weight.defined() || weight.scalar_type() == x.scalar_type());
 }
 
-// A parameter's identity for caches derived from it: storage + in-place version.
-// Inference tensors (made under c10::InferenceMode) keep no version counter: their in-place changes go unseen.
 int64_t version_of(const torch::Tensor& t) {
   return !t.defined() ? -1 : t.is_inference() ? 0 : static_cast<int64_t>(t._version());
 }
 }  // namespace
+
+void MadeFrom::set(const torch::Tensor& t) {
+  clear();
+  if (!t.defined() || !t.has_storage()) return;
+  storage_ = t.storage().getWeakStorageImpl();
+  data_ = t.data_ptr();
+  version_ = version_of(t);
+}
+
+bool MadeFrom::matches(const torch::Tensor& t) const {
+  return t.defined() && t.has_storage() && storage_._unsafe_get_target() != nullptr &&
+         t.storage().unsafeGetStorageImpl() == storage_._unsafe_get_target() && t.data_ptr() == data_ &&
+         version_of(t) == version_;
+}
 
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias) : in_features(in), out_features(out) {
   weight = register_parameter("weight", torch::empty({out, in}));
@@ -119,13 +131,12 @@ bool use_int8(bool quantized, const torch::Tensor& x, const torch::Tensor& weigh
 void LinearImpl::quantize_int8() {
   torch::NoGradGuard no_grad;
   int8_ = std::make_shared<sd::int8::PackedLinear>(sd::int8::pack_linear(weight, bias));
-  int8_from_ = weight.data_ptr();
-  int8_version_ = version_of(weight);
+  int8_from_.set(weight);
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   if (use_int8(int8_ != nullptr, x, weight)) {
-    if (int8_version_ != version_of(weight) || int8_from_ != weight.data_ptr()) quantize_int8();
+    if (!int8_from_.matches(weight)) quantize_int8();
     return sd::int8::linear(x, *int8_);
   }
   return float_linear(x, weight, bias);
@@ -159,15 +170,14 @@ bool Conv2dImpl::prepack() {
     packed_ = torch::Tensor();
     return false;
   }
-  packed_from_ = weight.data_ptr();
-  packed_version_ = version_of(weight);
+  packed_from_.set(weight);
   return true;
 }
 
 bool Conv2dImpl::prepacked_current() const {
   // Released, the packed copy is the weight's only one.
   return packed_.defined() && weight.defined() &&
-         (dense_released() || (packed_version_ == version_of(weight) && packed_from_ == weight.data_ptr()));
+         (dense_released() || packed_from_.matches(weight));
 }
 
 bool Conv2dImpl::dense_released() const {
@@ -181,11 +191,10 @@ bool Conv2dImpl::release_dense() {
   torch::NoGradGuard no_grad;
   const bool phases = upsample_phases_current();
   weight.set_data(torch::empty({0}, weight.options()));
-  // The freed storage's address may come back for a weight set later (set_data): it must not look packed.
-  packed_from_ = nullptr;
+  packed_from_.clear();
   dense_released_ = true;
-  phases_storage_ = c10::Storage();  // holding it would keep the dense copy alive
-  phases_from_packed_ = phases;      // made from the numbers the packed copy now holds alone
+  phases_from_.clear();
+  phases_from_packed_ = phases;  // made from the numbers the packed copy now holds alone
   return true;
 }
 
@@ -195,11 +204,9 @@ void Conv2dImpl::restore_dense() {
     // oneDNN's reorder back to the plain [out, in, k, k] layout: the same numbers (tested bit for bit).
     const bool phases = upsample_phases_current();
     weight.set_data(packed_.to_dense());
-    packed_from_ = weight.data_ptr();
-    packed_version_ = version_of(weight);
+    packed_from_.set(weight);
     if (phases) {  // the same numbers, now in the dense weight
-      phases_storage_ = weight.storage();
-      phases_version_ = packed_version_;
+      phases_from_.set(weight);
       phases_from_packed_ = false;
     }
   }
@@ -210,20 +217,19 @@ void Conv2dImpl::quantize_int8() {
   restore_dense();
   torch::NoGradGuard no_grad;
   int8_ = std::make_shared<sd::int8::PackedConv>(sd::int8::pack_conv(weight, bias, stride, padding));
-  int8_from_ = weight.data_ptr();
-  int8_version_ = version_of(weight);
+  int8_from_.set(weight);
   packed_ = torch::Tensor();
 }
 
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
   if (use_int8(int8_ != nullptr, x, weight)) {
-    if (int8_version_ != version_of(weight) || int8_from_ != weight.data_ptr()) quantize_int8();
+    if (!int8_from_.matches(weight)) quantize_int8();
     return sd::int8::conv2d(x, *int8_);
   }
   const bool released = dense_released();
   if (packed_.defined() && fast_path().prepack_conv && x.device().is_cpu() &&
       x.scalar_type() == weight.scalar_type() &&
-      (released || (packed_version_ == version_of(weight) && packed_from_ == weight.data_ptr())) &&
+      (released || packed_from_.matches(weight)) &&
       !(torch::GradMode::is_enabled() && (weight.requires_grad() || x.requires_grad()))) {
     return at::mkldnn_convolution(x, packed_, bias, {padding, padding}, {stride, stride}, {1, 1}, 1);
   }
@@ -233,14 +239,9 @@ torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
 
 bool Conv2dImpl::upsample_phases_current() const {
   if (!phases_) return false;
-  if (bias.defined() && !(bias.has_storage() &&
-                          bias.storage().unsafeGetStorageImpl() == phases_bias_storage_.unsafeGetStorageImpl() &&
-                          phases_bias_version_ == version_of(bias)))
-    return false;
+  if (bias.defined() && !phases_bias_from_.matches(bias)) return false;
   if (dense_released()) return phases_from_packed_;
-  return !phases_from_packed_ && weight.defined() && weight.numel() > 0 && weight.has_storage() &&
-         weight.storage().unsafeGetStorageImpl() == phases_storage_.unsafeGetStorageImpl() &&
-         phases_version_ == version_of(weight);
+  return !phases_from_packed_ && weight.numel() > 0 && phases_from_.matches(weight);
 }
 
 void Conv2dImpl::make_upsample_phases() {
@@ -265,13 +266,13 @@ void Conv2dImpl::make_upsample_phases() {
   // Prepacked (one copy) where this convolution is: the phases then cost 16/9 of its weight in memory.
   if (packed_.defined() && p->prepack() && fast_path().one_conv_copy) p->release_dense();
   phases_ = std::move(p);
-  phases_storage_ = released ? c10::Storage() : weight.storage();
-  phases_version_ = released ? -1 : version_of(weight);
-  phases_from_packed_ = released;
-  if (bias.defined()) {
-    phases_bias_storage_ = bias.storage();
-    phases_bias_version_ = version_of(bias);
+  if (released) {
+    phases_from_.clear();
+  } else {
+    phases_from_.set(weight);
   }
+  phases_from_packed_ = released;
+  phases_bias_from_.set(bias);
 }
 
 torch::Tensor Conv2dImpl::forward_upsampled2x(const torch::Tensor& x) {

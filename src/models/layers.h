@@ -40,6 +40,23 @@ FastPathOptions& fast_path();
 // threads where fast_path().linear_threads and models/cpu_parallel.h apply, else torch's linear.
 torch::Tensor float_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias);
 
+// Which tensor a derived copy (int8, oneDNN-packed, four-phase kernels) was made from, to tell when it is stale. The
+// tensor's storage is held weakly: its numbers are freed with the tensor, but the storage object stays, so no later
+// storage (a weight set with set_data, whose data may land at the freed address) can look like it. Also compared:
+// the data pointer (a view at another offset) and the in-place version (Inference tensors keep none: their in-place
+// changes go unseen).
+class MadeFrom {
+ public:
+  void set(const torch::Tensor& t);
+  void clear() { *this = MadeFrom(); }
+  bool matches(const torch::Tensor& t) const;
+
+ private:
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage_{c10::intrusive_ptr<c10::StorageImpl>()};
+  const void* data_ = nullptr;
+  int64_t version_ = -1;
+};
+
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias = true);
@@ -54,8 +71,7 @@ class LinearImpl : public torch::nn::Module {
 
  private:
   std::shared_ptr<sd::int8::PackedLinear> int8_;
-  const void* int8_from_ = nullptr;
-  int64_t int8_version_ = -1;
+  MadeFrom int8_from_;
 };
 TORCH_MODULE(Linear);
 
@@ -100,19 +116,15 @@ class Conv2dImpl : public torch::nn::Module {
  private:
   // The four-phase convolution ([4 * out, in, 2, 2], padding 1; prepacked like this one), made on first use.
   std::shared_ptr<Conv2dImpl> phases_;
-  // What they were made from: the dense weight's storage (held, so that its address cannot come back for another
-  // weight) and version, or the packed copy while the dense weight is released.
-  c10::Storage phases_storage_, phases_bias_storage_;
-  int64_t phases_version_ = -1, phases_bias_version_ = -1;
+  // What they were made from: the dense weight, or the packed copy while the dense weight is released.
+  MadeFrom phases_from_, phases_bias_from_;
   bool phases_from_packed_ = false;
   void make_upsample_phases();
 
   std::shared_ptr<sd::int8::PackedConv> int8_;
-  const void* int8_from_ = nullptr;
-  int64_t int8_version_ = -1;
+  MadeFrom int8_from_;
   torch::Tensor packed_;
-  const void* packed_from_ = nullptr;  // the weight storage packed_ was made from
-  int64_t packed_version_ = -1;
+  MadeFrom packed_from_;
   bool dense_released_ = false;
 };
 TORCH_MODULE(Conv2d);

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <vector>
+
 #include "core/device.h"
 #include "common/fixtures.h"
 #include "models/layers.h"
@@ -90,6 +92,29 @@ TEST(PrepackedConvFallback, WeightReplacedUsesTheNewWeight) {
   conv->weight.set_data(torch::randn({4, 4, 3, 3}));
   const auto ref = at::conv2d(x, conv->weight, conv->bias, 1, 1);
   SD_EXPECT_CLOSE(conv->forward(x), ref, 1e-6, 1e-6, "conv after weight replacement");
+}
+
+// A weight replaced by one whose numbers lie at the freed weight's address (the allocator reuses freed blocks; here
+// both are views of one buffer, so the address is the same every run) and with the same version (set_data keeps
+// the parameter's counter): the packed copy must still be seen as stale.
+TEST(PrepackedConvFallback, WeightReplacedAtTheFreedAddressUsesTheNewWeight) {
+  auto conv = random_conv(4, 4, 3, 1, 1, torch::kFloat);
+  torch::NoGradGuard no_grad;
+  std::vector<float> buf(4 * 4 * 3 * 3);
+  const auto at_buf = [&] { return torch::from_blob(buf.data(), {4, 4, 3, 3}); };
+  at_buf().copy_(torch::randn({4, 4, 3, 3}));
+  conv->weight.set_data(at_buf());
+  ASSERT_TRUE(conv->prepack());
+  const auto x = torch::randn({1, 4, 5, 5});
+  const auto version = conv->weight._version();
+  conv->weight.set_data(torch::empty({0}));  // the first weight's storage is gone
+  at_buf().copy_(torch::randn({4, 4, 3, 3}));
+  conv->weight.set_data(at_buf());
+  ASSERT_EQ(conv->weight.data_ptr(), static_cast<void*>(buf.data()));
+  ASSERT_EQ(conv->weight._version(), version);
+  EXPECT_FALSE(conv->prepacked_current());
+  const auto ref = at::conv2d(x, conv->weight, conv->bias, 1, 1);
+  SD_EXPECT_CLOSE(conv->forward(x), ref, 1e-6, 1e-6, "conv after a weight at the freed address");
 }
 
 TEST(PrepackedConvFallback, GradientsFlowThroughThePlainPath) {

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <vector>
+
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "models/int8.h"
@@ -197,6 +199,41 @@ TEST(Int8Layers, FollowTheirWeightAndStepAsideForGradients) {
   const auto off = lin->forward(x);
   sd::nn::fast_path().int8 = true;
   EXPECT_TRUE(torch::equal(off, torch::linear(x, lin->weight, lin->bias)));
+}
+
+// A weight replaced by new numbers at the freed weight's address (views of one buffer, so the address is the same
+// every run) and with the same version (set_data keeps the parameter's counter): the int8 copy is made again.
+TEST(Int8Layers, FollowAWeightAtTheFreedAddress) {
+  SD_REQUIRE_INT8();
+  torch::manual_seed(17);
+  torch::NoGradGuard ng;
+  std::vector<float> lbuf(64 * 64), cbuf(8 * 8 * 3 * 3);
+  const auto lin_at = [&] { return torch::from_blob(lbuf.data(), {64, 64}); };
+  const auto conv_at = [&] { return torch::from_blob(cbuf.data(), {8, 8, 3, 3}); };
+  sd::nn::Linear lin(64, 64);
+  sd::nn::Conv2d conv(8, 8, 3, 1, 1);
+  lin_at().copy_(torch::randn({64, 64}) * 0.1);
+  conv_at().copy_(torch::randn({8, 8, 3, 3}) * 0.1);
+  lin->weight.set_data(lin_at());
+  lin->bias.set_data(torch::randn({64}));
+  conv->weight.set_data(conv_at());
+  conv->bias.set_data(torch::randn({8}));
+  lin->quantize_int8();
+  conv->quantize_int8();
+  const auto xl = torch::randn({16, 64});
+  const auto xc = torch::randn({1, 8, 6, 6});
+  lin->forward(xl);
+  conv->forward(xc);
+  lin->weight.set_data(torch::empty({0}));
+  conv->weight.set_data(torch::empty({0}));
+  lin_at().copy_(torch::randn({64, 64}) * -0.3);
+  conv_at().copy_(torch::randn({8, 8, 3, 3}) * -0.3);
+  lin->weight.set_data(lin_at());
+  conv->weight.set_data(conv_at());
+  ASSERT_EQ(lin->weight.data_ptr(), static_cast<void*>(lbuf.data()));
+  ASSERT_EQ(conv->weight.data_ptr(), static_cast<void*>(cbuf.data()));
+  EXPECT_LT(rel_l2(lin->forward(xl), torch::linear(xl, lin->weight, lin->bias)), kLayerRelL2);
+  EXPECT_LT(rel_l2(conv->forward(xc), at::conv2d(xc, conv->weight, conv->bias, 1, 1)), kLayerRelL2);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <iostream>
+#include <vector>
 
 #include "common/fixtures.h"
 #include "models/autoencoder_kl.h"
@@ -116,6 +117,25 @@ TEST(UpsamplePhases, FollowTheWeight) {
     EXPECT_FALSE(conv->upsample_phases_current());
     expect_close(conv->forward_upsampled2x(x), reference(*conv, x), "a weight set while released");
   }
+}
+
+// New numbers at the old weight's address with the old version (both weights views of one buffer, the first freed
+// before the second is set): the phases are made again.
+TEST(UpsamplePhases, FollowAWeightAtTheFreedAddress) {
+  torch::NoGradGuard ng;
+  auto conv = make_conv(8, 6, true);
+  std::vector<float> buf(6 * 8 * 3 * 3);
+  const auto at_buf = [&] { return torch::from_blob(buf.data(), {6, 8, 3, 3}); };
+  at_buf().copy_(conv->weight);
+  conv->weight.set_data(at_buf());
+  const auto x = torch::randn({2, 8, 4, 6});
+  expect_close(conv->forward_upsampled2x(x), reference(*conv, x), "first");
+  ASSERT_TRUE(conv->upsample_phases_current());
+  conv->weight.set_data(torch::empty({0}));
+  at_buf().copy_(torch::randn({6, 8, 3, 3}) * 0.2);
+  conv->weight.set_data(at_buf());
+  EXPECT_FALSE(conv->upsample_phases_current());
+  expect_close(conv->forward_upsampled2x(x), reference(*conv, x), "after a weight at the freed address");
 }
 
 TEST(UpsamplePhases, Bf16WithinBound) {
