@@ -67,7 +67,7 @@ CLIPVisionTransformerImpl::CLIPVisionTransformerImpl(const CLIPVisionConfig& c) 
   post_layernorm = register_module("post_layernorm", nn::LayerNorm(c.hidden_size, c.layer_norm_eps));
 }
 
-CLIPVisionOutput CLIPVisionTransformerImpl::forward(const torch::Tensor& pixel_values) {
+torch::Tensor CLIPVisionTransformerImpl::embed(const torch::Tensor& pixel_values) {
   const auto& c = config;
   if (pixel_values.dim() != 4 || pixel_values.size(1) != c.num_channels || pixel_values.size(2) != c.image_size ||
       pixel_values.size(3) != c.image_size)
@@ -80,8 +80,17 @@ CLIPVisionOutput CLIPVisionTransformerImpl::forward(const torch::Tensor& pixel_v
   patches = patches.flatten(2).transpose(1, 2);                                 // [B, g*g, D]
   auto cls = class_embedding.view({1, 1, c.hidden_size}).expand({b, 1, c.hidden_size});
   auto positions = torch::arange(c.num_patches() + 1, torch::TensorOptions().dtype(torch::kLong).device(w.device()));
-  auto h = torch::cat({cls, patches}, 1) + position_embedding(positions);
-  h = pre_layrnorm(h);
+  return pre_layrnorm(torch::cat({cls, patches}, 1) + position_embedding(positions));
+}
+
+torch::Tensor CLIPVisionTransformerImpl::penultimate_hidden_state(const torch::Tensor& pixel_values) {
+  auto h = embed(pixel_values);
+  for (size_t i = 0; i + 1 < layers->size(); ++i) h = layers[i]->as<CLIPEncoderLayer>()->forward(h, torch::Tensor());
+  return h;
+}
+
+CLIPVisionOutput CLIPVisionTransformerImpl::forward(const torch::Tensor& pixel_values) {
+  auto h = embed(pixel_values);
   CLIPVisionOutput out;
   for (const auto& layer : *layers) {
     out.penultimate_hidden_state = h;

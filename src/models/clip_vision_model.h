@@ -48,6 +48,9 @@ class CLIPVisionTransformerImpl : public torch::nn::Module {
   explicit CLIPVisionTransformerImpl(const CLIPVisionConfig& c);
   // pixel_values [B, C, S, S] -> last_hidden_state, pooler_output
   CLIPVisionOutput forward(const torch::Tensor& pixel_values);
+  // hidden_states[-2] alone [B, 1 + patches, D]: forward()'s penultimate_hidden_state without the last layer and
+  // post_layernorm (IP-Adapter Plus and full-face read nothing else).
+  torch::Tensor penultimate_hidden_state(const torch::Tensor& pixel_values);
 
   std::shared_ptr<torch::nn::Module> embeddings;  // class_embedding, patch_embedding, position_embedding
   torch::Tensor class_embedding;                  // [D]
@@ -58,6 +61,10 @@ class CLIPVisionTransformerImpl : public torch::nn::Module {
   torch::nn::ModuleList layers{nullptr};
   nn::LayerNorm post_layernorm{nullptr};
   CLIPVisionConfig config;
+
+ private:
+  // The checked pixel values through the embeddings and pre_layrnorm -> [B, 1 + patches, D].
+  torch::Tensor embed(const torch::Tensor& pixel_values);
 };
 TORCH_MODULE(CLIPVisionTransformer);
 
@@ -66,6 +73,10 @@ class CLIPVisionModelImpl : public torch::nn::Module {
   explicit CLIPVisionModelImpl(const CLIPVisionConfig& c);
   // pixel_values [B, num_channels, image_size, image_size] (any float dtype; cast to the weights') -> all outputs.
   CLIPVisionOutput forward(const torch::Tensor& pixel_values);
+  // vision_model's penultimate_hidden_state(pixel_values), the last layer and visual_projection not run.
+  torch::Tensor penultimate_hidden_state(const torch::Tensor& pixel_values) {
+    return vision_model->penultimate_hidden_state(pixel_values);
+  }
   const CLIPVisionConfig& config() const { return vision_model->config; }
   CLIPVisionTransformer vision_model{nullptr};
   nn::Linear visual_projection{nullptr};  // [projection_dim, D], no bias

@@ -1,6 +1,7 @@
 #include "models/ip_adapter.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 
@@ -186,16 +187,21 @@ void IPAdapterImpl::set_scale(double scale) {
 
 namespace {
 
+// `key`'s shape in the file, or a FormatError naming the missing key and `hint` (the shape or layout expected).
+std::vector<int64_t> key_shape(const SafeTensorsFile& file, const std::string& path, const std::string& key,
+                               const std::string& hint) {
+  if (!file.contains(key)) throw FormatError(path, "missing key " + key + " (" + hint + ")");
+  const auto& i = file.info(key);
+  return std::vector<int64_t>(i.shape.begin(), i.shape.end());
+}
+
 // A Plus file's Resampler from its shapes (image_proj.latents present), each checked; dh = 64 as diffusers reads it.
 ResamplerConfig resampler_config(const SafeTensorsFile& file, const std::string& path, int64_t c,
                                  int64_t image_hidden_size) {
-  const auto shape = [&](const std::string& key) -> std::vector<int64_t> {
-    if (!file.contains(key))
-      throw FormatError(path, "missing key " + key + " (an IP-Adapter Plus file: image_proj.latents, proj_in, "
-                              "proj_out, norm_out and image_proj.layers.N.{0.norm1, 0.norm2, 0.to_q, 0.to_kv, "
-                              "0.to_out, 1.0, 1.1, 1.3})");
-    const auto& i = file.info(key);
-    return std::vector<int64_t>(i.shape.begin(), i.shape.end());
+  const auto shape = [&](const std::string& key) {
+    return key_shape(file, path, key,
+                     "an IP-Adapter Plus file: image_proj.latents, proj_in, proj_out, norm_out and "
+                     "image_proj.layers.N.{0.norm1, 0.norm2, 0.to_q, 0.to_kv, 0.to_out, 1.0, 1.1, 1.3}");
   };
   const auto expect = [&](const std::string& key, const std::vector<int64_t>& want, const std::string& why) {
     const auto got = shape(key);
@@ -259,13 +265,11 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
   if (slots.empty()) throw FormatError(path, "the UNet has no cross-attention (attn2) to attach an IP-Adapter to");
   // The UNet's context width: every attn2 takes the same cross_attention_dim (diffusers uses the config's).
   const int64_t c = slots.front().attention->options.cross_attention_dim;
-  auto need = [&](const std::string& key, const std::string& expected) -> const safetensors::TensorInfo& {
-    if (!file.contains(key))
-      throw FormatError(path, "missing key " + key + " (expected shape " + expected + "; the IP-Adapter layout is "
-                              "image_proj.proj, image_proj.norm and ip_adapter.{1,3,...}.to_k_ip / to_v_ip)");
-    return file.info(key);
+  const auto need = [&](const std::string& key, const std::string& expected) {
+    return key_shape(file, path, key,
+                     "expected shape " + expected + "; the IP-Adapter layout is image_proj.proj, image_proj.norm "
+                     "and ip_adapter.{1,3,...}.to_k_ip / to_v_ip");
   };
-  auto shape_of = [](const safetensors::TensorInfo& i) { return std::vector<int64_t>(i.shape.begin(), i.shape.end()); };
   const bool plus = file.contains("image_proj.latents");
   // full-face's MLP ends in proj.3 (its LayerNorm), as diffusers tells it apart; FaceID's starts with proj.0 too.
   const bool full_face = !plus && file.contains("image_proj.proj.3.weight");
@@ -279,7 +283,7 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
     resampler = resampler_config(file, path, c, image_hidden_size);
     tokens = resampler.num_queries;
   } else if (full_face) {
-    const auto fc1 = shape_of(need("image_proj.proj.0.weight", "[E, E] (a full-face IP-Adapter)"));
+    const auto fc1 = need("image_proj.proj.0.weight", "[E, E] (a full-face IP-Adapter)");
     if (fc1.size() != 2 || fc1[0] != fc1[1] || fc1[0] <= 0 || (image_hidden_size > 0 && fc1[0] != image_hidden_size))
       throw FormatError(path, "image_proj.proj.0.weight has shape " + shape_str(fc1) + ", expected [E, E] (E: the " +
                               "image encoder's hidden_size" +
@@ -287,7 +291,7 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
                               "; a full-face IP-Adapter)");
     p = fc1[0];
     const std::string want2 = "[" + std::to_string(c) + ", " + std::to_string(p) + "]";
-    const auto fc2 = shape_of(need("image_proj.proj.2.weight", want2));
+    const auto fc2 = need("image_proj.proj.2.weight", want2);
     if (fc2 != std::vector<int64_t>{c, p})
       throw FormatError(path, "image_proj.proj.2.weight has shape " + shape_str(fc2) + ", expected " + want2 +
                               ": the adapter's cross_attention_dim must be the UNet's " + std::to_string(c) +
@@ -297,12 +301,12 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
                             "(load it with its image encoder)");
     tokens = image_tokens;
   } else {
-    const auto norm_shape = shape_of(need("image_proj.norm.weight", "[" + std::to_string(c) + "]"));
+    const auto norm_shape = need("image_proj.norm.weight", "[" + std::to_string(c) + "]");
     if (norm_shape.size() != 1 || norm_shape[0] != c)
       throw FormatError(path, "image_proj.norm.weight has shape " + shape_str(norm_shape) + ", expected [" +
                                   std::to_string(c) + "]: the adapter's cross_attention_dim does not match the " +
                                   "UNet's " + std::to_string(c) + " (an IP-Adapter for another base model?)");
-    const auto proj_shape = shape_of(need("image_proj.proj.weight", "[T x " + std::to_string(c) + ", P]"));
+    const auto proj_shape = need("image_proj.proj.weight", "[T x " + std::to_string(c) + ", P]");
     if (proj_shape.size() != 2 || proj_shape[0] % c != 0 || proj_shape[0] == 0)
       throw FormatError(path, "image_proj.proj.weight has shape " + shape_str(proj_shape) + ", expected [T x " +
                                   std::to_string(c) + ", P] (T image tokens of the UNet's cross_attention_dim " +
@@ -336,7 +340,7 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
     expected += std::to_string(inner) + ", " + std::to_string(c) + "]";
     for (const char* w : {"to_k_ip", "to_v_ip"}) {
       const std::string key = "ip_adapter." + std::to_string(s.key_id) + "." + w + ".weight";
-      const auto sh = shape_of(need(key, expected + " for " + s.name));
+      const auto sh = need(key, expected + " for " + s.name);
       if (sh != std::vector<int64_t>{inner, c})
         throw FormatError(path, key + " has shape " + shape_str(sh) + ", expected " + expected + " for " + s.name);
     }
@@ -405,7 +409,7 @@ torch::Tensor IPAdapterModels::image_embeds(const torch::Tensor& rgb_u8_hwc) con
     const torch::Tensor pixels =
         rgb_u8_hwc.defined() ? clip_image_preprocess(rgb_u8_hwc, cfg.image_size)
                              : torch::zeros({1, cfg.num_channels, cfg.image_size, cfg.image_size});
-    return image_encoder.ptr()->forward(pixels.to(w.device(), w.scalar_type())).penultimate_hidden_state;
+    return image_encoder.ptr()->penultimate_hidden_state(pixels.to(w.device(), w.scalar_type()));
   }
   // diffusers' encode_image for classifier-free guidance: the unconditional image embeds are zeros.
   if (!rgb_u8_hwc.defined()) return torch::zeros({1, cfg.projection_dim}, w.options());
@@ -427,11 +431,17 @@ std::shared_ptr<IPAdapterModels> load_ip_adapter(const std::string& path, torch:
   m->adapter = load_ip_adapter_weights(m->paths.weights, unet, ec.projection_dim, dtype, device, ec.hidden_size,
                                        ec.num_patches() + 1);
   m->adapter->attach();
+  const auto t0 = std::chrono::steady_clock::now();
+  m->uncond_image_tokens = m->image_tokens(m->image_embeds(torch::Tensor()));
+  const double uncond_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const bool states = m->adapter->reads_hidden_states();
-  log::info("IP-Adapter{} {}: {} image tokens into {} cross-attentions, image encoder {} ({} px, {} {})",
+  log::info("IP-Adapter{} {}: {} image tokens into {} cross-attentions, image encoder {} ({} px, {} {}; the "
+            "unconditional image's tokens in {:.1f} ms)",
             m->adapter->plus() ? " Plus" : m->adapter->full_face() ? " full-face" : "", m->paths.weights,
             m->adapter->num_tokens(), m->adapter->slots().size(), m->paths.image_encoder_dir, ec.image_size,
-            states ? "penultimate hidden states" : "projection", states ? ec.hidden_size : ec.projection_dim);
+            states ? "penultimate hidden states" : "projection", states ? ec.hidden_size : ec.projection_dim,
+            uncond_ms);
   return m;
 }
 

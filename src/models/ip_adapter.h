@@ -188,6 +188,9 @@ struct IPAdapterModels {
   torch::Tensor image_embeds(const torch::Tensor& rgb_u8_hwc) const;
   // image_embeds -> ip_tokens [B, T, C] (what is appended to the text context).
   torch::Tensor image_tokens(const torch::Tensor& image_embeds) const;
+  // image_tokens(image_embeds(undefined)) [1, T, C]: the same for every stream, made once by load_ip_adapter (for
+  // Plus and full-face a pass of the image encoder, which a stream's first frame would otherwise wait for).
+  torch::Tensor uncond_image_tokens;
 };
 
 // find_ip_adapter + load_clip_vision_model + load_ip_adapter_weights + attach. The adapter's scale starts at 1.

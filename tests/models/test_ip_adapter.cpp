@@ -242,6 +242,7 @@ TEST(IPAdapterUNetUncond, ZeroImageEmbedsGiveTheUncondTokens) {
   EXPECT_EQ(zero_embeds.sizes(), (std::vector<int64_t>{1, 8}));
   const Tensor tokens = f.ip->image_tokens(zero_embeds);
   SD_EXPECT_CLOSE(tokens[0], ref.get(c + ".ip_tokens")[0], kAtol, kRtol, "uncond ip_tokens");
+  EXPECT_TRUE(torch::equal(f.ip->uncond_image_tokens, tokens));  // what streams take, made once at load
   EXPECT_GT(tokens.abs().max().item<double>(), 0.0);
 }
 

@@ -167,6 +167,12 @@ TEST(IPAdapterPlus, PenultimateHiddenStateIsTheLastLayersInput) {
   const auto a = two->forward(px), b = one->forward(px);
   EXPECT_TRUE(torch::equal(a.penultimate_hidden_state, b.last_hidden_state));
   EXPECT_FALSE(torch::equal(a.penultimate_hidden_state, a.last_hidden_state));
+  // What Plus and full-face call stops there: the same numbers, with the last layer not run (its weights made NaN
+  // leave them finite).
+  EXPECT_TRUE(torch::equal(two->penultimate_hidden_state(px), a.penultimate_hidden_state));
+  for (auto& p : two->vision_model->layers[1]->parameters()) p.fill_(std::nan(""));
+  EXPECT_TRUE(torch::isnan(two->forward(px).last_hidden_state).all().item<bool>());
+  EXPECT_TRUE(torch::equal(two->penultimate_hidden_state(px), a.penultimate_hidden_state));
 }
 
 // Through the folder loader: the image features are the penultimate hidden states (the unconditional ones those of
@@ -189,6 +195,7 @@ TEST(IPAdapterPlus, UNetTakesTheTokensAndScaleZeroIsThePlainUNet) {
   const Tensor uncond = ip->image_embeds(Tensor());
   EXPECT_TRUE(torch::equal(
       uncond, ip->image_encoder->forward(torch::zeros({1, 3, ec.image_size, ec.image_size})).penultimate_hidden_state));
+  EXPECT_TRUE(torch::equal(ip->uncond_image_tokens, ip->image_tokens(uncond)));  // made once at load
   const Tensor tokens = torch::cat({ip->image_tokens(uncond), ip->image_tokens(features)});  // [2, 16, C]
   ASSERT_EQ(tokens.sizes(), (std::vector<int64_t>{2, kQ, kC}));
   expect_scale_zero_is_the_plain_unet(*unet, *ip->adapter, tokens, "Plus");
@@ -265,7 +272,8 @@ TEST(IPAdapterFullFace, ProjectionMatchesItsFormulaAndTheUNetTakesTheTokens) {
   const Tensor tokens = ip->image_tokens(features);
   EXPECT_TRUE(torch::allclose(tokens, want, 1e-5, 1e-5)) << (tokens - want).abs().max().item<double>();
   EXPECT_THROW(ip->image_tokens(torch::zeros({1, 16, kE})), InvalidArgument);  // not the encoder's 17 tokens
-  const Tensor both = torch::cat({ip->image_tokens(ip->image_embeds(Tensor())), tokens});  // [2, 17, C]
+  EXPECT_TRUE(torch::equal(ip->uncond_image_tokens, ip->image_tokens(ip->image_embeds(Tensor()))));
+  const Tensor both = torch::cat({ip->uncond_image_tokens, tokens});  // [2, 17, C]
   expect_scale_zero_is_the_plain_unet(*unet, *ip->adapter, both, "full-face");
   // Errors: another base model's width; no token count without the encoder.
   t[p + "2.weight"] = torch::zeros({48, kE});
