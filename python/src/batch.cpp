@@ -3,6 +3,7 @@
 // batches its clients), keeping the shared calls' CUDA graphs and the counters across steps.
 #include <algorithm>
 #include <mutex>
+#include <shared_mutex>
 
 #include <pybind11/stl.h>
 
@@ -91,6 +92,13 @@ run waits for their calls in progress, and they for it).
               mus.erase(std::unique(mus.begin(), mus.end()), mus.end());
               std::vector<std::unique_lock<std::mutex>> locks;
               for (std::mutex* mu : mus) locks.emplace_back(*mu);
+              // Then their model sets' weights, shared (after the streams' locks, as py_stream.h orders them).
+              std::vector<std::shared_mutex*> wmus;
+              for (const auto& k : keep) wmus.push_back(k->weights_mu.get());
+              std::sort(wmus.begin(), wmus.end());
+              wmus.erase(std::unique(wmus.begin(), wmus.end()), wmus.end());
+              std::vector<std::shared_lock<std::shared_mutex>> weight_locks;
+              for (std::shared_mutex* mu : wmus) weight_locks.emplace_back(*mu);
               results = sd::run_stream_calls(engine_calls, b.options, &b.stats);
             }
             py::list out;

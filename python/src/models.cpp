@@ -1,6 +1,9 @@
 // Model loading (sd::load_pipeline and its LoadOptions), the model's recommended settings (model_defaults.h,
 // stream_settings.h), safetensors files and the image <-> tensor conversions of pipeline/image.h.
+#include <map>
+#include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <variant>
 
 #include "core/device.h"
@@ -13,6 +16,7 @@
 #include "pipeline/model_defaults.h"
 #include "pipeline/stream_settings.h"
 #include "py_common.h"
+#include "py_stream.h"
 
 namespace sdpy {
 namespace {
@@ -80,6 +84,19 @@ py::dict mode_dict(const sd::ModeRecommendation& r) {
 
 }  // namespace
 
+std::shared_ptr<std::shared_mutex> weights_mutex(const sd::DiffusionModels* models) {
+  static std::mutex mu;
+  static std::map<const sd::DiffusionModels*, std::weak_ptr<std::shared_mutex>> locks;
+  std::lock_guard<std::mutex> lock(mu);
+  // A model set's entry lives while a stream or a setter holds its lock; expired ones go (an address can come back
+  // for a later model set, which then gets a lock of its own).
+  for (auto it = locks.begin(); it != locks.end();) it = it->second.expired() ? locks.erase(it) : std::next(it);
+  auto& weak = locks[models];
+  auto strong = weak.lock();
+  if (!strong) weak = strong = std::make_shared<std::shared_mutex>();
+  return strong;
+}
+
 void bind_models(py::module_& m) {
   py::class_<sd::DiffusionModels, Models>(m, "Models", R"doc(
 A loaded model set (tokenizer, text encoder, UNet, autoencoder, scheduler config): immutable and shared by any number
@@ -95,8 +112,15 @@ of Streams. Create it with load_pipeline().
                              "the weight-file variant loaded with (load_pipeline(variant=)); \"\" = the plain files")
       .def("loras",
            [](const sd::DiffusionModels& s) {
+             std::vector<sd::LoraReport> reports;
+             {
+               py::gil_scoped_release release;
+               const auto mu = weights_mutex(&s);
+               std::shared_lock<std::shared_mutex> lock(*mu);  // not while set_lora_scale changes them
+               reports = s.loras();
+             }
              py::list out;
-             for (const auto& r : s.loras()) {
+             for (const auto& r : reports) {
                py::dict d;
                d["name"] = r.name;
                d["path"] = r.path;
@@ -119,14 +143,29 @@ of Streams. Create it with load_pipeline().
            "without strict_lora) - what `info --lora --json` prints, path there named file")
       .def_property_readonly("has_ip_adapter", [](const sd::DiffusionModels& s) { return s.ip_adapter() != nullptr; },
                              "loaded with ip_adapter=")
-      .def("set_ip_adapter_scale", &sd::DiffusionModels::set_ip_adapter_scale, py::arg("scale"),
-           "weight of the IP-Adapter's image attention (0 = the plain UNet, exactly); shared by every stream on "
-           "these models. InvalidArgument without an IP-Adapter.")
-      .def("set_lora_scale", &sd::DiffusionModels::set_lora_scale, py::arg("name"), py::arg("scale"),
-           py::call_guard<py::gil_scoped_release>(),
-           "Re-fuses LoRA `name` (its file stem) at `scale` without reloading; every stream on these models sees it. "
-           "InvalidArgument, the scale and weights unchanged, where a fused weight would not be finite. Call it "
-           "between frames: not while another thread runs a Stream on these models or reads loras().")
+      .def(
+          "set_ip_adapter_scale",
+          [](const sd::DiffusionModels& s, double scale) {
+            const auto mu = weights_mutex(&s);
+            std::unique_lock<std::shared_mutex> lock(*mu);  // after the frames in progress (py_stream.h)
+            s.set_ip_adapter_scale(scale);
+          },
+          py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
+          "weight of the IP-Adapter's image attention (0 = the plain UNet, exactly); shared by every stream on "
+          "these models, from their next frame (it waits for the frames in progress). InvalidArgument without an "
+          "IP-Adapter.")
+      .def(
+          "set_lora_scale",
+          [](const sd::DiffusionModels& s, const std::string& name, double scale) {
+            const auto mu = weights_mutex(&s);
+            std::unique_lock<std::shared_mutex> lock(*mu);  // after the frames in progress (py_stream.h)
+            s.set_lora_scale(name, scale);
+          },
+          py::arg("name"), py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
+          "Re-fuses LoRA `name` (its file stem) at `scale` without reloading; every stream on these models sees it "
+          "from its next frame. Safe from any thread: it waits for the frames in progress on these models (Streams, "
+          "Batchers, run_stream), which wait for it in turn. InvalidArgument, the scale and weights unchanged, where "
+          "a fused weight would not be finite.")
       .def("__repr__", [](const sd::DiffusionModels& s) { return "streamdiffusion_cpp.Models(" + s.describe() + ")"; });
 
   m.def(

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <iostream>
 #include <mutex>
+#include <shared_mutex>
 #include <thread>
 
 #include "core/error.h"
@@ -80,10 +81,14 @@ void on_output(CallbackState& st, const sd::Frame& f) {
 // the stream's setters while run_stream runs it: they wait for the frame in progress. The pre- and post-process
 // calls touch no state process() changes (frame_processor.h) and run unlocked. The runtime's threads never hold
 // the GIL, so the lock is never waited for while holding it.
+//
+// Frames also hold the model set's weights lock shared, and the commands that change the shared weights (`lora`,
+// `ip_adapter_scale`) hold it exclusively, as Models' setters do (py_stream.h).
 class LockedProcessor : public sd::FrameProcessor {
  public:
-  LockedProcessor(std::shared_ptr<sd::FrameProcessor> p, std::shared_ptr<std::mutex> mu)
-      : p_(std::move(p)), mu_(std::move(mu)) {}
+  LockedProcessor(std::shared_ptr<sd::FrameProcessor> p, std::shared_ptr<std::mutex> mu,
+                  std::shared_ptr<std::shared_mutex> weights_mu)
+      : p_(std::move(p)), mu_(std::move(mu)), weights_mu_(std::move(weights_mu)) {}
   int64_t width() const override { return p_->width(); }
   int64_t height() const override { return p_->height(); }
   bool takes_images() const override { return p_->takes_images(); }
@@ -94,10 +99,12 @@ class LockedProcessor : public sd::FrameProcessor {
   }
   std::vector<sd::Frame> process(sd::Frame in) override {
     std::lock_guard<std::mutex> lock(*mu_);
+    std::shared_lock<std::shared_mutex> weights(*weights_mu_);
     return p_->process(std::move(in));
   }
   std::vector<sd::Frame> flush() override {
     std::lock_guard<std::mutex> lock(*mu_);
+    std::shared_lock<std::shared_mutex> weights(*weights_mu_);
     return p_->flush();
   }
   torch::Tensor postprocess(const torch::Tensor& out) override { return p_->postprocess(out); }
@@ -106,7 +113,13 @@ class LockedProcessor : public sd::FrameProcessor {
     p_->begin_postprocess(out);
   }
   std::vector<sd::Frame> apply(const sd::ControlCommand& command) override {
+    using K = sd::ControlCommand::Kind;
     std::lock_guard<std::mutex> lock(*mu_);
+    if (command.kind == K::Lora || command.kind == K::IpAdapterScale) {
+      std::unique_lock<std::shared_mutex> weights(*weights_mu_);
+      return p_->apply(command);
+    }
+    std::shared_lock<std::shared_mutex> weights(*weights_mu_);  // a prompt change runs the text encoder
     return p_->apply(command);
   }
   int64_t skipped() const override { return p_->skipped(); }
@@ -119,6 +132,7 @@ class LockedProcessor : public sd::FrameProcessor {
  private:
   std::shared_ptr<sd::FrameProcessor> p_;
   std::shared_ptr<std::mutex> mu_;
+  std::shared_ptr<std::shared_mutex> weights_mu_;
 };
 
 py::object json_to_py(const nlohmann::json& j) {
@@ -192,8 +206,8 @@ void bind_runtime(py::module_& m) {
           if (!image_prompt_input.empty()) image_prompt_src = sd::open_source(image_prompt_input, second);
           proc->set_image_prompt_change(image_prompt_change);
           if (!callback.is_none()) ro.on_output = [&st](const sd::Frame& f) { on_output(st, f); };
-          rt = std::make_unique<sd::StreamRuntime>(std::move(src), std::make_shared<LockedProcessor>(proc, s->mu),
-                                                   std::move(snk), ro);
+          auto locked_proc = std::make_shared<LockedProcessor>(proc, s->mu, s->weights_mu);
+          rt = std::make_unique<sd::StreamRuntime>(std::move(src), std::move(locked_proc), std::move(snk), ro);
           if (control_src) rt->set_control_source(std::move(control_src));
           if (image_prompt_src) rt->set_image_prompt_source(std::move(image_prompt_src), image_prompt_every);
         }

@@ -279,6 +279,7 @@ in [-1, 1]; a call returns the frames submitted n-1 calls earlier (n = len(t_ind
              auto uniform = uniform_obj.is_none() ? nullptr : uniform_obj.cast<std::shared_ptr<sd::UniformSource>>();
              auto s = std::make_shared<PyStream>();
              s->models = models;
+             s->weights_mu = weights_mutex(models.get());
              s->stream = std::make_shared<sd::StreamDiffusion>(models, config, rng, uniform);
              return s;
            }),

@@ -74,3 +74,63 @@ def test_loras_report_ranks_modules_and_unmatched_keys_as_info_does(sd, lora_fil
     for r in info:
         r["path"] = r.pop("file")
     assert got == info
+
+
+def test_lora_scale_set_from_another_thread_never_meets_a_frame_half_way(sd, fixtures, tmp_path):
+    # A GUI thread moving a LoRA slider while a worker thread runs frames: set_lora_scale re-fuses the shared weights
+    # module by module with the GIL released, so without the model set's lock a frame could read the first module
+    # at one scale and the last at the other (or a weight in the middle of its re-fusion). With it, every frame is
+    # the frame of one scale, bit for bit.
+    import threading
+
+    model = os.path.join(fixtures, "models", "tiny-sd15")
+    if not os.path.isdir(model):
+        pytest.skip("no tiny-sd15 fixture")
+    rng = np.random.default_rng(3)
+    path = str(tmp_path / "two_ends.safetensors")
+    tensors = {}
+    # The first convolution of the UNet and one of its last, both [32, 32, 3, 3].
+    for stem in ("lora_unet_down_blocks_0_resnets_0_conv1.", "lora_unet_up_blocks_1_resnets_1_conv2."):
+        tensors[stem + "lora_down.weight"] = (rng.standard_normal((4, 32, 3, 3)) * 0.3).astype(np.float32)
+        tensors[stem + "lora_up.weight"] = (rng.standard_normal((32, 4, 1, 1)) * 0.3).astype(np.float32)
+    write_safetensors(path, tensors)
+    models = sd.load_pipeline(model, dtype="fp32", taesd=os.path.join(model, "taesd"), loras=[path], threads=-1)
+    s = sd.Stream(models, sd.resolve_config(model, "txt2img", t_index_list=[0], width=64, height=64))
+    s.prepare("a cat")
+
+    def frame():  # the same noise every frame: a frame is a function of the weights alone
+        s.set_seed(7)
+        return np.asarray(s.txt2img()).copy()
+
+    refs = []
+    for scale in (0.0, 1.0):
+        models.set_lora_scale("two_ends", scale)
+        refs.append(frame())
+        assert np.array_equal(frame(), refs[-1]), "one step from the same noise repeats its frame"
+    assert not np.array_equal(refs[0], refs[1])
+
+    errors, done, frames = [], threading.Event(), [0]
+
+    def worker():
+        try:
+            for _ in range(60):
+                out = frame()
+                if not any(np.array_equal(out, r) for r in refs):
+                    errors.append(f"frame {frames[0]} is neither scale's (max diff to scale 0: "
+                                  f"{np.abs(out - refs[0]).max():.3g}, to scale 1: {np.abs(out - refs[1]).max():.3g})")
+                frames[0] += 1
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    k = 0
+    while not done.is_set():
+        models.set_lora_scale("two_ends", float(k % 2))
+        _ = models.loras()
+        k += 1
+    t.join()
+    assert not errors, errors[:3]
+    assert k > 10, "the scale changed while the frames ran"
