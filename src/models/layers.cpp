@@ -107,12 +107,15 @@ void MadeFrom::set(const torch::Tensor& t) {
   storage_ = t.storage().getWeakStorageImpl();
   data_ = t.data_ptr();
   version_ = version_of(t);
+  dtype_ = t.scalar_type();
+  sizes_ = t.sizes().vec();
+  strides_ = t.strides().vec();
 }
 
 bool MadeFrom::matches(const torch::Tensor& t) const {
   return t.defined() && t.has_storage() && storage_._unsafe_get_target() != nullptr &&
          t.storage().unsafeGetStorageImpl() == storage_._unsafe_get_target() && t.data_ptr() == data_ &&
-         version_of(t) == version_;
+         version_of(t) == version_ && t.scalar_type() == dtype_ && t.sizes() == sizes_ && t.strides() == strides_;
 }
 
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias) : in_features(in), out_features(out) {
@@ -126,6 +129,14 @@ bool use_int8(bool quantized, const torch::Tensor& x, const torch::Tensor& weigh
   return quantized && fast_path().int8 && x.device().is_cpu() &&
          !(torch::GradMode::is_enabled() && (weight.requires_grad() || x.requires_grad()));
 }
+
+// Streams may share a model across threads (Python's Streams, the server's workers): on the CPU a call checks,
+// re-makes and takes a layer's derived copy (int8, packed, four-phase kernels) or restores its dense weight under
+// this lock, then computes with what it took outside it. Uncontended it costs tens of nanoseconds a layer.
+std::mutex& copies_mutex() {
+  static std::mutex m;
+  return m;
+}
 }  // namespace
 
 void LinearImpl::quantize_int8() {
@@ -135,9 +146,16 @@ void LinearImpl::quantize_int8() {
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
-  if (use_int8(int8_ != nullptr, x, weight)) {
-    if (!int8_from_.matches(weight)) quantize_int8();
-    return sd::int8::linear(x, *int8_);
+  if (x.device().is_cpu() && fast_path().int8) {
+    std::shared_ptr<sd::int8::PackedLinear> q;
+    {
+      const std::lock_guard<std::mutex> lock(copies_mutex());
+      if (use_int8(int8_ != nullptr, x, weight)) {
+        if (!int8_from_.matches(weight)) quantize_int8();
+        q = int8_;
+      }
+    }
+    if (q) return sd::int8::linear(x, *q);
   }
   return float_linear(x, weight, bias);
 }
@@ -222,18 +240,29 @@ void Conv2dImpl::quantize_int8() {
 }
 
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
-  if (use_int8(int8_ != nullptr, x, weight)) {
-    if (!int8_from_.matches(weight)) quantize_int8();
-    return sd::int8::conv2d(x, *int8_);
+  if (x.device().is_cpu()) {
+    std::shared_ptr<sd::int8::PackedConv> q;
+    torch::Tensor packed;
+    {
+      const std::lock_guard<std::mutex> lock(copies_mutex());
+      if (use_int8(int8_ != nullptr, x, weight)) {
+        if (!int8_from_.matches(weight)) quantize_int8();
+        q = int8_;
+      } else if (packed_.defined() && fast_path().prepack_conv && x.scalar_type() == weight.scalar_type() &&
+                 (dense_released() || packed_from_.matches(weight)) &&
+                 !(torch::GradMode::is_enabled() && (weight.requires_grad() || x.requires_grad()))) {
+        packed = packed_;
+      } else if (dense_released()) {
+        restore_dense();  // this call needs the dense weight (and so will the next ones like it)
+      }
+    }
+    if (q) return sd::int8::conv2d(x, *q);
+    if (packed.defined())
+      return at::mkldnn_convolution(x, packed, bias, {padding, padding}, {stride, stride}, {1, 1}, 1);
+  } else if (dense_released()) {
+    const std::lock_guard<std::mutex> lock(copies_mutex());
+    restore_dense();
   }
-  const bool released = dense_released();
-  if (packed_.defined() && fast_path().prepack_conv && x.device().is_cpu() &&
-      x.scalar_type() == weight.scalar_type() &&
-      (released || packed_from_.matches(weight)) &&
-      !(torch::GradMode::is_enabled() && (weight.requires_grad() || x.requires_grad()))) {
-    return at::mkldnn_convolution(x, packed_, bias, {padding, padding}, {stride, stride}, {1, 1}, 1);
-  }
-  if (released) restore_dense();  // this call needs the dense weight (and so will the next ones like it)
   return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
 }
 
@@ -289,9 +318,8 @@ torch::Tensor Conv2dImpl::forward_upsampled2x(const torch::Tensor& x) {
   }
   std::shared_ptr<Conv2dImpl> phases_conv;
   {
-    // Streams may share a model across threads: one makes the kernels, each call keeps the ones it started with.
-    static std::mutex making;
-    const std::lock_guard<std::mutex> lock(making);
+    // One thread makes the kernels; each call keeps the ones it started with.
+    const std::lock_guard<std::mutex> lock(copies_mutex());
     if (!upsample_phases_current()) make_upsample_phases();
     phases_conv = phases_;
   }

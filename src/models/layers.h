@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -43,8 +44,8 @@ torch::Tensor float_linear(const torch::Tensor& x, const torch::Tensor& weight, 
 // Which tensor a derived copy (int8, oneDNN-packed, four-phase kernels) was made from, to tell when it is stale. The
 // tensor's storage is held weakly: its numbers are freed with the tensor, but the storage object stays, so no later
 // storage (a weight set with set_data, whose data may land at the freed address) can look like it. Also compared:
-// the data pointer (a view at another offset) and the in-place version (Inference tensors keep none: their in-place
-// changes go unseen).
+// the data pointer, dtype, sizes and strides (another view of the same storage) and the in-place version (Inference
+// tensors keep none: their in-place changes go unseen). Not thread-safe: layers use it under their lock.
 class MadeFrom {
  public:
   void set(const torch::Tensor& t);
@@ -55,6 +56,8 @@ class MadeFrom {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage_{c10::intrusive_ptr<c10::StorageImpl>()};
   const void* data_ = nullptr;
   int64_t version_ = -1;
+  c10::ScalarType dtype_ = c10::ScalarType::Undefined;
+  std::vector<int64_t> sizes_, strides_;
 };
 
 class LinearImpl : public torch::nn::Module {
@@ -87,7 +90,10 @@ class Conv2dImpl : public torch::nn::Module {
   // dtype; the packed copy is used while the weight is unchanged (its version counter is checked) and no gradient
   // is wanted. Returns false where it does not apply (not CPU, no oneDNN, fp16, bf16 on a CPU without AVX-512).
   bool prepack();
-  void unpack() { packed_ = torch::Tensor(); }
+  void unpack() {
+    restore_dense();  // a released weight lives in the packed copy alone
+    packed_ = torch::Tensor();
+  }
   bool prepacked() const { return packed_.defined(); }
   // The packed copy exists and was made from the current weight (what forward() then reads).
   bool prepacked_current() const;

@@ -98,9 +98,9 @@ TEST(PrepackedConvFallback, WeightReplacedUsesTheNewWeight) {
 // both are views of one buffer, so the address is the same every run) and with the same version (set_data keeps
 // the parameter's counter): the packed copy must still be seen as stale.
 TEST(PrepackedConvFallback, WeightReplacedAtTheFreedAddressUsesTheNewWeight) {
+  std::vector<float> buf(4 * 4 * 3 * 3);  // outlives the layer whose weight views it
   auto conv = random_conv(4, 4, 3, 1, 1, torch::kFloat);
   torch::NoGradGuard no_grad;
-  std::vector<float> buf(4 * 4 * 3 * 3);
   const auto at_buf = [&] { return torch::from_blob(buf.data(), {4, 4, 3, 3}); };
   at_buf().copy_(torch::randn({4, 4, 3, 3}));
   conv->weight.set_data(at_buf());
@@ -115,6 +115,20 @@ TEST(PrepackedConvFallback, WeightReplacedAtTheFreedAddressUsesTheNewWeight) {
   EXPECT_FALSE(conv->prepacked_current());
   const auto ref = at::conv2d(x, conv->weight, conv->bias, 1, 1);
   SD_EXPECT_CLOSE(conv->forward(x), ref, 1e-6, 1e-6, "conv after a weight at the freed address");
+}
+
+// Another view of the weight's own storage at the same address (its in/out channels swapped): not the packed weight.
+TEST(PrepackedConvFallback, AnotherViewOfTheSameStorageUsesTheNewWeight) {
+  auto conv = random_conv(4, 4, 3, 1, 1, torch::kFloat);
+  torch::NoGradGuard no_grad;
+  ASSERT_TRUE(conv->prepack());
+  const auto x = torch::randn({1, 4, 5, 5});
+  const auto swapped = conv->weight.transpose(0, 1);
+  conv->weight.set_data(swapped);
+  ASSERT_EQ(conv->weight.data_ptr(), swapped.data_ptr());
+  EXPECT_FALSE(conv->prepacked_current());
+  const auto ref = at::conv2d(x, swapped.contiguous(), conv->bias, 1, 1);
+  SD_EXPECT_CLOSE(conv->forward(x), ref, 1e-6, 1e-6, "conv after a transposed view of its weight");
 }
 
 TEST(PrepackedConvFallback, GradientsFlowThroughThePlainPath) {

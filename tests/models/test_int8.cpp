@@ -207,7 +207,7 @@ TEST(Int8Layers, FollowAWeightAtTheFreedAddress) {
   SD_REQUIRE_INT8();
   torch::manual_seed(17);
   torch::NoGradGuard ng;
-  std::vector<float> lbuf(64 * 64), cbuf(8 * 8 * 3 * 3);
+  std::vector<float> lbuf(64 * 64), cbuf(8 * 8 * 3 * 3);  // outlive the layers whose weights view them
   const auto lin_at = [&] { return torch::from_blob(lbuf.data(), {64, 64}); };
   const auto conv_at = [&] { return torch::from_blob(cbuf.data(), {8, 8, 3, 3}); };
   sd::nn::Linear lin(64, 64);

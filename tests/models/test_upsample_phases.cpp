@@ -123,8 +123,8 @@ TEST(UpsamplePhases, FollowTheWeight) {
 // before the second is set): the phases are made again.
 TEST(UpsamplePhases, FollowAWeightAtTheFreedAddress) {
   torch::NoGradGuard ng;
+  std::vector<float> buf(6 * 8 * 3 * 3);  // outlives the layer whose weight views it
   auto conv = make_conv(8, 6, true);
-  std::vector<float> buf(6 * 8 * 3 * 3);
   const auto at_buf = [&] { return torch::from_blob(buf.data(), {6, 8, 3, 3}); };
   at_buf().copy_(conv->weight);
   conv->weight.set_data(at_buf());
