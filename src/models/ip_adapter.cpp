@@ -333,7 +333,8 @@ IPAdapter load_ip_adapter_weights(const std::string& path, torch::nn::Module& un
   if (max_id > expect_max)
     throw FormatError(path, "key ip_adapter." + std::to_string(max_id) + ".* has no cross-attention: the UNet has " +
                                 std::to_string(slots.size()) + " attn2 (ids 1.." + std::to_string(expect_max) +
-                                "); this IP-Adapter was made for a UNet with " + std::to_string((max_id + 1) / 2));
+                                "); this IP-Adapter was made for a UNet with " +
+                                std::to_string(max_id / 2 + max_id % 2));  // (max_id + 1) / 2 without overflow
   for (const auto& s : slots) {
     const int64_t inner = s.attention->options.heads * s.attention->options.dim_head;
     std::string expected = "[";  // appended piece by piece: `"[" + std::to_string(...)` is a GCC 12 false warning
@@ -430,11 +431,13 @@ std::shared_ptr<IPAdapterModels> load_ip_adapter(const std::string& path, torch:
   const auto& ec = m->image_encoder->config();
   m->adapter = load_ip_adapter_weights(m->paths.weights, unet, ec.projection_dim, dtype, device, ec.hidden_size,
                                        ec.num_patches() + 1);
-  m->adapter->attach();
+  // Before attach(): a failure here (out of memory in a ViT-H pass) leaves the caller's UNet as it was.
   const auto t0 = std::chrono::steady_clock::now();
   m->uncond_image_tokens = m->image_tokens(m->image_embeds(torch::Tensor()));
+  if (device.is_cuda()) torch::cuda::synchronize();  // the time of the pass, not of its launches
   const double uncond_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  m->adapter->attach();
   const bool states = m->adapter->reads_hidden_states();
   log::info("IP-Adapter{} {}: {} image tokens into {} cross-attentions, image encoder {} ({} px, {} {}; the "
             "unconditional image's tokens in {:.1f} ms)",

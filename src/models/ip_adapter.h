@@ -189,7 +189,8 @@ struct IPAdapterModels {
   // image_embeds -> ip_tokens [B, T, C] (what is appended to the text context).
   torch::Tensor image_tokens(const torch::Tensor& image_embeds) const;
   // image_tokens(image_embeds(undefined)) [1, T, C]: the same for every stream, made once by load_ip_adapter (for
-  // Plus and full-face a pass of the image encoder, which a stream's first frame would otherwise wait for).
+  // Plus and full-face a pass of the image encoder, which a stream's first frame would otherwise wait for). Shared
+  // by the streams (a .to() of the same dtype and device is this tensor): never changed in place.
   torch::Tensor uncond_image_tokens;
 };
 

@@ -340,8 +340,11 @@ void StreamDiffusion::build_prompt_layout() {
   cond_context_ = cond_embeds_;
   Tensor uncond_context = uncond_embeds_;
   if (const IPAdapterModels* ip = models_->ip_adapter()) {
-    if (!uncond_image_tokens_.defined())
-      uncond_image_tokens_ = ip->uncond_image_tokens.to(device_, dtype_);  // [1, T, D], made at load
+    if (!uncond_image_tokens_.defined()) {  // [1, T, D], made at load (or here, for a set built without the loader)
+      const Tensor t = ip->uncond_image_tokens.defined() ? ip->uncond_image_tokens
+                                                          : ip->image_tokens(ip->image_embeds(Tensor()));
+      uncond_image_tokens_ = t.to(device_, dtype_);
+    }
     cond_image_tokens_ = image_tokens_.defined() ? image_tokens_ : uncond_image_tokens_;
     cond_context_ = torch::cat({cond_embeds_, cond_image_tokens_}, 1);
     if (uncond_rows_ > 0) uncond_context = torch::cat({uncond_embeds_, uncond_image_tokens_}, 1);

@@ -388,6 +388,15 @@ INSTANTIATE_TEST_SUITE_P(
                      });
                    },
                    {"ip_adapter.9", "4 attn2"}},
+        BadAdapter{"largest_cross_attention_id",
+                   [] {
+                     // The largest id stoll reads: the UNet this would need is named without an overflow.
+                     return edited_adapter("id_max", [](std::map<std::string, Tensor>& t) {
+                       t["ip_adapter.9223372036854775807.to_k_ip.weight"] = torch::zeros({32, 32});
+                     });
+                   },
+                   {"key ip_adapter.9223372036854775807.* has no cross-attention",
+                    "made for a UNet with 4611686018427387904"}},
         BadAdapter{"wrong_projection_dim",
                    [] { return test::fixture_path(kAdapterFile); },
                    // An image encoder with another projection_dim than the one the adapter was made for.
