@@ -93,12 +93,12 @@ run waits for their calls in progress, and they for it).
               std::vector<std::unique_lock<std::mutex>> locks;
               for (std::mutex* mu : mus) locks.emplace_back(*mu);
               // Then their model sets' weights, shared (after the streams' locks, as py_stream.h orders them).
-              std::vector<std::shared_mutex*> wmus;
+              std::vector<WeightsMutex*> wmus;
               for (const auto& k : keep) wmus.push_back(k->weights_mu.get());
               std::sort(wmus.begin(), wmus.end());
               wmus.erase(std::unique(wmus.begin(), wmus.end()), wmus.end());
-              std::vector<std::shared_lock<std::shared_mutex>> weight_locks;
-              for (std::shared_mutex* mu : wmus) weight_locks.emplace_back(*mu);
+              std::vector<std::shared_lock<WeightsMutex>> weight_locks;
+              for (WeightsMutex* mu : wmus) weight_locks.emplace_back(*mu);
               results = sd::run_stream_calls(engine_calls, b.options, &b.stats);
             }
             py::list out;

@@ -84,16 +84,16 @@ py::dict mode_dict(const sd::ModeRecommendation& r) {
 
 }  // namespace
 
-std::shared_ptr<std::shared_mutex> weights_mutex(const sd::DiffusionModels* models) {
+std::shared_ptr<WeightsMutex> weights_mutex(const sd::DiffusionModels* models) {
   static std::mutex mu;
-  static std::map<const sd::DiffusionModels*, std::weak_ptr<std::shared_mutex>> locks;
+  static std::map<const sd::DiffusionModels*, std::weak_ptr<WeightsMutex>> locks;
   std::lock_guard<std::mutex> lock(mu);
   // A model set's entry lives while a stream or a setter holds its lock; expired ones go (an address can come back
   // for a later model set, which then gets a lock of its own).
   for (auto it = locks.begin(); it != locks.end();) it = it->second.expired() ? locks.erase(it) : std::next(it);
   auto& weak = locks[models];
   auto strong = weak.lock();
-  if (!strong) weak = strong = std::make_shared<std::shared_mutex>();
+  if (!strong) weak = strong = std::make_shared<WeightsMutex>();
   return strong;
 }
 
@@ -116,7 +116,7 @@ of Streams. Create it with load_pipeline().
              {
                py::gil_scoped_release release;
                const auto mu = weights_mutex(&s);
-               std::shared_lock<std::shared_mutex> lock(*mu);  // not while set_lora_scale changes them
+               std::shared_lock<WeightsMutex> lock(*mu);  // not while set_lora_scale changes them
                reports = s.loras();
              }
              py::list out;
@@ -147,7 +147,7 @@ of Streams. Create it with load_pipeline().
           "set_ip_adapter_scale",
           [](const sd::DiffusionModels& s, double scale) {
             const auto mu = weights_mutex(&s);
-            std::unique_lock<std::shared_mutex> lock(*mu);  // after the frames in progress (py_stream.h)
+            std::unique_lock<WeightsMutex> lock(*mu);  // after the frames in progress (py_stream.h)
             s.set_ip_adapter_scale(scale);
           },
           py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
@@ -158,7 +158,7 @@ of Streams. Create it with load_pipeline().
           "set_lora_scale",
           [](const sd::DiffusionModels& s, const std::string& name, double scale) {
             const auto mu = weights_mutex(&s);
-            std::unique_lock<std::shared_mutex> lock(*mu);  // after the frames in progress (py_stream.h)
+            std::unique_lock<WeightsMutex> lock(*mu);  // after the frames in progress (py_stream.h)
             s.set_lora_scale(name, scale);
           },
           py::arg("name"), py::arg("scale"), py::call_guard<py::gil_scoped_release>(),

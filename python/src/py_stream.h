@@ -24,15 +24,36 @@
 
 namespace sdpy {
 
+// A shared mutex whose exclusive side is not starved: libstdc++'s std::shared_mutex (a pthread rwlock) lets new readers
+// in ahead of a waiting writer, so two threads running frames back to back could keep set_lora_scale waiting for
+// good. A writer holds the gate while it waits; a reader passes the gate first, so it queues behind that writer.
+class WeightsMutex {
+ public:
+  void lock_shared() {
+    { const std::lock_guard<std::mutex> pass(gate_); }
+    rw_.lock_shared();
+  }
+  void unlock_shared() { rw_.unlock_shared(); }
+  void lock() {
+    const std::lock_guard<std::mutex> hold(gate_);
+    rw_.lock();
+  }
+  void unlock() { rw_.unlock(); }
+
+ private:
+  std::mutex gate_;
+  std::shared_mutex rw_;
+};
+
 // The lock of the weights of `models` (one per model set, made on first use; see above).
-std::shared_ptr<std::shared_mutex> weights_mutex(const sd::DiffusionModels* models);
+std::shared_ptr<WeightsMutex> weights_mutex(const sd::DiffusionModels* models);
 
 struct PyStream {
   std::shared_ptr<const sd::DiffusionModels> models;
   std::shared_ptr<sd::StreamDiffusion> stream;
   std::string prompt, negative_prompt;  // GIL-protected (Python side)
   std::shared_ptr<std::mutex> mu = std::make_shared<std::mutex>();
-  std::shared_ptr<std::shared_mutex> weights_mu = std::make_shared<std::shared_mutex>();  // weights_mutex(models)
+  std::shared_ptr<WeightsMutex> weights_mu = std::make_shared<WeightsMutex>();  // weights_mutex(models)
 };
 
 // The engine stream, GIL released and the stream's lock held until the end of the full expression:
@@ -47,7 +68,7 @@ class LockedStream {
  private:
   py::gil_scoped_release release_;  // first: released before the lock is waited for, taken back after it is let go
   std::unique_lock<std::mutex> lock_;
-  std::shared_lock<std::shared_mutex> weights_;
+  std::shared_lock<WeightsMutex> weights_;
   sd::StreamDiffusion* stream_;
 };
 inline LockedStream locked(const PyStream& s) { return LockedStream(s); }

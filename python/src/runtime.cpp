@@ -87,7 +87,7 @@ void on_output(CallbackState& st, const sd::Frame& f) {
 class LockedProcessor : public sd::FrameProcessor {
  public:
   LockedProcessor(std::shared_ptr<sd::FrameProcessor> p, std::shared_ptr<std::mutex> mu,
-                  std::shared_ptr<std::shared_mutex> weights_mu)
+                  std::shared_ptr<WeightsMutex> weights_mu)
       : p_(std::move(p)), mu_(std::move(mu)), weights_mu_(std::move(weights_mu)) {}
   int64_t width() const override { return p_->width(); }
   int64_t height() const override { return p_->height(); }
@@ -99,12 +99,12 @@ class LockedProcessor : public sd::FrameProcessor {
   }
   std::vector<sd::Frame> process(sd::Frame in) override {
     std::lock_guard<std::mutex> lock(*mu_);
-    std::shared_lock<std::shared_mutex> weights(*weights_mu_);
+    std::shared_lock<WeightsMutex> weights(*weights_mu_);
     return p_->process(std::move(in));
   }
   std::vector<sd::Frame> flush() override {
     std::lock_guard<std::mutex> lock(*mu_);
-    std::shared_lock<std::shared_mutex> weights(*weights_mu_);
+    std::shared_lock<WeightsMutex> weights(*weights_mu_);
     return p_->flush();
   }
   torch::Tensor postprocess(const torch::Tensor& out) override { return p_->postprocess(out); }
@@ -116,10 +116,10 @@ class LockedProcessor : public sd::FrameProcessor {
     using K = sd::ControlCommand::Kind;
     std::lock_guard<std::mutex> lock(*mu_);
     if (command.kind == K::Lora || command.kind == K::IpAdapterScale) {
-      std::unique_lock<std::shared_mutex> weights(*weights_mu_);
+      std::unique_lock<WeightsMutex> weights(*weights_mu_);
       return p_->apply(command);
     }
-    std::shared_lock<std::shared_mutex> weights(*weights_mu_);  // a prompt change runs the text encoder
+    std::shared_lock<WeightsMutex> weights(*weights_mu_);  // a prompt change runs the text encoder
     return p_->apply(command);
   }
   int64_t skipped() const override { return p_->skipped(); }
@@ -132,7 +132,7 @@ class LockedProcessor : public sd::FrameProcessor {
  private:
   std::shared_ptr<sd::FrameProcessor> p_;
   std::shared_ptr<std::mutex> mu_;
-  std::shared_ptr<std::shared_mutex> weights_mu_;
+  std::shared_ptr<WeightsMutex> weights_mu_;
 };
 
 py::object json_to_py(const nlohmann::json& j) {
@@ -152,8 +152,9 @@ void bind_runtime(py::module_& m) {
          std::optional<std::pair<int64_t, int64_t>> input_size, double output_fps, double status_interval,
          std::vector<std::string> control_preprocessors, const std::string& control_input,
          const std::string& image_prompt_input, int64_t image_prompt_every, double image_prompt_change) {
-        if (!s || !s->stream->prepared())
-          throw sd::InvalidArgument("run_stream: call stream.prepare(prompt) first");
+        if (!s) throw sd::InvalidArgument("run_stream: call stream.prepare(prompt) first");
+        // The prompts the processor starts from: GIL-protected, so read before the GIL is let go.
+        const std::string prompt = s->prompt, negative_prompt = s->negative_prompt;
         sd::SourceOptions so;
         so.fps = fps;
         so.realtime = realtime;
@@ -174,12 +175,13 @@ void bind_runtime(py::module_& m) {
         {
           py::gil_scoped_release release;
           std::lock_guard<std::mutex> setup_lock(*s->mu);  // the processor reads the stream (py_stream.h)
+          if (!s->stream->prepared()) throw sd::InvalidArgument("run_stream: call stream.prepare(prompt) first");
           auto src = sd::open_source(source, so);
           const bool txt2img = !src->has_images();
           sd::SinkOptions sk;
           sk.fps = output_fps > 0 ? output_fps : (src->fps() > 0 ? src->fps() : 30.0);
           auto snk = sd::open_sink(sink, sk);
-          auto proc = std::make_shared<sd::StreamDiffusionProcessor>(s->stream, s->prompt, s->negative_prompt, txt2img);
+          auto proc = std::make_shared<sd::StreamDiffusionProcessor>(s->stream, prompt, negative_prompt, txt2img);
           // Second sources read with the input: raw frames are stdin only, hence no input_size for them.
           sd::SourceOptions second = so;
           second.width = second.height = 0;

@@ -77,10 +77,11 @@ def test_loras_report_ranks_modules_and_unmatched_keys_as_info_does(sd, lora_fil
 
 
 def test_lora_scale_set_from_another_thread_never_meets_a_frame_half_way(sd, fixtures, tmp_path):
-    # A GUI thread moving a LoRA slider while a worker thread runs frames: set_lora_scale re-fuses the shared weights
+    # A GUI thread moving a LoRA slider while worker threads run frames: set_lora_scale re-fuses the shared weights
     # module by module with the GIL released, so without the model set's lock a frame could read the first module
     # at one scale and the last at the other (or a weight in the middle of its re-fusion). With it, every frame is
-    # the frame of one scale, bit for bit.
+    # the frame of one scale, bit for bit; and with two workers whose frames overlap, the setter still gets its turns
+    # (a reader-first lock would keep it waiting until both finished).
     import threading
 
     model = os.path.join(fixtures, "models", "tiny-sd15")
@@ -95,42 +96,61 @@ def test_lora_scale_set_from_another_thread_never_meets_a_frame_half_way(sd, fix
         tensors[stem + "lora_up.weight"] = (rng.standard_normal((32, 4, 1, 1)) * 0.3).astype(np.float32)
     write_safetensors(path, tensors)
     models = sd.load_pipeline(model, dtype="fp32", taesd=os.path.join(model, "taesd"), loras=[path], threads=-1)
-    s = sd.Stream(models, sd.resolve_config(model, "txt2img", t_index_list=[0], width=64, height=64))
-    s.prepare("a cat")
+    cfg = sd.resolve_config(model, "txt2img", t_index_list=[0], width=64, height=64)
+    streams = [sd.Stream(models, cfg) for _ in range(2)]
+    for s in streams:
+        s.prepare("a cat")
 
-    def frame():  # the same noise every frame: a frame is a function of the weights alone
+    def frame(s):  # the same noise every frame: a frame is a function of the weights alone
         s.set_seed(7)
         return np.asarray(s.txt2img()).copy()
 
     refs = []
     for scale in (0.0, 1.0):
         models.set_lora_scale("two_ends", scale)
-        refs.append(frame())
-        assert np.array_equal(frame(), refs[-1]), "one step from the same noise repeats its frame"
+        refs.append(frame(streams[0]))
+        for s in streams:
+            assert np.array_equal(frame(s), refs[-1]), "one step from the same noise repeats its frame"
     assert not np.array_equal(refs[0], refs[1])
 
-    errors, done, frames = [], threading.Event(), [0]
+    errors, running, frames = [], [len(streams)], [0]
+    lock = threading.Lock()
 
-    def worker():
+    def worker(s):
         try:
             for _ in range(60):
-                out = frame()
-                if not any(np.array_equal(out, r) for r in refs):
-                    errors.append(f"frame {frames[0]} is neither scale's (max diff to scale 0: "
-                                  f"{np.abs(out - refs[0]).max():.3g}, to scale 1: {np.abs(out - refs[1]).max():.3g})")
-                frames[0] += 1
+                out = frame(s)
+                with lock:
+                    if not any(np.array_equal(out, r) for r in refs):
+                        errors.append(f"frame {frames[0]} is neither scale's (max diff to scale 0: "
+                                      f"{np.abs(out - refs[0]).max():.3g}, to scale 1: "
+                                      f"{np.abs(out - refs[1]).max():.3g})")
+                    frames[0] += 1
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
         finally:
-            done.set()
+            with lock:
+                running[0] -= 1
 
-    t = threading.Thread(target=worker)
-    t.start()
+    threads = [threading.Thread(target=worker, args=(s,)) for s in streams]
+    for t in threads:
+        t.start()
     k = 0
-    while not done.is_set():
+    while True:
+        with lock:
+            if running[0] == 0:
+                break
+            done_frames = frames[0]
         models.set_lora_scale("two_ends", float(k % 2))
         _ = models.loras()
         k += 1
-    t.join()
+        if k == 10:
+            first_ten_at = done_frames
+    for t in threads:
+        t.join()
     assert not errors, errors[:3]
     assert k > 10, "the scale changed while the frames ran"
+    # Each change waits for the (at most two) frames in flight. Measured on a 2-core Zen 4: the first 10 changes
+    # within 6-10 of the 120 frames, 144-194 changes in all; with the reader-first lock, 37-82 frames and 11-47.
+    print(f"  [lora setter] first 10 changes within {first_ten_at} frames, {k} changes in 120 frames")
+    assert first_ten_at < 40, f"the setter waited for {first_ten_at} of 120 frames to make its first 10 changes"

@@ -306,23 +306,22 @@ void Conv2dImpl::make_upsample_phases() {
 
 torch::Tensor Conv2dImpl::forward_upsampled2x(const torch::Tensor& x) {
   const auto dt = x.scalar_type();
-  const bool grad = torch::GradMode::is_enabled() &&
-                    (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
-  const bool phases = fast_path().upsample_phases && kernel_size == 3 && stride == 1 && padding == 1 &&
-                      x.dim() == 4 && x.device().is_cpu() && weight.device().is_cpu() && !grad &&
-                      !use_int8(int8_ != nullptr, x, weight) && dt == weight.scalar_type() &&
-                      (dt == torch::kFloat || dt == torch::kBFloat16) && x.size(1) == in_channels &&
-                      x.size(2) > 0 && x.size(3) > 0;
-  if (!phases) {
-    return forward(upsample_nearest(x, {x.size(2) * 2, x.size(3) * 2}));
-  }
+  const bool shape_applies = fast_path().upsample_phases && kernel_size == 3 && stride == 1 && padding == 1 &&
+                             x.dim() == 4 && x.device().is_cpu() && (dt == torch::kFloat || dt == torch::kBFloat16) &&
+                             x.size(1) == in_channels && x.size(2) > 0 && x.size(3) > 0;
   std::shared_ptr<Conv2dImpl> phases_conv;
-  {
-    // One thread makes the kernels; each call keeps the ones it started with.
+  if (shape_applies) {
+    // The layer's state is read under the lock forward() takes; one thread makes the kernels, and each call keeps
+    // the ones it started with.
     const std::lock_guard<std::mutex> lock(copies_mutex());
-    if (!upsample_phases_current()) make_upsample_phases();
-    phases_conv = phases_;
+    const bool grad = torch::GradMode::is_enabled() &&
+                      (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
+    if (weight.device().is_cpu() && !grad && !use_int8(int8_ != nullptr, x, weight) && dt == weight.scalar_type()) {
+      if (!upsample_phases_current()) make_upsample_phases();
+      phases_conv = phases_;
+    }
   }
+  if (!phases_conv) return forward(upsample_nearest(x, {x.size(2) * 2, x.size(3) * 2}));
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3), o = out_channels;
   // [N, 4 * out, H + 1, W + 1] in x's memory format: phase (a, b)'s output pixel (i, j) is at row i + a, column
   // j + b of channel block a * 2 + b, an address linear in (a, b) whatever the strides. So one strided view reads
