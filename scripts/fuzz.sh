@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # libFuzzer + AddressSanitizer + UBSan on every parser of untrusted input (docs/FUZZING.md).
 # Usage: scripts/fuzz.sh [TARGET|all] [RUNS|TIMEs] [extra libFuzzer flags...]
-#   TARGET  safetensors safetensors_file shard_index weight_names lora single_file config recommendations tokenizer
-#           image ws_message api_body control_command settings osc (default: all)
+#   TARGET  safetensors safetensors_file shard_index weight_names lora ip_adapter single_file config recommendations
+#           tokenizer image ws_message api_body control_command settings osc (default: all)
 #   RUNS    executions per target (default 200000), or a time per target such as 10s / 5m
 # Builds the targets with clang++-14 in build-fuzz (-DSD_FUZZ=ON: only the fuzz targets and the sources they need),
 # seeds build-fuzz/corpus/TARGET from tests/fuzz/corpus/TARGET and the fixtures ($SD_FIXTURES, default
@@ -12,8 +12,8 @@ set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-ALL=(safetensors safetensors_file shard_index weight_names lora single_file config recommendations tokenizer image
-     ws_message api_body control_command settings osc)
+ALL=(safetensors safetensors_file shard_index weight_names lora ip_adapter single_file config recommendations tokenizer
+     image ws_message api_body control_command settings osc)
 TARGET="${1:-all}"; shift || true
 RUNS="${1:-200000}"; shift || true
 OUT="${SD_FUZZ_BUILD_DIR:-build-fuzz}"
@@ -72,6 +72,12 @@ elif t == "lora":
                 sub[k] = dict(hdr[k], data_offsets=[len(data), len(data) + e - b])
                 data += f.read(e - b)
             put("%s_%d" % (os.path.relpath(p, fix), w), json.dumps(sub).encode() + b"\0" + data)
+elif t == "ip_adapter":
+    # fuzz_util.h FileImage inputs: the fixture adapter whole (header JSON, NUL, data).
+    for p in files:
+        if "/ipadapter/models/" not in p or not os.path.basename(p).startswith("ip-adapter"): continue
+        h, f = header(p)
+        put(os.path.relpath(p, fix), h.rstrip(b" ") + b"\0" + f.read())
 elif t == "single_file":
     # fuzz_util.h FileImage inputs: the header only (the target zero-pads the data region).
     for p in files:
@@ -106,7 +112,7 @@ for t in "${TARGETS[@]}"; do
   seed_fixtures "$t" "$fixseeds"
   case "$t" in
     safetensors) maxlen=70000 ;;
-    lora) maxlen=65536 ;;
+    lora|ip_adapter) maxlen=65536 ;;
     single_file) maxlen=70000 ;;
     safetensors_file|image|api_body) maxlen=65536 ;;
     *) maxlen=8192 ;;

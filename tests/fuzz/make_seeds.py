@@ -128,6 +128,31 @@ lora = st({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": ("F3
            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": ("F32", [8, 2], one * 16),
            "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": ("I64", [], b"\x04")})
 put("lora", "mixed", lora[0].rstrip(b" ") + b"\0" + lora[1])
+# ip_adapter: a Plus and a full-face file for tiny-sd15's UNet (fuzz_ip_adapter.cpp; the plain one comes from the
+# fixtures), zero data (the target pads it).
+ip_branches = {}
+for k, w in ((1, 32), (3, 32), (5, 32), (7, 64)):  # the down, up and mid blocks' attn2, in key order
+    for n in ("to_k_ip", "to_v_ip"):
+        ip_branches["ip_adapter.%d.%s.weight" % (k, n)] = ("F32", [w, 32], b"")
+plus = {"image_proj.latents": ("F32", [1, 4, 24], b""), "image_proj.proj_in.weight": ("F32", [24, 16], b""),
+        "image_proj.proj_in.bias": ("F32", [24], b""), "image_proj.proj_out.weight": ("F32", [32, 24], b""),
+        "image_proj.proj_out.bias": ("F32", [32], b""), "image_proj.norm_out.weight": ("F32", [32], b""),
+        "image_proj.norm_out.bias": ("F32", [32], b"")}
+for n in ("0.norm1.", "0.norm2.", "1.0."):
+    plus["image_proj.layers.0." + n + "weight"] = ("F32", [24], b"")
+    plus["image_proj.layers.0." + n + "bias"] = ("F32", [24], b"")
+plus.update({"image_proj.layers.0.0.to_q.weight": ("F32", [64, 24], b""),
+             "image_proj.layers.0.0.to_kv.weight": ("F32", [128, 24], b""),
+             "image_proj.layers.0.0.to_out.weight": ("F32", [24, 64], b""),
+             "image_proj.layers.0.1.1.weight": ("F32", [96, 24], b""),
+             "image_proj.layers.0.1.3.weight": ("F32", [24, 96], b"")}, **ip_branches)
+plus_st = st(plus)
+put("ip_adapter", "plus", plus_st[0].rstrip(b" ") + b"\0")
+face = {"image_proj.proj.0.weight": ("F32", [16, 16], b""), "image_proj.proj.0.bias": ("F32", [16], b""),
+        "image_proj.proj.2.weight": ("F32", [32, 16], b""), "image_proj.proj.2.bias": ("F32", [32], b""),
+        "image_proj.proj.3.weight": ("F32", [32], b""), "image_proj.proj.3.bias": ("F32", [32], b"")}
+face.update(ip_branches)
+put("ip_adapter", "full_face", st(face)[0].rstrip(b" ") + b"\0")
 sf = st({"model.diffusion_model.input_blocks.0.0.weight": ("F16", [32, 4, 3, 3], b""),
          "model.diffusion_model.out.2.weight": ("F16", [4, 32, 3, 3], b""),
          "first_stage_model.encoder.conv_in.weight": ("F16", [32, 3, 3, 3], b""),
