@@ -176,8 +176,9 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     for (const auto& p : cn.preprocessors) d.control_preprocessors.push_back(p->name());
     d.controlnet_every = o->p.controlnet_every;
     for (size_t i = 0; i < cn.units.size(); ++i)
-      sd::log::info("ControlNet {}: {} (scale {}, preprocessor {})", i, cn.units[i].net->name(), cn.units[i].scale,
-                    d.control_preprocessors[i]);
+      sd::log::info("ControlNet {}: {} (scale {}, preprocessor {}, guidance {}..{})", i, cn.units[i].net->name(),
+                    cn.units[i].scale, d.control_preprocessors[i], cn.units[i].guidance_start,
+                    cn.units[i].guidance_end);
     d.ip_adapter = l.models->ip_adapter() != nullptr;
     if (!o->p.image_prompt.empty()) {
       // The image prompt of every new client (each may replace it with its own image_prompt setting).

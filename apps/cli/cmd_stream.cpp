@@ -265,8 +265,10 @@ sd::cli::Runner setup_stream(CLI::App& app) {
       stream->set_controlnets(controlnets.units);
       stream->set_controlnet_every(o->p.controlnet_every);
       for (size_t i = 0; i < controlnets.units.size(); ++i)
-        sd::log::info("controlnet {}: {} scale {} preprocessor {}", i, controlnets.units[i].net->describe(),
-                      controlnets.units[i].scale, controlnets.preprocessors[i]->name());
+        sd::log::info("controlnet {}: {} scale {} preprocessor {}, guidance {}..{}", i,
+                      controlnets.units[i].net->describe(), controlnets.units[i].scale,
+                      controlnets.preprocessors[i]->name(), controlnets.units[i].guidance_start,
+                      controlnets.units[i].guidance_end);
     }
     stream->prepare(sd::cli::prompt_list_from(o->p), o->p.negative_prompt);
     auto processor = std::make_shared<sd::StreamDiffusionProcessor>(stream, o->p.prompt, o->p.negative_prompt, txt2img);

@@ -9,6 +9,8 @@ ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels
   ControlNetSetup s;
   if (o.controlnets.empty()) {
     if (!o.control_preprocessors.empty()) throw InvalidArgument("--control-preprocessor needs --controlnet");
+    if (!o.control_guidance_start.empty()) throw InvalidArgument("--control-guidance-start needs --controlnet");
+    if (!o.control_guidance_end.empty()) throw InvalidArgument("--control-guidance-end needs --controlnet");
     if (!o.control_input.empty()) throw InvalidArgument("--control-input needs --controlnet");
     return s;
   }
@@ -17,8 +19,20 @@ ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels
   if (o.control_preprocessors.size() > 1 && o.control_preprocessors.size() != n)
     throw InvalidArgument("--control-preprocessor given " + std::to_string(o.control_preprocessors.size()) +
                           " times for " + std::to_string(n) + " --controlnet: give it once (for all) or once each");
+  // One value for all, or one per ControlNet.
+  const auto per_net = [&](const std::vector<double>& v, const char* flag, double fallback, size_t i) {
+    if (v.size() > 1 && v.size() != n)
+      throw InvalidArgument(std::string(flag) + " given " + std::to_string(v.size()) + " times for " +
+                            std::to_string(n) + " --controlnet: give it once (for all) or once each");
+    return v.empty() ? fallback : v.size() == 1 ? v[0] : v[i];
+  };
   for (size_t i = 0; i < n; ++i) {
     const auto [path, scale] = parse_controlnet_spec(o.controlnets[i]);
+    const double start = per_net(o.control_guidance_start, "--control-guidance-start", 0.0, i);
+    const double end = per_net(o.control_guidance_end, "--control-guidance-end", 1.0, i);
+    if (!(start >= 0.0 && end <= 1.0 && start < end))
+      throw InvalidArgument("--controlnet " + o.controlnets[i] + ": --control-guidance-start " + std::to_string(start) +
+                            " and --control-guidance-end " + std::to_string(end) + " must satisfy 0 <= start < end <= 1");
     std::string spec;
     if (!o.control_preprocessors.empty())
       spec = o.control_preprocessors.size() == 1 ? o.control_preprocessors[0] : o.control_preprocessors[i];
@@ -34,7 +48,10 @@ ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels
     if (!pre->feedback() && !has_input_frames && o.control_input.empty())
       throw InvalidArgument("--control-preprocessor " + spec +
                             " needs frames: txt2img has none, give --control-input (or use feedback)");
-    s.units.push_back({ControlNet::load(path, models), scale});
+    ControlNetUnit unit{ControlNet::load(path, models), scale};
+    unit.guidance_start = start;
+    unit.guidance_end = end;
+    s.units.push_back(std::move(unit));
     s.preprocessors.push_back(std::move(pre));
   }
   return s;

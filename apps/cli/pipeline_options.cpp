@@ -261,6 +261,13 @@ void add_controlnet_options(CLI::App& app, PipelineOptions& o, const std::string
                  "control image of each ControlNet: canny[:LOW:HIGH] | gray | passthrough | feedback (the previous "
                  "output); once for all or once per --controlnet (default: canny on the input, passthrough with "
                  "--control-input). Live: 'control_preprocessor I NAME'");
+  app.add_option("--control-guidance-start", o.control_guidance_start,
+                 "share of the denoising steps (of t_index_list) before which a ControlNet does not condition, as "
+                 "diffusers' control_guidance_start: step i of n is conditioned unless i/n < START or (i+1)/n > END; "
+                 "once for all or once per --controlnet (default 0)");
+  app.add_option("--control-guidance-end", o.control_guidance_end,
+                 "share of the denoising steps after which a ControlNet stops conditioning (diffusers' "
+                 "control_guidance_end); once for all or once per --controlnet (default 1)");
   app.add_option("--control-input", o.control_input, control_input_help);
   app.add_option("--controlnet-every", o.controlnet_every,
                  "recompute the ControlNet residuals every N calls and reuse them in between (saves compute; the "

@@ -63,6 +63,8 @@ struct PipelineOptions {
   // ControlNet (add_controlnet_options: txt2img, img2img, stream, serve).
   std::vector<std::string> controlnets;            // --controlnet DIR|FILE[:SCALE], repeatable
   std::vector<std::string> control_preprocessors;  // --control-preprocessor SPEC: one for all, or one per ControlNet
+  // --control-guidance-start / --control-guidance-end: one for all, or one per ControlNet (default 0 and 1)
+  std::vector<double> control_guidance_start, control_guidance_end;
   std::string control_input;                       // --control-input SRC (stream: a source; txt2img/img2img: an image)
   int controlnet_every = 1;                        // --controlnet-every N
   // Live performance controls (pipeline/prompt_blend.h), also as control commands.

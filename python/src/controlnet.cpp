@@ -26,7 +26,8 @@ at::Tensor image_arg(py::handle image, const char* what) {
   return t.contiguous();
 }
 
-// [(ControlNet, scale), ...] or [ControlNet, ...] (scale 1).
+// [(ControlNet, scale), ...], [(ControlNet, scale, guidance_start, guidance_end), ...] or [ControlNet, ...] (scale
+// 1, the whole range).
 std::vector<sd::ControlNetUnit> units_arg(py::handle seq) {
   std::vector<sd::ControlNetUnit> units;
   for (auto item : seq) {
@@ -34,14 +35,21 @@ std::vector<sd::ControlNetUnit> units_arg(py::handle seq) {
       units.push_back({item.cast<Net>(), 1.0});
       continue;
     }
-    if (!py::isinstance<py::sequence>(item) || py::isinstance<py::str>(item) || py::len(item) != 2)
-      throw sd::InvalidArgument("set_controlnets: expected ControlNet objects or (ControlNet, scale) pairs (load "
-                                "them with ControlNet.load(path, models))");
-    auto pair = item.cast<py::sequence>();
-    if (!py::isinstance<sd::ControlNet>(pair[0]))
+    if (!py::isinstance<py::sequence>(item) || py::isinstance<py::str>(item) ||
+        (py::len(item) != 2 && py::len(item) != 4))
+      throw sd::InvalidArgument("set_controlnets: expected ControlNet objects, (ControlNet, scale) pairs or "
+                                "(ControlNet, scale, guidance_start, guidance_end) (load them with "
+                                "ControlNet.load(path, models))");
+    auto tuple = item.cast<py::sequence>();
+    if (!py::isinstance<sd::ControlNet>(tuple[0]))
       throw sd::InvalidArgument("set_controlnets: the first item of each pair must be a ControlNet (got " +
-                                py::str(py::type::of(pair[0])).cast<std::string>() + ")");
-    units.push_back({pair[0].cast<Net>(), pair[1].cast<double>()});
+                                py::str(py::type::of(tuple[0])).cast<std::string>() + ")");
+    sd::ControlNetUnit u{tuple[0].cast<Net>(), tuple[1].cast<double>()};
+    if (py::len(tuple) == 4) {
+      u.guidance_start = tuple[2].cast<double>();
+      u.guidance_end = tuple[3].cast<double>();
+    }
+    units.push_back(std::move(u));
   }
   return units;
 }
@@ -118,8 +126,11 @@ UNet's family and cast to its dtype and device. Immutable; any number of Streams
             locked(s)->set_controlnets(std::move(list));
           },
           py::arg("controlnets"),
-          "[(ControlNet, scale), ...] or [ControlNet, ...] (scale 1): run before every UNet call, residuals summed. "
-          "Replacing the list clears the control images; each needs one (set_control_image) before the next call.")
+          "[(ControlNet, scale), ...], [(ControlNet, scale, guidance_start, guidance_end), ...] or [ControlNet, ...] "
+          "(scale 1): run before every UNet call, residuals summed. guidance_start / guidance_end (default 0 / 1): "
+          "diffusers' control_guidance_start / _end, the share of the denoising steps it conditions (step i of n "
+          "unless i/n < start or (i+1)/n > end). Replacing the list clears the control images; each needs one "
+          "(set_control_image) before the next call.")
       .def_property_readonly(
           "controlnets",
           [](const PyStream& s) {
@@ -134,6 +145,20 @@ UNet's family and cast to its dtype and device. Immutable; any number of Streams
           "set_controlnet_scale",
           [](PyStream& s, size_t i, double scale) { locked(s)->set_controlnet_scale(i, scale); },
           py::arg("index"), py::arg("scale"), "conditioning scale of ControlNet `index` (0 = skipped: as without it)")
+      .def_property_readonly(
+          "controlnet_guidance",
+          [](const PyStream& s) {
+            const auto units = locked(s)->controlnets();
+            std::vector<std::pair<double, double>> out;
+            for (const auto& u : units) out.emplace_back(u.guidance_start, u.guidance_end);
+            return out;
+          },
+          "(guidance_start, guidance_end) of each ControlNet, in controlnets order")
+      .def(
+          "set_controlnet_guidance",
+          [](PyStream& s, size_t i, double start, double end) { locked(s)->set_controlnet_guidance(i, start, end); },
+          py::arg("index"), py::arg("start"), py::arg("end"),
+          "control_guidance_start / _end of ControlNet `index`, live (0 <= start < end <= 1)")
       .def(
           "set_control_image",
           [](PyStream& s, size_t i, py::handle image) {

@@ -96,6 +96,46 @@ def test_scale_zero_equals_no_controlnet_bit_for_bit(sd, models, cn):
     assert np.array_equal(out, plain)
 
 
+def test_guidance_range_from_python(sd, models, cn):
+    # Two steps: a range neither keeps (0.9..1: 0/2 and 1/2 < 0.9) is no ControlNet; the first half keeps step 0 and
+    # changes the frames; a live range equals the same range given with the list. Bad ranges are the engine's error.
+    def run2(setup=None):
+        c = config(sd)
+        c.t_index_list = [32, 45]
+        s = sd.Stream(models, c)
+        s.prepare("a cat")
+        if setup:
+            setup(s)
+        return np.concatenate([np.asarray(s.img2img(frame())).copy() for _ in range(3)]), s
+
+    def with_range(start, end, live=False):
+        def setup(s):
+            if live:
+                s.set_controlnets([(cn, 1.0)])
+                s.set_controlnet_guidance(0, start, end)
+            else:
+                s.set_controlnets([(cn, 1.0, start, end)])
+            s.set_control_image(0, control_u8())
+        return setup
+
+    plain, _ = run2()
+    none, s = run2(with_range(0.9, 1.0))
+    assert np.array_equal(none, plain)
+    assert s.stats.controlnet_calls == 0
+    assert s.controlnet_guidance == [(0.9, 1.0)]
+    half, _ = run2(with_range(0.0, 0.5))
+    assert np.abs(half - plain).max() > 1e-3
+    half_live, s = run2(with_range(0.0, 0.5, live=True))
+    assert np.array_equal(half_live, half)
+    assert s.controlnet_guidance == [(0.0, 0.5)]
+    with pytest.raises(sd.InvalidArgument, match="0 <= start < end <= 1"):
+        s.set_controlnet_guidance(0, 0.5, 0.5)
+    with pytest.raises(sd.InvalidArgument, match="0 <= start < end <= 1"):
+        s.set_controlnets([(cn, 1.0, -0.1, 1.0)])
+    with pytest.raises(sd.InvalidArgument, match="guidance_start, guidance_end"):
+        s.set_controlnets([(cn, 1.0, 0.5)])
+
+
 def test_control_image_float_chw_equals_uint8_hwc(sd, models, cn):
     u8 = control_u8()
 

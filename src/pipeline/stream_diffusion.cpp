@@ -1047,8 +1047,23 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
     text = ehs.narrow(1, 0, ehs.size(1) - ip->adapter->num_tokens());
   ControlResiduals sum;
   for (size_t i = 0; i < controlnets_.size(); ++i) {
-    if (controlnets_[i].scale == 0.0) continue;
-    sum += controlnets_[i].net->residuals(sample, t, text, added, control_images_[i], controlnets_[i].scale);
+    const ControlNetUnit& u = controlnets_[i];
+    if (u.scale == 0.0) continue;
+    // control_guidance_start / _end: the timesteps of the steps that keep this ControlNet. Every batch layout's rows
+    // carry their step's timestep (RCFG's uncond rows too), so a row keeps it where its timestep is one of them.
+    const int64_t n = static_cast<int64_t>(sub_timesteps_.size());
+    std::vector<int64_t> kept;
+    for (int64_t k = 0; k < n; ++k)
+      if (u.keeps(k, n)) kept.push_back(sub_timesteps_[k]);
+    if (kept.empty()) continue;  // no step keeps it: as at scale 0
+    ControlResiduals r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
+    if (static_cast<int64_t>(kept.size()) < n) {
+      const Tensor steps = torch::tensor(kept, torch::TensorOptions().dtype(torch::kLong)).to(t.device());
+      const Tensor keep = (t.to(torch::kLong).unsqueeze(1) == steps.unsqueeze(0)).any(1);  // [R]
+      for (auto& d : r.down) d = d * keep.view({-1, 1, 1, 1}).to(d.scalar_type());
+      r.mid = r.mid * keep.view({-1, 1, 1, 1}).to(r.mid.scalar_type());
+    }
+    sum += r;
     ++stats_.controlnet_calls;
   }
   sync_device();
@@ -1057,11 +1072,26 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
   return sum;
 }
 
+bool ControlNetUnit::keeps(int64_t i, int64_t n) const {
+  return !(static_cast<double>(i) / n < guidance_start || static_cast<double>(i + 1) / n > guidance_end);
+}
+
+namespace {
+void check_control_guidance(double start, double end, const std::string& what) {
+  if (!std::isfinite(start) || !std::isfinite(end) || start < 0.0 || end > 1.0 || start >= end)
+    throw InvalidArgument(what + ": control guidance start " + std::to_string(start) + " and end " +
+                          std::to_string(end) + " must satisfy 0 <= start < end <= 1 (the share of the steps it "
+                          "conditions, as diffusers' control_guidance_start / control_guidance_end)");
+}
+}  // namespace
+
 void StreamDiffusion::set_controlnets(std::vector<ControlNetUnit> units) {
   for (size_t i = 0; i < units.size(); ++i) {
     if (!units[i].net) throw InvalidArgument("set_controlnets: ControlNet " + std::to_string(i) + " is null");
     if (!std::isfinite(units[i].scale))
       throw InvalidArgument("set_controlnets: ControlNet " + std::to_string(i) + " has a non-finite scale");
+    check_control_guidance(units[i].guidance_start, units[i].guidance_end,
+                           "set_controlnets: ControlNet " + std::to_string(i));
     if (units[i].net->image_scale() != vae_scale_)
       throw InvalidArgument("ControlNet " + units[i].net->path() + " embeds its control image down " +
                             std::to_string(units[i].net->image_scale()) + "x but the model's latents are " +
@@ -1082,6 +1112,17 @@ void StreamDiffusion::set_controlnet_scale(size_t index, double scale) {
   controlnets_[index].scale = scale;
   control_cache_.clear();
   reset_deep_cache();  // the deep features hold the old scale's residuals
+}
+
+void StreamDiffusion::set_controlnet_guidance(size_t index, double start, double end) {
+  if (index >= controlnets_.size())
+    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range (" +
+                          std::to_string(controlnets_.size()) + " ControlNets)");
+  check_control_guidance(start, end, "ControlNet " + std::to_string(index));
+  controlnets_[index].guidance_start = start;
+  controlnets_[index].guidance_end = end;
+  control_cache_.clear();
+  reset_deep_cache();  // the deep features hold the old range's residuals
 }
 
 void StreamDiffusion::set_control_image(size_t index, const torch::Tensor& image) {

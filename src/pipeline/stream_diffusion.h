@@ -43,6 +43,12 @@ class ControlNet;
 struct ControlNetUnit {
   std::shared_ptr<const ControlNet> net;
   double scale = 1.0;
+  // diffusers' control_guidance_start / control_guidance_end: the share of the denoising steps the ControlNet
+  // conditions. Step i of the n of t_index_list keeps it unless i / n < start or (i + 1) / n > end (diffusers'
+  // controlnet_keep); in the stream batch each UNet row is at its own step. 0 <= start < end <= 1.
+  double guidance_start = 0.0, guidance_end = 1.0;
+  // Whether step i of n keeps this ControlNet.
+  bool keeps(int64_t i, int64_t n) const;
 };
 
 enum class CfgType { None, Full, Self, Initialize };
@@ -199,6 +205,9 @@ class StreamDiffusion {
   void set_controlnets(std::vector<ControlNetUnit> units);
   const std::vector<ControlNetUnit>& controlnets() const { return controlnets_; }
   void set_controlnet_scale(size_t index, double scale);
+  // ControlNetUnit::guidance_start / guidance_end of ControlNet `index`, live. InvalidArgument unless
+  // 0 <= start < end <= 1.
+  void set_controlnet_guidance(size_t index, double start, double end);
   // image: [3, H, W] or [1, 3, H, W] float in [0, 1], or uint8 [H, W, 3] RGB; any size (resized, bilinear with
   // antialiasing, to the stream's width x height). Takes effect from the next call; may change every frame.
   void set_control_image(size_t index, const torch::Tensor& image);

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <sstream>
+#include <vector>
 
 #include "core/error.h"
 #include "core/text.h"
@@ -36,7 +38,8 @@ const std::string& control_help() {
   static const std::string help =
       "commands: prompt <text> | negative <text> | guidance <g> | delta <d> | t_index_list <i,j,...> | seed <n> | "
       "filter on|off | filter_threshold <x> | lora <name> <scale> | ip_adapter_scale <s> | image_prompt <path>|none | "
-      "controlnet_scale <i> <s> | control_preprocessor <i> <name> | deep_cache <k> [<similarity>] | "
+      "controlnet_scale <i> <s> | controlnet_guidance <i> <start> <end> | control_preprocessor <i> <name> | "
+      "deep_cache <k> [<similarity>] | "
       "prompt_list <text:w | text:w ...> or [[\"text\", w], ...] | seed_list <seed:w, seed:w ...> or [[seed, w], ...] | "
       "transition <seconds>|<n>f|0 | prompt_blend linear|slerp | latent_feedback <0..1> | stats | quit | help";
   return help;
@@ -48,6 +51,7 @@ std::string control_coalesce_key(const ControlCommand& c) {
   switch (c.kind) {
     case K::Lora: return key + ":" + c.text;
     case K::ControlnetScale:
+    case K::ControlnetGuidance:
     case K::ControlPreprocessor: return key + ":" + std::to_string(c.index);
     default: return key;
   }
@@ -146,6 +150,21 @@ std::optional<ControlCommand> parse_control_command(const std::string& raw) {
       c.number = parse_number(cmd, value);
     else
       c.text = value;
+  } else if (cmd == "controlnet_guidance") {
+    c.kind = K::ControlnetGuidance;
+    std::istringstream words(arg);
+    std::vector<std::string> w;
+    for (std::string x; words >> x;) w.push_back(x);
+    if (w.size() != 3)
+      throw InvalidArgument("control: 'controlnet_guidance' needs a ControlNet index (0-based), a start and an end: "
+                            "'controlnet_guidance I START END', e.g. 'controlnet_guidance 0 0 0.5'");
+    c.index = parse_integer(cmd + " index", w[0]);
+    if (c.index < 0) throw InvalidArgument("control: " + cmd + " index must be >= 0, got " + w[0]);
+    c.number = parse_number(cmd + " start", w[1]);
+    c.end = parse_number(cmd + " end", w[2]);
+    if (!(c.number >= 0.0 && c.end <= 1.0 && c.number < c.end))
+      throw InvalidArgument("control: controlnet_guidance start " + w[1] + " and end " + w[2] +
+                            " must satisfy 0 <= start < end <= 1");
   } else if (cmd == "deep_cache") {
     c.kind = K::DeepCache;
     const auto sp2 = arg.find_first_of(" \t");

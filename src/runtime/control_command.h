@@ -22,6 +22,7 @@
 //   ip_adapter_scale <s>     IP-Adapter scale (--ip-adapter; 0 = off), shared by the model set, from the next frame
 //   image_prompt <path>|none new IP-Adapter image prompt (read and encoded once; 'none' = the zero image)
 //   controlnet_scale <i> <s> conditioning scale of ControlNet i (0-based, --controlnet order; 0 = off)
+//   controlnet_guidance <i> <start> <end>   control_guidance_start / _end of ControlNet i (0 <= start < end <= 1)
 //   control_preprocessor <i> <name>   control image source of ControlNet i: canny[:LOW:HIGH] | gray | passthrough |
 //                            feedback (frames already pre-processed keep the old one)
 //   deep_cache <k> [<s>]     reuse the UNet's deep features for k - 1 of every k frames (1 = off); s: the input
@@ -43,15 +44,17 @@ namespace sd {
 struct ControlCommand {
   enum class Kind {
     Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Lora, IpAdapterScale, ImagePrompt,
-    ControlnetScale, ControlPreprocessor, DeepCache, PromptList, SeedList, Transition, PromptBlend, LatentFeedback,
+    ControlnetScale, ControlnetGuidance, ControlPreprocessor, DeepCache, PromptList, SeedList, Transition, PromptBlend, LatentFeedback,
     Stats, Quit, Help
   };
   Kind kind = Kind::Stats;
   std::string text;                  // prompt / negative / lora name / image_prompt path ("" = none) / preprocessor
   double number = 0;                 // guidance / delta / filter_threshold / lora / ip_adapter / controlnet scale /
-                                     // deep_cache similarity (NaN = unchanged) / latent_feedback
+                                     // deep_cache similarity (NaN = unchanged) / latent_feedback / guidance start
+  double end = 1.0;                  // controlnet_guidance: the guidance end
   std::vector<int64_t> t_index_list;
-  int64_t index = 0;                 // controlnet_scale / control_preprocessor: which ControlNet; deep_cache: k
+  int64_t index = 0;                 // controlnet_scale / _guidance / control_preprocessor: which ControlNet;
+                                     // deep_cache: k
   uint64_t seed = 0;
   bool on = false;                   // filter
   std::vector<WeightedPrompt> prompts;  // prompt_list

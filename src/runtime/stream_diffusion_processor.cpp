@@ -435,6 +435,9 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
     case K::ControlnetScale:
       stream_->set_controlnet_scale(static_cast<size_t>(c.index), c.number);
       return {};
+    case K::ControlnetGuidance:
+      stream_->set_controlnet_guidance(static_cast<size_t>(c.index), c.number, c.end);
+      return {};
     case K::DeepCache:
       stream_->set_deep_cache(c.index,
                               std::isnan(c.number) ? stream_->config().deep_cache_min_similarity : c.number);

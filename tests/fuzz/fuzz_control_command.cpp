@@ -27,6 +27,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         ok = c->index >= 0 && !c->text.empty();
         break;
       case K::DeepCache: ok = c->index >= 1; break;
+      case K::ControlnetGuidance:
+        ok = c->index >= 0 && c->number >= 0.0 && c->end <= 1.0 && c->number < c->end;
+        break;
       default: break;
     }
     if (!ok) {

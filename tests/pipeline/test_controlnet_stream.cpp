@@ -1,7 +1,9 @@
 // ControlNets in the stream on the fixture's tiny-sd15 + tiny-controlnet-sd15: two ControlNets at scales (a, b) give
 // the UNet the sum of their residuals, scale 0 equals no ControlNet bit for bit, --controlnet-every reuses the
-// residuals, a control image of another size is resized, the single-file (original layout) ControlNet equals the
-// diffusers folder, and a ControlNet of another family is refused with both families named.
+// residuals, a control image of another size is resized, control_guidance_start / _end condition the rows of the steps
+// in range only, the single-file (original layout) ControlNet equals the diffusers folder, and a ControlNet of another
+// family is refused with both families named.
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -10,6 +12,7 @@
 
 #include <gtest/gtest.h>
 
+#include "common/error_of.h"
 #include "common/fixtures.h"
 #include "core/error.h"
 #include "io/json_config.h"
@@ -160,6 +163,126 @@ TEST(ControlNetStream, EveryNReusesTheResidualsAndCountsIt) {
   EXPECT_EQ(s.stats().controlnet_calls, 2);
   EXPECT_EQ(s.stats().controlnet_reused, 2);
   EXPECT_THROW(s.set_controlnet_every(0), InvalidArgument);
+}
+
+// control_guidance_start / _end: step i of n keeps the ControlNet unless i / n < start or (i + 1) / n > end, as
+// diffusers' pipelines compute controlnet_keep: [1.0 - float(i / n < s or (i + 1) / n > e) for i in range(n)].
+TEST(ControlNetGuidance, KeepsIsDiffusersControlnetKeep) {
+  struct Case {
+    double start, end;
+    std::vector<int> want;  // per step of n = want.size()
+  };
+  for (const Case& c : {Case{0.0, 1.0, {1, 1, 1, 1}}, Case{0.25, 0.75, {0, 1, 1, 0}}, Case{0.0, 0.5, {1, 0}},
+                        Case{0.5, 1.0, {0, 1}}, Case{0.1, 0.9, {0, 1, 0}}, Case{0.0, 0.3, {0, 0, 0}},
+                        Case{0.0, 0.6, {1, 1, 1, 0, 0}}}) {
+    ControlNetUnit u;
+    u.guidance_start = c.start;
+    u.guidance_end = c.end;
+    const int64_t n = static_cast<int64_t>(c.want.size());
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_EQ(u.keeps(i, n), c.want[i] == 1) << "start " << c.start << " end " << c.end << " step " << i << "/" << n;
+  }
+}
+
+// In the stream batch every UNet row is at its own step (cfg self: one row per step; cfg full: the uncond rows
+// repeat the steps), so a range gives the rows of its steps the full-range residuals bit for bit and the others
+// zeros; set live or with the list, the same. A range no step keeps is no ControlNet at all.
+TEST(ControlNetGuidance, RowsOfTheStepsInRangeGetTheResidualsTheOthersNone) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  for (const CfgType cfg_type : {CfgType::Self, CfgType::Full}) {
+    const auto run_with = [&](double start, double end, bool live, std::map<std::string, Tensor>* traced) {
+      StreamConfig c = cfg();
+      c.cfg_type = cfg_type;
+      c.guidance_scale = 1.4;
+      StreamDiffusion s(tiny_sd15(), c);
+      s.set_trace([&](const std::string& n, const Tensor& t) { traced->emplace(n, t.clone()); });
+      s.prepare("a cat", "blurry");
+      ControlNetUnit u{cn, 0.8};
+      if (!live) {
+        u.guidance_start = start;
+        u.guidance_end = end;
+      }
+      s.set_controlnets({u});
+      if (live) s.set_controlnet_guidance(0, start, end);
+      s.set_control_image(0, control(0));
+      std::vector<Tensor> outs;
+      for (int i = 0; i < 3; ++i) outs.push_back(s.img2img(frame()));
+      return std::make_pair(torch::cat(outs), s.stats().controlnet_calls);
+    };
+    std::map<std::string, Tensor> full, first, second, none;
+    run_with(0.0, 1.0, false, &full);
+    run_with(0.0, 0.5, false, &first);
+    run_with(0.5, 1.0, true, &second);
+    const std::string name = cfg_type_name(cfg_type);
+    const int64_t steps = 2, rows = cfg_type == CfgType::Full ? 2 * steps : steps;
+    for (const std::string k : {"unet0.controlnet_down0", "unet0.controlnet_down3", "unet0.controlnet_mid"}) {
+      ASSERT_TRUE(full.count(k) && first.count(k) && second.count(k)) << name << " " << k;
+      ASSERT_EQ(full[k].size(0), rows) << name << " " << k;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool step0 = r % steps == 0;  // rows [s0, s1] (self) or [s0, s1, s0, s1] (full)
+        EXPECT_GT(full[k][r].abs().max().item<double>(), 0.0) << name << " " << k << " row " << r;
+        EXPECT_TRUE(torch::equal(first[k][r], step0 ? full[k][r] : torch::zeros_like(full[k][r])))
+            << name << " " << k << " row " << r;
+        EXPECT_TRUE(torch::equal(second[k][r], step0 ? torch::zeros_like(full[k][r]) : full[k][r]))
+            << name << " " << k << " row " << r;
+      }
+    }
+    // 0.9..1 keeps neither step of two (0/2 < 0.9, 1/2 < 0.9): the frames of no ControlNet, and no ControlNet call.
+    const auto [kept_none, calls] = run_with(0.9, 1.0, false, &none);
+    StreamConfig c = cfg();
+    c.cfg_type = cfg_type;
+    c.guidance_scale = 1.4;
+    StreamDiffusion plain(tiny_sd15(), c);
+    plain.prepare("a cat", "blurry");
+    std::vector<Tensor> outs;
+    for (int i = 0; i < 3; ++i) outs.push_back(plain.img2img(frame()));
+    EXPECT_TRUE(torch::equal(kept_none, torch::cat(outs))) << name;
+    EXPECT_EQ(calls, 0) << name;
+  }
+}
+
+// Sequential mode (use_denoising_batch false): one UNet call per step, each of one step's rows.
+TEST(ControlNetGuidance, SequentialModeConditionsTheCallsOfTheStepsInRange) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  std::map<std::string, Tensor> traced;
+  StreamConfig c = cfg();
+  c.use_denoising_batch = false;
+  StreamDiffusion s(tiny_sd15(), c);
+  s.set_trace([&](const std::string& n, const Tensor& t) { traced.emplace(n, t.clone()); });
+  s.prepare("a cat");
+  ControlNetUnit u{cn, 1.0};
+  u.guidance_end = 0.5;
+  s.set_controlnets({u});
+  s.set_control_image(0, control(0));
+  s.img2img(frame());
+  ASSERT_TRUE(traced.count("unet0.controlnet_mid") && traced.count("unet1.controlnet_mid"));
+  EXPECT_GT(traced["unet0.controlnet_mid"].abs().max().item<double>(), 0.0);
+  EXPECT_EQ(traced["unet1.controlnet_mid"].abs().max().item<double>(), 0.0);
+}
+
+TEST(ControlNetGuidance, BadRangesAreRefusedNamingTheRule) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  StreamDiffusion s(tiny_sd15(), cfg());
+  s.prepare("a cat");
+  for (const auto& [start, end] : std::vector<std::pair<double, double>>{
+           {0.5, 0.5}, {0.6, 0.4}, {-0.1, 1.0}, {0.0, 1.5}, {std::nan(""), 1.0}, {0.0, INFINITY}}) {
+    ControlNetUnit u{cn, 1.0};
+    u.guidance_start = start;
+    u.guidance_end = end;
+    const std::string m = test::error_of<InvalidArgument>([&] { s.set_controlnets({u}); });
+    EXPECT_NE(m.find("set_controlnets: ControlNet 0: control guidance start"), std::string::npos) << m;
+    EXPECT_NE(m.find("0 <= start < end <= 1"), std::string::npos) << m;
+  }
+  s.set_controlnets({{cn, 1.0}});
+  EXPECT_NE(test::error_of<InvalidArgument>([&] { s.set_controlnet_guidance(0, 0.7, 0.2); }).find("0 <= start"),
+            std::string::npos);
+  EXPECT_NE(test::error_of<InvalidArgument>([&] { s.set_controlnet_guidance(1, 0.0, 0.5); }).find("out of range"),
+            std::string::npos);
+  EXPECT_EQ(s.controlnets()[0].guidance_start, 0.0);  // a refused range changes nothing
+  EXPECT_EQ(s.controlnets()[0].guidance_end, 1.0);
 }
 
 TEST(ControlNetStream, MissingControlImageAndWrongSizes) {

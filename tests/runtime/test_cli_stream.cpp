@@ -566,6 +566,35 @@ TEST_F(CliStream, ControlNetFlagsSecondSourceAndErrors) {
   ASSERT_FALSE(a.empty());
   ASSERT_FALSE(b.empty());
   EXPECT_GT(cv::norm(a, b, cv::NORM_INF), 0) << "the ControlNet changed nothing";
+  // --control-guidance-start 0.5 with one step (0/1 < 0.5): the step is not conditioned, the plain image exactly;
+  // with two steps and --control-guidance-end 0.5 the first is.
+  r = sh(gen + "--controlnet " + cn + " --control-input " + q(png) + " --control-guidance-start 0.5 -o " +
+         q(tmp_ + "/t2i-late.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(cv::norm(cv::imread(tmp_ + "/t2i-late.png"), b, cv::NORM_INF), 0) << "no step in range: no ControlNet";
+  const std::string two = std::string(SD_CLI_PATH) + " txt2img --model " + q(test::fixture_path("models/tiny-sd15")) +
+                          " --size 64x64 --threads 1 --prompt 'a cat' --t-index-list 0,16 --cfg-type none ";
+  r = sh(two + "--controlnet " + cn + " --control-input " + q(png) + " --control-guidance-end 0.5 -o " +
+         q(tmp_ + "/t2i-early.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = sh(two + "-o " + q(tmp_ + "/t2i-two-plain.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_GT(cv::norm(cv::imread(tmp_ + "/t2i-early.png"), cv::imread(tmp_ + "/t2i-two-plain.png"), cv::NORM_INF), 0)
+      << "the first of two steps is conditioned";
+  r = sh(gen + "--controlnet " + cn + " --control-input " + q(png) + " --control-guidance-start 0.6 " +
+         "--control-guidance-end 0.4 -o " + q(tmp_ + "/x.png"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--control-guidance-start 0.600000 and --control-guidance-end 0.400000 must satisfy 0 <= "
+                          "start < end <= 1"),
+            std::string::npos)
+      << r.output;
+  r = sh(gen + "--control-guidance-end 0.5 -o " + q(tmp_ + "/x.png"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--control-guidance-end needs --controlnet"), std::string::npos) << r.output;
+  r = sh(gen + "--controlnet " + cn + " --control-input " + q(png) + " --control-guidance-start 0 " +
+         "--control-guidance-start 0.5 -o " + q(tmp_ + "/x.png"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("--control-guidance-start given 2 times for 1 --controlnet"), std::string::npos) << r.output;
   r = sh(gen + "--controlnet " + cn + " --control-preprocessor feedback -o " + q(tmp_ + "/x.png"));
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find("feedback needs a stream"), std::string::npos) << r.output;

@@ -139,6 +139,22 @@ TEST(ControlCommands, ParseControlnetScaleAndPreprocessor) {
   e = error_of([] { parse_control_command("controlnet_scale 0 lots"); });
   EXPECT_NE(e.find("expects a number, got 'lots'"), std::string::npos) << e;
   EXPECT_NE(control_help().find("controlnet_scale"), std::string::npos);
+  c = parse_control_command("controlnet_guidance 1 0.25 0.75");
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->kind, K::ControlnetGuidance);
+  EXPECT_EQ(c->index, 1);
+  EXPECT_DOUBLE_EQ(c->number, 0.25);
+  EXPECT_DOUBLE_EQ(c->end, 0.75);
+  EXPECT_NE(control_coalesce_key(*c), control_coalesce_key(*parse_control_command("controlnet_guidance 0 0 1")));
+  e = error_of([] { parse_control_command("controlnet_guidance 0 0.5"); });
+  EXPECT_NE(e.find("'controlnet_guidance I START END'"), std::string::npos) << e;
+  e = error_of([] { parse_control_command("controlnet_guidance 0 0.6 0.4"); });
+  EXPECT_NE(e.find("start 0.6 and end 0.4 must satisfy 0 <= start < end <= 1"), std::string::npos) << e;
+  e = error_of([] { parse_control_command("controlnet_guidance 0 0 nan"); });
+  EXPECT_NE(e.find("'controlnet_guidance end' expects a number, got 'nan'"), std::string::npos) << e;
+  e = error_of([] { parse_control_command("controlnet_guidance -1 0 1"); });
+  EXPECT_NE(e.find("must be >= 0"), std::string::npos) << e;
+  EXPECT_NE(control_help().find("controlnet_guidance <i> <start> <end>"), std::string::npos);
 }
 
 // ---- streams on the tiny model + tiny ControlNet -------------------------------------------------------------------
@@ -334,6 +350,28 @@ TEST_F(ControlStream, LiveScaleZeroEqualsNoControlNetAndBadCommandsAreRefused) {
   EXPECT_EQ(proc->control_preprocessors()[0]->name(), "canny:10:20");
   EXPECT_EQ(stream->stats().controlnet_calls, 0) << "scale 0 skips the ControlNet";
 
+  auto plain = make_stream(false, 1.0, false);
+  const RunOut without = run(open_source(video), std::make_shared<StreamDiffusionProcessor>(plain, kPrompt, "", false));
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(max_abs_diff(out.frames[i], without.frames[i]), 0) << "frame " << i;
+}
+
+// controlnet_guidance live: a range neither of the two steps keeps (0/2 and 1/2 < 0.9) is no ControlNet, frame for
+// frame; a range for a ControlNet the stream lacks is refused and changes nothing.
+TEST_F(ControlStream, LiveGuidanceRangeOfNoStepEqualsNoControlNet) {
+  TempDir tmp;
+  const std::string video = test::write_index_video(tmp.path + "/in.avi", 5);
+  auto stream = make_stream(false, 1.0);
+  auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
+  proc->set_control_preprocessors({make_control_preprocessor("canny")}, false);
+  StreamOptions o = quiet();
+  o.scheduled.push_back({0, *parse_control_command("controlnet_guidance 0 0.9 1")});
+  o.scheduled.push_back({0, *parse_control_command("controlnet_guidance 1 0 0.5")});  // no such ControlNet
+  const RunOut out = run(open_source(video), proc, nullptr, o);
+  ASSERT_EQ(out.frames.size(), 5u);
+  EXPECT_EQ(out.summary["controls"].size(), 1u) << out.summary["controls"].dump();
+  EXPECT_EQ(stream->controlnets()[0].guidance_start, 0.9);
+  EXPECT_EQ(stream->controlnets()[0].guidance_end, 1.0);
+  EXPECT_EQ(stream->stats().controlnet_calls, 0) << "no step in range skips the ControlNet";
   auto plain = make_stream(false, 1.0, false);
   const RunOut without = run(open_source(video), std::make_shared<StreamDiffusionProcessor>(plain, kPrompt, "", false));
   for (int i = 0; i < 5; ++i) EXPECT_EQ(max_abs_diff(out.frames[i], without.frames[i]), 0) << "frame " << i;

@@ -432,7 +432,9 @@ TEST_F(ServerTest, BadInputsAreRejectedWhileAnotherClientStreams) {
     m = b.read(std::chrono::seconds(30));
   } while (m.ok);
   EXPECT_TRUE(m.closed) << m.error;  // not a timeout: the server ended it
-  if (m.close_code != 0) EXPECT_EQ(m.close_code, 1009);  // 0: a reset before the close frame was read
+  if (m.close_code != 0) {
+    EXPECT_EQ(m.close_code, 1009);  // 0: a reset before the close frame was read
+  }
   EXPECT_TRUE(a.advances(3)) << "client A stalled after B's oversize message";
 
   const auto stats = http_get(port_, "/api/stats").json();
