@@ -42,7 +42,7 @@ std::vector<sd::ControlNetUnit> units_arg(py::handle seq) {
                                 "ControlNet.load(path, models))");
     auto tuple = item.cast<py::sequence>();
     if (!py::isinstance<sd::ControlNet>(tuple[0]))
-      throw sd::InvalidArgument("set_controlnets: the first item of each pair must be a ControlNet (got " +
+      throw sd::InvalidArgument("set_controlnets: the first item of each tuple must be a ControlNet (got " +
                                 py::str(py::type::of(tuple[0])).cast<std::string>() + ")");
     sd::ControlNetUnit u{tuple[0].cast<Net>(), tuple[1].cast<double>()};
     if (py::len(tuple) == 4) {

@@ -161,7 +161,8 @@ class StreamDiffusionWrapper:
         a CPU with AVX512-BF16 or AMX-BF16, fp16 on CUDA, else fp32; self.dtype says which). threads: intra-op
         threads (0 = all cores).
 
-        controlnets: ControlNets as paths or (path, scale) pairs (diffusers folders or control_*.safetensors files),
+        controlnets: ControlNets as paths, (path, scale) pairs or (path, scale, guidance_start, guidance_end) (diffusers
+            folders or control_*.safetensors files),
         residuals summed; controlnet_every: recompute them every N calls. control_preprocessor: "canny[:LOW:HIGH]" |
         "gray" | "passthrough" makes each img2img call's control image from its input frame (else set one with
         set_control_image). ip_adapter: an IP-Adapter file or folder (image prompts: set_image_prompt),
@@ -239,9 +240,10 @@ class StreamDiffusionWrapper:
         # ControlNets and image prompt: kept here and given to every stream prepare() makes.
         self.controlnets: List[tuple] = []
         for item in controlnets or []:
-            path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else (item[0], float(item[1]))
-            self.controlnets.append((_core.ControlNet.load(str(resolve_model_path(str(path)) or path), self.models),
-                                     scale))
+            # path, (path, scale) or (path, scale, guidance_start, guidance_end)
+            path, rest = (item, (1.0,)) if isinstance(item, (str, os.PathLike)) else (item[0], tuple(item[1:]))
+            net = _core.ControlNet.load(str(resolve_model_path(str(path)) or path), self.models)
+            self.controlnets.append((net,) + tuple(float(v) for v in rest))
         self.controlnet_every = int(controlnet_every)
         if control_preprocessor is not None:
             if not self.controlnets:
@@ -354,7 +356,15 @@ class StreamDiffusionWrapper:
     def set_controlnet_scale(self, index: int, scale: float) -> None:
         """Conditioning scale of ControlNet `index` (0 = as without it)."""
         self.stream.set_controlnet_scale(index, float(scale))
-        self.controlnets[index] = (self.controlnets[index][0], float(scale))
+        unit = self.controlnets[index]
+        self.controlnets[index] = (unit[0], float(scale)) + tuple(unit[2:])  # the guidance range, if given, stays
+
+    def set_controlnet_guidance(self, index: int, start: float, end: float) -> None:
+        """control_guidance_start / _end of ControlNet `index` (0 <= start < end <= 1): the share of the steps it
+        conditions."""
+        self.stream.set_controlnet_guidance(index, float(start), float(end))
+        unit = self.controlnets[index]
+        self.controlnets[index] = (unit[0], unit[1], float(start), float(end))
 
     def set_image_prompt(self, image: Any) -> None:
         """IP-Adapter image prompt (ip_adapter=): a path, PIL image or uint8 HWC array."""

@@ -124,7 +124,9 @@ def test_guidance_range_from_python(sd, models, cn):
     assert s.stats.controlnet_calls == 0
     assert s.controlnet_guidance == [(0.9, 1.0)]
     half, _ = run2(with_range(0.0, 0.5))
-    assert np.abs(half - plain).max() > 1e-3
+    full, _ = run2(with_range(0.0, 1.0))
+    assert np.abs(half - plain).max() > 1e-3  # the first step is conditioned
+    assert np.abs(half - full).max() > 1e-3  # the second is not
     half_live, s = run2(with_range(0.0, 0.5, live=True))
     assert np.array_equal(half_live, half)
     assert s.controlnet_guidance == [(0.0, 0.5)]
@@ -244,6 +246,18 @@ def test_wrapper_controlnets_and_preprocessor(sd, paths):
     assert np.abs(a - c).max() > 1e-3
     with pytest.raises(sd.InvalidArgument, match="control_preprocessor needs controlnets"):
         sd.StreamDiffusionWrapper(paths["model"], threads=1, control_preprocessor="canny")
+    # (path, scale, start, end): the range reaches every stream prepare() makes, and a scale change keeps it.
+    r = sd.StreamDiffusionWrapper(paths["model"], t_index_list=[32, 45], cfg_type="none", width=64, height=64,
+                                  output_type="np", threads=1, controlnets=[(paths["cn"], 1.0, 0.0, 0.5)])
+    r.prepare("a cat")
+    assert r.stream.controlnet_guidance == [(0.0, 0.5)]
+    r.set_controlnet_scale(0, 0.7)
+    r.prepare("a dog")
+    assert r.stream.controlnet_guidance == [(0.0, 0.5)]
+    assert r.stream.controlnets[0][1] == pytest.approx(0.7)
+    r.set_controlnet_guidance(0, 0.5, 1.0)
+    r.prepare("a cat")
+    assert r.stream.controlnet_guidance == [(0.5, 1.0)]
 
 
 def test_run_stream_second_sources(sd, paths, models, cn, tmp_path):

@@ -849,7 +849,15 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
       rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot"), device_,
       dtype_);
   trace("x_t_latent_in", x);
-  Tensor eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
+  one_shot_call_ = true;  // for the ControlNets' guidance range: each image is a one-step generation
+  Tensor eps;
+  try {
+    eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
+  } catch (...) {
+    one_shot_call_ = false;
+    throw;
+  }
+  one_shot_call_ = false;
   // A v-predicting UNet: ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t, as in after_unet().
   if (scheduler_.config().prediction_type == "v_prediction") eps = alpha_ * eps + beta_ * x;
   const Tensor x0 = (x - beta_ * eps) / alpha_;
@@ -1050,18 +1058,26 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
     const ControlNetUnit& u = controlnets_[i];
     if (u.scale == 0.0) continue;
     // control_guidance_start / _end: the timesteps of the steps that keep this ControlNet. Every batch layout's rows
-    // carry their step's timestep (RCFG's uncond rows too), so a row keeps it where its timestep is one of them.
-    const int64_t n = static_cast<int64_t>(sub_timesteps_.size());
-    std::vector<int64_t> kept;
-    for (int64_t k = 0; k < n; ++k)
-      if (u.keeps(k, n)) kept.push_back(sub_timesteps_[k]);
+    // carry their step's timestep (RCFG's uncond rows too), so a row keeps it where its timestep is one of them. A
+    // one-shot image is a whole one-step generation: step 0 of 1.
+    const int64_t n = one_shot_call_ ? 1 : static_cast<int64_t>(sub_timesteps_.size());
+    std::vector<int64_t> kept, dropped;
+    for (int64_t k = 0; k < static_cast<int64_t>(sub_timesteps_.size()); ++k)
+      (u.keeps(one_shot_call_ ? 0 : k, n) ? kept : dropped).push_back(sub_timesteps_[k]);
     if (kept.empty()) continue;  // no step keeps it: as at scale 0
+    for (int64_t d : dropped)
+      if (std::find(kept.begin(), kept.end(), d) != kept.end())
+        throw InvalidArgument("ControlNet " + std::to_string(i) + ": two steps of t_index_list share timestep " +
+                              std::to_string(d) + " and only one is in the guidance range " +
+                              std::to_string(u.guidance_start) + ".." + std::to_string(u.guidance_end) +
+                              ": give t_index_list distinct entries, or a range that keeps both");
     ControlResiduals r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
-    if (static_cast<int64_t>(kept.size()) < n) {
+    if (!dropped.empty()) {
       const Tensor steps = torch::tensor(kept, torch::TensorOptions().dtype(torch::kLong)).to(t.device());
-      const Tensor keep = (t.to(torch::kLong).unsqueeze(1) == steps.unsqueeze(0)).any(1);  // [R]
-      for (auto& d : r.down) d = d * keep.view({-1, 1, 1, 1}).to(d.scalar_type());
-      r.mid = r.mid * keep.view({-1, 1, 1, 1}).to(r.mid.scalar_type());
+      const Tensor keep = (t.to(torch::kLong).unsqueeze(1) == steps.unsqueeze(0)).any(1).view({-1, 1, 1, 1});  // [R]
+      // where, not a product: a row out of range gets zeros even from non-finite residuals.
+      for (auto& d : r.down) d = torch::where(keep, d, torch::zeros({}, d.options()));
+      r.mid = torch::where(keep, r.mid, torch::zeros({}, r.mid.options()));
     }
     sum += r;
     ++stats_.controlnet_calls;

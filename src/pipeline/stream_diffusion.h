@@ -45,7 +45,9 @@ struct ControlNetUnit {
   double scale = 1.0;
   // diffusers' control_guidance_start / control_guidance_end: the share of the denoising steps the ControlNet
   // conditions. Step i of the n of t_index_list keeps it unless i / n < start or (i + 1) / n > end (diffusers'
-  // controlnet_keep); in the stream batch each UNet row is at its own step. 0 <= start < end <= 1.
+  // controlnet_keep); in the stream batch each UNet row is at its own step, told by its timestep (two steps of one
+  // timestep with only one in range are refused at the call), and a txt2img_one_shot image is step 0 of 1.
+  // 0 <= start < end <= 1.
   double guidance_start = 0.0, guidance_end = 1.0;
   // Whether step i of n keeps this ControlNet.
   bool keeps(int64_t i, int64_t n) const;
@@ -387,6 +389,7 @@ class StreamDiffusion {
   torch::Tensor cond_pooled_, uncond_pooled_, time_ids_;  // SDXL: [1, P], [1, P], [1, 6] (stream size)
   AddedConditioning added_;                               // SDXL: rows of prompt_embeds_
   int64_t uncond_rows_ = 0;
+  bool one_shot_call_ = false;  // txt2img_one_shot's UNet call: its rows are separate one-step images
   uint64_t text_encoder_version_ = 0;  // models_->text_encoder_version() of the cached embeddings
   torch::Tensor init_noise_, stock_noise_, x_t_latent_buffer_, prev_output_;
   torch::Tensor prev_output_latent_;   // latent feedback: the last output's x0 (undefined during warm-up)

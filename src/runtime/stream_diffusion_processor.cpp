@@ -72,6 +72,10 @@ std::string StreamDiffusionProcessor::describe_controls() const {
   std::string s = " + ControlNet";
   for (size_t i = 0; i < units.size(); ++i)
     s += std::string(i ? ", " : " ") + units[i].net->name() + " x" + std::to_string(units[i].scale).substr(0, 4) +
+         (units[i].guidance_start > 0.0 || units[i].guidance_end < 1.0
+              ? " steps " + std::to_string(units[i].guidance_start).substr(0, 4) + ".." +
+                    std::to_string(units[i].guidance_end).substr(0, 4)
+              : "") +
          (i < pre.size() ? " <- " + pre[i]->name() : "");
   if (stream_->controlnet_every() > 1) s += " every " + std::to_string(stream_->controlnet_every());
   return s;

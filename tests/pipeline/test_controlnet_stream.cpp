@@ -262,6 +262,52 @@ TEST(ControlNetGuidance, SequentialModeConditionsTheCallsOfTheStepsInRange) {
   EXPECT_EQ(traced["unet1.controlnet_mid"].abs().max().item<double>(), 0.0);
 }
 
+// Two steps of one timestep (t_index_list {20, 20}) cannot be told apart by their rows: a range keeping one and not
+// the other is refused at the call, naming the timestep; a range keeping both runs.
+TEST(ControlNetGuidance, ARepeatedTimestepHalfInRangeIsRefused) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  StreamConfig c = cfg();
+  c.t_index_list = {20, 20};
+  StreamDiffusion s(tiny_sd15(), c);
+  s.prepare("a cat");
+  ControlNetUnit u{cn, 1.0};
+  u.guidance_end = 0.5;
+  s.set_controlnets({u});
+  s.set_control_image(0, control(0));
+  const std::string m = test::error_of<InvalidArgument>([&] { s.img2img(frame()); });
+  EXPECT_NE(m.find("ControlNet 0: two steps of t_index_list share timestep"), std::string::npos) << m;
+  EXPECT_NE(m.find("give t_index_list distinct entries"), std::string::npos) << m;
+  s.set_controlnet_guidance(0, 0.0, 1.0);
+  EXPECT_NO_THROW(s.img2img(frame()));
+}
+
+// txt2img_one_shot makes n x F separate one-step images: each is step 0 of 1, so any range but 0..1 leaves it
+// unconditioned (the images of no ControlNet, bit for bit), whatever row it has.
+TEST(ControlNetGuidance, OneShotImagesAreOneStepGenerations) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  const auto one_shot = [&](double start, double end, bool with_cn) {
+    StreamConfig c = cfg();
+    c.cfg_type = CfgType::None;
+    StreamDiffusion s(tiny_sd15(), c);
+    s.prepare("a cat");
+    if (with_cn) {
+      ControlNetUnit u{cn, 1.0};
+      u.guidance_start = start;
+      u.guidance_end = end;
+      s.set_controlnets({u});
+      s.set_control_image(0, control(0));
+    }
+    return s.txt2img_one_shot();
+  };
+  const Tensor plain = one_shot(0, 1, false);
+  ASSERT_EQ(plain.size(0), 2);  // two steps of one frame: two images
+  EXPECT_TRUE(torch::equal(one_shot(0.0, 0.5, true), plain));
+  EXPECT_TRUE(torch::equal(one_shot(0.5, 1.0, true), plain));
+  EXPECT_GT((one_shot(0.0, 1.0, true) - plain).abs().max().item<double>(), 1e-3);
+}
+
 TEST(ControlNetGuidance, BadRangesAreRefusedNamingTheRule) {
   SD_REQUIRE_CN();
   const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());

@@ -579,8 +579,13 @@ TEST_F(CliStream, ControlNetFlagsSecondSourceAndErrors) {
   ASSERT_EQ(r.status, 0) << r.output;
   r = sh(two + "-o " + q(tmp_ + "/t2i-two-plain.png"));
   ASSERT_EQ(r.status, 0) << r.output;
-  EXPECT_GT(cv::norm(cv::imread(tmp_ + "/t2i-early.png"), cv::imread(tmp_ + "/t2i-two-plain.png"), cv::NORM_INF), 0)
+  r = sh(two + "--controlnet " + cn + " --control-input " + q(png) + " -o " + q(tmp_ + "/t2i-two-full.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const cv::Mat early = cv::imread(tmp_ + "/t2i-early.png");
+  EXPECT_GT(cv::norm(early, cv::imread(tmp_ + "/t2i-two-plain.png"), cv::NORM_INF), 0)
       << "the first of two steps is conditioned";
+  EXPECT_GT(cv::norm(early, cv::imread(tmp_ + "/t2i-two-full.png"), cv::NORM_INF), 0)
+      << "the second of two steps is not";
   r = sh(gen + "--controlnet " + cn + " --control-input " + q(png) + " --control-guidance-start 0.6 " +
          "--control-guidance-end 0.4 -o " + q(tmp_ + "/x.png"));
   EXPECT_EQ(r.status, 1);
