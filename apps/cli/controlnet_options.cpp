@@ -31,8 +31,9 @@ ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels
     const double start = per_net(o.control_guidance_start, "--control-guidance-start", 0.0, i);
     const double end = per_net(o.control_guidance_end, "--control-guidance-end", 1.0, i);
     if (!(start >= 0.0 && end <= 1.0 && start < end))
-      throw InvalidArgument("--controlnet " + o.controlnets[i] + ": --control-guidance-start " + std::to_string(start) +
-                            " and --control-guidance-end " + std::to_string(end) + " must satisfy 0 <= start < end <= 1");
+      throw InvalidArgument("--controlnet " + o.controlnets[i] + ": --control-guidance-start " +
+                            std::to_string(start) + " and --control-guidance-end " + std::to_string(end) +
+                            " must satisfy 0 <= start < end <= 1");
     std::string spec;
     if (!o.control_preprocessors.empty())
       spec = o.control_preprocessors.size() == 1 ? o.control_preprocessors[0] : o.control_preprocessors[i];

@@ -40,6 +40,7 @@ _TYPES: Dict[str, str] = {
     "clip_skip": "int", "text_encoder_clip_skip": "int", "lcm_guidance": "float",
     "ip_adapter": "text", "ip_adapter_scale": "float", "image_prompt": "text",
     "controlnet": "list", "control_preprocessor": "list", "control_input": "text", "controlnet_every": "int",
+    "control_guidance_start": "float_list", "control_guidance_end": "float_list",
     "threads": "int", "dtype": "text", "device": "text",
     # the stream
     "mode": "text", "t_index_list": "index_list", "num_inference_steps": "int",
@@ -77,7 +78,7 @@ _KNOWN = sorted(set(_TYPES) | set(_CLI_ONLY) | set(_UNSUPPORTED))
 _EXPECTED = {
     "int": "an integer", "uint": "an integer >= 0", "float": "a number", "bool": "true or false", "text": "text",
     "size": "WIDTHxHEIGHT (e.g. 512x512)", "index_list": "integers, e.g. \"32,45\" or [32, 45]",
-    "list": "text, or a list of them",
+    "list": "text, or a list of them", "float_list": "a number, or a list of them",
 }
 
 _HEADER = re.compile(r"^#\s*streamdiffusion\s+(\S+)\s+settings\b")
@@ -140,6 +141,12 @@ def _convert(kind: str, value: Any, is_list: bool) -> Any:
     """The value of a key of type `kind` (texts from the file; raises _Bad(got) when it does not fit)."""
     if kind == "list":
         return list(value) if is_list else [value]
+    if kind == "float_list":
+        items = list(value) if is_list else [value]
+        for s in items:
+            if not _FLOAT.match(s.strip()) or not math.isfinite(float(s)):
+                raise _Bad(repr(s))
+        return [float(s) for s in items]
     if kind == "index_list":
         items = value if is_list else [s for s in value.split(",")]
         out = []
@@ -310,6 +317,20 @@ def _map(v: Dict[str, Any], settings: Settings, mode: Optional[str], skipped: Li
         init["lora_dict"] = dict(_spec_with_scale(s) for s in v["lora"])
     if "controlnet" in v:
         init["controlnets"] = [_spec_with_scale(s) for s in v["controlnet"]]
+    ranges = [k for k in ("control_guidance_start", "control_guidance_end") if k in v]
+    if ranges:
+        # As the CLI: once for all ControlNets or once each; the range itself is checked by the engine.
+        nets = init.get("controlnets")
+        if not nets:
+            raise _core.InvalidArgument(f"{settings.where(ranges[0])}key '{ranges[0]}': needs controlnet")
+        per_net = []
+        for k, default in (("control_guidance_start", 0.0), ("control_guidance_end", 1.0)):
+            values = v.get(k, [default])
+            if len(values) not in (1, len(nets)):
+                raise _core.InvalidArgument(f"{settings.where(k)}key '{k}': given {len(values)} times for "
+                                            f"{len(nets)} controlnet: give it once (for all) or once each")
+            per_net.append(values * len(nets) if len(values) == 1 else values)
+        init["controlnets"] = [tuple(n) + (a, b) for n, a, b in zip(nets, per_net[0], per_net[1])]
     if "control_preprocessor" in v:
         pre = v["control_preprocessor"]
         if len(pre) != 1:

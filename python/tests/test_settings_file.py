@@ -196,6 +196,23 @@ def test_loras_controlnets_and_vae_map_onto_the_wrapper(sd, tmp_path):
         wrapper_arguments(load_settings(write(tmp_path, "taesd: t\nvae: v\n", "v.yaml")))
 
 
+def test_control_guidance_keys_extend_each_controlnet(sd, tmp_path):
+    from streamdiffusion_cpp.settings import load_settings, wrapper_arguments
+
+    a = wrapper_arguments(load_settings(write(tmp_path, "controlnet: [a:0.8, b]\ncontrol_guidance_end: 0.5\n", "g.yaml")))
+    assert a["init"]["controlnets"] == [("a", 0.8, 0.0, 0.5), ("b", 1.0, 0.0, 0.5)]
+    a = wrapper_arguments(load_settings(write(tmp_path, "controlnet: [a, b]\ncontrol_guidance_start: [0, 0.25]\n",
+                                              "h.yaml")))
+    assert a["init"]["controlnets"] == [("a", 1.0, 0.0, 1.0), ("b", 1.0, 0.25, 1.0)]
+    with pytest.raises(sd.InvalidArgument, match=r"line 1: key 'control_guidance_start': needs controlnet"):
+        wrapper_arguments(load_settings(write(tmp_path, "control_guidance_start: 0.5\n", "i.yaml")))
+    with pytest.raises(sd.InvalidArgument, match=r"key 'control_guidance_end': given 3 times for 2 controlnet"):
+        wrapper_arguments(load_settings(write(tmp_path, "controlnet: [a, b]\ncontrol_guidance_end: [1, 1, 1]\n",
+                                              "j.yaml")))
+    with pytest.raises(sd.InvalidArgument, match=r"control_guidance_end"):
+        wrapper_arguments(load_settings(write(tmp_path, "controlnet: [a]\ncontrol_guidance_end: half\n", "k.yaml")))
+
+
 @pytest.mark.parametrize("args", [["txt2img", "-o", "x.png"], ["img2img", "-i", "x.png", "-o", "y.png"],
                                   ["stream", "-i", "none"], ["serve"]])
 def test_every_key_the_cli_dumps_is_known(sd, cli, tmp_path, args):

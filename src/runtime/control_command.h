@@ -44,8 +44,8 @@ namespace sd {
 struct ControlCommand {
   enum class Kind {
     Prompt, Negative, Guidance, Delta, TIndexList, Seed, Filter, FilterThreshold, Lora, IpAdapterScale, ImagePrompt,
-    ControlnetScale, ControlnetGuidance, ControlPreprocessor, DeepCache, PromptList, SeedList, Transition, PromptBlend, LatentFeedback,
-    Stats, Quit, Help
+    ControlnetScale, ControlnetGuidance, ControlPreprocessor, DeepCache, PromptList, SeedList, Transition, PromptBlend,
+    LatentFeedback, Stats, Quit, Help
   };
   Kind kind = Kind::Stats;
   std::string text;                  // prompt / negative / lora name / image_prompt path ("" = none) / preprocessor

@@ -53,7 +53,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                                         kHiddenSize, kImageTokens);
     const int64_t t = adapter->num_tokens();
     if (t <= 0) fail("no tokens", std::to_string(t));
-    if (adapter->cross_attention_dim() != kCrossDim) fail("cross_attention_dim", std::to_string(adapter->cross_attention_dim()));
+    if (adapter->cross_attention_dim() != kCrossDim)
+      fail("cross_attention_dim", std::to_string(adapter->cross_attention_dim()));
     if (adapter->slots().size() != 4) fail("attn2 slots", std::to_string(adapter->slots().size()));
     if (adapter->full_face() && t != kImageTokens) fail("full-face tokens", std::to_string(t));
     const bool states = adapter->reads_hidden_states();
