@@ -199,7 +199,8 @@ def test_loras_controlnets_and_vae_map_onto_the_wrapper(sd, tmp_path):
 def test_control_guidance_keys_extend_each_controlnet(sd, tmp_path):
     from streamdiffusion_cpp.settings import load_settings, wrapper_arguments
 
-    a = wrapper_arguments(load_settings(write(tmp_path, "controlnet: [a:0.8, b]\ncontrol_guidance_end: 0.5\n", "g.yaml")))
+    a = wrapper_arguments(load_settings(write(tmp_path, "controlnet: [a:0.8, b]\ncontrol_guidance_end: 0.5\n",
+                                              "g.yaml")))
     assert a["init"]["controlnets"] == [("a", 0.8, 0.0, 0.5), ("b", 1.0, 0.0, 0.5)]
     a = wrapper_arguments(load_settings(write(tmp_path, "controlnet: [a, b]\ncontrol_guidance_start: [0, 0.25]\n",
                                               "h.yaml")))

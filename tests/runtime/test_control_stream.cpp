@@ -4,6 +4,7 @@
 // ends the input when it ends first, feedback feeds the previous output back, live scale / preprocessor changes.
 // Also the IP-Adapter image prompt from a second source (--image-prompt-input): read every N frames, encoded only when
 // it changed, the last one kept when the source ends — equal to the bare loop that sets the image prompts by hand.
+#include <algorithm>
 #include <filesystem>
 
 #include <gtest/gtest.h>
@@ -330,49 +331,51 @@ TEST_F(ControlStream, Txt2ImgFeedbackFeedsThePreviousOutputBack) {
   for (int i = 0; i < 5; ++i) EXPECT_EQ(max_abs_diff(out.frames[i], ref[i]), 0) << "frame " << i;
 }
 
-TEST_F(ControlStream, LiveScaleZeroEqualsNoControlNetAndBadCommandsAreRefused) {
+// Five img2img frames of a video through a stream with one ControlNet at scale 1 (canny of each frame) and the
+// commands scheduled at their frames; the frames must equal the same run's without a ControlNet.
+struct ScheduledRun {
+  std::shared_ptr<StreamDiffusion> stream;
+  std::shared_ptr<StreamDiffusionProcessor> proc;
+  RunOut out;
+};
+ScheduledRun run_equal_to_no_controlnet(const std::vector<std::pair<int64_t, std::string>>& commands) {
   TempDir tmp;
   const std::string video = test::write_index_video(tmp.path + "/in.avi", 5);
-  auto stream = make_stream(false, 1.0);
-  auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
-  proc->set_control_preprocessors({make_control_preprocessor("canny")}, false);
+  ScheduledRun r;
+  r.stream = make_stream(false, 1.0);
+  r.proc = std::make_shared<StreamDiffusionProcessor>(r.stream, kPrompt, "", false);
+  r.proc->set_control_preprocessors({make_control_preprocessor("canny")}, false);
   StreamOptions o = quiet();
-  o.scheduled.push_back({0, *parse_control_command("controlnet_scale 0 0")});
-  o.scheduled.push_back({0, *parse_control_command("control_preprocessor 0 depth")});        // unknown: refused
-  o.scheduled.push_back({0, *parse_control_command("control_preprocessor 3 gray")});         // no such ControlNet
-  o.scheduled.push_back({0, *parse_control_command("controlnet_scale 2 1")});                // no such ControlNet
-  o.scheduled.push_back({2, *parse_control_command("control_preprocessor 0 canny:10:20")});  // accepted
-  const RunOut out = run(open_source(video), proc, nullptr, o);
-  ASSERT_EQ(out.frames.size(), 5u);
-  EXPECT_EQ(out.summary["controls"].size(), 2u) << out.summary["controls"].dump();
-  EXPECT_EQ(proc->control_preprocessors()[0]->name(), "canny:10:20");
-  EXPECT_EQ(stream->stats().controlnet_calls, 0) << "scale 0 skips the ControlNet";
-
+  for (const auto& [frame, line] : commands) o.scheduled.push_back({frame, *parse_control_command(line)});
+  r.out = run(open_source(video), r.proc, nullptr, o);
+  EXPECT_EQ(r.out.frames.size(), 5u);
   auto plain = make_stream(false, 1.0, false);
   const RunOut without = run(open_source(video), std::make_shared<StreamDiffusionProcessor>(plain, kPrompt, "", false));
-  for (int i = 0; i < 5; ++i) EXPECT_EQ(max_abs_diff(out.frames[i], without.frames[i]), 0) << "frame " << i;
+  for (size_t i = 0; i < std::min(r.out.frames.size(), without.frames.size()); ++i)
+    EXPECT_EQ(max_abs_diff(r.out.frames[i], without.frames[i]), 0) << "frame " << i;
+  return r;
+}
+
+TEST_F(ControlStream, LiveScaleZeroEqualsNoControlNetAndBadCommandsAreRefused) {
+  const ScheduledRun r = run_equal_to_no_controlnet({{0, "controlnet_scale 0 0"},
+                                                     {0, "control_preprocessor 0 depth"},  // unknown: refused
+                                                     {0, "control_preprocessor 3 gray"},   // no such ControlNet
+                                                     {0, "controlnet_scale 2 1"},          // no such ControlNet
+                                                     {2, "control_preprocessor 0 canny:10:20"}});  // accepted
+  EXPECT_EQ(r.out.summary["controls"].size(), 2u) << r.out.summary["controls"].dump();
+  EXPECT_EQ(r.proc->control_preprocessors()[0]->name(), "canny:10:20");
+  EXPECT_EQ(r.stream->stats().controlnet_calls, 0) << "scale 0 skips the ControlNet";
 }
 
 // controlnet_guidance live: a range neither of the two steps keeps (0/2 and 1/2 < 0.9) is no ControlNet, frame for
 // frame; a range for a ControlNet the stream lacks is refused and changes nothing.
 TEST_F(ControlStream, LiveGuidanceRangeOfNoStepEqualsNoControlNet) {
-  TempDir tmp;
-  const std::string video = test::write_index_video(tmp.path + "/in.avi", 5);
-  auto stream = make_stream(false, 1.0);
-  auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
-  proc->set_control_preprocessors({make_control_preprocessor("canny")}, false);
-  StreamOptions o = quiet();
-  o.scheduled.push_back({0, *parse_control_command("controlnet_guidance 0 0.9 1")});
-  o.scheduled.push_back({0, *parse_control_command("controlnet_guidance 1 0 0.5")});  // no such ControlNet
-  const RunOut out = run(open_source(video), proc, nullptr, o);
-  ASSERT_EQ(out.frames.size(), 5u);
-  EXPECT_EQ(out.summary["controls"].size(), 1u) << out.summary["controls"].dump();
-  EXPECT_EQ(stream->controlnets()[0].guidance_start, 0.9);
-  EXPECT_EQ(stream->controlnets()[0].guidance_end, 1.0);
-  EXPECT_EQ(stream->stats().controlnet_calls, 0) << "no step in range skips the ControlNet";
-  auto plain = make_stream(false, 1.0, false);
-  const RunOut without = run(open_source(video), std::make_shared<StreamDiffusionProcessor>(plain, kPrompt, "", false));
-  for (int i = 0; i < 5; ++i) EXPECT_EQ(max_abs_diff(out.frames[i], without.frames[i]), 0) << "frame " << i;
+  const ScheduledRun r = run_equal_to_no_controlnet({{0, "controlnet_guidance 0 0.9 1"},
+                                                     {0, "controlnet_guidance 1 0 0.5"}});  // no such ControlNet
+  EXPECT_EQ(r.out.summary["controls"].size(), 1u) << r.out.summary["controls"].dump();
+  EXPECT_EQ(r.stream->controlnets()[0].guidance_start, 0.9);
+  EXPECT_EQ(r.stream->controlnets()[0].guidance_end, 1.0);
+  EXPECT_EQ(r.stream->stats().controlnet_calls, 0) << "no step in range skips the ControlNet";
 }
 
 // ---- IP-Adapter image prompts from a second source ----------------------------------------------------------------
