@@ -180,7 +180,10 @@ function syncOutputs() {
   $('guidance-out').textContent = Number(ui.guidance.value).toFixed(2);
   $('delta-out').textContent = Number(ui.delta.value).toFixed(2);
   $('threshold-out').textContent = Number(ui.threshold.value).toFixed(3);
-  state.controlnets.forEach((_, i) => { $(`cn-scale-${i}-out`).textContent = Number($(`cn-scale-${i}`).value).toFixed(2); });
+  state.controlnets.forEach((_, i) => {
+    $(`cn-scale-${i}-out`).textContent = Number($(`cn-scale-${i}`).value).toFixed(2);
+    $(`cn-steps-${i}-out`).textContent = `${Number($(`cn-from-${i}`).value).toFixed(2)}–${Number($(`cn-to-${i}`).value).toFixed(2)}`;
+  });
   $('ip-scale-out').textContent = Number(ui.ipScale.value).toFixed(2);
   const t = Number(ui.transition.value);
   $('transition-out').textContent = t > 0 ? `${t.toFixed(1)} s` : 'at once';
@@ -210,7 +213,12 @@ function formSettings() {
   if (state.mode !== 'txt2img') s.similarity_filter = ui.filter.checked ? Number(ui.threshold.value) : 0;
   // Keys in the server's (sorted) order: lastSent compares JSON texts.
   if (state.controlnets.length)
-    s.controlnets = state.controlnets.map((_, i) => ({ preprocessor: $(`cn-pre-${i}`).value, scale: Number($(`cn-scale-${i}`).value) }));
+    s.controlnets = state.controlnets.map((_, i) => ({
+      guidance_end: Number($(`cn-to-${i}`).value),
+      guidance_start: Number($(`cn-from-${i}`).value),
+      preprocessor: $(`cn-pre-${i}`).value,
+      scale: Number($(`cn-scale-${i}`).value),
+    }));
   if (state.ipAdapter) s.ip_adapter_scale = Number(ui.ipScale.value);
   const pl = promptListValue();
   if (pl !== null) s.prompt_list = pl;
@@ -261,7 +269,8 @@ ui.ipScale.addEventListener('input', () => { touched.add(ui.ipScale); scheduleCo
 
 // ---- ControlNet and IP-Adapter -------------------------------------------------------------------------------
 
-// One row per ControlNet the server loaded: its preprocessor and scale. A preprocessor with arguments
+// One row per ControlNet the server loaded: its preprocessor, scale and guidance range (the share of the steps it
+// conditions: from < to, a slider pushed past the other one pushes it along). A preprocessor with arguments
 // ("canny:100:200") keeps them as its option's value, so what the server echoes matches the form.
 function setupControlNets(hello) {
   state.controlnets = hello.controlnets || [];
@@ -297,11 +306,26 @@ function setupControlNets(hello) {
     scale.innerHTML = `<span>Scale <output id="cn-scale-${i}-out"></output></span>`
       + `<input id="cn-scale-${i}" type="range" min="0" max="2" step="0.05">`;
     line.append(sel, scale);
-    row.append(title, line);
+    const steps = document.createElement('label');
+    steps.className = 'field';
+    steps.title = 'the share of the denoising steps this ControlNet conditions (diffusers\' control_guidance_start / _end)';
+    steps.innerHTML = `<span>Steps <output id="cn-steps-${i}-out"></output></span><span class="row">`
+      + `<input id="cn-from-${i}" type="range" min="0" max="0.95" step="0.05" aria-label="from">`
+      + `<input id="cn-to-${i}" type="range" min="0.05" max="1" step="0.05" aria-label="to"></span>`;
+    row.append(title, line, steps);
     ui.cnList.append(row);
     const slider = scale.querySelector('input');
     slider.value = current.scale;
-    for (const el of [sel, slider]) el.addEventListener('input', scheduleConfig);
+    const from = steps.querySelector(`#cn-from-${i}`), to = steps.querySelector(`#cn-to-${i}`);
+    from.value = current.guidance_start ?? 0;
+    to.value = current.guidance_end ?? 1;
+    from.addEventListener('input', () => {
+      if (Number(to.value) <= Number(from.value)) to.value = Number(from.value) + 0.05;
+    });
+    to.addEventListener('input', () => {
+      if (Number(from.value) >= Number(to.value)) from.value = Number(to.value) - 0.05;
+    });
+    for (const el of [sel, slider, from, to]) el.addEventListener('input', scheduleConfig);
     const view = document.createElement('option');
     view.value = i;
     view.textContent = cn.name;

@@ -53,6 +53,13 @@ sd::cli::Runner setup_serve(CLI::App& app) {
       ->description("a new client's control image of each ControlNet: canny[:LOW:HIGH] | gray | passthrough | feedback "
                     "(its previous output); once for all or once per --controlnet (default canny). Per client: the "
                     "'controlnets' setting (page: preprocessor choice) or a static 'control_image'");
+  app.get_option("--control-guidance-start")
+      ->description("a new client's control_guidance_start of each ControlNet (diffusers'): step i of n of "
+                    "t_index_list is conditioned unless i/n < START or (i+1)/n > END; once for all or once per "
+                    "--controlnet (default 0). Per client: the 'controlnets' setting (page: steps from)");
+  app.get_option("--control-guidance-end")
+      ->description("a new client's control_guidance_end of each ControlNet; once for all or once per --controlnet "
+                    "(default 1). Per client: the 'controlnets' setting (page: steps to)");
   app.get_option("--ip-adapter-scale")
       ->description("weight of the image prompt's attention (0 = off); server-wide, changed by the 'ip_adapter_scale' "
                     "setting");
@@ -169,8 +176,8 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     const sd::cli::LoadedModels l = sd::cli::load_models(o->p);
     sd::log::info("loaded {} in {:.2f} s ({} threads)", l.models->describe(), l.load_s, at::get_num_threads());
     for (const auto& r : l.models->loras()) d.lora_names.push_back(r.name);
-    // ControlNets: loaded once, shared by every client (each with its own scales and preprocessors). Clients may
-    // switch to txt2img, so has_input_frames is true here and txt2img clients are told what they miss.
+    // ControlNets: loaded once, shared by every client (each with its own scales, preprocessors and ranges). Clients
+    // may switch to txt2img, so has_input_frames is true here and txt2img clients are told what they miss.
     const sd::cli::ControlNetSetup cn = sd::cli::load_controlnets(o->p, *l.models, true);
     d.controlnets = cn.units;
     for (const auto& p : cn.preprocessors) d.control_preprocessors.push_back(p->name());

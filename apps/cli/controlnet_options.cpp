@@ -1,6 +1,7 @@
 #include "apps/cli/controlnet_options.h"
 
 #include "core/error.h"
+#include "pipeline/control_guidance.h"
 #include "pipeline/controlnet.h"
 
 namespace sd::cli {
@@ -30,10 +31,10 @@ ControlNetSetup load_controlnets(const PipelineOptions& o, const DiffusionModels
     const auto [path, scale] = parse_controlnet_spec(o.controlnets[i]);
     const double start = per_net(o.control_guidance_start, "--control-guidance-start", 0.0, i);
     const double end = per_net(o.control_guidance_end, "--control-guidance-end", 1.0, i);
-    if (!(start >= 0.0 && end <= 1.0 && start < end))
+    if (!valid_control_guidance(start, end))
       throw InvalidArgument("--controlnet " + o.controlnets[i] + ": --control-guidance-start " +
                             std::to_string(start) + " and --control-guidance-end " + std::to_string(end) +
-                            " must satisfy 0 <= start < end <= 1");
+                            " must satisfy " + kControlGuidanceRule);
     std::string spec;
     if (!o.control_preprocessors.empty())
       spec = o.control_preprocessors.size() == 1 ? o.control_preprocessors[0] : o.control_preprocessors[i];

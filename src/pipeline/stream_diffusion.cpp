@@ -13,6 +13,7 @@
 #include "core/side_stream.h"
 #include "core/torch_compat.h"
 #include "models/ip_adapter.h"
+#include "pipeline/control_guidance.h"
 #include "pipeline/controlnet.h"
 #include "pipeline/image.h"
 #include "pipeline/prompt_weights.h"
@@ -1073,8 +1074,12 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
                               ": give t_index_list distinct entries, or a range that keeps both");
     ControlResiduals r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
     if (!dropped.empty()) {
-      const Tensor steps = torch::tensor(kept, torch::TensorOptions().dtype(torch::kLong)).to(t.device());
-      const Tensor keep = (t.to(torch::kLong).unsqueeze(1) == steps.unsqueeze(0)).any(1).view({-1, 1, 1, 1});  // [R]
+      // Compared with each kept timestep as a scalar: an uploaded list would be a blocking host-to-device copy, a
+      // host synchronisation inside the frame.
+      const Tensor steps = t.to(torch::kLong);  // [R]
+      Tensor keep = steps == kept[0];
+      for (size_t j = 1; j < kept.size(); ++j) keep = keep.logical_or(steps == kept[j]);
+      keep = keep.view({-1, 1, 1, 1});
       // where, not a product: a row out of range gets zeros even from non-finite residuals.
       for (auto& d : r.down) d = torch::where(keep, d, torch::zeros({}, d.options()));
       r.mid = torch::where(keep, r.mid, torch::zeros({}, r.mid.options()));
@@ -1094,10 +1099,11 @@ bool ControlNetUnit::keeps(int64_t i, int64_t n) const {
 
 namespace {
 void check_control_guidance(double start, double end, const std::string& what) {
-  if (!std::isfinite(start) || !std::isfinite(end) || start < 0.0 || end > 1.0 || start >= end)
+  if (!valid_control_guidance(start, end))
     throw InvalidArgument(what + ": control guidance start " + std::to_string(start) + " and end " +
-                          std::to_string(end) + " must satisfy 0 <= start < end <= 1 (the share of the steps it "
-                          "conditions, as diffusers' control_guidance_start / control_guidance_end)");
+                          std::to_string(end) + " must satisfy " + kControlGuidanceRule +
+                          " (the share of the steps it conditions, as diffusers' control_guidance_start / "
+                          "control_guidance_end)");
 }
 }  // namespace
 

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/text.h"
+#include "pipeline/control_guidance.h"
 
 namespace sd {
 namespace {
@@ -162,9 +163,9 @@ std::optional<ControlCommand> parse_control_command(const std::string& raw) {
     if (c.index < 0) throw InvalidArgument("control: " + cmd + " index must be >= 0, got " + w[0]);
     c.number = parse_number(cmd + " start", w[1]);
     c.end = parse_number(cmd + " end", w[2]);
-    if (!(c.number >= 0.0 && c.end <= 1.0 && c.number < c.end))
-      throw InvalidArgument("control: controlnet_guidance start " + w[1] + " and end " + w[2] +
-                            " must satisfy 0 <= start < end <= 1");
+    if (!valid_control_guidance(c.number, c.end))
+      throw InvalidArgument("control: controlnet_guidance start " + w[1] + " and end " + w[2] + " must satisfy " +
+                            kControlGuidanceRule);
   } else if (cmd == "deep_cache") {
     c.kind = K::DeepCache;
     const auto sp2 = arg.find_first_of(" \t");

@@ -215,10 +215,7 @@ ApiHandlers::Cancel ApiHandlers::generate(bool txt2img, const ApiRequest& req, D
       if (stream.has_image_prompt()) stream.clear_image_prompt();  // a kept stream: the last request's
       stream.prepare(settings.prompts(), settings.negative_prompt);
       if (!defaults.controlnets.empty()) {
-        std::vector<ControlNetUnit> units = defaults.controlnets;  // the shared nets, this request's scales
-        for (size_t i = 0; i < units.size() && i < settings.controlnets.size(); ++i)
-          units[i].scale = settings.controlnets[i].scale;
-        stream.set_controlnets(std::move(units));
+        stream.set_controlnets(settings.control_units(defaults));  // the shared nets, this request's scales, ranges
         for (size_t i = 0; i < control.size(); ++i)
           if (control[i].defined()) stream.set_control_image(i, control[i]);
       }

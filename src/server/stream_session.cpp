@@ -175,10 +175,7 @@ void StreamSession::apply_settings(const StreamSettings& want) {
     auto s = std::make_unique<StreamDiffusion>(models_, want.config(defaults_));
     s->prepare(want.prompts(), want.negative_prompt);
     if (!defaults_.controlnets.empty()) {
-      std::vector<ControlNetUnit> units = defaults_.controlnets;  // the shared nets, this client's scales
-      for (size_t i = 0; i < units.size() && i < want.controlnets.size(); ++i)
-        units[i].scale = want.controlnets[i].scale;
-      s->set_controlnets(std::move(units));
+      s->set_controlnets(want.control_units(defaults_));  // the shared nets, this client's scales and ranges
       s->set_controlnet_every(defaults_.controlnet_every);
     }
     if (!want.image_prompt.empty()) s->set_image_prompt(mat_tensor(want.image_prompt));
@@ -244,6 +241,12 @@ void StreamSession::apply_settings(const StreamSettings& want) {
     if (want.controlnets[i].scale != applied_.controlnets[i].scale) {
       stream_->set_controlnet_scale(i, want.controlnets[i].scale);
       applied_.controlnets[i].scale = want.controlnets[i].scale;
+    }
+    if (want.controlnets[i].guidance_start != applied_.controlnets[i].guidance_start ||
+        want.controlnets[i].guidance_end != applied_.controlnets[i].guidance_end) {
+      stream_->set_controlnet_guidance(i, want.controlnets[i].guidance_start, want.controlnets[i].guidance_end);
+      applied_.controlnets[i].guidance_start = want.controlnets[i].guidance_start;
+      applied_.controlnets[i].guidance_end = want.controlnets[i].guidance_end;
     }
     if (want.controlnets[i].preprocessor != applied_.controlnets[i].preprocessor) {
       applied_preprocessors_[i] = make_control_preprocessor(want.controlnets[i].preprocessor);

@@ -5,6 +5,7 @@
 
 #include "core/json_limits.h"
 #include "core/error.h"
+#include "pipeline/control_guidance.h"
 #include "runtime/control_preprocessor.h"
 #include "server/image_codec.h"
 
@@ -84,6 +85,10 @@ std::vector<ControlSetting> parse_controlnets(const nlohmann::json& v, std::vect
     for (const auto& [k, x] : e.items()) {
       if (k == "scale") {
         out[i].scale = number_in(x, at + ".scale", 0, 2);
+      } else if (k == "guidance_start") {
+        out[i].guidance_start = number_in(x, at + ".guidance_start", 0, 1);
+      } else if (k == "guidance_end") {
+        out[i].guidance_end = number_in(x, at + ".guidance_end", 0, 1);
       } else if (k == "preprocessor") {
         if (!x.is_string())
           throw InvalidArgument("field '" + at + ".preprocessor': expected a string, got " + json_excerpt(x));
@@ -93,9 +98,15 @@ std::vector<ControlSetting> parse_controlnets(const nlohmann::json& v, std::vect
           throw InvalidArgument("field '" + at + ".preprocessor': " + err.what());
         }
       } else {
-        throw InvalidArgument("unknown field '" + at + "." + k + "' (expected scale, preprocessor)");
+        throw InvalidArgument("unknown field '" + at + "." + k +
+                              "' (expected scale, preprocessor, guidance_start, guidance_end)");
       }
     }
+    // Checked as a pair once both are applied: a message may move one end past where the other was.
+    if (!valid_control_guidance(out[i].guidance_start, out[i].guidance_end))
+      throw InvalidArgument("field '" + at + "': guidance_start " + nlohmann::json(out[i].guidance_start).dump() +
+                            " and guidance_end " + nlohmann::json(out[i].guidance_end).dump() + " must satisfy " +
+                            kControlGuidanceRule + " (send both to move the range past its other end)");
   }
   return out;
 }
@@ -180,7 +191,8 @@ StreamSettings StreamSettings::defaults(const StreamDefaults& d, bool txt2img) {
   s.similarity_filter = (!txt2img && c.similarity_filter.enabled) ? c.similarity_filter.threshold : 0.0;
   for (size_t i = 0; i < d.controlnets.size(); ++i)
     s.controlnets.push_back({d.controlnets[i].scale,
-                             i < d.control_preprocessors.size() ? d.control_preprocessors[i] : "canny"});
+                             i < d.control_preprocessors.size() ? d.control_preprocessors[i] : "canny",
+                             d.controlnets[i].guidance_start, d.controlnets[i].guidance_end});
   s.image_prompt = d.image_prompt;
   s.prompt_list = d.prompt_list;
   s.seed_list = c.seed_list;
@@ -206,6 +218,16 @@ StreamConfig StreamSettings::config(const StreamDefaults& d) const {
   return c;
 }
 
+std::vector<ControlNetUnit> StreamSettings::control_units(const StreamDefaults& d) const {
+  std::vector<ControlNetUnit> units = d.controlnets;
+  for (size_t i = 0; i < units.size() && i < controlnets.size(); ++i) {
+    units[i].scale = controlnets[i].scale;
+    units[i].guidance_start = controlnets[i].guidance_start;
+    units[i].guidance_end = controlnets[i].guidance_end;
+  }
+  return units;
+}
+
 nlohmann::json StreamSettings::to_json() const {
   nlohmann::json j = {{"mode", txt2img ? "txt2img" : "img2img"},
                       {"prompt", prompt},
@@ -226,7 +248,11 @@ nlohmann::json StreamSettings::to_json() const {
   j["seed_list"] = sl;
   if (!controlnets.empty()) {
     nlohmann::json cn = nlohmann::json::array();
-    for (const auto& c : controlnets) cn.push_back({{"scale", c.scale}, {"preprocessor", c.preprocessor}});
+    for (const auto& c : controlnets)
+      cn.push_back({{"scale", c.scale},
+                    {"preprocessor", c.preprocessor},
+                    {"guidance_start", c.guidance_start},
+                    {"guidance_end", c.guidance_end}});
     j["controlnets"] = cn;
     j["has_control_image"] = !control_image.empty();
   }

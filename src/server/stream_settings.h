@@ -16,11 +16,14 @@
 //                     name = file stem). SERVER-WIDE: the one loaded model is re-fused at that scale (no reload), so
 //                     every client sees it; streams re-encode their prompts. A request, applied once by the model
 //                     thread; the "config" reply carries the model's current scales.
-//   controlnets       array [{scale, preprocessor}], one entry per ControlNet the server loaded (--controlnet; the
-//                     hello message lists them), in that order; either key of an entry may be left out (unchanged).
-//                     scale: number in [0, 2] (0 = that ControlNet is skipped, exactly as without it);
-//                     preprocessor: a control_preprocessor_names() spec ("canny", "canny:50:150", "gray",
-//                     "passthrough", "feedback" = this client's previous output frame). Per client.
+//   controlnets       array [{scale, preprocessor, guidance_start, guidance_end}], one entry per ControlNet the
+//                     server loaded (--controlnet; the hello message lists them), in that order; any key of an entry
+//                     may be left out (unchanged). scale: number in [0, 2] (0 = that ControlNet is skipped, exactly
+//                     as without it); preprocessor: a control_preprocessor_names() spec ("canny", "canny:50:150",
+//                     "gray", "passthrough", "feedback" = this client's previous output frame); guidance_start /
+//                     guidance_end: numbers, 0 <= start < end <= 1 once both are applied, the share of the steps of
+//                     t_index_list the ControlNet conditions (diffusers' control_guidance_start / _end; default
+//                     serve's --control-guidance-start / -end). Per client.
 //   control_image     base64 / data-URL JPEG or PNG, or null: a static control image for every ControlNet of this
 //                     client (centre-cropped and resized to the stream size) instead of preprocessing each input
 //                     frame, until cleared with null. txt2img needs it unless the preprocessors are `feedback` (or the
@@ -80,7 +83,11 @@ struct StreamDefaults {
 struct ControlSetting {
   double scale = 1.0;
   std::string preprocessor;  // a make_control_preprocessor() spec
-  bool operator==(const ControlSetting& o) const { return scale == o.scale && preprocessor == o.preprocessor; }
+  double guidance_start = 0.0, guidance_end = 1.0;  // ControlNetUnit's range
+  bool operator==(const ControlSetting& o) const {
+    return scale == o.scale && preprocessor == o.preprocessor && guidance_start == o.guidance_start &&
+           guidance_end == o.guidance_end;
+  }
 };
 
 struct StreamSettings {
@@ -110,6 +117,8 @@ struct StreamSettings {
   static StreamSettings defaults(const StreamDefaults& d, bool txt2img);
   // The base config of the mode with these settings applied.
   StreamConfig config(const StreamDefaults& d) const;
+  // The server's shared ControlNets with this client's scales and guidance ranges (StreamDiffusion::set_controlnets).
+  std::vector<ControlNetUnit> control_units(const StreamDefaults& d) const;
   // The fields a client may send, in their JSON form; images as "has_control_image" / "has_image_prompt" booleans.
   nlohmann::json to_json() const;
   bool operator==(const StreamSettings& o) const;

@@ -137,7 +137,9 @@ void WebSocketSession::on_accept(beast::error_code ec) {
   for (size_t i = 0; i < ctx_->defaults.controlnets.size(); ++i)
     controlnets.push_back({{"name", ctx_->defaults.controlnets[i].net->name()},
                            {"scale", initial.controlnets[i].scale},
-                           {"preprocessor", initial.controlnets[i].preprocessor}});
+                           {"preprocessor", initial.controlnets[i].preprocessor},
+                           {"guidance_start", initial.controlnets[i].guidance_start},
+                           {"guidance_end", initial.controlnets[i].guidance_end}});
   nlohmann::json ip_adapter = nullptr;
   if (ctx_->models->ip_adapter()) ip_adapter = {{"scale", ctx_->models->ip_adapter()->adapter->scale()}};
   send_json({{"type", "hello"},

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "pipeline/control_guidance.h"
 #include "server/stream_settings.h"
 
 namespace sd::fuzz {
@@ -36,7 +37,9 @@ inline void check_settings(const server::StreamSettings& s, const server::Stream
             s.controlnets.size() == d.controlnets.size();
   for (int64_t t : s.t_index_list) ok = ok && t >= 0 && t < S;
   for (const auto& [name, scale] : s.lora) ok = ok && std::isfinite(scale) && scale >= -10 && scale <= 10;
-  for (const auto& c : s.controlnets) ok = ok && c.scale >= 0 && c.scale <= 2 && !c.preprocessor.empty();
+  for (const auto& c : s.controlnets)
+    ok = ok && c.scale >= 0 && c.scale <= 2 && !c.preprocessor.empty() &&
+         valid_control_guidance(c.guidance_start, c.guidance_end);
   if (s.ip_adapter_scale) ok = ok && *s.ip_adapter_scale >= 0 && *s.ip_adapter_scale <= 2;
   if (!s.control_image.empty())
     ok = ok && s.control_image.type() == CV_8UC3 && s.control_image.cols == d.img2img.width &&

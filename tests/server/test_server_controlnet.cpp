@@ -1,8 +1,8 @@
 // ControlNets and the IP-Adapter in the server: validation of the settings fields (errors name the field and the
 // index), a WebSocket stream with the tiny ControlNet (canny frames, the control images sent back, counters), scale 0
 // equal to a server without ControlNets, a static control_image for txt2img (set, used, cleared), `feedback` (the
-// previous output as the control image), the API fields, and per-client IP-Adapter image prompts with the server-wide
-// ip_adapter_scale.
+// previous output as the control image), the API fields, per-client guidance ranges (live and per request), and
+// per-client IP-Adapter image prompts with the server-wide ip_adapter_scale.
 #include <gtest/gtest.h>
 #include <opencv2/imgproc.hpp>
 
@@ -91,6 +91,16 @@ TEST(ServerControlSettings, FieldsAreValidatedNamingFieldAndIndex) {
   expect_refused({{"controlnets", nlohmann::json::array({nlohmann::json::object(), {{"strength", 1}}})}}, d,
                  {"controlnets[1].strength"});
   expect_refused({{"controlnets", nlohmann::json::array({1, 2})}}, d, {"controlnets[0]", "object"});
+  expect_refused({{"controlnets", nlohmann::json::array({{{"guidance_start", 1.5}}, nlohmann::json::object()})}}, d,
+                 {"controlnets[0].guidance_start", "out of range"});
+  expect_refused({{"controlnets", nlohmann::json::array({nlohmann::json::object(), {{"guidance_end", "half"}}})}}, d,
+                 {"controlnets[1].guidance_end", "number"});
+  // The pair: a start at the end (the default 1), or past an end sent with it, names the rule.
+  expect_refused({{"controlnets", nlohmann::json::array({{{"guidance_start", 1}}, nlohmann::json::object()})}}, d,
+                 {"controlnets[0]", "guidance_start 1.0 and guidance_end 1.0", "0 <= start < end <= 1"});
+  expect_refused({{"controlnets", nlohmann::json::array({nlohmann::json::object(),
+                                                         {{"guidance_start", 0.6}, {"guidance_end", 0.25}}})}},
+                 d, {"controlnets[1]", "guidance_start 0.6 and guidance_end 0.25", "send both"});
   expect_refused({{"control_image", "!!not base64!!"}}, d, {"control_image"});
   expect_refused({{"control_image", base64_encode("GIF89a not an image")}}, d, {"control_image"});
   expect_refused({{"control_image", 42}}, d, {"control_image", "base64"});
@@ -110,6 +120,8 @@ TEST(ServerControlSettings, FieldsAreValidatedNamingFieldAndIndex) {
   EXPECT_EQ(s.controlnets[0].preprocessor, "canny:100:200");
   EXPECT_EQ(s.controlnets[1].scale, 0.0);
   EXPECT_EQ(s.controlnets[1].preprocessor, "gray");
+  EXPECT_EQ(s.controlnets[0].guidance_start, 0.0) << "the default range";
+  EXPECT_EQ(s.controlnets[0].guidance_end, 1.0);
   EXPECT_EQ(s.control_image.cols, kSize);
   EXPECT_EQ(s.control_image.rows, kSize);
   EXPECT_EQ(s.image_prompt.cols, 40);
@@ -124,6 +136,25 @@ TEST(ServerControlSettings, FieldsAreValidatedNamingFieldAndIndex) {
   const StreamSettings cleared = apply_settings_json({{"control_image", nullptr}, {"image_prompt", nullptr}}, s, d, {});
   EXPECT_TRUE(cleared.control_image.empty());
   EXPECT_TRUE(cleared.image_prompt.empty());
+  // A range: either end alone moves (the other kept), and the server's units get it with the scale.
+  StreamDefaults dr = d;
+  dr.controlnets[1].guidance_start = 0.2;  // serve --control-guidance-start 0 0.2
+  const StreamSettings r0 = StreamSettings::defaults(dr, false);
+  EXPECT_EQ(r0.controlnets[1].guidance_start, 0.2) << "a new client's range is the server's";
+  const StreamSettings r1 = apply_settings_json(
+      {{"controlnets", nlohmann::json::array({{{"guidance_end", 0.5}}, {{"scale", 1.5}, {"guidance_start", 0.75}}})}},
+      r0, dr, {});
+  EXPECT_NE(r1, r0);
+  const std::vector<sd::ControlNetUnit> units = r1.control_units(dr);
+  ASSERT_EQ(units.size(), 2u);
+  EXPECT_EQ(units[0].guidance_start, 0.0);
+  EXPECT_EQ(units[0].guidance_end, 0.5);
+  EXPECT_EQ(units[0].scale, 1.0);
+  EXPECT_EQ(units[1].guidance_start, 0.75);
+  EXPECT_EQ(units[1].guidance_end, 1.0);
+  EXPECT_EQ(units[1].scale, 1.5);
+  EXPECT_EQ(r1.to_json()["controlnets"][0]["guidance_end"], 0.5);
+  EXPECT_EQ(r1.to_json()["controlnets"][1]["guidance_start"], 0.75);
   // The API takes the same fields (no mode).
   EXPECT_NO_THROW(apply_settings_json({{"controlnets", nlohmann::json::array({{{"scale", 2}}, {{"scale", 0}}})}}, s0, d,
                                       {"image"}, false));
@@ -152,11 +183,14 @@ class ServerControlNet : public ::testing::Test {
     for (auto& s : servers_) s->stop();
   }
 
-  // A server with the tiny ControlNet at `scale` (preprocessor `pre`), or without ControlNets.
-  uint16_t start(bool with_controlnet, double scale = 1.0, const std::string& pre = "canny") {
+  // A server with the tiny ControlNet at `scale` (preprocessor `pre`, a new client's guidance range from
+  // `guidance_start`), or without ControlNets.
+  uint16_t start(bool with_controlnet, double scale = 1.0, const std::string& pre = "canny",
+                 double guidance_start = 0.0) {
     StreamDefaults d = base_defaults();
     if (with_controlnet) {
       d.controlnets = {{controlnet(), scale}};
+      d.controlnets[0].guidance_start = guidance_start;
       d.control_preprocessors = {sd::make_control_preprocessor(pre)->name()};  // normalised, as serve does
     }
     ServerOptions o;
@@ -196,6 +230,14 @@ class ServerControlNet : public ::testing::Test {
       out.push_back(sd::test::decode_rgb(*f));
     }
     return out;
+  }
+
+  // This client's ControlNet calls so far (the stats message).
+  static int64_t controlnet_calls(WsClient& c) {
+    EXPECT_TRUE(c.send_json({{"type", "stats"}}));
+    auto st = c.read_type("stats", std::chrono::seconds(30));
+    EXPECT_TRUE(st) << "no stats";
+    return st ? (*st)["controlnet_calls"].get<int64_t>() : -1;
   }
 
   std::vector<std::unique_ptr<Server>> servers_;
@@ -296,6 +338,68 @@ TEST_F(ServerControlNet, ScaleZeroEqualsNoControlNetAndScaleOneDiffers) {
   ASSERT_EQ(r1.status, 200u) << r1.body;
   EXPECT_EQ(r0.body, rz.body) << "scale 0 = no ControlNet";
   EXPECT_NE(r0.body, r1.body);
+}
+
+// img2img's t_index_list is {32, 45}: steps 0 and 1 of 2. A range from 0.6 keeps neither, 0..0.5 keeps step 0.
+TEST_F(ServerControlNet, GuidanceRangePerClientLiveAndInTheApi) {
+  const uint16_t plain = start(false), full = start(true), late = start(true, 1.0, "canny", 0.6);
+  WsClient a, f, z, h;
+  hello(a, plain);
+  hello(f, full);
+  const nlohmann::json hz = hello(z, late);
+  EXPECT_EQ(hz["controlnets"][0]["guidance_start"], 0.6) << "the server's default range, told to the page";
+  EXPECT_EQ(hz["controlnets"][0]["guidance_end"], 1.0);
+  EXPECT_EQ(hz["settings"]["controlnets"][0]["guidance_start"], 0.6);
+  hello(h, full);
+  const nlohmann::json cfg = configure(h, {{"controlnets", nlohmann::json::array({{{"guidance_end", 0.5}}})}});
+  EXPECT_EQ(cfg["settings"]["controlnets"][0]["guidance_end"], 0.5) << cfg.dump();
+  EXPECT_EQ(cfg["settings"]["controlnets"][0]["guidance_start"], 0.0);
+  const auto pa = stream(a, 4), pf = stream(f, 4), pz = stream(z, 4), ph = stream(h, 4);
+  ASSERT_EQ(pa.size(), 4u);
+  ASSERT_EQ(pf.size(), 4u);
+  ASSERT_EQ(pz.size(), 4u);
+  ASSERT_EQ(ph.size(), 4u);
+  for (int k = 0; k < 4; ++k) EXPECT_EQ(sd::test::mean_abs_diff(pa[k], pz[k]), 0.0) << "no step kept, frame " << k;
+  EXPECT_EQ(controlnet_calls(z), 0) << "a ControlNet no step keeps is not run";
+  const double to_plain = sd::test::mean_abs_diff(ph[3], pa[3]), to_full = sd::test::mean_abs_diff(ph[3], pf[3]);
+  std::printf("mean |diff| of the first half's range: to no ControlNet %.3f, to the full range %.3f\n", to_plain,
+              to_full);
+  EXPECT_GT(to_plain, 0.05) << "step 0 is conditioned";
+  EXPECT_GT(to_full, 0.05) << "step 1 is not";
+  EXPECT_GT(controlnet_calls(h), 0);
+
+  // Live: the range moves on the client's running stream (its ControlNet runs again, then stops again).
+  configure(z, {{"controlnets", nlohmann::json::array({{{"guidance_start", 0}}})}});
+  ASSERT_EQ(stream(z, 2).size(), 2u);
+  const int64_t on = controlnet_calls(z);
+  EXPECT_GE(on, 2) << "the full range conditions every call";
+  configure(z, {{"controlnets", nlohmann::json::array({{{"guidance_start", 0.6}}})}});
+  ASSERT_EQ(stream(z, 2).size(), 2u);
+  EXPECT_EQ(controlnet_calls(z), on) << "no step kept again";
+  // A start past the end is refused naming the rule; nothing of the message applies.
+  ASSERT_TRUE(z.send_json({{"type", "config"}, {"controlnets", nlohmann::json::array({{{"guidance_end", 0.5}}})}}));
+  auto e = z.read_type("error", std::chrono::seconds(30));
+  ASSERT_TRUE(e);
+  EXPECT_NE((*e)["message"].get<std::string>().find("0 <= start < end <= 1"), std::string::npos) << e->dump();
+
+  // The API: a range is per request; one that keeps no step equals no ControlNet.
+  const nlohmann::json body = {{"prompt", "a cat"}, {"seed", 4}, {"image", b64_jpeg(96, 72, 3)}};
+  nlohmann::json none = body, half = body;
+  none["controlnets"] = nlohmann::json::array({{{"guidance_start", 0.6}}});
+  half["controlnets"] = nlohmann::json::array({{{"guidance_end", 0.5}}});
+  const auto r0 = http_request(plain, http::verb::post, "/api/img2img", body.dump());
+  const auto rn = http_request(full, http::verb::post, "/api/img2img", none.dump());
+  const auto rh = http_request(full, http::verb::post, "/api/img2img", half.dump());
+  const auto r1 = http_request(full, http::verb::post, "/api/img2img", body.dump());
+  ASSERT_EQ(r0.status, 200u) << r0.body;
+  ASSERT_EQ(rn.status, 200u) << rn.body;
+  ASSERT_EQ(rh.status, 200u) << rh.body;
+  ASSERT_EQ(r1.status, 200u) << r1.body;
+  EXPECT_EQ(r0.body, rn.body) << "no step kept = no ControlNet";
+  EXPECT_NE(rh.body, r0.body) << "step 0 is conditioned";
+  EXPECT_NE(rh.body, r1.body) << "step 1 is not";
+  const auto again = http_request(full, http::verb::post, "/api/img2img", body.dump());
+  EXPECT_EQ(again.body, r1.body) << "a request's range does not stay on the server's kept stream";
 }
 
 TEST_F(ServerControlNet, StaticControlImageForTxt2ImgSetUsedAndCleared) {

@@ -7,10 +7,10 @@
 //
 // Checks: the page shows the control pane and one ControlNet row; frames flow; the control image shown is the gray
 // picture at first and a canny edge map (nearly all black / white, some white) once canny is chosen; the scale slider
-// reaches the server (the config reply) and frames keep flowing at scale 0 and 1.5; an uploaded control image
-// replaces the preprocessing (the control pane shows it) and Clear goes back; with an IP-Adapter an image prompt
-// upload and the scale slider are applied. Exit 0 = passed, 1 = failed, 77 = skipped (no chromium / node_modules /
-// fixtures).
+// reaches the server (the config reply) and frames keep flowing at scale 0 and 1.5; the guidance range sliders reach
+// the server and keep start < end; an uploaded control image replaces the preprocessing (the control pane shows it)
+// and Clear goes back; with an IP-Adapter an image prompt upload and the scale slider are applied. Exit 0 = passed,
+// 1 = failed, 77 = skipped (no chromium / node_modules / fixtures).
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -120,6 +120,25 @@ try {
     check(true, `frames flow at ControlNet scale ${v}`);
   }
   check(await p.textContent('#cn-scale-0-out') === '1.50', 'the scale is shown beside the slider', await p.textContent('#cn-scale-0-out'));
+
+  // The guidance range: each slider reaches the server, and one moved past the other pushes it along (the server
+  // refuses start >= end).
+  const setRange = (sel, x) => p.$eval(sel, (el, v) => { el.value = v; el.dispatchEvent(new Event('input', { bubbles: true })); }, x);
+  const applied = async () => (await appStats(p)).applied?.controlnets?.[0] || {};
+  check((await applied()).guidance_start === 0 && (await applied()).guidance_end === 1, 'the range starts at the server default 0..1',
+    JSON.stringify(await applied()));
+  await setRange('#cn-from-0', '0.6');
+  await until(async () => (await applied()).guidance_start === 0.6, 20000, 'guidance_start 0.6 applied');
+  check((await applied()).guidance_end === 1, 'the end stays', JSON.stringify(await applied()));
+  await framesAfter(p, 3);
+  await setRange('#cn-to-0', '0.5');
+  await until(async () => (await applied()).guidance_end === 0.5, 20000, 'guidance_end 0.5 applied');
+  check((await applied()).guidance_start === 0.45, 'the start slider was pushed below the end', JSON.stringify(await applied()));
+  check(await p.textContent('#cn-steps-0-out') === '0.45–0.50', 'the range is shown beside the sliders', await p.textContent('#cn-steps-0-out'));
+  await framesAfter(p, 3);
+  await setRange('#cn-from-0', '0');
+  await setRange('#cn-to-0', '1');
+  await until(async () => (await applied()).guidance_start === 0 && (await applied()).guidance_end === 1, 20000, 'the full range again');
 
   // An uploaded control image replaces the preprocessing: the control pane shows the flat picture (not edges).
   await uploadPicture(p, '#control-file', [200, 200, 200]);
