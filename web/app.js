@@ -182,7 +182,8 @@ function syncOutputs() {
   $('threshold-out').textContent = Number(ui.threshold.value).toFixed(3);
   state.controlnets.forEach((_, i) => {
     $(`cn-scale-${i}-out`).textContent = Number($(`cn-scale-${i}`).value).toFixed(2);
-    $(`cn-steps-${i}-out`).textContent = `${Number($(`cn-from-${i}`).value).toFixed(2)}–${Number($(`cn-to-${i}`).value).toFixed(2)}`;
+    const [from, to] = [$(`cn-from-${i}`), $(`cn-to-${i}`)].map((el) => Number(el.value).toFixed(2));
+    $(`cn-steps-${i}-out`).textContent = `${from}–${to}`;
   });
   $('ip-scale-out').textContent = Number(ui.ipScale.value).toFixed(2);
   const t = Number(ui.transition.value);
@@ -308,7 +309,8 @@ function setupControlNets(hello) {
     line.append(sel, scale);
     const steps = document.createElement('label');
     steps.className = 'field';
-    steps.title = 'the share of the denoising steps this ControlNet conditions (diffusers\' control_guidance_start / _end)';
+    steps.title = 'the share of the denoising steps this ControlNet conditions '
+      + '(diffusers\' control_guidance_start / _end)';
     steps.innerHTML = `<span>Steps <output id="cn-steps-${i}-out"></output></span><span class="row">`
       + `<input id="cn-from-${i}" type="range" min="0" max="0.95" step="0.05" aria-label="from">`
       + `<input id="cn-to-${i}" type="range" min="0.05" max="1" step="0.05" aria-label="to"></span>`;
