@@ -123,8 +123,8 @@ for dt in "${DTYPES[@]}"; do
     --gtest_filter='*DeviceGolden*' || true
   grep -h "\[close\]" "$OUT/golden-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
   SD_TEST_DEVICE=$DEVICE SD_TEST_DTYPE=$dt step "graphs-$DEVICE-$dt" "$BUILD_DIR/tests/test_device" \
-    --gtest_filter='GraphCache*:*StreamGraphs*:Image.*:SideStream*:BenchKernel*:FusedConv*' || true
-  grep -hE "\[graphs\]|PASSED|FAILED" "$OUT/graphs-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
+    --gtest_filter='GraphCache*:*StreamGraphs*:Image.*:SideStream*:BenchKernel*:FusedConv*:DeviceControlNet*' || true
+  grep -hE "\[graphs\]|\[controlnet-range\]|PASSED|FAILED" "$OUT/graphs-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
 done
 
 # 3. benchmark: sd-turbo architecture (random weights) at 512 px, 1 step, txt2img and img2img

@@ -10,8 +10,9 @@
 #   libpcre2-dev                               the static libpcre2-8.a + pcre2.h (C, no C++ ABI)
 #   googletest                                 GoogleTest sources, built in-tree with libtorch's flags (SD_GTEST_SOURCE_DIR)
 #   ninja-build                                the ninja binary (the host may only have make)
-# and copies the fixtures the device tests read ($SD_FIXTURES, default ../shared/fixtures: models/ and modules/, ~24 MB;
-# the whole folder would not fit the 64 MiB a device run carries) into .gpu-deps/fixtures.
+# and copies the fixtures the device tests read ($SD_FIXTURES, default ../shared/fixtures: models/, modules/ and
+# the tiny ControlNet, ~26 MB; the whole folder would not fit the 64 MiB a device run carries) into
+# .gpu-deps/fixtures.
 # Usage: scripts/gpu-prepare.sh [DEST]   (default .gpu-deps; idempotent: re-downloads only what is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,12 @@ if [ -d "$FIX/models" ]; then
   rm -rf "$DEST/fixtures"
   mkdir -p "$DEST/fixtures"
   cp -r "$FIX/models" "$FIX/modules" "$DEST/fixtures/"
+  # The tiny ControlNet and its control images (~2 MB) for the guidance range test on the device.
+  if [ -d "$FIX/controlnet/models/tiny-controlnet-sd15" ]; then
+    mkdir -p "$DEST/fixtures/controlnet/models"
+    cp -r "$FIX/controlnet/models/tiny-controlnet-sd15" "$DEST/fixtures/controlnet/models/"
+    cp "$FIX/controlnet/control_images.safetensors" "$DEST/fixtures/controlnet/"
+  fi
   chmod -R u+w "$DEST/fixtures"
 else
   echo "gpu-prepare: no fixtures at $FIX (set SD_FIXTURES): the GPU host will have no golden tests" >&2

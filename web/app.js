@@ -214,9 +214,11 @@ function formSettings() {
   if (state.mode !== 'txt2img') s.similarity_filter = ui.filter.checked ? Number(ui.threshold.value) : 0;
   // Keys in the server's (sorted) order: lastSent compares JSON texts.
   if (state.controlnets.length)
-    s.controlnets = state.controlnets.map((_, i) => ({
-      guidance_end: Number($(`cn-to-${i}`).value),
-      guidance_start: Number($(`cn-from-${i}`).value),
+    s.controlnets = state.controlnets.map((cn, i) => ({
+      ...('guidance_start' in cn ? {
+        guidance_end: Number($(`cn-to-${i}`).value),
+        guidance_start: Number($(`cn-from-${i}`).value),
+      } : {}),
       preprocessor: $(`cn-pre-${i}`).value,
       scale: Number($(`cn-scale-${i}`).value),
     }));
@@ -272,7 +274,9 @@ ui.ipScale.addEventListener('input', () => { touched.add(ui.ipScale); scheduleCo
 
 // One row per ControlNet the server loaded: its preprocessor, scale and guidance range (the share of the steps it
 // conditions: from < to, a slider pushed past the other one pushes it along). A preprocessor with arguments
-// ("canny:100:200") keeps them as its option's value, so what the server echoes matches the form.
+// ("canny:100:200") keeps them as its option's value, and the sliders move by 0.01, so what the server echoes (its
+// defaults included) matches the form. Servers from before the range (no guidance_start in the hello) get no range
+// keys: they would refuse them.
 function setupControlNets(hello) {
   state.controlnets = hello.controlnets || [];
   const names = hello.control_preprocessors || [];
@@ -305,15 +309,16 @@ function setupControlNets(hello) {
     const scale = document.createElement('label');
     scale.className = 'field';
     scale.innerHTML = `<span>Scale <output id="cn-scale-${i}-out"></output></span>`
-      + `<input id="cn-scale-${i}" type="range" min="0" max="2" step="0.05">`;
+      + `<input id="cn-scale-${i}" type="range" min="0" max="2" step="0.01">`;
     line.append(sel, scale);
     const steps = document.createElement('label');
     steps.className = 'field';
     steps.title = 'the share of the denoising steps this ControlNet conditions '
       + '(diffusers\' control_guidance_start / _end)';
     steps.innerHTML = `<span>Steps <output id="cn-steps-${i}-out"></output></span><span class="row">`
-      + `<input id="cn-from-${i}" type="range" min="0" max="0.95" step="0.05" aria-label="from">`
-      + `<input id="cn-to-${i}" type="range" min="0.05" max="1" step="0.05" aria-label="to"></span>`;
+      + `<input id="cn-from-${i}" type="range" min="0" max="0.99" step="0.01" aria-label="from">`
+      + `<input id="cn-to-${i}" type="range" min="0.01" max="1" step="0.01" aria-label="to"></span>`;
+    steps.hidden = !('guidance_start' in cn);
     row.append(title, line, steps);
     ui.cnList.append(row);
     const slider = scale.querySelector('input');
@@ -322,10 +327,10 @@ function setupControlNets(hello) {
     from.value = current.guidance_start ?? 0;
     to.value = current.guidance_end ?? 1;
     from.addEventListener('input', () => {
-      if (Number(to.value) <= Number(from.value)) to.value = Number(from.value) + 0.05;
+      if (Number(to.value) <= Number(from.value)) to.value = Number(from.value) + 0.01;
     });
     to.addEventListener('input', () => {
-      if (Number(from.value) >= Number(to.value)) from.value = Number(to.value) - 0.05;
+      if (Number(from.value) >= Number(to.value)) from.value = Number(to.value) - 0.01;
     });
     for (const el of [sel, slider, from, to]) el.addEventListener('input', scheduleConfig);
     const view = document.createElement('option');

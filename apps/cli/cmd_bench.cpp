@@ -12,8 +12,9 @@
 //   flicker     latent feedback (--latent-feedback A): the mean absolute frame-to-frame difference of the img2img
 //               outputs (0..255 levels) on a static scene with sensor noise, without and with the feedback (not a
 //               timing: the same frames through two streams).
-// With --controlnet (repeatable) and --controlnet-every every stream row except the ablation's runs with those
-// ControlNets on a fixed synthetic control image, and components gains one "controlnet" line per ControlNet.
+// With --controlnet (repeatable), --controlnet-every and --control-guidance-start / -end every stream row except the
+// ablation's runs with those ControlNets on a fixed synthetic control image, and components gains one "controlnet"
+// line per ControlNet.
 // Every timing is a median over timed runs after warm-up (device-synchronised). Prints tables, writes JSON (--json)
 // and a PNG chart (--chart, builds with OpenCV).
 #include <algorithm>
@@ -41,6 +42,7 @@
 #include "core/error.h"
 #include "core/text.h"
 #include "io/model_folder.h"
+#include "pipeline/control_guidance.h"
 #include "pipeline/controlnet.h"
 #include "models/conv_layout.h"
 #include "models/layers.h"
@@ -95,6 +97,7 @@ struct BenchOptions {
   bool strict_lora = false;
   std::vector<std::string> controlnets;  // --controlnet DIR|FILE[:SCALE], repeatable
   int controlnet_every = 1;              // --controlnet-every N
+  double control_guidance_start = 0.0, control_guidance_end = 1.0;  // --control-guidance-start / -end (all nets)
   int deep_cache_every = 1;              // --deep-cache-every K (extra e2e rows)
   std::string streams = "1,2,4,8,16";    // --streams: stream counts of the multistream section
   bool profile_shapes = false;           // --profile-shapes: the profile section per operator and input shapes
@@ -167,7 +170,10 @@ class Bench {
     if (!cn_specs_.empty()) {
       std::cout << "  ControlNets (every stream row but the ablation's; synthetic edge-map control image):";
       for (const auto& [path, scale] : cn_specs_) std::cout << " " << path << " (scale " << scale << ")";
-      std::cout << ", residuals recomputed every " << o_.controlnet_every << " call(s)\n";
+      std::cout << ", residuals recomputed every " << o_.controlnet_every << " call(s)";
+      if (partial_range())
+        std::cout << ", steps " << o_.control_guidance_start << ".." << o_.control_guidance_end << " of each stream";
+      std::cout << "\n";
     }
     print_header();
 
@@ -282,6 +288,12 @@ class Bench {
     if (o_.deep_cache_every < 1) throw sd::InvalidArgument("bench --deep-cache-every must be >= 1");
     if (o_.controlnet_every > 1 && o_.controlnets.empty())
       throw sd::InvalidArgument("bench --controlnet-every needs --controlnet");
+    if (!sd::valid_control_guidance(o_.control_guidance_start, o_.control_guidance_end))
+      throw sd::InvalidArgument("bench --control-guidance-start " + std::to_string(o_.control_guidance_start) +
+                                " and --control-guidance-end " + std::to_string(o_.control_guidance_end) +
+                                " must satisfy " + sd::kControlGuidanceRule);
+    if (partial_range() && o_.controlnets.empty())
+      throw sd::InvalidArgument("bench --control-guidance-start / --control-guidance-end need --controlnet");
     for (const auto& spec : o_.controlnets) {
       auto ps = sd::cli::parse_controlnet_spec(spec);
       if (!sd::is_directory(ps.first) && !sd::is_file(ps.first))
@@ -351,6 +363,8 @@ class Bench {
       std::cout << std::setprecision(2) << "    " << net->describe() << ": loaded in " << cs << " s\n";
       load["controlnets"].push_back({{"path", path}, {"scale", scale}, {"seconds", cs}, {"describe", net->describe()}});
       cn_units_.push_back({std::move(net), scale});
+      cn_units_.back().guidance_start = o_.control_guidance_start;
+      cn_units_.back().guidance_end = o_.control_guidance_end;
     }
     loads_.push_back(load);
     return m;
@@ -1513,13 +1527,18 @@ class Bench {
                             {"note", note}});
   }
 
-  // " cn=N" (+ " every=K") on the variants of rows with ControlNets, so they never share an id with rows without.
+  // " cn=N" (+ " every=K", + " steps=S..E") on the variants of rows with ControlNets, so they never share an id with
+  // rows without (or with another range).
   std::string cn_suffix(bool cn) const {
     if (!cn) return "";
     std::string s = " cn=" + std::to_string(cn_units_.size());
     if (o_.controlnet_every > 1) s += " every=" + std::to_string(o_.controlnet_every);
+    if (partial_range())
+      s += " steps=" + nlohmann::json(o_.control_guidance_start).dump() + ".." +
+           nlohmann::json(o_.control_guidance_end).dump();
     return s;
   }
+  bool partial_range() const { return o_.control_guidance_start > 0.0 || o_.control_guidance_end < 1.0; }
   std::string stream_variant(const std::string& ae, sd::CfgType cfg, const std::vector<int64_t>& t, bool batch,
                              bool cn, int deep = 1) const {
     std::string variant = "ae=" + ae + " cfg=" + sd::cfg_type_name(cfg) + " t=" + join(t);
@@ -1729,6 +1748,7 @@ class Bench {
     j["controlnets"] = nlohmann::json::array();
     for (const auto& [path, scale] : cn_specs_) j["controlnets"].push_back({{"path", path}, {"scale", scale}});
     j["controlnet_every"] = o_.controlnet_every;
+    j["control_guidance"] = {o_.control_guidance_start, o_.control_guidance_end};
     j["results"] = nlohmann::json::array();
     for (const auto& id : order_) {
       auto r = to_json(results_.at(id));
@@ -1880,6 +1900,12 @@ sd::cli::Runner setup_bench(CLI::App& app) {
   app.add_option("--deep-cache-every", o->deep_cache_every,
                  "also time the e2e streams with the UNet's deep features reused for K - 1 of every K frames "
                  "(StreamConfig::deep_cache_every), compared with the exact rows by their mean time per frame");
+  app.add_option("--control-guidance-start", o->control_guidance_start,
+                 "control_guidance_start of every --controlnet: step i of the n of a stream's t_index_list is "
+                 "conditioned unless i/n < START or (i+1)/n > END (rows out of range: no ControlNet on the CPU)")
+      ->capture_default_str();
+  app.add_option("--control-guidance-end", o->control_guidance_end, "control_guidance_end of every --controlnet")
+      ->capture_default_str();
   app.add_option("--controlnet-every", o->controlnet_every,
                  "recompute the ControlNet residuals every N stream calls and reuse them in between; timed frames "
                  "are rounded up to a multiple of N (see amortized_s_per_frame)")

@@ -1029,8 +1029,16 @@ void StreamDiffusion::begin_stream_call() {
 }
 
 void StreamDiffusion::check_call_inputs(const char* what) const {
+  // A ControlNet control_residuals skips (scale 0, or a range that keeps none of the steps) needs no image.
+  const auto n = static_cast<int64_t>(sub_timesteps_.size());
+  const auto runs = [&](const ControlNetUnit& u) {
+    if (u.scale == 0.0) return false;
+    for (int64_t k = 0; k < n; ++k)
+      if (u.keeps(k, n)) return true;
+    return false;
+  };
   for (size_t i = 0; i < controlnets_.size(); ++i)
-    if (controlnets_[i].scale != 0.0 && !control_images_[i].defined())
+    if (runs(controlnets_[i]) && !control_images_[i].defined())
       throw InvalidArgument(std::string(what) + ": ControlNet " + std::to_string(i) + " (" +
                             controlnets_[i].net->name() + ") has no control image: set one before the next frame");
 }
@@ -1072,10 +1080,33 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
                               std::to_string(d) + " and only one is in the guidance range " +
                               std::to_string(u.guidance_start) + ".." + std::to_string(u.guidance_end) +
                               ": give t_index_list distinct entries, or a range that keeps both");
-    ControlResiduals r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
-    if (!dropped.empty()) {
-      // Compared with each kept timestep as a scalar: an uploaded list would be a blocking host-to-device copy, a
-      // host synchronisation inside the frame.
+    ControlResiduals r;
+    if (dropped.empty()) {
+      r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
+    } else if (!t.is_cuda()) {
+      // Off the GPU the rows' timesteps cost nothing to read: the ControlNet runs on the kept rows alone (a range
+      // over half the steps costs half) and the other rows get zeros. Rows are independent in the ControlNet.
+      const Tensor steps = t.to(torch::kCPU, torch::kLong).contiguous();  // [R]
+      std::vector<int64_t> rows;
+      for (int64_t row = 0; row < steps.size(0); ++row)
+        if (std::find(kept.begin(), kept.end(), steps.data_ptr<int64_t>()[row]) != kept.end()) rows.push_back(row);
+      if (rows.empty()) continue;  // this call has only rows out of range (a sequential call of one step)
+      const Tensor idx = torch::tensor(rows, torch::TensorOptions().dtype(torch::kLong)).to(t.device());
+      AddedConditioning a;
+      if (added.defined()) a = {added.text_embeds.index_select(0, idx), added.time_ids.index_select(0, idx)};
+      const ControlResiduals part = u.net->residuals(sample.index_select(0, idx), t.index_select(0, idx),
+                                                     text.index_select(0, idx), a, control_images_[i], u.scale);
+      const auto spread = [&](const Tensor& x) {  // [k, ...] -> [R, ...], zeros in the rows out of range
+        std::vector<int64_t> shape = x.sizes().vec();
+        shape[0] = sample.size(0);
+        return torch::zeros(shape, x.options()).index_copy_(0, idx, x);
+      };
+      for (const Tensor& d : part.down) r.down.push_back(spread(d));
+      r.mid = spread(part.mid);
+    } else {
+      r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
+      // Compared with each kept timestep as a scalar: reading the rows' timesteps (or uploading the kept list) would
+      // be a blocking copy, a host synchronisation inside the frame.
       const Tensor steps = t.to(torch::kLong);  // [R]
       Tensor keep = steps == kept[0];
       for (size_t j = 1; j < kept.size(); ++j) keep = keep.logical_or(steps == kept[j]);
@@ -1094,7 +1125,7 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
 }
 
 bool ControlNetUnit::keeps(int64_t i, int64_t n) const {
-  return !(static_cast<double>(i) / n < guidance_start || static_cast<double>(i + 1) / n > guidance_end);
+  return control_guidance_keeps(guidance_start, guidance_end, i, n);
 }
 
 namespace {

@@ -21,7 +21,8 @@ torch::Tensor mat_tensor(const cv::Mat& rgb) {
 
 namespace {
 
-// The control image of each ControlNet for one request (empty where the scale is 0: skipped, needs none): the
+// The control image of each ControlNet for one request (empty where it does not run: scale 0 or no step in its
+// range; skipped, it needs none): the
 // static control_image, else the preprocessed input image; `feedback` has no previous output in a one-shot request,
 // so it gets what a stream's first frame gets (the input image, black in txt2img). Made here, on the network thread.
 std::vector<torch::Tensor> request_control_images(const StreamSettings& s, const cv::Mat& image, bool txt2img,
@@ -29,7 +30,7 @@ std::vector<torch::Tensor> request_control_images(const StreamSettings& s, const
   std::vector<torch::Tensor> out(s.controlnets.size());
   for (size_t i = 0; i < s.controlnets.size(); ++i) {
     const ControlSetting& c = s.controlnets[i];
-    if (c.scale == 0) continue;
+    if (!c.runs(s.t_index_list.size())) continue;
     if (!s.control_image.empty()) {
       out[i] = mat_tensor(s.control_image);
       continue;

@@ -60,17 +60,19 @@ void StreamSession::submit_frame(cv::Mat rgb) {
   // The control images of this frame, here on the network thread (off the model thread, which every client shares).
   std::vector<std::shared_ptr<const ControlPreprocessor>> pre;
   std::vector<ControlSetting> cn;
+  size_t steps = 0;
   bool static_image = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     pre = preprocessors_;
     cn = wanted_.controlnets;
+    steps = wanted_.t_index_list.size();
     static_image = !wanted_.control_image.empty() || wanted_.txt2img;
   }
   std::vector<cv::Mat> control(pre.size());
   std::vector<std::string> specs(pre.size());
   for (size_t i = 0; i < pre.size() && !static_image; ++i) {
-    if (pre[i]->feedback() || i >= cn.size() || cn[i].scale == 0) continue;
+    if (pre[i]->feedback() || i >= cn.size() || !cn[i].runs(steps)) continue;
     try {
       control[i] = preprocess(*pre[i], rgb);
       specs[i] = pre[i]->name();
@@ -268,7 +270,7 @@ std::vector<cv::Mat> StreamSession::set_control_images(const cv::Mat& frame, con
   std::vector<cv::Mat> used(applied_.controlnets.size());
   for (size_t i = 0; i < used.size(); ++i) {
     const ControlSetting& c = applied_.controlnets[i];
-    if (c.scale == 0) continue;  // skipped by the stream: needs no image
+    if (!c.runs(applied_.t_index_list.size())) continue;  // skipped by the stream: needs no image
     const ControlPreprocessor& pre = *applied_preprocessors_[i];
     cv::Mat img;
     if (!applied_.control_image.empty()) {

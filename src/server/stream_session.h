@@ -9,10 +9,10 @@
 // replaced), applies pending settings, runs one stream call and hands the result to the sink. The sink must not
 // block (the WebSocket session queues it on its strand).
 //
-// ControlNets (StreamDefaults::controlnets, shared and immutable) get per-client scales and preprocessors. A frame's
-// control images are made where it arrives (submit_frame, on the network thread that decoded it), so the model
-// thread only sets them; `feedback` (the previous output) and a preprocessor changed in between are done on the
-// model thread. A static control_image replaces the preprocessing.
+// ControlNets (StreamDefaults::controlnets, shared and immutable) get per-client scales, preprocessors and guidance
+// ranges. A frame's control images are made where it arrives (submit_frame, on the network thread that decoded it), so
+// the model thread only sets them; `feedback` (the previous output) and a preprocessor changed in between are done on
+// the model thread. A static control_image replaces the preprocessing.
 //
 // One output per input: the stream answers each call with the frame that entered n−1 calls earlier (spec §3.3), so
 // the first n−1 outputs of a fresh stream are warm-up frames. For live video that is what the original demo does;

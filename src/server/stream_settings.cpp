@@ -73,15 +73,16 @@ std::vector<ControlSetting> parse_controlnets(const nlohmann::json& v, std::vect
   const std::string n = std::to_string(d.controlnets.size());
   if (!v.is_array() || v.size() != d.controlnets.size())
     throw InvalidArgument("field 'controlnets': expected an array of " + n +
-                          " object(s) {\"scale\": number, \"preprocessor\": name}, one per loaded ControlNet, got " +
+                          " object(s) {\"scale\": number, \"preprocessor\": name, \"guidance_start\": number, "
+                          "\"guidance_end\": number}, one per loaded ControlNet, got " +
                           (v.is_array() ? std::to_string(v.size()) + " entries" : std::string(v.type_name())));
   out.resize(d.controlnets.size());
   for (size_t i = 0; i < v.size(); ++i) {
     const std::string at = "controlnets[" + std::to_string(i) + "]";
     const auto& e = v[i];
     if (!e.is_object())
-      throw InvalidArgument("field '" + at + "': expected an object {\"scale\": number, \"preprocessor\": name}, got " +
-                            json_excerpt(e));
+      throw InvalidArgument("field '" + at + "': expected an object {\"scale\": number, \"preprocessor\": name, "
+                            "\"guidance_start\": number, \"guidance_end\": number}, got " + json_excerpt(e));
     for (const auto& [k, x] : e.items()) {
       if (k == "scale") {
         out[i].scale = number_in(x, at + ".scale", 0, 2);
@@ -104,9 +105,12 @@ std::vector<ControlSetting> parse_controlnets(const nlohmann::json& v, std::vect
     }
     // Checked as a pair once both are applied: a message may move one end past where the other was.
     if (!valid_control_guidance(out[i].guidance_start, out[i].guidance_end))
-      throw InvalidArgument("field '" + at + "': guidance_start " + nlohmann::json(out[i].guidance_start).dump() +
-                            " and guidance_end " + nlohmann::json(out[i].guidance_end).dump() + " must satisfy " +
-                            kControlGuidanceRule + " (send both to move the range past its other end)");
+      throw InvalidArgument(
+          "field '" + at + "': guidance_start " + nlohmann::json(out[i].guidance_start).dump() + " and guidance_end " +
+          nlohmann::json(out[i].guidance_end).dump() + " must satisfy " + kControlGuidanceRule +
+          (e.contains("guidance_start") != e.contains("guidance_end")
+               ? std::string(" (the other end is the current one: send both to move the range past it)")
+               : std::string()));
   }
   return out;
 }
@@ -366,6 +370,15 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
                             (skip.count("width") ? ", width, height" : "") + (skip.count("image") ? ", image" : "") +
                             ")");
     }
+  }
+  // The pair the stream would refuse at every frame (it tells rows by their timestep): refused here, naming both.
+  for (size_t i = 0; i < s.controlnets.size(); ++i) {
+    const ControlSetting& c = s.controlnets[i];
+    if (const auto [a, b] = control_guidance_split(c.guidance_start, c.guidance_end, s.t_index_list); a >= 0)
+      throw InvalidArgument("field 't_index_list': entries " + std::to_string(a) + " and " + std::to_string(b) +
+                            " are both " + std::to_string(s.t_index_list[a]) +
+                            " and the guidance range of controlnets[" + std::to_string(i) +
+                            "] keeps only one of those steps: give distinct entries, or a range that keeps both");
   }
   return s;
 }

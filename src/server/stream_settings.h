@@ -54,6 +54,7 @@
 #include <nlohmann/json.hpp>
 #include <opencv2/core/mat.hpp>
 
+#include "pipeline/control_guidance.h"
 #include "pipeline/stream_diffusion.h"
 
 namespace sd::server {
@@ -71,7 +72,8 @@ struct StreamDefaults {
   int64_t max_width = 0, max_height = 0;
   std::vector<std::string> lora_names;  // the LoRAs loaded (what "lora" may name)
   // ControlNets loaded at start (--controlnet): shared by every client and never changed; each client's stream gets
-  // them with its own scales and preprocessors. The defaults of a new client: the units' scales and these specs.
+  // them with its own scales, preprocessors and guidance ranges. The defaults of a new client: the units' scales and
+  // ranges and these specs.
   std::vector<ControlNetUnit> controlnets;
   std::vector<std::string> control_preprocessors;  // one spec per ControlNet
   int64_t controlnet_every = 1;                    // --controlnet-every (server-wide)
@@ -84,6 +86,14 @@ struct ControlSetting {
   double scale = 1.0;
   std::string preprocessor;  // a make_control_preprocessor() spec
   double guidance_start = 0.0, guidance_end = 1.0;  // ControlNetUnit's range
+  // Whether the stream runs this ControlNet over a t_index_list of `steps` entries: not at scale 0, nor with a range
+  // that keeps none of its steps. One that does not run needs no control image.
+  bool runs(size_t steps) const {
+    for (size_t i = 0; i < steps && scale != 0; ++i)
+      if (control_guidance_keeps(guidance_start, guidance_end, static_cast<int64_t>(i), static_cast<int64_t>(steps)))
+        return true;
+    return false;
+  }
   bool operator==(const ControlSetting& o) const {
     return scale == o.scale && preprocessor == o.preprocessor && guidance_start == o.guidance_start &&
            guidance_end == o.guidance_end;

@@ -1,7 +1,8 @@
-// `streamdiffusion bench --controlnet ... [--controlnet-every N]` and `make-random-model --arch controlnet*` on the
-// fixtures (tiny-sd15 + tiny-controlnet-sd15): the JSON report names the ControlNets, every stream row ran them
-// (calls counted, reuse with --controlnet-every 2, timed frames rounded to a multiple of N), components has a
-// controlnet line per ControlNet; bad options are named. Timings are not checked (a 64 px model).
+// `streamdiffusion bench --controlnet ... [--controlnet-every N] [--control-guidance-end E]` and `make-random-model
+// --arch controlnet*` on the fixtures (tiny-sd15 + tiny-controlnet-sd15): the JSON report names the ControlNets,
+// every stream row ran them (calls counted, reuse with --controlnet-every 2, timed frames rounded to a multiple of N,
+// a guidance range's steps only), components has a controlnet line per ControlNet; bad options are named. Timings
+// are not checked (a 64 px model).
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -100,6 +101,25 @@ TEST_F(CliControlNetBench, EveryTwoReusesTheResiduals) {
   EXPECT_EQ(streams, 2);
 }
 
+// A guidance range over the first of two steps: the img2img stream's one UNet call a frame still runs the
+// ControlNet (on its first row); the one-step txt2img stream (step 0 of 1 ends at 1 > 0.5) never does. A range is in
+// the variant and the report.
+TEST_F(CliControlNetBench, AGuidanceRangeConditionsOnlyTheStepsInIt) {
+  const auto j = bench("--controlnet " + q(cn_) + " --control-guidance-end 0.5 --img2img-t-index 32,45", "range", 2);
+  ASSERT_FALSE(j.is_null());
+  EXPECT_EQ(j["control_guidance"], nlohmann::json::array({0.0, 0.5}));
+  int streams = 0;
+  for (const auto& x : j["results"]) {
+    if (x["id"].get<std::string>().rfind("stream/", 0) != 0) continue;
+    SCOPED_TRACE(x["id"].get<std::string>());
+    ++streams;
+    EXPECT_NE(x["variant"].get<std::string>().find(" cn=1 steps=0.0..0.5"), std::string::npos);
+    const bool img2img = x["name"] == "img2img";
+    EXPECT_EQ(x["extra"]["controlnet_calls"].get<int>(), img2img ? x["iters"].get<int>() : 0);
+  }
+  EXPECT_EQ(streams, 2);
+}
+
 TEST_F(CliControlNetBench, WithoutControlNetsTheFieldsSayNone) {
   const auto j = bench("", "none");
   ASSERT_FALSE(j.is_null());
@@ -125,6 +145,13 @@ TEST_F(CliControlNetBench, BadOptionsAreNamed) {
   r = run("bench --model " + q(model_) + " --sizes 64 --controlnet " + q(cn_) + " --controlnet-every 0");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("--controlnet-every must be >= 1"), std::string::npos) << r.output;
+  r = run("bench --model " + q(model_) + " --sizes 64 --control-guidance-end 0.5");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("--control-guidance-end need --controlnet"), std::string::npos) << r.output;
+  r = run("bench --model " + q(model_) + " --sizes 64 --controlnet " + q(cn_) + " --control-guidance-start 0.5 " +
+          "--control-guidance-end 0.5");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("must satisfy 0 <= start < end <= 1"), std::string::npos) << r.output;
 }
 
 // make-random-model --arch controlnet --for-model: a ControlNet folder that bench loads against that model; the

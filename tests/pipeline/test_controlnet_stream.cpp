@@ -185,8 +185,8 @@ TEST(ControlNetGuidance, KeepsIsDiffusersControlnetKeep) {
 }
 
 // In the stream batch every UNet row is at its own step (cfg self: one row per step; cfg full: the uncond rows
-// repeat the steps), so a range gives the rows of its steps the full-range residuals bit for bit and the others
-// zeros; set live or with the list, the same. A range no step keeps is no ControlNet at all.
+// repeat the steps), so a range gives the rows of its steps the full-range residuals and the others zeros; set live
+// or with the list, the same. A range no step keeps is no ControlNet at all.
 TEST(ControlNetGuidance, RowsOfTheStepsInRangeGetTheResidualsTheOthersNone) {
   SD_REQUIRE_CN();
   const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
@@ -222,10 +222,16 @@ TEST(ControlNetGuidance, RowsOfTheStepsInRangeGetTheResidualsTheOthersNone) {
       for (int64_t r = 0; r < rows; ++r) {
         const bool step0 = r % steps == 0;  // rows [s0, s1] (self) or [s0, s1, s0, s1] (full)
         EXPECT_GT(full[k][r].abs().max().item<double>(), 0.0) << name << " " << k << " row " << r;
-        EXPECT_TRUE(torch::equal(first[k][r], step0 ? full[k][r] : torch::zeros_like(full[k][r])))
-            << name << " " << k << " row " << r;
-        EXPECT_TRUE(torch::equal(second[k][r], step0 ? torch::zeros_like(full[k][r]) : full[k][r]))
-            << name << " " << k << " row " << r;
+        // A row out of range is exactly zero. One in range equals the full range's row to float rounding: on the
+        // CPU the ControlNet runs on the kept rows alone, and a matrix product of fewer rows may sum in another
+        // order (measured: at most 2e-6 on values up to 5.8 in the mid block, 0 elsewhere).
+        const auto same = [&](const Tensor& got, bool kept) {
+          const Tensor want = kept ? full[k][r] : torch::zeros_like(full[k][r]);
+          return kept ? torch::allclose(got, want, 0.0, 1e-6 * want.abs().max().item<double>())
+                      : torch::equal(got, want);
+        };
+        EXPECT_TRUE(same(first[k][r], step0)) << name << " " << k << " row " << r;
+        EXPECT_TRUE(same(second[k][r], !step0)) << name << " " << k << " row " << r;
       }
     }
     // 0.9..1 keeps neither step of two (0/2 < 0.9, 1/2 < 0.9): the frames of no ControlNet, and no ControlNet call.
@@ -257,9 +263,30 @@ TEST(ControlNetGuidance, SequentialModeConditionsTheCallsOfTheStepsInRange) {
   s.set_controlnets({u});
   s.set_control_image(0, control(0));
   s.img2img(frame());
-  ASSERT_TRUE(traced.count("unet0.controlnet_mid") && traced.count("unet1.controlnet_mid"));
+  ASSERT_TRUE(traced.count("unet0.controlnet_mid"));
   EXPECT_GT(traced["unet0.controlnet_mid"].abs().max().item<double>(), 0.0);
-  EXPECT_EQ(traced["unet1.controlnet_mid"].abs().max().item<double>(), 0.0);
+  // The second step's call has no row in range: the ControlNet does not run for it (on the CPU; CUDA runs it and
+  // zeroes the rows, to keep the frame free of host synchronisation).
+  EXPECT_EQ(traced.count("unet1.controlnet_mid"), 0u);
+  EXPECT_EQ(s.stats().controlnet_calls, 1);
+}
+
+// A ControlNet no step keeps is skipped, so it needs no control image (as at scale 0); one that runs does.
+TEST(ControlNetGuidance, ARangeOfNoStepNeedsNoControlImage) {
+  SD_REQUIRE_CN();
+  const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
+  StreamDiffusion s(tiny_sd15(), cfg()), plain(tiny_sd15(), cfg());
+  s.prepare("a cat");
+  plain.prepare("a cat");
+  ControlNetUnit u{cn, 1.0};
+  u.guidance_start = 0.9;  // t_index_list of two: neither 0/2 nor 1/2 reaches 0.9
+  s.set_controlnets({u});
+  Tensor out;
+  ASSERT_NO_THROW(out = s.img2img(frame()));
+  EXPECT_TRUE(torch::equal(out, plain.img2img(frame())));
+  s.set_controlnet_guidance(0, 0.0, 1.0);
+  const std::string m = test::error_of<InvalidArgument>([&] { s.img2img(frame()); });
+  EXPECT_NE(m.find("has no control image"), std::string::npos) << m;
 }
 
 // Two steps of one timestep (t_index_list {20, 20}) cannot be told apart by their rows: a range keeping one and not

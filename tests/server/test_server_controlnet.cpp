@@ -100,7 +100,14 @@ TEST(ServerControlSettings, FieldsAreValidatedNamingFieldAndIndex) {
                  {"controlnets[0]", "guidance_start 1.0 and guidance_end 1.0", "0 <= start < end <= 1"});
   expect_refused({{"controlnets", nlohmann::json::array({nlohmann::json::object(),
                                                          {{"guidance_start", 0.6}, {"guidance_end", 0.25}}})}},
-                 d, {"controlnets[1]", "guidance_start 0.6 and guidance_end 0.25", "send both"});
+                 d, {"controlnets[1]", "guidance_start 0.6 and guidance_end 0.25", "0 <= start < end <= 1"});
+  expect_refused({{"controlnets", nlohmann::json::array({nlohmann::json::object(), {{"guidance_start", 1}}})}}, d,
+                 {"controlnets[1]", "guidance_start 1.0 and guidance_end 1.0", "send both"});
+  // Two equal steps a range tells apart: the stream could not condition one and not the other.
+  EXPECT_NO_THROW(apply_settings_json({{"t_index_list", {20, 20}}}, s0, d, {}));
+  expect_refused({{"t_index_list", {20, 20}},
+                  {"controlnets", nlohmann::json::array({nlohmann::json::object(), {{"guidance_end", 0.5}}})}},
+                 d, {"'t_index_list': entries 0 and 1 are both 20", "controlnets[1]", "distinct entries"});
   expect_refused({{"control_image", "!!not base64!!"}}, d, {"control_image"});
   expect_refused({{"control_image", base64_encode("GIF89a not an image")}}, d, {"control_image"});
   expect_refused({{"control_image", 42}}, d, {"control_image", "base64"});
@@ -397,9 +404,18 @@ TEST_F(ServerControlNet, GuidanceRangePerClientLiveAndInTheApi) {
   ASSERT_EQ(r1.status, 200u) << r1.body;
   EXPECT_EQ(r0.body, rn.body) << "no step kept = no ControlNet";
   EXPECT_NE(rh.body, r0.body) << "step 0 is conditioned";
-  EXPECT_NE(rh.body, r1.body) << "step 1 is not";
-  const auto again = http_request(full, http::verb::post, "/api/img2img", body.dump());
-  EXPECT_EQ(again.body, r1.body) << "a request's range does not stay on the server's kept stream";
+  EXPECT_NE(rh.body, r1.body) << "step 1 is not, and the range did not stay on the server's kept stream";
+
+  // A range that keeps no step needs no control image: txt2img ({0, 16, 32, 45}, from 0.9: none) has no frames to
+  // preprocess and runs without one, over the WebSocket and through the API.
+  WsClient t;
+  hello(t, full);
+  configure(t, {{"mode", "txt2img"}, {"controlnets", nlohmann::json::array({{{"guidance_start", 0.9}}})}});
+  ASSERT_TRUE(t.send_json({{"type", "generate"}}));
+  EXPECT_TRUE(t.read_frame()) << "a txt2img frame without a control image";
+  const auto t2i = http_request(full, http::verb::post, "/api/txt2img",
+                                R"({"prompt":"a cat","controlnets":[{"guidance_start":0.9}]})");
+  EXPECT_EQ(t2i.status, 200u) << t2i.body;
 }
 
 TEST_F(ServerControlNet, StaticControlImageForTxt2ImgSetUsedAndCleared) {
