@@ -948,11 +948,22 @@ void StreamDiffusion::record_shared_unet(const CallState& call, const torch::Ten
   trace(k + ".out", pred);
 }
 
+namespace {
+// Whether control_residuals runs the ControlNet over n steps: not at scale 0, nor with a range that keeps none of
+// them (it adds nothing then: the stream's UNet call is the plain one, and it needs no control image).
+bool runs_over(const ControlNetUnit& u, int64_t n) {
+  if (u.scale == 0.0) return false;
+  for (int64_t k = 0; k < n; ++k)
+    if (u.keeps(k, n)) return true;
+  return false;
+}
+}  // namespace
+
 std::string StreamDiffusion::batch_blocker() const {
   if (!prepared_) return "not prepared";
   if (!config_.use_denoising_batch) return "sequential mode (use_denoising_batch false) makes one UNet call per step";
-  // At scale 0 a ControlNet adds nothing (control_residuals skips it): such a stream's UNet call is the plain one.
-  if (std::any_of(controlnets_.begin(), controlnets_.end(), [](const ControlNetUnit& u) { return u.scale != 0.0; }))
+  const auto n = static_cast<int64_t>(sub_timesteps_.size());
+  if (std::any_of(controlnets_.begin(), controlnets_.end(), [&](const ControlNetUnit& u) { return runs_over(u, n); }))
     return "ControlNets run on the stream's own UNet batch";
   if (config_.deep_cache_every > 1) return "the deep-feature cache (deep_cache_every > 1) keeps per-stream UNet features";
   return "";
@@ -1029,16 +1040,9 @@ void StreamDiffusion::begin_stream_call() {
 }
 
 void StreamDiffusion::check_call_inputs(const char* what) const {
-  // A ControlNet control_residuals skips (scale 0, or a range that keeps none of the steps) needs no image.
   const auto n = static_cast<int64_t>(sub_timesteps_.size());
-  const auto runs = [&](const ControlNetUnit& u) {
-    if (u.scale == 0.0) return false;
-    for (int64_t k = 0; k < n; ++k)
-      if (u.keeps(k, n)) return true;
-    return false;
-  };
   for (size_t i = 0; i < controlnets_.size(); ++i)
-    if (runs(controlnets_[i]) && !control_images_[i].defined())
+    if (runs_over(controlnets_[i], n) && !control_images_[i].defined())
       throw InvalidArgument(std::string(what) + ": ControlNet " + std::to_string(i) + " (" +
                             controlnets_[i].net->name() + ") has no control image: set one before the next frame");
 }

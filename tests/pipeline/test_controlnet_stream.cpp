@@ -101,6 +101,11 @@ TEST(ControlNetStream, ScaleZeroEqualsNoControlNetBitForBit) {
   EXPECT_EQ(s.batch_blocker(), "");
   s.set_controlnet_scale(1, 0.5);
   EXPECT_EQ(s.batch_blocker(), "ControlNets run on the stream's own UNet batch");
+  // Nor does one whose guidance range keeps none of the steps (t_index_list of two: 0.9..1 keeps neither).
+  s.set_controlnet_guidance(1, 0.9, 1.0);
+  EXPECT_EQ(s.batch_blocker(), "");
+  s.set_controlnet_guidance(1, 0.5, 1.0);
+  EXPECT_EQ(s.batch_blocker(), "ControlNets run on the stream's own UNet batch");
 }
 
 // With an IP-Adapter the context ends with its image tokens, which only the UNet reads: the ControlNet gets the text
