@@ -55,6 +55,8 @@ if [ -d "$FIX/models" ]; then
     mkdir -p "$DEST/fixtures/controlnet/models"
     cp -r "$FIX/controlnet/models/tiny-controlnet-sd15" "$DEST/fixtures/controlnet/models/"
     cp "$FIX/controlnet/control_images.safetensors" "$DEST/fixtures/controlnet/"
+  else
+    echo "gpu-prepare: no tiny ControlNet under $FIX/controlnet: DeviceControlNet.* will skip on the GPU host" >&2
   fi
   chmod -R u+w "$DEST/fixtures"
 else

@@ -274,8 +274,8 @@ ui.ipScale.addEventListener('input', () => { touched.add(ui.ipScale); scheduleCo
 
 // One row per ControlNet the server loaded: its preprocessor, scale and guidance range (the share of the steps it
 // conditions: from < to, a slider pushed past the other one pushes it along). A preprocessor with arguments
-// ("canny:100:200") keeps them as its option's value, and the sliders move by 0.01, so what the server echoes (its
-// defaults included) matches the form. Servers from before the range (no guidance_start in the hello) get no range
+// ("canny:100:200") keeps them as its option's value, and the sliders take any value (step "any": a server default
+// such as 0.125 is not rounded), so what the server echoes matches the form. Servers from before the range (no guidance_start in the hello) get no range
 // keys: they would refuse them.
 function setupControlNets(hello) {
   state.controlnets = hello.controlnets || [];
@@ -309,15 +309,15 @@ function setupControlNets(hello) {
     const scale = document.createElement('label');
     scale.className = 'field';
     scale.innerHTML = `<span>Scale <output id="cn-scale-${i}-out"></output></span>`
-      + `<input id="cn-scale-${i}" type="range" min="0" max="2" step="0.01">`;
+      + `<input id="cn-scale-${i}" type="range" min="0" max="2" step="any">`;
     line.append(sel, scale);
     const steps = document.createElement('label');
     steps.className = 'field';
     steps.title = 'the share of the denoising steps this ControlNet conditions '
       + '(diffusers\' control_guidance_start / _end)';
     steps.innerHTML = `<span>Steps <output id="cn-steps-${i}-out"></output></span><span class="row">`
-      + `<input id="cn-from-${i}" type="range" min="0" max="0.99" step="0.01" aria-label="from">`
-      + `<input id="cn-to-${i}" type="range" min="0.01" max="1" step="0.01" aria-label="to"></span>`;
+      + `<input id="cn-from-${i}" type="range" min="0" max="0.99" step="any" aria-label="from">`
+      + `<input id="cn-to-${i}" type="range" min="0.01" max="1" step="any" aria-label="to"></span>`;
     steps.hidden = !('guidance_start' in cn);
     row.append(title, line, steps);
     ui.cnList.append(row);

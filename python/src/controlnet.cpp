@@ -129,8 +129,8 @@ UNet's family and cast to its dtype and device. Immutable; any number of Streams
           "[(ControlNet, scale), ...], [(ControlNet, scale, guidance_start, guidance_end), ...] or [ControlNet, ...] "
           "(scale 1): run before every UNet call, residuals summed. guidance_start / guidance_end (default 0 / 1): "
           "diffusers' control_guidance_start / _end, the share of the denoising steps it conditions (step i of n "
-          "unless i/n < start or (i+1)/n > end). Replacing the list clears the control images; each needs one "
-          "(set_control_image) before the next call.")
+          "unless i/n < start or (i+1)/n > end). Replacing the list clears the control images; each that runs (not at "
+          "scale 0 nor with a range keeping none of the steps) needs one (set_control_image) before the next call.")
       .def_property_readonly(
           "controlnets",
           [](const PyStream& s) {

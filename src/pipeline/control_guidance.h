@@ -18,6 +18,13 @@ inline bool control_guidance_keeps(double start, double end, int64_t i, int64_t 
   return !(static_cast<double>(i) / n < start || static_cast<double>(i + 1) / n > end);
 }
 
+// Whether some step of n keeps it (none: the ControlNet is skipped, as at scale 0, and needs no control image).
+inline bool control_guidance_keeps_any(double start, double end, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (control_guidance_keeps(start, end, i, n)) return true;
+  return false;
+}
+
 // The first two equal entries of t_index_list that the range tells apart (one step kept, the other not), or
 // {-1, -1}. The stream tells its rows by their timestep, so it cannot condition one of them and not the other.
 inline std::pair<int64_t, int64_t> control_guidance_split(double start, double end,

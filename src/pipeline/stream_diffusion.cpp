@@ -832,6 +832,12 @@ StreamDiffusion::CallState StreamDiffusion::begin_txt2img() {
 
 torch::Tensor StreamDiffusion::txt2img_one_shot() {
   require_prepared("txt2img_one_shot");
+  // For the ControlNets' guidance range (and which of them need a control image): each image is a one-step generation.
+  one_shot_call_ = true;
+  struct Reset {
+    bool& flag;
+    ~Reset() { flag = false; }
+  } reset{one_shot_call_};
   check_call_inputs("txt2img_one_shot");
   torch::NoGradGuard no_grad;
   refresh_prompts();
@@ -850,15 +856,7 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
       rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot"), device_,
       dtype_);
   trace("x_t_latent_in", x);
-  one_shot_call_ = true;  // for the ControlNets' guidance range: each image is a one-step generation
-  Tensor eps;
-  try {
-    eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
-  } catch (...) {
-    one_shot_call_ = false;
-    throw;
-  }
-  one_shot_call_ = false;
+  Tensor eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
   // A v-predicting UNet: ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t, as in after_unet().
   if (scheduler_.config().prediction_type == "v_prediction") eps = alpha_ * eps + beta_ * x;
   const Tensor x0 = (x - beta_ * eps) / alpha_;
@@ -952,10 +950,7 @@ namespace {
 // Whether control_residuals runs the ControlNet over n steps: not at scale 0, nor with a range that keeps none of
 // them (it adds nothing then: the stream's UNet call is the plain one, and it needs no control image).
 bool runs_over(const ControlNetUnit& u, int64_t n) {
-  if (u.scale == 0.0) return false;
-  for (int64_t k = 0; k < n; ++k)
-    if (u.keeps(k, n)) return true;
-  return false;
+  return u.scale != 0.0 && control_guidance_keeps_any(u.guidance_start, u.guidance_end, n);
 }
 }  // namespace
 
@@ -1040,7 +1035,7 @@ void StreamDiffusion::begin_stream_call() {
 }
 
 void StreamDiffusion::check_call_inputs(const char* what) const {
-  const auto n = static_cast<int64_t>(sub_timesteps_.size());
+  const auto n = one_shot_call_ ? int64_t{1} : static_cast<int64_t>(sub_timesteps_.size());
   for (size_t i = 0; i < controlnets_.size(); ++i)
     if (runs_over(controlnets_[i], n) && !control_images_[i].defined())
       throw InvalidArgument(std::string(what) + ": ControlNet " + std::to_string(i) + " (" +

@@ -202,8 +202,10 @@ class StreamDiffusion {
   // ControlNets (fixtures controlnet/; livepeer's StreamDiffusion ControlNet module): before every UNet call each
   // ControlNet runs on the SAME batch - every stream-batch row, RCFG rows included, the same timesteps and text rows -
   // with its control image repeated once per row; the residuals (each times its scale) are summed and added to the
-  // UNet's skip tensors and mid-block output. A ControlNet at scale 0 is skipped (bit-identical to none). Replacing
-  // the list clears the control images; every ControlNet needs one before the next call (InvalidArgument).
+  // UNet's skip tensors and mid-block output. With a guidance range the rows of the steps out of range get none (on
+  // the CPU the ControlNet runs on the kept rows alone). A ControlNet at scale 0, or whose range keeps none of the
+  // steps, is skipped (bit-identical to none). Replacing the list clears the control images; every ControlNet that
+  // runs needs one before the next call (InvalidArgument).
   void set_controlnets(std::vector<ControlNetUnit> units);
   const std::vector<ControlNetUnit>& controlnets() const { return controlnets_; }
   void set_controlnet_scale(size_t index, double scale);
@@ -358,7 +360,7 @@ class StreamDiffusion {
   torch::Tensor call_unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
                           const AddedConditioning& added);
   // The summed ControlNet residuals of UNet call `index` of this stream call (computed or reused); empty without
-  // ControlNets or when every scale is 0.
+  // ControlNets or when none runs on this call (scale 0, or no row of it in the range, on the CPU).
   ControlResiduals control_residuals(int64_t index, const torch::Tensor& sample, const torch::Tensor& t,
                                      const torch::Tensor& ehs, const AddedConditioning& added);
   void begin_stream_call();  // per stream call bookkeeping (UNet call index, ControlNet reuse phase)

@@ -10,7 +10,8 @@
 //   POST /api/img2img   the same plus "image": base64 JPEG or PNG (a data: URL is fine), any size within
 //                       8..4096 px per side (centre-cropped and resized to the server's size) -> image/png
 //                       With ControlNets (serve --controlnet) both take "controlnets" and "control_image" (txt2img
-//                       needs the latter unless a scale is 0), img2img preprocesses "image"; with an IP-Adapter both
+//                       needs the latter for each ControlNet that runs: not at scale 0 or with a range keeping none
+//                       of the steps), img2img preprocesses "image"; with an IP-Adapter both
 //                       take "image_prompt" and "ip_adapter_scale" (server-wide).
 // Each request runs a StreamDiffusion in sequential mode (all denoising steps in one call, no stream latency) as one
 // unit of work on the shared ModelWorker, in turn with the live streams. The stream of each mode and size is kept

@@ -18,7 +18,7 @@ struct ApiBody {
   StreamSettings settings;
   int64_t width = 0, height = 0;
   cv::Mat image;                       // img2img: the input image, fitted to width x height (RGB, continuous)
-  std::vector<torch::Tensor> control;  // one per ControlNet: its control image (undefined where the scale is 0)
+  std::vector<torch::Tensor> control;  // one per ControlNet: its control image (undefined where it does not run)
 };
 
 // Throws sd::InvalidArgument naming the field and what was expected (bad JSON, unknown field, bad size or image).

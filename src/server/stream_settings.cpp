@@ -371,9 +371,11 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
                             ")");
     }
   }
-  // The pair the stream would refuse at every frame (it tells rows by their timestep): refused here, naming both.
+  // The pair the stream would refuse at every frame (it tells rows by their timestep): refused here, naming both. A
+  // ControlNet at scale 0 is skipped before that check.
   for (size_t i = 0; i < s.controlnets.size(); ++i) {
     const ControlSetting& c = s.controlnets[i];
+    if (c.scale == 0) continue;
     if (const auto [a, b] = control_guidance_split(c.guidance_start, c.guidance_end, s.t_index_list); a >= 0)
       throw InvalidArgument("field 't_index_list': entries " + std::to_string(a) + " and " + std::to_string(b) +
                             " are both " + std::to_string(s.t_index_list[a]) +

@@ -23,11 +23,13 @@
 //                     "gray", "passthrough", "feedback" = this client's previous output frame); guidance_start /
 //                     guidance_end: numbers, 0 <= start < end <= 1 once both are applied, the share of the steps of
 //                     t_index_list the ControlNet conditions (diffusers' control_guidance_start / _end; default
-//                     serve's --control-guidance-start / -end). Per client.
+//                     serve's --control-guidance-start / -end). Per client. Equal t_index_list entries that a range
+//                     tells apart (one step kept, the other not) are refused: the stream tells rows by timestep.
 //   control_image     base64 / data-URL JPEG or PNG, or null: a static control image for every ControlNet of this
 //                     client (centre-cropped and resized to the stream size) instead of preprocessing each input
 //                     frame, until cleared with null. txt2img needs it unless the preprocessors are `feedback` (or the
-//                     scales 0): there are no input frames to preprocess.
+//                     ControlNets do not run: scale 0, or a range keeping no step): there are no input frames to
+//                     preprocess.
 //   image_prompt      base64 / data-URL JPEG or PNG, or null (servers with --ip-adapter): this client's IP-Adapter
 //                     image prompt (null = none: the unconditional image). Per client.
 //   ip_adapter_scale  number in [0, 2] (servers with --ip-adapter). SERVER-WIDE like lora: the weight of the image
@@ -89,10 +91,7 @@ struct ControlSetting {
   // Whether the stream runs this ControlNet over a t_index_list of `steps` entries: not at scale 0, nor with a range
   // that keeps none of its steps. One that does not run needs no control image.
   bool runs(size_t steps) const {
-    for (size_t i = 0; i < steps && scale != 0; ++i)
-      if (control_guidance_keeps(guidance_start, guidance_end, static_cast<int64_t>(i), static_cast<int64_t>(steps)))
-        return true;
-    return false;
+    return scale != 0 && control_guidance_keeps_any(guidance_start, guidance_end, static_cast<int64_t>(steps));
   }
   bool operator==(const ControlSetting& o) const {
     return scale == o.scale && preprocessor == o.preprocessor && guidance_start == o.guidance_start &&

@@ -229,10 +229,11 @@ TEST(ControlNetGuidance, RowsOfTheStepsInRangeGetTheResidualsTheOthersNone) {
         EXPECT_GT(full[k][r].abs().max().item<double>(), 0.0) << name << " " << k << " row " << r;
         // A row out of range is exactly zero. One in range equals the full range's row to float rounding: on the
         // CPU the ControlNet runs on the kept rows alone, and a matrix product of fewer rows may sum in another
-        // order (measured: at most 2e-6 on values up to 5.8 in the mid block, 0 elsewhere).
+        // order (measured: at most 2e-6 on values up to 5.8 in the mid block, 0 elsewhere; bound 1e-5 of the row's
+        // largest value, as the device test, for other CPUs' kernels).
         const auto same = [&](const Tensor& got, bool kept) {
           const Tensor want = kept ? full[k][r] : torch::zeros_like(full[k][r]);
-          return kept ? torch::allclose(got, want, 0.0, 1e-6 * want.abs().max().item<double>())
+          return kept ? torch::allclose(got, want, 0.0, 1e-5 * want.abs().max().item<double>())
                       : torch::equal(got, want);
         };
         EXPECT_TRUE(same(first[k][r], step0)) << name << " " << k << " row " << r;
@@ -319,7 +320,7 @@ TEST(ControlNetGuidance, ARepeatedTimestepHalfInRangeIsRefused) {
 TEST(ControlNetGuidance, OneShotImagesAreOneStepGenerations) {
   SD_REQUIRE_CN();
   const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
-  const auto one_shot = [&](double start, double end, bool with_cn) {
+  const auto one_shot = [&](double start, double end, bool with_cn, bool with_image = true) {
     StreamConfig c = cfg();
     c.cfg_type = CfgType::None;
     StreamDiffusion s(tiny_sd15(), c);
@@ -329,7 +330,7 @@ TEST(ControlNetGuidance, OneShotImagesAreOneStepGenerations) {
       u.guidance_start = start;
       u.guidance_end = end;
       s.set_controlnets({u});
-      s.set_control_image(0, control(0));
+      if (with_image) s.set_control_image(0, control(0));
     }
     return s.txt2img_one_shot();
   };
@@ -338,6 +339,10 @@ TEST(ControlNetGuidance, OneShotImagesAreOneStepGenerations) {
   EXPECT_TRUE(torch::equal(one_shot(0.0, 0.5, true), plain));
   EXPECT_TRUE(torch::equal(one_shot(0.5, 1.0, true), plain));
   EXPECT_GT((one_shot(0.0, 1.0, true) - plain).abs().max().item<double>(), 1e-3);
+  // So a partial range needs no control image here (the stream's t_index_list of two would keep a step of it).
+  EXPECT_TRUE(torch::equal(one_shot(0.0, 0.5, true, false), plain));
+  const std::string m = test::error_of<InvalidArgument>([&] { one_shot(0.0, 1.0, true, false); });
+  EXPECT_NE(m.find("txt2img_one_shot: ControlNet 0"), std::string::npos) << m;
 }
 
 TEST(ControlNetGuidance, BadRangesAreRefusedNamingTheRule) {

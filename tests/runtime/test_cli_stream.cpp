@@ -600,6 +600,13 @@ TEST_F(CliStream, ControlNetFlagsSecondSourceAndErrors) {
          "--control-guidance-start 0.5 -o " + q(tmp_ + "/x.png"));
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find("--control-guidance-start given 2 times for 1 --controlnet"), std::string::npos) << r.output;
+  // serve refuses to start with a default range that tells two equal steps apart (every frame would fail).
+  r = sh("timeout 120 " + std::string(SD_CLI_PATH) + " serve --model " + q(test::fixture_path("models/tiny-sd15")) +
+         " --size 64x64 --threads 1 --port 0 --t-index-list 20,20 --controlnet " + cn + " --control-guidance-end 0.5");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("img2img t_index_list entries 0 and 1 are both 20 and the guidance range of --controlnet 0"),
+            std::string::npos)
+      << r.output;
   r = sh(gen + "--controlnet " + cn + " --control-preprocessor feedback -o " + q(tmp_ + "/x.png"));
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find("feedback needs a stream"), std::string::npos) << r.output;
