@@ -239,6 +239,13 @@ class ServerControlNet : public ::testing::Test {
     return out;
   }
 
+  // The PNG the API answers an img2img request with ("" after a failed expectation when it is not 200).
+  static std::string img2img_png(uint16_t port, const nlohmann::json& body) {
+    const auto r = http_request(port, http::verb::post, "/api/img2img", body.dump());
+    EXPECT_EQ(r.status, 200u) << r.body;
+    return r.status == 200u ? r.body : std::string();
+  }
+
   // This client's ControlNet calls so far (the stats message).
   static int64_t controlnet_calls(WsClient& c) {
     EXPECT_TRUE(c.send_json({{"type", "stats"}}));
@@ -337,14 +344,10 @@ TEST_F(ServerControlNet, ScaleZeroEqualsNoControlNetAndScaleOneDiffers) {
   const nlohmann::json body = {{"prompt", "a cat"}, {"seed", 4}, {"image", b64_jpeg(96, 72, 3)}};
   nlohmann::json zero = body;
   zero["controlnets"] = nlohmann::json::array({{{"scale", 0}}});
-  const auto r0 = http_request(plain, http::verb::post, "/api/img2img", body.dump());
-  const auto rz = http_request(cn, http::verb::post, "/api/img2img", zero.dump());
-  const auto r1 = http_request(cn, http::verb::post, "/api/img2img", body.dump());
-  ASSERT_EQ(r0.status, 200u) << r0.body;
-  ASSERT_EQ(rz.status, 200u) << rz.body;
-  ASSERT_EQ(r1.status, 200u) << r1.body;
-  EXPECT_EQ(r0.body, rz.body) << "scale 0 = no ControlNet";
-  EXPECT_NE(r0.body, r1.body);
+  const std::string r0 = img2img_png(plain, body), rz = img2img_png(cn, zero), r1 = img2img_png(cn, body);
+  ASSERT_FALSE(r0.empty() || rz.empty() || r1.empty());
+  EXPECT_EQ(r0, rz) << "scale 0 = no ControlNet";
+  EXPECT_NE(r0, r1);
 }
 
 // img2img's t_index_list is {32, 45}: steps 0 and 1 of 2. A range from 0.6 keeps neither, 0..0.5 keeps step 0.
@@ -394,17 +397,12 @@ TEST_F(ServerControlNet, GuidanceRangePerClientLiveAndInTheApi) {
   nlohmann::json none = body, half = body;
   none["controlnets"] = nlohmann::json::array({{{"guidance_start", 0.6}}});
   half["controlnets"] = nlohmann::json::array({{{"guidance_end", 0.5}}});
-  const auto r0 = http_request(plain, http::verb::post, "/api/img2img", body.dump());
-  const auto rn = http_request(full, http::verb::post, "/api/img2img", none.dump());
-  const auto rh = http_request(full, http::verb::post, "/api/img2img", half.dump());
-  const auto r1 = http_request(full, http::verb::post, "/api/img2img", body.dump());
-  ASSERT_EQ(r0.status, 200u) << r0.body;
-  ASSERT_EQ(rn.status, 200u) << rn.body;
-  ASSERT_EQ(rh.status, 200u) << rh.body;
-  ASSERT_EQ(r1.status, 200u) << r1.body;
-  EXPECT_EQ(r0.body, rn.body) << "no step kept = no ControlNet";
-  EXPECT_NE(rh.body, r0.body) << "step 0 is conditioned";
-  EXPECT_NE(rh.body, r1.body) << "step 1 is not, and the range did not stay on the server's kept stream";
+  const std::string r0 = img2img_png(plain, body), rn = img2img_png(full, none), rh = img2img_png(full, half),
+                    r1 = img2img_png(full, body);
+  ASSERT_FALSE(r0.empty() || rn.empty() || rh.empty() || r1.empty());
+  EXPECT_EQ(r0, rn) << "no step kept = no ControlNet";
+  EXPECT_NE(rh, r0) << "step 0 is conditioned";
+  EXPECT_NE(rh, r1) << "step 1 is not, and the range did not stay on the server's kept stream";
 
   // A range that keeps no step needs no control image: txt2img ({0, 16, 32, 45}, from 0.9: none) has no frames to
   // preprocess and runs without one, over the WebSocket and through the API.
