@@ -1080,9 +1080,7 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
                               std::to_string(u.guidance_start) + ".." + std::to_string(u.guidance_end) +
                               ": give t_index_list distinct entries, or a range that keeps both");
     ControlResiduals r;
-    if (dropped.empty()) {
-      r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
-    } else if (!t.is_cuda()) {
+    if (!dropped.empty() && !t.is_cuda()) {
       // Off the GPU the rows' timesteps cost nothing to read: the ControlNet runs on the kept rows alone (a range
       // over half the steps costs half) and the other rows get zeros. Rows are independent in the ControlNet.
       const Tensor steps = t.to(torch::kCPU, torch::kLong).contiguous();  // [R]
@@ -1090,7 +1088,7 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
       for (int64_t row = 0; row < steps.size(0); ++row)
         if (std::find(kept.begin(), kept.end(), steps.data_ptr<int64_t>()[row]) != kept.end()) rows.push_back(row);
       if (rows.empty()) continue;  // this call has only rows out of range (a sequential call of one step)
-      const Tensor idx = torch::tensor(rows, torch::TensorOptions().dtype(torch::kLong)).to(t.device());
+      const Tensor idx = torch::tensor(rows, torch::TensorOptions().dtype(torch::kLong));
       AddedConditioning a;
       if (added.defined()) a = {added.text_embeds.index_select(0, idx), added.time_ids.index_select(0, idx)};
       const ControlResiduals part = u.net->residuals(sample.index_select(0, idx), t.index_select(0, idx),
@@ -1104,15 +1102,17 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
       r.mid = spread(part.mid);
     } else {
       r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
-      // Compared with each kept timestep as a scalar: reading the rows' timesteps (or uploading the kept list) would
-      // be a blocking copy, a host synchronisation inside the frame.
-      const Tensor steps = t.to(torch::kLong);  // [R]
-      Tensor keep = steps == kept[0];
-      for (size_t j = 1; j < kept.size(); ++j) keep = keep.logical_or(steps == kept[j]);
-      keep = keep.view({-1, 1, 1, 1});
-      // where, not a product: a row out of range gets zeros even from non-finite residuals.
-      for (auto& d : r.down) d = torch::where(keep, d, torch::zeros({}, d.options()));
-      r.mid = torch::where(keep, r.mid, torch::zeros({}, r.mid.options()));
+      if (!dropped.empty()) {
+        // On CUDA, compared with each kept timestep as a scalar: reading the rows' timesteps (or uploading the kept
+        // list) would be a blocking copy, a host synchronisation inside the frame.
+        const Tensor steps = t.to(torch::kLong);  // [R]
+        Tensor keep = steps == kept[0];
+        for (size_t j = 1; j < kept.size(); ++j) keep = keep.logical_or(steps == kept[j]);
+        keep = keep.view({-1, 1, 1, 1});
+        // where, not a product: a row out of range gets zeros even from non-finite residuals.
+        for (auto& d : r.down) d = torch::where(keep, d, torch::zeros({}, d.options()));
+        r.mid = torch::where(keep, r.mid, torch::zeros({}, r.mid.options()));
+      }
     }
     sum += r;
     ++stats_.controlnet_calls;
