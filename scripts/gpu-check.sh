@@ -124,7 +124,8 @@ for dt in "${DTYPES[@]}"; do
   grep -h "\[close\]" "$OUT/golden-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
   SD_TEST_DEVICE=$DEVICE SD_TEST_DTYPE=$dt step "graphs-$DEVICE-$dt" "$BUILD_DIR/tests/test_device" \
     --gtest_filter='GraphCache*:*StreamGraphs*:Image.*:SideStream*:BenchKernel*:FusedConv*:DeviceControlNet*' || true
-  grep -hE "\[graphs\]|\[controlnet-range\]|PASSED|FAILED|SKIPPED" "$OUT/graphs-$DEVICE-$dt.log" | sed "s/^/  /" >> "$SUMMARY"
+  grep -hE "\[graphs\]|\[controlnet-range\]|PASSED|FAILED|SKIPPED" "$OUT/graphs-$DEVICE-$dt.log" |
+    sed "s/^/  /" >> "$SUMMARY"
 done
 
 # 3. benchmark: sd-turbo architecture (random weights) at 512 px, 1 step, txt2img and img2img
