@@ -186,15 +186,11 @@ sd::cli::Runner setup_serve(CLI::App& app) {
     // A default range that tells two equal steps apart would refuse every client's frames: refused here.
     for (size_t i = 0; i < cn.units.size(); ++i)
       for (const auto* c : {&d.img2img, &d.txt2img}) {
-        const auto [a, b] =
-            sd::control_guidance_split(cn.units[i].guidance_start, cn.units[i].guidance_end, c->t_index_list);
-        if (a >= 0 && cn.units[i].scale != 0)
-          throw sd::InvalidArgument(
-              std::string(c == &d.img2img ? "img2img" : "txt2img") + " t_index_list entries " + std::to_string(a) +
-              " and " + std::to_string(b) + " are both " + std::to_string(c->t_index_list[a]) +
-              " and the guidance range of --controlnet " + std::to_string(i) +
-              " (--control-guidance-start / --control-guidance-end) keeps only one of those steps: give distinct "
-              "entries, or a range that keeps both");
+        const std::string e = sd::control_guidance_split_error(
+            cn.units[i].guidance_start, cn.units[i].guidance_end, c->t_index_list,
+            "--controlnet " + std::to_string(i) + " (--control-guidance-start / --control-guidance-end)");
+        if (!e.empty() && cn.units[i].scale != 0)
+          throw sd::InvalidArgument((c == &d.img2img ? "img2img t_index_list " : "txt2img t_index_list ") + e);
       }
     for (size_t i = 0; i < cn.units.size(); ++i)
       sd::log::info("ControlNet {}: {} (scale {}, preprocessor {}, guidance {}..{})", i, cn.units[i].net->name(),

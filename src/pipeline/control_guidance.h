@@ -3,6 +3,7 @@
 // place: the engine, the CLI, the live command and the server's settings all check it here and word their own
 // errors (what names the flag or field). Header-only: the command parser's fuzz target links no engine.
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -36,6 +37,17 @@ inline std::pair<int64_t, int64_t> control_guidance_split(double start, double e
           control_guidance_keeps(start, end, i, n) != control_guidance_keeps(start, end, j, n))
         return {i, j};
   return {-1, -1};
+}
+
+// The error text of such a split: "entries A and B are both T and the guidance range of WHO keeps only one of those
+// steps: ..." (the caller names t_index_list), or "" when the range splits no two entries.
+inline std::string control_guidance_split_error(double start, double end, const std::vector<int64_t>& t_index_list,
+                                                const std::string& who) {
+  const auto [a, b] = control_guidance_split(start, end, t_index_list);
+  if (a < 0) return "";
+  return "entries " + std::to_string(a) + " and " + std::to_string(b) + " are both " +
+         std::to_string(t_index_list[a]) + " and the guidance range of " + who +
+         " keeps only one of those steps: give distinct entries, or a range that keeps both";
 }
 
 }  // namespace sd

@@ -376,11 +376,10 @@ StreamSettings apply_settings_json(const nlohmann::json& j, const StreamSettings
   for (size_t i = 0; i < s.controlnets.size(); ++i) {
     const ControlSetting& c = s.controlnets[i];
     if (c.scale == 0) continue;
-    if (const auto [a, b] = control_guidance_split(c.guidance_start, c.guidance_end, s.t_index_list); a >= 0)
-      throw InvalidArgument("field 't_index_list': entries " + std::to_string(a) + " and " + std::to_string(b) +
-                            " are both " + std::to_string(s.t_index_list[a]) +
-                            " and the guidance range of controlnets[" + std::to_string(i) +
-                            "] keeps only one of those steps: give distinct entries, or a range that keeps both");
+    if (const std::string e = control_guidance_split_error(c.guidance_start, c.guidance_end, s.t_index_list,
+                                                           "controlnets[" + std::to_string(i) + "]");
+        !e.empty())
+      throw InvalidArgument("field 't_index_list': " + e);
   }
   return s;
 }
