@@ -1902,7 +1902,7 @@ sd::cli::Runner setup_bench(CLI::App& app) {
                  "(StreamConfig::deep_cache_every), compared with the exact rows by their mean time per frame");
   app.add_option("--control-guidance-start", o->control_guidance_start,
                  "control_guidance_start of every --controlnet: step i of the n of a stream's t_index_list is "
-                 "conditioned unless i/n < START or (i+1)/n > END (rows out of range: no ControlNet on the CPU)")
+                 "conditioned unless i/n < START or (i+1)/n > END (rows out of range: no ControlNet)")
       ->capture_default_str();
   app.add_option("--control-guidance-end", o->control_guidance_end, "control_guidance_end of every --controlnet")
       ->capture_default_str();

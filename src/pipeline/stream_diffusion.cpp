@@ -218,9 +218,9 @@ void StreamDiffusion::build_schedule() {
   beta_ = coef(b);
   c_skip_ = coef(cs);
   c_out_ = coef(co);
-  t_sub_ = torch::tensor(sub_timesteps_, torch::TensorOptions().dtype(torch::kInt64))
-               .repeat_interleave(reps, 0)
-               .to(device_);
+  t_sub_host_ = torch::tensor(sub_timesteps_, torch::TensorOptions().dtype(torch::kInt64)).repeat_interleave(reps, 0);
+  t_sub_ = t_sub_host_.to(device_);
+  row_index_.clear();
 }
 
 void StreamDiffusion::encode_prompts(bool need_uncond) {
@@ -856,7 +856,7 @@ torch::Tensor StreamDiffusion::txt2img_one_shot() {
       rng_->randn({B, models_->latent_channels(), latent_height(), latent_width()}, "txt2img_one_shot"), device_,
       dtype_);
   trace("x_t_latent_in", x);
-  Tensor eps = call_unet(x, t_sub_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
+  Tensor eps = call_unet(x, t_sub_, t_sub_host_, cond_context_.repeat({B, 1, 1}), cond_added_rows(B));
   // A v-predicting UNet: ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t, as in after_unet().
   if (scheduler_.config().prediction_type == "v_prediction") eps = alpha_ * eps + beta_ * x;
   const Tensor x0 = (x - beta_ * eps) / alpha_;
@@ -883,6 +883,7 @@ void StreamDiffusion::begin_unet_rows(CallState& call) {
     stock_noise_ = torch::cat({init_noise_.slice(0, 0, F), stock_noise_.slice(0, 0, B - F)}, 0);
   }
   std::tie(call.x_in, call.t_in) = unet_layout(call.x, t_sub_);
+  call.t_in_host = unet_rows(t_sub_host_);
 }
 
 torch::Tensor StreamDiffusion::finish_unet(CallState& call, const torch::Tensor& pred) {
@@ -920,7 +921,7 @@ torch::Tensor StreamDiffusion::complete_call(CallState& call) {
   if (config_.use_denoising_batch) {
     Tensor pred;
     try {
-      pred = call_unet(call.x_in, call.t_in, prompt_embeds_, added_);
+      pred = call_unet(call.x_in, call.t_in, call.t_in_host, prompt_embeds_, added_);
     } catch (...) {
       // The UNet failed (out of memory, say): the RCFG state goes back to where the call found it, so that the rows
       // of the next call still line up with the buffer, which did not move.
@@ -954,6 +955,13 @@ bool runs_over(const ControlNetUnit& u, int64_t n) {
 }
 }  // namespace
 
+bool StreamDiffusion::controlnet_runs(size_t index) const {
+  if (index >= controlnets_.size())
+    throw InvalidArgument("ControlNet index " + std::to_string(index) + " is out of range: the stream has " +
+                          std::to_string(controlnets_.size()));
+  return runs_over(controlnets_[index], denoising_steps());
+}
+
 std::string StreamDiffusion::batch_blocker() const {
   if (!prepared_) return "not prepared";
   if (!config_.use_denoising_batch) return "sequential mode (use_denoising_batch false) makes one UNet call per step";
@@ -976,7 +984,8 @@ torch::Tensor StreamDiffusion::decode(const torch::Tensor& latent) {
 }
 
 torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torch::Tensor& t,
-                                         const torch::Tensor& ehs, const AddedConditioning& added) {
+                                         const torch::Tensor& t_host, const torch::Tensor& ehs,
+                                         const AddedConditioning& added) {
   if (sample.size(0) != t.size(0) || sample.size(0) != ehs.size(0) ||
       (added.defined() && added.text_embeds.size(0) != ehs.size(0)))
     throw Error("internal: UNet batch rows disagree: sample " + shape_str(sample.sizes()) + ", timesteps " +
@@ -985,7 +994,7 @@ torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torc
   const std::string k = "unet" + std::to_string(index);
   trace(k + ".sample", sample);
   trace(k + ".timestep", t);
-  const ControlResiduals control = control_residuals(index, sample, t, ehs, added);
+  const ControlResiduals control = control_residuals(index, sample, t, t_host, ehs, added);
   if (control.defined() && trace_) {
     for (size_t j = 0; j < control.down.size(); ++j) trace(k + ".controlnet_down" + std::to_string(j), control.down[j]);
     trace(k + ".controlnet_mid", control.mid);
@@ -1043,8 +1052,8 @@ void StreamDiffusion::check_call_inputs(const char* what) const {
 }
 
 ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::Tensor& sample,
-                                                    const torch::Tensor& t, const torch::Tensor& ehs,
-                                                    const AddedConditioning& added) {
+                                                    const torch::Tensor& t, const torch::Tensor& t_host,
+                                                    const torch::Tensor& ehs, const AddedConditioning& added) {
   if (controlnets_.empty()) return {};
   // Reuse (set_controlnet_every): within a phase every UNet call of a stream call keeps the residuals computed on
   // the phase's first call, as long as its batch has the same rows.
@@ -1079,40 +1088,36 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
                               std::to_string(d) + " and only one is in the guidance range " +
                               std::to_string(u.guidance_start) + ".." + std::to_string(u.guidance_end) +
                               ": give t_index_list distinct entries, or a range that keeps both");
-    ControlResiduals r;
-    if (!dropped.empty() && !t.is_cuda()) {
-      // Off the GPU the rows' timesteps cost nothing to read: the ControlNet runs on the kept rows alone (a range
-      // over half the steps costs half) and the other rows get zeros. Rows are independent in the ControlNet.
-      const Tensor steps = t.to(torch::kCPU, torch::kLong).contiguous();  // [R]
-      std::vector<int64_t> rows;
-      for (int64_t row = 0; row < steps.size(0); ++row)
+    // With a range the ControlNet runs on the kept rows alone (a range over half the steps costs half) and the other
+    // rows get zeros; rows are independent in the ControlNet. The rows are read from the host's copy of the timesteps
+    // and their index is uploaded once per row list, without a host wait: no host synchronisation on CUDA.
+    const int64_t R = sample.size(0);
+    std::vector<int64_t> rows;
+    if (!dropped.empty()) {
+      if (t_host.dim() != 1 || t_host.size(0) != R || !t_host.device().is_cpu())
+        throw Error("internal: host timesteps " + shape_str(t_host.sizes()) + " on " + t_host.device().str() +
+                    " for " + std::to_string(R) + " UNet rows");
+      const Tensor steps = t_host.to(torch::kLong).contiguous();  // [R], on the CPU
+      for (int64_t row = 0; row < R; ++row)
         if (std::find(kept.begin(), kept.end(), steps.data_ptr<int64_t>()[row]) != kept.end()) rows.push_back(row);
       if (rows.empty()) continue;  // this call has only rows out of range (a sequential call of one step)
-      const Tensor idx = torch::tensor(rows, torch::TensorOptions().dtype(torch::kLong));
+    }
+    ControlResiduals r;
+    if (rows.empty() || static_cast<int64_t>(rows.size()) == R) {
+      r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
+    } else {
+      const Tensor& idx = row_index(rows);
       AddedConditioning a;
       if (added.defined()) a = {added.text_embeds.index_select(0, idx), added.time_ids.index_select(0, idx)};
       const ControlResiduals part = u.net->residuals(sample.index_select(0, idx), t.index_select(0, idx),
                                                      text.index_select(0, idx), a, control_images_[i], u.scale);
       const auto spread = [&](const Tensor& x) {  // [k, ...] -> [R, ...], zeros in the rows out of range
         std::vector<int64_t> shape = x.sizes().vec();
-        shape[0] = sample.size(0);
+        shape[0] = R;
         return torch::zeros(shape, x.options()).index_copy_(0, idx, x);
       };
       for (const Tensor& d : part.down) r.down.push_back(spread(d));
       r.mid = spread(part.mid);
-    } else {
-      r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
-      if (!dropped.empty()) {
-        // On CUDA, compared with each kept timestep as a scalar: reading the rows' timesteps (or uploading the kept
-        // list) would be a blocking copy, a host synchronisation inside the frame.
-        const Tensor steps = t.to(torch::kLong);  // [R]
-        Tensor keep = steps == kept[0];
-        for (size_t j = 1; j < kept.size(); ++j) keep = keep.logical_or(steps == kept[j]);
-        keep = keep.view({-1, 1, 1, 1});
-        // where, not a product: a row out of range gets zeros even from non-finite residuals.
-        for (auto& d : r.down) d = torch::where(keep, d, torch::zeros({}, d.options()));
-        r.mid = torch::where(keep, r.mid, torch::zeros({}, r.mid.options()));
-      }
     }
     sum += r;
     ++stats_.controlnet_calls;
@@ -1121,6 +1126,14 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
   stats_.controlnet_s += seconds_since(t0);
   if (controlnet_every_ > 1) control_cache_[index] = sum;
   return sum;
+}
+
+const torch::Tensor& StreamDiffusion::row_index(const std::vector<int64_t>& rows) {
+  Tensor& idx = row_index_[rows];
+  // Staged in pinned memory and copied without a host wait: the first frame of a new row list is inside a frame too.
+  if (!idx.defined())
+    idx = to_device_nonblocking(torch::tensor(rows, torch::TensorOptions().dtype(torch::kLong)), device_, torch::kLong);
+  return idx;
 }
 
 bool ControlNetUnit::keeps(int64_t i, int64_t n) const {
@@ -1246,7 +1259,7 @@ torch::Tensor StreamDiffusion::predict_x0_sequential(const torch::Tensor& x_t_la
   Tensor x = x_t_latent, x0;
   for (int64_t idx = 0; idx < n; ++idx) {
     const Tensor t = t_sub_.slice(0, idx, idx + 1).repeat({F});
-    x0 = unet_step(x, t, idx);
+    x0 = unet_step(x, t, t_sub_host_.slice(0, idx, idx + 1).repeat({F}), idx);
     if (idx < n - 1) {
       if (config_.do_add_noise) {
         const Tensor noise = rng_->randn(x0.sizes(), "sequential step noise").to(x0.options());
@@ -1261,19 +1274,23 @@ torch::Tensor StreamDiffusion::predict_x0_sequential(const torch::Tensor& x_t_la
 
 std::pair<torch::Tensor, torch::Tensor> StreamDiffusion::unet_layout(const torch::Tensor& x,
                                                                      const torch::Tensor& t_list) const {
+  return {unet_rows(x), unet_rows(t_list)};
+}
+
+torch::Tensor StreamDiffusion::unet_rows(const torch::Tensor& rows) const {
   const int64_t F = config_.frame_buffer_size;
   const bool guided = guidance_active();
   const CfgType cfg = config_.cfg_type;
   // UNet batch layouts (spec §4.1).
-  if (guided && cfg == CfgType::Initialize)
-    return {torch::cat({x.slice(0, 0, F), x}, 0), torch::cat({t_list.slice(0, 0, F), t_list}, 0)};
-  if (guided && cfg == CfgType::Full) return {torch::cat({x, x}, 0), torch::cat({t_list, t_list}, 0)};
-  return {x, t_list};
+  if (guided && cfg == CfgType::Initialize) return torch::cat({rows.slice(0, 0, F), rows}, 0);
+  if (guided && cfg == CfgType::Full) return torch::cat({rows, rows}, 0);
+  return rows;
 }
 
-torch::Tensor StreamDiffusion::unet_step(const torch::Tensor& x, const torch::Tensor& t_list, int64_t idx) {
+torch::Tensor StreamDiffusion::unet_step(const torch::Tensor& x, const torch::Tensor& t_list,
+                                         const torch::Tensor& t_host, int64_t idx) {
   const auto [x_in, t_in] = unet_layout(x, t_list);
-  return after_unet(x, x_in, call_unet(x_in, t_in, prompt_embeds_, added_), idx);
+  return after_unet(x, x_in, call_unet(x_in, t_in, unet_rows(t_host), prompt_embeds_, added_), idx);
 }
 
 torch::Tensor StreamDiffusion::after_unet(const torch::Tensor& x, const torch::Tensor& x_in, torch::Tensor pred,

@@ -202,12 +202,15 @@ class StreamDiffusion {
   // ControlNets (fixtures controlnet/; livepeer's StreamDiffusion ControlNet module): before every UNet call each
   // ControlNet runs on the SAME batch - every stream-batch row, RCFG rows included, the same timesteps and text rows -
   // with its control image repeated once per row; the residuals (each times its scale) are summed and added to the
-  // UNet's skip tensors and mid-block output. With a guidance range the rows of the steps out of range get none (on
-  // the CPU the ControlNet runs on the kept rows alone). A ControlNet at scale 0, or whose range keeps none of the
+  // UNet's skip tensors and mid-block output. With a guidance range the rows of the steps out of range get none (the
+  // ControlNet runs on the kept rows alone). A ControlNet at scale 0, or whose range keeps none of the
   // steps, is skipped (bit-identical to none). Replacing the list clears the control images; every ControlNet that
   // runs needs one before the next call (InvalidArgument).
   void set_controlnets(std::vector<ControlNetUnit> units);
   const std::vector<ControlNetUnit>& controlnets() const { return controlnets_; }
+  // Whether ControlNet `index` runs on the stream's calls: not at scale 0, nor with a range that keeps none of the
+  // steps of t_index_list (then it needs no control image).
+  bool controlnet_runs(size_t index) const;
   void set_controlnet_scale(size_t index, double scale);
   // ControlNetUnit::guidance_start / guidance_end of ControlNet `index`, live. InvalidArgument unless
   // 0 <= start < end <= 1.
@@ -316,6 +319,7 @@ class StreamDiffusion {
     torch::Tensor x_t;       // the new latents [F, C, h, w]
     torch::Tensor x;         // the stream batch [B, C, h, w] (denoising batch)
     torch::Tensor x_in, t_in;  // the UNet rows (spec §4.1 layout)
+    torch::Tensor t_in_host;   // t_in's timesteps on the host (CPU int64): what the ControlNet ranges read
     torch::Tensor image;     // img2img between begin_img2img_input and begin_img2img_latent: the input [F, 3, H, W]
     std::shared_ptr<CallTimer> timer;  // a processed call's device events (CUDA), else null
     double skip_sleep_s = 0;  // a skip's sleep (SimilarityFilterOptions::sleep_on_skip) left to the caller
@@ -352,17 +356,24 @@ class StreamDiffusion {
   torch::Tensor predict_x0_sequential(const torch::Tensor& x_t_latent);
   // The UNet rows of one guided evaluation of the stream batch x at t_list (spec §4.1): x_in, t_in.
   std::pair<torch::Tensor, torch::Tensor> unet_layout(const torch::Tensor& x, const torch::Tensor& t_list) const;
+  torch::Tensor unet_rows(const torch::Tensor& rows) const;  // that layout of one per-row tensor
   // Guidance, denoise and (batch mode) the RCFG update on the UNet output `pred` of the rows x_in. idx < 0: batch
   // mode (row-wise coefficients); else sequential step idx. Returns X0.
   torch::Tensor after_unet(const torch::Tensor& x, const torch::Tensor& x_in, torch::Tensor pred, int64_t idx);
-  // unet_layout + call_unet + after_unet (sequential steps).
-  torch::Tensor unet_step(const torch::Tensor& x_t_latent, const torch::Tensor& t_list, int64_t idx);
-  torch::Tensor call_unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& ehs,
-                          const AddedConditioning& added);
+  // unet_layout + call_unet + after_unet (sequential steps). t_host: t_list on the host.
+  torch::Tensor unet_step(const torch::Tensor& x_t_latent, const torch::Tensor& t_list, const torch::Tensor& t_host,
+                          int64_t idx);
+  // t_host: t's timesteps on the host (CPU int64 [R]), so that choosing the ControlNet rows reads no device memory.
+  torch::Tensor call_unet(const torch::Tensor& sample, const torch::Tensor& t, const torch::Tensor& t_host,
+                          const torch::Tensor& ehs, const AddedConditioning& added);
   // The summed ControlNet residuals of UNet call `index` of this stream call (computed or reused); empty without
-  // ControlNets or when none runs on this call (scale 0, or no row of it in the range, on the CPU).
+  // ControlNets or when none runs on this call (scale 0, or no row of it in the range).
   ControlResiduals control_residuals(int64_t index, const torch::Tensor& sample, const torch::Tensor& t,
-                                     const torch::Tensor& ehs, const AddedConditioning& added);
+                                     const torch::Tensor& t_host, const torch::Tensor& ehs,
+                                     const AddedConditioning& added);
+  // The device copy of a list of row indices (the rows a guidance range keeps), uploaded once per list (no host
+  // wait).
+  const torch::Tensor& row_index(const std::vector<int64_t>& rows);
   void begin_stream_call();  // per stream call bookkeeping (UNet call index, ControlNet reuse phase)
   // The SDXL rows of `rows` copies of the cond prompt (txt2img_one_shot); empty without added conditioning.
   AddedConditioning cond_added_rows(int64_t rows) const;
@@ -384,6 +395,8 @@ class StreamDiffusion {
   double guidance_scale_ = 1.0, delta_ = 1.0;
   std::vector<int64_t> timesteps_, sub_timesteps_;
   torch::Tensor t_sub_, alpha_, beta_, c_skip_, c_out_;
+  torch::Tensor t_sub_host_;  // t_sub_ on the host (CPU int64)
+  std::map<std::vector<int64_t>, torch::Tensor> row_index_;  // row_index()'s uploads, dropped with the schedule
   torch::Tensor cond_embeds_, uncond_embeds_, prompt_embeds_;
   // IP-Adapter: the image prompt's tokens (undefined = none set), the tokens of the rows (see cond_image_tokens())
   // and the cond text rows with their image tokens [1, 77 + T, D] (txt2img_one_shot's rows).

@@ -190,12 +190,13 @@ TEST(ControlNetGuidance, KeepsIsDiffusersControlnetKeep) {
 }
 
 // In the stream batch every UNet row is at its own step (cfg self: one row per step; cfg full: the uncond rows
-// repeat the steps), so a range gives the rows of its steps the full-range residuals and the others zeros; set live
-// or with the list, the same. A range no step keeps is no ControlNet at all.
+// repeat the steps; cfg initialize: one uncond row of the first step before them), so a range gives the rows of its
+// steps the full-range residuals and the others zeros; set live or with the list, the same. A range no step keeps is
+// no ControlNet at all.
 TEST(ControlNetGuidance, RowsOfTheStepsInRangeGetTheResidualsTheOthersNone) {
   SD_REQUIRE_CN();
   const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
-  for (const CfgType cfg_type : {CfgType::Self, CfgType::Full}) {
+  for (const CfgType cfg_type : {CfgType::Self, CfgType::Full, CfgType::Initialize}) {
     const auto run_with = [&](double start, double end, bool live, std::map<std::string, Tensor>* traced) {
       StreamConfig c = cfg();
       c.cfg_type = cfg_type;
@@ -220,15 +221,16 @@ TEST(ControlNetGuidance, RowsOfTheStepsInRangeGetTheResidualsTheOthersNone) {
     run_with(0.0, 0.5, false, &first);
     run_with(0.5, 1.0, true, &second);
     const std::string name = cfg_type_name(cfg_type);
-    const int64_t steps = 2, rows = cfg_type == CfgType::Full ? 2 * steps : steps;
+    const int64_t steps = 2, rows = cfg_type == CfgType::Full ? 2 * steps : cfg_type == CfgType::Initialize ? 3 : steps;
     for (const std::string k : {"unet0.controlnet_down0", "unet0.controlnet_down3", "unet0.controlnet_mid"}) {
       ASSERT_TRUE(full.count(k) && first.count(k) && second.count(k)) << name << " " << k;
       ASSERT_EQ(full[k].size(0), rows) << name << " " << k;
       for (int64_t r = 0; r < rows; ++r) {
-        const bool step0 = r % steps == 0;  // rows [s0, s1] (self) or [s0, s1, s0, s1] (full)
+        // rows [s0, s1] (self), [s0, s1, s0, s1] (full) or [s0, s0, s1] (initialize)
+        const bool step0 = cfg_type == CfgType::Initialize ? r < 2 : r % steps == 0;
         EXPECT_GT(full[k][r].abs().max().item<double>(), 0.0) << name << " " << k << " row " << r;
-        // A row out of range is exactly zero. One in range equals the full range's row to float rounding: on the
-        // CPU the ControlNet runs on the kept rows alone, and a matrix product of fewer rows may sum in another
+        // A row out of range is exactly zero. One in range equals the full range's row to float rounding: the
+        // ControlNet runs on the kept rows alone, and a matrix product of fewer rows may sum in another
         // order (measured: at most 2e-6 on values up to 5.8 in the mid block, 0 elsewhere; bound 1e-5 of the row's
         // largest value, as the device test, for other CPUs' kernels).
         const auto same = [&](const Tensor& got, bool kept) {
@@ -271,13 +273,13 @@ TEST(ControlNetGuidance, SequentialModeConditionsTheCallsOfTheStepsInRange) {
   s.img2img(frame());
   ASSERT_TRUE(traced.count("unet0.controlnet_mid"));
   EXPECT_GT(traced["unet0.controlnet_mid"].abs().max().item<double>(), 0.0);
-  // The second step's call has no row in range: the ControlNet does not run for it (on the CPU; CUDA runs it and
-  // zeroes the rows, to keep the frame free of host synchronisation).
+  // The second step's call has no row in range: the ControlNet does not run for it.
   EXPECT_EQ(traced.count("unet1.controlnet_mid"), 0u);
   EXPECT_EQ(s.stats().controlnet_calls, 1);
 }
 
-// A ControlNet no step keeps is skipped, so it needs no control image (as at scale 0); one that runs does.
+// A ControlNet no step keeps is skipped, so it needs no control image (as at scale 0); one that runs does
+// (controlnet_runs says which).
 TEST(ControlNetGuidance, ARangeOfNoStepNeedsNoControlImage) {
   SD_REQUIRE_CN();
   const auto cn = ControlNet::load(test::fixture_path(kCn), *tiny_sd15());
@@ -287,10 +289,17 @@ TEST(ControlNetGuidance, ARangeOfNoStepNeedsNoControlImage) {
   ControlNetUnit u{cn, 1.0};
   u.guidance_start = 0.9;  // t_index_list of two: neither 0/2 nor 1/2 reaches 0.9
   s.set_controlnets({u});
+  EXPECT_FALSE(s.controlnet_runs(0));
   Tensor out;
   ASSERT_NO_THROW(out = s.img2img(frame()));
   EXPECT_TRUE(torch::equal(out, plain.img2img(frame())));
   s.set_controlnet_guidance(0, 0.0, 1.0);
+  EXPECT_TRUE(s.controlnet_runs(0));
+  s.set_controlnet_scale(0, 0.0);
+  EXPECT_FALSE(s.controlnet_runs(0));
+  s.set_controlnet_scale(0, 1.0);
+  const std::string bad = test::error_of<InvalidArgument>([&] { (void)s.controlnet_runs(1); });
+  EXPECT_NE(bad.find("ControlNet index 1 is out of range: the stream has 1"), std::string::npos) << bad;
   const std::string m = test::error_of<InvalidArgument>([&] { s.img2img(frame()); });
   EXPECT_NE(m.find("has no control image"), std::string::npos) << m;
 }
