@@ -122,6 +122,15 @@ void StreamDiffusionProcessor::set_control_preprocessors(
     throw;
   }
   preprocessors_ = std::move(preprocessors);
+  control_needs_.clear();  // every one is made until the model thread's next frame refreshes it
+}
+
+void StreamDiffusionProcessor::refresh_control_needs() {
+  const size_t n = stream_->controlnets().size();
+  std::vector<char> need(n);
+  for (size_t i = 0; i < n; ++i) need[i] = stream_->controlnet_runs(i) || !stream_->control_image(i).defined();
+  std::lock_guard<std::mutex> lock(control_mutex_);
+  control_needs_ = std::move(need);
 }
 
 std::vector<std::shared_ptr<const ControlPreprocessor>> StreamDiffusionProcessor::control_preprocessors() const {
@@ -131,18 +140,25 @@ std::vector<std::shared_ptr<const ControlPreprocessor>> StreamDiffusionProcessor
 
 std::vector<torch::Tensor> StreamDiffusionProcessor::preprocess_controls(const torch::Tensor& input_rgb_u8,
                                                                          const torch::Tensor& control_rgb_u8) {
-  const auto pre = control_preprocessors();
+  std::vector<std::shared_ptr<const ControlPreprocessor>> pre;
+  std::vector<char> need;
+  {
+    std::lock_guard<std::mutex> lock(control_mutex_);
+    pre = preprocessors_;
+    need = control_needs_;
+  }
   std::vector<torch::Tensor> out(pre.size());
   const torch::Tensor& source = control_rgb_u8.defined() ? control_rgb_u8 : input_rgb_u8;
   for (size_t i = 0; i < pre.size(); ++i)
-    if (!pre[i]->feedback() && source.defined()) out[i] = pre[i]->apply(source);
+    if (!pre[i]->feedback() && source.defined() && (i >= need.size() || need[i])) out[i] = pre[i]->apply(source);
   return out;
 }
 
 void StreamDiffusionProcessor::set_feedback_controls() {
   const auto pre = control_preprocessors();
   for (size_t i = 0; i < pre.size(); ++i) {
-    if (!pre[i]->feedback()) continue;
+    // One that does not run keeps its last image (as the frames' control images, refresh_control_needs).
+    if (!pre[i]->feedback() || (!stream_->controlnet_runs(i) && stream_->control_image(i).defined())) continue;
     const torch::Tensor img = last_output_.defined()
                                   ? (last_output_.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1)
                                   : torch::zeros({1, 3, height_, width_});
@@ -186,6 +202,7 @@ std::vector<Frame> StreamDiffusionProcessor::process(Frame in) {
   for (size_t i = 0; i < in.controls.size() && i < stream_->controlnets().size(); ++i)
     if (in.controls[i].defined()) stream_->set_control_image(i, in.controls[i]);
   in.controls.clear();
+  refresh_control_needs();  // after this frame's images and the commands applied since the last frame
   if (in.image_prompt_rgb.defined()) apply_image_prompt(in.image_prompt_rgb);
   in.image_prompt_rgb = torch::Tensor();
   batch_.push_back(std::move(in));

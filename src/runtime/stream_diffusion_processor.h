@@ -105,8 +105,14 @@ class StreamDiffusionProcessor : public FrameProcessor {
   std::string describe_controls() const;
   void check_control_preprocessor(size_t index, const ControlPreprocessor& p) const;
   void set_feedback_controls();  // model thread, before a pipeline call
-  mutable std::mutex control_mutex_;  // preprocessors_ (read on the pre-process thread, changed on the model thread)
+  // Model thread: which ControlNets get control images made (control_needs_): those that run at the stream's scale,
+  // guidance range and steps, and any the stream has no image for yet, so that one turned on later has one at once
+  // (the last image then serves the frames already preprocessed).
+  void refresh_control_needs();
+  mutable std::mutex control_mutex_;  // preprocessors_, control_needs_ (read on the pre-process thread, changed on
+                                      // the model thread)
   std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors_;
+  std::vector<char> control_needs_;
   bool control_source_ = false;
   torch::Tensor last_output_;    // [1, 3, H, W] ≈[-1, 1] the newest decoded image (feedback)
 

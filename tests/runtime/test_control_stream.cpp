@@ -1,10 +1,12 @@
 // Where ControlNet control images come from in the runtime (issue 15): the preprocessors (canny, gray, passthrough,
 // feedback, the registry seam), the control commands, and streams on the tiny fixture model + tiny ControlNet —
 // canny of each input frame equals the bare loop that sets canny images by hand, a second source is kept in step and
-// ends the input when it ends first, feedback feeds the previous output back, live scale / preprocessor changes.
+// ends the input when it ends first, feedback feeds the previous output back, live scale / preprocessor changes, and
+// no control images are made for a ControlNet that does not run.
 // Also the IP-Adapter image prompt from a second source (--image-prompt-input): read every N frames, encoded only when
 // it changed, the last one kept when the source ends — equal to the bare loop that sets the image prompts by hand.
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
 
 #include <gtest/gtest.h>
@@ -376,6 +378,50 @@ TEST_F(ControlStream, LiveGuidanceRangeOfNoStepEqualsNoControlNet) {
   EXPECT_EQ(r.stream->controlnets()[0].guidance_start, 0.9);
   EXPECT_EQ(r.stream->controlnets()[0].guidance_end, 1.0);
   EXPECT_EQ(r.stream->stats().controlnet_calls, 0) << "no step in range skips the ControlNet";
+}
+
+// Counts the frames it made control images of (apply() runs on the pre-process thread).
+class CountingPreprocessor : public ControlPreprocessor {
+ public:
+  explicit CountingPreprocessor(std::shared_ptr<const ControlPreprocessor> inner) : inner_(std::move(inner)) {}
+  std::string name() const override { return inner_->name(); }
+  torch::Tensor apply(const torch::Tensor& rgb) const override {
+    ++calls;
+    return inner_->apply(rgb);
+  }
+  mutable std::atomic<int> calls{0};
+
+ private:
+  std::shared_ptr<const ControlPreprocessor> inner_;
+};
+
+// A ControlNet that does not run (scale 0, or a range that keeps no step) gets no control images made, past the first
+// frame's (the stream then has one, should the net be turned on later); one that runs gets one per frame. Run in the
+// synchronous loop, where each frame is preprocessed after the previous one was processed, so the counts are exact.
+TEST_F(ControlStream, ControlImagesAreMadeOnlyForControlNetsThatRun) {
+  TempDir tmp;
+  const int N = 6;
+  const std::string video = test::write_index_video(tmp.path + "/in.avi", N);
+  StreamOptions o = quiet();
+  o.synchronous = true;
+  const auto count = [&](double scale, double start, std::vector<std::pair<int64_t, std::string>> commands = {}) {
+    auto stream = make_stream(false, scale);
+    stream->set_controlnet_guidance(0, start, 1.0);
+    auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
+    auto canny = std::make_shared<CountingPreprocessor>(make_control_preprocessor("canny"));
+    proc->set_control_preprocessors({canny}, false);
+    StreamOptions with = o;
+    for (const auto& [frame, line] : commands) with.scheduled.push_back({frame, *parse_control_command(line)});
+    const RunOut out = run(open_source(video), proc, nullptr, with);
+    EXPECT_EQ(out.frames.size(), static_cast<size_t>(N));
+    return std::make_pair(canny->calls.load(), stream->stats().controlnet_calls);
+  };
+  EXPECT_EQ(count(1.0, 0.0), std::make_pair(N, int64_t{N + 1})) << "one a frame (and the flush's padding call)";
+  EXPECT_EQ(count(0.0, 0.0), std::make_pair(1, int64_t{0})) << "scale 0: the first frame's only";
+  EXPECT_EQ(count(1.0, 0.9), std::make_pair(1, int64_t{0})) << "0.9..1 keeps neither of 2 steps";
+  // Off from frame 1, on again from frame 4 (commands apply before their frame's model call, after its preprocessing):
+  // images of frames 0, 1 and 5; ControlNet calls on frames 0, 4 (with frame 1's image) and 5, and the flush's call.
+  EXPECT_EQ(count(1.0, 0.0, {{1, "controlnet_scale 0 0"}, {4, "controlnet_scale 0 1"}}), std::make_pair(3, int64_t{4}));
 }
 
 // ---- IP-Adapter image prompts from a second source ----------------------------------------------------------------
