@@ -388,7 +388,29 @@ ui.controlFile.addEventListener('change', () => onImageFile(ui.controlFile, 'con
 ui.ipFile.addEventListener('change', () => onImageFile(ui.ipFile, 'imagePrompt'));
 ui.controlClear.addEventListener('click', () => { state.controlImage = null; ui.controlFile.value = ''; showImageState(); sendImages(); });
 ui.ipClear.addEventListener('click', () => { state.imagePrompt = null; ui.ipFile.value = ''; showImageState(); sendImages(); });
-ui.controlView.addEventListener('change', () => { ui.controlPh.hidden = false; });
+ui.controlView.addEventListener('change', () => { ui.controlPh.hidden = false; showControlOff(); });
+
+// Why ControlNet i does not run at the applied settings, or '' when it does: as the server's ControlSetting::runs,
+// not at scale 0 nor with a range that keeps none of the steps (diffusers' controlnet_keep). The server then makes no
+// control image for it, so the pane says so instead of showing the last one.
+function controlOff(applied, i) {
+  const cn = ((applied || {}).controlnets || [])[Number(i)];
+  if (!cn) return '';
+  if (cn.scale === 0) return 'Off: scale 0';
+  const n = (applied.t_index_list || []).length;
+  if (!('guidance_start' in cn) || n === 0) return '';
+  for (let k = 0; k < n; k += 1) if (!(k / n < cn.guidance_start || (k + 1) / n > cn.guidance_end)) return '';
+  return `Off: steps ${cn.guidance_start}–${cn.guidance_end} keep none of the ${n} denoising steps`;
+}
+
+function showControlOff() {
+  const off = controlOff(state.applied, ui.controlView.value || '0');
+  ui.controlPh.textContent = off || 'The control image appears here';
+  if (!off) return;
+  ui.control.hidden = true;
+  ui.control.removeAttribute('src');
+  ui.controlPh.hidden = false;
+}
 
 ui.reseed.addEventListener('click', () => {
   ui.seed.value = Math.floor(Math.random() * 1e6);
@@ -438,6 +460,7 @@ async function connect({ again = false } = {}) {
   if (state.ipAdapter) lastSent.ip_adapter_scale = state.ipAdapter.scale;
   delete lastSent.mode;
   state.applied = hello.settings;
+  showControlOff();
   setStatus('connected', 'on');
   client.addEventListener('frame', (ev) => onFrame(ev.detail));
   client.addEventListener('error', (ev) => {
@@ -455,12 +478,15 @@ async function connect({ again = false } = {}) {
     delete lastSent.mode;
     // A mode change brings that mode's default steps: show what the server uses (unless the user is typing there).
     if (document.activeElement !== ui.tIndex) ui.tIndex.value = (applied.t_index_list || []).join(',');
+    showControlOff();
   });
   client.addEventListener('control', (ev) => {
     const { index, image } = ev.detail;
     if (String(index) !== (ui.controlView.value || '0')) return;
     state.controlReceived += 1;
+    if (controlOff(state.applied, index)) return;  // sent before the change that stopped it
     ui.control.src = image;
+    ui.control.hidden = false;
     ui.controlPh.hidden = true;
   });
   client.addEventListener('stats', (ev) => {

@@ -7,8 +7,9 @@
 //
 // Checks: the page shows the control pane and one ControlNet row; frames flow; the control image shown is the gray
 // picture at first and a canny edge map (nearly all black / white, some white) once canny is chosen; the scale slider
-// reaches the server (the config reply) and frames keep flowing at scale 0 and 1.5; the guidance range sliders reach
-// the server and keep start < end; an uploaded control image replaces the preprocessing (the control pane shows it)
+// reaches the server (the config reply) and frames keep flowing at scale 0 and 1.5; at scale 0, and with a range that
+// keeps no step, the control pane says the net is off instead of showing the last image; the guidance range sliders
+// reach the server and keep start < end; an uploaded control image replaces the preprocessing (the control pane shows it)
 // and Clear goes back; with an IP-Adapter an image prompt upload and the scale slider are applied. Exit 0 = passed,
 // 1 = failed, 77 = skipped (no chromium / node_modules / fixtures).
 import fs from 'node:fs';
@@ -118,7 +119,16 @@ try {
     await until(async () => (await appStats(p)).applied?.controlnets?.[0]?.scale === Number(v), 20000, `scale ${v} applied`);
     await framesAfter(p, 3);
     check(true, `frames flow at ControlNet scale ${v}`);
+    if (v === '0') {
+      // The server makes no control image for a net that does not run: the pane says why, not the last image.
+      await framesAfter(p, 2);
+      check(await p.isVisible('#control-placeholder') && !(await p.isVisible('#control')), 'at scale 0 the control pane shows no image');
+      check(await p.textContent('#control-placeholder') === 'Off: scale 0', 'the control pane says the net is off',
+        await p.textContent('#control-placeholder'));
+    }
   }
+  await controlsAfter(p, 2);
+  check(await p.isVisible('#control') && !(await p.isVisible('#control-placeholder')), 'back on, the control image shows again');
   check(await p.textContent('#cn-scale-0-out') === '1.50', 'the scale is shown beside the slider', await p.textContent('#cn-scale-0-out'));
 
   // The guidance range: each slider reaches the server, and one moved past the other pushes it along (the server
@@ -131,6 +141,10 @@ try {
   await until(async () => (await applied()).guidance_start === 0.6, 20000, 'guidance_start 0.6 applied');
   check((await applied()).guidance_end === 1, 'the end stays', JSON.stringify(await applied()));
   await framesAfter(p, 3);
+  // 0.6..1 keeps neither step of the default two (step 0 is 0..0.5, step 1 0.5..1).
+  check((await appStats(p)).applied?.t_index_list?.length === 2, 'two denoising steps', JSON.stringify((await appStats(p)).applied));
+  check(await p.textContent('#control-placeholder') === 'Off: steps 0.6–1 keep none of the 2 denoising steps',
+    'a range that keeps no step turns the control pane off', await p.textContent('#control-placeholder'));
   await setRange('#cn-to-0', '0.5');
   await until(async () => (await applied()).guidance_end === 0.5, 20000, 'guidance_end 0.5 applied');
   check((await applied()).guidance_start === 0.49, 'the start slider was pushed below the end', JSON.stringify(await applied()));
