@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # What ControlNets cost per frame (issue 15): one `streamdiffusion bench --sections e2e` run per configuration, all
 # in one go on the same machine state -- no ControlNet, 1 ControlNet, 2 ControlNets, 1 ControlNet with
-# --controlnet-every 2 and 4 -- on the real architectures with random weights (make-random-model: sd-turbo, i.e.
-# SD 2.1's UNet, + a controlnet-sd21 ControlNet). Prints the CPU, then a table of seconds per frame and fps per size
-# and mode with the ratio to the no-ControlNet run, and writes every bench JSON plus a summary JSON.
+# --controlnet-every 2 and 4; then at two denoising steps (t_index_list 32,45 img2img, 0,16 txt2img) no ControlNet, 1
+# ControlNet and 1 ControlNet on the first or the second half of the steps (--control-guidance-end / -start 0.5) --
+# on the real architectures with random weights (make-random-model: sd-turbo, i.e. SD 2.1's UNet, + a controlnet-sd21
+# ControlNet). Prints the CPU, then a table of seconds per frame and fps per size and mode with the ratio to the
+# no-ControlNet run at the same steps, and writes every bench JSON plus a summary JSON.
 #
 #   scripts/bench-controlnet.sh [--sizes "256 512"] [--threads N] [--dtype bf16] [--frames 8] [--warmup 2] [--out DIR]
 #
@@ -80,6 +82,7 @@ echo "model: $MODEL"
 echo "ControlNet: $CONTROLNET"
 
 SIZES_CSV="$(echo "$SIZES" | tr ' ' ',' | sed 's/,,*/,/g; s/^,//; s/,$//')"
+TWO_STEPS="--img2img-t-index 32,45 --txt2img-t-index 0,16"
 # name | bench arguments
 CONFIGS=(
   "none|"
@@ -87,6 +90,10 @@ CONFIGS=(
   "cn2|--controlnet $CONTROLNET --controlnet $CONTROLNET"
   "cn1_every2|--controlnet $CONTROLNET --controlnet-every 2"
   "cn1_every4|--controlnet $CONTROLNET --controlnet-every 4"
+  "none_2steps|$TWO_STEPS"
+  "cn1_2steps|$TWO_STEPS --controlnet $CONTROLNET"
+  "cn1_2steps_first|$TWO_STEPS --controlnet $CONTROLNET --control-guidance-end 0.5"
+  "cn1_2steps_second|$TWO_STEPS --controlnet $CONTROLNET --control-guidance-start 0.5"
 )
 for c in "${CONFIGS[@]}"; do
   name="${c%%|*}"
@@ -101,9 +108,14 @@ done
 python3 - "$OUT" "$CPU_MODEL" "$CPU_FAMILY" "$CPU_MODEL_NO" "$CPU_FLAGS" "$MODEL" "$CONTROLNET" <<'EOF'
 import json, os, sys
 out, cpu_model, family, model_no, flags, model, controlnet = sys.argv[1:8]
-names = ["none", "cn1", "cn2", "cn1_every2", "cn1_every4"]
+names = ["none", "cn1", "cn2", "cn1_every2", "cn1_every4",
+         "none_2steps", "cn1_2steps", "cn1_2steps_first", "cn1_2steps_second"]
 labels = {"none": "no ControlNet", "cn1": "1 ControlNet", "cn2": "2 ControlNets",
-          "cn1_every2": "1 ControlNet, every 2", "cn1_every4": "1 ControlNet, every 4"}
+          "cn1_every2": "1 ControlNet, every 2", "cn1_every4": "1 ControlNet, every 4",
+          "none_2steps": "2 steps, no ControlNet", "cn1_2steps": "2 steps, 1 ControlNet",
+          "cn1_2steps_first": "2 steps, CN steps 0..0.5", "cn1_2steps_second": "2 steps, CN steps 0.5..1"}
+# each row's time ratio is to the no-ControlNet run at the same number of steps
+steps = {n: 2 if n.endswith(("2steps", "_first", "_second")) else 1 for n in names}
 runs = {n: json.load(open(os.path.join(out, n + ".json"))) for n in names}
 rows = []
 for n in names:
@@ -111,15 +123,17 @@ for n in names:
         if r["section"] != "e2e":
             continue
         e = r.get("extra", {})
-        rows.append({"config": n, "label": labels[n], "mode": r["name"], "size": r["size"], "dtype": r["dtype"],
+        rows.append({"config": n, "label": labels[n], "steps": steps[n], "mode": r["name"], "size": r["size"],
+                     "dtype": r["dtype"], "control_guidance": runs[n].get("control_guidance"),
                      "s_per_frame": r["mean_s"], "median_s": r["median_s"], "frames": r["iters"],
                      "controlnets": e.get("controlnets", 0), "controlnet_every": e.get("controlnet_every", 1),
                      "controlnet_calls": e.get("controlnet_calls", 0),
                      "controlnet_reused": e.get("controlnet_reused", 0),
                      "per_frame_s": e.get("per_frame_s", {})})
-base = {(r["mode"], r["size"], r["dtype"]): r["s_per_frame"] for r in rows if r["config"] == "none"}
+base = {(r["mode"], r["size"], r["dtype"], r["steps"]): r["s_per_frame"] for r in rows
+        if r["config"] in ("none", "none_2steps")}
 for r in rows:
-    b = base.get((r["mode"], r["size"], r["dtype"]))
+    b = base.get((r["mode"], r["size"], r["dtype"], r["steps"]))
     r["fps"] = 1.0 / r["s_per_frame"] if r["s_per_frame"] > 0 else 0.0
     r["time_vs_none"] = r["s_per_frame"] / b if b else None
     r["fps_vs_none"] = b / r["s_per_frame"] if b and r["s_per_frame"] > 0 else None
@@ -127,9 +141,10 @@ print()
 print(f"CPU: {cpu_model or 'unknown'} (family {family or '?'}, model {model_no or '?'}); flags: {flags.strip() or '-'}")
 print(f"threads {runs['none']['threads']}, libtorch {runs['none']['libtorch']}, SIMD {runs['none']['cpu_simd']}")
 print(f"model {model}\nControlNet {controlnet}")
-print("s/frame = mean over the timed frames (the amortised cost with --controlnet-every)")
+print("s/frame = mean over the timed frames (the amortised cost with --controlnet-every); time x and fps x are to "
+      "the no-ControlNet run at the same steps")
 print()
-hdr = f"{'mode':8} {'size':>5} {'dtype':6} {'configuration':24} {'s/frame':>9} {'fps':>8} {'time x':>7} {'fps x':>7} {'CN s/frame':>11}"
+hdr = f"{'mode':8} {'size':>5} {'dtype':6} {'configuration':26} {'s/frame':>9} {'fps':>8} {'time x':>7} {'fps x':>7} {'CN s/frame':>11}"
 print(hdr)
 print("-" * len(hdr))
 for key in sorted({(r["mode"], r["size"], r["dtype"]) for r in rows}):
@@ -137,7 +152,7 @@ for key in sorted({(r["mode"], r["size"], r["dtype"]) for r in rows}):
         tv = f"{r['time_vs_none']:.2f}" if r["time_vs_none"] else "-"
         fv = f"{r['fps_vs_none']:.2f}" if r["fps_vs_none"] else "-"
         cn = r["per_frame_s"].get("controlnet", 0.0)
-        print(f"{r['mode']:8} {r['size']:>5} {r['dtype']:6} {r['label']:24} {r['s_per_frame']:>9.4f} "
+        print(f"{r['mode']:8} {r['size']:>5} {r['dtype']:6} {r['label']:26} {r['s_per_frame']:>9.4f} "
               f"{r['fps']:>8.3f} {tv:>7} {fv:>7} {cn:>11.4f}")
     print()
 summary = {"schema": "streamdiffusion-bench-controlnet/1",
