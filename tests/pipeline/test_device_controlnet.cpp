@@ -1,10 +1,10 @@
 // A ControlNet's guidance range on the device and dtype of $SD_TEST_DEVICE / $SD_TEST_DTYPE (tests/common/fixtures.h;
 // default cpu / fp32; scripts/gpu-check.sh runs it with cuda). The stream runs the ControlNet on the rows of the
 // steps in range alone, chosen on the host from its copy of the timesteps and gathered with an index uploaded once
-// per row list (no host synchronisation inside the frame on CUDA): a row out of range gets exactly zero, a row in range the full
-// range's residuals to the rounding of another batch size (the matrix products of fewer rows: measured 2e-6 of 5.8
-// in fp32 on the CPU), a sequential call of a step out of range runs no ControlNet, and a range that keeps no step is
-// no ControlNet at all.
+// per row list (no host synchronisation inside the frame on CUDA): a row out of range gets exactly zero, a row in
+// range the full range's residuals to the rounding of another batch size (the matrix products of fewer rows:
+// measured 2e-6 of 5.8 in fp32 on the CPU), a sequential call of a step out of range runs no ControlNet, and a range
+// that keeps no step is no ControlNet at all.
 #include <map>
 
 #include <gtest/gtest.h>
