@@ -123,12 +123,15 @@ void StreamDiffusionProcessor::set_control_preprocessors(
   }
   preprocessors_ = std::move(preprocessors);
   control_needs_.clear();  // every one is made until the model thread's next frame refreshes it
+  control_stale_.assign(n, 1);
 }
 
 void StreamDiffusionProcessor::refresh_control_needs() {
   const size_t n = stream_->controlnets().size();
   std::vector<char> need(n);
-  for (size_t i = 0; i < n; ++i) need[i] = stream_->controlnet_runs(i) || !stream_->control_image(i).defined();
+  control_stale_.resize(n, 1);
+  for (size_t i = 0; i < n; ++i)
+    need[i] = stream_->controlnet_runs(i) || !stream_->control_image(i).defined() || control_stale_[i];
   std::lock_guard<std::mutex> lock(control_mutex_);
   control_needs_ = std::move(need);
 }
@@ -158,7 +161,10 @@ void StreamDiffusionProcessor::set_feedback_controls() {
   const auto pre = control_preprocessors();
   for (size_t i = 0; i < pre.size(); ++i) {
     // One that does not run keeps its last image (as the frames' control images, refresh_control_needs).
-    if (!pre[i]->feedback() || (!stream_->controlnet_runs(i) && stream_->control_image(i).defined())) continue;
+    const bool stale = i >= control_stale_.size() || control_stale_[i];
+    if (!pre[i]->feedback() || (!stream_->controlnet_runs(i) && stream_->control_image(i).defined() && !stale))
+      continue;
+    if (i < control_stale_.size()) control_stale_[i] = 0;
     const torch::Tensor img = last_output_.defined()
                                   ? (last_output_.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1)
                                   : torch::zeros({1, 3, height_, width_});
@@ -200,7 +206,10 @@ std::vector<Frame> StreamDiffusionProcessor::process(Frame in) {
     last_input_ = in.tensor;
   }
   for (size_t i = 0; i < in.controls.size() && i < stream_->controlnets().size(); ++i)
-    if (in.controls[i].defined()) stream_->set_control_image(i, in.controls[i]);
+    if (in.controls[i].defined()) {
+      stream_->set_control_image(i, in.controls[i]);
+      if (i < control_stale_.size()) control_stale_[i] = 0;
+    }
   in.controls.clear();
   refresh_control_needs();  // after this frame's images and the commands applied since the last frame
   if (in.image_prompt_rgb.defined()) apply_image_prompt(in.image_prompt_rgb);
@@ -471,8 +480,11 @@ std::vector<Frame> StreamDiffusionProcessor::apply(const ControlCommand& c) {
       auto p = make_control_preprocessor(c.text);
       check_control_preprocessor(static_cast<size_t>(c.index), *p);
       pre[static_cast<size_t>(c.index)] = std::move(p);
+      // The stream's image is the old preprocessor's: the next frames make one even if the ControlNet is off now.
+      if (static_cast<size_t>(c.index) < control_stale_.size()) control_stale_[static_cast<size_t>(c.index)] = 1;
       std::lock_guard<std::mutex> lock(control_mutex_);
       preprocessors_ = std::move(pre);
+      if (static_cast<size_t>(c.index) < control_needs_.size()) control_needs_[static_cast<size_t>(c.index)] = 1;
       return {};
     }
     default:

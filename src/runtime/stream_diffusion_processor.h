@@ -106,9 +106,11 @@ class StreamDiffusionProcessor : public FrameProcessor {
   void check_control_preprocessor(size_t index, const ControlPreprocessor& p) const;
   void set_feedback_controls();  // model thread, before a pipeline call
   // Model thread: which ControlNets get control images made (control_needs_): those that run at the stream's scale,
-  // guidance range and steps, and any the stream has no image for yet, so that one turned on later has one at once
-  // (the last image then serves the frames already preprocessed).
+  // guidance range and steps, and any the stream has no image for yet or only one of an earlier preprocessor
+  // (control_stale_), so that one turned on later has a current one at once (it then serves the frames already
+  // preprocessed).
   void refresh_control_needs();
+  std::vector<char> control_stale_;  // model thread: the preprocessor changed since the stream's image was made
   mutable std::mutex control_mutex_;  // preprocessors_, control_needs_ (read on the pre-process thread, changed on
                                       // the model thread)
   std::vector<std::shared_ptr<const ControlPreprocessor>> preprocessors_;

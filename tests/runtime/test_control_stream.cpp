@@ -396,8 +396,9 @@ class CountingPreprocessor : public ControlPreprocessor {
 };
 
 // A ControlNet that does not run (scale 0, or a range that keeps no step) gets no control images made, past the first
-// frame's (the stream then has one, should the net be turned on later); one that runs gets one per frame. Run in the
-// synchronous loop, where each frame is preprocessed after the previous one was processed, so the counts are exact.
+// frame's (the stream then has one, should the net be turned on later) and, after a preprocessor change, the next
+// frame's; one that runs gets one per frame. Run in the synchronous loop, where each frame is preprocessed after the
+// previous one was processed, so the counts are exact.
 TEST_F(ControlStream, ControlImagesAreMadeOnlyForControlNetsThatRun) {
   TempDir tmp;
   const int N = 6;
@@ -422,6 +423,21 @@ TEST_F(ControlStream, ControlImagesAreMadeOnlyForControlNetsThatRun) {
   // Off from frame 1, on again from frame 4 (commands apply before their frame's model call, after its preprocessing):
   // images of frames 0, 1 and 5; ControlNet calls on frames 0, 4 (with frame 1's image) and 5, and the flush's call.
   EXPECT_EQ(count(1.0, 0.0, {{1, "controlnet_scale 0 0"}, {4, "controlnet_scale 0 1"}}), std::make_pair(3, int64_t{4}));
+
+  // The preprocessor changed while the net is off: the stream's image is the old one's, so the next frame preprocessed
+  // makes one with the new preprocessor (frame 3: the command applies before frame 2's model call), then none.
+  auto stream = make_stream(false, 0.0);
+  auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
+  auto canny = std::make_shared<CountingPreprocessor>(make_control_preprocessor("canny"));
+  proc->set_control_preprocessors({canny}, false);
+  StreamOptions with = o;
+  with.scheduled.push_back({2, *parse_control_command("control_preprocessor 0 gray")});
+  EXPECT_EQ(run(open_source(video), proc, nullptr, with).frames.size(), static_cast<size_t>(N));
+  EXPECT_EQ(canny->calls.load(), 1);
+  EXPECT_EQ(proc->control_preprocessors()[0]->name(), "gray");
+  auto bare = make_stream(false, 0.0);
+  bare->set_control_image(0, make_control_preprocessor("gray")->apply(rgb_of(test::read_video(video)[3])));
+  EXPECT_TRUE(torch::equal(stream->control_image(0), bare->control_image(0))) << "gray of frame 3";
 }
 
 // ---- IP-Adapter image prompts from a second source ----------------------------------------------------------------
