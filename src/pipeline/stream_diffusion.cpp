@@ -1006,13 +1006,24 @@ torch::Tensor StreamDiffusion::call_unet(const torch::Tensor& sample, const torc
     cache.reuse = deep_reuse_now_ && cache.deep.defined() && cache.deep.size(0) == sample.size(0);
     if (cache.reuse) ++stats_.unet_shallow_calls;
     out = models_->unet_cached(sample, t, ehs, added, control, cache);
-  } else if (!control.defined() && use_graphs()) {
-    // Inputs: sample [R, C, h, w], t [R], text rows [R, 77, D], and SDXL's added conditioning (undefined for SD).
-    out = graphed("unet", {sample, t, ehs, added.text_embeds, added.time_ids}, [this](const std::vector<Tensor>& in) {
+  } else if (use_graphs()) {
+    // Inputs: sample [R, C, h, w], t [R], text rows [R, 77, D], SDXL's added conditioning (undefined for SD) and, with
+    // ControlNets, their summed residuals (mid, then down; computed before, graphed on their own).
+    std::vector<Tensor> in{sample, t, ehs, added.text_embeds, added.time_ids};
+    if (control.defined()) {
+      in.push_back(control.mid);
+      in.insert(in.end(), control.down.begin(), control.down.end());
+    }
+    out = graphed(control.defined() ? "unet_control" : "unet", in, [this](const std::vector<Tensor>& in) {
       AddedConditioning a;
       a.text_embeds = in[3];
       a.time_ids = in[4];
-      return std::vector<Tensor>{models_->unet(in[0], in[1], in[2], a, ControlResiduals{})};
+      ControlResiduals c;
+      if (in.size() > 5) {
+        c.mid = in[5];
+        c.down.assign(in.begin() + 6, in.end());
+      }
+      return std::vector<Tensor>{models_->unet(in[0], in[1], in[2], a, c)};
     })[0];
   } else {
     out = models_->unet(sample, t, ehs, added, control);
@@ -1070,6 +1081,30 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
   Tensor text = ehs;  // [R, 77 (+ T), D]
   if (const IPAdapterModels* ip = models_->ip_adapter())  // as build_prompt_layout appends them
     text = ehs.narrow(1, 0, ehs.size(1) - ip->adapter->num_tokens());
+  // ControlNet i's residuals (times its scale) for these UNet rows. On CUDA replayed per shape like the UNet (a
+  // ControlNet launches about as many kernels). The scale is applied after the graph, so a live scale is no new graph:
+  // x * 1 is exact, and (x * 1) * s is the eager x * s bit for bit. The graphs read the ControlNet's weights:
+  // set_controlnets drops them.
+  const auto controlnet_rows = [this](size_t i, const Tensor& x, const Tensor& ts, const Tensor& txt,
+                                      const AddedConditioning& add) {
+    const ControlNetUnit& u = controlnets_[i];
+    if (!use_graphs()) return u.net->residuals(x, ts, txt, add, control_images_[i], u.scale);
+    const auto out = graphed("controlnet" + std::to_string(i),
+                             {x, ts, txt, add.text_embeds, add.time_ids, control_images_[i]},
+                             [net = u.net](const std::vector<Tensor>& in) {
+                               AddedConditioning a;
+                               a.text_embeds = in[3];
+                               a.time_ids = in[4];
+                               const ControlResiduals r = net->residuals(in[0], in[1], in[2], a, in[5], 1.0);
+                               std::vector<Tensor> v{r.mid};
+                               v.insert(v.end(), r.down.begin(), r.down.end());
+                               return v;
+                             });
+    ControlResiduals r;
+    r.mid = u.scale == 1.0 ? out[0] : out[0] * u.scale;
+    for (size_t k = 1; k < out.size(); ++k) r.down.push_back(u.scale == 1.0 ? out[k] : out[k] * u.scale);
+    return r;
+  };
   ControlResiduals sum;
   for (size_t i = 0; i < controlnets_.size(); ++i) {
     const ControlNetUnit& u = controlnets_[i];
@@ -1104,13 +1139,13 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
     }
     ControlResiduals r;
     if (rows.empty() || static_cast<int64_t>(rows.size()) == R) {
-      r = u.net->residuals(sample, t, text, added, control_images_[i], u.scale);
+      r = controlnet_rows(i, sample, t, text, added);
     } else {
       const Tensor& idx = row_index(rows);
       AddedConditioning a;
       if (added.defined()) a = {added.text_embeds.index_select(0, idx), added.time_ids.index_select(0, idx)};
-      const ControlResiduals part = u.net->residuals(sample.index_select(0, idx), t.index_select(0, idx),
-                                                     text.index_select(0, idx), a, control_images_[i], u.scale);
+      const ControlResiduals part = controlnet_rows(i, sample.index_select(0, idx), t.index_select(0, idx),
+                                                    text.index_select(0, idx), a);
       const auto spread = [&](const Tensor& x) {  // [k, ...] -> [R, ...], zeros in the rows out of range
         std::vector<int64_t> shape = x.sizes().vec();
         shape[0] = R;
@@ -1164,6 +1199,7 @@ void StreamDiffusion::set_controlnets(std::vector<ControlNetUnit> units) {
   }
   controlnets_ = std::move(units);
   control_images_.assign(controlnets_.size(), Tensor());
+  graphs_->clear();  // the ControlNet graphs read the replaced nets' weights
   control_cache_.clear();
   control_phase_ = 0;
   reset_deep_cache();

@@ -1,4 +1,5 @@
 // CUDA graphs of the stream's fixed-shape components (core/cuda_graph.h, StreamConfig::cuda_graphs).
+// Also a stream with a ControlNet (its own graphs, and the UNet's with the residuals as inputs).
 // Here (CPU) they check the pass-through: GraphCache runs the function eagerly and counts it, and a stream with graphs
 // on equals one with graphs off bit for bit. On a GPU host (scripts/gpu-check.sh: SD_TEST_DEVICE=cuda,
 // SD_TEST_DTYPE=fp16 / fp32) the same tests check that graphs were recorded and replayed, that a t_index_list change
@@ -12,6 +13,8 @@
 #include "common/fixtures.h"
 #include "core/cuda_graph.h"
 #include "core/device.h"
+#include "io/safetensors.h"
+#include "pipeline/controlnet.h"
 #include "pipeline/diffusion_models.h"
 #include "pipeline/multi_stream.h"
 #include "pipeline/stream_diffusion.h"
@@ -220,6 +223,69 @@ TEST(SharedStreamGraphs, BatchedCallsReplayedEqualEagerBatchedCalls) {
                       with_graphs, &gs);
   const auto after = graphs.counts();
   EXPECT_EQ(after.eager + after.replays + after.captures, before.eager + before.replays + before.captures);
+}
+
+// A stream with a ControlNet: on CUDA the ControlNet and the UNet taking its residuals are replayed from graphs of
+// their own (a graph per shape; the scale applied after the ControlNet's graph, so a live scale is no new graph; a
+// guidance range that keeps one of the two steps runs the ControlNet on one row: another shape). The replayed frames
+// equal the eager stream's (bounds as above), and the ControlNet changes them (a graph that dropped the residuals would
+// not). Here (CPU) both streams run eagerly, bit for bit.
+TEST(ControlNetStreamGraphs, ReplayedControlNetStreamEqualsEagerStream) {
+  const std::string cn_path = "controlnet/models/tiny-controlnet-sd15";
+  if (!test::fixture_exists("models/tiny-sd15") || !test::fixture_exists(cn_path + "/config.json"))
+    GTEST_SKIP() << "no fixtures";
+  const c10::Device device = test::test_device();
+  const c10::ScalarType dtype = test::test_dtype();
+  if (dtype == c10::kHalf && device.is_cpu()) GTEST_SKIP() << "fp16 needs SD_TEST_DEVICE=cuda";
+  const auto models = load_on_test_device("models/tiny-sd15");
+  const auto cn = ControlNet::load(test::fixture_path(cn_path), *models);
+  const auto control =
+      SafeTensorsFile::open(test::fixture_path("controlnet/control_images.safetensors")).get("control0");
+
+  StreamConfig config;
+  config.width = config.height = 64;
+  config.t_index_list = {32, 45};
+  config.cfg_type = CfgType::Self;
+  config.guidance_scale = 1.3;
+  config.seed = 9;
+  StreamConfig eager_config = config;
+  eager_config.cuda_graphs = false;
+  StreamDiffusion graphed(models, config), eager(models, eager_config), plain(models, eager_config);
+  for (StreamDiffusion* s : {&graphed, &eager, &plain}) s->prepare("a red fox in the snow", "blurry");
+  for (StreamDiffusion* s : {&graphed, &eager}) {
+    s->set_controlnets({ControlNetUnit{cn, 0.8}});
+    s->set_control_image(0, control);
+  }
+  torch::manual_seed(4);
+  const double tol = device.is_cpu() ? 0.0 : (dtype == c10::kHalf ? 1e-2 : 1e-4);
+  double controlnet_effect = 0, range = 0;
+  const auto check = [&](int call) {
+    const auto x = (torch::rand({1, 3, 64, 64}) * 2 - 1) * (1.0 - 0.05 * call);
+    const auto a = graphed.img2img(x).to(torch::kCPU, torch::kFloat);
+    const auto b = eager.img2img(x).to(torch::kCPU, torch::kFloat), p = plain.img2img(x).to(torch::kCPU, torch::kFloat);
+    range = std::max(1e-6, b.abs().max().item<double>());
+    const double diff = (a - b).abs().max().item<double>();
+    EXPECT_LE(diff, tol * range) << "call " << call << ": graphs on vs off, max|diff| " << diff << " of " << range;
+    controlnet_effect = std::max(controlnet_effect, (b - p).abs().max().item<double>());
+  };
+  for (int call = 0; call < 5; ++call) check(call);
+  for (StreamDiffusion* s : {&graphed, &eager}) s->set_controlnet_scale(0, 0.5);
+  for (int call = 5; call < 8; ++call) check(call);
+  for (StreamDiffusion* s : {&graphed, &eager}) s->set_controlnet_guidance(0, 0.0, 0.5);
+  for (int call = 8; call < 12; ++call) check(call);
+  EXPECT_GT(controlnet_effect, 0.05 * range) << "the ControlNet changes the frames";
+  EXPECT_EQ(graphed.stats().controlnet_calls, 12);
+
+  const StreamStats& s = graphed.stats();
+  if (device.is_cuda() && GraphCache::compiled()) {
+    EXPECT_EQ(s.graph_captures, 5) << "TAESD encode, ControlNet on two rows and on one, UNet with residuals, decode";
+    EXPECT_GE(s.graph_replays, 30);
+    std::cout << "[graphs] controlnet stream: " << s.graph_captures << " captures, " << s.graph_replays << " replays\n";
+  } else {
+    EXPECT_EQ(s.graph_captures, 0);
+    EXPECT_EQ(s.graph_replays, 0);
+  }
+  EXPECT_EQ(eager.stats().graph_replays, 0);
 }
 
 }  // namespace
