@@ -1083,8 +1083,8 @@ ControlResiduals StreamDiffusion::control_residuals(int64_t index, const torch::
     text = ehs.narrow(1, 0, ehs.size(1) - ip->adapter->num_tokens());
   // ControlNet i's residuals (times its scale) for these UNet rows. On CUDA replayed per shape like the UNet (a
   // ControlNet launches about as many kernels). The scale is applied after the graph, so a live scale is no new graph:
-  // x * 1 is exact, and (x * 1) * s is the eager x * s bit for bit. The graphs read the ControlNet's weights:
-  // set_controlnets drops them.
+  // x * 1 is exact, and (x * 1) * s is the eager x * s bit for bit (a net with global_pool_conditions averages before
+  // the scale here, after it eagerly: rounding). The graphs read the ControlNet's weights: set_controlnets drops them.
   const auto controlnet_rows = [this](size_t i, const Tensor& x, const Tensor& ts, const Tensor& txt,
                                       const AddedConditioning& add) {
     const ControlNetUnit& u = controlnets_[i];
@@ -1197,9 +1197,14 @@ void StreamDiffusion::set_controlnets(std::vector<ControlNetUnit> units) {
                             std::to_string(units[i].net->image_scale()) + "x but the model's latents are " +
                             std::to_string(vae_scale_) + "x smaller than the image");
   }
+  // The ControlNet graphs read the nets' weights: other nets (not the same list again, as the image API sets it per
+  // request) drop the stream's graphs, before the old nets go. The new cache has room for two graphs a net (all rows,
+  // and a guidance range's rows) beside the stream's own.
+  bool same = units.size() == controlnets_.size();
+  for (size_t i = 0; same && i < units.size(); ++i) same = units[i].net == controlnets_[i].net;
+  if (!same) graphs_ = std::make_unique<GraphCache>(8 + 2 * units.size());
   controlnets_ = std::move(units);
   control_images_.assign(controlnets_.size(), Tensor());
-  graphs_->clear();  // the ControlNet graphs read the replaced nets' weights
   control_cache_.clear();
   control_phase_ = 0;
   reset_deep_cache();
