@@ -953,12 +953,16 @@ namespace {
 bool runs_over(const ControlNetUnit& u, int64_t n) {
   return u.scale != 0.0 && control_guidance_keeps_any(u.guidance_start, u.guidance_end, n);
 }
+
+void check_controlnet_index(size_t index, size_t count) {
+  if (index >= count)
+    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range (" + std::to_string(count) +
+                          " ControlNets)");
+}
 }  // namespace
 
 bool StreamDiffusion::controlnet_runs(size_t index) const {
-  if (index >= controlnets_.size())
-    throw InvalidArgument("ControlNet index " + std::to_string(index) + " is out of range: the stream has " +
-                          std::to_string(controlnets_.size()));
+  check_controlnet_index(index, controlnets_.size());
   return runs_over(controlnets_[index], denoising_steps());
 }
 
@@ -1211,9 +1215,7 @@ void StreamDiffusion::set_controlnets(std::vector<ControlNetUnit> units) {
 }
 
 void StreamDiffusion::set_controlnet_scale(size_t index, double scale) {
-  if (index >= controlnets_.size())
-    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range (" +
-                          std::to_string(controlnets_.size()) + " ControlNets)");
+  check_controlnet_index(index, controlnets_.size());
   if (!std::isfinite(scale)) throw InvalidArgument("ControlNet scale must be finite");
   controlnets_[index].scale = scale;
   control_cache_.clear();
@@ -1221,9 +1223,7 @@ void StreamDiffusion::set_controlnet_scale(size_t index, double scale) {
 }
 
 void StreamDiffusion::set_controlnet_guidance(size_t index, double start, double end) {
-  if (index >= controlnets_.size())
-    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range (" +
-                          std::to_string(controlnets_.size()) + " ControlNets)");
+  check_controlnet_index(index, controlnets_.size());
   check_control_guidance(start, end, "ControlNet " + std::to_string(index));
   controlnets_[index].guidance_start = start;
   controlnets_[index].guidance_end = end;
@@ -1232,9 +1232,7 @@ void StreamDiffusion::set_controlnet_guidance(size_t index, double start, double
 }
 
 void StreamDiffusion::set_control_image(size_t index, const torch::Tensor& image) {
-  if (index >= controlnets_.size())
-    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range (" +
-                          std::to_string(controlnets_.size()) + " ControlNets)");
+  check_controlnet_index(index, controlnets_.size());
   torch::NoGradGuard no_grad;
   Tensor img;
   if (image.scalar_type() == torch::kUInt8) {
@@ -1261,8 +1259,7 @@ void StreamDiffusion::set_control_image(size_t index, const torch::Tensor& image
 }
 
 const torch::Tensor& StreamDiffusion::control_image(size_t index) const {
-  if (index >= control_images_.size())
-    throw InvalidArgument("ControlNet index " + std::to_string(index) + " out of range");
+  check_controlnet_index(index, control_images_.size());
   return control_images_[index];
 }
 
