@@ -732,6 +732,7 @@ class Bench {
                // Whether TAESD's convolutions ran fused (it turns itself off if cuDNN refuses or disagrees).
                {"cuda_fused_conv", device_.is_cuda() && sd::nn::cuda_fused_conv()},
                {"graph_replays_per_frame", static_cast<double>(s1.graph_replays - s0.graph_replays) / n},
+               {"graph_failures", s1.graph_failures},  // warm-up included: captures happen there
                {"unet_rows_per_frame", rows},
                {"controlnets", cn ? cn_units_.size() : 0},
                {"models", "sd::load_pipeline + sd::StreamDiffusion"}};
@@ -761,6 +762,9 @@ class Bench {
         std::cout << "           " << mode << " " << variant << ": the compiled UNet ran no call (" << c.last_fallback
                   << ")\n";
     }
+    if (s1.graph_failures > 0)
+      std::cout << "           " << mode << " " << variant << ": " << s1.graph_failures
+                << " CUDA graph capture(s) failed; those calls ran eagerly (the log names them)\n";
     r.gflop = deep > 1 ? 0.0 : frame_gflop(mode, ae, size, rows);
     if (section == "e2e" && !cn && deep == 1) {
       const int n = o_.pipelined_frames >= 0 ? o_.pipelined_frames : (device_.is_cpu() ? 0 : o_.frames);
@@ -1212,6 +1216,7 @@ class Bench {
                   {"shared_unet_calls", ms.shared_unet_calls - ms0.shared_unet_calls},
                   {"graph_replays_per_round", static_cast<double>(ms.graph_replays - ms0.graph_replays) /
                                                   std::max(1, o_.frames)},
+                  {"graph_failures", ms.graph_failures},
                   {"cfg", sd::cfg_type_name(cfg)},
                   {"t_index_list", t_multi_}};
       if (compiled_) {

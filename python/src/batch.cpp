@@ -123,7 +123,8 @@ failure is raised after every call ran, else its entry is the exception (as asyn
           "stats", [](const PyBatcher& b) { return stats_dict(b.stats); },
           "Counters since the batcher was made: steps, stream_calls, shared_unet_calls (UNet calls over >= 2 streams), "
           "shared_encode_calls, batched_calls (stream calls in a shared call), own_calls, skipped, errors, max_batch, "
-          "max_rows, graph_captures, graph_replays (CUDA graphs of the shared calls), shared_call_failures "
+          "max_rows, graph_captures, graph_replays, graph_failures (CUDA graphs of the shared calls: captures that "
+          "failed run eagerly), shared_call_failures "
           "(shared calls that failed; each stream then made its own).")
       .def_property_readonly("max_streams", [](const PyBatcher& b) { return b.options.max_streams; });
 }

@@ -231,6 +231,8 @@ argument > the model's streamdiffusion.json > its family's defaults > built-in (
       .def_readonly("graph_replays", &sd::StreamStats::graph_replays,
                     "UNet / encode / decode calls answered by a CUDA graph replay")
       .def_readonly("graph_captures", &sd::StreamStats::graph_captures, "CUDA graphs recorded")
+      .def_readonly("graph_failures", &sd::StreamStats::graph_failures,
+                    "CUDA graph captures that failed (that component and shape then runs eagerly)")
       .def_readonly("image_prompt_s", &sd::StreamStats::image_prompt_s, "wall time of the image prompt encodes")
       .def_readonly("controlnet_s", &sd::StreamStats::controlnet_s)
       .def_readonly("text_encode_s", &sd::StreamStats::text_encode_s)

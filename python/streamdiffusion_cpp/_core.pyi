@@ -186,6 +186,7 @@ class StreamStats:
     deep_cache_forced: int
     graph_replays: int
     graph_captures: int
+    graph_failures: int
     batched_calls: int
     controlnet_s: float
     text_encode_s: float

@@ -89,6 +89,7 @@ void MultiStreamStats::add(const MultiStreamStats& o) {
   shared_encode_calls += o.shared_encode_calls;
   graph_captures += o.graph_captures;
   graph_replays += o.graph_replays;
+  graph_failures += o.graph_failures;
   shared_call_failures += o.shared_call_failures;
 }
 
@@ -240,6 +241,7 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
       const GraphCache::Counts after = cache.counts();
       st.graph_captures += after.captures - before.captures;
       st.graph_replays += after.replays - before.replays;
+      st.graph_failures += after.failures - before.failures;
       return out;
     };
 

@@ -100,6 +100,7 @@ struct MultiStreamStats {
   int64_t shared_encode_calls = 0;  // encodes of >= 2 streams' img2img inputs in one call (TAESD)
   int64_t graph_captures = 0;   // shared encode / UNet / decode calls recorded as CUDA graphs (SharedGraphs)
   int64_t graph_replays = 0;    // shared encode / UNet / decode calls answered by a replay
+  int64_t graph_failures = 0;   // captures of shared calls that failed (that key then runs eagerly)
   int64_t shared_call_failures = 0;  // shared encode / UNet / decode calls that failed (each stream then made its own)
   void add(const MultiStreamStats& o);
   // Calls f(name, value) for every counter, in declaration order (reports: Python's StreamBatcher.stats).
@@ -117,6 +118,7 @@ struct MultiStreamStats {
     f("shared_encode_calls", shared_encode_calls);
     f("graph_captures", graph_captures);
     f("graph_replays", graph_replays);
+    f("graph_failures", graph_failures);
     f("shared_call_failures", shared_call_failures);
   }
 };

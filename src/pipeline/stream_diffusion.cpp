@@ -188,6 +188,7 @@ std::vector<torch::Tensor> StreamDiffusion::graphed(
   const auto after = graphs_->counts();
   stats_.graph_replays += after.replays - before.replays;
   stats_.graph_captures += after.captures - before.captures;
+  stats_.graph_failures += after.failures - before.failures;
   return out;
 }
 

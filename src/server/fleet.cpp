@@ -272,6 +272,17 @@ std::string render_metrics(ServerContext& ctx) {
         static_cast<double>(t.skipped));
   m.one("sd_stream_errors_total", "counter", "Error messages sent to WebSocket clients (bad input, failed steps).",
         static_cast<double>(t.errors));
+  // A failed capture is not an error (that call runs eagerly, as without graphs) but costs the frame rate: an alert.
+  m.family("sd_cuda_graphs_total", "counter",
+           "CUDA graph events of the model calls (streams' own and shared multi-stream calls; 0 off CUDA), by event: "
+           "capture (a graph recorded), replay (a call answered by a replay), failure (a capture that failed: that "
+           "call and shape then run eagerly).");
+  m.sample("sd_cuda_graphs_total",
+           static_cast<double>(t.graph_captures + w.value("batched_graph_captures", int64_t{0})), "event=\"capture\"");
+  m.sample("sd_cuda_graphs_total",
+           static_cast<double>(t.graph_replays + w.value("batched_graph_replays", int64_t{0})), "event=\"replay\"");
+  m.sample("sd_cuda_graphs_total",
+           static_cast<double>(t.graph_failures + w.value("batched_graph_failures", int64_t{0})), "event=\"failure\"");
   m.one("sd_model_steps_total", "counter", "Model worker turns (stream steps, API images).",
         static_cast<double>(w.value("steps", int64_t{0})));
   m.one("sd_model_busy_seconds_total", "counter", "Seconds the model worker spent running steps.",

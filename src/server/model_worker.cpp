@@ -181,6 +181,7 @@ nlohmann::json ModelWorker::stats() const {
           {"own_calls", b.own_calls},
           {"batched_graph_captures", b.graph_captures},
           {"batched_graph_replays", b.graph_replays},
+          {"batched_graph_failures", b.graph_failures},
           {"batched_call_failures", b.shared_call_failures}};
 }
 

@@ -49,6 +49,7 @@ struct ServerContext {
   struct StreamTotals {
     int64_t frames_in = 0, frames_out = 0, dropped_in = 0, dropped_out = 0, skipped = 0, errors = 0,
             lost_at_close = 0;
+    int64_t graph_captures = 0, graph_replays = 0, graph_failures = 0;
     void add(const nlohmann::json& s) {
       frames_in += s.value("frames_in", int64_t{0});
       frames_out += s.value("frames_out", int64_t{0});
@@ -57,6 +58,9 @@ struct ServerContext {
       skipped += s.value("skipped", int64_t{0});
       errors += s.value("errors", int64_t{0});
       lost_at_close += s.value("lost_at_close", int64_t{0});
+      graph_captures += s.value("graph_captures", int64_t{0});
+      graph_replays += s.value("graph_replays", int64_t{0});
+      graph_failures += s.value("graph_failures", int64_t{0});
     }
   };
   std::mutex totals_mutex;

@@ -448,8 +448,11 @@ void StreamSession::end_step(PendingStep& p, const torch::Tensor& out, std::opti
     send_error(std::string("generation failed: ") + e.what());
     return;
   }
+  const StreamStats& after = stream_->stats();
+  graph_captures_.fetch_add(after.graph_captures - before.graph_captures, std::memory_order_relaxed);
+  graph_replays_.fetch_add(after.graph_replays - before.graph_replays, std::memory_order_relaxed);
+  graph_failures_.fetch_add(after.graph_failures - before.graph_failures, std::memory_order_relaxed);
   if (!applied_.controlnets.empty()) {
-    const StreamStats& after = stream_->stats();
     controlnet_calls_.fetch_add(after.controlnet_calls - before.controlnet_calls, std::memory_order_relaxed);
     controlnet_reused_.fetch_add(after.controlnet_reused - before.controlnet_reused, std::memory_order_relaxed);
     controlnet_s_.store(controlnet_s_.load() + (after.controlnet_s - before.controlnet_s));
@@ -495,7 +498,10 @@ nlohmann::json StreamSession::stats() const {
           {"errors", errors_.load()},
           {"lost_at_close", lost_at_close_.load()},
           {"model_ms", model_ms_ema_.load()},
-          {"fps_out", fps}};
+          {"fps_out", fps},
+          {"graph_captures", graph_captures_.load()},
+          {"graph_replays", graph_replays_.load()},
+          {"graph_failures", graph_failures_.load()}};
   if (!defaults_.controlnets.empty()) {
     j["controlnet_calls"] = controlnet_calls_.load();
     j["controlnet_reused"] = controlnet_reused_.load();

@@ -131,6 +131,7 @@ TEST_F(CliBench, AllSectionsWriteAConsistentReport) {
     SCOPED_TRACE(id);
     const auto& e = x["extra"];
     const double rows = e["unet_rows_per_frame"], calls = e["unet_calls_per_frame"];
+    EXPECT_EQ(e.at("graph_failures"), 0);  // no CUDA graph on the CPU, so none failed
     const int64_t n = e["t_index_list"].size();
     const std::string cfg = e["cfg"];
     const double per_call = cfg == "full" ? 2.0 * n : cfg == "initialize" ? n + 1.0 : static_cast<double>(n);
@@ -293,6 +294,7 @@ TEST_F(CliBench, MultistreamSectionTimesOneByOneAndBatched) {
     const auto& b = by_id.at("multistream/batched/" + variant + "/fp32/64");
     EXPECT_EQ(b["section"], "multistream");
     EXPECT_EQ(b["extra"]["unet_calls_per_round"], 1);
+    EXPECT_EQ(b["extra"].at("graph_failures"), 0);
     EXPECT_EQ(b["extra"]["shared_unet_calls"], k >= 2 ? 2 : 0);
     EXPECT_TRUE(by_id.count("multistream/one-by-one/" + variant + "/fp32/64"));
   }

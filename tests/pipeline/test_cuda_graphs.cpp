@@ -129,6 +129,7 @@ TEST_P(StreamGraphs, ReplayedStreamEqualsEagerStream) {
     // img2img one TAESD encode graph; the first call per shape is the eager warm-up.
     const int64_t expected = gc.mode == "img2img" ? 4 : 3;
     EXPECT_EQ(s.graph_captures, expected) << "UNet graphs for both batch shapes, decode (and encode for img2img)";
+    EXPECT_EQ(s.graph_failures, 0) << "captures that failed (the log names the key)";
     EXPECT_GE(s.graph_replays, 8);
     std::cout << "[graphs] " << gc.model << " " << gc.mode << " " << cfg_type_name(gc.cfg) << ": " << s.graph_captures
               << " captures, " << s.graph_replays << " replays\n";
@@ -209,6 +210,7 @@ TEST(SharedStreamGraphs, BatchedCallsReplayedEqualEagerBatchedCalls) {
   if (device.is_cuda() && GraphCache::compiled()) {
     // Per row count (6 and 4 UNet rows): the eager warm-up, the capture (and its replay), then replays.
     EXPECT_EQ(gs.graph_captures, 6) << "a TAESD encode, a UNet and a decode graph for 3 streams and for 2";
+    EXPECT_EQ(gs.graph_failures, 0);
     EXPECT_EQ(gs.graph_replays, 3 * 3 + 3 * 2);
     EXPECT_EQ(graphs.counts().graphs, 6u);
     std::cout << "[graphs] shared calls: " << gs.graph_captures << " captures, " << gs.graph_replays << " replays\n";
@@ -287,6 +289,7 @@ TEST(ControlNetStreamGraphs, ReplayedControlNetStreamEqualsEagerStream) {
   const StreamStats& s = graphed.stats();
   if (device.is_cuda() && GraphCache::compiled()) {
     EXPECT_EQ(s.graph_captures, 5) << "TAESD encode, ControlNet on two rows and on one, UNet with residuals, decode";
+    EXPECT_EQ(s.graph_failures, 0);
     // From each key's second call: encode, decode and the UNet 11 each, the ControlNet on two rows 7 and on one 3.
     EXPECT_EQ(s.graph_replays, 43);
     std::cout << "[graphs] controlnet stream: " << s.graph_captures << " captures, " << s.graph_replays << " replays\n";

@@ -176,6 +176,7 @@ TEST_P(ServerBatch, TwoClientsShareOneUNetCallAndGetTheirOneAtATimeFrames) {
   EXPECT_EQ(ws["own_calls"], 0);
   EXPECT_EQ(ws["batched_graph_captures"], 0);  // CUDA graphs of the shared calls: none on the CPU
   EXPECT_EQ(ws["batched_graph_replays"], 0);
+  EXPECT_EQ(ws["batched_graph_failures"], 0);
   EXPECT_EQ(ws["steps"], 1 + 3 * rounds);  // client 1's settings, then per round the gate and two task turns
   EXPECT_EQ(alone.worker_stats["max_batch_streams"], 1);
   EXPECT_EQ(alone.worker_stats["gathered_steps"], 0);

@@ -377,6 +377,10 @@ TEST_F(FleetServerTest, MetricsParseAndMatchWhatTheClientsCounted) {
     EXPECT_GT(m.value("sd_stage_seconds_sum", {{"stage", "model"}}), 0);
     EXPECT_EQ(m.type("sd_stage_seconds"), "histogram");
     EXPECT_EQ(m.type("sd_frames_dropped_total"), "counter");
+    // CUDA graphs: none on the CPU (the streams' own calls and the shared ones alike), every event listed.
+    EXPECT_EQ(m.type("sd_cuda_graphs_total"), "counter");
+    for (const char* event : {"capture", "replay", "failure"})
+      EXPECT_EQ(m.value("sd_cuda_graphs_total", {{"event", event}}), 0) << event;
     EXPECT_GT(m.value("sd_model_busy_seconds_total"), 0);
     const double busy = m.value("sd_model_busy_ratio");
     EXPECT_GT(busy, 0);

@@ -538,7 +538,11 @@ TEST_F(ServerTest, SlowClientDoesNotStallOthers) {
   EXPECT_TRUE(a.advances(5));
   const auto stats = http_get(port_, "/api/stats").json();
   int64_t dropped_in = 0;
-  for (const auto& c : stats["clients"]) dropped_in += c["dropped_in"].get<int64_t>();
+  for (const auto& c : stats["clients"]) {
+    dropped_in += c["dropped_in"].get<int64_t>();
+    for (const char* k : {"graph_captures", "graph_replays", "graph_failures"})  // the CPU: no CUDA graphs
+      EXPECT_EQ(c.at(k), 0) << k;
+  }
   EXPECT_GT(dropped_in, 0) << stats.dump();
   a.stop();
 }
