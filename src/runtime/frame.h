@@ -24,6 +24,10 @@ struct Frame {
   // Model side: one control image per ControlNet, uint8 RGB [H, W, 3] (FrameProcessor::preprocess_controls());
   // undefined = this frame brings none (the previous one stays, or the model thread supplies it: feedback).
   std::vector<torch::Tensor> controls;
+  // Model side: what the control images are made from (the control source's frame, else the input's; uint8 RGB
+  // [H, W, 3]), kept when `controls` lacks one (its ControlNet did not run when the frame was preprocessed): should
+  // that ControlNet run by the frame's model call (turned on meanwhile), the processor makes its image from it then.
+  torch::Tensor control_source;
   // A new IP-Adapter image prompt from the image-prompt source (--image-prompt-input), on the frames it is read with:
   // BGR 8UC3 on the source side, then uint8 RGB [H, W, 3] at its own size (the image encoder resizes and crops).
   cv::Mat image_prompt;

@@ -205,12 +205,22 @@ std::vector<Frame> StreamDiffusionProcessor::process(Frame in) {
     if (!in.tensor.defined()) throw InvalidArgument("img2img stream: frame " + std::to_string(in.index) + " has no image");
     last_input_ = in.tensor;
   }
-  for (size_t i = 0; i < in.controls.size() && i < stream_->controlnets().size(); ++i)
-    if (in.controls[i].defined()) {
-      stream_->set_control_image(i, in.controls[i]);
+  std::vector<std::shared_ptr<const ControlPreprocessor>> pre;
+  if (in.control_source.defined()) pre = control_preprocessors();
+  for (size_t i = 0; i < in.controls.size() && i < stream_->controlnets().size(); ++i) {
+    torch::Tensor image = in.controls[i];
+    // Preprocessed while this ControlNet did not run, and it runs now (turned on since): the frame's own image, made
+    // here, rather than the one the stream kept from before it went off.
+    if (!image.defined() && in.control_source.defined() && i < pre.size() && !pre[i]->feedback() &&
+        stream_->controlnet_runs(i))
+      image = pre[i]->apply(in.control_source);
+    if (image.defined()) {
+      stream_->set_control_image(i, image);
       if (i < control_stale_.size()) control_stale_[i] = 0;
     }
+  }
   in.controls.clear();
+  in.control_source = torch::Tensor();
   refresh_control_needs();  // after this frame's images and the commands applied since the last frame
   if (in.image_prompt_rgb.defined()) apply_image_prompt(in.image_prompt_rgb);
   in.image_prompt_rgb = torch::Tensor();

@@ -107,8 +107,8 @@ class StreamDiffusionProcessor : public FrameProcessor {
   void set_feedback_controls();  // model thread, before a pipeline call
   // Model thread: which ControlNets get control images made (control_needs_): those that run at the stream's scale,
   // guidance range and steps, and any the stream has no image for yet or only one of an earlier preprocessor
-  // (control_stale_), so that one turned on later has a current one at once (it then serves the frames already
-  // preprocessed).
+  // (control_stale_), so that one turned on later always has one. The frames already preprocessed when it is turned on
+  // get theirs made on the model thread, from Frame::control_source.
   void refresh_control_needs();
   std::vector<char> control_stale_;  // model thread: the preprocessor changed since the stream's image was made
   mutable std::mutex control_mutex_;  // preprocessors_, control_needs_ (read on the pre-process thread, changed on

@@ -392,6 +392,11 @@ void StreamRuntime::preprocess_frame(Frame& f) {
     f.control.release();
   }
   f.controls = processor_->preprocess_controls(input, control);
+  for (const auto& c : f.controls)
+    if (!c.defined()) {
+      f.control_source = control.defined() ? control : input;
+      break;
+    }
   if (!f.image_prompt.empty()) {
     f.image_prompt_rgb = rgb_tensor(f.image_prompt);  // its own size: the image encoder resizes and crops
     f.image_prompt.release();

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
+#include <mutex>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <opencv2/imgcodecs.hpp>
@@ -387,9 +389,15 @@ class CountingPreprocessor : public ControlPreprocessor {
   std::string name() const override { return inner_->name(); }
   torch::Tensor apply(const torch::Tensor& rgb) const override {
     ++calls;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      sources.push_back(rgb.sum().item<int64_t>());
+    }
     return inner_->apply(rgb);
   }
   mutable std::atomic<int> calls{0};
+  mutable std::mutex mutex;
+  mutable std::vector<int64_t> sources;  // the pixel sum of each image it was applied to, in order
 
  private:
   std::shared_ptr<const ControlPreprocessor> inner_;
@@ -405,11 +413,12 @@ TEST_F(ControlStream, ControlImagesAreMadeOnlyForControlNetsThatRun) {
   const std::string video = test::write_index_video(tmp.path + "/in.avi", N);
   StreamOptions o = quiet();
   o.synchronous = true;
+  std::shared_ptr<CountingPreprocessor> canny;
   const auto count = [&](double scale, double start, std::vector<std::pair<int64_t, std::string>> commands = {}) {
     auto stream = make_stream(false, scale);
     stream->set_controlnet_guidance(0, start, 1.0);
     auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
-    auto canny = std::make_shared<CountingPreprocessor>(make_control_preprocessor("canny"));
+    canny = std::make_shared<CountingPreprocessor>(make_control_preprocessor("canny"));
     proc->set_control_preprocessors({canny}, false);
     StreamOptions with = o;
     for (const auto& [frame, line] : commands) with.scheduled.push_back({frame, *parse_control_command(line)});
@@ -421,14 +430,20 @@ TEST_F(ControlStream, ControlImagesAreMadeOnlyForControlNetsThatRun) {
   EXPECT_EQ(count(0.0, 0.0), std::make_pair(1, int64_t{0})) << "scale 0: the first frame's only";
   EXPECT_EQ(count(1.0, 0.9), std::make_pair(1, int64_t{0})) << "0.9..1 keeps neither of 2 steps";
   // Off from frame 1, on again from frame 4 (commands apply before their frame's model call, after its preprocessing):
-  // images of frames 0, 1 and 5; ControlNet calls on frames 0, 4 (with frame 1's image) and 5, and the flush's call.
-  EXPECT_EQ(count(1.0, 0.0, {{1, "controlnet_scale 0 0"}, {4, "controlnet_scale 0 1"}}), std::make_pair(3, int64_t{4}));
+  // images of frames 0, 1, 4 and 5 (frame 4's made on the model thread: it was preprocessed while the net was off, and
+  // frame 1's image, kept from before, is not frame 4's); ControlNet calls on frames 0, 4 and 5, and the flush's call.
+  const std::vector<cv::Mat> frames = test::read_video(video);
+  ASSERT_EQ(frames.size(), static_cast<size_t>(N));
+  EXPECT_EQ(count(1.0, 0.0, {{1, "controlnet_scale 0 0"}, {4, "controlnet_scale 0 1"}}), std::make_pair(4, int64_t{4}));
+  std::vector<int64_t> expected;
+  for (int k : {0, 1, 4, 5}) expected.push_back(rgb_of(frames[k]).sum().item<int64_t>());
+  EXPECT_EQ(canny->sources, expected) << "the images of frames 0, 1, 4 and 5";
 
   // The preprocessor changed while the net is off: the stream's image is the old one's, so the next frame preprocessed
   // makes one with the new preprocessor (frame 3: the command applies before frame 2's model call), then none.
   auto stream = make_stream(false, 0.0);
   auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
-  auto canny = std::make_shared<CountingPreprocessor>(make_control_preprocessor("canny"));
+  canny = std::make_shared<CountingPreprocessor>(make_control_preprocessor("canny"));
   proc->set_control_preprocessors({canny}, false);
   StreamOptions with = o;
   with.scheduled.push_back({2, *parse_control_command("control_preprocessor 0 gray")});
@@ -436,7 +451,7 @@ TEST_F(ControlStream, ControlImagesAreMadeOnlyForControlNetsThatRun) {
   EXPECT_EQ(canny->calls.load(), 1);
   EXPECT_EQ(proc->control_preprocessors()[0]->name(), "gray");
   auto bare = make_stream(false, 0.0);
-  bare->set_control_image(0, make_control_preprocessor("gray")->apply(rgb_of(test::read_video(video)[3])));
+  bare->set_control_image(0, make_control_preprocessor("gray")->apply(rgb_of(frames[3])));
   EXPECT_TRUE(torch::equal(stream->control_image(0), bare->control_image(0))) << "gray of frame 3";
 }
 
