@@ -1206,8 +1206,13 @@ class Bench {
       const double fps2 = r2.timing.median > 0 ? static_cast<double>(k) / r2.timing.median : 0;
       const double ratio = fps1 > 0 ? fps2 / fps1 : 0;
       const int64_t rows = k * one[0]->unet_batch_size();
+      // CUDA graph captures that failed (warm-up included): the streams' own, and for batched rounds the shared calls'.
+      int64_t failed_one = 0, failed_many = ms.graph_failures;
+      for (const auto& s : one) failed_one += s->stats().graph_failures;
+      for (const auto& c : calls) failed_many += c.stream->stats().graph_failures;
       r1.extra = {{"streams", k}, {"fps_total", fps1}, {"unet_calls_per_round", k}, {"unet_rows_per_call",
-                   one[0]->unet_batch_size()}, {"cfg", sd::cfg_type_name(cfg)}, {"t_index_list", t_multi_}};
+                   one[0]->unet_batch_size()}, {"cfg", sd::cfg_type_name(cfg)}, {"t_index_list", t_multi_},
+                  {"graph_failures", failed_one}};
       r2.extra = {{"streams", k},
                   {"fps_total", fps2},
                   {"speedup_vs_one_by_one", ratio},
@@ -1216,7 +1221,7 @@ class Bench {
                   {"shared_unet_calls", ms.shared_unet_calls - ms0.shared_unet_calls},
                   {"graph_replays_per_round", static_cast<double>(ms.graph_replays - ms0.graph_replays) /
                                                   std::max(1, o_.frames)},
-                  {"graph_failures", ms.graph_failures},
+                  {"graph_failures", failed_many},
                   {"cfg", sd::cfg_type_name(cfg)},
                   {"t_index_list", t_multi_}};
       if (compiled_) {
@@ -1234,6 +1239,9 @@ class Bench {
       }
       add(id_one, r1);
       add(id_many, r2);
+      if (failed_one + failed_many > 0)
+        std::cout << "           " << k << " streams: " << failed_one << " (one by one) and " << failed_many
+                  << " (batched) CUDA graph capture(s) failed; those calls ran eagerly (the log names them)\n";
       std::cout << "           " << k << " streams" << (compiled_ ? " (compiled UNet)" : "") << ": one by one "
                 << std::fixed << std::setprecision(2) << fps1 << " fps total, batched " << fps2 << " fps total, x"
                 << ratio << "\n";

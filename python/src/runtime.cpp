@@ -94,8 +94,8 @@ class LockedProcessor : public sd::FrameProcessor {
   bool takes_images() const override { return p_->takes_images(); }
   bool takes_image_prompts() const override { return p_->takes_image_prompts(); }
   torch::Tensor preprocess(const torch::Tensor& rgb_u8) override { return p_->preprocess(rgb_u8); }
-  std::vector<torch::Tensor> preprocess_controls(const torch::Tensor& input, const torch::Tensor& control) override {
-    return p_->preprocess_controls(input, control);
+  void preprocess_controls(sd::Frame& frame, const torch::Tensor& input, const torch::Tensor& control) override {
+    p_->preprocess_controls(frame, input, control);
   }
   std::vector<sd::Frame> process(sd::Frame in) override {
     std::lock_guard<std::mutex> lock(*mu_);

@@ -237,11 +237,20 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
       if (!graphs) return fn(inputs);
       GraphCache& cache = MultiStreamAccess::cache(*options.graphs);
       const GraphCache::Counts before = cache.counts();
-      std::vector<Tensor> out = cache.run(name, inputs, fn);
-      const GraphCache::Counts after = cache.counts();
-      st.graph_captures += after.captures - before.captures;
-      st.graph_replays += after.replays - before.replays;
-      st.graph_failures += after.failures - before.failures;
+      const auto count = [&] {  // also when the call throws (its failed capture is counted)
+        const GraphCache::Counts after = cache.counts();
+        st.graph_captures += after.captures - before.captures;
+        st.graph_replays += after.replays - before.replays;
+        st.graph_failures += after.failures - before.failures;
+      };
+      std::vector<Tensor> out;
+      try {
+        out = cache.run(name, inputs, fn);
+      } catch (...) {
+        count();
+        throw;
+      }
+      count();
       return out;
     };
 

@@ -184,11 +184,21 @@ std::vector<torch::Tensor> StreamDiffusion::graphed(
     graphs_weights_version_ = v;
   }
   const auto before = graphs_->counts();
-  auto out = graphs_->run(name, inputs, fn);
-  const auto after = graphs_->counts();
-  stats_.graph_replays += after.replays - before.replays;
-  stats_.graph_captures += after.captures - before.captures;
-  stats_.graph_failures += after.failures - before.failures;
+  // Also when the call throws: a capture that failed and an eager run after it that failed too (out of memory).
+  const auto count = [&] {
+    const auto after = graphs_->counts();
+    stats_.graph_replays += after.replays - before.replays;
+    stats_.graph_captures += after.captures - before.captures;
+    stats_.graph_failures += after.failures - before.failures;
+  };
+  std::vector<Tensor> out;
+  try {
+    out = graphs_->run(name, inputs, fn);
+  } catch (...) {
+    count();
+    throw;
+  }
+  count();
   return out;
 }
 

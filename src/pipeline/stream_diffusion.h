@@ -122,7 +122,8 @@ struct StreamStats {
   int64_t image_prompt_encodes = 0;  // IP-Adapter image prompts through the image encoder (once per image)
   int64_t graph_replays = 0;         // UNet / encode / decode calls answered by a CUDA graph replay
   int64_t graph_captures = 0;        // CUDA graphs recorded (one per component and shape)
-  int64_t graph_failures = 0;        // captures that failed (that component and shape then runs eagerly; logged once)
+  int64_t graph_failures = 0;        // captures that failed (that component and shape then runs eagerly, logged;
+                                     // tried again after the graphs are dropped: new LoRA weights, other ControlNets)
   // Multi-stream batching (pipeline/multi_stream.h): stream calls whose UNet rows ran in one UNet call shared with
   // other streams (each still counts one unet_call and its own rows; unet_s / decode_s get the share of the shared
   // call's time in proportion to the rows).

@@ -11,7 +11,9 @@
 // Depth and pose need models of their own (MiDaS / DPT / Depth-Anything for depth, OpenPose / DWPose for pose, HED /
 // lineart for soft edges): they plug in through register_control_preprocessor() with a factory that loads the model,
 // without touching the stream. Preprocessors run on the pre-process thread (off the model thread), except feedback,
-// whose image only exists on the model thread.
+// whose image only exists on the model thread, and the image of a frame preprocessed while its ControlNet did not run
+// and that runs by the frame's call (StreamDiffusionProcessor makes it on the model thread): apply() is const and may
+// run on either thread.
 #include <functional>
 #include <memory>
 #include <string>

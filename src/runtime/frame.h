@@ -25,8 +25,9 @@ struct Frame {
   // undefined = this frame brings none (the previous one stays, or the model thread supplies it: feedback).
   std::vector<torch::Tensor> controls;
   // Model side: what the control images are made from (the control source's frame, else the input's; uint8 RGB
-  // [H, W, 3]), kept when `controls` lacks one (its ControlNet did not run when the frame was preprocessed): should
-  // that ControlNet run by the frame's model call (turned on meanwhile), the processor makes its image from it then.
+  // [H, W, 3]), kept by a processor that left out some (StreamDiffusionProcessor: of ControlNets that did not run
+  // when the frame was preprocessed): should one run by the frame's model call (turned on meanwhile), process()
+  // makes its image from it then.
   torch::Tensor control_source;
   // A new IP-Adapter image prompt from the image-prompt source (--image-prompt-input), on the frames it is read with:
   // BGR 8UC3 on the source side, then uint8 RGB [H, W, 3] at its own size (the image encoder resizes and crops).

@@ -30,12 +30,11 @@ class FrameProcessor {
   // Pre-process thread: uint8 RGB [H, W, 3] -> whatever process() takes (default: unchanged).
   virtual torch::Tensor preprocess(const torch::Tensor& rgb_u8) { return rgb_u8; }
 
-  // Pre-process thread: the control images of one frame (Frame::controls), from the fitted input frame and the second
-  // source's frame (uint8 RGB [H, W, 3]; either undefined when absent). Default: none.
-  virtual std::vector<torch::Tensor> preprocess_controls(const torch::Tensor& input_rgb_u8,
-                                                         const torch::Tensor& control_rgb_u8) {
-    return {};
-  }
+  // Pre-process thread: the control images of one frame (frame.controls), from the fitted input frame and the second
+  // source's frame (uint8 RGB [H, W, 3]; either undefined when absent); a processor that leaves some out may keep
+  // their source in frame.control_source for process(). Default: none.
+  virtual void preprocess_controls(Frame& frame, const torch::Tensor& input_rgb_u8,
+                                   const torch::Tensor& control_rgb_u8) {}
 
   // Model thread: one input frame (tensor = preprocess() output, and nothing may still be writing it on a device
   // stream: a processor may read it on a side stream at once, as StreamDiffusionProcessor does; undefined for

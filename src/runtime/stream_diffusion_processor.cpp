@@ -141,8 +141,8 @@ std::vector<std::shared_ptr<const ControlPreprocessor>> StreamDiffusionProcessor
   return preprocessors_;
 }
 
-std::vector<torch::Tensor> StreamDiffusionProcessor::preprocess_controls(const torch::Tensor& input_rgb_u8,
-                                                                         const torch::Tensor& control_rgb_u8) {
+void StreamDiffusionProcessor::preprocess_controls(Frame& frame, const torch::Tensor& input_rgb_u8,
+                                                   const torch::Tensor& control_rgb_u8) {
   std::vector<std::shared_ptr<const ControlPreprocessor>> pre;
   std::vector<char> need;
   {
@@ -150,11 +150,16 @@ std::vector<torch::Tensor> StreamDiffusionProcessor::preprocess_controls(const t
     pre = preprocessors_;
     need = control_needs_;
   }
-  std::vector<torch::Tensor> out(pre.size());
+  frame.controls.assign(pre.size(), torch::Tensor());
   const torch::Tensor& source = control_rgb_u8.defined() ? control_rgb_u8 : input_rgb_u8;
-  for (size_t i = 0; i < pre.size(); ++i)
-    if (!pre[i]->feedback() && source.defined() && (i >= need.size() || need[i])) out[i] = pre[i]->apply(source);
-  return out;
+  if (!source.defined()) return;
+  for (size_t i = 0; i < pre.size(); ++i) {
+    if (pre[i]->feedback()) continue;  // made on the model thread from the previous output
+    if (i >= need.size() || need[i])
+      frame.controls[i] = pre[i]->apply(source);
+    else
+      frame.control_source = source;  // should it run by this frame's call after all, process() makes its image
+  }
 }
 
 void StreamDiffusionProcessor::set_feedback_controls() {

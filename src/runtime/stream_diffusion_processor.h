@@ -43,8 +43,9 @@ class StreamDiffusionProcessor : public FrameProcessor {
   bool takes_images() const override { return !txt2img_; }
   bool takes_image_prompts() const override { return stream_->models().ip_adapter() != nullptr; }
   torch::Tensor preprocess(const torch::Tensor& rgb_u8) override;
-  std::vector<torch::Tensor> preprocess_controls(const torch::Tensor& input_rgb_u8,
-                                                 const torch::Tensor& control_rgb_u8) override;
+  // Leaves out the ControlNets that do not run (control_needs_), keeping the source for them (Frame::control_source).
+  void preprocess_controls(Frame& frame, const torch::Tensor& input_rgb_u8,
+                           const torch::Tensor& control_rgb_u8) override;
   std::vector<Frame> process(Frame in) override;
   std::vector<Frame> flush() override;
   torch::Tensor postprocess(const torch::Tensor& out) override;

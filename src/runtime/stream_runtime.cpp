@@ -31,14 +31,18 @@ size_t capacity(bool lossless, size_t lossless_capacity, bool before_model) {
 
 OverflowPolicy policy(bool lossless) { return lossless ? OverflowPolicy::Block : OverflowPolicy::DropOldest; }
 
+}  // namespace
+
 // A live queue drops the oldest frame, but not what only that frame brought: a new image prompt (read every N frames)
 // or a control image the frames after it leave undefined would be lost with it, so they go on with the next frame
-// unless it brings its own (which is newer).
+// unless it brings its own (which is newer). Not into a frame that keeps its control source (Frame::control_source):
+// its missing images are of ControlNets that did not run, made from its own source should they run by its call.
 void carry_frame_inputs(Frame& dropped, Frame& next) {
   if (next.image_prompt.empty() && !next.image_prompt_rgb.defined()) {
     next.image_prompt = std::move(dropped.image_prompt);
     next.image_prompt_rgb = std::move(dropped.image_prompt_rgb);
   }
+  if (next.control_source.defined()) return;
   if (next.controls.empty()) {
     next.controls = std::move(dropped.controls);
   } else if (next.controls.size() == dropped.controls.size()) {
@@ -46,6 +50,8 @@ void carry_frame_inputs(Frame& dropped, Frame& next) {
       if (!next.controls[i].defined()) next.controls[i] = std::move(dropped.controls[i]);
   }
 }
+
+namespace {
 
 StageWatchdog::Options watchdog_options(const StreamOptions& o) {
   StageWatchdog::Options w;
@@ -391,12 +397,7 @@ void StreamRuntime::preprocess_frame(Frame& f) {
     control = fit_rgb(f.control);
     f.control.release();
   }
-  f.controls = processor_->preprocess_controls(input, control);
-  for (const auto& c : f.controls)
-    if (!c.defined()) {
-      f.control_source = control.defined() ? control : input;
-      break;
-    }
+  processor_->preprocess_controls(f, input, control);
   if (!f.image_prompt.empty()) {
     f.image_prompt_rgb = rgb_tensor(f.image_prompt);  // its own size: the image encoder resizes and crops
     f.image_prompt.release();

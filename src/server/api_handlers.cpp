@@ -101,7 +101,10 @@ nlohmann::json ApiHandlers::stats() const {
           {"cancelled", cancelled_.load()},
           {"streams_built", streams_built_.load()},
           {"streams_reused", streams_reused_.load()},
-          {"streams_cached", streams_cached_.load()}};
+          {"streams_cached", streams_cached_.load()},
+          {"graph_captures", graph_captures_.load()},
+          {"graph_replays", graph_replays_.load()},
+          {"graph_failures", graph_failures_.load()}};
 }
 
 ApiHandlers::Cancel ApiHandlers::handle(const ApiRequest& req, Done done) {
@@ -212,6 +215,18 @@ ApiHandlers::Cancel ApiHandlers::generate(bool txt2img, const ApiRequest& req, D
       cfg.similarity_filter.enabled = false;
       cfg.transition = sd::Transition{};  // one image per request: nothing to morph
       StreamDiffusion& stream = stream_for(cfg, txt2img);
+      // Its CUDA graph counters into the API's, also when the request fails (a kept stream outlives the job).
+      struct CountGraphs {
+        ApiHandlers& api;
+        const StreamDiffusion& stream;
+        const StreamStats before;
+        ~CountGraphs() {
+          const StreamStats& after = stream.stats();
+          api.graph_captures_.fetch_add(after.graph_captures - before.graph_captures);
+          api.graph_replays_.fetch_add(after.graph_replays - before.graph_replays);
+          api.graph_failures_.fetch_add(after.graph_failures - before.graph_failures);
+        }
+      } count_graphs{*this, stream, stream.stats()};
       if (stream.has_image_prompt()) stream.clear_image_prompt();  // a kept stream: the last request's
       stream.prepare(settings.prompts(), settings.negative_prompt);
       if (!defaults.controlnets.empty()) {

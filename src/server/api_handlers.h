@@ -106,6 +106,8 @@ class ApiHandlers {
   static constexpr size_t kMaxCachedStreams = 4;
   std::list<CachedStream> streams_;  // model thread only; most recently used first
   std::atomic<int64_t> streams_built_{0}, streams_reused_{0}, streams_cached_{0};
+  // The image streams' CUDA graphs (StreamConfig::cuda_graphs; all 0 off CUDA), failed requests included.
+  std::atomic<int64_t> graph_captures_{0}, graph_replays_{0}, graph_failures_{0};
 };
 
 }  // namespace sd::server

@@ -274,15 +274,20 @@ std::string render_metrics(ServerContext& ctx) {
         static_cast<double>(t.errors));
   // A failed capture is not an error (that call runs eagerly, as without graphs) but costs the frame rate: an alert.
   m.family("sd_cuda_graphs_total", "counter",
-           "CUDA graph events of the model calls (streams' own and shared multi-stream calls; 0 off CUDA), by event: "
-           "capture (a graph recorded), replay (a call answered by a replay), failure (a capture that failed: that "
-           "call and shape then run eagerly).");
-  m.sample("sd_cuda_graphs_total",
-           static_cast<double>(t.graph_captures + w.value("batched_graph_captures", int64_t{0})), "event=\"capture\"");
-  m.sample("sd_cuda_graphs_total",
-           static_cast<double>(t.graph_replays + w.value("batched_graph_replays", int64_t{0})), "event=\"replay\"");
-  m.sample("sd_cuda_graphs_total",
-           static_cast<double>(t.graph_failures + w.value("batched_graph_failures", int64_t{0})), "event=\"failure\"");
+           "CUDA graph events of the model calls (WebSocket streams' own calls, the shared multi-stream calls and the "
+           "API's images; 0 off CUDA), by event: capture (a graph recorded), replay (a call answered by a replay), "
+           "failure (a capture that failed: that call and shape then run eagerly).");
+  const struct {
+    const char* event;
+    const char* key;  // in the worker's stats as batched_<key>, in the API's as <key>
+    int64_t streams;  // the WebSocket streams' own calls
+  } graph_events[] = {{"capture", "graph_captures", t.graph_captures},
+                      {"replay", "graph_replays", t.graph_replays},
+                      {"failure", "graph_failures", t.graph_failures}};
+  for (const auto& g : graph_events) {
+    const int64_t n = g.streams + w.value(std::string("batched_") + g.key, int64_t{0}) + api.value(g.key, int64_t{0});
+    m.sample("sd_cuda_graphs_total", static_cast<double>(n), std::string("event=\"") + g.event + "\"");
+  }
   m.one("sd_model_steps_total", "counter", "Model worker turns (stream steps, API images).",
         static_cast<double>(w.value("steps", int64_t{0})));
   m.one("sd_model_busy_seconds_total", "counter", "Seconds the model worker spent running steps.",

@@ -303,6 +303,7 @@ void StreamSession::run_model_step() {
   try {
     out = p.txt2img ? stream_->txt2img() : stream_->img2img(p.x, InputReady::complete);
   } catch (const std::exception& e) {
+    count_stream_stats(p);
     send_error(std::string("generation failed: ") + e.what());
     return;
   }
@@ -340,6 +341,7 @@ void StreamSession::end_batched_step(BatchedStep& step) {
   std::optional<ImageDownload> pixels = std::move(batch_pixels_);
   batch_pixels_.reset();
   if (step.error) {
+    count_stream_stats(p);
     try {
       std::rethrow_exception(step.error);
     } catch (const std::exception& e) {
@@ -431,10 +433,24 @@ bool StreamSession::begin_step(PendingStep& p) {
   return true;
 }
 
+void StreamSession::count_stream_stats(const PendingStep& p) {
+  if (!stream_) return;
+  const StreamStats& before = p.before;
+  const StreamStats& after = stream_->stats();
+  graph_captures_.fetch_add(after.graph_captures - before.graph_captures, std::memory_order_relaxed);
+  graph_replays_.fetch_add(after.graph_replays - before.graph_replays, std::memory_order_relaxed);
+  graph_failures_.fetch_add(after.graph_failures - before.graph_failures, std::memory_order_relaxed);
+  if (!applied_.controlnets.empty()) {
+    controlnet_calls_.fetch_add(after.controlnet_calls - before.controlnet_calls, std::memory_order_relaxed);
+    controlnet_reused_.fetch_add(after.controlnet_reused - before.controlnet_reused, std::memory_order_relaxed);
+    controlnet_s_.store(controlnet_s_.load() + (after.controlnet_s - before.controlnet_s));
+  }
+}
+
 void StreamSession::end_step(PendingStep& p, const torch::Tensor& out, std::optional<ImageDownload> pixels) {
   if (stream_->stats().skipped > p.before.skipped) skipped_.fetch_add(1, std::memory_order_relaxed);
+  count_stream_stats(p);
   const std::vector<cv::Mat>& used_control = p.used_control;
-  const StreamStats& before = p.before;
   const auto t0 = p.t0;
   cv::Mat rgb;
   try {
@@ -447,15 +463,6 @@ void StreamSession::end_step(PendingStep& p, const torch::Tensor& out, std::opti
   } catch (const std::exception& e) {
     send_error(std::string("generation failed: ") + e.what());
     return;
-  }
-  const StreamStats& after = stream_->stats();
-  graph_captures_.fetch_add(after.graph_captures - before.graph_captures, std::memory_order_relaxed);
-  graph_replays_.fetch_add(after.graph_replays - before.graph_replays, std::memory_order_relaxed);
-  graph_failures_.fetch_add(after.graph_failures - before.graph_failures, std::memory_order_relaxed);
-  if (!applied_.controlnets.empty()) {
-    controlnet_calls_.fetch_add(after.controlnet_calls - before.controlnet_calls, std::memory_order_relaxed);
-    controlnet_reused_.fetch_add(after.controlnet_reused - before.controlnet_reused, std::memory_order_relaxed);
-    controlnet_s_.store(controlnet_s_.load() + (after.controlnet_s - before.controlnet_s));
   }
   last_output_ = rgb;  // shares the buffer with the frame handed over below; neither side writes it again
   const auto t_end = Clock::now();

@@ -117,6 +117,9 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   // The result to the client (frame, counters, control images); its pixels from `pixels` when the download was
   // started (begin_batched_output), else converted here.
   void end_step(PendingStep& p, const torch::Tensor& out, std::optional<ImageDownload> pixels = std::nullopt);
+  // The stream's counters of a step begun (ControlNet calls, CUDA graphs) into the session's: every step that
+  // called the stream, failed ones included.
+  void count_stream_stats(const PendingStep& p);
   void schedule();
   void send_error(const std::string& message);
   void reply_dropped();  // counts a replaced request and tells the client ({"type": "dropped"})

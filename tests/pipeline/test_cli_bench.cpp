@@ -295,6 +295,7 @@ TEST_F(CliBench, MultistreamSectionTimesOneByOneAndBatched) {
     EXPECT_EQ(b["section"], "multistream");
     EXPECT_EQ(b["extra"]["unet_calls_per_round"], 1);
     EXPECT_EQ(b["extra"].at("graph_failures"), 0);
+    EXPECT_EQ(by_id.at("multistream/one-by-one/" + variant + "/fp32/64")["extra"].at("graph_failures"), 0);
     EXPECT_EQ(b["extra"]["shared_unet_calls"], k >= 2 ? 2 : 0);
     EXPECT_TRUE(by_id.count("multistream/one-by-one/" + variant + "/fp32/64"));
   }

@@ -382,7 +382,8 @@ TEST_F(ControlStream, LiveGuidanceRangeOfNoStepEqualsNoControlNet) {
   EXPECT_EQ(r.stream->stats().controlnet_calls, 0) << "no step in range skips the ControlNet";
 }
 
-// Counts the frames it made control images of (apply() runs on the pre-process thread).
+// Counts the frames it made control images of (apply() runs on the pre-process thread, or the model thread for a
+// frame preprocessed while its ControlNet did not run).
 class CountingPreprocessor : public ControlPreprocessor {
  public:
   explicit CountingPreprocessor(std::shared_ptr<const ControlPreprocessor> inner) : inner_(std::move(inner)) {}
@@ -453,6 +454,53 @@ TEST_F(ControlStream, ControlImagesAreMadeOnlyForControlNetsThatRun) {
   auto bare = make_stream(false, 0.0);
   bare->set_control_image(0, make_control_preprocessor("gray")->apply(rgb_of(frames[3])));
   EXPECT_TRUE(torch::equal(stream->control_image(0), bare->control_image(0))) << "gray of frame 3";
+}
+
+// The processor keeps a frame's control source only when it left out the image of a ControlNet that does not run
+// (not for feedback, whose image is made on the model thread anyway), and a live queue that drops a frame carries its
+// control images into the next frame only when that frame does not keep its source.
+TEST_F(ControlStream, TheControlSourceIsKeptOnlyForControlNetsLeftOutAndStopsTheCarry) {
+  const torch::Tensor rgb = torch::full({64, 64, 3}, 200, torch::kUInt8);
+  const auto preprocess = [&](double scale, const std::string& spec) {
+    auto stream = make_stream(false, scale);
+    auto proc = std::make_shared<StreamDiffusionProcessor>(stream, kPrompt, "", false);
+    proc->set_control_preprocessors({make_control_preprocessor(spec)}, false);
+    Frame first;
+    first.tensor = proc->preprocess(rgb);
+    proc->preprocess_controls(first, rgb, torch::Tensor());  // the stream has no image yet: made
+    EXPECT_EQ(first.controls.size(), 1u);
+    proc->process(std::move(first));  // the stream takes it; the model thread refreshes what is needed
+    Frame f;
+    proc->preprocess_controls(f, rgb, torch::Tensor());
+    return f;
+  };
+  Frame on = preprocess(1.0, "gray");
+  ASSERT_EQ(on.controls.size(), 1u);
+  EXPECT_TRUE(on.controls[0].defined());
+  EXPECT_FALSE(on.control_source.defined()) << "nothing left out";
+  Frame off = preprocess(0.0, "gray");
+  ASSERT_EQ(off.controls.size(), 1u);
+  EXPECT_FALSE(off.controls[0].defined()) << "scale 0: none made";
+  ASSERT_TRUE(off.control_source.defined());
+  EXPECT_TRUE(torch::equal(off.control_source, rgb));
+  Frame feedback = preprocess(1.0, "feedback");
+  ASSERT_EQ(feedback.controls.size(), 1u);
+  EXPECT_FALSE(feedback.controls[0].defined());
+  EXPECT_FALSE(feedback.control_source.defined()) << "feedback's image is the previous output";
+
+  // The carry of a dropped frame's image: into a frame that lacks it, not into one that keeps its source.
+  const torch::Tensor img = torch::ones({64, 64, 3}, torch::kUInt8);
+  Frame dropped;
+  dropped.controls = {img};
+  Frame next;
+  next.controls = {torch::Tensor()};
+  carry_frame_inputs(dropped, next);
+  ASSERT_TRUE(next.controls[0].defined());
+  EXPECT_TRUE(torch::equal(next.controls[0], img));
+  Frame dropped2;
+  dropped2.controls = {img};
+  carry_frame_inputs(dropped2, off);
+  EXPECT_FALSE(off.controls[0].defined()) << "its own source makes it, should the net run by its call";
 }
 
 // ---- IP-Adapter image prompts from a second source ----------------------------------------------------------------

@@ -312,6 +312,8 @@ TEST_F(ServerTest, ApiKeepsAStreamPerSizeThatGivesWhatAFreshOneWould) {
   EXPECT_EQ(st["streams_built"], 2) << st.dump();
   EXPECT_EQ(st["streams_reused"], 2) << st.dump();
   EXPECT_EQ(st["streams_cached"], 2) << st.dump();
+  for (const char* k : {"graph_captures", "graph_replays", "graph_failures"})  // the CPU: no CUDA graphs
+    EXPECT_EQ(st.at(k), 0) << k;
   EXPECT_EQ(a5_again, a5) << "a kept stream gives the image of the fresh one";
   EXPECT_NE(a6, a5);
   EXPECT_EQ(sd::test::decode_rgb(b).cols, 128);
