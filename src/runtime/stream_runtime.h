@@ -239,8 +239,8 @@ class StreamRuntime {
   size_t next_scheduled_ = 0;  // model thread only
 };
 
-// What a live queue carries from a frame it drops into the next one (a new image prompt, control images the next lacks);
-// the queues' carry function, declared for its tests.
+// What a live queue carries from a frame it drops into the next one (a new image prompt, control images the next
+// lacks); the queues' carry function, declared for its tests.
 void carry_frame_inputs(Frame& dropped, Frame& next);
 
 }  // namespace sd
