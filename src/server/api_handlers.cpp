@@ -216,16 +216,21 @@ ApiHandlers::Cancel ApiHandlers::generate(bool txt2img, const ApiRequest& req, D
       cfg.transition = sd::Transition{};  // one image per request: nothing to morph
       StreamDiffusion& stream = stream_for(cfg, txt2img);
       // Its CUDA graph counters into the API's, also when the request fails (a kept stream outlives the job).
+      // Counted before the answer (stats read after it include the request), or on the way out of a failure.
       struct CountGraphs {
         ApiHandlers& api;
         const StreamDiffusion& stream;
         const StreamStats before;
-        ~CountGraphs() {
+        bool counted = false;
+        void count() {
+          if (counted) return;
+          counted = true;
           const StreamStats& after = stream.stats();
           api.graph_captures_.fetch_add(after.graph_captures - before.graph_captures);
           api.graph_replays_.fetch_add(after.graph_replays - before.graph_replays);
           api.graph_failures_.fetch_add(after.graph_failures - before.graph_failures);
         }
+        ~CountGraphs() { count(); }
       } count_graphs{*this, stream, stream.stats()};
       if (stream.has_image_prompt()) stream.clear_image_prompt();  // a kept stream: the last request's
       stream.prepare(settings.prompts(), settings.negative_prompt);
@@ -249,6 +254,7 @@ ApiHandlers::Cancel ApiHandlers::generate(bool txt2img, const ApiRequest& req, D
       ApiResponse r;
       r.content_type = "image/png";
       r.body = encode_png(rgb);
+      count_graphs.count();
       images_.fetch_add(1);
       done(std::move(r));
     } catch (const InvalidArgument& e) {  // what the request asked for cannot be done (a setting the models refuse)

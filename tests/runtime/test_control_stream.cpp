@@ -499,8 +499,11 @@ TEST_F(ControlStream, TheControlSourceIsKeptOnlyForControlNetsLeftOutAndStopsThe
   EXPECT_TRUE(torch::equal(next.controls[0], img));
   Frame dropped2;
   dropped2.controls = {img};
+  dropped2.image_prompt_rgb = img;
   carry_frame_inputs(dropped2, off);
   EXPECT_FALSE(off.controls[0].defined()) << "its own source makes it, should the net run by its call";
+  ASSERT_TRUE(off.image_prompt_rgb.defined()) << "a new image prompt carries still";
+  EXPECT_TRUE(torch::equal(off.image_prompt_rgb, img));
 }
 
 // ---- IP-Adapter image prompts from a second source ----------------------------------------------------------------
