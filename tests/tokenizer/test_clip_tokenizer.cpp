@@ -701,7 +701,13 @@ TEST(ClipSpeed, PromptTokenizesInMicroseconds) {
             << " us over " << prompts.size() << " prompts (fixture cases incl. CJK/emoji/long)\n";
   RecordProperty("warm_us", std::to_string(warm_us));
   EXPECT_GT(sink, 0u);
+  // A guard against a word cache that stopped working (a warm prompt takes ~10 us), 100x above it; not in sanitizer
+  // builds, whose instrumentation alone slows it 5-15x (TSan measured 1.9 ms on a loaded 2-core machine).
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+  std::cout << "[ timing ] sanitizer build: the bound is not checked\n";
+#else
   EXPECT_LT(warm_us, 1000.0) << "a warm prompt should take microseconds";
+#endif
 }
 
 }  // namespace
