@@ -8,6 +8,7 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include "core/cuda_graph_counts.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/shape_str.h"
@@ -235,23 +236,7 @@ std::vector<StreamCallResult> run_stream_calls(const std::vector<StreamCall>& ca
     const auto shared_call = [&](const std::string& name, const std::vector<Tensor>& inputs,
                                  const GraphCache::Fn& fn) {
       if (!graphs) return fn(inputs);
-      GraphCache& cache = MultiStreamAccess::cache(*options.graphs);
-      const GraphCache::Counts before = cache.counts();
-      const auto count = [&] {  // also when the call throws (its failed capture is counted)
-        const GraphCache::Counts after = cache.counts();
-        st.graph_captures += after.captures - before.captures;
-        st.graph_replays += after.replays - before.replays;
-        st.graph_failures += after.failures - before.failures;
-      };
-      std::vector<Tensor> out;
-      try {
-        out = cache.run(name, inputs, fn);
-      } catch (...) {
-        count();
-        throw;
-      }
-      count();
-      return out;
+      return run_counted(MultiStreamAccess::cache(*options.graphs), name, inputs, fn, st);
     };
 
     // The img2img inputs' encode: one call for the group when the encode is a pure function of the image (TAESD);

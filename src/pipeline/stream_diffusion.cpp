@@ -7,6 +7,7 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include "core/cuda_graph_counts.h"
 #include "core/error.h"
 #include "core/shape_str.h"
 #include "core/log.h"
@@ -183,23 +184,7 @@ std::vector<torch::Tensor> StreamDiffusion::graphed(
     graphs_->clear();
     graphs_weights_version_ = v;
   }
-  const auto before = graphs_->counts();
-  // Also when the call throws: a capture that failed and an eager run after it that failed too (out of memory).
-  const auto count = [&] {
-    const auto after = graphs_->counts();
-    stats_.graph_replays += after.replays - before.replays;
-    stats_.graph_captures += after.captures - before.captures;
-    stats_.graph_failures += after.failures - before.failures;
-  };
-  std::vector<Tensor> out;
-  try {
-    out = graphs_->run(name, inputs, fn);
-  } catch (...) {
-    count();
-    throw;
-  }
-  count();
-  return out;
+  return run_counted(*graphs_, name, inputs, fn, stats_);
 }
 
 // ---- Caches (spec §3.1, §6) -----------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ ApiHandlers::ApiHandlers(std::shared_ptr<const DiffusionModels> models, StreamDe
 bool ApiHandlers::is_api(const std::string& target) { return target.rfind("/api/", 0) == 0 || target == "/api"; }
 
 nlohmann::json ApiHandlers::stats() const {
-  return {{"requests", requests_.load()},
+  nlohmann::json j = {{"requests", requests_.load()},
           {"images", images_.load()},
           {"pending", pending_->load()},
           {"max_pending", max_pending_},
@@ -101,10 +101,9 @@ nlohmann::json ApiHandlers::stats() const {
           {"cancelled", cancelled_.load()},
           {"streams_built", streams_built_.load()},
           {"streams_reused", streams_reused_.load()},
-          {"streams_cached", streams_cached_.load()},
-          {"graph_captures", graph_captures_.load()},
-          {"graph_replays", graph_replays_.load()},
-          {"graph_failures", graph_failures_.load()}};
+          {"streams_cached", streams_cached_.load()}};
+  graphs_.put(j);
+  return j;
 }
 
 ApiHandlers::Cancel ApiHandlers::handle(const ApiRequest& req, Done done) {
@@ -218,20 +217,16 @@ ApiHandlers::Cancel ApiHandlers::generate(bool txt2img, const ApiRequest& req, D
       // Its CUDA graph counters into the API's, also when the request fails (a kept stream outlives the job).
       // Counted before the answer (stats read after it include the request), or on the way out of a failure.
       struct CountGraphs {
-        ApiHandlers& api;
+        GraphCounters& counters;
         const StreamDiffusion& stream;
         const StreamStats before;
         bool counted = false;
         void count() {
-          if (counted) return;
+          if (!counted) counters.add(before, stream.stats());
           counted = true;
-          const StreamStats& after = stream.stats();
-          api.graph_captures_.fetch_add(after.graph_captures - before.graph_captures);
-          api.graph_replays_.fetch_add(after.graph_replays - before.graph_replays);
-          api.graph_failures_.fetch_add(after.graph_failures - before.graph_failures);
         }
         ~CountGraphs() { count(); }
-      } count_graphs{*this, stream, stream.stats()};
+      } count_graphs{graphs_, stream, stream.stats()};
       if (stream.has_image_prompt()) stream.clear_image_prompt();  // a kept stream: the last request's
       stream.prepare(settings.prompts(), settings.negative_prompt);
       if (!defaults.controlnets.empty()) {

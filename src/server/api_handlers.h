@@ -31,6 +31,7 @@
 
 #include "pipeline/diffusion_models.h"
 #include "pipeline/stream_diffusion.h"
+#include "server/graph_counters.h"
 #include "server/model_worker.h"
 #include "server/stream_settings.h"
 
@@ -106,8 +107,7 @@ class ApiHandlers {
   static constexpr size_t kMaxCachedStreams = 4;
   std::list<CachedStream> streams_;  // model thread only; most recently used first
   std::atomic<int64_t> streams_built_{0}, streams_reused_{0}, streams_cached_{0};
-  // The image streams' CUDA graphs (StreamConfig::cuda_graphs; all 0 off CUDA), failed requests included.
-  std::atomic<int64_t> graph_captures_{0}, graph_replays_{0}, graph_failures_{0};
+  GraphCounters graphs_;  // the image streams' CUDA graphs, failed requests included
 };
 
 }  // namespace sd::server

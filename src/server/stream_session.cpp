@@ -437,9 +437,7 @@ void StreamSession::count_stream_stats(const PendingStep& p) {
   if (!stream_) return;
   const StreamStats& before = p.before;
   const StreamStats& after = stream_->stats();
-  graph_captures_.fetch_add(after.graph_captures - before.graph_captures, std::memory_order_relaxed);
-  graph_replays_.fetch_add(after.graph_replays - before.graph_replays, std::memory_order_relaxed);
-  graph_failures_.fetch_add(after.graph_failures - before.graph_failures, std::memory_order_relaxed);
+  graphs_.add(before, after);
   if (!applied_.controlnets.empty()) {
     controlnet_calls_.fetch_add(after.controlnet_calls - before.controlnet_calls, std::memory_order_relaxed);
     controlnet_reused_.fetch_add(after.controlnet_reused - before.controlnet_reused, std::memory_order_relaxed);
@@ -505,10 +503,8 @@ nlohmann::json StreamSession::stats() const {
           {"errors", errors_.load()},
           {"lost_at_close", lost_at_close_.load()},
           {"model_ms", model_ms_ema_.load()},
-          {"fps_out", fps},
-          {"graph_captures", graph_captures_.load()},
-          {"graph_replays", graph_replays_.load()},
-          {"graph_failures", graph_failures_.load()}};
+          {"fps_out", fps}};
+  graphs_.put(j);
   if (!defaults_.controlnets.empty()) {
     j["controlnet_calls"] = controlnet_calls_.load();
     j["controlnet_reused"] = controlnet_reused_.load();

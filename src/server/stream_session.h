@@ -33,6 +33,7 @@
 #include "pipeline/image.h"
 #include "pipeline/stream_diffusion.h"
 #include "runtime/control_preprocessor.h"
+#include "server/graph_counters.h"
 #include "server/model_worker.h"
 #include "server/stream_settings.h"
 
@@ -163,8 +164,7 @@ class StreamSession : public ModelTask, public std::enable_shared_from_this<Stre
   std::atomic<int64_t> skipped_{0};
   std::atomic<double> model_ms_ema_{0};
   std::atomic<int64_t> controlnet_calls_{0}, controlnet_reused_{0};
-  // The stream's own CUDA graphs (StreamConfig::cuda_graphs; all 0 off CUDA), over every stream the session made.
-  std::atomic<int64_t> graph_captures_{0}, graph_replays_{0}, graph_failures_{0};
+  GraphCounters graphs_;  // the stream's own CUDA graphs, over every stream the session made
   std::atomic<double> controlnet_s_{0};
   mutable std::mutex rate_mutex_;
   Clock::time_point window_start_ = Clock::now();
